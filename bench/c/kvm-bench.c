@@ -1,0 +1,315 @@
+/*
+ * kvm-bench.c - C reference for node-kvm's benchmarks.
+ *
+ * Drives /dev/kvm directly with nothing but libc + <linux/kvm.h>, so the
+ * numbers show what the raw KVM API costs on this host; the Node benchmarks
+ * are compared against them.
+ *
+ * Output: exactly one line of JSON on stdout and exit 0, or a message on
+ * stderr and exit 1.
+ *
+ *   kvm-bench exits GUEST.bin COUNT     time COUNT port-0x80 I/O exits
+ *   kvm-bench vm-cycles N               time N x (KVM_CREATE_VM + close)
+ *   kvm-bench dirty-log SIZE_MIB ITERS  time ITERS x KVM_GET_DIRTY_LOG on a
+ *                                       fully dirty SIZE_MIB slot
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GUEST_RAM_SIZE (1u << 20)   /* 1 MiB: all real mode can address */
+#define GUEST_LOAD_ADDR 0x7c00u
+#define TSS_ADDR 0xfffbd000u        /* 3 pages just below the 4 GiB BIOS area */
+#define BENCH_PORT 0x80
+
+static _Noreturn void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("kvm-bench: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+/* ioctl that dies with the request name and errno on failure. */
+static int xioctl(int fd, unsigned long req, void *arg, const char *name)
+{
+    int r = ioctl(fd, req, arg);
+    if (r < 0)
+        die("%s: %s", name, strerror(errno));
+    return r;
+}
+#define IOCTL(fd, req, arg) xioctl((fd), (req), (void *)(arg), #req)
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static unsigned long long parse_count(const char *s, const char *what)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *s == '\0' || *end != '\0' || *s == '-' || v == 0)
+        die("invalid %s '%s' (want a positive integer)", what, s);
+    return v;
+}
+
+static int open_kvm(void)
+{
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        die("open /dev/kvm: %s", strerror(errno));
+    int ver = ioctl(kvm, KVM_GET_API_VERSION, 0);
+    if (ver != KVM_API_VERSION)
+        die("KVM_GET_API_VERSION: got %d, want %d", ver, KVM_API_VERSION);
+    return kvm;
+}
+
+static const char *exit_reason_name(uint32_t r)
+{
+    switch (r) {
+    case KVM_EXIT_UNKNOWN: return "UNKNOWN";
+    case KVM_EXIT_EXCEPTION: return "EXCEPTION";
+    case KVM_EXIT_IO: return "IO";
+    case KVM_EXIT_HLT: return "HLT";
+    case KVM_EXIT_MMIO: return "MMIO";
+    case KVM_EXIT_SHUTDOWN: return "SHUTDOWN";
+    case KVM_EXIT_FAIL_ENTRY: return "FAIL_ENTRY";
+    case KVM_EXIT_INTR: return "INTR";
+    case KVM_EXIT_INTERNAL_ERROR: return "INTERNAL_ERROR";
+    default: return "?";
+    }
+}
+
+/* ---- exits ------------------------------------------------------------ */
+
+static int cmd_exits(const char *guest_path, const char *count_str)
+{
+    unsigned long long count = parse_count(count_str, "COUNT");
+    if (count > UINT32_MAX)
+        die("COUNT %llu does not fit in ECX", count);
+
+    int kvm = open_kvm();
+    int vm = IOCTL(kvm, KVM_CREATE_VM, 0);
+    IOCTL(vm, KVM_SET_TSS_ADDR, (unsigned long)TSS_ADDR);
+
+    uint8_t *ram = mmap(NULL, GUEST_RAM_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ram == MAP_FAILED)
+        die("mmap guest RAM: %s", strerror(errno));
+    struct kvm_userspace_memory_region region = {
+        .slot = 0,
+        .guest_phys_addr = 0,
+        .memory_size = GUEST_RAM_SIZE,
+        .userspace_addr = (uintptr_t)ram,
+    };
+    IOCTL(vm, KVM_SET_USER_MEMORY_REGION, &region);
+
+    FILE *f = fopen(guest_path, "rb");
+    if (!f)
+        die("open %s: %s", guest_path, strerror(errno));
+    size_t max = GUEST_RAM_SIZE - GUEST_LOAD_ADDR;
+    size_t n = fread(ram + GUEST_LOAD_ADDR, 1, max, f);
+    if (ferror(f))
+        die("read %s: %s", guest_path, strerror(errno));
+    if (n == 0)
+        die("%s is empty", guest_path);
+    if (n == max && fgetc(f) != EOF)
+        die("%s is too large", guest_path);
+    fclose(f);
+
+    int vcpu = IOCTL(vm, KVM_CREATE_VCPU, 0);
+    int mmap_size = IOCTL(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if ((size_t)mmap_size < sizeof(struct kvm_run))
+        die("KVM_GET_VCPU_MMAP_SIZE too small: %d", mmap_size);
+    struct kvm_run *run = mmap(NULL, (size_t)mmap_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED, vcpu, 0);
+    if (run == MAP_FAILED)
+        die("mmap kvm_run: %s", strerror(errno));
+
+    /* Real mode, flat segment 0. The reset state has CS base 0xffff0000;
+     * only base+selector need changing, the rest is already real-mode. */
+    struct kvm_sregs sregs;
+    IOCTL(vcpu, KVM_GET_SREGS, &sregs);
+    struct kvm_segment *segs[] = { &sregs.cs, &sregs.ds, &sregs.es,
+                                   &sregs.ss, &sregs.fs, &sregs.gs };
+    for (size_t i = 0; i < sizeof segs / sizeof segs[0]; i++) {
+        segs[i]->base = 0;
+        segs[i]->selector = 0;
+    }
+    IOCTL(vcpu, KVM_SET_SREGS, &sregs);
+
+    struct kvm_regs regs;
+    memset(&regs, 0, sizeof regs);
+    regs.rip = GUEST_LOAD_ADDR;
+    regs.rflags = 0x2;              /* bit 1 is reserved-must-be-1 */
+    regs.rcx = count;
+    IOCTL(vcpu, KVM_SET_REGS, &regs);
+
+    unsigned long long exits = 0;
+    double t0 = now_s();
+    for (;;) {
+        if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+            if (errno == EINTR)
+                continue;
+            die("KVM_RUN: %s (after %llu exits)", strerror(errno), exits);
+        }
+        if (run->exit_reason == KVM_EXIT_IO && run->io.port == BENCH_PORT) {
+            exits++;
+            continue;
+        }
+        if (run->exit_reason == KVM_EXIT_HLT)
+            break;
+        if (run->exit_reason == KVM_EXIT_IO)
+            die("unexpected KVM_EXIT_IO: port 0x%x dir %s size %u count %u",
+                run->io.port, run->io.direction == KVM_EXIT_IO_OUT ? "out" : "in",
+                run->io.size, run->io.count);
+        if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
+            die("unexpected exit INTERNAL_ERROR (suberror %u) after %llu exits",
+                run->internal.suberror, exits);
+        if (run->exit_reason == KVM_EXIT_FAIL_ENTRY)
+            die("unexpected exit FAIL_ENTRY (hw reason 0x%llx) after %llu exits",
+                (unsigned long long)run->fail_entry.hardware_entry_failure_reason, exits);
+        die("unexpected exit reason %u (%s) after %llu exits",
+            run->exit_reason, exit_reason_name(run->exit_reason), exits);
+    }
+    double secs = now_s() - t0;
+
+    if (exits != count)
+        die("exit count mismatch: guest made %llu port-0x%x exits, expected %llu",
+            exits, BENCH_PORT, count);
+
+    printf("{\"exits\":%llu,\"seconds\":%.9f,\"exitsPerSec\":%.1f,\"nsPerExit\":%.1f}\n",
+           exits, secs, (double)exits / secs, secs * 1e9 / (double)exits);
+
+    munmap(run, (size_t)mmap_size);
+    close(vcpu);
+    munmap(ram, GUEST_RAM_SIZE);
+    close(vm);
+    close(kvm);
+    return 0;
+}
+
+/* ---- vm-cycles -------------------------------------------------------- */
+
+static int cmd_vm_cycles(const char *n_str)
+{
+    unsigned long long n = parse_count(n_str, "N");
+    int kvm = open_kvm();
+    double t0 = now_s();
+    for (unsigned long long i = 0; i < n; i++) {
+        int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+        if (vm < 0)
+            die("KVM_CREATE_VM (cycle %llu): %s", i, strerror(errno));
+        close(vm);
+    }
+    double secs = now_s() - t0;
+    printf("{\"cycles\":%llu,\"seconds\":%.9f,\"cyclesPerSec\":%.1f}\n",
+           n, secs, (double)n / secs);
+    close(kvm);
+    return 0;
+}
+
+/* ---- dirty-log -------------------------------------------------------- */
+
+static int cmd_dirty_log(const char *size_str, const char *iters_str)
+{
+    unsigned long long size_mib = parse_count(size_str, "SIZE_MIB");
+    unsigned long long iters = parse_count(iters_str, "ITERS");
+    if (size_mib > (1ull << 20))
+        die("SIZE_MIB %llu too large", size_mib);
+    size_t size = (size_t)size_mib << 20;
+    long page = sysconf(_SC_PAGESIZE);
+    size_t npages = size / (size_t)page;
+
+    int kvm = open_kvm();
+    int vm = IOCTL(kvm, KVM_CREATE_VM, 0);
+
+    /* Must precede memslot creation: INITIALLY_SET only applies to slots
+     * created afterwards, and with MANUAL_PROTECT KVM_GET_DIRTY_LOG does
+     * not clear (nor re-protect), so every call sees a fully set bitmap. */
+    if (ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) <= 0)
+        die("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not supported");
+    struct kvm_enable_cap cap = {
+        .cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        .args = { KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET },
+    };
+    IOCTL(vm, KVM_ENABLE_CAP, &cap);
+
+    void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED)
+        die("mmap %llu MiB: %s", size_mib, strerror(errno));
+    struct kvm_userspace_memory_region region = {
+        .slot = 0,
+        .flags = KVM_MEM_LOG_DIRTY_PAGES,
+        .guest_phys_addr = 0,
+        .memory_size = size,
+        .userspace_addr = (uintptr_t)mem,
+    };
+    IOCTL(vm, KVM_SET_USER_MEMORY_REGION, &region);
+
+    /* KVM copies ALIGN(npages, 64) bits: size the buffer in u64 words. */
+    size_t words = (npages + 63) / 64;
+    uint64_t *bitmap = calloc(words, sizeof(uint64_t));
+    if (!bitmap)
+        die("calloc bitmap: %s", strerror(errno));
+    struct kvm_dirty_log log = { .slot = 0, .dirty_bitmap = bitmap };
+
+    double t0 = now_s();
+    for (unsigned long long i = 0; i < iters; i++) {
+        if (i + 1 == iters)
+            memset(bitmap, 0, words * sizeof(uint64_t)); /* prove the last call fills it */
+        if (ioctl(vm, KVM_GET_DIRTY_LOG, &log) < 0)
+            die("KVM_GET_DIRTY_LOG (call %llu): %s", i, strerror(errno));
+    }
+    double secs = now_s() - t0;
+
+    for (size_t p = 0; p < npages; p++)
+        if (!(bitmap[p / 64] >> (p % 64) & 1))
+            die("dirty bitmap not all ones: page %zu clear on the last call", p);
+
+    printf("{\"sizeMiB\":%llu,\"iterations\":%llu,\"seconds\":%.9f,\"msPerCall\":%.6f}\n",
+           size_mib, iters, secs, secs * 1e3 / (double)iters);
+
+    free(bitmap);
+    close(vm);
+    munmap(mem, size);
+    close(kvm);
+    return 0;
+}
+
+static _Noreturn void usage(void)
+{
+    die("usage:\n"
+        "  kvm-bench exits GUEST.bin COUNT\n"
+        "  kvm-bench vm-cycles N\n"
+        "  kvm-bench dirty-log SIZE_MIB ITERS");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && strcmp(argv[1], "exits") == 0)
+        return cmd_exits(argv[2], argv[3]);
+    if (argc == 3 && strcmp(argv[1], "vm-cycles") == 0)
+        return cmd_vm_cycles(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "dirty-log") == 0)
+        return cmd_dirty_log(argv[2], argv[3]);
+    usage();
+}

@@ -1,0 +1,22 @@
+{
+  "targets": [
+    {
+      "target_name": "node_kvm",
+      "sources": [
+        "native/addon.cc",
+        "native/handles.cc",
+        "native/ioctl.cc",
+        "native/kvm.cc",
+        "native/vm.cc",
+        "native/vcpu.cc",
+        "native/memory.cc",
+        "native/layout.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+      "cflags": ["-fvisibility=hidden"]
+    }
+  ]
+}

@@ -1,0 +1,56 @@
+// eventfd(2), for irqfd (the host signals a guest interrupt) and ioeventfd (a guest write
+// signals the host without a VM exit reaching userspace).
+import { closeSync, readSync, writeSync } from 'node:fs';
+import { Handle, checkInteger } from './handle.js';
+import { KvmError } from './errors.js';
+import { native } from './native.js';
+
+export interface EventFdOptions {
+  initialValue?: number;
+  /** EFD_SEMAPHORE: each read() takes 1 instead of the whole count. */
+  semaphore?: boolean;
+  /** EFD_NONBLOCK: read() returns 0n instead of blocking when the count is zero. */
+  nonBlocking?: boolean;
+}
+
+export class EventFd extends Handle {
+  readonly fd: number;
+  readonly #nonBlocking: boolean;
+  readonly #word = Buffer.alloc(8);
+
+  private constructor(fd: number, nonBlocking: boolean) {
+    super('EventFd', () => closeSync(fd));
+    this.fd = fd;
+    this.#nonBlocking = nonBlocking;
+  }
+
+  static create(options: EventFdOptions = {}): EventFd {
+    const initial = checkInteger(options.initialValue ?? 0, 'initialValue', 0, 0xffffffff);
+    const nonBlocking = options.nonBlocking ?? true;
+    return new EventFd(native.createEventFd(initial, !!options.semaphore, nonBlocking), nonBlocking);
+  }
+
+  /** Adds `value` to the counter. */
+  write(value: number | bigint = 1n): void {
+    this.assertOpen();
+    this.#word.writeBigUInt64LE(BigInt(value));
+    writeSync(this.fd, this.#word, 0, 8);
+  }
+
+  /** Reads and resets the counter (or takes 1 in semaphore mode); 0n when non-blocking and zero. */
+  read(): bigint {
+    this.assertOpen();
+    try {
+      readSync(this.fd, this.#word, 0, 8, null);
+    } catch (error) {
+      if (this.#nonBlocking && (error as NodeJS.ErrnoException).code === 'EAGAIN') return 0n;
+      const e = error as NodeJS.ErrnoException;
+      throw new KvmError(e.code ?? 'EIO', e.errno ?? -5, 'read(eventfd)', e.message);
+    }
+    return this.#word.readBigUInt64LE();
+  }
+
+  protected release(): void {
+    closeSync(this.fd);
+  }
+}

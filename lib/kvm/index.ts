@@ -1,0 +1,17 @@
+// The typed KVM binding. Usable on its own, without the VMM.
+export { Kvm, KVM_API_VERSION } from './kvm.js';
+export { Vm, type MemoryRegion, type GsiRoute, type IoeventfdOptions } from './vm.js';
+export {
+  Vcpu, kickVcpu, harvestDirtyRing, type VcpuKickHandle, type GuestDebugOptions, type Translation,
+} from './vcpu.js';
+export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions } from './memory.js';
+export { EventFd, type EventFdOptions } from './eventfd.js';
+export { KvmError } from './errors.js';
+export { KvmRun, KvmRunOffset } from './kvm-run.js';
+export { decodeExit, type VcpuExit } from './exit.js';
+export * from './constants.js';
+export * as structs from './structs.js';
+export type {
+  Regs, Sregs, Segment, Dtable, Fpu, MsrEntry, CpuidEntry, LapicState, Xcr, VcpuEvents, DebugRegs,
+  PitState2, PitChannelState, IrqchipState, Msi, ClockData,
+} from './structs.js';

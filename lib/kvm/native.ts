@@ -1,0 +1,79 @@
+// Loads the addon. Only lib/kvm/ talks to it; everything else uses the typed classes.
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { KvmError } from './errors.js';
+
+export interface Layout {
+  sizes: Record<string, number>;
+  offsets: Record<string, number>;
+  constants: Record<string, number>;
+}
+
+export interface NativeBinding {
+  setErrorClass(errorClass: typeof KvmError): void;
+  ioctlOps(): Record<string, number>;
+  ioctl(handle: number, op: number, arg?: Uint8Array | number | bigint): number;
+  openSystem(path: string): number;
+  closeSystem(handle: number): void;
+  createVm(system: number, type: number): [handle: number, fd: number];
+  vmFromFd(fd: number): number;
+  setUserMemoryRegion(
+    vm: number, slot: number, flags: number, guestPhysAddr: number | bigint,
+    memory: number, offset: number | bigint, size: number | bigint,
+  ): void;
+  getDirtyLog(vm: number, slot: number, into?: Uint8Array): Uint8Array;
+  clearDirtyLog(vm: number, slot: number, firstPage: number, numPages: number, bitmap?: Uint8Array): void;
+  closeVm(handle: number): void;
+  createEventFd(initialValue: number, semaphore: boolean, nonBlocking: boolean): number;
+  createVcpu(vm: number, id: number): [handle: number, fd: number, kvmRun: ArrayBuffer];
+  run(vcpu: number): number;
+  kick(vcpu: number): boolean;
+  kickSignal(): number;
+  harvestDirtyRing(vcpu: number, out: Float64Array): number;
+  closeVcpu(handle: number): void;
+  memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, buffer: ArrayBuffer, fd: number];
+  memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number];
+  memoryInfo(): { mappings: number; bytes: number };
+  detachBuffer(buffer: ArrayBuffer): void;
+  handleCount(): number;
+  layout(): Layout;
+}
+
+function packageRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const manifest = path.join(dir, 'package.json');
+    if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === 'node-kvm') return dir;
+    const parent = path.dirname(dir);
+    if (parent === dir) throw new Error('node-kvm: cannot find the package root');
+    dir = parent;
+  }
+}
+
+function load(): NativeBinding {
+  const root = packageRoot();
+  // NODE_KVM_ADDON selects another build of the same sources (the cmake-js one, for example).
+  const candidates = process.env.NODE_KVM_ADDON
+    ? [path.resolve(process.env.NODE_KVM_ADDON)]
+    : [path.join(root, 'build', 'Release', 'node_kvm.node'), path.join(root, 'build', 'Debug', 'node_kvm.node')];
+  const found = candidates.find((file) => existsSync(file));
+  if (!found) {
+    throw new Error(`node-kvm: the native addon is not built (looked for ${candidates.join(', ')}); run npm run build:native`);
+  }
+  const binding = createRequire(import.meta.url)(found) as NativeBinding;
+  binding.setErrorClass(KvmError);
+  return binding;
+}
+
+export const native: NativeBinding = load();
+
+/** Ioctl op numbers by kernel name (KVM_GET_REGS, ...). */
+export const ops: Readonly<Record<string, number>> = native.ioctlOps();
+
+export function op(name: string): number {
+  const value = ops[name];
+  if (value === undefined) throw new Error(`node-kvm: the addon does not know ${name}`);
+  return value;
+}

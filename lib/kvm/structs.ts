@@ -1,0 +1,158 @@
+// x86-64 KVM struct layouts, from <linux/kvm.h> and <asm/kvm.h>. Field names are the kernel's,
+// in camelCase. Checked against the addon's sizeof/offsetof table by test/kvm/layout.test.ts.
+import { array, bytes, i64, struct, u16, u32, u64, u8, type StructValue } from './struct.js';
+
+export const kvmRegs = struct('kvm_regs', 144, {
+  rax: [0, u64], rbx: [8, u64], rcx: [16, u64], rdx: [24, u64],
+  rsi: [32, u64], rdi: [40, u64], rsp: [48, u64], rbp: [56, u64],
+  r8: [64, u64], r9: [72, u64], r10: [80, u64], r11: [88, u64],
+  r12: [96, u64], r13: [104, u64], r14: [112, u64], r15: [120, u64],
+  rip: [128, u64], rflags: [136, u64],
+} as const);
+export type Regs = StructValue<typeof kvmRegs.fields>;
+
+export const kvmSegment = struct('kvm_segment', 24, {
+  base: [0, u64], limit: [8, u32], selector: [12, u16], type: [14, u8],
+  present: [15, u8], dpl: [16, u8], db: [17, u8], s: [18, u8],
+  l: [19, u8], g: [20, u8], avl: [21, u8], unusable: [22, u8],
+} as const);
+export type Segment = StructValue<typeof kvmSegment.fields>;
+
+export const kvmDtable = struct('kvm_dtable', 16, { base: [0, u64], limit: [8, u16] } as const);
+export type Dtable = StructValue<typeof kvmDtable.fields>;
+
+export const kvmSregs = struct('kvm_sregs', 312, {
+  cs: [0, kvmSegment], ds: [24, kvmSegment], es: [48, kvmSegment], fs: [72, kvmSegment],
+  gs: [96, kvmSegment], ss: [120, kvmSegment], tr: [144, kvmSegment], ldt: [168, kvmSegment],
+  gdt: [192, kvmDtable], idt: [208, kvmDtable],
+  cr0: [224, u64], cr2: [232, u64], cr3: [240, u64], cr4: [248, u64], cr8: [256, u64],
+  efer: [264, u64], apicBase: [272, u64],
+  // Bit n set: external interrupt n is pending injection.
+  interruptBitmap: [280, array(u64, 4)],
+} as const);
+export type Sregs = StructValue<typeof kvmSregs.fields>;
+
+export const kvmFpu = struct('kvm_fpu', 416, {
+  fpr: [0, bytes(128)], fcw: [128, u16], fsw: [130, u16], ftwx: [132, u8],
+  lastOpcode: [134, u16], lastIp: [136, u64], lastDp: [144, u64],
+  xmm: [152, bytes(256)], mxcsr: [408, u32],
+} as const);
+export type Fpu = StructValue<typeof kvmFpu.fields>;
+
+export const kvmMsrEntry = struct('kvm_msr_entry', 16, { index: [0, u32], data: [8, u64] } as const);
+export type MsrEntry = StructValue<typeof kvmMsrEntry.fields>;
+
+export const kvmCpuidEntry2 = struct('kvm_cpuid_entry2', 40, {
+  function: [0, u32], index: [4, u32], flags: [8, u32],
+  eax: [12, u32], ebx: [16, u32], ecx: [20, u32], edx: [24, u32],
+} as const);
+export type CpuidEntry = StructValue<typeof kvmCpuidEntry2.fields>;
+
+/** The local APIC's 1 KiB register page, as the kernel stores it. */
+export const kvmLapicState = struct('kvm_lapic_state', 1024, { regs: [0, bytes(1024)] } as const);
+export type LapicState = StructValue<typeof kvmLapicState.fields>;
+
+export const kvmXcr = struct('kvm_xcr', 16, { xcr: [0, u32], value: [8, u64] } as const);
+export type Xcr = StructValue<typeof kvmXcr.fields>;
+export const KVM_MAX_XCRS = 16;
+
+export const kvmVcpuEvents = struct('kvm_vcpu_events', 64, {
+  exception: [0, struct('kvm_vcpu_events.exception', 8, {
+    injected: [0, u8], nr: [1, u8], hasErrorCode: [2, u8], pending: [3, u8], errorCode: [4, u32],
+  } as const)],
+  interrupt: [8, struct('kvm_vcpu_events.interrupt', 4, {
+    injected: [0, u8], nr: [1, u8], soft: [2, u8], shadow: [3, u8],
+  } as const)],
+  nmi: [12, struct('kvm_vcpu_events.nmi', 4, { injected: [0, u8], pending: [1, u8], masked: [2, u8] } as const)],
+  sipiVector: [16, u32],
+  flags: [20, u32],
+  smi: [24, struct('kvm_vcpu_events.smi', 4, {
+    smm: [0, u8], pending: [1, u8], smmInsideNmi: [2, u8], latchedInit: [3, u8],
+  } as const)],
+  tripleFault: [28, struct('kvm_vcpu_events.triple_fault', 1, { pending: [0, u8] } as const)],
+  exceptionHasPayload: [55, u8],
+  exceptionPayload: [56, u64],
+} as const);
+export type VcpuEvents = StructValue<typeof kvmVcpuEvents.fields>;
+
+export const kvmMpState = struct('kvm_mp_state', 4, { mpState: [0, u32] } as const);
+
+export const kvmDebugregs = struct('kvm_debugregs', 128, {
+  db: [0, array(u64, 4)], dr6: [32, u64], dr7: [40, u64], flags: [48, u64],
+} as const);
+export type DebugRegs = StructValue<typeof kvmDebugregs.fields>;
+
+export const kvmGuestDebug = struct('kvm_guest_debug', 72, {
+  control: [0, u32],
+  // debugreg[0..3] addresses, [6] DR6, [7] DR7 (asm/kvm.h, kvm_guest_debug_arch)
+  debugreg: [8, array(u64, 8)],
+} as const);
+export type GuestDebug = StructValue<typeof kvmGuestDebug.fields>;
+
+export const kvmTranslation = struct('kvm_translation', 24, {
+  linearAddress: [0, u64], physicalAddress: [8, u64], valid: [16, u8], writeable: [17, u8], usermode: [18, u8],
+} as const);
+
+export const kvmInterrupt = struct('kvm_interrupt', 4, { irq: [0, u32] } as const);
+
+export const kvmPitConfig = struct('kvm_pit_config', 64, { flags: [0, u32] } as const);
+
+export const kvmPitChannelState = struct('kvm_pit_channel_state', 24, {
+  count: [0, u32], latchedCount: [4, u16], countLatched: [6, u8], statusLatched: [7, u8],
+  status: [8, u8], readState: [9, u8], writeState: [10, u8], writeLatch: [11, u8],
+  rwMode: [12, u8], mode: [13, u8], bcd: [14, u8], gate: [15, u8], countLoadTime: [16, i64],
+} as const);
+export type PitChannelState = StructValue<typeof kvmPitChannelState.fields>;
+
+export const kvmPitState2 = struct('kvm_pit_state2', 112, {
+  channels: [0, array(kvmPitChannelState, 3)], flags: [72, u32],
+} as const);
+export type PitState2 = StructValue<typeof kvmPitState2.fields>;
+
+/** One interrupt controller's state: a PIC (kvm_pic_state) or the IOAPIC (kvm_ioapic_state). */
+export const kvmIrqchip = struct('kvm_irqchip', 520, { chipId: [0, u32], chip: [8, bytes(512)] } as const);
+export type IrqchipState = StructValue<typeof kvmIrqchip.fields>;
+
+export const kvmIrqLevel = struct('kvm_irq_level', 8, { irq: [0, u32], level: [4, u32] } as const);
+
+export const kvmMsi = struct('kvm_msi', 32, {
+  addressLo: [0, u32], addressHi: [4, u32], data: [8, u32], flags: [12, u32], devid: [16, u32],
+} as const);
+export type Msi = StructValue<typeof kvmMsi.fields>;
+
+export const kvmIrqRoutingEntry = struct('kvm_irq_routing_entry', 48, {
+  gsi: [0, u32], type: [4, u32], flags: [8, u32],
+  // The union: irqchip { irqchip, pin } or msi { address_lo, address_hi, data, devid }.
+  u: [16, bytes(32)],
+} as const);
+
+export const kvmIrqfd = struct('kvm_irqfd', 32, {
+  fd: [0, u32], gsi: [4, u32], flags: [8, u32], resamplefd: [12, u32],
+} as const);
+
+export const kvmIoeventfd = struct('kvm_ioeventfd', 64, {
+  datamatch: [0, u64], addr: [8, u64], len: [16, u32], fd: [20, u32], flags: [24, u32],
+} as const);
+
+export const kvmClockData = struct('kvm_clock_data', 48, {
+  clock: [0, u64], flags: [8, u32], realtime: [16, u64], hostTsc: [24, u64],
+} as const);
+export type ClockData = StructValue<typeof kvmClockData.fields>;
+
+export const kvmEnableCap = struct('kvm_enable_cap', 104, {
+  cap: [0, u32], flags: [4, u32], args: [8, array(u64, 4)],
+} as const);
+
+export const kvmNestedStateHeader = struct('kvm_nested_state', 128, {
+  flags: [0, u16], format: [2, u16], size: [4, u32],
+} as const);
+
+export const kvmDirtyGfn = struct('kvm_dirty_gfn', 16, { flags: [0, u32], slot: [4, u32], offset: [8, u64] } as const);
+
+/** Every struct above, for the layout test. */
+export const allStructs = [
+  kvmRegs, kvmSegment, kvmDtable, kvmSregs, kvmFpu, kvmMsrEntry, kvmCpuidEntry2, kvmLapicState, kvmXcr,
+  kvmVcpuEvents, kvmMpState, kvmDebugregs, kvmGuestDebug, kvmTranslation, kvmInterrupt, kvmPitConfig,
+  kvmPitChannelState, kvmPitState2, kvmIrqchip, kvmIrqLevel, kvmMsi, kvmIrqRoutingEntry, kvmIrqfd,
+  kvmIoeventfd, kvmClockData, kvmEnableCap, kvmNestedStateHeader, kvmDirtyGfn,
+];

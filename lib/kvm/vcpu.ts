@@ -1,0 +1,370 @@
+// A vCPU (KVM_CREATE_VCPU's fd). Methods are named after their ioctls. A vCPU belongs to the
+// thread that created it; other threads reach it only through its kick handle.
+import { Cap, GuestDebugFlag } from './constants.js';
+import { KvmError } from './errors.js';
+import { decodeExit, type VcpuExit } from './exit.js';
+import { Handle, checkAddress, checkInteger } from './handle.js';
+import { KvmRun } from './kvm-run.js';
+import { decodeCpuid, decodeList, emptyList, encodeCpuid, encodeMsrIndices, encodeMsrs, listCount } from './lists.js';
+import { native, op } from './native.js';
+import {
+  KVM_MAX_XCRS, kvmCpuidEntry2, kvmDebugregs, kvmEnableCap, kvmFpu, kvmGuestDebug, kvmInterrupt, kvmLapicState,
+  kvmMpState, kvmMsrEntry, kvmNestedStateHeader, kvmRegs, kvmSregs, kvmTranslation, kvmVcpuEvents, kvmXcr,
+  type CpuidEntry, type DebugRegs, type Fpu, type LapicState, type MsrEntry, type Regs, type Sregs, type VcpuEvents, type Xcr,
+} from './structs.js';
+
+const OPS = {
+  getRegs: op('KVM_GET_REGS'),
+  setRegs: op('KVM_SET_REGS'),
+  getSregs: op('KVM_GET_SREGS'),
+  setSregs: op('KVM_SET_SREGS'),
+  getFpu: op('KVM_GET_FPU'),
+  setFpu: op('KVM_SET_FPU'),
+  getMsrs: op('KVM_GET_MSRS'),
+  setMsrs: op('KVM_SET_MSRS'),
+  setCpuid2: op('KVM_SET_CPUID2'),
+  getCpuid2: op('KVM_GET_CPUID2'),
+  getLapic: op('KVM_GET_LAPIC'),
+  setLapic: op('KVM_SET_LAPIC'),
+  getXsave: op('KVM_GET_XSAVE'),
+  getXsave2: op('KVM_GET_XSAVE2'),
+  setXsave: op('KVM_SET_XSAVE'),
+  getXcrs: op('KVM_GET_XCRS'),
+  setXcrs: op('KVM_SET_XCRS'),
+  getVcpuEvents: op('KVM_GET_VCPU_EVENTS'),
+  setVcpuEvents: op('KVM_SET_VCPU_EVENTS'),
+  getMpState: op('KVM_GET_MP_STATE'),
+  setMpState: op('KVM_SET_MP_STATE'),
+  getDebugRegs: op('KVM_GET_DEBUGREGS'),
+  setDebugRegs: op('KVM_SET_DEBUGREGS'),
+  getTscKhz: op('KVM_GET_TSC_KHZ'),
+  setTscKhz: op('KVM_SET_TSC_KHZ'),
+  getNestedState: op('KVM_GET_NESTED_STATE'),
+  setNestedState: op('KVM_SET_NESTED_STATE'),
+  translate: op('KVM_TRANSLATE'),
+  setGuestDebug: op('KVM_SET_GUEST_DEBUG'),
+  kvmclockCtrl: op('KVM_KVMCLOCK_CTRL'),
+  nmi: op('KVM_NMI'),
+  smi: op('KVM_SMI'),
+  interrupt: op('KVM_INTERRUPT'),
+  enableCap: op('KVM_ENABLE_CAP(vcpu)'),
+  checkExtension: op('KVM_CHECK_EXTENSION(vcpu)'),
+};
+
+const XSAVE_LEGACY_BYTES = 4096;
+const KVM_XCRS_BYTES = 392;
+
+/** A structured-cloneable reference that kicks a vCPU from any thread (see kickVcpu). */
+export interface VcpuKickHandle {
+  readonly vcpuKick: number;
+}
+
+/**
+ * Makes the vCPU behind `handle` leave run() promptly (it returns ExitReason.Intr), from any
+ * thread. Returns false if that vCPU is already closed. To stop a vCPU loop reliably, set the
+ * loop's own flag first, then kick: a kick that lands between two run() calls is not lost.
+ */
+export function kickVcpu(handle: VcpuKickHandle): boolean {
+  if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
+    throw new TypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+  }
+  return native.kick(handle.vcpuKick);
+}
+
+export interface GuestDebugOptions {
+  /** Trap after every guest instruction (KVM_GUESTDBG_SINGLESTEP). */
+  singlestep?: boolean;
+  /** Exit on INT3 (KVM_GUESTDBG_USE_SW_BP). */
+  softwareBreakpoints?: boolean;
+  /** Use debugreg for hardware breakpoints (KVM_GUESTDBG_USE_HW_BP). */
+  hardwareBreakpoints?: boolean;
+  /** DR0-DR3 addresses, DR6, DR7 in slots 0-3, 6, 7. */
+  debugreg?: bigint[];
+}
+
+export interface Translation {
+  physicalAddress: bigint;
+  valid: boolean;
+  writeable: boolean;
+  usermode: boolean;
+}
+
+export class Vcpu extends Handle {
+  readonly id: number;
+  readonly fd: number;
+  /** The kvm_run page, read and written in place (exit details, immediate_exit). */
+  readonly kvmRun: KvmRun;
+  readonly #handle: number;
+  readonly #runBuffer: ArrayBuffer;
+
+  /** @internal Use vm.createVcpu(id). */
+  constructor(handle: number, id: number, fd: number, runBuffer: ArrayBuffer) {
+    super('Vcpu', () => native.closeVcpu(handle));
+    this.#handle = handle;
+    this.id = id;
+    this.fd = fd;
+    this.#runBuffer = runBuffer;
+    this.kvmRun = new KvmRun(runBuffer);
+  }
+
+  /**
+   * KVM_RUN: runs the guest until it exits and returns the exit reason (an ExitReason number).
+   * Allocates nothing; read the details from kvmRun, or decode them with exit().
+   */
+  run(): number {
+    return native.run(this.#handle);
+  }
+
+  /** The last exit, decoded. */
+  exit(): VcpuExit {
+    this.assertOpen();
+    return decodeExit(this.kvmRun);
+  }
+
+  /** Makes a run() in progress (or the next one) return ExitReason.Intr. */
+  kick(): void {
+    this.assertOpen();
+    native.kick(this.#handle);
+  }
+
+  /** A handle that another thread passes to kickVcpu(). */
+  get kickHandle(): VcpuKickHandle {
+    this.assertOpen();
+    return { vcpuKick: this.#handle };
+  }
+
+  #ioctl(opNumber: number, arg?: Uint8Array | number | bigint): number {
+    return native.ioctl(this.#handle, opNumber, arg);
+  }
+
+  #get<T>(opNumber: number, type: { size: number; decode(b: Uint8Array): T }): T {
+    const buffer = new Uint8Array(type.size);
+    this.#ioctl(opNumber, buffer);
+    return type.decode(buffer);
+  }
+
+  getRegs(): Regs {
+    return this.#get(OPS.getRegs, kvmRegs);
+  }
+  setRegs(regs: Regs): void {
+    this.#ioctl(OPS.setRegs, kvmRegs.encode(regs));
+  }
+  getSregs(): Sregs {
+    return this.#get(OPS.getSregs, kvmSregs);
+  }
+  setSregs(sregs: Sregs): void {
+    this.#ioctl(OPS.setSregs, kvmSregs.encode(sregs));
+  }
+  /** Legacy FPU/SSE state. Prefer getXsave() to save state: some hosts report mxcsr only there. */
+  getFpu(): Fpu {
+    return this.#get(OPS.getFpu, kvmFpu);
+  }
+  setFpu(fpu: Fpu): void {
+    this.#ioctl(OPS.setFpu, kvmFpu.encode(fpu));
+  }
+
+  /** Reads the given MSRs. Throws a KvmError naming the first MSR that KVM could not read. */
+  getMsrs(indices: readonly number[]): MsrEntry[] {
+    const buffer = encodeMsrIndices(indices);
+    const read = this.#ioctl(OPS.getMsrs, buffer);
+    if (read < indices.length) {
+      throw new KvmError('EINVAL', -22, 'ioctl(KVM_GET_MSRS)', `MSR 0x${indices[read]!.toString(16)} cannot be read on this vCPU`);
+    }
+    return decodeList(kvmMsrEntry, buffer);
+  }
+
+  /** Writes the given MSRs. Throws a KvmError naming the first MSR that KVM refused. */
+  setMsrs(entries: readonly MsrEntry[]): void {
+    const written = this.#ioctl(OPS.setMsrs, encodeMsrs(entries));
+    if (written < entries.length) {
+      throw new KvmError('EINVAL', -22, 'ioctl(KVM_SET_MSRS)', `MSR 0x${entries[written]!.index.toString(16)} cannot be set to 0x${BigInt(entries[written]!.data).toString(16)}`);
+    }
+  }
+
+  setCpuid2(entries: readonly CpuidEntry[]): void {
+    this.#ioctl(OPS.setCpuid2, encodeCpuid(entries));
+  }
+
+  getCpuid2(): CpuidEntry[] {
+    let capacity = 64;
+    for (;;) {
+      const buffer = emptyList(kvmCpuidEntry2, capacity);
+      try {
+        this.#ioctl(OPS.getCpuid2, buffer);
+        return decodeCpuid(buffer);
+      } catch (error) {
+        if (!(error instanceof KvmError) || error.code !== 'E2BIG' || capacity >= 4096) throw error;
+        capacity = Math.max(capacity * 2, listCount(buffer));
+      }
+    }
+  }
+
+  getLapic(): LapicState {
+    return this.#get(OPS.getLapic, kvmLapicState);
+  }
+  setLapic(state: LapicState): void {
+    this.#ioctl(OPS.setLapic, kvmLapicState.encode(state));
+  }
+
+  /** The XSAVE area (struct kvm_xsave's region), KVM_CAP_XSAVE2 bytes where larger than 4 KiB. */
+  getXsave(): Uint8Array {
+    this.assertOpen();
+    const size = this.#ioctl(OPS.checkExtension, Cap.Xsave2);
+    if (size > XSAVE_LEGACY_BYTES) {
+      const buffer = new Uint8Array(size);
+      this.#ioctl(OPS.getXsave2, buffer);
+      return buffer;
+    }
+    const buffer = new Uint8Array(XSAVE_LEGACY_BYTES);
+    this.#ioctl(OPS.getXsave, buffer);
+    return buffer;
+  }
+  setXsave(region: Uint8Array): void {
+    if (!(region instanceof Uint8Array)) throw new TypeError('xsave region must be a Uint8Array');
+    this.#ioctl(OPS.setXsave, region);
+  }
+
+  getXcrs(): Xcr[] {
+    const buffer = new Uint8Array(KVM_XCRS_BYTES);
+    this.#ioctl(OPS.getXcrs, buffer);
+    const count = Math.min(new DataView(buffer.buffer).getUint32(0, true), KVM_MAX_XCRS);
+    return Array.from({ length: count }, (_, i) => kvmXcr.decode(buffer.subarray(8 + i * kvmXcr.size)));
+  }
+  setXcrs(xcrs: readonly Xcr[]): void {
+    if (!Array.isArray(xcrs)) throw new TypeError('xcrs must be an array');
+    if (xcrs.length > KVM_MAX_XCRS) throw new RangeError(`at most ${KVM_MAX_XCRS} xcrs`);
+    const buffer = new Uint8Array(KVM_XCRS_BYTES);
+    new DataView(buffer.buffer).setUint32(0, xcrs.length, true);
+    xcrs.forEach((xcr, i) => kvmXcr.encode(xcr, buffer.subarray(8 + i * kvmXcr.size)));
+    this.#ioctl(OPS.setXcrs, buffer);
+  }
+
+  getVcpuEvents(): VcpuEvents {
+    return this.#get(OPS.getVcpuEvents, kvmVcpuEvents);
+  }
+  setVcpuEvents(events: VcpuEvents): void {
+    this.#ioctl(OPS.setVcpuEvents, kvmVcpuEvents.encode(events));
+  }
+
+  /** KVM_MP_STATE_* (see MpState). */
+  getMpState(): number {
+    return this.#get(OPS.getMpState, kvmMpState).mpState;
+  }
+  setMpState(mpState: number): void {
+    this.#ioctl(OPS.setMpState, kvmMpState.encode({ mpState }));
+  }
+
+  getDebugRegs(): DebugRegs {
+    return this.#get(OPS.getDebugRegs, kvmDebugregs);
+  }
+  setDebugRegs(regs: DebugRegs): void {
+    this.#ioctl(OPS.setDebugRegs, kvmDebugregs.encode(regs));
+  }
+
+  getTscKhz(): number {
+    return this.#ioctl(OPS.getTscKhz);
+  }
+  setTscKhz(khz: number): void {
+    this.#ioctl(OPS.setTscKhz, checkInteger(khz, 'khz', 1, 0xffffffff));
+  }
+
+  /** KVM_GET_NESTED_STATE: the whole struct kvm_nested_state (header and data). */
+  getNestedState(): Uint8Array {
+    let size = Math.max(this.#ioctl(OPS.checkExtension, Cap.NestedState), kvmNestedStateHeader.size);
+    for (;;) {
+      const buffer = new Uint8Array(size);
+      kvmNestedStateHeader.encode({ flags: 0, format: 0, size }, buffer);
+      try {
+        this.#ioctl(OPS.getNestedState, buffer);
+        return buffer.subarray(0, kvmNestedStateHeader.decode(buffer).size);
+      } catch (error) {
+        if (!(error instanceof KvmError) || error.code !== 'E2BIG' || size >= 1 << 20) throw error;
+        size *= 2;
+      }
+    }
+  }
+  setNestedState(state: Uint8Array): void {
+    if (!(state instanceof Uint8Array)) throw new TypeError('nested state must be a Uint8Array');
+    this.#ioctl(OPS.setNestedState, state);
+  }
+
+  /** KVM_TRANSLATE: the guest-physical address behind a guest-virtual one, in the current mode. */
+  translate(guestVirtAddr: number | bigint): Translation {
+    const buffer = kvmTranslation.encode({
+      linearAddress: checkAddress(guestVirtAddr, 'guestVirtAddr'), physicalAddress: 0n, valid: 0, writeable: 0, usermode: 0,
+    });
+    this.#ioctl(OPS.translate, buffer);
+    const t = kvmTranslation.decode(buffer);
+    return { physicalAddress: t.physicalAddress, valid: t.valid !== 0, writeable: t.writeable !== 0, usermode: t.usermode !== 0 };
+  }
+
+  /** KVM_SET_GUEST_DEBUG. `null` turns debugging off. */
+  setGuestDebug(options: GuestDebugOptions | null): void {
+    let control = 0;
+    let debugreg = [0n, 0n, 0n, 0n, 0n, 0n, 0n, 0n];
+    if (options) {
+      if (typeof options !== 'object') throw new TypeError('options must be an object or null');
+      control = GuestDebugFlag.Enable;
+      if (options.singlestep) control |= GuestDebugFlag.Singlestep;
+      if (options.softwareBreakpoints) control |= GuestDebugFlag.UseSwBp;
+      if (options.hardwareBreakpoints) control |= GuestDebugFlag.UseHwBp;
+      if (options.debugreg !== undefined) debugreg = options.debugreg;
+    }
+    this.#ioctl(OPS.setGuestDebug, kvmGuestDebug.encode({ control, debugreg }));
+  }
+
+  /** Tells the guest's kvmclock that the vCPU was paused (KVM_KVMCLOCK_CTRL). */
+  kvmclockCtrl(): void {
+    this.#ioctl(OPS.kvmclockCtrl);
+  }
+  /** Queues an NMI (KVM_NMI; needs the in-kernel local APIC). */
+  nmi(): void {
+    this.#ioctl(OPS.nmi);
+  }
+  /** Queues an SMI (KVM_SMI). */
+  smi(): void {
+    this.#ioctl(OPS.smi);
+  }
+  /** Injects external interrupt `irq` (KVM_INTERRUPT; only without an in-kernel irqchip). */
+  interrupt(irq: number): void {
+    this.#ioctl(OPS.interrupt, kvmInterrupt.encode({ irq: checkInteger(irq, 'irq', 0, 255) }));
+  }
+
+  enableCap(cap: number, args: readonly (number | bigint)[] = [], flags = 0): void {
+    this.#ioctl(OPS.enableCap, encodeEnableCap(cap, args, flags));
+  }
+
+  checkExtension(cap: number): number {
+    return this.#ioctl(OPS.checkExtension, checkInteger(cap, 'cap', 0, 0xffffffff));
+  }
+
+  /**
+   * Collects this vCPU's dirty-ring entries (KVM_CAP_DIRTY_LOG_RING) as [slot, pageOffset] pairs
+   * in `into`, marking them for vm.resetDirtyRings(). Returns how many pairs were written.
+   * Callable from any thread through the kick handle (see harvestDirtyRing()).
+   */
+  harvestDirtyRing(into: Float64Array): number {
+    this.assertOpen();
+    return native.harvestDirtyRing(this.#handle, into);
+  }
+
+  protected release(): void {
+    native.closeVcpu(this.#handle);
+    native.detachBuffer(this.#runBuffer);
+  }
+}
+
+/** Harvests a vCPU's dirty ring from any thread, by its kick handle. See Vcpu.harvestDirtyRing. */
+export function harvestDirtyRing(handle: VcpuKickHandle, into: Float64Array): number {
+  if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
+    throw new TypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+  }
+  return native.harvestDirtyRing(handle.vcpuKick, into);
+}
+
+export function encodeEnableCap(cap: number, args: readonly (number | bigint)[], flags: number): Uint8Array {
+  checkInteger(cap, 'cap', 0, 0xffffffff);
+  if (!Array.isArray(args) || args.length > 4) throw new TypeError('args must be an array of at most 4 integers');
+  const padded = [0, 1, 2, 3].map((i) => checkAddress(args[i] ?? 0, `args[${i}]`));
+  return kvmEnableCap.encode({ cap, flags: checkInteger(flags, 'flags', 0, 0xffffffff), args: padded });
+}

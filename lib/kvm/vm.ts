@@ -1,0 +1,324 @@
+// A VM (KVM_CREATE_VM's fd): memory slots, vCPUs, the in-kernel interrupt controllers, irqfd and
+// ioeventfd, the clock, and dirty logging. Methods are named after their ioctls.
+import { Cap, IrqRoutingType, MemoryFlag, PAGE_SIZE, PIT_SPEAKER_DUMMY } from './constants.js';
+import { EventFd } from './eventfd.js';
+import { Handle, checkAddress, checkInteger, closedError } from './handle.js';
+import { encodeList } from './lists.js';
+import type { GuestMemory } from './memory.js';
+import { native, op } from './native.js';
+import {
+  kvmClockData, kvmIoeventfd, kvmIrqchip, kvmIrqfd, kvmIrqLevel, kvmIrqRoutingEntry, kvmMsi, kvmPitConfig, kvmPitState2,
+  type ClockData, type IrqchipState, type Msi, type PitState2,
+} from './structs.js';
+import { Vcpu, encodeEnableCap } from './vcpu.js';
+
+const OPS = {
+  checkExtension: op('KVM_CHECK_EXTENSION(vm)'),
+  createIrqChip: op('KVM_CREATE_IRQCHIP'),
+  createPit2: op('KVM_CREATE_PIT2'),
+  getPit2: op('KVM_GET_PIT2'),
+  setPit2: op('KVM_SET_PIT2'),
+  getIrqChip: op('KVM_GET_IRQCHIP'),
+  setIrqChip: op('KVM_SET_IRQCHIP'),
+  irqLine: op('KVM_IRQ_LINE'),
+  signalMsi: op('KVM_SIGNAL_MSI'),
+  setGsiRouting: op('KVM_SET_GSI_ROUTING'),
+  irqfd: op('KVM_IRQFD'),
+  ioeventfd: op('KVM_IOEVENTFD'),
+  setTssAddr: op('KVM_SET_TSS_ADDR'),
+  setIdentityMapAddr: op('KVM_SET_IDENTITY_MAP_ADDR'),
+  getClock: op('KVM_GET_CLOCK'),
+  setClock: op('KVM_SET_CLOCK'),
+  enableCap: op('KVM_ENABLE_CAP'),
+  resetDirtyRings: op('KVM_RESET_DIRTY_RINGS'),
+  setBootCpuId: op('KVM_SET_BOOT_CPU_ID'),
+};
+
+const KVM_IRQFD_FLAG_DEASSIGN = 1;
+const KVM_IRQFD_FLAG_RESAMPLE = 2;
+const KVM_IOEVENTFD_FLAG_DATAMATCH = 1;
+const KVM_IOEVENTFD_FLAG_PIO = 2;
+const KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
+
+export interface MemoryRegion {
+  slot: number;
+  guestPhysAddr: number | bigint;
+  memory: GuestMemory;
+  /** Byte offset into `memory` (page-aligned). Default 0. */
+  offset?: number;
+  /** Bytes to map (page multiple). Default: the rest of `memory` after `offset`. */
+  size?: number;
+  flags?: { logDirtyPages?: boolean; readonly?: boolean };
+}
+
+export type GsiRoute =
+  | { gsi: number; type: 'irqchip'; irqchip: number; pin: number }
+  | { gsi: number; type: 'msi'; addressLo: number; addressHi?: number; data: number; devid?: number; flags?: number };
+
+export interface IoeventfdOptions {
+  addr: number | bigint;
+  /** 0 (any width), 1, 2, 4 or 8 bytes. */
+  len: number;
+  /** Signal only when the written value equals this. */
+  datamatch?: number | bigint;
+  /** A port (true) rather than an MMIO address. */
+  pio?: boolean;
+}
+
+type Fd = EventFd | number;
+const fdOf = (fd: Fd, name: string): number => (fd instanceof EventFd ? fd.fd : checkInteger(fd, name, 0, 0x7fffffff));
+
+export class Vm extends Handle {
+  readonly fd: number;
+  readonly #handle: number;
+  readonly #owning: boolean;
+
+  /** @internal Use kvm.createVm() or Vm.fromFd(). */
+  constructor(handle: number, fd: number, owning: boolean) {
+    super('Vm', owning ? () => native.closeVm(handle) : null);
+    this.#handle = handle;
+    this.fd = fd;
+    this.#owning = owning;
+  }
+
+  /**
+   * A non-owning view of a VM that this process created, by its fd: for worker threads, which
+   * receive the number by postMessage. Closing the view leaves the VM open.
+   */
+  static fromFd(fd: number): Vm {
+    checkInteger(fd, 'fd', 0, 0x7fffffff);
+    return new Vm(native.vmFromFd(fd), fd, false);
+  }
+
+  /** True for the handle that owns the VM, false for fromFd() views. */
+  get owning(): boolean {
+    return this.#owning;
+  }
+
+  #ioctl(opNumber: number, arg?: Uint8Array | number | bigint): number {
+    if (this.closed) throw closedError('Vm');
+    return native.ioctl(this.#handle, opNumber, arg);
+  }
+
+  get #h(): number {
+    if (this.closed) throw closedError('Vm');
+    return this.#handle;
+  }
+
+  checkExtension(cap: number): number {
+    return this.#ioctl(OPS.checkExtension, checkInteger(cap, 'cap', 0, 0xffffffff));
+  }
+
+  /** KVM_ENABLE_CAP on the VM. Enabling Cap.DirtyLogRing(AcqRel) must precede createVcpu(). */
+  enableCap(cap: number, args: readonly (number | bigint)[] = [], flags = 0): void {
+    this.#ioctl(OPS.enableCap, encodeEnableCap(cap, args, flags));
+  }
+
+  /** Maps (part of) `memory` into the guest's physical address space. */
+  setUserMemoryRegion(region: MemoryRegion): void {
+    if (typeof region !== 'object' || region === null) throw new TypeError('region must be an object');
+    const slot = checkInteger(region.slot, 'slot', 0, 0xffffffff);
+    const memory = region.memory;
+    if (memory === null || typeof memory !== 'object' || typeof (memory as GuestMemory).nativeId !== 'number') {
+      throw new TypeError('memory must be a GuestMemory');
+    }
+    const offset = checkInteger(region.offset ?? 0, 'offset', 0, Number.MAX_SAFE_INTEGER);
+    const size = checkInteger(region.size ?? memory.size - offset, 'size', 1, Number.MAX_SAFE_INTEGER);
+    const guestPhysAddr = checkAddress(region.guestPhysAddr, 'guestPhysAddr');
+    if (guestPhysAddr % BigInt(PAGE_SIZE) !== 0n) throw new RangeError(`guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
+    if (offset % PAGE_SIZE !== 0) throw new RangeError(`offset must be page-aligned, got ${offset}`);
+    if (size % PAGE_SIZE !== 0) throw new RangeError(`size must be a multiple of ${PAGE_SIZE}, got ${size}`);
+    if (offset + size > memory.size) throw new RangeError(`offset + size (${offset + size}) is beyond the guest memory (${memory.size} bytes)`);
+    const flags = region.flags ?? {};
+    if (typeof flags !== 'object' || flags === null) throw new TypeError('flags must be an object');
+    const bits = (flags.logDirtyPages ? MemoryFlag.LogDirtyPages : 0) | (flags.readonly ? MemoryFlag.Readonly : 0);
+    native.setUserMemoryRegion(this.#h, slot, bits, guestPhysAddr, memory.nativeId, offset, size);
+  }
+
+  deleteUserMemoryRegion(slot: number): void {
+    native.setUserMemoryRegion(this.#h, checkInteger(slot, 'slot', 0, 0xffffffff), 0, 0, 0, 0, 0);
+  }
+
+  /** Creates vCPU `id`, owned by the calling thread. */
+  createVcpu(id: number): Vcpu {
+    const [handle, fd, run] = native.createVcpu(this.#h, checkInteger(id, 'id', 0, 0xffffffff));
+    return new Vcpu(handle, id, fd, run);
+  }
+
+  /** KVM_SET_BOOT_CPU_ID, before any vCPU exists. */
+  setBootCpuId(id: number): void {
+    this.#ioctl(OPS.setBootCpuId, checkInteger(id, 'id', 0, 0xffffffff));
+  }
+
+  /** KVM_CREATE_IRQCHIP: the in-kernel PICs, IOAPIC and local APICs. Before createVcpu(). */
+  createIrqChip(): void {
+    this.#ioctl(OPS.createIrqChip);
+  }
+
+  /** KVM_CREATE_PIT2: the in-kernel i8254 PIT. Needs createIrqChip() first. */
+  createPit2(flags: { speakerDummy?: boolean } | number = {}): void {
+    const bits = typeof flags === 'number' ? checkInteger(flags, 'flags', 0, 0xffffffff) : flags.speakerDummy ? PIT_SPEAKER_DUMMY : 0;
+    this.#ioctl(OPS.createPit2, kvmPitConfig.encode({ flags: bits }));
+  }
+
+  getPit2(): PitState2 {
+    const buffer = new Uint8Array(kvmPitState2.size);
+    this.#ioctl(OPS.getPit2, buffer);
+    return kvmPitState2.decode(buffer);
+  }
+  setPit2(state: PitState2): void {
+    this.#ioctl(OPS.setPit2, kvmPitState2.encode(state));
+  }
+
+  /** State of one in-kernel interrupt controller (IrqChip.PicMaster, PicSlave or Ioapic). */
+  getIrqChip(chip: number): IrqchipState {
+    const buffer = kvmIrqchip.encode({ chipId: checkInteger(chip, 'chip', 0, 2), chip: new Uint8Array(512) });
+    this.#ioctl(OPS.getIrqChip, buffer);
+    return kvmIrqchip.decode(buffer);
+  }
+  setIrqChip(state: IrqchipState): void {
+    this.#ioctl(OPS.setIrqChip, kvmIrqchip.encode(state));
+  }
+
+  /** KVM_IRQ_LINE: raises (true/1) or lowers a GSI of the in-kernel irqchip. */
+  setIrqLine(irq: number, level: boolean | number): void {
+    this.#ioctl(OPS.irqLine, kvmIrqLevel.encode({ irq: checkInteger(irq, 'irq', 0, 0xffffffff), level: level ? 1 : 0 }));
+  }
+
+  /** KVM_SIGNAL_MSI: returns >0 if delivered, 0 if the guest blocked it. */
+  signalMsi(msi: Partial<Msi> & { addressLo: number; data: number }): number {
+    if (typeof msi !== 'object' || msi === null) throw new TypeError('msi must be an object');
+    return this.#ioctl(OPS.signalMsi, kvmMsi.encode({
+      addressLo: msi.addressLo, addressHi: msi.addressHi ?? 0, data: msi.data, flags: msi.flags ?? 0, devid: msi.devid ?? 0,
+    }));
+  }
+
+  /** KVM_SET_GSI_ROUTING: replaces the whole GSI routing table. */
+  setGsiRouting(entries: readonly GsiRoute[]): void {
+    if (!Array.isArray(entries)) throw new TypeError('entries must be an array');
+    const encoded = entries.map((entry, i) => {
+      if (typeof entry !== 'object' || entry === null) throw new TypeError(`entries[${i}] must be an object`);
+      const u = new Uint8Array(32);
+      const view = new DataView(u.buffer);
+      let type: number;
+      if (entry.type === 'irqchip') {
+        type = IrqRoutingType.Irqchip;
+        view.setUint32(0, checkInteger(entry.irqchip, `entries[${i}].irqchip`, 0, 2), true);
+        view.setUint32(4, checkInteger(entry.pin, `entries[${i}].pin`, 0, 0xffffffff), true);
+      } else if (entry.type === 'msi') {
+        type = IrqRoutingType.Msi;
+        view.setUint32(0, checkInteger(entry.addressLo, `entries[${i}].addressLo`, 0, 0xffffffff), true);
+        view.setUint32(4, checkInteger(entry.addressHi ?? 0, `entries[${i}].addressHi`, 0, 0xffffffff), true);
+        view.setUint32(8, checkInteger(entry.data, `entries[${i}].data`, 0, 0xffffffff), true);
+        view.setUint32(12, checkInteger(entry.devid ?? 0, `entries[${i}].devid`, 0, 0xffffffff), true);
+      } else {
+        throw new RangeError(`entries[${i}].type must be 'irqchip' or 'msi'`);
+      }
+      const flags = entry.type === 'msi' ? entry.flags ?? 0 : 0;
+      return { gsi: checkInteger(entry.gsi, `entries[${i}].gsi`, 0, 0xffffffff), type, flags, u };
+    });
+    this.#ioctl(OPS.setGsiRouting, encodeList(kvmIrqRoutingEntry, encoded, 'entries'));
+  }
+
+  /** KVM_IRQFD: writing to `eventfd` raises `gsi`. With `resampleFd`, level-triggered. */
+  registerIrqfd(eventfd: Fd, gsi: number, resampleFd?: Fd): void {
+    this.#ioctl(OPS.irqfd, kvmIrqfd.encode({
+      fd: fdOf(eventfd, 'eventfd'),
+      gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff),
+      flags: resampleFd === undefined ? 0 : KVM_IRQFD_FLAG_RESAMPLE,
+      resamplefd: resampleFd === undefined ? 0 : fdOf(resampleFd, 'resampleFd'),
+    }));
+  }
+  unregisterIrqfd(eventfd: Fd, gsi: number): void {
+    this.#ioctl(OPS.irqfd, kvmIrqfd.encode({
+      fd: fdOf(eventfd, 'eventfd'), gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff), flags: KVM_IRQFD_FLAG_DEASSIGN, resamplefd: 0,
+    }));
+  }
+
+  /** KVM_IOEVENTFD: a guest write to `addr` signals `eventfd` instead of exiting to us. */
+  registerIoeventfd(options: IoeventfdOptions, eventfd: Fd): void {
+    this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), 0));
+  }
+  unregisterIoeventfd(options: IoeventfdOptions, eventfd: Fd): void {
+    this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), KVM_IOEVENTFD_FLAG_DEASSIGN));
+  }
+
+  /** KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode). */
+  setTssAddr(addr: number | bigint): void {
+    const value = checkAddress(addr, 'addr');
+    if (value > 0xffffffffn - 3n * 4096n) throw new RangeError('addr must leave three pages below 4 GiB');
+    this.#ioctl(OPS.setTssAddr, value);
+  }
+
+  /** KVM_SET_IDENTITY_MAP_ADDR: one page of guest-physical space for the EPT identity map. */
+  setIdentityMapAddr(addr: number | bigint): void {
+    const buffer = new Uint8Array(8);
+    new DataView(buffer.buffer).setBigUint64(0, checkAddress(addr, 'addr'), true);
+    this.#ioctl(OPS.setIdentityMapAddr, buffer);
+  }
+
+  getClock(): ClockData {
+    const buffer = new Uint8Array(kvmClockData.size);
+    this.#ioctl(OPS.getClock, buffer);
+    return kvmClockData.decode(buffer);
+  }
+  /** KVM_SET_CLOCK. Pass back what getClock() returned; `flags` selects which fields apply. */
+  setClock(data: ClockData): void {
+    this.#ioctl(OPS.setClock, kvmClockData.encode(data));
+  }
+
+  /** KVM_GET_DIRTY_LOG: bit i set = page i of the slot was written since the last call. */
+  getDirtyLog(slot: number, into?: Uint8Array): Uint8Array {
+    return native.getDirtyLog(this.#h, checkInteger(slot, 'slot', 0, 0xffffffff), into);
+  }
+
+  /**
+   * KVM_CLEAR_DIRTY_LOG: re-arms dirty tracking for the pages set in `bitmap` (all pages of the
+   * range without one). Needs enableCap(Cap.ManualDirtyLogProtect2, [DirtyLogManual.ProtectEnable]).
+   */
+  clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap?: Uint8Array): void {
+    native.clearDirtyLog(
+      this.#h,
+      checkInteger(slot, 'slot', 0, 0xffffffff),
+      checkInteger(firstPage, 'firstPage', 0, Number.MAX_SAFE_INTEGER),
+      checkInteger(numPages, 'numPages', 0, 0xffffffff),
+      bitmap,
+    );
+  }
+
+  /**
+   * Turns on the dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL where offered, else
+   * KVM_CAP_DIRTY_LOG_RING) with `bytes` per vCPU. Must precede createVcpu().
+   */
+  enableDirtyRing(bytes: number): void {
+    checkInteger(bytes, 'bytes', 4096, 0x7fffffff);
+    if ((bytes & (bytes - 1)) !== 0) throw new RangeError(`bytes must be a power of two, got ${bytes}`);
+    const cap = this.checkExtension(Cap.DirtyLogRingAcqRel) > 0 ? Cap.DirtyLogRingAcqRel : Cap.DirtyLogRing;
+    this.enableCap(cap, [bytes]);
+  }
+
+  /** KVM_RESET_DIRTY_RINGS: re-protects harvested ring entries; returns how many. */
+  resetDirtyRings(): number {
+    return this.#ioctl(OPS.resetDirtyRings);
+  }
+
+  protected release(): void {
+    if (this.#owning) native.closeVm(this.#handle);
+  }
+}
+
+function encodeIoeventfd(options: IoeventfdOptions, fd: number, extraFlags: number): Uint8Array {
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  const len = checkInteger(options.len, 'len', 0, 8);
+  if (![0, 1, 2, 4, 8].includes(len)) throw new RangeError(`len must be 0, 1, 2, 4 or 8, got ${len}`);
+  let flags = extraFlags;
+  if (options.pio) flags |= KVM_IOEVENTFD_FLAG_PIO;
+  if (options.datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+  return kvmIoeventfd.encode({
+    datamatch: options.datamatch === undefined ? 0n : checkAddress(options.datamatch, 'datamatch'),
+    addr: checkAddress(options.addr, 'addr'),
+    len,
+    fd,
+    flags,
+  });
+}

@@ -1,0 +1,17 @@
+#pragma once
+#include <napi.h>
+
+#include <memory>
+
+#include "handles.h"
+
+namespace nodekvm {
+Napi::Value MemoryCreate(const Napi::CallbackInfo& info);
+Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
+Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
+Napi::Value DetachBuffer(const Napi::CallbackInfo& info);
+// The live mapping behind a guest memory handle, or a thrown error.
+std::shared_ptr<Mapping> FindMemory(Napi::Env env, const Napi::Value& id);
+// Reads a non-negative integer (number or bigint) that must fit in 64 bits.
+uint64_t ReadU64(Napi::Env env, const Napi::Value& value, const char* name);
+}  // namespace nodekvm
