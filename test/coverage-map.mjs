@@ -1,0 +1,2 @@
+// Coverage is measured for the library (lib/) only.
+export default (testFile) => ['lib/**/*.ts'];
