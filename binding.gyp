@@ -10,7 +10,8 @@
         "native/vm.cc",
         "native/vcpu.cc",
         "native/memory.cc",
-        "native/layout.cc"
+        "native/layout.cc",
+        "native/abi.c"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -12,11 +12,11 @@ namespace nodekvm {
 // Throws a KvmError for `err` (a positive errno) raised by `syscall`.
 [[noreturn]] void ThrowSyscallError(Napi::Env env, int err, const std::string& syscall);
 
-inline void ThrowTypeError(Napi::Env env, const std::string& message) {
+[[noreturn]] inline void ThrowTypeError(Napi::Env env, const std::string& message) {
   throw Napi::TypeError::New(env, message);
 }
 
-inline void ThrowRangeError(Napi::Env env, const std::string& message) {
+[[noreturn]] inline void ThrowRangeError(Napi::Env env, const std::string& message) {
   throw Napi::RangeError::New(env, message);
 }
 

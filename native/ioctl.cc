@@ -8,6 +8,7 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "abi.h"
 #include "errors.h"
 #include "handles.h"
 
@@ -15,9 +16,9 @@ namespace nodekvm {
 
 namespace {
 
-#define OP(req, fd, kind) {#req, req, FdKind::fd, ArgKind::kind, 0, 0, 0}
+#define OP(req, fd, kind) {#req, AbiRequest(#req), FdKind::fd, ArgKind::kind, 0, 0, 0}
 #define ARRAY_OP(req, fd, header, element, max) \
-  {#req, req, FdKind::fd, ArgKind::CountedArray, header, element, max}
+  {#req, AbiRequest(#req), FdKind::fd, ArgKind::CountedArray, header, element, max}
 
 // Upper bounds on counted arrays; the kernel enforces smaller ones (KVM_MAX_CPUID_ENTRIES 256,
 // KVM_MAX_IRQ_ROUTES 4096, MSR lists in the hundreds). Ours only bound the native copy.
@@ -25,19 +26,20 @@ constexpr uint32_t kMaxCpuidEntries = 4096;
 constexpr uint32_t kMaxMsrs = 16384;
 constexpr uint32_t kMaxRoutes = 65536;
 
+// Initialized at load from abi.c (dynamic initialization, after abi.c's constant tables).
 const IoctlOp kOps[] = {
     // System (/dev/kvm).
     OP(KVM_GET_API_VERSION, System, None),
     OP(KVM_CHECK_EXTENSION, System, Value),
     OP(KVM_GET_VCPU_MMAP_SIZE, System, None),
-    ARRAY_OP(KVM_GET_SUPPORTED_CPUID, System, 8, sizeof(kvm_cpuid_entry2), kMaxCpuidEntries),
-    ARRAY_OP(KVM_GET_EMULATED_CPUID, System, 8, sizeof(kvm_cpuid_entry2), kMaxCpuidEntries),
+    ARRAY_OP(KVM_GET_SUPPORTED_CPUID, System, 8, AbiSize("kvm_cpuid_entry2"), kMaxCpuidEntries),
+    ARRAY_OP(KVM_GET_EMULATED_CPUID, System, 8, AbiSize("kvm_cpuid_entry2"), kMaxCpuidEntries),
     ARRAY_OP(KVM_GET_MSR_INDEX_LIST, System, 4, 4, kMaxMsrs),
     ARRAY_OP(KVM_GET_MSR_FEATURE_INDEX_LIST, System, 4, 4, kMaxMsrs),
-    {"KVM_GET_MSRS(system)", KVM_GET_MSRS, FdKind::System, ArgKind::CountedArray, 8,
-     sizeof(kvm_msr_entry), kMaxMsrs},
+    {"KVM_GET_MSRS(system)", AbiRequest("KVM_GET_MSRS"), FdKind::System, ArgKind::CountedArray, 8,
+     AbiSize("kvm_msr_entry"), kMaxMsrs},
     // VM.
-    {"KVM_CHECK_EXTENSION(vm)", KVM_CHECK_EXTENSION, FdKind::Vm, ArgKind::Value, 0, 0, 0},
+    {"KVM_CHECK_EXTENSION(vm)", AbiRequest("KVM_CHECK_EXTENSION"), FdKind::Vm, ArgKind::Value, 0, 0, 0},
     OP(KVM_CREATE_IRQCHIP, Vm, None),
     OP(KVM_CREATE_PIT2, Vm, Struct),
     OP(KVM_GET_PIT2, Vm, Struct),
@@ -47,7 +49,7 @@ const IoctlOp kOps[] = {
     OP(KVM_IRQ_LINE, Vm, Struct),
     OP(KVM_IRQ_LINE_STATUS, Vm, Struct),
     OP(KVM_SIGNAL_MSI, Vm, Struct),
-    ARRAY_OP(KVM_SET_GSI_ROUTING, Vm, 8, sizeof(kvm_irq_routing_entry), kMaxRoutes),
+    ARRAY_OP(KVM_SET_GSI_ROUTING, Vm, 8, AbiSize("kvm_irq_routing_entry"), kMaxRoutes),
     OP(KVM_IRQFD, Vm, Struct),
     OP(KVM_IOEVENTFD, Vm, Struct),
     OP(KVM_SET_TSS_ADDR, Vm, Value),
@@ -58,17 +60,17 @@ const IoctlOp kOps[] = {
     OP(KVM_RESET_DIRTY_RINGS, Vm, None),
     OP(KVM_SET_BOOT_CPU_ID, Vm, Value),
     // vCPU.
-    {"KVM_CHECK_EXTENSION(vcpu)", KVM_CHECK_EXTENSION, FdKind::Vcpu, ArgKind::Value, 0, 0, 0},
+    {"KVM_CHECK_EXTENSION(vcpu)", AbiRequest("KVM_CHECK_EXTENSION"), FdKind::Vcpu, ArgKind::Value, 0, 0, 0},
     OP(KVM_GET_REGS, Vcpu, Struct),
     OP(KVM_SET_REGS, Vcpu, Struct),
     OP(KVM_GET_SREGS, Vcpu, Struct),
     OP(KVM_SET_SREGS, Vcpu, Struct),
     OP(KVM_GET_FPU, Vcpu, Struct),
     OP(KVM_SET_FPU, Vcpu, Struct),
-    ARRAY_OP(KVM_GET_MSRS, Vcpu, 8, sizeof(kvm_msr_entry), kMaxMsrs),
-    ARRAY_OP(KVM_SET_MSRS, Vcpu, 8, sizeof(kvm_msr_entry), kMaxMsrs),
-    ARRAY_OP(KVM_SET_CPUID2, Vcpu, 8, sizeof(kvm_cpuid_entry2), kMaxCpuidEntries),
-    ARRAY_OP(KVM_GET_CPUID2, Vcpu, 8, sizeof(kvm_cpuid_entry2), kMaxCpuidEntries),
+    ARRAY_OP(KVM_GET_MSRS, Vcpu, 8, AbiSize("kvm_msr_entry"), kMaxMsrs),
+    ARRAY_OP(KVM_SET_MSRS, Vcpu, 8, AbiSize("kvm_msr_entry"), kMaxMsrs),
+    ARRAY_OP(KVM_SET_CPUID2, Vcpu, 8, AbiSize("kvm_cpuid_entry2"), kMaxCpuidEntries),
+    ARRAY_OP(KVM_GET_CPUID2, Vcpu, 8, AbiSize("kvm_cpuid_entry2"), kMaxCpuidEntries),
     OP(KVM_GET_LAPIC, Vcpu, Struct),
     OP(KVM_SET_LAPIC, Vcpu, Struct),
     OP(KVM_GET_XSAVE, Vcpu, Struct),
@@ -92,13 +94,17 @@ const IoctlOp kOps[] = {
     OP(KVM_NMI, Vcpu, None),
     OP(KVM_SMI, Vcpu, None),
     OP(KVM_INTERRUPT, Vcpu, Struct),
-    {"KVM_ENABLE_CAP(vcpu)", KVM_ENABLE_CAP, FdKind::Vcpu, ArgKind::Struct, 0, 0, 0},
+    {"KVM_ENABLE_CAP(vcpu)", AbiRequest("KVM_ENABLE_CAP"), FdKind::Vcpu, ArgKind::Struct, 0, 0, 0},
 };
 
 #undef OP
 #undef ARRAY_OP
 
 constexpr size_t kOpCount = sizeof(kOps) / sizeof(kOps[0]);
+const unsigned long kEnableCap = AbiRequest("KVM_ENABLE_CAP");
+const unsigned long kGetNestedState = AbiRequest("KVM_GET_NESTED_STATE");
+const unsigned long kGetXsave2 = AbiRequest("KVM_GET_XSAVE2");
+const unsigned long kCheckExtension = AbiRequest("KVM_CHECK_EXTENSION");
 constexpr uint32_t kMaxNestedStateBytes = 1u << 20;
 
 // Arguments are copied into native memory before the ioctl, so that no other thread can change
@@ -206,7 +212,7 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       std::memcpy(arg.data(), js.Data(), size);
       copyOut = (_IOC_DIR(op.request) & _IOC_READ) != 0;
       pointer = arg.data();
-      if (op.request == KVM_ENABLE_CAP && op.fdKind == FdKind::Vcpu &&
+      if (op.request == kEnableCap && op.fdKind == FdKind::Vcpu &&
           ReadU32(static_cast<uint8_t*>(pointer), 0) == KVM_CAP_HYPERV_ENLIGHTENED_VMCS) {
         // Its args[0] is a host pointer the kernel writes through.
         ThrowRangeError(env, "KVM_CAP_HYPERV_ENLIGHTENED_VMCS is not supported through enableCap");
@@ -230,14 +236,14 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     }
     case ArgKind::NestedState: {
       requireBytes();
-      if (js.ByteLength() < sizeof(kvm_nested_state)) ThrowRangeError(env, "nested state buffer is too small");
+      if (js.ByteLength() < AbiSize("kvm_nested_state")) ThrowRangeError(env, "nested state buffer is too small");
       uint32_t size = ReadU32(js.Data(), 4);
-      if (size > js.ByteLength() || size > kMaxNestedStateBytes || size < sizeof(kvm_nested_state)) {
+      if (size > js.ByteLength() || size > kMaxNestedStateBytes || size < AbiSize("kvm_nested_state")) {
         ThrowRangeError(env, "nested state size field does not match its buffer");
       }
       arg.Resize(size);
       std::memcpy(arg.data(), js.Data(), size);
-      copyOut = op.request == KVM_GET_NESTED_STATE;
+      copyOut = op.request == kGetNestedState;
       pointer = arg.data();
       break;
     }
@@ -245,15 +251,15 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       requireBytes();
       // KVM reads (SET_XSAVE) or writes (GET_XSAVE2) as many bytes as KVM_CAP_XSAVE2 reports.
       int vmFd = vcpu->vm ? vcpu->vm->fd : -1;
-      int capSize = vmFd >= 0 ? ioctl(vmFd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2) : 0;
-      size_t size = capSize > static_cast<int>(sizeof(kvm_xsave)) ? capSize : sizeof(kvm_xsave);
+      int capSize = vmFd >= 0 ? ioctl(vmFd, kCheckExtension, KVM_CAP_XSAVE2) : 0;
+      size_t size = capSize > static_cast<int>(AbiSize("kvm_xsave")) ? capSize : AbiSize("kvm_xsave");
       if (js.ByteLength() < size) {
         ThrowRangeError(env, std::string(op.name) + " needs " + std::to_string(size) + " bytes, got " +
                                  std::to_string(js.ByteLength()));
       }
       arg.Resize(js.ByteLength());
       std::memcpy(arg.data(), js.Data(), js.ByteLength());
-      copyOut = op.request == KVM_GET_XSAVE2;
+      copyOut = op.request == kGetXsave2;
       pointer = arg.data();
       break;
     }
@@ -271,7 +277,7 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   }
   if (copyOut) std::memcpy(js.Data(), arg.data(), js.ByteLength() < arg.words.size() * 8 ? js.ByteLength() : arg.words.size() * 8);
 
-  if (op.request == KVM_ENABLE_CAP && op.fdKind == FdKind::Vm) {
+  if (op.request == kEnableCap && op.fdKind == FdKind::Vm) {
     auto* cap = static_cast<kvm_enable_cap*>(pointer);
     if (cap->cap == KVM_CAP_DIRTY_LOG_RING || cap->cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL) {
       vm->dirtyRingBytes = static_cast<uint32_t>(cap->args[0]);

@@ -7,10 +7,17 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "abi.h"
 #include "errors.h"
 #include "handles.h"
 
 namespace nodekvm {
+
+namespace {
+const unsigned long kGetApiVersion = AbiRequest("KVM_GET_API_VERSION");
+const unsigned long kGetVcpuMmapSize = AbiRequest("KVM_GET_VCPU_MMAP_SIZE");
+const unsigned long kCreateVm = AbiRequest("KVM_CREATE_VM");
+}  // namespace
 
 Napi::Value OpenSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -19,7 +26,7 @@ Napi::Value OpenSystem(const Napi::CallbackInfo& info) {
   if (path.find('\0') != std::string::npos) ThrowTypeError(env, "path must not contain NUL bytes");
   int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) ThrowSyscallError(env, errno, "open(" + path + ")");
-  int version = ioctl(fd, KVM_GET_API_VERSION, 0);
+  int version = ioctl(fd, kGetApiVersion, 0);
   if (version < 0) {
     int err = errno;
     close(fd);
@@ -38,11 +45,11 @@ Napi::Value CreateVm(const Napi::CallbackInfo& info) {
   if (!(type >= 0 && type <= 255) || type != static_cast<int>(type)) ThrowRangeError(env, "type must be an integer 0..255");
   std::shared_lock<std::shared_mutex> hold(system->lock);
   if (system->closed) ThrowStateError(env, "EBADF", "Kvm handle is closed");
-  int mmapSize = ioctl(system->fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+  int mmapSize = ioctl(system->fd, kGetVcpuMmapSize, 0);
   if (mmapSize < 0) ThrowSyscallError(env, errno, "ioctl(KVM_GET_VCPU_MMAP_SIZE)");
   int fd;
   do {
-    fd = ioctl(system->fd, KVM_CREATE_VM, static_cast<unsigned long>(type));
+    fd = ioctl(system->fd, kCreateVm, static_cast<unsigned long>(type));
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) ThrowSyscallError(env, errno, "ioctl(KVM_CREATE_VM)");
   fcntl(fd, F_SETFD, FD_CLOEXEC);

@@ -13,10 +13,16 @@
 
 #include <mutex>
 
+#include "abi.h"
 #include "errors.h"
 #include "handles.h"
 
 namespace nodekvm {
+
+namespace {
+const unsigned long kCreateVcpu = AbiRequest("KVM_CREATE_VCPU");
+const unsigned long kRun = AbiRequest("KVM_RUN");
+}  // namespace
 
 namespace {
 
@@ -79,7 +85,7 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
 
   std::shared_lock<std::shared_mutex> hold(vm->lock);
   if (vm->closed) ThrowStateError(env, "EBADF", "Vm handle is closed");
-  int fd = ioctl(vm->fd, KVM_CREATE_VCPU, static_cast<unsigned long>(vcpuId));
+  int fd = ioctl(vm->fd, kCreateVcpu, static_cast<unsigned long>(vcpuId));
   if (fd < 0) ThrowSyscallError(env, errno, "ioctl(KVM_CREATE_VCPU)");
   fcntl(fd, F_SETFD, FD_CLOEXEC);
 
@@ -125,7 +131,7 @@ Napi::Value Run(const Napi::CallbackInfo& info) {
   auto vcpu = Handles::Vcpu(env, info[0]);
   auto* run = static_cast<kvm_run*>(vcpu->shared->kvmRun->addr);
   for (;;) {
-    if (ioctl(vcpu->fd, KVM_RUN, 0) == 0) return Napi::Number::New(env, run->exit_reason);
+    if (ioctl(vcpu->fd, kRun, 0) == 0) return Napi::Number::New(env, run->exit_reason);
     int err = errno;
     if (err == EINTR) {
       __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);

@@ -11,11 +11,18 @@
 #include <cstring>
 #include <vector>
 
+#include "abi.h"
 #include "errors.h"
 #include "handles.h"
 #include "memory.h"
 
 namespace nodekvm {
+
+namespace {
+const unsigned long kSetUserMemoryRegion = AbiRequest("KVM_SET_USER_MEMORY_REGION");
+const unsigned long kGetDirtyLog = AbiRequest("KVM_GET_DIRTY_LOG");
+const unsigned long kClearDirtyLog = AbiRequest("KVM_CLEAR_DIRTY_LOG");
+}  // namespace
 
 namespace {
 
@@ -92,7 +99,7 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   // Hold slotsLock across the ioctl so a concurrent change to the same slot cannot reorder with
   // the bookkeeping that keeps its mapping alive.
   std::lock_guard<std::mutex> guard(held.vm->slotsLock);
-  if (ioctl(held.vm->fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+  if (ioctl(held.vm->fd, kSetUserMemoryRegion, &region) < 0) {
     ThrowSyscallError(env, errno, "ioctl(KVM_SET_USER_MEMORY_REGION)");
   }
   if (size == 0) {
@@ -125,7 +132,7 @@ Napi::Value GetDirtyLog(const Napi::CallbackInfo& info) {
   kvm_dirty_log log{};
   log.slot = slot;
   log.dirty_bitmap = out.Data();
-  if (ioctl(held.vm->fd, KVM_GET_DIRTY_LOG, &log) < 0) ThrowSyscallError(env, errno, "ioctl(KVM_GET_DIRTY_LOG)");
+  if (ioctl(held.vm->fd, kGetDirtyLog, &log) < 0) ThrowSyscallError(env, errno, "ioctl(KVM_GET_DIRTY_LOG)");
   return out;
 }
 
@@ -164,7 +171,7 @@ Napi::Value ClearDirtyLog(const Napi::CallbackInfo& info) {
   clear.num_pages = static_cast<uint32_t>(numPages);
   clear.first_page = firstPage;
   clear.dirty_bitmap = bitmap;
-  if (ioctl(held.vm->fd, KVM_CLEAR_DIRTY_LOG, &clear) < 0) ThrowSyscallError(env, errno, "ioctl(KVM_CLEAR_DIRTY_LOG)");
+  if (ioctl(held.vm->fd, kClearDirtyLog, &clear) < 0) ThrowSyscallError(env, errno, "ioctl(KVM_CLEAR_DIRTY_LOG)");
   return env.Undefined();
 }
 

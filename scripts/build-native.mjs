@@ -1,7 +1,7 @@
 // Builds the addon with node-gyp against the running Node's own headers, so that nothing is
 // downloaded (the headers ship with Node in <prefix>/include/node).
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,7 +21,9 @@ if (existsSync(path.join(nodeDir, 'include', 'node', 'node_api.h'))) {
 const run = (command) =>
   execFileSync(process.execPath, [nodeGyp, command, ...args, '--jobs=max'], { cwd: root, stdio: 'inherit' });
 try {
-  if (!existsSync(path.join(root, 'build', 'Makefile'))) run('configure');
+  const makefile = path.join(root, 'build', 'Makefile');
+  const stale = !existsSync(makefile) || statSync(makefile).mtimeMs < statSync(path.join(root, 'binding.gyp')).mtimeMs;
+  if (stale) run('configure');
   run('build');
 } catch {
   console.error('node-kvm: building the native addon failed (see above); it needs g++, make and python3');

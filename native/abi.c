@@ -1,0 +1,158 @@
+/* The KVM ABI as a C compiler sees it. g++ sizes structs that end in a flexible array member
+ * (kvm_cpuid2, kvm_msrs, kvm_msr_list, kvm_irq_routing, kvm_xsave) differently from gcc, and the
+ * kernel's ioctl numbers encode the C size, so every ioctl number, struct size, field offset and
+ * constant the addon uses comes from this file, compiled as C. */
+#include "abi.h"
+
+#include <linux/kvm.h>
+#include <stddef.h>
+
+#define SIZE(s) {#s, sizeof(struct s)},
+#define OFF(s, f) {#s "." #f, offsetof(struct s, f)},
+#define CONST(c) {#c, (unsigned long long)(c)},
+#define REQ(r) {#r, (unsigned long long)(r)},
+
+const struct nodekvm_abi_entry nodekvm_abi_sizes[] = {
+    SIZE(kvm_regs) SIZE(kvm_segment) SIZE(kvm_dtable) SIZE(kvm_sregs) SIZE(kvm_fpu)
+    SIZE(kvm_msr_entry) SIZE(kvm_msrs) SIZE(kvm_msr_list) SIZE(kvm_cpuid_entry2) SIZE(kvm_cpuid2)
+    SIZE(kvm_lapic_state) SIZE(kvm_xsave) SIZE(kvm_xcr) SIZE(kvm_xcrs) SIZE(kvm_vcpu_events)
+    SIZE(kvm_mp_state) SIZE(kvm_debugregs) SIZE(kvm_guest_debug) SIZE(kvm_translation)
+    SIZE(kvm_interrupt) SIZE(kvm_pit_config) SIZE(kvm_pit_channel_state) SIZE(kvm_pit_state2)
+    SIZE(kvm_irqchip) SIZE(kvm_irq_level) SIZE(kvm_msi) SIZE(kvm_irq_routing_entry)
+    SIZE(kvm_irq_routing) SIZE(kvm_irqfd) SIZE(kvm_ioeventfd) SIZE(kvm_clock_data)
+    SIZE(kvm_enable_cap) SIZE(kvm_nested_state) SIZE(kvm_dirty_gfn) SIZE(kvm_run)
+    {0, 0},
+};
+
+const struct nodekvm_abi_entry nodekvm_abi_offsets[] = {
+    OFF(kvm_regs, rax) OFF(kvm_regs, rbx) OFF(kvm_regs, rcx) OFF(kvm_regs, rdx) OFF(kvm_regs, rsi)
+    OFF(kvm_regs, rdi) OFF(kvm_regs, rsp) OFF(kvm_regs, rbp) OFF(kvm_regs, r8) OFF(kvm_regs, r9)
+    OFF(kvm_regs, r10) OFF(kvm_regs, r11) OFF(kvm_regs, r12) OFF(kvm_regs, r13) OFF(kvm_regs, r14)
+    OFF(kvm_regs, r15) OFF(kvm_regs, rip) OFF(kvm_regs, rflags) OFF(kvm_segment, base)
+    OFF(kvm_segment, limit) OFF(kvm_segment, selector) OFF(kvm_segment, type)
+    OFF(kvm_segment, present) OFF(kvm_segment, dpl) OFF(kvm_segment, db) OFF(kvm_segment, s)
+    OFF(kvm_segment, l) OFF(kvm_segment, g) OFF(kvm_segment, avl) OFF(kvm_segment, unusable)
+    OFF(kvm_dtable, base) OFF(kvm_dtable, limit) OFF(kvm_sregs, cs) OFF(kvm_sregs, ds)
+    OFF(kvm_sregs, es) OFF(kvm_sregs, fs) OFF(kvm_sregs, gs) OFF(kvm_sregs, ss) OFF(kvm_sregs, tr)
+    OFF(kvm_sregs, ldt) OFF(kvm_sregs, gdt) OFF(kvm_sregs, idt) OFF(kvm_sregs, cr0)
+    OFF(kvm_sregs, cr2) OFF(kvm_sregs, cr3) OFF(kvm_sregs, cr4) OFF(kvm_sregs, cr8)
+    OFF(kvm_sregs, efer) OFF(kvm_sregs, apic_base) OFF(kvm_sregs, interrupt_bitmap)
+    OFF(kvm_fpu, fpr) OFF(kvm_fpu, fcw) OFF(kvm_fpu, fsw) OFF(kvm_fpu, ftwx)
+    OFF(kvm_fpu, last_opcode) OFF(kvm_fpu, last_ip) OFF(kvm_fpu, last_dp) OFF(kvm_fpu, xmm)
+    OFF(kvm_fpu, mxcsr) OFF(kvm_msr_entry, index) OFF(kvm_msr_entry, data) OFF(kvm_msrs, nmsrs)
+    OFF(kvm_msrs, entries) OFF(kvm_msr_list, nmsrs) OFF(kvm_msr_list, indices)
+    OFF(kvm_cpuid_entry2, function) OFF(kvm_cpuid_entry2, index) OFF(kvm_cpuid_entry2, flags)
+    OFF(kvm_cpuid_entry2, eax) OFF(kvm_cpuid_entry2, ebx) OFF(kvm_cpuid_entry2, ecx)
+    OFF(kvm_cpuid_entry2, edx) OFF(kvm_cpuid2, nent) OFF(kvm_cpuid2, entries)
+    OFF(kvm_lapic_state, regs) OFF(kvm_xsave, region) OFF(kvm_xcr, xcr) OFF(kvm_xcr, value)
+    OFF(kvm_xcrs, nr_xcrs) OFF(kvm_xcrs, flags) OFF(kvm_xcrs, xcrs) OFF(kvm_vcpu_events, exception)
+    OFF(kvm_vcpu_events, interrupt) OFF(kvm_vcpu_events, nmi) OFF(kvm_vcpu_events, sipi_vector)
+    OFF(kvm_vcpu_events, flags) OFF(kvm_vcpu_events, smi) OFF(kvm_vcpu_events, triple_fault)
+    OFF(kvm_vcpu_events, exception_has_payload) OFF(kvm_vcpu_events, exception_payload)
+    OFF(kvm_mp_state, mp_state) OFF(kvm_debugregs, db) OFF(kvm_debugregs, dr6)
+    OFF(kvm_debugregs, dr7) OFF(kvm_debugregs, flags) OFF(kvm_guest_debug, control)
+    OFF(kvm_guest_debug, arch) OFF(kvm_translation, linear_address)
+    OFF(kvm_translation, physical_address) OFF(kvm_translation, valid)
+    OFF(kvm_translation, writeable) OFF(kvm_translation, usermode) OFF(kvm_interrupt, irq)
+    OFF(kvm_pit_config, flags) OFF(kvm_pit_channel_state, count)
+    OFF(kvm_pit_channel_state, latched_count) OFF(kvm_pit_channel_state, count_latched)
+    OFF(kvm_pit_channel_state, status_latched) OFF(kvm_pit_channel_state, status)
+    OFF(kvm_pit_channel_state, read_state) OFF(kvm_pit_channel_state, write_state)
+    OFF(kvm_pit_channel_state, write_latch) OFF(kvm_pit_channel_state, rw_mode)
+    OFF(kvm_pit_channel_state, mode) OFF(kvm_pit_channel_state, bcd)
+    OFF(kvm_pit_channel_state, gate) OFF(kvm_pit_channel_state, count_load_time)
+    OFF(kvm_pit_state2, channels) OFF(kvm_pit_state2, flags) OFF(kvm_irqchip, chip_id)
+    OFF(kvm_irqchip, chip) OFF(kvm_irq_level, irq) OFF(kvm_irq_level, level)
+    OFF(kvm_msi, address_lo) OFF(kvm_msi, address_hi) OFF(kvm_msi, data) OFF(kvm_msi, flags)
+    OFF(kvm_msi, devid) OFF(kvm_irq_routing_entry, gsi) OFF(kvm_irq_routing_entry, type)
+    OFF(kvm_irq_routing_entry, flags) OFF(kvm_irq_routing_entry, u) OFF(kvm_irq_routing, nr)
+    OFF(kvm_irq_routing, entries) OFF(kvm_irqfd, fd) OFF(kvm_irqfd, gsi) OFF(kvm_irqfd, flags)
+    OFF(kvm_irqfd, resamplefd) OFF(kvm_ioeventfd, datamatch) OFF(kvm_ioeventfd, addr)
+    OFF(kvm_ioeventfd, len) OFF(kvm_ioeventfd, fd) OFF(kvm_ioeventfd, flags)
+    OFF(kvm_clock_data, clock) OFF(kvm_clock_data, flags) OFF(kvm_clock_data, realtime)
+    OFF(kvm_clock_data, host_tsc) OFF(kvm_enable_cap, cap) OFF(kvm_enable_cap, flags)
+    OFF(kvm_enable_cap, args) OFF(kvm_nested_state, flags) OFF(kvm_nested_state, format)
+    OFF(kvm_nested_state, size) OFF(kvm_dirty_gfn, flags) OFF(kvm_dirty_gfn, slot)
+    OFF(kvm_dirty_gfn, offset) OFF(kvm_run, request_interrupt_window) OFF(kvm_run, immediate_exit)
+    OFF(kvm_run, exit_reason) OFF(kvm_run, ready_for_interrupt_injection) OFF(kvm_run, if_flag)
+    OFF(kvm_run, flags) OFF(kvm_run, cr8) OFF(kvm_run, apic_base) OFF(kvm_run, io.direction)
+    OFF(kvm_run, io.size) OFF(kvm_run, io.port) OFF(kvm_run, io.count) OFF(kvm_run, io.data_offset)
+    OFF(kvm_run, mmio.phys_addr) OFF(kvm_run, mmio.data) OFF(kvm_run, mmio.len)
+    OFF(kvm_run, mmio.is_write) OFF(kvm_run, hw.hardware_exit_reason)
+    OFF(kvm_run, fail_entry.hardware_entry_failure_reason) OFF(kvm_run, fail_entry.cpu)
+    OFF(kvm_run, ex.exception) OFF(kvm_run, ex.error_code) OFF(kvm_run, debug.arch.exception)
+    OFF(kvm_run, debug.arch.pc) OFF(kvm_run, debug.arch.dr6) OFF(kvm_run, debug.arch.dr7)
+    OFF(kvm_run, internal.suberror) OFF(kvm_run, internal.ndata) OFF(kvm_run, internal.data)
+    OFF(kvm_run, system_event.type) OFF(kvm_run, system_event.ndata) OFF(kvm_run, system_event.data)
+    OFF(kvm_run, msr.error) OFF(kvm_run, msr.reason) OFF(kvm_run, msr.index) OFF(kvm_run, msr.data)
+    OFF(kvm_run, hypercall.nr) OFF(kvm_run, hypercall.args) OFF(kvm_run, hypercall.ret)
+    OFF(kvm_run, tpr_access.rip) OFF(kvm_run, tpr_access.is_write) OFF(kvm_run, eoi.vector)
+    OFF(kvm_run, notify.flags)
+    {0, 0},
+};
+
+const struct nodekvm_abi_entry nodekvm_abi_constants[] = {
+    CONST(KVM_API_VERSION) CONST(KVM_EXIT_UNKNOWN) CONST(KVM_EXIT_EXCEPTION) CONST(KVM_EXIT_IO)
+    CONST(KVM_EXIT_HYPERCALL) CONST(KVM_EXIT_DEBUG) CONST(KVM_EXIT_HLT) CONST(KVM_EXIT_MMIO)
+    CONST(KVM_EXIT_IRQ_WINDOW_OPEN) CONST(KVM_EXIT_SHUTDOWN) CONST(KVM_EXIT_FAIL_ENTRY)
+    CONST(KVM_EXIT_INTR) CONST(KVM_EXIT_SET_TPR) CONST(KVM_EXIT_TPR_ACCESS) CONST(KVM_EXIT_NMI)
+    CONST(KVM_EXIT_INTERNAL_ERROR) CONST(KVM_EXIT_SYSTEM_EVENT) CONST(KVM_EXIT_IOAPIC_EOI)
+    CONST(KVM_EXIT_HYPERV) CONST(KVM_EXIT_X86_RDMSR) CONST(KVM_EXIT_X86_WRMSR)
+    CONST(KVM_EXIT_DIRTY_RING_FULL) CONST(KVM_EXIT_AP_RESET_HOLD) CONST(KVM_EXIT_X86_BUS_LOCK)
+    CONST(KVM_EXIT_NOTIFY) CONST(KVM_EXIT_IO_IN) CONST(KVM_EXIT_IO_OUT)
+    CONST(KVM_MEM_LOG_DIRTY_PAGES) CONST(KVM_MEM_READONLY) CONST(KVM_CAP_IRQCHIP) CONST(KVM_CAP_HLT)
+    CONST(KVM_CAP_USER_MEMORY) CONST(KVM_CAP_SET_TSS_ADDR) CONST(KVM_CAP_EXT_CPUID)
+    CONST(KVM_CAP_NR_VCPUS) CONST(KVM_CAP_NR_MEMSLOTS) CONST(KVM_CAP_PIT) CONST(KVM_CAP_MP_STATE)
+    CONST(KVM_CAP_IRQ_ROUTING) CONST(KVM_CAP_IRQFD) CONST(KVM_CAP_PIT2)
+    CONST(KVM_CAP_SET_IDENTITY_MAP_ADDR) CONST(KVM_CAP_ADJUST_CLOCK) CONST(KVM_CAP_VCPU_EVENTS)
+    CONST(KVM_CAP_IOEVENTFD) CONST(KVM_CAP_SET_GUEST_DEBUG) CONST(KVM_CAP_DEBUGREGS)
+    CONST(KVM_CAP_XSAVE) CONST(KVM_CAP_XCRS) CONST(KVM_CAP_TSC_CONTROL) CONST(KVM_CAP_GET_TSC_KHZ)
+    CONST(KVM_CAP_MAX_VCPUS) CONST(KVM_CAP_SIGNAL_MSI) CONST(KVM_CAP_READONLY_MEM)
+    CONST(KVM_CAP_KVMCLOCK_CTRL) CONST(KVM_CAP_IRQFD_RESAMPLE) CONST(KVM_CAP_IMMEDIATE_EXIT)
+    CONST(KVM_CAP_GET_MSR_FEATURES) CONST(KVM_CAP_NESTED_STATE)
+    CONST(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) CONST(KVM_CAP_DIRTY_LOG_RING)
+    CONST(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) CONST(KVM_CAP_XSAVE2) CONST(KVM_CAP_SYNC_REGS)
+    CONST(KVM_CAP_X86_USER_SPACE_MSR) CONST(KVM_CAP_SPLIT_IRQCHIP) CONST(KVM_CAP_X86_DISABLE_EXITS)
+    CONST(KVM_CAP_COALESCED_MMIO) CONST(KVM_CAP_COALESCED_PIO) CONST(KVM_CAP_MULTI_ADDRESS_SPACE)
+    CONST(KVM_CAP_EXIT_ON_EMULATION_FAILURE) CONST(KVM_CAP_MAX_VCPU_ID)
+    CONST(KVM_CAP_TSC_DEADLINE_TIMER) CONST(KVM_CAP_X2APIC_API)
+    CONST(KVM_CAP_HYPERV_ENLIGHTENED_VMCS) CONST(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    CONST(KVM_DIRTY_LOG_INITIALLY_SET) CONST(KVM_DIRTY_LOG_PAGE_OFFSET) CONST(KVM_DIRTY_GFN_F_DIRTY)
+    CONST(KVM_DIRTY_GFN_F_RESET) CONST(KVM_IRQCHIP_PIC_MASTER) CONST(KVM_IRQCHIP_PIC_SLAVE)
+    CONST(KVM_IRQCHIP_IOAPIC) CONST(KVM_IRQ_ROUTING_IRQCHIP) CONST(KVM_IRQ_ROUTING_MSI)
+    CONST(KVM_IRQFD_FLAG_DEASSIGN) CONST(KVM_IRQFD_FLAG_RESAMPLE)
+    CONST(KVM_IOEVENTFD_FLAG_DATAMATCH) CONST(KVM_IOEVENTFD_FLAG_PIO)
+    CONST(KVM_IOEVENTFD_FLAG_DEASSIGN) CONST(KVM_PIT_SPEAKER_DUMMY) CONST(KVM_MP_STATE_RUNNABLE)
+    CONST(KVM_MP_STATE_UNINITIALIZED) CONST(KVM_MP_STATE_INIT_RECEIVED) CONST(KVM_MP_STATE_HALTED)
+    CONST(KVM_MP_STATE_SIPI_RECEIVED) CONST(KVM_GUESTDBG_ENABLE) CONST(KVM_GUESTDBG_SINGLESTEP)
+    CONST(KVM_GUESTDBG_USE_SW_BP) CONST(KVM_GUESTDBG_USE_HW_BP) CONST(KVM_GUESTDBG_INJECT_DB)
+    CONST(KVM_GUESTDBG_INJECT_BP) CONST(KVM_SYSTEM_EVENT_SHUTDOWN) CONST(KVM_SYSTEM_EVENT_RESET)
+    CONST(KVM_SYSTEM_EVENT_CRASH) CONST(KVM_INTERNAL_ERROR_EMULATION)
+    CONST(KVM_INTERNAL_ERROR_SIMUL_EX) CONST(KVM_INTERNAL_ERROR_DELIVERY_EV)
+    CONST(KVM_VCPUEVENT_VALID_NMI_PENDING) CONST(KVM_VCPUEVENT_VALID_SIPI_VECTOR)
+    CONST(KVM_VCPUEVENT_VALID_SHADOW) CONST(KVM_VCPUEVENT_VALID_SMM)
+    CONST(KVM_VCPUEVENT_VALID_PAYLOAD) CONST(KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
+    CONST(KVM_CLOCK_TSC_STABLE) CONST(KVM_CLOCK_REALTIME) CONST(KVM_CLOCK_HOST_TSC)
+    {0, 0},
+};
+
+const struct nodekvm_abi_entry nodekvm_abi_requests[] = {
+    REQ(KVM_GET_API_VERSION) REQ(KVM_CHECK_EXTENSION) REQ(KVM_GET_VCPU_MMAP_SIZE) REQ(KVM_CREATE_VM)
+    REQ(KVM_GET_SUPPORTED_CPUID) REQ(KVM_GET_EMULATED_CPUID) REQ(KVM_GET_MSR_INDEX_LIST)
+    REQ(KVM_GET_MSR_FEATURE_INDEX_LIST) REQ(KVM_CREATE_IRQCHIP) REQ(KVM_CREATE_PIT2)
+    REQ(KVM_GET_PIT2) REQ(KVM_SET_PIT2) REQ(KVM_GET_IRQCHIP) REQ(KVM_SET_IRQCHIP) REQ(KVM_IRQ_LINE)
+    REQ(KVM_IRQ_LINE_STATUS) REQ(KVM_SIGNAL_MSI) REQ(KVM_SET_GSI_ROUTING) REQ(KVM_IRQFD)
+    REQ(KVM_IOEVENTFD) REQ(KVM_SET_TSS_ADDR) REQ(KVM_SET_IDENTITY_MAP_ADDR) REQ(KVM_GET_CLOCK)
+    REQ(KVM_SET_CLOCK) REQ(KVM_ENABLE_CAP) REQ(KVM_RESET_DIRTY_RINGS) REQ(KVM_SET_BOOT_CPU_ID)
+    REQ(KVM_SET_USER_MEMORY_REGION) REQ(KVM_GET_DIRTY_LOG) REQ(KVM_CLEAR_DIRTY_LOG)
+    REQ(KVM_CREATE_VCPU) REQ(KVM_RUN) REQ(KVM_GET_REGS) REQ(KVM_SET_REGS) REQ(KVM_GET_SREGS)
+    REQ(KVM_SET_SREGS) REQ(KVM_GET_FPU) REQ(KVM_SET_FPU) REQ(KVM_GET_MSRS) REQ(KVM_SET_MSRS)
+    REQ(KVM_SET_CPUID2) REQ(KVM_GET_CPUID2) REQ(KVM_GET_LAPIC) REQ(KVM_SET_LAPIC) REQ(KVM_GET_XSAVE)
+    REQ(KVM_SET_XSAVE) REQ(KVM_GET_XSAVE2) REQ(KVM_GET_XCRS) REQ(KVM_SET_XCRS)
+    REQ(KVM_GET_VCPU_EVENTS) REQ(KVM_SET_VCPU_EVENTS) REQ(KVM_GET_MP_STATE) REQ(KVM_SET_MP_STATE)
+    REQ(KVM_GET_DEBUGREGS) REQ(KVM_SET_DEBUGREGS) REQ(KVM_GET_TSC_KHZ) REQ(KVM_SET_TSC_KHZ)
+    REQ(KVM_GET_NESTED_STATE) REQ(KVM_SET_NESTED_STATE) REQ(KVM_TRANSLATE) REQ(KVM_SET_GUEST_DEBUG)
+    REQ(KVM_KVMCLOCK_CTRL) REQ(KVM_NMI) REQ(KVM_SMI) REQ(KVM_INTERRUPT)
+    {0, 0},
+};
+
