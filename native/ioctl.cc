@@ -165,6 +165,14 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     case FdKind::Vcpu:
       vcpu = Handles::Vcpu(env, info[0]);
       fd = vcpu->fd;
+      if (op.request == kCheckExtension) {
+        // KVM_CHECK_EXTENSION is a system and VM ioctl only (api.rst 4.4): a vCPU fd answers
+        // EINVAL. Ask the vCPU's VM.
+        vm = vcpu->vm;
+        hold = std::shared_lock<std::shared_mutex>(vm->lock);
+        if (vm->closed) ThrowStateError(env, "EBADF", "the vCPU's Vm handle is closed");
+        fd = vm->fd;
+      }
       break;
   }
 

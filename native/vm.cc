@@ -145,6 +145,7 @@ Napi::Value ClearDirtyLog(const Napi::CallbackInfo& info) {
   uint64_t firstPage = ReadU64(env, info[2], "firstPage");
   uint64_t numPages = ReadU64(env, info[3], "numPages");
   MemorySlot region = FindSlot(env, *held.vm, slot);
+  if (!(region.flags & KVM_MEM_LOG_DIRTY_PAGES)) ThrowRangeError(env, "slot " + std::to_string(slot) + " does not log dirty pages");
   uint64_t slotPages = region.size / kPageSize;
   // api.rst, KVM_CLEAR_DIRTY_LOG: first_page must be a multiple of 64, and num_pages too unless
   // the range ends at the end of the slot.

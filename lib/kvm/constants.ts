@@ -137,8 +137,17 @@ export const VcpuEventValid = {
 /** KVM_CLOCK_* flags in kvm_clock_data. */
 export const ClockFlag = { TscStable: 2, Realtime: 4, HostTsc: 8 } as const;
 
-/** KVM_DIRTY_LOG_PAGE_OFFSET and kvm_dirty_gfn flags, for the dirty ring. */
+/** kvm_dirty_gfn flags, for the dirty ring. */
 export const DirtyGfnFlag = { Dirty: 1, Reset: 2 } as const;
+
+/** KVM_DIRTY_LOG_PAGE_OFFSET: the dirty ring's mmap offset in a vCPU fd, in pages. */
+export const DIRTY_LOG_PAGE_OFFSET = 64;
+
+/** KVM_IRQFD_FLAG_* in kvm_irqfd.flags. */
+export const IrqfdFlag = { Deassign: 1, Resample: 2 } as const;
+
+/** KVM_IOEVENTFD_FLAG_* in kvm_ioeventfd.flags. */
+export const IoeventfdFlag = { Datamatch: 1, Pio: 2, Deassign: 4 } as const;
 
 /** x86 MSR indices a VMM saves, restores or sets up. */
 export const Msr = {

@@ -1,6 +1,6 @@
 // A VM (KVM_CREATE_VM's fd): memory slots, vCPUs, the in-kernel interrupt controllers, irqfd and
 // ioeventfd, the clock, and dirty logging. Methods are named after their ioctls.
-import { Cap, IrqRoutingType, MemoryFlag, PAGE_SIZE, PIT_SPEAKER_DUMMY } from './constants.js';
+import { Cap, IoeventfdFlag, IrqfdFlag, IrqRoutingType, MemoryFlag, PAGE_SIZE, PIT_SPEAKER_DUMMY } from './constants.js';
 import { EventFd } from './eventfd.js';
 import { Handle, checkAddress, checkInteger, closedError } from './handle.js';
 import { encodeList } from './lists.js';
@@ -33,12 +33,6 @@ const OPS = {
   resetDirtyRings: op('KVM_RESET_DIRTY_RINGS'),
   setBootCpuId: op('KVM_SET_BOOT_CPU_ID'),
 };
-
-const KVM_IRQFD_FLAG_DEASSIGN = 1;
-const KVM_IRQFD_FLAG_RESAMPLE = 2;
-const KVM_IOEVENTFD_FLAG_DATAMATCH = 1;
-const KVM_IOEVENTFD_FLAG_PIO = 2;
-const KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
 
 export interface MemoryRegion {
   slot: number;
@@ -225,13 +219,13 @@ export class Vm extends Handle {
     this.#ioctl(OPS.irqfd, kvmIrqfd.encode({
       fd: fdOf(eventfd, 'eventfd'),
       gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff),
-      flags: resampleFd === undefined ? 0 : KVM_IRQFD_FLAG_RESAMPLE,
+      flags: resampleFd === undefined ? 0 : IrqfdFlag.Resample,
       resamplefd: resampleFd === undefined ? 0 : fdOf(resampleFd, 'resampleFd'),
     }));
   }
   unregisterIrqfd(eventfd: Fd, gsi: number): void {
     this.#ioctl(OPS.irqfd, kvmIrqfd.encode({
-      fd: fdOf(eventfd, 'eventfd'), gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff), flags: KVM_IRQFD_FLAG_DEASSIGN, resamplefd: 0,
+      fd: fdOf(eventfd, 'eventfd'), gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff), flags: IrqfdFlag.Deassign, resamplefd: 0,
     }));
   }
 
@@ -240,7 +234,7 @@ export class Vm extends Handle {
     this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), 0));
   }
   unregisterIoeventfd(options: IoeventfdOptions, eventfd: Fd): void {
-    this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), KVM_IOEVENTFD_FLAG_DEASSIGN));
+    this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), IoeventfdFlag.Deassign));
   }
 
   /** KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode). */
@@ -312,8 +306,8 @@ function encodeIoeventfd(options: IoeventfdOptions, fd: number, extraFlags: numb
   const len = checkInteger(options.len, 'len', 0, 8);
   if (![0, 1, 2, 4, 8].includes(len)) throw new RangeError(`len must be 0, 1, 2, 4 or 8, got ${len}`);
   let flags = extraFlags;
-  if (options.pio) flags |= KVM_IOEVENTFD_FLAG_PIO;
-  if (options.datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+  if (options.pio) flags |= IoeventfdFlag.Pio;
+  if (options.datamatch !== undefined) flags |= IoeventfdFlag.Datamatch;
   return kvmIoeventfd.encode({
     datamatch: options.datamatch === undefined ? 0n : checkAddress(options.datamatch, 'datamatch'),
     addr: checkAddress(options.addr, 'addr'),
