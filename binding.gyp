@@ -11,7 +11,8 @@
         "native/vcpu.cc",
         "native/memory.cc",
         "native/layout.cc",
-        "native/abi.c"
+        "native/abi.c",
+        "native/thread.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

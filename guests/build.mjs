@@ -1,20 +1,56 @@
 #!/usr/bin/env node
 // Builds every guests/*.S into a flat real-mode binary guests/build/<name>.bin,
-// linked at 0x7c00 (where the host loads it). Intermediates (.o, .elf) stay in
-// guests/build too. A .bin newer than its .S is not rebuilt.
+// linked at 0x7c00 (where the host loads it), except the ELF kernels listed in
+// ELF_GUESTS, which become guests/build/<name>.elf, linked at 1 MiB by the script
+// in ELF_LINKER_SCRIPT (text, then data+bss in its own segment, and a PT_NOTE for
+// .note.Xen). Intermediates (.o, the flat guests' .elf, the linker script) stay in
+// guests/build too. An output newer than its .S (and, for ELF kernels, than this
+// file) is not rebuilt.
 //
 //   node guests/build.mjs            build what is out of date
 //   node guests/build.mjs --force    rebuild everything
 //
 // Also importable: `import { buildGuests } from './guests/build.mjs'`.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const GUESTS_DIR = dirname(fileURLToPath(import.meta.url));
 export const BUILD_DIR = join(GUESTS_DIR, 'build');
 export const LOAD_ADDRESS = 0x7c00;
+export const ELF_LOAD_ADDRESS = 0x100000;
+
+/**
+ * Guests that are ELF kernels: name -> { bits: 32 | 64, source (default <name>.S),
+ * defsyms: symbols for `as --defsym` }.
+ */
+export const ELF_GUESTS = {
+  protected: { bits: 32 },
+  long: { bits: 64 },
+  multiboot: { bits: 32 },
+  pvh: { bits: 64 },
+  dirtier: { bits: 64 },
+  'dirtier-user': { bits: 64, source: 'dirtier.S', defsyms: { USER_MODE: 1 } },
+  smp: { bits: 32 },
+};
+
+const ELF_LINKER_SCRIPT = `ENTRY(_start)
+PHDRS {
+  text PT_LOAD FLAGS(5);
+  data PT_LOAD FLAGS(6);
+  note PT_NOTE FLAGS(4);
+}
+SECTIONS {
+  . = 0x${ELF_LOAD_ADDRESS.toString(16)};
+  .text : { *(.multiboot) *(.text .text.*) *(.rodata .rodata.*) } :text
+  .note.Xen : { *(.note.Xen) } :text :note
+  . = ALIGN(4096);
+  .data : { *(.data .data.*) } :data
+  .bss : { *(.bss .bss.*) *(COMMON) } :data
+  /DISCARD/ : { *(.note.gnu.property) *(.comment) }
+}
+`;
 
 function run(tool, args) {
   try {
@@ -28,9 +64,28 @@ function run(tool, args) {
   }
 }
 
-/** Path of the built binary for guest `name` (e.g. 'hello'). */
+/** Path of the built image of guest `name` (e.g. 'hello' -> .bin, 'long' -> .elf). */
 export function guestPath(name) {
-  return join(BUILD_DIR, `${name}.bin`);
+  return join(BUILD_DIR, `${name}${Object.hasOwn(ELF_GUESTS, name) ? '.elf' : '.bin'}`);
+}
+
+const isNewer = (output, inputs) => existsSync(output) && inputs.every((input) => statSync(output).mtimeMs > statSync(input).mtimeMs);
+
+function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { force, log }) {
+  const srcPath = join(GUESTS_DIR, source);
+  const obj = join(BUILD_DIR, `${name}.o`);
+  const script = join(BUILD_DIR, 'elf-guest.ld');
+  const elf = guestPath(name);
+  if (!force && isNewer(elf, [srcPath, fileURLToPath(import.meta.url)])) {
+    log(`up to date: ${elf}`);
+    return elf;
+  }
+  writeFileSync(script, ELF_LINKER_SCRIPT);
+  const defs = Object.entries(defsyms).flatMap(([symbol, value]) => ['--defsym', `${symbol}=${value}`]);
+  run('as', [bits === 64 ? '--64' : '--32', ...defs, '-o', obj, srcPath]);
+  run('ld', ['-m', bits === 64 ? 'elf_x86_64' : 'elf_i386', '-T', script, '-z', 'noexecstack', '-z', 'max-page-size=4096', '-o', elf, obj]);
+  log(`built: ${elf} (${statSync(elf).size} bytes)`);
+  return elf;
 }
 
 /**
@@ -40,7 +95,9 @@ export function guestPath(name) {
 export function buildGuests({ force = false, log = () => {} } = {}) {
   mkdirSync(BUILD_DIR, { recursive: true });
   const result = {};
-  const sources = readdirSync(GUESTS_DIR).filter((f) => f.endsWith('.S')).sort();
+  const elfSources = new Set(Object.entries(ELF_GUESTS).map(([name, spec]) => spec.source ?? `${name}.S`));
+  const sources = readdirSync(GUESTS_DIR).filter((f) => f.endsWith('.S') && !elfSources.has(f)).sort();
+  for (const [name, spec] of Object.entries(ELF_GUESTS)) result[name] = buildElfGuest(name, spec, { force, log });
   for (const src of sources) {
     const name = src.slice(0, -2);
     const srcPath = join(GUESTS_DIR, src);

@@ -9,6 +9,7 @@
 #include "kvm.h"
 #include "layout.h"
 #include "memory.h"
+#include "thread.h"
 #include "vcpu.h"
 #include "vm.h"
 
@@ -96,6 +97,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);
   fn("layout", Layout);
+  fn("setThreadName", SetThreadName);
+  fn("setThreadAffinity", SetThreadAffinity);
   return exports;
 }
 

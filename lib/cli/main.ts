@@ -3,22 +3,46 @@
 import { parseArgs } from 'node:util';
 import { Kvm, KvmError } from '../kvm/index.js';
 import { printInfo } from './info.js';
+import { RUN_USAGE, run } from './run.js';
 
 const USAGE = `usage: node-kvm <command> [options]
 
 commands:
+  run       boot a guest image with its serial console on this terminal
   info      print this host's KVM capabilities
 
 options:
   -h, --help  show help for a command`;
 
-function main(argv: string[]): number {
+async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === undefined || command === '-h' || command === '--help' || command === 'help') {
     console.log(USAGE);
     return command === undefined ? 2 : 0;
   }
   switch (command) {
+    case 'run': {
+      const { values, positionals } = parseArgs({
+        args: rest,
+        allowPositionals: true,
+        options: {
+          help: { type: 'boolean', short: 'h' },
+          mode: { type: 'string' },
+          'load-addr': { type: 'string' },
+          memory: { type: 'string' },
+          vcpus: { type: 'string' },
+          cmdline: { type: 'string' },
+        },
+      });
+      if (values.help) {
+        console.log(RUN_USAGE);
+        return 0;
+      }
+      if (positionals.length !== 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
+      return run({
+        image: positionals[0]!, mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
+      });
+    }
     case 'info': {
       const { values } = parseArgs({
         args: rest,
@@ -39,7 +63,7 @@ function main(argv: string[]): number {
 }
 
 try {
-  process.exitCode = main(process.argv.slice(2));
+  process.exitCode = await main(process.argv.slice(2));
 } catch (error) {
   // One clear line, not a stack trace.
   const message = error instanceof KvmError || error instanceof TypeError || error instanceof RangeError

@@ -6,6 +6,7 @@ export {
 } from './vcpu.js';
 export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions } from './memory.js';
 export { EventFd, type EventFdOptions } from './eventfd.js';
+export { setThreadName, setThreadAffinity } from './thread.js';
 export { KvmError } from './errors.js';
 export { KvmRun, KvmRunOffset } from './kvm-run.js';
 export { decodeExit, type VcpuExit } from './exit.js';

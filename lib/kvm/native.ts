@@ -39,6 +39,8 @@ export interface NativeBinding {
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;
   layout(): Layout;
+  setThreadName(name: string): void;
+  setThreadAffinity(cpus: number[]): void;
 }
 
 function packageRoot(): string {

@@ -1,0 +1,86 @@
+// Where the loader puts its own structures in low guest RAM, and the memory map it reports.
+//
+//   0x0000-0x04ff  real-mode IVT and BIOS data area (left alone)
+//   0x0500-0x052f  GDT (see cpu-state.ts for the selectors)
+//   0x5000-0x5fff  never written by the loader: host-to-guest parameters of test guests
+//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line
+//   0x7c00         default load address of a flat binary (the boot-sector convention)
+//   0x9000-        long-mode identity-map page tables (PML4, PDPT, one PD per GiB)
+//   0x9fc00-0xfffff reserved (EBDA, VGA, BIOS), as the memory map says
+//   0x100000-      where kernels are usually linked (1 MiB)
+import { BootImageError, formatBytes, hex } from './errors.js';
+
+export const GDT_ADDR = 0x500;
+/** A page the loader never writes, for parameters a host passes to its test guests. */
+export const GUEST_PARAMS_ADDR = 0x5000;
+export const BOOT_INFO_ADDR = 0x6000;
+export const BOOT_INFO_END = 0x7c00;
+export const PAGE_TABLES_ADDR = 0x9000;
+/** End of conventional memory: the EBDA starts here. */
+export const LOW_RAM_END = 0x9fc00;
+export const BIOS_AREA = 0xf0000;
+export const HIGH_RAM_START = 0x100000;
+
+/** E820 / hvm_memmap_table_entry / multiboot mmap types. */
+export const MemoryType = { Ram: 1, Reserved: 2 } as const;
+
+export interface MemoryMapEntry {
+  addr: bigint;
+  size: bigint;
+  type: 1 | 2;
+}
+
+/**
+ * The E820-style map the loader gives the guest (multiboot mmap, hvm_start_info memmap):
+ * [0, 0x9fc00) RAM, [0x9fc00, 0xa0000) and [0xf0000, 0x100000) reserved, [1 MiB, memoryBytes) RAM.
+ * The low RAM entry is shortened when memoryBytes is below 0x9fc00; the high one is absent then.
+ */
+export function memoryMap(memoryBytes: number): MemoryMapEntry[] {
+  checkMemoryBytes(memoryBytes);
+  const map: MemoryMapEntry[] = [
+    { addr: 0n, size: BigInt(Math.min(memoryBytes, LOW_RAM_END)), type: MemoryType.Ram },
+    { addr: BigInt(LOW_RAM_END), size: BigInt(0xa0000 - LOW_RAM_END), type: MemoryType.Reserved },
+    { addr: BigInt(BIOS_AREA), size: BigInt(HIGH_RAM_START - BIOS_AREA), type: MemoryType.Reserved },
+  ];
+  if (memoryBytes > HIGH_RAM_START) map.push({ addr: BigInt(HIGH_RAM_START), size: BigInt(memoryBytes - HIGH_RAM_START), type: MemoryType.Ram });
+  return map;
+}
+
+export function checkMemoryBytes(memoryBytes: number): void {
+  if (typeof memoryBytes !== 'number') throw new TypeError(`memoryBytes must be a number, got ${typeof memoryBytes}`);
+  if (!Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % 4096 !== 0) {
+    throw new RangeError(`memoryBytes must be a positive multiple of 4096, got ${memoryBytes}`);
+  }
+}
+
+/** A range of guest-physical memory that something occupies, for collision checks. */
+export interface Region {
+  start: number;
+  end: number;
+  /** What occupies it, for messages: 'segment 1', 'the GDT'. */
+  what: string;
+  /** A structure the loader builds (GDT, page tables, boot info), rather than part of the image. */
+  loader?: boolean;
+}
+
+export const describeRange = (region: Region): string => `[${hex(region.start)}, ${hex(region.end)})`;
+
+/** Throws a BootImageError naming the first region outside RAM or the first two that overlap. */
+export function checkRegions(regions: readonly Region[], memoryBytes: number): void {
+  for (const region of regions) {
+    if (region.end > memoryBytes) {
+      throw new BootImageError(`${region.what} ${describeRange(region)} is outside guest RAM (${formatBytes(memoryBytes)})`);
+    }
+  }
+  const sorted = regions.filter((r) => r.end > r.start).sort((a, b) => a.start - b.start);
+  for (let i = 1; i < sorted.length; i++) {
+    const previous = sorted[i - 1]!;
+    const current = sorted[i]!;
+    if (current.start < previous.end) {
+      throw new BootImageError(
+        `${current.what} ${describeRange(current)} overlaps ${previous.what} ${describeRange(previous)}` +
+          (!!previous.loader !== !!current.loader ? ': link or load the image at 1 MiB or above, clear of the loader\'s structures in low memory' : ''),
+      );
+    }
+  }
+}

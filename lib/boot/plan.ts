@@ -1,0 +1,256 @@
+// planBoot(): from an image file to everything the VMM copies into guest RAM and the register
+// state vCPU 0 starts in, validated before any VM exists. The format comes from the file:
+//   ELF with a XEN_ELFNOTE_PHYS32_ENTRY note   -> PVH (32-bit protected mode, EBX = hvm_start_info)
+//   Multiboot v1 header in the first 8 KiB     -> Multiboot (protected mode, EAX magic, EBX = multiboot_info)
+//   other ELF32 / ELF64                        -> protected mode / long mode at the entry point
+//   anything else                              -> flat binary at loadAddr, in options.mode (default real)
+import type { GuestMemory } from '../kvm/memory.js';
+import type { Vcpu } from '../kvm/vcpu.js';
+import { BootInfoBlock, encodeCmdline, putHvmStartInfo } from './boot-info.js';
+import { gdtBytes, identityMap, longModeState, protectedModeState, realModeState, type BootState, type CpuMode } from './cpu-state.js';
+import { isElf, parseElf, type ElfFile } from './elf.js';
+import { BootImageError, formatBytes, hex } from './errors.js';
+import { GDT_ADDR, checkMemoryBytes, checkRegions, type Region } from './layout.js';
+import { MULTIBOOT_BOOTLOADER_MAGIC, aoutKludgeLayout, findMultibootHeader, putMultibootInfo, type MultibootAddresses } from './multiboot.js';
+import { pvhEntry } from './pvh.js';
+
+export type BootFormat = 'flat' | 'elf32' | 'elf64' | 'multiboot' | 'pvh';
+
+/**
+ * One copy into guest RAM: bytes, or a run of zero bytes (an ELF segment's bss). `what` names it
+ * ('segment 1', 'GDT', 'page tables', 'boot info', 'image').
+ */
+export type BootWrite =
+  | { guestPhysAddr: number; data: Uint8Array; what: string }
+  | { guestPhysAddr: number; zeroBytes: number; what: string };
+
+/** Plain data (structured-cloneable): safe to post to a vCPU worker. */
+export interface BootPlan {
+  format: BootFormat;
+  /** The mode vCPU 0 starts in. */
+  mode: CpuMode;
+  /** The guest-physical entry point. */
+  entry: bigint;
+  writes: BootWrite[];
+  /** Register state of vCPU 0 (the other vCPUs start at KVM's reset state, waiting for INIT/SIPI). */
+  bsp: BootState;
+}
+
+export interface PlanOptions {
+  memoryBytes: number;
+  /** Entry mode of a flat binary (default 'real'). Ignored for formats that define their own. */
+  mode?: CpuMode;
+  /** Load address of a flat binary (default 0x7c00). */
+  loadAddr?: number;
+  /** Kernel command line, given to Multiboot, PVH and other non-real-mode boots. */
+  cmdline?: string;
+  vcpus: number;
+}
+
+export const DEFAULT_LOAD_ADDR = 0x7c00;
+const MODES: readonly CpuMode[] = ['real', 'protected', 'long'];
+
+interface Loaded {
+  writes: BootWrite[];
+  regions: Region[];
+}
+
+/**
+ * Parses and validates `image` and plans its boot. Pure: touches no VM. Throws BootImageError
+ * for an image that cannot boot as given (with what and where), TypeError/RangeError for bad
+ * options.
+ */
+export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
+  if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array');
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  const { memoryBytes, mode, loadAddr = DEFAULT_LOAD_ADDR, cmdline, vcpus } = options;
+  checkMemoryBytes(memoryBytes);
+  if (!Number.isSafeInteger(vcpus) || vcpus < 1) throw new RangeError(`vcpus must be a positive integer, got ${vcpus}`);
+  if (mode !== undefined && !MODES.includes(mode)) throw new RangeError(`mode must be 'real', 'protected' or 'long', got ${String(mode)}`);
+  if (!Number.isSafeInteger(loadAddr) || loadAddr < 0) throw new RangeError(`loadAddr must be a non-negative integer, got ${loadAddr}`);
+  const cmdlineBytes = cmdline === undefined ? null : encodeCmdline(cmdline);
+  if (image.length === 0) throw new BootImageError('not a bootable image: the file is empty');
+
+  if (isElf(image)) {
+    const elf = parseElf(image);
+    const pvh = pvhEntry(elf.notes);
+    if (pvh !== null) {
+      const loaded = loadElf(elf, image, memoryBytes);
+      if (!elf.segments.some((s) => BigInt(pvh) >= s.paddr && BigInt(pvh) < s.paddr + s.memBytes)) {
+        throw new BootImageError(`the PVH entry point ${hex(pvh)} is not inside any loaded segment`);
+      }
+      return protectedPlan('pvh', BigInt(pvh), loaded, memoryBytes, cmdlineBytes, 'hvm');
+    }
+    const multiboot = findMultibootHeader(image);
+    if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes);
+    if (multiboot) {
+      if (elf.elfClass !== 32) {
+        throw new BootImageError('Multiboot v1 loads ELF32 kernels, and this one is ELF64: link it as ELF32, or give its header address fields (flags bit 16)');
+      }
+      return protectedPlan('multiboot', elfEntry(elf), loadElf(elf, image, memoryBytes), memoryBytes, cmdlineBytes, 'multiboot');
+    }
+    const loaded = loadElf(elf, image, memoryBytes);
+    if (elf.elfClass === 32) return protectedPlan('elf32', elfEntry(elf), loaded, memoryBytes, cmdlineBytes, 'hvm');
+    return longPlan('elf64', elfEntry(elf), loaded, memoryBytes, cmdlineBytes);
+  }
+
+  const multiboot = findMultibootHeader(image);
+  if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes);
+  if (multiboot) {
+    throw new BootImageError(
+      `the Multiboot header at offset ${hex(multiboot.offset)} has no address fields (flags bit 16), so the kernel must be an ELF32 file, and this is not ELF`,
+    );
+  }
+  return flatPlan(image, mode ?? 'real', loadAddr, memoryBytes, cmdlineBytes);
+}
+
+function flatPlan(image: Uint8Array, mode: CpuMode, loadAddr: number, memoryBytes: number, cmdline: Uint8Array | null): BootPlan {
+  const loaded: Loaded = {
+    writes: [{ guestPhysAddr: loadAddr, data: image.slice(), what: 'image' }],
+    regions: [{ start: loadAddr, end: loadAddr + image.length, what: 'the image' }],
+  };
+  const entry = BigInt(loadAddr);
+  if (mode === 'protected') return protectedPlan('flat', entry, loaded, memoryBytes, cmdline, 'hvm');
+  if (mode === 'long') return longPlan('flat', entry, loaded, memoryBytes, cmdline);
+  if (loadAddr > 0xffff && (loadAddr % 16 !== 0 || loadAddr > 0xffff0)) {
+    throw new BootImageError(`a real-mode image must be loaded below 64 KiB, or 16-byte aligned below 1 MiB; the load address is ${hex(loadAddr)}`);
+  }
+  checkRegions(loaded.regions, memoryBytes);
+  return { format: 'flat', mode: 'real', entry, writes: loaded.writes, bsp: realModeState(loadAddr) };
+}
+
+/** PT_LOAD segments at their physical addresses, with their bss as zero runs. */
+function loadElf(elf: ElfFile, image: Uint8Array, memoryBytes: number): Loaded {
+  const loaded: Loaded = { writes: [], regions: [] };
+  for (const segment of elf.segments) {
+    if (segment.paddr + segment.memBytes > BigInt(memoryBytes)) {
+      throw new BootImageError(`segment ${hex(segment.paddr)}+${hex(segment.memBytes)} is outside guest RAM (${formatBytes(memoryBytes)})`);
+    }
+    const start = Number(segment.paddr);
+    const memBytes = Number(segment.memBytes);
+    const what = `segment ${segment.index}`;
+    loaded.regions.push({ start, end: start + memBytes, what });
+    if (segment.fileBytes > 0) {
+      loaded.writes.push({ guestPhysAddr: start, data: image.slice(segment.offset, segment.offset + segment.fileBytes), what });
+    }
+    if (memBytes > segment.fileBytes) {
+      loaded.writes.push({ guestPhysAddr: start + segment.fileBytes, zeroBytes: memBytes - segment.fileBytes, what: `${what} (bss)` });
+    }
+  }
+  return loaded;
+}
+
+/**
+ * The physical entry point: e_entry translated through the segment whose virtual range holds it
+ * (as GRUB does, so a higher-half kernel linked with AT() starts at its physical copy), or e_entry
+ * itself where it lies in a segment's physical range.
+ */
+function elfEntry(elf: ElfFile): bigint {
+  const entry = elf.entry;
+  for (const s of elf.segments) if (entry >= s.vaddr && entry < s.vaddr + s.memBytes) return entry - s.vaddr + s.paddr;
+  for (const s of elf.segments) if (entry >= s.paddr && entry < s.paddr + s.memBytes) return entry;
+  throw new BootImageError(`the ELF entry point ${hex(entry)} is not inside any loaded segment`);
+}
+
+function multibootAoutPlan(
+  image: Uint8Array,
+  header: { offset: number; flags: number; addresses: MultibootAddresses },
+  memoryBytes: number,
+  cmdline: Uint8Array | null,
+): BootPlan {
+  const layout = aoutKludgeLayout(image, header);
+  const end = layout.loadAddr + layout.data.length + layout.zeroBytes;
+  if (end > memoryBytes) {
+    throw new BootImageError(`the Multiboot kernel [${hex(layout.loadAddr)}, ${hex(end)}) is outside guest RAM (${formatBytes(memoryBytes)})`);
+  }
+  const loaded: Loaded = {
+    writes: [{ guestPhysAddr: layout.loadAddr, data: layout.data.slice(), what: 'image' }],
+    regions: [{ start: layout.loadAddr, end, what: 'the image' }],
+  };
+  if (layout.zeroBytes > 0) {
+    loaded.writes.push({ guestPhysAddr: layout.loadAddr + layout.data.length, zeroBytes: layout.zeroBytes, what: 'image (bss)' });
+  }
+  return protectedPlan('multiboot', BigInt(layout.entry), loaded, memoryBytes, cmdline, 'multiboot');
+}
+
+function bootInfo(kind: 'hvm' | 'multiboot', memoryBytes: number, cmdline: Uint8Array | null) {
+  const block = new BootInfoBlock();
+  const addr = kind === 'multiboot' ? putMultibootInfo(block, memoryBytes, cmdline) : putHvmStartInfo(block, memoryBytes, cmdline);
+  const data = block.data;
+  return {
+    addr,
+    write: { guestPhysAddr: block.base, data, what: 'boot info' },
+    region: { start: block.base, end: block.base + data.length, what: 'the boot information', loader: true },
+  };
+}
+
+const gdtWrite = (): BootWrite => ({ guestPhysAddr: GDT_ADDR, data: gdtBytes(), what: 'GDT' });
+const gdtRegion = (): Region => ({ start: GDT_ADDR, end: GDT_ADDR + gdtBytes().length, what: 'the GDT', loader: true });
+
+/**
+ * Protected mode, paging off. EBX = boot information: multiboot_info (with EAX = the Multiboot
+ * magic) for Multiboot, hvm_start_info for everything else (PVH, ELF32, flat).
+ */
+function protectedPlan(
+  format: BootFormat,
+  entry: bigint,
+  loaded: Loaded,
+  memoryBytes: number,
+  cmdline: Uint8Array | null,
+  info: 'hvm' | 'multiboot',
+): BootPlan {
+  if (entry > 0xffffffffn) throw new BootImageError(`the entry point ${hex(entry)} is above 4 GiB, out of reach of 32-bit protected mode`);
+  const boot = bootInfo(info, memoryBytes, cmdline);
+  checkRegions([...loaded.regions, gdtRegion(), boot.region], memoryBytes);
+  const regs = info === 'multiboot' ? { rax: BigInt(MULTIBOOT_BOOTLOADER_MAGIC), rbx: BigInt(boot.addr) } : { rbx: BigInt(boot.addr) };
+  return {
+    format,
+    mode: 'protected',
+    entry,
+    writes: [...loaded.writes, gdtWrite(), boot.write],
+    bsp: protectedModeState(entry, regs),
+  };
+}
+
+/** Long mode on identity-mapped page tables; RBX = hvm_start_info. */
+function longPlan(format: BootFormat, entry: bigint, loaded: Loaded, memoryBytes: number, cmdline: Uint8Array | null): BootPlan {
+  const tables = identityMap(memoryBytes);
+  const boot = bootInfo('hvm', memoryBytes, cmdline);
+  checkRegions([
+    ...loaded.regions, gdtRegion(), boot.region,
+    { start: tables.guestPhysAddr, end: tables.guestPhysAddr + tables.data.length, what: 'the page tables', loader: true },
+  ], memoryBytes);
+  return {
+    format,
+    mode: 'long',
+    entry,
+    writes: [...loaded.writes, gdtWrite(), { guestPhysAddr: tables.guestPhysAddr, data: tables.data, what: 'page tables' }, boot.write],
+    bsp: longModeState(entry, tables.cr3, { rbx: BigInt(boot.addr) }),
+  };
+}
+
+/** Copies the plan's writes into guest RAM (zero runs included). Throws RangeError if one does not fit. */
+export function writeBootPlan(plan: BootPlan, memory: GuestMemory): void {
+  for (const write of plan.writes) {
+    const bytes = 'data' in write ? write.data.length : write.zeroBytes;
+    if (write.guestPhysAddr + bytes > memory.size) {
+      throw new RangeError(`${write.what} [${hex(write.guestPhysAddr)}, ${hex(write.guestPhysAddr + bytes)}) is outside guest memory (${formatBytes(memory.size)})`);
+    }
+    if ('data' in write) memory.write(write.guestPhysAddr, write.data);
+    else memory.bytes(write.guestPhysAddr, write.zeroBytes).fill(0);
+  }
+}
+
+/** Sets `state` on a vCPU: reads its registers, overlays what the state defines, writes them back. */
+export function applyBootState(vcpu: Pick<Vcpu, 'getSregs' | 'setSregs' | 'getRegs' | 'setRegs'>, state: BootState): void {
+  const sregs = vcpu.getSregs();
+  for (const [key, value] of Object.entries(state.sregs)) {
+    if (value !== undefined) (sregs as Record<string, unknown>)[key] = typeof value === 'object' ? { ...value } : value;
+  }
+  vcpu.setSregs(sregs);
+  const regs = vcpu.getRegs();
+  for (const [key, value] of Object.entries(state.regs)) {
+    if (value !== undefined) (regs as Record<string, unknown>)[key] = value;
+  }
+  vcpu.setRegs(regs);
+}

@@ -1,0 +1,166 @@
+// The I/O bus: port and MMIO ranges mapped to devices. Dispatch for ports is one table lookup
+// (65536 entries); MMIO ranges are few and sorted. Devices see offsets from their base, never
+// absolute addresses. Unknown accesses are counted (shared counters) and logged once per address;
+// reads of them return all-ones, as on a real bus with nothing there.
+import { IoDirection, KvmRunOffset as O } from '../kvm/index.js';
+
+export interface PortDevice {
+  readonly name: string;
+  /** A read of `size` bytes (1, 2 or 4) at `offset` from the device's first port. */
+  read(offset: number, size: number): number;
+  write(offset: number, size: number, value: number): void;
+}
+
+export interface MmioDevice {
+  readonly name: string;
+  /** Fills `data` (1..8 bytes) with what is at `offset`. */
+  read(offset: number, data: Uint8Array): void;
+  write(offset: number, data: Uint8Array): void;
+}
+
+interface MmioRange {
+  base: number;
+  end: number;
+  device: MmioDevice;
+}
+
+/** Counters shared by every vCPU thread: [unknown port accesses, unknown MMIO accesses]. */
+export const UNKNOWN_PORT = 0;
+export const UNKNOWN_MMIO = 1;
+export const STATS_INTS = 2;
+const LOGGED_PORTS_INTS = 65536 / 32;
+const MAX_LOGGED_MMIO = 64;
+
+export interface BusShared {
+  /** Int32Array: the counters, then a bitmap of ports already logged. */
+  readonly stats: SharedArrayBuffer;
+}
+
+export function createBusShared(): BusShared {
+  return { stats: new SharedArrayBuffer((STATS_INTS + LOGGED_PORTS_INTS) * 4) };
+}
+
+export class IoBus {
+  readonly #portDevice = new Uint8Array(65536); // device index + 1; 0 = nothing
+  readonly #portBase = new Uint16Array(65536);
+  readonly #portDevices: PortDevice[] = [];
+  readonly #mmio: MmioRange[] = [];
+  readonly #stats: Int32Array;
+  readonly #loggedMmio = new Set<number>();
+  readonly #log: (message: string) => void;
+
+  constructor(shared: BusShared, log: (message: string) => void) {
+    this.#stats = new Int32Array(shared.stats);
+    this.#log = log;
+  }
+
+  registerPorts(base: number, count: number, device: PortDevice): void {
+    if (!Number.isInteger(base) || !Number.isInteger(count) || base < 0 || count < 1 || base + count > 65536) {
+      throw new RangeError(`ports ${base}+${count} are outside 0..0xffff`);
+    }
+    for (let port = base; port < base + count; port++) {
+      if (this.#portDevice[port] !== 0) {
+        throw new RangeError(`port 0x${port.toString(16)} of ${device.name} is taken by ${this.#portDevices[this.#portDevice[port]! - 1]!.name}`);
+      }
+    }
+    this.#portDevices.push(device);
+    if (this.#portDevices.length > 255) throw new RangeError('too many port devices');
+    for (let port = base; port < base + count; port++) {
+      this.#portDevice[port] = this.#portDevices.length;
+      this.#portBase[port] = base;
+    }
+  }
+
+  registerMmio(base: number, size: number, device: MmioDevice): void {
+    if (!Number.isSafeInteger(base) || !Number.isSafeInteger(size) || base < 0 || size < 1) throw new RangeError('bad MMIO range');
+    const end = base + size;
+    for (const range of this.#mmio) {
+      if (base < range.end && range.base < end) throw new RangeError(`MMIO range of ${device.name} overlaps ${range.device.name}`);
+    }
+    this.#mmio.push({ base, end, device });
+    this.#mmio.sort((a, b) => a.base - b.base);
+  }
+
+  get unknownPortAccesses(): number {
+    return Atomics.load(this.#stats, UNKNOWN_PORT);
+  }
+  get unknownMmioAccesses(): number {
+    return Atomics.load(this.#stats, UNKNOWN_MMIO);
+  }
+
+  /**
+   * Handles a KVM_EXIT_IO in place in the kvm_run mapping. The hot path: no allocation, one
+   * table lookup per access.
+   */
+  handleIo(view: DataView): void {
+    const port = view.getUint16(O['io.port'], true);
+    const size = view.getUint8(O['io.size']);
+    const count = view.getUint32(O['io.count'], true);
+    // data_offset is a u64 inside the mapping: its low half is enough, and avoids a BigInt.
+    let offset = view.getUint32(O['io.data_offset'], true);
+    const isOut = view.getUint8(O['io.direction']) === IoDirection.Out;
+    const index = this.#portDevice[port]!;
+    if (index === 0) {
+      this.#unknownPort(port, isOut);
+      if (!isOut) for (let i = 0; i < size * count; i++) view.setUint8(offset + i, 0xff);
+      return;
+    }
+    const device = this.#portDevices[index - 1]!;
+    const at = port - this.#portBase[port]!;
+    for (let i = 0; i < count; i++, offset += size) {
+      if (isOut) {
+        const value = size === 1 ? view.getUint8(offset) : size === 2 ? view.getUint16(offset, true) : view.getUint32(offset, true);
+        device.write(at, size, value);
+      } else {
+        const value = device.read(at, size);
+        if (size === 1) view.setUint8(offset, value);
+        else if (size === 2) view.setUint16(offset, value, true);
+        else view.setUint32(offset, value, true);
+      }
+    }
+  }
+
+  /** Handles a KVM_EXIT_MMIO in place. */
+  handleMmio(view: DataView, bytes: Uint8Array): void {
+    // Guest-physical addresses below 2^53 are exact in a double.
+    const addr = view.getUint32(O['mmio.phys_addr'], true) + view.getUint32(O['mmio.phys_addr'] + 4, true) * 0x1_0000_0000;
+    const len = Math.min(view.getUint32(O['mmio.len'], true), 8);
+    const isWrite = view.getUint8(O['mmio.is_write']) !== 0;
+    const data = bytes.subarray(O['mmio.data'], O['mmio.data'] + len);
+    const range = this.#findMmio(addr);
+    if (range === undefined) {
+      Atomics.add(this.#stats, UNKNOWN_MMIO, 1);
+      if (!this.#loggedMmio.has(addr) && this.#loggedMmio.size < MAX_LOGGED_MMIO) {
+        this.#loggedMmio.add(addr);
+        this.#log(`unknown MMIO ${isWrite ? 'write to' : 'read from'} 0x${addr.toString(16)} (${len} bytes)${this.#loggedMmio.size === MAX_LOGGED_MMIO ? '; further unknown MMIO addresses are counted, not logged' : ''}`);
+      }
+      if (!isWrite) data.fill(0xff);
+      return;
+    }
+    if (isWrite) range.device.write(addr - range.base, data);
+    else range.device.read(addr - range.base, data);
+  }
+
+  #findMmio(addr: number): MmioRange | undefined {
+    const ranges = this.#mmio;
+    let lo = 0;
+    let hi = ranges.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const range = ranges[mid]!;
+      if (addr < range.base) hi = mid - 1;
+      else if (addr >= range.end) lo = mid + 1;
+      else return range;
+    }
+    return undefined;
+  }
+
+  #unknownPort(port: number, isOut: boolean): void {
+    Atomics.add(this.#stats, UNKNOWN_PORT, 1);
+    const word = STATS_INTS + (port >> 5);
+    const bit = 1 << (port & 31);
+    if ((Atomics.or(this.#stats, word, bit) & bit) === 0) {
+      this.#log(`unknown port ${isOut ? 'write to' : 'read from'} 0x${port.toString(16)}`);
+    }
+  }
+}

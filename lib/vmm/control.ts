@@ -1,0 +1,50 @@
+// The control block shared by the main thread and every vCPU thread of a machine: run state,
+// counters, and who reported the machine's exit first. vCPU threads check the state after every
+// exit and park on Atomics.wait while paused.
+
+export const STATE = 0;
+export const PARKED = 1;
+export const HALTED = 2;
+export const EXIT_CLAIMED = 3;
+const CONTROL_INTS = 4;
+
+export const RunState = {
+  /** vCPUs are created and wait for start(). */
+  Created: 0,
+  Running: 1,
+  Paused: 2,
+  Stopping: 3,
+} as const;
+
+export function createControl(): SharedArrayBuffer {
+  return new SharedArrayBuffer(CONTROL_INTS * 4);
+}
+
+/** The vCPU-thread side: park while paused; false once the machine is stopping. */
+export function waitWhileNotRunning(control: Int32Array): boolean {
+  for (;;) {
+    const state = Atomics.load(control, STATE);
+    if (state === RunState.Running) return true;
+    if (state === RunState.Stopping) return false;
+    if (state === RunState.Created) {
+      Atomics.wait(control, STATE, RunState.Created);
+      continue;
+    }
+    Atomics.add(control, PARKED, 1);
+    Atomics.notify(control, PARKED);
+    Atomics.wait(control, STATE, RunState.Paused);
+    Atomics.sub(control, PARKED, 1);
+    Atomics.notify(control, PARKED);
+  }
+}
+
+/** Sets the state and wakes every thread waiting on it. */
+export function setRunState(control: Int32Array, state: number): void {
+  Atomics.store(control, STATE, state);
+  Atomics.notify(control, STATE);
+}
+
+/** Claims the right to report the machine's exit; true for the first caller only. */
+export function claimExit(control: Int32Array): boolean {
+  return Atomics.compareExchange(control, EXIT_CLAIMED, 0, 1) === 0;
+}

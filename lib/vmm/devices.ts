@@ -1,0 +1,32 @@
+// The machine's device set, built the same way in every vCPU thread over shared state.
+import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
+import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
+import { COM1_BASE, SERIAL_PORTS, Serial, type SerialShared } from '../devices/serial.js';
+import { IoBus, type BusShared } from './bus.js';
+
+export interface DevicesShared {
+  readonly bus: BusShared;
+  readonly serial: SerialShared;
+}
+
+export interface DeviceEvents {
+  /** Drives a GSI of the in-kernel irqchip; absent without one. */
+  setIrqLine?: (gsi: number, level: boolean) => void;
+  debugExit(code: number): void;
+  reset(): void;
+  log(message: string): void;
+}
+
+export const SERIAL_GSI = 4;
+
+export function createDevices(shared: DevicesShared, events: DeviceEvents): { bus: IoBus; serial: Serial } {
+  const bus = new IoBus(shared.bus, events.log);
+  const setIrqLine = events.setIrqLine;
+  const serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
+  bus.registerPorts(COM1_BASE, SERIAL_PORTS, serial);
+  bus.registerPorts(DEBUG_EXIT_PORT, 1, new DebugExit(events.debugExit));
+  const i8042 = new I8042(events.reset);
+  bus.registerPorts(I8042_DATA_PORT, 1, i8042.dataPort);
+  bus.registerPorts(I8042_COMMAND_PORT, 1, i8042.commandPort);
+  return { bus, serial };
+}

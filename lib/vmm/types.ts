@@ -1,0 +1,49 @@
+// Messages and shapes shared by the machine (main thread) and its vCPU threads.
+import type { BootState } from '../boot/index.js';
+import type { CpuidEntry, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
+import type { DevicesShared } from './devices.js';
+
+export type MachineExitReason =
+  | 'debug-exit' // the guest wrote to the debug-exit port; `code` is the value
+  | 'hlt' // every vCPU halted with nothing left to run (no in-kernel irqchip)
+  | 'reset' // the guest asked for a CPU reset (i8042 0xFE, or a KVM reset event)
+  | 'shutdown' // a triple fault, or a KVM shutdown event
+  | 'internal-error' // KVM could not run the guest (emulation failure, entry failure)
+  | 'unhandled-exit' // an exit this VMM does not handle
+  | 'error' // the VMM itself failed
+  | 'stopped'; // stop() was called
+
+export interface MachineExit {
+  reason: MachineExitReason;
+  /** The debug-exit value. */
+  code?: number;
+  /** The vCPU that caused the exit. */
+  vcpu?: number;
+  /** Register dump of that vCPU, for faults. */
+  registers?: { regs: Regs; sregs: Sregs };
+  /** Details: the KVM exit, the error message. */
+  detail?: string;
+}
+
+export interface VcpuAssignment {
+  vmFd: number;
+  memory: GuestMemoryHandle;
+  vcpuId: number;
+  vcpuCount: number;
+  boot: BootState | null;
+  cpuid: CpuidEntry[];
+  msrs: MsrEntry[];
+  control: SharedArrayBuffer;
+  devices: DevicesShared;
+  irqchip: boolean;
+  affinity: number[] | null;
+}
+
+export type WorkerMessage =
+  | { type: 'idle' }
+  | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
+  | { type: 'exit'; exit: MachineExit }
+  | { type: 'log'; message: string }
+  | { type: 'done'; vcpuId: number; error?: string };
+
+export type MainMessage = { type: 'assign'; assignment: VcpuAssignment } | { type: 'quit' };

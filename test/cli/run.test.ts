@@ -1,0 +1,64 @@
+// `node-kvm run` as a child process, from the TypeScript source (the child inherits tap's loader).
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { noKvm, repoRoot } from '../helpers/kvm.js';
+
+const cli = path.join(repoRoot, 'lib', 'cli', 'main.ts');
+const guest = (name: string) => path.join(repoRoot, 'guests', 'build', `${name}.bin`);
+const nodeKvm = (...args: string[]) =>
+  spawnSync(process.execPath, [...process.execArgv, cli, ...args], { encoding: 'latin1', timeout: 60_000, stdio: ['ignore', 'pipe', 'pipe'] });
+
+t.test('run boots a guest with its console on stdout and exits 0 on HLT', { skip: noKvm }, async (t) => {
+  const result = nodeKvm('run', guest('hello'));
+  t.equal(result.stdout, 'Hello from node-kvm!\n');
+  t.equal(result.status, 0, result.stderr);
+});
+
+t.test('the exit status is (debug-exit value << 1) | 1, and unknown accesses are logged', { skip: noKvm }, async (t) => {
+  const result = nodeKvm('run', guest('wild'), '--memory', '1M');
+  t.equal(result.stdout, 'wild ok\n');
+  t.equal(result.status, (0x33 << 1) | 1);
+  t.match(result.stderr, /unknown port write to 0x2f0/);
+  t.match(result.stderr, /unknown MMIO write to 0x100000/);
+});
+
+t.test('a triple fault exits 1 with one line and a register dump', { skip: noKvm }, async (t) => {
+  const result = nodeKvm('run', guest('triple'), '--mode', 'protected', '--memory', '2M');
+  t.equal(result.status, 1);
+  t.match(result.stderr, /^node-kvm: guest stopped: shutdown on vCPU 0 \(triple fault\)\n/);
+  t.match(result.stderr, /rax 0x0000000000001111 rbx 0x0000000000002222/);
+  t.match(result.stderr, /idt 0x0000000000001000\/2047/);
+});
+
+t.test('a reset exits 0', { skip: noKvm }, async (t) => {
+  const result = nodeKvm('run', guest('reset'));
+  t.equal(result.status, 0, result.stderr);
+});
+
+t.test('bad input is one clear line and status 1', async (t) => {
+  const missing = nodeKvm('run', '/nonexistent/guest.bin');
+  t.equal(missing.status, 1);
+  t.equal(missing.stderr, 'node-kvm: cannot read the image /nonexistent/guest.bin: ENOENT\n');
+  const empty = path.join(t.testdir(), 'empty.bin');
+  writeFileSync(empty, '');
+  const emptyRun = nodeKvm('run', empty);
+  t.equal(emptyRun.status, 1);
+  t.equal(emptyRun.stderr.trim().split('\n').length, 1, emptyRun.stderr);
+  const badMemory = nodeKvm('run', guest('hello'), '--memory', 'lots');
+  t.equal(badMemory.status, 1);
+  t.match(badMemory.stderr, /^node-kvm: --memory: 'lots' is not a size/);
+  const badMode = nodeKvm('run', guest('hello'), '--mode', 'unreal');
+  t.match(badMode.stderr, /--mode must be real, protected or long/);
+  const noImage = nodeKvm('run');
+  t.equal(noImage.status, 1);
+  t.match(noImage.stderr, /run takes one IMAGE/);
+});
+
+t.test('run --help', async (t) => {
+  const result = nodeKvm('run', '--help');
+  t.equal(result.status, 0);
+  t.match(result.stdout, /usage: node-kvm run IMAGE/);
+  t.match(result.stdout, /--vcpus N/);
+});

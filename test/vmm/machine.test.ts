@@ -1,0 +1,91 @@
+// The Machine with flat real-mode guests: output, exits, devices, pause/resume/stop, threads.
+import { readFileSync, readdirSync } from 'node:fs';
+import t from 'tap';
+import { Machine, VcpuWorkerPool } from '../../lib/index.js';
+import { guestImage, noKvm } from '../helpers/kvm.js';
+import { boot, runToExit } from '../helpers/machine.js';
+
+t.test('hello prints through the serial device and the machine ends on HLT', { skip: noKvm }, async (t) => {
+  const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20 });
+  t.equal(output, 'Hello from node-kvm!\n');
+  t.equal(exit.reason, 'hlt');
+  t.equal(exit.code, 0);
+});
+
+t.test('a debug-exit write ends the machine with its value; wild accesses are logged and survived', { skip: noKvm }, async (t) => {
+  const logs: string[] = [];
+  const booted = await boot({ image: guestImage('wild'), memoryBytes: 1 << 20 }, logs);
+  booted.machine.start();
+  const exit = await booted.machine.wait();
+  await new Promise((resolve) => setImmediate(resolve));
+  t.equal(booted.output(), 'wild ok\n');
+  t.same({ reason: exit.reason, code: exit.code, vcpu: exit.vcpu }, { reason: 'debug-exit', code: 0x33, vcpu: 0 });
+  t.same(booted.machine.unknownAccesses, { ports: 3, mmio: 2 });
+  // Each address is logged once, at its first access.
+  t.same(logs.sort(), [
+    'vcpu0: unknown MMIO write to 0x100000 (1 bytes)',
+    'vcpu0: unknown port read from 0x2345',
+    'vcpu0: unknown port write to 0x1234',
+    'vcpu0: unknown port write to 0x2f0',
+  ].sort());
+});
+
+t.test('a triple fault is a clean shutdown exit with a register dump', { skip: noKvm }, async (t) => {
+  const { exit } = await runToExit({ image: guestImage('triple'), memoryBytes: 1 << 20, mode: 'protected' });
+  t.equal(exit.reason, 'shutdown', exit.detail);
+  t.equal(exit.vcpu, 0);
+  t.ok(exit.registers, 'registers are dumped');
+  t.equal(exit.registers!.regs.rax, 0x1111n);
+  t.equal(exit.registers!.regs.rbx, 0x2222n);
+  t.same(exit.registers!.sregs.idt, { base: 0x1000n, limit: 0x7ff });
+  t.equal(exit.registers!.sregs.cr0 & 1n, 1n, 'in protected mode');
+});
+
+t.test('the i8042 reset command ends the machine as a reset', { skip: noKvm }, async (t) => {
+  const { exit } = await runToExit({ image: guestImage('reset'), memoryBytes: 1 << 20 });
+  t.same({ reason: exit.reason, vcpu: exit.vcpu }, { reason: 'reset', vcpu: 0 });
+});
+
+t.test('pause, resume and stop a guest that spins with interrupts off', { skip: noKvm }, async (t) => {
+  const { machine } = await boot({ image: guestImage('spin'), memoryBytes: 1 << 20 });
+  machine.start();
+  t.equal(machine.state, 'running');
+  // The vCPU is a Linux thread named vcpu0.
+  const names = readdirSync('/proc/self/task').map((tid) => {
+    try {
+      return readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim();
+    } catch {
+      return '';
+    }
+  });
+  t.ok(names.includes('vcpu0'), `a thread is named vcpu0 (${names.join(', ')})`);
+  await machine.pause();
+  t.equal(machine.state, 'paused');
+  machine.resume();
+  t.equal(machine.state, 'running');
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  const started = performance.now();
+  const exit = await machine.stop();
+  const elapsed = performance.now() - started;
+  t.equal(exit.reason, 'stopped');
+  t.ok(elapsed < 1000, `stop() returned (${elapsed.toFixed(1)} ms)`);
+});
+
+t.test('a bad image fails before any VM is created', { skip: noKvm }, async (t) => {
+  await t.rejects(Machine.create({ image: new Uint8Array(0) }), /empty|zero|no bytes|bootable/i);
+  await t.rejects(Machine.create({ image: '/nonexistent/guest.bin' }), /cannot read the image \/nonexistent\/guest.bin: ENOENT/);
+  await t.rejects(Machine.create({ image: guestImage('hello'), memoryBytes: 1000 }), RangeError);
+  await t.rejects(Machine.create({ image: guestImage('hello'), vcpus: 0 }), RangeError);
+});
+
+t.test('machines borrow vCPU threads from a pool and give them back', { skip: noKvm }, async (t) => {
+  const pool = await VcpuWorkerPool.create(2);
+  t.teardown(() => pool.close());
+  t.equal(pool.idleCount, 2);
+  for (let i = 0; i < 3; i++) {
+    const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20, pool });
+    t.equal(output, 'Hello from node-kvm!\n', `run ${i}`);
+    t.equal(exit.reason, 'hlt');
+    t.equal(pool.idleCount, 2, 'threads are back in the pool');
+  }
+});
