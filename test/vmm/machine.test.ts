@@ -1,7 +1,10 @@
 // The Machine with flat real-mode guests: output, exits, devices, pause/resume/stop, threads.
 import { readFileSync, readdirSync } from 'node:fs';
+import { PassThrough } from 'node:stream';
 import t from 'tap';
-import { Machine, VcpuWorkerPool } from '../../lib/index.js';
+import { Machine, VcpuWorkerPool, memoryMap } from '../../lib/index.js';
+import { native } from '../../lib/kvm/native.js';
+import { guestPath } from '../../guests/build.mjs';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { boot, runToExit } from '../helpers/machine.js';
 
@@ -88,4 +91,58 @@ t.test('machines borrow vCPU threads from a pool and give them back', { skip: no
     t.equal(exit.reason, 'hlt');
     t.equal(pool.idleCount, 2, 'threads are back in the pool');
   }
+});
+
+t.test('serial input from a stream reaches the guest, and its echo comes back', { skip: noKvm }, async (t) => {
+  const input = new PassThrough();
+  const booted = await boot({ image: guestImage('echo'), memoryBytes: 1 << 20, serial: { input } });
+  booted.machine.start();
+  await booted.waitForOutput('echo> ');
+  input.write('hi there');
+  await booted.waitForOutput('echo> hi there');
+  t.equal(booted.machine.sendSerialInput(new TextEncoder().encode('!q')), 2);
+  const exit = await booted.machine.wait();
+  await new Promise((resolve) => setImmediate(resolve));
+  t.equal(booted.output(), 'echo> hi there!q');
+  t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 5 });
+});
+
+t.test('a vCPU thread can be pinned to host CPUs', { skip: noKvm }, async (t) => {
+  const { machine } = await boot({ image: guestImage('spin'), memoryBytes: 1 << 20, affinity: [[0]] });
+  machine.start();
+  t.teardown(() => machine.stop());
+  const tid = readdirSync('/proc/self/task').find((task) => {
+    try {
+      return readFileSync(`/proc/self/task/${task}/comm`, 'utf8').trim() === 'vcpu0';
+    } catch {
+      return false;
+    }
+  });
+  t.ok(tid, 'the vcpu0 thread exists');
+  t.match(readFileSync(`/proc/self/task/${tid}/status`, 'utf8'), /^Cpus_allowed_list:\s+0$/m);
+});
+
+t.test('a rejected image leaves no kernel object behind', { skip: noKvm }, async (t) => {
+  const before = native.handleCount();
+  await t.rejects(Machine.create({ image: Uint8Array.from([0x7f, 0x45, 0x4c, 0x46, 1, 1, 1]) }), /ELF/);
+  t.equal(native.handleCount(), before, 'no Kvm, Vm or Vcpu handle was opened');
+});
+
+for (const [name, mode, output, code] of [
+  ['protected', undefined, 'protected mode OK\n', 0x10],
+  ['long', undefined, 'long mode OK\n', 0x11],
+] as const) {
+  t.test(`the ${name} guest through the VMM`, { skip: noKvm }, async (t) => {
+    const { exit, output: printed } = await runToExit({ image: readFileSync(guestPath(name)), mode, memoryBytes: 16 << 20 });
+    t.equal(printed, output);
+    t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code });
+  });
+}
+
+t.test('the multiboot guest prints the memory map and command line it was given', { skip: noKvm }, async (t) => {
+  const { exit, output } = await runToExit({ image: readFileSync(guestPath('multiboot')), memoryBytes: 32 << 20, cmdline: 'console=ttyS0 quiet' });
+  t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 0x12 });
+  const mmap = memoryMap(32 << 20).map((e) => `mmap 0x${e.addr.toString(16).padStart(16, '0')} 0x${e.size.toString(16).padStart(16, '0')} ${e.type}`);
+  for (const line of mmap) t.ok(output.split('\n').includes(line), line);
+  t.match(output, /^cmdline: console=ttyS0 quiet$/m);
 });
