@@ -1,6 +1,7 @@
 // The CPU state each entry mode starts in, and the structures it needs in guest RAM: the GDT its
 // segment registers were loaded from, and for long mode identity-mapping page tables.
 import type { Dtable, Regs, Segment, Sregs } from '../kvm/structs.js';
+import type { Vcpu } from '../kvm/vcpu.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR } from './layout.js';
 
@@ -134,4 +135,18 @@ export function identityMap(memoryBytes: number): { guestPhysAddr: number; data:
     }
   }
   return { guestPhysAddr: pml4, data, cr3: pml4 };
+}
+
+/** Sets `state` on a vCPU: reads its registers, overlays what the state defines, writes them back. */
+export function applyBootState(vcpu: Pick<Vcpu, 'getSregs' | 'setSregs' | 'getRegs' | 'setRegs'>, state: BootState): void {
+  const sregs = vcpu.getSregs();
+  for (const [key, value] of Object.entries(state.sregs)) {
+    if (value !== undefined) (sregs as Record<string, unknown>)[key] = typeof value === 'object' ? { ...value } : value;
+  }
+  vcpu.setSregs(sregs);
+  const regs = vcpu.getRegs();
+  for (const [key, value] of Object.entries(state.regs)) {
+    if (value !== undefined) (regs as Record<string, unknown>)[key] = value;
+  }
+  vcpu.setRegs(regs);
 }

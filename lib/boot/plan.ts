@@ -5,7 +5,6 @@
 //   other ELF32 / ELF64                        -> protected mode / long mode at the entry point
 //   anything else                              -> flat binary at loadAddr, in options.mode (default real)
 import type { GuestMemory } from '../kvm/memory.js';
-import type { Vcpu } from '../kvm/vcpu.js';
 import { BootInfoBlock, encodeCmdline, putHvmStartInfo } from './boot-info.js';
 import { gdtBytes, identityMap, longModeState, protectedModeState, realModeState, type BootState, type CpuMode } from './cpu-state.js';
 import { isElf, parseElf, type ElfFile } from './elf.js';
@@ -239,18 +238,4 @@ export function writeBootPlan(plan: BootPlan, memory: GuestMemory): void {
     if ('data' in write) memory.write(write.guestPhysAddr, write.data);
     else memory.bytes(write.guestPhysAddr, write.zeroBytes).fill(0);
   }
-}
-
-/** Sets `state` on a vCPU: reads its registers, overlays what the state defines, writes them back. */
-export function applyBootState(vcpu: Pick<Vcpu, 'getSregs' | 'setSregs' | 'getRegs' | 'setRegs'>, state: BootState): void {
-  const sregs = vcpu.getSregs();
-  for (const [key, value] of Object.entries(state.sregs)) {
-    if (value !== undefined) (sregs as Record<string, unknown>)[key] = typeof value === 'object' ? { ...value } : value;
-  }
-  vcpu.setSregs(sregs);
-  const regs = vcpu.getRegs();
-  for (const [key, value] of Object.entries(state.regs)) {
-    if (value !== undefined) (regs as Record<string, unknown>)[key] = value;
-  }
-  vcpu.setRegs(regs);
 }

@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // The `node-kvm` command.
+// Only what every command needs is imported up front: `run` starts its vCPU threads first, so
+// that they load while the main thread loads the rest.
 import { parseArgs } from 'node:util';
-import { Kvm, KvmError } from '../kvm/index.js';
-import { printInfo } from './info.js';
-import { RUN_USAGE, run } from './run.js';
+import { VcpuWorkerPool } from '../vmm/pool.js';
 
 const USAGE = `usage: node-kvm <command> [options]
 
@@ -34,6 +34,10 @@ async function main(argv: string[]): Promise<number> {
           cmdline: { type: 'string' },
         },
       });
+      const threads = !values.help && positionals.length === 1 ? VcpuWorkerPool.create(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
+      // A failure to start threads surfaces when run() awaits them; don't let it go unhandled first.
+      threads?.catch(() => {});
+      const { RUN_USAGE, run } = await import('./run.js');
       if (values.help) {
         console.log(RUN_USAGE);
         return 0;
@@ -41,7 +45,7 @@ async function main(argv: string[]): Promise<number> {
       if (positionals.length !== 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
       return run({
         image: positionals[0]!, mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-      });
+      }, threads!);
     }
     case 'info': {
       const { values } = parseArgs({
@@ -52,6 +56,7 @@ async function main(argv: string[]): Promise<number> {
         console.log('usage: node-kvm info [--device /dev/kvm] [--json]\n\nPrints the KVM API version, limits and capabilities of this host.');
         return 0;
       }
+      const [{ Kvm }, { printInfo }] = await Promise.all([import('../kvm/kvm.js'), import('./info.js')]);
       using kvm = Kvm.open(values.device);
       printInfo(kvm, values.device!, !!values.json);
       return 0;
@@ -66,9 +71,6 @@ try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (error) {
   // One clear line, not a stack trace.
-  const message = error instanceof KvmError || error instanceof TypeError || error instanceof RangeError
-    ? error.message
-    : (error as Error)?.message ?? String(error);
-  console.error(`node-kvm: ${message}`);
+  console.error(`node-kvm: ${error instanceof Error ? error.message : String(error)}`);
   process.exitCode = 1;
 }

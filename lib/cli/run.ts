@@ -1,6 +1,7 @@
 // `node-kvm run IMAGE`: boots a guest with its serial console on this terminal.
 import { debugExitStatus } from '../devices/debug-exit.js';
 import { Machine, type MachineExit } from '../vmm/machine.js';
+import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
@@ -40,7 +41,17 @@ export function parseAddress(text: string, option: string): number {
   return value;
 }
 
-export async function run(options: RunOptions): Promise<number> {
+/** Runs the machine; `pool` holds vCPU threads started early (closed here). */
+export async function run(options: RunOptions, pool: Promise<VcpuWorkerPool>): Promise<number> {
+  const threads = await pool;
+  try {
+    return await runWith(options, threads);
+  } finally {
+    await threads.close();
+  }
+}
+
+async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<number> {
   const mode = options.mode;
   if (mode !== undefined && mode !== 'real' && mode !== 'protected' && mode !== 'long') {
     throw new RangeError(`--mode must be real, protected or long, got '${mode}'`);
@@ -57,6 +68,7 @@ export async function run(options: RunOptions): Promise<number> {
     vcpus,
     cmdline: options.cmdline,
     serial: { output: 1, input: null },
+    pool,
   });
   const exit = machine.wait();
   if (interactive) attachTerminal(machine);

@@ -2,7 +2,8 @@
 // (65536 entries); MMIO ranges are few and sorted. Devices see offsets from their base, never
 // absolute addresses. Unknown accesses are counted (shared counters) and logged once per address;
 // reads of them return all-ones, as on a real bus with nothing there.
-import { IoDirection, KvmRunOffset as O } from '../kvm/index.js';
+import { IoDirection } from '../kvm/constants.js';
+import { KvmRunOffset as O } from '../kvm/kvm-run.js';
 
 export interface PortDevice {
   readonly name: string;

@@ -276,13 +276,16 @@ export class Machine extends EventEmitter {
     void this.#teardown();
   }
 
+  readonly #onWorkerMessage = (message: WorkerMessage) => {
+    if (message.type === 'exit') this.#end(message.exit);
+    else if (message.type === 'log') this.#log(message.message);
+  };
+  readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });
+
   #watch(): void {
     for (const thread of this.#threads) {
-      thread.worker.on('message', (message: WorkerMessage) => {
-        if (message.type === 'exit') this.#end(message.exit);
-        else if (message.type === 'log') this.#log(message.message);
-      });
-      thread.worker.on('error', (error) => this.#end({ reason: 'error', detail: error.message }));
+      thread.worker.on('message', this.#onWorkerMessage);
+      thread.worker.on('error', this.#onWorkerError);
     }
     if (this.#outputRing) void this.#pumpOutput();
   }
@@ -312,6 +315,10 @@ export class Machine extends EventEmitter {
         clearInterval(kickUntilDone);
       }
     }));
+    for (const thread of this.#threads) {
+      thread.worker.off('message', this.#onWorkerMessage);
+      thread.worker.off('error', this.#onWorkerError);
+    }
     if (this.#input) this.#input.off('data', this.#onInput);
     this.#vm.close();
     this.#memory.close();

@@ -2,8 +2,12 @@
 // run(), and handles every exit itself through the I/O bus: nothing goes to the main thread per
 // exit. Between machines it idles, so a pool can hand it to the next machine.
 import { parentPort } from 'node:worker_threads';
-import { applyBootState } from '../boot/index.js';
-import { ExitReason, Vm, setThreadAffinity, setThreadName, type Vcpu } from '../kvm/index.js';
+// Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
+import { applyBootState } from '../boot/cpu-state.js';
+import { ExitReason } from '../kvm/constants.js';
+import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import type { Vcpu } from '../kvm/vcpu.js';
+import { Vm } from '../kvm/vm.js';
 import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
 import { createDevices } from './devices.js';
 import type { MachineExit, MainMessage, VcpuAssignment, WorkerMessage } from './types.js';

@@ -1,0 +1,116 @@
+// Boot latency: (a) in a warm process, Machine.create() to the guest's first serial byte, with
+// and without a pool of pre-started vCPU threads; (b) the node-kvm CLI from process start to the
+// first serial byte, against `node -e 0` in the same run; (c) QEMU (microvm, PVH guest) where
+// installed. Run: npm run bench:boot [-- --iterations N] [--json]
+import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { Machine, VcpuWorkerPool } from '../lib/index.js';
+
+const { values } = parseArgs({ options: { iterations: { type: 'string', default: '20' }, json: { type: 'boolean' } } });
+const iterations = Number(values.iterations);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const hello = readFileSync(path.join(root, 'guests', 'build', 'hello.bin'));
+const pvh = path.join(root, 'guests', 'build', 'pvh.elf');
+const cli = path.join(root, 'dist', 'lib', 'cli', 'main.js');
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/** Machine.create() until the first byte the guest writes to COM1, then stop. */
+async function createToFirstByte(pool?: VcpuWorkerPool): Promise<number> {
+  let firstByte = 0;
+  let resolveFirst!: () => void;
+  const first = new Promise<void>((resolve) => (resolveFirst = resolve));
+  const output = new Writable({
+    write(_chunk, _encoding, callback) {
+      if (!firstByte) {
+        firstByte = performance.now();
+        resolveFirst();
+      }
+      callback();
+    },
+  });
+  const started = performance.now();
+  const machine = await Machine.create({ image: hello, memoryBytes: 1 << 20, serial: { output }, pool });
+  machine.start();
+  await first;
+  await machine.wait();
+  return firstByte - started;
+}
+
+/** A child process until its first stdout byte (or its exit, for `node -e 0`). */
+function processTime(args: string[], untilFirstByte: boolean): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const started = performance.now();
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    let done = false;
+    child.stdout.once('data', () => {
+      if (untilFirstByte && !done) {
+        done = true;
+        resolve(performance.now() - started);
+      }
+    });
+    child.on('exit', (code) => {
+      if (!done) {
+        done = true;
+        if (untilFirstByte) reject(new Error(`exited (${code}) before printing`));
+        else resolve(performance.now() - started);
+      }
+    });
+  });
+}
+
+function qemuTime(): number | null {
+  const which = spawnSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' });
+  if (which.status !== 0) return null;
+  const started = performance.now();
+  const result = spawnSync('qemu-system-x86_64', [
+    '-M', 'microvm', '-enable-kvm', '-cpu', 'host', '-m', '64M', '-nodefaults', '-no-user-config', '-nographic',
+    '-serial', 'stdio', '-device', 'isa-debug-exit,iobase=0xf4,iosize=4', '-kernel', pvh,
+  ], { encoding: 'latin1', timeout: 30_000 });
+  if (!result.stdout.includes('mmap')) return null;
+  return performance.now() - started;
+}
+
+// (a) warm process. The first run of each loads code; it is not counted.
+await createToFirstByte();
+const cold: number[] = [];
+for (let i = 0; i < iterations; i++) cold.push(await createToFirstByte());
+const pool = await VcpuWorkerPool.create(1);
+await createToFirstByte(pool);
+const pooled: number[] = [];
+for (let i = 0; i < iterations; i++) pooled.push(await createToFirstByte(pool));
+await pool.close();
+
+// (b) process start to first byte, interleaved with node -e 0.
+const cliRuns: number[] = [];
+const nodeRuns: number[] = [];
+const processIterations = Math.max(5, Math.floor(iterations / 2));
+for (let i = 0; i < processIterations; i++) {
+  cliRuns.push(await processTime([cli, 'run', path.join(root, 'guests', 'build', 'hello.bin')], true));
+  nodeRuns.push(await processTime(['-e', '0'], false));
+}
+
+const qemu = qemuTime();
+const results = {
+  createToFirstByteMs: { withoutPool: median(cold), withPool: median(pooled), targetWithoutPool: 25, targetWithPool: 5 },
+  cliToFirstByteMs: median(cliRuns),
+  nodeAloneMs: median(nodeRuns),
+  cliOverNode: median(cliRuns) / median(nodeRuns),
+  qemuMicrovmMs: qemu,
+};
+if (values.json) {
+  console.log(JSON.stringify(results, null, 2));
+} else {
+  const f = (ms: number) => `${ms.toFixed(2)} ms`;
+  console.log(`boot latency, median of ${iterations} (process rows: ${processIterations})`);
+  console.log(`  Machine.create() -> first serial byte, new threads   ${f(results.createToFirstByteMs.withoutPool)}  (target < 25 ms)`);
+  console.log(`  Machine.create() -> first serial byte, warm pool     ${f(results.createToFirstByteMs.withPool)}  (target < 5 ms)`);
+  console.log(`  node-kvm run hello: process start -> first byte      ${f(results.cliToFirstByteMs)}`);
+  console.log(`  node -e 0: process start -> exit                     ${f(results.nodeAloneMs)}`);
+  console.log(`  ratio CLI / node alone                               ${results.cliOverNode.toFixed(2)}  (target <= 1.5)`);
+  console.log(`  qemu-system-x86_64 -M microvm (PVH guest)            ${qemu === null ? 'not installed here' : f(qemu)}`);
+}
