@@ -62,6 +62,10 @@ struct VcpuShared {
 
 struct VcpuState {
   int fd = -1;
+  // KVM_CAP_XSAVE2 when the vCPU was created: how many bytes KVM_SET_XSAVE reads and
+  // KVM_GET_XSAVE2 writes. Fixed from then on (creating a vCPU locks the guest's xfeature
+  // permissions), and still known after the VM's fd is closed.
+  size_t xsaveBytes = 0;
   napi_env ownerEnv = nullptr;
   std::shared_ptr<VmState> vm;
   std::shared_ptr<VcpuShared> shared;

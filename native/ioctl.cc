@@ -106,6 +106,7 @@ const unsigned long kGetNestedState = AbiRequest("KVM_GET_NESTED_STATE");
 const unsigned long kGetXsave2 = AbiRequest("KVM_GET_XSAVE2");
 const unsigned long kCheckExtension = AbiRequest("KVM_CHECK_EXTENSION");
 constexpr uint32_t kMaxNestedStateBytes = 1u << 20;
+constexpr int kMaxEintrRetries = 100;
 
 // Arguments are copied into native memory before the ioctl, so that no other thread can change
 // a count between our check and the kernel's read of it.
@@ -139,8 +140,11 @@ Napi::Object IoctlOps(Napi::Env env) {
 Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[1].IsNumber()) ThrowTypeError(env, "op must be a number");
-  uint32_t opIndex = info[1].As<Napi::Number>().Uint32Value();
-  if (opIndex >= kOpCount) ThrowRangeError(env, "unknown ioctl op");
+  double opValue = info[1].As<Napi::Number>().DoubleValue();
+  if (!(opValue >= 0 && opValue < static_cast<double>(kOpCount)) || opValue != static_cast<double>(static_cast<size_t>(opValue))) {
+    ThrowRangeError(env, "unknown ioctl op");
+  }
+  size_t opIndex = static_cast<size_t>(opValue);
   const IoctlOp& op = kOps[opIndex];
 
   // Resolve the handle and hold it open (shared lock) for the duration of the syscall.
@@ -258,9 +262,7 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     case ArgKind::Xsave2: {
       requireBytes();
       // KVM reads (SET_XSAVE) or writes (GET_XSAVE2) as many bytes as KVM_CAP_XSAVE2 reports.
-      int vmFd = vcpu->vm ? vcpu->vm->fd : -1;
-      int capSize = vmFd >= 0 ? ioctl(vmFd, kCheckExtension, KVM_CAP_XSAVE2) : 0;
-      size_t size = capSize > static_cast<int>(AbiSize("kvm_xsave")) ? capSize : AbiSize("kvm_xsave");
+      size_t size = vcpu->xsaveBytes;
       if (js.ByteLength() < size) {
         ThrowRangeError(env, std::string(op.name) + " needs " + std::to_string(size) + " bytes, got " +
                                  std::to_string(js.ByteLength()));
@@ -273,11 +275,15 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     }
   }
 
+  // Only -1 is a failure: KVM_GET_TSC_KHZ returns its u32 through an int, so a rate above
+  // INT_MAX comes back negative, with errno untouched. Retries after EINTR are bounded: the
+  // same conversion turns a rate of 0xfffffffc into a permanent -EINTR.
   int result;
+  int interrupted = 0;
   do {
     result = ioctl(fd, op.request, pointer != nullptr ? reinterpret_cast<unsigned long>(pointer) : value);
-  } while (result < 0 && errno == EINTR);
-  if (result < 0) {
+  } while (result == -1 && errno == EINTR && ++interrupted < kMaxEintrRetries);
+  if (result == -1) {
     int err = errno;
     // E2BIG on a counted array still carries the needed count: let the caller grow and retry.
     if (err == E2BIG && op.argKind == ArgKind::CountedArray) std::memcpy(js.Data(), arg.data(), 4);

@@ -17,8 +17,10 @@ namespace nodekvm {
 namespace {
 
 constexpr uint64_t kPageSize = 4096;
-// Larger than any machine this runs on, small enough that size arithmetic cannot overflow.
-constexpr uint64_t kMaxMemoryBytes = 1ull << 46;
+// The largest ArrayBuffer Node 20 can create (buffer.constants.MAX_LENGTH). Beyond it, Node runs
+// the external buffer's finalizer when creation fails, and node-addon-api then frees its
+// finalizer data a second time: a double free.
+constexpr uint64_t kMaxMemoryBytes = 1ull << 32;
 
 std::mutex registryLock;
 // Handles name mappings weakly: attach() works while anything still holds the mapping.
@@ -61,7 +63,7 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   bool hugepages = info[2].ToBoolean();
   bool mergeable = info[3].ToBoolean();
   if (size == 0 || size % kPageSize) ThrowRangeError(env, "size must be a positive multiple of the page size (4096)");
-  if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is too large");
+  if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
 
   auto mapping = std::make_shared<Mapping>();
   mapping->size = size;

@@ -22,6 +22,7 @@ namespace nodekvm {
 namespace {
 const unsigned long kCreateVcpu = AbiRequest("KVM_CREATE_VCPU");
 const unsigned long kRun = AbiRequest("KVM_RUN");
+const unsigned long kCheckExtension = AbiRequest("KVM_CHECK_EXTENSION");
 }  // namespace
 
 namespace {
@@ -88,6 +89,8 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
   int fd = ioctl(vm->fd, kCreateVcpu, static_cast<unsigned long>(vcpuId));
   if (fd < 0) ThrowSyscallError(env, errno, "ioctl(KVM_CREATE_VCPU)");
   fcntl(fd, F_SETFD, FD_CLOEXEC);
+  int xsave2 = ioctl(vm->fd, kCheckExtension, KVM_CAP_XSAVE2);
+  size_t xsaveBytes = xsave2 > static_cast<int>(AbiSize("kvm_xsave")) ? static_cast<size_t>(xsave2) : AbiSize("kvm_xsave");
 
   auto shared = std::make_shared<VcpuShared>();
   shared->vcpuId = vcpuId;
@@ -111,6 +114,7 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
 
   auto state = std::make_shared<VcpuState>();
   state->fd = fd;
+  state->xsaveBytes = xsaveBytes;
   state->ownerEnv = env;
   state->vm = vm;
   state->shared = shared;

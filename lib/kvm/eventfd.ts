@@ -1,7 +1,7 @@
 // eventfd(2), for irqfd (the host signals a guest interrupt) and ioeventfd (a guest write
 // signals the host without a VM exit reaching userspace).
 import { closeSync, readSync, writeSync } from 'node:fs';
-import { Handle, checkInteger } from './handle.js';
+import { Handle, checkAddress, checkInteger } from './handle.js';
 import { KvmError } from './errors.js';
 import { native } from './native.js';
 
@@ -33,8 +33,16 @@ export class EventFd extends Handle {
   /** Adds `value` to the counter. */
   write(value: number | bigint = 1n): void {
     this.assertOpen();
-    this.#word.writeBigUInt64LE(BigInt(value));
-    writeSync(this.fd, this.#word, 0, 8);
+    const count = checkAddress(value, 'value');
+    // eventfd(2): the counter holds at most 2^64-2.
+    if (count > 0xfffffffffffffffen) throw new RangeError('value must be at most 2^64-2');
+    this.#word.writeBigUInt64LE(count);
+    try {
+      writeSync(this.fd, this.#word, 0, 8);
+    } catch (error) {
+      const e = error as NodeJS.ErrnoException;
+      throw new KvmError(e.code ?? 'EIO', e.errno ?? -5, 'write(eventfd)', e.message);
+    }
   }
 
   /** Reads and resets the counter (or takes 1 in semaphore mode); 0n when non-blocking and zero. */

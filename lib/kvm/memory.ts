@@ -5,6 +5,9 @@ import { Handle, checkAddress } from './handle.js';
 import { native } from './native.js';
 import { PAGE_SIZE } from './constants.js';
 
+/** The largest ArrayBuffer every supported Node can create (buffer.constants.MAX_LENGTH on Node 20). */
+export const MAX_GUEST_MEMORY_BYTES = 2 ** 32;
+
 export interface GuestMemoryOptions {
   /** 'anonymous' (default) or 'memfd' (shareable and snapshottable by fd). */
   backing?: 'anonymous' | 'memfd';
@@ -40,6 +43,9 @@ export class GuestMemory extends Handle {
     if (typeof size !== 'number') throw new TypeError(`size must be a number, got ${typeof size}`);
     if (!Number.isSafeInteger(size) || size <= 0 || size % PAGE_SIZE !== 0) {
       throw new RangeError(`size must be a positive multiple of ${PAGE_SIZE}, got ${size}`);
+    }
+    if (size > MAX_GUEST_MEMORY_BYTES) {
+      throw new RangeError(`size must be at most ${MAX_GUEST_MEMORY_BYTES} bytes (one ArrayBuffer on Node 20), got ${size}; map more RAM as more regions`);
     }
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const backing = options.backing ?? 'anonymous';

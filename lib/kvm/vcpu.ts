@@ -265,7 +265,8 @@ export class Vcpu extends Handle {
     return this.#ioctl(OPS.getTscKhz);
   }
   setTscKhz(khz: number): void {
-    this.#ioctl(OPS.setTscKhz, checkInteger(khz, 'khz', 1, 0xffffffff));
+    // KVM stores a u32 but KVM_GET_TSC_KHZ returns it through an int: keep it positive.
+    this.#ioctl(OPS.setTscKhz, checkInteger(khz, 'khz', 1, 0x7fffffff));
   }
 
   /** KVM_GET_NESTED_STATE: the whole struct kvm_nested_state (header and data). */

@@ -1,6 +1,7 @@
 // A VM (KVM_CREATE_VM's fd): memory slots, vCPUs, the in-kernel interrupt controllers, irqfd and
 // ioeventfd, the clock, and dirty logging. Methods are named after their ioctls.
 import { Cap, IoeventfdFlag, IrqfdFlag, IrqRoutingType, MemoryFlag, PAGE_SIZE, PIT_SPEAKER_DUMMY } from './constants.js';
+import { KvmError } from './errors.js';
 import { EventFd } from './eventfd.js';
 import { Handle, checkAddress, checkInteger, closedError } from './handle.js';
 import { encodeList } from './lists.js';
@@ -60,7 +61,12 @@ export interface IoeventfdOptions {
 }
 
 type Fd = EventFd | number;
-const fdOf = (fd: Fd, name: string): number => (fd instanceof EventFd ? fd.fd : checkInteger(fd, name, 0, 0x7fffffff));
+function fdOf(fd: Fd, name: string): number {
+  if (!(fd instanceof EventFd)) return checkInteger(fd, name, 0, 0x7fffffff);
+  // A closed EventFd's number may already name another file.
+  if (fd.closed) throw new KvmError('EBADF', -9, '', `${name} is a closed EventFd`);
+  return fd.fd;
+}
 
 export class Vm extends Handle {
   readonly fd: number;
@@ -117,6 +123,7 @@ export class Vm extends Handle {
       throw new TypeError('memory must be a GuestMemory');
     }
     const offset = checkInteger(region.offset ?? 0, 'offset', 0, Number.MAX_SAFE_INTEGER);
+    if (offset >= memory.size) throw new RangeError(`offset (${offset}) must be inside the guest memory (${memory.size} bytes)`);
     const size = checkInteger(region.size ?? memory.size - offset, 'size', 1, Number.MAX_SAFE_INTEGER);
     const guestPhysAddr = checkAddress(region.guestPhysAddr, 'guestPhysAddr');
     if (guestPhysAddr % BigInt(PAGE_SIZE) !== 0n) throw new RangeError(`guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
