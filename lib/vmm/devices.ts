@@ -1,12 +1,14 @@
 // The machine's device set, built the same way in every vCPU thread over shared state.
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
+import { POST_CODE_PORT, PostCode } from '../devices/post-code.js';
 import { COM1_BASE, SERIAL_PORTS, Serial, type SerialShared } from '../devices/serial.js';
 import { IoBus, type BusShared } from './bus.js';
 
 export interface DevicesShared {
   readonly bus: BusShared;
   readonly serial: SerialShared;
+  readonly postCode: SharedArrayBuffer;
 }
 
 export interface DeviceEvents {
@@ -28,5 +30,6 @@ export function createDevices(shared: DevicesShared, events: DeviceEvents): { bu
   const i8042 = new I8042(events.reset);
   bus.registerPorts(I8042_DATA_PORT, 1, i8042.dataPort);
   bus.registerPorts(I8042_COMMAND_PORT, 1, i8042.commandPort);
+  bus.registerPorts(POST_CODE_PORT, 1, new PostCode(shared.postCode));
   return { bus, serial };
 }

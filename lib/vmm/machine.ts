@@ -5,6 +5,7 @@ import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { bootMsrs, guestCpuid, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
 import { GuestMemory, Kvm, kickVcpu, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { PostCode } from '../devices/post-code.js';
 import { Serial } from '../devices/serial.js';
 import { createBusShared, IoBus } from './bus.js';
 import { ByteRing, type ByteRingShared } from './byte-ring.js';
@@ -75,6 +76,7 @@ export class Machine extends EventEmitter {
   readonly #pool: VcpuWorkerPool | undefined;
   readonly #serial: Serial;
   readonly #bus: IoBus;
+  readonly #postCode: PostCode;
   readonly #log: (message: string) => void;
   readonly #outputRing: ByteRing | null;
   readonly #input: NodeJS.ReadableStream | null;
@@ -106,6 +108,7 @@ export class Machine extends EventEmitter {
     const vm = parts.vm;
     this.#serial = new Serial(parts.devices.serial, parts.irqchip ? (level) => vm.setIrqLine(SERIAL_GSI, level) : () => {});
     this.#bus = new IoBus(parts.devices.bus, parts.log);
+    this.#postCode = new PostCode(parts.devices.postCode);
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.config.serial?.input ?? null;
     this.#onInput = (chunk) => {
@@ -159,7 +162,7 @@ export class Machine extends EventEmitter {
         outputRing = ByteRing.create(64 * 1024);
         serialOutput = { ring: outputRing.shared };
       }
-      const devices: DevicesShared = { bus: createBusShared(), serial: Serial.createShared(serialOutput) };
+      const devices: DevicesShared = { bus: createBusShared(), serial: Serial.createShared(serialOutput), postCode: PostCode.createShared() };
       const control = new Int32Array(createControl());
       const supported = kvm.getSupportedCpuid();
       const msrs = bootMsrs();
@@ -219,6 +222,11 @@ export class Machine extends EventEmitter {
   /** Unknown port and MMIO accesses the guest has made. */
   get unknownAccesses(): { ports: number; mmio: number } {
     return { ports: this.#bus.unknownPortAccesses, mmio: this.#bus.unknownMmioAccesses };
+  }
+
+  /** The last POST code the guest wrote to port 0x80, and how many writes it made there. */
+  get postCode(): { last: number; writes: number } {
+    return { last: this.#postCode.lastCode, writes: this.#postCode.writes };
   }
 
   /** Bytes for the guest's COM1 (as if typed); returns how many fitted in its input buffer. */

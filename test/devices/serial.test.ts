@@ -104,3 +104,13 @@ t.test('saveState and restoreState carry registers and pending input', async (t)
   t.same(b.irq, [true], 'pending input raises the restored line');
   t.same([b.serial.read(RBR, 1), b.serial.read(RBR, 1), b.serial.read(RBR, 1)], [0x61, 0x62, 0x63]);
 });
+
+t.test('the POST code port keeps the last code and counts writes', async (t) => {
+  const { PostCode } = await import('../../lib/devices/post-code.js');
+  const shared = PostCode.createShared();
+  const port = new PostCode(shared);
+  port.write(0, 1, 0x1ab);
+  port.write(0, 1, 0x42);
+  const other = new PostCode(shared); // another vCPU thread's view
+  t.same([other.lastCode, other.writes, other.read(0, 1)], [0x42, 2, 0x42]);
+});
