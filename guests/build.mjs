@@ -4,8 +4,10 @@
 // ELF_GUESTS, which become guests/build/<name>.elf, linked at 1 MiB by the script
 // in ELF_LINKER_SCRIPT (text, then data+bss in its own segment, and a PT_NOTE for
 // .note.Xen). Intermediates (.o, the flat guests' .elf, the linker script) stay in
-// guests/build too. An output newer than its .S (and, for ELF kernels, than this
-// file) is not rebuilt.
+// guests/build too. Routines shared between guests live in guests/include/*.inc,
+// pulled in with GNU as `.include "<file>.inc"` (as runs with -I guests/include).
+// An output newer than its .S and every include file (and, for ELF kernels, than
+// this file) is not rebuilt.
 //
 //   node guests/build.mjs            build what is out of date
 //   node guests/build.mjs --force    rebuild everything
@@ -18,6 +20,7 @@ import { fileURLToPath } from 'node:url';
 
 export const GUESTS_DIR = dirname(fileURLToPath(import.meta.url));
 export const BUILD_DIR = join(GUESTS_DIR, 'build');
+export const INCLUDE_DIR = join(GUESTS_DIR, 'include');
 export const LOAD_ADDRESS = 0x7c00;
 export const ELF_LOAD_ADDRESS = 0x100000;
 
@@ -69,6 +72,11 @@ export function guestPath(name) {
   return join(BUILD_DIR, `${name}${Object.hasOwn(ELF_GUESTS, name) ? '.elf' : '.bin'}`);
 }
 
+/** The shared include files: any of them changing rebuilds every guest. */
+const includeFiles = () => (existsSync(INCLUDE_DIR)
+  ? readdirSync(INCLUDE_DIR).filter((f) => f.endsWith('.inc')).map((f) => join(INCLUDE_DIR, f))
+  : []);
+
 const isNewer = (output, inputs) => existsSync(output) && inputs.every((input) => statSync(output).mtimeMs > statSync(input).mtimeMs);
 
 function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { force, log }) {
@@ -76,13 +84,13 @@ function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { for
   const obj = join(BUILD_DIR, `${name}.o`);
   const script = join(BUILD_DIR, 'elf-guest.ld');
   const elf = guestPath(name);
-  if (!force && isNewer(elf, [srcPath, fileURLToPath(import.meta.url)])) {
+  if (!force && isNewer(elf, [srcPath, ...includeFiles(), fileURLToPath(import.meta.url)])) {
     log(`up to date: ${elf}`);
     return elf;
   }
   writeFileSync(script, ELF_LINKER_SCRIPT);
   const defs = Object.entries(defsyms).flatMap(([symbol, value]) => ['--defsym', `${symbol}=${value}`]);
-  run('as', [bits === 64 ? '--64' : '--32', ...defs, '-o', obj, srcPath]);
+  run('as', [bits === 64 ? '--64' : '--32', '-I', INCLUDE_DIR, ...defs, '-o', obj, srcPath]);
   run('ld', ['-m', bits === 64 ? 'elf_x86_64' : 'elf_i386', '-T', script, '-z', 'noexecstack', '-z', 'max-page-size=4096', '-o', elf, obj]);
   log(`built: ${elf} (${statSync(elf).size} bytes)`);
   return elf;
@@ -105,11 +113,11 @@ export function buildGuests({ force = false, log = () => {} } = {}) {
     const elf = join(BUILD_DIR, `${name}.elf`);
     const bin = guestPath(name);
     result[name] = bin;
-    if (!force && existsSync(bin) && statSync(bin).mtimeMs > statSync(srcPath).mtimeMs) {
+    if (!force && isNewer(bin, [srcPath, ...includeFiles()])) {
       log(`up to date: ${bin}`);
       continue;
     }
-    run('as', ['--32', '-o', obj, srcPath]);
+    run('as', ['--32', '-I', INCLUDE_DIR, '-o', obj, srcPath]);
     // -z noexecstack: silences ld's "missing .note.GNU-stack" warning; the
     // ELF is only an intermediate, the stack flag means nothing here.
     run('ld', ['-m', 'elf_i386', `-Ttext=0x${LOAD_ADDRESS.toString(16)}`, '-e', '_start',

@@ -26,9 +26,8 @@
  *     with plain `out`. A host that runs ring-3 guest code natively without honouring IOPL
  *     (kvm_pvm) raises #GP on such an `out` instead: the handler then performs that `out`
  *     (only `out %al,%dx` and `out %al,$0xf4`) at CPL 0 and returns past it; any other #GP
- *     prints "dirtier BAD: unexpected #GP
-" and exits 0x7d. After its exit ring 3 spins (HLT is
- *     not allowed at CPL 3). dirtier halts after its exit.
+ *     prints "dirtier BAD: unexpected #GP\n" and exits 0x7d. After its exit ring 3 spins
+ *     (HLT is not allowed at CPL 3). dirtier halts after its exit.
  */
         .set    GUEST_PARAMS, 0x5000
         .set    RANGE_START, 0x200000
@@ -105,10 +104,7 @@ check:  mov     %rsi, %rax
         cmp     %rdi, %rsi
         jb      check
 pass_done:
-        lea     msg_pass(%rip), %rsi
-        call    puts
-        mov     %r12, %rax
-        call    put_dec
+        call    put_pass
         lea     msg_ok(%rip), %rsi
         call    puts
         mov     pass_limit(%rip), %eax
@@ -124,10 +120,7 @@ done:   xor     %al, %al
         jmp     stop
 
 bad:    push    %rsi
-        lea     msg_pass(%rip), %rsi
-        call    puts
-        mov     %r12, %rax
-        call    put_dec
+        call    put_pass
         lea     msg_bad(%rip), %rsi
         call    puts
         pop     %rax
@@ -222,57 +215,15 @@ gp_bad: lea     msg_gp(%rip), %rsi
         jmp     1b
         .endif
 
-/* putc: %al on COM1. Clobbers %dx. */
-putc:   mov     $0x3f8, %dx
-        out     %al, %dx
-        ret
+/* put_pass: "pass <p>", p = %r12 in decimal. Clobbers %rax, %rcx, %rdx, %rsi. */
+put_pass:
+        lea     msg_pass(%rip), %rsi
+        call    puts
+        mov     %r12, %rax
+        jmp     put_dec
 
-/* puts: the NUL-terminated string at %rsi. Clobbers %rax, %rdx, %rsi. */
-puts:   lodsb
-        test    %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
+        .include "serial64.inc"
 
-/* put_hex64: %rax as 16 lowercase hex digits. Clobbers %rax, %rcx, %rdx. */
-put_hex64:
-        push    %rbx
-        mov     %rax, %rbx
-        mov     $16, %ecx
-        lea     hex_digits(%rip), %rdx
-1:      rol     $4, %rbx
-        mov     %ebx, %eax
-        and     $0xf, %eax
-        mov     (%rdx,%rax), %al
-        push    %rdx
-        call    putc
-        pop     %rdx
-        dec     %ecx
-        jnz     1b
-        pop     %rbx
-        ret
-
-/* put_dec: %rax in decimal. Clobbers %rax, %rcx, %rdx. */
-put_dec:
-        push    %rbx
-        mov     $10, %ebx
-        xor     %ecx, %ecx
-1:      xor     %edx, %edx
-        div     %rbx
-        push    %rdx
-        inc     %ecx
-        test    %rax, %rax
-        jnz     1b
-2:      pop     %rax
-        add     $'0', %al
-        call    putc
-        dec     %ecx
-        jnz     2b
-        pop     %rbx
-        ret
-
-hex_digits: .ascii "0123456789abcdef"
 msg_pass:   .asciz "pass "
 msg_ok:     .asciz " ok\n"
 msg_bad:    .asciz " BAD at 0x"

@@ -20,11 +20,11 @@ _start:
         rdmsr
         lea     msg_lma(%rip), %rsi
         test    $0x400, %eax            /* LMA */
-        jz      fail
+        jz      die
 
         lea     msg_magic(%rip), %rsi
         cmpl    $0x336ec578, (%rbx)     /* hvm_start_info.magic */
-        jne     fail
+        jne     die
         /* Highest end of a RAM (type 1) entry of the memmap. */
         mov     40(%rbx), %r8           /* memmap_paddr */
         mov     48(%rbx), %ecx          /* memmap_entries */
@@ -42,11 +42,11 @@ _start:
         jmp     1b
 2:      lea     msg_top(%rip), %rsi
         test    %r9, %r9
-        jz      fail
+        jz      die
         mov     $0x6c6f6e67206d6f64, %rax
         mov     %rax, -8(%r9)
         cmp     -8(%r9), %rax
-        jne     fail
+        jne     die
 
         lea     msg_ok(%rip), %rsi
         call    puts
@@ -54,34 +54,13 @@ _start:
         out     %al, $0xf4
         jmp     halt
 
-fail:   push    %rsi
-        lea     msg_bad(%rip), %rsi
-        call    puts
-        pop     %rsi
-        call    puts
-        lea     msg_nl(%rip), %rsi
-        call    puts
-        mov     $0x7f, %al
-        out     %al, $0xf4
-halt:   cli
-        hlt
-        jmp     halt
-
-/* Prints the NUL-terminated string at %rsi on COM1. Clobbers %rax, %rdx, %rsi. */
-puts:   mov     $0x3f8, %dx
-1:      lodsb
-        test    %al, %al
-        jz      2f
-        out     %al, %dx
-        jmp     1b
-2:      ret
+        .include "serial64.inc"
+        .include "halt.inc"
 
 msg_ok:    .asciz "long mode OK\n"
-msg_bad:   .asciz "long mode BAD: "
-msg_lma:   .asciz "EFER.LMA is clear"
-msg_magic: .asciz "RBX does not point to an hvm_start_info"
-msg_top:   .asciz "the memory map has no RAM, or the top of RAM did not read back"
-msg_nl:    .asciz "\n"
+msg_lma:   .asciz "long mode BAD: EFER.LMA is clear\n"
+msg_magic: .asciz "long mode BAD: RBX does not point to an hvm_start_info\n"
+msg_top:   .asciz "long mode BAD: the memory map has no RAM, or the top of RAM did not read back\n"
 
         .bss
         .align  16

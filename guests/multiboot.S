@@ -29,8 +29,9 @@
         .globl  _start
 _start:
         mov     $stack_top, %esp
+        mov     $msg_bad, %esi
         cmp     $0x2badb002, %eax
-        jne     bad_magic
+        jne     die
         mov     %ebx, %edi                      /* multiboot_info */
 
         testl   $1, (%edi)                      /* flags bit 0: mem_lower, mem_upper */
@@ -53,102 +54,25 @@ _start:
         add     %ebx, %ebp                      /* end of the map */
 2:      cmp     %ebp, %ebx
         jae     3f
-        mov     $msg_mmap, %esi
-        call    puts
-        mov     8(%ebx), %eax                   /* base_addr high */
-        call    put_hex32
-        mov     4(%ebx), %eax                   /* base_addr low */
-        call    put_hex32
-        mov     $msg_0x, %esi
-        call    puts
-        mov     16(%ebx), %eax                  /* length high */
-        call    put_hex32
-        mov     12(%ebx), %eax
-        call    put_hex32
-        mov     $' ', %al
-        call    putc
-        mov     20(%ebx), %eax                  /* type */
-        call    put_dec
-        mov     $'\n', %al
-        call    putc
-        mov     (%ebx), %eax                    /* size excludes the size field itself */
-        lea     4(%ebx,%eax), %ebx
+        add     $4, %ebx                        /* past size: base_addr, length, type */
+        call    put_mmap_entry
+        add     -4(%ebx), %ebx                  /* size excludes the size field itself */
         jmp     2b
 
 3:      testl   $0x4, (%edi)                    /* flags bit 2: cmdline */
         jz      4f
-        mov     $msg_cmdline, %esi
-        call    puts
         mov     16(%edi), %esi
-        call    puts
-        mov     $'\n', %al
-        call    putc
+        call    put_cmdline
 
 4:      mov     $0x12, %al
         out     %al, $0xf4
         jmp     halt
 
-bad_magic:
-        mov     $msg_bad, %esi
-        call    puts
-        mov     $0x7f, %al
-        out     %al, $0xf4
-halt:   cli
-        hlt
-        jmp     halt
+        .include "serial32.inc"
+        .include "bootinfo32.inc"
+        .include "halt.inc"
 
-/* putc: %al on COM1. Clobbers %edx. */
-putc:   mov     $0x3f8, %dx
-        out     %al, %dx
-        ret
-
-/* puts: the NUL-terminated string at %esi. Clobbers %eax, %edx, %esi. */
-puts:   lodsb
-        test    %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-/* put_hex32: %eax as 8 lowercase hex digits. Clobbers %eax, %ecx, %edx. */
-put_hex32:
-        push    %ebx
-        mov     %eax, %ebx
-        mov     $8, %ecx
-1:      rol     $4, %ebx
-        mov     %ebx, %eax
-        and     $0xf, %eax
-        mov     hex_digits(%eax), %al
-        call    putc
-        dec     %ecx
-        jnz     1b
-        pop     %ebx
-        ret
-
-/* put_dec: %eax in decimal. Clobbers %eax, %ecx, %edx. */
-put_dec:
-        push    %ebx
-        mov     $10, %ebx
-        xor     %ecx, %ecx
-1:      xor     %edx, %edx
-        div     %ebx
-        push    %edx
-        inc     %ecx
-        test    %eax, %eax
-        jnz     1b
-2:      pop     %eax
-        add     $'0', %al
-        call    putc
-        dec     %ecx
-        jnz     2b
-        pop     %ebx
-        ret
-
-hex_digits:  .ascii "0123456789abcdef"
 msg_mem:     .asciz "mem "
-msg_mmap:    .asciz "mmap 0x"
-msg_0x:      .asciz " 0x"
-msg_cmdline: .asciz "cmdline: "
 msg_bad:     .asciz "multiboot BAD: EAX is not 0x2BADB002\n"
 
         .bss

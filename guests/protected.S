@@ -20,10 +20,10 @@ _start:
         mov     %cr0, %eax
         mov     $msg_pe, %esi
         test    $1, %eax                /* CR0.PE */
-        jz      fail
+        jz      die
         mov     $msg_pg, %esi
         test    $0x80000000, %eax       /* CR0.PG */
-        jnz     fail
+        jnz     die
 
         /* The descriptor CS came from: GDT base + (CS & ~7), as the loader wrote it to RAM. */
         sgdt    gdtr
@@ -34,17 +34,17 @@ _start:
         movzwl  gdtr, %ecx              /* the whole descriptor within the GDT limit */
         lea     7(%eax), %edx
         cmp     %ecx, %edx
-        ja      fail
+        ja      die
         add     gdtr+2, %eax
         mov     4(%eax), %edx           /* high dword: access byte in 15:8, D/B in bit 22 */
         test    $0x8000, %edx           /* present */
-        jz      fail
+        jz      die
         test    $0x0800, %edx           /* type bit 3: code */
-        jz      fail
+        jz      die
         test    $0x1000, %edx           /* S: code/data, not system */
-        jz      fail
+        jz      die
         test    $0x400000, %edx         /* D: 32-bit default operand size */
-        jz      fail
+        jz      die
 
         /* Reload CS and the data segments from the same GDT. */
         mov     %cs, %ax
@@ -62,34 +62,13 @@ reloaded:
         out     %al, $0xf4
         jmp     halt
 
-fail:   push    %esi
-        mov     $msg_bad, %esi
-        call    puts
-        pop     %esi
-        call    puts
-        mov     $msg_nl, %esi
-        call    puts
-        mov     $0x7f, %al
-        out     %al, $0xf4
-halt:   cli
-        hlt
-        jmp     halt
-
-/* Prints the NUL-terminated string at %esi on COM1. Clobbers %eax, %edx, %esi. */
-puts:   mov     $0x3f8, %dx
-1:      lodsb
-        test    %al, %al
-        jz      2f
-        out     %al, %dx
-        jmp     1b
-2:      ret
+        .include "serial32.inc"
+        .include "halt.inc"
 
 msg_ok:  .asciz "protected mode OK\n"
-msg_bad: .asciz "protected mode BAD: "
-msg_pe:  .asciz "CR0.PE is clear"
-msg_pg:  .asciz "CR0.PG is set"
-msg_cs:  .asciz "CS is not a 32-bit code segment of the GDT"
-msg_nl:  .asciz "\n"
+msg_pe:  .asciz "protected mode BAD: CR0.PE is clear\n"
+msg_pg:  .asciz "protected mode BAD: CR0.PG is set\n"
+msg_cs:  .asciz "protected mode BAD: CS is not a 32-bit code segment of the GDT\n"
 
         .data
         .align  4

@@ -44,8 +44,9 @@ _start:
         .code32
 pvh_start:
         mov     $stack_top, %esp
+        mov     $msg_bad, %esi
         cmpl    $0x336ec578, (%ebx)             /* hvm_start_info.magic */
-        jne     bad_magic
+        jne     die
         mov     %ebx, %edi
 
         cmpl    $1, 4(%edi)                     /* version 1 has the memmap */
@@ -54,24 +55,7 @@ pvh_start:
         mov     48(%edi), %ebp                  /* memmap_entries */
 2:      test    %ebp, %ebp
         jz      3f
-        mov     $msg_mmap, %esi
-        call    puts
-        mov     4(%ebx), %eax                   /* addr high */
-        call    put_hex32
-        mov     0(%ebx), %eax
-        call    put_hex32
-        mov     $msg_0x, %esi
-        call    puts
-        mov     12(%ebx), %eax                  /* size high */
-        call    put_hex32
-        mov     8(%ebx), %eax
-        call    put_hex32
-        mov     $' ', %al
-        call    putc
-        mov     16(%ebx), %eax                  /* type */
-        call    put_dec
-        mov     $'\n', %al
-        call    putc
+        call    put_mmap_entry
         add     $24, %ebx
         dec     %ebp
         jmp     2b
@@ -79,78 +63,16 @@ pvh_start:
 3:      mov     24(%edi), %esi                  /* cmdline_paddr */
         test    %esi, %esi
         jz      4f
-        push    %esi
-        mov     $msg_cmdline, %esi
-        call    puts
-        pop     %esi
-        call    puts
-        mov     $'\n', %al
-        call    putc
+        call    put_cmdline
 
 4:      mov     $0x13, %al
         out     %al, $0xf4
         jmp     halt
 
-bad_magic:
-        mov     $msg_bad, %esi
-        call    puts
-        mov     $0x7f, %al
-        out     %al, $0xf4
-halt:   cli
-        hlt
-        jmp     halt
+        .include "serial32.inc"
+        .include "bootinfo32.inc"
+        .include "halt.inc"
 
-/* putc: %al on COM1. Clobbers %edx. */
-putc:   mov     $0x3f8, %dx
-        out     %al, %dx
-        ret
-
-/* puts: the NUL-terminated string at %esi. Clobbers %eax, %edx, %esi. */
-puts:   lodsb
-        test    %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-/* put_hex32: %eax as 8 lowercase hex digits. Clobbers %eax, %ecx, %edx. */
-put_hex32:
-        push    %ebx
-        mov     %eax, %ebx
-        mov     $8, %ecx
-1:      rol     $4, %ebx
-        mov     %ebx, %eax
-        and     $0xf, %eax
-        mov     hex_digits(%eax), %al
-        call    putc
-        dec     %ecx
-        jnz     1b
-        pop     %ebx
-        ret
-
-/* put_dec: %eax in decimal. Clobbers %eax, %ecx, %edx. */
-put_dec:
-        push    %ebx
-        mov     $10, %ebx
-        xor     %ecx, %ecx
-1:      xor     %edx, %edx
-        div     %ebx
-        push    %edx
-        inc     %ecx
-        test    %eax, %eax
-        jnz     1b
-2:      pop     %eax
-        add     $'0', %al
-        call    putc
-        dec     %ecx
-        jnz     2b
-        pop     %ebx
-        ret
-
-hex_digits:      .ascii "0123456789abcdef"
-msg_mmap:        .asciz "mmap 0x"
-msg_0x:          .asciz " 0x"
-msg_cmdline:     .asciz "cmdline: "
 msg_bad:         .asciz "pvh BAD: EBX does not point to an hvm_start_info\n"
 msg_wrong_entry: .asciz "pvh BAD: entered at e_entry, not at the PVH entry point\n"
 

@@ -107,10 +107,7 @@ timeout:
         mov     cpu_count, %eax
         call    put_dec
         mov     $msg_cpus_up, %esi
-        call    puts
-        mov     $0x7f, %al
-        out     %al, $0xf4
-        jmp     halt
+        jmp     die
 
 wait_done:
         call    lock_acquire
@@ -122,8 +119,6 @@ wait_done:
         call    puts
         mov     $0x20, %al
         out     %al, $0xf4
-halt:   cli
-        hlt
         jmp     halt
 
 /* Waits until the ICR's delivery status (bit 12) says the IPI was sent. */
@@ -174,37 +169,8 @@ lock_acquire:
         jmp     lock_acquire
 2:      ret
 
-/* putc: %al on COM1. Clobbers %edx. */
-putc:   mov     $0x3f8, %dx
-        out     %al, %dx
-        ret
-
-/* puts: the NUL-terminated string at %esi. Clobbers %eax, %edx, %esi. */
-puts:   lodsb
-        test    %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-/* put_dec: %eax in decimal. Clobbers %eax, %ecx, %edx. */
-put_dec:
-        push    %ebx
-        mov     $10, %ebx
-        xor     %ecx, %ecx
-1:      xor     %edx, %edx
-        div     %ebx
-        push    %edx
-        inc     %ecx
-        test    %eax, %eax
-        jnz     1b
-2:      pop     %eax
-        add     $'0', %al
-        call    putc
-        dec     %ecx
-        jnz     2b
-        pop     %ebx
-        ret
+        .include "serial32.inc"
+        .include "halt.inc"
 
 /* Copied to TRAMPOLINE; an AP starts here in real mode at CS=TRAMPOLINE>>4, IP=0. */
         .code16
