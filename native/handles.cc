@@ -14,6 +14,14 @@ Mapping::~Mapping() {
   if (fd >= 0) close(fd);
 }
 
+void Mapping::Release() {
+  if (addr == nullptr || addr == MAP_FAILED) return;
+  // MAP_FIXED replaces the pages in place: for kvm_run the kernel drops the vCPU file (and with
+  // it the VM) now, and the address range cannot be reused before ~Mapping unmaps it.
+  mmap(addr, size, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  keepAlive.reset();
+}
+
 VmState::~VmState() {
   // Slots release their mappings here, when neither the VM fd nor any vCPU can reach them.
   slots.clear();

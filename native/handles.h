@@ -26,6 +26,9 @@ struct Mapping {
   // Keeps kernel objects that may still use this mapping alive (a kvm_run page holds its vCPU's
   // file, and so the VM and every memory slot the VM maps).
   std::shared_ptr<void> keepAlive;
+  // Drops the pages and what they keep alive now, leaving the range reserved and inaccessible
+  // until ~Mapping. Only for a mapping that no JavaScript view can reach any more.
+  void Release();
   ~Mapping();
 };
 

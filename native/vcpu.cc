@@ -199,14 +199,28 @@ Napi::Value HarvestDirtyRing(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(count));
 }
 
-// closeVcpu(vcpuHandle): idempotent; only from the owning thread.
+// closeVcpu(vcpuHandle, kvmRun?): idempotent; only from the owning thread. Given the vCPU's
+// kvm_run ArrayBuffer (an explicit close), it detaches the buffer and releases the page at once:
+// left to the buffer's finalizer, which runs on a later event-loop turn, the mapping would keep
+// the vCPU, and so the whole VM, alive in the kernel until then.
 Napi::Value CloseVcpuHandle(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint32_t id = HandleId(env, info[0], "vcpu");
-  if (!Handles::FindVcpuShared(id)) return env.Undefined();
+  auto shared = Handles::FindVcpuShared(id);
+  if (!shared) return env.Undefined();
   Handles::Vcpu(env, info[0]);  // throws when called from another thread
+  std::shared_ptr<Mapping> kvmRun;
+  if (info.Length() > 1 && info[1].IsArrayBuffer()) {
+    auto buffer = info[1].As<Napi::ArrayBuffer>();
+    std::lock_guard<std::mutex> guard(shared->lock);
+    if (shared->kvmRun && !buffer.IsDetached() && buffer.Data() == shared->kvmRun->addr) {
+      buffer.Detach();
+      kvmRun = shared->kvmRun;
+    }
+  }
   auto state = Handles::RemoveVcpu(id);
   if (state) CloseVcpu(state);
+  if (kvmRun) kvmRun->Release();
   return env.Undefined();
 }
 

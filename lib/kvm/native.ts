@@ -32,7 +32,7 @@ export interface NativeBinding {
   kick(vcpu: number): boolean;
   kickSignal(): number;
   harvestDirtyRing(vcpu: number, out: Float64Array): number;
-  closeVcpu(handle: number): void;
+  closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, buffer: ArrayBuffer, fd: number];
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number];
   memoryInfo(): { mappings: number; bytes: number };

@@ -350,8 +350,9 @@ export class Vcpu extends Handle {
   }
 
   protected release(): void {
-    native.closeVcpu(this.#handle);
-    native.detachBuffer(this.#runBuffer);
+    // With the kvm_run buffer, the addon detaches it and releases the page now, so the kernel
+    // destroys the vCPU (and an already closed VM) at close(), not on a later event-loop turn.
+    native.closeVcpu(this.#handle, this.#runBuffer);
   }
 }
 

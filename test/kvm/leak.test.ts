@@ -218,3 +218,17 @@ t.test('handles dropped without close() are released by the garbage collector', 
   }
   assertBack(t, before, usage());
 });
+
+t.test('closing a vCPU unmaps its kvm_run page at once, so the kernel frees the VM then', { skip: noKvm }, async (t) => {
+  const vcpuMappings = () => readFileSync('/proc/self/maps', 'utf8').split('\n').filter((line) => line.includes('kvm-vcpu')).length;
+  const before = vcpuMappings();
+  const kvm = Kvm.open();
+  const vm = kvm.createVm();
+  const vcpu = vm.createVcpu(0);
+  t.equal(vcpuMappings(), before + 1, 'the kvm_run page is mapped from the vCPU fd');
+  vcpu.close();
+  t.equal(vcpuMappings(), before, 'no mapping of the vCPU file is left after close()');
+  t.equal(vcpu.kvmRun.bytes.length, 0, 'the kvm_run view is detached');
+  vm.close();
+  kvm.close();
+});
