@@ -3,7 +3,8 @@
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ExitReason, GuestMemory, IoDirection, Kvm, type Vcpu, type Vm } from '../../lib/index.js';
+import type { Test } from 'tap';
+import { ExitReason, GuestMemory, IoDirection, Kvm, KvmError, type Vcpu, type Vm } from '../../lib/index.js';
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -81,3 +82,24 @@ export function runToHalt(vcpu: Vcpu, onIo?: (port: number, direction: number, d
 }
 
 export const bigintJson = (_: string, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v);
+
+/** The error `fn` throws; fails the test if it returns. */
+export function thrown(fn: () => unknown): unknown {
+  try {
+    fn();
+  } catch (error) {
+    return error;
+  }
+  throw new Error('expected a throw');
+}
+
+/** Asserts that `fn` throws a KvmError with these fields (and a message matching `message`). */
+export function throwsKvm(t: Test, fn: () => unknown, expected: { code: string; errno?: number; syscall?: string; message?: RegExp }): void {
+  const error = thrown(fn);
+  t.type(error, KvmError, 'throws a KvmError');
+  const { code, errno, syscall, message } = error as KvmError;
+  t.equal(code, expected.code, `code ${expected.code}`);
+  if (expected.errno !== undefined) t.equal(errno, expected.errno);
+  if (expected.syscall !== undefined) t.equal(syscall, expected.syscall);
+  if (expected.message) t.match(message, expected.message);
+}

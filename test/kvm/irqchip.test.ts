@@ -2,7 +2,7 @@
 // routing, MSIs, the VM clock, and the VMX helper pages (TSS, identity map).
 import t, { type Test } from 'tap';
 import { IrqChip, Kvm, KvmError, type Vcpu, type Vm } from '../../lib/index.js';
-import { noKvm } from '../helpers/kvm.js';
+import { noKvm, throwsKvm } from '../helpers/kvm.js';
 
 function openVm(t: Test, options: { irqchip?: boolean } = {}): Vm {
   const kvm = Kvm.open();
@@ -21,17 +21,6 @@ function vcpuOf(t: Test, vm: Vm): Vcpu {
   return vcpu;
 }
 
-function throwsKvm(t: Test, fn: () => unknown, expected: { code: string; syscall?: string }): void {
-  let error: unknown;
-  try {
-    fn();
-  } catch (e) {
-    error = e;
-  }
-  t.type(error, KvmError, 'throws a KvmError');
-  t.equal((error as KvmError | undefined)?.code, expected.code, `code ${expected.code}`);
-  if (expected.syscall !== undefined) t.equal((error as KvmError | undefined)?.syscall, expected.syscall);
-}
 
 // struct kvm_pic_state (asm/kvm.h): one byte per field, in this order.
 const PIC = { lastIrr: 0, irr: 1, imr: 2, isr: 3, priorityAdd: 4, irqBase: 5 } as const;

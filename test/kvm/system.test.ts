@@ -2,7 +2,7 @@
 // errors, VM creation, and the closed-handle contract.
 import t, { type Test } from 'tap';
 import { Cap, Kvm, KVM_API_VERSION, KvmError, Msr, Vm } from '../../lib/index.js';
-import { noKvm } from '../helpers/kvm.js';
+import { noKvm, throwsKvm, thrown } from '../helpers/kvm.js';
 
 function openKvm(t: Test): Kvm {
   const kvm = Kvm.open();
@@ -10,26 +10,7 @@ function openKvm(t: Test): Kvm {
   return kvm;
 }
 
-/** The error `fn` throws; fails the test if it returns. */
-function thrown(fn: () => unknown): unknown {
-  try {
-    fn();
-  } catch (error) {
-    return error;
-  }
-  throw new Error('expected a throw');
-}
 
-/** Asserts that `fn` throws a KvmError with these fields (and a message matching `message`). */
-function throwsKvm(t: Test, fn: () => unknown, expected: { code: string; errno?: number; syscall?: string; message?: RegExp }): void {
-  const error = thrown(fn);
-  t.type(error, KvmError);
-  const { code, errno, syscall, message } = error as KvmError;
-  t.equal(code, expected.code);
-  if (expected.errno !== undefined) t.equal(errno, expected.errno);
-  if (expected.syscall !== undefined) t.equal(syscall, expected.syscall);
-  if (expected.message) t.match(message, expected.message);
-}
 
 /** Four register values of a CPUID leaf as the ASCII bytes they hold, little-endian. */
 function ascii(...registers: number[]): string {

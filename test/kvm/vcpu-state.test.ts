@@ -5,7 +5,7 @@ import t, { type Test } from 'tap';
 import {
   Cap, ExitReason, KvmError, MpState, Msr, VcpuEventValid, type Regs,
 } from '../../lib/index.js';
-import { guestImage, LOAD_ADDR, noKvm, realModeMachine, runToHalt, type RealModeMachine } from '../helpers/kvm.js';
+import { guestImage, LOAD_ADDR, noKvm, realModeMachine, runToHalt, type RealModeMachine, throwsKvm } from '../helpers/kvm.js';
 
 /** A real-mode machine running `guest` (hello by default), with CPUID set as a VMM would. */
 function machine(t: Test, options: { irqchip?: boolean; guest?: string } = {}): RealModeMachine {
@@ -16,23 +16,7 @@ function machine(t: Test, options: { irqchip?: boolean; guest?: string } = {}): 
   return m;
 }
 
-function thrown(fn: () => unknown): unknown {
-  try {
-    fn();
-  } catch (error) {
-    return error;
-  }
-  throw new Error('expected a throw');
-}
 
-function throwsKvm(t: Test, fn: () => unknown, expected: { code: string; syscall?: string; message?: RegExp }): void {
-  const error = thrown(fn);
-  t.type(error, KvmError);
-  const { code, syscall, message } = error as KvmError;
-  t.equal(code, expected.code, `code ${expected.code}`);
-  if (expected.syscall !== undefined) t.equal(syscall, expected.syscall);
-  if (expected.message) t.match(message, expected.message);
-}
 
 const u32At = (bytes: Uint8Array, offset: number) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(offset, true);
 const setU32At = (bytes: Uint8Array, offset: number, value: number) =>
