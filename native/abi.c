@@ -20,7 +20,7 @@ const struct nodekvm_abi_entry nodekvm_abi_sizes[] = {
     SIZE(kvm_interrupt) SIZE(kvm_pit_config) SIZE(kvm_pit_channel_state) SIZE(kvm_pit_state2)
     SIZE(kvm_irqchip) SIZE(kvm_irq_level) SIZE(kvm_msi) SIZE(kvm_irq_routing_entry)
     SIZE(kvm_irq_routing) SIZE(kvm_irqfd) SIZE(kvm_ioeventfd) SIZE(kvm_clock_data)
-    SIZE(kvm_enable_cap) SIZE(kvm_nested_state) SIZE(kvm_dirty_gfn) SIZE(kvm_run)
+    SIZE(kvm_enable_cap) SIZE(kvm_nested_state) SIZE(kvm_dirty_gfn) SIZE(kvm_coalesced_mmio_zone) SIZE(kvm_coalesced_mmio) SIZE(kvm_coalesced_mmio_ring) SIZE(kvm_run)
     {0, 0},
 };
 
@@ -88,6 +88,9 @@ const struct nodekvm_abi_entry nodekvm_abi_offsets[] = {
     OFF(kvm_run, hypercall.nr) OFF(kvm_run, hypercall.args) OFF(kvm_run, hypercall.ret)
     OFF(kvm_run, tpr_access.rip) OFF(kvm_run, tpr_access.is_write) OFF(kvm_run, eoi.vector)
     OFF(kvm_run, notify.flags)
+    OFF(kvm_coalesced_mmio_zone, addr) OFF(kvm_coalesced_mmio_zone, size) OFF(kvm_coalesced_mmio_zone, pio)
+    OFF(kvm_coalesced_mmio, phys_addr) OFF(kvm_coalesced_mmio, len) OFF(kvm_coalesced_mmio, pio) OFF(kvm_coalesced_mmio, data)
+    OFF(kvm_coalesced_mmio_ring, first) OFF(kvm_coalesced_mmio_ring, last) OFF(kvm_coalesced_mmio_ring, coalesced_mmio)
     {0, 0},
 };
 
@@ -133,6 +136,7 @@ const struct nodekvm_abi_entry nodekvm_abi_constants[] = {
     CONST(KVM_VCPUEVENT_VALID_SHADOW) CONST(KVM_VCPUEVENT_VALID_SMM)
     CONST(KVM_VCPUEVENT_VALID_PAYLOAD) CONST(KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
     CONST(KVM_CLOCK_TSC_STABLE) CONST(KVM_CLOCK_REALTIME) CONST(KVM_CLOCK_HOST_TSC)
+    CONST(KVM_COALESCED_MMIO_PAGE_OFFSET)
     {0, 0},
 };
 
@@ -153,6 +157,7 @@ const struct nodekvm_abi_entry nodekvm_abi_requests[] = {
     REQ(KVM_GET_DEBUGREGS) REQ(KVM_SET_DEBUGREGS) REQ(KVM_GET_TSC_KHZ) REQ(KVM_SET_TSC_KHZ)
     REQ(KVM_GET_NESTED_STATE) REQ(KVM_SET_NESTED_STATE) REQ(KVM_TRANSLATE) REQ(KVM_SET_GUEST_DEBUG)
     REQ(KVM_KVMCLOCK_CTRL) REQ(KVM_NMI) REQ(KVM_SMI) REQ(KVM_INTERRUPT)
+    REQ(KVM_REGISTER_COALESCED_MMIO) REQ(KVM_UNREGISTER_COALESCED_MMIO)
     {0, 0},
 };
 

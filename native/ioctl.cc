@@ -59,6 +59,8 @@ const IoctlOp kOps[] = {
     OP(KVM_ENABLE_CAP, Vm, Struct),
     OP(KVM_RESET_DIRTY_RINGS, Vm, None),
     OP(KVM_SET_BOOT_CPU_ID, Vm, Value),
+    OP(KVM_REGISTER_COALESCED_MMIO, Vm, Struct),
+    OP(KVM_UNREGISTER_COALESCED_MMIO, Vm, Struct),
     // vCPU.
     {"KVM_CHECK_EXTENSION(vcpu)", AbiRequest("KVM_CHECK_EXTENSION"), FdKind::Vcpu, ArgKind::Value, 0, 0, 0},
     OP(KVM_GET_REGS, Vcpu, Struct),

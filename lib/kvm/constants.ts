@@ -140,6 +140,9 @@ export const ClockFlag = { TscStable: 2, Realtime: 4, HostTsc: 8 } as const;
 /** kvm_dirty_gfn flags, for the dirty ring. */
 export const DirtyGfnFlag = { Dirty: 1, Reset: 2 } as const;
 
+/** KVM_COALESCED_MMIO_PAGE_OFFSET: the coalesced MMIO/PIO ring's page in a vCPU's mapping (x86). */
+export const COALESCED_MMIO_PAGE_OFFSET = 2;
+
 /** KVM_DIRTY_LOG_PAGE_OFFSET: the dirty ring's mmap offset in a vCPU fd, in pages. */
 export const DIRTY_LOG_PAGE_OFFSET = 64;
 

@@ -14,5 +14,5 @@ export * from './constants.js';
 export * as structs from './structs.js';
 export type {
   Regs, Sregs, Segment, Dtable, Fpu, MsrEntry, CpuidEntry, LapicState, Xcr, VcpuEvents, DebugRegs,
-  PitState2, PitChannelState, IrqchipState, Msi, ClockData,
+  PitState2, PitChannelState, IrqchipState, Msi, ClockData, CoalescedMmio,
 } from './structs.js';

@@ -149,10 +149,24 @@ export const kvmNestedStateHeader = struct('kvm_nested_state', 128, {
 
 export const kvmDirtyGfn = struct('kvm_dirty_gfn', 16, { flags: [0, u32], slot: [4, u32], offset: [8, u64] } as const);
 
+export const kvmCoalescedMmioZone = struct('kvm_coalesced_mmio_zone', 16, {
+  addr: [0, u64], size: [8, u32], pio: [12, u32],
+} as const);
+
+/** One coalesced write: where, how wide, and the bytes (pio: a port rather than MMIO). */
+export const kvmCoalescedMmio = struct('kvm_coalesced_mmio', 24, {
+  physAddr: [0, u64], len: [8, u32], pio: [12, u32], data: [16, bytes(8)],
+} as const);
+export type CoalescedMmio = StructValue<typeof kvmCoalescedMmio.fields>;
+
+/** The ring header; entries follow it (kvm_coalesced_mmio_ring). */
+export const kvmCoalescedMmioRing = struct('kvm_coalesced_mmio_ring', 8, { first: [0, u32], last: [4, u32] } as const);
+
 /** Every struct above, for the layout test. */
 export const allStructs = [
   kvmRegs, kvmSegment, kvmDtable, kvmSregs, kvmFpu, kvmMsrEntry, kvmCpuidEntry2, kvmLapicState, kvmXcr,
   kvmVcpuEvents, kvmMpState, kvmDebugregs, kvmGuestDebug, kvmTranslation, kvmInterrupt, kvmPitConfig,
   kvmPitChannelState, kvmPitState2, kvmIrqchip, kvmIrqLevel, kvmMsi, kvmIrqRoutingEntry, kvmIrqfd,
-  kvmIoeventfd, kvmClockData, kvmEnableCap, kvmNestedStateHeader, kvmDirtyGfn,
+  kvmIoeventfd, kvmClockData, kvmEnableCap, kvmNestedStateHeader, kvmDirtyGfn, kvmCoalescedMmioZone, kvmCoalescedMmio,
+  kvmCoalescedMmioRing,
 ];

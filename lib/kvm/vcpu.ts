@@ -1,6 +1,6 @@
 // A vCPU (KVM_CREATE_VCPU's fd). Methods are named after their ioctls. A vCPU belongs to the
 // thread that created it; other threads reach it only through its kick handle.
-import { Cap, GuestDebugFlag } from './constants.js';
+import { COALESCED_MMIO_PAGE_OFFSET, Cap, GuestDebugFlag, PAGE_SIZE } from './constants.js';
 import { KvmError } from './errors.js';
 import { decodeExit, type VcpuExit } from './exit.js';
 import { Handle, checkAddress, checkInteger } from './handle.js';
@@ -9,8 +9,8 @@ import { decodeCpuid, decodeList, emptyList, encodeCpuid, encodeMsrIndices, enco
 import { native, op } from './native.js';
 import {
   KVM_MAX_XCRS, kvmCpuidEntry2, kvmDebugregs, kvmEnableCap, kvmFpu, kvmGuestDebug, kvmInterrupt, kvmLapicState,
-  kvmMpState, kvmMsrEntry, kvmNestedStateHeader, kvmRegs, kvmSregs, kvmTranslation, kvmVcpuEvents, kvmXcr,
-  type CpuidEntry, type DebugRegs, type Fpu, type LapicState, type MsrEntry, type Regs, type Sregs, type VcpuEvents, type Xcr,
+  kvmCoalescedMmio, kvmMpState, kvmMsrEntry, kvmNestedStateHeader, kvmRegs, kvmSregs, kvmTranslation, kvmVcpuEvents, kvmXcr,
+  type CoalescedMmio, type CpuidEntry, type DebugRegs, type Fpu, type LapicState, type MsrEntry, type Regs, type Sregs, type VcpuEvents, type Xcr,
 } from './structs.js';
 
 const OPS = {
@@ -347,6 +347,30 @@ export class Vcpu extends Handle {
   harvestDirtyRing(into: Float64Array): number {
     this.assertOpen();
     return native.harvestDirtyRing(this.#handle, into);
+  }
+
+  /**
+   * Takes the writes KVM coalesced (vm.registerCoalescedMmio) since the last call, oldest first.
+   * The ring belongs to the VM and appears in every vCPU's mapping: drain it from one thread,
+   * before handling any exit that may depend on those writes (api.rst, KVM_REGISTER_COALESCED_MMIO).
+   */
+  drainCoalescedMmio(): CoalescedMmio[] {
+    this.assertOpen();
+    const ringOffset = COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE;
+    if (this.kvmRun.bytes.length < ringOffset + PAGE_SIZE) return [];
+    // first (ours to advance) and last (the kernel's) are u32s at the start of the ring page.
+    const header = new Int32Array(this.kvmRun.bytes.buffer, ringOffset, 2);
+    const capacity = Math.floor((PAGE_SIZE - 8) / kvmCoalescedMmio.size);
+    const entries: CoalescedMmio[] = [];
+    let first = Atomics.load(header, 0) >>> 0;
+    const last = Atomics.load(header, 1) >>> 0;
+    if (first >= capacity || last >= capacity) return entries;
+    while (first !== last) {
+      entries.push(kvmCoalescedMmio.decode(this.kvmRun.bytes.subarray(ringOffset + 8 + first * kvmCoalescedMmio.size)));
+      first = (first + 1) % capacity;
+    }
+    Atomics.store(header, 0, first);
+    return entries;
   }
 
   protected release(): void {

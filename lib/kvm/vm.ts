@@ -8,7 +8,7 @@ import { encodeList } from './lists.js';
 import type { GuestMemory } from './memory.js';
 import { native, op } from './native.js';
 import {
-  kvmClockData, kvmIoeventfd, kvmIrqchip, kvmIrqfd, kvmIrqLevel, kvmIrqRoutingEntry, kvmMsi, kvmPitConfig, kvmPitState2,
+  kvmClockData, kvmCoalescedMmioZone, kvmIoeventfd, kvmIrqchip, kvmIrqfd, kvmIrqLevel, kvmIrqRoutingEntry, kvmMsi, kvmPitConfig, kvmPitState2,
   type ClockData, type IrqchipState, type Msi, type PitState2,
 } from './structs.js';
 import { Vcpu, encodeEnableCap } from './vcpu.js';
@@ -33,6 +33,8 @@ const OPS = {
   enableCap: op('KVM_ENABLE_CAP'),
   resetDirtyRings: op('KVM_RESET_DIRTY_RINGS'),
   setBootCpuId: op('KVM_SET_BOOT_CPU_ID'),
+  registerCoalescedMmio: op('KVM_REGISTER_COALESCED_MMIO'),
+  unregisterCoalescedMmio: op('KVM_UNREGISTER_COALESCED_MMIO'),
 };
 
 export interface MemoryRegion {
@@ -244,6 +246,17 @@ export class Vm extends Handle {
     this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), IoeventfdFlag.Deassign));
   }
 
+  /**
+   * KVM_REGISTER_COALESCED_MMIO: guest writes to [addr, addr + size) (ports with `pio`) no longer
+   * exit; KVM appends them to a ring that vcpu.drainCoalescedMmio() reads. Reads still exit.
+   */
+  registerCoalescedMmio(zone: { addr: number | bigint; size: number; pio?: boolean }): void {
+    this.#ioctl(OPS.registerCoalescedMmio, encodeCoalescedZone(zone));
+  }
+  unregisterCoalescedMmio(zone: { addr: number | bigint; size: number; pio?: boolean }): void {
+    this.#ioctl(OPS.unregisterCoalescedMmio, encodeCoalescedZone(zone));
+  }
+
   /** KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode). */
   setTssAddr(addr: number | bigint): void {
     const value = checkAddress(addr, 'addr');
@@ -306,6 +319,13 @@ export class Vm extends Handle {
   protected release(): void {
     if (this.#owning) native.closeVm(this.#handle);
   }
+}
+
+function encodeCoalescedZone(zone: { addr: number | bigint; size: number; pio?: boolean }): Uint8Array {
+  if (typeof zone !== 'object' || zone === null) throw new TypeError('zone must be an object');
+  return kvmCoalescedMmioZone.encode({
+    addr: checkAddress(zone.addr, 'addr'), size: checkInteger(zone.size, 'size', 1, 0xffffffff), pio: zone.pio ? 1 : 0,
+  });
 }
 
 function encodeIoeventfd(options: IoeventfdOptions, fd: number, extraFlags: number): Uint8Array {

@@ -72,6 +72,7 @@ const SINGLE_CONSTANTS: Record<string, number> = {
   KVM_PIT_SPEAKER_DUMMY: PIT_SPEAKER_DUMMY,
 };
 if (typeof exported.DIRTY_LOG_PAGE_OFFSET === 'number') SINGLE_CONSTANTS.KVM_DIRTY_LOG_PAGE_OFFSET = exported.DIRTY_LOG_PAGE_OFFSET;
+if (typeof exported.COALESCED_MMIO_PAGE_OFFSET === 'number') SINGLE_CONSTANTS.KVM_COALESCED_MMIO_PAGE_OFFSET = exported.COALESCED_MMIO_PAGE_OFFSET;
 
 function kernelConstantName(group: (typeof CONSTANT_GROUPS)[number], key: string): string {
   return group.aliases?.[key] ?? group.prefix + screamingSnake(key);
