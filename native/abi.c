@@ -90,7 +90,7 @@ const struct nodekvm_abi_entry nodekvm_abi_offsets[] = {
     OFF(kvm_run, notify.flags)
     OFF(kvm_coalesced_mmio_zone, addr) OFF(kvm_coalesced_mmio_zone, size) OFF(kvm_coalesced_mmio_zone, pio)
     OFF(kvm_coalesced_mmio, phys_addr) OFF(kvm_coalesced_mmio, len) OFF(kvm_coalesced_mmio, pio) OFF(kvm_coalesced_mmio, data)
-    OFF(kvm_coalesced_mmio_ring, first) OFF(kvm_coalesced_mmio_ring, last) OFF(kvm_coalesced_mmio_ring, coalesced_mmio)
+    OFF(kvm_coalesced_mmio_ring, first) OFF(kvm_coalesced_mmio_ring, last)
     {0, 0},
 };
 

@@ -9,7 +9,7 @@ import { decodeCpuid, decodeList, emptyList, encodeCpuid, encodeMsrIndices, enco
 import { native, op } from './native.js';
 import {
   KVM_MAX_XCRS, kvmCpuidEntry2, kvmDebugregs, kvmEnableCap, kvmFpu, kvmGuestDebug, kvmInterrupt, kvmLapicState,
-  kvmCoalescedMmio, kvmMpState, kvmMsrEntry, kvmNestedStateHeader, kvmRegs, kvmSregs, kvmTranslation, kvmVcpuEvents, kvmXcr,
+  kvmCoalescedMmio, kvmCoalescedMmioRing, kvmMpState, kvmMsrEntry, kvmNestedStateHeader, kvmRegs, kvmSregs, kvmTranslation, kvmVcpuEvents, kvmXcr,
   type CoalescedMmio, type CpuidEntry, type DebugRegs, type Fpu, type LapicState, type MsrEntry, type Regs, type Sregs, type VcpuEvents, type Xcr,
 } from './structs.js';
 
@@ -358,15 +358,17 @@ export class Vcpu extends Handle {
     this.assertOpen();
     const ringOffset = COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE;
     if (this.kvmRun.bytes.length < ringOffset + PAGE_SIZE) return [];
-    // first (ours to advance) and last (the kernel's) are u32s at the start of the ring page.
+    // first (ours to advance) and last (the kernel's) are u32s at the start of the ring page;
+    // the entries follow the header (KVM_COALESCED_MMIO_MAX of them).
     const header = new Int32Array(this.kvmRun.bytes.buffer, ringOffset, 2);
-    const capacity = Math.floor((PAGE_SIZE - 8) / kvmCoalescedMmio.size);
+    const entriesOffset = ringOffset + kvmCoalescedMmioRing.size;
+    const capacity = Math.floor((PAGE_SIZE - kvmCoalescedMmioRing.size) / kvmCoalescedMmio.size);
     const entries: CoalescedMmio[] = [];
     let first = Atomics.load(header, 0) >>> 0;
     const last = Atomics.load(header, 1) >>> 0;
     if (first >= capacity || last >= capacity) return entries;
     while (first !== last) {
-      entries.push(kvmCoalescedMmio.decode(this.kvmRun.bytes.subarray(ringOffset + 8 + first * kvmCoalescedMmio.size)));
+      entries.push(kvmCoalescedMmio.decode(this.kvmRun.bytes.subarray(entriesOffset + first * kvmCoalescedMmio.size)));
       first = (first + 1) % capacity;
     }
     Atomics.store(header, 0, first);
