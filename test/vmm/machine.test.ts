@@ -146,3 +146,17 @@ t.test('the multiboot guest prints the memory map and command line it was given'
   for (const line of mmap) t.ok(output.split('\n').includes(line), line);
   t.match(output, /^cmdline: console=ttyS0 quiet$/m);
 });
+
+t.test('serial input raises IRQ 4 through the in-kernel PIC; an interrupt-driven guest echoes it', { skip: noKvm }, async (t) => {
+  const input = new PassThrough();
+  const booted = await boot({ image: guestImage('echo-irq'), memoryBytes: 1 << 20, irqchip: true, serial: { input } });
+  booted.machine.start();
+  await booted.waitForOutput('irq> ');
+  input.write('interrupts');
+  await booted.waitForOutput('irq> interrupts');
+  input.write(' q');
+  const exit = await booted.machine.wait();
+  await new Promise((resolve) => setImmediate(resolve));
+  t.equal(booted.output(), 'irq> interrupts q');
+  t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 6 });
+});
