@@ -78,21 +78,23 @@ export class Machine extends EventEmitter {
   readonly #bus: IoBus;
   readonly #postCode: PostCode;
   readonly #log: (message: string) => void;
+  /** Serial output bound for a stream (or discarded): the vCPU threads fill it, we drain it. */
   readonly #outputRing: ByteRing | null;
+  readonly #outputStream: NodeJS.WritableStream | null;
   readonly #input: NodeJS.ReadableStream | null;
   readonly #onInput: (chunk: Buffer | string) => void;
   #exit: MachineExit | null = null;
+  #tornDown = false;
   #finished: Promise<MachineExit>;
   #finish!: (exit: MachineExit) => void;
 
   private constructor(parts: {
     kvm: Kvm; vm: Vm; memory: GuestMemory; control: Int32Array; threads: VcpuThread[]; kicks: VcpuKickHandle[];
     pool: VcpuWorkerPool | undefined; devices: DevicesShared; irqchip: boolean; boot: BootPlan; config: MachineConfig;
-    outputRing: ByteRing | null; log: (message: string) => void;
+    outputRing: ByteRing | null; outputStream: NodeJS.WritableStream | null; log: (message: string) => void;
   }) {
     super();
-    const output = parts.config.serial?.output;
-    this.#configOutput = output !== undefined && output !== null && typeof output !== 'number' ? output : null;
+    this.#outputStream = parts.outputStream;
     this.#kvm = parts.kvm;
     this.#vm = parts.vm;
     this.#memory = parts.memory;
@@ -197,7 +199,8 @@ export class Machine extends EventEmitter {
         await Promise.all(threads.map((thread) => waitForDone(thread)));
         throw error;
       }
-      const machine = new Machine({ kvm, vm, memory, control, threads, kicks, pool: config.pool, devices, irqchip, boot, config, outputRing, log });
+      const outputStream = typeof output === 'object' ? output : null;
+      const machine = new Machine({ kvm, vm, memory, control, threads, kicks, pool: config.pool, devices, irqchip, boot, config, outputRing, outputStream, log });
       machine.#watch();
       return machine;
     } catch (error) {
@@ -300,17 +303,13 @@ export class Machine extends EventEmitter {
 
   async #pumpOutput(): Promise<void> {
     const ring = this.#outputRing!;
-    const output = this.#configOutput;
-    for (;;) {
+    // Teardown drains what is left itself, so the output is complete before the exit event.
+    while (!this.#tornDown) {
       await ring.waitForData(100);
       const bytes = ring.drain();
-      if (bytes.length > 0 && output) output.write(bytes);
-      if (this.#exit && ring.length === 0 && this.#tornDown) return;
+      if (bytes.length > 0) this.#outputStream?.write(bytes);
     }
   }
-
-  #configOutput: NodeJS.WritableStream | null = null;
-  #tornDown = false;
 
   async #teardown(): Promise<void> {
     // Every vCPU thread leaves its loop (kicked, Stopping) and closes its vCPU; only then is it
@@ -337,7 +336,7 @@ export class Machine extends EventEmitter {
     if (this.#outputRing) {
       this.#outputRing.wake();
       const rest = this.#outputRing.drain();
-      if (rest.length > 0) this.#configOutput?.write(rest);
+      if (rest.length > 0) this.#outputStream?.write(rest);
     }
     const exit = this.#exit!;
     this.#finish(exit);
