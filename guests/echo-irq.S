@@ -7,6 +7,7 @@
  * unchanged, 'q' included, before the exit. Uses the stack at 0:0x7c00 (below the code).
  */
         .code16
+        .include "serial16.inc"
         .text
         .globl  _start
 _start:
@@ -28,14 +29,9 @@ _start:
         out     %al, $0x21
         mov     $0xef, %al              /* OCW1: only IRQ 4 unmasked */
         out     %al, $0x21
-        mov     $0x3f8, %dx
         mov     $prompt, %si
-1:      cs lodsb
-        test    %al, %al
-        jz      2f
-        out     %al, %dx
-        jmp     1b
-2:      mov     $0x3fc, %dx             /* MCR: OUT2 gates the UART's interrupt on a PC */
+        puts_cs
+        mov     $0x3fc, %dx             /* MCR: OUT2 gates the UART's interrupt on a PC */
         mov     $0x08, %al
         out     %al, %dx
         mov     $0x3f9, %dx             /* IER: received data available */

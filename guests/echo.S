@@ -6,16 +6,12 @@
  * included, before the exit. Polls the line status register (bit 0, data ready); no interrupts.
  */
         .code16
+        .include "serial16.inc"
         .text
         .globl  _start
 _start:
-        mov     $0x3f8, %dx
         mov     $prompt, %si
-1:      cs lodsb
-        test    %al, %al
-        jz      2f
-        out     %al, %dx
-        jmp     1b
+        puts_cs
 2:      mov     $0x3fd, %dx             /* LSR */
 3:      in      %dx, %al
         test    $1, %al                 /* data ready? */

@@ -10,17 +10,13 @@
  *   - Writes no memory (no stack use).
  */
         .code16
+        .include "serial16.inc"
         .text
         .globl  _start
 _start:
-        mov     $0x3f8, %dx             /* COM1 data register */
         mov     $msg, %si
-1:      cs lodsb                        /* CS override: works whatever DS the host set */
-        test    %al, %al
-        jz      2f
-        out     %al, %dx                /* one exit per byte: host sees plain 1-byte writes */
-        jmp     1b
-2:      cli                             /* no interrupts may wake us */
+        puts_cs
+        cli                             /* no interrupts may wake us */
 3:      hlt
         jmp     3b                      /* NMI/SMI could still wake us: halt again */
 

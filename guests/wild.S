@@ -9,6 +9,7 @@
  *     "wild bad\n", then writes 0x33 to the debug-exit port 0xf4.
  */
         .code16
+        .include "serial16.inc"
         .text
         .globl  _start
 _start:
@@ -34,13 +35,8 @@ _start:
         test    %bl, %bl
         jz      3f
         mov     $bad, %si
-3:      mov     $0x3f8, %dx
-4:      cs lodsb
-        test    %al, %al
-        jz      5f
-        out     %al, %dx
-        jmp     4b
-5:      mov     $0x33, %al
+3:      puts_cs
+        mov     $0x33, %al
         out     %al, $0xf4              /* debug exit: status (0x33 << 1) | 1 */
         cli
 6:      hlt
