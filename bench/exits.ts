@@ -76,15 +76,9 @@ function parseOptions(): Options {
   };
 }
 
+/** The repository root, from this file's place in dist/bench/ (as bench/boot.ts finds it). */
 function repoRoot(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    const manifest = path.join(dir, 'package.json');
-    if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === 'node-kvm') return dir;
-    const parent = path.dirname(dir);
-    if (parent === dir) throw new Error('cannot find the node-kvm package root above ' + fileURLToPath(import.meta.url));
-    dir = parent;
-  }
+  return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 }
 
 // ---- the C reference -------------------------------------------------------------------------
