@@ -92,7 +92,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("harvestDirtyRing", HarvestDirtyRing);
   fn("closeVcpu", CloseVcpuHandle);
   fn("memoryCreate", MemoryCreate);
+  fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);
+  fn("memoryPopulatedRanges", MemoryPopulatedRanges);
+  fn("memoryDontneed", MemoryDontneed);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);

@@ -1,14 +1,28 @@
 // Guest memory: page-aligned mmap'd regions exposed to JavaScript as external ArrayBuffers with
 // no copy. Each ArrayBuffer and each VM memory slot holds a reference; the region is unmapped
 // only when the last one goes, so JavaScript can never touch unmapped memory.
+//
+// Three backings:
+// - anonymous: a memfd that JavaScript never sees, mapped MAP_SHARED;
+// - memfd: the same, with the memfd exposed (memory.fd) for sharing and snapshots;
+// - file: a regular file mapped MAP_PRIVATE (copy-on-write: guest writes never reach the file).
+// Each keeps a private open file description of what backs it, so that populatedRanges() can
+// lseek(SEEK_DATA) without moving the position of an fd that JavaScript holds.
 #include "memory.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <climits>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "errors.h"
 
@@ -22,10 +36,151 @@ constexpr uint64_t kPageSize = 4096;
 // finalizer data a second time: a double free.
 constexpr uint64_t kMaxMemoryBytes = 1ull << 32;
 
+// /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+constexpr uint64_t kPagemapPresent = 1ull << 63;
+constexpr uint64_t kPagemapSwapped = 1ull << 62;
+constexpr uint64_t kPagemapFileOrSharedAnon = 1ull << 61;
+constexpr size_t kPagemapChunkEntries = 8192;
+
+enum class Backing { Anonymous, Memfd, File };
+
+const char* BackingName(Backing backing) {
+  switch (backing) {
+    case Backing::Anonymous: return "anonymous";
+    case Backing::Memfd: return "memfd";
+    case Backing::File: return "file";
+  }
+  return "anonymous";
+}
+
+// Guest RAM. Every GuestMapping is created here; the rest of the addon sees it as a Mapping.
+struct GuestMapping : Mapping {
+  Backing backing = Backing::Anonymous;
+  // The memfd or file behind the mapping, opened privately (see the top of this file).
+  int backingFd = -1;
+  // Where the mapping starts in the file (file backing only).
+  uint64_t fileOffset = 0;
+  ~GuestMapping() {
+    if (backingFd >= 0) close(backingFd);
+  }
+};
+
+using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;  // [start, end) in bytes, sorted
+
+void AppendRange(Ranges& ranges, uint64_t start, uint64_t end) {
+  if (!ranges.empty() && start <= ranges.back().second) {
+    ranges.back().second = std::max(ranges.back().second, end);
+  } else {
+    ranges.emplace_back(start, end);
+  }
+}
+
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) close(fd);
+  }
+};
+
 std::mutex registryLock;
 // Handles name mappings weakly: attach() works while anything still holds the mapping.
-std::unordered_map<uint32_t, std::weak_ptr<Mapping>> registry;
+std::unordered_map<uint32_t, std::weak_ptr<GuestMapping>> registry;
 uint32_t nextMemoryId = 1;
+
+std::shared_ptr<GuestMapping> FindGuestMapping(Napi::Env env, const Napi::Value& id) {
+  uint32_t memoryId = HandleId(env, id, "memory");
+  std::lock_guard<std::mutex> guard(registryLock);
+  auto it = registry.find(memoryId);
+  std::shared_ptr<GuestMapping> mapping = it == registry.end() ? nullptr : it->second.lock();
+  if (!mapping) ThrowStateError(env, "EBADF", "GuestMemory is closed");
+  return mapping;
+}
+
+// A new open file description of the file behind `fd`, so that lseek on it moves no position
+// that anyone else shares. Falls back to dup() where /proc is not mounted.
+int ReopenPrivately(int fd, int flags) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  int reopened = open(path, flags | O_CLOEXEC);
+  return reopened >= 0 ? reopened : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
+void CheckSize(Napi::Env env, uint64_t size) {
+  if (size == 0 || size % kPageSize) ThrowRangeError(env, "size must be a positive multiple of the page size (4096)");
+  if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
+}
+
+uint32_t Register(const std::shared_ptr<GuestMapping>& mapping) {
+  std::lock_guard<std::mutex> guard(registryLock);
+  uint32_t id = nextMemoryId++;
+  registry.emplace(id, mapping);
+  return id;
+}
+
+// Appends the data ranges (lseek SEEK_DATA/SEEK_HOLE) of `fd` within [start, end), page-rounded,
+// as offsets from `start`.
+void AppendDataRanges(Napi::Env env, int fd, uint64_t start, uint64_t end, Ranges& ranges) {
+  uint64_t position = start;
+  while (position < end) {
+    off_t data = lseek(fd, static_cast<off_t>(position), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return;  // no data at or after position
+      ThrowSyscallError(env, errno, "lseek(SEEK_DATA)");
+    }
+    if (static_cast<uint64_t>(data) >= end) return;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) {
+      // ENXIO: the file shrank between the two calls; what is left of the range is data.
+      if (errno != ENXIO) ThrowSyscallError(env, errno, "lseek(SEEK_HOLE)");
+      hole = static_cast<off_t>(end);
+    }
+    uint64_t from = static_cast<uint64_t>(data) & ~(kPageSize - 1);
+    uint64_t to = std::min(end, (static_cast<uint64_t>(hole) + kPageSize - 1) & ~(kPageSize - 1));
+    if (to <= from) to = std::min(end, from + kPageSize);
+    AppendRange(ranges, from - start, to - start);
+    position = to;
+  }
+}
+
+// Pages of a MAP_PRIVATE file mapping that hold a private copy (present and anonymous, or
+// swapped out), from /proc/self/pagemap. mincore() would miss copies that are swapped out.
+void AppendPrivateCopies(Napi::Env env, const GuestMapping& mapping, Ranges& ranges) {
+  FdCloser pagemap{open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)};
+  if (pagemap.fd < 0) ThrowSyscallError(env, errno, "open(/proc/self/pagemap)");
+  uint64_t firstPage = reinterpret_cast<uint64_t>(mapping.addr) / kPageSize;
+  uint64_t pageCount = mapping.size / kPageSize;
+  std::vector<uint64_t> entries(std::min<uint64_t>(pageCount, kPagemapChunkEntries));
+  for (uint64_t done = 0; done < pageCount;) {
+    size_t want = static_cast<size_t>(std::min<uint64_t>(pageCount - done, entries.size()));
+    ssize_t got = pread(pagemap.fd, entries.data(), want * sizeof(uint64_t), static_cast<off_t>((firstPage + done) * sizeof(uint64_t)));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      ThrowSyscallError(env, errno, "pread(/proc/self/pagemap)");
+    }
+    size_t count = static_cast<size_t>(got) / sizeof(uint64_t);
+    if (count == 0) ThrowSyscallError(env, EIO, "pread(/proc/self/pagemap)");
+    for (size_t i = 0; i < count; i++) {
+      uint64_t entry = entries[i];
+      bool privateCopy = (entry & kPagemapPresent) && !(entry & kPagemapFileOrSharedAnon);
+      if (privateCopy || (entry & kPagemapSwapped)) {
+        uint64_t offset = (done + i) * kPageSize;
+        AppendRange(ranges, offset, offset + kPageSize);
+      }
+    }
+    done += count;
+  }
+}
+
+Ranges Union(const Ranges& a, const Ranges& b) {
+  Ranges merged;
+  merged.reserve(a.size() + b.size());
+  size_t i = 0, j = 0;
+  while (i < a.size() || j < b.size()) {
+    const auto& next = j == b.size() || (i < a.size() && a[i].first <= b[j].first) ? a[i++] : b[j++];
+    AppendRange(merged, next.first, next.second);
+  }
+  return merged;
+}
 
 }  // namespace
 
@@ -46,66 +201,146 @@ uint64_t ReadU64(Napi::Env env, const Napi::Value& value, const char* name) {
   ThrowTypeError(env, std::string(name) + " must be a number or bigint");
 }
 
-std::shared_ptr<Mapping> FindMemory(Napi::Env env, const Napi::Value& id) {
-  uint32_t memoryId = HandleId(env, id, "memory");
-  std::lock_guard<std::mutex> guard(registryLock);
-  auto it = registry.find(memoryId);
-  std::shared_ptr<Mapping> mapping = it == registry.end() ? nullptr : it->second.lock();
-  if (!mapping) ThrowStateError(env, "EBADF", "GuestMemory is closed");
-  return mapping;
-}
+std::shared_ptr<Mapping> FindMemory(Napi::Env env, const Napi::Value& id) { return FindGuestMapping(env, id); }
 
 // memoryCreate(size, memfd, hugepages, mergeable) -> [id, ArrayBuffer, fd]
 Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t size = ReadU64(env, info[0], "size");
-  bool useMemfd = info[1].ToBoolean();
+  bool exposeMemfd = info[1].ToBoolean();
   bool hugepages = info[2].ToBoolean();
   bool mergeable = info[3].ToBoolean();
-  if (size == 0 || size % kPageSize) ThrowRangeError(env, "size must be a positive multiple of the page size (4096)");
-  if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
+  CheckSize(env, size);
 
-  auto mapping = std::make_shared<Mapping>();
+  auto mapping = std::make_shared<GuestMapping>();
   mapping->size = size;
-  int flags = MAP_SHARED | MAP_NORESERVE;
-  if (useMemfd) {
-    mapping->fd = memfd_create("node-kvm-guest-ram", MFD_CLOEXEC);
-    if (mapping->fd < 0) ThrowSyscallError(env, errno, "memfd_create");
-    if (ftruncate(mapping->fd, static_cast<off_t>(size)) < 0) ThrowSyscallError(env, errno, "ftruncate");
-  } else {
-    // Shared anonymous: the kernel keeps it as one object, so fork() or a later memfd export
-    // never splits guest RAM into private copies.
-    flags |= MAP_ANONYMOUS;
+  mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
+  // Anonymous RAM is a memfd too, only not exposed: shared anonymous memory is the same shmem
+  // object, but without an fd its holes (pages never touched) cannot be found by lseek.
+  mapping->backingFd = memfd_create("node-kvm-guest-ram", MFD_CLOEXEC);
+  if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "memfd_create");
+  if (ftruncate(mapping->backingFd, static_cast<off_t>(size)) < 0) ThrowSyscallError(env, errno, "ftruncate");
+  if (exposeMemfd) {
+    mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
+    if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
   }
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, flags, mapping->fd, 0);
+  // MAP_SHARED: the kernel keeps guest RAM as one object, so fork() never splits it into
+  // private copies.
+  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mapping->backingFd, 0);
   if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
   mapping->addr = addr;
   // Advice is best effort: a host without THP or KSM still runs the guest.
   if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
   if (mergeable) madvise(addr, size, MADV_MERGEABLE);
 
-  uint32_t id;
-  {
-    std::lock_guard<std::mutex> guard(registryLock);
-    id = nextMemoryId++;
-    registry.emplace(id, mapping);
-  }
   Napi::Array result = Napi::Array::New(env, 3);
-  result.Set(0u, Napi::Number::New(env, id));
+  result.Set(0u, Napi::Number::New(env, Register(mapping)));
   result.Set(1u, ExposeMapping(env, mapping));
   result.Set(2u, Napi::Number::New(env, mapping->fd));
   return result;
 }
 
-// memoryAttach(id) -> [ArrayBuffer, size, fd]: another view of the same mapping (any thread).
+// memoryMapFile(fd, offset, size, hugepages) -> [id, ArrayBuffer]: `size` bytes of the regular
+// file open as `fd`, from `offset`, mapped MAP_PRIVATE. The caller may close `fd` afterwards.
+// Touching a page of a file mapping past the end of its file raises SIGBUS, so the file must be
+// long enough now and must not be truncated while it is mapped.
+Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
+  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
+  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
+    ThrowRangeError(env, "fd must be an integer 0..2^31-1");
+  }
+  int fd = static_cast<int>(fdNumber);
+  uint64_t offset = ReadU64(env, info[1], "offset");
+  uint64_t size = ReadU64(env, info[2], "size");
+  bool hugepages = info[3].ToBoolean();
+  CheckSize(env, size);
+  if (offset % kPageSize) ThrowRangeError(env, "offset must be page-aligned (4096)");
+  if (offset > static_cast<uint64_t>(INT64_MAX) - size) ThrowRangeError(env, "offset + size is beyond the largest file offset");
+
+  auto mapping = std::make_shared<GuestMapping>();
+  mapping->size = size;
+  mapping->backing = Backing::File;
+  mapping->fileOffset = offset;
+  mapping->backingFd = ReopenPrivately(fd, O_RDONLY);
+  if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "open(fd)");
+  struct stat st;
+  if (fstat(mapping->backingFd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
+  if (static_cast<uint64_t>(st.st_size) < offset + size) {
+    ThrowRangeError(env, "offset + size (" + std::to_string(offset + size) + ") is beyond the end of the file (" +
+                             std::to_string(st.st_size) + " bytes)");
+  }
+  // MAP_PRIVATE needs only read access to the file; guest writes make private copies.
+  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, mapping->backingFd,
+                    static_cast<off_t>(offset));
+  if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
+  mapping->addr = addr;
+  if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
+  Napi::Array result = Napi::Array::New(env, 2);
+  result.Set(0u, Napi::Number::New(env, Register(mapping)));
+  result.Set(1u, ExposeMapping(env, mapping));
+  return result;
+}
+
+// memoryAttach(id) -> [ArrayBuffer, size, fd, backing]: another view of the same mapping (any
+// thread).
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto mapping = FindMemory(env, info[0]);
-  Napi::Array result = Napi::Array::New(env, 3);
+  auto mapping = FindGuestMapping(env, info[0]);
+  Napi::Array result = Napi::Array::New(env, 4);
   result.Set(0u, ExposeMapping(env, mapping));
   result.Set(1u, Napi::Number::New(env, static_cast<double>(mapping->size)));
   result.Set(2u, Napi::Number::New(env, mapping->fd));
+  result.Set(3u, Napi::String::New(env, BackingName(mapping->backing)));
   return result;
+}
+
+// memoryPopulatedRanges(id) -> Float64Array of [offsetBytes, lengthBytes] pairs: page-aligned,
+// sorted, coalesced ranges outside of which every byte of the memory reads as zero.
+// memfd and anonymous: the memfd's data ranges (pages never touched are holes; swapped-out
+// pages count as data). File: the file's data ranges within the mapped window, plus the pages
+// the guest or the VMM copied on write.
+Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  Ranges ranges;
+  if (mapping->backing == Backing::File) {
+    Ranges fileData, privateCopies;
+    AppendDataRanges(env, mapping->backingFd, mapping->fileOffset, mapping->fileOffset + mapping->size, fileData);
+    AppendPrivateCopies(env, *mapping, privateCopies);
+    ranges = Union(fileData, privateCopies);
+  } else {
+    AppendDataRanges(env, mapping->backingFd, 0, mapping->size, ranges);
+  }
+  auto out = Napi::Float64Array::New(env, ranges.size() * 2);
+  for (size_t i = 0; i < ranges.size(); i++) {
+    out[2 * i] = static_cast<double>(ranges[i].first);
+    out[2 * i + 1] = static_cast<double>(ranges[i].second - ranges[i].first);
+  }
+  return out;
+}
+
+// memoryDontneed(id, offset, length): gives the pages of [offset, offset + length) back to the
+// kernel. memfd and anonymous memory then reads as zero there (fallocate PUNCH_HOLE: madvise
+// alone would leave the data in the memfd); a file mapping drops its private copies and reads the
+// file's bytes again (MADV_DONTNEED).
+Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  uint64_t offset = ReadU64(env, info[1], "offset");
+  uint64_t length = ReadU64(env, info[2], "length");
+  if (offset % kPageSize || length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
+  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  if (length == 0) return env.Undefined();
+  if (mapping->backing == Backing::File) {
+    if (madvise(static_cast<char*>(mapping->addr) + offset, length, MADV_DONTNEED) < 0) ThrowSyscallError(env, errno, "madvise(MADV_DONTNEED)");
+  } else if (fallocate(mapping->backingFd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                       static_cast<off_t>(length)) < 0) {
+    ThrowSyscallError(env, errno, "fallocate(FALLOC_FL_PUNCH_HOLE)");
+  }
+  return env.Undefined();
 }
 
 // memoryInfo() -> { mappings, bytes }: live guest mappings, for leak checks.

@@ -4,7 +4,7 @@ export { Vm, type MemoryRegion, type GsiRoute, type IoeventfdOptions } from './v
 export {
   Vcpu, kickVcpu, harvestDirtyRing, type VcpuKickHandle, type GuestDebugOptions, type Translation,
 } from './vcpu.js';
-export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions } from './memory.js';
+export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions, type GuestMemoryBacking, type MapFileOptions } from './memory.js';
 export { EventFd, type EventFdOptions } from './eventfd.js';
 export { setThreadName, setThreadAffinity } from './thread.js';
 export { KvmError } from './errors.js';

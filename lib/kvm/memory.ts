@@ -1,12 +1,19 @@
 // Guest RAM: a page-aligned mapping exposed as an ArrayBuffer with no copy. The mapping is
 // reference-counted natively: it stays valid while any ArrayBuffer view (in any thread) or any VM
 // memory slot uses it, so JavaScript can never touch unmapped memory.
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { Handle, checkAddress } from './handle.js';
 import { native } from './native.js';
 import { PAGE_SIZE } from './constants.js';
 
 /** The largest ArrayBuffer every supported Node can create (buffer.constants.MAX_LENGTH on Node 20). */
 export const MAX_GUEST_MEMORY_BYTES = 2 ** 32;
+
+/**
+ * What backs guest memory: a memfd that is not exposed ('anonymous'), an exposed memfd
+ * ('memfd'), or a file mapped copy-on-write ('file', from GuestMemory.mapFile()).
+ */
+export type GuestMemoryBacking = 'anonymous' | 'memfd' | 'file';
 
 export interface GuestMemoryOptions {
   /** 'anonymous' (default) or 'memfd' (shareable and snapshottable by fd). */
@@ -15,6 +22,15 @@ export interface GuestMemoryOptions {
   hugepages?: boolean;
   /** madvise(MADV_MERGEABLE) for KSM; best effort. */
   mergeable?: boolean;
+}
+
+export interface MapFileOptions {
+  /** Where the mapping starts in the file, in bytes; page-aligned. Default 0. */
+  offset?: number;
+  /** Bytes to map: a positive multiple of the page size, at most MAX_GUEST_MEMORY_BYTES. */
+  size: number;
+  /** madvise(MADV_HUGEPAGE); best effort. */
+  hugepages?: boolean;
 }
 
 /** A structured-cloneable reference to guest memory, for GuestMemory.attach() in another thread. */
@@ -27,31 +43,70 @@ export class GuestMemory extends Handle {
   readonly buffer: ArrayBuffer;
   /** Size in bytes, a multiple of the page size. */
   readonly size: number;
-  /** The memfd behind the mapping, or -1 for anonymous memory. */
+  /** The memfd behind the mapping for 'memfd' backing; -1 for 'anonymous' and 'file'. */
   readonly fd: number;
+  readonly backing: GuestMemoryBacking;
   readonly #id: number;
 
-  private constructor(id: number, buffer: ArrayBuffer, size: number, fd: number) {
+  private constructor(id: number, buffer: ArrayBuffer, size: number, fd: number, backing: GuestMemoryBacking) {
     super('GuestMemory', null);
     this.#id = id;
     this.buffer = buffer;
     this.size = size;
     this.fd = fd;
+    this.backing = backing;
   }
 
+  /** Zero-filled memory of `size` bytes. */
   static create(size: number, options: GuestMemoryOptions = {}): GuestMemory {
-    if (typeof size !== 'number') throw new TypeError(`size must be a number, got ${typeof size}`);
-    if (!Number.isSafeInteger(size) || size <= 0 || size % PAGE_SIZE !== 0) {
-      throw new RangeError(`size must be a positive multiple of ${PAGE_SIZE}, got ${size}`);
-    }
-    if (size > MAX_GUEST_MEMORY_BYTES) {
-      throw new RangeError(`size must be at most ${MAX_GUEST_MEMORY_BYTES} bytes (one ArrayBuffer on Node 20), got ${size}; map more RAM as more regions`);
-    }
+    checkMemorySize(size);
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const backing = options.backing ?? 'anonymous';
     if (backing !== 'anonymous' && backing !== 'memfd') throw new RangeError(`backing must be 'anonymous' or 'memfd', got ${String(backing)}`);
     const [id, buffer, fd] = native.memoryCreate(size, backing === 'memfd', !!options.hugepages, !!options.mergeable);
-    return new GuestMemory(id, buffer, size, fd);
+    return new GuestMemory(id, buffer, size, fd, backing);
+  }
+
+  /**
+   * Maps `options.size` bytes of a regular file, from `options.offset`, copy-on-write
+   * (MAP_PRIVATE): the memory starts as the file's bytes, and writes by the guest or the VMM stay
+   * in this process, never reaching the file. For example a snapshot's RAM, restored without
+   * reading it. `file` is a path or an open fd (readable; it may be closed afterwards).
+   *
+   * The file must hold offset + size bytes, and must not be truncated or written while it is
+   * mapped: a page past its new end would fault (SIGBUS) when touched, and pages the guest has
+   * not written show the file's current bytes.
+   */
+  static mapFile(file: string | number, options: MapFileOptions): GuestMemory {
+    let name: string;
+    if (typeof file === 'string') {
+      name = `'${file}'`;
+    } else if (typeof file === 'number') {
+      if (!Number.isInteger(file) || file < 0 || file > 0x7fffffff) throw new RangeError(`file must be a path or an fd 0..2^31-1, got ${file}`);
+      name = `fd ${file}`;
+    } else {
+      throw new TypeError(`file must be a path (string) or an open fd (number), got ${file === null ? 'null' : typeof file}`);
+    }
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object with a size');
+    const { size, offset = 0 } = options;
+    checkMemorySize(size);
+    if (typeof offset !== 'number') throw new TypeError(`offset must be a number, got ${typeof offset}`);
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset % PAGE_SIZE !== 0) {
+      throw new RangeError(`offset must be a non-negative multiple of ${PAGE_SIZE}, got ${offset}`);
+    }
+    // Node's own open error names the path (ENOENT: no such file or directory, open '...').
+    const fd = typeof file === 'string' ? openSync(file, 'r') : file;
+    try {
+      const stats = fstatSync(fd);
+      if (!stats.isFile()) throw new TypeError(`file must be a regular file; ${name} is not`);
+      if (offset + size > stats.size) {
+        throw new RangeError(`offset + size (${offset + size}) is beyond the end of ${name} (${stats.size} bytes)`);
+      }
+      const [id, buffer] = native.memoryMapFile(fd, offset, size, !!options.hugepages);
+      return new GuestMemory(id, buffer, size, -1, 'file');
+    } finally {
+      if (fd !== file) closeSync(fd);
+    }
   }
 
   /** Another view of the memory behind `handle` (from `memory.handle`), for example in a worker. */
@@ -59,8 +114,8 @@ export class GuestMemory extends Handle {
     if (typeof handle !== 'object' || handle === null || typeof handle.guestMemory !== 'number') {
       throw new TypeError('handle must be a GuestMemoryHandle (memory.handle)');
     }
-    const [buffer, size, fd] = native.memoryAttach(handle.guestMemory);
-    return new GuestMemory(handle.guestMemory, buffer, size, fd);
+    const [buffer, size, fd, backing] = native.memoryAttach(handle.guestMemory);
+    return new GuestMemory(handle.guestMemory, buffer, size, fd, backing);
   }
 
   /** Pass this to another thread (postMessage / workerData) and GuestMemory.attach() it there. */
@@ -91,6 +146,40 @@ export class GuestMemory extends Handle {
   }
 
   /**
+   * Byte ranges of this memory outside of which every byte reads as zero: page-aligned, sorted,
+   * coalesced [offsetBytes, lengthBytes] pairs. A superset of the pages that hold data, found
+   * without reading (and so without allocating) the memory: for 'anonymous' and 'memfd' the
+   * memfd's data ranges (lseek SEEK_DATA: pages never touched are holes); for 'file' the file's
+   * data ranges inside the mapped window plus the pages written since mapping (copy-on-write
+   * copies, from /proc/self/pagemap). Pages that are swapped out count as data.
+   */
+  populatedRanges(): Array<[offsetBytes: number, lengthBytes: number]> {
+    this.assertOpen();
+    const flat = native.memoryPopulatedRanges(this.#id);
+    const ranges: Array<[number, number]> = new Array(flat.length / 2);
+    for (let i = 0; i < ranges.length; i++) ranges[i] = [flat[2 * i]!, flat[2 * i + 1]!];
+    return ranges;
+  }
+
+  /**
+   * Gives the pages of [offset, offset + length) back to the kernel (page-aligned). 'anonymous'
+   * and 'memfd' memory reads as zero there afterwards (fallocate PUNCH_HOLE); 'file' memory reads
+   * the file's bytes again (madvise MADV_DONTNEED drops the copies). KVM's dirty log does not see
+   * this change.
+   */
+  dontneed(offset: number, length: number): void {
+    this.assertOpen();
+    for (const [value, name] of [[offset, 'offset'], [length, 'length']] as const) {
+      if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
+      if (!Number.isSafeInteger(value) || value < 0 || value % PAGE_SIZE !== 0) {
+        throw new RangeError(`${name} must be a non-negative multiple of ${PAGE_SIZE}, got ${value}`);
+      }
+    }
+    if (offset + length > this.size) throw new RangeError(`[${offset}, ${offset + length}) is outside guest memory of ${this.size} bytes`);
+    native.memoryDontneed(this.#id, offset, length);
+  }
+
+  /**
    * Drops this view: its ArrayBuffer becomes zero-length at once. The mapping itself goes when
    * no other view and no VM memory slot uses it.
    */
@@ -101,5 +190,15 @@ export class GuestMemory extends Handle {
   /** Live guest mappings in this process (for leak checks). */
   static stats(): { mappings: number; bytes: number } {
     return native.memoryInfo();
+  }
+}
+
+function checkMemorySize(size: unknown): asserts size is number {
+  if (typeof size !== 'number') throw new TypeError(`size must be a number, got ${typeof size}`);
+  if (!Number.isSafeInteger(size) || size <= 0 || size % PAGE_SIZE !== 0) {
+    throw new RangeError(`size must be a positive multiple of ${PAGE_SIZE}, got ${size}`);
+  }
+  if (size > MAX_GUEST_MEMORY_BYTES) {
+    throw new RangeError(`size must be at most ${MAX_GUEST_MEMORY_BYTES} bytes (one ArrayBuffer on Node 20), got ${size}; map more RAM as more regions`);
   }
 }

@@ -34,7 +34,10 @@ export interface NativeBinding {
   harvestDirtyRing(vcpu: number, out: Float64Array): number;
   closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, buffer: ArrayBuffer, fd: number];
-  memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number];
+  memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): [id: number, buffer: ArrayBuffer];
+  memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
+  memoryPopulatedRanges(id: number): Float64Array;
+  memoryDontneed(id: number, offset: number, length: number): void;
   memoryInfo(): { mappings: number; bytes: number };
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;
