@@ -1,0 +1,76 @@
+// Shapes shared by snapshots, live migration and the control API.
+
+/** Guest pages by guest frame number (guest physical address / 4096). */
+export interface PageRange {
+  firstPage: number;
+  pageCount: number;
+}
+
+/** Which KVM mechanism reports the pages the guest wrote. */
+export type DirtyLogMode = 'bitmap' | 'ring';
+
+/** What happens when pre-copy hits its iteration or time cap before converging. */
+export type NonConvergence = 'finish' | 'abort';
+
+export interface MigrateOptions {
+  /** For tcp: the secret both sides were given. */
+  token?: string;
+  /** Longest pause of the guest the pre-copy aims for. Default 50 ms. */
+  downtimeBudgetMs?: number;
+  /** Pre-copy rounds at most (the first full pass counts). Default 30. */
+  maxIterations?: number;
+  /** Pre-copy time at most before the final pass. Default 60 s. */
+  maxPrecopyMs?: number;
+  /** At the cap: pause and finish anyway (default), or give up and keep running here. */
+  onNonConvergence?: NonConvergence;
+  /** Give up if connecting or any read/write stalls this long. Default 10 s. */
+  timeoutMs?: number;
+  /** Called after every round and at each phase change. */
+  onProgress?: (progress: MigrationProgress) => void;
+}
+
+export type MigrationPhase = 'setup' | 'precopy' | 'stop-copy' | 'completed' | 'failed';
+
+/** Like QEMU's query-migrate. Times in ms, sizes in bytes. */
+export interface MigrationStats {
+  phase: MigrationPhase;
+  totalTimeMs: number;
+  setupTimeMs: number;
+  /** Guest paused until the destination resumed it (measured here, from pause to its ack). */
+  downtimeMs: number;
+  /** While pre-copy runs: what is left to send over the measured throughput. */
+  expectedDowntimeMs: number;
+  bytesTransferred: number;
+  pagesTransferred: number;
+  zeroPagesSkipped: number;
+  /** Pages sent again because the guest wrote them after they were sent. */
+  pagesResent: number;
+  iterations: number;
+  /** Pages the guest dirtied per second, over the last round. */
+  dirtyPagesRate: number;
+  /** Bytes per second over the whole migration. */
+  throughputBytesPerSec: number;
+  remainingPages: number;
+  memoryBytes: number;
+  dirtyLogMode: DirtyLogMode;
+}
+
+export type MigrationProgress = MigrationStats;
+
+export interface SnapshotOptions {
+  /** Only the pages written since this machine's previous snapshot, layered on that file. */
+  diff?: boolean;
+}
+
+export interface SnapshotInfo {
+  path: string;
+  kind: 'full' | 'diff';
+  /** The snapshot this one is layered on (diff only). */
+  parent?: string;
+  bytesWritten: number;
+  pagesWritten: number;
+  zeroPagesSkipped: number;
+  /** Guest paused while the state and memory were captured. */
+  pausedMs: number;
+  totalTimeMs: number;
+}
