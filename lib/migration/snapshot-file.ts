@@ -1,0 +1,530 @@
+// Snapshot files: the migration stream written to a file.
+//
+// Full snapshot ('snapshot'):
+//   header, Config, VcpuState × vcpuCount, VmState, DeviceState, RamImage, End,
+//   zero padding to a 4096-byte boundary, then guest RAM as a raw image of memoryBytes bytes.
+// The image is page-aligned so that a restore can mmap it copy-on-write, and sparse: zero pages are
+// never written (the file is extended over them), so an idle guest makes a small file. Its CRC32
+// is in the RamImage section; checking it means reading the whole image, so only
+// verifyRamImage() and loadSnapshotMemory({ verify: true }) do it.
+//
+// Diff snapshot ('diff-snapshot'):
+//   header (parentId = the parent's streamId), Config (with the parent's path), state sections,
+//   Pages sections holding only the pages written since the parent, End.
+// A diff snapshot's zero pages are recorded as zero ranges: the parent may hold data there.
+//
+// A snapshot is written to `<path>.tmp`, fsync'd, then renamed over `<path>`, so a crash never
+// leaves a partial snapshot under the real name.
+import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
+import nodePath from 'node:path';
+import type { PageRange } from './types.js';
+import { decodeState, encodeStateSection } from './state-codec.js';
+import {
+  FileSource, HEADER_BYTES, PAGE_BYTES, SECTION_OVERHEAD_BYTES, RAM_IMAGE_PAYLOAD_BYTES, SectionReader, SectionType, StreamError,
+  crc32, crc32Zeros, decodePages, decodePagesInto, decodeErrorSection, decodeHeader, decodeRamImage, encodeEnd, encodeHeader, encodePages,
+  encodeRamImage, forEachPageRun, hexId, type DecodedPages, type RamImage, type StreamHeader,
+} from './stream.js';
+
+export type SnapshotKind = 'snapshot' | 'diff-snapshot';
+
+export interface SnapshotParent {
+  /** Path of the parent snapshot file (stored relative to the diff's directory). */
+  path: string;
+  /** The parent's streamId (header.streamId of the parent; what writeSnapshotFile() returned). */
+  id: Uint8Array;
+}
+
+export interface WriteSnapshotOptions {
+  kind: SnapshotKind;
+  memoryBytes: number;
+  vcpuCount: number;
+  /** Required for a diff snapshot: the snapshot it is layered on. */
+  parent?: SnapshotParent;
+  /** Machine configuration, state-codec encodable. */
+  config: unknown;
+  /** One state object per vCPU, in vCPU index order. */
+  vcpus: readonly unknown[];
+  vm: unknown;
+  devices: unknown;
+  /** All of guest RAM (memoryBytes long), read while the guest is paused. */
+  memory: Uint8Array;
+  /** Diff snapshots: the pages to record (written since the parent). */
+  pages?: readonly PageRange[];
+  /**
+   * Full snapshots, optional: the only [offset, byteLength] ranges of `memory` that may be
+   * non-zero. Everything else is taken as zero without being read.
+   */
+  populated?: readonly (readonly [number, number])[];
+}
+
+export interface WriteSnapshotResult {
+  /** The snapshot's streamId: pass it as parent.id when layering a diff snapshot on it. */
+  id: Uint8Array;
+  /** Bytes actually written (sections and non-zero pages; holes not counted). */
+  bytesWritten: number;
+  /** Pages written with their data. */
+  pagesWritten: number;
+  /** Zero pages: holes in a full snapshot, zero ranges in a diff snapshot. */
+  zeroPagesSkipped: number;
+  /** The file's size (a full snapshot's includes the holes of its RAM image). */
+  fileBytes: number;
+}
+
+export interface SnapshotContents {
+  /** Absolute path of the file read. */
+  path: string;
+  header: StreamHeader;
+  /** The config given to writeSnapshotFile(). */
+  config: unknown;
+  /** Diff snapshots: the parent's absolute path and its expected streamId. */
+  parent?: SnapshotParent;
+  vcpus: unknown[];
+  vm: unknown;
+  devices: unknown;
+  /** Full snapshots: where guest RAM lies in the file (page-aligned, mmap-able). */
+  ramImage?: RamImage;
+  /** Diff snapshots: the Pages section payloads, already checked against guest RAM. */
+  pageSections?: Uint8Array[];
+  /** Diff snapshots: pages with data and zero pages across pageSections. */
+  pageCounts?: DecodedPages;
+  /** Diff snapshots: writes pageSections into `memory` (all of guest RAM). */
+  applyPages?(memory: Uint8Array): DecodedPages;
+}
+
+/** Longest chain of diff snapshots openSnapshotChain() follows. */
+export const MAX_SNAPSHOT_CHAIN = 64;
+
+/** Largest single write of RAM image data. */
+const WRITE_CHUNK_BYTES = 16 * 1024 * 1024;
+/** RAM image read size for verifyRamImage() and loadSnapshotMemory(). */
+const READ_CHUNK_BYTES = 4 * 1024 * 1024;
+
+const alignUp = (value: number, alignment: number): number => Math.ceil(value / alignment) * alignment;
+
+async function writeFully(file: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < bytes.length) {
+    const { bytesWritten } = await file.write(bytes, done, bytes.length - done, position + done);
+    done += bytesWritten;
+  }
+}
+
+async function readFully(file: FileHandle, into: Uint8Array, position: number, path: string): Promise<void> {
+  let done = 0;
+  while (done < into.length) {
+    const { bytesRead } = await file.read(into, done, into.length - done, position + done);
+    if (bytesRead === 0) {
+      throw new StreamError('ETRUNCATED', `${path}: snapshot file truncated: expected ${into.length} bytes of the RAM image at offset ${position}, got ${done}`);
+    }
+    done += bytesRead;
+  }
+}
+
+/** Sorted, merged, page-aligned [start, end) byte ranges from a `populated` hint. */
+function populatedRegions(populated: readonly (readonly [number, number])[], memoryBytes: number): [number, number][] {
+  if (!Array.isArray(populated)) throw new TypeError('populated must be an array of [offset, byteLength]');
+  const regions = populated.map((entry, index): [number, number] => {
+    if (!Array.isArray(entry) || entry.length !== 2) throw new TypeError(`populated[${index}] must be [offset, byteLength]`);
+    const [offset, length] = entry;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > memoryBytes) {
+      throw new RangeError(`populated[${index}] = [${String(offset)}, ${String(length)}] must lie within guest RAM (${memoryBytes} bytes)`);
+    }
+    return [Math.floor(offset / PAGE_BYTES) * PAGE_BYTES, alignUp(offset + length, PAGE_BYTES)];
+  });
+  regions.sort((a, b) => a[0] - b[0]);
+  const merged: [number, number][] = [];
+  for (const region of regions) {
+    if (region[0] === region[1]) continue;
+    const last = merged.at(-1);
+    if (last && region[0] <= last[1]) last[1] = Math.max(last[1], region[1]);
+    else merged.push(region);
+  }
+  return merged;
+}
+
+function checkWriteOptions(options: WriteSnapshotOptions): void {
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  const { kind, memoryBytes, vcpuCount, memory } = options;
+  if (kind !== 'snapshot' && kind !== 'diff-snapshot') throw new RangeError(`kind must be 'snapshot' or 'diff-snapshot', got ${String(kind)}`);
+  if (!(memory instanceof Uint8Array)) throw new TypeError('memory must be a Uint8Array holding all of guest RAM');
+  if (memory.length !== memoryBytes) throw new RangeError(`memory must be memoryBytes (${String(memoryBytes)}) long, got ${memory.length} bytes`);
+  if (!Array.isArray(options.vcpus)) throw new TypeError('vcpus must be an array of per-vCPU state objects');
+  if (options.vcpus.length !== vcpuCount) throw new RangeError(`vcpus must hold vcpuCount (${String(vcpuCount)}) states, got ${options.vcpus.length}`);
+  if (kind === 'diff-snapshot') {
+    if (!options.parent || typeof options.parent.path !== 'string' || options.parent.path === '') {
+      throw new TypeError('a diff snapshot needs parent: { path, id } of the snapshot it is layered on');
+    }
+    if (!Array.isArray(options.pages)) throw new TypeError('a diff snapshot needs pages: the page ranges written since its parent');
+    if (options.populated !== undefined) throw new TypeError('populated is for full snapshots; a diff snapshot records exactly its pages');
+  } else {
+    if (options.parent !== undefined) throw new TypeError('parent is only for diff snapshots');
+    if (options.pages !== undefined) throw new TypeError('pages is only for diff snapshots; a full snapshot records all of RAM');
+  }
+}
+
+/** Reads and checks just the header of a snapshot file. */
+async function readSnapshotHeader(path: string): Promise<StreamHeader> {
+  const file = await open(path, 'r');
+  try {
+    return decodeHeader(await new FileSource(file, 0).read(HEADER_BYTES, 'the stream header'));
+  } catch (error) {
+    throw withPath(error, path);
+  } finally {
+    await file.close();
+  }
+}
+
+function withPath(error: unknown, path: string): unknown {
+  return error instanceof StreamError && !error.message.startsWith(path) ? new StreamError(error.code, `${path}: ${error.message}`) : error;
+}
+
+function sameId(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, index) => byte === b[index]);
+}
+
+/**
+ * Writes a full or diff snapshot to `path` (through `path.tmp`, fsync, rename). State values are
+ * encoded with encodeState(). For a diff, the parent file's header is checked against parent.id.
+ */
+export async function writeSnapshotFile(path: string, options: WriteSnapshotOptions): Promise<WriteSnapshotResult> {
+  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a non-empty string');
+  checkWriteOptions(options);
+  const { kind, memoryBytes, vcpuCount, memory } = options;
+  const target = nodePath.resolve(path);
+  const diff = kind === 'diff-snapshot';
+
+  let parentRecord: { path: string } | undefined;
+  let parentId: Uint8Array | undefined;
+  if (diff) {
+    const parent = options.parent!;
+    const parentPath = nodePath.resolve(parent.path);
+    const parentHeader = await readSnapshotHeader(parentPath);
+    if (!(parent.id instanceof Uint8Array) || !sameId(parentHeader.streamId, parent.id)) {
+      throw new StreamError('EMISMATCH', `${parentPath} is snapshot ${hexId(parentHeader.streamId)}, not the parent expected (${parent.id instanceof Uint8Array ? hexId(parent.id) : 'no id'})`);
+    }
+    if (parentHeader.kind === 'migration') throw new StreamError('EFORMAT', `${parentPath} is a migration stream, not a snapshot`);
+    if (parentHeader.memoryBytes !== memoryBytes || parentHeader.vcpuCount !== vcpuCount) {
+      throw new StreamError('EMISMATCH', `${parentPath} is a snapshot of a machine with ${parentHeader.memoryBytes} bytes of RAM and ${parentHeader.vcpuCount} vCPUs, not ${memoryBytes} and ${vcpuCount}`);
+    }
+    parentRecord = { path: nodePath.relative(nodePath.dirname(target), parentPath) };
+    parentId = parentHeader.streamId;
+  }
+
+  // Everything but the RAM image, encoded before the file is touched (bad state fails early).
+  const header = encodeHeader({ kind, memoryBytes, vcpuCount, parentId });
+  const id = decodeHeader(header).streamId;
+  const sections: Uint8Array[] = [header, encodeStateSection(SectionType.Config, { machine: options.config, ...(parentRecord && { parent: parentRecord }) })];
+  for (const vcpu of options.vcpus) sections.push(encodeStateSection(SectionType.VcpuState, vcpu));
+  sections.push(encodeStateSection(SectionType.VmState, options.vm));
+  sections.push(encodeStateSection(SectionType.DeviceState, options.devices));
+
+  let pagesWritten = 0;
+  let zeroPagesSkipped = 0;
+  if (diff) {
+    const pages = encodePages(options.pages!, (guestPhysAddr, byteLength) => memory.subarray(guestPhysAddr, guestPhysAddr + byteLength), { memoryBytes });
+    sections.push(...pages.sections);
+    pagesWritten = pages.pagesSent;
+    zeroPagesSkipped = pages.zeroPages;
+  }
+  const regions = !diff && options.populated !== undefined ? populatedRegions(options.populated, memoryBytes) : [[0, memoryBytes] as [number, number]];
+
+  const temporary = `${target}.tmp`;
+  const file = await open(temporary, 'w', 0o600);
+  let bytesWritten = 0;
+  let fileBytes: number;
+  try {
+    let position = 0;
+    const sectionsBytes = sections.reduce((sum, section) => sum + section.length, 0);
+    if (diff) {
+      sections.push(encodeEnd());
+      fileBytes = sectionsBytes + SECTION_OVERHEAD_BYTES;
+    } else {
+      const ramOffset = alignUp(sectionsBytes + SECTION_OVERHEAD_BYTES + RAM_IMAGE_PAYLOAD_BYTES + SECTION_OVERHEAD_BYTES, PAGE_BYTES);
+      let crc = 0;
+      let crcEnd = 0; // RAM bytes the CRC covers so far
+      for (const [start, end] of regions) {
+        crc = crc32Zeros(crc, start - crcEnd);
+        const runs: [number, number][] = [];
+        forEachPageRun(memory.subarray(start, end), (firstPageIndex, pageCount, zero) => {
+          if (!zero) runs.push([start + firstPageIndex * PAGE_BYTES, pageCount * PAGE_BYTES]);
+        });
+        crcEnd = start;
+        for (const [runStart, runBytes] of runs) {
+          crc = crc32Zeros(crc, runStart - crcEnd);
+          for (let done = 0; done < runBytes; done += WRITE_CHUNK_BYTES) {
+            const chunk = memory.subarray(runStart + done, runStart + Math.min(runBytes, done + WRITE_CHUNK_BYTES));
+            crc = crc32(chunk, crc);
+            await writeFully(file, chunk, ramOffset + runStart + done);
+          }
+          crcEnd = runStart + runBytes;
+          pagesWritten += runBytes / PAGE_BYTES;
+          bytesWritten += runBytes;
+        }
+        crc = crc32Zeros(crc, end - crcEnd);
+        crcEnd = end;
+      }
+      crc = crc32Zeros(crc, memoryBytes - crcEnd);
+      zeroPagesSkipped = memoryBytes / PAGE_BYTES - pagesWritten;
+      sections.push(encodeRamImage({ fileOffset: ramOffset, sizeBytes: memoryBytes, crc32: crc }), encodeEnd());
+      fileBytes = ramOffset + memoryBytes;
+    }
+    for (const section of sections) {
+      await writeFully(file, section, position);
+      position += section.length;
+      bytesWritten += section.length;
+    }
+    // Extends the file over trailing zero pages without allocating them.
+    await file.truncate(fileBytes);
+    await file.sync();
+  } catch (error) {
+    await file.close().catch(() => {});
+    await unlink(temporary).catch(() => {});
+    throw error;
+  }
+  await file.close();
+  await rename(temporary, target);
+  await syncDirectory(nodePath.dirname(target));
+  return { id, bytesWritten, pagesWritten, zeroPagesSkipped, fileBytes };
+}
+
+/** Makes the rename durable; some filesystems refuse fsync on a directory, which costs nothing here. */
+async function syncDirectory(directory: string): Promise<void> {
+  try {
+    const handle = await open(directory, 'r');
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  } catch {
+    // Durability of the rename is best effort; the snapshot itself is already on disk.
+  }
+}
+
+function parseConfig(value: unknown, kind: SnapshotKind): { config: unknown; parentPath?: string } {
+  if (typeof value !== 'object' || value === null || Array.isArray(value) || !Object.hasOwn(value, 'machine')) {
+    throw new StreamError('EFORMAT', 'the Config section does not hold a snapshot configuration');
+  }
+  const record = value as { machine: unknown; parent?: unknown };
+  if (kind === 'diff-snapshot') {
+    const parent = record.parent as { path?: unknown } | undefined;
+    if (typeof parent !== 'object' || parent === null || typeof parent.path !== 'string' || parent.path === '') {
+      throw new StreamError('EFORMAT', 'the Config section of a diff snapshot does not name its parent');
+    }
+    return { config: record.machine, parentPath: parent.path };
+  }
+  if (record.parent !== undefined) throw new StreamError('EFORMAT', 'the Config section of a full snapshot names a parent');
+  return { config: record.machine };
+}
+
+/**
+ * Reads a snapshot file and checks everything but the RAM image contents: magic, version, every
+ * section's CRC and length, the section layout, diff pages against guest RAM, and that the file
+ * is long enough to hold the RAM image. Errors are StreamErrors whose message starts with the path.
+ */
+export async function readSnapshotFile(path: string): Promise<SnapshotContents> {
+  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a non-empty string');
+  const absolute = nodePath.resolve(path);
+  const file = await open(absolute, 'r');
+  try {
+    const { size: fileBytes } = await file.stat();
+    const source = new FileSource(file, 0);
+    const reader = new SectionReader(source);
+    const header = await reader.readHeader();
+    if (header.kind === 'migration') throw new StreamError('EFORMAT', 'this is a migration stream, not a snapshot file');
+    const kind = header.kind;
+    const diff = kind === 'diff-snapshot';
+
+    let configSection: { config: unknown; parentPath?: string } | undefined;
+    const vcpus: unknown[] = [];
+    let vm: unknown;
+    let devices: unknown;
+    let haveVm = false;
+    let haveDevices = false;
+    let ramImage: RamImage | undefined;
+    const pageSections: Uint8Array[] = [];
+    const pageCounts: DecodedPages = { pages: 0, zeroPages: 0 };
+    const misplaced = (what: string): StreamError => new StreamError('EFORMAT', `misplaced ${what} section in a ${kind} file`);
+
+    for (let index = 0; !reader.ended; index++) {
+      const section = await reader.next();
+      if ((index === 0) !== (section.type === SectionType.Config)) {
+        throw new StreamError('EFORMAT', index === 0 ? `the first section is ${section.name}, not Config` : 'a second Config section');
+      }
+      const what = `the ${section.name} section`;
+      switch (section.type) {
+        case SectionType.Config:
+          configSection = parseConfig(decodeState(section.payload, what), kind);
+          break;
+        case SectionType.VcpuState:
+          if (haveVm || vcpus.length === header.vcpuCount) throw misplaced(section.name);
+          vcpus.push(decodeState(section.payload, `${what} of vCPU ${vcpus.length}`));
+          break;
+        case SectionType.VmState:
+          if (haveVm || vcpus.length !== header.vcpuCount) throw misplaced(section.name);
+          vm = decodeState(section.payload, what);
+          haveVm = true;
+          break;
+        case SectionType.DeviceState:
+          if (!haveVm || haveDevices) throw misplaced(section.name);
+          devices = decodeState(section.payload, what);
+          haveDevices = true;
+          break;
+        case SectionType.RamImage:
+          if (diff || !haveDevices || ramImage) throw misplaced(section.name);
+          ramImage = decodeRamImage(section.payload);
+          break;
+        case SectionType.Pages: {
+          if (!diff || !haveDevices) throw misplaced(section.name);
+          const counts = decodePages(section.payload, header.memoryBytes, () => {});
+          pageCounts.pages += counts.pages;
+          pageCounts.zeroPages += counts.zeroPages;
+          pageSections.push(section.payload);
+          break;
+        }
+        case SectionType.End:
+          if (!haveDevices) throw new StreamError('EFORMAT', `the file ends after ${vcpus.length} of ${header.vcpuCount} vCPU states${haveVm ? '' : ', without VmState'}${haveDevices ? '' : ', without DeviceState'}`);
+          break;
+        case SectionType.Error:
+          throw new StreamError('EFORMAT', `the file holds an Error section: ${decodeErrorSection(section.payload)}`);
+      }
+    }
+
+    const contents: SnapshotContents = {
+      path: absolute,
+      header,
+      config: configSection!.config,
+      vcpus,
+      vm,
+      devices,
+    };
+    if (diff) {
+      contents.parent = { path: nodePath.resolve(nodePath.dirname(absolute), configSection!.parentPath!), id: header.parentId };
+      contents.pageSections = pageSections;
+      contents.pageCounts = pageCounts;
+      contents.applyPages = (memory: Uint8Array): DecodedPages => {
+        if (!(memory instanceof Uint8Array) || memory.length !== header.memoryBytes) {
+          throw new RangeError(`memory must be a Uint8Array of the snapshot's RAM size (${header.memoryBytes} bytes)`);
+        }
+        const applied: DecodedPages = { pages: 0, zeroPages: 0 };
+        for (const payload of pageSections) {
+          const counts = decodePagesInto(payload, memory);
+          applied.pages += counts.pages;
+          applied.zeroPages += counts.zeroPages;
+        }
+        return applied;
+      };
+    } else {
+      if (!ramImage) throw new StreamError('EFORMAT', 'a full snapshot without a RamImage section');
+      if (ramImage.sizeBytes !== header.memoryBytes) {
+        throw new StreamError('EFORMAT', `the RAM image holds ${ramImage.sizeBytes} bytes but the header gives ${header.memoryBytes} bytes of RAM`);
+      }
+      if (ramImage.fileOffset < source.position) {
+        throw new StreamError('EFORMAT', `the RAM image at offset ${ramImage.fileOffset} overlaps the sections, which end at ${source.position}`);
+      }
+      const end = ramImage.fileOffset + ramImage.sizeBytes;
+      if (fileBytes < end) {
+        throw new StreamError('ETRUNCATED', `snapshot file truncated: the RAM image ends at byte ${end} but the file has ${fileBytes} bytes`);
+      }
+      contents.ramImage = ramImage;
+    }
+    return contents;
+  } catch (error) {
+    throw withPath(error, absolute);
+  } finally {
+    await file.close();
+  }
+}
+
+/** Reads the whole RAM image of a full snapshot and checks it against its CRC32 (ECHECKSUM). */
+export async function verifyRamImage(path: string, contents: SnapshotContents): Promise<void> {
+  const image = contents.ramImage;
+  if (!image) throw new TypeError('verifyRamImage needs the contents of a full snapshot (with ramImage)');
+  const absolute = nodePath.resolve(path);
+  const file = await open(absolute, 'r');
+  try {
+    const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes));
+    let crc = 0;
+    for (let done = 0; done < image.sizeBytes; done += chunk.length) {
+      const view = chunk.subarray(0, Math.min(chunk.length, image.sizeBytes - done));
+      await readFully(file, view, image.fileOffset + done, absolute);
+      crc = crc32(view, crc);
+    }
+    if (crc !== image.crc32) throw new StreamError('ECHECKSUM', `${absolute}: checksum mismatch in the RAM image`);
+  } finally {
+    await file.close();
+  }
+}
+
+/**
+ * The snapshot at `path` and the parents it is layered on, base (full) snapshot first. Each
+ * parent's streamId, RAM size and vCPU count must match what its child expects (EMISMATCH).
+ */
+export async function openSnapshotChain(path: string): Promise<SnapshotContents[]> {
+  const chain = [await readSnapshotFile(path)];
+  while (chain[0].parent) {
+    const child = chain[0];
+    const parentPath = child.parent!.path;
+    if (chain.length === MAX_SNAPSHOT_CHAIN) {
+      throw new StreamError('EFORMAT', `${chain.at(-1)!.path}: more than ${MAX_SNAPSHOT_CHAIN} diff snapshots layered on each other`);
+    }
+    const parent = await readSnapshotFile(parentPath);
+    if (!sameId(parent.header.streamId, child.header.parentId)) {
+      throw new StreamError('EMISMATCH', `${child.path} is layered on snapshot ${hexId(child.header.parentId)}, but ${parentPath} is snapshot ${hexId(parent.header.streamId)}`);
+    }
+    if (parent.header.memoryBytes !== child.header.memoryBytes || parent.header.vcpuCount !== child.header.vcpuCount) {
+      throw new StreamError('EMISMATCH', `${child.path} and its parent ${parentPath} are snapshots of different machines (RAM size or vCPU count)`);
+    }
+    chain.unshift(parent);
+  }
+  return chain;
+}
+
+export interface LoadSnapshotMemoryOptions {
+  /**
+   * `memory` is known to be all zeros (fresh anonymous memory): zero pages of the image are then
+   * not written, so they are never faulted in. Default false (every page is written).
+   */
+  memoryIsZeroed?: boolean;
+  /** Check the RAM image against its CRC32 while reading it (ECHECKSUM; memory is then unusable). */
+  verify?: boolean;
+}
+
+/**
+ * Copies a chain from openSnapshotChain() into `memory` (all of guest RAM): the base snapshot's
+ * RAM image, then each diff's pages in order. For a copy-on-write restore, mmap the base image
+ * (chain[0].ramImage) instead and call applyPages() of each diff.
+ */
+export async function loadSnapshotMemory(chain: readonly SnapshotContents[], memory: Uint8Array, options: LoadSnapshotMemoryOptions = {}): Promise<void> {
+  if (!Array.isArray(chain) || chain.length === 0) throw new TypeError('chain must be the non-empty array from openSnapshotChain()');
+  const [base, ...diffs] = chain;
+  const image = base.ramImage;
+  if (!image) throw new TypeError('chain[0] must be a full snapshot (with ramImage)');
+  if (!(memory instanceof Uint8Array) || memory.length !== image.sizeBytes) {
+    throw new RangeError(`memory must be a Uint8Array of the snapshot's RAM size (${image.sizeBytes} bytes)`);
+  }
+  diffs.forEach((diff, index) => {
+    if (!diff.applyPages) throw new TypeError(`chain[${index + 1}] must be a diff snapshot`);
+  });
+  const file = await open(base.path, 'r');
+  try {
+    const scratch = options.memoryIsZeroed ? Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes)) : undefined;
+    let crc = 0;
+    for (let done = 0; done < image.sizeBytes; done += READ_CHUNK_BYTES) {
+      const length = Math.min(READ_CHUNK_BYTES, image.sizeBytes - done);
+      const target = memory.subarray(done, done + length);
+      const bytes = scratch ? scratch.subarray(0, length) : target;
+      await readFully(file, bytes, image.fileOffset + done, base.path);
+      if (options.verify) crc = crc32(bytes, crc);
+      if (scratch) {
+        forEachPageRun(bytes, (firstPageIndex, pageCount, zero) => {
+          if (!zero) target.set(bytes.subarray(firstPageIndex * PAGE_BYTES, (firstPageIndex + pageCount) * PAGE_BYTES), firstPageIndex * PAGE_BYTES);
+        });
+      }
+    }
+    if (options.verify && crc !== image.crc32) throw new StreamError('ECHECKSUM', `${base.path}: checksum mismatch in the RAM image`);
+  } finally {
+    await file.close();
+  }
+  for (const diff of diffs) diff.applyPages!(memory);
+}

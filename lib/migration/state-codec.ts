@@ -1,0 +1,171 @@
+// Machine state (per-vCPU, VM, devices, config) as UTF-8 JSON with tagged values, so that a
+// state object comes back exactly as it was saved:
+//   bigint                     -> {"$bigint": "0x1f"} or {"$bigint": "-0x1f"}
+//   Uint8Array                 -> {"$bytes": "<base64>"}
+//   NaN, ±Infinity, -0         -> {"$number": "NaN" | "Infinity" | "-Infinity" | "-0"}
+//   an object key "$x"         -> "$$x" (so that no data key is taken for a tag)
+// Decoding throws nothing but StreamError('EFORMAT') and refuses the keys that could reach an
+// object's prototype.
+import { SectionType, StreamError, encodeSection, type Section, type SectionTypeNumber } from './stream.js';
+
+/** A value encodeState() accepts. Object properties that are undefined are left out. */
+export type StateValue =
+  | null
+  | boolean
+  | number
+  | string
+  | bigint
+  | Uint8Array
+  | readonly StateValue[]
+  | { readonly [key: string]: StateValue | undefined };
+
+/** Deeper nesting is refused both ways (no machine state nests this deep). */
+export const MAX_STATE_DEPTH = 64;
+
+const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
+const SPECIAL_NUMBERS = new Map<string, number>([['NaN', NaN], ['Infinity', Infinity], ['-Infinity', -Infinity], ['-0', -0]]);
+const BIGINT_PATTERN = /^-?0x[0-9a-f]+$/;
+const BASE64_PATTERN = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+const isPlainObject = (value: object): boolean => {
+  const prototype = Object.getPrototypeOf(value);
+  return prototype === Object.prototype || prototype === null;
+};
+
+function toJson(value: unknown, path: string, depth: number, seen: Set<object>): unknown {
+  switch (typeof value) {
+    case 'boolean':
+    case 'string':
+      return value;
+    case 'number':
+      if (Number.isFinite(value) && !Object.is(value, -0)) return value;
+      return { $number: Object.is(value, -0) ? '-0' : String(value) };
+    case 'bigint':
+      return { $bigint: value < 0n ? `-0x${(-value).toString(16)}` : `0x${value.toString(16)}` };
+    case 'object':
+      break;
+    default:
+      throw new TypeError(`cannot encode ${path}: ${typeof value} is not a state value`);
+  }
+  if (value === null) return null;
+  if (depth >= MAX_STATE_DEPTH) throw new TypeError(`cannot encode ${path}: nested more than ${MAX_STATE_DEPTH} levels`);
+  if (seen.has(value)) throw new TypeError(`cannot encode ${path}: it refers back to itself`);
+  if (value instanceof Uint8Array) {
+    return { $bytes: Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString('base64') };
+  }
+  seen.add(value);
+  try {
+    if (Array.isArray(value)) {
+      return value.map((item, index) => {
+        if (item === undefined) throw new TypeError(`cannot encode ${path}[${index}]: undefined in an array`);
+        return toJson(item, `${path}[${index}]`, depth + 1, seen);
+      });
+    }
+    if (!isPlainObject(value)) {
+      throw new TypeError(`cannot encode ${path}: ${value.constructor?.name ?? 'this object'} is not a plain object, array, bigint or Uint8Array`);
+    }
+    const out: Record<string, unknown> = {};
+    for (const key of Object.keys(value)) {
+      if (FORBIDDEN_KEYS.has(key)) throw new TypeError(`cannot encode ${path}: key '${key}' is not allowed in state`);
+      const item = (value as Record<string, unknown>)[key];
+      if (item === undefined) continue;
+      out[key.startsWith('$') ? `$${key}` : key] = toJson(item, `${path}.${key}`, depth + 1, seen);
+    }
+    return out;
+  } finally {
+    seen.delete(value);
+  }
+}
+
+/** UTF-8 JSON of `value` (see the top of this file). Throws TypeError naming what it cannot encode. */
+export function encodeState(value: unknown): Uint8Array {
+  const json = JSON.stringify(toJson(value, 'state', 0, new Set()));
+  const bytes = Buffer.from(json, 'utf8');
+  return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+const formatError = (what: string, reason: string): StreamError => new StreamError('EFORMAT', `${what} is not valid state: ${reason}`);
+
+function fromJson(value: unknown, path: string, depth: number, what: string): unknown {
+  if (value === null || typeof value !== 'object') return value; // JSON.parse yields only JSON scalars
+  if (depth >= MAX_STATE_DEPTH) throw formatError(what, `${path} is nested more than ${MAX_STATE_DEPTH} levels`);
+  if (Array.isArray(value)) return value.map((item, index) => fromJson(item, `${path}[${index}]`, depth + 1, what));
+  const keys = Object.keys(value);
+  const record = value as Record<string, unknown>;
+  if (keys.length === 1 && keys[0].startsWith('$') && !keys[0].startsWith('$$')) return fromTag(keys[0], record[keys[0]], path, what);
+  const out: Record<string, unknown> = {};
+  for (const key of keys) {
+    if (FORBIDDEN_KEYS.has(key)) throw formatError(what, `${path} has the key '${key}'`);
+    let name = key;
+    if (key.startsWith('$')) {
+      if (!key.startsWith('$$')) throw formatError(what, `${path} mixes the tag '${key}' with other keys`);
+      name = key.slice(1);
+    }
+    out[name] = fromJson(record[key], `${path}.${name}`, depth + 1, what);
+  }
+  return out;
+}
+
+function fromTag(tag: string, body: unknown, path: string, what: string): unknown {
+  if (typeof body !== 'string') throw formatError(what, `${path}: the ${tag} tag needs a string`);
+  switch (tag) {
+    case '$bigint':
+      if (!BIGINT_PATTERN.test(body)) throw formatError(what, `${path}: '${body.slice(0, 40)}' is not a hexadecimal bigint`);
+      return body.startsWith('-') ? -BigInt(body.slice(1)) : BigInt(body);
+    case '$bytes': {
+      if (!BASE64_PATTERN.test(body)) throw formatError(what, `${path}: the bytes are not valid base64`);
+      const bytes = Buffer.from(body, 'base64');
+      return new Uint8Array(bytes); // a copy of its own, not a view of Buffer's shared pool
+    }
+    case '$number': {
+      const number = SPECIAL_NUMBERS.get(body);
+      if (number === undefined) throw formatError(what, `${path}: '${body.slice(0, 40)}' is not NaN, Infinity, -Infinity or -0`);
+      return number;
+    }
+    default:
+      throw formatError(what, `${path} has the unknown tag '${tag.slice(0, 40)}'`);
+  }
+}
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
+/**
+ * The value encodeState() encoded. `what` names the bytes in error messages ("the VcpuState
+ * section"). Throws StreamError('EFORMAT') on anything that is not valid state.
+ */
+export function decodeState(bytes: Uint8Array, what = 'the state'): unknown {
+  if (!(bytes instanceof Uint8Array)) throw new TypeError('bytes must be a Uint8Array');
+  let text: string;
+  try {
+    text = utf8.decode(bytes);
+  } catch {
+    throw formatError(what, 'not UTF-8');
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (error) {
+    throw formatError(what, `not JSON (${error instanceof Error ? error.message : String(error)})`);
+  }
+  try {
+    return fromJson(json, 'state', 0, what);
+  } catch (error) {
+    if (error instanceof StreamError) throw error;
+    throw formatError(what, error instanceof Error ? error.message : String(error));
+  }
+}
+
+type StateSectionType = typeof SectionType.Config | typeof SectionType.VcpuState | typeof SectionType.VmState | typeof SectionType.DeviceState;
+const STATE_SECTION_TYPES = new Set<number>([SectionType.Config, SectionType.VcpuState, SectionType.VmState, SectionType.DeviceState]);
+
+/** A Config, VcpuState, VmState or DeviceState section holding encodeState(value). */
+export function encodeStateSection(type: StateSectionType, value: unknown): Uint8Array {
+  if (!STATE_SECTION_TYPES.has(type)) throw new RangeError(`type must be Config, VcpuState, VmState or DeviceState, got ${String(type)}`);
+  return encodeSection(type as SectionTypeNumber, encodeState(value));
+}
+
+/** The state in a section from SectionReader.next(). */
+export function decodeStateSection(section: Section): unknown {
+  if (!STATE_SECTION_TYPES.has(section.type)) throw new StreamError('EFORMAT', `a ${section.name} section does not hold state`);
+  return decodeState(section.payload, `the ${section.name} section`);
+}

@@ -1,0 +1,449 @@
+// Snapshot files: full snapshots with a sparse, page-aligned RAM image; diff snapshots layered on
+// a parent by id; every corrupt or truncated file refused with a clear error.
+import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import os from 'node:os';
+import nodePath from 'node:path';
+import t, { type Test } from 'tap';
+import { encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
+import {
+  HEADER_BYTES, PAGE_BYTES, SectionType, StreamError, crc32, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
+  encodeSection, viewOf,
+} from '../../lib/migration/stream.js';
+import {
+  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
+} from '../../lib/migration/snapshot-file.js';
+
+const MiB = 1024 * 1024;
+
+async function streamError(t: Test, action: () => unknown): Promise<StreamError> {
+  try {
+    await action();
+  } catch (error) {
+    if (error instanceof StreamError) return error;
+    t.fail(`expected a StreamError, got ${String(error)}`);
+    throw error;
+  }
+  t.fail('expected a StreamError, nothing was thrown');
+  throw new Error('no error');
+}
+
+async function expectStreamError(t: Test, action: () => unknown, code: string, message: string | RegExp): Promise<void> {
+  const error = await streamError(t, action);
+  t.equal(error.code, code, `code ${code}`);
+  if (typeof message === 'string') t.equal(error.message, message);
+  else t.match(error.message, message);
+}
+
+function tempDir(t: Test): string {
+  const dir = mkdtempSync(nodePath.join(os.tmpdir(), 'node-kvm-snapshot-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Writes a recognizable pattern into page `page`. */
+function fillPage(memory: Uint8Array, page: number, seed: number): void {
+  for (let i = 0; i < PAGE_BYTES; i += 64) memory[page * PAGE_BYTES + i] = ((seed + i / 64) % 255) + 1;
+}
+
+const STATE = {
+  config: { name: 'vm1', memoryMiB: 64, devices: ['serial', 'virtio-blk'] },
+  vcpus: [
+    { index: 0, regs: { rip: 0xffff_fff0n, rsp: 0x7000n }, xsave: new Uint8Array([1, 2, 3]) },
+    { index: 1, regs: { rip: 0n, rsp: 0n }, xsave: new Uint8Array(0) },
+  ],
+  vm: { clock: 123456789012345n, pit: { mode: 2 } },
+  devices: { serial: { lcr: 3, fifo: new Uint8Array([0x41, 0x42]) } },
+};
+
+const NONZERO_PAGES = [0, 1, 2, 100, 4096, 16383];
+
+function fullOptions(memory: Uint8Array): WriteSnapshotOptions {
+  return { kind: 'snapshot', memoryBytes: memory.length, vcpuCount: 2, ...STATE, memory };
+}
+
+async function fullSnapshot(t: Test, memoryBytes = 64 * MiB) {
+  const dir = tempDir(t);
+  const memory = new Uint8Array(memoryBytes);
+  for (const page of NONZERO_PAGES) if (page * PAGE_BYTES < memoryBytes) fillPage(memory, page, page);
+  const path = nodePath.join(dir, 'base.snap');
+  const result = await writeSnapshotFile(path, fullOptions(memory));
+  return { dir, memory, path, result };
+}
+
+t.test('a full snapshot round trip: state, a sparse page-aligned RAM image, its checksum', async (t) => {
+  const { dir, memory, path, result } = await fullSnapshot(t);
+  const pages = memory.length / PAGE_BYTES;
+  t.equal(result.id.length, 16);
+  t.equal(result.pagesWritten, NONZERO_PAGES.length);
+  t.equal(result.zeroPagesSkipped, pages - NONZERO_PAGES.length);
+  t.same(readdirSync(dir), ['base.snap'], 'no temporary file is left');
+
+  const stat = statSync(path);
+  t.equal(stat.size, result.fileBytes);
+  t.ok(stat.blocks * 512 < 1 * MiB, `64 MiB of almost-zero RAM takes ${stat.blocks * 512} bytes of disk, under 1 MiB`);
+
+  const contents = await readSnapshotFile(path);
+  t.equal(contents.path, path);
+  t.same(contents.header.streamId, result.id);
+  t.same({ kind: contents.header.kind, memoryBytes: contents.header.memoryBytes, vcpuCount: contents.header.vcpuCount }, { kind: 'snapshot', memoryBytes: 64 * MiB, vcpuCount: 2 });
+  t.same(contents.config, STATE.config);
+  t.same(contents.vcpus, STATE.vcpus);
+  t.same(contents.vm, STATE.vm);
+  t.same(contents.devices, STATE.devices);
+  t.equal(contents.parent, undefined);
+  t.equal(contents.applyPages, undefined);
+  const image = contents.ramImage!;
+  t.equal(image.fileOffset % 4096, 0, 'the RAM image is page-aligned, so it can be mmap-ed');
+  t.equal(image.fileOffset, 4096, 'right after the sections');
+  t.equal(image.sizeBytes, memory.length);
+  t.equal(image.crc32, crc32(memory), 'the CRC of the whole image');
+  t.equal(result.fileBytes, image.fileOffset + memory.length);
+
+  // The file region is the raw image, byte for byte.
+  const fd = openSync(path, 'r');
+  const raw = new Uint8Array(memory.length);
+  t.equal(readSync(fd, raw, 0, raw.length, image.fileOffset), raw.length);
+  closeSync(fd);
+  t.ok(Buffer.from(raw).equals(memory), 'the file holds guest RAM at fileOffset');
+
+  await verifyRamImage(path, contents);
+  for (const memoryIsZeroed of [true, false]) {
+    const restored = new Uint8Array(memory.length).fill(memoryIsZeroed ? 0 : 0x5a);
+    const chain = await openSnapshotChain(path);
+    t.equal(chain.length, 1);
+    await loadSnapshotMemory(chain, restored, { memoryIsZeroed, verify: true });
+    t.ok(Buffer.from(restored).equals(memory), `loadSnapshotMemory restores RAM exactly (memoryIsZeroed ${memoryIsZeroed})`);
+  }
+});
+
+t.test('bytesWritten counts sections and non-zero pages, not holes', async (t) => {
+  const { memory, result } = await fullSnapshot(t, 1 * MiB);
+  const sectionsBytes = HEADER_BYTES + [
+    encodeStateSection(SectionType.Config, { machine: STATE.config }),
+    ...STATE.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
+    encodeStateSection(SectionType.VmState, STATE.vm),
+    encodeStateSection(SectionType.DeviceState, STATE.devices),
+    encodeRamImage({ fileOffset: 4096, sizeBytes: memory.length, crc32: 0 }),
+    encodeEnd(),
+  ].reduce((sum, section) => sum + section.length, 0);
+  t.equal(result.pagesWritten, 4, 'pages 0, 1, 2 and 100 of 256');
+  t.equal(result.bytesWritten, sectionsBytes + 4 * PAGE_BYTES);
+});
+
+t.test('the populated hint: only those ranges are read', async (t) => {
+  const dir = tempDir(t);
+  const memory = new Uint8Array(1 * MiB);
+  fillPage(memory, 3, 3);
+  fillPage(memory, 200, 200);
+  const hinted = nodePath.join(dir, 'hinted.snap');
+  const result = await writeSnapshotFile(hinted, { ...fullOptions(memory), populated: [[200 * PAGE_BYTES + 10, 5], [3 * PAGE_BYTES, 1], [0, 0], [3 * PAGE_BYTES, PAGE_BYTES]] });
+  t.equal(result.pagesWritten, 2);
+  const contents = await readSnapshotFile(hinted);
+  t.equal(contents.ramImage!.crc32, crc32(memory));
+  await verifyRamImage(hinted, contents);
+
+  // What lies outside the hint is taken as zero, unread.
+  const partial = nodePath.join(dir, 'partial.snap');
+  const partialResult = await writeSnapshotFile(partial, { ...fullOptions(memory), populated: [[3 * PAGE_BYTES, PAGE_BYTES]] });
+  t.equal(partialResult.pagesWritten, 1);
+  const restored = new Uint8Array(memory.length);
+  await loadSnapshotMemory(await openSnapshotChain(partial), restored, { verify: true });
+  const expected = memory.slice();
+  expected.fill(0, 200 * PAGE_BYTES, 201 * PAGE_BYTES);
+  t.ok(Buffer.from(restored).equals(expected));
+
+  for (const populated of [[[0, memory.length + 1]], [[-1, 10]], [[0.5, 10]], ['x']]) {
+    await t.rejects(writeSnapshotFile(nodePath.join(dir, 'bad.snap'), { ...fullOptions(memory), populated: populated as never }));
+  }
+  await t.rejects(writeSnapshotFile(nodePath.join(dir, 'bad.snap'), { ...fullOptions(memory), populated: 'x' as never }), TypeError);
+  t.notOk(existsSync(nodePath.join(dir, 'bad.snap.tmp')));
+});
+
+t.test('diff snapshots: only the written pages, layered on the parent by id', async (t) => {
+  const { dir, memory, path: basePath, result: base } = await fullSnapshot(t, 4 * MiB);
+  const current = memory.slice();
+  fillPage(current, 5, 77); // was zero
+  current.fill(0, 1 * PAGE_BYTES, 2 * PAGE_BYTES); // was non-zero, now zero: must be recorded
+  fillPage(current, 100, 9); // overwritten
+  const diffPath = nodePath.join(dir, 'diff1.snap');
+  const diff = await writeSnapshotFile(diffPath, {
+    kind: 'diff-snapshot', memoryBytes: current.length, vcpuCount: 2, ...STATE, vm: { clock: 2n }, memory: current,
+    parent: { path: basePath, id: base.id },
+    pages: [{ firstPage: 1, pageCount: 1 }, { firstPage: 5, pageCount: 1 }, { firstPage: 100, pageCount: 1 }],
+  });
+  t.same({ pagesWritten: diff.pagesWritten, zeroPagesSkipped: diff.zeroPagesSkipped }, { pagesWritten: 2, zeroPagesSkipped: 1 });
+  t.ok(diff.fileBytes < 3 * PAGE_BYTES, 'a diff holds its pages, not RAM');
+  t.equal(statSync(diffPath).size, diff.fileBytes);
+
+  const contents = await readSnapshotFile(diffPath);
+  t.equal(contents.header.kind, 'diff-snapshot');
+  t.same(contents.header.parentId, base.id);
+  t.same(contents.parent, { path: basePath, id: base.id });
+  t.same(contents.vm, { clock: 2n });
+  t.equal(contents.ramImage, undefined);
+  t.same(contents.pageCounts, { pages: 2, zeroPages: 1 });
+  t.equal(contents.pageSections!.length, 1);
+
+  // A second diff on the first.
+  const latest = current.slice();
+  fillPage(latest, 1000, 5);
+  const diff2Path = nodePath.join(dir, 'diff2.snap');
+  await writeSnapshotFile(diff2Path, {
+    kind: 'diff-snapshot', memoryBytes: latest.length, vcpuCount: 2, ...STATE, memory: latest,
+    parent: { path: diffPath, id: diff.id }, pages: [{ firstPage: 1000, pageCount: 1 }],
+  });
+
+  const chain = await openSnapshotChain(diff2Path);
+  t.same(chain.map((c) => nodePath.basename(c.path)), ['base.snap', 'diff1.snap', 'diff2.snap'], 'base first');
+  const restored = new Uint8Array(latest.length);
+  await loadSnapshotMemory(chain, restored, { memoryIsZeroed: true, verify: true });
+  t.ok(Buffer.from(restored).equals(latest), 'base image + diff 1 + diff 2 = the latest RAM');
+
+  const one = new Uint8Array(current.length);
+  await loadSnapshotMemory(await openSnapshotChain(diffPath), one);
+  t.ok(Buffer.from(one).equals(current), 'base image + diff 1 = RAM at diff 1');
+
+  // applyPages() by hand, as a copy-on-write restore does over the mapped base image.
+  const mapped = memory.slice();
+  t.same(contents.applyPages!(mapped), { pages: 2, zeroPages: 1 });
+  t.ok(Buffer.from(mapped).equals(current));
+  t.throws(() => contents.applyPages!(new Uint8Array(4096)), RangeError);
+
+  // The parent path is stored relative: the set of files can move together.
+  const moved = nodePath.join(dir, 'moved');
+  mkdirSync(moved);
+  for (const name of ['base.snap', 'diff1.snap', 'diff2.snap']) renameSync(nodePath.join(dir, name), nodePath.join(moved, name));
+  const movedChain = await openSnapshotChain(nodePath.join(moved, 'diff2.snap'));
+  t.same(movedChain.map((c) => c.path), ['base.snap', 'diff1.snap', 'diff2.snap'].map((name) => nodePath.join(moved, name)));
+});
+
+t.test('a diff refuses a parent that is not the expected snapshot', async (t) => {
+  const { dir, memory, path: basePath, result: base } = await fullSnapshot(t, 1 * MiB);
+  const diffOptions = (parentPath: string, id: Uint8Array): WriteSnapshotOptions => ({
+    kind: 'diff-snapshot', memoryBytes: memory.length, vcpuCount: 2, ...STATE, memory, parent: { path: parentPath, id }, pages: [{ firstPage: 0, pageCount: 1 }],
+  });
+  const diffPath = nodePath.join(dir, 'diff.snap');
+  const otherId = new Uint8Array(16).fill(0xab);
+  await expectStreamError(t, () => writeSnapshotFile(diffPath, diffOptions(basePath, otherId)), 'EMISMATCH',
+    `${basePath} is snapshot ${Buffer.from(base.id).toString('hex')}, not the parent expected (abababababababababababababababab)`);
+  t.notOk(existsSync(diffPath) || existsSync(`${diffPath}.tmp`), 'nothing written');
+
+  const smaller = new Uint8Array(512 * 1024);
+  await expectStreamError(t, () => writeSnapshotFile(diffPath, { ...diffOptions(basePath, base.id), memoryBytes: smaller.length, memory: smaller }), 'EMISMATCH',
+    `${basePath} is a snapshot of a machine with 1048576 bytes of RAM and 2 vCPUs, not 524288 and 2`);
+
+  // The parent file replaced by another snapshot after the diff was written.
+  await writeSnapshotFile(diffPath, diffOptions(basePath, base.id));
+  const replacement = await writeSnapshotFile(basePath, fullOptions(memory));
+  await expectStreamError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
+    `${diffPath} is layered on snapshot ${Buffer.from(base.id).toString('hex')}, but ${basePath} is snapshot ${Buffer.from(replacement.id).toString('hex')}`);
+
+  // A parent of another machine (written by hand: the writer refuses to make one).
+  const other = await writeSnapshotFile(nodePath.join(dir, 'other.snap'), { ...fullOptions(smaller), memoryBytes: smaller.length });
+  const header = encodeHeader({ kind: 'diff-snapshot', memoryBytes: memory.length, vcpuCount: 2, parentId: other.id });
+  writeFileSync(diffPath, Buffer.concat([header, ...stateSections(memory.length, { parent: { path: 'other.snap' } }), encodeEnd()]));
+  await expectStreamError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
+    `${diffPath} and its parent ${nodePath.join(dir, 'other.snap')} are snapshots of different machines (RAM size or vCPU count)`);
+});
+
+/** Config and state sections as writeSnapshotFile() lays them out. */
+function stateSections(_memoryBytes: number, configExtra: object = {}): Uint8Array[] {
+  return [
+    encodeStateSection(SectionType.Config, { machine: STATE.config, ...configExtra }),
+    ...STATE.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
+    encodeStateSection(SectionType.VmState, STATE.vm),
+    encodeStateSection(SectionType.DeviceState, STATE.devices),
+  ];
+}
+
+t.test('a chain longer than the limit, or looping on itself, is refused', async (t) => {
+  const dir = tempDir(t);
+  const id = new Uint8Array(16).fill(3);
+  // A diff that names itself as its parent, with its own id as the parent id.
+  const path = nodePath.join(dir, 'loop.snap');
+  const header = encodeHeader({ kind: 'diff-snapshot', memoryBytes: 8192, vcpuCount: 2, streamId: id, parentId: id });
+  writeFileSync(path, Buffer.concat([header, ...stateSections(8192, { parent: { path: 'loop.snap' } }), encodeEnd()]));
+  await expectStreamError(t, () => openSnapshotChain(path), 'EFORMAT', `${path}: more than ${MAX_SNAPSHOT_CHAIN} diff snapshots layered on each other`);
+});
+
+t.test('corrupt and truncated snapshot files', async (t) => {
+  const { dir, path } = await fullSnapshot(t, 1 * MiB);
+  const good = readFileSync(path);
+  const contents = await readSnapshotFile(path);
+  const sectionsEnd = HEADER_BYTES + stateSections(MiB).reduce((sum, s) => sum + s.length, 0) + 12 + 24 + 12;
+  const broken = nodePath.join(dir, 'broken.snap');
+
+  t.test('truncated anywhere in the sections', async (t) => {
+    let failures = 0;
+    for (let length = 0; length < sectionsEnd; length += 7) {
+      writeFileSync(broken, good.subarray(0, length));
+      const error = await streamError(t, () => readSnapshotFile(broken));
+      if (error.code !== 'ETRUNCATED') t.fail(`cut at ${length}: ${error.message}`);
+      failures++;
+    }
+    t.equal(failures, Math.ceil(sectionsEnd / 7));
+    writeFileSync(broken, good.subarray(0, 20));
+    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 68 bytes of the stream header at offset 0, got 20`);
+    writeFileSync(broken, good.subarray(0, HEADER_BYTES + 4));
+    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 8 bytes of a section header at offset 68, got 4`);
+  });
+
+  t.test('truncated in the RAM image', async (t) => {
+    const image = contents.ramImage!;
+    writeFileSync(broken, good);
+    truncateSync(broken, image.fileOffset + 1000);
+    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED',
+      `${broken}: snapshot file truncated: the RAM image ends at byte ${image.fileOffset + image.sizeBytes} but the file has ${image.fileOffset + 1000} bytes`);
+    await expectStreamError(t, () => verifyRamImage(broken, contents), 'ETRUNCATED',
+      `${broken}: snapshot file truncated: expected 1048576 bytes of the RAM image at offset 4096, got 1000`);
+  });
+
+  t.test('a flipped byte in the sections', async (t) => {
+    for (let offset = HEADER_BYTES; offset < sectionsEnd; offset += 5) {
+      const copy = Buffer.from(good);
+      copy[offset] ^= 0x04;
+      writeFileSync(broken, copy);
+      const error = await streamError(t, () => readSnapshotFile(broken));
+      if (!['ECHECKSUM', 'EFORMAT', 'ETOOBIG', 'ETRUNCATED'].includes(error.code)) t.fail(`flip at ${offset}: ${error.message}`);
+    }
+    const copy = Buffer.from(good);
+    copy[HEADER_BYTES + 8 + 3] ^= 1; // in the Config payload
+    writeFileSync(broken, copy);
+    await expectStreamError(t, () => readSnapshotFile(broken), 'ECHECKSUM', `${broken}: checksum mismatch in Config section`);
+  });
+
+  t.test('a flipped byte in the RAM image is found by the checksum when asked', async (t) => {
+    const image = contents.ramImage!;
+    writeFileSync(broken, good);
+    const fd = openSync(broken, 'r+');
+    writeSync(fd, new Uint8Array([0x01]), 0, 1, image.fileOffset + 200 * PAGE_BYTES + 17); // a hole in the image
+    closeSync(fd);
+    const brokenContents = await readSnapshotFile(broken);
+    await expectStreamError(t, () => verifyRamImage(broken, brokenContents), 'ECHECKSUM', `${broken}: checksum mismatch in the RAM image`);
+    await expectStreamError(t, () => loadSnapshotMemory([brokenContents], new Uint8Array(image.sizeBytes), { verify: true }), 'ECHECKSUM',
+      `${broken}: checksum mismatch in the RAM image`);
+  });
+
+  t.test('wrong magic, future version, a migration stream', async (t) => {
+    const copy = Buffer.from(good);
+    copy.write('GARBAGE!', 0, 'latin1');
+    writeFileSync(broken, copy);
+    await expectStreamError(t, () => readSnapshotFile(broken), 'EMAGIC', `${broken}: not a node-kvm migration stream or snapshot: the first 8 bytes are 4741524241474521, expected 'NODE-KVM'`);
+    const future = Buffer.from(good);
+    viewOf(future).setUint32(8, 2, true);
+    writeFileSync(broken, future);
+    await expectStreamError(t, () => readSnapshotFile(broken), 'EVERSION', `${broken}: stream version 2 is not supported (this build reads 1)`);
+    writeFileSync(broken, Buffer.concat([encodeHeader({ kind: 'migration', memoryBytes: MiB, vcpuCount: 2 }), ...stateSections(MiB), encodeEnd()]));
+    await expectStreamError(t, () => readSnapshotFile(broken), 'EFORMAT', `${broken}: this is a migration stream, not a snapshot file`);
+  });
+});
+
+t.test('sections out of place are refused', async (t) => {
+  const dir = tempDir(t);
+  const path = nodePath.join(dir, 'odd.snap');
+  const memoryBytes = 2 * PAGE_BYTES;
+  const fullHeader = () => encodeHeader({ kind: 'snapshot', memoryBytes, vcpuCount: 2 });
+  const diffHeader = () => encodeHeader({ kind: 'diff-snapshot', memoryBytes, vcpuCount: 2, parentId: new Uint8Array(16).fill(1) });
+  const [config, vcpu0, vcpu1, vm, devices] = stateSections(memoryBytes);
+  const ram = encodeRamImage({ fileOffset: 4096, sizeBytes: memoryBytes, crc32: 0 });
+  const diffConfig = encodeStateSection(SectionType.Config, { machine: {}, parent: { path: 'p.snap' } });
+  const hostilePages = (() => {
+    // A range past the end of guest RAM, sealed with a valid CRC.
+    const payload = new Uint8Array(4 + 16);
+    viewOf(payload).setUint32(0, 1, true);
+    viewOf(payload).setUint32(4, 2, true);
+    viewOf(payload).setUint32(12, 1, true);
+    viewOf(payload).setUint32(16, 1, true);
+    return encodeSection(SectionType.Pages, payload);
+  })();
+  const validPages = encodePages([{ firstPage: 0, pageCount: 1 }], () => new Uint8Array(PAGE_BYTES).fill(1)).sections[0];
+  const cases: [string, Uint8Array[], string, string][] = [
+    ['state before Config', [fullHeader(), vcpu0, config], 'EFORMAT', 'the first section is VcpuState, not Config'],
+    ['two Configs', [fullHeader(), config, config], 'EFORMAT', 'a second Config section'],
+    ['VmState before the vCPUs', [fullHeader(), config, vcpu0, vm], 'EFORMAT', 'misplaced VmState section in a snapshot file'],
+    ['three vCPUs', [fullHeader(), config, vcpu0, vcpu1, vcpu1], 'EFORMAT', 'misplaced VcpuState section in a snapshot file'],
+    ['DeviceState first', [fullHeader(), config, vcpu0, vcpu1, devices], 'EFORMAT', 'misplaced DeviceState section in a snapshot file'],
+    ['no DeviceState', [fullHeader(), config, vcpu0, vcpu1, vm, encodeEnd()], 'EFORMAT', 'the file ends after 2 of 2 vCPU states, without DeviceState'],
+    ['no state', [fullHeader(), config, encodeEnd()], 'EFORMAT', 'the file ends after 0 of 2 vCPU states, without VmState, without DeviceState'],
+    ['no RamImage', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeEnd()], 'EFORMAT', 'a full snapshot without a RamImage section'],
+    ['two RamImages', [fullHeader(), config, vcpu0, vcpu1, vm, devices, ram, ram], 'EFORMAT', 'misplaced RamImage section in a snapshot file'],
+    ['Pages in a full snapshot', [fullHeader(), config, vcpu0, vcpu1, vm, devices, validPages], 'EFORMAT', 'misplaced Pages section in a snapshot file'],
+    ['RamImage in a diff', [diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, ram], 'EFORMAT', 'misplaced RamImage section in a diff-snapshot file'],
+    ['Pages beyond RAM in a diff', [diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, hostilePages], 'EFORMAT',
+      'Pages range 0 (1 pages from page 0x2) lies outside guest RAM (0x2 pages)'],
+    ['a diff without a parent path', [diffHeader(), config], 'EFORMAT', 'the Config section of a diff snapshot does not name its parent'],
+    ['a full snapshot with a parent path', [fullHeader(), diffConfig], 'EFORMAT', 'the Config section of a full snapshot names a parent'],
+    ['a Config of another shape', [fullHeader(), encodeStateSection(SectionType.Config, [1])], 'EFORMAT', 'the Config section does not hold a snapshot configuration'],
+    ['an Error section', [fullHeader(), config, encodeErrorSection('disk full')], 'EFORMAT', 'the file holds an Error section: disk full'],
+    ['RAM image of the wrong size', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 4096, sizeBytes: 4096, crc32: 0 }), encodeEnd()],
+      'EFORMAT', 'the RAM image holds 4096 bytes but the header gives 8192 bytes of RAM'],
+    ['RAM image over the sections', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 0, sizeBytes: memoryBytes, crc32: 0 }), encodeEnd()],
+      'EFORMAT', /^the RAM image at offset 0 overlaps the sections, which end at \d+$/.source],
+    ['bad state JSON', [fullHeader(), config, encodeSection(SectionType.VcpuState, Buffer.from('{"__proto__":1}'))], 'EFORMAT',
+      "the VcpuState section of vCPU 0 is not valid state: state has the key '__proto__'"],
+  ];
+  for (const [name, sections, code, message] of cases) {
+    writeFileSync(path, Buffer.concat(sections));
+    const error = await streamError(t, () => readSnapshotFile(path));
+    t.equal(error.code, code, name);
+    if (message.startsWith('^')) t.match(error.message, new RegExp(`^${path.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: ${message.slice(1)}`), name);
+    else t.equal(error.message, `${path}: ${message}`, name);
+  }
+  // A valid hand-made diff reads back, its Pages checked in full.
+  writeFileSync(path, Buffer.concat([diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, validPages, encodeEnd()]));
+  const diff = await readSnapshotFile(path);
+  t.same(diff.pageCounts, { pages: 1, zeroPages: 0 });
+  t.same(diff.config, {});
+});
+
+t.test('writeSnapshotFile rejects bad options before touching the file', async (t) => {
+  const dir = tempDir(t);
+  const path = nodePath.join(dir, 'x.snap');
+  const memory = new Uint8Array(2 * PAGE_BYTES);
+  const good = fullOptions(memory);
+  const bad: [string, unknown, ErrorConstructor][] = [
+    ['kind', { ...good, kind: 'migration' }, RangeError],
+    ['memory not bytes', { ...good, memory: [] }, TypeError],
+    ['memory of another size', { ...good, memoryBytes: 3 * PAGE_BYTES }, RangeError],
+    ['vcpus not an array', { ...good, vcpus: {} }, TypeError],
+    ['vcpus of another count', { ...good, vcpuCount: 3 }, RangeError],
+    ['a full snapshot with a parent', { ...good, parent: { path: 'p', id: new Uint8Array(16) } }, TypeError],
+    ['a full snapshot with pages', { ...good, pages: [] }, TypeError],
+    ['a diff without a parent', { ...good, kind: 'diff-snapshot', pages: [] }, TypeError],
+    ['a diff without pages', { ...good, kind: 'diff-snapshot', parent: { path: 'p', id: new Uint8Array(16) } }, TypeError],
+    ['a diff with populated', { ...good, kind: 'diff-snapshot', parent: { path: 'p', id: new Uint8Array(16) }, pages: [], populated: [] }, TypeError],
+    ['state that cannot be encoded', { ...good, vm: { f: () => 1 } }, TypeError],
+    ['options', null, TypeError],
+  ];
+  for (const [name, options, type] of bad) {
+    await t.rejects(writeSnapshotFile(path, options as WriteSnapshotOptions), type, name);
+  }
+  await t.rejects(writeSnapshotFile('', good), TypeError);
+  t.same(readdirSync(dir), [], 'nothing created');
+  await t.rejects(writeSnapshotFile(nodePath.join(dir, 'missing', 'x.snap'), good), { code: 'ENOENT' });
+  await t.rejects(readSnapshotFile(''), TypeError);
+  await t.rejects(verifyRamImage(path, { header: {} } as never), TypeError);
+  await t.rejects(loadSnapshotMemory([], memory), TypeError);
+  await t.rejects(loadSnapshotMemory([{ header: {} } as never], memory), TypeError);
+  await writeSnapshotFile(path, good);
+  const contents = await readSnapshotFile(path);
+  await t.rejects(loadSnapshotMemory([contents], new Uint8Array(4096)), RangeError);
+  await t.rejects(loadSnapshotMemory([contents, contents], memory), TypeError, 'chain[1] must be a diff');
+  t.equal(encodeState(null).length, 4);
+});
+
+t.test('a failed write leaves neither the snapshot nor its temporary file', async (t) => {
+  const dir = tempDir(t);
+  const path = nodePath.join(dir, 'x.snap');
+  // A directory where the temporary file should go makes the open fail.
+  mkdirSync(`${path}.tmp`);
+  await t.rejects(writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2))), { code: 'EISDIR' });
+  t.notOk(existsSync(path));
+  rmSync(`${path}.tmp`, { recursive: true });
+  // An existing snapshot is replaced whole.
+  const first = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2).fill(1)));
+  const second = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2)));
+  t.notSame(first.id, second.id);
+  t.same((await readSnapshotFile(path)).header.streamId, second.id);
+  t.equal(statSync(path).size, second.fileBytes);
+});
