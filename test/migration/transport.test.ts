@@ -1,0 +1,352 @@
+// Migration transport: addresses, one authenticated connection per destination, the token
+// handshake both ways, unix socket files, timeouts.
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import os from 'node:os';
+import t, { type Test } from 'tap';
+import {
+  MIGRATION_PROTOCOL_VERSION, MigrationTransportError, connectForMigration, formatMigrationAddress, listenForMigration, parseMigrationAddress,
+  type ListenForMigrationOptions, type MigrationAddress,
+} from '../../lib/migration/transport.js';
+
+interface Listening {
+  bound: MigrationAddress;
+  accepted: Promise<net.Socket>;
+  rejected: { reason: string; peer: string }[];
+  /** Resolves at the next rejection. */
+  nextRejection(): Promise<{ reason: string; peer: string }>;
+}
+
+async function listen(address: MigrationAddress, options: ListenForMigrationOptions = {}): Promise<Listening> {
+  const rejected: { reason: string; peer: string }[] = [];
+  const waiters: (() => void)[] = [];
+  let onBound!: (bound: MigrationAddress) => void;
+  const bound = new Promise<MigrationAddress>((resolve) => (onBound = resolve));
+  const accepted = listenForMigration(address, {
+    ...options,
+    onListening: onBound,
+    onRejected: (reason, peer) => {
+      rejected.push({ reason, peer });
+      for (const wake of waiters.splice(0)) wake();
+    },
+  });
+  accepted.catch(() => {});
+  const result = await Promise.race([bound, accepted.then(() => { throw new Error('accepted before listening'); })]);
+  return {
+    bound: result,
+    accepted,
+    rejected,
+    nextRejection() {
+      const count = rejected.length;
+      return new Promise((resolve) => {
+        const check = () => (rejected.length > count ? resolve(rejected[count]!) : waiters.push(check));
+        check();
+      });
+    },
+  };
+}
+
+/** A fresh directory with a short path: a unix socket path must fit in 107 bytes. */
+function socketDir(t: Test, files: Record<string, string> = {}): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-transport-'));
+  for (const [name, content] of Object.entries(files)) fs.writeFileSync(path.join(dir, name), content);
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+const tcpPort = (address: MigrationAddress) => (address.kind === 'tcp' ? address.port : -1);
+
+async function rejection(promise: Promise<unknown>): Promise<MigrationTransportError> {
+  try {
+    await promise;
+  } catch (error) {
+    return error as MigrationTransportError;
+  }
+  throw new Error('expected a rejection');
+}
+
+/** Reads exactly `byteCount` bytes from a socket. */
+function readBytes(socket: net.Socket, byteCount: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    let received = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      if (received.length >= byteCount) {
+        socket.off('data', onData);
+        socket.pause();
+        if (received.length > byteCount) socket.unshift(received.subarray(byteCount));
+        resolve(received.subarray(0, byteCount));
+      }
+    };
+    socket.on('data', onData);
+    socket.once('error', reject);
+    socket.once('end', () => resolve(received));
+  });
+}
+
+function rawConnect(address: MigrationAddress): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = address.kind === 'unix' ? net.createConnection(address.path) : net.createConnection(address.port, '127.0.0.1');
+    socket.once('connect', () => resolve(socket));
+    socket.once('error', reject);
+  });
+}
+
+t.test('tcp on port 0 with a token: the right token connects, bytes flow both ways, and later connections are refused', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '', port: 0 }, { token: 'correct horse' });
+  t.equal(destination.bound.kind, 'tcp');
+  t.equal((destination.bound as { host: string }).host, '127.0.0.1', 'an empty host means loopback');
+  t.ok(tcpPort(destination.bound) > 0, 'onListening gets the real port');
+  const source = await connectForMigration({ kind: 'tcp', host: '127.0.0.1', port: tcpPort(destination.bound) }, { token: 'correct horse' });
+  // Written at once: the destination must find it after the handshake, not lose it inside it.
+  source.write('guest pages');
+  const accepted = await destination.accepted;
+  t.same(destination.rejected, []);
+  t.equal((await readBytes(accepted, 11)).toString(), 'guest pages');
+  accepted.write('ack');
+  t.equal((await readBytes(source, 3)).toString(), 'ack');
+
+  const late = await rejection(connectForMigration({ kind: 'tcp', host: '127.0.0.1', port: tcpPort(destination.bound) }, { token: 'correct horse' }));
+  t.equal(late.code, 'connect');
+  t.equal(late.message, `cannot connect to tcp:127.0.0.1:${tcpPort(destination.bound)}: ECONNREFUSED (is the destination listening?)`);
+  source.destroy();
+  accepted.destroy();
+});
+
+t.test('a wrong token fails the source; the destination reports it and waits for the right one', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'right' });
+  const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
+  const rejectedOnce = destination.nextRejection();
+  const wrong = await rejection(connectForMigration(address, { token: 'wrong' }));
+  t.type(wrong, MigrationTransportError);
+  t.equal(wrong.code, 'refused');
+  t.equal(wrong.message, 'migration refused: wrong token');
+  const { reason, peer } = await rejectedOnce;
+  t.equal(reason, 'wrong token');
+  t.match(peer, /^127\.0\.0\.1:\d+$/);
+
+  const source = await connectForMigration(address, { token: 'right' });
+  const accepted = await destination.accepted;
+  t.equal(destination.rejected.length, 1, 'the right token was not refused');
+  source.destroy();
+  accepted.destroy();
+});
+
+t.test('the destination must prove the token too: an impostor gets no guest', async (t) => {
+  // A listener that speaks the protocol but does not know the token.
+  const impostor = net.createServer((socket) => {
+    const greeting = Buffer.alloc(43);
+    Buffer.from('NKVM-MIG').copy(greeting);
+    greeting.writeUInt16BE(MIGRATION_PROTOCOL_VERSION, 8);
+    greeting[10] = 1;
+    socket.write(greeting);
+    void readBytes(socket, 75).then(async () => {
+      socket.resume();
+      socket.write(Buffer.concat([Buffer.of(0), Buffer.alloc(32, 0xab)]));
+      const ack = await readBytes(socket, 1);
+      acks.push(ack[0]!);
+    });
+  });
+  const acks: number[] = [];
+  await new Promise<void>((resolve) => impostor.listen(0, '127.0.0.1', resolve));
+  const port = (impostor.address() as net.AddressInfo).port;
+  const error = await rejection(connectForMigration({ kind: 'tcp', host: '127.0.0.1', port }, { token: 'secret' }));
+  t.equal(error.code, 'refused');
+  t.equal(error.message, 'migration refused: the destination does not hold the same token');
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  t.same(acks, [1], 'the source told it so');
+  impostor.close();
+});
+
+t.test('tcp without a token is refused at listen and at connect', async (t) => {
+  await t.rejects(listenForMigration({ kind: 'tcp', host: '127.0.0.1', port: 0 }), {
+    name: 'TypeError',
+    message: 'a token is required to listen for a migration over tcp (anyone who can reach the port could send a guest)',
+  });
+  await t.rejects(connectForMigration({ kind: 'tcp', host: '127.0.0.1', port: 4444 }), { name: 'TypeError', message: 'a token is required to migrate over tcp' });
+  await t.rejects(listenForMigration({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: '' }), { name: 'RangeError', message: 'token must not be empty' });
+  await t.rejects(connectForMigration({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'x' }), { name: 'RangeError', message: 'cannot connect to port 0 (tcp:127.0.0.1:0)' });
+});
+
+t.test('unix: the socket file is 0600 from the start, takes one connection, and is removed', async (t) => {
+  const dir = socketDir(t);
+  const socketPath = path.join(dir, 'migrate.sock');
+  const destination = await listen({ kind: 'unix', path: socketPath });
+  t.same(destination.bound, { kind: 'unix', path: socketPath });
+  const stats = fs.lstatSync(socketPath);
+  t.ok(stats.isSocket());
+  t.equal(stats.mode & 0o777, 0o600);
+  t.same(fs.readdirSync(dir), ['migrate.sock'], 'no private directory left behind');
+  const source = await connectForMigration({ kind: 'unix', path: socketPath });
+  const accepted = await destination.accepted;
+  t.notOk(fs.existsSync(socketPath), 'removed once the migration is accepted');
+  const second = await rejection(connectForMigration({ kind: 'unix', path: socketPath }));
+  t.equal(second.code, 'connect');
+  t.equal(second.message, `cannot connect to unix:${socketPath}: ENOENT (is the destination listening?)`);
+  source.write('x');
+  t.equal((await readBytes(accepted, 1)).toString(), 'x');
+  source.destroy();
+  accepted.destroy();
+});
+
+t.test('unix with a token: required of the source, and a tokenless destination is refused by a source with one', async (t) => {
+  const dir = socketDir(t);
+  const withToken = await listen({ kind: 'unix', path: path.join(dir, 'a.sock') }, { token: 't0k' });
+  const rejectedOnce = withToken.nextRejection();
+  const missing = await rejection(connectForMigration({ kind: 'unix', path: path.join(dir, 'a.sock') }));
+  t.equal(missing.message, 'migration refused: a token is required');
+  t.equal((await rejectedOnce).reason, 'a token is required');
+  t.equal((await rejectedOnce).peer, 'a local process');
+  const good = await connectForMigration({ kind: 'unix', path: path.join(dir, 'a.sock') }, { token: 't0k' });
+  (await withToken.accepted).destroy();
+  good.destroy();
+
+  const tokenless = await listen({ kind: 'unix', path: path.join(dir, 'b.sock') });
+  const closedOnce = tokenless.nextRejection();
+  const refused = await rejection(connectForMigration({ kind: 'unix', path: path.join(dir, 'b.sock') }, { token: 't0k' }));
+  t.equal(refused.code, 'refused');
+  t.equal(refused.message, 'migration refused: the destination was started without a token, so it cannot prove it is the intended one');
+  t.equal((await closedOnce).reason, 'handshake: the peer closed the connection while this side waited for the source\'s hello');
+  const plain = await connectForMigration({ kind: 'unix', path: path.join(dir, 'b.sock') });
+  (await tokenless.accepted).destroy();
+  plain.destroy();
+});
+
+t.test('unix: an existing file is never replaced; a live socket is in use; a stale one is replaced', async (t) => {
+  const dir = socketDir(t, { 'regular.sock': 'keep me' });
+  const regular = path.join(dir, 'regular.sock');
+  await t.rejects(listenForMigration({ kind: 'unix', path: regular }), {
+    message: `cannot listen for a migration on unix:${regular}: refusing to replace ${regular}: it exists and is not a socket`,
+  });
+  t.equal(fs.readFileSync(regular, 'utf8'), 'keep me');
+
+  const livePath = path.join(dir, 'live.sock');
+  const live = net.createServer();
+  await new Promise<void>((resolve) => live.listen(livePath, resolve));
+  await t.rejects(listenForMigration({ kind: 'unix', path: livePath }), {
+    message: `cannot listen for a migration on unix:${livePath}: ${livePath} is in use: something is listening there`,
+  });
+  await new Promise((resolve) => live.close(resolve));
+
+  // A socket file nobody listens on, as a killed process leaves it.
+  const stalePath = path.join(dir, 'stale.sock');
+  const stale = net.createServer();
+  await new Promise<void>((resolve) => stale.listen(stalePath, resolve));
+  const inode = fs.lstatSync(stalePath).ino;
+  fs.linkSync(stalePath, path.join(dir, 'stale-copy'));
+  await new Promise((resolve) => stale.close(resolve)); // libuv removes stale.sock itself...
+  fs.renameSync(path.join(dir, 'stale-copy'), stalePath); // ...so put the dead socket back
+  t.equal(fs.lstatSync(stalePath).ino, inode);
+  const destination = await listen({ kind: 'unix', path: stalePath });
+  t.not(fs.lstatSync(stalePath).ino, inode, 'a new socket in its place');
+  const source = await connectForMigration({ kind: 'unix', path: stalePath });
+  (await destination.accepted).destroy();
+  source.destroy();
+  t.same(fs.readdirSync(dir).sort(), ['regular.sock']);
+});
+
+t.test('timeouts: waiting for a migration, a silent source, a silent destination', async (t) => {
+  const dir = socketDir(t);
+  const waitPath = path.join(dir, 'wait.sock');
+  const error = await rejection(listenForMigration({ kind: 'unix', path: waitPath }, { timeoutMs: 100 }));
+  t.equal(error.code, 'timeout');
+  t.equal(error.message, `no migration arrived on unix:${waitPath} within 100 ms`);
+  t.notOk(fs.existsSync(waitPath), 'socket file removed');
+
+  // A peer that connects and says nothing is dropped; the real source still gets in.
+  const destination = await listen({ kind: 'unix', path: path.join(dir, 'slow.sock') }, { handshakeTimeoutMs: 100 });
+  const silentRejected = destination.nextRejection();
+  const silent = await rawConnect(destination.bound);
+  silent.on('error', () => {});
+  silent.resume();
+  t.equal((await silentRejected).reason, 'handshake timed out after 100 ms waiting for the source\'s hello');
+  const source = await connectForMigration(destination.bound);
+  (await destination.accepted).destroy();
+  source.destroy();
+  silent.destroy();
+
+  // A listener that never greets.
+  const mute = net.createServer(() => {});
+  const mutePath = path.join(dir, 'mute.sock');
+  await new Promise<void>((resolve) => mute.listen(mutePath, resolve));
+  const stalled = await rejection(connectForMigration({ kind: 'unix', path: mutePath }, { timeoutMs: 100 }));
+  t.equal(stalled.code, 'timeout');
+  t.equal(stalled.message, `migration connect to unix:${mutePath} timed out after 100 ms waiting for the greeting`);
+  mute.close();
+});
+
+t.test('peers that do not speak the protocol', async (t) => {
+  const dir = socketDir(t);
+  const destination = await listen({ kind: 'unix', path: path.join(dir, 'd.sock') });
+  const rejectedOnce = destination.nextRejection();
+  const stranger = await rawConnect(destination.bound);
+  const greeting = await readBytes(stranger, 43);
+  t.equal(greeting.subarray(0, 8).toString(), 'NKVM-MIG');
+  t.equal(greeting.readUInt16BE(8), MIGRATION_PROTOCOL_VERSION);
+  t.equal(greeting[10], 0, 'no token required');
+  stranger.resume();
+  stranger.write(Buffer.alloc(75, 0x41));
+  const verdict = await readBytes(stranger, 1000);
+  t.equal(verdict[0], 1, 'refused');
+  t.equal(verdict.subarray(2, 2 + verdict[1]!).toString(), 'not a node-kvm migration source');
+  t.equal((await rejectedOnce).reason, 'not a node-kvm migration source');
+  const source = await connectForMigration(destination.bound);
+  (await destination.accepted).destroy();
+  source.destroy();
+
+  const notMigration = net.createServer((socket) => socket.end('HTTP/1.1 400 Bad Request\r\n\r\n' + ' '.repeat(20)));
+  const httpPath = path.join(dir, 'http.sock');
+  await new Promise<void>((resolve) => notMigration.listen(httpPath, resolve));
+  const error = await rejection(connectForMigration({ kind: 'unix', path: httpPath }));
+  t.equal(error.code, 'protocol');
+  t.equal(error.message, `migration connect to unix:${httpPath}: not a node-kvm migration destination`);
+  notMigration.close();
+});
+
+t.test('listening can be aborted', async (t) => {
+  const dir = socketDir(t);
+  const controller = new AbortController();
+  const socketPath = path.join(dir, 'abort.sock');
+  const destination = await listen({ kind: 'unix', path: socketPath }, { signal: controller.signal });
+  controller.abort();
+  const error = await rejection(destination.accepted);
+  t.equal(error.code, 'aborted');
+  t.equal(error.message, `stopped listening for a migration on unix:${socketPath}: aborted`);
+  t.notOk(fs.existsSync(socketPath));
+});
+
+t.test('addresses: parse and format', async (t) => {
+  t.same(parseMigrationAddress('tcp:127.0.0.1:4444'), { kind: 'tcp', host: '127.0.0.1', port: 4444 });
+  t.same(parseMigrationAddress('tcp:dest.example.org:0'), { kind: 'tcp', host: 'dest.example.org', port: 0 });
+  t.same(parseMigrationAddress('tcp:[::1]:4444'), { kind: 'tcp', host: '::1', port: 4444 });
+  t.same(parseMigrationAddress('tcp:0.0.0.0:65535'), { kind: 'tcp', host: '0.0.0.0', port: 65535 });
+  t.same(parseMigrationAddress('unix:/run/vm.sock'), { kind: 'unix', path: '/run/vm.sock' });
+  t.same(parseMigrationAddress('unix:relative.sock'), { kind: 'unix', path: 'relative.sock' });
+  for (const text of ['tcp:127.0.0.1:4444', 'tcp:[::1]:4444', 'tcp:[fe80::1]:1', 'unix:/run/vm.sock']) {
+    t.equal(formatMigrationAddress(parseMigrationAddress(text)), text);
+  }
+  const bad: [string, string][] = [
+    ['127.0.0.1:4444', "migration address '127.0.0.1:4444' must be tcp:HOST:PORT or unix:PATH"],
+    ['', "migration address '' must be tcp:HOST:PORT or unix:PATH"],
+    ['udp:1.2.3.4:5', "migration address 'udp:1.2.3.4:5' must be tcp:HOST:PORT or unix:PATH"],
+    ['tcp::4444', "migration address 'tcp::4444' has an empty host (tcp:HOST:PORT)"],
+    ['tcp:host', "migration address 'tcp:host' has no port (tcp:HOST:PORT)"],
+    ['tcp:host:', "migration address 'tcp:host:': port '' is not a number 0..65535"],
+    ['tcp:host:65536', "migration address 'tcp:host:65536': port '65536' is not a number 0..65535"],
+    ['tcp:host:-1', "migration address 'tcp:host:-1': port '-1' is not a number 0..65535"],
+    ['tcp:host:44a', "migration address 'tcp:host:44a': port '44a' is not a number 0..65535"],
+    ['tcp:::1:4444', "migration address 'tcp:::1:4444': write an IPv6 host in brackets, as tcp:[::1]:PORT"],
+    ['tcp:[::1]4444', "migration address 'tcp:[::1]4444': an IPv6 host is written [ADDRESS]:PORT"],
+    ['tcp:[nope]:1', "migration address 'tcp:[nope]:1': 'nope' is not an IPv6 address"],
+    ['tcp:a b:1', "migration address 'tcp:a b:1': 'a b' is not a host name or address"],
+    ['unix:', "migration address 'unix:' has an empty path (unix:PATH)"],
+    ['unix:/a\0b', "migration address 'unix:/a\0b': the path contains a NUL byte"],
+    [`unix:/${'x'.repeat(107)}`, `migration address 'unix:/${'x'.repeat(107)}': the socket path is 108 bytes, at most 107 fit in sockaddr_un`],
+  ];
+  for (const [text, message] of bad) t.throws(() => parseMigrationAddress(text), { name: 'RangeError', message }, JSON.stringify(text));
+  t.throws(() => parseMigrationAddress(42 as unknown as string), { name: 'TypeError', message: 'address must be a string' });
+  await t.rejects(listenForMigration({ kind: 'tcp', host: '127.0.0.1', port: 70000 }, { token: 'x' }), { name: 'RangeError', message: 'address.port must be an integer 0..65535, got 70000' });
+  await t.rejects(listenForMigration({ kind: 'serial' } as unknown as MigrationAddress), { name: 'TypeError', message: "address.kind must be 'tcp' or 'unix'" });
+  await t.rejects(listenForMigration({ kind: 'unix', path: '/tmp/x.sock' }, { timeoutMs: -5 }), { name: 'RangeError', message: 'timeoutMs must be a positive number of milliseconds, got -5' });
+});
