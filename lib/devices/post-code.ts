@@ -34,4 +34,18 @@ export class PostCode implements PortDevice {
     Atomics.store(this.#state, LAST_CODE, value & 0xff);
     Atomics.add(this.#state, WRITES, 1);
   }
+
+  saveState(): PostCodeState {
+    return { lastCode: this.lastCode, writes: this.writes };
+  }
+
+  restoreState(state: PostCodeState): void {
+    Atomics.store(this.#state, LAST_CODE, state.lastCode & 0xff);
+    Atomics.store(this.#state, WRITES, state.writes | 0);
+  }
+}
+
+export interface PostCodeState {
+  lastCode: number;
+  writes: number;
 }

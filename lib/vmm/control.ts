@@ -1,12 +1,15 @@
 // The control block shared by the main thread and every vCPU thread of a machine: run state,
 // counters, and who reported the machine's exit first. vCPU threads check the state after every
-// exit and park on Atomics.wait while paused.
+// exit and park on Atomics.wait while paused; a parked thread also serves the main thread's
+// requests (save or restore its vCPU's state), since only it may make its vCPU's ioctls.
 
 export const STATE = 0;
 export const PARKED = 1;
 export const HALTED = 2;
 export const EXIT_CLAIMED = 3;
-const CONTROL_INTS = 4;
+/** Bumped on every state change and request, so a parked thread never misses a wake-up. */
+export const EPOCH = 4;
+const CONTROL_INTS = 5;
 
 export const RunState = {
   /** vCPUs are created and wait for start(). */
@@ -20,21 +23,31 @@ export function createControl(): SharedArrayBuffer {
   return new SharedArrayBuffer(CONTROL_INTS * 4);
 }
 
-/** The vCPU-thread side: park while paused; false once the machine is stopping. */
-export function waitWhileNotRunning(control: Int32Array): boolean {
-  for (;;) {
-    const state = Atomics.load(control, STATE);
-    if (state === RunState.Running) return true;
-    if (state === RunState.Stopping) return false;
-    if (state === RunState.Created) {
-      Atomics.wait(control, STATE, RunState.Created);
-      continue;
+/**
+ * The vCPU-thread side: park while created or paused, calling `serve` each time the thread wakes
+ * (requests arrive by ringDoorbell()); true once running, false once the machine is stopping.
+ */
+export function waitWhileNotRunning(control: Int32Array, serve?: () => void): boolean {
+  let parked = false;
+  try {
+    for (;;) {
+      const epoch = Atomics.load(control, EPOCH);
+      serve?.();
+      const state = Atomics.load(control, STATE);
+      if (state === RunState.Running) return true;
+      if (state === RunState.Stopping) return false;
+      if (state === RunState.Paused && !parked) {
+        parked = true;
+        Atomics.add(control, PARKED, 1);
+        Atomics.notify(control, PARKED);
+      }
+      Atomics.wait(control, EPOCH, epoch);
     }
-    Atomics.add(control, PARKED, 1);
-    Atomics.notify(control, PARKED);
-    Atomics.wait(control, STATE, RunState.Paused);
-    Atomics.sub(control, PARKED, 1);
-    Atomics.notify(control, PARKED);
+  } finally {
+    if (parked) {
+      Atomics.sub(control, PARKED, 1);
+      Atomics.notify(control, PARKED);
+    }
   }
 }
 
@@ -42,6 +55,13 @@ export function waitWhileNotRunning(control: Int32Array): boolean {
 export function setRunState(control: Int32Array, state: number): void {
   Atomics.store(control, STATE, state);
   Atomics.notify(control, STATE);
+  ringDoorbell(control);
+}
+
+/** Wakes parked vCPU threads so that they look for requests. */
+export function ringDoorbell(control: Int32Array): void {
+  Atomics.add(control, EPOCH, 1);
+  Atomics.notify(control, EPOCH);
 }
 
 /** Claims the right to report the machine's exit; true for the first caller only. */

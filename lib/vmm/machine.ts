@@ -3,28 +3,61 @@
 // exits.
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
 import { GuestMemory, Kvm, kickVcpu, type Vm, type VcpuKickHandle } from '../kvm/index.js';
-import { PostCode } from '../devices/post-code.js';
-import { Serial } from '../devices/serial.js';
+import { PostCode, type PostCodeState } from '../devices/post-code.js';
+import { Serial, type SerialState } from '../devices/serial.js';
+import { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import { DEFAULT_DIRTY_RING_BYTES, DirtyTracker, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages } from '../migration/dirty-tracker.js';
+import type { DirtyLogMode, MigrateOptions, MigrationStats, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { createBusShared, IoBus } from './bus.js';
 import { ByteRing, type ByteRingShared } from './byte-ring.js';
-import { PARKED, RunState, STATE, createControl, setRunState } from './control.js';
+import { PARKED, RunState, STATE, createControl, ringDoorbell, setRunState } from './control.js';
 import { SERIAL_GSI, type DevicesShared } from './devices.js';
 import { VcpuWorkerPool, startVcpuThread, type VcpuThread } from './pool.js';
-import type { MachineExit, WorkerMessage } from './types.js';
+import type { MachineExit, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import type { VcpuState } from './vcpu-state.js';
+import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
+export type { VcpuState } from './vcpu-state.js';
+export type { VmState } from './vm-state.js';
 
 /** Guest RAM above this would need the PCI hole below 4 GiB: not supported yet. */
 export const MAX_MEMORY_BYTES = 3 * 1024 ** 3;
 const MIB = 1024 * 1024;
+const PAGE_BYTES = 4096;
 // Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
 const TSS_ADDR = 0xfffbd000;
 const IDENTITY_MAP_ADDR = 0xfffbc000;
+const RAM_SLOT = 0;
 
-export interface MachineConfig {
+/** How a machine runs, whatever it was built from (an image, a snapshot, a migration). */
+export interface MachineRuntimeConfig {
+  serial?: {
+    /** An fd (written directly from the vCPU threads; default 1), a stream, or null to discard. */
+    output?: number | NodeJS.WritableStream | null;
+    /** Bytes from this stream reach the guest's COM1. */
+    input?: NodeJS.ReadableStream | null;
+  };
+  /** Host CPUs per vCPU (index = vCPU id). */
+  affinity?: (readonly number[] | undefined)[];
+  /** Borrow vCPU threads from here instead of starting new ones. */
+  pool?: VcpuWorkerPool;
+  /** Where the VMM's own warnings go (unknown ports, ...). Default: stderr. */
+  log?: (message: string) => void;
+  /** Default '/dev/kvm'. */
+  kvmPath?: string;
+  /**
+   * How snapshots and migrations learn which pages the guest wrote: 'bitmap' (KVM_GET_DIRTY_LOG,
+   * the default) or 'ring' (KVM_CAP_DIRTY_LOG_RING, where the host offers it).
+   */
+  dirtyLog?: DirtyLogMode;
+}
+
+export interface MachineConfig extends MachineRuntimeConfig {
   /** A guest image (flat binary, ELF32/64, Multiboot or PVH): bytes or a file path. */
   image: Uint8Array | string;
   /** Guest RAM in bytes (a multiple of 1 MiB). Default 64 MiB. */
@@ -37,26 +70,60 @@ export interface MachineConfig {
   loadAddr?: number;
   /** Kernel command line (Multiboot, PVH). */
   cmdline?: string;
-  serial?: {
-    /** An fd (written directly from the vCPU threads; default 1), a stream, or null to discard. */
-    output?: number | NodeJS.WritableStream | null;
-    /** Bytes from this stream reach the guest's COM1. */
-    input?: NodeJS.ReadableStream | null;
-  };
-  /** Host CPUs per vCPU (index = vCPU id). */
-  affinity?: (readonly number[] | undefined)[];
   /**
    * In-kernel interrupt controllers (PIC, IOAPIC, LAPICs, PIT). Default: on for more than one
    * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
    */
   irqchip?: boolean;
-  /** Borrow vCPU threads from here instead of starting new ones. */
-  pool?: VcpuWorkerPool;
-  /** Where the VMM's own warnings go (unknown ports, ...). Default: stderr. */
-  log?: (message: string) => void;
-  /** Default '/dev/kvm'. */
-  kvmPath?: string;
 }
+
+export interface RestoreConfig extends MachineRuntimeConfig {
+  /** Check the checksum of the saved RAM image before mapping it (reads the whole image). */
+  verify?: boolean;
+}
+
+export interface IncomingConfig extends MachineRuntimeConfig {
+  /** If given, the incoming stream must match it; by default the stream says. */
+  memoryBytes?: number;
+  vcpus?: number;
+  /** Required for tcp: the secret the source was given too. */
+  token?: string;
+  /** Give up if no migration arrives, or the stream stalls, this long. Default: wait forever for it, 10 s per stall. */
+  timeoutMs?: number;
+  /** Called once listening, with the address (the real port for tcp port 0). */
+  onListening?: (address: string) => void;
+}
+
+/** The hardware of a machine: what another process needs to build one the state fits. */
+export interface MachineShape {
+  memoryBytes: number;
+  vcpus: number;
+  irqchip: boolean;
+}
+
+export interface DeviceStates {
+  serial: SerialState;
+  postCode: PostCodeState;
+}
+
+/** Everything but RAM: what a snapshot or a migration carries besides memory. */
+export interface MachineState {
+  shape: MachineShape;
+  vm: VmState;
+  vcpus: VcpuState[];
+  devices: DeviceStates;
+}
+
+/** How the machine's parts are made: from an image (boot) or for a saved state (no boot). */
+interface BuildPlan {
+  shape: MachineShape;
+  boot: BootPlan | null;
+  /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
+  memory: (size: number) => GuestMemory | Promise<GuestMemory>;
+  runtime: MachineRuntimeConfig;
+}
+
+let msrIndexListCache: number[] | null = null;
 
 export declare interface Machine {
   on(event: 'exit', listener: (exit: MachineExit) => void): this;
@@ -66,13 +133,20 @@ export declare interface Machine {
 export class Machine extends EventEmitter {
   readonly vcpuCount: number;
   readonly memoryBytes: number;
-  readonly boot: BootPlan;
+  /** How the guest was booted; null for a machine restored from a snapshot or a migration. */
+  readonly boot: BootPlan | null;
+  readonly irqchip: boolean;
+  readonly dirtyLogMode: DirtyLogMode;
   readonly #kvm: Kvm;
   readonly #vm: Vm;
   readonly #memory: GuestMemory;
+  readonly #dirty: DirtyBitmap;
   readonly #control: Int32Array;
   readonly #threads: VcpuThread[];
   readonly #kicks: VcpuKickHandle[];
+  readonly #requestPorts: MessagePort[];
+  readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
+  #requestSeq = 0;
   readonly #pool: VcpuWorkerPool | undefined;
   readonly #serial: Serial;
   readonly #bus: IoBus;
@@ -83,14 +157,20 @@ export class Machine extends EventEmitter {
   readonly #outputStream: NodeJS.WritableStream | null;
   readonly #input: NodeJS.ReadableStream | null;
   readonly #onInput: (chunk: Buffer | string) => void;
+  #tracker: DirtyTracker | null = null;
+  /** Who uses the dirty tracker: a migration, or diff snapshots layered on `snapshotBase`. */
+  #trackerUser: 'migration' | 'snapshots' | null = null;
+  #snapshotBase: { path: string; id: Uint8Array } | null = null;
+  /** A snapshot or migration is under way: one at a time. */
+  #busy: string | null = null;
   #exit: MachineExit | null = null;
   #tornDown = false;
   #finished: Promise<MachineExit>;
   #finish!: (exit: MachineExit) => void;
 
   private constructor(parts: {
-    kvm: Kvm; vm: Vm; memory: GuestMemory; control: Int32Array; threads: VcpuThread[]; kicks: VcpuKickHandle[];
-    pool: VcpuWorkerPool | undefined; devices: DevicesShared; irqchip: boolean; boot: BootPlan; config: MachineConfig;
+    kvm: Kvm; vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; control: Int32Array; threads: VcpuThread[]; kicks: VcpuKickHandle[];
+    requestPorts: MessagePort[]; devices: DevicesShared; plan: BuildPlan; dirtyLog: DirtyLogMode;
     outputRing: ByteRing | null; outputStream: NodeJS.WritableStream | null; log: (message: string) => void;
   }) {
     super();
@@ -98,24 +178,36 @@ export class Machine extends EventEmitter {
     this.#kvm = parts.kvm;
     this.#vm = parts.vm;
     this.#memory = parts.memory;
+    this.#dirty = parts.dirty;
     this.#control = parts.control;
     this.#threads = parts.threads;
     this.#kicks = parts.kicks;
-    this.#pool = parts.pool;
+    this.#requestPorts = parts.requestPorts;
+    this.#pool = parts.plan.runtime.pool;
     this.#log = parts.log;
     this.#outputRing = parts.outputRing;
-    this.boot = parts.boot;
+    this.boot = parts.plan.boot;
+    this.irqchip = parts.plan.shape.irqchip;
+    this.dirtyLogMode = parts.dirtyLog;
     this.vcpuCount = parts.threads.length;
     this.memoryBytes = parts.memory.size;
     const vm = parts.vm;
-    this.#serial = new Serial(parts.devices.serial, parts.irqchip ? (level) => vm.setIrqLine(SERIAL_GSI, level) : () => {});
+    this.#serial = new Serial(parts.devices.serial, this.irqchip ? (level) => vm.setIrqLine(SERIAL_GSI, level) : () => {});
     this.#bus = new IoBus(parts.devices.bus, parts.log);
     this.#postCode = new PostCode(parts.devices.postCode);
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
-    this.#input = parts.config.serial?.input ?? null;
+    this.#input = parts.plan.runtime.serial?.input ?? null;
     this.#onInput = (chunk) => {
       this.#serial.receive(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
     };
+    for (const port of this.#requestPorts) {
+      port.on('message', (reply: VcpuReply) => {
+        const pending = this.#pendingRequests.get(reply.seq);
+        this.#pendingRequests.delete(reply.seq);
+        pending?.resolve(reply);
+      });
+      port.unref();
+    }
   }
 
   /**
@@ -124,21 +216,81 @@ export class Machine extends EventEmitter {
    */
   static async create(config: MachineConfig): Promise<Machine> {
     if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
-    const memoryBytes = config.memoryBytes ?? 64 * MIB;
-    if (!Number.isSafeInteger(memoryBytes) || memoryBytes < MIB || memoryBytes % MIB !== 0) {
-      throw new RangeError(`memoryBytes must be a positive multiple of 1 MiB, got ${memoryBytes}`);
-    }
-    if (memoryBytes > MAX_MEMORY_BYTES) throw new RangeError(`memoryBytes above ${MAX_MEMORY_BYTES / MIB} MiB is not supported`);
-    const vcpus = config.vcpus ?? 1;
-    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 255) throw new RangeError(`vcpus must be an integer 1..255, got ${vcpus}`);
+    const memoryBytes = checkMemoryBytes(config.memoryBytes ?? 64 * MIB);
+    const vcpus = checkVcpus(config.vcpus ?? 1);
     const image = typeof config.image === 'string' ? readImage(config.image) : config.image;
     if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array or a file path');
     const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline: config.cmdline });
-    const irqchip = config.irqchip ?? vcpus > 1;
-    const log = config.log ?? ((message: string) => process.stderr.write(`node-kvm: ${message}\n`));
+    return Machine.#build({
+      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? vcpus > 1 },
+      boot,
+      memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
+      runtime: config,
+    });
+  }
 
-    const threadsPromise = config.pool ? config.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
-    const kvm = Kvm.open(config.kvmPath);
+  /**
+   * A machine from a snapshot file (and the files a diff snapshot is layered on), ready to
+   * start() where the guest was. RAM is mapped from the file copy-on-write, not read in.
+   */
+  static async restore(path: string, config: RestoreConfig = {}): Promise<Machine> {
+    if (typeof path !== 'string' || path === '') throw new TypeError('path must be a snapshot file path');
+    const { loadSnapshot } = await import('../migration/snapshot.js');
+    const snapshot = await loadSnapshot(path, { verify: !!config.verify });
+    const machine = await Machine.#build({
+      shape: snapshot.state.shape,
+      boot: null,
+      memory: snapshot.mapMemory,
+      runtime: config,
+    });
+    try {
+      await machine.#applyState(snapshot.state);
+    } catch (error) {
+      await machine.stop();
+      throw error;
+    }
+    return machine;
+  }
+
+  /**
+   * Waits for one migration at `address` ('tcp:HOST:PORT' or 'unix:PATH'), receives the guest,
+   * and resolves with the machine running it here.
+   */
+  static async incoming(address: string, config: IncomingConfig = {}): Promise<Machine> {
+    if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
+    if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
+    if (config.vcpus !== undefined) checkVcpus(config.vcpus);
+    const { receiveMigration } = await import('../migration/receive.js');
+    return receiveMigration(address, config, async (shape) => {
+      checkMemoryBytes(shape.memoryBytes);
+      checkVcpus(shape.vcpus);
+      const machine = await Machine.#build({
+        shape,
+        boot: null,
+        memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
+        runtime: config,
+      });
+      return {
+        memory: machine.#memory,
+        apply: (state: MachineState) => machine.#applyState(state),
+        start: () => machine.start(),
+        discard: async () => {
+          await machine.stop();
+        },
+        machine,
+      };
+    });
+  }
+
+  static async #build(plan: BuildPlan): Promise<Machine> {
+    const { shape, runtime } = plan;
+    const vcpus = shape.vcpus;
+    const log = runtime.log ?? ((message: string) => process.stderr.write(`node-kvm: ${message}\n`));
+    const dirtyLog = runtime.dirtyLog ?? 'bitmap';
+    if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
+
+    const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
+    const kvm = Kvm.open(runtime.kvmPath);
     const cleanup: (() => void)[] = [() => kvm.close()];
     let threads: VcpuThread[] = [];
     try {
@@ -146,16 +298,25 @@ export class Machine extends EventEmitter {
       cleanup.unshift(() => vm.close());
       vm.setTssAddr(TSS_ADDR);
       vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
-      if (irqchip) {
+      if (shape.irqchip) {
         vm.createIrqChip();
         vm.createPit2({ speakerDummy: true });
       }
-      const memory = GuestMemory.create(memoryBytes, { backing: 'memfd' });
+      // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
+      if (dirtyLog === 'ring') {
+        if (!dirtyLogModesOffered(vm).includes('ring')) throw new Error('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
+        vm.enableDirtyRing(Math.min(DEFAULT_DIRTY_RING_BYTES, maxDirtyRingBytes(vm)));
+      }
+      const memory = await plan.memory(shape.memoryBytes);
       cleanup.unshift(() => memory.close());
-      vm.setUserMemoryRegion({ slot: 0, guestPhysAddr: 0, memory });
-      writeBootPlan(boot, memory);
+      vm.setUserMemoryRegion({ slot: RAM_SLOT, guestPhysAddr: 0, memory });
+      const dirty = DirtyBitmap.create(memory.size / PAGE_BYTES);
+      if (plan.boot) {
+        writeBootPlan(plan.boot, memory);
+        for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
+      }
 
-      const output = config.serial?.output === undefined ? 1 : config.serial.output;
+      const output = runtime.serial?.output === undefined ? 1 : runtime.serial.output;
       let outputRing: ByteRing | null = null;
       let serialOutput: { fd: number } | { ring: ByteRingShared };
       if (typeof output === 'number') {
@@ -168,6 +329,9 @@ export class Machine extends EventEmitter {
       const control = new Int32Array(createControl());
       const supported = kvm.getSupportedCpuid();
       const msrs = bootMsrs();
+      msrIndexListCache ??= kvm.getMsrIndexList();
+      const channels = Array.from({ length: vcpus }, () => new MessageChannel());
+      cleanup.unshift(() => channels.forEach((channel) => channel.port1.close()));
 
       threads = await threadsPromise;
       const kicks: VcpuKickHandle[] = new Array(vcpus);
@@ -184,14 +348,19 @@ export class Machine extends EventEmitter {
         };
         thread.worker.on('message', onMessage);
       }));
-      threads.forEach((thread, id) => thread.send({
-        type: 'assign',
-        assignment: {
-          vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? boot.bsp : null,
-          cpuid: guestCpuid(supported, id, vcpus), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip,
-          affinity: config.affinity?.[id] ? [...config.affinity[id]!] : null,
-        },
-      }));
+      threads.forEach((thread, id) => {
+        const requests = channels[id]!.port2;
+        thread.send({
+          type: 'assign',
+          assignment: {
+            vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
+            cpuid: guestCpuid(supported, id, vcpus), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
+            affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
+            requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
+            msrIndexList: msrIndexListCache!,
+          },
+        }, [requests]);
+      });
       try {
         await Promise.all(ready);
       } catch (error) {
@@ -200,13 +369,16 @@ export class Machine extends EventEmitter {
         throw error;
       }
       const outputStream = typeof output === 'object' ? output : null;
-      const machine = new Machine({ kvm, vm, memory, control, threads, kicks, pool: config.pool, devices, irqchip, boot, config, outputRing, outputStream, log });
+      const machine = new Machine({
+        kvm, vm, memory, dirty, control, threads, kicks, requestPorts: channels.map((channel) => channel.port1), devices, plan, dirtyLog,
+        outputRing, outputStream, log,
+      });
       machine.#watch();
       return machine;
     } catch (error) {
       for (const close of cleanup) close();
       if (threads.length > 0) {
-        if (config.pool) config.pool.release(threads);
+        if (runtime.pool) runtime.pool.release(threads);
         else for (const thread of threads) thread.send({ type: 'quit' });
       }
       throw error;
@@ -217,9 +389,25 @@ export class Machine extends EventEmitter {
     return (['created', 'running', 'paused', 'stopping'] as const)[Atomics.load(this.#control, STATE)]!;
   }
 
-  /** Guest RAM, shared with the guest (no copy). */
+  /** The hardware: what a snapshot or a migration needs to rebuild this machine elsewhere. */
+  get shape(): MachineShape {
+    return { memoryBytes: this.memoryBytes, vcpus: this.vcpuCount, irqchip: this.irqchip };
+  }
+
+  /** Guest RAM, shared with the guest (no copy). Write through writeMemory() so migrations see it. */
   get memory(): GuestMemory {
     return this.#memory;
+  }
+
+  /** The VMM's own dirty bitmap: every write our code makes to guest RAM is marked here. */
+  get vmmDirtyBitmap(): DirtyBitmap {
+    return this.#dirty;
+  }
+
+  /** Writes guest RAM from the VMM and marks the pages dirty, so snapshots and migrations carry them. */
+  writeMemory(guestPhysAddr: number, data: Uint8Array): void {
+    this.#memory.write(guestPhysAddr, data);
+    this.#dirty.mark(guestPhysAddr, data.length);
   }
 
   /** Unknown port and MMIO accesses the guest has made. */
@@ -262,6 +450,7 @@ export class Machine extends EventEmitter {
       if (result.async) await result.value;
       this.#kickAll();
     }
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw new Error(`machine is ${this.state}, not paused`);
   }
 
   resume(): void {
@@ -273,6 +462,170 @@ export class Machine extends EventEmitter {
   async stop(): Promise<MachineExit> {
     this.#end({ reason: 'stopped' });
     return this.#finished;
+  }
+
+  /**
+   * The state of every vCPU, the VM and the devices. The machine must be paused (or not yet
+   * started): a running vCPU's state would be stale at once.
+   */
+  async saveState(): Promise<MachineState> {
+    const state = this.state;
+    if (state !== 'paused' && state !== 'created') throw new Error(`machine is ${state}: pause it before saving its state`);
+    const vcpus = await Promise.all(this.#requestPorts.map(async (_, id) => {
+      const reply = await this.#request(id, { type: 'save' });
+      if (reply.type !== 'saved') throw new Error(`vCPU ${id}: cannot save its state: ${reply.type === 'failed' ? reply.error : reply.type}`);
+      return reply.state;
+    }));
+    return {
+      shape: this.shape,
+      vm: saveVmState(this.#vm, this.irqchip),
+      vcpus,
+      devices: { serial: this.#serial.saveState(), postCode: this.#postCode.saveState() },
+    };
+  }
+
+  async #applyState(state: MachineState): Promise<void> {
+    const mine = this.shape;
+    if (state.shape.memoryBytes !== mine.memoryBytes || state.shape.vcpus !== mine.vcpus || state.shape.irqchip !== mine.irqchip) {
+      throw new Error(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
+    }
+    if (state.vcpus.length !== this.vcpuCount) throw new Error(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
+    restoreVmState(this.#vm, state.vm, this.irqchip);
+    await Promise.all(state.vcpus.map(async (vcpuState, id) => {
+      const reply = await this.#request(id, { type: 'restore', state: vcpuState });
+      if (reply.type === 'failed') throw new Error(`vCPU ${id}: cannot restore its state: ${reply.error}`);
+      if (reply.type === 'restored' && reply.refusedMsrs.length > 0) {
+        this.#log(`vcpu${id}: the host refused MSRs ${reply.refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}`);
+      }
+    }));
+    this.#serial.restoreState(state.devices.serial);
+    this.#postCode.restoreState(state.devices.postCode);
+  }
+
+  #request(vcpuId: number, request: { type: 'save' } | { type: 'restore'; state: VcpuState }): Promise<VcpuReply> {
+    if (this.#exit) return Promise.reject(new Error('the machine has ended'));
+    const seq = ++this.#requestSeq;
+    return new Promise((resolve, reject) => {
+      this.#pendingRequests.set(seq, { resolve, reject });
+      this.#requestPorts[vcpuId]!.ref();
+      this.#requestPorts[vcpuId]!.postMessage({ ...request, seq } satisfies VcpuRequest);
+      ringDoorbell(this.#control);
+    }).finally(() => {
+      if (![...this.#pendingRequests.keys()].length) for (const port of this.#requestPorts) port.unref();
+    }) as Promise<VcpuReply>;
+  }
+
+  /**
+   * Writes the guest's memory and state to `path`. With `diff`, only the pages written since this
+   * machine's previous snapshot, layered on that file (which must stay where it is). A running
+   * machine is paused while its state and memory are written, then runs on.
+   */
+  async snapshot(path: string, options: SnapshotOptions = {}): Promise<SnapshotInfo> {
+    if (typeof path !== 'string' || path === '') throw new TypeError('path must be a file path');
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    const { writeMachineSnapshot } = await import('../migration/snapshot.js');
+    return this.#exclusive('snapshot', async () => {
+      const diff = !!options.diff;
+      if (diff && (!this.#snapshotBase || this.#trackerUser !== 'snapshots')) {
+        throw new Error('a diff snapshot needs a previous snapshot of this machine to layer on');
+      }
+      const started = performance.now();
+      const wasRunning = this.state === 'running';
+      if (wasRunning) await this.pause();
+      const pausedAt = performance.now();
+      try {
+        const state = await this.saveState();
+        let pages: import('../migration/types.js').PageRange[] | undefined;
+        if (diff) {
+          pages = this.#tracker!.harvest();
+        } else {
+          // Tracking from here on: the next diff snapshot needs what the guest writes after this one.
+          this.#startTracking('snapshots');
+          this.#tracker!.harvest();
+        }
+        let result;
+        try {
+          result = await writeMachineSnapshot(path, { state, memory: this.#memory, pages, parent: diff ? this.#snapshotBase! : undefined });
+        } catch (error) {
+          if (pages) this.#tracker!.requeue(pages);
+          throw error;
+        }
+        this.#snapshotBase = { path: result.path, id: result.id };
+        const pausedMs = performance.now() - pausedAt;
+        return { ...result.info, pausedMs, totalTimeMs: performance.now() - started };
+      } finally {
+        if (wasRunning && Atomics.load(this.#control, STATE) === RunState.Paused) this.resume();
+      }
+    });
+  }
+
+  /**
+   * Live-migrates the running guest to a destination waiting with Machine.incoming() (or
+   * `node-kvm run --incoming`). On success this machine ends with exit reason 'migrated'; on any
+   * failure the guest keeps running here and the promise rejects with what happened.
+   */
+  async migrate(address: string, options: MigrateOptions = {}): Promise<MigrationStats> {
+    if (typeof address !== 'string') throw new TypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
+    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    const { sendMigration } = await import('../migration/send.js');
+    return this.#exclusive('migration', async () => {
+      const state = this.state;
+      if (state !== 'running' && state !== 'paused') throw new Error(`machine is ${state}, not running`);
+      const stats = await sendMigration(address, options, {
+        memory: this.#memory,
+        memoryBytes: this.memoryBytes,
+        vcpuCount: this.vcpuCount,
+        dirtyLogMode: this.dirtyLogMode,
+        shape: this.shape,
+        startTracking: () => this.#startTracking('migration'),
+        stopTracking: () => this.#stopTracking(),
+        pause: async () => {
+          if (this.state === 'running') await this.pause();
+        },
+        resume: () => {
+          if (this.state === 'paused') this.resume();
+        },
+        saveState: () => this.saveState(),
+      });
+      this.#stopTracking();
+      this.#end({ reason: 'migrated' });
+      return stats;
+    });
+  }
+
+  async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {
+    if (this.#busy) throw new Error(`a ${this.#busy} is already under way`);
+    if (this.#exit) throw new Error('the machine has ended');
+    this.#busy = what;
+    try {
+      return await work();
+    } finally {
+      this.#busy = null;
+    }
+  }
+
+  #startTracking(user: 'migration' | 'snapshots'): DirtyTracker {
+    if (this.#tracker && this.#trackerUser !== user) this.#stopTracking();
+    if (!this.#tracker) {
+      this.#tracker = new DirtyTracker({
+        vm: this.#vm,
+        slots: [{ slot: RAM_SLOT, guestPhysAddr: 0, memory: this.#memory }],
+        mode: this.dirtyLogMode,
+        vmmDirty: this.#dirty,
+        vcpus: this.#kicks,
+      });
+      this.#tracker.start();
+    }
+    this.#trackerUser = user;
+    // A migration takes the tracker over: diff snapshots must then start from a new full one.
+    if (user === 'migration') this.#snapshotBase = null;
+    return this.#tracker;
+  }
+
+  #stopTracking(): void {
+    this.#tracker?.stop();
+    this.#tracker = null;
+    this.#trackerUser = null;
   }
 
   #kickAll(): void {
@@ -326,7 +679,11 @@ export class Machine extends EventEmitter {
       thread.worker.off('message', this.#onWorkerMessage);
       thread.worker.off('error', this.#onWorkerError);
     }
+    for (const pending of this.#pendingRequests.values()) pending.reject(new Error('the machine has ended'));
+    this.#pendingRequests.clear();
+    for (const port of this.#requestPorts) port.close();
     if (this.#input) this.#input.off('data', this.#onInput);
+    this.#tracker = null;
     this.#vm.close();
     this.#memory.close();
     this.#kvm.close();
@@ -342,6 +699,23 @@ export class Machine extends EventEmitter {
     this.#finish(exit);
     this.emit('exit', exit);
   }
+}
+
+function checkMemoryBytes(memoryBytes: number): number {
+  if (!Number.isSafeInteger(memoryBytes) || memoryBytes < MIB || memoryBytes % MIB !== 0) {
+    throw new RangeError(`memoryBytes must be a positive multiple of 1 MiB, got ${memoryBytes}`);
+  }
+  if (memoryBytes > MAX_MEMORY_BYTES) throw new RangeError(`memoryBytes above ${MAX_MEMORY_BYTES / MIB} MiB is not supported`);
+  return memoryBytes;
+}
+
+function checkVcpus(vcpus: number): number {
+  if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 255) throw new RangeError(`vcpus must be an integer 1..255, got ${vcpus}`);
+  return vcpus;
+}
+
+function describeShape(shape: MachineShape): string {
+  return `${shape.memoryBytes / MIB} MiB, ${shape.vcpus} vCPU${shape.vcpus === 1 ? '' : 's'}, ${shape.irqchip ? 'in-kernel irqchip' : 'no irqchip'}`;
 }
 
 function readImage(file: string): Uint8Array {

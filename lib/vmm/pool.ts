@@ -3,7 +3,7 @@
 // return them when they stop.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Worker } from 'node:worker_threads';
+import { Worker, type TransferListItem } from 'node:worker_threads';
 import type { MainMessage, WorkerMessage } from './types.js';
 
 // The worker module sits beside this one, as .ts under a TypeScript loader and .js when built.
@@ -12,7 +12,7 @@ const workerFile = path.join(path.dirname(here), `vcpu-worker${path.extname(here
 
 export interface VcpuThread {
   readonly worker: Worker;
-  send(message: MainMessage): void;
+  send(message: MainMessage, transfer?: TransferListItem[]): void;
 }
 
 /** Starts one vCPU thread and resolves once it has loaded and is idle. */
@@ -23,7 +23,7 @@ export function startVcpuThread(): Promise<VcpuThread> {
       if (message.type !== 'idle') return;
       worker.off('message', onMessage);
       worker.off('error', onError);
-      resolve({ worker, send: (m) => worker.postMessage(m) });
+      resolve({ worker, send: (m, transfer) => worker.postMessage(m, transfer) });
     };
     const onError = (error: Error) => reject(error);
     worker.on('message', onMessage);

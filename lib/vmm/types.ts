@@ -1,7 +1,9 @@
 // Messages and shapes shared by the machine (main thread) and its vCPU threads.
 import type { BootState } from '../boot/index.js';
 import type { CpuidEntry, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
+import type { MessagePort } from 'node:worker_threads';
 import type { DevicesShared } from './devices.js';
+import type { VcpuState } from './vcpu-state.js';
 
 export type MachineExitReason =
   | 'debug-exit' // the guest wrote to the debug-exit port; `code` is the value
@@ -11,7 +13,8 @@ export type MachineExitReason =
   | 'internal-error' // KVM could not run the guest (emulation failure, entry failure)
   | 'unhandled-exit' // an exit this VMM does not handle
   | 'error' // the VMM itself failed
-  | 'stopped'; // stop() was called
+  | 'stopped' // stop() was called
+  | 'migrated'; // the guest moved to another machine (migrate()), which runs it now
 
 export interface MachineExit {
   reason: MachineExitReason;
@@ -37,7 +40,23 @@ export interface VcpuAssignment {
   devices: DevicesShared;
   irqchip: boolean;
   affinity: number[] | null;
+  /** The main thread's requests to this vCPU (save, restore), served while it is parked. */
+  requests: MessagePort;
+  /** The VMM's own dirty bitmap (DirtyBitmap.shared), one bit per guest page. */
+  dirtyBitmap: SharedArrayBuffer;
+  memoryPages: number;
+  /** [slot, first guest frame] of every memory slot, for dirty-ring entries. */
+  slotBasePages: [number, number][];
+  /** KVM_GET_MSR_INDEX_LIST: the MSRs a saved state may hold. */
+  msrIndexList: number[];
 }
+
+export type VcpuRequest = { type: 'save'; seq: number } | { type: 'restore'; seq: number; state: VcpuState };
+
+export type VcpuReply =
+  | { seq: number; type: 'saved'; state: VcpuState }
+  | { seq: number; type: 'restored'; refusedMsrs: number[] }
+  | { seq: number; type: 'failed'; error: string };
 
 export type WorkerMessage =
   | { type: 'idle' }

@@ -1,7 +1,7 @@
 // A vCPU thread. It creates its vCPU (KVM wants vCPU ioctls from the creating thread), loops on
 // run(), and handles every exit itself through the I/O bus: nothing goes to the main thread per
 // exit. Between machines it idles, so a pool can hand it to the next machine.
-import { parentPort } from 'node:worker_threads';
+import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
@@ -10,7 +10,10 @@ import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
 import { createDevices } from './devices.js';
-import type { MachineExit, MainMessage, VcpuAssignment, WorkerMessage } from './types.js';
+import { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import { spillDirtyRing } from '../migration/dirty-tracker.js';
+import { readableMsrs, restoreVcpuState, saveVcpuState } from './vcpu-state.js';
+import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 
 const port = parentPort;
 if (!port) throw new Error('vcpu-worker runs in a worker thread');
@@ -44,6 +47,7 @@ function runAssignment(assignment: VcpuAssignment): void {
     if (claimExit(control)) post({ type: 'exit', exit });
     setRunState(control, RunState.Stopping);
   };
+  const dirty = DirtyBitmap.attach(assignment.dirtyBitmap, assignment.memoryPages);
   const { bus } = createDevices(assignment.devices, {
     setIrqLine: assignment.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : undefined,
     debugExit: (code) => report({ reason: 'debug-exit', code, vcpu: id }),
@@ -56,22 +60,66 @@ function runAssignment(assignment: VcpuAssignment): void {
   vcpu.setCpuid2(assignment.cpuid);
   if (assignment.msrs.length > 0) vcpu.setMsrs(assignment.msrs);
   if (assignment.boot) applyBootState(vcpu, assignment.boot);
+  const thread: VcpuThreadState = {
+    vcpu, vm, control, assignment, report, bus, dirty, halted: false, savedMsrs: null,
+    slotBasePages: new Map(assignment.slotBasePages),
+  };
+  const serve = () => serveRequests(thread);
   post({ type: 'ready', vcpuId: id, kick: vcpu.kickHandle });
-
-  if (!waitWhileNotRunning(control)) return;
-  runLoop(vcpu, bus, control, assignment, report);
+  try {
+    if (!waitWhileNotRunning(control, serve)) return;
+    if (thread.halted && !haltUntilStopped(thread, serve)) return;
+    runLoop(thread, serve);
+  } finally {
+    assignment.requests.close();
+  }
 }
 
-function runLoop(
-  vcpu: Vcpu,
-  bus: ReturnType<typeof createDevices>['bus'],
-  control: Int32Array,
-  assignment: VcpuAssignment,
-  report: (exit: MachineExit) => void,
-): void {
+interface VcpuThreadState {
+  readonly vcpu: Vcpu;
+  readonly vm: Vm;
+  readonly control: Int32Array;
+  readonly assignment: VcpuAssignment;
+  readonly report: (exit: MachineExit) => void;
+  readonly bus: ReturnType<typeof createDevices>['bus'];
+  readonly dirty: DirtyBitmap;
+  readonly slotBasePages: ReadonlyMap<number, number>;
+  /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
+  halted: boolean;
+  savedMsrs: number[] | null;
+}
+
+/** Serves the main thread's requests, while this vCPU is parked (created or paused). */
+function serveRequests(thread: VcpuThreadState): void {
+  const port: MessagePort = thread.assignment.requests;
+  for (let received = receiveMessageOnPort(port); received; received = receiveMessageOnPort(port)) {
+    const request = received.message as VcpuRequest;
+    let reply: VcpuReply;
+    try {
+      if (request.type === 'save') {
+        thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
+        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted);
+        reply = { seq: request.seq, type: 'saved', state };
+      } else {
+        const refusedMsrs = restoreVcpuState(thread.vcpu, request.state, thread.assignment.irqchip);
+        if (request.state.vmmHalted !== thread.halted) {
+          Atomics.add(thread.control, HALTED, request.state.vmmHalted ? 1 : -1);
+          thread.halted = request.state.vmmHalted;
+        }
+        reply = { seq: request.seq, type: 'restored', refusedMsrs };
+      }
+    } catch (e) {
+      reply = { seq: request.seq, type: 'failed', error: (e as Error)?.message ?? String(e) };
+    }
+    port.postMessage(reply);
+  }
+}
+
+function runLoop(thread: VcpuThreadState, serve: () => void): void {
+  const { vcpu, bus, control, report } = thread;
   const view = vcpu.kvmRun.view;
   const bytes = vcpu.kvmRun.bytes;
-  const id = assignment.vcpuId;
+  const id = thread.assignment.vcpuId;
   for (;;) {
     let reason: number;
     try {
@@ -85,31 +133,27 @@ function runLoop(
     } else if (reason === ExitReason.Mmio) {
       bus.handleMmio(view, bytes);
     } else if (reason !== ExitReason.Intr) {
-      if (!handleRareExit(vcpu, reason, control, assignment, report)) return;
+      if (!handleRareExit(thread, reason, serve)) return;
     }
-    if (Atomics.load(control, STATE) !== RunState.Running && !waitWhileNotRunning(control)) return;
+    if (Atomics.load(control, STATE) !== RunState.Running && !waitWhileNotRunning(control, serve)) return;
   }
 }
 
 /** Exits other than I/O and kicks. Returns false when this vCPU is done. */
-function handleRareExit(
-  vcpu: Vcpu,
-  reason: number,
-  control: Int32Array,
-  assignment: VcpuAssignment,
-  report: (exit: MachineExit) => void,
-): boolean {
-  const id = assignment.vcpuId;
+function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => void): boolean {
+  const { vcpu, report } = thread;
+  const id = thread.assignment.vcpuId;
   switch (reason) {
-    case ExitReason.Hlt: {
+    case ExitReason.Hlt:
       // Only without an in-kernel irqchip (KVM handles HLT itself otherwise): this vCPU has
       // nothing left to run. The machine ends when every vCPU has halted.
-      if (Atomics.add(control, HALTED, 1) + 1 === assignment.vcpuCount) report({ reason: 'hlt', code: 0, vcpu: id });
-      for (;;) {
-        if (Atomics.load(control, STATE) === RunState.Running) Atomics.wait(control, STATE, RunState.Running);
-        if (!waitWhileNotRunning(control)) return false;
-      }
-    }
+      thread.halted = true;
+      Atomics.add(thread.control, HALTED, 1);
+      return haltUntilStopped(thread, serve);
+    case ExitReason.DirtyRingFull:
+      // The ring is full of pages not yet harvested: move them to the VMM's bitmap, run on.
+      spillDirtyRing(vcpu, thread.vm, thread.slotBasePages, thread.dirty);
+      return true;
     case ExitReason.Shutdown:
       report({ reason: 'shutdown', vcpu: id, detail: 'triple fault', registers: dump(vcpu) });
       return false;
@@ -126,6 +170,19 @@ function handleRareExit(
     default:
       report({ reason: 'unhandled-exit', vcpu: id, detail: describe(vcpu), registers: dump(vcpu) });
       return false;
+  }
+}
+
+/** A halted vCPU waits for the machine's end (or pauses, saving its state meanwhile). */
+function haltUntilStopped(thread: VcpuThreadState, serve: () => void): boolean {
+  const { control } = thread;
+  if (Atomics.load(control, HALTED) >= thread.assignment.vcpuCount) {
+    thread.report({ reason: 'hlt', code: 0, vcpu: thread.assignment.vcpuId });
+  }
+  for (;;) {
+    if (Atomics.load(control, STATE) === RunState.Running) Atomics.wait(control, STATE, RunState.Running);
+    if (!waitWhileNotRunning(control, serve)) return false;
+    if (!thread.halted) return true;
   }
 }
 

@@ -1,0 +1,91 @@
+// The destination side of a live migration: accept one authenticated connection, check the
+// stream against this host's expectations, write the pages into a fresh machine's RAM as they
+// come, and only once the whole stream has arrived intact apply the state and run the guest.
+import type { Socket } from 'node:net';
+import type { GuestMemory } from '../kvm/memory.js';
+import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm/machine.js';
+import { MachineStateCollector, checkShape, encodeShape } from './machine-state.js';
+import { decodeStateSection } from './state-codec.js';
+import {
+  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePagesInto, encodeEnd, encodeErrorSection,
+  encodeHeader, socketSource, writeChunks,
+} from './stream.js';
+import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
+import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+
+/** What the machine builder hands back for an incoming guest. */
+export interface IncomingTarget {
+  memory: GuestMemory;
+  apply(state: MachineState): Promise<void>;
+  start(): void;
+  discard(): Promise<void>;
+  machine: Machine;
+}
+
+export async function receiveMigration(
+  addressText: string,
+  config: IncomingConfig,
+  build: (shape: MachineShape) => Promise<IncomingTarget>,
+): Promise<Machine> {
+  const address = parseMigrationAddress(addressText);
+  const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
+  const socket: Socket = await listenForMigration(address, {
+    token: config.token,
+    timeoutMs: config.timeoutMs,
+    onListening: (bound) => config.onListening?.(formatMigrationAddress(bound)),
+    onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
+  });
+  socket.on('error', () => {}); // failures surface through the reads below
+  const source = socketSource(socket, stallTimeoutMs);
+  const reader = new SectionReader(source);
+  let target: IncomingTarget | undefined;
+  let replyHeaderSent = false;
+  const reply = async (chunks: Uint8Array[], shape?: { memoryBytes: number; vcpus: number }) => {
+    if (!replyHeaderSent) {
+      chunks = [encodeHeader({ kind: 'migration', memoryBytes: shape?.memoryBytes ?? 4096, vcpuCount: shape?.vcpus ?? 1 }), ...chunks];
+      replyHeaderSent = true;
+    }
+    await writeChunks(socket, chunks);
+  };
+  try {
+    const header = await reader.readHeader();
+    checkHeader(header, { kind: 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
+    const first = await reader.next();
+    if (first.type !== SectionType.Config) throw new StreamError('EFORMAT', `the migration stream starts with a ${first.name} section, not its configuration`);
+    const shape = checkShape(decodeStateSection(first), 'migration stream');
+    if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
+      throw new StreamError('EMISMATCH', 'the migration stream\'s configuration contradicts its header');
+    }
+    target = await build(shape);
+    await reply([encodeShape(shape)], shape);
+
+    const ram = target.memory.bytes();
+    const state = new MachineStateCollector('migration stream');
+    for (;;) {
+      const section = await reader.next();
+      if (section.type === SectionType.Pages) decodePagesInto(section.payload, ram);
+      else if (section.type === SectionType.End) break;
+      else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
+      else if (!state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
+    }
+    const complete = state.finish({ memoryBytes: header.memoryBytes, vcpus: header.vcpuCount });
+    await target.apply(complete);
+    target.start();
+    await reply([encodeEnd()]);
+    socket.end();
+    source.close();
+    return target.machine;
+  } catch (error) {
+    const message = (error as Error)?.message ?? String(error);
+    try {
+      if (!socket.destroyed) await Promise.race([reply([encodeErrorSection(message)]), new Promise((resolve) => setTimeout(resolve, 1000))]);
+    } catch {
+      // The source is gone already.
+    }
+    // Half-close so the source reads why before it sees the connection go; drop it soon after.
+    socket.end();
+    setTimeout(() => socket.destroy(), 1000).unref();
+    if (target) await target.discard();
+    throw error;
+  }
+}

@@ -1,0 +1,311 @@
+// The source side of a live migration (pre-copy): send all RAM while the guest runs, then what it
+// dirtied, round after round, until the rest fits in the downtime budget; then pause, send the
+// rest and the machine's state, and wait for the destination to say the guest runs there. Any
+// failure before that resumes the guest here: nothing is lost.
+import type { Socket } from 'node:net';
+import type { GuestMemory } from '../kvm/memory.js';
+import type { MachineShape, MachineState } from '../vmm/machine.js';
+import { DirtyTracker } from './dirty-tracker.js';
+import { encodeMachineState, encodeShape } from './machine-state.js';
+import { pageCountOf, populatedPageRanges, unionRanges } from './page-ranges.js';
+import {
+  PAGE_BYTES, SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
+  encodePages, socketSource, writeChunks, type Section,
+} from './stream.js';
+import { connectForMigration, parseMigrationAddress } from './transport.js';
+import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
+
+export const DEFAULT_DOWNTIME_BUDGET_MS = 50;
+export const DEFAULT_MAX_ITERATIONS = 30;
+export const DEFAULT_MAX_PRECOPY_MS = 60_000;
+export const DEFAULT_MIGRATION_TIMEOUT_MS = 10_000;
+
+/** What a machine lends a migration. */
+export interface MigrationSource {
+  readonly memory: GuestMemory;
+  readonly memoryBytes: number;
+  readonly vcpuCount: number;
+  readonly dirtyLogMode: DirtyLogMode;
+  readonly shape: MachineShape;
+  startTracking(): DirtyTracker;
+  stopTracking(): void;
+  /** Pauses if running (no-op if paused). */
+  pause(): Promise<void>;
+  /** Resumes if paused. */
+  resume(): void;
+  saveState(): Promise<MachineState>;
+}
+
+/** Why a migration failed, in words for the user; `phase` says how far it got. */
+export class MigrationError extends Error {
+  readonly phase: MigrationPhase;
+  readonly code: string | undefined;
+  constructor(message: string, phase: MigrationPhase, code?: string) {
+    super(message);
+    this.name = 'MigrationError';
+    this.phase = phase;
+    this.code = code;
+  }
+}
+
+interface CheckedOptions {
+  token: string | undefined;
+  downtimeBudgetMs: number;
+  maxIterations: number;
+  maxPrecopyMs: number;
+  finishAnyway: boolean;
+  timeoutMs: number;
+  onProgress: ((progress: MigrationStats) => void) | undefined;
+}
+
+function checkOptions(options: MigrateOptions): CheckedOptions {
+  const positive = (value: number | undefined, name: string, fallback: number, integer = false): number => {
+    if (value === undefined) return fallback;
+    if (typeof value !== 'number' || !(value > 0) || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+      throw new RangeError(`${name} must be a positive ${integer ? 'integer' : 'number'}, got ${String(value)}`);
+    }
+    return value;
+  };
+  if (options.token !== undefined && typeof options.token !== 'string') throw new TypeError('token must be a string');
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw new TypeError('onProgress must be a function');
+  const onNonConvergence = options.onNonConvergence ?? 'finish';
+  if (onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
+    throw new RangeError(`onNonConvergence must be 'finish' or 'abort', got ${String(onNonConvergence)}`);
+  }
+  return {
+    token: options.token,
+    downtimeBudgetMs: positive(options.downtimeBudgetMs, 'downtimeBudgetMs', DEFAULT_DOWNTIME_BUDGET_MS),
+    maxIterations: positive(options.maxIterations, 'maxIterations', DEFAULT_MAX_ITERATIONS, true),
+    maxPrecopyMs: positive(options.maxPrecopyMs, 'maxPrecopyMs', DEFAULT_MAX_PRECOPY_MS),
+    finishAnyway: onNonConvergence === 'finish',
+    timeoutMs: positive(options.timeoutMs, 'timeoutMs', DEFAULT_MIGRATION_TIMEOUT_MS),
+    onProgress: options.onProgress,
+  };
+}
+
+export async function sendMigration(addressText: string, options: MigrateOptions, source: MigrationSource): Promise<MigrationStats> {
+  const address = parseMigrationAddress(addressText);
+  const opts = checkOptions(options);
+  const started = performance.now();
+  const stats: MigrationStats = {
+    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
+    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
+    memoryBytes: source.memoryBytes, dirtyLogMode: source.dirtyLogMode,
+  };
+  const progress = (phase: MigrationPhase) => {
+    stats.phase = phase;
+    stats.totalTimeMs = performance.now() - started;
+    try {
+      opts.onProgress?.({ ...stats });
+    } catch {
+      // A failing progress callback must not fail the migration.
+    }
+  };
+
+  let socket: Socket | undefined;
+  let peer: PeerReplies | undefined;
+  let paused = false;
+  let pausedAt = 0;
+  try {
+    socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs });
+    socket.on('error', () => {}); // failures surface through the reads and writes below
+    const connection = socket;
+    const replies = new PeerReplies(connection);
+    peer = replies;
+    const send = (chunks: Uint8Array[]) => replies.race(withStallTimeout(connection, writeChunks(connection, chunks), opts.timeoutMs));
+
+    await send([
+      encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount }),
+      encodeShape(source.shape),
+    ]);
+    await replies.expectAccept(opts.timeoutMs);
+    const tracker = source.startTracking();
+    stats.setupTimeMs = performance.now() - started;
+    progress('setup');
+
+    // The first pass: every page that may be non-zero; the destination's RAM starts zeroed.
+    const sentOnce = new Uint8Array(source.memoryBytes / PAGE_BYTES);
+    const ram = source.memory.bytes();
+    const read = (guestPhysAddr: number, byteLength: number) => ram.subarray(guestPhysAddr, guestPhysAddr + byteLength);
+    let ranges: PageRange[] = populatedPageRanges(source.memory);
+    let destinationZeroed = true;
+    let sendingStarted = performance.now();
+    let bytesSentTotal = 0;
+    const sendPages = async (pages: PageRange[]) => {
+      const encoded = encodePages(pages, read, { destinationZeroed, memoryBytes: source.memoryBytes });
+      for (const range of pages) {
+        for (let page = range.firstPage; page < range.firstPage + range.pageCount; page++) {
+          if (sentOnce[page]) stats.pagesResent++;
+          else sentOnce[page] = 1;
+        }
+      }
+      await send(encoded.sections);
+      stats.bytesTransferred += encoded.bytes;
+      stats.pagesTransferred += encoded.pagesSent;
+      stats.zeroPagesSkipped += encoded.zeroPages;
+      bytesSentTotal += encoded.bytes;
+    };
+
+    const precopyStarted = performance.now();
+    for (;;) {
+      const roundStarted = performance.now();
+      await sendPages(ranges);
+      destinationZeroed = false;
+      stats.iterations++;
+      ranges = tracker.harvest();
+      const roundMs = Math.max(performance.now() - roundStarted, 0.001);
+      stats.remainingPages = pageCountOf(ranges);
+      stats.dirtyPagesRate = (stats.remainingPages * 1000) / roundMs;
+      const elapsedSendingMs = Math.max(performance.now() - sendingStarted, 0.001);
+      stats.throughputBytesPerSec = (bytesSentTotal * 1000) / elapsedSendingMs;
+      // Until a round has moved enough data to measure, assume the loopback-class rate of 1 GiB/s.
+      const bytesPerMs = bytesSentTotal >= 4 * 1024 * 1024 ? bytesSentTotal / elapsedSendingMs : 1024 ** 3 / 1000;
+      stats.expectedDowntimeMs = (stats.remainingPages * PAGE_BYTES) / bytesPerMs;
+      progress('precopy');
+      if (stats.expectedDowntimeMs <= opts.downtimeBudgetMs) break;
+      if (stats.iterations >= opts.maxIterations || performance.now() - precopyStarted >= opts.maxPrecopyMs) {
+        if (opts.finishAnyway) break;
+        throw new MigrationError(
+          `the guest dirties memory faster than it can be sent: ${stats.remainingPages} pages left after ${stats.iterations} rounds ` +
+            `(expected downtime ${stats.expectedDowntimeMs.toFixed(1)} ms, budget ${opts.downtimeBudgetMs} ms); migration aborted, the guest runs on here`,
+          'precopy',
+          'ENOTCONVERGED',
+        );
+      }
+    }
+
+    // Stop and copy: nothing changes memory from here on.
+    await source.pause();
+    paused = true;
+    pausedAt = performance.now();
+    progress('stop-copy');
+    ranges = unionRanges(ranges, tracker.harvest());
+    await sendPages(ranges);
+    const state = await source.saveState();
+    await send([...encodeMachineState(state), encodeEnd()]);
+    await replies.expectResumed(opts.timeoutMs);
+    stats.downtimeMs = performance.now() - pausedAt;
+    stats.remainingPages = 0;
+    stats.expectedDowntimeMs = 0;
+    stats.throughputBytesPerSec = (bytesSentTotal * 1000) / Math.max(performance.now() - sendingStarted, 0.001);
+    connection.end();
+    source.stopTracking();
+    progress('completed');
+    return { ...stats };
+  } catch (caught) {
+    // A write that failed because the destination gave up: its reason says more than EPIPE.
+    const refusal = peer ? await peer.refusal(250) : undefined;
+    const error = refusal ? new MigrationError(`migration failed (${stats.phase}): the destination refused: ${refusal}; the guest runs on here`, stats.phase) : caught;
+    source.stopTracking();
+    if (socket && !socket.destroyed) {
+      // Tell the destination why, if it still listens, then drop the connection.
+      try {
+        socket.write(encodeErrorSection((error as Error).message));
+      } catch {
+        // The connection is gone already.
+      }
+      socket.destroy();
+    }
+    if (paused) source.resume();
+    progress('failed');
+    throw asMigrationError(error, stats.phase === 'failed' ? 'setup' : stats.phase);
+  }
+}
+
+function asMigrationError(error: unknown, phase: MigrationPhase): Error {
+  if (error instanceof MigrationError) return error;
+  const message = (error as Error)?.message ?? String(error);
+  const code = (error as { code?: string })?.code;
+  return new MigrationError(`migration failed (${phase}): ${message}; the guest runs on here`, phase, typeof code === 'string' ? code : undefined);
+}
+
+/** Rejects if `write` makes no progress for `timeoutMs` (the destination stopped reading). */
+function withStallTimeout(socket: Socket, write: Promise<void>, timeoutMs: number): Promise<void> {
+  let lastWritten = socket.bytesWritten;
+  let lastProgress = performance.now();
+  let timer: NodeJS.Timeout | undefined;
+  const stalled = new Promise<never>((_, reject) => {
+    timer = setInterval(() => {
+      if (socket.bytesWritten !== lastWritten) {
+        lastWritten = socket.bytesWritten;
+        lastProgress = performance.now();
+      } else if (performance.now() - lastProgress > timeoutMs) {
+        reject(new StreamError('ETIMEDOUT', `the destination stopped reading for ${timeoutMs} ms`));
+      }
+    }, Math.min(1000, timeoutMs / 4));
+  });
+  return Promise.race([write, stalled]).finally(() => clearInterval(timer));
+}
+
+/**
+ * What the destination says on its side of the connection (a stream header, then sections):
+ * Config once it has accepted the stream, End once the guest runs there, Error (with why) at any
+ * time. One read is always pending, so an early Error or a closed connection cuts a write short.
+ */
+class PeerReplies {
+  readonly #reader: SectionReader;
+  #pending!: Promise<Section>;
+  #failure!: Promise<never>;
+
+  constructor(socket: Socket) {
+    // The destination is silent while pre-copy runs, for as long as that takes: no stall timeout.
+    this.#reader = new SectionReader(socketSource(socket, Infinity));
+    this.#arm(this.#reader.readHeader().then(() => this.#reader.next()));
+  }
+
+  #arm(next: Promise<Section>): void {
+    this.#pending = next;
+    next.catch(() => {});
+    this.#failure = next.then(
+      (section) => {
+        if (section.type === SectionType.Error) throw new Error(`the destination refused: ${decodeErrorSection(section.payload)}`);
+        return new Promise<never>(() => {});
+      },
+      (error: Error) => {
+        throw new Error(`the destination closed the connection (${error.message})`);
+      },
+    );
+    this.#failure.catch(() => {});
+  }
+
+  /** The destination's reason for giving up, if it sends one within `waitMs`. */
+  async refusal(waitMs: number): Promise<string | undefined> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), waitMs)));
+    try {
+      const section = await Promise.race([this.#pending.catch(() => undefined), timeout]);
+      return section?.type === SectionType.Error ? decodeErrorSection(section.payload) : undefined;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  race<T>(work: Promise<T>): Promise<T> {
+    return Promise.race([work, this.#failure]);
+  }
+
+  async #expect(type: number, what: string, timeoutMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new StreamError('ETIMEDOUT', `no answer from the destination within ${timeoutMs} ms (waiting for ${what})`)), timeoutMs);
+    });
+    try {
+      const section = await Promise.race([this.#pending.catch((error: Error) => {
+        throw new Error(`the destination closed the connection (${error.message})`);
+      }), timeout]);
+      if (section.type === SectionType.Error) throw new Error(`the destination refused: ${decodeErrorSection(section.payload)}`);
+      if (section.type !== type) throw new StreamError('EFORMAT', `the destination sent a ${section.name} section while ${what} was due`);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async expectAccept(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.Config, 'its acceptance', timeoutMs);
+    this.#arm(this.#reader.next());
+  }
+
+  async expectResumed(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.End, 'word that the guest runs there', timeoutMs);
+  }
+}

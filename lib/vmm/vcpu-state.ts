@@ -1,0 +1,112 @@
+// The complete state of one vCPU, as saved for a snapshot or a migration and put back on
+// another vCPU. Runs on the vCPU's own thread (KVM wants vCPU ioctls from the creating thread),
+// while the machine is paused or not yet started.
+import type { CpuidEntry, DebugRegs, LapicState, MsrEntry, Regs, Sregs, VcpuEvents, Xcr } from '../kvm/structs.js';
+import type { Vcpu } from '../kvm/vcpu.js';
+
+export interface VcpuState {
+  id: number;
+  cpuid: CpuidEntry[];
+  /** KVM_GET_MP_STATE: runnable, halted, waiting for INIT/SIPI, ... */
+  mpState: number;
+  regs: Regs;
+  sregs: Sregs;
+  /** The XSAVE area: x87, SSE and AVX state (KVM_GET_FPU misreports MXCSR on some hosts). */
+  xsave: Uint8Array;
+  xcrs: Xcr[];
+  debugRegs: DebugRegs;
+  /** Only with the in-kernel irqchip. */
+  lapic: LapicState | null;
+  msrs: MsrEntry[];
+  events: VcpuEvents;
+  /** KVM_GET_TSC_KHZ where the host reports it. */
+  tscKhz: number | null;
+  /** Halted without an in-kernel irqchip: the VMM, not KVM, keeps this vCPU from running. */
+  vmmHalted: boolean;
+}
+
+/**
+ * The MSRs worth saving: those of KVM_GET_MSR_INDEX_LIST that this vCPU can read (the list names
+ * some a given CPUID does not enable). Probed once per vCPU, one MSR at a time.
+ */
+export function readableMsrs(vcpu: Vcpu, candidates: readonly number[]): number[] {
+  const readable: number[] = [];
+  for (const index of candidates) {
+    try {
+      vcpu.getMsrs([index]);
+      readable.push(index);
+    } catch {
+      // Not readable on this vCPU: nothing to save.
+    }
+  }
+  return readable;
+}
+
+export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip: boolean, vmmHalted: boolean): VcpuState {
+  // MP state first: reading it lets KVM fold pending LAPIC events into it (api.rst, KVM_GET_MP_STATE).
+  const mpState = vcpu.getMpState();
+  let tscKhz: number | null = null;
+  try {
+    tscKhz = vcpu.getTscKhz();
+  } catch {
+    tscKhz = null;
+  }
+  return {
+    id: vcpu.id,
+    cpuid: vcpu.getCpuid2(),
+    mpState,
+    regs: vcpu.getRegs(),
+    sregs: vcpu.getSregs(),
+    xsave: vcpu.getXsave(),
+    xcrs: vcpu.getXcrs(),
+    debugRegs: vcpu.getDebugRegs(),
+    lapic: irqchip ? vcpu.getLapic() : null,
+    msrs: msrIndices.length > 0 ? vcpu.getMsrs(msrIndices) : [],
+    events: vcpu.getVcpuEvents(),
+    tscKhz,
+    vmmHalted,
+  };
+}
+
+/**
+ * Puts a saved state on a freshly created vCPU, in the order KVM needs: CPUID before anything
+ * that depends on it (MSRs exist only once CPUID says so), the LAPIC before MSRs (the TSC
+ * deadline MSR depends on the LAPIC mode), events last. Returns the MSRs the host refused.
+ */
+export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, irqchip: boolean): number[] {
+  if (state.id !== vcpu.id) throw new Error(`state of vCPU ${state.id} given to vCPU ${vcpu.id}`);
+  vcpu.setCpuid2(state.cpuid);
+  if (state.tscKhz !== null && state.tscKhz > 0) {
+    try {
+      if (vcpu.getTscKhz() !== state.tscKhz) vcpu.setTscKhz(state.tscKhz);
+    } catch {
+      // Hosts without TSC scaling keep their own frequency; the guest's kvmclock copes.
+    }
+  }
+  vcpu.setMpState(state.mpState);
+  vcpu.setRegs(state.regs);
+  vcpu.setSregs(state.sregs);
+  vcpu.setXsave(state.xsave);
+  if (state.xcrs.length > 0) vcpu.setXcrs(state.xcrs);
+  vcpu.setDebugRegs(state.debugRegs);
+  if (irqchip && state.lapic) vcpu.setLapic(state.lapic);
+  const refused: number[] = [];
+  if (state.msrs.length > 0) {
+    try {
+      vcpu.setMsrs(state.msrs);
+    } catch {
+      // One refused MSR must not cost the rest: set them one by one and report the refusals.
+      for (const entry of state.msrs) {
+        try {
+          vcpu.setMsrs([entry]);
+        } catch {
+          // A zero value is what a new vCPU holds anyway (an MSR a host without the in-kernel
+          // LAPIC reads but will not take, for example): only a lost non-zero value matters.
+          if (BigInt(entry.data) !== 0n) refused.push(entry.index);
+        }
+      }
+    }
+  }
+  vcpu.setVcpuEvents(state.events);
+  return refused;
+}

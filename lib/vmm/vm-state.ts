@@ -1,0 +1,31 @@
+// VM-wide state kept by KVM: the in-kernel interrupt controllers, the PIT and the kvmclock base.
+import { IrqChip } from '../kvm/constants.js';
+import type { ClockData, IrqchipState, PitState2 } from '../kvm/structs.js';
+import type { Vm } from '../kvm/vm.js';
+
+export interface VmState {
+  /** PIC master, PIC slave, IOAPIC; null without the in-kernel irqchip. */
+  irqchips: IrqchipState[] | null;
+  pit: PitState2 | null;
+  clock: ClockData;
+}
+
+export function saveVmState(vm: Vm, irqchip: boolean): VmState {
+  return {
+    irqchips: irqchip ? [IrqChip.PicMaster, IrqChip.PicSlave, IrqChip.Ioapic].map((chip) => vm.getIrqChip(chip)) : null,
+    pit: irqchip ? vm.getPit2() : null,
+    clock: vm.getClock(),
+  };
+}
+
+/** Before the vCPUs' state, as the LAPICs' state refers to the IOAPIC's routing. */
+export function restoreVmState(vm: Vm, state: VmState, irqchip: boolean): void {
+  if (irqchip !== (state.irqchips !== null)) {
+    throw new Error(`the saved machine ${state.irqchips ? 'has' : 'has no'} in-kernel irqchip, this one ${irqchip ? 'has' : 'has none'}`);
+  }
+  if (state.pit) vm.setPit2(state.pit);
+  // Only the clock value: KVM_CLOCK_REALTIME would make KVM add the time that passed since the
+  // save, which is what a migration wants but a snapshot restored days later does not.
+  vm.setClock({ ...state.clock, flags: 0 });
+  for (const chip of state.irqchips ?? []) vm.setIrqChip(chip);
+}

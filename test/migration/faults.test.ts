@@ -1,0 +1,166 @@
+// Migrations that fail: whatever breaks (the destination, the source, the bytes in between, the
+// token, the version, the machine's size), the source keeps running its guest, or the destination
+// fails cleanly, and the error says what happened.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { Machine } from '../../lib/index.js';
+import { noKvm, repoRoot } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { startDestination } from '../helpers/migration-peer.js';
+
+const TOKEN = 'fault-token-91d2';
+
+/** The source guest, still running and still counting correctly, after a failed migration. */
+async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof startDirtier>>): Promise<void> {
+  t.equal(source.machine.state, 'running', 'the source guest runs on');
+  const pass = lastPass(source.output());
+  await source.waitForOutput(`pass ${pass + 2} ok\n`);
+  t.ok(isUnbrokenCount(source.output()), 'its count goes on unbroken, its memory check passing');
+}
+
+/**
+ * A TCP proxy between source and destination that lets `tamper` change or cut the source's bytes
+ * (counted from the stream header's magic on, after the handshake).
+ */
+async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void) => Buffer): Promise<string> {
+  const [, host, port] = /^tcp:(.*):(\d+)$/.exec(target)!;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(Number(port), host);
+    const cut = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    let seen = Buffer.alloc(0);
+    let streamStart = -1;
+    let forwarded = 0;
+    client.on('data', (chunk: Buffer) => {
+      let out = chunk;
+      if (streamStart < 0) {
+        seen = Buffer.concat([seen, chunk]);
+        const magic = seen.indexOf('NODE-KVM');
+        if (magic >= 0) streamStart = magic;
+      }
+      if (streamStart >= 0) {
+        const offsetInStream = forwarded - streamStart;
+        out = tamper(Buffer.from(chunk), offsetInStream, cut);
+      }
+      forwarded += chunk.length;
+      if (!upstream.destroyed) upstream.write(out);
+    });
+    upstream.on('data', (chunk) => client.destroyed || client.write(chunk));
+    client.on('error', cut);
+    upstream.on('error', cut);
+    client.on('close', () => upstream.end());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => server.close());
+  return `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+}
+
+/** Changes the byte at `at` (stream offset) with `change`. */
+const patchAt = (at: number, change: (byte: number) => number) => (chunk: Buffer, offset: number) => {
+  if (at >= offset && at < offset + chunk.length) chunk[at - offset] = change(chunk[at - offset]!);
+  return chunk;
+};
+
+async function migrateThroughFault(t: Test, options: {
+  destinationMemoryBytes?: number; destinationToken?: string; tamper?: Parameters<typeof startProxy>[2];
+  sourceMemoryBytes?: number;
+}) {
+  const destination = startDestination('tcp:127.0.0.1:0', options.destinationToken ?? TOKEN, options.destinationMemoryBytes);
+  t.teardown(() => destination.child.kill('SIGKILL'));
+  let address = await destination.listening;
+  if (options.tamper) address = await startProxy(t, address, options.tamper);
+  const source = await startDirtier({ memoryBytes: options.sourceMemoryBytes ?? 32 * MiB, rangeBytes: 2 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: 5000 }).then(
+    () => null,
+    (e: Error) => e,
+  );
+  return { destination, source, error };
+}
+
+t.test('wrong token: refused on both sides, the source runs on', { skip: noKvm }, async (t) => {
+  const { destination, source, error } = await migrateThroughFault(t, { destinationToken: 'another-token' });
+  t.match(error?.message, /wrong token/);
+  await assertStillRunning(t, source);
+  t.match(destination.stderr(), /refused a migration connection .*wrong token/, 'the destination logs the refused attempt');
+  t.equal(destination.child.exitCode, null, 'the destination keeps waiting for the right source');
+});
+
+t.test('memory size mismatch: the destination refuses before anything is applied', { skip: noKvm }, async (t) => {
+  const { destination, source, error } = await migrateThroughFault(t, { destinationMemoryBytes: 64 * MiB });
+  t.match(error?.message, /the destination refused: the stream carries 33554432 bytes of guest RAM; this machine has 67108864/);
+  await assertStillRunning(t, source);
+  const result = await destination.result;
+  t.match(result.report.error, /this machine has 67108864/);
+  t.equal(result.status, 1);
+});
+
+t.test('a stream of another version is refused', { skip: noKvm }, async (t) => {
+  const { destination, source, error } = await migrateThroughFault(t, { tamper: patchAt(8, () => 2) });
+  t.match(error?.message, /stream version 2 is not supported \(this build reads 1\)/);
+  await assertStillRunning(t, source);
+  t.match((await destination.result).report.error, /stream version 2 is not supported/);
+});
+
+t.test('corrupted bytes in page data: checksum error at the destination, the source runs on', { skip: noKvm }, async (t) => {
+  const { destination, source, error } = await migrateThroughFault(t, { tamper: patchAt(300_000, (byte) => byte ^ 0x40) });
+  t.match(error?.message, /checksum mismatch in Pages section/);
+  await assertStillRunning(t, source);
+  const result = await destination.result;
+  t.match(result.report.error, /checksum mismatch in Pages section/);
+  t.equal(result.status, 1);
+});
+
+t.test('a stream cut short: the destination reports it truncated, the source runs on', { skip: noKvm }, async (t) => {
+  const { destination, source, error } = await migrateThroughFault(t, {
+    tamper: (chunk, offset, cut) => {
+      if (offset + chunk.length > 500_000) {
+        cut();
+        return chunk.subarray(0, Math.max(0, 500_000 - offset));
+      }
+      return chunk;
+    },
+  });
+  t.match(error?.message, /migration failed .*the guest runs on here/);
+  await assertStillRunning(t, source);
+  const result = await destination.result;
+  t.match(result.report.error, /truncated|closed/);
+  t.equal(result.status, 1);
+});
+
+t.test('the destination killed mid-stream: the source runs on', { skip: noKvm }, async (t) => {
+  const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
+  const address = await destination.listening;
+  const source = await startDirtier({ memoryBytes: 64 * MiB, rangeBytes: 8 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  const error = await source.machine.migrate(address, {
+    token: TOKEN,
+    downtimeBudgetMs: 0.001, // never converges: the destination is killed while pre-copy goes on
+    maxIterations: 10_000,
+    timeoutMs: 5000,
+    onProgress: (progress) => {
+      if (progress.phase === 'precopy' && progress.iterations === 2) destination.child.kill('SIGKILL');
+    },
+  }).then(() => null, (e: Error) => e);
+  t.match(error?.message, /destination closed the connection|connection closed|ECONNRESET|EPIPE/);
+  await assertStillRunning(t, source);
+});
+
+t.test('the source killed mid-stream: the destination fails cleanly and says why', { skip: noKvm }, async (t) => {
+  let onListening: (address: string) => void;
+  const listening = new Promise<string>((resolve) => (onListening = resolve));
+  const logs: string[] = [];
+  const incoming = Machine.incoming('tcp:127.0.0.1:0', { token: TOKEN, timeoutMs: 20_000, onListening: (a) => onListening(a), log: (m) => logs.push(m) });
+  const address = await listening;
+  const child = spawn(process.execPath, [...process.execArgv, path.join(repoRoot, 'test', 'fixtures', 'migration-source.ts'), address, TOKEN], { stdio: 'ignore' });
+  const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('close', (_, signal) => resolve(signal)));
+  await t.rejects(incoming, { message: /truncated|closed/ }, 'Machine.incoming() rejects: the stream ended early');
+  t.equal(await exited, 'SIGKILL', 'the source died mid-migration');
+});

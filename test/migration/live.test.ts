@@ -1,0 +1,71 @@
+// Live migration of the running dirtier guest between two processes: the guest's count goes on at
+// the destination with no gap or restart, and its own check of its memory pattern keeps passing.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import type { MigrationProgress } from '../../lib/migration/types.js';
+import { noKvm } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { startDestination } from '../helpers/migration-peer.js';
+
+const TOKEN = 'test-token-4f1c';
+
+for (const transport of ['tcp', 'unix'] as const) {
+  for (const vcpus of [1, 2]) {
+    t.test(`live-migrate dirtier-user with ${vcpus} vCPU${vcpus > 1 ? 's' : ''} over ${transport}`, { skip: noKvm }, async (t) => {
+      const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-live-'));
+      t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+      const address = transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${path.join(dir, 'migrate.sock')}`;
+      const destination = startDestination(address, TOKEN);
+      t.teardown(() => destination.child.kill('SIGKILL'));
+      const bound = await destination.listening;
+
+      const source = await startDirtier({ vcpus, memoryBytes: 64 * MiB, rangeBytes: 4 * MiB });
+      t.teardown(() => source.machine.stop());
+      await source.waitForOutput('pass 2 ok\n');
+      const progress: MigrationProgress[] = [];
+      const stats = await source.machine.migrate(bound, { token: TOKEN, onProgress: (p) => progress.push({ ...p }) });
+      const sourceExit = await source.machine.wait();
+      t.equal(sourceExit.reason, 'migrated', 'the source ends as migrated');
+      t.equal(stats.phase, 'completed');
+      t.ok(stats.iterations >= 1, `iterations: ${stats.iterations}`);
+      t.ok(stats.pagesTransferred >= 1024, `at least the 4 MiB range went over (${stats.pagesTransferred} pages)`);
+      t.ok(stats.zeroPagesSkipped + stats.pagesTransferred >= 1024);
+      t.ok(stats.bytesTransferred >= stats.pagesTransferred * 4096, 'bytes cover the pages');
+      t.ok(stats.downtimeMs > 0 && stats.downtimeMs <= stats.totalTimeMs, `downtime ${stats.downtimeMs.toFixed(2)} ms of ${stats.totalTimeMs.toFixed(1)} ms`);
+      t.equal(stats.memoryBytes, 64 * MiB);
+      t.ok(progress.some((p) => p.phase === 'precopy'), 'progress events during pre-copy');
+
+      const sourceOutput = source.output();
+      const passAtMove = lastPass(sourceOutput);
+      await destination.waitForOutput(`pass ${passAtMove + 3} ok\n`);
+      destination.child.kill('SIGTERM');
+      const result = await destination.result;
+      t.equal(result.report.exit, 'stopped', `the destination ran the guest until told to stop: ${destination.stderr()}`);
+      const all = sourceOutput + destination.output();
+      t.ok(isUnbrokenCount(all), `one unbroken count across the move: ...${JSON.stringify(all.slice(-120))}`);
+      t.notMatch(destination.output(), /BAD/, 'the guest found its memory intact');
+    });
+  }
+}
+
+t.test('live-migrate with the dirty ring instead of the bitmap', { skip: noKvm }, async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-live-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const destination = startDestination(`unix:${path.join(dir, 'migrate.sock')}`);
+  t.teardown(() => destination.child.kill('SIGKILL'));
+  const bound = await destination.listening;
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { dirtyLog: 'ring' } });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 2 ok\n');
+  const stats = await source.machine.migrate(bound, { downtimeBudgetMs: 5 });
+  t.equal(stats.dirtyLogMode, 'ring');
+  t.equal((await source.machine.wait()).reason, 'migrated');
+  const sourceOutput = source.output();
+  await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 3} ok\n`);
+  destination.child.kill('SIGTERM');
+  await destination.result;
+  t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'one unbroken count across the move');
+  t.notMatch(destination.output(), /BAD/);
+});

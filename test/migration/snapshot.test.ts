@@ -1,0 +1,105 @@
+// machine.snapshot() and Machine.restore(): the restored guest continues where it was, with the
+// memory it had, and diff snapshots layer on the previous one.
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { PassThrough } from 'node:stream';
+import t, { type Test } from 'tap';
+import { Machine } from '../../lib/index.js';
+import { noKvm } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
+
+function scratchDir(t: Test): string {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-snapshot-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Restores `file` with its console collected; resolves the machine and an output getter. */
+async function restoreCollecting(file: string) {
+  const sink = new PassThrough();
+  let output = '';
+  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
+  const machine = await Machine.restore(file, { serial: { output: sink }, log: () => {} });
+  return {
+    machine,
+    output: () => output,
+    async waitForPass(pass: number, timeoutMs = 20_000) {
+      const deadline = Date.now() + timeoutMs;
+      while (lastPass(output) < pass) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for pass ${pass}; output: ${JSON.stringify(output)}`);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+    },
+  };
+}
+
+for (const vcpus of [1, 2]) {
+  t.test(`snapshot a running dirtier (${vcpus} vCPU${vcpus > 1 ? 's' : ''}), restore it: same memory, the count goes on`, { skip: noKvm }, async (t) => {
+    const dir = scratchDir(t);
+    const file = path.join(dir, 'full.snap');
+    const source = await startDirtier({ vcpus, memoryBytes: 32 * MiB });
+    t.teardown(() => source.machine.stop());
+    await source.waitForOutput('pass 3 ok\n');
+    await source.machine.pause();
+    const hashAtSnapshot = memoryHash(source.machine.memory);
+    const info = await source.machine.snapshot(file);
+    t.equal(info.kind, 'full');
+    t.equal(source.machine.state, 'paused', 'a paused machine stays paused');
+    t.ok(info.zeroPagesSkipped > 4096, `zero pages are not written (${info.zeroPagesSkipped} skipped)`);
+    t.ok(statSync(file).blocks * 512 < 8 * MiB, 'the file is sparse: an idle 32 MiB guest with a 1 MiB range takes a few MiB on disk');
+    const outputBefore = source.output();
+    await source.machine.stop();
+
+    const restored = await restoreCollecting(file);
+    t.teardown(() => restored.machine.stop());
+    t.equal(restored.machine.state, 'created');
+    t.equal(memoryHash(restored.machine.memory), hashAtSnapshot, 'restored memory hashes the same as at the snapshot');
+    restored.machine.start();
+    const passAtSnapshot = lastPass(outputBefore);
+    await restored.waitForPass(passAtSnapshot + 2);
+    const all = outputBefore + restored.output();
+    t.ok(isUnbrokenCount(all), `the count continues with no gap, restart or BAD: ${JSON.stringify(all.slice(-80))}`);
+    t.notMatch(restored.output(), /pass 1 ok/, 'the guest did not start over');
+  });
+}
+
+t.test('a running machine runs on after a snapshot; diff snapshots layer on it', { skip: noKvm }, async (t) => {
+  const dir = scratchDir(t);
+  const source = await startDirtier({ memoryBytes: 32 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 2 ok\n');
+  const full = await source.machine.snapshot(path.join(dir, 'base.snap'));
+  t.equal(source.machine.state, 'running', 'running again after the snapshot');
+  t.ok(full.pausedMs >= 0 && full.pausedMs <= full.totalTimeMs);
+  const passAfterFull = lastPass(source.output());
+  await source.waitForOutput(`pass ${passAfterFull + 2} ok\n`);
+
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  const diff = await source.machine.snapshot(path.join(dir, 'diff1.snap'), { diff: true });
+  t.equal(diff.kind, 'diff');
+  t.equal(diff.parent, path.join(dir, 'base.snap'));
+  // The guest rewrote its 1 MiB range (256 pages) and little else since the base.
+  t.ok(diff.pagesWritten >= 256 && diff.pagesWritten < 400, `only the dirtied pages (${diff.pagesWritten})`);
+  const outputBefore = source.output();
+  await source.machine.stop();
+
+  const restored = await restoreCollecting(path.join(dir, 'diff1.snap'));
+  t.teardown(() => restored.machine.stop());
+  t.equal(memoryHash(restored.machine.memory), hash, 'base + diff = the memory at the diff snapshot');
+  restored.machine.start();
+  await restored.waitForPass(lastPass(outputBefore) + 2);
+  t.ok(isUnbrokenCount(outputBefore + restored.output()), 'the count continues from the diff snapshot');
+});
+
+t.test('a diff snapshot without a base is refused; bad paths fail cleanly', { skip: noKvm }, async (t) => {
+  const dir = scratchDir(t);
+  const source = await startDirtier();
+  t.teardown(() => source.machine.stop());
+  await t.rejects(source.machine.snapshot(path.join(dir, 'x.snap'), { diff: true }), { message: /needs a previous snapshot/ });
+  await t.rejects(source.machine.snapshot(path.join(dir, 'missing-dir', 'x.snap')), { code: 'ENOENT' });
+  t.equal(source.machine.state, 'running', 'the guest keeps running after a failed snapshot');
+  await t.rejects(Machine.restore(path.join(dir, 'nope.snap')), { code: 'ENOENT' });
+  await t.rejects(source.machine.snapshot(''), TypeError);
+});
