@@ -8,7 +8,13 @@ import { VcpuWorkerPool } from '../vmm/pool.js';
 const USAGE = `usage: node-kvm <command> [options]
 
 commands:
-  run       boot a guest image with its serial console on this terminal
+  run       boot a guest image with its serial console on this terminal (or receive one by
+            live migration, or restore a snapshot)
+  migrate   live-migrate a running machine's guest to another node-kvm run --incoming
+  snapshot  write a running machine's guest to a file
+  status    print a running machine's state
+  pause     pause a running machine
+  resume    resume a paused machine
   info      print this host's KVM capabilities
 
 options:
@@ -32,20 +38,44 @@ async function main(argv: string[]): Promise<number> {
           memory: { type: 'string' },
           vcpus: { type: 'string' },
           cmdline: { type: 'string' },
+          'api-socket': { type: 'string' },
+          incoming: { type: 'string' },
+          restore: { type: 'string' },
+          token: { type: 'string' },
         },
       });
-      const threads = !values.help && positionals.length === 1 ? VcpuWorkerPool.create(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
+      const sources = positionals.length + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
+      const threads = !values.help && sources === 1 ? VcpuWorkerPool.create(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
       // A failure to start threads surfaces when run() awaits them; don't let it go unhandled first.
       threads?.catch(() => {});
-      const { RUN_USAGE, run } = await import('./run.js');
+      const { RUN_USAGE, run, checkRunSource } = await import('./run.js');
       if (values.help) {
         console.log(RUN_USAGE);
         return 0;
       }
-      if (positionals.length !== 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
-      return run({
-        image: positionals[0]!, mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-      }, threads!);
+      const options = {
+        image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
+        mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
+      };
+      if (!threads) {
+        if (positionals.length > 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
+        checkRunSource(options); // none or several of IMAGE, --incoming, --restore: throws
+      }
+      return run(options, threads!);
+    }
+    case 'migrate': {
+      const { migrateCommand } = await import('./migrate.js');
+      return migrateCommand(rest);
+    }
+    case 'snapshot': {
+      const { snapshotCommand } = await import('./snapshot.js');
+      return snapshotCommand(rest);
+    }
+    case 'status':
+    case 'pause':
+    case 'resume': {
+      const { controlCommand } = await import('./snapshot.js');
+      return controlCommand(command, rest);
     }
     case 'info': {
       const { values } = parseArgs({

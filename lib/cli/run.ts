@@ -1,31 +1,69 @@
-// `node-kvm run IMAGE`: boots a guest with its serial console on this terminal.
+// `node-kvm run`: boots a guest (or receives one by migration, or restores a snapshot) with its
+// serial console on this terminal, optionally serving its control API.
+import { constants as osConstants } from 'node:os';
+import path from 'node:path';
 import { debugExitStatus } from '../devices/debug-exit.js';
+import { parseMigrationAddress } from '../migration/transport.js';
 import { Machine, type MachineExit } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
+import { startApiServer, type ApiMachine, type ApiServer } from './api-server.js';
+import { TOKEN_ENV, migrationToken } from './migrate.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
+       node-kvm run --incoming tcp:HOST:PORT|unix:PATH [--token T] [--memory SIZE] [--vcpus N] [--api-socket PATH]
+       node-kvm run --restore FILE [--api-socket PATH]
 
 Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel) with its serial console (COM1)
 on this terminal. Exits with the guest's debug-exit status ((value << 1) | 1, as QEMU's
-isa-debug-exit), 0 when every vCPU halts with nothing left to run or the guest resets.
-On a terminal, Ctrl-A x stops the guest.
+isa-debug-exit), 0 when every vCPU halts with nothing left to run, the guest resets, or it
+migrates away. On a terminal, Ctrl-A x stops the guest.
+
+With --incoming, waits for one live migration (from node-kvm migrate) and runs the guest it
+receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot).
 
 options:
   --mode real|protected|long  entry mode for a flat binary (default real)
   --load-addr ADDR            load address of a flat binary (default 0x7c00)
-  --memory SIZE               guest RAM, e.g. 64M, 1G (default 64M)
-  --vcpus N                   number of vCPUs (default 1)
+  --memory SIZE               guest RAM, e.g. 64M, 1G (default 64M; with --incoming, what the
+                              migration must bring, by default whatever it brings)
+  --vcpus N                   number of vCPUs (default 1; with --incoming, as --memory)
   --cmdline TEXT              kernel command line (Multiboot, PVH)
+  --api-socket PATH           serve the control API (node-kvm status, pause, resume, snapshot,
+                              migrate) on this unix socket
+  --incoming ADDRESS          receive the guest: tcp:HOST:PORT (port 0: any free port) or
+                              unix:PATH; HOST 0.0.0.0 listens on every interface
+  --token T                   the secret the migration must prove it knows (required for tcp);
+                              or set ${TOKEN_ENV}, which other users cannot see in ps
+  --restore FILE              run the guest saved in this snapshot
   -h, --help                  show this help`;
 
 export interface RunOptions {
-  image: string;
+  image?: string;
+  incoming?: string;
+  restore?: string;
+  token?: string;
+  apiSocket?: string;
   mode?: string;
   loadAddr?: string;
   memory?: string;
   vcpus?: string;
   cmdline?: string;
+}
+
+/** Checks that exactly one of IMAGE, --incoming and --restore is given, with options that fit it. */
+export function checkRunSource(options: RunOptions): void {
+  const sources = [options.image !== undefined, options.incoming !== undefined, options.restore !== undefined].filter(Boolean).length;
+  if (sources !== 1) throw new RangeError('run takes one IMAGE, or --incoming ADDRESS, or --restore FILE (see node-kvm run --help)');
+  const imageOnly = (['mode', 'loadAddr', 'cmdline'] as const).filter((key) => options[key] !== undefined);
+  if (options.image === undefined && imageOnly.length > 0) {
+    const names = { mode: '--mode', loadAddr: '--load-addr', cmdline: '--cmdline' };
+    throw new RangeError(`${names[imageOnly[0]!]} applies to booting an IMAGE only`);
+  }
+  if (options.restore !== undefined && (options.memory !== undefined || options.vcpus !== undefined)) {
+    throw new RangeError('--memory and --vcpus come from the snapshot with --restore');
+  }
+  if (options.token !== undefined && options.incoming === undefined) throw new RangeError('--token applies to --incoming only');
 }
 
 export function parseSize(text: string): number {
@@ -52,33 +90,73 @@ export async function run(options: RunOptions, pool: Promise<VcpuWorkerPool>): P
 }
 
 async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<number> {
+  checkRunSource(options);
   const mode = options.mode;
   if (mode !== undefined && mode !== 'real' && mode !== 'protected' && mode !== 'long') {
     throw new RangeError(`--mode must be real, protected or long, got '${mode}'`);
   }
-  const vcpus = options.vcpus === undefined ? 1 : Number(options.vcpus);
-  if (!Number.isInteger(vcpus) || vcpus < 1) throw new RangeError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
+  const vcpus = options.vcpus === undefined ? undefined : Number(options.vcpus);
+  if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw new RangeError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
+  const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
+  const serial = { output: 1, input: null };
   const stdin = process.stdin;
   const interactive = stdin.isTTY === true;
-  const machine = await Machine.create({
-    image: options.image,
-    mode: mode as CpuMode | undefined,
-    loadAddr: options.loadAddr === undefined ? undefined : parseAddress(options.loadAddr, '--load-addr'),
-    memoryBytes: options.memory === undefined ? undefined : parseSize(options.memory),
-    vcpus,
-    cmdline: options.cmdline,
-    serial: { output: 1, input: null },
-    pool,
-  });
-  const exit = machine.wait();
-  if (interactive) attachTerminal(machine);
-  machine.start();
-  const result = await exit;
-  if (interactive) {
-    stdin.setRawMode(false);
-    stdin.pause();
+
+  let machine: Machine;
+  if (options.incoming !== undefined) {
+    const address = parseMigrationAddress(options.incoming);
+    const token = migrationToken(options.token);
+    if (address.kind === 'tcp' && token === undefined) throw new RangeError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
+    machine = await Machine.incoming(options.incoming, {
+      memoryBytes, vcpus, token, serial, pool,
+      onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
+    });
+  } else if (options.restore !== undefined) {
+    machine = await Machine.restore(options.restore, { serial, pool });
+  } else {
+    machine = await Machine.create({
+      image: options.image!,
+      mode: mode as CpuMode | undefined,
+      loadAddr: options.loadAddr === undefined ? undefined : parseAddress(options.loadAddr, '--load-addr'),
+      memoryBytes,
+      vcpus: vcpus ?? 1,
+      cmdline: options.cmdline,
+      serial,
+      pool,
+    });
   }
-  return exitStatus(result);
+  const exit = machine.wait();
+  let api: ApiServer | null = null;
+  if (options.apiSocket !== undefined) {
+    try {
+      api = await startApiServer(path.resolve(options.apiSocket), machine satisfies ApiMachine);
+    } catch (error) {
+      await machine.stop();
+      throw new Error(`--api-socket ${options.apiSocket}: ${(error as Error).message}`);
+    }
+  }
+  // Ended by a signal: stop the guest and remove the API socket rather than die with it open.
+  let signalled: NodeJS.Signals | null = null;
+  const onSignal = (signal: NodeJS.Signals) => {
+    signalled = signal;
+    void machine.stop();
+  };
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  try {
+    if (interactive) attachTerminal(machine);
+    // A machine that arrived by migration is running already.
+    if (machine.state === 'created') machine.start();
+    const result = await exit;
+    if (interactive) {
+      stdin.setRawMode(false);
+      stdin.pause();
+    }
+    if (signalled) return 128 + osConstants.signals[signalled];
+    return exitStatus(result);
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await api?.close();
+  }
 }
 
 /** Raw terminal input to the guest's COM1; Ctrl-A x stops the machine (as in QEMU). */
@@ -114,6 +192,9 @@ export function exitStatus(exit: MachineExit): number {
     case 'hlt':
     case 'reset':
     case 'stopped':
+      return 0;
+    case 'migrated':
+      process.stderr.write('node-kvm: the guest migrated away; it runs at the destination now\n');
       return 0;
     default:
       process.stderr.write(`node-kvm: guest stopped: ${exit.reason}${exit.vcpu === undefined ? '' : ` on vCPU ${exit.vcpu}`}${exit.detail ? ` (${exit.detail})` : ''}\n`);

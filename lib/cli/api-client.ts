@@ -1,0 +1,83 @@
+// A client for a machine's control API (see api-server.ts): one call per connection.
+import net from 'node:net';
+import { LineSplitter, type ApiMethod, type ApiMethods } from './api-server.js';
+import type { MigrationProgress } from '../migration/types.js';
+
+/** Responses carry at most a few KiB; anything near this is not our server. */
+const MAX_RESPONSE_LINE_BYTES = 16 * 1024 * 1024;
+
+/** The machine answered the call with an error. */
+export class ApiError extends Error {
+  readonly code: string | undefined;
+  constructor(message: string, code?: string) {
+    super(message);
+    this.name = 'ApiError';
+    this.code = code;
+  }
+}
+
+/**
+ * Calls `method` on the machine serving `socketPath` and resolves with its result; a migrate's
+ * progress goes to `onProgress` meanwhile. Rejects with an ApiError when the machine answers
+ * with an error, and with an Error when it cannot be reached or hangs up first.
+ */
+export function callApi<M extends ApiMethod>(
+  socketPath: string, method: M, params: ApiMethods[M]['params'], onProgress?: (progress: MigrationProgress) => void,
+): Promise<ApiMethods[M]['result']> {
+  if (typeof socketPath !== 'string' || socketPath === '') return Promise.reject(new TypeError('socketPath must be a file path'));
+  const id = 1;
+  return new Promise((resolve, reject) => {
+    const socket = net.createConnection({ path: socketPath });
+    let answered = false;
+    const settle = (error: Error | null, result?: unknown) => {
+      if (answered) return;
+      answered = true;
+      socket.destroy();
+      if (error) reject(error);
+      else resolve(result as ApiMethods[M]['result']);
+    };
+    socket.once('connect', () => socket.write(`${JSON.stringify({ id, method, params })}\n`));
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      const unreachable = error.code === 'ENOENT' || error.code === 'ECONNREFUSED';
+      settle(new Error(unreachable
+        ? `no machine is serving the API socket ${socketPath} (${error.code})`
+        : `API socket ${socketPath}: ${error.code ?? error.message}`));
+    });
+    socket.on('close', () => settle(new Error(`the machine closed the API connection on ${socketPath} before answering ${method}`)));
+    const lines = new LineSplitter(MAX_RESPONSE_LINE_BYTES);
+    socket.on('data', (chunk: Buffer) => {
+      for (const line of lines.push(chunk)) {
+        let message: { id?: unknown; result?: unknown; error?: { message?: unknown; code?: unknown }; progress?: MigrationProgress };
+        try {
+          message = JSON.parse(line);
+        } catch {
+          settle(new Error(`API socket ${socketPath}: the answer is not JSON`));
+          return;
+        }
+        if (message.error !== undefined && (message.id === id || message.id === null)) {
+          const code = typeof message.error?.code === 'string' ? message.error.code : undefined;
+          settle(new ApiError(String(message.error?.message ?? 'unknown error'), code));
+          return;
+        }
+        if (message.id !== id) continue;
+        if (message.progress !== undefined) {
+          try {
+            onProgress?.(message.progress);
+          } catch (error) {
+            settle(error as Error);
+            return;
+          }
+        } else if ('result' in message) settle(null, message.result);
+      }
+      if (lines.overflowed) settle(new Error(`API socket ${socketPath}: an answer longer than ${MAX_RESPONSE_LINE_BYTES} bytes`));
+    });
+  });
+}
+
+/** The --api-socket option of a command that talks to a running machine. */
+export function requireApiSocket(value: string | undefined, command: string): string {
+  if (value === undefined || value === '') {
+    throw new RangeError(`${command} needs --api-socket PATH (the socket a machine serves with node-kvm run --api-socket)`);
+  }
+  return value;
+}

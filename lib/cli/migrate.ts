@@ -1,0 +1,102 @@
+// `node-kvm migrate`: live-migrates the guest of a running machine through its control API.
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { formatMigrationAddress, parseMigrationAddress } from '../migration/transport.js';
+import { callApi, requireApiSocket } from './api-client.js';
+import type { ApiMigrateParams } from './api-server.js';
+import { formatMigrationStats, progressDisplay } from './progress.js';
+
+/** The environment variable the migration token may come from instead of --token. */
+export const TOKEN_ENV = 'NODE_KVM_MIGRATION_TOKEN';
+
+export const MIGRATE_USAGE = `usage: node-kvm migrate --api-socket PATH [options] tcp:HOST:PORT|unix:PATH
+
+Live-migrates the guest of a running \`node-kvm run --api-socket PATH\` to a destination waiting
+with \`node-kvm run --incoming ADDRESS\`. The guest keeps running while its memory is copied and
+pauses only for the last pass; then the source exits 0 and the destination runs the guest. On
+any failure the guest keeps running at the source. Progress goes to stderr (a bar on a
+terminal), the final figures to stdout.
+
+options:
+  --api-socket PATH            the source machine's control socket (required)
+  --token T                    the destination's token (required for tcp); or set
+                               ${TOKEN_ENV}, which other users cannot see in ps
+  --downtime-ms N              longest pause of the guest to aim for (default 50)
+  --max-iterations N           pre-copy rounds at most (default 30)
+  --max-precopy-ms N           pre-copy time at most before the last pass (default 60000)
+  --on-non-convergence finish|abort
+                               at a cap: pause and finish anyway (default), or give up and
+                               keep running here
+  --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000)
+  --json                       print the final figures as JSON
+  -h, --help                   show this help`;
+
+/** --token, else the environment's token, else undefined. */
+export function migrationToken(option: string | undefined): string | undefined {
+  const token = option ?? process.env[TOKEN_ENV];
+  if (token === '') throw new RangeError(option === undefined ? `${TOKEN_ENV} is empty` : '--token must not be empty');
+  return token;
+}
+
+/** A positive decimal integer option, or undefined when not given. */
+export function positiveIntegerOption(value: string | undefined, option: string): number | undefined {
+  if (value === undefined) return undefined;
+  const number = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(number) || number < 1) throw new RangeError(`${option} must be a positive integer, got '${value}'`);
+  return number;
+}
+
+export async function migrateCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      help: { type: 'boolean', short: 'h' },
+      'api-socket': { type: 'string' },
+      token: { type: 'string' },
+      'downtime-ms': { type: 'string' },
+      'max-iterations': { type: 'string' },
+      'max-precopy-ms': { type: 'string' },
+      'on-non-convergence': { type: 'string' },
+      'timeout-ms': { type: 'string' },
+      json: { type: 'boolean' },
+    },
+  });
+  if (values.help) {
+    console.log(MIGRATE_USAGE);
+    return 0;
+  }
+  if (positionals.length !== 1) throw new RangeError(`migrate takes one destination ADDRESS, got ${positionals.length} (see node-kvm migrate --help)`);
+  const apiSocket = requireApiSocket(values['api-socket'], 'migrate');
+  const address = parseMigrationAddress(positionals[0]!);
+  const token = migrationToken(values.token);
+  if (address.kind === 'tcp' && token === undefined) throw new RangeError(`migrating over tcp needs --token (or ${TOKEN_ENV})`);
+  const onNonConvergence = values['on-non-convergence'];
+  if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
+    throw new RangeError(`--on-non-convergence must be finish or abort, got '${onNonConvergence}'`);
+  }
+  const params: ApiMigrateParams = {
+    // The machine resolves paths from its own working directory, not ours.
+    address: address.kind === 'unix' ? formatMigrationAddress({ kind: 'unix', path: path.resolve(address.path) }) : positionals[0]!,
+    token,
+    downtimeBudgetMs: positiveIntegerOption(values['downtime-ms'], '--downtime-ms'),
+    maxIterations: positiveIntegerOption(values['max-iterations'], '--max-iterations'),
+    maxPrecopyMs: positiveIntegerOption(values['max-precopy-ms'], '--max-precopy-ms'),
+    onNonConvergence,
+    timeoutMs: positiveIntegerOption(values['timeout-ms'], '--timeout-ms'),
+  };
+  const display = progressDisplay(process.stderr);
+  let stats;
+  try {
+    stats = await callApi(path.resolve(apiSocket), 'migrate', params, (progress) => display.update(progress));
+  } finally {
+    display.finish();
+  }
+  if (values.json) console.log(JSON.stringify(stats, null, 2));
+  else process.stdout.write(formatMigrationStats(stats));
+  if (stats.phase !== 'completed') {
+    console.error(`node-kvm: the migration ended ${stats.phase}`);
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,96 @@
+// `node-kvm snapshot`, `status`, `pause` and `resume`: commands to a running machine through its
+// control API.
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { callApi, requireApiSocket } from './api-client.js';
+import { mib, ms, progressLine, table } from './progress.js';
+
+export const SNAPSHOT_USAGE = `usage: node-kvm snapshot --api-socket PATH [--diff] [--json] FILE
+
+Writes the guest of a running \`node-kvm run --api-socket PATH\` to FILE: its memory and the
+state of its vCPUs and devices. The guest pauses while it is written, then runs on.
+\`node-kvm run --restore FILE\` runs it again from there.
+
+options:
+  --api-socket PATH  the machine's control socket (required)
+  --diff             only the pages written since this machine's previous snapshot, layered on
+                     that file (which must stay where it is)
+  --json             print the figures as JSON
+  -h, --help         show this help`;
+
+const CONTROL_USAGE = {
+  status: 'usage: node-kvm status --api-socket PATH [--json]\n\nPrints the state of a running machine (and of a migration under way).',
+  pause: 'usage: node-kvm pause --api-socket PATH\n\nPauses every vCPU of a running machine.',
+  resume: 'usage: node-kvm resume --api-socket PATH\n\nResumes a paused machine.',
+};
+
+export async function snapshotCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      help: { type: 'boolean', short: 'h' },
+      'api-socket': { type: 'string' },
+      diff: { type: 'boolean' },
+      json: { type: 'boolean' },
+    },
+  });
+  if (values.help) {
+    console.log(SNAPSHOT_USAGE);
+    return 0;
+  }
+  if (positionals.length !== 1) throw new RangeError(`snapshot takes one FILE, got ${positionals.length} (see node-kvm snapshot --help)`);
+  const apiSocket = requireApiSocket(values['api-socket'], 'snapshot');
+  // The machine resolves paths from its own working directory, not ours.
+  const file = path.resolve(positionals[0]!);
+  const info = await callApi(path.resolve(apiSocket), 'snapshot', values.diff ? { path: file, diff: true } : { path: file });
+  if (values.json) {
+    console.log(JSON.stringify(info, null, 2));
+    return 0;
+  }
+  process.stdout.write(table([
+    ['snapshot', info.path],
+    ['kind', info.kind === 'diff' && info.parent ? `diff on ${info.parent}` : info.kind],
+    ['written', mib(info.bytesWritten)],
+    ['pages', String(info.pagesWritten)],
+    ['zero pages', String(info.zeroPagesSkipped)],
+    ['guest paused', ms(info.pausedMs)],
+    ['total time', ms(info.totalTimeMs)],
+  ]));
+  return 0;
+}
+
+/** `status`, `pause` or `resume`. */
+export async function controlCommand(command: 'status' | 'pause' | 'resume', args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      help: { type: 'boolean', short: 'h' },
+      'api-socket': { type: 'string' },
+      ...(command === 'status' ? { json: { type: 'boolean' } as const } : {}),
+    },
+  });
+  if (values.help) {
+    console.log(CONTROL_USAGE[command]);
+    return 0;
+  }
+  const apiSocket = path.resolve(requireApiSocket(values['api-socket'], command));
+  if (command !== 'status') {
+    const { state } = await callApi(apiSocket, command, {});
+    console.log(state);
+    return 0;
+  }
+  const status = await callApi(apiSocket, 'status', {});
+  if ((values as { json?: boolean }).json) {
+    console.log(JSON.stringify(status, null, 2));
+    return 0;
+  }
+  const rows: [string, string][] = [
+    ['state', status.state],
+    ['vCPUs', String(status.vcpuCount)],
+    ['memory', mib(status.memoryBytes)],
+  ];
+  if (status.migration) rows.push(['migration', progressLine(status.migration).replace(/^migrate: /, '')]);
+  process.stdout.write(table(rows));
+  return 0;
+}

@@ -1,0 +1,298 @@
+// The control API over a unix socket, served for a fake machine: every method, migration
+// progress, bad input of every kind, clients that leave early.
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { ApiError, callApi } from '../../lib/cli/api-client.js';
+import { MAX_REQUEST_LINE_BYTES, startApiServer, type ApiMachine, type ApiMachineState, type ApiServer } from '../../lib/cli/api-server.js';
+import type { MigrateOptions, MigrationProgress, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
+
+const MIB = 1024 * 1024;
+
+function stats(phase: MigrationStats['phase'], iterations: number, remainingPages: number): MigrationStats {
+  return {
+    phase, totalTimeMs: 100 * iterations, setupTimeMs: 2, downtimeMs: phase === 'completed' ? 7 : 0, expectedDowntimeMs: 3,
+    bytesTransferred: iterations * MIB, pagesTransferred: iterations * 256, zeroPagesSkipped: 100, pagesResent: 10 * iterations,
+    iterations, dirtyPagesRate: 1000, throughputBytesPerSec: 50 * MIB, remainingPages, memoryBytes: 64 * MIB, dirtyLogMode: 'bitmap',
+  };
+}
+
+const PROGRESS: MigrationProgress[] = [stats('setup', 0, 16384), stats('precopy', 1, 300), stats('stop-copy', 2, 20)];
+const FINAL = stats('completed', 2, 0);
+
+class FakeMachine implements ApiMachine {
+  state: ApiMachineState = 'running';
+  readonly vcpuCount = 2;
+  readonly memoryBytes = 64 * MIB;
+  readonly calls: unknown[][] = [];
+  /** migrate() waits for this after its progress reports. */
+  migrationGate: Promise<void> = Promise.resolve();
+  migrationStarted: Promise<void>;
+  #started!: () => void;
+
+  constructor() {
+    this.migrationStarted = new Promise((resolve) => (this.#started = resolve));
+  }
+
+  async pause(): Promise<void> {
+    if (this.state !== 'running') throw new Error(`machine is ${this.state}, not running`);
+    this.calls.push(['pause']);
+    this.state = 'paused';
+  }
+
+  resume(): void {
+    if (this.state !== 'paused') throw new Error(`machine is ${this.state}, not paused`);
+    this.calls.push(['resume']);
+    this.state = 'running';
+  }
+
+  async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
+    this.calls.push(['snapshot', file, options]);
+    if (file.endsWith('/fail')) throw Object.assign(new Error('cannot write the snapshot: ENOSPC'), { code: 'ENOSPC' });
+    return {
+      path: file, kind: options?.diff ? 'diff' : 'full', ...(options?.diff ? { parent: '/snap/base' } : {}),
+      bytesWritten: 4096 * 3, pagesWritten: 3, zeroPagesSkipped: 5, pausedMs: 1.5, totalTimeMs: 4,
+    };
+  }
+
+  async migrate(address: string, options?: MigrateOptions): Promise<MigrationStats> {
+    const { onProgress, ...rest } = options ?? {};
+    this.calls.push(['migrate', address, rest]);
+    this.#started();
+    for (const update of PROGRESS) onProgress?.(update);
+    await this.migrationGate;
+    if (address.endsWith(':1')) throw new Error('migration refused: wrong token');
+    return FINAL;
+  }
+}
+
+interface Served {
+  machine: FakeMachine;
+  server: ApiServer;
+  socketPath: string;
+}
+
+async function serve(t: Test): Promise<Served> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-api-'));
+  const socketPath = path.join(dir, 'api.sock');
+  const machine = new FakeMachine();
+  const server = await startApiServer(socketPath, machine);
+  t.teardown(async () => {
+    await server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return { machine, server, socketPath };
+}
+
+/** A raw connection: send lines, read the answers as parsed JSON. */
+async function rawClient(socketPath: string) {
+  const socket = net.createConnection(socketPath);
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('error', reject);
+  });
+  let buffered = '';
+  const messages: unknown[] = [];
+  const waiters: (() => void)[] = [];
+  let ended = false;
+  socket.setEncoding('utf8');
+  socket.on('data', (text: string) => {
+    buffered += text;
+    let newline: number;
+    while ((newline = buffered.indexOf('\n')) >= 0) {
+      messages.push(JSON.parse(buffered.slice(0, newline)));
+      buffered = buffered.slice(newline + 1);
+    }
+    for (const wake of waiters.splice(0)) wake();
+  });
+  socket.on('error', () => {});
+  socket.on('close', () => {
+    ended = true;
+    for (const wake of waiters.splice(0)) wake();
+  });
+  return {
+    socket,
+    send: (text: string) => socket.write(text),
+    /** Resolves with the first `count` messages received. */
+    async receive(count: number): Promise<unknown[]> {
+      while (messages.length < count && !ended) await new Promise<void>((resolve) => waiters.push(resolve));
+      return messages.slice(0, count);
+    },
+    get closed() {
+      return ended;
+    },
+    messages,
+  };
+}
+
+t.test('the socket is private, and removed on close', async (t) => {
+  const { server, socketPath } = await serve(t);
+  t.equal(fs.lstatSync(socketPath).mode & 0o777, 0o600);
+  await server.close();
+  t.notOk(fs.existsSync(socketPath));
+  await t.rejects(callApi(socketPath, 'status', {}), { message: `no machine is serving the API socket ${socketPath} (ENOENT)` });
+});
+
+t.test('status, pause, resume and snapshot', async (t) => {
+  const { machine, socketPath } = await serve(t);
+  t.same(await callApi(socketPath, 'status', {}), { state: 'running', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null });
+  t.same(await callApi(socketPath, 'pause', {}), { state: 'paused' });
+  t.same(await callApi(socketPath, 'status', {}), { state: 'paused', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null });
+  await t.rejects(callApi(socketPath, 'pause', {}), { name: 'ApiError', message: 'machine is paused, not running' });
+  t.same(await callApi(socketPath, 'resume', {}), { state: 'running' });
+  t.same(await callApi(socketPath, 'snapshot', { path: '/snap/one' }), {
+    path: '/snap/one', kind: 'full', bytesWritten: 12288, pagesWritten: 3, zeroPagesSkipped: 5, pausedMs: 1.5, totalTimeMs: 4,
+  });
+  t.same(await callApi(socketPath, 'snapshot', { path: '/snap/two', diff: true }), {
+    path: '/snap/two', kind: 'diff', parent: '/snap/base', bytesWritten: 12288, pagesWritten: 3, zeroPagesSkipped: 5, pausedMs: 1.5, totalTimeMs: 4,
+  });
+  const failed = await callApi(socketPath, 'snapshot', { path: '/snap/fail' }).catch((error: unknown) => error);
+  t.type(failed, ApiError);
+  t.equal((failed as ApiError).message, 'cannot write the snapshot: ENOSPC');
+  t.equal((failed as ApiError).code, 'ENOSPC');
+  t.same(machine.calls, [
+    ['pause'], ['resume'], ['snapshot', '/snap/one', { diff: false }], ['snapshot', '/snap/two', { diff: true }], ['snapshot', '/snap/fail', { diff: false }],
+  ]);
+});
+
+t.test('migrate: progress notifications, then the statistics', async (t) => {
+  const { machine, socketPath } = await serve(t);
+  const progress: MigrationProgress[] = [];
+  const result = await callApi(socketPath, 'migrate', { address: 'tcp:10.0.0.2:4444', token: 'secret', downtimeBudgetMs: 20, maxIterations: 5, onNonConvergence: 'abort' }, (update) => progress.push(update));
+  t.same(result, FINAL);
+  t.same(progress, PROGRESS);
+  t.same(machine.calls, [['migrate', 'tcp:10.0.0.2:4444', { token: 'secret', downtimeBudgetMs: 20, maxIterations: 5, onNonConvergence: 'abort' }]]);
+  await t.rejects(callApi(socketPath, 'migrate', { address: 'tcp:10.0.0.2:1', token: 'x' }), { name: 'ApiError', message: 'migration refused: wrong token' });
+
+  // The raw protocol: the progress lines carry the request's id.
+  const client = await rawClient(socketPath);
+  client.send('{"id":"m1","method":"migrate","params":{"address":"unix:/run/dest.sock"}}\n');
+  t.same(await client.receive(4), [
+    ...PROGRESS.map((update) => ({ id: 'm1', progress: update })),
+    { id: 'm1', result: FINAL },
+  ]);
+  client.socket.destroy();
+});
+
+t.test('while a migration runs: status shows it, a second one is refused, and a client that leaves does not hurt', async (t) => {
+  const { machine, socketPath } = await serve(t);
+  let open!: () => void;
+  machine.migrationGate = new Promise((resolve) => (open = resolve));
+  const client = await rawClient(socketPath);
+  client.send('{"id":7,"method":"migrate","params":{"address":"unix:/run/dest.sock"}}\n');
+  await machine.migrationStarted;
+  await client.receive(3);
+  client.socket.destroy(); // gone mid-call
+
+  const status = await callApi(socketPath, 'status', {});
+  t.same(status.migration, PROGRESS[2], 'the latest progress');
+  await t.rejects(callApi(socketPath, 'migrate', { address: 'unix:/run/other.sock' }), { message: 'a migration is already under way' });
+  open();
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  t.same((await callApi(socketPath, 'status', {})).migration, null, 'done');
+  t.same(await callApi(socketPath, 'migrate', { address: 'unix:/run/dest.sock' }), FINAL, 'and the server still serves');
+});
+
+t.test('bad requests get an error answer, never a crash', async (t) => {
+  const { machine, socketPath } = await serve(t);
+  const client = await rawClient(socketPath);
+  const requests = [
+    'this is not json',
+    '[1,2,3]',
+    '{"method":"status"}',
+    '{"id":{"a":1},"method":"status"}',
+    '{"id":1,"method":"reboot"}',
+    '{"id":2}',
+    '{"id":3,"method":"status","params":[1]}',
+    '{"id":4,"method":"status","params":{"verbose":true}}',
+    '{"id":5,"method":"snapshot","params":{"path":"relative/file"}}',
+    '{"id":6,"method":"snapshot","params":{"path":"/x","diff":"yes"}}',
+    '{"id":7,"method":"snapshot"}',
+    '{"id":8,"method":"migrate","params":{"address":"ftp:host:1"}}',
+    '{"id":9,"method":"migrate","params":{"address":"unix:relative.sock"}}',
+    '{"id":10,"method":"migrate","params":{"address":"tcp:h:1","maxIterations":0}}',
+    '{"id":11,"method":"migrate","params":{"address":"tcp:h:1","downtimeBudgetMs":"fast"}}',
+    '{"id":12,"method":"migrate","params":{"address":"tcp:h:1","onNonConvergence":"retry"}}',
+    '{"id":13,"method":"migrate","params":{"address":"tcp:h:1","token":""}}',
+    '{"id":14,"method":"migrate","params":{"address":"tcp:h:1","speed":9}}',
+    '{"id":15,"method":"migrate","params":{}}',
+    '{"id":16,"method":"resume"}',
+  ];
+  // In one write, split across lines, with a \r\n and a blank line mixed in.
+  client.send(`${requests.slice(0, 10).join('\n')}\r\n\n${requests.slice(10).join('\n')}\n`);
+  const answers = await client.receive(requests.length);
+  const errors = new Map((answers as { id: unknown; error: { message: string } }[]).map((answer, index) => [index, answer]));
+  const messageFor = (index: number) => errors.get(index)!;
+  t.match(messageFor(0), { id: null, error: { message: /^malformed JSON: Unexpected token/ } });
+  const byId = (id: unknown) => (answers as { id: unknown; error: { message: string } }[]).filter((answer) => answer.id === id).map((answer) => answer.error.message);
+  t.same(byId(null).slice(1), [
+    'a request is a JSON object {"id":..., "method":..., "params":{...}}',
+    'request id must be a number or a string',
+    'request id must be a number or a string',
+  ]);
+  t.same(byId(1), ['unknown method "reboot" (methods: status, pause, resume, snapshot, migrate)']);
+  t.same(byId(2), ['unknown method undefined (methods: status, pause, resume, snapshot, migrate)']);
+  t.same(byId(3), ['status: params must be an object']);
+  t.same(byId(4), ["status: unknown parameter 'verbose'"]);
+  t.same(byId(5), ['snapshot: params.path must be an absolute file path']);
+  t.same(byId(6), ['snapshot: params.diff must be a boolean']);
+  t.same(byId(7), ['snapshot: params.path must be an absolute file path']);
+  t.same(byId(8), ["migration address 'ftp:host:1' must be tcp:HOST:PORT or unix:PATH"]);
+  t.same(byId(9), ['migrate: a unix socket path must be absolute']);
+  t.same(byId(10), ['migrate: params.maxIterations must be a positive integer']);
+  t.same(byId(11), ['migrate: params.downtimeBudgetMs must be a positive number']);
+  t.same(byId(12), ["migrate: params.onNonConvergence must be 'finish' or 'abort'"]);
+  t.same(byId(13), ['migrate: params.token must be a non-empty string']);
+  t.same(byId(14), ["migrate: unknown parameter 'speed'"]);
+  t.same(byId(15), ['migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)']);
+  t.same(byId(16), ['machine is running, not paused']);
+  t.same(machine.calls, [], 'nothing reached the machine');
+  // The same connection still works.
+  client.send('{"id":99,"method":"status"}\n');
+  t.same((await client.receive(requests.length + 1)).at(-1), { id: 99, result: { state: 'running', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null } });
+  client.socket.destroy();
+});
+
+t.test('a request split across writes, and an over-long line', async (t) => {
+  const { socketPath } = await serve(t);
+  const client = await rawClient(socketPath);
+  client.send('{"id":1,"me');
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  client.send('thod":"status"}\n{"id":2,');
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  client.send('"method":"pause"}\n');
+  t.same(await client.receive(2), [
+    { id: 1, result: { state: 'running', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null } },
+    { id: 2, result: { state: 'paused' } },
+  ]);
+
+  const flood = await rawClient(socketPath);
+  flood.send(`{"id":3,"method":"status","params":{"pad":"${'x'.repeat(MAX_REQUEST_LINE_BYTES)}"}}\n`);
+  t.same(await flood.receive(1), [{ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes` } }]);
+  await flood.receive(2);
+  t.ok(flood.closed, 'the connection is closed');
+  t.same(await callApi(socketPath, 'resume', {}), { state: 'running' }, 'others are still served');
+  client.socket.destroy();
+});
+
+t.test('several clients at once', async (t) => {
+  const { socketPath } = await serve(t);
+  const answers = await Promise.all(Array.from({ length: 8 }, () => callApi(socketPath, 'status', {})));
+  t.same(answers.map((answer) => answer.state), Array(8).fill('running'));
+});
+
+t.test('the client: a machine that hangs up, and bad arguments', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-api-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const socketPath = path.join(dir, 'rude.sock');
+  const rude = net.createServer((socket) => socket.end());
+  await new Promise<void>((resolve) => rude.listen(socketPath, resolve));
+  await t.rejects(callApi(socketPath, 'status', {}), { message: `the machine closed the API connection on ${socketPath} before answering status` });
+  rude.close();
+  await t.rejects(callApi('', 'status', {}), { name: 'TypeError', message: 'socketPath must be a file path' });
+  await t.rejects(startApiServer('', new FakeMachine()), { name: 'TypeError', message: 'socketPath must be a file path' });
+  fs.writeFileSync(path.join(dir, 'file'), 'data');
+  await t.rejects(startApiServer(path.join(dir, 'file'), new FakeMachine()), { message: `refusing to replace ${path.join(dir, 'file')}: it exists and is not a socket` });
+});
