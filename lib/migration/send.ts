@@ -120,6 +120,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     ]);
     await replies.expectAccept(opts.timeoutMs);
     const tracker = source.startTracking();
+    // The first pass reads every page that may hold data after this point: what the VMM marked
+    // before (the loader's writes, say) must not come round again in the next harvest.
+    tracker.harvest();
     stats.setupTimeMs = performance.now() - started;
     progress('setup');
 
@@ -129,21 +132,24 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const read = (guestPhysAddr: number, byteLength: number) => ram.subarray(guestPhysAddr, guestPhysAddr + byteLength);
     let ranges: PageRange[] = populatedPageRanges(source.memory);
     let destinationZeroed = true;
-    let sendingStarted = performance.now();
+    const sendingStarted = performance.now();
     let bytesSentTotal = 0;
+    // In batches, so that the destination takes in one while the next is encoded.
     const sendPages = async (pages: PageRange[]) => {
-      const encoded = encodePages(pages, read, { destinationZeroed, memoryBytes: source.memoryBytes });
-      for (const range of pages) {
-        for (let page = range.firstPage; page < range.firstPage + range.pageCount; page++) {
-          if (sentOnce[page]) stats.pagesResent++;
-          else sentOnce[page] = 1;
+      for (const batch of batchRanges(pages, BATCH_PAGES)) {
+        const encoded = encodePages(batch, read, { destinationZeroed, memoryBytes: source.memoryBytes });
+        for (const range of batch) {
+          for (let page = range.firstPage; page < range.firstPage + range.pageCount; page++) {
+            if (sentOnce[page]) stats.pagesResent++;
+            else sentOnce[page] = 1;
+          }
         }
+        await send(encoded.sections);
+        stats.bytesTransferred += encoded.bytes;
+        stats.pagesTransferred += encoded.pagesSent;
+        stats.zeroPagesSkipped += encoded.zeroPages;
+        bytesSentTotal += encoded.bytes;
       }
-      await send(encoded.sections);
-      stats.bytesTransferred += encoded.bytes;
-      stats.pagesTransferred += encoded.pagesSent;
-      stats.zeroPagesSkipped += encoded.zeroPages;
-      bytesSentTotal += encoded.bytes;
     };
 
     const precopyStarted = performance.now();
@@ -210,6 +216,32 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     progress('failed');
     throw asMigrationError(error, stats.phase === 'failed' ? 'setup' : stats.phase);
   }
+}
+
+/** Pages per batch of a round: 8 MiB. */
+const BATCH_PAGES = 2048;
+
+/** Splits sorted ranges into batches of at most `maxPages` pages (a range may be cut in two). */
+export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Generator<PageRange[]> {
+  let batch: PageRange[] = [];
+  let pages = 0;
+  for (const range of ranges) {
+    let firstPage = range.firstPage;
+    let left = range.pageCount;
+    while (left > 0) {
+      const take = Math.min(left, maxPages - pages);
+      batch.push({ firstPage, pageCount: take });
+      pages += take;
+      firstPage += take;
+      left -= take;
+      if (pages === maxPages) {
+        yield batch;
+        batch = [];
+        pages = 0;
+      }
+    }
+  }
+  if (batch.length > 0) yield batch;
 }
 
 function asMigrationError(error: unknown, phase: MigrationPhase): Error {

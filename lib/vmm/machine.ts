@@ -92,6 +92,8 @@ export interface IncomingConfig extends MachineRuntimeConfig {
   timeoutMs?: number;
   /** Called once listening, with the address (the real port for tcp port 0). */
   onListening?: (address: string) => void;
+  /** With memoryBytes and vcpus, the machine is built before the stream arrives; default: with more than one vCPU. */
+  irqchip?: boolean;
 }
 
 /** The hardware of a machine: what another process needs to build one the state fits. */
@@ -121,6 +123,8 @@ interface BuildPlan {
   /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
   memory: (size: number) => GuestMemory | Promise<GuestMemory>;
   runtime: MachineRuntimeConfig;
+  /** A saved state to build the machine in (a restore): each vCPU is created straight into its own. */
+  state?: MachineState;
 }
 
 let msrIndexListCache: number[] | null = null;
@@ -237,19 +241,13 @@ export class Machine extends EventEmitter {
     if (typeof path !== 'string' || path === '') throw new TypeError('path must be a snapshot file path');
     const { loadSnapshot } = await import('../migration/snapshot.js');
     const snapshot = await loadSnapshot(path, { verify: !!config.verify });
-    const machine = await Machine.#build({
+    return Machine.#build({
       shape: snapshot.state.shape,
       boot: null,
       memory: snapshot.mapMemory,
       runtime: config,
+      state: snapshot.state,
     });
-    try {
-      await machine.#applyState(snapshot.state);
-    } catch (error) {
-      await machine.stop();
-      throw error;
-    }
-    return machine;
   }
 
   /**
@@ -261,25 +259,45 @@ export class Machine extends EventEmitter {
     if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
     if (config.vcpus !== undefined) checkVcpus(config.vcpus);
     const { receiveMigration } = await import('../migration/receive.js');
-    return receiveMigration(address, config, async (shape) => {
-      checkMemoryBytes(shape.memoryBytes);
-      checkVcpus(shape.vcpus);
-      const machine = await Machine.#build({
-        shape,
+    const newMemory = (size: number) => GuestMemory.create(size, { backing: 'memfd' });
+    // With the shape known, build the machine while waiting (as QEMU's -incoming does): the
+    // stream then finds it ready, which keeps VM creation out of the migration's time.
+    let prebuilt: Promise<Machine> | null = null;
+    if (config.memoryBytes !== undefined && config.vcpus !== undefined) {
+      prebuilt = Machine.#build({
+        shape: { memoryBytes: config.memoryBytes, vcpus: config.vcpus, irqchip: config.irqchip ?? config.vcpus > 1 },
         boot: null,
-        memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
+        memory: newMemory,
         runtime: config,
       });
-      return {
-        memory: machine.#memory,
-        apply: (state: MachineState) => machine.#applyState(state),
-        start: () => machine.start(),
-        discard: async () => {
+      prebuilt.catch(() => {});
+    }
+    try {
+      return await receiveMigration(address, config, async (shape) => {
+        checkMemoryBytes(shape.memoryBytes);
+        checkVcpus(shape.vcpus);
+        let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
+        prebuilt = null;
+        if (machine && machine.irqchip !== shape.irqchip) {
           await machine.stop();
-        },
-        machine,
-      };
-    });
+          machine = null;
+        }
+        machine ??= await Machine.#build({ shape, boot: null, memory: newMemory, runtime: config });
+        const target = machine;
+        return {
+          memory: target.#memory,
+          apply: (state: MachineState) => target.#applyState(state),
+          start: () => target.start(),
+          discard: async () => {
+            await target.stop();
+          },
+          machine: target,
+        };
+      });
+    } finally {
+      // Built for a migration that never arrived.
+      if (prebuilt) await (await (prebuilt as Promise<Machine>).catch(() => null))?.stop();
+    }
   }
 
   static async #build(plan: BuildPlan): Promise<Machine> {
@@ -302,6 +320,8 @@ export class Machine extends EventEmitter {
         vm.createIrqChip();
         vm.createPit2({ speakerDummy: true });
       }
+      // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
+      if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
       // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
       if (dirtyLog === 'ring') {
         if (!dirtyLogModesOffered(vm).includes('ring')) throw new Error('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
@@ -309,12 +329,7 @@ export class Machine extends EventEmitter {
       }
       const memory = await plan.memory(shape.memoryBytes);
       cleanup.unshift(() => memory.close());
-      vm.setUserMemoryRegion({ slot: RAM_SLOT, guestPhysAddr: 0, memory });
       const dirty = DirtyBitmap.create(memory.size / PAGE_BYTES);
-      if (plan.boot) {
-        writeBootPlan(plan.boot, memory);
-        for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
-      }
 
       const output = runtime.serial?.output === undefined ? 1 : runtime.serial.output;
       let outputRing: ByteRing | null = null;
@@ -344,6 +359,8 @@ export class Machine extends EventEmitter {
           } else if (message.type === 'done') {
             thread.worker.off('message', onMessage);
             reject(new Error(`vCPU ${id} could not start: ${message.error ?? 'unknown error'}`));
+          } else if (message.type === 'log') {
+            log(message.message);
           }
         };
         thread.worker.on('message', onMessage);
@@ -357,10 +374,17 @@ export class Machine extends EventEmitter {
             cpuid: guestCpuid(supported, id, vcpus), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
             affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
             requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
-            msrIndexList: msrIndexListCache!,
+            msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
           },
         }, [requests]);
       });
+      // While the vCPU threads create their vCPUs: KVM may wait for a grace period when a slot
+      // is added to a VM with an in-kernel irqchip, and nothing runs before start() anyway.
+      vm.setUserMemoryRegion({ slot: RAM_SLOT, guestPhysAddr: 0, memory });
+      if (plan.boot) {
+        writeBootPlan(plan.boot, memory);
+        for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
+      }
       try {
         await Promise.all(ready);
       } catch (error) {
@@ -373,6 +397,7 @@ export class Machine extends EventEmitter {
         kvm, vm, memory, dirty, control, threads, kicks, requestPorts: channels.map((channel) => channel.port1), devices, plan, dirtyLog,
         outputRing, outputStream, log,
       });
+      if (plan.state) machine.#restoreDevices(plan.state.devices);
       machine.#watch();
       return machine;
     } catch (error) {
@@ -493,13 +518,15 @@ export class Machine extends EventEmitter {
     restoreVmState(this.#vm, state.vm, this.irqchip);
     await Promise.all(state.vcpus.map(async (vcpuState, id) => {
       const reply = await this.#request(id, { type: 'restore', state: vcpuState });
+      // (MSRs the host refused are logged by the vCPU's thread.)
       if (reply.type === 'failed') throw new Error(`vCPU ${id}: cannot restore its state: ${reply.error}`);
-      if (reply.type === 'restored' && reply.refusedMsrs.length > 0) {
-        this.#log(`vcpu${id}: the host refused MSRs ${reply.refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}`);
-      }
     }));
-    this.#serial.restoreState(state.devices.serial);
-    this.#postCode.restoreState(state.devices.postCode);
+    this.#restoreDevices(state.devices);
+  }
+
+  #restoreDevices(devices: DeviceStates): void {
+    this.#serial.restoreState(devices.serial);
+    this.#postCode.restoreState(devices.postCode);
   }
 
   #request(vcpuId: number, request: { type: 'save' } | { type: 'restore'; state: VcpuState }): Promise<VcpuReply> {

@@ -49,6 +49,8 @@ export interface VcpuAssignment {
   slotBasePages: [number, number][];
   /** KVM_GET_MSR_INDEX_LIST: the MSRs a saved state may hold. */
   msrIndexList: number[];
+  /** A restore: the saved state this vCPU starts in (instead of boot state). */
+  restore: VcpuState | null;
 }
 
 export type VcpuRequest = { type: 'save'; seq: number } | { type: 'restore'; seq: number; state: VcpuState };

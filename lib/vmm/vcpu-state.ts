@@ -27,9 +27,16 @@ export interface VcpuState {
 
 /**
  * The MSRs worth saving: those of KVM_GET_MSR_INDEX_LIST that this vCPU can read (the list names
- * some a given CPUID does not enable). Probed once per vCPU, one MSR at a time.
+ * some a given CPUID does not enable). Probed once per vCPU.
  */
 export function readableMsrs(vcpu: Vcpu, candidates: readonly number[]): number[] {
+  try {
+    // Usually all of them: one ioctl instead of one per MSR.
+    vcpu.getMsrs(candidates);
+    return [...candidates];
+  } catch {
+    // Some are not: find which.
+  }
   const readable: number[] = [];
   for (const index of candidates) {
     try {

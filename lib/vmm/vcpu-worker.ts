@@ -12,7 +12,7 @@ import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } 
 import { createDevices } from './devices.js';
 import { DirtyBitmap } from '../migration/dirty-bitmap.js';
 import { spillDirtyRing } from '../migration/dirty-tracker.js';
-import { readableMsrs, restoreVcpuState, saveVcpuState } from './vcpu-state.js';
+import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 
 const port = parentPort;
@@ -56,14 +56,18 @@ function runAssignment(assignment: VcpuAssignment): void {
   });
 
   using vcpu = vm.createVcpu(id);
-  // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
-  vcpu.setCpuid2(assignment.cpuid);
-  if (assignment.msrs.length > 0) vcpu.setMsrs(assignment.msrs);
-  if (assignment.boot) applyBootState(vcpu, assignment.boot);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, halted: false, savedMsrs: null,
     slotBasePages: new Map(assignment.slotBasePages),
   };
+  if (assignment.restore) {
+    restoreInto(thread, assignment.restore);
+  } else {
+    // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
+    vcpu.setCpuid2(assignment.cpuid);
+    if (assignment.msrs.length > 0) vcpu.setMsrs(assignment.msrs);
+    if (assignment.boot) applyBootState(vcpu, assignment.boot);
+  }
   const serve = () => serveRequests(thread);
   post({ type: 'ready', vcpuId: id, kick: vcpu.kickHandle });
   try {
@@ -101,18 +105,26 @@ function serveRequests(thread: VcpuThreadState): void {
         const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted);
         reply = { seq: request.seq, type: 'saved', state };
       } else {
-        const refusedMsrs = restoreVcpuState(thread.vcpu, request.state, thread.assignment.irqchip);
-        if (request.state.vmmHalted !== thread.halted) {
-          Atomics.add(thread.control, HALTED, request.state.vmmHalted ? 1 : -1);
-          thread.halted = request.state.vmmHalted;
-        }
-        reply = { seq: request.seq, type: 'restored', refusedMsrs };
+        reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       }
     } catch (e) {
       reply = { seq: request.seq, type: 'failed', error: (e as Error)?.message ?? String(e) };
     }
     port.postMessage(reply);
   }
+}
+
+/** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
+function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
+  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip);
+  if (state.vmmHalted !== thread.halted) {
+    Atomics.add(thread.control, HALTED, state.vmmHalted ? 1 : -1);
+    thread.halted = state.vmmHalted;
+  }
+  if (refusedMsrs.length > 0) {
+    post({ type: 'log', message: `vcpu${thread.assignment.vcpuId}: the host refused MSRs ${refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}` });
+  }
+  return refusedMsrs;
 }
 
 function runLoop(thread: VcpuThreadState, serve: () => void): void {
