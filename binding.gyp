@@ -12,7 +12,9 @@
         "native/memory.cc",
         "native/layout.cc",
         "native/abi.c",
-        "native/thread.cc"
+        "native/socket.cc",
+        "native/thread.cc",
+        "native/checksum.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

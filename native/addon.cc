@@ -3,12 +3,14 @@
 #include <errno.h>
 #include <string.h>
 
+#include "checksum.h"
 #include "errors.h"
 #include "handles.h"
 #include "ioctl.h"
 #include "kvm.h"
 #include "layout.h"
 #include "memory.h"
+#include "socket.h"
 #include "thread.h"
 #include "vcpu.h"
 #include "vm.h"
@@ -96,12 +98,15 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryAttach", MemoryAttach);
   fn("memoryPopulatedRanges", MemoryPopulatedRanges);
   fn("memoryDontneed", MemoryDontneed);
+  fn("memoryPopulate", MemoryPopulate);
+  fn("setSocketBuffers", SetSocketBuffers);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);
   fn("layout", Layout);
   fn("setThreadName", SetThreadName);
   fn("setThreadAffinity", SetThreadAffinity);
+  fn("crc32c", Crc32c);
   return exports;
 }
 

@@ -1,4 +1,5 @@
-// Loads the addon. Only lib/kvm/ talks to it; everything else uses the typed classes.
+// Loads the addon. Only lib/kvm/ talks to it (and lib/migration/checksum.ts, for crc32c);
+// everything else uses the typed classes.
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -38,12 +39,16 @@ export interface NativeBinding {
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryPopulatedRanges(id: number): Float64Array;
   memoryDontneed(id: number, offset: number, length: number): void;
+  memoryPopulate(id: number, offset: number, length: number): boolean;
+  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   memoryInfo(): { mappings: number; bytes: number };
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;
   layout(): Layout;
   setThreadName(name: string): void;
   setThreadAffinity(cpus: number[]): void;
+  /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */
+  crc32c(data: ArrayBufferView, seed: number, portable?: boolean): number;
 }
 
 function packageRoot(): string {

@@ -4,8 +4,8 @@
 //   header, Config, VcpuState × vcpuCount, VmState, DeviceState, RamImage, End,
 //   zero padding to a 4096-byte boundary, then guest RAM as a raw image of memoryBytes bytes.
 // The image is page-aligned so that a restore can mmap it copy-on-write, and sparse: zero pages are
-// never written (the file is extended over them), so an idle guest makes a small file. Its CRC32
-// is in the RamImage section; checking it means reading the whole image, so only
+// never written (the file is extended over them), so an idle guest makes a small file. Its
+// CRC-32C is in the RamImage section; checking it means reading the whole image, so only
 // verifyRamImage() and loadSnapshotMemory({ verify: true }) do it.
 //
 // Diff snapshot ('diff-snapshot'):
@@ -21,9 +21,10 @@ import type { PageRange } from './types.js';
 import { decodeState, encodeStateSection } from './state-codec.js';
 import {
   FileSource, HEADER_BYTES, PAGE_BYTES, SECTION_OVERHEAD_BYTES, RAM_IMAGE_PAYLOAD_BYTES, SectionReader, SectionType, StreamError,
-  crc32, crc32Zeros, decodePages, decodePagesInto, decodeErrorSection, decodeHeader, decodeRamImage, encodeEnd, encodeHeader, encodePages,
+  decodePages, decodePagesInto, decodeErrorSection, decodeHeader, decodeRamImage, encodeEnd, encodeHeader, encodePages,
   encodeRamImage, forEachPageRun, hexId, type DecodedPages, type RamImage, type StreamHeader,
 } from './stream.js';
+import { crc32c, crc32cZeros } from './checksum.js';
 
 export type SnapshotKind = 'snapshot' | 'diff-snapshot';
 
@@ -243,29 +244,29 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
       let crc = 0;
       let crcEnd = 0; // RAM bytes the CRC covers so far
       for (const [start, end] of regions) {
-        crc = crc32Zeros(crc, start - crcEnd);
+        crc = crc32cZeros(crc, start - crcEnd);
         const runs: [number, number][] = [];
         forEachPageRun(memory.subarray(start, end), (firstPageIndex, pageCount, zero) => {
           if (!zero) runs.push([start + firstPageIndex * PAGE_BYTES, pageCount * PAGE_BYTES]);
         });
         crcEnd = start;
         for (const [runStart, runBytes] of runs) {
-          crc = crc32Zeros(crc, runStart - crcEnd);
+          crc = crc32cZeros(crc, runStart - crcEnd);
           for (let done = 0; done < runBytes; done += WRITE_CHUNK_BYTES) {
             const chunk = memory.subarray(runStart + done, runStart + Math.min(runBytes, done + WRITE_CHUNK_BYTES));
-            crc = crc32(chunk, crc);
+            crc = crc32c(chunk, crc);
             await writeFully(file, chunk, ramOffset + runStart + done);
           }
           crcEnd = runStart + runBytes;
           pagesWritten += runBytes / PAGE_BYTES;
           bytesWritten += runBytes;
         }
-        crc = crc32Zeros(crc, end - crcEnd);
+        crc = crc32cZeros(crc, end - crcEnd);
         crcEnd = end;
       }
-      crc = crc32Zeros(crc, memoryBytes - crcEnd);
+      crc = crc32cZeros(crc, memoryBytes - crcEnd);
       zeroPagesSkipped = memoryBytes / PAGE_BYTES - pagesWritten;
-      sections.push(encodeRamImage({ fileOffset: ramOffset, sizeBytes: memoryBytes, crc32: crc }), encodeEnd());
+      sections.push(encodeRamImage({ fileOffset: ramOffset, sizeBytes: memoryBytes, crc32c: crc }), encodeEnd());
       fileBytes = ramOffset + memoryBytes;
     }
     for (const section of sections) {
@@ -436,7 +437,7 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   }
 }
 
-/** Reads the whole RAM image of a full snapshot and checks it against its CRC32 (ECHECKSUM). */
+/** Reads the whole RAM image of a full snapshot and checks it against its CRC-32C (ECHECKSUM). */
 export async function verifyRamImage(path: string, contents: SnapshotContents): Promise<void> {
   const image = contents.ramImage;
   if (!image) throw new TypeError('verifyRamImage needs the contents of a full snapshot (with ramImage)');
@@ -448,9 +449,9 @@ export async function verifyRamImage(path: string, contents: SnapshotContents): 
     for (let done = 0; done < image.sizeBytes; done += chunk.length) {
       const view = chunk.subarray(0, Math.min(chunk.length, image.sizeBytes - done));
       await readFully(file, view, image.fileOffset + done, absolute);
-      crc = crc32(view, crc);
+      crc = crc32c(view, crc);
     }
-    if (crc !== image.crc32) throw new StreamError('ECHECKSUM', `${absolute}: checksum mismatch in the RAM image`);
+    if (crc !== image.crc32c) throw new StreamError('ECHECKSUM', `${absolute}: checksum mismatch in the RAM image`);
   } finally {
     await file.close();
   }
@@ -486,7 +487,7 @@ export interface LoadSnapshotMemoryOptions {
    * not written, so they are never faulted in. Default false (every page is written).
    */
   memoryIsZeroed?: boolean;
-  /** Check the RAM image against its CRC32 while reading it (ECHECKSUM; memory is then unusable). */
+  /** Check the RAM image against its CRC-32C while reading it (ECHECKSUM; memory is then unusable). */
   verify?: boolean;
 }
 
@@ -515,14 +516,14 @@ export async function loadSnapshotMemory(chain: readonly SnapshotContents[], mem
       const target = memory.subarray(done, done + length);
       const bytes = scratch ? scratch.subarray(0, length) : target;
       await readFully(file, bytes, image.fileOffset + done, base.path);
-      if (options.verify) crc = crc32(bytes, crc);
+      if (options.verify) crc = crc32c(bytes, crc);
       if (scratch) {
         forEachPageRun(bytes, (firstPageIndex, pageCount, zero) => {
           if (!zero) target.set(bytes.subarray(firstPageIndex * PAGE_BYTES, (firstPageIndex + pageCount) * PAGE_BYTES), firstPageIndex * PAGE_BYTES);
         });
       }
     }
-    if (options.verify && crc !== image.crc32) throw new StreamError('ECHECKSUM', `${base.path}: checksum mismatch in the RAM image`);
+    if (options.verify && crc !== image.crc32c) throw new StreamError('ECHECKSUM', `${base.path}: checksum mismatch in the RAM image`);
   } finally {
     await file.close();
   }

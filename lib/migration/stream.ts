@@ -1,7 +1,8 @@
 // The migration stream: a fixed header, then typed sections, each with its own length limit and
-// CRC32. A snapshot file is the same stream written to a file. The reader checks every length
-// against its limit before allocating and every checksum before returning a section, and
-// decodePages() checks every range of a Pages section against guest RAM before it applies any.
+// CRC-32C (Castagnoli, see checksum.ts). A snapshot file is the same stream written to a file.
+// The reader checks every length against its limit before allocating and every checksum before
+// returning a section, and decodePages() checks every range of a Pages section against guest RAM
+// before it applies any.
 //
 // All integers are little-endian.
 //
@@ -9,13 +10,13 @@
 //   0  magic 'NODE-KVM'      8  version u32        12 kind u32 (StreamKindCode)
 //   16 memoryBytes u64       24 vcpuCount u32      28 reserved u32 (0)
 //   32 streamId [16]         48 parentId [16] (zeros unless diff snapshot)
-//   64 CRC32 of bytes 0..63
-// Section: type u16, flags u16, payload length u32, payload, CRC32 of all that precedes it.
+//   64 CRC-32C of bytes 0..63
+// Section: type u16, flags u16, payload length u32, payload, CRC-32C of all that precedes it.
 import { randomBytes } from 'node:crypto';
 import { read as fsRead } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
-import * as zlib from 'node:zlib';
+import { crc32c } from './checksum.js';
 
 export const STREAM_MAGIC = 'NODE-KVM';
 export const STREAM_VERSION = 1;
@@ -23,7 +24,7 @@ export const HEADER_BYTES = 68;
 export const STREAM_ID_BYTES = 16;
 /** type + flags + length before the payload. */
 export const SECTION_HEADER_BYTES = 8;
-/** Section header plus the CRC32 after the payload. */
+/** Section header plus the CRC-32C after the payload. */
 export const SECTION_OVERHEAD_BYTES = SECTION_HEADER_BYTES + 4;
 export const PAGE_BYTES = 4096;
 
@@ -51,72 +52,6 @@ export class StreamError extends Error {
     this.name = 'StreamError';
     this.code = code;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// CRC32 (IEEE 802.3, as zlib and gzip)
-
-const CRC_POLY = 0xedb88320;
-let crcTable: Uint32Array | undefined;
-
-/** CRC32 in JavaScript, for Node releases without zlib.crc32 (before 20.15 / 22.2). */
-export function crc32Portable(data: Uint8Array, value = 0): number {
-  if (!crcTable) {
-    crcTable = new Uint32Array(256);
-    for (let n = 0; n < 256; n++) {
-      let c = n;
-      for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ CRC_POLY : c >>> 1;
-      crcTable[n] = c >>> 0;
-    }
-  }
-  let crc = ~value >>> 0;
-  for (let i = 0; i < data.length; i++) crc = crcTable[(crc ^ data[i]) & 0xff] ^ (crc >>> 8);
-  return ~crc >>> 0;
-}
-
-const zlibCrc32 = (zlib as { crc32?: (data: Uint8Array, value?: number) => number }).crc32;
-
-/** CRC32 of `data`, continuing from `value` (the CRC of what came before), like zlib's crc32(). */
-export const crc32: (data: Uint8Array, value?: number) => number =
-  typeof zlibCrc32 === 'function' ? (data, value = 0) => zlibCrc32(data, value) : crc32Portable;
-
-// Appending n zero bytes multiplies the CRC register by x^(8n) modulo the polynomial; zlib's
-// crc32_combine() does the same with these two helpers. It lets a sparse RAM image be checksummed
-// without reading its zero pages.
-function multModP(a: number, b: number): number {
-  if (a === 0) return 0;
-  let m = 0x80000000;
-  let p = 0;
-  for (;;) {
-    if (a & m) {
-      p ^= b;
-      if ((a & (m - 1)) === 0) break;
-    }
-    m >>>= 1;
-    b = b & 1 ? (b >>> 1) ^ CRC_POLY : b >>> 1;
-  }
-  return p >>> 0;
-}
-
-const X2N_TABLE = (() => {
-  const table = new Uint32Array(32);
-  let p = 0x40000000; // x^1
-  table[0] = p;
-  for (let n = 1; n < 32; n++) table[n] = p = multModP(p, p);
-  return table;
-})();
-
-/** The CRC32 of the data whose CRC is `crc`, followed by `byteCount` zero bytes. O(log n). */
-export function crc32Zeros(crc: number, byteCount: number): number {
-  let p = 0x80000000; // x^0
-  let n = byteCount;
-  let k = 3; // x^(2^3) per byte
-  while (n > 0) {
-    if (n % 2 === 1) p = multModP(X2N_TABLE[k & 31], p);
-    n = Math.floor(n / 2);
-    k++;
-  }
-  return (multModP(p, ~crc >>> 0) ^ 0xffffffff) >>> 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,7 +187,7 @@ export function encodeHeader(init: StreamHeaderInit): Uint8Array {
   view.setUint32(28, 0, true);
   bytes.set(streamId, 32);
   bytes.set(parentId, 48);
-  view.setUint32(64, crc32(bytes.subarray(0, 64)), true);
+  view.setUint32(64, crc32c(bytes.subarray(0, 64)), true);
   return bytes;
 }
 
@@ -271,7 +206,7 @@ export function decodeHeader(bytes: Uint8Array): StreamHeader {
   if (version !== STREAM_VERSION) {
     throw new StreamError('EVERSION', `stream version ${version} is not supported (this build reads ${STREAM_VERSION})`);
   }
-  if (crc32(bytes.subarray(0, 64)) !== view.getUint32(64, true)) throw new StreamError('ECHECKSUM', 'checksum mismatch in the stream header');
+  if (crc32c(bytes.subarray(0, 64)) !== view.getUint32(64, true)) throw new StreamError('ECHECKSUM', 'checksum mismatch in the stream header');
   const kindCode = view.getUint32(12, true);
   const kind = KIND_BY_CODE.get(kindCode);
   if (!kind) throw new StreamError('EFORMAT', `unknown stream kind ${kindCode} in the stream header`);
@@ -377,7 +312,7 @@ function sealSection(section: Uint8Array, type: number, flags: number): void {
   view.setUint16(0, type, true);
   view.setUint16(2, flags, true);
   view.setUint32(4, payloadBytes, true);
-  view.setUint32(SECTION_HEADER_BYTES + payloadBytes, crc32(section.subarray(0, SECTION_HEADER_BYTES + payloadBytes)), true);
+  view.setUint32(SECTION_HEADER_BYTES + payloadBytes, crc32c(section.subarray(0, SECTION_HEADER_BYTES + payloadBytes)), true);
 }
 
 export const encodeEnd = (): Uint8Array => encodeSection(SectionType.End, new Uint8Array(0));
@@ -396,8 +331,8 @@ export interface RamImage {
   /** Where the image starts in the snapshot file; a multiple of PAGE_BYTES. */
   fileOffset: number;
   sizeBytes: number;
-  /** CRC32 of the whole image (zero pages included). */
-  crc32: number;
+  /** CRC-32C of the whole image (zero pages included). */
+  crc32c: number;
 }
 
 export function encodeRamImage(image: RamImage): Uint8Array {
@@ -408,12 +343,12 @@ export function encodeRamImage(image: RamImage): Uint8Array {
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % PAGE_BYTES !== 0) {
     throw new RangeError(`sizeBytes must be a positive multiple of ${PAGE_BYTES}, got ${sizeBytes}`);
   }
-  if (!Number.isInteger(image.crc32) || image.crc32 < 0 || image.crc32 > 0xffffffff) throw new RangeError(`crc32 must be a u32, got ${image.crc32}`);
+  if (!Number.isInteger(image.crc32c) || image.crc32c < 0 || image.crc32c > 0xffffffff) throw new RangeError(`crc32c must be a u32, got ${image.crc32c}`);
   const payload = new Uint8Array(RAM_IMAGE_PAYLOAD_BYTES);
   const view = viewOf(payload);
   setU64(view, 0, fileOffset);
   setU64(view, 8, sizeBytes);
-  view.setUint32(16, image.crc32, true);
+  view.setUint32(16, image.crc32c, true);
   return encodeSection(SectionType.RamImage, payload);
 }
 
@@ -431,7 +366,7 @@ export function decodeRamImage(payload: Uint8Array): RamImage {
     throw new StreamError('EFORMAT', `the RAM image size ${sizeBytes < 0 ? 'beyond 2^53' : sizeBytes} is not a positive multiple of ${PAGE_BYTES}`);
   }
   if (view.getUint32(20, true) !== 0) throw new StreamError('EFORMAT', 'the RamImage section has a non-zero reserved field');
-  return { fileOffset, sizeBytes, crc32: view.getUint32(16, true) };
+  return { fileOffset, sizeBytes, crc32c: view.getUint32(16, true) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,6 +397,12 @@ export interface EncodePagesOptions {
   destinationZeroed?: boolean;
   /** When given, every range must lie below this guest RAM size. */
   memoryBytes?: number;
+  /**
+   * Where each section is built: a buffer of exactly `byteLength` bytes, every one of which will
+   * be written. Default: a new Uint8Array. A sender that recycles its buffers once written avoids
+   * faulting in fresh memory for every section.
+   */
+  allocate?: (byteLength: number) => Uint8Array;
 }
 
 export interface EncodedPages {
@@ -508,6 +449,8 @@ export function encodePages(
     memoryPages = memoryBytes / PAGE_BYTES;
   }
   const destinationZeroed = options.destinationZeroed === true;
+  const allocate = options.allocate;
+  if (allocate !== undefined && typeof allocate !== 'function') throw new TypeError('allocate must be a function');
 
   const result: EncodedPages = { sections: [], pagesSent: 0, zeroPages: 0, bytes: 0 };
   let pending: PendingRange[] = [];
@@ -515,7 +458,9 @@ export function encodePages(
 
   const flush = (): void => {
     if (pending.length === 0) return;
-    const section = new Uint8Array(SECTION_OVERHEAD_BYTES + 4 + pending.length * PAGE_RANGE_BYTES + pendingDataBytes);
+    const sectionBytes = SECTION_OVERHEAD_BYTES + 4 + pending.length * PAGE_RANGE_BYTES + pendingDataBytes;
+    const section = allocate ? allocate(sectionBytes) : new Uint8Array(sectionBytes);
+    if (!(section instanceof Uint8Array) || section.length !== sectionBytes) throw new RangeError(`allocate(${sectionBytes}) must return a Uint8Array of that length`);
     const view = viewOf(section);
     let entry = SECTION_HEADER_BYTES;
     view.setUint32(entry, pending.length, true);
@@ -747,9 +692,11 @@ export class SectionReader {
     if (!name) throw new StreamError('EFORMAT', `unknown section type ${type}`);
     const max = MAX_SECTION_PAYLOAD_BYTES[name];
     if (length > max) throw new StreamError('ETOOBIG', `a ${name} section of ${length} bytes is over the ${max}-byte limit`);
+    // The head's checksum now: a source may reuse its bytes for the next read.
+    const headCrc = crc32c(head);
     const body = await this.#source.read(length + 4, `a ${name} section`);
     const expected = viewOf(body).getUint32(length, true);
-    if (crc32(body.subarray(0, length), crc32(head)) !== expected) throw new StreamError('ECHECKSUM', `checksum mismatch in ${name} section`);
+    if (crc32c(body.subarray(0, length), headCrc) !== expected) throw new StreamError('ECHECKSUM', `checksum mismatch in ${name} section`);
     if (type === SectionType.End) this.#ended = true;
     return { type: type as SectionTypeNumber, name, flags, payload: body.subarray(0, length) };
   }
@@ -840,6 +787,10 @@ export class SocketSource implements ByteSource {
     this.#fail(new StreamError('ETRUNCATED', `migration stream failed after ${this.#received} bytes: ${error.message}`), false);
   };
 
+  /** Set by reuseBuffers(): reads that span chunks are assembled here. */
+  #scratch: Uint8Array | undefined;
+  #reuse = false;
+
   constructor(socket: Readable, timeoutMs: number) {
     if (typeof socket !== 'object' || socket === null || typeof socket.on !== 'function' || typeof socket.pause !== 'function') {
       throw new TypeError('socket must be a net.Socket or a Readable stream');
@@ -877,6 +828,17 @@ export class SocketSource implements ByteSource {
       this.#startTimer();
       if (this.#socket.isPaused()) this.#socket.resume();
     });
+  }
+
+  /**
+   * From now on a read's bytes stay valid only until the next read (reads that span the socket's
+   * chunks are assembled in one reused buffer): for a consumer that is done with each section
+   * before it asks for the next, as SectionReader's callers are. Saves faulting in a fresh
+   * buffer per section.
+   */
+  reuseBuffers(): this {
+    this.#reuse = true;
+    return this;
   }
 
   /** Stops listening to the socket (leaves the socket itself alone); a waiting read fails. */
@@ -933,7 +895,13 @@ export class SocketSource implements ByteSource {
       this.#advance(length);
       return bytes;
     }
-    const bytes = Buffer.allocUnsafe(length);
+    let bytes: Uint8Array;
+    if (this.#reuse) {
+      if (!this.#scratch || this.#scratch.length < length) this.#scratch = new Uint8Array(Math.max(length, 4 * MiB));
+      bytes = this.#scratch.subarray(0, length);
+    } else {
+      bytes = Buffer.allocUnsafe(length);
+    }
     let filled = 0;
     while (filled < length) {
       const chunk = this.#chunks[this.#chunkIndex];

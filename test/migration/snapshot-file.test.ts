@@ -6,12 +6,13 @@ import nodePath from 'node:path';
 import t, { type Test } from 'tap';
 import { encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import {
-  HEADER_BYTES, PAGE_BYTES, SectionType, StreamError, crc32, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
+  HEADER_BYTES, PAGE_BYTES, SectionType, StreamError, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
   encodeSection, viewOf,
 } from '../../lib/migration/stream.js';
 import {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
 } from '../../lib/migration/snapshot-file.js';
+import { crc32c } from '../../lib/migration/checksum.js';
 
 const MiB = 1024 * 1024;
 
@@ -96,7 +97,7 @@ t.test('a full snapshot round trip: state, a sparse page-aligned RAM image, its 
   t.equal(image.fileOffset % 4096, 0, 'the RAM image is page-aligned, so it can be mmap-ed');
   t.equal(image.fileOffset, 4096, 'right after the sections');
   t.equal(image.sizeBytes, memory.length);
-  t.equal(image.crc32, crc32(memory), 'the CRC of the whole image');
+  t.equal(image.crc32c, crc32c(memory), 'the CRC-32C of the whole image');
   t.equal(result.fileBytes, image.fileOffset + memory.length);
 
   // The file region is the raw image, byte for byte.
@@ -123,7 +124,7 @@ t.test('bytesWritten counts sections and non-zero pages, not holes', async (t) =
     ...STATE.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
     encodeStateSection(SectionType.VmState, STATE.vm),
     encodeStateSection(SectionType.DeviceState, STATE.devices),
-    encodeRamImage({ fileOffset: 4096, sizeBytes: memory.length, crc32: 0 }),
+    encodeRamImage({ fileOffset: 4096, sizeBytes: memory.length, crc32c: 0 }),
     encodeEnd(),
   ].reduce((sum, section) => sum + section.length, 0);
   t.equal(result.pagesWritten, 4, 'pages 0, 1, 2 and 100 of 256');
@@ -139,7 +140,7 @@ t.test('the populated hint: only those ranges are read', async (t) => {
   const result = await writeSnapshotFile(hinted, { ...fullOptions(memory), populated: [[200 * PAGE_BYTES + 10, 5], [3 * PAGE_BYTES, 1], [0, 0], [3 * PAGE_BYTES, PAGE_BYTES]] });
   t.equal(result.pagesWritten, 2);
   const contents = await readSnapshotFile(hinted);
-  t.equal(contents.ramImage!.crc32, crc32(memory));
+  t.equal(contents.ramImage!.crc32c, crc32c(memory));
   await verifyRamImage(hinted, contents);
 
   // What lies outside the hint is taken as zero, unread.
@@ -345,7 +346,7 @@ t.test('sections out of place are refused', async (t) => {
   const fullHeader = () => encodeHeader({ kind: 'snapshot', memoryBytes, vcpuCount: 2 });
   const diffHeader = () => encodeHeader({ kind: 'diff-snapshot', memoryBytes, vcpuCount: 2, parentId: new Uint8Array(16).fill(1) });
   const [config, vcpu0, vcpu1, vm, devices] = stateSections(memoryBytes);
-  const ram = encodeRamImage({ fileOffset: 4096, sizeBytes: memoryBytes, crc32: 0 });
+  const ram = encodeRamImage({ fileOffset: 4096, sizeBytes: memoryBytes, crc32c: 0 });
   const diffConfig = encodeStateSection(SectionType.Config, { machine: {}, parent: { path: 'p.snap' } });
   const hostilePages = (() => {
     // A range past the end of guest RAM, sealed with a valid CRC.
@@ -375,9 +376,9 @@ t.test('sections out of place are refused', async (t) => {
     ['a full snapshot with a parent path', [fullHeader(), diffConfig], 'EFORMAT', 'the Config section of a full snapshot names a parent'],
     ['a Config of another shape', [fullHeader(), encodeStateSection(SectionType.Config, [1])], 'EFORMAT', 'the Config section does not hold a snapshot configuration'],
     ['an Error section', [fullHeader(), config, encodeErrorSection('disk full')], 'EFORMAT', 'the file holds an Error section: disk full'],
-    ['RAM image of the wrong size', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 4096, sizeBytes: 4096, crc32: 0 }), encodeEnd()],
+    ['RAM image of the wrong size', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 4096, sizeBytes: 4096, crc32c: 0 }), encodeEnd()],
       'EFORMAT', 'the RAM image holds 4096 bytes but the header gives 8192 bytes of RAM'],
-    ['RAM image over the sections', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 0, sizeBytes: memoryBytes, crc32: 0 }), encodeEnd()],
+    ['RAM image over the sections', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 0, sizeBytes: memoryBytes, crc32c: 0 }), encodeEnd()],
       'EFORMAT', /^the RAM image at offset 0 overlaps the sections, which end at \d+$/.source],
     ['bad state JSON', [fullHeader(), config, encodeSection(SectionType.VcpuState, Buffer.from('{"__proto__":1}'))], 'EFORMAT',
       "the VcpuState section of vCPU 0 is not valid state: state has the key '__proto__'"],

@@ -1,0 +1,208 @@
+// CRC-32C (Castagnoli; iSCSI, RFC 3720 appendix B.4): reflected polynomial 0x82F63B78, register
+// preset to all ones and inverted at the end, so that crc32c(b, crc32c(a)) == crc32c(a + b), as
+// with zlib's crc32(). The migration stream checksums every byte it sends with it.
+//
+// Two implementations, chosen at run time:
+// - SSE4.2: the crc32 instruction computes exactly this CRC, 8 bytes at a time. Its latency is 3
+//   cycles and its throughput 1 per cycle, so large buffers are cut into three adjacent blocks
+//   whose CRCs are computed side by side, then joined: the CRC register is linear, so the register
+//   after blocks A and B is shift(register after A, |B|) ^ (register after B started from zero),
+//   where shift() runs the register over |B| zero bytes (four table lookups, see ZeroShift).
+// - Portable: slice-by-8 tables, for x86-64 CPUs without SSE4.2 and other architectures.
+#include "checksum.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <string>
+
+#include "errors.h"
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#define NODEKVM_CRC32C_SSE42 1
+#endif
+
+namespace nodekvm {
+
+namespace {
+
+constexpr uint32_t kCastagnoliReflected = 0x82F63B78;
+// Block sizes of the three-way loops. Long blocks amortize the join; short ones still hide the
+// instruction's latency on buffers under 3 * kLongBlockBytes.
+constexpr size_t kLongBlockBytes = 8192;
+constexpr size_t kShortBlockBytes = 256;
+
+// shift[k][b]: the register (b << 8k) run over a fixed number of zero bytes. The operation is
+// linear, so the whole register is shifted by XOR-ing one lookup per byte.
+using ZeroShift = uint32_t[4][256];
+
+struct Tables {
+  // slice[k][b]: the register b run over 1 + k zero bytes (slice[0] is the classic byte table).
+  uint32_t slice[8][256];
+  ZeroShift longShift;
+  ZeroShift shortShift;
+};
+
+uint32_t AfterZeroBytes(const uint32_t byteTable[256], uint32_t reg, size_t zeroBytes) {
+  for (size_t i = 0; i < zeroBytes; i++) reg = byteTable[reg & 0xff] ^ (reg >> 8);
+  return reg;
+}
+
+void BuildZeroShift(const uint32_t byteTable[256], size_t zeroBytes, ZeroShift shift) {
+  uint32_t bitImage[32];  // each register bit run over zeroBytes zero bytes
+  for (int bit = 0; bit < 32; bit++) bitImage[bit] = AfterZeroBytes(byteTable, 1u << bit, zeroBytes);
+  for (int k = 0; k < 4; k++) {
+    shift[k][0] = 0;
+    for (uint32_t b = 1; b < 256; b++) shift[k][b] = shift[k][b & (b - 1)] ^ bitImage[8 * k + __builtin_ctz(b)];
+  }
+}
+
+Tables BuildTables() {
+  Tables tables;
+  for (uint32_t b = 0; b < 256; b++) {
+    uint32_t reg = b;
+    for (int i = 0; i < 8; i++) reg = (reg & 1) ? (reg >> 1) ^ kCastagnoliReflected : reg >> 1;
+    tables.slice[0][b] = reg;
+  }
+  for (int k = 1; k < 8; k++) {
+    for (uint32_t b = 0; b < 256; b++) {
+      uint32_t prev = tables.slice[k - 1][b];
+      tables.slice[k][b] = tables.slice[0][prev & 0xff] ^ (prev >> 8);
+    }
+  }
+  BuildZeroShift(tables.slice[0], kLongBlockBytes, tables.longShift);
+  BuildZeroShift(tables.slice[0], kShortBlockBytes, tables.shortShift);
+  return tables;
+}
+
+const Tables& GetTables() {
+  static const Tables tables = BuildTables();
+  return tables;
+}
+
+inline uint32_t Shift(const ZeroShift shift, uint32_t reg) {
+  return shift[0][reg & 0xff] ^ shift[1][(reg >> 8) & 0xff] ^ shift[2][(reg >> 16) & 0xff] ^ shift[3][reg >> 24];
+}
+
+// Little-endian loads, whatever the host's byte order and alignment.
+inline uint32_t LoadLe32(const uint8_t* p) {
+  return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24);
+}
+
+uint32_t Crc32cPortable(uint32_t reg, const uint8_t* data, size_t length) {
+  const Tables& t = GetTables();
+  while (length >= 8) {
+    uint32_t low = reg ^ LoadLe32(data);
+    reg = t.slice[7][low & 0xff] ^ t.slice[6][(low >> 8) & 0xff] ^ t.slice[5][(low >> 16) & 0xff] ^ t.slice[4][low >> 24] ^
+          t.slice[3][data[4]] ^ t.slice[2][data[5]] ^ t.slice[1][data[6]] ^ t.slice[0][data[7]];
+    data += 8;
+    length -= 8;
+  }
+  for (; length > 0; length--) reg = t.slice[0][(reg ^ *data++) & 0xff] ^ (reg >> 8);
+  return reg;
+}
+
+#ifdef NODEKVM_CRC32C_SSE42
+
+inline uint64_t Load64(const uint8_t* p) {
+  uint64_t value;
+  memcpy(&value, p, sizeof value);
+  return value;
+}
+
+// Three adjacent blocks of `blockBytes` at a time, joined with `shift` (which runs the register
+// over blockBytes zero bytes).
+__attribute__((target("sse4.2"))) inline uint32_t ThreeWay(uint32_t reg, const uint8_t*& data, size_t& length, size_t blockBytes,
+                                                             const ZeroShift shift) {
+  while (length >= 3 * blockBytes) {
+    uint64_t reg0 = reg, reg1 = 0, reg2 = 0;
+    const uint8_t* end = data + blockBytes;
+    do {
+      reg0 = _mm_crc32_u64(reg0, Load64(data));
+      reg1 = _mm_crc32_u64(reg1, Load64(data + blockBytes));
+      reg2 = _mm_crc32_u64(reg2, Load64(data + 2 * blockBytes));
+      data += 8;
+    } while (data < end);
+    reg = Shift(shift, static_cast<uint32_t>(reg0)) ^ static_cast<uint32_t>(reg1);
+    reg = Shift(shift, reg) ^ static_cast<uint32_t>(reg2);
+    data += 2 * blockBytes;
+    length -= 3 * blockBytes;
+  }
+  return reg;
+}
+
+__attribute__((target("sse4.2"))) uint32_t Crc32cSse42(uint32_t reg, const uint8_t* data, size_t length) {
+  // 8-byte loads that never straddle a cache line.
+  while (length > 0 && (reinterpret_cast<uintptr_t>(data) & 7) != 0) {
+    reg = _mm_crc32_u8(reg, *data++);
+    length--;
+  }
+  const Tables& t = GetTables();
+  reg = ThreeWay(reg, data, length, kLongBlockBytes, t.longShift);
+  reg = ThreeWay(reg, data, length, kShortBlockBytes, t.shortShift);
+  uint64_t reg64 = reg;
+  for (; length >= 8; length -= 8, data += 8) reg64 = _mm_crc32_u64(reg64, Load64(data));
+  reg = static_cast<uint32_t>(reg64);
+  for (; length > 0; length--) reg = _mm_crc32_u8(reg, *data++);
+  return reg;
+}
+
+bool HasSse42() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2") != 0;
+  }();
+  return has;
+}
+
+#endif  // NODEKVM_CRC32C_SSE42
+
+uint32_t Crc32cBytes(uint32_t seed, const uint8_t* data, size_t length, bool portable) {
+  uint32_t reg = ~seed;
+#ifdef NODEKVM_CRC32C_SSE42
+  if (!portable && HasSse42()) return ~Crc32cSse42(reg, data, length);
+#endif
+  return ~Crc32cPortable(reg, data, length);
+}
+
+}  // namespace
+
+Napi::Value Crc32c(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  void* data = nullptr;
+  size_t byteLength = 0;
+  if (info[0].IsTypedArray()) {
+    napi_typedarray_type type;
+    size_t elementCount;
+    if (napi_get_typedarray_info(env, info[0], &type, &elementCount, &data, nullptr, nullptr) != napi_ok) throw Napi::Error::New(env);
+    size_t elementBytes = 1;
+    switch (type) {
+      case napi_int16_array: case napi_uint16_array: elementBytes = 2; break;
+      case napi_int32_array: case napi_uint32_array: case napi_float32_array: elementBytes = 4; break;
+      case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: elementBytes = 8; break;
+      default: break;
+    }
+    byteLength = elementCount * elementBytes;
+  } else if (info[0].IsDataView()) {
+    if (napi_get_dataview_info(env, info[0], &byteLength, &data, nullptr, nullptr) != napi_ok) throw Napi::Error::New(env);
+  } else {
+    ThrowTypeError(env, "data must be a TypedArray, DataView or Buffer");
+  }
+  if (!info[1].IsNumber()) ThrowTypeError(env, "seed must be a number (a CRC-32C value)");
+  double seed = info[1].As<Napi::Number>().DoubleValue();
+  if (!(seed >= 0 && seed <= 4294967295.0 && std::floor(seed) == seed)) {
+    ThrowRangeError(env, "seed must be an integer 0..4294967295, got " + info[1].ToString().Utf8Value());
+  }
+  bool portable = false;
+  if (!info[2].IsUndefined()) {
+    if (!info[2].IsBoolean()) ThrowTypeError(env, "portable must be a boolean");
+    portable = info[2].As<Napi::Boolean>().Value();
+  }
+  uint32_t crc = Crc32cBytes(static_cast<uint32_t>(seed), static_cast<const uint8_t*>(data), byteLength, portable);
+  return Napi::Number::New(env, crc);
+}
+
+}  // namespace nodekvm
