@@ -343,6 +343,28 @@ Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// memoryPopulate(id, offset, length) -> bool: allocates and maps the pages of [offset, offset +
+// length) for writing in one call (MADV_POPULATE_WRITE, Linux 5.14), instead of one page fault per
+// page as they are first written: for filling fresh memory in bulk, as an incoming migration does.
+// False where the kernel lacks it (nothing happens; the writes then fault as usual).
+Napi::Value MemoryPopulate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  uint64_t offset = ReadU64(env, info[1], "offset");
+  uint64_t length = ReadU64(env, info[2], "length");
+  if (offset % kPageSize || length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
+  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+#ifndef MADV_POPULATE_WRITE
+  constexpr int MADV_POPULATE_WRITE = 23;
+#endif
+  if (length == 0) return Napi::Boolean::New(env, true);
+  if (madvise(static_cast<char*>(mapping->addr) + offset, length, MADV_POPULATE_WRITE) < 0) {
+    if (errno == EINVAL) return Napi::Boolean::New(env, false);
+    ThrowSyscallError(env, errno, "madvise(MADV_POPULATE_WRITE)");
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 // memoryInfo() -> { mappings, bytes }: live guest mappings, for leak checks.
 Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -11,6 +11,7 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info);
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
 Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info);
 Napi::Value MemoryDontneed(const Napi::CallbackInfo& info);
+Napi::Value MemoryPopulate(const Napi::CallbackInfo& info);
 Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
 Napi::Value DetachBuffer(const Napi::CallbackInfo& info);
 // The live mapping behind a guest memory handle, or a thrown error.

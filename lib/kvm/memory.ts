@@ -169,6 +169,22 @@ export class GuestMemory extends Handle {
    */
   dontneed(offset: number, length: number): void {
     this.assertOpen();
+    this.#checkPageRange(offset, length);
+    native.memoryDontneed(this.#id, offset, length);
+  }
+
+  /**
+   * Allocates and maps the pages of [offset, offset + length) for writing in one call
+   * (MADV_POPULATE_WRITE) rather than a page fault per page as they are first written. Returns
+   * false where the kernel lacks it (then nothing is done). Contents are unchanged.
+   */
+  populate(offset: number, length: number): boolean {
+    this.assertOpen();
+    this.#checkPageRange(offset, length);
+    return native.memoryPopulate(this.#id, offset, length);
+  }
+
+  #checkPageRange(offset: number, length: number): void {
     for (const [value, name] of [[offset, 'offset'], [length, 'length']] as const) {
       if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
       if (!Number.isSafeInteger(value) || value < 0 || value % PAGE_SIZE !== 0) {
@@ -176,7 +192,6 @@ export class GuestMemory extends Handle {
       }
     }
     if (offset + length > this.size) throw new RangeError(`[${offset}, ${offset + length}) is outside guest memory of ${this.size} bytes`);
-    native.memoryDontneed(this.#id, offset, length);
   }
 
   /**

@@ -3,7 +3,7 @@
 // applied; the values themselves are checked again by KVM and the struct encoders on restore.
 import type { MachineShape, MachineState } from '../vmm/machine.js';
 import { decodeStateSection, encodeStateSection } from './state-codec.js';
-import { SectionType, StreamError, type Section } from './stream.js';
+import { SectionType, StreamError, sectionName, type Section } from './stream.js';
 
 const MAX_MEMORY_BYTES = 2 ** 40;
 
@@ -94,4 +94,16 @@ export function assembleMachineState(
   });
   if (!isObject(devices) || !isObject(devices.serial) || !isObject(devices.postCode)) throw new StreamError('EFORMAT', `${where}: no device state`);
   return { shape, vm, vcpus, devices } as unknown as MachineState;
+}
+
+/** The state through the stream's encoding and back: exercises every codec on the way. */
+export function warmUpStateCodec(state: MachineState): MachineState {
+  const collector = new MachineStateCollector('warm-up');
+  for (const section of encodeMachineState(state)) {
+    const view = new DataView(section.buffer, section.byteOffset, section.byteLength);
+    const type = view.getUint16(0, true);
+    const length = view.getUint32(4, true);
+    collector.take({ type, name: sectionName(type), flags: 0, payload: section.subarray(8, 8 + length) } as Section);
+  }
+  return collector.finish({ memoryBytes: state.shape.memoryBytes, vcpus: state.shape.vcpus });
 }

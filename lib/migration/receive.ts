@@ -7,9 +7,10 @@ import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm
 import { MachineStateCollector, checkShape, encodeShape } from './machine-state.js';
 import { decodeStateSection } from './state-codec.js';
 import {
-  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePagesInto, encodeEnd, encodeErrorSection,
+  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePages, encodeEnd, encodeErrorSection,
   encodeHeader, socketSource, writeChunks,
 } from './stream.js';
+import { enlargeSocketBuffers } from './socket-buffers.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 
@@ -36,7 +37,9 @@ export async function receiveMigration(
     onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
   });
   socket.on('error', () => {}); // failures surface through the reads below
-  const source = socketSource(socket, stallTimeoutMs);
+  enlargeSocketBuffers(socket);
+  // Each section is used up before the next is read: one reused buffer assembles them.
+  const source = socketSource(socket, stallTimeoutMs).reuseBuffers();
   const reader = new SectionReader(source);
   let target: IncomingTarget | undefined;
   let replyHeaderSent = false;
@@ -63,7 +66,7 @@ export async function receiveMigration(
     const state = new MachineStateCollector('migration stream');
     for (;;) {
       const section = await reader.next();
-      if (section.type === SectionType.Pages) decodePagesInto(section.payload, ram);
+      if (section.type === SectionType.Pages) writePages(section.payload, target.memory, ram);
       else if (section.type === SectionType.End) break;
       else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
       else if (!state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
@@ -88,4 +91,19 @@ export async function receiveMigration(
     if (target) await target.discard();
     throw error;
   }
+}
+
+/**
+ * A Pages section into guest RAM (checked in full first), mapping the pages of each range in one
+ * call before copying: one page fault per fresh page is most of the cost otherwise.
+ */
+function writePages(payload: Uint8Array, memory: GuestMemory, ram: Uint8Array): void {
+  decodePages(payload, ram.length, (guestPhysAddr, byteLength, data) => {
+    if (data) {
+      if (byteLength >= 64 * 1024) memory.populate(guestPhysAddr, byteLength);
+      ram.set(data, guestPhysAddr);
+    } else {
+      ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
+    }
+  });
 }

@@ -10,8 +10,9 @@ import { encodeMachineState, encodeShape } from './machine-state.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from './page-ranges.js';
 import {
   PAGE_BYTES, SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
-  encodePages, socketSource, writeChunks, type Section,
+  encodePages, socketSource, type Section,
 } from './stream.js';
+import { enlargeSocketBuffers } from './socket-buffers.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
 
@@ -109,10 +110,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   try {
     socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs });
     socket.on('error', () => {}); // failures surface through the reads and writes below
+    enlargeSocketBuffers(socket);
     const connection = socket;
     const replies = new PeerReplies(connection);
     peer = replies;
-    const send = (chunks: Uint8Array[]) => replies.race(withStallTimeout(connection, writeChunks(connection, chunks), opts.timeoutMs));
+    const sectionBuffers = new SectionBufferPool();
+    const send = (chunks: Uint8Array[]) => replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers), opts.timeoutMs));
 
     await send([
       encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount }),
@@ -137,7 +140,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // In batches, so that the destination takes in one while the next is encoded.
     const sendPages = async (pages: PageRange[]) => {
       for (const batch of batchRanges(pages, BATCH_PAGES)) {
-        const encoded = encodePages(batch, read, { destinationZeroed, memoryBytes: source.memoryBytes });
+        const encoded = encodePages(batch, read, { destinationZeroed, memoryBytes: source.memoryBytes, allocate: sectionBuffers.allocate });
         for (const range of batch) {
           for (let page = range.firstPage; page < range.firstPage + range.pageCount; page++) {
             if (sentOnce[page]) stats.pagesResent++;
@@ -218,8 +221,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   }
 }
 
-/** Pages per batch of a round: 8 MiB. */
-const BATCH_PAGES = 2048;
+/** Pages per batch of a round: 2 MiB, one Pages section. */
+const BATCH_PAGES = 512;
 
 /** Splits sorted ranges into batches of at most `maxPages` pages (a range may be cut in two). */
 export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Generator<PageRange[]> {
@@ -249,6 +252,59 @@ function asMigrationError(error: unknown, phase: MigrationPhase): Error {
   const message = (error as Error)?.message ?? String(error);
   const code = (error as { code?: string })?.code;
   return new MigrationError(`migration failed (${phase}): ${message}; the guest runs on here`, phase, typeof code === 'string' ? code : undefined);
+}
+
+/**
+ * Page sections are built in recycled buffers: a fresh 2 MiB buffer per section costs as much in
+ * page faults (and garbage collection) as copying the data into it.
+ */
+class SectionBufferPool {
+  static readonly SLAB_BYTES = 2 * 1024 * 1024 + 64 * 1024;
+  static readonly MAX_IDLE = 16;
+  readonly #idle: ArrayBuffer[] = [];
+
+  readonly allocate = (byteLength: number): Uint8Array => {
+    if (byteLength > SectionBufferPool.SLAB_BYTES) return new Uint8Array(byteLength);
+    const slab = this.#idle.pop() ?? new ArrayBuffer(SectionBufferPool.SLAB_BYTES);
+    return new Uint8Array(slab, 0, byteLength);
+  };
+
+  /** Once the socket has written it (its write callback). */
+  release(chunk: Uint8Array): void {
+    const slab = chunk.buffer;
+    if (slab.byteLength === SectionBufferPool.SLAB_BYTES && slab instanceof ArrayBuffer && this.#idle.length < SectionBufferPool.MAX_IDLE) this.#idle.push(slab);
+  }
+}
+
+/** How much may wait in the socket's user-space queue before the sender stops to let it drain. */
+const QUEUE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
+
+/**
+ * Queues `chunks` on the socket and returns at once unless too much is queued: the next batch is
+ * then encoded while the kernel and the destination take this one (a write callback per batch
+ * would leave one side idle while the other works).
+ */
+async function queueChunks(socket: Socket, chunks: readonly Uint8Array[], buffers: SectionBufferPool): Promise<void> {
+  if (socket.destroyed) throw new StreamError('ETRUNCATED', 'cannot write the migration stream: the connection is closed');
+  for (const chunk of chunks) socket.write(chunk, () => buffers.release(chunk));
+  if (socket.writableLength <= QUEUE_HIGH_WATER_BYTES) {
+    // One turn of the event loop, so that libuv hands the queue to the kernel while the next
+    // batch is encoded (a resolved promise alone would keep the loop from ever writing).
+    await new Promise((resolve) => setImmediate(resolve));
+    return;
+  }
+  await new Promise<void>((resolve, reject) => {
+    const done = (error?: Error) => {
+      socket.off('drain', onDrain);
+      socket.off('close', onClose);
+      if (error) reject(error);
+      else resolve();
+    };
+    const onDrain = () => done();
+    const onClose = () => done(new StreamError('ETRUNCATED', 'the connection closed while the migration stream was being written'));
+    socket.on('drain', onDrain);
+    socket.on('close', onClose);
+  });
 }
 
 /** Rejects if `write` makes no progress for `timeoutMs` (the destination stopped reading). */

@@ -271,6 +271,20 @@ export class Machine extends EventEmitter {
         runtime: config,
       });
       prebuilt.catch(() => {});
+      // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
+      // so that its code is warm when the guest is paused at the other end.
+      prebuilt = prebuilt.then(async (machine) => {
+        try {
+          const { warmUpStateCodec } = await import('../migration/machine-state.js');
+          await machine.#applyState(warmUpStateCodec(await machine.saveState()));
+        } catch (error) {
+          machine.#log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
+        }
+        return machine;
+      });
+      prebuilt.catch(() => {});
+      // Listen only once ready: a source that connects finds the machine waiting.
+      await prebuilt.catch(() => null);
     }
     try {
       return await receiveMigration(address, config, async (shape) => {

@@ -49,7 +49,11 @@ export function readableMsrs(vcpu: Vcpu, candidates: readonly number[]): number[
   return readable;
 }
 
-export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip: boolean, vmmHalted: boolean): VcpuState {
+/**
+ * `cpuid`: what this vCPU was given, if the caller kept it (KVM refuses to change a vCPU's CPUID
+ * once it has run, so it cannot have changed): saves an ioctl in the guest's downtime.
+ */
+export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip: boolean, vmmHalted: boolean, cpuid?: CpuidEntry[]): VcpuState {
   // MP state first: reading it lets KVM fold pending LAPIC events into it (api.rst, KVM_GET_MP_STATE).
   const mpState = vcpu.getMpState();
   let tscKhz: number | null = null;
@@ -60,7 +64,7 @@ export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip
   }
   return {
     id: vcpu.id,
-    cpuid: vcpu.getCpuid2(),
+    cpuid: cpuid ?? vcpu.getCpuid2(),
     mpState,
     regs: vcpu.getRegs(),
     sregs: vcpu.getSregs(),

@@ -6,6 +6,7 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
 import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
@@ -58,7 +59,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, halted: false, savedMsrs: null,
-    slotBasePages: new Map(assignment.slotBasePages),
+    slotBasePages: new Map(assignment.slotBasePages), cpuid: assignment.restore?.cpuid ?? assignment.cpuid,
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
@@ -91,6 +92,8 @@ interface VcpuThreadState {
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
   halted: boolean;
   savedMsrs: number[] | null;
+  /** The CPUID this vCPU was given. */
+  cpuid: CpuidEntry[];
 }
 
 /** Serves the main thread's requests, while this vCPU is parked (created or paused). */
@@ -102,7 +105,7 @@ function serveRequests(thread: VcpuThreadState): void {
     try {
       if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
-        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted);
+        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, thread.cpuid);
         reply = { seq: request.seq, type: 'saved', state };
       } else {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
@@ -117,6 +120,7 @@ function serveRequests(thread: VcpuThreadState): void {
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
 function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
   const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip);
+  thread.cpuid = state.cpuid;
   if (state.vmmHalted !== thread.halted) {
     Atomics.add(thread.control, HALTED, state.vmmHalted ? 1 : -1);
     thread.halted = state.vmmHalted;

@@ -328,3 +328,18 @@ t.test('another thread closing its view while this one asks for ranges', async (
   t.equal(await done, 'done');
   t.same([...firstRanges], [JSON.stringify(rangesOf([2 * MiB], SHMEM_GRANULE_BYTES)[0])], 'every call here saw the main thread\'s page first');
 });
+
+t.test('populate maps pages for writing in one call and changes nothing', { skip: noKvm }, async (t) => {
+  const memory = GuestMemory.create(8 * 4096, { backing: 'memfd' });
+  t.teardown(() => memory.close());
+  memory.write(4096, new Uint8Array([7, 8, 9]));
+  const supported = memory.populate(0, 4 * 4096);
+  t.type(supported, 'boolean');
+  t.same([...memory.bytes(4096, 3)], [7, 8, 9], 'contents are unchanged');
+  t.equal(memory.bytes(0, 4 * 4096).filter((byte) => byte !== 0).length, 3, 'populated pages read as zero');
+  if (supported) t.same(memory.populatedRanges(), [[0, 4 * 4096]], 'the memfd now holds those pages');
+  t.throws(() => memory.populate(1, 4096), RangeError);
+  t.throws(() => memory.populate(0, 9 * 4096), RangeError);
+  memory.close();
+  t.throws(() => memory.populate(0, 4096), { code: 'EBADF' });
+});
