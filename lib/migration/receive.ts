@@ -7,7 +7,7 @@ import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm
 import { MachineStateCollector, checkShape, encodeShape } from './machine-state.js';
 import { decodeStateSection } from './state-codec.js';
 import {
-  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePages, encodeEnd, encodeErrorSection,
+  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePages, encodeEnd, encodeErrorSection, encodeSection,
   encodeHeader, socketSource, writeChunks,
 } from './stream.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
@@ -68,6 +68,7 @@ export async function receiveMigration(
       const section = await reader.next();
       if (section.type === SectionType.Pages) writePages(section.payload, target.memory, ram);
       else if (section.type === SectionType.End) break;
+      else if (section.type === SectionType.Sync) await reply([encodeSection(SectionType.Sync, new Uint8Array(0))]);
       else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
       else if (!state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
     }

@@ -10,7 +10,7 @@ import { encodeMachineState, encodeShape } from './machine-state.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from './page-ranges.js';
 import {
   PAGE_BYTES, SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
-  encodePages, socketSource, type Section,
+  encodePages, encodeSection, socketSource, type Section,
 } from './stream.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
@@ -182,6 +182,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         );
       }
     }
+
+    // Let the destination catch up with what is queued first: a backlog drained after the pause
+    // would count as downtime.
+    await send([encodeSection(SectionType.Sync, new Uint8Array(0))]);
+    await replies.expectSync(opts.timeoutMs);
+    ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
     await source.pause();
@@ -390,6 +396,11 @@ class PeerReplies {
 
   async expectAccept(timeoutMs: number): Promise<void> {
     await this.#expect(SectionType.Config, 'its acceptance', timeoutMs);
+    this.#arm(this.#reader.next());
+  }
+
+  async expectSync(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.Sync, 'its answer to Sync', timeoutMs);
     this.#arm(this.#reader.next());
   }
 

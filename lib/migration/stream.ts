@@ -260,6 +260,12 @@ export const SectionType = {
   End: 7,
   /** Why the sender gave up (UTF-8 text); also usable from destination to source. */
   Error: 8,
+  /**
+   * Empty. From the source: answer once everything before this has been taken in; the
+   * destination answers with one of its own. Lets the source pause its guest only when the
+   * destination has caught up, so that no backlog is drained inside the downtime.
+   */
+  Sync: 9,
 } as const;
 export type SectionTypeNumber = (typeof SectionType)[keyof typeof SectionType];
 export type SectionName = keyof typeof SectionType;
@@ -276,6 +282,7 @@ export const MAX_SECTION_PAYLOAD_BYTES: Record<SectionName, number> = {
   DeviceState: 16 * MiB,
   End: 0,
   Error: 64 * 1024,
+  Sync: 0,
 };
 
 const NAME_BY_TYPE = new Map<number, SectionName>(Object.entries(SectionType).map(([name, type]) => [type, name as SectionName]));
