@@ -5,11 +5,11 @@
 //   npm run bench:exits -- [--count N] [--rounds R] [--cycles N] [--dirty-iters N] [--json]
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { setImmediate as nextLoopTurn } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
+import { hostInfo, median } from './report.js';
 import { VMM_EXITS, measureVmmExits } from './vmm-exits.js';
 import {
   Cap, DirtyLogManual, ExitReason, GuestMemory, Kvm, KvmRunOffset, type Vcpu, type Vm,
@@ -200,22 +200,6 @@ function cDirtyLog(binary: string, iters: number): number {
 
 // ---- reporting -------------------------------------------------------------------------------
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
-
-function hostInfo(): Record<string, string | number> {
-  let cpu = 'unknown';
-  try {
-    cpu = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpu;
-  } catch {
-    // Not Linux /proc: leave it unknown.
-  }
-  const kvmModule = ['kvm_intel', 'kvm_amd', 'kvm_pvm'].filter((m) => existsSync(`/sys/module/${m}`)).join(', ') || 'unknown';
-  return { kernel: os.release(), cpu, cpus: os.availableParallelism(), kvmModule, node: process.version };
-}
 
 interface Metric {
   name: string;

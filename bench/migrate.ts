@@ -7,13 +7,14 @@
 //   npm run bench:migrate -- [--rounds R] [--iterations N] [--downtime-budget MS] [--json]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { hostInfo, median } from './report.js';
 import { GUEST_PARAMS_ADDR, Machine, VcpuWorkerPool } from '../lib/index.js';
 import type { MigrationStats } from '../lib/migration/types.js';
 
@@ -79,24 +80,9 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const peerScript = path.join(path.dirname(fileURLToPath(import.meta.url)), 'migrate-peer.js');
 const guest = (name: string) => path.join(root, 'guests', 'build', name);
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const progress = (text: string) => process.stderr.write(`${text}\n`);
 
-function hostInfo(): Record<string, string | number> {
-  let cpu = 'unknown';
-  try {
-    cpu = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpu;
-  } catch {
-    // Not Linux /proc: leave it unknown.
-  }
-  const kvmModule = ['kvm_intel', 'kvm_amd', 'kvm_pvm'].filter((m) => existsSync(`/sys/module/${m}`)).join(', ') || 'unknown';
-  return { kernel: os.release(), cpu, cpus: os.availableParallelism(), kvmModule, node: process.version };
-}
 
 // ---- the peer process ------------------------------------------------------------------------
 

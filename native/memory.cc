@@ -322,6 +322,14 @@ Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// Arguments 1 and 2 of memoryDontneed/memoryPopulate: a page-aligned range inside the mapping.
+static void ReadPageRange(Napi::Env env, const Napi::CallbackInfo& info, const Mapping& mapping, uint64_t* offset, uint64_t* length) {
+  *offset = ReadU64(env, info[1], "offset");
+  *length = ReadU64(env, info[2], "length");
+  if (*offset % kPageSize || *length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
+  if (*offset > mapping.size || *length > mapping.size - *offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+}
+
 // memoryDontneed(id, offset, length): gives the pages of [offset, offset + length) back to the
 // kernel. memfd and anonymous memory then reads as zero there (fallocate PUNCH_HOLE: madvise
 // alone would leave the data in the memfd); a file mapping drops its private copies and reads the
@@ -329,10 +337,8 @@ Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info) {
 Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto mapping = FindGuestMapping(env, info[0]);
-  uint64_t offset = ReadU64(env, info[1], "offset");
-  uint64_t length = ReadU64(env, info[2], "length");
-  if (offset % kPageSize || length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
-  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  uint64_t offset, length;
+  ReadPageRange(env, info, *mapping, &offset, &length);
   if (length == 0) return env.Undefined();
   if (mapping->backing == Backing::File) {
     if (madvise(static_cast<char*>(mapping->addr) + offset, length, MADV_DONTNEED) < 0) ThrowSyscallError(env, errno, "madvise(MADV_DONTNEED)");
@@ -350,10 +356,8 @@ Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
 Napi::Value MemoryPopulate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto mapping = FindGuestMapping(env, info[0]);
-  uint64_t offset = ReadU64(env, info[1], "offset");
-  uint64_t length = ReadU64(env, info[2], "length");
-  if (offset % kPageSize || length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
-  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  uint64_t offset, length;
+  ReadPageRange(env, info, *mapping, &offset, &length);
 #ifndef MADV_POPULATE_WRITE
   constexpr int MADV_POPULATE_WRITE = 23;
 #endif

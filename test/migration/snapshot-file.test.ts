@@ -6,34 +6,16 @@ import nodePath from 'node:path';
 import t, { type Test } from 'tap';
 import { encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import {
-  HEADER_BYTES, PAGE_BYTES, SectionType, StreamError, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
+  HEADER_BYTES, PAGE_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
   encodeSection, viewOf,
 } from '../../lib/migration/stream.js';
 import {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
 } from '../../lib/migration/snapshot-file.js';
 import { crc32c } from '../../lib/migration/checksum.js';
+import { expectStreamError, streamError } from '../helpers/stream-errors.js';
 
 const MiB = 1024 * 1024;
-
-async function streamError(t: Test, action: () => unknown): Promise<StreamError> {
-  try {
-    await action();
-  } catch (error) {
-    if (error instanceof StreamError) return error;
-    t.fail(`expected a StreamError, got ${String(error)}`);
-    throw error;
-  }
-  t.fail('expected a StreamError, nothing was thrown');
-  throw new Error('no error');
-}
-
-async function expectStreamError(t: Test, action: () => unknown, code: string, message: string | RegExp): Promise<void> {
-  const error = await streamError(t, action);
-  t.equal(error.code, code, `code ${code}`);
-  if (typeof message === 'string') t.equal(error.message, message);
-  else t.match(error.message, message);
-}
 
 function tempDir(t: Test): string {
   const dir = mkdtempSync(nodePath.join(os.tmpdir(), 'node-kvm-snapshot-'));

@@ -9,35 +9,16 @@ import nodePath from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 import t, { type Test } from 'tap';
 import {
-  HEADER_BYTES, MAX_SECTION_PAYLOAD_BYTES, PAGE_BYTES, SECTION_HEADER_BYTES, STREAM_VERSION, SectionReader, SectionType, StreamError,
+  HEADER_BYTES, MAX_SECTION_PAYLOAD_BYTES, PAGE_BYTES, SECTION_HEADER_BYTES, STREAM_VERSION, SectionReader, SectionType,
   bufferSource, checkHeader, decodeErrorSection, decodeHeader, decodePages, decodePagesInto, decodeRamImage,
   encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage, encodeSection, fileSource, forEachPageRun, setU64, socketSource,
   viewOf, writeChunks, type ByteSource, type Section, type StreamHeader,
 } from '../../lib/migration/stream.js';
 import { decodeState, decodeStateSection, encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import { crc32c } from '../../lib/migration/checksum.js';
+import { expectStreamError, streamError } from '../helpers/stream-errors.js';
 
 const MiB = 1024 * 1024;
-
-/** Runs `action` and returns the StreamError it throws or rejects with; fails the test otherwise. */
-async function streamError(t: Test, action: () => unknown): Promise<StreamError> {
-  try {
-    await action();
-  } catch (error) {
-    if (error instanceof StreamError) return error;
-    t.fail(`expected a StreamError, got ${String(error)}`);
-    throw error;
-  }
-  t.fail('expected a StreamError, nothing was thrown');
-  throw new Error('no error');
-}
-
-async function expectStreamError(t: Test, action: () => unknown, code: string, message: string | RegExp): Promise<void> {
-  const error = await streamError(t, action);
-  t.equal(error.code, code, `code ${code}`);
-  if (typeof message === 'string') t.equal(error.message, message);
-  else t.match(error.message, message);
-}
 
 /** Memory of `pageCount` pages; page p holds p+1 in its first byte and 0xEE at its end when in `nonZero`. */
 function memoryWith(pageCount: number, nonZero: number[]): Uint8Array {
