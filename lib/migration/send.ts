@@ -208,22 +208,20 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     progress('completed');
     return { ...stats };
   } catch (caught) {
+    const phase = stats.phase;
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;
-    const error = refusal ? new MigrationError(`migration failed (${stats.phase}): the destination refused: ${refusal}; the guest runs on here`, stats.phase) : caught;
+    const error = refusal ? new MigrationError(`migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, phase) : caught;
     source.stopTracking();
+    if (paused) source.resume();
     if (socket && !socket.destroyed) {
       // Tell the destination why, if it still listens, then drop the connection.
-      try {
-        socket.write(encodeErrorSection((error as Error).message));
-      } catch {
-        // The connection is gone already.
-      }
-      socket.destroy();
+      const connection = socket;
+      connection.end(encodeErrorSection((error as Error).message));
+      setTimeout(() => connection.destroy(), 1000).unref();
     }
-    if (paused) source.resume();
     progress('failed');
-    throw asMigrationError(error, stats.phase === 'failed' ? 'setup' : stats.phase);
+    throw asMigrationError(error, phase);
   }
 }
 
