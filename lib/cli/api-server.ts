@@ -28,15 +28,10 @@ export interface ApiStatus {
   migration: MigrationProgress | null;
 }
 
-export interface ApiMigrateParams {
+/** migrate()'s options as JSON (progress comes back as notifications), plus where to. */
+export interface ApiMigrateParams extends Omit<MigrateOptions, 'onProgress'> {
   /** tcp:HOST:PORT or unix:PATH */
   address: string;
-  token?: string;
-  downtimeBudgetMs?: number;
-  maxIterations?: number;
-  maxPrecopyMs?: number;
-  onNonConvergence?: NonConvergence;
-  timeoutMs?: number;
 }
 
 /** Each method's params and result. */
