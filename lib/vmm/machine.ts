@@ -10,7 +10,7 @@ import { PostCode, type PostCodeState } from '../devices/post-code.js';
 import { Serial, type SerialState } from '../devices/serial.js';
 import { DirtyBitmap } from '../migration/dirty-bitmap.js';
 import { DEFAULT_DIRTY_RING_BYTES, DirtyTracker, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages } from '../migration/dirty-tracker.js';
-import type { DirtyLogMode, MigrateOptions, MigrationStats, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
+import type { DirtyLogMode, MigrateOptions, MigrationStats, PageRange, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { createBusShared, IoBus } from './bus.js';
 import { ByteRing, type ByteRingShared } from './byte-ring.js';
 import { PARKED, RunState, STATE, createControl, ringDoorbell, setRunState } from './control.js';
@@ -552,7 +552,8 @@ export class Machine extends EventEmitter {
       this.#requestPorts[vcpuId]!.postMessage({ ...request, seq } satisfies VcpuRequest);
       ringDoorbell(this.#control);
     }).finally(() => {
-      if (![...this.#pendingRequests.keys()].length) for (const port of this.#requestPorts) port.unref();
+      // Only an awaited reply may keep the process alive.
+      if (this.#pendingRequests.size === 0) for (const port of this.#requestPorts) port.unref();
     }) as Promise<VcpuReply>;
   }
 
@@ -576,7 +577,7 @@ export class Machine extends EventEmitter {
       const pausedAt = performance.now();
       try {
         const state = await this.saveState();
-        let pages: import('../migration/types.js').PageRange[] | undefined;
+        let pages: PageRange[] | undefined;
         if (diff) {
           pages = this.#tracker!.harvest();
         } else {
