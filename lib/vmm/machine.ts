@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
-import { GuestMemory, Kvm, kickVcpu, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { GuestMemory, Kvm, kickVcpu, type CpuidEntry, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { PostCode, type PostCodeState } from '../devices/post-code.js';
 import { Serial, type SerialState } from '../devices/serial.js';
 import { DirtyBitmap } from '../migration/dirty-bitmap.js';
@@ -127,7 +127,9 @@ interface BuildPlan {
   state?: MachineState;
 }
 
+// What the host's KVM offers does not change while the process runs: asked once.
 let msrIndexListCache: number[] | null = null;
+let supportedCpuidCache: CpuidEntry[] | null = null;
 
 export declare interface Machine {
   on(event: 'exit', listener: (exit: MachineExit) => void): this;
@@ -356,7 +358,8 @@ export class Machine extends EventEmitter {
       }
       const devices: DevicesShared = { bus: createBusShared(), serial: Serial.createShared(serialOutput), postCode: PostCode.createShared() };
       const control = new Int32Array(createControl());
-      const supported = kvm.getSupportedCpuid();
+      supportedCpuidCache ??= kvm.getSupportedCpuid();
+      const supported = supportedCpuidCache;
       const msrs = bootMsrs();
       msrIndexListCache ??= kvm.getMsrIndexList();
       const channels = Array.from({ length: vcpus }, () => new MessageChannel());
@@ -619,7 +622,10 @@ export class Machine extends EventEmitter {
         vcpuCount: this.vcpuCount,
         dirtyLogMode: this.dirtyLogMode,
         shape: this.shape,
-        startTracking: () => this.#startTracking('migration'),
+        startTracking: () => {
+          void this.#warmUpSave();
+          return this.#startTracking('migration');
+        },
         stopTracking: () => this.#stopTracking(),
         pause: async () => {
           if (this.state === 'running') await this.pause();
@@ -633,6 +639,19 @@ export class Machine extends EventEmitter {
       this.#end({ reason: 'migrated' });
       return stats;
     });
+  }
+
+  /**
+   * Has every vCPU thread save its state once, between two runs, and throws it away: the final
+   * save, inside the migration's downtime, then runs warm code. A vCPU that does not answer
+   * soon (halted without an irqchip) is simply not warmed.
+   */
+  async #warmUpSave(): Promise<void> {
+    await Promise.all(this.#requestPorts.map((_, id) => {
+      const reply = this.#request(id, { type: 'save' });
+      kickVcpu(this.#kicks[id]!);
+      return Promise.race([reply.catch(() => undefined), new Promise((resolve) => setTimeout(resolve, 100).unref())]);
+    }));
   }
 
   async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {

@@ -96,14 +96,19 @@ interface VcpuThreadState {
   cpuid: CpuidEntry[];
 }
 
-/** Serves the main thread's requests, while this vCPU is parked (created or paused). */
-function serveRequests(thread: VcpuThreadState): void {
+/**
+ * Serves the main thread's requests while this vCPU is parked (created or paused), or between two
+ * runs (`running`): then only saves, which read a vCPU that is stopped for that moment anyway.
+ */
+function serveRequests(thread: VcpuThreadState, running = false): void {
   const port: MessagePort = thread.assignment.requests;
   for (let received = receiveMessageOnPort(port); received; received = receiveMessageOnPort(port)) {
     const request = received.message as VcpuRequest;
     let reply: VcpuReply;
     try {
-      if (request.type === 'save') {
+      if (request.type === 'restore' && running) {
+        reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state' };
+      } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
         const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, thread.cpuid);
         reply = { seq: request.seq, type: 'saved', state };
@@ -148,8 +153,11 @@ function runLoop(thread: VcpuThreadState, serve: () => void): void {
       bus.handleIo(view);
     } else if (reason === ExitReason.Mmio) {
       bus.handleMmio(view, bytes);
-    } else if (reason !== ExitReason.Intr) {
-      if (!handleRareExit(thread, reason, serve)) return;
+    } else if (reason === ExitReason.Intr) {
+      // Kicked: maybe for a request that may be served between two runs (a save, to warm up).
+      serveRequests(thread, true);
+    } else if (!handleRareExit(thread, reason, serve)) {
+      return;
     }
     if (Atomics.load(control, STATE) !== RunState.Running && !waitWhileNotRunning(control, serve)) return;
   }
