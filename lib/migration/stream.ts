@@ -942,9 +942,15 @@ export function socketSource(socket: Readable, timeoutMs: number): SocketSource 
 }
 
 /** A ByteSource over a file (an fd or a FileHandle), reading with pread from `startOffset` on. */
+/** What a FileSource reads at a time for small reads. */
+const READ_AHEAD_BYTES = 256 * 1024;
+
 export class FileSource implements ByteSource {
   readonly #file: number | FileHandle;
   #position: number;
+  /** Bytes read ahead, from file offset #aheadStart. */
+  #ahead: Uint8Array | undefined;
+  #aheadStart = 0;
 
   constructor(file: number | FileHandle, startOffset = 0) {
     if (typeof file === 'number') {
@@ -964,8 +970,32 @@ export class FileSource implements ByteSource {
 
   async read(length: number, what = 'data'): Promise<Uint8Array> {
     checkLength(length);
-    const bytes = Buffer.allocUnsafe(length);
     const start = this.#position;
+    const ahead = this.#ahead;
+    if (ahead && start >= this.#aheadStart && start + length <= this.#aheadStart + ahead.length) {
+      this.#position = start + length;
+      return ahead.subarray(start - this.#aheadStart, start - this.#aheadStart + length);
+    }
+    if (length < READ_AHEAD_BYTES) {
+      // Small reads (a snapshot's sections before its RAM image) come from one bigger read: one
+      // trip to the thread pool instead of one per section header and payload.
+      const block = Buffer.allocUnsafe(READ_AHEAD_BYTES);
+      let got = 0;
+      while (got < length) {
+        const more = await this.#pread(block, got, READ_AHEAD_BYTES - got, start + got);
+        if (more === 0) break;
+        got += more;
+      }
+      if (got < length) {
+        this.#position = start + got;
+        throw new StreamError('ETRUNCATED', `snapshot file truncated: expected ${length} bytes of ${what} at offset ${start}, got ${got}`);
+      }
+      this.#ahead = block.subarray(0, got);
+      this.#aheadStart = start;
+      this.#position = start + length;
+      return this.#ahead.subarray(0, length);
+    }
+    const bytes = Buffer.allocUnsafe(length);
     let filled = 0;
     while (filled < length) {
       const got = await this.#pread(bytes, filled, length - filled, start + filled);

@@ -388,7 +388,7 @@ export class Machine extends EventEmitter {
           type: 'assign',
           assignment: {
             vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
-            cpuid: guestCpuid(supported, id, vcpus), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
+            cpuid: plan.state ? [] : guestCpuid(supported, id, vcpus), msrs: plan.state ? [] : msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
             affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
             requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
             msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
