@@ -103,3 +103,23 @@ t.test('a diff snapshot without a base is refused; bad paths fail cleanly', { sk
   await t.rejects(Machine.restore(path.join(dir, 'nope.snap')), { code: 'ENOENT' });
   await t.rejects(source.machine.snapshot(''), TypeError);
 });
+
+t.test('what the VMM writes into guest RAM is tracked: a diff snapshot holds exactly those pages', { skip: noKvm }, async (t) => {
+  const dir = scratchDir(t);
+  const source = await startDirtier({ memoryBytes: 32 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  await source.machine.pause(); // the guest writes nothing from here on: only the VMM does
+  await source.machine.snapshot(path.join(dir, 'base.snap'));
+  const written = [20 * MiB, 20 * MiB + 4096, 24 * MiB + 100]; // three pages above the guest's range
+  for (const [i, addr] of written.entries()) source.machine.writeMemory(addr, new Uint8Array([0xa0 + i, 0xb0 + i]));
+  const diff = await source.machine.snapshot(path.join(dir, 'diff.snap'), { diff: true });
+  t.equal(diff.pagesWritten, 3, 'exactly the three pages the VMM wrote');
+  t.equal(diff.zeroPagesSkipped, 0);
+  const hash = memoryHash(source.machine.memory);
+  await source.machine.stop();
+  const restored = await restoreCollecting(path.join(dir, 'diff.snap'));
+  t.teardown(() => restored.machine.stop());
+  t.equal(memoryHash(restored.machine.memory), hash, 'base + diff = memory at the diff');
+  t.same(written.map((addr) => [...restored.machine.memory.bytes(addr, 2)]), [[0xa0, 0xb0], [0xa1, 0xb1], [0xa2, 0xb2]]);
+});
