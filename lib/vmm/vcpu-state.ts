@@ -84,9 +84,11 @@ export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip
  * that depends on it (MSRs exist only once CPUID says so), the LAPIC before MSRs (the TSC
  * deadline MSR depends on the LAPIC mode), events last. Returns the MSRs the host refused.
  */
-export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, irqchip: boolean): number[] {
+export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, irqchip: boolean, cpuidSet: readonly CpuidEntry[] | null = null): number[] {
   if (state.id !== vcpu.id) throw new Error(`state of vCPU ${state.id} given to vCPU ${vcpu.id}`);
-  vcpu.setCpuid2(state.cpuid);
+  // `cpuidSet`: what this vCPU was given already. The same again (a destination on the same kind
+  // of host) needs no ioctl, which matters inside a migration's downtime.
+  if (!cpuidSet || !sameCpuid(cpuidSet, state.cpuid)) vcpu.setCpuid2(state.cpuid);
   if (state.tscKhz !== null && state.tscKhz > 0) {
     try {
       if (vcpu.getTscKhz() !== state.tscKhz) vcpu.setTscKhz(state.tscKhz);
@@ -120,4 +122,14 @@ export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, irqchip: boolean)
   }
   vcpu.setVcpuEvents(state.events);
   return refused;
+}
+
+function sameCpuid(a: readonly CpuidEntry[], b: readonly CpuidEntry[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i]!;
+    const y = b[i]!;
+    if (x.function !== y.function || x.index !== y.index || x.flags !== y.flags || x.eax !== y.eax || x.ebx !== y.ebx || x.ecx !== y.ecx || x.edx !== y.edx) return false;
+  }
+  return true;
 }

@@ -59,13 +59,14 @@ function runAssignment(assignment: VcpuAssignment): void {
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, halted: false, savedMsrs: null,
-    slotBasePages: new Map(assignment.slotBasePages), cpuid: assignment.restore?.cpuid ?? assignment.cpuid,
+    slotBasePages: new Map(assignment.slotBasePages), cpuid: null,
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
   } else {
     // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
     vcpu.setCpuid2(assignment.cpuid);
+    thread.cpuid = assignment.cpuid;
     if (assignment.msrs.length > 0) vcpu.setMsrs(assignment.msrs);
     if (assignment.boot) applyBootState(vcpu, assignment.boot);
   }
@@ -92,8 +93,8 @@ interface VcpuThreadState {
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
   halted: boolean;
   savedMsrs: number[] | null;
-  /** The CPUID this vCPU was given. */
-  cpuid: CpuidEntry[];
+  /** The CPUID this vCPU was given (null until it has one). */
+  cpuid: CpuidEntry[] | null;
 }
 
 /**
@@ -110,7 +111,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state' };
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
-        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, thread.cpuid);
+        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, thread.cpuid ?? undefined);
         reply = { seq: request.seq, type: 'saved', state };
       } else {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
@@ -124,7 +125,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
 
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
 function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
-  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip);
+  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip, thread.cpuid);
   thread.cpuid = state.cpuid;
   if (state.vmmHalted !== thread.halted) {
     Atomics.add(thread.control, HALTED, state.vmmHalted ? 1 : -1);
