@@ -111,6 +111,9 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       memoryBytes, vcpus, token, serial, pool,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
     });
+    if (machine.state === 'paused') {
+      process.stderr.write(`node-kvm: the guest arrived paused, as it was at the source${options.apiSocket ? ': resume it through the API socket' : ''}\n`);
+    }
   } else if (options.restore !== undefined) {
     machine = await Machine.restore(options.restore, { serial, pool });
   } else {

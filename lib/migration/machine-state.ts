@@ -13,7 +13,7 @@ export function encodeShape(shape: { memoryBytes: number; vcpus: number; irqchip
 
 export function encodeMachineState(state: MachineState): Uint8Array[] {
   return [
-    encodeStateSection(SectionType.Config, state.shape),
+    encodeStateSection(SectionType.Config, state.running === undefined ? state.shape : { ...state.shape, running: state.running }),
     encodeStateSection(SectionType.VmState, state.vm),
     ...state.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
     encodeStateSection(SectionType.DeviceState, state.devices),
@@ -42,6 +42,7 @@ export class MachineStateCollector {
   #vm: unknown;
   readonly #vcpus: unknown[] = [];
   #devices: unknown;
+  #running: boolean | undefined;
   readonly #where: string;
 
   constructor(where: string) {
@@ -51,9 +52,14 @@ export class MachineStateCollector {
   /** True if the section was a state section (and was taken). */
   take(section: Section): boolean {
     switch (section.type) {
-      case SectionType.Config:
-        this.#shape = checkShape(decodeStateSection(section), this.#where);
+      case SectionType.Config: {
+        const config = decodeStateSection(section);
+        this.#shape = checkShape(config, this.#where);
+        const running = isObject(config) ? config.running : undefined;
+        if (running !== undefined && typeof running !== 'boolean') throw new StreamError('EFORMAT', `${this.#where}: bad running flag`);
+        this.#running = running;
         return true;
+      }
       case SectionType.VmState:
         this.#vm = decodeStateSection(section);
         return true;
@@ -71,7 +77,9 @@ export class MachineStateCollector {
   /** The complete state, or a clear error naming what is missing or malformed. */
   finish(expected: { memoryBytes: number; vcpus: number }): MachineState {
     if (!this.#shape) throw new StreamError('EFORMAT', `${this.#where}: no machine configuration`);
-    return assembleMachineState({ shape: this.#shape, vm: this.#vm, vcpus: this.#vcpus, devices: this.#devices }, expected, this.#where);
+    const state = assembleMachineState({ shape: this.#shape, vm: this.#vm, vcpus: this.#vcpus, devices: this.#devices }, expected, this.#where);
+    if (this.#running !== undefined) state.running = this.#running;
+    return state;
   }
 }
 

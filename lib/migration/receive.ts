@@ -18,7 +18,8 @@ import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 export interface IncomingTarget {
   memory: GuestMemory;
   apply(state: MachineState): Promise<void>;
-  start(): void;
+  /** Runs the guest, or sets it up paused (the source's owner had paused it). */
+  start(paused: boolean): void;
   discard(): Promise<void>;
   machine: Machine;
 }
@@ -74,7 +75,7 @@ export async function receiveMigration(
     }
     const complete = state.finish({ memoryBytes: header.memoryBytes, vcpus: header.vcpuCount });
     await target.apply(complete);
-    target.start();
+    target.start(complete.running === false);
     await reply([encodeEnd()]);
     socket.end();
     source.close();

@@ -30,8 +30,8 @@ export interface MigrationSource {
   readonly shape: MachineShape;
   startTracking(): DirtyTracker;
   stopTracking(): void;
-  /** Pauses if running (no-op if paused). */
-  pause(): Promise<void>;
+  /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
+  pause(): Promise<boolean>;
   /** Resumes if paused. */
   resume(): void;
   saveState(): Promise<MachineState>;
@@ -190,13 +190,13 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
-    await source.pause();
-    paused = true;
+    paused = await source.pause();
     pausedAt = performance.now();
     progress('stop-copy');
     ranges = unionRanges(ranges, tracker.harvest());
     await sendPages(ranges);
-    const state = await source.saveState();
+    // A guest its owner had paused stays paused at the destination.
+    const state = { ...(await source.saveState()), running: paused };
     await send([...encodeMachineState(state), encodeEnd()]);
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;

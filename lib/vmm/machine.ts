@@ -114,6 +114,8 @@ export interface MachineState {
   vm: VmState;
   vcpus: VcpuState[];
   devices: DeviceStates;
+  /** Whether the guest was running (not paused by its owner) when the state was taken. */
+  running?: boolean;
 }
 
 /** How the machine's parts are made: from an image (boot) or for a saved state (no boot). */
@@ -303,7 +305,7 @@ export class Machine extends EventEmitter {
         return {
           memory: target.#memory,
           apply: (state: MachineState) => target.#applyState(state),
-          start: () => target.start(),
+          start: (paused: boolean) => target.start({ paused }),
           discard: async () => {
             await target.stop();
           },
@@ -472,13 +474,14 @@ export class Machine extends EventEmitter {
     return this.#finished;
   }
 
-  start(): void {
+  /** Runs the guest; with `{ paused: true }`, sets it up paused instead (resume() runs it). */
+  start(options: { paused?: boolean } = {}): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw new Error(`machine is ${this.state}, not created`);
     if (this.#input) {
       this.#input.on('data', this.#onInput);
       this.#input.resume();
     }
-    setRunState(this.#control, RunState.Running);
+    setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
   }
 
   /** Stops every vCPU at its next exit (kicking those inside the guest) and waits until all are parked. */
@@ -628,7 +631,9 @@ export class Machine extends EventEmitter {
         },
         stopTracking: () => this.#stopTracking(),
         pause: async () => {
-          if (this.state === 'running') await this.pause();
+          if (this.state !== 'running') return false;
+          await this.pause();
+          return true;
         },
         resume: () => {
           if (this.state === 'paused') this.resume();

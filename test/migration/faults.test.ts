@@ -168,3 +168,27 @@ t.test('the source killed mid-stream: the destination fails cleanly and says why
   await t.rejects(incoming, { message: /truncated|closed/ }, 'Machine.incoming() rejects: the stream ended early');
   t.equal(await exited, 'SIGKILL', 'the source died mid-migration');
 });
+
+t.test('a machine paused by its owner stays paused when a migration fails, and arrives paused when one succeeds', { skip: noKvm }, async (t) => {
+  const refusing = startDestination('tcp:127.0.0.1:0', TOKEN, 64 * MiB);
+  t.teardown(() => refusing.child.kill('SIGKILL'));
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  await source.machine.pause();
+  await t.rejects(source.machine.migrate(await refusing.listening, { token: TOKEN }), /this machine has 67108864/);
+  t.equal(source.machine.state, 'paused', 'still paused, as its owner left it');
+
+  const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
+  t.teardown(() => destination.child.kill('SIGKILL'));
+  const stats = await source.machine.migrate(await destination.listening, { token: TOKEN });
+  t.equal(stats.phase, 'completed');
+  for (let waited = 0; !/incoming done/.test(destination.stderr()) && waited < 10_000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
+  t.match(destination.stderr(), /incoming done paused/, 'the destination holds the guest paused');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  t.equal(destination.output(), '', 'and it runs nothing');
+  destination.child.kill('SIGUSR2');
+  const sourceOutput = source.output();
+  await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 2} ok\n`);
+  t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'resumed, it counts on unbroken');
+});
