@@ -5,6 +5,7 @@ import { Cap, ExitReason, harvestDirtyRing, Kvm, KvmError, type Vcpu } from '../
 import { enterRealMode, LOAD_ADDR, noKvm } from '../helpers/kvm.js';
 import { logPageAddrs, PAGE_BYTES, runTouch, touchMachine, touchValue, writeTouchTable, type TouchMachine } from '../helpers/touch.js';
 import { FixtureWorker } from '../helpers/worker.js';
+import { SMALL_RING_BYTES, smallRingSupport } from '../helpers/dirty-pages.js';
 
 const RING_BYTES = 65536;
 const GFN_BYTES = 16; // sizeof(struct kvm_dirty_gfn)
@@ -24,25 +25,7 @@ const ringSupport = (): string | false => {
 };
 const noRing = ringSupport();
 
-const SMALL_RING_BYTES = 4096;
-const smallRingSupport = (): string | false => {
-  if (noRing) return noRing;
-  const kvm = Kvm.open();
-  const vm = kvm.createVm();
-  try {
-    vm.enableDirtyRing(SMALL_RING_BYTES);
-    return false;
-  } catch (error) {
-    // Hosts whose CPUs flush dirty pages in batches (Intel PML) reserve more entries than 4 KiB
-    // holds; a ring large enough for them cannot fill from the memory real mode reaches.
-    if (error instanceof KvmError && error.code === 'EINVAL') return `this host refuses a ${SMALL_RING_BYTES}-byte dirty ring (${error.message})`;
-    throw error;
-  } finally {
-    vm.close();
-    kvm.close();
-  }
-};
-const noSmallRing = smallRingSupport();
+const noSmallRing = smallRingSupport(noRing);
 
 function ringMachine(t: Test): TouchMachine {
   const machine = touchMachine({ beforeSlots: (vm) => vm.enableDirtyRing(RING_BYTES) });

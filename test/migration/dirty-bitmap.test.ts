@@ -6,20 +6,11 @@ import { Worker } from 'node:worker_threads';
 import t from 'tap';
 import { appendWordRuns, DirtyBitmap, MAX_BITMAP_PAGES, takeWordRanges } from '../../lib/migration/dirty-bitmap.js';
 import type { PageRange } from '../../lib/migration/types.js';
+import { rangesOf } from '../helpers/dirty-pages.js';
 
 const PAGE = 4096;
 
 /** Sorted, merged ranges of a set of pages: what takeRanges() must return. */
-function rangesOf(pages: Iterable<number>): PageRange[] {
-  const ranges: PageRange[] = [];
-  for (const page of [...new Set(pages)].sort((a, b) => a - b)) {
-    const last = ranges[ranges.length - 1];
-    if (last && last.firstPage + last.pageCount === page) last.pageCount++;
-    else ranges.push({ firstPage: page, pageCount: 1 });
-  }
-  return ranges;
-}
-
 t.test('create sizes the shared buffer in 32-bit words', async (t) => {
   t.equal(DirtyBitmap.create(1).shared.byteLength, 4);
   t.equal(DirtyBitmap.create(32).shared.byteLength, 4);

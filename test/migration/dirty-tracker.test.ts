@@ -11,6 +11,7 @@ import {
 import type { DirtyLogMode, PageRange } from '../../lib/migration/types.js';
 import { enterRealMode, LOAD_ADDR, noKvm } from '../helpers/kvm.js';
 import { PAGE_BYTES, runTouch, touchMachine, touchValue, writeTouchTable, type TouchMachine, type TouchMachineOptions } from '../helpers/touch.js';
+import { rangesOf, SMALL_RING_BYTES, smallRingSupport } from '../helpers/dirty-pages.js';
 
 // touchMachine: slot 0 = [0, 0x40000) holds the code (0x7c00) and the table (0x500), slot 1 =
 // [0x40000, 0x80000). Guest frames: slot 0 is 0..63, slot 1 is 64..127.
@@ -28,24 +29,7 @@ const hostCaps = (): { ring: boolean; manual: number } => {
 const caps = hostCaps();
 const noRing = noKvm || (caps.ring ? false : 'this host has no KVM_CAP_DIRTY_LOG_RING');
 
-const SMALL_RING_BYTES = 4096;
-const smallRingSupport = (): string | false => {
-  if (noRing) return noRing;
-  const kvm = Kvm.open();
-  const vm = kvm.createVm();
-  try {
-    vm.enableDirtyRing(SMALL_RING_BYTES);
-    return false;
-  } catch (error) {
-    // Hosts whose CPUs flush dirty pages in batches (Intel PML) reserve more entries than 4 KiB holds.
-    if (error instanceof KvmError && error.code === 'EINVAL') return `this host refuses a ${SMALL_RING_BYTES}-byte dirty ring`;
-    throw error;
-  } finally {
-    vm.close();
-    kvm.close();
-  }
-};
-const noSmallRing = smallRingSupport();
+const noSmallRing = smallRingSupport(noRing);
 
 interface Tracked {
   machine: TouchMachine;
@@ -93,16 +77,6 @@ function touch(machine: TouchMachine, guestPhysAddrs: readonly number[], onExit?
 const frames = (pages: readonly number[]): number[] => pages.map((page) => page * PAGE_BYTES);
 
 /** Sorted, merged ranges of a set of guest frames. */
-function rangesOf(pages: Iterable<number>): PageRange[] {
-  const ranges: PageRange[] = [];
-  for (const page of [...new Set(pages)].sort((a, b) => a - b)) {
-    const last = ranges[ranges.length - 1];
-    if (last && last.firstPage + last.pageCount === page) last.pageCount++;
-    else ranges.push({ firstPage: page, pageCount: 1 });
-  }
-  return ranges;
-}
-
 // Slot 1 pages 0, 3, 7, 8, 63 and slot 0 page 32 (above the code at 0x7c00 and the table).
 const TOUCHED = [SLOT1_FIRST_PAGE + 0, SLOT1_FIRST_PAGE + 3, SLOT1_FIRST_PAGE + 7, SLOT1_FIRST_PAGE + 8, SLOT1_FIRST_PAGE + 63, 32];
 
