@@ -13,6 +13,7 @@
         "native/layout.cc",
         "native/abi.c",
         "native/socket.cc",
+        "native/file.cc",
         "native/thread.cc",
         "native/checksum.cc"
       ],

@@ -11,6 +11,7 @@
 #include "layout.h"
 #include "memory.h"
 #include "socket.h"
+#include "file.h"
 #include "thread.h"
 #include "vcpu.h"
 #include "vm.h"
@@ -100,6 +101,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryDontneed", MemoryDontneed);
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
+  fn("fileDeallocate", FileDeallocate);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);

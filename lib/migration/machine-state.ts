@@ -1,7 +1,8 @@
 // A machine's state (everything but RAM) as stream sections: Config (the machine's shape),
 // VmState, one VcpuState per vCPU, DeviceState. Decoding checks the structure before anything is
 // applied; the values themselves are checked again by KVM and the struct encoders on restore.
-import type { MachineShape, MachineState } from '../vmm/machine.js';
+import type { DiskShape, MachineShape, MachineState } from '../vmm/machine.js';
+import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
 import { decodeStateSection, encodeStateSection } from './state-codec.js';
 import { SectionType, StreamError, sectionName, type Section } from './stream.js';
 
@@ -33,7 +34,22 @@ export function checkShape(value: unknown, where: string): MachineShape {
     throw new StreamError('EFORMAT', `${where}: bad vCPU count ${String(vcpus)}`);
   }
   if (irqchip !== undefined && typeof irqchip !== 'boolean') throw new StreamError('EFORMAT', `${where}: bad irqchip flag`);
-  return { memoryBytes, vcpus, irqchip: irqchip ?? false };
+  const shape: MachineShape = { memoryBytes, vcpus, irqchip: irqchip ?? false };
+  if (value.disks !== undefined) shape.disks = checkDiskShapes(value.disks, where);
+  return shape;
+}
+
+function checkDiskShapes(value: unknown, where: string): DiskShape[] {
+  if (!Array.isArray(value) || value.length > VIRTIO_MAX_DEVICES) throw new StreamError('EFORMAT', `${where}: bad disk list`);
+  return value.map((disk: unknown, index) => {
+    if (!isObject(disk)) throw new StreamError('EFORMAT', `${where}: disk ${index} is not an object`);
+    const { path, readOnly, sectors, id } = disk;
+    if (typeof path !== 'string' || path === '' || typeof readOnly !== 'boolean' || typeof id !== 'string' ||
+      typeof sectors !== 'number' || !Number.isSafeInteger(sectors) || sectors < 1) {
+      throw new StreamError('EFORMAT', `${where}: bad description of disk ${index}`);
+    }
+    return { path, readOnly, sectors, id };
+  });
 }
 
 /** Collects the state sections of a stream, in the order encodeMachineState() writes them. */

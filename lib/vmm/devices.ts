@@ -3,12 +3,15 @@ import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
 import { POST_CODE_PORT, PostCode } from '../devices/post-code.js';
 import { COM1_BASE, SERIAL_PORTS, Serial, type SerialShared } from '../devices/serial.js';
+import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio } from '../devices/virtio-mmio.js';
 import { IoBus, type BusShared } from './bus.js';
 
 export interface DevicesShared {
   readonly bus: BusShared;
   readonly serial: SerialShared;
   readonly postCode: SharedArrayBuffer;
+  /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
+  readonly virtio: SharedArrayBuffer[];
 }
 
 export interface DeviceEvents {
@@ -31,5 +34,8 @@ export function createDevices(shared: DevicesShared, events: DeviceEvents): { bu
   bus.registerPorts(I8042_DATA_PORT, 1, i8042.dataPort);
   bus.registerPorts(I8042_COMMAND_PORT, 1, i8042.commandPort);
   bus.registerPorts(POST_CODE_PORT, 1, new PostCode(shared.postCode));
+  shared.virtio.forEach((registers, slot) => {
+    bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
+  });
   return { bus, serial };
 }

@@ -15,6 +15,8 @@ import { createBusShared, IoBus } from './bus.js';
 import { ByteRing, type ByteRingShared } from './byte-ring.js';
 import { PARKED, RunState, STATE, createControl, ringDoorbell, setRunState } from './control.js';
 import { SERIAL_GSI, type DevicesShared } from './devices.js';
+import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
+import type { VirtioMmioState } from '../devices/virtio-mmio.js';
 import { VcpuWorkerPool, startVcpuThread, type VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
@@ -23,6 +25,7 @@ import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
+export type { DiskConfig, DiskShape } from './disks.js';
 
 /** Guest RAM above this would need the PCI hole below 4 GiB: not supported yet. */
 export const MAX_MEMORY_BYTES = 3 * 1024 ** 3;
@@ -55,6 +58,12 @@ export interface MachineRuntimeConfig {
    * the default) or 'ring' (KVM_CAP_DIRTY_LOG_RING, where the host offers it).
    */
   dirtyLog?: DirtyLogMode;
+  /**
+   * virtio-blk disks backed by raw image files, at virtio-mmio slots 0, 1, ... For a restore or an
+   * incoming migration: where this host finds the disks the saved machine had, in the same order
+   * (default: the paths the saved machine used, as with storage both hosts share).
+   */
+  disks?: DiskConfig[];
 }
 
 export interface MachineConfig extends MachineRuntimeConfig {
@@ -101,11 +110,15 @@ export interface MachineShape {
   memoryBytes: number;
   vcpus: number;
   irqchip: boolean;
+  /** The machine's disks (absent: none). Their contents are the host's files, not part of the state. */
+  disks?: DiskShape[];
 }
 
 export interface DeviceStates {
   serial: SerialState;
   postCode: PostCodeState;
+  /** The virtio-mmio register state of each disk. */
+  virtio?: VirtioMmioState[];
 }
 
 /** Everything but RAM: what a snapshot or a migration carries besides memory. */
@@ -127,6 +140,8 @@ interface BuildPlan {
   runtime: MachineRuntimeConfig;
   /** A saved state to build the machine in (a restore): each vCPU is created straight into its own. */
   state?: MachineState;
+  /** The disks of a saved machine (restore, migration): opened where runtime.disks says, else at their paths. */
+  savedDisks?: DiskShape[];
 }
 
 // What the host's KVM offers does not change while the process runs: asked once.
@@ -159,6 +174,7 @@ export class Machine extends EventEmitter {
   readonly #serial: Serial;
   readonly #bus: IoBus;
   readonly #postCode: PostCode;
+  readonly #disks: Disks;
   readonly #log: (message: string) => void;
   /** Serial output bound for a stream (or discarded): the vCPU threads fill it, we drain it. */
   readonly #outputRing: ByteRing | null;
@@ -178,7 +194,7 @@ export class Machine extends EventEmitter {
 
   private constructor(parts: {
     kvm: Kvm; vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; control: Int32Array; threads: VcpuThread[]; kicks: VcpuKickHandle[];
-    requestPorts: MessagePort[]; devices: DevicesShared; plan: BuildPlan; dirtyLog: DirtyLogMode;
+    requestPorts: MessagePort[]; devices: DevicesShared; plan: BuildPlan; dirtyLog: DirtyLogMode; disks: Disks;
     outputRing: ByteRing | null; outputStream: NodeJS.WritableStream | null; log: (message: string) => void;
   }) {
     super();
@@ -203,6 +219,7 @@ export class Machine extends EventEmitter {
     this.#serial = new Serial(parts.devices.serial, this.irqchip ? (level) => vm.setIrqLine(SERIAL_GSI, level) : () => {});
     this.#bus = new IoBus(parts.devices.bus, parts.log);
     this.#postCode = new PostCode(parts.devices.postCode);
+    this.#disks = parts.disks;
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.plan.runtime.serial?.input ?? null;
     this.#onInput = (chunk) => {
@@ -251,6 +268,7 @@ export class Machine extends EventEmitter {
       memory: snapshot.mapMemory,
       runtime: config,
       state: snapshot.state,
+      savedDisks: snapshot.state.shape.disks ?? [],
     });
   }
 
@@ -296,11 +314,11 @@ export class Machine extends EventEmitter {
         checkVcpus(shape.vcpus);
         let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
         prebuilt = null;
-        if (machine && machine.irqchip !== shape.irqchip) {
+        if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks))) {
           await machine.stop();
           machine = null;
         }
-        machine ??= await Machine.#build({ shape, boot: null, memory: newMemory, runtime: config });
+        machine ??= await Machine.#build({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [] });
         const target = machine;
         return {
           memory: target.#memory,
@@ -326,8 +344,9 @@ export class Machine extends EventEmitter {
     if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
 
     const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
+    const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
     const kvm = Kvm.open(runtime.kvmPath);
-    const cleanup: (() => void)[] = [() => kvm.close()];
+    const cleanup: (() => void | Promise<void>)[] = [() => kvm.close()];
     let threads: VcpuThread[] = [];
     try {
       const vm = kvm.createVm();
@@ -348,6 +367,10 @@ export class Machine extends EventEmitter {
       const memory = await plan.memory(shape.memoryBytes);
       cleanup.unshift(() => memory.close());
       const dirty = DirtyBitmap.create(memory.size / PAGE_BYTES);
+      // Their threads start (parked) while the vCPU threads do.
+      const disksPromise = Disks.open(diskConfigs, { vm, memory, dirty, irqchip: shape.irqchip, log });
+      disksPromise.catch(() => {});
+      cleanup.unshift(async () => (await disksPromise.catch(() => null))?.close());
 
       const output = runtime.serial?.output === undefined ? 1 : runtime.serial.output;
       let outputRing: ByteRing | null = null;
@@ -358,7 +381,10 @@ export class Machine extends EventEmitter {
         outputRing = ByteRing.create(64 * 1024);
         serialOutput = { ring: outputRing.shared };
       }
-      const devices: DevicesShared = { bus: createBusShared(), serial: Serial.createShared(serialOutput), postCode: PostCode.createShared() };
+      const disks = await disksPromise;
+      const devices: DevicesShared = {
+        bus: createBusShared(), serial: Serial.createShared(serialOutput), postCode: PostCode.createShared(), virtio: disks.mmioShared,
+      };
       const control = new Int32Array(createControl());
       supportedCpuidCache ??= kvm.getSupportedCpuid();
       const supported = supportedCpuidCache;
@@ -414,13 +440,13 @@ export class Machine extends EventEmitter {
       const outputStream = typeof output === 'object' ? output : null;
       const machine = new Machine({
         kvm, vm, memory, dirty, control, threads, kicks, requestPorts: channels.map((channel) => channel.port1), devices, plan, dirtyLog,
-        outputRing, outputStream, log,
+        outputRing, outputStream, log, disks,
       });
       if (plan.state) machine.#restoreDevices(plan.state.devices);
       machine.#watch();
       return machine;
     } catch (error) {
-      for (const close of cleanup) close();
+      for (const close of cleanup) await close();
       if (threads.length > 0) {
         if (runtime.pool) runtime.pool.release(threads);
         else for (const thread of threads) thread.send({ type: 'quit' });
@@ -435,7 +461,9 @@ export class Machine extends EventEmitter {
 
   /** The hardware: what a snapshot or a migration needs to rebuild this machine elsewhere. */
   get shape(): MachineShape {
-    return { memoryBytes: this.memoryBytes, vcpus: this.vcpuCount, irqchip: this.irqchip };
+    const shape: MachineShape = { memoryBytes: this.memoryBytes, vcpus: this.vcpuCount, irqchip: this.irqchip };
+    if (this.#disks.count > 0) shape.disks = this.#disks.shapes;
+    return shape;
   }
 
   /** Guest RAM, shared with the guest (no copy). Write through writeMemory() so migrations see it. */
@@ -482,6 +510,7 @@ export class Machine extends EventEmitter {
       this.#input.resume();
     }
     setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
+    if (!options.paused) this.#disks.resume();
   }
 
   /** Stops every vCPU at its next exit (kicking those inside the guest) and waits until all are parked. */
@@ -496,10 +525,14 @@ export class Machine extends EventEmitter {
       this.#kickAll();
     }
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw new Error(`machine is ${this.state}, not paused`);
+    // The disks after the vCPUs: no new request can come, and the ones under way finish (their
+    // writes into guest RAM marked dirty) before anyone saves the state.
+    await this.#disks.pause();
   }
 
   resume(): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw new Error(`machine is ${this.state}, not paused`);
+    this.#disks.resume();
     setRunState(this.#control, RunState.Running);
   }
 
@@ -525,7 +558,9 @@ export class Machine extends EventEmitter {
       shape: this.shape,
       vm: saveVmState(this.#vm, this.irqchip),
       vcpus,
-      devices: { serial: this.#serial.saveState(), postCode: this.#postCode.saveState() },
+      devices: {
+        serial: this.#serial.saveState(), postCode: this.#postCode.saveState(), ...(this.#disks.count > 0 ? { virtio: this.#disks.saveState() } : {}),
+      },
     };
   }
 
@@ -534,6 +569,8 @@ export class Machine extends EventEmitter {
     if (state.shape.memoryBytes !== mine.memoryBytes || state.shape.vcpus !== mine.vcpus || state.shape.irqchip !== mine.irqchip) {
       throw new Error(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
     }
+    const fit = disksMismatch(state.shape.disks, mine.disks);
+    if (fit) throw new Error(`the saved state does not fit this machine's disks: ${fit}`);
     if (state.vcpus.length !== this.vcpuCount) throw new Error(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
     restoreVmState(this.#vm, state.vm, this.irqchip);
     await Promise.all(state.vcpus.map(async (vcpuState, id) => {
@@ -547,6 +584,7 @@ export class Machine extends EventEmitter {
   #restoreDevices(devices: DeviceStates): void {
     this.#serial.restoreState(devices.serial);
     this.#postCode.restoreState(devices.postCode);
+    if (this.#disks.count > 0 || devices.virtio !== undefined) this.#disks.restoreState(devices.virtio ?? []);
   }
 
   #request(vcpuId: number, request: { type: 'save' } | { type: 'restore'; state: VcpuState }): Promise<VcpuReply> {
@@ -749,6 +787,7 @@ export class Machine extends EventEmitter {
     this.#pendingRequests.clear();
     for (const port of this.#requestPorts) port.close();
     if (this.#input) this.#input.off('data', this.#onInput);
+    await this.#disks.close();
     this.#tracker = null;
     this.#vm.close();
     this.#memory.close();
@@ -778,6 +817,28 @@ function checkMemoryBytes(memoryBytes: number): number {
 function checkVcpus(vcpus: number): number {
   if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 255) throw new RangeError(`vcpus must be an integer 1..255, got ${vcpus}`);
   return vcpus;
+}
+
+/** Why a saved machine's disks do not fit the disks of a machine, or null if they do. */
+function disksMismatch(saved: DiskShape[] | undefined, mine: DiskShape[] | undefined): string | null {
+  const a = saved ?? [];
+  const b = mine ?? [];
+  if (a.length !== b.length) return `it had ${a.length} disk${a.length === 1 ? '' : 's'}, this machine has ${b.length}`;
+  for (const [index, disk] of a.entries()) {
+    const other = b[index]!;
+    if (disk.readOnly !== other.readOnly) return `disk ${index} was ${disk.readOnly ? 'read-only' : 'writable'}, here it is ${other.readOnly ? 'read-only' : 'writable'}`;
+    if (disk.sectors !== other.sectors) return `disk ${index} had ${disk.sectors} sectors, ${other.path} has ${other.sectors}`;
+  }
+  return null;
+}
+
+/** The disks to open for a saved machine: its own paths, or the ones this host was given for them. */
+function diskConfigsFor(saved: DiskShape[] | undefined, given: DiskConfig[] | undefined): Required<DiskConfig>[] {
+  const disks = saved ?? [];
+  if (given === undefined) return checkDiskConfigs(disks.map((disk) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id })));
+  const configs = checkDiskConfigs(given);
+  if (configs.length !== disks.length) throw new Error(`the saved machine had ${disks.length} disk${disks.length === 1 ? '' : 's'}, ${configs.length} given`);
+  return configs.map((config, index) => ({ ...config, readOnly: disks[index]!.readOnly, id: disks[index]!.id }));
 }
 
 function describeShape(shape: MachineShape): string {

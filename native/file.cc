@@ -1,0 +1,34 @@
+#include "file.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+
+#include <cmath>
+
+#include "errors.h"
+
+namespace nodekvm {
+
+// fileDeallocate(fd, offset, length, zero) with fallocate(2), keeping the file's size: `zero`
+// false punches a hole (a discard: the blocks go back to the file system and read as zeros);
+// true zeroes the range (FALLOC_FL_ZERO_RANGE, blocks stay allocated). Throws a KvmError with
+// code EOPNOTSUPP where the file system cannot, so the caller can fall back to writing zeros.
+Napi::Value FileDeallocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsBoolean()) {
+    ThrowTypeError(env, "fd, offset and length must be numbers, zero a boolean");
+  }
+  double fd = info[0].As<Napi::Number>().DoubleValue();
+  double offset = info[1].As<Napi::Number>().DoubleValue();
+  double length = info[2].As<Napi::Number>().DoubleValue();
+  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowRangeError(env, "fd must be a non-negative integer");
+  const double limit = 9007199254740991.0;  // 2^53 - 1: exact in a double
+  if (!(offset >= 0 && offset <= limit) || offset != std::floor(offset)) ThrowRangeError(env, "offset must be a non-negative integer");
+  if (!(length > 0 && length <= limit - offset) || length != std::floor(length)) ThrowRangeError(env, "length must be a positive integer");
+  int mode = info[3].As<Napi::Boolean>().Value() ? (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE) : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+  if (fallocate(static_cast<int>(fd), mode, static_cast<off_t>(offset), static_cast<off_t>(length)) < 0) ThrowSyscallError(env, errno, "fallocate");
+  return env.Undefined();
+}
+
+}  // namespace nodekvm

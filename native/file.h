@@ -1,0 +1,10 @@
+// File operations Node does not offer: freeing and zeroing ranges of a disk image.
+#pragma once
+
+#include <napi.h>
+
+namespace nodekvm {
+
+Napi::Value FileDeallocate(const Napi::CallbackInfo& info);
+
+}  // namespace nodekvm
