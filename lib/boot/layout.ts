@@ -3,11 +3,14 @@
 //   0x0000-0x04ff  real-mode IVT and BIOS data area (left alone)
 //   0x0500-0x052f  GDT (see cpu-state.ts for the selectors)
 //   0x5000-0x5fff  never written by the loader: host-to-guest parameters of test guests
-//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line
+//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line;
+//                  for a Linux bzImage, the zero page (boot_params, 0x6000-0x6fff)
 //   0x7c00         default load address of a flat binary (the boot-sector convention)
 //   0x9000-        long-mode identity-map page tables (PML4, PDPT, one PD per GiB)
+//   0x20000-0x20fff a Linux bzImage's command line (up to 4095 bytes and its NUL)
 //   0x9fc00-0xfffff reserved (EBDA, VGA, BIOS), as the memory map says
-//   0x100000-      where kernels are usually linked (1 MiB)
+//   0x100000-      where kernels are usually linked (1 MiB), and where a bzImage's protected-mode
+//                  kernel is loaded; its initrd goes at the top of RAM, page-aligned
 import { BootImageError, formatBytes, hex } from './errors.js';
 
 export const GDT_ADDR = 0x500;
@@ -15,6 +18,10 @@ export const GDT_ADDR = 0x500;
 export const GUEST_PARAMS_ADDR = 0x5000;
 export const BOOT_INFO_ADDR = 0x6000;
 export const BOOT_INFO_END = 0x7c00;
+/** A Linux bzImage's boot_params, in place of the boot information the other formats get. */
+export const ZERO_PAGE_ADDR = BOOT_INFO_ADDR;
+/** A Linux bzImage's command line: a page of its own, below 0xa0000 as boot.rst asks. */
+export const LINUX_CMDLINE_ADDR = 0x20000;
 export const PAGE_TABLES_ADDR = 0x9000;
 /** End of conventional memory: the EBDA starts here. */
 export const LOW_RAM_END = 0x9fc00;

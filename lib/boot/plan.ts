@@ -1,11 +1,13 @@
 // planBoot(): from an image file to everything the VMM copies into guest RAM and the register
 // state vCPU 0 starts in, validated before any VM exists. The format comes from the file:
 //   ELF with a XEN_ELFNOTE_PHYS32_ENTRY note   -> PVH (32-bit protected mode, EBX = hvm_start_info)
+//   Linux setup header ("HdrS" at 0x202)       -> bzImage (bzimage.ts: Linux boot protocol, RSI = boot_params)
 //   Multiboot v1 header in the first 8 KiB     -> Multiboot (protected mode, EAX magic, EBX = multiboot_info)
 //   other ELF32 / ELF64                        -> protected mode / long mode at the entry point
 //   anything else                              -> flat binary at loadAddr, in options.mode (default real)
 import type { GuestMemory } from '../kvm/memory.js';
 import { BootInfoBlock, encodeCmdline, putHvmStartInfo } from './boot-info.js';
+import { isBzImage, notBzImageReason, planBzImage } from './bzimage.js';
 import { gdtBytes, identityMap, longModeState, protectedModeState, realModeState, type BootState, type CpuMode } from './cpu-state.js';
 import { isElf, parseElf, type ElfFile } from './elf.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
@@ -13,7 +15,7 @@ import { GDT_ADDR, checkMemoryBytes, checkRegions, type Region } from './layout.
 import { MULTIBOOT_BOOTLOADER_MAGIC, aoutKludgeLayout, findMultibootHeader, putMultibootInfo, type MultibootAddresses } from './multiboot.js';
 import { pvhEntry } from './pvh.js';
 
-export type BootFormat = 'flat' | 'elf32' | 'elf64' | 'multiboot' | 'pvh';
+export type BootFormat = 'flat' | 'elf32' | 'elf64' | 'multiboot' | 'pvh' | 'bzimage';
 
 /**
  * One copy into guest RAM: bytes, or a run of zero bytes (an ELF segment's bss). `what` names it
@@ -41,8 +43,10 @@ export interface PlanOptions {
   mode?: CpuMode;
   /** Load address of a flat binary (default 0x7c00). */
   loadAddr?: number;
-  /** Kernel command line, given to Multiboot, PVH and other non-real-mode boots. */
+  /** Kernel command line, given to Multiboot, PVH, Linux and other non-real-mode boots. */
   cmdline?: string;
+  /** An initial ramdisk (an initramfs: a cpio archive, see buildInitramfs()) for a Linux bzImage. */
+  initrd?: Uint8Array;
   vcpus: number;
 }
 
@@ -62,13 +66,17 @@ interface Loaded {
 export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
   if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array');
   if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
-  const { memoryBytes, mode, loadAddr = DEFAULT_LOAD_ADDR, cmdline, vcpus } = options;
+  const { memoryBytes, mode, loadAddr = DEFAULT_LOAD_ADDR, cmdline, vcpus, initrd } = options;
   checkMemoryBytes(memoryBytes);
   if (!Number.isSafeInteger(vcpus) || vcpus < 1) throw new RangeError(`vcpus must be a positive integer, got ${vcpus}`);
   if (mode !== undefined && !MODES.includes(mode)) throw new RangeError(`mode must be 'real', 'protected' or 'long', got ${String(mode)}`);
   if (!Number.isSafeInteger(loadAddr) || loadAddr < 0) throw new RangeError(`loadAddr must be a non-negative integer, got ${loadAddr}`);
   const cmdlineBytes = cmdline === undefined ? null : encodeCmdline(cmdline);
+  if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array');
   if (image.length === 0) throw new BootImageError('not a bootable image: the file is empty');
+  if (initrd !== undefined && !isBzImage(image)) {
+    throw new BootImageError(`an initrd is for a Linux bzImage kernel, and this image is not one: ${isElf(image) ? 'it is an ELF file' : notBzImageReason(image)}`);
+  }
 
   if (isElf(image)) {
     const elf = parseElf(image);
@@ -92,6 +100,8 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
     if (elf.elfClass === 32) return protectedPlan('elf32', elfEntry(elf), loaded, memoryBytes, cmdlineBytes, 'hvm');
     return longPlan('elf64', elfEntry(elf), loaded, memoryBytes, cmdlineBytes);
   }
+
+  if (isBzImage(image)) return planBzImage(image, { memoryBytes, cmdline: cmdlineBytes, initrd }).plan;
 
   const multiboot = findMultibootHeader(image);
   if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes);
