@@ -3,7 +3,9 @@
 // linked at 0x7c00 (where the host loads it), except the ELF kernels listed in
 // ELF_GUESTS, which become guests/build/<name>.elf, linked at 1 MiB by the script
 // in ELF_LINKER_SCRIPT (text, then data+bss in its own segment, and a PT_NOTE for
-// .note.Xen). Intermediates (.o, the flat guests' .elf, the linker script) stay in
+// .note.Xen), and the C guests listed in C_GUESTS (on the runtime in guests/rt/).
+// The bzImage guests in BZIMAGE_GUESTS become guests/build/<name>.bin, not linked.
+// Intermediates (.o, the flat guests' .elf, the linker script) stay in
 // guests/build too. Routines shared between guests live in guests/include/*.inc,
 // pulled in with GNU as `.include "<file>.inc"` (as runs with -I guests/include).
 // An output newer than its .S and every include file (and, for ELF kernels, than
@@ -38,6 +40,34 @@ export const ELF_GUESTS = {
   smp: { bits: 32 },
 };
 
+/**
+ * Guests in the Linux bzImage format: name -> {}. Assembled as 64-bit code (with .code32 parts
+ * where they say so) and turned straight into a flat file by objcopy, not linked: the file is
+ * loaded in pieces at addresses the loader picks, so the code must be position-independent,
+ * and the build refuses an object that still has relocations.
+ */
+export const BZIMAGE_GUESTS = {
+  bzimage: {},
+};
+
+function buildBzImageGuest(name, { force, log }) {
+  const srcPath = join(GUESTS_DIR, `${name}.S`);
+  const obj = join(BUILD_DIR, `${name}.o`);
+  const bin = guestPath(name);
+  if (!force && isNewer(bin, [srcPath, ...includeFiles(), fileURLToPath(import.meta.url)])) {
+    log(`up to date: ${bin}`);
+    return bin;
+  }
+  run('as', ['--64', '-I', INCLUDE_DIR, '-o', obj, srcPath]);
+  const relocations = execFileSync('readelf', ['-r', '-W', obj], { encoding: 'utf8' });
+  if (/^Relocation section/m.test(relocations)) {
+    throw new Error(`guests/build.mjs: ${name}.S must be position-independent (RIP-relative), but its object has relocations:\n${relocations.trim()}`);
+  }
+  run('objcopy', ['-O', 'binary', '-j', '.text', obj, bin]);
+  log(`built: ${bin} (${statSync(bin).size} bytes)`);
+  return bin;
+}
+
 const ELF_LINKER_SCRIPT = `ENTRY(_start)
 PHDRS {
   text PT_LOAD FLAGS(5);
@@ -69,7 +99,7 @@ function run(tool, args) {
 
 /** Path of the built image of guest `name` (e.g. 'hello' -> .bin, 'long' -> .elf). */
 export function guestPath(name) {
-  return join(BUILD_DIR, `${name}${Object.hasOwn(ELF_GUESTS, name) ? '.elf' : '.bin'}`);
+  return join(BUILD_DIR, `${name}${Object.hasOwn(ELF_GUESTS, name) || Object.hasOwn(C_GUESTS, name) ? '.elf' : '.bin'}`);
 }
 
 /** The shared include files: any of them changing rebuilds every guest. */
@@ -97,6 +127,42 @@ function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { for
 }
 
 /**
+ * Guests written in C on the freestanding runtime in guests/rt/ (see rt/rt.h): name ->
+ * { sources: C files in guests/ }. Each becomes guests/build/<name>.elf, an ELF64 linked at
+ * 1 MiB by rt/rt.ld with rt/crt0.S and every rt/*.c; a change to any file in rt/ rebuilds it.
+ */
+export const C_GUESTS = {
+  disk: { sources: ['disk.c'] },
+};
+
+const RT_DIR = join(GUESTS_DIR, 'rt');
+const C_GUEST_FLAGS = [
+  '-ffreestanding', '-nostdlib', '-fno-pic', '-fno-pie', '-mno-red-zone', '-mno-sse', '-mno-mmx',
+  '-mgeneral-regs-only', '-fno-stack-protector', '-O2', '-m64', '-static', '-std=gnu11', '-Wall', '-Wextra',
+  // No .eh_frame: nothing unwinds, and rt.ld has no place for it.
+  '-fno-asynchronous-unwind-tables', '-fno-unwind-tables',
+  '-I', GUESTS_DIR,
+];
+
+function buildCGuest(name, { sources }, { force, log }) {
+  const elf = guestPath(name);
+  const rtFiles = readdirSync(RT_DIR).map((f) => join(RT_DIR, f));
+  const compiled = [join(RT_DIR, 'crt0.S'), ...rtFiles.filter((f) => f.endsWith('.c')).sort(), ...sources.map((f) => join(GUESTS_DIR, f))];
+  if (!force && isNewer(elf, [...compiled, ...rtFiles, fileURLToPath(import.meta.url)])) {
+    log(`up to date: ${elf}`);
+    return elf;
+  }
+  const objects = compiled.map((src) => {
+    const obj = join(BUILD_DIR, `${name}-${src.slice(src.lastIndexOf('/') + 1).replace(/\.[cS]$/, '')}.o`);
+    run('gcc', [...C_GUEST_FLAGS, '-c', '-o', obj, src]);
+    return obj;
+  });
+  run('ld', ['-m', 'elf_x86_64', '-T', join(RT_DIR, 'rt.ld'), '-z', 'noexecstack', '-z', 'max-page-size=4096', '-o', elf, ...objects]);
+  log(`built: ${elf} (${statSync(elf).size} bytes)`);
+  return elf;
+}
+
+/**
  * Build all out-of-date guests. Returns { name: binPath } for every guest.
  * Throws on the first failure.
  */
@@ -106,8 +172,11 @@ export function buildGuests({ force = false, log = () => {} } = {}) {
   const elfSources = new Set(Object.entries(ELF_GUESTS).map(([name, spec]) => spec.source ?? `${name}.S`));
   const sources = readdirSync(GUESTS_DIR).filter((f) => f.endsWith('.S') && !elfSources.has(f)).sort();
   for (const [name, spec] of Object.entries(ELF_GUESTS)) result[name] = buildElfGuest(name, spec, { force, log });
+  for (const name of Object.keys(BZIMAGE_GUESTS)) result[name] = buildBzImageGuest(name, { force, log });
+  for (const [name, spec] of Object.entries(C_GUESTS)) result[name] = buildCGuest(name, spec, { force, log });
   for (const src of sources) {
     const name = src.slice(0, -2);
+    if (Object.hasOwn(BZIMAGE_GUESTS, name)) continue;
     const srcPath = join(GUESTS_DIR, src);
     const obj = join(BUILD_DIR, `${name}.o`);
     const elf = join(BUILD_DIR, `${name}.elf`);

@@ -38,13 +38,17 @@ async function main(argv: string[]): Promise<number> {
           memory: { type: 'string' },
           vcpus: { type: 'string' },
           cmdline: { type: 'string' },
+          kernel: { type: 'string' },
+          initrd: { type: 'string' },
+          append: { type: 'string' },
+          disk: { type: 'string', multiple: true },
           'api-socket': { type: 'string' },
           incoming: { type: 'string' },
           restore: { type: 'string' },
           token: { type: 'string' },
         },
       });
-      const sources = positionals.length + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
+      const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
       const threads = !values.help && sources === 1 ? VcpuWorkerPool.create(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
       // A failure to start threads surfaces when run() awaits them; don't let it go unhandled first.
       threads?.catch(() => {});
@@ -56,6 +60,7 @@ async function main(argv: string[]): Promise<number> {
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk,
       };
       if (!threads) {
         if (positionals.length > 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);

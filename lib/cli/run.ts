@@ -4,20 +4,21 @@ import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { debugExitStatus } from '../devices/debug-exit.js';
 import { parseMigrationAddress } from '../migration/transport.js';
-import { Machine, type MachineExit } from '../vmm/machine.js';
+import { Machine, type DiskConfig, type MachineExit } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
 import { startApiServer, type ApiMachine, type ApiServer } from './api-server.js';
 import { TOKEN_ENV, migrationToken } from './migrate.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
+       node-kvm run --kernel FILE [--initrd FILE] [--append TEXT] [options]
        node-kvm run --incoming tcp:HOST:PORT|unix:PATH [--token T] [--memory SIZE] [--vcpus N] [--api-socket PATH]
        node-kvm run --restore FILE [--api-socket PATH]
 
-Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel) with its serial console (COM1)
-on this terminal. Exits with the guest's debug-exit status ((value << 1) | 1, as QEMU's
-isa-debug-exit), 0 when every vCPU halts with nothing left to run, the guest resets, or it
-migrates away. On a terminal, Ctrl-A x stops the guest.
+Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel, or a Linux bzImage) with its
+serial console (COM1) on this terminal. Exits with the guest's debug-exit status ((value << 1) | 1,
+as QEMU's isa-debug-exit), 0 when every vCPU halts with nothing left to run, the guest resets, or
+it migrates away. On a terminal, Ctrl-A x stops the guest.
 
 With --incoming, waits for one live migration (from node-kvm migrate) and runs the guest it
 receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot).
@@ -28,7 +29,13 @@ options:
   --memory SIZE               guest RAM, e.g. 64M, 1G (default 64M; with --incoming, what the
                               migration must bring, by default whatever it brings)
   --vcpus N                   number of vCPUs (default 1; with --incoming, as --memory)
-  --cmdline TEXT              kernel command line (Multiboot, PVH)
+  --cmdline TEXT              kernel command line (Multiboot, PVH, Linux)
+  --kernel FILE               the image to boot, as QEMU's -kernel (instead of IMAGE)
+  --initrd FILE               initial ramdisk for a Linux bzImage, as QEMU's -initrd
+  --append TEXT               kernel command line, as QEMU's -append (the same as --cmdline)
+  --disk FILE[,ro][,id=ID]    a virtio-blk disk backed by a raw image file (repeat for more; ro:
+                              read-only). With --restore or --incoming: where this host finds the
+                              disks the guest had, in order (default: the paths it had)
   --api-socket PATH           serve the control API (node-kvm status, pause, resume, snapshot,
                               migrate) on this unix socket
   --incoming ADDRESS          receive the guest: tcp:HOST:PORT (port 0: any free port) or
@@ -49,17 +56,40 @@ export interface RunOptions {
   memory?: string;
   vcpus?: string;
   cmdline?: string;
+  /** The image, given as QEMU's -kernel. */
+  kernel?: string;
+  initrd?: string;
+  /** The command line, given as QEMU's -append. */
+  append?: string;
+  /** --disk FILE[,ro][,id=ID], repeatable. */
+  disk?: string[];
+}
+
+/** Parses one --disk value: FILE[,ro][,id=ID]. */
+export function parseDiskOption(value: string): DiskConfig {
+  const [file, ...flags] = value.split(',');
+  if (!file) throw new RangeError(`--disk needs a file: --disk FILE[,ro][,id=ID], got '${value}'`);
+  const disk: DiskConfig = { path: file };
+  for (const flag of flags) {
+    if (flag === 'ro' || flag === 'readonly') disk.readOnly = true;
+    else if (flag.startsWith('id=')) disk.id = flag.slice(3);
+    else throw new RangeError(`--disk ${value}: unknown flag '${flag}' (ro, id=ID)`);
+  }
+  return disk;
 }
 
 /** Checks that exactly one of IMAGE, --incoming and --restore is given, with options that fit it. */
 export function checkRunSource(options: RunOptions): void {
-  const sources = [options.image !== undefined, options.incoming !== undefined, options.restore !== undefined].filter(Boolean).length;
+  if (options.image !== undefined && options.kernel !== undefined) throw new RangeError('give the kernel as IMAGE or as --kernel FILE, not both');
+  const image = options.image ?? options.kernel;
+  const sources = [image !== undefined, options.incoming !== undefined, options.restore !== undefined].filter(Boolean).length;
   if (sources !== 1) throw new RangeError('run takes one IMAGE, or --incoming ADDRESS, or --restore FILE (see node-kvm run --help)');
-  const imageOnly = (['mode', 'loadAddr', 'cmdline'] as const).filter((key) => options[key] !== undefined);
-  if (options.image === undefined && imageOnly.length > 0) {
-    const names = { mode: '--mode', loadAddr: '--load-addr', cmdline: '--cmdline' };
+  const imageOnly = (['mode', 'loadAddr', 'cmdline', 'initrd', 'append'] as const).filter((key) => options[key] !== undefined);
+  if (image === undefined && imageOnly.length > 0) {
+    const names = { mode: '--mode', loadAddr: '--load-addr', cmdline: '--cmdline', initrd: '--initrd', append: '--append' };
     throw new RangeError(`${names[imageOnly[0]!]} applies to booting an IMAGE only`);
   }
+  if (options.append !== undefined && options.cmdline !== undefined) throw new RangeError('--append and --cmdline both give the command line: use one');
   if (options.restore !== undefined && (options.memory !== undefined || options.vcpus !== undefined)) {
     throw new RangeError('--memory and --vcpus come from the snapshot with --restore');
   }
@@ -98,6 +128,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   const vcpus = options.vcpus === undefined ? undefined : Number(options.vcpus);
   if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw new RangeError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
+  const disks = options.disk?.map(parseDiskOption);
   const serial = { output: 1, input: null };
   const stdin = process.stdin;
   const interactive = stdin.isTTY === true;
@@ -108,22 +139,24 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     const token = migrationToken(options.token);
     if (address.kind === 'tcp' && token === undefined) throw new RangeError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     machine = await Machine.incoming(options.incoming, {
-      memoryBytes, vcpus, token, serial, pool,
+      memoryBytes, vcpus, token, serial, pool, disks,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
     });
     if (machine.state === 'paused') {
       process.stderr.write(`node-kvm: the guest arrived paused, as it was at the source${options.apiSocket ? ': resume it through the API socket' : ''}\n`);
     }
   } else if (options.restore !== undefined) {
-    machine = await Machine.restore(options.restore, { serial, pool });
+    machine = await Machine.restore(options.restore, { serial, pool, disks });
   } else {
     machine = await Machine.create({
-      image: options.image!,
+      image: (options.image ?? options.kernel)!,
       mode: mode as CpuMode | undefined,
       loadAddr: options.loadAddr === undefined ? undefined : parseAddress(options.loadAddr, '--load-addr'),
       memoryBytes,
       vcpus: vcpus ?? 1,
-      cmdline: options.cmdline,
+      cmdline: options.cmdline ?? options.append,
+      initrd: options.initrd,
+      disks,
       serial,
       pool,
     });

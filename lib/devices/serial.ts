@@ -20,6 +20,8 @@ const MCR = 4;
 const LSR = 5;
 const MSR = 6;
 const SCR = 7;
+/** Something to Atomics.wait on for a short sleep. */
+const SLEEP = new Int32Array(new SharedArrayBuffer(4));
 
 const IER_RDI = 0x01; // received data available
 const IER_THRI = 0x02; // transmitter holding register empty
@@ -224,11 +226,18 @@ export class Serial implements PortDevice {
       return;
     }
     this.#byte[0] = byte;
-    try {
-      writeSync(this.#outputFd, this.#byte, 0, 1);
-    } catch {
-      // A closed terminal or pipe must not stop the guest; its output is lost, as on hardware.
+    // An fd another process set non-blocking (a shared terminal, a pipe read slowly) may say
+    // EAGAIN: wait a little for room rather than drop the byte.
+    for (let attempt = 0; attempt < 200; attempt++) {
+      try {
+        writeSync(this.#outputFd, this.#byte, 0, 1);
+        return;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') return;
+        Atomics.wait(SLEEP, 0, 0, 1);
+      }
     }
+    // A closed terminal or pipe (or one that stays full) must not stop the guest: the byte is lost, as on hardware.
   }
 
   #updateIrq(): void {

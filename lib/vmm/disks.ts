@@ -157,8 +157,9 @@ function openDisk(index: number, config: Required<DiskConfig>, options: { vm: Vm
     }
     const base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE;
     try {
-      // The guest's notify then wakes the device thread from inside KVM, with no exit to us.
-      options.vm.registerIoeventfd({ addr: base + Reg.QueueNotify, len: 4 }, notify);
+      // A notify for queue 0 (the only one) then wakes the device thread from inside KVM, with no
+      // exit to us; other values still exit, to be ignored and logged.
+      options.vm.registerIoeventfd({ addr: base + Reg.QueueNotify, len: 4, datamatch: 0 }, notify);
     } catch (error) {
       options.log(`disk ${index}: no ioeventfd (${(error as Error).message}); queue notifies exit to the vCPU thread`);
     }

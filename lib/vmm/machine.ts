@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
-import { bootMsrs, guestCpuid, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
+import { bootMsrs, guestCpuid, isBzImage, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
 import { GuestMemory, Kvm, kickVcpu, type CpuidEntry, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { PostCode, type PostCodeState } from '../devices/post-code.js';
 import { Serial, type SerialState } from '../devices/serial.js';
@@ -16,7 +16,7 @@ import { ByteRing, type ByteRingShared } from './byte-ring.js';
 import { PARKED, RunState, STATE, createControl, ringDoorbell, setRunState } from './control.js';
 import { SERIAL_GSI, type DevicesShared } from './devices.js';
 import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
-import type { VirtioMmioState } from '../devices/virtio-mmio.js';
+import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { VcpuWorkerPool, startVcpuThread, type VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
@@ -67,7 +67,7 @@ export interface MachineRuntimeConfig {
 }
 
 export interface MachineConfig extends MachineRuntimeConfig {
-  /** A guest image (flat binary, ELF32/64, Multiboot or PVH): bytes or a file path. */
+  /** A guest image (flat binary, ELF32/64, Multiboot, PVH or a Linux bzImage): bytes or a file path. */
   image: Uint8Array | string;
   /** Guest RAM in bytes (a multiple of 1 MiB). Default 64 MiB. */
   memoryBytes?: number;
@@ -77,8 +77,10 @@ export interface MachineConfig extends MachineRuntimeConfig {
   mode?: CpuMode;
   /** Load address of a flat binary (default 0x7c00). */
   loadAddr?: number;
-  /** Kernel command line (Multiboot, PVH). */
+  /** Kernel command line (Multiboot, PVH, Linux). */
   cmdline?: string;
+  /** An initial ramdisk for a Linux bzImage (an initramfs, see buildInitramfs()): bytes or a file path. */
+  initrd?: Uint8Array | string;
   /**
    * In-kernel interrupt controllers (PIC, IOAPIC, LAPICs, PIT). Default: on for more than one
    * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
@@ -245,9 +247,28 @@ export class Machine extends EventEmitter {
     const vcpus = checkVcpus(config.vcpus ?? 1);
     const image = typeof config.image === 'string' ? readImage(config.image) : config.image;
     if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array or a file path');
-    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline: config.cmdline });
+    let initrd = config.initrd;
+    if (typeof initrd === 'string') {
+      try {
+        initrd = readFileSync(initrd);
+      } catch (error) {
+        const e = error as NodeJS.ErrnoException;
+        throw new Error(`cannot read the initrd ${initrd}: ${e.code ?? e.message}`);
+      }
+    }
+    if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array or a file path');
+    const disks = checkDiskConfigs(config.disks);
+    const linux = isBzImage(image);
+    // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
+    let cmdline = config.cmdline;
+    if (linux && disks.length > 0) {
+      const devices = disks.map((_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
+      cmdline = [cmdline, ...devices].filter((part) => part).join(' ');
+    }
+    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd });
     return Machine.#build({
-      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? vcpus > 1 },
+      // Linux wants its local APIC and IOAPIC: a bzImage gets the in-kernel irqchip unless told otherwise.
+      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? (vcpus > 1 || linux) },
       boot,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
@@ -343,8 +364,9 @@ export class Machine extends EventEmitter {
     const dirtyLog = runtime.dirtyLog ?? 'bitmap';
     if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
 
-    const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
+    // Checked before any thread starts: a bad configuration leaves nothing behind.
     const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
+    const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
     const kvm = Kvm.open(runtime.kvmPath);
     const cleanup: (() => void | Promise<void>)[] = [() => kvm.close()];
     let threads: VcpuThread[] = [];
@@ -447,6 +469,8 @@ export class Machine extends EventEmitter {
       return machine;
     } catch (error) {
       for (const close of cleanup) await close();
+      // A failure before the threads were waited for: they are still ours to give back.
+      if (threads.length === 0) threads = await threadsPromise.catch(() => []);
       if (threads.length > 0) {
         if (runtime.pool) runtime.pool.release(threads);
         else for (const thread of threads) thread.send({ type: 'quit' });

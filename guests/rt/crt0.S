@@ -1,0 +1,181 @@
+/*
+ * crt0.S - entry of the C guests (see rt.h): the CPL 0 part of the runtime, kept small because
+ * kernel-mode guest code is emulated on hosts like kvm_pvm.
+ *
+ * Entered by the ELF64 loader in long mode with RBX = hvm_start_info, interrupts off. Loads a GDT
+ * (0x08 kernel code, 0x10 kernel data, 0x18 user data, 0x20 user code, 0x28 64-bit TSS), an IDT
+ * for vectors 0-31, and IRETQs to user_start at CPL 3 with RFLAGS.IOPL = 3, IF = 0 (or calls it at
+ * CPL 0 when the guest sets rt_run_main_at_cpl0).
+ */
+        .set    KERNEL_CS, 0x08
+        .set    KERNEL_DS, 0x10
+        .set    USER_DS, 0x18 | 3
+        .set    USER_CS, 0x20 | 3
+        .set    TSS_SEL, 0x28
+        .set    GP_VECTOR, 13
+        .set    VECTORS, 32
+
+        .code64
+        .text
+        .globl  _start
+_start:
+        lea     kernel_stack_top(%rip), %rsp
+        mov     %rbx, rt_start_info(%rip)
+
+        lgdt    gdtr(%rip)
+        lea     tss(%rip), %rax                 /* the TSS descriptor's base, split */
+        lea     gdt(%rip), %rdx
+        mov     %ax, TSS_SEL+2(%rdx)
+        shr     $16, %rax
+        mov     %al, TSS_SEL+4(%rdx)
+        mov     %ah, TSS_SEL+7(%rdx)
+        shr     $16, %rax
+        mov     %eax, TSS_SEL+8(%rdx)
+        lea     kernel_stack_top(%rip), %rax
+        mov     %rax, tss+4(%rip)               /* RSP0: where exceptions from CPL 3 run */
+        mov     $TSS_SEL, %ax
+        ltr     %ax
+        push    $KERNEL_CS                      /* reload CS from this GDT */
+        lea     1f(%rip), %rax
+        push    %rax
+        lretq
+1:      mov     $KERNEL_DS, %ax
+        mov     %ax, %ds
+        mov     %ax, %es
+        mov     %ax, %ss
+
+        /* IDT: vector v -> exception_stubs + 16 * v (#GP -> gp_handler); 64-bit interrupt gates. */
+        lea     idt(%rip), %rdi
+        lea     exception_stubs(%rip), %rax
+        xor     %ecx, %ecx
+2:      mov     %rax, %rdx
+        cmp     $GP_VECTOR, %ecx
+        jne     3f
+        lea     gp_handler(%rip), %rdx
+3:      mov     %dx, (%rdi)
+        movw    $KERNEL_CS, 2(%rdi)
+        movw    $0x8e00, 4(%rdi)                /* present, DPL 0, interrupt gate */
+        shr     $16, %rdx
+        mov     %dx, 6(%rdi)
+        shr     $16, %rdx
+        mov     %edx, 8(%rdi)
+        add     $16, %rdi
+        add     $16, %rax
+        inc     %ecx
+        cmp     $VECTORS, %ecx
+        jne     2b
+        lidt    idtr(%rip)
+
+        cmpb    $0, rt_run_main_at_cpl0(%rip)
+        jne     user_start
+        push    $USER_DS                        /* SS */
+        lea     user_stack_top(%rip), %rax
+        push    %rax                            /* RSP */
+        push    $0x3002                         /* RFLAGS: IOPL 3, IF 0 */
+        push    $USER_CS
+        lea     user_start(%rip), %rax
+        push    %rax
+        iretq
+
+user_start:
+        call    rt_main
+1:      pause                                   /* HLT is not allowed at CPL 3 */
+        jmp     1b
+
+/*
+ * #GP: a port access from CPL 3 that the host refused. Perform it here and return past it.
+ * Stack: error code, RIP, CS, RFLAGS, RSP, SS. Only RSI (saved) and RDX (saved where the
+ * instruction does not name it) are used: `in` leaves its result in the interrupted AL, and
+ * IRETQ restores the interrupted RFLAGS.
+ */
+gp_handler:
+        push    %rsi
+        mov     16(%rsp), %rsi                  /* faulting RIP */
+        cmpb    $0xee, (%rsi)                   /* out %al, %dx */
+        je      out_dx
+        cmpb    $0xec, (%rsi)                   /* in %dx, %al */
+        je      in_dx
+        cmpb    $0xe6, (%rsi)                   /* out %al, $imm8 */
+        je      out_imm
+        cmpb    $0xe4, (%rsi)                   /* in $imm8, %al */
+        je      in_imm
+        pop     %rsi
+        push    $GP_VECTOR
+        jmp     exception_fatal
+out_dx: out     %al, %dx
+        jmp     1f
+in_dx:  in      %dx, %al
+1:      incq    16(%rsp)
+        jmp     3f
+out_imm:
+        push    %rdx
+        movzbl  1(%rsi), %edx
+        out     %al, %dx
+        jmp     2f
+in_imm: push    %rdx
+        movzbl  1(%rsi), %edx
+        in      %dx, %al
+2:      pop     %rdx
+        addq    $2, 16(%rsp)
+3:      pop     %rsi
+        add     $8, %rsp                        /* error code */
+        iretq
+
+/* Vectors that push no error code get a 0, so every frame looks alike; then the vector. */
+        .p2align 4
+exception_stubs:
+        .irp    vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .p2align 4
+        .if     \vector == 8 || (\vector >= 10 && \vector <= 14) || \vector == 17 || \vector == 21 || \vector == 29 || \vector == 30
+        .else
+        push    $0
+        .endif
+        push    $\vector
+        jmp     exception_fatal
+        .endr
+
+/* Stack: vector, error code, RIP, ... -> rt_exception(vector, error code, rip); never returns. */
+exception_fatal:
+        pop     %rdi
+        pop     %rsi
+        mov     (%rsp), %rdx
+        and     $~15, %rsp
+        call    rt_exception
+1:      cli
+        hlt
+        jmp     1b
+
+        .data
+        .weak   rt_run_main_at_cpl0
+rt_run_main_at_cpl0:
+        .byte   0
+        .globl  rt_start_info
+        .align  8
+rt_start_info:
+        .quad   0
+        .align  16
+gdt:    .quad   0                               /* 0x00 null */
+        .quad   0x00af9b000000ffff              /* 0x08 kernel code, 64-bit */
+        .quad   0x00cf93000000ffff              /* 0x10 kernel data */
+        .quad   0x00cff3000000ffff              /* 0x18 user data, DPL 3 */
+        .quad   0x00affb000000ffff              /* 0x20 user code, 64-bit, DPL 3 */
+        .quad   0x0000890000000067              /* 0x28 TSS, 64-bit available, limit 0x67 */
+        .quad   0                               /*      (base 63:32) */
+gdt_end:
+gdtr:   .word   gdt_end - gdt - 1
+        .quad   gdt
+        .align  16
+idt:    .space  VECTORS * 16
+idtr:   .word   VECTORS * 16 - 1
+        .quad   idt
+        .align  16
+tss:    .space  102                             /* RSP0 at 4, set at run time */
+        .word   104                             /* I/O map base past the limit: no bitmap */
+
+        .bss
+        .align  16
+        .space  4096
+kernel_stack_top:
+        .space  65536
+user_stack_top:
+        .section .note.GNU-stack, "", @progbits
