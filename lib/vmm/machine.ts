@@ -404,6 +404,8 @@ export class Machine extends EventEmitter {
         serialOutput = { ring: outputRing.shared };
       }
       const disks = await disksPromise;
+      const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
+      if (unfit) throw new Error(`the saved machine's disks do not fit: ${unfit}`);
       const devices: DevicesShared = {
         bus: createBusShared(), serial: Serial.createShared(serialOutput), postCode: PostCode.createShared(), virtio: disks.mmioShared,
       };

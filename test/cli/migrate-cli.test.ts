@@ -103,7 +103,7 @@ t.test('help for each command', async (t) => {
   t.equal(main.status, 0);
   for (const command of ['run', 'migrate', 'snapshot', 'status', 'pause', 'resume', 'info']) t.match(main.stdout, new RegExp(`^  ${command} `, 'm'));
   const usages: [string, RegExp][] = [
-    ['run', /^usage: node-kvm run IMAGE \[options\]\n {7}node-kvm run --incoming tcp:HOST:PORT\|unix:PATH .*\n {7}node-kvm run --restore FILE/],
+    ['run', /^usage: node-kvm run IMAGE \[options\]\n {7}node-kvm run --kernel FILE .*\n {7}node-kvm run --incoming tcp:HOST:PORT\|unix:PATH .*\n {7}node-kvm run --restore FILE/],
     ['migrate', /^usage: node-kvm migrate --api-socket PATH \[options\] tcp:HOST:PORT\|unix:PATH\n/],
     ['snapshot', /^usage: node-kvm snapshot --api-socket PATH \[--diff\] \[--json\] FILE\n/],
     ['status', /^usage: node-kvm status --api-socket PATH \[--json\]\n/],

@@ -62,3 +62,20 @@ t.test('run --help', async (t) => {
   t.match(result.stdout, /usage: node-kvm run IMAGE/);
   t.match(result.stdout, /--vcpus N/);
 });
+
+t.test('--disk FILE[,ro][,id=ID] gives the guest virtio-blk disks', { skip: noKvm }, async (t) => {
+  const rw = path.join(t.testdir(), 'rw.img');
+  const ro = path.join(t.testdir(), 'ro.img');
+  writeFileSync(rw, Buffer.concat([Buffer.from('cli disk\n'), Buffer.alloc(64 * 1024)]));
+  writeFileSync(ro, Buffer.concat([Buffer.from('cli read-only\n'), Buffer.alloc(32 * 1024)]));
+  const disk = path.join(repoRoot, 'guests', 'build', 'disk.elf');
+  const result = nodeKvm('run', disk, '--disk', `${rw},id=cli-0`, '--disk', `${ro},ro`);
+  t.equal(result.status, (0x10 << 1) | 1, result.stderr);
+  t.match(result.stdout, 'disk0: 128 sectors, rw, id "cli-0"\n', 'a partial last sector is not part of the disk');
+  t.match(result.stdout, 'disk0: sector 0 says "cli disk"\n');
+  t.match(result.stdout, 'disk1: 64 sectors, ro, id "ro.img"\n');
+  t.match(result.stdout, 'disk1: write refused (read-only)\n');
+  const bad = nodeKvm('run', disk, '--disk', `${rw},rw`);
+  t.equal(bad.status, 1);
+  t.match(bad.stderr, /^node-kvm: --disk .*rw\.img,rw: unknown flag 'rw' \(ro, id=ID\)\n$/);
+});

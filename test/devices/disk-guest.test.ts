@@ -171,6 +171,16 @@ t.test('a snapshot in the middle of disk I/O restores to a guest whose checks go
   t.notMatch(output, 'BAD', output.slice(-200));
   t.ok(lastRound(output) >= paused + 3, `rounds go on after the restore (to ${lastRound(output)})`);
   await restored.stop();
+
+  // The disks may live elsewhere on the restoring host, but must be the same size.
+  const moved = path.join(dir, 'moved.img');
+  writeFileSync(moved, readFileSync(file));
+  const elsewhere = await Machine.restore(snapshot, { disks: [{ path: moved }], serial: { output: null }, log: () => {} });
+  t.same(elsewhere.shape.disks, [{ path: moved, readOnly: false, sectors: 1024, id: 'snap.img' }], 'opened where it was told, with the saved id');
+  await elsewhere.stop();
+  writeFileSync(moved, Buffer.alloc(512 * 1000));
+  await t.rejects(Machine.restore(snapshot, { disks: [{ path: moved }], log: () => {} }), /disk 0 had 1024 sectors, .*moved\.img has 1000/);
+  await t.rejects(Machine.restore(snapshot, { disks: [], log: () => {} }), /the saved machine had 1 disk, 0 given/);
 });
 
 t.test('a live migration in the middle of disk I/O: the destination finishes the guest\'s rounds', { skip: noKvm }, async (t) => {
