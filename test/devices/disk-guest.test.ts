@@ -101,6 +101,24 @@ t.test('with the in-kernel irqchip (interrupts through an irqfd) the guest works
   t.match(output, 'disk0: wrote sectors 8-15, flushed, read back ok\n');
 });
 
+t.test('with the irqchip, a completion raises the disk\'s line: IRR bit 5 of the PIC (through the irqfd)', { skip: noKvm }, async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'line.img');
+  makeImage(file, 1024, 'line');
+  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], irqchip: true });
+  t.teardown(() => void booted.machine.stop());
+  const before = await booted.machine.saveState();
+  t.equal(before.vm.irqchips![0]!.chip[1]! & (1 << 5), 0, 'no request yet: IRQ 5 not requested');
+  booted.machine.writeMemory(GUEST_PARAMS_ADDR, params(Mode.Loop, 0));
+  booted.machine.start();
+  await booted.waitForOutput('round 1 ok\n');
+  await booted.machine.pause();
+  const after = await booted.machine.saveState();
+  t.equal(after.vm.irqchips![0]!.chip[1]! & (1 << 5), 1 << 5, 'the PIC master latched IRQ 5 (the guest runs with interrupts off)');
+  t.equal(after.devices.virtio![0]!.interruptStatus & 1, 1, 'InterruptStatus: used buffer');
+  await booted.machine.stop();
+});
+
 t.test('no disk: the guest finds no device', { skip: noKvm }, async (t) => {
   const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, serial: {} });
   t.same(exit, { reason: 'debug-exit', code: 0x7e, vcpu: 0 });
