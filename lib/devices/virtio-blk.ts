@@ -111,6 +111,26 @@ export class VirtioBlkDevice {
   }
 
   /**
+   * Polls the ring for new requests for up to `ms` (the driver, told not to notify meanwhile,
+   * saves its notify exit); true as soon as there are some. On timeout, asks for notifies again
+   * and takes a last look, so that a request added at that moment is not left asleep.
+   */
+  pollForRequests(ms: number, mayGoOn: () => boolean): boolean {
+    const queue = this.#queue;
+    try {
+      if (!this.#mmio.live || !queue.load()) return false;
+      queue.suppressNotification();
+      const deadline = performance.now() + ms;
+      do {
+        if (queue.pending() > 0) return true;
+      } while (performance.now() < deadline && mayGoOn());
+      return queue.armNotification();
+    } catch {
+      return true; // serve() reports what is wrong
+    }
+  }
+
+  /**
    * Serves every available request, stopping early when `mayGoOn()` turns false (checked between
    * requests) or the driver resets the device. A broken ring sets NEEDS_RESET. Returns how many
    * requests completed.

@@ -171,6 +171,18 @@ export class SplitQueue {
     return this.pending() > 0;
   }
 
+  /**
+   * Asks the driver (event idx) not to notify for what it adds next: the device is polling the
+   * ring anyway. armNotification() undoes it.
+   */
+  suppressNotification(): void {
+    if (!this.#eventIdx) return;
+    const at = this.#used + 4 + 8 * this.#num;
+    if (at + 2 > this.#ramBytes) return;
+    this.#view.setUint16(at, (this.#lastAvail - 1) & 0xffff, true);
+    this.#dirty.mark(at, 2);
+  }
+
   /** Whether the driver wants an interrupt for what was used since the last one. */
   needsInterrupt(): boolean {
     if (!this.#eventIdx) return (this.#view.getUint16(this.#avail, true) & AVAIL_F_NO_INTERRUPT) === 0;

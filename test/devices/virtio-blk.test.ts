@@ -300,3 +300,34 @@ t.test('the register state survives a save and restore in the middle of I/O', as
 t.test('the transport refuses a shared buffer it did not make', async (t) => {
   t.throws(() => new VirtioMmio(new SharedArrayBuffer(16), 'x', () => {}), /createShared/);
 });
+
+t.test('polling after work: the driver is told not to notify meanwhile, and to notify again after', async (t) => {
+  const d = driver(t, { sectors: 16 });
+  t.ok(d.init());
+  const availEvent = () => d.view.getUint16(USED + 4 + 8 * QUEUE_SIZE, true);
+  const submit = (slot: number) => d.submit([
+    { addr: d.header(slot, BlkRequest.In, slot), len: 16, flags: 0 }, { addr: DATA, len: 512, flags: F_WRITE }, { addr: d.statusByte(slot), len: 1, flags: F_WRITE },
+  ], slot * 3);
+  submit(0);
+  t.equal(d.serve(), 1);
+  t.equal(availEvent(), 1, 'after serving: notify me from entry 1');
+  let looks = 0;
+  // A request arrives while the device polls: found without a notify.
+  t.ok(d.device.pollForRequests(1000, () => {
+    if (++looks === 3) {
+      t.equal(availEvent(), 0, 'while polling: avail_event one behind, so the driver does not notify');
+      submit(1);
+    }
+    return true;
+  }));
+  t.equal(d.serve(), 1);
+  // Nothing arrives: after the window the driver is asked to notify again.
+  t.notOk(d.device.pollForRequests(0.2, () => true));
+  t.equal(availEvent(), 2, 'after the window: notify me from entry 2');
+  t.notOk(d.device.pollForRequests(1000, () => false), 'stops at once when the machine pauses');
+  t.ok(d.init({ features: 1n << FEATURE_VERSION_1 }), 'again without event idx');
+  submit(0);
+  d.serve();
+  t.notOk(d.device.pollForRequests(0.1, () => true));
+  t.equal(availEvent(), 0, 'no event idx: the used ring\'s avail_event is left alone');
+});
