@@ -7,7 +7,7 @@
 //   npm run bench:migrate -- [--rounds R] [--iterations N] [--downtime-budget MS] [--json]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,7 +15,7 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { hostInfo, median } from './report.js';
-import { GUEST_PARAMS_ADDR, Machine, VcpuWorkerPool } from '../lib/index.js';
+import { GUEST_PARAMS_ADDR, GuestMemory, Machine, VcpuWorkerPool } from '../lib/index.js';
 import type { MigrationStats } from '../lib/migration/types.js';
 
 const MiB = 1024 * 1024;
@@ -138,6 +138,27 @@ function memcpyBandwidth(runs: number): number {
     bestMs = Math.min(bestMs, performance.now() - started);
   }
   return (MEMCPY_BYTES * 1000) / bestMs;
+}
+
+/**
+ * 64 MiB written with pwrite in 2 MiB pieces into the memfd of new guest RAM, as a destination
+ * receives pages: its first touch of each page allocates and zeroes it, so this caps what any
+ * destination can take, however fast the wire. Best of `runs`, bytes/s.
+ */
+function freshRamWriteBandwidth(runs: number): number {
+  const chunk = Buffer.alloc(2 * MiB, 0x5a);
+  let bestMs = Infinity;
+  for (let i = 0; i < runs; i++) {
+    const memory = GuestMemory.create(FILL_BYTES, { backing: 'memfd' });
+    try {
+      const started = performance.now();
+      for (let at = 0; at < FILL_BYTES; at += chunk.length) writeSync(memory.fd!, chunk, 0, chunk.length, at);
+      bestMs = Math.min(bestMs, performance.now() - started);
+    } finally {
+      memory.close();
+    }
+  }
+  return (FILL_BYTES * 1000) / bestMs;
 }
 
 /** 1 GiB in 2 MiB writes to a peer process that reads and discards it, until its one-byte answer; bytes/s. */
@@ -550,6 +571,7 @@ async function main(): Promise<void> {
   try {
     progress('references: memcpy, loopback tcp and unix sockets');
     const memcpyBytesPerSec = memcpyBandwidth(5);
+    const freshRamBytesPerSec = freshRamWriteBandwidth(3);
     const tcpRuns: number[] = [];
     const unixRuns: number[] = [];
     const socketRounds = Math.min(options.rounds, 3);
@@ -618,7 +640,7 @@ async function main(): Promise<void> {
       console.log(JSON.stringify({
         host,
         options,
-        references: { memcpyBytesPerSec, tcpBytesPerSec, unixBytesPerSec, tcpRuns, unixRuns },
+        references: { memcpyBytesPerSec, freshRamBytesPerSec, tcpBytesPerSec, unixBytesPerSec, tcpRuns, unixRuns },
         scenarios: results.map((r) => ({
           key: r.scenario.key, title: r.scenario.title, medians: r.medians,
           runs: r.runs.map((run) => ({ ...run.stats, lastExpectedDowntimeMs: run.lastExpectedDowntimeMs })),
@@ -638,6 +660,7 @@ async function main(): Promise<void> {
     console.log('');
     console.log('references (same run):');
     console.log(`  memcpy, Buffer.copy of 256 MiB, best of 5                  ${mibs(memcpyBytesPerSec)}`);
+    console.log(`  pwrite of 64 MiB into new guest RAM (memfd), best of 3    ${mibs(freshRamBytesPerSec)}  (what a destination can take: ${format(freshRamBytesPerSec / tcpBytesPerSec)}x TCP)`);
     console.log(`  loopback TCP, Node to Node process, 1 GiB in 2 MiB writes ${mibs(tcpBytesPerSec)}  (median of ${socketRounds}: ${tcpRuns.map((b) => format(b / MiB)).join(', ')})`);
     console.log(`  unix socket, Node to Node process, 1 GiB in 2 MiB writes  ${mibs(unixBytesPerSec)}  (median of ${socketRounds}: ${unixRuns.map((b) => format(b / MiB)).join(', ')})`);
     console.log('');
