@@ -260,10 +260,16 @@ export class BlockBackend {
   /** Reads into the writable buffers but the last byte (the status). -1 on a bad request. */
   #read(chain: DescriptorChain, sector: number, problem: (message: string) => void): number {
     const bytes = chain.writableBytes - 1;
-    if (chain.readableBytes !== HEADER_BYTES) return this.#refuse(problem, 'a read request with device-readable data buffers');
+    if (chain.readableBytes !== HEADER_BYTES) {
+      this.#refuse(problem, 'a read request with device-readable data buffers');
+      return -1;
+    }
     if (!this.#inRange(sector, bytes, problem)) return -1;
     const views = this.#segments(chain, true, 0, bytes);
-    if (views === null) return this.#refuse(problem, `a request of more than ${SEG_MAX} data buffers`);
+    if (views === null) {
+      this.#refuse(problem, `a request of more than ${SEG_MAX} data buffers`);
+      return -1;
+    }
     let done = 0;
     const position = sector * SECTOR_BYTES;
     while (done < bytes) {
@@ -275,22 +281,17 @@ export class BlockBackend {
       }
       done += n;
     }
-    for (let i = 0, left = bytes; i < chain.length && left > 0; i++) {
-      if (!chain.writable[i]) continue;
-      const n = Math.min(chain.len[i]!, left);
-      this.#dirty.mark(chain.addr[i]!, n);
-      left -= n;
-    }
+    for (const view of views) this.#dirty.mark(view.byteOffset - this.#ram.byteOffset, view.length);
     return bytes;
   }
 
   #write(chain: DescriptorChain, sector: number, problem: (message: string) => void): boolean {
-    if (this.#readOnly) return this.#refuse(problem, 'a write to a read-only disk') >= 0;
-    if (chain.writableBytes !== 1) return this.#refuse(problem, 'a write request with device-writable data buffers') >= 0;
+    if (this.#readOnly) return this.#refuse(problem, 'a write to a read-only disk');
+    if (chain.writableBytes !== 1) return this.#refuse(problem, 'a write request with device-writable data buffers');
     const bytes = chain.readableBytes - HEADER_BYTES;
     if (!this.#inRange(sector, bytes, problem)) return false;
     const views = this.#segments(chain, false, HEADER_BYTES, bytes);
-    if (views === null) return this.#refuse(problem, `a request of more than ${SEG_MAX} data buffers`) >= 0;
+    if (views === null) return this.#refuse(problem, `a request of more than ${SEG_MAX} data buffers`);
     const position = sector * SECTOR_BYTES;
     let done = 0;
     while (done < bytes) done += writevSync(this.fd, done === 0 ? views : this.#segmentsFrom(views, done), position + done);
@@ -309,16 +310,16 @@ export class BlockBackend {
 
   #deallocate(chain: DescriptorChain, zero: boolean, problem: (message: string) => void): boolean {
     const what = zero ? 'write-zeroes' : 'discard';
-    if (this.#readOnly) return this.#refuse(problem, `a ${what} on a read-only disk`) >= 0;
+    if (this.#readOnly) return this.#refuse(problem, `a ${what} on a read-only disk`);
     const bytes = chain.readableBytes - HEADER_BYTES;
     if (chain.writableBytes !== 1 || bytes === 0 || bytes % SEGMENT_BYTES !== 0 || bytes / SEGMENT_BYTES > MAX_DISCARD_SEGMENTS) {
-      return this.#refuse(problem, `a ${what} request with ${bytes} bytes of ranges`) >= 0;
+      return this.#refuse(problem, `a ${what} request with ${bytes} bytes of ranges`);
     }
     for (let at = HEADER_BYTES; at < HEADER_BYTES + bytes; at += SEGMENT_BYTES) {
       this.#gather(chain, at, this.#segment);
       const sector = this.#segmentView.getUint32(0, true) + this.#segmentView.getUint32(4, true) * 0x1_0000_0000;
       const count = this.#segmentView.getUint32(8, true);
-      if (count > MAX_DISCARD_SECTORS) return this.#refuse(problem, `a ${what} of ${count} sectors (at most ${MAX_DISCARD_SECTORS})`) >= 0;
+      if (count > MAX_DISCARD_SECTORS) return this.#refuse(problem, `a ${what} of ${count} sectors (at most ${MAX_DISCARD_SECTORS})`);
       if (!this.#inRange(sector, count * SECTOR_BYTES, problem)) return false;
       if (count === 0) continue;
       this.#freeRange(sector * SECTOR_BYTES, count * SECTOR_BYTES, zero);
@@ -351,16 +352,17 @@ export class BlockBackend {
   }
 
   #inRange(sector: number, bytes: number, problem: (message: string) => void): boolean {
-    if (bytes % SECTOR_BYTES !== 0) return this.#refuse(problem, `a transfer of ${bytes} bytes (not whole sectors)`) >= 0;
+    if (bytes % SECTOR_BYTES !== 0) return this.#refuse(problem, `a transfer of ${bytes} bytes (not whole sectors)`);
     if (sector > this.#sectors || bytes / SECTOR_BYTES > this.#sectors - sector) {
-      return this.#refuse(problem, `sectors ${sector}+${bytes / SECTOR_BYTES} are past the end of the disk (${this.#sectors} sectors)`) >= 0;
+      return this.#refuse(problem, `sectors ${sector}+${bytes / SECTOR_BYTES} are past the end of the disk (${this.#sectors} sectors)`);
     }
     return true;
   }
 
-  #refuse(problem: (message: string) => void, message: string): -1 {
+  /** Reports why a request fails; false, for the callers to return. */
+  #refuse(problem: (message: string) => void, message: string): false {
     problem(message);
-    return -1;
+    return false;
   }
 
   /**
