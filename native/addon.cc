@@ -101,6 +101,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryDontneed", MemoryDontneed);
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
+  fn("dupSocket", DupSocket);
   fn("fileDeallocate", FileDeallocate);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);

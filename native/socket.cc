@@ -1,6 +1,7 @@
 #include "socket.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 
 #include "errors.h"
@@ -38,6 +39,24 @@ Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info) {
     result.Set(i, Napi::Number::New(env, actual));
   }
   return result;
+}
+
+// dupSocket(fd) -> a new fd (close-on-exec) for the same stream socket. Lets a connection that
+// Node accepted be handed to a new net.Socket with options the server cannot give its sockets
+// (a read buffer of the caller's size), once the old one, idle, is destroyed.
+Napi::Value DupSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
+  double fdValue = info[0].As<Napi::Number>().DoubleValue();
+  if (!(fdValue >= 0 && fdValue <= 0x7fffffff) || fdValue != static_cast<int>(fdValue)) ThrowRangeError(env, "fd must be a non-negative integer");
+  int fd = static_cast<int>(fdValue);
+  int type = 0;
+  socklen_t typeLength = sizeof(type);
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &typeLength) < 0) ThrowSyscallError(env, errno, "getsockopt(SO_TYPE)");
+  if (type != SOCK_STREAM) ThrowRangeError(env, "fd is not a stream socket");
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) ThrowSyscallError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
+  return Napi::Number::New(env, copy);
 }
 
 }  // namespace nodekvm

@@ -6,5 +6,6 @@
 namespace nodekvm {
 
 Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info);
+Napi::Value DupSocket(const Napi::CallbackInfo& info);
 
 }  // namespace nodekvm

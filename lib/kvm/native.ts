@@ -41,6 +41,8 @@ export interface NativeBinding {
   memoryDontneed(id: number, offset: number, length: number): void;
   memoryPopulate(id: number, offset: number, length: number): boolean;
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
+  /** A close-on-exec duplicate of a stream socket fd. */
+  dupSocket(fd: number): number;
   /** fallocate(2): punch a hole (zero false) or zero the range (zero true), keeping the size. */
   fileDeallocate(fd: number, offset: number, length: number, zero: boolean): void;
   memoryInfo(): { mappings: number; bytes: number };

@@ -8,10 +8,11 @@ import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm
 import { MachineStateCollector, checkShape, encodeShape } from './machine-state.js';
 import { decodeStateSection } from './state-codec.js';
 import {
-  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, decodePages, encodeEnd, encodeErrorSection, encodeSection,
+  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeSection,
   encodeHeader, socketSource, writeChunks,
 } from './stream.js';
-import { enlargeSocketBuffers } from './socket-buffers.js';
+import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
+import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 
@@ -32,7 +33,7 @@ export async function receiveMigration(
 ): Promise<Machine> {
   const address = parseMigrationAddress(addressText);
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
-  const socket: Socket = await listenForMigration(address, {
+  let socket: Socket = await listenForMigration(address, {
     token: config.token,
     timeoutMs: config.timeoutMs,
     onListening: (bound) => config.onListening?.(formatMigrationAddress(bound)),
@@ -62,24 +63,39 @@ export async function receiveMigration(
       throw new StreamError('EMISMATCH', 'the migration stream\'s configuration contradicts its header');
     }
     target = await build(shape);
-    await reply([encodeShape(shape)], shape);
-
-    const ram = target.memory.bytes();
+    const memory = target.memory;
+    const ram = memory.bytes();
     const state = new MachineStateCollector('migration stream');
-    for (;;) {
-      const section = await reader.next();
-      if (section.type === SectionType.Pages) writePages(section.payload, target.memory, ram);
-      else if (section.type === SectionType.End) break;
-      else if (section.type === SectionType.Sync) await reply([encodeSection(SectionType.Sync, new Uint8Array(0))]);
-      else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
-      else if (!state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
-    }
+    // From here on the stream is parsed as it arrives, page data going from the socket's read
+    // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
+    // safe here (this machine runs only once the whole stream has checked out).
+    const leftover = source.detach();
+    const sections = receiveSections(socket, leftover, {
+      memoryBytes: ram.length,
+      writePages: memory.fd >= 0
+        ? (guestPhysAddr, data) => {
+          for (let written = 0; written < data.length;) written += writeSync(memory.fd, data, written, data.length - written, guestPhysAddr + written);
+        }
+        : (guestPhysAddr, data) => ram.set(data, guestPhysAddr),
+      zeroPages: (guestPhysAddr, byteLength) => {
+        if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
+        else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
+      },
+      section: (section) => {
+        if (section.type === SectionType.Sync) void reply([encodeSection(SectionType.Sync, new Uint8Array(0))]).catch(() => {});
+        else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
+        else if (section.type !== SectionType.End && !state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
+      },
+    }, stallTimeoutMs);
+    socket = sections.socket;
+    await reply([encodeShape(shape)], shape);
+    await sections.ended;
+
     const complete = state.finish({ memoryBytes: header.memoryBytes, vcpus: header.vcpuCount });
     await target.apply(complete);
     target.start(complete.running === false);
     await reply([encodeEnd()]);
     socket.end();
-    source.close();
     return target.machine;
   } catch (error) {
     const message = (error as Error)?.message ?? String(error);
@@ -96,26 +112,56 @@ export async function receiveMigration(
   }
 }
 
+/** Bytes each read of an incoming stream may take at most. */
+const RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024;
+
 /**
- * A Pages section into guest RAM (checked in full first). Into a memfd, pwrite: the kernel
- * allocates and fills each page in one step, a third faster here than a page fault per fresh page
- * followed by a copy. Zero ranges go back to the kernel as holes when large.
+ * Parses the rest of the stream from `socket` (reopened with a large read buffer; the new socket
+ * is returned at once) into `target` until its End section: `ended` resolves then, or rejects
+ * with what was wrong: a malformed section, a closed connection, no data for `stallTimeoutMs`.
  */
-function writePages(payload: Uint8Array, memory: GuestMemory, ram: Uint8Array): void {
-  const fd = memory.fd;
-  decodePages(payload, ram.length, (guestPhysAddr, byteLength, data) => {
-    if (data) {
-      if (fd < 0) {
-        ram.set(data, guestPhysAddr);
-        return;
-      }
-      for (let written = 0; written < byteLength;) {
-        written += writeSync(fd, data, written, byteLength - written, guestPhysAddr + written);
-      }
-    } else if (byteLength >= 64 * 1024) {
-      memory.dontneed(guestPhysAddr, byteLength);
-    } else {
-      ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
-    }
+function receiveSections(
+  socket: Socket,
+  leftover: Uint8Array[],
+  target: SectionParserTarget,
+  stallTimeoutMs: number,
+): { socket: Socket; ended: Promise<void> } {
+  const parser = new SectionParser(target);
+  let settle!: (error?: Error) => void;
+  const ended = new Promise<void>((resolve, reject) => {
+    settle = (error) => (error ? reject(error) : resolve());
   });
+  let done = false;
+  const finish = (error?: Error) => {
+    if (done) return;
+    done = true;
+    clearTimeout(stall);
+    settle(error);
+  };
+  const take = (bytes: Uint8Array): boolean => {
+    if (done) return false;
+    try {
+      parser.push(bytes);
+    } catch (error) {
+      finish(error as Error);
+      return false;
+    }
+    stall.refresh();
+    if (parser.ended) finish();
+    return !parser.ended;
+  };
+  const stall = setTimeout(() => {
+    finish(new StreamError('ETIMEDOUT', `migration stream stalled: no data for ${stallTimeoutMs} ms after ${parser.bytesParsed} bytes`));
+  }, Math.min(stallTimeoutMs, 0x7fffffff));
+  for (const chunk of leftover) take(chunk);
+  const reopened = reopenWithReadBuffer(socket, Buffer.allocUnsafe(RECEIVE_BUFFER_BYTES), take);
+  const closed = (why: string) => () => {
+    if (!parser.ended) {
+      finish(new StreamError('ETRUNCATED', `migration stream truncated: ${why} after ${parser.bytesParsed} bytes (expected ${parser.waitingFor})`));
+    }
+  };
+  reopened.on('end', closed('peer closed the migration stream'));
+  reopened.on('close', closed('the connection closed'));
+  reopened.on('error', (error) => closed(`the connection failed (${error.message})`)());
+  return { socket: reopened, ended };
 }

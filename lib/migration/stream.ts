@@ -573,35 +573,51 @@ export interface DecodedPages {
   zeroPages: number;
 }
 
-/**
- * Checks a Pages payload in full against a guest RAM of `memoryBytes` (every range inside it, data
- * lengths adding up exactly), then calls `apply` once per range in order: `data` is the range's
- * bytes (a view into `payload`), or null for a range of zero pages (the caller zero-fills
- * `byteLength` bytes). Nothing is applied unless the whole payload is valid.
- */
-export function decodePages(
-  payload: Uint8Array,
-  memoryBytes: number,
-  apply: (guestPhysAddr: number, byteLength: number, data: Uint8Array | null) => void,
-): DecodedPages {
-  if (!(payload instanceof Uint8Array)) throw new TypeError('payload must be a Uint8Array');
+/** The range table of a Pages section, checked against guest RAM and the section's length. */
+export interface PageTable extends DecodedPages {
+  rangeCount: number;
+  /** Guest-physical address of each range. */
+  addrs: Float64Array;
+  /** Byte length of each range. */
+  lengths: Float64Array;
+  /** Where each range's data starts in the payload; -1 for a zero range. */
+  dataOffsets: Float64Array;
+  /** Where the table ends (and the page data starts) in the payload. */
+  tableBytes: number;
+}
+
+/** The table size a Pages payload announces in its first 4 bytes. */
+export function pageTableBytes(payloadStart: Uint8Array): number {
+  return 4 + viewOf(payloadStart).getUint32(0, true) * PAGE_RANGE_BYTES; // < 2^37: exact
+}
+
+function checkMemoryBytes(memoryBytes: number): void {
   if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_BYTES !== 0) {
     throw new RangeError(`memoryBytes must be a positive multiple of ${PAGE_BYTES}, got ${String(memoryBytes)}`);
   }
-  if (typeof apply !== 'function') throw new TypeError('apply must be a function');
+}
+
+/**
+ * Checks the range table at the start of a Pages payload of `payloadBytes` bytes (`payloadStart`
+ * holds at least the table): every range inside a guest RAM of `memoryBytes`, flags known, and the
+ * data lengths adding up to exactly the rest of the payload.
+ */
+export function decodePageTable(payloadStart: Uint8Array, payloadBytes: number, memoryBytes: number): PageTable {
+  checkMemoryBytes(memoryBytes);
   const memoryPages = memoryBytes / PAGE_BYTES;
-  if (payload.length < 4) throw new StreamError('EFORMAT', `a Pages section of ${payload.length} bytes is too short for its range count`);
-  const view = viewOf(payload);
+  if (payloadBytes < 4 || payloadStart.length < 4) throw new StreamError('EFORMAT', `a Pages section of ${payloadBytes} bytes is too short for its range count`);
+  const view = viewOf(payloadStart);
   const rangeCount = view.getUint32(0, true);
-  const tableEnd = 4 + rangeCount * PAGE_RANGE_BYTES; // < 2^37: exact
-  if (tableEnd > payload.length) {
-    throw new StreamError('EFORMAT', `a Pages section announces ${rangeCount} ranges (${tableEnd} bytes of table) but holds ${payload.length} bytes`);
+  const tableEnd = pageTableBytes(payloadStart);
+  if (tableEnd > payloadBytes) {
+    throw new StreamError('EFORMAT', `a Pages section announces ${rangeCount} ranges (${tableEnd} bytes of table) but holds ${payloadBytes} bytes`);
   }
-  const addrs = new Float64Array(rangeCount);
-  const lengths = new Float64Array(rangeCount);
-  const dataOffsets = new Float64Array(rangeCount); // -1 for zero ranges
+  if (payloadStart.length < tableEnd) throw new RangeError(`payloadStart must hold the whole table (${tableEnd} bytes), got ${payloadStart.length}`);
+  const table: PageTable = {
+    rangeCount, pages: 0, zeroPages: 0, tableBytes: tableEnd,
+    addrs: new Float64Array(rangeCount), lengths: new Float64Array(rangeCount), dataOffsets: new Float64Array(rangeCount),
+  };
   let dataAt = tableEnd;
-  const result: DecodedPages = { pages: 0, zeroPages: 0 };
   for (let i = 0; i < rangeCount; i++) {
     const entry = 4 + i * PAGE_RANGE_BYTES;
     const firstPage = getU64(view, entry);
@@ -614,25 +630,44 @@ export function decodePages(
       const first = firstPage < 0 ? `0x${view.getBigUint64(entry, true).toString(16)}` : `0x${firstPage.toString(16)}`;
       throw new StreamError('EFORMAT', `Pages range ${i} (${pageCount} pages from page ${first}) lies outside guest RAM (0x${memoryPages.toString(16)} pages)`);
     }
-    addrs[i] = firstPage * PAGE_BYTES;
-    lengths[i] = pageCount * PAGE_BYTES;
+    table.addrs[i] = firstPage * PAGE_BYTES;
+    table.lengths[i] = pageCount * PAGE_BYTES;
     if (flags & PAGES_ZERO) {
-      dataOffsets[i] = -1;
-      result.zeroPages += pageCount;
+      table.dataOffsets[i] = -1;
+      table.zeroPages += pageCount;
     } else {
-      dataOffsets[i] = dataAt;
+      table.dataOffsets[i] = dataAt;
       dataAt += pageCount * PAGE_BYTES;
-      result.pages += pageCount;
+      table.pages += pageCount;
     }
   }
-  if (dataAt !== payload.length) {
-    throw new StreamError('EFORMAT', `a Pages section's ranges announce ${dataAt - tableEnd} bytes of page data but it holds ${payload.length - tableEnd}`);
+  if (dataAt !== payloadBytes) {
+    throw new StreamError('EFORMAT', `a Pages section's ranges announce ${dataAt - tableEnd} bytes of page data but it holds ${payloadBytes - tableEnd}`);
   }
-  for (let i = 0; i < rangeCount; i++) {
+  return table;
+}
+
+/**
+ * Checks a Pages payload in full against a guest RAM of `memoryBytes` (every range inside it, data
+ * lengths adding up exactly), then calls `apply` once per range in order: `data` is the range's
+ * bytes (a view into `payload`), or null for a range of zero pages (the caller zero-fills
+ * `byteLength` bytes). Nothing is applied unless the whole payload is valid.
+ */
+export function decodePages(
+  payload: Uint8Array,
+  memoryBytes: number,
+  apply: (guestPhysAddr: number, byteLength: number, data: Uint8Array | null) => void,
+): DecodedPages {
+  if (!(payload instanceof Uint8Array)) throw new TypeError('payload must be a Uint8Array');
+  checkMemoryBytes(memoryBytes);
+  if (typeof apply !== 'function') throw new TypeError('apply must be a function');
+  const table = decodePageTable(payload, payload.length, memoryBytes);
+  const { addrs, lengths, dataOffsets } = table;
+  for (let i = 0; i < table.rangeCount; i++) {
     const at = dataOffsets[i];
     apply(addrs[i], lengths[i], at < 0 ? null : payload.subarray(at, at + lengths[i]));
   }
-  return result;
+  return { pages: table.pages, zeroPages: table.zeroPages };
 }
 
 /** decodePages() into guest RAM given as one byte array (its length is the RAM size). */
@@ -846,6 +881,25 @@ export class SocketSource implements ByteSource {
   reuseBuffers(): this {
     this.#reuse = true;
     return this;
+  }
+
+  /**
+   * Closes this source and returns the bytes it had received but not handed out, in order: for a
+   * caller that reads the rest of the stream another way.
+   */
+  detach(): Uint8Array[] {
+    if (this.#pending) throw new Error('a read is waiting: detach() only between reads');
+    const rest: Uint8Array[] = [];
+    for (let i = this.#chunkIndex; i < this.#chunks.length; i++) {
+      const chunk = this.#chunks[i];
+      rest.push(i === this.#chunkIndex ? chunk.subarray(this.#chunkOffset) : chunk);
+    }
+    this.#chunks = [];
+    this.#chunkIndex = 0;
+    this.#chunkOffset = 0;
+    this.#buffered = 0;
+    this.close();
+    return rest.filter((chunk) => chunk.length > 0);
   }
 
   /** Stops listening to the socket (leaves the socket itself alone); a waiting read fails. */

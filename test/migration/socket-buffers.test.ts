@@ -3,9 +3,10 @@ import net from 'node:net';
 import { mkdtempSync, openSync, closeSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { native } from '../../lib/kvm/native.js';
-import { enlargeSocketBuffers } from '../../lib/migration/socket-buffers.js';
+import { randomBytes } from 'node:crypto';
+import { enlargeSocketBuffers, reopenWithReadBuffer } from '../../lib/migration/socket-buffers.js';
 
 t.test('setSocketBuffers sizes a unix socket\'s buffers and reports what the kernel set', async (t) => {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-sock-'));
@@ -41,4 +42,75 @@ t.test('setSocketBuffers refuses what is not a socket, and bad arguments', async
   t.throws(() => native.setSocketBuffers(-1, 4096, 4096), RangeError);
   t.throws(() => native.setSocketBuffers(fd, -5, 0), RangeError);
   t.throws(() => native.setSocketBuffers('3' as unknown as number, 0, 0), TypeError);
+});
+
+async function connectedPair(t: Test, kind: 'tcp' | 'unix'): Promise<[net.Socket, net.Socket]> {
+  const server = net.createServer({ pauseOnConnect: true });
+  if (kind === 'unix') {
+    const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-sock-'));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    await new Promise<void>((resolve) => server.listen(path.join(dir, 's'), resolve));
+  } else {
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  }
+  const address = server.address()!;
+  t.teardown(() => server.close());
+  const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  const client = typeof address === 'string' ? net.connect(address) : net.connect(address.port, '127.0.0.1');
+  await new Promise((resolve) => client.once('connect', resolve));
+  const peer = await accepted;
+  t.teardown(() => {
+    client.destroy();
+    peer.destroy();
+  });
+  return [client, peer];
+}
+
+for (const kind of ['tcp', 'unix'] as const) {
+  t.test(`reopenWithReadBuffer (${kind}): the same connection, read in pieces up to the buffer's size, writable both ways`, async (t) => {
+    const [client, peer] = await connectedPair(t, kind);
+    const buffer = Buffer.alloc(256 * 1024);
+    const received: Buffer[] = [];
+    let largest = 0;
+    const reopened = reopenWithReadBuffer(peer, buffer, (bytes) => {
+      t.equal(bytes.buffer, buffer.buffer, 'each read lands in the buffer given');
+      largest = Math.max(largest, bytes.length);
+      received.push(Buffer.from(bytes));
+    });
+    t.teardown(() => reopened.destroy());
+    t.ok(peer.destroyed, 'the old socket is gone');
+    const data = randomBytes(8 * 1024 * 1024);
+    client.write(data);
+    while (received.reduce((sum, chunk) => sum + chunk.length, 0) < data.length) await new Promise((resolve) => setTimeout(resolve, 5));
+    t.ok(Buffer.concat(received).equals(data), 'every byte, in order');
+    t.ok(largest > 64 * 1024 && largest <= buffer.length, `reads larger than Node's 64 KiB (largest ${largest})`);
+    const answer = new Promise<Buffer>((resolve) => client.once('data', resolve));
+    reopened.write('back');
+    t.equal((await answer).toString(), 'back', 'the new socket writes to the same peer');
+    const ended = new Promise((resolve) => reopened.once('end', resolve));
+    reopened.resume();
+    client.end();
+    await ended;
+    t.pass('the peer closing ends the new socket');
+  });
+}
+
+t.test('reopenWithReadBuffer refuses a socket with unread bytes, a closed one, and bad arguments', async (t) => {
+  const [client, peer] = await connectedPair(t, 'tcp');
+  client.write('early');
+  peer.resume();
+  peer.pause();
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  peer.unshift(Buffer.from('unread'));
+  t.throws(() => reopenWithReadBuffer(peer, Buffer.alloc(16), () => {}), { message: /unread bytes/ });
+  t.throws(() => reopenWithReadBuffer(peer, new Uint8Array(0), () => {}), TypeError);
+  t.throws(() => reopenWithReadBuffer(peer, Buffer.alloc(16), null as never), TypeError);
+  peer.destroy();
+  t.throws(() => reopenWithReadBuffer(peer, Buffer.alloc(16), () => {}), { message: /no file descriptor/ });
+  t.throws(() => native.dupSocket(-1), RangeError);
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-sock-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const fd = openSync(path.join(dir, 'file'), 'w');
+  t.teardown(() => closeSync(fd));
+  t.throws(() => native.dupSocket(fd), { code: 'ENOTSOCK' });
 });
