@@ -3,13 +3,13 @@
 // The main thread only starts, pauses, resumes and stops the threads, and saves and restores the
 // register state while they are parked.
 import { closeSync, openSync } from 'node:fs';
-import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } from '../devices/virtio-blk.js';
 import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
 import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import { workerEntry } from './worker-entry.js';
 import { DEVICE_CONTROL_BYTES, DEVICE_PARKED, DEVICE_STATE, DeviceRunState, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
 
 export type { DiskConfig } from '../devices/virtio-blk.js';
@@ -23,7 +23,8 @@ export interface DiskShape {
 }
 
 const here = fileURLToPath(import.meta.url);
-const workerFile = path.join(path.dirname(here), `virtio-worker${path.extname(here)}`);
+// Built, a one-file bundle of it starts faster where there is one (scripts/bundle-workers.mjs).
+const workerFile = workerEntry(here, 'virtio-worker');
 
 /** Checks a `disks` configuration; returns it with defaults filled in. */
 export function checkDiskConfigs(disks: unknown): Required<DiskConfig>[] {

@@ -1,14 +1,15 @@
 // Pre-started vCPU threads. A Worker takes tens of milliseconds to start and load its modules,
 // longer than creating a whole VM; a pool pays that once, and machines borrow threads from it and
 // return them when they stop.
-import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker, type TransferListItem } from 'node:worker_threads';
 import type { MainMessage, WorkerMessage } from './types.js';
+import { workerEntry } from './worker-entry.js';
 
 // The worker module sits beside this one, as .ts under a TypeScript loader and .js when built.
 const here = fileURLToPath(import.meta.url);
-const workerFile = path.join(path.dirname(here), `vcpu-worker${path.extname(here)}`);
+// Built, a one-file bundle of it starts faster where there is one (scripts/bundle-workers.mjs).
+const workerFile = workerEntry(here, 'vcpu-worker');
 
 export interface VcpuThread {
   readonly worker: Worker;

@@ -1,0 +1,35 @@
+// Worker threads start from a one-file bundle when the package is built (scripts/bundle-workers.mjs):
+// which file is chosen, and that the built package boots a guest through it.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import { workerEntry } from '../../lib/vmm/worker-entry.js';
+import { noKvm, repoRoot } from '../helpers/kvm.js';
+
+t.test('workerEntry: the bundle beside built JavaScript, the module otherwise', async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-worker-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const importer = (extension: string) => path.join(dir, `pool${extension}`);
+  t.equal(workerEntry(importer('.js'), 'vcpu-worker'), path.join(dir, 'vcpu-worker.js'), 'no bundle: the module');
+  writeFileSync(path.join(dir, 'vcpu-worker.cjs'), '');
+  t.equal(workerEntry(importer('.js'), 'vcpu-worker'), path.join(dir, 'vcpu-worker.cjs'), 'built: the bundle');
+  t.equal(workerEntry(importer('.ts'), 'vcpu-worker'), path.join(dir, 'vcpu-worker.ts'), 'under a TypeScript loader: the source');
+  t.equal(workerEntry(importer('.js'), 'virtio-worker'), path.join(dir, 'virtio-worker.js'), 'each worker its own bundle');
+});
+
+const built = path.join(repoRoot, 'dist', 'lib', 'vmm', 'vcpu-worker.cjs');
+const notBuilt = existsSync(built) ? false : `${built} is absent (run npm run build:ts): the built package is not tested`;
+if (notBuilt) console.log(`# ${notBuilt}`);
+
+t.test('the built CLI boots guests through the bundled workers', { skip: noKvm || notBuilt }, async (t) => {
+  const cli = path.join(repoRoot, 'dist', 'lib', 'cli', 'main.js');
+  const hello = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'hello.bin')], { encoding: 'latin1', timeout: 60_000 });
+  t.equal(hello.stdout, 'Hello from node-kvm!\n');
+  t.equal(hello.status, 0, hello.stderr);
+  // Two vCPUs and the in-kernel irqchip: every vCPU thread from the bundle.
+  const smp = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'smp.elf'), '--vcpus', '2'], { encoding: 'latin1', timeout: 60_000 });
+  t.equal(smp.stdout, 'cpu 0\ncpu 1\nall 2 cpus up\n');
+  t.equal(smp.status, 65, smp.stderr);
+});
