@@ -15,7 +15,8 @@ const iterations = Number(values.iterations);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const hello = readFileSync(path.join(root, 'guests', 'build', 'hello.bin'));
 const pvh = path.join(root, 'guests', 'build', 'pvh.elf');
-const cli = path.join(root, 'dist', 'lib', 'cli', 'main.js');
+// The package's bin: the one-file build of the command (scripts/bundle.mjs).
+const cli = path.join(root, 'dist', 'lib', 'cli', 'node-kvm.cjs');
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 

@@ -49,9 +49,9 @@ async function main(argv: string[]): Promise<number> {
         },
       });
       const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
-      const threads = !values.help && sources === 1 ? VcpuWorkerPool.create(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
-      // A failure to start threads surfaces when run() awaits them; don't let it go unhandled first.
-      threads?.catch(() => {});
+      // The machine takes its threads while they load: it builds its VM meanwhile. A thread that
+      // fails to load fails Machine.create().
+      const threads = !values.help && sources === 1 ? VcpuWorkerPool.start(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64)) : null;
       const { RUN_USAGE, run, checkRunSource } = await import('./run.js');
       if (values.help) {
         console.log(RUN_USAGE);
@@ -102,10 +102,11 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-try {
-  process.exitCode = await main(process.argv.slice(2));
-} catch (error) {
+// No top-level await: the built command is one CommonJS file (scripts/bundle.mjs).
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+}, (error: unknown) => {
   // One clear line, not a stack trace.
   console.error(`node-kvm: ${error instanceof Error ? error.message : String(error)}`);
   process.exitCode = 1;
-}
+});

@@ -5,9 +5,7 @@ import { formatMigrationAddress, parseMigrationAddress } from '../migration/tran
 import { callApi, requireApiSocket } from './api-client.js';
 import type { ApiMigrateParams } from './api-server.js';
 import { formatMigrationStats, progressDisplay } from './progress.js';
-
-/** The environment variable the migration token may come from instead of --token. */
-export const TOKEN_ENV = 'NODE_KVM_MIGRATION_TOKEN';
+import { TOKEN_ENV, migrationToken } from './token.js';
 
 export const MIGRATE_USAGE = `usage: node-kvm migrate --api-socket PATH [options] tcp:HOST:PORT|unix:PATH
 
@@ -32,11 +30,6 @@ options:
   -h, --help                   show this help`;
 
 /** --token, else the environment's token, else undefined. */
-export function migrationToken(option: string | undefined): string | undefined {
-  const token = option ?? process.env[TOKEN_ENV];
-  if (token === '') throw new RangeError(option === undefined ? `${TOKEN_ENV} is empty` : '--token must not be empty');
-  return token;
-}
 
 /** A positive decimal integer option, or undefined when not given. */
 export function positiveIntegerOption(value: string | undefined, option: string): number | undefined {

@@ -3,12 +3,11 @@
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { debugExitStatus } from '../devices/debug-exit.js';
-import { parseMigrationAddress } from '../migration/transport.js';
 import { Machine, type DiskConfig, type MachineExit } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
-import { startApiServer, type ApiMachine, type ApiServer } from './api-server.js';
-import { TOKEN_ENV, migrationToken } from './migrate.js';
+import type { ApiMachine, ApiServer } from './api-server.js';
+import { TOKEN_ENV, migrationToken } from './token.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
        node-kvm run --kernel FILE [--initrd FILE] [--append TEXT] [options]
@@ -109,13 +108,12 @@ export function parseAddress(text: string, option: string): number {
   return value;
 }
 
-/** Runs the machine; `pool` holds vCPU threads started early (closed here). */
-export async function run(options: RunOptions, pool: Promise<VcpuWorkerPool>): Promise<number> {
-  const threads = await pool;
+/** Runs the machine; `pool` holds vCPU threads started early, perhaps still loading (closed here). */
+export async function run(options: RunOptions, pool: VcpuWorkerPool): Promise<number> {
   try {
-    return await runWith(options, threads);
+    return await runWith(options, pool);
   } finally {
-    await threads.close();
+    await pool.close();
   }
 }
 
@@ -135,6 +133,8 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
 
   let machine: Machine;
   if (options.incoming !== undefined) {
+    // Migration and API code load only when used: a plain boot starts sooner without them.
+    const { parseMigrationAddress } = await import('../migration/transport.js');
     const address = parseMigrationAddress(options.incoming);
     const token = migrationToken(options.token);
     if (address.kind === 'tcp' && token === undefined) throw new RangeError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
@@ -165,6 +165,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   let api: ApiServer | null = null;
   if (options.apiSocket !== undefined) {
     try {
+      const { startApiServer } = await import('./api-server.js');
       api = await startApiServer(path.resolve(options.apiSocket), machine satisfies ApiMachine);
     } catch (error) {
       await machine.stop();

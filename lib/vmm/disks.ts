@@ -23,7 +23,7 @@ export interface DiskShape {
 }
 
 const here = fileURLToPath(import.meta.url);
-// Built, a one-file bundle of it starts faster where there is one (scripts/bundle-workers.mjs).
+// Built, a one-file bundle of it starts faster where there is one (scripts/bundle.mjs).
 const workerFile = workerEntry(here, 'virtio-worker');
 
 /** Checks a `disks` configuration; returns it with defaults filled in. */

@@ -8,7 +8,7 @@ import { workerEntry } from './worker-entry.js';
 
 // The worker module sits beside this one, as .ts under a TypeScript loader and .js when built.
 const here = fileURLToPath(import.meta.url);
-// Built, a one-file bundle of it starts faster where there is one (scripts/bundle-workers.mjs).
+// Built, a one-file bundle of it starts faster where there is one (scripts/bundle.mjs).
 const workerFile = workerEntry(here, 'vcpu-worker');
 
 export interface VcpuThread {
@@ -34,15 +34,42 @@ export function startVcpuThread(): Promise<VcpuThread> {
 
 export class VcpuWorkerPool {
   readonly #idle: VcpuThread[] = [];
+  /** Threads still loading (start()): taken before new ones are started. */
+  readonly #starting: Promise<VcpuThread>[] = [];
   #closed = false;
 
   private constructor() {}
 
   /** A pool with `size` threads started and idle. */
   static async create(size: number): Promise<VcpuWorkerPool> {
+    const pool = VcpuWorkerPool.start(size);
+    await Promise.all(pool.#starting);
+    return pool;
+  }
+
+  /**
+   * A pool whose `size` threads are starting: it can be handed to a machine at once, and the
+   * machine builds its VM while they load (what a command that knows it will boot a guest wants).
+   * A thread that fails to load fails the acquire() that takes it.
+   */
+  static start(size: number): VcpuWorkerPool {
     if (!Number.isInteger(size) || size < 0 || size > 1024) throw new RangeError('size must be an integer 0..1024');
     const pool = new VcpuWorkerPool();
-    pool.#idle.push(...(await Promise.all(Array.from({ length: size }, startVcpuThread))));
+    for (let i = 0; i < size; i++) {
+      const thread = startVcpuThread();
+      pool.#starting.push(thread);
+      thread.then((started) => {
+        // Loaded and not yet taken: idle from now on.
+        const index = pool.#starting.indexOf(thread);
+        if (index < 0) return;
+        pool.#starting.splice(index, 1);
+        if (pool.#closed) started.send({ type: 'quit' });
+        else pool.#idle.push(started);
+      }, () => {
+        const index = pool.#starting.indexOf(thread);
+        if (index >= 0) pool.#starting.splice(index, 1);
+      });
+    }
     return pool;
   }
 
@@ -50,11 +77,21 @@ export class VcpuWorkerPool {
     return this.#idle.length;
   }
 
-  /** Takes `count` threads, starting new ones if the pool has too few. */
+  /** Takes `count` threads: idle ones, then ones still starting, then new ones. */
   async acquire(count: number): Promise<VcpuThread[]> {
     if (this.#closed) throw new Error('the vCPU pool is closed');
     const taken = this.#idle.splice(0, count);
-    while (taken.length < count) taken.push(await startVcpuThread());
+    const waiting = this.#starting.splice(0, count - taken.length);
+    const loaded = await Promise.allSettled(waiting);
+    for (const outcome of loaded) if (outcome.status === 'fulfilled') taken.push(outcome.value);
+    const failed = loaded.find((outcome): outcome is PromiseRejectedResult => outcome.status === 'rejected');
+    try {
+      if (failed) throw failed.reason;
+      while (taken.length < count) taken.push(await startVcpuThread());
+    } catch (error) {
+      this.release(taken);
+      throw error;
+    }
     return taken;
   }
 
@@ -67,10 +104,11 @@ export class VcpuWorkerPool {
     this.#idle.push(...threads);
   }
 
-  /** Ends the idle threads. */
+  /** Ends the idle threads (and those still starting, once they have). */
   async close(): Promise<void> {
     this.#closed = true;
-    const threads = this.#idle.splice(0);
+    const threads = [...this.#idle.splice(0), ...(await Promise.allSettled(this.#starting.splice(0)))
+      .flatMap((outcome) => (outcome.status === 'fulfilled' ? [outcome.value] : []))];
     await Promise.all(threads.map((thread) => new Promise<void>((resolve) => {
       thread.worker.once('exit', () => resolve());
       thread.send({ type: 'quit' });

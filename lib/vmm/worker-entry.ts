@@ -4,7 +4,7 @@ import path from 'node:path';
 
 /**
  * The worker module `name` that sits beside `importerFile`: its one-file bundle (`name.cjs`,
- * scripts/bundle-workers.mjs) when built JavaScript has one, which starts faster than the module
+ * scripts/bundle.mjs) when built JavaScript has one, which starts faster than the module
  * graph; otherwise the module itself, with the importer's extension (.ts under a TypeScript loader).
  */
 export function workerEntry(importerFile: string, name: string): string {

@@ -93,6 +93,25 @@ t.test('machines borrow vCPU threads from a pool and give them back', { skip: no
   }
 });
 
+t.test('a pool whose threads are still loading: a machine takes them as they come, and close() waits for them', { skip: noKvm }, async (t) => {
+  const pool = VcpuWorkerPool.start(2);
+  t.equal(pool.idleCount, 0, 'nothing idle yet: the threads are loading');
+  const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20, pool });
+  t.equal(output, 'Hello from node-kvm!\n');
+  t.equal(exit.reason, 'hlt');
+  // The thread the machine took is back; the other one has loaded meanwhile (or is about to).
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  t.equal(pool.idleCount, 2);
+  await pool.close();
+  await t.rejects(pool.acquire(1), { message: 'the vCPU pool is closed' });
+
+  const closing = VcpuWorkerPool.start(2);
+  await closing.close(); // before any thread has loaded: each is ended once it has
+  t.equal(closing.idleCount, 0);
+  t.throws(() => VcpuWorkerPool.start(-1), RangeError);
+  t.throws(() => VcpuWorkerPool.start(1.5), RangeError);
+});
+
 t.test('serial input from a stream reaches the guest, and its echo comes back', { skip: noKvm }, async (t) => {
   const input = new PassThrough();
   const booted = await boot({ image: guestImage('echo'), memoryBytes: 1 << 20, serial: { input } });

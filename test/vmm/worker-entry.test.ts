@@ -1,7 +1,7 @@
-// Worker threads start from a one-file bundle when the package is built (scripts/bundle-workers.mjs):
-// which file is chosen, and that the built package boots a guest through it.
+// Built, the command and the worker threads each run from one file (scripts/bundle.mjs): which
+// worker file is chosen, and that the built command boots guests through them.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
@@ -19,12 +19,13 @@ t.test('workerEntry: the bundle beside built JavaScript, the module otherwise', 
   t.equal(workerEntry(importer('.js'), 'virtio-worker'), path.join(dir, 'virtio-worker.js'), 'each worker its own bundle');
 });
 
-const built = path.join(repoRoot, 'dist', 'lib', 'vmm', 'vcpu-worker.cjs');
+const built = path.join(repoRoot, 'dist', 'lib', 'cli', 'node-kvm.cjs');
 const notBuilt = existsSync(built) ? false : `${built} is absent (run npm run build:ts): the built package is not tested`;
 if (notBuilt) console.log(`# ${notBuilt}`);
 
-t.test('the built CLI boots guests through the bundled workers', { skip: noKvm || notBuilt }, async (t) => {
-  const cli = path.join(repoRoot, 'dist', 'lib', 'cli', 'main.js');
+t.test('the package\'s bin (the command in one file) boots guests through the bundled workers', { skip: noKvm || notBuilt }, async (t) => {
+  const cli = path.join(repoRoot, 'dist', 'lib', 'cli', 'node-kvm.cjs');
+  t.equal(JSON.parse(readFileSync(path.join(repoRoot, 'package.json'), 'utf8')).bin['node-kvm'], './dist/lib/cli/node-kvm.cjs');
   const hello = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'hello.bin')], { encoding: 'latin1', timeout: 60_000 });
   t.equal(hello.stdout, 'Hello from node-kvm!\n');
   t.equal(hello.status, 0, hello.stderr);
