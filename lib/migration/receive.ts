@@ -88,6 +88,8 @@ export async function receiveMigration(
       },
     }, stallTimeoutMs);
     socket = sections.socket;
+    // A stream that fails while the acceptance is being written is reported by the await below.
+    sections.ended.catch(() => {});
     await reply([encodeShape(shape)], shape);
     await sections.ended;
 

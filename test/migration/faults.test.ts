@@ -9,6 +9,9 @@ import { Machine } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
 import { startDestination } from '../helpers/migration-peer.js';
+import { encodeShape } from '../../lib/migration/machine-state.js';
+import { encodeHeader, encodeSection } from '../../lib/migration/stream.js';
+import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
 const TOKEN = 'fault-token-91d2';
 
@@ -191,4 +194,24 @@ t.test('a machine paused by its owner stays paused when a migration fails, and a
   const sourceOutput = source.output();
   await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 2} ok\n`);
   t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'resumed, it counts on unbroken');
+});
+
+t.test('a source that sends pages before it is accepted, then junk: the destination fails cleanly and says why', { skip: noKvm }, async (t) => {
+  const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
+  t.teardown(() => destination.child.kill('SIGKILL'));
+  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+  t.teardown(() => socket.destroy());
+  socket.on('error', () => {});
+  const junk = new Uint8Array(12);
+  junk[0] = 99; // section type 99
+  // All at once: the destination holds the junk before it has even built the machine.
+  socket.write(Buffer.concat([
+    encodeHeader({ kind: 'migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
+    encodeShape({ memoryBytes: 2 * MiB, vcpus: 1 }),
+    encodeSection(2, new Uint8Array(4)), // an empty Pages section: valid
+    junk,
+  ]));
+  const result = await destination.result;
+  t.match(result.report.error, /unknown section type 99/);
+  t.equal(result.status, 1, 'a clean failure, not a crash');
 });
