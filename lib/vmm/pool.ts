@@ -43,7 +43,12 @@ export class VcpuWorkerPool {
   /** A pool with `size` threads started and idle. */
   static async create(size: number): Promise<VcpuWorkerPool> {
     const pool = VcpuWorkerPool.start(size);
-    await Promise.all(pool.#starting);
+    try {
+      await Promise.all(pool.#starting);
+    } catch (error) {
+      await pool.close(); // the threads that did start end with it
+      throw error;
+    }
     return pool;
   }
 
