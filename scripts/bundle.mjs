@@ -6,7 +6,7 @@
 //   took 30-35 ms to load before it could boot anything.
 // The pool and the disks start a worker's bundle when it exists, its module otherwise (under a
 // TypeScript loader, for example).
-import { readdirSync } from 'node:fs';
+import { chmodSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
@@ -43,3 +43,6 @@ await bundle(
   path.join(root, 'dist', 'lib', 'cli', 'node-kvm.cjs'),
   "require('node:url').pathToFileURL(require('node:path').join(__dirname, '..', 'vmm', 'node-kvm.cjs')).href",
 );
+// The module entry stays runnable as a command too: npx keeps a link to the bin a project had
+// when npx first ran there (dist/lib/cli/main.js before the bundle), and npm made it executable.
+chmodSync(path.join(root, 'dist', 'lib', 'cli', 'main.js'), 0o755);
