@@ -91,7 +91,7 @@ for (const kind of ['tcp', 'unix'] as const) {
     reopened.resume();
     client.end();
     await ended;
-    t.pass('the peer closing ends the new socket');
+    t.ok(reopened.readableEnded, 'the peer closing ends the new socket');
   });
 }
 
