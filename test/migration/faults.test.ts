@@ -152,8 +152,10 @@ t.test('the destination killed mid-stream: the source runs on', { skip: noKvm },
     downtimeBudgetMs: 0.001, // never converges: the destination is killed while pre-copy goes on
     maxIterations: 10_000,
     timeoutMs: 5000,
+    // Killed after the first round, before the convergence check: on a loaded host the guest may
+    // not have run during that round, so that it converges at once, and a later round never comes.
     onProgress: (progress) => {
-      if (progress.phase === 'precopy' && progress.iterations === 2) destination.child.kill('SIGKILL');
+      if (progress.phase === 'precopy' && progress.iterations === 1) destination.child.kill('SIGKILL');
     },
   }).then(() => null, (e: Error) => e);
   t.match(error?.message, /destination closed the connection|connection closed|ECONNRESET|EPIPE/);
