@@ -99,8 +99,8 @@ t.test('a pool whose threads are still loading: a machine takes them as they com
   const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20, pool });
   t.equal(output, 'Hello from node-kvm!\n');
   t.equal(exit.reason, 'hlt');
-  // The thread the machine took is back; the other one has loaded meanwhile (or is about to).
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  // The thread the machine took is back; the other one goes idle once it has loaded.
+  for (const deadline = Date.now() + 20_000; pool.idleCount < 2 && Date.now() < deadline;) await new Promise((resolve) => setTimeout(resolve, 20));
   t.equal(pool.idleCount, 2);
   await pool.close();
   await t.rejects(pool.acquire(1), { message: 'the vCPU pool is closed' });
