@@ -41,8 +41,8 @@ export async function receiveMigration(
   });
   socket.on('error', () => {}); // failures surface through the reads below
   enlargeSocketBuffers(socket);
-  // Each section is used up before the next is read: one reused buffer assembles them.
-  const source = socketSource(socket, stallTimeoutMs).reuseBuffers();
+  // The header and the Config section; the rest is parsed as it arrives (receiveSections).
+  const source = socketSource(socket, stallTimeoutMs);
   const reader = new SectionReader(source);
   let target: IncomingTarget | undefined;
   let replyHeaderSent = false;

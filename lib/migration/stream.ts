@@ -829,9 +829,6 @@ export class SocketSource implements ByteSource {
     this.#fail(new StreamError('ETRUNCATED', `migration stream failed after ${this.#received} bytes: ${error.message}`), false);
   };
 
-  /** Set by reuseBuffers(): reads that span chunks are assembled here. */
-  #scratch: Uint8Array | undefined;
-  #reuse = false;
 
   constructor(socket: Readable, timeoutMs: number) {
     if (typeof socket !== 'object' || socket === null || typeof socket.on !== 'function' || typeof socket.pause !== 'function') {
@@ -870,17 +867,6 @@ export class SocketSource implements ByteSource {
       this.#startTimer();
       if (this.#socket.isPaused()) this.#socket.resume();
     });
-  }
-
-  /**
-   * From now on a read's bytes stay valid only until the next read (reads that span the socket's
-   * chunks are assembled in one reused buffer): for a consumer that is done with each section
-   * before it asks for the next, as SectionReader's callers are. Saves faulting in a fresh
-   * buffer per section.
-   */
-  reuseBuffers(): this {
-    this.#reuse = true;
-    return this;
   }
 
   /**
@@ -956,13 +942,7 @@ export class SocketSource implements ByteSource {
       this.#advance(length);
       return bytes;
     }
-    let bytes: Uint8Array;
-    if (this.#reuse) {
-      if (!this.#scratch || this.#scratch.length < length) this.#scratch = new Uint8Array(Math.max(length, 4 * MiB));
-      bytes = this.#scratch.subarray(0, length);
-    } else {
-      bytes = Buffer.allocUnsafe(length);
-    }
+    const bytes = Buffer.allocUnsafe(length);
     let filled = 0;
     while (filled < length) {
       const chunk = this.#chunks[this.#chunkIndex];
