@@ -2,8 +2,9 @@
 // - each worker thread's entry, dist/lib/vmm/*-worker.js -> *-worker.cjs: a new Worker then reads
 //   and compiles one file instead of resolving and linking an ES module graph (36 -> 22 ms from
 //   new Worker() to an idle vCPU thread here; a bare Worker takes 17);
-// - the command, dist/lib/cli/main.js -> node-kvm.cjs (the package's bin), whose module graph
-//   took 30-35 ms to load before it could boot anything.
+// - the command: its entry, dist/lib/cli/main.js -> node-kvm.cjs (the package's bin), which starts
+//   a vCPU thread before it loads anything else, then the rest, commands.js ->
+//   node-kvm-commands.cjs (its module graph took 30-35 ms to load before it could boot anything).
 // The pool and the disks start a worker's bundle when it exists, its module otherwise (under a
 // TypeScript loader, for example).
 import { chmodSync, readdirSync } from 'node:fs';
@@ -21,7 +22,7 @@ if (workers.length === 0) throw new Error(`no worker modules in ${vmmDir}: run t
  * package root for the addon, the worker files beside the pool): in a bundle every module's
  * `import.meta.url` becomes `urlExpression`, a file in dist/lib/vmm, where the workers are.
  */
-async function bundle(entry, outfile, urlExpression) {
+async function bundle(entry, outfile, urlExpression, plugins = []) {
   await build({
     entryPoints: [entry],
     outfile,
@@ -31,18 +32,26 @@ async function bundle(entry, outfile, urlExpression) {
     format: 'cjs',
     define: { 'import.meta.url': '__moduleUrl' },
     banner: { js: `const __moduleUrl = ${urlExpression};` },
+    plugins,
+    // import() of a bundle left out becomes require(): no ES module loader to start for it.
+    supported: { 'dynamic-import': false },
     logLevel: 'warning',
   });
+}
+
+/** Leaves `from` out of a bundle, loaded at run time from the bundle `to` beside it. */
+function loadBundle(from, to) {
+  const filter = new RegExp(`^${from.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+  return { name: `load ${to}`, setup: (b) => b.onResolve({ filter }, () => ({ path: to, external: true })) };
 }
 
 for (const worker of workers) {
   await bundle(path.join(vmmDir, worker), path.join(vmmDir, worker.replace(/\.js$/, '.cjs')), "require('node:url').pathToFileURL(__filename).href");
 }
-await bundle(
-  path.join(root, 'dist', 'lib', 'cli', 'main.js'),
-  path.join(root, 'dist', 'lib', 'cli', 'node-kvm.cjs'),
-  "require('node:url').pathToFileURL(require('node:path').join(__dirname, '..', 'vmm', 'node-kvm.cjs')).href",
-);
+const cliDir = path.join(root, 'dist', 'lib', 'cli');
+const cliUrl = "require('node:url').pathToFileURL(require('node:path').join(__dirname, '..', 'vmm', 'node-kvm.cjs')).href";
+await bundle(path.join(cliDir, 'commands.js'), path.join(cliDir, 'node-kvm-commands.cjs'), cliUrl);
+await bundle(path.join(cliDir, 'main.js'), path.join(cliDir, 'node-kvm.cjs'), cliUrl, [loadBundle('./commands.js', './node-kvm-commands.cjs')]);
 // The module entry stays runnable as a command too: npx keeps a link to the bin a project had
 // when npx first ran there (dist/lib/cli/main.js before the bundle), and npm made it executable.
 chmodSync(path.join(root, 'dist', 'lib', 'cli', 'main.js'), 0o755);

@@ -366,7 +366,8 @@ export class Machine extends EventEmitter {
 
     // Checked before any thread starts: a bad configuration leaves nothing behind.
     const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
-    const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.all(Array.from({ length: vcpus }, startVcpuThread));
+    // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
+    const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
     const kvm = Kvm.open(runtime.kvmPath);
     const cleanup: (() => void | Promise<void>)[] = [() => kvm.close()];
     let threads: VcpuThread[] = [];
@@ -433,6 +434,10 @@ export class Machine extends EventEmitter {
           }
         };
         thread.worker.on('message', onMessage);
+        thread.loaded.catch((error: Error) => {
+          thread.worker.off('message', onMessage);
+          reject(new Error(`vCPU ${id} could not start: ${error.message}`));
+        });
       }));
       threads.forEach((thread, id) => {
         const requests = channels[id]!.port2;
@@ -880,20 +885,15 @@ function readImage(file: string): Uint8Array {
   }
 }
 
+/** Until the thread reports its assignment done, or ends (a thread that failed to load never reports). */
 function waitForDone(thread: VcpuThread): Promise<void> {
-  return new Promise((resolve) => {
-    const onMessage = (message: WorkerMessage) => {
-      if (message.type !== 'done') return;
-      thread.worker.off('message', onMessage);
-      thread.worker.off('exit', onExit);
-      resolve();
-    };
-    const onExit = () => {
-      thread.worker.off('message', onMessage);
-      resolve();
+  let onMessage!: (message: WorkerMessage) => void;
+  const done = new Promise<void>((resolve) => {
+    onMessage = (message: WorkerMessage) => {
+      if (message.type === 'done') resolve();
     };
     thread.worker.on('message', onMessage);
-    thread.worker.once('exit', onExit);
   });
+  return Promise.race([done, thread.exited]).finally(() => thread.worker.off('message', onMessage));
 }
 

@@ -1,41 +1,15 @@
 // Pre-started vCPU threads. A Worker takes tens of milliseconds to start and load its modules,
 // longer than creating a whole VM; a pool pays that once, and machines borrow threads from it and
 // return them when they stop.
-import { fileURLToPath } from 'node:url';
-import { Worker, type TransferListItem } from 'node:worker_threads';
-import type { MainMessage, WorkerMessage } from './types.js';
-import { workerEntry } from './worker-entry.js';
+import { startVcpuThread, type VcpuThread } from './vcpu-thread.js';
 
-// The worker module sits beside this one, as .ts under a TypeScript loader and .js when built.
-const here = fileURLToPath(import.meta.url);
-// Built, a one-file bundle of it starts faster where there is one (scripts/bundle.mjs).
-const workerFile = workerEntry(here, 'vcpu-worker');
-
-export interface VcpuThread {
-  readonly worker: Worker;
-  send(message: MainMessage, transfer?: TransferListItem[]): void;
-}
-
-/** Starts one vCPU thread and resolves once it has loaded and is idle. */
-export function startVcpuThread(): Promise<VcpuThread> {
-  const worker = new Worker(workerFile, { name: 'vcpu' });
-  return new Promise((resolve, reject) => {
-    const onMessage = (message: WorkerMessage) => {
-      if (message.type !== 'idle') return;
-      worker.off('message', onMessage);
-      worker.off('error', onError);
-      resolve({ worker, send: (m, transfer) => worker.postMessage(m, transfer) });
-    };
-    const onError = (error: Error) => reject(error);
-    worker.on('message', onMessage);
-    worker.once('error', onError);
-  });
-}
+export { startVcpuThread, watchVcpuThread, type VcpuThread } from './vcpu-thread.js';
 
 export class VcpuWorkerPool {
+  /** Loaded and waiting for a machine. */
   readonly #idle: VcpuThread[] = [];
-  /** Threads still loading (start()): taken before new ones are started. */
-  readonly #starting: Promise<VcpuThread>[] = [];
+  /** Still loading and not taken: handed out before new threads are started. */
+  readonly #starting: VcpuThread[] = [];
   #closed = false;
 
   private constructor() {}
@@ -44,7 +18,7 @@ export class VcpuWorkerPool {
   static async create(size: number): Promise<VcpuWorkerPool> {
     const pool = VcpuWorkerPool.start(size);
     try {
-      await Promise.all(pool.#starting);
+      await Promise.all(pool.#starting.map((thread) => thread.loaded));
     } catch (error) {
       await pool.close(); // the threads that did start end with it
       throw error;
@@ -55,68 +29,74 @@ export class VcpuWorkerPool {
   /**
    * A pool whose `size` threads are starting: it can be handed to a machine at once, and the
    * machine builds its VM while they load (what a command that knows it will boot a guest wants).
-   * A thread that fails to load fails the acquire() that takes it.
+   * `started` are threads the caller started earlier (startVcpuThread()): they count towards
+   * `size` and belong to the pool from here on. A thread that fails to load fails the machine
+   * that took it.
    */
-  static start(size: number): VcpuWorkerPool {
+  static start(size: number, started: readonly VcpuThread[] = []): VcpuWorkerPool {
     if (!Number.isInteger(size) || size < 0 || size > 1024) throw new RangeError('size must be an integer 0..1024');
+    if (!Array.isArray(started)) throw new TypeError('started must be an array of vCPU threads');
     const pool = new VcpuWorkerPool();
-    for (let i = 0; i < size; i++) {
-      const thread = startVcpuThread();
-      pool.#starting.push(thread);
-      thread.then((started) => {
-        // Loaded and not yet taken: idle from now on.
-        const index = pool.#starting.indexOf(thread);
-        if (index < 0) return;
-        pool.#starting.splice(index, 1);
-        if (pool.#closed) started.send({ type: 'quit' });
-        else pool.#idle.push(started);
-      }, () => {
-        const index = pool.#starting.indexOf(thread);
-        if (index >= 0) pool.#starting.splice(index, 1);
-      });
-    }
+    for (const thread of started) pool.#adopt(thread);
+    for (let i = started.length; i < size; i++) pool.#adopt(startVcpuThread());
     return pool;
   }
 
+  /** Idle or loading from now on, depending on where the thread stands; a failed one is dropped. */
+  #adopt(thread: VcpuThread): void {
+    if (this.#closed) {
+      thread.send({ type: 'quit' });
+      return;
+    }
+    if (thread.status === 'loaded') {
+      this.#idle.push(thread);
+      return;
+    }
+    if (thread.status === 'failed') return;
+    this.#starting.push(thread);
+    const leaveStarting = () => {
+      const index = this.#starting.indexOf(thread);
+      if (index < 0) return false; // taken meanwhile
+      this.#starting.splice(index, 1);
+      return true;
+    };
+    thread.loaded.then(() => {
+      if (!leaveStarting()) return;
+      if (this.#closed) thread.send({ type: 'quit' });
+      else this.#idle.push(thread);
+    }, () => leaveStarting());
+  }
+
+  /** Threads loaded and waiting for a machine. */
   get idleCount(): number {
     return this.#idle.length;
   }
 
-  /** Takes `count` threads: idle ones, then ones still starting, then new ones. */
+  /**
+   * Takes `count` threads: idle ones, then ones still loading, then new ones. It does not wait
+   * for them to load: a machine sends a thread its vCPU at once, and the thread picks it up once
+   * loaded.
+   */
   async acquire(count: number): Promise<VcpuThread[]> {
     if (this.#closed) throw new Error('the vCPU pool is closed');
+    if (!Number.isInteger(count) || count < 0) throw new RangeError('count must be a non-negative integer');
     const taken = this.#idle.splice(0, count);
-    const waiting = this.#starting.splice(0, count - taken.length);
-    const loaded = await Promise.allSettled(waiting);
-    for (const outcome of loaded) if (outcome.status === 'fulfilled') taken.push(outcome.value);
-    const failed = loaded.find((outcome): outcome is PromiseRejectedResult => outcome.status === 'rejected');
-    try {
-      if (failed) throw failed.reason;
-      while (taken.length < count) taken.push(await startVcpuThread());
-    } catch (error) {
-      this.release(taken);
-      throw error;
-    }
+    taken.push(...this.#starting.splice(0, count - taken.length));
+    while (taken.length < count) taken.push(startVcpuThread());
     return taken;
   }
 
   /** Gives threads back once their machine is done with them. */
   release(threads: VcpuThread[]): void {
-    if (this.#closed) {
-      for (const thread of threads) thread.send({ type: 'quit' });
-      return;
-    }
-    this.#idle.push(...threads);
+    for (const thread of threads) this.#adopt(thread);
   }
 
-  /** Ends the idle threads (and those still starting, once they have). */
+  /** Ends the idle threads and those still loading (once they have), and waits until they have. */
   async close(): Promise<void> {
     this.#closed = true;
-    const threads = [...this.#idle.splice(0), ...(await Promise.allSettled(this.#starting.splice(0)))
-      .flatMap((outcome) => (outcome.status === 'fulfilled' ? [outcome.value] : []))];
-    await Promise.all(threads.map((thread) => new Promise<void>((resolve) => {
-      thread.worker.once('exit', () => resolve());
-      thread.send({ type: 'quit' });
-    })));
+    const threads = [...this.#idle.splice(0), ...this.#starting.splice(0)];
+    // A thread still loading takes the message once it has.
+    for (const thread of threads) thread.send({ type: 'quit' });
+    await Promise.all(threads.map((thread) => thread.exited));
   }
 }

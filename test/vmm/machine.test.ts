@@ -1,9 +1,11 @@
 // The Machine with flat real-mode guests: output, exits, devices, pause/resume/stop, threads.
 import { readFileSync, readdirSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import { PassThrough } from 'node:stream';
 import t from 'tap';
 import { Machine, VcpuWorkerPool, memoryMap } from '../../lib/index.js';
 import { native } from '../../lib/kvm/native.js';
+import { startVcpuThread, watchVcpuThread } from '../../lib/vmm/pool.js';
 import { guestPath } from '../../guests/build.mjs';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { boot, runToExit } from '../helpers/machine.js';
@@ -110,6 +112,40 @@ t.test('a pool whose threads are still loading: a machine takes them as they com
   t.equal(closing.idleCount, 0);
   t.throws(() => VcpuWorkerPool.start(-1), RangeError);
   t.throws(() => VcpuWorkerPool.start(1.5), RangeError);
+});
+
+t.test('a pool adopts threads started before it, loading or not, and a machine sends them their vCPU before they have loaded', { skip: noKvm }, async (t) => {
+  const early = startVcpuThread();
+  t.equal(early.status, 'loading');
+  const pool = VcpuWorkerPool.start(2, [early]);
+  t.teardown(() => pool.close());
+  // Taken while both are still loading: the assignment waits in each thread's queue.
+  const { exit, output } = await runToExit({ image: readFileSync(guestPath('smp')), memoryBytes: 16 << 20, vcpus: 2, irqchip: true, pool });
+  t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 0x20 }, output);
+  t.equal(output.trim().split('\n').at(-1), 'all 2 cpus up');
+  t.equal(early.status, 'loaded');
+  t.equal(pool.idleCount, 2, 'the early thread and the one the pool started, both back');
+  t.throws(() => VcpuWorkerPool.start(1, 'no' as never), TypeError);
+});
+
+t.test('a vCPU thread that fails to load fails Machine.create() with why, and the pool drops it', { skip: noKvm }, async (t) => {
+  const broken = () => watchVcpuThread(new Worker('throw new Error("no code here")', { eval: true }));
+  const thread = broken();
+  await t.rejects(thread.loaded, { message: /a vCPU thread failed to load: no code here/ });
+  t.equal(thread.status, 'failed');
+  await thread.exited;
+
+  const pool = VcpuWorkerPool.start(1, [broken()]);
+  t.teardown(() => pool.close());
+  await t.rejects(Machine.create({ image: guestImage('hello'), memoryBytes: 1 << 20, pool }), { message: /vCPU 0 could not start: a vCPU thread failed to load: no code here/ });
+  t.equal(pool.idleCount, 0, 'the failed thread is not handed out again');
+  // The pool starts a new thread for the next machine.
+  const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20, pool });
+  t.equal(output, 'Hello from node-kvm!\n');
+  t.equal(exit.reason, 'hlt');
+  // A thread that ends before it has loaded (a worker that exits at once) is a failure too.
+  const quitter = watchVcpuThread(new Worker('process.exit(3)', { eval: true }));
+  await t.rejects(quitter.loaded, { message: /ended \(status 3\) before it had loaded/ });
 });
 
 t.test('serial input from a stream reaches the guest, and its echo comes back', { skip: noKvm }, async (t) => {

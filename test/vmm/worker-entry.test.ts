@@ -1,4 +1,4 @@
-// Built, the command and the worker threads each run from one file (scripts/bundle.mjs): which
+// Built, the command and the worker threads each run from bundles (scripts/bundle.mjs): which
 // worker file is chosen, and that the built command boots guests through them.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -33,4 +33,22 @@ t.test('the package\'s bin (the command in one file) boots guests through the bu
   const smp = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'smp.elf'), '--vcpus', '2'], { encoding: 'latin1', timeout: 60_000 });
   t.equal(smp.stdout, 'cpu 0\ncpu 1\nall 2 cpus up\n');
   t.equal(smp.status, 65, smp.stderr);
+});
+
+t.test('the bin ends the vCPU thread it started early when run fails before booting', { skip: noKvm || notBuilt }, async (t) => {
+  const cli = path.join(repoRoot, 'dist', 'lib', 'cli', 'node-kvm.cjs');
+  // Each would hang until the timeout if the early thread were left running.
+  for (const [args, message] of [
+    [['run', path.join(repoRoot, 'no-such-image.bin')], /^node-kvm: .*no-such-image\.bin/],
+    [['run', '--bogus'], /^node-kvm: Unknown option '--bogus'/],
+    [['run'], /^node-kvm: run takes one IMAGE/],
+  ] as const) {
+    const result = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 20_000 });
+    t.equal(result.status, 1, `${args.join(' ')}: ${result.stderr}`);
+    t.match(result.stderr, message);
+    t.equal(result.stderr.trim().split('\n').length, 1, 'one line');
+  }
+  const help = spawnSync(process.execPath, [cli, 'run', '--help'], { encoding: 'utf8', timeout: 20_000 });
+  t.equal(help.status, 0);
+  t.match(help.stdout, /^usage: node-kvm run/);
 });

@@ -1,0 +1,108 @@
+// The `node-kvm` command's subcommands (main.ts is the entry).
+// Only what every command needs is imported up front: `run` hands its vCPU threads to the machine
+// while they load, and loads the rest meanwhile.
+import { parseArgs } from 'node:util';
+import { VcpuWorkerPool, type VcpuThread } from '../vmm/pool.js';
+
+const USAGE = `usage: node-kvm <command> [options]
+
+commands:
+  run       boot a guest image with its serial console on this terminal (or receive one by
+            live migration, or restore a snapshot)
+  migrate   live-migrate a running machine's guest to another node-kvm run --incoming
+  snapshot  write a running machine's guest to a file
+  status    print a running machine's state
+  pause     pause a running machine
+  resume    resume a paused machine
+  info      print this host's KVM capabilities
+
+options:
+  -h, --help  show help for a command`;
+
+/**
+ * Runs the command `argv` (without node and the script) and resolves with the exit status.
+ * `firstThread`, a vCPU thread the entry started before loading this module, is `run`'s to use.
+ */
+export async function main(argv: string[], firstThread?: VcpuThread): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === undefined || command === '-h' || command === '--help' || command === 'help') {
+    console.log(USAGE);
+    return command === undefined ? 2 : 0;
+  }
+  switch (command) {
+    case 'run': {
+      const { values, positionals } = parseArgs({
+        args: rest,
+        allowPositionals: true,
+        options: {
+          help: { type: 'boolean', short: 'h' },
+          mode: { type: 'string' },
+          'load-addr': { type: 'string' },
+          memory: { type: 'string' },
+          vcpus: { type: 'string' },
+          cmdline: { type: 'string' },
+          kernel: { type: 'string' },
+          initrd: { type: 'string' },
+          append: { type: 'string' },
+          disk: { type: 'string', multiple: true },
+          'api-socket': { type: 'string' },
+          incoming: { type: 'string' },
+          restore: { type: 'string' },
+          token: { type: 'string' },
+        },
+      });
+      const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
+      // The machine takes its threads while they load: it builds its VM meanwhile. A thread that
+      // fails to load fails Machine.create().
+      const threads = !values.help && sources === 1
+        ? VcpuWorkerPool.start(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64), firstThread ? [firstThread] : [])
+        : null;
+      const { RUN_USAGE, run, checkRunSource } = await import('./run.js');
+      if (values.help) {
+        console.log(RUN_USAGE);
+        return 0;
+      }
+      const options = {
+        image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
+        mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk,
+      };
+      if (!threads) {
+        if (positionals.length > 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
+        checkRunSource(options); // none or several of IMAGE, --incoming, --restore: throws
+      }
+      return run(options, threads!);
+    }
+    case 'migrate': {
+      const { migrateCommand } = await import('./migrate.js');
+      return migrateCommand(rest);
+    }
+    case 'snapshot': {
+      const { snapshotCommand } = await import('./snapshot.js');
+      return snapshotCommand(rest);
+    }
+    case 'status':
+    case 'pause':
+    case 'resume': {
+      const { controlCommand } = await import('./snapshot.js');
+      return controlCommand(command, rest);
+    }
+    case 'info': {
+      const { values } = parseArgs({
+        args: rest,
+        options: { help: { type: 'boolean', short: 'h' }, json: { type: 'boolean' }, device: { type: 'string', default: '/dev/kvm' } },
+      });
+      if (values.help) {
+        console.log('usage: node-kvm info [--device /dev/kvm] [--json]\n\nPrints the KVM API version, limits and capabilities of this host.');
+        return 0;
+      }
+      const [{ Kvm }, { printInfo }] = await Promise.all([import('../kvm/kvm.js'), import('./info.js')]);
+      using kvm = Kvm.open(values.device);
+      printInfo(kvm, values.device!, !!values.json);
+      return 0;
+    }
+    default:
+      console.error(`node-kvm: unknown command '${command}'\n\n${USAGE}`);
+      return 2;
+  }
+}
