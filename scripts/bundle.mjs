@@ -1,11 +1,12 @@
-// Bundles what starts often into single CommonJS files beside the modules tsc built:
-// - each worker thread's entry, dist/lib/vmm/*-worker.js -> *-worker.cjs: a new Worker then reads
-//   and compiles one file instead of resolving and linking an ES module graph (36 -> 22 ms from
-//   new Worker() to an idle vCPU thread here; a bare Worker takes 17);
+// Bundles what starts often into single CommonJS files beside the modules tsc built, each loaded
+// through V8's code cache (lib/vmm/code-cache.ts) by a small loader:
+// - each worker thread, dist/lib/vmm/*-worker.js -> *-worker.body.cjs, loaded by *-worker.cjs: a
+//   new Worker then reads and compiles one file instead of resolving and linking an ES module
+//   graph (36 -> 22 ms from new Worker() to an idle vCPU thread here; a bare Worker takes 17);
 // - the command: its entry, dist/lib/cli/main.js -> node-kvm.cjs (the package's bin), which starts
-//   a vCPU thread before it loads anything else, then the rest, commands.js ->
+//   a vCPU thread before it loads anything else, then loads the rest, commands.js ->
 //   node-kvm-commands.cjs (its module graph took 30-35 ms to load before it could boot anything).
-// The pool and the disks start a worker's bundle when it exists, its module otherwise (under a
+// The pool and the disks start a worker's loader when it exists, its module otherwise (under a
 // TypeScript loader, for example).
 import { chmodSync, readdirSync } from 'node:fs';
 import path from 'node:path';
@@ -39,19 +40,50 @@ async function bundle(entry, outfile, urlExpression, plugins = []) {
   });
 }
 
-/** Leaves `from` out of a bundle, loaded at run time from the bundle `to` beside it. */
-function loadBundle(from, to) {
+const codeCacheModule = path.join(vmmDir, 'code-cache.js');
+
+/** Source of a module that runs the bundle `file` (beside the output) through the code cache. */
+function loaderSource(file, use, exportsMain = false) {
+  return [
+    `import path from 'node:path';`,
+    `import { requireBundle } from ${JSON.stringify(codeCacheModule)};`,
+    `const loaded = requireBundle(path.join(__dirname, ${JSON.stringify(file)}), ${use});`,
+    exportsMain ? `export const main = loaded.main;` : '',
+  ].join('\n');
+}
+
+/** In a bundle, module `from` becomes `source`. */
+function replaceModule(from, source) {
   const filter = new RegExp(`^${from.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
-  return { name: `load ${to}`, setup: (b) => b.onResolve({ filter }, () => ({ path: to, external: true })) };
+  return {
+    name: `replace ${from}`,
+    setup(b) {
+      b.onResolve({ filter }, () => ({ path: from, namespace: 'replaced' }));
+      b.onLoad({ filter: /.*/, namespace: 'replaced' }, () => ({ contents: source, resolveDir: vmmDir, loader: 'js' }));
+    },
+  };
 }
 
 for (const worker of workers) {
-  await bundle(path.join(vmmDir, worker), path.join(vmmDir, worker.replace(/\.js$/, '.cjs')), "require('node:url').pathToFileURL(__filename).href");
+  const name = worker.replace(/\.js$/, '');
+  await bundle(path.join(vmmDir, worker), path.join(vmmDir, `${name}.body.cjs`), "require('node:url').pathToFileURL(__filename).href");
+  await build({
+    stdin: { contents: loaderSource(`${name}.body.cjs`, JSON.stringify(name)), resolveDir: vmmDir, loader: 'js' },
+    outfile: path.join(vmmDir, `${name}.cjs`),
+    bundle: true,
+    platform: 'node',
+    target: 'node20',
+    format: 'cjs',
+    logLevel: 'warning',
+  });
 }
 const cliDir = path.join(root, 'dist', 'lib', 'cli');
 const cliUrl = "require('node:url').pathToFileURL(require('node:path').join(__dirname, '..', 'vmm', 'node-kvm.cjs')).href";
 await bundle(path.join(cliDir, 'commands.js'), path.join(cliDir, 'node-kvm-commands.cjs'), cliUrl);
-await bundle(path.join(cliDir, 'main.js'), path.join(cliDir, 'node-kvm.cjs'), cliUrl, [loadBundle('./commands.js', './node-kvm-commands.cjs')]);
+// Each subcommand compiles different functions: its own cache.
+await bundle(path.join(cliDir, 'main.js'), path.join(cliDir, 'node-kvm.cjs'), cliUrl, [
+  replaceModule('./commands.js', loaderSource('node-kvm-commands.cjs', "process.argv[2] ?? 'none'", true)),
+]);
 // The module entry stays runnable as a command too: npx keeps a link to the bin a project had
 // when npx first ran there (dist/lib/cli/main.js before the bundle), and npm made it executable.
 chmodSync(path.join(root, 'dist', 'lib', 'cli', 'main.js'), 0o755);

@@ -1,7 +1,7 @@
 // Built, the command and the worker threads each run from bundles (scripts/bundle.mjs): which
 // worker file is chosen, and that the built command boots guests through them.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
@@ -33,6 +33,22 @@ t.test('the package\'s bin (the command in one file) boots guests through the bu
   const smp = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'smp.elf'), '--vcpus', '2'], { encoding: 'latin1', timeout: 60_000 });
   t.equal(smp.stdout, 'cpu 0\ncpu 1\nall 2 cpus up\n');
   t.equal(smp.status, 65, smp.stderr);
+});
+
+t.test('the bin and its vCPU threads load through the code cache, written by the first run and used by the next', { skip: noKvm || notBuilt }, async (t) => {
+  const cli = path.join(repoRoot, 'dist', 'lib', 'cli', 'node-kvm.cjs');
+  const cacheDir = mkdtempSync(path.join(tmpdir(), 'node-kvm-cache-'));
+  t.teardown(() => rmSync(cacheDir, { recursive: true, force: true }));
+  const env = { ...process.env, NODE_KVM_CACHE_DIR: cacheDir };
+  for (const run of ['first', 'second']) {
+    const hello = spawnSync(process.execPath, [cli, 'run', path.join(repoRoot, 'guests', 'build', 'hello.bin')], { encoding: 'latin1', timeout: 60_000, env });
+    t.equal(hello.stdout, 'Hello from node-kvm!\n', `${run} run`);
+    t.equal(hello.status, 0, hello.stderr);
+    const caches = readdirSync(cacheDir).sort();
+    t.equal(caches.length, 2, caches.join(' '));
+    t.match(caches[0], /^node-kvm-commands\.run\./);
+    t.match(caches[1], /^vcpu-worker\.body\.vcpu-worker\./);
+  }
 });
 
 t.test('the bin ends the vCPU thread it started early when run fails before booting', { skip: noKvm || notBuilt }, async (t) => {

@@ -1,0 +1,90 @@
+// Loads the one-file CommonJS bundles (scripts/bundle.mjs) with V8's code cache, as Node 22's
+// module.enableCompileCache() does for every module (this package runs on Node 20). A process
+// that boots a guest compiles the command's 400 KB bundle and a few hundred of its functions, and
+// every vCPU thread compiles its own; that costs milliseconds each time on the way to the
+// guest's first instruction, where reading the bytecode back costs a fraction.
+//
+// The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
+// ~/.cache/node-kvm), one file per bundle, use and Node version. It is written at exit when it was
+// missing or V8 refused it, so it holds the functions that use ran; failures to read or write it
+// only cost the time it would have saved.
+import { mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import Module, { createRequire } from 'node:module';
+import { homedir } from 'node:os';
+import path from 'node:path';
+import { Script } from 'node:vm';
+
+/** Where caches go, or null if this user has nowhere to put them. */
+export function codeCacheDir(): string | null {
+  const configured = process.env.NODE_KVM_CACHE_DIR;
+  if (configured) return configured;
+  const xdg = process.env.XDG_CACHE_HOME;
+  if (xdg && path.isAbsolute(xdg)) return path.join(xdg, 'node-kvm');
+  try {
+    return path.join(homedir(), '.cache', 'node-kvm');
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The cache file for `bundle` used as `use`. V8 checks a cache against the source's length only,
+ * so the bundle's size, modification time and inode are in the name: a rebuilt bundle never
+ * meets the bytecode of the one before.
+ */
+export function codeCacheFile(dir: string, bundle: string, use: string): string {
+  const { size, mtimeMs, ino } = statSync(bundle);
+  const safeUse = use.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 32) || 'default';
+  return path.join(dir, `${path.basename(bundle, '.cjs')}.${safeUse}.${process.version}-${process.arch}.${size}-${Math.trunc(mtimeMs)}-${ino}.v8cache`);
+}
+
+/**
+ * Runs the CommonJS bundle `file` and returns its exports, as require() would, compiled from the
+ * code cache where one fits. `use` names what this process or thread does with it (a command),
+ * since each use compiles different functions.
+ */
+export function requireBundle(file: string, use: string): unknown {
+  const source = readFileSync(file, 'utf8');
+  const dir = codeCacheDir();
+  let cacheFile: string | null = null;
+  let cachedData: Buffer | undefined;
+  if (dir) {
+    try {
+      cacheFile = codeCacheFile(dir, file, use);
+      cachedData = readFileSync(cacheFile);
+    } catch {
+      // No cache yet (or none possible): compiled from source, and cached at exit.
+    }
+  }
+  const script = new Script(Module.wrap(source), { filename: file, cachedData });
+  if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
+    const target = cacheFile;
+    process.once('exit', () => saveCodeCache(script, dir!, target));
+  }
+  const module = { exports: {} as unknown, filename: file, id: file, loaded: false };
+  const load = script.runInThisContext() as (exports: unknown, require: NodeJS.Require, module: unknown, filename: string, dirname: string) => void;
+  load.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
+  module.loaded = true;
+  return module.exports;
+}
+
+function saveCodeCache(script: Script, dir: string, file: string): void {
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    // Whole or not at all, whoever else writes it at the same moment.
+    const partial = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}`;
+    try {
+      writeFileSync(partial, script.createCachedData(), { mode: 0o600 });
+      renameSync(partial, file);
+    } catch (error) {
+      try {
+        unlinkSync(partial);
+      } catch {
+        // never written
+      }
+      throw error;
+    }
+  } catch {
+    // A read-only home, a full disk: the next run compiles again.
+  }
+}

@@ -1,0 +1,79 @@
+// Bundles loaded through V8's code cache (lib/vmm/code-cache.ts): the cache is written at exit
+// when missing, used when it fits, never confused with a rebuilt bundle, and never needed.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import t, { type Test } from 'tap';
+import { codeCacheFile, requireBundle } from '../../lib/vmm/code-cache.js';
+import { repoRoot } from '../helpers/kvm.js';
+
+const codeCache = pathToFileURL(path.join(repoRoot, 'lib', 'vmm', 'code-cache.ts')).href;
+
+/** A fresh directory with a bundle (requiring a file beside it) and a script that loads it. */
+function setUp(t: Test) {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-code-cache-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const bundle = path.join(dir, 'thing.cjs');
+  writeFileSync(path.join(dir, 'dep.cjs'), 'module.exports = 1;');
+  const cacheDir = path.join(dir, 'cache');
+  const loader = path.join(dir, 'load.mts');
+  writeFileSync(loader, `import { requireBundle } from ${JSON.stringify(codeCache)};\n`
+    + `console.log(JSON.stringify(requireBundle(${JSON.stringify(bundle)}, process.argv[2] ?? 'test')));\n`);
+  const load = (use = 'test', env: Record<string, string> = { NODE_KVM_CACHE_DIR: cacheDir }) => {
+    const result = spawnSync(process.execPath, [...process.execArgv, loader, use], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 60_000 });
+    if (result.status !== 0) throw new Error(`loader failed: ${result.stderr}`);
+    return JSON.parse(result.stdout);
+  };
+  const caches = () => (readdirSync(cacheDir, { withFileTypes: true }).filter((entry) => entry.isFile()).map((entry) => entry.name)).sort();
+  return { dir, bundle, cacheDir, load, caches };
+}
+
+t.test('the cache is written at exit, then used as it is; each use has its own', async (t) => {
+  const { bundle, cacheDir, load, caches } = setUp(t);
+  writeFileSync(bundle, 'function twice(x) { return 2 * x; }\nmodule.exports = { answer: twice(20) + require("./dep.cjs") + 1, file: __filename };');
+  t.same(load(), { answer: 42, file: bundle }, 'exports, with require() and __filename relative to the bundle');
+  const [file] = caches();
+  t.equal(caches().length, 1);
+  t.equal(path.join(cacheDir, file!), codeCacheFile(cacheDir, bundle, 'test'));
+  t.equal(statSync(path.join(cacheDir, file!)).mode & 0o777, 0o600);
+  t.equal(statSync(cacheDir).mode & 0o777, 0o700);
+  const written = statSync(path.join(cacheDir, file!));
+  t.same(load(), { answer: 42, file: bundle }, 'from the cache');
+  const after = statSync(path.join(cacheDir, file!));
+  t.same([after.ino, after.mtimeMs], [written.ino, written.mtimeMs], 'a cache V8 took is not written again');
+  load('run');
+  t.equal(caches().length, 2, 'another use, another cache');
+  t.match(caches().join(' '), /thing\.run\./);
+});
+
+t.test('a rebuilt bundle of the same length never runs the old bytecode', async (t) => {
+  const { bundle, load, caches } = setUp(t);
+  writeFileSync(bundle, 'module.exports = { answer: 41 };');
+  t.same(load(), { answer: 41 });
+  writeFileSync(bundle, 'module.exports = { answer: 42 };');
+  const later = new Date(Date.now() + 5000);
+  utimesSync(bundle, later, later);
+  t.same(load(), { answer: 42 });
+  t.equal(caches().length, 2, 'its own cache');
+});
+
+t.test('a corrupt cache is refused by V8 and replaced; no usable cache directory costs nothing but time', async (t) => {
+  const { bundle, cacheDir, load, caches } = setUp(t);
+  writeFileSync(bundle, 'module.exports = { answer: [1, 2, 3].map((x) => x * 2) };');
+  t.same(load(), { answer: [2, 4, 6] });
+  const file = path.join(cacheDir, caches()[0]!);
+  writeFileSync(file, Buffer.alloc(4096, 0x5a));
+  t.same(load(), { answer: [2, 4, 6] }, 'compiled from source');
+  t.not(statSync(file).size, 4096, 'and cached again');
+  t.same(load('test', { NODE_KVM_CACHE_DIR: path.join(bundle, 'not-a-directory') }), { answer: [2, 4, 6] });
+  t.same(caches(), [path.basename(file)], 'no partial files left behind');
+});
+
+t.test('requireBundle in this process: errors in the bundle are the bundle\'s', async (t) => {
+  const { bundle } = setUp(t);
+  writeFileSync(bundle, 'throw new Error("broken bundle");');
+  t.throws(() => requireBundle(bundle, 'test'), { message: 'broken bundle' });
+  t.throws(() => requireBundle(path.join(path.dirname(bundle), 'missing.cjs'), 'test'), { code: 'ENOENT' });
+});
