@@ -5,10 +5,10 @@
 // guest's first instruction, where reading the bytecode back costs a fraction.
 //
 // The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
-// ~/.cache/node-kvm), one file per bundle, use and Node version. It is written at exit when it was
-// missing or V8 refused it, so it holds the functions that use ran; failures to read or write it
-// only cost the time it would have saved.
-import { mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+// ~/.cache/node-kvm), one file per bundle and use. It is written at exit when it was missing or
+// V8 refused it, so it holds the functions that use ran, and it replaces the one of an earlier
+// build; failures to read or write it only cost the time it would have saved.
+import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import Module, { createRequire } from 'node:module';
 import { homedir } from 'node:os';
 import path from 'node:path';
@@ -34,8 +34,15 @@ export function codeCacheDir(): string | null {
  */
 export function codeCacheFile(dir: string, bundle: string, use: string): string {
   const { size, mtimeMs, ino } = statSync(bundle);
+  return path.join(dir, `${cachePrefix(bundle, use)}${process.version}-${process.arch}.${size}-${Math.trunc(mtimeMs)}-${ino}${CACHE_SUFFIX}`);
+}
+
+const CACHE_SUFFIX = '.v8cache';
+
+/** What every cache of `bundle` used as `use` is named from, whatever its build. */
+function cachePrefix(bundle: string, use: string): string {
   const safeUse = use.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 32) || 'default';
-  return path.join(dir, `${path.basename(bundle, '.cjs')}.${safeUse}.${process.version}-${process.arch}.${size}-${Math.trunc(mtimeMs)}-${ino}.v8cache`);
+  return `${path.basename(bundle, '.cjs')}.${safeUse}.`;
 }
 
 /**
@@ -57,18 +64,21 @@ export function requireBundle(file: string, use: string): unknown {
     }
   }
   const script = new Script(Module.wrap(source), { filename: file, cachedData });
-  if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
-    const target = cacheFile;
-    process.once('exit', () => saveCodeCache(script, dir!, target));
-  }
   const module = { exports: {} as unknown, filename: file, id: file, loaded: false };
   const load = script.runInThisContext() as (exports: unknown, require: NodeJS.Require, module: unknown, filename: string, dirname: string) => void;
   load.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
   module.loaded = true;
+  // (A bundle that failed to load is not worth caching.)
+  if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
+    const target = cacheFile;
+    const stale = cachePrefix(file, use);
+    process.once('exit', () => saveCodeCache(script, dir!, target, stale));
+  }
   return module.exports;
 }
 
-function saveCodeCache(script: Script, dir: string, file: string): void {
+/** Writes the cache to `file`, and removes the caches of earlier builds (named from `stale`). */
+function saveCodeCache(script: Script, dir: string, file: string, stale: string): void {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     // Whole or not at all, whoever else writes it at the same moment.
@@ -83,6 +93,9 @@ function saveCodeCache(script: Script, dir: string, file: string): void {
         // never written
       }
       throw error;
+    }
+    for (const name of readdirSync(dir)) {
+      if (name.startsWith(stale) && name.endsWith(CACHE_SUFFIX) && name !== path.basename(file)) unlinkSync(path.join(dir, name));
     }
   } catch {
     // A read-only home, a full disk: the next run compiles again.
