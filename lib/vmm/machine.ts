@@ -546,8 +546,21 @@ export class Machine extends EventEmitter {
 
   /** Stops every vCPU at its next exit (kicking those inside the guest) and waits until all are parked. */
   async pause(): Promise<void> {
+    await this.#pause(false);
+  }
+
+  /**
+   * pause(); with `saveVcpus`, each vCPU thread is also asked for its state as it stops, and
+   * serves that at the kick's exit or as it parks (the machine is paused by then, so the state is
+   * final): the states come back with the pause, one round trip to the threads less inside a
+   * migration's downtime.
+   */
+  async #pause(saveVcpus: boolean): Promise<VcpuState[] | null> {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw new Error(`machine is ${this.state}, not running`);
     setRunState(this.#control, RunState.Paused);
+    // Asked only now that the machine is paused: a thread that serves it has run for the last time.
+    const saved = saveVcpus ? this.#saveVcpus() : null;
+    saved?.catch(() => {});
     this.#kickAll();
     while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
       const parked = Atomics.load(this.#control, PARKED);
@@ -559,6 +572,7 @@ export class Machine extends EventEmitter {
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
     // writes into guest RAM marked dirty) before anyone saves the state.
     await this.#disks.pause();
+    return saved ? await saved : null;
   }
 
   resume(): void {
@@ -578,13 +592,14 @@ export class Machine extends EventEmitter {
    * started): a running vCPU's state would be stale at once.
    */
   async saveState(): Promise<MachineState> {
+    return this.#saveState(null);
+  }
+
+  /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
+  async #saveState(vcpuStates: VcpuState[] | null): Promise<MachineState> {
     const state = this.state;
     if (state !== 'paused' && state !== 'created') throw new Error(`machine is ${state}: pause it before saving its state`);
-    const vcpus = await Promise.all(this.#requestPorts.map(async (_, id) => {
-      const reply = await this.#request(id, { type: 'save' });
-      if (reply.type !== 'saved') throw new Error(`vCPU ${id}: cannot save its state: ${reply.type === 'failed' ? reply.error : reply.type}`);
-      return reply.state;
-    }));
+    const vcpus = vcpuStates ?? await this.#saveVcpus();
     return {
       shape: this.shape,
       vm: saveVmState(this.#vm, this.irqchip),
@@ -593,6 +608,14 @@ export class Machine extends EventEmitter {
         serial: this.#serial.saveState(), postCode: this.#postCode.saveState(), ...(this.#disks.count > 0 ? { virtio: this.#disks.saveState() } : {}),
       },
     };
+  }
+
+  #saveVcpus(): Promise<VcpuState[]> {
+    return Promise.all(this.#requestPorts.map(async (_, id) => {
+      const reply = await this.#request(id, { type: 'save' });
+      if (reply.type !== 'saved') throw new Error(`vCPU ${id}: cannot save its state: ${reply.type === 'failed' ? reply.error : reply.type}`);
+      return reply.state;
+    }));
   }
 
   async #applyState(state: MachineState): Promise<void> {
@@ -688,6 +711,7 @@ export class Machine extends EventEmitter {
     return this.#exclusive('migration', async () => {
       const state = this.state;
       if (state !== 'running' && state !== 'paused') throw new Error(`machine is ${state}, not running`);
+      let pausedVcpuStates: VcpuState[] | null = null;
       const stats = await sendMigration(address, options, {
         memory: this.#memory,
         memoryBytes: this.memoryBytes,
@@ -701,13 +725,17 @@ export class Machine extends EventEmitter {
         stopTracking: () => this.#stopTracking(),
         pause: async () => {
           if (this.state !== 'running') return false;
-          await this.pause();
+          // Without disks, the vCPUs save their state as they stop. With disks, only once the
+          // disks have paused too: a request completing meanwhile raises an interrupt, which
+          // belongs in the vCPUs' saved state.
+          pausedVcpuStates = await this.#pause(this.#disks.count === 0);
           return true;
         },
         resume: () => {
+          pausedVcpuStates = null;
           if (this.state === 'paused') this.resume();
         },
-        saveState: () => this.saveState(),
+        saveState: () => this.#saveState(pausedVcpuStates),
       });
       this.#stopTracking();
       this.#end({ reason: 'migrated' });
