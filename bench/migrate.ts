@@ -12,7 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { hostInfo, median } from './report.js';
 import { GUEST_PARAMS_ADDR, GuestMemory, Machine, VcpuWorkerPool } from '../lib/index.js';
@@ -159,6 +159,22 @@ function freshRamWriteBandwidth(runs: number): number {
     }
   }
   return (FILL_BYTES * 1000) / bestMs;
+}
+
+/**
+ * The same filled-RAM stream in C (bench/c/kvm-bench.c, `stream`): the source copies and
+ * checksums each batch and writes it, the destination reads, checksums and pwrites into new guest
+ * RAM, one thread each, nothing else. What a migration of this design can reach on this host, with
+ * both ends sharing its CPUs; bytes/s.
+ */
+async function cStreamFloor(): Promise<number> {
+  const { buildCBench } = (await import(pathToFileURL(path.join(root, 'bench', 'c', 'build.mjs')).href)) as {
+    buildCBench(options?: { force?: boolean }): string;
+  };
+  const result = spawnSync(buildCBench(), ['stream', String(FILL_BYTES / MiB)], { encoding: 'utf8', timeout: 60_000 });
+  if (result.status !== 0) throw new Error(`kvm-bench stream failed: ${result.stderr || result.error?.message}`);
+  const { bytesPerSec } = JSON.parse(result.stdout) as { bytesPerSec: number };
+  return bytesPerSec;
 }
 
 /** 1 GiB in 2 MiB writes to a peer process that reads and discards it, until its one-byte answer; bytes/s. */
@@ -517,7 +533,7 @@ interface ScenarioResult {
   qemu: QemuRun[] | null;
 }
 
-function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number): Record<string, number> {
+function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number, cStreamBytesPerSec: number): Record<string, number> {
   const m = (pick: (run: MigrationRun) => number) => median(runs.map(pick));
   return {
     totalMs: m((r) => r.stats.totalTimeMs),
@@ -532,6 +548,7 @@ function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number): Record<s
     dirtyPagesPerSec: m((r) => r.stats.dirtyPagesRate),
     throughputMiBPerSec: m((r) => r.stats.throughputBytesPerSec / MiB),
     throughputOverTcp: m((r) => r.stats.throughputBytesPerSec / tcpBytesPerSec),
+    throughputOverCStream: m((r) => r.stats.throughputBytesPerSec / cStreamBytesPerSec),
   };
 }
 
@@ -569,7 +586,7 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-bench-migrate-'));
   const benchStarted = performance.now();
   try {
-    progress('references: memcpy, loopback tcp and unix sockets');
+    progress('references: memcpy, loopback tcp and unix sockets, the stream in C');
     const memcpyBytesPerSec = memcpyBandwidth(5);
     const freshRamBytesPerSec = freshRamWriteBandwidth(3);
     const tcpRuns: number[] = [];
@@ -581,6 +598,9 @@ async function main(): Promise<void> {
     }
     const tcpBytesPerSec = median(tcpRuns);
     const unixBytesPerSec = median(unixRuns);
+    const cStreamRuns: number[] = [];
+    for (let i = 0; i < socketRounds; i++) cStreamRuns.push(await cStreamFloor());
+    const cStreamBytesPerSec = median(cStreamRuns);
 
     const fillBytes = Buffer.allocUnsafe(FILL_BYTES);
     randomFillSync(fillBytes);
@@ -625,7 +645,7 @@ async function main(): Promise<void> {
     const results: ScenarioResult[] = SCENARIOS.map((scenario) => ({
       scenario,
       runs: runs.get(scenario.key)!,
-      medians: scenarioMedians(runs.get(scenario.key)!, tcpBytesPerSec),
+      medians: scenarioMedians(runs.get(scenario.key)!, tcpBytesPerSec, cStreamBytesPerSec),
       qemu: qemuRuns?.get(scenario.key) ?? null,
     }));
     const restore = {
@@ -640,7 +660,7 @@ async function main(): Promise<void> {
       console.log(JSON.stringify({
         host,
         options,
-        references: { memcpyBytesPerSec, freshRamBytesPerSec, tcpBytesPerSec, unixBytesPerSec, tcpRuns, unixRuns },
+        references: { memcpyBytesPerSec, freshRamBytesPerSec, tcpBytesPerSec, unixBytesPerSec, cStreamBytesPerSec, tcpRuns, unixRuns, cStreamRuns },
         scenarios: results.map((r) => ({
           key: r.scenario.key, title: r.scenario.title, medians: r.medians,
           runs: r.runs.map((run) => ({ ...run.stats, lastExpectedDowntimeMs: run.lastExpectedDowntimeMs })),
@@ -663,6 +683,7 @@ async function main(): Promise<void> {
     console.log(`  pwrite of 64 MiB into new guest RAM (memfd), best of 3    ${mibs(freshRamBytesPerSec)}  (what a destination can take: ${format(freshRamBytesPerSec / tcpBytesPerSec)}x TCP)`);
     console.log(`  loopback TCP, Node to Node process, 1 GiB in 2 MiB writes ${mibs(tcpBytesPerSec)}  (median of ${socketRounds}: ${tcpRuns.map((b) => format(b / MiB)).join(', ')})`);
     console.log(`  unix socket, Node to Node process, 1 GiB in 2 MiB writes  ${mibs(unixBytesPerSec)}  (median of ${socketRounds}: ${unixRuns.map((b) => format(b / MiB)).join(', ')})`);
+    console.log(`  the 64 MiB stream in C (copy, CRC-32C, TCP; CRC-32C, pwrite) ${mibs(cStreamBytesPerSec)}  (${format(cStreamBytesPerSec / tcpBytesPerSec)}x TCP; median of ${socketRounds}: ${cStreamRuns.map((b) => format(b / MiB)).join(', ')})`);
     console.log('');
 
     const rows: [string, string][] = [
@@ -678,11 +699,12 @@ async function main(): Promise<void> {
       ['dirty rate, last round (pages/s)', 'dirtyPagesPerSec'],
       ['throughput (MiB/s)', 'throughputMiBPerSec'],
       ['throughput / raw TCP', 'throughputOverTcp'],
+      ['throughput / the stream in C', 'throughputOverCStream'],
     ];
     table([
       ['migration, median', ...results.map((r) => r.scenario.title)],
       ...rows.map(([label, key]) => [label, ...results.map((r) => {
-        if (key !== 'throughputOverTcp') return format(r.medians[key]!);
+        if (key !== 'throughputOverTcp' && key !== 'throughputOverCStream') return format(r.medians[key]!);
         // Idle guests send a few pages: their rate says nothing about the transport.
         return r.medians.transferredMiB! >= MIN_RATED_MIB ? r.medians[key]!.toFixed(3) : '-';
       })]),
