@@ -70,8 +70,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new EnvData();
   env.SetInstanceData(data);
   // A worker thread that exits without closing its handles must not leave vCPUs that a kick
-  // would signal after the thread is gone.
-  napi_add_env_cleanup_hook(env, [](void* arg) { Handles::CloseOwnedBy(static_cast<napi_env>(arg)); }, env);
+  // would signal after the thread is gone, nor guest RAM that nothing can close any more.
+  napi_add_env_cleanup_hook(env, [](void* arg) {
+    Handles::CloseOwnedBy(static_cast<napi_env>(arg));
+    ReleaseMemoryOwnedBy(static_cast<napi_env>(arg));
+  }, env);
 
   auto fn = [&](const char* name, Napi::Value (*f)(const Napi::CallbackInfo&)) {
     exports.Set(name, Napi::Function::New(env, f, name));
@@ -97,6 +100,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryCreate", MemoryCreate);
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);
+  fn("memoryRelease", MemoryRelease);
   fn("memoryPopulatedRanges", MemoryPopulatedRanges);
   fn("memoryDontneed", MemoryDontneed);
   fn("memoryPopulate", MemoryPopulate);

@@ -87,6 +87,18 @@ std::mutex registryLock;
 std::unordered_map<uint32_t, std::weak_ptr<GuestMapping>> registry;
 uint32_t nextMemoryId = 1;
 
+// The reference of the GuestMemory that created a mapping. Held here rather than by an
+// ArrayBuffer, so that JavaScript gets one (memoryAttach) only once it reads guest RAM: V8 counts
+// a large external ArrayBuffer as memory pressure and collects garbage for it at once, which
+// would cost a restore that never reads RAM a few milliseconds. Dropped by close()
+// (memoryRelease), by the GuestMemory's collection (its finalizer calls memoryRelease), or when
+// the thread that created it ends.
+struct Owner {
+  std::shared_ptr<GuestMapping> mapping;
+  napi_env env;
+};
+std::unordered_map<uint32_t, Owner> owners;
+
 std::shared_ptr<GuestMapping> FindGuestMapping(Napi::Env env, const Napi::Value& id) {
   uint32_t memoryId = HandleId(env, id, "memory");
   std::lock_guard<std::mutex> guard(registryLock);
@@ -110,10 +122,11 @@ void CheckSize(Napi::Env env, uint64_t size) {
   if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
 }
 
-uint32_t Register(const std::shared_ptr<GuestMapping>& mapping) {
+uint32_t RegisterOwned(Napi::Env env, const std::shared_ptr<GuestMapping>& mapping) {
   std::lock_guard<std::mutex> guard(registryLock);
   uint32_t id = nextMemoryId++;
   registry.emplace(id, mapping);
+  owners.emplace(id, Owner{mapping, env});
   return id;
 }
 
@@ -203,7 +216,7 @@ uint64_t ReadU64(Napi::Env env, const Napi::Value& value, const char* name) {
 
 std::shared_ptr<Mapping> FindMemory(Napi::Env env, const Napi::Value& id) { return FindGuestMapping(env, id); }
 
-// memoryCreate(size, memfd, hugepages, mergeable) -> [id, ArrayBuffer, fd]
+// memoryCreate(size, memfd, hugepages, mergeable) -> [id, fd]; memoryAttach(id) gives the ArrayBuffer.
 Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t size = ReadU64(env, info[0], "size");
@@ -233,14 +246,13 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
   if (mergeable) madvise(addr, size, MADV_MERGEABLE);
 
-  Napi::Array result = Napi::Array::New(env, 3);
-  result.Set(0u, Napi::Number::New(env, Register(mapping)));
-  result.Set(1u, ExposeMapping(env, mapping));
-  result.Set(2u, Napi::Number::New(env, mapping->fd));
+  Napi::Array result = Napi::Array::New(env, 2);
+  result.Set(0u, Napi::Number::New(env, RegisterOwned(env, mapping)));
+  result.Set(1u, Napi::Number::New(env, mapping->fd));
   return result;
 }
 
-// memoryMapFile(fd, offset, size, hugepages) -> [id, ArrayBuffer]: `size` bytes of the regular
+// memoryMapFile(fd, offset, size, hugepages) -> id: `size` bytes of the regular
 // file open as `fd`, from `offset`, mapped MAP_PRIVATE. The caller may close `fd` afterwards.
 // Touching a page of a file mapping past the end of its file raises SIGBUS, so the file must be
 // long enough now and must not be truncated while it is mapped.
@@ -278,10 +290,39 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
   mapping->addr = addr;
   if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
-  Napi::Array result = Napi::Array::New(env, 2);
-  result.Set(0u, Napi::Number::New(env, Register(mapping)));
-  result.Set(1u, ExposeMapping(env, mapping));
-  return result;
+  return Napi::Number::New(env, RegisterOwned(env, mapping));
+}
+
+// memoryRelease(id): drops the creating GuestMemory's reference; calling it again does nothing.
+// Views (ArrayBuffers) and memory slots keep the mapping until they go.
+Napi::Value MemoryRelease(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t memoryId = HandleId(env, info[0], "memory");
+  std::shared_ptr<GuestMapping> dropped;  // unmapped, if it was the last reference, outside the lock
+  {
+    std::lock_guard<std::mutex> guard(registryLock);
+    auto it = owners.find(memoryId);
+    if (it != owners.end()) {
+      dropped = std::move(it->second.mapping);
+      owners.erase(it);
+    }
+  }
+  return env.Undefined();
+}
+
+void ReleaseMemoryOwnedBy(napi_env env) {
+  std::vector<std::shared_ptr<GuestMapping>> dropped;
+  {
+    std::lock_guard<std::mutex> guard(registryLock);
+    for (auto it = owners.begin(); it != owners.end();) {
+      if (it->second.env == env) {
+        dropped.push_back(std::move(it->second.mapping));
+        it = owners.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
 }
 
 // memoryAttach(id) -> [ArrayBuffer, size, fd, backing]: another view of the same mapping (any

@@ -9,6 +9,9 @@ namespace nodekvm {
 Napi::Value MemoryCreate(const Napi::CallbackInfo& info);
 Napi::Value MemoryMapFile(const Napi::CallbackInfo& info);
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
+Napi::Value MemoryRelease(const Napi::CallbackInfo& info);
+// Drops the references of the GuestMemory objects of a thread that is ending.
+void ReleaseMemoryOwnedBy(napi_env env);
 Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info);
 Napi::Value MemoryDontneed(const Napi::CallbackInfo& info);
 Napi::Value MemoryPopulate(const Napi::CallbackInfo& info);

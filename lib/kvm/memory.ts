@@ -39,22 +39,42 @@ export interface GuestMemoryHandle {
 }
 
 export class GuestMemory extends Handle {
-  /** The mapping as an ArrayBuffer (no copy). Zero-length after close(). */
-  readonly buffer: ArrayBuffer;
   /** Size in bytes, a multiple of the page size. */
   readonly size: number;
   /** The memfd behind the mapping for 'memfd' backing; -1 for 'anonymous' and 'file'. */
   readonly fd: number;
   readonly backing: GuestMemoryBacking;
   readonly #id: number;
+  /** Whether this object created the mapping (and holds it natively), or is a view (attach()). */
+  readonly #owner: boolean;
+  #buffer: ArrayBuffer | null;
 
-  private constructor(id: number, buffer: ArrayBuffer, size: number, fd: number, backing: GuestMemoryBacking) {
-    super('GuestMemory', null);
+  /**
+   * `buffer` null: this object created the mapping and holds it natively until close() (or its
+   * collection), and makes its ArrayBuffer when first asked (see buffer). Otherwise a view of a
+   * mapping made elsewhere (attach()), which its ArrayBuffer holds.
+   */
+  private constructor(id: number, buffer: ArrayBuffer | null, size: number, fd: number, backing: GuestMemoryBacking) {
+    super('GuestMemory', buffer === null ? () => native.memoryRelease(id) : null);
     this.#id = id;
-    this.buffer = buffer;
+    this.#owner = buffer === null;
+    this.#buffer = buffer;
     this.size = size;
     this.fd = fd;
     this.backing = backing;
+  }
+
+  /**
+   * The mapping as an ArrayBuffer (no copy); zero-length after close(). Made on first use: V8
+   * collects garbage as soon as a large external ArrayBuffer appears, which a machine that
+   * never reads its RAM from JavaScript (a restore, say) need not pay for.
+   */
+  get buffer(): ArrayBuffer {
+    if (this.#buffer === null) {
+      if (this.closed) return new ArrayBuffer(0);
+      [this.#buffer] = native.memoryAttach(this.#id);
+    }
+    return this.#buffer;
   }
 
   /** Zero-filled memory of `size` bytes. */
@@ -63,8 +83,8 @@ export class GuestMemory extends Handle {
     if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
     const backing = options.backing ?? 'anonymous';
     if (backing !== 'anonymous' && backing !== 'memfd') throw new RangeError(`backing must be 'anonymous' or 'memfd', got ${String(backing)}`);
-    const [id, buffer, fd] = native.memoryCreate(size, backing === 'memfd', !!options.hugepages, !!options.mergeable);
-    return new GuestMemory(id, buffer, size, fd, backing);
+    const [id, fd] = native.memoryCreate(size, backing === 'memfd', !!options.hugepages, !!options.mergeable);
+    return new GuestMemory(id, null, size, fd, backing);
   }
 
   /**
@@ -102,8 +122,8 @@ export class GuestMemory extends Handle {
       if (offset + size > stats.size) {
         throw new RangeError(`offset + size (${offset + size}) is beyond the end of ${name} (${stats.size} bytes)`);
       }
-      const [id, buffer] = native.memoryMapFile(fd, offset, size, !!options.hugepages);
-      return new GuestMemory(id, buffer, size, -1, 'file');
+      const id = native.memoryMapFile(fd, offset, size, !!options.hugepages);
+      return new GuestMemory(id, null, size, -1, 'file');
     } finally {
       if (fd !== file) closeSync(fd);
     }
@@ -199,7 +219,8 @@ export class GuestMemory extends Handle {
    * no other view and no VM memory slot uses it.
    */
   protected release(): void {
-    native.detachBuffer(this.buffer);
+    if (this.#buffer !== null) native.detachBuffer(this.#buffer);
+    if (this.#owner) native.memoryRelease(this.#id);
   }
 
   /** Live guest mappings in this process (for leak checks). */

@@ -34,9 +34,10 @@ export interface NativeBinding {
   kickSignal(): number;
   harvestDirtyRing(vcpu: number, out: Float64Array): number;
   closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
-  memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, buffer: ArrayBuffer, fd: number];
-  memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): [id: number, buffer: ArrayBuffer];
+  memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, fd: number];
+  memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
+  memoryRelease(id: number): void;
   memoryPopulatedRanges(id: number): Float64Array;
   memoryDontneed(id: number, offset: number, length: number): void;
   memoryPopulate(id: number, offset: number, length: number): boolean;

@@ -92,6 +92,8 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
 }
 
 function applyDiffs(chain: readonly SnapshotContents[], memory: GuestMemory): void {
+  // Only diffs need guest RAM as an ArrayBuffer (making one costs a garbage collection).
+  if (chain.length < 2) return;
   const bytes = memory.bytes();
   for (const diff of chain.slice(1)) diff.applyPages!(bytes);
 }

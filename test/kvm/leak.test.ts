@@ -188,7 +188,7 @@ t.test('failed calls leave nothing behind', { skip: noKvm }, async (t) => {
 });
 
 // Handles dropped without close() are released by the garbage collector (FinalizationRegistry
-// for fds and native handles, the ArrayBuffer finalizer for mappings). The tap command line has
+// for fds, native handles and the mappings GuestMemory holds, the ArrayBuffer finalizer for views). The tap command line has
 // no --expose-gc, so the flag is set at run time and a fresh context provides gc().
 t.test('handles dropped without close() are released by the garbage collector', { skip: noKvm }, async (t) => {
   v8.setFlagsFromString('--expose-gc');
@@ -199,6 +199,7 @@ t.test('handles dropped without close() are released by the garbage collector', 
   const drop = () => {
     for (let i = 0; i < 100; i++) {
       const memory = GuestMemory.create(MiB, { backing: i % 2 ? 'memfd' : 'anonymous' });
+      if (i % 3 === 0) memory.bytes(0, 1); // some with their ArrayBuffer made, some without
       const vm = kvm.createVm();
       vm.setUserMemoryRegion({ slot: 0, guestPhysAddr: 0, memory });
       vm.createVcpu(0);

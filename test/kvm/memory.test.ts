@@ -120,6 +120,57 @@ t.test('a VM memory slot keeps the mapping alive after close()', { skip: noKvm }
   t.equal(GuestMemory.stats().mappings, before, 'released with the VM and its vCPU');
 });
 
+t.test('guest RAM becomes an ArrayBuffer only when JavaScript first reads it, and the mapping lives until close()', async (t) => {
+  // V8 counts a large external ArrayBuffer as memory pressure (and collects garbage for it at
+  // once): a machine that never reads its RAM from JavaScript must not make one.
+  const external = () => process.memoryUsage().external;
+  const size = 64 * MiB;
+  await nextTurn();
+  const before = { external: external(), mappings: GuestMemory.stats().mappings };
+  const memory = GuestMemory.create(size, { backing: 'memfd' });
+  t.ok(external() - before.external < size / 2, 'no ArrayBuffer yet');
+  t.equal(GuestMemory.stats().mappings, before.mappings + 1, 'the mapping is held natively meanwhile');
+  const buffer = memory.buffer;
+  t.equal(buffer.byteLength, size);
+  t.ok(external() - before.external >= size, 'made by the first use');
+  t.equal(memory.buffer, buffer, 'and the same one after');
+  memory.write(4096, Uint8Array.of(7));
+  t.equal(readSync(memory.fd, Buffer.alloc(1), 0, 1, 4096), 1);
+  memory.close();
+  t.equal(buffer.byteLength, 0, 'detached by close()');
+  t.equal(memory.buffer.byteLength, 0, 'an empty buffer after close()');
+  await nextTurn();
+  t.same(GuestMemory.stats().mappings, before.mappings, 'unmapped');
+
+  // Closed without ever having made its ArrayBuffer: the native reference goes all the same.
+  const unread = GuestMemory.create(size);
+  const handle = unread.handle;
+  t.equal(GuestMemory.stats().mappings, before.mappings + 1);
+  unread.close();
+  await nextTurn();
+  t.equal(GuestMemory.stats().mappings, before.mappings, 'released by close()');
+  t.throws(() => GuestMemory.attach(handle), { name: 'KvmError', code: 'EBADF' });
+  t.throws(() => unread.bytes(), { name: 'KvmError', code: 'EBADF' });
+});
+
+t.test('closing an attached view leaves the creator\'s mapping alone', async (t) => {
+  await nextTurn();
+  const before = GuestMemory.stats().mappings;
+  const memory = GuestMemory.create(PAGE_BYTES);
+  const view = GuestMemory.attach(memory.handle);
+  view.close();
+  view.close();
+  await nextTurn();
+  t.equal(GuestMemory.stats().mappings, before + 1, 'the creator still holds it');
+  const again = GuestMemory.attach(memory.handle);
+  again.write(0, Uint8Array.of(0x42));
+  t.equal(memory.bytes(0, 1)[0], 0x42);
+  again.close();
+  memory.close();
+  await nextTurn();
+  t.equal(GuestMemory.stats().mappings, before);
+});
+
 t.test('attach() gives another view of the same bytes', async (t) => {
   const memory = GuestMemory.create(2 * PAGE_BYTES, { backing: 'memfd' });
   const other = GuestMemory.attach(memory.handle);
