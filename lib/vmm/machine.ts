@@ -302,7 +302,13 @@ export class Machine extends EventEmitter {
     if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
     if (config.vcpus !== undefined) checkVcpus(config.vcpus);
     const { receiveMigration } = await import('../migration/receive.js');
-    const newMemory = (size: number) => GuestMemory.create(size, { backing: 'memfd' });
+    const newMemory = (size: number) => {
+      const memory = GuestMemory.create(size, { backing: 'memfd' });
+      // The stream is parsed into guest RAM from JavaScript: its ArrayBuffer now, and with it the
+      // garbage collection V8 makes for so much external memory, rather than during the transfer.
+      void memory.buffer;
+      return memory;
+    };
     // With the shape known, build the machine while waiting (as QEMU's -incoming does): the
     // stream then finds it ready, which keeps VM creation out of the migration's time.
     let prebuilt: Promise<Machine> | null = null;
