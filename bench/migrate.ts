@@ -735,8 +735,15 @@ async function main(): Promise<void> {
     target('total, 256 MiB idle', `${format(byKey('idle256').totalMs!)} ms`, '<= QEMU idle, 16-27 ms', verdict(byKey('idle256').totalMs!, 16, 27));
     target('total, 1 GiB idle', `${format(byKey('idle1g').totalMs!)} ms`, '<= QEMU idle, 16-27 ms', verdict(byKey('idle1g').totalMs!, 16, 27));
     target('total, 64 MiB filled', `${format(byKey('filled').totalMs!)} ms`, '<= QEMU 64 MiB filled, 271-342 ms', verdict(byKey('filled').totalMs!, 271, 342));
+    // The 3 ms target is QEMU's downtime for the idle and filled guests; a guest that keeps
+    // writing stops when what is left fits the downtime budget, which it is held to instead.
+    const budgetMs = options.downtimeBudgetMs ?? 50;
     for (const r of results) {
-      target(`downtime, ${r.scenario.title}`, `${format(r.medians.downtimeMs!)} ms`, '< 3 ms', r.medians.downtimeMs! < 3 ? 'yes' : 'no');
+      if (r.scenario.workload === 'dirtier') {
+        target(`downtime, ${r.scenario.title}`, `${format(r.medians.downtimeMs!)} ms`, `<= the budget, ${budgetMs} ms`, r.medians.downtimeMs! <= budgetMs ? 'yes' : 'no');
+      } else {
+        target(`downtime, ${r.scenario.title}`, `${format(r.medians.downtimeMs!)} ms`, '< 3 ms', r.medians.downtimeMs! < 3 ? 'yes' : 'no');
+      }
     }
     for (const key of ['filled', 'dirtier']) {
       const r = results.find((x) => x.scenario.key === key)!;
