@@ -7,7 +7,8 @@
 // The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
 // ~/.cache/node-kvm), one file per bundle and use. It is written at exit when it was missing or
 // V8 refused it, so it holds the functions that use ran, and it replaces the one of an earlier
-// build; failures to read or write it only cost the time it would have saved.
+// build; failures to read or write it only cost the time it would have saved. A directory that
+// another user, or anyone but its owner, could write to is never read: V8 runs what it holds.
 import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import Module, { createRequire } from 'node:module';
 import { homedir } from 'node:os';
@@ -55,7 +56,7 @@ export function requireBundle(file: string, use: string): unknown {
   const dir = codeCacheDir();
   let cacheFile: string | null = null;
   let cachedData: Buffer | undefined;
-  if (dir) {
+  if (dir && mayHoldCode(dir)) {
     try {
       cacheFile = codeCacheFile(dir, file, use);
       cachedData = readFileSync(cacheFile);
@@ -75,6 +76,20 @@ export function requireBundle(file: string, use: string): unknown {
     process.once('exit', () => saveCodeCache(script, dir!, target, stale));
   }
   return module.exports;
+}
+
+/**
+ * Whether `dir` is safe to load code from: V8 runs what a cache file says, so a directory that
+ * someone else could write to is not used. A directory not there yet is made (0700) at exit.
+ */
+function mayHoldCode(dir: string): boolean {
+  try {
+    const stats = statSync(dir);
+    const uid = process.getuid?.();
+    return stats.isDirectory() && (uid === undefined || stats.uid === uid) && (stats.mode & 0o022) === 0;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT';
+  }
 }
 
 /** Writes the cache to `file`, and removes the caches of earlier builds (named from `stale`). */

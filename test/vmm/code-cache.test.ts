@@ -1,7 +1,7 @@
 // Bundles loaded through V8's code cache (lib/vmm/code-cache.ts): the cache is written at exit
 // when missing, used when it fits, never confused with a rebuilt bundle, and never needed.
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -70,6 +70,21 @@ t.test('a corrupt cache is refused by V8 and replaced; no usable cache directory
   t.not(statSync(file).size, 4096, 'and cached again');
   t.same(load('test', { NODE_KVM_CACHE_DIR: path.join(bundle, 'not-a-directory') }), { answer: [2, 4, 6] });
   t.same(caches(), [path.basename(file)], 'no partial files left behind');
+});
+
+t.test('a cache directory others could write to is never read', async (t) => {
+  const { bundle, cacheDir, load, caches } = setUp(t);
+  writeFileSync(bundle, 'module.exports = { answer: 42 };');
+  t.same(load(), { answer: 42 });
+  const file = path.join(cacheDir, caches()[0]!);
+  // A cache V8 refuses is replaced when read: here it must stay as it is.
+  writeFileSync(file, Buffer.alloc(4096, 0x5a));
+  chmodSync(cacheDir, 0o777);
+  t.same(load(), { answer: 42 }, 'compiled from source');
+  t.equal(statSync(file).size, 4096, 'neither read nor written');
+  chmodSync(cacheDir, 0o700);
+  t.same(load(), { answer: 42 });
+  t.not(statSync(file).size, 4096, 'read (and replaced) once the directory is private again');
 });
 
 t.test('requireBundle in this process: errors in the bundle are the bundle\'s (and nothing is cached for it)', async (t) => {
