@@ -20,7 +20,7 @@ const port = parentPort;
 if (!port) throw new Error('vcpu-worker runs in a worker thread');
 const post = (message: WorkerMessage) => port.postMessage(message);
 
-port.on('message', (message: MainMessage) => {
+const handle = (message: MainMessage) => {
   if (message.type === 'quit') {
     port.close();
     return;
@@ -33,9 +33,15 @@ port.on('message', (message: MainMessage) => {
   }
   setThreadName('vcpu-idle');
   post({ type: 'done', vcpuId: message.assignment.vcpuId, error });
-});
+};
+port.on('message', handle);
 setThreadName('vcpu-idle');
 post({ type: 'idle' });
+// A machine sends its assignment before this thread has loaded: take what waits already as soon
+// as this module has run, not on a later turn of the event loop.
+queueMicrotask(() => {
+  for (let queued = receiveMessageOnPort(port); queued; queued = receiveMessageOnPort(port)) handle(queued.message as MainMessage);
+});
 
 function runAssignment(assignment: VcpuAssignment): void {
   const control = new Int32Array(assignment.control);
