@@ -101,6 +101,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);
   fn("memoryRelease", MemoryRelease);
+  fn("memoryWrite", MemoryWrite);
+  fn("memoryFill", MemoryFill);
   fn("memoryPopulatedRanges", MemoryPopulatedRanges);
   fn("memoryDontneed", MemoryDontneed);
   fn("memoryPopulate", MemoryPopulate);

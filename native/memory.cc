@@ -390,6 +390,37 @@ Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// memoryWrite(id, offset, data): copies the Uint8Array `data` into guest memory at `offset`. For
+// writes made before JavaScript needs the memory as an ArrayBuffer (a boot image, say): making
+// that costs V8 a garbage collection for so much external memory.
+Napi::Value MemoryWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  uint64_t offset = ReadU64(env, info[1], "offset");
+  if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowTypeError(env, "data must be a Uint8Array");
+  }
+  auto data = info[2].As<Napi::Uint8Array>();
+  size_t length = data.ByteLength();
+  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + data length is beyond the end of the guest memory");
+  // memmove: `data` may be a view of this same memory.
+  if (length > 0) memmove(static_cast<uint8_t*>(mapping->addr) + offset, data.Data(), length);
+  return env.Undefined();
+}
+
+// memoryFill(id, offset, length, byte): sets [offset, offset + length) to `byte`.
+Napi::Value MemoryFill(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  uint64_t offset = ReadU64(env, info[1], "offset");
+  uint64_t length = ReadU64(env, info[2], "length");
+  uint64_t byte = ReadU64(env, info[3], "byte");
+  if (byte > 0xff) ThrowRangeError(env, "byte must be 0..255");
+  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  if (length > 0) memset(static_cast<uint8_t*>(mapping->addr) + offset, static_cast<int>(byte), length);
+  return env.Undefined();
+}
+
 // memoryPopulate(id, offset, length) -> bool: allocates and maps the pages of [offset, offset +
 // length) for writing in one call (MADV_POPULATE_WRITE, Linux 5.14), instead of one page fault per
 // page as they are first written: for filling fresh memory in bulk, as an incoming migration does.

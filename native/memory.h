@@ -10,6 +10,8 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info);
 Napi::Value MemoryMapFile(const Napi::CallbackInfo& info);
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
 Napi::Value MemoryRelease(const Napi::CallbackInfo& info);
+Napi::Value MemoryWrite(const Napi::CallbackInfo& info);
+Napi::Value MemoryFill(const Napi::CallbackInfo& info);
 // Drops the references of the GuestMemory objects of a thread that is ending.
 void ReleaseMemoryOwnedBy(napi_env env);
 Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info);

@@ -246,6 +246,6 @@ export function writeBootPlan(plan: BootPlan, memory: GuestMemory): void {
       throw new RangeError(`${write.what} [${hex(write.guestPhysAddr)}, ${hex(write.guestPhysAddr + bytes)}) is outside guest memory (${formatBytes(memory.size)})`);
     }
     if ('data' in write) memory.write(write.guestPhysAddr, write.data);
-    else memory.bytes(write.guestPhysAddr, write.zeroBytes).fill(0);
+    else memory.fill(write.guestPhysAddr, write.zeroBytes);
   }
 }

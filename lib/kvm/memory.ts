@@ -159,10 +159,26 @@ export class GuestMemory extends Handle {
     return new Uint8Array(this.buffer, start, count);
   }
 
-  /** Copies `data` into guest memory at `offset`. */
+  /** Copies `data` into guest memory at `offset` (without making `buffer` if there is none yet). */
   write(offset: number, data: Uint8Array): void {
     if (!(data instanceof Uint8Array)) throw new TypeError('data must be a Uint8Array');
-    this.bytes(offset, data.length).set(data);
+    native.memoryWrite(this.#id, this.#checkRange(offset, data.length), data);
+  }
+
+  /** Sets `length` bytes from `offset` to `byte` (0 unless given), without making `buffer`. */
+  fill(offset: number, length: number, byte = 0): void {
+    const start = this.#checkRange(offset, length);
+    if (typeof byte !== 'number' || !Number.isInteger(byte) || byte < 0 || byte > 255) throw new RangeError(`byte must be an integer 0..255, got ${String(byte)}`);
+    native.memoryFill(this.#id, start, Number(length), byte);
+  }
+
+  /** The start of [offset, offset + length), checked to lie inside this memory. */
+  #checkRange(offset: number, length: number): number {
+    this.assertOpen();
+    const start = Number(checkAddress(offset, 'offset'));
+    const count = Number(checkAddress(length, 'length'));
+    if (start > this.size || count > this.size - start) throw new RangeError(`[${start}, ${start + count}) is outside guest memory of ${this.size} bytes`);
+    return start;
   }
 
   /**

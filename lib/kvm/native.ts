@@ -38,6 +38,8 @@ export interface NativeBinding {
   memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryRelease(id: number): void;
+  memoryWrite(id: number, offset: number, data: Uint8Array): void;
+  memoryFill(id: number, offset: number, length: number, byte: number): void;
   memoryPopulatedRanges(id: number): Float64Array;
   memoryDontneed(id: number, offset: number, length: number): void;
   memoryPopulate(id: number, offset: number, length: number): boolean;

@@ -486,6 +486,13 @@ t.test('the raw addon rejects garbage without crashing', { skip: noKvm }, async 
   rejects(t, 'memoryCreate(4097)', () => native.memoryCreate(4097, false, false, false), RangeError, /size/);
   rejects(t, "memoryCreate('x')", () => native.memoryCreate('x' as unknown as number, false, false, false), TypeError, /size/);
   rejectsKvm(t, 'memoryAttach(999999)', () => native.memoryAttach(999999), { code: 'EBADF' });
+  rejectsKvm(t, 'memoryWrite(999999, ...)', () => native.memoryWrite(999999, 0, Uint8Array.of(1)), { code: 'EBADF' });
+  rejects(t, 'memoryWrite past the end', () => native.memoryWrite(memory.nativeId, MiB - 1, Uint8Array.of(1, 2)), RangeError, /beyond the end/);
+  rejects(t, 'memoryWrite at 2^64-1', () => native.memoryWrite(memory.nativeId, (1n << 64n) - 1n as unknown as number, Uint8Array.of(1)), RangeError, /beyond the end/);
+  rejects(t, 'memoryWrite of a Uint16Array', () => native.memoryWrite(memory.nativeId, 0, new Uint16Array(2) as unknown as Uint8Array), TypeError, /Uint8Array/);
+  rejects(t, 'memoryFill past the end', () => native.memoryFill(memory.nativeId, 1, MiB, 0), RangeError, /beyond the end/);
+  rejects(t, 'memoryFill with byte 256', () => native.memoryFill(memory.nativeId, 0, 1, 256), RangeError, /byte/);
+  t.doesNotThrow(() => native.memoryRelease(999999), 'releasing an unknown memory id does nothing');
   rejects(t, 'createEventFd(-1)', () => native.createEventFd(-1, false, true), RangeError, /initialValue/);
   rejects(t, "createVcpu(vm, '0')", () => native.createVcpu(vmHandle, '0' as unknown as number), TypeError, /id/);
   rejects(t, 'harvestDirtyRing(vcpu, [])', () => native.harvestDirtyRing(vcpuHandle, [] as unknown as Float64Array), TypeError, /Float64Array/);

@@ -284,6 +284,7 @@ const methods: Method[] = [
   ...['handle', 'nativeId', 'close'].map((name) => ({ kind: 'memory' as const, name, plausible: none })),
   { kind: 'memory', name: 'bytes', plausible: () => [int(8) * 4096, int(4097)] },
   { kind: 'memory', name: 'write', plausible: () => [int(16) * 4096, new Uint8Array(int(4097))] },
+  { kind: 'memory', name: 'fill', plausible: () => [int(16) * 4096, int(8193), int(300)] },
 
   { kind: 'eventfd', name: 'read', plausible: none },
   { kind: 'eventfd', name: 'close', plausible: none },
@@ -322,6 +323,14 @@ const methods: Method[] = [
       // A raw view has no GuestMemory to close it: drop it now rather than at a garbage collection.
       native.detachBuffer(buffer);
     },
+  },
+  {
+    kind: 'native', name: 'memoryWrite', plausible: () => [memoryIdArg(), pick([0, 4096, MiB - 1, MiB, 2 ** 53]), new Uint8Array(int(8193))],
+    call: (_, args) => native.memoryWrite(...(args as [number, number, Uint8Array])),
+  },
+  {
+    kind: 'native', name: 'memoryFill', plausible: () => [memoryIdArg(), pick([0, 4096, MiB - 1, MiB]), int(8193), int(300)],
+    call: (_, args) => native.memoryFill(...(args as [number, number, number, number])),
   },
   { kind: 'native', name: 'kick', plausible: () => [nativeHandle()], call: (_, args) => native.kick(...(args as [number])) },
   { kind: 'native', name: 'harvestDirtyRing', plausible: () => [nativeHandle(), new Float64Array(8)], call: (_, args) => native.harvestDirtyRing(...(args as [number, Float64Array])) },

@@ -153,6 +153,41 @@ t.test('guest RAM becomes an ArrayBuffer only when JavaScript first reads it, an
   t.throws(() => unread.bytes(), { name: 'KvmError', code: 'EBADF' });
 });
 
+t.test('write() and fill() reach guest RAM without making its ArrayBuffer, inside its bounds only', async (t) => {
+  const size = 64 * MiB;
+  await nextTurn();
+  const external = process.memoryUsage().external;
+  const memory = GuestMemory.create(size, { backing: 'memfd' });
+  t.teardown(() => memory.close());
+  memory.write(size - 3, Uint8Array.of(1, 2, 3));
+  memory.fill(4096, 8192, 0xab);
+  memory.fill(8192, 2); // zero by default
+  t.ok(process.memoryUsage().external - external < size / 2, 'still no ArrayBuffer');
+  const read = (offset: number, length: number) => {
+    const out = Buffer.alloc(length);
+    readSync(memory.fd, out, 0, length, offset);
+    return [...out];
+  };
+  t.same(read(size - 4, 4), [0, 1, 2, 3]);
+  t.same(read(4095, 3), [0, 0xab, 0xab]);
+  t.same(read(8191, 4), [0xab, 0, 0, 0xab]);
+  t.same(read(4096 + 8192 - 1, 2), [0xab, 0]);
+  // A view of the same memory as the source (memmove, not memcpy).
+  memory.write(4090, memory.bytes(4094, 8));
+  t.same([...memory.bytes(4090, 8)], [0, 0, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab]);
+  t.throws(() => memory.write(size - 2, Uint8Array.of(1, 2, 3)), RangeError);
+  t.throws(() => memory.write(-1, Uint8Array.of(1)), RangeError);
+  t.throws(() => memory.write(0, [1, 2] as unknown as Uint8Array), TypeError);
+  t.throws(() => memory.fill(size, 1), RangeError);
+  t.throws(() => memory.fill(0, size + 1), RangeError);
+  t.throws(() => memory.fill(0, 1, 256), RangeError);
+  t.throws(() => memory.fill(0, 1, 1.5), RangeError);
+  t.same(read(size - 4, 4), [0, 1, 2, 3], 'nothing written by a refused call');
+  memory.close();
+  t.throws(() => memory.write(0, Uint8Array.of(1)), { name: 'KvmError', code: 'EBADF' });
+  t.throws(() => memory.fill(0, 1), { name: 'KvmError', code: 'EBADF' });
+});
+
 t.test('closing an attached view leaves the creator\'s mapping alone', async (t) => {
   await nextTurn();
   const before = GuestMemory.stats().mappings;
