@@ -364,11 +364,15 @@ Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info) {
 }
 
 // Arguments 1 and 2 of memoryDontneed/memoryPopulate: a page-aligned range inside the mapping.
+static void CheckRange(Napi::Env env, const Mapping& mapping, uint64_t offset, uint64_t length) {
+  if (offset > mapping.size || length > mapping.size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+}
+
 static void ReadPageRange(Napi::Env env, const Napi::CallbackInfo& info, const Mapping& mapping, uint64_t* offset, uint64_t* length) {
   *offset = ReadU64(env, info[1], "offset");
   *length = ReadU64(env, info[2], "length");
   if (*offset % kPageSize || *length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
-  if (*offset > mapping.size || *length > mapping.size - *offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  CheckRange(env, mapping, *offset, *length);
 }
 
 // memoryDontneed(id, offset, length): gives the pages of [offset, offset + length) back to the
@@ -402,7 +406,7 @@ Napi::Value MemoryWrite(const Napi::CallbackInfo& info) {
   }
   auto data = info[2].As<Napi::Uint8Array>();
   size_t length = data.ByteLength();
-  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + data length is beyond the end of the guest memory");
+  CheckRange(env, *mapping, offset, length);
   // memmove: `data` may be a view of this same memory.
   if (length > 0) memmove(static_cast<uint8_t*>(mapping->addr) + offset, data.Data(), length);
   return env.Undefined();
@@ -416,7 +420,7 @@ Napi::Value MemoryFill(const Napi::CallbackInfo& info) {
   uint64_t length = ReadU64(env, info[2], "length");
   uint64_t byte = ReadU64(env, info[3], "byte");
   if (byte > 0xff) ThrowRangeError(env, "byte must be 0..255");
-  if (offset > mapping->size || length > mapping->size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  CheckRange(env, *mapping, offset, length);
   if (length > 0) memset(static_cast<uint8_t*>(mapping->addr) + offset, static_cast<int>(byte), length);
   return env.Undefined();
 }

@@ -152,11 +152,7 @@ export class GuestMemory extends Handle {
 
   /** A byte view of [offset, offset + length). */
   bytes(offset = 0, length = this.size - offset): Uint8Array {
-    this.assertOpen();
-    const start = Number(checkAddress(offset, 'offset'));
-    const count = Number(checkAddress(length, 'length'));
-    if (start > this.size || count > this.size - start) throw new RangeError(`[${start}, ${start + count}) is outside guest memory of ${this.size} bytes`);
-    return new Uint8Array(this.buffer, start, count);
+    return new Uint8Array(this.buffer, this.#checkRange(offset, length), Number(length));
   }
 
   /** Copies `data` into guest memory at `offset` (without making `buffer` if there is none yet). */

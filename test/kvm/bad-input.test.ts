@@ -492,7 +492,11 @@ t.test('the raw addon rejects garbage without crashing', { skip: noKvm }, async 
   rejects(t, 'memoryWrite of a Uint16Array', () => native.memoryWrite(memory.nativeId, 0, new Uint16Array(2) as unknown as Uint8Array), TypeError, /Uint8Array/);
   rejects(t, 'memoryFill past the end', () => native.memoryFill(memory.nativeId, 1, MiB, 0), RangeError, /beyond the end/);
   rejects(t, 'memoryFill with byte 256', () => native.memoryFill(memory.nativeId, 0, 1, 256), RangeError, /byte/);
-  t.doesNotThrow(() => native.memoryRelease(999999), 'releasing an unknown memory id does nothing');
+  const mappings = GuestMemory.stats().mappings;
+  native.memoryRelease(999999);
+  t.equal(GuestMemory.stats().mappings, mappings, 'releasing an unknown memory id releases nothing');
+  memory.write(0, Uint8Array.of(0x5a));
+  t.equal(memory.bytes(0, 1)[0], 0x5a, 'and the memory in use is untouched');
   rejects(t, 'createEventFd(-1)', () => native.createEventFd(-1, false, true), RangeError, /initialValue/);
   rejects(t, "createVcpu(vm, '0')", () => native.createVcpu(vmHandle, '0' as unknown as number), TypeError, /id/);
   rejects(t, 'harvestDirtyRing(vcpu, [])', () => native.harvestDirtyRing(vcpuHandle, [] as unknown as Float64Array), TypeError, /Float64Array/);
