@@ -10,6 +10,7 @@ export { setThreadName, setThreadAffinity } from './thread.js';
 export { KvmError } from './errors.js';
 export { KvmRun, KvmRunOffset } from './kvm-run.js';
 export { decodeExit, type VcpuExit } from './exit.js';
+export { encodeCpuid, encodeMsrs } from './lists.js';
 export * from './constants.js';
 export * as structs from './structs.js';
 export type {

@@ -24,8 +24,10 @@ export function decodeList<F extends Fields>(type: StructType<F>, data: Uint8Arr
   return Array.from({ length: n }, (_, i) => type.decode(data.subarray(HEADER_BYTES + i * type.size)));
 }
 
+/** A kvm_cpuid2 for Vcpu.setCpuid2(): encoded once, it can be set on many vCPUs or sent to their threads. */
 export const encodeCpuid = (entries: readonly CpuidEntry[]) => encodeList(kvmCpuidEntry2, entries, 'cpuid entries');
 export const decodeCpuid = (data: Uint8Array) => decodeList(kvmCpuidEntry2, data);
+/** A kvm_msrs for Vcpu.setMsrs(), as encodeCpuid() is for CPUID. */
 export const encodeMsrs = (entries: readonly MsrEntry[]) => encodeList(kvmMsrEntry, entries, 'msr entries');
 
 export function encodeMsrIndices(indices: readonly number[]): Uint8Array {

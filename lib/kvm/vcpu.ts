@@ -173,16 +173,22 @@ export class Vcpu extends Handle {
     return decodeList(kvmMsrEntry, buffer);
   }
 
-  /** Writes the given MSRs. Throws a KvmError naming the first MSR that KVM refused. */
-  setMsrs(entries: readonly MsrEntry[]): void {
-    const written = this.#ioctl(OPS.setMsrs, encodeMsrs(entries));
-    if (written < entries.length) {
-      throw new KvmError('EINVAL', -22, 'ioctl(KVM_SET_MSRS)', `MSR 0x${entries[written]!.index.toString(16)} cannot be set to 0x${BigInt(entries[written]!.data).toString(16)}`);
+  /**
+   * Writes the given MSRs: entries, or the kvm_msrs that encodeMsrs() made of them (made once, on
+   * any thread, for many vCPUs). Throws a KvmError naming the first MSR that KVM refused.
+   */
+  setMsrs(entries: readonly MsrEntry[] | Uint8Array): void {
+    const encoded = entries instanceof Uint8Array ? entries : encodeMsrs(entries);
+    const written = this.#ioctl(OPS.setMsrs, encoded);
+    if (written < listCount(encoded)) {
+      const refused = entries instanceof Uint8Array ? decodeList(kvmMsrEntry, encoded)[written]! : entries[written]!;
+      throw new KvmError('EINVAL', -22, 'ioctl(KVM_SET_MSRS)', `MSR 0x${refused.index.toString(16)} cannot be set to 0x${BigInt(refused.data).toString(16)}`);
     }
   }
 
-  setCpuid2(entries: readonly CpuidEntry[]): void {
-    this.#ioctl(OPS.setCpuid2, encodeCpuid(entries));
+  /** Sets the CPUID: entries, or the kvm_cpuid2 that encodeCpuid() made of them. */
+  setCpuid2(entries: readonly CpuidEntry[] | Uint8Array): void {
+    this.#ioctl(OPS.setCpuid2, entries instanceof Uint8Array ? entries : encodeCpuid(entries));
   }
 
   getCpuid2(): CpuidEntry[] {

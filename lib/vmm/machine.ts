@@ -5,7 +5,7 @@ import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, isBzImage, planBoot, writeBootPlan, type BootPlan, type CpuMode } from '../boot/index.js';
-import { GuestMemory, Kvm, kickVcpu, type CpuidEntry, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { GuestMemory, Kvm, encodeCpuid, encodeMsrs, kickVcpu, type CpuidEntry, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { PostCode, type PostCodeState } from '../devices/post-code.js';
 import { Serial, type SerialState } from '../devices/serial.js';
 import { DirtyBitmap } from '../migration/dirty-bitmap.js';
@@ -419,7 +419,7 @@ export class Machine extends EventEmitter {
       const control = new Int32Array(createControl());
       supportedCpuidCache ??= kvm.getSupportedCpuid();
       const supported = supportedCpuidCache;
-      const msrs = bootMsrs();
+      const msrs = plan.state ? null : encodeMsrs(bootMsrs());
       msrIndexListCache ??= kvm.getMsrIndexList();
       const channels = Array.from({ length: vcpus }, () => new MessageChannel());
       cleanup.unshift(() => channels.forEach((channel) => channel.port1.close()));
@@ -451,7 +451,7 @@ export class Machine extends EventEmitter {
           type: 'assign',
           assignment: {
             vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
-            cpuid: plan.state ? [] : guestCpuid(supported, id, vcpus), msrs: plan.state ? [] : msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
+            cpuid: plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus)), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
             affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
             requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
             msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,

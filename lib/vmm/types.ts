@@ -34,8 +34,12 @@ export interface VcpuAssignment {
   vcpuId: number;
   vcpuCount: number;
   boot: BootState | null;
-  cpuid: CpuidEntry[];
-  msrs: MsrEntry[];
+  /**
+   * The vCPU's CPUID and boot MSRs as the ioctls take them (encodeCpuid(), encodeMsrs()): the
+   * main thread encodes them while this thread starts. Null for a restore.
+   */
+  cpuid: Uint8Array | null;
+  msrs: Uint8Array | null;
   control: SharedArrayBuffer;
   devices: DevicesShared;
   irqchip: boolean;

@@ -6,6 +6,7 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
 import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import { decodeCpuid } from '../kvm/lists.js';
 import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
@@ -69,11 +70,11 @@ function runAssignment(assignment: VcpuAssignment): void {
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
-  } else {
+  } else if (assignment.cpuid && assignment.msrs) {
     // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
     vcpu.setCpuid2(assignment.cpuid);
     thread.cpuid = assignment.cpuid;
-    if (assignment.msrs.length > 0) vcpu.setMsrs(assignment.msrs);
+    vcpu.setMsrs(assignment.msrs);
     if (assignment.boot) applyBootState(vcpu, assignment.boot);
   }
   const serve = () => serveRequests(thread);
@@ -99,8 +100,13 @@ interface VcpuThreadState {
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
   halted: boolean;
   savedMsrs: number[] | null;
-  /** The CPUID this vCPU was given (null until it has one). */
-  cpuid: CpuidEntry[] | null;
+  /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
+  cpuid: CpuidEntry[] | Uint8Array | null;
+}
+
+function cpuidEntries(thread: VcpuThreadState): CpuidEntry[] | null {
+  if (thread.cpuid instanceof Uint8Array) thread.cpuid = decodeCpuid(thread.cpuid);
+  return thread.cpuid;
 }
 
 /**
@@ -117,7 +123,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state' };
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
-        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, thread.cpuid ?? undefined);
+        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, cpuidEntries(thread) ?? undefined);
         reply = { seq: request.seq, type: 'saved', state };
       } else {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
@@ -131,7 +137,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
 
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
 function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
-  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip, thread.cpuid);
+  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip, cpuidEntries(thread));
   thread.cpuid = state.cpuid;
   if (state.vmmHalted !== thread.halted) {
     Atomics.add(thread.control, HALTED, state.vmmHalted ? 1 : -1);

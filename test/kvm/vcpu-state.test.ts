@@ -3,7 +3,7 @@
 import { existsSync } from 'node:fs';
 import t, { type Test } from 'tap';
 import {
-  Cap, ExitReason, KvmError, MpState, Msr, VcpuEventValid, type Regs,
+  Cap, ExitReason, KvmError, MpState, Msr, VcpuEventValid, encodeCpuid, encodeMsrs, type Regs,
 } from '../../lib/index.js';
 import { guestImage, LOAD_ADDR, noKvm, realModeMachine, runToHalt, type RealModeMachine, throwsKvm } from '../helpers/kvm.js';
 
@@ -106,6 +106,27 @@ t.test('an MSR KVM does not know fails with its index in hex', { skip: noKvm }, 
   // KVM_SET_MSRS stops at the first failure: the entry before it was written.
   t.same(vcpu.getMsrs([Msr.IA32_SYSENTER_CS]), [{ index: Msr.IA32_SYSENTER_CS, data: 0x10n }]);
   throwsKvm(t, () => vcpu.getMsrs([Msr.IA32_SYSENTER_EIP, 0x12345]), { code: 'EINVAL', syscall: 'ioctl(KVM_GET_MSRS)', message: /0x12345/ });
+});
+
+t.test('setMsrs and setCpuid2 take the encoded lists as well as entries', { skip: noKvm }, async (t) => {
+  const { vcpu, kvm } = machine(t);
+  const sysenter = [{ index: Msr.IA32_SYSENTER_CS, data: 0x18n }, { index: Msr.IA32_SYSENTER_EIP, data: 0xffffffff81001000n }];
+  vcpu.setMsrs(encodeMsrs(sysenter));
+  t.same(vcpu.getMsrs(sysenter.map((msr) => msr.index)), sysenter);
+  // The refused MSR is named from the encoded list too.
+  throwsKvm(t, () => vcpu.setMsrs(encodeMsrs([{ index: Msr.IA32_SYSENTER_CS, data: 0x20n }, { index: 0x12345, data: 7n }])), {
+    code: 'EINVAL', syscall: 'ioctl(KVM_SET_MSRS)', message: /MSR 0x12345 cannot be set to 0x7/,
+  });
+  t.same(vcpu.getMsrs([Msr.IA32_SYSENTER_CS]), [{ index: Msr.IA32_SYSENTER_CS, data: 0x20n }]);
+
+  const leaf0 = kvm.getSupportedCpuid().filter((entry) => entry.function === 0).map((entry) => ({ ...entry, ebx: 0x6b76656e }));
+  vcpu.setCpuid2(encodeCpuid(leaf0));
+  t.same(vcpu.getCpuid2().find((entry) => entry.function === 0)?.ebx, 0x6b76656e, 'leaf 0 as encoded');
+
+  // A list whose count claims more entries than its bytes hold never reaches the kernel.
+  const short = encodeCpuid(leaf0).subarray(0, 8);
+  t.throws(() => vcpu.setCpuid2(short), { name: 'RangeError', message: /fewer entries than its count/ });
+  t.throws(() => vcpu.setMsrs(new Uint8Array(3)), RangeError);
 });
 
 t.test('getCpuid2 returns the leaves setCpuid2 set', { skip: noKvm }, async (t) => {
