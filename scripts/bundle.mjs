@@ -20,8 +20,9 @@ if (workers.length === 0) throw new Error(`no worker modules in ${vmmDir}: run t
 
 /**
  * One CommonJS file from an ES module entry. The modules locate things from their own URL (the
- * package root for the addon, the worker files beside the pool): in a bundle every module's
- * `import.meta.url` becomes `urlExpression`, a file in dist/lib/vmm, where the workers are.
+ * worker files beside the pool): in a bundle every module's `import.meta.url` becomes
+ * `urlExpression`, a file in dist/lib/vmm, where the workers are. Every bundle sits in
+ * dist/lib/<dir>, so it also knows the package root without searching for it (lib/kvm/native.ts).
  */
 async function bundle(entry, outfile, urlExpression, plugins = []) {
   await build({
@@ -31,8 +32,8 @@ async function bundle(entry, outfile, urlExpression, plugins = []) {
     platform: 'node',
     target: 'node20',
     format: 'cjs',
-    define: { 'import.meta.url': '__moduleUrl' },
-    banner: { js: `const __moduleUrl = ${urlExpression};` },
+    define: { 'import.meta.url': '__moduleUrl', NODE_KVM_PACKAGE_ROOT: '__packageRoot' },
+    banner: { js: `const __moduleUrl = ${urlExpression};\nconst __packageRoot = require('node:path').resolve(__dirname, '..', '..', '..');` },
     plugins,
     // import() of a bundle left out becomes require(): no ES module loader to start for it.
     supported: { 'dynamic-import': false },
