@@ -141,14 +141,14 @@ const C_GUEST_FLAGS = [
   '-mgeneral-regs-only', '-fno-stack-protector', '-O2', '-m64', '-static', '-std=gnu11', '-Wall', '-Wextra',
   // No .eh_frame: nothing unwinds, and rt.ld has no place for it.
   '-fno-asynchronous-unwind-tables', '-fno-unwind-tables',
-  '-I', GUESTS_DIR,
+  '-I', GUESTS_DIR, `-Wa,-I,${INCLUDE_DIR}`,
 ];
 
 function buildCGuest(name, { sources }, { force, log }) {
   const elf = guestPath(name);
   const rtFiles = readdirSync(RT_DIR).map((f) => join(RT_DIR, f));
   const compiled = [join(RT_DIR, 'crt0.S'), ...rtFiles.filter((f) => f.endsWith('.c')).sort(), ...sources.map((f) => join(GUESTS_DIR, f))];
-  if (!force && isNewer(elf, [...compiled, ...rtFiles, fileURLToPath(import.meta.url)])) {
+  if (!force && isNewer(elf, [...compiled, ...rtFiles, ...includeFiles(), fileURLToPath(import.meta.url)])) {
     log(`up to date: ${elf}`);
     return elf;
   }

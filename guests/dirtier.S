@@ -36,6 +36,7 @@
         .else
         .set    DEFAULT_RANGE, 0x100000
         .endif
+        .include "cpl3.inc"
 
         .code64
         .text
@@ -150,27 +151,7 @@ stop:
         .ifdef  USER_MODE
 /* Own GDT with user segments and a TSS, an IDT for #GP, then IRETQ to `passes` at CPL 3. */
 enter_user:
-        lgdt    gdtr(%rip)
-        lea     tss(%rip), %rax                 /* the TSS descriptor's base, split */
-        lea     gdt(%rip), %rdx
-        mov     %ax, 0x28+2(%rdx)
-        shr     $16, %rax
-        mov     %al, 0x28+4(%rdx)
-        mov     %ah, 0x28+7(%rdx)
-        shr     $16, %rax
-        mov     %eax, 0x28+8(%rdx)
-        lea     stack_top(%rip), %rax
-        mov     %rax, tss+4(%rip)               /* RSP0: where #GP from CPL 3 runs */
-        mov     $0x28, %ax
-        ltr     %ax
-        push    $0x08                           /* reload CS from this GDT */
-        lea     1f(%rip), %rax
-        push    %rax
-        lretq
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
+        LOAD_CPL3_SEGMENTS stack_top            /* #GP from CPL 3 runs on stack_top */
         lea     gp_handler(%rip), %rax          /* IDT entry 13: 64-bit interrupt gate, CS 0x08 */
         lea     idt+13*16(%rip), %rdx
         mov     %ax, (%rdx)
@@ -236,24 +217,11 @@ pass_limit: .long 0
         .long   0
 range_end:  .quad 0
         .ifdef  USER_MODE
-        .align  16
-gdt:    .quad   0                               /* 0x00 null */
-        .quad   0x00af9b000000ffff              /* 0x08 kernel code, 64-bit */
-        .quad   0x00cf93000000ffff              /* 0x10 kernel data */
-        .quad   0x00cff3000000ffff              /* 0x18 user data, DPL 3 */
-        .quad   0x00affb000000ffff              /* 0x20 user code, 64-bit, DPL 3 */
-        .quad   0x0000890000000067              /* 0x28 TSS, 64-bit available, limit 0x67 */
-        .quad   0                               /*      (base 63:32) */
-gdt_end:
-gdtr:   .word   gdt_end - gdt - 1
-        .quad   gdt
+        CPL3_TABLES
         .align  16
 idt:    .space  14*16                           /* up to #GP; other vectors are beyond the limit */
 idtr:   .word   14*16 - 1
         .quad   idt
-        .align  16
-tss:    .space  102                             /* RSP0 at 4, set at run time */
-        .word   104                             /* I/O map base past the limit: no bitmap */
         .endif
 
         .bss

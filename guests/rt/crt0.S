@@ -7,11 +7,10 @@
  * for vectors 0-31, and IRETQs to user_start at CPL 3 with RFLAGS.IOPL = 3, IF = 0 (or calls it at
  * CPL 0 when the guest sets rt_run_main_at_cpl0).
  */
+        .include "cpl3.inc"
         .set    KERNEL_CS, 0x08
-        .set    KERNEL_DS, 0x10
         .set    USER_DS, 0x18 | 3
         .set    USER_CS, 0x20 | 3
-        .set    TSS_SEL, 0x28
         .set    GP_VECTOR, 13
         .set    VECTORS, 32
 
@@ -22,27 +21,8 @@ _start:
         lea     kernel_stack_top(%rip), %rsp
         mov     %rbx, rt_start_info(%rip)
 
-        lgdt    gdtr(%rip)
-        lea     tss(%rip), %rax                 /* the TSS descriptor's base, split */
-        lea     gdt(%rip), %rdx
-        mov     %ax, TSS_SEL+2(%rdx)
-        shr     $16, %rax
-        mov     %al, TSS_SEL+4(%rdx)
-        mov     %ah, TSS_SEL+7(%rdx)
-        shr     $16, %rax
-        mov     %eax, TSS_SEL+8(%rdx)
-        lea     kernel_stack_top(%rip), %rax
-        mov     %rax, tss+4(%rip)               /* RSP0: where exceptions from CPL 3 run */
-        mov     $TSS_SEL, %ax
-        ltr     %ax
-        push    $KERNEL_CS                      /* reload CS from this GDT */
-        lea     1f(%rip), %rax
-        push    %rax
-        lretq
-1:      mov     $KERNEL_DS, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
+        /* Exceptions from CPL 3 run on the kernel stack. */
+        LOAD_CPL3_SEGMENTS kernel_stack_top
 
         /* IDT: vector v -> exception_stubs + 16 * v (#GP -> gp_handler); 64-bit interrupt gates. */
         lea     idt(%rip), %rdi
@@ -153,24 +133,11 @@ rt_run_main_at_cpl0:
         .align  8
 rt_start_info:
         .quad   0
-        .align  16
-gdt:    .quad   0                               /* 0x00 null */
-        .quad   0x00af9b000000ffff              /* 0x08 kernel code, 64-bit */
-        .quad   0x00cf93000000ffff              /* 0x10 kernel data */
-        .quad   0x00cff3000000ffff              /* 0x18 user data, DPL 3 */
-        .quad   0x00affb000000ffff              /* 0x20 user code, 64-bit, DPL 3 */
-        .quad   0x0000890000000067              /* 0x28 TSS, 64-bit available, limit 0x67 */
-        .quad   0                               /*      (base 63:32) */
-gdt_end:
-gdtr:   .word   gdt_end - gdt - 1
-        .quad   gdt
+        CPL3_TABLES
         .align  16
 idt:    .space  VECTORS * 16
 idtr:   .word   VECTORS * 16 - 1
         .quad   idt
-        .align  16
-tss:    .space  102                             /* RSP0 at 4, set at run time */
-        .word   104                             /* I/O map base past the limit: no bitmap */
 
         .bss
         .align  16
