@@ -46,9 +46,10 @@ const codeCacheModule = path.join(vmmDir, 'code-cache.js');
 /** Source of a module that runs the bundle `file` (beside the output) through the code cache. */
 function loaderSource(file, use, exportsMain = false) {
   return [
-    `import path from 'node:path';`,
+    `import { join } from 'node:path';`,
     `import { requireBundle } from ${JSON.stringify(codeCacheModule)};`,
-    `const loaded = requireBundle(path.join(__dirname, ${JSON.stringify(file)}), ${use});`,
+    // Its own require() does for the bundle beside it: both resolve from this directory.
+    `const loaded = requireBundle(join(__dirname, ${JSON.stringify(file)}), ${use}, require);`,
     exportsMain ? `export const main = loaded.main;` : '',
   ].join('\n');
 }

@@ -5,14 +5,16 @@
 // guest's first instruction, where reading the bytecode back costs a fraction.
 //
 // The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
-// ~/.cache/node-kvm), one file per bundle and use. It is written at exit when it was missing or
+// $HOME/.cache/node-kvm; none without any of them), one file per bundle and use. It is written at exit when it was missing or
 // V8 refused it, so it holds the functions that use ran, and it replaces the one of an earlier
 // build; failures to read or write it only cost the time it would have saved. A directory that
 // another user, or anyone but its owner, could write to is never read: V8 runs what it holds.
+//
+// A vCPU thread runs this first, so it imports only what such a thread has loaded already (each
+// other built-in module costs a new thread a tenth of a millisecond or more): no node:module, no
+// node:os, and named imports (a bundle copies every export of a default import).
 import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
-import Module, { createRequire } from 'node:module';
-import { homedir } from 'node:os';
-import path from 'node:path';
+import { basename, dirname, isAbsolute, join } from 'node:path';
 import { Script } from 'node:vm';
 
 /** Where caches go, or null if this user has nowhere to put them. */
@@ -20,12 +22,9 @@ export function codeCacheDir(): string | null {
   const configured = process.env.NODE_KVM_CACHE_DIR;
   if (configured) return configured;
   const xdg = process.env.XDG_CACHE_HOME;
-  if (xdg && path.isAbsolute(xdg)) return path.join(xdg, 'node-kvm');
-  try {
-    return path.join(homedir(), '.cache', 'node-kvm');
-  } catch {
-    return null;
-  }
+  if (xdg && isAbsolute(xdg)) return join(xdg, 'node-kvm');
+  const home = process.env.HOME;
+  return home && isAbsolute(home) ? join(home, '.cache', 'node-kvm') : null;
 }
 
 /**
@@ -35,7 +34,7 @@ export function codeCacheDir(): string | null {
  */
 export function codeCacheFile(dir: string, bundle: string, use: string): string {
   const { size, mtimeMs, ino } = statSync(bundle);
-  return path.join(dir, `${cachePrefix(bundle, use)}${process.version}-${process.arch}.${size}-${Math.trunc(mtimeMs)}-${ino}${CACHE_SUFFIX}`);
+  return join(dir, `${cachePrefix(bundle, use)}${process.version}-${process.arch}.${size}-${Math.trunc(mtimeMs)}-${ino}${CACHE_SUFFIX}`);
 }
 
 const CACHE_SUFFIX = '.v8cache';
@@ -43,15 +42,19 @@ const CACHE_SUFFIX = '.v8cache';
 /** What every cache of `bundle` used as `use` is named from, whatever its build. */
 function cachePrefix(bundle: string, use: string): string {
   const safeUse = use.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 32) || 'default';
-  return `${path.basename(bundle, '.cjs')}.${safeUse}.`;
+  return `${basename(bundle, '.cjs')}.${safeUse}.`;
 }
+
+/** What Node wraps a CommonJS module's source in (Module.wrap()). */
+const WRAPPER = ['(function (exports, require, module, __filename, __dirname) { ', '\n});'] as const;
 
 /**
  * Runs the CommonJS bundle `file` and returns its exports, as require() would, compiled from the
  * code cache where one fits. `use` names what this process or thread does with it (a command),
- * since each use compiles different functions.
+ * since each use compiles different functions. `require` is the bundle's: one made for a file
+ * in its directory (a loader beside it passes its own).
  */
-export function requireBundle(file: string, use: string): unknown {
+export function requireBundle(file: string, use: string, require: NodeJS.Require): unknown {
   const source = readFileSync(file, 'utf8');
   const dir = codeCacheDir();
   let cacheFile: string | null = null;
@@ -64,10 +67,10 @@ export function requireBundle(file: string, use: string): unknown {
       // No cache yet (or none possible): compiled from source, and cached at exit.
     }
   }
-  const script = new Script(Module.wrap(source), { filename: file, cachedData });
+  const script = new Script(WRAPPER[0] + source + WRAPPER[1], { filename: file, cachedData });
   const module = { exports: {} as unknown, filename: file, id: file, loaded: false };
   const load = script.runInThisContext() as (exports: unknown, require: NodeJS.Require, module: unknown, filename: string, dirname: string) => void;
-  load.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
+  load.call(module.exports, module.exports, require, module, file, dirname(file));
   module.loaded = true;
   // (A bundle that failed to load is not worth caching.)
   if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
@@ -110,7 +113,7 @@ function saveCodeCache(script: Script, dir: string, file: string, stale: string)
       throw error;
     }
     for (const name of readdirSync(dir)) {
-      if (name.startsWith(stale) && name.endsWith(CACHE_SUFFIX) && name !== path.basename(file)) unlinkSync(path.join(dir, name));
+      if (name.startsWith(stale) && name.endsWith(CACHE_SUFFIX) && name !== basename(file)) unlinkSync(join(dir, name));
     }
   } catch {
     // A read-only home, a full disk: the next run compiles again.

@@ -1,7 +1,8 @@
 // Bundles loaded through V8's code cache (lib/vmm/code-cache.ts): the cache is written at exit
 // when missing, used when it fits, never confused with a rebuilt bundle, and never needed.
 import { spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -19,8 +20,8 @@ function setUp(t: Test) {
   writeFileSync(path.join(dir, 'dep.cjs'), 'module.exports = 1;');
   const cacheDir = path.join(dir, 'cache');
   const loader = path.join(dir, 'load.mts');
-  writeFileSync(loader, `import { requireBundle } from ${JSON.stringify(codeCache)};\n`
-    + `console.log(JSON.stringify(requireBundle(${JSON.stringify(bundle)}, process.argv[2] ?? 'test')));\n`);
+  writeFileSync(loader, `import { createRequire } from 'node:module';\nimport { requireBundle } from ${JSON.stringify(codeCache)};\n`
+    + `console.log(JSON.stringify(requireBundle(${JSON.stringify(bundle)}, process.argv[2] ?? 'test', createRequire(import.meta.url))));\n`);
   const load = (use = 'test', env: Record<string, string> = { NODE_KVM_CACHE_DIR: cacheDir }) => {
     const result = spawnSync(process.execPath, [...process.execArgv, loader, use], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 60_000 });
     if (result.status !== 0) throw new Error(`loader failed: ${result.stderr}`);
@@ -87,9 +88,23 @@ t.test('a cache directory others could write to is never read', async (t) => {
   t.not(statSync(file).size, 4096, 'read (and replaced) once the directory is private again');
 });
 
+t.test('the cache goes to $XDG_CACHE_HOME, else $HOME/.cache; without either, nowhere', async (t) => {
+  const { dir, bundle, load } = setUp(t);
+  writeFileSync(bundle, 'module.exports = { answer: 42 };');
+  const unset = { NODE_KVM_CACHE_DIR: '', XDG_CACHE_HOME: '' };
+  t.same(load('test', { ...unset, HOME: path.join(dir, 'home') }), { answer: 42 });
+  t.equal(readdirSync(path.join(dir, 'home', '.cache', 'node-kvm')).length, 1, 'under $HOME');
+  t.same(load('test', { ...unset, XDG_CACHE_HOME: path.join(dir, 'xdg'), HOME: path.join(dir, 'home') }), { answer: 42 });
+  t.equal(readdirSync(path.join(dir, 'xdg', 'node-kvm')).length, 1, 'under $XDG_CACHE_HOME');
+  const before = readdirSync(dir).sort();
+  t.same(load('test', { ...unset, XDG_CACHE_HOME: 'relative', HOME: '' }), { answer: 42 }, 'loads without a cache');
+  t.same(readdirSync(dir).sort(), before, 'and writes none');
+  t.notOk(existsSync('relative'), 'not under a relative $XDG_CACHE_HOME either');
+});
+
 t.test('requireBundle in this process: errors in the bundle are the bundle\'s (and nothing is cached for it)', async (t) => {
   const { bundle } = setUp(t);
   writeFileSync(bundle, 'throw new Error("broken bundle");');
-  t.throws(() => requireBundle(bundle, 'test'), { message: 'broken bundle' });
-  t.throws(() => requireBundle(path.join(path.dirname(bundle), 'missing.cjs'), 'test'), { code: 'ENOENT' });
+  t.throws(() => requireBundle(bundle, 'test', createRequire(bundle)), { message: 'broken bundle' });
+  t.throws(() => requireBundle(path.join(path.dirname(bundle), 'missing.cjs'), 'test', createRequire(bundle)), { code: 'ENOENT' });
 });
