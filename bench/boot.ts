@@ -1,13 +1,16 @@
 // Boot latency: (a) in a warm process, Machine.create() to the guest's first serial byte, with
-// and without a pool of pre-started vCPU threads; (b) the node-kvm CLI from process start to the
-// first serial byte, against `node -e 0` in the same run; (c) QEMU (microvm, PVH guest) where
-// installed. Run: npm run bench:boot [-- --iterations N] [--json]
+// and without a pool of pre-started vCPU threads, beside an empty Worker's start (the floor of
+// the figure without a pool); (b) the node-kvm CLI from process start to the first serial byte,
+// against `node -e 0` and a process that starts an empty thread writing one byte (the command's
+// floor) in the same run; (c) QEMU (microvm, PVH guest) where installed.
+// Run: npm run bench:boot [-- --iterations N] [--json]
 import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { Worker } from 'node:worker_threads';
 import { Machine, VcpuWorkerPool } from '../lib/index.js';
 
 const { values } = parseArgs({ options: { iterations: { type: 'string', default: '20' }, json: { type: 'boolean' } } });
@@ -41,6 +44,22 @@ async function createToFirstByte(pool?: VcpuWorkerPool): Promise<number> {
   await machine.wait();
   return firstByte - started;
 }
+
+/** An empty Worker, from new Worker() until its first message: what any new vCPU thread costs here. */
+function emptyThread(): Promise<number> {
+  const started = performance.now();
+  const worker = new Worker('require("node:worker_threads").parentPort.postMessage(0)', { eval: true });
+  return new Promise((resolve, reject) => {
+    worker.once('error', reject);
+    worker.once('message', () => {
+      const time = performance.now() - started;
+      void worker.terminate().then(() => resolve(time));
+    });
+  });
+}
+
+/** A process that starts an empty thread writing one byte to stdout: the command's floor. */
+const EMPTY_THREAD_PROCESS = 'new (require("node:worker_threads").Worker)(\'require("node:fs").writeSync(1, "x")\', { eval: true })';
 
 /** A child process until its first stdout byte (or its exit, for `node -e 0`). */
 function processTime(args: string[], untilFirstByte: boolean): Promise<number> {
@@ -78,8 +97,13 @@ function qemuTime(): number | null {
 
 // (a) warm process. The first run of each loads code; it is not counted.
 await createToFirstByte();
+await emptyThread();
 const cold: number[] = [];
-for (let i = 0; i < iterations; i++) cold.push(await createToFirstByte());
+const empty: number[] = [];
+for (let i = 0; i < iterations; i++) {
+  cold.push(await createToFirstByte());
+  empty.push(await emptyThread());
+}
 const pool = await VcpuWorkerPool.create(1);
 await createToFirstByte(pool);
 const pooled: number[] = [];
@@ -89,18 +113,23 @@ await pool.close();
 // (b) process start to first byte, interleaved with node -e 0.
 const cliRuns: number[] = [];
 const nodeRuns: number[] = [];
+const emptyThreadRuns: number[] = [];
 const processIterations = Math.max(5, Math.floor(iterations / 2));
 for (let i = 0; i < processIterations; i++) {
   cliRuns.push(await processTime([cli, 'run', path.join(root, 'guests', 'build', 'hello.bin')], true));
   nodeRuns.push(await processTime(['-e', '0'], false));
+  emptyThreadRuns.push(await processTime(['-e', EMPTY_THREAD_PROCESS], true));
 }
 
 const qemu = qemuTime();
 const results = {
   createToFirstByteMs: { withoutPool: median(cold), withPool: median(pooled), targetWithoutPool: 25, targetWithPool: 5 },
+  emptyThreadMs: median(empty),
   cliToFirstByteMs: median(cliRuns),
   nodeAloneMs: median(nodeRuns),
   cliOverNode: median(cliRuns) / median(nodeRuns),
+  emptyThreadProcessMs: median(emptyThreadRuns),
+  emptyThreadProcessOverNode: median(emptyThreadRuns) / median(nodeRuns),
   qemuMicrovmMs: qemu,
 };
 if (values.json) {
@@ -109,9 +138,11 @@ if (values.json) {
   const f = (ms: number) => `${ms.toFixed(2)} ms`;
   console.log(`boot latency, median of ${iterations} (process rows: ${processIterations})`);
   console.log(`  Machine.create() -> first serial byte, new threads   ${f(results.createToFirstByteMs.withoutPool)}  (target < 25 ms)`);
+  console.log(`  new Worker() -> first message, an empty thread       ${f(results.emptyThreadMs)}  (the floor: new threads are ${f(results.createToFirstByteMs.withoutPool - results.emptyThreadMs)} above it)`);
   console.log(`  Machine.create() -> first serial byte, warm pool     ${f(results.createToFirstByteMs.withPool)}  (target < 5 ms)`);
   console.log(`  node-kvm run hello: process start -> first byte      ${f(results.cliToFirstByteMs)}`);
   console.log(`  node -e 0: process start -> exit                     ${f(results.nodeAloneMs)}`);
   console.log(`  ratio CLI / node alone                               ${results.cliOverNode.toFixed(2)}  (target <= 1.5)`);
+  console.log(`  node with an empty thread writing a byte             ${f(results.emptyThreadProcessMs)}  = ${results.emptyThreadProcessOverNode.toFixed(2)} of node alone (the command's floor)`);
   console.log(`  qemu-system-x86_64 -M microvm (PVH guest)            ${qemu === null ? 'not installed here' : f(qemu)}`);
 }
