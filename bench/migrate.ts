@@ -457,8 +457,14 @@ async function qemuMigrateOnce(memoryBytes: number, dir: string, fillFile: strin
     for (;;) {
       const info = await src.command('query-migrate');
       if (info.status === 'completed') {
-        const status = await dst.command('query-status');
-        if (status.status !== 'running') throw new Error(`QEMU's destination is ${String(status.status)} after the migration`);
+        // The source reports completion when it has sent everything; the destination runs the
+        // guest once it has loaded the last of it, a moment later.
+        for (;;) {
+          const status = await dst.command('query-status');
+          if (status.status === 'running') break;
+          if (status.status !== 'inmigrate' || performance.now() > deadline) throw new Error(`QEMU's destination is ${String(status.status)} after the migration`);
+          await sleep(2);
+        }
         return {
           totalMs: Number(info['total-time']),
           downtimeMs: Number(info.downtime),
