@@ -70,7 +70,8 @@ function runAssignment(assignment: VcpuAssignment): void {
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
-  } else if (assignment.cpuid && assignment.msrs) {
+  } else {
+    if (!assignment.cpuid || !assignment.msrs) throw new Error('a vCPU that is not restored needs its CPUID and MSRs');
     // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
     vcpu.setCpuid2(assignment.cpuid);
     thread.cpuid = assignment.cpuid;
