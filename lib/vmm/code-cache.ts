@@ -5,9 +5,10 @@
 // guest's first instruction, where reading the bytecode back costs a fraction.
 //
 // The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
-// $HOME/.cache/node-kvm; none without any of them), one file per bundle and use. It is written at exit when it was missing or
-// V8 refused it, so it holds the functions that use ran, and it replaces the one of an earlier
-// build; failures to read or write it only cost the time it would have saved. A directory that
+// $HOME/.cache/node-kvm; none without any of them), one file per bundle and use. It is written
+// at exit when it was missing or V8 refused it, so it holds the functions that use ran, and it
+// replaces the one of an earlier build; failures to read or write it only cost the time it would
+// have saved. A directory that
 // another user, or anyone but its owner, could write to is never read: V8 runs what it holds.
 //
 // A vCPU thread runs this first, so it imports only what such a thread has loaded already (each
