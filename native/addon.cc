@@ -109,6 +109,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
   fn("fileDeallocate", FileDeallocate);
+  fn("fileLock", FileLock);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);

@@ -31,4 +31,34 @@ Napi::Value FileDeallocate(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// fileLock(fd, kind) with an open file description lock (F_OFD_SETLK) on the whole file, as QEMU
+// locks its images: 'shared' (F_RDLCK), 'exclusive' (F_WRLCK) or 'unlock'. OFD locks belong to the
+// open file, not the process, so two opens in one process conflict as two processes do, and
+// closing the fd releases the lock. Never waits: a conflict throws EAGAIN.
+Napi::Value FileLock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsString()) ThrowTypeError(env, "fd must be a number, kind a string");
+  double fd = info[0].As<Napi::Number>().DoubleValue();
+  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowRangeError(env, "fd must be a non-negative integer");
+  std::string kind = info[1].As<Napi::String>().Utf8Value();
+  struct flock lock = {};
+  if (kind == "shared") {
+    lock.l_type = F_RDLCK;
+  } else if (kind == "exclusive") {
+    lock.l_type = F_WRLCK;
+  } else if (kind == "unlock") {
+    lock.l_type = F_UNLCK;
+  } else {
+    ThrowRangeError(env, "kind must be 'shared', 'exclusive' or 'unlock'");
+  }
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 0;
+  lock.l_len = 0;  // to the end of the file, however long it grows
+  if (fcntl(static_cast<int>(fd), F_OFD_SETLK, &lock) < 0) {
+    // POSIX allows EACCES for a conflict too; one code for callers to test.
+    ThrowSyscallError(env, errno == EACCES ? EAGAIN : errno, "fcntl(F_OFD_SETLK)");
+  }
+  return env.Undefined();
+}
+
 }  // namespace nodekvm

@@ -1,4 +1,4 @@
-// File operations Node does not offer: freeing and zeroing ranges of a disk image.
+// File operations Node does not offer: freeing and zeroing ranges of a disk image, and locking it.
 #pragma once
 
 #include <napi.h>
@@ -6,5 +6,6 @@
 namespace nodekvm {
 
 Napi::Value FileDeallocate(const Napi::CallbackInfo& info);
+Napi::Value FileLock(const Napi::CallbackInfo& info);
 
 }  // namespace nodekvm

@@ -3,7 +3,7 @@
 // no copy, and the guest's vCPUs run on meanwhile. A completed write is in the file (the page
 // cache); a completed FLUSH is on the disk (fdatasync). Read-only disks refuse every change.
 import { fdatasyncSync, fstatSync, readvSync, writevSync } from 'node:fs';
-import { native } from '../kvm/native.js';
+import { deallocateFileRange } from '../kvm/host.js';
 import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
 import { DescriptorChain, SplitQueue, VirtqueueError } from './virtqueue.js';
 import { Interrupt, type VirtioDeviceModel, type VirtioMmio } from './virtio-mmio.js';
@@ -73,6 +73,8 @@ export function diskIdBytes(config: DiskConfig): Uint8Array {
 /** The disk a device serves: an open image file. */
 export interface BlockDisk {
   fd: number;
+  /** The image's path, for messages. */
+  path: string;
   sectors: number;
   readOnly: boolean;
   /** GET_ID bytes (diskIdBytes). */
@@ -175,6 +177,7 @@ export class VirtioBlkDevice {
 /** Performs block requests on one disk. Built on the device's thread. */
 export class BlockBackend {
   readonly fd: number;
+  readonly #path: string;
   readonly #sectors: number;
   readonly #readOnly: boolean;
   readonly #id: Uint8Array;
@@ -190,8 +193,9 @@ export class BlockBackend {
   #canZeroRange = true;
   #canPunchHole = true;
 
-  constructor(options: { fd: number; sectors: number; readOnly: boolean; id: Uint8Array; ram: Uint8Array; dirty: DirtyBitmap }) {
+  constructor(options: BlockDisk & { ram: Uint8Array; dirty: DirtyBitmap }) {
     this.fd = options.fd;
+    this.#path = options.path;
     this.#sectors = options.sectors;
     this.#readOnly = options.readOnly;
     this.#id = options.id;
@@ -250,7 +254,7 @@ export class BlockBackend {
           status = BlkStatus.Unsupp;
       }
     } catch (error) {
-      problem(`I/O error: ${(error as Error).message}`);
+      problem(`${this.#path}: I/O error: ${(error as Error).message}`);
       status = BlkStatus.IoErr;
     }
     this.#writeStatus(chain, status);
@@ -272,16 +276,21 @@ export class BlockBackend {
     }
     let done = 0;
     const position = sector * SECTOR_BYTES;
-    while (done < bytes) {
-      const n = readvSync(this.fd, done === 0 ? views : this.#segmentsFrom(views, done), position + done);
-      if (n === 0) {
-        // The file shrank under us: what is missing reads as zeros.
-        for (const view of this.#segmentsFrom(views, done)) view.fill(0);
-        break;
+    try {
+      while (done < bytes) {
+        const n = readvSync(this.fd, done === 0 ? views : this.#segmentsFrom(views, done), position + done);
+        if (n === 0) {
+          // The image shrank under the guest: zeros with status OK would pass for its data.
+          const { size } = fstatSync(this.fd);
+          problem(`${this.#path}: a read past the end of the image file, which has shrunk to ${size} bytes since the disk was opened (IOERR)`);
+          return -1;
+        }
+        done += n;
       }
-      done += n;
+    } finally {
+      // Whatever a read put in guest RAM, even a failed one, is data a migration must carry.
+      for (const view of views) this.#dirty.mark(view.byteOffset - this.#ram.byteOffset, view.length);
     }
-    for (const view of views) this.#dirty.mark(view.byteOffset - this.#ram.byteOffset, view.length);
     return bytes;
   }
 
@@ -335,7 +344,7 @@ export class BlockBackend {
   #freeRange(offset: number, length: number, zero: boolean): void {
     if (zero ? this.#canZeroRange : this.#canPunchHole) {
       try {
-        native.fileDeallocate(this.fd, offset, length, zero);
+        deallocateFileRange(this.fd, offset, length, zero);
         return;
       } catch (error) {
         const code = (error as NodeJS.ErrnoException).code;

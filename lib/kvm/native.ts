@@ -48,6 +48,8 @@ export interface NativeBinding {
   dupSocket(fd: number): number;
   /** fallocate(2): punch a hole (zero false) or zero the range (zero true), keeping the size. */
   fileDeallocate(fd: number, offset: number, length: number, zero: boolean): void;
+  /** An open-file-description lock on the whole file (F_OFD_SETLK); a conflict throws EAGAIN. */
+  fileLock(fd: number, kind: 'shared' | 'exclusive' | 'unlock'): void;
   memoryInfo(): { mappings: number; bytes: number };
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;

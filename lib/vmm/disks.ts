@@ -8,6 +8,7 @@ import { Worker } from 'node:worker_threads';
 import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } from '../devices/virtio-blk.js';
 import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
+import { lockFile, unlockFile } from '../kvm/host.js';
 import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
 import { workerEntry } from './worker-entry.js';
 import { DEVICE_CONTROL_BYTES, DEVICE_PARKED, DEVICE_STATE, DeviceRunState, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
@@ -52,6 +53,8 @@ interface Disk {
   readonly control: Int32Array;
   worker: Worker | null;
   done: Promise<void>;
+  /** Holds its image's lock (shared if read-only, exclusive if writable). */
+  locked: boolean;
 }
 
 export class Disks {
@@ -76,11 +79,12 @@ export class Disks {
   }
 
   /**
-   * Opens the images, wires the eventfds into the VM and starts one parked thread per disk.
-   * Nothing is left open on failure.
+   * Opens the images, locks them (unless `lock` is false: a machine that waits for an incoming
+   * migration locks them once the source has let go, see lock()), wires the eventfds into the VM
+   * and starts one parked thread per disk. Nothing is left open on failure.
    */
   static async open(configs: Required<DiskConfig>[], options: {
-    vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; irqchip: boolean; log: (message: string) => void;
+    vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; irqchip: boolean; log: (message: string) => void; lock?: boolean;
   }): Promise<Disks> {
     const disks: Disk[] = [];
     const set = new Disks(disks);
@@ -88,12 +92,55 @@ export class Disks {
       for (const [index, config] of configs.entries()) {
         disks.push(openDisk(index, config, options));
       }
+      if (options.lock !== false) set.lock();
       await Promise.all(disks.map((disk, index) => startThread(disk, index, options)));
       return set;
     } catch (error) {
       await set.close();
       throw error;
     }
+  }
+
+  /**
+   * Takes each image's lock, as QEMU does: shared for a read-only disk, exclusive for a writable
+   * one, so that two machines (in two processes, or two in one) never write one image at once.
+   * Throws, holding none of them, if another machine holds one.
+   */
+  lock(): void {
+    const taken: Disk[] = [];
+    for (const [index, disk] of this.#disks.entries()) {
+      if (disk.locked) continue;
+      if (!lockFile(disk.fd, disk.shape.readOnly ? 'shared' : 'exclusive')) {
+        for (const held of taken) releaseLock(held);
+        const what = disk.shape.readOnly ? 'is open for writing by another machine' : 'is in use by another machine';
+        throw Object.assign(new Error(`disk ${index}: ${disk.shape.path} ${what} (it holds a lock on the image)`), { code: 'EBUSY' });
+      }
+      disk.locked = true;
+      taken.push(disk);
+    }
+  }
+
+  /** lock(), tried again for up to `waitMs` while another machine holds an image. */
+  async lockWithin(waitMs: number): Promise<void> {
+    const deadline = performance.now() + waitMs;
+    for (;;) {
+      try {
+        this.lock();
+        return;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EBUSY' || performance.now() >= deadline) throw error;
+      }
+      // A lock frees without an event to wait on: look again shortly.
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+
+  /**
+   * Lets go of the images' locks while keeping them open: a migration's source does so once its
+   * disks are paused and flushed, so that a destination on the same host can take them over.
+   */
+  unlock(): void {
+    for (const disk of this.#disks) releaseLock(disk);
   }
 
   /** Lets the threads serve their queues (the machine runs). */
@@ -168,7 +215,7 @@ function openDisk(index: number, config: Required<DiskConfig>, options: { vm: Vm
     const control = new Int32Array(new SharedArrayBuffer(DEVICE_CONTROL_BYTES));
     return {
       shape: { path: config.path, readOnly: config.readOnly, sectors, id: config.id },
-      fd, notify, irq, mmio: new VirtioMmio(shared, `virtio-blk${index}`, options.log), control, worker: null, done: Promise.resolve(),
+      fd, notify, irq, mmio: new VirtioMmio(shared, `virtio-blk${index}`, options.log), control, worker: null, done: Promise.resolve(), locked: false,
     };
   } catch (error) {
     for (const thing of opened.reverse()) thing.close();
@@ -180,7 +227,7 @@ function startThread(disk: Disk, index: number, options: { memory: GuestMemory; 
   const data: VirtioWorkerData = {
     name: `virtio-blk${index}`, mmio: disk.mmio.shared, control: disk.control.buffer as SharedArrayBuffer, notifyFd: disk.notify.fd,
     memory: options.memory.handle, dirtyBitmap: options.dirty.shared, memoryPages: options.dirty.pageCount,
-    disk: { fd: disk.fd, sectors: disk.shape.sectors, readOnly: disk.shape.readOnly, id: diskIdBytes(disk.shape) },
+    disk: { fd: disk.fd, path: disk.shape.path, sectors: disk.shape.sectors, readOnly: disk.shape.readOnly, id: diskIdBytes(disk.shape) },
   };
   const worker = new Worker(workerFile, { name: `virtio-blk${index}`, workerData: data });
   disk.worker = worker;
@@ -211,6 +258,12 @@ function startThread(disk: Disk, index: number, options: { memory: GuestMemory; 
     };
     check();
   });
+}
+
+function releaseLock(disk: Disk): void {
+  if (!disk.locked) return;
+  unlockFile(disk.fd);
+  disk.locked = false;
 }
 
 function setState(disk: Disk, state: number): void {

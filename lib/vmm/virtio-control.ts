@@ -17,7 +17,7 @@ export interface VirtioWorkerData {
   memory: GuestMemoryHandle;
   dirtyBitmap: SharedArrayBuffer;
   memoryPages: number;
-  disk: { fd: number; sectors: number; readOnly: boolean; id: Uint8Array };
+  disk: { fd: number; path: string; sectors: number; readOnly: boolean; id: Uint8Array };
 }
 
 export type VirtioWorkerMessage = { type: 'log'; message: string } | { type: 'done'; error?: string };

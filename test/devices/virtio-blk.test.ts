@@ -2,7 +2,7 @@
 // chain by chain over a fake guest RAM (test/helpers/virtio-driver.ts): exact bytes in the image
 // file and in RAM, used-ring entries, dirty pages, and every hostile ring the issue names.
 import t from 'tap';
-import { readFileSync } from 'node:fs';
+import { readFileSync, truncateSync } from 'node:fs';
 import { Interrupt, Reg, Status, VIRTIO_MMIO_MAGIC, VirtioMmio } from '../../lib/devices/virtio-mmio.js';
 import { BlkRequest, BlkStatus } from '../../lib/devices/virtio-blk.js';
 import {
@@ -330,4 +330,29 @@ t.test('polling after work: the driver is told not to notify meanwhile, and to n
   d.serve();
   t.notOk(d.device.pollForRequests(0.1, () => true));
   t.equal(availEvent(), 0, 'no event idx: the used ring\'s avail_event is left alone');
+});
+
+t.test('an image that shrinks under the guest: a read past its new end is IOERR, logged with the image\'s path', async (t) => {
+  const image = pattern(16 * 512, 5);
+  const d = driver(t, { image });
+  t.ok(d.init());
+  truncateSync(d.path, 8 * 512);
+  const read = (slot: number, sector: number, sectors: number) => {
+    const status = d.statusByte(slot);
+    d.ram.fill(0xee, DATA + slot * 0x2000, DATA + slot * 0x2000 + sectors * 512);
+    d.submit([
+      { addr: d.header(slot, BlkRequest.In, sector), len: 16, flags: 0 },
+      { addr: DATA + slot * 0x2000, len: sectors * 512, flags: F_WRITE },
+      { addr: status, len: 1, flags: F_WRITE },
+    ], slot * 3);
+    t.equal(d.serve(), 1);
+    return d.ram[status];
+  };
+  t.equal(read(0, 0, 8), BlkStatus.Ok, 'what is still in the file reads as before');
+  t.same(d.ram.subarray(DATA, DATA + 8 * 512), image.subarray(0, 8 * 512));
+  t.equal(read(1, 12, 2), BlkStatus.IoErr, 'sectors wholly past the new end');
+  t.equal(read(2, 6, 4), BlkStatus.IoErr, 'a read that runs past the new end');
+  t.same(d.logs, [`virtio-blk0: ${d.path}: a read past the end of the image file, which has shrunk to 4096 bytes since the disk was opened (IOERR)`],
+    'logged once, naming the image');
+  t.same(d.takeUsed(), [[0, 8 * 512 + 1], [3, 1], [6, 1]], 'a failed read returns only its status byte');
 });

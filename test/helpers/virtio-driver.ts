@@ -51,7 +51,7 @@ export class FakeDriver {
     this.mmio = new VirtioMmio(shared, 'virtio-blk0', log);
     this.device = new VirtioBlkDevice({
       mmio: new VirtioMmio(shared, 'virtio-blk0', log), ram: this.ram, dirty: this.dirty, log,
-      disk: { fd: this.fd, sectors, readOnly: !!options.readOnly, id: diskIdBytes({ path: this.path, id: options.id }) },
+      disk: { fd: this.fd, path: this.path, sectors, readOnly: !!options.readOnly, id: diskIdBytes({ path: this.path, id: options.id }) },
     });
   }
 
