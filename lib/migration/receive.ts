@@ -22,6 +22,8 @@ export interface IncomingTarget {
   apply(state: MachineState): Promise<void>;
   /** Runs the guest, or sets it up paused (the source's owner had paused it). */
   start(paused: boolean): void;
+  /** Lets go of the disk images at once, for the source to take back (a failed migration). */
+  releaseDisks(): void;
   discard(): Promise<void>;
   machine: Machine;
 }
@@ -103,6 +105,8 @@ export async function receiveMigration(
     return target.machine;
   } catch (error) {
     const message = (error as Error)?.message ?? String(error);
+    // Before the source hears of the failure: it takes its disk images back then.
+    target?.releaseDisks();
     try {
       if (!socket.destroyed) await Promise.race([reply([encodeErrorSection(message)]), new Promise((resolve) => setTimeout(resolve, 1000))]);
     } catch {

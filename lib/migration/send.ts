@@ -35,6 +35,13 @@ export interface MigrationSource {
   /** Resumes if paused. */
   resume(): void;
   saveState(): Promise<MachineState>;
+  /**
+   * Lets go of the disk images' locks (the guest is paused and its disks flushed), so that a
+   * destination on the same host can take them before it runs the guest.
+   */
+  releaseDisks(): void;
+  /** Takes the locks back after a failure; rejects if another machine holds an image. */
+  retakeDisks(): Promise<void>;
 }
 
 /** Why a migration failed, in words for the user; `phase` says how far it got. */
@@ -107,6 +114,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   let peer: PeerReplies | undefined;
   let paused = false;
   let pausedAt = 0;
+  let disksReleased = false;
   try {
     socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs });
     socket.on('error', () => {}); // failures surface through the reads and writes below
@@ -178,6 +186,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     await sendPages(ranges);
     // A guest its owner had paused stays paused at the destination.
     const state = { ...(await source.saveState()), running: paused };
+    // The destination locks the images once it has the whole stream, before the guest runs there.
+    source.releaseDisks();
+    disksReleased = true;
     await send([...encodeMachineState(state), encodeEnd()]);
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;
@@ -192,9 +203,23 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const phase = stats.phase;
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;
-    const error = refusal ? new MigrationError(`migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, phase) : caught;
+    let error = refusal ? new MigrationError(`migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, phase) : caught;
     source.stopTracking();
-    if (paused) source.resume();
+    let disksLost: Error | null = null;
+    if (disksReleased) {
+      try {
+        await source.retakeDisks();
+      } catch (retakeError) {
+        disksLost = retakeError as Error;
+      }
+    }
+    if (disksLost) {
+      // Another machine writes an image now: running the guest on here would corrupt it.
+      const base = asMigrationError(error, phase);
+      error = new MigrationError(`${base.message.replace(/; the guest runs on here$/, '')}; the guest stays paused here: ${disksLost.message}`, phase, (base as MigrationError).code);
+    } else if (paused) {
+      source.resume();
+    }
     if (socket && !socket.destroyed) {
       // Tell the destination why, if it still listens, then drop the connection.
       const connection = socket;

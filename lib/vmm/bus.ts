@@ -1,7 +1,8 @@
 // The I/O bus: port and MMIO ranges mapped to devices. Dispatch for ports is one table lookup
 // (65536 entries); MMIO ranges are few and sorted. Devices see offsets from their base, never
-// absolute addresses. Unknown accesses are counted (shared counters) and logged once per address;
-// reads of them return all-ones, as on a real bus with nothing there.
+// absolute addresses. Unknown accesses are counted (shared counters) and logged once per address,
+// up to a limit shared by every vCPU thread (a guest scanning the ports would otherwise write a
+// line for each of 65536); reads of them return all-ones, as on a real bus with nothing there.
 import { IoDirection } from '../kvm/constants.js';
 import { KvmRunOffset as O } from '../kvm/kvm-run.js';
 
@@ -25,20 +26,46 @@ interface MmioRange {
   device: MmioDevice;
 }
 
-/** Counters shared by every vCPU thread: [unknown port accesses, unknown MMIO accesses]. */
-export const UNKNOWN_PORT = 0;
-export const UNKNOWN_MMIO = 1;
-export const STATS_INTS = 2;
-const LOGGED_PORTS_INTS = 65536 / 32;
-const MAX_LOGGED_MMIO = 64;
+/**
+ * Counters shared by every vCPU thread: unknown port accesses, unknown MMIO accesses, and how many
+ * distinct ports and MMIO addresses have been logged.
+ */
+const UNKNOWN_PORT = 0;
+const UNKNOWN_MMIO = 1;
+const LOGGED_PORTS = 2;
+const LOGGED_MMIO = 3;
+const STATS_INTS = 4;
+/** Then a bitmap of the unknown ports seen. */
+const SEEN_PORTS_INTS = 65536 / 32;
+/** Distinct unknown ports, and MMIO addresses, logged at most; the rest are counted. */
+export const MAX_LOGGED_UNKNOWN_PORTS = 64;
+export const MAX_LOGGED_UNKNOWN_MMIO = 64;
 
 export interface BusShared {
-  /** Int32Array: the counters, then a bitmap of ports already logged. */
+  /** Int32Array: the counters, then a bitmap of the unknown ports seen. */
   readonly stats: SharedArrayBuffer;
 }
 
+/** What a machine's guest touched where no device is, over all its vCPU threads. */
+export interface UnknownAccesses {
+  ports: number;
+  /** Distinct unknown ports accessed. */
+  distinctPorts: number;
+  mmio: number;
+}
+
 export function createBusShared(): BusShared {
-  return { stats: new SharedArrayBuffer((STATS_INTS + LOGGED_PORTS_INTS) * 4) };
+  return { stats: new SharedArrayBuffer((STATS_INTS + SEEN_PORTS_INTS) * 4) };
+}
+
+/** The unknown accesses counted in a bus's shared counters. */
+export function unknownAccesses(shared: BusShared): UnknownAccesses {
+  const stats = new Int32Array(shared.stats);
+  let distinctPorts = 0;
+  for (let word = STATS_INTS; word < stats.length; word++) {
+    for (let bits = Atomics.load(stats, word); bits !== 0; bits &= bits - 1) distinctPorts++;
+  }
+  return { ports: Atomics.load(stats, UNKNOWN_PORT), distinctPorts, mmio: Atomics.load(stats, UNKNOWN_MMIO) };
 }
 
 export class IoBus {
@@ -130,11 +157,7 @@ export class IoBus {
     const data = bytes.subarray(O['mmio.data'], O['mmio.data'] + len);
     const range = this.#findMmio(addr);
     if (range === undefined) {
-      Atomics.add(this.#stats, UNKNOWN_MMIO, 1);
-      if (!this.#loggedMmio.has(addr) && this.#loggedMmio.size < MAX_LOGGED_MMIO) {
-        this.#loggedMmio.add(addr);
-        this.#log(`unknown MMIO ${isWrite ? 'write to' : 'read from'} 0x${addr.toString(16)} (${len} bytes)${this.#loggedMmio.size === MAX_LOGGED_MMIO ? '; further unknown MMIO addresses are counted, not logged' : ''}`);
-      }
+      this.#unknownMmio(addr, len, isWrite);
       if (!isWrite) data.fill(0xff);
       return;
     }
@@ -160,8 +183,22 @@ export class IoBus {
     Atomics.add(this.#stats, UNKNOWN_PORT, 1);
     const word = STATS_INTS + (port >> 5);
     const bit = 1 << (port & 31);
-    if ((Atomics.or(this.#stats, word, bit) & bit) === 0) {
-      this.#log(`unknown port ${isOut ? 'write to' : 'read from'} 0x${port.toString(16)}`);
-    }
+    if ((Atomics.or(this.#stats, word, bit) & bit) !== 0) return;
+    const logged = Atomics.add(this.#stats, LOGGED_PORTS, 1);
+    if (logged >= MAX_LOGGED_UNKNOWN_PORTS) return;
+    const last = logged === MAX_LOGGED_UNKNOWN_PORTS - 1 ? '; further unknown ports are counted, not logged' : '';
+    this.#log(`unknown port ${isOut ? 'write to' : 'read from'} 0x${port.toString(16)}${last}`);
+  }
+
+  #unknownMmio(addr: number, len: number, isWrite: boolean): void {
+    Atomics.add(this.#stats, UNKNOWN_MMIO, 1);
+    // Addresses seen are remembered per thread (a shared set of 64-bit addresses would need a
+    // lock), so two vCPUs may each log one; the limit on lines is shared.
+    if (this.#loggedMmio.has(addr) || this.#loggedMmio.size >= MAX_LOGGED_UNKNOWN_MMIO) return;
+    this.#loggedMmio.add(addr);
+    const logged = Atomics.add(this.#stats, LOGGED_MMIO, 1);
+    if (logged >= MAX_LOGGED_UNKNOWN_MMIO) return;
+    const last = logged === MAX_LOGGED_UNKNOWN_MMIO - 1 ? '; further unknown MMIO addresses are counted, not logged' : '';
+    this.#log(`unknown MMIO ${isWrite ? 'write to' : 'read from'} 0x${addr.toString(16)} (${len} bytes)${last}`);
   }
 }

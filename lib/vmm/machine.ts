@@ -11,7 +11,7 @@ import { Serial, type SerialState } from '../devices/serial.js';
 import { DirtyBitmap } from '../migration/dirty-bitmap.js';
 import { DEFAULT_DIRTY_RING_BYTES, DirtyTracker, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages } from '../migration/dirty-tracker.js';
 import type { DirtyLogMode, MigrateOptions, MigrationStats, PageRange, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
-import { createBusShared, IoBus } from './bus.js';
+import { createBusShared, IoBus, unknownAccesses, type BusShared } from './bus.js';
 import { ByteRing, type ByteRingShared } from './byte-ring.js';
 import { PARKED, RunState, STATE, createControl, ringDoorbell, setRunState } from './control.js';
 import { SERIAL_GSI, type DevicesShared } from './devices.js';
@@ -36,6 +36,11 @@ const PAGE_BYTES = 4096;
 const TSS_ADDR = 0xfffbd000;
 const IDENTITY_MAP_ADDR = 0xfffbc000;
 const RAM_SLOT = 0;
+/**
+ * How long a migration's source tries to take its disk images back after a failure: a
+ * destination on this host that failed lets go of them as it says so, or as its process ends.
+ */
+const DISK_RETAKE_MS = 2000;
 
 /** How a machine runs, whatever it was built from (an image, a snapshot, a migration). */
 export interface MachineRuntimeConfig {
@@ -144,6 +149,8 @@ interface BuildPlan {
   state?: MachineState;
   /** The disks of a saved machine (restore, migration): opened where runtime.disks says, else at their paths. */
   savedDisks?: DiskShape[];
+  /** Built to receive a migration: its disks are locked once the source has let go of them. */
+  incoming?: boolean;
 }
 
 // What the host's KVM offers does not change while the process runs: asked once.
@@ -168,6 +175,8 @@ export class Machine extends EventEmitter {
   readonly #dirty: DirtyBitmap;
   readonly #control: Int32Array;
   readonly #threads: VcpuThread[];
+  /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
+  readonly #threadsLeft: Promise<void>[];
   readonly #kicks: VcpuKickHandle[];
   readonly #requestPorts: MessagePort[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
@@ -175,6 +184,7 @@ export class Machine extends EventEmitter {
   readonly #pool: VcpuWorkerPool | undefined;
   readonly #serial: Serial;
   readonly #bus: IoBus;
+  readonly #busShared: BusShared;
   readonly #postCode: PostCode;
   readonly #disks: Disks;
   readonly #log: (message: string) => void;
@@ -195,7 +205,7 @@ export class Machine extends EventEmitter {
   #finish!: (exit: MachineExit) => void;
 
   private constructor(parts: {
-    kvm: Kvm; vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; control: Int32Array; threads: VcpuThread[]; kicks: VcpuKickHandle[];
+    kvm: Kvm; vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; control: Int32Array; threads: VcpuThread[]; threadsLeft: Promise<void>[]; kicks: VcpuKickHandle[];
     requestPorts: MessagePort[]; devices: DevicesShared; plan: BuildPlan; dirtyLog: DirtyLogMode; disks: Disks;
     outputRing: ByteRing | null; outputStream: NodeJS.WritableStream | null; log: (message: string) => void;
   }) {
@@ -207,6 +217,7 @@ export class Machine extends EventEmitter {
     this.#dirty = parts.dirty;
     this.#control = parts.control;
     this.#threads = parts.threads;
+    this.#threadsLeft = parts.threadsLeft;
     this.#kicks = parts.kicks;
     this.#requestPorts = parts.requestPorts;
     this.#pool = parts.plan.runtime.pool;
@@ -220,6 +231,7 @@ export class Machine extends EventEmitter {
     const vm = parts.vm;
     this.#serial = new Serial(parts.devices.serial, this.irqchip ? (level) => vm.setIrqLine(SERIAL_GSI, level) : () => {});
     this.#bus = new IoBus(parts.devices.bus, parts.log);
+    this.#busShared = parts.devices.bus;
     this.#postCode = new PostCode(parts.devices.postCode);
     this.#disks = parts.disks;
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
@@ -302,6 +314,8 @@ export class Machine extends EventEmitter {
     if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
     if (config.vcpus !== undefined) checkVcpus(config.vcpus);
     const { receiveMigration } = await import('../migration/receive.js');
+    // Refused connections are worth a line wherever the machine's warnings go.
+    config = { ...config, log: config.log ?? logToStderr };
     const newMemory = (size: number) => {
       const memory = GuestMemory.create(size, { backing: 'memfd' });
       // The stream is parsed into guest RAM from JavaScript: its ArrayBuffer now, and with it the
@@ -318,6 +332,7 @@ export class Machine extends EventEmitter {
         boot: null,
         memory: newMemory,
         runtime: config,
+        incoming: true,
       });
       prebuilt.catch(() => {});
       // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
@@ -345,12 +360,17 @@ export class Machine extends EventEmitter {
           await machine.stop();
           machine = null;
         }
-        machine ??= await Machine.#build({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [] });
+        machine ??= await Machine.#build({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true });
         const target = machine;
         return {
           memory: target.#memory,
-          apply: (state: MachineState) => target.#applyState(state),
+          apply: async (state: MachineState) => {
+            // The source let go of the images before it sent its last state (see migrate()).
+            target.#disks.lock();
+            await target.#applyState(state);
+          },
           start: (paused: boolean) => target.start({ paused }),
+          releaseDisks: () => target.#disks.unlock(),
           discard: async () => {
             await target.stop();
           },
@@ -366,7 +386,7 @@ export class Machine extends EventEmitter {
   static async #build(plan: BuildPlan): Promise<Machine> {
     const { shape, runtime } = plan;
     const vcpus = shape.vcpus;
-    const log = runtime.log ?? ((message: string) => process.stderr.write(`node-kvm: ${message}\n`));
+    const log = runtime.log ?? logToStderr;
     const dirtyLog = runtime.dirtyLog ?? 'bitmap';
     if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
 
@@ -374,10 +394,15 @@ export class Machine extends EventEmitter {
     const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
     // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
     const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
-    const kvm = Kvm.open(runtime.kvmPath);
-    const cleanup: (() => void | Promise<void>)[] = [() => kvm.close()];
-    let threads: VcpuThread[] = [];
+    threadsPromise.catch(() => {});
+    // What to undo if a step fails, last taken first. The vCPU threads are given back before any
+    // of it: a thread that took its assignment uses the VM and guest RAM until it has left it.
+    const cleanup: (() => void | Promise<void>)[] = [];
+    let threads: VcpuThread[] | null = null;
+    let assigned: { control: Int32Array; left: Promise<void>[] } | null = null;
     try {
+      const kvm = Kvm.open(runtime.kvmPath);
+      cleanup.unshift(() => kvm.close());
       const vm = kvm.createVm();
       cleanup.unshift(() => vm.close());
       vm.setTssAddr(TSS_ADDR);
@@ -396,8 +421,9 @@ export class Machine extends EventEmitter {
       const memory = await plan.memory(shape.memoryBytes);
       cleanup.unshift(() => memory.close());
       const dirty = DirtyBitmap.create(memory.size / PAGE_BYTES);
-      // Their threads start (parked) while the vCPU threads do.
-      const disksPromise = Disks.open(diskConfigs, { vm, memory, dirty, irqchip: shape.irqchip, log });
+      // Their threads start (parked) while the vCPU threads do. A machine that waits for an
+      // incoming migration locks its images only once the source has let go of them.
+      const disksPromise = Disks.open(diskConfigs, { vm, memory, dirty, irqchip: shape.irqchip, log, lock: !plan.incoming });
       disksPromise.catch(() => {});
       cleanup.unshift(async () => (await disksPromise.catch(() => null))?.close());
 
@@ -425,8 +451,9 @@ export class Machine extends EventEmitter {
       cleanup.unshift(() => channels.forEach((channel) => channel.port1.close()));
 
       threads = await threadsPromise;
+      const taken = threads;
       const kicks: VcpuKickHandle[] = new Array(vcpus);
-      const ready = threads.map((thread, id) => new Promise<void>((resolve, reject) => {
+      const ready = taken.map((thread, id) => new Promise<void>((resolve, reject) => {
         const onMessage = (message: WorkerMessage) => {
           if (message.type === 'ready') {
             kicks[id] = message.kick;
@@ -445,7 +472,11 @@ export class Machine extends EventEmitter {
           reject(new Error(`vCPU ${id} could not start: ${error.message}`));
         });
       }));
-      threads.forEach((thread, id) => {
+      ready.forEach((promise) => promise.catch(() => {}));
+      // Watched from before the assignment goes out, so that a thread's 'done' is never missed.
+      const left = taken.map((thread) => waitForDone(thread));
+      assigned = { control, left };
+      taken.forEach((thread, id) => {
         const requests = channels[id]!.port2;
         thread.send({
           type: 'assign',
@@ -465,29 +496,25 @@ export class Machine extends EventEmitter {
         writeBootPlan(plan.boot, memory);
         for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
       }
-      try {
-        await Promise.all(ready);
-      } catch (error) {
-        setRunState(control, RunState.Stopping);
-        await Promise.all(threads.map((thread) => waitForDone(thread)));
-        throw error;
-      }
+      await Promise.all(ready);
       const outputStream = typeof output === 'object' ? output : null;
       const machine = new Machine({
-        kvm, vm, memory, dirty, control, threads, kicks, requestPorts: channels.map((channel) => channel.port1), devices, plan, dirtyLog,
+        kvm, vm, memory, dirty, control, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1), devices, plan, dirtyLog,
         outputRing, outputStream, log, disks,
       });
       if (plan.state) machine.#restoreDevices(plan.state.devices);
       machine.#watch();
       return machine;
     } catch (error) {
-      for (const close of cleanup) await close();
-      // A failure before the threads were waited for: they are still ours to give back.
-      if (threads.length === 0) threads = await threadsPromise.catch(() => []);
-      if (threads.length > 0) {
-        if (runtime.pool) runtime.pool.release(threads);
-        else for (const thread of threads) thread.send({ type: 'quit' });
+      threads ??= await threadsPromise.catch(() => []);
+      if (assigned) {
+        // Each thread leaves its assignment (or never takes it, if it failed to load) first.
+        setRunState(assigned.control, RunState.Stopping);
+        await Promise.all(assigned.left);
       }
+      if (runtime.pool) runtime.pool.release(threads);
+      else for (const thread of threads) thread.send({ type: 'quit' });
+      for (const undo of cleanup) await undo();
       throw error;
     }
   }
@@ -742,6 +769,8 @@ export class Machine extends EventEmitter {
           if (this.state === 'paused') this.resume();
         },
         saveState: () => this.#saveState(pausedVcpuStates),
+        releaseDisks: () => this.#disks.unlock(),
+        retakeDisks: () => this.#disks.lockWithin(DISK_RETAKE_MS),
       });
       this.#stopTracking();
       this.#end({ reason: 'migrated' });
@@ -836,14 +865,12 @@ export class Machine extends EventEmitter {
   async #teardown(): Promise<void> {
     // Every vCPU thread leaves its loop (kicked, Stopping) and closes its vCPU; only then is it
     // safe to close the VM and hand the threads back.
-    await Promise.all(this.#threads.map(async (thread) => {
-      const kickUntilDone = setInterval(() => this.#kickAll(), 20);
-      try {
-        await waitForDone(thread);
-      } finally {
-        clearInterval(kickUntilDone);
-      }
-    }));
+    const kickUntilDone = setInterval(() => this.#kickAll(), 20);
+    try {
+      await Promise.all(this.#threadsLeft);
+    } finally {
+      clearInterval(kickUntilDone);
+    }
     for (const thread of this.#threads) {
       thread.worker.off('message', this.#onWorkerMessage);
       thread.worker.off('error', this.#onWorkerError);
@@ -865,10 +892,19 @@ export class Machine extends EventEmitter {
       const rest = this.#outputRing.drain();
       if (rest.length > 0) this.#outputStream?.write(rest);
     }
+    const unknown = unknownAccesses(this.#busShared);
+    if (unknown.ports > 0 || unknown.mmio > 0) {
+      const count = (n: number, one: string, many: string) => `${n} ${n === 1 ? one : many}`;
+      this.#log(`the guest made ${count(unknown.ports, 'access', 'accesses')} to ${count(unknown.distinctPorts, 'unknown port', 'unknown ports')} and ${count(unknown.mmio, 'unknown MMIO access', 'unknown MMIO accesses')}`);
+    }
     const exit = this.#exit!;
     this.#finish(exit);
     this.emit('exit', exit);
   }
+}
+
+function logToStderr(message: string): void {
+  process.stderr.write(`node-kvm: ${message}\n`);
 }
 
 function checkMemoryBytes(memoryBytes: number): number {

@@ -2,7 +2,7 @@
 // ranges, and what happens where nothing is.
 import t from 'tap';
 import { IoBus, KvmRun, KvmRunOffset as O, type MmioDevice, type PortDevice } from '../../lib/index.js';
-import { createBusShared } from '../../lib/vmm/bus.js';
+import { MAX_LOGGED_UNKNOWN_MMIO, MAX_LOGGED_UNKNOWN_PORTS, createBusShared, unknownAccesses } from '../../lib/vmm/bus.js';
 
 const PIO_PAGE = 4096;
 
@@ -107,4 +107,40 @@ t.test('MMIO ranges dispatch by address; overlaps and port clashes are refused',
   t.same(seen, ['b write 16 1,2,3,4', 'a read 4088 8']);
   t.equal(bus.unknownMmioAccesses, 2);
   t.same(logs, ['unknown MMIO read from 0xd0001000 (2 bytes)', 'unknown MMIO write to 0x100000010 (1 bytes)']);
+});
+
+t.test('a guest scanning the ports: every access counted, at most 64 distinct ports logged over all vCPU threads', async (t) => {
+  const logs: string[] = [];
+  const shared = createBusShared();
+  // Two vCPU threads' buses over one machine's shared counters.
+  const buses = [new IoBus(shared, (m) => logs.push(m)), new IoBus(shared, (m) => logs.push(m))];
+  const run = new KvmRun(new ArrayBuffer(3 * 4096));
+  for (let port = 0x1000; port < 0x2000; port++) {
+    ioExit(run, port, 1, 1, false);
+    buses[port & 1]!.handleIo(run.view);
+    // And again from the other thread: a port is logged once, whichever thread saw it first.
+    buses[(port + 1) & 1]!.handleIo(run.view);
+  }
+  t.equal(MAX_LOGGED_UNKNOWN_PORTS, 64);
+  t.equal(logs.length, MAX_LOGGED_UNKNOWN_PORTS, 'one line per port, up to the limit');
+  t.same(logs.slice(0, 2), ['unknown port read from 0x1000', 'unknown port read from 0x1001']);
+  t.equal(logs.at(-1), 'unknown port read from 0x103f; further unknown ports are counted, not logged');
+  t.same(unknownAccesses(shared), { ports: 2 * 4096, distinctPorts: 4096, mmio: 0 }, 'every access and every port counted');
+  t.equal(buses[0]!.unknownPortAccesses, 2 * 4096);
+});
+
+t.test('unknown MMIO addresses: at most 64 logged over all vCPU threads, all counted', async (t) => {
+  const logs: string[] = [];
+  const shared = createBusShared();
+  const buses = [new IoBus(shared, (m) => logs.push(m)), new IoBus(shared, (m) => logs.push(m))];
+  const run = new KvmRun(new ArrayBuffer(3 * 4096));
+  for (let i = 0; i < 200; i++) {
+    run.view.setBigUint64(O['mmio.phys_addr'], BigInt(0xe0000000 + i * 8), true);
+    run.view.setUint32(O['mmio.len'], 4, true);
+    run.view.setUint8(O['mmio.is_write'], 0);
+    buses[i & 1]!.handleMmio(run.view, run.bytes);
+  }
+  t.equal(logs.length, MAX_LOGGED_UNKNOWN_MMIO);
+  t.equal(logs.at(-1), `unknown MMIO read from 0x${(0xe0000000 + 63 * 8).toString(16)} (4 bytes); further unknown MMIO addresses are counted, not logged`);
+  t.same(unknownAccesses(shared), { ports: 0, distinctPorts: 0, mmio: 200 });
 });
