@@ -2,7 +2,9 @@
 //   request   {"id":1,"method":"status"|"pause"|"resume"|"snapshot"|"migrate","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"..."}}
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
-// Several clients may be connected, and each may have several calls under way.
+// Several clients may be connected, and each may have several calls under way. Per client, what
+// the server holds is bounded (ApiServerOptions): it stops reading from a client whose replies
+// are not taken, and drops one that passes a cap.
 import net from 'node:net';
 import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
@@ -49,17 +51,73 @@ export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', '
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
 
+/**
+ * What the server holds for each client. A client that does not read its replies is first
+ * paused (no more of its requests are read) and, past a cap, dropped: its connection is
+ * destroyed, its calls under way still complete on the machine and their answers are discarded.
+ */
+export interface ApiServerOptions {
+  /**
+   * Stop reading a client's requests while this many bytes of its replies wait to be written,
+   * resume once they are (also the stream high-water mark of each connection). Default 64 KiB.
+   */
+  highWaterBytes?: number;
+  /**
+   * Drop a client once more than this many bytes of its replies wait to be written: the calls
+   * under way when it was paused, and a migration's progress, which comes without any request
+   * being read. Default 4 MiB (about 9000 progress lines).
+   */
+  maxQueuedReplyBytes?: number;
+  /** Calls of one client run at once; its further requests wait, and reading stops. Default 32. */
+  maxCallsUnderWay?: number;
+  /**
+   * Drop a client once more than this many of its requests are read but not started. Reading
+   * stops while any wait, so they come from one read of the socket (at most 64 KiB); the default,
+   * 65536, lets all of those wait.
+   */
+  maxPendingRequests?: number;
+}
+
+export const API_SERVER_DEFAULTS: Readonly<Required<ApiServerOptions>> = {
+  highWaterBytes: 64 * 1024,
+  maxQueuedReplyBytes: 4 * 1024 * 1024,
+  maxCallsUnderWay: 32,
+  maxPendingRequests: 65536,
+};
+
+/** One connected client, as ApiServer.stats() reports it. */
+export interface ApiClientStats {
+  /** Bytes of replies not yet handed to the kernel. */
+  queuedReplyBytes: number;
+  callsUnderWay: number;
+  /** Requests read but not yet started. */
+  pendingRequests: number;
+  /** Whether the server has stopped reading this client's requests for now. */
+  readingPaused: boolean;
+}
+
+export interface ApiServerStats {
+  clients: ApiClientStats[];
+  /** Clients dropped for passing a cap of ApiServerOptions since the server started. */
+  droppedClients: number;
+}
+
 export interface ApiServer {
   readonly path: string;
+  /** What the server holds for each client now. */
+  stats(): ApiServerStats;
   /** Stops listening, drops the connections and removes the socket file. */
   close(): Promise<void>;
 }
 
 /** Serves `machine`'s control API on a new unix socket at `socketPath`. */
-export async function startApiServer(socketPath: string, machine: ApiMachine): Promise<ApiServer> {
+export async function startApiServer(socketPath: string, machine: ApiMachine, options: ApiServerOptions = {}): Promise<ApiServer> {
   if (typeof socketPath !== 'string' || socketPath === '') throw new TypeError('socketPath must be a file path');
   if (typeof machine !== 'object' || machine === null) throw new TypeError('machine must be an object');
+  const limits = checkServerOptions(options);
   const connections = new Set<net.Socket>();
+  const clients = new Map<net.Socket, () => ApiClientStats>();
+  let droppedClients = 0;
   let migration: MigrationProgress | null = null;
   let migrating = false;
 
@@ -107,21 +165,72 @@ export async function startApiServer(socketPath: string, machine: ApiMachine): P
 
   const serve = (socket: net.Socket) => {
     connections.add(socket);
-    socket.on('close', () => connections.delete(socket));
     // A client that goes away mid-call: its answers are dropped, the call itself completes.
     socket.on('error', () => {});
-    const send = (message: object) => {
-      if (!socket.destroyed && socket.writable) socket.write(`${JSON.stringify(message)}\n`);
+    // Requests read but not started: pending[nextPending...]
+    let pending: string[] = [];
+    let nextPending = 0;
+    let callsUnderWay = 0;
+    const pendingCount = () => pending.length - nextPending;
+    const discardPending = () => {
+      pending = [];
+      nextPending = 0;
     };
+    socket.on('close', () => {
+      connections.delete(socket);
+      clients.delete(socket);
+      discardPending();
+    });
+    clients.set(socket, () => ({ queuedReplyBytes: socket.writableLength, callsUnderWay, pendingRequests: pendingCount(), readingPaused: socket.isPaused() }));
+
+    const drop = () => {
+      if (socket.destroyed) return;
+      droppedClients++;
+      discardPending();
+      socket.destroy();
+    };
+    const send = (message: object) => {
+      if (socket.destroyed || !socket.writable) return;
+      // What is answered in one tick goes out in one write.
+      if (socket.writableCorked === 0) {
+        socket.cork();
+        process.nextTick(() => socket.uncork());
+      }
+      socket.write(`${JSON.stringify(message)}\n`);
+      if (socket.writableLength > limits.maxQueuedReplyBytes) drop();
+    };
+    const callDone = () => {
+      callsUnderWay--;
+      pump();
+    };
+    // Starts what may start, and reads on only when nothing waits: the replies not yet taken
+    // stay under highWaterBytes plus what the calls under way answer.
+    const pump = () => {
+      while (pendingCount() > 0 && callsUnderWay < limits.maxCallsUnderWay && !socket.writableNeedDrain && !socket.destroyed) {
+        const line = pending[nextPending++]!;
+        if (nextPending === pending.length) discardPending();
+        callsUnderWay++;
+        void answer(line, send).then(callDone);
+      }
+      if (socket.destroyed) return;
+      const throttled = pendingCount() > 0 || callsUnderWay >= limits.maxCallsUnderWay || socket.writableNeedDrain;
+      if (throttled) socket.pause();
+      else if (socket.isPaused()) socket.resume();
+    };
+    socket.on('drain', pump);
+
     const lines = new LineSplitter(MAX_REQUEST_LINE_BYTES);
     socket.on('data', (chunk: Buffer) => {
-      if (lines.overflowed) return;
-      for (const line of lines.push(chunk)) void answer(line, send);
+      if (lines.overflowed || socket.destroyed) return;
+      for (const line of lines.push(chunk)) pending.push(line);
+      pump();
       if (lines.overflowed) {
-        // Where the next request starts is unknowable now: refuse and hang up.
+        // Where the next request starts is unknowable now: refuse and hang up. Requests read but
+        // not started are not run: their answers could not be sent.
+        discardPending();
         send({ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes` } });
         socket.end(() => socket.destroy());
-      }
+      } else if (pendingCount() > limits.maxPendingRequests) drop();
     });
   };
 
@@ -155,11 +264,14 @@ export async function startApiServer(socketPath: string, machine: ApiMachine): P
     }
   };
 
-  const server = net.createServer(serve);
+  const server = net.createServer({ highWaterMark: limits.highWaterBytes }, serve);
   const removeSocketFile = await listenOnPrivateUnixSocket(server, socketPath);
   let closing: Promise<void> | null = null;
   return {
     path: socketPath,
+    stats() {
+      return { clients: [...clients.values()].map((clientStats) => clientStats()), droppedClients };
+    },
     close() {
       closing ??= new Promise<void>((resolve) => {
         server.close(() => resolve());
@@ -169,6 +281,22 @@ export async function startApiServer(socketPath: string, machine: ApiMachine): P
       return closing;
     },
   };
+}
+
+function checkServerOptions(options: ApiServerOptions): Required<ApiServerOptions> {
+  if (typeof options !== 'object' || options === null) throw new TypeError('startApiServer: options must be an object');
+  const limits = { ...API_SERVER_DEFAULTS };
+  for (const key of Object.keys(options) as (keyof ApiServerOptions)[]) {
+    if (!Object.hasOwn(API_SERVER_DEFAULTS, key)) throw new RangeError(`startApiServer: unknown option '${key}'`);
+    const value = options[key];
+    if (value === undefined) continue;
+    if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`startApiServer: ${key} must be a positive integer`);
+    limits[key] = value;
+  }
+  if (limits.maxQueuedReplyBytes < limits.highWaterBytes) {
+    throw new RangeError(`startApiServer: maxQueuedReplyBytes (${limits.maxQueuedReplyBytes}) must be at least highWaterBytes (${limits.highWaterBytes})`);
+  }
+  return limits;
 }
 
 function checkParams(params: Record<string, unknown>, method: string, allowed: string[]): void {

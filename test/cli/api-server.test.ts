@@ -1,12 +1,13 @@
 // The control API over a unix socket, served for a fake machine: every method, migration
-// progress, bad input of every kind, clients that leave early.
+// progress, bad input of every kind, clients that leave early, clients that do not read.
+import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ApiError, callApi } from '../../lib/cli/api-client.js';
-import { MAX_REQUEST_LINE_BYTES, startApiServer, type ApiMachine, type ApiMachineState, type ApiServer } from '../../lib/cli/api-server.js';
+import { MAX_REQUEST_LINE_BYTES, startApiServer, type ApiMachine, type ApiMachineState, type ApiServer, type ApiServerOptions } from '../../lib/cli/api-server.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
 
 const MIB = 1024 * 1024;
@@ -21,19 +22,37 @@ function stats(phase: MigrationStats['phase'], iterations: number, remainingPage
 
 const PROGRESS: MigrationProgress[] = [stats('setup', 0, 16384), stats('precopy', 1, 300), stats('stop-copy', 2, 20)];
 const FINAL = stats('completed', 2, 0);
+const STATUS = { state: 'running', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null };
+const STATUS_JSON = JSON.stringify(STATUS);
+const isStatus = (result: unknown) => JSON.stringify(result) === STATUS_JSON;
 
 class FakeMachine implements ApiMachine {
   state: ApiMachineState = 'running';
-  readonly vcpuCount = 2;
   readonly memoryBytes = 64 * MIB;
   readonly calls: unknown[][] = [];
+  /** status is the only method that reads vcpuCount. */
+  statusCalls = 0;
   /** migrate() waits for this after its progress reports. */
   migrationGate: Promise<void> = Promise.resolve();
+  /** More precopy updates migrate() reports after PROGRESS, a batch per turn of the event loop. */
+  extraProgressUpdates = 0;
   migrationStarted: Promise<void>;
+  /** Settles with what the first migrate() returned or threw. */
+  migrationEnded: Promise<MigrationStats | Error>;
+  /** snapshot() waits for this before it writes. */
+  snapshotGate: Promise<void> = Promise.resolve();
+  snapshotsWritten = 0;
   #started!: () => void;
+  #ended!: (outcome: MigrationStats | Error) => void;
 
   constructor() {
     this.migrationStarted = new Promise((resolve) => (this.#started = resolve));
+    this.migrationEnded = new Promise((resolve) => (this.#ended = resolve));
+  }
+
+  get vcpuCount(): number {
+    this.statusCalls++;
+    return 2;
   }
 
   async pause(): Promise<void> {
@@ -50,6 +69,8 @@ class FakeMachine implements ApiMachine {
 
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
     this.calls.push(['snapshot', file, options]);
+    await this.snapshotGate;
+    this.snapshotsWritten++;
     if (file.endsWith('/fail')) throw Object.assign(new Error('cannot write the snapshot: ENOSPC'), { code: 'ENOSPC' });
     return {
       path: file, kind: options?.diff ? 'diff' : 'full', ...(options?.diff ? { parent: '/snap/base' } : {}),
@@ -61,10 +82,20 @@ class FakeMachine implements ApiMachine {
     const { onProgress, ...rest } = options ?? {};
     this.calls.push(['migrate', address, rest]);
     this.#started();
-    for (const update of PROGRESS) onProgress?.(update);
-    await this.migrationGate;
-    if (address.endsWith(':1')) throw new Error('migration refused: wrong token');
-    return FINAL;
+    try {
+      for (const update of PROGRESS) onProgress?.(update);
+      for (let sent = 0; sent < this.extraProgressUpdates; sent++) {
+        if (sent % 100 === 0) await new Promise((resolve) => setImmediate(resolve));
+        onProgress?.(stats('precopy', 3 + sent, 300));
+      }
+      await this.migrationGate;
+      if (address.endsWith(':1')) throw new Error('migration refused: wrong token');
+      this.#ended(FINAL);
+      return FINAL;
+    } catch (error) {
+      this.#ended(error as Error);
+      throw error;
+    }
   }
 }
 
@@ -74,11 +105,11 @@ interface Served {
   socketPath: string;
 }
 
-async function serve(t: Test): Promise<Served> {
+async function serve(t: Test, options?: ApiServerOptions): Promise<Served> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-api-'));
   const socketPath = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
-  const server = await startApiServer(socketPath, machine);
+  const server = await startApiServer(socketPath, machine, options);
   t.teardown(async () => {
     await server.close();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -86,8 +117,8 @@ async function serve(t: Test): Promise<Served> {
   return { machine, server, socketPath };
 }
 
-/** A raw connection: send lines, read the answers as parsed JSON. */
-async function rawClient(socketPath: string) {
+/** A raw connection: send lines, read the answers as parsed JSON (from the start, or once told to). */
+async function rawClient(socketPath: string, { reading = true } = {}) {
   const socket = net.createConnection(socketPath);
   await new Promise<void>((resolve, reject) => {
     socket.once('connect', resolve);
@@ -97,34 +128,73 @@ async function rawClient(socketPath: string) {
   const messages: unknown[] = [];
   const waiters: (() => void)[] = [];
   let ended = false;
-  socket.setEncoding('utf8');
-  socket.on('data', (text: string) => {
-    buffered += text;
-    let newline: number;
-    while ((newline = buffered.indexOf('\n')) >= 0) {
-      messages.push(JSON.parse(buffered.slice(0, newline)));
-      buffered = buffered.slice(newline + 1);
-    }
+  const wakeAll = () => {
     for (const wake of waiters.splice(0)) wake();
-  });
+  };
+  const startReading = () => {
+    socket.setEncoding('utf8');
+    socket.on('data', (text: string) => {
+      buffered += text;
+      let start = 0;
+      for (let newline = buffered.indexOf('\n'); newline >= 0; newline = buffered.indexOf('\n', start)) {
+        messages.push(JSON.parse(buffered.slice(start, newline)));
+        start = newline + 1;
+      }
+      buffered = buffered.slice(start);
+      wakeAll();
+    });
+  };
   socket.on('error', () => {});
   socket.on('close', () => {
     ended = true;
-    for (const wake of waiters.splice(0)) wake();
+    wakeAll();
   });
+  if (reading) startReading();
   return {
     socket,
+    startReading,
     send: (text: string) => socket.write(text),
     /** Resolves with the first `count` messages received. */
     async receive(count: number): Promise<unknown[]> {
       while (messages.length < count && !ended) await new Promise<void>((resolve) => waiters.push(resolve));
       return messages.slice(0, count);
     },
+    /** Resolves once `condition` holds after a message arrives, or the connection closes. */
+    async until(condition: () => boolean): Promise<void> {
+      while (!condition() && !ended) await new Promise<void>((resolve) => waiters.push(resolve));
+    },
     get closed() {
       return ended;
     },
     messages,
   };
+}
+
+/** `promise`, or a rejection saying what did not happen within `timeoutMs`. */
+async function within<T>(promise: Promise<T>, timeoutMs: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`not within ${timeoutMs} ms: ${what}`)), timeoutMs)));
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Checks `condition` every few ms until it holds: for a state that comes with no event. */
+async function poll(condition: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!condition()) {
+    if (performance.now() > deadline) throw new Error(`not within ${timeoutMs} ms: ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+/** Status requests for ids first..first+count-1, one per line. */
+function statusRequests(first: number, count: number): string {
+  let text = '';
+  for (let id = first; id < first + count; id++) text += `{"id":${id},"method":"status"}\n`;
+  return text;
 }
 
 t.test('the socket is private, and removed on close', async (t) => {
@@ -295,4 +365,127 @@ t.test('the client: a machine that hangs up, and bad arguments', async (t) => {
   await t.rejects(startApiServer('', new FakeMachine()), { name: 'TypeError', message: 'socketPath must be a file path' });
   fs.writeFileSync(path.join(dir, 'file'), 'data');
   await t.rejects(startApiServer(path.join(dir, 'file'), new FakeMachine()), { message: `refusing to replace ${path.join(dir, 'file')}: it exists and is not a socket` });
+});
+
+t.test('a client that sends without reading is paused with its replies bounded, others are served meanwhile, and once it reads every request is answered in order', async (t) => {
+  const limits = { highWaterBytes: 16 * 1024, maxQueuedReplyBytes: 256 * 1024, maxCallsUnderWay: 16 };
+  const { machine, server, socketPath } = await serve(t, limits);
+  const REQUESTS = 100_000;
+  const REQUESTS_PER_WRITE = 2000;
+  const flooder = await rawClient(socketPath, { reading: false });
+  t.teardown(() => flooder.socket.destroy());
+  // Paused for good: its replies past the high-water mark are never taken while it does not read.
+  const stalled = () => {
+    const [client] = server.stats().clients;
+    return client !== undefined && client.readingPaused && client.queuedReplyBytes >= limits.highWaterBytes;
+  };
+  let sent = 0;
+  while (!stalled() && sent < REQUESTS) {
+    flooder.send(statusRequests(sent + 1, REQUESTS_PER_WRITE));
+    sent += REQUESTS_PER_WRITE;
+    // Its own back-pressure: write on once the socket took the last chunk, unless the server stopped reading.
+    await poll(() => !flooder.socket.writableNeedDrain || stalled(), 10_000, 'the socket drains or the server stops reading');
+  }
+  t.ok(stalled(), 'the server stopped reading from the client');
+  const served = machine.statusCalls;
+  const [client] = server.stats().clients;
+  t.ok(client!.queuedReplyBytes <= limits.maxQueuedReplyBytes, `queued replies ${client!.queuedReplyBytes} bytes, the cap ${limits.maxQueuedReplyBytes}`);
+  t.ok(client!.callsUnderWay <= limits.maxCallsUnderWay);
+  // Answered so far: what the server holds (under the cap), what the kernel holds in between (its
+  // send buffer, wmem_default, plus at most one more skb of half that) and what the client's stream
+  // read ahead (its high-water mark and one 64 KiB read).
+  const kernelBytes = 1.5 * Number(fs.readFileSync('/proc/sys/net/core/wmem_default', 'utf8'));
+  const smallestReplyBytes = JSON.stringify({ id: 1, result: STATUS }).length + 1;
+  const servedBound = Math.floor((limits.maxQueuedReplyBytes + kernelBytes + flooder.socket.readableHighWaterMark + 64 * 1024) / smallestReplyBytes);
+  t.ok(served <= servedBound, `${served} of ${sent} sent requests served, at most ${servedBound}`);
+  t.same(server.stats().droppedClients, 0, 'paused, not dropped');
+
+  // Another client is served meanwhile; the paused one still is not.
+  t.same(await callApi(socketPath, 'status', {}), STATUS);
+  t.equal(machine.statusCalls, served + 1);
+
+  // It reads now, and sends the rest as its socket takes them.
+  flooder.startReading();
+  while (sent < REQUESTS) {
+    const count = Math.min(REQUESTS_PER_WRITE, REQUESTS - sent);
+    if (!flooder.send(statusRequests(sent + 1, count))) await once(flooder.socket, 'drain');
+    sent += count;
+  }
+  await within(flooder.until(() => flooder.messages.length >= REQUESTS), 30_000, 'every answer');
+  t.equal(flooder.messages.length, REQUESTS, 'every request answered');
+  const wrong = (flooder.messages as { id: number; result: unknown }[]).findIndex((message, index) => message.id !== index + 1 || !isStatus(message.result));
+  t.equal(wrong, -1, 'in order, each with the status');
+  t.equal(machine.statusCalls, REQUESTS + 1);
+  t.same(server.stats().droppedClients, 0);
+  flooder.socket.destroy();
+});
+
+t.test('a client with more requests waiting than the cap is dropped; its calls under way complete, and another client is served meanwhile', async (t) => {
+  const { machine, server, socketPath } = await serve(t, { maxCallsUnderWay: 4, maxPendingRequests: 8 });
+  let openSnapshots!: () => void;
+  machine.snapshotGate = new Promise((resolve) => (openSnapshots = resolve));
+  const other = await rawClient(socketPath);
+  other.send('{"id":1,"method":"status"}\n');
+  t.same(await other.receive(1), [{ id: 1, result: STATUS }]);
+
+  // In one write: 4 start (and wait at the gate), 8 may wait, the 13th is one too many.
+  const greedy = await rawClient(socketPath);
+  t.teardown(() => greedy.socket.destroy());
+  greedy.send(Array.from({ length: 13 }, (_, index) => `{"id":${index},"method":"snapshot","params":{"path":"/snap/${index}"}}\n`).join(''));
+  await within(greedy.until(() => greedy.messages.length > 0), 5000, 'the greedy client is dropped');
+  t.ok(greedy.closed, 'the connection is closed');
+  t.same(greedy.messages, [], 'dropped without an answer');
+  t.equal(server.stats().droppedClients, 1);
+
+  other.send('{"id":2,"method":"status"}\n');
+  t.same(await other.receive(2), [{ id: 1, result: STATUS }, { id: 2, result: STATUS }], 'the other client is served meanwhile');
+  t.same(machine.calls, [0, 1, 2, 3].map((index) => ['snapshot', `/snap/${index}`, { diff: false }]), 'the calls under way, and no more, reached the machine');
+  t.equal(machine.snapshotsWritten, 0);
+  openSnapshots();
+  other.send('{"id":3,"method":"status"}\n');
+  t.same((await other.receive(3))[2], { id: 3, result: STATUS });
+  t.equal(machine.snapshotsWritten, 4, 'the calls under way completed on the machine');
+  t.same(server.stats(), { clients: [{ queuedReplyBytes: 0, callsUnderWay: 0, pendingRequests: 0, readingPaused: false }], droppedClients: 1 });
+  other.socket.destroy();
+});
+
+t.test('a migration\'s progress to a client that does not read: the client is dropped past the cap, the migration completes', async (t) => {
+  const limits = { highWaterBytes: 16 * 1024, maxQueuedReplyBytes: 64 * 1024 };
+  const { machine, server, socketPath } = await serve(t, limits);
+  const UPDATES = PROGRESS.length + 5000;
+  machine.extraProgressUpdates = UPDATES - PROGRESS.length;
+  const mute = await rawClient(socketPath, { reading: false });
+  t.teardown(() => mute.socket.destroy());
+  mute.send('{"id":"m","method":"migrate","params":{"address":"unix:/run/dest.sock"}}\n');
+  t.same(await within(machine.migrationEnded, 10_000, 'the migration ends'), FINAL, 'the migration completed');
+
+  // What reached the client before it was dropped, then the end: no result, most progress lost.
+  mute.startReading();
+  await within(mute.until(() => mute.messages.some((message) => 'result' in (message as object))), 10_000, 'the connection ends');
+  t.ok(mute.closed, 'the connection is closed');
+  const progress = mute.messages as { id: string; progress?: MigrationProgress }[];
+  t.ok(progress.length < UPDATES, `${progress.length} of ${UPDATES} progress updates arrived`);
+  t.equal(progress.findIndex((message) => message.id !== 'm' || message.progress === undefined), -1, 'only progress');
+  t.same(progress.slice(0, 3).map((message) => message.progress), PROGRESS);
+  t.same(server.stats(), { clients: [], droppedClients: 1 }, 'the client was dropped');
+  t.same(await callApi(socketPath, 'status', {}), STATUS, 'no migration under way any more');
+  t.same(await callApi(socketPath, 'migrate', { address: 'unix:/run/dest.sock' }), FINAL, 'and a client that reads gets a migration\'s progress and result');
+});
+
+t.test('the server\'s limits are checked', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-api-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const socketPath = path.join(dir, 'api.sock');
+  const machine = new FakeMachine();
+  // A server that starts anyway is closed again.
+  const start = (options: ApiServerOptions) => startApiServer(socketPath, machine, options).then((server) => server.close());
+  await t.rejects(start({ highWaterBytes: 0 }), { name: 'RangeError', message: 'startApiServer: highWaterBytes must be a positive integer' });
+  await t.rejects(start({ maxCallsUnderWay: 1.5 }), { name: 'RangeError', message: 'startApiServer: maxCallsUnderWay must be a positive integer' });
+  await t.rejects(start({ maxQueuedReplyBytes: 4096, highWaterBytes: 8192 }), {
+    name: 'RangeError', message: 'startApiServer: maxQueuedReplyBytes (4096) must be at least highWaterBytes (8192)',
+  });
+  await t.rejects(start({ maxQueue: 1 } as ApiServerOptions), { name: 'RangeError', message: "startApiServer: unknown option 'maxQueue'" });
+  await t.rejects(start({ toString: 1 } as ApiServerOptions), { name: 'RangeError', message: "startApiServer: unknown option 'toString'" });
+  await t.rejects(start(null as unknown as ApiServerOptions), { name: 'TypeError', message: 'startApiServer: options must be an object' });
+  t.notOk(fs.existsSync(socketPath), 'nothing listens');
 });
