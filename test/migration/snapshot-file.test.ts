@@ -418,11 +418,12 @@ t.test('writeSnapshotFile rejects bad options before touching the file', async (
 t.test('a failed write leaves neither the snapshot nor its temporary file', async (t) => {
   const dir = tempDir(t);
   const path = nodePath.join(dir, 'x.snap');
-  // A directory where the temporary file should go makes the open fail.
-  mkdirSync(`${path}.tmp`);
-  await t.rejects(writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2))), { code: 'EISDIR' });
-  t.notOk(existsSync(path));
-  rmSync(`${path}.tmp`, { recursive: true });
+  // A directory that does not exist: the new file cannot be created.
+  const missing = nodePath.join(dir, 'missing', 'x.snap');
+  await t.rejects(writeSnapshotFile(missing, fullOptions(new Uint8Array(PAGE_BYTES * 2))), {
+    code: 'ENOENT', message: `cannot write the snapshot ${missing}: creating a new file beside it: ENOENT: no such file or directory`,
+  });
+  t.same(readdirSync(dir), []);
   // An existing snapshot is replaced whole.
   const first = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2).fill(1)));
   const second = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2)));
