@@ -146,6 +146,8 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     machine = await Machine.incoming(options.incoming, {
       memoryBytes, vcpus, token, serial, pool, disks,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
+      // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
+      log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
     });
     if (machine.state === 'paused') {
       process.stderr.write(`node-kvm: the guest arrived paused, as it was at the source${options.apiSocket ? ': resume it through the API socket' : ''}\n`);
