@@ -219,7 +219,7 @@ async function checkSnapshotTarget(target: string): Promise<void> {
     stats = await lstat(target);
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw snapshotWriteError(error, target, 'looking at what is there');
+    throw snapshotWriteError(error, target, 'checking what is at that path');
   }
   if (!stats.isFile()) throw new Error(`refusing to write a snapshot over ${target}: it is ${fileType(stats)}, not a regular file`);
 }
@@ -318,8 +318,7 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
       fileBytes = ramOffset + memoryBytes;
     }
     for (const section of sections) {
-      const at = position;
-      await step('writing its sections', () => writeFully(file, section, at));
+      await step('writing its sections', () => writeFully(file, section, position));
       position += section.length;
       bytesWritten += section.length;
     }
