@@ -48,6 +48,7 @@ export async function main(argv: string[], firstThread?: VcpuThread): Promise<nu
           'api-socket': { type: 'string' },
           incoming: { type: 'string' },
           restore: { type: 'string' },
+          'no-verify': { type: 'boolean' },
           token: { type: 'string' },
         },
       });
@@ -65,7 +66,7 @@ export async function main(argv: string[], firstThread?: VcpuThread): Promise<nu
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk,
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'],
       };
       if (!threads) {
         if (positionals.length > 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);

@@ -12,7 +12,7 @@ import { TOKEN_ENV, migrationToken } from './token.js';
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
        node-kvm run --kernel FILE [--initrd FILE] [--append TEXT] [options]
        node-kvm run --incoming tcp:HOST:PORT|unix:PATH [--token T] [--memory SIZE] [--vcpus N] [--api-socket PATH]
-       node-kvm run --restore FILE [--api-socket PATH]
+       node-kvm run --restore FILE [--no-verify] [--api-socket PATH]
 
 Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel, or a Linux bzImage) with its
 serial console (COM1) on this terminal. Exits with the guest's debug-exit status ((value << 1) | 1,
@@ -20,7 +20,8 @@ as QEMU's isa-debug-exit), 0 when every vCPU halts with nothing left to run, the
 it migrates away. On a terminal, Ctrl-A x stops the guest.
 
 With --incoming, waits for one live migration (from node-kvm migrate) and runs the guest it
-receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot).
+receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot), once its
+RAM image has been checked against the checksum the file holds.
 
 options:
   --mode real|protected|long  entry mode for a flat binary (default real)
@@ -42,6 +43,7 @@ options:
   --token T                   the secret the migration must prove it knows (required for tcp);
                               or set ${TOKEN_ENV}, which other users cannot see in ps
   --restore FILE              run the guest saved in this snapshot
+  --no-verify                 with --restore: skip checking the RAM image (which reads all of it)
   -h, --help                  show this help`;
 
 export interface RunOptions {
@@ -62,6 +64,8 @@ export interface RunOptions {
   append?: string;
   /** --disk FILE[,ro][,id=ID], repeatable. */
   disk?: string[];
+  /** With --restore: do not check the RAM image against its checksum. */
+  noVerify?: boolean;
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -93,6 +97,7 @@ export function checkRunSource(options: RunOptions): void {
     throw new RangeError('--memory and --vcpus come from the snapshot with --restore');
   }
   if (options.token !== undefined && options.incoming === undefined) throw new RangeError('--token applies to --incoming only');
+  if (options.noVerify === true && options.restore === undefined) throw new RangeError('--no-verify applies to --restore only');
 }
 
 export function parseSize(text: string): number {
@@ -141,12 +146,14 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     machine = await Machine.incoming(options.incoming, {
       memoryBytes, vcpus, token, serial, pool, disks,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
+      // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
+      log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
     });
     if (machine.state === 'paused') {
       process.stderr.write(`node-kvm: the guest arrived paused, as it was at the source${options.apiSocket ? ': resume it through the API socket' : ''}\n`);
     }
   } else if (options.restore !== undefined) {
-    machine = await Machine.restore(options.restore, { serial, pool, disks });
+    machine = await Machine.restore(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
   } else {
     machine = await Machine.create({
       image: (options.image ?? options.kernel)!,

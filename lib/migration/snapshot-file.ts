@@ -13,9 +13,13 @@
 //   Pages sections holding only the pages written since the parent, End.
 // A diff snapshot's zero pages are recorded as zero ranges: the parent may hold data there.
 //
-// A snapshot is written to `<path>.tmp`, fsync'd, then renamed over `<path>`, so a crash never
-// leaves a partial snapshot under the real name.
-import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
+// A snapshot is written to a new file beside `<path>` with a random name, fsync'd, then renamed
+// over `<path>`, so a crash never leaves a partial snapshot under the real name. That file is
+// created exclusively and never through a symlink: whoever else can write the directory cannot
+// redirect the write. Only a regular file (or nothing) at `<path>` is replaced.
+import { randomBytes } from 'node:crypto';
+import { constants as fsConstants, type Stats } from 'node:fs';
+import { lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import nodePath from 'node:path';
 import type { PageRange } from './types.js';
 import { decodeState, encodeStateSection } from './state-codec.js';
@@ -183,9 +187,47 @@ function sameId(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && a.every((byte, index) => byte === b[index]);
 }
 
+/** A file that did not exist, opened for writing, never through a symlink. */
+const CREATE_NEW_FILE = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
+
+function fileType(stats: Stats): string {
+  if (stats.isDirectory()) return 'a directory';
+  if (stats.isSymbolicLink()) return 'a symbolic link';
+  if (stats.isSocket()) return 'a socket';
+  if (stats.isFIFO()) return 'a FIFO';
+  if (stats.isCharacterDevice()) return 'a character device';
+  if (stats.isBlockDevice()) return 'a block device';
+  return 'of an unknown type';
+}
+
 /**
- * Writes a full or diff snapshot to `path` (through `path.tmp`, fsync, rename). State values are
- * encoded with encodeState(). For a diff, the parent file's header is checked against parent.id.
+ * An fs error from writing the snapshot `target`, saying which file and what failed; it keeps the
+ * system error's code ('ENOSPC', ...). Node's own message names only the syscall.
+ */
+function snapshotWriteError(error: unknown, target: string, doing: string): unknown {
+  const system = error as NodeJS.ErrnoException;
+  if (!(error instanceof Error) || typeof system.code !== 'string') return error;
+  // 'ENOSPC: no space left on device, write': the syscall and the temporary file's path say little.
+  const reason = system.syscall === undefined ? system.message : system.message.split(`, ${system.syscall}`)[0];
+  return Object.assign(new Error(`cannot write the snapshot ${target}: ${doing}: ${reason}`, { cause: error }), { code: system.code });
+}
+
+/** Refuses to replace anything at `target` but a regular file: an API socket, a device, a directory, a symlink. */
+async function checkSnapshotTarget(target: string): Promise<void> {
+  let stats: Stats;
+  try {
+    stats = await lstat(target);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw snapshotWriteError(error, target, 'checking what is at that path');
+  }
+  if (!stats.isFile()) throw new Error(`refusing to write a snapshot over ${target}: it is ${fileType(stats)}, not a regular file`);
+}
+
+/**
+ * Writes a full or diff snapshot to `path` (through a new file beside it, fsync, rename). State
+ * values are encoded with encodeState(). For a diff, the parent file's header is checked against
+ * parent.id. Anything but a regular file at `path` is refused, and a failure leaves nothing behind.
  */
 export async function writeSnapshotFile(path: string, options: WriteSnapshotOptions): Promise<WriteSnapshotResult> {
   if (typeof path !== 'string' || path === '') throw new TypeError('path must be a non-empty string');
@@ -193,6 +235,11 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
   const { kind, memoryBytes, vcpuCount, memory } = options;
   const target = nodePath.resolve(path);
   const diff = kind === 'diff-snapshot';
+  await checkSnapshotTarget(target);
+  const step = <T>(doing: string, operation: () => Promise<T>): Promise<T> =>
+    operation().catch((error: unknown) => {
+      throw snapshotWriteError(error, target, doing);
+    });
 
   let parentRecord: { path: string } | undefined;
   let parentId: Uint8Array | undefined;
@@ -229,8 +276,9 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
   }
   const regions = !diff && options.populated !== undefined ? populatedRegions(options.populated, memoryBytes) : [[0, memoryBytes] as [number, number]];
 
-  const temporary = `${target}.tmp`;
-  const file = await open(temporary, 'w', 0o600);
+  // Unpredictable, so that nobody can plant anything at it beforehand (O_EXCL refuses it anyway).
+  const temporary = `${target}.${randomBytes(8).toString('hex')}.tmp`;
+  const file = await step('creating a new file beside it', () => open(temporary, CREATE_NEW_FILE, 0o600));
   let bytesWritten = 0;
   let fileBytes: number;
   try {
@@ -255,7 +303,7 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
           for (let done = 0; done < runBytes; done += WRITE_CHUNK_BYTES) {
             const chunk = memory.subarray(runStart + done, runStart + Math.min(runBytes, done + WRITE_CHUNK_BYTES));
             crc = crc32c(chunk, crc);
-            await writeFully(file, chunk, ramOffset + runStart + done);
+            await step('writing the RAM image', () => writeFully(file, chunk, ramOffset + runStart + done));
           }
           crcEnd = runStart + runBytes;
           pagesWritten += runBytes / PAGE_BYTES;
@@ -270,20 +318,22 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
       fileBytes = ramOffset + memoryBytes;
     }
     for (const section of sections) {
-      await writeFully(file, section, position);
+      await step('writing its sections', () => writeFully(file, section, position));
       position += section.length;
       bytesWritten += section.length;
     }
     // Extends the file over trailing zero pages without allocating them.
-    await file.truncate(fileBytes);
-    await file.sync();
+    await step('extending it over the zero pages', () => file.truncate(fileBytes));
+    await step('flushing it to disk', () => file.sync());
+    await step('closing it', () => file.close());
+    // Something may have been put there while the snapshot was written.
+    await checkSnapshotTarget(target);
+    await step('renaming it into place', () => rename(temporary, target));
   } catch (error) {
     await file.close().catch(() => {});
     await unlink(temporary).catch(() => {});
     throw error;
   }
-  await file.close();
-  await rename(temporary, target);
   await syncDirectory(nodePath.dirname(target));
   return { id, bytesWritten, pagesWritten, zeroPagesSkipped, fileBytes };
 }

@@ -1,6 +1,6 @@
 // Snapshot files: full snapshots with a sparse, page-aligned RAM image; diff snapshots layered on
 // a parent by id; every corrupt or truncated file refused with a clear error.
-import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import os from 'node:os';
 import nodePath from 'node:path';
 import t, { type Test } from 'tap';
@@ -139,7 +139,7 @@ t.test('the populated hint: only those ranges are read', async (t) => {
     await t.rejects(writeSnapshotFile(nodePath.join(dir, 'bad.snap'), { ...fullOptions(memory), populated: populated as never }));
   }
   await t.rejects(writeSnapshotFile(nodePath.join(dir, 'bad.snap'), { ...fullOptions(memory), populated: 'x' as never }), TypeError);
-  t.notOk(existsSync(nodePath.join(dir, 'bad.snap.tmp')));
+  t.same(readdirSync(dir).sort(), ['hinted.snap', 'partial.snap'], 'nothing written');
 });
 
 t.test('diff snapshots: only the written pages, layered on the parent by id', async (t) => {
@@ -209,7 +209,7 @@ t.test('a diff refuses a parent that is not the expected snapshot', async (t) =>
   const otherId = new Uint8Array(16).fill(0xab);
   await expectStreamError(t, () => writeSnapshotFile(diffPath, diffOptions(basePath, otherId)), 'EMISMATCH',
     `${basePath} is snapshot ${Buffer.from(base.id).toString('hex')}, not the parent expected (abababababababababababababababab)`);
-  t.notOk(existsSync(diffPath) || existsSync(`${diffPath}.tmp`), 'nothing written');
+  t.same(readdirSync(dir), ['base.snap'], 'nothing written');
 
   const smaller = new Uint8Array(512 * 1024);
   await expectStreamError(t, () => writeSnapshotFile(diffPath, { ...diffOptions(basePath, base.id), memoryBytes: smaller.length, memory: smaller }), 'EMISMATCH',
@@ -418,11 +418,12 @@ t.test('writeSnapshotFile rejects bad options before touching the file', async (
 t.test('a failed write leaves neither the snapshot nor its temporary file', async (t) => {
   const dir = tempDir(t);
   const path = nodePath.join(dir, 'x.snap');
-  // A directory where the temporary file should go makes the open fail.
-  mkdirSync(`${path}.tmp`);
-  await t.rejects(writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2))), { code: 'EISDIR' });
-  t.notOk(existsSync(path));
-  rmSync(`${path}.tmp`, { recursive: true });
+  // A directory that does not exist: the new file cannot be created.
+  const missing = nodePath.join(dir, 'missing', 'x.snap');
+  await t.rejects(writeSnapshotFile(missing, fullOptions(new Uint8Array(PAGE_BYTES * 2))), {
+    code: 'ENOENT', message: `cannot write the snapshot ${missing}: creating a new file beside it: ENOENT: no such file or directory`,
+  });
+  t.same(readdirSync(dir), []);
   // An existing snapshot is replaced whole.
   const first = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2).fill(1)));
   const second = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2)));
