@@ -33,9 +33,17 @@ const DESTINATION_LABEL = Buffer.from('node-kvm migration destination', 'latin1'
 /** sockaddr_un.sun_path holds 108 bytes including the terminating NUL. */
 const MAX_UNIX_PATH_BYTES = 107;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+/** The source sends its hello as soon as it has read the greeting: one round trip. */
+const DEFAULT_HELLO_TIMEOUT_MS = 2_000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
-/** Connections in the handshake at once; more are dropped, so stalled peers cannot pile up. */
-const MAX_PENDING_HANDSHAKES = 4;
+/**
+ * Connections that have not proved themselves yet, held at once. Each holds a file descriptor
+ * and a few KiB; the cap is large so that a flood has to open this many connections within one
+ * round trip of the real source to push it out (the oldest is dropped first).
+ */
+const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 1024;
+const DEFAULT_REJECTION_REPORTS_PER_SECOND = 10;
+const REJECTION_REPORT_WINDOW_MS = 1000;
 /**
  * Stream buffering in Node per socket. The kernel's own TCP buffers are left to Linux's
  * autotuning (tcp_rmem/tcp_wmem), which setting SO_SNDBUF/SO_RCVBUF would switch off.
@@ -100,13 +108,32 @@ export interface ListenForMigrationOptions {
   timeoutMs?: number;
   /** Each connection gets this long for its whole handshake. Default 10 s. */
   handshakeTimeoutMs?: number;
+  /**
+   * Each connection must have sent its whole hello this long after it was accepted (a peer that
+   * trickles it in a byte at a time is dropped all the same). Default 2 s; the handshake's own
+   * limit applies too.
+   */
+  helloTimeoutMs?: number;
+  /**
+   * Connections held at once that have not yet proved they know the token (or, without a token,
+   * sent a valid hello). When one more arrives, the oldest of them is dropped, so that peers
+   * which connect and wait cannot keep a newer connection (the real source's) out. Default 1024.
+   */
+  maxUnauthenticatedConnections?: number;
   /** Called once listening, with the real port (for port 0) or socket path. */
   onListening?: (bound: MigrationAddress) => void;
   /**
-   * A connection that failed the handshake (wrong token, not a migration source, timed out):
-   * it is closed and the destination keeps waiting for the migration it was started for.
+   * A connection that failed the handshake (wrong token, not a migration source, timed out,
+   * dropped for a newer one): it is closed and the destination keeps waiting for the migration
+   * it was started for. Called at most `rejectionReportsPerSecond` times a second; rejections
+   * beyond that are counted, and once the second is over (or listening ends) one more call
+   * reports how many there were, with the last one's reason and peer:
+   * `N more connections were refused, not reported one by one (at most M reports a second);
+   * the last: REASON`. An exception it throws is ignored.
    */
   onRejected?: (reason: string, peer: string) => void;
+  /** Default 10. */
+  rejectionReportsPerSecond?: number;
   signal?: AbortSignal;
 }
 
@@ -125,11 +152,16 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   }
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs');
   const handshakeTimeoutMs = checkTimeout(options.handshakeTimeoutMs, 'handshakeTimeoutMs') ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+  const helloTimeoutMs = Math.min(checkTimeout(options.helloTimeoutMs, 'helloTimeoutMs') ?? DEFAULT_HELLO_TIMEOUT_MS, handshakeTimeoutMs);
+  const maxUnauthenticated = checkCount(options.maxUnauthenticatedConnections, 'maxUnauthenticatedConnections') ?? DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS;
+  const reportsPerSecond = checkCount(options.rejectionReportsPerSecond, 'rejectionReportsPerSecond') ?? DEFAULT_REJECTION_REPORTS_PER_SECOND;
   options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
 
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
+  /** In the order they arrived: the first is the one to drop. */
+  const unauthenticated = new Map<net.Socket, { droppedFor?: string }>();
   let removeSocketFile = () => {};
   let bound: MigrationAddress;
   try {
@@ -156,8 +188,10 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   return new Promise<net.Socket>((resolve, reject) => {
     let settled = false;
     let claimed = false;
+    const reports = new RejectionReports(reportsPerSecond, options.onRejected);
     const finish = (error: Error | null, socket?: net.Socket) => {
       if (settled) return;
+      reports.close();
       settled = true;
       if (timer) clearTimeout(timer);
       options.signal?.removeEventListener('abort', onAbort);
@@ -166,6 +200,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
       removeSocketFile();
       for (const other of pending) if (other !== socket) other.destroy();
       pending.clear();
+      unauthenticated.clear();
       if (error) reject(error);
       else resolve(socket!);
     };
@@ -180,20 +215,26 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
     const onConnection = (socket: net.Socket) => {
       const peer = target.kind === 'unix' ? 'a local process' : `${socket.remoteAddress}:${socket.remotePort}`;
       socket.on('error', () => {}); // reported through the handshake's own reads
-      if (pending.size >= MAX_PENDING_HANDSHAKES) {
-        socket.destroy();
-        options.onRejected?.('too many connections in the handshake at once', peer);
-        return;
+      if (unauthenticated.size >= maxUnauthenticated) {
+        const [oldest, state] = unauthenticated.entries().next().value as [net.Socket, { droppedFor?: string }];
+        unauthenticated.delete(oldest);
+        state.droppedFor = `dropped for a newer connection: ${maxUnauthenticated} connections were already waiting to prove themselves`;
+        oldest.destroy();
       }
+      const state: { droppedFor?: string } = {};
       pending.add(socket);
+      unauthenticated.set(socket, state);
       socket.setNoDelay(true);
-      const deadline = new Deadline(handshakeTimeoutMs, 'handshake');
-      acceptHandshake(socket, token, deadline, () => {
+      const helloDeadline = new Deadline(helloTimeoutMs, 'handshake');
+      const handshakeDeadline = new Deadline(handshakeTimeoutMs, 'handshake');
+      acceptHandshake(socket, token, helloDeadline, handshakeDeadline, () => {
         if (settled || claimed) return false;
         claimed = true;
+        unauthenticated.delete(socket);
         return true;
       }).then((outcome) => {
         pending.delete(socket);
+        unauthenticated.delete(socket);
         if (outcome === 'accepted') {
           socket.removeAllListeners('error');
           if (settled) socket.destroy(); // timed out or aborted in the meantime
@@ -203,12 +244,13 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
         if (outcome.claimed) claimed = false;
         // A refusal ends the socket itself once its reason is flushed.
         if (!socket.writableEnded) socket.destroy();
-        if (!settled) options.onRejected?.(outcome.reason, peer);
+        if (!settled) reports.report(state.droppedFor ?? outcome.reason, peer);
       }, (error: Error) => {
         // acceptHandshake reports failures as outcomes; this is a bug guard, not a path.
         pending.delete(socket);
+        unauthenticated.delete(socket);
         socket.destroy();
-        if (!settled) options.onRejected?.(error.message, peer);
+        if (!settled) reports.report(error.message, peer);
       });
     };
     server.on('connection', onConnection);
@@ -285,15 +327,24 @@ type AcceptOutcome = 'accepted' | { reason: string; claimed: boolean };
  * The destination's half. `claim` is asked once the source has proved itself: only one
  * connection may go on to become the migration.
  */
-async function acceptHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline, claim: () => boolean): Promise<AcceptOutcome> {
+async function acceptHandshake(
+  socket: net.Socket,
+  token: string | undefined,
+  helloDeadline: Deadline,
+  deadline: Deadline,
+  claim: () => boolean,
+): Promise<AcceptOutcome> {
   let claimed = false;
   const errorSink = (_error: Error) => {};
   socket.on('error', errorSink);
   try {
     const nonceD = randomBytes(NONCE_BYTES);
     socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of(token === undefined ? 0 : FLAG_TOKEN), nonceD]));
-    const hello = await readExactly(socket, HELLO_BYTES, deadline, 'the source\'s hello');
-    if (!hello.subarray(0, MAGIC.length).equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
+    // The magic alone first: a peer that is not a migration source is refused at its first bytes.
+    const magic = await readExactly(socket, MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: 0, stepBytes: HELLO_BYTES });
+    if (!magic.equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
+    const rest = await readExactly(socket, HELLO_BYTES - MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: MAGIC.length, stepBytes: HELLO_BYTES });
+    const hello = Buffer.concat([magic, rest]);
     const version = hello.readUInt16BE(MAGIC.length);
     if (version !== MIGRATION_PROTOCOL_VERSION) return refuse(socket, `unsupported protocol version ${version} (this destination speaks ${MIGRATION_PROTOCOL_VERSION})`);
     const sourceHasToken = (hello[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
@@ -372,10 +423,68 @@ class Deadline {
 }
 
 /**
- * Reads exactly `byteCount` bytes, leaving anything after them in the socket's buffer for
- * whoever reads next (read(n) takes no more than n).
+ * Passes rejections on to the caller at most `perSecond` a second, so that a flood of connections
+ * cannot become a flood of log lines; the rest are counted and reported in one call when the
+ * second is over or `close()` is called.
  */
-function readExactly(socket: net.Socket, byteCount: number, deadline: Deadline, step: string): Promise<Buffer> {
+class RejectionReports {
+  #reportedInWindow = 0;
+  #unreported = 0;
+  #lastUnreported = { reason: '', peer: '' };
+  #windowTimer: NodeJS.Timeout | null = null;
+  constructor(readonly perSecond: number, readonly onRejected: ((reason: string, peer: string) => void) | undefined) {}
+
+  report(reason: string, peer: string): void {
+    if (!this.onRejected) return;
+    if (this.#windowTimer === null) {
+      this.#windowTimer = setTimeout(() => this.#endWindow(), REJECTION_REPORT_WINDOW_MS);
+      this.#windowTimer.unref();
+    }
+    if (this.#reportedInWindow < this.perSecond) {
+      this.#reportedInWindow++;
+      this.#call(reason, peer);
+    } else {
+      this.#unreported++;
+      this.#lastUnreported = { reason, peer };
+    }
+  }
+
+  close(): void {
+    if (this.#windowTimer) clearTimeout(this.#windowTimer);
+    this.#endWindow();
+  }
+
+  #endWindow(): void {
+    this.#windowTimer = null;
+    this.#reportedInWindow = 0;
+    if (this.#unreported === 0) return;
+    const count = this.#unreported;
+    this.#unreported = 0;
+    const { reason, peer } = this.#lastUnreported;
+    this.#call(`${count} more ${count === 1 ? 'connection was' : 'connections were'} refused, not reported one by one (at most ${this.perSecond} reports a second); the last: ${reason}`, peer);
+  }
+
+  #call(reason: string, peer: string): void {
+    try {
+      this.onRejected?.(reason, peer);
+    } catch {
+      // The caller's logging must not end the wait for the migration (nor the process).
+    }
+  }
+}
+
+/**
+ * Reads exactly `byteCount` bytes, leaving anything after them in the socket's buffer for
+ * whoever reads next (read(n) takes no more than n). `part` places this read inside a step read
+ * in parts, for the count of bytes a timeout reports.
+ */
+function readExactly(
+  socket: net.Socket,
+  byteCount: number,
+  deadline: Deadline,
+  step: string,
+  part: { offsetBytes: number; stepBytes: number } = { offsetBytes: 0, stepBytes: byteCount },
+): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const cleanup = () => {
       clearTimeout(timer);
@@ -406,7 +515,9 @@ function readExactly(socket: net.Socket, byteCount: number, deadline: Deadline, 
       ? error
       : new MigrationTransportError('closed', `${deadline.what}: ${describeError(error)} while waiting for ${step}`));
     const timer = setTimeout(() => {
-      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}`));
+      const arrivedBytes = part.offsetBytes + socket.readableLength;
+      const partly = arrivedBytes > 0 ? ` (${arrivedBytes} of ${part.stepBytes} bytes arrived)` : '';
+      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}${partly}`));
     }, deadline.remainingMs());
     socket.on('readable', tryRead);
     socket.on('end', onEnd);
@@ -524,6 +635,12 @@ function checkTimeout(value: number | undefined, name: string): number | undefin
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > 2 ** 31 - 1) {
     throw new RangeError(`${name} must be a positive number of milliseconds, got ${value}`);
   }
+  return value;
+}
+
+function checkCount(value: number | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
   return value;
 }
 
