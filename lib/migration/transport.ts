@@ -16,6 +16,7 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 
 export type MigrationAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
@@ -36,9 +37,11 @@ const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** The source sends its hello as soon as it has read the greeting: one round trip. */
 const DEFAULT_HELLO_TIMEOUT_MS = 2_000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+/** How soon the source tries again when the destination's unix socket backlog is full. */
+const UNIX_BACKLOG_RETRY_MS = 10;
 /**
  * Connections that have not proved themselves yet, held at once. Each holds a file descriptor
- * and a few KiB; the cap is large so that a flood has to open this many connections within one
+ * and some 13 KiB; the cap is large so that a flood has to open this many connections within one
  * round trip of the real source to push it out (the oldest is dropped first).
  */
 const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 1024;
@@ -285,29 +288,34 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const connectOptions: net.NetConnectOpts & { highWaterMark: number } = target.kind === 'unix'
     ? { path: target.path, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES }
     : { host: target.host === '' ? '127.0.0.1' : target.host, port: target.port, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES };
-  const socket = net.createConnection(connectOptions);
   // Failures surface through the step that is waiting; this keeps one between steps from
   // becoming an uncaught 'error'.
   const errorSink = (_error: Error) => {};
-  socket.on('error', errorSink);
-  const onAbort = () => socket.destroy(new MigrationTransportError('aborted', `migration to ${label}: aborted`));
+  const open = () => net.createConnection(connectOptions).on('error', errorSink);
+  let socket = open();
+  const abortError = () => new MigrationTransportError('aborted', `migration to ${label}: aborted`);
+  const onAbort = () => socket.destroy(abortError());
   options.signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new MigrationTransportError('timeout', `${deadline.what} timed out after ${timeoutMs} ms while connecting`)), deadline.remainingMs());
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.off('error', onError);
-        resolve();
-      });
-      const onError = (error: Error) => {
-        clearTimeout(timer);
-        reject(error instanceof MigrationTransportError
-          ? error
-          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(error)}${isRefusal(error) ? ' (is the destination listening?)' : ''}`));
-      };
-      socket.once('error', onError);
-    });
+    for (;;) {
+      const failure = await connected(socket, deadline);
+      if (failure === null) break;
+      // A unix socket's backlog is full: the destination is behind on accepting a burst of
+      // connections (a flood, perhaps), and connect() fails at once where TCP would retry.
+      const backlogFull = target.kind === 'unix' && (failure as NodeJS.ErrnoException).code === 'EAGAIN';
+      if (!backlogFull || deadline.remainingMs() === 0) {
+        throw failure instanceof MigrationTransportError
+          ? failure
+          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`);
+      }
+      socket.destroy();
+      try {
+        await delay(Math.min(UNIX_BACKLOG_RETRY_MS, deadline.remainingMs()), undefined, { signal: options.signal });
+      } catch {
+        throw abortError();
+      }
+      socket = open();
+    }
     socket.setNoDelay(true);
     await offerHandshake(socket, token, deadline);
     return socket;
@@ -319,6 +327,29 @@ export async function connectForMigration(address: MigrationAddress, options: Co
     options.signal?.removeEventListener('abort', onAbort);
     socket.off('error', errorSink);
   }
+}
+
+/** Resolves with null once connected, or with what failed: an error, or the deadline passing. */
+function connected(socket: net.Socket, deadline: Deadline): Promise<Error | null> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      socket.off('connect', onConnect);
+      socket.off('error', onError);
+      resolve(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
+    }, deadline.remainingMs());
+    const onConnect = () => {
+      clearTimeout(timer);
+      socket.off('error', onError);
+      resolve(null);
+    };
+    const onError = (error: Error) => {
+      clearTimeout(timer);
+      socket.off('connect', onConnect);
+      resolve(error);
+    };
+    socket.once('connect', onConnect);
+    socket.once('error', onError);
+  });
 }
 
 type AcceptOutcome = 'accepted' | { reason: string; claimed: boolean };
@@ -650,9 +681,11 @@ function u16(value: number): Buffer {
   return bytes;
 }
 
-function isRefusal(error: unknown): boolean {
+function connectHint(error: unknown): string {
   const code = (error as NodeJS.ErrnoException).code;
-  return code === 'ECONNREFUSED' || code === 'ENOENT';
+  if (code === 'ECONNREFUSED' || code === 'ENOENT') return ' (is the destination listening?)';
+  if (code === 'EAGAIN') return ' (its backlog stayed full until the deadline)';
+  return '';
 }
 
 function describeError(error: unknown): string {

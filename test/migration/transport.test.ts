@@ -575,3 +575,29 @@ t.test('the hello window, the cap and the report rate are checked', async (t) =>
   await t.rejects(listenForMigration(address, { rejectionReportsPerSecond: 0, timeoutMs: 100 }), { name: 'RangeError', message: 'rejectionReportsPerSecond must be a positive integer, got 0' });
   t.notOk(fs.existsSync(address.path));
 });
+
+t.test('unix: a source that finds the backlog full (a burst of connections) tries again until its deadline', async (t) => {
+  const dir = socketDir(t);
+  const destination = await listen({ kind: 'unix', path: path.join(dir, 'burst.sock') });
+  const socketPath = (destination.bound as { path: string }).path;
+  const burst: net.Socket[] = [];
+  t.teardown(() => {
+    for (const socket of burst) socket.destroy();
+  });
+  let backlogFullCount = 0;
+  // connect() happens within createConnection, so the destination accepts none of them meanwhile.
+  for (let i = 0; i < 1000; i++) {
+    const socket = net.createConnection(socketPath);
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'EAGAIN') backlogFullCount++;
+    });
+    burst.push(socket);
+  }
+  const source = await connectForMigration(destination.bound, { timeoutMs: 5000 });
+  t.teardown(() => source.destroy());
+  t.ok(backlogFullCount > 0, `${backlogFullCount} of the burst found the backlog full`);
+  const accepted = await destination.accepted;
+  t.teardown(() => accepted.destroy());
+  source.write('x');
+  t.equal((await readBytes(accepted, 1)).toString(), 'x');
+});
