@@ -16,6 +16,7 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 
 export type MigrationAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
@@ -33,9 +34,19 @@ const DESTINATION_LABEL = Buffer.from('node-kvm migration destination', 'latin1'
 /** sockaddr_un.sun_path holds 108 bytes including the terminating NUL. */
 const MAX_UNIX_PATH_BYTES = 107;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+/** The source sends its hello as soon as it has read the greeting: one round trip. */
+const DEFAULT_HELLO_TIMEOUT_MS = 2_000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
-/** Connections in the handshake at once; more are dropped, so stalled peers cannot pile up. */
-const MAX_PENDING_HANDSHAKES = 4;
+/** How soon the source tries again when the destination's unix socket backlog is full. */
+const UNIX_BACKLOG_RETRY_MS = 10;
+/**
+ * Connections that have not proved themselves yet, held at once. Each holds a file descriptor
+ * and some 13 KiB; the cap is large so that a flood has to open this many connections within one
+ * round trip of the real source to push it out (the oldest is dropped first).
+ */
+const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 1024;
+const DEFAULT_REJECTION_REPORTS_PER_SECOND = 10;
+const REJECTION_REPORT_WINDOW_MS = 1000;
 /**
  * Stream buffering in Node per socket. The kernel's own TCP buffers are left to Linux's
  * autotuning (tcp_rmem/tcp_wmem), which setting SO_SNDBUF/SO_RCVBUF would switch off.
@@ -100,13 +111,32 @@ export interface ListenForMigrationOptions {
   timeoutMs?: number;
   /** Each connection gets this long for its whole handshake. Default 10 s. */
   handshakeTimeoutMs?: number;
+  /**
+   * Each connection must have sent its whole hello this long after it was accepted (a peer that
+   * trickles it in a byte at a time is dropped all the same). Default 2 s; the handshake's own
+   * limit applies too.
+   */
+  helloTimeoutMs?: number;
+  /**
+   * Connections held at once that have not yet proved they know the token (or, without a token,
+   * sent a valid hello). When one more arrives, the oldest of them is dropped, so that peers
+   * which connect and wait cannot keep a newer connection (the real source's) out. Default 1024.
+   */
+  maxUnauthenticatedConnections?: number;
   /** Called once listening, with the real port (for port 0) or socket path. */
   onListening?: (bound: MigrationAddress) => void;
   /**
-   * A connection that failed the handshake (wrong token, not a migration source, timed out):
-   * it is closed and the destination keeps waiting for the migration it was started for.
+   * A connection that failed the handshake (wrong token, not a migration source, timed out,
+   * dropped for a newer one): it is closed and the destination keeps waiting for the migration
+   * it was started for. Called at most `rejectionReportsPerSecond` times a second; rejections
+   * beyond that are counted, and once the second is over (or listening ends) one more call
+   * reports how many there were, with the last one's reason and peer:
+   * `N more connections were refused, not reported one by one (at most M reports a second);
+   * the last: REASON`. An exception it throws is ignored.
    */
   onRejected?: (reason: string, peer: string) => void;
+  /** Default 10. */
+  rejectionReportsPerSecond?: number;
   signal?: AbortSignal;
 }
 
@@ -125,11 +155,16 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   }
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs');
   const handshakeTimeoutMs = checkTimeout(options.handshakeTimeoutMs, 'handshakeTimeoutMs') ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+  const helloTimeoutMs = Math.min(checkTimeout(options.helloTimeoutMs, 'helloTimeoutMs') ?? DEFAULT_HELLO_TIMEOUT_MS, handshakeTimeoutMs);
+  const maxUnauthenticated = checkCount(options.maxUnauthenticatedConnections, 'maxUnauthenticatedConnections') ?? DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS;
+  const reportsPerSecond = checkCount(options.rejectionReportsPerSecond, 'rejectionReportsPerSecond') ?? DEFAULT_REJECTION_REPORTS_PER_SECOND;
   options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
 
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
+  /** In the order they arrived: the first is the one to drop. */
+  const unauthenticated = new Map<net.Socket, { droppedFor?: string }>();
   let removeSocketFile = () => {};
   let bound: MigrationAddress;
   try {
@@ -156,8 +191,10 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   return new Promise<net.Socket>((resolve, reject) => {
     let settled = false;
     let claimed = false;
+    const reports = new RejectionReports(reportsPerSecond, options.onRejected);
     const finish = (error: Error | null, socket?: net.Socket) => {
       if (settled) return;
+      reports.close();
       settled = true;
       if (timer) clearTimeout(timer);
       options.signal?.removeEventListener('abort', onAbort);
@@ -166,6 +203,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
       removeSocketFile();
       for (const other of pending) if (other !== socket) other.destroy();
       pending.clear();
+      unauthenticated.clear();
       if (error) reject(error);
       else resolve(socket!);
     };
@@ -180,20 +218,26 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
     const onConnection = (socket: net.Socket) => {
       const peer = target.kind === 'unix' ? 'a local process' : `${socket.remoteAddress}:${socket.remotePort}`;
       socket.on('error', () => {}); // reported through the handshake's own reads
-      if (pending.size >= MAX_PENDING_HANDSHAKES) {
-        socket.destroy();
-        options.onRejected?.('too many connections in the handshake at once', peer);
-        return;
+      if (unauthenticated.size >= maxUnauthenticated) {
+        const [oldest, state] = unauthenticated.entries().next().value as [net.Socket, { droppedFor?: string }];
+        unauthenticated.delete(oldest);
+        state.droppedFor = `dropped for a newer connection: ${maxUnauthenticated} connections were already waiting to prove themselves`;
+        oldest.destroy();
       }
+      const state: { droppedFor?: string } = {};
       pending.add(socket);
+      unauthenticated.set(socket, state);
       socket.setNoDelay(true);
-      const deadline = new Deadline(handshakeTimeoutMs, 'handshake');
-      acceptHandshake(socket, token, deadline, () => {
+      const helloDeadline = new Deadline(helloTimeoutMs, 'handshake');
+      const handshakeDeadline = new Deadline(handshakeTimeoutMs, 'handshake');
+      acceptHandshake(socket, token, helloDeadline, handshakeDeadline, () => {
         if (settled || claimed) return false;
         claimed = true;
+        unauthenticated.delete(socket);
         return true;
       }).then((outcome) => {
         pending.delete(socket);
+        unauthenticated.delete(socket);
         if (outcome === 'accepted') {
           socket.removeAllListeners('error');
           if (settled) socket.destroy(); // timed out or aborted in the meantime
@@ -203,12 +247,13 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
         if (outcome.claimed) claimed = false;
         // A refusal ends the socket itself once its reason is flushed.
         if (!socket.writableEnded) socket.destroy();
-        if (!settled) options.onRejected?.(outcome.reason, peer);
+        if (!settled) reports.report(state.droppedFor ?? outcome.reason, peer);
       }, (error: Error) => {
         // acceptHandshake reports failures as outcomes; this is a bug guard, not a path.
         pending.delete(socket);
+        unauthenticated.delete(socket);
         socket.destroy();
-        if (!settled) options.onRejected?.(error.message, peer);
+        if (!settled) reports.report(error.message, peer);
       });
     };
     server.on('connection', onConnection);
@@ -243,29 +288,34 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const connectOptions: net.NetConnectOpts & { highWaterMark: number } = target.kind === 'unix'
     ? { path: target.path, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES }
     : { host: target.host === '' ? '127.0.0.1' : target.host, port: target.port, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES };
-  const socket = net.createConnection(connectOptions);
   // Failures surface through the step that is waiting; this keeps one between steps from
   // becoming an uncaught 'error'.
   const errorSink = (_error: Error) => {};
-  socket.on('error', errorSink);
-  const onAbort = () => socket.destroy(new MigrationTransportError('aborted', `migration to ${label}: aborted`));
+  const open = () => net.createConnection(connectOptions).on('error', errorSink);
+  let socket = open();
+  const abortError = () => new MigrationTransportError('aborted', `migration to ${label}: aborted`);
+  const onAbort = () => socket.destroy(abortError());
   options.signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new MigrationTransportError('timeout', `${deadline.what} timed out after ${timeoutMs} ms while connecting`)), deadline.remainingMs());
-      socket.once('connect', () => {
-        clearTimeout(timer);
-        socket.off('error', onError);
-        resolve();
-      });
-      const onError = (error: Error) => {
-        clearTimeout(timer);
-        reject(error instanceof MigrationTransportError
-          ? error
-          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(error)}${isRefusal(error) ? ' (is the destination listening?)' : ''}`));
-      };
-      socket.once('error', onError);
-    });
+    for (;;) {
+      const failure = await connected(socket, deadline);
+      if (failure === null) break;
+      // A unix socket's backlog is full: the destination is behind on accepting a burst of
+      // connections (a flood, perhaps), and connect() fails at once where TCP would retry.
+      const backlogFull = target.kind === 'unix' && (failure as NodeJS.ErrnoException).code === 'EAGAIN';
+      if (!backlogFull || deadline.remainingMs() === 0) {
+        throw failure instanceof MigrationTransportError
+          ? failure
+          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`);
+      }
+      socket.destroy();
+      try {
+        await delay(Math.min(UNIX_BACKLOG_RETRY_MS, deadline.remainingMs()), undefined, { signal: options.signal });
+      } catch {
+        throw abortError();
+      }
+      socket = open();
+    }
     socket.setNoDelay(true);
     await offerHandshake(socket, token, deadline);
     return socket;
@@ -279,21 +329,53 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   }
 }
 
+/** Resolves with null once connected, or with what failed: an error, or the deadline passing. */
+function connected(socket: net.Socket, deadline: Deadline): Promise<Error | null> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      socket.off('connect', onConnect);
+      socket.off('error', onError);
+      resolve(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
+    }, deadline.remainingMs());
+    const onConnect = () => {
+      clearTimeout(timer);
+      socket.off('error', onError);
+      resolve(null);
+    };
+    const onError = (error: Error) => {
+      clearTimeout(timer);
+      socket.off('connect', onConnect);
+      resolve(error);
+    };
+    socket.once('connect', onConnect);
+    socket.once('error', onError);
+  });
+}
+
 type AcceptOutcome = 'accepted' | { reason: string; claimed: boolean };
 
 /**
  * The destination's half. `claim` is asked once the source has proved itself: only one
  * connection may go on to become the migration.
  */
-async function acceptHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline, claim: () => boolean): Promise<AcceptOutcome> {
+async function acceptHandshake(
+  socket: net.Socket,
+  token: string | undefined,
+  helloDeadline: Deadline,
+  deadline: Deadline,
+  claim: () => boolean,
+): Promise<AcceptOutcome> {
   let claimed = false;
   const errorSink = (_error: Error) => {};
   socket.on('error', errorSink);
   try {
     const nonceD = randomBytes(NONCE_BYTES);
     socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of(token === undefined ? 0 : FLAG_TOKEN), nonceD]));
-    const hello = await readExactly(socket, HELLO_BYTES, deadline, 'the source\'s hello');
-    if (!hello.subarray(0, MAGIC.length).equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
+    // The magic alone first: a peer that is not a migration source is refused at its first bytes.
+    const magic = await readExactly(socket, MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: 0, stepBytes: HELLO_BYTES });
+    if (!magic.equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
+    const rest = await readExactly(socket, HELLO_BYTES - MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: MAGIC.length, stepBytes: HELLO_BYTES });
+    const hello = Buffer.concat([magic, rest]);
     const version = hello.readUInt16BE(MAGIC.length);
     if (version !== MIGRATION_PROTOCOL_VERSION) return refuse(socket, `unsupported protocol version ${version} (this destination speaks ${MIGRATION_PROTOCOL_VERSION})`);
     const sourceHasToken = (hello[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
@@ -372,10 +454,68 @@ class Deadline {
 }
 
 /**
- * Reads exactly `byteCount` bytes, leaving anything after them in the socket's buffer for
- * whoever reads next (read(n) takes no more than n).
+ * Passes rejections on to the caller at most `perSecond` a second, so that a flood of connections
+ * cannot become a flood of log lines; the rest are counted and reported in one call when the
+ * second is over or `close()` is called.
  */
-function readExactly(socket: net.Socket, byteCount: number, deadline: Deadline, step: string): Promise<Buffer> {
+class RejectionReports {
+  #reportedInWindow = 0;
+  #unreported = 0;
+  #lastUnreported = { reason: '', peer: '' };
+  #windowTimer: NodeJS.Timeout | null = null;
+  constructor(readonly perSecond: number, readonly onRejected: ((reason: string, peer: string) => void) | undefined) {}
+
+  report(reason: string, peer: string): void {
+    if (!this.onRejected) return;
+    if (this.#windowTimer === null) {
+      this.#windowTimer = setTimeout(() => this.#endWindow(), REJECTION_REPORT_WINDOW_MS);
+      this.#windowTimer.unref();
+    }
+    if (this.#reportedInWindow < this.perSecond) {
+      this.#reportedInWindow++;
+      this.#call(reason, peer);
+    } else {
+      this.#unreported++;
+      this.#lastUnreported = { reason, peer };
+    }
+  }
+
+  close(): void {
+    if (this.#windowTimer) clearTimeout(this.#windowTimer);
+    this.#endWindow();
+  }
+
+  #endWindow(): void {
+    this.#windowTimer = null;
+    this.#reportedInWindow = 0;
+    if (this.#unreported === 0) return;
+    const count = this.#unreported;
+    this.#unreported = 0;
+    const { reason, peer } = this.#lastUnreported;
+    this.#call(`${count} more ${count === 1 ? 'connection was' : 'connections were'} refused, not reported one by one (at most ${this.perSecond} reports a second); the last: ${reason}`, peer);
+  }
+
+  #call(reason: string, peer: string): void {
+    try {
+      this.onRejected?.(reason, peer);
+    } catch {
+      // The caller's logging must not end the wait for the migration (nor the process).
+    }
+  }
+}
+
+/**
+ * Reads exactly `byteCount` bytes, leaving anything after them in the socket's buffer for
+ * whoever reads next (read(n) takes no more than n). `part` places this read inside a step read
+ * in parts, for the count of bytes a timeout reports.
+ */
+function readExactly(
+  socket: net.Socket,
+  byteCount: number,
+  deadline: Deadline,
+  step: string,
+  part: { offsetBytes: number; stepBytes: number } = { offsetBytes: 0, stepBytes: byteCount },
+): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const cleanup = () => {
       clearTimeout(timer);
@@ -406,7 +546,9 @@ function readExactly(socket: net.Socket, byteCount: number, deadline: Deadline, 
       ? error
       : new MigrationTransportError('closed', `${deadline.what}: ${describeError(error)} while waiting for ${step}`));
     const timer = setTimeout(() => {
-      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}`));
+      const arrivedBytes = part.offsetBytes + socket.readableLength;
+      const partly = arrivedBytes > 0 ? ` (${arrivedBytes} of ${part.stepBytes} bytes arrived)` : '';
+      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}${partly}`));
     }, deadline.remainingMs());
     socket.on('readable', tryRead);
     socket.on('end', onEnd);
@@ -527,15 +669,23 @@ function checkTimeout(value: number | undefined, name: string): number | undefin
   return value;
 }
 
+function checkCount(value: number | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
+  return value;
+}
+
 function u16(value: number): Buffer {
   const bytes = Buffer.alloc(2);
   bytes.writeUInt16BE(value);
   return bytes;
 }
 
-function isRefusal(error: unknown): boolean {
+function connectHint(error: unknown): string {
   const code = (error as NodeJS.ErrnoException).code;
-  return code === 'ECONNREFUSED' || code === 'ENOENT';
+  if (code === 'ECONNREFUSED' || code === 'ENOENT') return ' (is the destination listening?)';
+  if (code === 'EAGAIN') return ' (its backlog stayed full until the deadline)';
+  return '';
 }
 
 function describeError(error: unknown): string {

@@ -1,5 +1,6 @@
 // Migration transport: addresses, one authenticated connection per destination, the token
-// handshake both ways, unix socket files, timeouts.
+// handshake both ways, unix socket files, timeouts, hostile peers that hold connections open.
+import { createHmac, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -16,6 +17,8 @@ interface Listening {
   rejected: { reason: string; peer: string }[];
   /** Resolves at the next rejection. */
   nextRejection(): Promise<{ reason: string; peer: string }>;
+  /** Resolves with the rejection at `index` (counting from 0) once it has been reported. */
+  rejection(index: number): Promise<{ reason: string; peer: string }>;
 }
 
 async function listen(address: MigrationAddress, options: ListenForMigrationOptions = {}): Promise<Listening> {
@@ -38,9 +41,11 @@ async function listen(address: MigrationAddress, options: ListenForMigrationOpti
     accepted,
     rejected,
     nextRejection() {
-      const count = rejected.length;
+      return this.rejection(rejected.length);
+    },
+    rejection(index) {
       return new Promise((resolve) => {
-        const check = () => (rejected.length > count ? resolve(rejected[count]!) : waiters.push(check));
+        const check = () => (rejected.length > index ? resolve(rejected[index]!) : waiters.push(check));
         check();
       });
     },
@@ -349,4 +354,250 @@ t.test('addresses: parse and format', async (t) => {
   await t.rejects(listenForMigration({ kind: 'tcp', host: '127.0.0.1', port: 70000 }, { token: 'x' }), { name: 'RangeError', message: 'address.port must be an integer 0..65535, got 70000' });
   await t.rejects(listenForMigration({ kind: 'serial' } as unknown as MigrationAddress), { name: 'TypeError', message: "address.kind must be 'tcp' or 'unix'" });
   await t.rejects(listenForMigration({ kind: 'unix', path: '/tmp/x.sock' }, { timeoutMs: -5 }), { name: 'RangeError', message: 'timeoutMs must be a positive number of milliseconds, got -5' });
+});
+
+const GREETING_BYTES = 43;
+const NOT_A_SOURCE = 'not a node-kvm migration source';
+
+/** The first `byteCount` bytes, or fewer if the peer closes first; the socket is left flowing. */
+function firstBytes(socket: net.Socket, byteCount: number): Promise<Buffer> {
+  return new Promise((resolve) => {
+    let received = Buffer.alloc(0);
+    const done = () => {
+      socket.off('data', onData);
+      socket.off('close', done);
+      socket.on('data', () => {});
+      resolve(received.subarray(0, byteCount));
+    };
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      if (received.length >= byteCount) done();
+    };
+    socket.on('data', onData);
+    socket.once('close', done);
+  });
+}
+
+function closed(socket: net.Socket): Promise<void> {
+  return new Promise((resolve) => (socket.closed ? resolve() : socket.once('close', () => resolve())));
+}
+
+interface Peer {
+  socket: net.Socket;
+  /** As the destination names it over tcp (taken at once: a closed socket no longer knows it). */
+  tcpName: string;
+  /** The destination's greeting, or what arrived of it before the connection closed. */
+  greeting: Promise<Buffer>;
+  closed: Promise<void>;
+}
+
+/** Raw connections a test opens (sending `firstWrite` at once); every one is destroyed at teardown. */
+function hostilePeers(t: Test, address: MigrationAddress) {
+  const sockets: net.Socket[] = [];
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy();
+  });
+  return async (firstWrite?: Buffer): Promise<Peer> => {
+    const socket = await rawConnect(address);
+    socket.on('error', () => {});
+    sockets.push(socket);
+    if (firstWrite) socket.write(firstWrite);
+    return { socket, tcpName: `127.0.0.1:${socket.localPort}`, greeting: firstBytes(socket, GREETING_BYTES), closed: closed(socket) };
+  };
+}
+
+/** How many rejections with `reason` were reported, one by one or in the summaries. */
+function countRejections(rejected: { reason: string }[], reason: string): { total: number; others: string[] } {
+  let total = 0;
+  const others: string[] = [];
+  for (const entry of rejected) {
+    const summary = /^(\d+) more connections? (?:was|were) refused, not reported one by one \(at most \d+ reports a second\); the last: (.*)$/.exec(entry.reason);
+    if (entry.reason === reason) total++;
+    else if (summary && summary[2] === reason) total += Number(summary[1]);
+    else others.push(entry.reason);
+  }
+  return { total, others };
+}
+
+for (const kind of ['unix', 'tcp'] as const) {
+  t.test(`${kind}: 50 idle and 50 garbage connections held open do not keep the real source out`, async (t) => {
+    const token = kind === 'tcp' ? 'flood token' : undefined;
+    const address: MigrationAddress = kind === 'unix' ? { kind, path: path.join(socketDir(t), 'flood.sock') } : { kind, host: '127.0.0.1', port: 0 };
+    const destination = await listen(address, { token });
+    const open = hostilePeers(t, destination.bound);
+    const idle = await Promise.all(Array.from({ length: 50 }, () => open()));
+    const idleGreetings = await Promise.all(idle.map((peer) => peer.greeting));
+    t.equal(idleGreetings.filter((greeting) => greeting.length === GREETING_BYTES).length, 50, 'every idle connection was taken in and greeted');
+    const garbage = await Promise.all(Array.from({ length: 50 }, () => open(randomBytes(64))));
+    await Promise.all(garbage.map((peer) => peer.closed));
+    t.same(countRejections(destination.rejected, NOT_A_SOURCE).others, [], 'the garbage senders were refused at once');
+
+    const started = performance.now();
+    const source = await connectForMigration(destination.bound, { token });
+    const elapsedMs = performance.now() - started;
+    t.ok(elapsedMs < 2000, `the handshake took ${elapsedMs.toFixed(0)} ms with 50 idle connections held open`);
+    t.teardown(() => source.destroy());
+    const accepted = await destination.accepted;
+    t.teardown(() => accepted.destroy());
+    const { total, others } = countRejections(destination.rejected, NOT_A_SOURCE);
+    t.equal(total, 50, 'each garbage sender reported, one by one or counted');
+    t.same(others, [], 'no idle connection had been dropped');
+    source.write('guest pages');
+    t.equal((await readBytes(accepted, 11)).toString(), 'guest pages');
+    accepted.write('ack');
+    t.equal((await readBytes(source, 3)).toString(), 'ack');
+    await Promise.all(idle.map((peer) => peer.closed));
+    t.pass('the destination closed the idle connections once the migration was accepted');
+  });
+}
+
+t.test('a peer that sends its hello a byte at a time is dropped at the hello window', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'secret', helloTimeoutMs: 300 });
+  const open = hostilePeers(t, destination.bound);
+  const { socket: loris, tcpName, greeting, closed: lorisClosed } = await open();
+  const hello = Buffer.concat([Buffer.from('NKVM-MIG'), Buffer.of(0, MIGRATION_PROTOCOL_VERSION, 1), randomBytes(64)]);
+  const dropped = destination.nextRejection();
+  t.equal((await greeting).length, GREETING_BYTES);
+  let sentBytes = 0;
+  const trickle = setInterval(() => {
+    if (sentBytes < hello.length) loris.write(hello.subarray(sentBytes, ++sentBytes));
+  }, 10);
+  t.teardown(() => clearInterval(trickle));
+  const { reason, peer } = await dropped;
+  clearInterval(trickle);
+  const match = /^handshake timed out after 300 ms waiting for the source's hello \((\d+) of 75 bytes arrived\)$/.exec(reason);
+  t.ok(match, reason);
+  const arrivedBytes = Number(match?.[1]);
+  t.ok(arrivedBytes > 8 && arrivedBytes < 75, `dropped with ${arrivedBytes} bytes of the hello in, still arriving`);
+  t.equal(peer, tcpName);
+  await lorisClosed;
+  t.equal(destination.rejected.length, 1);
+
+  const source = await connectForMigration(destination.bound, { token: 'secret' });
+  (await destination.accepted).destroy();
+  source.destroy();
+});
+
+t.test('a source that proved the token has the whole handshake limit for its acknowledgement', async (t) => {
+  const token = 'secret';
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token, helloTimeoutMs: 100, handshakeTimeoutMs: 400 });
+  const open = hostilePeers(t, destination.bound);
+  const { socket: mute, tcpName, greeting: greeted } = await open();
+  const greeting = await greeted;
+  const nonceS = randomBytes(32);
+  const nonceD = greeting.subarray(11);
+  const proofS = createHmac('sha256', token).update('node-kvm migration source').update(nonceD).update(nonceS).digest();
+  const dropped = destination.nextRejection();
+  const verdict = firstBytes(mute, 33);
+  mute.write(Buffer.concat([Buffer.from('NKVM-MIG'), Buffer.of(0, MIGRATION_PROTOCOL_VERSION, 1), nonceS, proofS]));
+  t.equal((await verdict)[0], 0, 'accepted; it never acknowledges');
+  t.same(await dropped, { reason: 'handshake timed out after 400 ms waiting for the source\'s acknowledgement', peer: tcpName });
+
+  const source = await connectForMigration(destination.bound, { token });
+  (await destination.accepted).destroy();
+  source.destroy();
+});
+
+t.test('at the cap, the oldest unauthenticated connection is dropped for the new one', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'secret', maxUnauthenticatedConnections: 3, handshakeTimeoutMs: 2000 });
+  const open = hostilePeers(t, destination.bound);
+  const held: Peer[] = [];
+  for (let i = 0; i < 3; i++) {
+    const peer = await open();
+    t.equal((await peer.greeting).length, GREETING_BYTES);
+    held.push(peer);
+  }
+  const reason = 'dropped for a newer connection: 3 connections were already waiting to prove themselves';
+  const firstDropped = destination.nextRejection();
+  const fourth = await open();
+  t.equal((await fourth.greeting).length, GREETING_BYTES, 'the new connection is taken in');
+  t.same(await firstDropped, { reason, peer: held[0]!.tcpName });
+  const firstClosed = await Promise.race([held[0]!.closed.then(() => 'the oldest'), fourth.closed.then(() => 'the new one')]);
+  t.equal(firstClosed, 'the oldest', 'the oldest was closed, not the new one');
+
+  const source = await connectForMigration(destination.bound, { token: 'secret' });
+  t.teardown(() => source.destroy());
+  const accepted = await destination.accepted;
+  t.teardown(() => accepted.destroy());
+  await Promise.all([held[1]!.closed, held[2]!.closed, fourth.closed]);
+  t.same(destination.rejected, [{ reason, peer: held[0]!.tcpName }, { reason, peer: held[1]!.tcpName }],
+    'the next oldest was dropped for the source; those left were closed with the listener, not reported');
+});
+
+t.test('rejections are reported at most rejectionReportsPerSecond a second, the rest counted', async (t) => {
+  const dir = socketDir(t);
+  const controller = new AbortController();
+  const destination = await listen({ kind: 'unix', path: path.join(dir, 'r.sock') }, { rejectionReportsPerSecond: 2, signal: controller.signal });
+  const open = hostilePeers(t, destination.bound);
+  const request = Buffer.from('GET / HTTP/1.1\r\n\r\n');
+  const refuse = async (count: number) => Promise.all((await Promise.all(Array.from({ length: count }, () => open(request)))).map((peer) => peer.closed));
+  const one = { reason: NOT_A_SOURCE, peer: 'a local process' };
+
+  await refuse(5);
+  t.same(destination.rejected, [one, one], 'two reported one by one');
+  const summary = await destination.rejection(2);
+  t.same(summary, { reason: `3 more connections were refused, not reported one by one (at most 2 reports a second); the last: ${NOT_A_SOURCE}`, peer: 'a local process' });
+
+  await refuse(3);
+  t.equal(destination.rejected.length, 5, 'a new second: two more reported');
+  controller.abort();
+  await rejection(destination.accepted);
+  t.same(destination.rejected.slice(3), [one, one, {
+    reason: `1 more connection was refused, not reported one by one (at most 2 reports a second); the last: ${NOT_A_SOURCE}`,
+    peer: 'a local process',
+  }], 'the count is reported when listening ends');
+});
+
+t.test('an onRejected that throws does not end the wait', async (t) => {
+  const dir = socketDir(t);
+  const socketPath = path.join(dir, 'throw.sock');
+  let calls = 0;
+  const accepted = listenForMigration({ kind: 'unix', path: socketPath }, {
+    onRejected: () => {
+      calls++;
+      throw new Error('the log is full');
+    },
+  });
+  accepted.catch(() => {});
+  while (!fs.existsSync(socketPath)) await new Promise((resolve) => setImmediate(resolve));
+  const open = hostilePeers(t, { kind: 'unix', path: socketPath });
+  await (await open(Buffer.alloc(75, 0x41))).closed;
+  t.equal(calls, 1);
+  const source = await connectForMigration({ kind: 'unix', path: socketPath });
+  (await accepted).destroy();
+  source.destroy();
+});
+
+t.test('the hello window, the cap and the report rate are checked', async (t) => {
+  const address: MigrationAddress = { kind: 'unix', path: path.join(socketDir(t), 'never.sock') };
+  await t.rejects(listenForMigration(address, { helloTimeoutMs: 0, timeoutMs: 100 }), { name: 'RangeError', message: 'helloTimeoutMs must be a positive number of milliseconds, got 0' });
+  await t.rejects(listenForMigration(address, { maxUnauthenticatedConnections: 1.5, timeoutMs: 100 }), { name: 'RangeError', message: 'maxUnauthenticatedConnections must be a positive integer, got 1.5' });
+  await t.rejects(listenForMigration(address, { rejectionReportsPerSecond: 0, timeoutMs: 100 }), { name: 'RangeError', message: 'rejectionReportsPerSecond must be a positive integer, got 0' });
+  t.notOk(fs.existsSync(address.path));
+});
+
+t.test('unix: a source that finds the backlog full (a burst of connections) tries again until its deadline', async (t) => {
+  const dir = socketDir(t);
+  const destination = await listen({ kind: 'unix', path: path.join(dir, 'burst.sock') });
+  const socketPath = (destination.bound as { path: string }).path;
+  const burst: net.Socket[] = [];
+  t.teardown(() => {
+    for (const socket of burst) socket.destroy();
+  });
+  let backlogFullCount = 0;
+  // connect() happens within createConnection, so the destination accepts none of them meanwhile.
+  for (let i = 0; i < 1000; i++) {
+    const socket = net.createConnection(socketPath);
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'EAGAIN') backlogFullCount++;
+    });
+    burst.push(socket);
+  }
+  const source = await connectForMigration(destination.bound, { timeoutMs: 5000 });
+  t.teardown(() => source.destroy());
+  t.ok(backlogFullCount > 0, `${backlogFullCount} of the burst found the backlog full`);
+  const accepted = await destination.accepted;
+  t.teardown(() => accepted.destroy());
+  source.write('x');
+  t.equal((await readBytes(accepted, 1)).toString(), 'x');
 });
