@@ -130,9 +130,9 @@ export interface ListenForMigrationOptions {
    * dropped for a newer one): it is closed and the destination keeps waiting for the migration
    * it was started for. Called at most `rejectionReportsPerSecond` times a second; rejections
    * beyond that are counted, and once the second is over (or listening ends) one more call
-   * reports how many there were, with the last one's reason and peer:
-   * `N more connections were refused, not reported one by one (at most M reports a second);
-   * the last: REASON`. An exception it throws is ignored.
+   * reports how many there were, with the last one's reason and peer: `REASON (the last of N
+   * connections refused, not reported one by one: at most M reports a second)`. An exception it
+   * throws is ignored.
    */
   onRejected?: (reason: string, peer: string) => void;
   /** Default 10. */
@@ -492,7 +492,7 @@ class RejectionReports {
     const count = this.#unreported;
     this.#unreported = 0;
     const { reason, peer } = this.#lastUnreported;
-    this.#call(`${count} more ${count === 1 ? 'connection was' : 'connections were'} refused, not reported one by one (at most ${this.perSecond} reports a second); the last: ${reason}`, peer);
+    this.#call(`${reason} (the last of ${count} ${count === 1 ? 'connection' : 'connections'} refused, not reported one by one: at most ${this.perSecond} reports a second)`, peer);
   }
 
   #call(reason: string, peer: string): void {

@@ -411,9 +411,9 @@ function countRejections(rejected: { reason: string }[], reason: string): { tota
   let total = 0;
   const others: string[] = [];
   for (const entry of rejected) {
-    const summary = /^(\d+) more connections? (?:was|were) refused, not reported one by one \(at most \d+ reports a second\); the last: (.*)$/.exec(entry.reason);
+    const summary = /^(.*) \(the last of (\d+) connections? refused, not reported one by one: at most \d+ reports a second\)$/.exec(entry.reason);
     if (entry.reason === reason) total++;
-    else if (summary && summary[2] === reason) total += Number(summary[1]);
+    else if (summary && summary[1] === reason) total += Number(summary[2]);
     else others.push(entry.reason);
   }
   return { total, others };
@@ -536,14 +536,14 @@ t.test('rejections are reported at most rejectionReportsPerSecond a second, the 
   await refuse(5);
   t.same(destination.rejected, [one, one], 'two reported one by one');
   const summary = await destination.rejection(2);
-  t.same(summary, { reason: `3 more connections were refused, not reported one by one (at most 2 reports a second); the last: ${NOT_A_SOURCE}`, peer: 'a local process' });
+  t.same(summary, { reason: `${NOT_A_SOURCE} (the last of 3 connections refused, not reported one by one: at most 2 reports a second)`, peer: 'a local process' });
 
   await refuse(3);
   t.equal(destination.rejected.length, 5, 'a new second: two more reported');
   controller.abort();
   await rejection(destination.accepted);
   t.same(destination.rejected.slice(3), [one, one, {
-    reason: `1 more connection was refused, not reported one by one (at most 2 reports a second); the last: ${NOT_A_SOURCE}`,
+    reason: `${NOT_A_SOURCE} (the last of 1 connection refused, not reported one by one: at most 2 reports a second)`,
     peer: 'a local process',
   }], 'the count is reported when listening ends');
 });
