@@ -12,7 +12,8 @@ import {
 import { bootGuest, runGuest } from '../helpers/boot-runner.js';
 import { nodeKvmInProcess, startNodeKvm } from '../helpers/cli.js';
 import { guestImage, noKvm, repoRoot } from '../helpers/kvm.js';
-import { runToExit, sharedPool } from '../helpers/machine.js';
+import { runToExit } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
 const pool = noKvm ? undefined : sharedPool();

@@ -9,8 +9,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { GUEST_PARAMS_ADDR, Machine, type DiskConfig, type MachineExit } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { boot, runToExit, sharedPool, type Booted } from '../helpers/machine.js';
+import { boot, runToExit, type Booted } from '../helpers/machine.js';
 import { memoryHash } from '../helpers/migration.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
 const image = path.join(repoRoot, 'guests', 'build', 'disk.elf');

@@ -1,24 +1,6 @@
 // Running a guest through the VMM (Machine) and collecting its serial output.
 import { PassThrough } from 'node:stream';
-import t from 'tap';
-import { Machine, VcpuWorkerPool, type MachineConfig, type MachineExit } from '../../lib/index.js';
-
-let filePool: VcpuWorkerPool | undefined;
-
-/**
- * vCPU threads for the machines of a test file. A machine without a pool starts a thread per
- * vCPU, and under tap's TypeScript loader each takes a second or more to load; machines given
- * this pool borrow loaded ones, and give them back. Its `size` threads start loading at the first
- * call (at the top of the file: while the first tests run); it closes when the file's tests end.
- */
-export function sharedPool(size = 1): VcpuWorkerPool {
-  if (!filePool) {
-    const pool = VcpuWorkerPool.start(size);
-    filePool = pool;
-    t.teardown(() => pool.close());
-  }
-  return filePool;
-}
+import { Machine, type MachineConfig, type MachineExit } from '../../lib/index.js';
 
 export interface Booted {
   machine: Machine;

@@ -7,9 +7,9 @@ import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import type { MigrationProgress } from '../../lib/migration/types.js';
 import { noKvm } from '../helpers/kvm.js';
-import { sharedPool } from '../helpers/machine.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
 import { startDestination } from '../helpers/migration-peer.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const TOKEN = 'test-token-4f1c';
 // vCPU threads for the machines in this process, loaded once for the file.

@@ -8,7 +8,8 @@ import { native } from '../../lib/kvm/native.js';
 import { startVcpuThread, watchVcpuThread } from '../../lib/vmm/pool.js';
 import { guestPath } from '../../guests/build.mjs';
 import { guestImage, noKvm } from '../helpers/kvm.js';
-import { boot, runToExit, sharedPool } from '../helpers/machine.js';
+import { boot, runToExit } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
 
 // The machines of tests that are not about starting vCPU threads borrow them from here: each
 // thread takes a second or more to load under tap's TypeScript loader.
