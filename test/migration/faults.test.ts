@@ -4,6 +4,7 @@
 // own where the test kills it, or leaves it waiting; otherwise the destination is in this process
 // (each process takes seconds to load its TypeScript).
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
@@ -31,9 +32,9 @@ async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof sta
 
 /**
  * A TCP proxy between source and destination that lets `tamper` change or cut the source's bytes
- * (counted from the stream header's magic on, after the handshake).
+ * (counted from the stream header's magic on, after the handshake), or stop reading them.
  */
-async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void) => Buffer): Promise<string> {
+async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void, stopReading: () => void) => Buffer): Promise<string> {
   const [, host, port] = /^tcp:(.*):(\d+)$/.exec(target)!;
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(port), host);
@@ -41,6 +42,7 @@ async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, strea
       client.destroy();
       upstream.destroy();
     };
+    const stopReading = () => client.pause();
     let seen = Buffer.alloc(0);
     let streamStart = -1;
     let forwarded = 0;
@@ -53,7 +55,7 @@ async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, strea
       }
       if (streamStart >= 0) {
         const offsetInStream = forwarded - streamStart;
-        out = tamper(Buffer.from(chunk), offsetInStream, cut);
+        out = tamper(Buffer.from(chunk), offsetInStream, cut, stopReading);
       }
       forwarded += chunk.length;
       if (!upstream.destroyed) upstream.write(out);
@@ -79,14 +81,17 @@ const patchAt = (at: number, change: (byte: number) => number) => (chunk: Buffer
 const destinationHere = (t: Test, memoryBytes?: number) => startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, memoryBytes, pool });
 
 async function migrateThroughFault<D extends Destination | LocalDestination>(t: Test, destination: D, options: {
-  tamper?: Parameters<typeof startProxy>[2]; sourceMemoryBytes?: number;
+  tamper?: Parameters<typeof startProxy>[2]; sourceMemoryBytes?: number; timeoutMs?: number;
+  /** Bytes of guest RAM above the guest's own range the VMM fills with data, for a longer stream. */
+  fillBytes?: number;
 } = {}) {
   let address = await destination.listening;
   if (options.tamper) address = await startProxy(t, address, options.tamper);
   const source = await startDirtier({ memoryBytes: options.sourceMemoryBytes ?? 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
+  if (options.fillBytes) source.machine.writeMemory(8 * MiB, randomBytes(options.fillBytes));
   await source.waitForOutput('pass 1 ok\n');
-  const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: 5000 }).then(
+  const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: options.timeoutMs ?? 5000 }).then(
     () => null,
     (e: Error) => e,
   );
@@ -140,6 +145,24 @@ t.test('a stream cut short: the destination reports it truncated, the source run
   t.match(error?.message, /migration failed .*the guest runs on here/);
   await assertStillRunning(t, source);
   await t.rejects(destination.arrived, /truncated|closed/, 'the destination fails with why');
+});
+
+t.test('a destination that stops reading: the source, blocked writing, gives up after timeoutMs and runs on', { skip: noKvm }, async (t) => {
+  let cutProxy!: () => void;
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
+    sourceMemoryBytes: 128 * MiB,
+    fillBytes: 96 * MiB, // far more than the socket buffers between the two hold (at most 36 MiB here)
+    timeoutMs: 1000,
+    tamper: (chunk, offset, cut, stopReading) => {
+      cutProxy = cut;
+      if (offset + chunk.length > MiB) stopReading();
+      return chunk;
+    },
+  });
+  t.match(error?.message, /the destination stopped reading for 1000 ms/);
+  await assertStillRunning(t, source);
+  cutProxy();
+  await t.rejects(destination.arrived, /truncated|closed/, 'the destination, cut off, fails with why');
 });
 
 t.test('the destination killed mid-stream: the source runs on', { skip: noKvm }, async (t) => {
