@@ -20,10 +20,21 @@ options:
   -h, --help  show help for a command`;
 
 /**
- * Runs the command `argv` (without node and the script) and resolves with the exit status.
- * `firstThread`, a vCPU thread the entry started before loading this module, is `run`'s to use.
+ * Runs the command `argv` (without node and the script) as the process does, and resolves with
+ * its exit status: an error is one line on stderr, `node-kvm: MESSAGE`, and status 1, not a stack
+ * trace. `firstThread`, a vCPU thread the entry started before loading this module, is `run`'s to use.
  */
 export async function main(argv: string[], firstThread?: VcpuThread): Promise<number> {
+  try {
+    return await runCommand(argv, firstThread);
+  } catch (error) {
+    console.error(`node-kvm: ${error instanceof Error ? error.message : String(error)}`);
+    return 1;
+  }
+}
+
+/** Runs the command `argv` and resolves with the exit status; bad arguments and failures throw. */
+export async function runCommand(argv: string[], firstThread?: VcpuThread): Promise<number> {
   const [command, ...rest] = argv;
   if (command === undefined || command === '-h' || command === '--help' || command === 'help') {
     console.log(USAGE);

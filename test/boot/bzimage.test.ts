@@ -1,7 +1,7 @@
 // The Linux boot protocol: the setup header parsed from crafted images, the zero page and entry
 // state planned for the bzimage guest (guests/bzimage.S), and that guest booted for real through
-// the raw binding, Machine.create and `node-kvm run --kernel --initrd --append`.
-import { spawnSync } from 'node:child_process';
+// the raw binding, Machine.create and `node-kvm run --kernel --initrd --append` (whose bad input
+// is checked in this process).
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import t, { type Test } from 'tap';
@@ -10,10 +10,13 @@ import {
   type BootPlan, type PlanOptions,
 } from '../../lib/boot/index.js';
 import { bootGuest, runGuest } from '../helpers/boot-runner.js';
+import { nodeKvmInProcess, startNodeKvm } from '../helpers/cli.js';
 import { guestImage, noKvm, repoRoot } from '../helpers/kvm.js';
 import { runToExit } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
+const pool = noKvm ? undefined : sharedPool();
 const options: PlanOptions = { memoryBytes: 64 * MiB, vcpus: 1 };
 const guest = () => guestImage('bzimage');
 const guestFile = path.join(repoRoot, 'guests', 'build', 'bzimage.bin');
@@ -231,37 +234,39 @@ t.test('booted on the raw binding: the 32-bit entry', { skip: noKvm }, async (t)
 t.test('Machine.create with an initrd, as bytes and as a file', { skip: noKvm }, async (t) => {
   const memoryBytes = 128 * MiB;
   const initrd = initramfs();
-  const fromBytes = await runToExit({ image: guestFile, memoryBytes, cmdline: 'a b c', initrd });
+  const fromBytes = await runToExit({ image: guestFile, memoryBytes, cmdline: 'a b c', initrd, pool });
   t.same(fromBytes.exit, { reason: 'debug-exit', code: 0x10, vcpu: 0 });
   t.equal(fromBytes.output, expected64(memoryBytes, 'a b c', { addr: initrdAddr(memoryBytes, initrd.length), data: initrd }));
 
   const file = path.join(t.testdir(), 'initrd.cpio');
   const odd = new Uint8Array(4097).map((_, i) => (i * 31) & 0xff);
   writeFileSync(file, odd);
-  const fromFile = await runToExit({ image: guestFile, memoryBytes, initrd: file });
+  const fromFile = await runToExit({ image: guestFile, memoryBytes, initrd: file, pool });
   t.same(fromFile.exit, { reason: 'debug-exit', code: 0x10, vcpu: 0 });
   t.equal(fromFile.output, expected64(memoryBytes, '', { addr: initrdAddr(memoryBytes, odd.length), data: odd }));
 
-  const none = await runToExit({ image: guestFile, memoryBytes: 32 * MiB });
+  const none = await runToExit({ image: guestFile, memoryBytes: 32 * MiB, pool });
   t.equal(none.output, expected64(32 * MiB, ''));
 
-  await t.rejects(runToExit({ image: guestFile, initrd: '/nonexistent/initrd.img' }), new Error('cannot read the initrd /nonexistent/initrd.img: ENOENT'));
+  await t.rejects(runToExit({ image: guestFile, initrd: '/nonexistent/initrd.img', pool }), new Error('cannot read the initrd /nonexistent/initrd.img: ENOENT'));
 });
 
-const cli = path.join(repoRoot, 'lib', 'cli', 'main.ts');
-const nodeKvm = (...args: string[]) =>
-  spawnSync(process.execPath, [...process.execArgv, cli, ...args], { encoding: 'latin1', timeout: 60_000, stdio: ['ignore', 'pipe', 'pipe'] });
+// The guest's console is the command's stdout: a child process.
+const nodeKvm = (...args: string[]) => startNodeKvm(args).result;
 
 t.test('node-kvm run --kernel --initrd --append, as QEMU names them', { skip: noKvm }, async (t) => {
   const initrd = initramfs();
   const file = path.join(t.testdir(), 'initrd.cpio');
   writeFileSync(file, initrd);
-  const result = nodeKvm('run', '--kernel', guestFile, '--initrd', file, '--append', 'console=ttyS0 init=/init', '--memory', '96M');
+  // Side by side: each takes seconds to load.
+  const [result, positional] = await Promise.all([
+    nodeKvm('run', '--kernel', guestFile, '--initrd', file, '--append', 'console=ttyS0 init=/init', '--memory', '96M'),
+    nodeKvm('run', guestFile, '--append', 'as IMAGE'),
+  ]);
   t.equal(result.stderr, '');
   t.equal(result.stdout, expected64(96 * MiB, 'console=ttyS0 init=/init', { addr: initrdAddr(96 * MiB, initrd.length), data: initrd }));
   t.equal(result.status, (0x10 << 1) | 1);
 
-  const positional = nodeKvm('run', guestFile, '--append', 'as IMAGE');
   t.equal(positional.stdout, expected64(64 * MiB, 'as IMAGE'));
 });
 
@@ -287,9 +292,10 @@ t.test('node-kvm run: bad kernels and flags are one line and status 1', async (t
     [['--kernel', guestFile, '--append', 'a', '--cmdline', 'b'], 'node-kvm: --append and --cmdline both give the command line: use one\n'],
     [['--restore', '/nonexistent', '--initrd', initrd], 'node-kvm: --initrd applies to booting an IMAGE only\n'],
   ];
-  // The main checks happen before a VM exists: these run with or without KVM.
+  // The main checks happen before a VM exists: these run with or without KVM. In this process, the
+  // thread run starts is one from the built bundle: it only starts and quits.
   for (const [args, stderr] of cases) {
-    const result = nodeKvm('run', ...args);
+    const result = await nodeKvmInProcess(['run', ...args], { builtFirstThread: true });
     t.equal(result.stderr, stderr, args.join(' '));
     t.equal(result.status, 1);
     t.equal(result.stdout, '');
@@ -297,7 +303,7 @@ t.test('node-kvm run: bad kernels and flags are one line and status 1', async (t
 });
 
 t.test('run --help names the QEMU-style flags', async (t) => {
-  const result = nodeKvm('run', '--help');
+  const result = await nodeKvmInProcess(['run', '--help']);
   t.match(result.stdout, /--kernel FILE/);
   t.match(result.stdout, /--initrd FILE/);
   t.match(result.stdout, /--append TEXT/);

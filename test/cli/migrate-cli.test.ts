@@ -1,7 +1,7 @@
-// `node-kvm migrate`, `snapshot`, `status`, `pause`, `resume` and `run --incoming/--restore` as
-// child processes: help, argument errors, output against a machine's API (a fake one served
-// here), and one snapshot plus one live migration of a real guest end to end.
-import { spawn } from 'node:child_process';
+// `node-kvm migrate`, `snapshot`, `status`, `pause`, `resume` and `run --incoming/--restore`:
+// help, argument errors and output against a machine's API (a fake one served here) in this
+// process, and one snapshot plus one live migration of a real guest end to end, between `run`
+// processes.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -9,51 +9,12 @@ import t, { type Test } from 'tap';
 import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
 import { progressDisplay } from '../../lib/cli/progress.js';
 import type { MigrateOptions, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
+import { nodeKvmInProcess, startNodeKvm, type CommandResult, type NodeKvmProcess } from '../helpers/cli.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { lastPass } from '../helpers/migration.js';
 
-const cli = path.join(repoRoot, 'lib', 'cli', 'main.ts');
 const MIB = 1024 * 1024;
-
-interface Child {
-  stdout(): string;
-  stderr(): string;
-  /** Resolves once stdout (or stderr) matches. */
-  waitFor(pattern: RegExp, stream?: 'stdout' | 'stderr', timeoutMs?: number): Promise<RegExpExecArray>;
-  kill(signal?: NodeJS.Signals): void;
-  result: Promise<{ status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>;
-}
-
-/** Runs node-kvm without blocking this process (which may be serving the API it calls). */
-function startNodeKvm(args: string[], env: NodeJS.ProcessEnv = {}): Child {
-  const child = spawn(process.execPath, [...process.execArgv, cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString('latin1')));
-  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString('latin1')));
-  const result = new Promise<Awaited<Child['result']>>((resolve) => {
-    child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr }));
-  });
-  return {
-    stdout: () => stdout,
-    stderr: () => stderr,
-    async waitFor(pattern, stream = 'stdout', timeoutMs = 60_000) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const match = pattern.exec(stream === 'stdout' ? stdout : stderr);
-        if (match) return match;
-        if (Date.now() > deadline || child.exitCode !== null || child.signalCode !== null) {
-          throw new Error(`no ${pattern} on ${stream}; stdout ${JSON.stringify(stdout.slice(-300))}; stderr ${JSON.stringify(stderr.slice(-600))}`);
-        }
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-    },
-    kill: (signal = 'SIGTERM') => child.kill(signal),
-    result,
-  };
-}
-
-const nodeKvm = (args: string[], env?: NodeJS.ProcessEnv) => startNodeKvm(args, env).result;
+const nodeKvm = (args: string[], env?: Record<string, string>) => nodeKvmInProcess(args, { env });
 
 function socketDir(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-cli-'));
@@ -62,7 +23,7 @@ function socketDir(t: Test): string {
 }
 
 /** One clear line on stderr and status 1. */
-function failsWith(t: Test, result: Awaited<Child['result']>, message: string): void {
+function failsWith(t: Test, result: CommandResult, message: string): void {
   t.equal(result.status, 1, `status 1 (${result.stderr.trim()})`);
   t.equal(result.stderr, `node-kvm: ${message}\n`);
 }
@@ -150,7 +111,7 @@ t.test('argument errors are one clear line and status 1', async (t) => {
     [['run', path.join(repoRoot, 'guests', 'build', 'hello.bin'), '--token', 't'], '--token applies to --incoming only'],
   ];
   for (const [args, message] of cases) {
-    const result = await nodeKvm(args);
+    const result = await nodeKvmInProcess(args, { builtFirstThread: true });
     t.equal(result.status, 1, args.join(' '));
     t.equal(result.stderr, `node-kvm: ${message}\n`, args.join(' '));
   }
@@ -253,13 +214,16 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   const destinationSocket = path.join(dir, 'dest.sock');
   const snapshotFile = path.join(dir, 'guest.snap');
   const guest = path.join(repoRoot, 'guests', 'build', 'dirtier-user.elf');
-  const children: Child[] = [];
+  const children: NodeKvmProcess[] = [];
   t.teardown(() => {
     for (const child of children) child.kill('SIGKILL');
   });
 
   const source = startNodeKvm(['run', guest, '--memory', '32M', '--api-socket', apiSocket]);
   children.push(source);
+  // It waits for the migration: it may start meanwhile.
+  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
+  children.push(destination);
   await source.waitFor(/^pass 1 ok$/m);
   t.equal(fs.lstatSync(apiSocket).mode & 0o777, 0o600, 'the API socket is private');
   t.equal((await nodeKvm(['status', '--api-socket', apiSocket])).stdout, 'state   running\nvCPUs   1\nmemory  32.0 MiB\n');
@@ -269,8 +233,6 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   t.match(snapshot.stdout, new RegExp(`^snapshot +${snapshotFile.replace(/[.]/g, '\\.')}\nkind +full\n`));
   t.ok(fs.statSync(snapshotFile).size > 0, 'the snapshot file exists');
 
-  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
-  children.push(destination);
   await destination.waitFor(/^node-kvm: listening for a migration on unix:.*dest\.sock$/m, 'stderr');
   const migrate = await nodeKvm(['migrate', '--api-socket', apiSocket, `unix:${destinationSocket}`]);
   t.equal(migrate.status, 0, migrate.stderr);
@@ -281,6 +243,9 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   t.equal(sourceEnd.status, 0, 'the source exits 0 once its guest has moved');
   t.match(sourceEnd.stderr, /node-kvm: the guest migrated away; it runs at the destination now\n$/);
   t.notOk(fs.existsSync(apiSocket), 'the source removed its API socket');
+  // Started while the destination runs on: it loads meanwhile.
+  const restored = startNodeKvm(['run', '--restore', snapshotFile]);
+  children.push(restored);
   // The source may have stopped in the middle of the next line: the destination finishes it, so
   // the first line whole at the destination can be the one after.
   const lastPassAtSource = lastPass(sourceEnd.stdout);
@@ -292,8 +257,6 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   const destinationEnd = await destination.result;
   t.equal(destinationEnd.status, 128 + os.constants.signals.SIGTERM, 'stopped by the signal');
 
-  const restored = startNodeKvm(['run', '--restore', snapshotFile]);
-  children.push(restored);
   const [, firstPass] = await restored.waitFor(/^pass (\d+) ok$/m);
   t.ok(Number(firstPass) >= 2, `the restored guest goes on from where the snapshot was (pass ${firstPass})`);
   await restored.waitFor(new RegExp(`^pass ${Number(firstPass) + 1} ok$`, 'm'));

@@ -11,11 +11,15 @@ import { GUEST_PARAMS_ADDR, Machine, type DiskConfig, type MachineExit } from '.
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { boot, runToExit, type Booted } from '../helpers/machine.js';
 import { memoryHash } from '../helpers/migration.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
 const image = path.join(repoRoot, 'guests', 'build', 'disk.elf');
 const SUCCESS = 0x10;
 const Mode = { Check: 0, Loop: 1, Hostile: 2 } as const;
+// vCPU threads for the file's machines (a migration has two at once), loaded once. Each disk's
+// thread still starts with its machine.
+const pool = noKvm ? undefined : sharedPool(2);
 
 function tempDir(t: { teardown(fn: () => void): void }): string {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-disk-'));
@@ -40,7 +44,7 @@ function params(mode: number, rounds = 0): Uint8Array {
 }
 
 async function runDiskGuest(disks: DiskConfig[], mode: number, logs: string[] = [], extra: { irqchip?: boolean } = {}): Promise<{ exit: MachineExit; output: string }> {
-  const booted = await boot({ image, memoryBytes: 64 * MiB, disks, ...extra }, logs);
+  const booted = await boot({ image, memoryBytes: 64 * MiB, disks, pool, ...extra }, logs);
   booted.machine.writeMemory(GUEST_PARAMS_ADDR, params(mode));
   booted.machine.start();
   const exit = await booted.machine.wait();
@@ -105,7 +109,7 @@ t.test('with the irqchip, a completion raises the disk\'s line: IRR bit 5 of the
   const dir = tempDir(t);
   const file = path.join(dir, 'line.img');
   makeImage(file, 1024, 'line');
-  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], irqchip: true });
+  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], irqchip: true, pool });
   t.teardown(() => void booted.machine.stop());
   const before = await booted.machine.saveState();
   t.equal(before.vm.irqchips![0]!.chip[1]! & (1 << 5), 0, 'no request yet: IRQ 5 not requested');
@@ -120,7 +124,7 @@ t.test('with the irqchip, a completion raises the disk\'s line: IRR bit 5 of the
 });
 
 t.test('no disk: the guest finds no device', { skip: noKvm }, async (t) => {
-  const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, serial: {} });
+  const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, serial: {}, pool });
   t.same(exit, { reason: 'debug-exit', code: 0x7e, vcpu: 0 });
   t.match(output, 'disk: no virtio-blk device found\n');
 });
@@ -152,7 +156,7 @@ t.test('hostile chains from the guest: each fails alone, the VMM logs it once, t
 
 /** Starts the guest's write/flush/read/verify loop on disk 0 and waits for `rounds` rounds. */
 async function startLoop(t: { teardown(fn: () => void): void }, file: string, rounds: number, extra: { dirtyLog?: 'bitmap' | 'ring' } = {}): Promise<Booted> {
-  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], ...extra });
+  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], pool, ...extra });
   t.teardown(() => void booted.machine.stop());
   booted.machine.writeMemory(GUEST_PARAMS_ADDR, params(Mode.Loop, 0));
   booted.machine.start();
@@ -179,7 +183,7 @@ t.test('a snapshot in the middle of disk I/O restores to a guest whose checks go
   const { PassThrough } = await import('node:stream');
   const sink = new PassThrough();
   sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-  const restored = await Machine.restore(snapshot, { serial: { output: sink }, log: () => {} });
+  const restored = await Machine.restore(snapshot, { serial: { output: sink }, log: () => {}, pool });
   t.teardown(() => void restored.stop());
   t.same(restored.shape.disks?.map((disk) => disk.path), [file], 'the restored machine opened the same image');
   t.equal(memoryHash(restored.memory), sourceHash, 'RAM as it was');
@@ -193,12 +197,12 @@ t.test('a snapshot in the middle of disk I/O restores to a guest whose checks go
   // The disks may live elsewhere on the restoring host, but must be the same size.
   const moved = path.join(dir, 'moved.img');
   writeFileSync(moved, readFileSync(file));
-  const elsewhere = await Machine.restore(snapshot, { disks: [{ path: moved }], serial: { output: null }, log: () => {} });
+  const elsewhere = await Machine.restore(snapshot, { disks: [{ path: moved }], serial: { output: null }, log: () => {}, pool });
   t.same(elsewhere.shape.disks, [{ path: moved, readOnly: false, sectors: 1024, id: 'snap.img' }], 'opened where it was told, with the saved id');
   await elsewhere.stop();
   writeFileSync(moved, Buffer.alloc(512 * 1000));
-  await t.rejects(Machine.restore(snapshot, { disks: [{ path: moved }], log: () => {} }), /disk 0 had 1024 sectors, .*moved\.img has 1000/);
-  await t.rejects(Machine.restore(snapshot, { disks: [], log: () => {} }), /the saved machine had 1 disk, 0 given/);
+  await t.rejects(Machine.restore(snapshot, { disks: [{ path: moved }], log: () => {}, pool }), /disk 0 had 1024 sectors, .*moved\.img has 1000/);
+  await t.rejects(Machine.restore(snapshot, { disks: [], log: () => {}, pool }), /the saved machine had 1 disk, 0 given/);
 });
 
 t.test('a live migration in the middle of disk I/O: the destination finishes the guest\'s rounds', { skip: noKvm }, async (t) => {
@@ -213,7 +217,7 @@ t.test('a live migration in the middle of disk I/O: the destination finishes the
   const address = `unix:${path.join(dir, 'm.sock')}`;
   let listening!: () => void;
   const ready = new Promise<void>((resolve) => (listening = resolve));
-  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: sink }, log: () => {} });
+  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: sink }, log: () => {}, pool });
   await ready;
   const stats = await source.machine.migrate(address);
   const destination = await incoming;
@@ -233,10 +237,11 @@ t.test('bad disk configurations fail before anything runs, with one clear messag
   const dir = tempDir(t);
   const tiny = path.join(dir, 'tiny.img');
   writeFileSync(tiny, Buffer.alloc(100));
+  // Without the pool: the thread the machine started for itself is ended with it.
   await t.rejects(Machine.create({ image, disks: [{ path: path.join(dir, 'missing.img') }] }), /disk 0: cannot open .*missing\.img for writing: ENOENT/);
-  await t.rejects(Machine.create({ image, disks: [{ path: tiny }] }), /smaller than one 512-byte sector/);
-  await t.rejects(Machine.create({ image, disks: 'x' as never }), /disks must be an array/);
-  await t.rejects(Machine.create({ image, disks: [{ path: tiny, readOnly: 'yes' as never }] }), /readOnly must be a boolean/);
-  await t.rejects(Machine.create({ image, disks: [{ path: tiny, id: 'x'.repeat(21) }] }), /at most 20 bytes/);
-  await t.rejects(Machine.create({ image, disks: Array.from({ length: 9 }, () => ({ path: tiny })) }), /at most 8 disks/);
+  await t.rejects(Machine.create({ image, pool, disks: [{ path: tiny }] }), /smaller than one 512-byte sector/);
+  await t.rejects(Machine.create({ image, pool, disks: 'x' as never }), /disks must be an array/);
+  await t.rejects(Machine.create({ image, pool, disks: [{ path: tiny, readOnly: 'yes' as never }] }), /readOnly must be a boolean/);
+  await t.rejects(Machine.create({ image, pool, disks: [{ path: tiny, id: 'x'.repeat(21) }] }), /at most 20 bytes/);
+  await t.rejects(Machine.create({ image, pool, disks: Array.from({ length: 9 }, () => ({ path: tiny })) }), /at most 8 disks/);
 });

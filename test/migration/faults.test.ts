@@ -1,19 +1,26 @@
 // Migrations that fail: whatever breaks (the destination, the source, the bytes in between, the
 // token, the version, the machine's size), the source keeps running its guest, or the destination
-// fails cleanly, and the error says what happened.
+// fails cleanly, and the error says what happened. A destination or a source has a process of its
+// own where the test kills it, or leaves it waiting; otherwise the destination is in this process
+// (each process takes seconds to load its TypeScript).
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { Machine } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
-import { startDestination } from '../helpers/migration-peer.js';
+import { startDestination, startLocalDestination, type Destination, type LocalDestination } from '../helpers/migration-peer.js';
+import { sharedPool } from '../helpers/pool.js';
+import { childExecArgv } from '../helpers/spawn.js';
 import { encodeShape } from '../../lib/migration/machine-state.js';
 import { encodeHeader, encodeSection } from '../../lib/migration/stream.js';
 import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
 const TOKEN = 'fault-token-91d2';
+// vCPU threads for the sources and the destinations in this process, loaded once for the file.
+const pool = noKvm ? undefined : sharedPool(2);
 
 /** The source guest, still running and still counting correctly, after a failed migration. */
 async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof startDirtier>>): Promise<void> {
@@ -25,9 +32,9 @@ async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof sta
 
 /**
  * A TCP proxy between source and destination that lets `tamper` change or cut the source's bytes
- * (counted from the stream header's magic on, after the handshake).
+ * (counted from the stream header's magic on, after the handshake), or stop reading them.
  */
-async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void) => Buffer): Promise<string> {
+async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void, stopReading: () => void) => Buffer): Promise<string> {
   const [, host, port] = /^tcp:(.*):(\d+)$/.exec(target)!;
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(port), host);
@@ -35,6 +42,7 @@ async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, strea
       client.destroy();
       upstream.destroy();
     };
+    const stopReading = () => client.pause();
     let seen = Buffer.alloc(0);
     let streamStart = -1;
     let forwarded = 0;
@@ -47,7 +55,7 @@ async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, strea
       }
       if (streamStart >= 0) {
         const offsetInStream = forwarded - streamStart;
-        out = tamper(Buffer.from(chunk), offsetInStream, cut);
+        out = tamper(Buffer.from(chunk), offsetInStream, cut, stopReading);
       }
       forwarded += chunk.length;
       if (!upstream.destroyed) upstream.write(out);
@@ -69,18 +77,21 @@ const patchAt = (at: number, change: (byte: number) => number) => (chunk: Buffer
   return chunk;
 };
 
-async function migrateThroughFault(t: Test, options: {
-  destinationMemoryBytes?: number; destinationToken?: string; tamper?: Parameters<typeof startProxy>[2];
-  sourceMemoryBytes?: number;
-}) {
-  const destination = startDestination('tcp:127.0.0.1:0', options.destinationToken ?? TOKEN, options.destinationMemoryBytes);
-  t.teardown(() => destination.child.kill('SIGKILL'));
+/** A destination in this process listening on tcp, with TOKEN. */
+const destinationHere = (t: Test, memoryBytes?: number) => startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, memoryBytes, pool });
+
+async function migrateThroughFault<D extends Destination | LocalDestination>(t: Test, destination: D, options: {
+  tamper?: Parameters<typeof startProxy>[2]; sourceMemoryBytes?: number; timeoutMs?: number;
+  /** Bytes of guest RAM above the guest's own range the VMM fills with data, for a longer stream. */
+  fillBytes?: number;
+} = {}) {
   let address = await destination.listening;
   if (options.tamper) address = await startProxy(t, address, options.tamper);
-  const source = await startDirtier({ memoryBytes: options.sourceMemoryBytes ?? 32 * MiB, rangeBytes: 2 * MiB });
+  const source = await startDirtier({ memoryBytes: options.sourceMemoryBytes ?? 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
+  if (options.fillBytes) source.machine.writeMemory(8 * MiB, randomBytes(options.fillBytes));
   await source.waitForOutput('pass 1 ok\n');
-  const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: 5000 }).then(
+  const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: options.timeoutMs ?? 5000 }).then(
     () => null,
     (e: Error) => e,
   );
@@ -88,44 +99,41 @@ async function migrateThroughFault(t: Test, options: {
 }
 
 t.test('wrong token: refused on both sides, the source runs on', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, { destinationToken: 'another-token' });
+  // A process: it goes on waiting, and only a kill ends that.
+  const waiting = startDestination('tcp:127.0.0.1:0', 'another-token');
+  t.teardown(() => waiting.child.kill('SIGKILL'));
+  const { destination, source, error } = await migrateThroughFault(t, waiting);
   t.match(error?.message, /wrong token/);
   await assertStillRunning(t, source);
   // The destination logs it on its side of the handshake, in its own time.
-  for (let waited = 0; !/refused a migration connection/.test(destination.stderr()) && waited < 5000; waited += 20) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
+  await destination.waitForStderr(/refused a migration connection/, 5000);
   t.match(destination.stderr(), /refused a migration connection .*wrong token/, 'the destination logs the refused attempt');
   t.equal(destination.child.exitCode, null, 'the destination keeps waiting for the right source');
 });
 
 t.test('memory size mismatch: the destination refuses before anything is applied', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, { destinationMemoryBytes: 64 * MiB });
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t, 64 * MiB));
   t.match(error?.message, /the destination refused: the stream carries 33554432 bytes of guest RAM; this machine has 67108864/);
   await assertStillRunning(t, source);
-  const result = await destination.result;
-  t.match(result.report.error, /this machine has 67108864/);
-  t.equal(result.status, 1);
+  await t.rejects(destination.arrived, /this machine has 67108864/, 'the destination fails with why');
 });
 
 t.test('a stream of another version is refused', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, { tamper: patchAt(8, () => 2) });
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(8, () => 2) });
   t.match(error?.message, /stream version 2 is not supported \(this build reads 1\)/);
   await assertStillRunning(t, source);
-  t.match((await destination.result).report.error, /stream version 2 is not supported/);
+  await t.rejects(destination.arrived, /stream version 2 is not supported/);
 });
 
 t.test('corrupted bytes in page data: checksum error at the destination, the source runs on', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, { tamper: patchAt(300_000, (byte) => byte ^ 0x40) });
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(300_000, (byte) => byte ^ 0x40) });
   t.match(error?.message, /checksum mismatch in Pages section/);
   await assertStillRunning(t, source);
-  const result = await destination.result;
-  t.match(result.report.error, /checksum mismatch in Pages section/);
-  t.equal(result.status, 1);
+  await t.rejects(destination.arrived, /checksum mismatch in Pages section/, 'the destination fails with why');
 });
 
 t.test('a stream cut short: the destination reports it truncated, the source runs on', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, {
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
     tamper: (chunk, offset, cut) => {
       if (offset + chunk.length > 500_000) {
         cut();
@@ -136,15 +144,31 @@ t.test('a stream cut short: the destination reports it truncated, the source run
   });
   t.match(error?.message, /migration failed .*the guest runs on here/);
   await assertStillRunning(t, source);
-  const result = await destination.result;
-  t.match(result.report.error, /truncated|closed/);
-  t.equal(result.status, 1);
+  await t.rejects(destination.arrived, /truncated|closed/, 'the destination fails with why');
+});
+
+t.test('a destination that stops reading: the source, blocked writing, gives up after timeoutMs and runs on', { skip: noKvm }, async (t) => {
+  let cutProxy!: () => void;
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
+    sourceMemoryBytes: 128 * MiB,
+    fillBytes: 96 * MiB, // far more than the socket buffers between the two hold (at most 36 MiB here)
+    timeoutMs: 1000,
+    tamper: (chunk, offset, cut, stopReading) => {
+      cutProxy = cut;
+      if (offset + chunk.length > MiB) stopReading();
+      return chunk;
+    },
+  });
+  t.match(error?.message, /the destination stopped reading for 1000 ms/);
+  await assertStillRunning(t, source);
+  cutProxy();
+  await t.rejects(destination.arrived, /truncated|closed/, 'the destination, cut off, fails with why');
 });
 
 t.test('the destination killed mid-stream: the source runs on', { skip: noKvm }, async (t) => {
   const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
   const address = await destination.listening;
-  const source = await startDirtier({ memoryBytes: 64 * MiB, rangeBytes: 8 * MiB });
+  const source = await startDirtier({ memoryBytes: 64 * MiB, rangeBytes: 8 * MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
   await source.waitForOutput('pass 1 ok\n');
   const error = await source.machine.migrate(address, {
@@ -166,41 +190,40 @@ t.test('the source killed mid-stream: the destination fails cleanly and says why
   let onListening: (address: string) => void;
   const listening = new Promise<string>((resolve) => (onListening = resolve));
   const logs: string[] = [];
-  const incoming = Machine.incoming('tcp:127.0.0.1:0', { token: TOKEN, timeoutMs: 20_000, onListening: (a) => onListening(a), log: (m) => logs.push(m) });
+  const incoming = Machine.incoming('tcp:127.0.0.1:0', { token: TOKEN, timeoutMs: 20_000, onListening: (a) => onListening(a), log: (m) => logs.push(m), pool });
   const address = await listening;
-  const child = spawn(process.execPath, [...process.execArgv, path.join(repoRoot, 'test', 'fixtures', 'migration-source.ts'), address, TOKEN], { stdio: 'ignore' });
+  const child = spawn(process.execPath, [...childExecArgv, path.join(repoRoot, 'test', 'fixtures', 'migration-source.ts'), address, TOKEN], { stdio: 'ignore' });
   const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('close', (_, signal) => resolve(signal)));
   await t.rejects(incoming, { message: /truncated|closed/ }, 'Machine.incoming() rejects: the stream ended early');
   t.equal(await exited, 'SIGKILL', 'the source died mid-migration');
 });
 
 t.test('a machine paused by its owner stays paused when a migration fails, and arrives paused when one succeeds', { skip: noKvm }, async (t) => {
-  const refusing = startDestination('tcp:127.0.0.1:0', TOKEN, 64 * MiB);
-  t.teardown(() => refusing.child.kill('SIGKILL'));
-  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB });
+  const refusing = destinationHere(t, 64 * MiB);
+  const destination = destinationHere(t);
+  const [refusingAddress, destinationAddress] = await Promise.all([refusing.listening, destination.listening]);
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
   await source.waitForOutput('pass 1 ok\n');
   await source.machine.pause();
-  await t.rejects(source.machine.migrate(await refusing.listening, { token: TOKEN }), /this machine has 67108864/);
+  await t.rejects(source.machine.migrate(refusingAddress, { token: TOKEN }), /this machine has 67108864/);
   t.equal(source.machine.state, 'paused', 'still paused, as its owner left it');
 
-  const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
-  t.teardown(() => destination.child.kill('SIGKILL'));
-  const stats = await source.machine.migrate(await destination.listening, { token: TOKEN });
+  const stats = await source.machine.migrate(destinationAddress, { token: TOKEN });
   t.equal(stats.phase, 'completed');
-  for (let waited = 0; !/incoming done/.test(destination.stderr()) && waited < 10_000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
-  t.match(destination.stderr(), /incoming done paused/, 'the destination holds the guest paused');
+  await t.rejects(refusing.arrived, /this machine has 67108864/);
+  const arrived = await destination.arrived;
+  t.equal(arrived.state, 'paused', 'the destination holds the guest paused');
   await new Promise((resolve) => setTimeout(resolve, 200));
   t.equal(destination.output(), '', 'and it runs nothing');
-  destination.child.kill('SIGUSR2');
+  arrived.resume();
   const sourceOutput = source.output();
   await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 2} ok\n`);
   t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'resumed, it counts on unbroken');
 });
 
 t.test('a source that sends pages before it is accepted, then junk: the destination fails cleanly and says why', { skip: noKvm }, async (t) => {
-  const destination = startDestination('tcp:127.0.0.1:0', TOKEN);
-  t.teardown(() => destination.child.kill('SIGKILL'));
+  const destination = destinationHere(t);
   const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
   t.teardown(() => socket.destroy());
   socket.on('error', () => {});
@@ -213,7 +236,5 @@ t.test('a source that sends pages before it is accepted, then junk: the destinat
     encodeSection(2, new Uint8Array(4)), // an empty Pages section: valid
     junk,
   ]));
-  const result = await destination.result;
-  t.match(result.report.error, /unknown section type 99/);
-  t.equal(result.status, 1, 'a clean failure, not a crash');
+  await t.rejects(destination.arrived, /unknown section type 99/, 'a clean failure, not a crash');
 });

@@ -1,5 +1,6 @@
-// Live migration of the running dirtier guest between two processes: the guest's count goes on at
-// the destination with no gap or restart, and its own check of its memory pattern keeps passing.
+// Live migration of the running dirtier guest between two processes (or within this one, where
+// the test is about one side): the guest's count goes on at the destination with no gap or
+// restart, and its own check of its memory pattern keeps passing.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -8,9 +9,12 @@ import { Machine } from '../../lib/index.js';
 import type { MigrationProgress } from '../../lib/migration/types.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
-import { startDestination } from '../helpers/migration-peer.js';
+import { startDestination, startLocalDestination } from '../helpers/migration-peer.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const TOKEN = 'test-token-4f1c';
+// vCPU threads for the machines in this process, loaded once for the file.
+const pool = noKvm ? undefined : sharedPool(2);
 
 for (const transport of ['tcp', 'unix'] as const) {
   for (const vcpus of [1, 2]) {
@@ -22,7 +26,7 @@ for (const transport of ['tcp', 'unix'] as const) {
       t.teardown(() => destination.child.kill('SIGKILL'));
       const bound = await destination.listening;
 
-      const source = await startDirtier({ vcpus, memoryBytes: 64 * MiB, rangeBytes: 4 * MiB });
+      const source = await startDirtier({ vcpus, memoryBytes: 64 * MiB, rangeBytes: 4 * MiB, config: { pool } });
       t.teardown(() => source.machine.stop());
       await source.waitForOutput('pass 2 ok\n');
       const progress: MigrationProgress[] = [];
@@ -51,13 +55,13 @@ for (const transport of ['tcp', 'unix'] as const) {
   }
 }
 
+// The destination in this process: the dirty ring is the source's business.
 t.test('live-migrate with the dirty ring instead of the bitmap', { skip: noKvm }, async (t) => {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-live-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const destination = startDestination(`unix:${path.join(dir, 'migrate.sock')}`);
-  t.teardown(() => destination.child.kill('SIGKILL'));
+  const destination = startLocalDestination(t, `unix:${path.join(dir, 'migrate.sock')}`, { pool });
   const bound = await destination.listening;
-  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { dirtyLog: 'ring' } });
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { dirtyLog: 'ring', pool } });
   t.teardown(() => source.machine.stop());
   await source.waitForOutput('pass 2 ok\n');
   const stats = await source.machine.migrate(bound, { downtimeBudgetMs: 5 });
@@ -65,8 +69,7 @@ t.test('live-migrate with the dirty ring instead of the bitmap', { skip: noKvm }
   t.equal((await source.machine.wait()).reason, 'migrated');
   const sourceOutput = source.output();
   await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 3} ok\n`);
-  destination.child.kill('SIGTERM');
-  await destination.result;
+  await (await destination.arrived).stop();
   t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'one unbroken count across the move');
   t.notMatch(destination.output(), /BAD/);
 });
@@ -76,8 +79,8 @@ t.test('pages that became zero after they were sent arrive as zero; memory hashe
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   let onListening!: (address: string) => void;
   const listening = new Promise<string>((resolve) => (onListening = resolve));
-  const incoming = Machine.incoming(`unix:${path.join(dir, 'm.sock')}`, { onListening, serial: { output: null }, log: () => {} });
-  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: MiB });
+  const incoming = Machine.incoming(`unix:${path.join(dir, 'm.sock')}`, { onListening, serial: { output: null }, log: () => {}, pool });
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
   await source.waitForOutput('pass 1 ok\n');
   await source.machine.pause(); // paused, so both memories can be compared after the move

@@ -9,6 +9,7 @@ import { pathToFileURL } from 'node:url';
 import t, { type Test } from 'tap';
 import { codeCacheFile, requireBundle } from '../../lib/vmm/code-cache.js';
 import { repoRoot } from '../helpers/kvm.js';
+import { childExecArgv } from '../helpers/spawn.js';
 
 const codeCache = pathToFileURL(path.join(repoRoot, 'lib', 'vmm', 'code-cache.ts')).href;
 
@@ -23,7 +24,7 @@ function setUp(t: Test) {
   writeFileSync(loader, `import { createRequire } from 'node:module';\nimport { requireBundle } from ${JSON.stringify(codeCache)};\n`
     + `console.log(JSON.stringify(requireBundle(${JSON.stringify(bundle)}, process.argv[2] ?? 'test', createRequire(import.meta.url))));\n`);
   const load = (use = 'test', env: Record<string, string> = { NODE_KVM_CACHE_DIR: cacheDir }) => {
-    const result = spawnSync(process.execPath, [...process.execArgv, loader, use], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 60_000 });
+    const result = spawnSync(process.execPath, [...childExecArgv, loader, use], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 60_000 });
     if (result.status !== 0) throw new Error(`loader failed: ${result.stderr}`);
     return JSON.parse(result.stdout);
   };

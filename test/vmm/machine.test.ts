@@ -9,9 +9,14 @@ import { startVcpuThread, watchVcpuThread } from '../../lib/vmm/pool.js';
 import { guestPath } from '../../guests/build.mjs';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { boot, runToExit } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
+
+// The machines of tests that are not about starting vCPU threads borrow them from here: each
+// thread takes a second or more to load under tap's TypeScript loader.
+const pool = noKvm ? undefined : sharedPool();
 
 t.test('hello prints through the serial device and the machine ends on HLT', { skip: noKvm }, async (t) => {
-  const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20 });
+  const { exit, output } = await runToExit({ image: guestImage('hello'), memoryBytes: 1 << 20, pool });
   t.equal(output, 'Hello from node-kvm!\n');
   t.equal(exit.reason, 'hlt');
   t.equal(exit.code, 0);
@@ -19,7 +24,7 @@ t.test('hello prints through the serial device and the machine ends on HLT', { s
 
 t.test('a debug-exit write ends the machine with its value; wild accesses are logged and survived', { skip: noKvm }, async (t) => {
   const logs: string[] = [];
-  const booted = await boot({ image: guestImage('wild'), memoryBytes: 1 << 20 }, logs);
+  const booted = await boot({ image: guestImage('wild'), memoryBytes: 1 << 20, pool }, logs);
   booted.machine.start();
   const exit = await booted.machine.wait();
   await new Promise((resolve) => setImmediate(resolve));
@@ -37,7 +42,7 @@ t.test('a debug-exit write ends the machine with its value; wild accesses are lo
 });
 
 t.test('a triple fault is a clean shutdown exit with a register dump', { skip: noKvm }, async (t) => {
-  const { exit } = await runToExit({ image: guestImage('triple'), memoryBytes: 1 << 20, mode: 'protected' });
+  const { exit } = await runToExit({ image: guestImage('triple'), memoryBytes: 1 << 20, mode: 'protected', pool });
   t.equal(exit.reason, 'shutdown', exit.detail);
   t.equal(exit.vcpu, 0);
   t.ok(exit.registers, 'registers are dumped');
@@ -48,12 +53,12 @@ t.test('a triple fault is a clean shutdown exit with a register dump', { skip: n
 });
 
 t.test('the i8042 reset command ends the machine as a reset', { skip: noKvm }, async (t) => {
-  const { exit } = await runToExit({ image: guestImage('reset'), memoryBytes: 1 << 20 });
+  const { exit } = await runToExit({ image: guestImage('reset'), memoryBytes: 1 << 20, pool });
   t.same({ reason: exit.reason, vcpu: exit.vcpu }, { reason: 'reset', vcpu: 0 });
 });
 
 t.test('pause, resume and stop a guest that spins with interrupts off', { skip: noKvm }, async (t) => {
-  const { machine } = await boot({ image: guestImage('spin'), memoryBytes: 1 << 20 });
+  const { machine } = await boot({ image: guestImage('spin'), memoryBytes: 1 << 20, pool });
   machine.start();
   t.equal(machine.state, 'running');
   // The vCPU is a Linux thread named vcpu0.
@@ -151,7 +156,7 @@ t.test('a vCPU thread that fails to load fails Machine.create() with why, and th
 
 t.test('serial input from a stream reaches the guest, and its echo comes back', { skip: noKvm }, async (t) => {
   const input = new PassThrough();
-  const booted = await boot({ image: guestImage('echo'), memoryBytes: 1 << 20, serial: { input } });
+  const booted = await boot({ image: guestImage('echo'), memoryBytes: 1 << 20, serial: { input }, pool });
   booted.machine.start();
   await booted.waitForOutput('echo> ');
   input.write('hi there');
@@ -164,6 +169,7 @@ t.test('serial input from a stream reaches the guest, and its echo comes back', 
 });
 
 t.test('a vCPU thread can be pinned to host CPUs', { skip: noKvm }, async (t) => {
+  // Its own thread, started with the machine: a pinned thread back in a pool would stay pinned.
   const { machine } = await boot({ image: guestImage('spin'), memoryBytes: 1 << 20, affinity: [[0]] });
   machine.start();
   t.teardown(() => machine.stop());
@@ -189,14 +195,14 @@ for (const [name, mode, output, code] of [
   ['long', undefined, 'long mode OK\n', 0x11],
 ] as const) {
   t.test(`the ${name} guest through the VMM`, { skip: noKvm }, async (t) => {
-    const { exit, output: printed } = await runToExit({ image: readFileSync(guestPath(name)), mode, memoryBytes: 16 << 20 });
+    const { exit, output: printed } = await runToExit({ image: readFileSync(guestPath(name)), mode, memoryBytes: 16 << 20, pool });
     t.equal(printed, output);
     t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code });
   });
 }
 
 t.test('the multiboot guest prints the memory map and command line it was given', { skip: noKvm }, async (t) => {
-  const { exit, output } = await runToExit({ image: readFileSync(guestPath('multiboot')), memoryBytes: 32 << 20, cmdline: 'console=ttyS0 quiet' });
+  const { exit, output } = await runToExit({ image: readFileSync(guestPath('multiboot')), memoryBytes: 32 << 20, cmdline: 'console=ttyS0 quiet', pool });
   t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 0x12 });
   const mmap = memoryMap(32 << 20).map((e) => `mmap 0x${e.addr.toString(16).padStart(16, '0')} 0x${e.size.toString(16).padStart(16, '0')} ${e.type}`);
   for (const line of mmap) t.ok(output.split('\n').includes(line), line);
@@ -205,7 +211,7 @@ t.test('the multiboot guest prints the memory map and command line it was given'
 
 t.test('serial input raises IRQ 4 through the in-kernel PIC; an interrupt-driven guest echoes it', { skip: noKvm }, async (t) => {
   const input = new PassThrough();
-  const booted = await boot({ image: guestImage('echo-irq'), memoryBytes: 1 << 20, irqchip: true, serial: { input } });
+  const booted = await boot({ image: guestImage('echo-irq'), memoryBytes: 1 << 20, irqchip: true, serial: { input }, pool });
   booted.machine.start();
   await booted.waitForOutput('irq> ');
   input.write('interrupts');
