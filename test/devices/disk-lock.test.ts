@@ -5,13 +5,13 @@ import t from 'tap';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Machine, VcpuWorkerPool, type MachineConfig } from '../../lib/index.js';
+import { Machine, type MachineConfig } from '../../lib/index.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
+import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
 // vCPU threads are borrowed: these tests are about disks, and a new thread each would cost more.
-const pool = noKvm ? null : await VcpuWorkerPool.create(2);
-t.teardown(() => pool?.close());
+const pool = sharedPool(2);
 
 function tempDir(t: { teardown(fn: () => void): void }): string {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-lock-'));
@@ -27,7 +27,7 @@ function makeImage(dir: string, name: string, sectors = 64): string {
 
 /** A machine that is built but never runs: enough to hold its disks. */
 function machineWith(disks: MachineConfig['disks'], extra: Partial<MachineConfig> = {}): Promise<Machine> {
-  return Machine.create({ image: guestImage('spin'), memoryBytes: MiB, disks, serial: { output: null }, log: () => {}, pool: pool!, ...extra });
+  return Machine.create({ image: guestImage('spin'), memoryBytes: MiB, disks, serial: { output: null }, log: () => {}, pool, ...extra });
 }
 
 const inUse = (file: string) => `disk 0: ${file} is in use by another machine (it holds a lock on the image)`;
@@ -66,7 +66,7 @@ t.test('two restores of one snapshot: the second is refused while the first runs
   const snapshot = path.join(dir, 'm.snap');
   await source.snapshot(snapshot);
   await source.stop();
-  const restore = () => Machine.restore(snapshot, { serial: { output: null }, log: () => {}, pool: pool! });
+  const restore = () => Machine.restore(snapshot, { serial: { output: null }, log: () => {}, pool });
   const first = await restore();
   await t.rejects(restore(), { message: inUse(file), code: 'EBUSY' });
   await first.stop();
@@ -83,7 +83,7 @@ t.test('a live migration on one host hands the image over: the destination holds
   let listening!: () => void;
   const ready = new Promise<void>((resolve) => (listening = resolve));
   // Built (and its image opened) before the source lets go, as `run --incoming --memory --vcpus` does.
-  const incoming = Machine.incoming(address, { memoryBytes: MiB, vcpus: 1, irqchip: true, onListening: () => listening(), serial: { output: null }, log: () => {}, pool: pool! });
+  const incoming = Machine.incoming(address, { memoryBytes: MiB, vcpus: 1, irqchip: true, onListening: () => listening(), serial: { output: null }, log: () => {}, pool });
   await ready;
   await source.migrate(address);
   const destination = await incoming;
@@ -106,7 +106,7 @@ t.test('a destination that cannot lock its image fails the migration; the source
   let listening!: () => void;
   const ready = new Promise<void>((resolve) => (listening = resolve));
   // This host keeps the guest's disk at a path another machine uses.
-  const incoming = Machine.incoming(address, { disks: [{ path: elsewhere }], onListening: () => listening(), serial: { output: null }, log: () => {}, pool: pool! });
+  const incoming = Machine.incoming(address, { disks: [{ path: elsewhere }], onListening: () => listening(), serial: { output: null }, log: () => {}, pool });
   incoming.catch(() => {});
   await ready;
   await t.rejects(source.migrate(address), { message: new RegExp(`the destination refused: .*${elsewhere.replace(/[.]/g, '\\.')} is in use by another machine.*; the guest runs on here$`) });

@@ -8,13 +8,14 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { noKvm } from '../helpers/kvm.js';
+import { childExecArgv } from '../helpers/spawn.js';
 
 const fixture = fileURLToPath(new URL('../fixtures/build-failures.ts', import.meta.url));
 
 t.test('every failure of create, restore and incoming releases every thread, handle and mapping', { skip: noKvm }, async (t) => {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-build-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const child = spawn(process.execPath, [...process.execArgv, fixture, dir], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...childExecArgv, fixture, dir], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
@@ -44,16 +45,17 @@ t.test('every failure of create, restore and incoming releases every thread, han
   const missing = path.join(dir, 'missing.img');
   const lines = stdout.trimEnd().split('\n');
   t.same(lines.map((line) => line.replace(/: .*/, '')), [
-    'no /dev/kvm', 'no /dev/kvm, threads from a pool', 'a disk that is missing', 'a restore whose disk does not fit',
-    'a vCPU that cannot take its saved state', 'the same, threads from a pool', 'a vCPU thread that fails to load',
+    'no /dev/kvm', 'a vCPU that cannot take its saved state', 'no /dev/kvm, threads from a pool', 'a disk that is missing',
+    'a restore whose disk does not fit', 'the same vCPU, threads from a pool', 'a vCPU thread that fails to load',
     'an incoming machine built early, then nowhere to listen', 'an incoming machine that cannot be built, and no migration',
     'the pool still serves a machine', 'handles and mappings are back',
   ], stdout);
   t.match(lines[0], /^no \/dev\/kvm: .*\/nonexistent\/kvm/);
-  t.equal(lines[2], `a disk that is missing: disk 0: cannot open ${missing} for writing: ENOENT`);
-  t.match(lines[3], /does not fit: .*had 64 sectors, .*small\.img has 32/);
-  t.equal(lines[4], 'a vCPU that cannot take its saved state: vCPU 1 could not start: KVM_SET_XSAVE needs 4096 bytes, got 16');
-  t.equal(lines[5], 'the same, threads from a pool: vCPU 1 could not start: KVM_SET_XSAVE needs 4096 bytes, got 16');
+  t.equal(lines[1], 'a vCPU that cannot take its saved state: vCPU 1 could not start: KVM_SET_XSAVE needs 4096 bytes, got 16');
+  t.match(lines[2], /^no \/dev\/kvm, threads from a pool: .*\/nonexistent\/kvm/);
+  t.equal(lines[3], `a disk that is missing: disk 0: cannot open ${missing} for writing: ENOENT`);
+  t.match(lines[4], /does not fit: .*had 64 sectors, .*small\.img has 32/);
+  t.equal(lines[5], 'the same vCPU, threads from a pool: vCPU 1 could not start: KVM_SET_XSAVE needs 4096 bytes, got 16');
   t.match(lines[6], /^a vCPU thread that fails to load: vCPU 0 could not start: .*this thread cannot load/);
   t.match(lines[7], /cannot listen for a migration on unix:.*dir\.sock/);
   t.match(lines[8], /no migration arrived .* within 200 ms/);

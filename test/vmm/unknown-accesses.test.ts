@@ -4,10 +4,11 @@ import t from 'tap';
 import { MAX_LOGGED_UNKNOWN_PORTS } from '../../lib/vmm/bus.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { runToExit } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
 
 t.test('4096 unknown ports read: 64 lines, every access counted, the counts at the end', { skip: noKvm }, async (t) => {
   const logs: string[] = [];
-  const { exit } = await runToExit({ image: guestImage('portscan'), memoryBytes: 1 << 20 }, logs);
+  const { exit } = await runToExit({ image: guestImage('portscan'), memoryBytes: 1 << 20, pool: sharedPool() }, logs);
   t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 0x21 }, 'the guest finished its scan');
   const portLines = logs.filter((line) => line.startsWith('vcpu0: unknown port read from '));
   t.equal(portLines.length, MAX_LOGGED_UNKNOWN_PORTS, 'one line per port up to the limit');
