@@ -2,3 +2,4 @@
 export * from './kvm/index.js';
 export * from './vmm/index.js';
 export * from './boot/index.js';
+export * from './migration/index.js';

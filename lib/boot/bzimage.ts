@@ -3,11 +3,12 @@
 // entered through the 64-bit boot protocol (the kernel's offset 0x200, long mode on the loader's
 // identity map) where the kernel has that entry, else through the 32-bit one (offset 0,
 // protected mode, paging off). Either way RSI/ESI holds the zero page (struct boot_params).
+import { PAGE_SIZE } from '../kvm/constants.js';
 import { encodeCmdline } from './boot-info.js';
 import { GDT_BYTES, Selector, gdtBytes, identityMap, longModeState, protectedModeState, type BootState } from './cpu-state.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, HIGH_RAM_START, LINUX_CMDLINE_ADDR, ZERO_PAGE_ADDR, checkRegions, memoryMap, type Region } from './layout.js';
-import type { BootPlan, BootWrite } from './plan.js';
+import type { BootPlan, BootWrite } from './boot-plan.js';
 
 /** "HdrS" at offset 0x202: the kernel has a setup header of protocol 2.00 or later. */
 export const HDRS_MAGIC = 0x53726448;
@@ -28,7 +29,6 @@ export const XLoadFlag = { Kernel64: 1 << 0, CanBeLoadedAbove4G: 1 << 1 } as con
 const ENTRY_64_OFFSET = 0x200;
 const SECTOR_BYTES = 512;
 const ZERO_PAGE_BYTES = 4096;
-const PAGE_BYTES = 4096;
 /** Before protocol 2.03 there was no initrd_addr_max, and this was the limit. */
 const LEGACY_INITRD_ADDR_MAX = 0x37ffffff;
 
@@ -241,7 +241,7 @@ function placeInitrd(initrd: Uint8Array, header: SetupHeader, kernelEnd: number,
   if (!(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array');
   if (initrd.length === 0) throw new BootImageError('the initrd is empty');
   const limit = Math.min(header.initrdAddrMax + 1, memoryBytes);
-  const addr = Math.floor((limit - initrd.length) / PAGE_BYTES) * PAGE_BYTES;
+  const addr = Math.floor((limit - initrd.length) / PAGE_SIZE) * PAGE_SIZE;
   if (addr < kernelEnd) {
     const ceiling = header.initrdAddrMax + 1 < memoryBytes ? `initrd_addr_max + 1 (${hex(limit)})` : `the end of guest RAM (${formatBytes(memoryBytes)})`;
     throw new BootImageError(

@@ -14,28 +14,10 @@ import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, checkMemoryBytes, checkRegions, type Region } from './layout.js';
 import { MULTIBOOT_BOOTLOADER_MAGIC, aoutKludgeLayout, findMultibootHeader, putMultibootInfo, type MultibootAddresses } from './multiboot.js';
 import { pvhEntry } from './pvh.js';
+import type { BootFormat, BootPlan, BootWrite } from './boot-plan.js';
 
-export type BootFormat = 'flat' | 'elf32' | 'elf64' | 'multiboot' | 'pvh' | 'bzimage';
+export type { BootFormat, BootPlan, BootWrite } from './boot-plan.js';
 
-/**
- * One copy into guest RAM: bytes, or a run of zero bytes (an ELF segment's bss). `what` names it
- * ('segment 1', 'GDT', 'page tables', 'boot info', 'image').
- */
-export type BootWrite =
-  | { guestPhysAddr: number; data: Uint8Array; what: string }
-  | { guestPhysAddr: number; zeroBytes: number; what: string };
-
-/** Plain data (structured-cloneable): safe to post to a vCPU worker. */
-export interface BootPlan {
-  format: BootFormat;
-  /** The mode vCPU 0 starts in. */
-  mode: CpuMode;
-  /** The guest-physical entry point. */
-  entry: bigint;
-  writes: BootWrite[];
-  /** Register state of vCPU 0 (the other vCPUs start at KVM's reset state, waiting for INIT/SIPI). */
-  bsp: BootState;
-}
 
 export interface PlanOptions {
   memoryBytes: number;

@@ -6,7 +6,10 @@
 // the server holds is bounded (ApiServerOptions): it stops reading from a client whose replies
 // are not taken, and drops one that passes a cap.
 import net from 'node:net';
+import { migrateMachine } from '../migration/send.js';
+import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
+import type { Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 
 export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping';
@@ -20,6 +23,21 @@ export interface ApiMachine {
   resume(): void;
   snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
+}
+
+/** A real machine as the API sees it: its lifecycle, and snapshots and migrations of it. */
+export function apiMachine(machine: Machine): ApiMachine {
+  return {
+    get state() {
+      return machine.state;
+    },
+    vcpuCount: machine.vcpuCount,
+    memoryBytes: machine.memoryBytes,
+    pause: () => machine.pause(),
+    resume: () => machine.resume(),
+    snapshot: (path, options) => snapshotMachine(machine, path, options),
+    migrate: (address, options) => migrateMachine(machine, address, options),
+  };
 }
 
 export interface ApiStatus {

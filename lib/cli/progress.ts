@@ -1,8 +1,8 @@
 // How a migration looks on the command line: a progress bar on a terminal, one line per update
 // elsewhere (logs, pipes), and the final figures as a table.
+import { PAGE_SIZE } from '../kvm/constants.js';
 import type { MigrationProgress, MigrationStats } from '../migration/types.js';
 
-const PAGE_BYTES = 4096;
 const MIB = 1024 * 1024;
 
 export interface ProgressDisplay {
@@ -40,7 +40,7 @@ export function progressDisplay(stream: NodeJS.WritableStream & { isTTY?: boolea
 
 /** Share of guest RAM no longer waiting to be sent. */
 export function progressPercent(progress: MigrationProgress): number {
-  const pages = progress.memoryBytes / PAGE_BYTES;
+  const pages = progress.memoryBytes / PAGE_SIZE;
   if (!(pages > 0)) return 0;
   return Math.min(100, Math.max(0, (100 * (pages - progress.remainingPages)) / pages));
 }

@@ -6,7 +6,7 @@ import { debugExitStatus } from '../devices/debug-exit.js';
 import { Machine, type DiskConfig, type MachineExit } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
-import type { ApiMachine, ApiServer } from './api-server.js';
+import type { ApiServer } from './api-server.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
@@ -143,7 +143,8 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     const address = parseMigrationAddress(options.incoming);
     const token = migrationToken(options.token);
     if (address.kind === 'tcp' && token === undefined) throw new RangeError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
-    machine = await Machine.incoming(options.incoming, {
+    const { receiveMachine } = await import('../migration/receive.js');
+    machine = await receiveMachine(options.incoming, {
       memoryBytes, vcpus, token, serial, pool, disks,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
       // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
@@ -153,7 +154,8 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       process.stderr.write(`node-kvm: the guest arrived paused, as it was at the source${options.apiSocket ? ': resume it through the API socket' : ''}\n`);
     }
   } else if (options.restore !== undefined) {
-    machine = await Machine.restore(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
+    const { restoreMachine } = await import('../migration/snapshot.js');
+    machine = await restoreMachine(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
   } else {
     machine = await Machine.create({
       image: (options.image ?? options.kernel)!,
@@ -172,8 +174,8 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   let api: ApiServer | null = null;
   if (options.apiSocket !== undefined) {
     try {
-      const { startApiServer } = await import('./api-server.js');
-      api = await startApiServer(path.resolve(options.apiSocket), machine satisfies ApiMachine);
+      const { apiMachine, startApiServer } = await import('./api-server.js');
+      api = await startApiServer(path.resolve(options.apiSocket), apiMachine(machine));
     } catch (error) {
       await machine.stop();
       throw new Error(`--api-socket ${options.apiSocket}: ${(error as Error).message}`);

@@ -1,6 +1,6 @@
 // QEMU's isa-debug-exit convention: a guest writing value v to port 0xf4 ends the VM; the CLI
 // exits with status (v << 1) | 1, so test guests written for QEMU work unchanged.
-import type { PortDevice } from '../vmm/bus.js';
+import type { PortDevice } from './bus-device.js';
 
 export const DEBUG_EXIT_PORT = 0xf4;
 

@@ -1,7 +1,7 @@
 // Just enough of the i8042 keyboard controller for the CPU-reset command (0xFE to port 0x64) to
 // end the VM as a reset. Reads say "no data, input buffer empty", so a guest that polls the
 // status before sending a command proceeds.
-import type { PortDevice } from '../vmm/bus.js';
+import type { PortDevice } from './bus-device.js';
 
 export const I8042_DATA_PORT = 0x60;
 export const I8042_COMMAND_PORT = 0x64;

@@ -1,6 +1,6 @@
 // The POST diagnostic port (0x80). Firmware writes progress codes to it and Linux writes to it
 // for I/O delays (outb_p), so a VMM must accept writes there; it keeps the last code and a count.
-import type { PortDevice } from '../vmm/bus.js';
+import type { PortDevice } from './bus-device.js';
 
 export const POST_CODE_PORT = 0x80;
 const LAST_CODE = 0;

@@ -4,8 +4,8 @@
 // Register behaviour follows the 16550A data sheet as Linux's 8250 driver probes it: THRE
 // interrupt on enabling ETBEI with an empty THR, IIR priorities, loopback through MCR bit 4.
 import { writeSync } from 'node:fs';
-import type { PortDevice } from '../vmm/bus.js';
-import { ByteRing, type ByteRingShared } from '../vmm/byte-ring.js';
+import type { PortDevice } from './bus-device.js';
+import { ByteRing, type ByteRingShared } from './byte-ring.js';
 
 export const COM1_BASE = 0x3f8;
 export const COM1_IRQ = 4;

@@ -4,7 +4,7 @@
 // cache); a completed FLUSH is on the disk (fdatasync). Read-only disks refuse every change.
 import { fdatasyncSync, fstatSync, readvSync, writevSync } from 'node:fs';
 import { deallocateFileRange } from '../kvm/host.js';
-import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import type { DirtyPageMarker } from './bus-device.js';
 import { DescriptorChain, SplitQueue, VirtqueueError } from './virtqueue.js';
 import { Interrupt, type VirtioDeviceModel, type VirtioMmio } from './virtio-mmio.js';
 
@@ -98,7 +98,7 @@ export class VirtioBlkDevice {
     this.#log(`${this.#mmio.name}: ${message}`);
   };
 
-  constructor(options: { mmio: VirtioMmio; ram: Uint8Array; dirty: DirtyBitmap; disk: BlockDisk; log: (message: string) => void }) {
+  constructor(options: { mmio: VirtioMmio; ram: Uint8Array; dirty: DirtyPageMarker; disk: BlockDisk; log: (message: string) => void }) {
     this.#mmio = options.mmio;
     this.#log = options.log;
     this.#queue = new SplitQueue(options.ram, options.mmio, 0, options.dirty);
@@ -183,7 +183,7 @@ export class BlockBackend {
   readonly #id: Uint8Array;
   readonly #ram: Uint8Array;
   readonly #view: DataView;
-  readonly #dirty: DirtyBitmap;
+  readonly #dirty: DirtyPageMarker;
   readonly #header = new Uint8Array(HEADER_BYTES);
   readonly #headerView = new DataView(this.#header.buffer);
   readonly #segment = new Uint8Array(SEGMENT_BYTES);
@@ -193,7 +193,7 @@ export class BlockBackend {
   #canZeroRange = true;
   #canPunchHole = true;
 
-  constructor(options: BlockDisk & { ram: Uint8Array; dirty: DirtyBitmap }) {
+  constructor(options: BlockDisk & { ram: Uint8Array; dirty: DirtyPageMarker }) {
     this.fd = options.fd;
     this.#path = options.path;
     this.#sectors = options.sectors;

@@ -4,7 +4,7 @@
 // words. A notify never reaches this code when an ioeventfd catches it in the kernel; without one,
 // the vCPU thread signals the same eventfd itself.
 import { writeSync } from 'node:fs';
-import type { MmioDevice } from '../vmm/bus.js';
+import type { MmioDevice } from './bus-device.js';
 
 export const VIRTIO_MMIO_MAGIC = 0x74726976; // "virt"
 export const VIRTIO_MMIO_VERSION = 2;

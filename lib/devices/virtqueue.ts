@@ -3,7 +3,7 @@
 // length is bounded (so a loop ends), and a broken ring is reported as a VirtqueueError for the
 // device to stop on (NEEDS_RESET) rather than followed. Every byte written into guest RAM is
 // marked in the VMM's dirty bitmap, so migrations carry it.
-import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import type { DirtyPageMarker } from './bus-device.js';
 import { Q_DESC, Q_DEVICE, Q_DRIVER, Q_LAST_AVAIL, Q_NEXT_USED, Q_NUM, Q_READY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, type VirtioMmio } from './virtio-mmio.js';
 
 const DESC_F_NEXT = 1;
@@ -35,7 +35,7 @@ export class SplitQueue {
   readonly #ramBytes: number;
   readonly #mmio: VirtioMmio;
   readonly #index: number;
-  readonly #dirty: DirtyBitmap;
+  readonly #dirty: DirtyPageMarker;
   #num = 0;
   #desc = 0;
   #avail = 0;
@@ -47,7 +47,7 @@ export class SplitQueue {
   /** The used index at the last interrupt (event idx): -1 before any. */
   #signalledUsed = -1;
 
-  constructor(ram: Uint8Array, mmio: VirtioMmio, index: number, dirty: DirtyBitmap) {
+  constructor(ram: Uint8Array, mmio: VirtioMmio, index: number, dirty: DirtyPageMarker) {
     this.#view = new DataView(ram.buffer, ram.byteOffset, ram.byteLength);
     this.#words16 = new Uint16Array(ram.buffer, ram.byteOffset, ram.byteLength >> 1);
     this.#ramBytes = ram.byteLength;

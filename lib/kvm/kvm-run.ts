@@ -1,5 +1,6 @@
-// The mmap'd kvm_run page of a vCPU, read and written in place. The VMM's hot path uses these
-// offsets with the DataView directly; KvmRun's accessors are for everything else.
+// The mmap'd kvm_run page of a vCPU, read and written in place. KvmRun's accessors read one field
+// each from the mapping and allocate nothing (no BigInt where a number is exact), so the VMM's
+// exit path uses them too.
 
 /** Byte offsets in struct kvm_run, by the kernel's field paths. Checked by the layout test. */
 export const KvmRunOffset = {
@@ -103,11 +104,16 @@ export class KvmRun {
   }
   /** Offset of the I/O data in this mapping (outside kvm_run, in the PIO page). */
   get ioDataOffset(): number {
-    return Number(this.view.getBigUint64(O['io.data_offset'], true));
+    // A u64 that points inside the mapping: its low half is the whole value, read without a BigInt.
+    return this.view.getUint32(O['io.data_offset'], true);
   }
 
   get mmioPhysAddr(): bigint {
     return this.view.getBigUint64(O['mmio.phys_addr'], true);
+  }
+  /** mmioPhysAddr as a number, exact below 2^53 (all guest-physical space here), without a BigInt. */
+  get mmioGuestPhysAddr(): number {
+    return this.view.getUint32(O['mmio.phys_addr'], true) + this.view.getUint32(O['mmio.phys_addr'] + 4, true) * 0x1_0000_0000;
   }
   get mmioLen(): number {
     return this.view.getUint32(O['mmio.len'], true);

@@ -1,7 +1,7 @@
 // CRC-32C (Castagnoli; iSCSI, RFC 3720 appendix B.4), the checksum of the migration stream and of
 // snapshot RAM images. The addon computes it with the SSE4.2 crc32 instruction (several times
 // zlib.crc32's speed), or with tables on CPUs without it: see native/checksum.cc.
-import { native } from '../kvm/native.js';
+import { crc32c as hostCrc32c } from '../kvm/host.js';
 
 /** Reflected Castagnoli polynomial. */
 const CRC32C_POLY = 0x82f63b78;
@@ -11,7 +11,7 @@ const CRC32C_POLY = 0x82f63b78;
  * crc32c(b, crc32c(a)) === crc32c(a + b). The check value crc32c('123456789') is 0xE3069283.
  */
 export function crc32c(data: Uint8Array, seed = 0): number {
-  return native.crc32c(data, seed);
+  return hostCrc32c(data, seed);
 }
 
 // Appending n zero bytes multiplies the CRC register by x^(8n) modulo the polynomial; zlib's

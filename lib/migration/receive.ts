@@ -3,9 +3,11 @@
 // come, and only once the whole stream has arrived intact apply the state and run the guest.
 import { writeSync } from 'node:fs';
 import type { Socket } from 'node:net';
-import type { GuestMemory } from '../kvm/memory.js';
-import type { IncomingConfig, Machine, MachineShape, MachineState } from '../vmm/machine.js';
-import { MachineStateCollector, checkShape, encodeShape } from './machine-state.js';
+import { GuestMemory } from '../kvm/memory.js';
+import { disksMismatch, logToStderr } from '../vmm/builder.js';
+import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
+import { buildMachine, machineInternals, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
+import { MachineStateCollector, checkShape, encodeShape, warmUpStateCodec } from './machine-state.js';
 import { decodeStateSection } from './state-codec.js';
 import {
   SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeSection,
@@ -15,6 +17,85 @@ import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js'
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+import type { IncomingConfig } from './types.js';
+
+/**
+ * Waits for one migration at `address` ('tcp:HOST:PORT' or 'unix:PATH'), receives the guest,
+ * and resolves with the machine running it here.
+ */
+export async function receiveMachine(address: string, config: IncomingConfig = {}): Promise<Machine> {
+  if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
+  if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
+  if (config.vcpus !== undefined) checkVcpus(config.vcpus);
+  // Refused connections are worth a line wherever the machine's warnings go.
+  config = { ...config, log: config.log ?? logToStderr };
+  const newMemory = (size: number) => {
+    const memory = GuestMemory.create(size, { backing: 'memfd' });
+    // The stream is parsed into guest RAM from JavaScript: its ArrayBuffer now, and with it the
+    // garbage collection V8 makes for so much external memory, rather than during the transfer.
+    void memory.buffer;
+    return memory;
+  };
+  // With the shape known, build the machine while waiting (as QEMU's -incoming does): the
+  // stream then finds it ready, which keeps VM creation out of the migration's time.
+  let prebuilt: Promise<Machine> | null = null;
+  if (config.memoryBytes !== undefined && config.vcpus !== undefined) {
+    prebuilt = buildMachine({
+      shape: { memoryBytes: config.memoryBytes, vcpus: config.vcpus, irqchip: config.irqchip ?? config.vcpus > 1 },
+      boot: null,
+      memory: newMemory,
+      runtime: config,
+      incoming: true,
+    });
+    prebuilt.catch(() => {});
+    // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
+    // so that its code is warm when the guest is paused at the other end.
+    prebuilt = prebuilt.then(async (machine) => {
+      const internals = machineInternals(machine);
+      try {
+        await internals.applyState(warmUpStateCodec(await machine.saveState()));
+      } catch (error) {
+        internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
+      }
+      return machine;
+    });
+    prebuilt.catch(() => {});
+    // Listen only once ready: a source that connects finds the machine waiting.
+    await prebuilt.catch(() => null);
+  }
+  try {
+    return await receiveMigration(address, config, async (shape) => {
+      checkMemoryBytes(shape.memoryBytes);
+      checkVcpus(shape.vcpus);
+      let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
+      prebuilt = null;
+      if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks))) {
+        await machine.stop();
+        machine = null;
+      }
+      machine ??= await buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true });
+      const target = machine;
+      const internals = machineInternals(target);
+      return {
+        memory: target.memory,
+        apply: async (state: MachineState) => {
+          // The source let go of the images before it sent its last state (see migrateMachine()).
+          internals.lockDisks();
+          await internals.applyState(state);
+        },
+        start: (paused: boolean) => target.start({ paused }),
+        releaseDisks: () => internals.unlockDisks(),
+        discard: async () => {
+          await target.stop();
+        },
+        machine: target,
+      };
+    });
+  } finally {
+    // Built for a migration that never arrived.
+    if (prebuilt) await (await (prebuilt as Promise<Machine>).catch(() => null))?.stop();
+  }
+}
 
 /** What the machine builder hands back for an incoming guest. */
 export interface IncomingTarget {

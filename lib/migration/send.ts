@@ -3,13 +3,14 @@
 // rest and the machine's state, and wait for the destination to say the guest runs there. Any
 // failure before that resumes the guest here: nothing is lost.
 import type { Socket } from 'node:net';
+import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
-import type { MachineShape, MachineState } from '../vmm/machine.js';
-import { DirtyTracker } from './dirty-tracker.js';
+import type { DirtyTracker } from '../vmm/dirty-tracker.js';
+import { machineInternals, type Machine, type MachineShape, type MachineState, type VcpuState } from '../vmm/machine.js';
+import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { encodeMachineState, encodeShape } from './machine-state.js';
-import { pageCountOf, populatedPageRanges, unionRanges } from './page-ranges.js';
 import {
-  PAGE_BYTES, SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
+  SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
   encodePages, encodeSection, socketSource, type Section,
 } from './stream.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
@@ -20,6 +21,63 @@ export const DEFAULT_DOWNTIME_BUDGET_MS = 50;
 export const DEFAULT_MAX_ITERATIONS = 30;
 export const DEFAULT_MAX_PRECOPY_MS = 60_000;
 export const DEFAULT_MIGRATION_TIMEOUT_MS = 10_000;
+
+/**
+ * How long a migration's source tries to take its disk images back after a failure: a
+ * destination on this host that failed lets go of them as it says so, or as its process ends.
+ */
+const DISK_RETAKE_MS = 2000;
+/** Who has the machine's dirty tracker during a migration. */
+const MIGRATION = 'migration';
+
+/**
+ * Live-migrates the running guest to a destination waiting with receiveMachine() (or
+ * `node-kvm run --incoming`). On success the machine ends with exit reason 'migrated'; on any
+ * failure the guest keeps running here and the promise rejects with what happened.
+ */
+export async function migrateMachine(machine: Machine, address: string, options: MigrateOptions = {}): Promise<MigrationStats> {
+  if (typeof address !== 'string') throw new TypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
+  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  const internals = machineInternals(machine);
+  return internals.exclusive('migration', async () => {
+    const state = machine.state;
+    if (state !== 'running' && state !== 'paused') throw new Error(`machine is ${state}, not running`);
+    let pausedVcpuStates: VcpuState[] | null = null;
+    const hasDisks = (machine.shape.disks?.length ?? 0) > 0;
+    const stats = await sendMigration(address, options, {
+      memory: machine.memory,
+      memoryBytes: machine.memoryBytes,
+      vcpuCount: machine.vcpuCount,
+      dirtyLogMode: machine.dirtyLogMode,
+      shape: machine.shape,
+      startTracking: () => {
+        // The final save, inside the downtime, then runs warm code.
+        void internals.warmUpSave();
+        return internals.startDirtyTracking(MIGRATION);
+      },
+      stopTracking: () => {
+        if (internals.dirtyTrackingOwner === MIGRATION) internals.stopDirtyTracking();
+      },
+      pause: async () => {
+        if (machine.state !== 'running') return false;
+        // Without disks, the vCPUs save their state as they stop. With disks, only once the
+        // disks have paused too: a request completing meanwhile raises an interrupt, which
+        // belongs in the vCPUs' saved state.
+        pausedVcpuStates = await internals.pause(!hasDisks);
+        return true;
+      },
+      resume: () => {
+        pausedVcpuStates = null;
+        if (machine.state === 'paused') machine.resume();
+      },
+      saveState: () => internals.saveState(pausedVcpuStates),
+      releaseDisks: () => internals.unlockDisks(),
+      retakeDisks: () => internals.lockDisksWithin(DISK_RETAKE_MS),
+    });
+    internals.end({ reason: 'migrated' });
+    return stats;
+  });
+}
 
 /** What a machine lends a migration. */
 export interface MigrationSource {
@@ -158,7 +216,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       stats.throughputBytesPerSec = (pages.bytesSent * 1000) / elapsedSendingMs;
       // Until a round has moved enough data to measure, assume the loopback-class rate of 1 GiB/s.
       const bytesPerMs = pages.bytesSent >= 4 * 1024 * 1024 ? pages.bytesSent / elapsedSendingMs : 1024 ** 3 / 1000;
-      stats.expectedDowntimeMs = (stats.remainingPages * PAGE_BYTES) / bytesPerMs;
+      stats.expectedDowntimeMs = (stats.remainingPages * PAGE_SIZE) / bytesPerMs;
       progress('precopy');
       if (stats.expectedDowntimeMs <= opts.downtimeBudgetMs) break;
       if (stats.iterations >= opts.maxIterations || performance.now() - precopyStarted >= opts.maxPrecopyMs) {
@@ -251,7 +309,7 @@ class PageSender {
     this.#stats = stats;
     this.#write = write;
     this.#allocate = allocate;
-    this.#sentOnce = new Uint8Array(ram.length / PAGE_BYTES);
+    this.#sentOnce = new Uint8Array(ram.length / PAGE_SIZE);
   }
 
   /** `pages`, in batches, so that the destination takes in one while the next is encoded. */

@@ -21,10 +21,11 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsConstants, type Stats } from 'node:fs';
 import { lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import nodePath from 'node:path';
-import type { PageRange } from './types.js';
+import { PAGE_SIZE } from '../kvm/constants.js';
+import type { PageRange } from '../vmm/page-ranges.js';
 import { decodeState, encodeStateSection } from './state-codec.js';
 import {
-  FileSource, HEADER_BYTES, PAGE_BYTES, SECTION_OVERHEAD_BYTES, RAM_IMAGE_PAYLOAD_BYTES, SectionReader, SectionType, StreamError,
+  FileSource, HEADER_BYTES, SECTION_OVERHEAD_BYTES, RAM_IMAGE_PAYLOAD_BYTES, SectionReader, SectionType, StreamError,
   decodePages, decodePagesInto, decodeErrorSection, decodeHeader, decodeRamImage, encodeEnd, encodeHeader, encodePages,
   encodeRamImage, forEachPageRun, hexId, type DecodedPages, type RamImage, type StreamHeader,
 } from './stream.js';
@@ -134,7 +135,7 @@ function populatedRegions(populated: readonly (readonly [number, number])[], mem
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > memoryBytes) {
       throw new RangeError(`populated[${index}] = [${String(offset)}, ${String(length)}] must lie within guest RAM (${memoryBytes} bytes)`);
     }
-    return [Math.floor(offset / PAGE_BYTES) * PAGE_BYTES, alignUp(offset + length, PAGE_BYTES)];
+    return [Math.floor(offset / PAGE_SIZE) * PAGE_SIZE, alignUp(offset + length, PAGE_SIZE)];
   });
   regions.sort((a, b) => a[0] - b[0]);
   const merged: [number, number][] = [];
@@ -288,14 +289,14 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
       sections.push(encodeEnd());
       fileBytes = sectionsBytes + SECTION_OVERHEAD_BYTES;
     } else {
-      const ramOffset = alignUp(sectionsBytes + SECTION_OVERHEAD_BYTES + RAM_IMAGE_PAYLOAD_BYTES + SECTION_OVERHEAD_BYTES, PAGE_BYTES);
+      const ramOffset = alignUp(sectionsBytes + SECTION_OVERHEAD_BYTES + RAM_IMAGE_PAYLOAD_BYTES + SECTION_OVERHEAD_BYTES, PAGE_SIZE);
       let crc = 0;
       let crcEnd = 0; // RAM bytes the CRC covers so far
       for (const [start, end] of regions) {
         crc = crc32cZeros(crc, start - crcEnd);
         const runs: [number, number][] = [];
         forEachPageRun(memory.subarray(start, end), (firstPageIndex, pageCount, zero) => {
-          if (!zero) runs.push([start + firstPageIndex * PAGE_BYTES, pageCount * PAGE_BYTES]);
+          if (!zero) runs.push([start + firstPageIndex * PAGE_SIZE, pageCount * PAGE_SIZE]);
         });
         crcEnd = start;
         for (const [runStart, runBytes] of runs) {
@@ -306,14 +307,14 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
             await step('writing the RAM image', () => writeFully(file, chunk, ramOffset + runStart + done));
           }
           crcEnd = runStart + runBytes;
-          pagesWritten += runBytes / PAGE_BYTES;
+          pagesWritten += runBytes / PAGE_SIZE;
           bytesWritten += runBytes;
         }
         crc = crc32cZeros(crc, end - crcEnd);
         crcEnd = end;
       }
       crc = crc32cZeros(crc, memoryBytes - crcEnd);
-      zeroPagesSkipped = memoryBytes / PAGE_BYTES - pagesWritten;
+      zeroPagesSkipped = memoryBytes / PAGE_SIZE - pagesWritten;
       sections.push(encodeRamImage({ fileOffset: ramOffset, sizeBytes: memoryBytes, crc32c: crc }), encodeEnd());
       fileBytes = ramOffset + memoryBytes;
     }
@@ -569,7 +570,7 @@ export async function loadSnapshotMemory(chain: readonly SnapshotContents[], mem
       if (options.verify) crc = crc32c(bytes, crc);
       if (scratch) {
         forEachPageRun(bytes, (firstPageIndex, pageCount, zero) => {
-          if (!zero) target.set(bytes.subarray(firstPageIndex * PAGE_BYTES, (firstPageIndex + pageCount) * PAGE_BYTES), firstPageIndex * PAGE_BYTES);
+          if (!zero) target.set(bytes.subarray(firstPageIndex * PAGE_SIZE, (firstPageIndex + pageCount) * PAGE_SIZE), firstPageIndex * PAGE_SIZE);
         });
       }
     }

@@ -2,7 +2,7 @@
 // sender stalls whenever the receiver stops reading to copy a section into guest RAM, and the two
 // processes take turns instead of working at once.
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
-import { native } from '../kvm/native.js';
+import { dupSocket, setSocketBuffers } from '../kvm/host.js';
 
 export const MIGRATION_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
 
@@ -15,7 +15,7 @@ export function enlargeSocketBuffers(socket: Socket, bytes = MIGRATION_SOCKET_BU
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return;
   try {
-    native.setSocketBuffers(fd, bytes, bytes);
+    setSocketBuffers(fd, bytes, bytes);
   } catch {
     // A smaller buffer only costs speed.
   }
@@ -38,7 +38,7 @@ export function reopenWithReadBuffer(socket: Socket, buffer: Uint8Array, onRead:
   if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor (closed?)');
   socket.pause();
   if (socket.readableLength > 0) throw new Error(`the connection has ${socket.readableLength} unread bytes`);
-  const copy = native.dupSocket(fd);
+  const copy = dupSocket(fd);
   socket.removeAllListeners('data');
   socket.on('error', () => {});
   socket.destroy();

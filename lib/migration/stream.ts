@@ -16,6 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { read as fsRead } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
+import { PAGE_SIZE } from '../kvm/constants.js';
 import { crc32c } from './checksum.js';
 
 export const STREAM_MAGIC = 'NODE-KVM';
@@ -26,7 +27,6 @@ export const STREAM_ID_BYTES = 16;
 export const SECTION_HEADER_BYTES = 8;
 /** Section header plus the CRC-32C after the payload. */
 export const SECTION_OVERHEAD_BYTES = SECTION_HEADER_BYTES + 4;
-export const PAGE_BYTES = 4096;
 
 const MiB = 1024 * 1024;
 
@@ -79,13 +79,13 @@ export function getU64(view: DataView, offset: number): number {
 const isZeroId = (id: Uint8Array): boolean => id.every((byte) => byte === 0);
 export const hexId = (id: Uint8Array): string => Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
 
-const ZERO_PAGE = Buffer.alloc(PAGE_BYTES);
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 const ZERO_BLOCK_PAGES = 16;
-const ZERO_BLOCK = Buffer.alloc(ZERO_BLOCK_PAGES * PAGE_BYTES);
+const ZERO_BLOCK = Buffer.alloc(ZERO_BLOCK_PAGES * PAGE_SIZE);
 
 /** Whether the 4 KiB page at `offset` of `bytes` is all zeros (a memcmp, no allocation). */
 export function isZeroPage(bytes: Uint8Array, offset: number): boolean {
-  return ZERO_PAGE.compare(bytes, offset, offset + PAGE_BYTES) === 0;
+  return ZERO_PAGE.compare(bytes, offset, offset + PAGE_SIZE) === 0;
 }
 
 /**
@@ -93,7 +93,7 @@ export function isZeroPage(bytes: Uint8Array, offset: number): boolean {
  * pages of `bytes` (a whole number of pages), in order.
  */
 export function forEachPageRun(bytes: Uint8Array, onRun: (firstPageIndex: number, pageCount: number, zero: boolean) => void): void {
-  const pageCount = Math.floor(bytes.length / PAGE_BYTES);
+  const pageCount = Math.floor(bytes.length / PAGE_SIZE);
   let runStart = 0;
   let runZero = false;
   let page = 0;
@@ -101,11 +101,11 @@ export function forEachPageRun(bytes: Uint8Array, onRun: (firstPageIndex: number
     // Idle guest RAM is mostly zero: test 64 KiB at once before testing pages one by one.
     let zero: boolean;
     let step = 1;
-    if (page + ZERO_BLOCK_PAGES <= pageCount && ZERO_BLOCK.compare(bytes, page * PAGE_BYTES, (page + ZERO_BLOCK_PAGES) * PAGE_BYTES) === 0) {
+    if (page + ZERO_BLOCK_PAGES <= pageCount && ZERO_BLOCK.compare(bytes, page * PAGE_SIZE, (page + ZERO_BLOCK_PAGES) * PAGE_SIZE) === 0) {
       zero = true;
       step = ZERO_BLOCK_PAGES;
     } else {
-      zero = isZeroPage(bytes, page * PAGE_BYTES);
+      zero = isZeroPage(bytes, page * PAGE_SIZE);
     }
     if (page === 0) runZero = zero;
     else if (zero !== runZero) {
@@ -128,7 +128,7 @@ const KIND_BY_CODE = new Map<number, StreamKind>(Object.entries(StreamKindCode).
 export interface StreamHeader {
   version: number;
   kind: StreamKind;
-  /** Guest RAM size, a multiple of PAGE_BYTES. */
+  /** Guest RAM size, a multiple of PAGE_SIZE. */
   memoryBytes: number;
   vcpuCount: number;
   /** Random, names this stream (a snapshot's identity for the diff snapshots layered on it). */
@@ -166,8 +166,8 @@ export function encodeHeader(init: StreamHeaderInit): Uint8Array {
   }
   const kindCode = StreamKindCode[init.kind];
   const { memoryBytes, vcpuCount } = init;
-  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_BYTES !== 0) {
-    throw new RangeError(`memoryBytes must be a positive multiple of ${PAGE_BYTES}, got ${String(memoryBytes)}`);
+  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0) {
+    throw new RangeError(`memoryBytes must be a positive multiple of ${PAGE_SIZE}, got ${String(memoryBytes)}`);
   }
   if (typeof vcpuCount !== 'number' || !Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > MAX_STREAM_VCPUS) {
     throw new RangeError(`vcpuCount must be an integer 1..${MAX_STREAM_VCPUS}, got ${String(vcpuCount)}`);
@@ -211,8 +211,8 @@ export function decodeHeader(bytes: Uint8Array): StreamHeader {
   const kind = KIND_BY_CODE.get(kindCode);
   if (!kind) throw new StreamError('EFORMAT', `unknown stream kind ${kindCode} in the stream header`);
   const memoryBytes = getU64(view, 16);
-  if (memoryBytes <= 0 || memoryBytes % PAGE_BYTES !== 0) {
-    throw new StreamError('EFORMAT', `the stream header gives a guest RAM size of ${memoryBytes < 0 ? 'more than 2^53' : memoryBytes} bytes, not a positive multiple of ${PAGE_BYTES}`);
+  if (memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0) {
+    throw new StreamError('EFORMAT', `the stream header gives a guest RAM size of ${memoryBytes < 0 ? 'more than 2^53' : memoryBytes} bytes, not a positive multiple of ${PAGE_SIZE}`);
   }
   const vcpuCount = view.getUint32(24, true);
   if (vcpuCount < 1 || vcpuCount > MAX_STREAM_VCPUS) {
@@ -335,7 +335,7 @@ export function decodeErrorSection(payload: Uint8Array): string {
 }
 
 export interface RamImage {
-  /** Where the image starts in the snapshot file; a multiple of PAGE_BYTES. */
+  /** Where the image starts in the snapshot file; a multiple of PAGE_SIZE. */
   fileOffset: number;
   sizeBytes: number;
   /** CRC-32C of the whole image (zero pages included). */
@@ -344,11 +344,11 @@ export interface RamImage {
 
 export function encodeRamImage(image: RamImage): Uint8Array {
   const { fileOffset, sizeBytes } = image;
-  if (!Number.isSafeInteger(fileOffset) || fileOffset < 0 || fileOffset % PAGE_BYTES !== 0) {
-    throw new RangeError(`fileOffset must be a non-negative multiple of ${PAGE_BYTES}, got ${fileOffset}`);
+  if (!Number.isSafeInteger(fileOffset) || fileOffset < 0 || fileOffset % PAGE_SIZE !== 0) {
+    throw new RangeError(`fileOffset must be a non-negative multiple of ${PAGE_SIZE}, got ${fileOffset}`);
   }
-  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % PAGE_BYTES !== 0) {
-    throw new RangeError(`sizeBytes must be a positive multiple of ${PAGE_BYTES}, got ${sizeBytes}`);
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % PAGE_SIZE !== 0) {
+    throw new RangeError(`sizeBytes must be a positive multiple of ${PAGE_SIZE}, got ${sizeBytes}`);
   }
   if (!Number.isInteger(image.crc32c) || image.crc32c < 0 || image.crc32c > 0xffffffff) throw new RangeError(`crc32c must be a u32, got ${image.crc32c}`);
   const payload = new Uint8Array(RAM_IMAGE_PAYLOAD_BYTES);
@@ -366,11 +366,11 @@ export function decodeRamImage(payload: Uint8Array): RamImage {
   const view = viewOf(payload);
   const fileOffset = getU64(view, 0);
   const sizeBytes = getU64(view, 8);
-  if (fileOffset < 0 || fileOffset % PAGE_BYTES !== 0) {
-    throw new StreamError('EFORMAT', `the RAM image offset ${fileOffset < 0 ? 'beyond 2^53' : fileOffset} is not a multiple of ${PAGE_BYTES}`);
+  if (fileOffset < 0 || fileOffset % PAGE_SIZE !== 0) {
+    throw new StreamError('EFORMAT', `the RAM image offset ${fileOffset < 0 ? 'beyond 2^53' : fileOffset} is not a multiple of ${PAGE_SIZE}`);
   }
-  if (sizeBytes <= 0 || sizeBytes % PAGE_BYTES !== 0) {
-    throw new StreamError('EFORMAT', `the RAM image size ${sizeBytes < 0 ? 'beyond 2^53' : sizeBytes} is not a positive multiple of ${PAGE_BYTES}`);
+  if (sizeBytes <= 0 || sizeBytes % PAGE_SIZE !== 0) {
+    throw new StreamError('EFORMAT', `the RAM image size ${sizeBytes < 0 ? 'beyond 2^53' : sizeBytes} is not a positive multiple of ${PAGE_SIZE}`);
   }
   if (view.getUint32(20, true) !== 0) throw new StreamError('EFORMAT', 'the RamImage section has a non-zero reserved field');
   return { fileOffset, sizeBytes, crc32c: view.getUint32(16, true) };
@@ -394,7 +394,7 @@ const READ_BLOCK_PAGES = 256;
 const MAX_RANGE_PAGES = 0xffffffff;
 
 export interface EncodePagesOptions {
-  /** Page data per section at most (a multiple of PAGE_BYTES). Default 2 MiB. */
+  /** Page data per section at most (a multiple of PAGE_SIZE). Default 2 MiB. */
   maxDataBytesPerSection?: number;
   /**
    * The destination's RAM is known to be zero where these pages go (the first full pass): zero
@@ -444,16 +444,16 @@ export function encodePages(
   if (!Array.isArray(ranges)) throw new TypeError('ranges must be an array of { firstPage, pageCount }');
   if (typeof read !== 'function') throw new TypeError('read must be a function');
   const maxData = options.maxDataBytesPerSection ?? DEFAULT_PAGES_DATA_BYTES;
-  if (!Number.isInteger(maxData) || maxData < PAGE_BYTES || maxData > MAX_PAGES_DATA_BYTES || maxData % PAGE_BYTES !== 0) {
-    throw new RangeError(`maxDataBytesPerSection must be a multiple of ${PAGE_BYTES} from ${PAGE_BYTES} to ${MAX_PAGES_DATA_BYTES}, got ${maxData}`);
+  if (!Number.isInteger(maxData) || maxData < PAGE_SIZE || maxData > MAX_PAGES_DATA_BYTES || maxData % PAGE_SIZE !== 0) {
+    throw new RangeError(`maxDataBytesPerSection must be a multiple of ${PAGE_SIZE} from ${PAGE_SIZE} to ${MAX_PAGES_DATA_BYTES}, got ${maxData}`);
   }
-  let memoryPages = Math.floor(Number.MAX_SAFE_INTEGER / PAGE_BYTES);
+  let memoryPages = Math.floor(Number.MAX_SAFE_INTEGER / PAGE_SIZE);
   if (options.memoryBytes !== undefined) {
     const { memoryBytes } = options;
-    if (!Number.isSafeInteger(memoryBytes) || memoryBytes < 0 || memoryBytes % PAGE_BYTES !== 0) {
-      throw new RangeError(`memoryBytes must be a multiple of ${PAGE_BYTES}, got ${memoryBytes}`);
+    if (!Number.isSafeInteger(memoryBytes) || memoryBytes < 0 || memoryBytes % PAGE_SIZE !== 0) {
+      throw new RangeError(`memoryBytes must be a multiple of ${PAGE_SIZE}, got ${memoryBytes}`);
     }
-    memoryPages = memoryBytes / PAGE_BYTES;
+    memoryPages = memoryBytes / PAGE_SIZE;
   }
   const destinationZeroed = options.destinationZeroed === true;
   const allocate = options.allocate;
@@ -503,7 +503,7 @@ export function encodePages(
   };
 
   const addData = (firstPage: number, data: Uint8Array): void => {
-    result.pagesSent += data.length / PAGE_BYTES;
+    result.pagesSent += data.length / PAGE_SIZE;
     let offset = 0;
     while (offset < data.length) {
       const room = maxData - pendingDataBytes;
@@ -513,13 +513,13 @@ export function encodePages(
       }
       const take = Math.min(room, data.length - offset);
       const chunk = data.subarray(offset, offset + take);
-      const page = firstPage + offset / PAGE_BYTES;
+      const page = firstPage + offset / PAGE_SIZE;
       const last = pending.at(-1);
       if (last && !last.zero && last.firstPage + last.pageCount === page) {
-        last.pageCount += take / PAGE_BYTES;
+        last.pageCount += take / PAGE_SIZE;
         last.data.push(chunk);
       } else {
-        pending.push({ firstPage: page, pageCount: take / PAGE_BYTES, zero: false, data: [chunk] });
+        pending.push({ firstPage: page, pageCount: take / PAGE_SIZE, zero: false, data: [chunk] });
       }
       pendingDataBytes += take;
       offset += take;
@@ -534,13 +534,13 @@ export function encodePages(
     const endPage = firstPage + pageCount;
     for (let blockPage = firstPage; blockPage < endPage; blockPage += READ_BLOCK_PAGES) {
       const blockPages = Math.min(READ_BLOCK_PAGES, endPage - blockPage);
-      const bytes = read(blockPage * PAGE_BYTES, blockPages * PAGE_BYTES);
-      if (!(bytes instanceof Uint8Array) || bytes.length !== blockPages * PAGE_BYTES) {
-        throw new RangeError(`read(${blockPage * PAGE_BYTES}, ${blockPages * PAGE_BYTES}) must return a Uint8Array of ${blockPages * PAGE_BYTES} bytes`);
+      const bytes = read(blockPage * PAGE_SIZE, blockPages * PAGE_SIZE);
+      if (!(bytes instanceof Uint8Array) || bytes.length !== blockPages * PAGE_SIZE) {
+        throw new RangeError(`read(${blockPage * PAGE_SIZE}, ${blockPages * PAGE_SIZE}) must return a Uint8Array of ${blockPages * PAGE_SIZE} bytes`);
       }
       forEachPageRun(bytes, (runIndex, runPages, zero) => {
         if (zero) addZero(blockPage + runIndex, runPages);
-        else addData(blockPage + runIndex, bytes.subarray(runIndex * PAGE_BYTES, (runIndex + runPages) * PAGE_BYTES));
+        else addData(blockPage + runIndex, bytes.subarray(runIndex * PAGE_SIZE, (runIndex + runPages) * PAGE_SIZE));
       });
     }
   });
@@ -560,7 +560,7 @@ function checkPageRange(range: PageRangeLike, name: string): PageRangeLike {
   if (typeof firstPage !== 'number' || !Number.isSafeInteger(firstPage) || firstPage < 0) {
     throw new RangeError(`${name}.firstPage must be a non-negative integer, got ${String(firstPage)}`);
   }
-  if (typeof pageCount !== 'number' || !Number.isSafeInteger(pageCount) || pageCount < 0 || firstPage + pageCount > Number.MAX_SAFE_INTEGER / PAGE_BYTES) {
+  if (typeof pageCount !== 'number' || !Number.isSafeInteger(pageCount) || pageCount < 0 || firstPage + pageCount > Number.MAX_SAFE_INTEGER / PAGE_SIZE) {
     throw new RangeError(`${name}.pageCount must be a non-negative integer, got ${String(pageCount)}`);
   }
   return range;
@@ -592,8 +592,8 @@ export function pageTableBytes(payloadStart: Uint8Array): number {
 }
 
 function checkMemoryBytes(memoryBytes: number): void {
-  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_BYTES !== 0) {
-    throw new RangeError(`memoryBytes must be a positive multiple of ${PAGE_BYTES}, got ${String(memoryBytes)}`);
+  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0) {
+    throw new RangeError(`memoryBytes must be a positive multiple of ${PAGE_SIZE}, got ${String(memoryBytes)}`);
   }
 }
 
@@ -604,7 +604,7 @@ function checkMemoryBytes(memoryBytes: number): void {
  */
 export function decodePageTable(payloadStart: Uint8Array, payloadBytes: number, memoryBytes: number): PageTable {
   checkMemoryBytes(memoryBytes);
-  const memoryPages = memoryBytes / PAGE_BYTES;
+  const memoryPages = memoryBytes / PAGE_SIZE;
   if (payloadBytes < 4 || payloadStart.length < 4) throw new StreamError('EFORMAT', `a Pages section of ${payloadBytes} bytes is too short for its range count`);
   const view = viewOf(payloadStart);
   const rangeCount = view.getUint32(0, true);
@@ -630,14 +630,14 @@ export function decodePageTable(payloadStart: Uint8Array, payloadBytes: number, 
       const first = firstPage < 0 ? `0x${view.getBigUint64(entry, true).toString(16)}` : `0x${firstPage.toString(16)}`;
       throw new StreamError('EFORMAT', `Pages range ${i} (${pageCount} pages from page ${first}) lies outside guest RAM (0x${memoryPages.toString(16)} pages)`);
     }
-    table.addrs[i] = firstPage * PAGE_BYTES;
-    table.lengths[i] = pageCount * PAGE_BYTES;
+    table.addrs[i] = firstPage * PAGE_SIZE;
+    table.lengths[i] = pageCount * PAGE_SIZE;
     if (flags & PAGES_ZERO) {
       table.dataOffsets[i] = -1;
       table.zeroPages += pageCount;
     } else {
       table.dataOffsets[i] = dataAt;
-      dataAt += pageCount * PAGE_BYTES;
+      dataAt += pageCount * PAGE_SIZE;
       table.pages += pageCount;
     }
   }

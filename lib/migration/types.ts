@@ -1,13 +1,10 @@
 // Shapes shared by snapshots, live migration and the control API.
 
-/** Guest pages by guest frame number (guest physical address / 4096). */
-export interface PageRange {
-  firstPage: number;
-  pageCount: number;
-}
+import type { MachineRuntimeConfig } from '../vmm/config.js';
+import type { DirtyLogMode } from '../vmm/dirty-tracker.js';
 
-/** Which KVM mechanism reports the pages the guest wrote. */
-export type DirtyLogMode = 'bitmap' | 'ring';
+export type { PageRange } from '../vmm/page-ranges.js';
+export type { DirtyLogMode } from '../vmm/dirty-tracker.js';
 
 /** What happens when pre-copy hits its iteration or time cap before converging. */
 export type NonConvergence = 'finish' | 'abort';
@@ -73,4 +70,23 @@ export interface SnapshotInfo {
   /** Guest paused while the state and memory were captured. */
   pausedMs: number;
   totalTimeMs: number;
+}
+
+export interface RestoreConfig extends MachineRuntimeConfig {
+  /** Check the checksum of the saved RAM image before mapping it (reads the whole image). */
+  verify?: boolean;
+}
+
+export interface IncomingConfig extends MachineRuntimeConfig {
+  /** If given, the incoming stream must match it; by default the stream says. */
+  memoryBytes?: number;
+  vcpus?: number;
+  /** Required for tcp: the secret the source was given too. */
+  token?: string;
+  /** Give up if no migration arrives, or the stream stalls, this long. Default: wait forever for it, 10 s per stall. */
+  timeoutMs?: number;
+  /** Called once listening, with the address (the real port for tcp port 0). */
+  onListening?: (address: string) => void;
+  /** With memoryBytes and vcpus, the machine is built before the stream arrives; default: with more than one vCPU. */
+  irqchip?: boolean;
 }

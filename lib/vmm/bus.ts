@@ -4,21 +4,13 @@
 // up to a limit shared by every vCPU thread (a guest scanning the ports would otherwise write a
 // line for each of 65536); reads of them return all-ones, as on a real bus with nothing there.
 import { IoDirection } from '../kvm/constants.js';
-import { KvmRunOffset as O } from '../kvm/kvm-run.js';
+import { KvmRunOffset, type KvmRun } from '../kvm/kvm-run.js';
+import type { MmioDevice, PortDevice } from '../devices/bus-device.js';
 
-export interface PortDevice {
-  readonly name: string;
-  /** A read of `size` bytes (1, 2 or 4) at `offset` from the device's first port. */
-  read(offset: number, size: number): number;
-  write(offset: number, size: number, value: number): void;
-}
+export type { MmioDevice, PortDevice } from '../devices/bus-device.js';
 
-export interface MmioDevice {
-  readonly name: string;
-  /** Fills `data` (1..8 bytes) with what is at `offset`. */
-  read(offset: number, data: Uint8Array): void;
-  write(offset: number, data: Uint8Array): void;
-}
+/** Where an MMIO exit's data bytes are in kvm_run. */
+const MMIO_DATA = KvmRunOffset['mmio.data'];
 
 interface MmioRange {
   base: number;
@@ -120,17 +112,17 @@ export class IoBus {
    * Handles a KVM_EXIT_IO in place in the kvm_run mapping. The hot path: no allocation, one
    * table lookup per access.
    */
-  handleIo(view: DataView): void {
-    const port = view.getUint16(O['io.port'], true);
-    const size = view.getUint8(O['io.size']);
-    const count = view.getUint32(O['io.count'], true);
-    // data_offset is a u64 inside the mapping: its low half is enough, and avoids a BigInt.
-    let offset = view.getUint32(O['io.data_offset'], true);
-    const isOut = view.getUint8(O['io.direction']) === IoDirection.Out;
+  handleIo(run: KvmRun): void {
+    const port = run.ioPort;
+    const size = run.ioSize;
+    const count = run.ioCount;
+    let offset = run.ioDataOffset;
+    const isOut = run.ioDirection === IoDirection.Out;
+    const view = run.view;
     const index = this.#portDevice[port]!;
     if (index === 0) {
       this.#unknownPort(port, isOut);
-      if (!isOut) for (let i = 0; i < size * count; i++) view.setUint8(offset + i, 0xff);
+      if (!isOut) run.bytes.fill(0xff, offset, offset + size * count);
       return;
     }
     const device = this.#portDevices[index - 1]!;
@@ -149,12 +141,11 @@ export class IoBus {
   }
 
   /** Handles a KVM_EXIT_MMIO in place. */
-  handleMmio(view: DataView, bytes: Uint8Array): void {
-    // Guest-physical addresses below 2^53 are exact in a double.
-    const addr = view.getUint32(O['mmio.phys_addr'], true) + view.getUint32(O['mmio.phys_addr'] + 4, true) * 0x1_0000_0000;
-    const len = Math.min(view.getUint32(O['mmio.len'], true), 8);
-    const isWrite = view.getUint8(O['mmio.is_write']) !== 0;
-    const data = bytes.subarray(O['mmio.data'], O['mmio.data'] + len);
+  handleMmio(run: KvmRun): void {
+    const addr = run.mmioGuestPhysAddr;
+    const len = Math.min(run.mmioLen, 8);
+    const isWrite = run.mmioIsWrite;
+    const data = run.bytes.subarray(MMIO_DATA, MMIO_DATA + len);
     const range = this.#findMmio(addr);
     if (range === undefined) {
       this.#unknownMmio(addr, len, isWrite);

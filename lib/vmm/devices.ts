@@ -1,10 +1,18 @@
-// The machine's device set, built the same way in every vCPU thread over shared state.
+// The machine's device set: the one place that knows which devices a machine has and where they
+// sit, builds them on each vCPU thread over their shared state, and saves and restores their
+// states for snapshots and migrations. Each device keeps its own registers and its own
+// saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
-import { POST_CODE_PORT, PostCode } from '../devices/post-code.js';
-import { COM1_BASE, SERIAL_PORTS, Serial, type SerialShared } from '../devices/serial.js';
-import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio } from '../devices/virtio-mmio.js';
-import { IoBus, type BusShared } from './bus.js';
+import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
+import { COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial, type SerialShared, type SerialState } from '../devices/serial.js';
+import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
+import type { ByteRingShared } from '../devices/byte-ring.js';
+import { createBusShared, IoBus, unknownAccesses, type BusShared, type UnknownAccesses } from './bus.js';
+import type { Disks } from './disks.js';
+
+/** The serial port's interrupt line (GSI) on the in-kernel irqchip. */
+export const SERIAL_GSI = COM1_IRQ;
 
 export interface DevicesShared {
   readonly bus: BusShared;
@@ -12,6 +20,14 @@ export interface DevicesShared {
   readonly postCode: SharedArrayBuffer;
   /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
   readonly virtio: SharedArrayBuffer[];
+}
+
+/** The state of every device: what a snapshot or a migration carries for them. */
+export interface DeviceStates {
+  serial: SerialState;
+  postCode: PostCodeState;
+  /** The virtio-mmio register state of each disk. */
+  virtio?: VirtioMmioState[];
 }
 
 export interface DeviceEvents {
@@ -22,9 +38,13 @@ export interface DeviceEvents {
   log(message: string): void;
 }
 
-export const SERIAL_GSI = 4;
+/** The shared state of a new machine's devices (the disks' register files come from its Disks). */
+export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[] }): DevicesShared {
+  return { bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(), virtio: options.virtio };
+}
 
-export function createDevices(shared: DevicesShared, events: DeviceEvents): { bus: IoBus; serial: Serial } {
+/** On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. */
+export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bus: IoBus; serial: Serial } {
   const bus = new IoBus(shared.bus, events.log);
   const setIrqLine = events.setIrqLine;
   const serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
@@ -38,4 +58,44 @@ export function createDevices(shared: DevicesShared, events: DeviceEvents): { bu
     bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
   });
   return { bus, serial };
+}
+
+/**
+ * On the main thread: the devices as the machine owns them, for what is not an exit: serial
+ * input, counters, and their states.
+ */
+export class MachineDevices {
+  readonly shared: DevicesShared;
+  readonly serial: Serial;
+  readonly postCode: PostCode;
+  readonly disks: Disks;
+
+  constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
+    this.shared = shared;
+    this.serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
+    this.postCode = new PostCode(shared.postCode);
+    this.disks = disks;
+  }
+
+  /** The guest's accesses to ports and MMIO where no device is. */
+  get unknownAccesses(): UnknownAccesses {
+    return unknownAccesses(this.shared.bus);
+  }
+
+  /** Every device's state; the machine must be paused (the disks' threads parked). */
+  saveState(): DeviceStates {
+    return { serial: this.serial.saveState(), postCode: this.postCode.saveState(), ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}) };
+  }
+
+  restoreState(states: DeviceStates): void {
+    this.serial.restoreState(states.serial);
+    this.postCode.restoreState(states.postCode);
+    if (this.disks.count > 0 || states.virtio !== undefined) this.disks.restoreState(states.virtio ?? []);
+  }
+}
+
+/** Whether `value` has the structure of saved device states (a stream from elsewhere is checked before use). */
+export function isDeviceStates(value: unknown): value is DeviceStates {
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+  return isObject(value) && isObject(value.serial) && isObject(value.postCode) && (value.virtio === undefined || Array.isArray(value.virtio));
 }

@@ -9,9 +9,10 @@ import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } fro
 import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
 import { lockFile, unlockFile } from '../kvm/host.js';
-import type { DirtyBitmap } from '../migration/dirty-bitmap.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 import { workerEntry } from './worker-entry.js';
-import { DEVICE_CONTROL_BYTES, DEVICE_PARKED, DEVICE_STATE, DeviceRunState, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
+import { RunState } from './control.js';
+import { DEVICE_CONTROL_BYTES, DEVICE_PARKED, DEVICE_STATE, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
 
 export type { DiskConfig } from '../devices/virtio-blk.js';
 
@@ -145,12 +146,12 @@ export class Disks {
 
   /** Lets the threads serve their queues (the machine runs). */
   resume(): void {
-    for (const disk of this.#disks) setState(disk, DeviceRunState.Running);
+    for (const disk of this.#disks) setState(disk, RunState.Running);
   }
 
   /** Stops the threads between two requests and waits until each has flushed and parked. */
   async pause(): Promise<void> {
-    for (const disk of this.#disks) setState(disk, DeviceRunState.Paused);
+    for (const disk of this.#disks) setState(disk, RunState.Paused);
     await Promise.all(this.#disks.map(async (disk) => {
       while (disk.worker && Atomics.load(disk.control, DEVICE_PARKED) === 0) {
         const result = Atomics.waitAsync(disk.control, DEVICE_PARKED, 0, 100);
@@ -174,7 +175,7 @@ export class Disks {
   async close(): Promise<void> {
     if (this.#stopped) return;
     this.#stopped = true;
-    for (const disk of this.#disks) setState(disk, DeviceRunState.Stopping);
+    for (const disk of this.#disks) setState(disk, RunState.Stopping);
     await Promise.all(this.#disks.map((disk) => disk.done));
     for (const disk of this.#disks) {
       disk.notify.close();

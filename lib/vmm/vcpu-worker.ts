@@ -11,9 +11,9 @@ import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
-import { createDevices } from './devices.js';
-import { DirtyBitmap } from '../migration/dirty-bitmap.js';
-import { spillDirtyRing } from '../migration/dirty-tracker.js';
+import { attachDevices } from './devices.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
+import { spillDirtyRing } from './dirty-tracker.js';
 import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 
@@ -56,7 +56,7 @@ function runAssignment(assignment: VcpuAssignment): void {
     setRunState(control, RunState.Stopping);
   };
   const dirty = DirtyBitmap.attach(assignment.dirtyBitmap, assignment.memoryPages);
-  const { bus } = createDevices(assignment.devices, {
+  const { bus } = attachDevices(assignment.devices, {
     setIrqLine: assignment.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : undefined,
     debugExit: (code) => report({ reason: 'debug-exit', code, vcpu: id }),
     reset: () => report({ reason: 'reset', vcpu: id }),
@@ -95,7 +95,7 @@ interface VcpuThreadState {
   readonly control: Int32Array;
   readonly assignment: VcpuAssignment;
   readonly report: (exit: MachineExit) => void;
-  readonly bus: ReturnType<typeof createDevices>['bus'];
+  readonly bus: ReturnType<typeof attachDevices>['bus'];
   readonly dirty: DirtyBitmap;
   readonly slotBasePages: ReadonlyMap<number, number>;
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
@@ -152,8 +152,7 @@ function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
 
 function runLoop(thread: VcpuThreadState, serve: () => void): void {
   const { vcpu, bus, control, report } = thread;
-  const view = vcpu.kvmRun.view;
-  const bytes = vcpu.kvmRun.bytes;
+  const run = vcpu.kvmRun;
   const id = thread.assignment.vcpuId;
   for (;;) {
     let reason: number;
@@ -164,9 +163,9 @@ function runLoop(thread: VcpuThreadState, serve: () => void): void {
       return;
     }
     if (reason === ExitReason.Io) {
-      bus.handleIo(view);
+      bus.handleIo(run);
     } else if (reason === ExitReason.Mmio) {
-      bus.handleMmio(view, bytes);
+      bus.handleMmio(run);
     } else if (reason === ExitReason.Intr) {
       // Kicked: maybe for a request that may be served between two runs (a save, to warm up).
       serveRequests(thread, true);

@@ -1,12 +1,14 @@
 // What the machine and a virtio device's thread share: the control words and the thread's data.
 import type { GuestMemoryHandle } from '../kvm/memory.js';
 
-/** Int32 indices in the control buffer. */
+/**
+ * Int32 indices in the control buffer. DEVICE_STATE holds a RunState (control.ts), as the vCPU
+ * threads' control block does: the thread parks unless Running, and ends once Stopping.
+ */
 export const DEVICE_STATE = 0;
 export const DEVICE_PARKED = 1;
 export const DEVICE_CONTROL_BYTES = 8;
 
-export const DeviceRunState = { Paused: 0, Running: 1, Stopping: 2 } as const;
 
 export interface VirtioWorkerData {
   /** Thread name and log prefix: 'virtio-blk0'. */

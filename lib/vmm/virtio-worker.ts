@@ -9,8 +9,9 @@ import { VirtioBlkDevice } from '../devices/virtio-blk.js';
 import { VirtioMmio } from '../devices/virtio-mmio.js';
 import { GuestMemory } from '../kvm/memory.js';
 import { setThreadName } from '../kvm/thread.js';
-import { DirtyBitmap } from '../migration/dirty-bitmap.js';
-import { DeviceRunState, DEVICE_PARKED, DEVICE_STATE, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
+import { RunState } from './control.js';
+import { DEVICE_PARKED, DEVICE_STATE, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
 
 const data = workerData as VirtioWorkerData;
 const post = (message: VirtioWorkerMessage) => parentPort!.postMessage(message);
@@ -21,7 +22,7 @@ const control = new Int32Array(data.control);
 const memory = GuestMemory.attach(data.memory);
 const dirty = DirtyBitmap.attach(data.dirtyBitmap, data.memoryPages);
 const device = new VirtioBlkDevice({ mmio: new VirtioMmio(data.mmio, data.name, log), ram: memory.bytes(), dirty, disk: data.disk, log });
-const running = () => Atomics.load(control, DEVICE_STATE) === DeviceRunState.Running;
+const running = () => Atomics.load(control, DEVICE_STATE) === RunState.Running;
 const eventWord = Buffer.alloc(8);
 /** How long to poll the ring after serving requests before sleeping on the eventfd. */
 const POLL_MS = 0.05;
@@ -39,8 +40,8 @@ post({ type: 'done', error });
 function loop(): void {
   for (;;) {
     const state = Atomics.load(control, DEVICE_STATE);
-    if (state === DeviceRunState.Stopping) return;
-    if (state === DeviceRunState.Paused) {
+    if (state === RunState.Stopping) return;
+    if (state !== RunState.Running) {
       park();
       continue;
     }
@@ -62,6 +63,8 @@ function park(): void {
   }
   Atomics.store(control, DEVICE_PARKED, 1);
   Atomics.notify(control, DEVICE_PARKED);
-  while (Atomics.load(control, DEVICE_STATE) === DeviceRunState.Paused) Atomics.wait(control, DEVICE_STATE, DeviceRunState.Paused);
+  for (let state = Atomics.load(control, DEVICE_STATE); state === RunState.Created || state === RunState.Paused; state = Atomics.load(control, DEVICE_STATE)) {
+    Atomics.wait(control, DEVICE_STATE, state);
+  }
   Atomics.store(control, DEVICE_PARKED, 0);
 }

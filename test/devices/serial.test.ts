@@ -2,7 +2,7 @@
 // uses it: scratch and loopback tests, divisor latch, IIR priorities, THRE and receive interrupts.
 import t from 'tap';
 import { Serial } from '../../lib/devices/serial.js';
-import { ByteRing } from '../../lib/vmm/byte-ring.js';
+import { ByteRing } from '../../lib/devices/byte-ring.js';
 
 const RBR = 0, IER = 1, IIR = 2, LCR = 3, MCR = 4, LSR = 5, MSR = 6, SCR = 7;
 

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import type { Test } from 'tap';
 import { Machine } from '../../lib/index.js';
-import type { IncomingConfig } from '../../lib/vmm/machine.js';
+import type { IncomingConfig } from '../../lib/migration/types.js';
 import { repoRoot } from './kvm.js';
 import { childExecArgv } from './spawn.js';
 

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { blkModel, diskIdBytes, VirtioBlkDevice } from '../../lib/devices/virtio-blk.js';
 import { Reg, Status, VirtioMmio } from '../../lib/devices/virtio-mmio.js';
 import { EventFd } from '../../lib/kvm/eventfd.js';
-import { DirtyBitmap } from '../../lib/migration/dirty-bitmap.js';
+import { DirtyBitmap } from '../../lib/vmm/dirty-bitmap.js';
 
 export const RAM_BYTES = 4 * 1024 * 1024;
 export const QUEUE_SIZE = 16;

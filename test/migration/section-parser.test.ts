@@ -5,12 +5,13 @@ import { randomBytes } from 'node:crypto';
 import t from 'tap';
 import { SectionParser, type SectionParserTarget } from '../../lib/migration/section-parser.js';
 import {
-  MAX_SECTION_PAYLOAD_BYTES, PAGE_BYTES, SectionType, decodePagesInto, encodeEnd, encodeErrorSection, encodePages, encodeSection, viewOf,
+  MAX_SECTION_PAYLOAD_BYTES, SectionType, decodePagesInto, encodeEnd, encodeErrorSection, encodePages, encodeSection, viewOf,
 } from '../../lib/migration/stream.js';
+import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { crc32c } from '../../lib/migration/checksum.js';
 import { expectStreamError } from '../helpers/stream-errors.js';
 
-const MEMORY_BYTES = 64 * PAGE_BYTES;
+const MEMORY_BYTES = 64 * PAGE_SIZE;
 
 interface Received {
   memory: Uint8Array;
@@ -38,15 +39,15 @@ function receiver(initial?: Uint8Array): { target: SectionParserTarget; received
 /** Guest RAM with random pages at `dataPages` and zeros elsewhere. */
 function ramWith(dataPages: number[]): Uint8Array {
   const ram = new Uint8Array(MEMORY_BYTES);
-  for (const page of dataPages) ram.set(randomBytes(PAGE_BYTES), page * PAGE_BYTES);
+  for (const page of dataPages) ram.set(randomBytes(PAGE_SIZE), page * PAGE_SIZE);
   return ram;
 }
 
 const concat = (chunks: Uint8Array[]): Uint8Array => new Uint8Array(Buffer.concat(chunks));
 
 /** A stream body: Pages sections of `ram` (all of it, zero pages as zero ranges), a state-like section, End. */
-function streamOf(ram: Uint8Array, maxDataBytesPerSection = 8 * PAGE_BYTES): Uint8Array {
-  const pages = encodePages([{ firstPage: 0, pageCount: MEMORY_BYTES / PAGE_BYTES }], (a, l) => ram.subarray(a, a + l), { maxDataBytesPerSection });
+function streamOf(ram: Uint8Array, maxDataBytesPerSection = 8 * PAGE_SIZE): Uint8Array {
+  const pages = encodePages([{ firstPage: 0, pageCount: MEMORY_BYTES / PAGE_SIZE }], (a, l) => ram.subarray(a, a + l), { maxDataBytesPerSection });
   return concat([...pages.sections, encodeSection(SectionType.Sync, new Uint8Array(0)), encodeErrorSection('not really'), encodeEnd()]);
 }
 
@@ -68,7 +69,7 @@ t.test('any split of the stream places the same pages and delivers the same sect
     ['1 byte', () => 1],
     ['7 bytes', () => 7],
     ['4093 bytes', () => 4093],
-    ['pages', () => PAGE_BYTES],
+    ['pages', () => PAGE_SIZE],
     ['random', () => 1 + Math.floor(Math.random() * 9000)],
   ];
   for (const [name, split] of splits) {
@@ -95,7 +96,7 @@ t.test('page data and zero ranges go where decodePages() puts them', async (t) =
   new SectionParser(target).push(sections[0]);
   t.ok(Buffer.from(received.memory).equals(Buffer.from(expected)));
   // Ranges: page 2 zero, 3..5 data, 6..19 zero, 20 data, 21 zero.
-  t.same(received.zeroRanges, [[2 * PAGE_BYTES, PAGE_BYTES], [6 * PAGE_BYTES, 14 * PAGE_BYTES], [21 * PAGE_BYTES, PAGE_BYTES]]);
+  t.same(received.zeroRanges, [[2 * PAGE_SIZE, PAGE_SIZE], [6 * PAGE_SIZE, 14 * PAGE_SIZE], [21 * PAGE_SIZE, PAGE_SIZE]]);
   t.same(received.pagesDone, [{ pages: 4, zeroPages: 16 }]);
 });
 
@@ -131,15 +132,15 @@ t.test('malformed streams end in the StreamError that says what is wrong, and no
       viewOf(head).setUint32(4, MAX_SECTION_PAYLOAD_BYTES.VmState + 1, true);
       return head;
     })(), 'ETOOBIG', `a VmState section of ${MAX_SECTION_PAYLOAD_BYTES.VmState + 1} bytes is over the ${MAX_SECTION_PAYLOAD_BYTES.VmState}-byte limit`],
-    ['range outside RAM', sealed(SectionType.Pages, pagesPayload([[63, 2, 0]], 2 * PAGE_BYTES)), 'EFORMAT', 'Pages range 0 (2 pages from page 0x3f) lies outside guest RAM (0x40 pages)'],
+    ['range outside RAM', sealed(SectionType.Pages, pagesPayload([[63, 2, 0]], 2 * PAGE_SIZE)), 'EFORMAT', 'Pages range 0 (2 pages from page 0x3f) lies outside guest RAM (0x40 pages)'],
     ['range beyond 2^53', sealed(SectionType.Pages, (() => {
-      const payload = pagesPayload([[0, 1, 0]], PAGE_BYTES);
+      const payload = pagesPayload([[0, 1, 0]], PAGE_SIZE);
       viewOf(payload).setBigUint64(4, 0xffffffffffffffffn, true);
       return payload;
     })()), 'EFORMAT', /lies outside guest RAM/],
-    ['unknown flags', sealed(SectionType.Pages, pagesPayload([[0, 1, 6]], PAGE_BYTES)), 'EFORMAT', 'Pages range 0 has unknown flags 0x6'],
+    ['unknown flags', sealed(SectionType.Pages, pagesPayload([[0, 1, 6]], PAGE_SIZE)), 'EFORMAT', 'Pages range 0 has unknown flags 0x6'],
     ['empty range', sealed(SectionType.Pages, pagesPayload([[0, 0, 0]], 0)), 'EFORMAT', 'Pages range 0 is empty'],
-    ['data short of the ranges', sealed(SectionType.Pages, pagesPayload([[0, 2, 0]], PAGE_BYTES)), 'EFORMAT', `a Pages section's ranges announce ${2 * PAGE_BYTES} bytes of page data but it holds ${PAGE_BYTES}`],
+    ['data short of the ranges', sealed(SectionType.Pages, pagesPayload([[0, 2, 0]], PAGE_SIZE)), 'EFORMAT', `a Pages section's ranges announce ${2 * PAGE_SIZE} bytes of page data but it holds ${PAGE_SIZE}`],
     ['table longer than the section', sealed(SectionType.Pages, (() => {
       const payload = new Uint8Array(20);
       viewOf(payload).setUint32(0, 1000, true);
@@ -147,12 +148,12 @@ t.test('malformed streams end in the StreamError that says what is wrong, and no
     })()), 'EFORMAT', 'a Pages section announces 1000 ranges (16004 bytes of table) but holds 20 bytes'],
     ['Pages too short for its count', sealed(SectionType.Pages, new Uint8Array(2)), 'EFORMAT', 'a Pages section of 2 bytes is too short for its range count'],
     ['bad CRC', (() => {
-      const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_BYTES));
+      const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_SIZE));
       section[section.length - 1] ^= 1;
       return section;
     })(), 'ECHECKSUM', 'checksum mismatch in Pages section'],
     ['a flipped data byte', (() => {
-      const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_BYTES));
+      const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_SIZE));
       section[100] ^= 0x80;
       return section;
     })(), 'ECHECKSUM', 'checksum mismatch in Pages section'],
@@ -195,7 +196,7 @@ t.test('waitingFor names what a stream that stops short was in', async (t) => {
   const { target } = receiver();
   const parser = new SectionParser(target);
   t.equal(parser.waitingFor, 'a section header');
-  const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_BYTES));
+  const section = sealed(SectionType.Pages, pagesPayload([[1, 1, 0]], PAGE_SIZE));
   parser.push(section.subarray(0, 40));
   t.equal(parser.waitingFor, 'a Pages section');
   parser.push(section.subarray(40));

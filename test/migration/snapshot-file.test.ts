@@ -6,9 +6,10 @@ import nodePath from 'node:path';
 import t, { type Test } from 'tap';
 import { encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import {
-  HEADER_BYTES, PAGE_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
+  HEADER_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
   encodeSection, viewOf,
 } from '../../lib/migration/stream.js';
+import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
 } from '../../lib/migration/snapshot-file.js';
@@ -25,7 +26,7 @@ function tempDir(t: Test): string {
 
 /** Writes a recognizable pattern into page `page`. */
 function fillPage(memory: Uint8Array, page: number, seed: number): void {
-  for (let i = 0; i < PAGE_BYTES; i += 64) memory[page * PAGE_BYTES + i] = ((seed + i / 64) % 255) + 1;
+  for (let i = 0; i < PAGE_SIZE; i += 64) memory[page * PAGE_SIZE + i] = ((seed + i / 64) % 255) + 1;
 }
 
 const STATE = {
@@ -47,7 +48,7 @@ function fullOptions(memory: Uint8Array): WriteSnapshotOptions {
 async function fullSnapshot(t: Test, memoryBytes = 64 * MiB) {
   const dir = tempDir(t);
   const memory = new Uint8Array(memoryBytes);
-  for (const page of NONZERO_PAGES) if (page * PAGE_BYTES < memoryBytes) fillPage(memory, page, page);
+  for (const page of NONZERO_PAGES) if (page * PAGE_SIZE < memoryBytes) fillPage(memory, page, page);
   const path = nodePath.join(dir, 'base.snap');
   const result = await writeSnapshotFile(path, fullOptions(memory));
   return { dir, memory, path, result };
@@ -55,7 +56,7 @@ async function fullSnapshot(t: Test, memoryBytes = 64 * MiB) {
 
 t.test('a full snapshot round trip: state, a sparse page-aligned RAM image, its checksum', async (t) => {
   const { dir, memory, path, result } = await fullSnapshot(t);
-  const pages = memory.length / PAGE_BYTES;
+  const pages = memory.length / PAGE_SIZE;
   t.equal(result.id.length, 16);
   t.equal(result.pagesWritten, NONZERO_PAGES.length);
   t.equal(result.zeroPagesSkipped, pages - NONZERO_PAGES.length);
@@ -110,7 +111,7 @@ t.test('bytesWritten counts sections and non-zero pages, not holes', async (t) =
     encodeEnd(),
   ].reduce((sum, section) => sum + section.length, 0);
   t.equal(result.pagesWritten, 4, 'pages 0, 1, 2 and 100 of 256');
-  t.equal(result.bytesWritten, sectionsBytes + 4 * PAGE_BYTES);
+  t.equal(result.bytesWritten, sectionsBytes + 4 * PAGE_SIZE);
 });
 
 t.test('the populated hint: only those ranges are read', async (t) => {
@@ -119,7 +120,7 @@ t.test('the populated hint: only those ranges are read', async (t) => {
   fillPage(memory, 3, 3);
   fillPage(memory, 200, 200);
   const hinted = nodePath.join(dir, 'hinted.snap');
-  const result = await writeSnapshotFile(hinted, { ...fullOptions(memory), populated: [[200 * PAGE_BYTES + 10, 5], [3 * PAGE_BYTES, 1], [0, 0], [3 * PAGE_BYTES, PAGE_BYTES]] });
+  const result = await writeSnapshotFile(hinted, { ...fullOptions(memory), populated: [[200 * PAGE_SIZE + 10, 5], [3 * PAGE_SIZE, 1], [0, 0], [3 * PAGE_SIZE, PAGE_SIZE]] });
   t.equal(result.pagesWritten, 2);
   const contents = await readSnapshotFile(hinted);
   t.equal(contents.ramImage!.crc32c, crc32c(memory));
@@ -127,12 +128,12 @@ t.test('the populated hint: only those ranges are read', async (t) => {
 
   // What lies outside the hint is taken as zero, unread.
   const partial = nodePath.join(dir, 'partial.snap');
-  const partialResult = await writeSnapshotFile(partial, { ...fullOptions(memory), populated: [[3 * PAGE_BYTES, PAGE_BYTES]] });
+  const partialResult = await writeSnapshotFile(partial, { ...fullOptions(memory), populated: [[3 * PAGE_SIZE, PAGE_SIZE]] });
   t.equal(partialResult.pagesWritten, 1);
   const restored = new Uint8Array(memory.length);
   await loadSnapshotMemory(await openSnapshotChain(partial), restored, { verify: true });
   const expected = memory.slice();
-  expected.fill(0, 200 * PAGE_BYTES, 201 * PAGE_BYTES);
+  expected.fill(0, 200 * PAGE_SIZE, 201 * PAGE_SIZE);
   t.ok(Buffer.from(restored).equals(expected));
 
   for (const populated of [[[0, memory.length + 1]], [[-1, 10]], [[0.5, 10]], ['x']]) {
@@ -146,7 +147,7 @@ t.test('diff snapshots: only the written pages, layered on the parent by id', as
   const { dir, memory, path: basePath, result: base } = await fullSnapshot(t, 4 * MiB);
   const current = memory.slice();
   fillPage(current, 5, 77); // was zero
-  current.fill(0, 1 * PAGE_BYTES, 2 * PAGE_BYTES); // was non-zero, now zero: must be recorded
+  current.fill(0, 1 * PAGE_SIZE, 2 * PAGE_SIZE); // was non-zero, now zero: must be recorded
   fillPage(current, 100, 9); // overwritten
   const diffPath = nodePath.join(dir, 'diff1.snap');
   const diff = await writeSnapshotFile(diffPath, {
@@ -155,7 +156,7 @@ t.test('diff snapshots: only the written pages, layered on the parent by id', as
     pages: [{ firstPage: 1, pageCount: 1 }, { firstPage: 5, pageCount: 1 }, { firstPage: 100, pageCount: 1 }],
   });
   t.same({ pagesWritten: diff.pagesWritten, zeroPagesSkipped: diff.zeroPagesSkipped }, { pagesWritten: 2, zeroPagesSkipped: 1 });
-  t.ok(diff.fileBytes < 3 * PAGE_BYTES, 'a diff holds its pages, not RAM');
+  t.ok(diff.fileBytes < 3 * PAGE_SIZE, 'a diff holds its pages, not RAM');
   t.equal(statSync(diffPath).size, diff.fileBytes);
 
   const contents = await readSnapshotFile(diffPath);
@@ -299,7 +300,7 @@ t.test('corrupt and truncated snapshot files', async (t) => {
     const image = contents.ramImage!;
     writeFileSync(broken, good);
     const fd = openSync(broken, 'r+');
-    writeSync(fd, new Uint8Array([0x01]), 0, 1, image.fileOffset + 200 * PAGE_BYTES + 17); // a hole in the image
+    writeSync(fd, new Uint8Array([0x01]), 0, 1, image.fileOffset + 200 * PAGE_SIZE + 17); // a hole in the image
     closeSync(fd);
     const brokenContents = await readSnapshotFile(broken);
     await expectStreamError(t, () => verifyRamImage(broken, brokenContents), 'ECHECKSUM', `${broken}: checksum mismatch in the RAM image`);
@@ -324,7 +325,7 @@ t.test('corrupt and truncated snapshot files', async (t) => {
 t.test('sections out of place are refused', async (t) => {
   const dir = tempDir(t);
   const path = nodePath.join(dir, 'odd.snap');
-  const memoryBytes = 2 * PAGE_BYTES;
+  const memoryBytes = 2 * PAGE_SIZE;
   const fullHeader = () => encodeHeader({ kind: 'snapshot', memoryBytes, vcpuCount: 2 });
   const diffHeader = () => encodeHeader({ kind: 'diff-snapshot', memoryBytes, vcpuCount: 2, parentId: new Uint8Array(16).fill(1) });
   const [config, vcpu0, vcpu1, vm, devices] = stateSections(memoryBytes);
@@ -339,7 +340,7 @@ t.test('sections out of place are refused', async (t) => {
     viewOf(payload).setUint32(16, 1, true);
     return encodeSection(SectionType.Pages, payload);
   })();
-  const validPages = encodePages([{ firstPage: 0, pageCount: 1 }], () => new Uint8Array(PAGE_BYTES).fill(1)).sections[0];
+  const validPages = encodePages([{ firstPage: 0, pageCount: 1 }], () => new Uint8Array(PAGE_SIZE).fill(1)).sections[0];
   const cases: [string, Uint8Array[], string, string][] = [
     ['state before Config', [fullHeader(), vcpu0, config], 'EFORMAT', 'the first section is VcpuState, not Config'],
     ['two Configs', [fullHeader(), config, config], 'EFORMAT', 'a second Config section'],
@@ -382,12 +383,12 @@ t.test('sections out of place are refused', async (t) => {
 t.test('writeSnapshotFile rejects bad options before touching the file', async (t) => {
   const dir = tempDir(t);
   const path = nodePath.join(dir, 'x.snap');
-  const memory = new Uint8Array(2 * PAGE_BYTES);
+  const memory = new Uint8Array(2 * PAGE_SIZE);
   const good = fullOptions(memory);
   const bad: [string, unknown, ErrorConstructor][] = [
     ['kind', { ...good, kind: 'migration' }, RangeError],
     ['memory not bytes', { ...good, memory: [] }, TypeError],
-    ['memory of another size', { ...good, memoryBytes: 3 * PAGE_BYTES }, RangeError],
+    ['memory of another size', { ...good, memoryBytes: 3 * PAGE_SIZE }, RangeError],
     ['vcpus not an array', { ...good, vcpus: {} }, TypeError],
     ['vcpus of another count', { ...good, vcpuCount: 3 }, RangeError],
     ['a full snapshot with a parent', { ...good, parent: { path: 'p', id: new Uint8Array(16) } }, TypeError],
@@ -420,13 +421,13 @@ t.test('a failed write leaves neither the snapshot nor its temporary file', asyn
   const path = nodePath.join(dir, 'x.snap');
   // A directory that does not exist: the new file cannot be created.
   const missing = nodePath.join(dir, 'missing', 'x.snap');
-  await t.rejects(writeSnapshotFile(missing, fullOptions(new Uint8Array(PAGE_BYTES * 2))), {
+  await t.rejects(writeSnapshotFile(missing, fullOptions(new Uint8Array(PAGE_SIZE * 2))), {
     code: 'ENOENT', message: `cannot write the snapshot ${missing}: creating a new file beside it: ENOENT: no such file or directory`,
   });
   t.same(readdirSync(dir), []);
   // An existing snapshot is replaced whole.
-  const first = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2).fill(1)));
-  const second = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_BYTES * 2)));
+  const first = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_SIZE * 2).fill(1)));
+  const second = await writeSnapshotFile(path, fullOptions(new Uint8Array(PAGE_SIZE * 2)));
   t.notSame(first.id, second.id);
   t.same((await readSnapshotFile(path)).header.streamId, second.id);
   t.equal(statSync(path).size, second.fileBytes);

@@ -7,7 +7,7 @@ import net from 'node:net';
 import os from 'node:os';
 import nodePath from 'node:path';
 import t, { type Test } from 'tap';
-import { PAGE_BYTES } from '../../lib/migration/stream.js';
+import { PAGE_SIZE as PAGE_BYTES } from '../../lib/kvm/constants.js';
 import { readSnapshotFile, writeSnapshotFile, type WriteSnapshotOptions } from '../../lib/migration/snapshot-file.js';
 
 const MiB = 1024 * 1024;

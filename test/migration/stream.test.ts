@@ -9,11 +9,12 @@ import nodePath from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 import t, { type Test } from 'tap';
 import {
-  HEADER_BYTES, MAX_SECTION_PAYLOAD_BYTES, PAGE_BYTES, SECTION_HEADER_BYTES, STREAM_VERSION, SectionReader, SectionType,
+  HEADER_BYTES, MAX_SECTION_PAYLOAD_BYTES, SECTION_HEADER_BYTES, STREAM_VERSION, SectionReader, SectionType,
   bufferSource, checkHeader, decodeErrorSection, decodeHeader, decodePages, decodePagesInto, decodeRamImage,
   encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage, encodeSection, fileSource, forEachPageRun, setU64, socketSource,
   viewOf, writeChunks, type ByteSource, type Section, type StreamHeader,
 } from '../../lib/migration/stream.js';
+import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { decodeState, decodeStateSection, encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import { crc32c } from '../../lib/migration/checksum.js';
 import { expectStreamError, streamError } from '../helpers/stream-errors.js';
@@ -22,10 +23,10 @@ const MiB = 1024 * 1024;
 
 /** Memory of `pageCount` pages; page p holds p+1 in its first byte and 0xEE at its end when in `nonZero`. */
 function memoryWith(pageCount: number, nonZero: number[]): Uint8Array {
-  const memory = new Uint8Array(pageCount * PAGE_BYTES);
+  const memory = new Uint8Array(pageCount * PAGE_SIZE);
   for (const page of nonZero) {
-    memory[page * PAGE_BYTES] = (page % 255) + 1;
-    memory[page * PAGE_BYTES + PAGE_BYTES - 1] = 0xee;
+    memory[page * PAGE_SIZE] = (page % 255) + 1;
+    memory[page * PAGE_SIZE + PAGE_SIZE - 1] = 0xee;
   }
   return memory;
 }
@@ -336,8 +337,8 @@ t.test('Pages', async (t) => {
     t.equal(result.bytes, result.sections[0].length);
     const section = result.sections[0];
     const payload = section.subarray(SECTION_HEADER_BYTES, section.length - 4);
-    t.equal(payload.length, 4 + 16 * 10 + 6 * PAGE_BYTES, '10 ranges and 6 pages of data');
-    const P = PAGE_BYTES;
+    t.equal(payload.length, 4 + 16 * 10 + 6 * PAGE_SIZE, '10 ranges and 6 pages of data');
+    const P = PAGE_SIZE;
     t.same(applied(payload, memory.length), [
       [0, 3 * P, 'zero'], [3 * P, 3 * P, 4], [6 * P, 4 * P, 'zero'], [10 * P, P, 11], [11 * P, 5 * P, 'zero'],
       [20 * P, 4 * P, 'zero'],
@@ -356,15 +357,15 @@ t.test('Pages', async (t) => {
     const result = encodePages([{ firstPage: 0, pageCount: 32 }], reader(memory), { destinationZeroed: true });
     t.same({ pagesSent: result.pagesSent, zeroPages: result.zeroPages }, { pagesSent: 2, zeroPages: 30 });
     const payload = result.sections[0].subarray(SECTION_HEADER_BYTES, -4);
-    t.same(applied(payload, memory.length), [[PAGE_BYTES, PAGE_BYTES, 2], [30 * PAGE_BYTES, PAGE_BYTES, 31]]);
-    const empty = encodePages([{ firstPage: 0, pageCount: 4 }], reader(new Uint8Array(4 * PAGE_BYTES)), { destinationZeroed: true });
+    t.same(applied(payload, memory.length), [[PAGE_SIZE, PAGE_SIZE, 2], [30 * PAGE_SIZE, PAGE_SIZE, 31]]);
+    const empty = encodePages([{ firstPage: 0, pageCount: 4 }], reader(new Uint8Array(4 * PAGE_SIZE)), { destinationZeroed: true });
     t.same(empty, { sections: [], pagesSent: 0, zeroPages: 4, bytes: 0 }, 'all-zero memory makes no section');
   });
 
   t.test('data is split into sections of at most maxDataBytesPerSection', async (t) => {
     const all = Array.from({ length: 9 }, (_, i) => i);
     const memory = memoryWith(9, all);
-    const result = encodePages([{ firstPage: 0, pageCount: 9 }], reader(memory), { maxDataBytesPerSection: 2 * PAGE_BYTES });
+    const result = encodePages([{ firstPage: 0, pageCount: 9 }], reader(memory), { maxDataBytesPerSection: 2 * PAGE_SIZE });
     t.equal(result.sections.length, 5);
     t.equal(result.bytes, result.sections.reduce((sum, s) => sum + s.length, 0));
     const restored = new Uint8Array(memory.length);
@@ -381,11 +382,11 @@ t.test('Pages', async (t) => {
     const reads: number[] = [];
     const result = encodePages([{ firstPage: 0, pageCount: 600 }], (addr, length) => (reads.push(length), memory.subarray(addr, addr + length)),
       { maxDataBytesPerSection: 4 * MiB });
-    t.same(reads, [256 * PAGE_BYTES, 256 * PAGE_BYTES, 88 * PAGE_BYTES]);
+    t.same(reads, [256 * PAGE_SIZE, 256 * PAGE_SIZE, 88 * PAGE_SIZE]);
     t.equal(result.sections.length, 1);
     const payload = result.sections[0].subarray(SECTION_HEADER_BYTES, -4);
     t.equal(viewOf(payload).getUint32(0, true), 1, 'one range');
-    t.same(applied(payload, memory.length), [[0, 600 * PAGE_BYTES, 1]]);
+    t.same(applied(payload, memory.length), [[0, 600 * PAGE_SIZE, 1]]);
   });
 
   t.test('page data is copied before the checksum: later guest writes do not change the section', async (t) => {
@@ -400,7 +401,7 @@ t.test('Pages', async (t) => {
   });
 
   t.test('encodePages rejects bad arguments', async (t) => {
-    const memory = new Uint8Array(4 * PAGE_BYTES);
+    const memory = new Uint8Array(4 * PAGE_SIZE);
     t.throws(() => encodePages('x' as never, reader(memory)), TypeError);
     t.throws(() => encodePages([], 'x' as never), TypeError);
     t.throws(() => encodePages([null as never], reader(memory)), TypeError);
@@ -415,7 +416,7 @@ t.test('Pages', async (t) => {
   });
 
   t.test('decodePages checks every range before applying any', async (t) => {
-    const memoryBytes = 16 * PAGE_BYTES;
+    const memoryBytes = 16 * PAGE_SIZE;
     const cases: [string, Uint8Array, string][] = [
       ['beyond RAM', pagesPayload([[0n, 1, 1], [15n, 2, 1]], 0), 'Pages range 1 (2 pages from page 0xf) lies outside guest RAM (0x10 pages)'],
       ['starts at the end', pagesPayload([[16n, 1, 1]], 0), 'Pages range 0 (1 pages from page 0x10) lies outside guest RAM (0x10 pages)'],
@@ -424,9 +425,9 @@ t.test('Pages', async (t) => {
       ['pageCount wraps', pagesPayload([[1n, 0xffffffff, 1]], 0), 'Pages range 0 (4294967295 pages from page 0x1) lies outside guest RAM (0x10 pages)'],
       ['empty range', pagesPayload([[1n, 0, 1]], 0), 'Pages range 0 is empty'],
       ['unknown flags', pagesPayload([[1n, 1, 3]], 0), 'Pages range 0 has unknown flags 0x3'],
-      ['data short', pagesPayload([[0n, 1, 1], [1n, 2, 0]], PAGE_BYTES), "a Pages section's ranges announce 8192 bytes of page data but it holds 4096"],
-      ['data long', pagesPayload([[1n, 1, 0]], PAGE_BYTES + 1), "a Pages section's ranges announce 4096 bytes of page data but it holds 4097"],
-      ['zero range with data', pagesPayload([[1n, 1, 1]], PAGE_BYTES), "a Pages section's ranges announce 0 bytes of page data but it holds 4096"],
+      ['data short', pagesPayload([[0n, 1, 1], [1n, 2, 0]], PAGE_SIZE), "a Pages section's ranges announce 8192 bytes of page data but it holds 4096"],
+      ['data long', pagesPayload([[1n, 1, 0]], PAGE_SIZE + 1), "a Pages section's ranges announce 4096 bytes of page data but it holds 4097"],
+      ['zero range with data', pagesPayload([[1n, 1, 1]], PAGE_SIZE), "a Pages section's ranges announce 0 bytes of page data but it holds 4096"],
       ['too many ranges', (() => { const p = pagesPayload([[1n, 1, 1]], 0); viewOf(p).setUint32(0, 0xffffffff, true); return p; })(),
         'a Pages section announces 4294967295 ranges (68719476724 bytes of table) but holds 20 bytes'],
       ['no range count', new Uint8Array(3), 'a Pages section of 3 bytes is too short for its range count'],
@@ -437,7 +438,7 @@ t.test('Pages', async (t) => {
       t.equal(calls, 0, `${name}: nothing applied`);
     }
     t.same(decodePages(pagesPayload([], 0), memoryBytes, () => t.fail('no ranges')), { pages: 0, zeroPages: 0 });
-    t.same(applied(pagesPayload([[15n, 1, 1]], 0), memoryBytes), [[15 * PAGE_BYTES, PAGE_BYTES, 'zero']], 'the last page is inside');
+    t.same(applied(pagesPayload([[15n, 1, 1]], 0), memoryBytes), [[15 * PAGE_SIZE, PAGE_SIZE, 'zero']], 'the last page is inside');
     t.throws(() => decodePages(new Uint8Array(4), 100, () => {}), RangeError);
     t.throws(() => decodePages('x' as never, 4096, () => {}), TypeError);
     t.throws(() => decodePages(new Uint8Array(4), 4096, null as never), TypeError);

@@ -36,19 +36,19 @@ t.test('port accesses reach the device at their offset, in every width, includin
   bus.registerPorts(0x100, 8, device);
   const run = new KvmRun(new ArrayBuffer(3 * 4096));
   ioExit(run, 0x103, 1, 3, true, [1, 2, 3]);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   ioExit(run, 0x104, 2, 1, true, [0x34, 0x12]);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   ioExit(run, 0x100, 4, 1, true, [0x78, 0x56, 0x34, 0x12]);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   ioExit(run, 0x107, 1, 1, false);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   t.equal(run.view.getUint8(PIO_PAGE), 0x12);
   ioExit(run, 0x102, 2, 2, false);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   t.same([run.view.getUint16(PIO_PAGE, true), run.view.getUint16(PIO_PAGE + 2, true)], [0x3456, 0x3456]);
   ioExit(run, 0x100, 4, 1, false);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   t.equal(run.view.getUint32(PIO_PAGE, true), 0x789abcde);
   t.same(calls, [
     'write 3 1 0x1', 'write 3 1 0x2', 'write 3 1 0x3', 'write 4 2 0x1234', 'write 0 4 0x12345678',
@@ -62,11 +62,11 @@ t.test('unknown ports read as all-ones, are counted, and logged once each', asyn
   const bus = new IoBus(createBusShared(), (m) => logs.push(m));
   const run = new KvmRun(new ArrayBuffer(3 * 4096));
   ioExit(run, 0x5000, 2, 2, false);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   t.same([...new Uint8Array(run.view.buffer, PIO_PAGE, 4)], [0xff, 0xff, 0xff, 0xff]);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   ioExit(run, 0x5001, 1, 1, true, [0]);
-  bus.handleIo(run.view);
+  bus.handleIo(run);
   t.equal(bus.unknownPortAccesses, 3);
   t.same(logs, ['unknown port read from 0x5000', 'unknown port write to 0x5001']);
 });
@@ -96,7 +96,7 @@ t.test('MMIO ranges dispatch by address; overlaps and port clashes are refused',
     run.view.setUint32(O['mmio.len'], len, true);
     run.view.setUint8(O['mmio.is_write'], write ? 1 : 0);
     data.forEach((byte, i) => run.view.setUint8(O['mmio.data'] + i, byte));
-    bus.handleMmio(run.view, run.bytes);
+    bus.handleMmio(run);
   };
   mmioExit(0xd0002010, 4, true, [1, 2, 3, 4]);
   mmioExit(0xd0000ff8, 8, false);
@@ -117,9 +117,9 @@ t.test('a guest scanning the ports: every access counted, at most 64 distinct po
   const run = new KvmRun(new ArrayBuffer(3 * 4096));
   for (let port = 0x1000; port < 0x2000; port++) {
     ioExit(run, port, 1, 1, false);
-    buses[port & 1]!.handleIo(run.view);
+    buses[port & 1]!.handleIo(run);
     // And again from the other thread: a port is logged once, whichever thread saw it first.
-    buses[(port + 1) & 1]!.handleIo(run.view);
+    buses[(port + 1) & 1]!.handleIo(run);
   }
   t.equal(MAX_LOGGED_UNKNOWN_PORTS, 64);
   t.equal(logs.length, MAX_LOGGED_UNKNOWN_PORTS, 'one line per port, up to the limit');
@@ -138,7 +138,7 @@ t.test('unknown MMIO addresses: at most 64 logged over all vCPU threads, all cou
     run.view.setBigUint64(O['mmio.phys_addr'], BigInt(0xe0000000 + i * 8), true);
     run.view.setUint32(O['mmio.len'], 4, true);
     run.view.setUint8(O['mmio.is_write'], 0);
-    buses[i & 1]!.handleMmio(run.view, run.bytes);
+    buses[i & 1]!.handleMmio(run);
   }
   t.equal(logs.length, MAX_LOGGED_UNKNOWN_MMIO);
   t.equal(logs.at(-1), `unknown MMIO read from 0x${(0xe0000000 + 63 * 8).toString(16)} (4 bytes); further unknown MMIO addresses are counted, not logged`);

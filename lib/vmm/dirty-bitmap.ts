@@ -2,7 +2,7 @@
 // thread marks. KVM's dirty log sees only the guest's writes; what our own code writes to guest
 // RAM (a device filling a read buffer, a loader) must be marked here, or migration loses it.
 import { PAGE_SIZE } from '../kvm/constants.js';
-import type { PageRange } from './types.js';
+import type { PageRange } from './page-ranges.js';
 
 /** Pages a bitmap may cover: 8 TiB of guest-physical space (a 256 MiB bitmap). */
 export const MAX_BITMAP_PAGES = 2 ** 31;

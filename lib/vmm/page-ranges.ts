@@ -1,8 +1,13 @@
-// Page-range arithmetic for migration rounds: counting, merging, and the first pass's ranges.
+// Guest pages as ranges of frame numbers: what dirty tracking reports and what snapshots and
+// migrations send. Counting, merging, and the pages of guest RAM that may hold data.
+import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
-import type { PageRange } from './types.js';
 
-const PAGE_BYTES = 4096;
+/** Guest pages by guest frame number (guest physical address / PAGE_SIZE). */
+export interface PageRange {
+  firstPage: number;
+  pageCount: number;
+}
 
 export function pageCountOf(ranges: readonly PageRange[]): number {
   let pages = 0;
@@ -32,9 +37,9 @@ export function unionRanges(a: readonly PageRange[], b: readonly PageRange[]): P
  */
 export function populatedPageRanges(memory: GuestMemory): PageRange[] {
   const populated = (memory as { populatedRanges?: () => [number, number][] }).populatedRanges;
-  if (typeof populated !== 'function') return [{ firstPage: 0, pageCount: memory.size / PAGE_BYTES }];
+  if (typeof populated !== 'function') return [{ firstPage: 0, pageCount: memory.size / PAGE_SIZE }];
   return populated.call(memory).map(([offset, length]) => ({
-    firstPage: Math.floor(offset / PAGE_BYTES),
-    pageCount: Math.ceil((offset + length) / PAGE_BYTES) - Math.floor(offset / PAGE_BYTES),
+    firstPage: Math.floor(offset / PAGE_SIZE),
+    pageCount: Math.ceil((offset + length) / PAGE_SIZE) - Math.floor(offset / PAGE_SIZE),
   }));
 }

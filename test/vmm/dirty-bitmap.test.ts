@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import t from 'tap';
-import { appendWordRuns, DirtyBitmap, MAX_BITMAP_PAGES, takeWordRanges } from '../../lib/migration/dirty-bitmap.js';
+import { appendWordRuns, DirtyBitmap, MAX_BITMAP_PAGES, takeWordRanges } from '../../lib/vmm/dirty-bitmap.js';
 import type { PageRange } from '../../lib/migration/types.js';
 import { rangesOf } from '../helpers/dirty-pages.js';
 
@@ -167,7 +167,7 @@ t.test('workers mark the same words at once, while this thread takes, and lose n
   const workers = 2;
   const bitmap = DirtyBitmap.create(pageCount);
   const go = new Int32Array(new SharedArrayBuffer(8));
-  const moduleUrl = new URL('../../lib/migration/dirty-bitmap.ts', import.meta.url).href;
+  const moduleUrl = new URL('../../lib/vmm/dirty-bitmap.ts', import.meta.url).href;
   // A worker file of our own (test/fixtures belongs to the shared helpers), written for this run.
   const directory = mkdtempSync(path.join(tmpdir(), 'dirty-bitmap-'));
   t.teardown(() => rmSync(directory, { recursive: true, force: true }));

@@ -7,7 +7,10 @@ import { GuestMemory } from '../kvm/memory.js';
 import { harvestDirtyRing, type Vcpu, type VcpuKickHandle } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { bitmapWords, DirtyBitmap, takeWordRanges } from './dirty-bitmap.js';
-import type { DirtyLogMode, PageRange } from './types.js';
+import type { PageRange } from './page-ranges.js';
+
+/** Which KVM mechanism reports the pages the guest wrote. */
+export type DirtyLogMode = 'bitmap' | 'ring';
 
 /**
  * Dirty ring bytes per vCPU that a machine enables by default: 4096 entries, the size api.rst

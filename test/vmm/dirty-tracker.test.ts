@@ -3,11 +3,11 @@
 // bitmap; spillDirtyRing for a full ring.
 import t, { type Test } from 'tap';
 import { Cap, DirtyLogManual, ExitReason, GuestMemory, Kvm, KvmError, MemoryFlag, type Vcpu } from '../../lib/index.js';
-import { DirtyBitmap } from '../../lib/migration/dirty-bitmap.js';
+import { DirtyBitmap } from '../../lib/vmm/dirty-bitmap.js';
 import {
   CLEAR_CHUNK_PAGES, DEFAULT_DIRTY_RING_BYTES, DirtyTracker, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages, spillDirtyRing,
   type DirtyTrackerOptions, type TrackedSlot,
-} from '../../lib/migration/dirty-tracker.js';
+} from '../../lib/vmm/dirty-tracker.js';
 import type { DirtyLogMode, PageRange } from '../../lib/migration/types.js';
 import { enterRealMode, LOAD_ADDR, noKvm } from '../helpers/kvm.js';
 import { PAGE_BYTES, runTouch, touchMachine, touchValue, writeTouchTable, type TouchMachine, type TouchMachineOptions } from '../helpers/touch.js';

@@ -1,0 +1,27 @@
+// What a device offers the I/O bus (lib/vmm/bus.ts): reads and writes at offsets from its own
+// base, never absolute addresses. Devices implement these; the bus that routes exits to them
+// lives above, in the VMM.
+
+export interface PortDevice {
+  readonly name: string;
+  /** A read of `size` bytes (1, 2 or 4) at `offset` from the device's first port. */
+  read(offset: number, size: number): number;
+  write(offset: number, size: number, value: number): void;
+}
+
+export interface MmioDevice {
+  readonly name: string;
+  /** Fills `data` (1..8 bytes) with what is at `offset`. */
+  read(offset: number, data: Uint8Array): void;
+  write(offset: number, data: Uint8Array): void;
+}
+
+/**
+ * Where a device records the guest pages it writes itself (a disk filling a read buffer, a used
+ * ring): KVM's dirty log sees only the guest's own writes, and a snapshot or migration that
+ * missed these would lose data. The VMM's dirty bitmap implements it.
+ */
+export interface DirtyPageMarker {
+  /** Marks the pages under `byteLength` bytes at guest-physical `guestPhysAddr`. */
+  mark(guestPhysAddr: number, byteLength: number): void;
+}

@@ -1,0 +1,46 @@
+// Snapshots and migrations as methods of Machine (machine.snapshot(), machine.migrate(),
+// Machine.restore(), Machine.incoming()), attached here, above the VMM, as better-sqlite3 attaches
+// its capabilities to Database: the VMM never imports persistence, and the package's entry
+// (lib/index.ts) loads this module, so that a Machine from the package has them all.
+import { Machine } from '../vmm/machine.js';
+import { receiveMachine } from './receive.js';
+import { migrateMachine } from './send.js';
+import { restoreMachine, snapshotMachine } from './snapshot.js';
+import type { IncomingConfig, MigrateOptions, MigrationStats, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
+
+declare module '../vmm/machine.js' {
+  interface Machine {
+    /** snapshotMachine(this, path, options). */
+    snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
+    /** migrateMachine(this, address, options). */
+    migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
+  }
+  // eslint-disable-next-line @typescript-eslint/no-namespace
+  namespace Machine {
+    /** restoreMachine(path, config). */
+    function restore(path: string, config?: RestoreConfig): Promise<Machine>;
+    /** receiveMachine(address, config). */
+    function incoming(address: string, config?: IncomingConfig): Promise<Machine>;
+  }
+}
+
+Object.defineProperties(Machine.prototype, {
+  snapshot: {
+    value: function snapshot(this: Machine, path: string, options?: SnapshotOptions) {
+      return snapshotMachine(this, path, options);
+    },
+    writable: true,
+    configurable: true,
+  },
+  migrate: {
+    value: function migrate(this: Machine, address: string, options?: MigrateOptions) {
+      return migrateMachine(this, address, options);
+    },
+    writable: true,
+    configurable: true,
+  },
+});
+Object.defineProperties(Machine, {
+  restore: { value: restoreMachine, writable: true, configurable: true },
+  incoming: { value: receiveMachine, writable: true, configurable: true },
+});

@@ -1,0 +1,231 @@
+// Building a machine's parts: the VM, guest RAM, the devices and disks, and one vCPU thread per
+// vCPU, each created straight into its boot state or its saved state. Either every part is made,
+// or all that was taken is given back (threads ended or returned to their pool, fds and mappings
+// closed), whatever step failed.
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { bootMsrs, guestCpuid, writeBootPlan } from '../boot/index.js';
+import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
+import { PAGE_SIZE } from '../kvm/constants.js';
+import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
+import type { BuildPlan, MachineShape } from './config.js';
+import { RunState, createControl, setRunState } from './control.js';
+import { createDevicesShared, type DevicesShared } from './devices.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
+import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages, type DirtyLogMode } from './dirty-tracker.js';
+import { startVcpuThread, type VcpuThread } from './pool.js';
+import type { WorkerMessage } from './types.js';
+import { restoreVmState } from './vm-state.js';
+
+// Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
+// below the BIOS area at the top of the 32-bit space, away from guest RAM.
+const TSS_ADDR = 0xfffbd000;
+const IDENTITY_MAP_ADDR = 0xfffbc000;
+/** The one memory slot: all of guest RAM at guest-physical 0. */
+export const RAM_SLOT = 0;
+
+// What the host's KVM offers does not change while the process runs: asked once.
+let msrIndexListCache: number[] | null = null;
+let supportedCpuidCache: CpuidEntry[] | null = null;
+
+/** A machine's parts, built and wired, its vCPUs created and waiting for the machine to start. */
+export interface MachineParts {
+  plan: BuildPlan;
+  kvm: Kvm;
+  vm: Vm;
+  memory: GuestMemory;
+  dirty: DirtyBitmap;
+  control: Int32Array;
+  threads: VcpuThread[];
+  /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
+  threadsLeft: Promise<void>[];
+  kicks: VcpuKickHandle[];
+  /** The main thread's ends of the vCPUs' request channels (save, restore). */
+  requestPorts: MessagePort[];
+  devices: DevicesShared;
+  disks: Disks;
+  dirtyLog: DirtyLogMode;
+  /** Serial output bound for a stream (or discarded): the vCPU threads fill it, the machine drains it. */
+  outputRing: ByteRing | null;
+  outputStream: NodeJS.WritableStream | null;
+  log: (message: string) => void;
+  /** Gives everything back: for a machine that fails after its parts were built. */
+  dispose(): Promise<void>;
+}
+
+export function logToStderr(message: string): void {
+  process.stderr.write(`node-kvm: ${message}\n`);
+}
+
+export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
+  const { shape, runtime } = plan;
+  const vcpus = shape.vcpus;
+  const log = runtime.log ?? logToStderr;
+  const dirtyLog = runtime.dirtyLog ?? 'bitmap';
+  if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
+
+  // Checked before any thread starts: a bad configuration leaves nothing behind.
+  const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
+  // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
+  const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
+  threadsPromise.catch(() => {});
+  // What to undo if a step fails, last taken first. The vCPU threads are given back before any
+  // of it: a thread that took its assignment uses the VM and guest RAM until it has left it.
+  const cleanup: (() => void | Promise<void>)[] = [];
+  let threads: VcpuThread[] | null = null;
+  let assigned: { control: Int32Array; left: Promise<void>[] } | null = null;
+  const giveBack = async () => {
+    threads ??= await threadsPromise.catch(() => []);
+    if (assigned) {
+      // Each thread leaves its assignment (or never takes it, if it failed to load) first.
+      setRunState(assigned.control, RunState.Stopping);
+      await Promise.all(assigned.left);
+    }
+    if (runtime.pool) runtime.pool.release(threads);
+    else for (const thread of threads) thread.send({ type: 'quit' });
+    for (const undo of cleanup) await undo();
+  };
+  try {
+    const kvm = Kvm.open(runtime.kvmPath);
+    cleanup.unshift(() => kvm.close());
+    const vm = kvm.createVm();
+    cleanup.unshift(() => vm.close());
+    vm.setTssAddr(TSS_ADDR);
+    vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
+    if (shape.irqchip) {
+      vm.createIrqChip();
+      vm.createPit2({ speakerDummy: true });
+    }
+    // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
+    if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
+    // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
+    if (dirtyLog === 'ring') {
+      if (!dirtyLogModesOffered(vm).includes('ring')) throw new Error('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
+      vm.enableDirtyRing(Math.min(DEFAULT_DIRTY_RING_BYTES, maxDirtyRingBytes(vm)));
+    }
+    const memory = await plan.memory(shape.memoryBytes);
+    cleanup.unshift(() => memory.close());
+    const dirty = DirtyBitmap.create(memory.size / PAGE_SIZE);
+    // Their threads start (parked) while the vCPU threads do. A machine that waits for an
+    // incoming migration locks its images only once the source has let go of them.
+    const disksPromise = Disks.open(diskConfigs, { vm, memory, dirty, irqchip: shape.irqchip, log, lock: !plan.incoming });
+    disksPromise.catch(() => {});
+    cleanup.unshift(async () => (await disksPromise.catch(() => null))?.close());
+
+    const output = runtime.serial?.output === undefined ? 1 : runtime.serial.output;
+    let outputRing: ByteRing | null = null;
+    let serialOutput: { fd: number } | { ring: ByteRingShared };
+    if (typeof output === 'number') {
+      serialOutput = { fd: output };
+    } else {
+      outputRing = ByteRing.create(64 * 1024);
+      serialOutput = { ring: outputRing.shared };
+    }
+    const disks = await disksPromise;
+    const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
+    if (unfit) throw new Error(`the saved machine's disks do not fit: ${unfit}`);
+    const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
+    const control = new Int32Array(createControl());
+    supportedCpuidCache ??= kvm.getSupportedCpuid();
+    const supported = supportedCpuidCache;
+    const msrs = plan.state ? null : encodeMsrs(bootMsrs());
+    msrIndexListCache ??= kvm.getMsrIndexList();
+    const channels = Array.from({ length: vcpus }, () => new MessageChannel());
+    cleanup.unshift(() => channels.forEach((channel) => channel.port1.close()));
+
+    threads = await threadsPromise;
+    const taken = threads;
+    const kicks: VcpuKickHandle[] = new Array(vcpus);
+    const ready = taken.map((thread, id) => new Promise<void>((resolve, reject) => {
+      const onMessage = (message: WorkerMessage) => {
+        if (message.type === 'ready') {
+          kicks[id] = message.kick;
+          thread.worker.off('message', onMessage);
+          resolve();
+        } else if (message.type === 'done') {
+          thread.worker.off('message', onMessage);
+          reject(new Error(`vCPU ${id} could not start: ${message.error ?? 'unknown error'}`));
+        } else if (message.type === 'log') {
+          log(message.message);
+        }
+      };
+      thread.worker.on('message', onMessage);
+      thread.loaded.catch((error: Error) => {
+        thread.worker.off('message', onMessage);
+        reject(new Error(`vCPU ${id} could not start: ${error.message}`));
+      });
+    }));
+    ready.forEach((promise) => promise.catch(() => {}));
+    // Watched from before the assignment goes out, so that a thread's 'done' is never missed.
+    const left = taken.map((thread) => waitForDone(thread));
+    assigned = { control, left };
+    taken.forEach((thread, id) => {
+      const requests = channels[id]!.port2;
+      thread.send({
+        type: 'assign',
+        assignment: {
+          vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
+          cpuid: plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus)), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
+          affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
+          requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
+          msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
+        },
+      }, [requests]);
+    });
+    // While the vCPU threads create their vCPUs: KVM may wait for a grace period when a slot
+    // is added to a VM with an in-kernel irqchip, and nothing runs before start() anyway.
+    vm.setUserMemoryRegion({ slot: RAM_SLOT, guestPhysAddr: 0, memory });
+    if (plan.boot) {
+      writeBootPlan(plan.boot, memory);
+      for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
+    }
+    await Promise.all(ready);
+    return {
+      plan, kvm, vm, memory, dirty, control, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
+      devices, disks, dirtyLog, outputRing, outputStream: typeof output === 'object' ? output : null, log, dispose: giveBack,
+    };
+  } catch (error) {
+    await giveBack();
+    throw error;
+  }
+}
+
+/** Why a saved machine's disks do not fit the disks of a machine, or null if they do. */
+export function disksMismatch(saved: DiskShape[] | undefined, mine: DiskShape[] | undefined): string | null {
+  const a = saved ?? [];
+  const b = mine ?? [];
+  if (a.length !== b.length) return `it had ${a.length} disk${a.length === 1 ? '' : 's'}, this machine has ${b.length}`;
+  for (const [index, disk] of a.entries()) {
+    const other = b[index]!;
+    if (disk.readOnly !== other.readOnly) return `disk ${index} was ${disk.readOnly ? 'read-only' : 'writable'}, here it is ${other.readOnly ? 'read-only' : 'writable'}`;
+    if (disk.sectors !== other.sectors) return `disk ${index} had ${disk.sectors} sectors, ${other.path} has ${other.sectors}`;
+  }
+  return null;
+}
+
+/** Whether a machine of `shape` can take a saved state of `saved`'s shape; null if it can. */
+export function shapeMismatch(saved: MachineShape, shape: MachineShape): string | null {
+  if (saved.memoryBytes !== shape.memoryBytes || saved.vcpus !== shape.vcpus || saved.irqchip !== shape.irqchip) return 'different hardware';
+  return disksMismatch(saved.disks, shape.disks);
+}
+
+/** The disks to open for a saved machine: its own paths, or the ones this host was given for them. */
+function diskConfigsFor(saved: DiskShape[] | undefined, given: DiskConfig[] | undefined): Required<DiskConfig>[] {
+  const disks = saved ?? [];
+  if (given === undefined) return checkDiskConfigs(disks.map((disk) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id })));
+  const configs = checkDiskConfigs(given);
+  if (configs.length !== disks.length) throw new Error(`the saved machine had ${disks.length} disk${disks.length === 1 ? '' : 's'}, ${configs.length} given`);
+  return configs.map((config, index) => ({ ...config, readOnly: disks[index]!.readOnly, id: disks[index]!.id }));
+}
+
+/** Until the thread reports its assignment done, or ends (a thread that failed to load never reports). */
+function waitForDone(thread: VcpuThread): Promise<void> {
+  let onMessage!: (message: WorkerMessage) => void;
+  const done = new Promise<void>((resolve) => {
+    onMessage = (message: WorkerMessage) => {
+      if (message.type === 'done') resolve();
+    };
+    thread.worker.on('message', onMessage);
+  });
+  return Promise.race([done, thread.exited]).finally(() => thread.worker.off('message', onMessage));
+}

@@ -1,0 +1,119 @@
+// What a machine is made of, as its owner describes it (MachineConfig) and as a snapshot or a
+// migration records it (MachineShape, MachineState), and the limits both are checked against.
+import type { BootPlan, CpuMode } from '../boot/index.js';
+import type { DiskConfig } from '../devices/virtio-blk.js';
+import type { GuestMemory } from '../kvm/memory.js';
+import type { DeviceStates } from './devices.js';
+import type { DirtyLogMode } from './dirty-tracker.js';
+import type { DiskShape } from './disks.js';
+import type { VcpuWorkerPool } from './pool.js';
+import type { VcpuState } from './vcpu-state.js';
+import type { VmState } from './vm-state.js';
+
+const MIB = 1024 * 1024;
+/** Guest RAM above this would need the PCI hole below 4 GiB: not supported yet. */
+export const MAX_MEMORY_BYTES = 3 * 1024 * MIB;
+/** vCPUs of one machine at most (the xAPIC's 8-bit IDs, less the broadcast ID). */
+export const MAX_VCPUS = 255;
+
+/** How a machine runs, whatever it was built from (an image, a snapshot, a migration). */
+export interface MachineRuntimeConfig {
+  serial?: {
+    /** An fd (written directly from the vCPU threads; default 1), a stream, or null to discard. */
+    output?: number | NodeJS.WritableStream | null;
+    /** Bytes from this stream reach the guest's COM1. */
+    input?: NodeJS.ReadableStream | null;
+  };
+  /** Host CPUs per vCPU (index = vCPU id). */
+  affinity?: (readonly number[] | undefined)[];
+  /** Borrow vCPU threads from here instead of starting new ones. */
+  pool?: VcpuWorkerPool;
+  /** Where the VMM's own warnings go (unknown ports, ...). Default: stderr. */
+  log?: (message: string) => void;
+  /** Default '/dev/kvm'. */
+  kvmPath?: string;
+  /**
+   * How snapshots and migrations learn which pages the guest wrote: 'bitmap' (KVM_GET_DIRTY_LOG,
+   * the default) or 'ring' (KVM_CAP_DIRTY_LOG_RING, where the host offers it).
+   */
+  dirtyLog?: DirtyLogMode;
+  /**
+   * virtio-blk disks backed by raw image files, at virtio-mmio slots 0, 1, ... For a restore or an
+   * incoming migration: where this host finds the disks the saved machine had, in the same order
+   * (default: the paths the saved machine used, as with storage both hosts share).
+   */
+  disks?: DiskConfig[];
+}
+
+export interface MachineConfig extends MachineRuntimeConfig {
+  /** A guest image (flat binary, ELF32/64, Multiboot, PVH or a Linux bzImage): bytes or a file path. */
+  image: Uint8Array | string;
+  /** Guest RAM in bytes (a multiple of 1 MiB). Default 64 MiB. */
+  memoryBytes?: number;
+  /** Default 1. */
+  vcpus?: number;
+  /** Entry mode for a flat binary (default 'real'); formats that say their own mode ignore it. */
+  mode?: CpuMode;
+  /** Load address of a flat binary (default 0x7c00). */
+  loadAddr?: number;
+  /** Kernel command line (Multiboot, PVH, Linux). */
+  cmdline?: string;
+  /** An initial ramdisk for a Linux bzImage (an initramfs, see buildInitramfs()): bytes or a file path. */
+  initrd?: Uint8Array | string;
+  /**
+   * In-kernel interrupt controllers (PIC, IOAPIC, LAPICs, PIT). Default: on for more than one
+   * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
+   */
+  irqchip?: boolean;
+}
+
+/** The hardware of a machine: what another process needs to build one the state fits. */
+export interface MachineShape {
+  memoryBytes: number;
+  vcpus: number;
+  irqchip: boolean;
+  /** The machine's disks (absent: none). Their contents are the host's files, not part of the state. */
+  disks?: DiskShape[];
+}
+
+/** Everything but RAM: what a snapshot or a migration carries besides memory. */
+export interface MachineState {
+  shape: MachineShape;
+  vm: VmState;
+  vcpus: VcpuState[];
+  devices: DeviceStates;
+  /** Whether the guest was running (not paused by its owner) when the state was taken. */
+  running?: boolean;
+}
+
+/** How a machine's parts are made: from an image (boot) or for a saved state (no boot). */
+export interface BuildPlan {
+  shape: MachineShape;
+  boot: BootPlan | null;
+  /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
+  memory: (size: number) => GuestMemory | Promise<GuestMemory>;
+  runtime: MachineRuntimeConfig;
+  /** A saved state to build the machine in (a restore): each vCPU is created straight into its own. */
+  state?: MachineState;
+  /** The disks of a saved machine (restore, migration): opened where runtime.disks says, else at their paths. */
+  savedDisks?: DiskShape[];
+  /** Built to receive a migration: its disks are locked once the source has let go of them. */
+  incoming?: boolean;
+}
+
+export function checkMemoryBytes(memoryBytes: number): number {
+  if (!Number.isSafeInteger(memoryBytes) || memoryBytes < MIB || memoryBytes % MIB !== 0) {
+    throw new RangeError(`memoryBytes must be a positive multiple of 1 MiB, got ${memoryBytes}`);
+  }
+  if (memoryBytes > MAX_MEMORY_BYTES) throw new RangeError(`memoryBytes above ${MAX_MEMORY_BYTES / MIB} MiB is not supported`);
+  return memoryBytes;
+}
+
+export function checkVcpus(vcpus: number): number {
+  if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw new RangeError(`vcpus must be an integer 1..${MAX_VCPUS}, got ${vcpus}`);
+  return vcpus;
+}
+
+export function describeShape(shape: MachineShape): string {
+  return `${shape.memoryBytes / MIB} MiB, ${shape.vcpus} vCPU${shape.vcpus === 1 ? '' : 's'}, ${shape.irqchip ? 'in-kernel irqchip' : 'no irqchip'}`;
+}
