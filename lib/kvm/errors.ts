@@ -41,3 +41,65 @@ export function explainOpenError(error: KvmError, path: string): KvmError {
   }
   return new KvmError(error.code, error.errno, error.syscall, `cannot open ${path}: ${hint}`);
 }
+
+/**
+ * The error codes node-kvm gives its own errors (system errors keep their errno name, 'ENOENT',
+ * as Node's do): stable strings a caller can test instead of a message.
+ */
+export const ErrorCode = {
+  /** An argument of the wrong type (a TypeError). */
+  InvalidArgType: 'ERR_INVALID_ARG_TYPE',
+  /** A number outside its range (a RangeError). */
+  OutOfRange: 'ERR_OUT_OF_RANGE',
+  /** An argument of the right type whose value is refused (a RangeError). */
+  InvalidArgValue: 'ERR_INVALID_ARG_VALUE',
+  /** An operation the machine's state does not allow now (pause a stopped machine, ...). */
+  MachineState: 'ERR_MACHINE_STATE',
+  /** The operation was aborted through its AbortSignal. */
+  Aborted: 'ABORT_ERR',
+} as const;
+
+/** `error` with a `code` (and `cause`, where given): for the built-in error classes. */
+export function withCode<E extends Error>(error: E, code: string, cause?: unknown): E & { readonly code: string } {
+  Object.defineProperty(error, 'code', { value: code, enumerable: true, configurable: true, writable: true });
+  if (cause !== undefined) Object.defineProperty(error, 'cause', { value: cause, enumerable: false, configurable: true, writable: true });
+  return error as E & { readonly code: string };
+}
+
+/** A TypeError for an argument of the wrong type, with code ERR_INVALID_ARG_TYPE. */
+export function argTypeError(message: string): TypeError & { readonly code: string } {
+  return withCode(new TypeError(message), ErrorCode.InvalidArgType);
+}
+
+/** A RangeError for a number outside its range, with code ERR_OUT_OF_RANGE. */
+export function outOfRangeError(message: string): RangeError & { readonly code: string } {
+  return withCode(new RangeError(message), ErrorCode.OutOfRange);
+}
+
+/** A RangeError for an argument whose value is refused, with code ERR_INVALID_ARG_VALUE. */
+export function argValueError(message: string): RangeError & { readonly code: string } {
+  return withCode(new RangeError(message), ErrorCode.InvalidArgValue);
+}
+
+/**
+ * node-kvm's own errors that are not about an argument nor a KVM system call: a machine in the
+ * wrong state, a disk image in use, a file that cannot be read, ... `code` says which; `cause`
+ * holds the error it wraps, if any.
+ */
+export class NodeKvmError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'NodeKvmError';
+    this.code = code;
+  }
+}
+
+/**
+ * An error from a system call Node made for us (fs, net), told in our words: `message`, with the
+ * system error's code ('ENOENT') kept and the error itself as `cause`.
+ */
+export function systemError(message: string, cause: unknown): NodeKvmError {
+  const code = (cause as NodeJS.ErrnoException | undefined)?.code;
+  return new NodeKvmError(typeof code === 'string' ? code : 'ERR_SYSTEM', message, { cause });
+}
