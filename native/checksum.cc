@@ -194,7 +194,7 @@ Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   if (!info[1].IsNumber()) ThrowTypeError(env, "seed must be a number (a CRC-32C value)");
   double seed = info[1].As<Napi::Number>().DoubleValue();
   if (!(seed >= 0 && seed <= 4294967295.0 && std::floor(seed) == seed)) {
-    ThrowRangeError(env, "seed must be an integer 0..4294967295, got " + info[1].ToString().Utf8Value());
+    ThrowOutOfRangeError(env, "seed must be an integer 0..4294967295, got " + info[1].ToString().Utf8Value());
   }
   bool portable = false;
   if (!info[2].IsUndefined()) {

@@ -1,6 +1,6 @@
-// Errors thrown by the addon. A failed syscall becomes the KvmError class that the TypeScript
-// layer registers at load time (see setErrorClass in addon.cc), shaped like Node's own system
-// errors: code ('EINVAL'), errno (negative), syscall ('ioctl(KVM_CREATE_VCPU)').
+// Errors thrown by the addon, each with a string `code`. A failed syscall becomes the KvmError
+// class that the TypeScript layer registers at load time (see setErrorClass in addon.cc), shaped
+// like Node's own system errors: code ('EINVAL'), errno (negative), syscall ('ioctl(KVM_CREATE_VCPU)').
 #pragma once
 
 #include <napi.h>
@@ -12,12 +12,26 @@ namespace nodekvm {
 // Throws a KvmError for `err` (a positive errno) raised by `syscall`.
 [[noreturn]] void ThrowSyscallError(Napi::Env env, int err, const std::string& syscall);
 
-[[noreturn]] inline void ThrowTypeError(Napi::Env env, const std::string& message) {
-  throw Napi::TypeError::New(env, message);
+// Argument errors carry the codes Node gives its own (and lib/kvm/errors.ts's ErrorCode names).
+[[noreturn]] inline void ThrowWithCode(Napi::Error error, const char* code) {
+  error.Set("code", Napi::String::New(error.Env(), code));
+  throw error;
 }
 
-[[noreturn]] inline void ThrowRangeError(Napi::Env env, const std::string& message) {
-  throw Napi::RangeError::New(env, message);
+// An argument of the wrong type: a TypeError, code ERR_INVALID_ARG_TYPE.
+[[noreturn]] inline void ThrowTypeError(Napi::Env env, const std::string& message) {
+  ThrowWithCode(Napi::TypeError::New(env, message), "ERR_INVALID_ARG_TYPE");
+}
+
+// A number that is not an integer or lies outside its bounds: a RangeError, code ERR_OUT_OF_RANGE.
+[[noreturn]] inline void ThrowOutOfRangeError(Napi::Env env, const std::string& message) {
+  ThrowWithCode(Napi::RangeError::New(env, message), "ERR_OUT_OF_RANGE");
+}
+
+// Any other refused value (misaligned, a buffer of the wrong size, an unknown name or flag, a slot
+// that does not exist): a RangeError, code ERR_INVALID_ARG_VALUE.
+[[noreturn]] inline void ThrowInvalidValueError(Napi::Env env, const std::string& message) {
+  ThrowWithCode(Napi::RangeError::New(env, message), "ERR_INVALID_ARG_VALUE");
 }
 
 // Handle misuse that is not a syscall failure: closed handles, wrong thread.

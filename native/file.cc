@@ -22,10 +22,10 @@ Napi::Value FileDeallocate(const Napi::CallbackInfo& info) {
   double fd = info[0].As<Napi::Number>().DoubleValue();
   double offset = info[1].As<Napi::Number>().DoubleValue();
   double length = info[2].As<Napi::Number>().DoubleValue();
-  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowRangeError(env, "fd must be a non-negative integer");
+  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
   const double limit = 9007199254740991.0;  // 2^53 - 1: exact in a double
-  if (!(offset >= 0 && offset <= limit) || offset != std::floor(offset)) ThrowRangeError(env, "offset must be a non-negative integer");
-  if (!(length > 0 && length <= limit - offset) || length != std::floor(length)) ThrowRangeError(env, "length must be a positive integer");
+  if (!(offset >= 0 && offset <= limit) || offset != std::floor(offset)) ThrowOutOfRangeError(env, "offset must be a non-negative integer");
+  if (!(length > 0 && length <= limit - offset) || length != std::floor(length)) ThrowOutOfRangeError(env, "length must be a positive integer");
   int mode = info[3].As<Napi::Boolean>().Value() ? (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE) : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
   if (fallocate(static_cast<int>(fd), mode, static_cast<off_t>(offset), static_cast<off_t>(length)) < 0) ThrowSyscallError(env, errno, "fallocate");
   return env.Undefined();
@@ -39,7 +39,7 @@ Napi::Value FileLock(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber() || !info[1].IsString()) ThrowTypeError(env, "fd must be a number, kind a string");
   double fd = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowRangeError(env, "fd must be a non-negative integer");
+  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
   std::string kind = info[1].As<Napi::String>().Utf8Value();
   struct flock lock = {};
   if (kind == "shared") {
@@ -49,7 +49,7 @@ Napi::Value FileLock(const Napi::CallbackInfo& info) {
   } else if (kind == "unlock") {
     lock.l_type = F_UNLCK;
   } else {
-    ThrowRangeError(env, "kind must be 'shared', 'exclusive' or 'unlock'");
+    ThrowInvalidValueError(env, "kind must be 'shared', 'exclusive' or 'unlock'");
   }
   lock.l_whence = SEEK_SET;
   lock.l_start = 0;

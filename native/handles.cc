@@ -73,7 +73,7 @@ uint32_t HandleId(Napi::Env env, const Napi::Value& value, const char* what) {
   if (!value.IsNumber()) ThrowTypeError(env, std::string(what) + " must be a handle number");
   double d = value.As<Napi::Number>().DoubleValue();
   if (!(d >= 0 && d <= 4294967295.0) || d != static_cast<double>(static_cast<uint32_t>(d))) {
-    ThrowRangeError(env, std::string(what) + " is not a valid handle");
+    ThrowOutOfRangeError(env, std::string(what) + " is not a valid handle");
   }
   return static_cast<uint32_t>(d);
 }

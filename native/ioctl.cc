@@ -144,7 +144,7 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   if (!info[1].IsNumber()) ThrowTypeError(env, "op must be a number");
   double opValue = info[1].As<Napi::Number>().DoubleValue();
   if (!(opValue >= 0 && opValue < static_cast<double>(kOpCount)) || opValue != static_cast<double>(static_cast<size_t>(opValue))) {
-    ThrowRangeError(env, "unknown ioctl op");
+    ThrowOutOfRangeError(env, "unknown ioctl op");
   }
   size_t opIndex = static_cast<size_t>(opValue);
   const IoctlOp& op = kOps[opIndex];
@@ -202,11 +202,11 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       if (info[2].IsBigInt()) {
         bool lossless = false;
         value = info[2].As<Napi::BigInt>().Uint64Value(&lossless);
-        if (!lossless) ThrowRangeError(env, std::string(op.name) + " argument is out of range");
+        if (!lossless) ThrowOutOfRangeError(env, std::string(op.name) + " argument is out of range");
       } else if (info[2].IsNumber()) {
         double d = info[2].As<Napi::Number>().DoubleValue();
         if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d))) {
-          ThrowRangeError(env, std::string(op.name) + " argument must be a non-negative integer");
+          ThrowOutOfRangeError(env, std::string(op.name) + " argument must be a non-negative integer");
         }
         value = static_cast<unsigned long>(d);
       } else {
@@ -219,8 +219,8 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       requireBytes();
       size_t size = _IOC_SIZE(op.request);
       if (js.ByteLength() != size) {
-        ThrowRangeError(env, std::string(op.name) + " needs exactly " + std::to_string(size) + " bytes, got " +
-                                 std::to_string(js.ByteLength()));
+        ThrowInvalidValueError(env, std::string(op.name) + " needs exactly " + std::to_string(size) + " bytes, got " +
+                                        std::to_string(js.ByteLength()));
       }
       arg.Resize(size);
       std::memcpy(arg.data(), js.Data(), size);
@@ -229,18 +229,18 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       if (op.request == kEnableCap && op.fdKind == FdKind::Vcpu &&
           ReadU32(static_cast<uint8_t*>(pointer), 0) == KVM_CAP_HYPERV_ENLIGHTENED_VMCS) {
         // Its args[0] is a host pointer the kernel writes through.
-        ThrowRangeError(env, "KVM_CAP_HYPERV_ENLIGHTENED_VMCS is not supported through enableCap");
+        ThrowInvalidValueError(env, "KVM_CAP_HYPERV_ENLIGHTENED_VMCS is not supported through enableCap");
       }
       break;
     }
     case ArgKind::CountedArray: {
       requireBytes();
-      if (js.ByteLength() < op.headerBytes) ThrowRangeError(env, std::string(op.name) + " buffer is too small");
+      if (js.ByteLength() < op.headerBytes) ThrowInvalidValueError(env, std::string(op.name) + " buffer is too small");
       uint32_t count = ReadU32(js.Data(), 0);
-      if (count > op.maxCount) ThrowRangeError(env, std::string(op.name) + " count is too large");
+      if (count > op.maxCount) ThrowOutOfRangeError(env, std::string(op.name) + " count is too large");
       size_t needed = op.headerBytes + static_cast<size_t>(count) * op.elementBytes;
       if (js.ByteLength() < needed) {
-        ThrowRangeError(env, std::string(op.name) + " buffer holds fewer entries than its count");
+        ThrowInvalidValueError(env, std::string(op.name) + " buffer holds fewer entries than its count");
       }
       arg.Resize(needed);
       std::memcpy(arg.data(), js.Data(), needed);
@@ -250,10 +250,10 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     }
     case ArgKind::NestedState: {
       requireBytes();
-      if (js.ByteLength() < AbiSize("kvm_nested_state")) ThrowRangeError(env, "nested state buffer is too small");
+      if (js.ByteLength() < AbiSize("kvm_nested_state")) ThrowInvalidValueError(env, "nested state buffer is too small");
       uint32_t size = ReadU32(js.Data(), 4);
       if (size > js.ByteLength() || size > kMaxNestedStateBytes || size < AbiSize("kvm_nested_state")) {
-        ThrowRangeError(env, "nested state size field does not match its buffer");
+        ThrowInvalidValueError(env, "nested state size field does not match its buffer");
       }
       arg.Resize(size);
       std::memcpy(arg.data(), js.Data(), size);
@@ -266,8 +266,8 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
       // KVM reads (SET_XSAVE) or writes (GET_XSAVE2) as many bytes as KVM_CAP_XSAVE2 reports.
       size_t size = vcpu->xsaveBytes;
       if (js.ByteLength() < size) {
-        ThrowRangeError(env, std::string(op.name) + " needs " + std::to_string(size) + " bytes, got " +
-                                 std::to_string(js.ByteLength()));
+        ThrowInvalidValueError(env, std::string(op.name) + " needs " + std::to_string(size) + " bytes, got " +
+                                        std::to_string(js.ByteLength()));
       }
       arg.Resize(js.ByteLength());
       std::memcpy(arg.data(), js.Data(), js.ByteLength());

@@ -42,7 +42,7 @@ Napi::Value CreateVm(const Napi::CallbackInfo& info) {
   auto system = Handles::System(env, info[0]);
   if (!info[1].IsNumber()) ThrowTypeError(env, "type must be a number");
   double type = info[1].As<Napi::Number>().DoubleValue();
-  if (!(type >= 0 && type <= 255) || type != static_cast<int>(type)) ThrowRangeError(env, "type must be an integer 0..255");
+  if (!(type >= 0 && type <= 255) || type != static_cast<int>(type)) ThrowOutOfRangeError(env, "type must be an integer 0..255");
   std::shared_lock<std::shared_mutex> hold(system->lock);
   if (system->closed) ThrowStateError(env, "EBADF", "Kvm handle is closed");
   int mmapSize = ioctl(system->fd, kGetVcpuMmapSize, 0);

@@ -118,8 +118,8 @@ int ReopenPrivately(int fd, int flags) {
 }
 
 void CheckSize(Napi::Env env, uint64_t size) {
-  if (size == 0 || size % kPageSize) ThrowRangeError(env, "size must be a positive multiple of the page size (4096)");
-  if (size > kMaxMemoryBytes) ThrowRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
+  if (size == 0 || size % kPageSize) ThrowInvalidValueError(env, "size must be a positive multiple of the page size (4096)");
+  if (size > kMaxMemoryBytes) ThrowOutOfRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
 }
 
 uint32_t RegisterOwned(Napi::Env env, const std::shared_ptr<GuestMapping>& mapping) {
@@ -201,13 +201,13 @@ uint64_t ReadU64(Napi::Env env, const Napi::Value& value, const char* name) {
   if (value.IsBigInt()) {
     bool lossless = false;
     uint64_t v = value.As<Napi::BigInt>().Uint64Value(&lossless);
-    if (!lossless) ThrowRangeError(env, std::string(name) + " must be an integer 0..2^64-1");
+    if (!lossless) ThrowOutOfRangeError(env, std::string(name) + " must be an integer 0..2^64-1");
     return v;
   }
   if (value.IsNumber()) {
     double d = value.As<Napi::Number>().DoubleValue();
     if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d))) {
-      ThrowRangeError(env, std::string(name) + " must be a non-negative safe integer");
+      ThrowOutOfRangeError(env, std::string(name) + " must be a non-negative safe integer");
     }
     return static_cast<uint64_t>(d);
   }
@@ -261,15 +261,15 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
   double fdNumber = info[0].As<Napi::Number>().DoubleValue();
   if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
-    ThrowRangeError(env, "fd must be an integer 0..2^31-1");
+    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
   }
   int fd = static_cast<int>(fdNumber);
   uint64_t offset = ReadU64(env, info[1], "offset");
   uint64_t size = ReadU64(env, info[2], "size");
   bool hugepages = info[3].ToBoolean();
   CheckSize(env, size);
-  if (offset % kPageSize) ThrowRangeError(env, "offset must be page-aligned (4096)");
-  if (offset > static_cast<uint64_t>(INT64_MAX) - size) ThrowRangeError(env, "offset + size is beyond the largest file offset");
+  if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
+  if (offset > static_cast<uint64_t>(INT64_MAX) - size) ThrowOutOfRangeError(env, "offset + size is beyond the largest file offset");
 
   auto mapping = std::make_shared<GuestMapping>();
   mapping->size = size;
@@ -281,8 +281,8 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   if (fstat(mapping->backingFd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
   if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
   if (static_cast<uint64_t>(st.st_size) < offset + size) {
-    ThrowRangeError(env, "offset + size (" + std::to_string(offset + size) + ") is beyond the end of the file (" +
-                             std::to_string(st.st_size) + " bytes)");
+    ThrowOutOfRangeError(env, "offset + size (" + std::to_string(offset + size) + ") is beyond the end of the file (" +
+                                  std::to_string(st.st_size) + " bytes)");
   }
   // MAP_PRIVATE needs only read access to the file; guest writes make private copies.
   void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, mapping->backingFd,
@@ -365,13 +365,13 @@ Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info) {
 
 // Arguments 1 and 2 of memoryDontneed/memoryPopulate: a page-aligned range inside the mapping.
 static void CheckRange(Napi::Env env, const Mapping& mapping, uint64_t offset, uint64_t length) {
-  if (offset > mapping.size || length > mapping.size - offset) ThrowRangeError(env, "offset + length is beyond the end of the guest memory");
+  if (offset > mapping.size || length > mapping.size - offset) ThrowOutOfRangeError(env, "offset + length is beyond the end of the guest memory");
 }
 
 static void ReadPageRange(Napi::Env env, const Napi::CallbackInfo& info, const Mapping& mapping, uint64_t* offset, uint64_t* length) {
   *offset = ReadU64(env, info[1], "offset");
   *length = ReadU64(env, info[2], "length");
-  if (*offset % kPageSize || *length % kPageSize) ThrowRangeError(env, "offset and length must be page-aligned (4096)");
+  if (*offset % kPageSize || *length % kPageSize) ThrowInvalidValueError(env, "offset and length must be page-aligned (4096)");
   CheckRange(env, mapping, *offset, *length);
 }
 
@@ -419,7 +419,7 @@ Napi::Value MemoryFill(const Napi::CallbackInfo& info) {
   uint64_t offset = ReadU64(env, info[1], "offset");
   uint64_t length = ReadU64(env, info[2], "length");
   uint64_t byte = ReadU64(env, info[3], "byte");
-  if (byte > 0xff) ThrowRangeError(env, "byte must be 0..255");
+  if (byte > 0xff) ThrowOutOfRangeError(env, "byte must be 0..255");
   CheckRange(env, *mapping, offset, length);
   if (length > 0) memset(static_cast<uint8_t*>(mapping->addr) + offset, static_cast<int>(byte), length);
   return env.Undefined();

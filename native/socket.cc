@@ -16,12 +16,12 @@ Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber()) ThrowTypeError(env, "fd, sendBytes and receiveBytes must be numbers");
   double fdValue = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fdValue >= 0 && fdValue <= 0x7fffffff) || fdValue != static_cast<int>(fdValue)) ThrowRangeError(env, "fd must be a non-negative integer");
+  if (!(fdValue >= 0 && fdValue <= 0x7fffffff) || fdValue != static_cast<int>(fdValue)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
   int fd = static_cast<int>(fdValue);
   int sizes[2];
   for (int i = 0; i < 2; i++) {
     double bytes = info[1 + i].As<Napi::Number>().DoubleValue();
-    if (!(bytes >= 0 && bytes <= 0x7fffffff) || bytes != static_cast<int>(bytes)) ThrowRangeError(env, "buffer sizes must be integers 0..2^31-1");
+    if (!(bytes >= 0 && bytes <= 0x7fffffff) || bytes != static_cast<int>(bytes)) ThrowOutOfRangeError(env, "buffer sizes must be integers 0..2^31-1");
     sizes[i] = static_cast<int>(bytes);
   }
   int type = 0;
@@ -48,12 +48,12 @@ Napi::Value DupSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
   double fdValue = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fdValue >= 0 && fdValue <= 0x7fffffff) || fdValue != static_cast<int>(fdValue)) ThrowRangeError(env, "fd must be a non-negative integer");
+  if (!(fdValue >= 0 && fdValue <= 0x7fffffff) || fdValue != static_cast<int>(fdValue)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
   int fd = static_cast<int>(fdValue);
   int type = 0;
   socklen_t typeLength = sizeof(type);
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &typeLength) < 0) ThrowSyscallError(env, errno, "getsockopt(SO_TYPE)");
-  if (type != SOCK_STREAM) ThrowRangeError(env, "fd is not a stream socket");
+  if (type != SOCK_STREAM) ThrowInvalidValueError(env, "fd is not a stream socket");
   int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (copy < 0) ThrowSyscallError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
   return Napi::Number::New(env, copy);

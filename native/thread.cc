@@ -14,7 +14,7 @@ Napi::Value SetThreadName(const Napi::CallbackInfo& info) {
   if (!info[0].IsString()) ThrowTypeError(env, "name must be a string");
   std::string name = info[0].As<Napi::String>().Utf8Value();
   if (name.empty() || name.size() > 15 || name.find('\0') != std::string::npos) {
-    ThrowRangeError(env, "name must be 1..15 bytes without NUL");
+    ThrowInvalidValueError(env, "name must be 1..15 bytes without NUL");
   }
   int err = pthread_setname_np(pthread_self(), name.c_str());
   if (err != 0) ThrowSyscallError(env, err, "pthread_setname_np");
@@ -26,14 +26,14 @@ Napi::Value SetThreadAffinity(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsArray()) ThrowTypeError(env, "cpus must be an array of CPU numbers");
   auto cpus = info[0].As<Napi::Array>();
-  if (cpus.Length() == 0) ThrowRangeError(env, "cpus must not be empty");
+  if (cpus.Length() == 0) ThrowInvalidValueError(env, "cpus must not be empty");
   cpu_set_t set;
   CPU_ZERO(&set);
   for (uint32_t i = 0; i < cpus.Length(); i++) {
     Napi::Value v = cpus.Get(i);
     if (!v.IsNumber()) ThrowTypeError(env, "cpus must be an array of CPU numbers");
     double cpu = v.As<Napi::Number>().DoubleValue();
-    if (!(cpu >= 0 && cpu < CPU_SETSIZE) || cpu != static_cast<int>(cpu)) ThrowRangeError(env, "CPU numbers must be integers 0.." + std::to_string(CPU_SETSIZE - 1));
+    if (!(cpu >= 0 && cpu < CPU_SETSIZE) || cpu != static_cast<int>(cpu)) ThrowOutOfRangeError(env, "CPU numbers must be integers 0.." + std::to_string(CPU_SETSIZE - 1));
     CPU_SET(static_cast<int>(cpu), &set);
   }
   int err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);

@@ -80,7 +80,7 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
   if (!info[1].IsNumber()) ThrowTypeError(env, "id must be a number");
   double idValue = info[1].As<Napi::Number>().DoubleValue();
   if (!(idValue >= 0 && idValue <= 4294967295.0) || idValue != static_cast<uint32_t>(idValue)) {
-    ThrowRangeError(env, "id must be a non-negative integer");
+    ThrowOutOfRangeError(env, "id must be a non-negative integer");
   }
   uint32_t vcpuId = static_cast<uint32_t>(idValue);
 

@@ -45,7 +45,7 @@ uint32_t ReadU32Arg(Napi::Env env, const Napi::Value& value, const char* name) {
   if (!value.IsNumber()) ThrowTypeError(env, std::string(name) + " must be a number");
   double d = value.As<Napi::Number>().DoubleValue();
   if (!(d >= 0 && d <= 4294967295.0) || d != static_cast<double>(static_cast<uint32_t>(d))) {
-    ThrowRangeError(env, std::string(name) + " must be an integer 0..4294967295");
+    ThrowOutOfRangeError(env, std::string(name) + " must be an integer 0..4294967295");
   }
   return static_cast<uint32_t>(d);
 }
@@ -53,7 +53,7 @@ uint32_t ReadU32Arg(Napi::Env env, const Napi::Value& value, const char* name) {
 MemorySlot FindSlot(Napi::Env env, VmState& vm, uint32_t slot) {
   std::lock_guard<std::mutex> guard(vm.slotsLock);
   auto it = vm.slots.find(slot);
-  if (it == vm.slots.end()) ThrowRangeError(env, "slot " + std::to_string(slot) + " is not a memory slot of this VM");
+  if (it == vm.slots.end()) ThrowInvalidValueError(env, "slot " + std::to_string(slot) + " is not a memory slot of this VM");
   return it->second;
 }
 
@@ -76,7 +76,7 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   HeldVm held = HoldVm(env, info[0]);
   uint32_t slot = ReadU32Arg(env, info[1], "slot");
   uint32_t flags = ReadU32Arg(env, info[2], "flags");
-  if (flags & ~static_cast<uint32_t>(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY)) ThrowRangeError(env, "unknown memory region flags");
+  if (flags & ~static_cast<uint32_t>(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY)) ThrowInvalidValueError(env, "unknown memory region flags");
   uint64_t gpa = ReadU64(env, info[3], "guestPhysAddr");
   uint64_t size = ReadU64(env, info[6], "size");
 
@@ -89,11 +89,11 @@ Napi::Value SetUserMemoryRegion(const Napi::CallbackInfo& info) {
   if (size != 0) {
     mapping = FindMemory(env, info[4]);
     uint64_t offset = ReadU64(env, info[5], "offset");
-    if (gpa % kPageSize) ThrowRangeError(env, "guestPhysAddr must be page-aligned (4096)");
-    if (offset % kPageSize) ThrowRangeError(env, "offset must be page-aligned (4096)");
-    if (size % kPageSize) ThrowRangeError(env, "size must be a multiple of the page size (4096)");
-    if (gpa >= kMaxGuestPhysAddr || size > kMaxGuestPhysAddr - gpa) ThrowRangeError(env, "guestPhysAddr + size is beyond the guest physical address space");
-    if (offset > mapping->size || size > mapping->size - offset) ThrowRangeError(env, "offset + size is beyond the end of the guest memory");
+    if (gpa % kPageSize) ThrowInvalidValueError(env, "guestPhysAddr must be page-aligned (4096)");
+    if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
+    if (size % kPageSize) ThrowInvalidValueError(env, "size must be a multiple of the page size (4096)");
+    if (gpa >= kMaxGuestPhysAddr || size > kMaxGuestPhysAddr - gpa) ThrowOutOfRangeError(env, "guestPhysAddr + size is beyond the guest physical address space");
+    if (offset > mapping->size || size > mapping->size - offset) ThrowOutOfRangeError(env, "offset + size is beyond the end of the guest memory");
     region.userspace_addr = reinterpret_cast<uint64_t>(mapping->addr) + offset;
   }
   // Hold slotsLock across the ioctl so a concurrent change to the same slot cannot reorder with
@@ -117,7 +117,7 @@ Napi::Value GetDirtyLog(const Napi::CallbackInfo& info) {
   HeldVm held = HoldVm(env, info[0]);
   uint32_t slot = ReadU32Arg(env, info[1], "slot");
   MemorySlot region = FindSlot(env, *held.vm, slot);
-  if (!(region.flags & KVM_MEM_LOG_DIRTY_PAGES)) ThrowRangeError(env, "slot " + std::to_string(slot) + " does not log dirty pages");
+  if (!(region.flags & KVM_MEM_LOG_DIRTY_PAGES)) ThrowInvalidValueError(env, "slot " + std::to_string(slot) + " does not log dirty pages");
   size_t bytes = BitmapBytes(region.size / kPageSize);
   Napi::Uint8Array out;
   if (info.Length() > 2 && !info[2].IsUndefined()) {
@@ -125,7 +125,7 @@ Napi::Value GetDirtyLog(const Napi::CallbackInfo& info) {
       ThrowTypeError(env, "bitmap must be a Uint8Array");
     }
     out = info[2].As<Napi::Uint8Array>();
-    if (out.ByteLength() != bytes) ThrowRangeError(env, "bitmap must be exactly " + std::to_string(bytes) + " bytes for this slot");
+    if (out.ByteLength() != bytes) ThrowInvalidValueError(env, "bitmap must be exactly " + std::to_string(bytes) + " bytes for this slot");
   } else {
     out = Napi::Uint8Array::New(env, bytes);
   }
@@ -145,14 +145,14 @@ Napi::Value ClearDirtyLog(const Napi::CallbackInfo& info) {
   uint64_t firstPage = ReadU64(env, info[2], "firstPage");
   uint64_t numPages = ReadU64(env, info[3], "numPages");
   MemorySlot region = FindSlot(env, *held.vm, slot);
-  if (!(region.flags & KVM_MEM_LOG_DIRTY_PAGES)) ThrowRangeError(env, "slot " + std::to_string(slot) + " does not log dirty pages");
+  if (!(region.flags & KVM_MEM_LOG_DIRTY_PAGES)) ThrowInvalidValueError(env, "slot " + std::to_string(slot) + " does not log dirty pages");
   uint64_t slotPages = region.size / kPageSize;
   // api.rst, KVM_CLEAR_DIRTY_LOG: first_page must be a multiple of 64, and num_pages too unless
   // the range ends at the end of the slot.
-  if (firstPage % 64) ThrowRangeError(env, "firstPage must be a multiple of 64");
-  if (firstPage > slotPages || numPages > slotPages - firstPage) ThrowRangeError(env, "firstPage + numPages is beyond the end of the slot");
-  if (numPages % 64 && firstPage + numPages != slotPages) ThrowRangeError(env, "numPages must be a multiple of 64 unless the range ends at the end of the slot");
-  if (numPages > 0xffffffffull) ThrowRangeError(env, "numPages is too large");
+  if (firstPage % 64) ThrowInvalidValueError(env, "firstPage must be a multiple of 64");
+  if (firstPage > slotPages || numPages > slotPages - firstPage) ThrowOutOfRangeError(env, "firstPage + numPages is beyond the end of the slot");
+  if (numPages % 64 && firstPage + numPages != slotPages) ThrowInvalidValueError(env, "numPages must be a multiple of 64 unless the range ends at the end of the slot");
+  if (numPages > 0xffffffffull) ThrowOutOfRangeError(env, "numPages is too large");
   size_t bytes = BitmapBytes(numPages);
   std::vector<uint64_t> ones;
   void* bitmap;
@@ -161,7 +161,7 @@ Napi::Value ClearDirtyLog(const Napi::CallbackInfo& info) {
       ThrowTypeError(env, "bitmap must be a Uint8Array");
     }
     auto js = info[4].As<Napi::Uint8Array>();
-    if (js.ByteLength() < bytes) ThrowRangeError(env, "bitmap must hold at least " + std::to_string(bytes) + " bytes for numPages");
+    if (js.ByteLength() < bytes) ThrowInvalidValueError(env, "bitmap must hold at least " + std::to_string(bytes) + " bytes for numPages");
     bitmap = js.Data();
   } else {
     ones.assign(bytes / 8, ~0ull);
