@@ -57,6 +57,24 @@ export const ErrorCode = {
   MachineState: 'ERR_MACHINE_STATE',
   /** The operation was aborted through its AbortSignal. */
   Aborted: 'ABORT_ERR',
+  /** An image that cannot be booted as given (a BootImageError). */
+  BootImage: 'ERR_BOOT_IMAGE',
+  /** The native addon is not built, or the package around it cannot be found. */
+  AddonNotFound: 'ERR_ADDON_NOT_FOUND',
+  /** The native addon is another version than the TypeScript over it (it lacks an ioctl): rebuild it. */
+  AddonMismatch: 'ERR_ADDON_MISMATCH',
+  /** A vCPU used from a thread other than the one that created it (a KvmError). */
+  KvmWrongThread: 'ERR_KVM_WRONG_THREAD',
+  /** No real-time signal is free to kick vCPUs with (a KvmError). */
+  KvmNoSignal: 'ERR_KVM_NO_SIGNAL',
+  /** A dirty ring harvested from a vCPU created before the VM enabled KVM_CAP_DIRTY_LOG_RING (a KvmError). */
+  KvmNoDirtyRing: 'ERR_KVM_NO_DIRTY_RING',
+  /** A line on the control API socket that is not the API's JSON: not JSON, not a request or answer, too long. */
+  ApiProtocol: 'ERR_API_PROTOCOL',
+  /** The machine closed the control API connection before answering the call (it stopped, say). */
+  ApiClosed: 'ERR_API_CLOSED',
+  /** The machine answered an API call with an error that carries no code of its own. */
+  ApiCallFailed: 'ERR_API_CALL_FAILED',
 } as const;
 
 /** `error` with a `code` (and `cause`, where given): for the built-in error classes. */

@@ -2,7 +2,7 @@
 // signals the host without a VM exit reaching userspace).
 import { closeSync, readSync, writeSync } from 'node:fs';
 import { Handle, checkAddress, checkInteger } from './handle.js';
-import { KvmError } from './errors.js';
+import { KvmError, outOfRangeError } from './errors.js';
 import { native } from './native.js';
 
 export interface EventFdOptions {
@@ -35,7 +35,7 @@ export class EventFd extends Handle {
     this.assertOpen();
     const count = checkAddress(value, 'value');
     // eventfd(2): the counter holds at most 2^64-2.
-    if (count > 0xfffffffffffffffen) throw new RangeError('value must be at most 2^64-2');
+    if (count > 0xfffffffffffffffen) throw outOfRangeError('value must be at most 2^64-2');
     this.#word.writeBigUInt64LE(count);
     try {
       writeSync(this.fd, this.#word, 0, 8);

@@ -1,6 +1,6 @@
 // What every handle class shares: idempotent close(), Symbol.dispose, a clear error after close,
 // and closing by the garbage collector when a handle is dropped unclosed.
-import { KvmError } from './errors.js';
+import { KvmError, argTypeError, outOfRangeError } from './errors.js';
 
 const finalizer = new FinalizationRegistry<() => void>((release) => {
   try {
@@ -50,9 +50,9 @@ export abstract class Handle {
 }
 
 export function checkInteger(value: unknown, name: string, min: number, max: number): number {
-  if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
+  if (typeof value !== 'number') throw argTypeError(`${name} must be a number, got ${typeof value}`);
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer ${min}..${max}, got ${value}`);
+    throw outOfRangeError(`${name} must be an integer ${min}..${max}, got ${value}`);
   }
   return value;
 }
@@ -60,12 +60,12 @@ export function checkInteger(value: unknown, name: string, min: number, max: num
 /** A guest address or size: a non-negative safe integer or a bigint below 2^64. */
 export function checkAddress(value: unknown, name: string): bigint {
   if (typeof value === 'number') {
-    if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`${name} must be a non-negative integer, got ${value}`);
+    if (!Number.isSafeInteger(value) || value < 0) throw outOfRangeError(`${name} must be a non-negative integer, got ${value}`);
     return BigInt(value);
   }
   if (typeof value === 'bigint') {
-    if (value < 0n || value >= 1n << 64n) throw new RangeError(`${name} must be in 0..2^64-1`);
+    if (value < 0n || value >= 1n << 64n) throw outOfRangeError(`${name} must be in 0..2^64-1`);
     return value;
   }
-  throw new TypeError(`${name} must be a number or bigint, got ${typeof value}`);
+  throw argTypeError(`${name} must be a number or bigint, got ${typeof value}`);
 }

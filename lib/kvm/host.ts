@@ -3,6 +3,7 @@
 // as the KVM handles are of its ioctls (eventfd.ts and thread.ts are the others).
 import { checkInteger } from './handle.js';
 import { native } from './native.js';
+import { argValueError } from './errors.js';
 
 export type FileLockKind = 'shared' | 'exclusive';
 
@@ -14,7 +15,7 @@ export type FileLockKind = 'shared' | 'exclusive';
  */
 export function lockFile(fd: number, kind: FileLockKind): boolean {
   checkInteger(fd, 'fd', 0, 0x7fffffff);
-  if (kind !== 'shared' && kind !== 'exclusive') throw new RangeError(`kind must be 'shared' or 'exclusive', got ${String(kind)}`);
+  if (kind !== 'shared' && kind !== 'exclusive') throw argValueError(`kind must be 'shared' or 'exclusive', got ${String(kind)}`);
   try {
     native.fileLock(fd, kind);
     return true;

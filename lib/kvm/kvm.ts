@@ -1,6 +1,6 @@
 // The system handle (/dev/kvm): capabilities, host-supported CPUID and MSRs, and VM creation.
 import { Cap } from './constants.js';
-import { KvmError, explainOpenError } from './errors.js';
+import { KvmError, explainOpenError, argTypeError } from './errors.js';
 import { Handle, checkInteger } from './handle.js';
 import { decodeCpuid, decodeList, decodeMsrList, emptyList, emptyMsrList, encodeMsrIndices, listCount } from './lists.js';
 import { native, op } from './native.js';
@@ -31,7 +31,7 @@ export class Kvm extends Handle {
 
   /** Opens the KVM device. A missing or forbidden device gets a message saying how to fix it. */
   static open(path = '/dev/kvm'): Kvm {
-    if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`);
+    if (typeof path !== 'string') throw argTypeError(`path must be a string, got ${typeof path}`);
     let handle: number;
     try {
       handle = native.openSystem(path);

@@ -2,11 +2,12 @@
 // kvm_msr_list, kvm_irq_routing). The addon checks the count against the buffer length.
 import { kvmCpuidEntry2, kvmMsrEntry, type CpuidEntry, type MsrEntry } from './structs.js';
 import type { StructType, Fields, StructValue } from './struct.js';
+import { argTypeError } from './errors.js';
 
 const HEADER_BYTES = 8;
 
 export function encodeList<F extends Fields>(type: StructType<F>, entries: readonly StructValue<F>[], what: string): Uint8Array {
-  if (!Array.isArray(entries)) throw new TypeError(`${what} must be an array`);
+  if (!Array.isArray(entries)) throw argTypeError(`${what} must be an array`);
   const out = new Uint8Array(HEADER_BYTES + entries.length * type.size);
   new DataView(out.buffer).setUint32(0, entries.length, true);
   entries.forEach((entry, i) => type.encode(entry, out.subarray(HEADER_BYTES + i * type.size)));
@@ -31,7 +32,7 @@ export const decodeCpuid = (data: Uint8Array) => decodeList(kvmCpuidEntry2, data
 export const encodeMsrs = (entries: readonly MsrEntry[]) => encodeList(kvmMsrEntry, entries, 'msr entries');
 
 export function encodeMsrIndices(indices: readonly number[]): Uint8Array {
-  if (!Array.isArray(indices)) throw new TypeError('indices must be an array of MSR numbers');
+  if (!Array.isArray(indices)) throw argTypeError('indices must be an array of MSR numbers');
   return encodeMsrs(indices.map((index) => ({ index, data: 0n })));
 }
 

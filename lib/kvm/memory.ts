@@ -5,6 +5,7 @@ import { closeSync, fstatSync, openSync } from 'node:fs';
 import { Handle, checkAddress } from './handle.js';
 import { native } from './native.js';
 import { PAGE_SIZE } from './constants.js';
+import { argTypeError, argValueError, outOfRangeError } from './errors.js';
 
 /** The largest ArrayBuffer every supported Node can create (buffer.constants.MAX_LENGTH on Node 20). */
 export const MAX_GUEST_MEMORY_BYTES = 2 ** 32;
@@ -80,9 +81,9 @@ export class GuestMemory extends Handle {
   /** Zero-filled memory of `size` bytes. */
   static create(size: number, options: GuestMemoryOptions = {}): GuestMemory {
     checkMemorySize(size);
-    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
     const backing = options.backing ?? 'anonymous';
-    if (backing !== 'anonymous' && backing !== 'memfd') throw new RangeError(`backing must be 'anonymous' or 'memfd', got ${String(backing)}`);
+    if (backing !== 'anonymous' && backing !== 'memfd') throw argValueError(`backing must be 'anonymous' or 'memfd', got ${String(backing)}`);
     const [id, fd] = native.memoryCreate(size, backing === 'memfd', !!options.hugepages, !!options.mergeable);
     return new GuestMemory(id, null, size, fd, backing);
   }
@@ -102,25 +103,25 @@ export class GuestMemory extends Handle {
     if (typeof file === 'string') {
       name = `'${file}'`;
     } else if (typeof file === 'number') {
-      if (!Number.isInteger(file) || file < 0 || file > 0x7fffffff) throw new RangeError(`file must be a path or an fd 0..2^31-1, got ${file}`);
+      if (!Number.isInteger(file) || file < 0 || file > 0x7fffffff) throw outOfRangeError(`file must be a path or an fd 0..2^31-1, got ${file}`);
       name = `fd ${file}`;
     } else {
-      throw new TypeError(`file must be a path (string) or an open fd (number), got ${file === null ? 'null' : typeof file}`);
+      throw argTypeError(`file must be a path (string) or an open fd (number), got ${file === null ? 'null' : typeof file}`);
     }
-    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object with a size');
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object with a size');
     const { size, offset = 0 } = options;
     checkMemorySize(size);
-    if (typeof offset !== 'number') throw new TypeError(`offset must be a number, got ${typeof offset}`);
+    if (typeof offset !== 'number') throw argTypeError(`offset must be a number, got ${typeof offset}`);
     if (!Number.isSafeInteger(offset) || offset < 0 || offset % PAGE_SIZE !== 0) {
-      throw new RangeError(`offset must be a non-negative multiple of ${PAGE_SIZE}, got ${offset}`);
+      throw argValueError(`offset must be a non-negative multiple of ${PAGE_SIZE}, got ${offset}`);
     }
     // Node's own open error names the path (ENOENT: no such file or directory, open '...').
     const fd = typeof file === 'string' ? openSync(file, 'r') : file;
     try {
       const stats = fstatSync(fd);
-      if (!stats.isFile()) throw new TypeError(`file must be a regular file; ${name} is not`);
+      if (!stats.isFile()) throw argTypeError(`file must be a regular file; ${name} is not`);
       if (offset + size > stats.size) {
-        throw new RangeError(`offset + size (${offset + size}) is beyond the end of ${name} (${stats.size} bytes)`);
+        throw outOfRangeError(`offset + size (${offset + size}) is beyond the end of ${name} (${stats.size} bytes)`);
       }
       const id = native.memoryMapFile(fd, offset, size, !!options.hugepages);
       return new GuestMemory(id, null, size, -1, 'file');
@@ -132,7 +133,7 @@ export class GuestMemory extends Handle {
   /** Another view of the memory behind `handle` (from `memory.handle`), for example in a worker. */
   static attach(handle: GuestMemoryHandle): GuestMemory {
     if (typeof handle !== 'object' || handle === null || typeof handle.guestMemory !== 'number') {
-      throw new TypeError('handle must be a GuestMemoryHandle (memory.handle)');
+      throw argTypeError('handle must be a GuestMemoryHandle (memory.handle)');
     }
     const [buffer, size, fd, backing] = native.memoryAttach(handle.guestMemory);
     return new GuestMemory(handle.guestMemory, buffer, size, fd, backing);
@@ -157,14 +158,14 @@ export class GuestMemory extends Handle {
 
   /** Copies `data` into guest memory at `offset` (without making `buffer` if there is none yet). */
   write(offset: number, data: Uint8Array): void {
-    if (!(data instanceof Uint8Array)) throw new TypeError('data must be a Uint8Array');
+    if (!(data instanceof Uint8Array)) throw argTypeError('data must be a Uint8Array');
     native.memoryWrite(this.#id, this.#checkRange(offset, data.length), data);
   }
 
   /** Sets `length` bytes from `offset` to `byte` (0 unless given), without making `buffer`. */
   fill(offset: number, length: number, byte = 0): void {
     const start = this.#checkRange(offset, length);
-    if (typeof byte !== 'number' || !Number.isInteger(byte) || byte < 0 || byte > 255) throw new RangeError(`byte must be an integer 0..255, got ${String(byte)}`);
+    if (typeof byte !== 'number' || !Number.isInteger(byte) || byte < 0 || byte > 255) throw outOfRangeError(`byte must be an integer 0..255, got ${String(byte)}`);
     native.memoryFill(this.#id, start, Number(length), byte);
   }
 
@@ -173,7 +174,7 @@ export class GuestMemory extends Handle {
     this.assertOpen();
     const start = Number(checkAddress(offset, 'offset'));
     const count = Number(checkAddress(length, 'length'));
-    if (start > this.size || count > this.size - start) throw new RangeError(`[${start}, ${start + count}) is outside guest memory of ${this.size} bytes`);
+    if (start > this.size || count > this.size - start) throw outOfRangeError(`[${start}, ${start + count}) is outside guest memory of ${this.size} bytes`);
     return start;
   }
 
@@ -218,12 +219,12 @@ export class GuestMemory extends Handle {
 
   #checkPageRange(offset: number, length: number): void {
     for (const [value, name] of [[offset, 'offset'], [length, 'length']] as const) {
-      if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
+      if (typeof value !== 'number') throw argTypeError(`${name} must be a number, got ${typeof value}`);
       if (!Number.isSafeInteger(value) || value < 0 || value % PAGE_SIZE !== 0) {
-        throw new RangeError(`${name} must be a non-negative multiple of ${PAGE_SIZE}, got ${value}`);
+        throw argValueError(`${name} must be a non-negative multiple of ${PAGE_SIZE}, got ${value}`);
       }
     }
-    if (offset + length > this.size) throw new RangeError(`[${offset}, ${offset + length}) is outside guest memory of ${this.size} bytes`);
+    if (offset + length > this.size) throw outOfRangeError(`[${offset}, ${offset + length}) is outside guest memory of ${this.size} bytes`);
   }
 
   /**
@@ -242,11 +243,11 @@ export class GuestMemory extends Handle {
 }
 
 function checkMemorySize(size: unknown): asserts size is number {
-  if (typeof size !== 'number') throw new TypeError(`size must be a number, got ${typeof size}`);
+  if (typeof size !== 'number') throw argTypeError(`size must be a number, got ${typeof size}`);
   if (!Number.isSafeInteger(size) || size <= 0 || size % PAGE_SIZE !== 0) {
-    throw new RangeError(`size must be a positive multiple of ${PAGE_SIZE}, got ${size}`);
+    throw argValueError(`size must be a positive multiple of ${PAGE_SIZE}, got ${size}`);
   }
   if (size > MAX_GUEST_MEMORY_BYTES) {
-    throw new RangeError(`size must be at most ${MAX_GUEST_MEMORY_BYTES} bytes (one ArrayBuffer on Node 20), got ${size}; map more RAM as more regions`);
+    throw outOfRangeError(`size must be at most ${MAX_GUEST_MEMORY_BYTES} bytes (one ArrayBuffer on Node 20), got ${size}; map more RAM as more regions`);
   }
 }

@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { KvmError } from './errors.js';
+import { ErrorCode, KvmError, NodeKvmError } from './errors.js';
 
 export interface Layout {
   sizes: Record<string, number>;
@@ -71,7 +71,7 @@ function packageRoot(): string {
     const manifest = path.join(dir, 'package.json');
     if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === 'node-kvm') return dir;
     const parent = path.dirname(dir);
-    if (parent === dir) throw new Error('node-kvm: cannot find the package root');
+    if (parent === dir) throw new NodeKvmError(ErrorCode.AddonNotFound, 'node-kvm: cannot find the package root');
     dir = parent;
   }
 }
@@ -84,7 +84,7 @@ function load(): NativeBinding {
     : [path.join(root, 'build', 'Release', 'node_kvm.node'), path.join(root, 'build', 'Debug', 'node_kvm.node')];
   const found = candidates.find((file) => existsSync(file));
   if (!found) {
-    throw new Error(`node-kvm: the native addon is not built (looked for ${candidates.join(', ')}); run npm run build:native`);
+    throw new NodeKvmError(ErrorCode.AddonNotFound, `node-kvm: the native addon is not built (looked for ${candidates.join(', ')}); run npm run build:native`);
   }
   const binding = createRequire(import.meta.url)(found) as NativeBinding;
   binding.setErrorClass(KvmError);
@@ -98,6 +98,6 @@ export const ops: Readonly<Record<string, number>> = native.ioctlOps();
 
 export function op(name: string): number {
   const value = ops[name];
-  if (value === undefined) throw new Error(`node-kvm: the addon does not know ${name}`);
+  if (value === undefined) throw new NodeKvmError(ErrorCode.AddonMismatch, `node-kvm: the addon does not know ${name}; rebuild it (npm run build:native)`);
   return value;
 }

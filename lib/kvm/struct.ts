@@ -1,6 +1,7 @@
 // Struct layouts described once, as field offsets from the kernel headers. The same description
 // encodes and decodes, and test/kvm/layout.test.ts checks every offset and size against the
 // values the addon reads from <linux/kvm.h>, so a layout can never drift silently.
+import { argTypeError, argValueError, outOfRangeError } from './errors.js';
 
 export interface FieldType<T> {
   readonly size: number;
@@ -9,11 +10,11 @@ export interface FieldType<T> {
 }
 
 function checkInteger(value: unknown, bits: number, signed: boolean, path: string): number {
-  if (typeof value !== 'number') throw new TypeError(`${path} must be a number`);
+  if (typeof value !== 'number') throw argTypeError(`${path} must be a number`);
   const min = signed ? -(2 ** (bits - 1)) : 0;
   const max = signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new RangeError(`${path} must be an integer ${min}..${max}, got ${value}`);
+    throw outOfRangeError(`${path} must be an integer ${min}..${max}, got ${value}`);
   }
   return value;
 }
@@ -22,10 +23,10 @@ function checkBigInt(value: unknown, signed: boolean, path: string): bigint {
   let v: bigint;
   if (typeof value === 'bigint') v = value;
   else if (typeof value === 'number' && Number.isSafeInteger(value)) v = BigInt(value);
-  else throw new TypeError(`${path} must be a bigint`);
+  else throw argTypeError(`${path} must be a bigint`);
   const min = signed ? -(1n << 63n) : 0n;
   const max = signed ? (1n << 63n) - 1n : (1n << 64n) - 1n;
-  if (v < min || v > max) throw new RangeError(`${path} is out of range for a ${signed ? 's' : 'u'}64`);
+  if (v < min || v > max) throw outOfRangeError(`${path} is out of range for a ${signed ? 's' : 'u'}64`);
   return v;
 }
 
@@ -66,8 +67,8 @@ export function bytes(size: number): FieldType<Uint8Array> {
     size,
     read: (v, o) => new Uint8Array(v.buffer.slice(v.byteOffset + o, v.byteOffset + o + size)),
     write: (v, o, x, p) => {
-      if (!(x instanceof Uint8Array)) throw new TypeError(`${p} must be a Uint8Array`);
-      if (x.length !== size) throw new RangeError(`${p} must hold exactly ${size} bytes, got ${x.length}`);
+      if (!(x instanceof Uint8Array)) throw argTypeError(`${p} must be a Uint8Array`);
+      if (x.length !== size) throw argValueError(`${p} must hold exactly ${size} bytes, got ${x.length}`);
       new Uint8Array(v.buffer, v.byteOffset + o, size).set(x);
     },
   };
@@ -79,8 +80,8 @@ export function array<T>(element: FieldType<T>, length: number): FieldType<T[]> 
     size: element.size * length,
     read: (v, o) => Array.from({ length }, (_, i) => element.read(v, o + i * element.size)),
     write: (v, o, x, p) => {
-      if (!Array.isArray(x)) throw new TypeError(`${p} must be an array`);
-      if (x.length !== length) throw new RangeError(`${p} must have exactly ${length} elements, got ${x.length}`);
+      if (!Array.isArray(x)) throw argTypeError(`${p} must be an array`);
+      if (x.length !== length) throw argValueError(`${p} must have exactly ${length} elements, got ${x.length}`);
       x.forEach((item, i) => element.write(v, o + i * element.size, item, `${p}[${i}]`));
     },
   };
@@ -111,10 +112,10 @@ export function struct<F extends Fields>(name: string, size: number, fields: F):
     return value as StructValue<F>;
   };
   const write = (view: DataView, offset: number, value: StructValue<F>, path: string) => {
-    if (typeof value !== 'object' || value === null) throw new TypeError(`${path} must be an object`);
+    if (typeof value !== 'object' || value === null) throw argTypeError(`${path} must be an object`);
     const record = value as Record<string, unknown>;
     for (const [key, [at, type]] of entries) {
-      if (!(key in record)) throw new TypeError(`${path}.${key} is missing`);
+      if (!(key in record)) throw argTypeError(`${path}.${key} is missing`);
       type.write(view, offset + at, record[key], `${path}.${key}`);
     }
   };
@@ -125,12 +126,12 @@ export function struct<F extends Fields>(name: string, size: number, fields: F):
     read,
     write,
     decode(data) {
-      if (data.byteLength < size) throw new RangeError(`${name} needs ${size} bytes, got ${data.byteLength}`);
+      if (data.byteLength < size) throw argValueError(`${name} needs ${size} bytes, got ${data.byteLength}`);
       return read(new DataView(data.buffer, data.byteOffset, data.byteLength), 0);
     },
     encode(value, into) {
       const out = into ?? new Uint8Array(size);
-      if (out.byteLength < size) throw new RangeError(`${name} needs ${size} bytes, got ${out.byteLength}`);
+      if (out.byteLength < size) throw argValueError(`${name} needs ${size} bytes, got ${out.byteLength}`);
       out.fill(0, 0, size);
       write(new DataView(out.buffer, out.byteOffset, out.byteLength), 0, value, camel(name));
       return out;

@@ -1,7 +1,7 @@
 // A vCPU (KVM_CREATE_VCPU's fd). Methods are named after their ioctls. A vCPU belongs to the
 // thread that created it; other threads reach it only through its kick handle.
 import { COALESCED_MMIO_PAGE_OFFSET, Cap, GuestDebugFlag, PAGE_SIZE } from './constants.js';
-import { KvmError } from './errors.js';
+import { KvmError, argTypeError, argValueError } from './errors.js';
 import { decodeExit, type VcpuExit } from './exit.js';
 import { Handle, checkAddress, checkInteger } from './handle.js';
 import { KvmRun } from './kvm-run.js';
@@ -66,7 +66,7 @@ export interface VcpuKickHandle {
  */
 export function kickVcpu(handle: VcpuKickHandle): boolean {
   if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
-    throw new TypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+    throw argTypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
   }
   return native.kick(handle.vcpuKick);
 }
@@ -226,7 +226,7 @@ export class Vcpu extends Handle {
     return buffer;
   }
   setXsave(region: Uint8Array): void {
-    if (!(region instanceof Uint8Array)) throw new TypeError('xsave region must be a Uint8Array');
+    if (!(region instanceof Uint8Array)) throw argTypeError('xsave region must be a Uint8Array');
     this.#ioctl(OPS.setXsave, region);
   }
 
@@ -237,8 +237,8 @@ export class Vcpu extends Handle {
     return Array.from({ length: count }, (_, i) => kvmXcr.decode(buffer.subarray(8 + i * kvmXcr.size)));
   }
   setXcrs(xcrs: readonly Xcr[]): void {
-    if (!Array.isArray(xcrs)) throw new TypeError('xcrs must be an array');
-    if (xcrs.length > KVM_MAX_XCRS) throw new RangeError(`at most ${KVM_MAX_XCRS} xcrs`);
+    if (!Array.isArray(xcrs)) throw argTypeError('xcrs must be an array');
+    if (xcrs.length > KVM_MAX_XCRS) throw argValueError(`at most ${KVM_MAX_XCRS} xcrs`);
     const buffer = new Uint8Array(KVM_XCRS_BYTES);
     new DataView(buffer.buffer).setUint32(0, xcrs.length, true);
     xcrs.forEach((xcr, i) => kvmXcr.encode(xcr, buffer.subarray(8 + i * kvmXcr.size)));
@@ -291,7 +291,7 @@ export class Vcpu extends Handle {
     }
   }
   setNestedState(state: Uint8Array): void {
-    if (!(state instanceof Uint8Array)) throw new TypeError('nested state must be a Uint8Array');
+    if (!(state instanceof Uint8Array)) throw argTypeError('nested state must be a Uint8Array');
     this.#ioctl(OPS.setNestedState, state);
   }
 
@@ -310,7 +310,7 @@ export class Vcpu extends Handle {
     let control = 0;
     let debugreg = [0n, 0n, 0n, 0n, 0n, 0n, 0n, 0n];
     if (options) {
-      if (typeof options !== 'object') throw new TypeError('options must be an object or null');
+      if (typeof options !== 'object') throw argTypeError('options must be an object or null');
       control = GuestDebugFlag.Enable;
       if (options.singlestep) control |= GuestDebugFlag.Singlestep;
       if (options.softwareBreakpoints) control |= GuestDebugFlag.UseSwBp;
@@ -391,14 +391,14 @@ export class Vcpu extends Handle {
 /** Harvests a vCPU's dirty ring from any thread, by its kick handle. See Vcpu.harvestDirtyRing. */
 export function harvestDirtyRing(handle: VcpuKickHandle, into: Float64Array): number {
   if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
-    throw new TypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+    throw argTypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
   }
   return native.harvestDirtyRing(handle.vcpuKick, into);
 }
 
 export function encodeEnableCap(cap: number, args: readonly (number | bigint)[], flags: number): Uint8Array {
   checkInteger(cap, 'cap', 0, 0xffffffff);
-  if (!Array.isArray(args) || args.length > 4) throw new TypeError('args must be an array of at most 4 integers');
+  if (!Array.isArray(args) || args.length > 4) throw argTypeError('args must be an array of at most 4 integers');
   const padded = [0, 1, 2, 3].map((i) => checkAddress(args[i] ?? 0, `args[${i}]`));
   return kvmEnableCap.encode({ cap, flags: checkInteger(flags, 'flags', 0, 0xffffffff), args: padded });
 }

@@ -1,7 +1,7 @@
 // A VM (KVM_CREATE_VM's fd): memory slots, vCPUs, the in-kernel interrupt controllers, irqfd and
 // ioeventfd, the clock, and dirty logging. Methods are named after their ioctls.
 import { Cap, IoeventfdFlag, IrqfdFlag, IrqRoutingType, MemoryFlag, PAGE_SIZE, PIT_SPEAKER_DUMMY } from './constants.js';
-import { KvmError } from './errors.js';
+import { KvmError, argTypeError, argValueError, outOfRangeError } from './errors.js';
 import { EventFd } from './eventfd.js';
 import { Handle, checkAddress, checkInteger, closedError } from './handle.js';
 import { encodeList } from './lists.js';
@@ -118,22 +118,22 @@ export class Vm extends Handle {
 
   /** Maps (part of) `memory` into the guest's physical address space. */
   setUserMemoryRegion(region: MemoryRegion): void {
-    if (typeof region !== 'object' || region === null) throw new TypeError('region must be an object');
+    if (typeof region !== 'object' || region === null) throw argTypeError('region must be an object');
     const slot = checkInteger(region.slot, 'slot', 0, 0xffffffff);
     const memory = region.memory;
     if (memory === null || typeof memory !== 'object' || typeof (memory as GuestMemory).nativeId !== 'number') {
-      throw new TypeError('memory must be a GuestMemory');
+      throw argTypeError('memory must be a GuestMemory');
     }
     const offset = checkInteger(region.offset ?? 0, 'offset', 0, Number.MAX_SAFE_INTEGER);
-    if (offset >= memory.size) throw new RangeError(`offset (${offset}) must be inside the guest memory (${memory.size} bytes)`);
+    if (offset >= memory.size) throw outOfRangeError(`offset (${offset}) must be inside the guest memory (${memory.size} bytes)`);
     const size = checkInteger(region.size ?? memory.size - offset, 'size', 1, Number.MAX_SAFE_INTEGER);
     const guestPhysAddr = checkAddress(region.guestPhysAddr, 'guestPhysAddr');
-    if (guestPhysAddr % BigInt(PAGE_SIZE) !== 0n) throw new RangeError(`guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
-    if (offset % PAGE_SIZE !== 0) throw new RangeError(`offset must be page-aligned, got ${offset}`);
-    if (size % PAGE_SIZE !== 0) throw new RangeError(`size must be a multiple of ${PAGE_SIZE}, got ${size}`);
-    if (offset + size > memory.size) throw new RangeError(`offset + size (${offset + size}) is beyond the guest memory (${memory.size} bytes)`);
+    if (guestPhysAddr % BigInt(PAGE_SIZE) !== 0n) throw argValueError(`guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
+    if (offset % PAGE_SIZE !== 0) throw argValueError(`offset must be page-aligned, got ${offset}`);
+    if (size % PAGE_SIZE !== 0) throw argValueError(`size must be a multiple of ${PAGE_SIZE}, got ${size}`);
+    if (offset + size > memory.size) throw outOfRangeError(`offset + size (${offset + size}) is beyond the guest memory (${memory.size} bytes)`);
     const flags = region.flags ?? {};
-    if (typeof flags !== 'object' || flags === null) throw new TypeError('flags must be an object');
+    if (typeof flags !== 'object' || flags === null) throw argTypeError('flags must be an object');
     const bits = (flags.logDirtyPages ? MemoryFlag.LogDirtyPages : 0) | (flags.readonly ? MemoryFlag.Readonly : 0);
     native.setUserMemoryRegion(this.#h, slot, bits, guestPhysAddr, memory.nativeId, offset, size);
   }
@@ -190,7 +190,7 @@ export class Vm extends Handle {
 
   /** KVM_SIGNAL_MSI: returns >0 if delivered, 0 if the guest blocked it. */
   signalMsi(msi: Partial<Msi> & { addressLo: number; data: number }): number {
-    if (typeof msi !== 'object' || msi === null) throw new TypeError('msi must be an object');
+    if (typeof msi !== 'object' || msi === null) throw argTypeError('msi must be an object');
     return this.#ioctl(OPS.signalMsi, kvmMsi.encode({
       addressLo: msi.addressLo, addressHi: msi.addressHi ?? 0, data: msi.data, flags: msi.flags ?? 0, devid: msi.devid ?? 0,
     }));
@@ -198,9 +198,9 @@ export class Vm extends Handle {
 
   /** KVM_SET_GSI_ROUTING: replaces the whole GSI routing table. */
   setGsiRouting(entries: readonly GsiRoute[]): void {
-    if (!Array.isArray(entries)) throw new TypeError('entries must be an array');
+    if (!Array.isArray(entries)) throw argTypeError('entries must be an array');
     const encoded = entries.map((entry, i) => {
-      if (typeof entry !== 'object' || entry === null) throw new TypeError(`entries[${i}] must be an object`);
+      if (typeof entry !== 'object' || entry === null) throw argTypeError(`entries[${i}] must be an object`);
       const u = new Uint8Array(32);
       const view = new DataView(u.buffer);
       let type: number;
@@ -215,7 +215,7 @@ export class Vm extends Handle {
         view.setUint32(8, checkInteger(entry.data, `entries[${i}].data`, 0, 0xffffffff), true);
         view.setUint32(12, checkInteger(entry.devid ?? 0, `entries[${i}].devid`, 0, 0xffffffff), true);
       } else {
-        throw new RangeError(`entries[${i}].type must be 'irqchip' or 'msi'`);
+        throw argValueError(`entries[${i}].type must be 'irqchip' or 'msi'`);
       }
       const flags = entry.type === 'msi' ? entry.flags ?? 0 : 0;
       return { gsi: checkInteger(entry.gsi, `entries[${i}].gsi`, 0, 0xffffffff), type, flags, u };
@@ -260,7 +260,7 @@ export class Vm extends Handle {
   /** KVM_SET_TSS_ADDR: three pages of guest-physical space KVM may use (Intel real mode). */
   setTssAddr(addr: number | bigint): void {
     const value = checkAddress(addr, 'addr');
-    if (value > 0xffffffffn - 3n * 4096n) throw new RangeError('addr must leave three pages below 4 GiB');
+    if (value > 0xffffffffn - 3n * 4096n) throw outOfRangeError('addr must leave three pages below 4 GiB');
     this.#ioctl(OPS.setTssAddr, value);
   }
 
@@ -306,7 +306,7 @@ export class Vm extends Handle {
    */
   enableDirtyRing(bytes: number): void {
     checkInteger(bytes, 'bytes', 4096, 0x7fffffff);
-    if ((bytes & (bytes - 1)) !== 0) throw new RangeError(`bytes must be a power of two, got ${bytes}`);
+    if ((bytes & (bytes - 1)) !== 0) throw argValueError(`bytes must be a power of two, got ${bytes}`);
     const cap = this.checkExtension(Cap.DirtyLogRingAcqRel) > 0 ? Cap.DirtyLogRingAcqRel : Cap.DirtyLogRing;
     this.enableCap(cap, [bytes]);
   }
@@ -322,16 +322,16 @@ export class Vm extends Handle {
 }
 
 function encodeCoalescedZone(zone: { addr: number | bigint; size: number; pio?: boolean }): Uint8Array {
-  if (typeof zone !== 'object' || zone === null) throw new TypeError('zone must be an object');
+  if (typeof zone !== 'object' || zone === null) throw argTypeError('zone must be an object');
   return kvmCoalescedMmioZone.encode({
     addr: checkAddress(zone.addr, 'addr'), size: checkInteger(zone.size, 'size', 1, 0xffffffff), pio: zone.pio ? 1 : 0,
   });
 }
 
 function encodeIoeventfd(options: IoeventfdOptions, fd: number, extraFlags: number): Uint8Array {
-  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
   const len = checkInteger(options.len, 'len', 0, 8);
-  if (![0, 1, 2, 4, 8].includes(len)) throw new RangeError(`len must be 0, 1, 2, 4 or 8, got ${len}`);
+  if (![0, 1, 2, 4, 8].includes(len)) throw argValueError(`len must be 0, 1, 2, 4 or 8, got ${len}`);
   let flags = extraFlags;
   if (options.pio) flags |= IoeventfdFlag.Pio;
   if (options.datamatch !== undefined) flags |= IoeventfdFlag.Datamatch;
