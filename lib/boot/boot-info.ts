@@ -1,6 +1,7 @@
 // The boot information block at BOOT_INFO_ADDR: what a kernel is told about its machine. PVH's
 // hvm_start_info (Xen's public arch-x86/hvm/start_info.h, version 1) is built here; the
 // Multiboot info is in multiboot.ts. Both go into one BootInfoBlock.
+import { argTypeError } from '../kvm/errors.js';
 import { BootImageError } from './errors.js';
 import { BOOT_INFO_ADDR, BOOT_INFO_END, memoryMap } from './layout.js';
 
@@ -44,7 +45,7 @@ export class BootInfoBlock {
 
 /** The command line as the NUL-terminated bytes a kernel reads. */
 export function encodeCmdline(cmdline: string): Uint8Array {
-  if (typeof cmdline !== 'string') throw new TypeError(`cmdline must be a string, got ${typeof cmdline}`);
+  if (typeof cmdline !== 'string') throw argTypeError(`cmdline must be a string, got ${typeof cmdline}`);
   const text = new TextEncoder().encode(cmdline);
   if (text.includes(0)) throw new BootImageError('the command line contains a NUL character');
   if (text.length > MAX_CMDLINE_BYTES) throw new BootImageError(`the command line is ${text.length} bytes; at most ${MAX_CMDLINE_BYTES} fit`);

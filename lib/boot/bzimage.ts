@@ -4,8 +4,9 @@
 // identity map) where the kernel has that entry, else through the 32-bit one (offset 0,
 // protected mode, paging off). Either way RSI/ESI holds the zero page (struct boot_params).
 import { PAGE_SIZE } from '../kvm/constants.js';
+import { argTypeError } from '../kvm/errors.js';
 import { encodeCmdline } from './boot-info.js';
-import { GDT_BYTES, Selector, gdtBytes, identityMap, longModeState, protectedModeState, type BootState } from './cpu-state.js';
+import { GDT_BYTES, Selector, gdtBytes, identityMap, longModeState, protectedModeState, type BootState, type SegmentedBootState } from './cpu-state.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, HIGH_RAM_START, LINUX_CMDLINE_ADDR, ZERO_PAGE_ADDR, checkRegions, memoryMap, type Region } from './layout.js';
 import type { BootPlan, BootWrite } from './boot-plan.js';
@@ -238,7 +239,7 @@ function runtimeStart(header: SetupHeader, loadAddr: number): number {
 
 /** The initrd at the top of RAM below initrd_addr_max, page-aligned, above the kernel (as QEMU places it). */
 function placeInitrd(initrd: Uint8Array, header: SetupHeader, kernelEnd: number, memoryBytes: number): { addr: number; bytes: number } {
-  if (!(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array');
+  if (!(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array');
   if (initrd.length === 0) throw new BootImageError('the initrd is empty');
   const limit = Math.min(header.initrdAddrMax + 1, memoryBytes);
   const addr = Math.floor((limit - initrd.length) / PAGE_SIZE) * PAGE_SIZE;
@@ -300,9 +301,8 @@ function linuxGdt(entry64: boolean): Uint8Array {
   return gdt;
 }
 
-function withLinuxSelectors(state: BootState): BootState {
+function withLinuxSelectors(state: SegmentedBootState): BootState {
   const { cs, ds } = state.sregs;
-  if (!cs || !ds) throw new Error('entry state without segments');
   const data = { ...ds, selector: LinuxSelector.BootDs };
   return {
     regs: state.regs,

@@ -13,6 +13,9 @@ export interface BootState {
   sregs: Partial<Pick<Sregs, 'cs' | 'ds' | 'es' | 'fs' | 'gs' | 'ss' | 'tr' | 'gdt' | 'idt' | 'cr0' | 'cr3' | 'cr4' | 'efer'>>;
 }
 
+/** An entry state that sets CS and DS, as every one built here does. */
+export type SegmentedBootState = BootState & { sregs: { cs: Segment; ds: Segment } };
+
 /** Selectors of the loader's GDT (at GDT_ADDR), valid in protected and long mode. */
 export const Selector = { Code32: 0x08, Data: 0x10, Code64: 0x18, Tss: 0x20 } as const;
 
@@ -67,7 +70,7 @@ const noIdt: Dtable = { base: 0n, limit: 0 };
  * Real mode at `loadAddr`: CS=0 and IP=loadAddr where it fits 16 bits, otherwise
  * CS=loadAddr>>4 and IP=0 (then loadAddr must be 16-byte aligned). Other segments 0.
  */
-export function realModeState(loadAddr: number): BootState {
+export function realModeState(loadAddr: number): SegmentedBootState {
   const segment = (selector: number, type: number): Segment => ({
     base: BigInt(selector << 4), limit: 0xffff, selector, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0,
   });
@@ -80,7 +83,7 @@ export function realModeState(loadAddr: number): BootState {
 }
 
 /** 32-bit protected mode, paging off, flat 4 GiB segments from the loader's GDT, interrupts off. */
-export function protectedModeState(entry: bigint, regs: Partial<Regs> = {}): BootState {
+export function protectedModeState(entry: bigint, regs: Partial<Regs> = {}): SegmentedBootState {
   return {
     regs: { ...regs, rip: entry, rflags: RFLAGS_RESERVED },
     sregs: {
@@ -91,7 +94,7 @@ export function protectedModeState(entry: bigint, regs: Partial<Regs> = {}): Boo
 }
 
 /** 64-bit long mode on the identity map at `cr3`, interrupts off. */
-export function longModeState(entry: bigint, cr3: number, regs: Partial<Regs> = {}): BootState {
+export function longModeState(entry: bigint, cr3: number, regs: Partial<Regs> = {}): SegmentedBootState {
   return {
     regs: { ...regs, rip: entry, rflags: RFLAGS_RESERVED },
     sregs: {

@@ -3,6 +3,7 @@
 // 0..vcpuCount-1 (KVM gives vCPU n the local APIC id n). Intel SDM vol. 2A, CPUID leaves 01H,
 // 04H, 0BH and 1FH; AMD APM vol. 3 for 8000_0001H, 8000_0008H and 8000_001EH.
 import type { CpuidEntry } from '../kvm/structs.js';
+import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 
 /** kvm_cpuid_entry2.flags: the entry depends on ECX (the subleaf). */
 const KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1;
@@ -19,9 +20,9 @@ const idBits = (count: number): number => (count <= 1 ? 0 : 32 - Math.clz32(coun
  * x2APIC id; leaf 4's core and sharing counts to match; AMD's core-count leaves likewise.
  */
 export function guestCpuid(supported: readonly CpuidEntry[], vcpuId: number, vcpuCount: number): CpuidEntry[] {
-  if (!Array.isArray(supported)) throw new TypeError('supported must be an array of CPUID entries');
-  if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > 0xffff) throw new RangeError(`vcpuCount must be an integer 1..65535, got ${vcpuCount}`);
-  if (!Number.isInteger(vcpuId) || vcpuId < 0 || vcpuId >= vcpuCount) throw new RangeError(`vcpuId must be an integer 0..${vcpuCount - 1}, got ${vcpuId}`);
+  if (!Array.isArray(supported)) throw argTypeError('supported must be an array of CPUID entries');
+  if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > 0xffff) throw outOfRangeError(`vcpuCount must be an integer 1..65535, got ${vcpuCount}`);
+  if (!Number.isInteger(vcpuId) || vcpuId < 0 || vcpuId >= vcpuCount) throw outOfRangeError(`vcpuId must be an integer 0..${vcpuCount - 1}, got ${vcpuId}`);
   const coreBits = idBits(vcpuCount);
   const coresPow2 = 1 << coreBits;
   const maxBasic = supported.find((e) => e.function === 0)?.eax ?? 0;

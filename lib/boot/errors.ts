@@ -1,11 +1,13 @@
+import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
+
 /**
  * An image that cannot be booted as given: truncated, malformed, not fitting guest RAM, or
  * colliding with what the loader places in low memory. Thrown by planBoot() before any VM exists;
- * the message is one line that says what is wrong and where.
+ * the message is one line that says what is wrong and where. Code ERR_BOOT_IMAGE.
  */
-export class BootImageError extends Error {
+export class BootImageError extends NodeKvmError {
   constructor(message: string) {
-    super(message);
+    super(ErrorCode.BootImage, message);
     this.name = 'BootImageError';
   }
 }

@@ -4,6 +4,7 @@
 // multiple of 4, then its data padded to 4 (fields as lowercase hex, as that document shows them).
 // A member named "TRAILER!!!" ends the archive.
 // Uncompressed: the kernel takes that as it is, and the loader has nothing to decompress.
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
 export type InitramfsEntry =
   | { type: 'file'; path: string; data: Uint8Array | string; mode?: number; uid?: number; gid?: number; mtime?: number }
@@ -43,11 +44,11 @@ interface Member {
  * same entries always give the same bytes).
  */
 export function buildInitramfs(entries: readonly InitramfsEntry[]): Uint8Array {
-  if (!Array.isArray(entries)) throw new TypeError('entries must be an array');
+  if (!Array.isArray(entries)) throw argTypeError('entries must be an array');
   const members = entries.map((entry, index) => member(entry, index));
   const seen = new Set<string>();
   for (const { name } of members) {
-    if (seen.has(name)) throw new RangeError(`initramfs: '${name}' appears twice`);
+    if (seen.has(name)) throw argValueError(`initramfs: '${name}' appears twice`);
     seen.add(name);
   }
   members.push({ name: CPIO_TRAILER, mode: 0, uid: 0, gid: 0, nlink: 1, mtime: 0, data: new Uint8Array(0), rdevMajor: 0, rdevMinor: 0 });
@@ -76,7 +77,7 @@ export function buildInitramfs(entries: readonly InitramfsEntry[]): Uint8Array {
 const pad4 = (bytes: number): number => (bytes + 3) & ~3;
 
 function member(entry: InitramfsEntry, index: number): Member {
-  if (typeof entry !== 'object' || entry === null) throw new TypeError(`entries[${index}] must be an object`);
+  if (typeof entry !== 'object' || entry === null) throw argTypeError(`entries[${index}] must be an object`);
   const name = memberName(entry.path, index);
   const owner = {
     uid: field(entry.uid ?? 0, `entries[${index}].uid`),
@@ -87,22 +88,22 @@ function member(entry: InitramfsEntry, index: number): Member {
   switch (entry.type) {
     case 'file': {
       const data = typeof entry.data === 'string' ? new TextEncoder().encode(entry.data) : entry.data;
-      if (!(data instanceof Uint8Array)) throw new TypeError(`entries[${index}].data must be a Uint8Array or a string`);
-      if (data.length > MAX_FIELD) throw new RangeError(`entries[${index}]: a cpio member holds at most 4 GiB - 1 bytes`);
+      if (!(data instanceof Uint8Array)) throw argTypeError(`entries[${index}].data must be a Uint8Array or a string`);
+      if (data.length > MAX_FIELD) throw argValueError(`entries[${index}]: a cpio member holds at most 4 GiB - 1 bytes`);
       return { name, ...owner, mode: FileType.Regular | permissions(entry.mode, 'file', index), nlink: 1, data, rdevMajor: 0, rdevMinor: 0 };
     }
     case 'directory':
       return { name, ...owner, mode: FileType.Directory | permissions(entry.mode, 'directory', index), nlink: 2, data: none, rdevMajor: 0, rdevMinor: 0 };
     case 'symlink': {
       if (typeof entry.target !== 'string' || entry.target === '' || entry.target.includes('\0')) {
-        throw new TypeError(`entries[${index}].target must be a non-empty string without NUL`);
+        throw argTypeError(`entries[${index}].target must be a non-empty string without NUL`);
       }
       // A symlink's data is its target, without a NUL.
       const data = new TextEncoder().encode(entry.target);
       return { name, ...owner, mode: FileType.Symlink | DEFAULT_PERMISSIONS.symlink, nlink: 1, data, rdevMajor: 0, rdevMinor: 0 };
     }
     case 'device': {
-      if (entry.device !== 'char' && entry.device !== 'block') throw new RangeError(`entries[${index}].device must be 'char' or 'block'`);
+      if (entry.device !== 'char' && entry.device !== 'block') throw argValueError(`entries[${index}].device must be 'char' or 'block'`);
       const type = entry.device === 'char' ? FileType.CharDevice : FileType.BlockDevice;
       return {
         name, ...owner, mode: type | permissions(entry.mode, 'device', index), nlink: 1, data: none,
@@ -110,26 +111,26 @@ function member(entry: InitramfsEntry, index: number): Member {
       };
     }
     default:
-      throw new RangeError(`entries[${index}].type must be 'file', 'directory', 'symlink' or 'device', got ${String((entry as { type: unknown }).type)}`);
+      throw argValueError(`entries[${index}].type must be 'file', 'directory', 'symlink' or 'device', got ${String((entry as { type: unknown }).type)}`);
   }
 }
 
 function memberName(path: unknown, index: number): string {
-  if (typeof path !== 'string') throw new TypeError(`entries[${index}].path must be a string`);
+  if (typeof path !== 'string') throw argTypeError(`entries[${index}].path must be a string`);
   const name = path.replace(/^\/+/, '');
-  if (name === '' || name.includes('\0')) throw new RangeError(`entries[${index}].path must name something below the root, without NUL, got ${JSON.stringify(path)}`);
-  if (name.split('/').includes('..')) throw new RangeError(`entries[${index}].path must not contain '..', got ${JSON.stringify(path)}`);
-  if (name === CPIO_TRAILER) throw new RangeError(`entries[${index}].path: '${CPIO_TRAILER}' marks the end of the archive`);
+  if (name === '' || name.includes('\0')) throw argValueError(`entries[${index}].path must name something below the root, without NUL, got ${JSON.stringify(path)}`);
+  if (name.split('/').includes('..')) throw argValueError(`entries[${index}].path must not contain '..', got ${JSON.stringify(path)}`);
+  if (name === CPIO_TRAILER) throw argValueError(`entries[${index}].path: '${CPIO_TRAILER}' marks the end of the archive`);
   return name;
 }
 
 function permissions(mode: number | undefined, kind: keyof typeof DEFAULT_PERMISSIONS, index: number): number {
   if (mode === undefined) return DEFAULT_PERMISSIONS[kind];
-  if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777) throw new RangeError(`entries[${index}].mode must be permission bits 0..0o7777, got ${mode}`);
+  if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777) throw outOfRangeError(`entries[${index}].mode must be permission bits 0..0o7777, got ${mode}`);
   return mode;
 }
 
 function field(value: number, name: string): number {
-  if (!Number.isInteger(value) || value < 0 || value > MAX_FIELD) throw new RangeError(`${name} must be an integer 0..0xffffffff, got ${value}`);
+  if (!Number.isInteger(value) || value < 0 || value > MAX_FIELD) throw outOfRangeError(`${name} must be an integer 0..0xffffffff, got ${value}`);
   return value;
 }

@@ -11,6 +11,7 @@
 //   0x9fc00-0xfffff reserved (EBDA, VGA, BIOS), as the memory map says
 //   0x100000-      where kernels are usually linked (1 MiB), and where a bzImage's protected-mode
 //                  kernel is loaded; its initrd goes at the top of RAM, page-aligned
+import { argTypeError, argValueError } from '../kvm/errors.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 
 export const GDT_ADDR = 0x500;
@@ -54,9 +55,9 @@ export function memoryMap(memoryBytes: number): MemoryMapEntry[] {
 }
 
 export function checkMemoryBytes(memoryBytes: number): void {
-  if (typeof memoryBytes !== 'number') throw new TypeError(`memoryBytes must be a number, got ${typeof memoryBytes}`);
+  if (typeof memoryBytes !== 'number') throw argTypeError(`memoryBytes must be a number, got ${typeof memoryBytes}`);
   if (!Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % 4096 !== 0) {
-    throw new RangeError(`memoryBytes must be a positive multiple of 4096, got ${memoryBytes}`);
+    throw argValueError(`memoryBytes must be a positive multiple of 4096, got ${memoryBytes}`);
   }
 }
 

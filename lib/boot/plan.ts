@@ -6,6 +6,7 @@
 //   other ELF32 / ELF64                        -> protected mode / long mode at the entry point
 //   anything else                              -> flat binary at loadAddr, in options.mode (default real)
 import type { GuestMemory } from '../kvm/memory.js';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { BootInfoBlock, encodeCmdline, putHvmStartInfo } from './boot-info.js';
 import { isBzImage, notBzImageReason, planBzImage } from './bzimage.js';
 import { gdtBytes, identityMap, longModeState, protectedModeState, realModeState, type BootState, type CpuMode } from './cpu-state.js';
@@ -46,15 +47,15 @@ interface Loaded {
  * options.
  */
 export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
-  if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array');
-  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  if (!(image instanceof Uint8Array)) throw argTypeError('image must be a Uint8Array');
+  if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
   const { memoryBytes, mode, loadAddr = DEFAULT_LOAD_ADDR, cmdline, vcpus, initrd } = options;
   checkMemoryBytes(memoryBytes);
-  if (!Number.isSafeInteger(vcpus) || vcpus < 1) throw new RangeError(`vcpus must be a positive integer, got ${vcpus}`);
-  if (mode !== undefined && !MODES.includes(mode)) throw new RangeError(`mode must be 'real', 'protected' or 'long', got ${String(mode)}`);
-  if (!Number.isSafeInteger(loadAddr) || loadAddr < 0) throw new RangeError(`loadAddr must be a non-negative integer, got ${loadAddr}`);
+  if (!Number.isSafeInteger(vcpus) || vcpus < 1) throw outOfRangeError(`vcpus must be a positive integer, got ${vcpus}`);
+  if (mode !== undefined && !MODES.includes(mode)) throw argValueError(`mode must be 'real', 'protected' or 'long', got ${String(mode)}`);
+  if (!Number.isSafeInteger(loadAddr) || loadAddr < 0) throw outOfRangeError(`loadAddr must be a non-negative integer, got ${loadAddr}`);
   const cmdlineBytes = cmdline === undefined ? null : encodeCmdline(cmdline);
-  if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array');
+  if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array');
   if (image.length === 0) throw new BootImageError('not a bootable image: the file is empty');
   if (initrd !== undefined && !isBzImage(image)) {
     throw new BootImageError(`an initrd is for a Linux bzImage kernel, and this image is not one: ${isElf(image) ? 'it is an ELF file' : notBzImageReason(image)}`);
@@ -225,7 +226,7 @@ export function writeBootPlan(plan: BootPlan, memory: GuestMemory): void {
   for (const write of plan.writes) {
     const bytes = 'data' in write ? write.data.length : write.zeroBytes;
     if (write.guestPhysAddr + bytes > memory.size) {
-      throw new RangeError(`${write.what} [${hex(write.guestPhysAddr)}, ${hex(write.guestPhysAddr + bytes)}) is outside guest memory (${formatBytes(memory.size)})`);
+      throw outOfRangeError(`${write.what} [${hex(write.guestPhysAddr)}, ${hex(write.guestPhysAddr + bytes)}) is outside guest memory (${formatBytes(memory.size)})`);
     }
     if ('data' in write) memory.write(write.guestPhysAddr, write.data);
     else memory.fill(write.guestPhysAddr, write.zeroBytes);

@@ -1,6 +1,7 @@
 // A byte ring in shared memory: one thread writes, another reads, with Atomics for ordering and
 // waiting. Serial input (main thread -> vCPU threads) and serial output to a JavaScript stream
 // (vCPU threads -> main thread) go through one.
+import { argValueError } from '../kvm/errors.js';
 
 const HEAD = 0; // next byte to read (consumer-owned)
 const TAIL = 1; // next byte to write (producer-owned)
@@ -23,7 +24,7 @@ export class ByteRing {
   }
 
   static create(capacity: number): ByteRing {
-    if ((capacity & (capacity - 1)) !== 0) throw new RangeError('capacity must be a power of two');
+    if ((capacity & (capacity - 1)) !== 0) throw argValueError('capacity must be a power of two');
     return new ByteRing({ header: new SharedArrayBuffer(HEADER_INTS * 4), data: new SharedArrayBuffer(capacity) });
   }
 

@@ -4,6 +4,7 @@
 // words. A notify never reaches this code when an ioeventfd catches it in the kernel; without one,
 // the vCPU thread signals the same eventfd itself.
 import { writeSync } from 'node:fs';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import type { MmioDevice } from './bus-device.js';
 
 export const VIRTIO_MMIO_MAGIC = 0x74726976; // "virt"
@@ -120,7 +121,7 @@ export class VirtioMmio implements MmioDevice {
 
   constructor(readonly shared: SharedArrayBuffer, name: string, log: (message: string) => void) {
     if (!(shared instanceof SharedArrayBuffer) || shared.byteLength !== CONFIG_AT + CONFIG_BYTES) {
-      throw new TypeError('shared must be the SharedArrayBuffer of VirtioMmio.createShared()');
+      throw argTypeError('shared must be the SharedArrayBuffer of VirtioMmio.createShared()');
     }
     this.name = name;
     this.#words = new Int32Array(shared, 0, WORDS);
@@ -134,8 +135,8 @@ export class VirtioMmio implements MmioDevice {
    * ioeventfd on QueueNotify signals it in the kernel); `irqFd`, if any, an irqfd's eventfd.
    */
   static createShared(model: VirtioDeviceModel, memoryBytes: number, notifyFd: number, irqFd: number | null): SharedArrayBuffer {
-    if (model.numQueues < 1 || model.numQueues > MAX_QUEUES) throw new RangeError(`a virtio device has 1..${MAX_QUEUES} queues here`);
-    if (model.config.length > CONFIG_BYTES) throw new RangeError(`config space is at most ${CONFIG_BYTES} bytes`);
+    if (model.numQueues < 1 || model.numQueues > MAX_QUEUES) throw outOfRangeError(`a virtio device has 1..${MAX_QUEUES} queues here`);
+    if (model.config.length > CONFIG_BYTES) throw argValueError(`config space is at most ${CONFIG_BYTES} bytes`);
     const shared = new SharedArrayBuffer(CONFIG_AT + CONFIG_BYTES);
     const words = new Int32Array(shared, 0, WORDS);
     const features = model.features | (1n << VIRTIO_F_VERSION_1);
@@ -385,17 +386,17 @@ export class VirtioMmio implements MmioDevice {
   restoreState(state: VirtioMmioState): void {
     const w = this.#words;
     if (!Array.isArray(state.queues) || state.queues.length !== w[W_NUM_QUEUES]) {
-      throw new Error(`${this.name}: the saved state has ${Array.isArray(state.queues) ? state.queues.length : 'no'} queues, the device ${w[W_NUM_QUEUES]}`);
+      throw argValueError(`${this.name}: the saved state has ${Array.isArray(state.queues) ? state.queues.length : 'no'} queues, the device ${w[W_NUM_QUEUES]}`);
     }
     const u32 = (value: unknown, what: string): number => {
-      if (!Number.isInteger(value) || (value as number) < 0 || (value as number) > 0xffffffff) throw new Error(`${this.name}: bad ${what} in the saved state`);
+      if (!Number.isInteger(value) || (value as number) < 0 || (value as number) > 0xffffffff) throw argValueError(`${this.name}: bad ${what} in the saved state`);
       return value as number;
     };
     const addr = (value: unknown, what: string): number => {
-      if (!Number.isSafeInteger(value) || (value as number) < 0) throw new Error(`${this.name}: bad ${what} in the saved state`);
+      if (!Number.isSafeInteger(value) || (value as number) < 0) throw argValueError(`${this.name}: bad ${what} in the saved state`);
       return value as number;
     };
-    if (!Array.isArray(state.driverFeatures) || state.driverFeatures.length !== 2) throw new Error(`${this.name}: bad driver features in the saved state`);
+    if (!Array.isArray(state.driverFeatures) || state.driverFeatures.length !== 2) throw argValueError(`${this.name}: bad driver features in the saved state`);
     this.#reset();
     state.queues.forEach((queue, index) => {
       this.setQueueWord(index, Q_NUM, u32(queue.num, 'queue size'));
@@ -408,7 +409,7 @@ export class VirtioMmio implements MmioDevice {
       set64(Q_DEVICE, addr(queue.device, 'used ring address'));
       if (queue.ready) {
         const problem = this.#checkQueue(index);
-        if (problem) throw new Error(`${this.name}: saved queue ${index}: ${problem}`);
+        if (problem) throw argValueError(`${this.name}: saved queue ${index}: ${problem}`);
       }
       this.setQueueWord(index, Q_LAST_AVAIL, u32(queue.lastAvail, 'available index') & 0xffff);
       this.setQueueWord(index, Q_NEXT_USED, u32(queue.nextUsed, 'used index') & 0xffff);
