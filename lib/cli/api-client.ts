@@ -2,29 +2,32 @@
 import net from 'node:net';
 import { LineSplitter, type ApiMethod, type ApiMethods } from './api-server.js';
 import type { MigrationProgress } from '../migration/types.js';
+import { ErrorCode, NodeKvmError, argTypeError, argValueError, systemError } from '../kvm/errors.js';
 
 /** Responses carry at most a few KiB; anything near this is not our server. */
 const MAX_RESPONSE_LINE_BYTES = 16 * 1024 * 1024;
 
-/** The machine answered the call with an error. */
-export class ApiError extends Error {
-  readonly code: string | undefined;
-  constructor(message: string, code?: string) {
-    super(message);
+/**
+ * The machine answered the call with an error: its message, and its code ('EBUSY',
+ * 'ERR_MACHINE_STATE', ...), or ERR_API_CALL_FAILED where the error had none.
+ */
+export class ApiError extends NodeKvmError {
+  constructor(message: string, code: string = ErrorCode.ApiCallFailed) {
+    super(code, message);
     this.name = 'ApiError';
-    this.code = code;
   }
 }
 
 /**
  * Calls `method` on the machine serving `socketPath` and resolves with its result; a migrate's
  * progress goes to `onProgress` meanwhile. Rejects with an ApiError when the machine answers
- * with an error, and with an Error when it cannot be reached or hangs up first.
+ * with an error; with a NodeKvmError when it cannot be reached (the system error's code: ENOENT,
+ * ECONNREFUSED), hangs up first (ERR_API_CLOSED) or answers what is not the API (ERR_API_PROTOCOL).
  */
 export function callApi<M extends ApiMethod>(
   socketPath: string, method: M, params: ApiMethods[M]['params'], onProgress?: (progress: MigrationProgress) => void,
 ): Promise<ApiMethods[M]['result']> {
-  if (typeof socketPath !== 'string' || socketPath === '') return Promise.reject(new TypeError('socketPath must be a file path'));
+  if (typeof socketPath !== 'string' || socketPath === '') return Promise.reject(argTypeError('socketPath must be a file path'));
   const id = 1;
   return new Promise((resolve, reject) => {
     const socket = net.createConnection({ path: socketPath });
@@ -39,19 +42,19 @@ export function callApi<M extends ApiMethod>(
     socket.once('connect', () => socket.write(`${JSON.stringify({ id, method, params })}\n`));
     socket.on('error', (error: NodeJS.ErrnoException) => {
       const unreachable = error.code === 'ENOENT' || error.code === 'ECONNREFUSED';
-      settle(new Error(unreachable
+      settle(systemError(unreachable
         ? `no machine is serving the API socket ${socketPath} (${error.code})`
-        : `API socket ${socketPath}: ${error.code ?? error.message}`));
+        : `API socket ${socketPath}: ${error.code ?? error.message}`, error));
     });
-    socket.on('close', () => settle(new Error(`the machine closed the API connection on ${socketPath} before answering ${method}`)));
+    socket.on('close', () => settle(new NodeKvmError(ErrorCode.ApiClosed, `the machine closed the API connection on ${socketPath} before answering ${method}`)));
     const lines = new LineSplitter(MAX_RESPONSE_LINE_BYTES);
     socket.on('data', (chunk: Buffer) => {
       for (const line of lines.push(chunk)) {
         let message: { id?: unknown; result?: unknown; error?: { message?: unknown; code?: unknown }; progress?: MigrationProgress };
         try {
           message = JSON.parse(line);
-        } catch {
-          settle(new Error(`API socket ${socketPath}: the answer is not JSON`));
+        } catch (error) {
+          settle(new NodeKvmError(ErrorCode.ApiProtocol, `API socket ${socketPath}: the answer is not JSON`, { cause: error }));
           return;
         }
         if (message.error !== undefined && (message.id === id || message.id === null)) {
@@ -69,7 +72,7 @@ export function callApi<M extends ApiMethod>(
           }
         } else if ('result' in message) settle(null, message.result);
       }
-      if (lines.overflowed) settle(new Error(`API socket ${socketPath}: an answer longer than ${MAX_RESPONSE_LINE_BYTES} bytes`));
+      if (lines.overflowed) settle(new NodeKvmError(ErrorCode.ApiProtocol, `API socket ${socketPath}: an answer longer than ${MAX_RESPONSE_LINE_BYTES} bytes`));
     });
   });
 }
@@ -77,7 +80,7 @@ export function callApi<M extends ApiMethod>(
 /** The --api-socket option of a command that talks to a running machine. */
 export function requireApiSocket(value: string | undefined, command: string): string {
   if (value === undefined || value === '') {
-    throw new RangeError(`${command} needs --api-socket PATH (the socket a machine serves with node-kvm run --api-socket)`);
+    throw argValueError(`${command} needs --api-socket PATH (the socket a machine serves with node-kvm run --api-socket)`);
   }
   return value;
 }

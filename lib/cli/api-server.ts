@@ -1,6 +1,6 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
 //   request   {"id":1,"method":"status"|"pause"|"resume"|"snapshot"|"migrate","params":{...}}
-//   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"..."}}
+//   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
 // the server holds is bounded (ApiServerOptions): it stops reading from a client whose replies
@@ -11,6 +11,7 @@ import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
 import type { Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
+import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
 export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping';
 
@@ -130,8 +131,8 @@ export interface ApiServer {
 
 /** Serves `machine`'s control API on a new unix socket at `socketPath`. */
 export async function startApiServer(socketPath: string, machine: ApiMachine, options: ApiServerOptions = {}): Promise<ApiServer> {
-  if (typeof socketPath !== 'string' || socketPath === '') throw new TypeError('socketPath must be a file path');
-  if (typeof machine !== 'object' || machine === null) throw new TypeError('machine must be an object');
+  if (typeof socketPath !== 'string' || socketPath === '') throw argTypeError('socketPath must be a file path');
+  if (typeof machine !== 'object' || machine === null) throw argTypeError('machine must be an object');
   const limits = checkServerOptions(options);
   const connections = new Set<net.Socket>();
   const clients = new Map<net.Socket, () => ApiClientStats>();
@@ -158,13 +159,15 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       checkParams(params, 'snapshot', ['path', 'diff']);
       const path = params.path;
       // The server's working directory is not the caller's: only absolute paths mean the same to both.
-      if (typeof path !== 'string' || !path.startsWith('/')) throw new TypeError('snapshot: params.path must be an absolute file path');
-      if (params.diff !== undefined && typeof params.diff !== 'boolean') throw new TypeError('snapshot: params.diff must be a boolean');
+      const pathProblem = 'snapshot: params.path must be an absolute file path';
+      if (typeof path !== 'string') throw argTypeError(pathProblem);
+      if (!path.startsWith('/')) throw argValueError(pathProblem);
+      if (params.diff !== undefined && typeof params.diff !== 'boolean') throw argTypeError('snapshot: params.diff must be a boolean');
       return machine.snapshot(path, { diff: params.diff === true });
     },
     async migrate(params, progress) {
       const options = checkMigrateParams(params);
-      if (migrating) throw new Error('a migration is already under way');
+      if (migrating) throw new NodeKvmError(ErrorCode.MachineState, 'a migration is already under way');
       migrating = true;
       try {
         return await machine.migrate(params.address as string, {
@@ -246,7 +249,7 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
         // Where the next request starts is unknowable now: refuse and hang up. Requests read but
         // not started are not run: their answers could not be sent.
         discardPending();
-        send({ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes` } });
+        send({ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes`, code: ErrorCode.ApiProtocol } });
         socket.end(() => socket.destroy());
       } else if (pendingCount() > limits.maxPendingRequests) drop();
     });
@@ -259,21 +262,21 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       try {
         request = JSON.parse(line);
       } catch (error) {
-        throw new SyntaxError(`malformed JSON: ${(error as Error).message}`);
+        throw new NodeKvmError(ErrorCode.ApiProtocol, `malformed JSON: ${(error as Error).message}`, { cause: error });
       }
       if (typeof request !== 'object' || request === null || Array.isArray(request)) {
-        throw new TypeError('a request is a JSON object {"id":..., "method":..., "params":{...}}');
+        throw new NodeKvmError(ErrorCode.ApiProtocol, 'a request is a JSON object {"id":..., "method":..., "params":{...}}');
       }
       const { id: requestId, method, params } = request as Record<string, unknown>;
       if (!(typeof requestId === 'string' || (typeof requestId === 'number' && Number.isFinite(requestId)))) {
-        throw new TypeError('request id must be a number or a string');
+        throw new NodeKvmError(ErrorCode.ApiProtocol, 'request id must be a number or a string');
       }
       id = requestId;
       if (typeof method !== 'string' || !(API_METHODS as readonly string[]).includes(method)) {
-        throw new RangeError(`unknown method ${JSON.stringify(method)} (methods: ${API_METHODS.join(', ')})`);
+        throw argValueError(`unknown method ${JSON.stringify(method)} (methods: ${API_METHODS.join(', ')})`);
       }
       if (params !== undefined && (typeof params !== 'object' || params === null || Array.isArray(params))) {
-        throw new TypeError(`${method}: params must be an object`);
+        throw argTypeError(`${method}: params must be an object`);
       }
       const result = await methods[method as ApiMethod]((params ?? {}) as Record<string, unknown>, (progress) => send({ id: requestId, progress }));
       send({ id, result });
@@ -302,52 +305,55 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
 }
 
 function checkServerOptions(options: ApiServerOptions): Required<ApiServerOptions> {
-  if (typeof options !== 'object' || options === null) throw new TypeError('startApiServer: options must be an object');
+  if (typeof options !== 'object' || options === null) throw argTypeError('startApiServer: options must be an object');
   const limits = { ...API_SERVER_DEFAULTS };
   for (const key of Object.keys(options) as (keyof ApiServerOptions)[]) {
-    if (!Object.hasOwn(API_SERVER_DEFAULTS, key)) throw new RangeError(`startApiServer: unknown option '${key}'`);
+    if (!Object.hasOwn(API_SERVER_DEFAULTS, key)) throw argValueError(`startApiServer: unknown option '${key}'`);
     const value = options[key];
     if (value === undefined) continue;
-    if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`startApiServer: ${key} must be a positive integer`);
+    if (!Number.isSafeInteger(value) || value < 1) throw outOfRangeError(`startApiServer: ${key} must be a positive integer`);
     limits[key] = value;
   }
   if (limits.maxQueuedReplyBytes < limits.highWaterBytes) {
-    throw new RangeError(`startApiServer: maxQueuedReplyBytes (${limits.maxQueuedReplyBytes}) must be at least highWaterBytes (${limits.highWaterBytes})`);
+    throw outOfRangeError(`startApiServer: maxQueuedReplyBytes (${limits.maxQueuedReplyBytes}) must be at least highWaterBytes (${limits.highWaterBytes})`);
   }
   return limits;
 }
 
 function checkParams(params: Record<string, unknown>, method: string, allowed: string[]): void {
   for (const key of Object.keys(params)) {
-    if (!allowed.includes(key)) throw new RangeError(`${method}: unknown parameter '${key}'`);
+    if (!allowed.includes(key)) throw argValueError(`${method}: unknown parameter '${key}'`);
   }
 }
 
 function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOptions, 'onProgress'> {
   checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs']);
-  if (typeof params.address !== 'string') throw new TypeError('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
+  if (typeof params.address !== 'string') throw argTypeError('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
   const address = parseMigrationAddress(params.address);
-  if (address.kind === 'unix' && !address.path.startsWith('/')) throw new TypeError('migrate: a unix socket path must be absolute');
+  if (address.kind === 'unix' && !address.path.startsWith('/')) throw argValueError('migrate: a unix socket path must be absolute');
   const options: Omit<MigrateOptions, 'onProgress'> = {};
   if (params.token !== undefined) {
-    if (typeof params.token !== 'string' || params.token === '') throw new TypeError('migrate: params.token must be a non-empty string');
+    if (typeof params.token !== 'string') throw argTypeError('migrate: params.token must be a non-empty string');
+    if (params.token === '') throw argValueError('migrate: params.token must be a non-empty string');
     options.token = params.token;
   }
   const positive = (name: 'downtimeBudgetMs' | 'maxPrecopyMs' | 'timeoutMs') => {
     const value = params[name];
     if (value === undefined) return;
-    if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) throw new RangeError(`migrate: params.${name} must be a positive number`);
+    if (typeof value !== 'number') throw argTypeError(`migrate: params.${name} must be a positive number`);
+    if (!Number.isFinite(value) || value <= 0) throw outOfRangeError(`migrate: params.${name} must be a positive number`);
     options[name] = value;
   };
   positive('downtimeBudgetMs');
   positive('maxPrecopyMs');
   positive('timeoutMs');
   if (params.maxIterations !== undefined) {
-    if (!Number.isInteger(params.maxIterations) || (params.maxIterations as number) < 1) throw new RangeError('migrate: params.maxIterations must be a positive integer');
+    if (typeof params.maxIterations !== 'number') throw argTypeError('migrate: params.maxIterations must be a positive integer');
+    if (!Number.isInteger(params.maxIterations) || params.maxIterations < 1) throw outOfRangeError('migrate: params.maxIterations must be a positive integer');
     options.maxIterations = params.maxIterations as number;
   }
   if (params.onNonConvergence !== undefined) {
-    if (params.onNonConvergence !== 'finish' && params.onNonConvergence !== 'abort') throw new RangeError("migrate: params.onNonConvergence must be 'finish' or 'abort'");
+    if (params.onNonConvergence !== 'finish' && params.onNonConvergence !== 'abort') throw argValueError("migrate: params.onNonConvergence must be 'finish' or 'abort'");
     options.onNonConvergence = params.onNonConvergence;
   }
   return options;

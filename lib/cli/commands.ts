@@ -3,6 +3,7 @@
 // while they load, and loads the rest meanwhile.
 import { parseArgs } from 'node:util';
 import { VcpuWorkerPool, type VcpuThread } from '../vmm/pool.js';
+import { argValueError } from '../kvm/errors.js';
 
 const USAGE = `usage: node-kvm <command> [options]
 
@@ -80,7 +81,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
         kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'],
       };
       if (!threads) {
-        if (positionals.length > 1) throw new RangeError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
+        if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
         checkRunSource(options); // none or several of IMAGE, --incoming, --restore: throws
       }
       return run(options, threads!);

@@ -2,6 +2,7 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatMigrationAddress, parseMigrationAddress } from '../migration/transport.js';
+import { argValueError } from '../kvm/errors.js';
 import { callApi, requireApiSocket } from './api-client.js';
 import type { ApiMigrateParams } from './api-server.js';
 import { formatMigrationStats, progressDisplay } from './progress.js';
@@ -35,7 +36,7 @@ options:
 export function positiveIntegerOption(value: string | undefined, option: string): number | undefined {
   if (value === undefined) return undefined;
   const number = /^\d+$/.test(value) ? Number(value) : NaN;
-  if (!Number.isSafeInteger(number) || number < 1) throw new RangeError(`${option} must be a positive integer, got '${value}'`);
+  if (!Number.isSafeInteger(number) || number < 1) throw argValueError(`${option} must be a positive integer, got '${value}'`);
   return number;
 }
 
@@ -59,14 +60,14 @@ export async function migrateCommand(args: string[]): Promise<number> {
     console.log(MIGRATE_USAGE);
     return 0;
   }
-  if (positionals.length !== 1) throw new RangeError(`migrate takes one destination ADDRESS, got ${positionals.length} (see node-kvm migrate --help)`);
+  if (positionals.length !== 1) throw argValueError(`migrate takes one destination ADDRESS, got ${positionals.length} (see node-kvm migrate --help)`);
   const apiSocket = requireApiSocket(values['api-socket'], 'migrate');
   const address = parseMigrationAddress(positionals[0]!);
   const token = migrationToken(values.token);
-  if (address.kind === 'tcp' && token === undefined) throw new RangeError(`migrating over tcp needs --token (or ${TOKEN_ENV})`);
+  if (address.kind === 'tcp' && token === undefined) throw argValueError(`migrating over tcp needs --token (or ${TOKEN_ENV})`);
   const onNonConvergence = values['on-non-convergence'];
   if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
-    throw new RangeError(`--on-non-convergence must be finish or abort, got '${onNonConvergence}'`);
+    throw argValueError(`--on-non-convergence must be finish or abort, got '${onNonConvergence}'`);
   }
   const params: ApiMigrateParams = {
     // The machine resolves paths from its own working directory, not ours.

@@ -6,6 +6,7 @@ import { debugExitStatus } from '../devices/debug-exit.js';
 import { Machine, type DiskConfig, type MachineExit } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
+import { argValueError, systemError } from '../kvm/errors.js';
 import type { ApiServer } from './api-server.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
 
@@ -71,45 +72,45 @@ export interface RunOptions {
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
 export function parseDiskOption(value: string): DiskConfig {
   const [file, ...flags] = value.split(',');
-  if (!file) throw new RangeError(`--disk needs a file: --disk FILE[,ro][,id=ID], got '${value}'`);
+  if (!file) throw argValueError(`--disk needs a file: --disk FILE[,ro][,id=ID], got '${value}'`);
   const disk: DiskConfig = { path: file };
   for (const flag of flags) {
     if (flag === 'ro' || flag === 'readonly') disk.readOnly = true;
     else if (flag.startsWith('id=')) disk.id = flag.slice(3);
-    else throw new RangeError(`--disk ${value}: unknown flag '${flag}' (ro, id=ID)`);
+    else throw argValueError(`--disk ${value}: unknown flag '${flag}' (ro, id=ID)`);
   }
   return disk;
 }
 
 /** Checks that exactly one of IMAGE, --incoming and --restore is given, with options that fit it. */
 export function checkRunSource(options: RunOptions): void {
-  if (options.image !== undefined && options.kernel !== undefined) throw new RangeError('give the kernel as IMAGE or as --kernel FILE, not both');
+  if (options.image !== undefined && options.kernel !== undefined) throw argValueError('give the kernel as IMAGE or as --kernel FILE, not both');
   const image = options.image ?? options.kernel;
   const sources = [image !== undefined, options.incoming !== undefined, options.restore !== undefined].filter(Boolean).length;
-  if (sources !== 1) throw new RangeError('run takes one IMAGE, or --incoming ADDRESS, or --restore FILE (see node-kvm run --help)');
+  if (sources !== 1) throw argValueError('run takes one IMAGE, or --incoming ADDRESS, or --restore FILE (see node-kvm run --help)');
   const imageOnly = (['mode', 'loadAddr', 'cmdline', 'initrd', 'append'] as const).filter((key) => options[key] !== undefined);
   if (image === undefined && imageOnly.length > 0) {
     const names = { mode: '--mode', loadAddr: '--load-addr', cmdline: '--cmdline', initrd: '--initrd', append: '--append' };
-    throw new RangeError(`${names[imageOnly[0]!]} applies to booting an IMAGE only`);
+    throw argValueError(`${names[imageOnly[0]!]} applies to booting an IMAGE only`);
   }
-  if (options.append !== undefined && options.cmdline !== undefined) throw new RangeError('--append and --cmdline both give the command line: use one');
+  if (options.append !== undefined && options.cmdline !== undefined) throw argValueError('--append and --cmdline both give the command line: use one');
   if (options.restore !== undefined && (options.memory !== undefined || options.vcpus !== undefined)) {
-    throw new RangeError('--memory and --vcpus come from the snapshot with --restore');
+    throw argValueError('--memory and --vcpus come from the snapshot with --restore');
   }
-  if (options.token !== undefined && options.incoming === undefined) throw new RangeError('--token applies to --incoming only');
-  if (options.noVerify === true && options.restore === undefined) throw new RangeError('--no-verify applies to --restore only');
+  if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
+  if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
 }
 
 export function parseSize(text: string): number {
   const match = /^(\d+)([KMG]?)i?B?$/i.exec(text.trim());
-  if (!match) throw new RangeError(`--memory: '${text}' is not a size like 64M or 1G`);
+  if (!match) throw argValueError(`--memory: '${text}' is not a size like 64M or 1G`);
   const unit = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[match[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
   return Number(match[1]) * unit;
 }
 
 export function parseAddress(text: string, option: string): number {
   const value = /^0x[0-9a-f]+$/i.test(text) ? parseInt(text, 16) : /^\d+$/.test(text) ? Number(text) : NaN;
-  if (!Number.isSafeInteger(value)) throw new RangeError(`${option}: '${text}' is not an address (decimal or 0x hex)`);
+  if (!Number.isSafeInteger(value)) throw argValueError(`${option}: '${text}' is not an address (decimal or 0x hex)`);
   return value;
 }
 
@@ -126,10 +127,10 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   checkRunSource(options);
   const mode = options.mode;
   if (mode !== undefined && mode !== 'real' && mode !== 'protected' && mode !== 'long') {
-    throw new RangeError(`--mode must be real, protected or long, got '${mode}'`);
+    throw argValueError(`--mode must be real, protected or long, got '${mode}'`);
   }
   const vcpus = options.vcpus === undefined ? undefined : Number(options.vcpus);
-  if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw new RangeError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
+  if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw argValueError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
   const disks = options.disk?.map(parseDiskOption);
   const serial = { output: 1, input: null };
@@ -142,7 +143,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     const { parseMigrationAddress } = await import('../migration/transport.js');
     const address = parseMigrationAddress(options.incoming);
     const token = migrationToken(options.token);
-    if (address.kind === 'tcp' && token === undefined) throw new RangeError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
+    if (address.kind === 'tcp' && token === undefined) throw argValueError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     const { receiveMachine } = await import('../migration/receive.js');
     machine = await receiveMachine(options.incoming, {
       memoryBytes, vcpus, token, serial, pool, disks,
@@ -178,7 +179,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       api = await startApiServer(path.resolve(options.apiSocket), apiMachine(machine));
     } catch (error) {
       await machine.stop();
-      throw new Error(`--api-socket ${options.apiSocket}: ${(error as Error).message}`);
+      throw systemError(`--api-socket ${options.apiSocket}: ${(error as Error).message}`, error);
     }
   }
   // Ended by a signal: stop the guest and remove the API socket rather than die with it open.

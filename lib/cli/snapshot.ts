@@ -2,6 +2,7 @@
 // control API.
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { argValueError } from '../kvm/errors.js';
 import { callApi, requireApiSocket } from './api-client.js';
 import { mib, ms, progressLine, table } from './progress.js';
 
@@ -39,7 +40,7 @@ export async function snapshotCommand(args: string[]): Promise<number> {
     console.log(SNAPSHOT_USAGE);
     return 0;
   }
-  if (positionals.length !== 1) throw new RangeError(`snapshot takes one FILE, got ${positionals.length} (see node-kvm snapshot --help)`);
+  if (positionals.length !== 1) throw argValueError(`snapshot takes one FILE, got ${positionals.length} (see node-kvm snapshot --help)`);
   const apiSocket = requireApiSocket(values['api-socket'], 'snapshot');
   // The machine resolves paths from its own working directory, not ours.
   const file = path.resolve(positionals[0]!);
