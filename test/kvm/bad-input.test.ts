@@ -1,6 +1,8 @@
 // Bad input at every public entry point: wrong types and out-of-range values throw a TypeError or
-// RangeError that names the argument, kernel refusals throw a KvmError, closed handles throw
-// EBADF, and nothing crashes the process. The raw addon gets the same treatment.
+// RangeError that names the argument, with the code Node gives its own (ERR_INVALID_ARG_TYPE,
+// ERR_OUT_OF_RANGE for a number outside its bounds, ERR_INVALID_ARG_VALUE for another refused
+// value), kernel refusals throw a KvmError, closed handles throw EBADF, and nothing crashes the
+// process. The raw addon gets the same treatment.
 import { constants as bufferConstants } from 'node:buffer';
 import { spawnSync } from 'node:child_process';
 import t, { type Test } from 'tap';
@@ -15,8 +17,12 @@ type ErrorClass = new (...args: never[]) => Error;
 const HELLO = 'Hello from node-kvm!\n';
 const MiB = 1 << 20;
 
-/** Asserts that `fn` throws an instance of `errorClass` whose message matches `message`. */
-function rejects(t: Test, label: string, fn: () => unknown, errorClass: ErrorClass, message: RegExp): void {
+/** The class that comes with each argument error's code. */
+const ARG_ERROR_CLASS: Record<ArgErrorCode, ErrorClass> = { ERR_INVALID_ARG_TYPE: TypeError, ERR_OUT_OF_RANGE: RangeError, ERR_INVALID_ARG_VALUE: RangeError };
+type ArgErrorCode = 'ERR_INVALID_ARG_TYPE' | 'ERR_OUT_OF_RANGE' | 'ERR_INVALID_ARG_VALUE';
+
+/** Asserts that `fn` throws the argument error `code` (a TypeError or RangeError) whose message matches `message`. */
+function rejects(t: Test, label: string, fn: () => unknown, code: ArgErrorCode, message: RegExp): void {
   let error: unknown;
   try {
     fn();
@@ -27,7 +33,8 @@ function rejects(t: Test, label: string, fn: () => unknown, errorClass: ErrorCla
     t.fail(`${label}: did not throw`);
     return;
   }
-  t.type(error, errorClass, `${label}: ${errorClass.name}`);
+  t.type(error, ARG_ERROR_CLASS[code], `${label}: ${ARG_ERROR_CLASS[code].name}`);
+  t.equal((error as { code?: unknown }).code, code, `${label}: code ${code}`);
   t.match((error as Error).message, message, `${label}: message matches ${message}`);
 }
 
@@ -62,21 +69,21 @@ function createMemory(t: Test, size = MiB): GuestMemory {
 }
 
 t.test('Kvm: open, checkExtension, createVm', { skip: noKvm }, async (t) => {
-  rejects(t, 'Kvm.open(42)', () => Kvm.open(42 as unknown as string), TypeError, /path/);
+  rejects(t, 'Kvm.open(42)', () => Kvm.open(42 as unknown as string), 'ERR_INVALID_ARG_TYPE', /path/);
   const kvm = openKvm(t);
-  rejects(t, "checkExtension('x')", () => kvm.checkExtension('x' as unknown as number), TypeError, /cap/);
-  rejects(t, 'checkExtension(-1)', () => kvm.checkExtension(-1), RangeError, /cap/);
-  rejects(t, 'checkExtension(1.5)', () => kvm.checkExtension(1.5), RangeError, /cap/);
-  rejects(t, 'createVm(-1)', () => kvm.createVm(-1), RangeError, /type/);
-  rejects(t, "createVm('0')", () => kvm.createVm('0' as unknown as number), TypeError, /type/);
-  rejects(t, 'getMsrs(3)', () => kvm.getMsrs(3 as unknown as number[]), TypeError, /indices/);
+  rejects(t, "checkExtension('x')", () => kvm.checkExtension('x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /cap/);
+  rejects(t, 'checkExtension(-1)', () => kvm.checkExtension(-1), 'ERR_OUT_OF_RANGE', /cap/);
+  rejects(t, 'checkExtension(1.5)', () => kvm.checkExtension(1.5), 'ERR_OUT_OF_RANGE', /cap/);
+  rejects(t, 'createVm(-1)', () => kvm.createVm(-1), 'ERR_OUT_OF_RANGE', /type/);
+  rejects(t, "createVm('0')", () => kvm.createVm('0' as unknown as number), 'ERR_INVALID_ARG_TYPE', /type/);
+  rejects(t, 'getMsrs(3)', () => kvm.getMsrs(3 as unknown as number[]), 'ERR_INVALID_ARG_TYPE', /indices/);
 });
 
 t.test('Vm.createVcpu: id type and range, duplicate ids', { skip: noKvm }, async (t) => {
   const vm = openVm(t);
-  rejects(t, 'createVcpu(-1)', () => vm.createVcpu(-1), RangeError, /id/);
-  rejects(t, "createVcpu('0')", () => vm.createVcpu('0' as unknown as number), TypeError, /id/);
-  rejects(t, 'createVcpu(2**32)', () => vm.createVcpu(2 ** 32), RangeError, /id/);
+  rejects(t, 'createVcpu(-1)', () => vm.createVcpu(-1), 'ERR_OUT_OF_RANGE', /id/);
+  rejects(t, "createVcpu('0')", () => vm.createVcpu('0' as unknown as number), 'ERR_INVALID_ARG_TYPE', /id/);
+  rejects(t, 'createVcpu(2**32)', () => vm.createVcpu(2 ** 32), 'ERR_OUT_OF_RANGE', /id/);
   const vcpu = vm.createVcpu(0);
   t.teardown(() => vcpu.close());
   rejectsKvm(t, 'createVcpu(0) twice', () => vm.createVcpu(0), { code: 'EEXIST', errno: -17, syscall: 'ioctl(KVM_CREATE_VCPU)' });
@@ -87,22 +94,22 @@ t.test('Vm.setUserMemoryRegion validates the region before the ioctl', { skip: n
   const memory = createMemory(t);
   type Region = Parameters<Vm['setUserMemoryRegion']>[0];
   const bad = (region: Record<string, unknown>) => () => vm.setUserMemoryRegion(region as unknown as Region);
-  rejects(t, 'region null', bad(null as unknown as Record<string, unknown>), TypeError, /region/);
-  rejects(t, 'memory missing', bad({ slot: 0, guestPhysAddr: 0 }), TypeError, /memory/);
-  rejects(t, 'memory {}', bad({ slot: 0, guestPhysAddr: 0, memory: {} }), TypeError, /memory/);
-  rejects(t, 'memory a plain ArrayBuffer', bad({ slot: 0, guestPhysAddr: 0, memory: new ArrayBuffer(4096) }), TypeError, /memory/);
-  rejects(t, 'slot -1', bad({ slot: -1, guestPhysAddr: 0, memory }), RangeError, /slot/);
-  rejects(t, "slot '0'", bad({ slot: '0', guestPhysAddr: 0, memory }), TypeError, /slot/);
-  rejects(t, 'guestPhysAddr 0x1001', bad({ slot: 0, guestPhysAddr: 0x1001, memory }), RangeError, /guestPhysAddr/);
-  rejects(t, 'guestPhysAddr -4096', bad({ slot: 0, guestPhysAddr: -4096, memory }), RangeError, /guestPhysAddr/);
-  rejects(t, "guestPhysAddr '0'", bad({ slot: 0, guestPhysAddr: '0', memory }), TypeError, /guestPhysAddr/);
-  rejects(t, 'guestPhysAddr 2^64', bad({ slot: 0, guestPhysAddr: 1n << 64n, memory }), RangeError, /guestPhysAddr/);
-  rejects(t, 'size 4097', bad({ slot: 0, guestPhysAddr: 0, memory, size: 4097 }), RangeError, /size/);
-  rejects(t, 'size 0', bad({ slot: 0, guestPhysAddr: 0, memory, size: 0 }), RangeError, /size/);
-  rejects(t, 'offset 100', bad({ slot: 0, guestPhysAddr: 0, memory, offset: 100 }), RangeError, /offset/);
-  rejects(t, 'offset + size beyond the memory', bad({ slot: 0, guestPhysAddr: 0, memory, offset: MiB, size: 4096 }), RangeError, /offset/);
-  rejects(t, 'flags "x"', bad({ slot: 0, guestPhysAddr: 0, memory, flags: 'x' }), TypeError, /flags/);
-  rejects(t, 'flags 1', bad({ slot: 0, guestPhysAddr: 0, memory, flags: 1 }), TypeError, /flags/);
+  rejects(t, 'region null', bad(null as unknown as Record<string, unknown>), 'ERR_INVALID_ARG_TYPE', /region/);
+  rejects(t, 'memory missing', bad({ slot: 0, guestPhysAddr: 0 }), 'ERR_INVALID_ARG_TYPE', /memory/);
+  rejects(t, 'memory {}', bad({ slot: 0, guestPhysAddr: 0, memory: {} }), 'ERR_INVALID_ARG_TYPE', /memory/);
+  rejects(t, 'memory a plain ArrayBuffer', bad({ slot: 0, guestPhysAddr: 0, memory: new ArrayBuffer(4096) }), 'ERR_INVALID_ARG_TYPE', /memory/);
+  rejects(t, 'slot -1', bad({ slot: -1, guestPhysAddr: 0, memory }), 'ERR_OUT_OF_RANGE', /slot/);
+  rejects(t, "slot '0'", bad({ slot: '0', guestPhysAddr: 0, memory }), 'ERR_INVALID_ARG_TYPE', /slot/);
+  rejects(t, 'guestPhysAddr 0x1001', bad({ slot: 0, guestPhysAddr: 0x1001, memory }), 'ERR_INVALID_ARG_VALUE', /guestPhysAddr/);
+  rejects(t, 'guestPhysAddr -4096', bad({ slot: 0, guestPhysAddr: -4096, memory }), 'ERR_OUT_OF_RANGE', /guestPhysAddr/);
+  rejects(t, "guestPhysAddr '0'", bad({ slot: 0, guestPhysAddr: '0', memory }), 'ERR_INVALID_ARG_TYPE', /guestPhysAddr/);
+  rejects(t, 'guestPhysAddr 2^64', bad({ slot: 0, guestPhysAddr: 1n << 64n, memory }), 'ERR_OUT_OF_RANGE', /guestPhysAddr/);
+  rejects(t, 'size 4097', bad({ slot: 0, guestPhysAddr: 0, memory, size: 4097 }), 'ERR_INVALID_ARG_VALUE', /size/);
+  rejects(t, 'size 0', bad({ slot: 0, guestPhysAddr: 0, memory, size: 0 }), 'ERR_OUT_OF_RANGE', /size/);
+  rejects(t, 'offset 100', bad({ slot: 0, guestPhysAddr: 0, memory, offset: 100 }), 'ERR_INVALID_ARG_VALUE', /offset/);
+  rejects(t, 'offset + size beyond the memory', bad({ slot: 0, guestPhysAddr: 0, memory, offset: MiB, size: 4096 }), 'ERR_OUT_OF_RANGE', /offset/);
+  rejects(t, 'flags "x"', bad({ slot: 0, guestPhysAddr: 0, memory, flags: 'x' }), 'ERR_INVALID_ARG_TYPE', /flags/);
+  rejects(t, 'flags 1', bad({ slot: 0, guestPhysAddr: 0, memory, flags: 1 }), 'ERR_INVALID_ARG_TYPE', /flags/);
   const closed = GuestMemory.create(4096);
   closed.close();
   rejectsKvm(t, 'a closed GuestMemory', bad({ slot: 0, guestPhysAddr: 0, memory: closed }), { code: 'EBADF' });
@@ -110,7 +117,7 @@ t.test('Vm.setUserMemoryRegion validates the region before the ioctl', { skip: n
   rejectsKvm(t, 'a second slot over the same guest-physical range', bad({ slot: 1, guestPhysAddr: 0x80000, memory }), {
     code: 'EEXIST', errno: -17, syscall: 'ioctl(KVM_SET_USER_MEMORY_REGION)',
   });
-  rejects(t, 'deleteUserMemoryRegion(-1)', () => vm.deleteUserMemoryRegion(-1), RangeError, /slot/);
+  rejects(t, 'deleteUserMemoryRegion(-1)', () => vm.deleteUserMemoryRegion(-1), 'ERR_OUT_OF_RANGE', /slot/);
 });
 
 // Without `size`, the default (the rest of the memory after `offset`) is negative; the error must
@@ -118,7 +125,7 @@ t.test('Vm.setUserMemoryRegion validates the region before the ioctl', { skip: n
 t.test('Vm.setUserMemoryRegion: an offset past the end of the memory, no size', { skip: noKvm }, async (t) => {
   const vm = openVm(t);
   const memory = createMemory(t);
-  rejects(t, 'offset = memory.size + 4096', () => vm.setUserMemoryRegion({ slot: 0, guestPhysAddr: 0, memory, offset: MiB + 4096 }), RangeError, /offset/);
+  rejects(t, 'offset = memory.size + 4096', () => vm.setUserMemoryRegion({ slot: 0, guestPhysAddr: 0, memory, offset: MiB + 4096 }), 'ERR_OUT_OF_RANGE', /offset/);
 });
 
 t.test('Vcpu: struct arguments are checked field by field', { skip: noKvm }, async (t) => {
@@ -128,46 +135,46 @@ t.test('Vcpu: struct arguments are checked field by field', { skip: noKvm }, asy
   const vcpu = vm.createVcpu(0);
   t.teardown(() => vcpu.close());
   const regs = vcpu.getRegs();
-  rejects(t, 'setRegs({})', () => vcpu.setRegs({} as unknown as typeof regs), TypeError, /regs\.rax is missing/);
-  rejects(t, 'setRegs(null)', () => vcpu.setRegs(null as unknown as typeof regs), TypeError, /regs/);
-  rejects(t, "rip 'x'", () => vcpu.setRegs({ ...regs, rip: 'x' as unknown as bigint }), TypeError, /regs\.rip/);
-  rejects(t, 'rip -1n', () => vcpu.setRegs({ ...regs, rip: -1n }), RangeError, /regs\.rip/);
-  rejects(t, 'rip 2n**64n', () => vcpu.setRegs({ ...regs, rip: 2n ** 64n }), RangeError, /regs\.rip/);
-  rejects(t, 'rip 1.5', () => vcpu.setRegs({ ...regs, rip: 1.5 as unknown as bigint }), TypeError, /regs\.rip/);
+  rejects(t, 'setRegs({})', () => vcpu.setRegs({} as unknown as typeof regs), 'ERR_INVALID_ARG_TYPE', /regs\.rax is missing/);
+  rejects(t, 'setRegs(null)', () => vcpu.setRegs(null as unknown as typeof regs), 'ERR_INVALID_ARG_TYPE', /regs/);
+  rejects(t, "rip 'x'", () => vcpu.setRegs({ ...regs, rip: 'x' as unknown as bigint }), 'ERR_INVALID_ARG_TYPE', /regs\.rip/);
+  rejects(t, 'rip -1n', () => vcpu.setRegs({ ...regs, rip: -1n }), 'ERR_OUT_OF_RANGE', /regs\.rip/);
+  rejects(t, 'rip 2n**64n', () => vcpu.setRegs({ ...regs, rip: 2n ** 64n }), 'ERR_OUT_OF_RANGE', /regs\.rip/);
+  rejects(t, 'rip 1.5', () => vcpu.setRegs({ ...regs, rip: 1.5 as unknown as bigint }), 'ERR_INVALID_ARG_TYPE', /regs\.rip/);
 
   const sregs = vcpu.getSregs();
-  rejects(t, "sregs.cs 'x'", () => vcpu.setSregs({ ...sregs, cs: 'x' as unknown as typeof sregs.cs }), TypeError, /sregs\.cs/);
-  rejects(t, "sregs.cs.selector '8'", () => vcpu.setSregs({ ...sregs, cs: { ...sregs.cs, selector: '8' as unknown as number } }), TypeError, /sregs\.cs\.selector/);
-  rejects(t, 'sregs.cs.type 256', () => vcpu.setSregs({ ...sregs, cs: { ...sregs.cs, type: 256 } }), RangeError, /sregs\.cs\.type/);
-  rejects(t, 'sregs.interruptBitmap of 3', () => vcpu.setSregs({ ...sregs, interruptBitmap: [0n, 0n, 0n] }), RangeError, /sregs\.interruptBitmap/);
-  rejects(t, 'sregs.gdt.limit 65536', () => vcpu.setSregs({ ...sregs, gdt: { ...sregs.gdt, limit: 65536 } }), RangeError, /sregs\.gdt\.limit/);
+  rejects(t, "sregs.cs 'x'", () => vcpu.setSregs({ ...sregs, cs: 'x' as unknown as typeof sregs.cs }), 'ERR_INVALID_ARG_TYPE', /sregs\.cs/);
+  rejects(t, "sregs.cs.selector '8'", () => vcpu.setSregs({ ...sregs, cs: { ...sregs.cs, selector: '8' as unknown as number } }), 'ERR_INVALID_ARG_TYPE', /sregs\.cs\.selector/);
+  rejects(t, 'sregs.cs.type 256', () => vcpu.setSregs({ ...sregs, cs: { ...sregs.cs, type: 256 } }), 'ERR_OUT_OF_RANGE', /sregs\.cs\.type/);
+  rejects(t, 'sregs.interruptBitmap of 3', () => vcpu.setSregs({ ...sregs, interruptBitmap: [0n, 0n, 0n] }), 'ERR_INVALID_ARG_VALUE', /sregs\.interruptBitmap/);
+  rejects(t, 'sregs.gdt.limit 65536', () => vcpu.setSregs({ ...sregs, gdt: { ...sregs.gdt, limit: 65536 } }), 'ERR_OUT_OF_RANGE', /sregs\.gdt\.limit/);
 
-  rejects(t, "setMsrs('x')", () => vcpu.setMsrs('x' as unknown as []), TypeError, /msr entries/);
-  rejects(t, 'getMsrs([{}])', () => vcpu.getMsrs([{}] as unknown as number[]), TypeError, /index/);
-  rejects(t, 'getMsrs(-1 index)', () => vcpu.getMsrs([-1]), RangeError, /index/);
-  rejects(t, "setMsrs data 'x'", () => vcpu.setMsrs([{ index: 0x10, data: 'x' as unknown as bigint }]), TypeError, /data/);
+  rejects(t, "setMsrs('x')", () => vcpu.setMsrs('x' as unknown as []), 'ERR_INVALID_ARG_TYPE', /msr entries/);
+  rejects(t, 'getMsrs([{}])', () => vcpu.getMsrs([{}] as unknown as number[]), 'ERR_INVALID_ARG_TYPE', /index/);
+  rejects(t, 'getMsrs(-1 index)', () => vcpu.getMsrs([-1]), 'ERR_OUT_OF_RANGE', /index/);
+  rejects(t, "setMsrs data 'x'", () => vcpu.setMsrs([{ index: 0x10, data: 'x' as unknown as bigint }]), 'ERR_INVALID_ARG_TYPE', /data/);
 
   const entry = { function: 0, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 };
-  rejects(t, 'setCpuid2 with 5000 entries (addon limit)', () => vcpu.setCpuid2(Array.from({ length: 5000 }, () => entry)), RangeError, /KVM_SET_CPUID2 count is too large/);
-  rejects(t, "setCpuid2('x')", () => vcpu.setCpuid2('x' as unknown as []), TypeError, /cpuid entries/);
+  rejects(t, 'setCpuid2 with 5000 entries (addon limit)', () => vcpu.setCpuid2(Array.from({ length: 5000 }, () => entry)), 'ERR_OUT_OF_RANGE', /KVM_SET_CPUID2 count is too large/);
+  rejects(t, "setCpuid2('x')", () => vcpu.setCpuid2('x' as unknown as []), 'ERR_INVALID_ARG_TYPE', /cpuid entries/);
 
-  rejects(t, 'setXsave(10 bytes)', () => vcpu.setXsave(new Uint8Array(10)), RangeError, /KVM_SET_XSAVE needs \d+ bytes, got 10/);
-  rejects(t, 'setXsave([])', () => vcpu.setXsave([] as unknown as Uint8Array), TypeError, /xsave/);
-  rejects(t, 'setLapic regs of 1023 bytes', () => vcpu.setLapic({ regs: new Uint8Array(1023) }), RangeError, /lapicState\.regs must hold exactly 1024 bytes/);
-  rejects(t, 'setLapic regs an array', () => vcpu.setLapic({ regs: [] as unknown as Uint8Array }), TypeError, /lapicState\.regs/);
-  rejects(t, 'setXcrs of 17', () => vcpu.setXcrs(Array.from({ length: 17 }, () => ({ xcr: 0, value: 1n }))), RangeError, /xcrs/);
-  rejects(t, "setMpState('x')", () => vcpu.setMpState('x' as unknown as number), TypeError, /mpState/);
-  rejects(t, 'setGuestDebug debugreg of 2', () => vcpu.setGuestDebug({ debugreg: [0n, 0n] }), RangeError, /debugreg/);
-  rejects(t, "setGuestDebug('x')", () => vcpu.setGuestDebug('x' as unknown as null), TypeError, /options/);
-  rejects(t, 'interrupt(256)', () => vcpu.interrupt(256), RangeError, /irq/);
-  rejects(t, 'setTscKhz(0)', () => vcpu.setTscKhz(0), RangeError, /khz/);
-  rejects(t, 'translate(-1)', () => vcpu.translate(-1), RangeError, /guestVirtAddr/);
-  rejects(t, 'setNestedState of 4 bytes', () => vcpu.setNestedState(new Uint8Array(4)), RangeError, /nested state/);
-  rejects(t, "harvestDirtyRing('x')", () => vcpu.harvestDirtyRing('x' as unknown as Float64Array), TypeError, /Float64Array/);
-  rejects(t, 'enableCap with 5 args', () => vcpu.enableCap(0, [0, 0, 0, 0, 0]), TypeError, /args/);
-  rejects(t, 'enableCap arg -1', () => vcpu.enableCap(0, [-1]), RangeError, /args\[0\]/);
+  rejects(t, 'setXsave(10 bytes)', () => vcpu.setXsave(new Uint8Array(10)), 'ERR_INVALID_ARG_VALUE', /KVM_SET_XSAVE needs \d+ bytes, got 10/);
+  rejects(t, 'setXsave([])', () => vcpu.setXsave([] as unknown as Uint8Array), 'ERR_INVALID_ARG_TYPE', /xsave/);
+  rejects(t, 'setLapic regs of 1023 bytes', () => vcpu.setLapic({ regs: new Uint8Array(1023) }), 'ERR_INVALID_ARG_VALUE', /lapicState\.regs must hold exactly 1024 bytes/);
+  rejects(t, 'setLapic regs an array', () => vcpu.setLapic({ regs: [] as unknown as Uint8Array }), 'ERR_INVALID_ARG_TYPE', /lapicState\.regs/);
+  rejects(t, 'setXcrs of 17', () => vcpu.setXcrs(Array.from({ length: 17 }, () => ({ xcr: 0, value: 1n }))), 'ERR_INVALID_ARG_VALUE', /xcrs/);
+  rejects(t, "setMpState('x')", () => vcpu.setMpState('x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /mpState/);
+  rejects(t, 'setGuestDebug debugreg of 2', () => vcpu.setGuestDebug({ debugreg: [0n, 0n] }), 'ERR_INVALID_ARG_VALUE', /debugreg/);
+  rejects(t, "setGuestDebug('x')", () => vcpu.setGuestDebug('x' as unknown as null), 'ERR_INVALID_ARG_TYPE', /options/);
+  rejects(t, 'interrupt(256)', () => vcpu.interrupt(256), 'ERR_OUT_OF_RANGE', /irq/);
+  rejects(t, 'setTscKhz(0)', () => vcpu.setTscKhz(0), 'ERR_OUT_OF_RANGE', /khz/);
+  rejects(t, 'translate(-1)', () => vcpu.translate(-1), 'ERR_OUT_OF_RANGE', /guestVirtAddr/);
+  rejects(t, 'setNestedState of 4 bytes', () => vcpu.setNestedState(new Uint8Array(4)), 'ERR_INVALID_ARG_VALUE', /nested state/);
+  rejects(t, "harvestDirtyRing('x')", () => vcpu.harvestDirtyRing('x' as unknown as Float64Array), 'ERR_INVALID_ARG_TYPE', /Float64Array/);
+  rejects(t, 'enableCap with 5 args', () => vcpu.enableCap(0, [0, 0, 0, 0, 0]), 'ERR_INVALID_ARG_TYPE', /args/);
+  rejects(t, 'enableCap arg -1', () => vcpu.enableCap(0, [-1]), 'ERR_OUT_OF_RANGE', /args\[0\]/);
   // Its args[0] is a host pointer the kernel writes through: refused before the ioctl.
-  rejects(t, 'enableCap(Cap.HypervEnlightenedVmcs)', () => vcpu.enableCap(Cap.HypervEnlightenedVmcs, [0x1000]), RangeError, /KVM_CAP_HYPERV_ENLIGHTENED_VMCS/);
+  rejects(t, 'enableCap(Cap.HypervEnlightenedVmcs)', () => vcpu.enableCap(Cap.HypervEnlightenedVmcs, [0x1000]), 'ERR_INVALID_ARG_VALUE', /KVM_CAP_HYPERV_ENLIGHTENED_VMCS/);
 });
 
 t.test('Vm: interrupts, eventfds, addresses and dirty logs', { skip: noKvm }, async (t) => {
@@ -175,51 +182,51 @@ t.test('Vm: interrupts, eventfds, addresses and dirty logs', { skip: noKvm }, as
   vm.createIrqChip();
   const eventfd = EventFd.create();
   t.teardown(() => eventfd.close());
-  rejects(t, "setIrqLine('a', 1)", () => vm.setIrqLine('a' as unknown as number, 1), TypeError, /irq/);
-  rejects(t, 'setIrqLine(-1, 1)', () => vm.setIrqLine(-1, 1), RangeError, /irq/);
-  rejects(t, 'registerIrqfd(-1, 0)', () => vm.registerIrqfd(-1, 0), RangeError, /eventfd/);
-  rejects(t, "registerIrqfd('3', 0)", () => vm.registerIrqfd('3' as unknown as number, 0), TypeError, /eventfd/);
-  rejects(t, 'registerIrqfd(eventfd, -1)', () => vm.registerIrqfd(eventfd, -1), RangeError, /gsi/);
-  rejects(t, 'registerIrqfd resampleFd 1.5', () => vm.registerIrqfd(eventfd, 0, 1.5), RangeError, /resampleFd/);
-  rejects(t, 'registerIoeventfd len 3', () => vm.registerIoeventfd({ addr: 0, len: 3 }, eventfd), RangeError, /len/);
-  rejects(t, 'registerIoeventfd len 16', () => vm.registerIoeventfd({ addr: 0, len: 16 }, eventfd), RangeError, /len/);
-  rejects(t, 'registerIoeventfd addr -1', () => vm.registerIoeventfd({ addr: -1, len: 4 }, eventfd), RangeError, /addr/);
-  rejects(t, 'registerIoeventfd datamatch 2^64', () => vm.registerIoeventfd({ addr: 0, len: 4, datamatch: 1n << 64n }, eventfd), RangeError, /datamatch/);
-  rejects(t, 'registerIoeventfd(null)', () => vm.registerIoeventfd(null as unknown as { addr: 0; len: 0 }, eventfd), TypeError, /options/);
-  rejects(t, 'setTssAddr(2**40)', () => vm.setTssAddr(2 ** 40), RangeError, /addr/);
-  rejects(t, "setTssAddr('x')", () => vm.setTssAddr('x' as unknown as number), TypeError, /addr/);
-  rejects(t, 'setIdentityMapAddr(-1)', () => vm.setIdentityMapAddr(-1), RangeError, /addr/);
-  rejects(t, 'getIrqChip(3)', () => vm.getIrqChip(3), RangeError, /chip/);
-  rejects(t, 'signalMsi(null)', () => vm.signalMsi(null as unknown as { addressLo: 0; data: 0 }), TypeError, /msi/);
-  rejects(t, "signalMsi addressLo 'x'", () => vm.signalMsi({ addressLo: 'x' as unknown as number, data: 0 }), TypeError, /addressLo/);
-  rejects(t, "setGsiRouting('x')", () => vm.setGsiRouting('x' as unknown as []), TypeError, /entries/);
-  rejects(t, 'setGsiRouting type bogus', () => vm.setGsiRouting([{ gsi: 0, type: 'bogus' } as unknown as { gsi: 0; type: 'irqchip'; irqchip: 0; pin: 0 }]), RangeError, /entries\[0\]\.type/);
-  rejects(t, 'setGsiRouting irqchip 3', () => vm.setGsiRouting([{ gsi: 0, type: 'irqchip', irqchip: 3, pin: 0 }]), RangeError, /entries\[0\]\.irqchip/);
-  rejects(t, 'enableDirtyRing(4097)', () => vm.enableDirtyRing(4097), RangeError, /bytes/);
-  rejects(t, 'createPit2 flags -1', () => vm.createPit2(-1), RangeError, /flags/);
-  rejects(t, 'clearDirtyLog on a slot that does not exist', () => vm.clearDirtyLog(7, 0, 64), RangeError, /slot 7/);
-  rejects(t, 'getDirtyLog on a slot that does not exist', () => vm.getDirtyLog(7), RangeError, /slot 7/);
+  rejects(t, "setIrqLine('a', 1)", () => vm.setIrqLine('a' as unknown as number, 1), 'ERR_INVALID_ARG_TYPE', /irq/);
+  rejects(t, 'setIrqLine(-1, 1)', () => vm.setIrqLine(-1, 1), 'ERR_OUT_OF_RANGE', /irq/);
+  rejects(t, 'registerIrqfd(-1, 0)', () => vm.registerIrqfd(-1, 0), 'ERR_OUT_OF_RANGE', /eventfd/);
+  rejects(t, "registerIrqfd('3', 0)", () => vm.registerIrqfd('3' as unknown as number, 0), 'ERR_INVALID_ARG_TYPE', /eventfd/);
+  rejects(t, 'registerIrqfd(eventfd, -1)', () => vm.registerIrqfd(eventfd, -1), 'ERR_OUT_OF_RANGE', /gsi/);
+  rejects(t, 'registerIrqfd resampleFd 1.5', () => vm.registerIrqfd(eventfd, 0, 1.5), 'ERR_OUT_OF_RANGE', /resampleFd/);
+  rejects(t, 'registerIoeventfd len 3', () => vm.registerIoeventfd({ addr: 0, len: 3 }, eventfd), 'ERR_INVALID_ARG_VALUE', /len/);
+  rejects(t, 'registerIoeventfd len 16', () => vm.registerIoeventfd({ addr: 0, len: 16 }, eventfd), 'ERR_OUT_OF_RANGE', /len/);
+  rejects(t, 'registerIoeventfd addr -1', () => vm.registerIoeventfd({ addr: -1, len: 4 }, eventfd), 'ERR_OUT_OF_RANGE', /addr/);
+  rejects(t, 'registerIoeventfd datamatch 2^64', () => vm.registerIoeventfd({ addr: 0, len: 4, datamatch: 1n << 64n }, eventfd), 'ERR_OUT_OF_RANGE', /datamatch/);
+  rejects(t, 'registerIoeventfd(null)', () => vm.registerIoeventfd(null as unknown as { addr: 0; len: 0 }, eventfd), 'ERR_INVALID_ARG_TYPE', /options/);
+  rejects(t, 'setTssAddr(2**40)', () => vm.setTssAddr(2 ** 40), 'ERR_OUT_OF_RANGE', /addr/);
+  rejects(t, "setTssAddr('x')", () => vm.setTssAddr('x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /addr/);
+  rejects(t, 'setIdentityMapAddr(-1)', () => vm.setIdentityMapAddr(-1), 'ERR_OUT_OF_RANGE', /addr/);
+  rejects(t, 'getIrqChip(3)', () => vm.getIrqChip(3), 'ERR_OUT_OF_RANGE', /chip/);
+  rejects(t, 'signalMsi(null)', () => vm.signalMsi(null as unknown as { addressLo: 0; data: 0 }), 'ERR_INVALID_ARG_TYPE', /msi/);
+  rejects(t, "signalMsi addressLo 'x'", () => vm.signalMsi({ addressLo: 'x' as unknown as number, data: 0 }), 'ERR_INVALID_ARG_TYPE', /addressLo/);
+  rejects(t, "setGsiRouting('x')", () => vm.setGsiRouting('x' as unknown as []), 'ERR_INVALID_ARG_TYPE', /entries/);
+  rejects(t, 'setGsiRouting type bogus', () => vm.setGsiRouting([{ gsi: 0, type: 'bogus' } as unknown as { gsi: 0; type: 'irqchip'; irqchip: 0; pin: 0 }]), 'ERR_INVALID_ARG_VALUE', /entries\[0\]\.type/);
+  rejects(t, 'setGsiRouting irqchip 3', () => vm.setGsiRouting([{ gsi: 0, type: 'irqchip', irqchip: 3, pin: 0 }]), 'ERR_OUT_OF_RANGE', /entries\[0\]\.irqchip/);
+  rejects(t, 'enableDirtyRing(4097)', () => vm.enableDirtyRing(4097), 'ERR_INVALID_ARG_VALUE', /bytes/);
+  rejects(t, 'createPit2 flags -1', () => vm.createPit2(-1), 'ERR_OUT_OF_RANGE', /flags/);
+  rejects(t, 'clearDirtyLog on a slot that does not exist', () => vm.clearDirtyLog(7, 0, 64), 'ERR_INVALID_ARG_VALUE', /slot 7/);
+  rejects(t, 'getDirtyLog on a slot that does not exist', () => vm.getDirtyLog(7), 'ERR_INVALID_ARG_VALUE', /slot 7/);
   const memory = createMemory(t);
   vm.setUserMemoryRegion({ slot: 0, guestPhysAddr: 0, memory });
-  rejects(t, 'getDirtyLog on a slot that does not log', () => vm.getDirtyLog(0), RangeError, /slot 0 does not log dirty pages/);
-  rejects(t, 'Vm.fromFd(-1)', () => Vm.fromFd(-1), RangeError, /fd/);
-  rejects(t, "Vm.fromFd('3')", () => Vm.fromFd('3' as unknown as number), TypeError, /fd/);
+  rejects(t, 'getDirtyLog on a slot that does not log', () => vm.getDirtyLog(0), 'ERR_INVALID_ARG_VALUE', /slot 0 does not log dirty pages/);
+  rejects(t, 'Vm.fromFd(-1)', () => Vm.fromFd(-1), 'ERR_OUT_OF_RANGE', /fd/);
+  rejects(t, "Vm.fromFd('3')", () => Vm.fromFd('3' as unknown as number), 'ERR_INVALID_ARG_TYPE', /fd/);
   rejectsKvm(t, 'Vm.fromFd of an fd that is no VM', () => Vm.fromFd(eventfd.fd), { code: 'EBADF' });
 });
 
 t.test('GuestMemory, EventFd and the cross-thread helpers', async (t) => {
-  rejects(t, "GuestMemory.create('4096')", () => GuestMemory.create('4096' as unknown as number), TypeError, /size/);
-  rejects(t, 'GuestMemory.create(4097)', () => GuestMemory.create(4097), RangeError, /size/);
-  rejects(t, "GuestMemory.attach({guestMemory: 'x'})", () => GuestMemory.attach({ guestMemory: 'x' } as unknown as { guestMemory: number }), TypeError, /handle/);
-  rejects(t, 'GuestMemory.attach({guestMemory: 1.5})', () => GuestMemory.attach({ guestMemory: 1.5 }), RangeError, /memory/);
+  rejects(t, "GuestMemory.create('4096')", () => GuestMemory.create('4096' as unknown as number), 'ERR_INVALID_ARG_TYPE', /size/);
+  rejects(t, 'GuestMemory.create(4097)', () => GuestMemory.create(4097), 'ERR_INVALID_ARG_VALUE', /size/);
+  rejects(t, "GuestMemory.attach({guestMemory: 'x'})", () => GuestMemory.attach({ guestMemory: 'x' } as unknown as { guestMemory: number }), 'ERR_INVALID_ARG_TYPE', /handle/);
+  rejects(t, 'GuestMemory.attach({guestMemory: 1.5})', () => GuestMemory.attach({ guestMemory: 1.5 }), 'ERR_OUT_OF_RANGE', /memory/);
   rejectsKvm(t, 'GuestMemory.attach of an id never issued', () => GuestMemory.attach({ guestMemory: 0xfffffff0 }), { code: 'EBADF' });
   const memory = createMemory(t, 4096);
-  rejects(t, 'bytes(-1)', () => memory.bytes(-1), RangeError, /offset/);
-  rejects(t, 'bytes(0, 4097)', () => memory.bytes(0, 4097), RangeError, /outside guest memory/);
-  rejects(t, "write(0, 'x')", () => memory.write(0, 'x' as unknown as Uint8Array), TypeError, /data/);
-  rejects(t, 'EventFd.create initialValue -1', () => EventFd.create({ initialValue: -1 }), RangeError, /initialValue/);
-  rejects(t, "kickVcpu('x')", () => kickVcpu('x' as unknown as { vcpuKick: number }), TypeError, /handle/);
-  rejects(t, "harvestDirtyRing('x')", () => harvestDirtyRing('x' as unknown as { vcpuKick: number }, new Float64Array(2)), TypeError, /handle/);
+  rejects(t, 'bytes(-1)', () => memory.bytes(-1), 'ERR_OUT_OF_RANGE', /offset/);
+  rejects(t, 'bytes(0, 4097)', () => memory.bytes(0, 4097), 'ERR_OUT_OF_RANGE', /outside guest memory/);
+  rejects(t, "write(0, 'x')", () => memory.write(0, 'x' as unknown as Uint8Array), 'ERR_INVALID_ARG_TYPE', /data/);
+  rejects(t, 'EventFd.create initialValue -1', () => EventFd.create({ initialValue: -1 }), 'ERR_OUT_OF_RANGE', /initialValue/);
+  rejects(t, "kickVcpu('x')", () => kickVcpu('x' as unknown as { vcpuKick: number }), 'ERR_INVALID_ARG_TYPE', /handle/);
+  rejects(t, "harvestDirtyRing('x')", () => harvestDirtyRing('x' as unknown as { vcpuKick: number }, new Float64Array(2)), 'ERR_INVALID_ARG_TYPE', /handle/);
   t.equal(kickVcpu({ vcpuKick: 0xfffffff0 }), false, 'kicking a vCPU id never issued reports false');
   rejectsKvm(t, 'harvestDirtyRing of an id never issued', () => harvestDirtyRing({ vcpuKick: 0xfffffff0 }, new Float64Array(2)), { code: 'EBADF' });
 });
@@ -228,11 +235,11 @@ t.test('GuestMemory, EventFd and the cross-thread helpers', async (t) => {
 t.test('EventFd.write checks its value', async (t) => {
   const eventfd = EventFd.create();
   t.teardown(() => eventfd.close());
-  rejects(t, "write('1')", () => eventfd.write('1' as unknown as number), TypeError, /value/);
-  rejects(t, 'write({})', () => eventfd.write({} as unknown as number), TypeError, /value/);
-  rejects(t, 'write(-1)', () => eventfd.write(-1), RangeError, /value/);
-  rejects(t, 'write(1.5)', () => eventfd.write(1.5), RangeError, /value/);
-  rejects(t, 'write(2n**64n - 1n)', () => eventfd.write(2n ** 64n - 1n), RangeError, /value/);
+  rejects(t, "write('1')", () => eventfd.write('1' as unknown as number), 'ERR_INVALID_ARG_TYPE', /value/);
+  rejects(t, 'write({})', () => eventfd.write({} as unknown as number), 'ERR_INVALID_ARG_TYPE', /value/);
+  rejects(t, 'write(-1)', () => eventfd.write(-1), 'ERR_OUT_OF_RANGE', /value/);
+  rejects(t, 'write(1.5)', () => eventfd.write(1.5), 'ERR_OUT_OF_RANGE', /value/);
+  rejects(t, 'write(2n**64n - 1n)', () => eventfd.write(2n ** 64n - 1n), 'ERR_OUT_OF_RANGE', /value/);
   eventfd.read(); // whatever a lenient write() above may have added
   eventfd.write(2n ** 64n - 2n);
   rejectsKvm(t, 'write past the counter maximum on a non-blocking eventfd', () => eventfd.write(1), { code: 'EAGAIN', syscall: 'write(eventfd)' });
@@ -445,24 +452,24 @@ t.test('the raw addon rejects garbage without crashing', { skip: noKvm }, async 
   const vmHandle = native.vmFromFd(vm.fd);
   const getRegs = ops['KVM_GET_REGS']!;
 
-  rejects(t, 'ioctl(handle, 9999)', () => native.ioctl(vcpuHandle, 9999), RangeError, /op/);
-  rejects(t, 'ioctl(handle, -1)', () => native.ioctl(vcpuHandle, -1), RangeError, /op/);
-  rejects(t, "ioctl(handle, 'x')", () => native.ioctl(vcpuHandle, 'x' as unknown as number), TypeError, /op/);
-  rejects(t, "ioctl('x', op)", () => native.ioctl('x' as unknown as number, getRegs, new Uint8Array(144)), TypeError, /vcpu/);
-  rejects(t, 'ioctl(-1, op)', () => native.ioctl(-1, getRegs, new Uint8Array(144)), RangeError, /vcpu/);
+  rejects(t, 'ioctl(handle, 9999)', () => native.ioctl(vcpuHandle, 9999), 'ERR_OUT_OF_RANGE', /op/);
+  rejects(t, 'ioctl(handle, -1)', () => native.ioctl(vcpuHandle, -1), 'ERR_OUT_OF_RANGE', /op/);
+  rejects(t, "ioctl(handle, 'x')", () => native.ioctl(vcpuHandle, 'x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /op/);
+  rejects(t, "ioctl('x', op)", () => native.ioctl('x' as unknown as number, getRegs, new Uint8Array(144)), 'ERR_INVALID_ARG_TYPE', /vcpu/);
+  rejects(t, 'ioctl(-1, op)', () => native.ioctl(-1, getRegs, new Uint8Array(144)), 'ERR_OUT_OF_RANGE', /vcpu/);
   rejectsKvm(t, 'ioctl(a VM handle, a vCPU op)', () => native.ioctl(vmHandle, getRegs, new Uint8Array(144)), { code: 'EBADF' });
-  rejects(t, 'KVM_GET_REGS with 1 byte', () => native.ioctl(vcpuHandle, getRegs, new Uint8Array(1)), RangeError, /KVM_GET_REGS needs exactly 144 bytes, got 1/);
-  rejects(t, 'KVM_GET_REGS with a number', () => native.ioctl(vcpuHandle, getRegs, 5), TypeError, /KVM_GET_REGS needs a Uint8Array/);
-  rejects(t, 'KVM_GET_REGS with a Uint16Array', () => native.ioctl(vcpuHandle, getRegs, new Uint16Array(72) as unknown as Uint8Array), TypeError, /Uint8Array/);
-  rejects(t, 'KVM_SET_TSS_ADDR with 2^64', () => native.ioctl(vmHandle, ops['KVM_SET_TSS_ADDR']!, 1n << 64n), RangeError, /KVM_SET_TSS_ADDR/);
-  rejects(t, 'KVM_SET_TSS_ADDR with a Uint8Array', () => native.ioctl(vmHandle, ops['KVM_SET_TSS_ADDR']!, new Uint8Array(8)), TypeError, /integer/);
+  rejects(t, 'KVM_GET_REGS with 1 byte', () => native.ioctl(vcpuHandle, getRegs, new Uint8Array(1)), 'ERR_INVALID_ARG_VALUE', /KVM_GET_REGS needs exactly 144 bytes, got 1/);
+  rejects(t, 'KVM_GET_REGS with a number', () => native.ioctl(vcpuHandle, getRegs, 5), 'ERR_INVALID_ARG_TYPE', /KVM_GET_REGS needs a Uint8Array/);
+  rejects(t, 'KVM_GET_REGS with a Uint16Array', () => native.ioctl(vcpuHandle, getRegs, new Uint16Array(72) as unknown as Uint8Array), 'ERR_INVALID_ARG_TYPE', /Uint8Array/);
+  rejects(t, 'KVM_SET_TSS_ADDR with 2^64', () => native.ioctl(vmHandle, ops['KVM_SET_TSS_ADDR']!, 1n << 64n), 'ERR_OUT_OF_RANGE', /KVM_SET_TSS_ADDR/);
+  rejects(t, 'KVM_SET_TSS_ADDR with a Uint8Array', () => native.ioctl(vmHandle, ops['KVM_SET_TSS_ADDR']!, new Uint8Array(8)), 'ERR_INVALID_ARG_TYPE', /integer/);
   const msrs = new Uint8Array(8);
   new DataView(msrs.buffer).setUint32(0, 3, true);
-  rejects(t, 'KVM_GET_MSRS count beyond the buffer', () => native.ioctl(vcpuHandle, ops['KVM_GET_MSRS']!, msrs), RangeError, /fewer entries than its count/);
-  rejects(t, 'KVM_GET_MSRS without a header', () => native.ioctl(vcpuHandle, ops['KVM_GET_MSRS']!, new Uint8Array(4)), RangeError, /too small/);
+  rejects(t, 'KVM_GET_MSRS count beyond the buffer', () => native.ioctl(vcpuHandle, ops['KVM_GET_MSRS']!, msrs), 'ERR_INVALID_ARG_VALUE', /fewer entries than its count/);
+  rejects(t, 'KVM_GET_MSRS without a header', () => native.ioctl(vcpuHandle, ops['KVM_GET_MSRS']!, new Uint8Array(4)), 'ERR_INVALID_ARG_VALUE', /too small/);
   const nested = new Uint8Array(128);
   new DataView(nested.buffer).setUint32(4, 1 << 30, true);
-  rejects(t, 'KVM_SET_NESTED_STATE size beyond the buffer', () => native.ioctl(vcpuHandle, ops['KVM_SET_NESTED_STATE']!, nested), RangeError, /nested state size/);
+  rejects(t, 'KVM_SET_NESTED_STATE size beyond the buffer', () => native.ioctl(vcpuHandle, ops['KVM_SET_NESTED_STATE']!, nested), 'ERR_INVALID_ARG_VALUE', /nested state size/);
 
   // The addon copies arguments before the ioctl, so a SharedArrayBuffer is read and written
   // like any other buffer.
@@ -471,35 +478,35 @@ t.test('the raw addon rejects garbage without crashing', { skip: noKvm }, async 
   native.ioctl(vcpuHandle, getRegs, shared);
   native.ioctl(vcpuHandle, getRegs, plain);
   t.same([...shared], [...plain], 'KVM_GET_REGS into a SharedArrayBuffer view');
-  rejects(t, 'KVM_GET_REGS into a short SharedArrayBuffer view', () => native.ioctl(vcpuHandle, getRegs, new Uint8Array(new SharedArrayBuffer(8))), RangeError, /144 bytes/);
+  rejects(t, 'KVM_GET_REGS into a short SharedArrayBuffer view', () => native.ioctl(vcpuHandle, getRegs, new Uint8Array(new SharedArrayBuffer(8))), 'ERR_INVALID_ARG_VALUE', /144 bytes/);
 
   rejectsKvm(t, 'run(12345)', () => native.run(12345), { code: 'EBADF', errno: -9 });
-  rejects(t, "run('x')", () => native.run('x' as unknown as number), TypeError, /vcpu/);
+  rejects(t, "run('x')", () => native.run('x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /vcpu/);
   rejectsKvm(t, 'setUserMemoryRegion with a bogus memory id', () => native.setUserMemoryRegion(vmHandle, 0, 0, 0, 999999, 0, 4096), { code: 'EBADF' });
-  rejects(t, 'setUserMemoryRegion with memory 1.5', () => native.setUserMemoryRegion(vmHandle, 0, 0, 0, 1.5, 0, 4096), RangeError, /memory/);
-  rejects(t, 'setUserMemoryRegion with unknown flags', () => native.setUserMemoryRegion(vmHandle, 0, 0x80, 0, memory.nativeId, 0, 4096), RangeError, /flags/);
-  rejects(t, 'setUserMemoryRegion beyond the memory', () => native.setUserMemoryRegion(vmHandle, 0, 0, 0, memory.nativeId, MiB, 4096), RangeError, /offset \+ size/);
-  rejects(t, 'setUserMemoryRegion at 2^52', () => native.setUserMemoryRegion(vmHandle, 0, 0, 2 ** 52, memory.nativeId, 0, 4096), RangeError, /guestPhysAddr/);
-  rejects(t, "getDirtyLog(vm, 'x')", () => native.getDirtyLog(vmHandle, 'x' as unknown as number), TypeError, /slot/);
-  rejects(t, 'clearDirtyLog(vm, 0, -1, 64)', () => native.clearDirtyLog(vmHandle, 0, -1, 64), RangeError, /firstPage/);
-  rejects(t, 'detachBuffer(42)', () => native.detachBuffer(42 as unknown as ArrayBuffer), TypeError, /buffer/);
-  rejects(t, 'memoryCreate(4097)', () => native.memoryCreate(4097, false, false, false), RangeError, /size/);
-  rejects(t, "memoryCreate('x')", () => native.memoryCreate('x' as unknown as number, false, false, false), TypeError, /size/);
+  rejects(t, 'setUserMemoryRegion with memory 1.5', () => native.setUserMemoryRegion(vmHandle, 0, 0, 0, 1.5, 0, 4096), 'ERR_OUT_OF_RANGE', /memory/);
+  rejects(t, 'setUserMemoryRegion with unknown flags', () => native.setUserMemoryRegion(vmHandle, 0, 0x80, 0, memory.nativeId, 0, 4096), 'ERR_INVALID_ARG_VALUE', /flags/);
+  rejects(t, 'setUserMemoryRegion beyond the memory', () => native.setUserMemoryRegion(vmHandle, 0, 0, 0, memory.nativeId, MiB, 4096), 'ERR_OUT_OF_RANGE', /offset \+ size/);
+  rejects(t, 'setUserMemoryRegion at 2^52', () => native.setUserMemoryRegion(vmHandle, 0, 0, 2 ** 52, memory.nativeId, 0, 4096), 'ERR_OUT_OF_RANGE', /guestPhysAddr/);
+  rejects(t, "getDirtyLog(vm, 'x')", () => native.getDirtyLog(vmHandle, 'x' as unknown as number), 'ERR_INVALID_ARG_TYPE', /slot/);
+  rejects(t, 'clearDirtyLog(vm, 0, -1, 64)', () => native.clearDirtyLog(vmHandle, 0, -1, 64), 'ERR_OUT_OF_RANGE', /firstPage/);
+  rejects(t, 'detachBuffer(42)', () => native.detachBuffer(42 as unknown as ArrayBuffer), 'ERR_INVALID_ARG_TYPE', /buffer/);
+  rejects(t, 'memoryCreate(4097)', () => native.memoryCreate(4097, false, false, false), 'ERR_INVALID_ARG_VALUE', /size/);
+  rejects(t, "memoryCreate('x')", () => native.memoryCreate('x' as unknown as number, false, false, false), 'ERR_INVALID_ARG_TYPE', /size/);
   rejectsKvm(t, 'memoryAttach(999999)', () => native.memoryAttach(999999), { code: 'EBADF' });
   rejectsKvm(t, 'memoryWrite(999999, ...)', () => native.memoryWrite(999999, 0, Uint8Array.of(1)), { code: 'EBADF' });
-  rejects(t, 'memoryWrite past the end', () => native.memoryWrite(memory.nativeId, MiB - 1, Uint8Array.of(1, 2)), RangeError, /beyond the end/);
-  rejects(t, 'memoryWrite at 2^64-1', () => native.memoryWrite(memory.nativeId, (1n << 64n) - 1n as unknown as number, Uint8Array.of(1)), RangeError, /beyond the end/);
-  rejects(t, 'memoryWrite of a Uint16Array', () => native.memoryWrite(memory.nativeId, 0, new Uint16Array(2) as unknown as Uint8Array), TypeError, /Uint8Array/);
-  rejects(t, 'memoryFill past the end', () => native.memoryFill(memory.nativeId, 1, MiB, 0), RangeError, /beyond the end/);
-  rejects(t, 'memoryFill with byte 256', () => native.memoryFill(memory.nativeId, 0, 1, 256), RangeError, /byte/);
+  rejects(t, 'memoryWrite past the end', () => native.memoryWrite(memory.nativeId, MiB - 1, Uint8Array.of(1, 2)), 'ERR_OUT_OF_RANGE', /beyond the end/);
+  rejects(t, 'memoryWrite at 2^64-1', () => native.memoryWrite(memory.nativeId, (1n << 64n) - 1n as unknown as number, Uint8Array.of(1)), 'ERR_OUT_OF_RANGE', /beyond the end/);
+  rejects(t, 'memoryWrite of a Uint16Array', () => native.memoryWrite(memory.nativeId, 0, new Uint16Array(2) as unknown as Uint8Array), 'ERR_INVALID_ARG_TYPE', /Uint8Array/);
+  rejects(t, 'memoryFill past the end', () => native.memoryFill(memory.nativeId, 1, MiB, 0), 'ERR_OUT_OF_RANGE', /beyond the end/);
+  rejects(t, 'memoryFill with byte 256', () => native.memoryFill(memory.nativeId, 0, 1, 256), 'ERR_OUT_OF_RANGE', /byte/);
   const mappings = GuestMemory.stats().mappings;
   native.memoryRelease(999999);
   t.equal(GuestMemory.stats().mappings, mappings, 'releasing an unknown memory id releases nothing');
   memory.write(0, Uint8Array.of(0x5a));
   t.equal(memory.bytes(0, 1)[0], 0x5a, 'and the memory in use is untouched');
-  rejects(t, 'createEventFd(-1)', () => native.createEventFd(-1, false, true), RangeError, /initialValue/);
-  rejects(t, "createVcpu(vm, '0')", () => native.createVcpu(vmHandle, '0' as unknown as number), TypeError, /id/);
-  rejects(t, 'harvestDirtyRing(vcpu, [])', () => native.harvestDirtyRing(vcpuHandle, [] as unknown as Float64Array), TypeError, /Float64Array/);
+  rejects(t, 'createEventFd(-1)', () => native.createEventFd(-1, false, true), 'ERR_OUT_OF_RANGE', /initialValue/);
+  rejects(t, "createVcpu(vm, '0')", () => native.createVcpu(vmHandle, '0' as unknown as number), 'ERR_INVALID_ARG_TYPE', /id/);
+  rejects(t, 'harvestDirtyRing(vcpu, [])', () => native.harvestDirtyRing(vcpuHandle, [] as unknown as Float64Array), 'ERR_INVALID_ARG_TYPE', /Float64Array/);
   rejectsKvm(t, 'vmFromFd(-1)', () => native.vmFromFd(-1), { code: 'EBADF' });
   t.equal(native.kick(12345), false, 'kick(unknown id) reports false');
   t.doesNotThrow(() => native.closeVcpu(12345), 'closing an unknown vCPU id does nothing');
@@ -517,8 +524,8 @@ t.test('the raw ioctl rejects a non-integer op', { skip: noKvm }, async (t) => {
   const vcpu = vm.createVcpu(0);
   t.teardown(() => vcpu.close());
   const vcpuHandle = vcpu.kickHandle.vcpuKick;
-  rejects(t, 'ioctl(handle, NaN)', () => native.ioctl(vcpuHandle, NaN), RangeError, /op/);
-  rejects(t, 'ioctl(handle, 1.5)', () => native.ioctl(vcpuHandle, 1.5, 0), RangeError, /op/);
+  rejects(t, 'ioctl(handle, NaN)', () => native.ioctl(vcpuHandle, NaN), 'ERR_OUT_OF_RANGE', /op/);
+  rejects(t, 'ioctl(handle, 1.5)', () => native.ioctl(vcpuHandle, 1.5, 0), 'ERR_OUT_OF_RANGE', /op/);
 });
 
 /** Runs `body` (ES module code that may use `kvm`, the binding) in a child process; returns its JSON output. */
@@ -570,12 +577,13 @@ t.test('setTscKhz above 2^31 is refused or read back; a rate that reads as -EINT
 t.test('guest memory larger than the largest ArrayBuffer throws RangeError, in a child process', async (t) => {
   const size = Math.ceil((bufferConstants.MAX_LENGTH + 1) / 4096) * 4096;
   const result = inChild(t, `
-    const outcome = (fn) => { try { fn(); return 'returned'; } catch (e) { return e.constructor.name + ': ' + e.message; } };
+    const outcome = (fn) => { try { fn(); return 'returned'; } catch (e) { return e.constructor.name + ' [' + e.code + ']: ' + e.message; } };
     console.log(JSON.stringify({
       create: outcome(() => kvm.GuestMemory.create(${size})),
       createMemfd: outcome(() => kvm.GuestMemory.create(${size}, { backing: 'memfd' })),
       native: outcome(() => native.memoryCreate(${size}, false, false, false)),
     }));
   `);
-  t.match(result, { create: /^RangeError: .*size/, createMemfd: /^RangeError: .*size/, native: /^RangeError: .*size/ }, `size ${size}`);
+  const tooLarge = /^RangeError \[ERR_OUT_OF_RANGE\]: .*size/;
+  t.match(result, { create: tooLarge, createMemfd: tooLarge, native: tooLarge }, `size ${size}`);
 });
