@@ -2,7 +2,7 @@
 // signals the host without a VM exit reaching userspace).
 import { closeSync, readSync, writeSync } from 'node:fs';
 import { Handle, checkAddress, checkInteger } from './handle.js';
-import { KvmError, outOfRangeError } from './errors.js';
+import { KvmError, argTypeError, outOfRangeError } from './errors.js';
 import { native } from './native.js';
 
 export interface EventFdOptions {
@@ -25,6 +25,7 @@ export class EventFd extends Handle {
   }
 
   static create(options: EventFdOptions = {}): EventFd {
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
     const initial = checkInteger(options.initialValue ?? 0, 'initialValue', 0, 0xffffffff);
     const nonBlocking = options.nonBlocking ?? true;
     return new EventFd(native.createEventFd(initial, !!options.semaphore, nonBlocking), nonBlocking);

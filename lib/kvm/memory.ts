@@ -151,9 +151,12 @@ export class GuestMemory extends Handle {
     return this.#id;
   }
 
-  /** A byte view of [offset, offset + length). */
-  bytes(offset = 0, length = this.size - offset): Uint8Array {
-    return new Uint8Array(this.buffer, this.#checkRange(offset, length), Number(length));
+  /** A byte view of [offset, offset + length), to the end by default. */
+  bytes(offset = 0, length?: number): Uint8Array {
+    this.assertOpen();
+    // The default length comes from a checked offset (a bigint offset would not subtract from a number).
+    const count = length ?? Math.max(this.size - Number(checkAddress(offset, 'offset')), 0);
+    return new Uint8Array(this.buffer, this.#checkRange(offset, count), Number(count));
   }
 
   /** Copies `data` into guest memory at `offset` (without making `buffer` if there is none yet). */

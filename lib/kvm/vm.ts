@@ -160,6 +160,7 @@ export class Vm extends Handle {
 
   /** KVM_CREATE_PIT2: the in-kernel i8254 PIT. Needs createIrqChip() first. */
   createPit2(flags: { speakerDummy?: boolean } | number = {}): void {
+    if (typeof flags !== 'number' && (typeof flags !== 'object' || flags === null)) throw argTypeError('flags must be a number or an object');
     const bits = typeof flags === 'number' ? checkInteger(flags, 'flags', 0, 0xffffffff) : flags.speakerDummy ? PIT_SPEAKER_DUMMY : 0;
     this.#ioctl(OPS.createPit2, kvmPitConfig.encode({ flags: bits }));
   }

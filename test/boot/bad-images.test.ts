@@ -1,9 +1,11 @@
-// Images that cannot boot: planBoot() throws a BootImageError that says what is wrong and where,
-// before any VM exists. Most images are built here byte by byte; some are damaged copies of the
-// built guests.
+// Images that cannot boot: planBoot() throws a BootImageError (code ERR_BOOT_IMAGE) that says what
+// is wrong and where, before any VM exists. Most images are built here byte by byte; some are
+// damaged copies of the built guests.
 import t, { type Test } from 'tap';
 import { BootImageError, planBoot, type PlanOptions } from '../../lib/boot/index.js';
+import { ErrorCode, NodeKvmError } from '../../lib/kvm/index.js';
 import { elfGuest } from '../helpers/boot-runner.js';
+import { throwsArgError } from '../helpers/kvm.js';
 
 const MiB = 1 << 20;
 const options: PlanOptions = { memoryBytes: 64 * MiB, vcpus: 1 };
@@ -83,12 +85,25 @@ const withBytes = (image: Uint8Array, at: number, bytes: ArrayLike<number>) => {
   return copy;
 };
 
-const fails = (t: Test, image: Uint8Array, message: string, opts: Partial<PlanOptions> = {}) =>
-  t.throws(() => planBoot(image, { ...options, ...opts }), new BootImageError(message), message);
+/** Asserts that planning `image` throws a BootImageError (code ERR_BOOT_IMAGE) with exactly `message`. */
+function fails(t: Test, image: Uint8Array, message: string, opts: Partial<PlanOptions> = {}): void {
+  let error: unknown;
+  try {
+    planBoot(image, { ...options, ...opts });
+  } catch (caught) {
+    error = caught;
+  }
+  t.ok(error instanceof BootImageError, `${message}: a BootImageError`);
+  t.match(error, { name: 'BootImageError', code: 'ERR_BOOT_IMAGE' }, `${message}: code ERR_BOOT_IMAGE`);
+  t.equal((error as Error | undefined)?.message, message);
+}
 
 t.test('an empty file', async (t) => {
   fails(t, new Uint8Array(0), 'not a bootable image: the file is empty');
-  t.throws(() => planBoot(new Uint8Array(0), options), { name: 'BootImageError' });
+  const error = t.throws(() => planBoot(new Uint8Array(0), options), { name: 'BootImageError' });
+  t.ok(error instanceof NodeKvmError, 'a BootImageError is a NodeKvmError');
+  t.equal((error as NodeKvmError).code, ErrorCode.BootImage, 'whose code is ErrorCode.BootImage');
+  t.equal(ErrorCode.BootImage, 'ERR_BOOT_IMAGE');
 });
 
 t.test('truncated ELF headers and program headers', async (t) => {
@@ -234,13 +249,13 @@ t.test('command lines the boot information cannot carry', async (t) => {
   t.equal(planBoot(image, { ...options, cmdline: 'x'.repeat(4095) }).format, 'pvh', '4095 bytes fit');
 });
 
-t.test('bad options are TypeErrors and RangeErrors, not image errors', async (t) => {
+t.test('bad options are TypeErrors and RangeErrors with argument codes, not image errors', async (t) => {
   const image = new Uint8Array([0xf4]);
-  t.throws(() => planBoot('hello' as unknown as Uint8Array, options), TypeError);
-  t.throws(() => planBoot(image, null as unknown as PlanOptions), TypeError);
-  t.throws(() => planBoot(image, { ...options, memoryBytes: 1000 }), new RangeError('memoryBytes must be a positive multiple of 4096, got 1000'));
-  t.throws(() => planBoot(image, { ...options, vcpus: 0 }), new RangeError('vcpus must be a positive integer, got 0'));
-  t.throws(() => planBoot(image, { ...options, mode: 'virtual' as 'real' }), new RangeError("mode must be 'real', 'protected' or 'long', got virtual"));
-  t.throws(() => planBoot(image, { ...options, loadAddr: -1 }), new RangeError('loadAddr must be a non-negative integer, got -1'));
-  t.throws(() => planBoot(image, { ...options, cmdline: 5 as unknown as string }), TypeError);
+  throwsArgError(t, () => planBoot('hello' as unknown as Uint8Array, options), 'ERR_INVALID_ARG_TYPE', 'image must be a Uint8Array');
+  throwsArgError(t, () => planBoot(image, null as unknown as PlanOptions), 'ERR_INVALID_ARG_TYPE', 'options must be an object');
+  throwsArgError(t, () => planBoot(image, { ...options, memoryBytes: 1000 }), 'ERR_INVALID_ARG_VALUE', 'memoryBytes must be a positive multiple of 4096, got 1000');
+  throwsArgError(t, () => planBoot(image, { ...options, vcpus: 0 }), 'ERR_OUT_OF_RANGE', 'vcpus must be a positive integer, got 0');
+  throwsArgError(t, () => planBoot(image, { ...options, mode: 'virtual' as 'real' }), 'ERR_INVALID_ARG_VALUE', "mode must be 'real', 'protected' or 'long', got virtual");
+  throwsArgError(t, () => planBoot(image, { ...options, loadAddr: -1 }), 'ERR_OUT_OF_RANGE', 'loadAddr must be a non-negative integer, got -1');
+  throwsArgError(t, () => planBoot(image, { ...options, cmdline: 5 as unknown as string }), 'ERR_INVALID_ARG_TYPE', 'cmdline must be a string, got number');
 });

@@ -103,3 +103,19 @@ export function throwsKvm(t: Test, fn: () => unknown, expected: { code: string; 
   if (expected.syscall !== undefined) t.equal(syscall, expected.syscall);
   if (expected.message) t.match(message, expected.message);
 }
+
+/** The class that comes with each argument error's code. */
+const ARG_ERROR_CLASS = { ERR_INVALID_ARG_TYPE: TypeError, ERR_OUT_OF_RANGE: RangeError, ERR_INVALID_ARG_VALUE: RangeError } as const;
+export type ArgErrorCode = keyof typeof ARG_ERROR_CLASS;
+
+/**
+ * Asserts that `fn` throws the argument error `code` (a TypeError for ERR_INVALID_ARG_TYPE, a
+ * RangeError for ERR_OUT_OF_RANGE and ERR_INVALID_ARG_VALUE) with this message (exactly, for a string).
+ */
+export function throwsArgError(t: Test, fn: () => unknown, code: ArgErrorCode, message: string | RegExp): void {
+  const error = thrown(fn);
+  t.type(error, ARG_ERROR_CLASS[code], `a ${ARG_ERROR_CLASS[code].name}`);
+  t.equal((error as { code?: unknown }).code, code, `code ${code}`);
+  if (typeof message === 'string') t.equal((error as Error).message, message);
+  else t.match((error as Error).message, message);
+}

@@ -204,6 +204,7 @@ t.test('Vm: interrupts, eventfds, addresses and dirty logs', { skip: noKvm }, as
   rejects(t, 'setGsiRouting irqchip 3', () => vm.setGsiRouting([{ gsi: 0, type: 'irqchip', irqchip: 3, pin: 0 }]), 'ERR_OUT_OF_RANGE', /entries\[0\]\.irqchip/);
   rejects(t, 'enableDirtyRing(4097)', () => vm.enableDirtyRing(4097), 'ERR_INVALID_ARG_VALUE', /bytes/);
   rejects(t, 'createPit2 flags -1', () => vm.createPit2(-1), 'ERR_OUT_OF_RANGE', /flags/);
+  rejects(t, 'createPit2(null)', () => vm.createPit2(null as unknown as number), 'ERR_INVALID_ARG_TYPE', /^flags must be a number or an object$/);
   rejects(t, 'clearDirtyLog on a slot that does not exist', () => vm.clearDirtyLog(7, 0, 64), 'ERR_INVALID_ARG_VALUE', /slot 7/);
   rejects(t, 'getDirtyLog on a slot that does not exist', () => vm.getDirtyLog(7), 'ERR_INVALID_ARG_VALUE', /slot 7/);
   const memory = createMemory(t);
@@ -224,6 +225,11 @@ t.test('GuestMemory, EventFd and the cross-thread helpers', async (t) => {
   rejects(t, 'bytes(-1)', () => memory.bytes(-1), 'ERR_OUT_OF_RANGE', /offset/);
   rejects(t, 'bytes(0, 4097)', () => memory.bytes(0, 4097), 'ERR_OUT_OF_RANGE', /outside guest memory/);
   rejects(t, "write(0, 'x')", () => memory.write(0, 'x' as unknown as Uint8Array), 'ERR_INVALID_ARG_TYPE', /data/);
+  rejects(t, 'bytes(2n**40n)', () => memory.bytes(2n ** 40n as unknown as number), 'ERR_OUT_OF_RANGE', /^\[1099511627776, 1099511627776\) is outside guest memory of 4096 bytes$/);
+  rejects(t, 'bytes(4097)', () => memory.bytes(4097), 'ERR_OUT_OF_RANGE', /^\[4097, 4097\) is outside guest memory of 4096 bytes$/);
+  t.equal(memory.bytes(4096).length, 0, 'bytes(size) is the empty view at the end');
+  t.equal(memory.bytes(1n as unknown as number).length, 4095, 'a bigint offset: the view runs to the end');
+  rejects(t, 'EventFd.create(null)', () => EventFd.create(null as unknown as {}), 'ERR_INVALID_ARG_TYPE', /^options must be an object$/);
   rejects(t, 'EventFd.create initialValue -1', () => EventFd.create({ initialValue: -1 }), 'ERR_OUT_OF_RANGE', /initialValue/);
   rejects(t, "kickVcpu('x')", () => kickVcpu('x' as unknown as { vcpuKick: number }), 'ERR_INVALID_ARG_TYPE', /handle/);
   rejects(t, "harvestDirtyRing('x')", () => harvestDirtyRing('x' as unknown as { vcpuKick: number }, new Float64Array(2)), 'ERR_INVALID_ARG_TYPE', /handle/);
