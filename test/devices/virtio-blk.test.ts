@@ -5,6 +5,7 @@ import t from 'tap';
 import { readFileSync, truncateSync } from 'node:fs';
 import { Interrupt, Reg, Status, VIRTIO_MMIO_MAGIC, VirtioMmio } from '../../lib/devices/virtio-mmio.js';
 import { BlkRequest, BlkStatus } from '../../lib/devices/virtio-blk.js';
+import { throwsArgError } from '../helpers/kvm.js';
 import {
   AVAIL, DATA, DESC, F_INDIRECT, F_NEXT, F_WRITE, FakeDriver, FEATURE_EVENT_IDX, FEATURE_VERSION_1, QUEUE_SIZE, RAM_BYTES, USED,
 } from '../helpers/virtio-driver.js';
@@ -292,13 +293,14 @@ t.test('the register state survives a save and restore in the middle of I/O', as
   t.equal(e.serve(), 1);
   t.same(e.ram.subarray(DATA + 512, DATA + 1024), image.subarray(512, 1024));
   t.equal(e.view.getUint16(USED + 2, true), 2);
-  t.throws(() => e.mmio.restoreState({ ...saved, queues: [] }), /queues/);
-  t.throws(() => e.mmio.restoreState({ ...saved, queues: [{ ...saved.queues[0]!, num: 3 }] }), /power of two/);
-  t.throws(() => e.mmio.restoreState({ ...saved, status: -1 }), /status/);
+  // A saved state that does not fit the device is a refused argument, as a register write would be.
+  throwsArgError(t, () => e.mmio.restoreState({ ...saved, queues: [] }), 'ERR_INVALID_ARG_VALUE', 'virtio-blk0: the saved state has 0 queues, the device 1');
+  throwsArgError(t, () => e.mmio.restoreState({ ...saved, queues: [{ ...saved.queues[0]!, num: 3 }] }), 'ERR_INVALID_ARG_VALUE', 'virtio-blk0: saved queue 0: size 3 is not a power of two up to 256');
+  throwsArgError(t, () => e.mmio.restoreState({ ...saved, status: -1 }), 'ERR_INVALID_ARG_VALUE', 'virtio-blk0: bad status in the saved state');
 });
 
 t.test('the transport refuses a shared buffer it did not make', async (t) => {
-  t.throws(() => new VirtioMmio(new SharedArrayBuffer(16), 'x', () => {}), /createShared/);
+  throwsArgError(t, () => new VirtioMmio(new SharedArrayBuffer(16), 'x', () => {}), 'ERR_INVALID_ARG_TYPE', 'shared must be the SharedArrayBuffer of VirtioMmio.createShared()');
 });
 
 t.test('polling after work: the driver is told not to notify meanwhile, and to notify again after', async (t) => {
