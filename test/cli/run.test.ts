@@ -4,8 +4,11 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import { requireApiSocket } from '../../lib/cli/api-client.js';
+import { checkRunSource, parseAddress, parseDiskOption, parseSize } from '../../lib/cli/run.js';
+import { migrationToken } from '../../lib/cli/token.js';
 import { nodeKvmInProcess, startNodeKvm } from '../helpers/cli.js';
-import { noKvm, repoRoot } from '../helpers/kvm.js';
+import { noKvm, repoRoot, throwsArgError } from '../helpers/kvm.js';
 
 const guest = (name: string) => path.join(repoRoot, 'guests', 'build', `${name}.bin`);
 const nodeKvm = (...args: string[]) => startNodeKvm(args).result;
@@ -57,6 +60,20 @@ t.test('bad input is one clear line and status 1', async (t) => {
   const noImage = await badRun();
   t.equal(noImage.status, 1);
   t.match(noImage.stderr, /run takes one IMAGE/);
+});
+
+t.test("the command's option errors carry ERR_INVALID_ARG_VALUE; main() prints only their message", async (t) => {
+  throwsArgError(t, () => parseDiskOption(',ro'), 'ERR_INVALID_ARG_VALUE', "--disk needs a file: --disk FILE[,ro][,id=ID], got ',ro'");
+  throwsArgError(t, () => parseDiskOption('a.img,rw'), 'ERR_INVALID_ARG_VALUE', "--disk a.img,rw: unknown flag 'rw' (ro, id=ID)");
+  t.same(parseDiskOption('a.img,ro,id=data'), { path: 'a.img', readOnly: true, id: 'data' });
+  throwsArgError(t, () => parseSize('lots'), 'ERR_INVALID_ARG_VALUE', "--memory: 'lots' is not a size like 64M or 1G");
+  throwsArgError(t, () => parseAddress('0xzz', '--load-addr'), 'ERR_INVALID_ARG_VALUE', "--load-addr: '0xzz' is not an address (decimal or 0x hex)");
+  throwsArgError(t, () => checkRunSource({ image: 'a', kernel: 'b' }), 'ERR_INVALID_ARG_VALUE', 'give the kernel as IMAGE or as --kernel FILE, not both');
+  throwsArgError(t, () => migrationToken(''), 'ERR_INVALID_ARG_VALUE', '--token must not be empty');
+  throwsArgError(t, () => requireApiSocket(undefined, 'pause'), 'ERR_INVALID_ARG_VALUE', 'pause needs --api-socket PATH (the socket a machine serves with node-kvm run --api-socket)');
+  const printed = await nodeKvmInProcess(['run', '--disk', ',ro', guest('hello')], { builtFirstThread: true });
+  t.equal(printed.status, 1);
+  t.equal(printed.stderr, "node-kvm: --disk needs a file: --disk FILE[,ro][,id=ID], got ',ro'\n", 'one line, as before: no code, no stack');
 });
 
 t.test('run --help', async (t) => {
