@@ -8,6 +8,7 @@ import path from 'node:path';
 import t, { type Test } from 'tap';
 import { ApiError, callApi } from '../../lib/cli/api-client.js';
 import { MAX_REQUEST_LINE_BYTES, startApiServer, type ApiMachine, type ApiMachineState, type ApiServer, type ApiServerOptions } from '../../lib/cli/api-server.js';
+import { ErrorCode, NodeKvmError } from '../../lib/kvm/errors.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
 
 const MIB = 1024 * 1024;
@@ -56,13 +57,14 @@ class FakeMachine implements ApiMachine {
   }
 
   async pause(): Promise<void> {
-    if (this.state !== 'running') throw new Error(`machine is ${this.state}, not running`);
+    // As Machine refuses: with code ERR_MACHINE_STATE.
+    if (this.state !== 'running') throw new NodeKvmError(ErrorCode.MachineState, `machine is ${this.state}, not running`);
     this.calls.push(['pause']);
     this.state = 'paused';
   }
 
   resume(): void {
-    if (this.state !== 'paused') throw new Error(`machine is ${this.state}, not paused`);
+    if (this.state !== 'paused') throw new NodeKvmError(ErrorCode.MachineState, `machine is ${this.state}, not paused`);
     this.calls.push(['resume']);
     this.state = 'running';
   }
@@ -89,6 +91,7 @@ class FakeMachine implements ApiMachine {
         onProgress?.(stats('precopy', 3 + sent, 300));
       }
       await this.migrationGate;
+      // An error without a code: the client gives it ERR_API_CALL_FAILED.
       if (address.endsWith(':1')) throw new Error('migration refused: wrong token');
       this.#ended(FINAL);
       return FINAL;
@@ -202,7 +205,9 @@ t.test('the socket is private, and removed on close', async (t) => {
   t.equal(fs.lstatSync(socketPath).mode & 0o777, 0o600);
   await server.close();
   t.notOk(fs.existsSync(socketPath));
-  await t.rejects(callApi(socketPath, 'status', {}), { message: `no machine is serving the API socket ${socketPath} (ENOENT)` });
+  const unserved = await callApi(socketPath, 'status', {}).catch((error: unknown) => error);
+  t.match(unserved, { name: 'NodeKvmError', code: 'ENOENT', message: `no machine is serving the API socket ${socketPath} (ENOENT)` });
+  t.match((unserved as Error).cause, { code: 'ENOENT', syscall: 'connect' }, "the socket's own error is the cause");
 });
 
 t.test('status, pause, resume and snapshot', async (t) => {
@@ -210,7 +215,7 @@ t.test('status, pause, resume and snapshot', async (t) => {
   t.same(await callApi(socketPath, 'status', {}), { state: 'running', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null });
   t.same(await callApi(socketPath, 'pause', {}), { state: 'paused' });
   t.same(await callApi(socketPath, 'status', {}), { state: 'paused', vcpuCount: 2, memoryBytes: 64 * MIB, migration: null });
-  await t.rejects(callApi(socketPath, 'pause', {}), { name: 'ApiError', message: 'machine is paused, not running' });
+  await t.rejects(callApi(socketPath, 'pause', {}), { name: 'ApiError', code: 'ERR_MACHINE_STATE', message: 'machine is paused, not running' }, "the machine's code reaches the client");
   t.same(await callApi(socketPath, 'resume', {}), { state: 'running' });
   t.same(await callApi(socketPath, 'snapshot', { path: '/snap/one' }), {
     path: '/snap/one', kind: 'full', bytesWritten: 12288, pagesWritten: 3, zeroPagesSkipped: 5, pausedMs: 1.5, totalTimeMs: 4,
@@ -220,6 +225,7 @@ t.test('status, pause, resume and snapshot', async (t) => {
   });
   const failed = await callApi(socketPath, 'snapshot', { path: '/snap/fail' }).catch((error: unknown) => error);
   t.type(failed, ApiError);
+  t.type(failed, NodeKvmError);
   t.equal((failed as ApiError).message, 'cannot write the snapshot: ENOSPC');
   t.equal((failed as ApiError).code, 'ENOSPC');
   t.same(machine.calls, [
@@ -234,7 +240,7 @@ t.test('migrate: progress notifications, then the statistics', async (t) => {
   t.same(result, FINAL);
   t.same(progress, PROGRESS);
   t.same(machine.calls, [['migrate', 'tcp:10.0.0.2:4444', { token: 'secret', downtimeBudgetMs: 20, maxIterations: 5, onNonConvergence: 'abort' }]]);
-  await t.rejects(callApi(socketPath, 'migrate', { address: 'tcp:10.0.0.2:1', token: 'x' }), { name: 'ApiError', message: 'migration refused: wrong token' });
+  await t.rejects(callApi(socketPath, 'migrate', { address: 'tcp:10.0.0.2:1', token: 'x' }), { name: 'ApiError', code: 'ERR_API_CALL_FAILED', message: 'migration refused: wrong token' });
 
   // The raw protocol: the progress lines carry the request's id.
   const client = await rawClient(socketPath);
@@ -258,7 +264,7 @@ t.test('while a migration runs: status shows it, a second one is refused, and a 
 
   const status = await callApi(socketPath, 'status', {});
   t.same(status.migration, PROGRESS[2], 'the latest progress');
-  await t.rejects(callApi(socketPath, 'migrate', { address: 'unix:/run/other.sock' }), { message: 'a migration is already under way' });
+  await t.rejects(callApi(socketPath, 'migrate', { address: 'unix:/run/other.sock' }), { name: 'ApiError', code: 'ERR_MACHINE_STATE', message: 'a migration is already under way' });
   open();
   await new Promise((resolve) => setTimeout(resolve, 20));
   t.same((await callApi(socketPath, 'status', {})).migration, null, 'done');
@@ -295,29 +301,35 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
   const answers = await client.receive(requests.length);
   const errors = new Map((answers as { id: unknown; error: { message: string } }[]).map((answer, index) => [index, answer]));
   const messageFor = (index: number) => errors.get(index)!;
-  t.match(messageFor(0), { id: null, error: { message: /^malformed JSON: Unexpected token/ } });
-  const byId = (id: unknown) => (answers as { id: unknown; error: { message: string } }[]).filter((answer) => answer.id === id).map((answer) => answer.error.message);
+  t.match(messageFor(0), { id: null, error: { message: /^malformed JSON: Unexpected token/, code: 'ERR_API_PROTOCOL' } });
+  // Each answer's error: its message and code.
+  const byId = (id: unknown) => (answers as { id: unknown; error: { message: string; code?: string } }[]).filter((answer) => answer.id === id).map((answer) => answer.error);
+  const protocol = (message: string) => ({ message, code: 'ERR_API_PROTOCOL' });
+  const argType = (message: string) => ({ message, code: 'ERR_INVALID_ARG_TYPE' });
+  const argValue = (message: string) => ({ message, code: 'ERR_INVALID_ARG_VALUE' });
+  const outOfRange = (message: string) => ({ message, code: 'ERR_OUT_OF_RANGE' });
   t.same(byId(null).slice(1), [
-    'a request is a JSON object {"id":..., "method":..., "params":{...}}',
-    'request id must be a number or a string',
-    'request id must be a number or a string',
+    protocol('a request is a JSON object {"id":..., "method":..., "params":{...}}'),
+    protocol('request id must be a number or a string'),
+    protocol('request id must be a number or a string'),
   ]);
-  t.same(byId(1), ['unknown method "reboot" (methods: status, pause, resume, snapshot, migrate)']);
-  t.same(byId(2), ['unknown method undefined (methods: status, pause, resume, snapshot, migrate)']);
-  t.same(byId(3), ['status: params must be an object']);
-  t.same(byId(4), ["status: unknown parameter 'verbose'"]);
-  t.same(byId(5), ['snapshot: params.path must be an absolute file path']);
-  t.same(byId(6), ['snapshot: params.diff must be a boolean']);
-  t.same(byId(7), ['snapshot: params.path must be an absolute file path']);
-  t.same(byId(8), ["migration address 'ftp:host:1' must be tcp:HOST:PORT or unix:PATH"]);
-  t.same(byId(9), ['migrate: a unix socket path must be absolute']);
-  t.same(byId(10), ['migrate: params.maxIterations must be a positive integer']);
-  t.same(byId(11), ['migrate: params.downtimeBudgetMs must be a positive number']);
-  t.same(byId(12), ["migrate: params.onNonConvergence must be 'finish' or 'abort'"]);
-  t.same(byId(13), ['migrate: params.token must be a non-empty string']);
-  t.same(byId(14), ["migrate: unknown parameter 'speed'"]);
-  t.same(byId(15), ['migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)']);
-  t.same(byId(16), ['machine is running, not paused']);
+  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, snapshot, migrate)')]);
+  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, snapshot, migrate)')]);
+  t.same(byId(3), [argType('status: params must be an object')]);
+  t.same(byId(4), [argValue("status: unknown parameter 'verbose'")]);
+  t.same(byId(5), [argValue('snapshot: params.path must be an absolute file path')]);
+  t.same(byId(6), [argType('snapshot: params.diff must be a boolean')]);
+  t.same(byId(7), [argType('snapshot: params.path must be an absolute file path')]);
+  // The address is read by lib/migration's parser, which gives the error its code.
+  t.match(byId(8), [{ message: "migration address 'ftp:host:1' must be tcp:HOST:PORT or unix:PATH" }]);
+  t.same(byId(9), [argValue('migrate: a unix socket path must be absolute')]);
+  t.same(byId(10), [outOfRange('migrate: params.maxIterations must be a positive integer')]);
+  t.same(byId(11), [argType('migrate: params.downtimeBudgetMs must be a positive number')]);
+  t.same(byId(12), [argValue("migrate: params.onNonConvergence must be 'finish' or 'abort'")]);
+  t.same(byId(13), [argValue('migrate: params.token must be a non-empty string')]);
+  t.same(byId(14), [argValue("migrate: unknown parameter 'speed'")]);
+  t.same(byId(15), [argType('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)')]);
+  t.same(byId(16), [{ message: 'machine is running, not paused', code: 'ERR_MACHINE_STATE' }], "the machine's refusal keeps its code");
   t.same(machine.calls, [], 'nothing reached the machine');
   // The same connection still works.
   client.send('{"id":99,"method":"status"}\n');
@@ -340,7 +352,7 @@ t.test('a request split across writes, and an over-long line', async (t) => {
 
   const flood = await rawClient(socketPath);
   flood.send(`{"id":3,"method":"status","params":{"pad":"${'x'.repeat(MAX_REQUEST_LINE_BYTES)}"}}\n`);
-  t.same(await flood.receive(1), [{ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes` } }]);
+  t.same(await flood.receive(1), [{ id: null, error: { message: `request line longer than ${MAX_REQUEST_LINE_BYTES} bytes`, code: 'ERR_API_PROTOCOL' } }]);
   await flood.receive(2);
   t.ok(flood.closed, 'the connection is closed');
   t.same(await callApi(socketPath, 'resume', {}), { state: 'running' }, 'others are still served');
@@ -359,10 +371,17 @@ t.test('the client: a machine that hangs up, and bad arguments', async (t) => {
   const socketPath = path.join(dir, 'rude.sock');
   const rude = net.createServer((socket) => socket.end());
   await new Promise<void>((resolve) => rude.listen(socketPath, resolve));
-  await t.rejects(callApi(socketPath, 'status', {}), { message: `the machine closed the API connection on ${socketPath} before answering status` });
+  await t.rejects(callApi(socketPath, 'status', {}), { name: 'NodeKvmError', code: 'ERR_API_CLOSED', message: `the machine closed the API connection on ${socketPath} before answering status` });
   rude.close();
-  await t.rejects(callApi('', 'status', {}), { name: 'TypeError', message: 'socketPath must be a file path' });
-  await t.rejects(startApiServer('', new FakeMachine()), { name: 'TypeError', message: 'socketPath must be a file path' });
+  const babblerPath = path.join(dir, 'babbler.sock');
+  const babbler = net.createServer((socket) => socket.end('hello\n'));
+  await new Promise<void>((resolve) => babbler.listen(babblerPath, resolve));
+  const babbled = await callApi(babblerPath, 'status', {}).catch((error: unknown) => error);
+  t.match(babbled, { name: 'NodeKvmError', code: 'ERR_API_PROTOCOL', message: `API socket ${babblerPath}: the answer is not JSON` });
+  t.type((babbled as Error).cause, SyntaxError, "JSON.parse's error is the cause");
+  babbler.close();
+  await t.rejects(callApi('', 'status', {}), { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE', message: 'socketPath must be a file path' });
+  await t.rejects(startApiServer('', new FakeMachine()), { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE', message: 'socketPath must be a file path' });
   fs.writeFileSync(path.join(dir, 'file'), 'data');
   await t.rejects(startApiServer(path.join(dir, 'file'), new FakeMachine()), { message: `refusing to replace ${path.join(dir, 'file')}: it exists and is not a socket` });
 });
@@ -479,13 +498,13 @@ t.test('the server\'s limits are checked', async (t) => {
   const machine = new FakeMachine();
   // A server that starts anyway is closed again.
   const start = (options: ApiServerOptions) => startApiServer(socketPath, machine, options).then((server) => server.close());
-  await t.rejects(start({ highWaterBytes: 0 }), { name: 'RangeError', message: 'startApiServer: highWaterBytes must be a positive integer' });
-  await t.rejects(start({ maxCallsUnderWay: 1.5 }), { name: 'RangeError', message: 'startApiServer: maxCallsUnderWay must be a positive integer' });
+  await t.rejects(start({ highWaterBytes: 0 }), { name: 'RangeError', code: 'ERR_OUT_OF_RANGE', message: 'startApiServer: highWaterBytes must be a positive integer' });
+  await t.rejects(start({ maxCallsUnderWay: 1.5 }), { name: 'RangeError', code: 'ERR_OUT_OF_RANGE', message: 'startApiServer: maxCallsUnderWay must be a positive integer' });
   await t.rejects(start({ maxQueuedReplyBytes: 4096, highWaterBytes: 8192 }), {
-    name: 'RangeError', message: 'startApiServer: maxQueuedReplyBytes (4096) must be at least highWaterBytes (8192)',
+    name: 'RangeError', code: 'ERR_OUT_OF_RANGE', message: 'startApiServer: maxQueuedReplyBytes (4096) must be at least highWaterBytes (8192)',
   });
-  await t.rejects(start({ maxQueue: 1 } as ApiServerOptions), { name: 'RangeError', message: "startApiServer: unknown option 'maxQueue'" });
-  await t.rejects(start({ toString: 1 } as ApiServerOptions), { name: 'RangeError', message: "startApiServer: unknown option 'toString'" });
-  await t.rejects(start(null as unknown as ApiServerOptions), { name: 'TypeError', message: 'startApiServer: options must be an object' });
+  await t.rejects(start({ maxQueue: 1 } as ApiServerOptions), { name: 'RangeError', code: 'ERR_INVALID_ARG_VALUE', message: "startApiServer: unknown option 'maxQueue'" });
+  await t.rejects(start({ toString: 1 } as ApiServerOptions), { name: 'RangeError', code: 'ERR_INVALID_ARG_VALUE', message: "startApiServer: unknown option 'toString'" });
+  await t.rejects(start(null as unknown as ApiServerOptions), { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE', message: 'startApiServer: options must be an object' });
   t.notOk(fs.existsSync(socketPath), 'nothing listens');
 });
