@@ -11,6 +11,7 @@ import {
 } from '../../lib/index.js';
 import { native, ops } from '../../lib/kvm/native.js';
 import { guestImage, noKvm, realModeMachine, runToHalt } from '../helpers/kvm.js';
+import { FixtureWorker } from '../helpers/worker.js';
 
 type ErrorClass = new (...args: never[]) => Error;
 
@@ -522,6 +523,17 @@ t.test('the raw addon rejects garbage without crashing', { skip: noKvm }, async 
   native.detachBuffer(vcpu.kvmRun.view.buffer as ArrayBuffer);
   t.equal(vcpu.kvmRun.bytes.length, 0, 'the kvm_run view is detached');
   t.equal(typeof vcpu.getRegs().rip, 'bigint', 'the vCPU still answers');
+});
+
+t.test("another thread's vCPU cannot be run: KvmError ERR_KVM_WRONG_THREAD", { skip: noKvm }, async (t) => {
+  const vm = openVm(t);
+  const vcpu = vm.createVcpu(0);
+  t.teardown(() => vcpu.close());
+  const worker = new FixtureWorker('wrong-thread-worker', { kickHandle: vcpu.kickHandle });
+  t.same(await worker.next(), {
+    name: 'KvmError', code: 'ERR_KVM_WRONG_THREAD', message: "vCPU 0 belongs to the thread that created it; use its kick handle from other threads",
+  });
+  t.equal(await worker.exited, 0);
 });
 
 // An op number must name an op: NaN or 1.5 must not silently become op 0 or 1.

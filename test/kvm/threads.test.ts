@@ -56,17 +56,6 @@ t.test('a vCPU running in a worker leaves run() when kicked from the main thread
   }
 });
 
-t.test("another thread's vCPU cannot be run: KvmError ERR_KVM_WRONG_THREAD", { skip: noKvm }, async (t) => {
-  const { vm } = mainThreadVm(t, 'spin');
-  const vcpu = vm.createVcpu(0);
-  t.teardown(() => vcpu.close());
-  const worker = new FixtureWorker('wrong-thread-worker', { kickHandle: vcpu.kickHandle });
-  t.same(await worker.next(), {
-    name: 'KvmError', code: 'ERR_KVM_WRONG_THREAD', message: "vCPU 0 belongs to the thread that created it; use its kick handle from other threads",
-  });
-  t.equal(await worker.exited, 0);
-});
-
 t.test('guest memory written in one worker is read in another', { skip: noKvm }, async (t) => {
   const memory = GuestMemory.create(MiB);
   t.teardown(() => memory.close());
