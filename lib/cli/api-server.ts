@@ -12,7 +12,7 @@ import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/t
 import type { Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 
-export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping';
+export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping' | 'stopped';
 
 /** What the API needs of a machine (Machine implements it). */
 export interface ApiMachine {
