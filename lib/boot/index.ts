@@ -14,7 +14,7 @@ export { MULTIBOOT_HEADER_MAGIC, MULTIBOOT_BOOTLOADER_MAGIC } from './multiboot.
 export { XEN_ELFNOTE_PHYS32_ENTRY } from './pvh.js';
 export {
   isBzImage, parseSetupHeader, planBzImage, HDRS_MAGIC, LinuxSelector, LoadFlag, XLoadFlag, LOADER_TYPE_UNDEFINED,
-  type SetupHeader, type BzImageLayout,
+  type SetupHeader, type BzImageLayout, type BzImageOptions,
 } from './bzimage.js';
 export { buildInitramfs, CPIO_NEWC_MAGIC, CPIO_TRAILER, type InitramfsEntry } from './initramfs.js';
 export { BootImageError } from './errors.js';

@@ -13,7 +13,7 @@ import type { Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
-export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping';
+export type ApiMachineState = 'created' | 'running' | 'paused' | 'stopping' | 'stopped';
 
 /** What the API needs of a machine (Machine implements it). */
 export interface ApiMachine {

@@ -75,6 +75,12 @@ export const ErrorCode = {
   ApiClosed: 'ERR_API_CLOSED',
   /** The machine answered an API call with an error that carries no code of its own. */
   ApiCallFailed: 'ERR_API_CALL_FAILED',
+  /** A vCPU or disk thread failed to load, or ended before it had started (Node's name for a Worker that fails to start). */
+  WorkerInitFailed: 'ERR_WORKER_INIT_FAILED',
+  /** An object used in a state that does not allow it (a closed vCPU pool, a dirty tracker while off); Node's code. */
+  InvalidState: 'ERR_INVALID_STATE',
+  /** A vCPU thread failed to create its vCPU or to serve a request, for a reason that carries no code of its own. */
+  VcpuFailed: 'ERR_VCPU_FAILED',
 } as const;
 
 /** `error` with a `code` (and `cause`, where given): for the built-in error classes. */

@@ -17,3 +17,5 @@ export type {
   Regs, Sregs, Segment, Dtable, Fpu, MsrEntry, CpuidEntry, LapicState, Xcr, VcpuEvents, DebugRegs,
   PitState2, PitChannelState, IrqchipState, Msi, ClockData, CoalescedMmio,
 } from './structs.js';
+export type { Handle } from './handle.js';
+export type { FieldType, Fields, StructValue, StructType } from './struct.js';

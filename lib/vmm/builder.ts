@@ -7,14 +7,16 @@ import { bootMsrs, guestCpuid, writeBootPlan } from '../boot/index.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
 import type { BuildPlan, MachineShape } from './config.js';
 import { RunState, createControl, setRunState } from './control.js';
 import { createDevicesShared, type DevicesShared } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages, type DirtyLogMode } from './dirty-tracker.js';
+import { abortError, fromThreadFailure } from './errors.js';
 import { startVcpuThread, type VcpuThread } from './pool.js';
-import type { WorkerMessage } from './types.js';
+import type { VcpuAssignment, WorkerMessage } from './types.js';
 import { restoreVmState } from './vm-state.js';
 
 // Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
@@ -27,6 +29,12 @@ export const RAM_SLOT = 0;
 // What the host's KVM offers does not change while the process runs: asked once.
 let msrIndexListCache: number[] | null = null;
 let supportedCpuidCache: CpuidEntry[] | null = null;
+
+/** Bytes of serial output between the vCPU threads and the main thread, which drains them. */
+const SERIAL_OUTPUT_RING_BYTES = 64 * 1024;
+
+/** Where the guest's serial output goes, past the ring: the machine's console, a stream, or nowhere. */
+export type SerialOutputTarget = { kind: 'console' } | { kind: 'stream'; stream: NodeJS.WritableStream } | { kind: 'discard' };
 
 /** A machine's parts, built and wired, its vCPUs created and waiting for the machine to start. */
 export interface MachineParts {
@@ -45,9 +53,10 @@ export interface MachineParts {
   devices: DevicesShared;
   disks: Disks;
   dirtyLog: DirtyLogMode;
-  /** Serial output bound for a stream (or discarded): the vCPU threads fill it, the machine drains it. */
+  /** Serial output bound for the console or a stream (or discarded): the vCPU threads fill it, the machine drains it. */
   outputRing: ByteRing | null;
-  outputStream: NodeJS.WritableStream | null;
+  /** Where the drained output goes (nothing is drained with an fd: the vCPU threads write it). */
+  outputTarget: SerialOutputTarget | null;
   log: (message: string) => void;
   /** Gives everything back: for a machine that fails after its parts were built. */
   dispose(): Promise<void>;
@@ -62,7 +71,10 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
   const vcpus = shape.vcpus;
   const log = runtime.log ?? logToStderr;
   const dirtyLog = runtime.dirtyLog ?? 'bitmap';
-  if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw new RangeError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
+  if (dirtyLog !== 'bitmap' && dirtyLog !== 'ring') throw argValueError(`dirtyLog must be 'bitmap' or 'ring', got ${String(dirtyLog)}`);
+  const signal = plan.signal;
+  const abortMessage = 'the machine was not built: aborted';
+  if (signal?.aborted) throw abortError(signal, abortMessage);
 
   // Checked before any thread starts: a bad configuration leaves nothing behind.
   const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
@@ -85,6 +97,15 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     else for (const thread of threads) thread.send({ type: 'quit' });
     for (const undo of cleanup) await undo();
   };
+  // An abort rejects the step under way at once; what that step takes is given back all the same.
+  let onAbort = () => {};
+  const aborted = signal ? new Promise<never>((_, reject) => (onAbort = () => reject(abortError(signal, abortMessage)))) : null;
+  aborted?.catch(() => {});
+  signal?.addEventListener('abort', onAbort, { once: true });
+  const step = <T>(promise: Promise<T>): Promise<T> => (aborted ? Promise.race([promise, aborted]) : promise);
+  const checkAborted = () => {
+    if (signal?.aborted) throw abortError(signal, abortMessage);
+  };
   try {
     const kvm = Kvm.open(runtime.kvmPath);
     cleanup.unshift(() => kvm.close());
@@ -100,11 +121,12 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
     // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
     if (dirtyLog === 'ring') {
-      if (!dirtyLogModesOffered(vm).includes('ring')) throw new Error('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
+      if (!dirtyLogModesOffered(vm).includes('ring')) throw argValueError('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
       vm.enableDirtyRing(Math.min(DEFAULT_DIRTY_RING_BYTES, maxDirtyRingBytes(vm)));
     }
     const memory = await plan.memory(shape.memoryBytes);
     cleanup.unshift(() => memory.close());
+    checkAborted();
     const dirty = DirtyBitmap.create(memory.size / PAGE_SIZE);
     // Their threads start (parked) while the vCPU threads do. A machine that waits for an
     // incoming migration locks its images only once the source has let go of them.
@@ -112,18 +134,20 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     disksPromise.catch(() => {});
     cleanup.unshift(async () => (await disksPromise.catch(() => null))?.close());
 
-    const output = runtime.serial?.output === undefined ? 1 : runtime.serial.output;
+    const output = runtime.serial?.output;
     let outputRing: ByteRing | null = null;
+    let outputTarget: SerialOutputTarget | null = null;
     let serialOutput: { fd: number } | { ring: ByteRingShared };
     if (typeof output === 'number') {
       serialOutput = { fd: output };
     } else {
-      outputRing = ByteRing.create(64 * 1024);
+      outputRing = ByteRing.create(SERIAL_OUTPUT_RING_BYTES);
       serialOutput = { ring: outputRing.shared };
+      outputTarget = output === undefined ? { kind: 'console' } : output === null ? { kind: 'discard' } : { kind: 'stream', stream: output };
     }
-    const disks = await disksPromise;
+    const disks = await step(disksPromise);
     const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
-    if (unfit) throw new Error(`the saved machine's disks do not fit: ${unfit}`);
+    if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
     const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
     const control = new Int32Array(createControl());
     supportedCpuidCache ??= kvm.getSupportedCpuid();
@@ -133,7 +157,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const channels = Array.from({ length: vcpus }, () => new MessageChannel());
     cleanup.unshift(() => channels.forEach((channel) => channel.port1.close()));
 
-    threads = await threadsPromise;
+    threads = await step(threadsPromise);
     const taken = threads;
     const kicks: VcpuKickHandle[] = new Array(vcpus);
     const ready = taken.map((thread, id) => new Promise<void>((resolve, reject) => {
@@ -144,7 +168,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
           resolve();
         } else if (message.type === 'done') {
           thread.worker.off('message', onMessage);
-          reject(new Error(`vCPU ${id} could not start: ${message.error ?? 'unknown error'}`));
+          reject(fromThreadFailure(`vCPU ${id} could not start: `, message.failure ?? { error: 'it left before it had started' }));
         } else if (message.type === 'log') {
           log(message.message);
         }
@@ -152,7 +176,8 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
       thread.worker.on('message', onMessage);
       thread.loaded.catch((error: Error) => {
         thread.worker.off('message', onMessage);
-        reject(new Error(`vCPU ${id} could not start: ${error.message}`));
+        const code = (error as { code?: unknown }).code;
+        reject(fromThreadFailure(`vCPU ${id} could not start: `, { error: error.message, code: typeof code === 'string' ? code : ErrorCode.WorkerInitFailed, cause: error }));
       });
     }));
     ready.forEach((promise) => promise.catch(() => {}));
@@ -169,7 +194,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
           affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
           requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
           msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
-        },
+        } satisfies VcpuAssignment,
       }, [requests]);
     });
     // While the vCPU threads create their vCPUs: KVM may wait for a grace period when a slot
@@ -179,14 +204,17 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
       writeBootPlan(plan.boot, memory);
       for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
     }
-    await Promise.all(ready);
+    await step(Promise.all(ready));
+    checkAborted();
     return {
       plan, kvm, vm, memory, dirty, control, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
-      devices, disks, dirtyLog, outputRing, outputStream: typeof output === 'object' ? output : null, log, dispose: giveBack,
+      devices, disks, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {
     await giveBack();
     throw error;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
   }
 }
 
@@ -214,7 +242,7 @@ function diskConfigsFor(saved: DiskShape[] | undefined, given: DiskConfig[] | un
   const disks = saved ?? [];
   if (given === undefined) return checkDiskConfigs(disks.map((disk) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id })));
   const configs = checkDiskConfigs(given);
-  if (configs.length !== disks.length) throw new Error(`the saved machine had ${disks.length} disk${disks.length === 1 ? '' : 's'}, ${configs.length} given`);
+  if (configs.length !== disks.length) throw argValueError(`the saved machine had ${disks.length} disk${disks.length === 1 ? '' : 's'}, ${configs.length} given`);
   return configs.map((config, index) => ({ ...config, readOnly: disks[index]!.readOnly, id: disks[index]!.id }));
 }
 

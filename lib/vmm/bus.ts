@@ -6,6 +6,7 @@
 import { IoDirection } from '../kvm/constants.js';
 import { KvmRunOffset, type KvmRun } from '../kvm/kvm-run.js';
 import type { MmioDevice, PortDevice } from '../devices/bus-device.js';
+import { argValueError, outOfRangeError } from '../kvm/errors.js';
 
 export type { MmioDevice, PortDevice } from '../devices/bus-device.js';
 
@@ -76,15 +77,15 @@ export class IoBus {
 
   registerPorts(base: number, count: number, device: PortDevice): void {
     if (!Number.isInteger(base) || !Number.isInteger(count) || base < 0 || count < 1 || base + count > 65536) {
-      throw new RangeError(`ports ${base}+${count} are outside 0..0xffff`);
+      throw outOfRangeError(`ports ${base}+${count} are outside 0..0xffff`);
     }
     for (let port = base; port < base + count; port++) {
       if (this.#portDevice[port] !== 0) {
-        throw new RangeError(`port 0x${port.toString(16)} of ${device.name} is taken by ${this.#portDevices[this.#portDevice[port]! - 1]!.name}`);
+        throw argValueError(`port 0x${port.toString(16)} of ${device.name} is taken by ${this.#portDevices[this.#portDevice[port]! - 1]!.name}`);
       }
     }
     this.#portDevices.push(device);
-    if (this.#portDevices.length > 255) throw new RangeError('too many port devices');
+    if (this.#portDevices.length > 255) throw outOfRangeError('too many port devices (at most 255)');
     for (let port = base; port < base + count; port++) {
       this.#portDevice[port] = this.#portDevices.length;
       this.#portBase[port] = base;
@@ -92,10 +93,10 @@ export class IoBus {
   }
 
   registerMmio(base: number, size: number, device: MmioDevice): void {
-    if (!Number.isSafeInteger(base) || !Number.isSafeInteger(size) || base < 0 || size < 1) throw new RangeError('bad MMIO range');
+    if (!Number.isSafeInteger(base) || !Number.isSafeInteger(size) || base < 0 || size < 1) throw outOfRangeError(`the MMIO range ${base}+${size} is not a non-negative base and a positive size`);
     const end = base + size;
     for (const range of this.#mmio) {
-      if (base < range.end && range.base < end) throw new RangeError(`MMIO range of ${device.name} overlaps ${range.device.name}`);
+      if (base < range.end && range.base < end) throw argValueError(`MMIO range of ${device.name} overlaps ${range.device.name}`);
     }
     this.#mmio.push({ base, end, device });
     this.#mmio.sort((a, b) => a.base - b.base);

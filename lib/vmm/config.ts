@@ -9,6 +9,7 @@ import type { DiskShape } from './disks.js';
 import type { VcpuWorkerPool } from './pool.js';
 import type { VcpuState } from './vcpu-state.js';
 import type { VmState } from './vm-state.js';
+import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 
 const MIB = 1024 * 1024;
 /** Guest RAM above this would need the PCI hole below 4 GiB: not supported yet. */
@@ -16,12 +17,28 @@ export const MAX_MEMORY_BYTES = 3 * 1024 * MIB;
 /** vCPUs of one machine at most (the xAPIC's 8-bit IDs, less the broadcast ID). */
 export const MAX_VCPUS = 255;
 
+/**
+ * Where a machine is in its life (machine.state):
+ * - 'created': built, its vCPUs waiting; start() runs it (or start({ paused: true }) pauses it).
+ * - 'running': the guest runs; pause() parks every vCPU.
+ * - 'paused': every vCPU parked, the disks idle; resume() runs it again.
+ * - 'stopping': ending (stop(), the guest's own exit, a migration away): the vCPU threads leave
+ *   and everything the machine holds is released.
+ * - 'stopped': everything is released; wait() resolves and 'exit' is emitted after this.
+ */
+export type MachineRunState = 'created' | 'running' | 'paused' | 'stopping' | 'stopped';
+
 /** How a machine runs, whatever it was built from (an image, a snapshot, a migration). */
 export interface MachineRuntimeConfig {
   serial?: {
-    /** An fd (written directly from the vCPU threads; default 1), a stream, or null to discard. */
+    /**
+     * Where the guest's COM1 output goes. Absent (the default): the machine's console
+     * (machine.console), which keeps the latest output while nobody reads it. An fd: written
+     * directly from the vCPU threads (1 for this process's stdout, as before the console). A
+     * stream: written from the main thread. null: discarded.
+     */
     output?: number | NodeJS.WritableStream | null;
-    /** Bytes from this stream reach the guest's COM1. */
+    /** Bytes from this stream reach the guest's COM1 (as does writing to machine.console). */
     input?: NodeJS.ReadableStream | null;
   };
   /** Host CPUs per vCPU (index = vCPU id). */
@@ -65,6 +82,11 @@ export interface MachineConfig extends MachineRuntimeConfig {
    * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
    */
   irqchip?: boolean;
+  /**
+   * Aborts the build: Machine.create() then rejects with code ABORT_ERR once everything it took
+   * (threads, fds, mappings, disks) is given back. Aborting after it resolved does nothing.
+   */
+  signal?: AbortSignal;
 }
 
 /** The hardware of a machine: what another process needs to build one the state fits. */
@@ -99,18 +121,23 @@ export interface BuildPlan {
   savedDisks?: DiskShape[];
   /** Built to receive a migration: its disks are locked once the source has let go of them. */
   incoming?: boolean;
+  /**
+   * Aborts the build: buildMachine() rejects with code ABORT_ERR once everything it took is
+   * given back. Aborting after it resolved does nothing.
+   */
+  signal?: AbortSignal;
 }
 
 export function checkMemoryBytes(memoryBytes: number): number {
   if (!Number.isSafeInteger(memoryBytes) || memoryBytes < MIB || memoryBytes % MIB !== 0) {
-    throw new RangeError(`memoryBytes must be a positive multiple of 1 MiB, got ${memoryBytes}`);
+    throw (typeof memoryBytes === 'number' ? outOfRangeError : argTypeError)(`memoryBytes must be a positive multiple of 1 MiB, got ${String(memoryBytes)}`);
   }
-  if (memoryBytes > MAX_MEMORY_BYTES) throw new RangeError(`memoryBytes above ${MAX_MEMORY_BYTES / MIB} MiB is not supported`);
+  if (memoryBytes > MAX_MEMORY_BYTES) throw outOfRangeError(`memoryBytes above ${MAX_MEMORY_BYTES / MIB} MiB is not supported`);
   return memoryBytes;
 }
 
 export function checkVcpus(vcpus: number): number {
-  if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw new RangeError(`vcpus must be an integer 1..${MAX_VCPUS}, got ${vcpus}`);
+  if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > MAX_VCPUS) throw (typeof vcpus === 'number' ? outOfRangeError : argTypeError)(`vcpus must be an integer 1..${MAX_VCPUS}, got ${String(vcpus)}`);
   return vcpus;
 }
 

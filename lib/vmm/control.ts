@@ -16,7 +16,10 @@ export const RunState = {
   Created: 0,
   Running: 1,
   Paused: 2,
+  /** Ending: the vCPU threads leave (a thread that sees it never runs the guest again). */
   Stopping: 3,
+  /** Ended, everything released (set by the main thread once no vCPU thread is left). */
+  Stopped: 4,
 } as const;
 
 export function createControl(): SharedArrayBuffer {
@@ -35,7 +38,7 @@ export function waitWhileNotRunning(control: Int32Array, serve?: () => void): bo
       serve?.();
       const state = Atomics.load(control, STATE);
       if (state === RunState.Running) return true;
-      if (state === RunState.Stopping) return false;
+      if (state === RunState.Stopping || state === RunState.Stopped) return false;
       if (state === RunState.Paused && !parked) {
         parked = true;
         Atomics.add(control, PARKED, 1);

@@ -3,6 +3,7 @@
 // RAM (a device filling a read buffer, a loader) must be marked here, or migration loses it.
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { PageRange } from './page-ranges.js';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
 /** Pages a bitmap may cover: 8 TiB of guest-physical space (a 256 MiB bitmap). */
 export const MAX_BITMAP_PAGES = 2 ** 31;
@@ -11,16 +12,16 @@ export const MAX_BITMAP_PAGES = 2 ** 31;
 export const bitmapWords = (pageCount: number): number => Math.ceil(pageCount / 32);
 
 function checkPageCount(pageCount: unknown): number {
-  if (typeof pageCount !== 'number') throw new TypeError(`pageCount must be a number, got ${typeof pageCount}`);
+  if (typeof pageCount !== 'number') throw argTypeError(`pageCount must be a number, got ${typeof pageCount}`);
   if (!Number.isInteger(pageCount) || pageCount < 0 || pageCount > MAX_BITMAP_PAGES) {
-    throw new RangeError(`pageCount must be an integer 0..${MAX_BITMAP_PAGES}, got ${pageCount}`);
+    throw outOfRangeError(`pageCount must be an integer 0..${MAX_BITMAP_PAGES}, got ${pageCount}`);
   }
   return pageCount;
 }
 
 function checkCount(value: unknown, name: string): number {
-  if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
-  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`${name} must be a non-negative integer, got ${value}`);
+  if (typeof value !== 'number') throw argTypeError(`${name} must be a number, got ${typeof value}`);
+  if (!Number.isSafeInteger(value) || value < 0) throw outOfRangeError(`${name} must be a non-negative integer, got ${value}`);
   return value;
 }
 
@@ -49,11 +50,11 @@ export class DirtyBitmap {
 
   /** The bitmap behind `shared` (another thread's `bitmap.shared`), for the same pageCount. */
   static attach(shared: SharedArrayBuffer, pageCount: number): DirtyBitmap {
-    if (!(shared instanceof SharedArrayBuffer)) throw new TypeError('shared must be a SharedArrayBuffer (bitmap.shared)');
+    if (!(shared instanceof SharedArrayBuffer)) throw argTypeError('shared must be a SharedArrayBuffer (bitmap.shared)');
     checkPageCount(pageCount);
     const bytes = bitmapWords(pageCount) * 4;
     if (shared.byteLength !== bytes) {
-      throw new RangeError(`shared must be ${bytes} bytes for ${pageCount} pages, got ${shared.byteLength}`);
+      throw argValueError(`shared must be ${bytes} bytes for ${pageCount} pages, got ${shared.byteLength}`);
     }
     return new DirtyBitmap(shared, pageCount);
   }
@@ -65,7 +66,7 @@ export class DirtyBitmap {
     if (lengthBytes === 0) return;
     const endAddr = guestPhysAddr + lengthBytes;
     if (endAddr > this.pageCount * PAGE_SIZE) {
-      throw new RangeError(
+      throw outOfRangeError(
         `[0x${guestPhysAddr.toString(16)}, 0x${endAddr.toString(16)}) is outside the dirty bitmap (${this.pageCount} pages, up to 0x${(this.pageCount * PAGE_SIZE).toString(16)})`,
       );
     }
@@ -78,7 +79,7 @@ export class DirtyBitmap {
     checkCount(pageCount, 'pageCount');
     if (pageCount === 0) return;
     if (firstPage + pageCount > this.pageCount) {
-      throw new RangeError(`pages [${firstPage}, ${firstPage + pageCount}) are outside the dirty bitmap (${this.pageCount} pages)`);
+      throw outOfRangeError(`pages [${firstPage}, ${firstPage + pageCount}) are outside the dirty bitmap (${this.pageCount} pages)`);
     }
     this.#set(firstPage, firstPage + pageCount);
   }
@@ -117,7 +118,7 @@ export class DirtyBitmap {
   takeInto(target: Int32Array): boolean {
     const words = this.#words;
     if (!(target instanceof Int32Array) || target.length < words.length) {
-      throw new TypeError(`target must be an Int32Array of at least ${words.length} words`);
+      throw argTypeError(`target must be an Int32Array of at least ${words.length} words`);
     }
     let any = false;
     for (let word = 0; word < words.length; word++) {

@@ -8,6 +8,7 @@ import { harvestDirtyRing, type Vcpu, type VcpuKickHandle } from '../kvm/vcpu.js
 import { Vm } from '../kvm/vm.js';
 import { bitmapWords, DirtyBitmap, takeWordRanges } from './dirty-bitmap.js';
 import type { PageRange } from './page-ranges.js';
+import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
 
 /** Which KVM mechanism reports the pages the guest wrote. */
 export type DirtyLogMode = 'bitmap' | 'ring';
@@ -39,7 +40,7 @@ export function dirtyLogModesOffered(source: ExtensionSource): DirtyLogMode[] {
 /** The largest dirty ring per vCPU this host accepts, in bytes; 0 without dirty rings. */
 export function maxDirtyRingBytes(source: ExtensionSource): number {
   if (typeof source !== 'object' || source === null || typeof source.checkExtension !== 'function') {
-    throw new TypeError('source must be a Kvm or a Vm');
+    throw argTypeError('source must be a Kvm or a Vm');
   }
   return Math.max(source.checkExtension(Cap.DirtyLogRingAcqRel), source.checkExtension(Cap.DirtyLogRing), 0);
 }
@@ -133,41 +134,41 @@ export class DirtyTracker {
   #active = false;
 
   constructor(options: DirtyTrackerOptions) {
-    if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
     const { vm, slots, mode, vmmDirty } = options;
-    if (!(vm instanceof Vm)) throw new TypeError('vm must be a Vm');
-    if (mode !== 'bitmap' && mode !== 'ring') throw new RangeError(`mode must be 'bitmap' or 'ring', got ${String(mode)}`);
-    if (!(vmmDirty instanceof DirtyBitmap)) throw new TypeError('vmmDirty must be a DirtyBitmap');
-    if (!Array.isArray(slots)) throw new TypeError('slots must be an array of TrackedSlot');
+    if (!(vm instanceof Vm)) throw argTypeError('vm must be a Vm');
+    if (mode !== 'bitmap' && mode !== 'ring') throw argValueError(`mode must be 'bitmap' or 'ring', got ${String(mode)}`);
+    if (!(vmmDirty instanceof DirtyBitmap)) throw argTypeError('vmmDirty must be a DirtyBitmap');
+    if (!Array.isArray(slots)) throw argTypeError('slots must be an array of TrackedSlot');
     this.mode = mode;
     this.#vm = vm;
     this.#vmmDirty = vmmDirty;
     this.#slots = slots.map((slot, i) => checkSlot(slot, `slots[${i}]`, vmmDirty.pageCount));
     for (const state of this.#slots) {
-      if (this.#bySlot.has(state.slot)) throw new RangeError(`slot ${state.slot} is listed twice in slots`);
+      if (this.#bySlot.has(state.slot)) throw argValueError(`slot ${state.slot} is listed twice in slots`);
       this.#bySlot.set(state.slot, state);
     }
     this.#loggedSlots = this.#slots.filter((state) => !state.readonly);
     this.#pending = new Int32Array(bitmapWords(vmmDirty.pageCount));
 
     const vcpus = options.vcpus ?? [];
-    if (!Array.isArray(vcpus)) throw new TypeError('vcpus must be an array of VcpuKickHandle');
+    if (!Array.isArray(vcpus)) throw argTypeError('vcpus must be an array of VcpuKickHandle');
     vcpus.forEach((handle, i) => {
       if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
-        throw new TypeError(`vcpus[${i}] must be a VcpuKickHandle (vcpu.kickHandle)`);
+        throw argTypeError(`vcpus[${i}] must be a VcpuKickHandle (vcpu.kickHandle)`);
       }
     });
     if (mode === 'ring' && vcpus.length === 0) {
-      throw new TypeError("mode 'ring' needs options.vcpus: the kick handles of every vCPU, whose dirty rings harvest() drains");
+      throw argTypeError("mode 'ring' needs options.vcpus: the kick handles of every vCPU, whose dirty rings harvest() drains");
     }
     this.#vcpus = [...vcpus];
 
     this.#wantManualProtect = options.manualProtect ?? true;
-    if (typeof this.#wantManualProtect !== 'boolean') throw new TypeError('manualProtect must be a boolean');
+    if (typeof this.#wantManualProtect !== 'boolean') throw argTypeError('manualProtect must be a boolean');
     const chunk = options.clearChunkPages ?? CLEAR_CHUNK_PAGES;
-    if (typeof chunk !== 'number') throw new TypeError(`clearChunkPages must be a number, got ${typeof chunk}`);
+    if (typeof chunk !== 'number') throw argTypeError(`clearChunkPages must be a number, got ${typeof chunk}`);
     if (!Number.isInteger(chunk) || chunk < 64 || chunk % 64 !== 0 || chunk > 0xffffffc0) {
-      throw new RangeError(`clearChunkPages must be a positive multiple of 64, got ${chunk}`);
+      throw outOfRangeError(`clearChunkPages must be a positive multiple of 64, got ${chunk}`);
     }
     this.#clearChunkPages = chunk;
   }
@@ -184,7 +185,7 @@ export class DirtyTracker {
 
   /** Turns dirty logging on; the first harvest() then names the pages written from now on. */
   start(): void {
-    if (this.#active) throw new Error('dirty tracking is already on; stop() it first');
+    if (this.#active) throw new NodeKvmError(ErrorCode.InvalidState, 'dirty tracking is already on; stop() it first');
     try {
       if (this.mode === 'bitmap') this.#enableManualProtect();
       this.#setLogging(true);
@@ -207,7 +208,7 @@ export class DirtyTracker {
    * ranges with adjacent pages merged. Tracking is re-armed for them before this returns.
    */
   harvest(): PageRange[] {
-    if (!this.#active) throw new Error('dirty tracking is off; call start() first');
+    if (!this.#active) throw new NodeKvmError(ErrorCode.InvalidState, 'dirty tracking is off; call start() first');
     // Everything gathered goes to #pending first: if a call below throws, what was already taken
     // from KVM comes back in the next harvest.
     this.#collect(this.#pending);
@@ -217,16 +218,16 @@ export class DirtyTracker {
 
   /** Pages that were harvested but not sent: the next harvest() returns them again. */
   requeue(ranges: readonly PageRange[]): void {
-    if (!Array.isArray(ranges)) throw new TypeError('ranges must be an array of PageRange');
+    if (!Array.isArray(ranges)) throw argTypeError('ranges must be an array of PageRange');
     const limit = this.#vmmDirty.pageCount;
     ranges.forEach((range, i) => {
-      if (typeof range !== 'object' || range === null) throw new TypeError(`ranges[${i}] must be a PageRange`);
+      if (typeof range !== 'object' || range === null) throw argTypeError(`ranges[${i}] must be a PageRange`);
       const { firstPage, pageCount } = range;
       if (typeof firstPage !== 'number' || typeof pageCount !== 'number') {
-        throw new TypeError(`ranges[${i}].firstPage and .pageCount must be numbers`);
+        throw argTypeError(`ranges[${i}].firstPage and .pageCount must be numbers`);
       }
       if (!Number.isInteger(firstPage) || !Number.isInteger(pageCount) || firstPage < 0 || pageCount < 0 || firstPage + pageCount > limit) {
-        throw new RangeError(`ranges[${i}] (${firstPage} +${pageCount}) must lie within the ${limit} tracked guest frames`);
+        throw outOfRangeError(`ranges[${i}] (${firstPage} +${pageCount}) must lie within the ${limit} tracked guest frames`);
       }
     });
     for (const { firstPage, pageCount } of ranges) if (pageCount > 0) setBits(this.#pending, firstPage, firstPage + pageCount);
@@ -336,10 +337,10 @@ let spillScratch: Float64Array | null = null;
 export function spillDirtyRing(
   vcpu: Vcpu, vm: Vm, slotBasePages: ReadonlyMap<number, number>, into: DirtyBitmap, scratch?: Float64Array,
 ): number {
-  if (!(slotBasePages instanceof Map)) throw new TypeError('slotBasePages must be a Map of slot -> first guest frame');
-  if (!(into instanceof DirtyBitmap)) throw new TypeError('into must be a DirtyBitmap');
+  if (!(slotBasePages instanceof Map)) throw argTypeError('slotBasePages must be a Map of slot -> first guest frame');
+  if (!(into instanceof DirtyBitmap)) throw argTypeError('into must be a DirtyBitmap');
   if (scratch !== undefined && (!(scratch instanceof Float64Array) || scratch.length < 2)) {
-    throw new TypeError('scratch must be a Float64Array of at least 2 elements');
+    throw argTypeError('scratch must be a Float64Array of at least 2 elements');
   }
   const entries = scratch ?? (spillScratch ??= new Float64Array(2 * RING_SCRATCH_PAIRS));
   const capacity = entries.length >> 1;
@@ -363,7 +364,7 @@ export function spillDirtyRing(
     moved += pairs;
   } while (pairs === capacity);
   vm.resetDirtyRings();
-  if (stray !== null) throw new RangeError(stray);
+  if (stray !== null) throw outOfRangeError(stray);
   return moved;
 }
 
@@ -373,25 +374,25 @@ export function slotBasePages(slots: readonly Pick<TrackedSlot, 'slot' | 'guestP
 }
 
 function checkSlot(slot: TrackedSlot, name: string, trackedPages: number): SlotState {
-  if (typeof slot !== 'object' || slot === null) throw new TypeError(`${name} must be a TrackedSlot`);
+  if (typeof slot !== 'object' || slot === null) throw argTypeError(`${name} must be a TrackedSlot`);
   const number = checkNumber(slot.slot, `${name}.slot`, 0xffffffff);
   const guestPhysAddr = checkNumber(slot.guestPhysAddr, `${name}.guestPhysAddr`, Number.MAX_SAFE_INTEGER);
-  if (guestPhysAddr % PAGE_SIZE !== 0) throw new RangeError(`${name}.guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
+  if (guestPhysAddr % PAGE_SIZE !== 0) throw argValueError(`${name}.guestPhysAddr must be page-aligned, got 0x${guestPhysAddr.toString(16)}`);
   const memory = slot.memory;
-  if (!(memory instanceof GuestMemory)) throw new TypeError(`${name}.memory must be a GuestMemory`);
+  if (!(memory instanceof GuestMemory)) throw argTypeError(`${name}.memory must be a GuestMemory`);
   const offset = checkNumber(slot.offset ?? 0, `${name}.offset`, memory.size - PAGE_SIZE);
   const size = checkNumber(slot.size ?? memory.size - offset, `${name}.size`, memory.size - offset);
   if (offset % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0 || size === 0) {
-    throw new RangeError(`${name}.offset and .size must be page multiples (size > 0), got ${offset} and ${size}`);
+    throw argValueError(`${name}.offset and .size must be page multiples (size > 0), got ${offset} and ${size}`);
   }
   const flags = checkNumber(slot.flags ?? 0, `${name}.flags`, 0xffffffff);
   if ((flags & ~(MemoryFlag.LogDirtyPages | MemoryFlag.Readonly)) !== 0) {
-    throw new RangeError(`${name}.flags may hold MemoryFlag.LogDirtyPages and MemoryFlag.Readonly only, got 0x${flags.toString(16)}`);
+    throw argValueError(`${name}.flags may hold MemoryFlag.LogDirtyPages and MemoryFlag.Readonly only, got 0x${flags.toString(16)}`);
   }
   const firstPage = guestPhysAddr / PAGE_SIZE;
   const pageCount = size / PAGE_SIZE;
   if (firstPage + pageCount > trackedPages) {
-    throw new RangeError(`${name} (guest frames ${firstPage}..${firstPage + pageCount - 1}) lies beyond vmmDirty's ${trackedPages} pages`);
+    throw outOfRangeError(`${name} (guest frames ${firstPage}..${firstPage + pageCount - 1}) lies beyond vmmDirty's ${trackedPages} pages`);
   }
   return {
     slot: number, guestPhysAddr, memory, offset, size, firstPage, pageCount,
@@ -402,8 +403,8 @@ function checkSlot(slot: TrackedSlot, name: string, trackedPages: number): SlotS
 }
 
 function checkNumber(value: unknown, name: string, max: number): number {
-  if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`);
-  if (!Number.isInteger(value) || value < 0 || value > max) throw new RangeError(`${name} must be an integer 0..${max}, got ${value}`);
+  if (typeof value !== 'number') throw argTypeError(`${name} must be a number, got ${typeof value}`);
+  if (!Number.isInteger(value) || value < 0 || value > max) throw outOfRangeError(`${name} must be an integer 0..${max}, got ${value}`);
   return value;
 }
 

@@ -8,6 +8,7 @@ import { Worker } from 'node:worker_threads';
 import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } from '../devices/virtio-blk.js';
 import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
+import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
 import { lockFile, unlockFile } from '../kvm/host.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { workerEntry } from './worker-entry.js';
@@ -31,15 +32,16 @@ const workerFile = workerEntry(here, 'virtio-worker');
 /** Checks a `disks` configuration; returns it with defaults filled in. */
 export function checkDiskConfigs(disks: unknown): Required<DiskConfig>[] {
   if (disks === undefined) return [];
-  if (!Array.isArray(disks)) throw new TypeError('disks must be an array of { path, readOnly?, id? }');
-  if (disks.length > VIRTIO_MAX_DEVICES) throw new RangeError(`at most ${VIRTIO_MAX_DEVICES} disks, got ${disks.length}`);
+  if (!Array.isArray(disks)) throw argTypeError('disks must be an array of { path, readOnly?, id? }');
+  if (disks.length > VIRTIO_MAX_DEVICES) throw outOfRangeError(`at most ${VIRTIO_MAX_DEVICES} disks, got ${disks.length}`);
   return disks.map((disk: unknown, index) => {
-    if (typeof disk !== 'object' || disk === null) throw new TypeError(`disks[${index}] must be an object`);
+    if (typeof disk !== 'object' || disk === null) throw argTypeError(`disks[${index}] must be an object`);
     const { path: file, readOnly, id } = disk as DiskConfig;
-    if (typeof file !== 'string' || file === '') throw new TypeError(`disks[${index}].path must be a file path`);
-    if (readOnly !== undefined && typeof readOnly !== 'boolean') throw new TypeError(`disks[${index}].readOnly must be a boolean`);
-    if (id !== undefined && (typeof id !== 'string' || new TextEncoder().encode(id).length > BLK_ID_BYTES)) {
-      throw new TypeError(`disks[${index}].id must be a string of at most ${BLK_ID_BYTES} bytes`);
+    if (typeof file !== 'string' || file === '') throw argTypeError(`disks[${index}].path must be a file path`);
+    if (readOnly !== undefined && typeof readOnly !== 'boolean') throw argTypeError(`disks[${index}].readOnly must be a boolean`);
+    if (id !== undefined && typeof id !== 'string') throw argTypeError(`disks[${index}].id must be a string of at most ${BLK_ID_BYTES} bytes`);
+    if (id !== undefined && new TextEncoder().encode(id).length > BLK_ID_BYTES) {
+      throw argValueError(`disks[${index}].id must be a string of at most ${BLK_ID_BYTES} bytes`);
     }
     return { path: file, readOnly: readOnly ?? false, id: id ?? new TextDecoder().decode(diskIdBytes({ path: file })) };
   });
@@ -114,7 +116,7 @@ export class Disks {
       if (!lockFile(disk.fd, disk.shape.readOnly ? 'shared' : 'exclusive')) {
         for (const held of taken) releaseLock(held);
         const what = disk.shape.readOnly ? 'is open for writing by another machine' : 'is in use by another machine';
-        throw Object.assign(new Error(`disk ${index}: ${disk.shape.path} ${what} (it holds a lock on the image)`), { code: 'EBUSY' });
+        throw new NodeKvmError('EBUSY', `disk ${index}: ${disk.shape.path} ${what} (it holds a lock on the image)`);
       }
       disk.locked = true;
       taken.push(disk);
@@ -166,7 +168,7 @@ export class Disks {
 
   restoreState(states: VirtioMmioState[]): void {
     if (!Array.isArray(states) || states.length !== this.#disks.length) {
-      throw new Error(`the saved state has ${Array.isArray(states) ? states.length : 'no'} virtio devices, this machine ${this.#disks.length}`);
+      throw argValueError(`the saved state has ${Array.isArray(states) ? states.length : 'no'} virtio devices, this machine ${this.#disks.length}`);
     }
     states.forEach((state, index) => this.#disks[index]!.mmio.restoreState(state));
   }
@@ -191,12 +193,12 @@ function openDisk(index: number, config: Required<DiskConfig>, options: { vm: Vm
     fd = openSync(config.path, config.readOnly ? 'r' : 'r+');
   } catch (error) {
     const e = error as NodeJS.ErrnoException;
-    throw new Error(`disk ${index}: cannot open ${config.path}${config.readOnly ? '' : ' for writing'}: ${e.code ?? e.message}`);
+    throw systemError(`disk ${index}: cannot open ${config.path}${config.readOnly ? '' : ' for writing'}: ${e.code ?? e.message}`, error);
   }
   const opened: { close(): void }[] = [{ close: () => closeSync(fd) }];
   try {
     const sectors = diskSectors(fd);
-    if (sectors === 0) throw new Error(`disk ${index}: ${config.path} is smaller than one 512-byte sector`);
+    if (sectors === 0) throw argValueError(`disk ${index}: ${config.path} is smaller than one 512-byte sector`);
     const notify = EventFd.create({ nonBlocking: false });
     opened.push(notify);
     const irq = options.irqchip ? EventFd.create() : null;
@@ -250,7 +252,7 @@ function startThread(disk: Disk, index: number, options: { memory: GuestMemory; 
     const check = () => {
       if (Atomics.load(disk.control, DEVICE_PARKED) === 1) {
         if (disk.worker) resolve();
-        else reject(new Error(`virtio-blk${index}: the device thread ended before it started`));
+        else reject(new NodeKvmError(ErrorCode.WorkerInitFailed, `virtio-blk${index}: the device thread ended before it started`));
         return;
       }
       const result = Atomics.waitAsync(disk.control, DEVICE_PARKED, 0, 1000);

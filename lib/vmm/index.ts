@@ -1,7 +1,24 @@
-// The VMM: machines with one thread per vCPU, the I/O bus, and the vCPU thread pool.
+// The VMM: machines with one thread per vCPU, their serial console, the I/O bus and the device
+// interfaces, the vCPU thread pool, and dirty-page tracking.
 export {
-  Machine, MAX_MEMORY_BYTES, type MachineConfig, type MachineExit, type MachineExitReason, type MachineShape, type DiskConfig, type DiskShape,
+  Machine, MAX_MEMORY_BYTES, MAX_VCPUS,
+  type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type MachineEvents,
+  type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type DeviceStates, type DiskConfig, type DiskShape,
 } from './machine.js';
+export { CONSOLE_BACKLOG_BYTES } from './console.js';
 export { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
-export { VcpuWorkerPool, startVcpuThread, type VcpuThread } from './pool.js';
-export { IoBus, type PortDevice, type MmioDevice } from './bus.js';
+export { VcpuWorkerPool, startVcpuThread, type VcpuThread, type VcpuThreadMessage } from './pool.js';
+export {
+  IoBus, createBusShared, unknownAccesses, MAX_LOGGED_UNKNOWN_PORTS, MAX_LOGGED_UNKNOWN_MMIO,
+  type BusShared, type UnknownAccesses, type PortDevice, type MmioDevice,
+} from './bus.js';
+export type { DirtyPageMarker } from '../devices/bus-device.js';
+export type { SerialState } from '../devices/serial.js';
+export type { PostCodeState } from '../devices/post-code.js';
+export type { VirtioMmioState, VirtioQueueState } from '../devices/virtio-mmio.js';
+export { DirtyBitmap, MAX_BITMAP_PAGES } from './dirty-bitmap.js';
+export {
+  DirtyTracker, dirtyLogModesOffered, maxDirtyRingBytes, DEFAULT_DIRTY_RING_BYTES,
+  type DirtyTrackerOptions, type TrackedSlot, type DirtyLogMode, type ExtensionSource,
+} from './dirty-tracker.js';
+export type { PageRange } from './page-ranges.js';

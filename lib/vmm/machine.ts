@@ -1,21 +1,27 @@
 // A machine: a VM, its guest RAM, its devices and one thread per vCPU, through its lifecycle
-// (created, running, paused, stopping). The main thread only controls (start, pause, resume, stop,
-// serial input); each vCPU thread runs and handles its own exits. Building one is builder.ts's;
-// snapshots and migrations are lib/migration's, over the few internals machineInternals() lends.
+// (created, running, paused, stopping, stopped). The main thread only controls (start, pause,
+// resume, stop, serial input); each vCPU thread runs and handles its own exits. Building one is
+// builder.ts's; snapshots and migrations are lib/migration's, over the few internals
+// machineInternals() lends.
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { MessagePort } from 'node:worker_threads';
 import { isBzImage, planBoot, type BootPlan } from '../boot/index.js';
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
+import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
 import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle } from '../kvm/index.js';
-import { buildParts, disksMismatch, RAM_SLOT, type MachineParts } from './builder.js';
-import { checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MachineShape, type MachineState } from './config.js';
+import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
+import {
+  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MachineRunState, type MachineShape, type MachineState,
+} from './config.js';
+import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
 import { MachineDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
 import { checkDiskConfigs } from './disks.js';
+import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
@@ -26,7 +32,23 @@ export type { VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
 export type { DeviceStates } from './devices.js';
-export { MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineShape, type MachineState } from './config.js';
+export {
+  MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState,
+} from './config.js';
+export type { MachineConsole } from './console.js';
+
+/** The events a Machine emits, each with its listener's arguments. */
+export interface MachineEvents {
+  /** The machine has ended and released everything (state 'stopped'); wait() resolves with the same exit. */
+  exit: [exit: MachineExit];
+  /** The running guest has paused (pause(), or a snapshot or migration pausing it): state 'paused'. */
+  paused: [];
+  /** The paused guest runs again (resume()): state 'running'. */
+  resumed: [];
+}
+
+/** The machine's lifecycle states, in the order of RunState (control.ts). */
+const RUN_STATES: readonly MachineRunState[] = ['created', 'running', 'paused', 'stopping', 'stopped'];
 
 const MIB = 1024 * 1024;
 
@@ -75,7 +97,7 @@ let assemble!: (parts: MachineParts) => Machine;
 
 /** The internals of `machine` that persistence needs (not part of the package's public API). */
 export function machineInternals(machine: Machine): MachineInternals {
-  if (!(machine instanceof Machine)) throw new TypeError('machine must be a Machine');
+  if (!(machine instanceof Machine)) throw argTypeError('machine must be a Machine');
   return internalsOf(machine);
 }
 
@@ -84,6 +106,7 @@ export function machineInternals(machine: Machine): MachineInternals {
  * (lib/migration builds its restored and incoming machines here).
  */
 export async function buildMachine(plan: BuildPlan): Promise<Machine> {
+  if (plan.signal !== undefined && !(plan.signal instanceof AbortSignal)) throw argTypeError('signal must be an AbortSignal');
   const parts = await buildParts(plan);
   try {
     return assemble(parts);
@@ -94,10 +117,37 @@ export async function buildMachine(plan: BuildPlan): Promise<Machine> {
 }
 
 export declare interface Machine {
+  /** Once the machine has ended and released everything (state 'stopped'). */
   on(event: 'exit', listener: (exit: MachineExit) => void): this;
+  /** Each time the running guest has paused: pause() (just before it resolves), or a snapshot or migration pausing it. */
+  on(event: 'paused', listener: () => void): this;
+  /** Each time the paused guest runs again: resume() (before it returns). */
+  on(event: 'resumed', listener: () => void): this;
   once(event: 'exit', listener: (exit: MachineExit) => void): this;
+  once(event: 'paused', listener: () => void): this;
+  once(event: 'resumed', listener: () => void): this;
+  off(event: 'exit', listener: (exit: MachineExit) => void): this;
+  off(event: 'paused', listener: () => void): this;
+  off(event: 'resumed', listener: () => void): this;
 }
 
+/**
+ * A virtual machine with one thread per vCPU. Its life (`state`):
+ *
+ *     created --start()--> running --pause()--> paused --resume()--> running
+ *     created --start({ paused: true })--> paused
+ *     created | running | paused --stop(), the guest's exit, a migration away--> stopping --> stopped
+ *
+ * - 'stopping' lasts while the vCPU threads leave and the VM, guest RAM, disks and threads are
+ *   released; 'stopped' follows once all are, before wait() resolves and 'exit' is emitted.
+ * - 'paused' is emitted when pause() has parked every vCPU (before pause() resolves), 'resumed'
+ *   when resume() has set the guest running (before it returns); start() emits neither.
+ * - A call the state does not allow throws (or rejects) with code ERR_MACHINE_STATE and a message
+ *   that names the state: start() unless created, pause() unless running, resume() unless
+ *   paused, saveState() unless created or paused, writeMemory() and sendSerialInput() once
+ *   stopping or stopped. stop() is allowed in every state: once the machine is ending, it
+ *   resolves with the exit it ends with, as wait() does.
+ */
 export class Machine extends EventEmitter {
   readonly vcpuCount: number;
   readonly memoryBytes: number;
@@ -120,9 +170,11 @@ export class Machine extends EventEmitter {
   readonly #pool: MachineParts['plan']['runtime']['pool'];
   readonly #devices: MachineDevices;
   readonly #log: (message: string) => void;
-  /** Serial output bound for a stream (or discarded): the vCPU threads fill it, we drain it. */
+  /** Serial output bound for the console or a stream (or discarded): the vCPU threads fill it, we drain it. */
   readonly #outputRing: ByteRing | null;
-  readonly #outputStream: NodeJS.WritableStream | null;
+  readonly #outputTarget: SerialOutputTarget | null;
+  readonly #console: MachineConsole;
+  readonly #consoleFeed: ConsoleFeed;
   readonly #input: NodeJS.ReadableStream | null;
   readonly #onInput: (chunk: Buffer | string) => void;
   #tracker: DirtyTracker | null = null;
@@ -146,7 +198,7 @@ export class Machine extends EventEmitter {
 
   private constructor(parts: MachineParts) {
     super();
-    this.#outputStream = parts.outputStream;
+    this.#outputTarget = parts.outputTarget;
     this.#kvm = parts.kvm;
     this.#vm = parts.vm;
     this.#memory = parts.memory;
@@ -171,6 +223,12 @@ export class Machine extends EventEmitter {
     this.#onInput = (chunk) => {
       this.#devices.serial.receive(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
     };
+    const { console, feed } = createConsole({
+      type: (bytes) => this.#devices.serial.receive(bytes),
+      refusal: () => (this.#exit ? machineStateError(`machine is ${this.state}: its console takes no more input`) : null),
+    });
+    this.#console = console;
+    this.#consoleFeed = feed;
     for (const port of this.#requestPorts) {
       port.on('message', (reply: VcpuReply) => {
         const pending = this.#pendingRequests.get(reply.seq);
@@ -183,24 +241,21 @@ export class Machine extends EventEmitter {
 
   /**
    * Validates the image, builds the VM and starts one thread per vCPU (all before the guest
-   * runs). A bad image fails here, before any VM exists.
+   * runs). A bad image fails here, before any VM exists. An image or initrd that cannot be read
+   * rejects with the file system's code ('ENOENT') and its error as cause; `config.signal`
+   * aborts the build (code ABORT_ERR, once everything it took is given back).
    */
   static async create(config: MachineConfig): Promise<Machine> {
-    if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
+    if (typeof config !== 'object' || config === null) throw argTypeError('config must be an object');
+    const signal = config.signal;
+    if (signal !== undefined && !(signal instanceof AbortSignal)) throw argTypeError('signal must be an AbortSignal');
+    if (signal?.aborted) throw abortError(signal, 'the machine was not built: aborted');
     const memoryBytes = checkMemoryBytes(config.memoryBytes ?? 64 * MIB);
     const vcpus = checkVcpus(config.vcpus ?? 1);
-    const image = typeof config.image === 'string' ? readImage(config.image) : config.image;
-    if (!(image instanceof Uint8Array)) throw new TypeError('image must be a Uint8Array or a file path');
-    let initrd = config.initrd;
-    if (typeof initrd === 'string') {
-      try {
-        initrd = readFileSync(initrd);
-      } catch (error) {
-        const e = error as NodeJS.ErrnoException;
-        throw new Error(`cannot read the initrd ${initrd}: ${e.code ?? e.message}`);
-      }
-    }
-    if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw new TypeError('initrd must be a Uint8Array or a file path');
+    const image = typeof config.image === 'string' ? readFile(config.image, 'image') : config.image;
+    if (!(image instanceof Uint8Array)) throw argTypeError('image must be a Uint8Array or a file path');
+    const initrd = typeof config.initrd === 'string' ? readFile(config.initrd, 'initrd') : config.initrd;
+    if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
     const disks = checkDiskConfigs(config.disks);
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
@@ -216,11 +271,23 @@ export class Machine extends EventEmitter {
       boot,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
+      signal,
     });
   }
 
-  get state(): 'created' | 'running' | 'paused' | 'stopping' {
-    return (['created', 'running', 'paused', 'stopping'] as const)[Atomics.load(this.#control, STATE)]!;
+  /** Where the machine is in its life: see the class's description for the transitions. */
+  get state(): MachineRunState {
+    return RUN_STATES[Atomics.load(this.#control, STATE)]!;
+  }
+
+  /**
+   * The serial console (COM1) as a stream this machine owns. Reading it gives the guest's output
+   * when the machine was given no `serial.output` (it ends once the machine has stopped and all
+   * of it was read; output nobody reads is kept up to 64 KiB, the oldest dropped first, and the
+   * guest never waits for a reader). Writing to it types into COM1.
+   */
+  get console(): MachineConsole {
+    return this.#console;
   }
 
   /** The hardware: what a snapshot or a migration needs to rebuild this machine elsewhere. */
@@ -240,8 +307,12 @@ export class Machine extends EventEmitter {
     return this.#dirty;
   }
 
-  /** Writes guest RAM from the VMM and marks the pages dirty, so snapshots and migrations carry them. */
+  /**
+   * Writes guest RAM from the VMM and marks the pages dirty, so snapshots and migrations carry
+   * them. Refused (ERR_MACHINE_STATE) once the machine is stopping or stopped.
+   */
   writeMemory(guestPhysAddr: number, data: Uint8Array): void {
+    if (this.#exit) throw machineStateError(`machine is ${this.state}: its memory is released`);
     this.#memory.write(guestPhysAddr, data);
     this.#dirty.mark(guestPhysAddr, data.length);
   }
@@ -257,8 +328,13 @@ export class Machine extends EventEmitter {
     return { last: this.#devices.postCode.lastCode, writes: this.#devices.postCode.writes };
   }
 
-  /** Bytes for the guest's COM1 (as if typed); returns how many fitted in its input buffer. */
+  /**
+   * Bytes for the guest's COM1 (as if typed); returns how many fitted in its input buffer.
+   * Refused (ERR_MACHINE_STATE) once the machine is stopping or stopped.
+   */
   sendSerialInput(bytes: Uint8Array): number {
+    if (!(bytes instanceof Uint8Array)) throw argTypeError('bytes must be a Uint8Array');
+    if (this.#exit) throw machineStateError(`machine is ${this.state}: it takes no more serial input`);
     return this.#devices.serial.receive(bytes);
   }
 
@@ -267,9 +343,13 @@ export class Machine extends EventEmitter {
     return this.#finished;
   }
 
-  /** Runs the guest; with `{ paused: true }`, sets it up paused instead (resume() runs it). */
+  /**
+   * Runs the guest (created -> running); with `{ paused: true }`, sets it up paused instead
+   * (created -> paused; resume() runs it). Throws ERR_MACHINE_STATE unless created.
+   */
   start(options: { paused?: boolean } = {}): void {
-    if (Atomics.load(this.#control, STATE) !== RunState.Created) throw new Error(`machine is ${this.state}, not created`);
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+    if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
     if (this.#input) {
       this.#input.on('data', this.#onInput);
       this.#input.resume();
@@ -278,7 +358,12 @@ export class Machine extends EventEmitter {
     if (!options.paused) this.#devices.disks.resume();
   }
 
-  /** Stops every vCPU at its next exit (kicking those inside the guest) and waits until all are parked. */
+  /**
+   * Stops every vCPU at its next exit (kicking those inside the guest) and waits until all are
+   * parked and the disks idle (running -> paused); emits 'paused' just before it resolves.
+   * Rejects with ERR_MACHINE_STATE unless running, or if the machine is resumed or stopped
+   * before every vCPU has parked.
+   */
   async pause(): Promise<void> {
     await this.#pause(false);
   }
@@ -290,7 +375,7 @@ export class Machine extends EventEmitter {
    * migration's downtime.
    */
   async #pause(saveVcpus: boolean): Promise<VcpuState[] | null> {
-    if (Atomics.load(this.#control, STATE) !== RunState.Running) throw new Error(`machine is ${this.state}, not running`);
+    if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     setRunState(this.#control, RunState.Paused);
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
@@ -302,20 +387,32 @@ export class Machine extends EventEmitter {
       if (result.async) await result.value;
       this.#kickAll();
     }
-    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw new Error(`machine is ${this.state}, not paused`);
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
     // writes into guest RAM marked dirty) before anyone saves the state.
     await this.#devices.disks.pause();
-    return saved ? await saved : null;
+    const vcpuStates = saved ? await saved : null;
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+    this.emit('paused');
+    return vcpuStates;
   }
 
+  /**
+   * Runs the paused guest again (paused -> running) and emits 'resumed' before it returns.
+   * Throws ERR_MACHINE_STATE unless paused.
+   */
   resume(): void {
-    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw new Error(`machine is ${this.state}, not paused`);
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
+    this.emit('resumed');
   }
 
-  /** Ends the machine (if still running) and resolves with its exit. */
+  /**
+   * Ends the machine (created, running or paused -> stopping -> stopped) and resolves with its
+   * exit once everything is released. Once the machine is ending already (stopped before, or
+   * the guest exited), it resolves with that exit.
+   */
   async stop(): Promise<MachineExit> {
     this.#end({ reason: 'stopped' });
     return this.#finished;
@@ -323,7 +420,8 @@ export class Machine extends EventEmitter {
 
   /**
    * The state of every vCPU, the VM and the devices. The machine must be paused (or not yet
-   * started): a running vCPU's state would be stale at once.
+   * started): a running vCPU's state would be stale at once. Rejects with ERR_MACHINE_STATE in
+   * any other state.
    */
   async saveState(): Promise<MachineState> {
     return this.#saveState(null);
@@ -353,7 +451,8 @@ export class Machine extends EventEmitter {
   /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
   async #saveState(vcpuStates: VcpuState[] | null): Promise<MachineState> {
     const state = this.state;
-    if (state !== 'paused' && state !== 'created') throw new Error(`machine is ${state}: pause it before saving its state`);
+    if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
+    if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
     const vcpus = vcpuStates ?? await this.#saveVcpus();
     return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
   }
@@ -361,7 +460,8 @@ export class Machine extends EventEmitter {
   #saveVcpus(): Promise<VcpuState[]> {
     return Promise.all(this.#requestPorts.map(async (_, id) => {
       const reply = await this.#request(id, { type: 'save' });
-      if (reply.type !== 'saved') throw new Error(`vCPU ${id}: cannot save its state: ${reply.type === 'failed' ? reply.error : reply.type}`);
+      if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, reply);
+      if (reply.type !== 'saved') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, { error: `it answered '${reply.type}'` });
       return reply.state;
     }));
   }
@@ -369,22 +469,22 @@ export class Machine extends EventEmitter {
   async #applyState(state: MachineState): Promise<void> {
     const mine = this.shape;
     if (state.shape.memoryBytes !== mine.memoryBytes || state.shape.vcpus !== mine.vcpus || state.shape.irqchip !== mine.irqchip) {
-      throw new Error(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
+      throw argValueError(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
     }
     const fit = disksMismatch(state.shape.disks, mine.disks);
-    if (fit) throw new Error(`the saved state does not fit this machine's disks: ${fit}`);
-    if (state.vcpus.length !== this.vcpuCount) throw new Error(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
+    if (fit) throw argValueError(`the saved state does not fit this machine's disks: ${fit}`);
+    if (state.vcpus.length !== this.vcpuCount) throw argValueError(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
     restoreVmState(this.#vm, state.vm, this.irqchip);
     await Promise.all(state.vcpus.map(async (vcpuState, id) => {
       const reply = await this.#request(id, { type: 'restore', state: vcpuState });
       // (MSRs the host refused are logged by the vCPU's thread.)
-      if (reply.type === 'failed') throw new Error(`vCPU ${id}: cannot restore its state: ${reply.error}`);
+      if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, reply);
     }));
     this.#devices.restoreState(state.devices);
   }
 
   #request(vcpuId: number, request: { type: 'save' } | { type: 'restore'; state: VcpuState }): Promise<VcpuReply> {
-    if (this.#exit) return Promise.reject(new Error('the machine has ended'));
+    if (this.#exit) return Promise.reject(machineStateError(`machine is ${this.state}: its vCPUs are gone`));
     const seq = ++this.#requestSeq;
     return new Promise((resolve, reject) => {
       this.#pendingRequests.set(seq, { resolve, reject });
@@ -407,8 +507,8 @@ export class Machine extends EventEmitter {
   }
 
   async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {
-    if (this.#busy) throw new Error(`a ${this.#busy} is already under way`);
-    if (this.#exit) throw new Error('the machine has ended');
+    if (this.#busy) throw machineStateError(`a ${this.#busy} is already under way`);
+    if (this.#exit) throw machineStateError(`machine is ${this.state}, not running`);
     this.#busy = what;
     try {
       return await work();
@@ -467,12 +567,20 @@ export class Machine extends EventEmitter {
 
   async #pumpOutput(): Promise<void> {
     const ring = this.#outputRing!;
-    // Teardown drains what is left itself, so the output is complete before the exit event.
+    // Drained whether or not anyone reads (the console keeps what it may), so that a vCPU never
+    // waits for room. Teardown drains what is left itself, so the output is complete before the
+    // exit event.
     while (!this.#tornDown) {
       await ring.waitForData(100);
-      const bytes = ring.drain();
-      if (bytes.length > 0) this.#outputStream?.write(bytes);
+      this.#forwardOutput(ring.drain());
     }
+  }
+
+  #forwardOutput(bytes: Uint8Array): void {
+    if (bytes.length === 0) return;
+    const target = this.#outputTarget;
+    if (target?.kind === 'console') this.#consoleFeed.deliver(bytes);
+    else if (target?.kind === 'stream') target.stream.write(bytes);
   }
 
   async #teardown(): Promise<void> {
@@ -488,7 +596,7 @@ export class Machine extends EventEmitter {
       thread.worker.off('message', this.#onWorkerMessage);
       thread.worker.off('error', this.#onWorkerError);
     }
-    for (const pending of this.#pendingRequests.values()) pending.reject(new Error('the machine has ended'));
+    for (const pending of this.#pendingRequests.values()) pending.reject(machineStateError('machine is stopping: its vCPUs are gone'));
     this.#pendingRequests.clear();
     for (const port of this.#requestPorts) port.close();
     if (this.#input) this.#input.off('data', this.#onInput);
@@ -502,25 +610,27 @@ export class Machine extends EventEmitter {
     this.#tornDown = true;
     if (this.#outputRing) {
       this.#outputRing.wake();
-      const rest = this.#outputRing.drain();
-      if (rest.length > 0) this.#outputStream?.write(rest);
+      this.#forwardOutput(this.#outputRing.drain());
     }
+    this.#consoleFeed.end();
     const unknown = this.#devices.unknownAccesses;
     if (unknown.ports > 0 || unknown.mmio > 0) {
       const count = (n: number, one: string, many: string) => `${n} ${n === 1 ? one : many}`;
       this.#log(`the guest made ${count(unknown.ports, 'access', 'accesses')} to ${count(unknown.distinctPorts, 'unknown port', 'unknown ports')} and ${count(unknown.mmio, 'unknown MMIO access', 'unknown MMIO accesses')}`);
     }
     const exit = this.#exit!;
+    setRunState(this.#control, RunState.Stopped);
     this.#finish(exit);
     this.emit('exit', exit);
   }
 }
 
-function readImage(file: string): Uint8Array {
+/** A guest file's bytes; an error keeps the file system's code ('ENOENT') and has its error as cause. */
+function readFile(file: string, what: 'image' | 'initrd'): Uint8Array {
   try {
     return readFileSync(file);
   } catch (error) {
     const e = error as NodeJS.ErrnoException;
-    throw new Error(`cannot read the image ${file}: ${e.code ?? e.message}`);
+    throw systemError(`cannot read the ${what} ${file}: ${e.code ?? e.message}`, error);
   }
 }

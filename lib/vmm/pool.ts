@@ -2,8 +2,9 @@
 // longer than creating a whole VM; a pool pays that once, and machines borrow threads from it and
 // return them when they stop.
 import { startVcpuThread, type VcpuThread } from './vcpu-thread.js';
+import { ErrorCode, argTypeError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
 
-export { startVcpuThread, watchVcpuThread, type VcpuThread } from './vcpu-thread.js';
+export { startVcpuThread, watchVcpuThread, type VcpuThread, type VcpuThreadMessage } from './vcpu-thread.js';
 
 export class VcpuWorkerPool {
   /** Loaded and waiting for a machine. */
@@ -34,8 +35,8 @@ export class VcpuWorkerPool {
    * that took it.
    */
   static start(size: number, started: readonly VcpuThread[] = []): VcpuWorkerPool {
-    if (!Number.isInteger(size) || size < 0 || size > 1024) throw new RangeError('size must be an integer 0..1024');
-    if (!Array.isArray(started)) throw new TypeError('started must be an array of vCPU threads');
+    if (!Number.isInteger(size) || size < 0 || size > 1024) throw (typeof size === 'number' ? outOfRangeError : argTypeError)(`size must be an integer 0..1024, got ${String(size)}`);
+    if (!Array.isArray(started)) throw argTypeError('started must be an array of vCPU threads');
     const pool = new VcpuWorkerPool();
     for (const thread of started) pool.#adopt(thread);
     for (let i = started.length; i < size; i++) pool.#adopt(startVcpuThread());
@@ -78,8 +79,8 @@ export class VcpuWorkerPool {
    * loaded.
    */
   async acquire(count: number): Promise<VcpuThread[]> {
-    if (this.#closed) throw new Error('the vCPU pool is closed');
-    if (!Number.isInteger(count) || count < 0) throw new RangeError('count must be a non-negative integer');
+    if (this.#closed) throw new NodeKvmError(ErrorCode.InvalidState, 'the vCPU pool is closed');
+    if (!Number.isInteger(count) || count < 0) throw (typeof count === 'number' ? outOfRangeError : argTypeError)(`count must be a non-negative integer, got ${String(count)}`);
     const taken = this.#idle.splice(0, count);
     taken.push(...this.#starting.splice(0, count - taken.length));
     while (taken.length < count) taken.push(startVcpuThread());

@@ -3,6 +3,7 @@ import type { BootState } from '../boot/index.js';
 import type { CpuidEntry, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
 import type { MessagePort } from 'node:worker_threads';
 import type { DevicesShared } from './devices.js';
+import type { ThreadFailure } from './errors.js';
 import type { VcpuState } from './vcpu-state.js';
 
 export type MachineExitReason =
@@ -62,13 +63,14 @@ export type VcpuRequest = { type: 'save'; seq: number } | { type: 'restore'; seq
 export type VcpuReply =
   | { seq: number; type: 'saved'; state: VcpuState }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
-  | { seq: number; type: 'failed'; error: string };
+  | ({ seq: number; type: 'failed' } & ThreadFailure);
 
 export type WorkerMessage =
   | { type: 'idle' }
   | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
   | { type: 'exit'; exit: MachineExit }
   | { type: 'log'; message: string }
-  | { type: 'done'; vcpuId: number; error?: string };
+  /** The thread left its assignment; with `failure` if it could not create or run its vCPU. */
+  | { type: 'done'; vcpuId: number; failure?: ThreadFailure };
 
 export type MainMessage = { type: 'assign'; assignment: VcpuAssignment } | { type: 'quit' };

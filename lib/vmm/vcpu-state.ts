@@ -3,6 +3,7 @@
 // while the machine is paused or not yet started.
 import type { CpuidEntry, DebugRegs, LapicState, MsrEntry, Regs, Sregs, VcpuEvents, Xcr } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
+import { argValueError } from '../kvm/errors.js';
 
 export interface VcpuState {
   id: number;
@@ -85,7 +86,7 @@ export function saveVcpuState(vcpu: Vcpu, msrIndices: readonly number[], irqchip
  * deadline MSR depends on the LAPIC mode), events last. Returns the MSRs the host refused.
  */
 export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, irqchip: boolean, cpuidSet: readonly CpuidEntry[] | null = null): number[] {
-  if (state.id !== vcpu.id) throw new Error(`state of vCPU ${state.id} given to vCPU ${vcpu.id}`);
+  if (state.id !== vcpu.id) throw argValueError(`state of vCPU ${state.id} given to vCPU ${vcpu.id}`);
   // `cpuidSet`: what this vCPU was given already. The same again (a destination on the same kind
   // of host) needs no ioctl, which matters inside a migration's downtime.
   if (!cpuidSet || !sameCpuid(cpuidSet, state.cpuid)) vcpu.setCpuid2(state.cpuid);

@@ -3,12 +3,19 @@
 // report idle: one message hop less on the way to the guest's first instruction.
 import { fileURLToPath } from 'node:url';
 import { Worker, type TransferListItem } from 'node:worker_threads';
-import type { MainMessage, WorkerMessage } from './types.js';
+import type { WorkerMessage } from './types.js';
 import { workerEntry } from './worker-entry.js';
+import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 
 // The worker module sits beside this one, as .ts under a TypeScript loader and .js when built;
 // built, its one-file bundle starts faster where there is one (scripts/bundle.mjs).
 const workerFile = workerEntry(fileURLToPath(import.meta.url), 'vcpu-worker');
+
+/**
+ * What a vCPU thread is sent: `{ type: 'quit' }` ends an idle thread (one its pool or machine no
+ * longer wants); the VMM sends it its machine's vCPU (an assignment only the VMM builds).
+ */
+export type VcpuThreadMessage = { type: 'quit' } | { type: 'assign'; assignment: unknown };
 
 export interface VcpuThread {
   readonly worker: Worker;
@@ -18,7 +25,7 @@ export interface VcpuThread {
   readonly exited: Promise<void>;
   /** Where loading stands (what `loaded` says, readable at once). */
   readonly status: 'loading' | 'loaded' | 'failed';
-  send(message: MainMessage, transfer?: TransferListItem[]): void;
+  send(message: VcpuThreadMessage, transfer?: TransferListItem[]): void;
 }
 
 /** Starts a vCPU thread; it is usable (send() an assignment) before it has loaded. */
@@ -42,8 +49,8 @@ export function watchVcpuThread(worker: Worker): VcpuThread {
     const onMessage = (message: WorkerMessage) => {
       if (message.type === 'idle') settle();
     };
-    const onError = (error: Error) => settle(new Error(`a vCPU thread failed to load: ${error.message}`));
-    const onExit = (code: number) => settle(new Error(`a vCPU thread ended (status ${code}) before it had loaded`));
+    const onError = (error: Error) => settle(new NodeKvmError(ErrorCode.WorkerInitFailed, `a vCPU thread failed to load: ${error.message}`, { cause: error }));
+    const onExit = (code: number) => settle(new NodeKvmError(ErrorCode.WorkerInitFailed, `a vCPU thread ended (status ${code}) before it had loaded`));
     worker.on('message', onMessage);
     worker.on('error', onError);
     worker.on('exit', onExit);

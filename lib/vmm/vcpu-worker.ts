@@ -15,25 +15,35 @@ import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { spillDirtyRing } from './dirty-tracker.js';
 import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
+import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
+import { threadFailure, type ThreadFailure } from './errors.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 
 const port = parentPort;
-if (!port) throw new Error('vcpu-worker runs in a worker thread');
-const post = (message: WorkerMessage) => port.postMessage(message);
+if (!port) throw new NodeKvmError(ErrorCode.WorkerInitFailed, 'vcpu-worker runs in a worker thread');
+/** Posts a message; one whose error cannot be cloned goes without it (its message and code still do). */
+const post = (message: WorkerMessage) => {
+  try {
+    port.postMessage(message);
+  } catch (error) {
+    if (!('failure' in message) || !message.failure?.cause) throw error;
+    port.postMessage({ ...message, failure: { ...message.failure, cause: undefined } });
+  }
+};
 
 const handle = (message: MainMessage) => {
   if (message.type === 'quit') {
     port.close();
     return;
   }
-  let error: string | undefined;
+  let failure: ThreadFailure | undefined;
   try {
     runAssignment(message.assignment);
   } catch (e) {
-    error = (e as Error)?.message ?? String(e);
+    failure = threadFailure(e);
   }
   setThreadName('vcpu-idle');
-  post({ type: 'done', vcpuId: message.assignment.vcpuId, error });
+  post({ type: 'done', vcpuId: message.assignment.vcpuId, ...(failure ? { failure } : {}) });
 };
 port.on('message', handle);
 setThreadName('vcpu-idle');
@@ -71,7 +81,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
   } else {
-    if (!assignment.cpuid || !assignment.msrs) throw new Error('a vCPU that is not restored needs its CPUID and MSRs');
+    if (!assignment.cpuid || !assignment.msrs) throw new NodeKvmError(ErrorCode.VcpuFailed, 'a vCPU that is not restored needs its CPUID and MSRs');
     // CPUID before MSRs: KVM accepts some MSRs only once the CPUID says they exist.
     vcpu.setCpuid2(assignment.cpuid);
     thread.cpuid = assignment.cpuid;
@@ -121,7 +131,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
     let reply: VcpuReply;
     try {
       if (request.type === 'restore' && running) {
-        reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state' };
+        reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state', code: ErrorCode.MachineState };
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
         const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, cpuidEntries(thread) ?? undefined);
@@ -130,9 +140,14 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       }
     } catch (e) {
-      reply = { seq: request.seq, type: 'failed', error: (e as Error)?.message ?? String(e) };
+      reply = { seq: request.seq, type: 'failed', ...threadFailure(e) };
     }
-    port.postMessage(reply);
+    try {
+      port.postMessage(reply);
+    } catch {
+      // An error that cannot cross threads goes without its cause.
+      port.postMessage({ ...reply, cause: undefined });
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 import { IrqChip } from '../kvm/constants.js';
 import type { ClockData, IrqchipState, PitState2 } from '../kvm/structs.js';
 import type { Vm } from '../kvm/vm.js';
+import { argValueError } from '../kvm/errors.js';
 
 export interface VmState {
   /** PIC master, PIC slave, IOAPIC; null without the in-kernel irqchip. */
@@ -21,7 +22,7 @@ export function saveVmState(vm: Vm, irqchip: boolean): VmState {
 /** Before the vCPUs' state, as the LAPICs' state refers to the IOAPIC's routing. */
 export function restoreVmState(vm: Vm, state: VmState, irqchip: boolean): void {
   if (irqchip !== (state.irqchips !== null)) {
-    throw new Error(`the saved machine ${state.irqchips ? 'has' : 'has no'} in-kernel irqchip, this one ${irqchip ? 'has' : 'has none'}`);
+    throw argValueError(`the saved machine ${state.irqchips ? 'has' : 'has no'} in-kernel irqchip, this one ${irqchip ? 'has' : 'has none'}`);
   }
   if (state.pit) vm.setPit2(state.pit);
   // Only the clock value: KVM_CLOCK_REALTIME would make KVM add the time that passed since the

@@ -46,3 +46,8 @@ export async function runToExit(config: MachineConfig, logs: string[] = []): Pro
   await new Promise((resolve) => setImmediate(resolve));
   return { exit, output: booted.output() };
 }
+
+/** A pattern for exactly this text (tap matches a string pattern as a part of the message). */
+export function exactly(text: string): RegExp {
+  return new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+}
