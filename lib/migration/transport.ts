@@ -17,6 +17,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
+import { MigrationError, MigrationErrorCode as Code, abortError, throwIfAborted } from './errors.js';
 
 export type MigrationAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
@@ -53,20 +55,9 @@ const REJECTION_REPORT_WINDOW_MS = 1000;
  */
 const SOCKET_HIGH_WATER_MARK_BYTES = 1024 * 1024;
 
-export type MigrationTransportErrorCode = 'refused' | 'timeout' | 'protocol' | 'closed' | 'connect' | 'aborted';
-
-export class MigrationTransportError extends Error {
-  readonly code: MigrationTransportErrorCode;
-  constructor(code: MigrationTransportErrorCode, message: string) {
-    super(message);
-    this.name = 'MigrationTransportError';
-    this.code = code;
-  }
-}
-
 /** Parses `tcp:HOST:PORT` (IPv6 in brackets: `tcp:[::1]:4444`) or `unix:PATH`. */
 export function parseMigrationAddress(text: string): MigrationAddress {
-  if (typeof text !== 'string') throw new TypeError('address must be a string');
+  if (typeof text !== 'string') throw argTypeError('address must be a string');
   if (text.startsWith('unix:')) {
     const socketPath = text.slice('unix:'.length);
     checkUnixPath(socketPath, text);
@@ -78,25 +69,25 @@ export function parseMigrationAddress(text: string): MigrationAddress {
     let portText: string;
     if (rest.startsWith('[')) {
       const close = rest.indexOf(']');
-      if (close < 0 || rest[close + 1] !== ':') throw new RangeError(`migration address '${text}': an IPv6 host is written [ADDRESS]:PORT`);
+      if (close < 0 || rest[close + 1] !== ':') throw argValueError(`migration address '${text}': an IPv6 host is written [ADDRESS]:PORT`);
       host = rest.slice(1, close);
       portText = rest.slice(close + 2);
-      if (!net.isIPv6(host)) throw new RangeError(`migration address '${text}': '${host}' is not an IPv6 address`);
+      if (!net.isIPv6(host)) throw argValueError(`migration address '${text}': '${host}' is not an IPv6 address`);
     } else {
       const colon = rest.lastIndexOf(':');
-      if (colon < 0) throw new RangeError(`migration address '${text}' has no port (tcp:HOST:PORT)`);
+      if (colon < 0) throw argValueError(`migration address '${text}' has no port (tcp:HOST:PORT)`);
       host = rest.slice(0, colon);
       portText = rest.slice(colon + 1);
-      if (host === '') throw new RangeError(`migration address '${text}' has an empty host (tcp:HOST:PORT)`);
-      if (host.includes(':')) throw new RangeError(`migration address '${text}': write an IPv6 host in brackets, as tcp:[${host}]:PORT`);
-      if (!/^[A-Za-z0-9._-]+$/.test(host)) throw new RangeError(`migration address '${text}': '${host}' is not a host name or address`);
+      if (host === '') throw argValueError(`migration address '${text}' has an empty host (tcp:HOST:PORT)`);
+      if (host.includes(':')) throw argValueError(`migration address '${text}': write an IPv6 host in brackets, as tcp:[${host}]:PORT`);
+      if (!/^[A-Za-z0-9._-]+$/.test(host)) throw argValueError(`migration address '${text}': '${host}' is not a host name or address`);
     }
     if (!/^\d{1,5}$/.test(portText) || Number(portText) > 65535) {
-      throw new RangeError(`migration address '${text}': port '${portText}' is not a number 0..65535`);
+      throw argValueError(`migration address '${text}': port '${portText}' is not a number 0..65535`);
     }
     return { kind: 'tcp', host, port: Number(portText) };
   }
-  throw new RangeError(`migration address '${text}' must be tcp:HOST:PORT or unix:PATH`);
+  throw argValueError(`migration address '${text}' must be tcp:HOST:PORT or unix:PATH`);
 }
 
 export function formatMigrationAddress(address: MigrationAddress): string {
@@ -151,15 +142,15 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   const target = checkAddress(address);
   const token = checkToken(options.token);
   if (target.kind === 'tcp' && token === undefined) {
-    throw new TypeError('a token is required to listen for a migration over tcp (anyone who can reach the port could send a guest)');
+    throw argTypeError('a token is required to listen for a migration over tcp (anyone who can reach the port could send a guest)');
   }
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs');
   const handshakeTimeoutMs = checkTimeout(options.handshakeTimeoutMs, 'handshakeTimeoutMs') ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
   const helloTimeoutMs = Math.min(checkTimeout(options.helloTimeoutMs, 'helloTimeoutMs') ?? DEFAULT_HELLO_TIMEOUT_MS, handshakeTimeoutMs);
   const maxUnauthenticated = checkCount(options.maxUnauthenticatedConnections, 'maxUnauthenticatedConnections') ?? DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS;
   const reportsPerSecond = checkCount(options.rejectionReportsPerSecond, 'rejectionReportsPerSecond') ?? DEFAULT_REJECTION_REPORTS_PER_SECOND;
-  options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
+  throwIfAborted(options.signal, `listening for a migration on ${label}`);
 
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
@@ -185,7 +176,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
     }
   } catch (error) {
     server.close();
-    throw new Error(`cannot listen for a migration on ${label}: ${describeError(error)}`);
+    throw new MigrationError(systemCode(error), `cannot listen for a migration on ${label}: ${describeError(error)}`, { cause: error });
   }
 
   return new Promise<net.Socket>((resolve, reject) => {
@@ -207,13 +198,13 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
       if (error) reject(error);
       else resolve(socket!);
     };
-    const onAbort = () => finish(new MigrationTransportError('aborted', `stopped listening for a migration on ${label}: aborted`));
+    const onAbort = () => finish(abortError(`stopped listening for a migration on ${label}`, options.signal));
     const timer = timeoutMs === undefined ? null : setTimeout(() => {
-      finish(new MigrationTransportError('timeout', `no migration arrived on ${formatMigrationAddress(bound)} within ${timeoutMs} ms`));
+      finish(new MigrationError(Code.TimedOut, `no migration arrived on ${formatMigrationAddress(bound)} within ${timeoutMs} ms`));
     }, timeoutMs);
     options.signal?.addEventListener('abort', onAbort, { once: true });
     // A listener that fails after it started (rare: EMFILE on accept) ends the wait.
-    server.on('error', (error) => finish(new Error(`listening for a migration on ${label} failed: ${describeError(error)}`)));
+    server.on('error', (error) => finish(new MigrationError(systemCode(error), `listening for a migration on ${label} failed: ${describeError(error)}`, { cause: error })));
 
     const onConnection = (socket: net.Socket) => {
       const peer = target.kind === 'unix' ? 'a local process' : `${socket.remoteAddress}:${socket.remotePort}`;
@@ -277,11 +268,11 @@ export interface ConnectForMigrationOptions {
 export async function connectForMigration(address: MigrationAddress, options: ConnectForMigrationOptions = {}): Promise<net.Socket> {
   const target = checkAddress(address);
   const token = checkToken(options.token);
-  if (target.kind === 'tcp' && token === undefined) throw new TypeError('a token is required to migrate over tcp');
-  if (target.kind === 'tcp' && target.port === 0) throw new RangeError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
+  if (target.kind === 'tcp' && token === undefined) throw argTypeError('a token is required to migrate over tcp');
+  if (target.kind === 'tcp' && target.port === 0) throw argValueError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs') ?? DEFAULT_CONNECT_TIMEOUT_MS;
-  options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
+  throwIfAborted(options.signal, `migration to ${label}`);
   const deadline = new Deadline(timeoutMs, `migration connect to ${label}`);
 
   // highWaterMark reaches the stream (net.Socket passes its options to Duplex); @types/node lacks it.
@@ -293,8 +284,8 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const errorSink = (_error: Error) => {};
   const open = () => net.createConnection(connectOptions).on('error', errorSink);
   let socket = open();
-  const abortError = () => new MigrationTransportError('aborted', `migration to ${label}: aborted`);
-  const onAbort = () => socket.destroy(abortError());
+  const aborted = () => abortError(`migration to ${label}`, options.signal);
+  const onAbort = () => socket.destroy(aborted());
   options.signal?.addEventListener('abort', onAbort, { once: true });
   try {
     for (;;) {
@@ -304,15 +295,15 @@ export async function connectForMigration(address: MigrationAddress, options: Co
       // connections (a flood, perhaps), and connect() fails at once where TCP would retry.
       const backlogFull = target.kind === 'unix' && (failure as NodeJS.ErrnoException).code === 'EAGAIN';
       if (!backlogFull || deadline.remainingMs() === 0) {
-        throw failure instanceof MigrationTransportError
+        throw failure instanceof MigrationError
           ? failure
-          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`);
+          : new MigrationError(Code.Connect, `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`, { cause: failure });
       }
       socket.destroy();
       try {
         await delay(Math.min(UNIX_BACKLOG_RETRY_MS, deadline.remainingMs()), undefined, { signal: options.signal });
       } catch {
-        throw abortError();
+        throw aborted();
       }
       socket = open();
     }
@@ -335,7 +326,7 @@ function connected(socket: net.Socket, deadline: Deadline): Promise<Error | null
     const timer = setTimeout(() => {
       socket.off('connect', onConnect);
       socket.off('error', onError);
-      resolve(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
+      resolve(new MigrationError(Code.TimedOut, `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
     }, deadline.remainingMs());
     const onConnect = () => {
       clearTimeout(timer);
@@ -409,15 +400,15 @@ function refuse(socket: net.Socket, reason: string): AcceptOutcome {
 async function offerHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline): Promise<void> {
   const greeting = await readExactly(socket, GREETING_BYTES, deadline, 'the greeting');
   if (!greeting.subarray(0, MAGIC.length).equals(MAGIC)) {
-    throw new MigrationTransportError('protocol', `${deadline.what}: not a node-kvm migration destination`);
+    throw new MigrationError(Code.Protocol, `${deadline.what}: not a node-kvm migration destination`);
   }
   const version = greeting.readUInt16BE(MAGIC.length);
   if (version !== MIGRATION_PROTOCOL_VERSION) {
-    throw new MigrationTransportError('protocol', `${deadline.what}: the destination speaks protocol version ${version}, this side ${MIGRATION_PROTOCOL_VERSION}`);
+    throw new MigrationError(Code.Protocol, `${deadline.what}: the destination speaks protocol version ${version}, this side ${MIGRATION_PROTOCOL_VERSION}`);
   }
   const destinationWantsToken = (greeting[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
   if (token !== undefined && !destinationWantsToken) {
-    throw new MigrationTransportError('refused', 'migration refused: the destination was started without a token, so it cannot prove it is the intended one');
+    throw new MigrationError(Code.Refused, 'migration refused: the destination was started without a token, so it cannot prove it is the intended one');
   }
   const nonceD = greeting.subarray(MAGIC.length + 3);
   const nonceS = randomBytes(NONCE_BYTES);
@@ -427,13 +418,13 @@ async function offerHandshake(socket: net.Socket, token: string | undefined, dea
   if (status === REFUSED) {
     const [length] = await readExactly(socket, 1, deadline, 'the destination\'s reason');
     const reason = length === 0 ? 'no reason given' : (await readExactly(socket, length!, deadline, 'the destination\'s reason')).toString('utf8');
-    throw new MigrationTransportError('refused', `migration refused: ${reason}`);
+    throw new MigrationError(Code.Refused, `migration refused: ${reason}`);
   }
-  if (status !== ACCEPTED) throw new MigrationTransportError('protocol', `${deadline.what}: unexpected verdict byte ${status}`);
+  if (status !== ACCEPTED) throw new MigrationError(Code.Protocol, `${deadline.what}: unexpected verdict byte ${status}`);
   const proofD = await readExactly(socket, PROOF_BYTES, deadline, 'the destination\'s proof');
   if (token !== undefined && !timingSafeEqual(proofD, proof(token, DESTINATION_LABEL, nonceD, nonceS))) {
     socket.end(Buffer.of(REFUSED), () => socket.destroy());
-    throw new MigrationTransportError('refused', 'migration refused: the destination does not hold the same token');
+    throw new MigrationError(Code.Refused, 'migration refused: the destination does not hold the same token');
   }
   socket.write(Buffer.of(ACCEPTED));
 }
@@ -541,14 +532,14 @@ function readExactly(
       cleanup();
       resolve(chunk);
     };
-    const onEnd = () => fail(new MigrationTransportError('closed', `${deadline.what}: the peer closed the connection while this side waited for ${step}`));
-    const onError = (error: Error) => fail(error instanceof MigrationTransportError
+    const onEnd = () => fail(new MigrationError(Code.Closed, `${deadline.what}: the peer closed the connection while this side waited for ${step}`));
+    const onError = (error: Error) => fail(error instanceof MigrationError
       ? error
-      : new MigrationTransportError('closed', `${deadline.what}: ${describeError(error)} while waiting for ${step}`));
+      : new MigrationError(Code.Closed, `${deadline.what}: ${describeError(error)} while waiting for ${step}`));
     const timer = setTimeout(() => {
       const arrivedBytes = part.offsetBytes + socket.readableLength;
       const partly = arrivedBytes > 0 ? ` (${arrivedBytes} of ${part.stepBytes} bytes arrived)` : '';
-      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}${partly}`));
+      fail(new MigrationError(Code.TimedOut, `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}${partly}`));
     }, deadline.remainingMs());
     socket.on('readable', tryRead);
     socket.on('end', onEnd);
@@ -576,7 +567,7 @@ export async function listenOnPrivateUnixSocket(server: net.Server, socketPath: 
   const privatePath = path.join(privateDir, 's');
   try {
     if (Buffer.byteLength(privatePath) > MAX_UNIX_PATH_BYTES) {
-      throw new RangeError(`the socket path ${socketPath} is too long to create safely (its directory's path leaves no room)`);
+      throw argValueError(`the socket path ${socketPath} is too long to create safely (its directory's path leaves no room)`);
     }
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -590,7 +581,9 @@ export async function listenOnPrivateUnixSocket(server: net.Server, socketPath: 
       fs.linkSync(privatePath, target);
     } catch (error) {
       server.close();
-      throw (error as NodeJS.ErrnoException).code === 'EEXIST' ? new Error(`${socketPath} appeared while this socket was being created`) : error;
+      throw (error as NodeJS.ErrnoException).code === 'EEXIST'
+        ? new MigrationError('EEXIST', `${socketPath} appeared while this socket was being created`, { cause: error })
+        : error;
     }
   } finally {
     fs.rmSync(privatePath, { force: true });
@@ -616,7 +609,7 @@ async function removeStaleSocket(target: string): Promise<void> {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw error;
   }
-  if (!stats.isSocket()) throw new Error(`refusing to replace ${target}: it exists and is not a socket`);
+  if (!stats.isSocket()) throw new MigrationError('EEXIST', `refusing to replace ${target}: it exists and is not a socket`);
   const live = await new Promise<boolean>((resolve, reject) => {
     const probe = net.createConnection({ path: target });
     probe.once('connect', () => {
@@ -628,50 +621,50 @@ async function removeStaleSocket(target: string): Promise<void> {
       else reject(error);
     });
   });
-  if (live) throw new Error(`${target} is in use: something is listening there`);
+  if (live) throw new MigrationError('EADDRINUSE', `${target} is in use: something is listening there`);
   fs.unlinkSync(target);
 }
 
 function checkAddress(address: MigrationAddress): MigrationAddress {
-  if (typeof address !== 'object' || address === null) throw new TypeError('address must be a MigrationAddress object');
+  if (typeof address !== 'object' || address === null) throw argTypeError('address must be a MigrationAddress object');
   if (address.kind === 'unix') {
-    if (typeof address.path !== 'string') throw new TypeError('address.path must be a string');
+    if (typeof address.path !== 'string') throw argTypeError('address.path must be a string');
     checkUnixPath(address.path, `unix:${address.path}`);
     return address;
   }
   if (address.kind === 'tcp') {
-    if (typeof address.host !== 'string') throw new TypeError('address.host must be a string');
-    if (!Number.isInteger(address.port) || address.port < 0 || address.port > 65535) throw new RangeError(`address.port must be an integer 0..65535, got ${address.port}`);
+    if (typeof address.host !== 'string') throw argTypeError('address.host must be a string');
+    if (!Number.isInteger(address.port) || address.port < 0 || address.port > 65535) throw outOfRangeError(`address.port must be an integer 0..65535, got ${address.port}`);
     return address;
   }
-  throw new TypeError(`address.kind must be 'tcp' or 'unix'`);
+  throw argTypeError(`address.kind must be 'tcp' or 'unix'`);
 }
 
 function checkUnixPath(socketPath: string, text: string): void {
-  if (socketPath === '') throw new RangeError(`migration address '${text}' has an empty path (unix:PATH)`);
-  if (socketPath.includes('\0')) throw new RangeError(`migration address '${text}': the path contains a NUL byte`);
+  if (socketPath === '') throw argValueError(`migration address '${text}' has an empty path (unix:PATH)`);
+  if (socketPath.includes('\0')) throw argValueError(`migration address '${text}': the path contains a NUL byte`);
   const bytes = Buffer.byteLength(path.resolve(socketPath));
-  if (bytes > MAX_UNIX_PATH_BYTES) throw new RangeError(`migration address '${text}': the socket path is ${bytes} bytes, at most ${MAX_UNIX_PATH_BYTES} fit in sockaddr_un`);
+  if (bytes > MAX_UNIX_PATH_BYTES) throw argValueError(`migration address '${text}': the socket path is ${bytes} bytes, at most ${MAX_UNIX_PATH_BYTES} fit in sockaddr_un`);
 }
 
 function checkToken(token: string | undefined): string | undefined {
   if (token === undefined) return undefined;
-  if (typeof token !== 'string') throw new TypeError('token must be a string');
-  if (token === '') throw new RangeError('token must not be empty');
+  if (typeof token !== 'string') throw argTypeError('token must be a string');
+  if (token === '') throw argValueError('token must not be empty');
   return token;
 }
 
 function checkTimeout(value: number | undefined, name: string): number | undefined {
   if (value === undefined) return undefined;
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > 2 ** 31 - 1) {
-    throw new RangeError(`${name} must be a positive number of milliseconds, got ${value}`);
+    throw outOfRangeError(`${name} must be a positive number of milliseconds, got ${value}`);
   }
   return value;
 }
 
 function checkCount(value: number | undefined, name: string): number | undefined {
   if (value === undefined) return undefined;
-  if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
+  if (!Number.isSafeInteger(value) || value < 1) throw outOfRangeError(`${name} must be a positive integer, got ${value}`);
   return value;
 }
 
@@ -690,5 +683,11 @@ function connectHint(error: unknown): string {
 
 function describeError(error: unknown): string {
   const e = error as NodeJS.ErrnoException;
-  return e.code && !(e instanceof MigrationTransportError) ? e.code : e instanceof Error ? e.message : String(error);
+  return e.code && !(e instanceof MigrationError) ? e.code : e instanceof Error ? e.message : String(error);
+}
+
+/** A system error's code ('EADDRINUSE'), or ECONNECT for anything else that failed on the socket. */
+function systemCode(error: unknown): string {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  return typeof code === 'string' ? code : Code.Connect;
 }
