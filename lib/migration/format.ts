@@ -13,7 +13,7 @@
 // A header for a machine this host could never build (more than MAX_MEMORY_BYTES of RAM or
 // MAX_VCPUS vCPUs, lib/vmm/config.ts) is refused as it is read (ETOOBIG).
 //
-// Section: type u16, flags u16 (0), payload length u32, payload, CRC-32C of all that precedes it.
+// Section: type u16, flags u16, payload length u32, payload, CRC-32C of all that precedes it.
 //
 // The sections, in order:
 //   migration, source to destination: Config (the machine's shape, for the destination to build

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { Machine } from '../../lib/index.js';
+import { Machine, type MigrationError } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
 import { startDestination, startLocalDestination, type Destination, type LocalDestination } from '../helpers/migration-peer.js';
@@ -93,7 +93,7 @@ async function migrateThroughFault<D extends Destination | LocalDestination>(t: 
   await source.waitForOutput('pass 1 ok\n');
   const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: options.timeoutMs ?? 5000 }).then(
     () => null,
-    (e: Error) => e,
+    (e: MigrationError) => e,
   );
   return { destination, source, error };
 }
