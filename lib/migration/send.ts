@@ -170,7 +170,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   // there is the destination's to say (giving up here could leave it running on both sides).
   const aborted = abortPromise(opts.signal, what, () => stats.phase);
   let abortable = true;
-  const unlessAborted = <T>(work: Promise<T>): Promise<T> => (abortable ? Promise.race([work, aborted.promise]) : work);
+  const unlessAborted = <T>(work: Promise<T>): Promise<T> => (abortable && opts.signal ? Promise.race([work, aborted.promise]) : work);
   const progress = (phase: MigrationPhase) => {
     stats.phase = phase;
     stats.totalTimeMs = performance.now() - started;
