@@ -7,7 +7,7 @@ export { migrateMachine } from './send.js';
 export { receiveMachine } from './receive.js';
 export { MigrationError, MigrationErrorCode, type MigrationErrorOptions } from './errors.js';
 export { STREAM_VERSION } from './format.js';
-export { formatMigrationAddress, parseMigrationAddress, type MigrationAddress } from './transport.js';
+export { formatMigrationAddress, parseMigrationAddress, type MigrationAddress } from './addresses.js';
 export {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile,
   type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent, type WriteSnapshotOptions,
