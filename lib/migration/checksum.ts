@@ -1,6 +1,7 @@
 // CRC-32C (Castagnoli; iSCSI, RFC 3720 appendix B.4), the checksum of the migration stream and of
 // snapshot RAM images. The addon computes it with the SSE4.2 crc32 instruction (several times
 // zlib.crc32's speed), or with tables on CPUs without it: see native/checksum.cc.
+import { outOfRangeError } from '../kvm/errors.js';
 import { crc32c as hostCrc32c } from '../kvm/host.js';
 
 /** Reflected Castagnoli polynomial. */
@@ -46,8 +47,8 @@ const X2N_TABLE = (() => {
  * reading them: crc32cZeros(crc32c(a), n) === crc32c(n zero bytes, crc32c(a)). O(log n).
  */
 export function crc32cZeros(crc: number, byteCount: number): number {
-  if (!Number.isInteger(crc) || crc < 0 || crc > 0xffffffff) throw new RangeError(`crc must be an integer 0..4294967295, got ${crc}`);
-  if (!Number.isSafeInteger(byteCount) || byteCount < 0) throw new RangeError(`byteCount must be a non-negative safe integer, got ${byteCount}`);
+  if (!Number.isInteger(crc) || crc < 0 || crc > 0xffffffff) throw outOfRangeError(`crc must be an integer 0..4294967295, got ${crc}`);
+  if (!Number.isSafeInteger(byteCount) || byteCount < 0) throw outOfRangeError(`byteCount must be a non-negative safe integer, got ${byteCount}`);
   let p = 0x80000000; // x^0
   let n = byteCount;
   let k = 3; // a byte is x^(2^3)

@@ -1,11 +1,21 @@
 // Snapshots and live migration over a Machine: free functions, also attached to Machine as
-// methods (machine-methods.ts).
+// methods (machine-methods.ts), the one error class of this layer, and the snapshot file API.
 import './machine-methods.js';
 
 export { snapshotMachine, restoreMachine } from './snapshot.js';
-export { migrateMachine, MigrationError } from './send.js';
+export { migrateMachine } from './send.js';
 export { receiveMachine } from './receive.js';
+export { MigrationError, MigrationErrorCode, type MigrationErrorOptions } from './errors.js';
+export { STREAM_VERSION } from './format.js';
+export { formatMigrationAddress, parseMigrationAddress, type MigrationAddress } from './addresses.js';
+export {
+  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile,
+  type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent, type WriteSnapshotOptions,
+  type WriteSnapshotResult,
+} from './snapshot-file.js';
+export type { DecodedPages } from './pages.js';
+export type { RamImage, StreamHeader, StreamKind } from './format.js';
 export type {
-  IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, RestoreConfig, SnapshotInfo,
-  SnapshotOptions,
+  DirtyLogMode, IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, PageRange,
+  RestoreConfig, SnapshotInfo, SnapshotOptions,
 } from './types.js';

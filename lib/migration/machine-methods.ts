@@ -6,10 +6,14 @@ import { Machine } from '../vmm/machine.js';
 import { receiveMachine } from './receive.js';
 import { migrateMachine } from './send.js';
 import { restoreMachine, snapshotMachine } from './snapshot.js';
-import type { IncomingConfig, MigrateOptions, MigrationStats, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
+import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 declare module '../vmm/machine.js' {
   interface Machine {
+    /** During machine.migrate(): the statistics after every round and at each phase change (as onProgress). */
+    on(event: 'progress', listener: (progress: MigrationProgress) => void): this;
+    once(event: 'progress', listener: (progress: MigrationProgress) => void): this;
+    off(event: 'progress', listener: (progress: MigrationProgress) => void): this;
     /** snapshotMachine(this, path, options). */
     snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
     /** migrateMachine(this, address, options). */

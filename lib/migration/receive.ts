@@ -7,24 +7,30 @@ import { GuestMemory } from '../kvm/memory.js';
 import { disksMismatch, logToStderr } from '../vmm/builder.js';
 import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
 import { buildMachine, machineInternals, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
-import { MachineStateCollector, checkShape, encodeShape, warmUpStateCodec } from './machine-state.js';
-import { decodeStateSection } from './state-codec.js';
+import { argTypeError } from '../kvm/errors.js';
+import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import {
-  SectionReader, SectionType, StreamError, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeSection,
-  encodeHeader, socketSource, writeChunks,
-} from './stream.js';
-import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
+  SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSync,
+} from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
+import { SectionReader } from './section-reader.js';
+import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
+import { socketSource } from './sources.js';
+import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSection, machineStateOf, warmUpStateCodec } from './state-sections.js';
+import { writeChunks } from './writers.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 import type { IncomingConfig } from './types.js';
 
 /**
  * Waits for one migration at `address` ('tcp:HOST:PORT' or 'unix:PATH'), receives the guest,
- * and resolves with the machine running it here.
+ * and resolves with the machine running it here. Aborting `config.signal` stops listening, or
+ * stops the transfer and tells the source why; the machine built for it is stopped (ABORT_ERR).
  */
 export async function receiveMachine(address: string, config: IncomingConfig = {}): Promise<Machine> {
-  if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
+  if (typeof config !== 'object' || config === null) throw argTypeError('config must be an object');
+  const signal = checkSignal(config.signal, 'config.signal');
+  throwIfAborted(signal, `waiting for a migration on ${address}`);
   if (config.memoryBytes !== undefined) checkMemoryBytes(config.memoryBytes);
   if (config.vcpus !== undefined) checkVcpus(config.vcpus);
   // Refused connections are worth a line wherever the machine's warnings go.
@@ -74,6 +80,11 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
         machine = null;
       }
       machine ??= await buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true });
+      if (signal?.aborted) {
+        // buildMachine() takes no signal: the machine built after the abort goes at once.
+        await machine.stop();
+        throw abortError('receiving a migration', signal);
+      }
       const target = machine;
       const internals = machineInternals(target);
       return {
@@ -115,15 +126,19 @@ export async function receiveMigration(
   build: (shape: MachineShape) => Promise<IncomingTarget>,
 ): Promise<Machine> {
   const address = parseMigrationAddress(addressText);
+  const signal = config.signal;
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
   let socket: Socket = await listenForMigration(address, {
     token: config.token,
     timeoutMs: config.timeoutMs,
+    signal,
     onListening: (bound) => config.onListening?.(formatMigrationAddress(bound)),
     onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
   });
   socket.on('error', () => {}); // failures surface through the reads below
   enlargeSocketBuffers(socket);
+  const what = `receiving a migration on ${addressText}`;
+  const aborted = abortPromise(signal, what);
   // The header and the Config section; the rest is parsed as it arrives (receiveSections).
   const source = socketSource(socket, stallTimeoutMs);
   const reader = new SectionReader(source);
@@ -137,18 +152,19 @@ export async function receiveMigration(
     await writeChunks(socket, chunks);
   };
   try {
-    const header = await reader.readHeader();
+    const header = await Promise.race([reader.readHeader(), aborted.promise]);
     checkHeader(header, { kind: 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
-    const first = await reader.next();
-    if (first.type !== SectionType.Config) throw new StreamError('EFORMAT', `the migration stream starts with a ${first.name} section, not its configuration`);
-    const shape = checkShape(decodeStateSection(first), 'migration stream');
+    const first = await Promise.race([reader.next(), aborted.promise]);
+    if (first.type !== SectionType.Config) throw new MigrationError(Code.Format, `the migration stream starts with a ${first.name} section, not its configuration`);
+    const shape = checkShape(decodeConfigSection(first, 'the migration stream').machine, 'the migration stream');
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
-      throw new StreamError('EMISMATCH', 'the migration stream\'s configuration contradicts its header');
+      throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
     }
     target = await build(shape);
+    throwIfAborted(signal, what);
     const memory = target.memory;
     const ram = memory.bytes();
-    const state = new MachineStateCollector('migration stream');
+    const state = new StateSectionReader('the migration stream', header.vcpuCount);
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
     // safe here (this machine runs only once the whole stream has checked out).
@@ -167,24 +183,28 @@ export async function receiveMigration(
         else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
       },
       section: (section) => {
-        if (section.type === SectionType.Sync) void reply([encodeSection(SectionType.Sync, new Uint8Array(0))]).catch(() => {});
-        else if (section.type === SectionType.Error) throw new Error(`the source gave up: ${decodeErrorSection(section.payload)}`);
-        else if (section.type !== SectionType.End && !state.take(section)) throw new StreamError('EFORMAT', `unexpected ${section.name} section in a migration stream`);
+        if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
+        else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
+        else if (section.type !== SectionType.End && !state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
       },
-    }, stallTimeoutMs);
+    }, stallTimeoutMs, signal, what);
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
-    await reply([encodeShape(shape)], shape);
+    await reply([encodeConfigSection({ machine: shape })], shape);
     await sections.ended;
 
-    const complete = state.finish({ memoryBytes: header.memoryBytes, vcpus: header.vcpuCount });
+    const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
     await target.apply(complete);
+    // The last moment an abort counts: from here on the guest runs here.
+    throwIfAborted(signal, what);
     target.start(complete.running === false);
+    aborted.dispose();
     await reply([encodeEnd()]);
     socket.end();
     return target.machine;
   } catch (error) {
+    aborted.dispose();
     const message = (error as Error)?.message ?? String(error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();
@@ -214,6 +234,8 @@ function receiveSections(
   leftover: Uint8Array[],
   target: SectionParserTarget,
   stallTimeoutMs: number,
+  signal: AbortSignal | undefined,
+  what: string,
 ): { socket: Socket; ended: Promise<void> } {
   const parser = new SectionParser(target);
   let settle!: (error?: Error) => void;
@@ -221,10 +243,12 @@ function receiveSections(
     settle = (error) => (error ? reject(error) : resolve());
   });
   let done = false;
+  const onAbort = () => finish(abortError(what, signal));
   const finish = (error?: Error) => {
     if (done) return;
     done = true;
     clearTimeout(stall);
+    signal?.removeEventListener('abort', onAbort);
     settle(error);
   };
   const take = (bytes: Uint8Array): boolean => {
@@ -240,13 +264,15 @@ function receiveSections(
     return !parser.ended;
   };
   const stall = setTimeout(() => {
-    finish(new StreamError('ETIMEDOUT', `migration stream stalled: no data for ${stallTimeoutMs} ms after ${parser.bytesParsed} bytes`));
+    finish(new MigrationError(Code.TimedOut, `migration stream stalled: no data for ${stallTimeoutMs} ms after ${parser.bytesParsed} bytes`));
   }, Math.min(stallTimeoutMs, 0x7fffffff));
+  if (signal?.aborted) onAbort();
+  else signal?.addEventListener('abort', onAbort, { once: true });
   for (const chunk of leftover) take(chunk);
   const reopened = reopenWithReadBuffer(socket, Buffer.allocUnsafe(RECEIVE_BUFFER_BYTES), take);
   const closed = (why: string) => () => {
     if (!parser.ended) {
-      finish(new StreamError('ETRUNCATED', `migration stream truncated: ${why} after ${parser.bytesParsed} bytes (expected ${parser.waitingFor})`));
+      finish(new MigrationError(Code.Truncated, `migration stream truncated: ${why} after ${parser.bytesParsed} bytes (expected ${parser.waitingFor})`));
     }
   };
   reopened.on('end', closed('peer closed the migration stream'));

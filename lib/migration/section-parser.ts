@@ -1,32 +1,42 @@
-// The sections of a stream parsed as its bytes arrive, in whatever pieces the socket hands over,
-// for the destination of a migration: page data goes from the socket's read buffer straight to
-// guest RAM (one copy), instead of being assembled into a section first and copied again.
+// The one parser of the section framing (format.ts): it takes a stream's bytes as they come, in
+// whatever pieces, and hands over each section once its length limit and CRC have checked out.
+// It is pushed bytes by the destination of a migration (from its socket's read buffer) and pulled
+// through by SectionReader (section-reader.ts) for snapshot files and the source's replies, which
+// asks it how many bytes it wants next.
 //
-// Checks are those of SectionReader + decodePages(): every length against its limit before
-// anything is allocated, a Pages section's whole range table (every range inside guest RAM, data
-// lengths adding up) before any of its data is placed, and every section's CRC. The one
-// difference: a Pages section's data is placed in guest RAM as it arrives, so a section whose CRC
-// then fails has already written there. That is safe only where the RAM is not in use until the
-// stream has ended intact, as with an incoming migration: a bad section fails the migration and
-// the machine being built is thrown away; the guest never runs on what it wrote. Zero ranges, which
-// may free memory, are applied only once their section has checked out.
+// Every length is checked against its limit before anything is allocated. Pages sections go one
+// of two ways:
+//   - whole (no writePages in the target): like any other section, the payload handed over once
+//     its CRC has checked out; decodePages() (pages.ts) checks and applies it later.
+//   - streamed (writePages): the whole range table is checked first (every range inside guest
+//     RAM, data lengths adding up), then page data goes from the caller's bytes straight to guest
+//     RAM as it arrives (one copy). A section whose CRC then fails has already written there.
+//     That is safe only where the RAM is not in use until the stream has ended intact, as with an
+//     incoming migration: a bad section fails it and the machine being built is thrown away; the
+//     guest never runs on what it wrote. Zero ranges, which may free memory, are applied only
+//     once their section has checked out.
+import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 import { crc32c } from './checksum.js';
+import { MigrationError, MigrationErrorCode as Code, streamError } from './errors.js';
 import {
-  MAX_SECTION_PAYLOAD_BYTES, PAGE_RANGE_BYTES, SECTION_HEADER_BYTES, SectionType, StreamError, decodePageTable, pageTableBytes, sectionName,
-  viewOf, type DecodedPages, type PageTable, type Section, type SectionName, type SectionTypeNumber,
-} from './stream.js';
+  MAX_SECTION_PAYLOAD_BYTES, SECTION_HEADER_BYTES, SectionType, sectionTypeName, viewOf, type Section, type SectionName, type SectionTypeNumber,
+} from './format.js';
+import { PAGE_RANGE_BYTES, decodePageTable, pageTableBytes, type DecodedPages, type PageTable } from './pages.js';
 
 export interface SectionParserTarget {
-  /** Guest RAM size: every Pages range must lie below it. */
-  memoryBytes: number;
-  /** `data` (valid only during the call) belongs at `guestPhysAddr`. May be called several times per range. */
-  writePages(guestPhysAddr: number, data: Uint8Array): void;
-  /** `byteLength` bytes from `guestPhysAddr` are zero pages (their section has checked out). */
-  zeroPages(guestPhysAddr: number, byteLength: number): void;
-  /** A Pages section has ended and checked out. */
-  pagesDone?(counts: DecodedPages): void;
-  /** Any other section, whole and checked; its payload is valid only during the call. */
+  /** Every section but streamed Pages, whole and checked; its payload is valid only during the call. */
   section(section: Section): void;
+  /**
+   * With this, Pages sections are streamed: `data` (valid only during the call) belongs at
+   * `guestPhysAddr`. May be called several times per range. Needs memoryBytes and zeroPages.
+   */
+  writePages?(guestPhysAddr: number, data: Uint8Array): void;
+  /** Guest RAM size: every streamed Pages range must lie below it. */
+  memoryBytes?: number;
+  /** `byteLength` bytes from `guestPhysAddr` are zero pages (their section has checked out). */
+  zeroPages?(guestPhysAddr: number, byteLength: number): void;
+  /** A streamed Pages section has ended and checked out. */
+  pagesDone?(counts: DecodedPages): void;
 }
 
 const enum Phase {
@@ -38,16 +48,17 @@ const enum Phase {
   Ended,
 }
 
-const TYPE_NAMES = new Set<string>(Object.keys(SectionType));
+const CRC_BYTES = 4;
 
 export class SectionParser {
   readonly #target: SectionParserTarget;
+  readonly #streamPages: boolean;
   #phase = Phase.Header;
   #failure: Error | undefined;
-  /** Bytes of a small field (header, CRC, table, non-page payload) gathered across pieces. */
+  /** Bytes of a field (header, table, payload) gathered across pieces. */
   #gather = new Uint8Array(SECTION_HEADER_BYTES);
   /** The CRC after a payload: apart, so that the payload gathered before it stays intact. */
-  readonly #trailer = new Uint8Array(4);
+  readonly #trailer = new Uint8Array(CRC_BYTES);
   #gathered = 0;
   #want = SECTION_HEADER_BYTES;
   #type = 0;
@@ -55,7 +66,7 @@ export class SectionParser {
   #flags = 0;
   #payloadBytes = 0;
   #crc = 0;
-  // Page data of the current Pages section.
+  // Page data of the current streamed Pages section.
   #table: PageTable | undefined;
   #range = 0;
   #rangeOffset = 0;
@@ -63,13 +74,18 @@ export class SectionParser {
   #bytesParsed = 0;
 
   constructor(target: SectionParserTarget) {
-    if (typeof target !== 'object' || target === null || typeof target.writePages !== 'function' ||
-      typeof target.zeroPages !== 'function' || typeof target.section !== 'function') {
-      throw new TypeError('target must have writePages(), zeroPages() and section()');
+    if (typeof target !== 'object' || target === null || typeof target.section !== 'function') {
+      throw argTypeError('target must have section()');
     }
-    const { memoryBytes } = target;
-    if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % 4096 !== 0) {
-      throw new RangeError(`target.memoryBytes must be a positive multiple of 4096, got ${String(memoryBytes)}`);
+    this.#streamPages = target.writePages !== undefined;
+    if (this.#streamPages) {
+      if (typeof target.writePages !== 'function' || typeof target.zeroPages !== 'function') {
+        throw argTypeError('a target that streams pages must have writePages() and zeroPages()');
+      }
+      const { memoryBytes } = target;
+      if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % 4096 !== 0) {
+        throw outOfRangeError(`target.memoryBytes must be a positive multiple of 4096, got ${String(memoryBytes)}`);
+      }
     }
     this.#target = target;
   }
@@ -84,6 +100,19 @@ export class SectionParser {
     return this.#bytesParsed;
   }
 
+  /**
+   * How many bytes complete what the parser waits for (a section header; a payload with the CRC
+   * after it; ...): what a reader pulls next. 0 once the stream has ended.
+   */
+  get bytesWanted(): number {
+    switch (this.#phase) {
+      case Phase.Ended: return 0;
+      case Phase.PageData: return this.#dataLeft + CRC_BYTES;
+      case Phase.Payload: return this.#want - this.#gathered + CRC_BYTES;
+      default: return this.#want - this.#gathered;
+    }
+  }
+
   /** What the parser waits for, for an error message when the stream stops short. */
   get waitingFor(): string {
     switch (this.#phase) {
@@ -94,8 +123,8 @@ export class SectionParser {
   }
 
   /**
-   * Parses `bytes` (valid only during the call). Throws a StreamError for a malformed stream, and
-   * again on every later call.
+   * Parses `bytes` (valid only during the call). Throws a MigrationError for a malformed stream,
+   * and again on every later call.
    */
   push(bytes: Uint8Array): void {
     if (this.#failure) throw this.#failure;
@@ -110,11 +139,22 @@ export class SectionParser {
   #push(bytes: Uint8Array): void {
     let at = 0;
     while (at < bytes.length) {
-      if (this.#phase === Phase.Ended) throw new StreamError('EFORMAT', `${bytes.length - at} bytes follow the stream's End section`);
+      if (this.#phase === Phase.Ended) throw streamError(Code.Format, `${bytes.length - at} bytes follow the stream's End section`);
       if (this.#phase === Phase.PageData) {
         const take = this.#pageData(bytes, at);
         at += take;
         this.#bytesParsed += take;
+        continue;
+      }
+      // A whole payload and its CRC in these bytes: checked where it lies, without a copy.
+      if (this.#phase === Phase.Payload && this.#gathered === 0 && bytes.length - at >= this.#want + CRC_BYTES) {
+        const payload = bytes.subarray(at, at + this.#want);
+        const expected = viewOf(bytes).getUint32(at + this.#want, true);
+        const take = this.#want + CRC_BYTES;
+        at += take;
+        this.#bytesParsed += take;
+        this.#crc = crc32c(payload, this.#crc);
+        this.#sectionComplete(expected, payload);
         continue;
       }
       const take = Math.min(this.#want - this.#gathered, bytes.length - at);
@@ -140,10 +180,10 @@ export class SectionParser {
       case Phase.Payload:
         this.#crc = crc32c(field, this.#crc);
         this.#phase = Phase.Checksum;
-        this.#expect(4);
+        this.#expect(CRC_BYTES);
         return;
-      case Phase.Checksum: return this.#checksum(viewOf(field).getUint32(0, true));
-      default: throw new Error(`SectionParser: no field in phase ${this.#phase}`);
+      case Phase.Checksum: return this.#sectionComplete(viewOf(field).getUint32(0, true), this.#gather.subarray(0, this.#payloadBytes));
+      default: throw new MigrationError(Code.InvalidState, `SectionParser: no field in phase ${this.#phase}`);
     }
   }
 
@@ -152,16 +192,16 @@ export class SectionParser {
     const type = view.getUint16(0, true);
     const flags = view.getUint16(2, true);
     const length = view.getUint32(4, true);
-    const name = sectionName(type);
-    if (!TYPE_NAMES.has(name)) throw new StreamError('EFORMAT', `unknown section type ${type}`);
-    const max = MAX_SECTION_PAYLOAD_BYTES[name as SectionName];
-    if (length > max) throw new StreamError('ETOOBIG', `a ${name} section of ${length} bytes is over the ${max}-byte limit`);
+    const name = sectionTypeName(type);
+    if (!name) throw streamError(Code.Format, `unknown section type ${type}`);
+    const max = MAX_SECTION_PAYLOAD_BYTES[name];
+    if (length > max) throw streamError(Code.TooBig, `a ${name} section of ${length} bytes is over the ${max}-byte limit`);
     this.#type = type;
-    this.#name = name as SectionName;
+    this.#name = name;
     this.#flags = flags;
     this.#payloadBytes = length;
     this.#crc = crc32c(head);
-    if (type === SectionType.Pages && length >= 4) {
+    if (type === SectionType.Pages && this.#streamPages && length >= 4) {
       this.#phase = Phase.PageTable;
       this.#expect(4);
     } else if (length > 0) {
@@ -169,7 +209,7 @@ export class SectionParser {
       this.#expect(length);
     } else {
       this.#phase = Phase.Checksum;
-      this.#expect(4);
+      this.#expect(CRC_BYTES);
     }
   }
 
@@ -179,7 +219,7 @@ export class SectionParser {
       const tableBytes = pageTableBytes(field);
       if (tableBytes > this.#payloadBytes) {
         const count = (tableBytes - 4) / PAGE_RANGE_BYTES;
-        throw new StreamError('EFORMAT', `a Pages section announces ${count} ranges (${tableBytes} bytes of table) but holds ${this.#payloadBytes} bytes`);
+        throw streamError(Code.Format, `a Pages section announces ${count} ranges (${tableBytes} bytes of table) but holds ${this.#payloadBytes} bytes`);
       }
       if (tableBytes > 4) {
         const count = field.slice(0, 4);
@@ -189,7 +229,7 @@ export class SectionParser {
         return;
       }
     }
-    const table = decodePageTable(field, this.#payloadBytes, this.#target.memoryBytes);
+    const table = decodePageTable(field, this.#payloadBytes, this.#target.memoryBytes!);
     this.#crc = crc32c(field, this.#crc);
     this.#table = table;
     this.#range = 0;
@@ -198,7 +238,7 @@ export class SectionParser {
     this.#skipZeroRanges();
     if (this.#dataLeft === 0) {
       this.#phase = Phase.Checksum;
-      this.#expect(4);
+      this.#expect(CRC_BYTES);
     } else {
       this.#phase = Phase.PageData;
     }
@@ -218,7 +258,7 @@ export class SectionParser {
       const take = Math.min(rangeLeft, bytes.length - at - taken);
       const piece = bytes.subarray(at + taken, at + taken + take);
       this.#crc = crc32c(piece, this.#crc);
-      this.#target.writePages(table.addrs[this.#range] + this.#rangeOffset, piece);
+      this.#target.writePages!(table.addrs[this.#range] + this.#rangeOffset, piece);
       taken += take;
       this.#dataLeft -= take;
       this.#rangeOffset += take;
@@ -230,23 +270,23 @@ export class SectionParser {
     }
     if (this.#dataLeft === 0) {
       this.#phase = Phase.Checksum;
-      this.#expect(4);
+      this.#expect(CRC_BYTES);
     }
     return taken;
   }
 
-  #checksum(expected: number): void {
-    if (this.#crc !== expected) throw new StreamError('ECHECKSUM', `checksum mismatch in ${this.#name} section`);
+  /** The section's CRC came in: check it, then hand the section over. */
+  #sectionComplete(expected: number, payload: Uint8Array): void {
+    if (this.#crc !== expected) throw streamError(Code.Checksum, `checksum mismatch in ${this.#name} section`);
     const table = this.#table;
     this.#table = undefined;
     this.#phase = Phase.Header;
     const payloadBytes = this.#payloadBytes;
-    const payload = this.#type === SectionType.Pages ? new Uint8Array(0) : this.#gather.subarray(0, payloadBytes);
     this.#expect(SECTION_HEADER_BYTES);
-    if (this.#type === SectionType.Pages) {
-      if (payloadBytes < 4) throw new StreamError('EFORMAT', `a Pages section of ${payloadBytes} bytes is too short for its range count`);
+    if (this.#type === SectionType.Pages && this.#streamPages) {
+      if (payloadBytes < 4) throw streamError(Code.Format, `a Pages section of ${payloadBytes} bytes is too short for its range count`);
       for (let i = 0; i < table!.rangeCount; i++) {
-        if (table!.dataOffsets[i] < 0) this.#target.zeroPages(table!.addrs[i], table!.lengths[i]);
+        if (table!.dataOffsets[i] < 0) this.#target.zeroPages!(table!.addrs[i], table!.lengths[i]);
       }
       this.#target.pagesDone?.({ pages: table!.pages, zeroPages: table!.zeroPages });
       return;

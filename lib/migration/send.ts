@@ -8,13 +8,15 @@ import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
 import { machineInternals, type Machine, type MachineShape, type MachineState, type VcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
-import { encodeMachineState, encodeShape } from './machine-state.js';
-import {
-  SectionReader, SectionType, StreamError, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader,
-  encodePages, encodeSection, socketSource, type Section,
-} from './stream.js';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
+import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
+import { encodeEnd, encodeErrorSection, encodeHeader, encodeSync } from './format.js';
+import { encodePages } from './pages.js';
+import { PeerReplies } from './peer-replies.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
+import { encodeConfigSection, encodeMachineState } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
+import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
 import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
 
 export const DEFAULT_DOWNTIME_BUDGET_MS = 50;
@@ -33,18 +35,32 @@ const MIGRATION = 'migration';
 /**
  * Live-migrates the running guest to a destination waiting with receiveMachine() (or
  * `node-kvm run --incoming`). On success the machine ends with exit reason 'migrated'; on any
- * failure the guest keeps running here and the promise rejects with what happened.
+ * failure, and on an abort through `options.signal` before the guest's last state has gone out,
+ * the guest keeps running here and the promise rejects with what happened. The machine emits
+ * 'progress' with the statistics whenever `options.onProgress` is called.
  */
 export async function migrateMachine(machine: Machine, address: string, options: MigrateOptions = {}): Promise<MigrationStats> {
-  if (typeof address !== 'string') throw new TypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
-  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  if (typeof address !== 'string') throw argTypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
+  if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
   const internals = machineInternals(machine);
   return internals.exclusive('migration', async () => {
     const state = machine.state;
-    if (state !== 'running' && state !== 'paused') throw new Error(`machine is ${state}, not running`);
+    if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: VcpuState[] | null = null;
     const hasDisks = (machine.shape.disks?.length ?? 0) > 0;
-    const stats = await sendMigration(address, options, {
+    const onProgress = options.onProgress;
+    if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
+    const reporting: MigrateOptions = {
+      ...options,
+      onProgress: (progress) => {
+        try {
+          onProgress?.(progress);
+        } finally {
+          machine.emit('progress', { ...progress });
+        }
+      },
+    };
+    const stats = await sendMigration(address, reporting, {
       memory: machine.memory,
       memoryBytes: machine.memoryBytes,
       vcpuCount: machine.vcpuCount,
@@ -102,18 +118,6 @@ export interface MigrationSource {
   retakeDisks(): Promise<void>;
 }
 
-/** Why a migration failed, in words for the user; `phase` says how far it got. */
-export class MigrationError extends Error {
-  readonly phase: MigrationPhase;
-  readonly code: string | undefined;
-  constructor(message: string, phase: MigrationPhase, code?: string) {
-    super(message);
-    this.name = 'MigrationError';
-    this.phase = phase;
-    this.code = code;
-  }
-}
-
 interface CheckedOptions {
   token: string | undefined;
   downtimeBudgetMs: number;
@@ -122,21 +126,22 @@ interface CheckedOptions {
   finishAnyway: boolean;
   timeoutMs: number;
   onProgress: ((progress: MigrationStats) => void) | undefined;
+  signal: AbortSignal | undefined;
 }
 
 function checkOptions(options: MigrateOptions): CheckedOptions {
   const positive = (value: number | undefined, name: string, fallback: number, integer = false): number => {
     if (value === undefined) return fallback;
     if (typeof value !== 'number' || !(value > 0) || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
-      throw new RangeError(`${name} must be a positive ${integer ? 'integer' : 'number'}, got ${String(value)}`);
+      throw outOfRangeError(`${name} must be a positive ${integer ? 'integer' : 'number'}, got ${String(value)}`);
     }
     return value;
   };
-  if (options.token !== undefined && typeof options.token !== 'string') throw new TypeError('token must be a string');
-  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw new TypeError('onProgress must be a function');
+  if (options.token !== undefined && typeof options.token !== 'string') throw argTypeError('token must be a string');
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw argTypeError('onProgress must be a function');
   const onNonConvergence = options.onNonConvergence ?? 'finish';
   if (onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
-    throw new RangeError(`onNonConvergence must be 'finish' or 'abort', got ${String(onNonConvergence)}`);
+    throw argValueError(`onNonConvergence must be 'finish' or 'abort', got ${String(onNonConvergence)}`);
   }
   return {
     token: options.token,
@@ -146,6 +151,7 @@ function checkOptions(options: MigrateOptions): CheckedOptions {
     finishAnyway: onNonConvergence === 'finish',
     timeoutMs: positive(options.timeoutMs, 'timeoutMs', DEFAULT_MIGRATION_TIMEOUT_MS),
     onProgress: options.onProgress,
+    signal: checkSignal(options.signal, 'options.signal'),
   };
 }
 
@@ -158,6 +164,13 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
     memoryBytes: source.memoryBytes, dirtyLogMode: source.dirtyLogMode,
   };
+  const what = `migration to ${addressText}`;
+  throwIfAborted(opts.signal, what, 'setup');
+  // An abort counts until the guest's last state goes out: from then on, whether the guest runs
+  // there is the destination's to say (giving up here could leave it running on both sides).
+  const aborted = abortPromise(opts.signal, what, () => stats.phase);
+  let abortable = true;
+  const unlessAborted = <T>(work: Promise<T>): Promise<T> => (abortable && opts.signal ? Promise.race([work, aborted.promise]) : work);
   const progress = (phase: MigrationPhase) => {
     stats.phase = phase;
     stats.totalTimeMs = performance.now() - started;
@@ -174,20 +187,20 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   let pausedAt = 0;
   let disksReleased = false;
   try {
-    socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs });
+    socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs, signal: opts.signal });
     socket.on('error', () => {}); // failures surface through the reads and writes below
     enlargeSocketBuffers(socket);
     const connection = socket;
     const replies = new PeerReplies(connection);
     peer = replies;
     const sectionBuffers = new SectionBufferPool();
-    const send = (chunks: Uint8Array[]) => replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers), opts.timeoutMs));
+    const send = (chunks: Uint8Array[]) => unlessAborted(replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers), opts.timeoutMs)));
 
     await send([
       encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount }),
-      encodeShape(source.shape),
+      encodeConfigSection({ machine: source.shape }),
     ]);
-    await replies.expectAccept(opts.timeoutMs);
+    await unlessAborted(replies.expectAccept(opts.timeoutMs));
     const tracker = source.startTracking();
     // The first pass reads every page that may hold data after this point: what the VMM marked
     // before (the loader's writes, say) must not come round again in the next harvest.
@@ -222,28 +235,32 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       if (stats.iterations >= opts.maxIterations || performance.now() - precopyStarted >= opts.maxPrecopyMs) {
         if (opts.finishAnyway) break;
         throw new MigrationError(
+          Code.NotConverged,
           `the guest dirties memory faster than it can be sent: ${stats.remainingPages} pages left after ${stats.iterations} rounds ` +
             `(expected downtime ${stats.expectedDowntimeMs.toFixed(1)} ms, budget ${opts.downtimeBudgetMs} ms); migration aborted, the guest runs on here`,
-          'precopy',
-          'ENOTCONVERGED',
+          { phase: 'precopy' },
         );
       }
     }
 
     // Let the destination catch up with what is queued first: a backlog drained after the pause
     // would count as downtime.
-    await send([encodeSection(SectionType.Sync, new Uint8Array(0))]);
-    await replies.expectSync(opts.timeoutMs);
+    await send([encodeSync()]);
+    await unlessAborted(replies.expectSync(opts.timeoutMs));
     ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
+    // Not raced with the abort: a pause under way must be known to be undone.
     paused = await source.pause();
     pausedAt = performance.now();
+    throwIfAborted(opts.signal, what, 'stop-copy');
     progress('stop-copy');
     ranges = unionRanges(ranges, tracker.harvest());
     await sendPages(ranges);
     // A guest its owner had paused stays paused at the destination.
     const state = { ...(await source.saveState()), running: paused };
+    throwIfAborted(opts.signal, what, 'stop-copy');
+    abortable = false;
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
@@ -261,7 +278,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const phase = stats.phase;
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;
-    let error = refusal ? new MigrationError(`migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, phase) : caught;
+    let error = refusal
+      ? new MigrationError(Code.Refused, `migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, { phase, cause: caught })
+      : caught;
     source.stopTracking();
     let disksLost: Error | null = null;
     if (disksReleased) {
@@ -274,7 +293,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     if (disksLost) {
       // Another machine writes an image now: running the guest on here would corrupt it.
       const base = asMigrationError(error, phase);
-      error = new MigrationError(`${base.message.replace(/; the guest runs on here$/, '')}; the guest stays paused here: ${disksLost.message}`, phase, (base as MigrationError).code);
+      error = new MigrationError(
+        Code.DiskLocked,
+        `${base.message.replace(/; the guest runs on here$/, '')}; the guest stays paused here: ${disksLost.message}`,
+        { phase, cause: base },
+      );
     } else if (paused) {
       source.resume();
     }
@@ -286,6 +309,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     }
     progress('failed');
     throw asMigrationError(error, phase);
+  } finally {
+    aborted.dispose();
   }
 }
 
@@ -365,158 +390,11 @@ export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Ge
   if (batch.length > 0) yield batch;
 }
 
-function asMigrationError(error: unknown, phase: MigrationPhase): Error {
-  if (error instanceof MigrationError) return error;
+function asMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
+  // Already told as a migration's failure (with its phase): as it is.
+  if (error instanceof MigrationError && error.phase !== undefined) return error;
   const message = (error as Error)?.message ?? String(error);
-  const code = (error as { code?: string })?.code;
-  return new MigrationError(`migration failed (${phase}): ${message}; the guest runs on here`, phase, typeof code === 'string' ? code : undefined);
+  const code = (error as { code?: unknown })?.code;
+  return new MigrationError(typeof code === 'string' ? code : Code.Internal, `migration failed (${phase}): ${message}; the guest runs on here`, { phase, cause: error });
 }
 
-/**
- * Page sections are built in recycled buffers: a fresh 2 MiB buffer per section costs as much in
- * page faults (and garbage collection) as copying the data into it.
- */
-class SectionBufferPool {
-  static readonly SLAB_BYTES = 2 * 1024 * 1024 + 64 * 1024;
-  static readonly MAX_IDLE = 16;
-  readonly #idle: ArrayBuffer[] = [];
-
-  readonly allocate = (byteLength: number): Uint8Array => {
-    if (byteLength > SectionBufferPool.SLAB_BYTES) return new Uint8Array(byteLength);
-    const slab = this.#idle.pop() ?? new ArrayBuffer(SectionBufferPool.SLAB_BYTES);
-    return new Uint8Array(slab, 0, byteLength);
-  };
-
-  /** Once the socket has written it (its write callback). */
-  release(chunk: Uint8Array): void {
-    const slab = chunk.buffer;
-    if (slab.byteLength === SectionBufferPool.SLAB_BYTES && slab instanceof ArrayBuffer && this.#idle.length < SectionBufferPool.MAX_IDLE) this.#idle.push(slab);
-  }
-}
-
-/** How much may wait in the socket's user-space queue before the sender stops to let it drain. */
-const QUEUE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
-
-/**
- * Queues `chunks` on the socket and returns at once unless too much is queued: the next batch is
- * then encoded while the kernel and the destination take this one (a write callback per batch
- * would leave one side idle while the other works).
- */
-async function queueChunks(socket: Socket, chunks: readonly Uint8Array[], buffers: SectionBufferPool): Promise<void> {
-  if (socket.destroyed) throw new StreamError('ETRUNCATED', 'cannot write the migration stream: the connection is closed');
-  for (const chunk of chunks) socket.write(chunk, () => buffers.release(chunk));
-  if (socket.writableLength <= QUEUE_HIGH_WATER_BYTES) {
-    // One turn of the event loop, so that libuv hands the queue to the kernel while the next
-    // batch is encoded (a resolved promise alone would keep the loop from ever writing).
-    await new Promise((resolve) => setImmediate(resolve));
-    return;
-  }
-  await new Promise<void>((resolve, reject) => {
-    const done = (error?: Error) => {
-      socket.off('drain', onDrain);
-      socket.off('close', onClose);
-      if (error) reject(error);
-      else resolve();
-    };
-    const onDrain = () => done();
-    const onClose = () => done(new StreamError('ETRUNCATED', 'the connection closed while the migration stream was being written'));
-    socket.on('drain', onDrain);
-    socket.on('close', onClose);
-  });
-}
-
-/** Rejects if `write` makes no progress for `timeoutMs` (the destination stopped reading). */
-function withStallTimeout(socket: Socket, write: Promise<void>, timeoutMs: number): Promise<void> {
-  let lastWritten = socket.bytesWritten;
-  let lastProgress = performance.now();
-  let timer: NodeJS.Timeout | undefined;
-  const stalled = new Promise<never>((_, reject) => {
-    timer = setInterval(() => {
-      if (socket.bytesWritten !== lastWritten) {
-        lastWritten = socket.bytesWritten;
-        lastProgress = performance.now();
-      } else if (performance.now() - lastProgress > timeoutMs) {
-        reject(new StreamError('ETIMEDOUT', `the destination stopped reading for ${timeoutMs} ms`));
-      }
-    }, Math.min(1000, timeoutMs / 4));
-  });
-  return Promise.race([write, stalled]).finally(() => clearInterval(timer));
-}
-
-/**
- * What the destination says on its side of the connection (a stream header, then sections):
- * Config once it has accepted the stream, End once the guest runs there, Error (with why) at any
- * time. One read is always pending, so an early Error or a closed connection cuts a write short.
- */
-class PeerReplies {
-  readonly #reader: SectionReader;
-  #pending!: Promise<Section>;
-  #failure!: Promise<never>;
-
-  constructor(socket: Socket) {
-    // The destination is silent while pre-copy runs, for as long as that takes: no stall timeout.
-    this.#reader = new SectionReader(socketSource(socket, Infinity));
-    this.#arm(this.#reader.readHeader().then(() => this.#reader.next()));
-  }
-
-  #arm(next: Promise<Section>): void {
-    this.#pending = next;
-    next.catch(() => {});
-    this.#failure = next.then(
-      (section) => {
-        if (section.type === SectionType.Error) throw new Error(`the destination refused: ${decodeErrorSection(section.payload)}`);
-        return new Promise<never>(() => {});
-      },
-      (error: Error) => {
-        throw new Error(`the destination closed the connection (${error.message})`);
-      },
-    );
-    this.#failure.catch(() => {});
-  }
-
-  /** The destination's reason for giving up, if it sends one within `waitMs`. */
-  async refusal(waitMs: number): Promise<string | undefined> {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), waitMs)));
-    try {
-      const section = await Promise.race([this.#pending.catch(() => undefined), timeout]);
-      return section?.type === SectionType.Error ? decodeErrorSection(section.payload) : undefined;
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  race<T>(work: Promise<T>): Promise<T> {
-    return Promise.race([work, this.#failure]);
-  }
-
-  async #expect(type: number, what: string, timeoutMs: number): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new StreamError('ETIMEDOUT', `no answer from the destination within ${timeoutMs} ms (waiting for ${what})`)), timeoutMs);
-    });
-    try {
-      const section = await Promise.race([this.#pending.catch((error: Error) => {
-        throw new Error(`the destination closed the connection (${error.message})`);
-      }), timeout]);
-      if (section.type === SectionType.Error) throw new Error(`the destination refused: ${decodeErrorSection(section.payload)}`);
-      if (section.type !== type) throw new StreamError('EFORMAT', `the destination sent a ${section.name} section while ${what} was due`);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  async expectAccept(timeoutMs: number): Promise<void> {
-    await this.#expect(SectionType.Config, 'its acceptance', timeoutMs);
-    this.#arm(this.#reader.next());
-  }
-
-  async expectSync(timeoutMs: number): Promise<void> {
-    await this.#expect(SectionType.Sync, 'its answer to Sync', timeoutMs);
-    this.#arm(this.#reader.next());
-  }
-
-  async expectResumed(timeoutMs: number): Promise<void> {
-    await this.#expect(SectionType.End, 'word that the guest runs there', timeoutMs);
-  }
-}

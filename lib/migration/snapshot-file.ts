@@ -1,44 +1,45 @@
-// Snapshot files: the migration stream written to a file.
+// Snapshot files: the stream format (format.ts) written to a file.
 //
 // Full snapshot ('snapshot'):
-//   header, Config, VcpuState × vcpuCount, VmState, DeviceState, RamImage, End,
-//   zero padding to a 4096-byte boundary, then guest RAM as a raw image of memoryBytes bytes.
+//   header, the state (Config, VmState, VcpuState x vcpuCount, DeviceState: state-sections.ts),
+//   RamImage, End, zero padding to a 4096-byte boundary, then guest RAM as a raw image of
+//   memoryBytes bytes.
 // The image is page-aligned so that a restore can mmap it copy-on-write, and sparse: zero pages are
 // never written (the file is extended over them), so an idle guest makes a small file. Its
 // CRC-32C is in the RamImage section; checking it means reading the whole image, so only
 // verifyRamImage() and loadSnapshotMemory({ verify: true }) do it.
 //
 // Diff snapshot ('diff-snapshot'):
-//   header (parentId = the parent's streamId), Config (with the parent's path), state sections,
+//   header (parentId = the parent's streamId), the state (its Config names the parent's path),
 //   Pages sections holding only the pages written since the parent, End.
 // A diff snapshot's zero pages are recorded as zero ranges: the parent may hold data there.
+//
+// Written here; read by snapshot-read.ts, whose API this module passes on. Files of another
+// format version are refused (EVERSION).
 //
 // A snapshot is written to a new file beside `<path>` with a random name, fsync'd, then renamed
 // over `<path>`, so a crash never leaves a partial snapshot under the real name. That file is
 // created exclusively and never through a symlink: whoever else can write the directory cannot
-// redirect the write. Only a regular file (or nothing) at `<path>` is replaced.
+// redirect the write. Only a regular file (or nothing) at `<path>` is replaced. An abort (the
+// signal option) or any failure removes the new file.
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants, type Stats } from 'node:fs';
 import { lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import nodePath from 'node:path';
 import { PAGE_SIZE } from '../kvm/constants.js';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import type { PageRange } from '../vmm/page-ranges.js';
-import { decodeState, encodeStateSection } from './state-codec.js';
-import {
-  FileSource, HEADER_BYTES, SECTION_OVERHEAD_BYTES, RAM_IMAGE_PAYLOAD_BYTES, SectionReader, SectionType, StreamError,
-  decodePages, decodePagesInto, decodeErrorSection, decodeHeader, decodeRamImage, encodeEnd, encodeHeader, encodePages,
-  encodeRamImage, forEachPageRun, hexId, type DecodedPages, type RamImage, type StreamHeader,
-} from './stream.js';
 import { crc32c, crc32cZeros } from './checksum.js';
+import { MigrationError, MigrationErrorCode as Code, checkSignal, streamError, throwIfAborted } from './errors.js';
+import { RAM_IMAGE_PAYLOAD_BYTES, SECTION_OVERHEAD_BYTES, decodeHeader, encodeEnd, encodeHeader, encodeRamImage, hexId } from './format.js';
+import { encodePages, forEachPageRun } from './pages.js';
+import { readSnapshotHeader, sameId, type SnapshotKind, type SnapshotParent } from './snapshot-read.js';
+import { encodeStateSections } from './state-sections.js';
 
-export type SnapshotKind = 'snapshot' | 'diff-snapshot';
-
-export interface SnapshotParent {
-  /** Path of the parent snapshot file (stored relative to the diff's directory). */
-  path: string;
-  /** The parent's streamId (header.streamId of the parent; what writeSnapshotFile() returned). */
-  id: Uint8Array;
-}
+export {
+  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage,
+  type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent,
+} from './snapshot-read.js';
 
 export interface WriteSnapshotOptions {
   kind: SnapshotKind;
@@ -61,6 +62,8 @@ export interface WriteSnapshotOptions {
    * non-zero. Everything else is taken as zero without being read.
    */
   populated?: readonly (readonly [number, number])[];
+  /** Aborting stops the write (ABORT_ERR) and removes the new file. */
+  signal?: AbortSignal;
 }
 
 export interface WriteSnapshotResult {
@@ -76,37 +79,10 @@ export interface WriteSnapshotResult {
   fileBytes: number;
 }
 
-export interface SnapshotContents {
-  /** Absolute path of the file read. */
-  path: string;
-  header: StreamHeader;
-  /** The config given to writeSnapshotFile(). */
-  config: unknown;
-  /** Diff snapshots: the parent's absolute path and its expected streamId. */
-  parent?: SnapshotParent;
-  vcpus: unknown[];
-  vm: unknown;
-  devices: unknown;
-  /** Full snapshots: where guest RAM lies in the file (page-aligned, mmap-able). */
-  ramImage?: RamImage;
-  /** Diff snapshots: the Pages section payloads, already checked against guest RAM. */
-  pageSections?: Uint8Array[];
-  /** Diff snapshots: pages with data and zero pages across pageSections. */
-  pageCounts?: DecodedPages;
-  /** Diff snapshots: writes pageSections into `memory` (all of guest RAM). */
-  applyPages?(memory: Uint8Array): DecodedPages;
-}
-
-/** Longest chain of diff snapshots openSnapshotChain() follows. */
-export const MAX_SNAPSHOT_CHAIN = 64;
-
 /** Largest single write of RAM image data. */
 const WRITE_CHUNK_BYTES = 16 * 1024 * 1024;
-/** RAM image read size for verifyRamImage() and loadSnapshotMemory(). */
-const READ_CHUNK_BYTES = 4 * 1024 * 1024;
 
 const alignUp = (value: number, alignment: number): number => Math.ceil(value / alignment) * alignment;
-
 async function writeFully(file: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
   let done = 0;
   while (done < bytes.length) {
@@ -115,25 +91,14 @@ async function writeFully(file: FileHandle, bytes: Uint8Array, position: number)
   }
 }
 
-async function readFully(file: FileHandle, into: Uint8Array, position: number, path: string): Promise<void> {
-  let done = 0;
-  while (done < into.length) {
-    const { bytesRead } = await file.read(into, done, into.length - done, position + done);
-    if (bytesRead === 0) {
-      throw new StreamError('ETRUNCATED', `${path}: snapshot file truncated: expected ${into.length} bytes of the RAM image at offset ${position}, got ${done}`);
-    }
-    done += bytesRead;
-  }
-}
-
 /** Sorted, merged, page-aligned [start, end) byte ranges from a `populated` hint. */
 function populatedRegions(populated: readonly (readonly [number, number])[], memoryBytes: number): [number, number][] {
-  if (!Array.isArray(populated)) throw new TypeError('populated must be an array of [offset, byteLength]');
+  if (!Array.isArray(populated)) throw argTypeError('populated must be an array of [offset, byteLength]');
   const regions = populated.map((entry, index): [number, number] => {
-    if (!Array.isArray(entry) || entry.length !== 2) throw new TypeError(`populated[${index}] must be [offset, byteLength]`);
+    if (!Array.isArray(entry) || entry.length !== 2) throw argTypeError(`populated[${index}] must be [offset, byteLength]`);
     const [offset, length] = entry;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > memoryBytes) {
-      throw new RangeError(`populated[${index}] = [${String(offset)}, ${String(length)}] must lie within guest RAM (${memoryBytes} bytes)`);
+      throw outOfRangeError(`populated[${index}] = [${String(offset)}, ${String(length)}] must lie within guest RAM (${memoryBytes} bytes)`);
     }
     return [Math.floor(offset / PAGE_SIZE) * PAGE_SIZE, alignUp(offset + length, PAGE_SIZE)];
   });
@@ -149,43 +114,24 @@ function populatedRegions(populated: readonly (readonly [number, number])[], mem
 }
 
 function checkWriteOptions(options: WriteSnapshotOptions): void {
-  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+  checkSignal(options.signal, 'options.signal');
   const { kind, memoryBytes, vcpuCount, memory } = options;
-  if (kind !== 'snapshot' && kind !== 'diff-snapshot') throw new RangeError(`kind must be 'snapshot' or 'diff-snapshot', got ${String(kind)}`);
-  if (!(memory instanceof Uint8Array)) throw new TypeError('memory must be a Uint8Array holding all of guest RAM');
-  if (memory.length !== memoryBytes) throw new RangeError(`memory must be memoryBytes (${String(memoryBytes)}) long, got ${memory.length} bytes`);
-  if (!Array.isArray(options.vcpus)) throw new TypeError('vcpus must be an array of per-vCPU state objects');
-  if (options.vcpus.length !== vcpuCount) throw new RangeError(`vcpus must hold vcpuCount (${String(vcpuCount)}) states, got ${options.vcpus.length}`);
+  if (kind !== 'snapshot' && kind !== 'diff-snapshot') throw argValueError(`kind must be 'snapshot' or 'diff-snapshot', got ${String(kind)}`);
+  if (!(memory instanceof Uint8Array)) throw argTypeError('memory must be a Uint8Array holding all of guest RAM');
+  if (memory.length !== memoryBytes) throw outOfRangeError(`memory must be memoryBytes (${String(memoryBytes)}) long, got ${memory.length} bytes`);
+  if (!Array.isArray(options.vcpus)) throw argTypeError('vcpus must be an array of per-vCPU state objects');
+  if (options.vcpus.length !== vcpuCount) throw outOfRangeError(`vcpus must hold vcpuCount (${String(vcpuCount)}) states, got ${options.vcpus.length}`);
   if (kind === 'diff-snapshot') {
     if (!options.parent || typeof options.parent.path !== 'string' || options.parent.path === '') {
-      throw new TypeError('a diff snapshot needs parent: { path, id } of the snapshot it is layered on');
+      throw argTypeError('a diff snapshot needs parent: { path, id } of the snapshot it is layered on');
     }
-    if (!Array.isArray(options.pages)) throw new TypeError('a diff snapshot needs pages: the page ranges written since its parent');
-    if (options.populated !== undefined) throw new TypeError('populated is for full snapshots; a diff snapshot records exactly its pages');
+    if (!Array.isArray(options.pages)) throw argTypeError('a diff snapshot needs pages: the page ranges written since its parent');
+    if (options.populated !== undefined) throw argTypeError('populated is for full snapshots; a diff snapshot records exactly its pages');
   } else {
-    if (options.parent !== undefined) throw new TypeError('parent is only for diff snapshots');
-    if (options.pages !== undefined) throw new TypeError('pages is only for diff snapshots; a full snapshot records all of RAM');
+    if (options.parent !== undefined) throw argTypeError('parent is only for diff snapshots');
+    if (options.pages !== undefined) throw argTypeError('pages is only for diff snapshots; a full snapshot records all of RAM');
   }
-}
-
-/** Reads and checks just the header of a snapshot file. */
-async function readSnapshotHeader(path: string): Promise<StreamHeader> {
-  const file = await open(path, 'r');
-  try {
-    return decodeHeader(await new FileSource(file, 0).read(HEADER_BYTES, 'the stream header'));
-  } catch (error) {
-    throw withPath(error, path);
-  } finally {
-    await file.close();
-  }
-}
-
-function withPath(error: unknown, path: string): unknown {
-  return error instanceof StreamError && !error.message.startsWith(path) ? new StreamError(error.code, `${path}: ${error.message}`) : error;
-}
-
-function sameId(a: Uint8Array, b: Uint8Array): boolean {
-  return a.length === b.length && a.every((byte, index) => byte === b[index]);
 }
 
 /** A file that did not exist, opened for writing, never through a symlink. */
@@ -210,7 +156,7 @@ function snapshotWriteError(error: unknown, target: string, doing: string): unkn
   if (!(error instanceof Error) || typeof system.code !== 'string') return error;
   // 'ENOSPC: no space left on device, write': the syscall and the temporary file's path say little.
   const reason = system.syscall === undefined ? system.message : system.message.split(`, ${system.syscall}`)[0];
-  return Object.assign(new Error(`cannot write the snapshot ${target}: ${doing}: ${reason}`, { cause: error }), { code: system.code });
+  return new MigrationError(system.code, `cannot write the snapshot ${target}: ${doing}: ${reason}`, { cause: error });
 }
 
 /** Refuses to replace anything at `target` but a regular file: an API socket, a device, a directory, a symlink. */
@@ -222,7 +168,7 @@ async function checkSnapshotTarget(target: string): Promise<void> {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw snapshotWriteError(error, target, 'checking what is at that path');
   }
-  if (!stats.isFile()) throw new Error(`refusing to write a snapshot over ${target}: it is ${fileType(stats)}, not a regular file`);
+  if (!stats.isFile()) throw new MigrationError(Code.NotRegularFile, `refusing to write a snapshot over ${target}: it is ${fileType(stats)}, not a regular file`);
 }
 
 /**
@@ -231,16 +177,21 @@ async function checkSnapshotTarget(target: string): Promise<void> {
  * parent.id. Anything but a regular file at `path` is refused, and a failure leaves nothing behind.
  */
 export async function writeSnapshotFile(path: string, options: WriteSnapshotOptions): Promise<WriteSnapshotResult> {
-  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a non-empty string');
+  if (typeof path !== 'string' || path === '') throw argTypeError('path must be a non-empty string');
   checkWriteOptions(options);
-  const { kind, memoryBytes, vcpuCount, memory } = options;
+  const { kind, memoryBytes, vcpuCount, memory, signal } = options;
   const target = nodePath.resolve(path);
   const diff = kind === 'diff-snapshot';
+  const what = `writing the snapshot ${target}`;
+  throwIfAborted(signal, what);
   await checkSnapshotTarget(target);
-  const step = <T>(doing: string, operation: () => Promise<T>): Promise<T> =>
-    operation().catch((error: unknown) => {
+  // Each step checks the signal first: an abort stops the write at the next step.
+  const step = <T>(doing: string, operation: () => Promise<T>): Promise<T> => {
+    throwIfAborted(signal, what);
+    return operation().catch((error: unknown) => {
       throw snapshotWriteError(error, target, doing);
     });
+  };
 
   let parentRecord: { path: string } | undefined;
   let parentId: Uint8Array | undefined;
@@ -249,11 +200,11 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
     const parentPath = nodePath.resolve(parent.path);
     const parentHeader = await readSnapshotHeader(parentPath);
     if (!(parent.id instanceof Uint8Array) || !sameId(parentHeader.streamId, parent.id)) {
-      throw new StreamError('EMISMATCH', `${parentPath} is snapshot ${hexId(parentHeader.streamId)}, not the parent expected (${parent.id instanceof Uint8Array ? hexId(parent.id) : 'no id'})`);
+      throw streamError(Code.Mismatch, `${parentPath} is snapshot ${hexId(parentHeader.streamId)}, not the parent expected (${parent.id instanceof Uint8Array ? hexId(parent.id) : 'no id'})`);
     }
-    if (parentHeader.kind === 'migration') throw new StreamError('EFORMAT', `${parentPath} is a migration stream, not a snapshot`);
+    if (parentHeader.kind === 'migration') throw streamError(Code.Format, `${parentPath} is a migration stream, not a snapshot`);
     if (parentHeader.memoryBytes !== memoryBytes || parentHeader.vcpuCount !== vcpuCount) {
-      throw new StreamError('EMISMATCH', `${parentPath} is a snapshot of a machine with ${parentHeader.memoryBytes} bytes of RAM and ${parentHeader.vcpuCount} vCPUs, not ${memoryBytes} and ${vcpuCount}`);
+      throw streamError(Code.Mismatch, `${parentPath} is a snapshot of a machine with ${parentHeader.memoryBytes} bytes of RAM and ${parentHeader.vcpuCount} vCPUs, not ${memoryBytes} and ${vcpuCount}`);
     }
     parentRecord = { path: nodePath.relative(nodePath.dirname(target), parentPath) };
     parentId = parentHeader.streamId;
@@ -262,10 +213,10 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
   // Everything but the RAM image, encoded before the file is touched (bad state fails early).
   const header = encodeHeader({ kind, memoryBytes, vcpuCount, parentId });
   const id = decodeHeader(header).streamId;
-  const sections: Uint8Array[] = [header, encodeStateSection(SectionType.Config, { machine: options.config, ...(parentRecord && { parent: parentRecord }) })];
-  for (const vcpu of options.vcpus) sections.push(encodeStateSection(SectionType.VcpuState, vcpu));
-  sections.push(encodeStateSection(SectionType.VmState, options.vm));
-  sections.push(encodeStateSection(SectionType.DeviceState, options.devices));
+  const sections: Uint8Array[] = [
+    header,
+    ...encodeStateSections({ machine: options.config, parent: parentRecord, vm: options.vm, vcpus: options.vcpus, devices: options.devices }),
+  ];
 
   let pagesWritten = 0;
   let zeroPagesSkipped = 0;
@@ -279,6 +230,7 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
 
   // Unpredictable, so that nobody can plant anything at it beforehand (O_EXCL refuses it anyway).
   const temporary = `${target}.${randomBytes(8).toString('hex')}.tmp`;
+  throwIfAborted(signal, what);
   const file = await step('creating a new file beside it', () => open(temporary, CREATE_NEW_FILE, 0o600));
   let bytesWritten = 0;
   let fileBytes: number;
@@ -329,6 +281,7 @@ export async function writeSnapshotFile(path: string, options: WriteSnapshotOpti
     await step('closing it', () => file.close());
     // Something may have been put there while the snapshot was written.
     await checkSnapshotTarget(target);
+    throwIfAborted(signal, what);
     await step('renaming it into place', () => rename(temporary, target));
   } catch (error) {
     await file.close().catch(() => {});
@@ -351,232 +304,4 @@ async function syncDirectory(directory: string): Promise<void> {
   } catch {
     // Durability of the rename is best effort; the snapshot itself is already on disk.
   }
-}
-
-function parseConfig(value: unknown, kind: SnapshotKind): { config: unknown; parentPath?: string } {
-  if (typeof value !== 'object' || value === null || Array.isArray(value) || !Object.hasOwn(value, 'machine')) {
-    throw new StreamError('EFORMAT', 'the Config section does not hold a snapshot configuration');
-  }
-  const record = value as { machine: unknown; parent?: unknown };
-  if (kind === 'diff-snapshot') {
-    const parent = record.parent as { path?: unknown } | undefined;
-    if (typeof parent !== 'object' || parent === null || typeof parent.path !== 'string' || parent.path === '') {
-      throw new StreamError('EFORMAT', 'the Config section of a diff snapshot does not name its parent');
-    }
-    return { config: record.machine, parentPath: parent.path };
-  }
-  if (record.parent !== undefined) throw new StreamError('EFORMAT', 'the Config section of a full snapshot names a parent');
-  return { config: record.machine };
-}
-
-/**
- * Reads a snapshot file and checks everything but the RAM image contents: magic, version, every
- * section's CRC and length, the section layout, diff pages against guest RAM, and that the file
- * is long enough to hold the RAM image. Errors are StreamErrors whose message starts with the path.
- */
-export async function readSnapshotFile(path: string): Promise<SnapshotContents> {
-  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a non-empty string');
-  const absolute = nodePath.resolve(path);
-  const file = await open(absolute, 'r');
-  try {
-    const { size: fileBytes } = await file.stat();
-    const source = new FileSource(file, 0);
-    const reader = new SectionReader(source);
-    const header = await reader.readHeader();
-    if (header.kind === 'migration') throw new StreamError('EFORMAT', 'this is a migration stream, not a snapshot file');
-    const kind = header.kind;
-    const diff = kind === 'diff-snapshot';
-
-    let configSection: { config: unknown; parentPath?: string } | undefined;
-    const vcpus: unknown[] = [];
-    let vm: unknown;
-    let devices: unknown;
-    let haveVm = false;
-    let haveDevices = false;
-    let ramImage: RamImage | undefined;
-    const pageSections: Uint8Array[] = [];
-    const pageCounts: DecodedPages = { pages: 0, zeroPages: 0 };
-    const misplaced = (what: string): StreamError => new StreamError('EFORMAT', `misplaced ${what} section in a ${kind} file`);
-
-    for (let index = 0; !reader.ended; index++) {
-      const section = await reader.next();
-      if ((index === 0) !== (section.type === SectionType.Config)) {
-        throw new StreamError('EFORMAT', index === 0 ? `the first section is ${section.name}, not Config` : 'a second Config section');
-      }
-      const what = `the ${section.name} section`;
-      switch (section.type) {
-        case SectionType.Config:
-          configSection = parseConfig(decodeState(section.payload, what), kind);
-          break;
-        case SectionType.VcpuState:
-          if (haveVm || vcpus.length === header.vcpuCount) throw misplaced(section.name);
-          vcpus.push(decodeState(section.payload, `${what} of vCPU ${vcpus.length}`));
-          break;
-        case SectionType.VmState:
-          if (haveVm || vcpus.length !== header.vcpuCount) throw misplaced(section.name);
-          vm = decodeState(section.payload, what);
-          haveVm = true;
-          break;
-        case SectionType.DeviceState:
-          if (!haveVm || haveDevices) throw misplaced(section.name);
-          devices = decodeState(section.payload, what);
-          haveDevices = true;
-          break;
-        case SectionType.RamImage:
-          if (diff || !haveDevices || ramImage) throw misplaced(section.name);
-          ramImage = decodeRamImage(section.payload);
-          break;
-        case SectionType.Pages: {
-          if (!diff || !haveDevices) throw misplaced(section.name);
-          const counts = decodePages(section.payload, header.memoryBytes, () => {});
-          pageCounts.pages += counts.pages;
-          pageCounts.zeroPages += counts.zeroPages;
-          pageSections.push(section.payload);
-          break;
-        }
-        case SectionType.End:
-          if (!haveDevices) throw new StreamError('EFORMAT', `the file ends after ${vcpus.length} of ${header.vcpuCount} vCPU states${haveVm ? '' : ', without VmState'}${haveDevices ? '' : ', without DeviceState'}`);
-          break;
-        case SectionType.Error:
-          throw new StreamError('EFORMAT', `the file holds an Error section: ${decodeErrorSection(section.payload)}`);
-      }
-    }
-
-    const contents: SnapshotContents = {
-      path: absolute,
-      header,
-      config: configSection!.config,
-      vcpus,
-      vm,
-      devices,
-    };
-    if (diff) {
-      contents.parent = { path: nodePath.resolve(nodePath.dirname(absolute), configSection!.parentPath!), id: header.parentId };
-      contents.pageSections = pageSections;
-      contents.pageCounts = pageCounts;
-      contents.applyPages = (memory: Uint8Array): DecodedPages => {
-        if (!(memory instanceof Uint8Array) || memory.length !== header.memoryBytes) {
-          throw new RangeError(`memory must be a Uint8Array of the snapshot's RAM size (${header.memoryBytes} bytes)`);
-        }
-        const applied: DecodedPages = { pages: 0, zeroPages: 0 };
-        for (const payload of pageSections) {
-          const counts = decodePagesInto(payload, memory);
-          applied.pages += counts.pages;
-          applied.zeroPages += counts.zeroPages;
-        }
-        return applied;
-      };
-    } else {
-      if (!ramImage) throw new StreamError('EFORMAT', 'a full snapshot without a RamImage section');
-      if (ramImage.sizeBytes !== header.memoryBytes) {
-        throw new StreamError('EFORMAT', `the RAM image holds ${ramImage.sizeBytes} bytes but the header gives ${header.memoryBytes} bytes of RAM`);
-      }
-      if (ramImage.fileOffset < source.position) {
-        throw new StreamError('EFORMAT', `the RAM image at offset ${ramImage.fileOffset} overlaps the sections, which end at ${source.position}`);
-      }
-      const end = ramImage.fileOffset + ramImage.sizeBytes;
-      if (fileBytes < end) {
-        throw new StreamError('ETRUNCATED', `snapshot file truncated: the RAM image ends at byte ${end} but the file has ${fileBytes} bytes`);
-      }
-      contents.ramImage = ramImage;
-    }
-    return contents;
-  } catch (error) {
-    throw withPath(error, absolute);
-  } finally {
-    await file.close();
-  }
-}
-
-/** Reads the whole RAM image of a full snapshot and checks it against its CRC-32C (ECHECKSUM). */
-export async function verifyRamImage(path: string, contents: SnapshotContents): Promise<void> {
-  const image = contents.ramImage;
-  if (!image) throw new TypeError('verifyRamImage needs the contents of a full snapshot (with ramImage)');
-  const absolute = nodePath.resolve(path);
-  const file = await open(absolute, 'r');
-  try {
-    const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes));
-    let crc = 0;
-    for (let done = 0; done < image.sizeBytes; done += chunk.length) {
-      const view = chunk.subarray(0, Math.min(chunk.length, image.sizeBytes - done));
-      await readFully(file, view, image.fileOffset + done, absolute);
-      crc = crc32c(view, crc);
-    }
-    if (crc !== image.crc32c) throw new StreamError('ECHECKSUM', `${absolute}: checksum mismatch in the RAM image`);
-  } finally {
-    await file.close();
-  }
-}
-
-/**
- * The snapshot at `path` and the parents it is layered on, base (full) snapshot first. Each
- * parent's streamId, RAM size and vCPU count must match what its child expects (EMISMATCH).
- */
-export async function openSnapshotChain(path: string): Promise<SnapshotContents[]> {
-  const chain = [await readSnapshotFile(path)];
-  while (chain[0].parent) {
-    const child = chain[0];
-    const parentPath = child.parent!.path;
-    if (chain.length === MAX_SNAPSHOT_CHAIN) {
-      throw new StreamError('EFORMAT', `${chain.at(-1)!.path}: more than ${MAX_SNAPSHOT_CHAIN} diff snapshots layered on each other`);
-    }
-    const parent = await readSnapshotFile(parentPath);
-    if (!sameId(parent.header.streamId, child.header.parentId)) {
-      throw new StreamError('EMISMATCH', `${child.path} is layered on snapshot ${hexId(child.header.parentId)}, but ${parentPath} is snapshot ${hexId(parent.header.streamId)}`);
-    }
-    if (parent.header.memoryBytes !== child.header.memoryBytes || parent.header.vcpuCount !== child.header.vcpuCount) {
-      throw new StreamError('EMISMATCH', `${child.path} and its parent ${parentPath} are snapshots of different machines (RAM size or vCPU count)`);
-    }
-    chain.unshift(parent);
-  }
-  return chain;
-}
-
-export interface LoadSnapshotMemoryOptions {
-  /**
-   * `memory` is known to be all zeros (fresh anonymous memory): zero pages of the image are then
-   * not written, so they are never faulted in. Default false (every page is written).
-   */
-  memoryIsZeroed?: boolean;
-  /** Check the RAM image against its CRC-32C while reading it (ECHECKSUM; memory is then unusable). */
-  verify?: boolean;
-}
-
-/**
- * Copies a chain from openSnapshotChain() into `memory` (all of guest RAM): the base snapshot's
- * RAM image, then each diff's pages in order. For a copy-on-write restore, mmap the base image
- * (chain[0].ramImage) instead and call applyPages() of each diff.
- */
-export async function loadSnapshotMemory(chain: readonly SnapshotContents[], memory: Uint8Array, options: LoadSnapshotMemoryOptions = {}): Promise<void> {
-  if (!Array.isArray(chain) || chain.length === 0) throw new TypeError('chain must be the non-empty array from openSnapshotChain()');
-  const [base, ...diffs] = chain;
-  const image = base.ramImage;
-  if (!image) throw new TypeError('chain[0] must be a full snapshot (with ramImage)');
-  if (!(memory instanceof Uint8Array) || memory.length !== image.sizeBytes) {
-    throw new RangeError(`memory must be a Uint8Array of the snapshot's RAM size (${image.sizeBytes} bytes)`);
-  }
-  diffs.forEach((diff, index) => {
-    if (!diff.applyPages) throw new TypeError(`chain[${index + 1}] must be a diff snapshot`);
-  });
-  const file = await open(base.path, 'r');
-  try {
-    const scratch = options.memoryIsZeroed ? Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes)) : undefined;
-    let crc = 0;
-    for (let done = 0; done < image.sizeBytes; done += READ_CHUNK_BYTES) {
-      const length = Math.min(READ_CHUNK_BYTES, image.sizeBytes - done);
-      const target = memory.subarray(done, done + length);
-      const bytes = scratch ? scratch.subarray(0, length) : target;
-      await readFully(file, bytes, image.fileOffset + done, base.path);
-      if (options.verify) crc = crc32c(bytes, crc);
-      if (scratch) {
-        forEachPageRun(bytes, (firstPageIndex, pageCount, zero) => {
-          if (!zero) target.set(bytes.subarray(firstPageIndex * PAGE_SIZE, (firstPageIndex + pageCount) * PAGE_SIZE), firstPageIndex * PAGE_SIZE);
-        });
-      }
-    }
-    if (options.verify && crc !== image.crc32c) throw new StreamError('ECHECKSUM', `${base.path}: checksum mismatch in the RAM image`);
-  } finally {
-    await file.close();
-  }
-  for (const diff of diffs) diff.applyPages!(memory);
 }

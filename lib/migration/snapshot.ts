@@ -6,8 +6,10 @@ import { PAGE_SIZE } from '../kvm/constants.js';
 import { GuestMemory } from '../kvm/memory.js';
 import { buildMachine, machineInternals, type Machine, type MachineState } from '../vmm/machine.js';
 import { populatedPageRanges, type PageRange } from '../vmm/page-ranges.js';
-import { assembleMachineState, checkShape } from './machine-state.js';
+import { argTypeError } from '../kvm/errors.js';
+import { MigrationError, MigrationErrorCode as Code, checkSignal, throwIfAborted } from './errors.js';
 import { openSnapshotChain, verifyRamImage, writeSnapshotFile, type SnapshotContents } from './snapshot-file.js';
+import { machineStateOf } from './state-sections.js';
 import type { RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 /** Who has a machine's dirty tracker while diff snapshots are layered on its last snapshot. */
@@ -19,31 +21,37 @@ const lastSnapshots = new WeakMap<Machine, { path: string; id: Uint8Array }>();
 /**
  * Writes the guest's memory and state to `path`. With `diff`, only the pages written since this
  * machine's previous snapshot, layered on that file (which must stay where it is). A running
- * machine is paused while its state and memory are written, then runs on.
+ * machine is paused while its state and memory are written, then runs on. Aborting
+ * `options.signal` stops the write (ABORT_ERR): no file is left and the machine runs on.
  */
 export async function snapshotMachine(machine: Machine, path: string, options: SnapshotOptions = {}): Promise<SnapshotInfo> {
-  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a file path');
-  if (typeof options !== 'object' || options === null) throw new TypeError('options must be an object');
+  if (typeof path !== 'string' || path === '') throw argTypeError('path must be a file path');
+  if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+  const signal = checkSignal(options.signal, 'options.signal');
+  const what = `the snapshot ${path}`;
+  throwIfAborted(signal, what);
   const internals = machineInternals(machine);
   return internals.exclusive('snapshot', async () => {
     const diff = !!options.diff;
     const base = lastSnapshots.get(machine);
     // A migration that took the dirty tracker over since broke the chain.
     if (diff && (!base || internals.dirtyTrackingOwner !== SNAPSHOTS)) {
-      throw new Error('a diff snapshot needs a previous snapshot of this machine to layer on');
+      throw new MigrationError(Code.MachineState, 'a diff snapshot needs a previous snapshot of this machine to layer on');
     }
     const started = performance.now();
     const wasRunning = machine.state === 'running';
     if (wasRunning) await machine.pause();
     const pausedAt = performance.now();
     try {
+      throwIfAborted(signal, what);
       const state = await machine.saveState();
+      throwIfAborted(signal, what);
       const tracker = internals.startDirtyTracking(SNAPSHOTS);
       // A full snapshot starts tracking (the next diff needs what the guest writes after it).
       const pages = tracker.harvest();
       let result;
       try {
-        result = await writeMachineSnapshot(path, { state, memory: machine.memory, pages: diff ? pages : undefined, parent: diff ? base : undefined });
+        result = await writeMachineSnapshot(path, { state, memory: machine.memory, pages: diff ? pages : undefined, parent: diff ? base : undefined, signal });
       } catch (error) {
         if (diff) tracker.requeue(pages);
         throw error;
@@ -60,13 +68,18 @@ export async function snapshotMachine(machine: Machine, path: string, options: S
 
 /**
  * A machine from a snapshot file (and the files a diff snapshot is layered on), ready to start()
- * where the guest was. RAM is mapped from the file copy-on-write, not read in.
+ * where the guest was. RAM is mapped from the file copy-on-write, not read in. Aborting
+ * `config.signal` rejects with ABORT_ERR; a machine built meanwhile is stopped.
  */
 export async function restoreMachine(path: string, config: RestoreConfig = {}): Promise<Machine> {
-  if (typeof path !== 'string' || path === '') throw new TypeError('path must be a snapshot file path');
-  if (typeof config !== 'object' || config === null) throw new TypeError('config must be an object');
+  if (typeof path !== 'string' || path === '') throw argTypeError('path must be a snapshot file path');
+  if (typeof config !== 'object' || config === null) throw argTypeError('config must be an object');
+  const signal = checkSignal(config.signal, 'config.signal');
+  const what = `restoring ${path}`;
+  throwIfAborted(signal, what);
   const snapshot = await loadSnapshot(path, { verify: !!config.verify });
-  return buildMachine({
+  throwIfAborted(signal, what);
+  const machine = await buildMachine({
     shape: snapshot.state.shape,
     boot: null,
     memory: snapshot.mapMemory,
@@ -74,13 +87,19 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
     state: snapshot.state,
     savedDisks: snapshot.state.shape.disks ?? [],
   });
+  if (signal?.aborted) {
+    // buildMachine() takes no signal: the machine built after the abort goes at once.
+    await machine.stop();
+    throwIfAborted(signal, what);
+  }
+  return machine;
 }
 
 export async function writeMachineSnapshot(
   path: string,
-  options: { state: MachineState; memory: GuestMemory; pages?: PageRange[]; parent?: { path: string; id: Uint8Array } },
+  options: { state: MachineState; memory: GuestMemory; pages?: PageRange[]; parent?: { path: string; id: Uint8Array }; signal?: AbortSignal },
 ): Promise<{ path: string; id: Uint8Array; info: Omit<SnapshotInfo, 'pausedMs' | 'totalTimeMs'> }> {
-  const { state, memory, pages, parent } = options;
+  const { state, memory, pages, parent, signal } = options;
   const diff = pages !== undefined;
   const result = await writeSnapshotFile(path, {
     kind: diff ? 'diff-snapshot' : 'snapshot',
@@ -94,6 +113,7 @@ export async function writeMachineSnapshot(
     memory: memory.bytes(),
     pages,
     populated: diff ? undefined : populatedPageRanges(memory).map((range) => [range.firstPage * PAGE_SIZE, range.pageCount * PAGE_SIZE] as const),
+    signal,
   });
   const absolute = nodePath.resolve(path);
   return {
@@ -120,19 +140,17 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
   const chain = await openSnapshotChain(path);
   const base = chain[0]!;
   const newest = chain[chain.length - 1]!;
-  const where = newest.path;
-  const shape = checkShape(newest.config, where);
-  const state = assembleMachineState(
-    { shape, vm: newest.vm, vcpus: newest.vcpus, devices: newest.devices },
+  const state = machineStateOf(
+    { machine: newest.config, vm: newest.vm, vcpus: newest.vcpus, devices: newest.devices },
     { memoryBytes: newest.header.memoryBytes, vcpus: newest.header.vcpuCount },
-    where,
+    newest.path,
   );
   if (options.verify) await verifyRamImage(base.path, base);
   return {
     state,
     async mapMemory(size: number): Promise<GuestMemory> {
       const image = base.ramImage!;
-      if (size !== image.sizeBytes) throw new Error(`${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${size}`);
+      if (size !== image.sizeBytes) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${size}`);
       const memory = GuestMemory.mapFile(base.path, { offset: image.fileOffset, size });
       try {
         applyDiffs(chain, memory);

@@ -2,7 +2,9 @@
 // sender stalls whenever the receiver stops reading to copy a section into guest RAM, and the two
 // processes take turns instead of working at once.
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
+import { argTypeError } from '../kvm/errors.js';
 import { dupSocket, setSocketBuffers } from '../kvm/host.js';
+import { MigrationError, MigrationErrorCode as Code } from './errors.js';
 
 export const MIGRATION_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
 
@@ -32,12 +34,12 @@ export function enlargeSocketBuffers(socket: Socket, bytes = MIGRATION_SOCKET_BU
  * It is destroyed; the connection lives on in the socket returned, which owns a duplicate of the fd.
  */
 export function reopenWithReadBuffer(socket: Socket, buffer: Uint8Array, onRead: (bytes: Uint8Array) => boolean | void): Socket {
-  if (!(buffer instanceof Uint8Array) || buffer.length === 0) throw new TypeError('buffer must be a non-empty Uint8Array');
-  if (typeof onRead !== 'function') throw new TypeError('onRead must be a function');
+  if (!(buffer instanceof Uint8Array) || buffer.length === 0) throw argTypeError('buffer must be a non-empty Uint8Array');
+  if (typeof onRead !== 'function') throw argTypeError('onRead must be a function');
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor (closed?)');
+  if (typeof fd !== 'number' || fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
   socket.pause();
-  if (socket.readableLength > 0) throw new Error(`the connection has ${socket.readableLength} unread bytes`);
+  if (socket.readableLength > 0) throw new MigrationError(Code.InvalidState, `the connection has ${socket.readableLength} unread bytes`);
   const copy = dupSocket(fd);
   socket.removeAllListeners('data');
   socket.on('error', () => {});

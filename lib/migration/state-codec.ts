@@ -4,9 +4,11 @@
 //   Uint8Array                 -> {"$bytes": "<base64>"}
 //   NaN, ±Infinity, -0         -> {"$number": "NaN" | "Infinity" | "-Infinity" | "-0"}
 //   an object key "$x"         -> "$$x" (so that no data key is taken for a tag)
-// Decoding throws nothing but StreamError('EFORMAT') and refuses the keys that could reach an
+// Decoding throws nothing but MigrationError('EFORMAT') and refuses the keys that could reach an
 // object's prototype.
-import { SectionType, StreamError, encodeSection, type Section, type SectionTypeNumber } from './stream.js';
+import { argTypeError, argValueError } from '../kvm/errors.js';
+import { MigrationError, MigrationErrorCode as Code } from './errors.js';
+import { SectionType, encodeSection, type Section, type SectionTypeNumber } from './format.js';
 
 /** A value encodeState() accepts. Object properties that are undefined are left out. */
 export type StateValue =
@@ -45,11 +47,11 @@ function toJson(value: unknown, path: string, depth: number, seen: Set<object>):
     case 'object':
       break;
     default:
-      throw new TypeError(`cannot encode ${path}: ${typeof value} is not a state value`);
+      throw argTypeError(`cannot encode ${path}: ${typeof value} is not a state value`);
   }
   if (value === null) return null;
-  if (depth >= MAX_STATE_DEPTH) throw new TypeError(`cannot encode ${path}: nested more than ${MAX_STATE_DEPTH} levels`);
-  if (seen.has(value)) throw new TypeError(`cannot encode ${path}: it refers back to itself`);
+  if (depth >= MAX_STATE_DEPTH) throw argTypeError(`cannot encode ${path}: nested more than ${MAX_STATE_DEPTH} levels`);
+  if (seen.has(value)) throw argTypeError(`cannot encode ${path}: it refers back to itself`);
   if (value instanceof Uint8Array) {
     return { $bytes: Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString('base64') };
   }
@@ -57,16 +59,16 @@ function toJson(value: unknown, path: string, depth: number, seen: Set<object>):
   try {
     if (Array.isArray(value)) {
       return value.map((item, index) => {
-        if (item === undefined) throw new TypeError(`cannot encode ${path}[${index}]: undefined in an array`);
+        if (item === undefined) throw argTypeError(`cannot encode ${path}[${index}]: undefined in an array`);
         return toJson(item, `${path}[${index}]`, depth + 1, seen);
       });
     }
     if (!isPlainObject(value)) {
-      throw new TypeError(`cannot encode ${path}: ${value.constructor?.name ?? 'this object'} is not a plain object, array, bigint or Uint8Array`);
+      throw argTypeError(`cannot encode ${path}: ${value.constructor?.name ?? 'this object'} is not a plain object, array, bigint or Uint8Array`);
     }
     const out: Record<string, unknown> = {};
     for (const key of Object.keys(value)) {
-      if (FORBIDDEN_KEYS.has(key)) throw new TypeError(`cannot encode ${path}: key '${key}' is not allowed in state`);
+      if (FORBIDDEN_KEYS.has(key)) throw argTypeError(`cannot encode ${path}: key '${key}' is not allowed in state`);
       const item = (value as Record<string, unknown>)[key];
       if (item === undefined) continue;
       out[key.startsWith('$') ? `$${key}` : key] = toJson(item, `${path}.${key}`, depth + 1, seen);
@@ -84,7 +86,7 @@ export function encodeState(value: unknown): Uint8Array {
   return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-const formatError = (what: string, reason: string): StreamError => new StreamError('EFORMAT', `${what} is not valid state: ${reason}`);
+const formatError = (what: string, reason: string): MigrationError => new MigrationError(Code.Format, `${what} is not valid state: ${reason}`);
 
 function fromJson(value: unknown, path: string, depth: number, what: string): unknown {
   if (value === null || typeof value !== 'object') return value; // JSON.parse yields only JSON scalars
@@ -131,10 +133,10 @@ const utf8 = new TextDecoder('utf-8', { fatal: true });
 
 /**
  * The value encodeState() encoded. `what` names the bytes in error messages ("the VcpuState
- * section"). Throws StreamError('EFORMAT') on anything that is not valid state.
+ * section"). Throws MigrationError('EFORMAT') on anything that is not valid state.
  */
 export function decodeState(bytes: Uint8Array, what = 'the state'): unknown {
-  if (!(bytes instanceof Uint8Array)) throw new TypeError('bytes must be a Uint8Array');
+  if (!(bytes instanceof Uint8Array)) throw argTypeError('bytes must be a Uint8Array');
   let text: string;
   try {
     text = utf8.decode(bytes);
@@ -150,7 +152,7 @@ export function decodeState(bytes: Uint8Array, what = 'the state'): unknown {
   try {
     return fromJson(json, 'state', 0, what);
   } catch (error) {
-    if (error instanceof StreamError) throw error;
+    if (error instanceof MigrationError) throw error;
     throw formatError(what, error instanceof Error ? error.message : String(error));
   }
 }
@@ -160,12 +162,12 @@ const STATE_SECTION_TYPES = new Set<number>([SectionType.Config, SectionType.Vcp
 
 /** A Config, VcpuState, VmState or DeviceState section holding encodeState(value). */
 export function encodeStateSection(type: StateSectionType, value: unknown): Uint8Array {
-  if (!STATE_SECTION_TYPES.has(type)) throw new RangeError(`type must be Config, VcpuState, VmState or DeviceState, got ${String(type)}`);
+  if (!STATE_SECTION_TYPES.has(type)) throw argValueError(`type must be Config, VcpuState, VmState or DeviceState, got ${String(type)}`);
   return encodeSection(type as SectionTypeNumber, encodeState(value));
 }
 
 /** The state in a section from SectionReader.next(). */
 export function decodeStateSection(section: Section): unknown {
-  if (!STATE_SECTION_TYPES.has(section.type)) throw new StreamError('EFORMAT', `a ${section.name} section does not hold state`);
+  if (!STATE_SECTION_TYPES.has(section.type)) throw new MigrationError(Code.Format, `a ${section.name} section does not hold state`);
   return decodeState(section.payload, `the ${section.name} section`);
 }

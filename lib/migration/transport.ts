@@ -1,38 +1,18 @@
-// Connections for live migration: addresses (tcp:HOST:PORT, unix:PATH), the destination that
-// waits for exactly one migration, the source that connects to it, and the handshake by which
-// both ends prove they hold the same token without sending it.
-//
-// Handshake (all integers big-endian):
-//   destination -> source  greeting  MAGIC(8) version(u16) flags(u8: bit 0 = token required) nonceD(32)
-//   source -> destination  hello     MAGIC(8) version(u16) flags(u8: bit 0 = has a token) nonceS(32) proofS(32)
-//   destination -> source  verdict   0x00 proofD(32)  |  0x01 length(u8) reason(UTF-8)
-//   source -> destination  ack       0x00 (the source accepts the destination)  |  0x01
-// proofS = HMAC-SHA256(token, "node-kvm migration source" || nonceD || nonceS), proofD the same
-// with "destination"; both are zeros where that side has no token. Both nonces are fresh random
-// bytes, so a recorded proof is useless for another connection. The destination proves itself
-// too: a source with a token sends guest memory only to a destination that knows the token, not
-// to whatever happens to listen on the port.
-import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import fs from 'node:fs';
+// Connections for live migration: the destination that waits for exactly one migration, serving
+// the handshakes (handshake.ts) of all its connections at once, and the source that connects to
+// it. Addresses and unix socket files: addresses.ts.
 import net from 'node:net';
-import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
+import { checkAddress, formatMigrationAddress, listenOnPrivateUnixSocket, type MigrationAddress } from './addresses.js';
+import { MigrationError, MigrationErrorCode as Code, abortError, throwIfAborted } from './errors.js';
+import { Deadline, acceptHandshake, describeError, offerHandshake } from './handshake.js';
 
-export type MigrationAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
+export {
+  formatMigrationAddress, listenOnPrivateUnixSocket, parseMigrationAddress, type MigrationAddress,
+} from './addresses.js';
+export { MIGRATION_PROTOCOL_VERSION } from './handshake.js';
 
-export const MIGRATION_PROTOCOL_VERSION = 1;
-const MAGIC = Buffer.from('NKVM-MIG', 'latin1');
-const NONCE_BYTES = 32;
-const PROOF_BYTES = 32;
-const GREETING_BYTES = MAGIC.length + 2 + 1 + NONCE_BYTES;
-const HELLO_BYTES = MAGIC.length + 2 + 1 + NONCE_BYTES + PROOF_BYTES;
-const FLAG_TOKEN = 0x01;
-const ACCEPTED = 0x00;
-const REFUSED = 0x01;
-const SOURCE_LABEL = Buffer.from('node-kvm migration source', 'latin1');
-const DESTINATION_LABEL = Buffer.from('node-kvm migration destination', 'latin1');
-/** sockaddr_un.sun_path holds 108 bytes including the terminating NUL. */
-const MAX_UNIX_PATH_BYTES = 107;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** The source sends its hello as soon as it has read the greeting: one round trip. */
 const DEFAULT_HELLO_TIMEOUT_MS = 2_000;
@@ -53,56 +33,6 @@ const REJECTION_REPORT_WINDOW_MS = 1000;
  */
 const SOCKET_HIGH_WATER_MARK_BYTES = 1024 * 1024;
 
-export type MigrationTransportErrorCode = 'refused' | 'timeout' | 'protocol' | 'closed' | 'connect' | 'aborted';
-
-export class MigrationTransportError extends Error {
-  readonly code: MigrationTransportErrorCode;
-  constructor(code: MigrationTransportErrorCode, message: string) {
-    super(message);
-    this.name = 'MigrationTransportError';
-    this.code = code;
-  }
-}
-
-/** Parses `tcp:HOST:PORT` (IPv6 in brackets: `tcp:[::1]:4444`) or `unix:PATH`. */
-export function parseMigrationAddress(text: string): MigrationAddress {
-  if (typeof text !== 'string') throw new TypeError('address must be a string');
-  if (text.startsWith('unix:')) {
-    const socketPath = text.slice('unix:'.length);
-    checkUnixPath(socketPath, text);
-    return { kind: 'unix', path: socketPath };
-  }
-  if (text.startsWith('tcp:')) {
-    const rest = text.slice('tcp:'.length);
-    let host: string;
-    let portText: string;
-    if (rest.startsWith('[')) {
-      const close = rest.indexOf(']');
-      if (close < 0 || rest[close + 1] !== ':') throw new RangeError(`migration address '${text}': an IPv6 host is written [ADDRESS]:PORT`);
-      host = rest.slice(1, close);
-      portText = rest.slice(close + 2);
-      if (!net.isIPv6(host)) throw new RangeError(`migration address '${text}': '${host}' is not an IPv6 address`);
-    } else {
-      const colon = rest.lastIndexOf(':');
-      if (colon < 0) throw new RangeError(`migration address '${text}' has no port (tcp:HOST:PORT)`);
-      host = rest.slice(0, colon);
-      portText = rest.slice(colon + 1);
-      if (host === '') throw new RangeError(`migration address '${text}' has an empty host (tcp:HOST:PORT)`);
-      if (host.includes(':')) throw new RangeError(`migration address '${text}': write an IPv6 host in brackets, as tcp:[${host}]:PORT`);
-      if (!/^[A-Za-z0-9._-]+$/.test(host)) throw new RangeError(`migration address '${text}': '${host}' is not a host name or address`);
-    }
-    if (!/^\d{1,5}$/.test(portText) || Number(portText) > 65535) {
-      throw new RangeError(`migration address '${text}': port '${portText}' is not a number 0..65535`);
-    }
-    return { kind: 'tcp', host, port: Number(portText) };
-  }
-  throw new RangeError(`migration address '${text}' must be tcp:HOST:PORT or unix:PATH`);
-}
-
-export function formatMigrationAddress(address: MigrationAddress): string {
-  if (address.kind === 'unix') return `unix:${address.path}`;
-  return address.host.includes(':') ? `tcp:[${address.host}]:${address.port}` : `tcp:${address.host}:${address.port}`;
-}
 
 export interface ListenForMigrationOptions {
   /** Required for tcp. For unix, optional: when given, the source must prove it knows it. */
@@ -151,15 +81,15 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   const target = checkAddress(address);
   const token = checkToken(options.token);
   if (target.kind === 'tcp' && token === undefined) {
-    throw new TypeError('a token is required to listen for a migration over tcp (anyone who can reach the port could send a guest)');
+    throw argTypeError('a token is required to listen for a migration over tcp (anyone who can reach the port could send a guest)');
   }
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs');
   const handshakeTimeoutMs = checkTimeout(options.handshakeTimeoutMs, 'handshakeTimeoutMs') ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
   const helloTimeoutMs = Math.min(checkTimeout(options.helloTimeoutMs, 'helloTimeoutMs') ?? DEFAULT_HELLO_TIMEOUT_MS, handshakeTimeoutMs);
   const maxUnauthenticated = checkCount(options.maxUnauthenticatedConnections, 'maxUnauthenticatedConnections') ?? DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS;
   const reportsPerSecond = checkCount(options.rejectionReportsPerSecond, 'rejectionReportsPerSecond') ?? DEFAULT_REJECTION_REPORTS_PER_SECOND;
-  options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
+  throwIfAborted(options.signal, `listening for a migration on ${label}`);
 
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
@@ -185,7 +115,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
     }
   } catch (error) {
     server.close();
-    throw new Error(`cannot listen for a migration on ${label}: ${describeError(error)}`);
+    throw new MigrationError(systemCode(error), `cannot listen for a migration on ${label}: ${describeError(error)}`, { cause: error });
   }
 
   return new Promise<net.Socket>((resolve, reject) => {
@@ -207,13 +137,13 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
       if (error) reject(error);
       else resolve(socket!);
     };
-    const onAbort = () => finish(new MigrationTransportError('aborted', `stopped listening for a migration on ${label}: aborted`));
+    const onAbort = () => finish(abortError(`stopped listening for a migration on ${label}`, options.signal));
     const timer = timeoutMs === undefined ? null : setTimeout(() => {
-      finish(new MigrationTransportError('timeout', `no migration arrived on ${formatMigrationAddress(bound)} within ${timeoutMs} ms`));
+      finish(new MigrationError(Code.TimedOut, `no migration arrived on ${formatMigrationAddress(bound)} within ${timeoutMs} ms`));
     }, timeoutMs);
     options.signal?.addEventListener('abort', onAbort, { once: true });
     // A listener that fails after it started (rare: EMFILE on accept) ends the wait.
-    server.on('error', (error) => finish(new Error(`listening for a migration on ${label} failed: ${describeError(error)}`)));
+    server.on('error', (error) => finish(new MigrationError(systemCode(error), `listening for a migration on ${label} failed: ${describeError(error)}`, { cause: error })));
 
     const onConnection = (socket: net.Socket) => {
       const peer = target.kind === 'unix' ? 'a local process' : `${socket.remoteAddress}:${socket.remotePort}`;
@@ -277,11 +207,11 @@ export interface ConnectForMigrationOptions {
 export async function connectForMigration(address: MigrationAddress, options: ConnectForMigrationOptions = {}): Promise<net.Socket> {
   const target = checkAddress(address);
   const token = checkToken(options.token);
-  if (target.kind === 'tcp' && token === undefined) throw new TypeError('a token is required to migrate over tcp');
-  if (target.kind === 'tcp' && target.port === 0) throw new RangeError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
+  if (target.kind === 'tcp' && token === undefined) throw argTypeError('a token is required to migrate over tcp');
+  if (target.kind === 'tcp' && target.port === 0) throw argValueError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs') ?? DEFAULT_CONNECT_TIMEOUT_MS;
-  options.signal?.throwIfAborted();
   const label = formatMigrationAddress(target);
+  throwIfAborted(options.signal, `migration to ${label}`);
   const deadline = new Deadline(timeoutMs, `migration connect to ${label}`);
 
   // highWaterMark reaches the stream (net.Socket passes its options to Duplex); @types/node lacks it.
@@ -293,8 +223,8 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const errorSink = (_error: Error) => {};
   const open = () => net.createConnection(connectOptions).on('error', errorSink);
   let socket = open();
-  const abortError = () => new MigrationTransportError('aborted', `migration to ${label}: aborted`);
-  const onAbort = () => socket.destroy(abortError());
+  const aborted = () => abortError(`migration to ${label}`, options.signal);
+  const onAbort = () => socket.destroy(aborted());
   options.signal?.addEventListener('abort', onAbort, { once: true });
   try {
     for (;;) {
@@ -304,15 +234,15 @@ export async function connectForMigration(address: MigrationAddress, options: Co
       // connections (a flood, perhaps), and connect() fails at once where TCP would retry.
       const backlogFull = target.kind === 'unix' && (failure as NodeJS.ErrnoException).code === 'EAGAIN';
       if (!backlogFull || deadline.remainingMs() === 0) {
-        throw failure instanceof MigrationTransportError
+        throw failure instanceof MigrationError
           ? failure
-          : new MigrationTransportError('connect', `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`);
+          : new MigrationError(Code.Connect, `cannot connect to ${label}: ${describeError(failure)}${connectHint(failure)}`, { cause: failure });
       }
       socket.destroy();
       try {
         await delay(Math.min(UNIX_BACKLOG_RETRY_MS, deadline.remainingMs()), undefined, { signal: options.signal });
       } catch {
-        throw abortError();
+        throw aborted();
       }
       socket = open();
     }
@@ -335,7 +265,7 @@ function connected(socket: net.Socket, deadline: Deadline): Promise<Error | null
     const timer = setTimeout(() => {
       socket.off('connect', onConnect);
       socket.off('error', onError);
-      resolve(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
+      resolve(new MigrationError(Code.TimedOut, `${deadline.what} timed out after ${deadline.totalMs} ms while connecting`));
     }, deadline.remainingMs());
     const onConnect = () => {
       clearTimeout(timer);
@@ -352,106 +282,6 @@ function connected(socket: net.Socket, deadline: Deadline): Promise<Error | null
   });
 }
 
-type AcceptOutcome = 'accepted' | { reason: string; claimed: boolean };
-
-/**
- * The destination's half. `claim` is asked once the source has proved itself: only one
- * connection may go on to become the migration.
- */
-async function acceptHandshake(
-  socket: net.Socket,
-  token: string | undefined,
-  helloDeadline: Deadline,
-  deadline: Deadline,
-  claim: () => boolean,
-): Promise<AcceptOutcome> {
-  let claimed = false;
-  const errorSink = (_error: Error) => {};
-  socket.on('error', errorSink);
-  try {
-    const nonceD = randomBytes(NONCE_BYTES);
-    socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of(token === undefined ? 0 : FLAG_TOKEN), nonceD]));
-    // The magic alone first: a peer that is not a migration source is refused at its first bytes.
-    const magic = await readExactly(socket, MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: 0, stepBytes: HELLO_BYTES });
-    if (!magic.equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
-    const rest = await readExactly(socket, HELLO_BYTES - MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: MAGIC.length, stepBytes: HELLO_BYTES });
-    const hello = Buffer.concat([magic, rest]);
-    const version = hello.readUInt16BE(MAGIC.length);
-    if (version !== MIGRATION_PROTOCOL_VERSION) return refuse(socket, `unsupported protocol version ${version} (this destination speaks ${MIGRATION_PROTOCOL_VERSION})`);
-    const sourceHasToken = (hello[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
-    const nonceS = hello.subarray(MAGIC.length + 3, MAGIC.length + 3 + NONCE_BYTES);
-    const proofS = hello.subarray(MAGIC.length + 3 + NONCE_BYTES);
-    if (token !== undefined) {
-      if (!sourceHasToken) return refuse(socket, 'a token is required');
-      if (!timingSafeEqual(proofS, proof(token, SOURCE_LABEL, nonceD, nonceS))) return refuse(socket, 'wrong token');
-    }
-    if (!claim()) return refuse(socket, 'another migration was accepted first');
-    claimed = true;
-    const proofD = token === undefined ? Buffer.alloc(PROOF_BYTES) : proof(token, DESTINATION_LABEL, nonceD, nonceS);
-    socket.write(Buffer.concat([Buffer.of(ACCEPTED), proofD]));
-    const [ack] = await readExactly(socket, 1, deadline, 'the source\'s acknowledgement');
-    if (ack !== ACCEPTED) return { reason: 'the source refused this destination (it does not hold the same token)', claimed };
-    return 'accepted';
-  } catch (error) {
-    return { reason: (error as Error).message, claimed };
-  } finally {
-    socket.off('error', errorSink);
-  }
-}
-
-function refuse(socket: net.Socket, reason: string): AcceptOutcome {
-  const text = Buffer.from(reason, 'utf8').subarray(0, 255);
-  socket.end(Buffer.concat([Buffer.of(REFUSED, text.length), text]), () => socket.destroy());
-  return { reason, claimed: false };
-}
-
-/** The source's half. */
-async function offerHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline): Promise<void> {
-  const greeting = await readExactly(socket, GREETING_BYTES, deadline, 'the greeting');
-  if (!greeting.subarray(0, MAGIC.length).equals(MAGIC)) {
-    throw new MigrationTransportError('protocol', `${deadline.what}: not a node-kvm migration destination`);
-  }
-  const version = greeting.readUInt16BE(MAGIC.length);
-  if (version !== MIGRATION_PROTOCOL_VERSION) {
-    throw new MigrationTransportError('protocol', `${deadline.what}: the destination speaks protocol version ${version}, this side ${MIGRATION_PROTOCOL_VERSION}`);
-  }
-  const destinationWantsToken = (greeting[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
-  if (token !== undefined && !destinationWantsToken) {
-    throw new MigrationTransportError('refused', 'migration refused: the destination was started without a token, so it cannot prove it is the intended one');
-  }
-  const nonceD = greeting.subarray(MAGIC.length + 3);
-  const nonceS = randomBytes(NONCE_BYTES);
-  const proofS = token === undefined ? Buffer.alloc(PROOF_BYTES) : proof(token, SOURCE_LABEL, nonceD, nonceS);
-  socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of(token === undefined ? 0 : FLAG_TOKEN), nonceS, proofS]));
-  const [status] = await readExactly(socket, 1, deadline, 'the destination\'s verdict');
-  if (status === REFUSED) {
-    const [length] = await readExactly(socket, 1, deadline, 'the destination\'s reason');
-    const reason = length === 0 ? 'no reason given' : (await readExactly(socket, length!, deadline, 'the destination\'s reason')).toString('utf8');
-    throw new MigrationTransportError('refused', `migration refused: ${reason}`);
-  }
-  if (status !== ACCEPTED) throw new MigrationTransportError('protocol', `${deadline.what}: unexpected verdict byte ${status}`);
-  const proofD = await readExactly(socket, PROOF_BYTES, deadline, 'the destination\'s proof');
-  if (token !== undefined && !timingSafeEqual(proofD, proof(token, DESTINATION_LABEL, nonceD, nonceS))) {
-    socket.end(Buffer.of(REFUSED), () => socket.destroy());
-    throw new MigrationTransportError('refused', 'migration refused: the destination does not hold the same token');
-  }
-  socket.write(Buffer.of(ACCEPTED));
-}
-
-function proof(token: string, label: Buffer, nonceD: Buffer, nonceS: Buffer): Buffer {
-  return createHmac('sha256', token).update(label).update(nonceD).update(nonceS).digest();
-}
-
-/** One time limit for a sequence of steps; each step's error names the step. */
-class Deadline {
-  readonly #endsAt: number;
-  constructor(readonly totalMs: number, readonly what: string) {
-    this.#endsAt = Date.now() + totalMs;
-  }
-  remainingMs(): number {
-    return Math.max(0, this.#endsAt - Date.now());
-  }
-}
 
 /**
  * Passes rejections on to the caller at most `perSecond` a second, so that a flood of connections
@@ -504,182 +334,28 @@ class RejectionReports {
   }
 }
 
-/**
- * Reads exactly `byteCount` bytes, leaving anything after them in the socket's buffer for
- * whoever reads next (read(n) takes no more than n). `part` places this read inside a step read
- * in parts, for the count of bytes a timeout reports.
- */
-function readExactly(
-  socket: net.Socket,
-  byteCount: number,
-  deadline: Deadline,
-  step: string,
-  part: { offsetBytes: number; stepBytes: number } = { offsetBytes: 0, stepBytes: byteCount },
-): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const cleanup = () => {
-      clearTimeout(timer);
-      socket.off('readable', tryRead);
-      socket.off('end', onEnd);
-      socket.off('close', onEnd);
-      socket.off('error', onError);
-    };
-    const fail = (error: Error) => {
-      cleanup();
-      reject(error);
-    };
-    const tryRead = () => {
-      const chunk = socket.read(byteCount) as Buffer | null;
-      if (chunk === null) {
-        if (socket.readableEnded || socket.destroyed) onEnd();
-        return;
-      }
-      if (chunk.length < byteCount) {
-        onEnd();
-        return;
-      }
-      cleanup();
-      resolve(chunk);
-    };
-    const onEnd = () => fail(new MigrationTransportError('closed', `${deadline.what}: the peer closed the connection while this side waited for ${step}`));
-    const onError = (error: Error) => fail(error instanceof MigrationTransportError
-      ? error
-      : new MigrationTransportError('closed', `${deadline.what}: ${describeError(error)} while waiting for ${step}`));
-    const timer = setTimeout(() => {
-      const arrivedBytes = part.offsetBytes + socket.readableLength;
-      const partly = arrivedBytes > 0 ? ` (${arrivedBytes} of ${part.stepBytes} bytes arrived)` : '';
-      fail(new MigrationTransportError('timeout', `${deadline.what} timed out after ${deadline.totalMs} ms waiting for ${step}${partly}`));
-    }, deadline.remainingMs());
-    socket.on('readable', tryRead);
-    socket.on('end', onEnd);
-    socket.on('close', onEnd);
-    socket.on('error', onError);
-    tryRead();
-  });
-}
-
-/**
- * Listens on a unix socket file that only this user can open (mode 0600), then returns the
- * function that removes it. The file's mode comes from the umask at bind(), and changing it
- * afterwards leaves a moment when it is wider; process.umask() is process-wide (other threads
- * create files too) and unavailable in workers. So the socket is bound inside a fresh directory
- * of mode 0700 (mkdtemp) beside the target, made 0600 there, where nobody else can reach it,
- * and then hard-linked to its name: link() never replaces an existing file, unlike rename().
- * An existing socket nobody listens on (left by a process that died) is replaced; anything else
- * at that path is refused.
- */
-export async function listenOnPrivateUnixSocket(server: net.Server, socketPath: string): Promise<() => void> {
-  checkUnixPath(socketPath, `unix:${socketPath}`);
-  const target = path.resolve(socketPath);
-  await removeStaleSocket(target);
-  const privateDir = fs.mkdtempSync(path.join(path.dirname(target), '.nkvm-'));
-  const privatePath = path.join(privateDir, 's');
-  try {
-    if (Buffer.byteLength(privatePath) > MAX_UNIX_PATH_BYTES) {
-      throw new RangeError(`the socket path ${socketPath} is too long to create safely (its directory's path leaves no room)`);
-    }
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ path: privatePath, exclusive: true }, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    fs.chmodSync(privatePath, 0o600);
-    try {
-      fs.linkSync(privatePath, target);
-    } catch (error) {
-      server.close();
-      throw (error as NodeJS.ErrnoException).code === 'EEXIST' ? new Error(`${socketPath} appeared while this socket was being created`) : error;
-    }
-  } finally {
-    fs.rmSync(privatePath, { force: true });
-    fs.rmdirSync(privateDir);
-  }
-  const { ino, dev } = fs.lstatSync(target);
-  return () => {
-    // Only our own socket: the name may have been taken over since.
-    try {
-      const now = fs.lstatSync(target);
-      if (now.ino === ino && now.dev === dev) fs.unlinkSync(target);
-    } catch {
-      // already gone
-    }
-  };
-}
-
-async function removeStaleSocket(target: string): Promise<void> {
-  let stats: fs.Stats;
-  try {
-    stats = fs.lstatSync(target);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw error;
-  }
-  if (!stats.isSocket()) throw new Error(`refusing to replace ${target}: it exists and is not a socket`);
-  const live = await new Promise<boolean>((resolve, reject) => {
-    const probe = net.createConnection({ path: target });
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', (error: NodeJS.ErrnoException) => {
-      if (error.code === 'ECONNREFUSED') resolve(false);
-      else reject(error);
-    });
-  });
-  if (live) throw new Error(`${target} is in use: something is listening there`);
-  fs.unlinkSync(target);
-}
-
-function checkAddress(address: MigrationAddress): MigrationAddress {
-  if (typeof address !== 'object' || address === null) throw new TypeError('address must be a MigrationAddress object');
-  if (address.kind === 'unix') {
-    if (typeof address.path !== 'string') throw new TypeError('address.path must be a string');
-    checkUnixPath(address.path, `unix:${address.path}`);
-    return address;
-  }
-  if (address.kind === 'tcp') {
-    if (typeof address.host !== 'string') throw new TypeError('address.host must be a string');
-    if (!Number.isInteger(address.port) || address.port < 0 || address.port > 65535) throw new RangeError(`address.port must be an integer 0..65535, got ${address.port}`);
-    return address;
-  }
-  throw new TypeError(`address.kind must be 'tcp' or 'unix'`);
-}
-
-function checkUnixPath(socketPath: string, text: string): void {
-  if (socketPath === '') throw new RangeError(`migration address '${text}' has an empty path (unix:PATH)`);
-  if (socketPath.includes('\0')) throw new RangeError(`migration address '${text}': the path contains a NUL byte`);
-  const bytes = Buffer.byteLength(path.resolve(socketPath));
-  if (bytes > MAX_UNIX_PATH_BYTES) throw new RangeError(`migration address '${text}': the socket path is ${bytes} bytes, at most ${MAX_UNIX_PATH_BYTES} fit in sockaddr_un`);
-}
 
 function checkToken(token: string | undefined): string | undefined {
   if (token === undefined) return undefined;
-  if (typeof token !== 'string') throw new TypeError('token must be a string');
-  if (token === '') throw new RangeError('token must not be empty');
+  if (typeof token !== 'string') throw argTypeError('token must be a string');
+  if (token === '') throw argValueError('token must not be empty');
   return token;
 }
 
 function checkTimeout(value: number | undefined, name: string): number | undefined {
   if (value === undefined) return undefined;
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > 2 ** 31 - 1) {
-    throw new RangeError(`${name} must be a positive number of milliseconds, got ${value}`);
+    throw outOfRangeError(`${name} must be a positive number of milliseconds, got ${value}`);
   }
   return value;
 }
 
 function checkCount(value: number | undefined, name: string): number | undefined {
   if (value === undefined) return undefined;
-  if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`);
+  if (!Number.isSafeInteger(value) || value < 1) throw outOfRangeError(`${name} must be a positive integer, got ${value}`);
   return value;
 }
 
-function u16(value: number): Buffer {
-  const bytes = Buffer.alloc(2);
-  bytes.writeUInt16BE(value);
-  return bytes;
-}
 
 function connectHint(error: unknown): string {
   const code = (error as NodeJS.ErrnoException).code;
@@ -688,7 +364,9 @@ function connectHint(error: unknown): string {
   return '';
 }
 
-function describeError(error: unknown): string {
-  const e = error as NodeJS.ErrnoException;
-  return e.code && !(e instanceof MigrationTransportError) ? e.code : e instanceof Error ? e.message : String(error);
+
+/** A system error's code ('EADDRINUSE'), or ECONNECT for anything else that failed on the socket. */
+function systemCode(error: unknown): string {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  return typeof code === 'string' ? code : Code.Connect;
 }

@@ -22,8 +22,14 @@ export interface MigrateOptions {
   onNonConvergence?: NonConvergence;
   /** Give up if connecting or any read/write stalls this long. Default 10 s. */
   timeoutMs?: number;
-  /** Called after every round and at each phase change. */
+  /** Called after every round and at each phase change (the machine emits 'progress' then too). */
   onProgress?: (progress: MigrationProgress) => void;
+  /**
+   * Aborting it gives up (MigrationError, code ABORT_ERR) and tells the destination why; the guest
+   * runs on here. It counts until the guest's last state has gone out: from then on the outcome is
+   * the destination's.
+   */
+  signal?: AbortSignal;
 }
 
 export type MigrationPhase = 'setup' | 'precopy' | 'stop-copy' | 'completed' | 'failed';
@@ -57,6 +63,8 @@ export type MigrationProgress = MigrationStats;
 export interface SnapshotOptions {
   /** Only the pages written since this machine's previous snapshot, layered on that file. */
   diff?: boolean;
+  /** Aborting it stops the snapshot (ABORT_ERR): no file is left, the machine runs on. */
+  signal?: AbortSignal;
 }
 
 export interface SnapshotInfo {
@@ -75,6 +83,8 @@ export interface SnapshotInfo {
 export interface RestoreConfig extends MachineRuntimeConfig {
   /** Check the checksum of the saved RAM image before mapping it (reads the whole image). */
   verify?: boolean;
+  /** Aborting it gives up (ABORT_ERR); a machine built meanwhile is stopped. */
+  signal?: AbortSignal;
 }
 
 export interface IncomingConfig extends MachineRuntimeConfig {
@@ -89,4 +99,9 @@ export interface IncomingConfig extends MachineRuntimeConfig {
   onListening?: (address: string) => void;
   /** With memoryBytes and vcpus, the machine is built before the stream arrives; default: with more than one vCPU. */
   irqchip?: boolean;
+  /**
+   * Aborting it stops listening, or stops the transfer and tells the source why (ABORT_ERR); the
+   * machine built for the guest is stopped. It counts until the guest runs here.
+   */
+  signal?: AbortSignal;
 }

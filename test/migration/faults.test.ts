@@ -8,14 +8,14 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { Machine } from '../../lib/index.js';
+import { Machine, type MigrationError } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
 import { startDestination, startLocalDestination, type Destination, type LocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 import { childExecArgv } from '../helpers/spawn.js';
-import { encodeShape } from '../../lib/migration/machine-state.js';
-import { encodeHeader, encodeSection } from '../../lib/migration/stream.js';
+import { encodeHeader, encodeSection } from '../../lib/migration/format.js';
+import { encodeConfigSection } from '../../lib/migration/state-sections.js';
 import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
 const TOKEN = 'fault-token-91d2';
@@ -93,7 +93,7 @@ async function migrateThroughFault<D extends Destination | LocalDestination>(t: 
   await source.waitForOutput('pass 1 ok\n');
   const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: options.timeoutMs ?? 5000 }).then(
     () => null,
-    (e: Error) => e,
+    (e: MigrationError) => e,
   );
   return { destination, source, error };
 }
@@ -115,21 +115,22 @@ t.test('memory size mismatch: the destination refuses before anything is applied
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t, 64 * MiB));
   t.match(error?.message, /the destination refused: the stream carries 33554432 bytes of guest RAM; this machine has 67108864/);
   await assertStillRunning(t, source);
-  await t.rejects(destination.arrived, /this machine has 67108864/, 'the destination fails with why');
+  await t.rejects(destination.arrived, { code: 'EMISMATCH', message: /this machine has 67108864/ }, 'the destination fails with why');
 });
 
 t.test('a stream of another version is refused', { skip: noKvm }, async (t) => {
-  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(8, () => 2) });
-  t.match(error?.message, /stream version 2 is not supported \(this build reads 1\)/);
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(8, () => 1) });
+  t.match(error?.message, /stream version 1 is not supported \(this build reads version 2 only\)/);
+  t.equal(error?.code, 'EREFUSED', 'the destination refused it');
   await assertStillRunning(t, source);
-  await t.rejects(destination.arrived, /stream version 2 is not supported/);
+  await t.rejects(destination.arrived, { name: 'MigrationError', code: 'EVERSION', message: /stream version 1 is not supported/ });
 });
 
 t.test('corrupted bytes in page data: checksum error at the destination, the source runs on', { skip: noKvm }, async (t) => {
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(300_000, (byte) => byte ^ 0x40) });
   t.match(error?.message, /checksum mismatch in Pages section/);
   await assertStillRunning(t, source);
-  await t.rejects(destination.arrived, /checksum mismatch in Pages section/, 'the destination fails with why');
+  await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in Pages section/ }, 'the destination fails with why');
 });
 
 t.test('a stream cut short: the destination reports it truncated, the source runs on', { skip: noKvm }, async (t) => {
@@ -160,6 +161,7 @@ t.test('a destination that stops reading: the source, blocked writing, gives up 
     },
   });
   t.match(error?.message, /the destination stopped reading for 1000 ms/);
+  t.equal(error?.code, 'ETIMEDOUT');
   await assertStillRunning(t, source);
   cutProxy();
   await t.rejects(destination.arrived, /truncated|closed/, 'the destination, cut off, fails with why');
@@ -232,9 +234,9 @@ t.test('a source that sends pages before it is accepted, then junk: the destinat
   // All at once: the destination holds the junk before it has even built the machine.
   socket.write(Buffer.concat([
     encodeHeader({ kind: 'migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
-    encodeShape({ memoryBytes: 2 * MiB, vcpus: 1 }),
+    encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
     encodeSection(2, new Uint8Array(4)), // an empty Pages section: valid
     junk,
   ]));
-  await t.rejects(destination.arrived, /unknown section type 99/, 'a clean failure, not a crash');
+  await t.rejects(destination.arrived, { code: 'EFORMAT', message: /unknown section type 99/ }, 'a clean failure, not a crash');
 });

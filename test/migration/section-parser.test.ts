@@ -1,15 +1,15 @@
-// The incremental section parser of the migration destination: fed the bytes of a stream in any
-// pieces, it must place exactly the pages decodePages() would, deliver the other sections intact,
-// and refuse every malformed stream with the StreamError SectionReader would give.
+// The one parser of the section framing: fed the bytes of a stream in any pieces, it must place
+// exactly the pages decodePages() would (streamed), or hand Pages sections over whole (for
+// SectionReader), deliver the other sections intact, say how many bytes complete what it waits
+// for, and refuse every malformed stream with the MigrationError that says what is wrong.
 import { randomBytes } from 'node:crypto';
 import t from 'tap';
 import { SectionParser, type SectionParserTarget } from '../../lib/migration/section-parser.js';
-import {
-  MAX_SECTION_PAYLOAD_BYTES, SectionType, decodePagesInto, encodeEnd, encodeErrorSection, encodePages, encodeSection, viewOf,
-} from '../../lib/migration/stream.js';
+import { MAX_SECTION_PAYLOAD_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeSection, viewOf } from '../../lib/migration/format.js';
+import { decodePagesInto, encodePages } from '../../lib/migration/pages.js';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { crc32c } from '../../lib/migration/checksum.js';
-import { expectStreamError } from '../helpers/stream-errors.js';
+import { expectMigrationError } from '../helpers/migration-errors.js';
 
 const MEMORY_BYTES = 64 * PAGE_SIZE;
 
@@ -123,7 +123,7 @@ function pagesPayload(ranges: [number, number, number][], dataBytes: number): Ui
   return payload;
 }
 
-t.test('malformed streams end in the StreamError that says what is wrong, and nothing is placed before the table checks out', async (t) => {
+t.test('malformed streams end in the MigrationError that says what is wrong, and nothing is placed before the table checks out', async (t) => {
   const cases: [string, Uint8Array, string, string | RegExp][] = [
     ['unknown type', sealed(99, new Uint8Array(0)), 'EFORMAT', 'unknown section type 99'],
     ['over the limit', (() => {
@@ -162,9 +162,9 @@ t.test('malformed streams end in the StreamError that says what is wrong, and no
     for (const pieces of [bytes.length, 1, 5]) {
       const { target, received } = receiver();
       const parser = new SectionParser(target);
-      await expectStreamError(t, () => feed(parser, bytes, () => pieces), code, message);
+      await expectMigrationError(t, () => feed(parser, bytes, () => pieces), code, message);
       // Once failed, it stays failed.
-      await expectStreamError(t, () => parser.push(new Uint8Array(1)), code, message);
+      await expectMigrationError(t, () => parser.push(new Uint8Array(1)), code, message);
       if (code === 'EFORMAT' || code === 'ETOOBIG') t.ok(received.memory.every((byte) => byte === 0), `${name}: nothing placed`);
       t.same(received.sections, [], `${name}: no section delivered`);
       t.same(received.zeroRanges, [], `${name}: no zero range applied`);
@@ -175,19 +175,19 @@ t.test('malformed streams end in the StreamError that says what is wrong, and no
 t.test('bytes after End are refused', async (t) => {
   const { target, received } = receiver();
   const parser = new SectionParser(target);
-  await expectStreamError(t, () => parser.push(concat([encodeEnd(), new Uint8Array(3)])), 'EFORMAT', '3 bytes follow the stream\'s End section');
+  await expectMigrationError(t, () => parser.push(concat([encodeEnd(), new Uint8Array(3)])), 'EFORMAT', '3 bytes follow the stream\'s End section');
   t.same(received.sections.map((s) => s.name), ['End']);
   const later = new SectionParser(receiver().target);
   later.push(encodeEnd());
   t.ok(later.ended);
-  await expectStreamError(t, () => later.push(new Uint8Array(1)), 'EFORMAT', '1 bytes follow the stream\'s End section');
+  await expectMigrationError(t, () => later.push(new Uint8Array(1)), 'EFORMAT', '1 bytes follow the stream\'s End section');
 });
 
 t.test('a zero range of a section whose CRC fails is not applied', async (t) => {
   const section = sealed(SectionType.Pages, pagesPayload([[4, 2, 1]], 0));
   section[section.length - 2] ^= 0xff;
   const { target, received } = receiver(new Uint8Array(MEMORY_BYTES).fill(9));
-  await expectStreamError(t, () => new SectionParser(target).push(section), 'ECHECKSUM', 'checksum mismatch in Pages section');
+  await expectMigrationError(t, () => new SectionParser(target).push(section), 'ECHECKSUM', 'checksum mismatch in Pages section');
   t.same(received.zeroRanges, []);
   t.ok(received.memory.every((byte) => byte === 9));
 });
@@ -214,8 +214,69 @@ t.test('a handler that throws fails the parse', async (t) => {
 
 t.test('bad targets are refused', async (t) => {
   const { target } = receiver();
-  t.throws(() => new SectionParser(null as never), TypeError);
-  t.throws(() => new SectionParser({ ...target, writePages: undefined as never }), TypeError);
-  t.throws(() => new SectionParser({ ...target, memoryBytes: 4095 }), RangeError);
-  t.throws(() => new SectionParser({ ...target, memoryBytes: 0 }), RangeError);
+  const typeError = { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE' };
+  const rangeError = { name: 'RangeError', code: 'ERR_OUT_OF_RANGE' };
+  t.throws(() => new SectionParser(null as never), typeError);
+  t.throws(() => new SectionParser({ ...target, section: undefined as never }), typeError);
+  t.throws(() => new SectionParser({ ...target, zeroPages: undefined }), { ...typeError, message: 'a target that streams pages must have writePages() and zeroPages()' });
+  t.throws(() => new SectionParser({ ...target, memoryBytes: 4095 }), rangeError);
+  t.throws(() => new SectionParser({ ...target, memoryBytes: 0 }), rangeError);
+  t.throws(() => new SectionParser({ ...target, memoryBytes: undefined }), rangeError);
+  t.doesNotThrow(() => new SectionParser({ section: () => {} }), 'without writePages: Pages come whole, no RAM size needed');
+});
+
+t.test('without writePages, Pages sections come whole, exactly as encoded, in any split', async (t) => {
+  const ram = ramWith([0, 5, 6, 40]);
+  const pages = encodePages([{ firstPage: 0, pageCount: MEMORY_BYTES / PAGE_SIZE }], (a, l) => ram.subarray(a, a + l), { maxDataBytesPerSection: 2 * PAGE_SIZE });
+  const stream = concat([...pages.sections, encodeEnd()]);
+  for (const pieceBytes of [stream.length, 1, 4093]) {
+    const whole: { name: string; payload: Uint8Array }[] = [];
+    const parser = new SectionParser({ section: (section) => whole.push({ name: section.name, payload: section.payload.slice() }) });
+    feed(parser, stream, () => pieceBytes);
+    t.same(whole.map((section) => section.name), [...pages.sections.map(() => 'Pages'), 'End'], `${pieceBytes}-byte pieces: every section`);
+    pages.sections.forEach((section, index) => {
+      t.ok(Buffer.from(whole[index].payload).equals(Buffer.from(section.subarray(8, section.length - 4))), `${pieceBytes}-byte pieces: Pages section ${index} intact`);
+    });
+    const placed = new Uint8Array(MEMORY_BYTES).fill(0x5a);
+    for (const section of whole.slice(0, -1)) decodePagesInto(section.payload, placed);
+    t.ok(Buffer.from(placed).equals(Buffer.from(ram)), `${pieceBytes}-byte pieces: decodePages() of them gives the source's RAM`);
+  }
+});
+
+t.test('bytesWanted: a section header, then its payload with the CRC after it; 0 after End', async (t) => {
+  const sections: string[] = [];
+  const parser = new SectionParser({ section: (section) => sections.push(section.name) });
+  const error = encodeErrorSection('twelve bytes');
+  t.equal(parser.bytesWanted, 8, 'a section header');
+  t.equal(parser.waitingFor, 'a section header');
+  parser.push(error.subarray(0, 3));
+  t.equal(parser.bytesWanted, 5, 'the rest of the header');
+  parser.push(error.subarray(3, 8));
+  t.equal(parser.bytesWanted, 12 + 4, 'the payload and its CRC');
+  t.equal(parser.waitingFor, 'a Error section');
+  parser.push(error.subarray(8, 15));
+  t.equal(parser.bytesWanted, 5 + 4, 'the rest of the payload and its CRC');
+  parser.push(error.subarray(15, 21));
+  t.equal(parser.bytesWanted, 3, 'the rest of the CRC');
+  parser.push(error.subarray(21));
+  t.same(sections, ['Error']);
+  const end = encodeEnd();
+  parser.push(end.subarray(0, 8));
+  t.equal(parser.bytesWanted, 4, 'an empty payload: its CRC');
+  parser.push(end.subarray(8));
+  t.equal(parser.bytesWanted, 0, 'nothing after End');
+  t.ok(parser.ended);
+  // Streamed Pages: the table, then all the data and the CRC.
+  const { target } = receiver();
+  const streamed = new SectionParser(target);
+  const ram = ramWith([1, 2]);
+  const [section] = encodePages([{ firstPage: 1, pageCount: 2 }], (a, l) => ram.subarray(a, a + l), {}).sections;
+  streamed.push(section.subarray(0, 8));
+  t.equal(streamed.bytesWanted, 4, 'the range count');
+  streamed.push(section.subarray(8, 12));
+  t.equal(streamed.bytesWanted, 16, 'the range table');
+  streamed.push(section.subarray(12, 28));
+  t.equal(streamed.bytesWanted, 2 * PAGE_SIZE + 4, 'the page data and the CRC');
+  streamed.push(section.subarray(28, 28 + PAGE_SIZE));
+  t.equal(streamed.bytesWanted, PAGE_SIZE + 4);
 });

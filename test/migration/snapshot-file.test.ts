@@ -1,20 +1,20 @@
 // Snapshot files: full snapshots with a sparse, page-aligned RAM image; diff snapshots layered on
 // a parent by id; every corrupt or truncated file refused with a clear error.
-import { mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { watch, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import os from 'node:os';
 import nodePath from 'node:path';
 import t, { type Test } from 'tap';
 import { encodeState, encodeStateSection } from '../../lib/migration/state-codec.js';
 import {
-  HEADER_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodePages, encodeRamImage,
-  encodeSection, viewOf,
-} from '../../lib/migration/stream.js';
+  HEADER_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeRamImage, encodeSection, viewOf,
+} from '../../lib/migration/format.js';
+import { encodePages } from '../../lib/migration/pages.js';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
 } from '../../lib/migration/snapshot-file.js';
 import { crc32c } from '../../lib/migration/checksum.js';
-import { expectStreamError, streamError } from '../helpers/stream-errors.js';
+import { expectMigrationError, migrationError } from '../helpers/migration-errors.js';
 
 const MiB = 1024 * 1024;
 
@@ -208,34 +208,34 @@ t.test('a diff refuses a parent that is not the expected snapshot', async (t) =>
   });
   const diffPath = nodePath.join(dir, 'diff.snap');
   const otherId = new Uint8Array(16).fill(0xab);
-  await expectStreamError(t, () => writeSnapshotFile(diffPath, diffOptions(basePath, otherId)), 'EMISMATCH',
+  await expectMigrationError(t, () => writeSnapshotFile(diffPath, diffOptions(basePath, otherId)), 'EMISMATCH',
     `${basePath} is snapshot ${Buffer.from(base.id).toString('hex')}, not the parent expected (abababababababababababababababab)`);
   t.same(readdirSync(dir), ['base.snap'], 'nothing written');
 
   const smaller = new Uint8Array(512 * 1024);
-  await expectStreamError(t, () => writeSnapshotFile(diffPath, { ...diffOptions(basePath, base.id), memoryBytes: smaller.length, memory: smaller }), 'EMISMATCH',
+  await expectMigrationError(t, () => writeSnapshotFile(diffPath, { ...diffOptions(basePath, base.id), memoryBytes: smaller.length, memory: smaller }), 'EMISMATCH',
     `${basePath} is a snapshot of a machine with 1048576 bytes of RAM and 2 vCPUs, not 524288 and 2`);
 
   // The parent file replaced by another snapshot after the diff was written.
   await writeSnapshotFile(diffPath, diffOptions(basePath, base.id));
   const replacement = await writeSnapshotFile(basePath, fullOptions(memory));
-  await expectStreamError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
+  await expectMigrationError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
     `${diffPath} is layered on snapshot ${Buffer.from(base.id).toString('hex')}, but ${basePath} is snapshot ${Buffer.from(replacement.id).toString('hex')}`);
 
   // A parent of another machine (written by hand: the writer refuses to make one).
   const other = await writeSnapshotFile(nodePath.join(dir, 'other.snap'), { ...fullOptions(smaller), memoryBytes: smaller.length });
   const header = encodeHeader({ kind: 'diff-snapshot', memoryBytes: memory.length, vcpuCount: 2, parentId: other.id });
   writeFileSync(diffPath, Buffer.concat([header, ...stateSections(memory.length, { parent: { path: 'other.snap' } }), encodeEnd()]));
-  await expectStreamError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
+  await expectMigrationError(t, () => openSnapshotChain(diffPath), 'EMISMATCH',
     `${diffPath} and its parent ${nodePath.join(dir, 'other.snap')} are snapshots of different machines (RAM size or vCPU count)`);
 });
 
-/** Config and state sections as writeSnapshotFile() lays them out. */
+/** Config and state sections as writeSnapshotFile() lays them out (format version 2): VM before vCPUs. */
 function stateSections(_memoryBytes: number, configExtra: object = {}): Uint8Array[] {
   return [
     encodeStateSection(SectionType.Config, { machine: STATE.config, ...configExtra }),
-    ...STATE.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
     encodeStateSection(SectionType.VmState, STATE.vm),
+    ...STATE.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
     encodeStateSection(SectionType.DeviceState, STATE.devices),
   ];
 }
@@ -247,7 +247,7 @@ t.test('a chain longer than the limit, or looping on itself, is refused', async 
   const path = nodePath.join(dir, 'loop.snap');
   const header = encodeHeader({ kind: 'diff-snapshot', memoryBytes: 8192, vcpuCount: 2, streamId: id, parentId: id });
   writeFileSync(path, Buffer.concat([header, ...stateSections(8192, { parent: { path: 'loop.snap' } }), encodeEnd()]));
-  await expectStreamError(t, () => openSnapshotChain(path), 'EFORMAT', `${path}: more than ${MAX_SNAPSHOT_CHAIN} diff snapshots layered on each other`);
+  await expectMigrationError(t, () => openSnapshotChain(path), 'EFORMAT', `${path}: more than ${MAX_SNAPSHOT_CHAIN} diff snapshots layered on each other`);
 });
 
 t.test('corrupt and truncated snapshot files', async (t) => {
@@ -261,24 +261,24 @@ t.test('corrupt and truncated snapshot files', async (t) => {
     let failures = 0;
     for (let length = 0; length < sectionsEnd; length += 7) {
       writeFileSync(broken, good.subarray(0, length));
-      const error = await streamError(t, () => readSnapshotFile(broken));
+      const error = await migrationError(t, () => readSnapshotFile(broken));
       if (error.code !== 'ETRUNCATED') t.fail(`cut at ${length}: ${error.message}`);
       failures++;
     }
     t.equal(failures, Math.ceil(sectionsEnd / 7));
     writeFileSync(broken, good.subarray(0, 20));
-    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 68 bytes of the stream header at offset 0, got 20`);
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 68 bytes of the stream header at offset 0, got 20`);
     writeFileSync(broken, good.subarray(0, HEADER_BYTES + 4));
-    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 8 bytes of a section header at offset 68, got 4`);
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'ETRUNCATED', `${broken}: snapshot file truncated: expected 8 bytes of a section header at offset 68, got 4`);
   });
 
   t.test('truncated in the RAM image', async (t) => {
     const image = contents.ramImage!;
     writeFileSync(broken, good);
     truncateSync(broken, image.fileOffset + 1000);
-    await expectStreamError(t, () => readSnapshotFile(broken), 'ETRUNCATED',
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'ETRUNCATED',
       `${broken}: snapshot file truncated: the RAM image ends at byte ${image.fileOffset + image.sizeBytes} but the file has ${image.fileOffset + 1000} bytes`);
-    await expectStreamError(t, () => verifyRamImage(broken, contents), 'ETRUNCATED',
+    await expectMigrationError(t, () => verifyRamImage(broken, contents), 'ETRUNCATED',
       `${broken}: snapshot file truncated: expected 1048576 bytes of the RAM image at offset 4096, got 1000`);
   });
 
@@ -287,13 +287,13 @@ t.test('corrupt and truncated snapshot files', async (t) => {
       const copy = Buffer.from(good);
       copy[offset] ^= 0x04;
       writeFileSync(broken, copy);
-      const error = await streamError(t, () => readSnapshotFile(broken));
+      const error = await migrationError(t, () => readSnapshotFile(broken));
       if (!['ECHECKSUM', 'EFORMAT', 'ETOOBIG', 'ETRUNCATED'].includes(error.code)) t.fail(`flip at ${offset}: ${error.message}`);
     }
     const copy = Buffer.from(good);
     copy[HEADER_BYTES + 8 + 3] ^= 1; // in the Config payload
     writeFileSync(broken, copy);
-    await expectStreamError(t, () => readSnapshotFile(broken), 'ECHECKSUM', `${broken}: checksum mismatch in Config section`);
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'ECHECKSUM', `${broken}: checksum mismatch in Config section`);
   });
 
   t.test('a flipped byte in the RAM image is found by the checksum when asked', async (t) => {
@@ -303,8 +303,8 @@ t.test('corrupt and truncated snapshot files', async (t) => {
     writeSync(fd, new Uint8Array([0x01]), 0, 1, image.fileOffset + 200 * PAGE_SIZE + 17); // a hole in the image
     closeSync(fd);
     const brokenContents = await readSnapshotFile(broken);
-    await expectStreamError(t, () => verifyRamImage(broken, brokenContents), 'ECHECKSUM', `${broken}: checksum mismatch in the RAM image`);
-    await expectStreamError(t, () => loadSnapshotMemory([brokenContents], new Uint8Array(image.sizeBytes), { verify: true }), 'ECHECKSUM',
+    await expectMigrationError(t, () => verifyRamImage(broken, brokenContents), 'ECHECKSUM', `${broken}: checksum mismatch in the RAM image`);
+    await expectMigrationError(t, () => loadSnapshotMemory([brokenContents], new Uint8Array(image.sizeBytes), { verify: true }), 'ECHECKSUM',
       `${broken}: checksum mismatch in the RAM image`);
   });
 
@@ -312,13 +312,15 @@ t.test('corrupt and truncated snapshot files', async (t) => {
     const copy = Buffer.from(good);
     copy.write('GARBAGE!', 0, 'latin1');
     writeFileSync(broken, copy);
-    await expectStreamError(t, () => readSnapshotFile(broken), 'EMAGIC', `${broken}: not a node-kvm migration stream or snapshot: the first 8 bytes are 4741524241474521, expected 'NODE-KVM'`);
-    const future = Buffer.from(good);
-    viewOf(future).setUint32(8, 2, true);
-    writeFileSync(broken, future);
-    await expectStreamError(t, () => readSnapshotFile(broken), 'EVERSION', `${broken}: stream version 2 is not supported (this build reads 1)`);
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'EMAGIC', `${broken}: not a node-kvm migration stream or snapshot: the first 8 bytes are 4741524241474521, expected 'NODE-KVM'`);
+    for (const version of [1, 3]) {
+      const other = Buffer.from(good);
+      viewOf(other).setUint32(8, version, true);
+      writeFileSync(broken, other);
+      await expectMigrationError(t, () => readSnapshotFile(broken), 'EVERSION', `${broken}: stream version ${version} is not supported (this build reads version 2 only)`);
+    }
     writeFileSync(broken, Buffer.concat([encodeHeader({ kind: 'migration', memoryBytes: MiB, vcpuCount: 2 }), ...stateSections(MiB), encodeEnd()]));
-    await expectStreamError(t, () => readSnapshotFile(broken), 'EFORMAT', `${broken}: this is a migration stream, not a snapshot file`);
+    await expectMigrationError(t, () => readSnapshotFile(broken), 'EFORMAT', `${broken}: this is a migration stream, not a snapshot file`);
   });
 });
 
@@ -328,7 +330,7 @@ t.test('sections out of place are refused', async (t) => {
   const memoryBytes = 2 * PAGE_SIZE;
   const fullHeader = () => encodeHeader({ kind: 'snapshot', memoryBytes, vcpuCount: 2 });
   const diffHeader = () => encodeHeader({ kind: 'diff-snapshot', memoryBytes, vcpuCount: 2, parentId: new Uint8Array(16).fill(1) });
-  const [config, vcpu0, vcpu1, vm, devices] = stateSections(memoryBytes);
+  const [config, vm, vcpu0, vcpu1, devices] = stateSections(memoryBytes);
   const ram = encodeRamImage({ fileOffset: 4096, sizeBytes: memoryBytes, crc32c: 0 });
   const diffConfig = encodeStateSection(SectionType.Config, { machine: {}, parent: { path: 'p.snap' } });
   const hostilePages = (() => {
@@ -341,40 +343,57 @@ t.test('sections out of place are refused', async (t) => {
     return encodeSection(SectionType.Pages, payload);
   })();
   const validPages = encodePages([{ firstPage: 0, pageCount: 1 }], () => new Uint8Array(PAGE_SIZE).fill(1)).sections[0];
+  const ORDER = 'the state comes as Config, VmState, 2 VcpuState, DeviceState';
   const cases: [string, Uint8Array[], string, string][] = [
-    ['state before Config', [fullHeader(), vcpu0, config], 'EFORMAT', 'the first section is VcpuState, not Config'],
-    ['two Configs', [fullHeader(), config, config], 'EFORMAT', 'a second Config section'],
-    ['VmState before the vCPUs', [fullHeader(), config, vcpu0, vm], 'EFORMAT', 'misplaced VmState section in a snapshot file'],
-    ['three vCPUs', [fullHeader(), config, vcpu0, vcpu1, vcpu1], 'EFORMAT', 'misplaced VcpuState section in a snapshot file'],
-    ['DeviceState first', [fullHeader(), config, vcpu0, vcpu1, devices], 'EFORMAT', 'misplaced DeviceState section in a snapshot file'],
-    ['no DeviceState', [fullHeader(), config, vcpu0, vcpu1, vm, encodeEnd()], 'EFORMAT', 'the file ends after 2 of 2 vCPU states, without DeviceState'],
-    ['no state', [fullHeader(), config, encodeEnd()], 'EFORMAT', 'the file ends after 0 of 2 vCPU states, without VmState, without DeviceState'],
-    ['no RamImage', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeEnd()], 'EFORMAT', 'a full snapshot without a RamImage section'],
-    ['two RamImages', [fullHeader(), config, vcpu0, vcpu1, vm, devices, ram, ram], 'EFORMAT', 'misplaced RamImage section in a snapshot file'],
-    ['Pages in a full snapshot', [fullHeader(), config, vcpu0, vcpu1, vm, devices, validPages], 'EFORMAT', 'misplaced Pages section in a snapshot file'],
-    ['RamImage in a diff', [diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, ram], 'EFORMAT', 'misplaced RamImage section in a diff-snapshot file'],
-    ['Pages beyond RAM in a diff', [diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, hostilePages], 'EFORMAT',
+    ['state before Config', [fullHeader(), vcpu0, config], 'EFORMAT',
+      `a snapshot file: misplaced VcpuState section before its Config section (${ORDER})`],
+    ['two Configs', [fullHeader(), config, config], 'EFORMAT', 'a snapshot file: misplaced Config section (a second Config section)'],
+    ['the vCPUs before VmState (the order of version 1)', [fullHeader(), config, vcpu0, vcpu1, vm], 'EFORMAT',
+      `a snapshot file: misplaced VcpuState section after its Config section (${ORDER})`],
+    ['VmState twice', [fullHeader(), config, vm, vm], 'EFORMAT', `a snapshot file: misplaced VmState section after its VmState section (${ORDER})`],
+    ['three vCPUs', [fullHeader(), config, vm, vcpu0, vcpu1, vcpu1], 'EFORMAT',
+      `a snapshot file: misplaced VcpuState section after VmState and 2 of 2 VcpuState sections (${ORDER})`],
+    ['DeviceState too early', [fullHeader(), config, vm, vcpu0, devices], 'EFORMAT',
+      `a snapshot file: misplaced DeviceState section after VmState and 1 of 2 VcpuState sections (${ORDER})`],
+    ['DeviceState twice', [fullHeader(), config, vm, vcpu0, vcpu1, devices, devices], 'EFORMAT',
+      `a snapshot file: misplaced DeviceState section after its DeviceState section (${ORDER})`],
+    ['no DeviceState', [fullHeader(), config, vm, vcpu0, vcpu1, encodeEnd()], 'EFORMAT',
+      'a snapshot file ends after VmState and 2 of 2 VcpuState sections, before its state is complete'],
+    ['no state', [fullHeader(), config, encodeEnd()], 'EFORMAT', 'a snapshot file ends after its Config section, before its state is complete'],
+    ['nothing', [fullHeader(), encodeEnd()], 'EFORMAT', 'a snapshot file ends before its Config section, before its state is complete'],
+    ['RamImage before the state', [fullHeader(), config, vm, ram], 'EFORMAT', `a snapshot file: misplaced RamImage section after its VmState section (${ORDER})`],
+    ['no RamImage', [fullHeader(), config, vm, vcpu0, vcpu1, devices, encodeEnd()], 'EFORMAT', 'a full snapshot without a RamImage section'],
+    ['two RamImages', [fullHeader(), config, vm, vcpu0, vcpu1, devices, ram, ram], 'EFORMAT', 'a snapshot file: misplaced RamImage section'],
+    ['Pages in a full snapshot', [fullHeader(), config, vm, vcpu0, vcpu1, devices, validPages], 'EFORMAT', 'a snapshot file: misplaced Pages section'],
+    ['a Sync section', [fullHeader(), config, vm, vcpu0, vcpu1, devices, encodeSection(SectionType.Sync, new Uint8Array(0))], 'EFORMAT',
+      'a snapshot file: misplaced Sync section'],
+    ['RamImage in a diff', [diffHeader(), diffConfig, vm, vcpu0, vcpu1, devices, ram], 'EFORMAT', 'a diff-snapshot file: misplaced RamImage section'],
+    ['Pages beyond RAM in a diff', [diffHeader(), diffConfig, vm, vcpu0, vcpu1, devices, hostilePages], 'EFORMAT',
       'Pages range 0 (1 pages from page 0x2) lies outside guest RAM (0x2 pages)'],
     ['a diff without a parent path', [diffHeader(), config], 'EFORMAT', 'the Config section of a diff snapshot does not name its parent'],
     ['a full snapshot with a parent path', [fullHeader(), diffConfig], 'EFORMAT', 'the Config section of a full snapshot names a parent'],
-    ['a Config of another shape', [fullHeader(), encodeStateSection(SectionType.Config, [1])], 'EFORMAT', 'the Config section does not hold a snapshot configuration'],
+    ['a Config of another shape', [fullHeader(), encodeStateSection(SectionType.Config, [1])], 'EFORMAT',
+      'a snapshot file: the Config section does not hold a machine configuration'],
+    ['a bad running flag', [fullHeader(), encodeStateSection(SectionType.Config, { machine: {}, running: 1 })], 'EFORMAT', 'a snapshot file: bad running flag'],
+    ['a bad parent', [diffHeader(), encodeStateSection(SectionType.Config, { machine: {}, parent: { path: '' } })], 'EFORMAT',
+      'a diff-snapshot file: the Config section names its parent badly'],
     ['an Error section', [fullHeader(), config, encodeErrorSection('disk full')], 'EFORMAT', 'the file holds an Error section: disk full'],
-    ['RAM image of the wrong size', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 4096, sizeBytes: 4096, crc32c: 0 }), encodeEnd()],
+    ['RAM image of the wrong size', [fullHeader(), config, vm, vcpu0, vcpu1, devices, encodeRamImage({ fileOffset: 4096, sizeBytes: 4096, crc32c: 0 }), encodeEnd()],
       'EFORMAT', 'the RAM image holds 4096 bytes but the header gives 8192 bytes of RAM'],
-    ['RAM image over the sections', [fullHeader(), config, vcpu0, vcpu1, vm, devices, encodeRamImage({ fileOffset: 0, sizeBytes: memoryBytes, crc32c: 0 }), encodeEnd()],
+    ['RAM image over the sections', [fullHeader(), config, vm, vcpu0, vcpu1, devices, encodeRamImage({ fileOffset: 0, sizeBytes: memoryBytes, crc32c: 0 }), encodeEnd()],
       'EFORMAT', /^the RAM image at offset 0 overlaps the sections, which end at \d+$/.source],
-    ['bad state JSON', [fullHeader(), config, encodeSection(SectionType.VcpuState, Buffer.from('{"__proto__":1}'))], 'EFORMAT',
+    ['bad state JSON', [fullHeader(), config, vm, encodeSection(SectionType.VcpuState, Buffer.from('{"__proto__":1}'))], 'EFORMAT',
       "the VcpuState section of vCPU 0 is not valid state: state has the key '__proto__'"],
   ];
   for (const [name, sections, code, message] of cases) {
     writeFileSync(path, Buffer.concat(sections));
-    const error = await streamError(t, () => readSnapshotFile(path));
+    const error = await migrationError(t, () => readSnapshotFile(path));
     t.equal(error.code, code, name);
     if (message.startsWith('^')) t.match(error.message, new RegExp(`^${path.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: ${message.slice(1)}`), name);
     else t.equal(error.message, `${path}: ${message}`, name);
   }
   // A valid hand-made diff reads back, its Pages checked in full.
-  writeFileSync(path, Buffer.concat([diffHeader(), diffConfig, vcpu0, vcpu1, vm, devices, validPages, encodeEnd()]));
+  writeFileSync(path, Buffer.concat([diffHeader(), diffConfig, vm, vcpu0, vcpu1, devices, validPages, encodeEnd()]));
   const diff = await readSnapshotFile(path);
   t.same(diff.pageCounts, { pages: 1, zeroPages: 0 });
   t.same(diff.config, {});
@@ -431,4 +450,23 @@ t.test('a failed write leaves neither the snapshot nor its temporary file', asyn
   t.notSame(first.id, second.id);
   t.same((await readSnapshotFile(path)).header.streamId, second.id);
   t.equal(statSync(path).size, second.fileBytes);
+});
+
+t.test('an aborted write leaves neither the snapshot nor its temporary file', async (t) => {
+  const dir = tempDir(t);
+  const path = nodePath.join(dir, 'x.snap');
+  const memory = new Uint8Array(64 * MiB).fill(0x3c);
+  const already = AbortSignal.abort();
+  await t.rejects(writeSnapshotFile(path, { ...fullOptions(memory), signal: already }), {
+    name: 'MigrationError', code: 'ABORT_ERR', message: `writing the snapshot ${path}: aborted`,
+  });
+  t.same(readdirSync(dir), [], 'an aborted signal: nothing created');
+  // Aborted once the temporary file appears, while 64 MiB of RAM image are being written.
+  const controller = new AbortController();
+  const watcher = watch(dir, () => controller.abort());
+  t.teardown(() => watcher.close());
+  await t.rejects(writeSnapshotFile(path, { ...fullOptions(memory), signal: controller.signal }), { name: 'MigrationError', code: 'ABORT_ERR' });
+  t.ok(controller.signal.aborted, 'aborted by the temporary file showing up');
+  t.same(readdirSync(dir), [], 'the temporary file is gone, no snapshot was made');
+  await t.rejects(writeSnapshotFile(path, { ...fullOptions(memory), signal: 'no' as never }), { name: 'TypeError', code: 'ERR_INVALID_ARG_TYPE' });
 });

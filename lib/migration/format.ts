@@ -1,0 +1,343 @@
+// The stream format, shared by live migration and snapshot files: a fixed header, then typed
+// sections, each with its own length limit and a CRC-32C (Castagnoli, see checksum.ts). This file
+// encodes and decodes the header and the section framing; pages.ts the Pages sections,
+// state-sections.ts the state, section-parser.ts reads the framing back.
+//
+// Version 2 (STREAM_VERSION). All integers are little-endian.
+//
+// Header (HEADER_BYTES = 68):
+//   0  magic 'NODE-KVM'      8  version u32        12 kind u32 (StreamKindCode)
+//   16 memoryBytes u64       24 vcpuCount u32      28 reserved u32 (0)
+//   32 streamId [16]         48 parentId [16] (zeros unless diff snapshot)
+//   64 CRC-32C of bytes 0..63
+// A header for a machine this host could never build (more than MAX_MEMORY_BYTES of RAM or
+// MAX_VCPUS vCPUs, lib/vmm/config.ts) is refused as it is read (ETOOBIG).
+//
+// Section: type u16, flags u16, payload length u32, payload, CRC-32C of all that precedes it.
+//
+// The sections, in order:
+//   migration, source to destination: Config (the machine's shape, for the destination to build
+//     it), Pages and Sync sections while pre-copy runs, then the machine's state (Config, VmState,
+//     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
+//   migration, destination to source (its own header first): Config (the shape: accepted), an
+//     empty Sync for each Sync, End once the guest runs there, or Error at any point.
+//   snapshot: the state (Config, VmState, VcpuState x vcpuCount, DeviceState), RamImage, End, zero
+//     padding to a 4096-byte boundary, then guest RAM as a raw image (see snapshot-file.ts).
+//   diff-snapshot: the state, Pages sections (the pages written since the parent), End.
+// The state sections come in the order restore applies them, VM before vCPUs, and are written by
+// one encoder and read by one reader (state-sections.ts) for migrations and snapshots alike.
+// Version 1 wrote a snapshot's VcpuState sections before its VmState, and another Config: its
+// files and streams are refused with EVERSION, naming both versions.
+import { randomBytes } from 'node:crypto';
+import { PAGE_SIZE } from '../kvm/constants.js';
+import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
+import { MAX_MEMORY_BYTES, MAX_VCPUS } from '../vmm/config.js';
+import { crc32c } from './checksum.js';
+import { MigrationErrorCode as Code, streamError } from './errors.js';
+
+export const STREAM_MAGIC = 'NODE-KVM';
+export const STREAM_VERSION = 2;
+export const HEADER_BYTES = 68;
+export const STREAM_ID_BYTES = 16;
+/** type + flags + length before the payload. */
+export const SECTION_HEADER_BYTES = 8;
+/** Section header plus the CRC-32C after the payload. */
+export const SECTION_OVERHEAD_BYTES = SECTION_HEADER_BYTES + 4;
+
+const MiB = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Byte helpers
+
+const TWO_32 = 2 ** 32;
+
+export function viewOf(bytes: Uint8Array): DataView {
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/** Writes a safe integer as u64. */
+export function setU64(view: DataView, offset: number, value: number): void {
+  view.setUint32(offset, value % TWO_32, true);
+  view.setUint32(offset + 4, Math.floor(value / TWO_32), true);
+}
+
+/** Reads a u64, or returns -1 when it is beyond Number.MAX_SAFE_INTEGER. */
+export function getU64(view: DataView, offset: number): number {
+  const high = view.getUint32(offset + 4, true);
+  if (high > 0x1fffff) return -1;
+  return high * TWO_32 + view.getUint32(offset, true);
+}
+
+const isZeroId = (id: Uint8Array): boolean => id.every((byte) => byte === 0);
+export const hexId = (id: Uint8Array): string => Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
+
+// ---------------------------------------------------------------------------------------------
+// Header
+
+export type StreamKind = 'migration' | 'snapshot' | 'diff-snapshot';
+export const StreamKindCode: Record<StreamKind, number> = { migration: 1, snapshot: 2, 'diff-snapshot': 3 };
+const KIND_BY_CODE = new Map<number, StreamKind>(Object.entries(StreamKindCode).map(([kind, code]) => [code, kind as StreamKind]));
+
+export interface StreamHeader {
+  version: number;
+  kind: StreamKind;
+  /** Guest RAM size, a multiple of PAGE_SIZE. */
+  memoryBytes: number;
+  vcpuCount: number;
+  /** Random, names this stream (a snapshot's identity for the diff snapshots layered on it). */
+  streamId: Uint8Array;
+  /** The streamId of the snapshot a diff snapshot is layered on; zeros otherwise. */
+  parentId: Uint8Array;
+}
+
+export interface StreamHeaderInit {
+  kind: StreamKind;
+  memoryBytes: number;
+  vcpuCount: number;
+  /** Default: 16 random bytes. */
+  streamId?: Uint8Array;
+  parentId?: Uint8Array;
+}
+
+function checkId(id: unknown, name: string): Uint8Array {
+  if (!(id instanceof Uint8Array)) throw argTypeError(`${name} must be a Uint8Array`);
+  if (id.length !== STREAM_ID_BYTES) throw outOfRangeError(`${name} must be ${STREAM_ID_BYTES} bytes, got ${id.length}`);
+  return id;
+}
+
+export function newStreamId(): Uint8Array {
+  return new Uint8Array(randomBytes(STREAM_ID_BYTES));
+}
+
+export function encodeHeader(init: StreamHeaderInit): Uint8Array {
+  if (typeof init !== 'object' || init === null) throw argTypeError('header must be an object');
+  if (typeof init.kind !== 'string' || !Object.hasOwn(StreamKindCode, init.kind)) {
+    throw argValueError(`kind must be 'migration', 'snapshot' or 'diff-snapshot', got ${String(init.kind)}`);
+  }
+  const kindCode = StreamKindCode[init.kind];
+  const { memoryBytes, vcpuCount } = init;
+  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0 || memoryBytes > MAX_MEMORY_BYTES) {
+    throw outOfRangeError(`memoryBytes must be a positive multiple of ${PAGE_SIZE} up to ${MAX_MEMORY_BYTES}, got ${String(memoryBytes)}`);
+  }
+  if (typeof vcpuCount !== 'number' || !Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > MAX_VCPUS) {
+    throw outOfRangeError(`vcpuCount must be an integer 1..${MAX_VCPUS}, got ${String(vcpuCount)}`);
+  }
+  const streamId = init.streamId === undefined ? newStreamId() : checkId(init.streamId, 'streamId');
+  const parentId = init.parentId === undefined ? new Uint8Array(STREAM_ID_BYTES) : checkId(init.parentId, 'parentId');
+  if (init.kind === 'diff-snapshot' && isZeroId(parentId)) throw argValueError('a diff-snapshot header needs the parentId of its parent snapshot');
+  if (init.kind !== 'diff-snapshot' && !isZeroId(parentId)) throw argValueError(`parentId is only for diff-snapshot headers, not ${init.kind}`);
+
+  const bytes = new Uint8Array(HEADER_BYTES);
+  const view = viewOf(bytes);
+  bytes.set(Buffer.from(STREAM_MAGIC, 'latin1'), 0);
+  view.setUint32(8, STREAM_VERSION, true);
+  view.setUint32(12, kindCode, true);
+  setU64(view, 16, memoryBytes);
+  view.setUint32(24, vcpuCount, true);
+  view.setUint32(28, 0, true);
+  bytes.set(streamId, 32);
+  bytes.set(parentId, 48);
+  view.setUint32(64, crc32c(bytes.subarray(0, 64)), true);
+  return bytes;
+}
+
+const MIB_TEXT = (bytes: number): string => `${bytes / MiB} MiB`;
+
+/** Parses and validates a header (exactly HEADER_BYTES bytes). Throws MigrationError. */
+export function decodeHeader(bytes: Uint8Array): StreamHeader {
+  if (bytes.length < HEADER_BYTES) {
+    throw streamError(Code.Truncated, `migration stream truncated: expected ${HEADER_BYTES} bytes of the stream header, got ${bytes.length}`);
+  }
+  const magic = Buffer.from(bytes.buffer, bytes.byteOffset, 8);
+  if (!magic.equals(Buffer.from(STREAM_MAGIC, 'latin1'))) {
+    throw streamError(Code.Magic, `not a node-kvm migration stream or snapshot: the first 8 bytes are ${magic.toString('hex')}, expected '${STREAM_MAGIC}'`);
+  }
+  const view = viewOf(bytes);
+  // The version comes before the checksum: another version may lay out its header differently.
+  const version = view.getUint32(8, true);
+  if (version !== STREAM_VERSION) {
+    throw streamError(Code.Version, `stream version ${version} is not supported (this build reads version ${STREAM_VERSION} only)`);
+  }
+  if (crc32c(bytes.subarray(0, 64)) !== view.getUint32(64, true)) throw streamError(Code.Checksum, 'checksum mismatch in the stream header');
+  const kindCode = view.getUint32(12, true);
+  const kind = KIND_BY_CODE.get(kindCode);
+  if (!kind) throw streamError(Code.Format, `unknown stream kind ${kindCode} in the stream header`);
+  const memoryBytes = getU64(view, 16);
+  if (memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0) {
+    throw streamError(Code.Format, `the stream header gives a guest RAM size of ${memoryBytes < 0 ? 'more than 2^53' : memoryBytes} bytes, not a positive multiple of ${PAGE_SIZE}`);
+  }
+  if (memoryBytes > MAX_MEMORY_BYTES) {
+    throw streamError(Code.TooBig, `the stream is for a machine with ${MIB_TEXT(memoryBytes)} of RAM; this host builds machines of at most ${MIB_TEXT(MAX_MEMORY_BYTES)}`);
+  }
+  const vcpuCount = view.getUint32(24, true);
+  if (vcpuCount < 1) throw streamError(Code.Format, 'the stream header gives 0 vCPUs');
+  if (vcpuCount > MAX_VCPUS) {
+    throw streamError(Code.TooBig, `the stream is for a machine with ${vcpuCount} vCPUs; this host builds machines of at most ${MAX_VCPUS}`);
+  }
+  const reserved = view.getUint32(28, true);
+  if (reserved !== 0) throw streamError(Code.Format, `the stream header has reserved field ${reserved}; expected 0`);
+  const streamId = bytes.slice(32, 48);
+  const parentId = bytes.slice(48, 64);
+  if (kind === 'diff-snapshot' && isZeroId(parentId)) throw streamError(Code.Format, 'a diff-snapshot header has no parent id');
+  if (kind !== 'diff-snapshot' && !isZeroId(parentId)) throw streamError(Code.Format, `a ${kind} header has a parent id; only diff snapshots have one`);
+  return { version, kind, memoryBytes, vcpuCount, streamId, parentId };
+}
+
+/** Throws EMISMATCH when the stream is not for the machine described by `expected`. */
+export function checkHeader(header: StreamHeader, expected: { kind?: StreamKind; memoryBytes?: number; vcpuCount?: number }): void {
+  if (expected.kind !== undefined && header.kind !== expected.kind) {
+    throw streamError(Code.Mismatch, `expected a ${expected.kind} stream, got a ${header.kind} stream`);
+  }
+  if (expected.memoryBytes !== undefined && header.memoryBytes !== expected.memoryBytes) {
+    throw streamError(Code.Mismatch, `the stream carries ${header.memoryBytes} bytes of guest RAM; this machine has ${expected.memoryBytes}`);
+  }
+  if (expected.vcpuCount !== undefined && header.vcpuCount !== expected.vcpuCount) {
+    throw streamError(Code.Mismatch, `the stream carries ${header.vcpuCount} vCPUs; this machine has ${expected.vcpuCount}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections
+
+export const SectionType = {
+  /** Machine configuration (state-codec JSON, see state-sections.ts). */
+  Config: 1,
+  /** Guest pages: see pages.ts. */
+  Pages: 2,
+  /** Snapshot files only: where the raw RAM image lies in the file. */
+  RamImage: 3,
+  /** One per vCPU, in vCPU index order (state-codec JSON). */
+  VcpuState: 4,
+  /** irqchip, PIT, clock (state-codec JSON). */
+  VmState: 5,
+  /** Device state (state-codec JSON). */
+  DeviceState: 6,
+  /** Last section; empty. */
+  End: 7,
+  /** Why the sender gave up (UTF-8 text); also usable from destination to source. */
+  Error: 8,
+  /**
+   * Empty. From the source: answer once everything before this has been taken in; the
+   * destination answers with one of its own. Lets the source pause its guest only when the
+   * destination has caught up, so that no backlog is drained inside the downtime.
+   */
+  Sync: 9,
+} as const;
+export type SectionTypeNumber = (typeof SectionType)[keyof typeof SectionType];
+export type SectionName = keyof typeof SectionType;
+
+export const RAM_IMAGE_PAYLOAD_BYTES = 24;
+
+/** Largest payload of each section type; the reader refuses longer ones before allocating. */
+export const MAX_SECTION_PAYLOAD_BYTES: Record<SectionName, number> = {
+  Config: 1 * MiB,
+  Pages: 64 * MiB,
+  RamImage: RAM_IMAGE_PAYLOAD_BYTES,
+  VcpuState: 16 * MiB,
+  VmState: 16 * MiB,
+  DeviceState: 16 * MiB,
+  End: 0,
+  Error: 64 * 1024,
+  Sync: 0,
+};
+
+const NAME_BY_TYPE = new Map<number, SectionName>(Object.entries(SectionType).map(([name, type]) => [type, name as SectionName]));
+
+/** The name of a section type, or undefined for a number that is not one. */
+export function sectionTypeName(type: number): SectionName | undefined {
+  return NAME_BY_TYPE.get(type);
+}
+
+export function sectionName(type: number): string {
+  return NAME_BY_TYPE.get(type) ?? `unknown (${type})`;
+}
+
+export interface Section {
+  type: SectionTypeNumber;
+  name: SectionName;
+  flags: number;
+  payload: Uint8Array;
+}
+
+/** One complete section (header, a copy of `payload`, CRC) in one buffer. */
+export function encodeSection(type: SectionTypeNumber, payload: Uint8Array, flags = 0): Uint8Array {
+  const name = NAME_BY_TYPE.get(type);
+  if (!name) throw argValueError(`type must be a SectionType, got ${String(type)}`);
+  if (!(payload instanceof Uint8Array)) throw argTypeError('payload must be a Uint8Array');
+  if (!Number.isInteger(flags) || flags < 0 || flags > 0xffff) throw outOfRangeError(`flags must be an integer 0..65535, got ${flags}`);
+  const max = MAX_SECTION_PAYLOAD_BYTES[name];
+  if (payload.length > max) throw outOfRangeError(`a ${name} section holds at most ${max} bytes, got ${payload.length}`);
+  const section = new Uint8Array(SECTION_OVERHEAD_BYTES + payload.length);
+  section.set(payload, SECTION_HEADER_BYTES);
+  sealSection(section, type, flags);
+  return section;
+}
+
+/** Fills in the header and CRC of a section whose payload is already in place. */
+export function sealSection(section: Uint8Array, type: number, flags: number): void {
+  const view = viewOf(section);
+  const payloadBytes = section.length - SECTION_OVERHEAD_BYTES;
+  view.setUint16(0, type, true);
+  view.setUint16(2, flags, true);
+  view.setUint32(4, payloadBytes, true);
+  view.setUint32(SECTION_HEADER_BYTES + payloadBytes, crc32c(section.subarray(0, SECTION_HEADER_BYTES + payloadBytes)), true);
+}
+
+export const encodeEnd = (): Uint8Array => encodeSection(SectionType.End, new Uint8Array(0));
+
+export const encodeSync = (): Uint8Array => encodeSection(SectionType.Sync, new Uint8Array(0));
+
+export function encodeErrorSection(message: string): Uint8Array {
+  // A message over the limit is cut short (its last character may then decode as U+FFFD).
+  const bytes = Buffer.from(String(message), 'utf8');
+  return encodeSection(SectionType.Error, bytes.subarray(0, MAX_SECTION_PAYLOAD_BYTES.Error));
+}
+
+export function decodeErrorSection(payload: Uint8Array): string {
+  return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).toString('utf8');
+}
+
+// ---------------------------------------------------------------------------------------------
+// RamImage sections (snapshot files): u64 fileOffset, u64 sizeBytes, u32 CRC-32C, u32 reserved (0)
+
+export interface RamImage {
+  /** Where the image starts in the snapshot file; a multiple of PAGE_SIZE. */
+  fileOffset: number;
+  sizeBytes: number;
+  /** CRC-32C of the whole image (zero pages included). */
+  crc32c: number;
+}
+
+export function encodeRamImage(image: RamImage): Uint8Array {
+  const { fileOffset, sizeBytes } = image;
+  if (!Number.isSafeInteger(fileOffset) || fileOffset < 0 || fileOffset % PAGE_SIZE !== 0) {
+    throw outOfRangeError(`fileOffset must be a non-negative multiple of ${PAGE_SIZE}, got ${fileOffset}`);
+  }
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % PAGE_SIZE !== 0) {
+    throw outOfRangeError(`sizeBytes must be a positive multiple of ${PAGE_SIZE}, got ${sizeBytes}`);
+  }
+  if (!Number.isInteger(image.crc32c) || image.crc32c < 0 || image.crc32c > 0xffffffff) throw outOfRangeError(`crc32c must be a u32, got ${image.crc32c}`);
+  const payload = new Uint8Array(RAM_IMAGE_PAYLOAD_BYTES);
+  const view = viewOf(payload);
+  setU64(view, 0, fileOffset);
+  setU64(view, 8, sizeBytes);
+  view.setUint32(16, image.crc32c, true);
+  return encodeSection(SectionType.RamImage, payload);
+}
+
+export function decodeRamImage(payload: Uint8Array): RamImage {
+  if (payload.length !== RAM_IMAGE_PAYLOAD_BYTES) {
+    throw streamError(Code.Format, `a RamImage section holds ${RAM_IMAGE_PAYLOAD_BYTES} bytes, got ${payload.length}`);
+  }
+  const view = viewOf(payload);
+  const fileOffset = getU64(view, 0);
+  const sizeBytes = getU64(view, 8);
+  if (fileOffset < 0 || fileOffset % PAGE_SIZE !== 0) {
+    throw streamError(Code.Format, `the RAM image offset ${fileOffset < 0 ? 'beyond 2^53' : fileOffset} is not a multiple of ${PAGE_SIZE}`);
+  }
+  if (sizeBytes <= 0 || sizeBytes % PAGE_SIZE !== 0) {
+    throw streamError(Code.Format, `the RAM image size ${sizeBytes < 0 ? 'beyond 2^53' : sizeBytes} is not a positive multiple of ${PAGE_SIZE}`);
+  }
+  if (view.getUint32(20, true) !== 0) throw streamError(Code.Format, 'the RamImage section has a non-zero reserved field');
+  return { fileOffset, sizeBytes, crc32c: view.getUint32(16, true) };
+}

@@ -1,0 +1,88 @@
+// The source's side of what the destination says on the connection: a stream header, then
+// Config (accepted), Sync answers, End (the guest runs there), or Error at any time.
+import type { Socket } from 'node:net';
+import { MigrationError, MigrationErrorCode as Code } from './errors.js';
+import { SectionType, decodeErrorSection, type Section } from './format.js';
+import { SectionReader } from './section-reader.js';
+import { socketSource } from './sources.js';
+
+const refused = (section: Section): MigrationError => new MigrationError(Code.Refused, `the destination refused: ${decodeErrorSection(section.payload)}`);
+const closed = (error: Error): MigrationError => new MigrationError(Code.Closed, `the destination closed the connection (${error.message})`, { cause: error });
+
+/**
+ * What the destination says on its side of the connection (a stream header, then sections):
+ * Config once it has accepted the stream, End once the guest runs there, Error (with why) at any
+ * time. One read is always pending, so an early Error or a closed connection cuts a write short.
+ */
+export class PeerReplies {
+  readonly #reader: SectionReader;
+  #pending!: Promise<Section>;
+  #failure!: Promise<never>;
+
+  constructor(socket: Socket) {
+    // The destination is silent while pre-copy runs, for as long as that takes: no stall timeout.
+    this.#reader = new SectionReader(socketSource(socket, Infinity));
+    this.#arm(this.#reader.readHeader().then(() => this.#reader.next()));
+  }
+
+  #arm(next: Promise<Section>): void {
+    this.#pending = next;
+    next.catch(() => {});
+    this.#failure = next.then(
+      (section) => {
+        if (section.type === SectionType.Error) throw refused(section);
+        return new Promise<never>(() => {});
+      },
+      (error: Error) => {
+        throw closed(error);
+      },
+    );
+    this.#failure.catch(() => {});
+  }
+
+  /** The destination's reason for giving up, if it sends one within `waitMs`. */
+  async refusal(waitMs: number): Promise<string | undefined> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), waitMs)));
+    try {
+      const section = await Promise.race([this.#pending.catch(() => undefined), timeout]);
+      return section?.type === SectionType.Error ? decodeErrorSection(section.payload) : undefined;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  race<T>(work: Promise<T>): Promise<T> {
+    return Promise.race([work, this.#failure]);
+  }
+
+  async #expect(type: number, what: string, timeoutMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new MigrationError(Code.TimedOut, `no answer from the destination within ${timeoutMs} ms (waiting for ${what})`)), timeoutMs);
+    });
+    try {
+      const section = await Promise.race([this.#pending.catch((error: Error) => {
+        throw closed(error);
+      }), timeout]);
+      if (section.type === SectionType.Error) throw refused(section);
+      if (section.type !== type) throw new MigrationError(Code.Format, `the destination sent a ${section.name} section while ${what} was due`);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async expectAccept(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.Config, 'its acceptance', timeoutMs);
+    this.#arm(this.#reader.next());
+  }
+
+  async expectSync(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.Sync, 'its answer to Sync', timeoutMs);
+    this.#arm(this.#reader.next());
+  }
+
+  async expectResumed(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.End, 'word that the guest runs there', timeoutMs);
+  }
+}

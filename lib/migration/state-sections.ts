@@ -1,0 +1,229 @@
+// A machine's state (everything but RAM) as stream sections, written by one encoder and read by
+// one reader for live migrations and snapshot files alike, always in the order restore applies
+// them: Config, VmState, VcpuState x vcpuCount (in vCPU index order), DeviceState.
+//
+// Each payload is state-codec JSON (state-codec.ts). Config holds a record:
+//   { machine: <the machine's configuration: for a Machine, its shape>,
+//     running?: <live migration: whether the guest ran (false: its owner had paused it)>,
+//     parent?: { path: <diff snapshots: the parent file, relative to the diff's directory> } }
+// A migration also announces the machine's shape in a Config section of its own (no state with
+// it) before its pages, and the destination answers with one to accept.
+//
+// Reading checks the order and count of the sections and their structure before anything is
+// applied; the values themselves are checked again by KVM and the struct encoders on restore.
+import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
+import { PAGE_SIZE } from '../kvm/constants.js';
+import { MAX_MEMORY_BYTES, MAX_VCPUS, type MachineShape, type MachineState } from '../vmm/config.js';
+import type { DiskShape } from '../vmm/disks.js';
+import { MigrationErrorCode as Code, streamError } from './errors.js';
+import { SectionType, type Section } from './format.js';
+import { SectionParser } from './section-parser.js';
+import { decodeState, encodeStateSection } from './state-codec.js';
+
+/** The contents of a Config section. */
+export interface StateConfig {
+  /** The machine's configuration (state-codec encodable; for a Machine, its MachineShape). */
+  machine: unknown;
+  /** Live migration: whether the guest was running when its state was taken. */
+  running?: boolean;
+  /** Diff snapshots: the parent snapshot file, relative to the diff's directory. */
+  parent?: { path: string };
+}
+
+/** A machine's state as the stream carries it. */
+export interface StateParts extends StateConfig {
+  vm: unknown;
+  /** One per vCPU, in vCPU index order. */
+  vcpus: readonly unknown[];
+  devices: unknown;
+}
+
+/** A Config section holding `config`. */
+export function encodeConfigSection(config: StateConfig): Uint8Array {
+  const record: Record<string, unknown> = { machine: config.machine };
+  if (config.running !== undefined) record.running = config.running;
+  if (config.parent !== undefined) record.parent = { path: config.parent.path };
+  return encodeStateSection(SectionType.Config, record);
+}
+
+/** The state sections, in their one order: Config, VmState, VcpuState x n, DeviceState. */
+export function encodeStateSections(parts: StateParts): Uint8Array[] {
+  return [
+    encodeConfigSection(parts),
+    encodeStateSection(SectionType.VmState, parts.vm),
+    ...parts.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
+    encodeStateSection(SectionType.DeviceState, parts.devices),
+  ];
+}
+
+/** A Machine's state as sections. */
+export function encodeMachineState(state: MachineState): Uint8Array[] {
+  return encodeStateSections({ machine: state.shape, running: state.running, vm: state.vm, vcpus: state.vcpus, devices: state.devices });
+}
+
+const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+
+/** The record of a Config section, its structure checked. */
+export function decodeConfigSection(section: Section, where: string): StateConfig {
+  const value = decodeState(section.payload, 'the Config section');
+  if (!isObject(value) || !Object.hasOwn(value, 'machine')) throw streamError(Code.Format, `${where}: the Config section does not hold a machine configuration`);
+  const config: StateConfig = { machine: value.machine };
+  if (value.running !== undefined) {
+    if (typeof value.running !== 'boolean') throw streamError(Code.Format, `${where}: bad running flag`);
+    config.running = value.running;
+  }
+  if (value.parent !== undefined) {
+    const parent = value.parent;
+    if (!isObject(parent) || typeof parent.path !== 'string' || parent.path === '') throw streamError(Code.Format, `${where}: the Config section names its parent badly`);
+    config.parent = { path: parent.path };
+  }
+  return config;
+}
+
+const enum Next {
+  Config,
+  VmState,
+  VcpuState,
+  Done,
+}
+
+/**
+ * Reads the state sections of a stream or file, in their one order, for `vcpuCount` vCPUs (the
+ * header's). Anything out of order is refused (EFORMAT) as it arrives.
+ */
+export class StateSectionReader {
+  readonly #where: string;
+  readonly #vcpuCount: number;
+  #next = Next.Config;
+  #config: StateConfig | undefined;
+  #vm: unknown;
+  readonly #vcpus: unknown[] = [];
+  #devices: unknown;
+
+  /** `where` starts every error message ('a snapshot file', 'the migration stream'). */
+  constructor(where: string, vcpuCount: number) {
+    this.#where = where;
+    this.#vcpuCount = vcpuCount;
+  }
+
+  /** The Config section's record, once it has been read. */
+  get config(): StateConfig | undefined {
+    return this.#config;
+  }
+
+  /** Whether every state section has been read. */
+  get complete(): boolean {
+    return this.#next === Next.Done;
+  }
+
+  /** Takes a state section, checked and decoded; false for any other type (not taken). */
+  take(section: Section): boolean {
+    const what = `the ${section.name} section`;
+    switch (section.type) {
+      case SectionType.Config:
+        if (this.#next !== Next.Config) throw this.#misplaced(section, 'a second Config section');
+        this.#config = decodeConfigSection(section, this.#where);
+        this.#next = Next.VmState;
+        return true;
+      case SectionType.VmState:
+        if (this.#next !== Next.VmState) throw this.#misplaced(section);
+        this.#vm = decodeState(section.payload, what);
+        this.#next = Next.VcpuState;
+        return true;
+      case SectionType.VcpuState:
+        if (this.#next !== Next.VcpuState || this.#vcpus.length === this.#vcpuCount) throw this.#misplaced(section);
+        this.#vcpus.push(decodeState(section.payload, `${what} of vCPU ${this.#vcpus.length}`));
+        return true;
+      case SectionType.DeviceState:
+        if (this.#next !== Next.VcpuState || this.#vcpus.length !== this.#vcpuCount) throw this.#misplaced(section);
+        this.#devices = decodeState(section.payload, what);
+        this.#next = Next.Done;
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  /** Throws unless the state is complete: for a section of another type that comes too early. */
+  expectComplete(section: Section): void {
+    if (!this.complete) throw this.#misplaced(section);
+  }
+
+  /** The state read, or a clear error naming what is missing. */
+  finish(): StateParts {
+    if (this.#next !== Next.Done) throw streamError(Code.Format, `${this.#where} ends ${this.#position()}, before its state is complete`);
+    return { ...this.#config!, vm: this.#vm, vcpus: this.#vcpus, devices: this.#devices };
+  }
+
+  /** Where the reader is in the state. */
+  #position(): string {
+    switch (this.#next) {
+      case Next.Config: return 'before its Config section';
+      case Next.VmState: return 'after its Config section';
+      case Next.VcpuState: return this.#vcpus.length === 0 ? 'after its VmState section' : `after VmState and ${this.#vcpus.length} of ${this.#vcpuCount} VcpuState sections`;
+      default: return 'after its DeviceState section';
+    }
+  }
+
+  #misplaced(section: Section, detail?: string): Error {
+    const order = `the state comes as Config, VmState, ${this.#vcpuCount} VcpuState, DeviceState`;
+    return streamError(Code.Format, `${this.#where}: misplaced ${section.name} section ${detail ? `(${detail})` : `${this.#position()} (${order})`}`);
+  }
+}
+
+/** Checks a machine's configuration as a stream carries it: its shape. */
+export function checkShape(value: unknown, where: string): MachineShape {
+  if (!isObject(value)) throw streamError(Code.Format, `${where}: the machine configuration is not an object`);
+  const { memoryBytes, vcpus, irqchip } = value;
+  if (typeof memoryBytes !== 'number' || !Number.isSafeInteger(memoryBytes) || memoryBytes <= 0 || memoryBytes % PAGE_SIZE !== 0) {
+    throw streamError(Code.Format, `${where}: bad guest RAM size ${String(memoryBytes)}`);
+  }
+  if (memoryBytes > MAX_MEMORY_BYTES) throw streamError(Code.TooBig, `${where}: a machine with ${memoryBytes} bytes of RAM; this host builds machines of at most ${MAX_MEMORY_BYTES}`);
+  if (typeof vcpus !== 'number' || !Number.isInteger(vcpus) || vcpus < 1) throw streamError(Code.Format, `${where}: bad vCPU count ${String(vcpus)}`);
+  if (vcpus > MAX_VCPUS) throw streamError(Code.TooBig, `${where}: a machine with ${vcpus} vCPUs; this host builds machines of at most ${MAX_VCPUS}`);
+  if (irqchip !== undefined && typeof irqchip !== 'boolean') throw streamError(Code.Format, `${where}: bad irqchip flag`);
+  const shape: MachineShape = { memoryBytes, vcpus, irqchip: irqchip ?? false };
+  if (value.disks !== undefined) shape.disks = checkDiskShapes(value.disks, where);
+  return shape;
+}
+
+function checkDiskShapes(value: unknown, where: string): DiskShape[] {
+  if (!Array.isArray(value) || value.length > VIRTIO_MAX_DEVICES) throw streamError(Code.Format, `${where}: bad disk list`);
+  return value.map((disk: unknown, index) => {
+    if (!isObject(disk)) throw streamError(Code.Format, `${where}: disk ${index} is not an object`);
+    const { path, readOnly, sectors, id } = disk;
+    if (typeof path !== 'string' || path === '' || typeof readOnly !== 'boolean' || typeof id !== 'string' ||
+      typeof sectors !== 'number' || !Number.isSafeInteger(sectors) || sectors < 1) {
+      throw streamError(Code.Format, `${where}: bad description of disk ${index}`);
+    }
+    return { path, readOnly, sectors, id };
+  });
+}
+
+/** A Machine's state from the parts read, its structure checked against what the header announced. */
+export function machineStateOf(parts: StateParts, expected: { memoryBytes: number; vcpus: number }, where: string): MachineState {
+  const shape = checkShape(parts.machine, where);
+  const { vm, vcpus, devices } = parts;
+  if (shape.memoryBytes !== expected.memoryBytes || shape.vcpus !== expected.vcpus) {
+    throw streamError(Code.Mismatch, `${where}: the state is for ${shape.memoryBytes} bytes and ${shape.vcpus} vCPUs, the header says ${expected.memoryBytes} and ${expected.vcpus}`);
+  }
+  if (!isObject(vm) || !isObject(vm.clock)) throw streamError(Code.Format, `${where}: no VM state`);
+  if (vcpus.length !== shape.vcpus) throw streamError(Code.Format, `${where}: ${vcpus.length} vCPU states for ${shape.vcpus} vCPUs`);
+  vcpus.forEach((vcpu, index) => {
+    if (!isObject(vcpu) || vcpu.id !== index || !isObject(vcpu.regs) || !isObject(vcpu.sregs) || !(vcpu.xsave instanceof Uint8Array) || !Array.isArray(vcpu.cpuid) || !Array.isArray(vcpu.msrs)) {
+      throw streamError(Code.Format, `${where}: the state of vCPU ${index} is malformed`);
+    }
+  });
+  if (!isObject(devices) || !isObject(devices.serial) || !isObject(devices.postCode)) throw streamError(Code.Format, `${where}: no device state`);
+  const state = { shape, vm, vcpus: [...vcpus], devices } as unknown as MachineState;
+  if (parts.running !== undefined) state.running = parts.running;
+  return state;
+}
+
+/** The state through the stream's encoding and its one parser and reader, and back: warms every codec on the way. */
+export function warmUpStateCodec(state: MachineState): MachineState {
+  const reader = new StateSectionReader('warm-up', state.vcpus.length);
+  const parser = new SectionParser({ section: (section) => reader.take(section) });
+  for (const section of encodeMachineState(state)) parser.push(section);
+  return machineStateOf(reader.finish(), { memoryBytes: state.shape.memoryBytes, vcpus: state.shape.vcpus }, 'warm-up');
+}
