@@ -52,6 +52,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       memory: newMemory,
       runtime: config,
       incoming: true,
+      signal,
     });
     prebuilt.catch(() => {});
     // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
@@ -79,9 +80,9 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
         await machine.stop();
         machine = null;
       }
-      machine ??= await buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true });
+      machine ??= await buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal });
       if (signal?.aborted) {
-        // buildMachine() takes no signal: the machine built after the abort goes at once.
+        // Aborted as the build resolved: the machine goes at once.
         await machine.stop();
         throw abortError('receiving a migration', signal);
       }

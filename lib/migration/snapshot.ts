@@ -86,9 +86,10 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
     runtime: config,
     state: snapshot.state,
     savedDisks: snapshot.state.shape.disks ?? [],
+    signal,
   });
   if (signal?.aborted) {
-    // buildMachine() takes no signal: the machine built after the abort goes at once.
+    // Aborted as the build resolved: the machine goes at once.
     await machine.stop();
     throwIfAborted(signal, what);
   }
