@@ -90,6 +90,19 @@ export function throwIfAborted(signal: AbortSignal | undefined, what: string, ph
   if (signal?.aborted) throw abortError(what, signal, phase);
 }
 
+/**
+ * Awaits `work` (a build given `signal`); if the signal aborted it, the rejection is abortError(what),
+ * so that every abort of a persistence operation is a MigrationError with code ABORT_ERR.
+ */
+export async function abortable<T>(work: Promise<T>, signal: AbortSignal | undefined, what: string): Promise<T> {
+  try {
+    return await work;
+  } catch (error) {
+    if (signal?.aborted) throw abortError(what, signal);
+    throw error;
+  }
+}
+
 /** Rejects with abortError(what) when `signal` aborts; `dispose` stops listening. */
 export function abortPromise(signal: AbortSignal | undefined, what: string, phase?: () => MigrationPhase): { promise: Promise<never>; dispose: () => void } {
   if (!signal) return { promise: new Promise<never>(() => {}), dispose: () => {} };

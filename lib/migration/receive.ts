@@ -8,7 +8,7 @@ import { disksMismatch, logToStderr } from '../vmm/builder.js';
 import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
 import { buildMachine, machineInternals, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
 import { argTypeError } from '../kvm/errors.js';
-import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, checkSignal, throwIfAborted } from './errors.js';
+import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, abortable, checkSignal, throwIfAborted } from './errors.js';
 import {
   SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSync,
 } from './format.js';
@@ -80,7 +80,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
         await machine.stop();
         machine = null;
       }
-      machine ??= await buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal });
+      machine ??= await abortable(buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
       if (signal?.aborted) {
         // Aborted as the build resolved: the machine goes at once.
         await machine.stop();

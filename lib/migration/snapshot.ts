@@ -7,7 +7,7 @@ import { GuestMemory } from '../kvm/memory.js';
 import { buildMachine, machineInternals, type Machine, type MachineState } from '../vmm/machine.js';
 import { populatedPageRanges, type PageRange } from '../vmm/page-ranges.js';
 import { argTypeError } from '../kvm/errors.js';
-import { MigrationError, MigrationErrorCode as Code, checkSignal, throwIfAborted } from './errors.js';
+import { MigrationError, MigrationErrorCode as Code, abortable, checkSignal, throwIfAborted } from './errors.js';
 import { openSnapshotChain, verifyRamImage, writeSnapshotFile, type SnapshotContents } from './snapshot-file.js';
 import { machineStateOf } from './state-sections.js';
 import type { RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
@@ -79,7 +79,7 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
   throwIfAborted(signal, what);
   const snapshot = await loadSnapshot(path, { verify: !!config.verify });
   throwIfAborted(signal, what);
-  const machine = await buildMachine({
+  const machine = await abortable(buildMachine({
     shape: snapshot.state.shape,
     boot: null,
     memory: snapshot.mapMemory,
@@ -87,7 +87,7 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
     state: snapshot.state,
     savedDisks: snapshot.state.shape.disks ?? [],
     signal,
-  });
+  }), signal, what);
   if (signal?.aborted) {
     // Aborted as the build resolved: the machine goes at once.
     await machine.stop();
