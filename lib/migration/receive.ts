@@ -47,7 +47,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
   let prebuilt: Promise<Machine> | null = null;
   if (config.memoryBytes !== undefined && config.vcpus !== undefined) {
     prebuilt = buildMachine({
-      shape: { memoryBytes: config.memoryBytes, vcpus: config.vcpus, irqchip: config.irqchip ?? config.vcpus > 1 },
+      shape: { memoryBytes: config.memoryBytes, vcpus: config.vcpus, irqchip: config.irqchip ?? true },
       boot: null,
       memory: newMemory,
       runtime: config,

@@ -97,7 +97,7 @@ export interface IncomingConfig extends MachineRuntimeConfig {
   timeoutMs?: number;
   /** Called once listening, with the address (the real port for tcp port 0). */
   onListening?: (address: string) => void;
-  /** With memoryBytes and vcpus, the machine is built before the stream arrives; default: with more than one vCPU. */
+  /** With memoryBytes and vcpus, the machine is built before the stream arrives: whether it has the in-kernel irqchip (default: yes). */
   irqchip?: boolean;
   /**
    * Aborting it stops listening, or stops the transfer and tells the source why (ABORT_ERR); the

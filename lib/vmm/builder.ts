@@ -5,12 +5,13 @@
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, writeBootPlan } from '../boot/index.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
-import { PAGE_SIZE } from '../kvm/constants.js';
-import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
+import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
 import type { BuildPlan, MachineShape } from './config.js';
 import { RunState, createControl, setRunState } from './control.js';
+import { createHaltProbe } from './halt-watch.js';
 import { createDevicesShared, type DevicesShared } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages, type DirtyLogMode } from './dirty-tracker.js';
@@ -23,8 +24,24 @@ import { restoreVmState } from './vm-state.js';
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
 const TSS_ADDR = 0xfffbd000;
 const IDENTITY_MAP_ADDR = 0xfffbc000;
+/** KVM's in-kernel IOAPIC has 24 pins. */
+const IOAPIC_PINS = 24;
 /** The one memory slot: all of guest RAM at guest-physical 0. */
 export const RAM_SLOT = 0;
+
+/**
+ * GSIs as a PC wires them, as QEMU routes them: ISA IRQs 0-15 to the PICs (IRQ 2 is the cascade)
+ * and GSI n to IOAPIC pin n, except the PIT's IRQ 0, which reaches the IOAPIC on pin 2 (the MADT
+ * says so with an interrupt source override). KVM's default routing would put it on pin 0.
+ */
+export const PC_GSI_ROUTES: readonly GsiRoute[] = [
+  ...Array.from({ length: 16 }, (_, irq) => irq).filter((irq) => irq !== 2).map((irq): GsiRoute => ({
+    gsi: irq, type: 'irqchip', irqchip: irq < 8 ? IrqChip.PicMaster : IrqChip.PicSlave, pin: irq % 8,
+  })),
+  ...Array.from({ length: IOAPIC_PINS }, (_, gsi) => gsi).filter((gsi) => gsi !== 2).map((gsi): GsiRoute => ({
+    gsi, type: 'irqchip', irqchip: IrqChip.Ioapic, pin: gsi === 0 ? 2 : gsi,
+  })),
+];
 
 // What the host's KVM offers does not change while the process runs: asked once.
 let msrIndexListCache: number[] | null = null;
@@ -44,6 +61,8 @@ export interface MachineParts {
   memory: GuestMemory;
   dirty: DirtyBitmap;
   control: Int32Array;
+  /** With the irqchip: the vCPUs' answers to the halt watch (halt-watch.ts). */
+  haltProbe: SharedArrayBuffer | null;
   threads: VcpuThread[];
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
   threadsLeft: Promise<void>[];
@@ -115,6 +134,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
     if (shape.irqchip) {
       vm.createIrqChip();
+      vm.setGsiRouting(PC_GSI_ROUTES);
       vm.createPit2({ speakerDummy: true });
     }
     // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
@@ -150,6 +170,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
     const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
     const control = new Int32Array(createControl());
+    const haltProbe = shape.irqchip ? createHaltProbe(vcpus) : null;
     supportedCpuidCache ??= kvm.getSupportedCpuid();
     const supported = supportedCpuidCache;
     const msrs = plan.state ? null : encodeMsrs(bootMsrs());
@@ -190,7 +211,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
         type: 'assign',
         assignment: {
           vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
-          cpuid: plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus)), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip,
+          cpuid: plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus)), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip, haltProbe,
           affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
           requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
           msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
@@ -207,7 +228,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     await step(Promise.all(ready));
     checkAborted();
     return {
-      plan, kvm, vm, memory, dirty, control, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
+      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
       devices, disks, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {

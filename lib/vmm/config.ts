@@ -78,8 +78,11 @@ export interface MachineConfig extends MachineRuntimeConfig {
   /** An initial ramdisk for a Linux bzImage (an initramfs, see buildInitramfs()): bytes or a file path. */
   initrd?: Uint8Array | string;
   /**
-   * In-kernel interrupt controllers (PIC, IOAPIC, LAPICs, PIT). Default: on for more than one
-   * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
+   * In-kernel interrupt controllers and timer (PIC, IOAPIC, a local APIC per vCPU, PIT), as every
+   * PC has them. Default: on. With them a vCPU halted with interrupts enabled waits for an
+   * interrupt, and the machine ends (status 0) once every vCPU is halted with interrupts disabled
+   * and no NMI pending, or waits for an INIT/SIPI (found within about 100 ms: halt-watch.ts).
+   * Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
    */
   irqchip?: boolean;
   /**

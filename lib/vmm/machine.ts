@@ -20,6 +20,7 @@ import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js
 import { MachineDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
+import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
@@ -164,6 +165,10 @@ export class Machine extends EventEmitter {
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
   readonly #threadsLeft: Promise<void>[];
   readonly #kicks: VcpuKickHandle[];
+  /** With the irqchip: finds a guest halted for good (halt-watch.ts). */
+  readonly #haltWatch: HaltWatch | null;
+  /** The halt watch's check under way: the machine is paused for it, quietly. */
+  #haltCheck: Promise<void> | null = null;
   readonly #requestPorts: MessagePort[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
   #requestSeq = 0;
@@ -207,6 +212,9 @@ export class Machine extends EventEmitter {
     this.#threads = parts.threads;
     this.#threadsLeft = parts.threadsLeft;
     this.#kicks = parts.kicks;
+    this.#haltWatch = parts.haltProbe
+      ? new HaltWatch(parts.haltProbe, { vcpus: parts.threads.length, kick: () => this.#kickAll(), confirm: () => void this.#confirmHalt() })
+      : null;
     this.#requestPorts = parts.requestPorts;
     this.#pool = parts.plan.runtime.pool;
     this.#log = parts.log;
@@ -266,8 +274,8 @@ export class Machine extends EventEmitter {
     }
     const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd });
     return buildMachine({
-      // Linux wants its local APIC and IOAPIC: a bzImage gets the in-kernel irqchip unless told otherwise.
-      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? (vcpus > 1 || linux) },
+      // Every PC has its interrupt controllers and timer.
+      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? true },
       boot,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
@@ -277,7 +285,10 @@ export class Machine extends EventEmitter {
 
   /** Where the machine is in its life: see the class's description for the transitions. */
   get state(): MachineRunState {
-    return RUN_STATES[Atomics.load(this.#control, STATE)]!;
+    const state = Atomics.load(this.#control, STATE);
+    // The halt watch's quiet pause is not the owner's: to the owner the guest runs.
+    if (state === RunState.Paused && this.#haltCheck) return 'running';
+    return RUN_STATES[state]!;
   }
 
   /**
@@ -355,7 +366,10 @@ export class Machine extends EventEmitter {
       this.#input.resume();
     }
     setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
-    if (!options.paused) this.#devices.disks.resume();
+    if (!options.paused) {
+      this.#devices.disks.resume();
+      this.#haltWatch?.start();
+    }
   }
 
   /**
@@ -369,13 +383,48 @@ export class Machine extends EventEmitter {
   }
 
   /**
+   * Every vCPU answered the halt watch that it is halted for good: pause (quietly: no event, no
+   * disks paused), check their saved states while none runs, and end with status 0 if all still
+   * are, or run on.
+   */
+  async #confirmHalt(): Promise<void> {
+    if (Atomics.load(this.#control, STATE) !== RunState.Running || this.#busy) {
+      this.#haltWatch!.start();
+      return;
+    }
+    let done!: () => void;
+    this.#haltCheck = new Promise((resolve) => (done = resolve));
+    try {
+      let states: VcpuState[] | null = null;
+      try {
+        states = await this.#pause(true, { quiet: true });
+      } catch {
+        // Stopped meanwhile: nothing left to check.
+      }
+      if (!states) return;
+      if (states.every(isStuckState)) {
+        this.#end({ reason: 'hlt', code: 0, vcpu: 0 });
+        return;
+      }
+      setRunState(this.#control, RunState.Running);
+      this.#haltWatch!.start();
+    } finally {
+      this.#haltCheck = null;
+      done();
+    }
+  }
+
+  /**
    * pause(); with `saveVcpus`, each vCPU thread is also asked for its state as it stops, and
    * serves that at the kick's exit or as it parks (the machine is paused by then, so the state is
    * final): the states come back with the pause, one round trip to the threads less inside a
    * migration's downtime.
    */
-  async #pause(saveVcpus: boolean): Promise<VcpuState[] | null> {
+  async #pause(saveVcpus: boolean, options: { quiet?: boolean } = {}): Promise<VcpuState[] | null> {
+    // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
+    if (!options.quiet) while (this.#haltCheck) await this.#haltCheck;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
+    this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
@@ -388,6 +437,8 @@ export class Machine extends EventEmitter {
       this.#kickAll();
     }
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+    // The halt watch reads the vCPUs' states only: the disks run on.
+    if (options.quiet) return saved ? await saved : null;
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
     // writes into guest RAM marked dirty) before anyone saves the state.
     await this.#devices.disks.pause();
@@ -402,9 +453,10 @@ export class Machine extends EventEmitter {
    * Throws ERR_MACHINE_STATE unless paused.
    */
   resume(): void {
-    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused || this.#haltCheck) throw machineStateError(`machine is ${this.state}, not paused`);
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
+    this.#haltWatch?.start();
     this.emit('resumed');
   }
 
@@ -546,6 +598,7 @@ export class Machine extends EventEmitter {
   #end(exit: MachineExit): void {
     if (this.#exit) return;
     this.#exit = exit;
+    this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Stopping);
     this.#kickAll();
     void this.#teardown();

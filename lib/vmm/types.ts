@@ -8,7 +8,7 @@ import type { VcpuState } from './vcpu-state.js';
 
 export type MachineExitReason =
   | 'debug-exit' // the guest wrote to the debug-exit port; `code` is the value
-  | 'hlt' // every vCPU halted with nothing left to run (no in-kernel irqchip)
+  | 'hlt' // every vCPU halted for good: HLT without an irqchip; with one, halted with interrupts off (halt-watch.ts)
   | 'reset' // the guest asked for a CPU reset (i8042 0xFE, or a KVM reset event)
   | 'shutdown' // a triple fault, or a KVM shutdown event
   | 'internal-error' // KVM could not run the guest (emulation failure, entry failure)
@@ -44,6 +44,8 @@ export interface VcpuAssignment {
   control: SharedArrayBuffer;
   devices: DevicesShared;
   irqchip: boolean;
+  /** With the irqchip: where this vCPU answers whether it is halted for good (halt-watch.ts). */
+  haltProbe: SharedArrayBuffer | null;
   affinity: number[] | null;
   /** The main thread's requests to this vCPU (save, restore), served while it is parked. */
   requests: MessagePort;

@@ -13,6 +13,7 @@ import { Vm } from '../kvm/vm.js';
 import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
+import { answerHaltProbe } from './halt-watch.js';
 import { spillDirtyRing } from './dirty-tracker.js';
 import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
@@ -75,7 +76,7 @@ function runAssignment(assignment: VcpuAssignment): void {
 
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
-    vcpu, vm, control, assignment, report, bus, dirty, halted: false, savedMsrs: null,
+    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
     slotBasePages: new Map(assignment.slotBasePages), cpuid: null,
   };
   if (assignment.restore) {
@@ -108,6 +109,7 @@ interface VcpuThreadState {
   readonly bus: ReturnType<typeof attachDevices>['bus'];
   readonly dirty: DirtyBitmap;
   readonly slotBasePages: ReadonlyMap<number, number>;
+  readonly haltProbe: Int32Array | null;
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
   halted: boolean;
   savedMsrs: number[] | null;
@@ -182,8 +184,10 @@ function runLoop(thread: VcpuThreadState, serve: () => void): void {
     } else if (reason === ExitReason.Mmio) {
       bus.handleMmio(run);
     } else if (reason === ExitReason.Intr) {
-      // Kicked: maybe for a request that may be served between two runs (a save, to warm up).
+      // Kicked: maybe for a request that may be served between two runs (a save, to warm up),
+      // or by the halt watch.
       serveRequests(thread, true);
+      if (thread.haltProbe) answerHaltProbe(thread.haltProbe, vcpu, id);
     } else if (!handleRareExit(thread, reason, serve)) {
       return;
     }

@@ -24,6 +24,9 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   DEFAULT_DIRTY_RING_BYTES: 'number',
   // snapshots and migration
   snapshotMachine: 'function', restoreMachine: 'function', migrateMachine: 'function', receiveMachine: 'function', MigrationError: 'function',
+  MigrationErrorCode: 'object', STREAM_VERSION: 'number', formatMigrationAddress: 'function', parseMigrationAddress: 'function',
+  MAX_SNAPSHOT_CHAIN: 'number', loadSnapshotMemory: 'function', openSnapshotChain: 'function', readSnapshotFile: 'function',
+  verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
   GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', KvmError: 'function',
@@ -55,7 +58,9 @@ const TYPES = [
   'DirtyTrackerOptions', 'TrackedSlot', 'DirtyLogMode', 'ExtensionSource', 'PageRange',
   // snapshots and migration
   'MigrateOptions', 'MigrationStats', 'MigrationProgress', 'MigrationPhase', 'SnapshotOptions', 'SnapshotInfo', 'RestoreConfig',
-  'IncomingConfig', 'NonConvergence',
+  'IncomingConfig', 'NonConvergence', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
+  'SnapshotKind', 'SnapshotParent', 'WriteSnapshotOptions', 'WriteSnapshotResult', 'DecodedPages', 'RamImage', 'StreamHeader',
+  'StreamKind',
   // the KVM binding
   'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
   'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
