@@ -38,6 +38,7 @@ export const ELF_GUESTS = {
   dirtier: { bits: 64 },
   'dirtier-user': { bits: 64, source: 'dirtier.S', defsyms: { USER_MODE: 1 } },
   smp: { bits: 32 },
+  gdb: { bits: 64 },
 };
 
 /**

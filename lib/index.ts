@@ -3,3 +3,4 @@ export * from './kvm/index.js';
 export * from './vmm/index.js';
 export * from './boot/index.js';
 export * from './migration/index.js';
+export * from './debug/index.js';

@@ -62,6 +62,8 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           restore: { type: 'string' },
           'no-verify': { type: 'boolean' },
           token: { type: 'string' },
+          gdb: { type: 'string' },
+          'gdb-wait': { type: 'boolean' },
         },
       });
       const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
@@ -79,6 +81,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
         kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'],
+        gdb: values.gdb, gdbWait: values['gdb-wait'],
       };
       if (!threads) {
         if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);

@@ -45,6 +45,9 @@ options:
                               or set ${TOKEN_ENV}, which other users cannot see in ps
   --restore FILE              run the guest saved in this snapshot
   --no-verify                 with --restore: skip checking the RAM image (which reads all of it)
+  --gdb tcp:HOST:PORT|unix:PATH  serve a GDB remote stub there (tcp::PORT: loopback); whoever
+                              connects controls the guest fully
+  --gdb-wait                  with --gdb: no vCPU runs until the debugger continues (QEMU's -s -S)
   -h, --help                  show this help`;
 
 export interface RunOptions {
@@ -67,6 +70,10 @@ export interface RunOptions {
   disk?: string[];
   /** With --restore: do not check the RAM image against its checksum. */
   noVerify?: boolean;
+  /** Serve a GDB stub at this address. */
+  gdb?: string;
+  /** With gdb: start paused, for the debugger to continue. */
+  gdbWait?: boolean;
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -99,6 +106,7 @@ export function checkRunSource(options: RunOptions): void {
   }
   if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
   if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
+  if (options.gdbWait === true && options.gdb === undefined) throw argValueError('--gdb-wait applies to --gdb only');
 }
 
 export function parseSize(text: string): number {
@@ -182,6 +190,19 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       throw systemError(`--api-socket ${options.apiSocket}: ${(error as Error).message}`, error);
     }
   }
+  let gdb: { close(): Promise<void> } | null = null;
+  if (options.gdb !== undefined) {
+    try {
+      const { GdbServer } = await import('../debug/gdb-server.js');
+      const server = await GdbServer.listen(machine, options.gdb, { log: (message) => process.stderr.write(`node-kvm: ${message}\n`) });
+      process.stderr.write(`node-kvm: gdb stub on ${server.address}${options.gdbWait ? ': waiting for the debugger to continue' : ''}\n`);
+      gdb = server;
+    } catch (error) {
+      await machine.stop();
+      await api?.close();
+      throw systemError(`--gdb ${options.gdb}: ${(error as Error).message}`, error);
+    }
+  }
   // Ended by a signal: stop the guest and remove the API socket rather than die with it open.
   let signalled: NodeJS.Signals | null = null;
   const onSignal = (signal: NodeJS.Signals) => {
@@ -192,7 +213,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   try {
     if (interactive) attachTerminal(machine);
     // A machine that arrived by migration is running already.
-    if (machine.state === 'created') machine.start();
+    if (machine.state === 'created') machine.start({ paused: options.gdbWait === true });
     const result = await exit;
     if (interactive) {
       stdin.setRawMode(false);
@@ -203,6 +224,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   } finally {
     process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
     await api?.close();
+    await gdb?.close();
   }
 }
 

@@ -71,3 +71,14 @@ export function ringDoorbell(control: Int32Array): void {
 export function claimExit(control: Int32Array): boolean {
   return Atomics.compareExchange(control, EXIT_CLAIMED, 0, 1) === 0;
 }
+
+/**
+ * A vCPU thread pauses the running machine itself (a debug exit): true if it did, false if the
+ * machine was not running (already paused or ending), when there is nobody to tell.
+ */
+export function pauseFromVcpu(control: Int32Array): boolean {
+  if (Atomics.compareExchange(control, STATE, RunState.Running, RunState.Paused) !== RunState.Running) return false;
+  Atomics.notify(control, STATE);
+  ringDoorbell(control);
+  return true;
+}

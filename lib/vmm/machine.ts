@@ -24,7 +24,7 @@ import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
-import type { MachineExit, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
 import { restoreVmState, saveVmState } from './vm-state.js';
 
@@ -91,6 +91,20 @@ export interface MachineInternals {
   end(exit: MachineExit): void;
   /** Runs `work` as the machine's one long operation (a snapshot, a migration) at a time. */
   exclusive<T>(what: string, work: () => Promise<T>): Promise<T>;
+  /**
+   * A debugger's request to one vCPU (lib/debug): served while it is parked, or (kicked) between
+   * two runs for the guest-debug settings.
+   */
+  vcpuRequest(vcpuId: number, request: VcpuRequestBody): Promise<VcpuReply>;
+  /** Who hears of debug exits, once the vCPU that took one has paused the machine (null: nobody). */
+  onDebugStop(listener: ((stop: DebugStop) => void) | null): void;
+}
+
+/** A vCPU's KVM_EXIT_DEBUG: which vCPU, its DR6 (which breakpoint, or a step) and RIP. */
+export interface DebugStop {
+  vcpu: number;
+  dr6: bigint;
+  pc: bigint;
 }
 
 let internalsOf!: (machine: Machine) => MachineInternals;
@@ -172,6 +186,7 @@ export class Machine extends EventEmitter {
   readonly #requestPorts: MessagePort[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
   #requestSeq = 0;
+  #debugListener: ((stop: DebugStop) => void) | null = null;
   readonly #pool: MachineParts['plan']['runtime']['pool'];
   readonly #devices: MachineDevices;
   readonly #log: (message: string) => void;
@@ -429,14 +444,7 @@ export class Machine extends EventEmitter {
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
-    this.#kickAll();
-    while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
-      const parked = Atomics.load(this.#control, PARKED);
-      const result = Atomics.waitAsync(this.#control, PARKED, parked, 50);
-      if (result.async) await result.value;
-      this.#kickAll();
-    }
-    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+    await this.#parkAll();
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
@@ -446,6 +454,32 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
     this.emit('paused');
     return vcpuStates;
+  }
+
+  /** Kicks the vCPUs until every one is parked on the paused state; throws if it ends meanwhile. */
+  async #parkAll(): Promise<void> {
+    this.#kickAll();
+    while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
+      const parked = Atomics.load(this.#control, PARKED);
+      const result = Atomics.waitAsync(this.#control, PARKED, parked, 50);
+      if (result.async) await result.value;
+      this.#kickAll();
+    }
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+  }
+
+  /** A vCPU took a debug exit and paused the machine (control.ts pauseFromVcpu): park the rest, then tell the debugger. */
+  async #debugStopped(stop: DebugStop): Promise<void> {
+    this.#haltWatch?.stop();
+    try {
+      await this.#parkAll();
+      await this.#devices.disks.pause();
+    } catch {
+      return; // ended meanwhile
+    }
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused) return;
+    this.emit('paused');
+    this.#debugListener?.(stop);
   }
 
   /**
@@ -497,6 +531,12 @@ export class Machine extends EventEmitter {
       unlockDisks: () => this.#devices.disks.unlock(),
       end: (exit) => this.#end(exit),
       exclusive: (what, work) => this.#exclusive(what, work),
+      vcpuRequest: async (vcpuId, request) => {
+        const reply = this.#request(vcpuId, request);
+        kickVcpu(this.#kicks[vcpuId]!);
+        return reply;
+      },
+      onDebugStop: (listener) => void (this.#debugListener = listener),
     };
   }
 
@@ -535,7 +575,7 @@ export class Machine extends EventEmitter {
     this.#devices.restoreState(state.devices);
   }
 
-  #request(vcpuId: number, request: { type: 'save' } | { type: 'restore'; state: VcpuState }): Promise<VcpuReply> {
+  #request(vcpuId: number, request: VcpuRequestBody): Promise<VcpuReply> {
     if (this.#exit) return Promise.reject(machineStateError(`machine is ${this.state}: its vCPUs are gone`));
     const seq = ++this.#requestSeq;
     return new Promise((resolve, reject) => {
@@ -606,6 +646,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });

@@ -1,6 +1,6 @@
 // Messages and shapes shared by the machine (main thread) and its vCPU threads.
 import type { BootState } from '../boot/index.js';
-import type { CpuidEntry, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
+import type { CpuidEntry, Fpu, GuestDebugOptions, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
 import type { MessagePort } from 'node:worker_threads';
 import type { DevicesShared } from './devices.js';
 import type { ThreadFailure } from './errors.js';
@@ -60,17 +60,31 @@ export interface VcpuAssignment {
   restore: VcpuState | null;
 }
 
-export type VcpuRequest = { type: 'save'; seq: number } | { type: 'restore'; seq: number; state: VcpuState };
+export type VcpuRequest =
+  | { type: 'save'; seq: number }
+  | { type: 'restore'; seq: number; state: VcpuState }
+  // A debugger's (lib/debug): registers read and written while the machine is paused, and the
+  // guest-debug settings (KVM_SET_GUEST_DEBUG), also between two runs.
+  | { type: 'debug-read'; seq: number }
+  | { type: 'debug-write'; seq: number; regs?: Regs; sregs?: Sregs; fpu?: Fpu }
+  | { type: 'guest-debug'; seq: number; options: GuestDebugOptions | null };
+
+/** A request without its sequence number, as the machine's side makes it. */
+export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
 
 export type VcpuReply =
   | { seq: number; type: 'saved'; state: VcpuState }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
+  | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
+  | { seq: number; type: 'debug-done' }
   | ({ seq: number; type: 'failed' } & ThreadFailure);
 
 export type WorkerMessage =
   | { type: 'idle' }
   | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
   | { type: 'exit'; exit: MachineExit }
+  /** A KVM_EXIT_DEBUG (a breakpoint or a step, with guest debugging on): this vCPU paused the machine. */
+  | { type: 'debug-stop'; vcpuId: number; dr6: bigint; pc: bigint }
   | { type: 'log'; message: string }
   /** The thread left its assignment; with `failure` if it could not create or run its vCPU. */
   | { type: 'done'; vcpuId: number; failure?: ThreadFailure };

@@ -10,7 +10,7 @@ import { decodeCpuid } from '../kvm/lists.js';
 import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
-import { RunState, STATE, HALTED, claimExit, setRunState, waitWhileNotRunning } from './control.js';
+import { RunState, STATE, HALTED, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { answerHaltProbe } from './halt-watch.js';
@@ -130,20 +130,23 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
   const port: MessagePort = thread.assignment.requests;
   for (let received = receiveMessageOnPort(port); received; received = receiveMessageOnPort(port)) {
     const request = received.message as VcpuRequest;
-    let reply: VcpuReply;
+    let reply: VcpuReply | undefined;
     try {
-      if (request.type === 'restore' && running) {
+      if ((request.type === 'restore' || request.type === 'debug-write') && running) {
         reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state', code: ErrorCode.MachineState };
+      } else if (request.type.startsWith('debug-') || request.type === 'guest-debug') {
+        reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
         const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, cpuidEntries(thread) ?? undefined);
         reply = { seq: request.seq, type: 'saved', state };
-      } else {
+      } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       }
     } catch (e) {
       reply = { seq: request.seq, type: 'failed', ...threadFailure(e) };
     }
+    reply ??= { seq: request.seq, type: 'failed', error: `unknown request '${request.type}'`, code: ErrorCode.VcpuFailed };
     try {
       port.postMessage(reply);
     } catch {
@@ -151,6 +154,22 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
       port.postMessage({ ...reply, cause: undefined });
     }
   }
+}
+
+/** A debugger's request (lib/debug): registers, or the guest-debug settings. */
+function serveDebugRequest(vcpu: Vcpu, request: VcpuRequest): VcpuReply | undefined {
+  if (request.type === 'debug-read') return { seq: request.seq, type: 'debug-state', regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: vcpu.getFpu() };
+  if (request.type === 'debug-write') {
+    if (request.sregs) vcpu.setSregs(request.sregs);
+    if (request.regs) vcpu.setRegs(request.regs);
+    if (request.fpu) vcpu.setFpu(request.fpu);
+    return { seq: request.seq, type: 'debug-done' };
+  }
+  if (request.type === 'guest-debug') {
+    vcpu.setGuestDebug(request.options);
+    return { seq: request.seq, type: 'debug-done' };
+  }
+  return undefined;
 }
 
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
@@ -206,6 +225,13 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       thread.halted = true;
       Atomics.add(thread.control, HALTED, 1);
       return haltUntilStopped(thread, serve);
+    case ExitReason.Debug: {
+      // Guest debugging is on (a debugger set it): stop the machine and say where. The loop parks
+      // this thread on the paused state; a vCPU that finds the machine paused already says nothing.
+      const exit = vcpu.exit();
+      if (exit.reason === 'debug' && pauseFromVcpu(thread.control)) post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc });
+      return true;
+    }
     case ExitReason.DirtyRingFull:
       // The ring is full of pages not yet harvested: move them to the VMM's bitmap, run on.
       spillDirtyRing(vcpu, thread.vm, thread.slotBasePages, thread.dirty);

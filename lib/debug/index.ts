@@ -1,0 +1,5 @@
+// Debugging guests: a GDB remote stub over a Machine, and the debug target under it.
+export { GdbServer, type GdbServerOptions } from './gdb-server.js';
+export { DebugTarget, BREAKPOINT_SLOTS, type BreakpointKind, type StopReason, type ResumePlan } from './target.js';
+export { parseGdbAddress, formatGdbAddress, type GdbAddress } from './address.js';
+export { archFor, targetDescription, type TargetArch, type VcpuRegisters } from './registers.js';
