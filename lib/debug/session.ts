@@ -304,7 +304,7 @@ export class GdbSession {
       return this.#resume(step);
     }
     if (args.startsWith('Kill')) {
-      await this.#kill();
+      await this.#kill('OK');
       return;
     }
     // vMustReplyEmpty and whatever else we do not know.
@@ -355,9 +355,13 @@ export class GdbSession {
     this.#reply(this.#lastStop);
   }
 
-  async #kill(): Promise<void> {
+  /** Ends the machine; vKill is answered (`reply`), k is not. */
+  async #kill(reply?: string): Promise<void> {
+    // Ending first: the detach then lets go of a machine that never runs again.
+    const stopped = this.#target.machine.stop();
     await this.#target.detach();
+    if (reply) this.#reply(reply);
     this.#socket.end();
-    await this.#target.machine.stop();
+    await stopped;
   }
 }
