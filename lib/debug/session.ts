@@ -49,7 +49,7 @@ export class GdbSession {
   /** The thread `g`/`m` and the like act on (Hg), and the one `c`/`s` do (Hc), as vCPU indices. */
   #registerThread = 0;
   #resumeThread = -1;
-  #lastStop = `T${hex2(SIGTRAP)}thread:01;`;
+  #lastStop = `T${hex2(SIGTRAP)}thread:1;`;
   /** A resume is under way: its stop reply is due. */
   #running = false;
   #closed = false;

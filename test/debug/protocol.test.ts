@@ -1,0 +1,192 @@
+// The GDB stub spoken to directly, without gdb: what a hostile or broken debugger sends (noise,
+// bad checksums, oversized packets, a connection cut mid-packet) costs it an error reply at most,
+// and the machine runs on; Ctrl-C, vCont steps, the stub's own step off a breakpoint, binary
+// writes, real mode shown as i386, detach and kill.
+import { once } from 'node:events';
+import net from 'node:net';
+import path from 'node:path';
+import t from 'tap';
+import { GdbServer } from '../../lib/index.js';
+import { framePacket } from '../../lib/debug/packets.js';
+import { noKvm, repoRoot } from '../helpers/kvm.js';
+import { boot } from '../helpers/machine.js';
+import { sharedPool } from '../helpers/pool.js';
+
+const pool = noKvm ? undefined : sharedPool(1);
+const gdbElf = path.join(repoRoot, 'guests', 'build', 'gdb.elf');
+const spin = path.join(repoRoot, 'guests', 'build', 'spin.bin');
+
+/** A debugger's side of the connection: raw bytes out, acks and reply packets in. */
+class Client {
+  readonly socket: net.Socket;
+  readonly #replies: string[] = [];
+  #acks = '';
+  /** The reply being read: its data, then its two checksum digits. */
+  #packet: string | null = null;
+  #checksumDigits = -1;
+  #wake: (() => void) | null = null;
+
+  private constructor(socket: net.Socket) {
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => {
+      for (const char of chunk.toString('latin1')) this.#take(char);
+      this.#wake?.();
+    });
+  }
+
+  #take(char: string): void {
+    if (this.#checksumDigits >= 0) {
+      if (++this.#checksumDigits === 2) {
+        this.#replies.push(this.#packet!);
+        this.#packet = null;
+        this.#checksumDigits = -1;
+      }
+    } else if (this.#packet !== null) {
+      if (char === '#') this.#checksumDigits = 0;
+      else this.#packet += char;
+    } else if (char === '$') {
+      this.#packet = '';
+    } else if (char === '+' || char === '-') {
+      this.#acks += char;
+    }
+  }
+
+  static async connect(server: GdbServer): Promise<Client> {
+    const port = Number(server.address.split(':').pop());
+    const socket = net.connect({ host: '127.0.0.1', port });
+    await new Promise((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    return new Client(socket);
+  }
+
+  send(bytes: string | Buffer): void {
+    this.socket.write(typeof bytes === 'string' ? Buffer.from(bytes, 'latin1') : bytes);
+  }
+
+  /** Sends a packet and resolves with the next reply's data. */
+  async request(data: string | Buffer): Promise<string> {
+    this.send(framePacket(data));
+    return this.reply();
+  }
+
+  /** The next reply packet's data. */
+  async reply(): Promise<string> {
+    while (this.#replies.length === 0) await this.#more();
+    return this.#replies.shift()!;
+  }
+
+  /** The acks and naks received so far (taken). */
+  acks(): string {
+    const acks = this.#acks;
+    this.#acks = '';
+    return acks;
+  }
+
+  async #more(): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('no reply')), 10_000);
+      this.#wake = () => {
+        clearTimeout(timer);
+        this.#wake = null;
+        resolve();
+      };
+    });
+  }
+}
+
+const hex = (text: string) => Buffer.from(text).toString('hex');
+
+t.test('noise, a bad checksum, an oversized packet and a cut connection: errors, and the guest runs on without breakpoints', { skip: noKvm }, async (t) => {
+  const booted = await boot({ image: gdbElf, pool });
+  const { machine } = booted;
+  const server = await GdbServer.listen(machine, 'tcp:127.0.0.1:0');
+  t.teardown(() => server.close());
+  t.match(server.address, /^tcp:127\.0\.0\.1:\d+$/);
+  const client = await Client.connect(server);
+  client.send('noise between packets \x00\xff}}');
+  client.send('$g#00');
+  t.equal(await client.request('?'), 'T05thread:1;', 'the first good packet is answered');
+  t.equal(client.acks(), '-+', 'a NAK for the bad checksum, an ACK for the good packet');
+  client.send(`$M101000,1:${'41'.repeat(20000)}#00`);
+  t.equal(await client.reply(), 'E22', 'an oversized packet is refused');
+  t.match(await client.request('qSupported:swbreak+;hwbreak+'), /^PacketSize=4000;qXfer:features:read\+;swbreak\+;hwbreak\+/);
+  t.equal(await client.request('QStartNoAckMode'), 'OK');
+  client.acks();
+  t.equal(await client.request('qfThreadInfo'), 'm1');
+  t.equal(await client.request('qsThreadInfo'), 'l');
+  t.equal(await client.request('Hg2'), 'E22', 'no thread 2 on one vCPU');
+  t.equal(await client.request('m101000,5'), hex('hello'), 'memory at a virtual address');
+  // X: binary, with } # $ * escaped: "J}*#" written into the message.
+  t.equal(await client.request(Buffer.concat([Buffer.from('X101000,4:J'), Buffer.from([0x7d, 0x5d, 0x7d, 0x0a, 0x7d, 0x03])])), 'OK');
+  t.equal(await client.request('m101000,5'), hex('J}*#o'));
+  t.equal(await client.request('m800000000000,4'), 'E14', 'a non-canonical address');
+  t.equal(await client.request('m4000000,4'), 'E14', 'past the end of guest RAM');
+  t.equal(await client.request('Z2,101000,1'), 'E22', 'watchpoints are refused');
+  t.equal(await client.request('Z0,100015,1'), 'OK', 'a breakpoint at after_loop');
+  t.equal(await client.request('pzz'), 'E22');
+  t.equal(await client.request('P0=zz'), 'E22');
+  t.equal(await client.request('vMustReplyEmpty'), '');
+  t.equal(machine.state, 'created', 'the guest has not run');
+  // Cut off in the middle of a packet, without detaching.
+  client.send('$m1010');
+  client.socket.destroy();
+  const exit = await machine.wait();
+  t.same({ reason: exit.reason, code: exit.code }, { reason: 'debug-exit', code: 0x21 }, 'the guest ran to its end: no breakpoint left behind');
+  await new Promise((resolve) => setImmediate(resolve));
+  t.equal(booted.output(), 'rbx=5 msg=J}*#o\n');
+});
+
+t.test('the stub steps a vCPU off the breakpoint it stopped on; detach lets the guest finish', { skip: noKvm }, async (t) => {
+  const booted = await boot({ image: gdbElf, pool });
+  const { machine } = booted;
+  machine.start({ paused: true });
+  const server = await GdbServer.listen(machine, 'tcp:127.0.0.1:0');
+  t.teardown(() => server.close());
+  const client = await Client.connect(server);
+  t.equal(await client.request('?'), 'T05thread:1;');
+  t.equal(await client.request('Z1,10000e,1'), 'OK', 'count_loop');
+  const rbx = async () => {
+    const value = await client.request('p1');
+    return Number(Buffer.from(value, 'hex').readBigUInt64LE());
+  };
+  const counts: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    t.equal(await client.request('vCont;c'), 'T05thread:1;hwbreak:;');
+    counts.push(await rbx());
+  }
+  t.same(counts, [0, 1, 2], 'each continue went once round the loop: the host ignores RF, the stub steps off first');
+  t.equal(await client.request('vCont;s:1;c'), 'T05thread:1;');
+  t.equal(await client.request('p10'), '1100100000000000', 'rip: inc %rbx (3 bytes) stepped');
+  t.equal(await client.request('s'), 'T05thread:1;');
+  t.equal(await client.request('p10'), '1300100000000000', 'dec %ecx stepped');
+  t.equal(await client.request('D'), 'OK');
+  const exit = await machine.wait();
+  t.equal(exit.reason, 'debug-exit');
+  await new Promise((resolve) => setImmediate(resolve));
+  t.equal(booted.output(), 'rbx=5 msg=hello\n');
+});
+
+t.test('a running real-mode guest: attaching stops it, i386 registers, Ctrl-C, kill', { skip: noKvm }, async (t) => {
+  const { machine } = await boot({ image: spin, pool });
+  machine.start();
+  const server = await GdbServer.listen(machine, 'tcp::0');
+  t.teardown(() => server.close());
+  t.match(server.address, /^tcp:127\.0\.0\.1:\d+$/, 'loopback by default');
+  const client = await Client.connect(server);
+  t.equal(await client.request('?'), 'T05thread:1;');
+  t.equal(machine.state, 'paused', 'attaching stopped the guest');
+  const xml = await client.request('qXfer:features:read:target.xml:0,ffff');
+  t.match(xml, /^l<\?xml.*<architecture>i386<\/architecture>/);
+  const registers = await client.request('g');
+  t.equal(registers.length, 712, '356 bytes: the i386 layout');
+  t.match(registers.slice(64, 72), /^0[01]7c0000$/, 'eip at cli or in the loop after it');
+  const resumed = once(machine, 'resumed');
+  client.send(framePacket('vCont;c'));
+  await resumed;
+  t.equal(machine.state, 'running', 'continued');
+  client.send('\x03');
+  t.equal(await client.reply(), 'T02thread:1;', 'Ctrl-C stops it');
+  t.equal(machine.state, 'paused');
+  client.send(framePacket('k'));
+  const exit = await machine.wait();
+  t.equal(exit.reason, 'stopped', 'kill ends the machine');
+});
