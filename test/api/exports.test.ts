@@ -44,6 +44,9 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   XEN_ELFNOTE_PHYS32_ENTRY: 'number', isBzImage: 'function', parseSetupHeader: 'function', planBzImage: 'function', HDRS_MAGIC: 'number',
   LinuxSelector: 'object', LoadFlag: 'object', XLoadFlag: 'object', LOADER_TYPE_UNDEFINED: 'number', buildInitramfs: 'function',
   CPIO_NEWC_MAGIC: 'string', CPIO_TRAILER: 'string', BootImageError: 'function',
+  // debugging
+  GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
+  archFor: 'function', targetDescription: 'function',
 };
 
 /** Every type the package root exports (generic ones with arguments). */
@@ -70,6 +73,8 @@ const TYPES = [
   // booting
   'BootPlan', 'BootWrite', 'BootFormat', 'PlanOptions', 'BootState', 'CpuMode', 'MemoryMapEntry', 'SetupHeader', 'BzImageLayout',
   'BzImageOptions', 'InitramfsEntry',
+  // debugging
+  'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
 ];
 
 const bare = (type: string) => type.replace(/<.*/, '');
@@ -125,6 +130,12 @@ export async function vmm(token: string): Promise<void> {
   const device: PortDevice = { name: 'dev', read: () => 0, write: () => {} };
   bus.registerPorts(0x100, 1, device);
   console.log(ranges, unknownAccesses(createBusShared()).ports);
+
+  const debugged = await Machine.create({ image: 'guests/build/gdb.elf' });
+  const stub: GdbServer = await GdbServer.listen(debugged, 'tcp:127.0.0.1:1234');
+  debugged.start({ paused: true });
+  console.log(stub.address, stub.attached);
+  await stub.close();
 }
 `;
 
