@@ -14,6 +14,7 @@ import { RunState, STATE, HALTED, claimExit, pauseFromVcpu, setRunState, waitWhi
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { answerHaltProbe } from './halt-watch.js';
+import { fpuFromXsave, fpuIntoXsave } from './xsave-fpu.js';
 import { spillDirtyRing } from './dirty-tracker.js';
 import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
@@ -158,11 +159,15 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
 
 /** A debugger's request (lib/debug): registers, or the guest-debug settings. */
 function serveDebugRequest(vcpu: Vcpu, request: VcpuRequest): VcpuReply | undefined {
-  if (request.type === 'debug-read') return { seq: request.seq, type: 'debug-state', regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: vcpu.getFpu() };
+  if (request.type === 'debug-read') return { seq: request.seq, type: 'debug-state', regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) };
   if (request.type === 'debug-write') {
     if (request.sregs) vcpu.setSregs(request.sregs);
     if (request.regs) vcpu.setRegs(request.regs);
-    if (request.fpu) vcpu.setFpu(request.fpu);
+    if (request.fpu) {
+      const region = vcpu.getXsave();
+      fpuIntoXsave(request.fpu, region);
+      vcpu.setXsave(region);
+    }
     return { seq: request.seq, type: 'debug-done' };
   }
   if (request.type === 'guest-debug') {

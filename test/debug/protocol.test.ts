@@ -158,6 +158,10 @@ t.test('the stub steps a vCPU off the breakpoint it stopped on; detach lets the 
   t.equal(await client.request('p10'), '1100100000000000', 'rip: inc %rbx (3 bytes) stepped');
   t.equal(await client.request('s'), 'T05thread:1;');
   t.equal(await client.request('p10'), '1300100000000000', 'dec %ecx stepped');
+  t.equal(await client.request('p38'), '801f0000', 'mxcsr (register 56) as the guest has it, from XSAVE');
+  t.equal(await client.request('P38=c01f0000'), 'OK');
+  t.equal(await client.request('p38'), 'c01f0000', 'and written back');
+  t.equal(await client.request('P38=801f0000'), 'OK');
   t.equal(await client.request('D'), 'OK');
   const exit = await machine.wait();
   t.equal(exit.reason, 'debug-exit');

@@ -2,6 +2,7 @@
 // the target descriptions gdb reads.
 import t from 'tap';
 import { kvmFpu, kvmRegs, kvmSregs } from '../../lib/kvm/structs.js';
+import { fpuFromXsave, fpuIntoXsave } from '../../lib/vmm/xsave-fpu.js';
 import {
   abridgedTagWord, archFor, decodeRegister, decodeRegisters, encodeRegister, encodeRegisters, fullTagWord, registerCount, registerNames,
   targetDescription, type VcpuRegisters,
@@ -112,10 +113,34 @@ t.test('target descriptions name the architecture and the features gdb checks', 
   for (const arch of ['i386:x86-64', 'i386'] as const) {
     const xml = targetDescription(arch);
     t.match(xml, `<architecture>${arch}</architecture>`);
-    for (const feature of ['org.gnu.gdb.i386.core', 'org.gnu.gdb.i386.sse', 'org.gnu.gdb.i386.segments', 'org.gnu.gdb.i386.sys']) t.match(xml, `<feature name="${feature}">`);
+    for (const feature of ['org.gnu.gdb.i386.core', 'org.gnu.gdb.i386.sse', 'org.gnu.gdb.i386.sys']) t.match(xml, `<feature name="${feature}">`);
+    // gdb 13 (GNU/Linux OS ABI) fails an assertion on an i386 description with segments, and
+    // rejects an empty feature it knows.
+    if (arch === 'i386') t.notMatch(xml, 'org.gnu.gdb.i386.segments');
+    else t.match(xml, '<feature name="org.gnu.gdb.i386.segments"><reg name="fs_base"');
     t.equal([...xml.matchAll(/<reg /g)].length, registerCount(arch));
     t.notMatch(xml, /[#$*}]/, 'nothing to escape');
   }
   t.match(targetDescription('i386:x86-64'), '<reg name="rip" bitsize="64" type="code_ptr" regnum="16"/>');
   t.match(targetDescription('i386'), '<reg name="eip" bitsize="32" type="code_ptr" regnum="8"/>');
+});
+
+t.test('the x87/SSE state round-trips through the XSAVE legacy region, which is then marked present', async (t) => {
+  const region = new Uint8Array(4096);
+  const view = new DataView(region.buffer);
+  view.setUint16(0, 0x37f, true);
+  view.setUint32(24, 0x1f80, true);
+  region[32] = 0x11; // ST0's low byte
+  region[160 + 16] = 0x22; // xmm1's low byte
+  const fpu = fpuFromXsave(region);
+  t.equal(fpu.fcw, 0x37f);
+  t.equal(fpu.mxcsr, 0x1f80);
+  t.equal(fpu.fpr[0], 0x11);
+  t.equal(fpu.xmm[16], 0x22);
+  fpu.mxcsr = 0x1fc0;
+  fpu.xmm[0] = 0x33;
+  fpuIntoXsave(fpu, region);
+  t.equal(view.getUint32(24, true), 0x1fc0);
+  t.equal(region[160], 0x33);
+  t.equal(view.getBigUint64(512, true), 3n, 'XSTATE_BV: x87 and SSE');
 });
