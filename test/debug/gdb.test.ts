@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { startNodeKvm, type NodeKvmProcess } from '../helpers/cli.js';
+import { nodeKvmInProcess, startNodeKvm, type NodeKvmProcess } from '../helpers/cli.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 
 const GDB = '/usr/bin/gdb';
@@ -96,4 +96,13 @@ t.test('a 32-bit guest is shown as i386; kill ends the machine', { skip }, async
   const result = await vm.result;
   t.equal(result.stdout, '', 'the guest never ran');
   t.equal(result.status, 0, 'stopped');
+});
+
+t.test('run refuses --gdb-wait without --gdb, and an address it cannot parse', { skip: noKvm }, async (t) => {
+  const wait = await nodeKvmInProcess(['run', elf('gdb'), '--gdb-wait'], { builtFirstThread: true });
+  t.not(wait.status, 0);
+  t.match(wait.stderr, '--gdb-wait applies to --gdb only');
+  const bad = await nodeKvmInProcess(['run', elf('gdb'), '--gdb', 'tcp:localhost'], { builtFirstThread: true });
+  t.not(bad.status, 0);
+  t.match(bad.stderr, "gdb address 'tcp:localhost' must be tcp:HOST:PORT or unix:PATH");
 });
