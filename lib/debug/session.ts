@@ -66,8 +66,9 @@ export class GdbSession {
     socket.on('error', () => {});
     socket.on('close', () => {
       this.#closed = true;
-      // A debugger gone without detaching leaves the guest running, with no breakpoint behind.
-      void this.#target.detach().catch(() => {}).finally(done);
+      // A debugger gone without detaching leaves the guest running, with no breakpoint behind
+      // (after what it sent last: a resume still queued must not arm anything again).
+      this.#queue = this.#queue.then(() => this.#target.detach()).catch(() => {}).finally(done);
     });
     // Attaching stops the guest (as QEMU's stub does); `?` then answers where it is.
     this.#enqueue(async () => {
@@ -126,6 +127,7 @@ export class GdbSession {
   }
 
   async #handle(packet: Buffer): Promise<void> {
+    if (this.#closed) return;
     const text = packet.toString('latin1');
     const command = text[0];
     const args = text.slice(1);

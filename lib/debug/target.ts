@@ -171,6 +171,7 @@ export class DebugTarget {
 
   /** Resumes every vCPU as planned; the stop that ends it goes to the waiter. */
   async resume(plan: ResumePlan): Promise<void> {
+    if (!this.#attached) throw machineStateError('the debugger has detached');
     if (!this.stopped) throw machineStateError(`the guest is ${this.machine.state}, not stopped`);
     for (const vcpu of plan.step) if (!Number.isInteger(vcpu) || vcpu < 0 || vcpu >= this.vcpuCount) throw argValueError(`no vCPU ${vcpu}`);
     const hit = this.#hit;
