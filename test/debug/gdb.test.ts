@@ -98,6 +98,18 @@ t.test('a 32-bit guest is shown as i386; kill ends the machine', { skip }, async
   t.equal(result.status, 0, 'stopped');
 });
 
+t.test('a breakpoint on every vCPU: the AP that hits it becomes the current thread', { skip }, async (t) => {
+  const socket = path.join(dir, 'smp.sock');
+  const { vm } = await startWithStub(['run', elf('smp'), '--vcpus', '2', '--gdb', `unix:${socket}`, '--gdb-wait']);
+  const out = await gdb(elf('smp'), [`target remote ${socket}`, 'hbreak ap_entry', 'continue', 'info threads', 'delete', 'continue']);
+  t.match(out, /Thread 2 hit Breakpoint 1, 0x00100150 in ap_entry/);
+  t.match(out, /\* 2 +Thread 2 \(vCPU 1\) 0x00100150 in ap_entry/);
+  t.match(out, /exited with code 0101/, 'debug-exit 0x20: status 65');
+  const result = await vm.result;
+  t.equal(result.stdout, 'cpu 0\ncpu 1\nall 2 cpus up\n');
+  t.equal(result.status, 65);
+});
+
 t.test('run refuses --gdb-wait without --gdb, and an address it cannot parse', { skip: noKvm }, async (t) => {
   const wait = await nodeKvmInProcess(['run', elf('gdb'), '--gdb-wait'], { builtFirstThread: true });
   t.not(wait.status, 0);
