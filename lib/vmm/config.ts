@@ -78,6 +78,11 @@ export interface MachineConfig extends MachineRuntimeConfig {
   /** An initial ramdisk for a Linux bzImage (an initramfs, see buildInitramfs()): bytes or a file path. */
   initrd?: Uint8Array | string;
   /**
+   * Boot modules for a Multiboot kernel, loaded in order on page boundaries above it and listed in
+   * its multiboot_info (what QEMU's -initrd "FILE ARGS,FILE2 ..." gives one).
+   */
+  modules?: MultibootModuleConfig[];
+  /**
    * In-kernel interrupt controllers (PIC, IOAPIC, LAPICs, PIT). Default: on for more than one
    * vCPU. Without them a HLT exits to the VMM, and the machine ends when every vCPU has halted.
    */
@@ -87,6 +92,14 @@ export interface MachineConfig extends MachineRuntimeConfig {
    * (threads, fds, mappings, disks) is given back. Aborting after it resolved does nothing.
    */
   signal?: AbortSignal;
+}
+
+/** One Multiboot module of MachineConfig.modules. */
+export interface MultibootModuleConfig {
+  /** The module: bytes or a file path. */
+  data: Uint8Array | string;
+  /** Its string: by convention its file name and arguments. Default: the path, or '' for bytes. */
+  cmdline?: string;
 }
 
 /** The hardware of a machine: what another process needs to build one the state fits. */
