@@ -166,7 +166,8 @@ export function placeModules(modules: readonly MultibootModule[], above: number)
   let next = alignUp(Math.max(above, HIGH_RAM_START), PAGE_SIZE);
   return modules.map((module, index) => {
     const text = module.cmdline ?? '';
-    const what = `Multiboot module ${index}${text ? ` (${JSON.stringify(text)})` : ''}`;
+    const shown = text.length > 60 ? `${text.slice(0, 57)}...` : text;
+    const what = `Multiboot module ${index}${text ? ` (${JSON.stringify(shown)})` : ''}`;
     const encoded = new TextEncoder().encode(text);
     if (encoded.includes(0)) throw new BootImageError(`the string of ${what} contains a NUL character`);
     const string = new Uint8Array(encoded.length + 1);

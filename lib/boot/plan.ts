@@ -70,7 +70,7 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
     if (findMultibootHeader(image)) throw new BootImageError('an initrd is for a Linux bzImage kernel, and this image is a Multiboot kernel: give it its files as modules');
     throw new BootImageError(`an initrd is for a Linux bzImage kernel, and this image is not one: ${isElf(image) ? 'it is an ELF file' : notBzImageReason(image)}`);
   }
-  if (modules.length > 0 && !findMultibootHeader(image)) {
+  if (modules.length > 0 && (isBzImage(image) || !findMultibootHeader(image))) {
     throw new BootImageError(`modules are for a Multiboot kernel, and this image is not one: it is ${notMultibootReason(image)}`);
   }
 

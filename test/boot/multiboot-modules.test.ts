@@ -7,6 +7,7 @@ import path from 'node:path';
 import t, { type Test } from 'tap';
 import { BootImageError, MULTIBOOT_BOOTLOADER_MAGIC, planBoot, type BootPlan, type MultibootModule } from '../../lib/boot/index.js';
 import { parseModulesOption } from '../../lib/cli/run.js';
+import { Machine } from '../../lib/index.js';
 import { nodeKvmInProcess } from '../helpers/cli.js';
 import { elfGuest } from '../helpers/boot-runner.js';
 import { boot } from '../helpers/machine.js';
@@ -129,6 +130,13 @@ t.test('errors: modules outside RAM, too many or too long for the boot informati
     { name: 'BootImageError', message: 'an initrd is for a Linux bzImage kernel, and this image is a Multiboot kernel: give it its files as modules' });
   throwsArgError(t, () => planBoot(kernel, { memoryBytes: 64 * MiB, vcpus: 1, modules: [{ data: 'file.bin' as unknown as Uint8Array }] }),
     'ERR_INVALID_ARG_TYPE', 'modules[0].data must be a Uint8Array');
+});
+
+t.test('Machine.create: a module file that cannot be read is named, with the file system\'s code', async (t) => {
+  await t.rejects(Machine.create({ image: kernel, modules: [{ data: smallModule }, { data: '/nonexistent/mod.bin' }], pool }),
+    { code: 'ENOENT', message: 'cannot read the Multiboot module /nonexistent/mod.bin: ENOENT' });
+  await t.rejects(Machine.create({ image: kernel, modules: [{ data: 42 as unknown as string }], pool }),
+    { code: 'ERR_INVALID_ARG_TYPE', message: 'modules[0].data must be a Uint8Array or a file path' });
 });
 
 t.test("--initrd's module list, as QEMU reads it", async (t) => {
