@@ -34,6 +34,7 @@ export const ELF_GUESTS = {
   protected: { bits: 32 },
   long: { bits: 64 },
   multiboot: { bits: 32 },
+  'multiboot-modules': { bits: 32 },
   pvh: { bits: 64 },
   dirtier: { bits: 64 },
   'dirtier-user': { bits: 64, source: 'dirtier.S', defsyms: { USER_MODE: 1 } },

@@ -37,6 +37,11 @@ export class BootInfoBlock {
     this.#bytes.set(data, addr - this.base);
   }
 
+  /** Bytes not handed out yet, before any alignment. */
+  get bytesLeft(): number {
+    return this.#bytes.length - this.#used;
+  }
+
   /** The used part of the block. */
   get data(): Uint8Array {
     return this.#bytes.slice(0, this.#used);

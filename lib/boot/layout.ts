@@ -3,7 +3,8 @@
 //   0x0000-0x04ff  real-mode IVT and BIOS data area (left alone)
 //   0x0500-0x052f  GDT (see cpu-state.ts for the selectors)
 //   0x5000-0x5fff  never written by the loader: host-to-guest parameters of test guests
-//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line;
+//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line,
+//                  Multiboot module list and strings;
 //                  for a Linux bzImage, the zero page (boot_params, 0x6000-0x6fff)
 //   0x7c00         default load address of a flat binary (the boot-sector convention)
 //   0x9000-        long-mode identity-map page tables (PML4, PDPT, one PD per GiB)
@@ -11,6 +12,7 @@
 //   0x9fc00-0xfffff reserved (EBDA, VGA, BIOS), as the memory map says
 //   0x100000-      where kernels are usually linked (1 MiB), and where a bzImage's protected-mode
 //                  kernel is loaded; its initrd goes at the top of RAM, page-aligned
+//                  (a Multiboot kernel's modules go right above the kernel, page-aligned)
 import { argTypeError, argValueError } from '../kvm/errors.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 

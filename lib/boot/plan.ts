@@ -13,7 +13,10 @@ import { gdtBytes, identityMap, longModeState, protectedModeState, realModeState
 import { isElf, parseElf, type ElfFile } from './elf.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, checkMemoryBytes, checkRegions, type Region } from './layout.js';
-import { MULTIBOOT_BOOTLOADER_MAGIC, aoutKludgeLayout, findMultibootHeader, putMultibootInfo, type MultibootAddresses } from './multiboot.js';
+import {
+  MULTIBOOT_BOOTLOADER_MAGIC, aoutKludgeLayout, checkModules, findMultibootHeader, moduleRegions, notMultibootReason, placeModules, putMultibootInfo,
+  type MultibootAddresses, type MultibootModule, type PlacedModule,
+} from './multiboot.js';
 import { pvhEntry } from './pvh.js';
 import type { BootFormat, BootPlan, BootWrite } from './boot-plan.js';
 
@@ -30,6 +33,11 @@ export interface PlanOptions {
   cmdline?: string;
   /** An initial ramdisk (an initramfs: a cpio archive, see buildInitramfs()) for a Linux bzImage. */
   initrd?: Uint8Array;
+  /**
+   * Boot modules for a Multiboot kernel, loaded in order on page boundaries above the kernel and
+   * listed in its multiboot_info (as QEMU's -initrd "FILE ARGS,FILE2 ..." does for one).
+   */
+  modules?: readonly MultibootModule[];
   vcpus: number;
 }
 
@@ -50,6 +58,7 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
   if (!(image instanceof Uint8Array)) throw argTypeError('image must be a Uint8Array');
   if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
   const { memoryBytes, mode, loadAddr = DEFAULT_LOAD_ADDR, cmdline, vcpus, initrd } = options;
+  const modules = options.modules === undefined ? [] : checkModules(options.modules);
   checkMemoryBytes(memoryBytes);
   if (!Number.isSafeInteger(vcpus) || vcpus < 1) throw outOfRangeError(`vcpus must be a positive integer, got ${vcpus}`);
   if (mode !== undefined && !MODES.includes(mode)) throw argValueError(`mode must be 'real', 'protected' or 'long', got ${String(mode)}`);
@@ -58,12 +67,18 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
   if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array');
   if (image.length === 0) throw new BootImageError('not a bootable image: the file is empty');
   if (initrd !== undefined && !isBzImage(image)) {
+    if (findMultibootHeader(image)) throw new BootImageError('an initrd is for a Linux bzImage kernel, and this image is a Multiboot kernel: give it its files as modules');
     throw new BootImageError(`an initrd is for a Linux bzImage kernel, and this image is not one: ${isElf(image) ? 'it is an ELF file' : notBzImageReason(image)}`);
+  }
+  if (modules.length > 0 && (isBzImage(image) || !findMultibootHeader(image))) {
+    throw new BootImageError(`modules are for a Multiboot kernel, and this image is not one: it is ${notMultibootReason(image)}`);
   }
 
   if (isElf(image)) {
     const elf = parseElf(image);
-    const pvh = pvhEntry(elf.notes);
+    // A kernel with both entries boots by PVH, unless given modules, which only Multiboot carries
+    // here (QEMU always prefers the Multiboot entry).
+    const pvh = modules.length > 0 ? null : pvhEntry(elf.notes);
     if (pvh !== null) {
       const loaded = loadElf(elf, image, memoryBytes);
       if (!elf.segments.some((s) => BigInt(pvh) >= s.paddr && BigInt(pvh) < s.paddr + s.memBytes)) {
@@ -72,12 +87,12 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
       return protectedPlan('pvh', BigInt(pvh), loaded, memoryBytes, cmdlineBytes, 'hvm');
     }
     const multiboot = findMultibootHeader(image);
-    if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes);
+    if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes, modules);
     if (multiboot) {
       if (elf.elfClass !== 32) {
         throw new BootImageError('Multiboot v1 loads ELF32 kernels, and this one is ELF64: link it as ELF32, or give its header address fields (flags bit 16)');
       }
-      return protectedPlan('multiboot', elfEntry(elf), loadElf(elf, image, memoryBytes), memoryBytes, cmdlineBytes, 'multiboot');
+      return multibootPlan(elfEntry(elf), loadElf(elf, image, memoryBytes), memoryBytes, cmdlineBytes, modules);
     }
     const loaded = loadElf(elf, image, memoryBytes);
     if (elf.elfClass === 32) return protectedPlan('elf32', elfEntry(elf), loaded, memoryBytes, cmdlineBytes, 'hvm');
@@ -87,7 +102,7 @@ export function planBoot(image: Uint8Array, options: PlanOptions): BootPlan {
   if (isBzImage(image)) return planBzImage(image, { memoryBytes, cmdline: cmdlineBytes, initrd }).plan;
 
   const multiboot = findMultibootHeader(image);
-  if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes);
+  if (multiboot?.addresses) return multibootAoutPlan(image, { ...multiboot, addresses: multiboot.addresses }, memoryBytes, cmdlineBytes, modules);
   if (multiboot) {
     throw new BootImageError(
       `the Multiboot header at offset ${hex(multiboot.offset)} has no address fields (flags bit 16), so the kernel must be an ELF32 file, and this is not ELF`,
@@ -149,6 +164,7 @@ function multibootAoutPlan(
   header: { offset: number; flags: number; addresses: MultibootAddresses },
   memoryBytes: number,
   cmdline: Uint8Array | null,
+  modules: readonly MultibootModule[],
 ): BootPlan {
   const layout = aoutKludgeLayout(image, header);
   const end = layout.loadAddr + layout.data.length + layout.zeroBytes;
@@ -162,12 +178,22 @@ function multibootAoutPlan(
   if (layout.zeroBytes > 0) {
     loaded.writes.push({ guestPhysAddr: layout.loadAddr + layout.data.length, zeroBytes: layout.zeroBytes, what: 'image (bss)' });
   }
-  return protectedPlan('multiboot', BigInt(layout.entry), loaded, memoryBytes, cmdline, 'multiboot');
+  return multibootPlan(BigInt(layout.entry), loaded, memoryBytes, cmdline, modules);
 }
 
-function bootInfo(kind: 'hvm' | 'multiboot', memoryBytes: number, cmdline: Uint8Array | null) {
+/** A Multiboot kernel as loaded, with its modules placed above it and everything else. */
+function multibootPlan(entry: bigint, kernel: Loaded, memoryBytes: number, cmdline: Uint8Array | null, modules: readonly MultibootModule[]): BootPlan {
+  const placed = placeModules(modules, Math.max(0, ...kernel.regions.map((region) => region.end)));
+  const loaded: Loaded = {
+    writes: [...kernel.writes, ...placed.map(({ start, data, what }): BootWrite => ({ guestPhysAddr: start, data, what }))],
+    regions: [...kernel.regions, ...moduleRegions(placed)],
+  };
+  return protectedPlan('multiboot', entry, loaded, memoryBytes, cmdline, 'multiboot', placed);
+}
+
+function bootInfo(kind: 'hvm' | 'multiboot', memoryBytes: number, cmdline: Uint8Array | null, modules: readonly PlacedModule[] = []) {
   const block = new BootInfoBlock();
-  const addr = kind === 'multiboot' ? putMultibootInfo(block, memoryBytes, cmdline) : putHvmStartInfo(block, memoryBytes, cmdline);
+  const addr = kind === 'multiboot' ? putMultibootInfo(block, memoryBytes, cmdline, modules) : putHvmStartInfo(block, memoryBytes, cmdline);
   const data = block.data;
   return {
     addr,
@@ -190,9 +216,10 @@ function protectedPlan(
   memoryBytes: number,
   cmdline: Uint8Array | null,
   info: 'hvm' | 'multiboot',
+  modules: readonly PlacedModule[] = [],
 ): BootPlan {
   if (entry > 0xffffffffn) throw new BootImageError(`the entry point ${hex(entry)} is above 4 GiB, out of reach of 32-bit protected mode`);
-  const boot = bootInfo(info, memoryBytes, cmdline);
+  const boot = bootInfo(info, memoryBytes, cmdline, modules);
   checkRegions([...loaded.regions, gdtRegion(), boot.region], memoryBytes);
   const regs = info === 'multiboot' ? { rax: BigInt(MULTIBOOT_BOOTLOADER_MAGIC), rbx: BigInt(boot.addr) } : { rbx: BigInt(boot.addr) };
   return {

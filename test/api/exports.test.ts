@@ -69,7 +69,7 @@ const TYPES = [
   'StructType<Fields>',
   // booting
   'BootPlan', 'BootWrite', 'BootFormat', 'PlanOptions', 'BootState', 'CpuMode', 'MemoryMapEntry', 'SetupHeader', 'BzImageLayout',
-  'BzImageOptions', 'InitramfsEntry',
+  'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
 ];
 
 const bare = (type: string) => type.replace(/<.*/, '');
