@@ -1,8 +1,9 @@
 // The quiet PC ports' register logic, without a VM: the ELCR pair and PCI configuration
-// mechanism #1 with no device behind it.
+// mechanism #1 with no device behind it; and the structure check of the new devices' states.
 import t from 'tap';
 import { Elcr } from '../../lib/devices/elcr.js';
 import { PciConfig } from '../../lib/devices/pci-config.js';
+import { isDeviceStates } from '../../lib/vmm/devices.js';
 
 t.test('ELCR: bytes read back as written, less the IRQs a PC keeps edge-triggered; state carried', async (t) => {
   const elcr = new Elcr(Elcr.createShared());
@@ -36,4 +37,14 @@ t.test('PCI configuration: CONFIG_ADDRESS keeps a dword, CONFIG_DATA says no dev
   const restored = new PciConfig(PciConfig.createShared());
   restored.restoreState({ address: 0x8000f808 });
   t.equal(restored.addressPort.read(0, 4), 0x8000f808);
+});
+
+t.test('device states from a stream: the new devices are optional, and checked when present', async (t) => {
+  const base = { serial: { ier: 0 }, postCode: { lastCode: 0, writes: 0 } };
+  t.ok(isDeviceStates(base), 'a state from a machine without them loads');
+  t.ok(isDeviceStates({ ...base, acpiPm: { status: 0, enable: 0, control: 1, counter: 0x123456 }, elcr: { registers: [0x20, 0x0e] }, pciConfig: { address: 0x80000000 } }));
+  t.notOk(isDeviceStates({ ...base, acpiPm: { status: 0, enable: 0, control: 1 } }), 'a PM state without its counter');
+  t.notOk(isDeviceStates({ ...base, acpiPm: { status: 0, enable: 0, control: 1, counter: -1 } }));
+  t.notOk(isDeviceStates({ ...base, elcr: { registers: 'x' } }));
+  t.notOk(isDeviceStates({ ...base, pciConfig: {} }));
 });
