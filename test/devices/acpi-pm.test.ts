@@ -98,6 +98,20 @@ t.test('SLP_EN with the _S5 type powers the machine off; another sleep type does
   t.same(logs.filter((line) => line.includes('acpi-pm')), ['vcpu0: acpi-pm: sleep type 5 is not supported; the guest keeps running']);
 });
 
+t.test('a PM timer read costs the guest what a read of a port the VMM answers trivially costs', { skip: noKvm }, async (t) => {
+  const reads = 5000;
+  const booted = await start(Mode.Bench, reads);
+  t.equal((await booted.machine.wait()).reason, 'debug-exit');
+  const match = /bench pm (\d+) post (\d+) reads (\d+)\n/.exec(booted.output());
+  t.ok(match, booted.output());
+  const nsPerRead = (cycles: number) => (cycles / reads / guestTscHz()) * 1e9;
+  const pmNs = nsPerRead(Number(match![1]));
+  const postNs = nsPerRead(Number(match![2]));
+  t.comment(`per read from the guest's kernel mode: PM timer ${pmNs.toFixed(0)} ns, POST code port ${postNs.toFixed(0)} ns (${reads} each)`);
+  // One exit each; the device's own share (the host clock, ~0.1 us) is lost in the exit's cost.
+  t.ok(pmNs < postNs * 4, 'about one exit\'s cost, not several');
+});
+
 /** The last "tick N <counter>" line's N, or 0. */
 function lastTick(output: string): number {
   const matches = [...output.matchAll(/tick (\d+) 0x[0-9a-f]+\n/g)];
