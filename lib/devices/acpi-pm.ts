@@ -1,4 +1,4 @@
-// The ACPI PM register block at the ports QEMU's PIIX4 uses (ACPI 6.5 section 4.8.3), which the
+// The ACPI PM register block at the ports QEMU's PIIX4 uses (ACPI 6.4 section 4.8.4), which the
 // FADT names: PM1a event (PM1_STS, PM1_EN) at 0x600, PM1a control at 0x604, the PM timer at 0x608.
 // ACPI mode is always on (no SMI_CMD): SCI_EN reads 1. Writing SLP_EN with the _S5 sleep type (0)
 // to PM1a control powers the machine off. The PM timer is a 24-bit counter at 3.579545 MHz
@@ -16,7 +16,7 @@ export const PM_TIMER_HZ = 3_579_545;
 export const SLP_TYP_S5 = 0;
 
 const COUNTER_MODULUS = 0x1000000;
-/** The counter's bit 23: TMR_STS is set each time it changes (ACPI 6.5 section 4.8.3.3). */
+/** The counter's bit 23: TMR_STS is set each time it changes (ACPI 6.4, Power Management Timer). */
 const HALF_COUNTER = 0x800000;
 
 // Offsets in the block.
@@ -25,12 +25,12 @@ const PM1_EN = 2;
 const PM1_CNT = 4;
 const PM_TMR = 8;
 
-// PM1_STS bits (ACPI 6.5 table 4.16) a guest can see set here: the timer's carry, and those it
-// may clear. Nothing else raises events on this machine.
+// PM1_STS bits (ACPI 6.4 table 4.11) a guest can see set here: the timer's carry, and those it
+// may clear. Nothing else raises events on this machine. PM1_EN bits: table 4.12.
 const TMR_STS = 0x0001;
-const PM1_STS_BITS = 0x8d31; // TMR, BM, GBL, PWRBTN, SLPBTN, RTC, WAK
+const PM1_STS_BITS = 0x8731; // TMR, BM, GBL, PWRBTN, SLPBTN, RTC, WAK
 const PM1_EN_BITS = 0x0721; // TMR_EN, GBL_EN, PWRBTN_EN, SLPBTN_EN, RTC_EN
-// PM1_CNT bits (table 4.18).
+// PM1_CNT bits: table 4.13.
 const SCI_EN = 0x0001;
 const GBL_RLS = 0x0004; // write-only
 const SLP_TYP_SHIFT = 10;
