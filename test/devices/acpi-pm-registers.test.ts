@@ -96,6 +96,9 @@ t.test('PM1 status: write 1 to clear; TMR_STS sets when bit 23 of the counter ch
   t.equal(pm.read(PM1_STS, 2), 0x8001, 'PWRBTN cleared, the others stay');
   pm.write(PM1_STS, 2, 0x8001);
   t.equal(pm.read(PM1_STS, 2), 0, 'TMR_STS and WAK_STS cleared');
+  pm.restoreState(state({ status: 0xffff, counter: 0 }));
+  t.equal(pm.read(PM1_STS, 2), 0x8731, 'only the defined bits: WAK, RTC, SLPBTN, PWRBTN, GBL, BM, TMR');
+  pm.write(PM1_STS, 2, 0xffff);
   pm.restoreState(state({ counter: 0x7fffff - 20_000 }));
   t.equal(pm.read(PM1_STS, 2) & 1, 0, 'no carry yet');
   readUntil(pm, (value) => value >= 0x800000);
