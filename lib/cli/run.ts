@@ -283,6 +283,7 @@ export function exitStatus(exit: MachineExit): number {
       return debugExitStatus(exit.code ?? 0);
     case 'hlt':
     case 'reset':
+    case 'poweroff':
     case 'stopped':
       return 0;
     case 'migrated':

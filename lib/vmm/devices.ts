@@ -2,8 +2,11 @@
 // sit, builds them on each vCPU thread over their shared state, and saves and restores their
 // states for snapshots and migrations. Each device keeps its own registers and its own
 // saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
+import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, type AcpiPmState } from '../devices/acpi-pm.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
+import { ELCR_BASE, ELCR_PORTS, Elcr, type ElcrState } from '../devices/elcr.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
+import { PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, PciConfig, type PciConfigState } from '../devices/pci-config.js';
 import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
 import { COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial, type SerialShared, type SerialState } from '../devices/serial.js';
 import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
@@ -18,6 +21,9 @@ export interface DevicesShared {
   readonly bus: BusShared;
   readonly serial: SerialShared;
   readonly postCode: SharedArrayBuffer;
+  readonly acpiPm: SharedArrayBuffer;
+  readonly elcr: SharedArrayBuffer;
+  readonly pciConfig: SharedArrayBuffer;
   /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
   readonly virtio: SharedArrayBuffer[];
 }
@@ -26,6 +32,10 @@ export interface DevicesShared {
 export interface DeviceStates {
   serial: SerialState;
   postCode: PostCodeState;
+  /** Absent in a state from a machine without them (they start as at power-on). */
+  acpiPm?: AcpiPmState;
+  elcr?: ElcrState;
+  pciConfig?: PciConfigState;
   /** The virtio-mmio register state of each disk. */
   virtio?: VirtioMmioState[];
 }
@@ -35,12 +45,15 @@ export interface DeviceEvents {
   setIrqLine?: (gsi: number, level: boolean) => void;
   debugExit(code: number): void;
   reset(): void;
+  /** The guest powered the machine off (ACPI S5 through PM1a control). */
+  powerOff(): void;
   log(message: string): void;
 }
 
 /** The shared state of a new machine's devices (the disks' register files come from its Disks). */
 export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[] }): DevicesShared {
-  return { bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(), virtio: options.virtio };
+  return { bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(),
+    acpiPm: AcpiPm.createShared(), elcr: Elcr.createShared(), pciConfig: PciConfig.createShared(), virtio: options.virtio };
 }
 
 /** On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. */
@@ -54,6 +67,11 @@ export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bu
   bus.registerPorts(I8042_DATA_PORT, 1, i8042.dataPort);
   bus.registerPorts(I8042_COMMAND_PORT, 1, i8042.commandPort);
   bus.registerPorts(POST_CODE_PORT, 1, new PostCode(shared.postCode));
+  bus.registerPorts(ACPI_PM_BASE, ACPI_PM_PORTS, new AcpiPm(shared.acpiPm, { powerOff: events.powerOff, log: events.log }));
+  bus.registerPorts(ELCR_BASE, ELCR_PORTS, new Elcr(shared.elcr));
+  const pciConfig = new PciConfig(shared.pciConfig);
+  bus.registerPorts(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_PORTS, pciConfig.addressPort);
+  bus.registerPorts(PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, pciConfig.dataPort);
   shared.virtio.forEach((registers, slot) => {
     bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
   });
@@ -68,12 +86,19 @@ export class MachineDevices {
   readonly shared: DevicesShared;
   readonly serial: Serial;
   readonly postCode: PostCode;
+  readonly acpiPm: AcpiPm;
+  readonly elcr: Elcr;
+  readonly pciConfig: PciConfig;
   readonly disks: Disks;
 
   constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
     this.shared = shared;
     this.serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
     this.postCode = new PostCode(shared.postCode);
+    // The main thread never writes PM1a control: nothing to power off or log from here.
+    this.acpiPm = new AcpiPm(shared.acpiPm, { powerOff: () => {}, log: () => {} });
+    this.elcr = new Elcr(shared.elcr);
+    this.pciConfig = new PciConfig(shared.pciConfig);
     this.disks = disks;
   }
 
@@ -84,12 +109,19 @@ export class MachineDevices {
 
   /** Every device's state; the machine must be paused (the disks' threads parked). */
   saveState(): DeviceStates {
-    return { serial: this.serial.saveState(), postCode: this.postCode.saveState(), ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}) };
+    return {
+      serial: this.serial.saveState(), postCode: this.postCode.saveState(),
+      acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
+      ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}),
+    };
   }
 
   restoreState(states: DeviceStates): void {
     this.serial.restoreState(states.serial);
     this.postCode.restoreState(states.postCode);
+    if (states.acpiPm) this.acpiPm.restoreState(states.acpiPm);
+    if (states.elcr) this.elcr.restoreState(states.elcr);
+    if (states.pciConfig) this.pciConfig.restoreState(states.pciConfig);
     if (this.disks.count > 0 || states.virtio !== undefined) this.disks.restoreState(states.virtio ?? []);
   }
 }
@@ -97,5 +129,17 @@ export class MachineDevices {
 /** Whether `value` has the structure of saved device states (a stream from elsewhere is checked before use). */
 export function isDeviceStates(value: unknown): value is DeviceStates {
   const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
-  return isObject(value) && isObject(value.serial) && isObject(value.postCode) && (value.virtio === undefined || Array.isArray(value.virtio));
+  return isObject(value) && isObject(value.serial) && isObject(value.postCode)
+    && (value.acpiPm === undefined || isAcpiPmState(value.acpiPm))
+    && (value.elcr === undefined || (isObject(value.elcr) && Array.isArray(value.elcr.registers) && value.elcr.registers.every(isInteger)))
+    && (value.pciConfig === undefined || (isObject(value.pciConfig) && isInteger(value.pciConfig.address)))
+    && (value.virtio === undefined || Array.isArray(value.virtio));
+}
+
+const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);
+
+function isAcpiPmState(value: unknown): value is AcpiPmState {
+  if (typeof value !== 'object' || value === null) return false;
+  const state = value as Record<string, unknown>;
+  return isInteger(state.status) && isInteger(state.enable) && isInteger(state.control) && isInteger(state.counter) && (state.counter as number) >= 0;
 }

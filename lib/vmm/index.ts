@@ -16,6 +16,9 @@ export {
 export type { DirtyPageMarker } from '../devices/bus-device.js';
 export type { SerialState } from '../devices/serial.js';
 export type { PostCodeState } from '../devices/post-code.js';
+export type { AcpiPmState } from '../devices/acpi-pm.js';
+export type { ElcrState } from '../devices/elcr.js';
+export type { PciConfigState } from '../devices/pci-config.js';
 export type { VirtioMmioState, VirtioQueueState } from '../devices/virtio-mmio.js';
 export { DirtyBitmap, MAX_BITMAP_PAGES } from './dirty-bitmap.js';
 export {

@@ -71,6 +71,7 @@ function runAssignment(assignment: VcpuAssignment): void {
     setIrqLine: assignment.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : undefined,
     debugExit: (code) => report({ reason: 'debug-exit', code, vcpu: id }),
     reset: () => report({ reason: 'reset', vcpu: id }),
+    powerOff: () => report({ reason: 'poweroff', vcpu: id }),
     log: (message) => post({ type: 'log', message: `vcpu${id}: ${message}` }),
   });
 

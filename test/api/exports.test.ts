@@ -51,7 +51,7 @@ const TYPES = [
   // the VMM: machines, their configs, states and events
   'MachineConfig', 'MachineRuntimeConfig', 'MachineRunState', 'MachineShape', 'MachineState', 'MachineEvents', 'MachineExit',
   'MachineExitReason', 'MachineConsole', 'VcpuState', 'VmState', 'DeviceStates', 'SerialState', 'PostCodeState', 'VirtioMmioState',
-  'VirtioQueueState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
+  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
   // the I/O bus and the device interfaces
   'BusShared', 'UnknownAccesses', 'PortDevice', 'MmioDevice', 'DirtyPageMarker',
   // dirty tracking
