@@ -269,6 +269,7 @@ export class Machine extends EventEmitter {
       // Linux wants its local APIC and IOAPIC: a bzImage gets the in-kernel irqchip unless told otherwise.
       shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? (vcpus > 1 || linux) },
       boot,
+      cmdline,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
       signal,
