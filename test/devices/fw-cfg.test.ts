@@ -6,6 +6,7 @@ import {
 } from '../../lib/devices/fw-cfg.js';
 import { isDeviceStates } from '../../lib/vmm/devices.js';
 import { memoryMap } from '../../lib/boot/index.js';
+import { machineStateOf } from '../../lib/migration/state-sections.js';
 
 const MiB = 1024 * 1024;
 const RAM_BYTES = 64 * 1024;
@@ -297,4 +298,18 @@ t.test('saved state carries the registers and the items; a restore refuses what 
   t.ok(isDeviceStates(devices), 'device states from before fw_cfg still load');
   t.ok(isDeviceStates({ ...devices, fwCfg: state }));
   t.notOk(isDeviceStates({ ...devices, fwCfg: { ...state, items: 'x' } }));
+});
+
+t.test('a stream whose fw_cfg state is malformed is refused as a format error before anything is applied', async (t) => {
+  const state = device().fwCfg.saveState();
+  const parts = (fwCfg: unknown) => ({
+    machine: { memoryBytes: 64 * MiB, vcpus: 1, irqchip: false },
+    vm: { clock: {} },
+    vcpus: [{ id: 0, regs: {}, sregs: {}, xsave: new Uint8Array(0), cpuid: [], msrs: [] }],
+    devices: { serial: {}, postCode: {}, fwCfg },
+  });
+  const expected = { memoryBytes: 64 * MiB, vcpus: 1 };
+  t.same(machineStateOf(parts(state), expected, 'test').devices.fwCfg, state, 'a good one passes');
+  t.ok(machineStateOf({ ...parts(undefined), devices: { serial: {}, postCode: {} } }, expected, 'test'), 'as does none (a state from before fw_cfg)');
+  t.throws(() => machineStateOf(parts({ ...state, offset: 'x' }), expected, 'test'), { name: 'MigrationError', code: 'EFORMAT', message: /device state is malformed/ });
 });
