@@ -159,11 +159,12 @@ export function fwCfgItems(machine: FwCfgMachine): FwCfgItem[] {
     cmdlineData.set(text);
   }
   // Files in the order of their names, as QEMU's (non-legacy) machines sort them.
-  const files = [{ name: 'etc/e820', data: encodeE820(memoryMap) }].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const files = [{ name: 'etc/e820', data: encodeE820(memoryMap) }];
+  files.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const items: FwCfgItem[] = [
-    { key: FwCfgKey.Signature, data: new TextEncoder().encode('QEMU') },
+    { key: FwCfgKey.Signature, data: new Uint8Array([0x51, 0x45, 0x4d, 0x55]) }, // "QEMU"
     { key: FwCfgKey.Id, data: littleEndian(4, (v) => v.setUint32(0, FW_CFG_ID_TRADITIONAL | FW_CFG_ID_DMA, true)) },
-    { key: FwCfgKey.RamSize, data: littleEndian(8, (v) => v.setBigUint64(0, BigInt(memoryBytes), true)) },
+    { key: FwCfgKey.RamSize, data: littleEndian(8, (v) => (v.setUint32(0, memoryBytes % 2 ** 32, true), v.setUint32(4, Math.floor(memoryBytes / 2 ** 32), true))) },
     { key: FwCfgKey.NbCpus, data: littleEndian(2, (v) => v.setUint16(0, vcpus, true)) },
     // No CPU hotplug: the most CPUs the guest may see are the ones it has.
     { key: FwCfgKey.MaxCpus, data: littleEndian(2, (v) => v.setUint16(0, vcpus, true)) },
