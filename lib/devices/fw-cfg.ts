@@ -5,8 +5,8 @@
 // size, command line and memory map here.
 //
 // The items are plain bytes built once on the main thread (fwCfgItems()) into a SharedArrayBuffer
-// that every vCPU thread reads; the selector, the offset into the item and the DMA address's high
-// half live in a second one. A DMA transfer reads its descriptor from guest RAM and writes the
+// that each vCPU thread copies on its first access (and again after a restore changed them); the
+// selector, the offset into the item and the DMA address's high half live in a second one. A DMA transfer reads its descriptor from guest RAM and writes the
 // item and the result there: every range is checked against guest RAM first, so a hostile
 // descriptor gets the ERROR bit, never a touch of anything else (nor a throw).
 import type { DirtyPageMarker, PortDevice } from './bus-device.js';
@@ -103,7 +103,9 @@ export interface FwCfgGuestRam {
 const R_SELECTOR = 0;
 const R_OFFSET = 1;
 const R_DMA_HIGH = 2;
-const REGISTER_INTS = 3;
+/** Counts restores: an instance whose copy of the items is older makes a new one. */
+const R_GENERATION = 3;
+const REGISTER_INTS = 4;
 
 // The contents: u32 count, then per item u32 key, u32 offset, u32 length (little-endian), then the bytes.
 const CONTENTS_HEADER_BYTES = 4;
@@ -225,18 +227,16 @@ export class FwCfg {
   readonly dmaPort: PortDevice;
   readonly #registers: Int32Array;
   readonly #contents: SharedArrayBuffer;
-  // Length-tracking views: they follow the contents as a restore grows them.
-  readonly #view: DataView;
-  readonly #bytes: Uint8Array;
   readonly #ram: FwCfgGuestRam | null;
   #ramBytes: Uint8Array | null = null;
+  // This thread's copy of the items, read without touching shared memory on every byte.
+  #items = new Map<number, Uint8Array>();
+  #itemsGeneration = -1;
 
   /** `ram` absent: no DMA (a transfer sets nothing; the main thread's instance, which only saves and restores). */
   constructor(shared: FwCfgShared, ram: FwCfgGuestRam | null = null) {
     this.#registers = new Int32Array(shared.registers);
     this.#contents = shared.contents;
-    this.#view = new DataView(shared.contents);
-    this.#bytes = new Uint8Array(shared.contents);
     this.#ram = ram;
     this.port = {
       name: 'fw-cfg',
@@ -279,21 +279,14 @@ export class FwCfg {
     return Atomics.load(this.#registers, R_OFFSET) >>> 0;
   }
 
-  /** The bytes of the item under `key`, or null where there is none. */
+  /** A copy of the bytes of the item under `key`, or null where there is none. */
   item(key: number): Uint8Array | null {
-    const at = this.#find(key);
-    return at < 0 ? null : this.#bytes.slice(this.#view.getUint32(at + 4, true), this.#view.getUint32(at + 4, true) + this.#view.getUint32(at + 8, true));
+    return this.#item(key)?.slice() ?? null;
   }
 
   /** The machine must be paused: the vCPUs read the contents without a lock. */
   saveState(): FwCfgState {
-    const count = this.#view.getUint32(0, true);
-    const items: FwCfgItem[] = [];
-    for (let index = 0; index < count; index++) {
-      const at = CONTENTS_HEADER_BYTES + index * CONTENTS_ENTRY_BYTES;
-      const start = this.#view.getUint32(at + 4, true);
-      items.push({ key: this.#view.getUint32(at, true), data: this.#bytes.slice(start, start + this.#view.getUint32(at + 8, true)) });
-    }
+    const items = [...this.#currentItems()].map(([key, data]) => ({ key, data: data.slice() }));
     return { selector: this.selector, offset: this.offset, dmaAddressHigh: Atomics.load(this.#registers, R_DMA_HIGH) >>> 0, items };
   }
 
@@ -303,19 +296,30 @@ export class FwCfg {
     const bytes = contentsBytes(state.items);
     if (bytes > this.#contents.byteLength) this.#contents.grow(bytes);
     writeContents(this.#contents, state.items);
+    Atomics.add(this.#registers, R_GENERATION, 1);
     Atomics.store(this.#registers, R_SELECTOR, state.selector);
     Atomics.store(this.#registers, R_OFFSET, state.offset | 0);
     Atomics.store(this.#registers, R_DMA_HIGH, state.dmaAddressHigh | 0);
   }
 
-  /** Where the entry of `key` is in the contents, or -1. */
-  #find(key: number): number {
-    const view = this.#view;
-    const count = view.getUint32(0, true);
-    for (let index = 0, at = CONTENTS_HEADER_BYTES; index < count; index++, at += CONTENTS_ENTRY_BYTES) {
-      if (view.getUint32(at, true) === key) return at;
+  /** The items as the shared contents hold them now (copied again after a restore). */
+  #currentItems(): Map<number, Uint8Array> {
+    const generation = Atomics.load(this.#registers, R_GENERATION);
+    if (generation !== this.#itemsGeneration) {
+      const view = new DataView(this.#contents);
+      const items = new Map<number, Uint8Array>();
+      for (let index = 0, at = CONTENTS_HEADER_BYTES; index < view.getUint32(0, true); index++, at += CONTENTS_ENTRY_BYTES) {
+        const start = view.getUint32(at + 4, true);
+        items.set(view.getUint32(at, true), new Uint8Array(this.#contents, start, view.getUint32(at + 8, true)).slice());
+      }
+      this.#items = items;
+      this.#itemsGeneration = generation;
     }
-    return -1;
+    return this.#items;
+  }
+
+  #item(key: number): Uint8Array | undefined {
+    return this.#currentItems().get(key);
   }
 
   #select(key: number): void {
@@ -325,12 +329,11 @@ export class FwCfg {
 
   /** The next byte of the selected item; 0 past its end (and for a key with no item). */
   #readData(): number {
-    const at = this.#find(this.selector);
-    if (at < 0) return 0;
+    const item = this.#item(this.selector);
     const offset = this.offset;
-    if (offset >= this.#view.getUint32(at + 8, true)) return 0;
+    if (item === undefined || offset >= item.length) return 0;
     Atomics.store(this.#registers, R_OFFSET, (offset + 1) | 0);
-    return this.#bytes[this.#view.getUint32(at + 4, true) + offset]!;
+    return item[offset]!;
   }
 
   /**
@@ -362,17 +365,15 @@ export class FwCfg {
       this.#complete(ram, descriptorAddr, FwCfgDma.Error);
       return;
     }
-    const at = this.#find(this.selector);
+    const item = this.#item(this.selector);
     const offset = this.offset;
-    const itemStart = at < 0 ? 0 : this.#view.getUint32(at + 4, true) + offset;
-    const available = at < 0 ? 0 : Math.max(this.#view.getUint32(at + 8, true) - offset, 0);
-    const moved = Math.min(length, available);
+    const moved = Math.min(length, Math.max((item?.length ?? 0) - offset, 0));
     if (control & FwCfgDma.Read) {
       if (!inRam(address, length)) {
         this.#complete(ram, descriptorAddr, FwCfgDma.Error);
         return;
       }
-      ram.set(this.#bytes.subarray(itemStart, itemStart + moved), address);
+      if (item !== undefined) ram.set(item.subarray(offset, offset + moved), address);
       ram.fill(0, address + moved, address + length);
       this.#ram!.dirty.mark(address, length);
     }
