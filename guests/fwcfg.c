@@ -30,8 +30,10 @@
  *   first half (size / 2 bytes, size from key 0x0014) through the data port and prints
  *     fwcfg half "<first half>"
  *     fwcfg waiting
- *   then waits for the go word, and reads the rest through the data port without selecting again:
+ *   then waits for the go word, and reads on without selecting again: one byte through the data
+ *   port, the rest through a DMA read (control READ only, no SELECT):
  *     fwcfg rest "<rest, without the NUL>"
+ *   (a failed DMA read prints "fwcfg BAD: ..." instead).
  */
 #include "rt/rt.h"
 
@@ -259,7 +261,11 @@ static void half_read(void)
 			bad("never told to go on");
 		cpu_relax();
 	}
-	read_data(cmdline + half, size - half);
+	if (size > half) {
+		read_data(cmdline + half, 1);
+		if (dma_transfer(DMA_READ, (uintptr_t)(cmdline + half + 1), size - half - 1) != 0)
+			bad("DMA read of the rest of the command line failed");
+	}
 	puts("fwcfg rest ");
 	put_quoted(cmdline + half, size - half);
 	putc('\n');
