@@ -135,6 +135,7 @@ function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { for
 export const C_GUESTS = {
   disk: { sources: ['disk.c'] },
   'pc-ports': { sources: ['pc-ports.c'] },
+  fwcfg: { sources: ['fwcfg.c'] },
 };
 
 const RT_DIR = join(GUESTS_DIR, 'rt');

@@ -3,7 +3,7 @@
 // or all that was taken is given back (threads ended or returned to their pool, fds and mappings
 // closed), whatever step failed.
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
-import { bootMsrs, guestCpuid, writeBootPlan } from '../boot/index.js';
+import { bootMsrs, guestCpuid, memoryMap, writeBootPlan } from '../boot/index.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
 import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
@@ -168,7 +168,10 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const disks = await step(disksPromise);
     const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
     if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
-    const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
+    const devices = createDevicesShared({
+      serialOutput, virtio: disks.mmioShared,
+      fwCfg: { memoryBytes: shape.memoryBytes, vcpus, cmdline: plan.cmdline, memoryMap: memoryMap(shape.memoryBytes) },
+    });
     const control = new Int32Array(createControl());
     const haltProbe = shape.irqchip ? createHaltProbe(vcpus) : null;
     supportedCpuidCache ??= kvm.getSupportedCpuid();

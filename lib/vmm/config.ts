@@ -128,6 +128,8 @@ export interface MachineState {
 export interface BuildPlan {
   shape: MachineShape;
   boot: BootPlan | null;
+  /** The kernel command line the guest was booted with, for fw_cfg (a restore brings its own). */
+  cmdline?: string;
   /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
   memory: (size: number) => GuestMemory | Promise<GuestMemory>;
   runtime: MachineRuntimeConfig;

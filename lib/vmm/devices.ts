@@ -5,6 +5,7 @@
 import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, type AcpiPmState } from '../devices/acpi-pm.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { ELCR_BASE, ELCR_PORTS, Elcr, type ElcrState } from '../devices/elcr.js';
+import { FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, FW_CFG_PORT, FW_CFG_PORTS, FwCfg, fwCfgItems, isFwCfgState, type FwCfgGuestRam, type FwCfgMachine, type FwCfgShared, type FwCfgState } from '../devices/fw-cfg.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
 import { PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, PciConfig, type PciConfigState } from '../devices/pci-config.js';
 import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
@@ -26,6 +27,7 @@ export interface DevicesShared {
   readonly pciConfig: SharedArrayBuffer;
   /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
   readonly virtio: SharedArrayBuffer[];
+  readonly fwCfg: FwCfgShared;
 }
 
 /** The state of every device: what a snapshot or a migration carries for them. */
@@ -38,6 +40,8 @@ export interface DeviceStates {
   pciConfig?: PciConfigState;
   /** The virtio-mmio register state of each disk. */
   virtio?: VirtioMmioState[];
+  /** Absent in states from before fw_cfg: the machine's own items stay. */
+  fwCfg?: FwCfgState;
 }
 
 export interface DeviceEvents {
@@ -51,13 +55,20 @@ export interface DeviceEvents {
 }
 
 /** The shared state of a new machine's devices (the disks' register files come from its Disks). */
-export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[] }): DevicesShared {
-  return { bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(),
-    acpiPm: AcpiPm.createShared(), elcr: Elcr.createShared(), pciConfig: PciConfig.createShared(), virtio: options.virtio };
+export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[]; fwCfg: FwCfgMachine }): DevicesShared {
+  return {
+    bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(),
+    acpiPm: AcpiPm.createShared(), elcr: Elcr.createShared(), pciConfig: PciConfig.createShared(), virtio: options.virtio,
+    fwCfg: FwCfg.createShared(fwCfgItems(options.fwCfg)),
+  };
 }
 
-/** On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. */
-export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bus: IoBus; serial: Serial } {
+/**
+ * On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. `ram`:
+ * guest RAM for the devices that reach it from this thread (fw_cfg's DMA); without it they fail
+ * such transfers.
+ */
+export function attachDevices(shared: DevicesShared, events: DeviceEvents, ram: FwCfgGuestRam | null = null): { bus: IoBus; serial: Serial } {
   const bus = new IoBus(shared.bus, events.log);
   const setIrqLine = events.setIrqLine;
   const serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
@@ -72,6 +83,9 @@ export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bu
   const pciConfig = new PciConfig(shared.pciConfig);
   bus.registerPorts(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_PORTS, pciConfig.addressPort);
   bus.registerPorts(PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, pciConfig.dataPort);
+  const fwCfg = new FwCfg(shared.fwCfg, ram);
+  bus.registerPorts(FW_CFG_PORT, FW_CFG_PORTS, fwCfg.port);
+  bus.registerPorts(FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, fwCfg.dmaPort);
   shared.virtio.forEach((registers, slot) => {
     bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
   });
@@ -89,6 +103,7 @@ export class MachineDevices {
   readonly acpiPm: AcpiPm;
   readonly elcr: Elcr;
   readonly pciConfig: PciConfig;
+  readonly fwCfg: FwCfg;
   readonly disks: Disks;
 
   constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
@@ -99,6 +114,7 @@ export class MachineDevices {
     this.acpiPm = new AcpiPm(shared.acpiPm, { powerOff: () => {}, log: () => {} });
     this.elcr = new Elcr(shared.elcr);
     this.pciConfig = new PciConfig(shared.pciConfig);
+    this.fwCfg = new FwCfg(shared.fwCfg);
     this.disks = disks;
   }
 
@@ -113,10 +129,13 @@ export class MachineDevices {
       serial: this.serial.saveState(), postCode: this.postCode.saveState(),
       acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
       ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}),
+      fwCfg: this.fwCfg.saveState(),
     };
   }
 
   restoreState(states: DeviceStates): void {
+    // First: the one that may refuse a state (items that do not fit), before anything changed.
+    if (states.fwCfg !== undefined) this.fwCfg.restoreState(states.fwCfg);
     this.serial.restoreState(states.serial);
     this.postCode.restoreState(states.postCode);
     if (states.acpiPm) this.acpiPm.restoreState(states.acpiPm);
@@ -133,7 +152,8 @@ export function isDeviceStates(value: unknown): value is DeviceStates {
     && (value.acpiPm === undefined || isAcpiPmState(value.acpiPm))
     && (value.elcr === undefined || (isObject(value.elcr) && Array.isArray(value.elcr.registers) && value.elcr.registers.every(isInteger)))
     && (value.pciConfig === undefined || (isObject(value.pciConfig) && isInteger(value.pciConfig.address)))
-    && (value.virtio === undefined || Array.isArray(value.virtio));
+    && (value.virtio === undefined || Array.isArray(value.virtio))
+    && (value.fwCfg === undefined || isFwCfgState(value.fwCfg));
 }
 
 const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);

@@ -279,6 +279,7 @@ export class Machine extends EventEmitter {
       // Every PC has its interrupt controllers and timer.
       shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? true },
       boot,
+      cmdline,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
       signal,
