@@ -264,10 +264,12 @@ export class Machine extends EventEmitter {
       const devices = disks.map((_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
       cmdline = [cmdline, ...devices].filter((part) => part).join(' ');
     }
-    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd });
+    // Linux wants its local APIC and IOAPIC: a bzImage gets the in-kernel irqchip unless told otherwise.
+    const irqchip = config.irqchip ?? (vcpus > 1 || linux);
+    // With the irqchip, the plan also writes the ACPI and MP tables that describe it.
+    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd, irqchip });
     return buildMachine({
-      // Linux wants its local APIC and IOAPIC: a bzImage gets the in-kernel irqchip unless told otherwise.
-      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? (vcpus > 1 || linux) },
+      shape: { memoryBytes, vcpus, irqchip },
       boot,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
