@@ -6,7 +6,7 @@
  *   - ACPI: scans 0xE0000-0xFFFFF on 16-byte boundaries for the RSDP ("RSD PTR ", both
  *     checksums, revision 2), follows it to the XSDT (and checks the RSDT), checks every table
  *     the XSDT lists, the FADT's DSDT (which must define \_S5) and FACS, and walks the MADT:
- *       "acpi: rsdp <addr> xsdt <addr> rsdt <addr>\n"
+ *       "acpi: rsdp <addr> xsdt <addr> rsdt <addr> start_info <addr>\n"  (the last: hvm_start_info.rsdp_paddr)
  *       "acpi: FACP APIC\n"                                  (the XSDT's tables, in order)
  *       "acpi: fadt sci <n> pm1a_evt <port> pm1a_cnt <port> pm_tmr <port> _S5 ok facs ok\n"
  *       "madt: lapic <addr> cpus <n> ioapic <id> at <addr> gsi base <n>\n"
@@ -202,6 +202,12 @@ static bool walk_acpi(struct madt_info *info)
 	put_hex(xsdt);
 	puts(" rsdt ");
 	put_hex(rsdt);
+	/* The loader's hvm_start_info names the RSDP too (rsdp_paddr), as PVH kernels read it. */
+	if (rt_start_info) {
+		puts(" start_info ");
+		put_hex(read64(rt_start_info + 32));
+		if (read64(rt_start_info + 32) != rsdp) fail("hvm_start_info.rsdp_paddr is not the RSDP the scan found");
+	}
 	putc('\n');
 	if (!check_table(xsdt, "XSDT") || !check_table(rsdt, "RSDT")) return false;
 	uint32_t entries = (read32(xsdt + 4) - 36) / 8;

@@ -20,7 +20,7 @@ for (const vcpus of [1, 2, 4]) {
     const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, vcpus, irqchip: true, pool }, logs);
     t.same(exit, { reason: 'debug-exit', code: SUCCESS, vcpu: 0 }, output);
     t.equal(output, [
-      'acpi: rsdp 0xe0000 xsdt 0xe0030 rsdt 0xe0070',
+      'acpi: rsdp 0xe0000 xsdt 0xe0030 rsdt 0xe0070 start_info 0xe0000',
       'acpi: FACP APIC',
       'acpi: fadt sci 9 pm1a_evt 0x600 pm1a_cnt 0x604 pm_tmr 0x608 _S5 ok facs ok',
       `madt: lapic 0xfee00000 cpus ${vcpus} ioapic ${vcpus} at 0xfec00000 gsi base 0`,
@@ -33,3 +33,9 @@ for (const vcpus of [1, 2, 4]) {
     t.same(logs, [], 'nothing the VMM did not know');
   });
 }
+
+t.test('without the in-kernel irqchip there are no tables to find', { skip: noKvm }, async (t) => {
+  const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, vcpus: 1, irqchip: false, pool });
+  t.same(exit, { reason: 'debug-exit', code: 0x11, vcpu: 0 }, output);
+  t.equal(output, 'FAIL: no RSDP in 0xe0000-0xfffff\n');
+});
