@@ -27,7 +27,7 @@ export const FACS_BYTES = 64;
 /** MADT revision 5: ACPI 6.3. */
 export const MADT_REVISION = 5;
 
-/** FADT Flags (ACPI 6.3, Table 5-34). No RESET_REG_SUP: the VMM has no reset register. */
+/** FADT Flags (ACPI 6.3, Table 5-34). No RESET_REG_SUP: the VMM resets on no reset register (such as QEMU's port 0xcf9). */
 export const FadtFlag = { Wbinvd: 1 << 0, ProcC1: 1 << 2, SlpButton: 1 << 5 } as const;
 /** FADT IA-PC boot architecture flags (Table 5-35). */
 export const IapcBootArch = { LegacyDevices: 1 << 0, I8042: 1 << 1 } as const;
@@ -70,7 +70,7 @@ export function byteSum(bytes: Uint8Array): number {
   return sum;
 }
 
-/** The MADT's length for `vcpus` processors. */
+/** The MADT's length for `vcpus` processors: header, local APIC address and flags, a local APIC each, the IOAPIC, two overrides, the NMI. */
 export const madtBytes = (vcpus: number): number => SDT_HEADER_BYTES + 8 + vcpus * 8 + 12 + 2 * 10 + 6;
 
 /** Tables the XSDT and RSDT list: the FADT (which leads to the FACS and the DSDT) and the MADT. */
@@ -91,7 +91,7 @@ function tableOffsets(vcpus: number): { at: Record<TableName, number>; sizes: Re
   const at = {} as Record<TableName, number>;
   let offset = 0;
   for (const table of TABLE_ORDER) {
-    // The FACS must be 64-byte aligned (5.2.10); 16 for the rest keeps every field aligned.
+    // The FACS must be 64-byte aligned (5.2.10), the RSDP 16-byte (5.2.5.1); the rest as the RSDP.
     const alignment = table === 'facs' ? 64 : 16;
     offset = Math.ceil(offset / alignment) * alignment;
     at[table] = offset;
@@ -101,8 +101,8 @@ function tableOffsets(vcpus: number): { at: Record<TableName, number>; sizes: Re
 }
 
 /**
- * Every table at `base` (16-byte aligned, as the RSDP must be; 64 would do for the FACS too, as
- * its offset is a multiple of 64): RSDP, XSDT, RSDT, FADT, FACS, DSDT, MADT. Throws RangeError
+ * Every table from `base` (64-byte aligned: the RSDP needs 16, and the FACS, placed at a multiple
+ * of 64 from base, needs 64): RSDP, XSDT, RSDT, FADT, FACS, DSDT, MADT. Throws RangeError
  * for a platform without an irqchip: without local APICs and an IOAPIC there is no interrupt
  * model for an ACPI OS to take.
  */

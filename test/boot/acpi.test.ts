@@ -165,6 +165,7 @@ const writeOf = (plan: BootPlan, what: string) => plan.writes.find((w) => w.what
 t.test('a boot plan with the irqchip writes the tables in the BIOS area, for every format', async (t) => {
   const plans: [string, BootPlan][] = [
     ['flat', planBoot(guestImage('hello'), { memoryBytes: 2 * MiB, vcpus: 2, irqchip: true })],
+    ['elf32', planBoot(elfGuest('protected'), { memoryBytes: 4 * MiB, vcpus: 2, irqchip: true })],
     ['elf64', planBoot(elfGuest('long'), { memoryBytes: 4 * MiB, vcpus: 2, irqchip: true })],
     ['multiboot', planBoot(elfGuest('multiboot'), { memoryBytes: 4 * MiB, vcpus: 2, irqchip: true })],
     ['pvh', planBoot(elfGuest('pvh'), { memoryBytes: 4 * MiB, vcpus: 2, irqchip: true })],
