@@ -136,6 +136,7 @@ export const C_GUESTS = {
   disk: { sources: ['disk.c'] },
   'pc-ports': { sources: ['pc-ports.c'] },
   fwcfg: { sources: ['fwcfg.c'] },
+  'pc-tables': { sources: ['pc-tables.c'] },
 };
 
 const RT_DIR = join(GUESTS_DIR, 'rt');

@@ -274,10 +274,12 @@ export class Machine extends EventEmitter {
       const devices = disks.map((_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
       cmdline = [cmdline, ...devices].filter((part) => part).join(' ');
     }
-    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd, modules });
+    // Every PC has its interrupt controllers and timer; with them, the plan also writes the ACPI
+    // and MP tables that describe them.
+    const irqchip = config.irqchip ?? true;
+    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd, modules, irqchip });
     return buildMachine({
-      // Every PC has its interrupt controllers and timer.
-      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? true },
+      shape: { memoryBytes, vcpus, irqchip },
       boot,
       cmdline,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
