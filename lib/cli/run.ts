@@ -50,6 +50,8 @@ options:
                               or set ${TOKEN_ENV}, which other users cannot see in ps
   --restore FILE              run the guest saved in this snapshot
   --no-verify                 with --restore: skip checking the RAM image (which reads all of it)
+  --no-irqchip                no interrupt controllers, PIT, ACPI or MP tables: HLT then exits
+                              to the VMM, and the machine ends once every vCPU has halted
   -h, --help                  show this help`;
 
 export interface RunOptions {
@@ -72,6 +74,7 @@ export interface RunOptions {
   disk?: string[];
   /** With --restore: do not check the RAM image against its checksum. */
   noVerify?: boolean;
+  noIrqchip?: boolean;
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -140,6 +143,7 @@ export function checkRunSource(options: RunOptions): void {
   }
   if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
   if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
+  if (options.noIrqchip === true && image === undefined) throw argValueError('--no-irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)');
 }
 
 export function parseSize(text: string): number {
@@ -211,6 +215,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       cmdline: options.cmdline ?? options.append,
       initrd: modules ? undefined : options.initrd,
       modules,
+      irqchip: options.noIrqchip === true ? false : undefined,
       disks,
       serial,
       pool,
