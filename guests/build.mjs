@@ -133,6 +133,7 @@ function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { for
  */
 export const C_GUESTS = {
   disk: { sources: ['disk.c'] },
+  rtc: { sources: ['rtc.c'] },
 };
 
 const RT_DIR = join(GUESTS_DIR, 'rt');

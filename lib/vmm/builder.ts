@@ -148,7 +148,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const disks = await step(disksPromise);
     const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
     if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
-    const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
+    const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared, rtc: { memoryBytes: shape.memoryBytes, vcpus } });
     const control = new Int32Array(createControl());
     supportedCpuidCache ??= kvm.getSupportedCpuid();
     const supported = supportedCpuidCache;

@@ -355,7 +355,10 @@ export class Machine extends EventEmitter {
       this.#input.resume();
     }
     setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
-    if (!options.paused) this.#devices.disks.resume();
+    if (!options.paused) {
+      this.#devices.disks.resume();
+      this.#devices.runTimers();
+    }
   }
 
   /**
@@ -377,6 +380,7 @@ export class Machine extends EventEmitter {
   async #pause(saveVcpus: boolean): Promise<VcpuState[] | null> {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     setRunState(this.#control, RunState.Paused);
+    this.#devices.haltTimers();
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
@@ -405,6 +409,7 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
+    this.#devices.runTimers();
     this.emit('resumed');
   }
 
@@ -547,6 +552,7 @@ export class Machine extends EventEmitter {
     if (this.#exit) return;
     this.#exit = exit;
     setRunState(this.#control, RunState.Stopping);
+    this.#devices.haltTimers();
     this.#kickAll();
     void this.#teardown();
   }
