@@ -159,22 +159,32 @@ function hoursFromRegister(register: number, b: number): number {
   return (fromRegister(register & ~HOUR_PM, b) % 12) + (register & HOUR_PM ? 12 : 0);
 }
 
-/** The time registers (0x00-0x09 less the alarms, and the century) of `timeMs`, as register B says. */
-export function encodeTime(timeMs: number, b: number): Map<number, number> {
+/** Time register `index` (one of TIME_REGISTERS) at `timeMs`, as register B says; computes only what it needs. */
+export function timeRegister(timeMs: number, index: number, b: number): number {
   const seconds = Math.floor(timeMs / 1000);
   const days = Math.floor(seconds / 86400);
   const ofDay = seconds - days * 86400;
+  switch (index) {
+    case R.Seconds: return toRegister(ofDay % 60, b);
+    case R.Minutes: return toRegister(Math.floor(ofDay / 60) % 60, b);
+    case R.Hours: return hoursToRegister(Math.floor(ofDay / 3600), b);
+  }
   const { year, month, day, weekday } = civilFromDays(days);
-  return new Map([
-    [R.Seconds, toRegister(ofDay % 60, b)],
-    [R.Minutes, toRegister(Math.floor(ofDay / 60) % 60, b)],
-    [R.Hours, hoursToRegister(Math.floor(ofDay / 3600), b)],
-    [R.DayOfWeek, toRegister(weekday, b)],
-    [R.DayOfMonth, toRegister(day, b)],
-    [R.Month, toRegister(month, b)],
-    [R.Year, toRegister(((year % 100) + 100) % 100, b)],
-    [R.Century, toRegister(Math.floor(year / 100), b)],
-  ]);
+  switch (index) {
+    case R.DayOfWeek: return toRegister(weekday, b);
+    case R.DayOfMonth: return toRegister(day, b);
+    case R.Month: return toRegister(month, b);
+    case R.Year: return toRegister(((year % 100) + 100) % 100, b);
+    default: return toRegister(Math.floor(year / 100), b);
+  }
+}
+
+const TIME_REGISTERS: readonly number[] = [R.Seconds, R.Minutes, R.Hours, R.DayOfWeek, R.DayOfMonth, R.Month, R.Year, R.Century];
+const IS_TIME_REGISTER = new Uint8Array(CMOS_BYTES).map((_, index) => (TIME_REGISTERS.includes(index) ? 1 : 0));
+
+/** The time registers (0x00-0x09 less the alarms, and the century) of `timeMs`, as register B says. */
+export function encodeTime(timeMs: number, b: number): Map<number, number> {
+  return new Map(TIME_REGISTERS.map((index) => [index, timeRegister(timeMs, index, b)]));
 }
 
 /** The time (ms since the epoch, whole seconds) that the time registers in `cmos` say, read as register B says. */
@@ -188,7 +198,6 @@ export function decodeTime(cmos: Uint8Array, b: number): number {
   return date.getTime();
 }
 
-const TIME_REGISTERS: ReadonlySet<number> = new Set([R.Seconds, R.Minutes, R.Hours, R.DayOfWeek, R.DayOfMonth, R.Month, R.Year, R.Century]);
 
 /** The CMOS RAM bytes a PC BIOS leaves for `machine` (index -> value), as QEMU's pc machine writes them. */
 export function cmosMemoryBytes(machine: CmosMachine): Map<number, number> {
@@ -347,9 +356,9 @@ export class CmosRtc implements PortDevice {
     const index = Atomics.load(this.#ints, I_INDEX) & INDEX_MASK;
     const cmos = this.#cmos;
     const b = cmos[R.B]!;
-    if (TIME_REGISTERS.has(index)) {
+    if (IS_TIME_REGISTER[index]) {
       if (b & REG_B_SET) return cmos[index]!; // stopped: what the guest wrote
-      return encodeTime(this.#nowMs(), b).get(index)!;
+      return timeRegister(this.#nowMs(), index, b);
     }
     switch (index) {
       case R.A: {
@@ -409,7 +418,7 @@ export class CmosRtc implements PortDevice {
     const index = Atomics.load(this.#ints, I_INDEX) & INDEX_MASK;
     const cmos = this.#cmos;
     const b = cmos[R.B]!;
-    if (TIME_REGISTERS.has(index)) {
+    if (IS_TIME_REGISTER[index]) {
       if (b & REG_B_SET) {
         cmos[index] = value; // taken when SET is cleared
         return;
@@ -468,14 +477,21 @@ export class CmosRtc implements PortDevice {
     Atomics.notify(this.#ints, I_GENERATION);
   }
 
+  /** Runs `work` holding the lock: 0 free, 1 held, 2 held with a thread waiting (only then is a notify paid). */
   #locked<T>(work: () => T): T {
     const ints = this.#ints;
-    while (Atomics.compareExchange(ints, I_LOCK, 0, 1) !== 0) Atomics.wait(ints, I_LOCK, 1, 1);
+    let lock = Atomics.compareExchange(ints, I_LOCK, 0, 1);
+    if (lock !== 0) {
+      if (lock !== 2) lock = Atomics.exchange(ints, I_LOCK, 2);
+      while (lock !== 0) {
+        Atomics.wait(ints, I_LOCK, 2, 1);
+        lock = Atomics.exchange(ints, I_LOCK, 2);
+      }
+    }
     try {
       return work();
     } finally {
-      Atomics.store(ints, I_LOCK, 0);
-      Atomics.notify(ints, I_LOCK, 1);
+      if (Atomics.exchange(ints, I_LOCK, 0) === 2) Atomics.notify(ints, I_LOCK, 1);
     }
   }
 }
