@@ -9,7 +9,7 @@
 // before each second ticks over, so a guest that waits for it to fall has a whole second to read
 // a consistent time. Register C's flags are worked out when it is read: UF if a second ticked
 // since the last read, AF if the alarm matched one of those seconds, PF if a periodic boundary
-// passed (while PIE is off; with PIE on, the periodic interrupt sets PF).
+// passed (while PIE is off, or no timer runs; with PIE on, the periodic interrupt sets PF).
 //
 // The periodic interrupt needs a timer, which vCPU threads cannot keep: the main thread runs it
 // (CmosRtcInterrupts below) while the machine runs, and a vCPU thread that changes PIE or the
@@ -79,7 +79,10 @@ const I_INDEX = 1;
 const I_FLAGS = 2;
 /** Bumped (and notified) when PIE or the rate changes: the main thread's timer follows it. */
 const I_GENERATION = 3;
-const INT_WORDS = 4;
+/** 1 while the main thread's periodic timer runs: it raises PF then, not a read of register C. */
+const I_TIMER_RUNS = 4;
+/** Rounded up so the Float64 values that follow are 8-byte aligned. */
+const INT_WORDS = 6;
 /** Guest time minus host wall-clock time, in ms. */
 const F_OFFSET_MS = 0;
 /** Host wall clock minus the monotonic clock (ms), taken once per machine so every thread agrees. */
@@ -231,8 +234,11 @@ export class CmosRtc implements PortDevice {
   readonly #ints: Int32Array;
   readonly #floats: Float64Array;
   readonly #cmos: Uint8Array;
+  readonly #monotonicMs: () => number;
 
-  constructor(shared: SharedArrayBuffer) {
+  /** `monotonicClock` (ms) is the host's monotonic clock; tests give one they step themselves. */
+  constructor(shared: SharedArrayBuffer, monotonicClock: () => number = monotonicMs) {
+    this.#monotonicMs = monotonicClock;
     this.#ints = new Int32Array(shared, 0, INT_WORDS);
     this.#floats = new Float64Array(shared, FLOATS_AT, FLOAT_VALUES);
     this.#cmos = new Uint8Array(shared, CMOS_AT, CMOS_BYTES);
@@ -314,6 +320,11 @@ export class CmosRtc implements PortDevice {
     return { array: this.#ints, index: I_GENERATION };
   }
 
+  /** Whether the main thread's periodic timer runs (it raises PF while PIE is on). */
+  set timerRuns(runs: boolean) {
+    Atomics.store(this.#ints, I_TIMER_RUNS, runs ? 1 : 0);
+  }
+
   /** A periodic boundary passed with PIE on: raises PF and IRQF; true if IRQF was clear (the line rises). */
   raisePeriodic(): boolean {
     return (Atomics.or(this.#ints, I_FLAGS, REG_C_PF | REG_C_IRQF) & REG_C_IRQF) === 0;
@@ -323,7 +334,7 @@ export class CmosRtc implements PortDevice {
 
   #startClock(offsetMs: number): void {
     const f = this.#floats;
-    f[F_WALL_MINUS_MONOTONIC_MS] = Date.now() - monotonicMs();
+    f[F_WALL_MINUS_MONOTONIC_MS] = Date.now() - this.#monotonicMs();
     f[F_OFFSET_MS] = offsetMs;
     this.#resetAccounting();
   }
@@ -337,11 +348,11 @@ export class CmosRtc implements PortDevice {
 
   #nowMs(): number {
     const f = this.#floats;
-    return monotonicMs() + f[F_WALL_MINUS_MONOTONIC_MS]! + f[F_OFFSET_MS]!;
+    return this.#monotonicMs() + f[F_WALL_MINUS_MONOTONIC_MS]! + f[F_OFFSET_MS]!;
   }
 
   #setTime(timeMs: number): void {
-    this.#floats[F_OFFSET_MS] = timeMs - (monotonicMs() + this.#floats[F_WALL_MINUS_MONOTONIC_MS]!);
+    this.#floats[F_OFFSET_MS] = timeMs - (this.#monotonicMs() + this.#floats[F_WALL_MINUS_MONOTONIC_MS]!);
     this.#resetAccounting();
   }
 
@@ -384,8 +395,10 @@ export class CmosRtc implements PortDevice {
     const period = periodicPeriodMs(rate);
     if (period) {
       const boundary = Math.floor(now / period);
-      // With PIE on the timer raises PF; with it off, PF still says a period passed (data sheet).
-      if (boundary > f[F_LAST_PERIOD]! && !(b & REG_B_PIE)) flags |= REG_C_PF;
+      // With PIE on the timer raises PF (with IRQF, once per period); with PIE off, or without a
+      // timer (no irqchip), PF still says a period passed (data sheet).
+      const timerRaisesPf = b & REG_B_PIE && Atomics.load(this.#ints, I_TIMER_RUNS) === 1;
+      if (boundary > f[F_LAST_PERIOD]! && !timerRaisesPf) flags |= REG_C_PF;
       f[F_LAST_PERIOD] = boundary;
     }
     if (!(b & REG_B_SET)) {
@@ -527,6 +540,7 @@ export class CmosRtcInterrupts {
   run(): void {
     if (this.#running) return;
     this.#running = true;
+    this.#rtc.timerRuns = true;
     void this.#watch(++this.#epoch);
   }
 
@@ -534,6 +548,7 @@ export class CmosRtcInterrupts {
   halt(): void {
     if (!this.#running) return;
     this.#running = false;
+    this.#rtc.timerRuns = false;
     this.#epoch++;
     this.#cancel();
     const { array, index } = this.#rtc.generation;
