@@ -20,6 +20,7 @@
 // All the device's state is in one SharedArrayBuffer: a vCPU thread may run it, the main thread
 // drives the periodic interrupt and saves it. Reads and writes hold a small lock (two vCPUs may
 // use the index register at once); the main thread only ORs flags into register C atomically.
+import { argValueError } from '../kvm/errors.js';
 import type { PortDevice } from './bus-device.js';
 
 export const CMOS_RTC_PORT = 0x70;
@@ -117,6 +118,15 @@ export interface CmosRtcState {
   offsetMs: number;
   /** Register C flags raised by the periodic interrupt and not yet read. */
   flags: number;
+}
+
+/** Whether `value` has the structure of a CmosRtcState (a state from a stream is checked before use). */
+export function isCmosRtcState(value: unknown): value is CmosRtcState {
+  if (typeof value !== 'object' || value === null) return false;
+  const state = value as Record<string, unknown>;
+  const isByte = (v: unknown) => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 0xff;
+  return isByte(state.index) && isByte(state.flags) && typeof state.offsetMs === 'number' && Number.isFinite(state.offsetMs)
+    && Array.isArray(state.cmos) && state.cmos.length === CMOS_BYTES && state.cmos.every(isByte);
 }
 
 /** The host's monotonic clock (CLOCK_MONOTONIC, the same in every thread) in ms. */
@@ -298,11 +308,12 @@ export class CmosRtc implements PortDevice {
 
   /** Puts a saved state back; the clock runs on from the host's time now plus the saved offset. */
   restoreState(state: CmosRtcState): void {
+    if (!isCmosRtcState(state)) throw argValueError('the saved CMOS RTC state is malformed');
     this.#locked(() => {
       Atomics.store(this.#ints, I_INDEX, state.index & 0xff);
-      for (let i = 0; i < CMOS_BYTES; i++) this.#cmos[i] = (state.cmos[i] ?? 0) & 0xff;
+      this.#cmos.set(state.cmos);
       Atomics.store(this.#ints, I_FLAGS, state.flags & (REG_C_PF | REG_C_IRQF));
-      this.#startClock(Number.isFinite(state.offsetMs) ? state.offsetMs : 0);
+      this.#startClock(state.offsetMs);
     });
     this.#changed();
   }

@@ -2,7 +2,7 @@
 // sit, builds them on each vCPU thread over their shared state, and saves and restores their
 // states for snapshots and migrations. Each device keeps its own registers and its own
 // saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
-import { CMOS_RTC_IRQ, CMOS_RTC_PORT, CMOS_RTC_PORTS, CmosRtc, CmosRtcInterrupts, CMOS_BYTES, type CmosRtcState } from '../devices/cmos-rtc.js';
+import { CMOS_RTC_IRQ, CMOS_RTC_PORT, CMOS_RTC_PORTS, CmosRtc, CmosRtcInterrupts, isCmosRtcState, type CmosRtcState } from '../devices/cmos-rtc.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
 import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
@@ -133,12 +133,4 @@ export function isDeviceStates(value: unknown): value is DeviceStates {
   const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
   return isObject(value) && isObject(value.serial) && isObject(value.postCode) && (value.virtio === undefined || Array.isArray(value.virtio))
     && (value.cmosRtc === undefined || isCmosRtcState(value.cmosRtc));
-}
-
-function isCmosRtcState(value: unknown): boolean {
-  if (typeof value !== 'object' || value === null) return false;
-  const state = value as Record<string, unknown>;
-  const isByte = (v: unknown) => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 0xff;
-  return isByte(state.index) && isByte(state.flags) && typeof state.offsetMs === 'number' && Number.isFinite(state.offsetMs)
-    && Array.isArray(state.cmos) && state.cmos.length === CMOS_BYTES && state.cmos.every(isByte);
 }

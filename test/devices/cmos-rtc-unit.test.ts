@@ -241,4 +241,5 @@ t.test('device states: the RTC\'s state is optional, and checked when present', 
   t.notOk(isDeviceStates({ ...base, cmosRtc: { ...rtc, cmos: [1, 2] } }));
   t.notOk(isDeviceStates({ ...base, cmosRtc: { ...rtc, offsetMs: 'x' } }));
   t.notOk(isDeviceStates({ ...base, cmosRtc: null }));
+  t.throws(() => new CmosRtc(CmosRtc.createShared(machine)).restoreState({ ...rtc, cmos: [] }), { code: 'ERR_INVALID_ARG_VALUE' }, 'the device refuses a malformed state');
 });
