@@ -4,9 +4,9 @@
  * the IOAPIC, and times register reads. Runs main() at CPL 0 (it takes interrupts: see rt.h).
  *
  * Parameters at guest-physical 0x5000 (all zero = mode 0):
- *   0x5000 u32 mode: 0 clock, 1 set, 2 periodic, 3 ticks, 4 bench
+ *   0x5000 u32 mode: 0 clock, 1 set, 2 periodic, 3 ticks, 4 bench, 5 update
  *   0x5004 u32 rate: register A's rate bits (periodic, ticks)
- *   0x5008 u32 count: interrupts to take (periodic); interrupts per line (ticks)
+ *   0x5008 u32 count: interrupts to take (periodic, update); interrupts per line (ticks)
  *   0x500c u32 iterations (bench)
  *   0x5010 u32 ticks: when not 0, first set the clock to 2001-02-03 04:05:06 as mode 1 does
  *
@@ -29,6 +29,8 @@
  *   reads (index write to 0x70, data read from 0x71) and of as many write+read pairs of the POST
  *   port 0x80, the fastest round of each: "bench tsc_hz <hz> rtc <cycles per read> post <cycles
  *   per pair>". Exit 0x10.
+ * Mode 5, update: as mode 2 with UIE instead of PIE (and no periodic rate), binary mode: after each
+ *   update-ended interrupt, "update <n> <seconds>" (decimal), `count` times. Exit 0x10.
  * A failure prints "rtc BAD: <what>" and exits 0x7f.
  */
 #include "rt/rt.h"
@@ -44,9 +46,11 @@ const unsigned char rt_run_main_at_cpl0 = 1;
 #define REG_A_UIP 0x80
 #define REG_B_SET 0x80
 #define REG_B_PIE 0x40
+#define REG_B_UIE 0x10
 #define REG_B_DM 0x04
 #define REG_B_24H 0x02
 #define REG_C_PF 0x40
+#define REG_C_UF 0x10
 #define DIVIDER_32KHZ 0x20
 #define RTC_GSI 8
 #define RTC_VECTOR 0x28
@@ -67,6 +71,7 @@ static const uint8_t time_registers[] = { 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x
 static const uint8_t memory_bytes[] = { 0x10, 0x14, 0x15, 0x16, 0x17, 0x18, 0x30, 0x31, 0x34, 0x35, 0x5b, 0x5c, 0x5d, 0x5f };
 
 static volatile uint32_t interrupts;
+static volatile uint32_t updates;
 static volatile uint32_t without_pf;
 
 static uint8_t cmos_read(uint8_t index)
@@ -140,13 +145,16 @@ static void set_clock(void)
 static void on_rtc_interrupt(uint8_t vector)
 {
 	(void)vector;
-	if (cmos_read(REG_C) & REG_C_PF)
+	uint8_t flags = cmos_read(REG_C);
+	if (flags & REG_C_PF)
 		interrupts++;
 	else
 		without_pf++;
+	if (flags & REG_C_UF)
+		updates++;
 }
 
-static void arm_periodic(uint32_t rate, uint8_t mode_bits)
+static void arm_interrupts(uint32_t rate, uint8_t mode_bits)
 {
 	rt_set_interrupt_handler(RTC_VECTOR, on_rtc_interrupt);
 	rt_pic_disable();
@@ -154,7 +162,7 @@ static void arm_periodic(uint32_t rate, uint8_t mode_bits)
 	rt_ioapic_route(RTC_GSI, RTC_VECTOR, rt_lapic_id(), 0);
 	(void)cmos_read(REG_C); /* nothing pending from before */
 	cmos_write(REG_A, DIVIDER_32KHZ | (rate & 0x0f));
-	cmos_write(REG_B, REG_B_PIE | mode_bits);
+	cmos_write(REG_B, mode_bits);
 }
 
 /* Waits with interrupts on until `target` interrupts with PF were counted; returns with them off. */
@@ -256,7 +264,7 @@ int main(void)
 		print_time();
 		return SUCCESS;
 	case 2:
-		arm_periodic(params->rate, REG_B_24H);
+		arm_interrupts(params->rate, REG_B_PIE | REG_B_24H);
 		wait_for_interrupts(params->count);
 		cmos_write(REG_B, REG_B_24H);
 		puts("periodic ");
@@ -269,12 +277,28 @@ int main(void)
 		if (params->set_first)
 			set_clock();
 		uint32_t every = params->count ? params->count : 1;
-		arm_periodic(params->rate, REG_B_DM | REG_B_24H);
+		arm_interrupts(params->rate, REG_B_PIE | REG_B_DM | REG_B_24H);
 		for (uint32_t n = 1;; n++) {
 			wait_for_interrupts(n * every);
 			print_tick(n);
 		}
 	}
+	case 5:
+		arm_interrupts(0, REG_B_UIE | REG_B_DM | REG_B_24H);
+		for (uint32_t n = 1; n <= params->count; n++) {
+			rt_cli();
+			while (updates < n) {
+				rt_sti_hlt();
+				rt_cli();
+			}
+			puts("update ");
+			put_dec(n);
+			putc(' ');
+			put_dec(cmos_read(0x00));
+			putc('\n');
+		}
+		cmos_write(REG_B, REG_B_DM | REG_B_24H);
+		return SUCCESS;
 	case 4:
 		bench(params->iterations ? params->iterations : 10000);
 		return SUCCESS;

@@ -8,18 +8,20 @@
 // the clock costs nothing between reads. UIP (register A bit 7) reads 1 in the last 244 us
 // before each second ticks over, so a guest that waits for it to fall has a whole second to read
 // a consistent time. Register C's flags are worked out when it is read: UF if a second ticked
-// since the last read, AF if the alarm matched one of those seconds, PF if a periodic boundary
-// passed (while PIE is off, or no timer runs; with PIE on, the periodic interrupt sets PF).
+// since the last read (or the update interrupt) reported it, AF if the alarm matched one of those
+// seconds, PF if a periodic boundary passed (while PIE is off, or no timer runs; with PIE on, the
+// periodic interrupt sets PF).
 //
-// The periodic interrupt needs a timer, which vCPU threads cannot keep: the main thread runs it
-// (CmosRtcInterrupts below) while the machine runs, and a vCPU thread that changes PIE or the
-// rate bumps a generation word in the shared state and notifies it (Atomics.notify), so the timer
-// follows at once without polling. Alarm and update-ended interrupts are not generated (their
-// flags are set when C is read).
+// The interrupts (periodic, update-ended, alarm) need timers, which vCPU threads cannot keep: the
+// main thread runs them (CmosRtcInterrupts below) while the machine runs, and a vCPU thread that
+// changes PIE, UIE, AIE, SET, the rate or the time bumps a generation word in the shared state
+// and notifies it (Atomics.notify), so the timers follow at once, without polling and without
+// waking the main thread while nothing changes.
 //
 // All the device's state is in one SharedArrayBuffer: a vCPU thread may run it, the main thread
-// drives the periodic interrupt and saves it. Reads and writes hold a small lock (two vCPUs may
-// use the index register at once); the main thread only ORs flags into register C atomically.
+// drives the interrupts and saves it. Reads and writes hold a small lock (two vCPUs may use the
+// index register at once), as does the main thread's update interrupt; the periodic one only ORs
+// flags into register C atomically.
 import { argValueError } from '../kvm/errors.js';
 import type { PortDevice } from './bus-device.js';
 
@@ -336,6 +338,24 @@ export class CmosRtc implements PortDevice {
     Atomics.store(this.#ints, I_TIMER_RUNS, runs ? 1 : 0);
   }
 
+  /** Whether the update-ended or alarm interrupt is enabled (UIE or AIE, and the clock running). */
+  get updateInterruptsEnabled(): boolean {
+    const b = Atomics.load(this.#cmos, R.B);
+    return (b & (REG_B_UIE | REG_B_AIE)) !== 0 && (b & REG_B_SET) === 0;
+  }
+
+  /**
+   * A second ticked with UIE or AIE on: raises UF (and AF on an alarm match, IRQF as enabled) unless
+   * a read of register C already reported that update; true if IRQF rose (the line rises).
+   */
+  raiseUpdate(): boolean {
+    return this.#locked(() => {
+      const raised = this.#accountUpdates(this.#nowMs(), this.#cmos[R.B]!);
+      const before = Atomics.or(this.#ints, I_FLAGS, raised);
+      return (raised & REG_C_IRQF) !== 0 && (before & REG_C_IRQF) === 0;
+    });
+  }
+
   /** A periodic boundary passed with PIE on: raises PF and IRQF; true if IRQF was clear (the line rises). */
   raisePeriodic(): boolean {
     return (Atomics.or(this.#ints, I_FLAGS, REG_C_PF | REG_C_IRQF) & REG_C_IRQF) === 0;
@@ -365,6 +385,7 @@ export class CmosRtc implements PortDevice {
   #setTime(timeMs: number): void {
     this.#floats[F_OFFSET_MS] = timeMs - (this.#monotonicMs() + this.#floats[F_WALL_MINUS_MONOTONIC_MS]!);
     this.#resetAccounting();
+    this.#changed(); // the seconds now tick at another phase
   }
 
   /** Puts the current time into the time registers (the clock is about to stop, or a register changes). */
@@ -412,17 +433,27 @@ export class CmosRtc implements PortDevice {
       if (boundary > f[F_LAST_PERIOD]! && !timerRaisesPf) flags |= REG_C_PF;
       f[F_LAST_PERIOD] = boundary;
     }
-    if (!(b & REG_B_SET)) {
-      const second = Math.floor(now / 1000);
-      const last = f[F_LAST_UPDATE_SECOND]!;
-      if (second > last) {
-        flags |= REG_C_UF;
-        if (this.#alarmMatchedBetween(last + 1, second, b)) flags |= REG_C_AF;
-      }
-      f[F_LAST_UPDATE_SECOND] = second;
-    }
+    flags |= this.#accountUpdates(now, b);
     if ((flags & REG_C_PF && b & REG_B_PIE) || (flags & REG_C_AF && b & REG_B_AIE) || (flags & REG_C_UF && b & REG_B_UIE)) flags |= REG_C_IRQF;
     return flags;
+  }
+
+  /**
+   * The updates (seconds ticked) since they were last accounted, by a read of register C or the
+   * main thread's timer, whichever comes first: UF, AF if the alarm matched one of them, IRQF if
+   * UIE or AIE enables what was raised. Returns those flags. Called holding the lock.
+   */
+  #accountUpdates(now: number, b: number): number {
+    if (b & REG_B_SET) return 0; // no updates while stopped
+    const f = this.#floats;
+    const second = Math.floor(now / 1000);
+    const last = f[F_LAST_UPDATE_SECOND]!;
+    f[F_LAST_UPDATE_SECOND] = second;
+    if (second <= last) return 0;
+    let raised = REG_C_UF;
+    if (this.#alarmMatchedBetween(last + 1, second, b)) raised |= REG_C_AF;
+    if (b & REG_B_UIE || (raised & REG_C_AF && b & REG_B_AIE)) raised |= REG_C_IRQF;
+    return raised;
   }
 
   /** Whether the alarm registers match the time at any second in [first, last] (at most a day is looked at). */
@@ -492,10 +523,10 @@ export class CmosRtc implements PortDevice {
       // Running again from what the guest wrote; the new second starts now.
       this.#setTime(decodeTime(cmos, value));
     }
-    if ((before ^ value) & REG_B_PIE) this.#changed();
+    if ((before ^ value) & (REG_B_PIE | REG_B_UIE | REG_B_AIE | REG_B_SET)) this.#changed();
   }
 
-  /** Tells the main thread's timer that PIE, the rate or the time changed. */
+  /** Tells the main thread's timers that PIE, UIE, AIE, SET, the rate or the time changed. */
   #changed(): void {
     Atomics.add(this.#ints, I_GENERATION, 1);
     Atomics.notify(this.#ints, I_GENERATION);
@@ -521,13 +552,15 @@ export class CmosRtc implements PortDevice {
 }
 
 /**
- * The periodic interrupt, on the main thread: while the machine runs and PIE is on with a
- * non-zero rate, raises PF and IRQF in register C at each period and pulses IRQ 8 (the in-kernel
- * IOAPIC and PIC take the edge) when IRQF was clear, as the chip's IRQ line only rises again once
- * register C was read. Node's timers have millisecond resolution: at rates above 1 kHz, or when
- * the event loop is late, the periods owed are delivered as one interrupt (QEMU's lost-tick policy
- * 'discard'). It follows PIE and rate changes through the generation word the vCPU threads
- * notify, so it costs nothing while PIE is off.
+ * The RTC's interrupts, on the main thread, while the machine runs. The periodic interrupt: while
+ * PIE is on with a non-zero rate, raises PF and IRQF in register C at each period and pulses
+ * IRQ 8 (the in-kernel IOAPIC and PIC take the edge) when IRQF was clear, as the chip's IRQ line
+ * only rises again once register C was read. Node's timers have millisecond resolution: at rates
+ * above 1 kHz, or when the event loop is late, the periods owed are delivered as one interrupt
+ * (QEMU's lost-tick policy 'discard'). The update-ended and alarm interrupts: while UIE or AIE is
+ * on, at each tick of the seconds, raises UF (AF when the alarm matches) and pulses the line the
+ * same way. It follows register changes through the generation word the vCPU threads notify, so
+ * it costs nothing while no interrupt is enabled.
  */
 export class CmosRtcInterrupts {
   readonly #rtc: CmosRtc;
@@ -535,9 +568,10 @@ export class CmosRtcInterrupts {
   #running = false;
   /** Each run() starts a new watch; an older one ends when it sees the epoch moved. */
   #epoch = 0;
-  #timer: NodeJS.Timeout | null = null;
+  #periodicTimer: NodeJS.Timeout | null = null;
   #periodMs = 0;
   #lastBoundary = 0;
+  #updateTimer: NodeJS.Timeout | null = null;
   /** Interrupts delivered since creation (for tests and diagnostics). */
   delivered = 0;
 
@@ -547,7 +581,7 @@ export class CmosRtcInterrupts {
     this.#pulse = pulse;
   }
 
-  /** The machine runs (start, resume): the interrupt runs when PIE says so. */
+  /** The machine runs (start, resume): the interrupts run as the registers say. */
   run(): void {
     if (this.#running) return;
     this.#running = true;
@@ -561,7 +595,8 @@ export class CmosRtcInterrupts {
     this.#running = false;
     this.#rtc.timerRuns = false;
     this.#epoch++;
-    this.#cancel();
+    this.#cancelPeriodic();
+    this.#cancelUpdates();
     const { array, index } = this.#rtc.generation;
     Atomics.notify(array, index); // releases the watch's wait
   }
@@ -578,40 +613,61 @@ export class CmosRtcInterrupts {
 
   #configure(): void {
     const periodMs = this.#rtc.periodicInterruptMs;
-    if (periodMs !== this.#periodMs || this.#timer === null) {
-      this.#cancel();
+    if (periodMs !== this.#periodMs || this.#periodicTimer === null) {
+      this.#cancelPeriodic();
       this.#periodMs = periodMs;
-      if (periodMs === 0) return;
-      this.#lastBoundary = Math.floor(this.#rtc.guestTimeMs / periodMs);
-      this.#schedule();
-    }
-  }
-
-  #schedule(): void {
-    const nextMs = (this.#lastBoundary + 1) * this.#periodMs;
-    const delayMs = Math.max(0, nextMs - this.#rtc.guestTimeMs);
-    this.#timer = setTimeout(this.#tick, delayMs);
-    this.#timer.unref();
-  }
-
-  readonly #tick = () => {
-    this.#timer = null;
-    if (!this.#running || this.#periodMs === 0) return;
-    const boundary = Math.floor(this.#rtc.guestTimeMs / this.#periodMs);
-    if (boundary > this.#lastBoundary) {
-      // However many periods passed, one interrupt (discarding the rest).
-      if (this.#rtc.raisePeriodic()) {
-        this.#pulse();
-        this.delivered++;
+      if (periodMs !== 0) {
+        this.#lastBoundary = Math.floor(this.#rtc.guestTimeMs / periodMs);
+        this.#schedulePeriodic();
       }
     }
+    // The next tick may have moved (the time was set): always scheduled afresh.
+    this.#cancelUpdates();
+    if (this.#rtc.updateInterruptsEnabled) this.#scheduleUpdate();
+  }
+
+  #schedulePeriodic(): void {
+    const nextMs = (this.#lastBoundary + 1) * this.#periodMs;
+    this.#periodicTimer = setTimeout(this.#periodicTick, Math.max(0, nextMs - this.#rtc.guestTimeMs));
+    this.#periodicTimer.unref();
+  }
+
+  readonly #periodicTick = () => {
+    this.#periodicTimer = null;
+    if (!this.#running || this.#periodMs === 0) return;
+    const boundary = Math.floor(this.#rtc.guestTimeMs / this.#periodMs);
+    // However many periods passed, one interrupt (discarding the rest).
+    if (boundary > this.#lastBoundary && this.#rtc.raisePeriodic()) this.#deliver();
     // The guest may have set its clock back: count from where it is now.
     this.#lastBoundary = boundary;
-    this.#schedule();
+    this.#schedulePeriodic();
   };
 
-  #cancel(): void {
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = null;
+  #scheduleUpdate(): void {
+    const now = this.#rtc.guestTimeMs;
+    this.#updateTimer = setTimeout(this.#updateTick, Math.ceil(now / 1000) * 1000 - now);
+    this.#updateTimer.unref();
+  }
+
+  readonly #updateTick = () => {
+    this.#updateTimer = null;
+    if (!this.#running || !this.#rtc.updateInterruptsEnabled) return;
+    if (this.#rtc.raiseUpdate()) this.#deliver();
+    this.#scheduleUpdate();
+  };
+
+  #deliver(): void {
+    this.#pulse();
+    this.delivered++;
+  }
+
+  #cancelPeriodic(): void {
+    if (this.#periodicTimer) clearTimeout(this.#periodicTimer);
+    this.#periodicTimer = null;
+  }
+
+  #cancelUpdates(): void {
+    if (this.#updateTimer) clearTimeout(this.#updateTimer);
+    this.#updateTimer = null;
   }
 }

@@ -3,7 +3,7 @@
 // its saved state, the periodic interrupt's main-thread timer, and the device-state check.
 import t from 'tap';
 import {
-  CmosRtc, CmosRtcInterrupts, REG_B_24H, REG_B_DM, REG_B_PIE, REG_B_SET, REG_C_AF, REG_C_IRQF, REG_C_PF, REG_C_UF,
+  CmosRtc, CmosRtcInterrupts, REG_B_24H, REG_B_AIE, REG_B_DM, REG_B_PIE, REG_B_SET, REG_B_UIE, REG_C_AF, REG_C_IRQF, REG_C_PF, REG_C_UF,
   RtcRegister as R, civilFromDays, cmosMemoryBytes, decodeTime, encodeTime, periodicPeriodMs,
 } from '../../lib/devices/cmos-rtc.js';
 import { isDeviceStates } from '../../lib/vmm/devices.js';
@@ -231,6 +231,37 @@ t.test('the periodic interrupt\'s timer: follows PIE set by another agent, pulse
   const off = pulses;
   await new Promise((resolve) => setTimeout(resolve, 100));
   t.ok(pulses - off <= 1, 'clearing PIE stops them');
+});
+
+t.test('the update-ended and alarm interrupts: a pulse at each tick of the seconds, with UF (and AF) in register C', async (t) => {
+  const shared = CmosRtc.createShared(machine);
+  const { read, write } = rtcOn(shared);
+  const seen: number[] = [];
+  // (PF, set at the default 1024 Hz rate, is left out.)
+  const interrupts = new CmosRtcInterrupts(shared, () => void seen.push(read(R.C) & ~REG_C_PF));
+  t.teardown(() => interrupts.halt());
+  interrupts.run();
+  write(R.SecondsAlarm, 0xc0);
+  write(R.MinutesAlarm, 0xc0);
+  write(R.HoursAlarm, 0xc0);
+  read(R.C);
+  write(R.B, REG_B_24H | REG_B_UIE);
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  t.ok(seen.length >= 1 && seen.length <= 2, `one pulse per second (${seen.length})`);
+  t.ok(seen.every((c) => c === (REG_C_UF | REG_C_AF | REG_C_IRQF)), `each with UF, AF (a don't-care alarm) and IRQF: ${seen.map((c) => c.toString(16))}`);
+  write(R.B, REG_B_24H | REG_B_AIE);
+  write(R.HoursAlarm, 0); // midnight only: no alarm in the next second (unless it is midnight)
+  seen.length = 0;
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  const midnight = new Date().getUTCHours() === 0;
+  if (!midnight) t.same(seen, [], 'AIE with an alarm that does not match: no pulse');
+  write(R.HoursAlarm, 0xc0);
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  t.ok(seen.length >= 1, `AIE with a matching alarm: a pulse (${seen.length})`);
+  write(R.B, REG_B_24H | REG_B_SET);
+  const stopped = seen.length;
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  t.equal(seen.length, stopped, 'no updates while SET is held');
 });
 
 t.test('device states: the RTC\'s state is optional, and checked when present', async (t) => {

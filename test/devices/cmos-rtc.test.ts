@@ -1,7 +1,8 @@
 // The CMOS RTC from a guest on the real /dev/kvm (guests/rtc.c): the time in every format register
-// B offers against the host's UTC time, one second apart; the clock set with SET; the periodic
-// interrupt through the IOAPIC; the memory-size bytes; the cost of a read; and a guest taking the
-// periodic interrupt that goes through a snapshot and a live migration, its clock never going back.
+// B offers against the host's UTC time, one second apart; the clock set with SET; the periodic and
+// update-ended interrupts through the IOAPIC; the memory-size bytes; the cost of a read; and a
+// guest taking the periodic interrupt that goes through a snapshot and a live migration, its clock
+// never going back.
 import t from 'tap';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,7 +17,7 @@ import { sharedPool } from '../helpers/pool.js';
 const MiB = 1 << 20;
 const image = path.join(repoRoot, 'guests', 'build', 'rtc.elf');
 const SUCCESS = 0x10;
-const Mode = { Clock: 0, Set: 1, Periodic: 2, Ticks: 3, Bench: 4 } as const;
+const Mode = { Clock: 0, Set: 1, Periodic: 2, Ticks: 3, Bench: 4, Update: 5 } as const;
 /** What the guest's set mode writes: 2001-02-03 04:05:06 UTC. */
 const SET_TIME_MS = Date.UTC(2001, 1, 3, 4, 5, 6);
 // A migration has two machines at once.
@@ -106,6 +107,15 @@ t.test('the periodic interrupt through the IOAPIC: the guest counts N interrupts
   // Above 1 kHz the interrupts owed are coalesced, but they keep coming.
   const fast = await runGuest({ mode: Mode.Periodic, rate: 3, count: 100 });
   t.match(fast.output, 'periodic 100 interrupts, 0 without PF\n', 'at 8192 Hz');
+});
+
+t.test('the update-ended interrupt: one at each tick of the seconds', { skip: noKvm }, async (t) => {
+  const { exit, output } = await runGuest({ mode: Mode.Update, count: 2 });
+  t.same(exit, { reason: 'debug-exit', code: SUCCESS, vcpu: 0 }, output);
+  const seconds = [...output.matchAll(/^update (\d+) (\d+)$/gm)].map((m) => [Number(m[1]), Number(m[2])]);
+  t.equal(seconds.length, 2, output);
+  t.same(seconds.map(([n]) => n), [1, 2]);
+  t.equal(seconds[1]![1], (seconds[0]![1]! + 1) % 60, 'the second interrupt came one second after the first');
 });
 
 t.test('what a guest pays per RTC read (index write + data read) against a write+read of the POST port', { skip: noKvm }, async (t) => {
