@@ -80,7 +80,7 @@ const I_LOCK = 0;
 const I_INDEX = 1;
 /** Register C flags set by the periodic interrupt and not yet read. */
 const I_FLAGS = 2;
-/** Bumped (and notified) when PIE or the rate changes: the main thread's timer follows it. */
+/** Bumped (and notified) when PIE, UIE, AIE, SET, the rate or the time change: the main thread's timers follow it. */
 const I_GENERATION = 3;
 /** 1 while the main thread's periodic timer runs: it raises PF then, not a read of register C. */
 const I_TIMER_RUNS = 4;
@@ -328,7 +328,7 @@ export class CmosRtc implements PortDevice {
     return periodicPeriodMs(Atomics.load(this.#cmos, R.A) & REG_A_RATE);
   }
 
-  /** The word that changes when PIE or the rate does (for Atomics.waitAsync). */
+  /** The word that changes with PIE, UIE, AIE, SET, the rate or the time (for Atomics.waitAsync). */
   get generation(): { array: Int32Array; index: number } {
     return { array: this.#ints, index: I_GENERATION };
   }
