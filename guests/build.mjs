@@ -137,6 +137,7 @@ export const C_GUESTS = {
   'pc-ports': { sources: ['pc-ports.c'] },
   fwcfg: { sources: ['fwcfg.c'] },
   'pc-tables': { sources: ['pc-tables.c'] },
+  rtc: { sources: ['rtc.c'] },
 };
 
 const RT_DIR = join(GUESTS_DIR, 'rt');

@@ -13,6 +13,8 @@ export const ACPI_OEM_TABLE_ID = 'NODKVMPC';
 export const ACPI_CREATOR_ID = 'NKVM';
 const OEM_REVISION = 1;
 const CREATOR_REVISION = 1;
+/** The CMOS register where the RTC keeps the century (lib/devices/cmos-rtc.ts), as on QEMU's PC. */
+const RTC_CENTURY_REGISTER = 0x32;
 
 /** The common table header (ACPI 6.3, 5.2.6). */
 export const SDT_HEADER_BYTES = 36;
@@ -202,6 +204,7 @@ function putFadt(view: DataView, at: number, facs: number, dsdt: number): void {
   // C2 and C3 latencies above 100 and 1000 us: those states are not supported.
   view.setUint16(at + 96, 0x0fff, true); // P_LVL2_LAT
   view.setUint16(at + 98, 0x0fff, true); // P_LVL3_LAT
+  view.setUint8(at + 108, RTC_CENTURY_REGISTER); // CENTURY: the CMOS byte that holds it
   view.setUint16(at + 109, IapcBootArch.LegacyDevices | IapcBootArch.I8042, true); // IAPC_BOOT_ARCH
   view.setUint32(at + 112, FadtFlag.Wbinvd | FadtFlag.ProcC1 | FadtFlag.SlpButton, true); // Flags
   view.setUint8(at + 131, FADT_MINOR_REVISION); // FADT Minor Version

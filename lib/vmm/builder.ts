@@ -171,6 +171,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const devices = createDevicesShared({
       serialOutput, virtio: disks.mmioShared,
       fwCfg: { memoryBytes: shape.memoryBytes, vcpus, cmdline: plan.cmdline, memoryMap: memoryMap(shape.memoryBytes) },
+      rtc: { memoryBytes: shape.memoryBytes, vcpus },
     });
     const control = new Int32Array(createControl());
     const haltProbe = shape.irqchip ? createHaltProbe(vcpus) : null;

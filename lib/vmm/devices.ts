@@ -3,6 +3,7 @@
 // states for snapshots and migrations. Each device keeps its own registers and its own
 // saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
 import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, type AcpiPmState } from '../devices/acpi-pm.js';
+import { CMOS_RTC_IRQ, CMOS_RTC_PORT, CMOS_RTC_PORTS, CmosRtc, CmosRtcInterrupts, isCmosRtcState, type CmosRtcState } from '../devices/cmos-rtc.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
 import { ELCR_BASE, ELCR_PORTS, Elcr, type ElcrState } from '../devices/elcr.js';
 import { FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, FW_CFG_PORT, FW_CFG_PORTS, FwCfg, fwCfgItems, isFwCfgState, type FwCfgGuestRam, type FwCfgMachine, type FwCfgShared, type FwCfgState } from '../devices/fw-cfg.js';
@@ -28,6 +29,7 @@ export interface DevicesShared {
   /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
   readonly virtio: SharedArrayBuffer[];
   readonly fwCfg: FwCfgShared;
+  readonly cmosRtc: SharedArrayBuffer;
 }
 
 /** The state of every device: what a snapshot or a migration carries for them. */
@@ -42,6 +44,8 @@ export interface DeviceStates {
   virtio?: VirtioMmioState[];
   /** Absent in states from before fw_cfg: the machine's own items stay. */
   fwCfg?: FwCfgState;
+  /** Absent in states from machines before the RTC: such a machine's RTC starts from the host's time. */
+  cmosRtc?: CmosRtcState;
 }
 
 export interface DeviceEvents {
@@ -55,11 +59,19 @@ export interface DeviceEvents {
 }
 
 /** The shared state of a new machine's devices (the disks' register files come from its Disks). */
-export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[]; fwCfg: FwCfgMachine }): DevicesShared {
+export function createDevicesShared(options: {
+  serialOutput: { fd: number } | { ring: ByteRingShared };
+  virtio: SharedArrayBuffer[];
+  fwCfg: FwCfgMachine;
+  /** What the RTC's CMOS RAM tells the guest (the memory-size and CPU-count bytes). */
+  rtc: { memoryBytes: number; vcpus: number };
+}): DevicesShared {
+  // All RAM is below 4 GiB (MAX_MEMORY_BYTES is 3 GiB: there is no PCI hole to move RAM above it).
+  const cmosRtc = CmosRtc.createShared({ lowMemoryBytes: options.rtc.memoryBytes, highMemoryBytes: 0, vcpus: options.rtc.vcpus });
   return {
     bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(),
     acpiPm: AcpiPm.createShared(), elcr: Elcr.createShared(), pciConfig: PciConfig.createShared(), virtio: options.virtio,
-    fwCfg: FwCfg.createShared(fwCfgItems(options.fwCfg)),
+    fwCfg: FwCfg.createShared(fwCfgItems(options.fwCfg)), cmosRtc,
   };
 }
 
@@ -86,6 +98,7 @@ export function attachDevices(shared: DevicesShared, events: DeviceEvents, ram: 
   const fwCfg = new FwCfg(shared.fwCfg, ram);
   bus.registerPorts(FW_CFG_PORT, FW_CFG_PORTS, fwCfg.port);
   bus.registerPorts(FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, fwCfg.dmaPort);
+  bus.registerPorts(CMOS_RTC_PORT, CMOS_RTC_PORTS, new CmosRtc(shared.cmosRtc));
   shared.virtio.forEach((registers, slot) => {
     bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
   });
@@ -104,6 +117,9 @@ export class MachineDevices {
   readonly elcr: Elcr;
   readonly pciConfig: PciConfig;
   readonly fwCfg: FwCfg;
+  readonly cmosRtc: CmosRtc;
+  /** The RTC's periodic interrupt: runs only while the machine does (runTimers/haltTimers). */
+  readonly #rtcInterrupts: CmosRtcInterrupts | null;
   readonly disks: Disks;
 
   constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
@@ -115,7 +131,22 @@ export class MachineDevices {
     this.elcr = new Elcr(shared.elcr);
     this.pciConfig = new PciConfig(shared.pciConfig);
     this.fwCfg = new FwCfg(shared.fwCfg);
+    this.cmosRtc = new CmosRtc(shared.cmosRtc);
+    this.#rtcInterrupts = setIrqLine ? new CmosRtcInterrupts(shared.cmosRtc, () => {
+      setIrqLine(CMOS_RTC_IRQ, true);
+      setIrqLine(CMOS_RTC_IRQ, false);
+    }) : null;
     this.disks = disks;
+  }
+
+  /** The machine runs (start, resume): the devices' timers run. */
+  runTimers(): void {
+    this.#rtcInterrupts?.run();
+  }
+
+  /** The machine pauses or ends: the devices' timers stop (what they would owe meanwhile is dropped). */
+  haltTimers(): void {
+    this.#rtcInterrupts?.halt();
   }
 
   /** The guest's accesses to ports and MMIO where no device is. */
@@ -129,7 +160,7 @@ export class MachineDevices {
       serial: this.serial.saveState(), postCode: this.postCode.saveState(),
       acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
       ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}),
-      fwCfg: this.fwCfg.saveState(),
+      fwCfg: this.fwCfg.saveState(), cmosRtc: this.cmosRtc.saveState(),
     };
   }
 
@@ -142,6 +173,7 @@ export class MachineDevices {
     if (states.elcr) this.elcr.restoreState(states.elcr);
     if (states.pciConfig) this.pciConfig.restoreState(states.pciConfig);
     if (this.disks.count > 0 || states.virtio !== undefined) this.disks.restoreState(states.virtio ?? []);
+    if (states.cmosRtc) this.cmosRtc.restoreState(states.cmosRtc);
   }
 }
 
@@ -153,7 +185,8 @@ export function isDeviceStates(value: unknown): value is DeviceStates {
     && (value.elcr === undefined || (isObject(value.elcr) && Array.isArray(value.elcr.registers) && value.elcr.registers.every(isInteger)))
     && (value.pciConfig === undefined || (isObject(value.pciConfig) && isInteger(value.pciConfig.address)))
     && (value.virtio === undefined || Array.isArray(value.virtio))
-    && (value.fwCfg === undefined || isFwCfgState(value.fwCfg));
+    && (value.fwCfg === undefined || isFwCfgState(value.fwCfg))
+    && (value.cmosRtc === undefined || isCmosRtcState(value.cmosRtc));
 }
 
 const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);

@@ -374,6 +374,7 @@ export class Machine extends EventEmitter {
     if (!options.paused) {
       this.#devices.disks.resume();
       this.#haltWatch?.start();
+      this.#devices.runTimers();
     }
   }
 
@@ -431,6 +432,8 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
+    // The halt watch's pause is a moment the guest does not see: its clocks run on.
+    if (!options.quiet) this.#devices.haltTimers();
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
@@ -462,6 +465,7 @@ export class Machine extends EventEmitter {
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
     this.#haltWatch?.start();
+    this.#devices.runTimers();
     this.emit('resumed');
   }
 
@@ -605,6 +609,7 @@ export class Machine extends EventEmitter {
     this.#exit = exit;
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Stopping);
+    this.#devices.haltTimers();
     this.#kickAll();
     void this.#teardown();
   }

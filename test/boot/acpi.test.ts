@@ -81,6 +81,7 @@ t.test('FADT: revision 6, the PIIX4 PM blocks at 0x600, SCI 9, no SMI_CMD, FACS 
   t.equal(r.u32(f + 80), 0, 'GPE0_BLK');
   t.same([r.u8(f + 88), r.u8(f + 89), r.u8(f + 90), r.u8(f + 91), r.u8(f + 92)], [4, 2, 0, 4, 0], 'PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN, GPE0_BLK_LEN');
   t.same([r.u16(f + 96), r.u16(f + 98)], [0x0fff, 0x0fff], 'no C2, no C3');
+  t.equal(r.u8(f + 108), 0x32, 'CENTURY: the RTC\'s CMOS register 0x32');
   t.equal(r.u16(f + 109), 0x3, 'IAPC_BOOT_ARCH: LEGACY_DEVICES, 8042');
   const flags = r.u32(f + 112);
   t.equal(flags, 0x25, 'Flags: WBINVD, PROC_C1, SLP_BUTTON');
