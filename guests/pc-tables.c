@@ -20,8 +20,12 @@
  *     (CPUID 1) in a bitmap, counts itself, and halts:
  *       "smp: <n> cpus up\n"
  *     where n counts the BSP and every AP that checked in, each AP being one the MADT listed.
+ *   - With the command line "poweroff": then powers the machine off as an ACPI kernel does, writing
+ *     SLP_EN with the \_S5 package's SLP_TYPa to the FADT's PM1a control block:
+ *       "acpi: S5 sleep type <n>: powering off\n"
  *   - Exits through debug_exit: 0x10 when every check passed and every listed processor came
- *     up; 0x11 when a check failed (after a line "FAIL: <what>\n").
+ *     up (or the power-off did not happen); 0x11 when a check failed (after a line
+ *     "FAIL: <what>\n").
  * main() runs at CPL 3: memory reads and the local APIC's MMIO need nothing more.
  */
 #include "rt/rt.h"
@@ -120,13 +124,37 @@ static bool check_table(uint64_t addr, const char *signature)
 	return true;
 }
 
-/* The DSDT defines \_S5: NameOp then the NameSeg "_S5_". */
+/* What the FADT and DSDT say about powering off: PM1a control's port and \_S5's SLP_TYPa. */
+static uint32_t pm1a_control_port;
+static int s5_sleep_type = -1;
+
+/*
+ * The DSDT defines \_S5: NameOp, the NameSeg "_S5_", then a package (PackageOp, a one-byte
+ * PkgLength, NumElements) whose first element is SLP_TYPa: ZeroOp, OneOp or BytePrefix n.
+ */
 static bool dsdt_has_s5(uint64_t dsdt)
 {
 	uint32_t length = read32(dsdt + 4);
-	for (uint32_t i = 36; i + 5 <= length; i++)
-		if (read8(dsdt + i) == 0x08 && is(dsdt + i + 1, "_S5_", 4)) return true;
+	for (uint32_t i = 36; i + 9 <= length; i++) {
+		if (read8(dsdt + i) != 0x08 || !is(dsdt + i + 1, "_S5_", 4)) continue;
+		uint64_t element = dsdt + i + 5 + 3;
+		if (read8(dsdt + i + 5) != 0x12) return false;
+		uint8_t op = read8(element);
+		s5_sleep_type = op == 0x00 ? 0 : op == 0x01 ? 1 : op == 0x0a ? read8(element + 1) : -1;
+		return s5_sleep_type >= 0;
+	}
 	return false;
+}
+
+/* The kernel command line hvm_start_info gave (cmdline_paddr at offset 24), or "". */
+static bool cmdline_is(const char *expected)
+{
+	uint64_t cmdline = rt_start_info ? read64(rt_start_info + 24) : 0;
+	size_t i = 0;
+	if (cmdline == 0) return false;
+	for (; expected[i]; i++)
+		if (read8(cmdline + i) != (uint8_t)expected[i]) return false;
+	return read8(cmdline + i) == 0;
 }
 
 static void walk_fadt(uint64_t fadt)
@@ -139,7 +167,8 @@ static void walk_fadt(uint64_t fadt)
 	puts(" pm1a_evt ");
 	put_hex(read32(fadt + 56));
 	puts(" pm1a_cnt ");
-	put_hex(read32(fadt + 64));
+	pm1a_control_port = read32(fadt + 64);
+	put_hex(pm1a_control_port);
 	puts(" pm_tmr ");
 	put_hex(read32(fadt + 76));
 	if (check_table(dsdt, "DSDT") && dsdt_has_s5(dsdt)) puts(" _S5 ok");
@@ -335,5 +364,12 @@ int main(void)
 	puts("smp: ");
 	put_dec(up);
 	puts(" cpus up\n");
+	if (!failed && cmdline_is("poweroff")) {
+		puts("acpi: S5 sleep type ");
+		put_dec((uint64_t)s5_sleep_type);
+		puts(": powering off\n");
+		/* PM1a_CNT's high byte: SLP_EN (bit 13) and SLP_TYP (bits 10-12). */
+		outb((uint16_t)(pm1a_control_port + 1), (uint8_t)((s5_sleep_type << 2) | 0x20));
+	}
 	return failed ? FAILURE : SUCCESS;
 }

@@ -34,6 +34,12 @@ for (const vcpus of [1, 2, 4]) {
   });
 }
 
+t.test('powering off as an ACPI kernel does: SLP_EN with \\_S5\'s sleep type to the FADT\'s PM1a control block', { skip: noKvm }, async (t) => {
+  const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, vcpus: 2, cmdline: 'poweroff', pool });
+  t.same({ reason: exit.reason, vcpu: exit.vcpu }, { reason: 'poweroff', vcpu: 0 }, output);
+  t.match(output, /^smp: 2 cpus up\nacpi: S5 sleep type 0: powering off\n$/m);
+});
+
 t.test('without the in-kernel irqchip there are no tables to find', { skip: noKvm }, async (t) => {
   const { exit, output } = await runToExit({ image, memoryBytes: 16 * MiB, vcpus: 1, irqchip: false, pool });
   t.same(exit, { reason: 'debug-exit', code: 0x11, vcpu: 0 }, output);
