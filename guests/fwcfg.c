@@ -90,23 +90,6 @@ static volatile struct fw_cfg_dma_access dma __attribute__((aligned(16)));
 static struct e820_entry e820[MAX_E820];
 static char cmdline[CMDLINE_BYTES];
 
-static inline void outw(uint16_t port, uint16_t value)
-{
-	__asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port) : "memory");
-}
-
-static inline void outl(uint16_t port, uint32_t value)
-{
-	__asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port) : "memory");
-}
-
-static inline uint32_t inl(uint16_t port)
-{
-	uint32_t value;
-	__asm__ volatile("inl %1, %0" : "=a"(value) : "Nd"(port) : "memory");
-	return value;
-}
-
 __attribute__((noreturn)) static void bad(const char *what)
 {
 	puts("fwcfg BAD: ");

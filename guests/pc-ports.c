@@ -55,37 +55,6 @@ struct params {
 	uint32_t ticks;
 };
 
-static inline uint32_t inl(uint16_t port)
-{
-	uint32_t value;
-	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
-	return value;
-}
-
-static inline uint16_t inw(uint16_t port)
-{
-	uint16_t value;
-	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
-	return value;
-}
-
-static inline void outl(uint16_t port, uint32_t value)
-{
-	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
-}
-
-static inline void outw(uint16_t port, uint16_t value)
-{
-	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
-}
-
-static inline uint64_t rdtsc(void)
-{
-	uint32_t lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
-	return ((uint64_t)hi << 32) | lo;
-}
-
 static void put_field(const char *name, uint64_t value)
 {
 	puts(name);
@@ -102,7 +71,7 @@ static void measure(uint32_t ticks)
 {
 	uint64_t counted = 0, reads = 0, wraps = 0, back = 0, high = 0;
 	uint32_t previous = inl(PM_TMR);
-	uint64_t tsc_start = rdtsc();
+	uint64_t tsc_start = rt_rdtsc();
 	while (counted < ticks) {
 		uint32_t now = inl(PM_TMR);
 		uint32_t delta = (now - previous) & COUNTER_MASK;
@@ -117,7 +86,7 @@ static void measure(uint32_t ticks)
 			wraps++;
 		previous = now;
 	}
-	uint64_t tsc_cycles = rdtsc() - tsc_start;
+	uint64_t tsc_cycles = rt_rdtsc() - tsc_start;
 	put_field("pm ", counted);
 	put_field(" tsc ", tsc_cycles);
 	put_field(" reads ", reads);
@@ -167,14 +136,14 @@ static void count(uint32_t ticks)
 
 static void bench(uint32_t reads)
 {
-	uint64_t start = rdtsc();
+	uint64_t start = rt_rdtsc();
 	for (uint32_t i = 0; i < reads; i++)
 		(void)inl(PM_TMR);
-	uint64_t pm = rdtsc() - start;
-	start = rdtsc();
+	uint64_t pm = rt_rdtsc() - start;
+	start = rt_rdtsc();
 	for (uint32_t i = 0; i < reads; i++)
 		(void)inb(POST_CODE);
-	uint64_t post = rdtsc() - start;
+	uint64_t post = rt_rdtsc() - start;
 	put_field("bench pm ", pm);
 	put_field(" post ", post);
 	put_field(" reads ", reads);

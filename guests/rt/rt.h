@@ -57,6 +57,34 @@ static inline uint8_t inb(uint16_t port)
 	return value;
 }
 
+/*
+ * 16- and 32-bit port I/O: at CPL 0 only (a guest that sets rt_run_main_at_cpl0), since the #GP
+ * handler that lets CPL 3 code do port I/O knows the byte-wide forms alone.
+ */
+static inline uint16_t inw(uint16_t port)
+{
+	uint16_t value;
+	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
+	return value;
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t value;
+	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
+	return value;
+}
+
+static inline void outw(uint16_t port, uint16_t value)
+{
+	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
+}
+
+static inline void outl(uint16_t port, uint32_t value)
+{
+	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
+}
+
 /* MMIO: one access of exactly this width (virtio-mmio wants aligned 32-bit accesses). */
 static inline uint32_t mmio_read32(uintptr_t addr)
 {
