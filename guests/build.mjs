@@ -34,6 +34,7 @@ export const ELF_GUESTS = {
   protected: { bits: 32 },
   long: { bits: 64 },
   multiboot: { bits: 32 },
+  'multiboot-modules': { bits: 32 },
   pvh: { bits: 64 },
   dirtier: { bits: 64 },
   'dirtier-user': { bits: 64, source: 'dirtier.S', defsyms: { USER_MODE: 1 } },
@@ -134,6 +135,10 @@ function buildElfGuest(name, { bits, source = `${name}.S`, defsyms = {} }, { for
  */
 export const C_GUESTS = {
   disk: { sources: ['disk.c'] },
+  'pc-ports': { sources: ['pc-ports.c'] },
+  fwcfg: { sources: ['fwcfg.c'] },
+  'pc-tables': { sources: ['pc-tables.c'] },
+  rtc: { sources: ['rtc.c'] },
 };
 
 const RT_DIR = join(GUESTS_DIR, 'rt');

@@ -5,7 +5,9 @@
  * Entered by the ELF64 loader in long mode with RBX = hvm_start_info, interrupts off. Loads a GDT
  * (0x08 kernel code, 0x10 kernel data, 0x18 user data, 0x20 user code, 0x28 64-bit TSS), an IDT
  * for vectors 0-31, and IRETQs to user_start at CPL 3 with RFLAGS.IOPL = 3, IF = 0 (or calls it at
- * CPL 0 when the guest sets rt_run_main_at_cpl0).
+ * CPL 0 when the guest sets rt_run_main_at_cpl0). The IDT has room for all 256 vectors: the gates
+ * of vectors 32-255 stay not-present until rt_set_interrupt_handler() (rt.c) points one at its
+ * stub in rt_interrupt_stubs, so a guest that takes no interrupts pays nothing for them at boot.
  */
         .include "cpl3.inc"
         .set    KERNEL_CS, 0x08
@@ -13,6 +15,7 @@
         .set    USER_CS, 0x20 | 3
         .set    GP_VECTOR, 13
         .set    VECTORS, 32
+        .set    IDT_VECTORS, 256
 
         .code64
         .text
@@ -114,6 +117,51 @@ exception_stubs:
         jmp     exception_fatal
         .endr
 
+/*
+ * External interrupts: the stub of vector v (32..255) is at rt_interrupt_stubs + 16 * (v - 32).
+ * It pushes v; interrupt_common saves the registers a C call may clobber and calls
+ * rt_interrupt(v), which runs the handler and signals the end of interrupt (rt.c).
+ */
+        .p2align 4
+        .globl  rt_interrupt_stubs
+rt_interrupt_stubs:
+        .set    vector, VECTORS
+        .rept   IDT_VECTORS - VECTORS
+        .p2align 4
+        push    $vector
+        jmp     interrupt_common
+        .set    vector, vector + 1
+        .endr
+
+interrupt_common:
+        push    %rax
+        push    %rcx
+        push    %rdx
+        push    %rsi
+        push    %rdi
+        push    %r8
+        push    %r9
+        push    %r10
+        push    %r11
+        push    %rbp
+        mov     %rsp, %rbp
+        mov     80(%rsp), %rdi                  /* the vector */
+        and     $~15, %rsp                      /* the C ABI's alignment */
+        call    rt_interrupt
+        mov     %rbp, %rsp
+        pop     %rbp
+        pop     %r11
+        pop     %r10
+        pop     %r9
+        pop     %r8
+        pop     %rdi
+        pop     %rsi
+        pop     %rdx
+        pop     %rcx
+        pop     %rax
+        add     $8, %rsp                        /* the vector */
+        iretq
+
 /* Stack: vector, error code, RIP, ... -> rt_exception(vector, error code, rip); never returns. */
 exception_fatal:
         pop     %rdi
@@ -135,8 +183,10 @@ rt_start_info:
         .quad   0
         CPL3_TABLES
         .align  16
-idt:    .space  VECTORS * 16
-idtr:   .word   VECTORS * 16 - 1
+        .globl  rt_idt
+rt_idt:
+idt:    .space  IDT_VECTORS * 16
+idtr:   .word   IDT_VECTORS * 16 - 1
         .quad   idt
 
         .bss

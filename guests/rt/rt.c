@@ -1,6 +1,6 @@
 /*
  * rt.c - the C part of the runtime (see rt.h): serial output, debug exit, the string functions
- * the compiler may call, the memory map, and the exception report.
+ * the compiler may call, the memory map, the exception report, and external interrupts.
  */
 #include "rt.h"
 
@@ -125,4 +125,90 @@ void rt_exception(uint64_t vector, uint64_t error_code, uint64_t rip)
 	put_hex(rip);
 	putc('\n');
 	outb(RT_DEBUG_EXIT_PORT, RT_EXIT_EXCEPTION);
+}
+
+/* A 64-bit interrupt gate (Intel SDM vol. 3, 6.14.1). */
+struct idt_gate {
+	uint16_t offset_low;
+	uint16_t selector;
+	uint16_t flags;
+	uint16_t offset_mid;
+	uint32_t offset_high;
+	uint32_t reserved;
+};
+
+#define KERNEL_CS 0x08
+#define GATE_PRESENT_INTERRUPT_DPL0 0x8e00
+#define FIRST_EXTERNAL_VECTOR 32
+#define INTERRUPT_STUB_BYTES 16
+/* Local APIC registers (Intel SDM vol. 3, table 11-1) and the IOAPIC's indirect window. */
+#define LAPIC_ID 0x20
+#define LAPIC_TPR 0x80
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+#define LAPIC_SVR_ENABLE 0x100
+#define IOAPIC_REGSEL 0x00
+#define IOAPIC_WINDOW 0x10
+#define IOAPIC_REDIRECTION_TABLE 0x10
+
+extern struct idt_gate rt_idt[256];
+extern char rt_interrupt_stubs[];
+static rt_interrupt_handler interrupt_handlers[256];
+
+void rt_set_interrupt_handler(uint8_t vector, rt_interrupt_handler handler)
+{
+	if (vector < FIRST_EXTERNAL_VECTOR)
+		return;
+	interrupt_handlers[vector] = handler;
+	uint64_t stub = (uint64_t)rt_interrupt_stubs + (uint64_t)(vector - FIRST_EXTERNAL_VECTOR) * INTERRUPT_STUB_BYTES;
+	struct idt_gate *gate = &rt_idt[vector];
+	gate->offset_low = (uint16_t)stub;
+	gate->selector = KERNEL_CS;
+	gate->offset_mid = (uint16_t)(stub >> 16);
+	gate->offset_high = (uint32_t)(stub >> 32);
+	gate->reserved = 0;
+	compiler_barrier();
+	gate->flags = GATE_PRESENT_INTERRUPT_DPL0;
+}
+
+/* Called by crt0's interrupt stubs at CPL 0, interrupts off. */
+void rt_interrupt(uint64_t vector)
+{
+	rt_interrupt_handler handler = interrupt_handlers[vector & 0xff];
+	if (handler)
+		handler((uint8_t)vector);
+	if (vector != RT_SPURIOUS_VECTOR)
+		mmio_write32(RT_LAPIC_BASE + LAPIC_EOI, 0);
+}
+
+#define PIC_MASTER_IMR 0x21
+#define PIC_SLAVE_IMR 0xa1
+
+void rt_pic_disable(void)
+{
+	outb(PIC_MASTER_IMR, 0xff);
+	outb(PIC_SLAVE_IMR, 0xff);
+}
+
+void rt_lapic_enable(void)
+{
+	mmio_write32(RT_LAPIC_BASE + LAPIC_TPR, 0);
+	mmio_write32(RT_LAPIC_BASE + LAPIC_SVR, LAPIC_SVR_ENABLE | RT_SPURIOUS_VECTOR);
+}
+
+uint8_t rt_lapic_id(void)
+{
+	return (uint8_t)(mmio_read32(RT_LAPIC_BASE + LAPIC_ID) >> 24);
+}
+
+void rt_ioapic_route(uint8_t gsi, uint8_t vector, uint8_t apic_id, uint32_t flags)
+{
+	uint32_t entry = IOAPIC_REDIRECTION_TABLE + 2u * gsi;
+	/* Masked while the halves disagree, then the low half with the vector and flags. */
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_REGSEL, entry);
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_WINDOW, RT_IOAPIC_MASKED);
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_REGSEL, entry + 1);
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_WINDOW, (uint32_t)apic_id << 24);
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_REGSEL, entry);
+	mmio_write32(RT_IOAPIC_BASE + IOAPIC_WINDOW, vector | flags);
 }

@@ -15,6 +15,18 @@
  *
  * main()'s return value goes to debug_exit(). Any other exception prints
  * "rt: exception <vector> error <code> at <rip>" and exits 0x7d.
+ *
+ * External interrupts (vectors 32-255): rt_set_interrupt_handler(vector, fn) points the vector's
+ * gate at a stub that calls fn(vector) at CPL 0 with interrupts off, then writes the local APIC's
+ * EOI register (for every vector but RT_SPURIOUS_VECTOR, which the local APIC does not want
+ * acknowledged). A vector with no handler raises #NP (a fatal exception) when it fires. A guest
+ * that takes interrupts runs main() at CPL 0 (rt_run_main_at_cpl0): STI and HLT are CPL 0
+ * instructions (at CPL 3 under kvm_pvm they fault), and main() at CPL 3 runs with IF = 0. Enable
+ * the local APIC (rt_lapic_enable), mask the PICs (rt_pic_disable), route the interrupt
+ * (rt_ioapic_route for an IOAPIC pin), and
+ * wait with rt_sti_hlt(), which takes no interrupt between the STI and the HLT, so a check of
+ * what a handler counts, made with interrupts off, cannot miss the interrupt it waits for. Code
+ * at CPL 0 is emulated on kvm_pvm: keep handlers and the loop around them short.
  */
 #ifndef RT_H
 #define RT_H
@@ -43,6 +55,34 @@ static inline uint8_t inb(uint16_t port)
 	uint8_t value;
 	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
 	return value;
+}
+
+/*
+ * 16- and 32-bit port I/O: at CPL 0 only (a guest that sets rt_run_main_at_cpl0), since the #GP
+ * handler that lets CPL 3 code do port I/O knows the byte-wide forms alone.
+ */
+static inline uint16_t inw(uint16_t port)
+{
+	uint16_t value;
+	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
+	return value;
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t value;
+	__asm__ volatile("in %1, %0" : "=a"(value) : "d"(port) : "memory");
+	return value;
+}
+
+static inline void outw(uint16_t port, uint16_t value)
+{
+	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
+}
+
+static inline void outl(uint16_t port, uint32_t value)
+{
+	__asm__ volatile("out %0, %1" : : "a"(value), "d"(port) : "memory");
 }
 
 /* MMIO: one access of exactly this width (virtio-mmio wants aligned 32-bit accesses). */
@@ -85,6 +125,55 @@ static inline void cpu_relax(void)
  * CPUs with a slower PAUSE (Skylake and later, ~140 cycles) take up to 4 times longer.
  */
 #define RT_SPINS_PER_MS 100000UL
+
+/* External interrupts (see the top of this file). */
+#define RT_LAPIC_BASE 0xfee00000UL
+#define RT_IOAPIC_BASE 0xfec00000UL
+/* The spurious-interrupt vector rt_lapic_enable() programs. */
+#define RT_SPURIOUS_VECTOR 0xff
+/* IOAPIC redirection entry bits (82093AA data sheet, 3.2.4) for rt_ioapic_route()'s flags. */
+#define RT_IOAPIC_ACTIVE_LOW (1u << 13)
+#define RT_IOAPIC_LEVEL (1u << 15)
+#define RT_IOAPIC_MASKED (1u << 16)
+
+typedef void (*rt_interrupt_handler)(uint8_t vector);
+/* Sets the handler of `vector` (32-255) and makes its gate present. */
+void rt_set_interrupt_handler(uint8_t vector, rt_interrupt_handler handler);
+/* Masks every input of both 8259 PICs. A guest that takes ISA interrupts through the IOAPIC does
+ * this first (as Linux does): the PIC sees the same lines, and KVM's BSP takes its output through
+ * LINT0 (ExtINT) with the vector base of an uninitialised PIC, 0. */
+void rt_pic_disable(void);
+/* Software-enables this CPU's local APIC (spurious vector RT_SPURIOUS_VECTOR) and accepts every priority. */
+void rt_lapic_enable(void);
+/* This CPU's local APIC id. */
+uint8_t rt_lapic_id(void);
+/* Routes IOAPIC pin `gsi` to `vector` on the CPU with local APIC id `apic_id` (fixed delivery, physical
+ * destination); `flags` adds RT_IOAPIC_* bits (0: edge-triggered, active high, unmasked). */
+void rt_ioapic_route(uint8_t gsi, uint8_t vector, uint8_t apic_id, uint32_t flags);
+
+/* CPL 0 only (see above). */
+static inline void rt_sti(void)
+{
+	__asm__ volatile("sti" : : : "memory");
+}
+
+static inline void rt_cli(void)
+{
+	__asm__ volatile("cli" : : : "memory");
+}
+
+/* Enables interrupts and waits for one; returns with interrupts enabled (rt_cli() to check state). */
+static inline void rt_sti_hlt(void)
+{
+	__asm__ volatile("sti; hlt" : : : "memory");
+}
+
+static inline uint64_t rt_rdtsc(void)
+{
+	uint32_t low, high;
+	__asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+	return ((uint64_t)high << 32) | low;
+}
 
 /* Serial output on COM1, each byte after LSR says the transmitter holding register is empty. */
 void putc(char c);

@@ -37,6 +37,11 @@ export class BootInfoBlock {
     this.#bytes.set(data, addr - this.base);
   }
 
+  /** Bytes not handed out yet, before any alignment. */
+  get bytesLeft(): number {
+    return this.#bytes.length - this.#used;
+  }
+
   /** The used part of the block. */
   get data(): Uint8Array {
     return this.#bytes.slice(0, this.#used);
@@ -63,9 +68,9 @@ export function putString(block: BootInfoBlock, bytes: Uint8Array, what: string)
 
 /**
  * struct hvm_start_info with its memory map (hvm_memmap_table_entry[]) and command line.
- * Returns the structure's address (for EBX).
+ * `rsdp` is the ACPI RSDP's address (0: no ACPI tables). Returns the structure's address (for EBX).
  */
-export function putHvmStartInfo(block: BootInfoBlock, memoryBytes: number, cmdline: Uint8Array | null): number {
+export function putHvmStartInfo(block: BootInfoBlock, memoryBytes: number, cmdline: Uint8Array | null, rsdp = 0): number {
   const info = block.alloc(HVM_START_INFO_BYTES, 8, 'hvm_start_info');
   const map = memoryMap(memoryBytes);
   const memmap = block.alloc(map.length * HVM_MEMMAP_ENTRY_BYTES, 8, 'the memory map');
@@ -85,7 +90,7 @@ export function putHvmStartInfo(block: BootInfoBlock, memoryBytes: number, cmdli
   v.setUint32(o + 12, 0, true); // nr_modules
   v.setBigUint64(o + 16, 0n, true); // modlist_paddr
   v.setBigUint64(o + 24, BigInt(cmdlineAddr), true);
-  v.setBigUint64(o + 32, 0n, true); // rsdp_paddr: no ACPI tables
+  v.setBigUint64(o + 32, BigInt(rsdp), true); // rsdp_paddr
   v.setBigUint64(o + 40, BigInt(memmap), true);
   v.setUint32(o + 48, map.length, true);
   v.setUint32(o + 52, 0, true);

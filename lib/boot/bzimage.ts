@@ -8,6 +8,7 @@ import { argTypeError } from '../kvm/errors.js';
 import { encodeCmdline } from './boot-info.js';
 import { GDT_BYTES, Selector, gdtBytes, identityMap, longModeState, protectedModeState, type BootState, type SegmentedBootState } from './cpu-state.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
+import type { FirmwareTables } from './firmware-tables.js';
 import { GDT_ADDR, HIGH_RAM_START, LINUX_CMDLINE_ADDR, ZERO_PAGE_ADDR, checkRegions, memoryMap, type Region } from './layout.js';
 import type { BootPlan, BootWrite } from './boot-plan.js';
 
@@ -20,6 +21,8 @@ export const MIN_BOOT_PROTOCOL = 0x0206;
 export const BOOT_PROTOCOL_64BIT_ENTRY = 0x020c;
 /** type_of_loader for a loader without an assigned id. */
 export const LOADER_TYPE_UNDEFINED = 0xff;
+/** The protocol that added acpi_rsdp_addr (boot_params offset 0x070). */
+export const BOOT_PROTOCOL_ACPI_RSDP = 0x020e;
 /** Linux's boot selectors: boot.rst asks for these in the GDT at either protected-mode entry. */
 export const LinuxSelector = { BootCs: 0x10, BootDs: 0x18 } as const;
 
@@ -46,7 +49,7 @@ const SETUP_HEADER_LIMIT = 0x290;
 const HEADER_BYTES_READ = Hdr.initSize + 4;
 
 /** boot_params fields outside the setup header (zero-page.rst). */
-const ZeroPage = { extRamdiskImage: 0x0c0, extRamdiskSize: 0x0c4, extCmdLinePtr: 0x0c8, e820Entries: 0x1e8, e820Table: 0x2d0 } as const;
+const ZeroPage = { acpiRsdpAddr: 0x070, extRamdiskImage: 0x0c0, extRamdiskSize: 0x0c4, extCmdLinePtr: 0x0c8, e820Entries: 0x1e8, e820Table: 0x2d0 } as const;
 const E820_ENTRY_BYTES = 20;
 const E820_MAX_ENTRIES = 128;
 
@@ -151,6 +154,8 @@ export interface BzImageOptions {
   /** The command line, encoded with its NUL (encodeCmdline), or null for an empty one. */
   cmdline: Uint8Array | null;
   initrd?: Uint8Array;
+  /** The machine's ACPI and MP tables (firmwareTables()), or null/absent for none. */
+  tables?: FirmwareTables | null;
 }
 
 /** Everything a bzImage boot puts in guest RAM, and where: for tests and tools. */
@@ -168,7 +173,7 @@ export interface BzImageLayout {
 
 /** Plans a bzImage boot (planBoot() calls it for the images isBzImage() accepts). */
 export function planBzImage(image: Uint8Array, options: BzImageOptions): { plan: BootPlan; layout: BzImageLayout } {
-  const { memoryBytes, initrd } = options;
+  const { memoryBytes, initrd, tables = null } = options;
   const header = parseSetupHeader(image);
   const cmdline = options.cmdline ?? encodeCmdline('');
   const cmdlineChars = cmdline.length - 1;
@@ -191,7 +196,7 @@ export function planBzImage(image: Uint8Array, options: BzImageOptions): { plan:
   }
   const layout: BzImageLayout = { header, loadAddr, kernelEnd, zeroPage: ZERO_PAGE_ADDR, cmdline: LINUX_CMDLINE_ADDR, initrd: placedInitrd, entry: entry64 ? 64 : 32 };
 
-  const zeroPage = buildZeroPage(image, layout, memoryBytes);
+  const zeroPage = buildZeroPage(image, layout, memoryBytes, tables?.rsdp ?? 0);
   const writes: BootWrite[] = [
     { guestPhysAddr: loadAddr, data: kernelData, what: 'kernel' },
     { guestPhysAddr: GDT_ADDR, data: linuxGdt(entry64), what: 'GDT' },
@@ -204,6 +209,10 @@ export function planBzImage(image: Uint8Array, options: BzImageOptions): { plan:
     { start: ZERO_PAGE_ADDR, end: ZERO_PAGE_ADDR + ZERO_PAGE_BYTES, what: 'the zero page', loader: true },
     { start: LINUX_CMDLINE_ADDR, end: LINUX_CMDLINE_ADDR + cmdline.length, what: 'the command line', loader: true },
   ];
+  if (tables) {
+    writes.push(...tables.writes);
+    regions.push(...tables.regions);
+  }
   if (placedInitrd) {
     writes.push({ guestPhysAddr: placedInitrd.addr, data: initrd!.slice(), what: 'initrd' });
     regions.push({ start: placedInitrd.addr, end: placedInitrd.addr + placedInitrd.bytes, what: 'the initrd' });
@@ -253,7 +262,7 @@ function placeInitrd(initrd: Uint8Array, header: SetupHeader, kernelEnd: number,
 }
 
 /** struct boot_params: the image's setup header, updated as a loader must (boot.rst), and the E820 map. */
-function buildZeroPage(image: Uint8Array, layout: BzImageLayout, memoryBytes: number): Uint8Array {
+function buildZeroPage(image: Uint8Array, layout: BzImageLayout, memoryBytes: number, rsdp: number): Uint8Array {
   const page = new Uint8Array(ZERO_PAGE_BYTES);
   const view = viewOf(page);
   page.set(image.subarray(Hdr.setupSects, layout.header.headerEnd), Hdr.setupSects);
@@ -269,6 +278,8 @@ function buildZeroPage(image: Uint8Array, layout: BzImageLayout, memoryBytes: nu
     putAddress(view, Hdr.ramdiskImage, ZeroPage.extRamdiskImage, layout.initrd.addr);
     putAddress(view, Hdr.ramdiskSize, ZeroPage.extRamdiskSize, layout.initrd.bytes);
   }
+  // Protocol 2.14 added acpi_rsdp_addr; older kernels find the RSDP by the BIOS-area scan.
+  if (rsdp !== 0 && layout.header.version >= BOOT_PROTOCOL_ACPI_RSDP) view.setBigUint64(ZeroPage.acpiRsdpAddr, BigInt(rsdp), true);
   const map = memoryMap(memoryBytes);
   if (map.length > E820_MAX_ENTRIES) throw new BootImageError(`the memory map has ${map.length} entries; boot_params holds ${E820_MAX_ENTRIES}`);
   page[ZeroPage.e820Entries] = map.length;

@@ -10,7 +10,7 @@ export {
   memoryMap, MemoryType, GDT_ADDR, GUEST_PARAMS_ADDR, BOOT_INFO_ADDR, PAGE_TABLES_ADDR, ZERO_PAGE_ADDR, LINUX_CMDLINE_ADDR, type MemoryMapEntry,
 } from './layout.js';
 export { HVM_START_MAGIC, MAX_CMDLINE_BYTES } from './boot-info.js';
-export { MULTIBOOT_HEADER_MAGIC, MULTIBOOT_BOOTLOADER_MAGIC } from './multiboot.js';
+export { MULTIBOOT_HEADER_MAGIC, MULTIBOOT_BOOTLOADER_MAGIC, type MultibootModule } from './multiboot.js';
 export { XEN_ELFNOTE_PHYS32_ENTRY } from './pvh.js';
 export {
   isBzImage, parseSetupHeader, planBzImage, HDRS_MAGIC, LinuxSelector, LoadFlag, XLoadFlag, LOADER_TYPE_UNDEFINED,

@@ -3,14 +3,18 @@
 //   0x0000-0x04ff  real-mode IVT and BIOS data area (left alone)
 //   0x0500-0x052f  GDT (see cpu-state.ts for the selectors)
 //   0x5000-0x5fff  never written by the loader: host-to-guest parameters of test guests
-//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line;
+//   0x6000-0x7bff  boot information: hvm_start_info or multiboot_info, memory map, command line,
+//                  Multiboot module list and strings;
 //                  for a Linux bzImage, the zero page (boot_params, 0x6000-0x6fff)
 //   0x7c00         default load address of a flat binary (the boot-sector convention)
 //   0x9000-        long-mode identity-map page tables (PML4, PDPT, one PD per GiB)
 //   0x20000-0x20fff a Linux bzImage's command line (up to 4095 bytes and its NUL)
-//   0x9fc00-0xfffff reserved (EBDA, VGA, BIOS), as the memory map says
+//   0x9fc00-0x9ffff reserved (EBDA), as the memory map says; 0xa0000-0xdffff VGA and option ROMs
+//   0xe0000-0xfffff reserved (BIOS area): the ACPI tables from 0xe0000, the MP tables from 0xf0000,
+//                  where the standard scans find them (machines with the in-kernel irqchip)
 //   0x100000-      where kernels are usually linked (1 MiB), and where a bzImage's protected-mode
 //                  kernel is loaded; its initrd goes at the top of RAM, page-aligned
+//                  (a Multiboot kernel's modules go right above the kernel, page-aligned)
 import { argTypeError, argValueError } from '../kvm/errors.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 
@@ -26,7 +30,12 @@ export const LINUX_CMDLINE_ADDR = 0x20000;
 export const PAGE_TABLES_ADDR = 0x9000;
 /** End of conventional memory: the EBDA starts here. */
 export const LOW_RAM_END = 0x9fc00;
-export const BIOS_AREA = 0xf0000;
+/** The BIOS area, reserved in the memory map: where the firmware tables are. */
+export const BIOS_AREA = 0xe0000;
+/** The RSDP and the ACPI tables after it (the RSDP scan covers 0xe0000-0xfffff). */
+export const ACPI_TABLES_ADDR = 0xe0000;
+/** The MP floating pointer and configuration table (the MP scan covers 0xf0000-0xfffff). */
+export const MP_TABLE_ADDR = 0xf0000;
 export const HIGH_RAM_START = 0x100000;
 
 /** E820 / hvm_memmap_table_entry / multiboot mmap types. */
@@ -40,7 +49,7 @@ export interface MemoryMapEntry {
 
 /**
  * The E820-style map the loader gives the guest (multiboot mmap, hvm_start_info memmap):
- * [0, 0x9fc00) RAM, [0x9fc00, 0xa0000) and [0xf0000, 0x100000) reserved, [1 MiB, memoryBytes) RAM.
+ * [0, 0x9fc00) RAM, [0x9fc00, 0xa0000) and [0xe0000, 0x100000) reserved, [1 MiB, memoryBytes) RAM.
  * The low RAM entry is shortened when memoryBytes is below 0x9fc00; the high one is absent then.
  */
 export function memoryMap(memoryBytes: number): MemoryMapEntry[] {

@@ -61,6 +61,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           incoming: { type: 'string' },
           restore: { type: 'string' },
           'no-verify': { type: 'boolean' },
+          'no-irqchip': { type: 'boolean' },
           token: { type: 'string' },
           gdb: { type: 'string' },
           'gdb-wait': { type: 'boolean' },
@@ -80,7 +81,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'],
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'],
         gdb: values.gdb, gdbWait: values['gdb-wait'],
       };
       if (!threads) {

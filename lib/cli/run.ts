@@ -1,17 +1,19 @@
 // `node-kvm run`: boots a guest (or receives one by migration, or restores a snapshot) with its
 // serial console on this terminal, optionally serving its control API.
+import { closeSync, openSync, readSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { debugExitStatus } from '../devices/debug-exit.js';
-import { Machine, type DiskConfig, type MachineExit } from '../vmm/machine.js';
+import { Machine, type DiskConfig, type MachineExit, type MultibootModuleConfig } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
+import { MULTIBOOT_SEARCH_BYTES, isMultibootKernel } from '../boot/multiboot.js';
 import { argValueError, systemError } from '../kvm/errors.js';
 import type { ApiServer } from './api-server.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
-       node-kvm run --kernel FILE [--initrd FILE] [--append TEXT] [options]
+       node-kvm run --kernel FILE [--initrd FILE|'MODULE[ ARGS][,MODULE2 ...]'] [--append TEXT] [options]
        node-kvm run --incoming tcp:HOST:PORT|unix:PATH [--token T] [--memory SIZE] [--vcpus N] [--api-socket PATH]
        node-kvm run --restore FILE [--no-verify] [--api-socket PATH]
 
@@ -33,6 +35,9 @@ options:
   --cmdline TEXT              kernel command line (Multiboot, PVH, Linux)
   --kernel FILE               the image to boot, as QEMU's -kernel (instead of IMAGE)
   --initrd FILE               initial ramdisk for a Linux bzImage, as QEMU's -initrd
+  --initrd 'MODULE[ ARGS][,MODULE2[ ARGS2] ...]'
+                              for a Multiboot kernel, as QEMU's -initrd: each file a boot module,
+                              with the whole 'MODULE ARGS' as its string (,, is a comma in the text)
   --append TEXT               kernel command line, as QEMU's -append (the same as --cmdline)
   --disk FILE[,ro][,id=ID]    a virtio-blk disk backed by a raw image file (repeat for more; ro:
                               read-only). With --restore or --incoming: where this host finds the
@@ -45,6 +50,8 @@ options:
                               or set ${TOKEN_ENV}, which other users cannot see in ps
   --restore FILE              run the guest saved in this snapshot
   --no-verify                 with --restore: skip checking the RAM image (which reads all of it)
+  --no-irqchip                no interrupt controllers, PIT, ACPI or MP tables: HLT then exits
+                              to the VMM, and the machine ends once every vCPU has halted
   --gdb tcp:HOST:PORT|unix:PATH  serve a GDB remote stub there (tcp::PORT: loopback); whoever
                               connects controls the guest fully
   --gdb-wait                  with --gdb: no vCPU runs until the debugger continues (QEMU's -s -S)
@@ -70,6 +77,7 @@ export interface RunOptions {
   disk?: string[];
   /** With --restore: do not check the RAM image against its checksum. */
   noVerify?: boolean;
+  noIrqchip?: boolean;
   /** Serve a GDB stub at this address. */
   gdb?: string;
   /** With gdb: start paused, for the debugger to continue. */
@@ -89,6 +97,42 @@ export function parseDiskOption(value: string): DiskConfig {
   return disk;
 }
 
+/**
+ * QEMU's -initrd for a Multiboot kernel: modules separated by commas (",," stands for a comma in
+ * a name or its arguments), each "FILE[ ARGS]", whose whole text is the module's string.
+ */
+export function parseModulesOption(value: string): MultibootModuleConfig[] {
+  const entries = [''];
+  for (let i = 0; i < value.length; i++) {
+    if (value[i] !== ',') entries[entries.length - 1] += value[i];
+    else if (value[i + 1] === ',') entries[entries.length - 1] += value[i++];
+    else entries.push('');
+  }
+  return entries.map((text, index) => {
+    const file = text.split(' ')[0]!;
+    if (file === '') throw argValueError(`--initrd '${value}': module ${index} names no file (give 'FILE[ ARGS][,FILE2[ ARGS2] ...]')`);
+    return { data: file, cmdline: text };
+  });
+}
+
+/** Whether the file `image` is a Multiboot kernel; false if it cannot be read (the boot says why). */
+function isMultibootFile(image: string): boolean {
+  let fd: number;
+  try {
+    fd = openSync(image, 'r');
+  } catch {
+    return false;
+  }
+  try {
+    const head = new Uint8Array(MULTIBOOT_SEARCH_BYTES);
+    return isMultibootKernel(head.subarray(0, readSync(fd, head, 0, head.length, 0)));
+  } catch {
+    return false;
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** Checks that exactly one of IMAGE, --incoming and --restore is given, with options that fit it. */
 export function checkRunSource(options: RunOptions): void {
   if (options.image !== undefined && options.kernel !== undefined) throw argValueError('give the kernel as IMAGE or as --kernel FILE, not both');
@@ -106,6 +150,7 @@ export function checkRunSource(options: RunOptions): void {
   }
   if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
   if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
+  if (options.noIrqchip === true && image === undefined) throw argValueError('--no-irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)');
   if (options.gdbWait === true && options.gdb === undefined) throw argValueError('--gdb-wait applies to --gdb only');
 }
 
@@ -166,14 +211,19 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     const { restoreMachine } = await import('../migration/snapshot.js');
     machine = await restoreMachine(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
   } else {
+    const image = (options.image ?? options.kernel)!;
+    // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
+    const modules = options.initrd !== undefined && isMultibootFile(image) ? parseModulesOption(options.initrd) : undefined;
     machine = await Machine.create({
-      image: (options.image ?? options.kernel)!,
+      image,
       mode: mode as CpuMode | undefined,
       loadAddr: options.loadAddr === undefined ? undefined : parseAddress(options.loadAddr, '--load-addr'),
       memoryBytes,
       vcpus: vcpus ?? 1,
       cmdline: options.cmdline ?? options.append,
-      initrd: options.initrd,
+      initrd: modules ? undefined : options.initrd,
+      modules,
+      irqchip: options.noIrqchip === true ? false : undefined,
       disks,
       serial,
       pool,
@@ -260,6 +310,7 @@ export function exitStatus(exit: MachineExit): number {
       return debugExitStatus(exit.code ?? 0);
     case 'hlt':
     case 'reset':
+    case 'poweroff':
     case 'stopped':
       return 0;
     case 'migrated':

@@ -15,6 +15,7 @@ import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { MAX_MEMORY_BYTES, MAX_VCPUS, type MachineShape, type MachineState } from '../vmm/config.js';
 import type { DiskShape } from '../vmm/disks.js';
+import { isDeviceStates } from '../vmm/devices.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 import { SectionType, type Section } from './format.js';
 import { SectionParser } from './section-parser.js';
@@ -215,6 +216,7 @@ export function machineStateOf(parts: StateParts, expected: { memoryBytes: numbe
     }
   });
   if (!isObject(devices) || !isObject(devices.serial) || !isObject(devices.postCode)) throw streamError(Code.Format, `${where}: no device state`);
+  if (!isDeviceStates(devices)) throw streamError(Code.Format, `${where}: the device state is malformed`);
   const state = { shape, vm, vcpus: [...vcpus], devices } as unknown as MachineState;
   if (parts.running !== undefined) state.running = parts.running;
   return state;

@@ -3,7 +3,8 @@
 // or all that was taken is given back (threads ended or returned to their pool, fds and mappings
 // closed), whatever step failed.
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
-import { bootMsrs, guestCpuid, writeBootPlan } from '../boot/index.js';
+import { bootMsrs, guestCpuid, memoryMap, writeBootPlan } from '../boot/index.js';
+import { Platform } from '../boot/platform.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
 import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
@@ -24,8 +25,6 @@ import { restoreVmState } from './vm-state.js';
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
 const TSS_ADDR = 0xfffbd000;
 const IDENTITY_MAP_ADDR = 0xfffbc000;
-/** KVM's in-kernel IOAPIC has 24 pins. */
-const IOAPIC_PINS = 24;
 /** The one memory slot: all of guest RAM at guest-physical 0. */
 export const RAM_SLOT = 0;
 
@@ -38,8 +37,8 @@ export const PC_GSI_ROUTES: readonly GsiRoute[] = [
   ...Array.from({ length: 16 }, (_, irq) => irq).filter((irq) => irq !== 2).map((irq): GsiRoute => ({
     gsi: irq, type: 'irqchip', irqchip: irq < 8 ? IrqChip.PicMaster : IrqChip.PicSlave, pin: irq % 8,
   })),
-  ...Array.from({ length: IOAPIC_PINS }, (_, gsi) => gsi).filter((gsi) => gsi !== 2).map((gsi): GsiRoute => ({
-    gsi, type: 'irqchip', irqchip: IrqChip.Ioapic, pin: gsi === 0 ? 2 : gsi,
+  ...Array.from({ length: Platform.ioApicPins }, (_, gsi) => gsi).filter((gsi) => gsi !== Platform.pitGsi).map((gsi): GsiRoute => ({
+    gsi, type: 'irqchip', irqchip: IrqChip.Ioapic, pin: gsi === 0 ? Platform.pitGsi : gsi,
   })),
 ];
 
@@ -168,7 +167,11 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const disks = await step(disksPromise);
     const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
     if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
-    const devices = createDevicesShared({ serialOutput, virtio: disks.mmioShared });
+    const devices = createDevicesShared({
+      serialOutput, virtio: disks.mmioShared,
+      fwCfg: { memoryBytes: shape.memoryBytes, vcpus, cmdline: plan.cmdline, memoryMap: memoryMap(shape.memoryBytes) },
+      rtc: { memoryBytes: shape.memoryBytes, vcpus },
+    });
     const control = new Int32Array(createControl());
     const haltProbe = shape.irqchip ? createHaltProbe(vcpus) : null;
     supportedCpuidCache ??= kvm.getSupportedCpuid();

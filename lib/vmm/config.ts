@@ -78,6 +78,11 @@ export interface MachineConfig extends MachineRuntimeConfig {
   /** An initial ramdisk for a Linux bzImage (an initramfs, see buildInitramfs()): bytes or a file path. */
   initrd?: Uint8Array | string;
   /**
+   * Boot modules for a Multiboot kernel, loaded in order on page boundaries above it and listed in
+   * its multiboot_info (what QEMU's -initrd "FILE ARGS,FILE2 ..." gives one).
+   */
+  modules?: MultibootModuleConfig[];
+  /**
    * In-kernel interrupt controllers and timer (PIC, IOAPIC, a local APIC per vCPU, PIT), as every
    * PC has them. Default: on. With them a vCPU halted with interrupts enabled waits for an
    * interrupt, and the machine ends (status 0) once every vCPU is halted with interrupts disabled
@@ -90,6 +95,14 @@ export interface MachineConfig extends MachineRuntimeConfig {
    * (threads, fds, mappings, disks) is given back. Aborting after it resolved does nothing.
    */
   signal?: AbortSignal;
+}
+
+/** One Multiboot module of MachineConfig.modules. */
+export interface MultibootModuleConfig {
+  /** The module: bytes or a file path. */
+  data: Uint8Array | string;
+  /** Its string: by convention its file name and arguments. Default: the path, or '' for bytes. */
+  cmdline?: string;
 }
 
 /** The hardware of a machine: what another process needs to build one the state fits. */
@@ -115,6 +128,8 @@ export interface MachineState {
 export interface BuildPlan {
   shape: MachineShape;
   boot: BootPlan | null;
+  /** The kernel command line the guest was booted with, for fw_cfg (a restore brings its own). */
+  cmdline?: string;
   /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
   memory: (size: number) => GuestMemory | Promise<GuestMemory>;
   runtime: MachineRuntimeConfig;

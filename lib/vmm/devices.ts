@@ -2,8 +2,13 @@
 // sit, builds them on each vCPU thread over their shared state, and saves and restores their
 // states for snapshots and migrations. Each device keeps its own registers and its own
 // saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
+import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, type AcpiPmState } from '../devices/acpi-pm.js';
+import { CMOS_RTC_IRQ, CMOS_RTC_PORT, CMOS_RTC_PORTS, CmosRtc, CmosRtcInterrupts, isCmosRtcState, type CmosRtcState } from '../devices/cmos-rtc.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
+import { ELCR_BASE, ELCR_PORTS, Elcr, type ElcrState } from '../devices/elcr.js';
+import { FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, FW_CFG_PORT, FW_CFG_PORTS, FwCfg, fwCfgItems, isFwCfgState, type FwCfgGuestRam, type FwCfgMachine, type FwCfgShared, type FwCfgState } from '../devices/fw-cfg.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
+import { PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, PciConfig, type PciConfigState } from '../devices/pci-config.js';
 import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
 import { COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial, type SerialShared, type SerialState } from '../devices/serial.js';
 import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
@@ -18,16 +23,29 @@ export interface DevicesShared {
   readonly bus: BusShared;
   readonly serial: SerialShared;
   readonly postCode: SharedArrayBuffer;
+  readonly acpiPm: SharedArrayBuffer;
+  readonly elcr: SharedArrayBuffer;
+  readonly pciConfig: SharedArrayBuffer;
   /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
   readonly virtio: SharedArrayBuffer[];
+  readonly fwCfg: FwCfgShared;
+  readonly cmosRtc: SharedArrayBuffer;
 }
 
 /** The state of every device: what a snapshot or a migration carries for them. */
 export interface DeviceStates {
   serial: SerialState;
   postCode: PostCodeState;
+  /** Absent in a state from a machine without them (they start as at power-on). */
+  acpiPm?: AcpiPmState;
+  elcr?: ElcrState;
+  pciConfig?: PciConfigState;
   /** The virtio-mmio register state of each disk. */
   virtio?: VirtioMmioState[];
+  /** Absent in states from before fw_cfg: the machine's own items stay. */
+  fwCfg?: FwCfgState;
+  /** Absent in states from machines before the RTC: such a machine's RTC starts from the host's time. */
+  cmosRtc?: CmosRtcState;
 }
 
 export interface DeviceEvents {
@@ -35,16 +53,34 @@ export interface DeviceEvents {
   setIrqLine?: (gsi: number, level: boolean) => void;
   debugExit(code: number): void;
   reset(): void;
+  /** The guest powered the machine off (ACPI S5 through PM1a control). */
+  powerOff(): void;
   log(message: string): void;
 }
 
 /** The shared state of a new machine's devices (the disks' register files come from its Disks). */
-export function createDevicesShared(options: { serialOutput: { fd: number } | { ring: ByteRingShared }; virtio: SharedArrayBuffer[] }): DevicesShared {
-  return { bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(), virtio: options.virtio };
+export function createDevicesShared(options: {
+  serialOutput: { fd: number } | { ring: ByteRingShared };
+  virtio: SharedArrayBuffer[];
+  fwCfg: FwCfgMachine;
+  /** What the RTC's CMOS RAM tells the guest (the memory-size and CPU-count bytes). */
+  rtc: { memoryBytes: number; vcpus: number };
+}): DevicesShared {
+  // All RAM is below 4 GiB (MAX_MEMORY_BYTES is 3 GiB: there is no PCI hole to move RAM above it).
+  const cmosRtc = CmosRtc.createShared({ lowMemoryBytes: options.rtc.memoryBytes, highMemoryBytes: 0, vcpus: options.rtc.vcpus });
+  return {
+    bus: createBusShared(), serial: Serial.createShared(options.serialOutput), postCode: PostCode.createShared(),
+    acpiPm: AcpiPm.createShared(), elcr: Elcr.createShared(), pciConfig: PciConfig.createShared(), virtio: options.virtio,
+    fwCfg: FwCfg.createShared(fwCfgItems(options.fwCfg)), cmosRtc,
+  };
 }
 
-/** On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. */
-export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bus: IoBus; serial: Serial } {
+/**
+ * On a vCPU thread: every device of the machine, on a new I/O bus over the shared state. `ram`:
+ * guest RAM for the devices that reach it from this thread (fw_cfg's DMA); without it they fail
+ * such transfers.
+ */
+export function attachDevices(shared: DevicesShared, events: DeviceEvents, ram: FwCfgGuestRam | null = null): { bus: IoBus; serial: Serial } {
   const bus = new IoBus(shared.bus, events.log);
   const setIrqLine = events.setIrqLine;
   const serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
@@ -54,6 +90,15 @@ export function attachDevices(shared: DevicesShared, events: DeviceEvents): { bu
   bus.registerPorts(I8042_DATA_PORT, 1, i8042.dataPort);
   bus.registerPorts(I8042_COMMAND_PORT, 1, i8042.commandPort);
   bus.registerPorts(POST_CODE_PORT, 1, new PostCode(shared.postCode));
+  bus.registerPorts(ACPI_PM_BASE, ACPI_PM_PORTS, new AcpiPm(shared.acpiPm, { powerOff: events.powerOff, log: events.log }));
+  bus.registerPorts(ELCR_BASE, ELCR_PORTS, new Elcr(shared.elcr));
+  const pciConfig = new PciConfig(shared.pciConfig);
+  bus.registerPorts(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_PORTS, pciConfig.addressPort);
+  bus.registerPorts(PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, pciConfig.dataPort);
+  const fwCfg = new FwCfg(shared.fwCfg, ram);
+  bus.registerPorts(FW_CFG_PORT, FW_CFG_PORTS, fwCfg.port);
+  bus.registerPorts(FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, fwCfg.dmaPort);
+  bus.registerPorts(CMOS_RTC_PORT, CMOS_RTC_PORTS, new CmosRtc(shared.cmosRtc));
   shared.virtio.forEach((registers, slot) => {
     bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
   });
@@ -68,13 +113,40 @@ export class MachineDevices {
   readonly shared: DevicesShared;
   readonly serial: Serial;
   readonly postCode: PostCode;
+  readonly acpiPm: AcpiPm;
+  readonly elcr: Elcr;
+  readonly pciConfig: PciConfig;
+  readonly fwCfg: FwCfg;
+  readonly cmosRtc: CmosRtc;
+  /** The RTC's periodic interrupt: runs only while the machine does (runTimers/haltTimers). */
+  readonly #rtcInterrupts: CmosRtcInterrupts | null;
   readonly disks: Disks;
 
   constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
     this.shared = shared;
     this.serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
     this.postCode = new PostCode(shared.postCode);
+    // The main thread never writes PM1a control: nothing to power off or log from here.
+    this.acpiPm = new AcpiPm(shared.acpiPm, { powerOff: () => {}, log: () => {} });
+    this.elcr = new Elcr(shared.elcr);
+    this.pciConfig = new PciConfig(shared.pciConfig);
+    this.fwCfg = new FwCfg(shared.fwCfg);
+    this.cmosRtc = new CmosRtc(shared.cmosRtc);
+    this.#rtcInterrupts = setIrqLine ? new CmosRtcInterrupts(shared.cmosRtc, () => {
+      setIrqLine(CMOS_RTC_IRQ, true);
+      setIrqLine(CMOS_RTC_IRQ, false);
+    }) : null;
     this.disks = disks;
+  }
+
+  /** The machine runs (start, resume): the devices' timers run. */
+  runTimers(): void {
+    this.#rtcInterrupts?.run();
+  }
+
+  /** The machine pauses or ends: the devices' timers stop (what they would owe meanwhile is dropped). */
+  haltTimers(): void {
+    this.#rtcInterrupts?.halt();
   }
 
   /** The guest's accesses to ports and MMIO where no device is. */
@@ -84,18 +156,43 @@ export class MachineDevices {
 
   /** Every device's state; the machine must be paused (the disks' threads parked). */
   saveState(): DeviceStates {
-    return { serial: this.serial.saveState(), postCode: this.postCode.saveState(), ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}) };
+    return {
+      serial: this.serial.saveState(), postCode: this.postCode.saveState(),
+      acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
+      ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}),
+      fwCfg: this.fwCfg.saveState(), cmosRtc: this.cmosRtc.saveState(),
+    };
   }
 
   restoreState(states: DeviceStates): void {
+    // First: the one that may refuse a state (items that do not fit), before anything changed.
+    if (states.fwCfg !== undefined) this.fwCfg.restoreState(states.fwCfg);
     this.serial.restoreState(states.serial);
     this.postCode.restoreState(states.postCode);
+    if (states.acpiPm) this.acpiPm.restoreState(states.acpiPm);
+    if (states.elcr) this.elcr.restoreState(states.elcr);
+    if (states.pciConfig) this.pciConfig.restoreState(states.pciConfig);
     if (this.disks.count > 0 || states.virtio !== undefined) this.disks.restoreState(states.virtio ?? []);
+    if (states.cmosRtc) this.cmosRtc.restoreState(states.cmosRtc);
   }
 }
 
 /** Whether `value` has the structure of saved device states (a stream from elsewhere is checked before use). */
 export function isDeviceStates(value: unknown): value is DeviceStates {
   const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
-  return isObject(value) && isObject(value.serial) && isObject(value.postCode) && (value.virtio === undefined || Array.isArray(value.virtio));
+  return isObject(value) && isObject(value.serial) && isObject(value.postCode)
+    && (value.acpiPm === undefined || isAcpiPmState(value.acpiPm))
+    && (value.elcr === undefined || (isObject(value.elcr) && Array.isArray(value.elcr.registers) && value.elcr.registers.every(isInteger)))
+    && (value.pciConfig === undefined || (isObject(value.pciConfig) && isInteger(value.pciConfig.address)))
+    && (value.virtio === undefined || Array.isArray(value.virtio))
+    && (value.fwCfg === undefined || isFwCfgState(value.fwCfg))
+    && (value.cmosRtc === undefined || isCmosRtcState(value.cmosRtc));
+}
+
+const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);
+
+function isAcpiPmState(value: unknown): value is AcpiPmState {
+  if (typeof value !== 'object' || value === null) return false;
+  const state = value as Record<string, unknown>;
+  return isInteger(state.status) && isInteger(state.enable) && isInteger(state.control) && isInteger(state.counter) && (state.counter as number) >= 0;
 }

@@ -4,6 +4,7 @@ export {
   Machine, MAX_MEMORY_BYTES, MAX_VCPUS,
   type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type MachineEvents,
   type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type DeviceStates, type DiskConfig, type DiskShape,
+  type MultibootModuleConfig,
 } from './machine.js';
 export { CONSOLE_BACKLOG_BYTES } from './console.js';
 export { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
@@ -15,6 +16,9 @@ export {
 export type { DirtyPageMarker } from '../devices/bus-device.js';
 export type { SerialState } from '../devices/serial.js';
 export type { PostCodeState } from '../devices/post-code.js';
+export type { AcpiPmState } from '../devices/acpi-pm.js';
+export type { ElcrState } from '../devices/elcr.js';
+export type { PciConfigState } from '../devices/pci-config.js';
 export type { VirtioMmioState, VirtioQueueState } from '../devices/virtio-mmio.js';
 export { DirtyBitmap, MAX_BITMAP_PAGES } from './dirty-bitmap.js';
 export {

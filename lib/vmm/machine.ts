@@ -6,14 +6,14 @@
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { MessagePort } from 'node:worker_threads';
-import { isBzImage, planBoot, type BootPlan } from '../boot/index.js';
+import { isBzImage, planBoot, type BootPlan, type MultibootModule } from '../boot/index.js';
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
 import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
-  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MachineRunState, type MachineShape, type MachineState,
+  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
@@ -35,6 +35,7 @@ export type { DiskConfig, DiskShape } from './disks.js';
 export type { DeviceStates } from './devices.js';
 export {
   MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState,
+  type MultibootModuleConfig,
 } from './config.js';
 export type { MachineConsole } from './console.js';
 
@@ -264,7 +265,7 @@ export class Machine extends EventEmitter {
 
   /**
    * Validates the image, builds the VM and starts one thread per vCPU (all before the guest
-   * runs). A bad image fails here, before any VM exists. An image or initrd that cannot be read
+   * runs). A bad image fails here, before any VM exists. An image, initrd or module that cannot be read
    * rejects with the file system's code ('ENOENT') and its error as cause; `config.signal`
    * aborts the build (code ABORT_ERR, once everything it took is given back).
    */
@@ -279,6 +280,7 @@ export class Machine extends EventEmitter {
     if (!(image instanceof Uint8Array)) throw argTypeError('image must be a Uint8Array or a file path');
     const initrd = typeof config.initrd === 'string' ? readFile(config.initrd, 'initrd') : config.initrd;
     if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
+    const modules = config.modules === undefined ? undefined : readModules(config.modules);
     const disks = checkDiskConfigs(config.disks);
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
@@ -287,11 +289,14 @@ export class Machine extends EventEmitter {
       const devices = disks.map((_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
       cmdline = [cmdline, ...devices].filter((part) => part).join(' ');
     }
-    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd });
+    // Every PC has its interrupt controllers and timer; with them, the plan also writes the ACPI
+    // and MP tables that describe them.
+    const irqchip = config.irqchip ?? true;
+    const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd, modules, irqchip });
     return buildMachine({
-      // Every PC has its interrupt controllers and timer.
-      shape: { memoryBytes, vcpus, irqchip: config.irqchip ?? true },
+      shape: { memoryBytes, vcpus, irqchip },
       boot,
+      cmdline,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
       runtime: config,
       signal,
@@ -384,6 +389,7 @@ export class Machine extends EventEmitter {
     if (!options.paused) {
       this.#devices.disks.resume();
       this.#haltWatch?.start();
+      this.#devices.runTimers();
     }
   }
 
@@ -441,6 +447,8 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
+    // The halt watch's pause is a moment the guest does not see: its clocks run on.
+    if (!options.quiet) this.#devices.haltTimers();
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
@@ -491,6 +499,7 @@ export class Machine extends EventEmitter {
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
     this.#haltWatch?.start();
+    this.#devices.runTimers();
     this.emit('resumed');
   }
 
@@ -640,6 +649,7 @@ export class Machine extends EventEmitter {
     this.#exit = exit;
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Stopping);
+    this.#devices.haltTimers();
     this.#kickAll();
     void this.#teardown();
   }
@@ -720,11 +730,23 @@ export class Machine extends EventEmitter {
 }
 
 /** A guest file's bytes; an error keeps the file system's code ('ENOENT') and has its error as cause. */
-function readFile(file: string, what: 'image' | 'initrd'): Uint8Array {
+function readFile(file: string, what: 'image' | 'initrd' | 'Multiboot module'): Uint8Array {
   try {
     return readFileSync(file);
   } catch (error) {
     const e = error as NodeJS.ErrnoException;
     throw systemError(`cannot read the ${what} ${file}: ${e.code ?? e.message}`, error);
   }
+}
+
+/** MachineConfig.modules with their files read; a path is the string of a module given none. */
+function readModules(modules: MultibootModuleConfig[]): MultibootModule[] {
+  if (!Array.isArray(modules)) throw argTypeError('modules must be an array of { data, cmdline }');
+  return modules.map((module, index) => {
+    if (typeof module !== 'object' || module === null) throw argTypeError(`modules[${index}] must be an object { data, cmdline }`);
+    const { data, cmdline } = module;
+    if (typeof data === 'string') return { data: readFile(data, 'Multiboot module'), cmdline: cmdline ?? data };
+    if (!(data instanceof Uint8Array)) throw argTypeError(`modules[${index}].data must be a Uint8Array or a file path`);
+    return { data, cmdline };
+  });
 }

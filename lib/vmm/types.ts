@@ -10,6 +10,7 @@ export type MachineExitReason =
   | 'debug-exit' // the guest wrote to the debug-exit port; `code` is the value
   | 'hlt' // every vCPU halted for good: HLT without an irqchip; with one, halted with interrupts off (halt-watch.ts)
   | 'reset' // the guest asked for a CPU reset (i8042 0xFE, or a KVM reset event)
+  | 'poweroff' // the guest powered off through ACPI (SLP_EN with the _S5 type to PM1a control)
   | 'shutdown' // a triple fault, or a KVM shutdown event
   | 'internal-error' // KVM could not run the guest (emulation failure, entry failure)
   | 'unhandled-exit' // an exit this VMM does not handle

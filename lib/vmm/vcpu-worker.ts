@@ -10,6 +10,7 @@ import { decodeCpuid } from '../kvm/lists.js';
 import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
+import { GuestMemory } from '../kvm/memory.js';
 import { RunState, STATE, HALTED, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
@@ -68,12 +69,18 @@ function runAssignment(assignment: VcpuAssignment): void {
     setRunState(control, RunState.Stopping);
   };
   const dirty = DirtyBitmap.attach(assignment.dirtyBitmap, assignment.memoryPages);
+  // Guest RAM is mapped into this thread only when a device first reaches it (fw_cfg DMA): a
+  // large external buffer costs a garbage collection, which most guests never need to pay.
+  let memory: GuestMemory | null = null;
+  const ram = { bytes: () => (memory ??= GuestMemory.attach(assignment.memory)).bytes(), dirty };
   const { bus } = attachDevices(assignment.devices, {
     setIrqLine: assignment.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : undefined,
     debugExit: (code) => report({ reason: 'debug-exit', code, vcpu: id }),
     reset: () => report({ reason: 'reset', vcpu: id }),
+    powerOff: () => report({ reason: 'poweroff', vcpu: id }),
     log: (message) => post({ type: 'log', message: `vcpu${id}: ${message}` }),
-  });
+  }, ram);
+  using _releaseMemory = { [Symbol.dispose]: () => memory?.close() };
 
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {

@@ -54,7 +54,7 @@ const TYPES = [
   // the VMM: machines, their configs, states and events
   'MachineConfig', 'MachineRuntimeConfig', 'MachineRunState', 'MachineShape', 'MachineState', 'MachineEvents', 'MachineExit',
   'MachineExitReason', 'MachineConsole', 'VcpuState', 'VmState', 'DeviceStates', 'SerialState', 'PostCodeState', 'VirtioMmioState',
-  'VirtioQueueState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
+  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
   // the I/O bus and the device interfaces
   'BusShared', 'UnknownAccesses', 'PortDevice', 'MmioDevice', 'DirtyPageMarker',
   // dirty tracking
@@ -72,7 +72,7 @@ const TYPES = [
   'StructType<Fields>',
   // booting
   'BootPlan', 'BootWrite', 'BootFormat', 'PlanOptions', 'BootState', 'CpuMode', 'MemoryMapEntry', 'SetupHeader', 'BzImageLayout',
-  'BzImageOptions', 'InitramfsEntry',
+  'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
 ];

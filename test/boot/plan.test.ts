@@ -261,7 +261,7 @@ t.test('memoryMap: low RAM, two reserved holes, RAM from 1 MiB', async (t) => {
   t.same(memoryMap(64 * MiB), [
     { addr: 0n, size: 0x9fc00n, type: 1 },
     { addr: 0x9fc00n, size: 0x400n, type: 2 },
-    { addr: 0xf0000n, size: 0x10000n, type: 2 },
+    { addr: 0xe0000n, size: 0x20000n, type: 2 },
     { addr: 0x100000n, size: 0x3f00000n, type: 1 },
   ]);
   t.same(memoryMap(MiB).map((e) => e.type), [1, 2, 2], 'exactly 1 MiB: no high RAM');

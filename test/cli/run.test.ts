@@ -38,6 +38,16 @@ t.test('a triple fault exits 1 with one line and a register dump', { skip: noKvm
   t.match(result.stderr, /idt 0x0000000000001000\/2047/);
 });
 
+t.test('--no-irqchip: no interrupt controllers and no firmware tables for the guest to find', { skip: noKvm }, async (t) => {
+  const tables = path.join(repoRoot, 'guests', 'build', 'pc-tables.elf');
+  const result = await nodeKvm('run', tables, '--memory', '16M', '--no-irqchip');
+  t.equal(result.stdout, 'FAIL: no RSDP in 0xe0000-0xfffff\n');
+  t.equal(result.status, (0x11 << 1) | 1, result.stderr);
+  const refused = await badRun('--restore', '/nonexistent.snap', '--no-irqchip');
+  t.equal(refused.status, 1);
+  t.match(refused.stderr, /^node-kvm: --no-irqchip applies to booting an IMAGE only/);
+});
+
 t.test('a reset exits 0', { skip: noKvm }, async (t) => {
   const result = await nodeKvmInProcess(['run', guest('reset')]);
   t.equal(result.status, 0, result.stderr);
