@@ -1,5 +1,5 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
-//   request   {"id":1,"method":"status"|"pause"|"resume"|"snapshot"|"migrate","params":{...}}
+//   request   {"id":1,"method":"status"|"pause"|"resume"|"snapshot"|"migrate"|"gdb","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
@@ -24,6 +24,8 @@ export interface ApiMachine {
   resume(): void;
   snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
+  /** Starts a GDB stub on the machine (lib/debug); resolves with where it listens. */
+  gdb?(address: string): Promise<string>;
 }
 
 /** A real machine as the API sees it: its lifecycle, and snapshots and migrations of it. */
@@ -38,6 +40,10 @@ export function apiMachine(machine: Machine): ApiMachine {
     resume: () => machine.resume(),
     snapshot: (path, options) => snapshotMachine(machine, path, options),
     migrate: (address, options) => migrateMachine(machine, address, options),
+    gdb: async (address) => {
+      const { GdbServer } = await import('../debug/gdb-server.js');
+      return (await GdbServer.listen(machine, address)).address;
+    },
   };
 }
 
@@ -62,10 +68,12 @@ export interface ApiMethods {
   resume: { params: Record<string, never>; result: { state: ApiMachineState } };
   snapshot: { params: { path: string; diff?: boolean }; result: SnapshotInfo };
   migrate: { params: ApiMigrateParams; result: MigrationStats };
+  /** A GDB stub on the running machine: tcp:HOST:PORT (port 0: any) or unix:PATH. */
+  gdb: { params: { address: string }; result: { address: string } };
 }
 
 export type ApiMethod = keyof ApiMethods;
-export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'snapshot', 'migrate'];
+export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'snapshot', 'migrate', 'gdb'];
 
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
@@ -164,6 +172,12 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       if (!path.startsWith('/')) throw argValueError(pathProblem);
       if (params.diff !== undefined && typeof params.diff !== 'boolean') throw argTypeError('snapshot: params.diff must be a boolean');
       return machine.snapshot(path, { diff: params.diff === true });
+    },
+    async gdb(params) {
+      checkParams(params, 'gdb', ['address']);
+      if (typeof params.address !== 'string') throw argTypeError('gdb: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
+      if (!machine.gdb) throw new NodeKvmError(ErrorCode.MachineState, 'gdb: this machine cannot be debugged');
+      return { address: await machine.gdb(params.address) };
     },
     async migrate(params, progress) {
       const options = checkMigrateParams(params);

@@ -3,10 +3,14 @@
 // Whoever connects has full control of the guest: its registers, its memory, its life.
 import net from 'node:net';
 import { argTypeError } from '../kvm/errors.js';
+import { machineStateError } from '../vmm/errors.js';
 import { Machine } from '../vmm/machine.js';
 import { formatGdbAddress, listenAt, parseGdbAddress, type GdbAddress } from './address.js';
 import { GdbSession } from './session.js';
 import { DebugTarget } from './target.js';
+
+/** The stub of each machine that has one: one at a time. */
+const stubs = new WeakMap<Machine, GdbServer>();
 
 export interface GdbServerOptions {
   /** Where messages go (a debugger refused, a command that failed); none by default. */
@@ -41,11 +45,16 @@ export class GdbServer {
    */
   static async listen(machine: Machine, address: string | GdbAddress, options: GdbServerOptions = {}): Promise<GdbServer> {
     if (!(machine instanceof Machine)) throw argTypeError('machine must be a Machine');
+    const existing = stubs.get(machine);
+    if (existing) throw machineStateError(`a gdb stub already listens for this machine on ${existing.address}`);
+    if (machine.state === 'stopping' || machine.state === 'stopped') throw machineStateError(`machine is ${machine.state}: there is nothing to debug`);
     const parsed = typeof address === 'string' ? parseGdbAddress(address) : address;
     const server = net.createServer();
     const { listening, cleanup } = await listenAt(server, parsed);
     server.unref();
-    return new GdbServer(machine, server, listening, cleanup, options.log ?? (() => {}));
+    const stub = new GdbServer(machine, server, listening, cleanup, options.log ?? (() => {}));
+    stubs.set(machine, stub);
+    return stub;
   }
 
   /** Whether a debugger is attached. */
@@ -60,6 +69,7 @@ export class GdbServer {
       const session = this.#session;
       await new Promise<void>((resolve) => this.#server.close(() => resolve()));
       this.#cleanup();
+      if (stubs.get(this.machine) === this) stubs.delete(this.machine);
       await session?.closed;
     })();
     return this.#closing;

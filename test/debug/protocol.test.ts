@@ -9,6 +9,10 @@ import t from 'tap';
 import { GdbServer } from '../../lib/index.js';
 import { framePacket } from '../../lib/debug/packets.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
+import { callApi } from '../../lib/cli/api-client.js';
+import { apiMachine, startApiServer } from '../../lib/cli/api-server.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { boot } from '../helpers/machine.js';
 import { sharedPool } from '../helpers/pool.js';
 
@@ -51,8 +55,8 @@ class Client {
     }
   }
 
-  static async connect(server: GdbServer): Promise<Client> {
-    const port = Number(server.address.split(':').pop());
+  static async connect(server: GdbServer | string): Promise<Client> {
+    const port = Number((typeof server === 'string' ? server : server.address).split(':').pop());
     const socket = net.connect({ host: '127.0.0.1', port });
     await new Promise((resolve, reject) => socket.once('connect', resolve).once('error', reject));
     return new Client(socket);
@@ -193,4 +197,24 @@ t.test('a running real-mode guest: attaching stops it, i386 registers, Ctrl-C, k
   client.send(framePacket('k'));
   const exit = await machine.wait();
   t.equal(exit.reason, 'stopped', 'kill ends the machine');
+});
+
+t.test('the control API starts a stub on a running machine, one at a time', { skip: noKvm }, async (t) => {
+  const { machine } = await boot({ image: spin, pool });
+  machine.start();
+  t.teardown(() => machine.stop());
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-gdb-api-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const socketPath = path.join(dir, 'api.sock');
+  const api = await startApiServer(socketPath, apiMachine(machine));
+  t.teardown(() => api.close());
+  const { address } = await callApi(socketPath, 'gdb', { address: 'tcp:127.0.0.1:0' });
+  t.match(address, /^tcp:127\.0\.0\.1:\d+$/);
+  await t.rejects(callApi(socketPath, 'gdb', { address: 'tcp:127.0.0.1:0' }), { code: 'ERR_MACHINE_STATE', message: /already listens/ });
+  await t.rejects(callApi(socketPath, 'gdb', {} as { address: string }), { code: 'ERR_INVALID_ARG_TYPE' });
+  const client = await Client.connect(address);
+  t.equal(await client.request('?'), 'T05thread:1;');
+  t.equal(machine.state, 'paused');
+  t.equal(await client.request('D'), 'OK');
+  t.equal(machine.state, 'running', 'detached: the guest runs on');
 });
