@@ -64,8 +64,13 @@ export class GdbSession {
     socket.setNoDelay?.(true);
     socket.on('data', (chunk: Buffer) => this.#receive(chunk));
     socket.on('error', () => {});
+    const onExit = () => {
+      if (!this.#running) this.#socket.end();
+    };
+    target.machine.once('exit', onExit);
     socket.on('close', () => {
       this.#closed = true;
+      target.machine.off('exit', onExit);
       // A debugger gone without detaching leaves the guest running, with no breakpoint behind
       // (after what it sent last: a resume still queued must not arm anything again).
       this.#queue = this.#queue.then(() => this.#target.detach()).catch(() => {}).finally(done);
@@ -74,9 +79,6 @@ export class GdbSession {
     this.#enqueue(async () => {
       await target.halt();
       if (target.ended) this.#socket.end();
-    });
-    target.machine.once('exit', () => {
-      if (!this.#running) this.#socket.end();
     });
   }
 
