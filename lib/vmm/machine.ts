@@ -43,7 +43,7 @@ export type { MachineConsole } from './console.js';
 export interface MachineEvents {
   /** The machine has ended and released everything (state 'stopped'); wait() resolves with the same exit. */
   exit: [exit: MachineExit];
-  /** The running guest has paused (pause(), or a snapshot or migration pausing it): state 'paused'. */
+  /** The running guest has paused (pause(), a snapshot or migration pausing it, or a debugger's breakpoint or step): state 'paused'. */
   paused: [];
   /** The paused guest runs again (resume()): state 'running'. */
   resumed: [];
