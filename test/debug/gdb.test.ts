@@ -27,6 +27,8 @@ function gdb(file: string, commands: string[]): Promise<string> {
 /** Starts node-kvm with a stub and waits until it listens; returns the process and the address. */
 async function startWithStub(args: string[]): Promise<{ vm: NodeKvmProcess; address: string }> {
   const vm = startNodeKvm(args);
+  // A test that fails half-way leaves no machine waiting for a debugger.
+  t.teardown(() => vm.kill('SIGKILL'));
   const [, address] = await vm.waitFor(/gdb stub on (\S+?)(?:: waiting|\n)/, 'stderr');
   return { vm, address: address! };
 }
