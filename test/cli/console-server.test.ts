@@ -126,8 +126,12 @@ function fakeConsole(): Duplex {
 t.test('output while nobody is attached: the latest 64 KiB are kept, the oldest dropped', async (t) => {
   const file = socketPath(t);
   const server = await serveConsole(file);
-  t.teardown(() => server.close());
   const console = fakeConsole();
+  // Its end, as a machine's console ends: the server closes without waiting for it.
+  t.teardown(() => {
+    console.push(null);
+    return server.close();
+  });
   server.attach(console);
   const total = 100 * KIB;
   const produced = Buffer.alloc(total);
@@ -147,8 +151,12 @@ t.test('output while nobody is attached: the latest 64 KiB are kept, the oldest 
 t.test('a client that never reads: output beyond 64 KiB queued for it is dropped, the rest arrives in order', async (t) => {
   const file = socketPath(t);
   const server = await serveConsole(file);
-  t.teardown(() => server.close());
   const console = fakeConsole();
+  // Its end, as a machine's console ends: the server closes without waiting for it.
+  t.teardown(() => {
+    console.push(null);
+    return server.close();
+  });
   server.attach(console);
   const client = await connectConsole(file);
   client.socket.pause();
