@@ -63,7 +63,7 @@ class FakeMachine implements ApiMachine {
 t.test('help for each command', async (t) => {
   const main = await nodeKvm(['--help']);
   t.equal(main.status, 0);
-  for (const command of ['run', 'migrate', 'snapshot', 'status', 'pause', 'resume', 'info']) t.match(main.stdout, new RegExp(`^  ${command} `, 'm'));
+  for (const command of ['run', 'migrate', 'snapshot', 'status', 'pause', 'resume', 'stop', 'reset', 'info']) t.match(main.stdout, new RegExp(`^  ${command} `, 'm'));
   const usages: [string, RegExp][] = [
     ['run', /^usage: node-kvm run IMAGE \[options\]\n {7}node-kvm run --kernel FILE .*\n {7}node-kvm run --incoming tcp:HOST:PORT\|unix:PATH .*\n {7}node-kvm run --restore FILE/],
     ['migrate', /^usage: node-kvm migrate --api-socket PATH \[options\] tcp:HOST:PORT\|unix:PATH\n/],
@@ -71,6 +71,8 @@ t.test('help for each command', async (t) => {
     ['status', /^usage: node-kvm status --api-socket PATH \[--json\]\n/],
     ['pause', /^usage: node-kvm pause --api-socket PATH\n/],
     ['resume', /^usage: node-kvm resume --api-socket PATH\n/],
+    ['stop', /^usage: node-kvm stop --api-socket PATH\n/],
+    ['reset', /^usage: node-kvm reset --api-socket PATH\n/],
   ];
   for (const [command, usage] of usages) {
     const help = await nodeKvm([command, '--help']);
@@ -79,7 +81,7 @@ t.test('help for each command', async (t) => {
     t.equal(help.stderr, '');
   }
   const run = await nodeKvm(['run', '-h']);
-  for (const option of ['--api-socket PATH', '--incoming ADDRESS', '--token T', '--restore FILE', 'NODE_KVM_MIGRATION_TOKEN']) t.match(run.stdout, option);
+  for (const option of ['--serial stdio|none|unix:PATH|file:PATH', '--api-socket PATH', '--incoming ADDRESS', '--token T', '--restore FILE', 'NODE_KVM_MIGRATION_TOKEN']) t.match(run.stdout, option);
 });
 
 t.test('argument errors are one clear line and status 1', async (t) => {
