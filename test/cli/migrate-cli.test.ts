@@ -45,6 +45,12 @@ class FakeMachine implements ApiMachine {
   resume(): void {
     this.state = 'running';
   }
+  stop(): void {
+    this.state = 'stopping';
+  }
+  reset(): void {
+    this.state = 'stopping';
+  }
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
     this.calls.push(['snapshot', file, options]);
     return { path: file, kind: options?.diff ? 'diff' : 'full', ...(options?.diff ? { parent: '/snap/base' } : {}), bytesWritten: 3 * MIB, pagesWritten: 768, zeroPagesSkipped: 15616, pausedMs: 12.4, totalTimeMs: 40.2 };
@@ -125,7 +131,7 @@ t.test('argument errors are one clear line and status 1', async (t) => {
   failsWith(t, fromEnv, `no machine is serving the API socket ${missing} (ENOENT)`);
 });
 
-t.test('migrate, snapshot, status, pause and resume against a machine\'s API', async (t) => {
+t.test('migrate, snapshot, status, pause, resume, reset and stop against a machine\'s API', async (t) => {
   const dir = socketDir(t);
   const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
@@ -193,6 +199,9 @@ t.test('migrate, snapshot, status, pause and resume against a machine\'s API', a
   t.same(JSON.parse((await nodeKvm(['status', '--api-socket', apiSocket, '--json'])).stdout), { state: 'paused', vcpuCount: 1, memoryBytes: 64 * MIB, migration: null });
   t.equal((await nodeKvm(['resume', '--api-socket', apiSocket])).stdout, 'running\n');
   t.equal(machine.state, 'running');
+  t.equal((await nodeKvm(['reset', '--api-socket', apiSocket])).stdout, 'stopping\n');
+  machine.state = 'running';
+  t.equal((await nodeKvm(['stop', '--api-socket', apiSocket])).stdout, 'stopping\n');
 });
 
 t.test('on a terminal, progress is one bar redrawn in place and cut to the width', async (t) => {

@@ -126,11 +126,11 @@ export function startNodeKvm(args: string[], env: NodeJS.ProcessEnv = {}, option
   const wake = () => {
     for (const waiter of waiters) waiter();
   };
-  child.stdout.on('data', (chunk: Buffer) => {
+  child.stdout!.on('data', (chunk: Buffer) => {
     stdout += chunk.toString('latin1');
     wake();
   });
-  child.stderr.on('data', (chunk: Buffer) => {
+  child.stderr!.on('data', (chunk: Buffer) => {
     stderr += chunk.toString('latin1');
     wake();
   });
