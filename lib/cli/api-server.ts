@@ -1,5 +1,5 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
-//   request   {"id":1,"method":"status"|"pause"|"resume"|"snapshot"|"migrate"|"gdb","params":{...}}
+//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
@@ -9,7 +9,7 @@ import net from 'node:net';
 import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
-import type { Machine } from '../vmm/machine.js';
+import { machineInternals, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
@@ -22,6 +22,10 @@ export interface ApiMachine {
   readonly memoryBytes: number;
   pause(): Promise<void>;
   resume(): void;
+  /** Begins ending the machine (as QEMU's monitor command quit). */
+  stop(): void;
+  /** Resets the guest as the i8042's reset command does (which ends the machine, with exit reason 'reset'). */
+  reset(): void;
   snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
   /** Starts a GDB stub on the machine (lib/debug); resolves with where it listens. */
@@ -38,6 +42,9 @@ export function apiMachine(machine: Machine): ApiMachine {
     memoryBytes: machine.memoryBytes,
     pause: () => machine.pause(),
     resume: () => machine.resume(),
+    stop: () => void machine.stop(),
+    // No reboot yet: a reset ends the machine whether the guest or the API asks for it.
+    reset: () => machineInternals(machine).end({ reason: 'reset' }),
     snapshot: (path, options) => snapshotMachine(machine, path, options),
     migrate: (address, options) => migrateMachine(machine, address, options),
     gdb: async (address) => {
@@ -66,6 +73,8 @@ export interface ApiMethods {
   status: { params: Record<string, never>; result: ApiStatus };
   pause: { params: Record<string, never>; result: { state: ApiMachineState } };
   resume: { params: Record<string, never>; result: { state: ApiMachineState } };
+  stop: { params: Record<string, never>; result: { state: ApiMachineState } };
+  reset: { params: Record<string, never>; result: { state: ApiMachineState } };
   snapshot: { params: { path: string; diff?: boolean }; result: SnapshotInfo };
   migrate: { params: ApiMigrateParams; result: MigrationStats };
   /** A GDB stub on the running machine: tcp:HOST:PORT (port 0: any) or unix:PATH. */
@@ -73,7 +82,7 @@ export interface ApiMethods {
 }
 
 export type ApiMethod = keyof ApiMethods;
-export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'snapshot', 'migrate', 'gdb'];
+export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb'];
 
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
@@ -161,6 +170,20 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
     async resume(params) {
       checkParams(params, 'resume', []);
       machine.resume();
+      return { state: machine.state };
+    },
+    // Answered as the machine begins to end ('stopping'): the answer goes out before the run
+    // command closes this server on its way out.
+    async stop(params) {
+      checkParams(params, 'stop', []);
+      machine.stop();
+      return { state: machine.state };
+    },
+    async reset(params) {
+      checkParams(params, 'reset', []);
+      const state = machine.state;
+      if (state !== 'running' && state !== 'paused') throw new NodeKvmError(ErrorCode.MachineState, `machine is ${state}: there is no guest to reset`);
+      machine.reset();
       return { state: machine.state };
     },
     async snapshot(params) {

@@ -8,13 +8,15 @@ import { argValueError } from '../kvm/errors.js';
 const USAGE = `usage: node-kvm <command> [options]
 
 commands:
-  run       boot a guest image with its serial console on this terminal (or receive one by
+  run       boot a guest image with its serial console on stdio (or receive one by
             live migration, or restore a snapshot)
   migrate   live-migrate a running machine's guest to another node-kvm run --incoming
   snapshot  write a running machine's guest to a file
   status    print a running machine's state
   pause     pause a running machine
   resume    resume a paused machine
+  stop      end a running machine
+  reset     reset a running machine's guest
   info      print this host's KVM capabilities
 
 options:
@@ -65,6 +67,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           token: { type: 'string' },
           gdb: { type: 'string' },
           'gdb-wait': { type: 'boolean' },
+          serial: { type: 'string' },
         },
       });
       const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
@@ -82,7 +85,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
         kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'],
-        gdb: values.gdb, gdbWait: values['gdb-wait'],
+        gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial,
       };
       if (!threads) {
         if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
@@ -100,7 +103,9 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
     }
     case 'status':
     case 'pause':
-    case 'resume': {
+    case 'resume':
+    case 'stop':
+    case 'reset': {
       const { controlCommand } = await import('./snapshot.js');
       return controlCommand(command, rest);
     }

@@ -1,5 +1,5 @@
 // `node-kvm run`: boots a guest (or receives one by migration, or restores a snapshot) with its
-// serial console on this terminal, optionally serving its control API.
+// serial console on stdio (or where --serial says), optionally serving its control API.
 import { closeSync, openSync, readSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
@@ -10,6 +10,7 @@ import type { CpuMode } from '../boot/index.js';
 import { MULTIBOOT_SEARCH_BYTES, isMultibootKernel } from '../boot/multiboot.js';
 import { argValueError, systemError } from '../kvm/errors.js';
 import type { ApiServer } from './api-server.js';
+import { openSerialBackend, parseSerialOption, type SerialBackend } from './serial.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
@@ -18,9 +19,11 @@ export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
        node-kvm run --restore FILE [--no-verify] [--api-socket PATH]
 
 Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel, or a Linux bzImage) with its
-serial console (COM1) on this terminal. Exits with the guest's debug-exit status ((value << 1) | 1,
-as QEMU's isa-debug-exit), 0 when every vCPU halts with nothing left to run, the guest resets, or
-it migrates away. On a terminal, Ctrl-A x stops the guest.
+serial console (COM1) on stdin and stdout, a terminal or not (see --serial). Exits with the
+guest's debug-exit status ((value << 1) | 1, as QEMU's isa-debug-exit), 0 when every vCPU halts
+with nothing left to run, the guest resets (itself or through the API's reset), it is stopped
+(the API's stop), or it migrates away. The end of stdin does not stop the guest; on a terminal,
+Ctrl-A x does.
 
 With --incoming, waits for one live migration (from node-kvm migrate) and runs the guest it
 receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot), once its
@@ -42,8 +45,14 @@ options:
   --disk FILE[,ro][,id=ID]    a virtio-blk disk backed by a raw image file (repeat for more; ro:
                               read-only). With --restore or --incoming: where this host finds the
                               disks the guest had, in order (default: the paths it had)
-  --api-socket PATH           serve the control API (node-kvm status, pause, resume, snapshot,
-                              migrate) on this unix socket
+  --serial stdio|none|unix:PATH|file:PATH
+                              where COM1 goes (default stdio: stdin and stdout; a terminal in raw
+                              mode). unix:PATH: served on a new unix socket (mode 0600), one client
+                              at a time, the latest 64 KiB of output kept for the next client;
+                              file:PATH: output to the file (truncated; created mode 0600), no
+                              input; none: output discarded, no input
+  --api-socket PATH           serve the control API (node-kvm status, pause, resume, stop, reset,
+                              snapshot, migrate) on this unix socket
   --incoming ADDRESS          receive the guest: tcp:HOST:PORT (port 0: any free port) or
                               unix:PATH; HOST 0.0.0.0 listens on every interface
   --token T                   the secret the migration must prove it knows (required for tcp);
@@ -62,6 +71,8 @@ export interface RunOptions {
   incoming?: string;
   restore?: string;
   token?: string;
+  /** --serial stdio|none|unix:PATH|file:PATH (default stdio). */
+  serial?: string;
   apiSocket?: string;
   mode?: string;
   loadAddr?: string;
@@ -186,10 +197,19 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw argValueError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
   const disks = options.disk?.map(parseDiskOption);
-  const serial = { output: 1, input: null };
-  const stdin = process.stdin;
-  const interactive = stdin.isTTY === true;
+  const serialBackend = await openSerialBackend(parseSerialOption(options.serial), (message) => process.stderr.write(`node-kvm: ${message}\n`));
+  try {
+    return await runMachine(options, { mode, vcpus, memoryBytes, disks }, serialBackend, pool);
+  } finally {
+    await serialBackend.close();
+  }
+}
 
+async function runMachine(
+  options: RunOptions, parsed: { mode?: string; vcpus?: number; memoryBytes?: number; disks?: DiskConfig[] }, serialBackend: SerialBackend, pool: VcpuWorkerPool,
+): Promise<number> {
+  const { mode, vcpus, memoryBytes, disks } = parsed;
+  const serial = serialBackend.config;
   let machine: Machine;
   if (options.incoming !== undefined) {
     // Migration and API code load only when used: a plain boot starts sooner without them.
@@ -261,14 +281,10 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   };
   process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
   try {
-    if (interactive) attachTerminal(machine);
+    serialBackend.attach(machine);
     // A machine that arrived by migration is running already.
     if (machine.state === 'created') machine.start({ paused: options.gdbWait === true });
     const result = await exit;
-    if (interactive) {
-      stdin.setRawMode(false);
-      stdin.pause();
-    }
     if (signalled) return 128 + osConstants.signals[signalled];
     return exitStatus(result);
   } finally {
@@ -276,32 +292,6 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     await api?.close();
     await gdb?.close();
   }
-}
-
-/** Raw terminal input to the guest's COM1; Ctrl-A x stops the machine (as in QEMU). */
-function attachTerminal(machine: Machine): void {
-  const stdin = process.stdin;
-  stdin.setRawMode(true);
-  let escape = false;
-  stdin.on('data', (chunk: Buffer) => {
-    const forward: number[] = [];
-    for (const byte of chunk) {
-      if (escape) {
-        escape = false;
-        if (byte === 0x78 /* x */) {
-          void machine.stop();
-          return;
-        }
-        if (byte !== 0x01) forward.push(0x01);
-      } else if (byte === 0x01) {
-        escape = true;
-        continue;
-      }
-      forward.push(byte);
-    }
-    machine.sendSerialInput(Uint8Array.from(forward));
-  });
-  stdin.resume();
 }
 
 export function exitStatus(exit: MachineExit): number {

@@ -1,4 +1,4 @@
-// `node-kvm snapshot`, `status`, `pause` and `resume`: commands to a running machine through its
+// `node-kvm snapshot`, `status`, `pause`, `resume`, `stop` and `reset`: commands to a running machine through its
 // control API.
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -23,6 +23,8 @@ const CONTROL_USAGE = {
   status: 'usage: node-kvm status --api-socket PATH [--json]\n\nPrints the state of a running machine (and of a migration under way).',
   pause: 'usage: node-kvm pause --api-socket PATH\n\nPauses every vCPU of a running machine.',
   resume: 'usage: node-kvm resume --api-socket PATH\n\nResumes a paused machine.',
+  stop: 'usage: node-kvm stop --api-socket PATH\n\nEnds a machine (as quit in QEMU\'s monitor): its node-kvm run exits 0.',
+  reset: 'usage: node-kvm reset --api-socket PATH\n\nResets the guest, as its own reset through the i8042 does: for now that ends the\nmachine, and its node-kvm run exits 0.',
 };
 
 export async function snapshotCommand(args: string[]): Promise<number> {
@@ -61,8 +63,8 @@ export async function snapshotCommand(args: string[]): Promise<number> {
   return 0;
 }
 
-/** `status`, `pause` or `resume`. */
-export async function controlCommand(command: 'status' | 'pause' | 'resume', args: string[]): Promise<number> {
+/** `status`, `pause`, `resume`, `stop` or `reset`. */
+export async function controlCommand(command: 'status' | 'pause' | 'resume' | 'stop' | 'reset', args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
     options: {

@@ -69,6 +69,16 @@ class FakeMachine implements ApiMachine {
     this.state = 'running';
   }
 
+  stop(): void {
+    this.calls.push(['stop']);
+    if (this.state !== 'stopped') this.state = 'stopping';
+  }
+
+  reset(): void {
+    this.calls.push(['reset']);
+    this.state = 'stopping';
+  }
+
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
     this.calls.push(['snapshot', file, options]);
     await this.snapshotGate;
@@ -233,6 +243,19 @@ t.test('status, pause, resume and snapshot', async (t) => {
   ]);
 });
 
+t.test('stop and reset: answered as the machine begins to end; reset only while there is a guest', async (t) => {
+  const { machine, socketPath } = await serve(t);
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' });
+  machine.state = 'paused';
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' }, 'a paused guest resets too');
+  await t.rejects(callApi(socketPath, 'reset', {}), { name: 'ApiError', code: 'ERR_MACHINE_STATE', message: 'machine is stopping: there is no guest to reset' });
+  t.same(await callApi(socketPath, 'stop', {}), { state: 'stopping' }, 'stop is allowed in every state');
+  machine.state = 'stopped';
+  t.same(await callApi(socketPath, 'stop', {}), { state: 'stopped' });
+  await t.rejects(callApi(socketPath, 'stop', { now: true } as never), { code: 'ERR_INVALID_ARG_VALUE', message: "stop: unknown parameter 'now'" });
+  t.same(machine.calls, [['reset'], ['reset'], ['stop'], ['stop']]);
+});
+
 t.test('migrate: progress notifications, then the statistics', async (t) => {
   const { machine, socketPath } = await serve(t);
   const progress: MigrationProgress[] = [];
@@ -313,8 +336,8 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
     protocol('request id must be a number or a string'),
     protocol('request id must be a number or a string'),
   ]);
-  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, snapshot, migrate, gdb)')]);
-  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, snapshot, migrate, gdb)')]);
+  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb)')]);
+  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb)')]);
   t.same(byId(3), [argType('status: params must be an object')]);
   t.same(byId(4), [argValue("status: unknown parameter 'verbose'")]);
   t.same(byId(5), [argValue('snapshot: params.path must be an absolute file path')]);

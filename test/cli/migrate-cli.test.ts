@@ -45,6 +45,12 @@ class FakeMachine implements ApiMachine {
   resume(): void {
     this.state = 'running';
   }
+  stop(): void {
+    this.state = 'stopping';
+  }
+  reset(): void {
+    this.state = 'stopping';
+  }
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
     this.calls.push(['snapshot', file, options]);
     return { path: file, kind: options?.diff ? 'diff' : 'full', ...(options?.diff ? { parent: '/snap/base' } : {}), bytesWritten: 3 * MIB, pagesWritten: 768, zeroPagesSkipped: 15616, pausedMs: 12.4, totalTimeMs: 40.2 };
@@ -63,7 +69,7 @@ class FakeMachine implements ApiMachine {
 t.test('help for each command', async (t) => {
   const main = await nodeKvm(['--help']);
   t.equal(main.status, 0);
-  for (const command of ['run', 'migrate', 'snapshot', 'status', 'pause', 'resume', 'info']) t.match(main.stdout, new RegExp(`^  ${command} `, 'm'));
+  for (const command of ['run', 'migrate', 'snapshot', 'status', 'pause', 'resume', 'stop', 'reset', 'info']) t.match(main.stdout, new RegExp(`^  ${command} `, 'm'));
   const usages: [string, RegExp][] = [
     ['run', /^usage: node-kvm run IMAGE \[options\]\n {7}node-kvm run --kernel FILE .*\n {7}node-kvm run --incoming tcp:HOST:PORT\|unix:PATH .*\n {7}node-kvm run --restore FILE/],
     ['migrate', /^usage: node-kvm migrate --api-socket PATH \[options\] tcp:HOST:PORT\|unix:PATH\n/],
@@ -71,6 +77,8 @@ t.test('help for each command', async (t) => {
     ['status', /^usage: node-kvm status --api-socket PATH \[--json\]\n/],
     ['pause', /^usage: node-kvm pause --api-socket PATH\n/],
     ['resume', /^usage: node-kvm resume --api-socket PATH\n/],
+    ['stop', /^usage: node-kvm stop --api-socket PATH\n/],
+    ['reset', /^usage: node-kvm reset --api-socket PATH\n/],
   ];
   for (const [command, usage] of usages) {
     const help = await nodeKvm([command, '--help']);
@@ -79,7 +87,7 @@ t.test('help for each command', async (t) => {
     t.equal(help.stderr, '');
   }
   const run = await nodeKvm(['run', '-h']);
-  for (const option of ['--api-socket PATH', '--incoming ADDRESS', '--token T', '--restore FILE', 'NODE_KVM_MIGRATION_TOKEN']) t.match(run.stdout, option);
+  for (const option of ['--serial stdio|none|unix:PATH|file:PATH', '--api-socket PATH', '--incoming ADDRESS', '--token T', '--restore FILE', 'NODE_KVM_MIGRATION_TOKEN']) t.match(run.stdout, option);
 });
 
 t.test('argument errors are one clear line and status 1', async (t) => {
@@ -123,7 +131,7 @@ t.test('argument errors are one clear line and status 1', async (t) => {
   failsWith(t, fromEnv, `no machine is serving the API socket ${missing} (ENOENT)`);
 });
 
-t.test('migrate, snapshot, status, pause and resume against a machine\'s API', async (t) => {
+t.test('migrate, snapshot, status, pause, resume, reset and stop against a machine\'s API', async (t) => {
   const dir = socketDir(t);
   const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
@@ -191,6 +199,9 @@ t.test('migrate, snapshot, status, pause and resume against a machine\'s API', a
   t.same(JSON.parse((await nodeKvm(['status', '--api-socket', apiSocket, '--json'])).stdout), { state: 'paused', vcpuCount: 1, memoryBytes: 64 * MIB, migration: null });
   t.equal((await nodeKvm(['resume', '--api-socket', apiSocket])).stdout, 'running\n');
   t.equal(machine.state, 'running');
+  t.equal((await nodeKvm(['reset', '--api-socket', apiSocket])).stdout, 'stopping\n');
+  machine.state = 'running';
+  t.equal((await nodeKvm(['stop', '--api-socket', apiSocket])).stdout, 'stopping\n');
 });
 
 t.test('on a terminal, progress is one bar redrawn in place and cut to the width', async (t) => {

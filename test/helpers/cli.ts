@@ -113,21 +113,24 @@ const sourceEntry = path.join(repoRoot, 'lib', 'cli', 'main.ts');
 /**
  * Runs `node-kvm ARGS` as a child process from the TypeScript source (the child inherits tap's
  * loader, and its coverage counts), for what needs a process: a guest's console, signals, two
- * machines migrating between processes.
+ * machines migrating between processes. `input` is piped to its stdin (else stdin is /dev/null).
  */
-export function startNodeKvm(args: string[], env: NodeJS.ProcessEnv = {}): NodeKvmProcess {
-  const child = spawn(process.execPath, [...childExecArgv, sourceEntry, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+export function startNodeKvm(args: string[], env: NodeJS.ProcessEnv = {}, options: { input?: string } = {}): NodeKvmProcess {
+  const stdin = options.input === undefined ? 'ignore' : 'pipe';
+  const child = spawn(process.execPath, [...childExecArgv, sourceEntry, ...args], { stdio: [stdin, 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  // Written at once and closed: the command reads it through a pipe, then its end.
+  if (options.input !== undefined) child.stdin!.end(options.input);
   let stdout = '';
   let stderr = '';
   const waiters = new Set<() => void>();
   const wake = () => {
     for (const waiter of waiters) waiter();
   };
-  child.stdout.on('data', (chunk: Buffer) => {
+  child.stdout!.on('data', (chunk: Buffer) => {
     stdout += chunk.toString('latin1');
     wake();
   });
-  child.stderr.on('data', (chunk: Buffer) => {
+  child.stderr!.on('data', (chunk: Buffer) => {
     stderr += chunk.toString('latin1');
     wake();
   });
