@@ -68,7 +68,11 @@ export type VcpuRequest =
   // guest-debug settings (KVM_SET_GUEST_DEBUG), also between two runs.
   | { type: 'debug-read'; seq: number }
   | { type: 'debug-write'; seq: number; regs?: Regs; sregs?: Sregs; fpu?: Fpu }
-  | { type: 'guest-debug'; seq: number; options: GuestDebugOptions | null };
+  | { type: 'guest-debug'; seq: number; options: GuestDebugOptions | null }
+  // Exit statistics (exit-stats.ts: a buffer to count into, null: stop) and the exit trace
+  // (exit-trace.ts: the file's fd, null: stop), taken at a kick or while parked.
+  | { type: 'exit-stats'; seq: number; buffer: SharedArrayBuffer | null }
+  | { type: 'exit-trace'; seq: number; fd: number | null; startMs: number };
 
 /** A request without its sequence number, as the machine's side makes it. */
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
@@ -78,6 +82,7 @@ export type VcpuReply =
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }
+  | { seq: number; type: 'done' }
   | ({ seq: number; type: 'failed' } & ThreadFailure);
 
 export type WorkerMessage =
