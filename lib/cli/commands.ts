@@ -15,6 +15,10 @@ commands:
   status    print a running machine's state
   pause     pause a running machine
   resume    resume a paused machine
+  regs      print a running machine's vCPU registers
+  x         dump a running machine's guest memory (virtual or physical)
+  stats     print a running machine's exit statistics
+  trace     print or summarise an exit trace (run --trace-exits FILE)
   info      print this host's KVM capabilities
 
 options:
@@ -65,6 +69,8 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           token: { type: 'string' },
           gdb: { type: 'string' },
           'gdb-wait': { type: 'boolean' },
+          'trace-exits': { type: 'string' },
+          'exit-stats': { type: 'boolean' },
         },
       });
       const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
@@ -82,7 +88,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
         kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'],
-        gdb: values.gdb, gdbWait: values['gdb-wait'],
+        gdb: values.gdb, gdbWait: values['gdb-wait'], traceExits: values['trace-exits'], exitStats: values['exit-stats'],
       };
       if (!threads) {
         if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
@@ -103,6 +109,13 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
     case 'resume': {
       const { controlCommand } = await import('./snapshot.js');
       return controlCommand(command, rest);
+    }
+    case 'regs':
+    case 'x':
+    case 'stats':
+    case 'trace': {
+      const { inspectCommand } = await import('./inspect.js');
+      return inspectCommand(command, rest);
     }
     case 'info': {
       const { values } = parseArgs({

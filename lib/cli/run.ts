@@ -55,6 +55,9 @@ options:
   --gdb tcp:HOST:PORT|unix:PATH  serve a GDB remote stub there (tcp::PORT: loopback); whoever
                               connects controls the guest fully
   --gdb-wait                  with --gdb: no vCPU runs until the debugger continues (QEMU's -s -S)
+  --trace-exits FILE          write every exit (time, vCPU, reason, RIP, port or address, data) to
+                              FILE in a binary format (read it with node-kvm trace FILE)
+  --exit-stats                count exits from the start (node-kvm stats reads them)
   -h, --help                  show this help`;
 
 export interface RunOptions {
@@ -82,6 +85,10 @@ export interface RunOptions {
   gdb?: string;
   /** With gdb: start paused, for the debugger to continue. */
   gdbWait?: boolean;
+  /** Write every exit to this file (lib/vmm/exit-trace.ts). */
+  traceExits?: string;
+  /** Count exits from the start (machine.exitStats()). */
+  exitStats?: boolean;
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -187,6 +194,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
   const disks = options.disk?.map(parseDiskOption);
   const serial = { output: 1, input: null };
+  const instrument = { exitStats: options.exitStats === true, ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }) };
   const stdin = process.stdin;
   const interactive = stdin.isTTY === true;
 
@@ -199,7 +207,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     if (address.kind === 'tcp' && token === undefined) throw argValueError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     const { receiveMachine } = await import('../migration/receive.js');
     machine = await receiveMachine(options.incoming, {
-      memoryBytes, vcpus, token, serial, pool, disks,
+      memoryBytes, vcpus, token, serial, pool, disks, ...instrument,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
       // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
       log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
@@ -209,7 +217,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
     }
   } else if (options.restore !== undefined) {
     const { restoreMachine } = await import('../migration/snapshot.js');
-    machine = await restoreMachine(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
+    machine = await restoreMachine(options.restore, { serial, pool, disks, ...instrument, verify: options.noVerify !== true });
   } else {
     const image = (options.image ?? options.kernel)!;
     // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
@@ -227,6 +235,7 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
       disks,
       serial,
       pool,
+      ...instrument,
     });
   }
   const exit = machine.wait();
