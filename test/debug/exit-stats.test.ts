@@ -91,6 +91,16 @@ t.test('hello.S: 21 COM1 writes, counted once counting is turned on', { skip }, 
   t.same(vcpu!.io.map(({ port, direction, count }) => ({ port, direction, count })), [{ port: 0x3f8, direction: 'out', count: 21 }]);
 });
 
+t.test('node-kvm run --trace-exits, read back by node-kvm trace', { skip }, async (t) => {
+  const tracePath = path.join(dir, 'hello.trace');
+  const run = await nodeKvmInProcess(['run', image('hello.bin'), '--memory', '1M', '--no-irqchip', '--trace-exits', tracePath]);
+  t.equal(run.status, 0);
+  const summary = await nodeKvmInProcess(['trace', tracePath, '--summary']);
+  t.match(summary.stdout, /\n +21  io-out port 0x03f8\n +1  hlt\n/);
+  const lines = (await nodeKvmInProcess(['trace', tracePath, '--limit', '30'])).stdout.split('\n').filter((line) => line.includes('io-out'));
+  t.same(Buffer.from(lines.map((line) => Number(/data=(0x[0-9a-f]+)/.exec(line)![1]))).toString(), 'Hello from node-kvm!\n', 'the bytes written, in order');
+});
+
 t.test('a trace file that is not one, or of another version, is refused', async (t) => {
   t.throws(() => parseExitTrace(Buffer.from('not a trace at all, not at all.....')), { code: 'ERR_INVALID_ARG_VALUE', message: /not an exit trace/ });
   const header = Buffer.alloc(TRACE_HEADER_BYTES);

@@ -95,6 +95,8 @@ t.test('regs and x on a running and a paused machine; bad input refused', { skip
   const paused = await readRegisters(machine);
   t.equal(paused.regs.rip, state.regs.rip, 'spinning in place');
   t.same(await readGuestMemory(machine, marker, 16), MARKER);
+  t.equal((await callApi(socket, 'regs', {})).regs.rip, `0x${state.regs.rip.toString(16)}`, 'through the API too');
+  t.same((await callApi(socket, 'x', { address: `0x${marker.toString(16)}`, length: 16 })).data, MARKER.toString('hex'));
   t.equal(machine.state, 'paused');
   t.same(events, ['paused'], 'only the owner\'s pause');
   machine.resume();
