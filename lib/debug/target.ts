@@ -42,6 +42,8 @@ export class DebugTarget {
   /** A resume waiting for a vCPU to step off its breakpoint first. */
   #afterStepOver: { vcpu: number; plan: ResumePlan } | null = null;
   #waiter: ((reason: StopReason) => void) | null = null;
+  /** Each vCPU's guest-debug settings as last set (JSON), so a step after a step sets nothing again. */
+  readonly #armed = new Map<number, string>();
   #attached = true;
   readonly #onExit = (exit: MachineExit) => this.#deliver({ kind: 'exit', exit });
 
@@ -207,7 +209,10 @@ export class DebugTarget {
       let options: GuestDebugOptions | null = null;
       if (plan.step.has(vcpu)) options = { singlestep: true };
       else if (used.length > 0) options = { hardwareBreakpoints: true, debugreg };
-      return this.#request(vcpu, { type: 'guest-debug', options });
+      const key = JSON.stringify(options, (_, v) => (typeof v === 'bigint' ? v.toString(16) : v));
+      if (this.#armed.get(vcpu) === key) return undefined;
+      this.#armed.delete(vcpu);
+      return this.#request(vcpu, { type: 'guest-debug', options }).then(() => void this.#armed.set(vcpu, key));
     }));
   }
 
