@@ -16,6 +16,7 @@
 // at every exit (KVM_CAP_SYNC_REGS, kvm_valid_regs), so no KVM_GET_REGS ioctl per exit.
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { ExitReason, IoDirection } from '../kvm/constants.js';
+import { systemError } from '../kvm/errors.js';
 
 export const TRACE_MAGIC = 'NKVMTRCE';
 export const TRACE_VERSION = 1;
@@ -34,7 +35,12 @@ const BUFFER_RECORDS = 1638;
 
 /** Creates the file and writes its header; returns its fd (closed by closeTraceFile) and start. */
 export function openTraceFile(path: string, vcpus: number): { fd: number; startMs: number } {
-  const fd = openSync(path, 'w');
+  let fd: number;
+  try {
+    fd = openSync(path, 'w');
+  } catch (error) {
+    throw systemError(`cannot create the exit trace ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, error);
+  }
   const startMs = performance.timeOrigin + performance.now();
   const header = Buffer.alloc(TRACE_HEADER_BYTES);
   header.write(TRACE_MAGIC, 0, 'latin1');

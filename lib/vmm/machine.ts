@@ -223,16 +223,14 @@ export class Machine extends EventEmitter {
   static {
     internalsOf = (machine) => machine.#internals();
     assemble = (parts) => {
+      const { exitStats, traceExits } = parts.plan.runtime;
+      if (traceExits !== undefined && (typeof traceExits !== 'string' || traceExits === '')) throw argTypeError('traceExits must be a file path');
+      // Before the machine exists: a file that cannot be made fails the build, which releases the rest.
+      const trace = traceExits === undefined ? null : openTraceFile(traceExits, parts.threads.length);
       const machine = new Machine(parts);
       if (parts.plan.state) machine.#devices.restoreState(parts.plan.state.devices);
       machine.#watch();
-      const { exitStats, traceExits } = parts.plan.runtime;
-      try {
-        if (traceExits !== undefined) machine.#startTrace(traceExits);
-      } catch (error) {
-        void machine.stop();
-        throw error;
-      }
+      if (trace) machine.#startTrace(trace);
       if (exitStats) machine.startExitStats();
       return machine;
     };
@@ -531,9 +529,7 @@ export class Machine extends EventEmitter {
     return readExitStats(this.#exitStats ?? this.#requestPorts.map(() => null));
   }
 
-  #startTrace(path: string): void {
-    if (typeof path !== 'string' || path === '') throw argTypeError('traceExits must be a file path');
-    const { fd, startMs } = openTraceFile(path, this.vcpuCount);
+  #startTrace({ fd, startMs }: { fd: number; startMs: number }): void {
     this.#traceFd = fd;
     for (let id = 0; id < this.vcpuCount; id++) this.#tell(id, { type: 'exit-trace', fd, startMs });
   }

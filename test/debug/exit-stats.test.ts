@@ -101,6 +101,15 @@ t.test('node-kvm run --trace-exits, read back by node-kvm trace', { skip }, asyn
   t.same(Buffer.from(lines.map((line) => Number(/data=(0x[0-9a-f]+)/.exec(line)![1]))).toString(), 'Hello from node-kvm!\n', 'the bytes written, in order');
 });
 
+t.test('a trace file that cannot be created fails the build, which leaves nothing behind', { skip }, async (t) => {
+  const missing = path.join(dir, 'no-such-dir', 'x.trace');
+  await t.rejects(Machine.create({ image: image('hello.bin'), memoryBytes: 1 << 20, pool, traceExits: missing }), { code: 'ENOENT', message: `cannot create the exit trace ${missing}: ENOENT` });
+  // The pool's thread came back: the next machine runs.
+  const machine = await Machine.create({ image: image('hello.bin'), memoryBytes: 1 << 20, irqchip: false, pool, serial: { output: null } });
+  machine.start();
+  t.equal((await machine.wait()).reason, 'hlt');
+});
+
 t.test('a trace file that is not one, or of another version, is refused', async (t) => {
   t.throws(() => parseExitTrace(Buffer.from('not a trace at all, not at all.....')), { code: 'ERR_INVALID_ARG_VALUE', message: /not an exit trace/ });
   const header = Buffer.alloc(TRACE_HEADER_BYTES);
