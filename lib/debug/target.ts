@@ -47,8 +47,13 @@ export class DebugTarget {
   #attached = true;
   readonly #onExit = (exit: MachineExit) => this.#deliver({ kind: 'exit', exit });
 
-  constructor(machine: Machine) {
+  /** Whether the vCPU that stops sends its registers along (a debugger that reads them at every stop). */
+  readonly #registersAtStop: boolean;
+
+  /** `registersAtStop`: for a debugger that reads the registers at every stop, as gdb does. */
+  constructor(machine: Machine, options: { registersAtStop?: boolean } = {}) {
     this.machine = machine;
+    this.#registersAtStop = options.registersAtStop === true;
     this.vcpuCount = machine.vcpuCount;
     this.#internals = machineInternals(machine);
     this.#internals.onDebugStop((stop) => void this.#debugStop(stop));
@@ -212,7 +217,7 @@ export class DebugTarget {
       const key = JSON.stringify(options, (_, v) => (typeof v === 'bigint' ? v.toString(16) : v));
       if (this.#armed.get(vcpu) === key) return undefined;
       this.#armed.delete(vcpu);
-      return this.#request(vcpu, { type: 'guest-debug', options }).then(() => void this.#armed.set(vcpu, key));
+      return this.#request(vcpu, { type: 'guest-debug', options, registersAtStop: this.#registersAtStop }).then(() => void this.#armed.set(vcpu, key));
     }));
   }
 
@@ -224,6 +229,7 @@ export class DebugTarget {
 
   async #debugStop(stop: DebugStop): Promise<void> {
     this.#cache.clear();
+    if (stop.state) this.#cache.set(stop.vcpu, stop.state);
     const stepOver = this.#afterStepOver;
     if (stepOver) {
       this.#afterStepOver = null;

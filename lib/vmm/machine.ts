@@ -10,7 +10,7 @@ import { isBzImage, planBoot, type BootPlan, type MultibootModule } from '../boo
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
-import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle, type Regs, type Sregs, type Fpu } from '../kvm/index.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
   checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
@@ -116,6 +116,8 @@ export interface DebugStop {
   vcpu: number;
   dr6: bigint;
   pc: bigint;
+  /** That vCPU's registers as it stopped. */
+  state?: { regs: Regs; sregs: Sregs; fpu: Fpu };
 }
 
 let internalsOf!: (machine: Machine) => MachineInternals;
@@ -729,7 +731,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
-    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc });
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc, state: message.state });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });

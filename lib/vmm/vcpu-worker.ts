@@ -87,7 +87,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
-    slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null,
+    slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false,
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
@@ -130,6 +130,8 @@ interface VcpuThreadState {
   stats: Float64Array | null;
   /** The exit trace's writer (exit-trace.ts) while the machine traces. */
   trace: TraceWriter | null;
+  /** A debugger wants this vCPU's registers with each debug stop. */
+  registersAtStop: boolean;
 }
 
 function cpuidEntries(thread: VcpuThreadState): CpuidEntry[] | null {
@@ -150,6 +152,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
       if ((request.type === 'restore' || request.type === 'debug-write') && running) {
         reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state', code: ErrorCode.MachineState };
       } else if (request.type.startsWith('debug-') || request.type === 'guest-debug') {
+        if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
@@ -321,7 +324,12 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       // Guest debugging is on (a debugger set it): stop the machine and say where. The loop parks
       // this thread on the paused state; a vCPU that finds the machine paused already says nothing.
       const exit = vcpu.exit();
-      if (exit.reason === 'debug' && pauseFromVcpu(thread.control)) post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc });
+      if (exit.reason === 'debug' && pauseFromVcpu(thread.control)) {
+        // For a debugger that reads them at every stop (gdb), the registers come along: that
+        // spares it a round trip to this thread.
+        const state = thread.registersAtStop ? { regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) } : undefined;
+        post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc, state });
+      }
       return true;
     }
     case ExitReason.DirtyRingFull:
