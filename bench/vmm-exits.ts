@@ -3,14 +3,15 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Machine } from '../lib/index.js';
+import { Machine, type MachineRuntimeConfig } from '../lib/index.js';
 
 /** The guest's loop count when the host leaves ECX at 0 (see guests/exits.S). */
 export const VMM_EXITS = 1_000_000;
 
-export async function measureVmmExits(root: string): Promise<{ exits: number; seconds: number; exitsPerSec: number; nsPerExit: number }> {
+/** `extra`: more of the machine's configuration (bench/debug.ts: exit statistics, an exit trace). */
+export async function measureVmmExits(root: string, extra: MachineRuntimeConfig = {}): Promise<{ exits: number; seconds: number; exitsPerSec: number; nsPerExit: number }> {
   const image = readFileSync(path.join(root, 'guests', 'build', 'exits.bin'));
-  const machine = await Machine.create({ image, memoryBytes: 1 << 20, serial: { output: null } });
+  const machine = await Machine.create({ image, memoryBytes: 1 << 20, serial: { output: null }, ...extra });
   const started = performance.now();
   machine.start();
   // The clock stops at the guest's last port write, not at the machine's end: with the in-kernel

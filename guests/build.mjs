@@ -40,6 +40,8 @@ export const ELF_GUESTS = {
   'dirtier-user': { bits: 64, source: 'dirtier.S', defsyms: { USER_MODE: 1 } },
   smp: { bits: 32 },
   gdb: { bits: 64 },
+  inspect: { bits: 64 },
+  'inspect-spin': { bits: 64, source: 'inspect.S', defsyms: { SPIN: 1 } },
 };
 
 /**

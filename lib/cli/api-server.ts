@@ -1,5 +1,5 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
-//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb","params":{...}}
+//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb"|"regs"|"x"|"stats","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
@@ -9,7 +9,7 @@ import net from 'node:net';
 import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
-import { machineInternals, type Machine } from '../vmm/machine.js';
+import { machineInternals, type ExitStats, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
@@ -30,6 +30,12 @@ export interface ApiMachine {
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
   /** Starts a GDB stub on the machine (lib/debug); resolves with where it listens. */
   gdb?(address: string): Promise<string>;
+  /** A vCPU's registers (lib/debug/inspect.ts). */
+  regs?(vcpu: number): Promise<ApiRegisters>;
+  /** Guest memory (lib/debug/inspect.ts). */
+  x?(address: bigint, length: number, options: { vcpu: number; physical: boolean }): Promise<Buffer>;
+  /** Exit statistics; `start`: start counting if the machine does not count yet. */
+  stats?(start: boolean): ExitStats;
 }
 
 /** A real machine as the API sees it: its lifecycle, and snapshots and migrations of it. */
@@ -51,7 +57,39 @@ export function apiMachine(machine: Machine): ApiMachine {
       const { GdbServer } = await import('../debug/gdb-server.js');
       return (await GdbServer.listen(machine, address)).address;
     },
+    regs: async (vcpu) => {
+      const { readRegisters, formatRegisters } = await import('../debug/inspect.js');
+      const state = await readRegisters(machine, vcpu);
+      return { vcpu, text: formatRegisters(state), regs: hexFields(state.regs), sregs: hexFields(state.sregs) as ApiRegisters['sregs'] };
+    },
+    x: async (address, length, options) => {
+      const { readGuestMemory } = await import('../debug/inspect.js');
+      return readGuestMemory(machine, address, length, options);
+    },
+    stats: (start) => {
+      if (start) machine.startExitStats();
+      return machine.exitStats();
+    },
   };
+}
+
+/** Registers as JSON: each number as a 0x string (64-bit values do not fit a JSON number). */
+export interface ApiRegisters {
+  vcpu: number;
+  /** As QEMU's `info registers` prints them. */
+  text: string;
+  regs: Record<string, string>;
+  sregs: Record<string, string | Record<string, string>>;
+}
+
+function hexFields(value: object): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [key, field] of Object.entries(value)) {
+    if (typeof field === 'bigint' || typeof field === 'number') out[key] = `0x${field.toString(16)}`;
+    else if (Array.isArray(field)) out[key] = field.map((item) => `0x${BigInt(item).toString(16)}`).join(' ');
+    else if (typeof field === 'object' && field !== null) (out as Record<string, unknown>)[key] = hexFields(field);
+  }
+  return out;
 }
 
 export interface ApiStatus {
@@ -79,10 +117,19 @@ export interface ApiMethods {
   migrate: { params: ApiMigrateParams; result: MigrationStats };
   /** A GDB stub on the running machine: tcp:HOST:PORT (port 0: any) or unix:PATH. */
   gdb: { params: { address: string }; result: { address: string } };
+  /** A vCPU's registers (default vCPU 0), the machine running or paused. */
+  regs: { params: { vcpu?: number }; result: ApiRegisters };
+  /**
+   * Guest memory: `address` a number or a '0x...' string, virtual through `vcpu`'s page tables
+   * unless `physical`; `length` default 64, at most 1 MiB. `data`: the bytes in hex.
+   */
+  x: { params: { address: string | number; length?: number; vcpu?: number; physical?: boolean }; result: { address: string; length: number; data: string } };
+  /** Exit statistics (machine.exitStats()); counting starts with the first call unless `start` is false. */
+  stats: { params: { start?: boolean }; result: ExitStats };
 }
 
 export type ApiMethod = keyof ApiMethods;
-export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb'];
+export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb', 'regs', 'x', 'stats'];
 
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
@@ -201,6 +248,33 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       if (typeof params.address !== 'string') throw argTypeError('gdb: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
       if (!machine.gdb) throw new NodeKvmError(ErrorCode.MachineState, 'gdb: this machine cannot be debugged');
       return { address: await machine.gdb(params.address) };
+    },
+    async regs(params) {
+      checkParams(params, 'regs', ['vcpu']);
+      const vcpu = params.vcpu ?? 0;
+      if (typeof vcpu !== 'number') throw argTypeError('regs: params.vcpu must be an integer');
+      if (!machine.regs) throw new NodeKvmError(ErrorCode.MachineState, 'regs: this machine cannot be inspected');
+      return machine.regs(vcpu);
+    },
+    async x(params) {
+      checkParams(params, 'x', ['address', 'length', 'vcpu', 'physical']);
+      const { address, length = 64, vcpu = 0, physical = false } = params;
+      let at: bigint;
+      if (typeof address === 'number' && Number.isSafeInteger(address) && address >= 0) at = BigInt(address);
+      else if (typeof address === 'string' && /^(0x[0-9a-fA-F]{1,16}|\d{1,20})$/.test(address)) at = BigInt(address);
+      else throw argTypeError("x: params.address must be a non-negative integer or a string ('0x1000', '4096')");
+      if (typeof length !== 'number') throw argTypeError('x: params.length must be an integer');
+      if (typeof vcpu !== 'number') throw argTypeError('x: params.vcpu must be an integer');
+      if (typeof physical !== 'boolean') throw argTypeError('x: params.physical must be a boolean');
+      if (!machine.x) throw new NodeKvmError(ErrorCode.MachineState, 'x: this machine cannot be inspected');
+      const data = await machine.x(at, length, { vcpu, physical });
+      return { address: `0x${at.toString(16)}`, length: data.length, data: data.toString('hex') };
+    },
+    async stats(params) {
+      checkParams(params, 'stats', ['start']);
+      if (params.start !== undefined && typeof params.start !== 'boolean') throw argTypeError('stats: params.start must be a boolean');
+      if (!machine.stats) throw new NodeKvmError(ErrorCode.MachineState, 'stats: this machine does not count exits');
+      return machine.stats(params.start !== false);
     },
     async migrate(params, progress) {
       const options = checkMigrateParams(params);

@@ -17,6 +17,10 @@ commands:
   resume    resume a paused machine
   stop      end a running machine
   reset     reset a running machine's guest
+  regs      print a running machine's vCPU registers
+  x         dump a running machine's guest memory (virtual or physical)
+  stats     print a running machine's exit statistics
+  trace     print or summarise an exit trace (run --trace-exits FILE)
   info      print this host's KVM capabilities
 
 options:
@@ -68,6 +72,8 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           gdb: { type: 'string' },
           'gdb-wait': { type: 'boolean' },
           serial: { type: 'string' },
+          'trace-exits': { type: 'string' },
+          'exit-stats': { type: 'boolean' },
         },
       });
       const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
@@ -85,7 +91,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
         kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'],
-        gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial,
+        gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial, traceExits: values['trace-exits'], exitStats: values['exit-stats'],
       };
       if (!threads) {
         if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
@@ -108,6 +114,13 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
     case 'reset': {
       const { controlCommand } = await import('./snapshot.js');
       return controlCommand(command, rest);
+    }
+    case 'regs':
+    case 'x':
+    case 'stats':
+    case 'trace': {
+      const { inspectCommand } = await import('./inspect.js');
+      return inspectCommand(command, rest);
     }
     case 'info': {
       const { values } = parseArgs({

@@ -64,6 +64,9 @@ options:
   --gdb tcp:HOST:PORT|unix:PATH  serve a GDB remote stub there (tcp::PORT: loopback); whoever
                               connects controls the guest fully
   --gdb-wait                  with --gdb: no vCPU runs until the debugger continues (QEMU's -s -S)
+  --trace-exits FILE          write every exit (time, vCPU, reason, RIP, port or address, data) to
+                              FILE in a binary format (read it with node-kvm trace FILE)
+  --exit-stats                count exits from the start (node-kvm stats reads them)
   -h, --help                  show this help`;
 
 export interface RunOptions {
@@ -93,6 +96,10 @@ export interface RunOptions {
   gdb?: string;
   /** With gdb: start paused, for the debugger to continue. */
   gdbWait?: boolean;
+  /** Write every exit to this file (lib/vmm/exit-trace.ts). */
+  traceExits?: string;
+  /** Count exits from the start (machine.exitStats()). */
+  exitStats?: boolean;
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -210,6 +217,7 @@ async function runMachine(
 ): Promise<number> {
   const { mode, vcpus, memoryBytes, disks } = parsed;
   const serial = serialBackend.config;
+  const instrument = { exitStats: options.exitStats === true, ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }) };
   let machine: Machine;
   if (options.incoming !== undefined) {
     // Migration and API code load only when used: a plain boot starts sooner without them.
@@ -219,7 +227,7 @@ async function runMachine(
     if (address.kind === 'tcp' && token === undefined) throw argValueError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     const { receiveMachine } = await import('../migration/receive.js');
     machine = await receiveMachine(options.incoming, {
-      memoryBytes, vcpus, token, serial, pool, disks,
+      memoryBytes, vcpus, token, serial, pool, disks, ...instrument,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
       // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
       log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
@@ -229,7 +237,7 @@ async function runMachine(
     }
   } else if (options.restore !== undefined) {
     const { restoreMachine } = await import('../migration/snapshot.js');
-    machine = await restoreMachine(options.restore, { serial, pool, disks, verify: options.noVerify !== true });
+    machine = await restoreMachine(options.restore, { serial, pool, disks, ...instrument, verify: options.noVerify !== true });
   } else {
     const image = (options.image ?? options.kernel)!;
     // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
@@ -247,6 +255,7 @@ async function runMachine(
       disks,
       serial,
       pool,
+      ...instrument,
     });
   }
   const exit = machine.wait();

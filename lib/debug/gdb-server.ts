@@ -81,7 +81,7 @@ export class GdbServer {
       socket.destroy();
       return;
     }
-    const session = new GdbSession(socket, new DebugTarget(this.machine), this.#log);
+    const session = new GdbSession(socket, new DebugTarget(this.machine, { registersAtStop: true }), this.#log);
     this.#session = session;
     void session.closed.then(() => {
       if (this.#session === session) this.#session = null;

@@ -3,3 +3,5 @@ export { GdbServer, type GdbServerOptions } from './gdb-server.js';
 export { DebugTarget, BREAKPOINT_SLOTS, type BreakpointKind, type StopReason, type ResumePlan } from './target.js';
 export { parseGdbAddress, formatGdbAddress, type GdbAddress } from './address.js';
 export { archFor, targetDescription, type TargetArch, type VcpuRegisters } from './registers.js';
+export { readRegisters, readGuestMemory, formatRegisters, hexDump, decodeRflags, MAX_INSPECT_BYTES, type InspectedRegisters, type ReadMemoryOptions } from './inspect.js';
+export { readExitTrace, parseExitTrace, formatTraceRecord, summarizeExitTrace, type ExitTrace, type TraceRecord, type TraceExitKind, type TraceSummaryRow } from './exit-trace-reader.js';

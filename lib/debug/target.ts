@@ -14,7 +14,7 @@ import { kvmFpu, kvmRegs, kvmSregs } from '../kvm/structs.js';
 import { machineInternals, type DebugStop, type Machine, type MachineExit, type MachineInternals } from '../vmm/machine.js';
 import type { VcpuReply, VcpuRequestBody } from '../vmm/types.js';
 import type { VcpuRegisters } from './registers.js';
-import { bytesInPage, translate } from './translate.js';
+import { mapLinear } from './translate.js';
 
 export const BREAKPOINT_SLOTS = 4;
 const DR6_BS = 1n << 14n;
@@ -42,11 +42,18 @@ export class DebugTarget {
   /** A resume waiting for a vCPU to step off its breakpoint first. */
   #afterStepOver: { vcpu: number; plan: ResumePlan } | null = null;
   #waiter: ((reason: StopReason) => void) | null = null;
+  /** Each vCPU's guest-debug settings as last set (JSON), so a step after a step sets nothing again. */
+  readonly #armed = new Map<number, string>();
   #attached = true;
   readonly #onExit = (exit: MachineExit) => this.#deliver({ kind: 'exit', exit });
 
-  constructor(machine: Machine) {
+  /** Whether the vCPU that stops sends its registers along (a debugger that reads them at every stop). */
+  readonly #registersAtStop: boolean;
+
+  /** `registersAtStop`: for a debugger that reads the registers at every stop, as gdb does. */
+  constructor(machine: Machine, options: { registersAtStop?: boolean } = {}) {
     this.machine = machine;
+    this.#registersAtStop = options.registersAtStop === true;
     this.vcpuCount = machine.vcpuCount;
     this.#internals = machineInternals(machine);
     this.#internals.onDebugStop((stop) => void this.#debugStop(stop));
@@ -111,15 +118,13 @@ export class DebugTarget {
   /** Reads guest memory at a virtual address of `vcpu`'s; null if a byte of it is not mapped. */
   async readMemory(vcpu: number, address: bigint, length: number): Promise<Buffer | null> {
     const { sregs } = await this.registers(vcpu);
-    const memory = this.machine.memory;
+    const mapped = mapLinear(address, length, sregs, this.machine.memory);
+    if ('unmapped' in mapped) return null;
     const out = Buffer.alloc(length);
-    for (let done = 0; done < length;) {
-      const linear = (address + BigInt(done)) & 0xffffffffffffffffn;
-      const chunk = bytesInPage(linear, length - done);
-      const physical = this.#physical(linear, sregs);
-      if (physical === null || physical + BigInt(chunk) > BigInt(memory.size)) return null;
-      out.set(memory.bytes(Number(physical), chunk), done);
-      done += chunk;
+    let done = 0;
+    for (const [physical, bytes] of mapped.pieces) {
+      out.set(this.machine.memory.bytes(physical, bytes), done);
+      done += bytes;
     }
     return out;
   }
@@ -127,29 +132,15 @@ export class DebugTarget {
   /** Writes guest memory (marked dirty, as every VMM write is); false if a byte is not mapped. */
   async writeMemory(vcpu: number, address: bigint, data: Uint8Array): Promise<boolean> {
     const { sregs } = await this.registers(vcpu);
-    const memory = this.machine.memory;
-    const pieces: [number, Uint8Array][] = [];
-    for (let done = 0; done < data.length;) {
-      const linear = (address + BigInt(done)) & 0xffffffffffffffffn;
-      const chunk = bytesInPage(linear, data.length - done);
-      const physical = this.#physical(linear, sregs);
-      if (physical === null || physical + BigInt(chunk) > BigInt(memory.size)) return false;
-      pieces.push([Number(physical), data.subarray(done, done + chunk)]);
-      done += chunk;
-    }
+    const mapped = mapLinear(address, data.length, sregs, this.machine.memory);
     // Only once every page is known to be there: a failed write changes nothing.
-    for (const [physical, bytes] of pieces) this.machine.writeMemory(physical, bytes);
+    if ('unmapped' in mapped) return false;
+    let done = 0;
+    for (const [physical, bytes] of mapped.pieces) {
+      this.machine.writeMemory(physical, data.subarray(done, done + bytes));
+      done += bytes;
+    }
     return true;
-  }
-
-  #physical(linear: bigint, sregs: VcpuRegisters['sregs']): bigint | null {
-    const memory = this.machine.memory;
-    const view = new DataView(memory.buffer);
-    return translate(linear, sregs, (physical, bytes) => {
-      if (physical + BigInt(bytes) > BigInt(memory.size)) return null;
-      const offset = Number(physical);
-      return bytes === 8 ? view.getBigUint64(offset, true) : BigInt(view.getUint32(offset, true));
-    });
   }
 
   /** Takes a slot for a breakpoint at `address`; false when all four are taken. */
@@ -223,7 +214,10 @@ export class DebugTarget {
       let options: GuestDebugOptions | null = null;
       if (plan.step.has(vcpu)) options = { singlestep: true };
       else if (used.length > 0) options = { hardwareBreakpoints: true, debugreg };
-      return this.#request(vcpu, { type: 'guest-debug', options });
+      const key = JSON.stringify(options, (_, v) => (typeof v === 'bigint' ? v.toString(16) : v));
+      if (this.#armed.get(vcpu) === key) return undefined;
+      this.#armed.delete(vcpu);
+      return this.#request(vcpu, { type: 'guest-debug', options, registersAtStop: this.#registersAtStop }).then(() => void this.#armed.set(vcpu, key));
     }));
   }
 
@@ -235,6 +229,7 @@ export class DebugTarget {
 
   async #debugStop(stop: DebugStop): Promise<void> {
     this.#cache.clear();
+    if (stop.state) this.#cache.set(stop.vcpu, stop.state);
     const stepOver = this.#afterStepOver;
     if (stepOver) {
       this.#afterStepOver = null;

@@ -104,3 +104,33 @@ export function bytesInPage(linear: bigint, length: number): number {
   const left = 0x1000n - (linear & 0xfffn);
   return Math.min(length, Number(left));
 }
+
+/** Guest RAM as the walk reads it (a GuestMemory). */
+export interface GuestRam {
+  readonly buffer: ArrayBuffer;
+  readonly size: number;
+}
+
+/**
+ * The guest-physical pieces [address, bytes] behind `length` bytes at `linear` (one per page), or
+ * the first linear address that is not mapped (or maps outside guest RAM).
+ */
+export function mapLinear(linear: bigint, length: number, state: PagingState, ram: GuestRam): { pieces: [number, number][] } | { unmapped: bigint } {
+  const view = new DataView(ram.buffer);
+  const size = BigInt(ram.size);
+  const read: PhysicalReader = (physical, bytes) => {
+    if (physical + BigInt(bytes) > size) return null;
+    const offset = Number(physical);
+    return bytes === 8 ? view.getBigUint64(offset, true) : BigInt(view.getUint32(offset, true));
+  };
+  const pieces: [number, number][] = [];
+  for (let done = 0; done < length;) {
+    const at = (linear + BigInt(done)) & 0xffffffffffffffffn;
+    const chunk = bytesInPage(at, length - done);
+    const physical = translate(at, state, read);
+    if (physical === null || physical + BigInt(chunk) > size) return { unmapped: at };
+    pieces.push([Number(physical), chunk]);
+    done += chunk;
+  }
+  return { pieces };
+}

@@ -54,6 +54,13 @@ export interface MachineRuntimeConfig {
    * the default) or 'ring' (KVM_CAP_DIRTY_LOG_RING, where the host offers it).
    */
   dirtyLog?: DirtyLogMode;
+  /** Count exits per vCPU and reason from the start (machine.exitStats()); startExitStats() turns it on later. */
+  exitStats?: boolean;
+  /**
+   * Write every exit to this file in the binary trace format (exit-trace.ts; read it with
+   * `node-kvm trace FILE` or readExitTrace()). The file is created or truncated.
+   */
+  traceExits?: string;
   /**
    * virtio-blk disks backed by raw image files, at virtio-mmio slots 0, 1, ... For a restore or an
    * incoming migration: where this host finds the disks the saved machine had, in the same order

@@ -10,7 +10,7 @@ import { isBzImage, planBoot, type BootPlan, type MultibootModule } from '../boo
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
-import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle, type Regs, type Sregs, type Fpu } from '../kvm/index.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
   checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
@@ -20,6 +20,9 @@ import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js
 import { MachineDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
+import { createExitStatsBuffer, readExitStats, type ExitStats } from './exit-stats.js';
+import { openTraceFile } from './exit-trace.js';
+import { closeSync } from 'node:fs';
 import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
@@ -33,6 +36,7 @@ export type { VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
 export type { DeviceStates } from './devices.js';
+export type { ExitStats, VcpuExitStats, ExitCount } from './exit-stats.js';
 export {
   MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState,
   type MultibootModuleConfig,
@@ -99,6 +103,12 @@ export interface MachineInternals {
   vcpuRequest(vcpuId: number, request: VcpuRequestBody): Promise<VcpuReply>;
   /** Who hears of debug exits, once the vCPU that took one has paused the machine (null: nobody). */
   onDebugStop(listener: ((stop: DebugStop) => void) | null): void;
+  /**
+   * Runs `work` (an inspection: registers, memory) with every vCPU stopped: a running machine is
+   * paused quietly for it (no 'paused' or 'resumed' event, its clocks and disks run on, state
+   * still 'running') and runs again after; a paused or created one stays as it is.
+   */
+  stopped<T>(work: () => Promise<T>): Promise<T>;
 }
 
 /** A vCPU's KVM_EXIT_DEBUG: which vCPU, its DR6 (which breakpoint, or a step) and RIP. */
@@ -106,6 +116,8 @@ export interface DebugStop {
   vcpu: number;
   dr6: bigint;
   pc: bigint;
+  /** That vCPU's registers as it stopped. */
+  state?: { regs: Regs; sregs: Sregs; fpu: Fpu };
 }
 
 let internalsOf!: (machine: Machine) => MachineInternals;
@@ -199,6 +211,9 @@ export class Machine extends EventEmitter {
   readonly #input: NodeJS.ReadableStream | null;
   readonly #onInput: (chunk: Buffer | string) => void;
   #tracker: DirtyTracker | null = null;
+  /** Each vCPU's exit counters, once counting started. */
+  #exitStats: SharedArrayBuffer[] | null = null;
+  #traceFd: number | null = null;
   #trackerOwner: string | null = null;
   /** A snapshot or migration is under way: one at a time. */
   #busy: string | null = null;
@@ -210,9 +225,15 @@ export class Machine extends EventEmitter {
   static {
     internalsOf = (machine) => machine.#internals();
     assemble = (parts) => {
+      const { exitStats, traceExits } = parts.plan.runtime;
+      if (traceExits !== undefined && (typeof traceExits !== 'string' || traceExits === '')) throw argTypeError('traceExits must be a file path');
+      // Before the machine exists: a file that cannot be made fails the build, which releases the rest.
+      const trace = traceExits === undefined ? null : openTraceFile(traceExits, parts.threads.length);
       const machine = new Machine(parts);
       if (parts.plan.state) machine.#devices.restoreState(parts.plan.state.devices);
       machine.#watch();
+      if (trace) machine.#startTrace(trace);
+      if (exitStats) machine.startExitStats();
       return machine;
     };
   }
@@ -491,6 +512,37 @@ export class Machine extends EventEmitter {
   }
 
   /**
+   * Starts counting exits per vCPU and reason (a no-op when counting already): see exitStats().
+   * Each vCPU starts at its next exit to the VMM (it is kicked for it).
+   */
+  startExitStats(): void {
+    if (this.#exitStats || this.#exit) return;
+    this.#exitStats = this.#requestPorts.map(() => createExitStatsBuffer());
+    this.#exitStats.forEach((buffer, id) => this.#tell(id, { type: 'exit-stats', buffer }));
+  }
+
+  /**
+   * Exit statistics, like `perf kvm stat`: per vCPU, exits by KVM reason, port I/O by port and
+   * direction, MMIO by 4 KiB page, each with a count and the time the VMM spent handling them,
+   * since counting started (MachineConfig.exitStats, or startExitStats()); `enabled` false and
+   * nothing counted before. Counting costs a clock read or two per exit; not counting costs nothing.
+   */
+  exitStats(): ExitStats {
+    return readExitStats(this.#exitStats ?? this.#requestPorts.map(() => null));
+  }
+
+  #startTrace({ fd, startMs }: { fd: number; startMs: number }): void {
+    this.#traceFd = fd;
+    for (let id = 0; id < this.vcpuCount; id++) this.#tell(id, { type: 'exit-trace', fd, startMs });
+  }
+
+  /** A request whose answer nobody awaits (a halted vCPU takes it when it next wakes). */
+  #tell(vcpuId: number, request: VcpuRequestBody): void {
+    this.#request(vcpuId, request).catch(() => {});
+    kickVcpu(this.#kicks[vcpuId]!);
+  }
+
+  /**
    * Runs the paused guest again (paused -> running) and emits 'resumed' before it returns.
    * Throws ERR_MACHINE_STATE unless paused.
    */
@@ -546,7 +598,30 @@ export class Machine extends EventEmitter {
         return reply;
       },
       onDebugStop: (listener) => void (this.#debugListener = listener),
+      stopped: (work) => this.#whileStopped(work),
     };
+  }
+
+  async #whileStopped<T>(work: () => Promise<T>): Promise<T> {
+    while (this.#haltCheck) await this.#haltCheck;
+    if (Atomics.load(this.#control, STATE) !== RunState.Running) return work();
+    // As the halt watch does: a pause the owner does not see, which the owner's pause waits out.
+    let done!: () => void;
+    this.#haltCheck = new Promise((resolve) => (done = resolve));
+    try {
+      await this.#pause(false, { quiet: true });
+      try {
+        return await work();
+      } finally {
+        if (Atomics.load(this.#control, STATE) === RunState.Paused) {
+          setRunState(this.#control, RunState.Running);
+          this.#haltWatch?.start();
+        }
+      }
+    } finally {
+      this.#haltCheck = null;
+      done();
+    }
   }
 
   /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
@@ -656,7 +731,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
-    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc });
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc, state: message.state });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });
@@ -705,6 +780,7 @@ export class Machine extends EventEmitter {
     for (const port of this.#requestPorts) port.close();
     if (this.#input) this.#input.off('data', this.#onInput);
     await this.#devices.disks.close();
+    if (this.#traceFd !== null) closeSync(this.#traceFd);
     this.#tracker = null;
     this.#vm.close();
     this.#memory.close();

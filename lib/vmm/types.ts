@@ -68,7 +68,11 @@ export type VcpuRequest =
   // guest-debug settings (KVM_SET_GUEST_DEBUG), also between two runs.
   | { type: 'debug-read'; seq: number }
   | { type: 'debug-write'; seq: number; regs?: Regs; sregs?: Sregs; fpu?: Fpu }
-  | { type: 'guest-debug'; seq: number; options: GuestDebugOptions | null };
+  | { type: 'guest-debug'; seq: number; options: GuestDebugOptions | null; registersAtStop?: boolean }
+  // Exit statistics (exit-stats.ts: a buffer to count into, null: stop) and the exit trace
+  // (exit-trace.ts: the file's fd, null: stop), taken at a kick or while parked.
+  | { type: 'exit-stats'; seq: number; buffer: SharedArrayBuffer | null }
+  | { type: 'exit-trace'; seq: number; fd: number | null; startMs: number };
 
 /** A request without its sequence number, as the machine's side makes it. */
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
@@ -78,6 +82,7 @@ export type VcpuReply =
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }
+  | { seq: number; type: 'done' }
   | ({ seq: number; type: 'failed' } & ThreadFailure);
 
 export type WorkerMessage =
@@ -85,7 +90,7 @@ export type WorkerMessage =
   | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
   | { type: 'exit'; exit: MachineExit }
   /** A KVM_EXIT_DEBUG (a breakpoint or a step, with guest debugging on): this vCPU paused the machine. */
-  | { type: 'debug-stop'; vcpuId: number; dr6: bigint; pc: bigint }
+  | { type: 'debug-stop'; vcpuId: number; dr6: bigint; pc: bigint; state?: { regs: Regs; sregs: Sregs; fpu: Fpu } }
   | { type: 'log'; message: string }
   /** The thread left its assignment; with `failure` if it could not create or run its vCPU. */
   | { type: 'done'; vcpuId: number; failure?: ThreadFailure };

@@ -17,6 +17,8 @@ import { DirtyBitmap } from './dirty-bitmap.js';
 import { answerHaltProbe } from './halt-watch.js';
 import { fpuFromXsave, fpuIntoXsave } from './xsave-fpu.js';
 import { spillDirtyRing } from './dirty-tracker.js';
+import { countExit } from './exit-stats.js';
+import { TraceWriter } from './exit-trace.js';
 import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
@@ -85,7 +87,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
-    slotBasePages: new Map(assignment.slotBasePages), cpuid: null,
+    slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false,
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
@@ -104,6 +106,7 @@ function runAssignment(assignment: VcpuAssignment): void {
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
     runLoop(thread, serve);
   } finally {
+    thread.trace?.flush();
     assignment.requests.close();
   }
 }
@@ -123,6 +126,12 @@ interface VcpuThreadState {
   savedMsrs: number[] | null;
   /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
   cpuid: CpuidEntry[] | Uint8Array | null;
+  /** Exit counters (exit-stats.ts) while someone asked for them. */
+  stats: Float64Array | null;
+  /** The exit trace's writer (exit-trace.ts) while the machine traces. */
+  trace: TraceWriter | null;
+  /** A debugger wants this vCPU's registers with each debug stop. */
+  registersAtStop: boolean;
 }
 
 function cpuidEntries(thread: VcpuThreadState): CpuidEntry[] | null {
@@ -143,6 +152,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
       if ((request.type === 'restore' || request.type === 'debug-write') && running) {
         reply = { seq: request.seq, type: 'failed', error: 'a running vCPU cannot take a saved state', code: ErrorCode.MachineState };
       } else if (request.type.startsWith('debug-') || request.type === 'guest-debug') {
+        if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
         thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
@@ -150,6 +160,14 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'saved', state };
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
+      } else if (request.type === 'exit-stats') {
+        thread.stats = request.buffer ? new Float64Array(request.buffer) : null;
+        reply = { seq: request.seq, type: 'done' };
+      } else if (request.type === 'exit-trace') {
+        thread.trace?.flush();
+        thread.trace = request.fd === null ? null : new TraceWriter(request.fd, thread.assignment.vcpuId, request.startMs);
+        TraceWriter.syncRip(thread.vcpu.kvmRun.view, thread.trace !== null);
+        reply = { seq: request.seq, type: 'done' };
       }
     } catch (e) {
       reply = { seq: request.seq, type: 'failed', ...threadFailure(e) };
@@ -198,7 +216,24 @@ function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
   return refusedMsrs;
 }
 
+/** What a loop returns: this vCPU is done, or it must go on in the other loop (counting turned on or off). */
+const DONE = 0;
+const SWITCH = 1;
+
+/**
+ * Runs the vCPU until it is done. Two loops: the plain one, and one that also counts and traces
+ * exits; a thread takes the requests that turn counting on or off only at a kick or while parked,
+ * and only there does a loop look whether it is still the right one, so the plain loop's exit
+ * path has no test for it.
+ */
 function runLoop(thread: VcpuThreadState, serve: () => void): void {
+  for (;;) {
+    const instrumented = thread.stats !== null || thread.trace !== null;
+    if ((instrumented ? runInstrumented(thread, serve) : runPlain(thread, serve)) === DONE) return;
+  }
+}
+
+function runPlain(thread: VcpuThreadState, serve: () => void): number {
   const { vcpu, bus, control, report } = thread;
   const run = vcpu.kvmRun;
   const id = thread.assignment.vcpuId;
@@ -208,7 +243,7 @@ function runLoop(thread: VcpuThreadState, serve: () => void): void {
       reason = vcpu.run();
     } catch (e) {
       report({ reason: 'error', vcpu: id, detail: (e as Error).message, registers: dump(vcpu) });
-      return;
+      return DONE;
     }
     if (reason === ExitReason.Io) {
       bus.handleIo(run);
@@ -219,10 +254,58 @@ function runLoop(thread: VcpuThreadState, serve: () => void): void {
       // or by the halt watch.
       serveRequests(thread, true);
       if (thread.haltProbe) answerHaltProbe(thread.haltProbe, vcpu, id);
+      if (thread.stats !== null || thread.trace !== null) return SWITCH;
     } else if (!handleRareExit(thread, reason, serve)) {
-      return;
+      return DONE;
     }
-    if (Atomics.load(control, STATE) !== RunState.Running && !waitWhileNotRunning(control, serve)) return;
+    if (Atomics.load(control, STATE) !== RunState.Running) {
+      if (!waitWhileNotRunning(control, serve)) return DONE;
+      if (thread.stats !== null || thread.trace !== null) return SWITCH;
+    }
+  }
+}
+
+/** runPlain(), timing each exit's handling and counting (exit-stats.ts) or tracing (exit-trace.ts) it. */
+function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
+  const { vcpu, bus, control, report } = thread;
+  const run = vcpu.kvmRun;
+  const { view, bytes } = run;
+  const id = thread.assignment.vcpuId;
+  for (;;) {
+    let reason: number;
+    try {
+      reason = vcpu.run();
+    } catch (e) {
+      report({ reason: 'error', vcpu: id, detail: (e as Error).message, registers: dump(vcpu) });
+      return DONE;
+    }
+    const started = performance.now();
+    let done = false;
+    let change = false;
+    if (reason === ExitReason.Io) {
+      bus.handleIo(run);
+    } else if (reason === ExitReason.Mmio) {
+      bus.handleMmio(run);
+    } else if (reason === ExitReason.Intr) {
+      serveRequests(thread, true);
+      if (thread.haltProbe) answerHaltProbe(thread.haltProbe, vcpu, id);
+    } else {
+      // Recorded before a HLT parks this thread until the machine's end.
+      thread.trace?.record(reason, view, bytes, started);
+      if (thread.stats) countExit(thread.stats, reason, view, 0);
+      done = !handleRareExit(thread, reason, serve);
+    }
+    if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
+      thread.trace?.record(reason, view, bytes, started);
+      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
+      change = reason === ExitReason.Intr && thread.stats === null && thread.trace === null;
+    }
+    if (done) return DONE;
+    if (change) return SWITCH;
+    if (Atomics.load(control, STATE) !== RunState.Running) {
+      if (!waitWhileNotRunning(control, serve)) return DONE;
+      if (thread.stats === null && thread.trace === null) return SWITCH;
+    }
   }
 }
 
@@ -241,7 +324,12 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       // Guest debugging is on (a debugger set it): stop the machine and say where. The loop parks
       // this thread on the paused state; a vCPU that finds the machine paused already says nothing.
       const exit = vcpu.exit();
-      if (exit.reason === 'debug' && pauseFromVcpu(thread.control)) post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc });
+      if (exit.reason === 'debug' && pauseFromVcpu(thread.control)) {
+        // For a debugger that reads them at every stop (gdb), the registers come along: that
+        // spares it a round trip to this thread.
+        const state = thread.registersAtStop ? { regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) } : undefined;
+        post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc, state });
+      }
       return true;
     }
     case ExitReason.DirtyRingFull:

@@ -47,6 +47,8 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   // debugging
   GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
   archFor: 'function', targetDescription: 'function',
+  readRegisters: 'function', readGuestMemory: 'function', formatRegisters: 'function', hexDump: 'function', decodeRflags: 'function',
+  MAX_INSPECT_BYTES: 'number', readExitTrace: 'function', parseExitTrace: 'function', formatTraceRecord: 'function', summarizeExitTrace: 'function',
 };
 
 /** Every type the package root exports (generic ones with arguments). */
@@ -75,6 +77,8 @@ const TYPES = [
   'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
+  'InspectedRegisters', 'ReadMemoryOptions', 'ExitTrace', 'TraceRecord', 'TraceExitKind', 'TraceSummaryRow',
+  'ExitStats', 'VcpuExitStats', 'ExitCount',
 ];
 
 const bare = (type: string) => type.replace(/<.*/, '');
