@@ -429,7 +429,7 @@ async function qemuMigrateOnce(memoryBytes: number, dir: string, fillFile: strin
   const port = await freeTcpPort();
   const run = ++qemuRunCount;
   const common = [
-    '-M', 'microvm', '-enable-kvm', '-cpu', 'host', '-m', `${memoryBytes / MiB}M`, '-smp', '1',
+    '-M', 'microvm', '-enable-kvm', '-cpu', 'host,-arch-capabilities', '-m', `${memoryBytes / MiB}M`, '-smp', '1',
     '-nodefaults', '-no-user-config', '-nographic', '-serial', 'null', '-kernel', guest('pvh.elf'),
     ...(fillFile ? ['-device', `loader,file=${fillFile},addr=${FILL_ADDR},force-raw=on`] : []),
   ];
