@@ -10,12 +10,6 @@ import { repoRoot } from '../helpers/kvm.js';
 const lib = path.join(repoRoot, 'lib');
 /** Where the built-in classes may be constructed: the helpers that give them their codes. */
 const HELPERS = path.join('kvm', 'errors.ts');
-/**
- * Folders of lib/ whose errors are still being given codes: what the scan finds there is listed
- * as a todo instead of failing. The last test fails once a folder here has nothing left to find,
- * so that the folder is then held to the rule like the rest.
- */
-const PENDING: readonly string[] = [];
 
 const BUILT_IN = '(?:Error|TypeError|RangeError|SyntaxError|ReferenceError|EvalError|URIError|AggregateError)';
 /** `new TypeError(`, and a built-in class called without `new` (`throw Error(`, `reject(RangeError(`). */
@@ -56,27 +50,12 @@ function sourceFiles(dir: string): string[] {
 }
 
 const files = sourceFiles(lib).map((file) => path.relative(lib, file)).filter((file) => file !== HELPERS).sort();
-const folderOf = (file: string) => (file.includes(path.sep) ? file.split(path.sep)[0]! : '');
 /** `file:line: text` for each bare error in `files`. */
 const report = (of: string[]) => of.flatMap((file) => bareErrors(readFileSync(path.join(lib, file), 'utf8')).map(({ line, text }) => `lib/${file}:${line}: ${text}`));
 
 t.test('no bare Error, TypeError or RangeError anywhere in lib/ outside lib/kvm/errors.ts', async (t) => {
-  const checked = files.filter((file) => !PENDING.includes(folderOf(file)));
-  t.same(report(checked), [], `every error made in ${checked.length} files has a code`);
-  t.ok(checked.length > 40, `${checked.length} files read`);
-});
-
-t.test(`the folders still being converted (${PENDING.map((folder) => `lib/${folder}`).join(', ') || 'none'}): their bare errors, as a todo`, async (t) => {
-  const found = report(files.filter((file) => PENDING.includes(folderOf(file))));
-  if (found.length > 0) t.comment(`${found.length} bare errors left in the pending folders`);
-  t.same(found, [], 'every error made there has a code', { todo: PENDING.length > 0 ? 'their errors are being given codes' : false });
-});
-
-t.test('every folder still listed as pending has bare errors left', async (t) => {
-  for (const folder of PENDING) {
-    const found = report(files.filter((file) => folderOf(file) === folder));
-    t.ok(found.length > 0, `lib/${folder} still has bare errors (${found.length}); once it has none, remove it from PENDING in this file`);
-  }
+  t.same(report(files), [], `every error made in ${files.length} files has a code`);
+  t.ok(files.length > 40, `${files.length} files read`);
 });
 
 t.test('the scan finds every form of a bare error, and nothing else', async (t) => {

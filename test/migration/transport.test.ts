@@ -456,7 +456,7 @@ for (const kind of ['unix', 'tcp'] as const) {
     accepted.write('ack');
     t.equal((await readBytes(source, 3)).toString(), 'ack');
     await Promise.all(idle.map((peer) => peer.closed));
-    t.pass('the destination closed the idle connections once the migration was accepted');
+    t.equal(idle.filter((peer) => peer.socket.destroyed).length, 50, 'the destination closed the idle connections once the migration was accepted');
   });
 }
 
