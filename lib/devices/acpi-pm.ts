@@ -209,3 +209,11 @@ export interface AcpiPmState {
   /** The PM timer's value (24 bits) when the state was saved. */
   counter: number;
 }
+
+/** Whether `value` has the structure of an AcpiPmState (a state from a stream is checked before use). */
+export function isAcpiPmState(value: unknown): value is AcpiPmState {
+  if (typeof value !== 'object' || value === null) return false;
+  const state = value as Record<string, unknown>;
+  const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);
+  return isInteger(state.status) && isInteger(state.enable) && isInteger(state.control) && isInteger(state.counter) && state.counter >= 0;
+}

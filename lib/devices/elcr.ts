@@ -49,3 +49,9 @@ export interface ElcrState {
   /** ELCR1 (port 0x4d0) and ELCR2 (0x4d1). */
   registers: number[];
 }
+
+/** Whether `value` has the structure of an ElcrState (a state from a stream is checked before use). */
+export function isElcrState(value: unknown): value is ElcrState {
+  const registers = (value as Partial<ElcrState> | null)?.registers;
+  return typeof value === 'object' && Array.isArray(registers) && registers.every((v) => Number.isSafeInteger(v));
+}

@@ -53,3 +53,8 @@ export interface PciConfigState {
   /** CONFIG_ADDRESS (port 0xcf8). */
   address: number;
 }
+
+/** Whether `value` has the structure of a PciConfigState (a state from a stream is checked before use). */
+export function isPciConfigState(value: unknown): value is PciConfigState {
+  return typeof value === 'object' && value !== null && Number.isSafeInteger((value as Partial<PciConfigState>).address);
+}

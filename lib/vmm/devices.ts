@@ -2,13 +2,13 @@
 // sit, builds them on each vCPU thread over their shared state, and saves and restores their
 // states for snapshots and migrations. Each device keeps its own registers and its own
 // saveState()/restoreState() beside them (lib/devices/); this module only lists and wires them.
-import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, type AcpiPmState } from '../devices/acpi-pm.js';
+import { ACPI_PM_BASE, ACPI_PM_PORTS, AcpiPm, isAcpiPmState, type AcpiPmState } from '../devices/acpi-pm.js';
 import { CMOS_RTC_IRQ, CMOS_RTC_PORT, CMOS_RTC_PORTS, CmosRtc, CmosRtcInterrupts, isCmosRtcState, type CmosRtcState } from '../devices/cmos-rtc.js';
 import { DebugExit, DEBUG_EXIT_PORT } from '../devices/debug-exit.js';
-import { ELCR_BASE, ELCR_PORTS, Elcr, type ElcrState } from '../devices/elcr.js';
+import { ELCR_BASE, ELCR_PORTS, Elcr, isElcrState, type ElcrState } from '../devices/elcr.js';
 import { FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, FW_CFG_PORT, FW_CFG_PORTS, FwCfg, fwCfgItems, isFwCfgState, type FwCfgGuestRam, type FwCfgMachine, type FwCfgShared, type FwCfgState } from '../devices/fw-cfg.js';
 import { I8042, I8042_COMMAND_PORT, I8042_DATA_PORT } from '../devices/i8042.js';
-import { PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, PciConfig, type PciConfigState } from '../devices/pci-config.js';
+import { PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT, PCI_CONFIG_PORTS, PciConfig, isPciConfigState, type PciConfigState } from '../devices/pci-config.js';
 import { POST_CODE_PORT, PostCode, type PostCodeState } from '../devices/post-code.js';
 import { COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial, type SerialShared, type SerialState } from '../devices/serial.js';
 import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
@@ -182,17 +182,9 @@ export function isDeviceStates(value: unknown): value is DeviceStates {
   const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
   return isObject(value) && isObject(value.serial) && isObject(value.postCode)
     && (value.acpiPm === undefined || isAcpiPmState(value.acpiPm))
-    && (value.elcr === undefined || (isObject(value.elcr) && Array.isArray(value.elcr.registers) && value.elcr.registers.every(isInteger)))
-    && (value.pciConfig === undefined || (isObject(value.pciConfig) && isInteger(value.pciConfig.address)))
+    && (value.elcr === undefined || isElcrState(value.elcr))
+    && (value.pciConfig === undefined || isPciConfigState(value.pciConfig))
     && (value.virtio === undefined || Array.isArray(value.virtio))
     && (value.fwCfg === undefined || isFwCfgState(value.fwCfg))
     && (value.cmosRtc === undefined || isCmosRtcState(value.cmosRtc));
-}
-
-const isInteger = (v: unknown): v is number => Number.isSafeInteger(v);
-
-function isAcpiPmState(value: unknown): value is AcpiPmState {
-  if (typeof value !== 'object' || value === null) return false;
-  const state = value as Record<string, unknown>;
-  return isInteger(state.status) && isInteger(state.enable) && isInteger(state.control) && isInteger(state.counter) && (state.counter as number) >= 0;
 }

@@ -228,9 +228,19 @@ const SWITCH = 1;
  */
 function runLoop(thread: VcpuThreadState, serve: () => void): void {
   for (;;) {
-    const instrumented = thread.stats !== null || thread.trace !== null;
-    if ((instrumented ? runInstrumented(thread, serve) : runPlain(thread, serve)) === DONE) return;
+    if ((instrumented(thread) ? runInstrumented(thread, serve) : runPlain(thread, serve)) === DONE) return;
   }
+}
+
+const instrumented = (thread: VcpuThreadState): boolean => thread.stats !== null || thread.trace !== null;
+
+/**
+ * At a kick's exit: the requests that may be served between two runs (a save, to warm up, turning
+ * counting on or off), and the halt watch's question.
+ */
+function onKick(thread: VcpuThreadState): void {
+  serveRequests(thread, true);
+  if (thread.haltProbe) answerHaltProbe(thread.haltProbe, thread.vcpu, thread.assignment.vcpuId);
 }
 
 function runPlain(thread: VcpuThreadState, serve: () => void): number {
@@ -250,17 +260,14 @@ function runPlain(thread: VcpuThreadState, serve: () => void): number {
     } else if (reason === ExitReason.Mmio) {
       bus.handleMmio(run);
     } else if (reason === ExitReason.Intr) {
-      // Kicked: maybe for a request that may be served between two runs (a save, to warm up),
-      // or by the halt watch.
-      serveRequests(thread, true);
-      if (thread.haltProbe) answerHaltProbe(thread.haltProbe, vcpu, id);
-      if (thread.stats !== null || thread.trace !== null) return SWITCH;
+      onKick(thread);
+      if (instrumented(thread)) return SWITCH;
     } else if (!handleRareExit(thread, reason, serve)) {
       return DONE;
     }
     if (Atomics.load(control, STATE) !== RunState.Running) {
       if (!waitWhileNotRunning(control, serve)) return DONE;
-      if (thread.stats !== null || thread.trace !== null) return SWITCH;
+      if (instrumented(thread)) return SWITCH;
     }
   }
 }
@@ -280,31 +287,22 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
       return DONE;
     }
     const started = performance.now();
-    let done = false;
-    let change = false;
-    if (reason === ExitReason.Io) {
-      bus.handleIo(run);
-    } else if (reason === ExitReason.Mmio) {
-      bus.handleMmio(run);
-    } else if (reason === ExitReason.Intr) {
-      serveRequests(thread, true);
-      if (thread.haltProbe) answerHaltProbe(thread.haltProbe, vcpu, id);
+    if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
+      if (reason === ExitReason.Io) bus.handleIo(run);
+      else if (reason === ExitReason.Mmio) bus.handleMmio(run);
+      else onKick(thread);
+      thread.trace?.record(reason, view, bytes, started);
+      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
+      if (reason === ExitReason.Intr && !instrumented(thread)) return SWITCH;
     } else {
       // Recorded before a HLT parks this thread until the machine's end.
       thread.trace?.record(reason, view, bytes, started);
       if (thread.stats) countExit(thread.stats, reason, view, 0);
-      done = !handleRareExit(thread, reason, serve);
+      if (!handleRareExit(thread, reason, serve)) return DONE;
     }
-    if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
-      thread.trace?.record(reason, view, bytes, started);
-      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
-      change = reason === ExitReason.Intr && thread.stats === null && thread.trace === null;
-    }
-    if (done) return DONE;
-    if (change) return SWITCH;
     if (Atomics.load(control, STATE) !== RunState.Running) {
       if (!waitWhileNotRunning(control, serve)) return DONE;
-      if (thread.stats === null && thread.trace === null) return SWITCH;
+      if (!instrumented(thread)) return SWITCH;
     }
   }
 }
