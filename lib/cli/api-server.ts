@@ -8,7 +8,8 @@
 import net from 'node:net';
 import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
-import { listenOnPrivateUnixSocket, parseMigrationAddress } from '../migration/transport.js';
+import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
+import { parseMigrationAddress } from '../migration/transport.js';
 import { machineInternals, type ExitStats, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';

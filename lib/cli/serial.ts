@@ -10,7 +10,7 @@ import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
-import { listenOnPrivateUnixSocket } from '../migration/addresses.js';
+import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 import type { Machine, MachineRuntimeConfig } from '../vmm/machine.js';
 import { argValueError, outOfRangeError, systemError } from '../kvm/errors.js';
 

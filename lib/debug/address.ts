@@ -1,9 +1,9 @@
 // Where a GDB stub listens: tcp:HOST:PORT (loopback when HOST is empty, as in tcp::1234) or
 // unix:PATH (a socket file of mode 0600). The stub gives whoever connects full control of the
 // guest, so nothing listens beyond this host unless asked.
-import fs from 'node:fs';
 import net from 'node:net';
 import { argTypeError, argValueError } from '../kvm/errors.js';
+import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 
 export type GdbAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
@@ -27,38 +27,17 @@ export function formatGdbAddress(address: GdbAddress): string {
 
 /**
  * Listens on `address`; returns what it listens on (the port chosen for port 0) and a function
- * that removes a unix socket file again.
+ * that removes a unix socket file again (created 0600 from the start, never replacing a live one).
  */
 export async function listenAt(server: net.Server, address: GdbAddress): Promise<{ listening: GdbAddress; cleanup: () => void }> {
-  if (address.kind === 'unix') {
-    removeStaleSocket(address.path);
-    await listen(server, { path: address.path, exclusive: true });
-    fs.chmodSync(address.path, 0o600);
-    return { listening: address, cleanup: () => fs.rmSync(address.path, { force: true }) };
-  }
-  await listen(server, { host: address.host, port: address.port, exclusive: true });
-  const bound = server.address() as net.AddressInfo;
-  return { listening: { kind: 'tcp', host: address.host, port: bound.port }, cleanup: () => {} };
-}
-
-function listen(server: net.Server, options: net.ListenOptions): Promise<void> {
-  return new Promise((resolve, reject) => {
+  if (address.kind === 'unix') return { listening: address, cleanup: await listenOnPrivateUnixSocket(server, address.path) };
+  await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(options, () => {
+    server.listen({ host: address.host, port: address.port, exclusive: true }, () => {
       server.off('error', reject);
       resolve();
     });
   });
-}
-
-/** A socket file left behind may be replaced; anything else at that path is refused. */
-function removeStaleSocket(path: string): void {
-  let stats: fs.Stats;
-  try {
-    stats = fs.lstatSync(path);
-  } catch {
-    return;
-  }
-  if (!stats.isSocket()) throw argValueError(`refusing to replace ${path}: it exists and is not a socket`);
-  fs.unlinkSync(path);
+  const bound = server.address() as net.AddressInfo;
+  return { listening: { kind: 'tcp', host: address.host, port: bound.port }, cleanup: () => {} };
 }

@@ -13,6 +13,7 @@
 // to whatever happens to listen on the port.
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
+import { NodeKvmError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code } from './errors.js';
 
 export const MIGRATION_PROTOCOL_VERSION = 1;
@@ -193,5 +194,5 @@ function u16(value: number): Buffer {
 
 export function describeError(error: unknown): string {
   const e = error as NodeJS.ErrnoException;
-  return e.code && !(e instanceof MigrationError) ? e.code : e instanceof Error ? e.message : String(error);
+  return e.code && !(e instanceof NodeKvmError) ? e.code : e instanceof Error ? e.message : String(error);
 }
