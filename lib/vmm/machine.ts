@@ -194,8 +194,8 @@ export class Machine extends EventEmitter {
   readonly #kicks: VcpuKickHandle[];
   /** With the irqchip: finds a guest halted for good (halt-watch.ts). */
   readonly #haltWatch: HaltWatch | null;
-  /** The halt watch's check under way: the machine is paused for it, quietly. */
-  #haltCheck: Promise<void> | null = null;
+  /** A pause the owner does not see (#whileStopped: the halt watch's check, a debugger's read). */
+  #quietPause: Promise<void> | null = null;
   readonly #requestPorts: MessagePort[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
   #requestSeq = 0;
@@ -328,7 +328,7 @@ export class Machine extends EventEmitter {
   get state(): MachineRunState {
     const state = Atomics.load(this.#control, STATE);
     // The halt watch's quiet pause is not the owner's: to the owner the guest runs.
-    if (state === RunState.Paused && this.#haltCheck) return 'running';
+    if (state === RunState.Paused && this.#quietPause) return 'running';
     return RUN_STATES[state]!;
   }
 
@@ -430,30 +430,17 @@ export class Machine extends EventEmitter {
    * are, or run on.
    */
   async #confirmHalt(): Promise<void> {
-    if (Atomics.load(this.#control, STATE) !== RunState.Running || this.#busy) {
+    // A snapshot or migration under way pauses the machine itself: ask again later. A machine not
+    // running has its watch started again when it runs.
+    if (this.#busy) {
       this.#haltWatch!.start();
       return;
     }
-    let done!: () => void;
-    this.#haltCheck = new Promise((resolve) => (done = resolve));
-    try {
-      let states: VcpuState[] | null = null;
-      try {
-        states = await this.#pause(true, { quiet: true });
-      } catch {
-        // Stopped meanwhile: nothing left to check.
-      }
-      if (!states) return;
-      if (states.every(isStuckState)) {
-        this.#end({ reason: 'hlt', code: 0, vcpu: 0 });
-        return;
-      }
-      setRunState(this.#control, RunState.Running);
-      this.#haltWatch!.start();
-    } finally {
-      this.#haltCheck = null;
-      done();
-    }
+    await this.#whileStopped(async (states) => {
+      if (states?.every(isStuckState)) this.#end({ reason: 'hlt', code: 0, vcpu: 0 });
+    }, { saveVcpus: true }).catch(() => {
+      // Stopped meanwhile: nothing left to check.
+    });
   }
 
   /**
@@ -464,7 +451,7 @@ export class Machine extends EventEmitter {
    */
   async #pause(saveVcpus: boolean, options: { quiet?: boolean } = {}): Promise<VcpuState[] | null> {
     // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
-    if (!options.quiet) while (this.#haltCheck) await this.#haltCheck;
+    if (!options.quiet) while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
@@ -547,7 +534,7 @@ export class Machine extends EventEmitter {
    * Throws ERR_MACHINE_STATE unless paused.
    */
   resume(): void {
-    if (Atomics.load(this.#control, STATE) !== RunState.Paused || this.#haltCheck) throw machineStateError(`machine is ${this.state}, not paused`);
+    if (Atomics.load(this.#control, STATE) !== RunState.Paused || this.#quietPause) throw machineStateError(`machine is ${this.state}, not paused`);
     this.#devices.disks.resume();
     setRunState(this.#control, RunState.Running);
     this.#haltWatch?.start();
@@ -602,16 +589,21 @@ export class Machine extends EventEmitter {
     };
   }
 
-  async #whileStopped<T>(work: () => Promise<T>): Promise<T> {
-    while (this.#haltCheck) await this.#haltCheck;
-    if (Atomics.load(this.#control, STATE) !== RunState.Running) return work();
-    // As the halt watch does: a pause the owner does not see, which the owner's pause waits out.
+  /**
+   * Runs `work` with every vCPU stopped (given their states with `saveVcpus`), in a pause the owner
+   * does not see: no events, the state still 'running', clocks and disks running on; the owner's
+   * own pause waits it out. The guest runs on afterwards unless `work` ended the machine. A machine
+   * that is not running is not paused for it (`work` gets no states).
+   */
+  async #whileStopped<T>(work: (vcpus: VcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean } = {}): Promise<T> {
+    while (this.#quietPause) await this.#quietPause;
+    if (Atomics.load(this.#control, STATE) !== RunState.Running) return work(null);
     let done!: () => void;
-    this.#haltCheck = new Promise((resolve) => (done = resolve));
+    this.#quietPause = new Promise((resolve) => (done = resolve));
     try {
-      await this.#pause(false, { quiet: true });
+      const vcpus = await this.#pause(options.saveVcpus === true, { quiet: true });
       try {
-        return await work();
+        return await work(vcpus);
       } finally {
         if (Atomics.load(this.#control, STATE) === RunState.Paused) {
           setRunState(this.#control, RunState.Running);
@@ -619,7 +611,7 @@ export class Machine extends EventEmitter {
         }
       }
     } finally {
-      this.#haltCheck = null;
+      this.#quietPause = null;
       done();
     }
   }
