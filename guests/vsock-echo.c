@@ -1,0 +1,91 @@
+/*
+ * vsock-echo.c - a virtio-vsock echo server for the VMM's vsock device. Runs at CPL 3 on the
+ * runtime in guests/rt/ (rt.h), polling (no interrupts).
+ *
+ * Contract with the host:
+ *   - The first virtio-mmio slot (0xd0000000 + i * 0x1000) whose DeviceID is 19.
+ *   - At start, connects to host port 5001 (CID 2), writes "hello from the guest\n" and closes;
+ *     prints "vsock-echo: hello sent" once the host accepted, "vsock-echo: hello refused" when it
+ *     reset the connection.
+ *   - Listens on port 5000; every byte a connection brings is written back on it (up to 16
+ *     connections at once). When the host closes its sending side, the guest closes the
+ *     connection after echoing what it had.
+ *   - Output on COM1: "vsock-echo: ready, cid <cid>, port 5000" once listening (before the hello's
+ *     answer), "vsock-echo: transport reset" for each VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+ *   - Never exits on its own; "vsock-echo: <what> BAD" and exit 0x7f when the device cannot be
+ *     set up, 0x7e when there is none.
+ */
+#include "rt/rt.h"
+#include "rt/virtio-vsock.h"
+
+#define ECHO_PORT 5000
+#define HELLO_PORT 5001
+
+static struct vsock_rings rings;
+static struct vsock_dev dev;
+static uint8_t chunk[VSOCK_CONN_BUFFER];
+static const char hello[] = "hello from the guest\n";
+
+static void echo(struct vsock_conn *conn)
+{
+	for (;;) {
+		uint32_t n = vsock_readable(conn), room = vsock_writable(conn);
+		if (n > room)
+			n = room;
+		if (n == 0)
+			break;
+		n = vsock_read(&dev, conn, chunk, n);
+		if (vsock_write(&dev, conn, chunk, n) < n) {
+			/* No TX slot came free in time; the host lost bytes of this connection. */
+			puts("vsock-echo: tx stalled, closing a connection\n");
+			vsock_close(&dev, conn);
+			return;
+		}
+	}
+	if (conn->peer_shutdown & VSOCK_SHUTDOWN_SEND && vsock_readable(conn) == 0)
+		vsock_close(&dev, conn);
+}
+
+int main(void)
+{
+	uintptr_t base = vsock_find();
+	if (base == 0) {
+		puts("vsock-echo: no virtio-vsock device found\n");
+		return 0x7e;
+	}
+	const char *failure = vsock_init(&dev, base, &rings);
+	if (failure != NULL) {
+		puts("vsock-echo: ");
+		puts(failure);
+		puts(" BAD\n");
+		return 0x7f;
+	}
+	vsock_listen(&dev, ECHO_PORT);
+	struct vsock_conn *greeting = vsock_connect(&dev, HELLO_PORT);
+	puts("vsock-echo: ready, cid ");
+	put_dec(dev.guest_cid);
+	puts(", port 5000\n");
+	uint32_t resets = 0;
+	for (;;) {
+		vsock_poll(&dev);
+		if (greeting != NULL && greeting->state != VSOCK_CONNECTING) {
+			if (greeting->state == VSOCK_ESTABLISHED && vsock_write(&dev, greeting, hello, sizeof(hello) - 1) == sizeof(hello) - 1) {
+				puts("vsock-echo: hello sent\n");
+				vsock_close(&dev, greeting);
+			} else {
+				puts("vsock-echo: hello refused\n");
+			}
+			greeting = NULL;
+		}
+		for (int i = 0; i < VSOCK_MAX_CONNECTIONS; i++) {
+			struct vsock_conn *conn = &dev.conns[i];
+			if (conn->state == VSOCK_ESTABLISHED && conn->local_port == ECHO_PORT)
+				echo(conn);
+		}
+		if (dev.transport_resets != resets) {
+			resets = dev.transport_resets;
+			puts("vsock-echo: transport reset\n");
+		}
+		cpu_relax();
+	}
+}
