@@ -3,8 +3,8 @@
 // port answers, it reads `OK <host-port>\n` and the stream follows. A guest that connects to host
 // port P reaches whoever listens on `${uds}_${P}`. Routes the guest's packets to connections by
 // (host port, guest port) and collects what the connections have for the guest.
-import { lstatSync, unlinkSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 import { connectionKey, VsockConnection, type ConnectionOwner } from './virtio-vsock-connection.js';
 import { VSOCK_HOST_CID, VSOCK_TYPE_STREAM, VsockHeader, VsockOp } from './virtio-vsock-packet.js';
 
@@ -37,6 +37,7 @@ export class VsockMuxer implements ConnectionOwner {
   readonly #sending = new Set<VsockConnection>();
   readonly #rsts: { hostPort: number; guestPort: number }[] = [];
   #server: Server | null = null;
+  #removeSocketFile: (() => void) | null = null;
   #nextHostPort = VSOCK_FIRST_HOST_PORT;
   #parked = false;
 
@@ -54,17 +55,20 @@ export class VsockMuxer implements ConnectionOwner {
     return this.#connections.size;
   }
 
-  /** Listens on the socket path, replacing a stale socket file left there. */
-  listen(): void {
-    try {
-      if (lstatSync(this.#uds).isSocket()) unlinkSync(this.#uds);
-    } catch {
-      // Nothing there.
-    }
+  /**
+   * Listens on the socket path (mode 0600; a stale socket file left there is replaced, a live
+   * one refused). Rejects when it cannot.
+   */
+  async listen(): Promise<void> {
     const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.#accepted(socket));
-    server.on('error', (error) => this.problem(`listening on ${this.#uds}: ${error.message}`));
-    server.listen(this.#uds);
     this.#server = server;
+    const remove = await listenOnPrivateUnixSocket(server, this.#uds);
+    if (this.#server !== server) {
+      server.close();
+      remove();
+      return;
+    }
+    this.#removeSocketFile = remove;
   }
 
   problem(message: string): void {
@@ -182,12 +186,8 @@ export class VsockMuxer implements ConnectionOwner {
     this.#server = null;
     if (server === null) return;
     server.close();
-    // Removes our socket file, not one a later listener put at the same path.
-    try {
-      if (lstatSync(this.#uds).isSocket()) unlinkSync(this.#uds);
-    } catch {
-      // Already gone.
-    }
+    this.#removeSocketFile?.();
+    this.#removeSocketFile = null;
   }
 
   #accepted(socket: Socket): void {

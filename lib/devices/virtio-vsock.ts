@@ -85,8 +85,12 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
       wake: () => this.#pass(false),
       problem: (message) => this.#problem(message),
     });
-    this.#muxer.listen();
+    this.listening = this.#muxer.listen();
+    this.listening.catch((error: Error) => this.#problem(`cannot listen on ${config.uds}: ${error.message}`));
   }
+
+  /** Resolves once host programs can connect to the socket; rejects when it cannot be created. */
+  readonly listening: Promise<void>;
 
   /** Connections open now (for tests and statistics). */
   get connectionCount(): number {

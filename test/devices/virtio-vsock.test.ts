@@ -3,17 +3,19 @@
 // to host listeners, RST, shutdown, credit both ways, hostile rings, park and restore.
 import t from 'tap';
 import { once } from 'node:events';
+import { existsSync, statSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { Reg, Status } from '../../lib/devices/virtio-mmio.js';
-import { checkVsockConfig, vsockModel } from '../../lib/devices/virtio-vsock.js';
+import { checkVsockConfig, VirtioVsockDevice, vsockModel } from '../../lib/devices/virtio-vsock.js';
 import { VSOCK_BUFFER_BYTES } from '../../lib/devices/virtio-vsock-connection.js';
 import { VSOCK_FIRST_HOST_PORT } from '../../lib/devices/virtio-vsock-muxer.js';
 import { VSOCK_HOST_CID, VsockOp, VsockShutdown } from '../../lib/devices/virtio-vsock-packet.js';
 import { FakeVsockGuest, GUEST_CID, until, type Packet } from '../helpers/vsock-driver.js';
 
-function guest(t: { teardown(fn: () => void): void }): FakeVsockGuest {
+async function guest(t: { teardown(fn: () => void): void }): Promise<FakeVsockGuest> {
   const g = new FakeVsockGuest();
   t.teardown(() => g.close());
+  await g.device.listening;
   g.init();
   return g;
 }
@@ -51,7 +53,7 @@ t.test('model: device 19, three queues, guest_cid in config space; configs are c
   t.equal(model.numQueues, 3);
   t.same([...model.config], [0x89, 0x67, 0x45, 0x23, 1, 0, 0, 0]);
   t.ok(model.features & 1n, 'VIRTIO_VSOCK_F_STREAM');
-  const g = guest(t);
+  const g = await guest(t);
   t.equal(g.read32(Reg.DeviceId), 19);
   t.equal(g.read32(Reg.Config), GUEST_CID);
   t.throws(() => checkVsockConfig({ cid: 2, uds: '/tmp/x' }), /cid/);
@@ -61,7 +63,7 @@ t.test('model: device 19, three queues, guest_cid in config space; configs are c
 });
 
 t.test('host CONNECT: REQUEST to the guest port, OK <host-port> on RESPONSE, bytes both ways, shutdown', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const { socket, got, request } = await hostConnect(g, 5000, 'early');
   const h = request.header;
   t.match(h, { srcCid: VSOCK_HOST_CID, dstCid: GUEST_CID, srcPort: VSOCK_FIRST_HOST_PORT, dstPort: 5000, type: 1, len: 0, bufAlloc: VSOCK_BUFFER_BYTES, fwdCnt: 0 });
@@ -91,7 +93,7 @@ t.test('host CONNECT: REQUEST to the guest port, OK <host-port> on RESPONSE, byt
 });
 
 t.test('host CONNECT: the guest refuses (RST) or never answers: the client is closed; bad lines too', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const refused = await hostConnect(g, 6000);
   g.send({ op: VsockOp.Rst, srcPort: 6000, dstPort: refused.request.header.srcPort });
   await until(() => refused.got.closed, 'refused client closed');
@@ -109,7 +111,7 @@ t.test('host CONNECT: the guest refuses (RST) or never answers: the client is cl
 });
 
 t.test('guest connects to host port P: reaches the listener at uds_P; RST when none listens', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const accepted: ReturnType<typeof reader>[] = [];
   const sockets: Socket[] = [];
   const server = await listen(`${g.uds}_5001`, (socket) => {
@@ -144,7 +146,7 @@ t.test('guest connects to host port P: reaches the listener at uds_P; RST when n
 });
 
 t.test('many connections at once, each with its own bytes', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const count = 20;
   const clients = [];
   for (let i = 0; i < count; i++) clients.push(await hostConnect(g, 7000 + i));
@@ -170,7 +172,7 @@ t.test('many connections at once, each with its own bytes', async (t) => {
 });
 
 t.test('host -> guest respects the guest credit; a flooding host is held by its socket', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   g.bufAlloc = 4096;
   const c = await hostConnect(g, 8000);
   const hostPort = c.request.header.srcPort;
@@ -213,7 +215,7 @@ t.test('host -> guest respects the guest credit; a flooding host is held by its 
 });
 
 t.test('guest -> host: credit updates as the host reads; a host that never reads stops the guest, not us', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   let hostSocket: Socket | undefined;
   let hostBytes = 0;
   const server = await listen(`${g.uds}_5002`, (socket) => {
@@ -255,7 +257,7 @@ t.test('guest -> host: credit updates as the host reads; a host that never reads
 });
 
 t.test('hostile rings: short headers, lengths past the buffers, tiny RX buffers -> NEEDS_RESET; a reset recovers', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const needsReset = () => (g.status & Status.NeedsReset) !== 0;
   g.sendRaw(20);
   t.ok(needsReset(), 'a 20-byte TX packet');
@@ -279,7 +281,7 @@ t.test('hostile rings: short headers, lengths past the buffers, tiny RX buffers 
 });
 
 t.test('parking holds host input back; a restore resets connections, sends TRANSPORT_RESET, keeps the listener', async (t) => {
-  const g = guest(t);
+  const g = await guest(t);
   const c = await hostConnect(g, 9000);
   g.send({ op: VsockOp.Response, srcPort: 9000, dstPort: c.request.header.srcPort });
   await until(() => c.got.text().startsWith('OK'), 'OK');
@@ -301,4 +303,19 @@ t.test('parking holds host input back; a restore resets connections, sends TRANS
   g.send({ op: VsockOp.Response, srcPort: 9001, dstPort: again.request.header.srcPort });
   await until(() => again.got.text().startsWith('OK'), 'a new connection after the restore');
   again.socket.destroy();
+});
+
+t.test('the socket file: mode 0600, a second device at the same path is refused, close removes it', async (t) => {
+  const g = await guest(t);
+  t.equal(statSync(g.uds).mode & 0o777, 0o600);
+  const logs: string[] = [];
+  const other = new VirtioVsockDevice(
+    { mmio: g.mmio, ram: g.ram, dirty: g.dirty, log: (m) => logs.push(m), watch: () => ({ close() {} }) },
+    { cid: 4, uds: g.uds },
+  );
+  await t.rejects(other.listening, { code: 'EADDRINUSE' });
+  t.match(logs.join('\n'), /cannot listen on .*in use/);
+  other.close();
+  g.device.close();
+  t.notOk(existsSync(g.uds), 'removed on close');
 });
