@@ -81,6 +81,8 @@ export const ErrorCode = {
   InvalidState: 'ERR_INVALID_STATE',
   /** A vCPU thread failed to create its vCPU or to serve a request, for a reason that carries no code of its own. */
   VcpuFailed: 'ERR_VCPU_FAILED',
+  /** The vsock device's socket answered a CONNECT with something other than `OK <port>`. */
+  VsockProtocol: 'ERR_VSOCK_PROTOCOL',
 } as const;
 
 /** `error` with a `code` (and `cause`, where given): for the built-in error classes. */
