@@ -141,6 +141,7 @@ export const C_GUESTS = {
   fwcfg: { sources: ['fwcfg.c'] },
   'pc-tables': { sources: ['pc-tables.c'] },
   rtc: { sources: ['rtc.c'] },
+  rng: { sources: ['rng.c'] },
   'vsock-echo': { sources: ['vsock-echo.c'] },
 };
 

@@ -11,6 +11,7 @@
 #include "layout.h"
 #include "memory.h"
 #include "socket.h"
+#include "fd-watch.h"
 #include "file.h"
 #include "thread.h"
 #include "vcpu.h"
@@ -116,6 +117,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("layout", Layout);
   fn("setThreadName", SetThreadName);
   fn("setThreadAffinity", SetThreadAffinity);
+  fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
   return exports;
 }
