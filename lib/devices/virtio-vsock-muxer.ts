@@ -3,8 +3,10 @@
 // port answers, it reads `OK <host-port>\n` and the stream follows. A guest that connects to host
 // port P reaches whoever listens on `${uds}_${P}`. Routes the guest's packets to connections by
 // (host port, guest port) and collects what the connections have for the guest.
+import { chmodSync, linkSync, lstatSync, mkdtempSync, rmdirSync, rmSync, unlinkSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
-import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
+import { dirname, join, resolve } from 'node:path';
+import { NodeKvmError } from '../kvm/errors.js';
 import { connectionKey, VsockConnection, type ConnectionOwner } from './virtio-vsock-connection.js';
 import { VSOCK_HOST_CID, VSOCK_TYPE_STREAM, VsockHeader, VsockOp } from './virtio-vsock-packet.js';
 
@@ -56,19 +58,42 @@ export class VsockMuxer implements ConnectionOwner {
   }
 
   /**
-   * Listens on the socket path (mode 0600; a stale socket file left there is replaced, a live
-   * one refused). Rejects when it cannot.
+   * Listens on the socket path, mode 0600, before returning (so host programs can connect while
+   * the device thread is still parked): bound in a private directory beside it, made 0600 there,
+   * then hard-linked to its name, which never replaces a file. The machine removed a stale socket
+   * left at the path beforehand; whatever is there now makes this throw.
    */
-  async listen(): Promise<void> {
+  listen(): void {
+    const target = resolve(this.#uds);
+    const privateDir = mkdtempSync(join(dirname(target), '.nkvm-vsock-'));
+    const privatePath = join(privateDir, 's');
     const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.#accepted(socket));
-    this.#server = server;
-    const remove = await listenOnPrivateUnixSocket(server, this.#uds);
-    if (this.#server !== server) {
+    server.on('error', (error) => this.problem(`${this.#uds}: ${error.message}`));
+    try {
+      // A unix socket binds and listens synchronously; a failure leaves it not listening.
+      server.listen(privatePath);
+      if (!server.listening) throw new NodeKvmError('ERR_SYSTEM', `cannot listen on ${this.#uds}`);
+      chmodSync(privatePath, 0o600);
+      linkSync(privatePath, target);
+    } catch (error) {
       server.close();
-      remove();
-      return;
+      const code = (error as NodeJS.ErrnoException).code;
+      throw code === 'EEXIST' ? new NodeKvmError('EADDRINUSE', `${this.#uds} exists: another socket or file is in the way`, { cause: error }) : error;
+    } finally {
+      rmSync(privatePath, { force: true });
+      rmdirSync(privateDir);
     }
-    this.#removeSocketFile = remove;
+    const { ino, dev } = lstatSync(target);
+    this.#server = server;
+    this.#removeSocketFile = () => {
+      // Only our own socket: the name may have been taken over since.
+      try {
+        const now = lstatSync(target);
+        if (now.ino === ino && now.dev === dev) unlinkSync(target);
+      } catch {
+        // Already gone.
+      }
+    };
   }
 
   problem(message: string): void {

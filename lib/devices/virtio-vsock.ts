@@ -85,12 +85,8 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
       wake: () => this.#pass(false),
       problem: (message) => this.#problem(message),
     });
-    this.listening = this.#muxer.listen();
-    this.listening.catch((error: Error) => this.#problem(`cannot listen on ${config.uds}: ${error.message}`));
+    this.#muxer.listen();
   }
-
-  /** Resolves once host programs can connect to the socket; rejects when it cannot be created. */
-  readonly listening: Promise<void>;
 
   /** Connections open now (for tests and statistics). */
   get connectionCount(): number {

@@ -64,7 +64,8 @@ export async function listenOnPrivateUnixSocket(server: net.Server, socketPath: 
   };
 }
 
-async function removeStaleSocket(target: string): Promise<void> {
+/** Removes a socket file nobody listens on at `target`; refuses a live one (EADDRINUSE) or a file that is not a socket (EEXIST). */
+export async function removeStaleSocket(target: string): Promise<void> {
   let stats: fs.Stats;
   try {
     stats = fs.lstatSync(target);

@@ -8,7 +8,6 @@ import { FakeVsockGuest, until } from '../helpers/vsock-driver.js';
 async function guest(t: { teardown(fn: () => void): void }): Promise<FakeVsockGuest> {
   const g = new FakeVsockGuest();
   t.teardown(() => g.close());
-  await g.device.listening;
   g.init();
   return g;
 }
