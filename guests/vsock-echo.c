@@ -8,7 +8,7 @@
  *     prints "vsock-echo: hello sent" once the host accepted, "vsock-echo: hello refused" when it
  *     reset the connection.
  *   - Listens on port 5000; every byte a connection brings is written back on it (up to 16
- *     connections at once). When the host closes its sending side, the guest closes the
+ *     connections at once; 64 KiB of credit each). When the host closes its sending side, the guest closes the
  *     connection after echoing what it had.
  *   - Output on COM1: "vsock-echo: ready, cid <cid>, port 5000" once listening (before the hello's
  *     answer), "vsock-echo: transport reset" for each VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
@@ -81,6 +81,8 @@ int main(void)
 			struct vsock_conn *conn = &dev.conns[i];
 			if (conn->state == VSOCK_ESTABLISHED && conn->local_port == ECHO_PORT)
 				echo(conn);
+			else if (conn != greeting)
+				vsock_release(conn);
 		}
 		if (dev.transport_resets != resets) {
 			resets = dev.transport_resets;

@@ -152,7 +152,7 @@ static struct vsock_conn *new_conn(struct vsock_dev *dev, uint32_t local, uint32
 {
 	for (int i = 0; i < VSOCK_MAX_CONNECTIONS; i++) {
 		struct vsock_conn *conn = &dev->conns[i];
-		if (conn->state == VSOCK_FREE || conn->state == VSOCK_CLOSED) {
+		if (conn->state == VSOCK_FREE) {
 			memset(conn, 0, offsetof(struct vsock_conn, rx));
 			conn->local_port = local;
 			conn->peer_port = peer;
@@ -310,6 +310,12 @@ uint32_t vsock_write(struct vsock_dev *dev, struct vsock_conn *conn, const void 
 		done += chunk;
 	}
 	return done;
+}
+
+void vsock_release(struct vsock_conn *conn)
+{
+	if (conn->state == VSOCK_CLOSED)
+		conn->state = VSOCK_FREE;
 }
 
 void vsock_close(struct vsock_dev *dev, struct vsock_conn *conn)

@@ -5,8 +5,8 @@
  * Use: vsock_init() the device, vsock_listen() on ports and/or vsock_connect(), then call
  * vsock_poll() in a loop; between polls, move bytes with vsock_read()/vsock_write() on the
  * connections in VSOCK_ESTABLISHED, and vsock_close() them. A connection that the peer reset, or
- * that a transport reset (after the VMM restored a snapshot) dropped, goes to VSOCK_CLOSED; its
- * slot is reused by the next accept or connect.
+ * that a transport reset (after the VMM restored a snapshot) dropped, goes to VSOCK_CLOSED and
+ * keeps its slot until the application gives it back with vsock_release().
  */
 #ifndef RT_VIRTIO_VSOCK_H
 #define RT_VIRTIO_VSOCK_H
@@ -31,7 +31,7 @@
 /* Sizes of this driver: connections at once, receive buffer per connection (what it advertises
  * as buf_alloc), RX buffers and TX slots (each a header and up to VSOCK_PACKET_BYTES). */
 #define VSOCK_MAX_CONNECTIONS 16
-#define VSOCK_CONN_BUFFER 16384
+#define VSOCK_CONN_BUFFER 65536
 #define VSOCK_RX_BUFFERS 32
 #define VSOCK_TX_SLOTS 16
 #define VSOCK_PACKET_BYTES 4096
@@ -120,7 +120,9 @@ uint32_t vsock_writable(const struct vsock_conn *conn);
 uint32_t vsock_read(struct vsock_dev *dev, struct vsock_conn *conn, void *buffer, uint32_t n);
 /* Sends up to `n` bytes, as the credit and TX room allow. Returns how many. */
 uint32_t vsock_write(struct vsock_dev *dev, struct vsock_conn *conn, const void *data, uint32_t n);
-/* Closes both ways (SHUTDOWN with both flags); the slot frees when the host's RST comes. */
+/* Closes both ways (SHUTDOWN with both flags); VSOCK_CLOSED when the host's RST comes. */
 void vsock_close(struct vsock_dev *dev, struct vsock_conn *conn);
+/* Gives a VSOCK_CLOSED connection's slot back for new connections. */
+void vsock_release(struct vsock_conn *conn);
 
 #endif

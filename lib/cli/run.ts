@@ -46,6 +46,11 @@ options:
                               read-only). With --restore or --incoming: where this host finds the
                               disks the guest had, in order (default: the paths it had)
   --rng                       a virtio-rng device: the guest's random bytes from the host kernel
+  --vsock cid=N,uds=PATH      a virtio-vsock device for guest CID N (3 or more), Firecracker's hybrid
+                              vsock on the unix socket PATH: a host program connects to PATH and
+                              writes 'CONNECT <port>\n'; the guest's connections to host port P
+                              reach PATH_P. With --restore or --incoming: uds=PATH alone (this
+                              host's socket; the guest keeps its CID)
   --serial stdio|none|unix:PATH|file:PATH
                               where COM1 goes (default stdio: stdin and stdout; a terminal in raw
                               mode). unix:PATH: served on a new unix socket (mode 0600), one client
@@ -94,6 +99,8 @@ export interface RunOptions {
   noVerify?: boolean;
   noIrqchip?: boolean;
   rng?: boolean;
+  /** --vsock cid=N,uds=PATH. */
+  vsock?: string;
   /** Serve a GDB stub at this address. */
   gdb?: string;
   /** With gdb: start paused, for the debugger to continue. */
@@ -102,6 +109,19 @@ export interface RunOptions {
   traceExits?: string;
   /** Count exits from the start (machine.exitStats()). */
   exitStats?: boolean;
+}
+
+/** Parses --vsock cid=N,uds=PATH (cid may be left out for a restored or received guest). */
+export function parseVsockOption(value: string): { cid?: number; uds: string } {
+  const parsed: { cid?: number; uds?: string } = {};
+  for (const part of value.split(',')) {
+    const [key, text] = [part.slice(0, part.indexOf('=')), part.slice(part.indexOf('=') + 1)];
+    if (key === 'cid' && /^\d+$/.test(text)) parsed.cid = Number(text);
+    else if (key === 'uds' && text !== '') parsed.uds = text;
+    else throw argValueError(`--vsock ${value}: '${part}' is not cid=N or uds=PATH`);
+  }
+  if (parsed.uds === undefined) throw argValueError(`--vsock ${value}: uds=PATH is missing`);
+  return { ...(parsed.cid === undefined ? {} : { cid: parsed.cid }), uds: parsed.uds };
 }
 
 /** Parses one --disk value: FILE[,ro][,id=ID]. */
@@ -172,6 +192,7 @@ export function checkRunSource(options: RunOptions): void {
   if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
   if (options.noIrqchip === true && image === undefined) throw argValueError('--no-irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)');
   if (options.rng === true && image === undefined) throw argValueError('--rng applies to booting an IMAGE only (a restored or received guest keeps the devices it had)');
+  if (options.vsock !== undefined && image !== undefined && parseVsockOption(options.vsock).cid === undefined) throw argValueError('--vsock needs cid=N when booting an IMAGE');
   if (options.gdbWait === true && options.gdb === undefined) throw argValueError('--gdb-wait applies to --gdb only');
 }
 
@@ -207,18 +228,20 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw argValueError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
   const disks = options.disk?.map(parseDiskOption);
+  const vsock = options.vsock === undefined ? undefined : parseVsockOption(options.vsock);
   const serialBackend = await openSerialBackend(parseSerialOption(options.serial), (message) => process.stderr.write(`node-kvm: ${message}\n`));
   try {
-    return await runMachine(options, { mode, vcpus, memoryBytes, disks }, serialBackend, pool);
+    return await runMachine(options, { mode, vcpus, memoryBytes, disks, vsock }, serialBackend, pool);
   } finally {
     await serialBackend.close();
   }
 }
 
 async function runMachine(
-  options: RunOptions, parsed: { mode?: string; vcpus?: number; memoryBytes?: number; disks?: DiskConfig[] }, serialBackend: SerialBackend, pool: VcpuWorkerPool,
+  options: RunOptions, parsed: { mode?: string; vcpus?: number; memoryBytes?: number; disks?: DiskConfig[]; vsock?: { cid?: number; uds: string } },
+  serialBackend: SerialBackend, pool: VcpuWorkerPool,
 ): Promise<number> {
-  const { mode, vcpus, memoryBytes, disks } = parsed;
+  const { mode, vcpus, memoryBytes, disks, vsock } = parsed;
   const serial = serialBackend.config;
   const instrument = { exitStats: options.exitStats === true, ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }) };
   let machine: Machine;
@@ -230,7 +253,7 @@ async function runMachine(
     if (address.kind === 'tcp' && token === undefined) throw argValueError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     const { receiveMachine } = await import('../migration/receive.js');
     machine = await receiveMachine(options.incoming, {
-      memoryBytes, vcpus, token, serial, pool, disks, ...instrument,
+      memoryBytes, vcpus, token, serial, pool, disks, vsock, ...instrument,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
       // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
       log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
@@ -240,7 +263,7 @@ async function runMachine(
     }
   } else if (options.restore !== undefined) {
     const { restoreMachine } = await import('../migration/snapshot.js');
-    machine = await restoreMachine(options.restore, { serial, pool, disks, ...instrument, verify: options.noVerify !== true });
+    machine = await restoreMachine(options.restore, { serial, pool, disks, vsock, ...instrument, verify: options.noVerify !== true });
   } else {
     const image = (options.image ?? options.kernel)!;
     // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
@@ -256,6 +279,7 @@ async function runMachine(
       modules,
       irqchip: options.noIrqchip === true ? false : undefined,
       rng: options.rng === true ? true : undefined,
+      vsock: vsock as { cid: number; uds: string } | undefined,
       disks,
       serial,
       pool,

@@ -187,6 +187,11 @@ export function checkShape(value: unknown, where: string): MachineShape {
   if (value.disks !== undefined) shape.disks = checkDiskShapes(value.disks, where);
   if (value.rng !== undefined && typeof value.rng !== 'boolean') throw streamError(Code.Format, `${where}: bad rng flag`);
   if (value.rng) shape.rng = true;
+  if (value.vsock !== undefined) {
+    const cid = isObject(value.vsock) ? value.vsock.cid : undefined;
+    if (typeof cid !== 'number' || !Number.isInteger(cid) || cid < 3 || cid > 0xfffffffe) throw streamError(Code.Format, `${where}: bad vsock device`);
+    shape.vsock = { cid };
+  }
   return shape;
 }
 

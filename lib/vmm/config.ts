@@ -2,6 +2,7 @@
 // migration records it (MachineShape, MachineState), and the limits both are checked against.
 import type { BootPlan, CpuMode } from '../boot/index.js';
 import type { DiskConfig } from '../devices/virtio-blk.js';
+import type { VsockConfig } from '../devices/virtio-vsock.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DeviceStates } from './devices.js';
 import type { DirtyLogMode } from './dirty-tracker.js';
@@ -67,6 +68,12 @@ export interface MachineRuntimeConfig {
    * (default: the paths the saved machine used, as with storage both hosts share).
    */
   disks?: DiskConfig[];
+  /**
+   * A virtio-vsock device (after the disks) with Firecracker's hybrid host side on the unix socket
+   * `uds` (see machine.vsock). For a restore or an incoming migration: this host's socket (the
+   * guest keeps its CID; `cid` may be left out).
+   */
+  vsock?: VsockConfig | { uds: string; cid?: number };
 }
 
 export interface MachineConfig extends MachineRuntimeConfig {
@@ -123,6 +130,8 @@ export interface MachineShape {
   disks?: DiskShape[];
   /** A virtio-rng device after the disks (absent: none). */
   rng?: boolean;
+  /** A virtio-vsock device after the disks, and the guest's CID (absent: none). */
+  vsock?: { cid: number };
 }
 
 /** Everything but RAM: what a snapshot or a migration carries besides memory. */

@@ -7,6 +7,8 @@ export {
   type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount,
 } from './machine.js';
 export { CONSOLE_BACKLOG_BYTES } from './console.js';
+export { VsockHost } from './vsock-host.js';
+export type { VsockConfig } from '../devices/virtio-vsock.js';
 export { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
 export { VcpuWorkerPool, startVcpuThread, type VcpuThread, type VcpuThreadMessage } from './pool.js';
 export {

@@ -25,6 +25,7 @@ import { openTraceFile } from './exit-trace.js';
 import { closeSync } from 'node:fs';
 import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
+import { VsockHost } from './vsock-host.js';
 import { checkVirtioConfig, virtioMismatch, virtioShape, virtioSlotCount } from './virtio-devices.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
@@ -268,6 +269,8 @@ export class Machine extends EventEmitter {
     this.#devices = new MachineDevices(parts.devices, parts.virtio, this.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : null);
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.plan.runtime.serial?.input ?? null;
+    const vsock = parts.plan.runtime.vsock;
+    this.vsock = vsock ? new VsockHost(vsock.uds) : null;
     this.#onInput = (chunk) => {
       this.#devices.serial.receive(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
     };
@@ -306,7 +309,7 @@ export class Machine extends EventEmitter {
     if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
     const modules = config.modules === undefined ? undefined : readModules(config.modules);
     const disks = checkDiskConfigs(config.disks);
-    const virtio = checkVirtioConfig(disks, config.rng);
+    const virtio = checkVirtioConfig(disks, config.rng, config.vsock);
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
     let cmdline = config.cmdline;
@@ -345,6 +348,13 @@ export class Machine extends EventEmitter {
   get console(): MachineConsole {
     return this.#console;
   }
+
+  /**
+   * The host end of the machine's vsock device (null without one): connect(port) to the guest's
+   * listeners, listen(port) for its connections to the host. Programs outside this process speak
+   * the same protocol on the device's unix socket (vsock.uds).
+   */
+  readonly vsock: VsockHost | null;
 
   /** The hardware: what a snapshot or a migration needs to rebuild this machine elsewhere. */
   get shape(): MachineShape {

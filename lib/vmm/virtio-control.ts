@@ -1,6 +1,7 @@
 // What the machine and a virtio device's thread share: the control words and the thread's data.
 import type { BlockDisk } from '../devices/virtio-blk.js';
 import type { VirtioDeviceModel } from '../devices/virtio-mmio.js';
+import type { VsockConfig } from '../devices/virtio-vsock.js';
 import type { GuestMemoryHandle } from '../kvm/memory.js';
 
 /**
@@ -17,6 +18,7 @@ export const DEVICE_CONTROL_BYTES = 12;
 /** What a device's thread needs of its kind, beside the register file: cloned to the thread. */
 export type VirtioDeviceData =
   | { kind: 'blk'; disk: BlockDisk }
+  | { kind: 'vsock'; vsock: VsockConfig }
   | { kind: 'rng' };
 
 export type VirtioKind = VirtioDeviceData['kind'];

@@ -3,12 +3,16 @@
 // eventfds (an ioeventfd per queue for the guest's notify, an irqfd for its interrupt) and its own
 // thread (virtio-worker.ts). The main thread only starts, pauses, resumes and stops the threads,
 // and saves and restores the register state while they are parked.
+import { statSync } from 'node:fs';
+import { dirname, resolve as resolvePath } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { rngModel } from '../devices/virtio-rng.js';
+import { checkVsockConfig, vsockModel, type VsockConfig } from '../devices/virtio-vsock.js';
 import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
-import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
+import { removeStaleSocket } from '../kvm/unix-socket.js';
+import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { lockDisks, openDisk, releaseLock, type DiskConfig, type DiskShape, type OpenDisk } from './disks.js';
 import { workerEntry } from './worker-entry.js';
@@ -25,11 +29,14 @@ const workerFile = workerEntry(here, 'virtio-worker');
 export interface VirtioConfig {
   disks: Required<DiskConfig>[];
   rng: boolean;
+  vsock: VsockConfig | null;
 }
 
 /** The devices of a machine's shape, in slot order after the disks: a saved state fits only the same. */
 export interface VirtioShape {
   rng?: boolean;
+  /** A vsock device and the guest's CID (its host socket is each host's own: MachineRuntimeConfig.vsock). */
+  vsock?: { cid: number };
 }
 
 interface Slot extends OpenedDevice {
@@ -42,28 +49,50 @@ interface Slot extends OpenedDevice {
 }
 
 /** Checks the virtio part of a machine's configuration; returns it with defaults filled in. */
-export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown): VirtioConfig {
+export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, vsock?: unknown): VirtioConfig {
   if (rng !== undefined && typeof rng !== 'boolean') throw argTypeError('rng must be a boolean');
-  const config = { disks, rng: rng ?? false };
-  const count = config.disks.length + (config.rng ? 1 : 0);
+  if (vsock !== undefined && vsock !== null) checkVsockConfig(vsock);
+  const config = { disks, rng: rng ?? false, vsock: vsock ? { cid: vsock.cid, uds: vsock.uds } : null };
+  const count = virtioSlotCount(config);
   if (count > VIRTIO_MAX_DEVICES) throw outOfRangeError(`at most ${VIRTIO_MAX_DEVICES} virtio devices (disks and others), got ${count}`);
   return config;
 }
 
 /** The shape of a machine's devices other than disks. */
 export function virtioShape(config: VirtioConfig): VirtioShape {
-  return config.rng ? { rng: true } : {};
+  return { ...(config.vsock ? { vsock: { cid: config.vsock.cid } } : {}), ...(config.rng ? { rng: true } : {}) };
+}
+
+/**
+ * The vsock device of a machine built for a saved state: the saved machine's CID, with this
+ * host's socket (`given`, whose cid, if any, must be the saved one).
+ */
+export function vsockConfigFor(saved: VirtioShape['vsock'], given: unknown): VsockConfig | null {
+  if (saved === undefined) {
+    if (given !== undefined && given !== null) throw argValueError('the saved machine had no vsock device, but vsock was given');
+    return null;
+  }
+  if (given === undefined || given === null) throw argValueError(`the saved machine had a vsock device (CID ${saved.cid}): give vsock: { uds } for its host socket here`);
+  const { uds, cid } = given as { uds?: unknown; cid?: unknown };
+  if (cid !== undefined && cid !== saved.cid) throw argValueError(`vsock.cid ${String(cid)} given, but the saved guest has CID ${saved.cid}`);
+  const config = { cid: saved.cid, uds };
+  checkVsockConfig(config);
+  return config;
 }
 
 /** Why a saved machine's devices (other than disks) do not fit a machine's, or null. */
 export function virtioMismatch(saved: VirtioShape, mine: VirtioShape): string | null {
   if (!!saved.rng !== !!mine.rng) return `it ${saved.rng ? 'had' : 'had no'} virtio-rng, this machine ${mine.rng ? 'has' : 'has none'}`;
+  if (saved.vsock?.cid !== mine.vsock?.cid) {
+    const describe = (shape: VirtioShape) => (shape.vsock ? `a vsock device with CID ${shape.vsock.cid}` : 'no vsock device');
+    return `it had ${describe(saved)}, this machine has ${describe(mine)}`;
+  }
   return null;
 }
 
 /** How many slots a configuration takes: the Linux command line names each. */
-export function virtioSlotCount(config: VirtioConfig): number {
-  return config.disks.length + (config.rng ? 1 : 0);
+export function virtioSlotCount(config: Pick<VirtioConfig, 'disks' | 'rng' | 'vsock'>): number {
+  return config.disks.length + (config.vsock ? 1 : 0) + (config.rng ? 1 : 0);
 }
 
 export class VirtioDevices {
@@ -105,8 +134,19 @@ export class VirtioDevices {
     const slots: Slot[] = [];
     const set = new VirtioDevices(slots, config);
     try {
+      // A socket left by a machine that died is replaced; a live one or another file is refused here.
+      if (config.vsock) {
+        const uds = resolvePath(config.vsock.uds);
+        try {
+          statSync(dirname(uds));
+        } catch (error) {
+          throw systemError(`vsock.uds: no directory for ${config.vsock.uds}`, error);
+        }
+        await removeStaleSocket(uds);
+      }
       const opens: (() => OpenedDevice)[] = [
         ...config.disks.map((disk, index) => () => openDisk(index, disk)),
+        ...(config.vsock ? [openVsock(config.vsock)] : []),
         ...(config.rng ? [(): OpenedDevice => ({ name: 'virtio-rng', model: rngModel(), data: { kind: 'rng' }, close: () => {} })] : []),
       ];
       for (const open of opens) slots.push(openSlot(slots.length, open, options));
@@ -197,6 +237,10 @@ export class VirtioDevices {
   #disks(): OpenDisk[] {
     return this.#slots.flatMap((slot) => (slot.disk ? [slot.disk] : []));
   }
+}
+
+function openVsock(vsock: VsockConfig): () => OpenedDevice {
+  return () => ({ name: 'virtio-vsock', model: vsockModel(vsock.cid), data: { kind: 'vsock', vsock }, close: () => {} });
 }
 
 function openSlot(index: number, open: () => OpenedDevice, options: { vm: Vm; memory: GuestMemory; irqchip: boolean; log: (message: string) => void }): Slot {

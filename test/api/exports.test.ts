@@ -19,7 +19,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   Machine: 'function', VcpuWorkerPool: 'function', startVcpuThread: 'function', MAX_MEMORY_BYTES: 'number', MAX_VCPUS: 'number',
   CONSOLE_BACKLOG_BYTES: 'number', IoBus: 'function', createBusShared: 'function', unknownAccesses: 'function',
   MAX_LOGGED_UNKNOWN_PORTS: 'number', MAX_LOGGED_UNKNOWN_MMIO: 'number', VIRTIO_MMIO_BASE: 'number', VIRTIO_MMIO_SIZE: 'number',
-  VIRTIO_FIRST_GSI: 'number', VIRTIO_MAX_DEVICES: 'number',
+  VIRTIO_FIRST_GSI: 'number', VIRTIO_MAX_DEVICES: 'number', VsockHost: 'function',
   DirtyTracker: 'function', DirtyBitmap: 'function', MAX_BITMAP_PAGES: 'number', dirtyLogModesOffered: 'function', maxDirtyRingBytes: 'function',
   DEFAULT_DIRTY_RING_BYTES: 'number',
   // snapshots and migration
@@ -56,7 +56,7 @@ const TYPES = [
   // the VMM: machines, their configs, states and events
   'MachineConfig', 'MachineRuntimeConfig', 'MachineRunState', 'MachineShape', 'MachineState', 'MachineEvents', 'MachineExit',
   'MachineExitReason', 'MachineConsole', 'VcpuState', 'VmState', 'DeviceStates', 'SerialState', 'PostCodeState', 'VirtioMmioState',
-  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
+  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VsockConfig', 'VcpuThread', 'VcpuThreadMessage',
   // the I/O bus and the device interfaces
   'BusShared', 'UnknownAccesses', 'PortDevice', 'MmioDevice', 'DirtyPageMarker',
   // dirty tracking
