@@ -52,6 +52,8 @@ export interface MachineEvents {
   paused: [];
   /** The paused guest runs again (resume()): state 'running'. */
   resumed: [];
+  /** reset() has rebooted the guest (before it resolves; a running guest resumes just after). */
+  reset: [];
 }
 
 /** The machine's lifecycle states, in the order of RunState (control.ts). */
@@ -159,9 +161,11 @@ export declare interface Machine {
   once(event: 'exit', listener: (exit: MachineExit) => void): this;
   once(event: 'paused', listener: () => void): this;
   once(event: 'resumed', listener: () => void): this;
+  once(event: 'reset', listener: () => void): this;
   off(event: 'exit', listener: (exit: MachineExit) => void): this;
   off(event: 'paused', listener: () => void): this;
   off(event: 'resumed', listener: () => void): this;
+  off(event: 'reset', listener: () => void): this;
 }
 
 /**
