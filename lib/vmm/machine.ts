@@ -114,9 +114,10 @@ export interface MachineInternals {
   stopped<T>(work: () => Promise<T>): Promise<T>;
 }
 
-/** A vCPU's KVM_EXIT_DEBUG: which vCPU, its DR6 (which breakpoint, or a step) and RIP. */
+/** A vCPU's KVM_EXIT_DEBUG: which vCPU, the exception (1: #DB, 3: #BP), its DR6 (which breakpoint, or a step) and RIP. */
 export interface DebugStop {
   vcpu: number;
+  exception: number;
   dr6: bigint;
   pc: bigint;
   /** That vCPU's registers as it stopped. */
@@ -731,7 +732,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
-    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc, state: message.state });
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, exception: message.exception, dr6: message.dr6, pc: message.pc, state: message.state });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });

@@ -326,7 +326,7 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
         // For a debugger that reads them at every stop (gdb), the registers come along: that
         // spares it a round trip to this thread.
         const state = thread.registersAtStop ? { regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) } : undefined;
-        post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc, state });
+        post({ type: 'debug-stop', vcpuId: id, exception: exit.exception, dr6: exit.dr6, pc: exit.pc, state });
       }
       return true;
     }
