@@ -14,7 +14,7 @@
 import type { GuestDebugOptions } from '../kvm/index.js';
 import { machineStateError } from '../vmm/errors.js';
 import { Machine, machineInternals, type DebugStop } from '../vmm/machine.js';
-import type { VcpuWorkerPool } from '../vmm/pool.js';
+import { VcpuWorkerPool } from '../vmm/pool.js';
 
 export interface HostDebugSupport {
   /** `int3` in guest kernel code exits to the VMM (KVM_GUESTDBG_USE_SW_BP works). */
@@ -58,15 +58,21 @@ export function hostDebugSupport(options: HostDebugProbeOptions = {}): Promise<H
 
 /** Runs both probes now (no cache). */
 export async function probeHostDebugSupport(options: HostDebugProbeOptions = {}): Promise<HostDebugSupport> {
-  const probeOptions = { pool: options.pool, timeoutMs: options.timeoutMs ?? 2000 };
-  const softwareBreakpoints = await runDebugProbe(INT3_GUEST, { softwareBreakpoints: true }, (stop) => stop.exception === BP_VECTOR && stop.pc === INT3_ADDRESS, probeOptions);
-  const watchpoints = await runDebugProbe(
-    WRITE_GUEST,
-    { hardwareBreakpoints: true, debugreg: [BigInt(WATCHED), 0n, 0n, 0n, 0n, 0n, 0n, DR7_WRITE_WATCH_0] },
-    (stop) => (stop.dr6 & DR6_B0) !== 0n,
-    probeOptions,
-  );
-  return { softwareBreakpoints, watchpoints };
+  // One thread for both probes (a thread takes longer to start than a probe takes to run).
+  const pool = options.pool ?? VcpuWorkerPool.start(1);
+  try {
+    const probeOptions = { pool, timeoutMs: options.timeoutMs ?? 2000 };
+    const softwareBreakpoints = await runDebugProbe(INT3_GUEST, { softwareBreakpoints: true }, (stop) => stop.exception === BP_VECTOR && stop.pc === INT3_ADDRESS, probeOptions);
+    const watchpoints = await runDebugProbe(
+      WRITE_GUEST,
+      { hardwareBreakpoints: true, debugreg: [BigInt(WATCHED), 0n, 0n, 0n, 0n, 0n, 0n, DR7_WRITE_WATCH_0] },
+      (stop) => (stop.dr6 & DR6_B0) !== 0n,
+      probeOptions,
+    );
+    return { softwareBreakpoints, watchpoints };
+  } finally {
+    if (pool !== options.pool) await pool.close();
+  }
 }
 
 /**
