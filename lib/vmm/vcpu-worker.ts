@@ -288,11 +288,13 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
     }
     const started = performance.now();
     if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
+      const { trace, stats } = thread;
       if (reason === ExitReason.Io) bus.handleIo(run);
       else if (reason === ExitReason.Mmio) bus.handleMmio(run);
       else onKick(thread);
-      thread.trace?.record(reason, view, bytes, started);
-      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
+      // A kick that brought a new trace or fresh counters is not theirs (nor the old ones').
+      if (trace === thread.trace) trace?.record(reason, view, bytes, started);
+      if (stats && stats === thread.stats) countExit(stats, reason, view, performance.now() - started);
       if (reason === ExitReason.Intr && !instrumented(thread)) return SWITCH;
     } else {
       // Recorded before a HLT parks this thread until the machine's end.
@@ -316,6 +318,8 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       // Only without an in-kernel irqchip (KVM handles HLT itself otherwise): this vCPU has
       // nothing left to run. The machine ends when every vCPU has halted.
       thread.halted = true;
+      // Its records in the file now: a trace stopped meanwhile does not wait for this vCPU.
+      thread.trace?.flush();
       Atomics.add(thread.control, HALTED, 1);
       return haltUntilStopped(thread, serve);
     case ExitReason.Debug: {
