@@ -13,7 +13,7 @@
 // machine is stopped then) counts as not supported.
 import type { GuestDebugOptions } from '../kvm/index.js';
 import { machineStateError } from '../vmm/errors.js';
-import { Machine, machineInternals, type DebugStop } from '../vmm/machine.js';
+import { Machine, machineInternals, type DebugStop, type MachineExitReason } from '../vmm/machine.js';
 import { VcpuWorkerPool } from '../vmm/pool.js';
 
 export interface HostDebugSupport {
@@ -38,11 +38,35 @@ const DR7_WRITE_WATCH_0 = (1n << 1n) | (1n << 16n);
 /** Where the watchpoint probe writes: a byte of its own page. */
 const WATCHED = LOAD_ADDR + 0x800;
 
-// nop; int3; hlt
-const INT3_GUEST = Uint8Array.of(0x90, 0xcc, 0xf4);
+
+/** A probe: a guest of a few bytes, the guest debugging it runs under, and the stop that means "yes". */
+export interface DebugProbe {
+  image: Uint8Array;
+  guestDebug: GuestDebugOptions;
+  expected: (stop: DebugStop) => boolean;
+}
+
+/** How a probe went: `supported`, and how its guest ended ('debug': a debug exit; 'timeout'; else the machine's exit reason). */
+export interface DebugProbeOutcome {
+  supported: boolean;
+  end: 'debug' | 'timeout' | MachineExitReason;
+}
+
 const INT3_ADDRESS = BigInt(LOAD_ADDR + 1);
-// mov %al, (WATCHED) (88 /r with an absolute disp32); hlt
-const WRITE_GUEST = Uint8Array.of(0x88, 0x04, 0x25, ...new Uint8Array(new Uint32Array([WATCHED]).buffer), 0xf4);
+
+/** nop; int3; hlt, with KVM_GUESTDBG_USE_SW_BP: a #BP exit at the int3. */
+export const SOFTWARE_BREAKPOINT_PROBE: DebugProbe = {
+  image: Uint8Array.of(0x90, 0xcc, 0xf4),
+  guestDebug: { softwareBreakpoints: true },
+  expected: (stop) => stop.exception === BP_VECTOR && stop.pc === INT3_ADDRESS,
+};
+
+/** mov %al, (WATCHED) (88 /r with an absolute disp32); hlt, with a write watchpoint on that byte: DR6.B0. */
+export const WATCHPOINT_PROBE: DebugProbe = {
+  image: Uint8Array.of(0x88, 0x04, 0x25, ...new Uint8Array(new Uint32Array([WATCHED]).buffer), 0xf4),
+  guestDebug: { hardwareBreakpoints: true, debugreg: [BigInt(WATCHED), 0n, 0n, 0n, 0n, 0n, 0n, DR7_WRITE_WATCH_0] },
+  expected: (stop) => (stop.dr6 & DR6_B0) !== 0n,
+};
 
 let cached: Promise<HostDebugSupport> | null = null;
 
@@ -62,13 +86,8 @@ export async function probeHostDebugSupport(options: HostDebugProbeOptions = {})
   const pool = options.pool ?? VcpuWorkerPool.start(1);
   try {
     const probeOptions = { pool, timeoutMs: options.timeoutMs ?? 2000 };
-    const softwareBreakpoints = await runDebugProbe(INT3_GUEST, { softwareBreakpoints: true }, (stop) => stop.exception === BP_VECTOR && stop.pc === INT3_ADDRESS, probeOptions);
-    const watchpoints = await runDebugProbe(
-      WRITE_GUEST,
-      { hardwareBreakpoints: true, debugreg: [BigInt(WATCHED), 0n, 0n, 0n, 0n, 0n, 0n, DR7_WRITE_WATCH_0] },
-      (stop) => (stop.dr6 & DR6_B0) !== 0n,
-      probeOptions,
-    );
+    const softwareBreakpoints = (await runDebugProbe(SOFTWARE_BREAKPOINT_PROBE, probeOptions)).supported;
+    const watchpoints = (await runDebugProbe(WATCHPOINT_PROBE, probeOptions)).supported;
     return { softwareBreakpoints, watchpoints };
   } finally {
     if (pool !== options.pool) await pool.close();
@@ -76,28 +95,34 @@ export async function probeHostDebugSupport(options: HostDebugProbeOptions = {})
 }
 
 /**
- * Runs `image` (long mode, CPL 0, loaded and entered at 0x100000, no irqchip) with guest debugging
- * set to `guestDebug`: true if its first debug exit is what `expected` wants; false if it is not,
- * or the guest ends (an emulation failure, HLT) or is still running after `timeoutMs`.
+ * Runs a probe's guest (long mode, CPL 0, loaded and entered at 0x100000, no irqchip) under its
+ * guest debugging: supported if its first debug exit is the one expected; not if it is another,
+ * or the guest ends (an emulation failure, HLT) or is still running after `timeoutMs` (then the
+ * machine is stopped).
  */
-export async function runDebugProbe(image: Uint8Array, guestDebug: GuestDebugOptions, expected: (stop: DebugStop) => boolean, options: { pool?: VcpuWorkerPool; timeoutMs: number }): Promise<boolean> {
+export async function runDebugProbe(probe: DebugProbe, options: { pool?: VcpuWorkerPool; timeoutMs: number }): Promise<DebugProbeOutcome> {
   const { pool, timeoutMs } = options;
-  const machine = await Machine.create({ image, mode: 'long', loadAddr: LOAD_ADDR, memoryBytes: 2 << 20, irqchip: false, serial: { output: null }, log: () => {}, ...(pool ? { pool } : {}) });
-  let supported = false;
+  const machine = await Machine.create({ image: probe.image, mode: 'long', loadAddr: LOAD_ADDR, memoryBytes: 2 << 20, irqchip: false, serial: { output: null }, log: () => {}, ...(pool ? { pool } : {}) });
+  const outcome: DebugProbeOutcome = { supported: false, end: 'timeout' };
+  let ended = false;
   const internals = machineInternals(machine);
   internals.onDebugStop((stop) => {
-    supported = expected(stop);
+    ended = true;
+    outcome.supported = probe.expected(stop);
+    outcome.end = 'debug';
     void machine.stop();
   });
   const timer = setTimeout(() => void machine.stop(), timeoutMs);
   try {
-    const reply = await internals.vcpuRequest(0, { type: 'guest-debug', options: guestDebug });
+    const reply = await internals.vcpuRequest(0, { type: 'guest-debug', options: probe.guestDebug });
     if (reply.type !== 'debug-done') throw machineStateError(`the debug probe's vCPU refused its guest-debug settings: ${reply.type === 'failed' ? reply.error : reply.type}`);
     machine.start();
-    await machine.wait();
+    const exit = await machine.wait();
+    // Stopped by us (a debug exit, or the time bound) or ended by the guest.
+    if (!ended && exit.reason !== 'stopped') outcome.end = exit.reason;
   } finally {
     clearTimeout(timer);
     await machine.stop();
   }
-  return supported;
+  return outcome;
 }
