@@ -20,7 +20,7 @@ commands:
   regs      print a running machine's vCPU registers
   x         dump a running machine's guest memory (virtual or physical)
   stats     print a running machine's exit statistics
-  trace     print or summarise an exit trace (run --trace-exits FILE)
+  trace     print or summarise an exit trace; start or stop one on a running machine
   info      print this host's KVM capabilities
 
 options:

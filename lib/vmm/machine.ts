@@ -16,7 +16,7 @@ import {
   checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
-import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
+import { HALTED, PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
 import { MachineDevices, type DeviceStates } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
@@ -116,9 +116,10 @@ export interface MachineInternals {
   stopped<T>(work: () => Promise<T>): Promise<T>;
 }
 
-/** A vCPU's KVM_EXIT_DEBUG: which vCPU, its DR6 (which breakpoint, or a step) and RIP. */
+/** A vCPU's KVM_EXIT_DEBUG: which vCPU, the exception (1: #DB, 3: #BP), its DR6 (which breakpoint, or a step) and RIP. */
 export interface DebugStop {
   vcpu: number;
+  exception: number;
   dr6: bigint;
   pc: bigint;
   /** That vCPU's registers as it stopped. */
@@ -225,6 +226,9 @@ export class Machine extends EventEmitter {
   /** Each vCPU's exit counters, once counting started. */
   #exitStats: SharedArrayBuffer[] | null = null;
   #traceFd: number | null = null;
+  #tracePath: string | null = null;
+  /** Stopped traces' files, open until every vCPU has let go of them. */
+  readonly #tracesClosing = new Set<number>();
   #trackerOwner: string | null = null;
   /** A snapshot or migration is under way: one at a time. */
   #busy: string | null = null;
@@ -243,8 +247,8 @@ export class Machine extends EventEmitter {
       const machine = new Machine(parts);
       if (parts.plan.state) machine.#devices.restoreState(parts.plan.state.devices);
       machine.#watch();
-      if (trace) machine.#startTrace(trace);
-      if (exitStats) machine.startExitStats();
+      if (trace) void machine.#startTrace(trace, traceExits!);
+      if (exitStats) void machine.startExitStats();
       return machine;
     };
   }
@@ -514,12 +518,14 @@ export class Machine extends EventEmitter {
 
   /**
    * Starts counting exits per vCPU and reason (a no-op when counting already): see exitStats().
-   * Each vCPU starts at its next exit to the VMM (it is kicked for it).
+   * Each vCPU starts at its next exit to the VMM (it is kicked for it); the promise resolves once
+   * every vCPU that runs has.
    */
-  startExitStats(): void {
+  async startExitStats(): Promise<void> {
     if (this.#exitStats || this.#exit) return;
-    this.#exitStats = this.#requestPorts.map(() => createExitStatsBuffer());
-    this.#exitStats.forEach((buffer, id) => this.#tell(id, { type: 'exit-stats', buffer }));
+    const buffers = this.#requestPorts.map(() => createExitStatsBuffer());
+    this.#exitStats = buffers;
+    await this.#askEveryVcpu((id) => ({ type: 'exit-stats', buffer: buffers[id]! }));
   }
 
   /**
@@ -532,15 +538,83 @@ export class Machine extends EventEmitter {
     return readExitStats(this.#exitStats ?? this.#requestPorts.map(() => null));
   }
 
-  #startTrace({ fd, startMs }: { fd: number; startMs: number }): void {
-    this.#traceFd = fd;
-    for (let id = 0; id < this.vcpuCount; id++) this.#tell(id, { type: 'exit-trace', fd, startMs });
+  /**
+   * Sets every count and time back to zero (`since`: now) and counts on: each vCPU takes fresh
+   * counters at its next exit to the VMM (it is kicked for it; that kick is not counted). Resolves
+   * once every vCPU that runs has; a machine that does not count stays so.
+   */
+  async resetExitStats(): Promise<void> {
+    if (!this.#exitStats || this.#exit) return;
+    const buffers = this.#requestPorts.map(() => createExitStatsBuffer());
+    this.#exitStats = buffers;
+    await this.#askEveryVcpu((id) => ({ type: 'exit-stats', buffer: buffers[id]! }));
   }
 
-  /** A request whose answer nobody awaits (a halted vCPU takes it when it next wakes). */
-  #tell(vcpuId: number, request: VcpuRequestBody): void {
-    this.#request(vcpuId, request).catch(() => {});
-    kickVcpu(this.#kicks[vcpuId]!);
+  /**
+   * Starts writing every exit to the file `path` (replaced if it exists), as
+   * MachineConfig.traceExits does from the start: each vCPU from its next exit to the VMM (it is
+   * kicked for it; that kick is not traced). Resolves once every vCPU that runs has started.
+   * Throws ERR_MACHINE_STATE while a trace is written already, or the machine is ending; a file
+   * that cannot be created throws with the file system's code.
+   */
+  async startExitTrace(path: string): Promise<void> {
+    if (typeof path !== 'string' || path === '') throw argTypeError('path must be a file path');
+    if (this.#exit) throw machineStateError(`machine is ${this.state}: it has no exits left to trace`);
+    if (this.#tracePath !== null) throw machineStateError(`the machine writes an exit trace to ${this.#tracePath} already`);
+    const trace = openTraceFile(path, this.vcpuCount);
+    await this.#startTrace(trace, path);
+  }
+
+  /**
+   * Stops the exit trace: each vCPU writes out what it holds at its next exit to the VMM (it is
+   * kicked for it) and runs on without tracing. Resolves with the file's path once every vCPU
+   * that runs has (one halted without an irqchip wrote its records as it halted), the file
+   * complete; null when no trace was being written.
+   */
+  async stopExitTrace(): Promise<string | null> {
+    const fd = this.#traceFd;
+    const path = this.#tracePath;
+    if (fd === null || this.#exit) return null;
+    this.#traceFd = null;
+    this.#tracePath = null;
+    // Closed once no vCPU holds it any more (or at the machine's end).
+    this.#tracesClosing.add(fd);
+    const { all } = await this.#askEveryVcpu(() => ({ type: 'exit-trace', fd: null, startMs: 0 }));
+    void all.then(() => {
+      if (this.#tracesClosing.delete(fd)) closeSync(fd);
+    });
+    return path;
+  }
+
+  /** Where the exit trace is being written (MachineConfig.traceExits, startExitTrace()); null: nowhere. */
+  get exitTracePath(): string | null {
+    return this.#tracePath;
+  }
+
+  #startTrace({ fd, startMs }: { fd: number; startMs: number }, path: string): Promise<unknown> {
+    this.#traceFd = fd;
+    this.#tracePath = path;
+    return this.#askEveryVcpu(() => ({ type: 'exit-trace', fd, startMs }));
+  }
+
+  /**
+   * Sends each vCPU its request (kicked to take it at its next exit) and resolves once every vCPU
+   * that runs has answered; one halted without an irqchip answers only as it wakes, before it
+   * runs again. `all`: every answer.
+   */
+  async #askEveryVcpu(request: (vcpuId: number) => VcpuRequestBody): Promise<{ all: Promise<unknown> }> {
+    let answered = 0;
+    const replies = this.#requestPorts.map((_, id) => {
+      const reply = this.#request(id, request(id));
+      kickVcpu(this.#kicks[id]!);
+      reply.then(() => void answered++, () => {});
+      return reply;
+    });
+    const all = Promise.allSettled(replies);
+    while (answered < this.vcpuCount - Atomics.load(this.#control, HALTED) && !this.#exit) {
+      await Promise.race([all, new Promise((resolve) => setTimeout(resolve, 20))]);
+    }
+    return { all };
   }
 
   /**
@@ -778,7 +852,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
-    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc, state: message.state });
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, exception: message.exception, dr6: message.dr6, pc: message.pc, state: message.state });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });
@@ -828,6 +902,8 @@ export class Machine extends EventEmitter {
     if (this.#input) this.#input.off('data', this.#onInput);
     await this.#devices.virtio.close();
     if (this.#traceFd !== null) closeSync(this.#traceFd);
+    for (const fd of this.#tracesClosing) closeSync(fd);
+    this.#tracesClosing.clear();
     this.#tracker = null;
     this.#vm.close();
     this.#memory.close();

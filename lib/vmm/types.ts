@@ -92,7 +92,7 @@ export type WorkerMessage =
   | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
   | { type: 'exit'; exit: MachineExit }
   /** A KVM_EXIT_DEBUG (a breakpoint or a step, with guest debugging on): this vCPU paused the machine. */
-  | { type: 'debug-stop'; vcpuId: number; dr6: bigint; pc: bigint; state?: { regs: Regs; sregs: Sregs; fpu: Fpu } }
+  | { type: 'debug-stop'; vcpuId: number; exception: number; dr6: bigint; pc: bigint; state?: { regs: Regs; sregs: Sregs; fpu: Fpu } }
   | { type: 'log'; message: string }
   /** The thread left its assignment; with `failure` if it could not create or run its vCPU. */
   | { type: 'done'; vcpuId: number; failure?: ThreadFailure };

@@ -358,11 +358,13 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
     }
     const started = performance.now();
     if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
+      const { trace, stats } = thread;
       if (reason === ExitReason.Io) bus.handleIo(run);
       else if (reason === ExitReason.Mmio) bus.handleMmio(run);
       else onKick(thread);
-      thread.trace?.record(reason, view, bytes, started);
-      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
+      // A kick that brought a new trace or fresh counters is not theirs (nor the old ones').
+      if (trace === thread.trace) trace?.record(reason, view, bytes, started);
+      if (stats && stats === thread.stats) countExit(stats, reason, view, performance.now() - started);
       if (reason === ExitReason.Intr && !instrumented(thread)) return SWITCH;
     } else {
       // Recorded before a HLT parks this thread until the machine's end.
@@ -387,6 +389,8 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       // Only without an in-kernel irqchip (KVM handles HLT itself otherwise): this vCPU has
       // nothing left to run. The machine ends when every vCPU has halted.
       thread.halted = true;
+      // Its records in the file now: a trace stopped meanwhile does not wait for this vCPU.
+      thread.trace?.flush();
       Atomics.add(thread.control, HALTED, 1);
       return haltUntilStopped(thread, serve);
     case ExitReason.Debug: {
@@ -397,7 +401,7 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
         // For a debugger that reads them at every stop (gdb), the registers come along: that
         // spares it a round trip to this thread.
         const state = thread.registersAtStop ? { regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) } : undefined;
-        post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc, state });
+        post({ type: 'debug-stop', vcpuId: id, exception: exit.exception, dr6: exit.dr6, pc: exit.pc, state });
       }
       return true;
     }

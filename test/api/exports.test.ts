@@ -46,7 +46,8 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   CPIO_NEWC_MAGIC: 'string', CPIO_TRAILER: 'string', BootImageError: 'function',
   // debugging
   GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
-  archFor: 'function', targetDescription: 'function',
+  archFor: 'function', targetDescription: 'function', debugRegisters: 'function', stopReason: 'function', hostDebugSupport: 'function',
+  probeHostDebugSupport: 'function',
   readRegisters: 'function', readGuestMemory: 'function', formatRegisters: 'function', hexDump: 'function', decodeRflags: 'function',
   MAX_INSPECT_BYTES: 'number', readExitTrace: 'function', parseExitTrace: 'function', formatTraceRecord: 'function', summarizeExitTrace: 'function',
 };
@@ -77,6 +78,7 @@ const TYPES = [
   'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
+  'WatchpointKind', 'DebugSlot', 'InsertResult', 'HostDebugSupport', 'HostDebugProbeOptions',
   'InspectedRegisters', 'ReadMemoryOptions', 'ExitTrace', 'TraceRecord', 'TraceExitKind', 'TraceSummaryRow',
   'ExitStats', 'VcpuExitStats', 'ExitCount',
 ];
