@@ -15,7 +15,8 @@
         "native/socket.cc",
         "native/file.cc",
         "native/thread.cc",
-        "native/checksum.cc"
+        "native/checksum.cc",
+        "native/tap.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -11,6 +11,7 @@
 #include "layout.h"
 #include "memory.h"
 #include "socket.h"
+#include "tap.h"
 #include "file.h"
 #include "thread.h"
 #include "vcpu.h"
@@ -108,6 +109,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("tapOpen", TapOpen);
+  fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);
   fn("fileLock", FileLock);
   fn("memoryInfo", MemoryInfo);
