@@ -15,6 +15,7 @@
         "native/socket.cc",
         "native/file.cc",
         "native/thread.cc",
+        "native/fd-watch.cc",
         "native/checksum.cc",
         "native/tap.cc"
       ],

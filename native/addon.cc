@@ -11,6 +11,7 @@
 #include "layout.h"
 #include "memory.h"
 #include "socket.h"
+#include "fd-watch.h"
 #include "tap.h"
 #include "file.h"
 #include "thread.h"
@@ -119,6 +120,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("layout", Layout);
   fn("setThreadName", SetThreadName);
   fn("setThreadAffinity", SetThreadAffinity);
+  fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
   return exports;
 }

@@ -7,6 +7,7 @@ export {
 export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions, type GuestMemoryBacking, type MapFileOptions } from './memory.js';
 export { EventFd, type EventFdOptions } from './eventfd.js';
 export { setThreadName, setThreadAffinity } from './thread.js';
+export { watchFd, type FdWatch } from './fd-watch.js';
 export { openTap, adoptTap, type Tap, type OpenTapOptions } from './tap.js';
 export { KvmError, NodeKvmError, ErrorCode } from './errors.js';
 export { KvmRun, KvmRunOffset } from './kvm-run.js';
