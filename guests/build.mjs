@@ -141,6 +141,7 @@ export const C_GUESTS = {
   fwcfg: { sources: ['fwcfg.c'] },
   'pc-tables': { sources: ['pc-tables.c'] },
   rtc: { sources: ['rtc.c'] },
+  rng: { sources: ['rng.c'] },
   'net-echo': { sources: ['net-echo.c'] },
 };
 

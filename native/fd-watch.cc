@@ -39,16 +39,33 @@ void OnEnvCleanup(void* arg) { CloseWatcher(static_cast<Watcher*>(arg)); }
 void OnReadable(uv_poll_t* handle, int status, int events) {
   auto* watcher = static_cast<Watcher*>(handle->data);
   if (watcher->closed) return;
-  Napi::Env env(watcher->env);
-  Napi::HandleScope scope(env);
-  // Through MakeCallback, so that promises the callback settles run before libuv goes on.
-  Napi::AsyncContext context(env, "node-kvm:fd-watch", watcher->resource.Value());
-  try {
-    watcher->callback.MakeCallback(env.Global(), {Napi::Number::New(env, status < 0 ? status : 0)}, context);
-  } catch (const Napi::Error& error) {
-    // An exception in the callback is the thread's uncaught exception, as for any event.
-    napi_fatal_exception(env, error.Value());
+  napi_env env = watcher->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  // Through napi_make_callback, so that promises the callback settles run before libuv goes on.
+  napi_value resource = watcher->resource.Value();
+  napi_value name;
+  napi_async_context context;
+  napi_value global;
+  napi_value argument;
+  if (napi_create_string_utf8(env, "node-kvm:fd-watch", NAPI_AUTO_LENGTH, &name) == napi_ok &&
+      napi_async_init(env, resource, name, &context) == napi_ok) {
+    napi_get_global(env, &global);
+    napi_create_int32(env, status < 0 ? status : 0, &argument);
+    napi_value result;
+    if (napi_make_callback(env, context, global, watcher->callback.Value(), 1, &argument, &result) == napi_pending_exception) {
+      // An exception in the callback is the thread's uncaught exception, as for any event. (A
+      // thread being terminated has none to report: nothing is left pending then.)
+      napi_value exception;
+      napi_valuetype type;
+      if (napi_get_and_clear_last_exception(env, &exception) == napi_ok && napi_typeof(env, exception, &type) == napi_ok &&
+          type != napi_undefined) {
+        napi_fatal_exception(env, exception);
+      }
+    }
+    napi_async_destroy(env, context);
   }
+  napi_close_handle_scope(env, scope);
 }
 
 Napi::Value CloseWatch(const Napi::CallbackInfo& info) {

@@ -68,6 +68,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           restore: { type: 'string' },
           'no-verify': { type: 'boolean' },
           'no-irqchip': { type: 'boolean' },
+          rng: { type: 'boolean' },
           token: { type: 'string' },
           gdb: { type: 'string' },
           'gdb-wait': { type: 'boolean' },
@@ -90,7 +91,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'],
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng,
         gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial, traceExits: values['trace-exits'], exitStats: values['exit-stats'],
       };
       if (!threads) {

@@ -45,6 +45,7 @@ options:
   --disk FILE[,ro][,id=ID]    a virtio-blk disk backed by a raw image file (repeat for more; ro:
                               read-only). With --restore or --incoming: where this host finds the
                               disks the guest had, in order (default: the paths it had)
+  --rng                       a virtio-rng device: the guest's random bytes from the host kernel
   --serial stdio|none|unix:PATH|file:PATH
                               where COM1 goes (default stdio: stdin and stdout; a terminal in raw
                               mode). unix:PATH: served on a new unix socket (mode 0600), one client
@@ -92,6 +93,7 @@ export interface RunOptions {
   /** With --restore: do not check the RAM image against its checksum. */
   noVerify?: boolean;
   noIrqchip?: boolean;
+  rng?: boolean;
   /** Serve a GDB stub at this address. */
   gdb?: string;
   /** With gdb: start paused, for the debugger to continue. */
@@ -169,6 +171,7 @@ export function checkRunSource(options: RunOptions): void {
   if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
   if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
   if (options.noIrqchip === true && image === undefined) throw argValueError('--no-irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)');
+  if (options.rng === true && image === undefined) throw argValueError('--rng applies to booting an IMAGE only (a restored or received guest keeps the devices it had)');
   if (options.gdbWait === true && options.gdb === undefined) throw argValueError('--gdb-wait applies to --gdb only');
 }
 
@@ -252,6 +255,7 @@ async function runMachine(
       initrd: modules ? undefined : options.initrd,
       modules,
       irqchip: options.noIrqchip === true ? false : undefined,
+      rng: options.rng === true ? true : undefined,
       disks,
       serial,
       pool,

@@ -6,6 +6,7 @@ import type { Socket } from 'node:net';
 import { GuestMemory } from '../kvm/memory.js';
 import { disksMismatch, logToStderr } from '../vmm/builder.js';
 import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
+import { virtioMismatch } from '../vmm/virtio-devices.js';
 import { buildMachine, machineInternals, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
 import { argTypeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, abortable, checkSignal, throwIfAborted } from './errors.js';
@@ -76,7 +77,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
       prebuilt = null;
-      if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks))) {
+      if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
         await machine.stop();
         machine = null;
       }

@@ -47,7 +47,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
     const state = machine.state;
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: VcpuState[] | null = null;
-    const hasDisks = (machine.shape.disks?.length ?? 0) > 0;
+    const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
     const reporting: MigrateOptions = {
@@ -76,10 +76,10 @@ export async function migrateMachine(machine: Machine, address: string, options:
       },
       pause: async () => {
         if (machine.state !== 'running') return false;
-        // Without disks, the vCPUs save their state as they stop. With disks, only once the
-        // disks have paused too: a request completing meanwhile raises an interrupt, which
+        // Without virtio devices, the vCPUs save their state as they stop. With them, only once
+        // the devices have paused too: a request completing meanwhile raises an interrupt, which
         // belongs in the vCPUs' saved state.
-        pausedVcpuStates = await internals.pause(!hasDisks);
+        pausedVcpuStates = await internals.pause(!hasDevices);
         return true;
       },
       resume: () => {

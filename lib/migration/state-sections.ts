@@ -185,6 +185,8 @@ export function checkShape(value: unknown, where: string): MachineShape {
   if (irqchip !== undefined && typeof irqchip !== 'boolean') throw streamError(Code.Format, `${where}: bad irqchip flag`);
   const shape: MachineShape = { memoryBytes, vcpus, irqchip: irqchip ?? false };
   if (value.disks !== undefined) shape.disks = checkDiskShapes(value.disks, where);
+  if (value.rng !== undefined && typeof value.rng !== 'boolean') throw streamError(Code.Format, `${where}: bad rng flag`);
+  if (value.rng) shape.rng = true;
   return shape;
 }
 

@@ -9,7 +9,8 @@ import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
 import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { argValueError, ErrorCode } from '../kvm/errors.js';
-import { checkDiskConfigs, Disks, type DiskConfig, type DiskShape } from './disks.js';
+import { checkDiskConfigs, type DiskConfig, type DiskShape } from './disks.js';
+import { checkVirtioConfig, VirtioDevices, virtioMismatch } from './virtio-devices.js';
 import type { BuildPlan, MachineShape } from './config.js';
 import { RunState, createControl, setRunState } from './control.js';
 import { createHaltProbe } from './halt-watch.js';
@@ -69,7 +70,7 @@ export interface MachineParts {
   /** The main thread's ends of the vCPUs' request channels (save, restore). */
   requestPorts: MessagePort[];
   devices: DevicesShared;
-  disks: Disks;
+  virtio: VirtioDevices;
   dirtyLog: DirtyLogMode;
   /** Serial output bound for the console or a stream (or discarded): the vCPU threads fill it, the machine drains it. */
   outputRing: ByteRing | null;
@@ -96,6 +97,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
 
   // Checked before any thread starts: a bad configuration leaves nothing behind.
   const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
+  const virtioConfig = checkVirtioConfig(diskConfigs, shape.rng);
   // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
   const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
   threadsPromise.catch(() => {});
@@ -153,9 +155,9 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const dirty = DirtyBitmap.create(memory.size / PAGE_SIZE);
     // Their threads start (parked) while the vCPU threads do. A machine that waits for an
     // incoming migration locks its images only once the source has let go of them.
-    const disksPromise = Disks.open(diskConfigs, { vm, memory, dirty, irqchip: shape.irqchip, log, lock: !plan.incoming });
-    disksPromise.catch(() => {});
-    cleanup.unshift(async () => (await disksPromise.catch(() => null))?.close());
+    const virtioPromise = VirtioDevices.open(virtioConfig, { vm, memory, dirty, irqchip: shape.irqchip, log, lock: !plan.incoming });
+    virtioPromise.catch(() => {});
+    cleanup.unshift(async () => (await virtioPromise.catch(() => null))?.close());
 
     const output = runtime.serial?.output;
     let outputRing: ByteRing | null = null;
@@ -168,11 +170,11 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
       serialOutput = { ring: outputRing.shared };
       outputTarget = output === undefined ? { kind: 'console' } : output === null ? { kind: 'discard' } : { kind: 'stream', stream: output };
     }
-    const disks = await step(disksPromise);
-    const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, disks.shapes) : null;
+    const virtio = await step(virtioPromise);
+    const unfit = plan.savedDisks ? disksMismatch(plan.savedDisks, virtio.diskShapes) : null;
     if (unfit) throw argValueError(`the saved machine's disks do not fit: ${unfit}`);
     const devices = createDevicesShared({
-      serialOutput, virtio: disks.mmioShared,
+      serialOutput, virtio: virtio.mmio,
       fwCfg: { memoryBytes: shape.memoryBytes, vcpus, cmdline: plan.cmdline, memoryMap: memoryMap(shape.memoryBytes) },
       rtc: { memoryBytes: shape.memoryBytes, vcpus },
     });
@@ -233,7 +235,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     checkAborted();
     return {
       plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
-      devices, disks, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
+      devices, virtio, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {
     await giveBack();
@@ -259,7 +261,7 @@ export function disksMismatch(saved: DiskShape[] | undefined, mine: DiskShape[] 
 /** Whether a machine of `shape` can take a saved state of `saved`'s shape; null if it can. */
 export function shapeMismatch(saved: MachineShape, shape: MachineShape): string | null {
   if (saved.memoryBytes !== shape.memoryBytes || saved.vcpus !== shape.vcpus || saved.irqchip !== shape.irqchip) return 'different hardware';
-  return disksMismatch(saved.disks, shape.disks);
+  return disksMismatch(saved.disks, shape.disks) ?? virtioMismatch(saved, shape);
 }
 
 /** The disks to open for a saved machine: its own paths, or the ones this host was given for them. */

@@ -102,6 +102,8 @@ export interface MachineConfig extends MachineRuntimeConfig {
    * (threads, fds, mappings, disks) is given back. Aborting after it resolved does nothing.
    */
   signal?: AbortSignal;
+  /** A virtio-rng device (after the disks) that fills the guest's buffers from the host kernel's CSPRNG. Default false. */
+  rng?: boolean;
 }
 
 /** One Multiboot module of MachineConfig.modules. */
@@ -119,6 +121,8 @@ export interface MachineShape {
   irqchip: boolean;
   /** The machine's disks (absent: none). Their contents are the host's files, not part of the state. */
   disks?: DiskShape[];
+  /** A virtio-rng device after the disks (absent: none). */
+  rng?: boolean;
 }
 
 /** Everything but RAM: what a snapshot or a migration carries besides memory. */

@@ -14,7 +14,7 @@ import { COM1_BASE, COM1_IRQ, SERIAL_PORTS, Serial, type SerialShared, type Seri
 import { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
 import type { ByteRingShared } from '../devices/byte-ring.js';
 import { createBusShared, IoBus, unknownAccesses, type BusShared, type UnknownAccesses } from './bus.js';
-import type { Disks } from './disks.js';
+import type { VirtioDevices } from './virtio-devices.js';
 
 /** The serial port's interrupt line (GSI) on the in-kernel irqchip. */
 export const SERIAL_GSI = COM1_IRQ;
@@ -26,8 +26,8 @@ export interface DevicesShared {
   readonly acpiPm: SharedArrayBuffer;
   readonly elcr: SharedArrayBuffer;
   readonly pciConfig: SharedArrayBuffer;
-  /** Register files of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
-  readonly virtio: SharedArrayBuffer[];
+  /** Register files (and names) of the virtio-mmio devices, slot i at VIRTIO_MMIO_BASE + i * 0x1000. */
+  readonly virtio: { name: string; registers: SharedArrayBuffer }[];
   readonly fwCfg: FwCfgShared;
   readonly cmosRtc: SharedArrayBuffer;
 }
@@ -40,7 +40,7 @@ export interface DeviceStates {
   acpiPm?: AcpiPmState;
   elcr?: ElcrState;
   pciConfig?: PciConfigState;
-  /** The virtio-mmio register state of each disk. */
+  /** The virtio-mmio register state of each virtio device, in slot order. */
   virtio?: VirtioMmioState[];
   /** Absent in states from before fw_cfg: the machine's own items stay. */
   fwCfg?: FwCfgState;
@@ -58,10 +58,10 @@ export interface DeviceEvents {
   log(message: string): void;
 }
 
-/** The shared state of a new machine's devices (the disks' register files come from its Disks). */
+/** The shared state of a new machine's devices (the virtio register files come from its VirtioDevices). */
 export function createDevicesShared(options: {
   serialOutput: { fd: number } | { ring: ByteRingShared };
-  virtio: SharedArrayBuffer[];
+  virtio: { name: string; registers: SharedArrayBuffer }[];
   fwCfg: FwCfgMachine;
   /** What the RTC's CMOS RAM tells the guest (the memory-size and CPU-count bytes). */
   rtc: { memoryBytes: number; vcpus: number };
@@ -99,8 +99,8 @@ export function attachDevices(shared: DevicesShared, events: DeviceEvents, ram: 
   bus.registerPorts(FW_CFG_PORT, FW_CFG_PORTS, fwCfg.port);
   bus.registerPorts(FW_CFG_DMA_PORT, FW_CFG_DMA_PORTS, fwCfg.dmaPort);
   bus.registerPorts(CMOS_RTC_PORT, CMOS_RTC_PORTS, new CmosRtc(shared.cmosRtc));
-  shared.virtio.forEach((registers, slot) => {
-    bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, `virtio-blk${slot}`, events.log));
+  shared.virtio.forEach(({ name, registers }, slot) => {
+    bus.registerMmio(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, new VirtioMmio(registers, name, events.log));
   });
   return { bus, serial };
 }
@@ -120,9 +120,9 @@ export class MachineDevices {
   readonly cmosRtc: CmosRtc;
   /** The RTC's periodic interrupt: runs only while the machine does (runTimers/haltTimers). */
   readonly #rtcInterrupts: CmosRtcInterrupts | null;
-  readonly disks: Disks;
+  readonly virtio: VirtioDevices;
 
-  constructor(shared: DevicesShared, disks: Disks, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
+  constructor(shared: DevicesShared, virtio: VirtioDevices, setIrqLine: ((gsi: number, level: boolean) => void) | null) {
     this.shared = shared;
     this.serial = new Serial(shared.serial, setIrqLine ? (level) => setIrqLine(SERIAL_GSI, level) : () => {});
     this.postCode = new PostCode(shared.postCode);
@@ -136,7 +136,7 @@ export class MachineDevices {
       setIrqLine(CMOS_RTC_IRQ, true);
       setIrqLine(CMOS_RTC_IRQ, false);
     }) : null;
-    this.disks = disks;
+    this.virtio = virtio;
   }
 
   /** The machine runs (start, resume): the devices' timers run. */
@@ -159,7 +159,7 @@ export class MachineDevices {
     return {
       serial: this.serial.saveState(), postCode: this.postCode.saveState(),
       acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
-      ...(this.disks.count > 0 ? { virtio: this.disks.saveState() } : {}),
+      ...(this.virtio.count > 0 ? { virtio: this.virtio.saveState() } : {}),
       fwCfg: this.fwCfg.saveState(), cmosRtc: this.cmosRtc.saveState(),
     };
   }
@@ -172,7 +172,7 @@ export class MachineDevices {
     if (states.acpiPm) this.acpiPm.restoreState(states.acpiPm);
     if (states.elcr) this.elcr.restoreState(states.elcr);
     if (states.pciConfig) this.pciConfig.restoreState(states.pciConfig);
-    if (this.disks.count > 0 || states.virtio !== undefined) this.disks.restoreState(states.virtio ?? []);
+    if (this.virtio.count > 0 || states.virtio !== undefined) this.virtio.restoreState(states.virtio ?? []);
     if (states.cmosRtc) this.cmosRtc.restoreState(states.cmosRtc);
   }
 }

@@ -1,19 +1,12 @@
-// A machine's disks: one virtio-mmio block device each, with its image file, its eventfds (an
-// ioeventfd for the guest's notify, an irqfd for the completion interrupt) and its own thread.
-// The main thread only starts, pauses, resumes and stops the threads, and saves and restores the
-// register state while they are parked.
+// A machine's disks: one virtio-blk device each (lib/devices/virtio-blk.ts), over a raw image
+// file that the machine locks as QEMU does. What is common to every virtio device (the slot, its
+// eventfds and thread) is lib/vmm/virtio-devices.ts.
 import { closeSync, openSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import { Worker } from 'node:worker_threads';
 import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } from '../devices/virtio-blk.js';
-import { Reg, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio, type VirtioMmioState } from '../devices/virtio-mmio.js';
-import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
-import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
+import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
+import { argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
 import { lockFile, unlockFile } from '../kvm/host.js';
-import type { DirtyBitmap } from './dirty-bitmap.js';
-import { workerEntry } from './worker-entry.js';
-import { RunState } from './control.js';
-import { DEVICE_CONTROL_BYTES, DEVICE_PARKED, DEVICE_STATE, type VirtioWorkerData, type VirtioWorkerMessage } from './virtio-control.js';
+import type { OpenedDevice } from './virtio-control.js';
 
 export type { DiskConfig } from '../devices/virtio-blk.js';
 
@@ -25,9 +18,13 @@ export interface DiskShape {
   id: string;
 }
 
-const here = fileURLToPath(import.meta.url);
-// Built, a one-file bundle of it starts faster where there is one (scripts/bundle.mjs).
-const workerFile = workerEntry(here, 'virtio-worker');
+/** An open image: its lock is taken and given up while the machine lives (migrations hand it over). */
+export interface OpenDisk {
+  readonly shape: DiskShape;
+  readonly fd: number;
+  /** Holds its image's lock (shared if read-only, exclusive if writable). */
+  locked: boolean;
+}
 
 /** Checks a `disks` configuration; returns it with defaults filled in. */
 export function checkDiskConfigs(disks: unknown): Required<DiskConfig>[] {
@@ -47,147 +44,8 @@ export function checkDiskConfigs(disks: unknown): Required<DiskConfig>[] {
   });
 }
 
-interface Disk {
-  readonly shape: DiskShape;
-  readonly fd: number;
-  readonly notify: EventFd;
-  readonly irq: EventFd | null;
-  readonly mmio: VirtioMmio;
-  readonly control: Int32Array;
-  worker: Worker | null;
-  done: Promise<void>;
-  /** Holds its image's lock (shared if read-only, exclusive if writable). */
-  locked: boolean;
-}
-
-export class Disks {
-  readonly #disks: Disk[];
-  #stopped = false;
-
-  private constructor(disks: Disk[]) {
-    this.#disks = disks;
-  }
-
-  get count(): number {
-    return this.#disks.length;
-  }
-
-  get shapes(): DiskShape[] {
-    return this.#disks.map((disk) => ({ ...disk.shape }));
-  }
-
-  /** The register files, for the vCPU threads' buses (slot i at VIRTIO_MMIO_BASE + i * 0x1000). */
-  get mmioShared(): SharedArrayBuffer[] {
-    return this.#disks.map((disk) => disk.mmio.shared);
-  }
-
-  /**
-   * Opens the images, locks them (unless `lock` is false: a machine that waits for an incoming
-   * migration locks them once the source has let go, see lock()), wires the eventfds into the VM
-   * and starts one parked thread per disk. Nothing is left open on failure.
-   */
-  static async open(configs: Required<DiskConfig>[], options: {
-    vm: Vm; memory: GuestMemory; dirty: DirtyBitmap; irqchip: boolean; log: (message: string) => void; lock?: boolean;
-  }): Promise<Disks> {
-    const disks: Disk[] = [];
-    const set = new Disks(disks);
-    try {
-      for (const [index, config] of configs.entries()) {
-        disks.push(openDisk(index, config, options));
-      }
-      if (options.lock !== false) set.lock();
-      await Promise.all(disks.map((disk, index) => startThread(disk, index, options)));
-      return set;
-    } catch (error) {
-      await set.close();
-      throw error;
-    }
-  }
-
-  /**
-   * Takes each image's lock, as QEMU does: shared for a read-only disk, exclusive for a writable
-   * one, so that two machines (in two processes, or two in one) never write one image at once.
-   * Throws, holding none of them, if another machine holds one.
-   */
-  lock(): void {
-    const taken: Disk[] = [];
-    for (const [index, disk] of this.#disks.entries()) {
-      if (disk.locked) continue;
-      if (!lockFile(disk.fd, disk.shape.readOnly ? 'shared' : 'exclusive')) {
-        for (const held of taken) releaseLock(held);
-        const what = disk.shape.readOnly ? 'is open for writing by another machine' : 'is in use by another machine';
-        throw new NodeKvmError('EBUSY', `disk ${index}: ${disk.shape.path} ${what} (it holds a lock on the image)`);
-      }
-      disk.locked = true;
-      taken.push(disk);
-    }
-  }
-
-  /** lock(), tried again for up to `waitMs` while another machine holds an image. */
-  async lockWithin(waitMs: number): Promise<void> {
-    const deadline = performance.now() + waitMs;
-    for (;;) {
-      try {
-        this.lock();
-        return;
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EBUSY' || performance.now() >= deadline) throw error;
-      }
-      // A lock frees without an event to wait on: look again shortly.
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
-  }
-
-  /**
-   * Lets go of the images' locks while keeping them open: a migration's source does so once its
-   * disks are paused and flushed, so that a destination on the same host can take them over.
-   */
-  unlock(): void {
-    for (const disk of this.#disks) releaseLock(disk);
-  }
-
-  /** Lets the threads serve their queues (the machine runs). */
-  resume(): void {
-    for (const disk of this.#disks) setState(disk, RunState.Running);
-  }
-
-  /** Stops the threads between two requests and waits until each has flushed and parked. */
-  async pause(): Promise<void> {
-    for (const disk of this.#disks) setState(disk, RunState.Paused);
-    await Promise.all(this.#disks.map(async (disk) => {
-      while (disk.worker && Atomics.load(disk.control, DEVICE_PARKED) === 0) {
-        const result = Atomics.waitAsync(disk.control, DEVICE_PARKED, 0, 100);
-        if (result.async) await result.value;
-      }
-    }));
-  }
-
-  saveState(): VirtioMmioState[] {
-    return this.#disks.map((disk) => disk.mmio.saveState());
-  }
-
-  restoreState(states: VirtioMmioState[]): void {
-    if (!Array.isArray(states) || states.length !== this.#disks.length) {
-      throw argValueError(`the saved state has ${Array.isArray(states) ? states.length : 'no'} virtio devices, this machine ${this.#disks.length}`);
-    }
-    states.forEach((state, index) => this.#disks[index]!.mmio.restoreState(state));
-  }
-
-  /** Ends the threads and closes the files and eventfds. */
-  async close(): Promise<void> {
-    if (this.#stopped) return;
-    this.#stopped = true;
-    for (const disk of this.#disks) setState(disk, RunState.Stopping);
-    await Promise.all(this.#disks.map((disk) => disk.done));
-    for (const disk of this.#disks) {
-      disk.notify.close();
-      disk.irq?.close();
-      closeSync(disk.fd);
-    }
-  }
-}
-
-function openDisk(index: number, config: Required<DiskConfig>, options: { vm: Vm; memory: GuestMemory; irqchip: boolean; log: (message: string) => void }): Disk {
+/** Opens disk `index`'s image (not yet locked): the device for its slot. */
+export function openDisk(index: number, config: Required<DiskConfig>): OpenedDevice {
   let fd: number;
   try {
     fd = openSync(config.path, config.readOnly ? 'r' : 'r+');
@@ -195,83 +53,44 @@ function openDisk(index: number, config: Required<DiskConfig>, options: { vm: Vm
     const e = error as NodeJS.ErrnoException;
     throw systemError(`disk ${index}: cannot open ${config.path}${config.readOnly ? '' : ' for writing'}: ${e.code ?? e.message}`, error);
   }
-  const opened: { close(): void }[] = [{ close: () => closeSync(fd) }];
   try {
     const sectors = diskSectors(fd);
     if (sectors === 0) throw argValueError(`disk ${index}: ${config.path} is smaller than one 512-byte sector`);
-    const notify = EventFd.create({ nonBlocking: false });
-    opened.push(notify);
-    const irq = options.irqchip ? EventFd.create() : null;
-    if (irq) {
-      opened.push(irq);
-      options.vm.registerIrqfd(irq, VIRTIO_FIRST_GSI + index);
-    }
-    const base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE;
-    try {
-      // A notify for queue 0 (the only one) then wakes the device thread from inside KVM, with no
-      // exit to us; other values still exit, to be ignored and logged.
-      options.vm.registerIoeventfd({ addr: base + Reg.QueueNotify, len: 4, datamatch: 0 }, notify);
-    } catch (error) {
-      options.log(`disk ${index}: no ioeventfd (${(error as Error).message}); queue notifies exit to the vCPU thread`);
-    }
-    const shared = VirtioMmio.createShared(blkModel(sectors, config.readOnly), options.memory.size, notify.fd, irq?.fd ?? null);
-    const control = new Int32Array(new SharedArrayBuffer(DEVICE_CONTROL_BYTES));
+    const shape: DiskShape = { path: config.path, readOnly: config.readOnly, sectors, id: config.id };
+    const disk: OpenDisk = { shape, fd, locked: false };
     return {
-      shape: { path: config.path, readOnly: config.readOnly, sectors, id: config.id },
-      fd, notify, irq, mmio: new VirtioMmio(shared, `virtio-blk${index}`, options.log), control, worker: null, done: Promise.resolve(), locked: false,
+      name: `virtio-blk${index}`, model: blkModel(sectors, config.readOnly),
+      data: { kind: 'blk', disk: { fd, path: shape.path, sectors, readOnly: shape.readOnly, id: diskIdBytes(shape) } },
+      disk,
+      close: () => closeSync(fd),
     };
   } catch (error) {
-    for (const thing of opened.reverse()) thing.close();
+    closeSync(fd);
     throw error;
   }
 }
 
-function startThread(disk: Disk, index: number, options: { memory: GuestMemory; dirty: DirtyBitmap; log: (message: string) => void }): Promise<void> {
-  const data: VirtioWorkerData = {
-    name: `virtio-blk${index}`, mmio: disk.mmio.shared, control: disk.control.buffer as SharedArrayBuffer, notifyFd: disk.notify.fd,
-    memory: options.memory.handle, dirtyBitmap: options.dirty.shared, memoryPages: options.dirty.pageCount,
-    disk: { fd: disk.fd, path: disk.shape.path, sectors: disk.shape.sectors, readOnly: disk.shape.readOnly, id: diskIdBytes(disk.shape) },
-  };
-  const worker = new Worker(workerFile, { name: `virtio-blk${index}`, workerData: data });
-  disk.worker = worker;
-  disk.done = new Promise<void>((resolve) => {
-    worker.on('message', (message: VirtioWorkerMessage) => {
-      if (message.type === 'log') options.log(message.message);
-      else if (message.error) options.log(`virtio-blk${index}: the device thread failed: ${message.error}`);
-    });
-    worker.once('exit', () => {
-      disk.worker = null;
-      Atomics.store(disk.control, DEVICE_PARKED, 1);
-      Atomics.notify(disk.control, DEVICE_PARKED);
-      resolve();
-    });
-    worker.once('error', (error) => options.log(`virtio-blk${index}: ${error.message}`));
-  });
-  // Ready once parked (it starts paused): the machine may then save or restore its registers.
-  return new Promise<void>((resolve, reject) => {
-    const check = () => {
-      if (Atomics.load(disk.control, DEVICE_PARKED) === 1) {
-        if (disk.worker) resolve();
-        else reject(new NodeKvmError(ErrorCode.WorkerInitFailed, `virtio-blk${index}: the device thread ended before it started`));
-        return;
-      }
-      const result = Atomics.waitAsync(disk.control, DEVICE_PARKED, 0, 1000);
-      if (result.async) result.value.then(check);
-      else check();
-    };
-    check();
-  });
+/**
+ * Takes each image's lock, as QEMU does: shared for a read-only disk, exclusive for a writable
+ * one, so that two machines (in two processes, or two in one) never write one image at once.
+ * Throws, holding none of them, if another machine holds one.
+ */
+export function lockDisks(disks: OpenDisk[]): void {
+  const taken: OpenDisk[] = [];
+  for (const [index, disk] of disks.entries()) {
+    if (disk.locked) continue;
+    if (!lockFile(disk.fd, disk.shape.readOnly ? 'shared' : 'exclusive')) {
+      for (const held of taken) releaseLock(held);
+      const what = disk.shape.readOnly ? 'is open for writing by another machine' : 'is in use by another machine';
+      throw new NodeKvmError('EBUSY', `disk ${index}: ${disk.shape.path} ${what} (it holds a lock on the image)`);
+    }
+    disk.locked = true;
+    taken.push(disk);
+  }
 }
 
-function releaseLock(disk: Disk): void {
+export function releaseLock(disk: OpenDisk): void {
   if (!disk.locked) return;
   unlockFile(disk.fd);
   disk.locked = false;
-}
-
-function setState(disk: Disk, state: number): void {
-  Atomics.store(disk.control, DEVICE_STATE, state);
-  Atomics.notify(disk.control, DEVICE_STATE);
-  // Wakes a thread asleep on the notify eventfd, to look at the new state.
-  if (disk.worker) disk.notify.write(1n);
 }

@@ -25,6 +25,7 @@ import { openTraceFile } from './exit-trace.js';
 import { closeSync } from 'node:fs';
 import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
+import { checkVirtioConfig, virtioMismatch, virtioShape, virtioSlotCount } from './virtio-devices.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
@@ -92,6 +93,8 @@ export interface MachineInternals {
   lockDisksWithin(waitMs: number): Promise<void>;
   /** Lets go of the disk images' locks, keeping them open (the machine paused, its disks flushed). */
   unlockDisks(): void;
+  /** How many virtio devices (disks and others) the machine has: each has a thread that may raise interrupts. */
+  readonly virtioDeviceCount: number;
   /** Ends the machine with this exit (a migration's source: 'migrated'). */
   end(exit: MachineExit): void;
   /** Runs `work` as the machine's one long operation (a snapshot, a migration) at a time. */
@@ -262,7 +265,7 @@ export class Machine extends EventEmitter {
     this.vcpuCount = parts.threads.length;
     this.memoryBytes = parts.memory.size;
     const vm = parts.vm;
-    this.#devices = new MachineDevices(parts.devices, parts.disks, this.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : null);
+    this.#devices = new MachineDevices(parts.devices, parts.virtio, this.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : null);
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.plan.runtime.serial?.input ?? null;
     this.#onInput = (chunk) => {
@@ -303,11 +306,12 @@ export class Machine extends EventEmitter {
     if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
     const modules = config.modules === undefined ? undefined : readModules(config.modules);
     const disks = checkDiskConfigs(config.disks);
+    const virtio = checkVirtioConfig(disks, config.rng);
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
     let cmdline = config.cmdline;
-    if (linux && disks.length > 0) {
-      const devices = disks.map((_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
+    if (linux && virtioSlotCount(virtio) > 0) {
+      const devices = Array.from({ length: virtioSlotCount(virtio) }, (_, slot) => `virtio_mmio.device=4K@0x${(VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE).toString(16)}:${VIRTIO_FIRST_GSI + slot}`);
       cmdline = [cmdline, ...devices].filter((part) => part).join(' ');
     }
     // Every PC has its interrupt controllers and timer; with them, the plan also writes the ACPI
@@ -315,7 +319,7 @@ export class Machine extends EventEmitter {
     const irqchip = config.irqchip ?? true;
     const boot = planBoot(image, { memoryBytes, vcpus, mode: config.mode, loadAddr: config.loadAddr, cmdline, initrd, modules, irqchip });
     return buildMachine({
-      shape: { memoryBytes, vcpus, irqchip },
+      shape: { memoryBytes, vcpus, irqchip, ...virtioShape(virtio) },
       boot,
       cmdline,
       memory: (size) => GuestMemory.create(size, { backing: 'memfd' }),
@@ -345,7 +349,8 @@ export class Machine extends EventEmitter {
   /** The hardware: what a snapshot or a migration needs to rebuild this machine elsewhere. */
   get shape(): MachineShape {
     const shape: MachineShape = { memoryBytes: this.memoryBytes, vcpus: this.vcpuCount, irqchip: this.irqchip };
-    if (this.#devices.disks.count > 0) shape.disks = this.#devices.disks.shapes;
+    if (this.#devices.virtio.diskShapes.length > 0) shape.disks = this.#devices.virtio.diskShapes;
+    Object.assign(shape, this.#devices.virtio.shape);
     return shape;
   }
 
@@ -408,7 +413,7 @@ export class Machine extends EventEmitter {
     }
     setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
     if (!options.paused) {
-      this.#devices.disks.resume();
+      this.#devices.virtio.resume();
       this.#haltWatch?.start();
       this.#devices.runTimers();
     }
@@ -465,7 +470,7 @@ export class Machine extends EventEmitter {
     if (options.quiet) return saved ? await saved : null;
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
     // writes into guest RAM marked dirty) before anyone saves the state.
-    await this.#devices.disks.pause();
+    await this.#devices.virtio.pause();
     const vcpuStates = saved ? await saved : null;
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
     this.emit('paused');
@@ -489,7 +494,7 @@ export class Machine extends EventEmitter {
     this.#haltWatch?.stop();
     try {
       await this.#parkAll();
-      await this.#devices.disks.pause();
+      await this.#devices.virtio.pause();
     } catch {
       return; // ended meanwhile
     }
@@ -535,7 +540,7 @@ export class Machine extends EventEmitter {
    */
   resume(): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Paused || this.#quietPause) throw machineStateError(`machine is ${this.state}, not paused`);
-    this.#devices.disks.resume();
+    this.#devices.virtio.resume();
     setRunState(this.#control, RunState.Running);
     this.#haltWatch?.start();
     this.#devices.runTimers();
@@ -574,9 +579,10 @@ export class Machine extends EventEmitter {
         return machine.#trackerOwner;
       },
       stopDirtyTracking: () => this.#stopDirtyTracking(),
-      lockDisks: () => this.#devices.disks.lock(),
-      lockDisksWithin: (waitMs) => this.#devices.disks.lockWithin(waitMs),
-      unlockDisks: () => this.#devices.disks.unlock(),
+      lockDisks: () => this.#devices.virtio.lock(),
+      lockDisksWithin: (waitMs) => this.#devices.virtio.lockWithin(waitMs),
+      unlockDisks: () => this.#devices.virtio.unlock(),
+      virtioDeviceCount: this.#devices.virtio.count,
       end: (exit) => this.#end(exit),
       exclusive: (what, work) => this.#exclusive(what, work),
       vcpuRequest: async (vcpuId, request) => {
@@ -641,6 +647,8 @@ export class Machine extends EventEmitter {
     }
     const fit = disksMismatch(state.shape.disks, mine.disks);
     if (fit) throw argValueError(`the saved state does not fit this machine's disks: ${fit}`);
+    const devicesFit = virtioMismatch(state.shape, mine);
+    if (devicesFit) throw argValueError(`the saved state does not fit this machine's devices: ${devicesFit}`);
     if (state.vcpus.length !== this.vcpuCount) throw argValueError(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
     restoreVmState(this.#vm, state.vm, this.irqchip);
     await Promise.all(state.vcpus.map(async (vcpuState, id) => {
@@ -771,7 +779,7 @@ export class Machine extends EventEmitter {
     this.#pendingRequests.clear();
     for (const port of this.#requestPorts) port.close();
     if (this.#input) this.#input.off('data', this.#onInput);
-    await this.#devices.disks.close();
+    await this.#devices.virtio.close();
     if (this.#traceFd !== null) closeSync(this.#traceFd);
     this.#tracker = null;
     this.#vm.close();

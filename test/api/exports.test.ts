@@ -29,7 +29,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', KvmError: 'function',
+  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', watchFd: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',
@@ -68,7 +68,7 @@ const TYPES = [
   'StreamKind',
   // the KVM binding
   'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
-  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
+  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
   'Regs', 'Sregs', 'Segment', 'Dtable', 'Fpu', 'MsrEntry', 'CpuidEntry', 'LapicState', 'Xcr', 'VcpuEvents', 'DebugRegs', 'PitState2',
   'PitChannelState', 'IrqchipState', 'Msi', 'ClockData', 'CoalescedMmio', 'FieldType<number>', 'Fields', 'StructValue<Fields>',
   'StructType<Fields>',

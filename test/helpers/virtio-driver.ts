@@ -1,11 +1,12 @@
-// A virtio-mmio block driver in TypeScript, over a fake guest RAM, for testing the device model
-// without a guest: it writes registers through VirtioMmio as a vCPU thread would, lays out a
-// split queue in RAM, and lets the test build any chain, well-formed or not.
+// A virtio-mmio driver in TypeScript, over a fake guest RAM, for testing device models without a
+// guest: it writes registers through VirtioMmio as a vCPU thread would, lays out a split queue in
+// RAM, and lets the test build any chain, well-formed or not. FakeVirtioDriver drives queue 0 of
+// any device model; FakeDriver is the block device's.
 import { closeSync, mkdtempSync, openSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { blkModel, diskIdBytes, VirtioBlkDevice } from '../../lib/devices/virtio-blk.js';
-import { Reg, Status, VirtioMmio } from '../../lib/devices/virtio-mmio.js';
+import { Reg, Status, VirtioMmio, type VirtioDeviceModel } from '../../lib/devices/virtio-mmio.js';
 import { EventFd } from '../../lib/kvm/eventfd.js';
 import { DirtyBitmap } from '../../lib/vmm/dirty-bitmap.js';
 
@@ -27,36 +28,25 @@ export interface Descriptor {
   next?: number;
 }
 
-export class FakeDriver {
+export class FakeVirtioDriver {
   readonly ram = new Uint8Array(RAM_BYTES);
   readonly view = new DataView(this.ram.buffer);
   readonly dirty = DirtyBitmap.create(RAM_BYTES / 4096);
   readonly notify = EventFd.create();
   readonly logs: string[] = [];
+  readonly log = (message: string) => this.logs.push(message);
+  /** The driver's side of the registers; `shared` builds the device's own VirtioMmio. */
   readonly mmio: VirtioMmio;
-  readonly device: VirtioBlkDevice;
-  readonly fd: number;
-  readonly path: string;
+  readonly shared: SharedArrayBuffer;
   #availIdx = 0;
   #usedSeen = 0;
 
-  constructor(options: { sectors?: number; readOnly?: boolean; id?: string; image?: Uint8Array } = {}) {
-    const dir = mkdtempSync(join(tmpdir(), 'node-kvm-blk-'));
-    this.path = join(dir, 'disk.img');
-    writeFileSync(this.path, options.image ?? new Uint8Array((options.sectors ?? 64) * 512));
-    this.fd = openSync(this.path, options.readOnly ? 'r' : 'r+');
-    const sectors = Math.floor((options.image?.length ?? (options.sectors ?? 64) * 512) / 512);
-    const log = (message: string) => this.logs.push(message);
-    const shared = VirtioMmio.createShared(blkModel(sectors, !!options.readOnly), RAM_BYTES, this.notify.fd, null);
-    this.mmio = new VirtioMmio(shared, 'virtio-blk0', log);
-    this.device = new VirtioBlkDevice({
-      mmio: new VirtioMmio(shared, 'virtio-blk0', log), ram: this.ram, dirty: this.dirty, log,
-      disk: { fd: this.fd, path: this.path, sectors, readOnly: !!options.readOnly, id: diskIdBytes({ path: this.path, id: options.id }) },
-    });
+  constructor(model: VirtioDeviceModel, name: string) {
+    this.shared = VirtioMmio.createShared(model, RAM_BYTES, this.notify.fd, null);
+    this.mmio = new VirtioMmio(this.shared, name, this.log);
   }
 
   close(): void {
-    closeSync(this.fd);
     this.notify.close();
   }
 
@@ -146,11 +136,6 @@ export class FakeDriver {
     this.view.setUint16(AVAIL + 2, this.#availIdx, true);
   }
 
-  /** Runs the device as its thread would after a notify. */
-  serve(): number {
-    return this.device.serve(() => true);
-  }
-
   /** Used entries since the last call: [head, written]. */
   takeUsed(): [number, number][] {
     const idx = this.view.getUint16(USED + 2, true);
@@ -161,6 +146,36 @@ export class FakeDriver {
       this.#usedSeen = (this.#usedSeen + 1) & 0xffff;
     }
     return out;
+  }
+
+}
+
+export class FakeDriver extends FakeVirtioDriver {
+  readonly device: VirtioBlkDevice;
+  readonly fd: number;
+  readonly path: string;
+
+  constructor(options: { sectors?: number; readOnly?: boolean; id?: string; image?: Uint8Array } = {}) {
+    const sectors = Math.floor((options.image?.length ?? (options.sectors ?? 64) * 512) / 512);
+    super(blkModel(sectors, !!options.readOnly), 'virtio-blk0');
+    const dir = mkdtempSync(join(tmpdir(), 'node-kvm-blk-'));
+    this.path = join(dir, 'disk.img');
+    writeFileSync(this.path, options.image ?? new Uint8Array((options.sectors ?? 64) * 512));
+    this.fd = openSync(this.path, options.readOnly ? 'r' : 'r+');
+    this.device = new VirtioBlkDevice({
+      mmio: new VirtioMmio(this.shared, 'virtio-blk0', this.log), ram: this.ram, dirty: this.dirty, log: this.log,
+      disk: { fd: this.fd, path: this.path, sectors, readOnly: !!options.readOnly, id: diskIdBytes({ path: this.path, id: options.id }) },
+    });
+  }
+
+  override close(): void {
+    closeSync(this.fd);
+    super.close();
+  }
+
+  /** Runs the device as its thread would after a notify. */
+  serve(): number {
+    return this.device.serve(() => true);
   }
 
   /** Writes a request header at HEADERS + 32 * slot; returns its address. */
