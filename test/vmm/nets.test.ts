@@ -1,5 +1,6 @@
 // The `net` configuration: checks, default MACs, and what a saved machine's cards need.
 import t from 'tap';
+import { checkShape } from '../../lib/migration/state-sections.js';
 import { checkNetConfigs, netConfigsFor, netMismatch } from '../../lib/vmm/nets.js';
 import { throwsArgError } from '../helpers/kvm.js';
 
@@ -30,4 +31,12 @@ t.test('a saved machine keeps its MACs on the TAPs this host gives', async (t) =
   t.equal(netMismatch(undefined, []), null);
   t.equal(netMismatch(saved, undefined), 'it had 1 network card, this machine 0');
   t.equal(netMismatch(saved, [{ mac: '02:00:00:00:00:09' }]), 'network card 0 had MAC 02:00:00:00:00:01, this machine\'s 02:00:00:00:00:09');
+});
+
+t.test('a stream\'s machine shape carries the cards\' MACs, checked', async (t) => {
+  const base = { memoryBytes: 1 << 20, vcpus: 1, irqchip: true };
+  t.same(checkShape({ ...base, net: [{ mac: '52:54:00:12:34:56' }] }, 'here').net, [{ mac: '52:54:00:12:34:56' }]);
+  t.equal(checkShape(base, 'here').net, undefined);
+  t.throws(() => checkShape({ ...base, net: [{ mac: 'zz' }] }, 'here'), /here: bad description of network card 0/);
+  t.throws(() => checkShape({ ...base, net: 'x' }, 'here'), /here: bad network card list/);
 });
