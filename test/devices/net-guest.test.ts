@@ -2,7 +2,8 @@
 // over a TAP inside a network namespace the test creates and removes: ping and a UDP client in
 // the namespace reach the guest; a TAP that cannot be opened fails the machine's creation.
 import t from 'tap';
-import { Machine } from '../../lib/index.js';
+import { closeSync } from 'node:fs';
+import { Machine, openTap } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
 import { boot } from '../helpers/machine.js';
 import { expectedEcho, GUEST_IP, MAC, namespaceWithTap, netEchoImage as image, ping, READY, udpEcho } from '../helpers/net-echo.js';
@@ -31,6 +32,17 @@ t.test('ping and a UDP client in the namespace reach the guest', { skip }, async
   const { stdout } = await ns.exec(['ip', 'neigh', 'show', GUEST_IP]);
   t.match(stdout, `lladdr ${MAC}`);
   t.same(logs, [], 'nothing logged');
+});
+
+t.test('a TAP fd handed over by its owner: the machine serves a duplicate, the owner closes its own', { skip }, async (t) => {
+  const ns = namespaceWithTap(t);
+  const own = openTap('tap0', { netns: ns.path });
+  const booted = await boot({ image, cmdline: `ip=${GUEST_IP}`, memoryBytes: 16 * MiB, pool, net: [{ fd: own.fd, mac: MAC }] });
+  t.teardown(() => booted.machine.stop());
+  closeSync(own.fd);
+  booted.machine.start();
+  await booted.waitForOutput(READY);
+  t.equal(await udpEcho(ns, 2), expectedEcho(2));
 });
 
 t.test('a TAP that cannot be opened fails Machine.create() with the reason', { skip }, async (t) => {

@@ -51,7 +51,7 @@ export class NetNamespace {
   /** Runs a program inside the namespace; resolves with its exit code and output. */
   exec(argv: string[], options: { input?: string; timeoutMs?: number } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
     return new Promise((resolve, reject) => {
-      const child = spawn('ip', ['netns', 'exec', this.name, ...argv], { stdio: ['pipe', 'pipe', 'pipe'] });
+      const child = spawn('ip', ['netns', 'exec', this.name, ...argv], { stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk; });
@@ -65,7 +65,9 @@ export class NetNamespace {
         clearTimeout(timer);
         resolve({ code, stdout, stderr });
       });
-      child.stdin.end(options.input ?? '');
+      // A child that exits before reading its input closes the pipe: not the caller's error.
+      child.stdin?.on('error', () => {});
+      child.stdin?.end(options.input);
     });
   }
 
