@@ -10,7 +10,7 @@ import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 import { parseMigrationAddress } from '../migration/transport.js';
-import { machineInternals, type ExitStats, type Machine } from '../vmm/machine.js';
+import { type ExitStats, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
@@ -25,8 +25,8 @@ export interface ApiMachine {
   resume(): void;
   /** Begins ending the machine (as QEMU's monitor command quit). */
   stop(): void;
-  /** Resets the guest as the i8042's reset command does (which ends the machine, with exit reason 'reset'). */
-  reset(): void;
+  /** Reboots the guest (Machine.reset(), as QEMU's system_reset). */
+  reset(): Promise<void>;
   snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
   /** Starts a GDB stub on the machine (lib/debug); resolves with where it listens. */
@@ -50,8 +50,7 @@ export function apiMachine(machine: Machine): ApiMachine {
     pause: () => machine.pause(),
     resume: () => machine.resume(),
     stop: () => void machine.stop(),
-    // No reboot yet: a reset ends the machine whether the guest or the API asks for it.
-    reset: () => machineInternals(machine).end({ reason: 'reset' }),
+    reset: () => machine.reset(),
     snapshot: (path, options) => snapshotMachine(machine, path, options),
     migrate: (address, options) => migrateMachine(machine, address, options),
     gdb: async (address) => {
@@ -231,7 +230,7 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       checkParams(params, 'reset', []);
       const state = machine.state;
       if (state !== 'running' && state !== 'paused') throw new NodeKvmError(ErrorCode.MachineState, `machine is ${state}: there is no guest to reset`);
-      machine.reset();
+      await machine.reset();
       return { state: machine.state };
     },
     async snapshot(params) {

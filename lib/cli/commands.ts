@@ -16,7 +16,7 @@ commands:
   pause     pause a running machine
   resume    resume a paused machine
   stop      end a running machine
-  reset     reset a running machine's guest
+  reset     reboot a running machine's guest
   regs      print a running machine's vCPU registers
   x         dump a running machine's guest memory (virtual or physical)
   stats     print a running machine's exit statistics

@@ -21,7 +21,7 @@ import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slot
 import { abortError, fromThreadFailure } from './errors.js';
 import { startVcpuThread, type VcpuThread } from './pool.js';
 import type { VcpuAssignment, WorkerMessage } from './types.js';
-import { restoreVmState } from './vm-state.js';
+import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 
 // Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
@@ -72,6 +72,8 @@ export interface MachineParts {
   requestPorts: MessagePort[];
   devices: DevicesShared;
   virtio: VirtioDevices;
+  /** The interrupt controllers and PIT as a booted machine's start (a reboot puts them back); null otherwise. */
+  powerOnVm: VmState | null;
   dirtyLog: DirtyLogMode;
   /** Serial output bound for the console or a stream (or discarded): the vCPU threads fill it, the machine drains it. */
   outputRing: ByteRing | null;
@@ -148,6 +150,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     }
     // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
     if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
+    const powerOnVm = plan.boot && shape.irqchip ? saveVmState(vm, true) : null;
     // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
     if (dirtyLog === 'ring') {
       if (!dirtyLogModesOffered(vm).includes('ring')) throw argValueError('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
@@ -236,7 +239,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     checkAborted();
     return {
       plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
-      devices, virtio, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
+      devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {
     await giveBack();

@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { MessagePort } from 'node:worker_threads';
-import { isBzImage, planBoot, type BootPlan, type MultibootModule } from '../boot/index.js';
+import { isBzImage, planBoot, writeBootPlan, type BootPlan, type MultibootModule } from '../boot/index.js';
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
@@ -17,7 +17,7 @@ import {
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
-import { MachineDevices } from './devices.js';
+import { MachineDevices, type DeviceStates } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
 import { createExitStatsBuffer, readExitStats, type ExitStats } from './exit-stats.js';
@@ -31,7 +31,7 @@ import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
-import { restoreVmState, saveVmState } from './vm-state.js';
+import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { VcpuState } from './vcpu-state.js';
@@ -54,6 +54,8 @@ export interface MachineEvents {
   paused: [];
   /** The paused guest runs again (resume()): state 'running'. */
   resumed: [];
+  /** reset() has rebooted the guest (before it resolves; a running guest resumes just after). */
+  reset: [];
 }
 
 /** The machine's lifecycle states, in the order of RunState (control.ts). */
@@ -156,12 +158,16 @@ export declare interface Machine {
   on(event: 'paused', listener: () => void): this;
   /** Each time the paused guest runs again: resume() (before it returns). */
   on(event: 'resumed', listener: () => void): this;
+  /** Each time reset() has rebooted the guest (before it resolves). */
+  on(event: 'reset', listener: () => void): this;
   once(event: 'exit', listener: (exit: MachineExit) => void): this;
   once(event: 'paused', listener: () => void): this;
   once(event: 'resumed', listener: () => void): this;
+  once(event: 'reset', listener: () => void): this;
   off(event: 'exit', listener: (exit: MachineExit) => void): this;
   off(event: 'paused', listener: () => void): this;
   off(event: 'resumed', listener: () => void): this;
+  off(event: 'reset', listener: () => void): this;
 }
 
 /**
@@ -192,6 +198,8 @@ export class Machine extends EventEmitter {
   readonly #vm: Vm;
   readonly #memory: GuestMemory;
   readonly #dirty: DirtyBitmap;
+  /** What a reboot puts back (a booted machine's; null for a restored or received one). */
+  readonly #powerOn: { vm: VmState | null; devices: DeviceStates } | null;
   readonly #control: Int32Array;
   readonly #threads: VcpuThread[];
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
@@ -268,6 +276,7 @@ export class Machine extends EventEmitter {
     this.memoryBytes = parts.memory.size;
     const vm = parts.vm;
     this.#devices = new MachineDevices(parts.devices, parts.virtio, this.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : null);
+    this.#powerOn = parts.plan.boot ? { vm: parts.powerOnVm, devices: this.#devices.saveState() } : null;
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.plan.runtime.serial?.input ?? null;
     this.#onInput = (chunk) => {
@@ -547,6 +556,44 @@ export class Machine extends EventEmitter {
     this.#haltWatch?.start();
     this.#devices.runTimers();
     this.emit('resumed');
+  }
+
+  /**
+   * Reboots the guest, as QEMU's `system_reset` does: every vCPU, the interrupt controllers, the PIT
+   * and the devices go back to their state at power-on (virtio devices to reset, as their drivers
+   * must set them up again), guest RAM is cleared and the image loaded again, and the guest starts
+   * over from its entry point. The RTC keeps the time; the console keeps what it printed. A running
+   * machine is paused for it ('paused', 'reset', 'resumed'); a paused one stays paused. Only a
+   * machine booted from an image can reboot: a restored or received one rejects with
+   * ERR_MACHINE_STATE, and so does one busy with a snapshot or migration.
+   */
+  async reset(): Promise<void> {
+    const powerOn = this.#powerOn;
+    const boot = this.boot;
+    if (!powerOn || !boot) throw machineStateError('this machine was restored or received: it has no image to boot again');
+    return this.#exclusive('reset', async () => {
+      const state = Atomics.load(this.#control, STATE);
+      if (state !== RunState.Running && state !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not running`);
+      const wasRunning = state === RunState.Running;
+      if (wasRunning) await this.#pause(false);
+      // RAM as at power-on: cleared (the pages given back), then the image again. All of it
+      // changed, as far as a later migration is concerned.
+      this.#memory.dontneed(0, this.#memory.size);
+      writeBootPlan(boot, this.#memory);
+      this.#dirty.markPages(0, this.#memory.size / 4096);
+      if (powerOn.vm) {
+        // The clock runs on: only the interrupt controllers and the PIT go back.
+        restoreVmState(this.#vm, { ...powerOn.vm, clock: this.#vm.getClock() }, this.irqchip);
+      }
+      await Promise.all(this.#threads.map(async (_, id) => {
+        const reply = await this.#request(id, { type: 'reboot' });
+        if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot reboot: `, reply);
+      }));
+      const { cmosRtc: _time, ...devices } = powerOn.devices;
+      this.#devices.restoreState(devices);
+      this.emit('reset');
+      if (wasRunning) this.resume();
+    });
   }
 
   /**

@@ -74,9 +74,8 @@ class FakeMachine implements ApiMachine {
     if (this.state !== 'stopped') this.state = 'stopping';
   }
 
-  reset(): void {
+  async reset(): Promise<void> {
     this.calls.push(['reset']);
-    this.state = 'stopping';
   }
 
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
@@ -243,11 +242,12 @@ t.test('status, pause, resume and snapshot', async (t) => {
   ]);
 });
 
-t.test('stop and reset: answered as the machine begins to end; reset only while there is a guest', async (t) => {
+t.test('stop and reset: stop answered as the machine begins to end; reset once rebooted, only while there is a guest', async (t) => {
   const { machine, socketPath } = await serve(t);
-  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' });
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'running' });
   machine.state = 'paused';
-  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' }, 'a paused guest resets too');
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'paused' }, 'a paused guest resets too, and stays paused');
+  machine.state = 'stopping';
   await t.rejects(callApi(socketPath, 'reset', {}), { name: 'ApiError', code: 'ERR_MACHINE_STATE', message: 'machine is stopping: there is no guest to reset' });
   t.same(await callApi(socketPath, 'stop', {}), { state: 'stopping' }, 'stop is allowed in every state');
   machine.state = 'stopped';
