@@ -32,6 +32,11 @@ t.test('ping and a UDP client in the namespace reach the guest', { skip }, async
   const { stdout } = await ns.exec(['ip', 'neigh', 'show', GUEST_IP]);
   t.match(stdout, `lladdr ${MAC}`);
   t.same(logs, [], 'nothing logged');
+
+  // A reboot resets the card; the guest sets it up again and answers as before.
+  await booted.machine.reset();
+  await booted.waitForOutput(new RegExp(`(${READY.trim()}\n[^]*){2}`));
+  t.equal(await udpEcho(ns, 2), expectedEcho(2), 'echoes after a reset');
 });
 
 t.test('a TAP fd handed over by its owner: the machine serves a duplicate, the owner closes its own', { skip }, async (t) => {
