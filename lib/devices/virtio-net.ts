@@ -105,6 +105,7 @@ export class VirtioNetDevice implements VirtioQueueDevice {
   readonly #ram: Uint8Array;
   readonly #io: FrameIo;
   readonly #fd: number;
+  readonly #tap: string;
   readonly #rx: SplitQueue;
   readonly #tx: SplitQueue;
   readonly #rxChain = new DescriptorChain();
@@ -122,6 +123,7 @@ export class VirtioNetDevice implements VirtioQueueDevice {
     this.#mmio = context.mmio;
     this.#ram = context.ram;
     this.#fd = config.fd;
+    this.#tap = config.tap;
     this.#io = io ?? tapFrameIo(config.fd);
     this.#rx = new SplitQueue(context.ram, context.mmio, RECEIVE_QUEUE, context.dirty);
     this.#tx = new SplitQueue(context.ram, context.mmio, TRANSMIT_QUEUE, context.dirty);
@@ -244,7 +246,7 @@ export class VirtioNetDevice implements VirtioQueueDevice {
       this.#io.write(views);
     } catch (error) {
       // EIO: the TAP is down in its namespace; the frame is lost as on a cable that is unplugged.
-      this.#problem(`the TAP refused a frame: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+      this.#problem(`the TAP ${this.#tap} refused a frame: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
     }
   }
 
@@ -287,7 +289,7 @@ export class VirtioNetDevice implements VirtioQueueDevice {
           n = this.#io.read(views);
         } catch (error) {
           this.#unpop();
-          this.#problem(`reading the TAP failed: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+          this.#problem(`reading the TAP ${this.#tap} failed: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
           this.#stopWatching();
           break;
         }

@@ -24,7 +24,10 @@ class FakeTap implements FrameIo {
   readonly sent: Uint8Array[] = [];
   fail: NodeJS.ErrnoException | null = null;
 
+  readFail: NodeJS.ErrnoException | null = null;
+
   read(views: Uint8Array[]): number {
+    if (this.readFail) throw this.readFail;
     const frame = this.incoming.shift();
     if (frame === undefined) return -1;
     let done = 0;
@@ -231,7 +234,7 @@ t.test('transmit: header and frame gathered from the chain in one write, used wi
   d.add(1, [[BUFFERS, NET_HDR_BYTES + 100, 0]]);
   d.device.notified();
   t.equal(d.takeUsed(1).length, 2);
-  t.equal(d.logs.filter((line) => /the TAP refused a frame: EIO/.test(line)).length, 1);
+  t.equal(d.logs.filter((line) => /the TAP tap0 refused a frame: EIO/.test(line)).length, 1);
   t.equal(d.status & Status.NeedsReset, 0);
 });
 
@@ -339,4 +342,22 @@ t.test('parking stops watching the TAP until resumed and notified', async (t) =>
   d.write32(Reg.Status, 0);
   d.readable();
   t.notOk(d.device.watching);
+});
+
+t.test('a TAP that fails to read: logged once, the TAP left alone, the buffer kept for later', async (t) => {
+  const d = driver(t);
+  d.init();
+  const head = d.add(0, [[BUFFERS, 2048, F_WRITE]]);
+  d.device.notified();
+  d.tap.readFail = Object.assign(new Error('EBADFD'), { code: 'EBADFD' });
+  d.readable();
+  t.notOk(d.device.watching);
+  t.match(d.logs, [/reading the TAP tap0 failed: EBADFD/]);
+  t.same(d.takeUsed(0), []);
+  d.tap.readFail = null;
+  d.tap.incoming.push(fromTap(frame(60, 4)));
+  d.device.notified();
+  d.readable();
+  t.same(d.takeUsed(0), [[head, NET_HDR_BYTES + 60]], 'the next notify watches again, and the same buffer takes the frame');
+  t.equal(d.status & Status.NeedsReset, 0);
 });
