@@ -63,6 +63,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           initrd: { type: 'string' },
           append: { type: 'string' },
           disk: { type: 'string', multiple: true },
+          net: { type: 'string', multiple: true },
           'api-socket': { type: 'string' },
           incoming: { type: 'string' },
           restore: { type: 'string' },
@@ -91,7 +92,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng,
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, net: values.net, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng,
         gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial, traceExits: values['trace-exits'], exitStats: values['exit-stats'],
       };
       if (!threads) {

@@ -11,6 +11,7 @@ import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type G
 import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, type DiskConfig, type DiskShape } from './disks.js';
 import { checkVirtioConfig, VirtioDevices, virtioMismatch } from './virtio-devices.js';
+import { netConfigsFor } from './nets.js';
 import type { BuildPlan, MachineShape } from './config.js';
 import { RunState, createControl, setRunState } from './control.js';
 import { createHaltProbe } from './halt-watch.js';
@@ -99,7 +100,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
 
   // Checked before any thread starts: a bad configuration leaves nothing behind.
   const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
-  const virtioConfig = checkVirtioConfig(diskConfigs, shape.rng);
+  const virtioConfig = checkVirtioConfig(diskConfigs, shape.rng, netConfigsFor(shape.net ?? [], runtime.net));
   // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
   const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
   threadsPromise.catch(() => {});

@@ -6,6 +6,7 @@ import type { GuestMemory } from '../kvm/memory.js';
 import type { DeviceStates } from './devices.js';
 import type { DirtyLogMode } from './dirty-tracker.js';
 import type { DiskShape } from './disks.js';
+import type { NetConfig, NetShape } from './nets.js';
 import type { VcpuWorkerPool } from './pool.js';
 import type { VcpuState } from './vcpu-state.js';
 import type { VmState } from './vm-state.js';
@@ -67,6 +68,12 @@ export interface MachineRuntimeConfig {
    * (default: the paths the saved machine used, as with storage both hosts share).
    */
   disks?: DiskConfig[];
+  /**
+   * virtio-net cards over TAP devices, in the virtio-mmio slots after the disks. For a restore or an
+   * incoming migration: the TAPs this host gives the saved machine's cards, in the same order
+   * (required: a TAP serves one machine; the MACs are the saved ones).
+   */
+  net?: NetConfig[];
 }
 
 export interface MachineConfig extends MachineRuntimeConfig {
@@ -123,6 +130,8 @@ export interface MachineShape {
   disks?: DiskShape[];
   /** A virtio-rng device after the disks (absent: none). */
   rng?: boolean;
+  /** Network cards after the disks (absent: none): their MACs. The TAPs are the host's, not part of the state. */
+  net?: NetShape[];
 }
 
 /** Everything but RAM: what a snapshot or a migration carries besides memory. */

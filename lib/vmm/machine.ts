@@ -26,6 +26,7 @@ import { closeSync } from 'node:fs';
 import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
 import { checkVirtioConfig, virtioMismatch, virtioShape, virtioSlotCount } from './virtio-devices.js';
+import { checkNetConfigs } from './nets.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
@@ -36,6 +37,7 @@ export type { MachineExit, MachineExitReason } from './types.js';
 export type { VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
+export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
 export type { ExitStats, VcpuExitStats, ExitCount } from './exit-stats.js';
 export {
@@ -319,7 +321,7 @@ export class Machine extends EventEmitter {
     if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
     const modules = config.modules === undefined ? undefined : readModules(config.modules);
     const disks = checkDiskConfigs(config.disks);
-    const virtio = checkVirtioConfig(disks, config.rng);
+    const virtio = checkVirtioConfig(disks, config.rng, checkNetConfigs(config.net));
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
     let cmdline = config.cmdline;

@@ -17,7 +17,8 @@ export const DEVICE_CONTROL_BYTES = 12;
 /** What a device's thread needs of its kind, beside the register file: cloned to the thread. */
 export type VirtioDeviceData =
   | { kind: 'blk'; disk: BlockDisk }
-  | { kind: 'rng' };
+  | { kind: 'rng' }
+  | { kind: 'net'; fd: number; tap: string };
 
 export type VirtioKind = VirtioDeviceData['kind'];
 

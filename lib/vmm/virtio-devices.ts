@@ -11,6 +11,7 @@ import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
 import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { lockDisks, openDisk, releaseLock, type DiskConfig, type DiskShape, type OpenDisk } from './disks.js';
+import { netMismatch, openNet, type CheckedNetConfig, type NetShape } from './nets.js';
 import { workerEntry } from './worker-entry.js';
 import { RunState } from './control.js';
 import {
@@ -25,11 +26,14 @@ const workerFile = workerEntry(here, 'virtio-worker');
 export interface VirtioConfig {
   disks: Required<DiskConfig>[];
   rng: boolean;
+  net: CheckedNetConfig[];
 }
 
 /** The devices of a machine's shape, in slot order after the disks: a saved state fits only the same. */
 export interface VirtioShape {
   rng?: boolean;
+  /** Network cards, after the disks. */
+  net?: NetShape[];
 }
 
 interface Slot extends OpenedDevice {
@@ -42,28 +46,28 @@ interface Slot extends OpenedDevice {
 }
 
 /** Checks the virtio part of a machine's configuration; returns it with defaults filled in. */
-export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown): VirtioConfig {
+export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, net: CheckedNetConfig[] = []): VirtioConfig {
   if (rng !== undefined && typeof rng !== 'boolean') throw argTypeError('rng must be a boolean');
-  const config = { disks, rng: rng ?? false };
-  const count = config.disks.length + (config.rng ? 1 : 0);
+  const config = { disks, rng: rng ?? false, net };
+  const count = virtioSlotCount(config);
   if (count > VIRTIO_MAX_DEVICES) throw outOfRangeError(`at most ${VIRTIO_MAX_DEVICES} virtio devices (disks and others), got ${count}`);
   return config;
 }
 
 /** The shape of a machine's devices other than disks. */
 export function virtioShape(config: VirtioConfig): VirtioShape {
-  return config.rng ? { rng: true } : {};
+  return { ...(config.net.length > 0 ? { net: config.net.map((card) => ({ mac: card.mac })) } : {}), ...(config.rng ? { rng: true } : {}) };
 }
 
 /** Why a saved machine's devices (other than disks) do not fit a machine's, or null. */
 export function virtioMismatch(saved: VirtioShape, mine: VirtioShape): string | null {
   if (!!saved.rng !== !!mine.rng) return `it ${saved.rng ? 'had' : 'had no'} virtio-rng, this machine ${mine.rng ? 'has' : 'has none'}`;
-  return null;
+  return netMismatch(saved.net, mine.net);
 }
 
 /** How many slots a configuration takes: the Linux command line names each. */
 export function virtioSlotCount(config: VirtioConfig): number {
-  return config.disks.length + (config.rng ? 1 : 0);
+  return config.disks.length + config.net.length + (config.rng ? 1 : 0);
 }
 
 export class VirtioDevices {
@@ -107,6 +111,7 @@ export class VirtioDevices {
     try {
       const opens: (() => OpenedDevice)[] = [
         ...config.disks.map((disk, index) => () => openDisk(index, disk)),
+        ...config.net.map((card, index) => () => openNet(index, card)),
         ...(config.rng ? [(): OpenedDevice => ({ name: 'virtio-rng', model: rngModel(), data: { kind: 'rng' }, close: () => {} })] : []),
       ];
       for (const open of opens) slots.push(openSlot(slots.length, open, options));

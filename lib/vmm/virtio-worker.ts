@@ -13,6 +13,7 @@ import { VirtioBlkDevice } from '../devices/virtio-blk.js';
 import type { VirtioDeviceContext, VirtioQueueDevice } from '../devices/virtio-device.js';
 import { VirtioMmio } from '../devices/virtio-mmio.js';
 import { VirtioRngDevice } from '../devices/virtio-rng.js';
+import { VirtioNetDevice } from '../devices/virtio-net.js';
 import { argValueError } from '../kvm/errors.js';
 import { watchFd } from '../kvm/fd-watch.js';
 import { GuestMemory } from '../kvm/memory.js';
@@ -75,6 +76,7 @@ function runDisk(config: Extract<VirtioDeviceData, { kind: 'blk' }>): void {
 function createDevice(config: VirtioDeviceData, context: VirtioDeviceContext): VirtioQueueDevice {
   switch (config.kind) {
     case 'rng': return new VirtioRngDevice(context);
+    case 'net': return new VirtioNetDevice(context, config);
     case 'blk': break;
   }
   throw argValueError(`no event-loop device of kind ${config.kind}`);
