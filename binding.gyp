@@ -16,7 +16,8 @@
         "native/file.cc",
         "native/thread.cc",
         "native/fd-watch.cc",
-        "native/checksum.cc"
+        "native/checksum.cc",
+        "native/tap.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -142,6 +142,7 @@ export const C_GUESTS = {
   'pc-tables': { sources: ['pc-tables.c'] },
   rtc: { sources: ['rtc.c'] },
   rng: { sources: ['rng.c'] },
+  'net-echo': { sources: ['net-echo.c'] },
   'vsock-echo': { sources: ['vsock-echo.c'] },
 };
 

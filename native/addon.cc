@@ -12,6 +12,7 @@
 #include "memory.h"
 #include "socket.h"
 #include "fd-watch.h"
+#include "tap.h"
 #include "file.h"
 #include "thread.h"
 #include "vcpu.h"
@@ -109,6 +110,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("tapOpen", TapOpen);
+  fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);
   fn("fileLock", FileLock);
   fn("memoryInfo", MemoryInfo);

@@ -1,5 +1,5 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
-//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb"|"regs"|"x"|"stats","params":{...}}
+//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb"|"regs"|"x"|"stats"|"stats-reset"|"trace-start"|"trace-stop","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
@@ -10,7 +10,7 @@ import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 import { parseMigrationAddress } from '../migration/transport.js';
-import { machineInternals, type ExitStats, type Machine } from '../vmm/machine.js';
+import { type ExitStats, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
@@ -25,8 +25,8 @@ export interface ApiMachine {
   resume(): void;
   /** Begins ending the machine (as QEMU's monitor command quit). */
   stop(): void;
-  /** Resets the guest as the i8042's reset command does (which ends the machine, with exit reason 'reset'). */
-  reset(): void;
+  /** Reboots the guest (Machine.reset(), as QEMU's system_reset). */
+  reset(): Promise<void>;
   snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;
   migrate(address: string, options?: MigrateOptions): Promise<MigrationStats>;
   /** Starts a GDB stub on the machine (lib/debug); resolves with where it listens. */
@@ -37,6 +37,12 @@ export interface ApiMachine {
   x?(address: bigint, length: number, options: { vcpu: number; physical: boolean }): Promise<Buffer>;
   /** Exit statistics; `start`: start counting if the machine does not count yet. */
   stats?(start: boolean): ExitStats;
+  /** Exit statistics back to zero (machine.resetExitStats()), then as they are. */
+  statsReset?(): Promise<ExitStats>;
+  /** Starts an exit trace to this file (machine.startExitTrace()). */
+  traceStart?(path: string): Promise<void>;
+  /** Stops the exit trace; its path, or null when there was none (machine.stopExitTrace()). */
+  traceStop?(): Promise<string | null>;
 }
 
 /** A real machine as the API sees it: its lifecycle, and snapshots and migrations of it. */
@@ -50,8 +56,7 @@ export function apiMachine(machine: Machine): ApiMachine {
     pause: () => machine.pause(),
     resume: () => machine.resume(),
     stop: () => void machine.stop(),
-    // No reboot yet: a reset ends the machine whether the guest or the API asks for it.
-    reset: () => machineInternals(machine).end({ reason: 'reset' }),
+    reset: () => machine.reset(),
     snapshot: (path, options) => snapshotMachine(machine, path, options),
     migrate: (address, options) => migrateMachine(machine, address, options),
     gdb: async (address) => {
@@ -68,9 +73,15 @@ export function apiMachine(machine: Machine): ApiMachine {
       return readGuestMemory(machine, address, length, options);
     },
     stats: (start) => {
-      if (start) machine.startExitStats();
+      if (start) void machine.startExitStats();
       return machine.exitStats();
     },
+    statsReset: async () => {
+      await machine.resetExitStats();
+      return machine.exitStats();
+    },
+    traceStart: (path) => machine.startExitTrace(path),
+    traceStop: () => machine.stopExitTrace(),
   };
 }
 
@@ -127,10 +138,16 @@ export interface ApiMethods {
   x: { params: { address: string | number; length?: number; vcpu?: number; physical?: boolean }; result: { address: string; length: number; data: string } };
   /** Exit statistics (machine.exitStats()); counting starts with the first call unless `start` is false. */
   stats: { params: { start?: boolean }; result: ExitStats };
+  /** Exit statistics back to zero, counting on (nothing happens to a machine that does not count); the result: as they are then. */
+  'stats-reset': { params: Record<string, never>; result: ExitStats };
+  /** Starts writing every exit to `path` (absolute: the machine's working directory is not the caller's). */
+  'trace-start': { params: { path: string }; result: { path: string } };
+  /** Stops the exit trace, the file complete; `path`: null when none was being written. */
+  'trace-stop': { params: Record<string, never>; result: { path: string | null } };
 }
 
 export type ApiMethod = keyof ApiMethods;
-export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb', 'regs', 'x', 'stats'];
+export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb', 'regs', 'x', 'stats', 'stats-reset', 'trace-start', 'trace-stop'];
 
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
@@ -231,7 +248,7 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       checkParams(params, 'reset', []);
       const state = machine.state;
       if (state !== 'running' && state !== 'paused') throw new NodeKvmError(ErrorCode.MachineState, `machine is ${state}: there is no guest to reset`);
-      machine.reset();
+      await machine.reset();
       return { state: machine.state };
     },
     async snapshot(params) {
@@ -276,6 +293,26 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       if (params.start !== undefined && typeof params.start !== 'boolean') throw argTypeError('stats: params.start must be a boolean');
       if (!machine.stats) throw new NodeKvmError(ErrorCode.MachineState, 'stats: this machine does not count exits');
       return machine.stats(params.start !== false);
+    },
+    async 'stats-reset'(params) {
+      checkParams(params, 'stats-reset', []);
+      if (!machine.statsReset) throw new NodeKvmError(ErrorCode.MachineState, 'stats-reset: this machine does not count exits');
+      return machine.statsReset();
+    },
+    async 'trace-start'(params) {
+      checkParams(params, 'trace-start', ['path']);
+      const { path } = params;
+      const pathProblem = 'trace-start: params.path must be an absolute file path';
+      if (typeof path !== 'string') throw argTypeError(pathProblem);
+      if (!path.startsWith('/')) throw argValueError(pathProblem);
+      if (!machine.traceStart) throw new NodeKvmError(ErrorCode.MachineState, 'trace-start: this machine cannot trace its exits');
+      await machine.traceStart(path);
+      return { path };
+    },
+    async 'trace-stop'(params) {
+      checkParams(params, 'trace-stop', []);
+      if (!machine.traceStop) throw new NodeKvmError(ErrorCode.MachineState, 'trace-stop: this machine cannot trace its exits');
+      return { path: await machine.traceStop() };
     },
     async migrate(params, progress) {
       const options = checkMigrateParams(params);

@@ -16,11 +16,11 @@ commands:
   pause     pause a running machine
   resume    resume a paused machine
   stop      end a running machine
-  reset     reset a running machine's guest
+  reset     reboot a running machine's guest
   regs      print a running machine's vCPU registers
   x         dump a running machine's guest memory (virtual or physical)
   stats     print a running machine's exit statistics
-  trace     print or summarise an exit trace (run --trace-exits FILE)
+  trace     print or summarise an exit trace; start or stop one on a running machine
   info      print this host's KVM capabilities
 
 options:
@@ -63,6 +63,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
           initrd: { type: 'string' },
           append: { type: 'string' },
           disk: { type: 'string', multiple: true },
+          net: { type: 'string', multiple: true },
           'api-socket': { type: 'string' },
           incoming: { type: 'string' },
           restore: { type: 'string' },
@@ -92,7 +93,7 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
       const options = {
         image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
         mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng, vsock: values.vsock,
+        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, net: values.net, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng, vsock: values.vsock,
         gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial, traceExits: values['trace-exits'], exitStats: values['exit-stats'],
       };
       if (!threads) {

@@ -1,4 +1,5 @@
-// `regs`, `x` and `stats` (a running machine, through its control API) and `trace` (an exit trace file).
+// `regs`, `x` and `stats` (a running machine, through its control API) and `trace` (an exit trace
+// file, or starting and stopping one on a running machine).
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { callApi, requireApiSocket } from './api-client.js';
@@ -17,17 +18,23 @@ Dumps LEN bytes (default 64, at most 1 MiB) of guest memory at ADDR (decimal, or
 hex and ASCII. ADDR is virtual, translated through the page tables of vCPU 0 (or --vcpu N), or
 guest-physical with --phys. An address that is not mapped is refused.`,
   stats: `usage: node-kvm stats --api-socket PATH [--duration SECONDS] [--json]
+       node-kvm stats --api-socket PATH --reset
 
 Prints exit statistics per vCPU (as \`perf kvm stat\`): exits by reason, port I/O by port, MMIO by
 page, with counts and the time the VMM spent handling them. A machine that does not count yet
 starts now (it costs a clock read per exit from then on); the figures then cover --duration
 seconds (default 1). A machine started with --exit-stats, or asked before, reports everything
-since it started counting.`,
+since it started counting, or since --reset set every count back to zero (counting goes on).`,
   trace: `usage: node-kvm trace FILE [--summary] [--vcpu N] [--limit N]
+       node-kvm trace --api-socket PATH --start FILE | --stop
 
-Reads an exit trace written by node-kvm run --trace-exits FILE: one line per exit (time in us since
-the trace started, vCPU, kind, RIP, port or address, size, data), or with --summary the count of
-exits per kind and port or page.`,
+Reads an exit trace written by node-kvm run --trace-exits FILE (or --start): one line per exit
+(time in us since the trace started, vCPU, kind, RIP, port or address, size, data), or with
+--summary the count of exits per kind and port or page.
+
+With --api-socket, starts writing every exit of a running machine to FILE (replaced if it exists),
+or stops the trace it writes (the file is complete when the command returns). A machine that
+does not trace pays nothing for it.`,
 } as const;
 
 export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', args: string[]): Promise<number> {
@@ -43,6 +50,9 @@ export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', 
       duration: { type: 'string' },
       summary: { type: 'boolean' },
       limit: { type: 'string' },
+      reset: { type: 'boolean' },
+      start: { type: 'string' },
+      stop: { type: 'boolean' },
     },
   });
   if (values.help) {
@@ -50,6 +60,10 @@ export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', 
     return 0;
   }
   const vcpu = values.vcpu === undefined ? undefined : integer(values.vcpu, '--vcpu');
+  if (command !== 'trace' && (values.start !== undefined || values.stop)) throw argValueError(`--start and --stop apply to node-kvm trace only`);
+  if (command !== 'stats' && values.reset) throw argValueError('--reset applies to node-kvm stats only');
+  if (command === 'trace' && values['api-socket'] !== undefined) return traceControl(values['api-socket'], positionals, values.start, values.stop === true);
+  if (command === 'trace' && (values.start !== undefined || values.stop)) throw argValueError('trace --start and --stop need --api-socket PATH (see node-kvm trace --help)');
   if (command === 'trace') return traceCommand(positionals, { summary: values.summary === true, vcpu, limit: values.limit === undefined ? undefined : integer(values.limit, '--limit') });
   const apiSocket = path.resolve(requireApiSocket(values['api-socket'], command));
   if (command === 'regs') {
@@ -72,6 +86,12 @@ export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', 
     process.stdout.write(hexDump(BigInt(result.address), Buffer.from(result.data, 'hex')));
     return 0;
   }
+  if (values.reset) {
+    if (positionals.length > 0 || values.duration !== undefined) throw argValueError('stats --reset takes no arguments and no --duration');
+    const stats = await callApi(apiSocket, 'stats-reset', {});
+    console.log(values.json ? JSON.stringify(stats) : stats.enabled ? 'exit statistics reset' : 'the machine does not count exits');
+    return 0;
+  }
   const durationSeconds = values.duration === undefined ? 1 : Number(values.duration);
   if (!Number.isFinite(durationSeconds) || durationSeconds < 0 || durationSeconds > 3600) throw argValueError(`--duration must be a number of seconds 0..3600, got '${values.duration}'`);
   let stats = await callApi(apiSocket, 'stats', { start: false });
@@ -82,6 +102,23 @@ export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', 
     stats = await callApi(apiSocket, 'stats', { start: false });
   }
   process.stdout.write(values.json ? `${JSON.stringify(stats, null, 2)}\n` : formatExitStats(stats));
+  return 0;
+}
+
+/** trace --api-socket PATH --start FILE | --stop */
+async function traceControl(socket: string, positionals: string[], start: string | undefined, stop: boolean): Promise<number> {
+  if (positionals.length > 0) throw argValueError(`trace --api-socket takes --start FILE or --stop, not '${positionals[0]}'`);
+  if ((start === undefined) === !stop) throw argValueError('trace --api-socket needs one of --start FILE and --stop');
+  const apiSocket = path.resolve(socket);
+  if (start !== undefined) {
+    if (start === '') throw argValueError('trace --start needs a FILE');
+    // Absolute: the machine's working directory is not ours.
+    const { path: file } = await callApi(apiSocket, 'trace-start', { path: path.resolve(start) });
+    console.log(`tracing exits to ${file}`);
+    return 0;
+  }
+  const { path: file } = await callApi(apiSocket, 'trace-stop', {});
+  console.log(file === null ? 'the machine was not tracing its exits' : `exit trace stopped: ${file}`);
   return 0;
 }
 

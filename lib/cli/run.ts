@@ -4,7 +4,7 @@ import { closeSync, openSync, readSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { debugExitStatus } from '../devices/debug-exit.js';
-import { Machine, type DiskConfig, type MachineExit, type MultibootModuleConfig } from '../vmm/machine.js';
+import { Machine, type DiskConfig, type NetConfig, type MachineExit, type MultibootModuleConfig } from '../vmm/machine.js';
 import type { VcpuWorkerPool } from '../vmm/pool.js';
 import type { CpuMode } from '../boot/index.js';
 import { MULTIBOOT_SEARCH_BYTES, isMultibootKernel } from '../boot/multiboot.js';
@@ -45,6 +45,11 @@ options:
   --disk FILE[,ro][,id=ID]    a virtio-blk disk backed by a raw image file (repeat for more; ro:
                               read-only). With --restore or --incoming: where this host finds the
                               disks the guest had, in order (default: the paths it had)
+  --net tap=NAME[,mac=MAC][,netns=PATH]
+                              a virtio-net card over the TAP NAME (created if it does not exist
+                              and we may; netns: in that network namespace, e.g. /run/netns/NS),
+                              MAC default 52:54:00:12:34:56 (+1 per card); repeat for more. With
+                              --restore or --incoming: the TAPs this host gives the guest's cards
   --rng                       a virtio-rng device: the guest's random bytes from the host kernel
   --vsock cid=N,uds=PATH      a virtio-vsock device for guest CID N (3 or more), Firecracker's hybrid
                               vsock on the unix socket PATH: a host program connects to PATH and
@@ -95,6 +100,8 @@ export interface RunOptions {
   append?: string;
   /** --disk FILE[,ro][,id=ID], repeatable. */
   disk?: string[];
+  /** --net tap=NAME[,mac=MAC][,netns=PATH], repeatable. */
+  net?: string[];
   /** With --restore: do not check the RAM image against its checksum. */
   noVerify?: boolean;
   noIrqchip?: boolean;
@@ -135,6 +142,21 @@ export function parseDiskOption(value: string): DiskConfig {
     else throw argValueError(`--disk ${value}: unknown flag '${flag}' (ro, id=ID)`);
   }
   return disk;
+}
+
+/** Parses one --net value: tap=NAME[,mac=MAC][,netns=PATH]. */
+export function parseNetOption(value: string): NetConfig {
+  const card: NetConfig = {};
+  for (const part of value.split(',')) {
+    const [key, text] = [part.slice(0, part.indexOf('=')), part.slice(part.indexOf('=') + 1)];
+    if (part.indexOf('=') < 1 || text === '') throw argValueError(`--net ${value}: '${part}' is not KEY=VALUE (tap=NAME, mac=MAC, netns=PATH)`);
+    if (key === 'tap') card.tap = text;
+    else if (key === 'mac') card.mac = text;
+    else if (key === 'netns') card.netns = text;
+    else throw argValueError(`--net ${value}: unknown key '${key}' (tap, mac, netns)`);
+  }
+  if (card.tap === undefined) throw argValueError(`--net needs a TAP: --net tap=NAME[,mac=MAC][,netns=PATH], got '${value}'`);
+  return card;
 }
 
 /**
@@ -228,20 +250,22 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw argValueError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
   const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
   const disks = options.disk?.map(parseDiskOption);
+  const net = options.net?.map(parseNetOption);
   const vsock = options.vsock === undefined ? undefined : parseVsockOption(options.vsock);
   const serialBackend = await openSerialBackend(parseSerialOption(options.serial), (message) => process.stderr.write(`node-kvm: ${message}\n`));
   try {
-    return await runMachine(options, { mode, vcpus, memoryBytes, disks, vsock }, serialBackend, pool);
+    return await runMachine(options, { mode, vcpus, memoryBytes, disks, net, vsock }, serialBackend, pool);
   } finally {
     await serialBackend.close();
   }
 }
 
 async function runMachine(
-  options: RunOptions, parsed: { mode?: string; vcpus?: number; memoryBytes?: number; disks?: DiskConfig[]; vsock?: { cid?: number; uds: string } },
+  options: RunOptions,
+  parsed: { mode?: string; vcpus?: number; memoryBytes?: number; disks?: DiskConfig[]; net?: NetConfig[]; vsock?: { cid?: number; uds: string } },
   serialBackend: SerialBackend, pool: VcpuWorkerPool,
 ): Promise<number> {
-  const { mode, vcpus, memoryBytes, disks, vsock } = parsed;
+  const { mode, vcpus, memoryBytes, disks, net, vsock } = parsed;
   const serial = serialBackend.config;
   const instrument = { exitStats: options.exitStats === true, ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }) };
   let machine: Machine;
@@ -253,7 +277,7 @@ async function runMachine(
     if (address.kind === 'tcp' && token === undefined) throw argValueError(`--incoming ${options.incoming} needs --token (or ${TOKEN_ENV}): anyone who can reach the port could send a guest`);
     const { receiveMachine } = await import('../migration/receive.js');
     machine = await receiveMachine(options.incoming, {
-      memoryBytes, vcpus, token, serial, pool, disks, vsock, ...instrument,
+      memoryBytes, vcpus, token, serial, pool, disks, net, vsock, ...instrument,
       onListening: (bound) => process.stderr.write(`node-kvm: listening for a migration on ${bound}\n`),
       // Connections refused while waiting (not a migration source, a wrong token), and the VMM's warnings.
       log: (message) => process.stderr.write(`node-kvm: ${message}\n`),
@@ -263,7 +287,7 @@ async function runMachine(
     }
   } else if (options.restore !== undefined) {
     const { restoreMachine } = await import('../migration/snapshot.js');
-    machine = await restoreMachine(options.restore, { serial, pool, disks, vsock, ...instrument, verify: options.noVerify !== true });
+    machine = await restoreMachine(options.restore, { serial, pool, disks, net, vsock, ...instrument, verify: options.noVerify !== true });
   } else {
     const image = (options.image ?? options.kernel)!;
     // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
@@ -281,6 +305,7 @@ async function runMachine(
       rng: options.rng === true ? true : undefined,
       vsock: vsock as { cid: number; uds: string } | undefined,
       disks,
+      net,
       serial,
       pool,
       ...instrument,

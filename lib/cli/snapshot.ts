@@ -24,7 +24,7 @@ const CONTROL_USAGE = {
   pause: 'usage: node-kvm pause --api-socket PATH\n\nPauses every vCPU of a running machine.',
   resume: 'usage: node-kvm resume --api-socket PATH\n\nResumes a paused machine.',
   stop: 'usage: node-kvm stop --api-socket PATH\n\nEnds a machine (as quit in QEMU\'s monitor): its node-kvm run exits 0.',
-  reset: 'usage: node-kvm reset --api-socket PATH\n\nResets the guest, as its own reset through the i8042 does: for now that ends the\nmachine, and its node-kvm run exits 0.',
+  reset: 'usage: node-kvm reset --api-socket PATH\n\nReboots the guest, as QEMU\'s system_reset does: its vCPUs, interrupt controllers and\ndevices as at power-on, its RAM cleared and the image loaded again. A running guest runs\non from its entry point; a paused one stays paused. A restored or received guest has no\nimage to boot again: the machine refuses.',
 };
 
 export async function snapshotCommand(args: string[]): Promise<number> {

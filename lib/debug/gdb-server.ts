@@ -6,6 +6,7 @@ import { argTypeError } from '../kvm/errors.js';
 import { machineStateError } from '../vmm/errors.js';
 import { Machine } from '../vmm/machine.js';
 import { formatGdbAddress, listenAt, parseGdbAddress, type GdbAddress } from './address.js';
+import { hostDebugSupport, type HostDebugSupport } from './host-debug-support.js';
 import { GdbSession } from './session.js';
 import { DebugTarget } from './target.js';
 
@@ -15,6 +16,8 @@ const stubs = new WeakMap<Machine, GdbServer>();
 export interface GdbServerOptions {
   /** Where messages go (a debugger refused, a command that failed); none by default. */
   log?: (message: string) => void;
+  /** What the host serves; probed once per process (hostDebugSupport()) when not given. */
+  support?: HostDebugSupport;
 }
 
 export class GdbServer {
@@ -24,11 +27,13 @@ export class GdbServer {
   readonly #server: net.Server;
   readonly #cleanup: () => void;
   readonly #log: (message: string) => void;
+  readonly #support: HostDebugSupport;
   #session: GdbSession | null = null;
   #closing: Promise<void> | null = null;
 
-  private constructor(machine: Machine, server: net.Server, address: GdbAddress, cleanup: () => void, log: (message: string) => void) {
+  private constructor(machine: Machine, server: net.Server, address: GdbAddress, cleanup: () => void, log: (message: string) => void, support: HostDebugSupport) {
     this.machine = machine;
+    this.#support = support;
     this.#server = server;
     this.address = formatGdbAddress(address);
     this.#cleanup = cleanup;
@@ -49,10 +54,15 @@ export class GdbServer {
     if (existing) throw machineStateError(`a gdb stub already listens for this machine on ${existing.address}`);
     if (machine.state === 'stopping' || machine.state === 'stopped') throw machineStateError(`machine is ${machine.state}: there is nothing to debug`);
     const parsed = typeof address === 'string' ? parseGdbAddress(address) : address;
+    // The probe (once per process) runs a machine of its own for a moment: look again after it.
+    const support = options.support ?? await hostDebugSupport();
+    if (stubs.has(machine)) throw machineStateError(`a gdb stub already listens for this machine on ${stubs.get(machine)!.address}`);
+    const state: string = machine.state;
+    if (state === 'stopping' || state === 'stopped') throw machineStateError(`machine is ${state}: there is nothing to debug`);
     const server = net.createServer();
     const { listening, cleanup } = await listenAt(server, parsed);
     server.unref();
-    const stub = new GdbServer(machine, server, listening, cleanup, options.log ?? (() => {}));
+    const stub = new GdbServer(machine, server, listening, cleanup, options.log ?? (() => {}), support);
     stubs.set(machine, stub);
     return stub;
   }
@@ -81,7 +91,7 @@ export class GdbServer {
       socket.destroy();
       return;
     }
-    const session = new GdbSession(socket, new DebugTarget(this.machine, { registersAtStop: true }), this.#log);
+    const session = new GdbSession(socket, new DebugTarget(this.machine, { registersAtStop: true, support: this.#support }), this.#log);
     this.#session = session;
     void session.closed.then(() => {
       if (this.#session === session) this.#session = null;

@@ -7,7 +7,7 @@ import type { Socket } from 'node:net';
 import type { MachineExit } from '../vmm/machine.js';
 import { MAX_PACKET_BYTES, PacketReader, escapeBinary, framePacket, fromHex, parseHexNumber, toHex, unescapeBinary } from './packets.js';
 import { archFor, decodeRegister, decodeRegisters, encodeRegister, encodeRegisters, targetDescription, type TargetArch } from './registers.js';
-import type { DebugTarget, StopReason } from './target.js';
+import type { DebugTarget, InsertResult, StopReason } from './target.js';
 
 const SIGINT = 2;
 const SIGTRAP = 5;
@@ -18,6 +18,11 @@ const SIGSEGV = 11;
 const MAX_READ_BYTES = (MAX_PACKET_BYTES - 8) / 2;
 
 const hex2 = (value: number) => value.toString(16).padStart(2, '0');
+const WATCHPOINT_KINDS = { 2: 'write', 3: 'read', 4: 'access' } as const;
+/** The reply to a Z or z packet: OK, or an error gdb shows ("Could not insert ..."). */
+const INSERT_REPLIES: Record<string, string> = { inserted: 'OK', true: 'OK', 'no-slot': 'E28', unmapped: 'E14', unsupported: 'E22', false: 'E22' };
+/** The stop reply's field for a watchpoint hit (gdb's manual, "Stop Reply Packets"). */
+const WATCH_FIELDS = { write: 'watch', read: 'rwatch', access: 'awatch' } as const;
 
 /** The W or X reply for a machine's end: W with run's exit status, X with a signal for a crash. */
 export function exitReply(exit: MachineExit): string {
@@ -194,7 +199,9 @@ export class GdbSession {
 
   async #query(args: string): Promise<void> {
     if (args.startsWith('Supported')) {
-      return this.#reply(`PacketSize=${MAX_PACKET_BYTES.toString(16)};qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+;vContSupported+`);
+      // swbreak only where breakpoints are int3s: a Z0 in a debug register stops as a hwbreak.
+      const swbreak = this.#target.support.softwareBreakpoints ? 'swbreak+;' : '';
+      return this.#reply(`PacketSize=${MAX_PACKET_BYTES.toString(16)};qXfer:features:read+;${swbreak}hwbreak+;QStartNoAckMode+;vContSupported+`);
     }
     if (args.startsWith('Xfer:features:read:')) {
       const match = /^Xfer:features:read:([^:]*):([0-9a-fA-F]+),([0-9a-fA-F]+)$/.exec(args);
@@ -271,17 +278,26 @@ export class GdbSession {
     this.#reply((await this.#target.writeMemory(this.#registerThread, address, data)) ? 'OK' : 'E14');
   }
 
+  /** Z/z TYPE,ADDR,KIND: 0 and 1 breakpoints, 2-4 watchpoints of KIND bytes (write, read, access). */
   async #breakpoint(insert: boolean, args: string): Promise<void> {
-    const [type, addressText] = args.split(',');
+    const [type, addressText, kindText] = args.split(',');
     const address = parseHexNumber(addressText ?? '');
     if (address === null) return this.#reply('E22');
-    if (type !== '0' && type !== '1') {
-      // Watchpoints: this host never triggers data breakpoints (README, Debugging with gdb).
-      return this.#reply('E22');
+    let result: InsertResult | boolean;
+    if (type === '0' || type === '1') {
+      const kind = type === '0' ? 'software' : 'hardware';
+      result = insert ? await this.#target.insertBreakpoint(address, kind, this.#registerThread) : await this.#target.removeBreakpoint(address, kind);
+    } else if (type === '2' || type === '3' || type === '4') {
+      const length = parseHexNumber(kindText ?? '');
+      if (length === null || length > 8n) return this.#reply('E22');
+      const kind = WATCHPOINT_KINDS[type];
+      // Refused where the host never triggers data breakpoints (README, Debugging with gdb):
+      // gdb then says it could not insert the watchpoint.
+      result = insert ? this.#target.insertWatchpoint(address, Number(length), kind) : this.#target.removeWatchpoint(address, Number(length), kind);
+    } else {
+      return this.#reply('');
     }
-    const kind = type === '0' ? 'software' : 'hardware';
-    if (insert) this.#reply(this.#target.insertBreakpoint(address, kind) ? 'OK' : 'E28');
-    else this.#reply(this.#target.removeBreakpoint(address, kind) ? 'OK' : 'E22');
+    this.#reply(INSERT_REPLIES[String(result)] ?? 'E22');
   }
 
   async #verbose(args: string): Promise<void> {
@@ -352,6 +368,8 @@ export class GdbSession {
     const thread = `thread:${(reason.vcpu + 1).toString(16)};`;
     if (reason.kind === 'breakpoint') {
       this.#lastStop = `T${hex2(SIGTRAP)}${thread}${reason.breakpoint === 'software' ? 'swbreak' : 'hwbreak'}:;`;
+    } else if (reason.kind === 'watchpoint') {
+      this.#lastStop = `T${hex2(SIGTRAP)}${thread}${WATCH_FIELDS[reason.watchpoint]}:${reason.address.toString(16)};`;
     } else {
       this.#lastStop = `T${hex2(reason.kind === 'interrupt' ? SIGINT : SIGTRAP)}${thread}`;
     }

@@ -46,6 +46,10 @@ export interface NativeBinding {
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   /** A close-on-exec duplicate of a stream socket fd. */
   dupSocket(fd: number): number;
+  /** A non-blocking TAP fd with a 12-byte vnet header and no offloads, opened in `netns` if given: [fd, name]. */
+  tapOpen(name: string, netns: string | null): [fd: number, name: string];
+  /** A close-on-exec duplicate of a TAP fd opened elsewhere, set up as tapOpen's: [fd, name]. */
+  tapAdopt(fd: number): [fd: number, name: string];
   /** fallocate(2): punch a hole (zero false) or zero the range (zero true), keeping the size. */
   fileDeallocate(fd: number, offset: number, length: number, zero: boolean): void;
   /** An open-file-description lock on the whole file (F_OFD_SETLK); a conflict throws EAGAIN. */

@@ -15,6 +15,7 @@ import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { MAX_MEMORY_BYTES, MAX_VCPUS, type MachineShape, type MachineState } from '../vmm/config.js';
 import type { DiskShape } from '../vmm/disks.js';
+import type { NetShape } from '../vmm/nets.js';
 import { isDeviceStates } from '../vmm/devices.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 import { SectionType, type Section } from './format.js';
@@ -187,12 +188,21 @@ export function checkShape(value: unknown, where: string): MachineShape {
   if (value.disks !== undefined) shape.disks = checkDiskShapes(value.disks, where);
   if (value.rng !== undefined && typeof value.rng !== 'boolean') throw streamError(Code.Format, `${where}: bad rng flag`);
   if (value.rng) shape.rng = true;
+  if (value.net !== undefined) shape.net = checkNetShapes(value.net, where);
   if (value.vsock !== undefined) {
     const cid = isObject(value.vsock) ? value.vsock.cid : undefined;
     if (typeof cid !== 'number' || !Number.isInteger(cid) || cid < 3 || cid > 0xfffffffe) throw streamError(Code.Format, `${where}: bad vsock device`);
     shape.vsock = { cid };
   }
   return shape;
+}
+
+function checkNetShapes(value: unknown, where: string): NetShape[] {
+  if (!Array.isArray(value) || value.length > VIRTIO_MAX_DEVICES) throw streamError(Code.Format, `${where}: bad network card list`);
+  return value.map((card: unknown, index) => {
+    if (!isObject(card) || typeof card.mac !== 'string' || !/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(card.mac)) throw streamError(Code.Format, `${where}: bad description of network card ${index}`);
+    return { mac: card.mac };
+  });
 }
 
 function checkDiskShapes(value: unknown, where: string): DiskShape[] {

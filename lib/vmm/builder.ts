@@ -11,6 +11,7 @@ import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type G
 import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, type DiskConfig, type DiskShape } from './disks.js';
 import { checkVirtioConfig, VirtioDevices, virtioMismatch, vsockConfigFor } from './virtio-devices.js';
+import { netConfigsFor } from './nets.js';
 import type { BuildPlan, MachineShape } from './config.js';
 import { RunState, createControl, setRunState } from './control.js';
 import { createHaltProbe } from './halt-watch.js';
@@ -20,7 +21,7 @@ import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slot
 import { abortError, fromThreadFailure } from './errors.js';
 import { startVcpuThread, type VcpuThread } from './pool.js';
 import type { VcpuAssignment, WorkerMessage } from './types.js';
-import { restoreVmState } from './vm-state.js';
+import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 
 // Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
@@ -71,6 +72,8 @@ export interface MachineParts {
   requestPorts: MessagePort[];
   devices: DevicesShared;
   virtio: VirtioDevices;
+  /** The interrupt controllers and PIT as a booted machine's start (a reboot puts them back); null otherwise. */
+  powerOnVm: VmState | null;
   dirtyLog: DirtyLogMode;
   /** Serial output bound for the console or a stream (or discarded): the vCPU threads fill it, the machine drains it. */
   outputRing: ByteRing | null;
@@ -97,7 +100,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
 
   // Checked before any thread starts: a bad configuration leaves nothing behind.
   const diskConfigs = plan.savedDisks ? diskConfigsFor(plan.savedDisks, runtime.disks) : checkDiskConfigs(runtime.disks);
-  const virtioConfig = checkVirtioConfig(diskConfigs, shape.rng, vsockConfigFor(shape.vsock, runtime.vsock));
+  const virtioConfig = checkVirtioConfig(diskConfigs, shape.rng, netConfigsFor(shape.net ?? [], runtime.net), vsockConfigFor(shape.vsock, runtime.vsock));
   // Taken (or started) without waiting for them to load: each is sent its vCPU below at once.
   const threadsPromise = runtime.pool ? runtime.pool.acquire(vcpus) : Promise.resolve(Array.from({ length: vcpus }, startVcpuThread));
   threadsPromise.catch(() => {});
@@ -147,6 +150,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     }
     // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
     if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
+    const powerOnVm = plan.boot && shape.irqchip ? saveVmState(vm, true) : null;
     // The ring must exist before any vCPU (api.rst, KVM_CAP_DIRTY_LOG_RING).
     if (dirtyLog === 'ring') {
       if (!dirtyLogModesOffered(vm).includes('ring')) throw argValueError('this host\'s KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING): use dirtyLog \'bitmap\'');
@@ -235,7 +239,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     checkAborted();
     return {
       plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
-      devices, virtio, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
+      devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {
     await giveBack();

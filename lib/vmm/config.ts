@@ -7,6 +7,7 @@ import type { GuestMemory } from '../kvm/memory.js';
 import type { DeviceStates } from './devices.js';
 import type { DirtyLogMode } from './dirty-tracker.js';
 import type { DiskShape } from './disks.js';
+import type { NetConfig, NetShape } from './nets.js';
 import type { VcpuWorkerPool } from './pool.js';
 import type { VcpuState } from './vcpu-state.js';
 import type { VmState } from './vm-state.js';
@@ -69,6 +70,12 @@ export interface MachineRuntimeConfig {
    */
   disks?: DiskConfig[];
   /**
+   * virtio-net cards over TAP devices, in the virtio-mmio slots after the disks. For a restore or an
+   * incoming migration: the TAPs this host gives the saved machine's cards, in the same order
+   * (required: a TAP serves one machine; the MACs are the saved ones).
+   */
+  net?: NetConfig[];
+  /**
    * A virtio-vsock device (after the disks) with Firecracker's hybrid host side on the unix socket
    * `uds` (see machine.vsock). For a restore or an incoming migration: this host's socket (the
    * guest keeps its CID; `cid` may be left out).
@@ -130,6 +137,8 @@ export interface MachineShape {
   disks?: DiskShape[];
   /** A virtio-rng device after the disks (absent: none). */
   rng?: boolean;
+  /** Network cards after the disks (absent: none): their MACs. The TAPs are the host's, not part of the state. */
+  net?: NetShape[];
   /** A virtio-vsock device after the disks, and the guest's CID (absent: none). */
   vsock?: { cid: number };
 }

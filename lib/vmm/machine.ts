@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { MessagePort } from 'node:worker_threads';
-import { isBzImage, planBoot, type BootPlan, type MultibootModule } from '../boot/index.js';
+import { isBzImage, planBoot, writeBootPlan, type BootPlan, type MultibootModule } from '../boot/index.js';
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
@@ -16,8 +16,8 @@ import {
   checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
-import { PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
-import { MachineDevices } from './devices.js';
+import { HALTED, PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
+import { MachineDevices, type DeviceStates } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
 import { createExitStatsBuffer, readExitStats, type ExitStats } from './exit-stats.js';
@@ -27,16 +27,18 @@ import { HaltWatch, isStuckState } from './halt-watch.js';
 import { checkDiskConfigs } from './disks.js';
 import { VsockHost } from './vsock-host.js';
 import { checkVirtioConfig, virtioMismatch, virtioShape, virtioSlotCount } from './virtio-devices.js';
+import { checkNetConfigs } from './nets.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
-import { restoreVmState, saveVmState } from './vm-state.js';
+import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
+export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
 export type { ExitStats, VcpuExitStats, ExitCount } from './exit-stats.js';
 export {
@@ -53,6 +55,8 @@ export interface MachineEvents {
   paused: [];
   /** The paused guest runs again (resume()): state 'running'. */
   resumed: [];
+  /** reset() has rebooted the guest (before it resolves; a running guest resumes just after). */
+  reset: [];
 }
 
 /** The machine's lifecycle states, in the order of RunState (control.ts). */
@@ -115,9 +119,10 @@ export interface MachineInternals {
   stopped<T>(work: () => Promise<T>): Promise<T>;
 }
 
-/** A vCPU's KVM_EXIT_DEBUG: which vCPU, its DR6 (which breakpoint, or a step) and RIP. */
+/** A vCPU's KVM_EXIT_DEBUG: which vCPU, the exception (1: #DB, 3: #BP), its DR6 (which breakpoint, or a step) and RIP. */
 export interface DebugStop {
   vcpu: number;
+  exception: number;
   dr6: bigint;
   pc: bigint;
   /** That vCPU's registers as it stopped. */
@@ -155,12 +160,16 @@ export declare interface Machine {
   on(event: 'paused', listener: () => void): this;
   /** Each time the paused guest runs again: resume() (before it returns). */
   on(event: 'resumed', listener: () => void): this;
+  /** Each time reset() has rebooted the guest (before it resolves). */
+  on(event: 'reset', listener: () => void): this;
   once(event: 'exit', listener: (exit: MachineExit) => void): this;
   once(event: 'paused', listener: () => void): this;
   once(event: 'resumed', listener: () => void): this;
+  once(event: 'reset', listener: () => void): this;
   off(event: 'exit', listener: (exit: MachineExit) => void): this;
   off(event: 'paused', listener: () => void): this;
   off(event: 'resumed', listener: () => void): this;
+  off(event: 'reset', listener: () => void): this;
 }
 
 /**
@@ -191,6 +200,8 @@ export class Machine extends EventEmitter {
   readonly #vm: Vm;
   readonly #memory: GuestMemory;
   readonly #dirty: DirtyBitmap;
+  /** What a reboot puts back (a booted machine's; null for a restored or received one). */
+  readonly #powerOn: { vm: VmState | null; devices: DeviceStates } | null;
   readonly #control: Int32Array;
   readonly #threads: VcpuThread[];
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
@@ -218,6 +229,9 @@ export class Machine extends EventEmitter {
   /** Each vCPU's exit counters, once counting started. */
   #exitStats: SharedArrayBuffer[] | null = null;
   #traceFd: number | null = null;
+  #tracePath: string | null = null;
+  /** Stopped traces' files, open until every vCPU has let go of them. */
+  readonly #tracesClosing = new Set<number>();
   #trackerOwner: string | null = null;
   /** A snapshot or migration is under way: one at a time. */
   #busy: string | null = null;
@@ -236,8 +250,8 @@ export class Machine extends EventEmitter {
       const machine = new Machine(parts);
       if (parts.plan.state) machine.#devices.restoreState(parts.plan.state.devices);
       machine.#watch();
-      if (trace) machine.#startTrace(trace);
-      if (exitStats) machine.startExitStats();
+      if (trace) void machine.#startTrace(trace, traceExits!);
+      if (exitStats) void machine.startExitStats();
       return machine;
     };
   }
@@ -267,6 +281,7 @@ export class Machine extends EventEmitter {
     this.memoryBytes = parts.memory.size;
     const vm = parts.vm;
     this.#devices = new MachineDevices(parts.devices, parts.virtio, this.irqchip ? (gsi, level) => vm.setIrqLine(gsi, level) : null);
+    this.#powerOn = parts.plan.boot ? { vm: parts.powerOnVm, devices: this.#devices.saveState() } : null;
     this.#finished = new Promise((resolve) => (this.#finish = resolve));
     this.#input = parts.plan.runtime.serial?.input ?? null;
     const vsock = parts.plan.runtime.vsock;
@@ -309,7 +324,7 @@ export class Machine extends EventEmitter {
     if (initrd !== undefined && !(initrd instanceof Uint8Array)) throw argTypeError('initrd must be a Uint8Array or a file path');
     const modules = config.modules === undefined ? undefined : readModules(config.modules);
     const disks = checkDiskConfigs(config.disks);
-    const virtio = checkVirtioConfig(disks, config.rng, config.vsock);
+    const virtio = checkVirtioConfig(disks, config.rng, checkNetConfigs(config.net), config.vsock);
     const linux = isBzImage(image);
     // Linux finds virtio-mmio devices on its command line (as with QEMU microvm and Firecracker).
     let cmdline = config.cmdline;
@@ -515,12 +530,14 @@ export class Machine extends EventEmitter {
 
   /**
    * Starts counting exits per vCPU and reason (a no-op when counting already): see exitStats().
-   * Each vCPU starts at its next exit to the VMM (it is kicked for it).
+   * Each vCPU starts at its next exit to the VMM (it is kicked for it); the promise resolves once
+   * every vCPU that runs has.
    */
-  startExitStats(): void {
+  async startExitStats(): Promise<void> {
     if (this.#exitStats || this.#exit) return;
-    this.#exitStats = this.#requestPorts.map(() => createExitStatsBuffer());
-    this.#exitStats.forEach((buffer, id) => this.#tell(id, { type: 'exit-stats', buffer }));
+    const buffers = this.#requestPorts.map(() => createExitStatsBuffer());
+    this.#exitStats = buffers;
+    await this.#askEveryVcpu((id) => ({ type: 'exit-stats', buffer: buffers[id]! }));
   }
 
   /**
@@ -533,15 +550,83 @@ export class Machine extends EventEmitter {
     return readExitStats(this.#exitStats ?? this.#requestPorts.map(() => null));
   }
 
-  #startTrace({ fd, startMs }: { fd: number; startMs: number }): void {
-    this.#traceFd = fd;
-    for (let id = 0; id < this.vcpuCount; id++) this.#tell(id, { type: 'exit-trace', fd, startMs });
+  /**
+   * Sets every count and time back to zero (`since`: now) and counts on: each vCPU takes fresh
+   * counters at its next exit to the VMM (it is kicked for it; that kick is not counted). Resolves
+   * once every vCPU that runs has; a machine that does not count stays so.
+   */
+  async resetExitStats(): Promise<void> {
+    if (!this.#exitStats || this.#exit) return;
+    const buffers = this.#requestPorts.map(() => createExitStatsBuffer());
+    this.#exitStats = buffers;
+    await this.#askEveryVcpu((id) => ({ type: 'exit-stats', buffer: buffers[id]! }));
   }
 
-  /** A request whose answer nobody awaits (a halted vCPU takes it when it next wakes). */
-  #tell(vcpuId: number, request: VcpuRequestBody): void {
-    this.#request(vcpuId, request).catch(() => {});
-    kickVcpu(this.#kicks[vcpuId]!);
+  /**
+   * Starts writing every exit to the file `path` (replaced if it exists), as
+   * MachineConfig.traceExits does from the start: each vCPU from its next exit to the VMM (it is
+   * kicked for it; that kick is not traced). Resolves once every vCPU that runs has started.
+   * Throws ERR_MACHINE_STATE while a trace is written already, or the machine is ending; a file
+   * that cannot be created throws with the file system's code.
+   */
+  async startExitTrace(path: string): Promise<void> {
+    if (typeof path !== 'string' || path === '') throw argTypeError('path must be a file path');
+    if (this.#exit) throw machineStateError(`machine is ${this.state}: it has no exits left to trace`);
+    if (this.#tracePath !== null) throw machineStateError(`the machine writes an exit trace to ${this.#tracePath} already`);
+    const trace = openTraceFile(path, this.vcpuCount);
+    await this.#startTrace(trace, path);
+  }
+
+  /**
+   * Stops the exit trace: each vCPU writes out what it holds at its next exit to the VMM (it is
+   * kicked for it) and runs on without tracing. Resolves with the file's path once every vCPU
+   * that runs has (one halted without an irqchip wrote its records as it halted), the file
+   * complete; null when no trace was being written.
+   */
+  async stopExitTrace(): Promise<string | null> {
+    const fd = this.#traceFd;
+    const path = this.#tracePath;
+    if (fd === null || this.#exit) return null;
+    this.#traceFd = null;
+    this.#tracePath = null;
+    // Closed once no vCPU holds it any more (or at the machine's end).
+    this.#tracesClosing.add(fd);
+    const { all } = await this.#askEveryVcpu(() => ({ type: 'exit-trace', fd: null, startMs: 0 }));
+    void all.then(() => {
+      if (this.#tracesClosing.delete(fd)) closeSync(fd);
+    });
+    return path;
+  }
+
+  /** Where the exit trace is being written (MachineConfig.traceExits, startExitTrace()); null: nowhere. */
+  get exitTracePath(): string | null {
+    return this.#tracePath;
+  }
+
+  #startTrace({ fd, startMs }: { fd: number; startMs: number }, path: string): Promise<unknown> {
+    this.#traceFd = fd;
+    this.#tracePath = path;
+    return this.#askEveryVcpu(() => ({ type: 'exit-trace', fd, startMs }));
+  }
+
+  /**
+   * Sends each vCPU its request (kicked to take it at its next exit) and resolves once every vCPU
+   * that runs has answered; one halted without an irqchip answers only as it wakes, before it
+   * runs again. `all`: every answer.
+   */
+  async #askEveryVcpu(request: (vcpuId: number) => VcpuRequestBody): Promise<{ all: Promise<unknown> }> {
+    let answered = 0;
+    const replies = this.#requestPorts.map((_, id) => {
+      const reply = this.#request(id, request(id));
+      kickVcpu(this.#kicks[id]!);
+      reply.then(() => void answered++, () => {});
+      return reply;
+    });
+    const all = Promise.allSettled(replies);
+    while (answered < this.vcpuCount - Atomics.load(this.#control, HALTED) && !this.#exit) {
+      await Promise.race([all, new Promise((resolve) => setTimeout(resolve, 20))]);
+    }
+    return { all };
   }
 
   /**
@@ -555,6 +640,44 @@ export class Machine extends EventEmitter {
     this.#haltWatch?.start();
     this.#devices.runTimers();
     this.emit('resumed');
+  }
+
+  /**
+   * Reboots the guest, as QEMU's `system_reset` does: every vCPU, the interrupt controllers, the PIT
+   * and the devices go back to their state at power-on (virtio devices to reset, as their drivers
+   * must set them up again), guest RAM is cleared and the image loaded again, and the guest starts
+   * over from its entry point. The RTC keeps the time; the console keeps what it printed. A running
+   * machine is paused for it ('paused', 'reset', 'resumed'); a paused one stays paused. Only a
+   * machine booted from an image can reboot: a restored or received one rejects with
+   * ERR_MACHINE_STATE, and so does one busy with a snapshot or migration.
+   */
+  async reset(): Promise<void> {
+    const powerOn = this.#powerOn;
+    const boot = this.boot;
+    if (!powerOn || !boot) throw machineStateError('this machine was restored or received: it has no image to boot again');
+    return this.#exclusive('reset', async () => {
+      const state = Atomics.load(this.#control, STATE);
+      if (state !== RunState.Running && state !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not running`);
+      const wasRunning = state === RunState.Running;
+      if (wasRunning) await this.#pause(false);
+      // RAM as at power-on: cleared (the pages given back), then the image again. All of it
+      // changed, as far as a later migration is concerned.
+      this.#memory.dontneed(0, this.#memory.size);
+      writeBootPlan(boot, this.#memory);
+      this.#dirty.markPages(0, this.#memory.size / 4096);
+      if (powerOn.vm) {
+        // The clock runs on: only the interrupt controllers and the PIT go back.
+        restoreVmState(this.#vm, { ...powerOn.vm, clock: this.#vm.getClock() }, this.irqchip);
+      }
+      await Promise.all(this.#threads.map(async (_, id) => {
+        const reply = await this.#request(id, { type: 'reboot' });
+        if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot reboot: `, reply);
+      }));
+      const { cmosRtc: _time, ...devices } = powerOn.devices;
+      this.#devices.restoreState(devices);
+      this.emit('reset');
+      if (wasRunning) this.resume();
+    });
   }
 
   /**
@@ -741,7 +864,7 @@ export class Machine extends EventEmitter {
 
   readonly #onWorkerMessage = (message: WorkerMessage) => {
     if (message.type === 'exit') this.#end(message.exit);
-    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, dr6: message.dr6, pc: message.pc, state: message.state });
+    else if (message.type === 'debug-stop') void this.#debugStopped({ vcpu: message.vcpuId, exception: message.exception, dr6: message.dr6, pc: message.pc, state: message.state });
     else if (message.type === 'log') this.#log(message.message);
   };
   readonly #onWorkerError = (error: Error) => this.#end({ reason: 'error', detail: error.message });
@@ -791,6 +914,8 @@ export class Machine extends EventEmitter {
     if (this.#input) this.#input.off('data', this.#onInput);
     await this.#devices.virtio.close();
     if (this.#traceFd !== null) closeSync(this.#traceFd);
+    for (const fd of this.#tracesClosing) closeSync(fd);
+    this.#tracesClosing.clear();
     this.#tracker = null;
     this.#vm.close();
     this.#memory.close();

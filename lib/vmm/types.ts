@@ -72,7 +72,9 @@ export type VcpuRequest =
   // Exit statistics (exit-stats.ts: a buffer to count into, null: stop) and the exit trace
   // (exit-trace.ts: the file's fd, null: stop), taken at a kick or while parked.
   | { type: 'exit-stats'; seq: number; buffer: SharedArrayBuffer | null }
-  | { type: 'exit-trace'; seq: number; fd: number | null; startMs: number };
+  | { type: 'exit-trace'; seq: number; fd: number | null; startMs: number }
+  // A reboot (machine.reset()): the vCPU back in the state it had before it first ran.
+  | { type: 'reboot'; seq: number };
 
 /** A request without its sequence number, as the machine's side makes it. */
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
@@ -90,7 +92,7 @@ export type WorkerMessage =
   | { type: 'ready'; vcpuId: number; kick: VcpuKickHandle }
   | { type: 'exit'; exit: MachineExit }
   /** A KVM_EXIT_DEBUG (a breakpoint or a step, with guest debugging on): this vCPU paused the machine. */
-  | { type: 'debug-stop'; vcpuId: number; dr6: bigint; pc: bigint; state?: { regs: Regs; sregs: Sregs; fpu: Fpu } }
+  | { type: 'debug-stop'; vcpuId: number; exception: number; dr6: bigint; pc: bigint; state?: { regs: Regs; sregs: Sregs; fpu: Fpu } }
   | { type: 'log'; message: string }
   /** The thread left its assignment; with `failure` if it could not create or run its vCPU. */
   | { type: 'done'; vcpuId: number; failure?: ThreadFailure };

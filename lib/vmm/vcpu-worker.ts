@@ -87,7 +87,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
-    slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false,
+    slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false, powerOn: null,
   };
   if (assignment.restore) {
     restoreInto(thread, assignment.restore);
@@ -101,6 +101,9 @@ function runAssignment(assignment: VcpuAssignment): void {
   }
   const serve = () => serveRequests(thread);
   post({ type: 'ready', vcpuId: id, kick: vcpu.kickHandle });
+  // Kept for a reboot, read while the machine finishes its build: the state KVM and the boot plan
+  // gave the vCPU (a restored one has no image to boot again).
+  if (!assignment.restore && assignment.boot) thread.powerOn = readPowerOnState(vcpu, assignment.irqchip);
   try {
     if (!waitWhileNotRunning(control, serve)) return;
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
@@ -128,6 +131,8 @@ interface VcpuThreadState {
   cpuid: CpuidEntry[] | Uint8Array | null;
   /** Exit counters (exit-stats.ts) while someone asked for them. */
   stats: Float64Array | null;
+  /** The state before the first run, for a reboot (null for a restored vCPU). */
+  powerOn: PowerOnState | null;
   /** The exit trace's writer (exit-trace.ts) while the machine traces. */
   trace: TraceWriter | null;
   /** A debugger wants this vCPU's registers with each debug stop. */
@@ -160,6 +165,8 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'saved', state };
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
+      } else if (request.type === 'reboot') {
+        reply = rebootInto(thread, request.seq);
       } else if (request.type === 'exit-stats') {
         thread.stats = request.buffer ? new Float64Array(request.buffer) : null;
         reply = { seq: request.seq, type: 'done' };
@@ -200,6 +207,46 @@ function serveDebugRequest(vcpu: Vcpu, request: VcpuRequest): VcpuReply | undefi
     return { seq: request.seq, type: 'debug-done' };
   }
   return undefined;
+}
+
+/** What a reboot puts back; the MSRs and CPUID come from the assignment, which set them first. */
+interface PowerOnState {
+  mpState: ReturnType<Vcpu['getMpState']>;
+  regs: ReturnType<Vcpu['getRegs']>;
+  sregs: ReturnType<Vcpu['getSregs']>;
+  xsave: ReturnType<Vcpu['getXsave']>;
+  xcrs: ReturnType<Vcpu['getXcrs']>;
+  debugRegs: ReturnType<Vcpu['getDebugRegs']>;
+  lapic: ReturnType<Vcpu['getLapic']> | null;
+  events: ReturnType<Vcpu['getVcpuEvents']>;
+}
+
+function readPowerOnState(vcpu: Vcpu, irqchip: boolean): PowerOnState {
+  return {
+    mpState: vcpu.getMpState(), regs: vcpu.getRegs(), sregs: vcpu.getSregs(), xsave: vcpu.getXsave(), xcrs: vcpu.getXcrs(),
+    debugRegs: vcpu.getDebugRegs(), lapic: irqchip ? vcpu.getLapic() : null, events: vcpu.getVcpuEvents(),
+  };
+}
+
+/** Puts the vCPU back as it was before it first ran (a parked vCPU of a machine being rebooted). */
+function rebootInto(thread: VcpuThreadState, seq: number): VcpuReply {
+  const state = thread.powerOn;
+  if (!state) return { seq, type: 'failed', error: 'this vCPU was restored: it has no power-on state to go back to', code: ErrorCode.MachineState };
+  const vcpu = thread.vcpu;
+  vcpu.setMpState(state.mpState);
+  vcpu.setRegs(state.regs);
+  vcpu.setSregs(state.sregs);
+  vcpu.setXsave(state.xsave);
+  if (state.xcrs.length > 0) vcpu.setXcrs(state.xcrs);
+  vcpu.setDebugRegs(state.debugRegs);
+  if (state.lapic) vcpu.setLapic(state.lapic);
+  if (thread.assignment.msrs) vcpu.setMsrs(thread.assignment.msrs);
+  vcpu.setVcpuEvents(state.events);
+  if (thread.halted) {
+    Atomics.sub(thread.control, HALTED, 1);
+    thread.halted = false;
+  }
+  return { seq, type: 'done' };
 }
 
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
@@ -266,9 +313,32 @@ function runPlain(thread: VcpuThreadState, serve: () => void): number {
       return DONE;
     }
     if (Atomics.load(control, STATE) !== RunState.Running) {
+      if (reason === ExitReason.Io || reason === ExitReason.Mmio) completeIo(thread);
       if (!waitWhileNotRunning(control, serve)) return DONE;
       if (instrumented(thread)) return SWITCH;
     }
+  }
+}
+
+/**
+ * Finishes the port or MMIO access the last exit asked for, before the vCPU parks: KVM completes
+ * it (an IN's data into RAX, RIP past the instruction) only at the next KVM_RUN (api.rst,
+ * KVM_RUN), so a state saved, restored or rebooted before then would run the access again (an
+ * OUT printed twice, an IN taking a second byte) or lose it. KVM_RUN with immediate_exit
+ * completes it and returns at once; an access in fragments may exit once more for the next.
+ */
+function completeIo(thread: VcpuThreadState): void {
+  const { vcpu, bus } = thread;
+  const run = vcpu.kvmRun;
+  for (let reason = ExitReason.Io as number; reason === ExitReason.Io || reason === ExitReason.Mmio;) {
+    run.immediateExit = 1;
+    try {
+      reason = vcpu.run();
+    } catch {
+      return; // the next run reports it
+    }
+    if (reason === ExitReason.Io) bus.handleIo(run);
+    else if (reason === ExitReason.Mmio) bus.handleMmio(run);
   }
 }
 
@@ -288,11 +358,13 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
     }
     const started = performance.now();
     if (reason === ExitReason.Io || reason === ExitReason.Mmio || reason === ExitReason.Intr) {
+      const { trace, stats } = thread;
       if (reason === ExitReason.Io) bus.handleIo(run);
       else if (reason === ExitReason.Mmio) bus.handleMmio(run);
       else onKick(thread);
-      thread.trace?.record(reason, view, bytes, started);
-      if (thread.stats) countExit(thread.stats, reason, view, performance.now() - started);
+      // A kick that brought a new trace or fresh counters is not theirs (nor the old ones').
+      if (trace === thread.trace) trace?.record(reason, view, bytes, started);
+      if (stats && stats === thread.stats) countExit(stats, reason, view, performance.now() - started);
       if (reason === ExitReason.Intr && !instrumented(thread)) return SWITCH;
     } else {
       // Recorded before a HLT parks this thread until the machine's end.
@@ -301,6 +373,7 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
       if (!handleRareExit(thread, reason, serve)) return DONE;
     }
     if (Atomics.load(control, STATE) !== RunState.Running) {
+      if (reason === ExitReason.Io || reason === ExitReason.Mmio) completeIo(thread);
       if (!waitWhileNotRunning(control, serve)) return DONE;
       if (!instrumented(thread)) return SWITCH;
     }
@@ -316,6 +389,8 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
       // Only without an in-kernel irqchip (KVM handles HLT itself otherwise): this vCPU has
       // nothing left to run. The machine ends when every vCPU has halted.
       thread.halted = true;
+      // Its records in the file now: a trace stopped meanwhile does not wait for this vCPU.
+      thread.trace?.flush();
       Atomics.add(thread.control, HALTED, 1);
       return haltUntilStopped(thread, serve);
     case ExitReason.Debug: {
@@ -326,7 +401,7 @@ function handleRareExit(thread: VcpuThreadState, reason: number, serve: () => vo
         // For a debugger that reads them at every stop (gdb), the registers come along: that
         // spares it a round trip to this thread.
         const state = thread.registersAtStop ? { regs: vcpu.getRegs(), sregs: vcpu.getSregs(), fpu: fpuFromXsave(vcpu.getXsave()) } : undefined;
-        post({ type: 'debug-stop', vcpuId: id, dr6: exit.dr6, pc: exit.pc, state });
+        post({ type: 'debug-stop', vcpuId: id, exception: exit.exception, dr6: exit.dr6, pc: exit.pc, state });
       }
       return true;
     }

@@ -19,7 +19,8 @@ export const DEVICE_CONTROL_BYTES = 12;
 export type VirtioDeviceData =
   | { kind: 'blk'; disk: BlockDisk }
   | { kind: 'vsock'; vsock: VsockConfig }
-  | { kind: 'rng' };
+  | { kind: 'rng' }
+  | { kind: 'net'; fd: number; tap: string };
 
 export type VirtioKind = VirtioDeviceData['kind'];
 

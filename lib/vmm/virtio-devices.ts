@@ -15,6 +15,7 @@ import { removeStaleSocket } from '../kvm/unix-socket.js';
 import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { lockDisks, openDisk, releaseLock, type DiskConfig, type DiskShape, type OpenDisk } from './disks.js';
+import { netMismatch, openNet, type CheckedNetConfig, type NetShape } from './nets.js';
 import { workerEntry } from './worker-entry.js';
 import { RunState } from './control.js';
 import {
@@ -29,12 +30,15 @@ const workerFile = workerEntry(here, 'virtio-worker');
 export interface VirtioConfig {
   disks: Required<DiskConfig>[];
   rng: boolean;
+  net: CheckedNetConfig[];
   vsock: VsockConfig | null;
 }
 
 /** The devices of a machine's shape, in slot order after the disks: a saved state fits only the same. */
 export interface VirtioShape {
   rng?: boolean;
+  /** Network cards, after the disks. */
+  net?: NetShape[];
   /** A vsock device and the guest's CID (its host socket is each host's own: MachineRuntimeConfig.vsock). */
   vsock?: { cid: number };
 }
@@ -49,10 +53,10 @@ interface Slot extends OpenedDevice {
 }
 
 /** Checks the virtio part of a machine's configuration; returns it with defaults filled in. */
-export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, vsock?: unknown): VirtioConfig {
+export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, net: CheckedNetConfig[] = [], vsock?: unknown): VirtioConfig {
   if (rng !== undefined && typeof rng !== 'boolean') throw argTypeError('rng must be a boolean');
   if (vsock !== undefined && vsock !== null) checkVsockConfig(vsock);
-  const config = { disks, rng: rng ?? false, vsock: vsock ? { cid: vsock.cid, uds: vsock.uds } : null };
+  const config = { disks, rng: rng ?? false, net, vsock: vsock ? { cid: vsock.cid, uds: vsock.uds } : null };
   const count = virtioSlotCount(config);
   if (count > VIRTIO_MAX_DEVICES) throw outOfRangeError(`at most ${VIRTIO_MAX_DEVICES} virtio devices (disks and others), got ${count}`);
   return config;
@@ -60,7 +64,11 @@ export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, v
 
 /** The shape of a machine's devices other than disks. */
 export function virtioShape(config: VirtioConfig): VirtioShape {
-  return { ...(config.vsock ? { vsock: { cid: config.vsock.cid } } : {}), ...(config.rng ? { rng: true } : {}) };
+  return {
+    ...(config.net.length > 0 ? { net: config.net.map((card) => ({ mac: card.mac })) } : {}),
+    ...(config.vsock ? { vsock: { cid: config.vsock.cid } } : {}),
+    ...(config.rng ? { rng: true } : {}),
+  };
 }
 
 /**
@@ -87,12 +95,12 @@ export function virtioMismatch(saved: VirtioShape, mine: VirtioShape): string | 
     const describe = (shape: VirtioShape) => (shape.vsock ? `a vsock device with CID ${shape.vsock.cid}` : 'no vsock device');
     return `it had ${describe(saved)}, this machine has ${describe(mine)}`;
   }
-  return null;
+  return netMismatch(saved.net, mine.net);
 }
 
 /** How many slots a configuration takes: the Linux command line names each. */
-export function virtioSlotCount(config: Pick<VirtioConfig, 'disks' | 'rng' | 'vsock'>): number {
-  return config.disks.length + (config.vsock ? 1 : 0) + (config.rng ? 1 : 0);
+export function virtioSlotCount(config: VirtioConfig): number {
+  return config.disks.length + config.net.length + (config.vsock ? 1 : 0) + (config.rng ? 1 : 0);
 }
 
 export class VirtioDevices {
@@ -146,6 +154,7 @@ export class VirtioDevices {
       }
       const opens: (() => OpenedDevice)[] = [
         ...config.disks.map((disk, index) => () => openDisk(index, disk)),
+        ...config.net.map((card, index) => () => openNet(index, card)),
         ...(config.vsock ? [openVsock(config.vsock)] : []),
         ...(config.rng ? [(): OpenedDevice => ({ name: 'virtio-rng', model: rngModel(), data: { kind: 'rng' }, close: () => {} })] : []),
       ];

@@ -13,6 +13,7 @@ import { VirtioBlkDevice } from '../devices/virtio-blk.js';
 import type { VirtioDeviceContext, VirtioQueueDevice } from '../devices/virtio-device.js';
 import { VirtioMmio } from '../devices/virtio-mmio.js';
 import { VirtioRngDevice } from '../devices/virtio-rng.js';
+import { VirtioNetDevice } from '../devices/virtio-net.js';
 import { VirtioVsockDevice } from '../devices/virtio-vsock.js';
 import { argValueError } from '../kvm/errors.js';
 import { watchFd } from '../kvm/fd-watch.js';
@@ -76,6 +77,7 @@ function runDisk(config: Extract<VirtioDeviceData, { kind: 'blk' }>): void {
 function createDevice(config: VirtioDeviceData, context: VirtioDeviceContext): VirtioQueueDevice {
   switch (config.kind) {
     case 'rng': return new VirtioRngDevice(context);
+    case 'net': return new VirtioNetDevice(context, config);
     case 'vsock': return new VirtioVsockDevice(context, config.vsock);
     case 'blk': break;
   }

@@ -29,7 +29,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', watchFd: 'function', KvmError: 'function',
+  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', watchFd: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',
@@ -46,7 +46,8 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   CPIO_NEWC_MAGIC: 'string', CPIO_TRAILER: 'string', BootImageError: 'function',
   // debugging
   GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
-  archFor: 'function', targetDescription: 'function',
+  archFor: 'function', targetDescription: 'function', debugRegisters: 'function', stopReason: 'function', hostDebugSupport: 'function',
+  probeHostDebugSupport: 'function',
   readRegisters: 'function', readGuestMemory: 'function', formatRegisters: 'function', hexDump: 'function', decodeRflags: 'function',
   MAX_INSPECT_BYTES: 'number', readExitTrace: 'function', parseExitTrace: 'function', formatTraceRecord: 'function', summarizeExitTrace: 'function',
 };
@@ -77,6 +78,7 @@ const TYPES = [
   'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
+  'WatchpointKind', 'DebugSlot', 'InsertResult', 'HostDebugSupport', 'HostDebugProbeOptions',
   'InspectedRegisters', 'ReadMemoryOptions', 'ExitTrace', 'TraceRecord', 'TraceExitKind', 'TraceSummaryRow',
   'ExitStats', 'VcpuExitStats', 'ExitCount',
 ];

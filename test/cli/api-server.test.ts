@@ -74,9 +74,8 @@ class FakeMachine implements ApiMachine {
     if (this.state !== 'stopped') this.state = 'stopping';
   }
 
-  reset(): void {
+  async reset(): Promise<void> {
     this.calls.push(['reset']);
-    this.state = 'stopping';
   }
 
   async snapshot(file: string, options?: SnapshotOptions): Promise<SnapshotInfo> {
@@ -243,11 +242,12 @@ t.test('status, pause, resume and snapshot', async (t) => {
   ]);
 });
 
-t.test('stop and reset: answered as the machine begins to end; reset only while there is a guest', async (t) => {
+t.test('stop and reset: stop answered as the machine begins to end; reset once rebooted, only while there is a guest', async (t) => {
   const { machine, socketPath } = await serve(t);
-  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' });
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'running' });
   machine.state = 'paused';
-  t.same(await callApi(socketPath, 'reset', {}), { state: 'stopping' }, 'a paused guest resets too');
+  t.same(await callApi(socketPath, 'reset', {}), { state: 'paused' }, 'a paused guest resets too, and stays paused');
+  machine.state = 'stopping';
   await t.rejects(callApi(socketPath, 'reset', {}), { name: 'ApiError', code: 'ERR_MACHINE_STATE', message: 'machine is stopping: there is no guest to reset' });
   t.same(await callApi(socketPath, 'stop', {}), { state: 'stopping' }, 'stop is allowed in every state');
   machine.state = 'stopped';
@@ -336,8 +336,8 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
     protocol('request id must be a number or a string'),
     protocol('request id must be a number or a string'),
   ]);
-  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats)')]);
-  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats)')]);
+  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop)')]);
+  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop)')]);
   t.same(byId(3), [argType('status: params must be an object')]);
   t.same(byId(4), [argValue("status: unknown parameter 'verbose'")]);
   t.same(byId(5), [argValue('snapshot: params.path must be an absolute file path')]);
