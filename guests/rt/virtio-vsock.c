@@ -237,17 +237,11 @@ int vsock_poll(struct vsock_dev *dev)
 {
 	int count = 0;
 	uint32_t len;
-	uint8_t *buffer;
-	while ((buffer = virtq_get_used(&dev->rx, &len)) != NULL) {
-		if (len >= HEADER_BYTES && len <= sizeof(dev->rx_buffers[0]))
-			receive(dev, (const struct virtio_vsock_hdr *)buffer, buffer + HEADER_BYTES, len - HEADER_BYTES);
-		else
-			dev->dropped++;
-		post_rx(dev, (uint32_t)((buffer - dev->rx_buffers[0]) / sizeof(dev->rx_buffers[0])));
-		count++;
-	}
-	if (count > 0)
-		virtq_kick(dev->base, &dev->rx);
+	/* The RX packets to take this time, seen before the events: a transport reset the device
+	 * sent before one of them is then handled first, so a new connection never meets one that
+	 * the reset ended. */
+	uint16_t rx_end = dev->rx.used->idx;
+	compiler_barrier();
 	while (virtq_get_used(&dev->event, &len) != NULL) {
 		if (len >= 4 && dev->event_buffer == VSOCK_EVENT_TRANSPORT_RESET) {
 			/* Every connection is gone (5.10.6.7); listeners stay. */
@@ -261,8 +255,20 @@ int vsock_poll(struct vsock_dev *dev)
 		virtq_kick(dev->base, &dev->event);
 		count++;
 	}
+	uint8_t *buffer;
+	int received = 0;
+	while (dev->rx.last_used != rx_end && (buffer = virtq_get_used(&dev->rx, &len)) != NULL) {
+		if (len >= HEADER_BYTES && len <= sizeof(dev->rx_buffers[0]))
+			receive(dev, (const struct virtio_vsock_hdr *)buffer, buffer + HEADER_BYTES, len - HEADER_BYTES);
+		else
+			dev->dropped++;
+		post_rx(dev, (uint32_t)((buffer - dev->rx_buffers[0]) / sizeof(dev->rx_buffers[0])));
+		received++;
+	}
+	if (received > 0)
+		virtq_kick(dev->base, &dev->rx);
 	reclaim_tx(dev);
-	return count;
+	return count + received;
 }
 
 uint32_t vsock_readable(const struct vsock_conn *conn)

@@ -81,7 +81,8 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
     this.#muxer = new VsockMuxer({
       guestCid: config.cid,
       uds: config.uds,
-      guestReady: () => !this.#parked && this.#mmio.live && this.#mmio.resetGeneration === this.#generation,
+      // Not before the guest has had the transport reset: a stale connection of its could take the new one's packets.
+      guestReady: () => !this.#parked && this.#mmio.live && this.#mmio.resetGeneration === this.#generation && !this.#resetEventPending,
       wake: () => this.#pass(false),
       problem: (message) => this.#problem(message),
     });
