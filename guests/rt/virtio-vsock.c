@@ -96,9 +96,17 @@ static void reclaim_tx(struct vsock_dev *dev)
 		slot->busy = false;
 }
 
+/* Publishes the packets queued since the last flush, notifying the device where it wants to be. */
+static void flush_tx(struct vsock_dev *dev)
+{
+	virtq_kick(dev->base, &dev->tx);
+}
+
 static struct vsock_tx_slot *free_slot(struct vsock_dev *dev)
 {
 	for (unsigned long spin = 0; spin < TX_WAIT_SPINS; spin++) {
+		if (spin == 1)
+			flush_tx(dev); /* none free: let the device take what waits */
 		reclaim_tx(dev);
 		for (int i = 0; i < VSOCK_TX_SLOTS; i++) {
 			if (!dev->tx_slots[i].busy)
@@ -134,7 +142,7 @@ static bool send_packet(struct vsock_dev *dev, struct vsock_conn *conn, uint32_t
 	if (virtq_add(&dev->tx, &buffer, 1, slot) < 0)
 		return false;
 	slot->busy = true;
-	virtq_kick(dev->base, &dev->tx);
+	/* Published by flush_tx() at the end of the call that queued it: one notify for a burst. */
 	return true;
 }
 
@@ -179,6 +187,7 @@ struct vsock_conn *vsock_connect(struct vsock_dev *dev, uint32_t port)
 		return NULL;
 	if (!send_packet(dev, conn, local, port, VSOCK_OP_REQUEST, 0, NULL, 0))
 		return NULL;
+	flush_tx(dev);
 	conn->state = VSOCK_CONNECTING;
 	return conn;
 }
@@ -214,8 +223,13 @@ static void receive(struct vsock_dev *dev, const struct virtio_vsock_hdr *h, con
 			dev->dropped++;
 			break;
 		}
-		for (uint32_t i = 0; i < len; i++)
-			conn->rx[(conn->rx_head + conn->rx_len + i) % VSOCK_CONN_BUFFER] = payload[i];
+		{
+			uint32_t tail = (conn->rx_head + conn->rx_len) % VSOCK_CONN_BUFFER, first = VSOCK_CONN_BUFFER - tail;
+			if (first > len)
+				first = len;
+			memcpy(&conn->rx[tail], payload, first);
+			memcpy(conn->rx, payload + first, len - first);
+		}
 		conn->rx_len += len;
 		break;
 	case VSOCK_OP_SHUTDOWN:
@@ -267,6 +281,8 @@ int vsock_poll(struct vsock_dev *dev)
 	}
 	if (received > 0)
 		virtq_kick(dev->base, &dev->rx);
+	/* Answers to what came in (RESPONSE, RST, CREDIT_UPDATE). */
+	flush_tx(dev);
 	reclaim_tx(dev);
 	return count + received;
 }
@@ -289,14 +305,19 @@ uint32_t vsock_read(struct vsock_dev *dev, struct vsock_conn *conn, void *buffer
 	if (n > conn->rx_len)
 		n = conn->rx_len;
 	uint8_t *out = buffer;
-	for (uint32_t i = 0; i < n; i++)
-		out[i] = conn->rx[(conn->rx_head + i) % VSOCK_CONN_BUFFER];
+	uint32_t first = VSOCK_CONN_BUFFER - conn->rx_head;
+	if (first > n)
+		first = n;
+	memcpy(out, &conn->rx[conn->rx_head], first);
+	memcpy(out + first, conn->rx, n - first);
 	conn->rx_head = (conn->rx_head + n) % VSOCK_CONN_BUFFER;
 	conn->rx_len -= n;
 	conn->fwd_cnt += n;
 	/* Tell the peer once it may be down to half its credit (a reply would carry it too). */
-	if (conn->state == VSOCK_ESTABLISHED && conn->fwd_cnt - conn->advertised_fwd >= VSOCK_CONN_BUFFER / 2)
+	if (conn->state == VSOCK_ESTABLISHED && conn->fwd_cnt - conn->advertised_fwd >= VSOCK_CONN_BUFFER / 2) {
 		send_packet(dev, conn, conn->local_port, conn->peer_port, VSOCK_OP_CREDIT_UPDATE, 0, NULL, 0);
+		flush_tx(dev);
+	}
 	return n;
 }
 
@@ -315,6 +336,7 @@ uint32_t vsock_write(struct vsock_dev *dev, struct vsock_conn *conn, const void 
 		conn->tx_cnt += chunk;
 		done += chunk;
 	}
+	flush_tx(dev);
 	return done;
 }
 
@@ -329,5 +351,6 @@ void vsock_close(struct vsock_dev *dev, struct vsock_conn *conn)
 	if (conn->state != VSOCK_ESTABLISHED && conn->state != VSOCK_CONNECTING)
 		return;
 	send_packet(dev, conn, conn->local_port, conn->peer_port, VSOCK_OP_SHUTDOWN, VSOCK_SHUTDOWN_RCV | VSOCK_SHUTDOWN_SEND, NULL, 0);
+	flush_tx(dev);
 	conn->state = VSOCK_CLOSING;
 }

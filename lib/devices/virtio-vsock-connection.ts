@@ -25,6 +25,8 @@ export interface ConnectionOwner {
   readonly parked: boolean;
   /** The connection has something for the guest (a control packet, or data it has credit for). */
   wantsToSend(connection: VsockConnection): void;
+  /** The connection corked its socket for the TX pass under way: uncork it at the end. */
+  corked(connection: VsockConnection): void;
   /** The connection is over; send the guest an RST for it when `rst`. */
   ended(connection: VsockConnection, rst: boolean): void;
   /** A host client asked for guest port `port` (CONNECT): the table starts the handshake or ends it. */
@@ -162,6 +164,11 @@ export class VsockConnection {
           return this.end(true);
         }
         this.#received = (this.#received + payload.length) >>> 0;
+        // Corked until the end of the TX pass: the packets of one burst leave in one writev.
+        if (!this.socket.writableCorked) {
+          this.socket.cork();
+          this.#owner.corked(this);
+        }
         this.socket.write(payload, () => this.#consider());
         break;
       case VsockOp.Shutdown:

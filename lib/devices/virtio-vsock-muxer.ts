@@ -37,6 +37,7 @@ export class VsockMuxer implements ConnectionOwner {
   /** Host clients that have not finished their CONNECT line. */
   readonly #lines = new Set<VsockConnection>();
   readonly #sending = new Set<VsockConnection>();
+  readonly #corked = new Set<VsockConnection>();
   readonly #rsts: { hostPort: number; guestPort: number }[] = [];
   #server: Server | null = null;
   #removeSocketFile: (() => void) | null = null;
@@ -105,6 +106,18 @@ export class VsockMuxer implements ConnectionOwner {
   wantsToSend(connection: VsockConnection): void {
     this.#sending.add(connection);
     this.#options.wake();
+  }
+
+  corked(connection: VsockConnection): void {
+    this.#corked.add(connection);
+  }
+
+  /** Sends what the guest's last TX packets wrote to host sockets. */
+  flushWrites(): void {
+    for (const connection of this.#corked) {
+      if (!connection.socket.destroyed) connection.socket.uncork();
+    }
+    this.#corked.clear();
   }
 
   ended(connection: VsockConnection, rst: boolean): void {

@@ -194,6 +194,7 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
         this.#muxer.fromGuest(header, payload);
       }
     }
+    this.#muxer.flushWrites();
     if (used > 0 && queue.needsInterrupt()) this.#mmio.interrupt(Interrupt.UsedBuffer);
   }
 
