@@ -35,6 +35,7 @@ async function echo(stream: Duplex, bytes: Buffer): Promise<void> {
       got += chunk.length;
       if (got < bytes.length) return;
       stream.off('data', onData);
+      stream.off('error', reject);
       resolve();
     };
     stream.on('data', onData);
