@@ -68,7 +68,7 @@ export interface NativeBinding {
  * example), else what node-gyp-build picks: a build of this checkout (build/Release, then
  * build/Debug) before the prebuilt binary the package ships for this platform (prebuilds/).
  */
-function addonFile(root: string): string {
+export function addonFile(root: string): string {
   const chosen = process.env.NODE_KVM_ADDON;
   if (chosen) {
     const file = path.resolve(chosen);
