@@ -18,3 +18,4 @@ export {
 } from './bzimage.js';
 export { buildInitramfs, CPIO_NEWC_MAGIC, CPIO_TRAILER, type InitramfsEntry } from './initramfs.js';
 export { BootImageError } from './errors.js';
+export { guestPath, guestImages } from './guests.js';

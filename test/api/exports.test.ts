@@ -44,6 +44,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   XEN_ELFNOTE_PHYS32_ENTRY: 'number', isBzImage: 'function', parseSetupHeader: 'function', planBzImage: 'function', HDRS_MAGIC: 'number',
   LinuxSelector: 'object', LoadFlag: 'object', XLoadFlag: 'object', LOADER_TYPE_UNDEFINED: 'number', buildInitramfs: 'function',
   CPIO_NEWC_MAGIC: 'string', CPIO_TRAILER: 'string', BootImageError: 'function',
+  guestPath: 'function', guestImages: 'function',
   // debugging
   GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
   archFor: 'function', targetDescription: 'function', debugRegisters: 'function', stopReason: 'function', hostDebugSupport: 'function',
@@ -103,7 +104,7 @@ export async function vmm(token: string): Promise<void> {
   const pool = await VcpuWorkerPool.create(2);
   const controller = new AbortController();
   const machine: Machine = await Machine.create({
-    image: 'guests/build/smp.elf', vcpus: 2, memoryBytes: 64 << 20,
+    image: guestPath('smp.elf'), vcpus: 2, memoryBytes: 64 << 20,
     serial: { output: process.stdout, input: process.stdin }, pool, signal: controller.signal,
   });
   machine.on('exit', (exit: MachineExit) => console.log(exit.reason, exit.code));
@@ -137,7 +138,7 @@ export async function vmm(token: string): Promise<void> {
   bus.registerPorts(0x100, 1, device);
   console.log(ranges, unknownAccesses(createBusShared()).ports);
 
-  const debugged = await Machine.create({ image: 'guests/build/gdb.elf' });
+  const debugged = await Machine.create({ image: guestPath('gdb.elf') });
   const stub: GdbServer = await GdbServer.listen(debugged, 'tcp:127.0.0.1:1234');
   debugged.start({ paused: true });
   console.log(stub.address, stub.attached);
