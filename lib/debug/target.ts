@@ -16,11 +16,14 @@ import type { VcpuReply, VcpuRequestBody } from '../vmm/types.js';
 import type { VcpuRegisters } from './registers.js';
 import { mapLinear } from './translate.js';
 
+/** Breakpoints at once: the four debug-register slots (software breakpoints take one too on this host). */
 export const BREAKPOINT_SLOTS = 4;
 const DR6_BS = 1n << 14n;
 
+/** A breakpoint as the debugger asked for it: software (Z0) or hardware (Z1); both use a debug register here. */
 export type BreakpointKind = 'software' | 'hardware';
 
+/** Why the machine stopped for the debugger: a step, a breakpoint, a request, or the machine's own exit. */
 export type StopReason =
   | { kind: 'step'; vcpu: number }
   | { kind: 'breakpoint'; vcpu: number; breakpoint: BreakpointKind; address: bigint }
@@ -31,6 +34,7 @@ export type StopReason =
 /** How each vCPU resumes: stepped (one instruction) or continued. */
 export type ResumePlan = { step: ReadonlySet<number> };
 
+/** What a debugger controls of a machine: all-stop stopping and resuming, registers, memory by virtual address, breakpoints, and why it stopped. */
 export class DebugTarget {
   readonly machine: Machine;
   readonly vcpuCount: number;
@@ -66,6 +70,7 @@ export class DebugTarget {
     return state === 'paused' || state === 'created';
   }
 
+  /** Whether the machine is ending or has ended: nothing is left to debug. */
   get ended(): boolean {
     const state = this.machine.state;
     return state === 'stopping' || state === 'stopped';
@@ -94,6 +99,7 @@ export class DebugTarget {
     if (this.machine.state === 'running') await this.#internals.pause(false).catch(() => {});
   }
 
+  /** Reads vCPU `vcpu`'s registers (the machine stopped). */
   async registers(vcpu: number): Promise<VcpuRegisters> {
     const cached = this.#cache.get(vcpu);
     if (cached) return cached;

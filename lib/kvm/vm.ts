@@ -62,7 +62,8 @@ export interface IoeventfdOptions {
   pio?: boolean;
 }
 
-type Fd = EventFd | number;
+/** An fd given to an irqfd or ioeventfd: an EventFd, or an fd number. */
+export type Fd = EventFd | number;
 function fdOf(fd: Fd, name: string): number {
   if (!(fd instanceof EventFd)) return checkInteger(fd, name, 0, 0x7fffffff);
   // A closed EventFd's number may already name another file.
