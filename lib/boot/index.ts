@@ -17,5 +17,6 @@ export {
   type SetupHeader, type BzImageLayout, type BzImageOptions,
 } from './bzimage.js';
 export type { FirmwareTables } from './firmware-tables.js';
+export type { Region } from './layout.js';
 export { buildInitramfs, CPIO_NEWC_MAGIC, CPIO_TRAILER, type InitramfsEntry } from './initramfs.js';
 export { BootImageError } from './errors.js';
