@@ -31,6 +31,8 @@ t.test('sizes: units up to T, fractions, hex; the limit in the message', async (
   throwsArgError(t, () => parseMemory('0M'), 'ERR_INVALID_ARG_VALUE', "--memory: '0M' is not a positive multiple of 1 MiB");
   throwsArgError(t, () => parseMemory('lots'), 'ERR_INVALID_ARG_VALUE', "--memory: 'lots' is not a size like 64M, 1.5G or 0x4000000");
   throwsArgError(t, () => parseMemory('64Q', 'machine.json: field \'memory\''), 'ERR_INVALID_ARG_VALUE', "machine.json: field 'memory': '64Q' is not a size like 64M, 1.5G or 0x4000000");
+  t.equal(parseSize('1.5K', 'x: LEN', { max: MIB }), 1536, "x's LEN is a size too");
+  throwsArgError(t, () => parseSize('2M', 'x: LEN', { max: MIB }), 'ERR_INVALID_ARG_VALUE', "x: LEN: '2M' is too large: at most 1 MiB");
   t.equal(formatSize(3 * 1024 * MIB), '3 GiB');
   t.equal(formatSize(1536 * MIB), '1.5 GiB');
   t.equal(formatSize(4097), '4097 bytes');
