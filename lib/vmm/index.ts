@@ -20,6 +20,8 @@ export type { PostCodeState } from '../devices/post-code.js';
 export type { AcpiPmState } from '../devices/acpi-pm.js';
 export type { ElcrState } from '../devices/elcr.js';
 export type { PciConfigState } from '../devices/pci-config.js';
+export type { CmosRtcState } from '../devices/cmos-rtc.js';
+export type { FwCfgState, FwCfgItem } from '../devices/fw-cfg.js';
 export type { VirtioMmioState, VirtioQueueState } from '../devices/virtio-mmio.js';
 export { DirtyBitmap, MAX_BITMAP_PAGES } from './dirty-bitmap.js';
 export {

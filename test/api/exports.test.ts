@@ -29,7 +29,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', watchFd: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
+  GuestMemory: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',
@@ -58,7 +58,7 @@ const TYPES = [
   // the VMM: machines, their configs, states and events
   'MachineConfig', 'MachineRuntimeConfig', 'MachineRunState', 'MachineShape', 'MachineState', 'MachineEvents', 'MachineExit',
   'MachineExitReason', 'MachineConsole', 'VcpuState', 'VmState', 'DeviceStates', 'SerialState', 'PostCodeState', 'VirtioMmioState',
-  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
+  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'CmosRtcState', 'FwCfgState', 'FwCfgItem', 'DiskConfig', 'DiskShape', 'VcpuThread', 'VcpuThreadMessage',
   // the I/O bus and the device interfaces
   'BusShared', 'UnknownAccesses', 'PortDevice', 'MmioDevice', 'DirtyPageMarker',
   // dirty tracking
@@ -70,13 +70,13 @@ const TYPES = [
   'StreamKind',
   // the KVM binding
   'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
-  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
+  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'Fd', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
   'Regs', 'Sregs', 'Segment', 'Dtable', 'Fpu', 'MsrEntry', 'CpuidEntry', 'LapicState', 'Xcr', 'VcpuEvents', 'DebugRegs', 'PitState2',
   'PitChannelState', 'IrqchipState', 'Msi', 'ClockData', 'CoalescedMmio', 'FieldType<number>', 'Fields', 'StructValue<Fields>',
   'StructType<Fields>',
   // booting
   'BootPlan', 'BootWrite', 'BootFormat', 'PlanOptions', 'BootState', 'CpuMode', 'MemoryMapEntry', 'SetupHeader', 'BzImageLayout',
-  'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
+  'BzImageOptions', 'FirmwareTables', 'Region', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
   'WatchpointKind', 'DebugSlot', 'InsertResult', 'HostDebugSupport', 'HostDebugProbeOptions',
