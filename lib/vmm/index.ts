@@ -5,7 +5,7 @@ export {
   type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type MachineEvents,
   type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type DeviceStates, type DiskConfig, type DiskShape,
   type NetConfig, type NetShape,
-  type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount,
+  type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount, type DebugStop,
 } from './machine.js';
 export { CONSOLE_BACKLOG_BYTES } from './console.js';
 export { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';

@@ -81,7 +81,7 @@ const TYPES = [
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
   'WatchpointKind', 'DebugSlot', 'InsertResult', 'HostDebugSupport', 'HostDebugProbeOptions',
   'InspectedRegisters', 'ReadMemoryOptions', 'ExitTrace', 'TraceRecord', 'TraceExitKind', 'TraceSummaryRow',
-  'ExitStats', 'VcpuExitStats', 'ExitCount',
+  'ExitStats', 'VcpuExitStats', 'ExitCount', 'DebugStop',
 ];
 
 const bare = (type: string) => type.replace(/<.*/, '');
