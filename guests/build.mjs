@@ -5,7 +5,7 @@
 // in ELF_LINKER_SCRIPT (text, then data+bss in its own segment, and a PT_NOTE for
 // .note.Xen), and the C guests listed in C_GUESTS (on the runtime in guests/rt/).
 // The bzImage guests in BZIMAGE_GUESTS become guests/build/<name>.bin, not linked.
-// Intermediates (.o, the flat guests' .elf, the linker script) stay in
+// Intermediates (.o, the flat guests' .bin.elf, the linker script) stay in
 // guests/build too. Routines shared between guests live in guests/include/*.inc,
 // pulled in with GNU as `.include "<file>.inc"` (as runs with -I guests/include).
 // An output newer than its .S and every include file (and, for ELF kernels, than
@@ -16,7 +16,7 @@
 //
 // Also importable: `import { buildGuests } from './guests/build.mjs'`.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -190,8 +190,11 @@ export function buildGuests({ force = false, log = () => {} } = {}) {
     if (Object.hasOwn(BZIMAGE_GUESTS, name)) continue;
     const srcPath = join(GUESTS_DIR, src);
     const obj = join(BUILD_DIR, `${name}.o`);
-    const elf = join(BUILD_DIR, `${name}.elf`);
+    // The linked intermediate: not an image of its own (guestImages() in lib/boot/guests.ts and
+    // the package's files leave *.bin.elf out).
+    const elf = join(BUILD_DIR, `${name}.bin.elf`);
     const bin = guestPath(name);
+    rmSync(join(BUILD_DIR, `${name}.elf`), { force: true }); // its name before
     result[name] = bin;
     if (!force && isNewer(bin, [srcPath, ...includeFiles()])) {
       log(`up to date: ${bin}`);

@@ -2,6 +2,9 @@
  * bzimage.S - a tiny kernel in the Linux bzImage format (Documentation/x86/boot.rst), booted as
  * QEMU's -kernel/-initrd/-append boot Linux.
  *
+ * Run: node-kvm run --kernel guests/build/bzimage.bin [--initrd FILE] [--append TEXT] (no options
+ *     needed).
+ *
  * The file: a boot sector carrying the setup header at 0x1f1 (protocol 2.15, LOADED_HIGH,
  * XLF_KERNEL_64, relocatable with Linux's x86-64 alignment and preferred address), one setup
  * sector, then the protected-mode kernel at (setup_sects + 1) * 512, whose offset 0 is the 32-bit

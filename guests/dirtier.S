@@ -4,6 +4,9 @@
  * (assembled with --defsym USER_MODE=1) runs it at CPL 3, where guest code runs natively on
  * hosts like kvm_pvm.
  *
+ * Run: node-kvm run guests/build/dirtier.elf, or dirtier-user.elf (no options needed; runs until
+ *     stopped: for migrate and snapshot).
+ *
  * Contract with the host:
  *   - ELF64 linked at 1 MiB, entered in long mode (the loader's identity map, which is
  *     user-accessible) with RBX = hvm_start_info.

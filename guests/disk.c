@@ -3,6 +3,8 @@
  * in flight for snapshot and migration tests, drives the device into every error it must
  * survive, or benchmarks it. Runs at CPL 3 on the runtime in guests/rt/ (rt.h).
  *
+ * Run: node-kvm run guests/build/disk.elf --disk FILE[,ro] (needs at least one --disk).
+ *
  * Contract with the host:
  *   - ELF64 linked at 1 MiB (rt.ld), entered by the VMM's ELF64 loader in long mode with
  *     RBX = hvm_start_info; its memory map gives the end of RAM.

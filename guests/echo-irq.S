@@ -2,6 +2,9 @@
  * echo-irq.S - an interrupt-driven serial console: the UART's receive interrupt (IRQ 4 through the
  * in-kernel 8259 PIC, vector 0x0c) echoes every byte; 'q' ends the guest with debug-exit 0x06.
  *
+ * Run: printf 'hi q' | node-kvm run guests/build/echo-irq.bin (needs the in-kernel irqchip: not
+ *     with --no-irqchip; exits 13).
+ *
  * Contract with the host: flat real-mode binary at 0x7c00, run with the in-kernel irqchip. Prints
  * "irq> " first, then sleeps in HLT between interrupts; each received byte is sent back
  * unchanged, 'q' included, before the exit. Uses the stack at 0:0x7c00 (below the code).

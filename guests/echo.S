@@ -2,6 +2,8 @@
  * echo.S - a polled serial console: echoes every byte it receives on COM1 until it reads 'q',
  * then writes 0x05 to the debug-exit port. Flat real-mode binary at 0x7c00.
  *
+ * Run: printf 'hi q' | node-kvm run guests/build/echo.bin (no options needed; exits 11 after 'q').
+ *
  * Contract with the host: prints "echo> " first; each received byte is sent back unchanged, 'q'
  * included, before the exit. Polls the line status register (bit 0, data ready); no interrupts.
  */

@@ -1,6 +1,9 @@
 /*
  * exits.S - benchmark guest: N port-I/O exits, then halt.
  *
+ * Run: for bench:exits and the library (ECX set by the host); node-kvm run guests/build/exits.bin
+ *     does a million exits.
+ *
  * Contract with the host:
  *   - Loaded at guest-physical 0x7c00, entered in real mode at CS:IP 0:0x7c00.
  *   - ECX (full 32 bits) = iteration count, set by the host via KVM_SET_REGS.

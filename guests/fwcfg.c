@@ -5,6 +5,8 @@
  * the transfer of a FWCfgDmaAccess in RAM). Runs main() at CPL 0 (rt_run_main_at_cpl0): the
  * runtime's CPL-3 port I/O is byte-wide only.
  *
+ * Run: node-kvm run guests/build/fwcfg.elf (no options needed).
+ *
  * Contract with the host:
  *   - ELF64 on the runtime in guests/rt (rt.h), entered by the VMM's ELF64 loader.
  *   - Parameters at guest-physical 0x5000 (all zero = mode 0):

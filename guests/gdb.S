@@ -2,6 +2,8 @@
  * gdb.S - an ELF64 kernel for the GDB stub's tests, linked with its symbols so that gdb can
  * `break` at them.
  *
+ * Run: node-kvm run guests/build/gdb.elf --gdb tcp::1234 --gdb-wait, then gdb guests/build/gdb.elf.
+ *
  * Contract with the host:
  *   - Entered at _start in long mode (the loader's ELF64 entry state). It sets its own stack.
  *   - count_loop: adds 1 to %rbx five times (%ecx counts down): `inc %rbx` (3 bytes), `dec %ecx`

@@ -1,6 +1,8 @@
 /*
  * hello.S - prints "Hello from node-kvm!\n" on COM1, then halts.
  *
+ * Run: node-kvm run guests/build/hello.bin (no options needed).
+ *
  * Contract with the host:
  *   - Loaded at guest-physical 0x7c00, entered in real mode with CS=0,
  *     IP=0x7c00 (DS value is irrelevant: the string is read via CS).

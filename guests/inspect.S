@@ -2,6 +2,9 @@
  * inspect.S - an ELF64 kernel for exit statistics, exit traces and register and memory
  * inspection: a known number of exits of each kind, known registers, a known string.
  *
+ * Run: node-kvm run guests/build/inspect.elf (or inspect-spin.elf, which never ends) --api-socket
+ *     PATH, then node-kvm regs, x or stats.
+ *
  * Contract with the host:
  *   - Entered at _start in long mode on the loader's identity map (the first 4 GiB).
  *   - RBX = 0x1122334455667788; R12 = the address of `marker`, 16 bytes "node-kvm inspect".

@@ -1,6 +1,8 @@
 /*
  * long.S - an ELF64 kernel entered in 64-bit long mode.
  *
+ * Run: node-kvm run guests/build/long.elf (no options needed).
+ *
  * Contract with the host (the loader's ELF64 entry state, lib/boot):
  *   - Linked at 1 MiB, entered at _start in long mode on the loader's identity-mapped page
  *     tables, interrupts off, RBX = address of an hvm_start_info (magic 0x336ec578) whose memory

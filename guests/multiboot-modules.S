@@ -1,6 +1,9 @@
 /*
  * multiboot-modules.S - an ELF32 Multiboot (v1) kernel that reads the boot modules it was given.
  *
+ * Run: node-kvm run guests/build/multiboot-modules.elf --initrd 'FILE ARGS,FILE2' (needs modules:
+ *     --initrd).
+ *
  * Contract with the host (Multiboot Specification 0.6.96, sections 3.1.2 and 3.3):
  *   - Carries a Multiboot header (flags: modules page-aligned, memory information) at the start
  *     of .text. Linked at 1 MiB; entered in 32-bit protected mode, paging off, with

@@ -1,6 +1,8 @@
 /*
  * multiboot.S - an ELF32 Multiboot (v1) kernel that prints the machine it was given.
  *
+ * Run: node-kvm run guests/build/multiboot.elf (no options needed).
+ *
  * Contract with the host (Multiboot Specification 0.6.96, section 3.2 machine state):
  *   - Carries a Multiboot header (flags: memory information required) at the start of .text,
  *     within the file's first 8 KiB. Linked at 1 MiB; entered at _start in 32-bit protected

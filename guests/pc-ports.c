@@ -2,6 +2,8 @@
  * pc-ports.c - the ACPI PM block and the quiet PC ports as a kernel uses them. main() runs at CPL 0
  * (rt_run_main_at_cpl0): the PM timer is read with 32-bit `inl`, which CPL 3 cannot do here (rt.h).
  *
+ * Run: node-kvm run guests/build/pc-ports.elf (no options needed).
+ *
  * Contract with the host:
  *   - ELF64 linked at 1 MiB on the runtime in guests/rt (rt.h).
  *   - Ports: PM1a event block 0x600, PM1a control 0x604, PM timer 0x608 (24 bits at 3.579545 MHz),

@@ -2,6 +2,9 @@
  * pc-tables.c - finds the machine's processors and interrupt controllers the way a PC kernel
  * does, from the firmware tables, and starts the other processors with what they said.
  *
+ * Run: node-kvm run guests/build/pc-tables.elf --vcpus 2 (needs the in-kernel irqchip: not with
+ *     --no-irqchip).
+ *
  * Contract with the host (a machine with the in-kernel irqchip, any number of vCPUs):
  *   - ACPI: scans 0xE0000-0xFFFFF on 16-byte boundaries for the RSDP ("RSD PTR ", both
  *     checksums, revision 2), follows it to the XSDT (and checks the RSDT), checks every table

@@ -1,6 +1,8 @@
 /*
  * portscan.S - a hostile guest: reads every port of 0x1000..0x1fff, where no device is.
  *
+ * Run: node-kvm run guests/build/portscan.bin (no options needed).
+ *
  * Contract with the host:
  *   - Flat real-mode binary at 0x7c00, entered at CS:IP 0:0x7c00.
  *   - Exactly 4096 one-byte port reads, one per port 0x1000..0x1fff (each an unknown port),

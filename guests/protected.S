@@ -1,6 +1,8 @@
 /*
  * protected.S - an ELF32 kernel entered in 32-bit protected mode.
  *
+ * Run: node-kvm run guests/build/protected.elf (no options needed).
+ *
  * Contract with the host (the loader's ELF32 entry state, lib/boot):
  *   - Linked at 1 MiB; its PT_LOAD segments are loaded at their physical addresses (.bss
  *     zero-filled), and it is entered at _start with CR0.PE=1, paging off, flat 4 GiB 32-bit

@@ -2,6 +2,8 @@
  * pvh.S - an ELF64 file with a PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY), as Firecracker and
  * QEMU microvm boot Linux.
  *
+ * Run: node-kvm run guests/build/pvh.elf (no options needed).
+ *
  * Contract with the host (Xen's docs/misc/pvh.pandoc):
  *   - The note "Xen", type 18, holds the 8-byte physical address of pvh_start (as Linux emits
  *     it). The host enters pvh_start in 32-bit protected mode, paging off, flat segments,

@@ -2,6 +2,8 @@
  * rng.c - a virtio-rng client: takes random bytes from the VMM's entropy device and checks that
  * a hostile request is refused. Runs at CPL 3 on the runtime in guests/rt/ (rt.h).
  *
+ * Run: node-kvm run guests/build/rng.elf --rng (needs --rng).
+ *
  * Contract with the host:
  *   - Devices: virtio-mmio at 0xd0000000 + i * 0x1000, i = 0..7; the scan ends at the first slot
  *     whose MagicValue is not "virt". The first slot whose DeviceID is 4 (entropy) is used; the

@@ -3,6 +3,9 @@
  * reads the time in each format register B offers, sets it, takes the periodic interrupt through
  * the IOAPIC, and times register reads. Runs main() at CPL 0 (it takes interrupts: see rt.h).
  *
+ * Run: node-kvm run guests/build/rtc.elf (needs the in-kernel irqchip for IRQ 8: not with
+ *     --no-irqchip).
+ *
  * Parameters at guest-physical 0x5000 (all zero = mode 0):
  *   0x5000 u32 mode: 0 clock, 1 set, 2 periodic, 3 ticks, 4 bench, 5 update
  *   0x5004 u32 rate: register A's rate bits (periodic, ticks)

@@ -2,6 +2,9 @@
  * smp.S - an ELF32 kernel whose BSP wakes the APs with INIT-SIPI-SIPI; every CPU prints its
  * local APIC id.
  *
+ * Run: node-kvm run guests/build/smp.elf --vcpus 4 (needs the in-kernel irqchip: not with
+ *     --no-irqchip).
+ *
  * Contract with the host:
  *   - Entered on vCPU 0 at _start in 32-bit protected mode (the loader's ELF32 entry state),
  *     with the in-kernel irqchip (local APICs at 0xfee00000, xAPIC mode). The other vCPUs exist

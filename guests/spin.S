@@ -1,6 +1,9 @@
 /*
  * spin.S - a guest that never exits on its own.
  *
+ * Run: node-kvm run guests/build/spin.bin --api-socket PATH (no options needed; never ends on its
+ *     own).
+ *
  * Contract with the host:
  *   - Loaded at guest-physical 0x7c00, entered in real mode at CS:IP 0:0x7c00.
  *   - Executes `cli` (so no injected interrupt can divert it) and then jumps

@@ -1,6 +1,8 @@
 /*
  * touch.S - dirty-page test guest: writes one u16 into each listed segment.
  *
+ * Run: from the library only: the host fills its table first (test/kvm/dirty-log.test.ts).
+ *
  * Contract with the host:
  *   - Loaded at guest-physical 0x7c00, entered in real mode at CS:IP 0:0x7c00.
  *   - Host fills a table at guest-physical 0x0500 before running:

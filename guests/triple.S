@@ -2,6 +2,9 @@
  * triple.S - triple-faults on purpose: loads an interrupt descriptor table with no present gates, then raises an
  * exception that cannot be delivered (nor can the double fault that follows).
  *
+ * Run: node-kvm run guests/build/triple.bin --mode protected (needs --mode protected; exits 1 with
+ *     a register dump).
+ *
  * Contract with the host: a flat binary of 32-bit code, loaded at 0x7c00 and entered in
  * protected mode (node-kvm run --mode protected); sets EAX=0x1111, EBX=0x2222 first so that the
  * host's register dump can be checked; never reaches the HLT after UD2.

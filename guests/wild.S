@@ -1,6 +1,8 @@
 /*
  * wild.S - a hostile guest: accesses ports and MMIO addresses where nothing is, then reports.
  *
+ * Run: node-kvm run guests/build/wild.bin --memory 1M (needs exactly --memory 1M; exits 103).
+ *
  * Contract with the host:
  *   - Flat real-mode binary at 0x7c00, entered at CS:IP 0:0x7c00, with exactly 1 MiB of RAM,
  *     so that 0x100000 (0xffff:0x0010) is not memory but unclaimed MMIO.

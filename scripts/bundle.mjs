@@ -43,10 +43,14 @@ async function bundle(entry, outfile, urlExpression, plugins = []) {
 
 const codeCacheModule = path.join(vmmDir, 'code-cache.js');
 
-/** Source of a module that runs the bundle `file` (beside the output) through the code cache. */
-function loaderSource(file, use, exportsMain = false) {
+/**
+ * Source of a module that runs the bundle `file` (beside the output) through the code cache;
+ * `use` is an expression, evaluated after the `imports`.
+ */
+function loaderSource(file, use, exportsMain = false, imports = []) {
   return [
     `import { join } from 'node:path';`,
+    ...imports,
     `import { requireBundle } from ${JSON.stringify(codeCacheModule)};`,
     // Its own require() does for the bundle beside it: both resolve from this directory.
     `const loaded = requireBundle(join(__dirname, ${JSON.stringify(file)}), ${use}, require);`,
@@ -82,9 +86,10 @@ for (const worker of workers) {
 const cliDir = path.join(root, 'dist', 'lib', 'cli');
 const cliUrl = "require('node:url').pathToFileURL(require('node:path').join(__dirname, '..', 'vmm', 'node-kvm.cjs')).href";
 await bundle(path.join(cliDir, 'commands.js'), path.join(cliDir, 'node-kvm-commands.cjs'), cliUrl);
-// Each subcommand compiles different functions: its own cache.
+// Each subcommand compiles different functions: its own cache (one for all unknown words).
+const commandNames = `import { codeCacheUse } from ${JSON.stringify(path.join(cliDir, 'command-names.js'))};`;
 await bundle(path.join(cliDir, 'main.js'), path.join(cliDir, 'node-kvm.cjs'), cliUrl, [
-  replaceModule('./commands.js', loaderSource('node-kvm-commands.cjs', "process.argv[2] ?? 'none'", true)),
+  replaceModule('./commands.js', loaderSource('node-kvm-commands.cjs', 'codeCacheUse(process.argv[2])', true, [commandNames])),
 ]);
 // The module entry stays runnable as a command too: npx keeps a link to the bin a project had
 // when npx first ran there (dist/lib/cli/main.js before the bundle), and npm made it executable.

@@ -5,6 +5,7 @@ import { argTypeError } from '../kvm/errors.js';
 import { BootImageError } from './errors.js';
 import { BOOT_INFO_ADDR, BOOT_INFO_END, memoryMap } from './layout.js';
 
+/** `hvm_start_info.magic` ("xEn3" with bit 7 of the "E" set), as the PVH boot protocol defines it. */
 export const HVM_START_MAGIC = 0x336ec578;
 const HVM_START_INFO_BYTES = 56;
 const HVM_MEMMAP_ENTRY_BYTES = 24;

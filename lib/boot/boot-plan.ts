@@ -2,6 +2,7 @@
 // Plain data, so that it crosses to a vCPU thread as it is.
 import type { BootState, CpuMode } from './cpu-state.js';
 
+/** The image formats planBoot() recognises: a flat binary, ELF32, ELF64, Multiboot v1, PVH (an ELF note) or a Linux bzImage. */
 export type BootFormat = 'flat' | 'elf32' | 'elf64' | 'multiboot' | 'pvh' | 'bzimage';
 
 /**

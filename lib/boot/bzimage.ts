@@ -26,7 +26,9 @@ export const BOOT_PROTOCOL_ACPI_RSDP = 0x020e;
 /** Linux's boot selectors: boot.rst asks for these in the GDT at either protected-mode entry. */
 export const LinuxSelector = { BootCs: 0x10, BootDs: 0x18 } as const;
 
+/** Bits of the setup header's `loadflags` (Documentation/arch/x86/boot.rst). */
 export const LoadFlag = { LoadedHigh: 1 << 0, QuietFlag: 1 << 5, CanUseHeap: 1 << 7 } as const;
+/** Bits of the setup header's `xloadflags` (boot.rst). */
 export const XLoadFlag = { Kernel64: 1 << 0, CanBeLoadedAbove4G: 1 << 1 } as const;
 
 /** Where the 64-bit entry is, from the start of the protected-mode kernel. */
@@ -53,6 +55,7 @@ const ZeroPage = { acpiRsdpAddr: 0x070, extRamdiskImage: 0x0c0, extRamdiskSize: 
 const E820_ENTRY_BYTES = 20;
 const E820_MAX_ENTRIES = 128;
 
+/** The fields of a bzImage's setup header the loader reads (boot.rst, "The real-mode kernel header"). */
 export interface SetupHeader {
   /** setup_sects as the kernel means it: 0 reads as 4. */
   setupSects: number;
@@ -149,6 +152,7 @@ export function parseSetupHeader(image: Uint8Array): SetupHeader {
   };
 }
 
+/** What planBzImage() needs besides the image: guest RAM, the command line, an initrd and the firmware tables. */
 export interface BzImageOptions {
   memoryBytes: number;
   /** The command line, encoded with its NUL (encodeCmdline), or null for an empty one. */

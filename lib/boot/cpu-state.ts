@@ -5,6 +5,7 @@ import type { Vcpu } from '../kvm/vcpu.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { GDT_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR } from './layout.js';
 
+/** The mode a vCPU starts in: 16-bit real mode, 32-bit protected mode (flat segments, no paging) or 64-bit long mode (identity-mapped). */
 export type CpuMode = 'real' | 'protected' | 'long';
 
 /** Register state to set on a vCPU: only what the boot protocol defines; the rest stays at KVM's reset values. */

@@ -6,6 +6,7 @@ import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
  * the message is one line that says what is wrong and where. Code ERR_BOOT_IMAGE.
  */
 export class BootImageError extends NodeKvmError {
+  /** An error of code ERR_BOOT_IMAGE with `message`. */
   constructor(message: string) {
     super(ErrorCode.BootImage, message);
     this.name = 'BootImageError';

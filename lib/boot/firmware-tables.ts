@@ -7,6 +7,7 @@ import { ACPI_TABLES_ADDR, HIGH_RAM_START, MP_TABLE_ADDR, type Region } from './
 import { buildMpTable } from './mptable.js';
 import { checkPlatform, type PlatformDescription } from './platform.js';
 
+/** The ACPI and MP tables of a machine with the in-kernel irqchip, as a boot plan's writes and the regions they occupy. */
 export interface FirmwareTables {
   writes: BootWrite[];
   regions: Region[];

@@ -16,5 +16,8 @@ export {
   isBzImage, parseSetupHeader, planBzImage, HDRS_MAGIC, LinuxSelector, LoadFlag, XLoadFlag, LOADER_TYPE_UNDEFINED,
   type SetupHeader, type BzImageLayout, type BzImageOptions,
 } from './bzimage.js';
+export type { FirmwareTables } from './firmware-tables.js';
+export type { Region } from './layout.js';
 export { buildInitramfs, CPIO_NEWC_MAGIC, CPIO_TRAILER, type InitramfsEntry } from './initramfs.js';
 export { BootImageError } from './errors.js';
+export { guestPath, guestImages } from './guests.js';

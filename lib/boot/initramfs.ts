@@ -6,6 +6,7 @@
 // Uncompressed: the kernel takes that as it is, and the loader has nothing to decompress.
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 
+/** One entry of buildInitramfs()'s archive: a file (its data bytes or text), a directory, a symlink or a device node, with its mode and owner. */
 export type InitramfsEntry =
   | { type: 'file'; path: string; data: Uint8Array | string; mode?: number; uid?: number; gid?: number; mtime?: number }
   | { type: 'directory'; path: string; mode?: number; uid?: number; gid?: number; mtime?: number }
@@ -15,7 +16,9 @@ export type InitramfsEntry =
     mtime?: number;
   };
 
+/** The magic of a cpio "newc" header, the format the kernel's initramfs unpacker reads. */
 export const CPIO_NEWC_MAGIC = '070701';
+/** The name of the entry that ends a cpio archive. */
 export const CPIO_TRAILER = 'TRAILER!!!';
 const HEADER_BYTES = 110;
 

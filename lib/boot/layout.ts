@@ -18,15 +18,18 @@
 import { argTypeError, argValueError } from '../kvm/errors.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 
+/** Where the loader puts the GDT of a protected- or long-mode boot. */
 export const GDT_ADDR = 0x500;
 /** A page the loader never writes, for parameters a host passes to its test guests. */
 export const GUEST_PARAMS_ADDR = 0x5000;
+/** Where the loader puts the boot information (hvm_start_info, multiboot_info, a bzImage's boot_params) and its memory map, up to BOOT_INFO_END. */
 export const BOOT_INFO_ADDR = 0x6000;
 export const BOOT_INFO_END = 0x7c00;
 /** A Linux bzImage's boot_params, in place of the boot information the other formats get. */
 export const ZERO_PAGE_ADDR = BOOT_INFO_ADDR;
 /** A Linux bzImage's command line: a page of its own, below 0xa0000 as boot.rst asks. */
 export const LINUX_CMDLINE_ADDR = 0x20000;
+/** Where the loader puts the identity-mapping page tables of a long-mode boot. */
 export const PAGE_TABLES_ADDR = 0x9000;
 /** End of conventional memory: the EBDA starts here. */
 export const LOW_RAM_END = 0x9fc00;
@@ -41,6 +44,7 @@ export const HIGH_RAM_START = 0x100000;
 /** E820 / hvm_memmap_table_entry / multiboot mmap types. */
 export const MemoryType = { Ram: 1, Reserved: 2 } as const;
 
+/** One range of the guest's physical memory map (E820), as memoryMap() gives it. */
 export interface MemoryMapEntry {
   addr: bigint;
   size: bigint;

@@ -8,6 +8,7 @@ import { isElf } from './elf.js';
 import { BootImageError, formatBytes, hex } from './errors.js';
 import { BOOT_INFO_ADDR, BOOT_INFO_END, HIGH_RAM_START, LOW_RAM_END, memoryMap, type Region } from './layout.js';
 
+/** The magic of a Multiboot v1 header, found in the image's first 8 KiB. */
 export const MULTIBOOT_HEADER_MAGIC = 0x1badb002;
 /** In EAX at entry: the kernel was loaded by a Multiboot-compliant loader. */
 export const MULTIBOOT_BOOTLOADER_MAGIC = 0x2badb002;

@@ -24,6 +24,7 @@ import type { BootFormat, BootPlan, BootWrite } from './boot-plan.js';
 export type { BootFormat, BootPlan, BootWrite } from './boot-plan.js';
 
 
+/** How planBoot() lays out an image: guest RAM, a flat binary's mode and load address, the command line, an initrd or Multiboot modules, and whether to write firmware tables. */
 export interface PlanOptions {
   memoryBytes: number;
   /** Entry mode of a flat binary (default 'real'). Ignored for formats that define their own. */
@@ -47,6 +48,7 @@ export interface PlanOptions {
   irqchip?: boolean;
 }
 
+/** Where a flat binary is loaded unless PlanOptions.loadAddr says otherwise (a boot sector's address). */
 export const DEFAULT_LOAD_ADDR = 0x7c00;
 const MODES: readonly CpuMode[] = ['real', 'protected', 'long'];
 

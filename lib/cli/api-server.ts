@@ -1,5 +1,5 @@
 // The control API of a running machine: newline-delimited JSON over a unix socket (mode 0600).
-//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb"|"regs"|"x"|"stats"|"stats-reset"|"trace-start"|"trace-stop","params":{...}}
+//   request   {"id":1,"method":"status"|"pause"|"resume"|"stop"|"reset"|"snapshot"|"migrate"|"gdb"|"regs"|"x"|"stats"|"stats-reset"|"trace-start"|"trace-stop"|"config","params":{...}}
 //   response  {"id":1,"result":...}  or  {"id":1,"error":{"message":"...","code":"EBUSY"}} (code: the error's, if it has one)
 //   progress  {"id":1,"progress":{...MigrationStats}}  (zero or more, before a migrate's response)
 // Several clients may be connected, and each may have several calls under way. Per client, what
@@ -43,10 +43,12 @@ export interface ApiMachine {
   traceStart?(path: string): Promise<void>;
   /** Stops the exit trace; its path, or null when there was none (machine.stopExitTrace()). */
   traceStop?(): Promise<string | null>;
+  /** The machine's configuration, as `node-kvm run --config` reads it. */
+  config?(): Record<string, unknown>;
 }
 
 /** A real machine as the API sees it: its lifecycle, and snapshots and migrations of it. */
-export function apiMachine(machine: Machine): ApiMachine {
+export function apiMachine(machine: Machine, runConfig: Record<string, unknown> = {}): ApiMachine {
   return {
     get state() {
       return machine.state;
@@ -82,7 +84,24 @@ export function apiMachine(machine: Machine): ApiMachine {
     },
     traceStart: (path) => machine.startExitTrace(path),
     traceStop: () => machine.stopExitTrace(),
+    config: () => machineConfig(machine, runConfig),
   };
+}
+
+/**
+ * `runConfig` (what the machine was run with, as a configuration object) with what the machine
+ * has in fact: its RAM, vCPUs and irqchip where they are options of the way it was made (a
+ * restored machine's come from its snapshot, so they are not), and its dirty log.
+ */
+function machineConfig(machine: Machine, runConfig: Record<string, unknown>): Record<string, unknown> {
+  const config: Record<string, unknown> = { ...runConfig };
+  if (config.restore === undefined) {
+    config.memory = `${machine.memoryBytes / (1024 * 1024)}M`;
+    config.vcpus = machine.vcpuCount;
+  }
+  if (machine.boot !== null) config.irqchip = machine.irqchip;
+  config['dirty-log'] = machine.dirtyLogMode;
+  return config;
 }
 
 /** Registers as JSON: each number as a 0x string (64-bit values do not fit a JSON number). */
@@ -144,10 +163,12 @@ export interface ApiMethods {
   'trace-start': { params: { path: string }; result: { path: string } };
   /** Stops the exit trace, the file complete; `path`: null when none was being written. */
   'trace-stop': { params: Record<string, never>; result: { path: string | null } };
+  /** The machine's configuration: run's options by their long names, as `node-kvm run --config` reads them. */
+  config: { params: Record<string, never>; result: Record<string, unknown> };
 }
 
 export type ApiMethod = keyof ApiMethods;
-export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb', 'regs', 'x', 'stats', 'stats-reset', 'trace-start', 'trace-stop'];
+export const API_METHODS: readonly ApiMethod[] = ['status', 'pause', 'resume', 'stop', 'reset', 'snapshot', 'migrate', 'gdb', 'regs', 'x', 'stats', 'stats-reset', 'trace-start', 'trace-stop', 'config'];
 
 /** A request line longer than this is refused and its connection closed. */
 export const MAX_REQUEST_LINE_BYTES = 1024 * 1024;
@@ -313,6 +334,11 @@ export async function startApiServer(socketPath: string, machine: ApiMachine, op
       checkParams(params, 'trace-stop', []);
       if (!machine.traceStop) throw new NodeKvmError(ErrorCode.MachineState, 'trace-stop: this machine cannot trace its exits');
       return { path: await machine.traceStop() };
+    },
+    async config(params) {
+      checkParams(params, 'config', []);
+      if (!machine.config) throw new NodeKvmError(ErrorCode.MachineState, 'config: this machine has no configuration to report');
+      return machine.config();
     },
     async migrate(params, progress) {
       const options = checkMigrateParams(params);

@@ -1,9 +1,14 @@
 // The `node-kvm` command's subcommands (main.ts is the entry).
 // Only what every command needs is imported up front: `run` hands its vCPU threads to the machine
 // while they load, and loads the rest meanwhile.
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { VcpuWorkerPool, type VcpuThread } from '../vmm/pool.js';
 import { argValueError } from '../kvm/errors.js';
+import { COMMANDS } from './command-names.js';
+import { parseRunArgs, parseVcpus } from './run-options.js';
 
 const USAGE = `usage: node-kvm <command> [options]
 
@@ -12,6 +17,7 @@ commands:
             live migration, or restore a snapshot)
   migrate   live-migrate a running machine's guest to another node-kvm run --incoming
   snapshot  write a running machine's guest to a file
+  config    print a running machine's configuration (as run --config reads it)
   status    print a running machine's state
   pause     pause a running machine
   resume    resume a paused machine
@@ -24,7 +30,24 @@ commands:
   info      print this host's KVM capabilities
 
 options:
-  -h, --help  show help for a command`;
+  -h, --help     show this help (node-kvm help COMMAND or COMMAND --help: a command's)
+  -V, --version  print the version`;
+
+/** The package's version, from the package.json above this module (source, dist or bundle). */
+function packageVersion(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    try {
+      const json = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name?: string; version?: string };
+      if (json.name === 'node-kvm' && typeof json.version === 'string') return json.version;
+    } catch {
+      // none here: look further up
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir) return 'unknown';
+    dir = parent;
+  }
+}
 
 /**
  * Runs the command `argv` (without node and the script) as the process does, and resolves with
@@ -43,61 +66,35 @@ export async function main(argv: string[], firstThread?: VcpuThread): Promise<nu
 /** Runs the command `argv` and resolves with the exit status; bad arguments and failures throw. */
 export async function runCommand(argv: string[], firstThread?: VcpuThread): Promise<number> {
   const [command, ...rest] = argv;
-  if (command === undefined || command === '-h' || command === '--help' || command === 'help') {
+  if (command === undefined || command === '-h' || command === '--help' || (command === 'help' && rest.length === 0)) {
     console.log(USAGE);
     return command === undefined ? 2 : 0;
   }
+  if (command === '--version' || command === '-V') {
+    console.log(`node-kvm ${packageVersion()}`);
+    return 0;
+  }
+  // `help COMMAND` is `COMMAND --help`.
+  if (command === 'help') {
+    if (rest.length > 1 || !(COMMANDS as readonly string[]).includes(rest[0]!)) throw argValueError(`help takes one command (${COMMANDS.join(', ')}), got '${rest.join(' ')}'`);
+    return runCommand([rest[0]!, '--help'], firstThread);
+  }
   switch (command) {
     case 'run': {
-      const { values, positionals } = parseArgs({
-        args: rest,
-        allowPositionals: true,
-        options: {
-          help: { type: 'boolean', short: 'h' },
-          mode: { type: 'string' },
-          'load-addr': { type: 'string' },
-          memory: { type: 'string' },
-          vcpus: { type: 'string' },
-          cmdline: { type: 'string' },
-          kernel: { type: 'string' },
-          initrd: { type: 'string' },
-          append: { type: 'string' },
-          disk: { type: 'string', multiple: true },
-          net: { type: 'string', multiple: true },
-          'api-socket': { type: 'string' },
-          incoming: { type: 'string' },
-          restore: { type: 'string' },
-          'no-verify': { type: 'boolean' },
-          'no-irqchip': { type: 'boolean' },
-          rng: { type: 'boolean' },
-          vsock: { type: 'string' },
-          token: { type: 'string' },
-          gdb: { type: 'string' },
-          'gdb-wait': { type: 'boolean' },
-          serial: { type: 'string' },
-          'trace-exits': { type: 'string' },
-          'exit-stats': { type: 'boolean' },
-        },
-      });
-      const sources = positionals.length + (values.kernel === undefined ? 0 : 1) + (values.incoming === undefined ? 0 : 1) + (values.restore === undefined ? 0 : 1);
+      const { options, help, extraImages } = parseRunArgs(rest);
+      const sources = (options.image === undefined ? 0 : 1) + (options.kernel === undefined ? 0 : 1) + (options.incoming === undefined ? 0 : 1) + (options.restore === undefined ? 0 : 1);
+      // Checked before any thread starts: a count the machine refuses must not start them all first.
+      const vcpus = options.vcpus === undefined ? 1 : parseVcpus(options.vcpus);
       // The machine takes its threads while they load: it builds its VM meanwhile. A thread that
       // fails to load fails Machine.create().
-      const threads = !values.help && sources === 1
-        ? VcpuWorkerPool.start(Math.min(Math.max(Number(values.vcpus ?? 1) | 0, 1), 64), firstThread ? [firstThread] : [])
-        : null;
+      const threads = !help && sources === 1 && extraImages === 0 ? VcpuWorkerPool.start(Math.min(vcpus, 64), firstThread ? [firstThread] : []) : null;
       const { RUN_USAGE, run, checkRunSource } = await import('./run.js');
-      if (values.help) {
+      if (help) {
         console.log(RUN_USAGE);
         return 0;
       }
-      const options = {
-        image: positionals[0], incoming: values.incoming, restore: values.restore, token: values.token, apiSocket: values['api-socket'],
-        mode: values.mode, loadAddr: values['load-addr'], memory: values.memory, vcpus: values.vcpus, cmdline: values.cmdline,
-        kernel: values.kernel, initrd: values.initrd, append: values.append, disk: values.disk, net: values.net, noVerify: values['no-verify'], noIrqchip: values['no-irqchip'], rng: values.rng, vsock: values.vsock,
-        gdb: values.gdb, gdbWait: values['gdb-wait'], serial: values.serial, traceExits: values['trace-exits'], exitStats: values['exit-stats'],
-      };
       if (!threads) {
-        if (positionals.length > 1) throw argValueError(`run takes one IMAGE, got ${positionals.length} (see node-kvm run --help)`);
+        if (extraImages > 0) throw argValueError(`run takes one IMAGE, got ${extraImages + 1} (see node-kvm run --help)`);
         checkRunSource(options); // none or several of IMAGE, --incoming, --restore: throws
       }
       return run(options, threads!);
@@ -114,7 +111,8 @@ export async function runCommand(argv: string[], firstThread?: VcpuThread): Prom
     case 'pause':
     case 'resume':
     case 'stop':
-    case 'reset': {
+    case 'reset':
+    case 'config': {
       const { controlCommand } = await import('./snapshot.js');
       return controlCommand(command, rest);
     }

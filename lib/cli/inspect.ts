@@ -4,6 +4,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { callApi, requireApiSocket } from './api-client.js';
 import { argValueError } from '../kvm/errors.js';
+import { parseSize } from './run-options.js';
 import type { ExitStats } from '../vmm/machine.js';
 
 export const INSPECT_USAGE = {
@@ -14,8 +15,8 @@ segments with base, limit and attributes, GDT, IDT, CR0, CR2, CR3, CR4, CR8, EFE
 machine is stopped for the moment of the read, quietly (no paused/resumed), and runs on.`,
   x: `usage: node-kvm x --api-socket PATH ADDR [LEN] [--phys] [--vcpu N] [--json]
 
-Dumps LEN bytes (default 64, at most 1 MiB) of guest memory at ADDR (decimal, or hex with 0x) in
-hex and ASCII. ADDR is virtual, translated through the page tables of vCPU 0 (or --vcpu N), or
+Dumps LEN bytes (default 64, at most 1 MiB; a size: 256, 0x100, 4K, 1.5K) of guest memory at
+ADDR (decimal, or hex with 0x) in hex and ASCII. ADDR is virtual, translated through the page tables of vCPU 0 (or --vcpu N), or
 guest-physical with --phys. An address that is not mapped is refused.`,
   stats: `usage: node-kvm stats --api-socket PATH [--duration SECONDS] [--json]
        node-kvm stats --api-socket PATH --reset
@@ -36,6 +37,9 @@ With --api-socket, starts writing every exit of a running machine to FILE (repla
 or stops the trace it writes (the file is complete when the command returns). A machine that
 does not trace pays nothing for it.`,
 } as const;
+
+/** The most `x` dumps at once (what the API's x method reads at most). */
+const MAX_DUMP_BYTES = 1024 * 1024;
 
 export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -76,7 +80,7 @@ export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', 
     if (positionals.length < 1 || positionals.length > 2) throw argValueError('x takes ADDR [LEN] (see node-kvm x --help)');
     const address = positionals[0]!;
     if (!/^(0x[0-9a-fA-F]{1,16}|\d{1,20})$/.test(address)) throw argValueError(`x: ADDR '${address}' must be a number (decimal, or hex with 0x)`);
-    const length = positionals[1] === undefined ? 64 : integer(positionals[1], 'LEN');
+    const length = positionals[1] === undefined ? 64 : parseSize(positionals[1], 'x: LEN', { max: MAX_DUMP_BYTES });
     const result = await callApi(apiSocket, 'x', { address, length, physical: values.phys === true, ...(vcpu === undefined ? {} : { vcpu }) });
     if (values.json) {
       console.log(JSON.stringify(result));

@@ -10,13 +10,18 @@ import type { CpuMode } from '../boot/index.js';
 import { MULTIBOOT_SEARCH_BYTES, isMultibootKernel } from '../boot/multiboot.js';
 import { argValueError, systemError } from '../kvm/errors.js';
 import type { ApiServer } from './api-server.js';
+import { MAX_VCPUS } from '../vmm/config.js';
+import { runOptionsToConfig, parseAddress, parseCpuAffinity, parseDirtyLog, parseDiskOption, parseMemory, parseNetOption, parseVcpus, parseVsockOption, type RunOptions } from './run-options.js';
 import { openSerialBackend, parseSerialOption, type SerialBackend } from './serial.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
+
+export { formatSize, parseAddress, parseDiskOption, parseMemory, parseNetOption, parseSize, parseVcpus, parseVsockOption, type RunOptions } from './run-options.js';
 
 export const RUN_USAGE = `usage: node-kvm run IMAGE [options]
        node-kvm run --kernel FILE [--initrd FILE|'MODULE[ ARGS][,MODULE2 ...]'] [--append TEXT] [options]
        node-kvm run --incoming tcp:HOST:PORT|unix:PATH [--token T] [--memory SIZE] [--vcpus N] [--api-socket PATH]
        node-kvm run --restore FILE [--no-verify] [--api-socket PATH]
+       node-kvm run --config FILE [options]
 
 Boots IMAGE (a flat binary, ELF32, ELF64, Multiboot or PVH kernel, or a Linux bzImage) with its
 serial console (COM1) on stdin and stdout, a terminal or not (see --serial). Exits with the
@@ -30,11 +35,17 @@ receives; with --restore, runs the guest saved in a snapshot file (node-kvm snap
 RAM image has been checked against the checksum the file holds.
 
 options:
+  --config FILE               read options from a JSON file: each field an option by its long
+                              name ("memory": "64M", "vcpus": 2, "disk": ["a.img,ro"],
+                              "irqchip": false), and "image"; options given here override it
+                              (node-kvm config prints a running machine's in this form)
   --mode real|protected|long  entry mode for a flat binary (default real)
   --load-addr ADDR            load address of a flat binary (default 0x7c00)
-  --memory SIZE               guest RAM, e.g. 64M, 1G (default 64M; with --incoming, what the
-                              migration must bring, by default whatever it brings)
-  --vcpus N                   number of vCPUs (default 1; with --incoming, as --memory)
+  --memory SIZE               guest RAM, a multiple of 1 MiB, at most 3 GiB: 64M, 1.5G, 0x4000000
+                              (K, M, G, T: binary units; none: bytes) (default 64M; with
+                              --incoming, what the migration must bring, by default whatever it
+                              brings)
+  --vcpus N                   number of vCPUs, 1 to 255 (default 1; with --incoming, as --memory)
   --cmdline TEXT              kernel command line (Multiboot, PVH, Linux)
   --kernel FILE               the image to boot, as QEMU's -kernel (instead of IMAGE)
   --initrd FILE               initial ramdisk for a Linux bzImage, as QEMU's -initrd
@@ -69,9 +80,16 @@ options:
   --token T                   the secret the migration must prove it knows (required for tcp);
                               or set ${TOKEN_ENV}, which other users cannot see in ps
   --restore FILE              run the guest saved in this snapshot
-  --no-verify                 with --restore: skip checking the RAM image (which reads all of it)
-  --no-irqchip                no interrupt controllers, PIT, ACPI or MP tables: HLT then exits
-                              to the VMM, and the machine ends once every vCPU has halted
+  --verify, --no-verify       with --restore: check the RAM image against the file's checksum
+                              (the default), or skip that (which reads all of it)
+  --irqchip, --no-irqchip     in-kernel interrupt controllers, PIT, ACPI and MP tables (the
+                              default), or none: HLT then exits to the VMM, and the machine ends
+                              once every vCPU has halted
+  --dirty-log bitmap|ring     how snapshots and migrations find the pages the guest wrote:
+                              KVM_GET_DIRTY_LOG (the default) or the dirty ring, where the
+                              host has it
+  --cpu-affinity [VCPU=]CPUS  host CPUs a vCPU may run on, as taskset -c lists them (2, 0,2-3):
+                              VCPU=CPUS for one vCPU, CPUS alone for every vCPU (repeat for more)
   --gdb tcp:HOST:PORT|unix:PATH  serve a GDB remote stub there (tcp::PORT: loopback); whoever
                               connects controls the guest fully
   --gdb-wait                  with --gdb: no vCPU runs until the debugger continues (QEMU's -s -S)
@@ -79,85 +97,6 @@ options:
                               FILE in a binary format (read it with node-kvm trace FILE)
   --exit-stats                count exits from the start (node-kvm stats reads them)
   -h, --help                  show this help`;
-
-export interface RunOptions {
-  image?: string;
-  incoming?: string;
-  restore?: string;
-  token?: string;
-  /** --serial stdio|none|unix:PATH|file:PATH (default stdio). */
-  serial?: string;
-  apiSocket?: string;
-  mode?: string;
-  loadAddr?: string;
-  memory?: string;
-  vcpus?: string;
-  cmdline?: string;
-  /** The image, given as QEMU's -kernel. */
-  kernel?: string;
-  initrd?: string;
-  /** The command line, given as QEMU's -append. */
-  append?: string;
-  /** --disk FILE[,ro][,id=ID], repeatable. */
-  disk?: string[];
-  /** --net tap=NAME[,mac=MAC][,netns=PATH], repeatable. */
-  net?: string[];
-  /** With --restore: do not check the RAM image against its checksum. */
-  noVerify?: boolean;
-  noIrqchip?: boolean;
-  rng?: boolean;
-  /** --vsock cid=N,uds=PATH. */
-  vsock?: string;
-  /** Serve a GDB stub at this address. */
-  gdb?: string;
-  /** With gdb: start paused, for the debugger to continue. */
-  gdbWait?: boolean;
-  /** Write every exit to this file (lib/vmm/exit-trace.ts). */
-  traceExits?: string;
-  /** Count exits from the start (machine.exitStats()). */
-  exitStats?: boolean;
-}
-
-/** Parses --vsock cid=N,uds=PATH (cid may be left out for a restored or received guest). */
-export function parseVsockOption(value: string): { cid?: number; uds: string } {
-  const parsed: { cid?: number; uds?: string } = {};
-  for (const part of value.split(',')) {
-    const [key, text] = [part.slice(0, part.indexOf('=')), part.slice(part.indexOf('=') + 1)];
-    if (key === 'cid' && /^\d+$/.test(text)) parsed.cid = Number(text);
-    else if (key === 'uds' && text !== '') parsed.uds = text;
-    else throw argValueError(`--vsock ${value}: '${part}' is not cid=N or uds=PATH`);
-  }
-  if (parsed.uds === undefined) throw argValueError(`--vsock ${value}: uds=PATH is missing`);
-  return { ...(parsed.cid === undefined ? {} : { cid: parsed.cid }), uds: parsed.uds };
-}
-
-/** Parses one --disk value: FILE[,ro][,id=ID]. */
-export function parseDiskOption(value: string): DiskConfig {
-  const [file, ...flags] = value.split(',');
-  if (!file) throw argValueError(`--disk needs a file: --disk FILE[,ro][,id=ID], got '${value}'`);
-  const disk: DiskConfig = { path: file };
-  for (const flag of flags) {
-    if (flag === 'ro' || flag === 'readonly') disk.readOnly = true;
-    else if (flag.startsWith('id=')) disk.id = flag.slice(3);
-    else throw argValueError(`--disk ${value}: unknown flag '${flag}' (ro, id=ID)`);
-  }
-  return disk;
-}
-
-/** Parses one --net value: tap=NAME[,mac=MAC][,netns=PATH]. */
-export function parseNetOption(value: string): NetConfig {
-  const card: NetConfig = {};
-  for (const part of value.split(',')) {
-    const [key, text] = [part.slice(0, part.indexOf('=')), part.slice(part.indexOf('=') + 1)];
-    if (part.indexOf('=') < 1 || text === '') throw argValueError(`--net ${value}: '${part}' is not KEY=VALUE (tap=NAME, mac=MAC, netns=PATH)`);
-    if (key === 'tap') card.tap = text;
-    else if (key === 'mac') card.mac = text;
-    else if (key === 'netns') card.netns = text;
-    else throw argValueError(`--net ${value}: unknown key '${key}' (tap, mac, netns)`);
-  }
-  if (card.tap === undefined) throw argValueError(`--net needs a TAP: --net tap=NAME[,mac=MAC][,netns=PATH], got '${value}'`);
-  return card;
-}
 
 /**
  * QEMU's -initrd for a Multiboot kernel: modules separated by commas (",," stands for a comma in
@@ -211,24 +150,13 @@ export function checkRunSource(options: RunOptions): void {
     throw argValueError('--memory and --vcpus come from the snapshot with --restore');
   }
   if (options.token !== undefined && options.incoming === undefined) throw argValueError('--token applies to --incoming only');
-  if (options.noVerify === true && options.restore === undefined) throw argValueError('--no-verify applies to --restore only');
-  if (options.noIrqchip === true && image === undefined) throw argValueError('--no-irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)');
+  if (options.verify !== undefined && options.restore === undefined) throw argValueError(`--${options.verify ? '' : 'no-'}verify applies to --restore only`);
+  if (options.irqchip !== undefined && image === undefined) {
+    throw argValueError(`--${options.irqchip ? '' : 'no-'}irqchip applies to booting an IMAGE only (a restored or received guest keeps the machine it had)`);
+  }
   if (options.rng === true && image === undefined) throw argValueError('--rng applies to booting an IMAGE only (a restored or received guest keeps the devices it had)');
   if (options.vsock !== undefined && image !== undefined && parseVsockOption(options.vsock).cid === undefined) throw argValueError('--vsock needs cid=N when booting an IMAGE');
   if (options.gdbWait === true && options.gdb === undefined) throw argValueError('--gdb-wait applies to --gdb only');
-}
-
-export function parseSize(text: string): number {
-  const match = /^(\d+)([KMG]?)i?B?$/i.exec(text.trim());
-  if (!match) throw argValueError(`--memory: '${text}' is not a size like 64M or 1G`);
-  const unit = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[match[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  return Number(match[1]) * unit;
-}
-
-export function parseAddress(text: string, option: string): number {
-  const value = /^0x[0-9a-f]+$/i.test(text) ? parseInt(text, 16) : /^\d+$/.test(text) ? Number(text) : NaN;
-  if (!Number.isSafeInteger(value)) throw argValueError(`${option}: '${text}' is not an address (decimal or 0x hex)`);
-  return value;
 }
 
 /** Runs the machine; `pool` holds vCPU threads started early, perhaps still loading (closed here). */
@@ -246,11 +174,10 @@ async function runWith(options: RunOptions, pool: VcpuWorkerPool): Promise<numbe
   if (mode !== undefined && mode !== 'real' && mode !== 'protected' && mode !== 'long') {
     throw argValueError(`--mode must be real, protected or long, got '${mode}'`);
   }
-  const vcpus = options.vcpus === undefined ? undefined : Number(options.vcpus);
-  if (vcpus !== undefined && (!Number.isInteger(vcpus) || vcpus < 1)) throw argValueError(`--vcpus must be a positive integer, got '${options.vcpus}'`);
-  const memoryBytes = options.memory === undefined ? undefined : parseSize(options.memory);
-  const disks = options.disk?.map(parseDiskOption);
-  const net = options.net?.map(parseNetOption);
+  const vcpus = options.vcpus === undefined ? undefined : parseVcpus(options.vcpus);
+  const memoryBytes = options.memory === undefined ? undefined : parseMemory(options.memory);
+  const disks = options.disk?.map((disk) => parseDiskOption(disk));
+  const net = options.net?.map((card) => parseNetOption(card));
   const vsock = options.vsock === undefined ? undefined : parseVsockOption(options.vsock);
   const serialBackend = await openSerialBackend(parseSerialOption(options.serial), (message) => process.stderr.write(`node-kvm: ${message}\n`));
   try {
@@ -267,7 +194,13 @@ async function runMachine(
 ): Promise<number> {
   const { mode, vcpus, memoryBytes, disks, net, vsock } = parsed;
   const serial = serialBackend.config;
-  const instrument = { exitStats: options.exitStats === true, ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }) };
+  const instrument = {
+    exitStats: options.exitStats === true,
+    ...(options.traceExits === undefined ? {} : { traceExits: path.resolve(options.traceExits) }),
+    ...(options.dirtyLog === undefined ? {} : { dirtyLog: parseDirtyLog(options.dirtyLog) }),
+    // A received machine's vCPU count is the migration's: every vCPU it may have gets the list.
+    ...(options.cpuAffinity === undefined ? {} : { affinity: parseCpuAffinity(options.cpuAffinity, vcpus ?? ((options.image ?? options.kernel) === undefined ? MAX_VCPUS : 1)) }),
+  };
   let machine: Machine;
   if (options.incoming !== undefined) {
     // Migration and API code load only when used: a plain boot starts sooner without them.
@@ -287,7 +220,7 @@ async function runMachine(
     }
   } else if (options.restore !== undefined) {
     const { restoreMachine } = await import('../migration/snapshot.js');
-    machine = await restoreMachine(options.restore, { serial, pool, disks, net, vsock, ...instrument, verify: options.noVerify !== true });
+    machine = await restoreMachine(options.restore, { serial, pool, disks, net, vsock, ...instrument, verify: options.verify !== false });
   } else {
     const image = (options.image ?? options.kernel)!;
     // --initrd is a Linux initrd, or QEMU's module list for a Multiboot kernel.
@@ -301,7 +234,7 @@ async function runMachine(
       cmdline: options.cmdline ?? options.append,
       initrd: modules ? undefined : options.initrd,
       modules,
-      irqchip: options.noIrqchip === true ? false : undefined,
+      irqchip: options.irqchip,
       rng: options.rng === true ? true : undefined,
       vsock: vsock as { cid: number; uds: string } | undefined,
       disks,
@@ -310,13 +243,19 @@ async function runMachine(
       pool,
       ...instrument,
     });
+    // Only a flat binary started in real mode has nowhere to put a command line.
+    const cmdlineOption = options.append === undefined ? (options.cmdline === undefined ? null : '--cmdline') : '--append';
+    if (cmdlineOption && machine.boot?.format === 'flat' && machine.boot.mode === 'real') {
+      await machine.stop();
+      throw argValueError(`${cmdlineOption}: ${path.basename(image)} boots as a flat binary in real mode, which takes no command line (with --mode protected or long it gets one)`);
+    }
   }
   const exit = machine.wait();
   let api: ApiServer | null = null;
   if (options.apiSocket !== undefined) {
     try {
       const { apiMachine, startApiServer } = await import('./api-server.js');
-      api = await startApiServer(path.resolve(options.apiSocket), apiMachine(machine));
+      api = await startApiServer(path.resolve(options.apiSocket), apiMachine(machine, runOptionsToConfig(absolutePaths(options))));
     } catch (error) {
       await machine.stop();
       throw systemError(`--api-socket ${options.apiSocket}: ${(error as Error).message}`, error);
@@ -354,6 +293,25 @@ async function runMachine(
     await api?.close();
     await gdb?.close();
   }
+}
+
+/** `options` with its file paths absolute: the configuration the API reports means the same from any directory. */
+function absolutePaths(options: RunOptions): RunOptions {
+  const resolve = (file: string | undefined) => (file === undefined ? undefined : path.resolve(file));
+  const withPrefix = (value: string | undefined) => value?.replace(/^(unix:|file:)(.+)$/, (_, prefix: string, file: string) => prefix + path.resolve(file));
+  return {
+    ...options,
+    image: resolve(options.image),
+    kernel: resolve(options.kernel),
+    restore: resolve(options.restore),
+    apiSocket: resolve(options.apiSocket),
+    // A secret: not for whoever reads the configuration.
+    token: undefined,
+    traceExits: resolve(options.traceExits),
+    serial: withPrefix(options.serial),
+    incoming: withPrefix(options.incoming),
+    disk: options.disk?.map((disk) => disk.replace(/^[^,]+/, (file) => path.resolve(file))),
+  };
 }
 
 export function exitStatus(exit: MachineExit): number {

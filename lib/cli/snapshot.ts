@@ -1,5 +1,5 @@
-// `node-kvm snapshot`, `status`, `pause`, `resume`, `stop` and `reset`: commands to a running machine through its
-// control API.
+// `node-kvm snapshot`, `status`, `pause`, `resume`, `stop`, `reset` and `config`: commands to a
+// running machine through its control API.
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { argValueError } from '../kvm/errors.js';
@@ -25,6 +25,7 @@ const CONTROL_USAGE = {
   resume: 'usage: node-kvm resume --api-socket PATH\n\nResumes a paused machine.',
   stop: 'usage: node-kvm stop --api-socket PATH\n\nEnds a machine (as quit in QEMU\'s monitor): its node-kvm run exits 0.',
   reset: 'usage: node-kvm reset --api-socket PATH\n\nReboots the guest, as QEMU\'s system_reset does: its vCPUs, interrupt controllers and\ndevices as at power-on, its RAM cleared and the image loaded again. A running guest runs\non from its entry point; a paused one stays paused. A restored or received guest has no\nimage to boot again: the machine refuses.',
+  config: 'usage: node-kvm config --api-socket PATH\n\nPrints the configuration of a running machine as JSON, in the form node-kvm run --config\nreads: the options it was run with (file paths absolute, no --token), its RAM, vCPUs, irqchip\nand dirty log.',
 };
 
 export async function snapshotCommand(args: string[]): Promise<number> {
@@ -64,7 +65,7 @@ export async function snapshotCommand(args: string[]): Promise<number> {
 }
 
 /** `status`, `pause`, `resume`, `stop` or `reset`. */
-export async function controlCommand(command: 'status' | 'pause' | 'resume' | 'stop' | 'reset', args: string[]): Promise<number> {
+export async function controlCommand(command: 'status' | 'pause' | 'resume' | 'stop' | 'reset' | 'config', args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
     options: {
@@ -78,6 +79,10 @@ export async function controlCommand(command: 'status' | 'pause' | 'resume' | 's
     return 0;
   }
   const apiSocket = path.resolve(requireApiSocket(values['api-socket'], command));
+  if (command === 'config') {
+    console.log(JSON.stringify(await callApi(apiSocket, 'config', {}), null, 2));
+    return 0;
+  }
   if (command !== 'status') {
     const { state } = await callApi(apiSocket, command, {});
     console.log(state);

@@ -5,6 +5,7 @@ import net from 'node:net';
 import { argTypeError, argValueError } from '../kvm/errors.js';
 import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 
+/** Where a GDB stub listens: a TCP host and port, or a unix socket path. */
 export type GdbAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
 /** Parses `tcp:HOST:PORT` (`tcp:[::1]:1234` for IPv6, `tcp::1234` for loopback) or `unix:PATH`. */
@@ -20,6 +21,7 @@ export function parseGdbAddress(text: string): GdbAddress {
   return { kind: 'tcp', host: match[1] ?? (match[2] || '127.0.0.1'), port: Number(match[3]) };
 }
 
+/** The address as parseGdbAddress() reads it: `tcp:HOST:PORT` (an IPv6 host in brackets) or `unix:PATH`. */
 export function formatGdbAddress(address: GdbAddress): string {
   if (address.kind === 'unix') return `unix:${address.path}`;
   return address.host.includes(':') ? `tcp:[${address.host}]:${address.port}` : `tcp:${address.host}:${address.port}`;

@@ -5,10 +5,12 @@ import { argValueError } from '../kvm/errors.js';
 import { ExitReason } from '../kvm/constants.js';
 import { TRACE_FLAG_RIP, TRACE_HEADER_BYTES, TRACE_MAGIC, TRACE_RECORD_BYTES, TRACE_VERSION, TraceKind } from '../vmm/exit-trace.js';
 
+/** What an exit was, as a trace record says: a port read or write, an MMIO read or write, HLT, an interrupt exit, or another reason. */
 export type TraceExitKind = 'io-in' | 'io-out' | 'mmio-read' | 'mmio-write' | 'hlt' | 'intr' | 'other';
 const KIND_NAMES: TraceExitKind[] = ['other', 'io-in', 'io-out', 'mmio-read', 'mmio-write', 'hlt', 'intr'];
 const REASON_NAMES = new Map<number, string>(Object.entries(ExitReason).map(([name, number]) => [number, name]));
 
+/** One exit of a trace: when, on which vCPU, why, at which RIP, and the port or address and data. */
 export interface TraceRecord {
   /** Nanoseconds since the trace started. */
   timeNs: number;
@@ -27,6 +29,7 @@ export interface TraceRecord {
   data: Buffer;
 }
 
+/** An exit trace file read back: its header (format version, vCPUs, start time) and every record in order. */
 export interface ExitTrace {
   version: number;
   vcpus: number;
@@ -74,6 +77,7 @@ export function parseExitTrace(bytes: Uint8Array): ExitTrace {
   };
 }
 
+/** Reads the exit trace file at `path` (written by MachineConfig.traceExits or `node-kvm run --trace-exits`). */
 export function readExitTrace(path: string): ExitTrace {
   return parseExitTrace(readFileSync(path));
 }
@@ -103,6 +107,7 @@ export function formatTraceRecord(record: TraceRecord): string {
   }
 }
 
+/** One line of summarizeExitTrace(): exits of one kind at one port, page or reason, how many and their share. */
 export interface TraceSummaryRow {
   /** 'io-out 0x3f8', 'mmio-write 0xd0000000' (a 4 KiB page), 'hlt', 'other Shutdown'... */
   key: string;

@@ -13,6 +13,7 @@ import { DebugTarget } from './target.js';
 /** The stub of each machine that has one: one at a time. */
 const stubs = new WeakMap<Machine, GdbServer>();
 
+/** Options of GdbServer.listen(). */
 export interface GdbServerOptions {
   /** Where messages go (a debugger refused, a command that failed); none by default. */
   log?: (message: string) => void;
@@ -20,6 +21,7 @@ export interface GdbServerOptions {
   support?: HostDebugSupport;
 }
 
+/** A GDB remote stub serving one machine to one debugger at a time, over TCP or a unix socket (GdbServer.listen()). */
 export class GdbServer {
   readonly machine: Machine;
   /** Where it listens, as tcp:HOST:PORT (with the port bound) or unix:PATH. */

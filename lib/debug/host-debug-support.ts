@@ -16,6 +16,7 @@ import { machineStateError } from '../vmm/errors.js';
 import { Machine, machineInternals, type DebugStop, type MachineExitReason } from '../vmm/machine.js';
 import { VcpuWorkerPool } from '../vmm/pool.js';
 
+/** What this host's KVM serves a debugger (hostDebugSupport() probes it once per process). */
 export interface HostDebugSupport {
   /** `int3` in guest kernel code exits to the VMM (KVM_GUESTDBG_USE_SW_BP works). */
   softwareBreakpoints: boolean;
@@ -23,6 +24,7 @@ export interface HostDebugSupport {
   watchpoints: boolean;
 }
 
+/** How probeHostDebugSupport() runs its probe guests. */
 export interface HostDebugProbeOptions {
   /** Vcpu threads for the probe machines (one each); a thread of their own otherwise. */
   pool?: VcpuWorkerPool;

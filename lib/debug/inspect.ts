@@ -12,6 +12,7 @@ import { mapLinear, pagingMode, type PagingMode } from './translate.js';
 /** The most bytes one readGuestMemory() (or `x`) returns. */
 export const MAX_INSPECT_BYTES = 1024 * 1024;
 
+/** A vCPU's general and special registers, as readRegisters() reads them from a running or paused machine. */
 export interface InspectedRegisters {
   vcpu: number;
   regs: Regs;
@@ -43,6 +44,7 @@ export async function readRegisters(machine: Machine, vcpu = 0): Promise<Inspect
   return machineInternals(machine).stopped(() => vcpuState(machine, vcpu));
 }
 
+/** How readGuestMemory() reads: through which vCPU's page tables, or guest-physical. */
 export interface ReadMemoryOptions {
   /** Whose page tables translate a virtual address. Default 0. */
   vcpu?: number;

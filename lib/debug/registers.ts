@@ -9,12 +9,14 @@
 // QEMU (cr0, cr2, cr3, cr4, cr8, efer) are a feature of their own, org.gnu.gdb.i386.sys.
 import type { Fpu, Regs, Sregs } from '../kvm/index.js';
 
+/** Everything a debugger reads of a vCPU: general, special, FPU/SSE and debug registers. */
 export interface VcpuRegisters {
   regs: Regs;
   sregs: Sregs;
   fpu: Fpu;
 }
 
+/** The architecture a debugger is told the target has: x86-64, or i386 for a guest in 32-bit mode. */
 export type TargetArch = 'i386:x86-64' | 'i386';
 
 type Segment = 'cs' | 'ss' | 'ds' | 'es' | 'fs' | 'gs';

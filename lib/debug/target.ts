@@ -21,6 +21,7 @@ import type { HostDebugSupport } from './host-debug-support.js';
 import type { VcpuRegisters } from './registers.js';
 import { mapLinear } from './translate.js';
 
+/** Breakpoints at once: the four debug-register slots (software breakpoints take one too on this host). */
 export const BREAKPOINT_SLOTS = 4;
 const DR6_BS = 1n << 14n;
 /** #BP: the exception KVM reports for an int3 with KVM_GUESTDBG_USE_SW_BP. */
@@ -45,6 +46,7 @@ export interface DebugSlot {
  */
 export type InsertResult = 'inserted' | 'no-slot' | 'unmapped' | 'unsupported';
 
+/** Why the machine stopped for the debugger: a step, a breakpoint, a request, or the machine's own exit. */
 export type StopReason =
   | { kind: 'step'; vcpu: number }
   /** `breakpoint`: how the breakpoint was served ('software': an int3; 'hardware': a debug register). */
@@ -96,6 +98,7 @@ export function stopReason(stop: Pick<DebugStop, 'vcpu' | 'exception' | 'dr6' | 
 /** How each vCPU resumes: stepped (one instruction) or continued. */
 export type ResumePlan = { step: ReadonlySet<number> };
 
+/** What a debugger controls of a machine: all-stop stopping and resuming, registers, memory by virtual address, breakpoints, and why it stopped. */
 export class DebugTarget {
   readonly machine: Machine;
   readonly vcpuCount: number;
@@ -142,6 +145,7 @@ export class DebugTarget {
     return state === 'paused' || state === 'created';
   }
 
+  /** Whether the machine is ending or has ended: nothing is left to debug. */
   get ended(): boolean {
     const state = this.machine.state;
     return state === 'stopping' || state === 'stopped';
@@ -171,6 +175,7 @@ export class DebugTarget {
     if (this.machine.state === 'running') await this.#internals.pause(false).catch(() => {});
   }
 
+  /** Reads vCPU `vcpu`'s registers (the machine stopped). */
   async registers(vcpu: number): Promise<VcpuRegisters> {
     const cached = this.#cache.get(vcpu);
     if (cached) return cached;

@@ -199,6 +199,7 @@ export class AcpiPm implements PortDevice {
   }
 }
 
+/** The ACPI PM registers' state, for snapshots and migrations. */
 export interface AcpiPmState {
   /** PM1_STS as the guest would read it, TMR_STS included. */
   status: number;

@@ -45,6 +45,7 @@ export class Elcr implements PortDevice {
   }
 }
 
+/** The ELCR pair's state (edge/level per IRQ), for snapshots and migrations. */
 export interface ElcrState {
   /** ELCR1 (port 0x4d0) and ELCR2 (0x4d1). */
   registers: number[];

@@ -49,6 +49,7 @@ export class PciConfig {
   }
 }
 
+/** PCI configuration mechanism #1's state, for snapshots and migrations. */
 export interface PciConfigState {
   /** CONFIG_ADDRESS (port 0xcf8). */
   address: number;

@@ -45,6 +45,7 @@ export class PostCode implements PortDevice {
   }
 }
 
+/** The POST code port's state: the last code written and how many writes. */
 export interface PostCodeState {
   lastCode: number;
   writes: number;

@@ -58,6 +58,7 @@ export interface SerialShared {
   readonly output: { fd: number } | { ring: ByteRingShared };
 }
 
+/** The 16550A UART's registers and pending input, for snapshots and migrations. */
 export interface SerialState {
   ier: number; lcr: number; mcr: number; scr: number; dll: number; dlm: number; fcr: number; threPending: number;
   input: number[];

@@ -9,11 +9,13 @@ import type { MmioDevice } from './bus-device.js';
 
 export const VIRTIO_MMIO_MAGIC = 0x74726976; // "virt"
 export const VIRTIO_MMIO_VERSION = 2;
+/** The size of one virtio-mmio device's register window. */
 export const VIRTIO_MMIO_SIZE = 0x1000;
 /** Where the machine puts its virtio-mmio devices: slot i at BASE + i * SIZE, above the largest RAM. */
 export const VIRTIO_MMIO_BASE = 0xd000_0000;
 /** The GSI of slot i is FIRST_GSI + i (4 is COM1's). */
 export const VIRTIO_FIRST_GSI = 5;
+/** virtio-mmio slots a machine has at most. */
 export const VIRTIO_MAX_DEVICES = 8;
 
 // Register offsets.
@@ -82,6 +84,7 @@ export interface VirtioDeviceModel {
   config: Uint8Array;
 }
 
+/** One virtqueue's registers (size, ready, ring addresses) and the device's place in it, for snapshots and migrations. */
 export interface VirtioQueueState {
   num: number;
   ready: boolean;

@@ -28,6 +28,7 @@ export const ExitReason = {
   X86BusLock: 33,
   Notify: 37,
 } as const;
+/** A KVM_EXIT_* number of ExitReason. */
 export type ExitReasonNumber = (typeof ExitReason)[keyof typeof ExitReason];
 
 /** KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT. */
@@ -82,6 +83,7 @@ export const Cap = {
   Xsave2: 208,
   DirtyLogRingAcqRel: 223,
 } as const;
+/** A KVM_CAP_* number of Cap. */
 export type CapNumber = (typeof Cap)[keyof typeof Cap];
 
 /** KVM_MEM_* memory region flags. */

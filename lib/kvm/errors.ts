@@ -8,6 +8,7 @@ export class KvmError extends Error {
   readonly errno: number;
   readonly syscall: string;
 
+  /** An error from a system call: `code` the errno's name ('EBADF'), `errno` its negative number, `syscall` the call (or ioctl) that failed. */
   constructor(code: string, errno: number, syscall: string, message?: string) {
     super(message ?? `${syscall} failed: ${code}`);
     this.name = 'KvmError';
@@ -114,6 +115,7 @@ export function argValueError(message: string): RangeError & { readonly code: st
  */
 export class NodeKvmError extends Error {
   readonly code: string;
+  /** An error with one of node-kvm's codes (ErrorCode) and a message; `cause`, the error behind it. */
   constructor(code: string, message: string, options?: { cause?: unknown }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'NodeKvmError';

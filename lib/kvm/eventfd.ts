@@ -5,6 +5,7 @@ import { Handle, checkAddress, checkInteger } from './handle.js';
 import { KvmError, argTypeError, outOfRangeError } from './errors.js';
 import { native } from './native.js';
 
+/** Flags and initial count of EventFd.create(). */
 export interface EventFdOptions {
   initialValue?: number;
   /** EFD_SEMAPHORE: each read() takes 1 instead of the whole count. */
@@ -13,6 +14,7 @@ export interface EventFdOptions {
   nonBlocking?: boolean;
 }
 
+/** An eventfd(2): a counter in the kernel that irqfds and ioeventfds signal through (EventFd.create()). */
 export class EventFd extends Handle {
   readonly fd: number;
   readonly #nonBlocking: boolean;
@@ -24,6 +26,7 @@ export class EventFd extends Handle {
     this.#nonBlocking = nonBlocking;
   }
 
+  /** Creates an eventfd (non-blocking and close-on-exec unless options say otherwise). */
   static create(options: EventFdOptions = {}): EventFd {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
     const initial = checkInteger(options.initialValue ?? 0, 'initialValue', 0, 0xffffffff);

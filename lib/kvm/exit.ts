@@ -3,6 +3,7 @@
 import { ExitReason, IoDirection } from './constants.js';
 import { KvmRunOffset as O, type KvmRun } from './kvm-run.js';
 
+/** The last exit of a vCPU decoded from its kvm_run page (vcpu.exit()), a union tagged by `reason`. */
 export type VcpuExit =
   | {
       reason: 'io';
@@ -40,6 +41,7 @@ function u64s(run: KvmRun, offset: number, count: number): bigint[] {
   return Array.from({ length: count }, (_, i) => run.view.getBigUint64(offset + i * 8, true));
 }
 
+/** Decodes the exit in `run` (the kvm_run page) as a VcpuExit; `exitReason` defaults to the page's. */
 export function decodeExit(run: KvmRun, exitReason: number = run.exitReason): VcpuExit {
   const v = run.view;
   switch (exitReason) {

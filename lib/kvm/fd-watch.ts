@@ -4,6 +4,7 @@ import { argTypeError } from './errors.js';
 import { checkInteger } from './handle.js';
 import { native } from './native.js';
 
+/** A watch on an fd's readiness (watchFd()), to stop with close(). */
 export interface FdWatch {
   /** Stops watching; the fd stays open. A second call does nothing. */
   close(): void;

@@ -14,6 +14,7 @@ export function closedError(kind: string): KvmError {
   return new KvmError('EBADF', -9, '', `${kind} handle is closed`);
 }
 
+/** What every handle class (Kvm, Vm, Vcpu, GuestMemory, EventFd) shares: idempotent close(), `using` disposal, and closing by the garbage collector when dropped unclosed. */
 export abstract class Handle {
   #closed = false;
   readonly #kind: string;
@@ -44,6 +45,7 @@ export abstract class Handle {
 
   protected abstract release(): void;
 
+  /** Closes the handle: what `using` calls at the end of its scope. */
   [Symbol.dispose](): void {
     this.close();
   }

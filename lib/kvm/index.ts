@@ -1,6 +1,6 @@
 // The typed KVM binding. Usable on its own, without the VMM.
 export { Kvm, KVM_API_VERSION } from './kvm.js';
-export { Vm, type MemoryRegion, type GsiRoute, type IoeventfdOptions } from './vm.js';
+export { Vm, type MemoryRegion, type GsiRoute, type IoeventfdOptions, type Fd } from './vm.js';
 export {
   Vcpu, kickVcpu, harvestDirtyRing, type VcpuKickHandle, type GuestDebugOptions, type Translation,
 } from './vcpu.js';

@@ -51,16 +51,19 @@ export const KvmRunOffset = {
 
 const O = KvmRunOffset;
 
+/** A vCPU's mmap'd `struct kvm_run` page (vcpu.kvmRun), its fields read and written in place: no copy, no allocation per exit. */
 export class KvmRun {
   /** The whole mapping (kvm_run, then the PIO data page and the coalesced MMIO ring). */
   readonly view: DataView;
   readonly bytes: Uint8Array;
 
+  /** A view of the mapping `buffer` (the vCPU makes it). */
   constructor(buffer: ArrayBuffer) {
     this.view = new DataView(buffer);
     this.bytes = new Uint8Array(buffer);
   }
 
+  /** `exit_reason`: a KVM_EXIT_* number (ExitReason). */
   get exitReason(): number {
     return this.view.getUint32(O.exit_reason, true);
   }
@@ -68,37 +71,48 @@ export class KvmRun {
   get immediateExit(): number {
     return this.view.getUint8(O.immediate_exit);
   }
+  /** Set to 1 to make the next run() return at once with ExitReason.Intr (api.rst). */
   set immediateExit(value: number) {
     this.view.setUint8(O.immediate_exit, value ? 1 : 0);
   }
+  /** `request_interrupt_window`: exit as soon as the guest can take an interrupt. */
   get requestInterruptWindow(): number {
     return this.view.getUint8(O.request_interrupt_window);
   }
+  /** Set to 1 to exit as soon as the guest can take an interrupt. */
   set requestInterruptWindow(value: number) {
     this.view.setUint8(O.request_interrupt_window, value ? 1 : 0);
   }
+  /** `ready_for_interrupt_injection`: an interrupt could be injected now. */
   get readyForInterruptInjection(): number {
     return this.view.getUint8(O.ready_for_interrupt_injection);
   }
+  /** `if_flag`: the guest's RFLAGS.IF at the exit. */
   get ifFlag(): number {
     return this.view.getUint8(O.if_flag);
   }
+  /** `cr8` at the exit. */
   get cr8(): bigint {
     return this.view.getBigUint64(O.cr8, true);
   }
+  /** `apic_base` at the exit. */
   get apicBase(): bigint {
     return this.view.getBigUint64(O.apic_base, true);
   }
 
+  /** KVM_EXIT_IO: `io.direction` (IoDirection). */
   get ioDirection(): number {
     return this.view.getUint8(O['io.direction']);
   }
+  /** KVM_EXIT_IO: `io.size`, bytes per access (1, 2 or 4). */
   get ioSize(): number {
     return this.view.getUint8(O['io.size']);
   }
+  /** KVM_EXIT_IO: `io.port`. */
   get ioPort(): number {
     return this.view.getUint16(O['io.port'], true);
   }
+  /** KVM_EXIT_IO: `io.count`, accesses (more than 1 for a string instruction with REP). */
   get ioCount(): number {
     return this.view.getUint32(O['io.count'], true);
   }
@@ -108,6 +122,7 @@ export class KvmRun {
     return this.view.getUint32(O['io.data_offset'], true);
   }
 
+  /** KVM_EXIT_MMIO: `mmio.phys_addr`. */
   get mmioPhysAddr(): bigint {
     return this.view.getBigUint64(O['mmio.phys_addr'], true);
   }
@@ -115,9 +130,11 @@ export class KvmRun {
   get mmioGuestPhysAddr(): number {
     return this.view.getUint32(O['mmio.phys_addr'], true) + this.view.getUint32(O['mmio.phys_addr'] + 4, true) * 0x1_0000_0000;
   }
+  /** KVM_EXIT_MMIO: `mmio.len`, 1 to 8 bytes. */
   get mmioLen(): number {
     return this.view.getUint32(O['mmio.len'], true);
   }
+  /** KVM_EXIT_MMIO: `mmio.is_write`. */
   get mmioIsWrite(): boolean {
     return this.view.getUint8(O['mmio.is_write']) !== 0;
   }

@@ -21,6 +21,7 @@ const OPS = {
 /** The KVM API version every kernel since 2.6.22 reports (KVM_API_VERSION). */
 export const KVM_API_VERSION = 12;
 
+/** The `/dev/kvm` system fd (Kvm.open()): the API version, capabilities, supported CPUID and MSRs, and VMs. */
 export class Kvm extends Handle {
   readonly #handle: number;
 
@@ -50,6 +51,7 @@ export class Kvm extends Handle {
     return native.ioctl(this.#handle, opNumber, arg);
   }
 
+  /** KVM_GET_API_VERSION: 12 on every kernel since 2.6.22 (KVM_API_VERSION). */
   get apiVersion(): number {
     return this.#ioctl(OPS.apiVersion);
   }

@@ -16,6 +16,7 @@ export const MAX_GUEST_MEMORY_BYTES = 2 ** 32;
  */
 export type GuestMemoryBacking = 'anonymous' | 'memfd' | 'file';
 
+/** How GuestMemory.create() backs the memory. */
 export interface GuestMemoryOptions {
   /** 'anonymous' (default) or 'memfd' (shareable and snapshottable by fd). */
   backing?: 'anonymous' | 'memfd';
@@ -25,6 +26,7 @@ export interface GuestMemoryOptions {
   mergeable?: boolean;
 }
 
+/** Which part of a file GuestMemory.mapFile() maps, and how. */
 export interface MapFileOptions {
   /** Where the mapping starts in the file, in bytes; page-aligned. Default 0. */
   offset?: number;
@@ -39,6 +41,7 @@ export interface GuestMemoryHandle {
   readonly guestMemory: number;
 }
 
+/** Guest RAM: host memory mapped in this process (anonymous, a memfd or a file), given to a VM with vm.setUserMemoryRegion(), read and written here without copies. */
 export class GuestMemory extends Handle {
   /** Size in bytes, a multiple of the page size. */
   readonly size: number;

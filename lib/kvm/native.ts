@@ -1,10 +1,11 @@
 // Loads the addon. Only lib/kvm/ talks to it (and lib/migration/checksum.ts, for crc32c);
 // everything else uses the typed classes.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import nodeGypBuild from 'node-gyp-build';
 import { ErrorCode, KvmError, NodeKvmError } from './errors.js';
+import { packageRoot } from './package-root.js';
 
 export interface Layout {
   sizes: Record<string, number>;
@@ -66,33 +67,29 @@ export interface NativeBinding {
   crc32c(data: ArrayBufferView, seed: number, portable?: boolean): number;
 }
 
-// Defined in the one-file bundles (scripts/bundle.mjs), which know where the root is.
-declare const NODE_KVM_PACKAGE_ROOT: string | undefined;
-
-function packageRoot(): string {
-  // A search costs a vCPU thread a fifth of a millisecond on its way to the guest.
-  if (typeof NODE_KVM_PACKAGE_ROOT === 'string') return NODE_KVM_PACKAGE_ROOT;
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    const manifest = path.join(dir, 'package.json');
-    if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === 'node-kvm') return dir;
-    const parent = path.dirname(dir);
-    if (parent === dir) throw new NodeKvmError(ErrorCode.AddonNotFound, 'node-kvm: cannot find the package root');
-    dir = parent;
+/**
+ * The addon's file: NODE_KVM_ADDON if set (another build of the same sources, the cmake-js one for
+ * example), else what node-gyp-build picks: a build of this checkout (build/Release, then
+ * build/Debug) before the prebuilt binary the package ships for this platform (prebuilds/).
+ */
+export function addonFile(root: string): string {
+  const chosen = process.env.NODE_KVM_ADDON;
+  if (chosen) {
+    const file = path.resolve(chosen);
+    if (!existsSync(file)) throw new NodeKvmError(ErrorCode.AddonNotFound, `node-kvm: NODE_KVM_ADDON names ${file}, which does not exist`);
+    return file;
+  }
+  try {
+    return nodeGypBuild.resolve(root);
+  } catch (cause) {
+    throw new NodeKvmError(ErrorCode.AddonNotFound,
+      `node-kvm: no native addon fits this host: neither a build in ${path.join(root, 'build')} nor a prebuilt binary in ${path.join(root, 'prebuilds')}; `
+      + 'build one with npm run build:native (needs g++, make and python3)', { cause });
   }
 }
 
 function load(): NativeBinding {
-  const root = packageRoot();
-  // NODE_KVM_ADDON selects another build of the same sources (the cmake-js one, for example).
-  const candidates = process.env.NODE_KVM_ADDON
-    ? [path.resolve(process.env.NODE_KVM_ADDON)]
-    : [path.join(root, 'build', 'Release', 'node_kvm.node'), path.join(root, 'build', 'Debug', 'node_kvm.node')];
-  const found = candidates.find((file) => existsSync(file));
-  if (!found) {
-    throw new NodeKvmError(ErrorCode.AddonNotFound, `node-kvm: the native addon is not built (looked for ${candidates.join(', ')}); run npm run build:native`);
-  }
-  const binding = createRequire(import.meta.url)(found) as NativeBinding;
+  const binding = createRequire(import.meta.url)(addonFile(packageRoot())) as NativeBinding;
   binding.setErrorClass(KvmError);
   return binding;
 }

@@ -3,9 +3,12 @@
 // values the addon reads from <linux/kvm.h>, so a layout can never drift silently.
 import { argTypeError, argValueError, outOfRangeError } from './errors.js';
 
+/** How one field (or a whole struct) is read from and written to a DataView: its size in bytes, and the two conversions. */
 export interface FieldType<T> {
   readonly size: number;
+  /** Reads the value at `offset`. */
   read(view: DataView, offset: number): T;
+  /** Writes `value` at `offset`, checking it fits; `path` names it in errors (`regs.rax`). */
   write(view: DataView, offset: number, value: T, path: string): void;
 }
 
@@ -87,12 +90,16 @@ export function array<T>(element: FieldType<T>, length: number): FieldType<T[]> 
   };
 }
 
+/** A struct's fields: each camelCase name with its byte offset and type. */
 export type Fields = Record<string, readonly [offset: number, type: FieldType<any>]>;
+/** The JavaScript object for a struct with these fields: numbers, bigints (64-bit fields), bytes, arrays and nested structs. */
 export type StructValue<F extends Fields> = { -readonly [K in keyof F]: F[K][1] extends FieldType<infer T> ? T : never };
 
+/** A C struct's layout (struct()): its name, size and fields, and its encoding to bytes and back. */
 export interface StructType<F extends Fields> extends FieldType<StructValue<F>> {
   /** The kernel's name for the struct (`kvm_regs`). */
   readonly name: string;
+  /** Each field's offset and type, by name. */
   readonly fields: F;
   /** Reads the struct from the start of `data`. */
   decode(data: Uint8Array): StructValue<F>;

@@ -11,6 +11,7 @@ export interface Tap {
   name: string;
 }
 
+/** How openTap() opens a TAP. */
 export interface OpenTapOptions {
   /**
    * A network namespace file (/run/netns/NAME, /proc/PID/ns/net): the TAP is opened there, from

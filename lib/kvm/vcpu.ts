@@ -71,6 +71,7 @@ export function kickVcpu(handle: VcpuKickHandle): boolean {
   return native.kick(handle.vcpuKick);
 }
 
+/** What vcpu.setGuestDebug() sets (KVM_SET_GUEST_DEBUG): single-stepping, breakpoints and the debug registers. */
 export interface GuestDebugOptions {
   /** Trap after every guest instruction (KVM_GUESTDBG_SINGLESTEP). */
   singlestep?: boolean;
@@ -82,6 +83,7 @@ export interface GuestDebugOptions {
   debugreg?: bigint[];
 }
 
+/** A guest-virtual address translated by the vCPU's page tables (KVM_TRANSLATE). */
 export interface Translation {
   physicalAddress: bigint;
   valid: boolean;
@@ -89,6 +91,7 @@ export interface Translation {
   usermode: boolean;
 }
 
+/** A vCPU fd (vm.createVcpu()): run(), its kvm_run page, and its registers and other state, one method per ioctl. Its ioctls must come from the thread that created it. */
 export class Vcpu extends Handle {
   readonly id: number;
   readonly fd: number;
@@ -143,15 +146,19 @@ export class Vcpu extends Handle {
     return type.decode(buffer);
   }
 
+  /** KVM_GET_REGS: the general-purpose registers, RIP and RFLAGS. */
   getRegs(): Regs {
     return this.#get(OPS.getRegs, kvmRegs);
   }
+  /** KVM_SET_REGS. */
   setRegs(regs: Regs): void {
     this.#ioctl(OPS.setRegs, kvmRegs.encode(regs));
   }
+  /** KVM_GET_SREGS: segment, descriptor-table and control registers, EFER and the APIC base. */
   getSregs(): Sregs {
     return this.#get(OPS.getSregs, kvmSregs);
   }
+  /** KVM_SET_SREGS. */
   setSregs(sregs: Sregs): void {
     this.#ioctl(OPS.setSregs, kvmSregs.encode(sregs));
   }
@@ -159,6 +166,7 @@ export class Vcpu extends Handle {
   getFpu(): Fpu {
     return this.#get(OPS.getFpu, kvmFpu);
   }
+  /** KVM_SET_FPU: the x87 and SSE state. */
   setFpu(fpu: Fpu): void {
     this.#ioctl(OPS.setFpu, kvmFpu.encode(fpu));
   }
@@ -191,6 +199,7 @@ export class Vcpu extends Handle {
     this.#ioctl(OPS.setCpuid2, entries instanceof Uint8Array ? entries : encodeCpuid(entries));
   }
 
+  /** KVM_GET_CPUID2: the CPUID entries the vCPU was given. */
   getCpuid2(): CpuidEntry[] {
     let capacity = 64;
     for (;;) {
@@ -205,9 +214,11 @@ export class Vcpu extends Handle {
     }
   }
 
+  /** KVM_GET_LAPIC: the local APIC's register page (with the in-kernel irqchip). */
   getLapic(): LapicState {
     return this.#get(OPS.getLapic, kvmLapicState);
   }
+  /** KVM_SET_LAPIC. */
   setLapic(state: LapicState): void {
     this.#ioctl(OPS.setLapic, kvmLapicState.encode(state));
   }
@@ -225,17 +236,20 @@ export class Vcpu extends Handle {
     this.#ioctl(OPS.getXsave, buffer);
     return buffer;
   }
+  /** KVM_SET_XSAVE (KVM_SET_XSAVE2's region where offered): the state getXsave() returned. */
   setXsave(region: Uint8Array): void {
     if (!(region instanceof Uint8Array)) throw argTypeError('xsave region must be a Uint8Array');
     this.#ioctl(OPS.setXsave, region);
   }
 
+  /** KVM_GET_XCRS: the extended control registers (XCR0). */
   getXcrs(): Xcr[] {
     const buffer = new Uint8Array(KVM_XCRS_BYTES);
     this.#ioctl(OPS.getXcrs, buffer);
     const count = Math.min(new DataView(buffer.buffer).getUint32(0, true), KVM_MAX_XCRS);
     return Array.from({ length: count }, (_, i) => kvmXcr.decode(buffer.subarray(8 + i * kvmXcr.size)));
   }
+  /** KVM_SET_XCRS. */
   setXcrs(xcrs: readonly Xcr[]): void {
     if (!Array.isArray(xcrs)) throw argTypeError('xcrs must be an array');
     if (xcrs.length > KVM_MAX_XCRS) throw argValueError(`at most ${KVM_MAX_XCRS} xcrs`);
@@ -245,9 +259,11 @@ export class Vcpu extends Handle {
     this.#ioctl(OPS.setXcrs, buffer);
   }
 
+  /** KVM_GET_VCPU_EVENTS: pending exceptions, interrupts, NMIs and SIPIs, and the interrupt shadow. */
   getVcpuEvents(): VcpuEvents {
     return this.#get(OPS.getVcpuEvents, kvmVcpuEvents);
   }
+  /** KVM_SET_VCPU_EVENTS. */
   setVcpuEvents(events: VcpuEvents): void {
     this.#ioctl(OPS.setVcpuEvents, kvmVcpuEvents.encode(events));
   }
@@ -256,20 +272,25 @@ export class Vcpu extends Handle {
   getMpState(): number {
     return this.#get(OPS.getMpState, kvmMpState).mpState;
   }
+  /** KVM_SET_MP_STATE: runnable, halted, waiting for INIT/SIPI... (MpState). */
   setMpState(mpState: number): void {
     this.#ioctl(OPS.setMpState, kvmMpState.encode({ mpState }));
   }
 
+  /** KVM_GET_DEBUGREGS: DR0-DR3, DR6 and DR7. */
   getDebugRegs(): DebugRegs {
     return this.#get(OPS.getDebugRegs, kvmDebugregs);
   }
+  /** KVM_SET_DEBUGREGS. */
   setDebugRegs(regs: DebugRegs): void {
     this.#ioctl(OPS.setDebugRegs, kvmDebugregs.encode(regs));
   }
 
+  /** KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz. */
   getTscKhz(): number {
     return this.#ioctl(OPS.getTscKhz);
   }
+  /** KVM_SET_TSC_KHZ: the guest's TSC frequency in kHz. */
   setTscKhz(khz: number): void {
     // KVM stores a u32 but KVM_GET_TSC_KHZ returns it through an int: keep it positive.
     this.#ioctl(OPS.setTscKhz, checkInteger(khz, 'khz', 1, 0x7fffffff));
@@ -290,6 +311,7 @@ export class Vcpu extends Handle {
       }
     }
   }
+  /** KVM_SET_NESTED_STATE: the state getNestedState() returned. */
   setNestedState(state: Uint8Array): void {
     if (!(state instanceof Uint8Array)) throw argTypeError('nested state must be a Uint8Array');
     this.#ioctl(OPS.setNestedState, state);
@@ -337,10 +359,12 @@ export class Vcpu extends Handle {
     this.#ioctl(OPS.interrupt, kvmInterrupt.encode({ irq: checkInteger(irq, 'irq', 0, 255) }));
   }
 
+  /** KVM_ENABLE_CAP on the vCPU: turns on `cap` with its `args` and `flags`. */
   enableCap(cap: number, args: readonly (number | bigint)[] = [], flags = 0): void {
     this.#ioctl(OPS.enableCap, encodeEnableCap(cap, args, flags));
   }
 
+  /** KVM_CHECK_EXTENSION on the vCPU: 0 if `cap` is not offered, else a positive value (often a limit). */
   checkExtension(cap: number): number {
     return this.#ioctl(OPS.checkExtension, checkInteger(cap, 'cap', 0, 0xffffffff));
   }

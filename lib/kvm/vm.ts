@@ -37,6 +37,7 @@ const OPS = {
   unregisterCoalescedMmio: op('KVM_UNREGISTER_COALESCED_MMIO'),
 };
 
+/** A memory slot for vm.setUserMemoryRegion() (KVM_SET_USER_MEMORY_REGION): guest memory (all of it, or `size` bytes from `offset`) at `guestPhysAddr`, with its flags. */
 export interface MemoryRegion {
   slot: number;
   guestPhysAddr: number | bigint;
@@ -48,10 +49,12 @@ export interface MemoryRegion {
   flags?: { logDirtyPages?: boolean; readonly?: boolean };
 }
 
+/** One entry of the GSI routing table (KVM_SET_GSI_ROUTING): a GSI routed to an irqchip pin, or to an MSI. */
 export type GsiRoute =
   | { gsi: number; type: 'irqchip'; irqchip: number; pin: number }
   | { gsi: number; type: 'msi'; addressLo: number; addressHi?: number; data: number; devid?: number; flags?: number };
 
+/** Which guest write signals an ioeventfd (KVM_IOEVENTFD): the address, width, port or MMIO, and optionally the value. */
 export interface IoeventfdOptions {
   addr: number | bigint;
   /** 0 (any width), 1, 2, 4 or 8 bytes. */
@@ -62,7 +65,8 @@ export interface IoeventfdOptions {
   pio?: boolean;
 }
 
-type Fd = EventFd | number;
+/** An fd given to an irqfd or ioeventfd: an EventFd, or an fd number. */
+export type Fd = EventFd | number;
 function fdOf(fd: Fd, name: string): number {
   if (!(fd instanceof EventFd)) return checkInteger(fd, name, 0, 0x7fffffff);
   // A closed EventFd's number may already name another file.
@@ -70,6 +74,7 @@ function fdOf(fd: Fd, name: string): number {
   return fd.fd;
 }
 
+/** A VM fd (kvm.createVm()): memory slots, vCPUs, the in-kernel irqchip and PIT, irqfds and ioeventfds, the clock and dirty logging, one method per ioctl. */
 export class Vm extends Handle {
   readonly fd: number;
   readonly #handle: number;
@@ -107,6 +112,7 @@ export class Vm extends Handle {
     return this.#handle;
   }
 
+  /** KVM_CHECK_EXTENSION on the VM: 0 if `cap` is not offered, else a positive value (often a limit). */
   checkExtension(cap: number): number {
     return this.#ioctl(OPS.checkExtension, checkInteger(cap, 'cap', 0, 0xffffffff));
   }
@@ -138,6 +144,7 @@ export class Vm extends Handle {
     native.setUserMemoryRegion(this.#h, slot, bits, guestPhysAddr, memory.nativeId, offset, size);
   }
 
+  /** Removes memory slot `slot` (KVM_SET_USER_MEMORY_REGION with size 0). */
   deleteUserMemoryRegion(slot: number): void {
     native.setUserMemoryRegion(this.#h, checkInteger(slot, 'slot', 0, 0xffffffff), 0, 0, 0, 0, 0);
   }
@@ -165,11 +172,13 @@ export class Vm extends Handle {
     this.#ioctl(OPS.createPit2, kvmPitConfig.encode({ flags: bits }));
   }
 
+  /** KVM_GET_PIT2: the in-kernel PIT's state. */
   getPit2(): PitState2 {
     const buffer = new Uint8Array(kvmPitState2.size);
     this.#ioctl(OPS.getPit2, buffer);
     return kvmPitState2.decode(buffer);
   }
+  /** KVM_SET_PIT2. */
   setPit2(state: PitState2): void {
     this.#ioctl(OPS.setPit2, kvmPitState2.encode(state));
   }
@@ -180,6 +189,7 @@ export class Vm extends Handle {
     this.#ioctl(OPS.getIrqChip, buffer);
     return kvmIrqchip.decode(buffer);
   }
+  /** KVM_SET_IRQCHIP: one interrupt controller's state, as getIrqChip() returned it. */
   setIrqChip(state: IrqchipState): void {
     this.#ioctl(OPS.setIrqChip, kvmIrqchip.encode(state));
   }
@@ -233,6 +243,7 @@ export class Vm extends Handle {
       resamplefd: resampleFd === undefined ? 0 : fdOf(resampleFd, 'resampleFd'),
     }));
   }
+  /** Removes the irqfd registerIrqfd() registered (KVM_IRQFD with DEASSIGN). */
   unregisterIrqfd(eventfd: Fd, gsi: number): void {
     this.#ioctl(OPS.irqfd, kvmIrqfd.encode({
       fd: fdOf(eventfd, 'eventfd'), gsi: checkInteger(gsi, 'gsi', 0, 0xffffffff), flags: IrqfdFlag.Deassign, resamplefd: 0,
@@ -243,6 +254,7 @@ export class Vm extends Handle {
   registerIoeventfd(options: IoeventfdOptions, eventfd: Fd): void {
     this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), 0));
   }
+  /** Removes the ioeventfd registerIoeventfd() registered with these options (KVM_IOEVENTFD with DEASSIGN). */
   unregisterIoeventfd(options: IoeventfdOptions, eventfd: Fd): void {
     this.#ioctl(OPS.ioeventfd, encodeIoeventfd(options, fdOf(eventfd, 'eventfd'), IoeventfdFlag.Deassign));
   }
@@ -254,6 +266,7 @@ export class Vm extends Handle {
   registerCoalescedMmio(zone: { addr: number | bigint; size: number; pio?: boolean }): void {
     this.#ioctl(OPS.registerCoalescedMmio, encodeCoalescedZone(zone));
   }
+  /** KVM_UNREGISTER_COALESCED_MMIO: the zone registerCoalescedMmio() registered. */
   unregisterCoalescedMmio(zone: { addr: number | bigint; size: number; pio?: boolean }): void {
     this.#ioctl(OPS.unregisterCoalescedMmio, encodeCoalescedZone(zone));
   }
@@ -272,6 +285,7 @@ export class Vm extends Handle {
     this.#ioctl(OPS.setIdentityMapAddr, buffer);
   }
 
+  /** KVM_GET_CLOCK: the kvmclock's current value. */
   getClock(): ClockData {
     const buffer = new Uint8Array(kvmClockData.size);
     this.#ioctl(OPS.getClock, buffer);

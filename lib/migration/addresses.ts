@@ -7,6 +7,7 @@ import { MAX_UNIX_PATH_BYTES } from '../kvm/unix-socket.js';
 
 export { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 
+/** Where a migration goes or is received: a TCP host and port, or a unix socket path. */
 export type MigrationAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
 /** Parses `tcp:HOST:PORT` (IPv6 in brackets: `tcp:[::1]:4444`) or `unix:PATH`. */
@@ -44,6 +45,7 @@ export function parseMigrationAddress(text: string): MigrationAddress {
   throw argValueError(`migration address '${text}' must be tcp:HOST:PORT or unix:PATH`);
 }
 
+/** The address as parseMigrationAddress() reads it: `tcp:HOST:PORT` (an IPv6 host in brackets) or `unix:PATH`. */
 export function formatMigrationAddress(address: MigrationAddress): string {
   if (address.kind === 'unix') return `unix:${address.path}`;
   return address.host.includes(':') ? `tcp:[${address.host}]:${address.port}` : `tcp:${address.host}:${address.port}`;

@@ -54,6 +54,7 @@ export const MigrationErrorCode = {
 
 export type MigrationErrorCode = (typeof MigrationErrorCode)[keyof typeof MigrationErrorCode];
 
+/** What a MigrationError carries besides its code and message. */
 export interface MigrationErrorOptions {
   /** How far the migration got, for the failures of a live migration. */
   phase?: MigrationPhase;
@@ -68,6 +69,7 @@ export class MigrationError extends NodeKvmError {
   declare readonly code: MigrationErrorCode | (string & {});
   readonly phase: MigrationPhase | undefined;
 
+  /** An error of `code` (MigrationErrorCode, or a system error's code) with the phase the migration reached and the error behind it. */
   constructor(code: MigrationErrorCode | (string & {}), message: string, options: MigrationErrorOptions = {}) {
     super(code, message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'MigrationError';

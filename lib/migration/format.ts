@@ -36,6 +36,7 @@ import { crc32c } from './checksum.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 
 export const STREAM_MAGIC = 'NODE-KVM';
+/** The version of the migration stream and snapshot format this package writes and reads. */
 export const STREAM_VERSION = 2;
 export const HEADER_BYTES = 68;
 export const STREAM_ID_BYTES = 16;
@@ -74,10 +75,12 @@ export const hexId = (id: Uint8Array): string => Buffer.from(id.buffer, id.byteO
 // ---------------------------------------------------------------------------------------------
 // Header
 
+/** What a stream is: a live migration, a full snapshot, or a diff snapshot. */
 export type StreamKind = 'migration' | 'snapshot' | 'diff-snapshot';
 export const StreamKindCode: Record<StreamKind, number> = { migration: 1, snapshot: 2, 'diff-snapshot': 3 };
 const KIND_BY_CODE = new Map<number, StreamKind>(Object.entries(StreamKindCode).map(([kind, code]) => [code, kind as StreamKind]));
 
+/** The header every migration stream and snapshot file starts with: version, kind, the machine's size and the stream's id. */
 export interface StreamHeader {
   version: number;
   kind: StreamKind;
@@ -300,6 +303,7 @@ export function decodeErrorSection(payload: Uint8Array): string {
 // ---------------------------------------------------------------------------------------------
 // RamImage sections (snapshot files): u64 fileOffset, u64 sizeBytes, u32 CRC-32C, u32 reserved (0)
 
+/** Where a snapshot file holds its raw RAM image, and its checksum. */
 export interface RamImage {
   /** Where the image starts in the snapshot file; a multiple of PAGE_SIZE. */
   fileOffset: number;

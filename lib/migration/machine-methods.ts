@@ -12,7 +12,9 @@ declare module '../vmm/machine.js' {
   interface Machine {
     /** During machine.migrate(): the statistics after every round and at each phase change (as onProgress). */
     on(event: 'progress', listener: (progress: MigrationProgress) => void): this;
+    /** As on('progress'), for the next statistics only. */
     once(event: 'progress', listener: (progress: MigrationProgress) => void): this;
+    /** Removes a listener on('progress') added. */
     off(event: 'progress', listener: (progress: MigrationProgress) => void): this;
     /** snapshotMachine(this, path, options). */
     snapshot(path: string, options?: SnapshotOptions): Promise<SnapshotInfo>;

@@ -233,6 +233,7 @@ function checkPageRange(range: PageRangeLike, name: string): PageRangeLike {
   return range;
 }
 
+/** What applying a stream's page sections to guest memory did: pages with data, zero pages, bytes. */
 export interface DecodedPages {
   /** Pages carried with data. */
   pages: number;

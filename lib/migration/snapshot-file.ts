@@ -41,6 +41,7 @@ export {
   type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent,
 } from './snapshot-read.js';
 
+/** What writeSnapshotFile() writes: the kind, the machine's shape and state, its memory, and for a diff the parent and pages. */
 export interface WriteSnapshotOptions {
   kind: SnapshotKind;
   memoryBytes: number;
@@ -66,6 +67,7 @@ export interface WriteSnapshotOptions {
   signal?: AbortSignal;
 }
 
+/** What writeSnapshotFile() wrote. */
 export interface WriteSnapshotResult {
   /** The snapshot's streamId: pass it as parent.id when layering a diff snapshot on it. */
   id: Uint8Array;

@@ -13,8 +13,10 @@ import { SectionReader } from './section-reader.js';
 import { FileSource } from './sources.js';
 import { StateSectionReader } from './state-sections.js';
 
+/** A snapshot file's kind: full, or a diff over a parent. */
 export type SnapshotKind = 'snapshot' | 'diff-snapshot';
 
+/** The snapshot a diff snapshot is layered on. */
 export interface SnapshotParent {
   /** Path of the parent snapshot file (stored relative to the diff's directory). */
   path: string;
@@ -22,6 +24,7 @@ export interface SnapshotParent {
   id: Uint8Array;
 }
 
+/** A snapshot file read (readSnapshotFile()): its header, the machine's state, its RAM image or pages, and its parent. */
 export interface SnapshotContents {
   /** Absolute path of the file read. */
   path: string;
@@ -225,6 +228,7 @@ export async function openSnapshotChain(path: string): Promise<SnapshotContents[
   return chain;
 }
 
+/** How loadSnapshotMemory() fills guest memory from a snapshot chain. */
 export interface LoadSnapshotMemoryOptions {
   /**
    * `memory` is known to be all zeros (fresh anonymous memory): zero pages of the image are then

@@ -9,6 +9,7 @@ export type { DirtyLogMode } from '../vmm/dirty-tracker.js';
 /** What happens when pre-copy hits its iteration or time cap before converging. */
 export type NonConvergence = 'finish' | 'abort';
 
+/** How machine.migrate() (migrateMachine()) migrates: the token, the downtime budget, the caps on pre-copy and what to do at them, progress, and an abort signal. */
 export interface MigrateOptions {
   /** For tcp: the secret both sides were given. */
   token?: string;
@@ -32,6 +33,7 @@ export interface MigrateOptions {
   signal?: AbortSignal;
 }
 
+/** Where a live migration is: setting up, copying while the guest runs, copying the rest with the guest paused, done, or failed. */
 export type MigrationPhase = 'setup' | 'precopy' | 'stop-copy' | 'completed' | 'failed';
 
 /** Like QEMU's query-migrate. Times in ms, sizes in bytes. */
@@ -58,8 +60,10 @@ export interface MigrationStats {
   dirtyLogMode: DirtyLogMode;
 }
 
+/** A running migration's figures, as its progress callback and 'progress' events give them. */
 export type MigrationProgress = MigrationStats;
 
+/** How machine.snapshot() (snapshotMachine()) writes. */
 export interface SnapshotOptions {
   /** Only the pages written since this machine's previous snapshot, layered on that file. */
   diff?: boolean;
@@ -67,6 +71,7 @@ export interface SnapshotOptions {
   signal?: AbortSignal;
 }
 
+/** What a snapshot wrote: where, its kind and parent, bytes and pages, how long the guest was paused and the whole took. */
 export interface SnapshotInfo {
   path: string;
   kind: 'full' | 'diff';

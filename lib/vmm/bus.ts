@@ -32,8 +32,10 @@ const STATS_INTS = 4;
 const SEEN_PORTS_INTS = 65536 / 32;
 /** Distinct unknown ports, and MMIO addresses, logged at most; the rest are counted. */
 export const MAX_LOGGED_UNKNOWN_PORTS = 64;
+/** Unknown MMIO addresses logged at most, over all vCPU threads (the rest are only counted). */
 export const MAX_LOGGED_UNKNOWN_MMIO = 64;
 
+/** The state every vCPU thread's IoBus shares: the unknown-access counters and which unknown ports were logged. */
 export interface BusShared {
   /** Int32Array: the counters, then a bitmap of the unknown ports seen. */
   readonly stats: SharedArrayBuffer;
@@ -47,6 +49,7 @@ export interface UnknownAccesses {
   mmio: number;
 }
 
+/** New shared state for the IoBus of each of a machine's vCPU threads. */
 export function createBusShared(): BusShared {
   return { stats: new SharedArrayBuffer((STATS_INTS + SEEN_PORTS_INTS) * 4) };
 }
@@ -61,6 +64,7 @@ export function unknownAccesses(shared: BusShared): UnknownAccesses {
   return { ports: Atomics.load(stats, UNKNOWN_PORT), distinctPorts, mmio: Atomics.load(stats, UNKNOWN_MMIO) };
 }
 
+/** A vCPU thread's port and MMIO bus: devices registered on ranges, exits dispatched to them with offsets, unknown accesses counted and logged. */
 export class IoBus {
   readonly #portDevice = new Uint8Array(65536); // device index + 1; 0 = nothing
   readonly #portBase = new Uint16Array(65536);
@@ -70,11 +74,13 @@ export class IoBus {
   readonly #loggedMmio = new Set<number>();
   readonly #log: (message: string) => void;
 
+  /** A bus over `shared` (createBusShared()), logging unknown accesses to `log`. */
   constructor(shared: BusShared, log: (message: string) => void) {
     this.#stats = new Int32Array(shared.stats);
     this.#log = log;
   }
 
+  /** Puts `device` on ports `base` to `base + count - 1`; an overlap with a registered range throws. */
   registerPorts(base: number, count: number, device: PortDevice): void {
     if (!Number.isInteger(base) || !Number.isInteger(count) || base < 0 || count < 1 || base + count > 65536) {
       throw outOfRangeError(`ports ${base}+${count} are outside 0..0xffff`);
@@ -92,6 +98,7 @@ export class IoBus {
     }
   }
 
+  /** Puts `device` on the MMIO range `base` to `base + size - 1`; an overlap with a registered range throws. */
   registerMmio(base: number, size: number, device: MmioDevice): void {
     if (!Number.isSafeInteger(base) || !Number.isSafeInteger(size) || base < 0 || size < 1) throw outOfRangeError(`the MMIO range ${base}+${size} is not a non-negative base and a positive size`);
     const end = base + size;
@@ -102,9 +109,11 @@ export class IoBus {
     this.#mmio.sort((a, b) => a.base - b.base);
   }
 
+  /** Accesses to ports no device has, by every thread of the machine. */
   get unknownPortAccesses(): number {
     return Atomics.load(this.#stats, UNKNOWN_PORT);
   }
+  /** Accesses to MMIO addresses no device has, by every thread of the machine. */
   get unknownMmioAccesses(): number {
     return Atomics.load(this.#stats, UNKNOWN_MMIO);
   }

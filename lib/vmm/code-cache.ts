@@ -7,7 +7,8 @@
 // The cache is per user (NODE_KVM_CACHE_DIR, else $XDG_CACHE_HOME/node-kvm, else
 // $HOME/.cache/node-kvm; none without any of them), one file per bundle and use. It is written
 // at exit when it was missing or V8 refused it, so it holds the functions that use ran, and it
-// replaces the one of an earlier build; failures to read or write it only cost the time it would
+// replaces the one of an earlier build; writing one also removes caches a month old and the
+// oldest past 64 (pruneCodeCaches). Failures to read or write it only cost the time it would
 // have saved. A directory that
 // another user, or anyone but its owner, could write to is never read: V8 runs what it holds.
 //
@@ -96,7 +97,39 @@ function mayHoldCode(dir: string): boolean {
   }
 }
 
-/** Writes the cache to `file`, and removes the caches of earlier builds (named from `stale`). */
+/** A cache not rewritten for this long is removed when another is written (a used one is rewritten only when V8 refuses it). */
+export const CODE_CACHE_MAX_AGE_MS = 30 * 24 * 3600 * 1000;
+/** At most this many caches stay, the newest: every bundle, thread and command of a few builds and Node versions. */
+export const CODE_CACHE_MAX_FILES = 64;
+
+/**
+ * Removes, beside the cache `file` just written, the caches of earlier builds of the same bundle
+ * and use (named from `stale`), caches older than CODE_CACHE_MAX_AGE_MS, and the oldest past
+ * CODE_CACHE_MAX_FILES.
+ */
+export function pruneCodeCaches(dir: string, file: string, stale: string, now = Date.now()): void {
+  const caches: { name: string; mtimeMs: number }[] = [];
+  for (const name of readdirSync(dir)) {
+    if (!name.endsWith(CACHE_SUFFIX) || name === basename(file)) continue;
+    try {
+      const { mtimeMs } = statSync(join(dir, name));
+      if (name.startsWith(stale) || now - mtimeMs > CODE_CACHE_MAX_AGE_MS) unlinkSync(join(dir, name));
+      else caches.push({ name, mtimeMs });
+    } catch {
+      // removed by another process meanwhile
+    }
+  }
+  caches.sort((a, b) => b.mtimeMs - a.mtimeMs);
+  for (const { name } of caches.slice(CODE_CACHE_MAX_FILES - 1)) {
+    try {
+      unlinkSync(join(dir, name));
+    } catch {
+      // removed by another process meanwhile
+    }
+  }
+}
+
+/** Writes the cache to `file`, and removes old caches (pruneCodeCaches). */
 function saveCodeCache(script: Script, dir: string, file: string, stale: string): void {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -113,9 +146,7 @@ function saveCodeCache(script: Script, dir: string, file: string, stale: string)
       }
       throw error;
     }
-    for (const name of readdirSync(dir)) {
-      if (name.startsWith(stale) && name.endsWith(CACHE_SUFFIX) && name !== basename(file)) unlinkSync(join(dir, name));
-    }
+    pruneCodeCaches(dir, file, stale);
   } catch {
     // A read-only home, a full disk: the next run compiles again.
   }

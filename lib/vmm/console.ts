@@ -69,15 +69,18 @@ export class MachineConsole extends Duplex {
     return this.#droppedBytes;
   }
 
+  /** @internal The stream's hook: the reader wants more output. */
   override _read(): void {
     this.#wanted = true;
     this.#flush();
   }
 
+  /** @internal The stream's hook: types `chunk` into COM1. */
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     this.#type(chunk, callback);
   }
 
+  /** @internal The stream's hook: the console is destroyed. */
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     if (this.#pendingInput?.timer) clearTimeout(this.#pendingInput.timer);
     this.#pendingInput = null;

@@ -129,6 +129,7 @@ export class DirtyBitmap {
     return any;
   }
 
+  /** Whether no page is marked. */
   isEmpty(): boolean {
     const words = this.#words;
     for (let word = 0; word < words.length; word++) if (Atomics.load(words, word) !== 0) return false;

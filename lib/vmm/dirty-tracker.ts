@@ -29,6 +29,7 @@ const RING_SCRATCH_PAIRS = DEFAULT_DIRTY_RING_BYTES / DIRTY_GFN_BYTES;
 
 /** A Kvm or a Vm: anything that answers KVM_CHECK_EXTENSION. */
 export interface ExtensionSource {
+  /** KVM_CHECK_EXTENSION: 0 if `cap` is not offered, else a positive value. */
   checkExtension(cap: number): number;
 }
 
@@ -45,6 +46,7 @@ export function maxDirtyRingBytes(source: ExtensionSource): number {
   return Math.max(source.checkExtension(Cap.DirtyLogRingAcqRel), source.checkExtension(Cap.DirtyLogRing), 0);
 }
 
+/** A memory slot a DirtyTracker watches: its number, where it is in guest-physical memory, and its size. */
 export interface TrackedSlot {
   slot: number;
   /** Page-aligned. The slot's pages are guest frames guestPhysAddr / 4096 onwards. */
@@ -61,6 +63,7 @@ export interface TrackedSlot {
   flags?: number;
 }
 
+/** What a DirtyTracker watches (the VM and its slots), how (bitmap or ring), and the VMM's own dirty bitmap to merge. */
 export interface DirtyTrackerOptions {
   vm: Vm;
   slots: readonly TrackedSlot[];
@@ -133,6 +136,7 @@ export class DirtyTracker {
   #manualProtect = false;
   #active = false;
 
+  /** A tracker over `options.slots` of `options.vm`, off until start(). */
   constructor(options: DirtyTrackerOptions) {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
     const { vm, slots, mode, vmmDirty } = options;

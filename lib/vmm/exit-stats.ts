@@ -56,12 +56,14 @@ export function countExit(stats: Float64Array, reason: number, run: DataView, ms
   stats[REASON_TIME + index]! += ms;
 }
 
+/** How many exits, and the time the VMM spent on them. */
 export interface ExitCount {
   count: number;
   /** Time the VMM spent handling these exits (from KVM_RUN's return to the next KVM_RUN), in ns. */
   timeNs: number;
 }
 
+/** One vCPU's exits: in all, and by reason and by port or MMIO page. */
 export interface VcpuExitStats extends ExitCount {
   vcpu: number;
   /** By KVM exit reason ('io', 'mmio', 'hlt', 'intr' (kicks and signals), 'debug', ...), most frequent first. */
@@ -72,6 +74,7 @@ export interface VcpuExitStats extends ExitCount {
   mmio: (ExitCount & { address: number | null; direction: 'read' | 'write' | 'any' })[];
 }
 
+/** A machine's exit statistics (machine.exitStats()): whether it counts, since when, and per vCPU. */
 export interface ExitStats {
   /** Whether the machine counts exits (MachineConfig.exitStats, or startExitStats()). */
   enabled: boolean;

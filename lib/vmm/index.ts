@@ -5,7 +5,7 @@ export {
   type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type MachineEvents,
   type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type DeviceStates, type DiskConfig, type DiskShape,
   type NetConfig, type NetShape,
-  type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount,
+  type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount, type DebugStop,
 } from './machine.js';
 export { CONSOLE_BACKLOG_BYTES } from './console.js';
 export { VsockHost } from './vsock-host.js';
@@ -22,6 +22,8 @@ export type { PostCodeState } from '../devices/post-code.js';
 export type { AcpiPmState } from '../devices/acpi-pm.js';
 export type { ElcrState } from '../devices/elcr.js';
 export type { PciConfigState } from '../devices/pci-config.js';
+export type { CmosRtcState } from '../devices/cmos-rtc.js';
+export type { FwCfgState, FwCfgItem } from '../devices/fw-cfg.js';
 export type { VirtioMmioState, VirtioQueueState } from '../devices/virtio-mmio.js';
 export { DirtyBitmap, MAX_BITMAP_PAGES } from './dirty-bitmap.js';
 export {

@@ -162,13 +162,21 @@ export declare interface Machine {
   on(event: 'resumed', listener: () => void): this;
   /** Each time reset() has rebooted the guest (before it resolves). */
   on(event: 'reset', listener: () => void): this;
+  /** As on('exit'), for the one exit. */
   once(event: 'exit', listener: (exit: MachineExit) => void): this;
+  /** As on('paused'), for the next pause only. */
   once(event: 'paused', listener: () => void): this;
+  /** As on('resumed'), for the next resume only. */
   once(event: 'resumed', listener: () => void): this;
+  /** As on('reset'), for the next reboot only. */
   once(event: 'reset', listener: () => void): this;
+  /** Removes a listener on('exit') added. */
   off(event: 'exit', listener: (exit: MachineExit) => void): this;
+  /** Removes a listener on('paused') added. */
   off(event: 'paused', listener: () => void): this;
+  /** Removes a listener on('resumed') added. */
   off(event: 'resumed', listener: () => void): this;
+  /** Removes a listener on('reset') added. */
   off(event: 'reset', listener: () => void): this;
 }
 

@@ -6,6 +6,7 @@ import { ErrorCode, argTypeError, NodeKvmError, outOfRangeError } from '../kvm/e
 
 export { startVcpuThread, watchVcpuThread, type VcpuThread, type VcpuThreadMessage } from './vcpu-thread.js';
 
+/** vCPU threads started ahead of time (VcpuWorkerPool.create()) and lent to machines (MachineConfig.pool), which return them when they end: a machine then starts without waiting for its threads. */
 export class VcpuWorkerPool {
   /** Loaded and waiting for a machine. */
   readonly #idle: VcpuThread[] = [];

@@ -6,6 +6,7 @@ import type { DevicesShared } from './devices.js';
 import type { ThreadFailure } from './errors.js';
 import type { VcpuState } from './vcpu-state.js';
 
+/** Why a machine ended (MachineExit.reason). */
 export type MachineExitReason =
   | 'debug-exit' // the guest wrote to the debug-exit port; `code` is the value
   | 'hlt' // every vCPU halted for good: HLT without an irqchip; with one, halted with interrupts off (halt-watch.ts)
@@ -18,6 +19,7 @@ export type MachineExitReason =
   | 'stopped' // stop() was called
   | 'migrated'; // the guest moved to another machine (migrate()), which runs it now
 
+/** How a machine ended (machine.wait(), the 'exit' event): the reason, a debug-exit code, and for a failure the vCPU, a detail and its registers. */
 export interface MachineExit {
   reason: MachineExitReason;
   /** The debug-exit value. */

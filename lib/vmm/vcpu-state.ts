@@ -5,6 +5,7 @@ import type { CpuidEntry, DebugRegs, LapicState, MsrEntry, Regs, Sregs, VcpuEven
 import type { Vcpu } from '../kvm/vcpu.js';
 import { argValueError } from '../kvm/errors.js';
 
+/** Everything of one vCPU a snapshot or migration carries: CPUID, registers, FPU/XSAVE, MSRs, LAPIC, events, MP state, debug registers and TSC frequency. */
 export interface VcpuState {
   id: number;
   cpuid: CpuidEntry[];

@@ -17,6 +17,7 @@ const workerFile = workerEntry(fileURLToPath(import.meta.url), 'vcpu-worker');
  */
 export type VcpuThreadMessage = { type: 'quit' } | { type: 'assign'; assignment: unknown };
 
+/** A worker thread that runs vCPUs (startVcpuThread()): its Worker, when it has loaded, and how to talk to it. */
 export interface VcpuThread {
   readonly worker: Worker;
   /** Resolves once the thread has loaded its code and is idle; rejects if it fails to load. */
@@ -25,6 +26,7 @@ export interface VcpuThread {
   readonly exited: Promise<void>;
   /** Where loading stands (what `loaded` says, readable at once). */
   readonly status: 'loading' | 'loaded' | 'failed';
+  /** Posts `message` to the thread (an assignment, or quit). */
   send(message: VcpuThreadMessage, transfer?: TransferListItem[]): void;
 }
 

@@ -4,6 +4,7 @@ import type { ClockData, IrqchipState, PitState2 } from '../kvm/structs.js';
 import type { Vm } from '../kvm/vm.js';
 import { argValueError } from '../kvm/errors.js';
 
+/** The VM-wide state a snapshot or migration carries: the in-kernel PICs and IOAPIC, the PIT, and the kvmclock. */
 export interface VmState {
   /** PIC master, PIC slave, IOAPIC; null without the in-kernel irqchip. */
   irqchips: IrqchipState[] | null;

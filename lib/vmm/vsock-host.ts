@@ -9,10 +9,15 @@ import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 /** The longest answer line the device sends ("OK 4294967295\n"). */
 const MAX_REPLY_BYTES = 32;
 
+/**
+ * The host end of a vsock device (machine.vsock), over the device's unix socket: streams to the
+ * guest's listeners, servers for its connections to the host.
+ */
 export class VsockHost {
   /** The device's unix socket (the machine's vsock.uds). */
   readonly uds: string;
 
+  /** Speaks to the vsock device listening on the unix socket `uds`. */
   constructor(uds: string) {
     this.uds = uds;
   }

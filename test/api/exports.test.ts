@@ -29,7 +29,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', EventFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', watchFd: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
+  GuestMemory: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',
@@ -44,6 +44,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   XEN_ELFNOTE_PHYS32_ENTRY: 'number', isBzImage: 'function', parseSetupHeader: 'function', planBzImage: 'function', HDRS_MAGIC: 'number',
   LinuxSelector: 'object', LoadFlag: 'object', XLoadFlag: 'object', LOADER_TYPE_UNDEFINED: 'number', buildInitramfs: 'function',
   CPIO_NEWC_MAGIC: 'string', CPIO_TRAILER: 'string', BootImageError: 'function',
+  guestPath: 'function', guestImages: 'function',
   // debugging
   GdbServer: 'function', DebugTarget: 'function', BREAKPOINT_SLOTS: 'number', parseGdbAddress: 'function', formatGdbAddress: 'function',
   archFor: 'function', targetDescription: 'function', debugRegisters: 'function', stopReason: 'function', hostDebugSupport: 'function',
@@ -57,7 +58,7 @@ const TYPES = [
   // the VMM: machines, their configs, states and events
   'MachineConfig', 'MachineRuntimeConfig', 'MachineRunState', 'MachineShape', 'MachineState', 'MachineEvents', 'MachineExit',
   'MachineExitReason', 'MachineConsole', 'VcpuState', 'VmState', 'DeviceStates', 'SerialState', 'PostCodeState', 'VirtioMmioState',
-  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'DiskConfig', 'DiskShape', 'VsockConfig', 'VcpuThread', 'VcpuThreadMessage',
+  'VirtioQueueState', 'AcpiPmState', 'ElcrState', 'PciConfigState', 'CmosRtcState', 'FwCfgState', 'FwCfgItem', 'DiskConfig', 'DiskShape', 'VsockConfig', 'VcpuThread', 'VcpuThreadMessage',
   // the I/O bus and the device interfaces
   'BusShared', 'UnknownAccesses', 'PortDevice', 'MmioDevice', 'DirtyPageMarker',
   // dirty tracking
@@ -69,18 +70,18 @@ const TYPES = [
   'StreamKind',
   // the KVM binding
   'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
-  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
+  'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'Fd', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
   'Regs', 'Sregs', 'Segment', 'Dtable', 'Fpu', 'MsrEntry', 'CpuidEntry', 'LapicState', 'Xcr', 'VcpuEvents', 'DebugRegs', 'PitState2',
   'PitChannelState', 'IrqchipState', 'Msi', 'ClockData', 'CoalescedMmio', 'FieldType<number>', 'Fields', 'StructValue<Fields>',
   'StructType<Fields>',
   // booting
   'BootPlan', 'BootWrite', 'BootFormat', 'PlanOptions', 'BootState', 'CpuMode', 'MemoryMapEntry', 'SetupHeader', 'BzImageLayout',
-  'BzImageOptions', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
+  'BzImageOptions', 'FirmwareTables', 'Region', 'InitramfsEntry', 'MultibootModule', 'MultibootModuleConfig',
   // debugging
   'GdbServerOptions', 'BreakpointKind', 'StopReason', 'ResumePlan', 'GdbAddress', 'TargetArch', 'VcpuRegisters',
   'WatchpointKind', 'DebugSlot', 'InsertResult', 'HostDebugSupport', 'HostDebugProbeOptions',
   'InspectedRegisters', 'ReadMemoryOptions', 'ExitTrace', 'TraceRecord', 'TraceExitKind', 'TraceSummaryRow',
-  'ExitStats', 'VcpuExitStats', 'ExitCount',
+  'ExitStats', 'VcpuExitStats', 'ExitCount', 'DebugStop',
 ];
 
 const bare = (type: string) => type.replace(/<.*/, '');
@@ -103,7 +104,7 @@ export async function vmm(token: string): Promise<void> {
   const pool = await VcpuWorkerPool.create(2);
   const controller = new AbortController();
   const machine: Machine = await Machine.create({
-    image: 'guests/build/smp.elf', vcpus: 2, memoryBytes: 64 << 20,
+    image: guestPath('smp.elf'), vcpus: 2, memoryBytes: 64 << 20,
     serial: { output: process.stdout, input: process.stdin }, pool, signal: controller.signal,
   });
   machine.on('exit', (exit: MachineExit) => console.log(exit.reason, exit.code));
@@ -137,7 +138,7 @@ export async function vmm(token: string): Promise<void> {
   bus.registerPorts(0x100, 1, device);
   console.log(ranges, unknownAccesses(createBusShared()).ports);
 
-  const debugged = await Machine.create({ image: 'guests/build/gdb.elf' });
+  const debugged = await Machine.create({ image: guestPath('gdb.elf') });
   const stub: GdbServer = await GdbServer.listen(debugged, 'tcp:127.0.0.1:1234');
   debugged.start({ paused: true });
   console.log(stub.address, stub.attached);

@@ -336,8 +336,8 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
     protocol('request id must be a number or a string'),
     protocol('request id must be a number or a string'),
   ]);
-  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop)')]);
-  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop)')]);
+  t.same(byId(1), [argValue('unknown method "reboot" (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop, config)')]);
+  t.same(byId(2), [argValue('unknown method undefined (methods: status, pause, resume, stop, reset, snapshot, migrate, gdb, regs, x, stats, stats-reset, trace-start, trace-stop, config)')]);
   t.same(byId(3), [argType('status: params must be an object')]);
   t.same(byId(4), [argValue("status: unknown parameter 'verbose'")]);
   t.same(byId(5), [argValue('snapshot: params.path must be an absolute file path')]);

@@ -6,7 +6,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkRunSource, parseVsockOption } from '../../lib/cli/run.js';
+import { checkRunSource } from '../../lib/cli/run.js';
+import { parseVsockOption } from '../../lib/cli/run-options.js';
 import { startNodeKvm } from '../helpers/cli.js';
 import { noKvm, repoRoot, throwsArgError } from '../helpers/kvm.js';
 

@@ -76,7 +76,7 @@ t.test("the command's option errors carry ERR_INVALID_ARG_VALUE; main() prints o
   throwsArgError(t, () => parseDiskOption(',ro'), 'ERR_INVALID_ARG_VALUE', "--disk needs a file: --disk FILE[,ro][,id=ID], got ',ro'");
   throwsArgError(t, () => parseDiskOption('a.img,rw'), 'ERR_INVALID_ARG_VALUE', "--disk a.img,rw: unknown flag 'rw' (ro, id=ID)");
   t.same(parseDiskOption('a.img,ro,id=data'), { path: 'a.img', readOnly: true, id: 'data' });
-  throwsArgError(t, () => parseSize('lots'), 'ERR_INVALID_ARG_VALUE', "--memory: 'lots' is not a size like 64M or 1G");
+  throwsArgError(t, () => parseSize('lots'), 'ERR_INVALID_ARG_VALUE', "--memory: 'lots' is not a size like 64M, 1.5G or 0x4000000");
   throwsArgError(t, () => parseAddress('0xzz', '--load-addr'), 'ERR_INVALID_ARG_VALUE', "--load-addr: '0xzz' is not an address (decimal or 0x hex)");
   throwsArgError(t, () => checkRunSource({ image: 'a', kernel: 'b' }), 'ERR_INVALID_ARG_VALUE', 'give the kernel as IMAGE or as --kernel FILE, not both');
   throwsArgError(t, () => migrationToken(''), 'ERR_INVALID_ARG_VALUE', '--token must not be empty');

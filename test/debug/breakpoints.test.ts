@@ -71,19 +71,22 @@ t.test('software breakpoints where the host serves them: an int3 in memory, hidd
   t.equal((await client.request(`m${AFTER_LOOP.toString(16)},1`)), '90');
   t.equal(await client.request(`M${AFTER_LOOP.toString(16)},1:${original.slice(0, 2)}`), 'OK');
   // No slot limit: five more, all int3s; hardware breakpoints still have their four slots.
-  for (let i = 1; i <= 5; i++) t.equal(await client.request(`Z0,${(MESSAGE + 0x10 + i).toString(16)},1`), 'OK');
+  // Over the guest's message ("hello"): if detach left them, the guest would print int3 bytes.
+  for (let i = 0; i < 5; i++) t.equal(await client.request(`Z0,${(MESSAGE + i).toString(16)},1`), 'OK');
   for (let i = 0; i < 4; i++) t.equal(await client.request(`Z1,${(0x100000 + i).toString(16)},1`), 'OK');
   t.equal(await client.request('Z1,100004,1'), 'E28', 'a fifth hardware breakpoint: no slot left');
   t.equal(await client.request('Z0,800000000000,1'), 'E14', 'no page for an int3 there');
   t.equal(await client.request(`z0,${AFTER_LOOP.toString(16)},1`), 'OK');
   t.equal(byteAt(AFTER_LOOP), Number.parseInt(original.slice(0, 2), 16), 'removed: the byte is back');
   t.equal(await client.request(`z0,${AFTER_LOOP.toString(16)},1`), 'E22', 'not there any more');
-  t.equal(byteAt(MESSAGE + 0x11), 0xcc);
+  t.equal(byteAt(MESSAGE + 1), 0xcc);
+  t.equal((await client.request(`m${MESSAGE.toString(16)},5`)), Buffer.from('hello').toString('hex'), 'reads show the message');
+  // The guest runs on at once: what it prints says whether the int3s went (memory may be gone by
+  // the time we could look).
   t.equal(await client.request('D'), 'OK');
-  t.equal(byteAt(MESSAGE + 0x11), 0x00, 'detach takes every int3 out');
   t.equal((await machine.wait()).reason, 'debug-exit');
   await new Promise((resolve) => setImmediate(resolve));
-  t.equal(output(), 'rbx=5 msg=hello\n', 'the guest ran as it would have');
+  t.equal(output(), 'rbx=5 msg=hello\n', 'the guest ran as it would have: detach took every int3 out');
 });
 
 t.test('watchpoints where the host triggers them: write and access in slots, read refused', { skip: noKvm }, async (t) => {

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import t, { type Test } from 'tap';
-import { codeCacheFile, requireBundle } from '../../lib/vmm/code-cache.js';
+import { CODE_CACHE_MAX_AGE_MS, CODE_CACHE_MAX_FILES, codeCacheFile, pruneCodeCaches, requireBundle } from '../../lib/vmm/code-cache.js';
 import { repoRoot } from '../helpers/kvm.js';
 import { childExecArgv } from '../helpers/spawn.js';
 
@@ -108,4 +108,29 @@ t.test('requireBundle in this process: errors in the bundle are the bundle\'s (a
   writeFileSync(bundle, 'throw new Error("broken bundle");');
   t.throws(() => requireBundle(bundle, 'test', createRequire(bundle)), { message: 'broken bundle' });
   t.throws(() => requireBundle(path.join(path.dirname(bundle), 'missing.cjs'), 'test', createRequire(bundle)), { code: 'ENOENT' });
+});
+
+t.test('writing a cache removes the same use\'s earlier builds, caches a month old, and the oldest past the cap', async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-code-cache-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const now = Date.now();
+  const make = (name: string, ageMs: number) => {
+    writeFileSync(path.join(dir, name), '');
+    utimesSync(path.join(dir, name), (now - ageMs) / 1000, (now - ageMs) / 1000);
+  };
+  make('node-kvm.run.v20-x64.2-2-2.v8cache', 0);
+  make('node-kvm.run.v20-x64.1-1-1.v8cache', 1000);
+  make('node-kvm.stats.v20-x64.1-1-1.v8cache', CODE_CACHE_MAX_AGE_MS + 1000);
+  make('node-kvm.info.v20-x64.1-1-1.v8cache', 5000);
+  make('notes.txt', CODE_CACHE_MAX_AGE_MS + 1000);
+  for (let i = 0; i < CODE_CACHE_MAX_FILES; i++) make(`vcpu-worker.u${i}.v20-x64.1-1-1.v8cache`, 10_000 + i * 1000);
+  pruneCodeCaches(dir, path.join(dir, 'node-kvm.run.v20-x64.2-2-2.v8cache'), 'node-kvm.run.', now);
+  const left = readdirSync(dir);
+  t.ok(left.includes('node-kvm.run.v20-x64.2-2-2.v8cache'), 'the one written stays');
+  t.notOk(left.includes('node-kvm.run.v20-x64.1-1-1.v8cache'), "the same use's earlier build goes");
+  t.notOk(left.includes('node-kvm.stats.v20-x64.1-1-1.v8cache'), 'a month-old cache goes');
+  t.ok(left.includes('notes.txt'), 'what is not a cache stays');
+  t.equal(left.filter((name) => name.endsWith('.v8cache')).length, CODE_CACHE_MAX_FILES, 'at most the cap');
+  t.ok(left.includes('node-kvm.info.v20-x64.1-1-1.v8cache'), 'the newest stay');
+  t.notOk(left.includes(`vcpu-worker.u${CODE_CACHE_MAX_FILES - 1}.v20-x64.1-1-1.v8cache`), 'the oldest go');
 });
