@@ -7,7 +7,7 @@ import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { checkRunSource } from '../../lib/cli/run.js';
-import { parseVsockOption } from '../../lib/cli/run-options.js';
+import { parseRunArgs, parseVsockOption } from '../../lib/cli/run-options.js';
 import { startNodeKvm } from '../helpers/cli.js';
 import { noKvm, repoRoot, throwsArgError } from '../helpers/kvm.js';
 
@@ -17,6 +17,8 @@ t.test('--vsock cid=N,uds=PATH is parsed and checked', async (t) => {
   throwsArgError(t, () => parseVsockOption('cid=3'), 'ERR_INVALID_ARG_VALUE', '--vsock cid=3: uds=PATH is missing');
   throwsArgError(t, () => parseVsockOption('cid=x,uds=/a'), 'ERR_INVALID_ARG_VALUE', "--vsock cid=x,uds=/a: 'cid=x' is not cid=N or uds=PATH");
   throwsArgError(t, () => checkRunSource({ image: 'a.elf', vsock: 'uds=/a' }), 'ERR_INVALID_ARG_VALUE', '--vsock needs cid=N when booting an IMAGE');
+  t.equal(parseRunArgs(['a.elf', '--vsock', 'cid=3,uds=/a']).options.vsock, 'cid=3,uds=/a', 'an option of the table (and so a configuration field)');
+  throwsArgError(t, () => parseRunArgs(['a.elf', '--vsock', 'cid=3']), 'ERR_INVALID_ARG_VALUE', '--vsock cid=3: uds=PATH is missing');
 });
 
 t.test('a program outside reaches the guest through the socket', { skip: noKvm }, async (t) => {
