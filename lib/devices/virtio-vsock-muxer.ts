@@ -14,7 +14,7 @@ import { VSOCK_HOST_CID, VSOCK_TYPE_STREAM, VsockHeader, VsockOp } from './virti
 export const VSOCK_MAX_CONNECTIONS = 256;
 /** Host ports the device assigns to host-initiated connections count up from here. */
 export const VSOCK_FIRST_HOST_PORT = 1 << 30;
-/** How long a host client's CONNECT waits for the guest's RESPONSE. */
+/** How long a host client may take to send its CONNECT line, and then wait for the guest's RESPONSE. */
 export const VSOCK_CONNECT_TIMEOUT_MS = 2000;
 /** RSTs waiting for an RX buffer, for packets that matched no connection; more are dropped. */
 const MAX_PENDING_RSTS = 256;
@@ -236,6 +236,10 @@ export class VsockMuxer implements ConnectionOwner {
     const connection = new VsockConnection(this, socket, 'line', 0, 0);
     this.#lines.add(connection);
     connection.updateReading();
+    // A client that never finishes its CONNECT line does not keep a connection's place.
+    setTimeout(() => {
+      if (connection.state === 'line') connection.end(false);
+    }, VSOCK_CONNECT_TIMEOUT_MS).unref();
   }
 
   #guestConnects(hostPort: number, guestPort: number, header: VsockHeader): void {

@@ -101,9 +101,11 @@ t.test('host CONNECT: the guest refuses (RST) or never answers: the client is cl
   const badGot = reader(bad);
   bad.write('HELLO there\n');
   await until(() => badGot.closed, 'bad line closed');
+  const mute = reader(createConnection(g.uds));
   const silent = await hostConnect(g, 6001);
   const started = Date.now();
   await until(() => silent.got.closed, 'timed-out client closed', 5000);
+  await until(() => mute.closed, 'a client that never sent its CONNECT line closed', 5000);
   t.ok(Date.now() - started >= 1500, 'after the connect timeout');
   const rst = await g.nextOp(VsockOp.Rst);
   t.equal(rst.header.dstPort, 6001, 'and the guest hears the request is off');
