@@ -14,6 +14,11 @@
  *     answer), "vsock-echo: transport reset" for each VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
  *   - Never exits on its own; "vsock-echo: <what> BAD" and exit 0x7f when the device cannot be
  *     set up, 0x7e when there is none.
+ *   - Parameters at guest-physical 0x5000 (all zero = defaults): u32 hostile. When 1, before
+ *     anything else, it puts two broken packets on TX, one at a time: a 20-byte buffer (shorter
+ *     than the header) and a header whose len is larger than its buffer. For each it prints
+ *     "vsock-echo: hostile <case>: needs-reset" once Status has DEVICE_NEEDS_RESET (or
+ *     "... : ignored" after about 2 s without), and sets the device up again.
  */
 #include "rt/rt.h"
 #include "rt/virtio-vsock.h"
@@ -46,8 +51,39 @@ static void echo(struct vsock_conn *conn)
 		vsock_close(&dev, conn);
 }
 
+#define HOSTILE_SPINS (2000 * RT_SPINS_PER_MS)
+
+/* One broken TX packet of `bytes` bytes whose header says `len`; then whether the device gave up. */
+static void hostile(uintptr_t base, const char *name, uint32_t bytes, uint32_t len)
+{
+	struct vsock_tx_slot *slot = &dev.tx_slots[0];
+	memset(&slot->header, 0, sizeof(slot->header));
+	slot->header.src_cid = dev.guest_cid;
+	slot->header.dst_cid = VSOCK_HOST_CID;
+	slot->header.type = VSOCK_TYPE_STREAM;
+	slot->header.op = VSOCK_OP_RW;
+	slot->header.len = len;
+	struct virtq_buffer buffer = { (uintptr_t)slot, bytes, false };
+	virtq_add(&dev.tx, &buffer, 1, slot);
+	virtq_kick(base, &dev.tx);
+	const char *outcome = "ignored";
+	for (unsigned long spin = 0; spin < HOSTILE_SPINS; spin++) {
+		if (virtio_mmio_status(base) & VIRTIO_STATUS_DEVICE_NEEDS_RESET) {
+			outcome = "needs-reset";
+			break;
+		}
+		cpu_relax();
+	}
+	puts("vsock-echo: hostile ");
+	puts(name);
+	puts(": ");
+	puts(outcome);
+	puts("\n");
+}
+
 int main(void)
 {
+	uint32_t hostile_mode = *(volatile uint32_t *)RT_GUEST_PARAMS;
 	uintptr_t base = vsock_find();
 	if (base == 0) {
 		puts("vsock-echo: no virtio-vsock device found\n");
@@ -59,6 +95,20 @@ int main(void)
 		puts(failure);
 		puts(" BAD\n");
 		return 0x7f;
+	}
+	if (hostile_mode == 1) {
+		hostile(base, "short-header", 20, 0);
+		failure = vsock_init(&dev, base, &rings);
+		if (failure == NULL) {
+			hostile(base, "len-past-buffer", sizeof(struct virtio_vsock_hdr) + 8, 4096);
+			failure = vsock_init(&dev, base, &rings);
+		}
+		if (failure != NULL) {
+			puts("vsock-echo: ");
+			puts(failure);
+			puts(" BAD\n");
+			return 0x7f;
+		}
 	}
 	vsock_listen(&dev, ECHO_PORT);
 	struct vsock_conn *greeting = vsock_connect(&dev, HELLO_PORT);
