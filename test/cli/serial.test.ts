@@ -60,7 +60,7 @@ t.test('the end of piped input is not a quit: the guest runs on until the API st
 
 // While a command runs in this process its stdout is captured, tap's included: the assertions
 // come once it has ended.
-t.test('--serial unix:PATH: a 0600 socket, one client at a time, and the API reset ends the run with 0', { skip: noKvm }, async (t) => {
+t.test('--serial unix:PATH: a 0600 socket, one client at a time, kept over a reboot; the API stop ends the run with 0', { skip: noKvm }, async (t) => {
   const dir = socketDir(t);
   const consolePath = path.join(dir, 'console.sock');
   const api = path.join(dir, 'api.sock');
@@ -77,16 +77,20 @@ t.test('--serial unix:PATH: a 0600 socket, one client at a time, and the API res
   await client.waitFor('echo> hi!');
   await waitForPath(api);
   const reset = await callApi(api, 'reset', {});
+  // The rebooted guest prompts again on the same console.
+  await client.waitFor('echo> hi!echo> ');
+  const stop = await callApi(api, 'stop', {});
   const result = await run;
   await client.closed;
 
   t.ok(stats.isSocket());
   t.equal(stats.mode & 0o777, 0o600, 'only its owner may connect');
   t.equal(second.text(), CONSOLE_BUSY_MESSAGE, 'a second client is told why, and closed');
-  t.same(reset, { state: 'stopping' });
+  t.same(reset, { state: 'running' });
+  t.same(stop, { state: 'stopping' });
   t.equal(result.status, 0, result.stderr);
   t.match(result.stderr, `node-kvm: serial console on unix:${consolePath}\n`);
-  t.equal(client.text(), 'echo> hi!', 'the first client still had the console');
+  t.equal(client.text(), 'echo> hi!echo> ', 'the first client still had the console');
   t.notOk(fs.existsSync(consolePath), 'the console socket is removed at exit');
   t.notOk(fs.existsSync(api), 'the API socket is removed at exit');
 });
