@@ -195,6 +195,25 @@ t.test('a guest that breaks its TX ring: NEEDS_RESET, logged once each, and the 
   stream.destroy();
 });
 
+t.test('a reboot ends the connections; the rebooted guest listens again', { skip: noKvm }, async (t) => {
+  const dir = tempDir(t);
+  const booted = await boot({ image, memoryBytes: 16 * MiB, vsock: { cid: CID, uds: path.join(dir, 'v.sock') }, pool });
+  const { machine } = booted;
+  t.teardown(() => void machine.stop());
+  machine.start();
+  await booted.waitForOutput('vsock-echo: hello refused\n');
+  const before = await machine.vsock!.connect(5000);
+  t.equal((await roundTrip(before, Buffer.from('before'))).toString(), 'before');
+  const ended = once(before, 'end');
+  await machine.reset();
+  await ended;
+  t.pass('the connection ended with the reboot');
+  await booted.waitForOutput(/hello refused\n[^]*vsock-echo: ready[^]*hello refused\n/);
+  const after = await machine.vsock!.connect(5000);
+  t.equal((await roundTrip(after, Buffer.from('after'))).toString(), 'after', 'the rebooted guest echoes');
+  after.destroy();
+});
+
 t.test('a saved machine fits only a machine with the same vsock CID; configs are checked', async (t) => {
   const base = { memoryBytes: 16 * MiB, vcpus: 1, irqchip: true };
   t.equal(shapeMismatch({ ...base, vsock: { cid: 3 } }, { ...base, vsock: { cid: 3 } }), null);
