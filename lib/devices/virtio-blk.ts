@@ -5,7 +5,7 @@
 import { fdatasyncSync, fstatSync, readvSync, writevSync } from 'node:fs';
 import { deallocateFileRange } from '../kvm/host.js';
 import type { DirtyPageMarker } from './bus-device.js';
-import { DescriptorChain, SplitQueue, VirtqueueError } from './virtqueue.js';
+import { DescriptorChain, readFromChain, SplitQueue, VirtqueueError, writeToChain } from './virtqueue.js';
 import { Interrupt, type VirtioDeviceModel, type VirtioMmio } from './virtio-mmio.js';
 
 export const VIRTIO_ID_BLOCK = 2;
@@ -219,7 +219,7 @@ export class BlockBackend {
       this.#writeStatus(chain, BlkStatus.IoErr);
       return 1;
     }
-    this.#gather(chain, 0, this.#header);
+    readFromChain(this.#ram, chain, 0, this.#header);
     const type = this.#headerView.getUint32(0, true);
     const sector = this.#headerView.getUint32(8, true) + this.#headerView.getUint32(12, true) * 0x1_0000_0000;
     let status: number;
@@ -313,7 +313,7 @@ export class BlockBackend {
     const id = new Uint8Array(BLK_ID_BYTES);
     id.set(this.#id);
     const bytes = Math.min(room, BLK_ID_BYTES);
-    this.#scatter(chain, id.subarray(0, bytes));
+    writeToChain(this.#ram, this.#dirty, chain, 0, id.subarray(0, bytes));
     return bytes;
   }
 
@@ -325,7 +325,7 @@ export class BlockBackend {
       return this.#refuse(problem, `a ${what} request with ${bytes} bytes of ranges`);
     }
     for (let at = HEADER_BYTES; at < HEADER_BYTES + bytes; at += SEGMENT_BYTES) {
-      this.#gather(chain, at, this.#segment);
+      readFromChain(this.#ram, chain, at, this.#segment);
       const sector = this.#segmentView.getUint32(0, true) + this.#segmentView.getUint32(4, true) * 0x1_0000_0000;
       const count = this.#segmentView.getUint32(8, true);
       if (count > MAX_DISCARD_SECTORS) return this.#refuse(problem, `a ${what} of ${count} sectors (at most ${MAX_DISCARD_SECTORS})`);
@@ -415,35 +415,7 @@ export class BlockBackend {
     return rest;
   }
 
-  /** Copies readable bytes starting at `offset` (of the readable buffers) into `into`. */
-  #gather(chain: DescriptorChain, offset: number, into: Uint8Array): void {
-    let filled = 0;
-    for (let i = 0; i < chain.length && filled < into.length; i++) {
-      if (chain.writable[i]) break;
-      const len = chain.len[i]!;
-      if (offset >= len) {
-        offset -= len;
-        continue;
-      }
-      const addr = chain.addr[i]! + offset;
-      const n = Math.min(len - offset, into.length - filled);
-      into.set(this.#ram.subarray(addr, addr + n), filled);
-      filled += n;
-      offset = 0;
-    }
-  }
 
-  /** Writes `data` at the start of the writable buffers and marks it dirty. */
-  #scatter(chain: DescriptorChain, data: Uint8Array): void {
-    let done = 0;
-    for (let i = 0; i < chain.length && done < data.length; i++) {
-      if (!chain.writable[i]) continue;
-      const n = Math.min(chain.len[i]!, data.length - done);
-      this.#ram.set(data.subarray(done, done + n), chain.addr[i]!);
-      this.#dirty.mark(chain.addr[i]!, n);
-      done += n;
-    }
-  }
 
   /** The status is the last byte of the last writable buffer. */
   #writeStatus(chain: DescriptorChain, status: number): void {

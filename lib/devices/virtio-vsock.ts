@@ -11,7 +11,7 @@ import { VsockMuxer } from './virtio-vsock-muxer.js';
 import {
   VIRTIO_ID_VSOCK, VSOCK_EVENT_BYTES, VSOCK_EVENT_TRANSPORT_RESET, VSOCK_HEADER_BYTES, VsockHeader, VsockOp,
 } from './virtio-vsock-packet.js';
-import { DescriptorChain, SplitQueue, VirtqueueError } from './virtqueue.js';
+import { DescriptorChain, readFromChain, SplitQueue, VirtqueueError, writeToChain } from './virtqueue.js';
 import { argTypeError, argValueError } from '../kvm/errors.js';
 
 export { VIRTIO_ID_VSOCK, VSOCK_HOST_CID } from './virtio-vsock-packet.js';
@@ -177,7 +177,7 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
         if (chain.readableBytes < VSOCK_HEADER_BYTES) {
           throw new VirtqueueError(`TX: a packet of ${chain.readableBytes} device-readable bytes, shorter than the ${VSOCK_HEADER_BYTES}-byte header`);
         }
-        this.#gather(chain, 0, this.#headerBytes);
+        readFromChain(this.#ram, chain, 0, this.#headerBytes);
         const header = this.#header.decode(this.#headerBytes);
         if (header.len > chain.readableBytes - VSOCK_HEADER_BYTES) {
           throw new VirtqueueError(`TX: a packet of len ${header.len} in ${chain.readableBytes - VSOCK_HEADER_BYTES} bytes of buffers after the header`);
@@ -187,7 +187,7 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
           if (header.len > VSOCK_MAX_PAYLOAD_BYTES) throw new VirtqueueError(`TX: a packet of len ${header.len} (at most ${VSOCK_MAX_PAYLOAD_BYTES})`);
           // A copy: the guest may reuse its buffer once the packet is used, before the socket takes it.
           payload = Buffer.allocUnsafe(header.len);
-          this.#gather(chain, VSOCK_HEADER_BYTES, payload);
+          readFromChain(this.#ram, chain, VSOCK_HEADER_BYTES, payload);
         }
         queue.pushUsed(chain.head, 0);
         used++;
@@ -219,8 +219,8 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
         used++;
         break;
       }
-      this.#scatter(chain, 0, this.#header.encode(this.#headerBytes));
-      if (payload !== null) this.#scatter(chain, VSOCK_HEADER_BYTES, payload);
+      writeToChain(this.#ram, this.#dirty, chain, 0, this.#header.encode(this.#headerBytes));
+      if (payload !== null) writeToChain(this.#ram, this.#dirty, chain, VSOCK_HEADER_BYTES, payload);
       queue.pushUsed(chain.head, VSOCK_HEADER_BYTES + (payload?.length ?? 0));
       used++;
     }
@@ -236,46 +236,11 @@ export class VirtioVsockDevice implements VirtioQueueDevice {
     if (chain.writableBytes < VSOCK_EVENT_BYTES) throw new VirtqueueError(`EVENT: a buffer of ${chain.writableBytes} device-writable bytes (needs ${VSOCK_EVENT_BYTES})`);
     const event = new Uint8Array(VSOCK_EVENT_BYTES);
     new DataView(event.buffer).setUint32(0, VSOCK_EVENT_TRANSPORT_RESET, true);
-    this.#scatter(chain, 0, event);
+    writeToChain(this.#ram, this.#dirty, chain, 0, event);
     queue.pushUsed(chain.head, VSOCK_EVENT_BYTES);
     this.#resetEventPending = false;
     if (queue.needsInterrupt()) this.#mmio.interrupt(Interrupt.UsedBuffer);
   }
 
-  /** Copies the chain's device-readable bytes from `offset` into `into`. */
-  #gather(chain: DescriptorChain, offset: number, into: Uint8Array): void {
-    let filled = 0;
-    for (let i = 0; i < chain.length && filled < into.length; i++) {
-      if (chain.writable[i]) break;
-      const len = chain.len[i]!;
-      if (offset >= len) {
-        offset -= len;
-        continue;
-      }
-      const addr = chain.addr[i]! + offset;
-      const n = Math.min(len - offset, into.length - filled);
-      into.set(this.#ram.subarray(addr, addr + n), filled);
-      filled += n;
-      offset = 0;
-    }
-  }
 
-  /** Writes `data` into the chain's device-writable buffers from byte `offset` of them. */
-  #scatter(chain: DescriptorChain, offset: number, data: Uint8Array): void {
-    let done = 0;
-    for (let i = 0; i < chain.length && done < data.length; i++) {
-      if (!chain.writable[i]) continue;
-      const len = chain.len[i]!;
-      if (offset >= len) {
-        offset -= len;
-        continue;
-      }
-      const addr = chain.addr[i]! + offset;
-      const n = Math.min(len - offset, data.length - done);
-      this.#ram.set(data.subarray(done, done + n), addr);
-      this.#dirty.mark(addr, n);
-      done += n;
-      offset = 0;
-    }
-  }
 }

@@ -28,6 +28,49 @@ export class DescriptorChain {
   writableBytes = 0;
 }
 
+/**
+ * Copies the chain's device-readable bytes, from `offset` into them, into `into` (as far as they
+ * go: the caller checked the chain's readableBytes).
+ */
+export function readFromChain(ram: Uint8Array, chain: DescriptorChain, offset: number, into: Uint8Array): void {
+  let filled = 0;
+  for (let i = 0; i < chain.length && filled < into.length; i++) {
+    if (chain.writable[i]) break;
+    const len = chain.len[i]!;
+    if (offset >= len) {
+      offset -= len;
+      continue;
+    }
+    const addr = chain.addr[i]! + offset;
+    const n = Math.min(len - offset, into.length - filled);
+    into.set(ram.subarray(addr, addr + n), filled);
+    filled += n;
+    offset = 0;
+  }
+}
+
+/**
+ * Writes `data` into the chain's device-writable buffers, from `offset` into them, marking every
+ * byte written in `dirty` (as far as they go: the caller checked the chain's writableBytes).
+ */
+export function writeToChain(ram: Uint8Array, dirty: DirtyPageMarker, chain: DescriptorChain, offset: number, data: Uint8Array): void {
+  let done = 0;
+  for (let i = 0; i < chain.length && done < data.length; i++) {
+    if (!chain.writable[i]) continue;
+    const len = chain.len[i]!;
+    if (offset >= len) {
+      offset -= len;
+      continue;
+    }
+    const addr = chain.addr[i]! + offset;
+    const n = Math.min(len - offset, data.length - done);
+    ram.set(data.subarray(done, done + n), addr);
+    dirty.mark(addr, n);
+    done += n;
+    offset = 0;
+  }
+}
+
 export class SplitQueue {
   readonly #view: DataView;
   /** The same RAM in 16-bit words, for the atomic store that publishes the used index. */
