@@ -313,11 +313,16 @@ function runPlain(thread: VcpuThreadState, serve: () => void): number {
       return DONE;
     }
     if (Atomics.load(control, STATE) !== RunState.Running) {
-      if (reason === ExitReason.Io || reason === ExitReason.Mmio) completeIo(thread);
-      if (!waitWhileNotRunning(control, serve)) return DONE;
+      if (!parkAfter(thread, reason, serve)) return DONE;
       if (instrumented(thread)) return SWITCH;
     }
   }
+}
+
+/** Parks the vCPU after an exit of `reason` while the machine is not running; false once it ends. */
+function parkAfter(thread: VcpuThreadState, reason: number, serve: () => void): boolean {
+  if (reason === ExitReason.Io || reason === ExitReason.Mmio) completeIo(thread);
+  return waitWhileNotRunning(thread.control, serve);
 }
 
 /**
@@ -373,8 +378,7 @@ function runInstrumented(thread: VcpuThreadState, serve: () => void): number {
       if (!handleRareExit(thread, reason, serve)) return DONE;
     }
     if (Atomics.load(control, STATE) !== RunState.Running) {
-      if (reason === ExitReason.Io || reason === ExitReason.Mmio) completeIo(thread);
-      if (!waitWhileNotRunning(control, serve)) return DONE;
+      if (!parkAfter(thread, reason, serve)) return DONE;
       if (!instrumented(thread)) return SWITCH;
     }
   }

@@ -7,7 +7,7 @@ import { Machine, openTap } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
 import { boot } from '../helpers/machine.js';
 import { expectedEcho, GUEST_IP, MAC, namespaceWithTap, netEchoImage as image, ping, READY, udpEcho } from '../helpers/net-echo.js';
-import { noNetns, pingPath } from '../helpers/netns.js';
+import { noNetns } from '../helpers/netns.js';
 import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
@@ -21,12 +21,7 @@ t.test('ping and a UDP client in the namespace reach the guest', { skip }, async
   t.teardown(() => booted.machine.stop());
   booted.machine.start();
   await booted.waitForOutput(READY);
-  if (pingPath) {
-    const out = await ping(ns, 3);
-    t.match(out, '3 packets transmitted, 3 received, 0% packet loss');
-  } else {
-    t.comment('iputils-ping is not installed: ping skipped');
-  }
+  t.match(await ping(ns, 3), '3 packets transmitted, 3 received, 0% packet loss');
   t.equal(await udpEcho(ns, 5), expectedEcho(5), 'every datagram echoed, whole, from port 7');
   // The guest answered ARP: the namespace's kernel learned its MAC.
   const { stdout } = await ns.exec(['ip', 'neigh', 'show', GUEST_IP]);

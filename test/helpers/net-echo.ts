@@ -40,6 +40,8 @@ export async function udpEcho(ns: NetNamespace, count: number): Promise<string> 
 export const expectedEcho = (count: number) => Array.from({ length: count }, (_, i) => `datagram ${i} ${`datagram ${i} `.length + i * 97} from ${GUEST_IP}:7`).join('\n');
 
 export async function ping(ns: NetNamespace, count = 3): Promise<string> {
+  // .ci/run installs it: a missing ping is a failure, not a skip.
+  if (!pingPath) throw new Error('iputils-ping is not installed: the network tests ping the guest');
   const { code, stdout, stderr } = await ns.exec([pingPath!, '-c', String(count), '-i', '0.2', '-W', '5', '-n', GUEST_IP]);
   if (code !== 0) throw new Error(`ping failed (${code}): ${stdout}${stderr}`);
   return stdout;
