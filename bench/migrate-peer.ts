@@ -63,7 +63,7 @@ async function incoming(address: string): Promise<void> {
   const runningAt = performance.now();
 
   // The guest must go on here: the dirtier prints lines of its own, the idle guest just stays
-  // in its HLT (in the kernel, with the irqchip), so it must still be running a moment later.
+  // in its HLT (in the kernel, with interrupts on), so it must still be running a moment later.
   const deadline = runningAt + 20_000;
   while (output.split('\n').length - 1 < expectLines && performance.now() < deadline && machine.state === 'running') await sleep(5);
   if (expectLines === 0) await sleep(20);

@@ -280,10 +280,11 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
     const serial = serialSink();
     const logs: string[] = [];
     const machine = await Machine.create({
-      image: guest(scenario.workload === 'dirtier' ? 'dirtier-user.elf' : 'hello.bin'),
+      image: guest(scenario.workload === 'dirtier' ? 'dirtier-user.elf' : 'echo-irq.bin'),
       memoryBytes: scenario.memoryBytes,
       vcpus: 1,
-      // hello.bin's HLT then stays in the kernel: a guest that is idle, not ended.
+      // echo-irq.bin sleeps in HLT with interrupts on, in the kernel: a guest that is idle, not ended
+      // (a HLT with interrupts off ends the machine).
       irqchip: scenario.workload !== 'dirtier',
       serial: { output: serial.output },
       log: (message) => logs.push(message),
@@ -292,7 +293,7 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
       if (scenario.workload === 'filled') machine.writeMemory(FILL_ADDR, fill.bytes);
       if (scenario.workload === 'dirtier') machine.writeMemory(GUEST_PARAMS_ADDR, dirtierParams(0, DIRTIER_RANGE_BYTES));
       machine.start();
-      await serial.until(scenario.workload === 'dirtier' ? 'pass 2 ok\n' : 'Hello from node-kvm!\n');
+      await serial.until(scenario.workload === 'dirtier' ? 'pass 2 ok\n' : 'irq> ');
       const address = await peer.listening;
       let lastExpectedDowntimeMs = 0;
       const stats = await machine.migrate(address, {
@@ -585,7 +586,7 @@ async function main(): Promise<void> {
     console.error(`${(error as Error).message} (--help for usage)`);
     process.exit(2);
   }
-  for (const name of ['hello.bin', 'dirtier-user.elf', 'pvh.elf']) {
+  for (const name of ['echo-irq.bin', 'dirtier-user.elf', 'pvh.elf']) {
     if (!existsSync(guest(name))) throw new Error(`guest not built: ${guest(name)} (run npm run build:guests)`);
   }
   if (!existsSync(peerScript)) throw new Error(`${peerScript} is missing (run npm run build:ts)`);
