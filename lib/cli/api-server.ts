@@ -10,6 +10,7 @@ import { migrateMachine } from '../migration/send.js';
 import { snapshotMachine } from '../migration/snapshot.js';
 import { listenOnPrivateUnixSocket } from '../kvm/unix-socket.js';
 import { parseMigrationAddress } from '../migration/transport.js';
+import { checkAutoConverge } from '../migration/auto-converge.js';
 import { type ExitStats, type Machine } from '../vmm/machine.js';
 import type { MigrateOptions, MigrationProgress, MigrationStats, NonConvergence, SnapshotInfo, SnapshotOptions } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
@@ -502,7 +503,7 @@ function checkParams(params: Record<string, unknown>, method: string, allowed: s
 }
 
 function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOptions, 'onProgress'> {
-  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs']);
+  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs', 'autoConverge']);
   if (typeof params.address !== 'string') throw argTypeError('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
   const address = parseMigrationAddress(params.address);
   if (address.kind === 'unix' && !address.path.startsWith('/')) throw argValueError('migrate: a unix socket path must be absolute');
@@ -530,6 +531,11 @@ function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOption
   if (params.onNonConvergence !== undefined) {
     if (params.onNonConvergence !== 'finish' && params.onNonConvergence !== 'abort') throw argValueError("migrate: params.onNonConvergence must be 'finish' or 'abort'");
     options.onNonConvergence = params.onNonConvergence;
+  }
+  if (params.autoConverge !== undefined) {
+    // true, false, or { throttleInitial, throttleIncrement, throttleMax }: checked as migrate() does.
+    checkAutoConverge(params.autoConverge as MigrateOptions['autoConverge']);
+    options.autoConverge = params.autoConverge as MigrateOptions['autoConverge'];
   }
   return options;
 }

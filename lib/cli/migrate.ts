@@ -27,6 +27,10 @@ options:
                                at a cap: pause and finish anyway (default), or give up and
                                keep running here
   --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000)
+  --auto-converge              throttle the guest's vCPUs while it dirties memory faster than
+                               the link carries it (each sleeps 20%, then 30%, ... up to 99% of
+                               every 10 ms), until the rest fits the downtime; ends with the
+                               migration, however it ends
   --json                       print the final figures as JSON
   -h, --help                   show this help`;
 
@@ -53,6 +57,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
       'max-precopy-ms': { type: 'string' },
       'on-non-convergence': { type: 'string' },
       'timeout-ms': { type: 'string' },
+      'auto-converge': { type: 'boolean' },
       json: { type: 'boolean' },
     },
   });
@@ -78,6 +83,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
     maxPrecopyMs: positiveIntegerOption(values['max-precopy-ms'], '--max-precopy-ms'),
     onNonConvergence,
     timeoutMs: positiveIntegerOption(values['timeout-ms'], '--timeout-ms'),
+    ...(values['auto-converge'] ? { autoConverge: true } : {}),
   };
   const display = progressDisplay(process.stderr);
   let stats;

@@ -53,6 +53,7 @@ export function progressLine(progress: MigrationProgress): string {
     `dirty ${Math.round(progress.dirtyPagesRate)} pages/s`,
   ];
   if (progress.phase === 'precopy') parts.push(`expected downtime ${ms(progress.expectedDowntimeMs)}`);
+  if (progress.cpuThrottlePercentage > 0) parts.push(`vCPUs throttled ${progress.cpuThrottlePercentage}%`);
   return parts.join(', ');
 }
 
@@ -73,6 +74,8 @@ export function formatMigrationStats(stats: MigrationStats): string {
     ['guest memory', mib(stats.memoryBytes)],
     ['dirty log', stats.dirtyLogMode],
   ];
+  // Only where auto-converge throttled the guest (older machines do not report it).
+  if (stats.throttledMs > 0) rows.push(['cpu throttle', `${stats.cpuThrottlePercentage}% at the end, throttled ${ms(stats.throttledMs)}`]);
   return table(rows);
 }
 

@@ -16,6 +16,6 @@ export {
 export type { DecodedPages } from './pages.js';
 export type { RamImage, StreamHeader, StreamKind } from './format.js';
 export type {
-  DirtyLogMode, IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, PageRange,
+  AutoConvergeOptions, DirtyLogMode, IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, PageRange,
   RestoreConfig, SnapshotInfo, SnapshotOptions,
 } from './types.js';

@@ -18,6 +18,7 @@ import { encodeConfigSection, encodeMachineState } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
 import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
+import { AutoConverge, checkAutoConverge, type CheckedAutoConverge, type ThrottleControl } from './auto-converge.js';
 
 export const DEFAULT_DOWNTIME_BUDGET_MS = 50;
 export const DEFAULT_MAX_ITERATIONS = 30;
@@ -89,6 +90,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
       saveState: () => internals.saveState(pausedVcpuStates),
       releaseDisks: () => internals.unlockDisks(),
       retakeDisks: () => internals.lockDisksWithin(DISK_RETAKE_MS),
+      throttle: internals.vcpuThrottle,
     });
     internals.end({ reason: 'migrated' });
     return stats;
@@ -116,6 +118,8 @@ export interface MigrationSource {
   releaseDisks(): void;
   /** Takes the locks back after a failure; rejects if another machine holds an image. */
   retakeDisks(): Promise<void>;
+  /** The vCPU throttle, for auto-converge (a source without one refuses autoConverge). */
+  readonly throttle?: ThrottleControl;
 }
 
 interface CheckedOptions {
@@ -127,6 +131,7 @@ interface CheckedOptions {
   timeoutMs: number;
   onProgress: ((progress: MigrationStats) => void) | undefined;
   signal: AbortSignal | undefined;
+  autoConverge: CheckedAutoConverge | null;
 }
 
 function checkOptions(options: MigrateOptions): CheckedOptions {
@@ -152,6 +157,7 @@ function checkOptions(options: MigrateOptions): CheckedOptions {
     timeoutMs: positive(options.timeoutMs, 'timeoutMs', DEFAULT_MIGRATION_TIMEOUT_MS),
     onProgress: options.onProgress,
     signal: checkSignal(options.signal, 'options.signal'),
+    autoConverge: checkAutoConverge(options.autoConverge),
   };
 }
 
@@ -162,8 +168,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const stats: MigrationStats = {
     phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
     zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
-    memoryBytes: source.memoryBytes, dirtyLogMode: source.dirtyLogMode,
+    memoryBytes: source.memoryBytes, dirtyLogMode: source.dirtyLogMode, cpuThrottlePercentage: 0, throttledMs: 0,
   };
+  if (opts.autoConverge && !source.throttle) throw argValueError('autoConverge: this migration source cannot throttle its vCPUs');
   const what = `migration to ${addressText}`;
   throwIfAborted(opts.signal, what, 'setup');
   // An abort counts until the guest's last state goes out: from then on, whether the guest runs
@@ -174,6 +181,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const progress = (phase: MigrationPhase) => {
     stats.phase = phase;
     stats.totalTimeMs = performance.now() - started;
+    autoConverge?.report(stats);
     try {
       opts.onProgress?.({ ...stats });
     } catch {
@@ -181,6 +189,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     }
   };
 
+  // From here on the catch below ends the throttle.
+  const autoConverge = opts.autoConverge && source.throttle ? new AutoConverge(opts.autoConverge, source.throttle) : null;
   let socket: Socket | undefined;
   let peer: PeerReplies | undefined;
   let paused = false;
@@ -218,6 +228,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const precopyStarted = performance.now();
     for (;;) {
       const roundStarted = performance.now();
+      const bytesBeforeRound = pages.bytesSent;
       await sendPages(ranges);
       destinationZeroed = false;
       stats.iterations++;
@@ -232,6 +243,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       stats.expectedDowntimeMs = (stats.remainingPages * PAGE_SIZE) / bytesPerMs;
       progress('precopy');
       if (stats.expectedDowntimeMs <= opts.downtimeBudgetMs) break;
+      autoConverge?.afterRound(pages.bytesSent - bytesBeforeRound, stats.remainingPages * PAGE_SIZE);
       if (stats.iterations >= opts.maxIterations || performance.now() - precopyStarted >= opts.maxPrecopyMs) {
         if (opts.finishAnyway) break;
         throw new MigrationError(
@@ -253,6 +265,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // Not raced with the abort: a pause under way must be known to be undone.
     paused = await source.pause();
     pausedAt = performance.now();
+    autoConverge?.stop();
     throwIfAborted(opts.signal, what, 'stop-copy');
     progress('stop-copy');
     ranges = unionRanges(ranges, tracker.harvest());
@@ -275,6 +288,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     progress('completed');
     return { ...stats };
   } catch (caught) {
+    autoConverge?.stop();
     const phase = stats.phase;
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;

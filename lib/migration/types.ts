@@ -23,6 +23,11 @@ export interface MigrateOptions {
   onNonConvergence?: NonConvergence;
   /** Give up if connecting or any read/write stalls this long. Default 10 s. */
   timeoutMs?: number;
+  /**
+   * Throttle the vCPUs while the guest dirties memory faster than the link carries it, until it
+   * fits (QEMU's auto-converge); true for the defaults. Off by default.
+   */
+  autoConverge?: boolean | AutoConvergeOptions;
   /** Called after every round and at each phase change (the machine emits 'progress' then too). */
   onProgress?: (progress: MigrationProgress) => void;
   /**
@@ -31,6 +36,20 @@ export interface MigrateOptions {
    * the destination's.
    */
   signal?: AbortSignal;
+}
+
+/**
+ * How auto-converge throttles, as QEMU's parameters of the same names: after two rounds in which
+ * the guest dirtied more than half of what went out, the vCPUs sleep `throttleInitial` % of every
+ * 10 ms, then `throttleIncrement` % more after each two such rounds, up to `throttleMax` %.
+ */
+export interface AutoConvergeOptions {
+  /** Percent, 1..99. Default 20 (QEMU's cpu-throttle-initial). */
+  throttleInitial?: number;
+  /** Percent, 1..99. Default 10 (QEMU's cpu-throttle-increment). */
+  throttleIncrement?: number;
+  /** Percent, 1..99, at least throttleInitial. Default 99 (QEMU's max-cpu-throttle). */
+  throttleMax?: number;
 }
 
 /** Where a live migration is: setting up, copying while the guest runs, copying the rest with the guest paused, done, or failed. */
@@ -58,6 +77,13 @@ export interface MigrationStats {
   remainingPages: number;
   memoryBytes: number;
   dirtyLogMode: DirtyLogMode;
+  /**
+   * Auto-converge: the share of every 10 ms the vCPUs sleep now, in percent (QEMU's
+   * cpu-throttle-percentage); at 'completed', the share when the guest paused; 0 when off.
+   */
+  cpuThrottlePercentage: number;
+  /** Auto-converge: how long the guest was throttled in all (wall time with a share above 0). */
+  throttledMs: number;
 }
 
 /** A running migration's figures, as its progress callback and 'progress' events give them. */

@@ -9,7 +9,10 @@ export const HALTED = 2;
 export const EXIT_CLAIMED = 3;
 /** Bumped on every state change and request, so a parked thread never misses a wake-up. */
 export const EPOCH = 4;
-const CONTROL_INTS = 5;
+/** The vCPU throttle (throttle.ts): the share of each period the vCPUs sleep, in percent, and the last tick's time. */
+export const THROTTLE_PERCENT = 5;
+export const THROTTLE_TICK_US = 6;
+const CONTROL_INTS = 7;
 
 export const RunState = {
   /** vCPUs are created and wait for start(). */

@@ -33,6 +33,7 @@ import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import type { VcpuState } from './vcpu-state.js';
 import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
+import { VcpuThrottle } from './throttle.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { VcpuState } from './vcpu-state.js';
@@ -117,6 +118,12 @@ export interface MachineInternals {
    * still 'running') and runs again after; a paused or created one stays as it is.
    */
   stopped<T>(work: () => Promise<T>): Promise<T>;
+  /**
+   * The vCPU throttle (a migration's auto-converge): set(percent) has each vCPU sleep that share
+   * (0..99) of every 10 ms, 0 ends it (so does the machine's end); prepare() starts its ticker
+   * thread ahead; the share now, and how long the vCPUs have been throttled in all (ms).
+   */
+  readonly vcpuThrottle: VcpuThrottle;
 }
 
 /** A vCPU's KVM_EXIT_DEBUG: which vCPU, the exception (1: #DB, 3: #BP), its DR6 (which breakpoint, or a step) and RIP. */
@@ -234,6 +241,7 @@ export class Machine extends EventEmitter {
   readonly #input: NodeJS.ReadableStream | null;
   readonly #onInput: (chunk: Buffer | string) => void;
   #tracker: DirtyTracker | null = null;
+  readonly #throttle: VcpuThrottle;
   /** Each vCPU's exit counters, once counting started. */
   #exitStats: SharedArrayBuffer[] | null = null;
   #traceFd: number | null = null;
@@ -279,6 +287,7 @@ export class Machine extends EventEmitter {
       ? new HaltWatch(parts.haltProbe, { vcpus: parts.threads.length, kick: () => this.#kickAll(), confirm: () => void this.#confirmHalt() })
       : null;
     this.#requestPorts = parts.requestPorts;
+    this.#throttle = new VcpuThrottle(parts.control, parts.kicks);
     this.#pool = parts.plan.runtime.pool;
     this.#log = parts.log;
     this.#outputRing = parts.outputRing;
@@ -733,6 +742,7 @@ export class Machine extends EventEmitter {
       },
       onDebugStop: (listener) => void (this.#debugListener = listener),
       stopped: (work) => this.#whileStopped(work),
+      vcpuThrottle: this.#throttle,
     };
   }
 
@@ -864,6 +874,7 @@ export class Machine extends EventEmitter {
     if (this.#exit) return;
     this.#exit = exit;
     this.#haltWatch?.stop();
+    this.#throttle.set(0);
     setRunState(this.#control, RunState.Stopping);
     this.#devices.haltTimers();
     this.#kickAll();

@@ -11,7 +11,8 @@ import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { GuestMemory } from '../kvm/memory.js';
-import { RunState, STATE, HALTED, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
+import { RunState, STATE, HALTED, THROTTLE_PERCENT, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
+import { sleepIfThrottled } from './throttle-sleep.js';
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { answerHaltProbe } from './halt-watch.js';
@@ -288,6 +289,8 @@ const instrumented = (thread: VcpuThreadState): boolean => thread.stats !== null
 function onKick(thread: VcpuThreadState): void {
   serveRequests(thread, true);
   if (thread.haltProbe) answerHaltProbe(thread.haltProbe, thread.vcpu, thread.assignment.vcpuId);
+  // While a migration throttles the guest (throttle.ts), each kick may be the throttle's tick.
+  if (Atomics.load(thread.control, THROTTLE_PERCENT) !== 0) sleepIfThrottled(thread.control, () => serveRequests(thread, true));
 }
 
 function runPlain(thread: VcpuThreadState, serve: () => void): number {

@@ -318,6 +318,8 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
     '{"id":14,"method":"migrate","params":{"address":"tcp:h:1","speed":9}}',
     '{"id":15,"method":"migrate","params":{}}',
     '{"id":16,"method":"resume"}',
+    '{"id":17,"method":"migrate","params":{"address":"tcp:h:1","autoConverge":{"throttleMax":100}}}',
+    '{"id":18,"method":"migrate","params":{"address":"tcp:h:1","autoConverge":"on"}}',
   ];
   // In one write, split across lines, with a \r\n and a blank line mixed in.
   client.send(`${requests.slice(0, 10).join('\n')}\r\n\n${requests.slice(10).join('\n')}\n`);
@@ -353,6 +355,8 @@ t.test('bad requests get an error answer, never a crash', async (t) => {
   t.same(byId(14), [argValue("migrate: unknown parameter 'speed'")]);
   t.same(byId(15), [argType('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)')]);
   t.same(byId(16), [{ message: 'machine is running, not paused', code: 'ERR_MACHINE_STATE' }], "the machine's refusal keeps its code");
+  t.same(byId(17), [outOfRange('autoConverge.throttleMax must be an integer percentage 1..99, got 100')]);
+  t.same(byId(18), [argType('autoConverge must be a boolean or an object')]);
   t.same(machine.calls, [], 'nothing reached the machine');
   // The same connection still works.
   client.send('{"id":99,"method":"status"}\n');

@@ -163,7 +163,7 @@ t.test('migrate, snapshot, status, pause, resume, reset and stop against a machi
     '',
   ].join('\n'));
 
-  const json = await nodeKvm(['migrate', '--api-socket', apiSocket, '--json', `unix:${path.relative(process.cwd(), path.join(dir, 'dest.sock'))}`]);
+  const json = await nodeKvm(['migrate', '--api-socket', apiSocket, '--json', '--auto-converge', `unix:${path.relative(process.cwd(), path.join(dir, 'dest.sock'))}`]);
   t.equal(json.status, 0, json.stderr);
   t.same(JSON.parse(json.stdout), figures('completed', 2, 0));
 
@@ -172,7 +172,7 @@ t.test('migrate, snapshot, status, pause, resume, reset and stop against a machi
 
   t.same(machine.calls, [
     ['migrate', 'tcp:10.1.2.3:4444', { token: 'secret', downtimeBudgetMs: 20, maxIterations: 4 }],
-    ['migrate', `unix:${path.join(dir, 'dest.sock')}`, {}], // made absolute for the machine
+    ['migrate', `unix:${path.join(dir, 'dest.sock')}`, { autoConverge: true }], // made absolute for the machine
     ['migrate', 'tcp:10.1.2.3:4444', { token: 'wrong' }],
   ]);
   machine.calls.length = 0;
