@@ -12,9 +12,11 @@
  *   kvm-bench vm-cycles N               time N x (KVM_CREATE_VM + close)
  *   kvm-bench dirty-log SIZE_MIB ITERS  time ITERS x KVM_GET_DIRTY_LOG on a
  *                                       fully dirty SIZE_MIB slot
- *   kvm-bench stream DATA_MIB           the least a checksummed page stream
+ *   kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU]
+ *                                       the least a checksummed page stream
  *                                       costs: DATA_MIB of guest RAM from one
- *                                       process to another over loopback TCP
+ *                                       process to another over loopback TCP;
+ *                                       with CPUs, each process pinned to one
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -27,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -475,7 +478,26 @@ static _Noreturn void stream_source(struct sockaddr_in addr, size_t data_bytes)
     _exit(0);
 }
 
-static int cmd_stream(const char *data_mib_str)
+static long parse_cpu(const char *s)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *s == '\0' || *end != '\0' || v < 0 || v >= CPU_SETSIZE) die("invalid CPU '%s'", s);
+    return v;
+}
+
+/* Pins the calling process to one CPU (-1: leaves it as it is). */
+static void pin_to_cpu(long cpu)
+{
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET((int)cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) < 0) die("stream: sched_setaffinity(%ld): %s", cpu, strerror(errno));
+}
+
+static int cmd_stream(const char *data_mib_str, long source_cpu, long destination_cpu)
 {
     size_t data_bytes = (size_t)parse_count(data_mib_str, "DATA_MIB") << 20;
     crc32c_init();
@@ -488,7 +510,11 @@ static int cmd_stream(const char *data_mib_str)
         die("stream: listen: %s", strerror(errno));
     pid_t child = fork();
     if (child < 0) die("stream: fork: %s", strerror(errno));
-    if (child == 0) stream_source(addr, data_bytes);
+    if (child == 0) {
+        pin_to_cpu(source_cpu);
+        stream_source(addr, data_bytes);
+    }
+    pin_to_cpu(destination_cpu);
 
     int sock = accept(listener, NULL, NULL);
     if (sock < 0) die("stream: accept: %s", strerror(errno));
@@ -553,7 +579,7 @@ static _Noreturn void usage(void)
         "  kvm-bench exits GUEST.bin COUNT\n"
         "  kvm-bench vm-cycles N\n"
         "  kvm-bench dirty-log SIZE_MIB ITERS\n"
-        "  kvm-bench stream DATA_MIB");
+        "  kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU]");
 }
 
 int main(int argc, char **argv)
@@ -565,6 +591,8 @@ int main(int argc, char **argv)
     if (argc == 4 && strcmp(argv[1], "dirty-log") == 0)
         return cmd_dirty_log(argv[2], argv[3]);
     if (argc == 3 && strcmp(argv[1], "stream") == 0)
-        return cmd_stream(argv[2]);
+        return cmd_stream(argv[2], -1, -1);
+    if (argc == 5 && strcmp(argv[1], "stream") == 0)
+        return cmd_stream(argv[2], parse_cpu(argv[3]), parse_cpu(argv[4]));
     usage();
 }
