@@ -81,7 +81,7 @@ function parseOptions(): Options {
   for (const key of placements) {
     if (!PLACEMENT_KEYS.includes(key as PlacementKey)) throw new RangeError(`--placements takes ${PLACEMENT_KEYS.join(', ')}, got '${key}'`);
   }
-  if (!placements.includes('shared')) placements.unshift('shared'); // the references' own placement
+  if (placements.length === 0) throw new RangeError('--placements needs at least one of shared, pinned, netns');
   return {
     rounds: positive('rounds', values.rounds, 100),
     iterations: positive('iterations', values.iterations, 1000),
