@@ -119,9 +119,9 @@ export interface MachineInternals {
    */
   stopped<T>(work: () => Promise<T>): Promise<T>;
   /**
-   * The vCPU throttle (a migration's auto-converge): set(percent) has each vCPU sleep that share
-   * (0..99) of every 10 ms, 0 ends it (so does the machine's end); prepare() starts its ticker
-   * thread ahead; the share now, and how long the vCPUs have been throttled in all (ms).
+   * The vCPU throttle (a migration's auto-converge, throttle.ts): set(percent) has each vCPU
+   * sleep that share (0..99) of every 10 ms, 0 ends it (so does the machine's end); prepare()
+   * starts its ticker thread ahead; the share now, and how long the vCPUs were throttled (ms).
    */
   readonly vcpuThrottle: VcpuThrottle;
 }
