@@ -264,9 +264,9 @@ export async function runPostcopyDestination(
       await pauseGuest(machine);
       throw new PostcopyPausedError(`post-copy failed here: ${broke.message}; the guest is paused here, lacking ${pages.lackingCount} pages`, machine, broke);
     }
-    context.log(`post-copy: the connection broke (${broke.message}); the guest is paused, lacking ${pages.lackingCount} pages, until the source resumes on ${context.address}`);
     const wasRunning = machine.state === 'running';
     const pausing = pauseGuest(machine);
+    context.log(`post-copy: the connection broke (${broke.message}); the guest is paused, lacking ${pages.lackingCount} pages, until the source resumes on ${context.address}`);
     connection = await acceptResume(context, broke);
     // Back on a connection: the guest runs again (vCPUs still waiting on a page are asked for again).
     await Promise.race([pausing, new Promise((resolve) => setTimeout(resolve, 0))]);

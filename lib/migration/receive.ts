@@ -222,8 +222,8 @@ export async function receiveMigration(
       guestRunsHere = true;
       // A failed write is a break, which the post-copy loop sees on the connection.
       await reply([encodeSection(SectionType.Postcopy, new Uint8Array(0))]).catch(() => {});
-      config.onPostcopy?.({ missingPages: pages.lackingCount });
       const machine = target.machine;
+      config.onPostcopy?.({ machine, missingPages: pages.lackingCount });
       await runPostcopyDestination({
         pages, machine, header, address: listeningAt, token: config.token, stallTimeoutMs, recoveryMs: config.postcopyRecoveryMs,
         log: (message) => config.log?.(message),

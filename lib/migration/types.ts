@@ -2,6 +2,7 @@
 
 import type { MachineRuntimeConfig } from '../vmm/config.js';
 import type { DirtyLogMode } from '../vmm/dirty-tracker.js';
+import type { Machine } from '../vmm/machine.js';
 
 export type { PageRange } from '../vmm/page-ranges.js';
 export type { DirtyLogMode } from '../vmm/dirty-tracker.js';
@@ -155,6 +156,10 @@ export interface IncomingConfig extends MachineRuntimeConfig {
    * Default: wait for ever, as QEMU does.
    */
   postcopyRecoveryMs?: number;
-  /** Post-copy: called once the guest runs here, before its every page has arrived. */
-  onPostcopy?: (info: { missingPages: number }) => void;
+  /**
+   * Post-copy: called once the guest runs here, before its every page has arrived (receiveMachine()
+   * resolves only once they have). Do not read or write the machine's memory from this thread
+   * before then: an access to a missing page would wait for ever on the thread that serves it.
+   */
+  onPostcopy?: (info: { machine: Machine; missingPages: number }) => void;
 }
