@@ -236,6 +236,18 @@ export async function runPostcopyDestination(
   pages.onComplete = () => complete();
   pages.onFailure = (error) => fail(error);
   if (pages.lackingCount === 0) complete();
+  // A machine stopped meanwhile (its owner gave the guest up): its vCPUs waiting on pages must be
+  // let go, or they could never end. Closing the userfaultfd wakes them (on zero pages: the guest
+  // is going anyway). Watched until the machine has ended, beyond a failure of post-copy.
+  const stopped = new AbortController();
+  const stopWatch = setInterval(() => {
+    if (machine.state !== 'stopping' && machine.state !== 'stopped') return;
+    clearInterval(stopWatch);
+    pages.close();
+    stopped.abort(new MigrationError(Code.MachineState, 'the machine was stopped during post-copy'));
+    fail(new MigrationError(Code.MachineState, 'the machine was stopped during post-copy'));
+  }, 50);
+  stopWatch.unref();
   let connection: { socket: Socket; ended: Promise<void> } = first;
   for (;;) {
     const socket = connection.socket;
@@ -250,6 +262,7 @@ export async function runPostcopyDestination(
     ]);
     pages.request = null;
     if (outcome.done) {
+      clearInterval(stopWatch);
       pages.close();
       const stats = pages.stats();
       await writeChunks(socket, [encodeSection(SectionType.Postcopy, new TextEncoder().encode(JSON.stringify(stats))), encodeEnd()]).catch(() => {});
@@ -267,7 +280,7 @@ export async function runPostcopyDestination(
     const wasRunning = machine.state === 'running';
     const pausing = pauseGuest(machine);
     context.log(`post-copy: the connection broke (${broke.message}); the guest is paused, lacking ${pages.lackingCount} pages, until the source resumes on ${context.address}`);
-    connection = await acceptResume(context, broke);
+    connection = await acceptResume(context, broke, stopped.signal);
     // Back on a connection: the guest runs again (vCPUs still waiting on a page are asked for again).
     await Promise.race([pausing, new Promise((resolve) => setTimeout(resolve, 0))]);
     try {
@@ -290,7 +303,7 @@ function pauseGuest(machine: Machine): Promise<void> {
  * empty Postcopy section); answers with the pages still lacking, then asks for those faults wait
  * on. Rejects with a PostcopyPausedError when `recoveryMs` passes first.
  */
-async function acceptResume(context: PostcopyDestinationContext, broke: Error): Promise<{ socket: Socket; ended: Promise<void> }> {
+async function acceptResume(context: PostcopyDestinationContext, broke: Error, signal: AbortSignal): Promise<{ socket: Socket; ended: Promise<void> }> {
   const { pages, header } = context;
   const deadline = context.recoveryMs === undefined ? Infinity : performance.now() + context.recoveryMs;
   const address = parseMigrationAddress(context.address);
@@ -303,8 +316,9 @@ async function acceptResume(context: PostcopyDestinationContext, broke: Error): 
     }
     let socket: Socket;
     try {
-      socket = await listenForMigration(address, { token: context.token, timeoutMs: left === Infinity ? undefined : Math.max(1, left) });
+      socket = await listenForMigration(address, { token: context.token, timeoutMs: left === Infinity ? undefined : Math.max(1, left), signal });
     } catch (error) {
+      if (signal.aborted) throw new PostcopyPausedError(`post-copy broke (${broke.message}) and the machine was stopped while it waited for the source`, context.machine, error);
       if (error instanceof MigrationError && error.code === Code.TimedOut) continue;
       throw new PostcopyPausedError(`post-copy broke (${broke.message}) and listening again on ${context.address} failed: ${(error as Error).message}; the guest is paused here`, context.machine, error);
     }
