@@ -27,6 +27,13 @@ options:
                                at a cap: pause and finish anyway (default), or give up and
                                keep running here
   --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000)
+  --postcopy                   post-copy at once: the guest moves to the destination right after
+                               the handshake and fetches its pages from here as it touches them
+                               (userfaultfd), the rest following in the background. Once the
+                               guest runs there it can no longer resume here: a broken connection
+                               leaves it paused there until this side reconnects and resumes
+  --postcopy-after-rounds      pre-copy as usual, post-copy only where it does not converge
+  --postcopy-recovery-ms N     post-copy: keep trying to reconnect this long (default 60000)
   --json                       print the final figures as JSON
   -h, --help                   show this help`;
 
@@ -53,6 +60,9 @@ export async function migrateCommand(args: string[]): Promise<number> {
       'max-precopy-ms': { type: 'string' },
       'on-non-convergence': { type: 'string' },
       'timeout-ms': { type: 'string' },
+      postcopy: { type: 'boolean' },
+      'postcopy-after-rounds': { type: 'boolean' },
+      'postcopy-recovery-ms': { type: 'string' },
       json: { type: 'boolean' },
     },
   });
@@ -69,6 +79,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
   if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
     throw argValueError(`--on-non-convergence must be finish or abort, got '${onNonConvergence}'`);
   }
+  if (values.postcopy && values['postcopy-after-rounds']) throw argValueError('--postcopy and --postcopy-after-rounds exclude each other');
   const params: ApiMigrateParams = {
     // The machine resolves paths from its own working directory, not ours.
     address: address.kind === 'unix' ? formatMigrationAddress({ kind: 'unix', path: path.resolve(address.path) }) : positionals[0]!,
@@ -78,6 +89,8 @@ export async function migrateCommand(args: string[]): Promise<number> {
     maxPrecopyMs: positiveIntegerOption(values['max-precopy-ms'], '--max-precopy-ms'),
     onNonConvergence,
     timeoutMs: positiveIntegerOption(values['timeout-ms'], '--timeout-ms'),
+    postcopy: values.postcopy ? true : values['postcopy-after-rounds'] ? 'after-rounds' : undefined,
+    postcopyRecoveryMs: positiveIntegerOption(values['postcopy-recovery-ms'], '--postcopy-recovery-ms'),
   };
   const display = progressDisplay(process.stderr);
   let stats;
