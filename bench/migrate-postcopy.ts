@@ -40,7 +40,7 @@ interface Mode {
 const MODES: Mode[] = [
   { key: 'precopy', title: 'pre-copy', options: {} },
   // A budget no round meets: at the cap, post-copy instead of a long stop-and-copy.
-  { key: 'after-rounds', title: "post-copy 'after-rounds' (5 rounds)", options: { postcopy: 'after-rounds', maxIterations: 5, downtimeBudgetMs: 1 } },
+  { key: 'after-rounds', title: "post-copy 'after-rounds' (5 rounds)", options: { postcopy: 'after-rounds', maxIterations: 5, downtimeBudgetMs: 0.0001 } },
   { key: 'postcopy', title: 'post-copy at once', options: { postcopy: true } },
 ];
 const SIZES = [256 * MiB, 1024 * MiB];

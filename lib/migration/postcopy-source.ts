@@ -19,9 +19,9 @@ import type { MigrationStats, PostcopyStats } from './types.js';
 
 export const DEFAULT_POSTCOPY_RECOVERY_MS = 60_000;
 /** Pages per background section: small, so that a requested page waits behind little. */
-const BACKGROUND_BATCH_PAGES = 64;
+const BACKGROUND_BATCH_PAGES = 256;
 /** User-space queue on the socket above which the stream waits for it to drain. */
-const QUEUE_LIMIT_BYTES = 512 * 1024;
+const QUEUE_LIMIT_BYTES = 1024 * 1024;
 const RECONNECT_INTERVAL_MS = 100;
 
 export function newPostcopyStats(missingPages: number): PostcopyStats {
@@ -192,6 +192,7 @@ async function serve(
       onDemand = true;
     }
     if (batch.length === 0 && owed.size > 0) {
+      onDemand = false;
       const first = owed.nextFrom(cursor);
       let end = first;
       while (end < owed.pageCount && end - first < BACKGROUND_BATCH_PAGES && owed.delete(end)) end++;

@@ -10,6 +10,8 @@ export interface MigrationProxy {
   readonly connections: number;
   /** Cuts the current connection once this many bytes (counted over all connections) have gone toward the destination. */
   cutAfterBytes(total: number): void;
+  /** Flips one byte of what goes toward the destination: the one at this offset (counted over all connections). */
+  corruptAt(offset: number): void;
   /** Cuts the current connection now. */
   cut(): void;
   /**
@@ -29,6 +31,7 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
   let connections = 0;
   let toDestination = 0;
   let cutAt = Infinity;
+  let corruptAt = Infinity;
   let holding = false;
   let onFaultWaits: (() => void) | null = null;
   let refusing = false;
@@ -59,6 +62,11 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
         cutAt = Infinity;
         return;
       }
+      if (corruptAt >= toDestination && corruptAt < toDestination + chunk.length) {
+        chunk = Buffer.from(chunk);
+        chunk[corruptAt - toDestination] ^= 0x40;
+        corruptAt = Infinity;
+      }
       toDestination += chunk.length;
       upstream.write(chunk);
     });
@@ -85,6 +93,9 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
     },
     cutAfterBytes: (total) => {
       cutAt = total;
+    },
+    corruptAt: (offset) => {
+      corruptAt = offset;
     },
     cut,
     cutWhenFaultWaits: () => new Promise<void>((resolve) => {

@@ -145,6 +145,27 @@ t.test('breaks mid background stream (twice): every page of a paused guest arriv
   t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived');
 });
 
+t.test('a corrupt byte in the post-copy stream: nothing of that section is placed, the source resumes, every page arrives', { skip: noKvm }, async (t) => {
+  const destination = await setUp(t);
+  const { source } = await dirtierWithFilledRegion(t);
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  let corrupted = false;
+  const stats = await source.machine.migrate(destination.proxy.address, {
+    postcopy: true,
+    onProgress: (p) => {
+      if (p.phase === 'postcopy' && !corrupted) {
+        corrupted = true;
+        destination.proxy.corruptAt(destination.proxy.bytesToDestination + 3 * MiB / 2);
+      }
+    },
+  });
+  t.equal(stats.postcopy!.recoveries, 1, 'one recovery');
+  t.ok(destination.logs.some((line) => /connection broke \(checksum mismatch in Pages section\)/.test(line)), 'the destination saw the bad section and dropped the connection');
+  const machine = await destination.arrived;
+  t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived, the corrupt section replaced');
+});
+
 t.test('a source gone for good leaves the guest paused at the destination with a clear error', { skip: noKvm }, async (t) => {
   const destination = await setUp(t, 1500);
   const { source } = await dirtierWithFilledRegion(t);
