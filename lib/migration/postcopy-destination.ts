@@ -58,14 +58,19 @@ export class PostcopyPages {
   onFailure: (error: Error) => void = () => {};
 
   /**
-   * Drops the `lacking` pages from the memfd (they may hold stale pre-copy data) and registers the
-   * whole memory: from here on, only this object writes guest RAM.
+   * Drops the `lacking` pages the memfd holds (stale pre-copy data) and registers the whole
+   * memory: from here on, only this object writes guest RAM.
    */
   constructor(memory: GuestMemory, lacking: readonly PageRange[]) {
     this.#memory = memory;
     this.#lacking = new PageSet(memory.size / PAGE_SIZE);
     this.#lacking.addRanges(lacking);
-    for (const { firstPage, pageCount } of lacking) memory.dontneed(firstPage * PAGE_SIZE, pageCount * PAGE_SIZE);
+    // Only where the memfd has data (none at all after post-copy at once): a hole faults already.
+    for (const [offset, length] of memory.populatedRanges()) {
+      for (const range of intersect(lacking, offset / PAGE_SIZE, (offset + length) / PAGE_SIZE)) {
+        memory.dontneed(range.firstPage * PAGE_SIZE, range.pageCount * PAGE_SIZE);
+      }
+    }
     this.#uffd = Userfaultfd.register(memory);
     this.#watch = watchFd(this.#uffd.fd, () => this.#onFaults());
   }
@@ -190,6 +195,17 @@ export class PostcopyPages {
     this.#uffd.close();
     void this.#memory;
   }
+}
+
+/** The parts of sorted `ranges` within pages [first, end). */
+function intersect(ranges: readonly PageRange[], first: number, end: number): PageRange[] {
+  const parts: PageRange[] = [];
+  for (const range of ranges) {
+    const from = Math.max(range.firstPage, first);
+    const to = Math.min(range.firstPage + range.pageCount, end);
+    if (from < to) parts.push({ firstPage: from, pageCount: to - from });
+  }
+  return parts;
 }
 
 /** What the post-copy destination needs of receiveMigration(). */

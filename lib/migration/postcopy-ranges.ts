@@ -67,7 +67,14 @@ export class PageSet {
 
   addRanges(ranges: readonly PageRange[]): void {
     for (const { firstPage, pageCount } of ranges) {
-      for (let page = firstPage; page < firstPage + pageCount; page++) this.add(page);
+      const span = this.#pages.subarray(firstPage, firstPage + pageCount);
+      if (span.indexOf(1) < 0) {
+        // None of them there yet (the usual case): at once.
+        span.fill(1);
+        this.#count += span.length;
+      } else {
+        for (let page = firstPage; page < firstPage + pageCount; page++) this.add(page);
+      }
     }
   }
 

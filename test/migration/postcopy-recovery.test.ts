@@ -107,6 +107,10 @@ for (const point of ['before the first request', 'while a fault waits'] as const
       },
     });
     await faultCut;
+    if (point === 'while a fault waits') {
+      t.ok(stats.postcopy!.requests >= 1 && stats.postcopy!.pagesOnDemand >= 1, `the page a fault waited on was asked for again and sent on demand (${stats.postcopy!.pagesOnDemand} pages)`);
+      t.ok(stats.postcopy!.faults >= 1 && stats.postcopy!.faultLatencyMs.max > 0, `fault latency measured (max ${stats.postcopy!.faultLatencyMs.max.toFixed(1)} ms)`);
+    }
     t.ok(stats.postcopy!.recoveries >= 1, `resumed after the break (${stats.postcopy!.recoveries} recoveries)`);
     t.ok(destination.proxy.connections >= 2, 'a second connection');
     t.same(destination.statesAtBreak.slice(0, 1), ['paused'], 'the guest was paused at the destination while the connection was down');
