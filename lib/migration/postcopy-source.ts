@@ -98,8 +98,8 @@ export async function runPostcopySource(
 }
 
 function pausedHere(owed: PageSet): string {
-  return `the guest ran at the destination, so it cannot resume here: it stays paused here with its memory ` +
-    `(the destination holds it paused, lacking up to ${owed.size} pages only this side has)`;
+  return `the destination may run the guest (it was sent there to run), so it cannot resume here: it stays paused here with its memory ` +
+    `(a destination that ran it holds it paused, lacking up to ${owed.size} pages only this side has)`;
 }
 
 /** A new connection that resumes the stream: the destination answers with the pages it lacks. */
