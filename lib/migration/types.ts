@@ -13,7 +13,8 @@ export type NonConvergence = 'finish' | 'abort';
 /**
  * Post-copy: `true` moves the guest at once after the handshake (no pre-copy pass: the downtime
  * does not grow with RAM); 'after-rounds' pre-copies as usual and switches to post-copy only where
- * pre-copy would not converge (the iteration or time cap), instead of a long stop-and-copy.
+ * pre-copy would not converge (the iteration or time cap), instead of a long stop-and-copy
+ * (onNonConvergence then does not apply). false: pre-copy only.
  */
 export type PostcopyMode = boolean | 'after-rounds';
 
