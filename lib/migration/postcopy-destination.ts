@@ -226,7 +226,9 @@ export interface PostcopyDestinationContext {
 
 /** Raised when post-copy cannot go on: the guest is paused here, the machine on `machine`. */
 export class PostcopyPausedError extends MigrationError {
+  /** The machine whose guest is paused here (stop() it to give the guest up). */
   readonly machine: Machine;
+  /** An EPOSTCOPY error holding the paused `machine`. */
   constructor(message: string, machine: Machine, cause?: unknown) {
     super(Code.PostcopyBroken, message, { phase: 'postcopy', cause });
     this.name = 'PostcopyPausedError';
