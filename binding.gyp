@@ -17,7 +17,8 @@
         "native/thread.cc",
         "native/fd-watch.cc",
         "native/checksum.cc",
-        "native/tap.cc"
+        "native/tap.cc",
+        "native/userfaultfd.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -5,6 +5,7 @@
 #include "abi.h"
 
 #include <linux/kvm.h>
+#include <linux/userfaultfd.h>
 #include <stddef.h>
 
 #define SIZE(s) {#s, sizeof(struct s)},
@@ -141,6 +142,7 @@ const struct nodekvm_abi_entry nodekvm_abi_constants[] = {
 };
 
 const struct nodekvm_abi_entry nodekvm_abi_requests[] = {
+    REQ(UFFDIO_API) REQ(UFFDIO_REGISTER) REQ(UFFDIO_UNREGISTER) REQ(UFFDIO_COPY) REQ(UFFDIO_ZEROPAGE) REQ(UFFDIO_WAKE)
     REQ(KVM_GET_API_VERSION) REQ(KVM_CHECK_EXTENSION) REQ(KVM_GET_VCPU_MMAP_SIZE) REQ(KVM_CREATE_VM)
     REQ(KVM_GET_SUPPORTED_CPUID) REQ(KVM_GET_EMULATED_CPUID) REQ(KVM_GET_MSR_INDEX_LIST)
     REQ(KVM_GET_MSR_FEATURE_INDEX_LIST) REQ(KVM_CREATE_IRQCHIP) REQ(KVM_CREATE_PIT2)

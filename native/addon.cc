@@ -13,6 +13,7 @@
 #include "socket.h"
 #include "fd-watch.h"
 #include "tap.h"
+#include "userfaultfd.h"
 #include "file.h"
 #include "thread.h"
 #include "vcpu.h"
@@ -122,6 +123,12 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("setThreadAffinity", SetThreadAffinity);
   fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
+  fn("uffdOpen", UffdOpen);
+  fn("uffdReadFaults", UffdReadFaults);
+  fn("uffdCopy", UffdCopy);
+  fn("uffdZero", UffdZero);
+  fn("uffdWake", UffdWake);
+  fn("uffdClose", UffdClose);
   return exports;
 }
 

@@ -503,7 +503,7 @@ function checkParams(params: Record<string, unknown>, method: string, allowed: s
 }
 
 function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOptions, 'onProgress'> {
-  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs', 'autoConverge']);
+  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs', 'autoConverge', 'postcopy', 'postcopyRecoveryMs']);
   if (typeof params.address !== 'string') throw argTypeError('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
   const address = parseMigrationAddress(params.address);
   if (address.kind === 'unix' && !address.path.startsWith('/')) throw argValueError('migrate: a unix socket path must be absolute');
@@ -513,7 +513,7 @@ function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOption
     if (params.token === '') throw argValueError('migrate: params.token must be a non-empty string');
     options.token = params.token;
   }
-  const positive = (name: 'downtimeBudgetMs' | 'maxPrecopyMs' | 'timeoutMs') => {
+  const positive = (name: 'downtimeBudgetMs' | 'maxPrecopyMs' | 'timeoutMs' | 'postcopyRecoveryMs') => {
     const value = params[name];
     if (value === undefined) return;
     if (typeof value !== 'number') throw argTypeError(`migrate: params.${name} must be a positive number`);
@@ -523,6 +523,11 @@ function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOption
   positive('downtimeBudgetMs');
   positive('maxPrecopyMs');
   positive('timeoutMs');
+  positive('postcopyRecoveryMs');
+  if (params.postcopy !== undefined) {
+    if (params.postcopy !== true && params.postcopy !== false && params.postcopy !== 'after-rounds') throw argValueError("migrate: params.postcopy must be true, false or 'after-rounds'");
+    options.postcopy = params.postcopy;
+  }
   if (params.maxIterations !== undefined) {
     if (typeof params.maxIterations !== 'number') throw argTypeError('migrate: params.maxIterations must be a positive integer');
     if (!Number.isInteger(params.maxIterations) || params.maxIterations < 1) throw outOfRangeError('migrate: params.maxIterations must be a positive integer');

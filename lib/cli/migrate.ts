@@ -31,6 +31,13 @@ options:
                                the link carries it (each sleeps 20%, then 30%, ... up to 99% of
                                every 10 ms), until the rest fits the downtime; ends with the
                                migration, however it ends
+  --postcopy                   post-copy at once: the guest moves to the destination right after
+                               the handshake and fetches its pages from here as it touches them
+                               (userfaultfd), the rest following in the background. Once the
+                               guest runs there it can no longer resume here: a broken connection
+                               leaves it paused there until this side reconnects and resumes
+  --postcopy-after-rounds      pre-copy as usual, post-copy only where it does not converge
+  --postcopy-recovery-ms N     post-copy: keep trying to reconnect this long (default 60000)
   --json                       print the final figures as JSON
   -h, --help                   show this help`;
 
@@ -58,6 +65,9 @@ export async function migrateCommand(args: string[]): Promise<number> {
       'on-non-convergence': { type: 'string' },
       'timeout-ms': { type: 'string' },
       'auto-converge': { type: 'boolean' },
+      postcopy: { type: 'boolean' },
+      'postcopy-after-rounds': { type: 'boolean' },
+      'postcopy-recovery-ms': { type: 'string' },
       json: { type: 'boolean' },
     },
   });
@@ -74,6 +84,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
   if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
     throw argValueError(`--on-non-convergence must be finish or abort, got '${onNonConvergence}'`);
   }
+  if (values.postcopy && values['postcopy-after-rounds']) throw argValueError('--postcopy and --postcopy-after-rounds exclude each other');
   const params: ApiMigrateParams = {
     // The machine resolves paths from its own working directory, not ours.
     address: address.kind === 'unix' ? formatMigrationAddress({ kind: 'unix', path: path.resolve(address.path) }) : positionals[0]!,
@@ -84,6 +95,8 @@ export async function migrateCommand(args: string[]): Promise<number> {
     onNonConvergence,
     timeoutMs: positiveIntegerOption(values['timeout-ms'], '--timeout-ms'),
     ...(values['auto-converge'] ? { autoConverge: true } : {}),
+    postcopy: values.postcopy ? true : values['postcopy-after-rounds'] ? 'after-rounds' : undefined,
+    postcopyRecoveryMs: positiveIntegerOption(values['postcopy-recovery-ms'], '--postcopy-recovery-ms'),
   };
   const display = progressDisplay(process.stderr);
   let stats;

@@ -76,6 +76,17 @@ export function formatMigrationStats(stats: MigrationStats): string {
   ];
   // Only where auto-converge throttled the guest (older machines do not report it).
   if (stats.throttledMs > 0) rows.push(['cpu throttle', `${stats.cpuThrottlePercentage}% at the end, throttled ${ms(stats.throttledMs)}`]);
+  const postcopy = stats.postcopy;
+  if (postcopy) {
+    const latency = postcopy.faultLatencyMs;
+    rows.push(
+      ['post-copy', `${ms(postcopy.durationMs)}, ${postcopy.missingPages} pages missing at the switch`],
+      ['  on demand', `${postcopy.pagesOnDemand} pages for ${postcopy.requests} requests (${postcopy.faults} faults)`],
+      ['  background', `${postcopy.pagesBackground} pages`],
+      ['  fault latency', `p50 ${latency.p50.toFixed(2)} ms, p90 ${latency.p90.toFixed(2)} ms, p99 ${latency.p99.toFixed(2)} ms`],
+      ['  recoveries', String(postcopy.recoveries)],
+    );
+  }
   return table(rows);
 }
 

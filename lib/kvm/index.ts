@@ -8,6 +8,7 @@ export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions, type Gues
 export { EventFd, type EventFdOptions } from './eventfd.js';
 export { setThreadName, setThreadAffinity } from './thread.js';
 export { watchFd, type FdWatch } from './fd-watch.js';
+export { Userfaultfd } from './userfaultfd.js';
 export { openTap, adoptTap, type Tap, type OpenTapOptions } from './tap.js';
 export { KvmError, NodeKvmError, ErrorCode } from './errors.js';
 export { KvmRun, KvmRunOffset } from './kvm-run.js';

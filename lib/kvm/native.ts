@@ -65,6 +65,16 @@ export interface NativeBinding {
   watchFd(fd: number, onReadable: (status: number) => void): () => void;
   /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */
   crc32c(data: ArrayBufferView, seed: number, portable?: boolean): number;
+  /** A non-blocking userfaultfd with the guest memory registered for MISSING faults: [id, fd]. */
+  uffdOpen(memory: number): [id: number, fd: number];
+  /** Page indexes of pending faults into `out`; returns how many. */
+  uffdReadFaults(id: number, out: Float64Array): number;
+  /** UFFDIO_COPY of whole pages from firstPage; returns pages placed (EEXIST: skipped). */
+  uffdCopy(id: number, firstPage: number, data: Uint8Array): number;
+  /** UFFDIO_ZEROPAGE; returns pages placed. */
+  uffdZero(id: number, firstPage: number, pageCount: number): number;
+  uffdWake(id: number, firstPage: number, pageCount: number): void;
+  uffdClose(id: number): void;
 }
 
 /**

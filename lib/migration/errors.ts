@@ -48,6 +48,11 @@ export const MigrationErrorCode = {
   NotRegularFile: 'ENOTREG',
   /** A disk image the source could not take back after a failure (another machine holds it): the guest stays paused. */
   DiskLocked: 'EDISKLOCKED',
+  /**
+   * Post-copy broke for good: the guest ran at the destination, so the source cannot resume it;
+   * the destination holds it paused, lacking pages only the source has.
+   */
+  PostcopyBroken: 'EPOSTCOPY',
   /** A failure with no code of its own (a bug): `cause` holds it. */
   Internal: 'ERR_INTERNAL',
 } as const;

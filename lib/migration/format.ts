@@ -21,6 +21,10 @@
 //     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
 //     empty Sync for each Sync, End once the guest runs there, or Error at any point.
+//   post-copy (postcopy.ts): the source ends its state with Postcopy (the ranges the destination
+//     lacks) instead of End, then sends Pages until every one has gone, then End; the
+//     destination answers Postcopy once the guest runs, PageRequest for its faults, and Postcopy
+//     (its figures) and End once it has every page.
 //   snapshot: the state (Config, VmState, VcpuState x vcpuCount, DeviceState), RamImage, End, zero
 //     padding to a 4096-byte boundary, then guest RAM as a raw image (see snapshot-file.ts).
 //   diff-snapshot: the state, Pages sections (the pages written since the parent), End.
@@ -225,6 +229,15 @@ export const SectionType = {
    * destination has caught up, so that no backlog is drained inside the downtime.
    */
   Sync: 9,
+  /**
+   * Post-copy (postcopy.ts). From the source, after the state in place of End: the page ranges
+   * the destination lacks (it runs the guest and fetches them), or empty, to resume a broken
+   * post-copy on a new connection. From the destination: empty once the guest runs there; the
+   * ranges it still lacks, answering a resume; its figures (JSON) just before its End.
+   */
+  Postcopy: 10,
+  /** Post-copy, from the destination: page ranges a fault waits on, to send ahead of the rest. */
+  PageRequest: 11,
 } as const;
 export type SectionTypeNumber = (typeof SectionType)[keyof typeof SectionType];
 export type SectionName = keyof typeof SectionType;
@@ -242,6 +255,8 @@ export const MAX_SECTION_PAYLOAD_BYTES: Record<SectionName, number> = {
   End: 0,
   Error: 64 * 1024,
   Sync: 0,
+  Postcopy: 16 * MiB,
+  PageRequest: 1 * MiB,
 };
 
 const NAME_BY_TYPE = new Map<number, SectionName>(Object.entries(SectionType).map(([name, type]) => [type, name as SectionName]));

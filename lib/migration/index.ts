@@ -17,5 +17,6 @@ export type { DecodedPages } from './pages.js';
 export type { RamImage, StreamHeader, StreamKind } from './format.js';
 export type {
   AutoConvergeOptions, DirtyLogMode, IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, PageRange,
-  RestoreConfig, SnapshotInfo, SnapshotOptions,
+  RestoreConfig, SnapshotInfo, SnapshotOptions, PostcopyMode, PostcopyStats,
 } from './types.js';
+export { PostcopyPausedError } from './postcopy-destination.js';

@@ -82,6 +82,24 @@ export class PeerReplies {
     this.#arm(this.#reader.next());
   }
 
+  /**
+   * The next section the destination sends, whatever its type (post-copy's requests, figures and
+   * End; an Error too): for the post-copy source, which reads them as they come.
+   */
+  async next(): Promise<Section> {
+    const section = await this.#pending.catch((error: Error) => {
+      throw closed(error);
+    });
+    if (section.type !== SectionType.End && section.type !== SectionType.Error) this.#arm(this.#reader.next());
+    return section;
+  }
+
+  /** Post-copy: the destination's word that the guest runs there. */
+  async expectPostcopy(timeoutMs: number): Promise<void> {
+    await this.#expect(SectionType.Postcopy, 'word that the guest runs there (post-copy)', timeoutMs);
+    this.#arm(this.#reader.next());
+  }
+
   async expectResumed(timeoutMs: number): Promise<void> {
     await this.#expect(SectionType.End, 'word that the guest runs there', timeoutMs);
   }

@@ -11,7 +11,7 @@ import { buildMachine, machineInternals, type Machine, type MachineShape, type M
 import { argTypeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, abortable, checkSignal, throwIfAborted } from './errors.js';
 import {
-  SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSync,
+  SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync,
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { SectionReader } from './section-reader.js';
@@ -21,6 +21,7 @@ import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSectio
 import { writeChunks } from './writers.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+import { PostcopyPages, decodeLacking, runPostcopyDestination } from './postcopy-destination.js';
 import type { IncomingConfig } from './types.js';
 
 /**
@@ -130,11 +131,12 @@ export async function receiveMigration(
   const address = parseMigrationAddress(addressText);
   const signal = config.signal;
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
+  let listeningAt = addressText;
   let socket: Socket = await listenForMigration(address, {
     token: config.token,
     timeoutMs: config.timeoutMs,
     signal,
-    onListening: (bound) => config.onListening?.(formatMigrationAddress(bound)),
+    onListening: (bound) => config.onListening?.((listeningAt = formatMigrationAddress(bound))),
     onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
   });
   socket.on('error', () => {}); // failures surface through the reads below
@@ -145,6 +147,11 @@ export async function receiveMigration(
   const source = socketSource(socket, stallTimeoutMs);
   const reader = new SectionReader(source);
   let target: IncomingTarget | undefined;
+  // Post-copy: the pages still missing once the guest runs here (see postcopy-destination.ts).
+  let postcopy: PostcopyPages | null = null;
+  let postcopyBegun = () => {};
+  const begun = new Promise<void>((resolve) => (postcopyBegun = resolve));
+  let guestRunsHere = false;
   let replyHeaderSent = false;
   const reply = async (chunks: Uint8Array[], shape?: { memoryBytes: number; vcpus: number }) => {
     if (!replyHeaderSent) {
@@ -177,15 +184,23 @@ export async function receiveMigration(
       // here than a page fault per fresh page followed by a copy. Large zero ranges become holes.
       writePages: memory.fd >= 0
         ? (guestPhysAddr, data) => {
+          if (postcopy) return postcopy.target.writePages!(guestPhysAddr, data);
           for (let written = 0; written < data.length;) written += writeSync(memory.fd, data, written, data.length - written, guestPhysAddr + written);
         }
         : (guestPhysAddr, data) => ram.set(data, guestPhysAddr),
       zeroPages: (guestPhysAddr, byteLength) => {
-        if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
+        if (postcopy) postcopy.target.zeroPages!(guestPhysAddr, byteLength);
+        else if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
         else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
       },
+      pagesDone: (counts) => postcopy?.target.pagesDone!(counts),
       section: (section) => {
-        if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
+        if (section.type === SectionType.Postcopy && !postcopy && state.complete) {
+          if (memory.fd < 0) throw new MigrationError(Code.Format, 'post-copy needs guest RAM in a memfd');
+          // From here on guest RAM is written only through the userfaultfd.
+          postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
+          postcopyBegun();
+        } else if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type !== SectionType.End && !state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
       },
@@ -194,7 +209,7 @@ export async function receiveMigration(
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
     await reply([encodeConfigSection({ machine: shape })], shape);
-    await sections.ended;
+    await Promise.race([sections.ended, begun]);
 
     const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
     await target.apply(complete);
@@ -202,11 +217,28 @@ export async function receiveMigration(
     throwIfAborted(signal, what);
     target.start(complete.running === false);
     aborted.dispose();
+    const pages = postcopy as PostcopyPages | null;
+    if (pages) {
+      guestRunsHere = true;
+      // A failed write is a break, which the post-copy loop sees on the connection.
+      await reply([encodeSection(SectionType.Postcopy, new Uint8Array(0))]).catch(() => {});
+      const machine = target.machine;
+      config.onPostcopy?.({ machine, missingPages: pages.lackingCount });
+      await runPostcopyDestination({
+        pages, machine, header, address: listeningAt, token: config.token, stallTimeoutMs, recoveryMs: config.postcopyRecoveryMs,
+        log: (message) => config.log?.(message),
+        receive: (next, leftover, parserTarget) => receiveSections(next, leftover, parserTarget, stallTimeoutMs, undefined, what),
+      }, sections);
+      return machine;
+    }
     await reply([encodeEnd()]);
     socket.end();
     return target.machine;
   } catch (error) {
     aborted.dispose();
+    // The guest has run here: it is never thrown away (a PostcopyPausedError holds it, paused).
+    if (guestRunsHere) throw error;
+    (postcopy as PostcopyPages | null)?.close();
     const message = (error as Error)?.message ?? String(error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();

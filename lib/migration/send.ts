@@ -10,15 +10,17 @@ import { machineInternals, type Machine, type MachineShape, type MachineState, t
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
-import { encodeEnd, encodeErrorSection, encodeHeader, encodeSync } from './format.js';
+import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
 import { encodePages } from './pages.js';
 import { PeerReplies } from './peer-replies.js';
+import { encodePageRanges } from './postcopy-ranges.js';
+import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { encodeConfigSection, encodeMachineState } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
-import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
 import { AutoConverge, checkAutoConverge, type CheckedAutoConverge, type ThrottleControl } from './auto-converge.js';
+import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange, PostcopyMode } from './types.js';
 
 export const DEFAULT_DOWNTIME_BUDGET_MS = 50;
 export const DEFAULT_MAX_ITERATIONS = 30;
@@ -132,6 +134,8 @@ interface CheckedOptions {
   onProgress: ((progress: MigrationStats) => void) | undefined;
   signal: AbortSignal | undefined;
   autoConverge: CheckedAutoConverge | null;
+  postcopy: PostcopyMode;
+  postcopyRecoveryMs: number;
 }
 
 function checkOptions(options: MigrateOptions): CheckedOptions {
@@ -148,7 +152,13 @@ function checkOptions(options: MigrateOptions): CheckedOptions {
   if (onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
     throw argValueError(`onNonConvergence must be 'finish' or 'abort', got ${String(onNonConvergence)}`);
   }
+  const postcopy = options.postcopy ?? false;
+  if (postcopy !== true && postcopy !== false && postcopy !== 'after-rounds') {
+    throw argValueError(`postcopy must be true, false or 'after-rounds', got ${typeof postcopy === 'string' ? `'${postcopy}'` : String(postcopy)}`);
+  }
   return {
+    postcopy,
+    postcopyRecoveryMs: positive(options.postcopyRecoveryMs, 'postcopyRecoveryMs', DEFAULT_POSTCOPY_RECOVERY_MS),
     token: options.token,
     downtimeBudgetMs: positive(options.downtimeBudgetMs, 'downtimeBudgetMs', DEFAULT_DOWNTIME_BUDGET_MS),
     maxIterations: positive(options.maxIterations, 'maxIterations', DEFAULT_MAX_ITERATIONS, true),
@@ -196,6 +206,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   let paused = false;
   let pausedAt = 0;
   let disksReleased = false;
+  let postcopyStarted = false;
   try {
     socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs, signal: opts.signal });
     socket.on('error', () => {}); // failures surface through the reads and writes below
@@ -206,8 +217,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const sectionBuffers = new SectionBufferPool();
     const send = (chunks: Uint8Array[]) => unlessAborted(replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers), opts.timeoutMs)));
 
+    const streamId = newStreamId();
     await send([
-      encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount }),
+      encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount, streamId }),
       encodeConfigSection({ machine: source.shape }),
     ]);
     await unlessAborted(replies.expectAccept(opts.timeoutMs));
@@ -226,7 +238,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const sendPages = (batch: PageRange[]) => pages.send(batch, destinationZeroed);
 
     const precopyStarted = performance.now();
-    for (;;) {
+    // Post-copy at once: no pre-copy pass; post-copy after the rounds: where they do not converge.
+    let postcopyNow = opts.postcopy === true;
+    while (!postcopyNow) {
       const roundStarted = performance.now();
       const bytesBeforeRound = pages.bytesSent;
       await sendPages(ranges);
@@ -245,6 +259,10 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       if (stats.expectedDowntimeMs <= opts.downtimeBudgetMs) break;
       autoConverge?.afterRound(pages.bytesSent - bytesBeforeRound, stats.remainingPages * PAGE_SIZE);
       if (stats.iterations >= opts.maxIterations || performance.now() - precopyStarted >= opts.maxPrecopyMs) {
+        if (opts.postcopy === 'after-rounds') {
+          postcopyNow = true;
+          break;
+        }
         if (opts.finishAnyway) break;
         throw new MigrationError(
           Code.NotConverged,
@@ -256,9 +274,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     }
 
     // Let the destination catch up with what is queued first: a backlog drained after the pause
-    // would count as downtime.
-    await send([encodeSync()]);
-    await unlessAborted(replies.expectSync(opts.timeoutMs));
+    // would count as downtime. (Post-copy at once has queued nothing.)
+    if (opts.postcopy !== true) {
+      await send([encodeSync()]);
+      await unlessAborted(replies.expectSync(opts.timeoutMs));
+    }
     ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
@@ -269,6 +289,44 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     throwIfAborted(opts.signal, what, 'stop-copy');
     progress('stop-copy');
     ranges = unionRanges(ranges, tracker.harvest());
+    if (postcopyNow) {
+      // What the destination lacks: every page not sent yet (all that may hold data, at once), and
+      // every page written since it was sent.
+      const missing = opts.postcopy === true ? unionRanges(populatedPageRanges(source.memory), ranges) : ranges;
+      const state = { ...(await source.saveState()), running: paused };
+      throwIfAborted(opts.signal, what, 'stop-copy');
+      abortable = false;
+      source.releaseDisks();
+      disksReleased = true;
+      // From this write on the guest may run there: this side never resumes it again.
+      postcopyStarted = true;
+      stats.postcopy = newPostcopyStats(pageCountOf(missing));
+      stats.remainingPages = stats.postcopy.missingPages;
+      await send([...encodeMachineState(state), encodeSection(SectionType.Postcopy, encodePageRanges(missing))]);
+      try {
+        await replies.expectPostcopy(opts.timeoutMs);
+      } catch (error) {
+        if (error instanceof MigrationError && error.code === Code.Refused) {
+          // It refused before running the guest (it never refuses after): the guest runs on here.
+          postcopyStarted = false;
+          throw error;
+        }
+        // A break before the answer: the destination may run the guest; resume the transfer.
+        connection.destroy();
+      }
+      stats.downtimeMs = performance.now() - pausedAt;
+      progress('postcopy');
+      await runPostcopySource(source.memory.bytes(), missing, { socket: connection, replies }, stats, {
+        address, addressText, token: opts.token, timeoutMs: opts.timeoutMs, recoveryMs: opts.postcopyRecoveryMs,
+        memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount, streamId, onProgress: () => progress('postcopy'),
+      });
+      stats.remainingPages = 0;
+      stats.expectedDowntimeMs = 0;
+      stats.throughputBytesPerSec = (stats.bytesTransferred * 1000) / Math.max(performance.now() - sendingStarted, 0.001);
+      source.stopTracking();
+      progress('completed');
+      return { ...stats };
+    }
     await sendPages(ranges);
     // A guest its owner had paused stays paused at the destination.
     const state = { ...(await source.saveState()), running: paused };
@@ -290,6 +348,16 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   } catch (caught) {
     autoConverge?.stop();
     const phase = stats.phase;
+    if (postcopyStarted) {
+      // The destination may run the guest: it stays paused here, with its memory, for good.
+      socket?.destroy();
+      source.stopTracking();
+      progress('failed');
+      throw caught instanceof MigrationError && caught.code === Code.PostcopyBroken
+        ? caught
+        : new MigrationError(Code.PostcopyBroken, `post-copy to ${addressText} failed: ${(caught as Error)?.message ?? String(caught)}; ` +
+          'the guest may run at the destination, so it cannot resume here: it stays paused here with its memory', { phase: 'postcopy', cause: caught });
+    }
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;
     let error = refusal

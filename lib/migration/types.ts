@@ -2,12 +2,21 @@
 
 import type { MachineRuntimeConfig } from '../vmm/config.js';
 import type { DirtyLogMode } from '../vmm/dirty-tracker.js';
+import type { Machine } from '../vmm/machine.js';
 
 export type { PageRange } from '../vmm/page-ranges.js';
 export type { DirtyLogMode } from '../vmm/dirty-tracker.js';
 
 /** What happens when pre-copy hits its iteration or time cap before converging. */
 export type NonConvergence = 'finish' | 'abort';
+
+/**
+ * Post-copy: `true` moves the guest at once after the handshake (no pre-copy pass: the downtime
+ * does not grow with RAM); 'after-rounds' pre-copies as usual and switches to post-copy only where
+ * pre-copy would not converge (the iteration or time cap), instead of a long stop-and-copy
+ * (onNonConvergence then does not apply). false: pre-copy only.
+ */
+export type PostcopyMode = boolean | 'after-rounds';
 
 /** How machine.migrate() (migrateMachine()) migrates: the token, the downtime budget, the caps on pre-copy and what to do at them, progress, and an abort signal. */
 export interface MigrateOptions {
@@ -21,6 +30,17 @@ export interface MigrateOptions {
   maxPrecopyMs?: number;
   /** At the cap: pause and finish anyway (default), or give up and keep running here. */
   onNonConvergence?: NonConvergence;
+  /**
+   * Post-copy (see PostcopyMode): the guest runs at the destination while the pages it lacks
+   * follow, fetched on demand as it faults on them (userfaultfd) and streamed in the background.
+   * Once the destination runs the guest the source can no longer resume it: a broken connection
+   * leaves the guest paused at the destination until this side reconnects (within
+   * postcopyRecoveryMs) and sends what is missing; this side keeps its copy, paused, until then.
+   * Default false.
+   */
+  postcopy?: PostcopyMode;
+  /** Post-copy: how long to keep trying to reconnect after the connection broke. Default 60 s. */
+  postcopyRecoveryMs?: number;
   /** Give up if connecting or any read/write stalls this long. Default 10 s. */
   timeoutMs?: number;
   /**
@@ -52,8 +72,8 @@ export interface AutoConvergeOptions {
   throttleMax?: number;
 }
 
-/** Where a live migration is: setting up, copying while the guest runs, copying the rest with the guest paused, done, or failed. */
-export type MigrationPhase = 'setup' | 'precopy' | 'stop-copy' | 'completed' | 'failed';
+/** Where a live migration is: setting up, copying while the guest runs, copying the rest with the guest paused, post-copy (the guest runs at the destination, the rest follows), done, or failed. */
+export type MigrationPhase = 'setup' | 'precopy' | 'stop-copy' | 'postcopy' | 'completed' | 'failed';
 
 /** Like QEMU's query-migrate. Times in ms, sizes in bytes. */
 export interface MigrationStats {
@@ -84,6 +104,28 @@ export interface MigrationStats {
   cpuThrottlePercentage: number;
   /** Auto-converge: how long the guest was throttled in all (wall time with a share above 0). */
   throttledMs: number;
+  /** Post-copy figures, as QEMU's (present once post-copy has started). */
+  postcopy?: PostcopyStats;
+}
+
+/** What post-copy did: requests, pages on demand and in the background, fault latency, time. */
+export interface PostcopyStats {
+  /** Pages the destination lacked when the guest started there. */
+  missingPages: number;
+  /** PageRequest messages the destination sent (faults waiting on pages not yet there). */
+  requests: number;
+  /** Pages sent because a fault asked for them. */
+  pagesOnDemand: number;
+  /** Pages sent by the background stream. */
+  pagesBackground: number;
+  /** Faults the destination took on missing pages (pages requested or zero-filled there). */
+  faults: number;
+  /** From a fault to its page placed, at the destination: percentiles in ms (0 without faults). */
+  faultLatencyMs: { p50: number; p90: number; p99: number; max: number };
+  /** From the guest running at the destination to its last page placed. */
+  durationMs: number;
+  /** Connections that broke and were resumed. */
+  recoveries: number;
 }
 
 /** A running migration's figures, as its progress callback and 'progress' events give them. */
@@ -135,4 +177,16 @@ export interface IncomingConfig extends MachineRuntimeConfig {
    * machine built for the guest is stopped. It counts until the guest runs here.
    */
   signal?: AbortSignal;
+  /**
+   * Post-copy: after the connection broke, how long the guest waits paused here for the source to
+   * reconnect before receiveMachine() rejects (EPOSTCOPY, the paused machine on the error).
+   * Default: wait for ever, as QEMU does.
+   */
+  postcopyRecoveryMs?: number;
+  /**
+   * Post-copy: called once the guest runs here, before its every page has arrived (receiveMachine()
+   * resolves only once they have). Do not read or write the machine's memory from this thread
+   * before then: an access to a missing page would wait for ever on the thread that serves it.
+   */
+  onPostcopy?: (info: { machine: Machine; missingPages: number }) => void;
 }

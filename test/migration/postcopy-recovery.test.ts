@@ -1,0 +1,190 @@
+// Post-copy across a broken connection: the destination pauses the guest and waits; the source
+// reconnects, the destination says which pages it still lacks, and they come. A proxy between
+// the two cuts the connection at several points. Nothing may be lost: the dirtier checks its own
+// range, a filled region must arrive byte for byte, and a paused guest's whole RAM must hash the same.
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import { Machine, PostcopyPausedError } from '../../lib/index.js';
+import { noKvm } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
+import { startMigrationProxy, type MigrationProxy } from '../helpers/migration-proxy.js';
+import { sharedPool } from '../helpers/pool.js';
+import { PassThrough } from 'node:stream';
+
+const pool = noKvm ? undefined : sharedPool(2);
+const FILLED = { addr: 20 * MiB, bytes: 4 * MiB };
+
+interface Setup {
+  proxy: MigrationProxy;
+  arrived: Promise<Machine>;
+  /** The destination's machine once its guest runs (before every page is there). */
+  running: Promise<Machine>;
+  output(): string;
+  waitForOutput(text: string): Promise<void>;
+  /** The destination's machine state each time it logged a break. */
+  statesAtBreak: string[];
+  logs: string[];
+}
+
+async function setUp(t: { teardown(fn: () => unknown): void }, recoveryMs?: number): Promise<Setup> {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-pc-recovery-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const destinationPath = path.join(dir, 'destination.sock');
+  let output = '';
+  const sink = new PassThrough();
+  const waiters = new Set<() => void>();
+  sink.on('data', (chunk: Buffer) => {
+    output += chunk.toString('latin1');
+    for (const waiter of waiters) waiter();
+  });
+  let onListening!: () => void;
+  const listening = new Promise<void>((resolve) => (onListening = resolve));
+  let onRunning!: (machine: Machine) => void;
+  const running = new Promise<Machine>((resolve) => (onRunning = resolve));
+  const statesAtBreak: string[] = [];
+  const logs: string[] = [];
+  let machine: Machine | undefined;
+  const arrived = Machine.incoming(`unix:${destinationPath}`, {
+    pool, serial: { output: sink }, onListening, postcopyRecoveryMs: recoveryMs,
+    onPostcopy: (info) => {
+      machine = info.machine;
+      onRunning(info.machine);
+    },
+    log: (message) => {
+      logs.push(message);
+      if (message.includes('connection broke')) statesAtBreak.push(machine?.state ?? 'none');
+    },
+  });
+  arrived.catch(() => {});
+  t.teardown(async () => {
+    const outcome = await arrived.catch((error: Error) => error);
+    await (outcome instanceof PostcopyPausedError ? outcome.machine : outcome instanceof Machine ? outcome : null)?.stop();
+  });
+  await listening;
+  const proxy = await startMigrationProxy(path.join(dir, 'proxy.sock'), destinationPath);
+  t.teardown(() => proxy.close());
+  return {
+    proxy, arrived, running, output: () => output, statesAtBreak, logs,
+    waitForOutput: (text) => new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`destination: no ${JSON.stringify(text)}; output ${JSON.stringify(output.slice(-200))}`)), 20_000);
+      const check = () => {
+        if (!output.includes(text)) return;
+        waiters.delete(check);
+        clearTimeout(timer);
+        resolve();
+      };
+      waiters.add(check);
+      check();
+    }),
+  };
+}
+
+async function dirtierWithFilledRegion(t: { teardown(fn: () => unknown): void }) {
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
+  t.teardown(() => source.machine.stop());
+  const filled = randomBytes(FILLED.bytes);
+  source.machine.writeMemory(FILLED.addr, filled);
+  await source.waitForOutput('pass 2 ok\n');
+  return { source, filled };
+}
+
+for (const point of ['before the first request', 'while a fault waits'] as const) {
+  t.test(`a break ${point}: the guest pauses there, resumes after the reconnect, nothing lost`, { skip: noKvm }, async (t) => {
+    const destination = await setUp(t);
+    const { source, filled } = await dirtierWithFilledRegion(t);
+    let armed = false;
+    let faultCut: Promise<void> | undefined;
+    const stats = await source.machine.migrate(destination.proxy.address, {
+      postcopy: true,
+      onProgress: (p) => {
+        if (p.phase !== 'postcopy' || armed) return;
+        armed = true;
+        if (point === 'before the first request') destination.proxy.cut();
+        else faultCut = destination.proxy.cutWhenFaultWaits();
+      },
+    });
+    await faultCut;
+    if (point === 'while a fault waits') {
+      t.ok(stats.postcopy!.requests >= 1 && stats.postcopy!.pagesOnDemand >= 1, `the page a fault waited on was asked for again and sent on demand (${stats.postcopy!.pagesOnDemand} pages)`);
+      t.ok(stats.postcopy!.faults >= 1 && stats.postcopy!.faultLatencyMs.max > 0, `fault latency measured (max ${stats.postcopy!.faultLatencyMs.max.toFixed(1)} ms)`);
+    }
+    t.ok(stats.postcopy!.recoveries >= 1, `resumed after the break (${stats.postcopy!.recoveries} recoveries)`);
+    t.ok(destination.proxy.connections >= 2, 'a second connection');
+    t.same(destination.statesAtBreak.slice(0, 1), ['paused'], 'the guest was paused at the destination while the connection was down');
+    t.ok(destination.logs.some((line) => /the source resumed/.test(line)), 'the destination says the source resumed');
+    t.equal((await source.machine.wait()).reason, 'migrated');
+    const machine = await destination.arrived;
+    t.equal(machine.state, 'running', 'the guest runs again');
+    const sourceOutput = source.output();
+    await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 2} ok\n`);
+    t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'one unbroken count across the move and the break');
+    t.notMatch(destination.output(), /BAD/);
+    t.ok(Buffer.from(machine.memory.bytes(FILLED.addr, FILLED.bytes)).equals(filled), 'the filled region arrived byte for byte');
+  });
+}
+
+t.test('breaks mid background stream (twice): every page of a paused guest arrives, SHA-256 equal', { skip: noKvm }, async (t) => {
+  const destination = await setUp(t);
+  const { source } = await dirtierWithFilledRegion(t);
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  let breaks = 0;
+  const stats = await source.machine.migrate(destination.proxy.address, {
+    postcopy: true,
+    onProgress: (p) => {
+      // Each new connection is cut again 1 MiB into its stream, twice.
+      if (p.phase === 'postcopy' && breaks < 2) {
+        breaks++;
+        destination.proxy.cutAfterBytes(destination.proxy.bytesToDestination + MiB);
+      }
+    },
+  });
+  t.equal(stats.postcopy!.recoveries, 2, 'two recoveries');
+  t.ok(stats.postcopy!.pagesBackground > stats.postcopy!.missingPages, `pages cut off in flight went again (${stats.postcopy!.pagesBackground} sent for ${stats.postcopy!.missingPages} missing)`);
+  const machine = await destination.arrived;
+  t.equal(machine.state, 'paused', 'arrived paused, as it left');
+  t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived');
+});
+
+t.test('a corrupt byte in the post-copy stream: nothing of that section is placed, the source resumes, every page arrives', { skip: noKvm }, async (t) => {
+  const destination = await setUp(t);
+  const { source } = await dirtierWithFilledRegion(t);
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  let corrupted = false;
+  const stats = await source.machine.migrate(destination.proxy.address, {
+    postcopy: true,
+    onProgress: (p) => {
+      if (p.phase === 'postcopy' && !corrupted) {
+        corrupted = true;
+        destination.proxy.corruptAt(destination.proxy.bytesToDestination + 3 * MiB / 2);
+      }
+    },
+  });
+  t.equal(stats.postcopy!.recoveries, 1, 'one recovery');
+  t.ok(destination.logs.some((line) => /connection broke \(checksum mismatch in Pages section\)/.test(line)), 'the destination saw the bad section and dropped the connection');
+  const machine = await destination.arrived;
+  t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived, the corrupt section replaced');
+});
+
+t.test('a source gone for good leaves the guest paused at the destination with a clear error', { skip: noKvm }, async (t) => {
+  const destination = await setUp(t, 1500);
+  const { source } = await dirtierWithFilledRegion(t);
+  const error = await source.machine.migrate(destination.proxy.address, {
+    postcopy: true, postcopyRecoveryMs: 500,
+    onProgress: (p) => p.phase === 'postcopy' && destination.proxy.refuse(),
+  }).then(() => null, (e: Error & { code?: string }) => e);
+  t.equal(error?.code, 'EPOSTCOPY', 'the source fails with EPOSTCOPY');
+  t.match(error?.message, /cannot resume here: it stays paused here/);
+  t.equal(source.machine.state, 'paused', 'the source keeps its copy, paused');
+  const outcome = await destination.arrived.then(() => null, (e: Error) => e);
+  t.type(outcome, PostcopyPausedError, 'the destination fails with a PostcopyPausedError');
+  const paused = outcome as PostcopyPausedError;
+  t.equal(paused.code, 'EPOSTCOPY');
+  t.match(paused.message, /the source did not resume within 1500 ms: the guest is paused here, lacking \d+ pages that only the source has/);
+  t.equal(paused.machine.state, 'paused', 'the guest is paused there, not lost');
+  t.equal(paused.machine, await destination.running, 'the error holds the machine');
+});
