@@ -21,6 +21,7 @@ import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSectio
 import { writeChunks } from './writers.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+import { receiveLocalMigration, type LocalHandover } from './local.js';
 import type { IncomingConfig } from './types.js';
 
 /**
@@ -56,15 +57,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       signal,
     });
     prebuilt.catch(() => {});
-    // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
-    // so that its code is warm when the guest is paused at the other end.
     prebuilt = prebuilt.then(async (machine) => {
-      const internals = machineInternals(machine);
-      try {
-        await internals.applyState(warmUpStateCodec(await machine.saveState()));
-      } catch (error) {
-        internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
-      }
+      await warmUp(machine);
       return machine;
     });
     prebuilt.catch(() => {});
@@ -72,16 +66,20 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     await prebuilt.catch(() => null);
   }
   try {
-    return await receiveMigration(address, config, async (shape) => {
+    return await receiveMigration(address, config, async (shape, handover) => {
       checkMemoryBytes(shape.memoryBytes);
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
       prebuilt = null;
-      if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
+      // A local migration brings its own RAM: a machine built with fresh RAM cannot take it.
+      if (machine && (handover || machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
         await machine.stop();
         machine = null;
       }
-      machine ??= await abortable(buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
+      machine ??= await abortable(buildMachine(handover
+        ? { shape, boot: null, memory: () => handover.memory, runtime: localRuntime(config, shape, handover), savedDisks: shape.disks ?? [], incoming: true, signal }
+        : { shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
+      if (handover) await warmUp(machine);
       if (signal?.aborted) {
         // Aborted as the build resolved: the machine goes at once.
         await machine.stop();
@@ -97,7 +95,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
           await internals.applyState(state);
         },
         start: (paused: boolean) => target.start({ paused }),
-        releaseDisks: () => internals.unlockDisks(),
+        // A local migration's images are the source's open files: unlocking them would unlock them for it too.
+        releaseDisks: () => (handover ? undefined : internals.unlockDisks()),
         discard: async () => {
           await target.stop();
         },
@@ -108,6 +107,28 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     // Built for a migration that never arrived.
     if (prebuilt) await (await (prebuilt as Promise<Machine>).catch(() => null))?.stop();
   }
+}
+
+/**
+ * A dry run of what the stream's end will do (save a state, encode, decode, put it back), so
+ * that its code is warm when the guest is paused at the other end. It writes no guest RAM.
+ */
+async function warmUp(machine: Machine): Promise<void> {
+  const internals = machineInternals(machine);
+  try {
+    await internals.applyState(warmUpStateCodec(await machine.saveState()));
+  } catch (error) {
+    internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
+  }
+}
+
+/** A local migration's machine: its disks and TAPs are the fds the source handed over (ignoring disks and net given here). */
+function localRuntime(config: IncomingConfig, shape: MachineShape, handover: LocalHandover): IncomingConfig {
+  return {
+    ...config,
+    disks: (shape.disks ?? []).map((disk, index) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id, fd: handover.disks[index]! })),
+    net: (shape.net ?? []).map((card, index) => ({ fd: handover.net[index]!, mac: card.mac })),
+  };
 }
 
 /** What the machine builder hands back for an incoming guest. */
@@ -125,7 +146,7 @@ export interface IncomingTarget {
 export async function receiveMigration(
   addressText: string,
   config: IncomingConfig,
-  build: (shape: MachineShape) => Promise<IncomingTarget>,
+  build: (shape: MachineShape, handover?: LocalHandover) => Promise<IncomingTarget>,
 ): Promise<Machine> {
   const address = parseMigrationAddress(addressText);
   const signal = config.signal;
@@ -155,12 +176,16 @@ export async function receiveMigration(
   };
   try {
     const header = await Promise.race([reader.readHeader(), aborted.promise]);
-    checkHeader(header, { kind: 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
+    checkHeader(header, { kind: header.kind === 'local-migration' ? 'local-migration' : 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
     const first = await Promise.race([reader.next(), aborted.promise]);
     if (first.type !== SectionType.Config) throw new MigrationError(Code.Format, `the migration stream starts with a ${first.name} section, not its configuration`);
     const shape = checkShape(decodeConfigSection(first, 'the migration stream').machine, 'the migration stream');
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
       throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
+    }
+    if (header.kind === 'local-migration') {
+      aborted.dispose();
+      return await receiveLocalMigration({ socket, source, header, shape, config, stallTimeoutMs, what, build });
     }
     target = await build(shape);
     throwIfAborted(signal, what);

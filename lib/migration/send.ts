@@ -12,6 +12,7 @@ import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import { encodeEnd, encodeErrorSection, encodeHeader, encodeSync } from './format.js';
 import { encodePages } from './pages.js';
+import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { encodeConfigSection, encodeMachineState } from './state-sections.js';
@@ -42,6 +43,8 @@ const MIGRATION = 'migration';
 export async function migrateMachine(machine: Machine, address: string, options: MigrateOptions = {}): Promise<MigrationStats> {
   if (typeof address !== 'string') throw argTypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
   if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+  if (options.local !== undefined && typeof options.local !== 'boolean') throw argTypeError('local must be a boolean');
+  if (options.local) return migrateMachineLocally(machine, address, options);
   const internals = machineInternals(machine);
   return internals.exclusive('migration', async () => {
     const state = machine.state;
