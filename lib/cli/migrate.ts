@@ -16,6 +16,11 @@ pauses only for the last pass; then the source exits 0 and the destination runs 
 any failure the guest keeps running at the source. Progress goes to stderr (a bar on a
 terminal), the final figures to stdout.
 
+With --local (a unix:PATH destination on this host) nothing is copied: guest RAM, the disk
+images and the TAPs are handed to the destination process as they are, and the guest pauses only
+while its CPU and device state goes over, whatever its RAM size. This is how to upgrade node-kvm
+under a running guest.
+
 options:
   --api-socket PATH            the source machine's control socket (required)
   --token T                    the destination's token (required for tcp); or set
@@ -27,6 +32,8 @@ options:
                                at a cap: pause and finish anyway (default), or give up and
                                keep running here
   --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000)
+  --local                      hand RAM, disks and TAPs to a destination on this host (unix:PATH)
+                               instead of copying them
   --json                       print the final figures as JSON
   -h, --help                   show this help`;
 
@@ -53,6 +60,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
       'max-precopy-ms': { type: 'string' },
       'on-non-convergence': { type: 'string' },
       'timeout-ms': { type: 'string' },
+      local: { type: 'boolean' },
       json: { type: 'boolean' },
     },
   });
@@ -64,6 +72,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
   const apiSocket = requireApiSocket(values['api-socket'], 'migrate');
   const address = parseMigrationAddress(positionals[0]!);
   const token = migrationToken(values.token);
+  if (values.local && address.kind !== 'unix') throw argValueError('--local needs a unix:PATH destination: it hands file descriptors to a process on this host');
   if (address.kind === 'tcp' && token === undefined) throw argValueError(`migrating over tcp needs --token (or ${TOKEN_ENV})`);
   const onNonConvergence = values['on-non-convergence'];
   if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
@@ -78,6 +87,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
     maxPrecopyMs: positiveIntegerOption(values['max-precopy-ms'], '--max-precopy-ms'),
     onNonConvergence,
     timeoutMs: positiveIntegerOption(values['timeout-ms'], '--timeout-ms'),
+    ...(values.local ? { local: true } : {}),
   };
   const display = progressDisplay(process.stderr);
   let stats;
