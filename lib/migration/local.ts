@@ -181,6 +181,8 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
         encodeHeader({ kind: 'local-migration', memoryBytes: machine.memoryBytes, vcpuCount: machine.vcpuCount }),
         encodeConfigSection({ machine: machine.shape }),
       ]);
+      // Each vCPU thread saves its state once now, so that the save inside the downtime runs warm code.
+      const warmedUp = internals.warmUpSave();
       await unlessAborted(replies.expectAccept(timeoutMs));
       // The destination read all that came before, so Node has no write of ours queued: the fds'
       // message cannot interleave with one.
@@ -195,6 +197,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       stats.bytesTransferred += fdsSection.length;
       // The destination maps RAM and builds the machine on it while the guest runs on here.
       await unlessAborted(replies.expectSync(timeoutMs));
+      await warmedUp;
       stats.setupTimeMs = performance.now() - started;
       progress('setup');
 
