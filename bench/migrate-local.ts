@@ -116,9 +116,9 @@ async function migrateOnce(scenario: Scenario, local: boolean, touch: { data: Bu
   const address = `unix:${path.join(dir, `m-${scenario.key}-${local ? 'local' : 'copy'}-${round}.sock`)}`;
   const peerArgs = ['incoming', '--address', address];
   if (touch) peerArgs.push('--hash-range', `${TOUCH_ADDR + scenario.touchedBytes - CHECK_BYTES}:${CHECK_BYTES}`);
-  // The copying destination builds its machine ahead (it knows the shape, as with QEMU's
-  // -incoming); a local one builds it on the RAM it is handed.
-  if (!local) peerArgs.push('--memory-bytes', String(scenario.memoryBytes), '--irqchip', 'on');
+  // Both destinations build their machine ahead (they know the shape, as with QEMU's -incoming):
+  // the local one then maps the RAM it is handed over its own.
+  peerArgs.push('--memory-bytes', String(scenario.memoryBytes), '--irqchip', 'on');
   const peer = startPeer(peerArgs);
   try {
     let prompt = '';

@@ -115,6 +115,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("fileDup", FileDup);
   fn("memoryShareFd", MemoryShareFd);
   fn("memoryFromFd", MemoryFromFd);
+  fn("memoryReplace", MemoryReplace);
   fn("tapOpen", TapOpen);
   fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);

@@ -371,6 +371,53 @@ Napi::Value MemoryFromFd(const Napi::CallbackInfo& info) {
   return result;
 }
 
+// memoryReplace(id, otherId): from now on the pages of memory `id` are those of memory
+// `otherId`'s memfd, in place: the other memfd is mapped over the same addresses (MAP_FIXED), so
+// every view of `id` (in any thread) and every VM memory slot over it see them, and its own pages
+// go with its memfd. For a machine built before its RAM arrives (a migration on this host hands
+// it over). Both must be memfd-backed and of one size; `otherId` stays as it was. Its exposed fd,
+// if any, is made to name the new memfd (the same number). Nothing may use the memory meanwhile.
+Napi::Value MemoryReplace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto target = FindGuestMapping(env, info[0]);
+  auto source = FindGuestMapping(env, info[1]);
+  if (target == source) ThrowInvalidValueError(env, "a memory cannot replace itself");
+  if (target->backing == Backing::File || source->backing == Backing::File) ThrowInvalidValueError(env, "only memfd-backed memory can be replaced, or replace another");
+  if (target->size != source->size) ThrowInvalidValueError(env, "the memories differ in size");
+  int backing = ReopenPrivately(source->backingFd, O_RDWR);
+  if (backing < 0) ThrowSyscallError(env, errno, "open(memfd)");
+  int exposed = -1;
+  if (target->fd >= 0) {
+    exposed = ReopenPrivately(source->backingFd, O_RDWR);
+    if (exposed < 0) {
+      int error = errno;
+      close(backing);
+      ThrowSyscallError(env, error, "open(memfd)");
+    }
+  }
+  void* addr = mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, backing, 0);
+  if (addr == MAP_FAILED) {
+    int error = errno;
+    // The old pages again, if the kernel took them away (MAP_FIXED unmaps first).
+    mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, target->backingFd, 0);
+    close(backing);
+    if (exposed >= 0) close(exposed);
+    ThrowSyscallError(env, error, "mmap(MAP_FIXED)");
+  }
+  close(target->backingFd);
+  target->backingFd = backing;
+  if (exposed >= 0) {
+    // The number every view was given now names the new memfd.
+    if (dup3(exposed, target->fd, O_CLOEXEC) < 0) {
+      int error = errno;
+      close(exposed);
+      ThrowSyscallError(env, error, "dup3");
+    }
+    close(exposed);
+  }
+  return env.Undefined();
+}
+
 // memoryRelease(id): drops the creating GuestMemory's reference; calling it again does nothing.
 // Views (ArrayBuffers) and memory slots keep the mapping until they go.
 Napi::Value MemoryRelease(const Napi::CallbackInfo& info) {

@@ -162,6 +162,21 @@ export class GuestMemory extends Handle {
     return native.memoryShareFd(this.#id);
   }
 
+  /**
+   * From now on this memory's pages are `other`'s (the same memfd, shared), in place: every view
+   * of this memory, in any thread, and every VM memory slot over it see them, and this memory's
+   * own pages are dropped. For a machine built before its RAM arrived (a migration on this host
+   * hands it over as a memfd). Both must be memfd-backed ('anonymous' or 'memfd') and of one size;
+   * `other` stays open (close it when done). Nothing may read or write this memory meanwhile, and
+   * KVM must not have run a guest on it.
+   */
+  replaceWith(other: GuestMemory): void {
+    this.assertOpen();
+    if (!(other instanceof GuestMemory)) throw argTypeError('other must be a GuestMemory');
+    if (other.size !== this.size) throw argValueError(`other is ${other.size} bytes, this memory ${this.size}`);
+    native.memoryReplace(this.#id, other.nativeId);
+  }
+
   /** Another view of the memory behind `handle` (from `memory.handle`), for example in a worker. */
   static attach(handle: GuestMemoryHandle): GuestMemory {
     if (typeof handle !== 'object' || handle === null || typeof handle.guestMemory !== 'number') {

@@ -41,6 +41,8 @@ export interface NativeBinding {
   memoryShareFd(id: number): number;
   /** Maps a sealed memfd of exactly `size` bytes (checked): [id, exposed fd or -1]. */
   memoryFromFd(fd: number, size: number, expose: boolean): [id: number, fd: number];
+  /** Maps `otherId`'s memfd over memory `id`'s addresses, in place. */
+  memoryReplace(id: number, otherId: number): void;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryRelease(id: number): void;
   memoryWrite(id: number, offset: number, data: Uint8Array): void;

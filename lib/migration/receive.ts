@@ -71,15 +71,28 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
       prebuilt = null;
-      // A local migration brings its own RAM: a machine built with fresh RAM cannot take it.
-      if (machine && (handover || machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
+      // A local migration brings its own RAM, disks and TAPs: the machine built ahead takes the RAM
+      // in place of its own, but not the others (its threads have its own disks and TAPs open).
+      const handsOverDevices = handover !== undefined && (handover.disks.length > 0 || handover.net.length > 0);
+      if (machine && (handsOverDevices || machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
         await machine.stop();
         machine = null;
       }
+      if (machine && handover) {
+        // Never run, so KVM has mapped none of its pages: from here on they are the source's.
+        try {
+          machine.memory.replaceWith(handover.memory);
+        } catch (error) {
+          await machine.stop();
+          throw error;
+        }
+        handover.memory.close();
+      }
+      const builtAhead = machine !== null;
       machine ??= await abortable(buildMachine(handover
         ? { shape, boot: null, memory: () => handover.memory, runtime: localRuntime(config, shape, handover), savedDisks: shape.disks ?? [], incoming: true, signal }
         : { shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
-      if (handover) await warmUp(machine);
+      if (handover && !builtAhead) await warmUp(machine);
       if (signal?.aborted) {
         // Aborted as the build resolved: the machine goes at once.
         await machine.stop();

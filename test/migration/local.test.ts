@@ -73,3 +73,25 @@ t.test('a paused guest arrives paused, its memory as it was', { skip: noKvm }, a
   t.equal(destination.state, 'paused', 'arrived paused, as it left');
   t.equal(memoryHash(destination.memory), hash, 'the same memory');
 });
+
+t.test('a destination built ahead (it knew the shape) takes the source\'s RAM in place of its own', { skip: noKvm }, async (t) => {
+  const dir = tempDir(t);
+  const destination = startLocalDestination(t, `unix:${path.join(dir, 'm.sock')}`, { pool, memoryBytes: 32 * MiB, vcpus: 1, irqchip: false });
+  const address = await destination.listening;
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 2 ok\n');
+  const sharedFd = source.machine.memory.shareFd();
+  const sourceRam = fstatSync(sharedFd);
+  closeSync(sharedFd);
+  const stats = await source.machine.migrate(address, { local: true });
+  t.equal((await source.machine.wait()).reason, 'migrated');
+  const arrived = await destination.arrived;
+  t.ok(stats.totalTimeMs > 0);
+  const sourceOutput = source.output();
+  await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 3} ok\n`);
+  t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'one unbroken count across the move');
+  t.notMatch(destination.output(), /BAD/, 'the guest found its memory intact');
+  t.equal(fstatSync(arrived.memory.fd).ino, sourceRam.ino, 'the machine built ahead now maps the source\'s memfd, under its own fd number');
+  t.same(destination.logs, [], 'nothing logged');
+});
