@@ -124,3 +124,30 @@ t.test('fds over a unix socket: they arrive with their bytes, as the same open f
   t.throws(() => receiveWithFds(file, 64, 1), { code: 'ENOTSOCK' });
   closeSync(file);
 });
+
+t.test('replaceWith(): the other memfd in place, under every view and the same fd number', async (t) => {
+  const memory = GuestMemory.create(2 * MiB, { backing: 'memfd' });
+  t.teardown(() => memory.close());
+  const view = GuestMemory.attach(memory.handle);
+  t.teardown(() => view.close());
+  const before = view.bytes(0, 4);
+  memory.write(0, Buffer.from('mine'));
+  const other = GuestMemory.create(2 * MiB);
+  other.write(0, Buffer.from('they'));
+  const fdNumber = memory.fd;
+  memory.replaceWith(other);
+  t.equal(Buffer.from(before).toString(), 'they', 'a view made before sees the other pages');
+  other.write(0, Buffer.from('both'));
+  t.equal(Buffer.from(view.bytes(0, 4)).toString(), 'both', 'shared from then on');
+  const otherFd = other.shareFd();
+  t.equal(fstatSync(fdNumber).ino, fstatSync(otherFd).ino, 'the exposed fd number names the other memfd now');
+  closeSync(otherFd);
+  other.close();
+  t.equal(Buffer.from(view.bytes(0, 4)).toString(), 'both', 'the pages stay when the other is closed');
+  const small = GuestMemory.create(MiB);
+  t.throws(() => memory.replaceWith(small), { code: 'ERR_INVALID_ARG_VALUE' }, 'sizes must match');
+  small.close();
+  const file = GuestMemory.mapFile(process.execPath, { size: 2 * MiB });
+  t.throws(() => memory.replaceWith(file), { code: 'ERR_INVALID_ARG_VALUE', message: 'only memfd-backed memory can be replaced, or replace another' });
+  file.close();
+});
