@@ -356,8 +356,10 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     throwIfAborted(signal, what);
     stream.close();
     // End before the guest runs: a source that has not read End (the write failed: it is gone)
-    // may still resume its guest on the same RAM, so this side must not have run it.
-    await writeChunks(connection, [encodeEnd()]);
+    // may still resume its guest on the same RAM, so this side must not have run it. Written
+    // straight to the socket (Node has nothing queued on it): in the kernel when this returns,
+    // without waiting for a turn of the event loop.
+    sendWithFds(socketFd(connection), encodeEnd(), []);
     target.start(complete.running === false);
     connection.end();
     return target.machine;
