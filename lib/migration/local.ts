@@ -324,7 +324,7 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     const handover: LocalHandover = { memory, disks: fds.slice(1, 1 + record.disks), net: fds.slice(1 + record.disks) };
     target = await incoming.build(shape, handover);
     memory = null; // the machine's now
-    for (const received of fds) closeSync(received);
+    for (const handed of fds) closeSync(handed);
     received = [];
     throwIfAborted(signal, what);
 
