@@ -30,7 +30,7 @@ function tempDir(t: Test): string {
 
 const openFds = (): number => readdirSync('/proc/self/fd').length;
 
-type FakeEnd = 'refuse-at-config' | 'close-after-fds' | 'close-after-state' | 'error-after-state';
+type FakeEnd = 'refuse-at-config' | 'close-after-fds' | 'close-after-state' | 'error-after-state' | 'stall-after-fds';
 
 /**
  * A destination that speaks the protocol through Node's own socket (the fds that come are
@@ -53,6 +53,13 @@ async function fakeDestination(address: string, how: FakeEnd, onListening: () =>
   socket.write(Buffer.concat([reply, encodeConfigSection({ machine: {} })]));
   seen.push((await reader.next()).name);
   if (how === 'close-after-fds') {
+    socket.destroy();
+    return seen;
+  }
+  if (how === 'stall-after-fds') {
+    // Never answers: the source gives up (its signal) and says why.
+    const why = await reader.next();
+    seen.push(why.type === SectionType.Error ? decodeErrorSection(why.payload) : why.name);
     socket.destroy();
     return seen;
   }
@@ -229,4 +236,29 @@ t.test('bad input is refused before anything moves', { skip: noKvm }, async (t) 
     message: /this machine's RAM is a copy-on-write mapping of a file \(a restored snapshot\): the pages it wrote are private to this process and cannot move/,
   });
   t.equal(restored.state, 'running', 'it runs on');
+});
+
+t.test('an abort while the destination builds: the guest runs on here, the destination is told why', { skip: noKvm }, async (t) => {
+  const dir = tempDir(t);
+  const address = `unix:${path.join(dir, 'm.sock')}`;
+  let onListening!: () => void;
+  const listening = new Promise<void>((resolve) => (onListening = resolve));
+  const fake = fakeDestination(address, 'stall-after-fds', onListening);
+  fake.catch(() => {});
+  const source = await startDirtier({ memoryBytes: 16 * MiB, config: { pool } });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  await listening;
+  const controller = new AbortController();
+  const migration = source.machine.migrate(address, { local: true, signal: controller.signal });
+  const seen = fake;
+  setTimeout(() => controller.abort(), 200);
+  await t.rejects(migration, { code: 'ABORT_ERR' });
+  const told = await seen;
+  t.equal(told[2], 'Fds');
+  t.match(told[3], /aborted/, `the destination was told: ${told[3]}`);
+  t.equal(source.machine.state, 'running');
+  const pass = lastPass(source.output());
+  await source.waitForOutput(`pass ${pass + 2} ok\n`);
+  t.notMatch(source.output(), /BAD/);
 });

@@ -74,11 +74,11 @@ t.test('a paused guest arrives paused, its memory as it was', { skip: noKvm }, a
   t.equal(memoryHash(destination.memory), hash, 'the same memory');
 });
 
-t.test('a destination built ahead (it knew the shape) takes the source\'s RAM in place of its own', { skip: noKvm }, async (t) => {
+for (const vcpus of [1, 2]) t.test(`a destination built ahead (it knew the shape) takes the source's RAM in place of its own, ${vcpus} vCPU${vcpus > 1 ? 's' : ''}`, { skip: noKvm }, async (t) => {
   const dir = tempDir(t);
-  const destination = startLocalDestination(t, `unix:${path.join(dir, 'm.sock')}`, { pool, memoryBytes: 32 * MiB, vcpus: 1, irqchip: false });
+  const destination = startLocalDestination(t, `unix:${path.join(dir, 'm.sock')}`, { pool, memoryBytes: 32 * MiB, vcpus, irqchip: false });
   const address = await destination.listening;
-  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, vcpus, config: { pool } });
   t.teardown(() => source.machine.stop());
   await source.waitForOutput('pass 2 ok\n');
   const sharedFd = source.machine.memory.shareFd();
