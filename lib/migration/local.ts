@@ -195,6 +195,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
         closeSync(ramFd);
       }
       stats.bytesTransferred += fdsSection.length;
+      warmUpEncoder(machine.shape);
       // The destination maps RAM and builds the machine on it while the guest runs on here.
       await unlessAborted(replies.expectSync(timeoutMs));
       await warmedUp;
@@ -242,6 +243,26 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       aborted.dispose();
     }
   });
+}
+
+/**
+ * Encodes a made-up state of the machine's shape (the kinds of value a real one holds: bigints,
+ * bytes, records, lists), so that encoding the real one inside the downtime runs warmer code: a
+ * process that migrates once (a VMM handing its guest to its successor) would run it cold (1.1-1.5
+ * ms for one vCPU's machine here, 0.9 after this, 0.5 once a process has encoded a few).
+ */
+function warmUpEncoder(shape: MachineShape): void {
+  const vcpu = (id: number) => ({
+    id, regs: { rax: 0n, rip: 0xfff0n, rflags: 2n }, sregs: { cs: { base: 0n, selector: 0, present: 1 }, cr0: 0x60000010n },
+    xsave: new Uint8Array(4096),
+    cpuid: Array.from({ length: 64 }, (_, index) => ({ function: index, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 })),
+    msrs: Array.from({ length: 128 }, (_, index) => ({ index, data: 0n })),
+  });
+  const state = {
+    shape, vm: { clock: { clock: 0n, flags: 0 }, pic: [new Uint8Array(16)] }, vcpus: Array.from({ length: shape.vcpus }, (_, id) => vcpu(id)),
+    devices: { serial: { registers: new Uint8Array(8) }, postCode: { last: 0 } },
+  } as unknown as MachineState;
+  for (let round = 0; round < 3; round++) encodeMachineState(state);
 }
 
 function asLocalMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
