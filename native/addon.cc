@@ -111,6 +111,12 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("sendWithFds", SendWithFds);
+  fn("receiveWithFds", ReceiveWithFds);
+  fn("fileDup", FileDup);
+  fn("memoryShareFd", MemoryShareFd);
+  fn("memoryFromFd", MemoryFromFd);
+  fn("memoryReplace", MemoryReplace);
   fn("tapOpen", TapOpen);
   fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);

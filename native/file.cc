@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
 
 #include <cmath>
 
@@ -59,6 +60,30 @@ Napi::Value FileLock(const Napi::CallbackInfo& info) {
     ThrowSyscallError(env, errno == EACCES ? EAGAIN : errno, "fcntl(F_OFD_SETLK)");
   }
   return env.Undefined();
+}
+
+// fileDup(fd, writable) -> a close-on-exec duplicate of `fd`: the same open file description,
+// and so the same OFD lock (a disk image handed over by a migration on this host keeps its
+// lock). `fd` must be a regular file or a block device, open for reading, and for writing too
+// if `writable`: checked here, as the fd may come from another process.
+Napi::Value FileDup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsBoolean()) ThrowTypeError(env, "fd must be a number, writable a boolean");
+  double fd = info[0].As<Napi::Number>().DoubleValue();
+  if (!(fd >= 0 && fd <= 0x7fffffff) || fd != std::floor(fd)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
+  bool writable = info[1].As<Napi::Boolean>().Value();
+  struct stat st;
+  if (fstat(static_cast<int>(fd), &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) ThrowInvalidValueError(env, "fd is not a regular file or a block device");
+  int flags = fcntl(static_cast<int>(fd), F_GETFL);
+  if (flags < 0) ThrowSyscallError(env, errno, "fcntl(F_GETFL)");
+  int mode = flags & O_ACCMODE;
+  if (mode == O_WRONLY || (writable && mode != O_RDWR)) {
+    ThrowInvalidValueError(env, writable ? "fd is not open for reading and writing" : "fd is not open for reading");
+  }
+  int copy = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) ThrowSyscallError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
+  return Napi::Number::New(env, copy);
 }
 
 }  // namespace nodekvm

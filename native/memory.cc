@@ -35,6 +35,11 @@ constexpr uint64_t kPageSize = 4096;
 // the external buffer's finalizer when creation fails, and node-addon-api then frees its
 // finalizer data a second time: a double free.
 constexpr uint64_t kMaxMemoryBytes = 1ull << 32;
+// The seals of guest RAM's memfd: its size never changes.
+constexpr int kRamSeals = F_SEAL_SHRINK | F_SEAL_GROW;
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
 
 // /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 constexpr uint64_t kPagemapPresent = 1ull << 63;
@@ -230,9 +235,13 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
   // Anonymous RAM is a memfd too, only not exposed: shared anonymous memory is the same shmem
   // object, but without an fd its holes (pages never touched) cannot be found by lseek.
-  mapping->backingFd = memfd_create("node-kvm-guest-ram", MFD_CLOEXEC);
+  mapping->backingFd = memfd_create("node-kvm-guest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "memfd_create");
   if (ftruncate(mapping->backingFd, static_cast<off_t>(size)) < 0) ThrowSyscallError(env, errno, "ftruncate");
+  // Its size is fixed for good: a page the guest or the VMM touches can never be cut off from
+  // under the mapping (SIGBUS), whoever else holds the memfd (a migration on this host hands it
+  // over; memoryFromFd() accepts only a memfd sealed so).
+  if (fcntl(mapping->backingFd, F_ADD_SEALS, kRamSeals | F_SEAL_SEAL) < 0) ThrowSyscallError(env, errno, "fcntl(F_ADD_SEALS)");
   if (exposeMemfd) {
     mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
     if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
@@ -291,6 +300,122 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   mapping->addr = addr;
   if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
   return Napi::Number::New(env, RegisterOwned(env, mapping));
+}
+
+// memoryShareFd(id) -> a new close-on-exec fd of the memfd behind anonymous or memfd memory, for
+// another process to map the same pages (a migration on this host); the caller closes it. File
+// mappings have none: their guest writes are private copies that no fd reaches.
+Napi::Value MemoryShareFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  if (mapping->backing == Backing::File) {
+    ThrowInvalidValueError(env, "a file mapping (copy-on-write) has no memfd to share: its written pages are private to this process");
+  }
+  int fd = fcntl(mapping->backingFd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) ThrowSyscallError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
+  return Napi::Number::New(env, fd);
+}
+
+// memoryFromFd(fd, size, expose) -> [id, fd]: maps the memfd `fd` (from another process, say)
+// shared, as memoryCreate() maps its own, exposing a private fd of it if `expose`. The caller
+// keeps and closes `fd`. Checked first, since the fd may come from a peer we do not trust: a
+// regular shmem file of exactly `size` bytes, open for reading and writing, sealed against
+// shrinking and growing (so no page can vanish under the mapping and fault) and not against
+// writing.
+Napi::Value MemoryFromFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
+  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
+  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
+    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
+  }
+  int fd = static_cast<int>(fdNumber);
+  uint64_t size = ReadU64(env, info[1], "size");
+  bool exposeMemfd = info[2].ToBoolean();
+  CheckSize(env, size);
+  struct stat st;
+  if (fstat(fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (!S_ISREG(st.st_mode)) ThrowInvalidValueError(env, "fd is not a memfd (not a regular file)");
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    if (errno == EINVAL) ThrowInvalidValueError(env, "fd is not a memfd (it takes no seals)");
+    ThrowSyscallError(env, errno, "fcntl(F_GET_SEALS)");
+  }
+  if ((seals & kRamSeals) != kRamSeals) ThrowInvalidValueError(env, "the memfd is not sealed against shrinking and growing (F_SEAL_SHRINK | F_SEAL_GROW)");
+  if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) ThrowInvalidValueError(env, "the memfd is sealed against writing");
+  // Read after the seals: from then on the size cannot change.
+  if (fstat(fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (static_cast<uint64_t>(st.st_size) != size) {
+    ThrowInvalidValueError(env, "the memfd holds " + std::to_string(st.st_size) + " bytes, not " + std::to_string(size));
+  }
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) ThrowSyscallError(env, errno, "fcntl(F_GETFL)");
+  if ((flags & O_ACCMODE) != O_RDWR) ThrowInvalidValueError(env, "the memfd is not open for reading and writing");
+
+  auto mapping = std::make_shared<GuestMapping>();
+  mapping->size = size;
+  mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
+  // A private open file description (see the top of this file): the peer's position stays its own.
+  mapping->backingFd = ReopenPrivately(fd, O_RDWR);
+  if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "open(memfd)");
+  if (exposeMemfd) {
+    mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
+    if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
+  }
+  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mapping->backingFd, 0);
+  if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
+  mapping->addr = addr;
+  Napi::Array result = Napi::Array::New(env, 2);
+  result.Set(0u, Napi::Number::New(env, RegisterOwned(env, mapping)));
+  result.Set(1u, Napi::Number::New(env, mapping->fd));
+  return result;
+}
+
+// memoryReplace(id, otherId): from now on the pages of memory `id` are those of memory
+// `otherId`'s memfd, in place: the other memfd is mapped over the same addresses (MAP_FIXED), so
+// every view of `id` (in any thread) and every VM memory slot over it see them, and its own pages
+// go with its memfd. For a machine built before its RAM arrives (a migration on this host hands
+// it over). Both must be memfd-backed and of one size; `otherId` stays as it was. Its exposed fd,
+// if any, is made to name the new memfd (the same number). Nothing may use the memory meanwhile.
+Napi::Value MemoryReplace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto target = FindGuestMapping(env, info[0]);
+  auto source = FindGuestMapping(env, info[1]);
+  if (target == source) ThrowInvalidValueError(env, "a memory cannot replace itself");
+  if (target->backing == Backing::File || source->backing == Backing::File) ThrowInvalidValueError(env, "only memfd-backed memory can be replaced, or replace another");
+  if (target->size != source->size) ThrowInvalidValueError(env, "the memories differ in size");
+  int backing = ReopenPrivately(source->backingFd, O_RDWR);
+  if (backing < 0) ThrowSyscallError(env, errno, "open(memfd)");
+  int exposed = -1;
+  if (target->fd >= 0) {
+    exposed = ReopenPrivately(source->backingFd, O_RDWR);
+    if (exposed < 0) {
+      int error = errno;
+      close(backing);
+      ThrowSyscallError(env, error, "open(memfd)");
+    }
+  }
+  void* addr = mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, backing, 0);
+  if (addr == MAP_FAILED) {
+    int error = errno;
+    // The old pages again, if the kernel took them away (MAP_FIXED unmaps first).
+    mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, target->backingFd, 0);
+    close(backing);
+    if (exposed >= 0) close(exposed);
+    ThrowSyscallError(env, error, "mmap(MAP_FIXED)");
+  }
+  close(target->backingFd);
+  target->backingFd = backing;
+  if (exposed >= 0) {
+    // The number every view was given now names the new memfd.
+    if (dup3(exposed, target->fd, O_CLOEXEC) < 0) {
+      int error = errno;
+      close(exposed);
+      ThrowSyscallError(env, error, "dup3");
+    }
+    close(exposed);
+  }
+  return env.Undefined();
 }
 
 // memoryRelease(id): drops the creating GuestMemory's reference; calling it again does nothing.

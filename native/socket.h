@@ -1,4 +1,5 @@
-// Socket options Node does not expose for stream sockets.
+// Socket options Node does not expose for stream sockets, and passing file descriptors over a
+// unix socket (SCM_RIGHTS).
 #pragma once
 
 #include <napi.h>
@@ -7,5 +8,7 @@ namespace nodekvm {
 
 Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info);
 Napi::Value DupSocket(const Napi::CallbackInfo& info);
+Napi::Value SendWithFds(const Napi::CallbackInfo& info);
+Napi::Value ReceiveWithFds(const Napi::CallbackInfo& info);
 
 }  // namespace nodekvm

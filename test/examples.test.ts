@@ -21,6 +21,10 @@ const EXPECTED: Record<string, string | RegExp[]> = {
     /^source: the guest printed "echo> hi" here; migrated \d+ pages, downtime \d+ ms\nsource: exit: migrated\n/,
     /\ndestination: the guest printed "q" here, then exit: debug-exit 5\n$/,
   ],
+  'live-update.ts': [
+    /^old process: the guest printed "echo> hi" here; handed over with 0 pages copied, downtime \d+ ms\nold process: exit: migrated\n/,
+    /\nnew process: the guest printed "q" here, then exit: debug-exit 5\n$/,
+  ],
   'disk.ts': [/^disk0: 128 sectors, rw, id "data"\ndisk0: sector 0 says "hello from data.img"\n/, /\ndisk1: write refused \(read-only\)\n/, /\nexit: debug-exit 0x10\n$/],
 };
 

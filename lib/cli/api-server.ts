@@ -503,7 +503,7 @@ function checkParams(params: Record<string, unknown>, method: string, allowed: s
 }
 
 function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOptions, 'onProgress'> {
-  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs', 'autoConverge', 'postcopy', 'postcopyRecoveryMs']);
+  checkParams(params, 'migrate', ['address', 'token', 'downtimeBudgetMs', 'maxIterations', 'maxPrecopyMs', 'onNonConvergence', 'timeoutMs', 'autoConverge', 'postcopy', 'postcopyRecoveryMs', 'local']);
   if (typeof params.address !== 'string') throw argTypeError('migrate: params.address must be a string (tcp:HOST:PORT or unix:PATH)');
   const address = parseMigrationAddress(params.address);
   if (address.kind === 'unix' && !address.path.startsWith('/')) throw argValueError('migrate: a unix socket path must be absolute');
@@ -541,6 +541,11 @@ function checkMigrateParams(params: Record<string, unknown>): Omit<MigrateOption
     // true, false, or { throttleInitial, throttleIncrement, throttleMax }: checked as migrate() does.
     checkAutoConverge(params.autoConverge as MigrateOptions['autoConverge']);
     options.autoConverge = params.autoConverge as MigrateOptions['autoConverge'];
+  }
+  if (params.local !== undefined) {
+    if (typeof params.local !== 'boolean') throw argTypeError('migrate: params.local must be a boolean');
+    if (params.local && address.kind !== 'unix') throw argValueError('migrate: a local migration needs a unix:PATH address (it hands file descriptors to a process on this host)');
+    options.local = params.local;
   }
   return options;
 }

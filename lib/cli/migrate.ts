@@ -16,6 +16,11 @@ pauses only for the last pass; then the source exits 0 and the destination runs 
 any failure the guest keeps running at the source. Progress goes to stderr (a bar on a
 terminal), the final figures to stdout.
 
+With --local (a unix:PATH destination on this host) nothing is copied: guest RAM, the disk
+images and the TAPs are handed to the destination process as they are, and the guest pauses only
+while its CPU and device state goes over, whatever its RAM size. This is how to upgrade node-kvm
+under a running guest.
+
 options:
   --api-socket PATH            the source machine's control socket (required)
   --token T                    the destination's token (required for tcp); or set
@@ -38,6 +43,8 @@ options:
                                leaves it paused there until this side reconnects and resumes
   --postcopy-after-rounds      pre-copy as usual, post-copy only where it does not converge
   --postcopy-recovery-ms N     post-copy: keep trying to reconnect this long (default 60000)
+  --local                      hand RAM, disks and TAPs to a destination on this host (unix:PATH)
+                               instead of copying them
   --json                       print the final figures as JSON
   -h, --help                   show this help`;
 
@@ -68,6 +75,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
       postcopy: { type: 'boolean' },
       'postcopy-after-rounds': { type: 'boolean' },
       'postcopy-recovery-ms': { type: 'string' },
+      local: { type: 'boolean' },
       json: { type: 'boolean' },
     },
   });
@@ -79,6 +87,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
   const apiSocket = requireApiSocket(values['api-socket'], 'migrate');
   const address = parseMigrationAddress(positionals[0]!);
   const token = migrationToken(values.token);
+  if (values.local && address.kind !== 'unix') throw argValueError('--local needs a unix:PATH destination: it hands file descriptors to a process on this host');
   if (address.kind === 'tcp' && token === undefined) throw argValueError(`migrating over tcp needs --token (or ${TOKEN_ENV})`);
   const onNonConvergence = values['on-non-convergence'];
   if (onNonConvergence !== undefined && onNonConvergence !== 'finish' && onNonConvergence !== 'abort') {
@@ -97,6 +106,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
     ...(values['auto-converge'] ? { autoConverge: true } : {}),
     postcopy: values.postcopy ? true : values['postcopy-after-rounds'] ? 'after-rounds' : undefined,
     postcopyRecoveryMs: positiveIntegerOption(values['postcopy-recovery-ms'], '--postcopy-recovery-ms'),
+    ...(values.local ? { local: true } : {}),
   };
   const display = progressDisplay(process.stderr);
   let stats;

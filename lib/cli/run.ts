@@ -31,7 +31,8 @@ with nothing left to run, the guest resets (itself or through the API's reset), 
 Ctrl-A x does.
 
 With --incoming, waits for one live migration (from node-kvm migrate) and runs the guest it
-receives; with --restore, runs the guest saved in a snapshot file (node-kvm snapshot), once its
+receives (from node-kvm migrate --local on a unix:PATH: the guest's RAM, disks and TAPs as the
+old process had them, which then take the place of --disk and --net); with --restore, runs the guest saved in a snapshot file (node-kvm snapshot), once its
 RAM image has been checked against the checksum the file holds.
 
 options:

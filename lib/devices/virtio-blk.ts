@@ -36,6 +36,12 @@ export interface DiskConfig {
   readOnly?: boolean;
   /** What GET_ID returns (at most 20 bytes). Default: the file's name, truncated. */
   id?: string;
+  /**
+   * Instead of opening `path`: an fd open on the image (for reading, and writing unless
+   * readOnly), as a migration on this host hands it over. The machine works on a duplicate (the
+   * same open file, with its lock); the caller keeps and closes its own. `path` still names it.
+   */
+  fd?: number;
 }
 
 /** The config space (struct virtio_blk_config) and features of a disk of `sectors` sectors. */

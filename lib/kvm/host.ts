@@ -1,9 +1,9 @@
-// Host calls around KVM that Node does not offer: locking and deallocating ranges of an image
-// file, socket buffer sizes and duplicates, CRC-32C. The typed face of the addon's non-KVM calls,
+// Host calls around KVM that Node does not offer: locking, duplicating and deallocating ranges of
+// an image file, socket buffer sizes and duplicates, passing fds over a unix socket, CRC-32C. The typed face of the addon's non-KVM calls,
 // as the KVM handles are of its ioctls (eventfd.ts and thread.ts are the others).
 import { checkInteger } from './handle.js';
 import { native } from './native.js';
-import { argValueError } from './errors.js';
+import { argTypeError, argValueError } from './errors.js';
 
 export type FileLockKind = 'shared' | 'exclusive';
 
@@ -55,6 +55,51 @@ export function setSocketBuffers(fd: number, sendBytes: number, receiveBytes: nu
 export function dupSocket(fd: number): number {
   checkInteger(fd, 'fd', 0, 0x7fffffff);
   return native.dupSocket(fd);
+}
+
+/**
+ * Writes all of `data` on the unix stream socket `socketFd` with the file descriptors `fds`
+ * attached (SCM_RIGHTS): the process at the other end receives duplicates of them, the same open
+ * files. The socket may be one Node owns, as long as none of Node's own writes is still queued.
+ * A full socket buffer is waited out for a few seconds at most (ETIMEDOUT).
+ */
+export function sendWithFds(socketFd: number, data: Uint8Array, fds: readonly number[]): void {
+  checkInteger(socketFd, 'socketFd', 0, 0x7fffffff);
+  if (!(data instanceof Uint8Array)) throw argTypeError('data must be a Uint8Array');
+  if (!Array.isArray(fds)) throw argTypeError('fds must be an array of file descriptors');
+  native.sendWithFds(socketFd, data, [...fds]);
+}
+
+/** What receiveWithFds() read: bytes (empty: the peer closed), the fds with them, whether some were dropped. */
+export interface ReceivedWithFds {
+  bytes: Uint8Array;
+  /** Open, close-on-exec: the caller must close every one, whatever it makes of them. */
+  fds: number[];
+  /** More came than `maxFds` (closed), or the kernel dropped some. */
+  fdsDropped: boolean;
+}
+
+/**
+ * One read of at most `maxBytes` from the unix stream socket `socketFd` with the file
+ * descriptors that came with those bytes; null if nothing has arrived (a non-blocking socket). The
+ * socket must be one that nothing else reads: a read without room for them (Node's own) would
+ * lose the descriptors.
+ */
+export function receiveWithFds(socketFd: number, maxBytes: number, maxFds: number): ReceivedWithFds | null {
+  checkInteger(socketFd, 'socketFd', 0, 0x7fffffff);
+  const received = native.receiveWithFds(socketFd, maxBytes, maxFds);
+  if (received === null) return null;
+  const [bytes, fds, fdsDropped] = received;
+  return { bytes, fds, fdsDropped };
+}
+
+/**
+ * A close-on-exec duplicate of `fd`, which must be a regular file or block device open for
+ * reading (and for writing if `writable`): the same open file, with its offset and OFD locks.
+ */
+export function dupFile(fd: number, writable: boolean): number {
+  checkInteger(fd, 'fd', 0, 0x7fffffff);
+  return native.fileDup(fd, writable === true);
 }
 
 /**

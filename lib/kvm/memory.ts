@@ -133,6 +133,50 @@ export class GuestMemory extends Handle {
     }
   }
 
+  /**
+   * Maps the memfd open as `fd` (received from another process, say: a migration on this host)
+   * as guest RAM of `size` bytes, shared: both see the same pages, nothing is copied. It must be a
+   * memfd of exactly `size` bytes, open for reading and writing, sealed against shrinking and
+   * growing (GuestMemory.create() seals its own so), not against writing; anything else is
+   * refused (ERR_INVALID_ARG_VALUE) without mapping it. `backing` 'memfd' exposes an fd of it
+   * (memory.fd). The caller keeps `fd` and may close it afterwards.
+   */
+  static fromFd(fd: number, options: { size: number; backing?: 'anonymous' | 'memfd' }): GuestMemory {
+    if (typeof fd !== 'number' || !Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) throw outOfRangeError(`fd must be an open fd 0..2^31-1, got ${String(fd)}`);
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object with a size');
+    checkMemorySize(options.size);
+    const backing = options.backing ?? 'anonymous';
+    if (backing !== 'anonymous' && backing !== 'memfd') throw argValueError(`backing must be 'anonymous' or 'memfd', got ${String(backing)}`);
+    const [id, exposed] = native.memoryFromFd(fd, options.size, backing === 'memfd');
+    return new GuestMemory(id, null, options.size, exposed, backing);
+  }
+
+  /**
+   * A new fd of the memfd behind this memory (close-on-exec; the caller closes it), for another
+   * process to map the same pages with GuestMemory.fromFd(). 'file' memory has none (its written
+   * pages are private copies) and throws ERR_INVALID_ARG_VALUE.
+   */
+  shareFd(): number {
+    this.assertOpen();
+    if (this.backing === 'file') throw argValueError('this memory is a copy-on-write mapping of a file: its written pages are private to this process and cannot be shared');
+    return native.memoryShareFd(this.#id);
+  }
+
+  /**
+   * From now on this memory's pages are `other`'s (the same memfd, shared), in place: every view
+   * of this memory, in any thread, and every VM memory slot over it see them, and this memory's
+   * own pages are dropped. For a machine built before its RAM arrived (a migration on this host
+   * hands it over as a memfd). Both must be memfd-backed ('anonymous' or 'memfd') and of one size;
+   * `other` stays open (close it when done). Nothing may read or write this memory meanwhile, and
+   * KVM must not have run a guest on it.
+   */
+  replaceWith(other: GuestMemory): void {
+    this.assertOpen();
+    if (!(other instanceof GuestMemory)) throw argTypeError('other must be a GuestMemory');
+    if (other.size !== this.size) throw argValueError(`other is ${other.size} bytes, this memory ${this.size}`);
+    native.memoryReplace(this.#id, other.nativeId);
+  }
+
   /** Another view of the memory behind `handle` (from `memory.handle`), for example in a worker. */
   static attach(handle: GuestMemoryHandle): GuestMemory {
     if (typeof handle !== 'object' || handle === null || typeof handle.guestMemory !== 'number') {

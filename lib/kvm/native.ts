@@ -37,6 +37,12 @@ export interface NativeBinding {
   closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, fd: number];
   memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
+  /** A new fd of the memfd behind anonymous or memfd memory (the caller closes it). */
+  memoryShareFd(id: number): number;
+  /** Maps a sealed memfd of exactly `size` bytes (checked): [id, exposed fd or -1]. */
+  memoryFromFd(fd: number, size: number, expose: boolean): [id: number, fd: number];
+  /** Maps `otherId`'s memfd over memory `id`'s addresses, in place. */
+  memoryReplace(id: number, otherId: number): void;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryRelease(id: number): void;
   memoryWrite(id: number, offset: number, data: Uint8Array): void;
@@ -47,6 +53,12 @@ export interface NativeBinding {
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   /** A close-on-exec duplicate of a stream socket fd. */
   dupSocket(fd: number): number;
+  /** sendmsg(2) of all of `data`, the fds attached to its first byte (SCM_RIGHTS); unix stream sockets only. */
+  sendWithFds(socketFd: number, data: Uint8Array, fds: number[]): void;
+  /** One recvmsg(2): the bytes, the fds that came with them (the caller's to close), whether some were dropped; null if nothing is there yet. */
+  receiveWithFds(socketFd: number, maxBytes: number, maxFds: number): [bytes: Buffer, fds: number[], fdsDropped: boolean] | null;
+  /** A close-on-exec duplicate of a regular file or block device fd, open for reading (and writing if asked): the same open file description. */
+  fileDup(fd: number, writable: boolean): number;
   /** A non-blocking TAP fd with a 12-byte vnet header and no offloads, opened in `netns` if given: [fd, name]. */
   tapOpen(name: string, netns: string | null): [fd: number, name: string];
   /** A close-on-exec duplicate of a TAP fd opened elsewhere, set up as tapOpen's: [fd, name]. */

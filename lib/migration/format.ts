@@ -28,6 +28,12 @@
 //   snapshot: the state (Config, VmState, VcpuState x vcpuCount, DeviceState), RamImage, End, zero
 //     padding to a 4096-byte boundary, then guest RAM as a raw image (see snapshot-file.ts).
 //   diff-snapshot: the state, Pages sections (the pages written since the parent), End.
+//   local-migration (a unix socket, same host): as migration, but no Pages: after the
+//     destination's acceptance, one Fds section carrying guest RAM's memfd, the disk images and
+//     the TAPs (SCM_RIGHTS); the destination builds the machine on them and answers Sync; then
+//     the source pauses and sends the state and End; the destination answers End once the guest
+//     runs there. Readers of version 2 streams without it are unaffected (a new kind, no new
+//     version).
 // The state sections come in the order restore applies them, VM before vCPUs, and are written by
 // one encoder and read by one reader (state-sections.ts) for migrations and snapshots alike.
 // Version 1 wrote a snapshot's VcpuState sections before its VmState, and another Config: its
@@ -79,9 +85,12 @@ export const hexId = (id: Uint8Array): string => Buffer.from(id.buffer, id.byteO
 // ---------------------------------------------------------------------------------------------
 // Header
 
-/** What a stream is: a live migration, a full snapshot, or a diff snapshot. */
-export type StreamKind = 'migration' | 'snapshot' | 'diff-snapshot';
-export const StreamKindCode: Record<StreamKind, number> = { migration: 1, snapshot: 2, 'diff-snapshot': 3 };
+/**
+ * What a stream is: a live migration, a full snapshot, a diff snapshot, or a live migration to
+ * another process on this host that hands guest RAM over as a memfd instead of copying it.
+ */
+export type StreamKind = 'migration' | 'snapshot' | 'diff-snapshot' | 'local-migration';
+export const StreamKindCode: Record<StreamKind, number> = { migration: 1, snapshot: 2, 'diff-snapshot': 3, 'local-migration': 4 };
 const KIND_BY_CODE = new Map<number, StreamKind>(Object.entries(StreamKindCode).map(([kind, code]) => [code, kind as StreamKind]));
 
 /** The header every migration stream and snapshot file starts with: version, kind, the machine's size and the stream's id. */
@@ -119,7 +128,7 @@ export function newStreamId(): Uint8Array {
 export function encodeHeader(init: StreamHeaderInit): Uint8Array {
   if (typeof init !== 'object' || init === null) throw argTypeError('header must be an object');
   if (typeof init.kind !== 'string' || !Object.hasOwn(StreamKindCode, init.kind)) {
-    throw argValueError(`kind must be 'migration', 'snapshot' or 'diff-snapshot', got ${String(init.kind)}`);
+    throw argValueError(`kind must be 'migration', 'snapshot', 'diff-snapshot' or 'local-migration', got ${String(init.kind)}`);
   }
   const kindCode = StreamKindCode[init.kind];
   const { memoryBytes, vcpuCount } = init;
@@ -238,6 +247,11 @@ export const SectionType = {
   Postcopy: 10,
   /** Post-copy, from the destination: page ranges a fault waits on, to send ahead of the rest. */
   PageRequest: 11,
+  /**
+   * local-migration only: what the file descriptors that come with it (SCM_RIGHTS, on its first
+   * byte) are, in order (state-codec JSON, see local.ts).
+   */
+  Fds: 12,
 } as const;
 export type SectionTypeNumber = (typeof SectionType)[keyof typeof SectionType];
 export type SectionName = keyof typeof SectionType;
@@ -257,6 +271,7 @@ export const MAX_SECTION_PAYLOAD_BYTES: Record<SectionName, number> = {
   Sync: 0,
   Postcopy: 16 * MiB,
   PageRequest: 1 * MiB,
+  Fds: 4096,
 };
 
 const NAME_BY_TYPE = new Map<number, SectionName>(Object.entries(SectionType).map(([name, type]) => [type, name as SectionName]));

@@ -58,8 +58,9 @@ export class PeerReplies {
 
   async #expect(type: number, what: string, timeoutMs: number): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
+    // Infinity: no timer (a local migration whose state has gone out waits for the verdict).
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new MigrationError(Code.TimedOut, `no answer from the destination within ${timeoutMs} ms (waiting for ${what})`)), timeoutMs);
+      if (Number.isFinite(timeoutMs)) timer = setTimeout(() => reject(new MigrationError(Code.TimedOut, `no answer from the destination within ${timeoutMs} ms (waiting for ${what})`)), timeoutMs);
     });
     try {
       const section = await Promise.race([this.#pending.catch((error: Error) => {

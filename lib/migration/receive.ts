@@ -22,6 +22,7 @@ import { writeChunks } from './writers.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 import { PostcopyPages, decodeLacking, runPostcopyDestination } from './postcopy-destination.js';
+import { receiveLocalMigration, type LocalHandover } from './local.js';
 import type { IncomingConfig } from './types.js';
 
 /**
@@ -57,15 +58,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       signal,
     });
     prebuilt.catch(() => {});
-    // A dry run of what the stream's end will do (save a state, encode, decode, put it back),
-    // so that its code is warm when the guest is paused at the other end.
     prebuilt = prebuilt.then(async (machine) => {
-      const internals = machineInternals(machine);
-      try {
-        await internals.applyState(warmUpStateCodec(await machine.saveState()));
-      } catch (error) {
-        internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
-      }
+      await warmUp(machine);
       return machine;
     });
     prebuilt.catch(() => {});
@@ -73,16 +67,33 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     await prebuilt.catch(() => null);
   }
   try {
-    return await receiveMigration(address, config, async (shape) => {
+    return await receiveMigration(address, config, async (shape, handover) => {
       checkMemoryBytes(shape.memoryBytes);
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
       prebuilt = null;
-      if (machine && (machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
+      // A local migration brings its own RAM, disks and TAPs: the machine built ahead takes the RAM
+      // in place of its own, but not the others (its threads have its own disks and TAPs open).
+      const handsOverDevices = handover !== undefined && (handover.disks.length > 0 || handover.net.length > 0);
+      if (machine && (handsOverDevices || machine.irqchip !== shape.irqchip || disksMismatch(shape.disks, machine.shape.disks) || virtioMismatch(shape, machine.shape))) {
         await machine.stop();
         machine = null;
       }
-      machine ??= await abortable(buildMachine({ shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
+      if (machine && handover) {
+        // Never run, so KVM has mapped none of its pages: from here on they are the source's.
+        try {
+          machine.memory.replaceWith(handover.memory);
+        } catch (error) {
+          await machine.stop();
+          throw error;
+        }
+        handover.memory.close();
+      }
+      const builtAhead = machine !== null;
+      machine ??= await abortable(buildMachine(handover
+        ? { shape, boot: null, memory: () => handover.memory, runtime: localRuntime(config, shape, handover), savedDisks: shape.disks ?? [], incoming: true, signal }
+        : { shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
+      if (handover && !builtAhead) await warmUp(machine);
       if (signal?.aborted) {
         // Aborted as the build resolved: the machine goes at once.
         await machine.stop();
@@ -98,7 +109,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
           await internals.applyState(state);
         },
         start: (paused: boolean) => target.start({ paused }),
-        releaseDisks: () => internals.unlockDisks(),
+        // A local migration's images are the source's open files: unlocking them would unlock them for it too.
+        releaseDisks: () => (handover ? undefined : internals.unlockDisks()),
         discard: async () => {
           await target.stop();
         },
@@ -109,6 +121,28 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     // Built for a migration that never arrived.
     if (prebuilt) await (await (prebuilt as Promise<Machine>).catch(() => null))?.stop();
   }
+}
+
+/**
+ * A dry run of what the stream's end will do (save a state, encode, decode, put it back), so
+ * that its code is warm when the guest is paused at the other end. It writes no guest RAM.
+ */
+async function warmUp(machine: Machine): Promise<void> {
+  const internals = machineInternals(machine);
+  try {
+    await internals.applyState(warmUpStateCodec(await machine.saveState()));
+  } catch (error) {
+    internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
+  }
+}
+
+/** A local migration's machine: its disks and TAPs are the fds the source handed over (ignoring disks and net given here). */
+function localRuntime(config: IncomingConfig, shape: MachineShape, handover: LocalHandover): IncomingConfig {
+  return {
+    ...config,
+    disks: (shape.disks ?? []).map((disk, index) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id, fd: handover.disks[index]! })),
+    net: (shape.net ?? []).map((card, index) => ({ fd: handover.net[index]!, mac: card.mac })),
+  };
 }
 
 /** What the machine builder hands back for an incoming guest. */
@@ -126,7 +160,7 @@ export interface IncomingTarget {
 export async function receiveMigration(
   addressText: string,
   config: IncomingConfig,
-  build: (shape: MachineShape) => Promise<IncomingTarget>,
+  build: (shape: MachineShape, handover?: LocalHandover) => Promise<IncomingTarget>,
 ): Promise<Machine> {
   const address = parseMigrationAddress(addressText);
   const signal = config.signal;
@@ -162,12 +196,16 @@ export async function receiveMigration(
   };
   try {
     const header = await Promise.race([reader.readHeader(), aborted.promise]);
-    checkHeader(header, { kind: 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
+    checkHeader(header, { kind: header.kind === 'local-migration' ? 'local-migration' : 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
     const first = await Promise.race([reader.next(), aborted.promise]);
     if (first.type !== SectionType.Config) throw new MigrationError(Code.Format, `the migration stream starts with a ${first.name} section, not its configuration`);
     const shape = checkShape(decodeConfigSection(first, 'the migration stream').machine, 'the migration stream');
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
       throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
+    }
+    if (header.kind === 'local-migration') {
+      aborted.dispose();
+      return await receiveLocalMigration({ socket, source, header, shape, config, stallTimeoutMs, what, build });
     }
     target = await build(shape);
     throwIfAborted(signal, what);

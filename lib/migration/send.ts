@@ -12,6 +12,7 @@ import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
 import { encodePages } from './pages.js';
+import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
@@ -45,6 +46,13 @@ const MIGRATION = 'migration';
 export async function migrateMachine(machine: Machine, address: string, options: MigrateOptions = {}): Promise<MigrationStats> {
   if (typeof address !== 'string') throw argTypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
   if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+  if (options.local !== undefined && typeof options.local !== 'boolean') throw argTypeError('local must be a boolean');
+  if (options.local) {
+    // Nothing is copied, so there is nothing to converge or to fetch later.
+    if (options.postcopy) throw argValueError('local and postcopy exclude each other: a local migration copies no memory');
+    if (options.autoConverge) throw argValueError('local and autoConverge exclude each other: a local migration copies no memory');
+    return migrateMachineLocally(machine, address, options);
+  }
   const internals = machineInternals(machine);
   return internals.exclusive('migration', async () => {
     const state = machine.state;

@@ -22,6 +22,14 @@ export type PostcopyMode = boolean | 'after-rounds';
 export interface MigrateOptions {
   /** For tcp: the secret both sides were given. */
   token?: string;
+  /**
+   * Same-host live update: over a unix:PATH address, hand guest RAM (its memfd), the disk images
+   * and the TAPs to the destination process (SCM_RIGHTS) instead of copying pages; the downtime
+   * is the round trip of the machine's state, whatever the size of RAM. The pre-copy options do
+   * not apply. Refused for a tcp: address, and for a machine whose RAM is a copy-on-write file
+   * mapping (restored from a snapshot). Default false.
+   */
+  local?: boolean;
   /** Longest pause of the guest the pre-copy aims for. Default 50 ms. */
   downtimeBudgetMs?: number;
   /** Pre-copy rounds at most (the first full pass counts). Default 30. */

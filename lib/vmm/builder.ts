@@ -9,7 +9,7 @@ import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
 import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { argValueError, ErrorCode } from '../kvm/errors.js';
-import { checkDiskConfigs, type DiskConfig, type DiskShape } from './disks.js';
+import { checkDiskConfigs, type CheckedDiskConfig, type DiskConfig, type DiskShape } from './disks.js';
 import { checkVirtioConfig, VirtioDevices, virtioMismatch, vsockConfigFor } from './virtio-devices.js';
 import { netConfigsFor } from './nets.js';
 import type { BuildPlan, MachineShape } from './config.js';
@@ -269,7 +269,7 @@ export function shapeMismatch(saved: MachineShape, shape: MachineShape): string 
 }
 
 /** The disks to open for a saved machine: its own paths, or the ones this host was given for them. */
-function diskConfigsFor(saved: DiskShape[] | undefined, given: DiskConfig[] | undefined): Required<DiskConfig>[] {
+function diskConfigsFor(saved: DiskShape[] | undefined, given: DiskConfig[] | undefined): CheckedDiskConfig[] {
   const disks = saved ?? [];
   if (given === undefined) return checkDiskConfigs(disks.map((disk) => ({ path: disk.path, readOnly: disk.readOnly, id: disk.id })));
   const configs = checkDiskConfigs(given);

@@ -5,7 +5,7 @@ import { closeSync, openSync } from 'node:fs';
 import { BLK_ID_BYTES, blkModel, diskIdBytes, diskSectors, type DiskConfig } from '../devices/virtio-blk.js';
 import { VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
-import { lockFile, unlockFile } from '../kvm/host.js';
+import { dupFile, lockFile, unlockFile } from '../kvm/host.js';
 import type { OpenedDevice } from './virtio-control.js';
 
 export type { DiskConfig } from '../devices/virtio-blk.js';
@@ -26,32 +26,37 @@ export interface OpenDisk {
   locked: boolean;
 }
 
+/** A disk's configuration, checked, with its defaults filled in (an fd only if one was given). */
+export type CheckedDiskConfig = Required<Omit<DiskConfig, 'fd'>> & { fd?: number };
+
 /** Checks a `disks` configuration; returns it with defaults filled in. */
-export function checkDiskConfigs(disks: unknown): Required<DiskConfig>[] {
+export function checkDiskConfigs(disks: unknown): CheckedDiskConfig[] {
   if (disks === undefined) return [];
   if (!Array.isArray(disks)) throw argTypeError('disks must be an array of { path, readOnly?, id? }');
   if (disks.length > VIRTIO_MAX_DEVICES) throw outOfRangeError(`at most ${VIRTIO_MAX_DEVICES} disks, got ${disks.length}`);
   return disks.map((disk: unknown, index) => {
     if (typeof disk !== 'object' || disk === null) throw argTypeError(`disks[${index}] must be an object`);
-    const { path: file, readOnly, id } = disk as DiskConfig;
+    const { path: file, readOnly, id, fd } = disk as DiskConfig;
     if (typeof file !== 'string' || file === '') throw argTypeError(`disks[${index}].path must be a file path`);
     if (readOnly !== undefined && typeof readOnly !== 'boolean') throw argTypeError(`disks[${index}].readOnly must be a boolean`);
     if (id !== undefined && typeof id !== 'string') throw argTypeError(`disks[${index}].id must be a string of at most ${BLK_ID_BYTES} bytes`);
     if (id !== undefined && new TextEncoder().encode(id).length > BLK_ID_BYTES) {
       throw argValueError(`disks[${index}].id must be a string of at most ${BLK_ID_BYTES} bytes`);
     }
-    return { path: file, readOnly: readOnly ?? false, id: id ?? new TextDecoder().decode(diskIdBytes({ path: file })) };
+    if (fd !== undefined && (typeof fd !== 'number' || !Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff)) throw argTypeError(`disks[${index}].fd must be an open fd`);
+    return { path: file, readOnly: readOnly ?? false, id: id ?? new TextDecoder().decode(diskIdBytes({ path: file })), ...(fd !== undefined ? { fd } : {}) };
   });
 }
 
 /** Opens disk `index`'s image (not yet locked): the device for its slot. */
-export function openDisk(index: number, config: Required<DiskConfig>): OpenedDevice {
+export function openDisk(index: number, config: CheckedDiskConfig): OpenedDevice {
   let fd: number;
   try {
-    fd = openSync(config.path, config.readOnly ? 'r' : 'r+');
+    fd = config.fd !== undefined ? dupFile(config.fd, !config.readOnly) : openSync(config.path, config.readOnly ? 'r' : 'r+');
   } catch (error) {
     const e = error as NodeJS.ErrnoException;
-    throw systemError(`disk ${index}: cannot open ${config.path}${config.readOnly ? '' : ' for writing'}: ${e.code ?? e.message}`, error);
+    const what = config.fd !== undefined ? `take fd ${config.fd} for ${config.path}` : `open ${config.path}`;
+    throw systemError(`disk ${index}: cannot ${what}${config.readOnly ? '' : ' for writing'}: ${e.code === 'ERR_INVALID_ARG_VALUE' ? e.message : e.code ?? e.message}`, error);
   }
   try {
     const sectors = diskSectors(fd);

@@ -101,6 +101,8 @@ export interface MachineInternals {
   unlockDisks(): void;
   /** How many virtio devices (disks and others) the machine has: each has a thread that may raise interrupts. */
   readonly virtioDeviceCount: number;
+  /** The fds a migration on this host hands over, in slot order: disk images (with their locks) and TAPs. */
+  handoverFds(): { disks: number[]; net: number[] };
   /** Ends the machine with this exit (a migration's source: 'migrated'). */
   end(exit: MachineExit): void;
   /** Runs `work` as the machine's one long operation (a snapshot, a migration) at a time. */
@@ -733,6 +735,7 @@ export class Machine extends EventEmitter {
       lockDisksWithin: (waitMs) => this.#devices.virtio.lockWithin(waitMs),
       unlockDisks: () => this.#devices.virtio.unlock(),
       virtioDeviceCount: this.#devices.virtio.count,
+      handoverFds: () => this.#devices.virtio.handoverFds(),
       end: (exit) => this.#end(exit),
       exclusive: (what, work) => this.#exclusive(what, work),
       vcpuRequest: async (vcpuId, request) => {

@@ -14,7 +14,7 @@ import { EventFd, type GuestMemory, type Vm } from '../kvm/index.js';
 import { removeStaleSocket } from '../kvm/unix-socket.js';
 import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError, systemError } from '../kvm/errors.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
-import { lockDisks, openDisk, releaseLock, type DiskConfig, type DiskShape, type OpenDisk } from './disks.js';
+import { lockDisks, openDisk, releaseLock, type CheckedDiskConfig, type DiskShape, type OpenDisk } from './disks.js';
 import { netMismatch, openNet, type CheckedNetConfig, type NetShape } from './nets.js';
 import { workerEntry } from './worker-entry.js';
 import { RunState } from './control.js';
@@ -28,7 +28,7 @@ const workerFile = workerEntry(here, 'virtio-worker');
 
 /** Every virtio device a machine has, checked (checkVirtioConfig). */
 export interface VirtioConfig {
-  disks: Required<DiskConfig>[];
+  disks: CheckedDiskConfig[];
   rng: boolean;
   net: CheckedNetConfig[];
   vsock: VsockConfig | null;
@@ -53,7 +53,7 @@ interface Slot extends OpenedDevice {
 }
 
 /** Checks the virtio part of a machine's configuration; returns it with defaults filled in. */
-export function checkVirtioConfig(disks: Required<DiskConfig>[], rng: unknown, net: CheckedNetConfig[] = [], vsock?: unknown): VirtioConfig {
+export function checkVirtioConfig(disks: CheckedDiskConfig[], rng: unknown, net: CheckedNetConfig[] = [], vsock?: unknown): VirtioConfig {
   if (rng !== undefined && typeof rng !== 'boolean') throw argTypeError('rng must be a boolean');
   if (vsock !== undefined && vsock !== null) checkVsockConfig(vsock);
   const config = { disks, rng: rng ?? false, net, vsock: vsock ? { cid: vsock.cid, uds: vsock.uds } : null };
@@ -197,6 +197,17 @@ export class VirtioDevices {
    */
   unlock(): void {
     for (const disk of this.#disks()) releaseLock(disk);
+  }
+
+  /**
+   * The fds a migration on this host hands to the destination process (SCM_RIGHTS), in slot
+   * order: each disk's image (the same open file, and so the same lock) and each card's TAP.
+   */
+  handoverFds(): { disks: number[]; net: number[] } {
+    return {
+      disks: this.#disks().map((disk) => disk.fd),
+      net: this.#slots.flatMap((slot) => (slot.data.kind === 'net' ? [slot.data.fd] : [])),
+    };
   }
 
   /** Lets the threads serve their queues (the machine runs). */

@@ -1,0 +1,96 @@
+// `node-kvm migrate --local`: the option reaches the machine through its control API (a fake one
+// here), is refused for a tcp destination, and moves a real guest between two `run` processes
+// with nothing copied: the source exits 0 and the destination's count goes on.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
+import type { MigrateOptions, MigrationStats } from '../../lib/migration/types.js';
+import { nodeKvmInProcess, startNodeKvm, type NodeKvmProcess } from '../helpers/cli.js';
+import { noKvm, repoRoot } from '../helpers/kvm.js';
+import { lastPass } from '../helpers/migration.js';
+
+const MIB = 1024 * 1024;
+
+function socketDir(t: Test): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-local-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+const completed: MigrationStats = {
+  phase: 'completed', totalTimeMs: 120, setupTimeMs: 110, downtimeMs: 1.5, expectedDowntimeMs: 0, bytesTransferred: 20_000, pagesTransferred: 0,
+  zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0, memoryBytes: 64 * MIB, dirtyLogMode: 'bitmap',
+};
+
+class FakeMachine implements ApiMachine {
+  state: ApiMachineState = 'running';
+  readonly vcpuCount = 1;
+  readonly memoryBytes = 64 * MIB;
+  readonly calls: unknown[][] = [];
+  async pause(): Promise<void> {}
+  resume(): void {}
+  stop(): void {}
+  async reset(): Promise<void> {}
+  async snapshot(): Promise<never> {
+    throw new Error('not here');
+  }
+  async migrate(address: string, options?: MigrateOptions): Promise<MigrationStats> {
+    const { onProgress: _progress, ...rest } = options ?? {};
+    this.calls.push(['migrate', address, rest]);
+    return completed;
+  }
+}
+
+t.test('--local reaches the machine as local: true; a tcp destination is refused', async (t) => {
+  const dir = socketDir(t);
+  const apiSocket = path.join(dir, 'api.sock');
+  const machine = new FakeMachine();
+  const server = await startApiServer(apiSocket, machine);
+  t.teardown(() => server.close());
+  const result = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--json', `unix:${path.join(dir, 'dest.sock')}`], {});
+  t.equal(result.status, 0, result.stderr);
+  t.same(JSON.parse(result.stdout), completed);
+  t.same(machine.calls, [['migrate', `unix:${path.join(dir, 'dest.sock')}`, { local: true }]]);
+  const tcp = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--token', 't', 'tcp:127.0.0.1:4444'], {});
+  t.equal(tcp.status, 1);
+  t.equal(tcp.stderr, 'node-kvm: --local needs a unix:PATH destination: it hands file descriptors to a process on this host\n');
+  t.equal(machine.calls.length, 1, 'nothing reached the machine');
+});
+
+t.test('a real guest moves between two run processes with migrate --local', { skip: noKvm }, async (t) => {
+  const dir = socketDir(t);
+  const apiSocket = path.join(dir, 'source.sock');
+  const destinationSocket = path.join(dir, 'dest.sock');
+  const guest = path.join(repoRoot, 'guests', 'build', 'dirtier-user.elf');
+  const children: NodeKvmProcess[] = [];
+  t.teardown(() => {
+    for (const child of children) child.kill('SIGKILL');
+  });
+  const source = startNodeKvm(['run', guest, '--memory', '64M', '--api-socket', apiSocket]);
+  children.push(source);
+  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
+  children.push(destination);
+  await source.waitFor(/^pass 1 ok$/m);
+  await destination.waitFor(/^node-kvm: listening for a migration on unix:.*dest\.sock$/m, 'stderr');
+
+  const migrate = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--json', `unix:${destinationSocket}`], {});
+  t.equal(migrate.status, 0, migrate.stderr);
+  const stats = JSON.parse(migrate.stdout) as MigrationStats;
+  t.equal(stats.phase, 'completed');
+  t.equal(stats.pagesTransferred, 0, 'no page copied');
+  t.ok(stats.bytesTransferred < 256 * 1024, `only the state went over (${stats.bytesTransferred} bytes)`);
+  t.ok(stats.downtimeMs > 0, `downtime ${stats.downtimeMs.toFixed(2)} ms`);
+
+  const sourceEnd = await source.result;
+  t.equal(sourceEnd.status, 0, 'the source exits 0 once its guest has moved');
+  t.match(sourceEnd.stderr, /node-kvm: the guest migrated away; it runs at the destination now\n$/);
+  const lastPassAtSource = lastPass(sourceEnd.stdout);
+  await destination.waitFor(new RegExp(`^pass ${lastPassAtSource + 2} ok$`, 'm'));
+  t.match(sourceEnd.stdout + destination.stdout(), new RegExp(`pass ${lastPassAtSource} ok\npass ${lastPassAtSource + 1} ok\npass ${lastPassAtSource + 2} ok\n`),
+    'the count goes on unbroken across the move');
+  t.notMatch(destination.stdout(), /BAD/, 'the guest found its memory intact');
+  destination.kill('SIGTERM');
+  await destination.result;
+});

@@ -1,0 +1,42 @@
+// Same-host live update of the `net-echo` guest on a TAP in a network namespace: the TAP's fd
+// moves with the guest (the destination is given no TAP of its own), and the guest's address
+// answers from the destination on the same TAP.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import t from 'tap';
+import { Machine } from '../../lib/index.js';
+import { noKvm } from '../helpers/kvm.js';
+import { boot } from '../helpers/machine.js';
+import { expectedEcho, GUEST_IP, MAC, namespaceWithTap, netEchoImage as image, ping, READY, udpEcho } from '../helpers/net-echo.js';
+import { noNetns } from '../helpers/netns.js';
+import { sharedPool } from '../helpers/pool.js';
+
+const MiB = 1 << 20;
+const skip = noKvm || noNetns;
+const pool = skip ? undefined : sharedPool(2);
+
+t.test('the TAP moves with the guest: its address answers from the destination, on the same TAP', { skip }, async (t) => {
+  const ns = namespaceWithTap(t);
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-local-net-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const booted = await boot({ image, cmdline: `ip=${GUEST_IP}`, memoryBytes: 16 * MiB, pool, net: [{ tap: 'tap0', netns: ns.path, mac: MAC }] });
+  t.teardown(() => booted.machine.stop());
+  booted.machine.start();
+  await booted.waitForOutput(READY);
+  t.equal(await udpEcho(ns, 2), expectedEcho(2));
+
+  const address = `unix:${path.join(dir, 'm.sock')}`;
+  let listening!: () => void;
+  const ready = new Promise<void>((resolve) => (listening = resolve));
+  // No net here: a copying migration would need a TAP for the card; this one is handed the source's.
+  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: null }, log: () => {}, pool });
+  await ready;
+  await booted.machine.migrate(address, { local: true });
+  const destination = await incoming;
+  t.teardown(() => destination.stop());
+  t.equal((await booted.machine.wait()).reason, 'migrated');
+  t.same(destination.shape.net, [{ mac: MAC }]);
+  t.match(await ping(ns, 2), '2 packets transmitted, 2 received');
+  t.equal(await udpEcho(ns, 3), expectedEcho(3), 'the moved guest echoes on the same TAP');
+});
