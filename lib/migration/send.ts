@@ -101,6 +101,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
       releaseDisks: () => internals.unlockDisks(),
       retakeDisks: () => internals.lockDisksWithin(DISK_RETAKE_MS),
       throttle: internals.vcpuThrottle,
+      holdPaused: (reason) => internals.refuseResume(reason),
     });
     internals.end({ reason: 'migrated' });
     return stats;
@@ -130,6 +131,8 @@ export interface MigrationSource {
   retakeDisks(): Promise<void>;
   /** The vCPU throttle, for auto-converge (a source without one refuses autoConverge). */
   readonly throttle?: ThrottleControl;
+  /** Post-copy: refuses resume() with `reason` from now on (null: lifts it). */
+  holdPaused?(reason: string | null): void;
 }
 
 interface CheckedOptions {
@@ -308,6 +311,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       disksReleased = true;
       // From this write on the guest may run there: this side never resumes it again.
       postcopyStarted = true;
+      source.holdPaused?.(`post-copy migration to ${addressText} has started: the guest may run at the destination, so it cannot resume here ` +
+        '(it would run in two places); stop() gives this copy up');
       stats.postcopy = newPostcopyStats(pageCountOf(missing));
       stats.remainingPages = stats.postcopy.missingPages;
       await send([...encodeMachineState(state), encodeSection(SectionType.Postcopy, encodePageRanges(missing))]);
@@ -317,6 +322,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         if (error instanceof MigrationError && error.code === Code.Refused) {
           // It refused before running the guest (it never refuses after): the guest runs on here.
           postcopyStarted = false;
+          source.holdPaused?.(null);
           throw error;
         }
         // A break before the answer: the destination may run the guest; resume the transfer.

@@ -105,6 +105,11 @@ export interface MachineInternals {
   handoverFds(): { disks: number[]; net: number[] };
   /** Ends the machine with this exit (a migration's source: 'migrated'). */
   end(exit: MachineExit): void;
+  /**
+   * While set, resume() (and reset()) throw ERR_MACHINE_STATE with this reason: a post-copy
+   * source's guest may run elsewhere. null lifts it; stop() is never refused.
+   */
+  refuseResume(reason: string | null): void;
   /** Runs `work` as the machine's one long operation (a snapshot, a migration) at a time. */
   exclusive<T>(what: string, work: () => Promise<T>): Promise<T>;
   /**
@@ -228,6 +233,8 @@ export class Machine extends EventEmitter {
   readonly #haltWatch: HaltWatch | null;
   /** A pause the owner does not see (#whileStopped: the halt watch's check, a debugger's read). */
   #quietPause: Promise<void> | null = null;
+  /** Why resume() is refused now (machineInternals().refuseResume), if it is. */
+  #resumeRefusal: string | null = null;
   readonly #requestPorts: MessagePort[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
   #requestSeq = 0;
@@ -650,9 +657,12 @@ export class Machine extends EventEmitter {
 
   /**
    * Runs the paused guest again (paused -> running) and emits 'resumed' before it returns.
-   * Throws ERR_MACHINE_STATE unless paused.
+   * Throws ERR_MACHINE_STATE unless paused, and while a post-copy migration holds the guest
+   * (from the moment its state went out, also after migrate() failed with EPOSTCOPY: the guest
+   * may run at the destination).
    */
   resume(): void {
+    if (this.#resumeRefusal !== null) throw machineStateError(this.#resumeRefusal);
     if (Atomics.load(this.#control, STATE) !== RunState.Paused || this.#quietPause) throw machineStateError(`machine is ${this.state}, not paused`);
     this.#devices.virtio.resume();
     setRunState(this.#control, RunState.Running);
@@ -675,6 +685,7 @@ export class Machine extends EventEmitter {
     const boot = this.boot;
     if (!powerOn || !boot) throw machineStateError('this machine was restored or received: it has no image to boot again');
     return this.#exclusive('reset', async () => {
+      if (this.#resumeRefusal !== null) throw machineStateError(this.#resumeRefusal);
       const state = Atomics.load(this.#control, STATE);
       if (state !== RunState.Running && state !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not running`);
       const wasRunning = state === RunState.Running;
@@ -737,6 +748,7 @@ export class Machine extends EventEmitter {
       virtioDeviceCount: this.#devices.virtio.count,
       handoverFds: () => this.#devices.virtio.handoverFds(),
       end: (exit) => this.#end(exit),
+      refuseResume: (reason) => void (this.#resumeRefusal = reason),
       exclusive: (what, work) => this.#exclusive(what, work),
       vcpuRequest: async (vcpuId, request) => {
         const reply = this.#request(vcpuId, request);

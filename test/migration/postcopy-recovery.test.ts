@@ -173,13 +173,28 @@ t.test('a corrupt byte in the post-copy stream: nothing of that section is place
 t.test('a source gone for good leaves the guest paused at the destination with a clear error', { skip: noKvm }, async (t) => {
   const destination = await setUp(t, 1500);
   const { source } = await dirtierWithFilledRegion(t);
+  let resumeDuringPostcopy: unknown;
   const error = await source.machine.migrate(destination.proxy.address, {
     postcopy: true, postcopyRecoveryMs: 500,
-    onProgress: (p) => p.phase === 'postcopy' && destination.proxy.refuse(),
+    onProgress: (p) => {
+      if (p.phase !== 'postcopy' || resumeDuringPostcopy) return;
+      destination.proxy.refuse();
+      try {
+        source.machine.resume();
+        resumeDuringPostcopy = 'resumed';
+      } catch (e) {
+        resumeDuringPostcopy = e;
+      }
+    },
   }).then(() => null, (e: Error & { code?: string }) => e);
   t.equal(error?.code, 'EPOSTCOPY', 'the source fails with EPOSTCOPY');
   t.match(error?.message, /cannot resume here: it stays paused here/);
   t.equal(source.machine.state, 'paused', 'the source keeps its copy, paused');
+  const refusal = /post-copy migration to unix:\S+ has started: the guest may run at the destination, so it cannot resume here/;
+  t.match(resumeDuringPostcopy, { code: 'ERR_MACHINE_STATE', message: refusal }, 'resume() during post-copy is refused');
+  t.throws(() => source.machine.resume(), { code: 'ERR_MACHINE_STATE', message: refusal }, 'resume() after EPOSTCOPY is refused, saying why');
+  await t.rejects(source.machine.reset(), { code: 'ERR_MACHINE_STATE' }, 'so is reset() (it would clear the pages only this side has)');
+  t.equal(source.machine.state, 'paused', 'still paused');
   const outcome = await destination.arrived.then(() => null, (e: Error) => e);
   t.type(outcome, PostcopyPausedError, 'the destination fails with a PostcopyPausedError');
   const paused = outcome as PostcopyPausedError;
@@ -187,4 +202,5 @@ t.test('a source gone for good leaves the guest paused at the destination with a
   t.match(paused.message, /the source did not resume within 1500 ms: the guest is paused here, lacking \d+ pages that only the source has/);
   t.equal(paused.machine.state, 'paused', 'the guest is paused there, not lost');
   t.equal(paused.machine, await destination.running, 'the error holds the machine');
+  t.equal((await source.machine.stop()).reason, 'stopped', 'stop() still gives the source\'s copy up');
 });
