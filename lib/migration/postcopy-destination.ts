@@ -280,12 +280,31 @@ export async function runPostcopyDestination(
     ]);
     pages.request = null;
     if (outcome.done) {
-      clearInterval(stopWatch);
       pages.close();
       const stats = pages.stats();
       await writeChunks(socket, [encodeSection(SectionType.Postcopy, new TextEncoder().encode(JSON.stringify(stats))), encodeEnd()]).catch(() => {});
-      socket.end();
-      return stats;
+      // The source's End acknowledges ours. Without it the source may not know that every page is
+      // here (a break just as ours went): it would reconnect, so listen for that and answer that
+      // nothing is lacking, until it acknowledges or the recovery time is up.
+      const unacknowledged = await connection.ended.then(() => null, (error: Error) => error);
+      if (unacknowledged === null) {
+        clearInterval(stopWatch);
+        socket.end();
+        return stats;
+      }
+      socket.destroy();
+      context.log(`post-copy: every page is here, but the connection broke (${unacknowledged.message}) before the source acknowledged it; ` +
+        `waiting on ${context.address} for the source to resume`);
+      try {
+        connection = await acceptResume(context, unacknowledged, stopped.signal);
+      } catch (error) {
+        clearInterval(stopWatch);
+        context.log(`post-copy: the source did not come back to acknowledge that every page is here${stopped.signal.aborted ? " (the machine was stopped)" : ""}; ` +
+          'it may report EPOSTCOPY, but the guest has all its memory here');
+        void error;
+        return stats;
+      }
+      continue;
     }
     const { broke } = outcome;
     socket.destroy();
@@ -308,6 +327,7 @@ export async function runPostcopyDestination(
     }
   }
 }
+
 
 /** Pauses the guest if it runs; resolves once it is (or at once, when a vCPU waits on a page: it parks once the page comes). */
 function pauseGuest(machine: Machine): Promise<void> {

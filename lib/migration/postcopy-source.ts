@@ -1,7 +1,7 @@
 // The source side of post-copy (see postcopy-destination.ts for the other): the guest runs at the
 // destination now and is paused here for good; every page the destination lacks goes out, those
-// a fault waits on (PageRequest) ahead of the background stream, then End; the destination
-// answers with its figures and End once it has every page. If the connection breaks, this side
+// a fault waits on (PageRequest) ahead of the background stream; the destination says End (with
+// its figures) once it has every page, and this side's End acknowledges it. If the connection breaks, this side
 // reconnects and resumes: the destination says which pages it still lacks, and they go again.
 // This side never resumes the guest: the destination has run it.
 import type { Socket } from 'node:net';
@@ -180,7 +180,7 @@ async function serve(
 
   const read = (guestPhysAddr: number, byteLength: number) => ram.subarray(guestPhysAddr, guestPhysAddr + byteLength);
   let cursor = 0;
-  let endSent = false;
+  let allSent = false;
   while (!finished) {
     let batch: PageRange[] = [];
     let onDemand = false;
@@ -211,9 +211,8 @@ async function serve(
       await Promise.race([flowControl(socket, () => requests.length > 0), failure]);
       continue;
     }
-    if (!endSent) {
-      socket.write(encodeEnd());
-      endSent = true;
+    if (!allSent) {
+      allSent = true;
       options.onProgress();
     }
     // Everything has gone: wait for the destination's End (or a request for a page in flight, which
@@ -222,7 +221,9 @@ async function serve(
     requests.length = 0;
   }
   await reading;
-  socket.end();
+  // Our End acknowledges the destination's: until it comes, a destination that has every page
+  // still listens for a resume (to tell a source cut off from its End that nothing is lacking).
+  socket.end(encodeEnd());
 }
 
 /** Resolves once the socket's queue is short, or at once when a request waits (it goes next). */

@@ -19,6 +19,8 @@ export interface MigrationProxy {
    * PageRequest: a fault waits on a page that cannot come).
    */
   cutWhenFaultWaits(): Promise<void>;
+  /** Cuts the current connection as the destination next sends anything, which never reaches the source. */
+  cutOnReply(): Promise<void>;
   /** Refuses every connection from now on (a source or destination gone for good). */
   refuse(): void;
   /** Bytes toward the destination so far. */
@@ -35,6 +37,7 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
   let holding = false;
   let onFaultWaits: (() => void) | null = null;
   let refusing = false;
+  let onReply: (() => void) | null = null;
   const cut = () => {
     current?.client.destroy();
     current?.upstream.destroy();
@@ -71,6 +74,13 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
       upstream.write(chunk);
     });
     upstream.on('data', (chunk: Buffer) => {
+      if (onReply) {
+        const done = onReply;
+        onReply = null;
+        cut();
+        done();
+        return;
+      }
       if (holding && onFaultWaits) {
         const done = onFaultWaits;
         onFaultWaits = null;
@@ -101,6 +111,9 @@ export async function startMigrationProxy(listenPath: string, destinationPath: s
     cutWhenFaultWaits: () => new Promise<void>((resolve) => {
       holding = true;
       onFaultWaits = resolve;
+    }),
+    cutOnReply: () => new Promise<void>((resolve) => {
+      onReply = resolve;
     }),
     refuse: () => {
       refusing = true;

@@ -170,6 +170,31 @@ t.test('a corrupt byte in the post-copy stream: nothing of that section is place
   t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived, the corrupt section replaced');
 });
 
+t.test('a break just as the destination sends its final End: the source resumes, hears nothing is lacking, completes as migrated', { skip: noKvm }, async (t) => {
+  const destination = await setUp(t);
+  const { source } = await dirtierWithFilledRegion(t);
+  // Paused: no fault at the destination, so the next thing it sends after its word that the guest
+  // runs there is its figures and End, once it has every page.
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  let replyCut: Promise<void> | undefined;
+  const stats = await source.machine.migrate(destination.proxy.address, {
+    postcopy: true,
+    onProgress: (p) => {
+      if (p.phase === 'postcopy' && !replyCut) replyCut = destination.proxy.cutOnReply();
+    },
+  });
+  await replyCut;
+  t.equal((await source.machine.wait()).reason, 'migrated', 'the source completes as migrated, not EPOSTCOPY');
+  t.equal(stats.postcopy!.recoveries, 1, 'after one resume');
+  t.equal(stats.postcopy!.pagesBackground, stats.postcopy!.missingPages, 'the resume found nothing lacking: no page went twice');
+  t.ok(destination.logs.some((line) => /every page is here, but the connection broke .* before the source acknowledged it/.test(line)), 'the destination waited for the source to acknowledge');
+  t.ok(destination.logs.some((line) => /the source resumed; 0 pages to go/.test(line)), 'and told it nothing is lacking');
+  const machine = await destination.arrived;
+  t.equal(machine.state, 'paused', 'arrived paused, as it left');
+  t.equal(memoryHash(machine.memory), hash, 'the whole RAM arrived');
+});
+
 t.test('a source gone for good leaves the guest paused at the destination with a clear error', { skip: noKvm }, async (t) => {
   const destination = await setUp(t, 1500);
   const { source } = await dirtierWithFilledRegion(t);
