@@ -14,6 +14,7 @@
 // and this side listens again at its address for the source to resume: it answers with the
 // pages it still lacks, and asks again for those its faults wait on.
 import type { Socket } from 'node:net';
+import { setTimeout as delay } from 'node:timers/promises';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { watchFd, type FdWatch } from '../kvm/fd-watch.js';
 import type { GuestMemory } from '../kvm/memory.js';
@@ -32,11 +33,24 @@ import { listenForMigration, parseMigrationAddress } from './transport.js';
 import type { PostcopyStats } from './types.js';
 import { writeChunks } from './writers.js';
 
+/** What PostcopyPages needs of its userfaultfd (a Userfaultfd; a test's stand-in fails on purpose). */
+export type PostcopyUffd = Pick<Userfaultfd, 'fd' | 'readFaults' | 'copy' | 'zero' | 'close'>;
+
+let openUffd: (memory: GuestMemory) => PostcopyUffd = (memory) => Userfaultfd.register(memory);
+
+/**
+ * A test seam (not exported from the package): how PostcopyPages opens its userfaultfd from now
+ * on, so that a test can inject a uffd error; null restores Userfaultfd.register.
+ */
+export function setPostcopyUffdOpener(opener: ((memory: GuestMemory) => PostcopyUffd) | null): void {
+  openUffd = opener ?? ((memory) => Userfaultfd.register(memory));
+}
+
 /** The pages of a guest that runs here while some are still missing. */
 export class PostcopyPages {
   readonly #memory: GuestMemory;
   readonly #lacking: PageSet;
-  readonly #uffd: Userfaultfd;
+  readonly #uffd: PostcopyUffd;
   readonly #watch: FdWatch;
   /** Pages faults wait on, and when each fault was read. */
   readonly #waiting = new Map<number, number>();
@@ -56,6 +70,8 @@ export class PostcopyPages {
   onComplete: () => void = () => {};
   /** Called if placing a page fails (a uffd error): the guest cannot go on. */
   onFailure: (error: Error) => void = () => {};
+  /** The uffd error that stopped post-copy here, if one did. */
+  failure: Error | null = null;
 
   /**
    * Drops the `lacking` pages the memfd holds (stale pre-copy data) and registers the whole
@@ -71,7 +87,7 @@ export class PostcopyPages {
         memory.dontneed(range.firstPage * PAGE_SIZE, range.pageCount * PAGE_SIZE);
       }
     }
-    this.#uffd = Userfaultfd.register(memory);
+    this.#uffd = openUffd(memory);
     this.#watch = watchFd(this.#uffd.fd, () => this.#onFaults());
   }
 
@@ -122,7 +138,22 @@ export class PostcopyPages {
         this.request(rangesOfPages(wanted));
       }
     } catch (error) {
-      this.onFailure(error as Error);
+      this.#fail(error as Error);
+    }
+  }
+
+  #fail(error: Error): void {
+    this.failure ??= error;
+    this.onFailure(error);
+  }
+
+  /** #place(), a failure of which ends post-copy here (not a break of the connection: a resume could not help). */
+  #placeOrFail(firstPage: number, pageCount: number, data: Uint8Array | null): void {
+    try {
+      this.#place(firstPage, pageCount, data);
+    } catch (error) {
+      this.#fail(error as Error);
+      throw error;
     }
   }
 
@@ -141,10 +172,10 @@ export class PostcopyPages {
       else this.#staged.push({ addr: guestPhysAddr, offset: this.#stagedBytes, length: data.length });
       this.#stagedBytes = end;
     },
-    zeroPages: (guestPhysAddr, byteLength) => this.#place(guestPhysAddr / PAGE_SIZE, byteLength / PAGE_SIZE, null),
+    zeroPages: (guestPhysAddr, byteLength) => this.#placeOrFail(guestPhysAddr / PAGE_SIZE, byteLength / PAGE_SIZE, null),
     pagesDone: () => {
       for (const piece of this.#staged) {
-        this.#place(piece.addr / PAGE_SIZE, piece.length / PAGE_SIZE, this.#staging.subarray(piece.offset, piece.offset + piece.length));
+        this.#placeOrFail(piece.addr / PAGE_SIZE, piece.length / PAGE_SIZE, this.#staging.subarray(piece.offset, piece.offset + piece.length));
       }
       this.dropStaged();
     },
@@ -297,23 +328,31 @@ export async function runPostcopyDestination(
         `waiting on ${context.address} for the source to resume`);
       try {
         connection = await acceptResume(context, unacknowledged, stopped.signal);
-      } catch (error) {
+      } catch {
         clearInterval(stopWatch);
-        context.log(`post-copy: the source did not come back to acknowledge that every page is here${stopped.signal.aborted ? " (the machine was stopped)" : ""}; ` +
+        context.log(`post-copy: the source did not come back to acknowledge that every page is here${stopped.signal.aborted ? ' (the machine was stopped)' : ''}; ` +
           'it may report EPOSTCOPY, but the guest has all its memory here');
-        void error;
         return stats;
       }
       continue;
     }
-    const { broke } = outcome;
-    socket.destroy();
+    // A uffd error fails the parse too (it surfaces as a broken stream): it is fatal all the same.
+    const fatal = outcome.fatal || pages.failure !== null;
+    const broke = pages.failure ?? outcome.broke;
     pages.dropStaged();
-    if (outcome.fatal) {
-      // Not the connection: pages cannot be placed here. The guest stays paused.
-      await pauseGuest(machine);
-      throw new PostcopyPausedError(`post-copy failed here: ${broke.message}; the guest is paused here, lacking ${pages.lackingCount} pages`, machine, broke);
+    if (fatal) {
+      // Not the connection: pages cannot be placed here, and a resume could not help. The source
+      // hears why at once (it keeps its copy, paused) rather than trying to resume.
+      const message = `post-copy failed here: ${broke.message}; the guest is paused here, lacking ${pages.lackingCount} pages`;
+      // Half-closed: the source reads why before it sees the connection go (its writes meanwhile
+      // do not fail); dropped soon after.
+      if (!socket.destroyed) socket.end(encodeErrorSection(message));
+      setTimeout(() => socket.destroy(), 1000).unref();
+      // A vCPU blocked on a page that cannot come never parks; the machine is paused all the same.
+      await Promise.race([pauseGuest(machine), delay(1000, undefined, { ref: false })]);
+      throw new PostcopyPausedError(message, machine, broke);
     }
+    socket.destroy();
     const wasRunning = machine.state === 'running';
     const pausing = pauseGuest(machine);
     context.log(`post-copy: the connection broke (${broke.message}); the guest is paused, lacking ${pages.lackingCount} pages, until the source resumes on ${context.address}`);

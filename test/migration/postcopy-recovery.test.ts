@@ -8,6 +8,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { Machine, PostcopyPausedError } from '../../lib/index.js';
+import { Userfaultfd } from '../../lib/kvm/userfaultfd.js';
+import { setPostcopyUffdOpener } from '../../lib/migration/postcopy-destination.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
 import { startMigrationProxy, type MigrationProxy } from '../helpers/migration-proxy.js';
@@ -228,4 +230,44 @@ t.test('a source gone for good leaves the guest paused at the destination with a
   t.equal(paused.machine.state, 'paused', 'the guest is paused there, not lost');
   t.equal(paused.machine, await destination.running, 'the error holds the machine');
   t.equal((await source.machine.stop()).reason, 'stopped', 'stop() still gives the source\'s copy up');
+});
+
+t.test('a uffd error at the destination (UFFDIO_COPY fails): the guest paused there with a clear error, the source told at once, nothing lost', { skip: noKvm }, async (t) => {
+  let copies = 0;
+  setPostcopyUffdOpener((memory) => {
+    const uffd = Userfaultfd.register(memory);
+    return {
+      fd: uffd.fd,
+      readFaults: () => uffd.readFaults(),
+      zero: (firstPage, pageCount) => uffd.zero(firstPage, pageCount),
+      close: () => uffd.close(),
+      copy: (firstPage, data) => {
+        if (++copies === 3) throw Object.assign(new Error('UFFDIO_COPY failed: EFAULT (injected)'), { code: 'EFAULT' });
+        return uffd.copy(firstPage, data);
+      },
+    };
+  });
+  t.teardown(() => setPostcopyUffdOpener(null));
+  const destination = await setUp(t);
+  const { source } = await dirtierWithFilledRegion(t);
+  await source.machine.pause();
+  const hash = memoryHash(source.machine.memory);
+  const started = performance.now();
+  // The default recovery time (60 s) would time the test out: the source must hear at once.
+  const error = await source.machine.migrate(destination.proxy.address, { postcopy: true }).then(() => null, (e: Error & { code?: string }) => e);
+  t.ok(performance.now() - started < 10_000, 'the source fails promptly, without waiting to resume');
+  t.equal(error?.code, 'EPOSTCOPY', 'the source fails with EPOSTCOPY');
+  t.match(error?.message, /the destination gave up: post-copy failed here: UFFDIO_COPY failed: EFAULT \(injected\); the guest is paused here, lacking \d+ pages/);
+  t.equal(destination.proxy.connections, 1, 'no resume was tried: it could not help');
+  t.equal(source.machine.state, 'paused', 'the source keeps its copy, paused');
+  t.equal(memoryHash(source.machine.memory), hash, 'with all its memory');
+  t.throws(() => source.machine.resume(), { code: 'ERR_MACHINE_STATE' }, 'which cannot resume there');
+  const outcome = await destination.arrived.then(() => null, (e: Error) => e);
+  t.type(outcome, PostcopyPausedError, 'the destination fails with a PostcopyPausedError');
+  const paused = outcome as PostcopyPausedError;
+  t.match(paused.message, /^post-copy failed here: UFFDIO_COPY failed: EFAULT \(injected\); the guest is paused here, lacking \d+ pages$/);
+  t.match(paused.cause, { code: 'EFAULT' }, 'the uffd error is its cause');
+  t.equal(paused.machine, await destination.running, 'the error holds the machine');
+  t.equal(paused.machine.state, 'paused', 'the guest is paused there, not lost');
+  t.ok(copies >= 3, 'the injected failure was hit');
 });
