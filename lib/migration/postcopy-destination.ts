@@ -46,6 +46,20 @@ export function setPostcopyUffdOpener(opener: ((memory: GuestMemory) => Postcopy
   openUffd = opener ?? ((memory) => Userfaultfd.register(memory));
 }
 
+let directPlacement = true;
+
+/**
+ * A benchmark's seam (not exported from the package): with false, page data is always copied to
+ * a staging buffer before it is placed (as before read buffers were lent), for a side-by-side run.
+ */
+export function setPostcopyDirectPlacement(enabled: boolean): void {
+  directPlacement = enabled;
+}
+
+/** Read buffers lent to a connection (see readBuffer()): their size, and how many a section may hold at most. */
+const LENT_BUFFER_BYTES = 1024 * 1024;
+const MAX_HELD_BUFFERS = 8;
+
 /** The pages of a guest that runs here while some are still missing. */
 export class PostcopyPages {
   readonly #memory: GuestMemory;
@@ -64,6 +78,15 @@ export class PostcopyPages {
   #staging = new Uint8Array(2 * 1024 * 1024 + PAGE_SIZE);
   #staged: { addr: number; offset: number; length: number }[] = [];
   #stagedBytes = 0;
+  /**
+   * Whole pages of a streamed section left where they were read (a buffer lent by readBuffer()),
+   * placed from there once the section checks out: one copy less than staging.
+   */
+  #direct: { addr: number; data: Uint8Array }[] = [];
+  readonly #lent = new WeakMap<ArrayBufferLike, Uint8Array>();
+  readonly #held = new Set<Uint8Array>();
+  readonly #free: Uint8Array[] = [];
+  #lastLent: Uint8Array | null = null;
   /** Where requests go: the connection's writer, or nothing while there is none. */
   request: ((ranges: PageRange[]) => void) | null = null;
   /** Called once every page is there. */
@@ -160,20 +183,18 @@ export class PostcopyPages {
   /** The parser's target during post-copy: page data staged, placed once its section checks out. */
   readonly target: Pick<SectionParserTarget, 'writePages' | 'zeroPages' | 'pagesDone'> = {
     writePages: (guestPhysAddr, data) => {
-      const end = this.#stagedBytes + data.length;
-      if (end > this.#staging.length) {
-        const grown = new Uint8Array(Math.max(end, 2 * this.#staging.length));
-        grown.set(this.#staging.subarray(0, this.#stagedBytes));
-        this.#staging = grown;
-      }
-      this.#staging.set(data, this.#stagedBytes);
-      const last = this.#staged.at(-1);
-      if (last && last.addr + last.length === guestPhysAddr && last.offset + last.length === this.#stagedBytes) last.length += data.length;
-      else this.#staged.push({ addr: guestPhysAddr, offset: this.#stagedBytes, length: data.length });
-      this.#stagedBytes = end;
+      const lent = this.#lent.get(data.buffer);
+      if (!lent) return this.#stage(guestPhysAddr, data);
+      // Whole pages stay in the lent buffer; a page split across two reads is put together in staging.
+      const head = Math.min(data.length, (PAGE_SIZE - (guestPhysAddr % PAGE_SIZE)) % PAGE_SIZE);
+      const tail = (data.length - head) % PAGE_SIZE;
+      if (head > 0) this.#stage(guestPhysAddr, data.subarray(0, head));
+      if (data.length - tail > head) this.#keep(lent, guestPhysAddr + head, data.subarray(head, data.length - tail));
+      if (tail > 0) this.#stage(guestPhysAddr + data.length - tail, data.subarray(data.length - tail));
     },
     zeroPages: (guestPhysAddr, byteLength) => this.#placeOrFail(guestPhysAddr / PAGE_SIZE, byteLength / PAGE_SIZE, null),
     pagesDone: () => {
+      for (const piece of this.#direct) this.#placeOrFail(piece.addr / PAGE_SIZE, piece.data.length / PAGE_SIZE, piece.data);
       for (const piece of this.#staged) {
         this.#placeOrFail(piece.addr / PAGE_SIZE, piece.length / PAGE_SIZE, this.#staging.subarray(piece.offset, piece.offset + piece.length));
       }
@@ -181,10 +202,56 @@ export class PostcopyPages {
     },
   };
 
+  /**
+   * The buffer a connection's next read goes into (its socket's onread buffer): page data read
+   * into it is placed from it with no copy of ours. Null (the caller's own buffer, whose data is
+   * staged) once post-copy is over or too many are held by one section.
+   */
+  readBuffer(): Uint8Array | null {
+    if (!directPlacement || this.#closed) return null;
+    const last = this.#lastLent;
+    if (last && !this.#held.has(last)) return last;
+    if (this.#held.size >= MAX_HELD_BUFFERS) return null;
+    let next = this.#free.pop();
+    if (!next) {
+      next = new Uint8Array(LENT_BUFFER_BYTES);
+      this.#lent.set(next.buffer, next);
+    }
+    this.#lastLent = next;
+    return next;
+  }
+
+  #stage(guestPhysAddr: number, data: Uint8Array): void {
+    const end = this.#stagedBytes + data.length;
+    if (end > this.#staging.length) {
+      const grown = new Uint8Array(Math.max(end, 2 * this.#staging.length));
+      grown.set(this.#staging.subarray(0, this.#stagedBytes));
+      this.#staging = grown;
+    }
+    this.#staging.set(data, this.#stagedBytes);
+    const last = this.#staged.at(-1);
+    if (last && last.addr + last.length === guestPhysAddr && last.offset + last.length === this.#stagedBytes) last.length += data.length;
+    else this.#staged.push({ addr: guestPhysAddr, offset: this.#stagedBytes, length: data.length });
+    this.#stagedBytes = end;
+  }
+
+  #keep(lent: Uint8Array, guestPhysAddr: number, data: Uint8Array): void {
+    this.#held.add(lent);
+    const last = this.#direct.at(-1);
+    if (last && last.data.buffer === data.buffer && last.addr + last.data.length === guestPhysAddr && last.data.byteOffset + last.data.length === data.byteOffset) {
+      last.data = new Uint8Array(data.buffer, last.data.byteOffset, last.data.length + data.length);
+    } else {
+      this.#direct.push({ addr: guestPhysAddr, data });
+    }
+  }
+
   /** Forgets page data of a section that will never check out (its connection broke). */
   dropStaged(): void {
     this.#staged = [];
     this.#stagedBytes = 0;
+    this.#direct = [];
+    for (const buffer of this.#held) if (buffer !== this.#lastLent) this.#free.push(buffer);
+    this.#held.clear();
   }
 
   #place(firstPage: number, pageCount: number, data: Uint8Array | null): void {
@@ -251,7 +318,10 @@ export interface PostcopyDestinationContext {
   stallTimeoutMs: number;
   recoveryMs: number | undefined;
   log: (message: string) => void;
-  /** Parses a connection's stream into `pages.target` from `leftover` on (receive.ts's receiveSections). */
+  /**
+   * Parses a connection's stream into `pages.target` from `leftover` on (receive.ts's
+   * receiveSections), each read into `pages.readBuffer()` where it gives one.
+   */
   receive(socket: Socket, leftover: Uint8Array[], target: SectionParserTarget): { socket: Socket; ended: Promise<void> };
 }
 

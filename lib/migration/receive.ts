@@ -242,7 +242,7 @@ export async function receiveMigration(
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type !== SectionType.End && !state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
       },
-    }, stallTimeoutMs, signal, what);
+    }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
@@ -265,7 +265,7 @@ export async function receiveMigration(
       await runPostcopyDestination({
         pages, machine, header, address: listeningAt, token: config.token, stallTimeoutMs, recoveryMs: config.postcopyRecoveryMs,
         log: (message) => config.log?.(message),
-        receive: (next, leftover, parserTarget) => receiveSections(next, leftover, parserTarget, stallTimeoutMs, undefined, what),
+        receive: (next, leftover, parserTarget) => receiveSections(next, leftover, parserTarget, stallTimeoutMs, undefined, what, () => pages.readBuffer()),
       }, sections);
       return machine;
     }
@@ -308,6 +308,8 @@ function receiveSections(
   stallTimeoutMs: number,
   signal: AbortSignal | undefined,
   what: string,
+  /** Post-copy's read buffers (see PostcopyPages.readBuffer()), where it lends one. */
+  lentBuffer?: () => Uint8Array | null,
 ): { socket: Socket; ended: Promise<void> } {
   const parser = new SectionParser(target);
   let settle!: (error?: Error) => void;
@@ -341,7 +343,8 @@ function receiveSections(
   if (signal?.aborted) onAbort();
   else signal?.addEventListener('abort', onAbort, { once: true });
   for (const chunk of leftover) take(chunk);
-  const reopened = reopenWithReadBuffer(socket, Buffer.allocUnsafe(RECEIVE_BUFFER_BYTES), take);
+  const buffer = Buffer.allocUnsafe(RECEIVE_BUFFER_BYTES);
+  const reopened = reopenWithReadBuffer(socket, lentBuffer ? () => lentBuffer() ?? buffer : buffer, take);
   const closed = (why: string) => () => {
     if (!parser.ended) {
       finish(new MigrationError(Code.Truncated, `migration stream truncated: ${why} after ${parser.bytesParsed} bytes (expected ${parser.waitingFor})`));

@@ -26,15 +26,15 @@ export function enlargeSocketBuffers(socket: Socket, bytes = MIGRATION_SOCKET_BU
 /**
  * The same connection as a new Socket whose reads land in `buffer`, as much as the kernel holds
  * up to its size, each handed to `onRead(bytes)` (valid only during the call; return false to stop
- * reading). Node's own sockets read 64 KiB at a time into a new Buffer each, with a JavaScript
+ * reading). `buffer` may be a function that gives the buffer of each read. Node's own sockets read 64 KiB at a time into a new Buffer each, with a JavaScript
  * event per read: at migration rates that, not the kernel, limits a receiver (64 MiB over
  * loopback TCP: about 45 ms that way, 15 ms with a 4 MiB buffer here).
  *
  * `socket` must be idle: not reading (paused, or nothing in flight), nothing unread in its buffer.
  * It is destroyed; the connection lives on in the socket returned, which owns a duplicate of the fd.
  */
-export function reopenWithReadBuffer(socket: Socket, buffer: Uint8Array, onRead: (bytes: Uint8Array) => boolean | void): Socket {
-  if (!(buffer instanceof Uint8Array) || buffer.length === 0) throw argTypeError('buffer must be a non-empty Uint8Array');
+export function reopenWithReadBuffer(socket: Socket, buffer: Uint8Array | (() => Uint8Array), onRead: (bytes: Uint8Array) => boolean | void): Socket {
+  if (typeof buffer !== 'function' && (!(buffer instanceof Uint8Array) || buffer.length === 0)) throw argTypeError('buffer must be a non-empty Uint8Array or a function that returns one');
   if (typeof onRead !== 'function') throw argTypeError('onRead must be a function');
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
