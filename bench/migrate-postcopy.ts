@@ -12,6 +12,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { hostInfo, median } from './report.js';
+import { setPostcopyDirectPlacement } from '../lib/migration/postcopy-destination.js';
 import { GUEST_PARAMS_ADDR, Machine, VcpuWorkerPool } from '../lib/index.js';
 import type { MigrateOptions, MigrationStats } from '../lib/migration/types.js';
 
@@ -37,6 +38,8 @@ interface Mode {
   key: string;
   title: string;
   options: MigrateOptions;
+  /** Post-copy's destination stages each page before placing it (as before it placed them from its read buffers). */
+  staged?: boolean;
 }
 
 const MODES: Mode[] = [
@@ -45,6 +48,7 @@ const MODES: Mode[] = [
   // CPU on a loaded host): at the cap, post-copy instead of a stop-and-copy.
   { key: 'after-rounds', title: "post-copy 'after-rounds' (5 rounds)", options: { postcopy: 'after-rounds', maxIterations: 5, downtimeBudgetMs: 0.0001 } },
   { key: 'postcopy', title: 'post-copy at once', options: { postcopy: true } },
+  { key: 'postcopy-staged', title: 'post-copy at once, staged copy', options: { postcopy: true }, staged: true },
 ];
 const SIZES = [256 * MiB, 1024 * MiB];
 
@@ -117,13 +121,17 @@ try {
       for (const mode of MODES) {
         const key = `${memoryBytes / MiB} MiB, ${mode.title}`;
         progress(`round ${round}/${rounds}: ${key}`);
+        setPostcopyDirectPlacement(!mode.staged);
         const stats = await migrateOnce(pool, memoryBytes, mode, dir);
+        setPostcopyDirectPlacement(true);
         const row = (results[key] ??= {});
         const push = (name: string, value: number) => (row[name] ??= []).push(value);
         push('downtimeMs', stats.downtimeMs);
         push('totalMs', stats.totalTimeMs);
         push('iterations', stats.iterations);
         push('postcopyMs', stats.postcopy?.durationMs ?? 0);
+        const postcopyPages = (stats.postcopy?.pagesBackground ?? 0) + (stats.postcopy?.pagesOnDemand ?? 0);
+        push('postcopyGiBs', stats.postcopy ? (postcopyPages * 4096) / 1024 ** 3 / (stats.postcopy.durationMs / 1000) : 0);
         push('faults', stats.postcopy?.faults ?? 0);
         push('requests', stats.postcopy?.requests ?? 0);
         push('faultP50Ms', stats.postcopy?.faultLatencyMs.p50 ?? 0);
@@ -142,11 +150,11 @@ if (values.json) {
 } else {
   console.log(`host: ${JSON.stringify(hostInfo())}; medians of ${rounds} rounds; dirtier 16 MiB range, a quarter of RAM filled\n`);
   const f = (n: number) => n.toFixed(n < 10 ? 2 : 1);
-  console.log('| guest, mode | downtime | total | rounds | post-copy | faults (requests) | fault p50 / p90 / p99 |');
-  console.log('|---|---|---|---|---|---|---|');
+  console.log('| guest, mode | downtime | total | rounds | post-copy | post-copy stream | faults (requests) | fault p50 / p90 / p99 |');
+  console.log('|---|---|---|---|---|---|---|---|');
   for (const [key, m] of Object.entries(medians)) {
     const post = m.postcopyMs! > 0;
-    console.log(`| ${key} | ${f(m.downtimeMs!)} ms | ${f(m.totalMs!)} ms | ${m.iterations} | ${post ? `${f(m.postcopyMs!)} ms` : '-'} | ${post ? `${m.faults} (${m.requests})` : '-'} | ${post ? `${f(m.faultP50Ms!)} / ${f(m.faultP90Ms!)} / ${f(m.faultP99Ms!)} ms` : '-'} |`);
+    console.log(`| ${key} | ${f(m.downtimeMs!)} ms | ${f(m.totalMs!)} ms | ${m.iterations} | ${post ? `${f(m.postcopyMs!)} ms` : '-'} | ${post ? `${m.postcopyGiBs!.toFixed(2)} GiB/s` : '-'} | ${post ? `${m.faults} (${m.requests})` : '-'} | ${post ? `${f(m.faultP50Ms!)} / ${f(m.faultP90Ms!)} / ${f(m.faultP99Ms!)} ms` : '-'} |`);
   }
 }
 process.exit(0);
