@@ -15,6 +15,7 @@ import { PeerReplies } from './peer-replies.js';
 import { PageSet, decodePageRanges, encodePageRanges } from './postcopy-ranges.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { connectForMigration, type MigrationAddress } from './transport.js';
+import { SectionBufferPool } from './writers.js';
 import type { MigrationStats, PostcopyStats } from './types.js';
 
 export const DEFAULT_POSTCOPY_RECOVERY_MS = 60_000;
@@ -179,6 +180,8 @@ async function serve(
   const failure = Promise.race([reading.then(() => new Promise<never>(() => {})), closed]);
 
   const read = (guestPhysAddr: number, byteLength: number) => ram.subarray(guestPhysAddr, guestPhysAddr + byteLength);
+  // Section buffers used again once written: fresh ones cost a page fault per 4 KiB, and GC.
+  const buffers = new SectionBufferPool();
   let cursor = 0;
   let allSent = false;
   while (!finished) {
@@ -200,14 +203,14 @@ async function serve(
       cursor = end;
     }
     if (batch.length > 0) {
-      const encoded = encodePages(batch, read, { memoryBytes: ram.length });
+      const encoded = encodePages(batch, read, { memoryBytes: ram.length, allocate: buffers.allocate });
       const pages = batch.reduce((sum, range) => sum + range.pageCount, 0);
       if (onDemand) postcopy.pagesOnDemand += pages;
       else postcopy.pagesBackground += pages;
       stats.bytesTransferred += encoded.bytes;
       stats.pagesTransferred += encoded.pagesSent;
       stats.remainingPages = owed.size;
-      for (const section of encoded.sections) socket.write(section);
+      for (const section of encoded.sections) socket.write(section, () => buffers.release(section));
       await Promise.race([flowControl(socket, () => requests.length > 0), failure]);
       continue;
     }
