@@ -232,7 +232,7 @@ t.test('a source gone for good leaves the guest paused at the destination with a
   t.equal((await source.machine.stop()).reason, 'stopped', 'stop() still gives the source\'s copy up');
 });
 
-t.test('a uffd error at the destination (UFFDIO_COPY fails): the guest paused there with a clear error, the source told at once, nothing lost', { skip: noKvm }, async (t) => {
+for (const guest of ['paused', 'running'] as const) t.test(`a uffd error at the destination (UFFDIO_COPY fails), ${guest} guest: paused there with a clear error, the source told at once, nothing lost`, { skip: noKvm }, async (t) => {
   let copies = 0;
   setPostcopyUffdOpener((memory) => {
     const uffd = Userfaultfd.register(memory);
@@ -249,9 +249,10 @@ t.test('a uffd error at the destination (UFFDIO_COPY fails): the guest paused th
   });
   t.teardown(() => setPostcopyUffdOpener(null));
   const destination = await setUp(t);
-  const { source } = await dirtierWithFilledRegion(t);
-  await source.machine.pause();
-  const hash = memoryHash(source.machine.memory);
+  const { source, filled } = await dirtierWithFilledRegion(t);
+  // A running guest may wait at the destination on a page that can never come now.
+  if (guest === 'paused') await source.machine.pause();
+  const hash = guest === 'paused' ? memoryHash(source.machine.memory) : '';
   const started = performance.now();
   // The default recovery time (60 s) would time the test out: the source must hear at once.
   const error = await source.machine.migrate(destination.proxy.address, { postcopy: true }).then(() => null, (e: Error & { code?: string }) => e);
@@ -260,7 +261,8 @@ t.test('a uffd error at the destination (UFFDIO_COPY fails): the guest paused th
   t.match(error?.message, /the destination gave up: post-copy failed here: UFFDIO_COPY failed: EFAULT \(injected\); the guest is paused here, lacking \d+ pages/);
   t.equal(destination.proxy.connections, 1, 'no resume was tried: it could not help');
   t.equal(source.machine.state, 'paused', 'the source keeps its copy, paused');
-  t.equal(memoryHash(source.machine.memory), hash, 'with all its memory');
+  if (guest === 'paused') t.equal(memoryHash(source.machine.memory), hash, 'with all its memory');
+  else t.ok(Buffer.from(source.machine.memory.bytes(FILLED.addr, FILLED.bytes)).equals(filled), 'with all its memory');
   t.throws(() => source.machine.resume(), { code: 'ERR_MACHINE_STATE' }, 'which cannot resume there');
   const outcome = await destination.arrived.then(() => null, (e: Error) => e);
   t.type(outcome, PostcopyPausedError, 'the destination fails with a PostcopyPausedError');
