@@ -286,6 +286,23 @@ export class Vcpu extends Handle {
     this.#ioctl(OPS.setDebugRegs, kvmDebugregs.encode(regs));
   }
 
+  /**
+   * The whole state in one call, as raw KVM structs in one buffer (see vcpu-state-blob.ts): MP
+   * state, registers, XSAVE, XCRs, debug registers, the LAPIC (`lapic`), the MSRs `msrIndices`,
+   * events, the TSC rate, and `cpuid` (a kvm_cpuid2, what the vCPU was given) carried along.
+   */
+  saveState(msrIndices: Uint32Array, cpuid: Uint8Array, options: { lapic: boolean; vmmHalted: boolean }): Uint8Array {
+    return native.saveVcpuState(this.#handle, msrIndices, cpuid, (options.lapic ? 1 : 0) | (options.vmmHalted ? 2 : 0));
+  }
+  /**
+   * Puts back what saveState() saved, checked whole before the first ioctl, in KVM's order; the
+   * CPUID only if it differs from `currentCpuid`, the LAPIC only with `irqchip`. Returns the MSRs
+   * (non-zero values) the host refused; the rest are set.
+   */
+  restoreState(state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[] {
+    return native.restoreVcpuState(this.#handle, state, currentCpuid, irqchip);
+  }
+
   /** KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz. */
   getTscKhz(): number {
     return this.#ioctl(OPS.getTscKhz);

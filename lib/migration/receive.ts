@@ -19,6 +19,7 @@ import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js'
 import { socketSource } from './sources.js';
 import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSection, machineStateOf, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
+import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 import type { IncomingConfig } from './types.js';
@@ -61,7 +62,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     prebuilt = prebuilt.then(async (machine) => {
       const internals = machineInternals(machine);
       try {
-        await internals.applyState(warmUpStateCodec(await machine.saveState()));
+        await internals.applyState(warmUpStateCodec(await internals.saveState()));
       } catch (error) {
         internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
       }
@@ -187,7 +188,14 @@ export async function receiveMigration(
       section: (section) => {
         if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
-        else if (section.type !== SectionType.End && !state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+        else if (section.type === SectionType.End) markPhase('destination: End parsed');
+        else {
+          if (section.type === SectionType.Config) {
+            resetPhases();
+            markPhase('destination: state arriving');
+          }
+          if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+        }
       },
     }, stallTimeoutMs, signal, what);
     socket = sections.socket;
@@ -197,12 +205,16 @@ export async function receiveMigration(
     await sections.ended;
 
     const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
+    markPhase('destination: state checked');
     await target.apply(complete);
+    markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);
     target.start(complete.running === false);
+    markPhase('destination: guest started');
     aborted.dispose();
     await reply([encodeEnd()]);
+    markPhase('destination: ack written');
     socket.end();
     return target.machine;
   } catch (error) {

@@ -6,7 +6,7 @@ import type { Socket } from 'node:net';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
-import { machineInternals, type Machine, type MachineShape, type MachineState, type VcpuState } from '../vmm/machine.js';
+import { machineInternals, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
@@ -16,6 +16,7 @@ import { PeerReplies } from './peer-replies.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { encodeConfigSection, encodeMachineState } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
+import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
 import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange } from './types.js';
 
@@ -46,7 +47,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
   return internals.exclusive('migration', async () => {
     const state = machine.state;
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
-    let pausedVcpuStates: VcpuState[] | null = null;
+    let pausedVcpuStates: RawVcpuState[] | null = null;
     const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
@@ -251,22 +252,31 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
-    paused = await source.pause();
+    resetPhases();
     pausedAt = performance.now();
+    markPhase('source: pause asked');
+    paused = await source.pause();
+    markPhase('source: paused, vCPU states saved');
     throwIfAborted(opts.signal, what, 'stop-copy');
     progress('stop-copy');
     ranges = unionRanges(ranges, tracker.harvest());
     await sendPages(ranges);
+    markPhase('source: last pages sent');
     // A guest its owner had paused stays paused at the destination.
     const state = { ...(await source.saveState()), running: paused };
+    markPhase('source: VM and device state saved');
     throwIfAborted(opts.signal, what, 'stop-copy');
     abortable = false;
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
-    await send([...encodeMachineState(state), encodeEnd()]);
+    const stateSections = [...encodeMachineState(state), encodeEnd()];
+    markPhase('source: state encoded');
+    await send(stateSections);
+    markPhase('source: state written to the socket');
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;
+    markPhase('source: ack received');
     stats.remainingPages = 0;
     stats.expectedDowntimeMs = 0;
     stats.throughputBytesPerSec = (pages.bytesSent * 1000) / Math.max(performance.now() - sendingStarted, 0.001);

@@ -31,11 +31,12 @@ import { checkNetConfigs } from './nets.js';
 import { abortError, fromThreadFailure, machineStateError } from './errors.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
-import type { VcpuState } from './vcpu-state.js';
+import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
 import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
+import { markPhase } from './phase-timing.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
-export type { VcpuState } from './vcpu-state.js';
+export type { RawVcpuState, VcpuState } from './vcpu-state.js';
 export type { VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
 export type { NetConfig, NetShape } from './nets.js';
@@ -74,9 +75,9 @@ export interface MachineInternals {
    * Pauses the running machine; with `saveVcpus`, each vCPU's state is saved as it stops and
    * comes back with the pause (one round trip to the vCPU threads less).
    */
-  pause(saveVcpus: boolean): Promise<VcpuState[] | null>;
+  pause(saveVcpus: boolean): Promise<RawVcpuState[] | null>;
   /** The whole state (the machine paused or not yet started), with the vCPU states given if any. */
-  saveState(vcpuStates?: VcpuState[] | null): Promise<MachineState>;
+  saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
   /**
@@ -475,7 +476,7 @@ export class Machine extends EventEmitter {
       return;
     }
     await this.#whileStopped(async (states) => {
-      if (states?.every(isStuckState)) this.#end({ reason: 'hlt', code: 0, vcpu: 0 });
+      if (states?.every((raw) => isStuckState(vcpuStateFromRaw(raw)))) this.#end({ reason: 'hlt', code: 0, vcpu: 0 });
     }, { saveVcpus: true }).catch(() => {
       // Stopped meanwhile: nothing left to check.
     });
@@ -487,7 +488,7 @@ export class Machine extends EventEmitter {
    * final): the states come back with the pause, one round trip to the threads less inside a
    * migration's downtime.
    */
-  async #pause(saveVcpus: boolean, options: { quiet?: boolean } = {}): Promise<VcpuState[] | null> {
+  async #pause(saveVcpus: boolean, options: { quiet?: boolean } = {}): Promise<RawVcpuState[] | null> {
     // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
     if (!options.quiet) while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
@@ -499,6 +500,7 @@ export class Machine extends EventEmitter {
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
     await this.#parkAll();
+    markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
     // The disks after the vCPUs: no new request can come, and the ones under way finish (their
@@ -704,7 +706,8 @@ export class Machine extends EventEmitter {
    * any other state.
    */
   async saveState(): Promise<MachineState> {
-    return this.#saveState(null);
+    const state = await this.#saveState(null);
+    return { ...state, vcpus: state.vcpus.map((vcpu) => (vcpu instanceof Uint8Array ? vcpuStateFromRaw(vcpu) : vcpu)) };
   }
 
   #internals(): MachineInternals {
@@ -742,7 +745,7 @@ export class Machine extends EventEmitter {
    * own pause waits it out. The guest runs on afterwards unless `work` ended the machine. A machine
    * that is not running is not paused for it (`work` gets no states).
    */
-  async #whileStopped<T>(work: (vcpus: VcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean } = {}): Promise<T> {
+  async #whileStopped<T>(work: (vcpus: RawVcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean } = {}): Promise<T> {
     while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) return work(null);
     let done!: () => void;
@@ -764,7 +767,7 @@ export class Machine extends EventEmitter {
   }
 
   /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
-  async #saveState(vcpuStates: VcpuState[] | null): Promise<MachineState> {
+  async #saveState(vcpuStates: RawVcpuState[] | null): Promise<MachineState> {
     const state = this.state;
     if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
     if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
@@ -772,7 +775,7 @@ export class Machine extends EventEmitter {
     return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
   }
 
-  #saveVcpus(): Promise<VcpuState[]> {
+  #saveVcpus(): Promise<RawVcpuState[]> {
     return Promise.all(this.#requestPorts.map(async (_, id) => {
       const reply = await this.#request(id, { type: 'save' });
       if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, reply);
@@ -792,12 +795,15 @@ export class Machine extends EventEmitter {
     if (devicesFit) throw argValueError(`the saved state does not fit this machine's devices: ${devicesFit}`);
     if (state.vcpus.length !== this.vcpuCount) throw argValueError(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
     restoreVmState(this.#vm, state.vm, this.irqchip);
+    markPhase('VM state applied');
     await Promise.all(state.vcpus.map(async (vcpuState, id) => {
       const reply = await this.#request(id, { type: 'restore', state: vcpuState });
       // (MSRs the host refused are logged by the vCPU's thread.)
       if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, reply);
     }));
+    markPhase('vCPU states applied');
     this.#devices.restoreState(state.devices);
+    markPhase('device states applied');
   }
 
   #request(vcpuId: number, request: VcpuRequestBody): Promise<VcpuReply> {
