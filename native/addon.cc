@@ -103,6 +103,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("saveVcpuState", SaveVcpuState);
   fn("checkVcpuState", CheckVcpuState);
   fn("restoreVcpuState", RestoreVcpuState);
+  fn("restoreParkedVcpuState", RestoreParkedVcpuState);
   fn("memoryCreate", MemoryCreate);
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);

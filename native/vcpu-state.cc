@@ -71,6 +71,7 @@ const unsigned long kSetMsrs = AbiRequest("KVM_SET_MSRS");
 const unsigned long kGetEvents = AbiRequest("KVM_GET_VCPU_EVENTS");
 const unsigned long kSetEvents = AbiRequest("KVM_SET_VCPU_EVENTS");
 const unsigned long kSetCpuid2 = AbiRequest("KVM_SET_CPUID2");
+const unsigned long kGetCpuid2 = AbiRequest("KVM_GET_CPUID2");
 const unsigned long kGetTscKhz = AbiRequest("KVM_GET_TSC_KHZ");
 const unsigned long kSetTscKhz = AbiRequest("KVM_SET_TSC_KHZ");
 const size_t kMsrEntryBytes = AbiSize("kvm_msr_entry");
@@ -251,18 +252,18 @@ Napi::Value CheckVcpuState(const Napi::CallbackInfo& info) {
 // restoreVcpuState(vcpu, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip) -> refused MSR
 // indices (non-zero values the host would not take). The order is KVM's: CPUID before anything
 // that depends on it, the LAPIC before MSRs (the TSC deadline MSR depends on its mode), events last.
-Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
+namespace {
+
+Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, uint32_t vcpuId) {
   Napi::Env env = info.Env();
-  auto vcpu = Handles::Vcpu(env, info[0]);
   auto state = BytesArg(env, info[1], "state");
   bool irqchip = info[3].ToBoolean().Value();
   Parsed p;
   std::string error;
   if (!Parse(state.Data(), state.ByteLength(), &p, &error)) ThrowInvalidValueError(env, "bad vCPU state: " + error);
-  if (p.vcpuId != vcpu->shared->vcpuId) {
-    ThrowInvalidValueError(env, "state of vCPU " + std::to_string(p.vcpuId) + " given to vCPU " + std::to_string(vcpu->shared->vcpuId));
+  if (p.vcpuId != vcpuId) {
+    ThrowInvalidValueError(env, "state of vCPU " + std::to_string(p.vcpuId) + " given to vCPU " + std::to_string(vcpuId));
   }
-  int fd = vcpu->fd;
   // The kernel reads from copies in aligned native memory.
   auto copy = [&](uint32_t tag) {
     std::vector<uint64_t> words(Pad8(p.length[tag]) / 8 + 1, 0);
@@ -274,6 +275,11 @@ Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
     if (info[2].IsTypedArray()) {
       auto current = BytesArg(env, info[2], "currentCpuid");
       same = current.ByteLength() >= p.length[kCpuid] && std::memcmp(current.Data(), p.section[kCpuid], p.length[kCpuid]) == 0;
+    } else {
+      // Not told: ask KVM what the vCPU has (a fresh vCPU answers as it was given).
+      std::vector<uint64_t> words(Pad8(p.length[kCpuid]) / 8 + 1, 0);
+      std::memcpy(words.data(), p.section[kCpuid], 4);
+      same = Retry(fd, kGetCpuid2, words.data()) == 0 && std::memcmp(words.data(), p.section[kCpuid], p.length[kCpuid]) == 0;
     }
     // The same CPUID again (a destination on the same kind of host) needs no ioctl.
     if (!same) {
@@ -294,7 +300,7 @@ Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
   set(kRegs, kSetRegs, "ioctl(KVM_SET_REGS)");
   set(kSregs, kSetSregs, "ioctl(KVM_SET_SREGS)");
   {
-    size_t region = vcpu->xsaveBytes > p.length[kXsave] ? vcpu->xsaveBytes : p.length[kXsave];
+    size_t region = xsaveBytes > p.length[kXsave] ? xsaveBytes : p.length[kXsave];
     std::vector<uint64_t> words(Pad8(region) / 8 + 1, 0);
     std::memcpy(words.data(), p.section[kXsave], p.length[kXsave]);
     Check(env, Retry(fd, kSetXsave, words.data()), "ioctl(KVM_SET_XSAVE)");
@@ -326,6 +332,27 @@ Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
   }
   set(kEvents, kSetEvents, "ioctl(KVM_SET_VCPU_EVENTS)");
   return refused;
+}
+
+}  // namespace
+
+Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
+  auto vcpu = Handles::Vcpu(info.Env(), info[0]);
+  return Restore(info, vcpu->fd, vcpu->xsaveBytes, vcpu->shared->vcpuId);
+}
+
+// restoreParkedVcpuState(kickHandle, state, currentCpuid, irqchip): restoreVcpuState() from any
+// thread, for a vCPU whose own thread is parked (it makes no ioctl meanwhile; KVM serializes a
+// vCPU's ioctls on its mutex anyway, and only KVM_RUN cares which thread calls it). Spares the
+// round trip to that thread inside a migration's downtime. The vCPU cannot close meanwhile.
+Napi::Value RestoreParkedVcpuState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t id = HandleId(env, info[0], "vcpu");
+  auto shared = Handles::FindVcpuShared(id);
+  if (!shared) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  std::lock_guard<std::mutex> guard(shared->lock);
+  if (shared->closed || shared->fd < 0) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  return Restore(info, shared->fd, shared->xsaveBytes, shared->vcpuId);
 }
 
 }  // namespace nodekvm

@@ -41,6 +41,8 @@ export interface NativeBinding {
   checkVcpuState(state: Uint8Array): string | null;
   /** Puts a saveVcpuState() buffer back; returns the MSRs the host refused. */
   restoreVcpuState(vcpu: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
+  /** restoreVcpuState() from any thread, for a vCPU whose thread is parked (by its kick handle). */
+  restoreParkedVcpuState(kickHandle: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, fd: number];
   memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];

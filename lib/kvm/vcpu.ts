@@ -71,6 +71,20 @@ export function kickVcpu(handle: VcpuKickHandle): boolean {
   return native.kick(handle.vcpuKick);
 }
 
+/**
+ * vcpu.restoreState() from another thread than the vCPU's own, which must be parked meanwhile
+ * (making no ioctl: a machine not yet started). x86 KVM takes a vCPU's ioctls from any thread,
+ * serialized on the vCPU's mutex; only KVM_RUN follows its thread. A restore inside a migration's
+ * downtime then needs no round trip to the vCPU's thread. Given no `currentCpuid`, the vCPU's own
+ * (KVM_GET_CPUID2) is compared with the saved one. Returns the MSRs the host refused.
+ */
+export function restoreParkedVcpu(handle: VcpuKickHandle, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[] {
+  if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
+    throw argTypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+  }
+  return native.restoreParkedVcpuState(handle.vcpuKick, state, currentCpuid, irqchip);
+}
+
 /** What vcpu.setGuestDebug() sets (KVM_SET_GUEST_DEBUG): single-stepping, breakpoints and the debug registers. */
 export interface GuestDebugOptions {
   /** Trap after every guest instruction (KVM_GUESTDBG_SINGLESTEP). */

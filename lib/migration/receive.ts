@@ -21,7 +21,7 @@ import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSectio
 import { writeChunks } from './writers.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
-import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+import { DEFAULT_MIGRATION_TIMEOUT_MS, WARM_UP_ROUNDS } from './send.js';
 import type { IncomingConfig } from './types.js';
 
 /**
@@ -62,7 +62,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     prebuilt = prebuilt.then(async (machine) => {
       const internals = machineInternals(machine);
       try {
-        await internals.applyState(warmUpStateCodec(await internals.saveState()));
+        const saved = await internals.saveState();
+        for (let i = 0; i < WARM_UP_ROUNDS; i++) await internals.applyState(warmUpStateCodec(saved));
       } catch (error) {
         internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
       }

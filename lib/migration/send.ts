@@ -48,6 +48,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
     const state = machine.state;
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: RawVcpuState[] | null = null;
+    let warmedUp: Promise<void> = Promise.resolve();
     const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
@@ -68,10 +69,11 @@ export async function migrateMachine(machine: Machine, address: string, options:
       dirtyLogMode: machine.dirtyLogMode,
       shape: machine.shape,
       startTracking: () => {
-        // The final save, inside the downtime, then runs warm code.
-        void internals.warmUpSave();
+        // The final save and its encoding, inside the downtime, then run warm code.
+        warmedUp = warmUpStopCopy(internals.warmUpSave());
         return internals.startDirtyTracking(MIGRATION);
       },
+      beforeStop: () => warmedUp,
       stopTracking: () => {
         if (internals.dirtyTrackingOwner === MIGRATION) internals.stopDirtyTracking();
       },
@@ -105,6 +107,8 @@ export interface MigrationSource {
   readonly shape: MachineShape;
   startTracking(): DirtyTracker;
   stopTracking(): void;
+  /** Resolves once what runs inside the downtime is warm (started by startTracking()); never rejects. */
+  beforeStop?(): Promise<void>;
   /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
   pause(): Promise<boolean>;
   /** Resumes if paused. */
@@ -246,7 +250,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // Let the destination catch up with what is queued first: a backlog drained after the pause
     // would count as downtime.
+    const warm = source.beforeStop?.();
     await send([encodeSync()]);
+    await warm;
     await unlessAborted(replies.expectSync(opts.timeoutMs));
     ranges = unionRanges(ranges, tracker.harvest());
 
@@ -399,6 +405,22 @@ export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Ge
   }
   if (batch.length > 0) yield batch;
 }
+
+/**
+ * Runs the stop-copy's encoding a few times over a state saved while the guest runs (thrown
+ * away), so that V8 has compiled it by the time the guest is paused.
+ */
+async function warmUpStopCopy(saved: Promise<MachineState | null>): Promise<void> {
+  try {
+    const state = await saved;
+    if (state) for (let i = 0; i < WARM_UP_ROUNDS; i++) encodeMachineState({ ...state, running: true });
+  } catch {
+    // Only a warm-up: the real save says what is wrong.
+  }
+}
+
+/** How often the warm-ups run the code of a downtime: enough for V8's baseline compiler. */
+export const WARM_UP_ROUNDS = 8;
 
 function asMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
   // Already told as a migration's failure (with its phase): as it is.

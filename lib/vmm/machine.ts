@@ -11,6 +11,7 @@ import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
 import { argTypeError, argValueError, systemError } from '../kvm/errors.js';
 import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle, type Regs, type Sregs, type Fpu } from '../kvm/index.js';
+import { restoreParkedVcpu } from '../kvm/vcpu.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
   checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
@@ -28,7 +29,8 @@ import { checkDiskConfigs } from './disks.js';
 import { VsockHost } from './vsock-host.js';
 import { checkVirtioConfig, virtioMismatch, virtioShape, virtioSlotCount } from './virtio-devices.js';
 import { checkNetConfigs } from './nets.js';
-import { abortError, fromThreadFailure, machineStateError } from './errors.js';
+import { abortError, fromThreadFailure, machineStateError, threadFailure } from './errors.js';
+import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
@@ -81,10 +83,11 @@ export interface MachineInternals {
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
   /**
-   * Has every vCPU thread save its state once, between two runs, and throws it away: a save
-   * inside a later downtime then runs warm code.
+   * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
+   * save inside a later downtime then runs warm code. The state (stale at once: the guest runs
+   * on) serves to warm what sends it; null if a vCPU did not answer soon.
    */
-  warmUpSave(): Promise<void>;
+  warmUpSave(): Promise<MachineState | null>;
   /**
    * The machine's dirty tracker, started for `owner` (a new one if another owner had it): which
    * pages changed since the last harvest, the guest's writes and the VMM's own.
@@ -796,11 +799,30 @@ export class Machine extends EventEmitter {
     if (state.vcpus.length !== this.vcpuCount) throw argValueError(`the saved state has ${state.vcpus.length} vCPU states for ${this.vcpuCount} vCPUs`);
     restoreVmState(this.#vm, state.vm, this.irqchip);
     markPhase('VM state applied');
-    await Promise.all(state.vcpus.map(async (vcpuState, id) => {
-      const reply = await this.#request(id, { type: 'restore', state: vcpuState });
-      // (MSRs the host refused are logged by the vCPU's thread.)
-      if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, reply);
-    }));
+    const raw = state.vcpus.every((vcpu) => vcpu instanceof Uint8Array);
+    if (raw && Atomics.load(this.#control, STATE) === RunState.Created) {
+      // Not yet started: every vCPU thread is parked, so this thread restores them itself
+      // (restoreParkedVcpu), sparing a round trip to each inside a migration's downtime. Each
+      // thread hears what its vCPU now has before it first runs (its messages come before start()'s).
+      (state.vcpus as RawVcpuState[]).forEach((vcpuState, id) => {
+        let refused: number[];
+        try {
+          refused = restoreParkedVcpu(this.#kicks[id]!, vcpuState, null, this.irqchip);
+        } catch (error) {
+          throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, threadFailure(error));
+        }
+        if (refused.length > 0) this.#log(`vcpu${id}: the host refused MSRs ${refused.map((index) => `0x${index.toString(16)}`).join(', ')}`);
+        const cpuid = vcpuStateBlobSections(vcpuState).get(VcpuStateTag.Cpuid)?.slice() ?? null;
+        const vmmHalted = (vcpuStateBlobHeader(vcpuState).flags & VcpuStateFlag.VmmHalted) !== 0;
+        this.#request(id, { type: 'restored', cpuid, vmmHalted }).catch(() => {});
+      });
+    } else {
+      await Promise.all(state.vcpus.map(async (vcpuState, id) => {
+        const reply = await this.#request(id, { type: 'restore', state: vcpuState });
+        // (MSRs the host refused are logged by the vCPU's thread.)
+        if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, reply);
+      }));
+    }
     markPhase('vCPU states applied');
     this.#devices.restoreState(state.devices);
     markPhase('device states applied');
@@ -820,13 +842,18 @@ export class Machine extends EventEmitter {
     }) as Promise<VcpuReply>;
   }
 
-  async #warmUpSave(): Promise<void> {
+  async #warmUpSave(): Promise<MachineState | null> {
     // A vCPU that does not answer soon (halted without an irqchip) is simply not warmed.
-    await Promise.all(this.#requestPorts.map((_, id) => {
+    const vcpus = await Promise.all(this.#requestPorts.map((_, id) => {
       const reply = this.#request(id, { type: 'save' });
       kickVcpu(this.#kicks[id]!);
-      return Promise.race([reply.catch(() => undefined), new Promise((resolve) => setTimeout(resolve, 100).unref())]);
+      return Promise.race([reply.catch(() => undefined), new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 100).unref())]);
     }));
+    if (this.#exit) return null;
+    // The rest of a save too, the guest running on: a state to warm the code that sends it with.
+    const states = vcpus.map((reply) => (reply?.type === 'saved' ? reply.state : null));
+    if (states.some((state) => state === null)) return null;
+    return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus: states as RawVcpuState[], devices: this.#devices.saveState() };
   }
 
   async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {

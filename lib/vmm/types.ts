@@ -66,6 +66,8 @@ export interface VcpuAssignment {
 export type VcpuRequest =
   | { type: 'save'; seq: number }
   | { type: 'restore'; seq: number; state: VcpuState | RawVcpuState }
+  /** The main thread restored this parked vCPU itself (restoreParkedVcpu): what it has now. */
+  | { type: 'restored'; seq: number; cpuid: Uint8Array | null; vmmHalted: boolean }
   // A debugger's (lib/debug): registers read and written while the machine is paused, and the
   // guest-debug settings (KVM_SET_GUEST_DEBUG), also between two runs.
   | { type: 'debug-read'; seq: number }

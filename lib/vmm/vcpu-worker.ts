@@ -177,6 +177,10 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         reply = { seq: request.seq, type: 'saved', state: saveRaw(thread) };
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
+      } else if (request.type === 'restored') {
+        if (request.cpuid) thread.cpuid = request.cpuid;
+        setVmmHalted(thread, request.vmmHalted);
+        reply = { seq: request.seq, type: 'done' };
       } else if (request.type === 'reboot') {
         reply = rebootInto(thread, request.seq);
       } else if (request.type === 'exit-stats') {
@@ -274,14 +278,18 @@ function restoreInto(thread: VcpuThreadState, state: VcpuState | RawVcpuState): 
     thread.cpuid = state.cpuid;
     vmmHalted = state.vmmHalted;
   }
-  if (vmmHalted !== thread.halted) {
-    Atomics.add(thread.control, HALTED, vmmHalted ? 1 : -1);
-    thread.halted = vmmHalted;
-  }
+  setVmmHalted(thread, vmmHalted);
   if (refusedMsrs.length > 0) {
     post({ type: 'log', message: `vcpu${thread.assignment.vcpuId}: the host refused MSRs ${refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}` });
   }
   return refusedMsrs;
+}
+
+/** A restored state says whether the VMM keeps this vCPU halted (no in-kernel irqchip). */
+function setVmmHalted(thread: VcpuThreadState, vmmHalted: boolean): void {
+  if (vmmHalted === thread.halted) return;
+  Atomics.add(thread.control, HALTED, vmmHalted ? 1 : -1);
+  thread.halted = vmmHalted;
 }
 
 /** What a loop returns: this vCPU is done, or it must go on in the other loop (counting turned on or off). */
