@@ -276,9 +276,10 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
-    const stateSections = [...encodeMachineState(state), encodeEnd()];
+    // One buffer, one write: the destination reads the state whole in one wake-up.
+    const stateSections = Buffer.concat([...encodeMachineState(state), encodeEnd()]);
     markPhase('source: state encoded');
-    await send(stateSections);
+    await send([stateSections]);
     markPhase('source: state written to the socket');
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;

@@ -814,7 +814,8 @@ export class Machine extends EventEmitter {
         if (refused.length > 0) this.#log(`vcpu${id}: the host refused MSRs ${refused.map((index) => `0x${index.toString(16)}`).join(', ')}`);
         const cpuid = vcpuStateBlobSections(vcpuState).get(VcpuStateTag.Cpuid)?.slice() ?? null;
         const vmmHalted = (vcpuStateBlobHeader(vcpuState).flags & VcpuStateFlag.VmmHalted) !== 0;
-        this.#request(id, { type: 'restored', cpuid, vmmHalted }).catch(() => {});
+        // Not woken for it: a thread woken now would take a CPU from the rest of the downtime.
+        this.#request(id, { type: 'restored', cpuid, vmmHalted }, false).catch(() => {});
       });
     } else {
       await Promise.all(state.vcpus.map(async (vcpuState, id) => {
@@ -828,14 +829,15 @@ export class Machine extends EventEmitter {
     markPhase('device states applied');
   }
 
-  #request(vcpuId: number, request: VcpuRequestBody): Promise<VcpuReply> {
+  /** `wake` false: the thread reads it at its next wake-up (start() rings for it), not at once. */
+  #request(vcpuId: number, request: VcpuRequestBody, wake = true): Promise<VcpuReply> {
     if (this.#exit) return Promise.reject(machineStateError(`machine is ${this.state}: its vCPUs are gone`));
     const seq = ++this.#requestSeq;
     return new Promise((resolve, reject) => {
       this.#pendingRequests.set(seq, { resolve, reject });
       this.#requestPorts[vcpuId]!.ref();
       this.#requestPorts[vcpuId]!.postMessage({ ...request, seq } satisfies VcpuRequest);
-      ringDoorbell(this.#control);
+      if (wake) ringDoorbell(this.#control);
     }).finally(() => {
       // Only an awaited reply may keep the process alive.
       if (this.#pendingRequests.size === 0) for (const port of this.#requestPorts) port.unref();
