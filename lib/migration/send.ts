@@ -73,7 +73,8 @@ export async function migrateMachine(machine: Machine, address: string, options:
         warmedUp = warmUpStopCopy(internals.warmUpSave());
         return internals.startDirtyTracking(MIGRATION);
       },
-      beforeStop: () => warmedUp,
+      // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
+      beforeStop: () => Promise.race([warmedUp, new Promise<void>((resolve) => setTimeout(resolve, WARM_UP_WAIT_MS).unref())]),
       stopTracking: () => {
         if (internals.dirtyTrackingOwner === MIGRATION) internals.stopDirtyTracking();
       },
@@ -422,6 +423,8 @@ async function warmUpStopCopy(saved: Promise<MachineState | null>): Promise<void
 
 /** How often the warm-ups run the code of a downtime: enough for V8's baseline compiler. */
 export const WARM_UP_ROUNDS = 8;
+/** How long the stop-copy waits for the warm-up at most. */
+const WARM_UP_WAIT_MS = 20;
 
 function asMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
   // Already told as a migration's failure (with its phase): as it is.
