@@ -1,6 +1,6 @@
 // The downtime's breakdown for bench/migrate.ts, with NODE_KVM_PHASE_TIMING=1 (lib/vmm/phase-timing.ts):
 // the steps both processes noted, merged on the one clock of the host, as ms since the source
-// asked its guest to pause; the median of the runs for each step.
+// asked its guest to pause (negative: before it); the median of the runs for each step.
 import type { PhaseMark } from '../lib/vmm/phase-timing.js';
 import { median } from './report.js';
 
@@ -10,7 +10,7 @@ export function mergePhases(source: readonly PhaseMark[], destination: readonly 
   const all = [...source.map((m) => ({ name: label('source', m), atMs: m.atMs })), ...destination.map((m) => ({ name: label('destination', m), atMs: m.atMs }))];
   const start = source.find((m) => m.name === 'source: pause asked')?.atMs;
   if (start === undefined) return [];
-  return all.filter((m) => m.atMs >= start - 1).sort((a, b) => a.atMs - b.atMs).map((m) => ({ name: m.name, ms: m.atMs - start }));
+  return all.sort((a, b) => a.atMs - b.atMs).map((m) => ({ name: m.name, ms: m.atMs - start }));
 }
 
 /** Rows: step, then per scenario its median time since the pause (ms) and the step's share of it. */

@@ -164,7 +164,10 @@ export async function receiveMigration(
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
       throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
     }
+    resetPhases();
+    markPhase('destination: stream announced');
     target = await build(shape);
+    markPhase('destination: machine ready');
     throwIfAborted(signal, what);
     const memory = target.memory;
     const ram = memory.bytes();
@@ -191,10 +194,7 @@ export async function receiveMigration(
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type === SectionType.End) markPhase('destination: End parsed');
         else {
-          if (section.type === SectionType.Config) {
-            resetPhases();
-            markPhase('destination: state arriving');
-          }
+          if (section.type === SectionType.Config) markPhase('destination: state arriving');
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
         }
       },

@@ -165,6 +165,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const address = parseMigrationAddress(addressText);
   const opts = checkOptions(options);
   const started = performance.now();
+  resetPhases();
+  markPhase('source: migration started');
   const stats: MigrationStats = {
     phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
     zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
@@ -207,10 +209,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       encodeConfigSection({ machine: source.shape }),
     ]);
     await unlessAborted(replies.expectAccept(opts.timeoutMs));
+    markPhase('source: accepted');
     const tracker = source.startTracking();
     // The first pass reads every page that may hold data after this point: what the VMM marked
     // before (the loader's writes, say) must not come round again in the next harvest.
     tracker.harvest();
+    markPhase('source: dirty tracking on');
     stats.setupTimeMs = performance.now() - started;
     progress('setup');
 
@@ -225,6 +229,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     for (;;) {
       const roundStarted = performance.now();
       await sendPages(ranges);
+      markPhase('source: pre-copy round sent');
       destinationZeroed = false;
       stats.iterations++;
       ranges = tracker.harvest();
@@ -255,11 +260,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     await send([encodeSync()]);
     await warm;
     await unlessAborted(replies.expectSync(opts.timeoutMs));
+    markPhase('source: synced');
     ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
-    resetPhases();
     pausedAt = performance.now();
     markPhase('source: pause asked');
     paused = await source.pause();
