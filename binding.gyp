@@ -9,6 +9,7 @@
         "native/kvm.cc",
         "native/vm.cc",
         "native/vcpu.cc",
+        "native/vcpu-state.cc",
         "native/memory.cc",
         "native/layout.cc",
         "native/abi.c",

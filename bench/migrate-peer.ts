@@ -12,6 +12,7 @@ import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { parseArgs } from 'node:util';
 import { Machine, VcpuWorkerPool } from '../lib/index.js';
+import { phaseMarks } from '../lib/vmm/phase-timing.js';
 
 const { positionals, values } = parseArgs({
   allowPositionals: true,
@@ -61,6 +62,7 @@ async function incoming(address: string): Promise<void> {
     onListening: (bound) => say({ listening: bound }),
   });
   const runningAt = performance.now();
+  const phases = phaseMarks();
 
   // The guest must go on here: the dirtier prints lines of its own, the idle guest just stays
   // in its HLT (in the kernel, with interrupts on), so it must still be running a moment later.
@@ -76,7 +78,7 @@ async function incoming(address: string): Promise<void> {
   const exit = await machine.stop();
   await pool.close();
   // The output's start: the guest may have been moved in the middle of a line.
-  say({ report: { state, exit: exit.reason, lines: output.split('\n').length - 1, bad: /BAD/.test(output), output: output.slice(0, 200), hash, logs } });
+  say({ report: { state, exit: exit.reason, lines: output.split('\n').length - 1, bad: /BAD/.test(output), output: output.slice(0, 200), hash, logs, phases } });
 }
 
 /** The raw socket reference: count the bytes, then answer with one. */

@@ -20,6 +20,8 @@ import { hostInfo, median } from './report.js';
 import { PLACEMENT_KEYS, netnsPlacement, pinnedPlacement, sharedPlacement, underPrefix, type Placement, type PlacementKey } from './placement.js';
 import { GUEST_PARAMS_ADDR, GuestMemory, Machine, VcpuWorkerPool } from '../lib/index.js';
 import type { MigrationStats } from '../lib/migration/types.js';
+import { phaseMarks, phaseTimingEnabled, type PhaseMark } from '../lib/vmm/phase-timing.js';
+import { breakdownTable, mergePhases } from './phase-breakdown.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -303,6 +305,8 @@ interface MigrationRun {
   stats: MigrationStats;
   /** expectedDowntimeMs of the last pre-copy round, before the pause. */
   lastExpectedDowntimeMs: number;
+  /** With NODE_KVM_PHASE_TIMING=1: the downtime's steps, both processes' (phase-breakdown.ts). */
+  phases: { name: string; ms: number }[];
 }
 
 interface Fill {
@@ -354,7 +358,7 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
         throw new Error(`the dirtier printed ${JSON.stringify(report.output)} at the destination`);
       }
       if (scenario.workload === 'filled' && report.hash !== fill.sha256) throw new Error('the filled range arrived different');
-      return { stats, lastExpectedDowntimeMs };
+      return { stats, lastExpectedDowntimeMs, phases: mergePhases(phaseMarks(), (report.phases ?? []) as PhaseMark[]) };
     } finally {
       if (machine.state !== 'stopping') await machine.stop().catch(() => {});
     }
@@ -854,6 +858,13 @@ async function main(): Promise<void> {
     console.log(`  ${'restore -> started'.padEnd(40)} ${restores.map((x) => x.toStartedMs.toFixed(2)).join(' ')}`);
     console.log(`  ${'restore -> first byte'.padEnd(40)} ${restores.map((x) => x.toFirstByteMs.toFixed(2)).join(' ')}`);
     console.log('');
+    if (phaseTimingEnabled()) {
+      for (const p of placementResults) {
+        console.log(`where the downtime goes, ${p.placement.key}:`);
+        table(breakdownTable(p.scenarios.map((r) => ({ title: r.scenario.title, runs: r.runs.map((run) => run.phases) }))));
+      }
+      console.log('');
+    }
     console.log(`benchmark wall time ${wallSeconds.toFixed(1)} s`);
   } finally {
     chosen.cleanup();

@@ -17,6 +17,7 @@
 #include "file.h"
 #include "thread.h"
 #include "vcpu.h"
+#include "vcpu-state.h"
 #include "vm.h"
 
 namespace nodekvm {
@@ -100,6 +101,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("kickSignal", KickSignal);
   fn("harvestDirtyRing", HarvestDirtyRing);
   fn("closeVcpu", CloseVcpuHandle);
+  fn("saveVcpuState", SaveVcpuState);
+  fn("checkVcpuState", CheckVcpuState);
+  fn("restoreVcpuState", RestoreVcpuState);
+  fn("restoreParkedVcpuState", RestoreParkedVcpuState);
   fn("memoryCreate", MemoryCreate);
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);

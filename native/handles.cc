@@ -209,6 +209,7 @@ void CloseVcpu(const std::shared_ptr<VcpuState>& s) {
     // Kickers and harvesters hold the lock while they touch the thread or the ring.
     std::lock_guard<std::mutex> guard(s->shared->lock);
     s->shared->closed = true;
+    s->shared->fd = -1;
     s->shared->dirtyRing.reset();
     // kvm_run stays mapped while an ArrayBuffer holds it; that mapping keeps the VM alive, so
     // the kernel never sees guest RAM unmapped under a live vCPU.

@@ -59,6 +59,9 @@ struct VcpuShared {
   std::shared_ptr<Mapping> kvmRun;
   std::shared_ptr<Mapping> dirtyRing;  // null unless the VM enabled KVM_CAP_DIRTY_LOG_RING
   std::mutex lock;  // guards everything here against close()
+  // For restoreParkedVcpuState(), from another thread while the vCPU's own waits (closed: -1).
+  int fd = -1;
+  size_t xsaveBytes = 0;
   uint32_t ringFetchIndex = 0;
   bool closed = false;
 };

@@ -111,6 +111,8 @@ Napi::Value CreateVcpu(const Napi::CallbackInfo& info) {
     }
   }
   UnblockKickSignal();
+  shared->fd = fd;
+  shared->xsaveBytes = xsaveBytes;
 
   auto state = std::make_shared<VcpuState>();
   state->fd = fd;

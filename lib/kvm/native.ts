@@ -35,6 +35,14 @@ export interface NativeBinding {
   kickSignal(): number;
   harvestDirtyRing(vcpu: number, out: Float64Array): number;
   closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
+  /** The vCPU's whole state as raw KVM structs in one buffer (native/vcpu-state.cc); flags: 1 LAPIC, 2 halted by the VMM. */
+  saveVcpuState(vcpu: number, msrIndices: Uint32Array, cpuid: Uint8Array, flags: number): Uint8Array;
+  /** Null, or what is wrong with a saveVcpuState() buffer. */
+  checkVcpuState(state: Uint8Array): string | null;
+  /** Puts a saveVcpuState() buffer back; returns the MSRs the host refused. */
+  restoreVcpuState(vcpu: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
+  /** restoreVcpuState() from any thread, for a vCPU whose thread is parked (by its kick handle). */
+  restoreParkedVcpuState(kickHandle: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, fd: number];
   memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
   /** A new fd of the memfd behind anonymous or memfd memory (the caller closes it). */

@@ -71,6 +71,20 @@ export function kickVcpu(handle: VcpuKickHandle): boolean {
   return native.kick(handle.vcpuKick);
 }
 
+/**
+ * vcpu.restoreState() from another thread than the vCPU's own, which must be parked meanwhile
+ * (making no ioctl: a machine not yet started). x86 KVM takes a vCPU's ioctls from any thread,
+ * serialized on the vCPU's mutex; only KVM_RUN follows its thread. A restore inside a migration's
+ * downtime then needs no round trip to the vCPU's thread. Given no `currentCpuid`, the vCPU's own
+ * (KVM_GET_CPUID2) is compared with the saved one. Returns the MSRs the host refused.
+ */
+export function restoreParkedVcpu(handle: VcpuKickHandle, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[] {
+  if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
+    throw argTypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+  }
+  return native.restoreParkedVcpuState(handle.vcpuKick, state, currentCpuid, irqchip);
+}
+
 /** What vcpu.setGuestDebug() sets (KVM_SET_GUEST_DEBUG): single-stepping, breakpoints and the debug registers. */
 export interface GuestDebugOptions {
   /** Trap after every guest instruction (KVM_GUESTDBG_SINGLESTEP). */
@@ -284,6 +298,23 @@ export class Vcpu extends Handle {
   /** KVM_SET_DEBUGREGS. */
   setDebugRegs(regs: DebugRegs): void {
     this.#ioctl(OPS.setDebugRegs, kvmDebugregs.encode(regs));
+  }
+
+  /**
+   * The whole state in one call, as raw KVM structs in one buffer (see vcpu-state-blob.ts): MP
+   * state, registers, XSAVE, XCRs, debug registers, the LAPIC (`lapic`), the MSRs `msrIndices`,
+   * events, the TSC rate, and `cpuid` (a kvm_cpuid2, what the vCPU was given) carried along.
+   */
+  saveState(msrIndices: Uint32Array, cpuid: Uint8Array, options: { lapic: boolean; vmmHalted: boolean }): Uint8Array {
+    return native.saveVcpuState(this.#handle, msrIndices, cpuid, (options.lapic ? 1 : 0) | (options.vmmHalted ? 2 : 0));
+  }
+  /**
+   * Puts back what saveState() saved, checked whole before the first ioctl, in KVM's order; the
+   * CPUID only if it differs from `currentCpuid`, the LAPIC only with `irqchip`. Returns the MSRs
+   * (non-zero values) the host refused; the rest are set.
+   */
+  restoreState(state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[] {
+    return native.restoreVcpuState(this.#handle, state, currentCpuid, irqchip);
   }
 
   /** KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz. */

@@ -3,7 +3,7 @@
 // encodes and decodes the header and the section framing; pages.ts the Pages sections,
 // state-sections.ts the state, section-parser.ts reads the framing back.
 //
-// Version 2 (STREAM_VERSION). All integers are little-endian.
+// Version 3 (STREAM_VERSION); version 2 is read too. All integers are little-endian.
 //
 // Header (HEADER_BYTES = 68):
 //   0  magic 'NODE-KVM'      8  version u32        12 kind u32 (StreamKindCode)
@@ -37,7 +37,8 @@
 // The state sections come in the order restore applies them, VM before vCPUs, and are written by
 // one encoder and read by one reader (state-sections.ts) for migrations and snapshots alike.
 // Version 1 wrote a snapshot's VcpuState sections before its VmState, and another Config: its
-// files and streams are refused with EVERSION, naming both versions.
+// files and streams are refused with EVERSION, naming the versions read. Version 3 may hold a
+// vCPU's state raw (KVM's structs) in its VcpuState sections; version 2 held JSON only.
 import { randomBytes } from 'node:crypto';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
@@ -46,8 +47,10 @@ import { crc32c } from './checksum.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 
 export const STREAM_MAGIC = 'NODE-KVM';
-/** The version of the migration stream and snapshot format this package writes and reads. */
-export const STREAM_VERSION = 2;
+/** The version of the migration stream and snapshot format this package writes. */
+export const STREAM_VERSION = 3;
+/** The oldest version it reads: version 2 differs only in holding no raw vCPU state. */
+export const OLDEST_STREAM_VERSION = 2;
 export const HEADER_BYTES = 68;
 export const STREAM_ID_BYTES = 16;
 /** type + flags + length before the payload. */
@@ -171,8 +174,8 @@ export function decodeHeader(bytes: Uint8Array): StreamHeader {
   const view = viewOf(bytes);
   // The version comes before the checksum: another version may lay out its header differently.
   const version = view.getUint32(8, true);
-  if (version !== STREAM_VERSION) {
-    throw streamError(Code.Version, `stream version ${version} is not supported (this build reads version ${STREAM_VERSION} only)`);
+  if (version < OLDEST_STREAM_VERSION || version > STREAM_VERSION) {
+    throw streamError(Code.Version, `stream version ${version} is not supported (this build reads versions ${OLDEST_STREAM_VERSION} to ${STREAM_VERSION})`);
   }
   if (crc32c(bytes.subarray(0, 64)) !== view.getUint32(64, true)) throw streamError(Code.Checksum, 'checksum mismatch in the stream header');
   const kindCode = view.getUint32(12, true);

@@ -34,7 +34,7 @@ import { GuestMemory } from '../kvm/memory.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { watchFd } from '../kvm/fd-watch.js';
 import { dupSocket, receiveWithFds, sendWithFds } from '../kvm/host.js';
-import { machineInternals, type Machine, type MachineShape, type MachineState, type VcpuState } from '../vmm/machine.js';
+import { machineInternals, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import {
   SectionType, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, type Section, type StreamHeader,
@@ -166,7 +166,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
     let socket: net.Socket | undefined;
     let peer: PeerReplies | undefined;
     let paused = false;
-    let pausedVcpus: VcpuState[] | null = null;
+    let pausedVcpus: RawVcpuState[] | null = null;
     try {
       socket = await connectForMigration(address, { token: options.token, timeoutMs, signal });
       socket.on('error', () => {}); // failures surface through the reads and writes below

@@ -19,8 +19,9 @@ import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js'
 import { socketSource } from './sources.js';
 import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSection, machineStateOf, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
+import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
-import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
+import { DEFAULT_MIGRATION_TIMEOUT_MS, WARM_UP_ROUNDS } from './send.js';
 import { PostcopyPages, decodeLacking, runPostcopyDestination } from './postcopy-destination.js';
 import { receiveLocalMigration, type LocalHandover } from './local.js';
 import type { IncomingConfig } from './types.js';
@@ -130,7 +131,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
 async function warmUp(machine: Machine): Promise<void> {
   const internals = machineInternals(machine);
   try {
-    await internals.applyState(warmUpStateCodec(await machine.saveState()));
+    const saved = await internals.saveState();
+    for (let i = 0; i < WARM_UP_ROUNDS; i++) await internals.applyState(warmUpStateCodec(saved));
   } catch (error) {
     internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
   }
@@ -203,11 +205,14 @@ export async function receiveMigration(
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
       throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
     }
+    resetPhases();
+    markPhase('destination: stream announced');
     if (header.kind === 'local-migration') {
       aborted.dispose();
       return await receiveLocalMigration({ socket, source, header, shape, config, stallTimeoutMs, what, build });
     }
     target = await build(shape);
+    markPhase('destination: machine ready');
     throwIfAborted(signal, what);
     const memory = target.memory;
     const ram = memory.bytes();
@@ -240,7 +245,11 @@ export async function receiveMigration(
           postcopyBegun();
         } else if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
-        else if (section.type !== SectionType.End && !state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+        else if (section.type === SectionType.End) markPhase('destination: End parsed');
+        else {
+          if (section.type === SectionType.Config) markPhase('destination: state arriving');
+          if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+        }
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
     socket = sections.socket;
@@ -250,10 +259,13 @@ export async function receiveMigration(
     await Promise.race([sections.ended, begun]);
 
     const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
+    markPhase('destination: state checked');
     await target.apply(complete);
+    markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);
     target.start(complete.running === false);
+    markPhase('destination: guest started');
     aborted.dispose();
     const pages = postcopy as PostcopyPages | null;
     if (pages) {
@@ -270,6 +282,7 @@ export async function receiveMigration(
       return machine;
     }
     await reply([encodeEnd()]);
+    markPhase('destination: ack written');
     socket.end();
     return target.machine;
   } catch (error) {

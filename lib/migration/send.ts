@@ -6,7 +6,7 @@ import type { Socket } from 'node:net';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
-import { machineInternals, type Machine, type MachineShape, type MachineState, type VcpuState } from '../vmm/machine.js';
+import { machineInternals, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
@@ -19,6 +19,7 @@ import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } fro
 import { enlargeSocketBuffers } from './socket-buffers.js';
 import { encodeConfigSection, encodeMachineState } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
+import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
 import { AutoConverge, checkAutoConverge, type CheckedAutoConverge, type ThrottleControl } from './auto-converge.js';
 import type { DirtyLogMode, MigrateOptions, MigrationPhase, MigrationStats, PageRange, PostcopyMode } from './types.js';
@@ -57,7 +58,8 @@ export async function migrateMachine(machine: Machine, address: string, options:
   return internals.exclusive('migration', async () => {
     const state = machine.state;
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
-    let pausedVcpuStates: VcpuState[] | null = null;
+    let pausedVcpuStates: RawVcpuState[] | null = null;
+    let warmedUp: Promise<void> = Promise.resolve();
     const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
@@ -78,10 +80,12 @@ export async function migrateMachine(machine: Machine, address: string, options:
       dirtyLogMode: machine.dirtyLogMode,
       shape: machine.shape,
       startTracking: () => {
-        // The final save, inside the downtime, then runs warm code.
-        void internals.warmUpSave();
+        // The final save and its encoding, inside the downtime, then run warm code.
+        warmedUp = warmUpStopCopy(internals.warmUpSave());
         return internals.startDirtyTracking(MIGRATION);
       },
+      // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
+      beforeStop: () => Promise.race([warmedUp, new Promise<void>((resolve) => setTimeout(resolve, WARM_UP_WAIT_MS).unref())]),
       stopTracking: () => {
         if (internals.dirtyTrackingOwner === MIGRATION) internals.stopDirtyTracking();
       },
@@ -117,6 +121,8 @@ export interface MigrationSource {
   readonly shape: MachineShape;
   startTracking(): DirtyTracker;
   stopTracking(): void;
+  /** Resolves once what runs inside the downtime is warm (started by startTracking()); never rejects. */
+  beforeStop?(): Promise<void>;
   /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
   pause(): Promise<boolean>;
   /** Resumes if paused. */
@@ -186,6 +192,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const address = parseMigrationAddress(addressText);
   const opts = checkOptions(options);
   const started = performance.now();
+  resetPhases();
+  markPhase('source: migration started');
   const stats: MigrationStats = {
     phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
     zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
@@ -234,10 +242,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       encodeConfigSection({ machine: source.shape }),
     ]);
     await unlessAborted(replies.expectAccept(opts.timeoutMs));
+    markPhase('source: accepted');
     const tracker = source.startTracking();
     // The first pass reads every page that may hold data after this point: what the VMM marked
     // before (the loader's writes, say) must not come round again in the next harvest.
     tracker.harvest();
+    markPhase('source: dirty tracking on');
     stats.setupTimeMs = performance.now() - started;
     progress('setup');
 
@@ -255,6 +265,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       const roundStarted = performance.now();
       const bytesBeforeRound = pages.bytesSent;
       await sendPages(ranges);
+      markPhase('source: pre-copy round sent');
       destinationZeroed = false;
       stats.iterations++;
       ranges = tracker.harvest();
@@ -286,16 +297,23 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // Let the destination catch up with what is queued first: a backlog drained after the pause
     // would count as downtime. (Post-copy at once has queued nothing.)
+    const warm = source.beforeStop?.();
     if (opts.postcopy !== true) {
       await send([encodeSync()]);
+      await warm;
       await unlessAborted(replies.expectSync(opts.timeoutMs));
+    } else {
+      await warm;
     }
+    markPhase('source: synced');
     ranges = unionRanges(ranges, tracker.harvest());
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
-    paused = await source.pause();
     pausedAt = performance.now();
+    markPhase('source: pause asked');
+    paused = await source.pause();
+    markPhase('source: paused, vCPU states saved');
     autoConverge?.stop();
     throwIfAborted(opts.signal, what, 'stop-copy');
     progress('stop-copy');
@@ -342,16 +360,23 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       return { ...stats };
     }
     await sendPages(ranges);
+    markPhase('source: last pages sent');
     // A guest its owner had paused stays paused at the destination.
     const state = { ...(await source.saveState()), running: paused };
+    markPhase('source: VM and device state saved');
     throwIfAborted(opts.signal, what, 'stop-copy');
     abortable = false;
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
-    await send([...encodeMachineState(state), encodeEnd()]);
+    // One buffer, one write: the destination reads the state whole in one wake-up.
+    const stateSections = Buffer.concat([...encodeMachineState(state), encodeEnd()]);
+    markPhase('source: state encoded');
+    await send([stateSections]);
+    markPhase('source: state written to the socket');
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;
+    markPhase('source: ack received');
     stats.remainingPages = 0;
     stats.expectedDowntimeMs = 0;
     stats.throughputBytesPerSec = (pages.bytesSent * 1000) / Math.max(performance.now() - sendingStarted, 0.001);
@@ -485,6 +510,24 @@ export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Ge
   }
   if (batch.length > 0) yield batch;
 }
+
+/**
+ * Runs the stop-copy's encoding a few times over a state saved while the guest runs (thrown
+ * away), so that V8 has compiled it by the time the guest is paused.
+ */
+async function warmUpStopCopy(saved: Promise<MachineState | null>): Promise<void> {
+  try {
+    const state = await saved;
+    if (state) for (let i = 0; i < WARM_UP_ROUNDS; i++) encodeMachineState({ ...state, running: true });
+  } catch {
+    // Only a warm-up: the real save says what is wrong.
+  }
+}
+
+/** How often the warm-ups run the code of a downtime: enough for V8's baseline compiler. */
+export const WARM_UP_ROUNDS = 8;
+/** How long the stop-copy waits for the warm-up at most. */
+const WARM_UP_WAIT_MS = 20;
 
 function asMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
   // Already told as a migration's failure (with its phase): as it is.

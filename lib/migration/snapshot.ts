@@ -44,7 +44,8 @@ export async function snapshotMachine(machine: Machine, path: string, options: S
     const pausedAt = performance.now();
     try {
       throwIfAborted(signal, what);
-      const state = await machine.saveState();
+      // The vCPUs' states raw (KVM's structs): a restore puts them back in one call each.
+      const state = await internals.saveState();
       throwIfAborted(signal, what);
       const tracker = internals.startDirtyTracking(SNAPSHOTS);
       // A full snapshot starts tracking (the next diff needs what the guest writes after it).

@@ -1,7 +1,7 @@
 // Where a stream's bytes come from: memory, a socket, a file. Each hands out exactly the bytes a
 // reader asks for, or fails with a MigrationError (ETRUNCATED when the bytes end first, ETIMEDOUT
 // when a socket stalls). SectionReader (section-reader.ts) reads sections from any of them.
-import { read as fsRead } from 'node:fs';
+import { read as fsRead, readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
@@ -259,7 +259,10 @@ export class FileSource implements ByteSource {
   #ahead: Uint8Array | undefined;
   #aheadStart = 0;
 
-  constructor(file: number | FileHandle, startOffset = 0) {
+  readonly #sync: boolean;
+
+  /** `sync`: read a file descriptor with readSync (small files read at once, no thread-pool trips). */
+  constructor(file: number | FileHandle, startOffset = 0, options: { sync?: boolean } = {}) {
     if (typeof file === 'number') {
       if (!Number.isInteger(file) || file < 0) throw outOfRangeError(`file must be a file descriptor, got ${file}`);
     } else if (typeof file !== 'object' || file === null || typeof file.read !== 'function') {
@@ -268,6 +271,7 @@ export class FileSource implements ByteSource {
     checkLength(startOffset);
     this.#file = file;
     this.#position = startOffset;
+    this.#sync = options.sync === true && typeof file === 'number';
   }
 
   /** Where the next read starts. */
@@ -319,6 +323,13 @@ export class FileSource implements ByteSource {
   #pread(into: Uint8Array, offset: number, length: number, position: number): Promise<number> {
     const file = this.#file;
     if (typeof file !== 'number') return file.read(into, offset, length, position).then((result) => result.bytesRead);
+    if (this.#sync) {
+      try {
+        return Promise.resolve(readSync(file, into, offset, length, position));
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    }
     return new Promise((resolve, reject) => {
       fsRead(file, into, offset, length, position, (error, bytesRead) => (error ? reject(error) : resolve(bytesRead)));
     });

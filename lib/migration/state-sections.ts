@@ -2,7 +2,9 @@
 // one reader for live migrations and snapshot files alike, always in the order restore applies
 // them: Config, VmState, VcpuState x vcpuCount (in vCPU index order), DeviceState.
 //
-// Each payload is state-codec JSON (state-codec.ts). Config holds a record:
+// Each payload is state-codec JSON (state-codec.ts), but for a VcpuState section from stream
+// version 3 on, which may hold a vCPU's raw state instead (lib/kvm/vcpu-state-blob.ts, told apart
+// by its magic). Config holds a record:
 //   { machine: <the machine's configuration: for a Machine, its shape>,
 //     running?: <live migration: whether the guest ran (false: its owner had paused it)>,
 //     parent?: { path: <diff snapshots: the parent file, relative to the diff's directory> } }
@@ -18,7 +20,8 @@ import type { DiskShape } from '../vmm/disks.js';
 import type { NetShape } from '../vmm/nets.js';
 import { isDeviceStates } from '../vmm/devices.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
-import { SectionType, type Section } from './format.js';
+import { SectionType, encodeSection, type Section } from './format.js';
+import { checkVcpuStateBlob, isVcpuStateBlob, vcpuStateBlobHeader } from '../kvm/vcpu-state-blob.js';
 import { SectionParser } from './section-parser.js';
 import { decodeState, encodeStateSection } from './state-codec.js';
 
@@ -53,7 +56,8 @@ export function encodeStateSections(parts: StateParts): Uint8Array[] {
   return [
     encodeConfigSection(parts),
     encodeStateSection(SectionType.VmState, parts.vm),
-    ...parts.vcpus.map((vcpu) => encodeStateSection(SectionType.VcpuState, vcpu)),
+    // A raw state (RawVcpuState) goes as it is: KVM's structs, no JSON (stream version 3).
+    ...parts.vcpus.map((vcpu) => (vcpu instanceof Uint8Array ? encodeSection(SectionType.VcpuState, vcpu) : encodeStateSection(SectionType.VcpuState, vcpu))),
     encodeStateSection(SectionType.DeviceState, parts.devices),
   ];
 }
@@ -134,7 +138,7 @@ export class StateSectionReader {
         return true;
       case SectionType.VcpuState:
         if (this.#next !== Next.VcpuState || this.#vcpus.length === this.#vcpuCount) throw this.#misplaced(section);
-        this.#vcpus.push(decodeState(section.payload, `${what} of vCPU ${this.#vcpus.length}`));
+        this.#vcpus.push(isVcpuStateBlob(section.payload) ? this.#rawVcpu(section.payload, `${what} of vCPU ${this.#vcpus.length}`) : decodeState(section.payload, `${what} of vCPU ${this.#vcpus.length}`));
         return true;
       case SectionType.DeviceState:
         if (this.#next !== Next.VcpuState || this.#vcpus.length !== this.#vcpuCount) throw this.#misplaced(section);
@@ -144,6 +148,14 @@ export class StateSectionReader {
       default:
         return false;
     }
+  }
+
+  /** A raw vCPU state (KVM's structs), checked whole, copied out of the stream's buffer. */
+  #rawVcpu(payload: Uint8Array, what: string): Uint8Array {
+    const problem = checkVcpuStateBlob(payload);
+    if (problem !== null) throw streamError(Code.Format, `${this.#where}: ${what} is malformed: ${problem}`);
+    // A copy (not Buffer's slice, a view): the stream's read buffer is reused for the next bytes.
+    return new Uint8Array(payload);
   }
 
   /** Throws unless the state is complete: for a section of another type that comes too early. */
@@ -228,6 +240,11 @@ export function machineStateOf(parts: StateParts, expected: { memoryBytes: numbe
   if (!isObject(vm) || !isObject(vm.clock)) throw streamError(Code.Format, `${where}: no VM state`);
   if (vcpus.length !== shape.vcpus) throw streamError(Code.Format, `${where}: ${vcpus.length} vCPU states for ${shape.vcpus} vCPUs`);
   vcpus.forEach((vcpu, index) => {
+    // Raw: checked whole as it was read (StateSectionReader).
+    if (vcpu instanceof Uint8Array) {
+      if (vcpuStateBlobHeader(vcpu).vcpuId !== index) throw streamError(Code.Format, `${where}: the state of vCPU ${index} is that of another vCPU`);
+      return;
+    }
     if (!isObject(vcpu) || vcpu.id !== index || !isObject(vcpu.regs) || !isObject(vcpu.sregs) || !(vcpu.xsave instanceof Uint8Array) || !Array.isArray(vcpu.cpuid) || !Array.isArray(vcpu.msrs)) {
       throw streamError(Code.Format, `${where}: the state of vCPU ${index} is malformed`);
     }

@@ -9,7 +9,7 @@ import type { DirtyLogMode } from './dirty-tracker.js';
 import type { DiskShape } from './disks.js';
 import type { NetConfig, NetShape } from './nets.js';
 import type { VcpuWorkerPool } from './pool.js';
-import type { VcpuState } from './vcpu-state.js';
+import type { RawVcpuState, VcpuState } from './vcpu-state.js';
 import type { VmState } from './vm-state.js';
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 
@@ -147,7 +147,8 @@ export interface MachineShape {
 export interface MachineState {
   shape: MachineShape;
   vm: VmState;
-  vcpus: VcpuState[];
+  /** Each vCPU's, structured, or raw as the vCPU threads save it (RawVcpuState: what a migration sends). */
+  vcpus: (VcpuState | RawVcpuState)[];
   devices: DeviceStates;
   /** Whether the guest was running (not paused by its owner) when the state was taken. */
   running?: boolean;

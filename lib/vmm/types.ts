@@ -4,7 +4,7 @@ import type { CpuidEntry, Fpu, GuestDebugOptions, MsrEntry, Regs, Sregs, VcpuKic
 import type { MessagePort } from 'node:worker_threads';
 import type { DevicesShared } from './devices.js';
 import type { ThreadFailure } from './errors.js';
-import type { VcpuState } from './vcpu-state.js';
+import type { RawVcpuState, VcpuState } from './vcpu-state.js';
 
 /** Why a machine ended (MachineExit.reason). */
 export type MachineExitReason =
@@ -60,12 +60,14 @@ export interface VcpuAssignment {
   /** KVM_GET_MSR_INDEX_LIST: the MSRs a saved state may hold. */
   msrIndexList: number[];
   /** A restore: the saved state this vCPU starts in (instead of boot state). */
-  restore: VcpuState | null;
+  restore: VcpuState | RawVcpuState | null;
 }
 
 export type VcpuRequest =
   | { type: 'save'; seq: number }
-  | { type: 'restore'; seq: number; state: VcpuState }
+  | { type: 'restore'; seq: number; state: VcpuState | RawVcpuState }
+  /** The main thread restored this parked vCPU itself (restoreParkedVcpu): what it has now. */
+  | { type: 'restored'; seq: number; cpuid: Uint8Array | null; vmmHalted: boolean }
   // A debugger's (lib/debug): registers read and written while the machine is paused, and the
   // guest-debug settings (KVM_SET_GUEST_DEBUG), also between two runs.
   | { type: 'debug-read'; seq: number }
@@ -82,7 +84,7 @@ export type VcpuRequest =
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
 
 export type VcpuReply =
-  | { seq: number; type: 'saved'; state: VcpuState }
+  | { seq: number; type: 'saved'; state: RawVcpuState }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }

@@ -1,9 +1,11 @@
 // The complete state of one vCPU, as saved for a snapshot or a migration and put back on
 // another vCPU. Runs on the vCPU's own thread (KVM wants vCPU ioctls from the creating thread),
 // while the machine is paused or not yet started.
-import type { CpuidEntry, DebugRegs, LapicState, MsrEntry, Regs, Sregs, VcpuEvents, Xcr } from '../kvm/structs.js';
+import { kvmDebugregs, kvmLapicState, kvmMsrEntry, kvmRegs, kvmSregs, kvmVcpuEvents, kvmXcr, type CpuidEntry, type DebugRegs, type LapicState, type MsrEntry, type Regs, type Sregs, type VcpuEvents, type Xcr } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { argValueError } from '../kvm/errors.js';
+import { decodeCpuid, decodeList } from '../kvm/lists.js';
+import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 
 /** Everything of one vCPU a snapshot or migration carries: CPUID, registers, FPU/XSAVE, MSRs, LAPIC, events, MP state, debug registers and TSC frequency. */
 export interface VcpuState {
@@ -134,4 +136,40 @@ function sameCpuid(a: readonly CpuidEntry[], b: readonly CpuidEntry[]): boolean 
     if (x.function !== y.function || x.index !== y.index || x.flags !== y.flags || x.eax !== y.eax || x.ebx !== y.ebx || x.ecx !== y.ecx || x.edx !== y.edx) return false;
   }
   return true;
+}
+
+/**
+ * A vCPU's state as Vcpu.saveState() wrote it: KVM's structs in one buffer (lib/kvm/vcpu-state-blob.ts),
+ * what the vCPU threads save and restore in one call each, and what a migration sends.
+ */
+export type RawVcpuState = Uint8Array;
+
+/** The structured form of a raw state (checked with checkVcpuStateBlob()). */
+export function vcpuStateFromRaw(raw: RawVcpuState): VcpuState {
+  const header = vcpuStateBlobHeader(raw);
+  const sections = vcpuStateBlobSections(raw);
+  const section = (tag: number): Uint8Array => {
+    const bytes = sections.get(tag);
+    if (!bytes) throw argValueError(`the raw vCPU state has no section ${tag}`);
+    return bytes;
+  };
+  const xcrs = section(VcpuStateTag.Xcrs);
+  const xcrCount = Math.min(new DataView(xcrs.buffer, xcrs.byteOffset, xcrs.byteLength).getUint32(0, true), 16);
+  const mpState = section(VcpuStateTag.MpState);
+  const lapic = sections.get(VcpuStateTag.Lapic);
+  return {
+    id: header.vcpuId,
+    cpuid: sections.has(VcpuStateTag.Cpuid) ? decodeCpuid(section(VcpuStateTag.Cpuid)) : [],
+    mpState: new DataView(mpState.buffer, mpState.byteOffset, 4).getUint32(0, true),
+    regs: kvmRegs.decode(section(VcpuStateTag.Regs)),
+    sregs: kvmSregs.decode(section(VcpuStateTag.Sregs)),
+    xsave: section(VcpuStateTag.Xsave).slice(),
+    xcrs: Array.from({ length: xcrCount }, (_, i) => kvmXcr.decode(xcrs.subarray(8 + i * kvmXcr.size))),
+    debugRegs: kvmDebugregs.decode(section(VcpuStateTag.DebugRegs)),
+    lapic: lapic && (header.flags & VcpuStateFlag.Lapic) !== 0 ? kvmLapicState.decode(lapic) : null,
+    msrs: decodeList(kvmMsrEntry, section(VcpuStateTag.Msrs)),
+    events: kvmVcpuEvents.decode(section(VcpuStateTag.Events)),
+    tscKhz: header.tscKhz > 0 ? header.tscKhz : null,
+    vmmHalted: (header.flags & VcpuStateFlag.VmmHalted) !== 0,
+  };
 }

@@ -6,7 +6,8 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
 import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
-import { decodeCpuid } from '../kvm/lists.js';
+import { decodeCpuid, encodeCpuid } from '../kvm/lists.js';
+import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { CpuidEntry } from '../kvm/structs.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
@@ -20,7 +21,7 @@ import { fpuFromXsave, fpuIntoXsave } from './xsave-fpu.js';
 import { spillDirtyRing } from './dirty-tracker.js';
 import { countExit } from './exit-stats.js';
 import { TraceWriter } from './exit-trace.js';
-import { readableMsrs, restoreVcpuState, saveVcpuState, type VcpuState } from './vcpu-state.js';
+import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
@@ -127,7 +128,8 @@ interface VcpuThreadState {
   readonly haltProbe: Int32Array | null;
   /** Halted with no in-kernel irqchip: only a restore or the machine's end moves it on. */
   halted: boolean;
-  savedMsrs: number[] | null;
+  /** The MSRs a save reads (readableMsrs(), probed at the first save). */
+  savedMsrs: Uint32Array | null;
   /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
   cpuid: CpuidEntry[] | Uint8Array | null;
   /** Exit counters (exit-stats.ts) while someone asked for them. */
@@ -143,6 +145,18 @@ interface VcpuThreadState {
 function cpuidEntries(thread: VcpuThreadState): CpuidEntry[] | null {
   if (thread.cpuid instanceof Uint8Array) thread.cpuid = decodeCpuid(thread.cpuid);
   return thread.cpuid;
+}
+
+/** The CPUID this vCPU was given, as a kvm_cpuid2 (what saves carry and restores compare with). */
+function cpuidBytes(thread: VcpuThreadState): Uint8Array {
+  if (!(thread.cpuid instanceof Uint8Array)) thread.cpuid = encodeCpuid(thread.cpuid ?? thread.vcpu.getCpuid2());
+  return thread.cpuid;
+}
+
+/** The vCPU's whole state in one native call (the machine is paused, or this vCPU between two runs). */
+function saveRaw(thread: VcpuThreadState): RawVcpuState {
+  thread.savedMsrs ??= Uint32Array.from(readableMsrs(thread.vcpu, thread.assignment.msrIndexList));
+  return thread.vcpu.saveState(thread.savedMsrs, cpuidBytes(thread), { lapic: thread.assignment.irqchip, vmmHalted: thread.halted });
 }
 
 /**
@@ -161,11 +175,13 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
-        thread.savedMsrs ??= readableMsrs(thread.vcpu, thread.assignment.msrIndexList);
-        const state = saveVcpuState(thread.vcpu, thread.savedMsrs, thread.assignment.irqchip, thread.halted, cpuidEntries(thread) ?? undefined);
-        reply = { seq: request.seq, type: 'saved', state };
+        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread) };
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
+      } else if (request.type === 'restored') {
+        if (request.cpuid) thread.cpuid = request.cpuid;
+        setVmmHalted(thread, request.vmmHalted);
+        reply = { seq: request.seq, type: 'done' };
       } else if (request.type === 'reboot') {
         reply = rebootInto(thread, request.seq);
       } else if (request.type === 'exit-stats') {
@@ -251,17 +267,30 @@ function rebootInto(thread: VcpuThreadState, seq: number): VcpuReply {
 }
 
 /** Puts a saved state on this thread's vCPU; returns the MSRs the host refused (also logged). */
-function restoreInto(thread: VcpuThreadState, state: VcpuState): number[] {
-  const refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip, cpuidEntries(thread));
-  thread.cpuid = state.cpuid;
-  if (state.vmmHalted !== thread.halted) {
-    Atomics.add(thread.control, HALTED, state.vmmHalted ? 1 : -1);
-    thread.halted = state.vmmHalted;
+function restoreInto(thread: VcpuThreadState, state: VcpuState | RawVcpuState): number[] {
+  let refusedMsrs: number[];
+  let vmmHalted: boolean;
+  if (state instanceof Uint8Array) {
+    refusedMsrs = thread.vcpu.restoreState(state, cpuidBytes(thread), thread.assignment.irqchip);
+    thread.cpuid = vcpuStateBlobSections(state).get(VcpuStateTag.Cpuid)?.slice() ?? thread.cpuid;
+    vmmHalted = (vcpuStateBlobHeader(state).flags & VcpuStateFlag.VmmHalted) !== 0;
+  } else {
+    refusedMsrs = restoreVcpuState(thread.vcpu, state, thread.assignment.irqchip, cpuidEntries(thread));
+    thread.cpuid = state.cpuid;
+    vmmHalted = state.vmmHalted;
   }
+  setVmmHalted(thread, vmmHalted);
   if (refusedMsrs.length > 0) {
     post({ type: 'log', message: `vcpu${thread.assignment.vcpuId}: the host refused MSRs ${refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}` });
   }
   return refusedMsrs;
+}
+
+/** A restored state says whether the VMM keeps this vCPU halted (no in-kernel irqchip). */
+function setVmmHalted(thread: VcpuThreadState, vmmHalted: boolean): void {
+  if (vmmHalted === thread.halted) return;
+  Atomics.add(thread.control, HALTED, vmmHalted ? 1 : -1);
+  thread.halted = vmmHalted;
 }
 
 /** What a loop returns: this vCPU is done, or it must go on in the other loop (counting turned on or off). */

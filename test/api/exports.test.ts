@@ -23,13 +23,13 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   DirtyTracker: 'function', DirtyBitmap: 'function', MAX_BITMAP_PAGES: 'number', dirtyLogModesOffered: 'function', maxDirtyRingBytes: 'function',
   DEFAULT_DIRTY_RING_BYTES: 'number',
   // snapshots and migration
-  snapshotMachine: 'function', restoreMachine: 'function', migrateMachine: 'function', receiveMachine: 'function', MigrationError: 'function',
+  snapshotMachine: 'function', restoreMachine: 'function', migrateMachine: 'function', receiveMachine: 'function', MigrationError: 'function', PostcopyPausedError: 'function',
   MigrationErrorCode: 'object', STREAM_VERSION: 'number', formatMigrationAddress: 'function', parseMigrationAddress: 'function',
   MAX_SNAPSHOT_CHAIN: 'number', loadSnapshotMemory: 'function', openSnapshotChain: 'function', readSnapshotFile: 'function',
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
+  GuestMemory: 'function', Userfaultfd: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',
@@ -65,7 +65,7 @@ const TYPES = [
   'DirtyTrackerOptions', 'TrackedSlot', 'DirtyLogMode', 'ExtensionSource', 'PageRange',
   // snapshots and migration
   'MigrateOptions', 'MigrationStats', 'MigrationProgress', 'MigrationPhase', 'SnapshotOptions', 'SnapshotInfo', 'RestoreConfig',
-  'IncomingConfig', 'NonConvergence', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
+  'IncomingConfig', 'NonConvergence', 'AutoConvergeOptions', 'PostcopyMode', 'PostcopyStats', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
   'SnapshotKind', 'SnapshotParent', 'WriteSnapshotOptions', 'WriteSnapshotResult', 'DecodedPages', 'RamImage', 'StreamHeader',
   'StreamKind',
   // the KVM binding
