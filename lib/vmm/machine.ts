@@ -34,7 +34,7 @@ import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
-import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
+import { restoreVmState, saveRawVmState, type VmState } from './vm-state.js';
 import { VcpuThrottle } from './throttle.js';
 import { markPhase } from './phase-timing.js';
 
@@ -788,7 +788,7 @@ export class Machine extends EventEmitter {
     if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
     if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
     const vcpus = vcpuStates ?? await this.#saveVcpus();
-    return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
   }
 
   #saveVcpus(): Promise<RawVcpuState[]> {
@@ -868,7 +868,7 @@ export class Machine extends EventEmitter {
     // The rest of a save too, the guest running on: a state to warm the code that sends it with.
     const states = vcpus.map((reply) => (reply?.type === 'saved' ? reply.state : null));
     if (states.some((state) => state === null)) return null;
-    return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus: states as RawVcpuState[], devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus: states as RawVcpuState[], devices: this.#devices.saveState() };
   }
 
   async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {

@@ -12,6 +12,14 @@ export interface VmState {
   clock: ClockData;
 }
 
+/** The same state raw: Vm.saveState()'s buffer of KVM's structs (lib/kvm/vm-state-blob.ts), what a migration sends. */
+export type RawVmState = Uint8Array;
+
+/** The VM's state raw, in one native call. */
+export function saveRawVmState(vm: Vm, irqchip: boolean): RawVmState {
+  return vm.saveState(irqchip);
+}
+
 export function saveVmState(vm: Vm, irqchip: boolean): VmState {
   return {
     irqchips: irqchip ? [IrqChip.PicMaster, IrqChip.PicSlave, IrqChip.Ioapic].map((chip) => vm.getIrqChip(chip)) : null,
@@ -21,7 +29,9 @@ export function saveVmState(vm: Vm, irqchip: boolean): VmState {
 }
 
 /** Before the vCPUs' state, as the LAPICs' state refers to the IOAPIC's routing. */
-export function restoreVmState(vm: Vm, state: VmState, irqchip: boolean): void {
+export function restoreVmState(vm: Vm, state: VmState | RawVmState, irqchip: boolean): void {
+  // Raw: checked whole, then applied in the same order, in one native call.
+  if (state instanceof Uint8Array) return vm.restoreState(state, irqchip);
   if (irqchip !== (state.irqchips !== null)) {
     throw argValueError(`the saved machine ${state.irqchips ? 'has' : 'has no'} in-kernel irqchip, this one ${irqchip ? 'has' : 'has none'}`);
   }
