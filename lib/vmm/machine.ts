@@ -83,6 +83,8 @@ export interface MachineInternals {
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
+  /** start({ paused }), calling `onRunning` as soon as the vCPUs are set running (a migration's answer), before the rest. */
+  start(paused: boolean, onRunning: (() => void) | null): void;
   /**
    * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
    * save inside a later downtime then runs warm code. The state (stale at once: the guest runs
@@ -454,13 +456,20 @@ export class Machine extends EventEmitter {
    */
   start(options: { paused?: boolean } = {}): void {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+    this.#start(options.paused === true, null);
+  }
+
+  /** `onRunning`: called once the vCPUs are set running (or paused), before the rest of the bookkeeping. */
+  #start(paused: boolean, onRunning: (() => void) | null): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
+    setRunState(this.#control, paused ? RunState.Paused : RunState.Running);
+    // A migration's destination answers here: what follows is not the guest's downtime.
+    onRunning?.();
     if (this.#input) {
       this.#input.on('data', this.#onInput);
       this.#input.resume();
     }
-    setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
-    if (!options.paused) {
+    if (!paused) {
       this.#devices.virtio.resume();
       this.#haltWatch?.start();
       this.#devices.runTimers();
@@ -731,6 +740,7 @@ export class Machine extends EventEmitter {
       pause: (saveVcpus) => this.#pause(saveVcpus),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
       applyState: (state) => this.#applyState(state),
+      start: (paused, onRunning) => this.#start(paused, onRunning),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
