@@ -23,3 +23,17 @@ export function checkVmStateBlob(bytes: Uint8Array): string | null {
 export function vmStateBlobHasIrqchip(bytes: Uint8Array): boolean {
   return (bytes[6]! & 1) !== 0;
 }
+
+/** The sections of a checked state, by tag (1-3 PIC master, PIC slave, IOAPIC; 4 PIT; 5 clock), as views into it. */
+export function vmStateBlobSections(bytes: Uint8Array): Map<number, Uint8Array> {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const sections = new Map<number, Uint8Array>();
+  let at = 16;
+  for (let i = 0, count = view.getUint32(8, true); i < count; i++) {
+    const tag = view.getUint32(at, true);
+    const length = view.getUint32(at + 4, true);
+    sections.set(tag, bytes.subarray(at + 8, at + 8 + length));
+    at += 8 + ((length + 7) & ~7);
+  }
+  return sections;
+}

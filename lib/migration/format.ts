@@ -20,7 +20,8 @@
 //     it), Pages and Sync sections while pre-copy runs, then the machine's state (Config, VmState,
 //     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
-//     empty Sync for each Sync, End once the guest runs there, or Error at any point.
+//     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
+//     at any point.
 //   post-copy (postcopy.ts): the source ends its state with Postcopy (the ranges the destination
 //     lacks) instead of End, then sends Pages until every one has gone, then End; the
 //     destination answers Postcopy once the guest runs, PageRequest for its faults, and Postcopy

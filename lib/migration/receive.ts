@@ -265,11 +265,11 @@ export async function receiveMigration(
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);
     const pages = postcopy as PostcopyPages | null;
-    // The answer goes as soon as the vCPUs are set running, before start()'s bookkeeping (the
-    // timers, the console): the source's downtime ends with it.
+    // The answer goes at the moment the vCPUs are set running, before their threads wake and
+    // before start()'s bookkeeping (the timers, the console): the source's downtime ends with it.
     let answered: Promise<void> | null = null;
     target.start(complete.running === false, () => {
-      markPhase('destination: guest running');
+      markPhase('destination: starting');
       answered = reply([pages ? encodeSection(SectionType.Postcopy, new Uint8Array(0)) : encodeEnd()]);
       markPhase('destination: ack written');
     });

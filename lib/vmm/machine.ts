@@ -40,7 +40,7 @@ import { markPhase } from './phase-timing.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { RawVcpuState, VcpuState } from './vcpu-state.js';
-export type { VmState } from './vm-state.js';
+export type { RawVmState, VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
 export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
@@ -83,7 +83,7 @@ export interface MachineInternals {
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
-  /** start({ paused }), calling `onRunning` as soon as the vCPUs are set running (a migration's answer), before the rest. */
+  /** start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before their threads wake (a migration's answer). */
   start(paused: boolean, onRunning: (() => void) | null): void;
   /**
    * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
@@ -459,12 +459,17 @@ export class Machine extends EventEmitter {
     this.#start(options.paused === true, null);
   }
 
-  /** `onRunning`: called once the vCPUs are set running (or paused), before the rest of the bookkeeping. */
+  /**
+   * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
+   * threads are woken, and before the rest of the bookkeeping.
+   */
   #start(paused: boolean, onRunning: (() => void) | null): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
-    setRunState(this.#control, paused ? RunState.Paused : RunState.Running);
-    // A migration's destination answers here: what follows is not the guest's downtime.
+    // A migration's destination answers here, nothing left that can fail: its write goes before
+    // the vCPU threads wake, which on a busy host would take the CPU from it first. What follows
+    // is not the guest's downtime.
     onRunning?.();
+    setRunState(this.#control, paused ? RunState.Paused : RunState.Running);
     if (this.#input) {
       this.#input.on('data', this.#onInput);
       this.#input.resume();

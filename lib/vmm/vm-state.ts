@@ -1,6 +1,7 @@
 // VM-wide state kept by KVM: the in-kernel interrupt controllers, the PIT and the kvmclock base.
 import { IrqChip } from '../kvm/constants.js';
-import type { ClockData, IrqchipState, PitState2 } from '../kvm/structs.js';
+import { kvmClockData, kvmIrqchip, kvmPitState2, type ClockData, type IrqchipState, type PitState2 } from '../kvm/structs.js';
+import { checkVmStateBlob, vmStateBlobHasIrqchip, vmStateBlobSections } from '../kvm/vm-state-blob.js';
 import type { Vm } from '../kvm/vm.js';
 import { argValueError } from '../kvm/errors.js';
 
@@ -18,6 +19,19 @@ export type RawVmState = Uint8Array;
 /** The VM's state raw, in one native call. */
 export function saveRawVmState(vm: Vm, irqchip: boolean): RawVmState {
   return vm.saveState(irqchip);
+}
+
+/** A raw VM state as objects (to look into it; a migration never needs to). Throws for a malformed one. */
+export function vmStateFromRaw(raw: RawVmState): VmState {
+  const problem = checkVmStateBlob(raw);
+  if (problem !== null) throw argValueError(`bad VM state: ${problem}`);
+  const sections = vmStateBlobSections(raw);
+  const irqchip = vmStateBlobHasIrqchip(raw);
+  return {
+    irqchips: irqchip ? [1, 2, 3].map((tag) => kvmIrqchip.decode(sections.get(tag)!)) : null,
+    pit: irqchip ? kvmPitState2.decode(sections.get(4)!) : null,
+    clock: kvmClockData.decode(sections.get(5)!),
+  };
 }
 
 export function saveVmState(vm: Vm, irqchip: boolean): VmState {

@@ -7,6 +7,7 @@ import { IrqChip, Kvm, type Vm } from '../../lib/index.js';
 import { checkVmStateBlob, isVmStateBlob, vmStateBlobHasIrqchip } from '../../lib/kvm/vm-state-blob.js';
 import { SectionParser } from '../../lib/migration/section-parser.js';
 import { StateSectionReader, encodeStateSections } from '../../lib/migration/state-sections.js';
+import { vmStateFromRaw } from '../../lib/vmm/vm-state.js';
 import { noKvm } from '../helpers/kvm.js';
 
 function openVm(t: Test, irqchip: boolean): Vm {
@@ -101,4 +102,13 @@ t.test('the stream reader takes a raw VmState checked and copied, and refuses a 
   const damaged = raw.slice();
   view(damaged).setUint32(8, 9, true); // the section count
   t.throws(() => read(damaged), { name: 'MigrationError', code: 'EFORMAT', message: /the VmState section is malformed: too many sections/ });
+});
+
+t.test('vmStateFromRaw: the raw state as the structured form reads it', { skip: noKvm }, async (t) => {
+  const vm = openVm(t, true);
+  const state = vmStateFromRaw(vm.saveState(true));
+  t.same(state.irqchips!.map((chip) => chip.chipId), [IrqChip.PicMaster, IrqChip.PicSlave, IrqChip.Ioapic]);
+  t.same(state.irqchips![2]!.chip, vm.getIrqChip(IrqChip.Ioapic).chip, 'the IOAPIC as KVM_GET_IRQCHIP reads it');
+  t.equal(state.pit!.channels[0]!.count, vm.getPit2().channels[0]!.count);
+  t.equal(vmStateFromRaw(openVm(t, false).saveState(false)).irqchips, null);
 });
