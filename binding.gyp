@@ -10,6 +10,7 @@
         "native/vm.cc",
         "native/vcpu.cc",
         "native/vcpu-state.cc",
+        "native/vm-state.cc",
         "native/memory.cc",
         "native/layout.cc",
         "native/abi.c",

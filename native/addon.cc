@@ -18,6 +18,7 @@
 #include "thread.h"
 #include "vcpu.h"
 #include "vcpu-state.h"
+#include "vm-state.h"
 #include "vm.h"
 
 namespace nodekvm {
@@ -105,6 +106,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("checkVcpuState", CheckVcpuState);
   fn("restoreVcpuState", RestoreVcpuState);
   fn("restoreParkedVcpuState", RestoreParkedVcpuState);
+  fn("saveVmState", SaveVmState);
+  fn("checkVmState", CheckVmState);
+  fn("restoreVmState", RestoreVmState);
   fn("memoryCreate", MemoryCreate);
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);

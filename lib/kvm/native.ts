@@ -43,6 +43,12 @@ export interface NativeBinding {
   restoreVcpuState(vcpu: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
   /** restoreVcpuState() from any thread, for a vCPU whose thread is parked (by its kick handle). */
   restoreParkedVcpuState(kickHandle: number, state: Uint8Array, currentCpuid: Uint8Array | null, irqchip: boolean): number[];
+  /** The VM's irqchips, PIT and clock as raw KVM structs in one buffer (native/vm-state.cc). */
+  saveVmState(vm: number, irqchip: boolean): Uint8Array;
+  /** Null, or what is wrong with a saveVmState() buffer. */
+  checkVmState(state: Uint8Array): string | null;
+  /** Puts a saveVmState() buffer back (checked whole first). */
+  restoreVmState(vm: number, state: Uint8Array, irqchip: boolean): void;
   memoryCreate(size: number, memfd: boolean, hugepages: boolean, mergeable: boolean): [id: number, fd: number];
   memoryMapFile(fd: number, offset: number, size: number, hugepages: boolean): number;
   /** A new fd of the memfd behind anonymous or memfd memory (the caller closes it). */

@@ -296,6 +296,20 @@ export class Vm extends Handle {
     this.#ioctl(OPS.setClock, kvmClockData.encode(data));
   }
 
+  /**
+   * The irqchips (with `irqchip`), PIT and clock as one buffer of KVM's structs, in one native
+   * call (lib/kvm/vm-state-blob.ts describes it): what a migration sends as it is.
+   */
+  saveState(irqchip: boolean): Uint8Array {
+    return native.saveVmState(this.#h, irqchip);
+  }
+
+  /** Puts a saveState() buffer back in one call, checked whole before any of it is applied. */
+  restoreState(state: Uint8Array, irqchip: boolean): void {
+    if (!(state instanceof Uint8Array)) throw argTypeError('state must be a Uint8Array');
+    native.restoreVmState(this.#h, state, irqchip);
+  }
+
   /** KVM_GET_DIRTY_LOG: bit i set = page i of the slot was written since the last call. */
   getDirtyLog(slot: number, into?: Uint8Array): Uint8Array {
     return native.getDirtyLog(this.#h, checkInteger(slot, 'slot', 0, 0xffffffff), into);

@@ -3,7 +3,7 @@
 // encodes and decodes the header and the section framing; pages.ts the Pages sections,
 // state-sections.ts the state, section-parser.ts reads the framing back.
 //
-// Version 3 (STREAM_VERSION); version 2 is read too. All integers are little-endian.
+// Version 4 (STREAM_VERSION); versions 2 and 3 are read too. All integers are little-endian.
 //
 // Header (HEADER_BYTES = 68):
 //   0  magic 'NODE-KVM'      8  version u32        12 kind u32 (StreamKindCode)
@@ -20,7 +20,8 @@
 //     it), Pages and Sync sections while pre-copy runs, then the machine's state (Config, VmState,
 //     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
-//     empty Sync for each Sync, End once the guest runs there, or Error at any point.
+//     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
+//     at any point.
 //   post-copy (postcopy.ts): the source ends its state with Postcopy (the ranges the destination
 //     lacks) instead of End, then sends Pages until every one has gone, then End; the
 //     destination answers Postcopy once the guest runs, PageRequest for its faults, and Postcopy
@@ -38,7 +39,9 @@
 // one encoder and read by one reader (state-sections.ts) for migrations and snapshots alike.
 // Version 1 wrote a snapshot's VcpuState sections before its VmState, and another Config: its
 // files and streams are refused with EVERSION, naming the versions read. Version 3 may hold a
-// vCPU's state raw (KVM's structs) in its VcpuState sections; version 2 held JSON only.
+// vCPU's state raw (KVM's structs) in its VcpuState sections; version 2 held JSON only. Version 4
+// may hold the VM's state raw in its VmState section too (a build reading only up to 3 refuses it
+// with EVERSION, not as a malformed section).
 import { randomBytes } from 'node:crypto';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
@@ -48,8 +51,8 @@ import { MigrationErrorCode as Code, streamError } from './errors.js';
 
 export const STREAM_MAGIC = 'NODE-KVM';
 /** The version of the migration stream and snapshot format this package writes. */
-export const STREAM_VERSION = 3;
-/** The oldest version it reads: version 2 differs only in holding no raw vCPU state. */
+export const STREAM_VERSION = 4;
+/** The oldest version it reads: version 2 differs only in holding no raw vCPU state, 3 no raw VM state. */
 export const OLDEST_STREAM_VERSION = 2;
 export const HEADER_BYTES = 68;
 export const STREAM_ID_BYTES = 16;

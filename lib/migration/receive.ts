@@ -109,7 +109,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
           internals.lockDisks();
           await internals.applyState(state);
         },
-        start: (paused: boolean) => target.start({ paused }),
+        start: (paused: boolean, onRunning?: () => void) => internals.start(paused, onRunning ?? null),
         // A local migration's images are the source's open files: unlocking them would unlock them for it too.
         releaseDisks: () => (handover ? undefined : internals.unlockDisks()),
         discard: async () => {
@@ -151,8 +151,8 @@ function localRuntime(config: IncomingConfig, shape: MachineShape, handover: Loc
 export interface IncomingTarget {
   memory: GuestMemory;
   apply(state: MachineState): Promise<void>;
-  /** Runs the guest, or sets it up paused (the source's owner had paused it). */
-  start(paused: boolean): void;
+  /** Runs the guest, or sets it up paused (the source's owner had paused it); `onRunning` as soon as its vCPUs are set running. */
+  start(paused: boolean, onRunning?: () => void): void;
   /** Lets go of the disk images at once, for the source to take back (a failed migration). */
   releaseDisks(): void;
   discard(): Promise<void>;
@@ -264,14 +264,21 @@ export async function receiveMigration(
     markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);
-    target.start(complete.running === false);
+    const pages = postcopy as PostcopyPages | null;
+    // The answer goes at the moment the vCPUs are set running, before their threads wake and
+    // before start()'s bookkeeping (the timers, the console): the source's downtime ends with it.
+    let answered: Promise<void> | null = null;
+    target.start(complete.running === false, () => {
+      markPhase('destination: starting');
+      answered = reply([pages ? encodeSection(SectionType.Postcopy, new Uint8Array(0)) : encodeEnd()]);
+      markPhase('destination: ack written');
+    });
     markPhase('destination: guest started');
     aborted.dispose();
-    const pages = postcopy as PostcopyPages | null;
     if (pages) {
       guestRunsHere = true;
       // A failed write is a break, which the post-copy loop sees on the connection.
-      await reply([encodeSection(SectionType.Postcopy, new Uint8Array(0))]).catch(() => {});
+      await (answered as Promise<void> | null)?.catch(() => {});
       const machine = target.machine;
       config.onPostcopy?.({ machine, missingPages: pages.lackingCount });
       await runPostcopyDestination({
@@ -281,8 +288,7 @@ export async function receiveMigration(
       }, sections);
       return machine;
     }
-    await reply([encodeEnd()]);
-    markPhase('destination: ack written');
+    await answered;
     socket.end();
     return target.machine;
   } catch (error) {

@@ -4,7 +4,8 @@
 //
 // Each payload is state-codec JSON (state-codec.ts), but for a VcpuState section from stream
 // version 3 on, which may hold a vCPU's raw state instead (lib/kvm/vcpu-state-blob.ts, told apart
-// by its magic). Config holds a record:
+// by its magic), and a VmState section from version 4 on, which may hold the VM's raw state
+// (lib/kvm/vm-state-blob.ts, its magic 'KVMS' never starts JSON). Config holds a record:
 //   { machine: <the machine's configuration: for a Machine, its shape>,
 //     running?: <live migration: whether the guest ran (false: its owner had paused it)>,
 //     parent?: { path: <diff snapshots: the parent file, relative to the diff's directory> } }
@@ -22,6 +23,7 @@ import { isDeviceStates } from '../vmm/devices.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 import { SectionType, encodeSection, type Section } from './format.js';
 import { checkVcpuStateBlob, isVcpuStateBlob, vcpuStateBlobHeader } from '../kvm/vcpu-state-blob.js';
+import { checkVmStateBlob, isVmStateBlob, vmStateBlobHasIrqchip } from '../kvm/vm-state-blob.js';
 import { SectionParser } from './section-parser.js';
 import { decodeState, encodeStateSection } from './state-codec.js';
 
@@ -55,7 +57,8 @@ export function encodeConfigSection(config: StateConfig): Uint8Array {
 export function encodeStateSections(parts: StateParts): Uint8Array[] {
   return [
     encodeConfigSection(parts),
-    encodeStateSection(SectionType.VmState, parts.vm),
+    // Raw (RawVmState) as it is too (stream version 4).
+    parts.vm instanceof Uint8Array ? encodeSection(SectionType.VmState, parts.vm) : encodeStateSection(SectionType.VmState, parts.vm),
     // A raw state (RawVcpuState) goes as it is: KVM's structs, no JSON (stream version 3).
     ...parts.vcpus.map((vcpu) => (vcpu instanceof Uint8Array ? encodeSection(SectionType.VcpuState, vcpu) : encodeStateSection(SectionType.VcpuState, vcpu))),
     encodeStateSection(SectionType.DeviceState, parts.devices),
@@ -133,7 +136,7 @@ export class StateSectionReader {
         return true;
       case SectionType.VmState:
         if (this.#next !== Next.VmState) throw this.#misplaced(section);
-        this.#vm = decodeState(section.payload, what);
+        this.#vm = isVmStateBlob(section.payload) ? this.#rawVm(section.payload, what) : decodeState(section.payload, what);
         this.#next = Next.VcpuState;
         return true;
       case SectionType.VcpuState:
@@ -148,6 +151,13 @@ export class StateSectionReader {
       default:
         return false;
     }
+  }
+
+  /** A raw VM state (KVM's structs), checked whole, copied out of the stream's buffer. */
+  #rawVm(payload: Uint8Array, what: string): Uint8Array {
+    const problem = checkVmStateBlob(payload);
+    if (problem !== null) throw streamError(Code.Format, `${this.#where}: ${what} is malformed: ${problem}`);
+    return new Uint8Array(payload);
   }
 
   /** A raw vCPU state (KVM's structs), checked whole, copied out of the stream's buffer. */
@@ -237,7 +247,12 @@ export function machineStateOf(parts: StateParts, expected: { memoryBytes: numbe
   if (shape.memoryBytes !== expected.memoryBytes || shape.vcpus !== expected.vcpus) {
     throw streamError(Code.Mismatch, `${where}: the state is for ${shape.memoryBytes} bytes and ${shape.vcpus} vCPUs, the header says ${expected.memoryBytes} and ${expected.vcpus}`);
   }
-  if (!isObject(vm) || !isObject(vm.clock)) throw streamError(Code.Format, `${where}: no VM state`);
+  // Raw: checked whole as it was read; whether it has the irqchip must match the shape's.
+  if (vm instanceof Uint8Array) {
+    if (vmStateBlobHasIrqchip(vm) !== shape.irqchip) throw streamError(Code.Format, `${where}: the VM state ${shape.irqchip ? 'lacks' : 'has'} the in-kernel irqchip the machine ${shape.irqchip ? 'has' : 'lacks'}`);
+  } else if (!isObject(vm) || !isObject(vm.clock)) {
+    throw streamError(Code.Format, `${where}: no VM state`);
+  }
   if (vcpus.length !== shape.vcpus) throw streamError(Code.Format, `${where}: ${vcpus.length} vCPU states for ${shape.vcpus} vCPUs`);
   vcpus.forEach((vcpu, index) => {
     // Raw: checked whole as it was read (StateSectionReader).

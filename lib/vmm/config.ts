@@ -10,7 +10,7 @@ import type { DiskShape } from './disks.js';
 import type { NetConfig, NetShape } from './nets.js';
 import type { VcpuWorkerPool } from './pool.js';
 import type { RawVcpuState, VcpuState } from './vcpu-state.js';
-import type { VmState } from './vm-state.js';
+import type { RawVmState, VmState } from './vm-state.js';
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 
 const MIB = 1024 * 1024;
@@ -146,7 +146,8 @@ export interface MachineShape {
 /** Everything but RAM: what a snapshot or a migration carries besides memory. */
 export interface MachineState {
   shape: MachineShape;
-  vm: VmState;
+  /** Structured, or raw as Vm.saveState() writes it (RawVmState: what a migration sends). */
+  vm: VmState | RawVmState;
   /** Each vCPU's, structured, or raw as the vCPU threads save it (RawVcpuState: what a migration sends). */
   vcpus: (VcpuState | RawVcpuState)[];
   devices: DeviceStates;

@@ -34,13 +34,13 @@ import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
-import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
+import { restoreVmState, saveRawVmState, type VmState } from './vm-state.js';
 import { VcpuThrottle } from './throttle.js';
 import { markPhase } from './phase-timing.js';
 
 export type { MachineExit, MachineExitReason } from './types.js';
 export type { RawVcpuState, VcpuState } from './vcpu-state.js';
-export type { VmState } from './vm-state.js';
+export type { RawVmState, VmState } from './vm-state.js';
 export type { DiskConfig, DiskShape } from './disks.js';
 export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
@@ -83,6 +83,8 @@ export interface MachineInternals {
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
+  /** start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before their threads wake (a migration's answer). */
+  start(paused: boolean, onRunning: (() => void) | null): void;
   /**
    * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
    * save inside a later downtime then runs warm code. The state (stale at once: the guest runs
@@ -461,13 +463,25 @@ export class Machine extends EventEmitter {
    */
   start(options: { paused?: boolean } = {}): void {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+    this.#start(options.paused === true, null);
+  }
+
+  /**
+   * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
+   * threads are woken, and before the rest of the bookkeeping.
+   */
+  #start(paused: boolean, onRunning: (() => void) | null): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
+    // A migration's destination answers here, nothing left that can fail: its write goes before
+    // the vCPU threads wake, which on a busy host would take the CPU from it first. What follows
+    // is not the guest's downtime.
+    onRunning?.();
+    setRunState(this.#control, paused ? RunState.Paused : RunState.Running);
     if (this.#input) {
       this.#input.on('data', this.#onInput);
       this.#input.resume();
     }
-    setRunState(this.#control, options.paused ? RunState.Paused : RunState.Running);
-    if (!options.paused) {
+    if (!paused) {
       this.#devices.virtio.resume();
       this.#haltWatch?.start();
       this.#devices.runTimers();
@@ -742,6 +756,7 @@ export class Machine extends EventEmitter {
       pause: (saveVcpus) => this.#pause(saveVcpus),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
       applyState: (state) => this.#applyState(state),
+      start: (paused, onRunning) => this.#start(paused, onRunning),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
@@ -800,7 +815,7 @@ export class Machine extends EventEmitter {
     if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
     if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
     const vcpus = vcpuStates ?? await this.#saveVcpus();
-    return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
   }
 
   #saveVcpus(): Promise<RawVcpuState[]> {
@@ -880,7 +895,7 @@ export class Machine extends EventEmitter {
     // The rest of a save too, the guest running on: a state to warm the code that sends it with.
     const states = vcpus.map((reply) => (reply?.type === 'saved' ? reply.state : null));
     if (states.some((state) => state === null)) return null;
-    return { shape: this.shape, vm: saveVmState(this.#vm, this.irqchip), vcpus: states as RawVcpuState[], devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus: states as RawVcpuState[], devices: this.#devices.saveState() };
   }
 
   async #exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {

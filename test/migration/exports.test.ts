@@ -14,7 +14,7 @@ t.test('the package root exports the free functions, the error class and its cod
   ]) {
     t.equal(typeof (root as Record<string, unknown>)[name], 'function', name);
   }
-  t.equal(root.STREAM_VERSION, 3);
+  t.equal(root.STREAM_VERSION, 4);
   t.equal(root.MAX_SNAPSHOT_CHAIN, 64);
   t.equal(typeof root.Machine.prototype.migrate, 'function', 'the methods are attached');
   t.equal(typeof root.Machine.incoming, 'function');

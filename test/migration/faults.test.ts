@@ -120,7 +120,7 @@ t.test('memory size mismatch: the destination refuses before anything is applied
 
 t.test('a stream of another version is refused', { skip: noKvm }, async (t) => {
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(8, () => 1) });
-  t.match(error?.message, /stream version 1 is not supported \(this build reads versions 2 to 3\)/);
+  t.match(error?.message, /stream version 1 is not supported \(this build reads versions 2 to 4\)/);
   t.equal(error?.code, 'EREFUSED', 'the destination refused it');
   await assertStillRunning(t, source);
   await t.rejects(destination.arrived, { name: 'MigrationError', code: 'EVERSION', message: /stream version 1 is not supported/ });

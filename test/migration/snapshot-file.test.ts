@@ -313,11 +313,11 @@ t.test('corrupt and truncated snapshot files', async (t) => {
     copy.write('GARBAGE!', 0, 'latin1');
     writeFileSync(broken, copy);
     await expectMigrationError(t, () => readSnapshotFile(broken), 'EMAGIC', `${broken}: not a node-kvm migration stream or snapshot: the first 8 bytes are 4741524241474521, expected 'NODE-KVM'`);
-    for (const version of [1, 4]) {
+    for (const version of [1, 5]) {
       const other = Buffer.from(good);
       viewOf(other).setUint32(8, version, true);
       writeFileSync(broken, other);
-      await expectMigrationError(t, () => readSnapshotFile(broken), 'EVERSION', `${broken}: stream version ${version} is not supported (this build reads versions 2 to 3)`);
+      await expectMigrationError(t, () => readSnapshotFile(broken), 'EVERSION', `${broken}: stream version ${version} is not supported (this build reads versions 2 to 4)`);
     }
     writeFileSync(broken, Buffer.concat([encodeHeader({ kind: 'migration', memoryBytes: MiB, vcpuCount: 2 }), ...stateSections(MiB), encodeEnd()]));
     await expectMigrationError(t, () => readSnapshotFile(broken), 'EFORMAT', `${broken}: this is a migration stream, not a snapshot file`);

@@ -104,14 +104,14 @@ t.test('header', async (t) => {
     t.equal(bytes.length, HEADER_BYTES);
     t.equal(Buffer.from(bytes.subarray(0, 8)).toString('latin1'), 'NODE-KVM');
     const header = decodeHeader(bytes);
-    t.same({ ...header, streamId: undefined }, { version: 3, kind: 'migration', memoryBytes: 3 * 1024 * MiB, vcpuCount: 255, streamId: undefined, parentId: new Uint8Array(16) });
-    t.equal(STREAM_VERSION, 3);
+    t.same({ ...header, streamId: undefined }, { version: 4, kind: 'migration', memoryBytes: 3 * 1024 * MiB, vcpuCount: 255, streamId: undefined, parentId: new Uint8Array(16) });
+    t.equal(STREAM_VERSION, 4);
     t.equal(header.streamId.length, 16);
     t.notSame(decodeHeader(encodeHeader({ kind: 'migration', memoryBytes: 4096, vcpuCount: 1 })).streamId, header.streamId, 'stream ids are random');
     const parentId = new Uint8Array(16).fill(7);
     const streamId = new Uint8Array(16).fill(9);
     const diff = decodeHeader(encodeHeader({ kind: 'diff-snapshot', memoryBytes: 8192, vcpuCount: 1, streamId, parentId }));
-    t.same(diff, { version: 3, kind: 'diff-snapshot', memoryBytes: 8192, vcpuCount: 1, streamId, parentId });
+    t.same(diff, { version: 4, kind: 'diff-snapshot', memoryBytes: 8192, vcpuCount: 1, streamId, parentId });
     t.equal(decodeHeader(encodeHeader({ kind: 'snapshot', memoryBytes: 8192, vcpuCount: 2 })).kind, 'snapshot');
   });
 
@@ -140,7 +140,7 @@ t.test('header', async (t) => {
       "not a node-kvm migration stream or snapshot: the first 8 bytes are 4741524241474521, expected 'NODE-KVM'");
     const future = good.slice();
     viewOf(future).setUint32(8, 7, true);
-    await expectMigrationError(t, () => decodeHeader(future), 'EVERSION', 'stream version 7 is not supported (this build reads versions 2 to 3)');
+    await expectMigrationError(t, () => decodeHeader(future), 'EVERSION', 'stream version 7 is not supported (this build reads versions 2 to 4)');
     await expectMigrationError(t, () => decodeHeader(good.subarray(0, 67)), 'ETRUNCATED', 'migration stream truncated: expected 68 bytes of the stream header, got 67');
     for (let offset = 0; offset < HEADER_BYTES; offset++) {
       const flipped = good.slice();
