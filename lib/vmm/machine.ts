@@ -34,7 +34,7 @@ import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections
 import type { VcpuThread } from './pool.js';
 import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
-import { restoreVmState, saveRawVmState, type VmState } from './vm-state.js';
+import { restoreVmState, saveRawVmState, vmStateFromRaw, type VmState } from './vm-state.js';
 import { VcpuThrottle } from './throttle.js';
 import { markPhase } from './phase-timing.js';
 
@@ -745,8 +745,13 @@ export class Machine extends EventEmitter {
    * any other state.
    */
   async saveState(): Promise<MachineState> {
+    // The raw forms are for streams; a caller gets the structured ones, as before.
     const state = await this.#saveState(null);
-    return { ...state, vcpus: state.vcpus.map((vcpu) => (vcpu instanceof Uint8Array ? vcpuStateFromRaw(vcpu) : vcpu)) };
+    return {
+      ...state,
+      vm: state.vm instanceof Uint8Array ? vmStateFromRaw(state.vm) : state.vm,
+      vcpus: state.vcpus.map((vcpu) => (vcpu instanceof Uint8Array ? vcpuStateFromRaw(vcpu) : vcpu)),
+    };
   }
 
   #internals(): MachineInternals {

@@ -12,7 +12,7 @@ import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { boot, runToExit, type Booted } from '../helpers/machine.js';
 import { memoryHash } from '../helpers/migration.js';
 import { sharedPool } from '../helpers/pool.js';
-import { vmStateFromRaw } from '../../lib/vmm/vm-state.js';
+import type { VmState } from '../../lib/vmm/vm-state.js';
 
 const MiB = 1 << 20;
 const image = path.join(repoRoot, 'guests', 'build', 'disk.elf');
@@ -113,13 +113,13 @@ t.test('with the irqchip, a completion raises the disk\'s line: IRR bit 5 of the
   const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], irqchip: true, pool });
   t.teardown(() => void booted.machine.stop());
   const before = await booted.machine.saveState();
-  t.equal(vmStateFromRaw(before.vm as Uint8Array).irqchips![0]!.chip[1]! & (1 << 5), 0, 'no request yet: IRQ 5 not requested');
+  t.equal((before.vm as VmState).irqchips![0]!.chip[1]! & (1 << 5), 0, 'no request yet: IRQ 5 not requested');
   booted.machine.writeMemory(GUEST_PARAMS_ADDR, params(Mode.Loop, 0));
   booted.machine.start();
   await booted.waitForOutput('round 1 ok\n');
   await booted.machine.pause();
   const after = await booted.machine.saveState();
-  t.equal(vmStateFromRaw(after.vm as Uint8Array).irqchips![0]!.chip[1]! & (1 << 5), 1 << 5, 'the PIC master latched IRQ 5 (the guest runs with interrupts off)');
+  t.equal((after.vm as VmState).irqchips![0]!.chip[1]! & (1 << 5), 1 << 5, 'the PIC master latched IRQ 5 (the guest runs with interrupts off)');
   t.equal(after.devices.virtio![0]!.interruptStatus & 1, 1, 'InterruptStatus: used buffer');
   await booted.machine.stop();
 });
