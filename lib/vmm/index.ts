@@ -3,7 +3,7 @@
 export {
   Machine, MAX_MEMORY_BYTES, MAX_VCPUS,
   type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type MachineEvents,
-  type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type DeviceStates, type DiskConfig, type DiskShape,
+  type MachineExit, type MachineExitReason, type MachineConsole, type VcpuState, type VmState, type RawVcpuState, type RawVmState, type DeviceStates, type DiskConfig, type DiskShape,
   type NetConfig, type NetShape,
   type MultibootModuleConfig, type ExitStats, type VcpuExitStats, type ExitCount, type DebugStop,
 } from './machine.js';

@@ -65,7 +65,7 @@ const TYPES = [
   'DirtyTrackerOptions', 'TrackedSlot', 'DirtyLogMode', 'ExtensionSource', 'PageRange',
   // snapshots and migration
   'MigrateOptions', 'MigrationStats', 'MigrationProgress', 'MigrationPhase', 'SnapshotOptions', 'SnapshotInfo', 'RestoreConfig',
-  'IncomingConfig', 'NonConvergence', 'AutoConvergeOptions', 'PostcopyMode', 'PostcopyStats', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
+  'IncomingConfig', 'NonConvergence', 'AutoConvergeOptions', 'PostcopyMode', 'PostcopyStats', 'RawVcpuState', 'RawVmState', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
   'SnapshotKind', 'SnapshotParent', 'WriteSnapshotOptions', 'WriteSnapshotResult', 'DecodedPages', 'RamImage', 'StreamHeader',
   'StreamKind',
   // the KVM binding
