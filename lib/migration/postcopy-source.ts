@@ -25,7 +25,7 @@ export const DEFAULT_POSTCOPY_RECOVERY_MS = 60_000;
 // stream's rate within its noise (bench/README.md).
 /** Pages per background section. */
 const BACKGROUND_BATCH_PAGES = 64;
-/** User-space queue on the socket above which the stream waits for it to drain. */
+/** User-space queue on the socket above which the stream waits until what it wrote reaches the kernel. */
 const QUEUE_LIMIT_BYTES = 256 * 1024;
 /** The post-copy connection's kernel buffers (unix sockets; TCP sizes its own). */
 const SOCKET_BUFFER_BYTES = 512 * 1024;
@@ -217,8 +217,16 @@ async function serve(
       stats.bytesTransferred += encoded.bytes;
       stats.pagesTransferred += encoded.pagesSent;
       stats.remainingPages = owed.size;
-      for (const section of encoded.sections) socket.write(section, () => buffers.release(section));
-      await Promise.race([flowControl(socket, () => requests.length > 0), failure]);
+      let flushed!: () => void;
+      const written = new Promise<void>((resolve) => (flushed = resolve));
+      const last = encoded.sections.at(-1);
+      for (const section of encoded.sections) {
+        socket.write(section, () => {
+          buffers.release(section);
+          if (section === last) flushed();
+        });
+      }
+      await Promise.race([flowControl(socket, () => requests.length > 0, written), failure]);
       continue;
     }
     if (!allSent) {
@@ -236,10 +244,15 @@ async function serve(
   socket.end(encodeEnd());
 }
 
-/** Resolves once the socket's queue is short, or at once when a request waits (it goes next). */
-function flowControl(socket: Socket, urgent: () => boolean): Promise<void> {
+/**
+ * Resolves once the socket's queue is short, or at once when a request waits (it goes next).
+ * Waits for the last section written to reach the kernel, not for 'drain': Node emits 'drain' only
+ * after a write() returned false, that is above the socket's highWaterMark (1 MiB), so with a
+ * shorter queue limit a wait for it would never end.
+ */
+function flowControl(socket: Socket, urgent: () => boolean, written: Promise<void>): Promise<void> {
   if (socket.writableLength <= QUEUE_LIMIT_BYTES || urgent()) return new Promise((resolve) => setImmediate(resolve));
-  return new Promise((resolve) => socket.once('drain', resolve));
+  return written;
 }
 
 function takeFigures(postcopy: PostcopyStats, payload: Uint8Array): void {
