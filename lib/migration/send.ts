@@ -48,6 +48,9 @@ export async function migrateMachine(machine: Machine, address: string, options:
   if (typeof address !== 'string') throw argTypeError('address must be a string such as tcp:HOST:PORT or unix:PATH');
   if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
   if (options.local !== undefined && typeof options.local !== 'boolean') throw argTypeError('local must be a boolean');
+  // A post-copy source held paused: its guest may run at the destination, so it may not move again.
+  const held = machineInternals(machine).resumeRefusal;
+  if (held !== null) throw new MigrationError(Code.MachineState, `${held}; nor can it migrate again`, { phase: 'setup' });
   if (options.local) {
     // Nothing is copied, so there is nothing to converge or to fetch later.
     if (options.postcopy) throw argValueError('local and postcopy exclude each other: a local migration copies no memory');

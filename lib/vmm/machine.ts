@@ -116,6 +116,8 @@ export interface MachineInternals {
    * source's guest may run elsewhere. null lifts it; stop() is never refused.
    */
   refuseResume(reason: string | null): void;
+  /** The reason refuseResume() set, or null. */
+  readonly resumeRefusal: string | null;
   /** Runs `work` as the machine's one long operation (a snapshot, a migration) at a time. */
   exclusive<T>(what: string, work: () => Promise<T>): Promise<T>;
   /**
@@ -775,6 +777,9 @@ export class Machine extends EventEmitter {
       handoverFds: () => this.#devices.virtio.handoverFds(),
       end: (exit) => this.#end(exit),
       refuseResume: (reason) => void (this.#resumeRefusal = reason),
+      get resumeRefusal() {
+        return machine.#resumeRefusal;
+      },
       exclusive: (what, work) => this.#exclusive(what, work),
       vcpuRequest: async (vcpuId, request) => {
         const reply = this.#request(vcpuId, request);

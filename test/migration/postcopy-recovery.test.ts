@@ -221,6 +221,7 @@ t.test('a source gone for good leaves the guest paused at the destination with a
   t.match(resumeDuringPostcopy, { code: 'ERR_MACHINE_STATE', message: refusal }, 'resume() during post-copy is refused');
   t.throws(() => source.machine.resume(), { code: 'ERR_MACHINE_STATE', message: refusal }, 'resume() after EPOSTCOPY is refused, saying why');
   await t.rejects(source.machine.reset(), { code: 'ERR_MACHINE_STATE' }, 'so is reset() (it would clear the pages only this side has)');
+  await t.rejects(source.machine.migrate('unix:/nonexistent/elsewhere.sock'), { code: 'ERR_MACHINE_STATE', message: /nor can it migrate again/ }, 'and a second migration of the held copy');
   t.equal(source.machine.state, 'paused', 'still paused');
   const outcome = await destination.arrived.then(() => null, (e: Error) => e);
   t.type(outcome, PostcopyPausedError, 'the destination fails with a PostcopyPausedError');
