@@ -5,7 +5,7 @@
 // machineInternals() lends.
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
-import type { MessagePort } from 'node:worker_threads';
+import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { isBzImage, planBoot, writeBootPlan, type BootPlan, type MultibootModule } from '../boot/index.js';
 import type { ByteRing } from '../devices/byte-ring.js';
 import { VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../devices/virtio-mmio.js';
@@ -67,6 +67,10 @@ export interface MachineEvents {
 const RUN_STATES: readonly MachineRunState[] = ['created', 'running', 'paused', 'stopping', 'stopped'];
 
 const MIB = 1024 * 1024;
+/** How long after its first start() a machine makes its RAM's ArrayBuffer (see #exposeMemorySoon()). */
+const EXPOSE_MEMORY_AFTER_MS = 50;
+/** How long a pause that saves the vCPUs for a migration waits for them with the main thread blocked. */
+const PAUSE_BLOCKING_WAIT_MS = 2;
 
 /**
  * What snapshots and migrations (lib/migration) need of a machine beyond its public face. Lent by
@@ -330,11 +334,7 @@ export class Machine extends EventEmitter {
     this.#console = console;
     this.#consoleFeed = feed;
     for (const port of this.#requestPorts) {
-      port.on('message', (reply: VcpuReply) => {
-        const pending = this.#pendingRequests.get(reply.seq);
-        this.#pendingRequests.delete(reply.seq);
-        pending?.resolve(reply);
-      });
+      port.on('message', (reply: VcpuReply) => this.#onReply(reply));
       port.unref();
     }
   }
@@ -488,6 +488,20 @@ export class Machine extends EventEmitter {
       this.#haltWatch?.start();
       this.#devices.runTimers();
     }
+    this.#exposeMemorySoon();
+  }
+
+  /**
+   * Makes guest RAM's ArrayBuffer a little after the machine first runs. V8 counts a large
+   * external ArrayBuffer into its old generation and marks the whole JavaScript heap when one
+   * appears (25 ms of marking steps on the main thread for a 40 MB heap): paid here, in the
+   * background, it is not paid inside the first migration's or snapshot's rounds. Not at build:
+   * a restore or a boot would wait for it.
+   */
+  #exposeMemorySoon(): void {
+    setTimeout(() => {
+      if (!this.#exit) void this.memory.buffer;
+    }, EXPOSE_MEMORY_AFTER_MS).unref();
   }
 
   /**
@@ -536,7 +550,7 @@ export class Machine extends EventEmitter {
     // Asked only now that the machine is paused: a thread that serves it has run for the last time.
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
-    await this.#parkAll();
+    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
@@ -549,9 +563,19 @@ export class Machine extends EventEmitter {
     return vcpuStates;
   }
 
-  /** Kicks the vCPUs until every one is parked on the paused state; throws if it ends meanwhile. */
-  async #parkAll(): Promise<void> {
+  #onReply(reply: VcpuReply): void {
+    const pending = this.#pendingRequests.get(reply.seq);
+    this.#pendingRequests.delete(reply.seq);
+    pending?.resolve(reply);
+  }
+
+  /**
+   * Kicks the vCPUs until every one is parked on the paused state; throws if it ends meanwhile.
+   * `blockMs`: first wait that long at most with this thread blocked (see #waitParkedBlocking()).
+   */
+  async #parkAll(blockMs = 0): Promise<void> {
     this.#kickAll();
+    if (blockMs > 0) this.#waitParkedBlocking(blockMs);
     while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
       const parked = Atomics.load(this.#control, PARKED);
       const result = Atomics.waitAsync(this.#control, PARKED, parked, 50);
@@ -559,6 +583,26 @@ export class Machine extends EventEmitter {
       this.#kickAll();
     }
     if (Atomics.load(this.#control, STATE) !== RunState.Paused) throw machineStateError(`machine is ${this.state}, not paused`);
+  }
+
+  /**
+   * Waits for the kicked vCPUs to park with this thread blocked, for `ms` at most, then takes the
+   * replies they posted before parking (their saved states) at once: inside a migration's
+   * downtime, two turns of the event loop (the park's notification, each reply's message) cost
+   * more than the wait itself, which is a kick's exit (tens of microseconds).
+   */
+  #waitParkedBlocking(ms: number): void {
+    const deadline = performance.now() + ms;
+    for (;;) {
+      const parked = Atomics.load(this.#control, PARKED);
+      if (parked >= this.vcpuCount || Atomics.load(this.#control, STATE) !== RunState.Paused) break;
+      const left = deadline - performance.now();
+      if (left <= 0) break;
+      Atomics.wait(this.#control, PARKED, parked, left);
+    }
+    for (const port of this.#requestPorts) {
+      for (let received = receiveMessageOnPort(port); received; received = receiveMessageOnPort(port)) this.#onReply(received.message as VcpuReply);
+    }
   }
 
   /** A vCPU took a debug exit and paused the machine (control.ts pauseFromVcpu): park the rest, then tell the debugger. */
