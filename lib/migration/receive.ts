@@ -21,7 +21,7 @@ import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSectio
 import { writeChunks } from './writers.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
-import { DEFAULT_MIGRATION_TIMEOUT_MS, WARM_UP_ROUNDS } from './send.js';
+import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 import { PostcopyPages, decodeLacking, runPostcopyDestination } from './postcopy-destination.js';
 import { receiveLocalMigration, type LocalHandover } from './local.js';
 import type { IncomingConfig } from './types.js';
@@ -125,6 +125,13 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
 }
 
 /**
+ * How often the destination runs its dry run while it waits: enough for V8 to optimize the
+ * parsing and applying (measured warm, in-process: 0.6-1.2 ms after 8 rounds, 0.35 ms after 50),
+ * about 20 ms spent before it listens, not during a migration.
+ */
+const DESTINATION_WARM_UP_ROUNDS = 50;
+
+/**
  * A dry run of what the stream's end will do (save a state, encode, decode, put it back), so
  * that its code is warm when the guest is paused at the other end. It writes no guest RAM.
  */
@@ -132,7 +139,7 @@ async function warmUp(machine: Machine): Promise<void> {
   const internals = machineInternals(machine);
   try {
     const saved = await internals.saveState();
-    for (let i = 0; i < WARM_UP_ROUNDS; i++) await internals.applyState(warmUpStateCodec(saved));
+    for (let i = 0; i < DESTINATION_WARM_UP_ROUNDS; i++) await internals.applyState(warmUpStateCodec(saved));
   } catch (error) {
     internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
   }
@@ -217,6 +224,8 @@ export async function receiveMigration(
     const memory = target.memory;
     const ram = memory.bytes();
     const state = new StateSectionReader('the migration stream', header.vcpuCount);
+    let accepted = false;
+    let syncsOwed = 0;
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
     // safe here (this machine runs only once the whole stream has checked out).
@@ -243,7 +252,12 @@ export async function receiveMigration(
           // From here on guest RAM is written only through the userfaultfd.
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
-        } else if (section.type === SectionType.Sync) void reply([encodeSync()]).catch(() => {});
+        } else if (section.type === SectionType.Sync) {
+          // The source does not wait for the acceptance before it sends: its first Sync may be
+          // parsed before the acceptance is written, and is answered after it.
+          if (accepted) void reply([encodeSync()]).catch(() => {});
+          else syncsOwed++;
+        }
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type === SectionType.End) markPhase('destination: End parsed');
         else {
@@ -255,7 +269,15 @@ export async function receiveMigration(
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
-    await reply([encodeConfigSection({ machine: shape })], shape);
+    const acceptance = reply([encodeConfigSection({ machine: shape })], shape);
+    accepted = true;
+    for (; syncsOwed > 0; syncsOwed--) void reply([encodeSync()]).catch(() => {});
+    // A source that gave up before the acceptance went out closed the connection: what it said
+    // (in the stream) says more than the failed write.
+    await acceptance.catch(async (error: unknown) => {
+      await sections.ended;
+      throw error;
+    });
     await Promise.race([sections.ended, begun]);
 
     const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
@@ -362,8 +384,17 @@ function receiveSections(
   if (signal?.aborted) onAbort();
   else signal?.addEventListener('abort', onAbort, { once: true });
   for (const chunk of leftover) take(chunk);
+  // What had arrived may hold the whole stream, or its end: an Error from a source that gave up
+  // (and has closed the connection since).
+  if (done) return { socket, ended };
   const buffer = Buffer.allocUnsafe(RECEIVE_BUFFER_BYTES);
-  const reopened = reopenWithReadBuffer(socket, lentBuffer ? () => lentBuffer() ?? buffer : buffer, take);
+  let reopened: Socket;
+  try {
+    reopened = reopenWithReadBuffer(socket, lentBuffer ? () => lentBuffer() ?? buffer : buffer, take);
+  } catch (error) {
+    finish(error as Error);
+    return { socket, ended };
+  }
   const closed = (why: string) => () => {
     if (!parser.ended) {
       finish(new MigrationError(Code.Truncated, `migration stream truncated: ${why} after ${parser.bytesParsed} bytes (expected ${parser.waitingFor})`));

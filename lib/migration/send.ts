@@ -82,11 +82,11 @@ export async function migrateMachine(machine: Machine, address: string, options:
       vcpuCount: machine.vcpuCount,
       dirtyLogMode: machine.dirtyLogMode,
       shape: machine.shape,
-      startTracking: () => {
+      warmUp: () => {
         // The final save and its encoding, inside the downtime, then run warm code.
         warmedUp = warmUpStopCopy(internals.warmUpSave());
-        return internals.startDirtyTracking(MIGRATION);
       },
+      startTracking: () => internals.startDirtyTracking(MIGRATION),
       // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
       beforeStop: () => Promise.race([warmedUp, new Promise<void>((resolve) => setTimeout(resolve, WARM_UP_WAIT_MS).unref())]),
       stopTracking: () => {
@@ -124,7 +124,9 @@ export interface MigrationSource {
   readonly shape: MachineShape;
   startTracking(): DirtyTracker;
   stopTracking(): void;
-  /** Resolves once what runs inside the downtime is warm (started by startTracking()); never rejects. */
+  /** Starts warming up what runs inside the downtime (called first, while connecting). */
+  warmUp?(): void;
+  /** Resolves once what runs inside the downtime is warm (started by warmUp()); never rejects. */
   beforeStop?(): Promise<void>;
   /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
   pause(): Promise<boolean>;
@@ -197,6 +199,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const started = performance.now();
   resetPhases();
   markPhase('source: migration started');
+  source.warmUp?.();
   const stats: MigrationStats = {
     phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
     zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
@@ -232,6 +235,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   try {
     socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs, signal: opts.signal });
     socket.on('error', () => {}); // failures surface through the reads and writes below
+    markPhase('source: connected');
     enlargeSocketBuffers(socket);
     const connection = socket;
     const replies = new PeerReplies(connection);
@@ -244,8 +248,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       encodeHeader({ kind: 'migration', memoryBytes: source.memoryBytes, vcpuCount: source.vcpuCount, streamId }),
       encodeConfigSection({ machine: source.shape }),
     ]);
-    await unlessAborted(replies.expectAccept(opts.timeoutMs));
-    markPhase('source: accepted');
+    // Pre-copy starts without waiting for the answer, as QEMU's does: one round trip less. A
+    // destination that refuses says so (Error) and closes, which cuts the writes short; the
+    // answer is checked before the guest pauses.
+    const accepted = unlessAborted(replies.expectAccept(opts.timeoutMs));
+    accepted.then(() => markPhase('source: accepted'), () => {});
     const tracker = source.startTracking();
     // The first pass reads every page that may hold data after this point: what the VMM marked
     // before (the loader's writes, say) must not come round again in the next harvest.
@@ -303,9 +310,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const warm = source.beforeStop?.();
     if (opts.postcopy !== true) {
       await send([encodeSync()]);
+      await accepted;
       await warm;
       await unlessAborted(replies.expectSync(opts.timeoutMs));
     } else {
+      await accepted;
       await warm;
     }
     markPhase('source: synced');
@@ -528,7 +537,7 @@ async function warmUpStopCopy(saved: Promise<MachineState | null>): Promise<void
 }
 
 /** How often the warm-ups run the code of a downtime: enough for V8's baseline compiler. */
-export const WARM_UP_ROUNDS = 8;
+const WARM_UP_ROUNDS = 8;
 /** How long the stop-copy waits for the warm-up at most. */
 const WARM_UP_WAIT_MS = 20;
 
