@@ -6,7 +6,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { checkAddress, formatMigrationAddress, listenOnPrivateUnixSocket, type MigrationAddress } from './addresses.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, throwIfAborted } from './errors.js';
-import { Deadline, acceptHandshake, describeError, offerHandshake } from './handshake.js';
+import { Deadline, acceptHandshake, describeError, offerHandshake, warmUpHandshake } from './handshake.js';
 
 export {
   formatMigrationAddress, listenOnPrivateUnixSocket, parseMigrationAddress, type MigrationAddress,
@@ -91,6 +91,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   const label = formatMigrationAddress(target);
   throwIfAborted(options.signal, `listening for a migration on ${label}`);
 
+  warmUpHandshake();
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
   /** In the order they arrived: the first is the one to drop. */
@@ -223,6 +224,8 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const errorSink = (_error: Error) => {};
   const open = () => net.createConnection(connectOptions).on('error', errorSink);
   let socket = open();
+  // While the connection is made and the destination greets.
+  if (token !== undefined) warmUpHandshake();
   const aborted = () => abortError(`migration to ${label}`, options.signal);
   const onAbort = () => socket.destroy(aborted());
   options.signal?.addEventListener('abort', onAbort, { once: true });
