@@ -111,8 +111,9 @@ inline bool ReadStateBlobHeader(const StateBlobFormat& format, const uint8_t* da
 }
 
 // Reads `count` sections after the header into section[tag] and length[tag] (arrays of
-// format.tagCount): each tag known and found once, each inside the buffer, nothing after the last.
-// expectedBytes(tag, body, length, error) names the length a section must have on this host, or
+// format.tagCount): each tag known and found once, of the length this host's struct has, inside
+// the buffer, nothing after the last. expectedBytes(tag, body, length, available, error) names
+// the length a section must have on this host (it may read `available` bytes of its body), or
 // returns 0 with *error set to refuse it.
 template <typename ExpectedBytes>
 bool ReadStateBlobSections(const StateBlobFormat& format, const uint8_t* data, size_t size, uint32_t count, const uint8_t** section,
@@ -126,12 +127,12 @@ bool ReadStateBlobSections(const StateBlobFormat& format, const uint8_t* data, s
     at += 8;
     if (tag == 0 || tag >= format.tagCount) return *error = "unknown section " + std::to_string(tag), false;
     if (section[tag] != nullptr) return *error = "section " + std::to_string(tag) + " twice", false;
-    if (Pad8(bytes) > size - at) return *error = "truncated section " + std::to_string(tag), false;
-    size_t expected = expectedBytes(tag, data + at, bytes, error);
+    size_t expected = expectedBytes(tag, data + at, bytes, size - at, error);
     if (expected == 0) return false;
     if (bytes != expected) {
       return *error = "section " + std::to_string(tag) + " holds " + std::to_string(bytes) + " bytes, this host's struct " + std::to_string(expected), false;
     }
+    if (Pad8(bytes) > size - at) return *error = "truncated section " + std::to_string(tag), false;
     section[tag] = data + at;
     length[tag] = bytes;
     at += Pad8(bytes);

@@ -92,7 +92,7 @@ bool Parse(const uint8_t* data, size_t size, Parsed* out, std::string* error) {
   if (!ReadStateBlobHeader(kFormat, data, size, &out->flags, &count, error)) return false;
   std::memcpy(&out->vcpuId, data + 8, 4);
   std::memcpy(&out->tscKhz, data + 12, 4);
-  auto expectedBytes = [](uint32_t tag, const uint8_t* body, uint32_t length, std::string* error) -> size_t {
+  auto expectedBytes = [](uint32_t tag, const uint8_t* body, uint32_t length, size_t available, std::string* error) -> size_t {
     switch (tag) {
       case kMpState: return sizeof(kvm_mp_state);
       case kRegs: return sizeof(kvm_regs);
@@ -108,6 +108,7 @@ bool Parse(const uint8_t* data, size_t size, Parsed* out, std::string* error) {
       case kCpuid:
       case kMsrs: {
         if (length < 8) return *error = "a short list", 0;
+        if (available < 8) return *error = "truncated section " + std::to_string(tag), 0;
         uint32_t n;
         std::memcpy(&n, body, 4);
         size_t element = tag == kCpuid ? kCpuidEntryBytes : kMsrEntryBytes;

@@ -61,7 +61,7 @@ bool Parse(const uint8_t* bytes, size_t size, Parsed* out, std::string* error) {
   if ((out->flags & ~kFlagIrqchip) != 0) return *error = "unknown flags", false;
   if (count >= kTagCount) return *error = "too many sections", false;
   uint32_t length[kTagCount] = {};
-  auto expectedBytes = [](uint32_t tag, const uint8_t*, uint32_t, std::string*) { return SizeOf(tag); };
+  auto expectedBytes = [](uint32_t tag, const uint8_t*, uint32_t, size_t, std::string*) { return SizeOf(tag); };
   if (!ReadStateBlobSections(kFormat, bytes, size, count, out->section, length, expectedBytes, error)) return false;
   if (out->section[kClock] == nullptr) return *error = "no clock", false;
   bool irqchip = (out->flags & kFlagIrqchip) != 0;
