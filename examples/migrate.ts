@@ -1,28 +1,16 @@
 // Live migration between two processes on this host: this process boots the echo guest and
 // migrates it over a unix socket to a second process (this file again, forked by
-// support/two-processes.ts), where it carries on and is typed into.
+// support/two-processes.ts, which also types into the guest), where it carries on.
 import { Machine } from 'node-kvm';
-import { ConsoleOutput, echoGuest, runInTwoProcesses } from './support/two-processes.js';
+import { moveEchoGuest } from './support/two-processes.js';
 
-await runInTwoProcesses(import.meta.url, {
-  async destination(address, onListening, sourceDone) {
-    // Waits for one migration; resolves with the machine, running, once the guest has arrived.
-    const machine = await Machine.incoming(address, { onListening });
-    const output = new ConsoleOutput(machine);
-    await sourceDone;
-    machine.console.write('q');
-    const exit = await machine.wait();
-    console.log(`destination: the guest printed ${JSON.stringify(output.text)} here, then exit: ${exit.reason} ${exit.code}`);
-  },
-
-  async source(address) {
-    const machine = await Machine.create({ image: echoGuest, memoryBytes: 1 << 20 });
-    const output = new ConsoleOutput(machine);
-    machine.start();
-    machine.console.write('hi');
-    await output.waitFor('echo> hi');
+await moveEchoGuest(import.meta.url, {
+  names: { source: 'source', destination: 'destination' },
+  // Waits for one migration; resolves with the machine, running, once the guest has arrived.
+  receive: (address, onListening) => Machine.incoming(address, { onListening }),
+  async send(machine, address) {
+    // Memory is copied while the guest runs; it pauses only for the last pass.
     const stats = await machine.migrate(address);
-    console.log(`source: the guest printed ${JSON.stringify(output.text)} here; migrated ${stats.pagesTransferred} pages, downtime ${Math.round(stats.downtimeMs)} ms`);
-    console.log(`source: exit: ${(await machine.wait()).reason}`);
+    return `migrated ${stats.pagesTransferred} pages, downtime ${Math.round(stats.downtimeMs)} ms`;
   },
 });

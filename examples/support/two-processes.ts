@@ -1,43 +1,46 @@
 // What the two-process examples (migrate.ts, live-update.ts) share, none of it their point: the
-// example's own file run again as a second process (the destination), a unix socket between the
-// two in a temporary folder, and the echo guest's console output.
+// example's own file run again as a second process, a unix socket between the two in a temporary
+// folder, and the echo guest typed into on each side, with what it printed there.
 import { fork } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Machine } from 'node-kvm';
+import { Machine } from 'node-kvm';
 
-/** The echo guest: prints `echo> `, echoes what is typed, exits (debug-exit 5) on `q`. */
-export const echoGuest = new URL('../../../guests/build/echo.bin', import.meta.url).pathname;
+const echoGuest = new URL('../../../guests/build/echo.bin', import.meta.url).pathname;
+
+export interface EchoGuestMove {
+  /** What each side's lines start with. */
+  names: { source: string; destination: string };
+  /** In the second process: the machine arriving at `address`; `onListening` once it listens. */
+  receive(address: string, onListening: () => void): Promise<Machine>;
+  /** Here: sends `machine` (the echo guest, running) to `address`; says how it went. */
+  send(machine: Machine, address: string): Promise<string>;
+}
 
 /** What the guest prints on the console from now on. */
-export class ConsoleOutput {
-  text = '';
-  constructor(private readonly machine: Machine) {
-    machine.console.on('data', (chunk: Buffer) => (this.text += chunk.toString('latin1')));
-  }
-  async waitFor(text: string): Promise<void> {
-    while (!this.text.includes(text)) await new Promise((resolve) => this.machine.console.once('data', resolve));
-  }
+function consoleOutput(machine: Machine): () => string {
+  let output = '';
+  machine.console.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
+  return () => output;
 }
 
-export interface TwoProcesses {
-  /**
-   * In the forked process: takes the machine arriving at `address`, calling `onListening` once it
-   * listens; `sourceDone` resolves once the source has printed its lines, so that the two
-   * processes' lines come in order.
-   */
-  destination(address: string, onListening: () => void, sourceDone: Promise<unknown>): Promise<void>;
-  /** In this process: sends a machine to `address`, where the destination listens. */
-  source(address: string): Promise<void>;
-}
-
-/** Runs `parts.source` here and the example's file (`exampleUrl`: its import.meta.url) forked as the destination. */
-export async function runInTwoProcesses(exampleUrl: string, parts: TwoProcesses): Promise<void> {
+/**
+ * Boots the echo guest here, types "hi" and sends it with `move.send` to this file (`exampleUrl`:
+ * its import.meta.url) run again as a second process, where `move.receive` takes it and "q" ends
+ * it. Each side prints what the guest printed there.
+ */
+export async function moveEchoGuest(exampleUrl: string, move: EchoGuestMove): Promise<void> {
   if (process.argv[2] === 'destination') {
+    // Typed once the source has said its piece, so the two processes' lines come in order.
     const sourceDone = new Promise((resolve) => process.once('message', resolve));
-    await parts.destination(`unix:${process.argv[3]}`, () => process.send!('listening'), sourceDone);
+    const machine = await move.receive(`unix:${process.argv[3]}`, () => process.send!('listening'));
+    const output = consoleOutput(machine);
+    await sourceDone;
+    machine.console.write('q');
+    const exit = await machine.wait();
+    console.log(`${move.names.destination}: the guest printed ${JSON.stringify(output())} here, then exit: ${exit.reason} ${exit.code}`);
     process.disconnect();
     return;
   }
@@ -46,7 +49,14 @@ export async function runInTwoProcesses(exampleUrl: string, parts: TwoProcesses)
   const destination = fork(fileURLToPath(exampleUrl), ['destination', socket], { stdio: 'inherit' });
   try {
     await new Promise((resolve) => destination.once('message', resolve));
-    await parts.source(`unix:${socket}`);
+    const machine = await Machine.create({ image: echoGuest, memoryBytes: 1 << 20 });
+    const output = consoleOutput(machine);
+    machine.start();
+    machine.console.write('hi');
+    while (!output().includes('echo> hi')) await new Promise((resolve) => machine.console.once('data', resolve));
+    const outcome = await move.send(machine, `unix:${socket}`);
+    console.log(`${move.names.source}: the guest printed ${JSON.stringify(output())} here; ${outcome}`);
+    console.log(`${move.names.source}: exit: ${(await machine.wait()).reason}`);
     const ended = new Promise((resolve) => destination.once('exit', resolve));
     destination.send('source done');
     await ended;
