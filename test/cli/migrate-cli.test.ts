@@ -6,11 +6,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
+import type { ApiMachine, ApiMachineState } from '../../lib/cli/api-server.js';
 import { progressDisplay } from '../../lib/cli/progress.js';
 import type { MigrateOptions, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
 import { nodeKvmInProcess, startNodeKvm, type CommandResult } from '../helpers/cli.js';
-import { countGoesOn, destinationListening, socketDir, startRunPair } from '../helpers/cli-migration.js';
+import { countGoesOn, destinationListening, serveApi, socketDir, startRunPair } from '../helpers/cli-migration.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 
 const MIB = 1024 * 1024;
@@ -126,11 +126,8 @@ t.test('argument errors are one clear line and status 1', async (t) => {
 });
 
 t.test('migrate, snapshot, status, pause, resume, reset and stop against a machine\'s API', async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
-  const server = await startApiServer(apiSocket, machine);
-  t.teardown(() => server.close());
+  const { dir, apiSocket } = await serveApi(t, machine);
 
   const migrate = await nodeKvm(['migrate', '--api-socket', apiSocket, '--token', 'secret', '--downtime-ms', '20', '--max-iterations', '4', 'tcp:10.1.2.3:4444']);
   t.equal(migrate.status, 0, migrate.stderr);

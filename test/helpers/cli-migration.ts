@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Test } from 'tap';
+import { startApiServer, type ApiMachine } from '../../lib/cli/api-server.js';
 import { startNodeKvm, type CommandResult, type NodeKvmProcess } from './cli.js';
 import { repoRoot } from './kvm.js';
 import { lastPass } from './migration.js';
@@ -14,6 +15,15 @@ export function socketDir(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-cli-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   return dir;
+}
+
+/** Serves `machine` (a fake one, say) on an API socket in a new socketDir(); closed when `t` ends. */
+export async function serveApi(t: Test, machine: ApiMachine): Promise<{ dir: string; apiSocket: string }> {
+  const dir = socketDir(t);
+  const apiSocket = path.join(dir, 'api.sock');
+  const server = await startApiServer(apiSocket, machine);
+  t.teardown(() => server.close());
+  return { dir, apiSocket };
 }
 
 export interface RunPair {

@@ -3,10 +3,10 @@
 // with nothing copied: the source exits 0 and the destination's count goes on.
 import path from 'node:path';
 import t from 'tap';
-import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
+import type { ApiMachine, ApiMachineState } from '../../lib/cli/api-server.js';
 import type { MigrateOptions, MigrationStats } from '../../lib/migration/types.js';
 import { nodeKvmInProcess } from '../helpers/cli.js';
-import { countGoesOn, destinationListening, socketDir, startRunPair } from '../helpers/cli-migration.js';
+import { countGoesOn, destinationListening, serveApi, startRunPair } from '../helpers/cli-migration.js';
 import { noKvm } from '../helpers/kvm.js';
 
 const MIB = 1024 * 1024;
@@ -36,11 +36,8 @@ class FakeMachine implements ApiMachine {
 }
 
 t.test('--local reaches the machine as local: true; a tcp destination is refused', async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
-  const server = await startApiServer(apiSocket, machine);
-  t.teardown(() => server.close());
+  const { dir, apiSocket } = await serveApi(t, machine);
   const result = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--json', `unix:${path.join(dir, 'dest.sock')}`], {});
   t.equal(result.status, 0, result.stderr);
   t.same(JSON.parse(result.stdout), completed);
