@@ -1,46 +1,16 @@
 // Live migration between two processes on this host: this process boots the echo guest and
-// migrates it over a unix socket to a second process (this file again, forked with the argument
-// `destination`), where it carries on and is typed into.
-import { fork } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+// migrates it over a unix socket to a second process (this file again, forked by
+// support/two-processes.ts, which also types into the guest), where it carries on.
 import { Machine } from 'node-kvm';
+import { moveEchoGuest } from './support/two-processes.js';
 
-const echo = new URL('../../guests/build/echo.bin', import.meta.url).pathname;
-
-if (process.argv[2] === 'destination') {
+await moveEchoGuest(import.meta.url, {
+  names: { source: 'source', destination: 'destination' },
   // Waits for one migration; resolves with the machine, running, once the guest has arrived.
-  const machine = await Machine.incoming(`unix:${process.argv[3]}`, { onListening: () => process.send!('listening') });
-  let output = '';
-  machine.console.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-  // Typed once the source has said its piece, so the two processes' lines come in order.
-  await new Promise((resolve) => process.once('message', resolve));
-  machine.console.write('q');
-  const exit = await machine.wait();
-  console.log(`destination: the guest printed ${JSON.stringify(output)} here, then exit: ${exit.reason} ${exit.code}`);
-  process.disconnect();
-} else {
-  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-example-'));
-  const socket = path.join(dir, 'migration.sock');
-  const destination = fork(fileURLToPath(import.meta.url), ['destination', socket], { stdio: 'inherit' });
-  try {
-    await new Promise((resolve) => destination.once('message', resolve));
-    const machine = await Machine.create({ image: echo, memoryBytes: 1 << 20 });
-    let output = '';
-    machine.console.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-    machine.start();
-    machine.console.write('hi');
-    while (!output.includes('echo> hi')) await new Promise((resolve) => machine.console.once('data', resolve));
-    const stats = await machine.migrate(`unix:${socket}`);
-    console.log(`source: the guest printed ${JSON.stringify(output)} here; migrated ${stats.pagesTransferred} pages, downtime ${Math.round(stats.downtimeMs)} ms`);
-    console.log(`source: exit: ${(await machine.wait()).reason}`);
-    const ended = new Promise((resolve) => destination.once('exit', resolve));
-    destination.send('type');
-    await ended;
-  } finally {
-    destination.kill();
-    rmSync(dir, { recursive: true, force: true });
-  }
-}
+  receive: (address, onListening) => Machine.incoming(address, { onListening }),
+  async send(machine, address) {
+    // Memory is copied while the guest runs; it pauses only for the last pass.
+    const stats = await machine.migrate(address);
+    return `migrated ${stats.pagesTransferred} pages, downtime ${Math.round(stats.downtimeMs)} ms`;
+  },
+});

@@ -135,6 +135,45 @@ uint32_t RegisterOwned(Napi::Env env, const std::shared_ptr<GuestMapping>& mappi
   return id;
 }
 
+// An fd argument: a number that is an int and not negative.
+int FdArg(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsNumber()) ThrowTypeError(env, "fd must be a number");
+  double fdNumber = value.As<Napi::Number>().DoubleValue();
+  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
+    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
+  }
+  return static_cast<int>(fdNumber);
+}
+
+// Guest RAM in a memfd, exposed (memory.fd) or not; its backingFd is the caller's to fill.
+std::shared_ptr<GuestMapping> NewMemfdMapping(uint64_t size, bool exposeMemfd) {
+  auto mapping = std::make_shared<GuestMapping>();
+  mapping->size = size;
+  mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
+  return mapping;
+}
+
+// What memoryCreate() and memoryFromFd() do once the mapping's memfd is open as its backingFd:
+// the exposed fd, the mapping, the handle. Returns [id, fd].
+Napi::Value MapMemfd(Napi::Env env, const std::shared_ptr<GuestMapping>& mapping, bool hugepages, bool mergeable) {
+  if (mapping->backing == Backing::Memfd) {
+    mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
+    if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
+  }
+  // MAP_SHARED: the kernel keeps guest RAM as one object, so fork() never splits it into
+  // private copies.
+  void* addr = mmap(nullptr, mapping->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mapping->backingFd, 0);
+  if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
+  mapping->addr = addr;
+  // Advice is best effort: a host without THP or KSM still runs the guest.
+  if (hugepages) madvise(addr, mapping->size, MADV_HUGEPAGE);
+  if (mergeable) madvise(addr, mapping->size, MADV_MERGEABLE);
+  Napi::Array result = Napi::Array::New(env, 2);
+  result.Set(0u, Napi::Number::New(env, RegisterOwned(env, mapping)));
+  result.Set(1u, Napi::Number::New(env, mapping->fd));
+  return result;
+}
+
 // Appends the data ranges (lseek SEEK_DATA/SEEK_HOLE) of `fd` within [start, end), page-rounded,
 // as offsets from `start`.
 void AppendDataRanges(Napi::Env env, int fd, uint64_t start, uint64_t end, Ranges& ranges) {
@@ -230,9 +269,7 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   bool mergeable = info[3].ToBoolean();
   CheckSize(env, size);
 
-  auto mapping = std::make_shared<GuestMapping>();
-  mapping->size = size;
-  mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
+  auto mapping = NewMemfdMapping(size, exposeMemfd);
   // Anonymous RAM is a memfd too, only not exposed: shared anonymous memory is the same shmem
   // object, but without an fd its holes (pages never touched) cannot be found by lseek.
   mapping->backingFd = memfd_create("node-kvm-guest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -242,23 +279,7 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
   // under the mapping (SIGBUS), whoever else holds the memfd (a migration on this host hands it
   // over; memoryFromFd() accepts only a memfd sealed so).
   if (fcntl(mapping->backingFd, F_ADD_SEALS, kRamSeals | F_SEAL_SEAL) < 0) ThrowSyscallError(env, errno, "fcntl(F_ADD_SEALS)");
-  if (exposeMemfd) {
-    mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
-    if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
-  }
-  // MAP_SHARED: the kernel keeps guest RAM as one object, so fork() never splits it into
-  // private copies.
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mapping->backingFd, 0);
-  if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
-  mapping->addr = addr;
-  // Advice is best effort: a host without THP or KSM still runs the guest.
-  if (hugepages) madvise(addr, size, MADV_HUGEPAGE);
-  if (mergeable) madvise(addr, size, MADV_MERGEABLE);
-
-  Napi::Array result = Napi::Array::New(env, 2);
-  result.Set(0u, Napi::Number::New(env, RegisterOwned(env, mapping)));
-  result.Set(1u, Napi::Number::New(env, mapping->fd));
-  return result;
+  return MapMemfd(env, mapping, hugepages, mergeable);
 }
 
 // memoryMapFile(fd, offset, size, hugepages) -> id: `size` bytes of the regular
@@ -267,12 +288,7 @@ Napi::Value MemoryCreate(const Napi::CallbackInfo& info) {
 // long enough now and must not be truncated while it is mapped.
 Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
-  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
-    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
-  }
-  int fd = static_cast<int>(fdNumber);
+  int fd = FdArg(env, info[0]);
   uint64_t offset = ReadU64(env, info[1], "offset");
   uint64_t size = ReadU64(env, info[2], "size");
   bool hugepages = info[3].ToBoolean();
@@ -324,12 +340,7 @@ Napi::Value MemoryShareFd(const Napi::CallbackInfo& info) {
 // writing.
 Napi::Value MemoryFromFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
-  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
-    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
-  }
-  int fd = static_cast<int>(fdNumber);
+  int fd = FdArg(env, info[0]);
   uint64_t size = ReadU64(env, info[1], "size");
   bool exposeMemfd = info[2].ToBoolean();
   CheckSize(env, size);
@@ -352,23 +363,11 @@ Napi::Value MemoryFromFd(const Napi::CallbackInfo& info) {
   if (flags < 0) ThrowSyscallError(env, errno, "fcntl(F_GETFL)");
   if ((flags & O_ACCMODE) != O_RDWR) ThrowInvalidValueError(env, "the memfd is not open for reading and writing");
 
-  auto mapping = std::make_shared<GuestMapping>();
-  mapping->size = size;
-  mapping->backing = exposeMemfd ? Backing::Memfd : Backing::Anonymous;
+  auto mapping = NewMemfdMapping(size, exposeMemfd);
   // A private open file description (see the top of this file): the peer's position stays its own.
   mapping->backingFd = ReopenPrivately(fd, O_RDWR);
   if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "open(memfd)");
-  if (exposeMemfd) {
-    mapping->fd = ReopenPrivately(mapping->backingFd, O_RDWR);
-    if (mapping->fd < 0) ThrowSyscallError(env, errno, "open(memfd)");
-  }
-  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mapping->backingFd, 0);
-  if (addr == MAP_FAILED) ThrowSyscallError(env, errno, "mmap");
-  mapping->addr = addr;
-  Napi::Array result = Napi::Array::New(env, 2);
-  result.Set(0u, Napi::Number::New(env, RegisterOwned(env, mapping)));
-  result.Set(1u, Napi::Number::New(env, mapping->fd));
-  return result;
+  return MapMemfd(env, mapping, false, false);
 }
 
 // memoryReplace(id, otherId): from now on the pages of memory `id` are those of memory

@@ -7,6 +7,7 @@
 //   sections, each: u32 tag, u32 byte length, the struct, padded to 8 bytes
 //     1 kvm_cpuid2, 2 kvm_mp_state, 3 kvm_regs, 4 kvm_sregs, 5 XSAVE region, 6 kvm_xcrs,
 //     7 kvm_debugregs, 8 kvm_lapic_state, 9 kvm_msrs, 10 kvm_vcpu_events
+// (The framing, shared with the VM's: state-blob.h.)
 //
 // Both run on the vCPU's own thread (Handles::Vcpu enforces it), the machine paused.
 #include "vcpu-state.h"
@@ -22,16 +23,14 @@
 #include "abi.h"
 #include "errors.h"
 #include "handles.h"
+#include "state-blob.h"
 
 namespace nodekvm {
 
 namespace {
 
-constexpr uint32_t kMagic = 0x5343564b;  // 'KVCS'
-constexpr uint16_t kVersion = 1;
 constexpr uint16_t kFlagLapic = 1;
 constexpr uint16_t kFlagVmmHalted = 2;
-constexpr size_t kHeaderBytes = 24;
 constexpr uint32_t kMaxEntries = 4096;
 constexpr uint32_t kMaxXsaveBytes = 1u << 20;
 // struct kvm_xsave without its flexible tail (C++ compilers size such structs differently: abi.c).
@@ -50,6 +49,8 @@ enum Tag : uint32_t {
   kEvents = 10,
   kTagCount = 11,
 };
+
+constexpr StateBlobFormat kFormat = {0x5343564b /* 'KVCS' */, 1, 24, kTagCount, "vCPU state", "not a vCPU state"};
 
 const unsigned long kGetMpState = AbiRequest("KVM_GET_MP_STATE");
 const unsigned long kSetMpState = AbiRequest("KVM_SET_MP_STATE");
@@ -77,35 +78,6 @@ const unsigned long kSetTscKhz = AbiRequest("KVM_SET_TSC_KHZ");
 const size_t kMsrEntryBytes = AbiSize("kvm_msr_entry");
 const size_t kCpuidEntryBytes = AbiSize("kvm_cpuid_entry2");
 
-constexpr size_t Pad8(size_t n) { return (n + 7) & ~static_cast<size_t>(7); }
-
-int Retry(int fd, unsigned long request, void* arg) {
-  int result;
-  int interrupted = 0;
-  do {
-    result = ioctl(fd, request, arg);
-  } while (result == -1 && errno == EINTR && ++interrupted < 100);
-  return result;
-}
-
-void Check(Napi::Env env, int result, const char* syscall) {
-  if (result == -1) ThrowSyscallError(env, errno, syscall);
-}
-
-struct Writer {
-  std::vector<uint8_t> bytes;
-  uint32_t sections = 0;
-  // A section of `size` bytes, zeroed, for an ioctl to fill.
-  uint8_t* Add(uint32_t tag, size_t size) {
-    size_t at = bytes.size();
-    bytes.resize(at + 8 + Pad8(size), 0);
-    uint32_t header[2] = {tag, static_cast<uint32_t>(size)};
-    std::memcpy(bytes.data() + at, header, 8);
-    sections++;
-    return bytes.data() + at + 8;
-  }
-};
-
 struct Parsed {
   uint16_t flags = 0;
   uint32_t vcpuId = 0;
@@ -116,73 +88,42 @@ struct Parsed {
 
 // Checks the whole buffer before anything is applied; the error names what is wrong.
 bool Parse(const uint8_t* data, size_t size, Parsed* out, std::string* error) {
-  if (size < kHeaderBytes) return *error = "shorter than its header", false;
-  uint32_t magic;
-  uint16_t version;
   uint32_t count;
-  std::memcpy(&magic, data, 4);
-  std::memcpy(&version, data + 4, 2);
-  std::memcpy(&out->flags, data + 6, 2);
+  if (!ReadStateBlobHeader(kFormat, data, size, &out->flags, &count, error)) return false;
   std::memcpy(&out->vcpuId, data + 8, 4);
   std::memcpy(&out->tscKhz, data + 12, 4);
-  std::memcpy(&count, data + 16, 4);
-  if (magic != kMagic) return *error = "not a vCPU state", false;
-  if (version != kVersion) return *error = "vCPU state version " + std::to_string(version) + " (this build reads 1)", false;
-  size_t at = kHeaderBytes;
-  for (uint32_t i = 0; i < count; i++) {
-    if (size - at < 8) return *error = "truncated", false;
-    uint32_t tag, length;
-    std::memcpy(&tag, data + at, 4);
-    std::memcpy(&length, data + at + 4, 4);
-    at += 8;
-    if (tag == 0 || tag >= kTagCount) return *error = "unknown section " + std::to_string(tag), false;
-    if (out->section[tag] != nullptr) return *error = "section " + std::to_string(tag) + " twice", false;
-    if (length > size - at || Pad8(length) > size - at) return *error = "truncated", false;
-    size_t expected = 0;
+  auto expectedBytes = [](uint32_t tag, const uint8_t* body, uint32_t length, size_t available, std::string* error) -> size_t {
     switch (tag) {
-      case kMpState: expected = sizeof(kvm_mp_state); break;
-      case kRegs: expected = sizeof(kvm_regs); break;
-      case kSregs: expected = sizeof(kvm_sregs); break;
-      case kXcrs: expected = sizeof(kvm_xcrs); break;
-      case kDebugRegs: expected = sizeof(kvm_debugregs); break;
-      case kLapic: expected = sizeof(kvm_lapic_state); break;
-      case kEvents: expected = sizeof(kvm_vcpu_events); break;
+      case kMpState: return sizeof(kvm_mp_state);
+      case kRegs: return sizeof(kvm_regs);
+      case kSregs: return sizeof(kvm_sregs);
+      case kXcrs: return sizeof(kvm_xcrs);
+      case kDebugRegs: return sizeof(kvm_debugregs);
+      case kLapic: return sizeof(kvm_lapic_state);
+      case kEvents: return sizeof(kvm_vcpu_events);
       case kXsave:
         // At least the legacy region; a larger host's region is taken whole.
-        if (length < kLegacyXsaveBytes || length > kMaxXsaveBytes) return *error = "a bad XSAVE region", false;
-        expected = length;
-        break;
+        if (length < kLegacyXsaveBytes || length > kMaxXsaveBytes) return *error = "a bad XSAVE region", 0;
+        return length;
       case kCpuid:
       case kMsrs: {
-        if (length < 8) return *error = "a short list", false;
+        if (length < 8) return *error = "a short list", 0;
+        if (available < 8) return *error = "truncated section " + std::to_string(tag), 0;
         uint32_t n;
-        std::memcpy(&n, data + at, 4);
+        std::memcpy(&n, body, 4);
         size_t element = tag == kCpuid ? kCpuidEntryBytes : kMsrEntryBytes;
-        if (n > kMaxEntries) return *error = "a list too long", false;
-        expected = 8 + n * element;
-        break;
+        if (n > kMaxEntries) return *error = "a list too long", 0;
+        return 8 + n * element;
       }
+      default: return *error = "unknown section " + std::to_string(tag), 0;
     }
-    if (length != expected) {
-      return *error = "section " + std::to_string(tag) + " holds " + std::to_string(length) + " bytes, this host's struct " + std::to_string(expected), false;
-    }
-    out->section[tag] = data + at;
-    out->length[tag] = length;
-    at += Pad8(length);
-  }
-  if (at != size) return *error = "trailing bytes", false;
+  };
+  if (!ReadStateBlobSections(kFormat, data, size, count, out->section, out->length, expectedBytes, error)) return false;
   for (uint32_t tag : {kMpState, kRegs, kSregs, kXsave, kXcrs, kDebugRegs, kMsrs, kEvents}) {
     if (out->section[tag] == nullptr) return *error = "no section " + std::to_string(tag), false;
   }
   if ((out->flags & kFlagLapic) != 0 && out->section[kLapic] == nullptr) return *error = "no LAPIC section", false;
   return true;
-}
-
-Napi::Uint8Array BytesArg(Napi::Env env, const Napi::Value& value, const char* what) {
-  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-    ThrowTypeError(env, std::string(what) + " must be a Uint8Array");
-  }
-  return value.As<Napi::Uint8Array>();
 }
 
 }  // namespace
@@ -203,19 +144,17 @@ Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
     ThrowInvalidValueError(env, "cpuid must hold a kvm_cpuid2");
   }
   int fd = vcpu->fd;
-  Writer w;
-  w.bytes.reserve(kHeaderBytes + 8192 + vcpu->xsaveBytes + indices.ElementLength() * kMsrEntryBytes + cpuidCount * kCpuidEntryBytes);
-  w.bytes.resize(kHeaderBytes, 0);
+  StateBlobWriter w(kFormat, kFormat.headerBytes + 8192 + vcpu->xsaveBytes + indices.ElementLength() * kMsrEntryBytes + cpuidCount * kCpuidEntryBytes);
   // MP state first: reading it lets KVM fold pending LAPIC events into it (api.rst, KVM_GET_MP_STATE).
-  Check(env, Retry(fd, kGetMpState, w.Add(kMpState, sizeof(kvm_mp_state))), "ioctl(KVM_GET_MP_STATE)");
+  CheckIoctl(env, RetryIoctl(fd, kGetMpState, w.Add(kMpState, sizeof(kvm_mp_state))), "ioctl(KVM_GET_MP_STATE)");
   std::memcpy(w.Add(kCpuid, 8 + cpuidCount * kCpuidEntryBytes), cpuid.Data(), 8 + cpuidCount * kCpuidEntryBytes);
-  Check(env, Retry(fd, kGetRegs, w.Add(kRegs, sizeof(kvm_regs))), "ioctl(KVM_GET_REGS)");
-  Check(env, Retry(fd, kGetSregs, w.Add(kSregs, sizeof(kvm_sregs))), "ioctl(KVM_GET_SREGS)");
+  CheckIoctl(env, RetryIoctl(fd, kGetRegs, w.Add(kRegs, sizeof(kvm_regs))), "ioctl(KVM_GET_REGS)");
+  CheckIoctl(env, RetryIoctl(fd, kGetSregs, w.Add(kSregs, sizeof(kvm_sregs))), "ioctl(KVM_GET_SREGS)");
   bool xsave2 = vcpu->xsaveBytes > kLegacyXsaveBytes;
-  Check(env, Retry(fd, xsave2 ? kGetXsave2 : kGetXsave, w.Add(kXsave, vcpu->xsaveBytes)), "ioctl(KVM_GET_XSAVE)");
-  Check(env, Retry(fd, kGetXcrs, w.Add(kXcrs, sizeof(kvm_xcrs))), "ioctl(KVM_GET_XCRS)");
-  Check(env, Retry(fd, kGetDebugRegs, w.Add(kDebugRegs, sizeof(kvm_debugregs))), "ioctl(KVM_GET_DEBUGREGS)");
-  if (flags & kFlagLapic) Check(env, Retry(fd, kGetLapic, w.Add(kLapic, sizeof(kvm_lapic_state))), "ioctl(KVM_GET_LAPIC)");
+  CheckIoctl(env, RetryIoctl(fd, xsave2 ? kGetXsave2 : kGetXsave, w.Add(kXsave, vcpu->xsaveBytes)), "ioctl(KVM_GET_XSAVE)");
+  CheckIoctl(env, RetryIoctl(fd, kGetXcrs, w.Add(kXcrs, sizeof(kvm_xcrs))), "ioctl(KVM_GET_XCRS)");
+  CheckIoctl(env, RetryIoctl(fd, kGetDebugRegs, w.Add(kDebugRegs, sizeof(kvm_debugregs))), "ioctl(KVM_GET_DEBUGREGS)");
+  if (flags & kFlagLapic) CheckIoctl(env, RetryIoctl(fd, kGetLapic, w.Add(kLapic, sizeof(kvm_lapic_state))), "ioctl(KVM_GET_LAPIC)");
   size_t msrCount = indices.ElementLength();
   uint8_t* msrs = w.Add(kMsrs, 8 + msrCount * kMsrEntryBytes);
   uint32_t nmsrs = static_cast<uint32_t>(msrCount);
@@ -225,18 +164,13 @@ Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
     std::memcpy(msrs + 8 + i * kMsrEntryBytes, &index, 4);
   }
   if (msrCount > 0) {
-    int read = Retry(fd, kGetMsrs, msrs);
-    Check(env, read, "ioctl(KVM_GET_MSRS)");
+    int read = RetryIoctl(fd, kGetMsrs, msrs);
+    CheckIoctl(env, read, "ioctl(KVM_GET_MSRS)");
     if (static_cast<size_t>(read) != msrCount) ThrowSyscallError(env, EIO, "ioctl(KVM_GET_MSRS)");
   }
-  Check(env, Retry(fd, kGetEvents, w.Add(kEvents, sizeof(kvm_vcpu_events))), "ioctl(KVM_GET_VCPU_EVENTS)");
+  CheckIoctl(env, RetryIoctl(fd, kGetEvents, w.Add(kEvents, sizeof(kvm_vcpu_events))), "ioctl(KVM_GET_VCPU_EVENTS)");
   int tscKhz = ioctl(fd, kGetTscKhz, 0);
-  uint32_t header[6] = {kMagic, static_cast<uint32_t>(kVersion) | (static_cast<uint32_t>(flags) << 16), vcpu->shared->vcpuId,
-                        tscKhz > 0 ? static_cast<uint32_t>(tscKhz) : 0u, w.sections, 0};
-  std::memcpy(w.bytes.data(), header, kHeaderBytes);
-  auto out = Napi::Uint8Array::New(env, w.bytes.size());
-  std::memcpy(out.Data(), w.bytes.data(), w.bytes.size());
-  return out;
+  return w.Finish(env, flags, {vcpu->shared->vcpuId, tscKhz > 0 ? static_cast<uint32_t>(tscKhz) : 0u});
 }
 
 // checkVcpuState(state: Uint8Array) -> null, or what is wrong with it. Any thread.
@@ -279,12 +213,12 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
       // Not told: ask KVM what the vCPU has (a fresh vCPU answers as it was given).
       std::vector<uint64_t> words(Pad8(p.length[kCpuid]) / 8 + 1, 0);
       std::memcpy(words.data(), p.section[kCpuid], 4);
-      same = Retry(fd, kGetCpuid2, words.data()) == 0 && std::memcmp(words.data(), p.section[kCpuid], p.length[kCpuid]) == 0;
+      same = RetryIoctl(fd, kGetCpuid2, words.data()) == 0 && std::memcmp(words.data(), p.section[kCpuid], p.length[kCpuid]) == 0;
     }
     // The same CPUID again (a destination on the same kind of host) needs no ioctl.
     if (!same) {
       auto words = copy(kCpuid);
-      Check(env, Retry(fd, kSetCpuid2, words.data()), "ioctl(KVM_SET_CPUID2)");
+      CheckIoctl(env, RetryIoctl(fd, kSetCpuid2, words.data()), "ioctl(KVM_SET_CPUID2)");
     }
   }
   if (p.tscKhz > 0) {
@@ -294,7 +228,7 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
   }
   auto set = [&](uint32_t tag, unsigned long request, const char* syscall) {
     auto words = copy(tag);
-    Check(env, Retry(fd, request, words.data()), syscall);
+    CheckIoctl(env, RetryIoctl(fd, request, words.data()), syscall);
   };
   set(kMpState, kSetMpState, "ioctl(KVM_SET_MP_STATE)");
   set(kRegs, kSetRegs, "ioctl(KVM_SET_REGS)");
@@ -303,7 +237,7 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
     size_t region = xsaveBytes > p.length[kXsave] ? xsaveBytes : p.length[kXsave];
     std::vector<uint64_t> words(Pad8(region) / 8 + 1, 0);
     std::memcpy(words.data(), p.section[kXsave], p.length[kXsave]);
-    Check(env, Retry(fd, kSetXsave, words.data()), "ioctl(KVM_SET_XSAVE)");
+    CheckIoctl(env, RetryIoctl(fd, kSetXsave, words.data()), "ioctl(KVM_SET_XSAVE)");
   }
   uint32_t nrXcrs;
   std::memcpy(&nrXcrs, p.section[kXcrs], 4);
@@ -315,14 +249,14 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
   std::memcpy(&nmsrs, p.section[kMsrs], 4);
   if (nmsrs > 0) {
     auto words = copy(kMsrs);
-    int written = Retry(fd, kSetMsrs, words.data());
+    int written = RetryIoctl(fd, kSetMsrs, words.data());
     if (written != static_cast<int>(nmsrs)) {
       // One refused MSR must not cost the rest: set them one by one and report the refusals of
       // non-zero values (a zero is what a new vCPU holds anyway).
       for (uint32_t i = 0; i < nmsrs; i++) {
         uint64_t one[3] = {1, 0, 0};
         std::memcpy(&one[1], p.section[kMsrs] + 8 + i * kMsrEntryBytes, kMsrEntryBytes);
-        if (Retry(fd, kSetMsrs, one) != 1 && one[2] != 0) {
+        if (RetryIoctl(fd, kSetMsrs, one) != 1 && one[2] != 0) {
           uint32_t index;
           std::memcpy(&index, &one[1], 4);
           refused.Set(refused.Length(), Napi::Number::New(env, index));

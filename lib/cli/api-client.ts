@@ -1,5 +1,6 @@
 // A client for a machine's control API (see api-server.ts): one call per connection.
 import net from 'node:net';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { LineSplitter, type ApiMethod, type ApiMethods } from './api-server.js';
 import type { MigrationProgress } from '../migration/types.js';
 import { ErrorCode, NodeKvmError, argTypeError, argValueError, systemError } from '../kvm/errors.js';
@@ -78,6 +79,26 @@ export function callApi<M extends ApiMethod>(
 }
 
 /** The --api-socket option of a command that talks to a running machine. */
+/** The options every command to a running machine takes, beside its own. */
+const API_COMMAND_OPTIONS = { help: { type: 'boolean', short: 'h' }, 'api-socket': { type: 'string' } } as const;
+
+type CommandOptions = NonNullable<ParseArgsConfig['options']>;
+type ApiCommandConfig<T extends CommandOptions> = { args: string[]; allowPositionals: true; options: typeof API_COMMAND_OPTIONS & T };
+
+/**
+ * The arguments of a command to a running machine: its own `options` and the API_COMMAND_OPTIONS,
+ * and positionals. Undefined after printing `usage` for -h/--help (the command exits 0).
+ */
+export function parseApiCommandArgs<T extends CommandOptions>(args: string[], options: T, usage: string): ReturnType<typeof parseArgs<ApiCommandConfig<T>>> | undefined {
+  const config: ApiCommandConfig<T> = { args, allowPositionals: true, options: { ...API_COMMAND_OPTIONS, ...options } };
+  const parsed = parseArgs(config);
+  if ((parsed.values as { help?: boolean }).help) {
+    console.log(usage);
+    return undefined;
+  }
+  return parsed;
+}
+
 export function requireApiSocket(value: string | undefined, command: string): string {
   if (value === undefined || value === '') {
     throw argValueError(`${command} needs --api-socket PATH (the socket a machine serves with node-kvm run --api-socket)`);

@@ -1,8 +1,7 @@
 // `regs`, `x` and `stats` (a running machine, through its control API) and `trace` (an exit trace
 // file, or starting and stopping one on a running machine).
 import path from 'node:path';
-import { parseArgs } from 'node:util';
-import { callApi, requireApiSocket } from './api-client.js';
+import { callApi, parseApiCommandArgs, requireApiSocket } from './api-client.js';
 import { argValueError } from '../kvm/errors.js';
 import { parseSize } from './run-options.js';
 import type { ExitStats } from '../vmm/machine.js';
@@ -42,27 +41,19 @@ does not trace pays nothing for it.`,
 const MAX_DUMP_BYTES = 1024 * 1024;
 
 export async function inspectCommand(command: 'regs' | 'x' | 'stats' | 'trace', args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      help: { type: 'boolean', short: 'h' },
-      'api-socket': { type: 'string' },
-      vcpu: { type: 'string' },
-      json: { type: 'boolean' },
-      phys: { type: 'boolean' },
-      duration: { type: 'string' },
-      summary: { type: 'boolean' },
-      limit: { type: 'string' },
-      reset: { type: 'boolean' },
-      start: { type: 'string' },
-      stop: { type: 'boolean' },
-    },
-  });
-  if (values.help) {
-    console.log(INSPECT_USAGE[command]);
-    return 0;
-  }
+  const parsed = parseApiCommandArgs(args, {
+    vcpu: { type: 'string' },
+    json: { type: 'boolean' },
+    phys: { type: 'boolean' },
+    duration: { type: 'string' },
+    summary: { type: 'boolean' },
+    limit: { type: 'string' },
+    reset: { type: 'boolean' },
+    start: { type: 'string' },
+    stop: { type: 'boolean' },
+  }, INSPECT_USAGE[command]);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
   const vcpu = values.vcpu === undefined ? undefined : integer(values.vcpu, '--vcpu');
   if (command !== 'trace' && (values.start !== undefined || values.stop)) throw argValueError(`--start and --stop apply to node-kvm trace only`);
   if (command !== 'stats' && values.reset) throw argValueError('--reset applies to node-kvm stats only');

@@ -1,9 +1,8 @@
 // `node-kvm migrate`: live-migrates the guest of a running machine through its control API.
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { formatMigrationAddress, parseMigrationAddress } from '../migration/transport.js';
 import { argValueError } from '../kvm/errors.js';
-import { callApi, requireApiSocket } from './api-client.js';
+import { callApi, parseApiCommandArgs, requireApiSocket } from './api-client.js';
 import type { ApiMigrateParams } from './api-server.js';
 import { formatMigrationStats, progressDisplay } from './progress.js';
 import { TOKEN_ENV, migrationToken } from './token.js';
@@ -59,30 +58,22 @@ export function positiveIntegerOption(value: string | undefined, option: string)
 }
 
 export async function migrateCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      help: { type: 'boolean', short: 'h' },
-      'api-socket': { type: 'string' },
-      token: { type: 'string' },
-      'downtime-ms': { type: 'string' },
-      'max-iterations': { type: 'string' },
-      'max-precopy-ms': { type: 'string' },
-      'on-non-convergence': { type: 'string' },
-      'timeout-ms': { type: 'string' },
-      'auto-converge': { type: 'boolean' },
-      postcopy: { type: 'boolean' },
-      'postcopy-after-rounds': { type: 'boolean' },
-      'postcopy-recovery-ms': { type: 'string' },
-      local: { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
-  });
-  if (values.help) {
-    console.log(MIGRATE_USAGE);
-    return 0;
-  }
+  const parsed = parseApiCommandArgs(args, {
+    token: { type: 'string' },
+    'downtime-ms': { type: 'string' },
+    'max-iterations': { type: 'string' },
+    'max-precopy-ms': { type: 'string' },
+    'on-non-convergence': { type: 'string' },
+    'timeout-ms': { type: 'string' },
+    'auto-converge': { type: 'boolean' },
+    postcopy: { type: 'boolean' },
+    'postcopy-after-rounds': { type: 'boolean' },
+    'postcopy-recovery-ms': { type: 'string' },
+    local: { type: 'boolean' },
+    json: { type: 'boolean' },
+  }, MIGRATE_USAGE);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
   if (positionals.length !== 1) throw argValueError(`migrate takes one destination ADDRESS, got ${positionals.length} (see node-kvm migrate --help)`);
   const apiSocket = requireApiSocket(values['api-socket'], 'migrate');
   const address = parseMigrationAddress(positionals[0]!);

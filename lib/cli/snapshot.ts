@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { argValueError } from '../kvm/errors.js';
-import { callApi, requireApiSocket } from './api-client.js';
+import { callApi, parseApiCommandArgs, requireApiSocket } from './api-client.js';
 import { mib, ms, progressLine, table } from './progress.js';
 
 export const SNAPSHOT_USAGE = `usage: node-kvm snapshot --api-socket PATH [--diff] [--json] FILE
@@ -29,20 +29,9 @@ const CONTROL_USAGE = {
 };
 
 export async function snapshotCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      help: { type: 'boolean', short: 'h' },
-      'api-socket': { type: 'string' },
-      diff: { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
-  });
-  if (values.help) {
-    console.log(SNAPSHOT_USAGE);
-    return 0;
-  }
+  const parsed = parseApiCommandArgs(args, { diff: { type: 'boolean' }, json: { type: 'boolean' } }, SNAPSHOT_USAGE);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
   if (positionals.length !== 1) throw argValueError(`snapshot takes one FILE, got ${positionals.length} (see node-kvm snapshot --help)`);
   const apiSocket = requireApiSocket(values['api-socket'], 'snapshot');
   // The machine resolves paths from its own working directory, not ours.

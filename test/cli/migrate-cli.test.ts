@@ -6,21 +6,15 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
+import type { ApiMachine, ApiMachineState } from '../../lib/cli/api-server.js';
 import { progressDisplay } from '../../lib/cli/progress.js';
 import type { MigrateOptions, MigrationStats, SnapshotInfo, SnapshotOptions } from '../../lib/migration/types.js';
-import { nodeKvmInProcess, startNodeKvm, type CommandResult, type NodeKvmProcess } from '../helpers/cli.js';
+import { nodeKvmInProcess, startNodeKvm, type CommandResult } from '../helpers/cli.js';
+import { countGoesOn, destinationListening, serveApi, socketDir, startRunPair } from '../helpers/cli-migration.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { lastPass } from '../helpers/migration.js';
 
 const MIB = 1024 * 1024;
 const nodeKvm = (args: string[], env?: Record<string, string>) => nodeKvmInProcess(args, { env });
-
-function socketDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-cli-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 /** One clear line on stderr and status 1. */
 function failsWith(t: Test, result: CommandResult, message: string): void {
@@ -132,11 +126,8 @@ t.test('argument errors are one clear line and status 1', async (t) => {
 });
 
 t.test('migrate, snapshot, status, pause, resume, reset and stop against a machine\'s API', async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
-  const server = await startApiServer(apiSocket, machine);
-  t.teardown(() => server.close());
+  const { dir, apiSocket } = await serveApi(t, machine);
 
   const migrate = await nodeKvm(['migrate', '--api-socket', apiSocket, '--token', 'secret', '--downtime-ms', '20', '--max-iterations', '4', 'tcp:10.1.2.3:4444']);
   t.equal(migrate.status, 0, migrate.stderr);
@@ -219,22 +210,9 @@ t.test('on a terminal, progress is one bar redrawn in place and cut to the width
 });
 
 t.test('a real guest: snapshot it, migrate it live to run --incoming, and restore the snapshot', { skip: noKvm }, async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'source.sock');
-  const destinationSocket = path.join(dir, 'dest.sock');
-  const snapshotFile = path.join(dir, 'guest.snap');
-  const guest = path.join(repoRoot, 'guests', 'build', 'dirtier-user.elf');
-  const children: NodeKvmProcess[] = [];
-  t.teardown(() => {
-    for (const child of children) child.kill('SIGKILL');
-  });
-
-  const source = startNodeKvm(['run', guest, '--memory', '32M', '--api-socket', apiSocket]);
-  children.push(source);
-  // It waits for the migration: it may start meanwhile.
-  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
-  children.push(destination);
-  await source.waitFor(/^pass 1 ok$/m);
+  const pair = await startRunPair(t, '32M');
+  const { apiSocket, destinationSocket, source, destination } = pair;
+  const snapshotFile = path.join(pair.dir, 'guest.snap');
   t.equal(fs.lstatSync(apiSocket).mode & 0o777, 0o600, 'the API socket is private');
   t.equal((await nodeKvm(['status', '--api-socket', apiSocket])).stdout, 'state   running\nvCPUs   1\nmemory  32.0 MiB\n');
 
@@ -243,7 +221,7 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   t.match(snapshot.stdout, new RegExp(`^snapshot +${snapshotFile.replace(/[.]/g, '\\.')}\nkind +full\n`));
   t.ok(fs.statSync(snapshotFile).size > 0, 'the snapshot file exists');
 
-  await destination.waitFor(/^node-kvm: listening for a migration on unix:.*dest\.sock$/m, 'stderr');
+  await destinationListening(pair);
   const migrate = await nodeKvm(['migrate', '--api-socket', apiSocket, `unix:${destinationSocket}`]);
   t.equal(migrate.status, 0, migrate.stderr);
   t.match(migrate.stdout, /^status +completed\n/);
@@ -254,17 +232,8 @@ t.test('a real guest: snapshot it, migrate it live to run --incoming, and restor
   t.match(sourceEnd.stderr, /node-kvm: the guest migrated away; it runs at the destination now\n$/);
   t.notOk(fs.existsSync(apiSocket), 'the source removed its API socket');
   // Started while the destination runs on: it loads meanwhile.
-  const restored = startNodeKvm(['run', '--restore', snapshotFile]);
-  children.push(restored);
-  // The source may have stopped in the middle of the next line: the destination finishes it, so
-  // the first line whole at the destination can be the one after.
-  const lastPassAtSource = lastPass(sourceEnd.stdout);
-  await destination.waitFor(new RegExp(`^pass ${lastPassAtSource + 2} ok$`, 'm'));
-  t.match(sourceEnd.stdout + destination.stdout(), new RegExp(`pass ${lastPassAtSource} ok\npass ${lastPassAtSource + 1} ok\npass ${lastPassAtSource + 2} ok\n`),
-    'the count goes on unbroken across the move');
-  t.notMatch(destination.stdout(), /BAD/, 'the guest found its memory intact');
-  destination.kill('SIGTERM');
-  const destinationEnd = await destination.result;
+  const restored = pair.track(startNodeKvm(['run', '--restore', snapshotFile]));
+  const destinationEnd = await countGoesOn(t, sourceEnd, destination);
   t.equal(destinationEnd.status, 128 + os.constants.signals.SIGTERM, 'stopped by the signal');
 
   const [, firstPass] = await restored.waitFor(/^pass (\d+) ok$/m);

@@ -1,19 +1,11 @@
 // `node-kvm migrate --postcopy` (and --postcopy-after-rounds) through a machine's control API:
 // the options are checked, and a real guest moves to `run --incoming` by post-copy.
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import t, { type Test } from 'tap';
+import t from 'tap';
 import { callApi } from '../../lib/cli/api-client.js';
-import { nodeKvmInProcess, startNodeKvm, type NodeKvmProcess } from '../helpers/cli.js';
-import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { lastPass } from '../helpers/migration.js';
-
-function socketDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-pc-cli-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
+import { nodeKvmInProcess } from '../helpers/cli.js';
+import { countGoesOn, destinationListening, socketDir, startRunPair } from '../helpers/cli-migration.js';
+import { noKvm } from '../helpers/kvm.js';
 
 t.test('--postcopy options are checked', async (t) => {
   const missing = path.join(socketDir(t), 'nobody.sock');
@@ -27,22 +19,12 @@ t.test('--postcopy options are checked', async (t) => {
 });
 
 t.test('migrate --postcopy moves a real guest to run --incoming', { skip: noKvm }, async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'source.sock');
-  const destinationSocket = path.join(dir, 'dest.sock');
-  const children: NodeKvmProcess[] = [];
-  t.teardown(() => {
-    for (const child of children) child.kill('SIGKILL');
-  });
-  const source = startNodeKvm(['run', path.join(repoRoot, 'guests', 'build', 'dirtier-user.elf'), '--memory', '32M', '--api-socket', apiSocket]);
-  children.push(source);
-  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
-  children.push(destination);
-  await source.waitFor(/^pass 1 ok$/m);
+  const pair = await startRunPair(t, '32M');
+  const { apiSocket, destinationSocket, source, destination } = pair;
   await t.rejects(callApi(apiSocket, 'migrate', { address: `unix:${destinationSocket}`, postcopy: 'x' as never }), {
     code: 'ERR_INVALID_ARG_VALUE', message: "migrate: params.postcopy must be true, false or 'after-rounds'",
   }, 'the API refuses a bad mode');
-  await destination.waitFor(/^node-kvm: listening for a migration on unix:.*dest\.sock$/m, 'stderr');
+  await destinationListening(pair);
   const migrate = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--postcopy', `unix:${destinationSocket}`]);
   t.equal(migrate.status, 0, migrate.stderr);
   t.match(migrate.stdout, /^status +completed\n/);
@@ -50,10 +32,5 @@ t.test('migrate --postcopy moves a real guest to run --incoming', { skip: noKvm 
   t.match(migrate.stdout, /^post-copy +[\d.]+ ms, \d+ pages missing at the switch\n {2}on demand +\d+ pages for \d+ requests \(\d+ faults\)\n {2}background +\d+ pages\n {2}fault latency +p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms\n/m);
   const sourceEnd = await source.result;
   t.equal(sourceEnd.status, 0, 'the source exits 0 once the destination has every page');
-  const lastAtSource = lastPass(sourceEnd.stdout);
-  await destination.waitFor(new RegExp(`^pass ${lastAtSource + 2} ok$`, 'm'));
-  t.match(sourceEnd.stdout + destination.stdout(), new RegExp(`pass ${lastAtSource} ok\npass ${lastAtSource + 1} ok\npass ${lastAtSource + 2} ok\n`), 'the count goes on');
-  t.notMatch(destination.stdout(), /BAD/);
-  destination.kill('SIGTERM');
-  await destination.result;
+  await countGoesOn(t, sourceEnd, destination);
 });

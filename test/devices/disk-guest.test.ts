@@ -9,8 +9,10 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { GUEST_PARAMS_ADDR, Machine, type DiskConfig, type MachineExit } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { boot, runToExit, type Booted } from '../helpers/machine.js';
+import { lastRound, startDiskLoop, untilRound } from '../helpers/disk-loop.js';
+import { boot, runToExit } from '../helpers/machine.js';
 import { memoryHash } from '../helpers/migration.js';
+import { startLocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 import type { VmState } from '../../lib/vmm/vm-state.js';
 
@@ -155,23 +157,11 @@ t.test('hostile chains from the guest: each fails alone, the VMM logs it once, t
   t.equal(new Set(deviceLogs).size, deviceLogs.length, 'each once');
 });
 
-/** Starts the guest's write/flush/read/verify loop on disk 0 and waits for `rounds` rounds. */
-async function startLoop(t: { teardown(fn: () => void): void }, file: string, rounds: number, extra: { dirtyLog?: 'bitmap' | 'ring' } = {}): Promise<Booted> {
-  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], pool, ...extra });
-  t.teardown(() => void booted.machine.stop());
-  booted.machine.writeMemory(GUEST_PARAMS_ADDR, params(Mode.Loop, 0));
-  booted.machine.start();
-  await booted.waitForOutput(`round ${rounds} ok\n`);
-  return booted;
-}
-
-const lastRound = (output: string) => Math.max(-1, ...[...output.matchAll(/round (\d+) ok\n/g)].map((m) => Number(m[1])));
-
 t.test('a snapshot in the middle of disk I/O restores to a guest whose checks go on passing', { skip: noKvm }, async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, 'snap.img');
   makeImage(file, 1024, 'snapshot');
-  const source = await startLoop(t, file, 3);
+  const source = await startDiskLoop(t, file, { pool }, 3);
   await source.machine.pause();
   const paused = lastRound(source.output());
   const snapshot = path.join(dir, 'm.snap');
@@ -189,8 +179,7 @@ t.test('a snapshot in the middle of disk I/O restores to a guest whose checks go
   t.same(restored.shape.disks?.map((disk) => disk.path), [file], 'the restored machine opened the same image');
   t.equal(memoryHash(restored.memory), sourceHash, 'RAM as it was');
   restored.start();
-  const deadline = Date.now() + 20_000;
-  while (lastRound(output) < paused + 3 && Date.now() < deadline && !output.includes('BAD')) await new Promise((r) => setTimeout(r, 20));
+  await untilRound(() => output, paused + 3);
   t.notMatch(output, 'BAD', output.slice(-200));
   t.ok(lastRound(output) >= paused + 3, `rounds go on after the restore (to ${lastRound(output)})`);
   await restored.stop();
@@ -210,27 +199,19 @@ t.test('a live migration in the middle of disk I/O: the destination finishes the
   const dir = tempDir(t);
   const file = path.join(dir, 'migrate.img');
   makeImage(file, 1024, 'migration');
-  const source = await startLoop(t, file, 2);
-  let output = '';
-  const { PassThrough } = await import('node:stream');
-  const sink = new PassThrough();
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
+  const source = await startDiskLoop(t, file, { pool });
   const address = `unix:${path.join(dir, 'm.sock')}`;
-  let listening!: () => void;
-  const ready = new Promise<void>((resolve) => (listening = resolve));
-  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: sink }, log: () => {}, pool });
-  await ready;
+  const incoming = startLocalDestination(t, address, { pool });
+  await incoming.listening;
   const stats = await source.machine.migrate(address);
-  const destination = await incoming;
-  t.teardown(() => void destination.stop());
+  const destination = await incoming.arrived;
   t.equal((await source.machine.wait()).reason, 'migrated');
   t.ok(stats.downtimeMs >= 0);
   t.same(destination.shape.disks?.map((disk) => [disk.path, disk.sectors]), [[file, 1024]]);
   const from = lastRound(source.output());
-  const deadline = Date.now() + 20_000;
-  while (lastRound(output) < from + 3 && Date.now() < deadline && !output.includes('BAD')) await new Promise((r) => setTimeout(r, 20));
-  t.notMatch(source.output() + output, 'BAD');
-  t.ok(lastRound(output) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(output)}`);
+  await untilRound(incoming.output, from + 3);
+  t.notMatch(source.output() + incoming.output(), 'BAD');
+  t.ok(lastRound(incoming.output()) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(incoming.output())}`);
   await destination.stop();
 });
 

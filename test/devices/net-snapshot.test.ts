@@ -7,12 +7,10 @@ import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { Machine } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
-import { boot } from '../helpers/machine.js';
-import { expectedEcho, GUEST_IP, MAC, namespaceWithTap, netEchoImage as image, ping, READY, udpEcho } from '../helpers/net-echo.js';
+import { expectedEcho, MAC, namespaceWithTap, ping, startNetEcho, udpEcho } from '../helpers/net-echo.js';
 import { noNetns } from '../helpers/netns.js';
 import { sharedPool } from '../helpers/pool.js';
 
-const MiB = 1 << 20;
 const skip = noKvm || noNetns;
 const pool = skip ? undefined : sharedPool(1);
 
@@ -20,9 +18,7 @@ t.test('the guest answers after a snapshot/restore, on the TAP the restoring mac
   const ns = namespaceWithTap(t);
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-net-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const booted = await boot({ image, cmdline: `ip=${GUEST_IP}`, memoryBytes: 16 * MiB, pool, net: [{ tap: 'tap0', netns: ns.path, mac: MAC }] });
-  booted.machine.start();
-  await booted.waitForOutput(READY);
+  const booted = await startNetEcho(t, ns, pool);
   t.equal(await udpEcho(ns, 1), expectedEcho(1));
   const snapshot = path.join(dir, 'net.snap');
   await booted.machine.pause();

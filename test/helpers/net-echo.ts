@@ -2,7 +2,9 @@
 // address, and the ping and UDP clients that talk to it from the namespace.
 import path from 'node:path';
 import type { Test } from 'tap';
+import type { VcpuWorkerPool } from '../../lib/index.js';
 import { repoRoot } from './kvm.js';
+import { boot, type Booted } from './machine.js';
 import { NetNamespace, pingPath } from './netns.js';
 
 export const netEchoImage = path.join(repoRoot, 'guests', 'build', 'net-echo.elf');
@@ -16,6 +18,18 @@ export function namespaceWithTap(t: Pick<Test, 'teardown'>): NetNamespace {
   const ns = NetNamespace.create(['tuntap add dev tap0 mode tap', `addr add ${HOST_IP}/24 dev tap0`, 'link set tap0 up']);
   t.teardown(() => ns.remove());
   return ns;
+}
+
+/**
+ * Boots the guest (16 MiB) on the TAP `tap0` of `ns`, stopped when `t` ends; resolves once its
+ * card is up and it has said so.
+ */
+export async function startNetEcho(t: Pick<Test, 'teardown'>, ns: NetNamespace, pool: VcpuWorkerPool | undefined): Promise<Booted> {
+  const booted = await boot({ image: netEchoImage, cmdline: `ip=${GUEST_IP}`, memoryBytes: 16 << 20, pool, net: [{ tap: 'tap0', netns: ns.path, mac: MAC }] });
+  t.teardown(() => booted.machine.stop());
+  booted.machine.start();
+  await booted.waitForOutput(READY);
+  return booted;
 }
 
 /** `count` datagrams to the guest's port 7 from the namespace, one at a time; what came back. */

@@ -1,23 +1,15 @@
 // `node-kvm migrate --local`: the option reaches the machine through its control API (a fake one
 // here), is refused for a tcp destination, and moves a real guest between two `run` processes
 // with nothing copied: the source exits 0 and the destination's count goes on.
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import t, { type Test } from 'tap';
-import { startApiServer, type ApiMachine, type ApiMachineState } from '../../lib/cli/api-server.js';
+import t from 'tap';
+import type { ApiMachine, ApiMachineState } from '../../lib/cli/api-server.js';
 import type { MigrateOptions, MigrationStats } from '../../lib/migration/types.js';
-import { nodeKvmInProcess, startNodeKvm, type NodeKvmProcess } from '../helpers/cli.js';
-import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { lastPass } from '../helpers/migration.js';
+import { nodeKvmInProcess } from '../helpers/cli.js';
+import { countGoesOn, destinationListening, serveApi, startRunPair } from '../helpers/cli-migration.js';
+import { noKvm } from '../helpers/kvm.js';
 
 const MIB = 1024 * 1024;
-
-function socketDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nkvm-local-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 const completed: MigrationStats = {
   phase: 'completed', totalTimeMs: 120, setupTimeMs: 110, downtimeMs: 1.5, expectedDowntimeMs: 0, bytesTransferred: 20_000, pagesTransferred: 0,
@@ -44,11 +36,8 @@ class FakeMachine implements ApiMachine {
 }
 
 t.test('--local reaches the machine as local: true; a tcp destination is refused', async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'api.sock');
   const machine = new FakeMachine();
-  const server = await startApiServer(apiSocket, machine);
-  t.teardown(() => server.close());
+  const { dir, apiSocket } = await serveApi(t, machine);
   const result = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--json', `unix:${path.join(dir, 'dest.sock')}`], {});
   t.equal(result.status, 0, result.stderr);
   t.same(JSON.parse(result.stdout), completed);
@@ -60,20 +49,9 @@ t.test('--local reaches the machine as local: true; a tcp destination is refused
 });
 
 t.test('a real guest moves between two run processes with migrate --local', { skip: noKvm }, async (t) => {
-  const dir = socketDir(t);
-  const apiSocket = path.join(dir, 'source.sock');
-  const destinationSocket = path.join(dir, 'dest.sock');
-  const guest = path.join(repoRoot, 'guests', 'build', 'dirtier-user.elf');
-  const children: NodeKvmProcess[] = [];
-  t.teardown(() => {
-    for (const child of children) child.kill('SIGKILL');
-  });
-  const source = startNodeKvm(['run', guest, '--memory', '64M', '--api-socket', apiSocket]);
-  children.push(source);
-  const destination = startNodeKvm(['run', '--incoming', `unix:${destinationSocket}`]);
-  children.push(destination);
-  await source.waitFor(/^pass 1 ok$/m);
-  await destination.waitFor(/^node-kvm: listening for a migration on unix:.*dest\.sock$/m, 'stderr');
+  const pair = await startRunPair(t, '64M');
+  const { apiSocket, destinationSocket, source, destination } = pair;
+  await destinationListening(pair);
 
   const migrate = await nodeKvmInProcess(['migrate', '--api-socket', apiSocket, '--local', '--json', `unix:${destinationSocket}`], {});
   t.equal(migrate.status, 0, migrate.stderr);
@@ -86,11 +64,5 @@ t.test('a real guest moves between two run processes with migrate --local', { sk
   const sourceEnd = await source.result;
   t.equal(sourceEnd.status, 0, 'the source exits 0 once its guest has moved');
   t.match(sourceEnd.stderr, /node-kvm: the guest migrated away; it runs at the destination now\n$/);
-  const lastPassAtSource = lastPass(sourceEnd.stdout);
-  await destination.waitFor(new RegExp(`^pass ${lastPassAtSource + 2} ok$`, 'm'));
-  t.match(sourceEnd.stdout + destination.stdout(), new RegExp(`pass ${lastPassAtSource} ok\npass ${lastPassAtSource + 1} ok\npass ${lastPassAtSource + 2} ok\n`),
-    'the count goes on unbroken across the move');
-  t.notMatch(destination.stdout(), /BAD/, 'the guest found its memory intact');
-  destination.kill('SIGTERM');
-  await destination.result;
+  await countGoesOn(t, sourceEnd, destination);
 });

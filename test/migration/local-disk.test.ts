@@ -3,25 +3,22 @@
 // destination finishes the rounds, and no other machine can take the image at any point; after a
 // failed move the source keeps the image, locked, and its rounds go on.
 import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
-import { PassThrough } from 'node:stream';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { GUEST_PARAMS_ADDR, Machine } from '../../lib/index.js';
 import { lockFile } from '../../lib/kvm/host.js';
 import { listenForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 import { SectionReader } from '../../lib/migration/section-reader.js';
 import { socketSource } from '../../lib/migration/sources.js';
 import { encodeHeader } from '../../lib/migration/format.js';
 import { encodeConfigSection } from '../../lib/migration/state-sections.js';
-import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { boot, type Booted } from '../helpers/machine.js';
+import { lastRound, startDiskLoop, untilRound } from '../helpers/disk-loop.js';
+import { noKvm } from '../helpers/kvm.js';
+import type { Booted } from '../helpers/machine.js';
+import { startLocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 
-const MiB = 1 << 20;
-const image = path.join(repoRoot, 'guests', 'build', 'disk.elf');
 const pool = noKvm ? undefined : sharedPool(2);
-const LOOP_MODE = 1;
 
 function tempDir(t: Test): string {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-local-disk-'));
@@ -31,17 +28,8 @@ function tempDir(t: Test): string {
 
 async function startLoop(t: Test, file: string): Promise<Booted> {
   writeFileSync(file, Buffer.alloc(1024 * 512, 0x11));
-  const booted = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], pool });
-  t.teardown(() => void booted.machine.stop());
-  const params = new Uint8Array(24);
-  new DataView(params.buffer).setUint32(0, LOOP_MODE, true);
-  booted.machine.writeMemory(GUEST_PARAMS_ADDR, params);
-  booted.machine.start();
-  await booted.waitForOutput('round 2 ok\n');
-  return booted;
+  return startDiskLoop(t, file, { pool });
 }
-
-const lastRound = (output: string) => Math.max(-1, ...[...output.matchAll(/round (\d+) ok\n/g)].map((m) => Number(m[1])));
 
 /** Whether another open of `file` can take the exclusive lock a writable disk needs (it lets go at once). */
 function lockable(file: string): boolean {
@@ -53,34 +41,23 @@ function lockable(file: string): boolean {
   }
 }
 
-async function untilRound(output: () => string, round: number): Promise<void> {
-  const deadline = Date.now() + 20_000;
-  while (lastRound(output()) < round && Date.now() < deadline && !output().includes('BAD')) await new Promise((resolve) => setTimeout(resolve, 20));
-}
-
 t.test('a disk guest moves in the middle of its I/O: same open image, still locked, its rounds go on', { skip: noKvm }, async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, 'disk.img');
   const source = await startLoop(t, file);
   t.notOk(lockable(file), 'the running source holds the image\'s lock');
-  let output = '';
-  const sink = new PassThrough();
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
   const address = `unix:${path.join(dir, 'm.sock')}`;
-  let listening!: () => void;
-  const ready = new Promise<void>((resolve) => (listening = resolve));
-  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: sink }, log: () => {}, pool });
-  await ready;
+  const incoming = startLocalDestination(t, address, { pool });
+  await incoming.listening;
   await source.machine.migrate(address, { local: true });
-  const destination = await incoming;
-  t.teardown(() => void destination.stop());
+  const destination = await incoming.arrived;
   t.equal((await source.machine.wait()).reason, 'migrated');
   t.same(destination.shape.disks?.map((disk) => [disk.path, disk.sectors, disk.readOnly]), [[file, 1024, false]], 'the same disk');
   t.notOk(lockable(file), 'the image is still locked: the source closed its fd without unlocking the open file both shared');
   const from = lastRound(source.output());
-  await untilRound(() => output, from + 3);
-  t.notMatch(source.output() + output, 'BAD', 'every round read back what it wrote, across the move');
-  t.ok(lastRound(output) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(output)}`);
+  await untilRound(incoming.output, from + 3);
+  t.notMatch(source.output() + incoming.output(), 'BAD', 'every round read back what it wrote, across the move');
+  t.ok(lastRound(incoming.output()) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(incoming.output())}`);
   await destination.stop();
   t.ok(lockable(file), 'free once the destination has stopped');
 });

@@ -5,14 +5,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { Machine } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
-import { boot } from '../helpers/machine.js';
-import { expectedEcho, GUEST_IP, MAC, namespaceWithTap, netEchoImage as image, ping, READY, udpEcho } from '../helpers/net-echo.js';
+import { startLocalDestination } from '../helpers/migration-peer.js';
+import { expectedEcho, MAC, namespaceWithTap, ping, startNetEcho, udpEcho } from '../helpers/net-echo.js';
 import { noNetns } from '../helpers/netns.js';
 import { sharedPool } from '../helpers/pool.js';
 
-const MiB = 1 << 20;
 const skip = noKvm || noNetns;
 const pool = skip ? undefined : sharedPool(2);
 
@@ -20,21 +18,15 @@ t.test('the TAP moves with the guest: its address answers from the destination, 
   const ns = namespaceWithTap(t);
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-local-net-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const booted = await boot({ image, cmdline: `ip=${GUEST_IP}`, memoryBytes: 16 * MiB, pool, net: [{ tap: 'tap0', netns: ns.path, mac: MAC }] });
-  t.teardown(() => booted.machine.stop());
-  booted.machine.start();
-  await booted.waitForOutput(READY);
+  const booted = await startNetEcho(t, ns, pool);
   t.equal(await udpEcho(ns, 2), expectedEcho(2));
 
   const address = `unix:${path.join(dir, 'm.sock')}`;
-  let listening!: () => void;
-  const ready = new Promise<void>((resolve) => (listening = resolve));
   // No net here: a copying migration would need a TAP for the card; this one is handed the source's.
-  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: null }, log: () => {}, pool });
-  await ready;
+  const incoming = startLocalDestination(t, address, { pool });
+  await incoming.listening;
   await booted.machine.migrate(address, { local: true });
-  const destination = await incoming;
-  t.teardown(() => destination.stop());
+  const destination = await incoming.arrived;
   t.equal((await booted.machine.wait()).reason, 'migrated');
   t.same(destination.shape.net, [{ mac: MAC }]);
   t.match(await ping(ns, 2), '2 packets transmitted, 2 received');

@@ -4,18 +4,13 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
 import t from 'tap';
-import { GUEST_PARAMS_ADDR, Machine } from '../../lib/index.js';
-import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { boot } from '../helpers/machine.js';
+import { lastRound, startDiskLoop, untilRound } from '../helpers/disk-loop.js';
+import { noKvm } from '../helpers/kvm.js';
+import { startLocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 
-const MiB = 1 << 20;
-const image = path.join(repoRoot, 'guests', 'build', 'disk.elf');
-const LOOP_MODE = 1;
 const pool = noKvm ? undefined : sharedPool(2);
-const lastRound = (output: string) => Math.max(-1, ...[...output.matchAll(/round (\d+) ok\n/g)].map((m) => Number(m[1])));
 
 t.test('post-copy in the middle of disk I/O: the destination finishes the guest\'s rounds', { skip: noKvm }, async (t) => {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-pc-disk-'));
@@ -26,31 +21,17 @@ t.test('post-copy in the middle of disk I/O: the destination finishes the guest\
   bytes.write('postcopy\n', 0, 'latin1');
   writeFileSync(file, bytes);
 
-  const source = await boot({ image, memoryBytes: 64 * MiB, disks: [{ path: file }], pool });
-  t.teardown(() => void source.machine.stop());
-  const params = new DataView(new ArrayBuffer(24));
-  params.setUint32(0, LOOP_MODE, true);
-  source.machine.writeMemory(GUEST_PARAMS_ADDR, new Uint8Array(params.buffer));
-  source.machine.start();
-  await source.waitForOutput('round 2 ok\n');
+  const source = await startDiskLoop(t, file, { pool });
 
-  let output = '';
-  const sink = new PassThrough();
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
   const address = `unix:${path.join(dir, 'm.sock')}`;
-  let listening!: () => void;
-  const ready = new Promise<void>((resolve) => (listening = resolve));
-  const incoming = Machine.incoming(address, { onListening: () => listening(), serial: { output: sink }, log: () => {}, pool });
-  incoming.catch(() => {});
-  await ready;
+  const incoming = startLocalDestination(t, address, { pool });
+  await incoming.listening;
   const stats = await source.machine.migrate(address, { postcopy: true });
   t.ok(stats.postcopy && stats.postcopy.pagesOnDemand + stats.postcopy.pagesBackground === stats.postcopy.missingPages, 'every missing page went once');
-  const destination = await incoming;
-  t.teardown(() => void destination.stop());
+  await incoming.arrived;
   t.equal((await source.machine.wait()).reason, 'migrated');
   const from = lastRound(source.output());
-  const deadline = Date.now() + 20_000;
-  while (lastRound(output) < from + 3 && Date.now() < deadline && !output.includes('BAD')) await new Promise((r) => setTimeout(r, 20));
-  t.notMatch(source.output() + output, 'BAD');
-  t.ok(lastRound(output) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(output)}`);
+  await untilRound(incoming.output, from + 3);
+  t.notMatch(source.output() + incoming.output(), 'BAD');
+  t.ok(lastRound(incoming.output()) >= from + 3, `the destination runs on: rounds ${from} -> ${lastRound(incoming.output())}`);
 });
