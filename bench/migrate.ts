@@ -575,8 +575,6 @@ async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[
       const restored = serialSink();
       const config = { pool, serial: { output: restored.output }, log: () => {} };
       const prepared = prepare ? await Machine.prepare(snapshotPath, config) : null;
-      // Lets the kernel finish what building it started, as for a machine prepared well ahead.
-      if (prepared) await sleep(20);
       const started = performance.now();
       const copy = await Machine.restore(snapshotPath, prepared ? { prepared } : config);
       copy.start();
