@@ -8,7 +8,7 @@ import { PassThrough } from 'node:stream';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import t, { type Test } from 'tap';
-import { GuestMemory, Machine, type VcpuWorkerPool } from '../../lib/index.js';
+import { GuestMemory, Machine, type PreparedMachine, type VcpuWorkerPool } from '../../lib/index.js';
 import { fileDataRanges } from '../../lib/kvm/host.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
@@ -125,6 +125,7 @@ t.test('a snapshot of another shape is refused and the prepared machine stays re
   await t.rejects(Machine.restore(withRng.path, { prepared }), { code: 'EMISMATCH', message: /devices do not fit/ }, 'another device set');
   await t.rejects(Machine.restore(path.join(dir, 'missing.snap'), { prepared }), { code: 'ENOENT' }, 'a file that is not there');
   await t.rejects(Machine.restore(fits.path, { prepared, serial: { output: null } }), { code: 'ERR_INVALID_ARG_VALUE', message: /Machine\.prepare\(\): serial given here/ }, 'runtime options belong to prepare()');
+  await t.rejects(Machine.restore(fits.path, { prepared: {} as PreparedMachine }), { code: 'ERR_INVALID_ARG_TYPE' }, 'only what prepare() made');
   t.equal(prepared.state, 'ready', 'still ready after every refusal');
 
   // Nothing was lost: the snapshot that fits restores and runs.
