@@ -70,7 +70,8 @@ export function fillFromImage(base: SnapshotContents, memory: GuestMemory): void
   try {
     const ranges = fileDataRanges(fd, image.fileOffset, image.fileOffset + image.sizeBytes);
     if (ranges.length === 0) return;
-    const chunk = Buffer.allocUnsafe(Math.min(FILL_CHUNK_BYTES, Math.max(...ranges.map(([, length]) => length))));
+    // (A reduce, not Math.max(...): a fragmented file may have more ranges than a call takes arguments.)
+    const chunk = Buffer.allocUnsafe(Math.min(FILL_CHUNK_BYTES, ranges.reduce((most, [, length]) => Math.max(most, length), 0)));
     for (const [start, length] of ranges) {
       for (let done = 0; done < length;) {
         const got = readSync(fd, chunk, 0, Math.min(chunk.length, length - done), start + done);
