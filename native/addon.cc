@@ -130,6 +130,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);
   fn("fileLock", FileLock);
+  fn("fileDataRanges", FileDataRanges);
   fn("memoryInfo", MemoryInfo);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);

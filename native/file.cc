@@ -5,7 +5,10 @@
 #include <linux/falloc.h>
 #include <sys/stat.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <vector>
 
 #include "errors.h"
 
@@ -84,6 +87,53 @@ Napi::Value FileDup(const Napi::CallbackInfo& info) {
   int copy = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
   if (copy < 0) ThrowSyscallError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
   return Napi::Number::New(env, copy);
+}
+
+// fileDataRanges(fd, start, end) -> Float64Array of [offset, length] pairs: where the file holds
+// data within [start, end) (lseek SEEK_DATA/SEEK_HOLE; holes read as zeros), rounded out to
+// 4 KiB and clamped to the range. Moves the fd's file position: for fds read with positions.
+Napi::Value FileDataRanges(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber()) ThrowTypeError(env, "fd, start and end must be numbers");
+  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
+  double startNumber = info[1].As<Napi::Number>().DoubleValue();
+  double endNumber = info[2].As<Napi::Number>().DoubleValue();
+  if (!(fdNumber >= 0 && fdNumber <= 0x7fffffff) || fdNumber != std::floor(fdNumber)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
+  const double limit = 9007199254740991.0;  // 2^53 - 1: exact in a double
+  if (!(startNumber >= 0 && startNumber <= limit) || startNumber != std::floor(startNumber)) ThrowOutOfRangeError(env, "start must be a non-negative integer");
+  if (!(endNumber >= startNumber && endNumber <= limit) || endNumber != std::floor(endNumber)) ThrowOutOfRangeError(env, "end must be an integer from start to 2^53 - 1");
+  const int fd = static_cast<int>(fdNumber);
+  const off_t start = static_cast<off_t>(startNumber);
+  const off_t end = static_cast<off_t>(endNumber);
+  const off_t page = 4096;
+  std::vector<double> pairs;
+  for (off_t position = start; position < end;) {
+    off_t data = lseek(fd, position, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;  // no data at or after position
+      ThrowSyscallError(env, errno, "lseek(SEEK_DATA)");
+    }
+    if (data >= end) break;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) {
+      // ENXIO: the file shrank between the two calls; what is left of the range is data.
+      if (errno != ENXIO) ThrowSyscallError(env, errno, "lseek(SEEK_HOLE)");
+      hole = end;
+    }
+    off_t from = std::max(start, data - data % page);
+    off_t to = std::min(end, hole % page ? hole + page - hole % page : hole);
+    if (to <= from) to = std::min(end, from + page);
+    if (!pairs.empty() && pairs[pairs.size() - 2] + pairs.back() >= static_cast<double>(from)) {
+      pairs.back() = static_cast<double>(to) - pairs[pairs.size() - 2];
+    } else {
+      pairs.push_back(static_cast<double>(from));
+      pairs.push_back(static_cast<double>(to - from));
+    }
+    position = to;
+  }
+  auto out = Napi::Float64Array::New(env, pairs.size());
+  for (size_t i = 0; i < pairs.size(); i++) out[i] = pairs[i];
+  return out;
 }
 
 }  // namespace nodekvm

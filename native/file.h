@@ -8,5 +8,6 @@ namespace nodekvm {
 Napi::Value FileDeallocate(const Napi::CallbackInfo& info);
 Napi::Value FileLock(const Napi::CallbackInfo& info);
 Napi::Value FileDup(const Napi::CallbackInfo& info);
+Napi::Value FileDataRanges(const Napi::CallbackInfo& info);
 
 }  // namespace nodekvm

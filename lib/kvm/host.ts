@@ -41,6 +41,19 @@ export function deallocateFileRange(fd: number, offset: number, length: number, 
 }
 
 /**
+ * Where the file open at `fd` holds data within [start, end) (lseek SEEK_DATA/SEEK_HOLE): byte
+ * ranges rounded out to 4 KiB and clamped to the range; the rest are holes, which read as zeros.
+ * It moves the fd's file position (read it with positions).
+ */
+export function fileDataRanges(fd: number, start: number, end: number): Array<[offset: number, length: number]> {
+  checkInteger(fd, 'fd', 0, 0x7fffffff);
+  const pairs = native.fileDataRanges(fd, start, end);
+  const ranges: Array<[number, number]> = [];
+  for (let i = 0; i < pairs.length; i += 2) ranges.push([pairs[i]!, pairs[i + 1]!]);
+  return ranges;
+}
+
+/**
  * Sets a socket's SO_SNDBUF and SO_RCVBUF (the kernel caps them at net.core.wmem_max/rmem_max);
  * returns the sizes the kernel then reports.
  */

@@ -81,6 +81,8 @@ export interface NativeBinding {
   fileDeallocate(fd: number, offset: number, length: number, zero: boolean): void;
   /** An open-file-description lock on the whole file (F_OFD_SETLK); a conflict throws EAGAIN. */
   fileLock(fd: number, kind: 'shared' | 'exclusive' | 'unlock'): void;
+  /** lseek(SEEK_DATA/SEEK_HOLE): [offset, length] pairs of the file's data within [start, end), page-rounded. */
+  fileDataRanges(fd: number, start: number, end: number): Float64Array;
   memoryInfo(): { mappings: number; bytes: number };
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;

@@ -3,6 +3,7 @@
 import './machine-methods.js';
 
 export { snapshotMachine, restoreMachine } from './snapshot.js';
+export { prepareRestore } from './prepared.js';
 export { migrateMachine } from './send.js';
 export { receiveMachine } from './receive.js';
 export { MigrationError, MigrationErrorCode, type MigrationErrorOptions } from './errors.js';
@@ -17,6 +18,6 @@ export type { DecodedPages } from './pages.js';
 export type { RamImage, StreamHeader, StreamKind } from './format.js';
 export type {
   AutoConvergeOptions, DirtyLogMode, IncomingConfig, MigrateOptions, MigrationPhase, MigrationProgress, MigrationStats, NonConvergence, PageRange,
-  RestoreConfig, SnapshotInfo, SnapshotOptions, PostcopyMode, PostcopyStats,
+  PrepareConfig, PreparedMachine, PreparedMachineState, RestoreConfig, SnapshotInfo, SnapshotOptions, PostcopyMode, PostcopyStats,
 } from './types.js';
 export { PostcopyPausedError } from './postcopy-destination.js';

@@ -1,12 +1,13 @@
 // Snapshots and migrations as methods of Machine (machine.snapshot(), machine.migrate(),
-// Machine.restore(), Machine.incoming()), attached here, above the VMM, as better-sqlite3 attaches
-// its capabilities to Database: the VMM never imports persistence, and the package's entry
+// Machine.restore(), Machine.prepare(), Machine.incoming()), attached here, above the VMM, as
+// better-sqlite3 attaches its capabilities to Database: the VMM never imports persistence, and the package's entry
 // (lib/index.ts) loads this module, so that a Machine from the package has them all.
 import { Machine } from '../vmm/machine.js';
 import { receiveMachine } from './receive.js';
 import { migrateMachine } from './send.js';
+import { prepareRestore } from './prepared.js';
 import { restoreMachine, snapshotMachine } from './snapshot.js';
-import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
+import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, PrepareConfig, PreparedMachine, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 declare module '../vmm/machine.js' {
   interface Machine {
@@ -25,6 +26,8 @@ declare module '../vmm/machine.js' {
   namespace Machine {
     /** restoreMachine(path, config). */
     function restore(path: string, config?: RestoreConfig): Promise<Machine>;
+    /** prepareRestore(path, config). */
+    function prepare(path: string, config?: PrepareConfig): Promise<PreparedMachine>;
     /** receiveMachine(address, config). */
     function incoming(address: string, config?: IncomingConfig): Promise<Machine>;
   }
@@ -48,5 +51,6 @@ Object.defineProperties(Machine.prototype, {
 });
 Object.defineProperties(Machine, {
   restore: { value: restoreMachine, writable: true, configurable: true },
+  prepare: { value: prepareRestore, writable: true, configurable: true },
   incoming: { value: receiveMachine, writable: true, configurable: true },
 });

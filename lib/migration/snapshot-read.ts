@@ -49,6 +49,8 @@ export interface SnapshotContents {
 
 /** Longest chain of diff snapshots openSnapshotChain() follows. */
 export const MAX_SNAPSHOT_CHAIN = 64;
+/** What readSnapshotFile() reads at a time while it parses the sections. */
+const SECTIONS_READ_AHEAD_BYTES = 16 * 1024;
 /** RAM image read size for verifyRamImage() and loadSnapshotMemory(). */
 const READ_CHUNK_BYTES = 4 * 1024 * 1024;
 
@@ -98,7 +100,9 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   const file = openSync(absolute, 'r');
   try {
     const { size: fileBytes } = fstatSync(file);
-    const source = new FileSource(file, 0, { sync: true });
+    // Its sections come before the RAM image, a few KiB for a small machine: a bigger read-ahead
+    // would read (and allocate) RAM image pages for nothing.
+    const source = new FileSource(file, 0, { sync: true, readAheadBytes: SECTIONS_READ_AHEAD_BYTES });
     const reader = new SectionReader(source);
     const header = await reader.readHeader();
     if (header.kind === 'migration') throw streamError(Code.Format, 'this is a migration stream, not a snapshot file');

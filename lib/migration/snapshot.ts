@@ -1,6 +1,7 @@
 // Snapshots of a machine: its state and RAM written to a file (zero pages left as holes), or only
 // the pages written since the previous snapshot, layered on it. Restoring maps the base file's
-// RAM image copy-on-write, so a restore costs the same for 64 MiB as for 3 GiB.
+// RAM image copy-on-write, so a restore costs the same for 64 MiB as for 3 GiB; a restore into a
+// machine built ahead (prepared.ts) reads the image's data into that machine's RAM instead.
 import nodePath from 'node:path';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { GuestMemory } from '../kvm/memory.js';
@@ -8,8 +9,9 @@ import { buildMachine, machineInternals, type Machine, type MachineState } from 
 import { populatedPageRanges, type PageRange } from '../vmm/page-ranges.js';
 import { argTypeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortable, checkSignal, throwIfAborted } from './errors.js';
-import { openSnapshotChain, verifyRamImage, writeSnapshotFile, type SnapshotContents } from './snapshot-file.js';
-import { machineStateOf } from './state-sections.js';
+import { writeSnapshotFile } from './snapshot-file.js';
+import { restoreIntoPrepared } from './prepared.js';
+import { loadSnapshot } from './snapshot-load.js';
 import type { RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 /** Who has a machine's dirty tracker while diff snapshots are layered on its last snapshot. */
@@ -78,6 +80,7 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
   const signal = checkSignal(config.signal, 'config.signal');
   const what = `restoring ${path}`;
   throwIfAborted(signal, what);
+  if (config.prepared !== undefined) return restoreIntoPrepared(path, config.prepared, config, signal, what);
   const snapshot = await loadSnapshot(path, { verify: !!config.verify });
   throwIfAborted(signal, what);
   const machine = await abortable(buildMachine({
@@ -130,44 +133,4 @@ export async function writeMachineSnapshot(
       zeroPagesSkipped: result.zeroPagesSkipped,
     },
   };
-}
-
-export interface LoadedSnapshot {
-  state: MachineState;
-  /** Guest RAM: the base image mapped copy-on-write, with each diff's pages written over it. */
-  mapMemory(size: number): Promise<GuestMemory>;
-}
-
-export async function loadSnapshot(path: string, options: { verify: boolean }): Promise<LoadedSnapshot> {
-  const chain = await openSnapshotChain(path);
-  const base = chain[0]!;
-  const newest = chain[chain.length - 1]!;
-  const state = machineStateOf(
-    { machine: newest.config, vm: newest.vm, vcpus: newest.vcpus, devices: newest.devices },
-    { memoryBytes: newest.header.memoryBytes, vcpus: newest.header.vcpuCount },
-    newest.path,
-  );
-  if (options.verify) await verifyRamImage(base.path, base);
-  return {
-    state,
-    async mapMemory(size: number): Promise<GuestMemory> {
-      const image = base.ramImage!;
-      if (size !== image.sizeBytes) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${size}`);
-      const memory = GuestMemory.mapFile(base.path, { offset: image.fileOffset, size });
-      try {
-        applyDiffs(chain, memory);
-      } catch (error) {
-        memory.close();
-        throw error;
-      }
-      return memory;
-    },
-  };
-}
-
-function applyDiffs(chain: readonly SnapshotContents[], memory: GuestMemory): void {
-  // Only diffs need guest RAM as an ArrayBuffer (making one costs a garbage collection).
-  if (chain.length < 2) return;
-  const bytes = memory.bytes();
-  for (const diff of chain.slice(1)) diff.applyPages!(bytes);
 }

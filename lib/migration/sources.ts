@@ -260,9 +260,13 @@ export class FileSource implements ByteSource {
   #aheadStart = 0;
 
   readonly #sync: boolean;
+  readonly #readAheadBytes: number;
 
-  /** `sync`: read a file descriptor with readSync (small files read at once, no thread-pool trips). */
-  constructor(file: number | FileHandle, startOffset = 0, options: { sync?: boolean } = {}) {
+  /**
+   * `sync`: read a file descriptor with readSync (small files read at once, no thread-pool trips).
+   * `readAheadBytes`: what a small read fetches at once (default 256 KiB).
+   */
+  constructor(file: number | FileHandle, startOffset = 0, options: { sync?: boolean; readAheadBytes?: number } = {}) {
     if (typeof file === 'number') {
       if (!Number.isInteger(file) || file < 0) throw outOfRangeError(`file must be a file descriptor, got ${file}`);
     } else if (typeof file !== 'object' || file === null || typeof file.read !== 'function') {
@@ -272,6 +276,8 @@ export class FileSource implements ByteSource {
     this.#file = file;
     this.#position = startOffset;
     this.#sync = options.sync === true && typeof file === 'number';
+    this.#readAheadBytes = options.readAheadBytes ?? READ_AHEAD_BYTES;
+    checkLength(this.#readAheadBytes);
   }
 
   /** Where the next read starts. */
@@ -287,13 +293,14 @@ export class FileSource implements ByteSource {
       this.#position = start + length;
       return ahead.subarray(start - this.#aheadStart, start - this.#aheadStart + length);
     }
-    if (length < READ_AHEAD_BYTES) {
+    const aheadBytes = this.#readAheadBytes;
+    if (length < aheadBytes) {
       // Small reads (a snapshot's sections before its RAM image) come from one bigger read: one
       // trip to the thread pool instead of one per section header and payload.
-      const block = Buffer.allocUnsafe(READ_AHEAD_BYTES);
+      const block = Buffer.allocUnsafe(aheadBytes);
       let got = 0;
       while (got < length) {
-        const more = await this.#pread(block, got, READ_AHEAD_BYTES - got, start + got);
+        const more = await this.#pread(block, got, aheadBytes - got, start + got);
         if (more === 0) break;
         got += more;
       }

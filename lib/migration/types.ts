@@ -2,7 +2,7 @@
 
 import type { MachineRuntimeConfig } from '../vmm/config.js';
 import type { DirtyLogMode } from '../vmm/dirty-tracker.js';
-import type { Machine } from '../vmm/machine.js';
+import type { Machine, MachineShape } from '../vmm/machine.js';
 
 export type { PageRange } from '../vmm/page-ranges.js';
 export type { DirtyLogMode } from '../vmm/dirty-tracker.js';
@@ -164,6 +164,44 @@ export interface SnapshotInfo {
 export interface RestoreConfig extends MachineRuntimeConfig {
   /** Check the checksum of the saved RAM image before mapping it (reads the whole image). */
   verify?: boolean;
+  /** Aborting it gives up (ABORT_ERR); a machine built meanwhile is stopped. */
+  signal?: AbortSignal;
+  /**
+   * A machine built ahead (Machine.prepare()) to restore into instead of building one: the
+   * restore then creates no kernel object. The snapshot must have its shape (EMISMATCH
+   * otherwise, and it stays ready); its RAM is read in (only the pages the snapshot holds), not
+   * mapped. The runtime options are the ones given to Machine.prepare(): none may be given here.
+   */
+  prepared?: PreparedMachine;
+}
+
+/** Where a prepared machine stands: waiting for its restore, held by one, used by one, or closed unused. */
+export type PreparedMachineState = 'ready' | 'restoring' | 'used' | 'closed';
+
+/**
+ * A machine built ahead of a restore (Machine.prepare()): its VM, memory slot, in-kernel
+ * interrupt controllers and PIT, devices and vCPUs (each created on its thread) exist, waiting
+ * for a snapshot of its shape. `Machine.restore(path, { prepared })` then only reads the snapshot
+ * and puts the guest's state and RAM in, and resolves with the machine (created, not yet
+ * started). One restore uses it; a snapshot of another shape is refused (EMISMATCH) and leaves it
+ * ready.
+ */
+export interface PreparedMachine {
+  /** What it was built as (RAM size, vCPUs, irqchip, devices): a snapshot to restore into it must match. */
+  readonly shape: MachineShape;
+  /** 'ready' until a restore takes it ('restoring' while that restore checks the snapshot, then 'used'), or close() ('closed'). */
+  readonly state: PreparedMachineState;
+  /**
+   * Frees everything an unused prepared machine holds (VM, RAM, disk images, vCPU threads, which
+   * go back to their pool) and resolves once it has. Once a restore has used it, the machine is
+   * the restore's and this does nothing; while a restore is checking a snapshot against it, it
+   * is closed if that restore gives it back (the snapshot did not fit).
+   */
+  close(): Promise<void>;
+}
+
+/** Machine.prepare()'s options: the restored machine's runtime options, given ahead. */
+export interface PrepareConfig extends MachineRuntimeConfig {
   /** Aborting it gives up (ABORT_ERR); a machine built meanwhile is stopped. */
   signal?: AbortSignal;
 }

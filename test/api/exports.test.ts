@@ -23,7 +23,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   DirtyTracker: 'function', DirtyBitmap: 'function', MAX_BITMAP_PAGES: 'number', dirtyLogModesOffered: 'function', maxDirtyRingBytes: 'function',
   DEFAULT_DIRTY_RING_BYTES: 'number',
   // snapshots and migration
-  snapshotMachine: 'function', restoreMachine: 'function', migrateMachine: 'function', receiveMachine: 'function', MigrationError: 'function', PostcopyPausedError: 'function',
+  snapshotMachine: 'function', restoreMachine: 'function', prepareRestore: 'function', migrateMachine: 'function', receiveMachine: 'function', MigrationError: 'function', PostcopyPausedError: 'function',
   MigrationErrorCode: 'object', STREAM_VERSION: 'number', formatMigrationAddress: 'function', parseMigrationAddress: 'function',
   MAX_SNAPSHOT_CHAIN: 'number', loadSnapshotMemory: 'function', openSnapshotChain: 'function', readSnapshotFile: 'function',
   verifyRamImage: 'function', writeSnapshotFile: 'function',
@@ -64,7 +64,7 @@ const TYPES = [
   // dirty tracking
   'DirtyTrackerOptions', 'TrackedSlot', 'DirtyLogMode', 'ExtensionSource', 'PageRange',
   // snapshots and migration
-  'MigrateOptions', 'MigrationStats', 'MigrationProgress', 'MigrationPhase', 'SnapshotOptions', 'SnapshotInfo', 'RestoreConfig',
+  'MigrateOptions', 'MigrationStats', 'MigrationProgress', 'MigrationPhase', 'SnapshotOptions', 'SnapshotInfo', 'RestoreConfig', 'PrepareConfig', 'PreparedMachine', 'PreparedMachineState',
   'IncomingConfig', 'NonConvergence', 'AutoConvergeOptions', 'PostcopyMode', 'PostcopyStats', 'RawVcpuState', 'RawVmState', 'MigrationErrorOptions', 'MigrationAddress', 'LoadSnapshotMemoryOptions', 'SnapshotContents',
   'SnapshotKind', 'SnapshotParent', 'WriteSnapshotOptions', 'WriteSnapshotResult', 'DecodedPages', 'RamImage', 'StreamHeader',
   'StreamKind',
@@ -127,6 +127,9 @@ export async function vmm(token: string): Promise<void> {
   const info: SnapshotInfo = await quiet.snapshot('/var/lib/vm/base.snap');
   await quiet.snapshot('/var/lib/vm/later.snap', { diff: true });
   const restored: Machine = await Machine.restore('/var/lib/vm/later.snap', { pool });
+  const standby: PreparedMachine = await Machine.prepare('/var/lib/vm/base.snap', { pool, serial: { output: process.stdout } });
+  const resumed: Machine = await Machine.restore('/var/lib/vm/base.snap', { prepared: standby });
+  console.log(standby.state, standby.shape.memoryBytes, resumed.state);
   const destination: Machine = await Machine.incoming('tcp:0.0.0.0:4444', { token });
   const stats: MigrationStats = await restored.migrate('tcp:10.0.0.2:4444', { token, downtimeBudgetMs: 50, onProgress: (progress: MigrationProgress) => console.log(progress.phase) });
   console.log(info, destination.state, stats.totalTimeMs);
@@ -178,11 +181,11 @@ t.test('a TypeScript consumer compiles against every public name of the package 
   // At run time, from the consumer's directory: the same resolution, as Node does it.
   const script = `import * as pkg from 'node-kvm';
 console.log(JSON.stringify({ url: import.meta.resolve('node-kvm'), kinds: Object.fromEntries(Object.entries(pkg).map(([name, value]) => [name, typeof value])),
-  attached: [typeof pkg.Machine.restore, typeof pkg.Machine.incoming, typeof pkg.Machine.prototype.snapshot, typeof pkg.Machine.prototype.migrate] }));`;
+  attached: [typeof pkg.Machine.restore, typeof pkg.Machine.prepare, typeof pkg.Machine.incoming, typeof pkg.Machine.prototype.snapshot, typeof pkg.Machine.prototype.migrate] }));`;
   const { stdout } = await run(process.execPath, ['--input-type=module', '-e', script], { cwd: project });
   const found = JSON.parse(stdout) as { url: string; kinds: Record<string, string>; attached: string[] };
   t.match(found.url, /\/dist\/lib\/index\.js$/);
   t.same(Object.fromEntries(Object.keys(VALUES).map((name) => [name, found.kinds[name]])), VALUES, 'each value export is on the package root, of its kind');
   t.same(Object.keys(found.kinds).filter((name) => !(name in VALUES)), [], 'and nothing else is (a new export belongs in this test)');
-  t.same(found.attached, ['function', 'function', 'function', 'function'], 'the package root loads the snapshot and migration methods of Machine');
+  t.same(found.attached, ['function', 'function', 'function', 'function', 'function'], 'the package root loads the snapshot and migration methods of Machine');
 });
