@@ -70,6 +70,8 @@ export interface MachineParts {
   kicks: VcpuKickHandle[];
   /** The main thread's ends of the vCPUs' request channels (save, restore). */
   requestPorts: MessagePort[];
+  /** The CPUID each vCPU was given (a kvm_cpuid2), where this thread knows it (not for a restored machine). */
+  cpuids: (Uint8Array | null)[];
   devices: DevicesShared;
   virtio: VirtioDevices;
   /** The interrupt controllers and PIT as a booted machine's start (a reboot puts them back); null otherwise. */
@@ -218,13 +220,15 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     // Watched from before the assignment goes out, so that a thread's 'done' is never missed.
     const left = taken.map((thread) => waitForDone(thread));
     assigned = { control, left };
+    // Kept here too: a restore compares a state's CPUID with it rather than asking KVM.
+    const cpuids = taken.map((_, id) => (plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus))));
     taken.forEach((thread, id) => {
       const requests = channels[id]!.port2;
       thread.send({
         type: 'assign',
         assignment: {
           vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
-          cpuid: plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus)), msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip, haltProbe,
+          cpuid: cpuids[id]!, msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip, haltProbe,
           affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
           requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
           msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
@@ -238,7 +242,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     await step(Promise.all(ready));
     checkAborted();
     return {
-      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1),
+      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
       devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {

@@ -248,6 +248,8 @@ export class Machine extends EventEmitter {
   /** Why resume() is refused now (machineInternals().refuseResume), if it is. */
   #resumeRefusal: string | null = null;
   readonly #requestPorts: MessagePort[];
+  /** The CPUID each vCPU holds, as a kvm_cpuid2, where known (null: ask KVM). */
+  readonly #cpuids: (Uint8Array | null)[];
   readonly #pendingRequests = new Map<number, { resolve: (reply: VcpuReply) => void; reject: (error: Error) => void }>();
   #requestSeq = 0;
   #debugListener: ((stop: DebugStop) => void) | null = null;
@@ -308,6 +310,7 @@ export class Machine extends EventEmitter {
       ? new HaltWatch(parts.haltProbe, { vcpus: parts.threads.length, kick: () => this.#kickAll(), confirm: () => void this.#confirmHalt() })
       : null;
     this.#requestPorts = parts.requestPorts;
+    this.#cpuids = parts.cpuids;
     this.#throttle = new VcpuThrottle(parts.control, parts.kicks);
     this.#pool = parts.plan.runtime.pool;
     this.#log = parts.log;
@@ -901,12 +904,15 @@ export class Machine extends EventEmitter {
       (state.vcpus as RawVcpuState[]).forEach((vcpuState, id) => {
         let refused: number[];
         try {
-          refused = restoreParkedVcpu(this.#kicks[id]!, vcpuState, null, this.irqchip);
+          // Compared with the CPUID the vCPU holds: KVM's own answer differs from what it was given
+          // (it folds in runtime bits), which would cost a KVM_SET_CPUID2 every time.
+          refused = restoreParkedVcpu(this.#kicks[id]!, vcpuState, this.#cpuids[id] ?? null, this.irqchip);
         } catch (error) {
           throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, threadFailure(error));
         }
         if (refused.length > 0) this.#log(`vcpu${id}: the host refused MSRs ${refused.map((index) => `0x${index.toString(16)}`).join(', ')}`);
         const cpuid = vcpuStateBlobSections(vcpuState).get(VcpuStateTag.Cpuid)?.slice() ?? null;
+        if (cpuid) this.#cpuids[id] = cpuid;
         const vmmHalted = (vcpuStateBlobHeader(vcpuState).flags & VcpuStateFlag.VmmHalted) !== 0;
         // Not woken for it: a thread woken now would take a CPU from the rest of the downtime.
         this.#request(id, { type: 'restored', cpuid, vmmHalted }, false).catch(() => {});
@@ -916,6 +922,8 @@ export class Machine extends EventEmitter {
         const reply = await this.#request(id, { type: 'restore', state: vcpuState });
         // (MSRs the host refused are logged by the vCPU's thread.)
         if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot restore its state: `, reply);
+        // What the vCPU holds now is known only to its thread.
+        this.#cpuids[id] = null;
       }));
     }
     markPhase('vCPU states applied');
