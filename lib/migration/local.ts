@@ -42,7 +42,8 @@ import {
 import { PeerReplies } from './peer-replies.js';
 import { SectionParser } from './section-parser.js';
 import { socketSource, type SocketSource } from './sources.js';
-import { StateSectionReader, encodeConfigSection, encodeMachineState, machineStateOf } from './state-sections.js';
+import { markPhase, resetPhases } from '../vmm/phase-timing.js';
+import { StateSectionReader, encodeConfigSection, encodeMachineState, machineStateOf, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { writeChunks } from './writers.js';
 import type { IncomingConfig, MigrateOptions, MigrationPhase, MigrationStats } from './types.js';
@@ -181,8 +182,9 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
         encodeHeader({ kind: 'local-migration', memoryBytes: machine.memoryBytes, vcpuCount: machine.vcpuCount }),
         encodeConfigSection({ machine: machine.shape }),
       ]);
-      // Each vCPU thread saves its state once now, so that the save inside the downtime runs warm code.
-      const warmedUp = internals.warmUpSave();
+      // A state saved and encoded now (thrown away), so that the save and the encoding inside the
+      // downtime run warm code: a VMM handing its guest to its successor migrates only once.
+      const warmedUp = warmUpStateEncoding(internals.warmUpSave());
       await unlessAborted(replies.expectAccept(timeoutMs));
       // The destination read all that came before, so Node has no write of ours queued: the fds'
       // message cannot interleave with one.
@@ -195,7 +197,6 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
         closeSync(ramFd);
       }
       stats.bytesTransferred += fdsSection.length;
-      warmUpEncoder(machine.shape);
       // The destination maps RAM and builds the machine on it while the guest runs on here.
       await unlessAborted(replies.expectSync(timeoutMs));
       await warmedUp;
@@ -203,10 +204,13 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       progress('setup');
 
       // Not raced with the abort: a pause under way must be known to be undone.
+      resetPhases();
+      markPhase('source: pause asked');
       if (machine.state === 'running') {
         // Without virtio devices, the vCPUs save their state as they stop; with them, only once
         // the devices have paused too (a request completing meanwhile raises an interrupt).
         pausedVcpus = await internals.pause(!hasDevices);
+        markPhase('source: paused, vCPU states saved');
         paused = true;
       }
       const pausedAt = performance.now();
@@ -214,11 +218,15 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       progress('stop-copy');
       // A guest its owner had paused stays paused at the destination.
       const machineState: MachineState = { ...(await internals.saveState(pausedVcpus)), running: paused };
+      markPhase('source: VM and device state saved');
       throwIfAborted(signal, what, 'stop-copy');
       abortable = false;
-      await send([...encodeMachineState(machineState), encodeEnd()]);
+      // One buffer, one write: the destination reads the state whole in one wake-up.
+      await send([Buffer.concat([...encodeMachineState(machineState), encodeEnd()])]);
+      markPhase('source: state written to the socket');
       await replies.expectResumed(Infinity);
       stats.downtimeMs = performance.now() - pausedAt;
+      markPhase('source: ack received');
       connection.end();
       progress('completed');
       // The destination has RAM, the images (with their locks) and the TAPs now: this machine
@@ -243,26 +251,6 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       aborted.dispose();
     }
   });
-}
-
-/**
- * Encodes a made-up state of the machine's shape (the kinds of value a real one holds: bigints,
- * bytes, records, lists), so that encoding the real one inside the downtime runs warmer code: a
- * process that migrates once (a VMM handing its guest to its successor) would run it cold (1.1-1.5
- * ms for one vCPU's machine here, 0.9 after this, 0.5 once a process has encoded a few).
- */
-function warmUpEncoder(shape: MachineShape): void {
-  const vcpu = (id: number) => ({
-    id, regs: { rax: 0n, rip: 0xfff0n, rflags: 2n }, sregs: { cs: { base: 0n, selector: 0, present: 1 }, cr0: 0x60000010n },
-    xsave: new Uint8Array(4096),
-    cpuid: Array.from({ length: 64 }, (_, index) => ({ function: index, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0 })),
-    msrs: Array.from({ length: 128 }, (_, index) => ({ index, data: 0n })),
-  });
-  const state = {
-    shape, vm: { clock: { clock: 0n, flags: 0 }, pic: [new Uint8Array(16)] }, vcpus: Array.from({ length: shape.vcpus }, (_, id) => vcpu(id)),
-    devices: { serial: { registers: new Uint8Array(8) }, postCode: { last: 0 } },
-  } as unknown as MachineState;
-  for (let round = 0; round < 3; round++) encodeMachineState(state);
 }
 
 function asLocalMigrationError(error: unknown, phase: MigrationPhase): MigrationError {
@@ -361,9 +349,11 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     await writeChunks(connection, [encodeSync()]);
     const state = new StateSectionReader('the migration stream', shape.vcpus);
     const aborted = abortPromise(signal, what);
+    resetPhases();
     try {
       for (;;) {
         const next = await Promise.race([nextSection(), aborted.promise]);
+        if (next.type === SectionType.Config) markPhase('destination: state arriving');
         if (next.type === SectionType.End) break;
         if (next.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(next.payload)}`);
         if (!state.take(next)) throw new MigrationError(Code.Format, `unexpected ${next.name} section in a local migration stream`);
@@ -371,8 +361,11 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     } finally {
       aborted.dispose();
     }
+    markPhase('destination: End parsed');
     const complete = machineStateOf(state.finish(), { memoryBytes: shape.memoryBytes, vcpus: shape.vcpus }, 'the migration stream');
+    markPhase('destination: state checked');
     await target.apply(complete);
+    markPhase('destination: state applied');
     // The last moment an abort counts: once End is out, the source has let go of the guest.
     throwIfAborted(signal, what);
     stream.close();
@@ -381,7 +374,9 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     // straight to the socket (Node has nothing queued on it): in the kernel when this returns,
     // without waiting for a turn of the event loop.
     sendWithFds(socketFd(connection), encodeEnd(), []);
+    markPhase('destination: ack written');
     target.start(complete.running === false);
+    markPhase('destination: guest started');
     connection.end();
     return target.machine;
   } catch (error) {

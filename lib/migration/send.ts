@@ -17,7 +17,7 @@ import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { encodeConfigSection, encodeMachineState } from './state-sections.js';
+import { encodeConfigSection, encodeMachineState, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
@@ -84,7 +84,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
       shape: machine.shape,
       warmUp: () => {
         // The final save and its encoding, inside the downtime, then run warm code.
-        warmedUp = warmUpStopCopy(internals.warmUpSave());
+        warmedUp = warmUpStateEncoding(internals.warmUpSave());
       },
       startTracking: () => internals.startDirtyTracking(MIGRATION),
       // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
@@ -523,21 +523,6 @@ export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Ge
   if (batch.length > 0) yield batch;
 }
 
-/**
- * Runs the stop-copy's encoding a few times over a state saved while the guest runs (thrown
- * away), so that V8 has compiled it by the time the guest is paused.
- */
-async function warmUpStopCopy(saved: Promise<MachineState | null>): Promise<void> {
-  try {
-    const state = await saved;
-    if (state) for (let i = 0; i < WARM_UP_ROUNDS; i++) encodeMachineState({ ...state, running: true });
-  } catch {
-    // Only a warm-up: the real save says what is wrong.
-  }
-}
-
-/** How often the warm-ups run the code of a downtime: enough for V8's baseline compiler. */
-const WARM_UP_ROUNDS = 8;
 /** How long the stop-copy waits for the warm-up at most. */
 const WARM_UP_WAIT_MS = 20;
 

@@ -278,3 +278,19 @@ export function warmUpStateCodec(state: MachineState): MachineState {
   for (const section of encodeMachineState(state)) parser.push(section);
   return machineStateOf(reader.finish(), { memoryBytes: state.shape.memoryBytes, vcpus: state.shape.vcpus }, 'warm-up');
 }
+
+/**
+ * Runs the encoding of a migration's last state a few times over a state saved while the guest
+ * runs (thrown away), so that V8 has compiled it by the time the guest is paused. Never rejects.
+ */
+export async function warmUpStateEncoding(saved: Promise<MachineState | null>): Promise<void> {
+  try {
+    const state = await saved;
+    if (state) for (let i = 0; i < ENCODING_WARM_UP_ROUNDS; i++) encodeMachineState({ ...state, running: true });
+  } catch {
+    // Only a warm-up: the real save says what is wrong.
+  }
+}
+
+/** How often the source runs the encoding before the pause: enough for V8's baseline compiler. */
+const ENCODING_WARM_UP_ROUNDS = 8;
