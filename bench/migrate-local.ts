@@ -5,7 +5,6 @@
 // from the pause to the destination's word that it runs the guest; total from the call to the end.
 //
 //   npm run bench:migrate-local -- [--rounds R] [--json]
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -14,6 +13,9 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { hostInfo, median } from './report.js';
+import { peerScript, startPeer } from './peer.js';
+import { breakdownTable, mergePhases } from './phase-breakdown.js';
+import { phaseMarks, phaseTimingEnabled, type PhaseMark } from '../lib/vmm/phase-timing.js';
 import { Machine } from '../lib/index.js';
 import type { MigrationStats } from '../lib/migration/types.js';
 
@@ -37,7 +39,6 @@ const SCENARIOS: Scenario[] = [
 ];
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const peerScript = path.join(path.dirname(fileURLToPath(import.meta.url)), 'migrate-peer.js');
 const idleGuest = path.join(root, 'guests', 'build', 'echo-irq.bin');
 const progress = (text: string) => process.stderr.write(`${text}\n`);
 
@@ -61,43 +62,6 @@ function parseOptions(): { rounds: number; json: boolean } {
   return { rounds, json: values.json };
 }
 
-interface Peer {
-  child: ChildProcess;
-  listening: Promise<string>;
-  report: Promise<Record<string, unknown>>;
-}
-
-/** bench/migrate-peer.js in another process: its JSON lines become promises. */
-function startPeer(args: string[]): Peer {
-  const child = spawn(process.execPath, [peerScript, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  let onListening!: (address: string) => void;
-  let onReport!: (report: Record<string, unknown>) => void;
-  let onFailure!: (error: Error) => void;
-  const report = new Promise<Record<string, unknown>>((resolve, reject) => {
-    onReport = resolve;
-    onFailure = reject;
-  });
-  const listening = Promise.race([new Promise<string>((resolve) => (onListening = resolve)), report.then(() => new Promise<never>(() => {}))]);
-  report.catch(() => {});
-  listening.catch(() => {});
-  child.stdout!.on('data', (chunk: Buffer) => {
-    stdout += chunk.toString('utf8');
-    let newline: number;
-    while ((newline = stdout.indexOf('\n')) >= 0) {
-      const message = JSON.parse(stdout.slice(0, newline)) as Record<string, unknown>;
-      stdout = stdout.slice(newline + 1);
-      if (typeof message.listening === 'string') onListening(message.listening);
-      else if (message.report) onReport(message.report as Record<string, unknown>);
-      else if (message.error) onFailure(new Error(`peer: ${String(message.error)}`));
-    }
-  });
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString('utf8')));
-  child.on('close', (status, signal) => onFailure(new Error(`peer ended (${status ?? signal}) without a report: ${stderr.trim()}`)));
-  return { child, listening, report };
-}
-
 /** The guest's data: a pattern of 64-bit words (no zero page), and the hash of the checked slice. */
 function touchPattern(bytes: number): { data: Buffer; checkSha256: string } {
   const data = Buffer.allocUnsafe(bytes);
@@ -110,6 +74,8 @@ interface Run {
   stats: MigrationStats;
   /** Call to the source's exit, as the caller sees it. */
   wallMs: number;
+  /** With NODE_KVM_PHASE_TIMING=1: the downtime's steps, both processes' (phase-breakdown.ts). */
+  phases: { name: string; ms: number }[];
 }
 
 async function migrateOnce(scenario: Scenario, local: boolean, touch: { data: Buffer; checkSha256: string } | null, dir: string, round: number): Promise<Run> {
@@ -136,6 +102,8 @@ async function migrateOnce(scenario: Scenario, local: boolean, touch: { data: Bu
       if (touch) machine.writeMemory(TOUCH_ADDR, touch.data);
       machine.start();
       await prompted;
+      // A guest that has run a moment (as in bench/migrate.ts).
+      await new Promise((resolve) => setTimeout(resolve, 100));
       const bound = await peer.listening;
       const started = performance.now();
       const stats = await machine.migrate(bound, { local });
@@ -145,7 +113,7 @@ async function migrateOnce(scenario: Scenario, local: boolean, touch: { data: Bu
       const report = await peer.report;
       if (report.state !== 'running') throw new Error(`the guest is ${String(report.state)} at the destination, not running (${JSON.stringify(report.logs)})`);
       if (touch && report.hash !== touch.checkSha256) throw new Error('the touched data arrived different');
-      return { stats, wallMs };
+      return { stats, wallMs, phases: mergePhases(phaseMarks(), (report.phases ?? []) as PhaseMark[]) };
     } finally {
       if (machine.state !== 'stopping' && machine.state !== 'stopped') await machine.stop().catch(() => {});
       serial.destroy();
@@ -217,6 +185,14 @@ async function main(): Promise<void> {
     const big = results[1]!;
     console.log('');
     console.log(`target: local downtime under 2 ms for 2 GiB with 1 GiB touched: ${big.local.downtimeMs.toFixed(2)} ms, ${big.local.downtimeMs < 2 ? 'met' : 'NOT met'}`);
+    if (phaseTimingEnabled()) {
+      console.log('');
+      console.log('where the downtime goes (ms since the pause, median):');
+      const rows = breakdownTable(SCENARIOS.flatMap((scenario) => ['local', 'copy'].map((mode) => ({
+        title: `${scenario.title}, ${mode}`, runs: runs.get(`${scenario.key}/${mode}`)!.map((run) => run.phases),
+      }))));
+      for (const row of rows) console.log(`  ${row[0]!.padEnd(44)} ${row.slice(1).map((cell) => cell.padStart(12)).join(' ')}`);
+    }
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

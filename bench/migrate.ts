@@ -22,6 +22,7 @@ import { GUEST_PARAMS_ADDR, GuestMemory, Machine, VcpuWorkerPool } from '../lib/
 import type { MigrationStats } from '../lib/migration/types.js';
 import { phaseMarks, phaseTimingEnabled, type PhaseMark } from '../lib/vmm/phase-timing.js';
 import { breakdownTable, mergePhases } from './phase-breakdown.js';
+import { peerScript, startPeer as startSharedPeer, type Peer } from './peer.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -96,7 +97,6 @@ function parseOptions(): Options {
 
 /** The repository root, from this file's place in dist/bench/ (as bench/boot.ts finds it). */
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const peerScript = path.join(path.dirname(fileURLToPath(import.meta.url)), 'migrate-peer.js');
 const thisScript = fileURLToPath(import.meta.url);
 const guest = (name: string) => path.join(root, 'guests', 'build', name);
 
@@ -105,12 +105,6 @@ const progress = (text: string) => process.stderr.write(`${text}\n`);
 
 
 // ---- the peer process ------------------------------------------------------------------------
-
-interface Peer {
-  child: ChildProcess;
-  listening: Promise<string>;
-  report: Promise<Record<string, unknown>>;
-}
 
 /** Processes this one started that still run: killed if it is interrupted. */
 const liveChildren = new Set<ChildProcess>();
@@ -136,36 +130,7 @@ function killChildrenOnSignal(): void {
 
 /** The peer process, under `prefix` (its placement: `taskset -c 1`, `ip netns exec NS ...`). */
 function startPeer(args: string[], prefix: readonly string[] = []): Peer {
-  const child = track(spawn(...underPrefix(prefix, process.execPath, [peerScript, ...args]), { stdio: ['ignore', 'pipe', 'pipe'] }));
-  let stdout = '';
-  let stderr = '';
-  let onListening!: (address: string) => void;
-  let onReport!: (report: Record<string, unknown>) => void;
-  let onFailure!: (error: Error) => void;
-  const report = new Promise<Record<string, unknown>>((resolve, reject) => {
-    onReport = resolve;
-    onFailure = reject;
-  });
-  // A peer that fails before it listens fails `listening` too.
-  const listening = Promise.race([new Promise<string>((resolve) => (onListening = resolve)), report.then(() => new Promise<never>(() => {}))]);
-  // Whoever awaits these still sees a failure; this keeps one nobody awaits (after an earlier
-  // error) from ending the process before that error is reported.
-  report.catch(() => {});
-  listening.catch(() => {});
-  child.stdout!.on('data', (chunk: Buffer) => {
-    stdout += chunk.toString('utf8');
-    let newline: number;
-    while ((newline = stdout.indexOf('\n')) >= 0) {
-      const message = JSON.parse(stdout.slice(0, newline)) as Record<string, unknown>;
-      stdout = stdout.slice(newline + 1);
-      if (typeof message.listening === 'string') onListening(message.listening);
-      else if (message.report) onReport(message.report as Record<string, unknown>);
-      else if (message.error) onFailure(new Error(`peer: ${String(message.error)}`));
-    }
-  });
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString('utf8')));
-  child.on('close', (status, signal) => onFailure(new Error(`peer ended (${status ?? signal}) without a report: ${stderr.trim()}`)));
-  return { child, listening, report };
+  return startSharedPeer(args, prefix, track);
 }
 
 // ---- references ------------------------------------------------------------------------------
