@@ -503,7 +503,11 @@ export class Machine extends EventEmitter {
    */
   #exposeMemorySoon(): void {
     setTimeout(() => {
-      if (!this.#exit) void this.memory.buffer;
+      try {
+        if (!this.#exit) void this.memory.buffer;
+      } catch {
+        // Only ahead of time: the first reader makes it, and hears why it cannot be made.
+      }
     }, EXPOSE_MEMORY_AFTER_MS).unref();
   }
 
