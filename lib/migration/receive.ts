@@ -93,12 +93,12 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       const builtAhead = machine !== null;
       machine ??= await abortable(buildMachine(handover
         ? { shape, boot: null, memory: () => handover.memory, runtime: localRuntime(config, shape, handover), savedDisks: shape.disks ?? [], incoming: true, signal }
-        : { shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, 'receiving a migration');
+        : { shape, boot: null, memory: newMemory, runtime: config, savedDisks: shape.disks ?? [], incoming: true, signal }), signal, `receiving a migration on ${address}`);
       if (handover && !builtAhead) await warmUp(machine);
       if (signal?.aborted) {
         // Aborted as the build resolved: the machine goes at once.
         await machine.stop();
-        throw abortError('receiving a migration', signal);
+        throw abortError(`receiving a migration on ${address}`, signal);
       }
       const target = machine;
       const internals = machineInternals(target);
