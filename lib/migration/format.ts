@@ -21,7 +21,8 @@
 //     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
 //     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
-//     at any point.
+//     at any point. The source sends its pages without waiting for Config; the destination
+//     answers a Sync only after its Config.
 //   post-copy (postcopy.ts): the source ends its state with Postcopy (the ranges the destination
 //     lacks) instead of End, then sends Pages until every one has gone, then End; the
 //     destination answers Postcopy once the guest runs, PageRequest for its faults, and Postcopy
