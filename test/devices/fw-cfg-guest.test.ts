@@ -7,11 +7,11 @@ import t from 'tap';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
 import { GUEST_PARAMS_ADDR, Machine, memoryMap } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
 import { boot, runToExit } from '../helpers/machine.js';
 import { sharedPool } from '../helpers/pool.js';
+import { serialCollector } from '../helpers/serial-collector.js';
 
 const MiB = 1 << 20;
 const image = path.join(repoRoot, 'guests', 'build', 'fwcfg.elf');
@@ -28,22 +28,6 @@ function params(mode: number, go = 0): Uint8Array {
   return new Uint8Array(view.buffer);
 }
 
-function collector() {
-  const sink = new PassThrough();
-  let output = '';
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-  return {
-    sink,
-    output: () => output,
-    async waitFor(text: string, timeoutMs = 20_000) {
-      const deadline = Date.now() + timeoutMs;
-      while (!output.includes(text)) {
-        if (Date.now() > deadline) throw new Error(`timed out waiting for ${JSON.stringify(text)}; output: ${JSON.stringify(output)}`);
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-    },
-  };
-}
 
 t.test('a guest enumerates fw_cfg and finds the machine it runs on', { skip: noKvm }, async (t) => {
   const memoryBytes = 48 * MiB;
@@ -99,7 +83,7 @@ t.test('a snapshot of a guest half way through an item: the restored guest reads
   await source.machine.stop();
 
   // The restored machine is built from no image, so with no command line of its own.
-  const output = collector();
+  const output = serialCollector();
   const restored = await Machine.restore(file, { serial: { output: output.sink }, log: () => {}, pool });
   t.teardown(() => void restored.stop());
   restored.writeMemory(GUEST_PARAMS_ADDR + 4, new Uint8Array([1, 0, 0, 0]));
@@ -115,7 +99,7 @@ t.test('a live migration of a guest half way through an item: the destination re
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const source = await halfRead();
   t.teardown(() => void source.machine.stop());
-  const output = collector();
+  const output = serialCollector();
   const address = `unix:${path.join(dir, 'm.sock')}`;
   let listening!: () => void;
   const ready = new Promise<void>((resolve) => (listening = resolve));

@@ -4,7 +4,6 @@
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import t, { type Test } from 'tap';
@@ -13,6 +12,7 @@ import { fileDataRanges } from '../../lib/kvm/host.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
 import { sharedPool } from '../helpers/pool.js';
+import { serialCollector } from '../helpers/serial-collector.js';
 
 v8.setFlagsFromString('--expose-gc');
 /** Collects garbage: a stopped machine's guest RAM stays mapped while an ArrayBuffer over it lives. */
@@ -54,28 +54,10 @@ async function dirtierSnapshot(file: string, options: { memoryBytes: number; vcp
   }
 }
 
-/** A serial sink and what reached it. */
-function collector() {
-  const sink = new PassThrough();
-  let output = '';
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-  return {
-    sink,
-    output: () => output,
-    async waitForPass(pass: number, timeoutMs = 20_000) {
-      const deadline = Date.now() + timeoutMs;
-      while (lastPass(output) < pass) {
-        if (Date.now() > deadline) throw new Error(`timed out waiting for pass ${pass}; output: ${JSON.stringify(output)}`);
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-    },
-  };
-}
-
 t.test('a snapshot restored into a prepared machine: same memory, the count goes on; used once only', { skip: noKvm }, async (t) => {
   const dir = scratchDir(t);
   const snap = await dirtierSnapshot(path.join(dir, 'a.snap'), { memoryBytes: 32 * MiB, vcpus: 2 });
-  const serial = collector();
+  const serial = serialCollector();
   const prepared = await Machine.prepare(snap.path, { pool, serial: { output: serial.sink }, log: () => {} });
   t.teardown(() => prepared.close());
   t.equal(prepared.state, 'ready');
@@ -99,7 +81,7 @@ t.test('a snapshot restored into a prepared machine: same memory, the count goes
 t.test('a diff snapshot restored into a prepared machine: base and diff in its memory', { skip: noKvm }, async (t) => {
   const dir = scratchDir(t);
   const snap = await dirtierSnapshot(path.join(dir, 'base.snap'), { memoryBytes: 32 * MiB, diffAfterPasses: 2 });
-  const serial = collector();
+  const serial = serialCollector();
   const prepared = await Machine.prepare(snap.path, { pool, serial: { output: serial.sink }, log: () => {} });
   t.teardown(() => prepared.close());
   const machine = await Machine.restore(snap.path, { prepared });
@@ -116,7 +98,7 @@ t.test('a snapshot of another shape is refused and the prepared machine stays re
   const twoVcpus = await dirtierSnapshot(path.join(dir, 'two.snap'), { memoryBytes: 32 * MiB, vcpus: 2 });
   const withRng = await dirtierSnapshot(path.join(dir, 'rng.snap'), { memoryBytes: 32 * MiB, rng: true });
   const fits = await dirtierSnapshot(path.join(dir, 'fits.snap'), { memoryBytes: 32 * MiB });
-  const serial = collector();
+  const serial = serialCollector();
   const prepared = await Machine.prepare(fits.path, { pool, serial: { output: serial.sink }, log: () => {} });
   t.teardown(() => prepared.close());
 

@@ -3,10 +3,10 @@
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
 import t, { type Test } from 'tap';
 import { Machine } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
+import { serialCollector } from '../helpers/serial-collector.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
 
 function scratchDir(t: Test): string {
@@ -17,21 +17,9 @@ function scratchDir(t: Test): string {
 
 /** Restores `file` with its console collected; resolves the machine and an output getter. */
 async function restoreCollecting(file: string) {
-  const sink = new PassThrough();
-  let output = '';
-  sink.on('data', (chunk: Buffer) => (output += chunk.toString('latin1')));
-  const machine = await Machine.restore(file, { serial: { output: sink }, log: () => {} });
-  return {
-    machine,
-    output: () => output,
-    async waitForPass(pass: number, timeoutMs = 20_000) {
-      const deadline = Date.now() + timeoutMs;
-      while (lastPass(output) < pass) {
-        if (Date.now() > deadline) throw new Error(`timed out waiting for pass ${pass}; output: ${JSON.stringify(output)}`);
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-    },
-  };
+  const serial = serialCollector();
+  const machine = await Machine.restore(file, { serial: { output: serial.sink }, log: () => {} });
+  return { machine, output: serial.output, waitForPass: serial.waitForPass };
 }
 
 for (const vcpus of [1, 2]) {
