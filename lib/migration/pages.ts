@@ -13,6 +13,7 @@ const MiB = 1024 * 1024;
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 const ZERO_BLOCK_PAGES = 16;
 const ZERO_BLOCK = Buffer.alloc(ZERO_BLOCK_PAGES * PAGE_SIZE);
+const PAGE_WORDS = PAGE_SIZE / 4;
 
 /** Whether the 4 KiB page at `offset` of `bytes` is all zeros (a memcmp, no allocation). */
 export function isZeroPage(bytes: Uint8Array, offset: number): boolean {
@@ -25,14 +26,19 @@ export function isZeroPage(bytes: Uint8Array, offset: number): boolean {
  */
 export function forEachPageRun(bytes: Uint8Array, onRun: (firstPageIndex: number, pageCount: number, zero: boolean) => void): void {
   const pageCount = Math.floor(bytes.length / PAGE_SIZE);
+  // A page of data mostly shows it in its first bytes: read there, a memcmp only where they are
+  // zero (a call per page cost more than the rest of the scan).
+  const words = bytes.byteOffset % 4 === 0 ? new Int32Array(bytes.buffer, bytes.byteOffset, (pageCount * PAGE_SIZE) / 4) : null;
   let runStart = 0;
   let runZero = false;
   let page = 0;
   while (page < pageCount) {
-    // Idle guest RAM is mostly zero: test 64 KiB at once before testing pages one by one.
     let zero: boolean;
     let step = 1;
-    if (page + ZERO_BLOCK_PAGES <= pageCount && ZERO_BLOCK.compare(bytes, page * PAGE_SIZE, (page + ZERO_BLOCK_PAGES) * PAGE_SIZE) === 0) {
+    if (words !== null && (words[page * PAGE_WORDS] !== 0 || words[page * PAGE_WORDS + 1] !== 0)) {
+      zero = false;
+    } else if (page + ZERO_BLOCK_PAGES <= pageCount && ZERO_BLOCK.compare(bytes, page * PAGE_SIZE, (page + ZERO_BLOCK_PAGES) * PAGE_SIZE) === 0) {
+      // Idle guest RAM is mostly zero: test 64 KiB at once before testing pages one by one.
       zero = true;
       step = ZERO_BLOCK_PAGES;
     } else {

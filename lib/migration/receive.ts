@@ -14,6 +14,7 @@ import {
   SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync,
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
+import { warmUpPageStream } from './page-stream-warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
 import { socketSource } from './sources.js';
@@ -175,6 +176,7 @@ export async function receiveMigration(
   const signal = config.signal;
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
   let listeningAt = addressText;
+  warmUpPageStream();
   let socket: Socket = await listenForMigration(address, {
     token: config.token,
     timeoutMs: config.timeoutMs,

@@ -98,6 +98,25 @@ t.test('forEachPageRun finds the maximal zero and non-zero runs', async (t) => {
   t.same(none, []);
 });
 
+t.test('forEachPageRun: a page whose first bytes are zero is still read whole, at any alignment', async (t) => {
+  const runsOf = (bytes: Uint8Array) => {
+    const runs: [number, number, boolean][] = [];
+    forEachPageRun(bytes, (first, count, zero) => runs.push([first, count, zero]));
+    return runs;
+  };
+  const memory = new Uint8Array(40 * PAGE_SIZE);
+  memory[2 * PAGE_SIZE + 8] = 1; // just past the first two words
+  memory[3 * PAGE_SIZE + PAGE_SIZE - 1] = 1; // the last byte
+  memory[20 * PAGE_SIZE + 4] = 1; // the second word
+  memory[21 * PAGE_SIZE] = 1;
+  const expected = [[0, 2, true], [2, 2, false], [4, 16, true], [20, 2, false], [22, 18, true]];
+  t.same(runsOf(memory), expected);
+  // The same pages at an offset no word view can start at.
+  const unaligned = new Uint8Array(memory.length + 1).subarray(1);
+  unaligned.set(memory);
+  t.same(runsOf(unaligned), expected);
+});
+
 t.test('header', async (t) => {
   t.test('round trip', async (t) => {
     const bytes = encodeHeader({ kind: 'migration', memoryBytes: MAX_MEMORY_BYTES, vcpuCount: MAX_VCPUS });
