@@ -14,7 +14,9 @@ import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migrati
 import { startDestination, startLocalDestination, type Destination, type LocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 import { childExecArgv } from '../helpers/spawn.js';
-import { encodeHeader, encodeSection } from '../../lib/migration/format.js';
+import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSync } from '../../lib/migration/format.js';
+import { SectionReader } from '../../lib/migration/section-reader.js';
+import { socketSource } from '../../lib/migration/sources.js';
 import { encodeConfigSection } from '../../lib/migration/state-sections.js';
 import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
@@ -241,4 +243,25 @@ t.test('a source that sends pages before it is accepted, then junk: the destinat
     junk,
   ]));
   await t.rejects(destination.arrived, { code: 'EFORMAT', message: /unknown section type 99/ }, 'a clean failure, not a crash');
+});
+
+t.test('a source that sends a Sync before it is accepted: the destination answers it after its acceptance', { skip: noKvm }, async (t) => {
+  const destination = destinationHere(t);
+  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+  t.teardown(() => socket.destroy());
+  socket.on('error', () => {});
+  const replies = new SectionReader(socketSource(socket, 10_000));
+  // All at once, as a source that starts pre-copy without waiting for the answer may send them.
+  socket.write(Buffer.concat([
+    encodeHeader({ kind: 'migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
+    encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
+    encodeSection(SectionType.Pages, new Uint8Array(4)), // no ranges
+    encodeSync(),
+  ]));
+  const header = await replies.readHeader();
+  t.equal(header.kind, 'migration', 'the destination answers with its own header');
+  t.equal((await replies.next()).type, SectionType.Config, 'then its acceptance');
+  t.equal((await replies.next()).type, SectionType.Sync, 'then the answer to the Sync');
+  socket.end(encodeErrorSection('the test ends here'));
+  await t.rejects(destination.arrived, { code: 'ECANCELED', message: 'the source gave up: the test ends here' });
 });
