@@ -15,6 +15,7 @@ import {
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { warmUpPageStream } from './page-stream-warm-up.js';
+import { rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
 import { socketSource } from './sources.js';
@@ -150,13 +151,10 @@ const DESTINATION_WARM_UP_ROUNDS = 50;
  * that its code is warm when the guest is paused at the other end. It writes no guest RAM.
  */
 async function warmUp(machine: Machine): Promise<void> {
-  const internals = machineInternals(machine);
   try {
-    const saved = await internals.saveState();
-    for (let i = 0; i < DESTINATION_WARM_UP_ROUNDS; i++) await internals.applyState(warmUpStateCodec(saved));
-    rehearsalStates.set(machine, saved);
+    rehearsalStates.set(machine, await rehearseRestore(machine, DESTINATION_WARM_UP_ROUNDS));
   } catch (error) {
-    internals.log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
+    machineInternals(machine).log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
   }
 }
 
@@ -282,7 +280,7 @@ export async function receiveMigration(
           else syncsOwed++;
           // The source pauses its guest as soon as it has the answer: rehearse the state's
           // parsing and applying now, out of this parse, done long before the state comes.
-          rehearsing ??= new Promise<void>((resolve) => setImmediate(() => void (target!.rehearse?.() ?? Promise.resolve()).then(resolve)));
+          rehearsing ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
         }
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type === SectionType.End) markPhase('destination: End parsed');
