@@ -10,6 +10,7 @@ import { describeShape } from '../vmm/config.js';
 import { buildMachine, machineInternals, type Machine, type MachineShape } from '../vmm/machine.js';
 import { MigrationError, MigrationErrorCode as Code, abortable, checkSignal, throwIfAborted } from './errors.js';
 import { loadSnapshot, type LoadedSnapshot } from './snapshot-load.js';
+import { rehearseRestore } from './warm-up.js';
 import type { PrepareConfig, PreparedMachine, PreparedMachineState, RestoreConfig } from './types.js';
 
 /** Dry runs of a restore's state at the end of Machine.prepare(), so that the restore runs warm code. */
@@ -118,7 +119,7 @@ export async function prepareRestore(path: string, config: PrepareConfig = {}): 
   }), signal, what);
   try {
     throwIfAborted(signal, what);
-    await warmUp(machine);
+    await rehearseRestore(machine, WARM_UP_ROUNDS);
   } catch (error) {
     await machine.stop();
     throw error;
@@ -168,11 +169,4 @@ export function preparedMismatch(prepared: MachineShape, shape: MachineShape): s
   if (why === null) return null;
   if (why === 'different hardware') return `the snapshot is of a machine with ${describeShape(shape)}, the prepared one has ${describeShape(prepared)}`;
   return `the snapshot's devices do not fit the prepared machine: ${why}`;
-}
-
-/** A dry run of a restore's state (the machine's own, saved and put back), so that its code is warm. */
-async function warmUp(machine: Machine): Promise<void> {
-  const internals = machineInternals(machine);
-  const saved = await internals.saveState();
-  for (let i = 0; i < WARM_UP_ROUNDS; i++) await internals.applyState(saved);
 }
