@@ -247,6 +247,7 @@ export async function receiveMigration(
     let accepted = false;
     let syncsOwed = 0;
     let rehearsing: Promise<void> | null = null;
+    const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
     // safe here (this machine runs only once the whole stream has checked out).
@@ -274,13 +275,14 @@ export async function receiveMigration(
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
         } else if (section.type === SectionType.Sync) {
+          // The source pauses its guest as soon as it has the answer: rehearse the state's
+          // parsing and applying first (out of this parse), so that the code is warm when the
+          // state comes and the dry run does not compete with the source's pause for the CPUs.
+          rehearsing ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
           // The source does not wait for the acceptance before it sends: its first Sync may be
           // parsed before the acceptance is written, and is answered after it.
-          if (accepted) void reply([encodeSync()]).catch(() => {});
+          if (accepted) answerSync();
           else syncsOwed++;
-          // The source pauses its guest as soon as it has the answer: rehearse the state's
-          // parsing and applying now, out of this parse, done long before the state comes.
-          rehearsing ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
         }
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type === SectionType.End) markPhase('destination: End parsed');
@@ -295,7 +297,7 @@ export async function receiveMigration(
     sections.ended.catch(() => {});
     const acceptance = reply([encodeConfigSection({ machine: shape })], shape);
     accepted = true;
-    for (; syncsOwed > 0; syncsOwed--) void reply([encodeSync()]).catch(() => {});
+    for (; syncsOwed > 0; syncsOwed--) answerSync();
     // A source that gave up before the acceptance went out closed the connection: what it said
     // (in the stream) says more than the failed write.
     await acceptance.catch(async (error: unknown) => {
