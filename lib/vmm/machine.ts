@@ -87,8 +87,13 @@ export interface MachineInternals {
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
-  /** start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before their threads wake (a migration's answer). */
-  start(paused: boolean, onRunning: (() => void) | null): void;
+  /**
+   * start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before
+   * their threads wake (a migration's answer). A `rehearsal` makes only its checks and starts
+   * nothing: V8 compiles a function at its first call, and a migration's destination makes that
+   * call before its downtime rather than inside it.
+   */
+  start(paused: boolean, onRunning: (() => void) | null, rehearsal?: boolean): void;
   /**
    * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
    * save inside a later downtime then runs warm code. The state (stale at once: the guest runs
@@ -475,8 +480,9 @@ export class Machine extends EventEmitter {
    * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
    * threads are woken, and before the rest of the bookkeeping.
    */
-  #start(paused: boolean, onRunning: (() => void) | null): void {
+  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
+    if (rehearsal) return;
     // A migration's destination answers here, nothing left that can fail: its write goes before
     // the vCPU threads wake, which on a busy host would take the CPU from it first. What follows
     // is not the guest's downtime.
@@ -814,7 +820,7 @@ export class Machine extends EventEmitter {
       pause: (saveVcpus) => this.#pause(saveVcpus),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
       applyState: (state) => this.#applyState(state),
-      start: (paused, onRunning) => this.#start(paused, onRunning),
+      start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
