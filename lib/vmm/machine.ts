@@ -558,12 +558,16 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
+    // Kicked at once: the kick's exit is the longest wait of the pause (0.2 ms here), and what
+    // follows is done meanwhile rather than before it (0.09 ms).
+    this.#kickAll();
     // The halt watch's pause is a moment the guest does not see: its clocks run on.
     if (!options.quiet) this.#devices.haltTimers();
-    // Asked only now that the machine is paused: a thread that serves it has run for the last time.
+    // Asked only now that the machine is paused: a thread that serves it has run for the last time
+    // (at the kick's exit if it is there by then, else as it parks).
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
-    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0);
+    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
@@ -586,8 +590,8 @@ export class Machine extends EventEmitter {
    * Kicks the vCPUs until every one is parked on the paused state; throws if it ends meanwhile.
    * `blockMs`: first wait that long at most with this thread blocked (see #waitParkedBlocking()).
    */
-  async #parkAll(blockMs = 0): Promise<void> {
-    this.#kickAll();
+  async #parkAll(blockMs = 0, kicked = false): Promise<void> {
+    if (!kicked) this.#kickAll();
     if (blockMs > 0) this.#waitParkedBlocking(blockMs);
     while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
       const parked = Atomics.load(this.#control, PARKED);
