@@ -271,10 +271,13 @@ interface MigrationRun {
   /** expectedDowntimeMs of the last pre-copy round, before the pause. */
   lastExpectedDowntimeMs: number;
   /**
-   * Measured as QEMU's is, from both processes' notes on the host's one clock (see guestDowntime()):
-   * the guest paused at the source until its vCPUs are set running at the destination.
+   * Measured as QEMU's is, from both processes' notes on the host's one clock: from the moment
+   * the guest stopped at the source (its last vCPU out of the guest; QEMU sends STOP once all have
+   * stopped) until its vCPUs are set running at the destination (QEMU sends RESUME then too).
    */
   guestPausedMs: number;
+  /** The same span from the moment the source asked its guest to pause (before the kick's exit). */
+  pauseAskedToRunningMs: number;
   /** As QEMU reports its downtime: from the pause until the source has written its last byte. */
   sourceStopToSentMs: number;
   /** With NODE_KVM_PHASE_TIMING=1: the downtime's steps, both processes' (phase-breakdown.ts). */
@@ -336,7 +339,8 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
       const at = (name: string) => phases.find((step) => step.name === name)?.ms ?? NaN;
       return {
         stats, lastExpectedDowntimeMs, phases,
-        guestPausedMs: at('destination: starting'),
+        guestPausedMs: at('destination: starting') - at('source: vCPUs stopped'),
+        pauseAskedToRunningMs: at('destination: starting'),
         sourceStopToSentMs: at('source: state written to the socket'),
       };
     } finally {
@@ -627,6 +631,7 @@ function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number, cStreamBy
     setupMs: m((r) => r.stats.setupTimeMs),
     downtimeMs: m((r) => r.stats.downtimeMs),
     guestPausedMs: m((r) => r.guestPausedMs),
+    pauseAskedToRunningMs: m((r) => r.pauseAskedToRunningMs),
     sourceStopToSentMs: m((r) => r.sourceStopToSentMs),
     lastExpectedDowntimeMs: m((r) => r.lastExpectedDowntimeMs),
     transferredMiB: m((r) => r.stats.bytesTransferred / MiB),
@@ -916,6 +921,7 @@ function printPlacement(p: PlacementResult): void {
     ['setup (ms)', 'setupMs'],
     ['downtime, until the answer is back (ms)', 'downtimeMs'],
     ['guest paused, source to destination (ms)', 'guestPausedMs'],
+    ['  the same from the pause request (ms)', 'pauseAskedToRunningMs'],
     ['pause until the last byte is sent (ms)', 'sourceStopToSentMs'],
     ['expected downtime, last round (ms)', 'lastExpectedDowntimeMs'],
     ['transferred (MiB)', 'transferredMiB'],

@@ -889,13 +889,18 @@ export class Machine extends EventEmitter {
     return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
   }
 
-  #saveVcpus(): Promise<RawVcpuState[]> {
-    return Promise.all(this.#requestPorts.map(async (_, id) => {
+  async #saveVcpus(): Promise<RawVcpuState[]> {
+    let stoppedAtMs = 0;
+    const states = await Promise.all(this.#requestPorts.map(async (_, id) => {
       const reply = await this.#request(id, { type: 'save' });
       if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, reply);
       if (reply.type !== 'saved') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, { error: `it answered '${reply.type}'` });
+      stoppedAtMs = Math.max(stoppedAtMs, reply.stoppedAtMs ?? 0);
       return reply.state;
     }));
+    // With phase timing: the moment the guest stopped running, its last vCPU out (a pause's kick).
+    if (stoppedAtMs > 0) markPhase('vCPUs stopped', stoppedAtMs);
+    return states;
   }
 
   async #applyState(state: MachineState): Promise<void> {

@@ -25,6 +25,9 @@ import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } fro
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import { phaseClockMs, phaseTimingEnabled } from './phase-timing.js';
+
+const phaseTiming = phaseTimingEnabled();
 
 const port = parentPort;
 if (!port) throw new NodeKvmError(ErrorCode.WorkerInitFailed, 'vcpu-worker runs in a worker thread');
@@ -88,7 +91,7 @@ function runAssignment(assignment: VcpuAssignment): void {
 
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
-    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
+    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null, stoppedAtMs: 0,
     slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false, powerOn: null,
   };
   if (assignment.restore) {
@@ -130,6 +133,8 @@ interface VcpuThreadState {
   halted: boolean;
   /** The MSRs a save reads (readableMsrs(), probed at the first save). */
   savedMsrs: Uint32Array | null;
+  /** With phase timing on: when the last kick took the vCPU out of the guest for a pause (0: not paused). */
+  stoppedAtMs: number;
   /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
   cpuid: CpuidEntry[] | Uint8Array | null;
   /** Exit counters (exit-stats.ts) while someone asked for them. */
@@ -175,7 +180,8 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
-        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread) };
+        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread), ...(thread.stoppedAtMs !== 0 ? { stoppedAtMs: thread.stoppedAtMs } : {}) };
+        thread.stoppedAtMs = 0;
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       } else if (request.type === 'restored') {
@@ -316,6 +322,8 @@ const instrumented = (thread: VcpuThreadState): boolean => thread.stats !== null
  * counting on or off), and the halt watch's question.
  */
 function onKick(thread: VcpuThreadState): void {
+  // When the guest stopped for a pause, for the downtime's breakdown (the save at this kick carries it).
+  if (phaseTiming) thread.stoppedAtMs = Atomics.load(thread.control, STATE) === RunState.Running ? 0 : phaseClockMs();
   serveRequests(thread, true);
   if (thread.haltProbe) answerHaltProbe(thread.haltProbe, thread.vcpu, thread.assignment.vcpuId);
   // While a migration throttles the guest (throttle.ts), each kick may be the throttle's tick.
