@@ -10,14 +10,14 @@ import { machineInternals, type Machine, type MachineShape, type MachineState, t
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
-import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
+import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
 import { encodePages } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { encodeConfigSection, encodeMachineState, warmUpStateEncoding } from './state-sections.js';
+import { encodeConfigSection, encodeFinalState, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
@@ -63,6 +63,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: RawVcpuState[] | null = null;
     let warmedUp: Promise<void> = Promise.resolve();
+    let warmState: MachineState | null = null;
     const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
@@ -84,7 +85,12 @@ export async function migrateMachine(machine: Machine, address: string, options:
       shape: machine.shape,
       warmUp: () => {
         // The final save and its encoding, inside the downtime, then run warm code.
-        warmedUp = warmUpStateEncoding(internals.warmUpSave());
+        const saved = internals.warmUpSave();
+        saved.then((state) => (warmState = state), () => {});
+        warmedUp = warmUpStateEncoding(saved);
+      },
+      rehearseStop: () => {
+        if (warmState) rehearseStateEncoding(warmState);
       },
       startTracking: () => internals.startDirtyTracking(MIGRATION),
       // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
@@ -128,6 +134,8 @@ export interface MigrationSource {
   warmUp?(): void;
   /** Resolves once what runs inside the downtime is warm (started by warmUp()); never rejects. */
   beforeStop?(): Promise<void>;
+  /** Runs the last state's encoding once more, just before the pause (while the destination answers the Sync). */
+  rehearseStop?(): void;
   /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
   pause(): Promise<boolean>;
   /** Resumes if paused. */
@@ -312,6 +320,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       await send([encodeSync()]);
       await accepted;
       await warm;
+      source.rehearseStop?.();
       await unlessAborted(replies.expectSync(opts.timeoutMs));
     } else {
       await accepted;
@@ -382,7 +391,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     source.releaseDisks();
     disksReleased = true;
     // One buffer, one write: the destination reads the state whole in one wake-up.
-    const stateSections = Buffer.concat([...encodeMachineState(state), encodeEnd()]);
+    const stateSections = encodeFinalState(state);
     markPhase('source: state encoded');
     await send([stateSections]);
     markPhase('source: state written to the socket');

@@ -21,7 +21,7 @@ import type { DiskShape } from '../vmm/disks.js';
 import type { NetShape } from '../vmm/nets.js';
 import { isDeviceStates } from '../vmm/devices.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
-import { SectionType, encodeSection, type Section } from './format.js';
+import { SectionType, encodeEnd, encodeSection, type Section } from './format.js';
 import { checkVcpuStateBlob, isVcpuStateBlob, vcpuStateBlobHeader } from '../kvm/vcpu-state-blob.js';
 import { checkVmStateBlob, isVmStateBlob, vmStateBlobHasIrqchip } from '../kvm/vm-state-blob.js';
 import { SectionParser } from './section-parser.js';
@@ -68,6 +68,11 @@ export function encodeStateSections(parts: StateParts): Uint8Array[] {
 /** A Machine's state as sections. */
 export function encodeMachineState(state: MachineState): Uint8Array[] {
   return encodeStateSections({ machine: state.shape, running: state.running, vm: state.vm, vcpus: state.vcpus, devices: state.devices });
+}
+
+/** A live migration's last state: its sections and the End, in one buffer (one write; the destination reads it whole in one wake-up). */
+export function encodeFinalState(state: MachineState): Buffer {
+  return Buffer.concat([...encodeMachineState(state), encodeEnd()]);
 }
 
 const isObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -286,10 +291,20 @@ export function warmUpStateCodec(state: MachineState): MachineState {
 export async function warmUpStateEncoding(saved: Promise<MachineState | null>): Promise<void> {
   try {
     const state = await saved;
-    if (state) for (let i = 0; i < ENCODING_WARM_UP_ROUNDS; i++) encodeMachineState({ ...state, running: true });
+    if (state) rehearseStateEncoding(state, ENCODING_WARM_UP_ROUNDS);
   } catch {
     // Only a warm-up: the real save says what is wrong.
   }
+}
+
+/**
+ * Encodes `state` (thrown away) `rounds` times: run again just before the pause, as code that V8
+ * has compiled still runs several times slower in a process that has waited idle a while (the
+ * final state's encoding measured here: 0.13 ms after 15 ms idle, 0.10 ms with two rounds
+ * first, 0.025 ms in a loop).
+ */
+export function rehearseStateEncoding(state: MachineState, rounds = 2): void {
+  for (let i = 0; i < rounds; i++) encodeFinalState({ ...state, running: true });
 }
 
 /** How often the source runs the encoding before the pause: enough for V8's baseline compiler. */
