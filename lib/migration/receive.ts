@@ -8,7 +8,7 @@ import { GuestMemory } from '../kvm/memory.js';
 import { disksMismatch, logToStderr } from '../vmm/builder.js';
 import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
 import { virtioMismatch } from '../vmm/virtio-devices.js';
-import { buildMachine, machineInternals, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
+import { buildMachine, machineInternals, type CpuState, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
 import { argTypeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, abortable, checkSignal, throwIfAborted } from './errors.js';
 import {
@@ -20,7 +20,7 @@ import { rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
 import { socketSource } from './sources.js';
-import { StateSectionReader, checkShape, decodeConfigSection, encodeConfigSection, machineStateOf, warmUpStateCodec } from './state-sections.js';
+import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, encodeConfigSection, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
@@ -112,18 +112,22 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
         rehearse: rehearsal
           ? async () => {
             try {
-              await internals.applyState(warmUpStateCodec(rehearsal));
+              const state = warmUpStateCodec(rehearsal);
+              await internals.applyCpuState(state);
+              internals.applyDeviceState(state.devices);
               start(false, null, true);
             } catch {
               // Only a rehearsal: the real state says what is wrong.
             }
           }
           : undefined,
-        apply: async (state: MachineState) => {
+        applyCpu: (state: CpuState) => internals.applyCpuState(state),
+        apply: async (state: MachineState, cpuApplied = false) => {
           // The source let go of the images before it sent its last state (see migrateMachine()).
           // (A machine without any skips the calls: each, run for the first time, is compiled.)
           if (target.shape.disks?.length) internals.lockDisks();
-          await internals.applyState(state);
+          if (cpuApplied) internals.applyDeviceState(state.devices);
+          else await internals.applyState(state);
         },
         start: (paused: boolean, onRunning?: () => void) => start(paused, onRunning ?? null),
         // A local migration's images are the source's open files: unlocking them would unlock them for it too.
@@ -180,7 +184,10 @@ export interface IncomingTarget {
    * (0.6 against 0.25 ms here), its caches and CPU gone cold. Never rejects.
    */
   rehearse?(): Promise<void>;
-  apply(state: MachineState): Promise<void>;
+  /** Puts the VM's and the vCPUs' state on the machine, ahead of the devices' (see encodeCpuState()). */
+  applyCpu(state: CpuState): Promise<void>;
+  /** Puts the whole state on the machine, or only the devices' part once applyCpu() has put the rest. */
+  apply(state: MachineState, cpuApplied?: boolean): Promise<void>;
   /** Runs the guest, or sets it up paused (the source's owner had paused it); `onRunning` as soon as its vCPUs are set running. */
   start(paused: boolean, onRunning?: () => void): void;
   /** Lets go of the disk images at once, for the source to take back (a failed migration). */
@@ -251,6 +258,8 @@ export async function receiveMigration(
     const state = new StateSectionReader('the migration stream', header.vcpuCount);
     let accepted = false;
     let syncsOwed = 0;
+    let cpuArrived!: () => void;
+    const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
     let rehearsing: Promise<void> | null = null;
     const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
     // From here on the stream is parsed as it arrives, page data going from the socket's read
@@ -294,6 +303,7 @@ export async function receiveMigration(
         else {
           if (section.type === SectionType.Config) markPhase('destination: state arriving');
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+          if (state.cpuComplete) cpuArrived();
         }
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
@@ -309,13 +319,20 @@ export async function receiveMigration(
       await sections.ended;
       throw error;
     });
-    await Promise.race([sections.ended, begun]);
-
-    const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
-    markPhase('destination: state checked');
+    const expected = { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount };
+    // The VM's and the vCPUs' state come first, the devices' in a second write (see
+    // encodeCpuState()): checked and applied while the source saves and encodes the rest.
+    await Promise.race([sections.ended, begun, cpuStateIn]);
+    // (A stream that ended before them is refused by finish(), which says what it lacks.)
+    const cpu = cpuStateOf(state.cpuComplete ? state.cpuParts() : state.finish(), expected, 'the migration stream');
+    markPhase('destination: CPU state checked');
     // Never two applies at once.
     await rehearsing;
-    await target.apply(complete);
+    await target.applyCpu(cpu);
+    await Promise.race([sections.ended, begun]);
+    const complete = { ...cpu, devices: checkDeviceStates(state.finish().devices, 'the migration stream') };
+    markPhase('destination: state checked');
+    await target.apply(complete, true);
     markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);

@@ -155,6 +155,12 @@ export interface MachineState {
   running?: boolean;
 }
 
+/**
+ * A machine's state but its devices': the VM's (interrupt controllers, PIT, clock) and the
+ * vCPUs'. A migration sends, checks and applies it first, the devices' state after it.
+ */
+export type CpuState = Omit<MachineState, 'devices'>;
+
 /** How a machine's parts are made: from an image (boot) or for a saved state (no boot). */
 export interface BuildPlan {
   shape: MachineShape;

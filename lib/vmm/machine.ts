@@ -14,7 +14,7 @@ import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle, type Reg
 import { restoreParkedVcpu } from '../kvm/vcpu.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
-  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
+  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState, type CpuState,
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { HALTED, PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
@@ -46,7 +46,7 @@ export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
 export type { ExitStats, VcpuExitStats, ExitCount } from './exit-stats.js';
 export {
-  MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState,
+  MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type CpuState,
   type MultibootModuleConfig,
 } from './config.js';
 export type { MachineConsole } from './console.js';
@@ -85,8 +85,15 @@ export interface MachineInternals {
   pause(saveVcpus: boolean): Promise<RawVcpuState[] | null>;
   /** The whole state (the machine paused or not yet started), with the vCPU states given if any. */
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
+  /** saveState() but the devices' (a migration sends that first), with the vCPU states given if any. */
+  saveCpuState(vcpuStates?: RawVcpuState[] | null): Promise<CpuState>;
+  /** The devices' state (the machine paused or not yet started): the rest of saveState(). */
+  saveDeviceState(): DeviceStates;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
+  /** applyState() in two steps, the devices' state last: a migration applies the first while the second comes. */
+  applyCpuState(state: CpuState): Promise<void>;
+  applyDeviceState(devices: DeviceStates): void;
   /**
    * start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before
    * their threads wake (a migration's answer). A `rehearsal` makes only its checks and starts
@@ -823,7 +830,11 @@ export class Machine extends EventEmitter {
       log: this.#log,
       pause: (saveVcpus) => this.#pause(saveVcpus),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
+      saveCpuState: (vcpuStates) => this.#saveCpuState(vcpuStates ?? null),
+      saveDeviceState: () => this.#devices.saveState(),
       applyState: (state) => this.#applyState(state),
+      applyCpuState: (state) => this.#applyCpuState(state),
+      applyDeviceState: (devices) => this.#applyDeviceState(devices),
       start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
@@ -882,11 +893,15 @@ export class Machine extends EventEmitter {
 
   /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
   async #saveState(vcpuStates: RawVcpuState[] | null): Promise<MachineState> {
+    return { ...(await this.#saveCpuState(vcpuStates)), devices: this.#devices.saveState() };
+  }
+
+  async #saveCpuState(vcpuStates: RawVcpuState[] | null): Promise<CpuState> {
     const state = this.state;
     if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
     if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
     const vcpus = vcpuStates ?? await this.#saveVcpus();
-    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus };
   }
 
   async #saveVcpus(): Promise<RawVcpuState[]> {
@@ -904,6 +919,11 @@ export class Machine extends EventEmitter {
   }
 
   async #applyState(state: MachineState): Promise<void> {
+    await this.#applyCpuState(state);
+    this.#applyDeviceState(state.devices);
+  }
+
+  async #applyCpuState(state: CpuState): Promise<void> {
     const mine = this.shape;
     if (state.shape.memoryBytes !== mine.memoryBytes || state.shape.vcpus !== mine.vcpus || state.shape.irqchip !== mine.irqchip) {
       throw argValueError(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
@@ -946,7 +966,10 @@ export class Machine extends EventEmitter {
       }));
     }
     markPhase('vCPU states applied');
-    this.#devices.restoreState(state.devices);
+  }
+
+  #applyDeviceState(devices: DeviceStates): void {
+    this.#devices.restoreState(devices);
     markPhase('device states applied');
   }
 
