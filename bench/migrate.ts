@@ -565,6 +565,9 @@ async function qemuMigrateOnce(memoryBytes: number, dir: string, fillFile: strin
 interface RestoreRun {
   toStartedMs: number;
   toFirstByteMs: number;
+  /** The same restore with a pool that keeps no spare VM (its VM made in the restore), same rounds. */
+  noSpareToStartedMs: number;
+  noSpareToFirstByteMs: number;
   /** The same snapshot restored into a machine Machine.prepare() built before the clock started. */
   preparedToStartedMs: number;
   preparedToFirstByteMs: number;
@@ -572,13 +575,15 @@ interface RestoreRun {
 
 /**
  * A 256 MiB dirtier (64 KiB range) snapshotted while it runs, then restored N times in this
- * process with vCPU threads from a pool: Machine.restore() until start() returns, and until the
- * guest's first serial byte (the end of the pass it was in: proof that it runs). Each round also
- * restores it into a machine prepared ahead (Machine.prepare(), not timed), side by side.
+ * process with vCPU threads from a pool that keeps a spare VM (VcpuWorkerPool spareVm):
+ * Machine.restore() until start() returns, and until the guest's first serial byte (the end of
+ * the pass it was in: proof that it runs). Each round also restores it with a pool that keeps no
+ * spare VM, and into a machine prepared ahead (Machine.prepare(), not timed), side by side.
  */
 async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[]> {
   const snapshotPath = path.join(dir, 'restore.snap');
-  const pool = await VcpuWorkerPool.create(1);
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  const plainPool = await VcpuWorkerPool.create(1);
   try {
     const serial = serialSink();
     const machine = await Machine.create({ image: guest('dirtier-user.elf'), memoryBytes: 256 * MiB, serial: { output: serial.output }, pool, log: () => {} });
@@ -589,9 +594,9 @@ async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[
     await machine.stop();
 
     const runs: RestoreRun[] = [];
-    const restoreOnce = async (prepare: boolean) => {
+    const restoreOnce = async (prepare: boolean, withPool = pool) => {
       const restored = serialSink();
-      const config = { pool, serial: { output: restored.output }, log: () => {} };
+      const config = { pool: withPool, serial: { output: restored.output }, log: () => {} };
       const prepared = prepare ? await Machine.prepare(snapshotPath, config) : null;
       const started = performance.now();
       const copy = await Machine.restore(snapshotPath, prepared ? { prepared } : config);
@@ -608,12 +613,19 @@ async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[
     // The first round loads the snapshot code; it is not counted.
     for (let i = -1; i < iterations; i++) {
       const fresh = await restoreOnce(false);
+      const noSpare = await restoreOnce(false, plainPool);
       const prepared = await restoreOnce(true);
-      if (i >= 0) runs.push({ ...fresh, preparedToStartedMs: prepared.toStartedMs, preparedToFirstByteMs: prepared.toFirstByteMs });
+      if (i >= 0) {
+        runs.push({
+          ...fresh, noSpareToStartedMs: noSpare.toStartedMs, noSpareToFirstByteMs: noSpare.toFirstByteMs,
+          preparedToStartedMs: prepared.toStartedMs, preparedToFirstByteMs: prepared.toFirstByteMs,
+        });
+      }
     }
     return runs;
   } finally {
     await pool.close();
+    await plainPool.close();
   }
 }
 
@@ -912,6 +924,8 @@ async function main(): Promise<void> {
 interface RestoreMedians {
   toStartedMs: number;
   toFirstByteMs: number;
+  noSpareToStartedMs: number;
+  noSpareToFirstByteMs: number;
   preparedToStartedMs: number;
   preparedToFirstByteMs: number;
   targetMs: number;
@@ -923,6 +937,8 @@ async function measureRestores(dir: string, iterations: number): Promise<{ resto
   const restore = {
     toStartedMs: median(restores.map((r) => r.toStartedMs)),
     toFirstByteMs: median(restores.map((r) => r.toFirstByteMs)),
+    noSpareToStartedMs: median(restores.map((r) => r.noSpareToStartedMs)),
+    noSpareToFirstByteMs: median(restores.map((r) => r.noSpareToFirstByteMs)),
     preparedToStartedMs: median(restores.map((r) => r.preparedToStartedMs)),
     preparedToFirstByteMs: median(restores.map((r) => r.preparedToFirstByteMs)),
     targetMs: 2,
@@ -931,9 +947,12 @@ async function measureRestores(dir: string, iterations: number): Promise<{ resto
 }
 
 function printRestoreMedians(restore: RestoreMedians, iterations: number): void {
-  console.log(`snapshot restore, 256 MiB, warm process, pooled vCPU thread, median of ${iterations}:`);
+  console.log(`snapshot restore, 256 MiB, warm process, pooled vCPU thread, the pool's spare VM, median of ${iterations}:`);
   console.log(`  Machine.restore() -> start() returned      ${restore.toStartedMs.toFixed(2)} ms  (target < ${restore.targetMs} ms)`);
   console.log(`  Machine.restore() -> first guest byte      ${restore.toFirstByteMs.toFixed(2)} ms`);
+  console.log('  with a pool that keeps no spare VM, same rounds:');
+  console.log(`  Machine.restore() -> start() returned      ${restore.noSpareToStartedMs.toFixed(2)} ms`);
+  console.log(`  Machine.restore() -> first guest byte      ${restore.noSpareToFirstByteMs.toFixed(2)} ms`);
   console.log('  into a machine Machine.prepare() built before (not counted), same rounds:');
   console.log(`  Machine.restore() -> start() returned      ${restore.preparedToStartedMs.toFixed(2)} ms`);
   console.log(`  Machine.restore() -> first guest byte      ${restore.preparedToFirstByteMs.toFixed(2)} ms`);
@@ -943,6 +962,8 @@ function printRestoreMedians(restore: RestoreMedians, iterations: number): void 
 function printRestoreRuns(restores: RestoreRun[]): void {
   console.log(`  ${'restore -> started'.padEnd(40)} ${restores.map((x) => x.toStartedMs.toFixed(2)).join(' ')}`);
   console.log(`  ${'restore -> first byte'.padEnd(40)} ${restores.map((x) => x.toFirstByteMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'no spare VM: restore -> started'.padEnd(40)} ${restores.map((x) => x.noSpareToStartedMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'no spare VM: restore -> first byte'.padEnd(40)} ${restores.map((x) => x.noSpareToFirstByteMs.toFixed(2)).join(' ')}`);
   console.log(`  ${'prepared restore -> started'.padEnd(40)} ${restores.map((x) => x.preparedToStartedMs.toFixed(2)).join(' ')}`);
   console.log(`  ${'prepared restore -> first byte'.padEnd(40)} ${restores.map((x) => x.preparedToFirstByteMs.toFixed(2)).join(' ')}`);
 }

@@ -126,6 +126,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryShareFd", MemoryShareFd);
   fn("memoryFromFd", MemoryFromFd);
   fn("memoryReplace", MemoryReplace);
+  fn("memoryMapFileOver", MemoryMapFileOver);
   fn("tapOpen", TapOpen);
   fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);
