@@ -91,6 +91,7 @@ export interface NativeBinding {
   layout(): Layout;
   setThreadName(name: string): void;
   setThreadAffinity(cpus: number[]): void;
+  setThreadBatch(batch: boolean): void;
   /** Calls onReadable on this thread's event loop while fd is readable; returns close(). */
   watchFd(fd: number, onReadable: (status: number) => void): () => void;
   /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */

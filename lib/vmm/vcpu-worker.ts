@@ -5,7 +5,7 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
-import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import { setThreadAffinity, setThreadBatch, setThreadName } from '../kvm/thread.js';
 import { decodeCpuid, encodeCpuid } from '../kvm/lists.js';
 import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { CpuidEntry } from '../kvm/structs.js';
@@ -50,10 +50,15 @@ const handle = (message: MainMessage) => {
     failure = threadFailure(e);
   }
   setThreadName('vcpu-idle');
+  setThreadBatch(true);
   post({ type: 'done', vcpuId: message.assignment.vcpuId, ...(failure ? { failure } : {}) });
 };
 port.on('message', handle);
 setThreadName('vcpu-idle');
+// Until its guest runs, this thread is woken by the main thread (an assignment, the machine's
+// start()), which has more to do first: as SCHED_BATCH it does not take the CPU from it then (on a
+// host with every CPU busy, a woken thread would, for a slice of a few ms).
+setThreadBatch(true);
 post({ type: 'idle' });
 // A machine sends its assignment before this thread has loaded: take what waits already as soon
 // as this module has run, not on a later turn of the event loop.
@@ -108,6 +113,8 @@ function runAssignment(assignment: VcpuAssignment): void {
   if (!assignment.restore && assignment.boot) thread.powerOn = readPowerOnState(vcpu, assignment.irqchip);
   try {
     if (!waitWhileNotRunning(control, serve)) return;
+    // The guest runs with the usual policy: its thread, woken (a halt's interrupt), takes the CPU.
+    setThreadBatch(false);
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
     runLoop(thread, serve);
   } finally {
