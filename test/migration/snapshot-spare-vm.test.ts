@@ -137,6 +137,28 @@ t.test('a spare VM that does not fit is closed; the restore builds its own, the 
   await plain.close();
 });
 
+t.test('a diff snapshot restored into the spare VM: its pages over the base image', { skip: noKvm }, async (t) => {
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  t.teardown(() => pool.close());
+  const dir = scratchDir(t);
+  const source = await startDirtier({ memoryBytes: 32 * MiB, config: { pool } });
+  let snap: { path: string; hash: string; output: string };
+  try {
+    await source.waitForOutput('pass 2 ok\n');
+    await source.machine.pause();
+    await source.machine.snapshot(path.join(dir, 'base.snap'));
+    source.machine.resume();
+    await source.waitForOutput(`pass ${lastPass(source.output()) + 2} ok\n`);
+    await source.machine.pause();
+    await source.machine.snapshot(path.join(dir, 'diff.snap'), { diff: true });
+    snap = { path: path.join(dir, 'diff.snap'), hash: memoryHash(source.machine.memory), output: source.output() };
+  } finally {
+    await source.machine.stop();
+  }
+  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  await restoreAndRun(t, snap, pool, () => t.equal(pool.spareVmReady, false, 'the restore took the spare'));
+});
+
 t.test('a restore that fails after taking the spare VM closes it', { skip: noKvm }, async (t) => {
   const before = vmFds();
   const pool = await VcpuWorkerPool.create(1, { spareVm: true });
