@@ -216,7 +216,6 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     }
     await step(Promise.all(ready));
     checkAborted();
-    if (!spare) runtime.pool?.noteMachineShape(shape);
     return {
       plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
       devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
@@ -226,6 +225,8 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     throw error;
   } finally {
     signal?.removeEventListener('abort', onAbort);
+    // The next spare VM in this shape, once this build is over.
+    runtime.pool?.noteMachineShape(shape);
   }
 }
 

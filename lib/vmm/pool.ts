@@ -8,9 +8,9 @@ import { SpareVm, type SpareVmShape } from './spare-vm.js';
 export { startVcpuThread, watchVcpuThread, type VcpuThread, type VcpuThreadMessage } from './vcpu-thread.js';
 
 /**
- * How long after a machine took the spare VM (or its shape was first seen) the next one is made:
- * after the restore that took it has started and its guest runs, whose main thread the ~1 ms of
- * ioctls would otherwise delay.
+ * How long after a machine was built (one that took the spare VM, or the first of its shape) the
+ * next spare is made: after the caller has started it and its guest runs, which the main
+ * thread's ~1 ms of ioctls (more while the host's grace periods are slow) would otherwise delay.
  */
 const SPARE_VM_DELAY_MS = 25;
 
@@ -156,8 +156,8 @@ export class VcpuWorkerPool {
 
   /**
    * @internal For the machine builder: the spare VM if it fits a machine of `shape` (it is the
-   * caller's from now on), else null (an unfit one is closed). Either way the next spare is made
-   * in this shape, in the background. A pool without the spareVm option returns null.
+   * caller's from now on), else null (an unfit one is closed). A pool without the spareVm option
+   * returns null. The builder calls noteMachineShape() once done.
    */
   takeSpareVm(shape: SpareVmShape): SpareVm | null {
     if (!this.#keepSpareVm || this.#closed) return null;
@@ -168,13 +168,13 @@ export class VcpuWorkerPool {
       taken.close();
       taken = null;
     }
-    this.#makeSpareSoon();
     return taken;
   }
 
   /**
-   * @internal For the machine builder: a machine of `shape` was built (not from the spare); the
-   * spare VM is made in its shape if there is none of it yet.
+   * @internal For the machine builder: a machine of `shape` was built (or failed to be): the
+   * spare VM is made in its shape, in the background, if there is none of it yet. Not during the
+   * build, whose main thread its ioctls would hold up.
    */
   noteMachineShape(shape: SpareVmShape): void {
     if (!this.#keepSpareVm || this.#closed) return;

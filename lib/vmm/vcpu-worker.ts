@@ -50,15 +50,10 @@ const handle = (message: MainMessage) => {
     failure = threadFailure(e);
   }
   setThreadName('vcpu-idle');
-  setThreadBatch(true);
   post({ type: 'done', vcpuId: message.assignment.vcpuId, ...(failure ? { failure } : {}) });
 };
 port.on('message', handle);
 setThreadName('vcpu-idle');
-// Until its guest runs, this thread is woken by the main thread (an assignment, the machine's
-// start()), which has more to do first: as SCHED_BATCH it does not take the CPU from it then (on a
-// host with every CPU busy, a woken thread would, for a slice of a few ms).
-setThreadBatch(true);
 post({ type: 'idle' });
 // A machine sends its assignment before this thread has loaded: take what waits already as soon
 // as this module has run, not on a later turn of the event loop.
@@ -112,12 +107,18 @@ function runAssignment(assignment: VcpuAssignment): void {
   // gave the vCPU (a restored one has no image to boot again).
   if (!assignment.restore && assignment.boot) thread.powerOn = readPowerOnState(vcpu, assignment.irqchip);
   try {
-    if (!waitWhileNotRunning(control, serve)) return;
-    // The guest runs with the usual policy: its thread, woken (a halt's interrupt), takes the CPU.
+    // Until the machine starts, as SCHED_BATCH: woken by start(), this thread does not take the
+    // CPU from the main thread, which has the rest of start() to do (on a host with every CPU
+    // busy, a woken thread would, for a slice of a few ms). The guest runs with the usual policy:
+    // its thread, woken (a halt's interrupt), takes the CPU.
+    setThreadBatch(true);
+    const started = waitWhileNotRunning(control, serve);
     setThreadBatch(false);
+    if (!started) return;
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
     runLoop(thread, serve);
   } finally {
+    setThreadBatch(false);
     thread.trace?.flush();
     assignment.requests.close();
   }
