@@ -169,6 +169,11 @@ export interface BuildPlan {
   cmdline?: string;
   /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
   memory: (size: number) => GuestMemory | Promise<GuestMemory>;
+  /**
+   * Puts guest RAM over memory made ahead (a spare VM's placeholder, already in its slot), in
+   * place of memory(): given, a build may take its pool's spare VM (a restore).
+   */
+  mapMemoryOver?: (memory: GuestMemory) => void;
   runtime: MachineRuntimeConfig;
   /** A saved state to build the machine in (a restore): each vCPU is created straight into its own. */
   state?: MachineState;

@@ -5,7 +5,7 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
-import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import { setThreadAffinity, setThreadBatch, setThreadName } from '../kvm/thread.js';
 import { decodeCpuid, encodeCpuid } from '../kvm/lists.js';
 import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { CpuidEntry } from '../kvm/structs.js';
@@ -110,10 +110,18 @@ function runAssignment(assignment: VcpuAssignment): void {
   // gave the vCPU (a restored one has no image to boot again).
   if (!assignment.restore && assignment.boot) thread.powerOn = readPowerOnState(vcpu, assignment.irqchip);
   try {
-    if (!waitWhileNotRunning(control, serve)) return;
+    // Until the machine starts, as SCHED_BATCH: woken by start(), this thread does not take the
+    // CPU from the main thread, which has the rest of start() to do (on a host with every CPU
+    // busy, a woken thread would, for a slice of a few ms). The guest runs with the usual policy:
+    // its thread, woken (a halt's interrupt), takes the CPU.
+    setThreadBatch(true);
+    const started = waitWhileNotRunning(control, serve);
+    setThreadBatch(false);
+    if (!started) return;
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
     runLoop(thread, serve);
   } finally {
+    setThreadBatch(false);
     thread.trace?.flush();
     assignment.requests.close();
   }
