@@ -81,8 +81,12 @@ function refuse(socket: net.Socket, reason: string): AcceptOutcome {
   return { reason, claimed: false };
 }
 
-/** The source's half. */
-export async function offerHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline): Promise<void> {
+/**
+ * The source's half. `whileVerified` runs once the hello is out, while the destination checks it
+ * and answers (a round trip this side would otherwise sit idle for); what it throws fails the
+ * handshake.
+ */
+export async function offerHandshake(socket: net.Socket, token: string | undefined, deadline: Deadline, whileVerified?: () => void): Promise<void> {
   const greeting = await readExactly(socket, GREETING_BYTES, deadline, 'the greeting');
   if (!greeting.subarray(0, MAGIC.length).equals(MAGIC)) {
     throw new MigrationError(Code.Protocol, `${deadline.what}: not a node-kvm migration destination`);
@@ -99,6 +103,7 @@ export async function offerHandshake(socket: net.Socket, token: string | undefin
   const nonceS = randomBytes(NONCE_BYTES);
   const proofS = token === undefined ? Buffer.alloc(PROOF_BYTES) : proof(token, SOURCE_LABEL, nonceD, nonceS);
   socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of(token === undefined ? 0 : FLAG_TOKEN), nonceS, proofS]));
+  whileVerified?.();
   const [status] = await readExactly(socket, 1, deadline, 'the destination\'s verdict');
   if (status === REFUSED) {
     const [length] = await readExactly(socket, 1, deadline, 'the destination\'s reason');

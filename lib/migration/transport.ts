@@ -199,6 +199,13 @@ export interface ConnectForMigrationOptions {
   /** For connecting plus the whole handshake. Default 10 s. */
   timeoutMs?: number;
   signal?: AbortSignal;
+  /**
+   * Called once, synchronously, when the hello has gone out and the destination is checking it:
+   * work the caller must do before it sends anything (its dirty tracking, say) then overlaps that
+   * round trip. Nothing has been sent to the destination yet beyond the handshake. What it throws
+   * fails the connection (the socket is destroyed) and rejects with that error.
+   */
+  whileVerified?: () => void;
 }
 
 /**
@@ -211,6 +218,7 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   if (target.kind === 'tcp' && token === undefined) throw argTypeError('a token is required to migrate over tcp');
   if (target.kind === 'tcp' && target.port === 0) throw argValueError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs') ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  if (options.whileVerified !== undefined && typeof options.whileVerified !== 'function') throw argTypeError('whileVerified must be a function');
   const label = formatMigrationAddress(target);
   throwIfAborted(options.signal, `migration to ${label}`);
   const deadline = new Deadline(timeoutMs, `migration connect to ${label}`);
@@ -250,7 +258,7 @@ export async function connectForMigration(address: MigrationAddress, options: Co
       socket = open();
     }
     socket.setNoDelay(true);
-    await offerHandshake(socket, token, deadline);
+    await offerHandshake(socket, token, deadline, options.whileVerified);
     return socket;
   } catch (error) {
     // A refusal already ended the socket (its last byte still to be flushed).
