@@ -14,6 +14,7 @@ import {
   SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync,
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
+import { PageWriter } from './page-writer.js';
 import { warmUpPageStream } from './page-stream-warm-up.js';
 import { rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
@@ -195,13 +196,21 @@ export async function receiveMigration(
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
   let listeningAt = addressText;
   warmUpPageStream();
-  let socket: Socket = await listenForMigration(address, {
-    token: config.token,
-    timeoutMs: config.timeoutMs,
-    signal,
-    onListening: (bound) => config.onListening?.((listeningAt = formatMigrationAddress(bound))),
-    onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
-  });
+  // Its thread starts while this side waits: the stream should not wait for it.
+  const writer = new PageWriter(stallTimeoutMs);
+  let socket: Socket;
+  try {
+    socket = await listenForMigration(address, {
+      token: config.token,
+      timeoutMs: config.timeoutMs,
+      signal,
+      onListening: (bound) => config.onListening?.((listeningAt = formatMigrationAddress(bound))),
+      onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
+    });
+  } catch (error) {
+    writer.close();
+    throw error;
+  }
   socket.on('error', () => {}); // failures surface through the reads below
   enlargeSocketBuffers(socket);
   const what = `receiving a migration on ${addressText}`;
@@ -236,6 +245,7 @@ export async function receiveMigration(
     markPhase('destination: stream announced');
     if (header.kind === 'local-migration') {
       aborted.dispose();
+      writer.close();
       return await receiveLocalMigration({ socket, source, header, shape, config, stallTimeoutMs, what, build });
     }
     target = await build(shape);
@@ -243,6 +253,7 @@ export async function receiveMigration(
     throwIfAborted(signal, what);
     const memory = target.memory;
     const ram = memory.bytes();
+    if (memory.fd >= 0) writer.attach(memory.fd);
     const state = new StateSectionReader('the migration stream', header.vcpuCount);
     let accepted = false;
     let syncsOwed = 0;
@@ -254,23 +265,31 @@ export async function receiveMigration(
     const sections = receiveSections(socket, leftover, {
       memoryBytes: ram.length,
       // Into a memfd, pwrite: the kernel allocates and fills each page in one step, a third faster
-      // here than a page fault per fresh page followed by a copy. Large zero ranges become holes.
+      // here than a page fault per fresh page followed by a copy; on the writer's thread, while
+      // this one reads and checks the next bytes. Large zero ranges become holes.
       writePages: memory.fd >= 0
         ? (guestPhysAddr, data) => {
           if (postcopy) return postcopy.target.writePages!(guestPhysAddr, data);
+          if (writer.write(guestPhysAddr, data)) return;
+          // Bytes that came before the socket read into the writer's buffers: after what it has.
+          writer.drain();
           for (let written = 0; written < data.length;) written += writeSync(memory.fd, data, written, data.length - written, guestPhysAddr + written);
         }
         : (guestPhysAddr, data) => ram.set(data, guestPhysAddr),
       zeroPages: (guestPhysAddr, byteLength) => {
-        if (postcopy) postcopy.target.zeroPages!(guestPhysAddr, byteLength);
-        else if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
+        if (postcopy) return postcopy.target.zeroPages!(guestPhysAddr, byteLength);
+        // After the data the writer still holds for these pages (sent before, in an earlier round).
+        writer.drain();
+        if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
         else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
       },
       pagesDone: (counts) => postcopy?.target.pagesDone!(counts),
       section: (section) => {
         if (section.type === SectionType.Postcopy && !postcopy && state.complete) {
           if (memory.fd < 0) throw new MigrationError(Code.Format, 'post-copy needs guest RAM in a memfd');
-          // From here on guest RAM is written only through the userfaultfd.
+          // From here on guest RAM is written only through the userfaultfd; what the writer holds
+          // lands first (post-copy then punches out the pages the source names as lacking).
+          writer.drain();
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
         } else if (section.type === SectionType.Sync) {
@@ -289,7 +308,7 @@ export async function receiveMigration(
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
         }
       },
-    }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
+    }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? (memory.fd >= 0 ? writer.nextBuffer() : null));
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
@@ -303,6 +322,8 @@ export async function receiveMigration(
       throw error;
     });
     await Promise.race([sections.ended, begun]);
+    // Every page written before the guest's state is applied (what a write failed with fails it).
+    writer.drain();
 
     const complete = machineStateOf(state.finish(), { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount }, 'the migration stream');
     markPhase('destination: state checked');
@@ -327,6 +348,7 @@ export async function receiveMigration(
       guestRunsHere = true;
       // A failed write is a break, which the post-copy loop sees on the connection.
       await (answered as Promise<void> | null)?.catch(() => {});
+      writer.close();
       const machine = target.machine;
       config.onPostcopy?.({ machine, missingPages: pages.lackingCount });
       await runPostcopyDestination({
@@ -337,6 +359,8 @@ export async function receiveMigration(
       return machine;
     }
     await answered;
+    // Idle since the stream ended: its thread goes now that the source's downtime is over.
+    writer.close();
     socket.end();
     return target.machine;
   } catch (error) {
@@ -344,6 +368,8 @@ export async function receiveMigration(
     // The guest has run here: it is never thrown away (a PostcopyPausedError holds it, paused).
     if (guestRunsHere) throw error;
     (postcopy as PostcopyPages | null)?.close();
+    // Nothing may reach the memfd once the machine is discarded.
+    writer.close();
     const message = (error as Error)?.message ?? String(error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();
