@@ -74,8 +74,7 @@ for (;;) {
 
 /**
  * Writes page data into a memfd (attach()) on a thread of its own, in the order given. Make it
- * before the stream comes (a thread takes some 20 ms to start); close() it before the memfd is
- * closed.
+ * before the stream comes, and let it come `online` first; close() it before the memfd is closed.
  */
 export class PageWriter {
   readonly #worker: Worker;
@@ -90,6 +89,11 @@ export class PageWriter {
   #lent = -1;
   #closed = false;
   #attached = false;
+  /**
+   * Resolves once the thread runs (or failed to start): a thread starting takes some 20 ms of a
+   * CPU, which a migration under way would share.
+   */
+  readonly online: Promise<void>;
 
   /** `waitLimitMs`: how long a write may take before the stream is failed as stalled. */
   constructor(waitLimitMs: number) {
@@ -106,7 +110,14 @@ export class PageWriter {
     this.#worker = new Worker(THREAD_SOURCE, { eval: true, name: 'page writer', workerData: { control, ring, buffers, slots: RING_SLOTS } });
     // It never ends on its own before close(); an exit then is a bug, reported at the next call.
     this.#worker.on('error', () => Atomics.store(this.#words, ERROR, -1));
-    this.#worker.unref();
+    // Holding the process up only while it starts (someone may await `online`), never after.
+    this.online = new Promise<void>((resolve) => {
+      this.#worker.once('online', () => {
+        this.#worker.unref();
+        resolve();
+      });
+      this.#worker.once('exit', () => resolve());
+    });
   }
 
   /** Writes go to the memfd open at `fd` (before the first write()). */

@@ -42,6 +42,8 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
   if (config.vcpus !== undefined) checkVcpus(config.vcpus);
   // Refused connections are worth a line wherever the machine's warnings go.
   config = { ...config, log: config.log ?? logToStderr };
+  // Its thread starts beside the machine's build, not beside the migration.
+  const writer = new PageWriter(config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS);
   const newMemory = (size: number) => {
     const memory = GuestMemory.create(size, { backing: 'memfd' });
     // The stream is parsed into guest RAM from JavaScript: its ArrayBuffer now, and with it the
@@ -71,7 +73,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     await prebuilt.catch(() => null);
   }
   try {
-    return await receiveMigration(address, config, async (shape, handover) => {
+    return await receiveMigration(address, config, writer, async (shape, handover) => {
       checkMemoryBytes(shape.memoryBytes);
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
@@ -186,20 +188,22 @@ export interface IncomingTarget {
   machine: Machine;
 }
 
+/** `writer` takes the page data into guest RAM; receiveMigration() closes it, however it ends. */
 export async function receiveMigration(
   addressText: string,
   config: IncomingConfig,
+  writer: PageWriter,
   build: (shape: MachineShape, handover?: LocalHandover) => Promise<IncomingTarget>,
 ): Promise<Machine> {
-  const address = parseMigrationAddress(addressText);
   const signal = config.signal;
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
   let listeningAt = addressText;
-  warmUpPageStream();
-  // Its thread starts while this side waits: the stream should not wait for it.
-  const writer = new PageWriter(stallTimeoutMs);
   let socket: Socket;
   try {
+    const address = parseMigrationAddress(addressText);
+    warmUpPageStream();
+    // A source that connects then finds it running: its start would take a CPU from the handshake.
+    await writer.online;
     socket = await listenForMigration(address, {
       token: config.token,
       timeoutMs: config.timeoutMs,
@@ -308,7 +312,12 @@ export async function receiveMigration(
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
         }
       },
-    }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? (memory.fd >= 0 ? writer.nextBuffer() : null));
+    }, stallTimeoutMs, signal, what, () => {
+      const pages = postcopy as PostcopyPages | null;
+      // Post-copy's own buffers, or (null) the 4 MiB one, whose data it stages.
+      if (pages) return pages.readBuffer();
+      return memory.fd >= 0 ? writer.nextBuffer() : null;
+    });
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});

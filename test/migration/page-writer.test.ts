@@ -52,6 +52,7 @@ t.test('data outside its buffers is left to the caller', async (t) => {
   t.equal(writer.write(0, new Uint8Array(PAGE)), false);
   const notAttached = new PageWriter(1000);
   t.teardown(() => notAttached.close());
+  await notAttached.online;
   t.throws(() => notAttached.write(0, notAttached.nextBuffer().subarray(0, PAGE)), { code: 'ERR_INVALID_STATE', message: 'the page writer has no memfd to write to' });
   t.throws(() => new PageWriter(0), { name: 'RangeError' });
   t.throws(() => notAttached.attach(-1), { name: 'TypeError' });
