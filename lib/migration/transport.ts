@@ -6,7 +6,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { checkAddress, formatMigrationAddress, listenOnPrivateUnixSocket, type MigrationAddress } from './addresses.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, throwIfAborted } from './errors.js';
-import { Deadline, acceptHandshake, describeError, offerHandshake, warmUpHandshake } from './handshake.js';
+import { Deadline, acceptHandshake, describeError, offerHandshake, rehearseHandshake, warmUpHandshake } from './handshake.js';
 
 export {
   formatMigrationAddress, listenOnPrivateUnixSocket, parseMigrationAddress, type MigrationAddress,
@@ -92,6 +92,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   throwIfAborted(options.signal, `listening for a migration on ${label}`);
 
   warmUpHandshake();
+  await rehearseHandshake();
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
   /** In the order they arrived: the first is the one to drop. */

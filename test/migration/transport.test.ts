@@ -11,6 +11,7 @@ import {
   type ListenForMigrationOptions, type MigrationAddress,
 } from '../../lib/migration/transport.js';
 import { MigrationError } from '../../lib/migration/errors.js';
+import { rehearseHandshake } from '../../lib/migration/handshake.js';
 
 interface Listening {
   bound: MigrationAddress;
@@ -195,6 +196,14 @@ t.test('whileVerified runs once, after the hello and before the verdict; what it
   await t.rejects(connectForMigration(address, { token: 'tok', whileVerified: 1 as unknown as () => void }), { name: 'TypeError', message: 'whileVerified must be a function' });
   source.destroy();
   socket.destroy();
+});
+
+t.test('the handshake rehearsal (before a destination listens) runs once per process and leaves nothing behind', async (t) => {
+  const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length;
+  const first = rehearseHandshake();
+  t.equal(rehearseHandshake(), first, 'the same rehearsal');
+  t.equal(await first, undefined);
+  t.equal((process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length, handles, 'no socket, no timer left');
 });
 
 t.test('tcp without a token is refused at listen and at connect', async (t) => {
