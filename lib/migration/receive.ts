@@ -297,6 +297,9 @@ export async function receiveMigration(
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
         } else if (section.type === SectionType.Sync) {
+          // The round's pages in guest RAM before the answer: the source pauses its guest on it,
+          // and the writer's backlog would otherwise be waited for inside the downtime.
+          writer.drain();
           // The source does not wait for the acceptance before it sends: its first Sync may be
           // parsed before the acceptance is written, and is answered after it.
           if (accepted) void reply([encodeSync()]).catch(() => {});
