@@ -1,7 +1,7 @@
 // Page data of an incoming stream written into the guest RAM's memfd on a thread of its own, while
 // the main thread reads and checks what comes next. A destination's pwrite into fresh memfd pages
 // (the kernel allocating each) took some 26 ms of the 36 its main thread spent on 64 MiB here,
-// reading and CRCs the rest; one after the other on one thread, they were the stream's limit.
+// reading and checksumming the rest; one after the other on one thread, they were the limit.
 //
 // The socket reads into a few buffers of this module's (SharedArrayBuffers, which the thread
 // sees). Each piece of page data in them becomes a request on a ring; the thread takes the
