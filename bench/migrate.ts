@@ -6,7 +6,7 @@
 // each also in a network namespace of its own over a veth pair, QEMU likewise. Also: a warm
 // snapshot restore, Machine.restore() to a running guest.
 //
-//   npm run bench:migrate -- [--rounds R] [--iterations N] [--downtime-budget MS] [--placements LIST] [--json]
+//   npm run bench:migrate -- [--rounds R] [--iterations N] [--downtime-budget MS] [--placements LIST] [--only restore] [--json]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync, writeSync } from 'node:fs';
@@ -45,6 +45,8 @@ interface Options {
   iterations: number;
   downtimeBudgetMs: number | undefined;
   placements: PlacementKey[];
+  /** Only the snapshot restores (--only restore): no references, migrations or QEMU. */
+  onlyRestore: boolean;
   json: boolean;
   /** Set in the process the benchmark starts for a placement's source side. */
   placementChild: Placement | null;
@@ -58,6 +60,7 @@ function parseOptions(): Options {
       'downtime-budget': { type: 'string' },
       placements: { type: 'string', default: PLACEMENT_KEYS.join(',') },
       'placement-child': { type: 'string' },
+      only: { type: 'string' },
       json: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -70,6 +73,7 @@ function parseOptions(): Options {
   --downtime-budget MS   downtimeBudgetMs for every migration (default: the library's, 50 ms)
   --placements LIST      where the two ends run, of shared,pinned,netns (default: all three;
                          pinned needs 2 CPUs and taskset, netns also root and ip)
+  --only restore         only the snapshot restores (--iterations of them), nothing else
   --json                 print the results as JSON`);
     process.exit(0);
   }
@@ -85,11 +89,13 @@ function parseOptions(): Options {
     if (!PLACEMENT_KEYS.includes(key as PlacementKey)) throw new RangeError(`--placements takes ${PLACEMENT_KEYS.join(', ')}, got '${key}'`);
   }
   if (placements.length === 0) throw new RangeError('--placements needs at least one of shared, pinned, netns');
+  if (values.only !== undefined && values.only !== 'restore') throw new RangeError(`--only takes restore, got '${values.only}'`);
   return {
     rounds: positive('rounds', values.rounds, 100),
     iterations: positive('iterations', values.iterations, 1000),
     downtimeBudgetMs: budget === undefined ? undefined : Number(budget),
     placements: placements as PlacementKey[],
+    onlyRestore: values.only === 'restore',
     json: values.json,
     placementChild: values['placement-child'] ? (JSON.parse(values['placement-child']) as Placement) : null,
   };
@@ -271,10 +277,13 @@ interface MigrationRun {
   /** expectedDowntimeMs of the last pre-copy round, before the pause. */
   lastExpectedDowntimeMs: number;
   /**
-   * Measured as QEMU's is, from both processes' notes on the host's one clock (see guestDowntime()):
-   * the guest paused at the source until its vCPUs are set running at the destination.
+   * Measured as QEMU's is, from both processes' notes on the host's one clock: from the moment
+   * the guest stopped at the source (its last vCPU out of the guest; QEMU sends STOP once all have
+   * stopped) until its vCPUs are set running at the destination (QEMU sends RESUME then too).
    */
   guestPausedMs: number;
+  /** The same span from the moment the source asked its guest to pause (before the kick's exit). */
+  pauseAskedToRunningMs: number;
   /** As QEMU reports its downtime: from the pause until the source has written its last byte. */
   sourceStopToSentMs: number;
   /** With NODE_KVM_PHASE_TIMING=1: the downtime's steps, both processes' (phase-breakdown.ts). */
@@ -336,7 +345,8 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
       const at = (name: string) => phases.find((step) => step.name === name)?.ms ?? NaN;
       return {
         stats, lastExpectedDowntimeMs, phases,
-        guestPausedMs: at('destination: starting'),
+        guestPausedMs: at('destination: starting') - at('source: vCPUs stopped'),
+        pauseAskedToRunningMs: at('destination: starting'),
         sourceStopToSentMs: at('source: state written to the socket'),
       };
     } finally {
@@ -559,6 +569,9 @@ async function qemuMigrateOnce(memoryBytes: number, dir: string, fillFile: strin
 interface RestoreRun {
   toStartedMs: number;
   toFirstByteMs: number;
+  /** The same restore with a pool that keeps no spare VM (its VM made in the restore), same rounds. */
+  noSpareToStartedMs: number;
+  noSpareToFirstByteMs: number;
   /** The same snapshot restored into a machine Machine.prepare() built before the clock started. */
   preparedToStartedMs: number;
   preparedToFirstByteMs: number;
@@ -566,13 +579,15 @@ interface RestoreRun {
 
 /**
  * A 256 MiB dirtier (64 KiB range) snapshotted while it runs, then restored N times in this
- * process with vCPU threads from a pool: Machine.restore() until start() returns, and until the
- * guest's first serial byte (the end of the pass it was in: proof that it runs). Each round also
- * restores it into a machine prepared ahead (Machine.prepare(), not timed), side by side.
+ * process with vCPU threads from a pool that keeps a spare VM (VcpuWorkerPool spareVm):
+ * Machine.restore() until start() returns, and until the guest's first serial byte (the end of
+ * the pass it was in: proof that it runs). Each round also restores it with a pool that keeps no
+ * spare VM, and into a machine prepared ahead (Machine.prepare(), not timed), side by side.
  */
 async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[]> {
   const snapshotPath = path.join(dir, 'restore.snap');
-  const pool = await VcpuWorkerPool.create(1);
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  const plainPool = await VcpuWorkerPool.create(1);
   try {
     const serial = serialSink();
     const machine = await Machine.create({ image: guest('dirtier-user.elf'), memoryBytes: 256 * MiB, serial: { output: serial.output }, pool, log: () => {} });
@@ -583,9 +598,9 @@ async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[
     await machine.stop();
 
     const runs: RestoreRun[] = [];
-    const restoreOnce = async (prepare: boolean) => {
+    const restoreOnce = async (prepare: boolean, withPool = pool) => {
       const restored = serialSink();
-      const config = { pool, serial: { output: restored.output }, log: () => {} };
+      const config = { pool: withPool, serial: { output: restored.output }, log: () => {} };
       const prepared = prepare ? await Machine.prepare(snapshotPath, config) : null;
       const started = performance.now();
       const copy = await Machine.restore(snapshotPath, prepared ? { prepared } : config);
@@ -602,12 +617,19 @@ async function restoreRuns(dir: string, iterations: number): Promise<RestoreRun[
     // The first round loads the snapshot code; it is not counted.
     for (let i = -1; i < iterations; i++) {
       const fresh = await restoreOnce(false);
+      const noSpare = await restoreOnce(false, plainPool);
       const prepared = await restoreOnce(true);
-      if (i >= 0) runs.push({ ...fresh, preparedToStartedMs: prepared.toStartedMs, preparedToFirstByteMs: prepared.toFirstByteMs });
+      if (i >= 0) {
+        runs.push({
+          ...fresh, noSpareToStartedMs: noSpare.toStartedMs, noSpareToFirstByteMs: noSpare.toFirstByteMs,
+          preparedToStartedMs: prepared.toStartedMs, preparedToFirstByteMs: prepared.toFirstByteMs,
+        });
+      }
     }
     return runs;
   } finally {
     await pool.close();
+    await plainPool.close();
   }
 }
 
@@ -627,6 +649,7 @@ function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number, cStreamBy
     setupMs: m((r) => r.stats.setupTimeMs),
     downtimeMs: m((r) => r.stats.downtimeMs),
     guestPausedMs: m((r) => r.guestPausedMs),
+    pauseAskedToRunningMs: m((r) => r.pauseAskedToRunningMs),
     sourceStopToSentMs: m((r) => r.sourceStopToSentMs),
     lastExpectedDowntimeMs: m((r) => r.lastExpectedDowntimeMs),
     transferredMiB: m((r) => r.stats.bytesTransferred / MiB),
@@ -773,6 +796,20 @@ async function main(): Promise<void> {
   if (!existsSync(peerScript)) throw new Error(`${peerScript} is missing (run npm run build:ts)`);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-bench-migrate-'));
   const benchStarted = performance.now();
+  if (options.onlyRestore) {
+    try {
+      const { restores, restore } = await measureRestores(dir, options.iterations);
+      if (options.json) {
+        console.log(JSON.stringify({ host: hostInfo(), options: { ...options, placementChild: undefined }, restore: { ...restore, runs: restores } }, null, 2));
+        return;
+      }
+      printRestore(restore, restores, options.iterations);
+      console.log(`benchmark wall time ${((performance.now() - benchStarted) / 1000).toFixed(1)} s`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    return;
+  }
   const chosen = choosePlacements(options.placements);
   try {
     for (const reason of chosen.skipped) progress(`skipped: ${reason}`);
@@ -818,15 +855,7 @@ async function main(): Promise<void> {
     }
     chosen.cleanup();
 
-    progress(`snapshot restore x ${options.iterations}`);
-    const restores = await restoreRuns(dir, options.iterations);
-    const restore = {
-      toStartedMs: median(restores.map((r) => r.toStartedMs)),
-      toFirstByteMs: median(restores.map((r) => r.toFirstByteMs)),
-      preparedToStartedMs: median(restores.map((r) => r.preparedToStartedMs)),
-      preparedToFirstByteMs: median(restores.map((r) => r.preparedToFirstByteMs)),
-      targetMs: 2,
-    };
+    const { restores, restore } = await measureRestores(dir, options.iterations);
     const host = hostInfo();
     const wallSeconds = (performance.now() - benchStarted) / 1000;
 
@@ -870,13 +899,7 @@ async function main(): Promise<void> {
 
     for (const p of placementResults) printPlacement(p);
 
-    console.log(`snapshot restore, 256 MiB, warm process, pooled vCPU thread, median of ${options.iterations}:`);
-    console.log(`  Machine.restore() -> start() returned      ${restore.toStartedMs.toFixed(2)} ms  (target < ${restore.targetMs} ms)`);
-    console.log(`  Machine.restore() -> first guest byte      ${restore.toFirstByteMs.toFixed(2)} ms`);
-    console.log('  into a machine Machine.prepare() built before (not counted), same rounds:');
-    console.log(`  Machine.restore() -> start() returned      ${restore.preparedToStartedMs.toFixed(2)} ms`);
-    console.log(`  Machine.restore() -> first guest byte      ${restore.preparedToFirstByteMs.toFixed(2)} ms`);
-    console.log('');
+    printRestoreMedians(restore, options.iterations);
 
     printTargets(placementResults, restore);
     console.log('');
@@ -887,10 +910,7 @@ async function main(): Promise<void> {
         if (r.qemu) console.log(`  ${`${p.placement.key}: QEMU ${r.scenario.title}`.padEnd(40)} ${r.qemu.map((run) => `${format(run.totalMs)}/${format(run.downtimeMs)}`).join('  ')}`);
       }
     }
-    console.log(`  ${'restore -> started'.padEnd(40)} ${restores.map((x) => x.toStartedMs.toFixed(2)).join(' ')}`);
-    console.log(`  ${'restore -> first byte'.padEnd(40)} ${restores.map((x) => x.toFirstByteMs.toFixed(2)).join(' ')}`);
-    console.log(`  ${'prepared restore -> started'.padEnd(40)} ${restores.map((x) => x.preparedToStartedMs.toFixed(2)).join(' ')}`);
-    console.log(`  ${'prepared restore -> first byte'.padEnd(40)} ${restores.map((x) => x.preparedToFirstByteMs.toFixed(2)).join(' ')}`);
+    printRestoreRuns(restores);
     console.log('');
     if (phaseTimingEnabled()) {
       for (const p of placementResults) {
@@ -906,6 +926,66 @@ async function main(): Promise<void> {
   }
 }
 
+interface RestoreMedians {
+  toStartedMs: number;
+  toFirstByteMs: number;
+  noSpareToStartedMs: number;
+  noSpareToFirstByteMs: number;
+  preparedToStartedMs: number;
+  preparedToFirstByteMs: number;
+  targetMs: number;
+}
+
+async function measureRestores(dir: string, iterations: number): Promise<{ restores: RestoreRun[]; restore: RestoreMedians }> {
+  progress(`snapshot restore x ${iterations}`);
+  const restores = await restoreRuns(dir, iterations);
+  const restore = {
+    toStartedMs: median(restores.map((r) => r.toStartedMs)),
+    toFirstByteMs: median(restores.map((r) => r.toFirstByteMs)),
+    noSpareToStartedMs: median(restores.map((r) => r.noSpareToStartedMs)),
+    noSpareToFirstByteMs: median(restores.map((r) => r.noSpareToFirstByteMs)),
+    preparedToStartedMs: median(restores.map((r) => r.preparedToStartedMs)),
+    preparedToFirstByteMs: median(restores.map((r) => r.preparedToFirstByteMs)),
+    targetMs: 2,
+  };
+  return { restores, restore };
+}
+
+function printRestoreMedians(restore: RestoreMedians, iterations: number): void {
+  console.log(`snapshot restore, 256 MiB, warm process, pooled vCPU thread, the pool's spare VM, median of ${iterations}:`);
+  console.log(`  Machine.restore() -> start() returned      ${restore.toStartedMs.toFixed(2)} ms  (target < ${restore.targetMs} ms)`);
+  console.log(`  Machine.restore() -> first guest byte      ${restore.toFirstByteMs.toFixed(2)} ms`);
+  console.log('  with a pool that keeps no spare VM, same rounds:');
+  console.log(`  Machine.restore() -> start() returned      ${restore.noSpareToStartedMs.toFixed(2)} ms`);
+  console.log(`  Machine.restore() -> first guest byte      ${restore.noSpareToFirstByteMs.toFixed(2)} ms`);
+  console.log('  into a machine Machine.prepare() built before (not counted), same rounds:');
+  console.log(`  Machine.restore() -> start() returned      ${restore.preparedToStartedMs.toFixed(2)} ms`);
+  console.log(`  Machine.restore() -> first guest byte      ${restore.preparedToFirstByteMs.toFixed(2)} ms`);
+  console.log('');
+}
+
+function printRestoreRuns(restores: RestoreRun[]): void {
+  console.log(`  ${'restore -> started'.padEnd(40)} ${restores.map((x) => x.toStartedMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'restore -> first byte'.padEnd(40)} ${restores.map((x) => x.toFirstByteMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'no spare VM: restore -> started'.padEnd(40)} ${restores.map((x) => x.noSpareToStartedMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'no spare VM: restore -> first byte'.padEnd(40)} ${restores.map((x) => x.noSpareToFirstByteMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'prepared restore -> started'.padEnd(40)} ${restores.map((x) => x.preparedToStartedMs.toFixed(2)).join(' ')}`);
+  console.log(`  ${'prepared restore -> first byte'.padEnd(40)} ${restores.map((x) => x.preparedToFirstByteMs.toFixed(2)).join(' ')}`);
+}
+
+/** --only restore: the restores' medians and raw runs. */
+function printRestore(restore: RestoreMedians, restores: RestoreRun[], iterations: number): void {
+  printRestoreMedians(restore, iterations);
+  console.log('targets:');
+  const target = (label: string, ms: number) => console.log(`  ${label.padEnd(56)} ${`${ms.toFixed(2)} ms`.padStart(9)}  < ${restore.targetMs} ms  ${ms < restore.targetMs ? 'yes' : 'no'}`);
+  target('restore 256 MiB -> running', restore.toStartedMs);
+  target('restore 256 MiB -> running, into a prepared machine', restore.preparedToStartedMs);
+  console.log('');
+  console.log('raw runs (ms):');
+  printRestoreRuns(restores);
+  console.log('');
+}
+
 /** One placement's tables: node-kvm's medians, then QEMU's beside them (or why there are none). */
 function printPlacement(p: PlacementResult): void {
   const results = p.scenarios;
@@ -916,6 +996,7 @@ function printPlacement(p: PlacementResult): void {
     ['setup (ms)', 'setupMs'],
     ['downtime, until the answer is back (ms)', 'downtimeMs'],
     ['guest paused, source to destination (ms)', 'guestPausedMs'],
+    ['  the same from the pause request (ms)', 'pauseAskedToRunningMs'],
     ['pause until the last byte is sent (ms)', 'sourceStopToSentMs'],
     ['expected downtime, last round (ms)', 'lastExpectedDowntimeMs'],
     ['transferred (MiB)', 'transferredMiB'],

@@ -126,6 +126,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryShareFd", MemoryShareFd);
   fn("memoryFromFd", MemoryFromFd);
   fn("memoryReplace", MemoryReplace);
+  fn("memoryMapFileOver", MemoryMapFileOver);
   fn("tapOpen", TapOpen);
   fn("tapAdopt", TapAdopt);
   fn("fileDeallocate", FileDeallocate);
@@ -137,6 +138,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("layout", Layout);
   fn("setThreadName", SetThreadName);
   fn("setThreadAffinity", SetThreadAffinity);
+  fn("setThreadBatch", SetThreadBatch);
   fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
   fn("uffdOpen", UffdOpen);

@@ -63,6 +63,9 @@ struct VcpuShared {
   int fd = -1;
   size_t xsaveBytes = 0;
   uint32_t ringFetchIndex = 0;
+  // The vCPU's TSC frequency in kHz as KVM last said (0: not asked yet, or set since): only
+  // KVM_SET_TSC_KHZ changes it, so a state save or restore need not ask again each time.
+  std::atomic<uint32_t> tscKhz{0};
   bool closed = false;
 };
 

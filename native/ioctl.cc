@@ -104,6 +104,7 @@ const IoctlOp kOps[] = {
 
 constexpr size_t kOpCount = sizeof(kOps) / sizeof(kOps[0]);
 const unsigned long kEnableCap = AbiRequest("KVM_ENABLE_CAP");
+const unsigned long kSetTscKhz = AbiRequest("KVM_SET_TSC_KHZ");
 const unsigned long kGetNestedState = AbiRequest("KVM_GET_NESTED_STATE");
 const unsigned long kGetXsave2 = AbiRequest("KVM_GET_XSAVE2");
 const unsigned long kCheckExtension = AbiRequest("KVM_CHECK_EXTENSION");
@@ -293,6 +294,8 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   }
   if (copyOut) std::memcpy(js.Data(), arg.data(), js.ByteLength() < arg.words.size() * 8 ? js.ByteLength() : arg.words.size() * 8);
 
+  // What vcpu-state.cc remembers of the vCPU's TSC frequency is stale now.
+  if (op.request == kSetTscKhz && vcpu) vcpu->shared->tscKhz = 0;
   if (op.request == kEnableCap && op.fdKind == FdKind::Vm) {
     auto* cap = static_cast<kvm_enable_cap*>(pointer);
     if (cap->cap == KVM_CAP_DIRTY_LOG_RING || cap->cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL) {

@@ -417,6 +417,46 @@ Napi::Value MemoryReplace(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// memoryMapFileOver(id, fd, offset): from now on memory `id` is the regular file open as `fd`,
+// from `offset`, mapped copy-on-write over the same addresses (MAP_FIXED), as memoryMapFile()
+// maps one: every view of it and every VM memory slot over it see the file's bytes, and its own
+// pages go with its memfd. For a VM whose memory slot was made before the file was known (a
+// spare VM taking a snapshot's RAM): no slot is added then. Memfd-backed memory with no exposed
+// fd only. Nothing may use the memory meanwhile, and KVM must not have run a guest on it.
+Napi::Value MemoryMapFileOver(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto target = FindGuestMapping(env, info[0]);
+  int fd = FdArg(env, info[1]);
+  uint64_t offset = ReadU64(env, info[2], "offset");
+  if (target->backing == Backing::File) ThrowInvalidValueError(env, "this memory is a file mapping already");
+  if (target->fd >= 0) ThrowInvalidValueError(env, "memory with an exposed memfd cannot become a file mapping");
+  if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
+  if (offset > static_cast<uint64_t>(INT64_MAX) - target->size) ThrowOutOfRangeError(env, "offset + size is beyond the largest file offset");
+  FdCloser backing{ReopenPrivately(fd, O_RDONLY)};
+  if (backing.fd < 0) ThrowSyscallError(env, errno, "open(fd)");
+  struct stat st;
+  if (fstat(backing.fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
+  if (static_cast<uint64_t>(st.st_size) < offset + target->size) {
+    ThrowOutOfRangeError(env, "offset + size (" + std::to_string(offset + target->size) + ") is beyond the end of the file (" +
+                                  std::to_string(st.st_size) + " bytes)");
+  }
+  void* addr = mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, backing.fd,
+                    static_cast<off_t>(offset));
+  if (addr == MAP_FAILED) {
+    int error = errno;
+    // The old pages again, if the kernel took them away (MAP_FIXED unmaps first).
+    mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, target->backingFd, 0);
+    ThrowSyscallError(env, error, "mmap(MAP_FIXED)");
+  }
+  close(target->backingFd);
+  target->backingFd = backing.fd;
+  backing.fd = -1;
+  target->backing = Backing::File;
+  target->fileOffset = offset;
+  return env.Undefined();
+}
+
 // memoryRelease(id): drops the creating GuestMemory's reference; calling it again does nothing.
 // Views (ArrayBuffers) and memory slots keep the mapping until they go.
 Napi::Value MemoryRelease(const Napi::CallbackInfo& info) {

@@ -11,6 +11,7 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info);
 Napi::Value MemoryShareFd(const Napi::CallbackInfo& info);
 Napi::Value MemoryFromFd(const Napi::CallbackInfo& info);
 Napi::Value MemoryReplace(const Napi::CallbackInfo& info);
+Napi::Value MemoryMapFileOver(const Napi::CallbackInfo& info);
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
 Napi::Value MemoryRelease(const Napi::CallbackInfo& info);
 Napi::Value MemoryWrite(const Napi::CallbackInfo& info);

@@ -41,4 +41,19 @@ Napi::Value SetThreadAffinity(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// setThreadBatch(batch): the calling thread's policy SCHED_BATCH (true) or SCHED_OTHER (false),
+// at nice level unchanged. A SCHED_BATCH thread that wakes does not preempt the thread running on
+// its CPU (the kernel's wakeup preemption is for SCHED_OTHER only): it runs once that one blocks
+// or its slice ends.
+Napi::Value SetThreadBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsBoolean()) ThrowTypeError(env, "batch must be a boolean");
+  struct sched_param param = {};
+  // On Linux, pid 0 is the calling thread, not the whole process.
+  if (sched_setscheduler(0, info[0].As<Napi::Boolean>().Value() ? SCHED_BATCH : SCHED_OTHER, &param) < 0) {
+    ThrowSyscallError(env, errno, "sched_setscheduler");
+  }
+  return env.Undefined();
+}
+
 }  // namespace nodekvm

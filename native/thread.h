@@ -5,4 +5,5 @@ namespace nodekvm {
 // Linux thread, named and pinned like any other.
 Napi::Value SetThreadName(const Napi::CallbackInfo& info);
 Napi::Value SetThreadAffinity(const Napi::CallbackInfo& info);
+Napi::Value SetThreadBatch(const Napi::CallbackInfo& info);
 }  // namespace nodekvm

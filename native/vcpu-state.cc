@@ -126,6 +126,16 @@ bool Parse(const uint8_t* data, size_t size, Parsed* out, std::string* error) {
   return true;
 }
 
+// The vCPU's TSC frequency (kHz; 0 if KVM cannot say), asked of KVM once until it is set again.
+uint32_t TscKhz(VcpuShared& shared, int fd) {
+  uint32_t known = shared.tscKhz;
+  if (known != 0) return known;
+  int khz = ioctl(fd, kGetTscKhz, 0);
+  if (khz <= 0) return 0;
+  shared.tscKhz = static_cast<uint32_t>(khz);
+  return static_cast<uint32_t>(khz);
+}
+
 }  // namespace
 
 // saveVcpuState(vcpu, msrIndices: Uint32Array, cpuid: Uint8Array (kvm_cpuid2), flags) -> Uint8Array
@@ -169,8 +179,7 @@ Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
     if (static_cast<size_t>(read) != msrCount) ThrowSyscallError(env, EIO, "ioctl(KVM_GET_MSRS)");
   }
   CheckIoctl(env, RetryIoctl(fd, kGetEvents, w.Add(kEvents, sizeof(kvm_vcpu_events))), "ioctl(KVM_GET_VCPU_EVENTS)");
-  int tscKhz = ioctl(fd, kGetTscKhz, 0);
-  return w.Finish(env, flags, {vcpu->shared->vcpuId, tscKhz > 0 ? static_cast<uint32_t>(tscKhz) : 0u});
+  return w.Finish(env, flags, {vcpu->shared->vcpuId, TscKhz(*vcpu->shared, fd)});
 }
 
 // checkVcpuState(state: Uint8Array) -> null, or what is wrong with it. Any thread.
@@ -188,7 +197,8 @@ Napi::Value CheckVcpuState(const Napi::CallbackInfo& info) {
 // that depends on it, the LAPIC before MSRs (the TSC deadline MSR depends on its mode), events last.
 namespace {
 
-Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, uint32_t vcpuId) {
+Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, VcpuShared& shared) {
+  uint32_t vcpuId = shared.vcpuId;
   Napi::Env env = info.Env();
   auto state = BytesArg(env, info[1], "state");
   bool irqchip = info[3].ToBoolean().Value();
@@ -222,9 +232,9 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
     }
   }
   if (p.tscKhz > 0) {
-    int current = ioctl(fd, kGetTscKhz, 0);
+    uint32_t current = TscKhz(shared, fd);
     // Hosts without TSC scaling keep their own frequency; the guest's kvmclock copes.
-    if (current > 0 && static_cast<uint32_t>(current) != p.tscKhz) ioctl(fd, kSetTscKhz, static_cast<unsigned long>(p.tscKhz));
+    if (current > 0 && current != p.tscKhz && ioctl(fd, kSetTscKhz, static_cast<unsigned long>(p.tscKhz)) == 0) shared.tscKhz = 0;
   }
   auto set = [&](uint32_t tag, unsigned long request, const char* syscall) {
     auto words = copy(tag);
@@ -272,7 +282,7 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, u
 
 Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
   auto vcpu = Handles::Vcpu(info.Env(), info[0]);
-  return Restore(info, vcpu->fd, vcpu->xsaveBytes, vcpu->shared->vcpuId);
+  return Restore(info, vcpu->fd, vcpu->xsaveBytes, *vcpu->shared);
 }
 
 // restoreParkedVcpuState(kickHandle, state, currentCpuid, irqchip): restoreVcpuState() from any
@@ -286,7 +296,7 @@ Napi::Value RestoreParkedVcpuState(const Napi::CallbackInfo& info) {
   if (!shared) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
   std::lock_guard<std::mutex> guard(shared->lock);
   if (shared->closed || shared->fd < 0) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
-  return Restore(info, shared->fd, shared->xsaveBytes, shared->vcpuId);
+  return Restore(info, shared->fd, shared->xsaveBytes, *shared);
 }
 
 }  // namespace nodekvm

@@ -6,7 +6,7 @@ export {
 } from './vcpu.js';
 export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions, type GuestMemoryBacking, type MapFileOptions } from './memory.js';
 export { EventFd, type EventFdOptions } from './eventfd.js';
-export { setThreadName, setThreadAffinity } from './thread.js';
+export { setThreadName, setThreadAffinity, setThreadBatch } from './thread.js';
 export { watchFd, type FdWatch } from './fd-watch.js';
 export { Userfaultfd } from './userfaultfd.js';
 export { openTap, adoptTap, type Tap, type OpenTapOptions } from './tap.js';

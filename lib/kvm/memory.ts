@@ -47,7 +47,7 @@ export class GuestMemory extends Handle {
   readonly size: number;
   /** The memfd behind the mapping for 'memfd' backing; -1 for 'anonymous' and 'file'. */
   readonly fd: number;
-  readonly backing: GuestMemoryBacking;
+  #backing: GuestMemoryBacking;
   readonly #id: number;
   /** Whether this object created the mapping (and holds it natively), or is a view (attach()). */
   readonly #owner: boolean;
@@ -65,7 +65,12 @@ export class GuestMemory extends Handle {
     this.#buffer = buffer;
     this.size = size;
     this.fd = fd;
-    this.backing = backing;
+    this.#backing = backing;
+  }
+
+  /** What backs the memory (mapFileOver() turns 'anonymous' into 'file'). */
+  get backing(): GuestMemoryBacking {
+    return this.#backing;
   }
 
   /**
@@ -175,6 +180,36 @@ export class GuestMemory extends Handle {
     if (!(other instanceof GuestMemory)) throw argTypeError('other must be a GuestMemory');
     if (other.size !== this.size) throw argValueError(`other is ${other.size} bytes, this memory ${this.size}`);
     native.memoryReplace(this.#id, other.nativeId);
+  }
+
+  /**
+   * From now on this memory is `size` bytes of the regular file `file` (a path or an open fd),
+   * from `offset`, mapped copy-on-write over the same addresses, as GuestMemory.mapFile() maps
+   * one: every view of it and every VM memory slot over it see the file's bytes, and its own
+   * pages are dropped; its backing becomes 'file'. For a VM whose memory slot was made before the
+   * file was known (a spare VM taking a snapshot's RAM). 'anonymous' memory only (an exposed
+   * memfd would name pages the memory no longer has). Nothing may read or write this memory
+   * meanwhile, and KVM must not have run a guest on it. The same rules as mapFile() hold for the
+   * file afterwards.
+   */
+  mapFileOver(file: string | number, offset = 0): void {
+    this.assertOpen();
+    if (this.#backing !== 'anonymous') throw argValueError(`only 'anonymous' memory can become a file mapping; this memory is '${this.#backing}'`);
+    if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0 || offset % PAGE_SIZE !== 0) {
+      throw argValueError(`offset must be a non-negative multiple of ${PAGE_SIZE}, got ${String(offset)}`);
+    }
+    if (typeof file === 'number') {
+      if (!Number.isInteger(file) || file < 0 || file > 0x7fffffff) throw outOfRangeError(`file must be a path or an fd 0..2^31-1, got ${file}`);
+    } else if (typeof file !== 'string') {
+      throw argTypeError(`file must be a path (string) or an open fd (number), got ${file === null ? 'null' : typeof file}`);
+    }
+    const fd = typeof file === 'string' ? openSync(file, 'r') : file;
+    try {
+      native.memoryMapFileOver(this.#id, fd, offset);
+    } finally {
+      if (fd !== file) closeSync(fd);
+    }
+    this.#backing = 'file';
   }
 
   /** Another view of the memory behind `handle` (from `memory.handle`), for example in a worker. */

@@ -57,6 +57,8 @@ export interface NativeBinding {
   memoryFromFd(fd: number, size: number, expose: boolean): [id: number, fd: number];
   /** Maps `otherId`'s memfd over memory `id`'s addresses, in place. */
   memoryReplace(id: number, otherId: number): void;
+  /** Maps the file open as `fd`, from `offset`, copy-on-write over memory `id`'s addresses, in place. */
+  memoryMapFileOver(id: number, fd: number, offset: number): void;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryRelease(id: number): void;
   memoryWrite(id: number, offset: number, data: Uint8Array): void;
@@ -89,6 +91,7 @@ export interface NativeBinding {
   layout(): Layout;
   setThreadName(name: string): void;
   setThreadAffinity(cpus: number[]): void;
+  setThreadBatch(batch: boolean): void;
   /** Calls onReadable on this thread's event loop while fd is readable; returns close(). */
   watchFd(fd: number, onReadable: (status: number) => void): () => void;
   /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */

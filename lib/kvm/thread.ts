@@ -10,6 +10,17 @@ export function setThreadName(name: string): void {
   native.setThreadName(name);
 }
 
+/**
+ * Puts the calling thread in the SCHED_BATCH policy (`batch` true) or back in SCHED_OTHER, its
+ * nice level unchanged. A batch thread that wakes does not preempt the thread running on its CPU;
+ * it runs once that one blocks or has had its slice. For a thread woken by another that has more
+ * to do first (a vCPU thread woken by the machine's start()).
+ */
+export function setThreadBatch(batch: boolean): void {
+  if (typeof batch !== 'boolean') throw argTypeError('batch must be a boolean');
+  native.setThreadBatch(batch);
+}
+
 /** Pins the calling thread to the given host CPUs. */
 export function setThreadAffinity(cpus: readonly number[]): void {
   if (!Array.isArray(cpus)) throw argTypeError('cpus must be an array of CPU numbers');

@@ -43,7 +43,7 @@ import { PeerReplies } from './peer-replies.js';
 import { SectionParser } from './section-parser.js';
 import { socketSource, type SocketSource } from './sources.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
-import { StateSectionReader, encodeConfigSection, encodeMachineState, machineStateOf, warmUpStateEncoding } from './state-sections.js';
+import { StateSectionReader, encodeConfigSection, encodeFinalState, machineStateOf, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { writeChunks } from './writers.js';
 import type { IncomingConfig, MigrateOptions, MigrationPhase, MigrationStats } from './types.js';
@@ -184,7 +184,10 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       ]);
       // A state saved and encoded now (thrown away), so that the save and the encoding inside the
       // downtime run warm code: a VMM handing its guest to its successor migrates only once.
-      const warmedUp = warmUpStateEncoding(internals.warmUpSave());
+      const saved = internals.warmUpSave();
+      let warmState: MachineState | null = null;
+      saved.then((state) => (warmState = state), () => {});
+      const warmedUp = warmUpStateEncoding(saved);
       await unlessAborted(replies.expectAccept(timeoutMs));
       // The destination read all that came before, so Node has no write of ours queued: the fds'
       // message cannot interleave with one.
@@ -200,6 +203,8 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       // The destination maps RAM and builds the machine on it while the guest runs on here.
       await unlessAborted(replies.expectSync(timeoutMs));
       await warmedUp;
+      // Once more just before the pause: what ran a while ago runs slower again (rehearseStateEncoding()).
+      if (warmState) rehearseStateEncoding(warmState);
       stats.setupTimeMs = performance.now() - started;
       progress('setup');
 
@@ -222,7 +227,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       throwIfAborted(signal, what, 'stop-copy');
       abortable = false;
       // One buffer, one write: the destination reads the state whole in one wake-up.
-      await send([Buffer.concat([...encodeMachineState(machineState), encodeEnd()])]);
+      await send([encodeFinalState(machineState)]);
       markPhase('source: state written to the socket');
       await replies.expectResumed(Infinity);
       stats.downtimeMs = performance.now() - pausedAt;

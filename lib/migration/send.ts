@@ -6,18 +6,18 @@ import type { Socket } from 'node:net';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
-import { machineInternals, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
+import { machineInternals, type CpuState, type DeviceStates, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
-import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
+import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
 import { encodePages } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { encodeConfigSection, encodeMachineState, warmUpStateEncoding } from './state-sections.js';
+import { encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
@@ -63,6 +63,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: RawVcpuState[] | null = null;
     let warmedUp: Promise<void> = Promise.resolve();
+    let warmState: MachineState | null = null;
     const hasDevices = internals.virtioDeviceCount > 0;
     const onProgress = options.onProgress;
     if (onProgress !== undefined && typeof onProgress !== 'function') throw argTypeError('onProgress must be a function');
@@ -84,7 +85,12 @@ export async function migrateMachine(machine: Machine, address: string, options:
       shape: machine.shape,
       warmUp: () => {
         // The final save and its encoding, inside the downtime, then run warm code.
-        warmedUp = warmUpStateEncoding(internals.warmUpSave());
+        const saved = internals.warmUpSave();
+        saved.then((state) => (warmState = state), () => {});
+        warmedUp = warmUpStateEncoding(saved);
+      },
+      rehearseStop: () => {
+        if (warmState) rehearseStateEncoding(warmState);
       },
       startTracking: () => internals.startDirtyTracking(MIGRATION),
       // Not for long: a vCPU halted without an irqchip answers the warm-up only after 100 ms.
@@ -105,6 +111,8 @@ export async function migrateMachine(machine: Machine, address: string, options:
         if (machine.state === 'paused') machine.resume();
       },
       saveState: () => internals.saveState(pausedVcpuStates),
+      saveCpuState: () => internals.saveCpuState(pausedVcpuStates),
+      saveDeviceState: () => internals.saveDeviceState(),
       releaseDisks: () => internals.unlockDisks(),
       retakeDisks: () => internals.lockDisksWithin(DISK_RETAKE_MS),
       throttle: internals.vcpuThrottle,
@@ -128,11 +136,16 @@ export interface MigrationSource {
   warmUp?(): void;
   /** Resolves once what runs inside the downtime is warm (started by warmUp()); never rejects. */
   beforeStop?(): Promise<void>;
+  /** Runs the last state's encoding once more, just before the pause (while the destination answers the Sync). */
+  rehearseStop?(): void;
   /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
   pause(): Promise<boolean>;
   /** Resumes if paused. */
   resume(): void;
   saveState(): Promise<MachineState>;
+  /** saveState() in two parts: all but the devices' state, then the devices' (a copying migration sends each as it has it). */
+  saveCpuState(): Promise<CpuState>;
+  saveDeviceState(): DeviceStates;
   /**
    * Lets go of the disk images' locks (the guest is paused and its disks flushed), so that a
    * destination on the same host can take them before it runs the guest.
@@ -322,6 +335,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       await send([encodeSync()]);
       await accepted;
       await warm;
+      source.rehearseStop?.();
       await unlessAborted(replies.expectSync(opts.timeoutMs));
     } else {
       await accepted;
@@ -384,17 +398,21 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     await sendPages(ranges);
     markPhase('source: last pages sent');
     // A guest its owner had paused stays paused at the destination.
-    const state = { ...(await source.saveState()), running: paused };
-    markPhase('source: VM and device state saved');
+    const cpu = { ...(await source.saveCpuState()), running: paused };
+    markPhase('source: VM and vCPU state saved');
     throwIfAborted(opts.signal, what, 'stop-copy');
     abortable = false;
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
-    // One buffer, one write: the destination reads the state whole in one wake-up.
-    const stateSections = Buffer.concat([...encodeMachineState(state), encodeEnd()]);
-    markPhase('source: state encoded');
-    await send([stateSections]);
+    // In two writes (queued at once, in order): the destination checks and applies the VM's and
+    // the vCPUs' state while this side saves and encodes the devices'.
+    const cpuSent = send([encodeCpuState(cpu)]);
+    cpuSent.catch(() => {});
+    markPhase('source: VM and vCPU state written');
+    const rest = encodeDeviceStateAndEnd(source.saveDeviceState());
+    markPhase('source: device state saved and encoded');
+    await Promise.all([cpuSent, send([rest])]);
     markPhase('source: state written to the socket');
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;

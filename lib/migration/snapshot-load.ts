@@ -16,6 +16,8 @@ export interface LoadedSnapshot {
   state: MachineState;
   /** Guest RAM: the base image mapped copy-on-write, with each diff's pages written over it. */
   mapMemory(size: number): Promise<GuestMemory>;
+  /** Guest RAM mapped as mapMemory() maps it, over `memory` (a spare VM's placeholder RAM, GuestMemory.mapFileOver()). */
+  mapMemoryOver(memory: GuestMemory): void;
   /** Writes guest RAM into `memory` (all zeros, as a new machine's): the base image's data, then each diff's pages. */
   fillMemory(memory: GuestMemory): void;
 }
@@ -43,6 +45,12 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
         throw error;
       }
       return memory;
+    },
+    mapMemoryOver(memory: GuestMemory): void {
+      const image = base.ramImage!;
+      if (memory.size !== image.sizeBytes) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${memory.size}`);
+      memory.mapFileOver(base.path, image.fileOffset);
+      applyDiffs(chain, memory);
     },
     fillMemory(memory: GuestMemory): void {
       fillFromImage(base, memory);

@@ -87,6 +87,7 @@ export async function restoreMachine(path: string, config: RestoreConfig = {}): 
     shape: snapshot.state.shape,
     boot: null,
     memory: snapshot.mapMemory,
+    mapMemoryOver: snapshot.mapMemoryOver,
     runtime: config,
     state: snapshot.state,
     savedDisks: snapshot.state.shape.disks ?? [],

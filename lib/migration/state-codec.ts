@@ -34,6 +34,14 @@ const isPlainObject = (value: object): boolean => {
   return prototype === Object.prototype || prototype === null;
 };
 
+/**
+ * A value JSON carries as it is (no tag, nothing to check). Tested before a path is built for it:
+ * most of a state is such scalars, and building each one's path (only ever read in an error)
+ * took most of the time.
+ */
+const isPlainJson = (value: unknown): boolean =>
+  value === null || typeof value === 'string' || typeof value === 'boolean' || (typeof value === 'number' && Number.isFinite(value) && !Object.is(value, -0));
+
 function toJson(value: unknown, path: string, depth: number, seen: Set<object>): unknown {
   switch (typeof value) {
     case 'boolean':
@@ -59,6 +67,7 @@ function toJson(value: unknown, path: string, depth: number, seen: Set<object>):
   try {
     if (Array.isArray(value)) {
       return value.map((item, index) => {
+        if (isPlainJson(item)) return item;
         if (item === undefined) throw argTypeError(`cannot encode ${path}[${index}]: undefined in an array`);
         return toJson(item, `${path}[${index}]`, depth + 1, seen);
       });
@@ -71,7 +80,7 @@ function toJson(value: unknown, path: string, depth: number, seen: Set<object>):
       if (FORBIDDEN_KEYS.has(key)) throw argTypeError(`cannot encode ${path}: key '${key}' is not allowed in state`);
       const item = (value as Record<string, unknown>)[key];
       if (item === undefined) continue;
-      out[key.startsWith('$') ? `$${key}` : key] = toJson(item, `${path}.${key}`, depth + 1, seen);
+      out[key.startsWith('$') ? `$${key}` : key] = isPlainJson(item) ? item : toJson(item, `${path}.${key}`, depth + 1, seen);
     }
     return out;
   } finally {
@@ -91,7 +100,8 @@ const formatError = (what: string, reason: string): MigrationError => new Migrat
 function fromJson(value: unknown, path: string, depth: number, what: string): unknown {
   if (value === null || typeof value !== 'object') return value; // JSON.parse yields only JSON scalars
   if (depth >= MAX_STATE_DEPTH) throw formatError(what, `${path} is nested more than ${MAX_STATE_DEPTH} levels`);
-  if (Array.isArray(value)) return value.map((item, index) => fromJson(item, `${path}[${index}]`, depth + 1, what));
+  // Scalars come back as they are, without a path built for each (only an error reads it).
+  if (Array.isArray(value)) return value.map((item, index) => (item === null || typeof item !== 'object' ? item : fromJson(item, `${path}[${index}]`, depth + 1, what)));
   const keys = Object.keys(value);
   const record = value as Record<string, unknown>;
   if (keys.length === 1 && keys[0].startsWith('$') && !keys[0].startsWith('$$')) return fromTag(keys[0], record[keys[0]], path, what);
@@ -103,7 +113,8 @@ function fromJson(value: unknown, path: string, depth: number, what: string): un
       if (!key.startsWith('$$')) throw formatError(what, `${path} mixes the tag '${key}' with other keys`);
       name = key.slice(1);
     }
-    out[name] = fromJson(record[key], `${path}.${name}`, depth + 1, what);
+    const item = record[key];
+    out[name] = item === null || typeof item !== 'object' ? item : fromJson(item, `${path}.${name}`, depth + 1, what);
   }
   return out;
 }

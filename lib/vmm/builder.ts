@@ -4,10 +4,9 @@
 // closed), whatever step failed.
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, memoryMap, writeBootPlan } from '../boot/index.js';
-import { Platform } from '../boot/platform.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
-import { IrqChip, PAGE_SIZE } from '../kvm/constants.js';
-import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type GsiRoute, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { PAGE_SIZE } from '../kvm/constants.js';
+import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
 import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, type CheckedDiskConfig, type DiskConfig, type DiskShape } from './disks.js';
 import { checkVirtioConfig, VirtioDevices, virtioMismatch, vsockConfigFor } from './virtio-devices.js';
@@ -22,27 +21,9 @@ import { abortError, fromThreadFailure } from './errors.js';
 import { startVcpuThread, type VcpuThread } from './pool.js';
 import type { VcpuAssignment, WorkerMessage } from './types.js';
 import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
+import { addRamAndIrqchip, RAM_SLOT, setVmAddresses, type SpareVm } from './spare-vm.js';
 
-// Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
-// below the BIOS area at the top of the 32-bit space, away from guest RAM.
-const TSS_ADDR = 0xfffbd000;
-const IDENTITY_MAP_ADDR = 0xfffbc000;
-/** The one memory slot: all of guest RAM at guest-physical 0. */
-export const RAM_SLOT = 0;
-
-/**
- * GSIs as a PC wires them, as QEMU routes them: ISA IRQs 0-15 to the PICs (IRQ 2 is the cascade)
- * and GSI n to IOAPIC pin n, except the PIT's IRQ 0, which reaches the IOAPIC on pin 2 (the MADT
- * says so with an interrupt source override). KVM's default routing would put it on pin 0.
- */
-export const PC_GSI_ROUTES: readonly GsiRoute[] = [
-  ...Array.from({ length: 16 }, (_, irq) => irq).filter((irq) => irq !== 2).map((irq): GsiRoute => ({
-    gsi: irq, type: 'irqchip', irqchip: irq < 8 ? IrqChip.PicMaster : IrqChip.PicSlave, pin: irq % 8,
-  })),
-  ...Array.from({ length: Platform.ioApicPins }, (_, gsi) => gsi).filter((gsi) => gsi !== Platform.pitGsi).map((gsi): GsiRoute => ({
-    gsi, type: 'irqchip', irqchip: IrqChip.Ioapic, pin: gsi === 0 ? Platform.pitGsi : gsi,
-  })),
-];
+export { PC_GSI_ROUTES, RAM_SLOT } from './spare-vm.js';
 
 // What the host's KVM offers does not change while the process runs: asked once.
 let msrIndexListCache: number[] | null = null;
@@ -132,24 +113,18 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     if (signal?.aborted) throw abortError(signal, abortMessage);
   };
   try {
-    const kvm = Kvm.open(runtime.kvmPath);
+    // A restore whose RAM can be mapped over a slot made ahead takes the pool's spare VM, if it fits.
+    const spare: SpareVm | null = plan.mapMemoryOver && runtime.kvmPath === undefined ? runtime.pool?.takeSpareVm(shape) ?? null : null;
+    const kvm = spare?.kvm ?? Kvm.open(runtime.kvmPath);
     cleanup.unshift(() => kvm.close());
-    const vm = kvm.createVm();
+    const vm = spare?.vm ?? kvm.createVm();
     cleanup.unshift(() => vm.close());
-    vm.setTssAddr(TSS_ADDR);
-    vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
-    const memory = await plan.memory(shape.memoryBytes);
+    if (!spare) setVmAddresses(vm);
+    const memory = spare?.memory ?? await plan.memory(shape.memoryBytes);
     cleanup.unshift(() => memory.close());
+    if (spare) plan.mapMemoryOver!(memory);
+    else addRamAndIrqchip(vm, memory, shape.irqchip);
     checkAborted();
-    // Guest RAM's slot before the interrupt controllers: a slot added to a VM that has them waits
-    // for an RCU grace period (about 6 ms on this host, most of a warm-pool build); added before,
-    // it does not, and KVM takes the controllers after the slots as well as before.
-    vm.setUserMemoryRegion({ slot: RAM_SLOT, guestPhysAddr: 0, memory });
-    if (shape.irqchip) {
-      vm.createIrqChip();
-      vm.setGsiRouting(PC_GSI_ROUTES);
-      vm.createPit2({ speakerDummy: true });
-    }
     // The interrupt controllers' state before the vCPUs': a LAPIC's refers to the IOAPIC's.
     if (plan.state) restoreVmState(vm, plan.state.vm, shape.irqchip);
     const powerOnVm = plan.boot && shape.irqchip ? saveVmState(vm, true) : null;
@@ -250,6 +225,8 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     throw error;
   } finally {
     signal?.removeEventListener('abort', onAbort);
+    // The next spare VM in this shape, once this build is over.
+    runtime.pool?.noteMachineShape(shape);
   }
 }
 

@@ -155,6 +155,12 @@ export interface MachineState {
   running?: boolean;
 }
 
+/**
+ * A machine's state but its devices': the VM's (interrupt controllers, PIT, clock) and the
+ * vCPUs'. A migration sends, checks and applies it first, the devices' state after it.
+ */
+export type CpuState = Omit<MachineState, 'devices'>;
+
 /** How a machine's parts are made: from an image (boot) or for a saved state (no boot). */
 export interface BuildPlan {
   shape: MachineShape;
@@ -163,6 +169,11 @@ export interface BuildPlan {
   cmdline?: string;
   /** Makes guest RAM: a new memfd, or a copy-on-write map of a snapshot. */
   memory: (size: number) => GuestMemory | Promise<GuestMemory>;
+  /**
+   * Puts guest RAM over memory made ahead (a spare VM's placeholder, already in its slot), in
+   * place of memory(): given, a build may take its pool's spare VM (a restore).
+   */
+  mapMemoryOver?: (memory: GuestMemory) => void;
   runtime: MachineRuntimeConfig;
   /** A saved state to build the machine in (a restore): each vCPU is created straight into its own. */
   state?: MachineState;

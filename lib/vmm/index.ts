@@ -11,7 +11,7 @@ export { CONSOLE_BACKLOG_BYTES } from './console.js';
 export { VsockHost } from './vsock-host.js';
 export type { VsockConfig } from '../devices/virtio-vsock.js';
 export { VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES } from '../devices/virtio-mmio.js';
-export { VcpuWorkerPool, startVcpuThread, type VcpuThread, type VcpuThreadMessage } from './pool.js';
+export { VcpuWorkerPool, startVcpuThread, type VcpuThread, type VcpuThreadMessage, type VcpuWorkerPoolOptions } from './pool.js';
 export {
   IoBus, createBusShared, unknownAccesses, MAX_LOGGED_UNKNOWN_PORTS, MAX_LOGGED_UNKNOWN_MMIO,
   type BusShared, type UnknownAccesses, type PortDevice, type MmioDevice,

@@ -14,7 +14,7 @@ import { GuestMemory, kickVcpu, type Kvm, type Vm, type VcpuKickHandle, type Reg
 import { restoreParkedVcpu } from '../kvm/vcpu.js';
 import { buildParts, disksMismatch, RAM_SLOT, type MachineParts, type SerialOutputTarget } from './builder.js';
 import {
-  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState,
+  checkMemoryBytes, checkVcpus, describeShape, type BuildPlan, type MachineConfig, type MultibootModuleConfig, type MachineRunState, type MachineShape, type MachineState, type CpuState,
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { HALTED, PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
@@ -46,7 +46,7 @@ export type { NetConfig, NetShape } from './nets.js';
 export type { DeviceStates } from './devices.js';
 export type { ExitStats, VcpuExitStats, ExitCount } from './exit-stats.js';
 export {
-  MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState,
+  MAX_MEMORY_BYTES, MAX_VCPUS, type MachineConfig, type MachineRuntimeConfig, type MachineRunState, type MachineShape, type MachineState, type CpuState,
   type MultibootModuleConfig,
 } from './config.js';
 export type { MachineConsole } from './console.js';
@@ -85,10 +85,22 @@ export interface MachineInternals {
   pause(saveVcpus: boolean): Promise<RawVcpuState[] | null>;
   /** The whole state (the machine paused or not yet started), with the vCPU states given if any. */
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
+  /** saveState() but the devices' (a migration sends that first), with the vCPU states given if any. */
+  saveCpuState(vcpuStates?: RawVcpuState[] | null): Promise<CpuState>;
+  /** The devices' state (the machine paused or not yet started): the rest of saveState(). */
+  saveDeviceState(): DeviceStates;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
-  /** start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before their threads wake (a migration's answer). */
-  start(paused: boolean, onRunning: (() => void) | null): void;
+  /** applyState() in two steps, the devices' state last: a migration applies the first while the second comes. */
+  applyCpuState(state: CpuState): Promise<void>;
+  applyDeviceState(devices: DeviceStates): void;
+  /**
+   * start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before
+   * their threads wake (a migration's answer). A `rehearsal` makes only its checks and starts
+   * nothing: V8 compiles a function at its first call, and a migration's destination makes that
+   * call before its downtime rather than inside it.
+   */
+  start(paused: boolean, onRunning: (() => void) | null, rehearsal?: boolean): void;
   /**
    * Has every vCPU thread save its state once, between two runs, and the VM and devices theirs: a
    * save inside a later downtime then runs warm code. The state (stale at once: the guest runs
@@ -475,8 +487,9 @@ export class Machine extends EventEmitter {
    * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
    * threads are woken, and before the rest of the bookkeeping.
    */
-  #start(paused: boolean, onRunning: (() => void) | null): void {
+  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
+    if (rehearsal) return;
     // A migration's destination answers here, nothing left that can fail: its write goes before
     // the vCPU threads wake, which on a busy host would take the CPU from it first. What follows
     // is not the guest's downtime.
@@ -552,12 +565,16 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
+    // Kicked at once: the kick's exit is the longest wait of the pause (0.2 ms here), and what
+    // follows is done meanwhile rather than before it (0.09 ms).
+    this.#kickAll();
     // The halt watch's pause is a moment the guest does not see: its clocks run on.
     if (!options.quiet) this.#devices.haltTimers();
-    // Asked only now that the machine is paused: a thread that serves it has run for the last time.
+    // Asked only now that the machine is paused: a thread that serves it has run for the last time
+    // (at the kick's exit if it is there by then, else as it parks).
     const saved = saveVcpus ? this.#saveVcpus() : null;
     saved?.catch(() => {});
-    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0);
+    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
@@ -580,8 +597,8 @@ export class Machine extends EventEmitter {
    * Kicks the vCPUs until every one is parked on the paused state; throws if it ends meanwhile.
    * `blockMs`: first wait that long at most with this thread blocked (see #waitParkedBlocking()).
    */
-  async #parkAll(blockMs = 0): Promise<void> {
-    this.#kickAll();
+  async #parkAll(blockMs = 0, kicked = false): Promise<void> {
+    if (!kicked) this.#kickAll();
     if (blockMs > 0) this.#waitParkedBlocking(blockMs);
     while (Atomics.load(this.#control, PARKED) < this.vcpuCount && Atomics.load(this.#control, STATE) === RunState.Paused) {
       const parked = Atomics.load(this.#control, PARKED);
@@ -813,8 +830,12 @@ export class Machine extends EventEmitter {
       log: this.#log,
       pause: (saveVcpus) => this.#pause(saveVcpus),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
+      saveCpuState: (vcpuStates) => this.#saveCpuState(vcpuStates ?? null),
+      saveDeviceState: () => this.#devices.saveState(),
       applyState: (state) => this.#applyState(state),
-      start: (paused, onRunning) => this.#start(paused, onRunning),
+      applyCpuState: (state) => this.#applyCpuState(state),
+      applyDeviceState: (devices) => this.#applyDeviceState(devices),
+      start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
@@ -872,23 +893,37 @@ export class Machine extends EventEmitter {
 
   /** saveState(), with the vCPU states saved as the machine paused (#pause(true)) if given. */
   async #saveState(vcpuStates: RawVcpuState[] | null): Promise<MachineState> {
+    return { ...(await this.#saveCpuState(vcpuStates)), devices: this.#devices.saveState() };
+  }
+
+  async #saveCpuState(vcpuStates: RawVcpuState[] | null): Promise<CpuState> {
     const state = this.state;
     if (state === 'running') throw machineStateError('machine is running: pause it before saving its state');
     if (state !== 'paused' && state !== 'created') throw machineStateError(`machine is ${state}: it has no state left to save`);
     const vcpus = vcpuStates ?? await this.#saveVcpus();
-    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus, devices: this.#devices.saveState() };
+    return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus };
   }
 
-  #saveVcpus(): Promise<RawVcpuState[]> {
-    return Promise.all(this.#requestPorts.map(async (_, id) => {
+  async #saveVcpus(): Promise<RawVcpuState[]> {
+    let stoppedAtMs = 0;
+    const states = await Promise.all(this.#requestPorts.map(async (_, id) => {
       const reply = await this.#request(id, { type: 'save' });
       if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, reply);
       if (reply.type !== 'saved') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, { error: `it answered '${reply.type}'` });
+      stoppedAtMs = Math.max(stoppedAtMs, reply.stoppedAtMs ?? 0);
       return reply.state;
     }));
+    // With phase timing: the moment the guest stopped running, its last vCPU out (a pause's kick).
+    if (stoppedAtMs > 0) markPhase('vCPUs stopped', stoppedAtMs);
+    return states;
   }
 
   async #applyState(state: MachineState): Promise<void> {
+    await this.#applyCpuState(state);
+    this.#applyDeviceState(state.devices);
+  }
+
+  async #applyCpuState(state: CpuState): Promise<void> {
     const mine = this.shape;
     if (state.shape.memoryBytes !== mine.memoryBytes || state.shape.vcpus !== mine.vcpus || state.shape.irqchip !== mine.irqchip) {
       throw argValueError(`the saved state is for ${describeShape(state.shape)}, this machine is ${describeShape(mine)}`);
@@ -931,7 +966,10 @@ export class Machine extends EventEmitter {
       }));
     }
     markPhase('vCPU states applied');
-    this.#devices.restoreState(state.devices);
+  }
+
+  #applyDeviceState(devices: DeviceStates): void {
+    this.#devices.restoreState(devices);
     markPhase('device states applied');
   }
 

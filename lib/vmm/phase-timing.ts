@@ -20,9 +20,14 @@ export function phaseTimingEnabled(): boolean {
   return enabled;
 }
 
-/** Notes that step `name` ends now (nothing when off). */
-export function markPhase(name: string): void {
-  if (enabled) marks.push({ name, atMs: performance.timeOrigin + performance.now() });
+/** The clock the notes use: wall-clock ms, fractional (the same in every thread and process of a host). */
+export function phaseClockMs(): number {
+  return performance.timeOrigin + performance.now();
+}
+
+/** Notes that step `name` ends now, or ended at `atMs` (phaseClockMs()); nothing when off. */
+export function markPhase(name: string, atMs = phaseClockMs()): void {
+  if (enabled) marks.push({ name, atMs });
 }
 
 /** Starts a new breakdown, dropping the notes so far. */

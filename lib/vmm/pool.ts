@@ -3,8 +3,30 @@
 // return them when they stop.
 import { startVcpuThread, type VcpuThread } from './vcpu-thread.js';
 import { ErrorCode, argTypeError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
+import { SpareVm, type SpareVmShape } from './spare-vm.js';
 
 export { startVcpuThread, watchVcpuThread, type VcpuThread, type VcpuThreadMessage } from './vcpu-thread.js';
+
+/**
+ * How long after a machine was built (one that took the spare VM, or the first of its shape) the
+ * next spare is made: after the caller has started it and its guest runs, which the main
+ * thread's ~1 ms of ioctls (more while the host's grace periods are slow) would otherwise delay.
+ */
+const SPARE_VM_DELAY_MS = 25;
+
+/** VcpuWorkerPool.create() and start() options. */
+export interface VcpuWorkerPoolOptions {
+  /**
+   * Keep one spare VM (the VM, guest RAM's memory slot over placeholder RAM, the in-kernel
+   * interrupt controllers, GSI routing and PIT) for the next restore from a snapshot with this
+   * pool (Machine.restore(path, { pool })), in the RAM size and irqchip setting of the last
+   * machine built with the pool; made in the background once such a machine has been built, and
+   * again each time a restore takes it. A restore that finds none ready, or one that does not fit,
+   * builds its VM as without the option (the unfit one is closed, and the next is made to fit).
+   * close() closes it. Default false.
+   */
+  spareVm?: boolean;
+}
 
 /** vCPU threads started ahead of time (VcpuWorkerPool.create()) and lent to machines (MachineConfig.pool), which return them when they end: a machine then starts without waiting for its threads. */
 export class VcpuWorkerPool {
@@ -13,12 +35,19 @@ export class VcpuWorkerPool {
   /** Still loading and not taken: handed out before new threads are started. */
   readonly #starting: VcpuThread[] = [];
   #closed = false;
+  readonly #keepSpareVm: boolean;
+  #spareVm: SpareVm | null = null;
+  /** The shape the next spare VM is made in (the last machine's), once one was seen. */
+  #spareShape: SpareVmShape | null = null;
+  #spareTimer: NodeJS.Timeout | null = null;
 
-  private constructor() {}
+  private constructor(options: VcpuWorkerPoolOptions) {
+    this.#keepSpareVm = options.spareVm === true;
+  }
 
   /** A pool with `size` threads started and idle. */
-  static async create(size: number): Promise<VcpuWorkerPool> {
-    const pool = VcpuWorkerPool.start(size);
+  static async create(size: number, options: VcpuWorkerPoolOptions = {}): Promise<VcpuWorkerPool> {
+    const pool = VcpuWorkerPool.start(size, [], options);
     try {
       await Promise.all(pool.#starting.map((thread) => thread.loaded));
     } catch (error) {
@@ -35,10 +64,12 @@ export class VcpuWorkerPool {
    * `size` and belong to the pool from here on. A thread that fails to load fails the machine
    * that took it.
    */
-  static start(size: number, started: readonly VcpuThread[] = []): VcpuWorkerPool {
+  static start(size: number, started: readonly VcpuThread[] = [], options: VcpuWorkerPoolOptions = {}): VcpuWorkerPool {
     if (!Number.isInteger(size) || size < 0 || size > 1024) throw (typeof size === 'number' ? outOfRangeError : argTypeError)(`size must be an integer 0..1024, got ${String(size)}`);
     if (!Array.isArray(started)) throw argTypeError('started must be an array of vCPU threads');
-    const pool = new VcpuWorkerPool();
+    if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
+    if (options.spareVm !== undefined && typeof options.spareVm !== 'boolean') throw argTypeError(`options.spareVm must be a boolean, got ${typeof options.spareVm}`);
+    const pool = new VcpuWorkerPool(options);
     for (const thread of started) pool.#adopt(thread);
     for (let i = started.length; i < size; i++) pool.#adopt(startVcpuThread());
     return pool;
@@ -93,9 +124,91 @@ export class VcpuWorkerPool {
     for (const thread of threads) this.#adopt(thread);
   }
 
-  /** Ends the idle threads and those still loading (once they have), and waits until they have. */
+  /** Whether a spare VM is made and waiting (spareVm option). */
+  get spareVmReady(): boolean {
+    return this.#spareVm !== null;
+  }
+
+  /**
+   * Makes the spare VM now, for machines of `shape.memoryBytes` of RAM with (default) or without
+   * the in-kernel irqchip, in place of one of another shape: for the first restore, before any
+   * machine has shown the pool its shape. Nothing is done if the spare there fits already. Needs
+   * the spareVm option (ERR_INVALID_STATE without it, or once closed); throws what creating the
+   * VM throws, with nothing kept.
+   */
+  makeSpareVm(shape: { memoryBytes: number; irqchip?: boolean }): void {
+    if (this.#closed) throw new NodeKvmError(ErrorCode.InvalidState, 'the vCPU pool is closed');
+    if (!this.#keepSpareVm) throw new NodeKvmError(ErrorCode.InvalidState, 'this pool keeps no spare VM (VcpuWorkerPool.create(size, { spareVm: true }))');
+    if (typeof shape !== 'object' || shape === null) throw argTypeError('shape must be an object with memoryBytes');
+    const memoryBytes = shape.memoryBytes;
+    // (Not config.ts's check, which imports this file's type: the upper bound is GuestMemory's.)
+    if (!Number.isSafeInteger(memoryBytes) || memoryBytes < 1 << 20 || memoryBytes % (1 << 20) !== 0) {
+      throw (typeof memoryBytes === 'number' ? outOfRangeError : argTypeError)(`shape.memoryBytes must be a positive multiple of 1 MiB, got ${String(memoryBytes)}`);
+    }
+    const wanted = { memoryBytes, irqchip: shape.irqchip ?? true };
+    if (typeof wanted.irqchip !== 'boolean') throw argTypeError(`shape.irqchip must be a boolean, got ${typeof wanted.irqchip}`);
+    this.#spareShape = wanted;
+    if (this.#spareVm?.fits(wanted)) return;
+    this.#spareVm?.close();
+    this.#spareVm = null;
+    this.#spareVm = SpareVm.create(wanted);
+  }
+
+  /**
+   * @internal For the machine builder: the spare VM if it fits a machine of `shape` (it is the
+   * caller's from now on), else null (an unfit one is closed). A pool without the spareVm option
+   * returns null. The builder calls noteMachineShape() once done.
+   */
+  takeSpareVm(shape: SpareVmShape): SpareVm | null {
+    if (!this.#keepSpareVm || this.#closed) return null;
+    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip };
+    let taken = this.#spareVm;
+    this.#spareVm = null;
+    if (taken && !taken.fits(shape)) {
+      taken.close();
+      taken = null;
+    }
+    return taken;
+  }
+
+  /**
+   * @internal For the machine builder: a machine of `shape` was built (or failed to be): the
+   * spare VM is made in its shape, in the background, if there is none of it yet. Not during the
+   * build, whose main thread its ioctls would hold up.
+   */
+  noteMachineShape(shape: SpareVmShape): void {
+    if (!this.#keepSpareVm || this.#closed) return;
+    if (this.#spareVm?.fits(shape)) return;
+    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip };
+    this.#makeSpareSoon();
+  }
+
+  #makeSpareSoon(): void {
+    if (this.#spareTimer) return;
+    this.#spareTimer = setTimeout(() => {
+      this.#spareTimer = null;
+      const shape = this.#spareShape;
+      if (this.#closed || !shape || this.#spareVm?.fits(shape)) return;
+      this.#spareVm?.close();
+      this.#spareVm = null;
+      try {
+        this.#spareVm = SpareVm.create(shape);
+      } catch {
+        // No spare then (say /dev/kvm is full or gone): a restore builds its VM itself, and
+        // reports what fails there.
+      }
+    }, SPARE_VM_DELAY_MS);
+    // A pool waiting to make its spare does not keep the process alive.
+    this.#spareTimer.unref();
+  }
+
+  /** Ends the idle threads and those still loading (once they have), and waits until they have; closes the spare VM. */
   async close(): Promise<void> {
     this.#closed = true;
+    if (this.#spareTimer) clearTimeout(this.#spareTimer);
+    this.#spareTimer = null;
+    this.#spareVm?.close();
+    this.#spareVm = null;
     const threads = [...this.#idle.splice(0), ...this.#starting.splice(0)];
     // A thread still loading takes the message once it has.
     for (const thread of threads) thread.send({ type: 'quit' });

@@ -84,7 +84,8 @@ export type VcpuRequest =
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
 
 export type VcpuReply =
-  | { seq: number; type: 'saved'; state: RawVcpuState }
+  /** `stoppedAtMs`: with NODE_KVM_PHASE_TIMING=1, when a pause's kick took the vCPU out of the guest (phase-timing.ts clock). */
+  | { seq: number; type: 'saved'; state: RawVcpuState; stoppedAtMs?: number }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }

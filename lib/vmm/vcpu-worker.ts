@@ -5,7 +5,7 @@ import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
 import { ExitReason } from '../kvm/constants.js';
-import { setThreadAffinity, setThreadName } from '../kvm/thread.js';
+import { setThreadAffinity, setThreadBatch, setThreadName } from '../kvm/thread.js';
 import { decodeCpuid, encodeCpuid } from '../kvm/lists.js';
 import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { CpuidEntry } from '../kvm/structs.js';
@@ -25,6 +25,9 @@ import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } fro
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
 import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import { phaseClockMs, phaseTimingEnabled } from './phase-timing.js';
+
+const phaseTiming = phaseTimingEnabled();
 
 const port = parentPort;
 if (!port) throw new NodeKvmError(ErrorCode.WorkerInitFailed, 'vcpu-worker runs in a worker thread');
@@ -88,7 +91,7 @@ function runAssignment(assignment: VcpuAssignment): void {
 
   using vcpu = vm.createVcpu(id);
   const thread: VcpuThreadState = {
-    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null,
+    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null, stoppedAtMs: 0,
     slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false, powerOn: null,
   };
   if (assignment.restore) {
@@ -107,10 +110,18 @@ function runAssignment(assignment: VcpuAssignment): void {
   // gave the vCPU (a restored one has no image to boot again).
   if (!assignment.restore && assignment.boot) thread.powerOn = readPowerOnState(vcpu, assignment.irqchip);
   try {
-    if (!waitWhileNotRunning(control, serve)) return;
+    // Until the machine starts, as SCHED_BATCH: woken by start(), this thread does not take the
+    // CPU from the main thread, which has the rest of start() to do (on a host with every CPU
+    // busy, a woken thread would, for a slice of a few ms). The guest runs with the usual policy:
+    // its thread, woken (a halt's interrupt), takes the CPU.
+    setThreadBatch(true);
+    const started = waitWhileNotRunning(control, serve);
+    setThreadBatch(false);
+    if (!started) return;
     if (thread.halted && !haltUntilStopped(thread, serve)) return;
     runLoop(thread, serve);
   } finally {
+    setThreadBatch(false);
     thread.trace?.flush();
     assignment.requests.close();
   }
@@ -130,6 +141,8 @@ interface VcpuThreadState {
   halted: boolean;
   /** The MSRs a save reads (readableMsrs(), probed at the first save). */
   savedMsrs: Uint32Array | null;
+  /** With phase timing on: when the last kick took the vCPU out of the guest for a pause (0: not paused). */
+  stoppedAtMs: number;
   /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
   cpuid: CpuidEntry[] | Uint8Array | null;
   /** Exit counters (exit-stats.ts) while someone asked for them. */
@@ -175,7 +188,8 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
-        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread) };
+        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread), ...(thread.stoppedAtMs !== 0 ? { stoppedAtMs: thread.stoppedAtMs } : {}) };
+        thread.stoppedAtMs = 0;
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       } else if (request.type === 'restored') {
@@ -316,6 +330,8 @@ const instrumented = (thread: VcpuThreadState): boolean => thread.stats !== null
  * counting on or off), and the halt watch's question.
  */
 function onKick(thread: VcpuThreadState): void {
+  // When the guest stopped for a pause, for the downtime's breakdown (the save at this kick carries it).
+  if (phaseTiming) thread.stoppedAtMs = Atomics.load(thread.control, STATE) === RunState.Running ? 0 : phaseClockMs();
   serveRequests(thread, true);
   if (thread.haltProbe) answerHaltProbe(thread.haltProbe, thread.vcpu, thread.assignment.vcpuId);
   // While a migration throttles the guest (throttle.ts), each kick may be the throttle's tick.

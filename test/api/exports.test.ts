@@ -29,7 +29,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
   Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
-  GuestMemory: 'function', Userfaultfd: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
+  GuestMemory: 'function', Userfaultfd: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', setThreadBatch: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
   DirtyLogManual: 'object', DirtyGfnFlag: 'object', IrqChip: 'object', MpState: 'object', GuestDebugFlag: 'object', Msr: 'object',

@@ -52,6 +52,26 @@ t.test('saveState holds what the single ioctls read; restoreState puts it back',
   t.same(vcpu.getRegs(), regs, 'registers back through restoreParkedVcpu');
 });
 
+t.test('the TSC rate a save carries is the one the vCPU has, also after it is set between saves', { skip: noKvm }, async (t) => {
+  const { m, cpuid, msrs } = machine(t);
+  const { vcpu } = m;
+  const save = () => vcpu.saveState(msrs, cpuid, { lapic: true, vmmHalted: false });
+  const khz = vcpu.getTscKhz();
+  t.equal(vcpuStateBlobHeader(save()).tscKhz, khz, 'the rate KVM gives');
+  t.equal(vcpuStateBlobHeader(save()).tscKhz, khz, 'the same at the next save');
+  // A faster rate needs no TSC scaling (KVM catches up); the rate remembered between saves is
+  // forgotten once it is set.
+  vcpu.setTscKhz(khz * 2);
+  const atDouble = save();
+  t.equal(vcpuStateBlobHeader(atDouble).tscKhz, khz * 2, 'the new rate after setTscKhz()');
+  vcpu.setTscKhz(khz);
+  t.equal(vcpuStateBlobHeader(save()).tscKhz, khz, 'and the first one again');
+  // A restore of a state saved at another rate sets that rate: the next save says so.
+  vcpu.restoreState(atDouble, cpuid, true);
+  t.equal(vcpu.getTscKhz(), khz * 2, 'the restore set the saved rate');
+  t.equal(vcpuStateBlobHeader(save()).tscKhz, khz * 2, 'and the next save carries it');
+});
+
 t.test('a damaged state is refused whole, before any ioctl', { skip: noKvm }, async (t) => {
   const { m, cpuid, msrs } = machine(t);
   const { vcpu } = m;

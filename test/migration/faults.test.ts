@@ -135,6 +135,26 @@ t.test('corrupted bytes in page data: checksum error at the destination, the sou
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in Pages section/ }, 'the destination fails with why');
 });
 
+t.test('a damaged device state, after the VM and vCPU states the destination may have applied: it fails cleanly, the source runs on', { skip: noKvm }, async (t) => {
+  // The VM's and the vCPUs' state come in a write of their own, applied as soon as they are in;
+  // the devices' state, in the next write, is damaged on its way.
+  let patched = false;
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
+    tamper: (chunk) => {
+      const at = patched ? -1 : chunk.indexOf('{"serial":');
+      if (at >= 0) {
+        chunk[at + 4] ^= 0x01;
+        patched = true;
+      }
+      return chunk;
+    },
+  });
+  t.ok(patched, 'the device state was damaged on its way');
+  t.match(error?.message, /checksum mismatch in DeviceState section/);
+  await assertStillRunning(t, source);
+  await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in DeviceState section/ }, 'the destination fails with why');
+});
+
 t.test('a stream cut short: the destination reports it truncated, the source runs on', { skip: noKvm }, async (t) => {
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
     tamper: (chunk, offset, cut) => {

@@ -1,0 +1,174 @@
+// VcpuWorkerPool's spare VM (spareVm option): a restore from a snapshot with the pool takes it
+// (guest RAM mapped over its placeholder, the guest's count going on), the next one is made in
+// the background, one that does not fit is closed and the restore builds its own VM, and no VM
+// fd is left once the machines stop and the pool closes.
+import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { Machine, VcpuWorkerPool } from '../../lib/index.js';
+import { noKvm } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
+import { serialCollector } from '../helpers/serial-collector.js';
+
+/** How many KVM VM fds this process holds. */
+function vmFds(): number {
+  let count = 0;
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:kvm-vm') count++;
+    } catch {
+      // closed between the listing and the look
+    }
+  }
+  return count;
+}
+
+/** Until `done()` holds, looked at each few ms (the pool makes its spare on a timer of its own); fails after 5 s. */
+async function until(t: Test, done: () => boolean, what: string): Promise<void> {
+  const deadline = performance.now() + 5000;
+  while (!done()) {
+    if (performance.now() > deadline) {
+      t.fail(`timed out waiting for ${what}`);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+function scratchDir(t: Test): string {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-spare-vm-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A dirtier of `memoryBytes` snapshotted paused (pool: the one given): the file, its memory hash, what it had printed. */
+async function dirtierSnapshot(file: string, memoryBytes: number, pool: VcpuWorkerPool) {
+  const source = await startDirtier({ memoryBytes, config: { pool } });
+  try {
+    await source.waitForOutput('pass 2 ok\n');
+    await source.machine.pause();
+    await source.machine.snapshot(file);
+    return { path: file, hash: memoryHash(source.machine.memory), output: source.output() };
+  } finally {
+    await source.machine.stop();
+  }
+}
+
+/** Restores `snap` with `pool` and runs it two passes on: the count must go on unbroken. */
+async function restoreAndRun(t: Test, snap: { path: string; hash: string; output: string }, pool: VcpuWorkerPool, onRestored = (_machine: Machine) => {}): Promise<Machine> {
+  const serial = serialCollector();
+  const machine = await Machine.restore(snap.path, { pool, serial: { output: serial.sink }, log: () => {} });
+  onRestored(machine);
+  t.equal(memoryHash(machine.memory), snap.hash, 'the restored memory hashes the same as at the snapshot');
+  machine.start();
+  await serial.waitForPass(lastPass(snap.output) + 2);
+  const all = snap.output + serial.output();
+  t.ok(isUnbrokenCount(all), `the count continues with no gap, restart or BAD: ${JSON.stringify(all.slice(-80))}`);
+  await machine.stop();
+  return machine;
+}
+
+t.test('a restore takes the spare VM; the next is made in the background; close() frees it', { skip: noKvm }, async (t) => {
+  const before = vmFds();
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  t.teardown(() => pool.close());
+  const dir = scratchDir(t);
+  t.equal(pool.spareVmReady, false, 'none before any machine was built');
+  const snap = await dirtierSnapshot(path.join(dir, 'a.snap'), 32 * MiB, pool);
+  await until(t, () => pool.spareVmReady, 'the spare VM in the shape of the machine built');
+  t.equal(vmFds(), before + 1, 'the spare VM holds one VM fd');
+
+  const serial = serialCollector();
+  const machine = await Machine.restore(snap.path, { pool, serial: { output: serial.sink }, log: () => {} });
+  t.equal(pool.spareVmReady, false, 'the restore took the spare');
+  t.equal(machine.memory.backing, 'file', 'guest RAM is the snapshot file mapped over the spare\'s placeholder');
+  t.equal(memoryHash(machine.memory), snap.hash, 'the restored memory hashes the same as at the snapshot');
+  machine.start();
+  await serial.waitForPass(lastPass(snap.output) + 2);
+  const all = snap.output + serial.output();
+  t.ok(isUnbrokenCount(all), `the count continues with no gap, restart or BAD: ${JSON.stringify(all.slice(-80))}`);
+  await until(t, () => pool.spareVmReady, 'the next spare VM');
+  t.equal(vmFds(), before + 2, 'the running machine\'s VM and the new spare');
+  await machine.stop();
+  t.equal(vmFds(), before + 1, 'the stopped machine gave its VM back');
+
+  // A second restore takes the spare made in the background.
+  await restoreAndRun(t, snap, pool);
+  await pool.close();
+  t.equal(pool.spareVmReady, false);
+  t.equal(vmFds(), before, 'no VM fd is left once the pool is closed');
+});
+
+t.test('a spare VM that does not fit is closed; the restore builds its own, the next spare fits', { skip: noKvm }, async (t) => {
+  const before = vmFds();
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  t.teardown(() => pool.close());
+  const dir = scratchDir(t);
+  const snap = await dirtierSnapshot(path.join(dir, 'b.snap'), 48 * MiB, pool);
+  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  t.equal(pool.spareVmReady, true, 'made at once');
+  t.equal(vmFds(), before + 1);
+
+  const restored = await restoreAndRun(t, snap, pool, (machine) => {
+    t.equal(machine.memory.backing, 'file', 'guest RAM mapped from the snapshot');
+    t.equal(pool.spareVmReady, false, 'the unfit spare was closed, not kept');
+    t.equal(vmFds(), before + 1, 'the machine\'s own VM only');
+  });
+  t.equal(restored.memoryBytes, 48 * MiB);
+  await until(t, () => pool.spareVmReady, 'a spare VM of the restored shape');
+  t.equal(vmFds(), before + 1, 'only the new spare VM is open');
+  await restoreAndRun(t, snap, pool, () => {
+    t.equal(pool.spareVmReady, false, 'taken by the second restore');
+    t.equal(vmFds(), before + 1, 'the machine\'s VM, which was the spare');
+  });
+
+  // One that fits already is kept as it is; a pool closed or without the option refuses.
+  await until(t, () => pool.spareVmReady, 'the spare after the second restore');
+  pool.makeSpareVm({ memoryBytes: 48 * MiB });
+  t.equal(vmFds(), before + 1, 'makeSpareVm() of the shape there makes no second VM');
+  t.throws(() => pool.makeSpareVm({ memoryBytes: 3 }), { code: 'ERR_OUT_OF_RANGE' });
+  await pool.close();
+  t.equal(vmFds(), before, 'no VM fd is left once the pool is closed');
+  t.throws(() => pool.makeSpareVm({ memoryBytes: 32 * MiB }), { code: 'ERR_INVALID_STATE', message: /closed/ });
+  const plain = VcpuWorkerPool.start(0);
+  t.throws(() => plain.makeSpareVm({ memoryBytes: 32 * MiB }), { code: 'ERR_INVALID_STATE', message: /spareVm/ });
+  t.throws(() => VcpuWorkerPool.start(0, [], { spareVm: 'yes' as unknown as boolean }), { code: 'ERR_INVALID_ARG_TYPE' });
+  await plain.close();
+});
+
+t.test('a diff snapshot restored into the spare VM: its pages over the base image', { skip: noKvm }, async (t) => {
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  t.teardown(() => pool.close());
+  const dir = scratchDir(t);
+  const source = await startDirtier({ memoryBytes: 32 * MiB, config: { pool } });
+  let snap: { path: string; hash: string; output: string };
+  try {
+    await source.waitForOutput('pass 2 ok\n');
+    await source.machine.pause();
+    await source.machine.snapshot(path.join(dir, 'base.snap'));
+    source.machine.resume();
+    await source.waitForOutput(`pass ${lastPass(source.output()) + 2} ok\n`);
+    await source.machine.pause();
+    await source.machine.snapshot(path.join(dir, 'diff.snap'), { diff: true });
+    snap = { path: path.join(dir, 'diff.snap'), hash: memoryHash(source.machine.memory), output: source.output() };
+  } finally {
+    await source.machine.stop();
+  }
+  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  await restoreAndRun(t, snap, pool, () => t.equal(pool.spareVmReady, false, 'the restore took the spare'));
+});
+
+t.test('a restore that fails after taking the spare VM closes it', { skip: noKvm }, async (t) => {
+  const before = vmFds();
+  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
+  t.teardown(() => pool.close());
+  const dir = scratchDir(t);
+  const snap = await dirtierSnapshot(path.join(dir, 'c.snap'), 32 * MiB, pool);
+  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  // An exit trace file that cannot be made fails the build once the machine's parts are made.
+  await t.rejects(Machine.restore(snap.path, { pool, traceExits: path.join(dir, 'no-such-dir', 'exits.trace'), log: () => {} }), { code: 'ENOENT' });
+  t.equal(pool.spareVmReady, false, 'the spare was taken');
+  await pool.close();
+  t.equal(vmFds(), before, 'the failed restore closed the VM it took');
+});
