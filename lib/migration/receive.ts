@@ -276,6 +276,7 @@ export async function receiveMigration(
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
     let rehearsing: Promise<void> | null = null;
+    let stopCopy = false;
     const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
@@ -315,6 +316,9 @@ export async function receiveMigration(
           // The round's pages in guest RAM before the answer: the source pauses its guest on it,
           // and the writer's backlog would otherwise be waited for inside the downtime.
           writer.drain();
+          // What follows (the last pages, with the guest paused) is written here, at once: a
+          // hand-off to the writer's thread would add its wake-ups to the downtime.
+          stopCopy = true;
           // The source pauses its guest as soon as it has the answer: rehearse the state's
           // parsing and applying first (out of this parse), so that the code is warm when the
           // state comes and the dry run does not compete with the source's pause for the CPUs.
@@ -336,7 +340,7 @@ export async function receiveMigration(
       const pages = postcopy as PostcopyPages | null;
       // Post-copy's own buffers, or (null) the 4 MiB one, whose data it stages.
       if (pages) return pages.readBuffer();
-      return memory.fd >= 0 ? writer.nextBuffer() : null;
+      return memory.fd >= 0 && !stopCopy ? writer.nextBuffer() : null;
     });
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
