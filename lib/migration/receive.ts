@@ -15,7 +15,6 @@ import {
   SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync,
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
-import { PageWriter } from './page-writer.js';
 import { warmUpPageStream } from './page-stream-warm-up.js';
 import { rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
@@ -43,8 +42,6 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
   if (config.vcpus !== undefined) checkVcpus(config.vcpus);
   // Refused connections are worth a line wherever the machine's warnings go.
   config = { ...config, log: config.log ?? logToStderr };
-  // Its thread starts beside the machine's build, not beside the migration.
-  const writer = new PageWriter(config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS);
   const newMemory = (size: number) => {
     const memory = GuestMemory.create(size, { backing: 'memfd' });
     // The stream is parsed into guest RAM from JavaScript: its ArrayBuffer now, and with it the
@@ -74,7 +71,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
     await prebuilt.catch(() => null);
   }
   try {
-    return await receiveMigration(address, config, writer, async (shape, handover) => {
+    return await receiveMigration(address, config, async (shape, handover) => {
       checkMemoryBytes(shape.memoryBytes);
       checkVcpus(shape.vcpus);
       let machine: Machine | null = prebuilt ? await prebuilt.catch(() => null) : null;
@@ -199,34 +196,24 @@ export interface IncomingTarget {
   machine: Machine;
 }
 
-/** `writer` takes the page data into guest RAM; receiveMigration() closes it, however it ends. */
 export async function receiveMigration(
   addressText: string,
   config: IncomingConfig,
-  writer: PageWriter,
   build: (shape: MachineShape, handover?: LocalHandover) => Promise<IncomingTarget>,
 ): Promise<Machine> {
+  const address = parseMigrationAddress(addressText);
   const signal = config.signal;
   const stallTimeoutMs = config.timeoutMs ?? DEFAULT_MIGRATION_TIMEOUT_MS;
   let listeningAt = addressText;
-  let socket: Socket;
-  try {
-    const address = parseMigrationAddress(addressText);
-    warmUpPageStream();
-    warmUpStreamEnd();
-    // A source that connects then finds it running: its start would take a CPU from the handshake.
-    await writer.online;
-    socket = await listenForMigration(address, {
-      token: config.token,
-      timeoutMs: config.timeoutMs,
-      signal,
-      onListening: (bound) => config.onListening?.((listeningAt = formatMigrationAddress(bound))),
-      onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
-    });
-  } catch (error) {
-    writer.close();
-    throw error;
-  }
+  warmUpPageStream();
+  warmUpStreamEnd();
+  let socket: Socket = await listenForMigration(address, {
+    token: config.token,
+    timeoutMs: config.timeoutMs,
+    signal,
+    onListening: (bound) => config.onListening?.((listeningAt = formatMigrationAddress(bound))),
+    onRejected: (reason, peer) => config.log?.(`refused a migration connection from ${peer}: ${reason}`),
+  });
   socket.on('error', () => {}); // failures surface through the reads below
   enlargeSocketBuffers(socket);
   const what = `receiving a migration on ${addressText}`;
@@ -261,7 +248,6 @@ export async function receiveMigration(
     markPhase('destination: stream announced');
     if (header.kind === 'local-migration') {
       aborted.dispose();
-      writer.close();
       return await receiveLocalMigration({ socket, source, header, shape, config, stallTimeoutMs, what, build });
     }
     target = await build(shape);
@@ -269,14 +255,12 @@ export async function receiveMigration(
     throwIfAborted(signal, what);
     const memory = target.memory;
     const ram = memory.bytes();
-    if (memory.fd >= 0) writer.attach(memory.fd);
     const state = new StateSectionReader('the migration stream', header.vcpuCount);
     let accepted = false;
     let syncsOwed = 0;
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
     let rehearsing: Promise<void> | null = null;
-    let stopCopy = false;
     const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
@@ -285,40 +269,26 @@ export async function receiveMigration(
     const sections = receiveSections(socket, leftover, {
       memoryBytes: ram.length,
       // Into a memfd, pwrite: the kernel allocates and fills each page in one step, a third faster
-      // here than a page fault per fresh page followed by a copy; on the writer's thread, while
-      // this one reads and checks the next bytes. Large zero ranges become holes.
+      // here than a page fault per fresh page followed by a copy. Large zero ranges become holes.
       writePages: memory.fd >= 0
         ? (guestPhysAddr, data) => {
           if (postcopy) return postcopy.target.writePages!(guestPhysAddr, data);
-          if (writer.write(guestPhysAddr, data)) return;
-          // Bytes that came before the socket read into the writer's buffers: after what it has.
-          writer.drain();
           for (let written = 0; written < data.length;) written += writeSync(memory.fd, data, written, data.length - written, guestPhysAddr + written);
         }
         : (guestPhysAddr, data) => ram.set(data, guestPhysAddr),
       zeroPages: (guestPhysAddr, byteLength) => {
-        if (postcopy) return postcopy.target.zeroPages!(guestPhysAddr, byteLength);
-        // After the data the writer still holds for these pages (sent before, in an earlier round).
-        writer.drain();
-        if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
+        if (postcopy) postcopy.target.zeroPages!(guestPhysAddr, byteLength);
+        else if (byteLength >= 64 * 1024) memory.dontneed(guestPhysAddr, byteLength);
         else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
       },
       pagesDone: (counts) => postcopy?.target.pagesDone!(counts),
       section: (section) => {
         if (section.type === SectionType.Postcopy && !postcopy && state.complete) {
           if (memory.fd < 0) throw new MigrationError(Code.Format, 'post-copy needs guest RAM in a memfd');
-          // From here on guest RAM is written only through the userfaultfd; what the writer holds
-          // lands first (post-copy then punches out the pages the source names as lacking).
-          writer.drain();
+          // From here on guest RAM is written only through the userfaultfd.
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
         } else if (section.type === SectionType.Sync) {
-          // The round's pages in guest RAM before the answer: the source pauses its guest on it,
-          // and the writer's backlog would otherwise be waited for inside the downtime.
-          writer.drain();
-          // What follows (the last pages, with the guest paused) is written here, at once: a
-          // hand-off to the writer's thread would add its wake-ups to the downtime.
-          stopCopy = true;
           // The source pauses its guest as soon as it has the answer: rehearse the state's
           // parsing and applying first (out of this parse), so that the code is warm when the
           // state comes and the dry run does not compete with the source's pause for the CPUs.
@@ -336,12 +306,7 @@ export async function receiveMigration(
           if (state.cpuComplete) cpuArrived();
         }
       },
-    }, stallTimeoutMs, signal, what, () => {
-      const pages = postcopy as PostcopyPages | null;
-      // Post-copy's own buffers, or (null) the 4 MiB one, whose data it stages.
-      if (pages) return pages.readBuffer();
-      return memory.fd >= 0 && !stopCopy ? writer.nextBuffer() : null;
-    });
+    }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
     socket = sections.socket;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
@@ -365,8 +330,6 @@ export async function receiveMigration(
     await rehearsing;
     await target.applyCpu(cpu);
     await Promise.race([sections.ended, begun]);
-    // Every page written before the guest's state is applied (what a write failed with fails it).
-    writer.drain();
     const complete = { ...cpu, devices: checkDeviceStates(state.finish().devices, 'the migration stream') };
     markPhase('destination: state checked');
     await target.apply(complete, true);
@@ -388,7 +351,6 @@ export async function receiveMigration(
       guestRunsHere = true;
       // A failed write is a break, which the post-copy loop sees on the connection.
       await (answered as Promise<void> | null)?.catch(() => {});
-      writer.close();
       const machine = target.machine;
       config.onPostcopy?.({ machine, missingPages: pages.lackingCount });
       await runPostcopyDestination({
@@ -399,8 +361,6 @@ export async function receiveMigration(
       return machine;
     }
     await answered;
-    // Idle since the stream ended: its thread goes now that the source's downtime is over.
-    writer.close();
     socket.end();
     return target.machine;
   } catch (error) {
@@ -408,8 +368,6 @@ export async function receiveMigration(
     // The guest has run here: it is never thrown away (a PostcopyPausedError holds it, paused).
     if (guestRunsHere) throw error;
     (postcopy as PostcopyPages | null)?.close();
-    // Nothing may reach the memfd once the machine is discarded.
-    writer.close();
     const message = (error as Error)?.message ?? String(error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();
