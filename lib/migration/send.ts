@@ -245,8 +245,22 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   let pausedAt = 0;
   let disksReleased = false;
   let postcopyStarted = false;
+  const startTracking = (): DirtyTracker => {
+    const started = source.startTracking();
+    // The first pass reads every page that may hold data after this point: what the VMM marked
+    // before (the loader's writes, say) must not come round again in the next harvest.
+    started.harvest();
+    markPhase('source: dirty tracking on');
+    return started;
+  };
+  let trackingEarly: DirtyTracker | undefined;
   try {
-    socket = await connectForMigration(address, { token: opts.token, timeoutMs: opts.timeoutMs, signal: opts.signal });
+    socket = await connectForMigration(address, {
+      token: opts.token, timeoutMs: opts.timeoutMs, signal: opts.signal,
+      // While the destination checks the hello: 0.3-3 ms of ioctls off the migration's path.
+      // Nothing of the guest's is sent before the destination has proved itself all the same.
+      whileVerified: () => void (trackingEarly = startTracking()),
+    });
     socket.on('error', () => {}); // failures surface through the reads and writes below
     markPhase('source: connected');
     enlargeSocketBuffers(socket);
@@ -266,11 +280,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // answer is checked before the guest pauses.
     const accepted = unlessAborted(replies.expectAccept(opts.timeoutMs));
     accepted.then(() => markPhase('source: accepted'), () => {});
-    const tracker = source.startTracking();
-    // The first pass reads every page that may hold data after this point: what the VMM marked
-    // before (the loader's writes, say) must not come round again in the next harvest.
-    tracker.harvest();
-    markPhase('source: dirty tracking on');
+    const tracker = trackingEarly ?? startTracking();
     stats.setupTimeMs = performance.now() - started;
     progress('setup');
 

@@ -6,7 +6,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { checkAddress, formatMigrationAddress, listenOnPrivateUnixSocket, type MigrationAddress } from './addresses.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, throwIfAborted } from './errors.js';
-import { Deadline, acceptHandshake, describeError, offerHandshake, warmUpHandshake } from './handshake.js';
+import { Deadline, acceptHandshake, describeError, offerHandshake, rehearseHandshake, warmUpHandshake } from './handshake.js';
 
 export {
   formatMigrationAddress, listenOnPrivateUnixSocket, parseMigrationAddress, type MigrationAddress,
@@ -92,6 +92,7 @@ export async function listenForMigration(address: MigrationAddress, options: Lis
   throwIfAborted(options.signal, `listening for a migration on ${label}`);
 
   warmUpHandshake();
+  await rehearseHandshake();
   const server = net.createServer({ pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES });
   const pending = new Set<net.Socket>();
   /** In the order they arrived: the first is the one to drop. */
@@ -199,6 +200,13 @@ export interface ConnectForMigrationOptions {
   /** For connecting plus the whole handshake. Default 10 s. */
   timeoutMs?: number;
   signal?: AbortSignal;
+  /**
+   * Called once, synchronously, when the hello has gone out and the destination is checking it:
+   * work the caller must do before it sends anything (its dirty tracking, say) then overlaps that
+   * round trip. Nothing has been sent to the destination yet beyond the handshake. What it throws
+   * fails the connection (the socket is destroyed) and rejects with that error.
+   */
+  whileVerified?: () => void;
 }
 
 /**
@@ -211,6 +219,7 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   if (target.kind === 'tcp' && token === undefined) throw argTypeError('a token is required to migrate over tcp');
   if (target.kind === 'tcp' && target.port === 0) throw argValueError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs') ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  if (options.whileVerified !== undefined && typeof options.whileVerified !== 'function') throw argTypeError('whileVerified must be a function');
   const label = formatMigrationAddress(target);
   throwIfAborted(options.signal, `migration to ${label}`);
   const deadline = new Deadline(timeoutMs, `migration connect to ${label}`);
@@ -250,7 +259,7 @@ export async function connectForMigration(address: MigrationAddress, options: Co
       socket = open();
     }
     socket.setNoDelay(true);
-    await offerHandshake(socket, token, deadline);
+    await offerHandshake(socket, token, deadline, options.whileVerified);
     return socket;
   } catch (error) {
     // A refusal already ended the socket (its last byte still to be flushed).

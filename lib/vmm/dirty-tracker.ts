@@ -22,6 +22,14 @@ export const DEFAULT_DIRTY_RING_BYTES = 65536;
 /** Most pages one KVM_CLEAR_DIRTY_LOG re-protects (1 GiB), so that KVM holds its MMU lock briefly. */
 export const CLEAR_CHUNK_PAGES = 1 << 18;
 
+/**
+ * Logged slots from this size on (in all) start with KVM_DIRTY_LOG_INITIALLY_SET by default.
+ * Below it, KVM write-protects what the guest has mapped as logging is turned on, in one pass over
+ * the mapped pages only: 0.3-0.6 ms for 256 MiB or 1 GiB here, against 0.7 and 2.0 ms for clearing
+ * an initially-set log, whose cost grows with the slot's size, mapped or not.
+ */
+export const INITIALLY_SET_MIN_BYTES = 4 * 1024 ** 3;
+
 /** sizeof(struct kvm_dirty_gfn). */
 const DIRTY_GFN_BYTES = 16;
 /** [slot, pageOffset] pairs one harvestDirtyRing() call takes: a default ring's worth. */
@@ -79,6 +87,13 @@ export interface DirtyTrackerOptions {
   manualProtect?: boolean;
   /** Bitmap mode with manual protect: most pages per KVM_CLEAR_DIRTY_LOG, a multiple of 64. */
   clearChunkPages?: number;
+  /**
+   * Bitmap mode with manual protect: use KVM_DIRTY_LOG_INITIALLY_SET where the host offers it, so
+   * that write-protecting all memory at start() is spread over chunked KVM_CLEAR_DIRTY_LOG calls
+   * (short holds of KVM's MMU lock) instead of one pass as logging is turned on. Default: for
+   * logged slots of INITIALLY_SET_MIN_BYTES or more in all.
+   */
+  initiallySet?: boolean;
 }
 
 interface SlotState {
@@ -104,9 +119,10 @@ interface SlotState {
  * - start() turns dirty logging on (only while needed: it costs the guest a fault per first
  *   write of each page) and discards whatever KVM had logged before, so the first harvest()
  *   reports exactly the pages written after start() returned. The caller sends all memory after
- *   start(). With KVM_DIRTY_LOG_INITIALLY_SET, KVM reports every page dirty until it is cleared:
- *   start() consumes those bits itself, clearing the log in chunks, which also spreads the
- *   write-protection of all memory over short KVM_CLEAR_DIRTY_LOG calls instead of one long one.
+ *   start(). With KVM_DIRTY_LOG_INITIALLY_SET (options.initiallySet; by default for large slots),
+ *   KVM reports every page dirty until it is cleared: start() consumes those bits itself, clearing
+ *   the log in chunks, which also spreads the write-protection of all memory over short
+ *   KVM_CLEAR_DIRTY_LOG calls instead of the one pass KVM makes as logging is turned on.
  * - vmmDirty is left alone by start(): pages marked in it before start() appear in the first
  *   harvest too (more than needed, never less).
  * - harvest() re-arms tracking for the pages it returns before it returns: read their contents
@@ -130,10 +146,12 @@ export class DirtyTracker {
   readonly #vcpus: readonly VcpuKickHandle[];
   readonly #wantManualProtect: boolean;
   readonly #clearChunkPages: number;
+  readonly #wantInitiallySet: boolean;
   /** Pages for the next harvest, by guest frame number: requeued, or gathered by a failed harvest. */
   readonly #pending: Int32Array;
   #ringScratch: Float64Array | null = null;
   #manualProtect = false;
+  #initiallySet = false;
   #active = false;
 
   /** A tracker over `options.slots` of `options.vm`, off until start(). */
@@ -175,6 +193,9 @@ export class DirtyTracker {
       throw outOfRangeError(`clearChunkPages must be a positive multiple of 64, got ${chunk}`);
     }
     this.#clearChunkPages = chunk;
+    const loggedBytes = this.#loggedSlots.reduce((sum, state) => sum + state.size, 0);
+    this.#wantInitiallySet = options.initiallySet ?? loggedBytes >= INITIALLY_SET_MIN_BYTES;
+    if (typeof this.#wantInitiallySet !== 'boolean') throw argTypeError('initiallySet must be a boolean');
   }
 
   /** Whether logging is on (between start() and stop()). */
@@ -185,6 +206,11 @@ export class DirtyTracker {
   /** Bitmap mode: whether KVM_CLEAR_DIRTY_LOG re-arms pages (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 in use). */
   get manualProtect(): boolean {
     return this.#manualProtect;
+  }
+
+  /** Bitmap mode: whether the log starts all set (KVM_DIRTY_LOG_INITIALLY_SET), consumed by start(). */
+  get initiallySet(): boolean {
+    return this.#initiallySet;
   }
 
   /** Turns dirty logging on; the first harvest() then names the pages written from now on. */
@@ -246,12 +272,15 @@ export class DirtyTracker {
 
   #enableManualProtect(): void {
     this.#manualProtect = false;
+    this.#initiallySet = false;
     if (!this.#wantManualProtect) return;
     const offered = this.#vm.checkExtension(Cap.ManualDirtyLogProtect2);
     if ((offered & DirtyLogManual.ProtectEnable) === 0) return;
+    const initiallySet = this.#wantInitiallySet ? offered & DirtyLogManual.InitiallySet : 0;
     // Takes effect for logs created from now on, so before the slots are re-registered.
-    this.#vm.enableCap(Cap.ManualDirtyLogProtect2, [DirtyLogManual.ProtectEnable | (offered & DirtyLogManual.InitiallySet)]);
+    this.#vm.enableCap(Cap.ManualDirtyLogProtect2, [DirtyLogManual.ProtectEnable | initiallySet]);
     this.#manualProtect = true;
+    this.#initiallySet = initiallySet !== 0;
   }
 
   /** Re-registers every logged slot with or without KVM_MEM_LOG_DIRTY_PAGES (api.rst 4.35). */

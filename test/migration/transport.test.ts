@@ -11,6 +11,7 @@ import {
   type ListenForMigrationOptions, type MigrationAddress,
 } from '../../lib/migration/transport.js';
 import { MigrationError } from '../../lib/migration/errors.js';
+import { rehearseHandshake } from '../../lib/migration/handshake.js';
 
 interface Listening {
   bound: MigrationAddress;
@@ -165,6 +166,44 @@ t.test('the destination must prove the token too: an impostor gets no guest', as
   await new Promise((resolve) => setTimeout(resolve, 50));
   t.same(acks, [1], 'the source told it so');
   impostor.close();
+});
+
+t.test('whileVerified runs once, after the hello and before the verdict; what it throws fails the connection', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'tok' });
+  const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
+  let accepted = false;
+  void destination.accepted.then(() => (accepted = true), () => {});
+
+  // A wrong token: the hello went out, so it ran; the verdict then refuses.
+  let calls = 0;
+  const wrong = await rejection(connectForMigration(address, { token: 'wrong', whileVerified: () => void calls++ }));
+  t.equal(wrong.code, 'EREFUSED');
+  t.equal(calls, 1, 'called for a hello the destination then refused');
+
+  // What it throws: the connection fails with it, and the destination waits on.
+  const failure = new MigrationError('EINTERNAL', 'tracking could not start');
+  const rejectedNext = destination.nextRejection();
+  const thrown = await rejection(connectForMigration(address, { token: 'tok', whileVerified: () => { throw failure; } }));
+  t.equal(thrown, failure, 'the error it threw, as it is');
+  t.match((await rejectedNext).reason, /closed the connection while this side waited for the source's acknowledgement/);
+  t.equal(accepted, false, 'not accepted: the source never acknowledged');
+
+  const order: string[] = [];
+  const source = await connectForMigration(address, { token: 'tok', whileVerified: () => void order.push(`called, accepted ${accepted}`) });
+  order.push('connected');
+  const socket = await destination.accepted;
+  t.same(order, ['called, accepted false', 'connected'], 'once, before the handshake ended');
+  await t.rejects(connectForMigration(address, { token: 'tok', whileVerified: 1 as unknown as () => void }), { name: 'TypeError', message: 'whileVerified must be a function' });
+  source.destroy();
+  socket.destroy();
+});
+
+t.test('the handshake rehearsal (before a destination listens) runs once per process and leaves nothing behind', async (t) => {
+  const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length;
+  const first = rehearseHandshake();
+  t.equal(rehearseHandshake(), first, 'the same rehearsal');
+  t.equal(await first, undefined);
+  t.equal((process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length, handles, 'no socket, no timer left');
 });
 
 t.test('tcp without a token is refused at listen and at connect', async (t) => {

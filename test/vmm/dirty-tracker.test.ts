@@ -102,7 +102,8 @@ t.test('bitmap mode names exactly the guest frames written after start()', { ski
   tracker.start();
   t.equal(tracker.active, true);
   t.equal(tracker.manualProtect, (caps.manual & DirtyLogManual.ProtectEnable) !== 0, 'manual protect where the host offers it');
-  t.same(tracker.harvest(), [], 'writes before start() are not reported, nor KVM_DIRTY_LOG_INITIALLY_SET bits');
+  t.equal(tracker.initiallySet, false, 'a small slot is write-protected as logging is turned on, not through an initially-set log');
+  t.same(tracker.harvest(), [], 'writes before start() are not reported');
   touch(machine, frames(TOUCHED));
   t.same(tracker.harvest(), rangesOf(TOUCHED), 'both slots, by guest frame number');
   const memory = new DataView(machine.memory.buffer);
@@ -111,6 +112,29 @@ t.test('bitmap mode names exactly the guest frames written after start()', { ski
   touch(machine, frames([SLOT1_FIRST_PAGE + 3, SLOT1_FIRST_PAGE + 4, 33]));
   t.same(tracker.harvest(), rangesOf([SLOT1_FIRST_PAGE + 3, SLOT1_FIRST_PAGE + 4, 33]), 'the second harvest: only pages written since the first');
   t.same(tracker.harvest(), []);
+});
+
+const noInitiallySet = noKvm || ((caps.manual & DirtyLogManual.ProtectEnable) && (caps.manual & DirtyLogManual.InitiallySet) ? false : 'no KVM_DIRTY_LOG_INITIALLY_SET');
+t.test('bitmap mode with KVM_DIRTY_LOG_INITIALLY_SET asked for: the same pages', { skip: noInitiallySet }, async (t) => {
+  const { machine, tracker } = tracked(t, 'bitmap', { tracker: { initiallySet: true } });
+  touch(machine, frames([SLOT1_FIRST_PAGE + 5, 40]));
+  tracker.start();
+  t.equal(tracker.initiallySet, true);
+  t.same(tracker.harvest(), [], 'writes before start() are not reported, nor the initially-set bits');
+  touch(machine, frames(TOUCHED));
+  t.same(tracker.harvest(), rangesOf(TOUCHED));
+  t.same(tracker.harvest(), []);
+  tracker.stop();
+  // Started again without it: the VM's capability is set anew, and the log starts clear.
+  const again = new DirtyTracker({ vm: machine.vm, slots: [{ slot: 1, guestPhysAddr: machine.logBase, memory: machine.memory, offset: machine.logBase }], mode: 'bitmap', vmmDirty: DirtyBitmap.create(machine.memory.size / PAGE_BYTES), initiallySet: false });
+  t.teardown(() => again.stop());
+  again.start();
+  t.equal(again.initiallySet, false);
+  touch(machine, frames([SLOT1_FIRST_PAGE + 9]));
+  t.same(again.harvest(), [{ firstPage: SLOT1_FIRST_PAGE + 9, pageCount: 1 }]);
+  t.throws(() => new DirtyTracker({ vm: machine.vm, slots: [], mode: 'bitmap', vmmDirty: DirtyBitmap.create(1), initiallySet: 1 as unknown as boolean }), {
+    name: 'TypeError', message: 'initiallySet must be a boolean',
+  });
 });
 
 t.test('bitmap mode without manual protect (plain KVM_GET_DIRTY_LOG)', { skip: noKvm }, async (t) => {
@@ -352,9 +376,10 @@ t.test('a 1 GiB slot: start() consumes the initially-set log in chunks', { skip:
   vm.setUserMemoryRegion({ slot: 3, guestPhysAddr, memory });
   const firstPage = guestPhysAddr / PAGE_BYTES;
   const vmmDirty = DirtyBitmap.create(firstPage + memory.size / PAGE_BYTES);
-  const tracker = new DirtyTracker({ vm, mode: 'bitmap', vmmDirty, slots: [{ slot: 3, guestPhysAddr, memory }] });
+  const tracker = new DirtyTracker({ vm, mode: 'bitmap', vmmDirty, slots: [{ slot: 3, guestPhysAddr, memory }], initiallySet: true });
   t.teardown(() => tracker.stop());
   tracker.start();
+  t.equal(tracker.initiallySet, (caps.manual & DirtyLogManual.InitiallySet) !== 0);
   t.same(tracker.harvest(), [], 'no page reported: start() cleared every chunk');
   vmmDirty.mark(guestPhysAddr + CLEAR_CHUNK_PAGES * PAGE_BYTES - 1, 2);
   vmmDirty.markPages(firstPage + 5, 1);
