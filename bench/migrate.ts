@@ -926,15 +926,8 @@ async function main(): Promise<void> {
   }
 }
 
-interface RestoreMedians {
-  toStartedMs: number;
-  toFirstByteMs: number;
-  noSpareToStartedMs: number;
-  noSpareToFirstByteMs: number;
-  preparedToStartedMs: number;
-  preparedToFirstByteMs: number;
-  targetMs: number;
-}
+/** The median of each figure of the runs, and the target. */
+type RestoreMedians = RestoreRun & { targetMs: number };
 
 async function measureRestores(dir: string, iterations: number): Promise<{ restores: RestoreRun[]; restore: RestoreMedians }> {
   progress(`snapshot restore x ${iterations}`);
