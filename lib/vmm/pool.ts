@@ -37,6 +37,7 @@ export class VcpuWorkerPool {
   #closed = false;
   readonly #keepSpareVm: boolean;
   #spareVm: SpareVm | null = null;
+  #spareVmsTaken = 0;
   /** The shape the next spare VM is made in (the last machine's), once one was seen. */
   #spareShape: SpareVmShape | null = null;
   #spareTimer: NodeJS.Timeout | null = null;
@@ -129,6 +130,16 @@ export class VcpuWorkerPool {
     return this.#spareVm !== null;
   }
 
+  /** The shape of the spare VM waiting, or null if there is none. */
+  get spareVmShape(): { memoryBytes: number; irqchip: boolean } | null {
+    return this.#spareVm ? { memoryBytes: this.#spareVm.shape.memoryBytes, irqchip: this.#spareVm.shape.irqchip } : null;
+  }
+
+  /** How many machines took the spare VM for their own (a restore that found none, or none that fit, built its VM itself). */
+  get spareVmsTaken(): number {
+    return this.#spareVmsTaken;
+  }
+
   /**
    * Makes the spare VM now, for machines of `shape.memoryBytes` of RAM with (default) or without
    * the in-kernel irqchip, in place of one of another shape: for the first restore, before any
@@ -168,6 +179,7 @@ export class VcpuWorkerPool {
       taken.close();
       taken = null;
     }
+    if (taken) this.#spareVmsTaken++;
     return taken;
   }
 
