@@ -122,6 +122,25 @@ int ReopenPrivately(int fd, int flags) {
   return reopened >= 0 ? reopened : fcntl(fd, F_DUPFD_CLOEXEC, 0);
 }
 
+// The regular file open as `fd`, reopened read-only (ReopenPrivately()) once checked to hold `size`
+// bytes from the page-aligned `offset`: what memoryMapFile() and memoryMapFileOver() map.
+int OpenFileRange(Napi::Env env, int fd, uint64_t offset, uint64_t size) {
+  if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
+  if (offset > static_cast<uint64_t>(INT64_MAX) - size) ThrowOutOfRangeError(env, "offset + size is beyond the largest file offset");
+  FdCloser file{ReopenPrivately(fd, O_RDONLY)};
+  if (file.fd < 0) ThrowSyscallError(env, errno, "open(fd)");
+  struct stat st;
+  if (fstat(file.fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
+  if (static_cast<uint64_t>(st.st_size) < offset + size) {
+    ThrowOutOfRangeError(env, "offset + size (" + std::to_string(offset + size) + ") is beyond the end of the file (" +
+                                  std::to_string(st.st_size) + " bytes)");
+  }
+  int checked = file.fd;
+  file.fd = -1;
+  return checked;
+}
+
 void CheckSize(Napi::Env env, uint64_t size) {
   if (size == 0 || size % kPageSize) ThrowInvalidValueError(env, "size must be a positive multiple of the page size (4096)");
   if (size > kMaxMemoryBytes) ThrowOutOfRangeError(env, "size is larger than one ArrayBuffer can hold (4 GiB)");
@@ -293,22 +312,12 @@ Napi::Value MemoryMapFile(const Napi::CallbackInfo& info) {
   uint64_t size = ReadU64(env, info[2], "size");
   bool hugepages = info[3].ToBoolean();
   CheckSize(env, size);
-  if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
-  if (offset > static_cast<uint64_t>(INT64_MAX) - size) ThrowOutOfRangeError(env, "offset + size is beyond the largest file offset");
 
   auto mapping = std::make_shared<GuestMapping>();
   mapping->size = size;
   mapping->backing = Backing::File;
   mapping->fileOffset = offset;
-  mapping->backingFd = ReopenPrivately(fd, O_RDONLY);
-  if (mapping->backingFd < 0) ThrowSyscallError(env, errno, "open(fd)");
-  struct stat st;
-  if (fstat(mapping->backingFd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
-  if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
-  if (static_cast<uint64_t>(st.st_size) < offset + size) {
-    ThrowOutOfRangeError(env, "offset + size (" + std::to_string(offset + size) + ") is beyond the end of the file (" +
-                                  std::to_string(st.st_size) + " bytes)");
-  }
+  mapping->backingFd = OpenFileRange(env, fd, offset, size);
   // MAP_PRIVATE needs only read access to the file; guest writes make private copies.
   void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, mapping->backingFd,
                     static_cast<off_t>(offset));
@@ -430,17 +439,7 @@ Napi::Value MemoryMapFileOver(const Napi::CallbackInfo& info) {
   uint64_t offset = ReadU64(env, info[2], "offset");
   if (target->backing == Backing::File) ThrowInvalidValueError(env, "this memory is a file mapping already");
   if (target->fd >= 0) ThrowInvalidValueError(env, "memory with an exposed memfd cannot become a file mapping");
-  if (offset % kPageSize) ThrowInvalidValueError(env, "offset must be page-aligned (4096)");
-  if (offset > static_cast<uint64_t>(INT64_MAX) - target->size) ThrowOutOfRangeError(env, "offset + size is beyond the largest file offset");
-  FdCloser backing{ReopenPrivately(fd, O_RDONLY)};
-  if (backing.fd < 0) ThrowSyscallError(env, errno, "open(fd)");
-  struct stat st;
-  if (fstat(backing.fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
-  if (!S_ISREG(st.st_mode)) ThrowTypeError(env, "file must be a regular file");
-  if (static_cast<uint64_t>(st.st_size) < offset + target->size) {
-    ThrowOutOfRangeError(env, "offset + size (" + std::to_string(offset + target->size) + ") is beyond the end of the file (" +
-                                  std::to_string(st.st_size) + " bytes)");
-  }
+  FdCloser backing{OpenFileRange(env, fd, offset, target->size)};
   void* addr = mmap(target->addr, target->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, backing.fd,
                     static_cast<off_t>(offset));
   if (addr == MAP_FAILED) {
