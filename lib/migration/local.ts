@@ -184,10 +184,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       ]);
       // A state saved and encoded now (thrown away), so that the save and the encoding inside the
       // downtime run warm code: a VMM handing its guest to its successor migrates only once.
-      const saved = internals.warmUpSave();
-      let warmState: MachineState | null = null;
-      saved.then((state) => (warmState = state), () => {});
-      const warmedUp = warmUpStateEncoding(saved);
+      const warmedUp = warmUpStateEncoding(internals.warmUpSave());
       await unlessAborted(replies.expectAccept(timeoutMs));
       // The destination read all that came before, so Node has no write of ours queued: the fds'
       // message cannot interleave with one.
@@ -202,8 +199,8 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       stats.bytesTransferred += fdsSection.length;
       // The destination maps RAM and builds the machine on it while the guest runs on here.
       await unlessAborted(replies.expectSync(timeoutMs));
-      await warmedUp;
       // Once more just before the pause: what ran a while ago runs slower again (rehearseStateEncoding()).
+      const warmState = await warmedUp;
       if (warmState) rehearseStateEncoding(warmState);
       stats.setupTimeMs = performance.now() - started;
       progress('setup');

@@ -85,9 +85,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
       shape: machine.shape,
       warmUp: () => {
         // The final save and its encoding, inside the downtime, then run warm code.
-        const saved = internals.warmUpSave();
-        saved.then((state) => (warmState = state), () => {});
-        warmedUp = warmUpStateEncoding(saved);
+        warmedUp = warmUpStateEncoding(internals.warmUpSave()).then((state) => void (warmState = state));
       },
       rehearseStop: () => {
         if (warmState) rehearseStateEncoding(warmState);

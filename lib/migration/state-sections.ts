@@ -325,14 +325,17 @@ export function warmUpStateCodec(state: MachineState): MachineState {
 
 /**
  * Runs the encoding of a migration's last state a few times over a state saved while the guest
- * runs (thrown away), so that V8 has compiled it by the time the guest is paused. Never rejects.
+ * runs, so that V8 has compiled it by the time the guest is paused; resolves with that state (null
+ * if there was none), for a last rehearsal just before the pause. Never rejects.
  */
-export async function warmUpStateEncoding(saved: Promise<MachineState | null>): Promise<void> {
+export async function warmUpStateEncoding(saved: Promise<MachineState | null>): Promise<MachineState | null> {
   try {
     const state = await saved;
     if (state) rehearseStateEncoding(state, ENCODING_WARM_UP_ROUNDS);
+    return state;
   } catch {
     // Only a warm-up: the real save says what is wrong.
+    return null;
   }
 }
 
