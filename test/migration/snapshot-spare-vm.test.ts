@@ -101,13 +101,23 @@ t.test('a restore takes the spare VM; the next is made in the background; close(
   t.equal(vmFds(), before, 'no VM fd is left once the pool is closed');
 });
 
-t.test('a spare VM that does not fit is closed; the restore builds its own, the next spare fits', { skip: noKvm }, async (t) => {
+/**
+ * The VM fds open before, a pool keeping a spare VM (closed at the test's end), a scratch
+ * directory, and a dirtier of `memoryBytes` snapshotted there with the pool, its spare then made
+ * for `spareBytes` of RAM.
+ */
+async function spareAndSnapshot(t: Test, name: string, memoryBytes: number, spareBytes: number) {
   const before = vmFds();
   const pool = await VcpuWorkerPool.create(1, { spareVm: true });
   t.teardown(() => pool.close());
   const dir = scratchDir(t);
-  const snap = await dirtierSnapshot(path.join(dir, 'b.snap'), 48 * MiB, pool);
-  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  const snap = await dirtierSnapshot(path.join(dir, name), memoryBytes, pool);
+  pool.makeSpareVm({ memoryBytes: spareBytes });
+  return { before, pool, dir, snap };
+}
+
+t.test('a spare VM that does not fit is closed; the restore builds its own, the next spare fits', { skip: noKvm }, async (t) => {
+  const { before, pool, snap } = await spareAndSnapshot(t, 'b.snap', 48 * MiB, 32 * MiB);
   t.equal(pool.spareVmReady, true, 'made at once');
   t.equal(vmFds(), before + 1);
 
@@ -164,12 +174,7 @@ t.test('a diff snapshot restored into the spare VM: its pages over the base imag
 });
 
 t.test('a restore that fails after taking the spare VM closes it', { skip: noKvm }, async (t) => {
-  const before = vmFds();
-  const pool = await VcpuWorkerPool.create(1, { spareVm: true });
-  t.teardown(() => pool.close());
-  const dir = scratchDir(t);
-  const snap = await dirtierSnapshot(path.join(dir, 'c.snap'), 32 * MiB, pool);
-  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  const { before, pool, dir, snap } = await spareAndSnapshot(t, 'c.snap', 32 * MiB, 32 * MiB);
   // An exit trace file that cannot be made fails the build once the machine's parts are made.
   await t.rejects(Machine.restore(snap.path, { pool, traceExits: path.join(dir, 'no-such-dir', 'exits.trace'), log: () => {} }), { code: 'ENOENT' });
   t.equal(pool.spareVmsTaken, 1, 'the spare was taken');
