@@ -18,7 +18,10 @@
 // The sections, in order:
 //   migration, source to destination: Config (the machine's shape, for the destination to build
 //     it), Pages and Sync sections while pre-copy runs, then the machine's state (Config, VmState,
-//     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point.
+//     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point. To a
+//     destination whose greeting says it reads one (handshake.ts), a DeviceStateAhead section may
+//     come just before the last Sync: the DeviceState section then holds only the devices whose
+//     state differs from it (a stream without it is read as before: no new version).
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
 //     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
 //     at any point. The source sends its pages without waiting for Config; the destination
@@ -259,6 +262,15 @@ export const SectionType = {
    * byte) are, in order (state-codec JSON, see local.ts).
    */
   Fds: 12,
+  /**
+   * Migration only, from the source to a destination that said it reads it (handshake.ts): the
+   * devices' state but the virtio devices', taken while the guest still runs, sent with the last
+   * Sync (state-codec JSON, a record of some of DeviceState's keys). The destination puts it on
+   * its machine before it answers the Sync; the DeviceState section at the end then holds only
+   * the devices whose state differs from it, so the devices that did not change cost nothing
+   * inside the downtime.
+   */
+  DeviceStateAhead: 13,
 } as const;
 export type SectionTypeNumber = (typeof SectionType)[keyof typeof SectionType];
 export type SectionName = keyof typeof SectionType;
@@ -279,6 +291,7 @@ export const MAX_SECTION_PAYLOAD_BYTES: Record<SectionName, number> = {
   Postcopy: 16 * MiB,
   PageRequest: 1 * MiB,
   Fds: 4096,
+  DeviceStateAhead: 16 * MiB,
 };
 
 const NAME_BY_TYPE = new Map<number, SectionName>(Object.entries(SectionType).map(([name, type]) => [type, name as SectionName]));

@@ -7,6 +7,7 @@ import { PAGE_SIZE } from '../kvm/constants.js';
 import { GuestMemory } from '../kvm/memory.js';
 import { disksMismatch, logToStderr } from '../vmm/builder.js';
 import { checkMemoryBytes, checkVcpus } from '../vmm/config.js';
+import type { DeviceStatesAhead } from '../vmm/devices.js';
 import { virtioMismatch } from '../vmm/virtio-devices.js';
 import { buildMachine, machineInternals, type CpuState, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
 import { argTypeError } from '../kvm/errors.js';
@@ -20,7 +21,7 @@ import { rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
 import { socketSource } from './sources.js';
-import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, encodeConfigSection, warmUpStateCodec } from './state-sections.js';
+import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, decodeDeviceStatesAhead, encodeConfigSection, mergeDeviceStates, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
@@ -114,7 +115,11 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
             try {
               const state = warmUpStateCodec(rehearsal);
               await internals.applyCpuState(state);
-              internals.applyDeviceState(state.devices);
+              // As a stop with the devices' state sent ahead puts it, one device changed since.
+              const { virtio: _virtio, ...ahead } = state.devices;
+              internals.applyDeviceStateAhead(ahead);
+              const merged = mergeDeviceStates(ahead, { serial: state.devices.serial }, 'a rehearsal');
+              internals.applyDeviceState(merged.devices, merged.appliedAhead);
               start(false, null, true);
             } catch {
               // Only a rehearsal: the real state says what is wrong.
@@ -122,13 +127,14 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
           }
           : undefined,
         applyCpu: (state: CpuState) => internals.applyCpuState(state),
-        apply: async (state: MachineState, cpuApplied = false) => {
+        apply: async (state: MachineState, cpuApplied = false, appliedAhead?: ReadonlySet<string>) => {
           // The source let go of the images before it sent its last state (see migrateMachine()).
           // (A machine without any skips the calls: each, run for the first time, is compiled.)
           if (target.shape.disks?.length) internals.lockDisks();
-          if (cpuApplied) internals.applyDeviceState(state.devices);
+          if (cpuApplied) internals.applyDeviceState(state.devices, appliedAhead);
           else await internals.applyState(state);
         },
+        applyDevicesAhead: (part: DeviceStatesAhead) => internals.applyDeviceStateAhead(part),
         start: (paused: boolean, onRunning?: () => void) => start(paused, onRunning ?? null),
         // A local migration's images are the source's open files: unlocking them would unlock them for it too.
         releaseDisks: () => (handover ? undefined : internals.unlockDisks()),
@@ -186,8 +192,13 @@ export interface IncomingTarget {
   rehearse?(): Promise<void>;
   /** Puts the VM's and the vCPUs' state on the machine, ahead of the devices' (see encodeCpuState()). */
   applyCpu(state: CpuState): Promise<void>;
-  /** Puts the whole state on the machine, or only the devices' part once applyCpu() has put the rest. */
-  apply(state: MachineState, cpuApplied?: boolean): Promise<void>;
+  /**
+   * Puts the whole state on the machine, or only the devices' part once applyCpu() has put the
+   * rest; `appliedAhead`: devices left as applyDevicesAhead() put them.
+   */
+  apply(state: MachineState, cpuApplied?: boolean, appliedAhead?: ReadonlySet<string>): Promise<void>;
+  /** The devices' state the source sent ahead of its pause (SectionType.DeviceStateAhead), put on the machine at once. */
+  applyDevicesAhead(part: DeviceStatesAhead): void;
   /** Runs the guest, or sets it up paused (the source's owner had paused it); `onRunning` as soon as its vCPUs are set running. */
   start(paused: boolean, onRunning?: () => void): void;
   /** Lets go of the disk images at once, for the source to take back (a failed migration). */
@@ -261,7 +272,15 @@ export async function receiveMigration(
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
     let rehearsing: Promise<void> | null = null;
+    // The rehearsal, soon after the section that asks for it (out of the parse).
+    const rehearse = () => new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
     const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
+    // The devices' state sent ahead (SectionType.DeviceStateAhead): put on the machine after the
+    // rehearsal, before the Sync that follows it is answered; a failure there fails the migration.
+    let devicesAhead: DeviceStatesAhead | null = null;
+    let failAhead!: (error: unknown) => void;
+    const aheadFailed = new Promise<never>((_, reject) => (failAhead = reject));
+    aheadFailed.catch(() => {});
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
     // safe here (this machine runs only once the whole stream has checked out).
@@ -292,7 +311,7 @@ export async function receiveMigration(
           // The source pauses its guest as soon as it has the answer: rehearse the state's
           // parsing and applying first (out of this parse), so that the code is warm when the
           // state comes and the dry run does not compete with the source's pause for the CPUs.
-          rehearsing ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
+          rehearsing ??= rehearse();
           // The source does not wait for the acceptance before it sends: its first Sync may be
           // parsed before the acceptance is written, and is answered after it.
           if (accepted) answerSync();
@@ -300,6 +319,17 @@ export async function receiveMigration(
         }
         else if (section.type === SectionType.Error) throw new MigrationError(Code.Canceled, `the source gave up: ${decodeErrorSection(section.payload)}`);
         else if (section.type === SectionType.End) markPhase('destination: End parsed');
+        else if (section.type === SectionType.DeviceStateAhead) {
+          if (devicesAhead || state.config !== undefined || postcopy) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
+          const part = decodeDeviceStatesAhead(section, 'the migration stream');
+          devicesAhead = part;
+          rehearsing = (rehearsing ?? rehearse()).then(() => {
+            target!.applyDevicesAhead(part);
+            markPhase('destination: device states sent ahead applied');
+          });
+          // (The Sync is then never answered: the failure goes to the source as an Error.)
+          rehearsing.catch(failAhead);
+        }
         else {
           if (section.type === SectionType.Config) markPhase('destination: state arriving');
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
@@ -322,7 +352,7 @@ export async function receiveMigration(
     const expected = { memoryBytes: header.memoryBytes, vcpus: header.vcpuCount };
     // The VM's and the vCPUs' state come first, the devices' in a second write (see
     // encodeCpuState()): checked and applied while the source saves and encodes the rest.
-    await Promise.race([sections.ended, begun, cpuStateIn]);
+    await Promise.race([sections.ended, begun, cpuStateIn, aheadFailed]);
     // (A stream that ended before them is refused by finish(), which says what it lacks.)
     const cpu = cpuStateOf(state.cpuComplete ? state.cpuParts() : state.finish(), expected, 'the migration stream');
     markPhase('destination: CPU state checked');
@@ -330,9 +360,10 @@ export async function receiveMigration(
     await rehearsing;
     await target.applyCpu(cpu);
     await Promise.race([sections.ended, begun]);
-    const complete = { ...cpu, devices: checkDeviceStates(state.finish().devices, 'the migration stream') };
+    const merged = devicesAhead ? mergeDeviceStates(devicesAhead, state.finish().devices, 'the migration stream') : null;
+    const complete = { ...cpu, devices: merged ? merged.devices : checkDeviceStates(state.finish().devices, 'the migration stream') };
     markPhase('destination: state checked');
-    await target.apply(complete, true);
+    await target.apply(complete, true, merged?.appliedAhead);
     markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);

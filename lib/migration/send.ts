@@ -6,6 +6,7 @@ import type { Socket } from 'node:net';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
+import type { DeviceStatesAhead } from '../vmm/devices.js';
 import { machineInternals, type CpuState, type DeviceStates, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
@@ -17,7 +18,8 @@ import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
+import { DeviceStatesSentAhead, encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
+import { destinationReadsDeviceStateAhead } from './handshake.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
@@ -111,6 +113,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
       saveState: () => internals.saveState(pausedVcpuStates),
       saveCpuState: () => internals.saveCpuState(pausedVcpuStates),
       saveDeviceState: () => internals.saveDeviceState(),
+      saveDeviceStateAhead: () => internals.saveDeviceStateAhead(),
       releaseDisks: () => internals.unlockDisks(),
       retakeDisks: () => internals.lockDisksWithin(DISK_RETAKE_MS),
       throttle: internals.vcpuThrottle,
@@ -144,6 +147,11 @@ export interface MigrationSource {
   /** saveState() in two parts: all but the devices' state, then the devices' (a copying migration sends each as it has it). */
   saveCpuState(): Promise<CpuState>;
   saveDeviceState(): DeviceStates;
+  /**
+   * The devices' state but the virtio ones', the guest running on: sent ahead of the pause to a
+   * destination that reads it (SectionType.DeviceStateAhead).
+   */
+  saveDeviceStateAhead?(): DeviceStatesAhead;
   /**
    * Lets go of the disk images' locks (the guest is paused and its disks flushed), so that a
    * destination on the same host can take them before it runs the guest.
@@ -329,8 +337,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // Let the destination catch up with what is queued first: a backlog drained after the pause
     // would count as downtime. (Post-copy at once has queued nothing.)
     const warm = source.beforeStop?.();
+    // The devices' state goes ahead (before the Sync, which the destination answers once it has
+    // put it on its machine): at the end only the devices that changed meanwhile go again.
+    let devicesAhead: DeviceStatesSentAhead | null = null;
     if (opts.postcopy !== true) {
-      await send([encodeSync()]);
+      if (source.saveDeviceStateAhead && destinationReadsDeviceStateAhead(connection)) devicesAhead = new DeviceStatesSentAhead(source.saveDeviceStateAhead());
+      await send(devicesAhead ? [devicesAhead.section, encodeSync()] : [encodeSync()]);
       await accepted;
       await warm;
       source.rehearseStop?.();
@@ -408,7 +420,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const cpuSent = send([encodeCpuState(cpu)]);
     cpuSent.catch(() => {});
     markPhase('source: VM and vCPU state written');
-    const rest = encodeDeviceStateAndEnd(source.saveDeviceState());
+    const devices = source.saveDeviceState();
+    const rest = encodeDeviceStateAndEnd(devicesAhead ? devicesAhead.changed(devices) : devices);
     markPhase('source: device state saved and encoded');
     await Promise.all([cpuSent, send([rest])]);
     markPhase('source: state written to the socket');

@@ -95,6 +95,25 @@ export function encodeState(value: unknown): Uint8Array {
   return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
+/**
+ * Whether two state values come back from encodeState() and decoding as equal values (key order
+ * aside), found without encoding either: a migration tells this way which devices' state changed
+ * since it sent them ahead.
+ */
+export function sameState(a: unknown, b: unknown): boolean {
+  if (Object.is(a, b)) return true;
+  if (typeof a !== 'object' || typeof b !== 'object' || a === null || b === null) return false;
+  if (a instanceof Uint8Array || b instanceof Uint8Array) {
+    return a instanceof Uint8Array && b instanceof Uint8Array && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(b);
+  }
+  if (Array.isArray(a) || Array.isArray(b)) {
+    return Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((item, index) => sameState(item, b[index]));
+  }
+  const definedKeys = (value: object) => Object.keys(value).filter((key) => (value as Record<string, unknown>)[key] !== undefined);
+  const keys = definedKeys(a);
+  return keys.length === definedKeys(b).length && keys.every((key) => sameState((a as Record<string, unknown>)[key], (b as Record<string, unknown>)[key]));
+}
+
 const formatError = (what: string, reason: string): MigrationError => new MigrationError(Code.Format, `${what} is not valid state: ${reason}`);
 
 function fromJson(value: unknown, path: string, depth: number, what: string): unknown {
@@ -168,12 +187,12 @@ export function decodeState(bytes: Uint8Array, what = 'the state'): unknown {
   }
 }
 
-type StateSectionType = typeof SectionType.Config | typeof SectionType.VcpuState | typeof SectionType.VmState | typeof SectionType.DeviceState;
-const STATE_SECTION_TYPES = new Set<number>([SectionType.Config, SectionType.VcpuState, SectionType.VmState, SectionType.DeviceState]);
+type StateSectionType = typeof SectionType.Config | typeof SectionType.VcpuState | typeof SectionType.VmState | typeof SectionType.DeviceState | typeof SectionType.DeviceStateAhead;
+const STATE_SECTION_TYPES = new Set<number>([SectionType.Config, SectionType.VcpuState, SectionType.VmState, SectionType.DeviceState, SectionType.DeviceStateAhead]);
 
-/** A Config, VcpuState, VmState or DeviceState section holding encodeState(value). */
+/** A Config, VcpuState, VmState, DeviceState or DeviceStateAhead section holding encodeState(value). */
 export function encodeStateSection(type: StateSectionType, value: unknown): Uint8Array {
-  if (!STATE_SECTION_TYPES.has(type)) throw argValueError(`type must be Config, VcpuState, VmState or DeviceState, got ${String(type)}`);
+  if (!STATE_SECTION_TYPES.has(type)) throw argValueError(`type must be Config, VcpuState, VmState, DeviceState or DeviceStateAhead, got ${String(type)}`);
   return encodeSection(type as SectionTypeNumber, encodeState(value));
 }
 

@@ -157,34 +157,85 @@ export class MachineDevices {
   /** Every device's state; the machine must be paused (the disks' threads parked). */
   saveState(): DeviceStates {
     return {
+      ...this.saveStateAhead(),
+      ...(this.virtio.count > 0 ? { virtio: this.virtio.saveState() } : {}),
+    };
+  }
+
+  /**
+   * The state of every device but the virtio ones, read while the guest may run (each device reads
+   * its registers atomically or under its lock): what a migration sends ahead of its pause, the
+   * devices whose state has changed by the pause then going again (see DeviceStatesAhead).
+   */
+  saveStateAhead(): DeviceStatesAhead & Pick<DeviceStates, 'serial' | 'postCode'> {
+    return {
       serial: this.serial.saveState(), postCode: this.postCode.saveState(),
       acpiPm: this.acpiPm.saveState(), elcr: this.elcr.saveState(), pciConfig: this.pciConfig.saveState(),
-      ...(this.virtio.count > 0 ? { virtio: this.virtio.saveState() } : {}),
       fwCfg: this.fwCfg.saveState(), cmosRtc: this.cmosRtc.saveState(),
     };
   }
 
-  restoreState(states: DeviceStates): void {
+  /**
+   * Puts `states` back. `skip`: devices left as they are, their state put back before
+   * (restorePart(), a migration's devices sent ahead whose state has not changed since).
+   */
+  restoreState(states: DeviceStates, skip?: ReadonlySet<string>): void {
+    this.#restore(skip ? Object.fromEntries(Object.entries(states).filter(([key]) => !skip.has(key))) : states);
+    if (states.virtio === undefined && this.virtio.count > 0) this.virtio.restoreState([]);
+  }
+
+  /** Puts back the states of the devices `part` holds, the others untouched. */
+  restorePart(part: DeviceStatesAhead): void {
+    this.#restore(part);
+  }
+
+  #restore(states: Partial<DeviceStates>): void {
     // First: the one that may refuse a state (items that do not fit), before anything changed.
     if (states.fwCfg !== undefined) this.fwCfg.restoreState(states.fwCfg);
-    this.serial.restoreState(states.serial);
-    this.postCode.restoreState(states.postCode);
+    if (states.serial !== undefined) this.serial.restoreState(states.serial);
+    if (states.postCode !== undefined) this.postCode.restoreState(states.postCode);
     if (states.acpiPm) this.acpiPm.restoreState(states.acpiPm);
     if (states.elcr) this.elcr.restoreState(states.elcr);
     if (states.pciConfig) this.pciConfig.restoreState(states.pciConfig);
-    if (this.virtio.count > 0 || states.virtio !== undefined) this.virtio.restoreState(states.virtio ?? []);
+    if (states.virtio !== undefined) this.virtio.restoreState(states.virtio);
     if (states.cmosRtc) this.cmosRtc.restoreState(states.cmosRtc);
   }
 }
 
+/** The states a migration may send ahead of its pause: any of the devices' but the virtio ones. */
+export type DeviceStatesAhead = Partial<Omit<DeviceStates, 'virtio'>>;
+
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** Each device's state check, by its key in DeviceStates. */
+const DEVICE_STATE_CHECKS: Record<keyof DeviceStates, (value: unknown) => boolean> = {
+  serial: isObject,
+  postCode: isObject,
+  acpiPm: isAcpiPmState,
+  elcr: isElcrState,
+  pciConfig: isPciConfigState,
+  virtio: Array.isArray,
+  fwCfg: isFwCfgState,
+  cmosRtc: isCmosRtcState,
+};
+
+/** Whether `value` has the structure of states sent ahead (DeviceStatesAhead): known devices, no virtio ones. */
+export function isDeviceStatesAhead(value: unknown): value is DeviceStatesAhead {
+  return isSomeDeviceStates(value) && value.virtio === undefined;
+}
+
+/**
+ * Whether `value` has the structure of the states of some devices (a record of some of
+ * DeviceStates' keys): what a migration sends at the end after DeviceStatesAhead, the devices
+ * that changed since.
+ */
+export function isSomeDeviceStates(value: unknown): value is Partial<DeviceStates> {
+  return isObject(value) && Object.entries(value).every(([key, state]) =>
+    Object.hasOwn(DEVICE_STATE_CHECKS, key) && DEVICE_STATE_CHECKS[key as keyof DeviceStates](state));
+}
+
 /** Whether `value` has the structure of saved device states (a stream from elsewhere is checked before use). */
 export function isDeviceStates(value: unknown): value is DeviceStates {
-  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
   return isObject(value) && isObject(value.serial) && isObject(value.postCode)
-    && (value.acpiPm === undefined || isAcpiPmState(value.acpiPm))
-    && (value.elcr === undefined || isElcrState(value.elcr))
-    && (value.pciConfig === undefined || isPciConfigState(value.pciConfig))
-    && (value.virtio === undefined || Array.isArray(value.virtio))
-    && (value.fwCfg === undefined || isFwCfgState(value.fwCfg))
-    && (value.cmosRtc === undefined || isCmosRtcState(value.cmosRtc));
+    && Object.entries(DEVICE_STATE_CHECKS).every(([key, check]) => value[key] === undefined || check(value[key]));
 }

@@ -18,7 +18,7 @@ import {
 } from './config.js';
 import { createConsole, type ConsoleFeed, type MachineConsole } from './console.js';
 import { HALTED, PARKED, RunState, STATE, ringDoorbell, setRunState } from './control.js';
-import { MachineDevices, type DeviceStates } from './devices.js';
+import { MachineDevices, type DeviceStates, type DeviceStatesAhead } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DirtyTracker, type DirtyLogMode } from './dirty-tracker.js';
 import { createExitStatsBuffer, readExitStats, type ExitStats } from './exit-stats.js';
@@ -89,11 +89,16 @@ export interface MachineInternals {
   saveCpuState(vcpuStates?: RawVcpuState[] | null): Promise<CpuState>;
   /** The devices' state (the machine paused or not yet started): the rest of saveState(). */
   saveDeviceState(): DeviceStates;
+  /** The devices' state a migration sends ahead of its pause, the guest running on (MachineDevices.saveStateAhead()). */
+  saveDeviceStateAhead(): DeviceStatesAhead;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
   /** applyState() in two steps, the devices' state last: a migration applies the first while the second comes. */
   applyCpuState(state: CpuState): Promise<void>;
-  applyDeviceState(devices: DeviceStates): void;
+  /** `appliedAhead`: devices left as applyDeviceStateAhead() put them (their state unchanged since). */
+  applyDeviceState(devices: DeviceStates, appliedAhead?: ReadonlySet<string>): void;
+  /** A migration's devices' state sent ahead of its pause, put on this machine (not yet started) before the rest comes. */
+  applyDeviceStateAhead(part: DeviceStatesAhead): void;
   /**
    * start({ paused }), calling `onRunning` at the moment the vCPUs are set running, just before
    * their threads wake (a migration's answer). A `rehearsal` makes only its checks and starts
@@ -832,9 +837,17 @@ export class Machine extends EventEmitter {
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
       saveCpuState: (vcpuStates) => this.#saveCpuState(vcpuStates ?? null),
       saveDeviceState: () => this.#devices.saveState(),
+      saveDeviceStateAhead: () => {
+        if (this.#exit) throw machineStateError(`machine is ${this.state}: it has no state left to save`);
+        return this.#devices.saveStateAhead();
+      },
       applyState: (state) => this.#applyState(state),
       applyCpuState: (state) => this.#applyCpuState(state),
-      applyDeviceState: (devices) => this.#applyDeviceState(devices),
+      applyDeviceState: (devices, appliedAhead) => this.#applyDeviceState(devices, appliedAhead),
+      applyDeviceStateAhead: (part) => {
+        if (this.state !== 'created') throw machineStateError(`machine is ${this.state}: a state goes only on a machine not yet started`);
+        this.#devices.restorePart(part);
+      },
       start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
@@ -968,8 +981,8 @@ export class Machine extends EventEmitter {
     markPhase('vCPU states applied');
   }
 
-  #applyDeviceState(devices: DeviceStates): void {
-    this.#devices.restoreState(devices);
+  #applyDeviceState(devices: DeviceStates, appliedAhead?: ReadonlySet<string>): void {
+    this.#devices.restoreState(devices, appliedAhead);
     markPhase('device states applied');
   }
 

@@ -18,6 +18,7 @@ import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSyn
 import { SectionReader } from '../../lib/migration/section-reader.js';
 import { socketSource } from '../../lib/migration/sources.js';
 import { encodeConfigSection } from '../../lib/migration/state-sections.js';
+import { encodeStateSection } from '../../lib/migration/state-codec.js';
 import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
 const TOKEN = 'fault-token-91d2';
@@ -135,13 +136,35 @@ t.test('corrupted bytes in page data: checksum error at the destination, the sou
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in Pages section/ }, 'the destination fails with why');
 });
 
-t.test('a damaged device state, after the VM and vCPU states the destination may have applied: it fails cleanly, the source runs on', { skip: noKvm }, async (t) => {
-  // The VM's and the vCPUs' state come in a write of their own, applied as soon as they are in;
-  // the devices' state, in the next write, is damaged on its way.
+t.test('a damaged device state sent ahead of the pause: it fails before the pause, the source runs on', { skip: noKvm }, async (t) => {
+  // The devices' state goes ahead with the last Sync (a record from serial on); the destination
+  // puts it on its machine before it answers, so it fails before the source pauses.
   let patched = false;
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
     tamper: (chunk) => {
       const at = patched ? -1 : chunk.indexOf('{"serial":');
+      if (at >= 0) {
+        chunk[at + 4] ^= 0x01;
+        patched = true;
+      }
+      return chunk;
+    },
+  });
+  t.ok(patched, 'the device state sent ahead was damaged on its way');
+  t.match(error?.message, /checksum mismatch in DeviceStateAhead section/);
+  t.equal(error?.phase, 'precopy', 'the source had not paused its guest yet');
+  await assertStillRunning(t, source);
+  await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in DeviceStateAhead section/ }, 'the destination fails with why');
+});
+
+t.test('a damaged device state, after the VM and vCPU states the destination may have applied: it fails cleanly, the source runs on', { skip: noKvm }, async (t) => {
+  // The VM's and the vCPUs' state come in a write of their own, applied as soon as they are in;
+  // the devices' state, in the next write, is damaged on its way. (It holds the devices that
+  // changed since their state went ahead: the ACPI PM timer's count always has.)
+  let patched = false;
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
+    tamper: (chunk) => {
+      const at = patched ? -1 : chunk.indexOf('{"acpiPm":');
       if (at >= 0) {
         chunk[at + 4] ^= 0x01;
         patched = true;
@@ -263,6 +286,29 @@ t.test('a source that sends pages before it is accepted, then junk: the destinat
     junk,
   ]));
   await t.rejects(destination.arrived, { code: 'EFORMAT', message: /unknown section type 99/ }, 'a clean failure, not a crash');
+});
+
+t.test('a device state sent ahead that is malformed, or comes after the state has begun: refused as it comes', { skip: noKvm }, async (t) => {
+  const cases: [string, Uint8Array[], RegExp][] = [
+    ['virtio state ahead', [encodeStateSection(SectionType.DeviceStateAhead, { virtio: [] }), encodeSync()], /the device state sent ahead is malformed/],
+    ['an unknown device', [encodeStateSection(SectionType.DeviceStateAhead, { floppy: {} }), encodeSync()], /the device state sent ahead is malformed/],
+    ['a bad RTC state', [encodeStateSection(SectionType.DeviceStateAhead, { cmosRtc: { index: 0, cmos: [1, 2] } }), encodeSync()], /the device state sent ahead is malformed/],
+    ['sent twice', [encodeStateSection(SectionType.DeviceStateAhead, {}), encodeStateSection(SectionType.DeviceStateAhead, {}), encodeSync()], /unexpected DeviceStateAhead section/],
+    ['after the state began', [encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }), encodeStateSection(SectionType.DeviceStateAhead, {})], /unexpected DeviceStateAhead section/],
+  ];
+  for (const [name, sections, message] of cases) {
+    const destination = destinationHere(t);
+    const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+    t.teardown(() => socket.destroy());
+    socket.on('error', () => {});
+    socket.write(Buffer.concat([
+      encodeHeader({ kind: 'migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
+      encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
+      encodeSection(SectionType.Pages, new Uint8Array(4)), // no ranges
+      ...sections,
+    ]));
+    await t.rejects(destination.arrived, { code: 'EFORMAT', message }, name);
+  }
 });
 
 t.test('a source that sends a Sync before it is accepted: the destination answers it after its acceptance', { skip: noKvm }, async (t) => {

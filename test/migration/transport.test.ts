@@ -11,7 +11,7 @@ import {
   type ListenForMigrationOptions, type MigrationAddress,
 } from '../../lib/migration/transport.js';
 import { MigrationError } from '../../lib/migration/errors.js';
-import { rehearseHandshake } from '../../lib/migration/handshake.js';
+import { destinationReadsDeviceStateAhead, rehearseHandshake } from '../../lib/migration/handshake.js';
 
 interface Listening {
   bound: MigrationAddress;
@@ -168,6 +168,25 @@ t.test('the destination must prove the token too: an impostor gets no guest', as
   impostor.close();
 });
 
+t.test('a destination whose greeting lacks the DeviceStateAhead bit (an older build) is sent none', async (t) => {
+  // A destination without a token that answers as a build before the bit did.
+  const older = net.createServer((socket) => {
+    const greeting = Buffer.alloc(43);
+    Buffer.from('NKVM-MIG').copy(greeting);
+    greeting.writeUInt16BE(MIGRATION_PROTOCOL_VERSION, 8);
+    greeting[10] = 0;
+    socket.write(greeting);
+    void readBytes(socket, 75).then(() => socket.write(Buffer.concat([Buffer.of(0), Buffer.alloc(32)])));
+    socket.on('error', () => {});
+  });
+  const olderPath = path.join(socketDir(t), 'older.sock');
+  await new Promise<void>((resolve) => older.listen(olderPath, resolve));
+  t.teardown(() => older.close());
+  const source = await connectForMigration({ kind: 'unix', path: olderPath });
+  t.equal(destinationReadsDeviceStateAhead(source), false, 'the source sends that destination the whole device state at the end');
+  source.destroy();
+});
+
 t.test('whileVerified runs once, after the hello and before the verdict; what it throws fails the connection', async (t) => {
   const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'tok' });
   const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
@@ -313,6 +332,7 @@ t.test('timeouts: waiting for a migration, a silent source, a silent destination
   silent.resume();
   t.equal((await silentRejected).reason, 'handshake timed out after 100 ms waiting for the source\'s hello');
   const source = await connectForMigration(destination.bound);
+  t.ok(destinationReadsDeviceStateAhead(source), 'the source knows from the greeting that this destination reads a DeviceStateAhead section');
   (await destination.accepted).destroy();
   source.destroy();
   silent.destroy();
@@ -335,7 +355,8 @@ t.test('peers that do not speak the protocol', async (t) => {
   const greeting = await readBytes(stranger, 43);
   t.equal(greeting.subarray(0, 8).toString(), 'NKVM-MIG');
   t.equal(greeting.readUInt16BE(8), MIGRATION_PROTOCOL_VERSION);
-  t.equal(greeting[10], 0, 'no token required');
+  t.equal(greeting[10]! & 0x01, 0, 'no token required');
+  t.equal(greeting[10]! & 0x02, 0x02, 'it reads a DeviceStateAhead section');
   stranger.resume();
   stranger.write(Buffer.alloc(75, 0x41));
   const verdict = await readBytes(stranger, 1000);
@@ -343,6 +364,7 @@ t.test('peers that do not speak the protocol', async (t) => {
   t.equal(verdict.subarray(2, 2 + verdict[1]!).toString(), 'not a node-kvm migration source');
   t.equal((await rejectedOnce).reason, 'not a node-kvm migration source');
   const source = await connectForMigration(destination.bound);
+  t.ok(destinationReadsDeviceStateAhead(source), 'the source knows from the greeting that this destination reads a DeviceStateAhead section');
   (await destination.accepted).destroy();
   source.destroy();
 
