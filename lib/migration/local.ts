@@ -43,7 +43,7 @@ import { PeerReplies } from './peer-replies.js';
 import { SectionParser } from './section-parser.js';
 import { socketSource, type SocketSource } from './sources.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
-import { StateSectionReader, encodeConfigSection, encodeFinalState, machineStateOf, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
+import { FinalConfigSections, StateSectionReader, encodeConfigSection, encodeFinalState, machineStateOf, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { writeChunks } from './writers.js';
 import type { IncomingConfig, MigrateOptions, MigrationPhase, MigrationStats } from './types.js';
@@ -205,6 +205,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       stats.setupTimeMs = performance.now() - started;
       progress('setup');
 
+      const finalConfigs = new FinalConfigSections(machine.shape);
       // Not raced with the abort: a pause under way must be known to be undone.
       resetPhases();
       markPhase('source: pause asked');
@@ -224,7 +225,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       throwIfAborted(signal, what, 'stop-copy');
       abortable = false;
       // One buffer, one write: the destination reads the state whole in one wake-up.
-      await send([encodeFinalState(machineState)]);
+      await send([encodeFinalState(machineState, finalConfigs)]);
       markPhase('source: state written to the socket');
       await replies.expectResumed(Infinity);
       stats.downtimeMs = performance.now() - pausedAt;

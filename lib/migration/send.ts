@@ -18,7 +18,7 @@ import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { DeviceStatesSentAhead, encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
+import { DeviceStatesSentAhead, FinalConfigSections, encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { destinationReadsDeviceStateAhead } from './handshake.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
@@ -340,6 +340,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // The devices' state goes ahead (before the Sync, which the destination answers once it has
     // put it on its machine): at the end only the devices that changed meanwhile go again.
     let devicesAhead: DeviceStatesSentAhead | null = null;
+    const finalConfigs = new FinalConfigSections(source.shape);
     if (opts.postcopy !== true) {
       if (source.saveDeviceStateAhead && destinationReadsDeviceStateAhead(connection)) devicesAhead = new DeviceStatesSentAhead(source.saveDeviceStateAhead());
       await send(devicesAhead ? [devicesAhead.section, encodeSync()] : [encodeSync()]);
@@ -417,7 +418,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     disksReleased = true;
     // In two writes (queued at once, in order): the destination checks and applies the VM's and
     // the vCPUs' state while this side saves and encodes the devices'.
-    const cpuSent = send([encodeCpuState(cpu)]);
+    const cpuSent = send([encodeCpuState(cpu, finalConfigs)]);
     cpuSent.catch(() => {});
     markPhase('source: VM and vCPU state written');
     const devices = source.saveDeviceState();

@@ -1,14 +1,15 @@
-// A live migration sends the devices' state (but the virtio devices') ahead of its pause, and at
-// the end only the devices whose state changed since (SectionType.DeviceStateAhead): the
-// destination puts the first on its machine before it answers the last Sync, then the rest.
-// Here: which devices go again, that the two parts put together are the source's state exactly,
-// and the value comparison that decides it. (A migration with it end to end: live.test.ts;
-// damaged or misplaced sections: faults.test.ts.)
+// What a live migration prepares ahead of its pause, so that less is done inside the downtime.
+// The devices' state (but the virtio devices') goes ahead, and at the end only the devices whose
+// state changed since (SectionType.DeviceStateAhead): the destination puts the first on its
+// machine before it answers the last Sync, then the rest. Here: which devices go again, that the
+// two parts put together are the source's state exactly, and the value comparison that decides
+// it. (A migration with it end to end: live.test.ts; damaged or misplaced sections:
+// faults.test.ts.) And the last state's Config section, encoded before the pause.
 import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import { SectionType } from '../../lib/migration/format.js';
 import { decodeState, encodeState, sameState } from '../../lib/migration/state-codec.js';
-import { DeviceStatesSentAhead, decodeDeviceStatesAhead, mergeDeviceStates } from '../../lib/migration/state-sections.js';
+import { DeviceStatesSentAhead, FinalConfigSections, decodeDeviceStatesAhead, encodeConfigSection, encodeCpuState, mergeDeviceStates } from '../../lib/migration/state-sections.js';
 import { isDeviceStatesAhead, type DeviceStates, type DeviceStatesAhead } from '../../lib/vmm/devices.js';
 import { machineInternals } from '../../lib/vmm/machine.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
@@ -82,4 +83,17 @@ t.test('what a source sends ahead is checked as the destination checks it', asyn
   t.notOk(isDeviceStatesAhead({ virtio: [] }), 'the virtio devices never go ahead');
   t.throws(() => mergeDeviceStates({ postCode: { lastCode: 7, writes: 1 } }, {}, 'the test'), { code: 'EFORMAT', message: 'the test: no device state' }, 'the whole state must be there in the end');
   t.throws(() => mergeDeviceStates({}, { serial: {}, postCode: {}, elcr: { registers: 'x' } }, 'the test'), { code: 'EFORMAT', message: 'the test: the device state is malformed' });
+});
+
+t.test('the last state\'s Config section, encoded before the pause, is the one encoded at the end', async (t) => {
+  const shape = { memoryBytes: 2 << 20, vcpus: 1, irqchip: true };
+  const configs = new FinalConfigSections(shape);
+  const same = { ...shape };
+  t.same(configs.get({ shape: same, running: true }), encodeConfigSection({ machine: shape, running: true }), 'running, for an equal shape object');
+  t.same(configs.get({ shape: same, running: false }), encodeConfigSection({ machine: shape, running: false }), 'paused by its owner');
+  t.equal(configs.get({ shape: { ...shape, vcpus: 2 }, running: true }), undefined, 'none for another shape');
+  t.equal(configs.get({ shape }), undefined, 'none without a running flag');
+  const state = { shape: same, running: true, vm: Uint8Array.of(1, 2, 3), vcpus: [{ regs: { rip: 16 } }] };
+  t.same(encodeCpuState(state, configs), encodeCpuState(state), 'the same bytes as encoded at the end');
+  t.same(encodeCpuState({ ...state, shape: { ...shape, vcpus: 2 } }, configs), encodeCpuState({ ...state, shape: { ...shape, vcpus: 2 } }), 'another shape is encoded at the end');
 });
