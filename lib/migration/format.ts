@@ -50,6 +50,7 @@ import { randomBytes } from 'node:crypto';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MAX_MEMORY_BYTES, MAX_VCPUS } from '../vmm/config.js';
+import { RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES, encodeRecord, sealRecord } from '../vmm/records.js';
 import { crc32c } from './checksum.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 
@@ -60,10 +61,10 @@ export const STREAM_VERSION = 4;
 export const OLDEST_STREAM_VERSION = 2;
 export const HEADER_BYTES = 68;
 export const STREAM_ID_BYTES = 16;
-/** type + flags + length before the payload. */
-export const SECTION_HEADER_BYTES = 8;
+/** type + flags + length before the payload (a section is a record of lib/vmm/records.ts). */
+export const SECTION_HEADER_BYTES = RECORD_HEADER_BYTES;
 /** Section header plus the CRC-32C after the payload. */
-export const SECTION_OVERHEAD_BYTES = SECTION_HEADER_BYTES + 4;
+export const SECTION_OVERHEAD_BYTES = RECORD_OVERHEAD_BYTES;
 
 const MiB = 1024 * 1024;
 
@@ -320,20 +321,12 @@ export function encodeSection(type: SectionTypeNumber, payload: Uint8Array, flag
   if (!Number.isInteger(flags) || flags < 0 || flags > 0xffff) throw outOfRangeError(`flags must be an integer 0..65535, got ${flags}`);
   const max = MAX_SECTION_PAYLOAD_BYTES[name];
   if (payload.length > max) throw outOfRangeError(`a ${name} section holds at most ${max} bytes, got ${payload.length}`);
-  const section = new Uint8Array(SECTION_OVERHEAD_BYTES + payload.length);
-  section.set(payload, SECTION_HEADER_BYTES);
-  sealSection(section, type, flags);
-  return section;
+  return encodeRecord(type, payload, flags);
 }
 
 /** Fills in the header and CRC of a section whose payload is already in place. */
 export function sealSection(section: Uint8Array, type: number, flags: number): void {
-  const view = viewOf(section);
-  const payloadBytes = section.length - SECTION_OVERHEAD_BYTES;
-  view.setUint16(0, type, true);
-  view.setUint16(2, flags, true);
-  view.setUint32(4, payloadBytes, true);
-  view.setUint32(SECTION_HEADER_BYTES + payloadBytes, crc32c(section.subarray(0, SECTION_HEADER_BYTES + payloadBytes)), true);
+  sealRecord(section, type, flags);
 }
 
 export const encodeEnd = (): Uint8Array => encodeSection(SectionType.End, new Uint8Array(0));

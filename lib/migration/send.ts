@@ -7,6 +7,7 @@ import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
 import type { DeviceStatesAhead } from '../vmm/devices.js';
+import type { StateWriteOut, StateWrittenOut } from '../vmm/types.js';
 import { machineInternals, type CpuState, type DeviceStates, type Machine, type MachineShape, type MachineState, type RawVcpuState } from '../vmm/machine.js';
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
@@ -64,6 +65,7 @@ export async function migrateMachine(machine: Machine, address: string, options:
     const state = machine.state;
     if (state !== 'running' && state !== 'paused') throw new MigrationError(Code.MachineState, `machine is ${state}, not running`, { phase: 'setup' });
     let pausedVcpuStates: RawVcpuState[] | null = null;
+    let writtenOut: StateWrittenOut | null = null;
     let warmedUp: Promise<void> = Promise.resolve();
     let warmState: MachineState | null = null;
     const hasDevices = internals.virtioDeviceCount > 0;
@@ -98,14 +100,16 @@ export async function migrateMachine(machine: Machine, address: string, options:
       stopTracking: () => {
         if (internals.dirtyTrackingOwner === MIGRATION) internals.stopDirtyTracking();
       },
-      pause: async () => {
+      pause: async (writeOut) => {
+        writtenOut = null;
         if (machine.state !== 'running') return false;
         // Without virtio devices, the vCPUs save their state as they stop. With them, only once
         // the devices have paused too: a request completing meanwhile raises an interrupt, which
         // belongs in the vCPUs' saved state.
-        pausedVcpuStates = await internals.pause(!hasDevices);
+        pausedVcpuStates = await internals.pause(!hasDevices, writeOut ?? undefined, (out) => void (writtenOut = out));
         return true;
       },
+      cpuStateWrittenOut: () => writtenOut,
       resume: () => {
         pausedVcpuStates = null;
         if (machine.state === 'paused') machine.resume();
@@ -124,6 +128,12 @@ export async function migrateMachine(machine: Machine, address: string, options:
   });
 }
 
+/** The file descriptor under a connected socket (Node keeps it in its handle), -1 if it has none. */
+function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && Number.isInteger(fd) && fd >= 0 ? fd : -1;
+}
+
 /** What a machine lends a migration. */
 export interface MigrationSource {
   readonly memory: GuestMemory;
@@ -139,8 +149,14 @@ export interface MigrationSource {
   beforeStop?(): Promise<void>;
   /** Runs the last state's encoding once more, just before the pause (while the destination answers the Sync). */
   rehearseStop?(): void;
-  /** Pauses if running; true if it did (a guest paused before the migration stays paused if it fails). */
-  pause(): Promise<boolean>;
+  /**
+   * Pauses if running; true if it did (a guest paused before the migration stays paused if it
+   * fails). `writeOut`: where a one-vCPU machine's vCPU thread writes the VM's and its state as
+   * it stops (see cpuStateWrittenOut()).
+   */
+  pause(writeOut?: StateWriteOut | null): Promise<boolean>;
+  /** What the last pause() wrote out (StateWriteOut), null if it wrote nothing (a machine of more vCPUs, with devices). */
+  cpuStateWrittenOut?(): StateWrittenOut | null;
   /** Resumes if paused. */
   resume(): void;
   saveState(): Promise<MachineState>;
@@ -357,9 +373,15 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
+    // The CPU part of the last state (see encodeCpuState()) goes out from the vCPU thread as it
+    // stops, ahead of the last pages, to a destination of this build (which takes pages up to
+    // the End): it has it before this thread has even woken.
+    const fd = postcopyNow || !devicesAhead ? -1 : socketFd(connection);
+    const prefix = finalConfigs.get({ shape: source.shape, running: true });
+    const writeOut = fd >= 0 && prefix ? { fd, prefix, vmRecordType: SectionType.VmState, vcpuRecordType: SectionType.VcpuState } : null;
     pausedAt = performance.now();
     markPhase('source: pause asked');
-    paused = await source.pause();
+    paused = await source.pause(writeOut);
     markPhase('source: paused, vCPU states saved');
     autoConverge?.stop();
     throwIfAborted(opts.signal, what, 'stop-copy');
@@ -406,21 +428,27 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       progress('completed');
       return { ...stats };
     }
+    const written = paused ? source.cpuStateWrittenOut?.() ?? null : null;
+    // What the socket did not take of it goes first, before anything else.
+    let cpuSent = written && written.writtenBytes < written.bytes.length ? send([written.bytes.subarray(written.writtenBytes)]) : Promise.resolve();
+    cpuSent.catch(() => {});
     await sendPages(ranges);
     markPhase('source: last pages sent');
     // A guest its owner had paused stays paused at the destination.
-    const cpu = { ...(await source.saveCpuState()), running: paused };
-    markPhase('source: VM and vCPU state saved');
+    const cpu = written ? null : { ...(await source.saveCpuState()), running: paused };
+    if (cpu) markPhase('source: VM and vCPU state saved');
     throwIfAborted(opts.signal, what, 'stop-copy');
     abortable = false;
     // The destination locks the images once it has the whole stream, before the guest runs there.
     source.releaseDisks();
     disksReleased = true;
-    // In two writes (queued at once, in order): the destination checks and applies the VM's and
-    // the vCPUs' state while this side saves and encodes the devices'.
-    const cpuSent = send([encodeCpuState(cpu, finalConfigs)]);
-    cpuSent.catch(() => {});
-    markPhase('source: VM and vCPU state written');
+    if (cpu) {
+      // In two writes (queued at once, in order): the destination checks and applies the VM's
+      // and the vCPUs' state while this side saves and encodes the devices'.
+      cpuSent = send([encodeCpuState(cpu, finalConfigs)]);
+      cpuSent.catch(() => {});
+      markPhase('source: VM and vCPU state written');
+    }
     const devices = source.saveDeviceState();
     const rest = encodeDeviceStateAndEnd(devicesAhead ? devicesAhead.changed(devices) : devices);
     markPhase('source: device state saved and encoded');

@@ -32,7 +32,7 @@ import { checkNetConfigs } from './nets.js';
 import { abortError, fromThreadFailure, machineStateError, threadFailure } from './errors.js';
 import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { VcpuThread } from './pool.js';
-import type { MachineExit, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
+import type { MachineExit, StateWriteOut, StateWrittenOut, VcpuReply, VcpuRequest, VcpuRequestBody, WorkerMessage } from './types.js';
 import { vcpuStateFromRaw, type RawVcpuState, type VcpuState } from './vcpu-state.js';
 import { restoreVmState, saveRawVmState, vmStateFromRaw, type VmState } from './vm-state.js';
 import { VcpuThrottle } from './throttle.js';
@@ -82,7 +82,7 @@ export interface MachineInternals {
    * Pauses the running machine; with `saveVcpus`, each vCPU's state is saved as it stops and
    * comes back with the pause (one round trip to the vCPU threads less).
    */
-  pause(saveVcpus: boolean): Promise<RawVcpuState[] | null>;
+  pause(saveVcpus: boolean, writeOut?: StateWriteOut, writtenOut?: (out: StateWrittenOut | null) => void): Promise<RawVcpuState[] | null>;
   /** The whole state (the machine paused or not yet started), with the vCPU states given if any. */
   saveState(vcpuStates?: RawVcpuState[] | null): Promise<MachineState>;
   /** saveState() but the devices' (a migration sends that first), with the vCPU states given if any. */
@@ -564,7 +564,7 @@ export class Machine extends EventEmitter {
    * final): the states come back with the pause, one round trip to the threads less inside a
    * migration's downtime.
    */
-  async #pause(saveVcpus: boolean, options: { quiet?: boolean } = {}): Promise<RawVcpuState[] | null> {
+  async #pause(saveVcpus: boolean, options: { quiet?: boolean; writeOut?: StateWriteOut; writtenOut?: (out: StateWrittenOut | null) => void } = {}): Promise<RawVcpuState[] | null> {
     // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
     if (!options.quiet) while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
@@ -577,7 +577,7 @@ export class Machine extends EventEmitter {
     if (!options.quiet) this.#devices.haltTimers();
     // Asked only now that the machine is paused: a thread that serves it has run for the last time
     // (at the kick's exit if it is there by then, else as it parks).
-    const saved = saveVcpus ? this.#saveVcpus() : null;
+    const saved = saveVcpus ? this.#saveVcpus(options.writeOut, options.writtenOut) : null;
     saved?.catch(() => {});
     await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
@@ -833,7 +833,7 @@ export class Machine extends EventEmitter {
     const machine = this;
     return {
       log: this.#log,
-      pause: (saveVcpus) => this.#pause(saveVcpus),
+      pause: (saveVcpus, writeOut, writtenOut) => this.#pause(saveVcpus, { writeOut, writtenOut }),
       saveState: (vcpuStates) => this.#saveState(vcpuStates ?? null),
       saveCpuState: (vcpuStates) => this.#saveCpuState(vcpuStates ?? null),
       saveDeviceState: () => this.#devices.saveState(),
@@ -917,17 +917,28 @@ export class Machine extends EventEmitter {
     return { shape: this.shape, vm: saveRawVmState(this.#vm, this.irqchip), vcpus };
   }
 
-  async #saveVcpus(): Promise<RawVcpuState[]> {
+  /**
+   * Each vCPU's state from its thread. `writeOut` (a machine of one vCPU only; the others ignore
+   * it): its thread writes the VM's and its state out as it stops, and `writtenOut` hears what
+   * it wrote (null: nothing).
+   */
+  async #saveVcpus(writeOut?: StateWriteOut, writtenOut?: (out: StateWrittenOut | null) => void): Promise<RawVcpuState[]> {
     let stoppedAtMs = 0;
+    let wrote: StateWrittenOut | null = null;
+    const out = this.vcpuCount === 1 ? writeOut : undefined;
     const states = await Promise.all(this.#requestPorts.map(async (_, id) => {
-      const reply = await this.#request(id, { type: 'save' });
+      const reply = await this.#request(id, out ? { type: 'save', writeOut: out } : { type: 'save' });
       if (reply.type === 'failed') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, reply);
       if (reply.type !== 'saved') throw fromThreadFailure(`vCPU ${id}: cannot save its state: `, { error: `it answered '${reply.type}'` });
       stoppedAtMs = Math.max(stoppedAtMs, reply.stoppedAtMs ?? 0);
+      wrote = reply.writtenOut ?? null;
       return reply.state;
     }));
     // With phase timing: the moment the guest stopped running, its last vCPU out (a pause's kick).
     if (stoppedAtMs > 0) markPhase('vCPUs stopped', stoppedAtMs);
+    const written = wrote as StateWrittenOut | null;
+    if (written?.atMs !== undefined) markPhase('VM and vCPU state written by the vCPU thread', written.atMs);
+    writtenOut?.(written);
     return states;
   }
 
@@ -1003,8 +1014,10 @@ export class Machine extends EventEmitter {
 
   async #warmUpSave(): Promise<MachineState | null> {
     // A vCPU that does not answer soon (halted without an irqchip) is simply not warmed.
+    // A one-vCPU machine's thread also runs what a live migration's pause has it write out (to no fd).
+    const writeOut = this.vcpuCount === 1 ? { fd: -1, prefix: new Uint8Array(0), vmRecordType: 0, vcpuRecordType: 0 } : undefined;
     const vcpus = await Promise.all(this.#requestPorts.map((_, id) => {
-      const reply = this.#request(id, { type: 'save' });
+      const reply = this.#request(id, writeOut ? { type: 'save', writeOut } : { type: 'save' });
       kickVcpu(this.#kicks[id]!);
       return Promise.race([reply.catch(() => undefined), new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 100).unref())]);
     }));

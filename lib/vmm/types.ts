@@ -63,8 +63,32 @@ export interface VcpuAssignment {
   restore: VcpuState | RawVcpuState | null;
 }
 
+/**
+ * Where the vCPU thread of a one-vCPU machine writes the VM's and its own saved state the moment
+ * it stops for a pause (a live migration's stop-copy): `prefix`, then the VM's raw state and the
+ * vCPU's, each a record (records.ts) of the type given, to `fd` (a socket the main thread does
+ * not write to meanwhile). What the socket did not take at once is left to the main thread.
+ */
+export interface StateWriteOut {
+  /** -1: a warm-up, which writes nothing. */
+  fd: number;
+  prefix: Uint8Array;
+  vmRecordType: number;
+  vcpuRecordType: number;
+}
+
+/** What a vCPU thread wrote out (StateWriteOut): all it meant to write, and how much of it went. */
+export interface StateWrittenOut {
+  bytes: Uint8Array;
+  writtenBytes: number;
+  /** The VM's raw state it saved and wrote. */
+  vm: Uint8Array;
+  /** With NODE_KVM_PHASE_TIMING=1: when the write returned (phase-timing.ts clock). */
+  atMs?: number;
+}
+
 export type VcpuRequest =
-  | { type: 'save'; seq: number }
+  | { type: 'save'; seq: number; writeOut?: StateWriteOut }
   | { type: 'restore'; seq: number; state: VcpuState | RawVcpuState }
   /** The main thread restored this parked vCPU itself (restoreParkedVcpu): what it has now. */
   | { type: 'restored'; seq: number; cpuid: Uint8Array | null; vmmHalted: boolean }
@@ -85,7 +109,7 @@ export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuReque
 
 export type VcpuReply =
   /** `stoppedAtMs`: with NODE_KVM_PHASE_TIMING=1, when a pause's kick took the vCPU out of the guest (phase-timing.ts clock). */
-  | { seq: number; type: 'saved'; state: RawVcpuState; stoppedAtMs?: number }
+  | { seq: number; type: 'saved'; state: RawVcpuState; stoppedAtMs?: number; writtenOut?: StateWrittenOut }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }

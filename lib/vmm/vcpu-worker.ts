@@ -1,6 +1,7 @@
 // A vCPU thread. It creates its vCPU (KVM wants vCPU ioctls from the creating thread), loops on
 // run(), and handles every exit itself through the I/O bus: nothing goes to the main thread per
 // exit. Between machines it idles, so a pool can hand it to the next machine.
+import { writeSync } from 'node:fs';
 import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
@@ -24,7 +25,8 @@ import { TraceWriter } from './exit-trace.js';
 import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
-import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import type { MachineExit, MainMessage, StateWriteOut, StateWrittenOut, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
+import { encodeRecord } from './records.js';
 import { phaseClockMs, phaseTimingEnabled } from './phase-timing.js';
 
 const phaseTiming = phaseTimingEnabled();
@@ -176,6 +178,30 @@ function saveRaw(thread: VcpuThreadState): RawVcpuState {
 }
 
 /**
+ * Saves the VM's state too (the machine's only vCPU has stopped: nothing else changes it) and
+ * writes both out (StateWriteOut) without waiting for the main thread to wake: a live migration's
+ * destination has them that much sooner. A write the socket does not take whole (it is full) or
+ * that fails stops there: the main thread writes the rest, or meets the failure itself.
+ */
+function writeStateOut(thread: VcpuThreadState, state: RawVcpuState, out: StateWriteOut): StateWrittenOut {
+  const vm = thread.vm.saveState(thread.assignment.irqchip);
+  const records = [out.prefix, encodeRecord(out.vmRecordType, vm), encodeRecord(out.vcpuRecordType, state)];
+  const bytes = new Uint8Array(records.reduce((sum, record) => sum + record.length, 0));
+  let at = 0;
+  for (const record of records) {
+    bytes.set(record, at);
+    at += record.length;
+  }
+  let writtenBytes = 0;
+  try {
+    while (out.fd >= 0 && writtenBytes < bytes.length) writtenBytes += writeSync(out.fd, bytes, writtenBytes, bytes.length - writtenBytes);
+  } catch {
+    // EAGAIN or a broken connection: see above.
+  }
+  return { bytes, writtenBytes, vm, ...(phaseTiming ? { atMs: phaseClockMs() } : {}) };
+}
+
+/**
  * Serves the main thread's requests while this vCPU is parked (created or paused), or between two
  * runs (`running`): then only saves, which read a vCPU that is stopped for that moment anyway.
  */
@@ -191,7 +217,12 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
-        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread), ...(thread.stoppedAtMs !== 0 ? { stoppedAtMs: thread.stoppedAtMs } : {}) };
+        const state = saveRaw(thread);
+        // Written out only with the machine paused: this vCPU has then run for the last time (a
+        // warm-up's, to no fd, at any time).
+        const out = request.writeOut;
+        const writtenOut = out && (out.fd < 0 || Atomics.load(thread.control, STATE) !== RunState.Running) ? writeStateOut(thread, state, out) : undefined;
+        reply = { seq: request.seq, type: 'saved', state, ...(thread.stoppedAtMs !== 0 ? { stoppedAtMs: thread.stoppedAtMs } : {}), ...(writtenOut ? { writtenOut } : {}) };
         thread.stoppedAtMs = 0;
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };

@@ -1,0 +1,118 @@
+// A live migration's pause of a one-vCPU machine has the vCPU thread write the VM's and its own
+// saved state out the moment it stops (StateWriteOut), before the main thread wakes: here, into a
+// file and into a full socket, what it wrote, and that a machine of more vCPUs writes nothing.
+import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { Machine } from '../../lib/index.js';
+import { checkVmStateBlob } from '../../lib/kvm/vm-state-blob.js';
+import { machineInternals } from '../../lib/vmm/machine.js';
+import { RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES, encodeRecord } from '../../lib/vmm/records.js';
+import type { StateWrittenOut } from '../../lib/vmm/types.js';
+import { guestImage, noKvm } from '../helpers/kvm.js';
+import { sharedPool } from '../helpers/pool.js';
+
+const pool = noKvm ? undefined : sharedPool(2);
+const log = () => {};
+const VM_TYPE = 5;
+const VCPU_TYPE = 4;
+
+async function runningMachine(t: Test, vcpus = 1): Promise<Machine> {
+  const machine = await Machine.create({ image: guestImage('echo-irq'), memoryBytes: 2 << 20, vcpus, irqchip: true, pool, log, serial: { output: null } });
+  t.teardown(() => machine.stop());
+  machine.start();
+  return machine;
+}
+
+/** The records in `bytes` from `at` on: [type, payload] each, their CRCs checked by re-encoding. */
+function readRecords(t: Test, bytes: Uint8Array, at: number): [number, Uint8Array][] {
+  const records: [number, Uint8Array][] = [];
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  while (at < bytes.length) {
+    const type = view.getUint16(at, true);
+    const length = view.getUint32(at + 4, true);
+    const payload = bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + length);
+    t.same(Buffer.from(bytes.subarray(at, at + RECORD_OVERHEAD_BYTES + length)), Buffer.from(encodeRecord(type, payload)), `record ${records.length} sealed with its CRC`);
+    records.push([type, payload]);
+    at += RECORD_OVERHEAD_BYTES + length;
+  }
+  return records;
+}
+
+t.test('a one-vCPU machine\'s thread writes the VM\'s and its state out as it stops', { skip: noKvm }, async (t) => {
+  const machine = await runningMachine(t);
+  const internals = machineInternals(machine);
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'state');
+  const fd = openSync(file, 'w');
+  const prefix = Uint8Array.of(1, 2, 3, 4);
+  let written: StateWrittenOut | null | undefined;
+  let states;
+  try {
+    states = await internals.pause(true, { fd, prefix, vmRecordType: VM_TYPE, vcpuRecordType: VCPU_TYPE }, (out) => (written = out));
+  } finally {
+    closeSync(fd);
+  }
+  t.equal(machine.state, 'paused');
+  t.ok(written, 'it says what it wrote');
+  t.equal(written!.writtenBytes, written!.bytes.length, 'all of it, at once');
+  const bytes = new Uint8Array(readFileSync(file));
+  t.same(Buffer.from(bytes), Buffer.from(written!.bytes), 'the file holds what it says it wrote');
+  t.same([...bytes.subarray(0, 4)], [1, 2, 3, 4], 'the prefix first');
+  const records = readRecords(t, bytes, prefix.length);
+  t.same(records.map(([type]) => type), [VM_TYPE, VCPU_TYPE], 'then the VM\'s state, then the vCPU\'s');
+  t.equal(checkVmStateBlob(records[0]![1]), null, 'the VM\'s state is whole');
+  t.same(Buffer.from(records[0]![1]), Buffer.from(written!.vm), 'the one it hands back');
+  t.same(Buffer.from(records[1]![1]), Buffer.from(states![0]!), 'the vCPU\'s state is the one the pause returns');
+  machine.resume();
+  t.equal(machine.state, 'running', 'the machine runs on');
+});
+
+t.test('a socket that takes none of it: the thread leaves it all to the main thread', { skip: noKvm }, async (t) => {
+  const machine = await runningMachine(t);
+  const internals = machineInternals(machine);
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(path.join(dir, 's.sock'), resolve));
+  t.teardown(() => server.close());
+  const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  const client = net.connect(path.join(dir, 's.sock'));
+  await new Promise((resolve) => client.once('connect', resolve));
+  const peer = await accepted;
+  peer.pause(); // never reads
+  t.teardown(() => {
+    client.destroy();
+    peer.destroy();
+  });
+  // Until the socket takes not a byte more.
+  const fd = (client as unknown as { _handle: { fd: number } })._handle.fd;
+  for (let chunk = 64 * 1024; chunk >= 1;) {
+    try {
+      writeSync(fd, Buffer.alloc(chunk));
+    } catch (error) {
+      t.equal((error as NodeJS.ErrnoException).code, 'EAGAIN');
+      chunk >>= 1;
+    }
+  }
+  let written: StateWrittenOut | null | undefined;
+  await internals.pause(true, { fd, prefix: new Uint8Array(0), vmRecordType: VM_TYPE, vcpuRecordType: VCPU_TYPE }, (out) => (written = out));
+  t.ok(written, 'it says what it meant to write');
+  t.equal(written!.writtenBytes, 0, 'it wrote nothing: all of it is left to the main thread');
+  t.ok(written!.bytes.length > 0, 'which has it whole');
+  t.equal(machine.state, 'paused', 'the pause itself went through');
+  machine.resume();
+});
+
+t.test('a machine of two vCPUs writes nothing out: its main thread sends the state', { skip: noKvm }, async (t) => {
+  const machine = await runningMachine(t, 2);
+  const internals = machineInternals(machine);
+  let written: StateWrittenOut | null | undefined;
+  const states = await internals.pause(true, { fd: 1_000_000, prefix: new Uint8Array(0), vmRecordType: VM_TYPE, vcpuRecordType: VCPU_TYPE }, (out) => (written = out));
+  t.equal(written, null, 'nothing written');
+  t.equal(states?.length, 2, 'both vCPUs\' states come back as ever');
+  machine.resume();
+});
