@@ -251,7 +251,8 @@ export async function receiveMigration(
     checkHeader(header, { kind: header.kind === 'local-migration' ? 'local-migration' : 'migration', memoryBytes: config.memoryBytes, vcpuCount: config.vcpus });
     const first = await Promise.race([reader.next(), aborted.promise]);
     if (first.type !== SectionType.Config) throw new MigrationError(Code.Format, `the migration stream starts with a ${first.name} section, not its configuration`);
-    const shape = checkShape(decodeConfigSection(first, 'the migration stream').machine, 'the migration stream');
+    const announced = decodeConfigSection(first, 'the migration stream').machine;
+    const shape = checkShape(announced, 'the migration stream');
     if (shape.memoryBytes !== header.memoryBytes || shape.vcpus !== header.vcpuCount) {
       throw new MigrationError(Code.Mismatch, 'the migration stream\'s configuration contradicts its header');
     }
@@ -267,6 +268,8 @@ export async function receiveMigration(
     const memory = target.memory;
     const ram = memory.bytes();
     const state = new StateSectionReader('the migration stream', header.vcpuCount);
+    // The last state's Config is the announced machine with its running flag, as a rule.
+    for (const running of [true, false]) state.expectConfig({ machine: announced, running });
     let accepted = false;
     let syncsOwed = 0;
     let cpuArrived!: () => void;

@@ -25,7 +25,7 @@ import { SectionType, encodeEnd, encodeSection, type Section } from './format.js
 import { checkVcpuStateBlob, isVcpuStateBlob, vcpuStateBlobHeader } from '../kvm/vcpu-state-blob.js';
 import { checkVmStateBlob, isVmStateBlob, vmStateBlobHasIrqchip } from '../kvm/vm-state-blob.js';
 import { SectionParser } from './section-parser.js';
-import { decodeState, encodeStateSection, sameState } from './state-codec.js';
+import { decodeState, encodeState, encodeStateSection, sameState } from './state-codec.js';
 
 /** The contents of a Config section. */
 export interface StateConfig {
@@ -47,10 +47,15 @@ export interface StateParts extends StateConfig {
 
 /** A Config section holding `config`. */
 export function encodeConfigSection(config: StateConfig): Uint8Array {
+  return encodeSection(SectionType.Config, configPayload(config));
+}
+
+/** The payload of a Config section holding `config`. */
+function configPayload(config: StateConfig): Uint8Array {
   const record: Record<string, unknown> = { machine: config.machine };
   if (config.running !== undefined) record.running = config.running;
   if (config.parent !== undefined) record.parent = { path: config.parent.path };
-  return encodeStateSection(SectionType.Config, record);
+  return encodeState(record);
 }
 
 /** The state sections, in their one order: Config, VmState, VcpuState x n, DeviceState. */
@@ -202,11 +207,21 @@ export class StateSectionReader {
   #vm: unknown;
   readonly #vcpus: unknown[] = [];
   #devices: unknown;
+  readonly #expectedConfigs: { payload: Uint8Array; config: StateConfig }[] = [];
 
   /** `where` starts every error message ('a snapshot file', 'the migration stream'). */
   constructor(where: string, vcpuCount: number) {
     this.#where = where;
     this.#vcpuCount = vcpuCount;
+  }
+
+  /**
+   * Takes a Config section that holds `config` as it is, without decoding it: a migration's
+   * destination knows the machine the source announced, and the last state's Config holds the
+   * same with its running flag (decoding it took 0.05-0.1 ms inside the downtime, idle).
+   */
+  expectConfig(config: StateConfig): void {
+    this.#expectedConfigs.push({ payload: configPayload(config), config });
   }
 
   /** The Config section's record, once it has been read. */
@@ -236,7 +251,8 @@ export class StateSectionReader {
     switch (section.type) {
       case SectionType.Config:
         if (this.#next !== Next.Config) throw this.#misplaced(section, 'a second Config section');
-        this.#config = decodeConfigSection(section, this.#where);
+        this.#config = this.#expectedConfigs.find(({ payload }) => Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).equals(section.payload))?.config ??
+          decodeConfigSection(section, this.#where);
         this.#next = Next.VmState;
         return true;
       case SectionType.VmState:

@@ -9,7 +9,7 @@ import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import { SectionType } from '../../lib/migration/format.js';
 import { decodeState, encodeState, sameState } from '../../lib/migration/state-codec.js';
-import { DeviceStatesSentAhead, FinalConfigSections, decodeDeviceStatesAhead, encodeConfigSection, encodeCpuState, mergeDeviceStates } from '../../lib/migration/state-sections.js';
+import { DeviceStatesSentAhead, FinalConfigSections, StateSectionReader, decodeDeviceStatesAhead, encodeConfigSection, encodeCpuState, mergeDeviceStates } from '../../lib/migration/state-sections.js';
 import { isDeviceStatesAhead, type DeviceStates, type DeviceStatesAhead } from '../../lib/vmm/devices.js';
 import { machineInternals } from '../../lib/vmm/machine.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
@@ -96,4 +96,19 @@ t.test('the last state\'s Config section, encoded before the pause, is the one e
   const state = { shape: same, running: true, vm: Uint8Array.of(1, 2, 3), vcpus: [{ regs: { rip: 16 } }] };
   t.same(encodeCpuState(state, configs), encodeCpuState(state), 'the same bytes as encoded at the end');
   t.same(encodeCpuState({ ...state, shape: { ...shape, vcpus: 2 } }, configs), encodeCpuState({ ...state, shape: { ...shape, vcpus: 2 } }), 'another shape is encoded at the end');
+});
+
+t.test('a destination takes the last state\'s Config as the machine it announced, without decoding it again', async (t) => {
+  const announced = { memoryBytes: 2 << 20, vcpus: 1, irqchip: true };
+  const expected = { machine: announced, running: true };
+  const reader = new StateSectionReader('the test', 1);
+  reader.expectConfig(expected);
+  const section = (bytes: Uint8Array) => ({ type: SectionType.Config, name: 'Config' as const, flags: 0, payload: bytes.subarray(8, bytes.length - 4) });
+  reader.take(section(new FinalConfigSections({ ...announced }).get({ shape: announced, running: true })!));
+  t.equal(reader.config, expected, 'the very record it expected: nothing decoded');
+  const other = new StateSectionReader('the test', 1);
+  other.expectConfig(expected);
+  other.take(section(encodeConfigSection({ machine: announced, running: false })));
+  t.not(other.config, expected, 'another Config is decoded as ever');
+  t.same(other.config, { machine: announced, running: false });
 });
