@@ -2,7 +2,9 @@
 // dirtied, round after round, until the rest fits in the downtime budget; then pause, send the
 // rest and the machine's state, and wait for the destination to say the guest runs there. Any
 // failure before that resumes the guest here: nothing is lost.
+import { closeSync } from 'node:fs';
 import type { Socket } from 'node:net';
+import { dupSocket } from '../kvm/host.js';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import type { GuestMemory } from '../kvm/memory.js';
 import type { DirtyTracker } from '../vmm/dirty-tracker.js';
@@ -262,6 +264,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   // From here on the catch below ends the throttle.
   const autoConverge = opts.autoConverge && source.throttle ? new AutoConverge(opts.autoConverge, source.throttle) : null;
   let socket: Socket | undefined;
+  // The copy of the socket's fd a vCPU thread writes the last state into (see StateWriteOut).
+  let streamFdCopy = -1;
+  const closeStreamFdCopy = () => {
+    if (streamFdCopy >= 0) closeSync(streamFdCopy);
+    streamFdCopy = -1;
+  };
   let peer: PeerReplies | undefined;
   let paused = false;
   let pausedAt = 0;
@@ -376,9 +384,12 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // The CPU part of the last state (see encodeCpuState()) goes out from the vCPU thread as it
     // stops, ahead of the last pages, to a destination of this build (which takes pages up to
     // the End): it has it before this thread has even woken.
-    const fd = postcopyNow || !devicesAhead ? -1 : socketFd(connection);
+    // (Only with nothing queued on the socket; into a copy of its fd, so that a connection torn
+    // down meanwhile cannot leave the number to another file.)
     const prefix = finalConfigs.get({ shape: source.shape, running: true });
-    const writeOut = fd >= 0 && prefix ? { fd, prefix, vmRecordType: SectionType.VmState, vcpuRecordType: SectionType.VcpuState } : null;
+    const fd = postcopyNow || !devicesAhead || !prefix || connection.writableLength > 0 ? -1 : socketFd(connection);
+    streamFdCopy = fd >= 0 ? dupSocket(fd) : -1;
+    const writeOut = streamFdCopy >= 0 && prefix ? { fd: streamFdCopy, prefix, vmRecordType: SectionType.VmState, vcpuRecordType: SectionType.VcpuState } : null;
     pausedAt = performance.now();
     markPhase('source: pause asked');
     paused = await source.pause(writeOut);
@@ -454,6 +465,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     markPhase('source: device state saved and encoded');
     await Promise.all([cpuSent, send([rest])]);
     markPhase('source: state written to the socket');
+    closeStreamFdCopy();
     await replies.expectResumed(opts.timeoutMs);
     stats.downtimeMs = performance.now() - pausedAt;
     markPhase('source: ack received');
@@ -465,6 +477,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     progress('completed');
     return { ...stats };
   } catch (caught) {
+    closeStreamFdCopy();
     autoConverge?.stop();
     const phase = stats.phase;
     if (postcopyStarted) {
