@@ -114,6 +114,10 @@ std::shared_ptr<VcpuState> Handles::Vcpu(Napi::Env env, const Napi::Value& v) {
     if (e == nullptr) ThrowClosed(env, HandleKind::Vcpu);
     vcpu = e->vcpu;
   }
+  if (vcpu->ownerEnv == nullptr) {
+    ThrowStateError(env, "ERR_KVM_WRONG_THREAD",
+                    "vCPU " + std::to_string(vcpu->shared->vcpuId) + " was handed over (vcpu.handOver()): only the thread that adopts it may use it");
+  }
   if (vcpu->ownerEnv != static_cast<napi_env>(env)) {
     ThrowStateError(env, "ERR_KVM_WRONG_THREAD",
                     "vCPU " + std::to_string(vcpu->shared->vcpuId) +
@@ -158,6 +162,33 @@ std::shared_ptr<VcpuState> Handles::RemoveVcpu(uint32_t id) {
   std::lock_guard<std::mutex> guard(tableLock);
   auto it = table.find(id);
   if (it == table.end() || it->second.kind != HandleKind::Vcpu) return nullptr;
+  auto s = it->second.vcpu;
+  table.erase(it);
+  return s;
+}
+
+bool Handles::ReleaseVcpu(napi_env env, uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != env) return false;
+  it->second.owner = nullptr;
+  it->second.vcpu->ownerEnv = nullptr;
+  return true;
+}
+
+std::shared_ptr<VcpuState> Handles::AdoptVcpu(napi_env env, uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != nullptr) return nullptr;
+  it->second.owner = env;
+  it->second.vcpu->ownerEnv = env;
+  return it->second.vcpu;
+}
+
+std::shared_ptr<VcpuState> Handles::RemoveReleasedVcpu(uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != nullptr) return nullptr;
   auto s = it->second.vcpu;
   table.erase(it);
   return s;
