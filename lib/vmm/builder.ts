@@ -49,6 +49,12 @@ export interface MachineParts {
   threads: VcpuThread[];
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
   threadsLeft: Promise<void>[];
+  /**
+   * Null: the build waited until every vCPU thread had its vCPU. Otherwise they take theirs
+   * while the machine is made and starts (see below): rejects if one cannot, which ends the
+   * machine with that error.
+   */
+  threadsReady: Promise<void> | null;
   kicks: VcpuKickHandle[];
   /** The main thread's ends of the vCPUs' request channels (save, restore). */
   requestPorts: MessagePort[];
@@ -234,10 +240,27 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
       writeBootPlan(plan.boot, memory);
       for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
     }
+    // Each thread's part is then all that is left: adopting a vCPU made and restored already, and
+    // attaching the devices, which fail only if something is broken. The machine then need not
+    // wait for them (they wake up slowly on a busy host): it is made and may start while they
+    // finish (a thread that has not yet parked is waited for as a parked one is by pause(); one
+    // that fails ends the machine with its error). Not for a thread still loading, which may
+    // fail to load, nor with CPU affinity to set, which the host may refuse: a build waits for those.
+    const waitForThreads = !restoreAhead || runtime.affinity !== undefined || taken.some((thread) => thread.status !== 'loaded');
+    if (!waitForThreads) {
+      spareVcpus!.forEach((vcpu, id) => (kicks[id] = vcpu.released));
+      const threadsReady = Promise.all(ready).then(() => {});
+      threadsReady.catch(() => {}); // (the machine takes it up; a build that fails after this does not)
+      checkAborted();
+      return {
+        plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, threadsReady, kicks,
+        requestPorts: channels.map((channel) => channel.port1), cpuids, devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
+      };
+    }
     await step(Promise.all(ready));
     checkAborted();
     return {
-      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
+      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, threadsReady: null, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
       devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {

@@ -1,7 +1,8 @@
 // The spare VM's vCPUs, made ahead and handed to the restore's vCPU threads: a restore into them
 // gives every vCPU exactly the saved state (registers, MP state, CPUID) and the guest runs on; a
-// spare made for another vCPU count is not used; whatever happens, no vCPU fd is left once the
-// machines stop and the pool closes.
+// spare made for another vCPU count is not used; the restore does not wait for its threads to
+// take their vCPUs, and a machine paused, stopped or run at once behaves all the same; whatever
+// happens, no vCPU fd is left once the machines stop and the pool closes.
 import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -104,3 +105,44 @@ t.test('a restore that fails after its vCPUs took their states closes them', { s
   await pool.close();
   t.same({ vms: kvmFds('kvm-vm'), vcpus: kvmFds('kvm-vcpu') }, before, 'the failed restore closed the VM and the vCPUs it took');
 });
+
+t.test('a restore into the spare does not wait for its threads: paused, stopped or run at once, it behaves', { skip: noKvm }, async (t) => {
+  const { before, pool, snap } = await setUp(t, 1, 1);
+  pool.makeSpareVm({ memoryBytes: 32 * MiB });
+  // Paused at once: pause() waits for the thread to park, which it does once it has its vCPU.
+  const serial = serialCollector();
+  const machine = await Machine.restore(snap.path, { pool, serial: { output: serial.sink }, log: () => {} });
+  machine.start();
+  await machine.pause();
+  t.equal(machine.state, 'paused');
+  machine.resume();
+  await serial.waitForPass(lastPass(snap.output) + 2);
+  t.ok(isUnbrokenCount(snap.output + serial.output()), 'the count goes on after the pause');
+  await machine.stop();
+  // Stopped before it ever started.
+  await until(t, () => pool.spareVmReady, 'the next spare');
+  const unstarted = await Machine.restore(snap.path, { pool, log: () => {} });
+  const exit = await unstarted.stop();
+  t.equal(exit.reason, 'stopped');
+  // With CPU affinity to set, the build waits for the thread, and still takes the spare.
+  await until(t, () => pool.spareVmReady, 'the next spare');
+  const taken = pool.spareVmsTaken;
+  const pinned = serialCollector();
+  const withAffinity = await Machine.restore(snap.path, { pool, affinity: [[0]], serial: { output: pinned.sink }, log: () => {} });
+  t.equal(pool.spareVmsTaken, taken + 1);
+  await runOn(t, withAffinity, pinned, snap.output);
+  await pool.close();
+  t.same({ vms: kvmFds('kvm-vm'), vcpus: kvmFds('kvm-vcpu') }, before, 'no VM or vCPU fd is left once the pool is closed');
+});
+
+/** Until `done()` holds, looked at each few ms (the pool makes its spare on a timer of its own); fails after 5 s. */
+async function until(t: Test, done: () => boolean, what: string): Promise<void> {
+  const deadline = performance.now() + 5000;
+  while (!done()) {
+    if (performance.now() > deadline) {
+      t.fail(`timed out waiting for ${what}`);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
