@@ -56,6 +56,9 @@ struct VmState {
 struct VcpuShared {
   uint32_t vcpuId = 0;
   pthread_t thread{};
+  // False while the vCPU is released (handed over, not yet adopted): a kick then only sets
+  // immediate_exit, which the adopter's first KVM_RUN sees.
+  bool hasThread = true;
   std::shared_ptr<Mapping> kvmRun;
   std::shared_ptr<Mapping> dirtyRing;  // null unless the VM enabled KVM_CAP_DIRTY_LOG_RING
   std::mutex lock;  // guards everything here against close()

@@ -164,7 +164,7 @@ Napi::Value Kick(const Napi::CallbackInfo& info) {
   // immediate_exit first: a vCPU about to enter KVM_RUN returns at once; one inside it gets
   // the signal (api.rst, "immediate_exit").
   __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
-  pthread_kill(shared->thread, kickSignal);
+  if (shared->hasThread) pthread_kill(shared->thread, kickSignal);
   return Napi::Boolean::New(env, true);
 }
 
@@ -234,12 +234,13 @@ Napi::Value ReleaseVcpu(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint32_t id = HandleId(env, info[0], "vcpu");
   auto vcpu = Handles::Vcpu(env, info[0]);
+  if (!Handles::ReleaseVcpu(env, id)) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  std::lock_guard<std::mutex> guard(vcpu->shared->lock);
+  vcpu->shared->hasThread = false;
   if (info[1].IsArrayBuffer()) {
     auto buffer = info[1].As<Napi::ArrayBuffer>();
-    std::lock_guard<std::mutex> guard(vcpu->shared->lock);
     if (vcpu->shared->kvmRun && !buffer.IsDetached() && buffer.Data() == vcpu->shared->kvmRun->addr) buffer.Detach();
   }
-  if (!Handles::ReleaseVcpu(env, id)) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
   return env.Undefined();
 }
 
@@ -255,6 +256,7 @@ Napi::Value AdoptVcpu(const Napi::CallbackInfo& info) {
   {
     std::lock_guard<std::mutex> guard(state->shared->lock);
     state->shared->thread = pthread_self();
+    state->shared->hasThread = true;
     kvmRun = state->shared->kvmRun;
   }
   UnblockKickSignal();

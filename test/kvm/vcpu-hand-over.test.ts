@@ -1,10 +1,11 @@
 // A vCPU made on one thread and handed to another (vcpu.handOver(), adoptVcpu()): what a spare
-// VM's vCPUs go through. While released it takes a saved state by its handle (restoreParkedVcpu),
-// the adopter sees that state and the saved CPUID and runs the guest; a released vCPU that nobody
+// VM's vCPUs go through. While released it takes a saved state by its handle (restoreParkedVcpu)
+// and a kick (seen by its adopter's first run); the adopter sees that state and the saved CPUID
+// and runs the guest; a released vCPU that nobody
 // adopts is closed by its handle, and adopting twice, or after a close, is refused.
 import { readdirSync, readlinkSync } from 'node:fs';
 import t, { type Test } from 'tap';
-import { adoptVcpu, closeReleasedVcpu, encodeCpuid, GuestMemory, Kvm, type CpuidEntry } from '../../lib/index.js';
+import { adoptVcpu, closeReleasedVcpu, encodeCpuid, ExitReason, GuestMemory, kickVcpu, Kvm, type CpuidEntry } from '../../lib/index.js';
 import { restoreParkedVcpu } from '../../lib/kvm/vcpu.js';
 import { vcpuStateFromRaw } from '../../lib/vmm/vcpu-state.js';
 import { enterRealMode, guestImage, LOAD_ADDR, noKvm, runToHalt } from '../helpers/kvm.js';
@@ -67,8 +68,11 @@ t.test('a handed-over vCPU takes a saved state by its handle; the adopter has it
   t.throws(() => made.getRegs(), { code: 'ERR_KVM_WRONG_THREAD', message: /handed over/ }, 'the maker cannot use it any more');
 
   t.same(restoreParkedVcpu(released, saved, plain, false), [], 'restored by its handle, no MSR refused');
+  // Kicked while no thread has it: nobody is signalled, and its adopter's first run returns at once.
+  t.equal(kickVcpu(released), true, 'a released vCPU can be kicked');
   const adopted = adoptVcpu(released);
   t.teardown(() => adopted.close());
+  t.equal(adopted.run(), ExitReason.Intr, 'the kick reaches the adopter\'s first run');
   t.same(adopted.getRegs(), vcpuStateFromRaw(saved).regs, 'the adopter sees the restored registers');
   const entry = adopted.getCpuid2().find((e) => e.function === leaf);
   t.equal(entry?.ebx, 0x656b616d, 'the saved CPUID replaced the one the vCPU was made with');
