@@ -1,8 +1,8 @@
 // A vCPU made on one thread and handed to another (vcpu.handOver(), adoptVcpu()): what a spare
 // VM's vCPUs go through. While released it takes a saved state by its handle (restoreParkedVcpu)
 // and a kick (seen by its adopter's first run); the adopter sees that state and the saved CPUID
-// and runs the guest; a released vCPU that nobody
-// adopts is closed by its handle, and adopting twice, or after a close, is refused.
+// and runs the guest; a released vCPU that nobody adopts is closed by its handle, and adopting
+// twice, or after a close, is refused.
 import { readdirSync, readlinkSync } from 'node:fs';
 import t, { type Test } from 'tap';
 import { adoptVcpu, closeReleasedVcpu, encodeCpuid, ExitReason, GuestMemory, kickVcpu, Kvm, type CpuidEntry } from '../../lib/index.js';
