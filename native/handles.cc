@@ -35,6 +35,9 @@ struct Entry {
   std::shared_ptr<SystemState> system;
   std::shared_ptr<VmState> vm;
   std::shared_ptr<VcpuState> vcpu;
+  // A released vCPU (owner null): the thread that let go of it, whose teardown closes it if no
+  // thread adopted it meanwhile.
+  napi_env releasedBy = nullptr;
 };
 
 std::mutex tableLock;
@@ -172,6 +175,7 @@ bool Handles::ReleaseVcpu(napi_env env, uint32_t id) {
   auto it = table.find(id);
   if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != env) return false;
   it->second.owner = nullptr;
+  it->second.releasedBy = env;
   it->second.vcpu->ownerEnv = nullptr;
   return true;
 }
@@ -181,6 +185,7 @@ std::shared_ptr<VcpuState> Handles::AdoptVcpu(napi_env env, uint32_t id) {
   auto it = table.find(id);
   if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != nullptr) return nullptr;
   it->second.owner = env;
+  it->second.releasedBy = nullptr;
   it->second.vcpu->ownerEnv = env;
   return it->second.vcpu;
 }
@@ -204,7 +209,7 @@ void Handles::CloseOwnedBy(napi_env env) {
   {
     std::lock_guard<std::mutex> guard(tableLock);
     for (auto it = table.begin(); it != table.end();) {
-      if (it->second.owner == env) {
+      if (it->second.owner == env || (it->second.owner == nullptr && it->second.releasedBy == env)) {
         owned.push_back(std::move(it->second));
         it = table.erase(it);
       } else {
