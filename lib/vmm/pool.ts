@@ -20,8 +20,8 @@ export interface VcpuWorkerPoolOptions {
    * Keep one spare VM (the VM, guest RAM's memory slot over placeholder RAM, the in-kernel
    * interrupt controllers, GSI routing and PIT, and its vCPUs) for the next restore from a
    * snapshot with this pool (Machine.restore(path, { pool })), in the RAM size, vCPU count and
-   * irqchip setting of the last machine built with the pool; made in the background once such a machine has been built, and
-   * again each time a restore takes it. A restore that finds none ready, or one that does not fit,
+   * irqchip setting of the last machine built with the pool; made in the background once such a
+   * machine has been built, and again each time a restore takes it. A restore that finds none ready, or one that does not fit,
    * builds its VM as without the option (the unfit one is closed, and the next is made to fit).
    * close() closes it. Default false.
    */
@@ -142,8 +142,8 @@ export class VcpuWorkerPool {
 
   /**
    * Makes the spare VM now, for machines of `shape.memoryBytes` of RAM and `shape.vcpus` vCPUs
-   * (default 1), with (default) or without the in-kernel irqchip, in place of one of another shape: for the first restore, before any
-   * machine has shown the pool its shape. Nothing is done if the spare there fits already. Needs
+   * (default 1), with (default) or without the in-kernel irqchip, in place of one of another
+   * shape: for the first restore, before any machine has shown the pool its shape. Nothing is done if the spare there fits already. Needs
    * the spareVm option (ERR_INVALID_STATE without it, or once closed); throws what creating the
    * VM throws, with nothing kept.
    */
