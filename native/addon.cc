@@ -97,6 +97,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("closeVm", CloseVmHandle);
   fn("createEventFd", CreateEventFd);
   fn("createVcpu", CreateVcpu);
+  fn("releaseVcpu", ReleaseVcpu);
+  fn("adoptVcpu", AdoptVcpu);
+  fn("closeReleasedVcpu", CloseReleasedVcpu);
   fn("run", Run);
   fn("kick", Kick);
   fn("kickSignal", KickSignal);

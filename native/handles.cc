@@ -35,6 +35,9 @@ struct Entry {
   std::shared_ptr<SystemState> system;
   std::shared_ptr<VmState> vm;
   std::shared_ptr<VcpuState> vcpu;
+  // A released vCPU (owner null): the thread that let go of it, whose teardown closes it if no
+  // thread adopted it meanwhile.
+  napi_env releasedBy = nullptr;
 };
 
 std::mutex tableLock;
@@ -114,6 +117,10 @@ std::shared_ptr<VcpuState> Handles::Vcpu(Napi::Env env, const Napi::Value& v) {
     if (e == nullptr) ThrowClosed(env, HandleKind::Vcpu);
     vcpu = e->vcpu;
   }
+  if (vcpu->ownerEnv == nullptr) {
+    ThrowStateError(env, "ERR_KVM_WRONG_THREAD",
+                    "vCPU " + std::to_string(vcpu->shared->vcpuId) + " was handed over (vcpu.handOver()): only the thread that adopts it may use it");
+  }
   if (vcpu->ownerEnv != static_cast<napi_env>(env)) {
     ThrowStateError(env, "ERR_KVM_WRONG_THREAD",
                     "vCPU " + std::to_string(vcpu->shared->vcpuId) +
@@ -163,6 +170,35 @@ std::shared_ptr<VcpuState> Handles::RemoveVcpu(uint32_t id) {
   return s;
 }
 
+bool Handles::ReleaseVcpu(napi_env env, uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != env) return false;
+  it->second.owner = nullptr;
+  it->second.releasedBy = env;
+  it->second.vcpu->ownerEnv = nullptr;
+  return true;
+}
+
+std::shared_ptr<VcpuState> Handles::AdoptVcpu(napi_env env, uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != nullptr) return nullptr;
+  it->second.owner = env;
+  it->second.releasedBy = nullptr;
+  it->second.vcpu->ownerEnv = env;
+  return it->second.vcpu;
+}
+
+std::shared_ptr<VcpuState> Handles::RemoveReleasedVcpu(uint32_t id) {
+  std::lock_guard<std::mutex> guard(tableLock);
+  auto it = table.find(id);
+  if (it == table.end() || it->second.kind != HandleKind::Vcpu || it->second.owner != nullptr) return nullptr;
+  auto s = it->second.vcpu;
+  table.erase(it);
+  return s;
+}
+
 size_t Handles::Count() {
   std::lock_guard<std::mutex> guard(tableLock);
   return table.size();
@@ -173,7 +209,7 @@ void Handles::CloseOwnedBy(napi_env env) {
   {
     std::lock_guard<std::mutex> guard(tableLock);
     for (auto it = table.begin(); it != table.end();) {
-      if (it->second.owner == env) {
+      if (it->second.owner == env || (it->second.owner == nullptr && it->second.releasedBy == env)) {
         owned.push_back(std::move(it->second));
         it = table.erase(it);
       } else {

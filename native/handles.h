@@ -56,6 +56,9 @@ struct VmState {
 struct VcpuShared {
   uint32_t vcpuId = 0;
   pthread_t thread{};
+  // False while the vCPU is released (handed over, not yet adopted): a kick then only sets
+  // immediate_exit, which the adopter's first KVM_RUN sees.
+  bool hasThread = true;
   std::shared_ptr<Mapping> kvmRun;
   std::shared_ptr<Mapping> dirtyRing;  // null unless the VM enabled KVM_CAP_DIRTY_LOG_RING
   std::mutex lock;  // guards everything here against close()
@@ -106,6 +109,12 @@ class Handles {
   static std::shared_ptr<SystemState> RemoveSystem(uint32_t id);
   static std::shared_ptr<VmState> RemoveVm(uint32_t id);
   static std::shared_ptr<VcpuState> RemoveVcpu(uint32_t id);
+  // A vCPU handed from its thread to another (releaseVcpu()): no thread owns it until one adopts
+  // it. Release: false unless `env` owns it. Adopt: null unless it is released. RemoveReleased:
+  // the vCPU, if it is still released (never adopted), taken out of the table.
+  static bool ReleaseVcpu(napi_env env, uint32_t id);
+  static std::shared_ptr<VcpuState> AdoptVcpu(napi_env env, uint32_t id);
+  static std::shared_ptr<VcpuState> RemoveReleasedVcpu(uint32_t id);
 
   // Closes every handle a thread's environment created, when that environment is torn down.
   static void CloseOwnedBy(napi_env env);

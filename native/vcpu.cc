@@ -164,7 +164,7 @@ Napi::Value Kick(const Napi::CallbackInfo& info) {
   // immediate_exit first: a vCPU about to enter KVM_RUN returns at once; one inside it gets
   // the signal (api.rst, "immediate_exit").
   __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
-  pthread_kill(shared->thread, kickSignal);
+  if (shared->hasThread) pthread_kill(shared->thread, kickSignal);
   return Napi::Boolean::New(env, true);
 }
 
@@ -224,6 +224,57 @@ Napi::Value CloseVcpuHandle(const Napi::CallbackInfo& info) {
   if (state) CloseVcpu(state);
   if (kvmRun) kvmRun->Release();
   return env.Undefined();
+}
+
+// releaseVcpu(vcpuHandle, kvmRun): hands a vCPU this thread created (made ahead, say) to another
+// thread, which takes it with adoptVcpu(). This thread's kvm_run ArrayBuffer is detached; the
+// page stays mapped for the adopter. Until adopted, the vCPU is reached only by its handle from
+// any thread (restoreParkedVcpuState(), closeReleasedVcpu()).
+Napi::Value ReleaseVcpu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t id = HandleId(env, info[0], "vcpu");
+  auto vcpu = Handles::Vcpu(env, info[0]);
+  if (!Handles::ReleaseVcpu(env, id)) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  std::lock_guard<std::mutex> guard(vcpu->shared->lock);
+  vcpu->shared->hasThread = false;
+  if (info[1].IsArrayBuffer()) {
+    auto buffer = info[1].As<Napi::ArrayBuffer>();
+    if (vcpu->shared->kvmRun && !buffer.IsDetached() && buffer.Data() == vcpu->shared->kvmRun->addr) buffer.Detach();
+  }
+  return env.Undefined();
+}
+
+// adoptVcpu(vcpuHandle) -> [handle, fd, kvmRun ArrayBuffer]: a released vCPU becomes this
+// thread's, as if it had created it (its kicks come here from now on).
+Napi::Value AdoptVcpu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::call_once(kickSignalOnce, InstallKickSignal);
+  uint32_t id = HandleId(env, info[0], "vcpu");
+  auto state = Handles::AdoptVcpu(env, id);
+  if (!state) ThrowStateError(env, "ERR_KVM_WRONG_THREAD", "this vCPU is closed, or was not released by its thread (releaseVcpu())");
+  std::shared_ptr<Mapping> kvmRun;
+  {
+    std::lock_guard<std::mutex> guard(state->shared->lock);
+    state->shared->thread = pthread_self();
+    state->shared->hasThread = true;
+    kvmRun = state->shared->kvmRun;
+  }
+  UnblockKickSignal();
+  Napi::Array result = Napi::Array::New(env, 3);
+  result.Set(0u, Napi::Number::New(env, id));
+  result.Set(1u, Napi::Number::New(env, state->fd));
+  result.Set(2u, ExposeMapping(env, kvmRun));
+  return result;
+}
+
+// closeReleasedVcpu(vcpuHandle) -> whether it closed it: a released vCPU no thread adopted. Any thread.
+Napi::Value CloseReleasedVcpu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t id = HandleId(env, info[0], "vcpu");
+  auto state = Handles::RemoveReleasedVcpu(id);
+  if (!state) return Napi::Boolean::New(env, false);
+  CloseVcpu(state);
+  return Napi::Boolean::New(env, true);
 }
 
 Napi::Value KickSignal(const Napi::CallbackInfo& info) {

@@ -2,6 +2,9 @@
 #include <napi.h>
 namespace nodekvm {
 Napi::Value CreateVcpu(const Napi::CallbackInfo& info);
+Napi::Value ReleaseVcpu(const Napi::CallbackInfo& info);
+Napi::Value AdoptVcpu(const Napi::CallbackInfo& info);
+Napi::Value CloseReleasedVcpu(const Napi::CallbackInfo& info);
 Napi::Value Run(const Napi::CallbackInfo& info);
 Napi::Value Kick(const Napi::CallbackInfo& info);
 Napi::Value HarvestDirtyRing(const Napi::CallbackInfo& info);

@@ -45,6 +45,12 @@ export abstract class Handle {
 
   protected abstract release(): void;
 
+  /** Closed here without release(): what the handle held now belongs to someone else. */
+  protected forget(): void {
+    this.#closed = true;
+    finalizer.unregister(this.#token);
+  }
+
   /** Closes the handle: what `using` calls at the end of its scope. */
   [Symbol.dispose](): void {
     this.close();

@@ -2,7 +2,7 @@
 export { Kvm, KVM_API_VERSION } from './kvm.js';
 export { Vm, type MemoryRegion, type GsiRoute, type IoeventfdOptions, type Fd } from './vm.js';
 export {
-  Vcpu, kickVcpu, harvestDirtyRing, type VcpuKickHandle, type GuestDebugOptions, type Translation,
+  Vcpu, kickVcpu, harvestDirtyRing, adoptVcpu, closeReleasedVcpu, type ReleasedVcpu, type VcpuKickHandle, type GuestDebugOptions, type Translation,
 } from './vcpu.js';
 export { GuestMemory, type GuestMemoryHandle, type GuestMemoryOptions, type GuestMemoryBacking, type MapFileOptions } from './memory.js';
 export { EventFd, type EventFdOptions } from './eventfd.js';

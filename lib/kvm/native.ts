@@ -30,6 +30,12 @@ export interface NativeBinding {
   closeVm(handle: number): void;
   createEventFd(initialValue: number, semaphore: boolean, nonBlocking: boolean): number;
   createVcpu(vm: number, id: number): [handle: number, fd: number, kvmRun: ArrayBuffer];
+  /** Hands a vCPU this thread owns to whichever thread adopts it; detaches `kvmRun` (this thread's buffer). */
+  releaseVcpu(handle: number, kvmRun: ArrayBuffer): void;
+  /** A released vCPU becomes the calling thread's. */
+  adoptVcpu(handle: number): [handle: number, fd: number, kvmRun: ArrayBuffer];
+  /** Closes a released vCPU no thread adopted (any thread); false if there was none. */
+  closeReleasedVcpu(handle: number): boolean;
   run(vcpu: number): number;
   kick(vcpu: number): boolean;
   kickSignal(): number;

@@ -85,6 +85,35 @@ export function restoreParkedVcpu(handle: VcpuKickHandle, state: Uint8Array, cur
   return native.restoreParkedVcpuState(handle.vcpuKick, state, currentCpuid, irqchip);
 }
 
+/**
+ * A vCPU its creating thread let go of (vcpu.handOver()), for another thread to take
+ * (adoptVcpu()): say one made ahead on the main thread for a vCPU thread. Structured-clonable.
+ * Until adopted, it is reached only through this handle, from any thread: restoreParkedVcpu()
+ * (it is a kick handle too) and closeReleasedVcpu().
+ */
+export interface ReleasedVcpu extends VcpuKickHandle {
+  readonly vcpuId: number;
+}
+
+function checkReleased(released: ReleasedVcpu): void {
+  if (typeof released !== 'object' || released === null || typeof released.vcpuKick !== 'number' || typeof released.vcpuId !== 'number') {
+    throw argTypeError('released must be a ReleasedVcpu (vcpu.handOver())');
+  }
+}
+
+/** Takes a released vCPU as the calling thread's own, as if it had created it (its kicks come here). */
+export function adoptVcpu(released: ReleasedVcpu): Vcpu {
+  checkReleased(released);
+  const [handle, fd, run] = native.adoptVcpu(released.vcpuKick);
+  return new Vcpu(handle, released.vcpuId, fd, run);
+}
+
+/** Closes a released vCPU that no thread adopted, from any thread; false if it was adopted (its thread closes it) or is closed. */
+export function closeReleasedVcpu(released: ReleasedVcpu): boolean {
+  checkReleased(released);
+  return native.closeReleasedVcpu(released.vcpuKick);
+}
+
 /** What vcpu.setGuestDebug() sets (KVM_SET_GUEST_DEBUG): single-stepping, breakpoints and the debug registers. */
 export interface GuestDebugOptions {
   /** Trap after every guest instruction (KVM_GUESTDBG_SINGLESTEP). */
@@ -142,6 +171,18 @@ export class Vcpu extends Handle {
   kick(): void {
     this.assertOpen();
     native.kick(this.#handle);
+  }
+
+  /**
+   * Lets go of this vCPU for another thread to adopt (adoptVcpu()); this object is closed from
+   * here on, the vCPU is not. Whoever holds the result closes it if no thread adopts it
+   * (closeReleasedVcpu()).
+   */
+  handOver(): ReleasedVcpu {
+    this.assertOpen();
+    native.releaseVcpu(this.#handle, this.#runBuffer);
+    this.forget();
+    return { vcpuKick: this.#handle, vcpuId: this.id };
   }
 
   /** A handle that another thread passes to kickVcpu(). */

@@ -6,7 +6,8 @@ import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { bootMsrs, guestCpuid, memoryMap, writeBootPlan } from '../boot/index.js';
 import { ByteRing, type ByteRingShared } from '../devices/byte-ring.js';
 import { PAGE_SIZE } from '../kvm/constants.js';
-import { Kvm, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { Kvm, closeReleasedVcpu, encodeCpuid, encodeMsrs, type CpuidEntry, type GuestMemory, type Vm, type VcpuKickHandle } from '../kvm/index.js';
+import { restoreParkedVcpu } from '../kvm/vcpu.js';
 import { argValueError, ErrorCode } from '../kvm/errors.js';
 import { checkDiskConfigs, type CheckedDiskConfig, type DiskConfig, type DiskShape } from './disks.js';
 import { checkVirtioConfig, VirtioDevices, virtioMismatch, vsockConfigFor } from './virtio-devices.js';
@@ -17,7 +18,7 @@ import { createHaltProbe } from './halt-watch.js';
 import { createDevicesShared, type DevicesShared } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { DEFAULT_DIRTY_RING_BYTES, dirtyLogModesOffered, maxDirtyRingBytes, slotBasePages, type DirtyLogMode } from './dirty-tracker.js';
-import { abortError, fromThreadFailure } from './errors.js';
+import { abortError, fromThreadFailure, threadFailure } from './errors.js';
 import { startVcpuThread, type VcpuThread } from './pool.js';
 import type { VcpuAssignment, WorkerMessage } from './types.js';
 import { restoreVmState, saveVmState, type VmState } from './vm-state.js';
@@ -48,6 +49,12 @@ export interface MachineParts {
   threads: VcpuThread[];
   /** Resolve as each vCPU thread leaves this machine's assignment (or ends). */
   threadsLeft: Promise<void>[];
+  /**
+   * Null: the build waited until every vCPU thread had its vCPU. Otherwise they take theirs
+   * while the machine is made and starts (see below): rejects if one cannot, which ends the
+   * machine with that error.
+   */
+  threadsReady: Promise<void> | null;
   kicks: VcpuKickHandle[];
   /** The main thread's ends of the vCPUs' request channels (save, restore). */
   requestPorts: MessagePort[];
@@ -113,8 +120,9 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     if (signal?.aborted) throw abortError(signal, abortMessage);
   };
   try {
-    // A restore whose RAM can be mapped over a slot made ahead takes the pool's spare VM, if it fits.
-    const spare: SpareVm | null = plan.mapMemoryOver && runtime.kvmPath === undefined ? runtime.pool?.takeSpareVm(shape) ?? null : null;
+    // A restore whose RAM can be mapped over a slot made ahead takes the pool's spare VM, if it
+    // fits. Not with a dirty ring, which KVM wants before any vCPU, and the spare has its vCPUs.
+    const spare: SpareVm | null = plan.mapMemoryOver && runtime.kvmPath === undefined && dirtyLog !== 'ring' ? runtime.pool?.takeSpareVm(shape) ?? null : null;
     const kvm = spare?.kvm ?? Kvm.open(runtime.kvmPath);
     cleanup.unshift(() => kvm.close());
     const vm = spare?.vm ?? kvm.createVm();
@@ -122,6 +130,8 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     if (!spare) setVmAddresses(vm);
     const memory = spare?.memory ?? await plan.memory(shape.memoryBytes);
     cleanup.unshift(() => memory.close());
+    // Its vCPUs that no thread adopted (the threads close those they did).
+    if (spare) cleanup.unshift(() => spare.vcpus.forEach((vcpu) => closeReleasedVcpu(vcpu.released)));
     if (spare) plan.mapMemoryOver!(memory);
     else addRamAndIrqchip(vm, memory, shape.irqchip);
     checkAborted();
@@ -197,27 +207,60 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     assigned = { control, left };
     // Kept here too: a restore compares a state's CPUID with it rather than asking KVM.
     const cpuids = taken.map((_, id) => (plan.state ? null : encodeCpuid(guestCpuid(supported, id, vcpus))));
+    // The spare's vCPUs take their saved states from this thread (below, while their threads
+    // start on the rest), when the states are raw, as a snapshot's are.
+    const spareVcpus = spare?.vcpus ?? null;
+    const restoreAhead = spareVcpus !== null && plan.state != null && plan.state.vcpus.every((state) => state instanceof Uint8Array);
     taken.forEach((thread, id) => {
       const requests = channels[id]!.port2;
       thread.send({
         type: 'assign',
         assignment: {
           vmFd: vm.fd, memory: memory.handle, vcpuId: id, vcpuCount: vcpus, boot: id === 0 ? plan.boot?.bsp ?? null : null,
-          cpuid: cpuids[id]!, msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip, haltProbe,
+          cpuid: cpuids[id] ?? spareVcpus?.[id]!.cpuid ?? null, msrs, control: control.buffer as SharedArrayBuffer, devices, irqchip: shape.irqchip, haltProbe,
           affinity: runtime.affinity?.[id] ? [...runtime.affinity[id]!] : null,
           requests, dirtyBitmap: dirty.shared, memoryPages: dirty.pageCount, slotBasePages: [...slotBasePages([{ slot: RAM_SLOT, guestPhysAddr: 0 }])],
           msrIndexList: msrIndexListCache!, restore: plan.state?.vcpus[id] ?? null,
+          vcpu: spareVcpus?.[id]!.released ?? null, restoredAhead: restoreAhead,
         } satisfies VcpuAssignment,
       }, [requests]);
     });
+    if (restoreAhead) {
+      (plan.state!.vcpus as Uint8Array[]).forEach((state, id) => {
+        let refused: number[];
+        try {
+          refused = restoreParkedVcpu(spareVcpus![id]!.released, state, spareVcpus![id]!.cpuid, shape.irqchip);
+        } catch (error) {
+          throw fromThreadFailure(`vCPU ${id} could not start: `, threadFailure(error));
+        }
+        if (refused.length > 0) log(`vcpu${id}: the host refused MSRs ${refused.map((index) => `0x${index.toString(16)}`).join(', ')}`);
+      });
+    }
     if (plan.boot) {
       writeBootPlan(plan.boot, memory);
       for (const write of plan.boot.writes) dirty.mark(write.guestPhysAddr, 'data' in write ? write.data.length : write.zeroBytes);
     }
+    // Each thread's part is then all that is left: adopting a vCPU made and restored already, and
+    // attaching the devices, which fail only if something is broken. The machine then need not
+    // wait for them (they wake up slowly on a busy host): it is made and may start while they
+    // finish (a thread that has not yet parked is waited for as a parked one is by pause(); one
+    // that fails ends the machine with its error). Not for a thread still loading, which may
+    // fail to load, nor with CPU affinity to set, which the host may refuse: a build waits for those.
+    const waitForThreads = !restoreAhead || runtime.affinity !== undefined || taken.some((thread) => thread.status !== 'loaded');
+    if (!waitForThreads) {
+      spareVcpus!.forEach((vcpu, id) => (kicks[id] = vcpu.released));
+      const threadsReady = Promise.all(ready).then(() => {});
+      threadsReady.catch(() => {}); // (the machine takes it up; a build that fails after this does not)
+      checkAborted();
+      return {
+        plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, threadsReady, kicks,
+        requestPorts: channels.map((channel) => channel.port1), cpuids, devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
+      };
+    }
     await step(Promise.all(ready));
     checkAborted();
     return {
-      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
+      plan, kvm, vm, memory, dirty, control, haltProbe, threads: taken, threadsLeft: left, threadsReady: null, kicks, requestPorts: channels.map((channel) => channel.port1), cpuids,
       devices, virtio, powerOnVm, dirtyLog, outputRing, outputTarget, log, dispose: giveBack,
     };
   } catch (error) {

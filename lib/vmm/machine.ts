@@ -306,6 +306,7 @@ export class Machine extends EventEmitter {
       const machine = new Machine(parts);
       if (parts.plan.state) machine.#devices.restoreState(parts.plan.state.devices);
       machine.#watch();
+      parts.threadsReady?.catch((error: Error) => machine.#end({ reason: 'error', detail: error.message }));
       if (trace) void machine.#startTrace(trace, traceExits!);
       if (exitStats) void machine.startExitStats();
       return machine;

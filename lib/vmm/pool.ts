@@ -18,10 +18,10 @@ const SPARE_VM_DELAY_MS = 25;
 export interface VcpuWorkerPoolOptions {
   /**
    * Keep one spare VM (the VM, guest RAM's memory slot over placeholder RAM, the in-kernel
-   * interrupt controllers, GSI routing and PIT) for the next restore from a snapshot with this
-   * pool (Machine.restore(path, { pool })), in the RAM size and irqchip setting of the last
-   * machine built with the pool; made in the background once such a machine has been built, and
-   * again each time a restore takes it. A restore that finds none ready, or one that does not fit,
+   * interrupt controllers, GSI routing and PIT, and its vCPUs) for the next restore from a
+   * snapshot with this pool (Machine.restore(path, { pool })), in the RAM size, vCPU count and
+   * irqchip setting of the last machine built with the pool; made in the background once such a
+   * machine has been built, and again each time a restore takes it. A restore that finds none ready, or one that does not fit,
    * builds its VM as without the option (the unfit one is closed, and the next is made to fit).
    * close() closes it. Default false.
    */
@@ -131,8 +131,8 @@ export class VcpuWorkerPool {
   }
 
   /** The shape of the spare VM waiting, or null if there is none. */
-  get spareVmShape(): { memoryBytes: number; irqchip: boolean } | null {
-    return this.#spareVm ? { memoryBytes: this.#spareVm.shape.memoryBytes, irqchip: this.#spareVm.shape.irqchip } : null;
+  get spareVmShape(): { memoryBytes: number; irqchip: boolean; vcpus: number } | null {
+    return this.#spareVm ? { ...this.#spareVm.shape } : null;
   }
 
   /** How many machines took the spare VM for their own (a restore that found none, or none that fit, built its VM itself). */
@@ -141,13 +141,13 @@ export class VcpuWorkerPool {
   }
 
   /**
-   * Makes the spare VM now, for machines of `shape.memoryBytes` of RAM with (default) or without
-   * the in-kernel irqchip, in place of one of another shape: for the first restore, before any
-   * machine has shown the pool its shape. Nothing is done if the spare there fits already. Needs
+   * Makes the spare VM now, for machines of `shape.memoryBytes` of RAM and `shape.vcpus` vCPUs
+   * (default 1), with (default) or without the in-kernel irqchip, in place of one of another
+   * shape: for the first restore, before any machine has shown the pool its shape. Nothing is done if the spare there fits already. Needs
    * the spareVm option (ERR_INVALID_STATE without it, or once closed); throws what creating the
    * VM throws, with nothing kept.
    */
-  makeSpareVm(shape: { memoryBytes: number; irqchip?: boolean }): void {
+  makeSpareVm(shape: { memoryBytes: number; irqchip?: boolean; vcpus?: number }): void {
     if (this.#closed) throw new NodeKvmError(ErrorCode.InvalidState, 'the vCPU pool is closed');
     if (!this.#keepSpareVm) throw new NodeKvmError(ErrorCode.InvalidState, 'this pool keeps no spare VM (VcpuWorkerPool.create(size, { spareVm: true }))');
     if (typeof shape !== 'object' || shape === null) throw argTypeError('shape must be an object with memoryBytes');
@@ -156,8 +156,11 @@ export class VcpuWorkerPool {
     if (!Number.isSafeInteger(memoryBytes) || memoryBytes < 1 << 20 || memoryBytes % (1 << 20) !== 0) {
       throw (typeof memoryBytes === 'number' ? outOfRangeError : argTypeError)(`shape.memoryBytes must be a positive multiple of 1 MiB, got ${String(memoryBytes)}`);
     }
-    const wanted = { memoryBytes, irqchip: shape.irqchip ?? true };
+    const wanted = { memoryBytes, irqchip: shape.irqchip ?? true, vcpus: shape.vcpus ?? 1 };
     if (typeof wanted.irqchip !== 'boolean') throw argTypeError(`shape.irqchip must be a boolean, got ${typeof wanted.irqchip}`);
+    if (!Number.isInteger(wanted.vcpus) || wanted.vcpus < 1 || wanted.vcpus > 255) {
+      throw (typeof wanted.vcpus === 'number' ? outOfRangeError : argTypeError)(`shape.vcpus must be an integer 1..255, got ${String(wanted.vcpus)}`);
+    }
     this.#spareShape = wanted;
     if (this.#spareVm?.fits(wanted)) return;
     this.#spareVm?.close();
@@ -172,7 +175,7 @@ export class VcpuWorkerPool {
    */
   takeSpareVm(shape: SpareVmShape): SpareVm | null {
     if (!this.#keepSpareVm || this.#closed) return null;
-    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip };
+    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip, vcpus: shape.vcpus };
     let taken = this.#spareVm;
     this.#spareVm = null;
     if (taken && !taken.fits(shape)) {
@@ -191,7 +194,7 @@ export class VcpuWorkerPool {
   noteMachineShape(shape: SpareVmShape): void {
     if (!this.#keepSpareVm || this.#closed) return;
     if (this.#spareVm?.fits(shape)) return;
-    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip };
+    this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip, vcpus: shape.vcpus };
     this.#makeSpareSoon();
   }
 

@@ -4,10 +4,14 @@
 // period or the CPU. The slot is made over placeholder RAM (an anonymous memfd, never touched),
 // and the restore maps its snapshot's RAM image over the same addresses
 // (GuestMemory.mapFileOver()): no slot is added to a VM that already has its irqchip, which
-// would wait for an RCU grace period.
+// would wait for an RCU grace period. Its vCPUs are made too (KVM_CREATE_VCPU, the kvm_run
+// mapping, the CPUID a booted machine of the shape gets) and handed over (vcpu.handOver()): the
+// restore puts the saved state on them from the main thread and its vCPU threads adopt them,
+// rather than each thread creating its own in the restore.
+import { guestCpuid } from '../boot/index.js';
 import { Platform } from '../boot/platform.js';
 import { IrqChip } from '../kvm/constants.js';
-import { GuestMemory, Kvm, type GsiRoute, type Vm } from '../kvm/index.js';
+import { GuestMemory, Kvm, closeReleasedVcpu, encodeCpuid, type CpuidEntry, type GsiRoute, type ReleasedVcpu, type Vm } from '../kvm/index.js';
 
 // Three pages KVM may use for the real-mode TSS, and one for the EPT identity map (Intel), just
 // below the BIOS area at the top of the 32-bit space, away from guest RAM.
@@ -51,11 +55,21 @@ export function addRamAndIrqchip(vm: Vm, memory: GuestMemory, irqchip: boolean):
   }
 }
 
-/** What a spare VM is made for: a machine of this RAM size, with or without the in-kernel irqchip. */
+/** What a spare VM is made for: a machine of this RAM size and vCPU count, with or without the in-kernel irqchip. */
 export interface SpareVmShape {
   memoryBytes: number;
   irqchip: boolean;
+  vcpus: number;
 }
+
+/** A spare VM's vCPU: made and let go of by the thread that made the spare, and the CPUID it was given (a kvm_cpuid2). */
+export interface SpareVcpu {
+  released: ReleasedVcpu;
+  cpuid: Uint8Array;
+}
+
+// What the host's KVM offers does not change while the process runs: asked once.
+let supportedCpuidCache: CpuidEntry[] | null = null;
 
 /** A VM made ahead: its parts become a restored machine's (which closes them), or close() gives them back. */
 export class SpareVm {
@@ -64,12 +78,15 @@ export class SpareVm {
   readonly vm: Vm;
   /** Placeholder RAM under the slot ('anonymous', untouched): the restore maps its RAM over it. */
   readonly memory: GuestMemory;
+  /** One per vCPU, by id, not adopted by any thread yet; close() closes those still not. */
+  readonly vcpus: readonly SpareVcpu[];
 
-  private constructor(shape: SpareVmShape, kvm: Kvm, vm: Vm, memory: GuestMemory) {
+  private constructor(shape: SpareVmShape, kvm: Kvm, vm: Vm, memory: GuestMemory, vcpus: SpareVcpu[]) {
     this.shape = shape;
     this.kvm = kvm;
     this.vm = vm;
     this.memory = memory;
+    this.vcpus = vcpus;
   }
 
   /** Makes one; on failure, closes what it had made and throws. */
@@ -84,7 +101,22 @@ export class SpareVm {
       const memory = GuestMemory.create(shape.memoryBytes);
       made.unshift(memory);
       addRamAndIrqchip(vm, memory, shape.irqchip);
-      return new SpareVm({ memoryBytes: shape.memoryBytes, irqchip: shape.irqchip }, kvm, vm, memory);
+      // After the irqchip, which KVM wants before any vCPU (each gets its LAPIC).
+      supportedCpuidCache ??= kvm.getSupportedCpuid();
+      const vcpus: SpareVcpu[] = [];
+      for (let id = 0; id < shape.vcpus; id++) {
+        const vcpu = vm.createVcpu(id);
+        try {
+          const cpuid = encodeCpuid(guestCpuid(supportedCpuidCache, id, shape.vcpus));
+          vcpu.setCpuid2(cpuid);
+          const released = vcpu.handOver();
+          made.unshift({ close: () => closeReleasedVcpu(released) });
+          vcpus.push({ released, cpuid });
+        } finally {
+          vcpu.close(); // (nothing once handed over)
+        }
+      }
+      return new SpareVm({ memoryBytes: shape.memoryBytes, irqchip: shape.irqchip, vcpus: shape.vcpus }, kvm, vm, memory, vcpus);
     } catch (error) {
       for (const part of made) part.close();
       throw error;
@@ -92,10 +124,12 @@ export class SpareVm {
   }
 
   fits(shape: SpareVmShape): boolean {
-    return shape.memoryBytes === this.shape.memoryBytes && shape.irqchip === this.shape.irqchip;
+    return shape.memoryBytes === this.shape.memoryBytes && shape.irqchip === this.shape.irqchip && shape.vcpus === this.shape.vcpus;
   }
 
   close(): void {
+    // Those a restore's threads adopted are theirs to close.
+    for (const vcpu of this.vcpus) closeReleasedVcpu(vcpu.released);
     this.memory.close();
     this.vm.close();
     this.kvm.close();

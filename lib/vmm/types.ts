@@ -1,6 +1,6 @@
 // Messages and shapes shared by the machine (main thread) and its vCPU threads.
 import type { BootState } from '../boot/index.js';
-import type { CpuidEntry, Fpu, GuestDebugOptions, MsrEntry, Regs, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
+import type { CpuidEntry, Fpu, GuestDebugOptions, MsrEntry, Regs, ReleasedVcpu, Sregs, VcpuKickHandle, GuestMemoryHandle } from '../kvm/index.js';
 import type { MessagePort } from 'node:worker_threads';
 import type { DevicesShared } from './devices.js';
 import type { ThreadFailure } from './errors.js';
@@ -61,6 +61,13 @@ export interface VcpuAssignment {
   msrIndexList: number[];
   /** A restore: the saved state this vCPU starts in (instead of boot state). */
   restore: VcpuState | RawVcpuState | null;
+  /**
+   * A vCPU made ahead (a spare VM's, its CPUID in `cpuid`), adopted by this thread rather than
+   * created; null: the thread creates its own.
+   */
+  vcpu: ReleasedVcpu | null;
+  /** The main thread has put `restore` (raw) on that vCPU already: this thread only notes what it holds now. */
+  restoredAhead: boolean;
 }
 
 /**

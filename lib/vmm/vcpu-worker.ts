@@ -10,7 +10,7 @@ import { setThreadAffinity, setThreadBatch, setThreadName } from '../kvm/thread.
 import { decodeCpuid, encodeCpuid } from '../kvm/lists.js';
 import { VcpuStateFlag, VcpuStateTag, vcpuStateBlobHeader, vcpuStateBlobSections } from '../kvm/vcpu-state-blob.js';
 import type { CpuidEntry } from '../kvm/structs.js';
-import type { Vcpu } from '../kvm/vcpu.js';
+import { adoptVcpu, type Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { GuestMemory } from '../kvm/memory.js';
 import { RunState, STATE, HALTED, THROTTLE_PERCENT, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
@@ -94,12 +94,17 @@ function runAssignment(assignment: VcpuAssignment): void {
   }, ram);
   using _releaseMemory = { [Symbol.dispose]: () => memory?.close() };
 
-  using vcpu = vm.createVcpu(id);
+  // A spare VM's vCPU was made (and, in a restore, given its state) by the main thread ahead.
+  using vcpu = assignment.vcpu ? adoptVcpu(assignment.vcpu) : vm.createVcpu(id);
   const thread: VcpuThreadState = {
     vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null, stoppedAtMs: 0,
     slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false, powerOn: null,
   };
-  if (assignment.restore) {
+  if (assignment.restore && assignment.restoredAhead) {
+    noteRestored(thread, assignment.restore as RawVcpuState);
+  } else if (assignment.restore) {
+    // An adopted vCPU holds the CPUID it was made with: the restore compares the saved one with it.
+    if (assignment.vcpu) thread.cpuid = assignment.cpuid;
     restoreInto(thread, assignment.restore);
   } else {
     if (!assignment.cpuid || !assignment.msrs) throw new NodeKvmError(ErrorCode.VcpuFailed, 'a vCPU that is not restored needs its CPUID and MSRs');
@@ -332,6 +337,12 @@ function restoreInto(thread: VcpuThreadState, state: VcpuState | RawVcpuState): 
     post({ type: 'log', message: `vcpu${thread.assignment.vcpuId}: the host refused MSRs ${refusedMsrs.map((index) => `0x${index.toString(16)}`).join(', ')}` });
   }
   return refusedMsrs;
+}
+
+/** What the vCPU holds once another thread restored `state` on it (restoreParkedVcpu()). */
+function noteRestored(thread: VcpuThreadState, state: RawVcpuState): void {
+  thread.cpuid = vcpuStateBlobSections(state).get(VcpuStateTag.Cpuid)?.slice() ?? thread.assignment.cpuid;
+  setVmmHalted(thread, (vcpuStateBlobHeader(state).flags & VcpuStateFlag.VmmHalted) !== 0);
 }
 
 /** A restored state says whether the VMM keeps this vCPU halted (no in-kernel irqchip). */

@@ -95,10 +95,11 @@ t.test('a worker that exits with its handles open does not take the process down
   const { vm } = mainThreadVm(t, 'hello');
   const worker = new FixtureWorker('abandon-worker', { vmFd: vm.fd });
   reap(t, worker);
-  const left = await worker.next<{ vmViewKick: VcpuKickHandle; ownKick: VcpuKickHandle; memoryHandle: GuestMemoryHandle }>();
+  const left = await worker.next<{ vmViewKick: VcpuKickHandle; ownKick: VcpuKickHandle; memoryHandle: GuestMemoryHandle; released: VcpuKickHandle }>();
   t.equal(await worker.exited, 0);
   t.equal(kickVcpu(left.vmViewKick), false, 'its vCPU in our VM was closed with the thread');
   t.equal(kickVcpu(left.ownKick), false, 'and so was the vCPU of its own VM');
+  t.equal(kickVcpu(left.released), false, 'and the vCPU it handed over that nobody adopted');
   await nextTurn();
   t.throws(() => GuestMemory.attach(left.memoryHandle), { name: 'KvmError', code: 'EBADF' }, 'its guest memory is unmapped');
   t.equal(GuestMemory.stats().mappings, mappingsBefore + 1, 'only our own VM memory is still mapped');
