@@ -441,7 +441,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     }
     const written = paused ? source.cpuStateWrittenOut?.() ?? null : null;
     // What the socket did not take of it goes first, before anything else.
-    let cpuSent = written && written.writtenBytes < written.bytes.length ? send([written.bytes.subarray(written.writtenBytes)]) : Promise.resolve();
+    let cpuSent = written && written.writtenBytes < written.totalBytes ? send([written.bytes.subarray(written.writtenBytes)]) : Promise.resolve();
     cpuSent.catch(() => {});
     await sendPages(ranges);
     markPhase('source: last pages sent');

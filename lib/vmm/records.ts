@@ -19,6 +19,18 @@ export function sealRecord(record: Uint8Array, type: number, flags: number): voi
   view.setUint32(RECORD_HEADER_BYTES + payloadBytes, crc32c(record.subarray(0, RECORD_HEADER_BYTES + payloadBytes)), true);
 }
 
+/** One record as three buffers, `payload` not copied: its header, the payload, its CRC (for one writev). */
+export function recordParts(type: number, payload: Uint8Array, flags = 0): [Uint8Array, Uint8Array, Uint8Array] {
+  const header = new Uint8Array(RECORD_HEADER_BYTES);
+  const view = new DataView(header.buffer);
+  view.setUint16(0, type, true);
+  view.setUint16(2, flags, true);
+  view.setUint32(4, payload.length, true);
+  const crc = new Uint8Array(4);
+  new DataView(crc.buffer).setUint32(0, crc32c(payload, crc32c(header)), true);
+  return [header, payload, crc];
+}
+
 /** One record (header, a copy of `payload`, CRC) in one buffer; the caller checks type, flags and size. */
 export function encodeRecord(type: number, payload: Uint8Array, flags = 0): Uint8Array {
   const record = new Uint8Array(RECORD_OVERHEAD_BYTES + payload.length);

@@ -84,9 +84,11 @@ export interface StateWriteOut {
   vcpuRecordType: number;
 }
 
-/** What a vCPU thread wrote out (StateWriteOut): all it meant to write, and how much of it went. */
+/** What a vCPU thread wrote out (StateWriteOut): how much of it went, and all of it if not all went. */
 export interface StateWrittenOut {
+  /** All it meant to write where some is left (writtenBytes < totalBytes), else empty. */
   bytes: Uint8Array;
+  totalBytes: number;
   writtenBytes: number;
   /** The VM's raw state it saved and wrote. */
   vm: Uint8Array;

@@ -1,7 +1,7 @@
 // A vCPU thread. It creates its vCPU (KVM wants vCPU ioctls from the creating thread), loops on
 // run(), and handles every exit itself through the I/O bus: nothing goes to the main thread per
 // exit. Between machines it idles, so a pool can hand it to the next machine.
-import { writeSync } from 'node:fs';
+import { writevSync } from 'node:fs';
 import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
@@ -26,7 +26,7 @@ import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } fro
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
 import type { MachineExit, MainMessage, StateWriteOut, StateWrittenOut, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
-import { encodeRecord } from './records.js';
+import { recordParts } from './records.js';
 import { phaseClockMs, phaseTimingEnabled } from './phase-timing.js';
 
 const phaseTiming = phaseTimingEnabled();
@@ -187,23 +187,22 @@ function saveRaw(thread: VcpuThreadState): RawVcpuState {
  * writes both out (StateWriteOut) without waiting for the main thread to wake: a live migration's
  * destination has them that much sooner. A write the socket does not take whole (it is full) or
  * that fails stops there: the main thread writes the rest, or meets the failure itself.
+ * (A warm-up, to no fd, writes nothing and hands back all of it.)
  */
 function writeStateOut(thread: VcpuThreadState, state: RawVcpuState, out: StateWriteOut): StateWrittenOut {
   const vm = thread.vm.saveState(thread.assignment.irqchip);
-  const records = [out.prefix, encodeRecord(out.vmRecordType, vm), encodeRecord(out.vcpuRecordType, state)];
-  const bytes = new Uint8Array(records.reduce((sum, record) => sum + record.length, 0));
-  let at = 0;
-  for (const record of records) {
-    bytes.set(record, at);
-    at += record.length;
-  }
+  // One writev, nothing copied: the records' headers and CRCs around the states as they are.
+  const parts = [out.prefix, ...recordParts(out.vmRecordType, vm), ...recordParts(out.vcpuRecordType, state)];
+  const totalBytes = parts.reduce((sum, part) => sum + part.length, 0);
   let writtenBytes = 0;
   try {
-    while (out.fd >= 0 && writtenBytes < bytes.length) writtenBytes += writeSync(out.fd, bytes, writtenBytes, bytes.length - writtenBytes);
+    if (out.fd >= 0) writtenBytes = writevSync(out.fd, parts);
   } catch {
     // EAGAIN or a broken connection: see above.
   }
-  return { bytes, writtenBytes, vm, ...(phaseTiming ? { atMs: phaseClockMs() } : {}) };
+  // The whole of it for the main thread, only where some is left for it to write.
+  const bytes = writtenBytes < totalBytes ? Buffer.concat(parts) : new Uint8Array(0);
+  return { bytes, totalBytes, writtenBytes, vm, ...(phaseTiming ? { atMs: phaseClockMs() } : {}) };
 }
 
 /**
