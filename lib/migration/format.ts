@@ -21,10 +21,11 @@
 //     VcpuState x vcpuCount, DeviceState), End. An Error section may end it at any point. To a
 //     destination whose greeting says it reads one (handshake.ts), a DeviceStateAhead section may
 //     come just before the last Sync: the DeviceState section then holds only the devices whose
-//     state differs from it (a stream without it is read as before: no new version). Pages may
-//     come between the VcpuState sections and DeviceState (a one-vCPU machine's thread writes
-//     the VM's and its own state the moment it stops, before the last pages go: see
-//     lib/vmm/types.ts StateWriteOut); every page has come by the End.
+//     state differs from it (a stream without it is read as before: no new version). To such a
+//     destination the last pages follow the state sections, DeviceState included, and precede
+//     the End (a one-vCPU machine's thread writes the VM's and its own state the moment it
+//     stops: see lib/vmm/types.ts StateWriteOut; the destination applies the devices' state
+//     while the pages come); every page has come by the End.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
 //     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
 //     at any point. The source sends its pages without waiting for Config; the destination

@@ -17,7 +17,7 @@ import {
 } from './format.js';
 import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { warmUpPageStream } from './page-stream-warm-up.js';
-import { rehearseRestore } from './warm-up.js';
+import { applyDevicesAsAhead, rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
 import { socketSource } from './sources.js';
@@ -115,11 +115,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
             try {
               const state = warmUpStateCodec(rehearsal);
               await internals.applyCpuState(state);
-              // As a stop with the devices' state sent ahead puts it, one device changed since.
-              const { virtio: _virtio, ...ahead } = state.devices;
-              internals.applyDeviceStateAhead(ahead);
-              const merged = mergeDeviceStates(ahead, { serial: state.devices.serial }, 'a rehearsal');
-              internals.applyDeviceState(merged.devices, merged.appliedAhead);
+              applyDevicesAsAhead(internals, state);
               start(false, null, true);
             } catch {
               // Only a rehearsal: the real state says what is wrong.
@@ -166,7 +162,7 @@ const DESTINATION_WARM_UP_ROUNDS = 50;
  */
 async function warmUp(machine: Machine): Promise<void> {
   try {
-    rehearsalStates.set(machine, await rehearseRestore(machine, DESTINATION_WARM_UP_ROUNDS));
+    rehearsalStates.set(machine, await rehearseRestore(machine, DESTINATION_WARM_UP_ROUNDS, { devicesAhead: true }));
   } catch (error) {
     machineInternals(machine).log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
   }
@@ -274,6 +270,8 @@ export async function receiveMigration(
     let syncsOwed = 0;
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
+    let devicesArrived!: () => void;
+    const deviceStateIn = new Promise<void>((resolve) => (devicesArrived = resolve));
     let rehearsing: Promise<void> | null = null;
     // The rehearsal, soon after the section that asks for it (out of the parse).
     const rehearse = () => new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
@@ -337,6 +335,7 @@ export async function receiveMigration(
           if (section.type === SectionType.Config) markPhase('destination: state arriving');
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
           if (state.cpuComplete) cpuArrived();
+          if (state.complete) devicesArrived();
         }
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
@@ -362,11 +361,18 @@ export async function receiveMigration(
     // Never two applies at once.
     await rehearsing;
     await target.applyCpu(cpu);
-    await Promise.race([sections.ended, begun]);
+    // The devices' part may come before the source's last pages (see migrateMachine()): applied
+    // as it comes, but for the virtio devices', only once every page is in.
+    await Promise.race([sections.ended, begun, deviceStateIn]);
     const merged = devicesAhead ? mergeDeviceStates(devicesAhead, state.finish().devices, 'the migration stream') : null;
     const complete = { ...cpu, devices: merged ? merged.devices : checkDeviceStates(state.finish().devices, 'the migration stream') };
     markPhase('destination: state checked');
-    await target.apply(complete, true, merged?.appliedAhead);
+    const into = target;
+    const applyDevices = () => into.apply(complete, true, merged?.appliedAhead);
+    const beforeEnd = complete.devices.virtio === undefined;
+    if (beforeEnd) await applyDevices();
+    await Promise.race([sections.ended, begun]);
+    if (!beforeEnd) await applyDevices();
     markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);

@@ -14,14 +14,14 @@ import { machineInternals, type CpuState, type DeviceStates, type Machine, type 
 import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-ranges.js';
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
-import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
+import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
 import { encodePages } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers } from './socket-buffers.js';
-import { DeviceStatesSentAhead, FinalConfigSections, encodeConfigSection, encodeCpuState, encodeDeviceStateAndEnd, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
+import { DeviceStatesSentAhead, FinalConfigSections, encodeConfigSection, encodeCpuState, encodeDeviceStateSection, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { destinationReadsDeviceStateAhead } from './handshake.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
@@ -443,8 +443,14 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // What the socket did not take of it goes first, before anything else.
     let cpuSent = written && written.writtenBytes < written.totalBytes ? send([written.bytes.subarray(written.writtenBytes)]) : Promise.resolve();
     cpuSent.catch(() => {});
-    await sendPages(ranges);
-    markPhase('source: last pages sent');
+    // To a destination of this build (it took the devices' state ahead), the devices' part goes
+    // before the last pages, End after them: it applies the devices while they come. Another
+    // has the pages first, then the state and End, as it always had.
+    const pagesFirst = devicesAhead === null;
+    if (pagesFirst) {
+      await sendPages(ranges);
+      markPhase('source: last pages sent');
+    }
     // A guest its owner had paused stays paused at the destination.
     const cpu = written ? null : { ...(await source.saveCpuState()), running: paused };
     if (cpu) markPhase('source: VM and vCPU state saved');
@@ -461,9 +467,17 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       markPhase('source: VM and vCPU state written');
     }
     const devices = source.saveDeviceState();
-    const rest = encodeDeviceStateAndEnd(devicesAhead ? devicesAhead.changed(devices) : devices);
+    const devicesPart = encodeDeviceStateSection(devicesAhead ? devicesAhead.changed(devices) : devices);
     markPhase('source: device state saved and encoded');
-    await Promise.all([cpuSent, send([rest])]);
+    if (pagesFirst) {
+      await Promise.all([cpuSent, send([devicesPart, encodeEnd()])]);
+    } else {
+      const devicesSent = send([devicesPart]);
+      devicesSent.catch(() => {});
+      await sendPages(ranges);
+      markPhase('source: last pages sent');
+      await Promise.all([cpuSent, devicesSent, send([encodeEnd()])]);
+    }
     markPhase('source: state written to the socket');
     closeStreamFdCopy();
     await replies.expectResumed(opts.timeoutMs);

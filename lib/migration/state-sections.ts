@@ -112,8 +112,13 @@ export class FinalConfigSections {
 }
 
 /** The second part of a live migration's last state (see encodeCpuState()); only the devices that changed after a DeviceStateAhead section. */
+export function encodeDeviceStateSection(devices: MachineState['devices'] | Partial<DeviceStates>): Uint8Array {
+  return encodeStateSection(SectionType.DeviceState, devices);
+}
+
+/** encodeDeviceStateSection() and the End after it, in one buffer. */
 export function encodeDeviceStateAndEnd(devices: MachineState['devices'] | Partial<DeviceStates>): Buffer {
-  return Buffer.concat([encodeStateSection(SectionType.DeviceState, devices), encodeEnd()]);
+  return Buffer.concat([encodeDeviceStateSection(devices), encodeEnd()]);
 }
 
 /** A live migration's last state, its End included, in one buffer (one write; the destination reads it whole in one wake-up). */
