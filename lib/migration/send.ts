@@ -396,8 +396,18 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     markPhase('source: paused, vCPU states saved');
     autoConverge?.stop();
     throwIfAborted(opts.signal, what, 'stop-copy');
-    progress('stop-copy');
-    ranges = unionRanges(ranges, tracker.harvest());
+    // To a destination of this build, the state goes before the last pages: they are harvested
+    // (and the progress told) once it has gone. Others have them first.
+    const pagesFirst = devicesAhead === null;
+    const harvestLastPages = () => {
+      ranges = unionRanges(ranges, tracker.harvest());
+      markPhase('source: last pages harvested');
+    };
+    stats.phase = 'stop-copy';
+    if (pagesFirst || postcopyNow) {
+      progress('stop-copy');
+      harvestLastPages();
+    }
     if (postcopyNow) {
       // What the destination lacks: every page not sent yet (all that may hold data, at once), and
       // every page written since it was sent.
@@ -446,7 +456,6 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // To a destination of this build (it took the devices' state ahead), the devices' part goes
     // before the last pages, End after them: it applies the devices while they come. Another
     // has the pages first, then the state and End, as it always had.
-    const pagesFirst = devicesAhead === null;
     if (pagesFirst) {
       await sendPages(ranges);
       markPhase('source: last pages sent');
@@ -474,6 +483,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     } else {
       const devicesSent = send([devicesPart]);
       devicesSent.catch(() => {});
+      progress('stop-copy');
+      harvestLastPages();
       await sendPages(ranges);
       markPhase('source: last pages sent');
       await Promise.all([cpuSent, devicesSent, send([encodeEnd()])]);
