@@ -141,6 +141,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("setThreadBatch", SetThreadBatch);
   fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
+  fn("encodePagesSection", EncodePagesSection);
   fn("uffdOpen", UffdOpen);
   fn("uffdReadFaults", UffdReadFaults);
   fn("uffdCopy", UffdCopy);

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "errors.h"
 
@@ -168,7 +169,173 @@ uint32_t Crc32cBytes(uint32_t seed, const uint8_t* data, size_t length, bool por
   return ~Crc32cPortable(reg, data, length);
 }
 
+// CRC-32C of `length` bytes copied from `src` to `dst`, continuing from `reg` (the register, not
+// inverted): the copy in pieces that stay in the L1 cache for the checksum, so that the data is
+// read from memory once. The CRC covers the bytes as they are in `dst` (`src` may change meanwhile).
+uint32_t CopyCrc32cRegister(uint32_t reg, uint8_t* dst, const uint8_t* src, size_t length) {
+  constexpr size_t kPieceBytes = 3 * kLongBlockBytes;
+  while (length > 0) {
+    size_t piece = length < kPieceBytes ? length : kPieceBytes;
+    memcpy(dst, src, piece);
+#ifdef NODEKVM_CRC32C_SSE42
+    if (HasSse42()) reg = Crc32cSse42(reg, dst, piece);
+    else reg = Crc32cPortable(reg, dst, piece);
+#else
+    reg = Crc32cPortable(reg, dst, piece);
+#endif
+    dst += piece;
+    src += piece;
+    length -= piece;
+  }
+  return reg;
+}
+
+uint32_t Crc32cRegister(uint32_t reg, const uint8_t* data, size_t length) {
+#ifdef NODEKVM_CRC32C_SSE42
+  if (HasSse42()) return Crc32cSse42(reg, data, length);
+#endif
+  return Crc32cPortable(reg, data, length);
+}
+
+constexpr size_t kPageBytes = 4096;
+
+bool PageIsZero(const uint8_t* page) {
+  uint64_t head[2];
+  memcpy(head, page, sizeof head);
+  if ((head[0] | head[1]) != 0) return false;  // data mostly shows in its first bytes
+  uint64_t any = 0;
+  for (size_t i = 0; i < kPageBytes; i += 64) {
+    uint64_t words[8];
+    memcpy(words, page + i, sizeof words);
+    any |= words[0] | words[1] | words[2] | words[3] | words[4] | words[5] | words[6] | words[7];
+    if (any != 0) return false;
+  }
+  return true;
+}
+
+void PutLe16(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+}
+void PutLe32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+void PutLe64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+struct PageRun {
+  uint64_t firstPage;
+  uint64_t pageCount;
+  bool zero;
+};
+
+// A typed array's bytes, or a TypeError naming `name`.
+uint8_t* BytesOf(Napi::Env env, Napi::Value value, const char* name, size_t* length) {
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowTypeError(env, std::string(name) + " must be a Uint8Array");
+  }
+  Napi::Uint8Array array = value.As<Napi::Uint8Array>();
+  *length = array.ByteLength();
+  return array.Data();
+}
+
 }  // namespace
+
+Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t ramBytes = 0;
+  const uint8_t* ram = BytesOf(env, info[0], "ram", &ramBytes);
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    ThrowTypeError(env, "ranges must be a Float64Array");
+  }
+  Napi::Float64Array ranges = info[1].As<Napi::Float64Array>();
+  if (!info[2].IsNumber()) ThrowTypeError(env, "rangeCount must be a number");
+  double rangeCountValue = info[2].As<Napi::Number>().DoubleValue();
+  if (!(rangeCountValue >= 0 && std::floor(rangeCountValue) == rangeCountValue && 2 * rangeCountValue <= ranges.ElementLength())) {
+    ThrowOutOfRangeError(env, "rangeCount must be an integer, at most half the length of ranges");
+  }
+  size_t rangeCount = static_cast<size_t>(rangeCountValue);
+  if (!info[3].IsBoolean()) ThrowTypeError(env, "destinationZeroed must be a boolean");
+  bool destinationZeroed = info[3].As<Napi::Boolean>().Value();
+  size_t outBytes = 0;
+  uint8_t* out = BytesOf(env, info[4], "out", &outBytes);
+  if (!info[5].IsNumber()) ThrowTypeError(env, "sectionType must be a number");
+  uint32_t sectionType = info[5].As<Napi::Number>().Uint32Value();
+  if (sectionType > 0xffff) ThrowOutOfRangeError(env, "sectionType must be a u16");
+
+  // The runs of zero and non-zero pages, merged where they meet, as encodePages() makes them.
+  const uint64_t ramPages = ramBytes / kPageBytes;
+  std::vector<PageRun> runs;
+  uint64_t pagesSent = 0;
+  uint64_t zeroPages = 0;
+  bool haveLast = false;
+  PageRun last{0, 0, false};
+  for (size_t r = 0; r < rangeCount; r++) {
+    double first = ranges[2 * r];
+    double count = ranges[2 * r + 1];
+    if (!(first >= 0 && count >= 0 && std::floor(first) == first && std::floor(count) == count && first + count <= static_cast<double>(ramPages))) {
+      ThrowOutOfRangeError(env, "ranges[" + std::to_string(r) + "] lies outside guest RAM");
+    }
+    uint64_t end = static_cast<uint64_t>(first) + static_cast<uint64_t>(count);
+    for (uint64_t page = static_cast<uint64_t>(first); page < end; page++) {
+      bool zero = PageIsZero(ram + page * kPageBytes);
+      if (zero) zeroPages++;
+      else pagesSent++;
+      if (zero && destinationZeroed) continue;
+      if (haveLast && last.zero == zero && last.firstPage + last.pageCount == page) {
+        last.pageCount++;
+        continue;
+      }
+      if (haveLast) runs.push_back(last);
+      last = PageRun{page, 1, zero};
+      haveLast = true;
+    }
+  }
+  if (haveLast) runs.push_back(last);
+
+  Napi::Array result = Napi::Array::New(env, 3);
+  result.Set(1u, Napi::Number::New(env, static_cast<double>(pagesSent)));
+  result.Set(2u, Napi::Number::New(env, static_cast<double>(zeroPages)));
+  if (runs.empty()) {
+    result.Set(0u, Napi::Number::New(env, 0));
+    return result;
+  }
+  constexpr size_t kHeaderBytes = 8;
+  constexpr size_t kRangeBytes = 16;
+  const size_t tableBytes = 4 + runs.size() * kRangeBytes;
+  const size_t payloadBytes = tableBytes + pagesSent * kPageBytes;
+  const size_t sectionBytes = kHeaderBytes + payloadBytes + 4;
+  if (runs.size() > 65536 || payloadBytes > 32u * 1024 * 1024 + tableBytes) {
+    ThrowOutOfRangeError(env, "the pages do not fit in one Pages section");
+  }
+  if (sectionBytes > outBytes) {
+    ThrowOutOfRangeError(env, "out holds " + std::to_string(outBytes) + " bytes, the section needs " + std::to_string(sectionBytes));
+  }
+  PutLe16(out, sectionType);
+  PutLe16(out + 2, 0);
+  PutLe32(out + 4, static_cast<uint32_t>(payloadBytes));
+  uint8_t* entry = out + kHeaderBytes;
+  PutLe32(entry, static_cast<uint32_t>(runs.size()));
+  entry += 4;
+  for (const PageRun& run : runs) {
+    PutLe64(entry, run.firstPage);
+    PutLe32(entry + 8, static_cast<uint32_t>(run.pageCount));
+    PutLe32(entry + 12, run.zero ? 1 : 0);
+    entry += kRangeBytes;
+  }
+  uint32_t reg = Crc32cRegister(~0u, out, kHeaderBytes + tableBytes);
+  uint8_t* data = out + kHeaderBytes + tableBytes;
+  for (const PageRun& run : runs) {
+    if (run.zero) continue;
+    size_t bytes = run.pageCount * kPageBytes;
+    reg = CopyCrc32cRegister(reg, data, ram + run.firstPage * kPageBytes, bytes);
+    data += bytes;
+  }
+  PutLe32(data, ~reg);
+  result.Set(0u, Napi::Number::New(env, static_cast<double>(sectionBytes)));
+  return result;
+}
 
 Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -96,6 +96,7 @@ export interface NativeBinding {
   watchFd(fd: number, onReadable: (status: number) => void): () => void;
   /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */
   crc32c(data: ArrayBufferView, seed: number, portable?: boolean): number;
+  encodePagesSection(ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number): [number, number, number];
   /** A non-blocking userfaultfd with the guest memory registered for MISSING faults: [id, fd]. */
   uffdOpen(memory: number): [id: number, fd: number];
   /** Page indexes of pending faults into `out`; returns how many. */
