@@ -120,6 +120,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("keepFromChildren", KeepFromChildren);
   fn("sendWithFds", SendWithFds);
   fn("receiveWithFds", ReceiveWithFds);
   fn("fileDup", FileDup);

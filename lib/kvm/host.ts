@@ -136,3 +136,14 @@ export function encodePagesSection(
   // The addon checks the arguments: this is the source's hot path.
   return native.encodePagesSection(ram, ranges, rangeCount, destinationZeroed, out, sectionType);
 }
+
+/**
+ * Leaves the whole pages of `buffer` out of the processes this one forks (every child process Node
+ * spawns): the parent then writes them again without a copy-on-write fault per page. For buffers
+ * only this process uses, written over and over (a migration source's section buffers). Best
+ * effort: false if the kernel refused.
+ */
+export function keepFromChildren(buffer: ArrayBuffer): boolean {
+  if (!(buffer instanceof ArrayBuffer)) throw argTypeError('buffer must be an ArrayBuffer');
+  return native.keepFromChildren(buffer);
+}

@@ -4,6 +4,7 @@
 import type { Socket } from 'node:net';
 import type { Writable } from 'node:stream';
 import { argTypeError } from '../kvm/errors.js';
+import { keepFromChildren } from '../kvm/host.js';
 import { MigrationError, MigrationErrorCode as Code } from './errors.js';
 
 /**
@@ -58,9 +59,9 @@ export function writeChunks(socket: Writable, chunks: readonly Uint8Array[]): Pr
 /**
  * Page sections are built in recycled buffers: a fresh 2 MiB buffer per section costs as much in
  * page faults (and garbage collection) as copying the data into it. The idle ones are shared by
- * every migration of the process and kept a while after the last one (a process that migrates one
- * guest after another found a migration's 10 MiB of fresh buffers cost it 4-5 ms of page faults
- * and zeroing, on the CPU the destination needs as much).
+ * every migration of the process and kept a while after the last one: a migration's 8-10 MiB of
+ * fresh buffers cost its source 4-5 ms of page faults and zeroing, on CPUs a destination on the
+ * same host needs as much.
  */
 export class SectionBufferPool {
   static readonly SLAB_BYTES = 2 * 1024 * 1024 + 64 * 1024;
@@ -72,9 +73,17 @@ export class SectionBufferPool {
 
   readonly allocate = (byteLength: number): Uint8Array => {
     if (byteLength > SectionBufferPool.SLAB_BYTES) return new Uint8Array(byteLength);
-    const slab = SectionBufferPool.#idle.pop() ?? new ArrayBuffer(SectionBufferPool.SLAB_BYTES);
+    const slab = SectionBufferPool.#idle.pop() ?? SectionBufferPool.#newSlab();
     return new Uint8Array(slab, 0, byteLength);
   };
+
+  static #newSlab(): ArrayBuffer {
+    const slab = new ArrayBuffer(SectionBufferPool.SLAB_BYTES);
+    // Node forks for every process it spawns: each slab page written after that would be copied
+    // first (4-5 ms of page faults per migration in a process that spawns one per migration).
+    keepFromChildren(slab);
+    return slab;
+  }
 
   /** Once the socket has written it (its write callback). */
   release(chunk: Uint8Array): void {
