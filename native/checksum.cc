@@ -194,7 +194,7 @@ __attribute__((target("sse4.2,avx512f,avx512vl,vpclmulqdq"))) uint32_t Crc32cVpc
   __m512i x1 = _mm512_loadu_si512(data + 64);
   __m512i x2 = _mm512_loadu_si512(data + 128);
   __m512i x3 = _mm512_loadu_si512(data + 192);
-  x0 = _mm512_xor_si512(x0, _mm512_castsi128_si512(_mm_cvtsi32_si128(static_cast<int>(reg))));
+  x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(reg))));
   data += 256;
   length -= 256;
   const __m512i by256 = _mm512_set_epi64(kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High,
