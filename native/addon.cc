@@ -123,6 +123,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("keepFromChildren", KeepFromChildren);
   fn("sendWithFds", SendWithFds);
   fn("receiveWithFds", ReceiveWithFds);
   fn("fileDup", FileDup);
@@ -144,6 +145,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("setThreadBatch", SetThreadBatch);
   fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
+  fn("encodePagesSection", EncodePagesSection);
   fn("uffdOpen", UffdOpen);
   fn("uffdReadFaults", UffdReadFaults);
   fn("uffdCopy", UffdCopy);

@@ -2,7 +2,9 @@
 // preset to all ones and inverted at the end, so that crc32c(b, crc32c(a)) == crc32c(a + b), as
 // with zlib's crc32(). The migration stream checksums every byte it sends with it.
 //
-// Two implementations, chosen at run time:
+// Three implementations, chosen at run time:
+// - VPCLMULQDQ (AVX-512), for buffers from 1 KiB: carry-less multiplication folds the data in
+//   256 bytes at a time (see Crc32cVpclmul), 2-3 times the speed of the crc32 instruction.
 // - SSE4.2: the crc32 instruction computes exactly this CRC, 8 bytes at a time. Its latency is 3
 //   cycles and its throughput 1 per cycle, so large buffers are cut into three adjacent blocks
 //   whose CRCs are computed side by side, then joined: the CRC register is linear, so the register
@@ -17,10 +19,12 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "errors.h"
 
 #if defined(__x86_64__)
+#include <immintrin.h>
 #include <nmmintrin.h>
 #define NODEKVM_CRC32C_SSE42 1
 #endif
@@ -158,17 +162,237 @@ bool HasSse42() {
   return has;
 }
 
+// Carry-less multiplication (VPCLMULQDQ, AVX-512): four 64-byte accumulators fold the data in,
+// 256 bytes a step, several times the crc32 instruction's 8 bytes a cycle. Each 16-byte lane L is
+// moved D bits on as clmul(L.low, x^(D+31) mod P) ^ clmul(L.high, x^(D-33) mod P) (bit-reflected
+// constants), which leaves the CRC of the whole unchanged; the 64 bytes left at the end have the
+// CRC of all that was folded (the register entered as their first bytes' XOR), taken with crc32.
+constexpr uint64_t kFold2048Low = 0xdcb17aa4;  // x^2079 mod P, reflected: 256 bytes on
+constexpr uint64_t kFold2048High = 0xb9e02b86;  // x^2015 mod P
+constexpr uint64_t kFold512Low = 0x740eef02;  // x^543 mod P: 64 bytes on
+constexpr uint64_t kFold512High = 0x9e4addf8;  // x^479 mod P
+constexpr size_t kFoldMinBytes = 1024;
+
+bool HasVpclmul() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("vpclmulqdq");
+  }();
+  return has;
+}
+
+__attribute__((target("sse4.2,avx512f,avx512vl,vpclmulqdq"))) inline __m512i Fold(__m512i lanes, __m512i constants, __m512i next) {
+  __m512i low = _mm512_clmulepi64_epi128(lanes, constants, 0x00);
+  __m512i high = _mm512_clmulepi64_epi128(lanes, constants, 0x11);
+  return _mm512_ternarylogic_epi64(low, high, next, 0x96);  // low ^ high ^ next
+}
+
+// At least kFoldMinBytes; the rest (under 256 bytes) goes through Crc32cSse42.
+__attribute__((target("sse4.2,avx512f,avx512vl,vpclmulqdq"))) uint32_t Crc32cVpclmul(uint32_t reg, const uint8_t* data, size_t length) {
+  __m512i x0 = _mm512_loadu_si512(data);
+  __m512i x1 = _mm512_loadu_si512(data + 64);
+  __m512i x2 = _mm512_loadu_si512(data + 128);
+  __m512i x3 = _mm512_loadu_si512(data + 192);
+  x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(reg))));
+  data += 256;
+  length -= 256;
+  const __m512i by256 = _mm512_set_epi64(kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High, kFold2048Low, kFold2048High,
+                                         kFold2048Low);
+  while (length >= 256) {
+    x0 = Fold(x0, by256, _mm512_loadu_si512(data));
+    x1 = Fold(x1, by256, _mm512_loadu_si512(data + 64));
+    x2 = Fold(x2, by256, _mm512_loadu_si512(data + 128));
+    x3 = Fold(x3, by256, _mm512_loadu_si512(data + 192));
+    data += 256;
+    length -= 256;
+  }
+  const __m512i by64 = _mm512_set_epi64(kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low, kFold512High, kFold512Low);
+  x1 = Fold(x0, by64, x1);
+  x2 = Fold(x1, by64, x2);
+  x3 = Fold(x2, by64, x3);
+  alignas(64) uint64_t last[8];
+  _mm512_store_si512(last, x3);
+  uint64_t reg64 = 0;
+  for (uint64_t word : last) reg64 = _mm_crc32_u64(reg64, word);
+  return Crc32cSse42(static_cast<uint32_t>(reg64), data, length);
+}
+
+// The fastest this CPU has: folding for long buffers, else the crc32 instruction, else tables.
+uint32_t Crc32cFast(uint32_t reg, const uint8_t* data, size_t length) {
+  if (length >= kFoldMinBytes && HasVpclmul()) return Crc32cVpclmul(reg, data, length);
+  if (HasSse42()) return Crc32cSse42(reg, data, length);
+  return Crc32cPortable(reg, data, length);
+}
+
+#else
+
+uint32_t Crc32cFast(uint32_t reg, const uint8_t* data, size_t length) { return Crc32cPortable(reg, data, length); }
+
 #endif  // NODEKVM_CRC32C_SSE42
 
 uint32_t Crc32cBytes(uint32_t seed, const uint8_t* data, size_t length, bool portable) {
   uint32_t reg = ~seed;
-#ifdef NODEKVM_CRC32C_SSE42
-  if (!portable && HasSse42()) return ~Crc32cSse42(reg, data, length);
-#endif
-  return ~Crc32cPortable(reg, data, length);
+  return ~(portable ? Crc32cPortable(reg, data, length) : Crc32cFast(reg, data, length));
+}
+
+// CRC-32C of `length` bytes copied from `src` to `dst`, continuing from `reg` (the register, not
+// inverted): the copy in pieces that stay in the L1 cache for the checksum, so that the data is
+// read from memory once. The CRC covers the bytes as they are in `dst` (`src` may change meanwhile).
+uint32_t CopyCrc32cRegister(uint32_t reg, uint8_t* dst, const uint8_t* src, size_t length) {
+  constexpr size_t kPieceBytes = 3 * kLongBlockBytes;
+  while (length > 0) {
+    size_t piece = length < kPieceBytes ? length : kPieceBytes;
+    memcpy(dst, src, piece);
+    reg = Crc32cFast(reg, dst, piece);
+    dst += piece;
+    src += piece;
+    length -= piece;
+  }
+  return reg;
+}
+
+uint32_t Crc32cRegister(uint32_t reg, const uint8_t* data, size_t length) { return Crc32cFast(reg, data, length); }
+
+constexpr size_t kPageBytes = 4096;
+
+bool PageIsZero(const uint8_t* page) {
+  uint64_t head[2];
+  memcpy(head, page, sizeof head);
+  if ((head[0] | head[1]) != 0) return false;  // data mostly shows in its first bytes
+  uint64_t any = 0;
+  for (size_t i = 0; i < kPageBytes; i += 64) {
+    uint64_t words[8];
+    memcpy(words, page + i, sizeof words);
+    any |= words[0] | words[1] | words[2] | words[3] | words[4] | words[5] | words[6] | words[7];
+    if (any != 0) return false;
+  }
+  return true;
+}
+
+void PutLe16(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+}
+void PutLe32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+void PutLe64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+struct PageRun {
+  uint64_t firstPage;
+  uint64_t pageCount;
+  bool zero;
+};
+
+// A typed array's bytes, or a TypeError naming `name`.
+uint8_t* BytesOf(Napi::Env env, Napi::Value value, const char* name, size_t* length) {
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowTypeError(env, std::string(name) + " must be a Uint8Array");
+  }
+  Napi::Uint8Array array = value.As<Napi::Uint8Array>();
+  *length = array.ByteLength();
+  return array.Data();
 }
 
 }  // namespace
+
+Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t ramBytes = 0;
+  const uint8_t* ram = BytesOf(env, info[0], "ram", &ramBytes);
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    ThrowTypeError(env, "ranges must be a Float64Array");
+  }
+  Napi::Float64Array ranges = info[1].As<Napi::Float64Array>();
+  if (!info[2].IsNumber()) ThrowTypeError(env, "rangeCount must be a number");
+  double rangeCountValue = info[2].As<Napi::Number>().DoubleValue();
+  if (!(rangeCountValue >= 0 && std::floor(rangeCountValue) == rangeCountValue && 2 * rangeCountValue <= ranges.ElementLength())) {
+    ThrowOutOfRangeError(env, "rangeCount must be an integer, at most half the length of ranges");
+  }
+  size_t rangeCount = static_cast<size_t>(rangeCountValue);
+  if (!info[3].IsBoolean()) ThrowTypeError(env, "destinationZeroed must be a boolean");
+  bool destinationZeroed = info[3].As<Napi::Boolean>().Value();
+  size_t outBytes = 0;
+  uint8_t* out = BytesOf(env, info[4], "out", &outBytes);
+  if (!info[5].IsNumber()) ThrowTypeError(env, "sectionType must be a number");
+  uint32_t sectionType = info[5].As<Napi::Number>().Uint32Value();
+  if (sectionType > 0xffff) ThrowOutOfRangeError(env, "sectionType must be a u16");
+
+  // The runs of zero and non-zero pages, merged where they meet, as encodePages() makes them.
+  const uint64_t ramPages = ramBytes / kPageBytes;
+  std::vector<PageRun> runs;
+  uint64_t pagesSent = 0;
+  uint64_t zeroPages = 0;
+  bool haveLast = false;
+  PageRun last{0, 0, false};
+  for (size_t r = 0; r < rangeCount; r++) {
+    double first = ranges[2 * r];
+    double count = ranges[2 * r + 1];
+    if (!(first >= 0 && count >= 0 && std::floor(first) == first && std::floor(count) == count && first + count <= static_cast<double>(ramPages))) {
+      ThrowOutOfRangeError(env, "ranges[" + std::to_string(r) + "] lies outside guest RAM");
+    }
+    uint64_t end = static_cast<uint64_t>(first) + static_cast<uint64_t>(count);
+    for (uint64_t page = static_cast<uint64_t>(first); page < end; page++) {
+      bool zero = PageIsZero(ram + page * kPageBytes);
+      if (zero) zeroPages++;
+      else pagesSent++;
+      if (zero && destinationZeroed) continue;
+      if (haveLast && last.zero == zero && last.firstPage + last.pageCount == page) {
+        last.pageCount++;
+        continue;
+      }
+      if (haveLast) runs.push_back(last);
+      last = PageRun{page, 1, zero};
+      haveLast = true;
+    }
+  }
+  if (haveLast) runs.push_back(last);
+
+  Napi::Array result = Napi::Array::New(env, 3);
+  result.Set(1u, Napi::Number::New(env, static_cast<double>(pagesSent)));
+  result.Set(2u, Napi::Number::New(env, static_cast<double>(zeroPages)));
+  if (runs.empty()) {
+    result.Set(0u, Napi::Number::New(env, 0));
+    return result;
+  }
+  constexpr size_t kHeaderBytes = 8;
+  constexpr size_t kRangeBytes = 16;
+  const size_t tableBytes = 4 + runs.size() * kRangeBytes;
+  const size_t payloadBytes = tableBytes + pagesSent * kPageBytes;
+  const size_t sectionBytes = kHeaderBytes + payloadBytes + 4;
+  if (runs.size() > 65536 || payloadBytes > 32u * 1024 * 1024 + tableBytes) {
+    ThrowOutOfRangeError(env, "the pages do not fit in one Pages section");
+  }
+  if (sectionBytes > outBytes) {
+    ThrowOutOfRangeError(env, "out holds " + std::to_string(outBytes) + " bytes, the section needs " + std::to_string(sectionBytes));
+  }
+  PutLe16(out, sectionType);
+  PutLe16(out + 2, 0);
+  PutLe32(out + 4, static_cast<uint32_t>(payloadBytes));
+  uint8_t* entry = out + kHeaderBytes;
+  PutLe32(entry, static_cast<uint32_t>(runs.size()));
+  entry += 4;
+  for (const PageRun& run : runs) {
+    PutLe64(entry, run.firstPage);
+    PutLe32(entry + 8, static_cast<uint32_t>(run.pageCount));
+    PutLe32(entry + 12, run.zero ? 1 : 0);
+    entry += kRangeBytes;
+  }
+  uint32_t reg = Crc32cRegister(~0u, out, kHeaderBytes + tableBytes);
+  uint8_t* data = out + kHeaderBytes + tableBytes;
+  for (const PageRun& run : runs) {
+    if (run.zero) continue;
+    size_t bytes = run.pageCount * kPageBytes;
+    reg = CopyCrc32cRegister(reg, data, ram + run.firstPage * kPageBytes, bytes);
+    data += bytes;
+  }
+  PutLe32(data, ~reg);
+  result.Set(0u, Napi::Number::New(env, static_cast<double>(sectionBytes)));
+  return result;
+}
 
 Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

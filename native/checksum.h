@@ -5,4 +5,10 @@ namespace nodekvm {
 // of the view's bytes, continuing from `seed` like zlib's crc32(). `portable` forces the table
 // implementation (for tests); otherwise the SSE4.2 crc32 instruction is used when the CPU has it.
 Napi::Value Crc32c(const Napi::CallbackInfo& info);
+// encodePagesSection(ram: Uint8Array, ranges: Float64Array, rangeCount, destinationZeroed, out: Uint8Array,
+// sectionType) -> [sectionBytes, pagesSent, zeroPages]: the pages of `rangeCount` (firstPage,
+// pageCount) pairs of guest RAM as one Pages section in `out` (see lib/migration/pages.ts):
+// maximal runs of data and zero pages (zero pages left out with destinationZeroed), the data
+// copied and checksummed in one pass. sectionBytes is 0 when there is nothing to send.
+Napi::Value EncodePagesSection(const Napi::CallbackInfo& info);
 }  // namespace nodekvm

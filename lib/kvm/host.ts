@@ -123,3 +123,27 @@ export function crc32c(data: ArrayBufferView, seed = 0, portable = false): numbe
   // The addon checks the arguments (a view, a 32-bit seed): this is the checksum's hot path.
   return native.crc32c(data, seed, portable);
 }
+
+/**
+ * The pages of `rangeCount` (firstPage, pageCount) pairs of `ram` as one migration-stream Pages
+ * section in `out` (the layout of lib/migration/pages.ts): maximal runs of data and of zero pages
+ * (zero pages left out with `destinationZeroed`), the data copied and checksummed in one pass.
+ * Returns the section's length (0: nothing to send), the data pages and the zero pages.
+ */
+export function encodePagesSection(
+  ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number,
+): [sectionBytes: number, pagesSent: number, zeroPages: number] {
+  // The addon checks the arguments: this is the source's hot path.
+  return native.encodePagesSection(ram, ranges, rangeCount, destinationZeroed, out, sectionType);
+}
+
+/**
+ * Leaves the whole pages of `buffer` out of the processes this one forks (every child process Node
+ * spawns): the parent then writes them again without a copy-on-write fault per page. For buffers
+ * only this process uses, written over and over (a migration source's section buffers). Best
+ * effort: false if the kernel refused.
+ */
+export function keepFromChildren(buffer: ArrayBuffer): boolean {
+  if (!(buffer instanceof ArrayBuffer)) throw argTypeError('buffer must be an ArrayBuffer');
+  return native.keepFromChildren(buffer);
+}

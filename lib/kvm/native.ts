@@ -102,6 +102,9 @@ export interface NativeBinding {
   watchFd(fd: number, onReadable: (status: number) => void): () => void;
   /** CRC-32C of the view's bytes continuing from `seed`; `portable` forces the table implementation. */
   crc32c(data: ArrayBufferView, seed: number, portable?: boolean): number;
+  /** MADV_DONTFORK over the buffer's whole pages; false if the kernel refused. */
+  keepFromChildren(buffer: ArrayBuffer): boolean;
+  encodePagesSection(ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number): [number, number, number];
   /** A non-blocking userfaultfd with the guest memory registered for MISSING faults: [id, fd]. */
   uffdOpen(memory: number): [id: number, fd: number];
   /** Page indexes of pending faults into `out`; returns how many. */

@@ -15,7 +15,7 @@ import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-range
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
-import { encodePages } from './pages.js';
+import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, encodePageBatch } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
 import { encodePageRanges } from './postcopy-ranges.js';
@@ -316,7 +316,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // The first pass: every page that may be non-zero; the destination's RAM starts zeroed.
     let ranges: PageRange[] = populatedPageRanges(source.memory);
-    const pages = new PageSender(source.memory.bytes(), stats, send, sectionBuffers.allocate);
+    const pages = new PageSender(source.memory.bytes(), stats, send, sectionBuffers);
     let destinationZeroed = true;
     const sendingStarted = performance.now();
     const sendPages = (batch: PageRange[]) => pages.send(batch, destinationZeroed);
@@ -563,32 +563,32 @@ class PageSender {
   readonly #ram: Uint8Array;
   readonly #stats: MigrationStats;
   readonly #write: (chunks: Uint8Array[]) => Promise<void>;
-  readonly #allocate: (byteLength: number) => Uint8Array;
+  readonly #buffers: SectionBufferPool;
   readonly #sentOnce: Uint8Array;
   /** Bytes of Pages sections sent so far. */
   bytesSent = 0;
 
-  constructor(ram: Uint8Array, stats: MigrationStats, write: (chunks: Uint8Array[]) => Promise<void>, allocate: (byteLength: number) => Uint8Array) {
+  constructor(ram: Uint8Array, stats: MigrationStats, write: (chunks: Uint8Array[]) => Promise<void>, buffers: SectionBufferPool) {
     this.#ram = ram;
     this.#stats = stats;
     this.#write = write;
-    this.#allocate = allocate;
+    this.#buffers = buffers;
     this.#sentOnce = new Uint8Array(ram.length / PAGE_SIZE);
   }
 
   /** `pages`, in batches, so that the destination takes in one while the next is encoded. */
   async send(pages: PageRange[], destinationZeroed: boolean): Promise<void> {
     const ram = this.#ram;
-    const read = (guestPhysAddr: number, byteLength: number) => ram.subarray(guestPhysAddr, guestPhysAddr + byteLength);
     const stats = this.#stats;
     for (const batch of batchRanges(pages, BATCH_PAGES)) {
-      const encoded = encodePages(batch, read, { destinationZeroed, memoryBytes: ram.length, allocate: this.#allocate });
+      const { section, pagesSent, zeroPages } = encodePageBatch(ram, batch, destinationZeroed, this.#buffers.allocate(MAX_BATCH_SECTION_BYTES));
       this.#countResent(batch);
-      await this.#write(encoded.sections);
-      stats.bytesTransferred += encoded.bytes;
-      stats.pagesTransferred += encoded.pagesSent;
-      stats.zeroPagesSkipped += encoded.zeroPages;
-      this.bytesSent += encoded.bytes;
+      if (section.length > 0) await this.#write([section]);
+      else this.#buffers.release(section);
+      stats.bytesTransferred += section.length;
+      stats.pagesTransferred += pagesSent;
+      stats.zeroPagesSkipped += zeroPages;
+      this.bytesSent += section.length;
     }
   }
 
@@ -604,7 +604,7 @@ class PageSender {
 }
 
 /** Pages per batch of a round: 2 MiB, one Pages section. */
-const BATCH_PAGES = 512;
+const BATCH_PAGES = MAX_BATCH_PAGES;
 
 /** Splits sorted ranges into batches of at most `maxPages` pages (a range may be cut in two). */
 export function* batchRanges(ranges: readonly PageRange[], maxPages: number): Generator<PageRange[]> {

@@ -1,4 +1,4 @@
-// CRC-32C: the addon's SSE4.2 and table implementations against a bitwise reference, chaining
+// CRC-32C: the addon's implementations (VPCLMULQDQ folding, SSE4.2, tables) against a bitwise reference, chaining
 // like zlib's crc32(), extension over zero bytes without reading them, and argument checks.
 import t from 'tap';
 import { native } from '../../lib/kvm/native.js';
@@ -32,7 +32,7 @@ function random(seed: number): { bytes(length: number): Uint8Array; below(limit:
   };
 }
 
-/** Both native implementations: the default (SSE4.2 on this host when the CPU has it) and the tables. */
+/** Both native implementations: the default (folding or SSE4.2, as the CPU allows) and the tables. */
 const implementations: [string, (data: Uint8Array, seed?: number) => number][] = [
   ['default', (data, seed = 0) => crc32c(data, seed)],
   ['portable', (data, seed = 0) => native.crc32c(data, seed, true)],
@@ -67,10 +67,11 @@ t.test('chains across every split point of a 1 KiB buffer', async (t) => {
 t.test('agrees with the bitwise reference on random lengths and unaligned views', async (t) => {
   const rng = random(2);
   const backing = rng.bytes(80 * KiB);
-  // Random lengths and offsets, plus the edges of the three-way blocks (3 × 256 and 3 × 8192 bytes).
+  // Random lengths and offsets, plus the edges of the three-way blocks (3 × 256 and 3 × 8192 bytes)
+  // and of the folding (from 1 KiB on, 256 bytes a step, the rest after it).
   const cases: [offset: number, length: number, seed: number][] = [];
   for (let i = 0; i < 300; i++) cases.push([rng.below(64), rng.below(4097), rng.below(2) ? 0 : rng.below(2 ** 32)]);
-  for (const length of [1, 7, 8, 9, 767, 768, 769, 775, 24575, 24576, 24577, 24583, 49152 + 768 + 13, 73727]) {
+  for (const length of [1, 7, 8, 9, 767, 768, 769, 775, 1023, 1024, 1025, 1279, 1280, 1281, 1791, 4096, 24575, 24576, 24577, 24583, 49152 + 768 + 13, 73727]) {
     for (const offset of [0, 1, 3, 5]) cases.push([offset, length, 0x12345678]);
   }
   for (const [name, crc] of implementations) {

@@ -7,6 +7,9 @@ import t, { type Test } from 'tap';
 import { native } from '../../lib/kvm/native.js';
 import { randomBytes } from 'node:crypto';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from '../../lib/migration/socket-buffers.js';
+import { SectionBufferPool } from '../../lib/migration/writers.js';
+import { keepFromChildren } from '../../lib/kvm/host.js';
+import { spawnSync } from 'node:child_process';
 
 t.test('setSocketBuffers sizes a unix socket\'s buffers and reports what the kernel set', async (t) => {
   const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-sock-'));
@@ -113,4 +116,26 @@ t.test('reopenWithReadBuffer refuses a socket with unread bytes, a closed one, a
   const fd = openSync(path.join(dir, 'file'), 'w');
   t.teardown(() => closeSync(fd));
   t.throws(() => native.dupSocket(fd), { code: 'ENOTSOCK' });
+});
+
+t.test('the section buffers are left out of spawned children: written again after a spawn, they take no copy-on-write faults', async (t) => {
+  const pool = new SectionBufferPool();
+  const slabs = Array.from({ length: 4 }, () => pool.allocate(SectionBufferPool.SLAB_BYTES));
+  t.teardown(() => slabs.forEach((slab) => pool.release(slab)));
+  for (const slab of slabs) slab.fill(1);
+  const faults = () => process.resourceUsage().minorPageFault;
+  spawnSync(process.execPath, ['-e', '']);
+  const before = faults();
+  for (const slab of slabs) slab.fill(2);
+  const pages = (4 * SectionBufferPool.SLAB_BYTES) / 4096;
+  // Without it every page would fault once (about 2,100); a few others may come from elsewhere.
+  t.ok(faults() - before < pages / 10, `${faults() - before} faults writing ${pages} pages again`);
+  // A plain ArrayBuffer does fault, as the comparison this test relies on.
+  const plain = new Uint8Array(SectionBufferPool.SLAB_BYTES).fill(1);
+  spawnSync(process.execPath, ['-e', '']);
+  const plainBefore = faults();
+  plain.fill(2);
+  t.ok(faults() - plainBefore > pages / 8, `a plain buffer: ${faults() - plainBefore} faults for ${pages / 4} pages`);
+  t.equal(keepFromChildren(new ArrayBuffer(100)), true, 'a buffer without a whole page is nothing to do');
+  t.throws(() => keepFromChildren(new Uint8Array(8) as unknown as ArrayBuffer), { code: 'ERR_INVALID_ARG_TYPE' });
 });

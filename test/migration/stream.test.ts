@@ -12,7 +12,7 @@ import {
   HEADER_BYTES, MAX_SECTION_PAYLOAD_BYTES, SECTION_HEADER_BYTES, STREAM_VERSION, SectionType, checkHeader, decodeErrorSection, decodeHeader,
   decodeRamImage, encodeEnd, encodeErrorSection, encodeHeader, encodeRamImage, encodeSection, setU64, viewOf, type Section, type StreamHeader,
 } from '../../lib/migration/format.js';
-import { decodePages, decodePagesInto, encodePages, forEachPageRun } from '../../lib/migration/pages.js';
+import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, decodePages, decodePagesInto, encodePageBatch, encodePages, forEachPageRun } from '../../lib/migration/pages.js';
 import { SectionReader } from '../../lib/migration/section-reader.js';
 import { bufferSource, fileSource, socketSource, type ByteSource } from '../../lib/migration/sources.js';
 import { writeChunks } from '../../lib/migration/writers.js';
@@ -115,6 +115,41 @@ t.test('forEachPageRun: a page whose first bytes are zero is still read whole, a
   const unaligned = new Uint8Array(memory.length + 1).subarray(1);
   unaligned.set(memory);
   t.same(runsOf(unaligned), expected);
+});
+
+t.test('encodePageBatch makes the very section encodePages does', async (t) => {
+  const pages = 3 * MAX_BATCH_PAGES;
+  const ram = new Uint8Array(pages * PAGE_SIZE);
+  let seed = 12345;
+  const random = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+  for (let page = 0; page < pages; page++) {
+    const kind = random();
+    if (kind < 0.4) continue; // zero
+    if (kind < 0.5) ram[page * PAGE_SIZE + Math.floor(random() * PAGE_SIZE)] = 1 + Math.floor(random() * 255); // one byte anywhere
+    else for (let i = 0; i < PAGE_SIZE; i += 64) ram[page * PAGE_SIZE + i] = Math.floor(random() * 256);
+  }
+  const out = new Uint8Array(MAX_BATCH_SECTION_BYTES);
+  const read = (at: number, length: number) => ram.subarray(at, at + length);
+  const batches = [
+    [{ firstPage: 0, pageCount: MAX_BATCH_PAGES }],
+    [{ firstPage: 7, pageCount: 100 }, { firstPage: 107, pageCount: 3 }, { firstPage: 300, pageCount: 200 }],
+    [{ firstPage: 2 * MAX_BATCH_PAGES + 1, pageCount: 1 }],
+    [{ firstPage: MAX_BATCH_PAGES, pageCount: 0 }, { firstPage: MAX_BATCH_PAGES + 5, pageCount: MAX_BATCH_PAGES - 5 }],
+  ];
+  for (const [index, batch] of batches.entries()) {
+    for (const destinationZeroed of [true, false]) {
+      const expected = encodePages(batch, read, { destinationZeroed, memoryBytes: ram.length });
+      const made = encodePageBatch(ram, batch, destinationZeroed, out);
+      t.same(Buffer.from(made.section), Buffer.concat(expected.sections), `batch ${index}, destinationZeroed ${destinationZeroed}`);
+      t.same([made.pagesSent, made.zeroPages], [expected.pagesSent, expected.zeroPages]);
+    }
+  }
+  // All zero, the destination zeroed: nothing to send.
+  const empty = encodePageBatch(new Uint8Array(8 * PAGE_SIZE), [{ firstPage: 0, pageCount: 8 }], true, out);
+  t.same([empty.section.length, empty.pagesSent, empty.zeroPages], [0, 0, 8]);
+  t.throws(() => encodePageBatch(ram, [{ firstPage: pages - 1, pageCount: 2 }], true, out), { code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => encodePageBatch(ram, [{ firstPage: 0, pageCount: MAX_BATCH_PAGES + 1 }], true, out), { code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => encodePageBatch(ram, [{ firstPage: 0, pageCount: MAX_BATCH_PAGES }], false, new Uint8Array(PAGE_SIZE)), { code: 'ERR_OUT_OF_RANGE' });
 });
 
 t.test('header', async (t) => {
