@@ -19,6 +19,7 @@
         "native/thread.cc",
         "native/fd-watch.cc",
         "native/checksum.cc",
+        "native/crc32c.cc",
         "native/tap.cc",
         "native/userfaultfd.cc"
       ],

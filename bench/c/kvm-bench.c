@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../native/crc32c.h"
+
 #define GUEST_RAM_SIZE (1u << 20)   /* 1 MiB: all real mode can address */
 #define GUEST_LOAD_ADDR 0x7c00u
 #define TSS_ADDR 0xfffbd000u        /* 3 pages just below the 4 GiB BIOS area */
@@ -307,7 +309,7 @@ static int cmd_dirty_log(const char *size_str, const char *iters_str)
 /*
  * The work every live migration of filled RAM does, with nothing else: the source copies each
  * 2 MiB batch of non-zero pages out of guest RAM (the guest may write them meanwhile), checksums
- * the copy (CRC-32C) and writes it to the socket; the destination reads 4 MiB at a time,
+ * the copy (CRC-32C, in the same pass) and writes it to the socket; the destination reads 4 MiB at a time,
  * checksums, and pwrites the data into the memfd of its new (untouched) guest RAM. One thread
  * per side, as in node-kvm. Timed by the destination from its "go" to the last byte placed.
  */
@@ -321,92 +323,22 @@ struct stream_header {
     uint32_t crc32c;
 };
 
-static uint32_t crc32c_table[256];
-/* The CRC register run over CRC_BLOCK zero bytes, per byte of the register (see crc32c_sse42). */
-#define CRC_BLOCK 8192u
-static uint32_t crc32c_shift[4][256];
-
-static uint32_t crc32c_bytes(uint32_t reg, const uint8_t *p, size_t n)
-{
-    for (; n > 0; n--, p++)
-        reg = crc32c_table[(reg ^ *p) & 0xff] ^ (reg >> 8);
-    return reg;
-}
-
-static void crc32c_init(void)
-{
-    for (uint32_t b = 0; b < 256; b++) {
-        uint32_t reg = b;
-        for (int i = 0; i < 8; i++)
-            reg = (reg & 1) ? (reg >> 1) ^ 0x82F63B78u : reg >> 1;
-        crc32c_table[b] = reg;
-    }
-    static const uint8_t zeros[CRC_BLOCK];
-    uint32_t image[32];
-    for (int bit = 0; bit < 32; bit++)
-        image[bit] = crc32c_bytes(1u << bit, zeros, CRC_BLOCK);
-    for (int k = 0; k < 4; k++)
-        for (uint32_t b = 0; b < 256; b++) {
-            uint32_t reg = 0;
-            for (int i = 0; i < 8; i++)
-                if (b & (1u << i)) reg ^= image[8 * k + i];
-            crc32c_shift[k][b] = reg;
-        }
-}
-
-static uint32_t crc32c_after_block(uint32_t reg)
-{
-    return crc32c_shift[0][reg & 0xff] ^ crc32c_shift[1][(reg >> 8) & 0xff] ^
-           crc32c_shift[2][(reg >> 16) & 0xff] ^ crc32c_shift[3][reg >> 24];
-}
-
-/*
- * The crc32 instruction, three blocks side by side (its latency is three times its throughput),
- * joined through the linearity of the register: as fast as node-kvm's own (native/checksum.cc).
- */
-__attribute__((target("sse4.2")))
-static uint32_t crc32c_sse42(uint32_t crc, const uint8_t *p, size_t n)
-{
-    uint32_t reg = ~crc;
-    for (; n >= 3 * CRC_BLOCK; n -= 3 * CRC_BLOCK, p += 3 * CRC_BLOCK) {
-        uint64_t a = reg, b = 0, c = 0;
-        for (size_t i = 0; i < CRC_BLOCK; i += 8) {
-            uint64_t wa, wb, wc;
-            memcpy(&wa, p + i, 8);
-            memcpy(&wb, p + CRC_BLOCK + i, 8);
-            memcpy(&wc, p + 2 * CRC_BLOCK + i, 8);
-            a = __builtin_ia32_crc32di(a, wa);
-            b = __builtin_ia32_crc32di(b, wb);
-            c = __builtin_ia32_crc32di(c, wc);
-        }
-        reg = crc32c_after_block(crc32c_after_block((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)c;
-    }
-    uint64_t r = reg;
-    for (; n >= 8; n -= 8, p += 8) {
-        uint64_t word;
-        memcpy(&word, p, 8);
-        r = __builtin_ia32_crc32di(r, word);
-    }
-    return ~crc32c_bytes((uint32_t)r, p, n);
-}
-
+/* CRC-32C with node-kvm's own code (native/crc32c.cc, linked in): the same checksum at the same speed. */
 static uint32_t crc32c(uint32_t crc, const uint8_t *p, size_t n)
 {
-    if (__builtin_cpu_supports("sse4.2"))
-        return crc32c_sse42(crc, p, n);
-    return ~crc32c_bytes(~crc, p, n);
+    return ~nodekvm_crc32c_register(~crc, p, n);
 }
 
-/* Known answers, and the fast path against the table on a buffer long enough for three blocks. */
+/* Known answers, and the fast path against the tables on a buffer long enough for every path. */
 static void crc32c_check(void)
 {
     if (crc32c(0, (const uint8_t *)"123456789", 9) != 0xE3069283u) die("stream: CRC-32C self-test failed");
-    size_t n = 3 * CRC_BLOCK * 2 + 13;
+    size_t n = 3 * 8192 * 2 + 13;
     uint8_t *data = malloc(n);
     if (!data) die("stream: out of memory");
     for (size_t i = 0; i < n; i++) data[i] = (uint8_t)(i * 131 + (i >> 7));
     uint32_t fast = crc32c(crc32c(0, data, 1000), data + 1000, n - 1000);
-    if (fast != ~crc32c_bytes(~0u, data, n)) die("stream: CRC-32C self-test failed");
+    if (fast != ~nodekvm_crc32c_register_portable(~0u, data, n)) die("stream: CRC-32C self-test failed");
     free(data);
 }
 
@@ -463,12 +395,14 @@ static _Noreturn void stream_source(struct sockaddr_in addr, size_t data_bytes)
         size_t batch = data_bytes - at < STREAM_BATCH_BYTES ? data_bytes - at : STREAM_BATCH_BYTES;
         uint8_t *out = section + sizeof(struct stream_header);
         size_t length = 0;
+        uint32_t reg = ~0u;
+        /* Copied and checksummed in one pass, as node-kvm's source does (native/checksum.cc). */
         for (size_t page = 0; page < batch; page += STREAM_PAGE_BYTES) {
             if (page_is_zero(ram + at + page)) continue;
-            memcpy(out + length, ram + at + page, STREAM_PAGE_BYTES);
+            reg = nodekvm_copy_crc32c_register(reg, out + length, ram + at + page, STREAM_PAGE_BYTES);
             length += STREAM_PAGE_BYTES;
         }
-        struct stream_header header = { at, (uint32_t)length, crc32c(0, out, length) };
+        struct stream_header header = { at, (uint32_t)length, ~reg };
         memcpy(section, &header, sizeof header);
         write_all(sock, section, sizeof header + length);
     }
@@ -500,7 +434,6 @@ static void pin_to_cpu(long cpu)
 static int cmd_stream(const char *data_mib_str, long source_cpu, long destination_cpu)
 {
     size_t data_bytes = (size_t)parse_count(data_mib_str, "DATA_MIB") << 20;
-    crc32c_init();
     crc32c_check();
     int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in addr = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
