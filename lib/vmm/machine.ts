@@ -571,15 +571,16 @@ export class Machine extends EventEmitter {
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
     this.#haltWatch?.stop();
     setRunState(this.#control, RunState.Paused);
+    // Asked only now that the machine is paused, so a thread that serves it has run for the last
+    // time; and before the kick, so that each thread has it at the kick's exit rather than
+    // parking first and being woken for it (0.1-0.15 ms here).
+    const saved = saveVcpus ? this.#saveVcpus(options.writeOut, options.writtenOut) : null;
+    saved?.catch(() => {});
     // Kicked at once: the kick's exit is the longest wait of the pause (0.2 ms here), and what
     // follows is done meanwhile rather than before it (0.09 ms).
     this.#kickAll();
     // The halt watch's pause is a moment the guest does not see: its clocks run on.
     if (!options.quiet) this.#devices.haltTimers();
-    // Asked only now that the machine is paused: a thread that serves it has run for the last time
-    // (at the kick's exit if it is there by then, else as it parks).
-    const saved = saveVcpus ? this.#saveVcpus(options.writeOut, options.writtenOut) : null;
-    saved?.catch(() => {});
     await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
