@@ -169,7 +169,7 @@ export interface MigrationSource {
    * The devices' state but the virtio ones', the guest running on: sent ahead of the pause to a
    * destination that reads it (SectionType.DeviceStateAhead).
    */
-  saveDeviceStateAhead?(): DeviceStatesAhead;
+  saveDeviceStateAhead?(): DeviceStatesAhead & Pick<DeviceStates, 'serial' | 'postCode'>;
   /**
    * Lets go of the disk images' locks (the guest is paused and its disks flushed), so that a
    * destination on the same host can take them before it runs the guest.

@@ -90,7 +90,7 @@ export interface MachineInternals {
   /** The devices' state (the machine paused or not yet started): the rest of saveState(). */
   saveDeviceState(): DeviceStates;
   /** The devices' state a migration sends ahead of its pause, the guest running on (MachineDevices.saveStateAhead()). */
-  saveDeviceStateAhead(): DeviceStatesAhead;
+  saveDeviceStateAhead(): DeviceStatesAhead & Pick<DeviceStates, 'serial' | 'postCode'>;
   /** Puts a saved state on this machine (built with the same shape, not yet started). */
   applyState(state: MachineState): Promise<void>;
   /** applyState() in two steps, the devices' state last: a migration applies the first while the second comes. */
