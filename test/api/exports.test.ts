@@ -28,7 +28,7 @@ const VALUES: Record<string, 'function' | 'object' | 'number' | 'string' | 'bigi
   MAX_SNAPSHOT_CHAIN: 'number', loadSnapshotMemory: 'function', openSnapshotChain: 'function', readSnapshotFile: 'function',
   verifyRamImage: 'function', writeSnapshotFile: 'function',
   // the KVM binding
-  Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function',
+  Kvm: 'function', KVM_API_VERSION: 'number', Vm: 'function', Vcpu: 'function', kickVcpu: 'function', harvestDirtyRing: 'function', adoptVcpu: 'function', closeReleasedVcpu: 'function',
   GuestMemory: 'function', Userfaultfd: 'function', EventFd: 'function', watchFd: 'function', setThreadName: 'function', setThreadAffinity: 'function', setThreadBatch: 'function', openTap: 'function', adoptTap: 'function', KvmError: 'function',
   NodeKvmError: 'function', ErrorCode: 'object', KvmRun: 'function', KvmRunOffset: 'object', decodeExit: 'function', encodeCpuid: 'function',
   encodeMsrs: 'function', structs: 'object', PAGE_SIZE: 'number', ExitReason: 'object', Cap: 'object', MemoryFlag: 'object',
@@ -69,7 +69,7 @@ const TYPES = [
   'SnapshotKind', 'SnapshotParent', 'WriteSnapshotOptions', 'WriteSnapshotResult', 'DecodedPages', 'RamImage', 'StreamHeader',
   'StreamKind',
   // the KVM binding
-  'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
+  'MemoryRegion', 'GsiRoute', 'IoeventfdOptions', 'VcpuKickHandle', 'ReleasedVcpu', 'GuestDebugOptions', 'Translation', 'GuestMemoryHandle',
   'GuestMemoryOptions', 'GuestMemoryBacking', 'MapFileOptions', 'EventFdOptions', 'Fd', 'FdWatch', 'VcpuExit', 'Handle', 'CapNumber', 'ExitReasonNumber',
   'Regs', 'Sregs', 'Segment', 'Dtable', 'Fpu', 'MsrEntry', 'CpuidEntry', 'LapicState', 'Xcr', 'VcpuEvents', 'DebugRegs', 'PitState2',
   'PitChannelState', 'IrqchipState', 'Msi', 'ClockData', 'CoalescedMmio', 'FieldType<number>', 'Fields', 'StructValue<Fields>',
