@@ -1,5 +1,5 @@
 // One vCPU thread pool for the machines of a test file (not for fixtures: it uses tap).
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { VcpuWorkerPool } from '../../lib/index.js';
 
 let filePool: VcpuWorkerPool | undefined;
@@ -17,4 +17,16 @@ export function sharedPool(size = 1): VcpuWorkerPool {
     t.teardown(() => pool.close());
   }
   return filePool;
+}
+
+/** Until `done()` holds, looked at each few ms (a pool makes its spare VM on a timer of its own); fails `test` after 5 s. */
+export async function untilPool(test: Test, done: () => boolean, what: string): Promise<void> {
+  const deadline = performance.now() + 5000;
+  while (!done()) {
+    if (performance.now() > deadline) {
+      test.fail(`timed out waiting for ${what}`);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
 }

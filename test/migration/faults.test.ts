@@ -80,6 +80,22 @@ const patchAt = (at: number, change: (byte: number) => number) => (chunk: Buffer
   return chunk;
 };
 
+/** A tamper that flips a bit just after the first `marker` the source's bytes hold (a section's payload), once. */
+function damageFirst(marker: string): { tamper: (chunk: Buffer) => Buffer; done: () => boolean } {
+  let patched = false;
+  return {
+    tamper: (chunk) => {
+      const at = patched ? -1 : chunk.indexOf(marker);
+      if (at >= 0) {
+        chunk[at + 4] ^= 0x01;
+        patched = true;
+      }
+      return chunk;
+    },
+    done: () => patched,
+  };
+}
+
 /** A destination in this process listening on tcp, with TOKEN. */
 const destinationHere = (t: Test, memoryBytes?: number) => startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, memoryBytes, pool });
 
@@ -139,18 +155,9 @@ t.test('corrupted bytes in page data: checksum error at the destination, the sou
 t.test('a damaged device state sent ahead of the pause: it fails before the pause, the source runs on', { skip: noKvm }, async (t) => {
   // The devices' state goes ahead with the last Sync (a record from serial on); the destination
   // puts it on its machine before it answers, so it fails before the source pauses.
-  let patched = false;
-  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
-    tamper: (chunk) => {
-      const at = patched ? -1 : chunk.indexOf('{"serial":');
-      if (at >= 0) {
-        chunk[at + 4] ^= 0x01;
-        patched = true;
-      }
-      return chunk;
-    },
-  });
-  t.ok(patched, 'the device state sent ahead was damaged on its way');
+  const damage = damageFirst('{"serial":');
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: damage.tamper });
+  t.ok(damage.done(), 'the device state sent ahead was damaged on its way');
   t.match(error?.message, /checksum mismatch in DeviceStateAhead section/);
   t.equal(error?.phase, 'precopy', 'the source had not paused its guest yet');
   await assertStillRunning(t, source);
@@ -161,18 +168,9 @@ t.test('a damaged device state, after the VM and vCPU states the destination may
   // The VM's and the vCPUs' state come in a write of their own, applied as soon as they are in;
   // the devices' state, in the next write, is damaged on its way. (It holds the devices that
   // changed since their state went ahead: the ACPI PM timer's count always has.)
-  let patched = false;
-  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), {
-    tamper: (chunk) => {
-      const at = patched ? -1 : chunk.indexOf('{"acpiPm":');
-      if (at >= 0) {
-        chunk[at + 4] ^= 0x01;
-        patched = true;
-      }
-      return chunk;
-    },
-  });
-  t.ok(patched, 'the device state was damaged on its way');
+  const damage = damageFirst('{"acpiPm":');
+  const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: damage.tamper });
+  t.ok(damage.done(), 'the device state was damaged on its way');
   t.match(error?.message, /checksum mismatch in DeviceState section/);
   await assertStillRunning(t, source);
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in DeviceState section/ }, 'the destination fails with why');

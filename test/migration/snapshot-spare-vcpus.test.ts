@@ -11,6 +11,7 @@ import { Machine, VcpuWorkerPool } from '../../lib/index.js';
 import type { VcpuState } from '../../lib/vmm/vcpu-state.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { untilPool } from '../helpers/pool.js';
 import { serialCollector } from '../helpers/serial-collector.js';
 
 /** How many KVM fds of `kind` ('kvm-vm', 'kvm-vcpu') this process holds. */
@@ -120,12 +121,12 @@ t.test('a restore into the spare does not wait for its threads: paused, stopped 
   t.ok(isUnbrokenCount(snap.output + serial.output()), 'the count goes on after the pause');
   await machine.stop();
   // Stopped before it ever started.
-  await until(t, () => pool.spareVmReady, 'the next spare');
+  await untilPool(t, () => pool.spareVmReady, 'the next spare');
   const unstarted = await Machine.restore(snap.path, { pool, log: () => {} });
   const exit = await unstarted.stop();
   t.equal(exit.reason, 'stopped');
   // With CPU affinity to set, the build waits for the thread, and still takes the spare.
-  await until(t, () => pool.spareVmReady, 'the next spare');
+  await untilPool(t, () => pool.spareVmReady, 'the next spare');
   const taken = pool.spareVmsTaken;
   const pinned = serialCollector();
   const withAffinity = await Machine.restore(snap.path, { pool, affinity: [[0]], serial: { output: pinned.sink }, log: () => {} });
@@ -135,14 +136,3 @@ t.test('a restore into the spare does not wait for its threads: paused, stopped 
   t.same({ vms: kvmFds('kvm-vm'), vcpus: kvmFds('kvm-vcpu') }, before, 'no VM or vCPU fd is left once the pool is closed');
 });
 
-/** Until `done()` holds, looked at each few ms (the pool makes its spare on a timer of its own); fails after 5 s. */
-async function until(t: Test, done: () => boolean, what: string): Promise<void> {
-  const deadline = performance.now() + 5000;
-  while (!done()) {
-    if (performance.now() > deadline) {
-      t.fail(`timed out waiting for ${what}`);
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}

@@ -9,6 +9,7 @@ import t, { type Test } from 'tap';
 import { Machine, VcpuWorkerPool } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
+import { untilPool } from '../helpers/pool.js';
 import { serialCollector } from '../helpers/serial-collector.js';
 
 /** How many KVM VM fds this process holds. */
@@ -22,18 +23,6 @@ function vmFds(): number {
     }
   }
   return count;
-}
-
-/** Until `done()` holds, looked at each few ms (the pool makes its spare on a timer of its own); fails after 5 s. */
-async function until(t: Test, done: () => boolean, what: string): Promise<void> {
-  const deadline = performance.now() + 5000;
-  while (!done()) {
-    if (performance.now() > deadline) {
-      t.fail(`timed out waiting for ${what}`);
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 function scratchDir(t: Test): string {
@@ -76,7 +65,7 @@ t.test('a restore takes the spare VM; the next is made in the background; close(
   const dir = scratchDir(t);
   t.equal(pool.spareVmReady, false, 'none before any machine was built');
   const snap = await dirtierSnapshot(path.join(dir, 'a.snap'), 32 * MiB, pool);
-  await until(t, () => pool.spareVmReady, 'the spare VM in the shape of the machine built');
+  await untilPool(t, () => pool.spareVmReady, 'the spare VM in the shape of the machine built');
   t.equal(vmFds(), before + 1, 'the spare VM holds one VM fd');
 
   const serial = serialCollector();
@@ -89,7 +78,7 @@ t.test('a restore takes the spare VM; the next is made in the background; close(
   await serial.waitForPass(lastPass(snap.output) + 2);
   const all = snap.output + serial.output();
   t.ok(isUnbrokenCount(all), `the count continues with no gap, restart or BAD: ${JSON.stringify(all.slice(-80))}`);
-  await until(t, () => pool.spareVmReady, 'the next spare VM');
+  await untilPool(t, () => pool.spareVmReady, 'the next spare VM');
   t.equal(vmFds(), before + 2, 'the running machine\'s VM and the new spare');
   await machine.stop();
   t.equal(vmFds(), before + 1, 'the stopped machine gave its VM back');
@@ -129,7 +118,7 @@ t.test('a spare VM that does not fit is closed; the restore builds its own, the 
     t.equal(vmFds(), before + 1 + (pool.spareVmReady ? 1 : 0), 'the machine\'s own VM, and a new spare if there is one');
   });
   t.equal(restored.memoryBytes, 48 * MiB);
-  await until(t, () => pool.spareVmReady, 'a spare VM of the restored shape');
+  await untilPool(t, () => pool.spareVmReady, 'a spare VM of the restored shape');
   t.equal(vmFds(), before + 1, 'only the new spare VM is open');
   await restoreAndRun(t, snap, pool, () => {
     t.equal(pool.spareVmsTaken, 1, 'taken by the second restore');
@@ -137,7 +126,7 @@ t.test('a spare VM that does not fit is closed; the restore builds its own, the 
   });
 
   // One that fits already is kept as it is; a pool closed or without the option refuses.
-  await until(t, () => pool.spareVmReady, 'the spare after the second restore');
+  await untilPool(t, () => pool.spareVmReady, 'the spare after the second restore');
   pool.makeSpareVm({ memoryBytes: 48 * MiB });
   t.equal(vmFds(), before + 1, 'makeSpareVm() of the shape there makes no second VM');
   t.throws(() => pool.makeSpareVm({ memoryBytes: 3 }), { code: 'ERR_OUT_OF_RANGE' });

@@ -142,14 +142,19 @@ t.test('a wrong token fails the source; the destination reports it and waits for
   accepted.destroy();
 });
 
+/** A destination's greeting with `flags` (bit 0: a token is required; bit 1: it reads DeviceStateAhead) and a zero nonce. */
+function greeting(flags: number): Buffer {
+  const bytes = Buffer.alloc(43);
+  Buffer.from('NKVM-MIG').copy(bytes);
+  bytes.writeUInt16BE(MIGRATION_PROTOCOL_VERSION, 8);
+  bytes[10] = flags;
+  return bytes;
+}
+
 t.test('the destination must prove the token too: an impostor gets no guest', async (t) => {
   // A listener that speaks the protocol but does not know the token.
   const impostor = net.createServer((socket) => {
-    const greeting = Buffer.alloc(43);
-    Buffer.from('NKVM-MIG').copy(greeting);
-    greeting.writeUInt16BE(MIGRATION_PROTOCOL_VERSION, 8);
-    greeting[10] = 1;
-    socket.write(greeting);
+    socket.write(greeting(0x01));
     void readBytes(socket, 75).then(async () => {
       socket.resume();
       socket.write(Buffer.concat([Buffer.of(0), Buffer.alloc(32, 0xab)]));
@@ -171,11 +176,7 @@ t.test('the destination must prove the token too: an impostor gets no guest', as
 t.test('a destination whose greeting lacks the DeviceStateAhead bit (an older build) is sent none', async (t) => {
   // A destination without a token that answers as a build before the bit did.
   const older = net.createServer((socket) => {
-    const greeting = Buffer.alloc(43);
-    Buffer.from('NKVM-MIG').copy(greeting);
-    greeting.writeUInt16BE(MIGRATION_PROTOCOL_VERSION, 8);
-    greeting[10] = 0;
-    socket.write(greeting);
+    socket.write(greeting(0x00));
     void readBytes(socket, 75).then(() => socket.write(Buffer.concat([Buffer.of(0), Buffer.alloc(32)])));
     socket.on('error', () => {});
   });
