@@ -143,8 +143,10 @@ export class SocketSource implements ByteSource {
   }
 
   /**
-   * Closes this source and returns the bytes it had received but not handed out, in order: for a
-   * caller that reads the rest of the stream another way.
+   * Closes this source and returns the bytes it had received but not handed out, in order, then
+   * those the socket holds unread (the socket is left paused, nothing unread): for a caller that
+   * reads the rest of the stream another way, and takes the socket over before the event loop
+   * turns again (taking its unread bytes may restart its reading).
    */
   detach(): Uint8Array[] {
     if (this.#pending) throw new MigrationError(Code.InvalidState, 'a read is waiting: detach() only between reads');
@@ -158,6 +160,15 @@ export class SocketSource implements ByteSource {
     this.#chunkOffset = 0;
     this.#buffered = 0;
     this.close();
+    // A socket paused while this source held too much (see #onData) goes on reading until its own
+    // buffer is full (its high-water mark): those bytes come after the ones above.
+    const socket = this.#socket;
+    socket.pause();
+    while (socket.readableLength > 0) {
+      const chunk = socket.read() as Buffer | string | null;
+      if (chunk === null) break;
+      rest.push(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
+    }
     return rest.filter((chunk) => chunk.length > 0);
   }
 

@@ -716,6 +716,21 @@ t.test('socketSource over a real socket pair', async (t) => {
     source.close();
   });
 
+  t.test('detach() hands over what the stream holds unread too, once the source paused it', async (t) => {
+    const stream = new PassThrough({ highWaterMark: 64 * 1024 });
+    const source = socketSource(stream, 10_000);
+    const sent = Buffer.alloc(17 * MiB + 100_000);
+    for (let i = 0; i < sent.length; i += 4) sent.writeUInt32LE(i, i);
+    t.same(await Promise.all([source.read(4, 'a first word'), stream.write(sent.subarray(0, 17 * MiB))]).then(([word]) => word), sent.subarray(0, 4));
+    // Past 16 MiB the source pauses the stream: what comes next waits in the stream's own buffer.
+    t.ok(stream.isPaused(), 'paused by the source');
+    stream.write(sent.subarray(17 * MiB));
+    t.equal(stream.readableLength, 100_000, 'the stream holds the last bytes unread');
+    const rest = source.detach();
+    t.equal(stream.readableLength, 0, 'nothing left unread in the stream');
+    t.ok(Buffer.concat(rest).equals(sent.subarray(4)), 'every byte after the first word, in order');
+  });
+
   t.test('reads spanning chunks, views within one chunk, and pausing above 16 MiB unread', async (t) => {
     const stream = new PassThrough({ highWaterMark: 64 * 1024 });
     const source = socketSource(stream, 10_000);
