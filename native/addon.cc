@@ -123,6 +123,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);
+  fn("spinRead", SpinRead);
   fn("keepFromChildren", KeepFromChildren);
   fn("sendWithFds", SendWithFds);
   fn("receiveWithFds", ReceiveWithFds);

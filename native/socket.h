@@ -8,6 +8,7 @@ namespace nodekvm {
 
 Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info);
 Napi::Value DupSocket(const Napi::CallbackInfo& info);
+Napi::Value SpinRead(const Napi::CallbackInfo& info);
 Napi::Value KeepFromChildren(const Napi::CallbackInfo& info);
 Napi::Value SendWithFds(const Napi::CallbackInfo& info);
 Napi::Value ReceiveWithFds(const Napi::CallbackInfo& info);

@@ -75,6 +75,8 @@ export interface NativeBinding {
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   /** A close-on-exec duplicate of a stream socket fd. */
   dupSocket(fd: number): number;
+  /** recv(2) with MSG_DONTWAIT, spinning for maxMs at most: bytes read, 0 at the end of the stream, -1 if none came. */
+  spinRead(fd: number, buffer: Uint8Array, maxMs: number): number;
   /** sendmsg(2) of all of `data`, the fds attached to its first byte (SCM_RIGHTS); unix stream sockets only. */
   sendWithFds(socketFd: number, data: Uint8Array, fds: number[]): void;
   /** One recvmsg(2): the bytes, the fds that came with them (the caller's to close), whether some were dropped; null if nothing is there yet. */

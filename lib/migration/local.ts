@@ -40,6 +40,7 @@ import {
   SectionType, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, type Section, type StreamHeader,
 } from './format.js';
 import { PeerReplies } from './peer-replies.js';
+import { socketFd } from './socket-buffers.js';
 import { SectionParser } from './section-parser.js';
 import { socketSource, type SocketSource } from './sources.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
@@ -108,9 +109,9 @@ export function decodeFdsSection(section: Section, shape: MachineShape, fdCount:
 // ---------------------------------------------------------------------------------------------
 // Source
 
-function socketFd(socket: net.Socket): number {
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
+function connectedFd(socket: net.Socket): number {
+  const fd = connectedFd(socket);
+  if (fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
   return fd;
 }
 
@@ -192,7 +193,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
       const ramFd = machine.memory.shareFd();
       const fdsSection = encodeFdsSection({ memory: [{ guestPhysAddr: 0, sizeBytes: machine.memoryBytes }], disks: handed.disks.length, net: handed.net.length });
       try {
-        sendWithFds(socketFd(connection), fdsSection, [ramFd, ...handed.disks, ...handed.net]);
+        sendWithFds(connectedFd(connection), fdsSection, [ramFd, ...handed.disks, ...handed.net]);
       } finally {
         closeSync(ramFd);
       }
@@ -302,7 +303,7 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
   const leftover = incoming.source.detach();
   if (leftover.length > 0) throw new MigrationError(Code.Protocol, 'the source of a local migration sent more before it was accepted');
   // From here on this side reads the connection itself: a read by Node would drop the fds.
-  const fd = socketFd(socket);
+  const fd = connectedFd(socket);
   socket.pause();
   if (socket.readableLength > 0) throw new MigrationError(Code.Protocol, 'the source of a local migration sent more before it was accepted');
   let raw: number | null = dupSocket(fd);
@@ -376,7 +377,7 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
     // may still resume its guest on the same RAM, so this side must not have run it. Written
     // straight to the socket (Node has nothing queued on it): in the kernel when this returns,
     // without waiting for a turn of the event loop.
-    sendWithFds(socketFd(connection), encodeEnd(), []);
+    sendWithFds(connectedFd(connection), encodeEnd(), []);
     markPhase('destination: ack written');
     target.start(complete.running === false);
     markPhase('destination: guest started');

@@ -11,6 +11,7 @@ import type { DeviceStatesAhead } from '../vmm/devices.js';
 import { virtioMismatch } from '../vmm/virtio-devices.js';
 import { buildMachine, machineInternals, type CpuState, type Machine, type MachineShape, type MachineState } from '../vmm/machine.js';
 import { argTypeError } from '../kvm/errors.js';
+import { spinRead } from '../kvm/host.js';
 import { MigrationError, MigrationErrorCode as Code, abortError, abortPromise, abortable, checkSignal, throwIfAborted } from './errors.js';
 import {
   SectionType, checkHeader, decodeErrorSection, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync,
@@ -19,7 +20,7 @@ import { SectionParser, type SectionParserTarget } from './section-parser.js';
 import { warmUpPageStream } from './page-stream-warm-up.js';
 import { applyDevicesAsAhead, rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
-import { enlargeSocketBuffers, reopenWithReadBuffer } from './socket-buffers.js';
+import { enlargeSocketBuffers, reopenWithReadBuffer, socketFd } from './socket-buffers.js';
 import { socketSource } from './sources.js';
 import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, decodeDeviceStatesAhead, encodeConfigSection, mergeDeviceStates, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
@@ -275,7 +276,15 @@ export async function receiveMigration(
     let rehearsing: Promise<void> | null = null;
     // The rehearsal, soon after the section that asks for it (out of the parse).
     const rehearse = () => new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
-    const answerSync = () => void rehearsing!.then(() => reply([encodeSync()])).catch(() => {});
+    // Reads with this thread spinning, rather than asleep in the event loop, where the source is
+    // about to send the last state (see receiveSections()).
+    let spin = (_maxMs: number, _until: () => boolean): void => {};
+    const answerSync = () => void rehearsing!.then(() => {
+      const answered = reply([encodeSync()]);
+      // The source pauses its guest as soon as it has the answer, and sends its state.
+      spin(STATE_SPIN_MS, () => state.cpuComplete || state.complete);
+      return answered;
+    }).catch(() => {});
     // The devices' state sent ahead (SectionType.DeviceStateAhead): put on the machine after the
     // rehearsal, before the Sync that follows it is answered; a failure there fails the migration.
     let devicesAhead: DeviceStatesAhead | null = null;
@@ -340,6 +349,7 @@ export async function receiveMigration(
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
     socket = sections.socket;
+    spin = sections.spin;
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
     const acceptance = reply([encodeConfigSection({ machine: shape })], shape);
@@ -363,6 +373,7 @@ export async function receiveMigration(
     await target.applyCpu(cpu);
     // The devices' part may come before the source's last pages (see migrateMachine()): applied
     // as it comes, but for the virtio devices', only once every page is in.
+    spin(TAIL_SPIN_MS, () => state.complete || postcopy !== null);
     await Promise.race([sections.ended, begun, deviceStateIn]);
     const merged = devicesAhead ? mergeDeviceStates(devicesAhead, state.finish().devices, 'the migration stream') : null;
     const complete = { ...cpu, devices: merged ? merged.devices : checkDeviceStates(state.finish().devices, 'the migration stream') };
@@ -371,6 +382,7 @@ export async function receiveMigration(
     const applyDevices = () => into.apply(complete, true, merged?.appliedAhead);
     const beforeEnd = complete.devices.virtio === undefined;
     if (beforeEnd) await applyDevices();
+    spin(TAIL_SPIN_MS, () => postcopy !== null);
     await Promise.race([sections.ended, begun]);
     if (!beforeEnd) await applyDevices();
     markPhase('destination: state applied');
@@ -439,6 +451,14 @@ function warmUpStreamEnd(): void {
   receiveSections(new Socket(), [Buffer.concat([encodeSync(), encodeEnd()])], target, 1000, undefined, 'a warm-up').ended.catch(() => {});
 }
 
+/**
+ * How long the destination spins at most for the source's last state after answering its Sync
+ * (the source pauses, then its vCPU thread writes: about 1 ms here), and for each later part of
+ * it. Past that it waits in the event loop as for any other data.
+ */
+const STATE_SPIN_MS = 5;
+const TAIL_SPIN_MS = 3;
+
 /** Bytes each read of an incoming stream may take at most. */
 const RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024;
 let sharedReceiveBuffer: Buffer | undefined;
@@ -457,6 +477,9 @@ function receiveBuffer(): Buffer {
  * Parses the rest of the stream from `socket` (reopened with a large read buffer; the new socket
  * is returned at once) into `target` until its End section: `ended` resolves then, or rejects
  * with what was wrong: a malformed section, a closed connection, no data for `stallTimeoutMs`.
+ * `spin(maxMs, until)` reads on at once with this thread spinning (spinRead()), until `until()`
+ * holds after a read, the stream ends or fails, or `maxMs` have passed: for the moments the
+ * source is about to send the last state.
  */
 function receiveSections(
   socket: Socket,
@@ -467,8 +490,9 @@ function receiveSections(
   what: string,
   /** Post-copy's read buffers (see PostcopyPages.readBuffer()), where it lends one. */
   lentBuffer?: () => Uint8Array | null,
-): { socket: Socket; ended: Promise<void> } {
+): { socket: Socket; ended: Promise<void>; spin: (maxMs: number, until: () => boolean) => void } {
   const parser = new SectionParser(target);
+  let spin = (_maxMs: number, _until: () => boolean): void => {};
   let settle!: (error?: Error) => void;
   const ended = new Promise<void>((resolve, reject) => {
     settle = (error) => (error ? reject(error) : resolve());
@@ -502,14 +526,14 @@ function receiveSections(
   for (const chunk of leftover) take(chunk);
   // What had arrived may hold the whole stream, or its end: an Error from a source that gave up
   // (and has closed the connection since).
-  if (done) return { socket, ended };
+  if (done) return { socket, ended, spin };
   const buffer = receiveBuffer();
   let reopened: Socket;
   try {
     reopened = reopenWithReadBuffer(socket, lentBuffer ? () => lentBuffer() ?? buffer : buffer, take);
   } catch (error) {
     finish(error as Error);
-    return { socket, ended };
+    return { socket, ended, spin };
   }
   const closed = (why: string) => () => {
     if (!parser.ended) {
@@ -519,5 +543,25 @@ function receiveSections(
   reopened.on('end', closed('peer closed the migration stream'));
   reopened.on('close', closed('the connection closed'));
   reopened.on('error', (error) => closed(`the connection failed (${error.message})`)());
-  return { socket: reopened, ended };
+  const fd = socketFd(reopened);
+  spin = (maxMs, until) => {
+    const deadline = performance.now() + maxMs;
+    while (!done && fd >= 0 && !until()) {
+      const left = deadline - performance.now();
+      if (left <= 0) return;
+      const into = lentBuffer?.() ?? buffer;
+      let got: number;
+      try {
+        got = spinRead(fd, into, Math.min(left, 1000));
+      } catch (error) {
+        // Taken from the socket here, the failure would not reach its own read.
+        closed(`the connection failed (${(error as Error).message})`)();
+        return;
+      }
+      // Nothing in time, or the end of the stream, which the socket's own read meets too.
+      if (got <= 0) return;
+      take(into.subarray(0, got));
+    }
+  };
+  return { socket: reopened, ended, spin };
 }

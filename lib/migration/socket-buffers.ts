@@ -8,14 +8,20 @@ import { MigrationError, MigrationErrorCode as Code } from './errors.js';
 
 export const MIGRATION_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
 
+/** The file descriptor under a connected socket (Node keeps it in its handle), -1 if it has none. */
+export function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && Number.isInteger(fd) && fd >= 0 ? fd : -1;
+}
+
 /**
  * Best effort (the kernel caps it at net.core.wmem_max/rmem_max). Only unix sockets: TCP sizes
  * its own buffers automatically, and a fixed size would switch that off.
  */
 export function enlargeSocketBuffers(socket: Socket, bytes = MIGRATION_SOCKET_BUFFER_BYTES): void {
   if (socket.remoteFamily !== undefined) return; // tcp
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) return;
+  const fd = socketFd(socket);
+  if (fd < 0) return;
   try {
     setSocketBuffers(fd, bytes, bytes);
   } catch {
@@ -36,8 +42,8 @@ export function enlargeSocketBuffers(socket: Socket, bytes = MIGRATION_SOCKET_BU
 export function reopenWithReadBuffer(socket: Socket, buffer: Uint8Array | (() => Uint8Array), onRead: (bytes: Uint8Array) => boolean | void): Socket {
   if (typeof buffer !== 'function' && (!(buffer instanceof Uint8Array) || buffer.length === 0)) throw argTypeError('buffer must be a non-empty Uint8Array or a function that returns one');
   if (typeof onRead !== 'function') throw argTypeError('onRead must be a function');
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
+  const fd = socketFd(socket);
+  if (fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
   socket.pause();
   if (socket.readableLength > 0) throw new MigrationError(Code.InvalidState, `the connection has ${socket.readableLength} unread bytes`);
   const copy = dupSocket(fd);

@@ -8,7 +8,8 @@ import { native } from '../../lib/kvm/native.js';
 import { randomBytes } from 'node:crypto';
 import { enlargeSocketBuffers, reopenWithReadBuffer } from '../../lib/migration/socket-buffers.js';
 import { SectionBufferPool } from '../../lib/migration/writers.js';
-import { keepFromChildren } from '../../lib/kvm/host.js';
+import { keepFromChildren, spinRead } from '../../lib/kvm/host.js';
+import { Worker } from 'node:worker_threads';
 import { spawnSync } from 'node:child_process';
 
 t.test('setSocketBuffers sizes a unix socket\'s buffers and reports what the kernel set', async (t) => {
@@ -138,4 +139,46 @@ t.test('the section buffers are left out of spawned children: written again afte
   t.ok(faults() - plainBefore > pages / 8, `a plain buffer: ${faults() - plainBefore} faults for ${pages / 4} pages`);
   t.equal(keepFromChildren(new ArrayBuffer(100)), true, 'a buffer without a whole page is nothing to do');
   t.throws(() => keepFromChildren(new Uint8Array(8) as unknown as ArrayBuffer), { code: 'ERR_INVALID_ARG_TYPE' });
+});
+
+t.test('spinRead: what is there at once, what comes while it spins, the end of the stream, nothing in time', async (t) => {
+  const [client, peer] = await connectedPair(t, 'unix');
+  const fd = (peer as unknown as { _handle: { fd: number } })._handle.fd;
+  const buffer = new Uint8Array(64);
+  client.write('ready');
+  t.equal(spinRead(fd, buffer, 100), 5, 'five bytes');
+  t.equal(Buffer.from(buffer.subarray(0, 5)).toString(), 'ready');
+
+  const started = performance.now();
+  t.equal(spinRead(fd, buffer, 20), -1, '-1 when nothing came');
+  t.ok(performance.now() - started >= 20, 'after spinning for maxMs');
+
+  // Written by another thread while this one spins: no turn of the event loop is needed.
+  const writerFd = (client as unknown as { _handle: { fd: number } })._handle.fd;
+  const worker = new Worker(`
+    const { workerData } = require('node:worker_threads');
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    require('node:fs').writeSync(workerData, 'late');`, { eval: true, workerData: writerFd });
+  const exited = new Promise((resolve) => worker.once('exit', resolve));
+  t.equal(spinRead(fd, buffer, 1000), 4, 'the bytes written meanwhile');
+  t.equal(Buffer.from(buffer.subarray(0, 4)).toString(), 'late');
+  await exited;
+
+  client.end();
+  await new Promise((resolve) => client.once('finish', resolve));
+  t.equal(spinRead(fd, buffer, 1000), 0, '0 at the end of the stream');
+});
+
+t.test('spinRead refuses bad arguments, and what is not a socket', async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-kvm-sock-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const fd = openSync(path.join(dir, 'file'), 'w');
+  t.teardown(() => closeSync(fd));
+  t.throws(() => spinRead(fd, new Uint8Array(8), 1), { code: 'ENOTSOCK', syscall: 'recv' });
+  t.throws(() => spinRead(-1, new Uint8Array(8), 1), RangeError);
+  t.throws(() => spinRead(fd, new Uint8Array(0), 1), RangeError);
+  t.throws(() => spinRead(fd, [] as unknown as Uint8Array, 1), TypeError);
+  t.throws(() => spinRead(fd, new Uint8Array(8), 1001), RangeError);
+  t.throws(() => spinRead(fd, new Uint8Array(8), '1' as unknown as number), TypeError);
+  t.throws(() => native.spinRead(fd, new Uint16Array(4) as unknown as Uint8Array, 1), TypeError);
 });
