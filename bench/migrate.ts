@@ -871,7 +871,10 @@ async function main(): Promise<void> {
           qemuError: p.qemuError,
           scenarios: p.scenarios.map((r) => ({
             key: r.scenario.key, title: r.scenario.title, medians: r.medians,
-            runs: r.runs.map((run) => ({ ...run.stats, lastExpectedDowntimeMs: run.lastExpectedDowntimeMs })),
+            runs: r.runs.map((run) => ({
+              ...run.stats, lastExpectedDowntimeMs: run.lastExpectedDowntimeMs,
+              guestPausedMs: run.guestPausedMs, pauseAskedToRunningMs: run.pauseAskedToRunningMs, sourceStopToSentMs: run.sourceStopToSentMs, phases: run.phases,
+            })),
             qemu: r.qemu,
           })),
         })),
