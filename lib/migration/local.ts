@@ -110,7 +110,7 @@ export function decodeFdsSection(section: Section, shape: MachineShape, fdCount:
 // Source
 
 function connectedFd(socket: net.Socket): number {
-  const fd = connectedFd(socket);
+  const fd = socketFd(socket);
   if (fd < 0) throw new MigrationError(Code.Closed, 'the connection has no file descriptor (closed?)');
   return fd;
 }
@@ -410,11 +410,11 @@ export async function receiveLocalMigration(incoming: LocalIncoming): Promise<Ma
 }
 
 /**
- * Reads the one section that carries the source's fds from `socketFd` (which nothing else
+ * Reads the one section that carries the source's fds from `rawFd` (which nothing else
  * reads), with the fds that came on its first byte. Every fd received is returned, or closed
  * before this rejects.
  */
-function receiveFdsSection(socketFd: number, stallTimeoutMs: number, signal: AbortSignal | undefined, what: string): Promise<{ section: Section; fds: number[] }> {
+function receiveFdsSection(rawFd: number, stallTimeoutMs: number, signal: AbortSignal | undefined, what: string): Promise<{ section: Section; fds: number[] }> {
   return new Promise((resolve, reject) => {
     const fds: number[] = [];
     const sections: Section[] = [];
@@ -440,7 +440,7 @@ function receiveFdsSection(socketFd: number, stallTimeoutMs: number, signal: Abo
     const onReadable = () => {
       try {
         for (;;) {
-          const got = receiveWithFds(socketFd, MAX_FDS_MESSAGE_BYTES, MAX_HANDED_FDS);
+          const got = receiveWithFds(rawFd, MAX_FDS_MESSAGE_BYTES, MAX_HANDED_FDS);
           if (got === null) return;
           if (bytesRead > 0 && got.fds.length > 0) {
             for (const fd of got.fds) closeSync(fd);
@@ -466,7 +466,7 @@ function receiveFdsSection(socketFd: number, stallTimeoutMs: number, signal: Abo
     const timer = setTimeout(() => {
       finish(new MigrationError(Code.TimedOut, `no file descriptors from the source within ${stallTimeoutMs} ms (${bytesRead} bytes of its Fds section arrived)`));
     }, Math.min(stallTimeoutMs, 0x7fffffff));
-    const watch = watchFd(socketFd, onReadable);
+    const watch = watchFd(rawFd, onReadable);
     if (signal?.aborted) onAbort();
     else signal?.addEventListener('abort', onAbort, { once: true });
   });
