@@ -77,14 +77,15 @@ t.test('a socket that takes none of it: the thread leaves it all to the main thr
   const internals = machineInternals(machine);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const server = net.createServer();
+  // Paused from the start: a socket paused later goes on reading up to its high-water mark, and
+  // would make room in the kernel's buffer while the vCPU thread writes.
+  const server = net.createServer({ pauseOnConnect: true });
   await new Promise<void>((resolve) => server.listen(path.join(dir, 's.sock'), resolve));
   t.teardown(() => server.close());
   const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
   const client = net.connect(path.join(dir, 's.sock'));
   await new Promise((resolve) => client.once('connect', resolve));
-  const peer = await accepted;
-  peer.pause(); // never reads
+  const peer = await accepted; // never reads
   t.teardown(() => {
     client.destroy();
     peer.destroy();
