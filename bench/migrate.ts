@@ -286,6 +286,12 @@ interface MigrationRun {
   pauseAskedToRunningMs: number;
   /** As QEMU reports its downtime: from the pause until the source has written its last byte. */
   sourceStopToSentMs: number;
+  /**
+   * The first pre-copy round's bytes over the time the destination took them in, from taking the
+   * page stream over (its socket's fast reads) to parsing the Sync that ends the round: the
+   * stream's rate without the set-up, as the C stream is measured.
+   */
+  destinationPageRateBytesPerSec: number;
   /** With NODE_KVM_PHASE_TIMING=1: the downtime's steps, both processes' (phase-breakdown.ts). */
   phases: { name: string; ms: number }[];
 }
@@ -325,11 +331,13 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
       await sleep(100);
       const address = await peer.listening;
       let lastExpectedDowntimeMs = 0;
+      let firstRoundBytes = NaN;
       const stats = await machine.migrate(address, {
         token: TOKEN,
         downtimeBudgetMs: budgetMs,
         onProgress: (p) => {
           if (p.phase === 'precopy') lastExpectedDowntimeMs = p.expectedDowntimeMs;
+          if (p.phase === 'precopy' && Number.isNaN(firstRoundBytes)) firstRoundBytes = p.bytesTransferred;
         },
       });
       const exit = await machine.wait();
@@ -348,6 +356,7 @@ async function migrateOnce(scenario: Scenario, fill: Fill, budgetMs: number | un
         guestPausedMs: at('destination: starting') - at('source: vCPUs stopped'),
         pauseAskedToRunningMs: at('destination: starting'),
         sourceStopToSentMs: at('source: state written to the socket'),
+        destinationPageRateBytesPerSec: (firstRoundBytes * 1000) / (at('destination: first Sync parsed') - at('destination: page stream taken')),
       };
     } finally {
       if (machine.state !== 'stopping') await machine.stop().catch(() => {});
@@ -661,6 +670,8 @@ function scenarioMedians(runs: MigrationRun[], tcpBytesPerSec: number, cStreamBy
     throughputMiBPerSec: m((r) => r.stats.throughputBytesPerSec / MiB),
     throughputOverTcp: m((r) => r.stats.throughputBytesPerSec / tcpBytesPerSec),
     throughputOverCStream: m((r) => r.stats.throughputBytesPerSec / cStreamBytesPerSec),
+    destinationPageRateMiBPerSec: m((r) => r.destinationPageRateBytesPerSec / MiB),
+    destinationPageRateOverCStream: m((r) => r.destinationPageRateBytesPerSec / cStreamBytesPerSec),
   };
 }
 
@@ -873,7 +884,8 @@ async function main(): Promise<void> {
             key: r.scenario.key, title: r.scenario.title, medians: r.medians,
             runs: r.runs.map((run) => ({
               ...run.stats, lastExpectedDowntimeMs: run.lastExpectedDowntimeMs,
-              guestPausedMs: run.guestPausedMs, pauseAskedToRunningMs: run.pauseAskedToRunningMs, sourceStopToSentMs: run.sourceStopToSentMs, phases: run.phases,
+              guestPausedMs: run.guestPausedMs, pauseAskedToRunningMs: run.pauseAskedToRunningMs, sourceStopToSentMs: run.sourceStopToSentMs,
+              destinationPageRateBytesPerSec: run.destinationPageRateBytesPerSec, phases: run.phases,
             })),
             qemu: r.qemu,
           })),
@@ -1004,13 +1016,17 @@ function printPlacement(p: PlacementResult): void {
     ['throughput (MiB/s)', 'throughputMiBPerSec'],
     ['throughput / raw TCP', 'throughputOverTcp'],
     ['throughput / the stream in C', 'throughputOverCStream'],
+    ['first round taken in at the destination (MiB/s)', 'destinationPageRateMiBPerSec'],
+    ['  / the stream in C', 'destinationPageRateOverCStream'],
   ];
   table([
     ['migration, median', ...results.map((r) => r.scenario.title)],
     ...rows.map(([label, key]) => [label, ...results.map((r) => {
-      if (key !== 'throughputOverTcp' && key !== 'throughputOverCStream') return format(r.medians[key]!);
+      const rated = ['throughputOverTcp', 'throughputOverCStream', 'destinationPageRateMiBPerSec', 'destinationPageRateOverCStream'];
+      if (!rated.includes(key)) return format(r.medians[key]!);
       // Idle guests send a few pages: their rate says nothing about the transport.
-      return r.medians.transferredMiB! >= MIN_RATED_MIB ? r.medians[key]!.toFixed(3) : '-';
+      if (r.medians.transferredMiB! < MIN_RATED_MIB) return '-';
+      return key === 'destinationPageRateMiBPerSec' ? format(r.medians[key]!) : r.medians[key]!.toFixed(3);
     })]),
   ]);
   console.log('');

@@ -269,6 +269,7 @@ export async function receiveMigration(
     for (const running of [true, false]) state.expectConfig({ machine: announced, running });
     let accepted = false;
     let syncsOwed = 0;
+    let syncsParsed = 0;
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
     let devicesArrived!: () => void;
@@ -294,6 +295,7 @@ export async function receiveMigration(
     // From here on the stream is parsed as it arrives, page data going from the socket's read
     // buffer straight into guest RAM: see section-parser.ts for what that allows and why it is
     // safe here (this machine runs only once the whole stream has checked out).
+    markPhase('destination: page stream taken');
     const leftover = source.detach();
     const sections = receiveSections(socket, leftover, {
       memoryBytes: ram.length,
@@ -318,6 +320,8 @@ export async function receiveMigration(
           postcopy = new PostcopyPages(memory, decodeLacking(section.payload, ram.length));
           postcopyBegun();
         } else if (section.type === SectionType.Sync) {
+          // (The first ends the first pre-copy round: with the note above, the page stream's rate at this end.)
+          if (syncsParsed++ === 0) markPhase('destination: first Sync parsed');
           // The source pauses its guest as soon as it has the answer: rehearse the state's
           // parsing and applying first (out of this parse), so that the code is warm when the
           // state comes and the dry run does not compete with the source's pause for the CPUs.
