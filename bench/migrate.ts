@@ -39,6 +39,10 @@ const MEMCPY_BYTES = 256 * MiB;
 const TOKEN = randomBytes(16).toString('hex');
 /** Below this much data, a migration's throughput is not compared with the socket's. */
 const MIN_RATED_MIB = 4;
+/** The rows that rate the transport: shown only where at least MIN_RATED_MIB moved. */
+const RATED_ROWS = new Set(['throughputOverTcp', 'throughputOverCStream', 'destinationPageRateMiBPerSec', 'destinationPageRateOverCStream']);
+/** Of those, the ratios (printed to three places; the rest as any figure). */
+const RATIO_ROWS = new Set(['throughputOverTcp', 'throughputOverCStream', 'destinationPageRateOverCStream']);
 
 interface Options {
   rounds: number;
@@ -1022,11 +1026,9 @@ function printPlacement(p: PlacementResult): void {
   table([
     ['migration, median', ...results.map((r) => r.scenario.title)],
     ...rows.map(([label, key]) => [label, ...results.map((r) => {
-      const rated = ['throughputOverTcp', 'throughputOverCStream', 'destinationPageRateMiBPerSec', 'destinationPageRateOverCStream'];
-      if (!rated.includes(key)) return format(r.medians[key]!);
       // Idle guests send a few pages: their rate says nothing about the transport.
-      if (r.medians.transferredMiB! < MIN_RATED_MIB) return '-';
-      return key === 'destinationPageRateMiBPerSec' ? format(r.medians[key]!) : r.medians[key]!.toFixed(3);
+      if (RATED_ROWS.has(key) && r.medians.transferredMiB! < MIN_RATED_MIB) return '-';
+      return RATIO_ROWS.has(key) ? r.medians[key]!.toFixed(3) : format(r.medians[key]!);
     })]),
   ]);
   console.log('');
