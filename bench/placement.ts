@@ -31,6 +31,8 @@ export interface Placement {
   destinationHost: string;
   /** The CPUs of the source and the destination (for the C stream), or null when they share all. */
   cpus: [number, number] | null;
+  /** netns only: the names of the source's and the destination's network namespaces (under /run/netns). */
+  netns?: { source: string; destination: string };
 }
 
 /** The veth pair's subnet: only inside the two namespaces, never in the host's. */
@@ -117,6 +119,7 @@ export function netnsPlacement(): NetnsPlacement | string {
       destination: ['ip', 'netns', 'exec', destinationNs, ...pinned.destination],
       destinationHost: DESTINATION_ADDRESS,
       cpus: pinned.cpus,
+      netns: { source: sourceNs, destination: destinationNs },
     },
     cleanup,
   };

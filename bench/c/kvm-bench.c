@@ -12,11 +12,20 @@
  *   kvm-bench vm-cycles N               time N x (KVM_CREATE_VM + close)
  *   kvm-bench dirty-log SIZE_MIB ITERS  time ITERS x KVM_GET_DIRTY_LOG on a
  *                                       fully dirty SIZE_MIB slot
- *   kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU]
+ *   kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU
+ *                    [LISTEN_ADDRESS SOURCE_NETNS]]
  *                                       the least a checksummed page stream
  *                                       costs: DATA_MIB of guest RAM from one
  *                                       process to another over loopback TCP;
- *                                       with CPUs, each process pinned to one
+ *                                       with CPUs, each process pinned to one;
+ *                                       with an address and a namespace, the
+ *                                       destination (this process, started in
+ *                                       its own network namespace by the
+ *                                       caller) listens on LISTEN_ADDRESS
+ *                                       (IPv4, ephemeral port) and the source
+ *                                       joins the network namespace
+ *                                       SOURCE_NETNS (a path such as
+ *                                       /run/netns/NAME) to connect to it
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,6 +39,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sched.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -388,7 +398,11 @@ static _Noreturn void stream_source(struct sockaddr_in addr, size_t data_bytes)
     if (!section) die("stream: out of memory");
     memset(section, 0, sizeof(struct stream_header) + STREAM_BATCH_BYTES);
     int sock = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) die("stream: connect: %s", strerror(errno));
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        char host[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &addr.sin_addr, host, sizeof host);
+        die("stream: connect to %s:%u: %s", host, (unsigned)ntohs(addr.sin_port), strerror(errno));
+    }
     char go;
     if (read(sock, &go, 1) != 1) die("stream: no go from the destination");
     for (size_t at = 0; at < data_bytes; at += STREAM_BATCH_BYTES) {
@@ -431,24 +445,64 @@ static void pin_to_cpu(long cpu)
     if (sched_setaffinity(0, sizeof set, &set) < 0) die("stream: sched_setaffinity(%ld): %s", cpu, strerror(errno));
 }
 
-static int cmd_stream(const char *data_mib_str, long source_cpu, long destination_cpu)
+/*
+ * listen_address: IPv4 dotted to listen on (NULL: loopback); source_netns: the path of the network
+ * namespace the source enters before it connects (NULL: stays in this one).
+ */
+static int cmd_stream(const char *data_mib_str, long source_cpu, long destination_cpu,
+                      const char *listen_address, const char *source_netns)
 {
     size_t data_bytes = (size_t)parse_count(data_mib_str, "DATA_MIB") << 20;
     crc32c_check();
-    int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in addr = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (listen_address && inet_pton(AF_INET, listen_address, &addr.sin_addr) != 1)
+        die("invalid LISTEN_ADDRESS '%s' (want an IPv4 address, such as 10.0.0.2)", listen_address);
+    /* Opened here, so that a wrong path fails before anything starts; entered by the source. */
+    int netns_fd = -1;
+    if (source_netns) {
+        netns_fd = open(source_netns, O_RDONLY | O_CLOEXEC);
+        if (netns_fd < 0) die("stream: open SOURCE_NETNS %s: %s", source_netns, strerror(errno));
+    }
+    int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     socklen_t len = sizeof addr;
     if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(listener, 1) < 0 ||
         getsockname(listener, (struct sockaddr *)&addr, &len) < 0)
-        die("stream: listen: %s", strerror(errno));
+        die("stream: listen on %s: %s", listen_address ? listen_address : "loopback", strerror(errno));
+    /* Held open by the source only: hung up when it exits, so that a source that dies before it connects is noticed. */
+    int alive[2];
+    if (pipe2(alive, O_CLOEXEC) < 0) die("stream: pipe: %s", strerror(errno));
     pid_t child = fork();
     if (child < 0) die("stream: fork: %s", strerror(errno));
     if (child == 0) {
+        close(alive[0]);
+        close(listener);
         pin_to_cpu(source_cpu);
+        if (netns_fd >= 0) {
+            if (setns(netns_fd, CLONE_NEWNET) < 0)
+                die("stream: setns(%s, CLONE_NEWNET): %s", source_netns, strerror(errno));
+            close(netns_fd);
+        }
         stream_source(addr, data_bytes);
     }
+    close(alive[1]);
+    if (netns_fd >= 0) close(netns_fd);
     pin_to_cpu(destination_cpu);
 
+    struct pollfd waits[2] = { { .fd = listener, .events = POLLIN }, { .fd = alive[0], .events = POLLIN } };
+    for (;;) {
+        if (poll(waits, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            die("stream: poll: %s", strerror(errno));
+        }
+        if (waits[0].revents) break;
+        if (waits[1].revents) {
+            int status;
+            waitpid(child, &status, 0);
+            die("stream: the source exited before it connected (%s %d)",
+                WIFEXITED(status) ? "status" : "signal", WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+        }
+    }
+    close(alive[0]);
     int sock = accept(listener, NULL, NULL);
     if (sock < 0) die("stream: accept: %s", strerror(errno));
     int ram_fd;
@@ -512,7 +566,7 @@ static _Noreturn void usage(void)
         "  kvm-bench exits GUEST.bin COUNT\n"
         "  kvm-bench vm-cycles N\n"
         "  kvm-bench dirty-log SIZE_MIB ITERS\n"
-        "  kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU]");
+        "  kvm-bench stream DATA_MIB [SOURCE_CPU DESTINATION_CPU [LISTEN_ADDRESS SOURCE_NETNS]]");
 }
 
 int main(int argc, char **argv)
@@ -524,8 +578,10 @@ int main(int argc, char **argv)
     if (argc == 4 && strcmp(argv[1], "dirty-log") == 0)
         return cmd_dirty_log(argv[2], argv[3]);
     if (argc == 3 && strcmp(argv[1], "stream") == 0)
-        return cmd_stream(argv[2], -1, -1);
+        return cmd_stream(argv[2], -1, -1, NULL, NULL);
     if (argc == 5 && strcmp(argv[1], "stream") == 0)
-        return cmd_stream(argv[2], parse_cpu(argv[3]), parse_cpu(argv[4]));
+        return cmd_stream(argv[2], parse_cpu(argv[3]), parse_cpu(argv[4]), NULL, NULL);
+    if (argc == 7 && strcmp(argv[1], "stream") == 0)
+        return cmd_stream(argv[2], parse_cpu(argv[3]), parse_cpu(argv[4]), argv[5], argv[6]);
     usage();
 }
