@@ -235,6 +235,8 @@ export async function receiveMigration(
   let postcopyBegun = () => {};
   const begun = new Promise<void>((resolve) => (postcopyBegun = resolve));
   let guestRunsHere = false;
+  // The page stream once taken (receiveSections()): stopped on a failure here.
+  let stream: ReceivedSections | null = null;
   let replyHeaderSent = false;
   const reply = async (chunks: Uint8Array[], shape?: { memoryBytes: number; vcpus: number }) => {
     if (!replyHeaderSent) {
@@ -352,6 +354,7 @@ export async function receiveMigration(
         }
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
+    stream = sections;
     socket = sections.socket;
     spin = sections.spin;
     // A stream that fails while the acceptance is being written is reported by the await below.
@@ -425,6 +428,9 @@ export async function receiveMigration(
     if (guestRunsHere) throw error;
     (postcopy as PostcopyPages | null)?.close();
     const message = (error as Error)?.message ?? String(error);
+    // Nothing more goes into the machine about to be discarded: once it is, its memfd's number may
+    // be another file's, and the source may still be sending its last pages.
+    (stream as ReceivedSections | null)?.stop(error as Error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();
     try {
@@ -477,6 +483,18 @@ function receiveBuffer(): Buffer {
   return sharedReceiveBuffer;
 }
 
+/** The rest of a stream as receiveSections() reads it. */
+export interface ReceivedSections {
+  /** The connection, reopened for its reads: the one to write replies to. */
+  socket: Socket;
+  /** Resolves at the End section; rejects with what was wrong. */
+  ended: Promise<void>;
+  /** See receiveSections(). */
+  spin: (maxMs: number, until: () => boolean) => void;
+  /** Stops taking the stream (the migration failed here): `ended` rejects with `why`, nothing more is parsed. */
+  stop(why: Error): void;
+}
+
 /**
  * Parses the rest of the stream from `socket` (reopened with a large read buffer; the new socket
  * is returned at once) into `target` until its End section: `ended` resolves then, or rejects
@@ -485,7 +503,7 @@ function receiveBuffer(): Buffer {
  * holds after a read, the stream ends or fails, or `maxMs` have passed: for the moments the
  * source is about to send the last state.
  */
-function receiveSections(
+export function receiveSections(
   socket: Socket,
   leftover: Uint8Array[],
   target: SectionParserTarget,
@@ -494,7 +512,7 @@ function receiveSections(
   what: string,
   /** Post-copy's read buffers (see PostcopyPages.readBuffer()), where it lends one. */
   lentBuffer?: () => Uint8Array | null,
-): { socket: Socket; ended: Promise<void>; spin: (maxMs: number, until: () => boolean) => void } {
+): ReceivedSections {
   const parser = new SectionParser(target);
   let spin = (_maxMs: number, _until: () => boolean): void => {};
   let settle!: (error?: Error) => void;
@@ -528,16 +546,17 @@ function receiveSections(
   if (signal?.aborted) onAbort();
   else signal?.addEventListener('abort', onAbort, { once: true });
   for (const chunk of leftover) take(chunk);
+  const stop = (why: Error) => finish(why);
   // What had arrived may hold the whole stream, or its end: an Error from a source that gave up
   // (and has closed the connection since).
-  if (done) return { socket, ended, spin };
+  if (done) return { socket, ended, spin, stop };
   const buffer = receiveBuffer();
   let reopened: Socket;
   try {
     reopened = reopenWithReadBuffer(socket, lentBuffer ? () => lentBuffer() ?? buffer : buffer, take);
   } catch (error) {
     finish(error as Error);
-    return { socket, ended, spin };
+    return { socket, ended, spin, stop };
   }
   const closed = (why: string) => () => {
     if (!parser.ended) {
@@ -567,5 +586,5 @@ function receiveSections(
       take(into.subarray(0, got));
     }
   };
-  return { socket: reopened, ended, spin };
+  return { socket: reopened, ended, spin, stop };
 }

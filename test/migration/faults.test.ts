@@ -15,6 +15,7 @@ import { startDestination, startLocalDestination, type Destination, type LocalDe
 import { sharedPool } from '../helpers/pool.js';
 import { childExecArgv } from '../helpers/spawn.js';
 import { SectionType, encodeErrorSection, encodeHeader, encodeSection, encodeSync } from '../../lib/migration/format.js';
+import { MAX_BATCH_SECTION_BYTES, encodePageBatch } from '../../lib/migration/pages.js';
 import { SectionReader } from '../../lib/migration/section-reader.js';
 import { socketSource } from '../../lib/migration/sources.js';
 import { encodeConfigSection } from '../../lib/migration/state-sections.js';
@@ -284,6 +285,46 @@ t.test('a source that sends pages before it is accepted, then junk: the destinat
     junk,
   ]));
   await t.rejects(destination.arrived, { code: 'EFORMAT', message: /unknown section type 99/ }, 'a clean failure, not a crash');
+});
+
+t.test('a source that sends 32 MiB of pages before it is accepted, then junk: the destination parses them all, then refuses the junk', { skip: noKvm }, async (t) => {
+  // No shape given ahead: the machine is built when the stream announces it, while the pages
+  // arrive (up to 16 MiB are buffered meanwhile, see SocketSource; the rest waits in the socket).
+  const destination = destinationHere(t);
+  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+  t.teardown(() => socket.destroy());
+  socket.on('error', () => {});
+  const ram = randomBytes(32 * MiB);
+  const pageSections: Uint8Array[] = [];
+  for (let batch = 0; batch < 16; batch++) {
+    const { section } = encodePageBatch(ram, [{ firstPage: batch * 512, pageCount: 512 }], true, new Uint8Array(MAX_BATCH_SECTION_BYTES));
+    pageSections.push(section);
+  }
+  const junk = new Uint8Array(12);
+  junk[0] = 99;
+  socket.write(Buffer.concat([
+    encodeHeader({ kind: 'migration', memoryBytes: 64 * MiB, vcpuCount: 1 }),
+    encodeConfigSection({ machine: { memoryBytes: 64 * MiB, vcpus: 1 } }),
+    ...pageSections,
+    junk,
+  ]));
+  await t.rejects(destination.arrived, { code: 'EFORMAT', message: /unknown section type 99/ }, 'every page section parsed, then the junk after them refused');
+});
+
+t.test('a local migration offered over tcp: refused with why', { skip: noKvm }, async (t) => {
+  const destination = destinationHere(t);
+  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+  t.teardown(() => socket.destroy());
+  socket.on('error', () => {});
+  socket.write(Buffer.concat([
+    encodeHeader({ kind: 'local-migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
+    encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
+  ]));
+  await t.rejects(destination.arrived, { code: 'EPROTO', message: /a local migration must come over a unix socket on this host, not tcp/ }, 'the destination refuses it');
+  const reader = new SectionReader(socketSource(socket, 5000));
+  await reader.readHeader();
+  const answer = await reader.next();
+  t.equal(answer.type, SectionType.Error, 'and tells the source why');
 });
 
 t.test('a device state sent ahead that is malformed, or comes after the state has begun: refused as it comes', { skip: noKvm }, async (t) => {
