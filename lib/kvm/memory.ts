@@ -45,8 +45,7 @@ export interface GuestMemoryHandle {
 export class GuestMemory extends Handle {
   /** Size in bytes, a multiple of the page size. */
   readonly size: number;
-  /** The memfd behind the mapping for 'memfd' backing; -1 for 'anonymous' and 'file'. */
-  readonly fd: number;
+  readonly #fd: number;
   #backing: GuestMemoryBacking;
   readonly #id: number;
   /** Whether this object created the mapping (and holds it natively), or is a view (attach()). */
@@ -64,8 +63,17 @@ export class GuestMemory extends Handle {
     this.#owner = buffer === null;
     this.#buffer = buffer;
     this.size = size;
-    this.fd = fd;
+    this.#fd = fd;
     this.#backing = backing;
+  }
+
+  /**
+   * The memfd behind the mapping for 'memfd' backing; -1 for 'anonymous' and 'file', and once
+   * this object is closed: the mapping, and its fd, may go at any moment then, and the number
+   * be given to another file, which a late write through it would reach.
+   */
+  get fd(): number {
+    return this.closed ? -1 : this.#fd;
   }
 
   /** What backs the memory (mapFileOver() turns 'anonymous' into 'file'). */

@@ -151,3 +151,15 @@ t.test('replaceWith(): the other memfd in place, under every view and the same f
   t.throws(() => memory.replaceWith(file), { code: 'ERR_INVALID_ARG_VALUE', message: 'only memfd-backed memory can be replaced, or replace another' });
   file.close();
 });
+
+t.test('fd is -1 once closed, while a view keeps the mapping and its memfd open', async (t) => {
+  const memory = GuestMemory.create(MiB, { backing: 'memfd' });
+  const view = GuestMemory.attach(memory.handle);
+  t.teardown(() => view.close());
+  const fd = memory.fd;
+  t.ok(fd >= 0, 'an fd while open');
+  memory.close();
+  t.equal(memory.fd, -1, 'none once closed: the number is not this object\'s to use any more');
+  t.doesNotThrow(() => fstatSync(view.fd), 'the view still has the memfd open');
+  t.equal(view.fd, fd, 'under the same number, the view\'s while it lives');
+});
