@@ -49,6 +49,10 @@ interface Options {
   iterations: number;
   downtimeBudgetMs: number | undefined;
   placements: PlacementKey[];
+  /** The scenarios migrated (--scenarios), in SCENARIOS' order. */
+  scenarios: Scenario[];
+  /** Whether QEMU is run beside (--no-qemu: not, for a quicker comparison of node-kvm with itself). */
+  qemu: boolean;
   /** Only the snapshot restores (--only restore): no references, migrations or QEMU. */
   onlyRestore: boolean;
   json: boolean;
@@ -63,6 +67,8 @@ function parseOptions(): Options {
       iterations: { type: 'string', default: '20' },
       'downtime-budget': { type: 'string' },
       placements: { type: 'string', default: PLACEMENT_KEYS.join(',') },
+      scenarios: { type: 'string', default: SCENARIOS.map((s) => s.key).join(',') },
+      'no-qemu': { type: 'boolean', default: false },
       'placement-child': { type: 'string' },
       only: { type: 'string' },
       json: { type: 'boolean', default: false },
@@ -77,6 +83,8 @@ function parseOptions(): Options {
   --downtime-budget MS   downtimeBudgetMs for every migration (default: the library's, 50 ms)
   --placements LIST      where the two ends run, of shared,pinned,netns (default: all three;
                          pinned needs 2 CPUs and taskset, netns also root and ip)
+  --scenarios LIST       which guests migrate, of ${SCENARIOS.map((s) => s.key).join(',')} (default: all)
+  --no-qemu              without QEMU beside (for comparing node-kvm with itself, quicker)
   --only restore         only the snapshot restores (--iterations of them), nothing else
   --json                 print the results as JSON`);
     process.exit(0);
@@ -93,12 +101,19 @@ function parseOptions(): Options {
     if (!PLACEMENT_KEYS.includes(key as PlacementKey)) throw new RangeError(`--placements takes ${PLACEMENT_KEYS.join(', ')}, got '${key}'`);
   }
   if (placements.length === 0) throw new RangeError('--placements needs at least one of shared, pinned, netns');
+  const scenarioKeys = values.scenarios.split(',').filter((key) => key !== '');
+  for (const key of scenarioKeys) {
+    if (!SCENARIOS.some((s) => s.key === key)) throw new RangeError(`--scenarios takes ${SCENARIOS.map((s) => s.key).join(', ')}, got '${key}'`);
+  }
+  if (scenarioKeys.length === 0) throw new RangeError(`--scenarios needs at least one of ${SCENARIOS.map((s) => s.key).join(', ')}`);
   if (values.only !== undefined && values.only !== 'restore') throw new RangeError(`--only takes restore, got '${values.only}'`);
   return {
     rounds: positive('rounds', values.rounds, 100),
     iterations: positive('iterations', values.iterations, 1000),
     downtimeBudgetMs: budget === undefined ? undefined : Number(budget),
     placements: placements as PlacementKey[],
+    scenarios: SCENARIOS.filter((s) => scenarioKeys.includes(s.key)),
+    qemu: !values['no-qemu'],
     onlyRestore: values.only === 'restore',
     json: values.json,
     placementChild: values['placement-child'] ? (JSON.parse(values['placement-child']) as Placement) : null,
@@ -724,11 +739,11 @@ async function placementChild(placement: Placement, options: Options): Promise<v
   const fill: Fill = { bytes: fillBytes, sha256: createHash('sha256').update(fillBytes).digest('hex') };
   // One migration not counted: it loads the migration code in this process.
   progress(`${placement.key}: warm-up migration`);
-  await migrateOnce(SCENARIOS[2]!, fill, options.downtimeBudgetMs, placement);
-  const runs: Record<string, MigrationRun[]> = Object.fromEntries(SCENARIOS.map((s) => [s.key, []]));
+  await migrateOnce(SCENARIOS.find((s) => s.workload === 'filled')!, fill, options.downtimeBudgetMs, placement);
+  const runs: Record<string, MigrationRun[]> = Object.fromEntries(options.scenarios.map((s) => [s.key, []]));
   // Round by round, so that every scenario sees the same spread of host load.
   for (let round = 1; round <= options.rounds; round++) {
-    for (const scenario of SCENARIOS) {
+    for (const scenario of options.scenarios) {
       progress(`${placement.key}: round ${round}/${options.rounds}: ${scenario.title}`);
       runs[scenario.key]!.push(await migrateOnce(scenario, fill, options.downtimeBudgetMs, placement));
     }
@@ -738,7 +753,7 @@ async function placementChild(placement: Placement, options: Options): Promise<v
 
 /** Runs placementChild() in a process of its own under the placement's source prefix. */
 async function runPlacement(placement: Placement, options: Options): Promise<PlacementRuns> {
-  const args = [thisScript, '--placement-child', JSON.stringify(placement), '--rounds', String(options.rounds)];
+  const args = [thisScript, '--placement-child', JSON.stringify(placement), '--rounds', String(options.rounds), '--scenarios', options.scenarios.map((s) => s.key).join(',')];
   if (options.downtimeBudgetMs !== undefined) args.push('--downtime-budget', String(options.downtimeBudgetMs));
   // Both ends note their steps (and so the moments the guest stops and runs again) in every run.
   const env = { ...process.env, NODE_KVM_PHASE_TIMING: '1' };
@@ -782,10 +797,11 @@ function choosePlacements(keys: PlacementKey[]): { placements: Placement[]; skip
 
 /** QEMU's runs of the idle and filled scenarios in `placement`; a failure keeps what QEMU said. */
 async function qemuRuns(placement: Placement, options: Options, dir: string, fillFile: string): Promise<{ runs: Map<string, QemuRun[]> | null; error: string | null }> {
+  if (!options.qemu) return { runs: null, error: 'not run (--no-qemu)' };
   if (!qemuInstalled()) return { runs: null, error: 'not installed' };
   const runs = new Map<string, QemuRun[]>();
   try {
-    for (const scenario of SCENARIOS.filter((s) => s.workload !== 'dirtier')) {
+    for (const scenario of options.scenarios.filter((s) => s.workload !== 'dirtier')) {
       const list: QemuRun[] = [];
       for (let round = 1; round <= options.rounds; round++) {
         progress(`${placement.key}: QEMU round ${round}/${options.rounds}: ${scenario.title}`);
@@ -867,7 +883,7 @@ async function main(): Promise<void> {
       const qemu = await qemuRuns(placement, options, dir, fillFile);
       placementResults.push({
         placement, tcpRuns, tcpBytesPerSec, cStreamRuns, cStreamBytesPerSec, qemuError: qemu.error,
-        scenarios: SCENARIOS.map((scenario) => ({
+        scenarios: options.scenarios.map((scenario) => ({
           scenario,
           runs: runs[scenario.key]!,
           medians: scenarioMedians(runs[scenario.key]!, tcpBytesPerSec, cStreamBytesPerSec),
