@@ -100,6 +100,14 @@ function damageFirst(marker: string): { tamper: (chunk: Buffer) => Buffer; done:
 /** A destination in this process listening on tcp, with TOKEN. */
 const destinationHere = (t: Test, memoryBytes?: number) => startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, memoryBytes, pool });
 
+/** A connection to `destination` past the handshake, for streams written by hand (no real source sends them). */
+async function handMadeSource(t: Test, destination: { listening: Promise<string> }): Promise<net.Socket> {
+  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
+  t.teardown(() => socket.destroy());
+  socket.on('error', () => {}); // each test asserts what the destination says
+  return socket;
+}
+
 async function migrateThroughFault<D extends Destination | LocalDestination>(t: Test, destination: D, options: {
   tamper?: Parameters<typeof startProxy>[2]; sourceMemoryBytes?: number; timeoutMs?: number;
   /** Bytes of guest RAM above the guest's own range the VMM fills with data, for a longer stream. */
@@ -272,9 +280,7 @@ t.test('a machine paused by its owner stays paused when a migration fails, and a
 
 t.test('a source that sends pages before it is accepted, then junk: the destination fails cleanly and says why', { skip: noKvm }, async (t) => {
   const destination = destinationHere(t);
-  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
-  t.teardown(() => socket.destroy());
-  socket.on('error', () => {});
+  const socket = await handMadeSource(t, destination);
   const junk = new Uint8Array(12);
   junk[0] = 99; // section type 99
   // All at once: the destination holds the junk before it has even built the machine.
@@ -291,9 +297,7 @@ t.test('a source that sends 32 MiB of pages before it is accepted, then junk: th
   // No shape given ahead: the machine is built when the stream announces it, while the pages
   // arrive (up to 16 MiB are buffered meanwhile, see SocketSource; the rest waits in the socket).
   const destination = destinationHere(t);
-  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
-  t.teardown(() => socket.destroy());
-  socket.on('error', () => {});
+  const socket = await handMadeSource(t, destination);
   const ram = randomBytes(32 * MiB);
   const pageSections: Uint8Array[] = [];
   for (let batch = 0; batch < 16; batch++) {
@@ -313,9 +317,7 @@ t.test('a source that sends 32 MiB of pages before it is accepted, then junk: th
 
 t.test('a local migration offered over tcp: refused with why', { skip: noKvm }, async (t) => {
   const destination = destinationHere(t);
-  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
-  t.teardown(() => socket.destroy());
-  socket.on('error', () => {});
+  const socket = await handMadeSource(t, destination);
   socket.write(Buffer.concat([
     encodeHeader({ kind: 'local-migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
     encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
@@ -337,9 +339,7 @@ t.test('a device state sent ahead that is malformed, or comes after the state ha
   ];
   for (const [name, sections, message] of cases) {
     const destination = destinationHere(t);
-    const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
-    t.teardown(() => socket.destroy());
-    socket.on('error', () => {});
+    const socket = await handMadeSource(t, destination);
     socket.write(Buffer.concat([
       encodeHeader({ kind: 'migration', memoryBytes: 2 * MiB, vcpuCount: 1 }),
       encodeConfigSection({ machine: { memoryBytes: 2 * MiB, vcpus: 1 } }),
@@ -352,9 +352,7 @@ t.test('a device state sent ahead that is malformed, or comes after the state ha
 
 t.test('a source that sends a Sync before it is accepted: the destination answers it after its acceptance', { skip: noKvm }, async (t) => {
   const destination = destinationHere(t);
-  const socket = await connectForMigration(parseMigrationAddress(await destination.listening), { token: TOKEN, timeoutMs: 5000 });
-  t.teardown(() => socket.destroy());
-  socket.on('error', () => {});
+  const socket = await handMadeSource(t, destination);
   const replies = new SectionReader(socketSource(socket, 10_000));
   // All at once, as a source that starts pre-copy without waiting for the answer may send them.
   socket.write(Buffer.concat([
