@@ -430,7 +430,7 @@ export async function receiveMigration(
     const message = (error as Error)?.message ?? String(error);
     // Nothing more goes into the machine about to be discarded: once it is, its memfd's number may
     // be another file's, and the source may still be sending its last pages.
-    (stream as ReceivedSections | null)?.stop(error as Error);
+    stream?.stop(error as Error);
     // Before the source hears of the failure: it takes its disk images back then.
     target?.releaseDisks();
     try {
