@@ -201,8 +201,15 @@ export interface ConnectForMigrationOptions {
   timeoutMs?: number;
   signal?: AbortSignal;
   /**
+   * Called once, synchronously, as soon as the connection is asked for: work the caller must do
+   * before it sends anything (its dirty tracking, say) then overlaps the connection and the
+   * destination's greeting, which take a millisecond or more of waiting. What it throws fails the
+   * connection (the socket is destroyed) and rejects with that error.
+   */
+  whileConnecting?: () => void;
+  /**
    * Called once, synchronously, when the hello has gone out and the destination is checking it:
-   * work the caller must do before it sends anything (its dirty tracking, say) then overlaps that
+   * work the caller must do before it sends anything (finding what to send first, say) then overlaps that
    * round trip. Nothing has been sent to the destination yet beyond the handshake. What it throws
    * fails the connection (the socket is destroyed) and rejects with that error.
    */
@@ -219,6 +226,7 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   if (target.kind === 'tcp' && token === undefined) throw argTypeError('a token is required to migrate over tcp');
   if (target.kind === 'tcp' && target.port === 0) throw argValueError(`cannot connect to port 0 (${formatMigrationAddress(target)})`);
   const timeoutMs = checkTimeout(options.timeoutMs, 'timeoutMs') ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  if (options.whileConnecting !== undefined && typeof options.whileConnecting !== 'function') throw argTypeError('whileConnecting must be a function');
   if (options.whileVerified !== undefined && typeof options.whileVerified !== 'function') throw argTypeError('whileVerified must be a function');
   const label = formatMigrationAddress(target);
   throwIfAborted(options.signal, `migration to ${label}`);
@@ -233,12 +241,15 @@ export async function connectForMigration(address: MigrationAddress, options: Co
   const errorSink = (_error: Error) => {};
   const open = () => net.createConnection(connectOptions).on('error', errorSink);
   let socket = open();
-  // While the connection is made and the destination greets.
-  if (token !== undefined) warmUpHandshake();
   const aborted = () => abortError(`migration to ${label}`, options.signal);
   const onAbort = () => socket.destroy(aborted());
   options.signal?.addEventListener('abort', onAbort, { once: true });
   try {
+    // While the connection is made and the destination greets; after the connect itself, which
+    // net issues on the next tick.
+    await new Promise<void>((resolve) => process.nextTick(resolve));
+    if (token !== undefined) warmUpHandshake();
+    options.whileConnecting?.();
     for (;;) {
       const failure = await connected(socket, deadline);
       if (failure === null) break;

@@ -218,6 +218,42 @@ t.test('whileVerified runs once, after the hello and before the verdict; what it
   socket.destroy();
 });
 
+t.test('whileConnecting runs once, before the greeting is read; what it throws fails the connection', async (t) => {
+  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'tok' });
+  const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
+  let accepted = false;
+  void destination.accepted.then(() => (accepted = true), () => {});
+
+  // A wrong token: it ran while the connection was made; the verdict then refuses.
+  let calls = 0;
+  const wrong = await rejection(connectForMigration(address, { token: 'wrong', whileConnecting: () => void calls++ }));
+  t.equal(wrong.code, 'EREFUSED');
+  t.equal(calls, 1, 'called once, for a connection the destination then refused');
+
+  // What it throws: the connection fails with it before the source has said anything, and the
+  // destination waits on.
+  const failure = new MigrationError('EINTERNAL', 'tracking could not start');
+  const rejectedNext = destination.nextRejection();
+  const thrown = await rejection(connectForMigration(address, { token: 'tok', whileConnecting: () => { throw failure; } }));
+  t.equal(thrown, failure, 'the error it threw, as it is');
+  t.match((await rejectedNext).reason, /(waited|waiting) for the source's hello/, 'the destination saw the connection close (or reset) before a hello');
+  t.equal(accepted, false, 'not accepted: the source never said hello');
+
+  // Both hooks: this one first, the other once the hello is out.
+  const order: string[] = [];
+  const source = await connectForMigration(address, {
+    token: 'tok',
+    whileConnecting: () => void order.push('connecting'),
+    whileVerified: () => void order.push('verified'),
+  });
+  order.push('connected');
+  const socket = await destination.accepted;
+  t.same(order, ['connecting', 'verified', 'connected'], 'each once, in that order, before the handshake ended');
+  await t.rejects(connectForMigration(address, { token: 'tok', whileConnecting: 1 as unknown as () => void }), { name: 'TypeError', message: 'whileConnecting must be a function' });
+  source.destroy();
+  socket.destroy();
+});
+
 t.test('the handshake rehearsal (before a destination listens) runs once per process and leaves nothing behind', async (t) => {
   const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length;
   const first = rehearseHandshake();
