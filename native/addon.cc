@@ -116,6 +116,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryMapFile", MemoryMapFile);
   fn("memoryAttach", MemoryAttach);
   fn("memoryRelease", MemoryRelease);
+  fn("memoryRetain", MemoryRetain);
   fn("memoryWrite", MemoryWrite);
   fn("memoryFill", MemoryFill);
   fn("memoryPopulatedRanges", MemoryPopulatedRanges);
@@ -147,6 +148,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("watchFd", WatchFd);
   fn("crc32c", Crc32c);
   fn("encodePagesSection", EncodePagesSection);
+  fn("encodeLivePagesSection", EncodeLivePagesSection);
   fn("uffdOpen", UffdOpen);
   fn("uffdReadFaults", UffdReadFaults);
   fn("uffdCopy", UffdCopy);

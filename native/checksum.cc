@@ -67,10 +67,25 @@ uint8_t* BytesOf(Napi::Env env, Napi::Value value, const char* name, size_t* len
 
 }  // namespace
 
-Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+namespace {
+
+// The arguments both encoders share, and the maximal runs of data and zero pages of their ranges
+// (zero pages left out with destinationZeroed), as encodePages() makes them.
+struct PageScan {
+  const uint8_t* ram = nullptr;
+  uint8_t* out = nullptr;
+  size_t outBytes = 0;
+  uint32_t sectionType = 0;
+  std::vector<PageRun> runs;
+  uint64_t pagesSent = 0;
+  uint64_t zeroPages = 0;
+};
+
+PageScan ScanPages(Napi::Env env, const Napi::CallbackInfo& info) {
+  PageScan scan;
   size_t ramBytes = 0;
   const uint8_t* ram = BytesOf(env, info[0], "ram", &ramBytes);
+  scan.ram = ram;
   if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
     ThrowTypeError(env, "ranges must be a Float64Array");
   }
@@ -83,17 +98,12 @@ Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
   size_t rangeCount = static_cast<size_t>(rangeCountValue);
   if (!info[3].IsBoolean()) ThrowTypeError(env, "destinationZeroed must be a boolean");
   bool destinationZeroed = info[3].As<Napi::Boolean>().Value();
-  size_t outBytes = 0;
-  uint8_t* out = BytesOf(env, info[4], "out", &outBytes);
+  scan.out = BytesOf(env, info[4], "out", &scan.outBytes);
   if (!info[5].IsNumber()) ThrowTypeError(env, "sectionType must be a number");
-  uint32_t sectionType = info[5].As<Napi::Number>().Uint32Value();
-  if (sectionType > 0xffff) ThrowOutOfRangeError(env, "sectionType must be a u16");
+  scan.sectionType = info[5].As<Napi::Number>().Uint32Value();
+  if (scan.sectionType > 0xffff) ThrowOutOfRangeError(env, "sectionType must be a u16");
 
-  // The runs of zero and non-zero pages, merged where they meet, as encodePages() makes them.
   const uint64_t ramPages = ramBytes / kPageBytes;
-  std::vector<PageRun> runs;
-  uint64_t pagesSent = 0;
-  uint64_t zeroPages = 0;
   bool haveLast = false;
   PageRun last{0, 0, false};
   for (size_t r = 0; r < rangeCount; r++) {
@@ -105,50 +115,72 @@ Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
     uint64_t end = static_cast<uint64_t>(first) + static_cast<uint64_t>(count);
     for (uint64_t page = static_cast<uint64_t>(first); page < end; page++) {
       bool zero = PageIsZero(ram + page * kPageBytes);
-      if (zero) zeroPages++;
-      else pagesSent++;
+      if (zero) scan.zeroPages++;
+      else scan.pagesSent++;
       if (zero && destinationZeroed) continue;
       if (haveLast && last.zero == zero && last.firstPage + last.pageCount == page) {
         last.pageCount++;
         continue;
       }
-      if (haveLast) runs.push_back(last);
+      if (haveLast) scan.runs.push_back(last);
       last = PageRun{page, 1, zero};
       haveLast = true;
     }
   }
-  if (haveLast) runs.push_back(last);
+  if (haveLast) scan.runs.push_back(last);
+  return scan;
+}
 
-  Napi::Array result = Napi::Array::New(env, 3);
-  result.Set(1u, Napi::Number::New(env, static_cast<double>(pagesSent)));
-  result.Set(2u, Napi::Number::New(env, static_cast<double>(zeroPages)));
-  if (runs.empty()) {
-    result.Set(0u, Napi::Number::New(env, 0));
-    return result;
-  }
-  constexpr size_t kHeaderBytes = 8;
-  constexpr size_t kRangeBytes = 16;
-  const size_t tableBytes = 4 + runs.size() * kRangeBytes;
-  const size_t payloadBytes = tableBytes + pagesSent * kPageBytes;
-  const size_t sectionBytes = kHeaderBytes + payloadBytes + 4;
-  if (runs.size() > 65536 || payloadBytes > 32u * 1024 * 1024 + tableBytes) {
+constexpr size_t kHeaderBytes = 8;
+constexpr size_t kRangeBytes = 16;
+constexpr uint32_t kPagesFlagLive = 1;
+
+// The section header and the range table at `out`; returns the table's length.
+size_t PutHeaderAndTable(Napi::Env env, const PageScan& scan, uint32_t flags, size_t payloadBytes, size_t sectionBytes) {
+  const size_t tableBytes = 4 + scan.runs.size() * kRangeBytes;
+  if (scan.runs.size() > 65536 || payloadBytes > 32u * 1024 * 1024 + tableBytes + 4) {
     ThrowOutOfRangeError(env, "the pages do not fit in one Pages section");
   }
-  if (sectionBytes > outBytes) {
-    ThrowOutOfRangeError(env, "out holds " + std::to_string(outBytes) + " bytes, the section needs " + std::to_string(sectionBytes));
+  if (sectionBytes > scan.outBytes) {
+    ThrowOutOfRangeError(env, "out holds " + std::to_string(scan.outBytes) + " bytes, the section needs " + std::to_string(sectionBytes));
   }
-  PutLe16(out, sectionType);
-  PutLe16(out + 2, 0);
+  uint8_t* out = scan.out;
+  PutLe16(out, scan.sectionType);
+  PutLe16(out + 2, flags);
   PutLe32(out + 4, static_cast<uint32_t>(payloadBytes));
   uint8_t* entry = out + kHeaderBytes;
-  PutLe32(entry, static_cast<uint32_t>(runs.size()));
+  PutLe32(entry, static_cast<uint32_t>(scan.runs.size()));
   entry += 4;
-  for (const PageRun& run : runs) {
+  for (const PageRun& run : scan.runs) {
     PutLe64(entry, run.firstPage);
     PutLe32(entry + 8, static_cast<uint32_t>(run.pageCount));
     PutLe32(entry + 12, run.zero ? 1 : 0);
     entry += kRangeBytes;
   }
+  return tableBytes;
+}
+
+}  // namespace
+
+Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PageScan scan = ScanPages(env, info);
+  const std::vector<PageRun>& runs = scan.runs;
+  const uint64_t pagesSent = scan.pagesSent;
+  const uint8_t* ram = scan.ram;
+  uint8_t* out = scan.out;
+
+  Napi::Array result = Napi::Array::New(env, 3);
+  result.Set(1u, Napi::Number::New(env, static_cast<double>(pagesSent)));
+  result.Set(2u, Napi::Number::New(env, static_cast<double>(scan.zeroPages)));
+  if (runs.empty()) {
+    result.Set(0u, Napi::Number::New(env, 0));
+    return result;
+  }
+  const size_t tableBytes = 4 + runs.size() * kRangeBytes;
+  const size_t payloadBytes = tableBytes + pagesSent * kPageBytes;
+  const size_t sectionBytes = kHeaderBytes + payloadBytes + 4;
+  PutHeaderAndTable(env, scan, 0, payloadBytes, sectionBytes);
   uint32_t reg = nodekvm_crc32c_register(~0u, out, kHeaderBytes + tableBytes);
   uint8_t* data = out + kHeaderBytes + tableBytes;
   for (const PageRun& run : runs) {
@@ -159,6 +191,50 @@ Napi::Value EncodePagesSection(const Napi::CallbackInfo& info) {
   }
   PutLe32(data, ~reg);
   result.Set(0u, Napi::Number::New(env, static_cast<double>(sectionBytes)));
+  return result;
+}
+
+Napi::Value EncodeLivePagesSection(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PageScan scan = ScanPages(env, info);
+  if (!info[6].IsTypedArray() || info[6].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    ThrowTypeError(env, "dataRuns must be a Float64Array");
+  }
+  Napi::Float64Array dataRuns = info[6].As<Napi::Float64Array>();
+  Napi::Array result = Napi::Array::New(env, 4);
+  result.Set(1u, Napi::Number::New(env, static_cast<double>(scan.pagesSent)));
+  result.Set(2u, Napi::Number::New(env, static_cast<double>(scan.zeroPages)));
+  if (scan.runs.empty()) {
+    result.Set(0u, Napi::Number::New(env, 0));
+    result.Set(3u, Napi::Number::New(env, 0));
+    return result;
+  }
+  size_t dataRunCount = 0;
+  for (const PageRun& run : scan.runs) dataRunCount += run.zero ? 0 : 1;
+  if (2 * dataRunCount > dataRuns.ElementLength()) ThrowOutOfRangeError(env, "dataRuns is too short for the section's data runs");
+  const size_t tableBytes = 4 + scan.runs.size() * kRangeBytes;
+  // The payload: the table, the data (sent from guest RAM), the data's own CRC.
+  const size_t payloadBytes = tableBytes + scan.pagesSent * kPageBytes + 4;
+  const size_t headBytes = kHeaderBytes + tableBytes;
+  PutHeaderAndTable(env, scan, kPagesFlagLive, payloadBytes, headBytes + 8);
+  uint32_t dataReg = ~0u;
+  size_t next = 0;
+  for (const PageRun& run : scan.runs) {
+    if (run.zero) continue;
+    const uint64_t offset = run.firstPage * kPageBytes;
+    const uint64_t bytes = run.pageCount * kPageBytes;
+    dataReg = nodekvm_crc32c_register(dataReg, scan.ram + offset, bytes);
+    dataRuns[2 * next] = static_cast<double>(offset);
+    dataRuns[2 * next + 1] = static_cast<double>(bytes);
+    next++;
+  }
+  uint8_t* tail = scan.out + headBytes;
+  PutLe32(tail, ~dataReg);
+  // The section's own CRC leaves the data out: it covers the header, the table and the data's CRC.
+  uint32_t sectionReg = nodekvm_crc32c_register(~0u, scan.out, headBytes + 4);
+  PutLe32(tail + 4, ~sectionReg);
+  result.Set(0u, Napi::Number::New(env, static_cast<double>(headBytes)));
+  result.Set(3u, Napi::Number::New(env, static_cast<double>(dataRunCount)));
   return result;
 }
 

@@ -11,4 +11,12 @@ Napi::Value Crc32c(const Napi::CallbackInfo& info);
 // maximal runs of data and zero pages (zero pages left out with destinationZeroed), the data
 // copied and checksummed in one pass. sectionBytes is 0 when there is nothing to send.
 Napi::Value EncodePagesSection(const Napi::CallbackInfo& info);
+// encodeLivePagesSection(ram, ranges, rangeCount, destinationZeroed, out, sectionType, dataRuns:
+// Float64Array) -> [headBytes, pagesSent, zeroPages, dataRunCount]: the same section as a live
+// one (flag 1, lib/migration/pages.ts), without copying the data: `out` gets the header and the
+// range table (headBytes), then the 8 bytes that follow the data on the wire (the data's CRC, then
+// the section's CRC, which leaves the data out); dataRuns gets each data run's [byteOffset,
+// byteLength] in guest RAM, to be sent from there in order. headBytes is 0 when there is nothing
+// to send.
+Napi::Value EncodeLivePagesSection(const Napi::CallbackInfo& info);
 }  // namespace nodekvm

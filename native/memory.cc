@@ -488,6 +488,14 @@ void ReleaseMemoryOwnedBy(napi_env env) {
   }
 }
 
+// memoryRetain(id) -> id: another reference that keeps the mapping, without a view of it (an
+// ArrayBuffer would cost a garbage collection); memoryRelease(that id) drops it.
+Napi::Value MemoryRetain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto mapping = FindGuestMapping(env, info[0]);
+  return Napi::Number::New(env, RegisterOwned(env, mapping));
+}
+
 // memoryAttach(id) -> [ArrayBuffer, size, fd, backing]: another view of the same mapping (any
 // thread).
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info) {

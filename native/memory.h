@@ -14,6 +14,9 @@ Napi::Value MemoryReplace(const Napi::CallbackInfo& info);
 Napi::Value MemoryMapFileOver(const Napi::CallbackInfo& info);
 Napi::Value MemoryAttach(const Napi::CallbackInfo& info);
 Napi::Value MemoryRelease(const Napi::CallbackInfo& info);
+// memoryRetain(id) -> id: a reference that keeps the mapping (no view of it) until memoryRelease()
+// of the id returned: for native work still under way on guest RAM.
+Napi::Value MemoryRetain(const Napi::CallbackInfo& info);
 Napi::Value MemoryWrite(const Napi::CallbackInfo& info);
 Napi::Value MemoryFill(const Napi::CallbackInfo& info);
 // Drops the references of the GuestMemory objects of a thread that is ending.

@@ -154,6 +154,19 @@ export function encodePagesSection(
 }
 
 /**
+ * encodePagesSection() as a live section (lib/migration/pages.ts), the data left in guest RAM:
+ * `out` gets the section's header and range table (headBytes), then the 8 bytes that go after the
+ * data (the data's CRC, then the section's CRC, which leaves the data out); `dataRuns` gets the
+ * [byteOffset, byteLength] in `ram` of each run of data, to be sent in order between the two.
+ * Returns headBytes (0: nothing to send), the data pages, the zero pages and the data runs.
+ */
+export function encodeLivePagesSection(
+  ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number, dataRuns: Float64Array,
+): [headBytes: number, pagesSent: number, zeroPages: number, dataRunCount: number] {
+  return native.encodeLivePagesSection(ram, ranges, rangeCount, destinationZeroed, out, sectionType, dataRuns);
+}
+
+/**
  * Leaves the whole pages of `buffer` out of the processes this one forks (every child process Node
  * spawns): the parent then writes them again without a copy-on-write fault per page. For buffers
  * only this process uses, written over and over (a migration source's section buffers). Best

@@ -229,6 +229,23 @@ export class GuestMemory extends Handle {
     return new GuestMemory(handle.guestMemory, buffer, size, fd, backing);
   }
 
+  /**
+   * Keeps the mapping (not this view) until the function returned is called, even once every view
+   * has closed: for native work still under way on guest RAM, such as a socket's queued writes of
+   * it. Makes no ArrayBuffer (attach() does, and V8 collects garbage for a large new one). Calling
+   * the function again does nothing.
+   */
+  retainMapping(): () => void {
+    this.assertOpen();
+    const retained = native.memoryRetain(this.#id);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      native.memoryRelease(retained);
+    };
+  }
+
   /** Pass this to another thread (postMessage / workerData) and GuestMemory.attach() it there. */
   get handle(): GuestMemoryHandle {
     this.assertOpen();

@@ -67,6 +67,7 @@ export interface NativeBinding {
   memoryMapFileOver(id: number, fd: number, offset: number): void;
   memoryAttach(id: number): [buffer: ArrayBuffer, size: number, fd: number, backing: 'anonymous' | 'memfd' | 'file'];
   memoryRelease(id: number): void;
+  memoryRetain(id: number): number;
   memoryWrite(id: number, offset: number, data: Uint8Array): void;
   memoryFill(id: number, offset: number, length: number, byte: number): void;
   memoryPopulatedRanges(id: number): Float64Array;
@@ -107,6 +108,7 @@ export interface NativeBinding {
   /** MADV_DONTFORK over the buffer's whole pages; false if the kernel refused. */
   keepFromChildren(buffer: ArrayBuffer): boolean;
   encodePagesSection(ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number): [number, number, number];
+  encodeLivePagesSection(ram: Uint8Array, ranges: Float64Array, rangeCount: number, destinationZeroed: boolean, out: Uint8Array, sectionType: number, dataRuns: Float64Array): [number, number, number, number];
   /** A non-blocking userfaultfd with the guest memory registered for MISSING faults: [id, fd]. */
   uffdOpen(memory: number): [id: number, fd: number];
   /** Page indexes of pending faults into `out`; returns how many. */

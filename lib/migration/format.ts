@@ -26,10 +26,14 @@
 //     the End (a one-vCPU machine's thread writes the VM's and its own state the moment it
 //     stops: see lib/vmm/types.ts StateWriteOut; the destination applies the devices' state
 //     while the pages come); every page has come by the End.
+//     To a destination whose greeting says it reads them, the pre-copy rounds' Pages sections
+//     may be live ones (pages.ts, PAGES_SECTION_LIVE: sent from the running guest's RAM, the
+//     data's CRC apart); the destination asks again for the pages of one whose data fails it.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an
 //     empty Sync for each Sync, End as it sets the guest running (nothing left to fail), or Error
-//     at any point. The source sends its pages without waiting for Config; the destination
-//     answers a Sync only after its Config.
+//     at any point; PageRequest (the ranges, postcopy-ranges.ts) for the pages of a live section
+//     whose data failed its CRC, ahead of the answer to the Sync after it. The source sends its
+//     pages without waiting for Config; the destination answers a Sync only after its Config.
 //   post-copy (postcopy.ts): the source ends its state with Postcopy (the ranges the destination
 //     lacks) instead of End, then sends Pages until every one has gone, then End; the
 //     destination answers Postcopy once the guest runs, PageRequest for its faults, and Postcopy

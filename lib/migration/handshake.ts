@@ -3,7 +3,8 @@
 //
 // Handshake (all integers big-endian):
 //   destination -> source  greeting  MAGIC(8) version(u16) flags(u8: bit 0 = token required,
-//                                    bit 1 = reads a DeviceStateAhead section, see format.ts) nonceD(32)
+//                                    bit 1 = reads a DeviceStateAhead section, see format.ts,
+//                                    bit 2 = reads live Pages sections, see pages.ts) nonceD(32)
 //   source -> destination  hello     MAGIC(8) version(u16) flags(u8: bit 0 = has a token) nonceS(32) proofS(32)
 //   destination -> source  verdict   0x00 proofD(32)  |  0x01 length(u8) reason(UTF-8)
 //   source -> destination  ack       0x00 (the source accepts the destination)  |  0x01
@@ -27,6 +28,8 @@ const HELLO_BYTES = MAGIC.length + 2 + 1 + NONCE_BYTES + PROOF_BYTES;
 const FLAG_TOKEN = 0x01;
 /** Greeting only: the destination reads a DeviceStateAhead section (a source that does not know the bit ignores it). */
 const FLAG_DEVICE_STATE_AHEAD = 0x02;
+/** Greeting only: the destination reads live Pages sections (PAGES_SECTION_LIVE). */
+const FLAG_LIVE_PAGES = 0x04;
 const ACCEPTED = 0x00;
 const REFUSED = 0x01;
 const SOURCE_LABEL = Buffer.from('node-kvm migration source', 'latin1');
@@ -38,6 +41,14 @@ const readsDeviceStateAhead = new WeakSet<net.Socket>();
 /** Whether the destination at the other end of `socket` (a connection offerHandshake() made) reads a DeviceStateAhead section. */
 export function destinationReadsDeviceStateAhead(socket: net.Socket): boolean {
   return readsDeviceStateAhead.has(socket);
+}
+
+/** The connections whose destination said in its greeting that it reads live Pages sections. */
+const readsLivePages = new WeakSet<net.Socket>();
+
+/** Whether the destination at the other end of `socket` (a connection offerHandshake() made) reads live Pages sections. */
+export function destinationReadsLivePages(socket: net.Socket): boolean {
+  return readsLivePages.has(socket);
 }
 
 export type AcceptOutcome = 'accepted' | { reason: string; claimed: boolean };
@@ -58,7 +69,7 @@ export async function acceptHandshake(
   socket.on('error', errorSink);
   try {
     const nonceD = randomBytes(NONCE_BYTES);
-    socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of((token === undefined ? 0 : FLAG_TOKEN) | FLAG_DEVICE_STATE_AHEAD), nonceD]));
+    socket.write(Buffer.concat([MAGIC, u16(MIGRATION_PROTOCOL_VERSION), Buffer.of((token === undefined ? 0 : FLAG_TOKEN) | FLAG_DEVICE_STATE_AHEAD | FLAG_LIVE_PAGES), nonceD]));
     // The magic alone first: a peer that is not a migration source is refused at its first bytes.
     const magic = await readExactly(socket, MAGIC.length, helloDeadline, 'the source\'s hello', { offsetBytes: 0, stepBytes: HELLO_BYTES });
     if (!magic.equals(MAGIC)) return refuse(socket, 'not a node-kvm migration source');
@@ -109,6 +120,7 @@ export async function offerHandshake(socket: net.Socket, token: string | undefin
   }
   const destinationWantsToken = (greeting[MAGIC.length + 2]! & FLAG_TOKEN) !== 0;
   if ((greeting[MAGIC.length + 2]! & FLAG_DEVICE_STATE_AHEAD) !== 0) readsDeviceStateAhead.add(socket);
+  if ((greeting[MAGIC.length + 2]! & FLAG_LIVE_PAGES) !== 0) readsLivePages.add(socket);
   if (token !== undefined && !destinationWantsToken) {
     throw new MigrationError(Code.Refused, 'migration refused: the destination was started without a token, so it cannot prove it is the intended one');
   }

@@ -5,7 +5,7 @@
 // range of a section against guest RAM before it applies any.
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
-import { encodePagesSection } from '../kvm/host.js';
+import { encodeLivePagesSection, encodePagesSection } from '../kvm/host.js';
 import { MigrationErrorCode as Code, streamError } from './errors.js';
 import { SECTION_HEADER_BYTES, SECTION_OVERHEAD_BYTES, SectionType, getU64, sealSection, setU64, viewOf } from './format.js';
 
@@ -58,6 +58,14 @@ export function forEachPageRun(bytes: Uint8Array, onRun: (firstPageIndex: number
 
 /** Range flag: every page of the range is zero; no data follows for it. */
 export const PAGES_ZERO = 1;
+/**
+ * Section flag: a live Pages section, sent from a running guest's RAM without a copy. Its payload
+ * is the table and the data as above, then u32 CRC-32C of the data; the section's CRC covers all
+ * but the data. The guest may write a page as it goes out, so a data CRC that fails leaves its
+ * pages owed, not the stream failed: they come again (see section-parser.ts). Only to a
+ * destination whose greeting says it reads them (handshake.ts), in pre-copy rounds.
+ */
+export const PAGES_SECTION_LIVE = 1;
 export const PAGE_RANGE_BYTES = 16;
 /** Default data per Pages section: big enough to amortize, small enough to interleave. */
 export const DEFAULT_PAGES_DATA_BYTES = 2 * MiB;
@@ -255,6 +263,50 @@ export function encodePageBatch(ram: Uint8Array, batch: readonly PageRangeLike[]
 }
 
 let rangePairs = new Float64Array(64);
+
+/** What encodeLivePageBatch() made: no chunks when there was nothing to send. */
+export interface EncodedLiveBatch {
+  /** The section in order: header and table, views of guest RAM, the data's CRC and the section's. */
+  chunks: Uint8Array[];
+  /** Their total length. */
+  bytes: number;
+  pagesSent: number;
+  zeroPages: number;
+}
+
+/**
+ * encodePageBatch() as a live Pages section (PAGES_SECTION_LIVE): the data is not copied but sent
+ * from `ram` itself, as views of it, with a CRC taken from it first. Only for a stream read as a
+ * migration's destination reads it, and only while the views stay mapped until written.
+ */
+export function encodeLivePageBatch(ram: Uint8Array, batch: readonly PageRangeLike[], destinationZeroed: boolean): EncodedLiveBatch {
+  let pages = 0;
+  if (rangePairs.length < 2 * batch.length) rangePairs = new Float64Array(2 * batch.length);
+  for (let i = 0; i < batch.length; i++) {
+    const { firstPage, pageCount } = checkPageRange(batch[i]!, `batch[${i}]`);
+    rangePairs[2 * i] = firstPage;
+    rangePairs[2 * i + 1] = pageCount;
+    pages += pageCount;
+  }
+  if (pages > MAX_BATCH_PAGES) throw outOfRangeError(`a batch holds at most ${MAX_BATCH_PAGES} pages, got ${pages}`);
+  // Header, table (a range a page at most) and the 8 bytes after the data.
+  const head = new Uint8Array(SECTION_HEADER_BYTES + 4 + pages * PAGE_RANGE_BYTES + 8);
+  const [headBytes, pagesSent, zeroPages, dataRunCount] = encodeLivePagesSection(ram, rangePairs, batch.length, destinationZeroed, head, SectionType.Pages, liveDataRuns);
+  if (headBytes === 0) return { chunks: [], bytes: 0, pagesSent, zeroPages };
+  const chunks: Uint8Array[] = [head.subarray(0, headBytes)];
+  let bytes = headBytes + 8;
+  for (let i = 0; i < dataRunCount; i++) {
+    const offset = liveDataRuns[2 * i]!;
+    const length = liveDataRuns[2 * i + 1]!;
+    chunks.push(ram.subarray(offset, offset + length));
+    bytes += length;
+  }
+  chunks.push(head.subarray(headBytes, headBytes + 8));
+  return { chunks, bytes, pagesSent, zeroPages };
+}
+
+/** [byteOffset, byteLength] of each data run of a live section: a run a page at most. */
+const liveDataRuns = new Float64Array(2 * MAX_BATCH_PAGES);
 
 /** A PageRange (types.ts), or anything with the same two fields. */
 export interface PageRangeLike {

@@ -1,5 +1,6 @@
 // The source's side of what the destination says on the connection: a stream header, then
-// Config (accepted), Sync answers, End (the guest runs there), or Error at any time.
+// Config (accepted), Sync answers, End (the guest runs there), or Error at any time; PageRequest
+// sections too, for the pages of live Pages sections that failed their data's CRC there.
 import type { Socket } from 'node:net';
 import { MigrationError, MigrationErrorCode as Code } from './errors.js';
 import { SectionType, decodeErrorSection, type Section } from './format.js';
@@ -18,11 +19,29 @@ export class PeerReplies {
   readonly #reader: SectionReader;
   #pending!: Promise<Section>;
   #failure!: Promise<never>;
+  #onPageRequest: ((section: Section) => void) | null = null;
 
   constructor(socket: Socket) {
     // The destination is silent while pre-copy runs, for as long as that takes: no stall timeout.
     this.#reader = new SectionReader(socketSource(socket, Infinity));
-    this.#arm(this.#reader.readHeader().then(() => this.#reader.next()));
+    this.#arm(this.#reader.readHeader().then(() => this.#next()));
+  }
+
+  /**
+   * From now on PageRequest sections go to `handler` as they come, not to what waits for the next
+   * section (null: no longer): a destination asks again for the pages of live Pages sections whose
+   * data failed its CRC, ahead of its answer to the Sync that follows them.
+   */
+  onPageRequest(handler: ((section: Section) => void) | null): void {
+    this.#onPageRequest = handler;
+  }
+
+  #next(): Promise<Section> {
+    return this.#reader.next().then((section) => {
+      if (section.type !== SectionType.PageRequest || !this.#onPageRequest) return section;
+      this.#onPageRequest(section);
+      return this.#next();
+    });
   }
 
   #arm(next: Promise<Section>): void {
@@ -75,12 +94,12 @@ export class PeerReplies {
 
   async expectAccept(timeoutMs: number): Promise<void> {
     await this.#expect(SectionType.Config, 'its acceptance', timeoutMs);
-    this.#arm(this.#reader.next());
+    this.#arm(this.#next());
   }
 
   async expectSync(timeoutMs: number): Promise<void> {
     await this.#expect(SectionType.Sync, 'its answer to Sync', timeoutMs);
-    this.#arm(this.#reader.next());
+    this.#arm(this.#next());
   }
 
   /**
@@ -91,14 +110,14 @@ export class PeerReplies {
     const section = await this.#pending.catch((error: Error) => {
       throw closed(error);
     });
-    if (section.type !== SectionType.End && section.type !== SectionType.Error) this.#arm(this.#reader.next());
+    if (section.type !== SectionType.End && section.type !== SectionType.Error) this.#arm(this.#next());
     return section;
   }
 
   /** Post-copy: the destination's word that the guest runs there. */
   async expectPostcopy(timeoutMs: number): Promise<void> {
     await this.#expect(SectionType.Postcopy, 'word that the guest runs there (post-copy)', timeoutMs);
-    this.#arm(this.#reader.next());
+    this.#arm(this.#next());
   }
 
   async expectResumed(timeoutMs: number): Promise<void> {

@@ -28,8 +28,9 @@ import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
 import { DEFAULT_MIGRATION_TIMEOUT_MS } from './send.js';
 import { PostcopyPages, decodeLacking, runPostcopyDestination } from './postcopy-destination.js';
+import { encodePageRanges } from './postcopy-ranges.js';
 import { receiveLocalMigration, type LocalHandover } from './local.js';
-import type { IncomingConfig } from './types.js';
+import type { IncomingConfig, PageRange } from './types.js';
 
 /**
  * Waits for one migration at `address` ('tcp:HOST:PORT' or 'unix:PATH'), receives the guest,
@@ -271,6 +272,10 @@ export async function receiveMigration(
     for (const running of [true, false]) state.expectConfig({ machine: announced, running });
     let accepted = false;
     let syncsOwed = 0;
+    // Pages of live sections that failed their data's CRC, asked of the source again (a
+    // PageRequest, ahead of the Sync answer that follows them): after the acceptance.
+    let requestsOwed: PageRange[] = [];
+    const askAgain = (ranges: PageRange[]) => void reply([encodeSection(SectionType.PageRequest, encodePageRanges(ranges))]).catch(() => {});
     let syncsParsed = 0;
     let cpuArrived!: () => void;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
@@ -315,6 +320,12 @@ export async function receiveMigration(
         else ram.fill(0, guestPhysAddr, guestPhysAddr + byteLength);
       },
       pagesDone: (counts) => postcopy?.target.pagesDone!(counts),
+      pagesOwed: (table) => {
+        const ranges: PageRange[] = [];
+        for (let i = 0; i < table.rangeCount; i++) ranges.push({ firstPage: table.addrs[i]! / PAGE_SIZE, pageCount: table.lengths[i]! / PAGE_SIZE });
+        if (accepted) askAgain(ranges);
+        else requestsOwed.push(...ranges);
+      },
       section: (section) => {
         if (section.type === SectionType.Postcopy && !postcopy && state.complete) {
           if (memory.fd < 0) throw new MigrationError(Code.Format, 'post-copy needs guest RAM in a memfd');
@@ -361,6 +372,8 @@ export async function receiveMigration(
     sections.ended.catch(() => {});
     const acceptance = reply([encodeConfigSection({ machine: shape })], shape);
     accepted = true;
+    if (requestsOwed.length > 0) askAgain(requestsOwed);
+    requestsOwed = [];
     for (; syncsOwed > 0; syncsOwed--) answerSync();
     // A source that gave up before the acceptance went out closed the connection: what it said
     // (in the stream) says more than the failed write.

@@ -15,13 +15,19 @@
 //     incoming migration: a bad section fails it and the machine being built is thrown away; the
 //     guest never runs on what it wrote. Zero ranges, which may free memory, are applied only
 //     once their section has checked out.
+// A live Pages section (PAGES_SECTION_LIVE, pages.ts: sent from a running guest's RAM without a
+// copy) is streamed only: its own CRC covers all but the data, which has a CRC of its own. A
+// section whose own CRC fails fails the stream; one whose data's CRC fails (the guest wrote a page
+// as it was sent) leaves its pages owed: the source sends every such page again (it is dirty
+// there, and the destination asks for them: pagesOwed()), and the stream fails at a Postcopy or
+// End section while a page is owed.
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
 import { crc32c } from './checksum.js';
 import { MigrationError, MigrationErrorCode as Code, streamError } from './errors.js';
 import {
   MAX_SECTION_PAYLOAD_BYTES, SECTION_HEADER_BYTES, SectionType, sectionTypeName, viewOf, type Section, type SectionName, type SectionTypeNumber,
 } from './format.js';
-import { PAGE_RANGE_BYTES, decodePageTable, pageTableBytes, type DecodedPages, type PageTable } from './pages.js';
+import { PAGES_SECTION_LIVE, PAGE_RANGE_BYTES, decodePageTable, pageTableBytes, type DecodedPages, type PageTable } from './pages.js';
 
 export interface SectionParserTarget {
   /** Every section but streamed Pages, whole and checked; its payload is valid only during the call. */
@@ -37,12 +43,19 @@ export interface SectionParserTarget {
   zeroPages?(guestPhysAddr: number, byteLength: number): void;
   /** A streamed Pages section has ended and checked out. */
   pagesDone?(counts: DecodedPages): void;
+  /**
+   * A live Pages section's data failed its CRC: the pages of `table` (zero ranges included) are
+   * owed until a section that checks out brings them again (ask the source for them).
+   */
+  pagesOwed?(table: PageTable): void;
 }
 
 const enum Phase {
   Header,
   PageTable,
   PageData,
+  /** A live Pages section's data CRC, after its data. */
+  DataChecksum,
   Payload,
   Checksum,
   Ended,
@@ -71,6 +84,13 @@ export class SectionParser {
   #range = 0;
   #rangeOffset = 0;
   #dataLeft = 0;
+  // A live Pages section: its data's CRC so far, and the one it announces.
+  #live = false;
+  #dataCrc = 0;
+  #announcedDataCrc = 0;
+  /** Pages of live sections whose data failed its CRC and has not come again since (one byte a page). */
+  #owed: Uint8Array | undefined;
+  #owedCount = 0;
   #bytesParsed = 0;
 
   constructor(target: SectionParserTarget) {
@@ -107,7 +127,8 @@ export class SectionParser {
   get bytesWanted(): number {
     switch (this.#phase) {
       case Phase.Ended: return 0;
-      case Phase.PageData: return this.#dataLeft + CRC_BYTES;
+      case Phase.PageData: return this.#dataLeft + (this.#live ? 4 : 0) + CRC_BYTES;
+      case Phase.DataChecksum:
       case Phase.Payload: return this.#want - this.#gathered + CRC_BYTES;
       default: return this.#want - this.#gathered;
     }
@@ -182,6 +203,12 @@ export class SectionParser {
         this.#phase = Phase.Checksum;
         this.#expect(CRC_BYTES);
         return;
+      case Phase.DataChecksum:
+        this.#crc = crc32c(field, this.#crc);
+        this.#announcedDataCrc = viewOf(field).getUint32(0, true);
+        this.#phase = Phase.Checksum;
+        this.#expect(CRC_BYTES);
+        return;
       case Phase.Checksum: return this.#sectionComplete(viewOf(field).getUint32(0, true), this.#gather.subarray(0, this.#payloadBytes));
       default: throw new MigrationError(Code.InvalidState, `SectionParser: no field in phase ${this.#phase}`);
     }
@@ -201,6 +228,13 @@ export class SectionParser {
     this.#flags = flags;
     this.#payloadBytes = length;
     this.#crc = crc32c(head);
+    // Streamed, a Pages section's flags say how to read it; whole, they are checked once its CRC
+    // has (a live one fails that: its CRC leaves the data out).
+    this.#live = this.#streamPages && type === SectionType.Pages && (flags & PAGES_SECTION_LIVE) !== 0;
+    if (this.#streamPages && type === SectionType.Pages) {
+      if ((flags & ~PAGES_SECTION_LIVE) !== 0) throw streamError(Code.Format, `a Pages section has unknown flags 0x${flags.toString(16)}`);
+      if (this.#live && length < 8) throw streamError(Code.Format, `a live Pages section of ${length} bytes is too short for its range count and data CRC`);
+    }
     if (type === SectionType.Pages && this.#streamPages && length >= 4) {
       this.#phase = Phase.PageTable;
       this.#expect(4);
@@ -229,19 +263,23 @@ export class SectionParser {
         return;
       }
     }
-    const table = decodePageTable(field, this.#payloadBytes, this.#target.memoryBytes!);
+    // A live section's data CRC follows its data: the table accounts for the rest.
+    const dataEnd = this.#payloadBytes - (this.#live ? 4 : 0);
+    const table = decodePageTable(field, dataEnd, this.#target.memoryBytes!);
     this.#crc = crc32c(field, this.#crc);
+    this.#dataCrc = 0;
     this.#table = table;
     this.#range = 0;
     this.#rangeOffset = 0;
-    this.#dataLeft = this.#payloadBytes - table.tableBytes;
+    this.#dataLeft = dataEnd - table.tableBytes;
     this.#skipZeroRanges();
-    if (this.#dataLeft === 0) {
-      this.#phase = Phase.Checksum;
-      this.#expect(CRC_BYTES);
-    } else {
-      this.#phase = Phase.PageData;
-    }
+    if (this.#dataLeft === 0) this.#afterPageData();
+    else this.#phase = Phase.PageData;
+  }
+
+  #afterPageData(): void {
+    this.#phase = this.#live ? Phase.DataChecksum : Phase.Checksum;
+    this.#expect(this.#live ? 4 : CRC_BYTES);
   }
 
   #skipZeroRanges(): void {
@@ -257,7 +295,8 @@ export class SectionParser {
       const rangeLeft = table.lengths[this.#range] - this.#rangeOffset;
       const take = Math.min(rangeLeft, bytes.length - at - taken);
       const piece = bytes.subarray(at + taken, at + taken + take);
-      this.#crc = crc32c(piece, this.#crc);
+      if (this.#live) this.#dataCrc = crc32c(piece, this.#dataCrc);
+      else this.#crc = crc32c(piece, this.#crc);
       this.#target.writePages!(table.addrs[this.#range] + this.#rangeOffset, piece);
       taken += take;
       this.#dataLeft -= take;
@@ -268,11 +307,28 @@ export class SectionParser {
         this.#skipZeroRanges();
       }
     }
-    if (this.#dataLeft === 0) {
-      this.#phase = Phase.Checksum;
-      this.#expect(CRC_BYTES);
-    }
+    if (this.#dataLeft === 0) this.#afterPageData();
     return taken;
+  }
+
+  /** Marks the pages of `table` owed (`owed`), or no longer owed. */
+  #owe(table: PageTable, owed: boolean): void {
+    const marks = (this.#owed ??= new Uint8Array(this.#target.memoryBytes! / 4096));
+    for (let i = 0; i < table.rangeCount; i++) {
+      const first = table.addrs[i] / 4096;
+      const end = first + table.lengths[i] / 4096;
+      for (let page = first; page < end; page++) {
+        if (marks[page] === (owed ? 0 : 1)) {
+          marks[page] = owed ? 1 : 0;
+          this.#owedCount += owed ? 1 : -1;
+        }
+      }
+    }
+  }
+
+  /** Pages owed by live Pages sections whose data failed its CRC (see the top of this file). */
+  get owedPages(): number {
+    return this.#owedCount;
   }
 
   /** The section's CRC came in: check it, then hand the section over. */
@@ -285,11 +341,24 @@ export class SectionParser {
     this.#expect(SECTION_HEADER_BYTES);
     if (this.#type === SectionType.Pages && this.#streamPages) {
       if (payloadBytes < 4) throw streamError(Code.Format, `a Pages section of ${payloadBytes} bytes is too short for its range count`);
-      for (let i = 0; i < table!.rangeCount; i++) {
-        if (table!.dataOffsets[i] < 0) this.#target.zeroPages!(table!.addrs[i], table!.lengths[i]);
+      if (this.#live && this.#dataCrc !== this.#announcedDataCrc) {
+        // The guest wrote some of these pages as they were sent: they are owed, zero ranges too.
+        this.#owe(table!, true);
+        this.#target.pagesOwed?.(table!);
+      } else {
+        for (let i = 0; i < table!.rangeCount; i++) {
+          if (table!.dataOffsets[i] < 0) this.#target.zeroPages!(table!.addrs[i], table!.lengths[i]);
+        }
+        if (this.#owedCount > 0) this.#owe(table!, false);
       }
       this.#target.pagesDone?.({ pages: table!.pages, zeroPages: table!.zeroPages });
       return;
+    }
+    if (this.#type === SectionType.Pages && this.#flags !== 0) {
+      throw streamError(Code.Format, `a Pages section has flags 0x${this.#flags.toString(16)}: only a live migration's destination reads live ones`);
+    }
+    if ((this.#type === SectionType.End || this.#type === SectionType.Postcopy) && this.#owedCount > 0) {
+      throw streamError(Code.Checksum, `${this.#owedCount} pages failed their checksum in a live Pages section and were not sent again before the ${this.#name} section`);
     }
     if (this.#type === SectionType.End) this.#phase = Phase.Ended;
     this.#target.section({ type: this.#type as SectionTypeNumber, name: this.#name, flags: this.#flags, payload });

@@ -15,14 +15,14 @@ import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-range
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
-import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, encodePageBatch } from './pages.js';
+import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, encodeLivePageBatch, encodePageBatch } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
-import { encodePageRanges } from './postcopy-ranges.js';
+import { decodePageRanges, encodePageRanges } from './postcopy-ranges.js';
 import { DEFAULT_POSTCOPY_RECOVERY_MS, newPostcopyStats, runPostcopySource } from './postcopy-source.js';
 import { enlargeSocketBuffers, socketFd } from './socket-buffers.js';
 import { DeviceStatesSentAhead, FinalConfigSections, encodeConfigSection, encodeCpuState, encodeDeviceStateSection, encodeMachineState, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
-import { destinationReadsDeviceStateAhead } from './handshake.js';
+import { destinationReadsDeviceStateAhead, destinationReadsLivePages } from './handshake.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { SectionBufferPool, queueChunks, withStallTimeout } from './writers.js';
@@ -314,7 +314,28 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // The first pass: every page that may be non-zero; the destination's RAM starts zeroed.
     let ranges: PageRange[] = populatedEarly ?? populatedPageRanges(source.memory);
-    const pages = new PageSender(source.memory.bytes(), stats, send, sectionBuffers);
+    // The pre-copy rounds' pages go from guest RAM itself to a destination that reads live Pages
+    // sections (no copy into a section buffer), unless post-copy may follow:
+    // a page the guest writes as it goes out is owed until it comes again, and post-copy would
+    // have to take that over. The socket's queue then holds views of guest RAM: the mapping is
+    // kept until the socket has closed, whatever becomes of the machine.
+    let live = false;
+    // The pages the destination asks for again (a live section's data failed its CRC there): they
+    // go with the next round's, or the last pages.
+    let askedAgain: PageRange[] = [];
+    const withAskedAgain = (harvested: PageRange[]): PageRange[] => {
+      if (askedAgain.length === 0) return harvested;
+      const all = unionRanges(harvested, askedAgain);
+      askedAgain = [];
+      return all;
+    };
+    if (destinationReadsLivePages(connection) && opts.postcopy === false && !connection.closed) {
+      connection.once('close', source.memory.retainMapping());
+      live = true;
+      const memoryPages = source.memoryBytes / PAGE_SIZE;
+      replies.onPageRequest((section) => askedAgain.push(...decodePageRanges(section.payload, memoryPages, 'a PageRequest section')));
+    }
+    const pages = new PageSender(source.memory.bytes(), stats, send, sectionBuffers, live);
     let destinationZeroed = true;
     const sendingStarted = performance.now();
     // The warm-up for the stop (see MigrationSource.warmUp()) starts once the first pages are
@@ -340,7 +361,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       markPhase('source: pre-copy round sent');
       destinationZeroed = false;
       stats.iterations++;
-      ranges = tracker.harvest();
+      ranges = withAskedAgain(tracker.harvest());
       const roundMs = Math.max(performance.now() - roundStarted, 0.001);
       stats.remainingPages = pageCountOf(ranges);
       stats.dirtyPagesRate = (stats.remainingPages * 1000) / roundMs;
@@ -387,7 +408,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       await warm;
     }
     markPhase('source: synced');
-    ranges = unionRanges(ranges, tracker.harvest());
+    ranges = withAskedAgain(unionRanges(ranges, tracker.harvest()));
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
@@ -410,7 +431,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     // (and the progress told) once it has gone. Others have them first.
     const pagesFirst = devicesAhead === null;
     const harvestLastPages = () => {
-      ranges = unionRanges(ranges, tracker.harvest());
+      ranges = withAskedAgain(unionRanges(ranges, tracker.harvest()));
       markPhase('source: last pages harvested');
     };
     stats.phase = 'stop-copy';
@@ -586,11 +607,14 @@ class PageSender {
   readonly #write: (chunks: Uint8Array[]) => Promise<void>;
   readonly #buffers: SectionBufferPool;
   readonly #sentOnce: Uint8Array;
+  /** Whether send() may make live sections (see sendMigration()). */
+  readonly #live: boolean;
   /** Bytes of Pages sections sent so far. */
   bytesSent = 0;
 
-  constructor(ram: Uint8Array, stats: MigrationStats, write: (chunks: Uint8Array[]) => Promise<void>, buffers: SectionBufferPool) {
+  constructor(ram: Uint8Array, stats: MigrationStats, write: (chunks: Uint8Array[]) => Promise<void>, buffers: SectionBufferPool, live = false) {
     this.#ram = ram;
+    this.#live = live;
     this.#stats = stats;
     this.#write = write;
     this.#buffers = buffers;
@@ -599,13 +623,20 @@ class PageSender {
 
   /**
    * `pages`, in batches, so that the destination takes in one while the next is encoded;
-   * `queued` is called as each batch has been queued.
+   * `queued` is called as each batch has been queued. As live sections where this sender may
+   * make them (the views of guest RAM they hold stay mapped until written: see sendMigration()).
    */
   async send(pages: PageRange[], destinationZeroed: boolean, queued?: () => void): Promise<void> {
     for (const batch of batchRanges(pages, BATCH_PAGES)) {
-      const section = this.encode(batch, destinationZeroed);
-      if (section.length > 0) await this.#write([section]);
-      else this.#buffers.release(section);
+      if (this.#live) {
+        const encoded = encodeLivePageBatch(this.#ram, batch, destinationZeroed);
+        this.#count(batch, encoded.bytes, encoded.pagesSent, encoded.zeroPages);
+        if (encoded.chunks.length > 0) await this.#write(encoded.chunks);
+      } else {
+        const section = this.encode(batch, destinationZeroed);
+        if (section.length > 0) await this.#write([section]);
+        else this.#buffers.release(section);
+      }
       queued?.();
     }
   }
@@ -616,13 +647,17 @@ class PageSender {
    */
   encode(pages: PageRange[], destinationZeroed: boolean): Uint8Array {
     const { section, pagesSent, zeroPages } = encodePageBatch(this.#ram, pages, destinationZeroed, this.#buffers.allocate(MAX_BATCH_SECTION_BYTES));
+    this.#count(pages, section.length, pagesSent, zeroPages);
+    return section;
+  }
+
+  #count(pages: PageRange[], bytes: number, pagesSent: number, zeroPages: number): void {
     const stats = this.#stats;
     this.#countResent(pages);
-    stats.bytesTransferred += section.length;
+    stats.bytesTransferred += bytes;
     stats.pagesTransferred += pagesSent;
     stats.zeroPagesSkipped += zeroPages;
-    this.bytesSent += section.length;
-    return section;
+    this.bytesSent += bytes;
   }
 
   #countResent(batch: PageRange[]): void {

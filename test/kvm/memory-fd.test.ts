@@ -163,3 +163,19 @@ t.test('fd is -1 once closed, while a view keeps the mapping and its memfd open'
   t.doesNotThrow(() => fstatSync(view.fd), 'the view still has the memfd open');
   t.equal(view.fd, fd, 'under the same number, the view\'s while it lives');
 });
+
+t.test('retainMapping(): the mapping and its memfd stay, without a view, until released', async (t) => {
+  const before = GuestMemory.stats().mappings;
+  const memory = GuestMemory.create(MiB, { backing: 'memfd' });
+  memory.write(4096, Buffer.from('kept'));
+  const fd = memory.fd;
+  const release = memory.retainMapping();
+  memory.close();
+  t.ok(GuestMemory.stats().mappings > before, 'still mapped once its only GuestMemory has closed');
+  t.ok(fstatSync(fd).size === MiB, 'its memfd still open');
+  release();
+  t.equal(GuestMemory.stats().mappings, before, 'unmapped when released');
+  t.doesNotThrow(() => release(), 'releasing again does nothing');
+  t.equal(GuestMemory.stats().mappings, before);
+  t.throws(() => memory.retainMapping(), { code: 'EBADF' }, 'a closed GuestMemory retains nothing');
+});
