@@ -4,7 +4,7 @@
 import { PassThrough } from 'node:stream';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { SectionType, checkHeader, encodeHeader, encodeSync } from './format.js';
-import { encodePages } from './pages.js';
+import { encodeLivePageBatch, encodePages } from './pages.js';
 import { SectionParser } from './section-parser.js';
 import { SectionReader } from './section-reader.js';
 import { socketSource } from './sources.js';
@@ -21,12 +21,15 @@ const WARM_UP_PIECES = [24 * 1024, 4096 + 20, 200 * 1024, 1000];
  * about 5-8 ms; more rounds did not do better.
  */
 const WARM_UP_ROUNDS = 6;
+/** Live sections in the warm-up stream, each round. */
+const LIVE_WARM_UP_SECTIONS = 4;
 
 let warmedUp = false;
 
 /**
- * Runs a small made-up page stream (zero and data ranges, Sync sections, in pieces of several
- * sizes) through a SectionParser that streams pages into nothing, once per process.
+ * Runs a small made-up page stream (zero and data ranges, copied and live sections, a Sync, in
+ * pieces of several sizes) through a SectionParser that streams pages into nothing, once per
+ * process.
  */
 export function warmUpPageStream(): void {
   if (warmedUp) return;
@@ -37,7 +40,14 @@ export function warmUpPageStream(): void {
   const pages = encodePages([{ firstPage: 0, pageCount: ram.length / PAGE_SIZE }], (at, length) => ram.subarray(at, at + length), {
     maxDataBytesPerSection: WARM_UP_SECTION_BYTES,
   });
-  const stream = Buffer.concat([...pages.sections, encodeSync()]);
+  // And a few as live sections (a source of this build sends its pre-copy rounds and last pages
+  // so): more made the warm-up's compiling run on into the first migration.
+  const live: Uint8Array[] = [];
+  const sectionPages = WARM_UP_SECTION_BYTES / PAGE_SIZE;
+  for (let section = 0; section < LIVE_WARM_UP_SECTIONS; section++) {
+    live.push(...encodeLivePageBatch(ram, [{ firstPage: section * sectionPages, pageCount: sectionPages }], section % 2 === 0).chunks);
+  }
+  const stream = Buffer.concat([...pages.sections, ...live, encodeSync()]);
   for (let round = 0; round < WARM_UP_ROUNDS; round++) {
     const parser = new SectionParser({
       memoryBytes: ram.length,

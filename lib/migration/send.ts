@@ -520,8 +520,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         // Few pages left (as a rule): they and End in one write (each write costs the source
         // 0.1-0.2 ms here); the progress is told once they are out.
         const lastPages = pages.encode(ranges, destinationZeroed);
-        if (lastPages.length === 0) sectionBuffers.release(lastPages);
-        await Promise.all([cpuSent, devicesSent, send(lastPages.length > 0 ? [lastPages, encodeEnd()] : [encodeEnd()])]);
+        await Promise.all([cpuSent, devicesSent, send([...lastPages, encodeEnd()])]);
         markPhase('source: last pages sent');
         progress('stop-copy');
       } else {
@@ -628,27 +627,30 @@ class PageSender {
    */
   async send(pages: PageRange[], destinationZeroed: boolean, queued?: () => void): Promise<void> {
     for (const batch of batchRanges(pages, BATCH_PAGES)) {
-      if (this.#live) {
-        const encoded = encodeLivePageBatch(this.#ram, batch, destinationZeroed);
-        this.#count(batch, encoded.bytes, encoded.pagesSent, encoded.zeroPages);
-        if (encoded.chunks.length > 0) await this.#write(encoded.chunks);
-      } else {
-        const section = this.encode(batch, destinationZeroed);
-        if (section.length > 0) await this.#write([section]);
-        else this.#buffers.release(section);
-      }
+      const chunks = this.encode(batch, destinationZeroed);
+      if (chunks.length > 0) await this.#write(chunks);
       queued?.();
     }
   }
 
   /**
-   * `pages` (at most one batch) as one Pages section, in a buffer of the pool that the write
-   * gives back, and counted as sent: for a caller that writes it with other sections.
+   * `pages` (at most one batch) as one Pages section, counted as sent: for a caller that writes it
+   * with other sections. Its chunks in order, none if there is nothing to send: a buffer of the
+   * pool, which the write gives back; or, live, the header and table, views of guest RAM and the
+   * CRCs (no section buffer at all, which the stop would otherwise allocate where no pre-copy
+   * round used one).
    */
-  encode(pages: PageRange[], destinationZeroed: boolean): Uint8Array {
+  encode(pages: PageRange[], destinationZeroed: boolean): Uint8Array[] {
+    if (this.#live) {
+      const encoded = encodeLivePageBatch(this.#ram, pages, destinationZeroed);
+      this.#count(pages, encoded.bytes, encoded.pagesSent, encoded.zeroPages);
+      return encoded.chunks;
+    }
     const { section, pagesSent, zeroPages } = encodePageBatch(this.#ram, pages, destinationZeroed, this.#buffers.allocate(MAX_BATCH_SECTION_BYTES));
     this.#count(pages, section.length, pagesSent, zeroPages);
-    return section;
+    if (section.length > 0) return [section];
+    this.#buffers.release(section);
+    return [];
   }
 
   #count(pages: PageRange[], bytes: number, pagesSent: number, zeroPages: number): void {
