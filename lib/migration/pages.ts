@@ -249,6 +249,15 @@ export interface EncodedBatch {
  * in. The section is a view of `out`.
  */
 export function encodePageBatch(ram: Uint8Array, batch: readonly PageRangeLike[], destinationZeroed: boolean, out: Uint8Array): EncodedBatch {
+  checkedRangePairs(batch);
+  const [sectionBytes, pagesSent, zeroPages] = encodePagesSection(ram, rangePairs, batch.length, destinationZeroed, out, SectionType.Pages);
+  return { section: out.subarray(0, sectionBytes), pagesSent, zeroPages };
+}
+
+let rangePairs = new Float64Array(64);
+
+/** `batch` checked, into rangePairs as (firstPage, pageCount) pairs; its page count. */
+function checkedRangePairs(batch: readonly PageRangeLike[]): number {
   let pages = 0;
   if (rangePairs.length < 2 * batch.length) rangePairs = new Float64Array(2 * batch.length);
   for (let i = 0; i < batch.length; i++) {
@@ -258,11 +267,8 @@ export function encodePageBatch(ram: Uint8Array, batch: readonly PageRangeLike[]
     pages += pageCount;
   }
   if (pages > MAX_BATCH_PAGES) throw outOfRangeError(`a batch holds at most ${MAX_BATCH_PAGES} pages, got ${pages}`);
-  const [sectionBytes, pagesSent, zeroPages] = encodePagesSection(ram, rangePairs, batch.length, destinationZeroed, out, SectionType.Pages);
-  return { section: out.subarray(0, sectionBytes), pagesSent, zeroPages };
+  return pages;
 }
-
-let rangePairs = new Float64Array(64);
 
 /** What encodeLivePageBatch() made: no chunks when there was nothing to send. */
 export interface EncodedLiveBatch {
@@ -280,15 +286,7 @@ export interface EncodedLiveBatch {
  * migration's destination reads it, and only while the views stay mapped until written.
  */
 export function encodeLivePageBatch(ram: Uint8Array, batch: readonly PageRangeLike[], destinationZeroed: boolean): EncodedLiveBatch {
-  let pages = 0;
-  if (rangePairs.length < 2 * batch.length) rangePairs = new Float64Array(2 * batch.length);
-  for (let i = 0; i < batch.length; i++) {
-    const { firstPage, pageCount } = checkPageRange(batch[i]!, `batch[${i}]`);
-    rangePairs[2 * i] = firstPage;
-    rangePairs[2 * i + 1] = pageCount;
-    pages += pageCount;
-  }
-  if (pages > MAX_BATCH_PAGES) throw outOfRangeError(`a batch holds at most ${MAX_BATCH_PAGES} pages, got ${pages}`);
+  const pages = checkedRangePairs(batch);
   // Header, table (a range a page at most) and the 8 bytes after the data.
   const head = new Uint8Array(SECTION_HEADER_BYTES + 4 + pages * PAGE_RANGE_BYTES + 8);
   const [headBytes, pagesSent, zeroPages, dataRunCount] = encodeLivePagesSection(ram, rangePairs, batch.length, destinationZeroed, head, SectionType.Pages, liveDataRuns);

@@ -3,7 +3,6 @@
 // place what a copied section places, leave such pages owed (and say so) rather than fail, clear
 // them when a section that checks out brings them again, and fail the stream at End or Postcopy
 // while any is owed; anything else wrong with a live section fails at once.
-import { randomBytes } from 'node:crypto';
 import t from 'tap';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { encodeLivePagesSection } from '../../lib/kvm/host.js';
@@ -12,6 +11,7 @@ import { MAX_BATCH_SECTION_BYTES, encodeLivePageBatch, encodePageBatch, type Pag
 import { SectionParser, type SectionParserTarget } from '../../lib/migration/section-parser.js';
 import { encodePageRanges } from '../../lib/migration/postcopy-ranges.js';
 import { expectMigrationError } from '../helpers/migration-errors.js';
+import { concat, ramWith as ramWithPages } from '../helpers/page-streams.js';
 
 const MEMORY_PAGES = 64;
 const MEMORY_BYTES = MEMORY_PAGES * PAGE_SIZE;
@@ -40,14 +40,7 @@ function receiver(): { target: SectionParserTarget; received: Received } {
   return { target, received };
 }
 
-/** Guest RAM with random pages at `dataPages` and zeros elsewhere. */
-function ramWith(dataPages: number[]): Uint8Array {
-  const ram = new Uint8Array(MEMORY_BYTES);
-  for (const page of dataPages) ram.set(randomBytes(PAGE_SIZE), page * PAGE_SIZE);
-  return ram;
-}
-
-const concat = (chunks: Uint8Array[]): Uint8Array => new Uint8Array(Buffer.concat(chunks));
+const ramWith = (dataPages: number[]): Uint8Array => ramWithPages(MEMORY_BYTES, dataPages);
 
 /** Feeds `bytes` in pieces of 1..`maxPiece` bytes (a fixed pattern, so that a failure repeats). */
 function feed(parser: SectionParser, bytes: Uint8Array, maxPiece: number): void {

@@ -2,7 +2,6 @@
 // exactly the pages decodePages() would (streamed), or hand Pages sections over whole (for
 // SectionReader), deliver the other sections intact, say how many bytes complete what it waits
 // for, and refuse every malformed stream with the MigrationError that says what is wrong.
-import { randomBytes } from 'node:crypto';
 import t from 'tap';
 import { SectionParser, type SectionParserTarget } from '../../lib/migration/section-parser.js';
 import { MAX_SECTION_PAYLOAD_BYTES, SectionType, encodeEnd, encodeErrorSection, encodeSection, viewOf } from '../../lib/migration/format.js';
@@ -10,6 +9,7 @@ import { decodePagesInto, encodePages } from '../../lib/migration/pages.js';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { crc32c } from '../../lib/migration/checksum.js';
 import { expectMigrationError } from '../helpers/migration-errors.js';
+import { concat, ramWith as ramWithPages } from '../helpers/page-streams.js';
 
 const MEMORY_BYTES = 64 * PAGE_SIZE;
 
@@ -36,14 +36,7 @@ function receiver(initial?: Uint8Array): { target: SectionParserTarget; received
   return { target, received };
 }
 
-/** Guest RAM with random pages at `dataPages` and zeros elsewhere. */
-function ramWith(dataPages: number[]): Uint8Array {
-  const ram = new Uint8Array(MEMORY_BYTES);
-  for (const page of dataPages) ram.set(randomBytes(PAGE_SIZE), page * PAGE_SIZE);
-  return ram;
-}
-
-const concat = (chunks: Uint8Array[]): Uint8Array => new Uint8Array(Buffer.concat(chunks));
+const ramWith = (dataPages: number[]): Uint8Array => ramWithPages(MEMORY_BYTES, dataPages);
 
 /** A stream body: Pages sections of `ram` (all of it, zero pages as zero ranges), a state-like section, End. */
 function streamOf(ram: Uint8Array, maxDataBytesPerSection = 8 * PAGE_SIZE): Uint8Array {
