@@ -135,8 +135,8 @@ constexpr size_t kHeaderBytes = 8;
 constexpr size_t kRangeBytes = 16;
 constexpr uint32_t kPagesFlagLive = 1;
 
-// The section header and the range table at `out`; returns the table's length.
-size_t PutHeaderAndTable(Napi::Env env, const PageScan& scan, uint32_t flags, size_t payloadBytes, size_t sectionBytes) {
+// The section header and the range table at `out`, once checked to fit.
+void PutHeaderAndTable(Napi::Env env, const PageScan& scan, uint32_t flags, size_t payloadBytes, size_t sectionBytes) {
   const size_t tableBytes = 4 + scan.runs.size() * kRangeBytes;
   if (scan.runs.size() > 65536 || payloadBytes > 32u * 1024 * 1024 + tableBytes + 4) {
     ThrowOutOfRangeError(env, "the pages do not fit in one Pages section");
@@ -157,7 +157,6 @@ size_t PutHeaderAndTable(Napi::Env env, const PageScan& scan, uint32_t flags, si
     PutLe32(entry + 12, run.zero ? 1 : 0);
     entry += kRangeBytes;
   }
-  return tableBytes;
 }
 
 }  // namespace

@@ -188,68 +188,43 @@ t.test('a destination whose greeting lacks the DeviceStateAhead bit (an older bu
   source.destroy();
 });
 
-t.test('whileVerified runs once, after the hello and before the verdict; what it throws fails the connection', async (t) => {
+t.test('whileConnecting (as the connection is asked for) and whileVerified (after the hello, before the verdict) each run once; what one throws fails the connection', async (t) => {
   const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'tok' });
   const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
   let accepted = false;
   void destination.accepted.then(() => (accepted = true), () => {});
+  // What the destination was waiting for when the source gave up in each.
+  const waitingFor = {
+    whileConnecting: /(waited|waiting) for the source's hello/,
+    whileVerified: /closed the connection while this side waited for the source's acknowledgement/,
+  };
+  for (const hook of ['whileConnecting', 'whileVerified'] as const) {
+    // A wrong token: it ran; the verdict then refuses.
+    let calls = 0;
+    const wrong = await rejection(connectForMigration(address, { token: 'wrong', [hook]: () => void calls++ }));
+    t.equal(wrong.code, 'EREFUSED', `${hook}: refused`);
+    t.equal(calls, 1, `${hook}: called once, for a connection the destination then refused`);
 
-  // A wrong token: the hello went out, so it ran; the verdict then refuses.
-  let calls = 0;
-  const wrong = await rejection(connectForMigration(address, { token: 'wrong', whileVerified: () => void calls++ }));
-  t.equal(wrong.code, 'EREFUSED');
-  t.equal(calls, 1, 'called for a hello the destination then refused');
+    // What it throws: the connection fails with it, and the destination waits on.
+    const failure = new MigrationError('EINTERNAL', 'tracking could not start');
+    const rejectedNext = destination.nextRejection();
+    const thrown = await rejection(connectForMigration(address, { token: 'tok', [hook]: () => { throw failure; } }));
+    t.equal(thrown, failure, `${hook}: the error it threw, as it is`);
+    t.match((await rejectedNext).reason, waitingFor[hook], `${hook}: the destination saw the source go`);
+    await t.rejects(connectForMigration(address, { token: 'tok', [hook]: 1 as unknown as () => void }), { name: 'TypeError', message: `${hook} must be a function` });
+  }
+  t.equal(accepted, false, 'nothing accepted: no source acknowledged');
 
-  // What it throws: the connection fails with it, and the destination waits on.
-  const failure = new MigrationError('EINTERNAL', 'tracking could not start');
-  const rejectedNext = destination.nextRejection();
-  const thrown = await rejection(connectForMigration(address, { token: 'tok', whileVerified: () => { throw failure; } }));
-  t.equal(thrown, failure, 'the error it threw, as it is');
-  t.match((await rejectedNext).reason, /closed the connection while this side waited for the source's acknowledgement/);
-  t.equal(accepted, false, 'not accepted: the source never acknowledged');
-
-  const order: string[] = [];
-  const source = await connectForMigration(address, { token: 'tok', whileVerified: () => void order.push(`called, accepted ${accepted}`) });
-  order.push('connected');
-  const socket = await destination.accepted;
-  t.same(order, ['called, accepted false', 'connected'], 'once, before the handshake ended');
-  await t.rejects(connectForMigration(address, { token: 'tok', whileVerified: 1 as unknown as () => void }), { name: 'TypeError', message: 'whileVerified must be a function' });
-  source.destroy();
-  socket.destroy();
-});
-
-t.test('whileConnecting runs once, before the greeting is read; what it throws fails the connection', async (t) => {
-  const destination = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { token: 'tok' });
-  const address = { kind: 'tcp' as const, host: '127.0.0.1', port: tcpPort(destination.bound) };
-  let accepted = false;
-  void destination.accepted.then(() => (accepted = true), () => {});
-
-  // A wrong token: it ran while the connection was made; the verdict then refuses.
-  let calls = 0;
-  const wrong = await rejection(connectForMigration(address, { token: 'wrong', whileConnecting: () => void calls++ }));
-  t.equal(wrong.code, 'EREFUSED');
-  t.equal(calls, 1, 'called once, for a connection the destination then refused');
-
-  // What it throws: the connection fails with it before the source has said anything, and the
-  // destination waits on.
-  const failure = new MigrationError('EINTERNAL', 'tracking could not start');
-  const rejectedNext = destination.nextRejection();
-  const thrown = await rejection(connectForMigration(address, { token: 'tok', whileConnecting: () => { throw failure; } }));
-  t.equal(thrown, failure, 'the error it threw, as it is');
-  t.match((await rejectedNext).reason, /(waited|waiting) for the source's hello/, 'the destination saw the connection close (or reset) before a hello');
-  t.equal(accepted, false, 'not accepted: the source never said hello');
-
-  // Both hooks: this one first, the other once the hello is out.
+  // Both: in that order, each once, before the handshake ended.
   const order: string[] = [];
   const source = await connectForMigration(address, {
     token: 'tok',
-    whileConnecting: () => void order.push('connecting'),
-    whileVerified: () => void order.push('verified'),
+    whileConnecting: () => void order.push(`connecting, accepted ${accepted}`),
+    whileVerified: () => void order.push(`verified, accepted ${accepted}`),
   });
   order.push('connected');
   const socket = await destination.accepted;
-  t.same(order, ['connecting', 'verified', 'connected'], 'each once, in that order, before the handshake ended');
-  await t.rejects(connectForMigration(address, { token: 'tok', whileConnecting: 1 as unknown as () => void }), { name: 'TypeError', message: 'whileConnecting must be a function' });
+  t.same(order, ['connecting, accepted false', 'verified, accepted false', 'connected']);
   source.destroy();
   socket.destroy();
 });
