@@ -26,7 +26,7 @@
 //     the End (a one-vCPU machine's thread writes the VM's and its own state the moment it
 //     stops: see lib/vmm/types.ts StateWriteOut; the destination applies the devices' state
 //     while the pages come); every page has come by the End.
-//     To a destination whose greeting says it reads them, the pre-copy rounds' Pages sections
+//     To a destination whose greeting says it reads them, the Pages sections (but post-copy's)
 //     may be live ones (pages.ts, PAGES_SECTION_LIVE: sent from the running guest's RAM, the
 //     data's CRC apart); the destination asks again for the pages of one whose data fails it.
 //   migration, destination to source (its own header first): Config (the shape: accepted), an

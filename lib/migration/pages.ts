@@ -63,7 +63,7 @@ export const PAGES_ZERO = 1;
  * is the table and the data as above, then u32 CRC-32C of the data; the section's CRC covers all
  * but the data. The guest may write a page as it goes out, so a data CRC that fails leaves its
  * pages owed, not the stream failed: they come again (see section-parser.ts). Only to a
- * destination whose greeting says it reads them (handshake.ts), in pre-copy rounds.
+ * destination whose greeting says it reads them (handshake.ts), and never with post-copy.
  */
 export const PAGES_SECTION_LIVE = 1;
 export const PAGE_RANGE_BYTES = 16;

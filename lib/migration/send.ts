@@ -314,11 +314,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // The first pass: every page that may be non-zero; the destination's RAM starts zeroed.
     let ranges: PageRange[] = populatedEarly ?? populatedPageRanges(source.memory);
-    // The pre-copy rounds' pages go from guest RAM itself to a destination that reads live Pages
-    // sections (no copy into a section buffer), unless post-copy may follow:
-    // a page the guest writes as it goes out is owed until it comes again, and post-copy would
-    // have to take that over. The socket's queue then holds views of guest RAM: the mapping is
-    // kept until the socket has closed, whatever becomes of the machine.
+    // Pages go from guest RAM itself to a destination that reads live Pages sections (no copy
+    // into a section buffer), unless post-copy may follow: a page the guest writes as it goes out
+    // is owed until it comes again, and post-copy would have to take that over. The socket's
+    // queue then holds views of guest RAM: the mapping is kept until the socket has closed,
+    // whatever becomes of the machine.
     let live = false;
     // The pages the destination asks for again (a live section's data failed its CRC there): they
     // go with the next round's, or the last pages.
