@@ -7,6 +7,17 @@ import { native } from './native.js';
 import { PAGE_SIZE } from './constants.js';
 import { argTypeError, argValueError, outOfRangeError } from './errors.js';
 
+// The first ArrayBuffer detached in a thread makes V8 throw away every function it has compiled to
+// read or write typed arrays (they assumed no buffer would ever be detached), and compile them
+// again with the check. Guest RAM's buffers are detached as machines close, which in a process
+// that already ran a migration's code put 3-6 ms of recompiling into the next migration's
+// first round (bench/README.md). Detaching a buffer here, before anything is compiled, pays
+// that at load.
+{
+  const buffer = new ArrayBuffer(8);
+  structuredClone(buffer, { transfer: [buffer] });
+}
+
 /** The largest ArrayBuffer every supported Node can create (buffer.constants.MAX_LENGTH on Node 20). */
 export const MAX_GUEST_MEMORY_BYTES = 2 ** 32;
 
