@@ -2,11 +2,12 @@
 // Machine.restore(), Machine.prepare(), Machine.incoming()), attached here, above the VMM, as
 // better-sqlite3 attaches its capabilities to Database: the VMM never imports persistence, and the package's entry
 // (lib/index.ts) loads this module, so that a Machine from the package has them all.
-import { Machine } from '../vmm/machine.js';
+import { Machine, afterNextMachineStart } from '../vmm/machine.js';
 import { receiveMachine } from './receive.js';
 import { migrateMachine } from './send.js';
 import { prepareRestore } from './prepared.js';
 import { restoreMachine, snapshotMachine } from './snapshot.js';
+import { warmUpMigrationSource } from './source-warm-up.js';
 import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, PrepareConfig, PreparedMachine, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 declare module '../vmm/machine.js' {
@@ -54,3 +55,5 @@ Object.defineProperties(Machine, {
   prepare: { value: prepareRestore, writable: true, configurable: true },
   incoming: { value: receiveMachine, writable: true, configurable: true },
 });
+// A machine that runs may be migrated: its process rehearses the source's code while it runs.
+afterNextMachineStart(() => void warmUpMigrationSource());

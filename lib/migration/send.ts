@@ -600,7 +600,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
  * methods from one migration to the next (a closure was optimized anew for each migration, on
  * the core the destination needs).
  */
-class PageSender {
+export class PageSender {
   readonly #ram: Uint8Array;
   readonly #stats: MigrationStats;
   readonly #write: (chunks: Uint8Array[]) => Promise<void>;

@@ -69,6 +69,19 @@ const RUN_STATES: readonly MachineRunState[] = ['created', 'running', 'paused', 
 const MIB = 1024 * 1024;
 /** How long after its first start() a machine makes its RAM's ArrayBuffer (see #exposeMemorySoon()). */
 const EXPOSE_MEMORY_AFTER_MS = 50;
+/** Work for a little after the next machine of this thread starts (see afterNextMachineStart()). */
+const afterNextStart: (() => void)[] = [];
+
+/**
+ * Runs `work` once, a little after the next machine of this thread first starts (with its RAM's
+ * ArrayBuffer: see #exposeMemorySoon()); a throw is ignored. For rehearsals of what later
+ * operations on a machine run, paid while a guest runs instead of inside them: lib/migration
+ * registers its source's as it loads, so the first machine of a process runs it.
+ */
+export function afterNextMachineStart(work: () => void): void {
+  afterNextStart.push(work);
+}
+
 /** How long a pause that saves the vCPUs for a migration waits for them with the main thread blocked. */
 const PAUSE_BLOCKING_WAIT_MS = 2;
 
@@ -518,7 +531,7 @@ export class Machine extends EventEmitter {
    * external ArrayBuffer into its old generation and marks the whole JavaScript heap when one
    * appears (25 ms of marking steps on the main thread for a 40 MB heap): paid here, in the
    * background, it is not paid inside the first migration's or snapshot's rounds. Not at build:
-   * a restore or a boot would wait for it.
+   * a restore or a boot would wait for it. Then the work afterNextMachineStart() holds.
    */
   #exposeMemorySoon(): void {
     setTimeout(() => {
@@ -526,6 +539,13 @@ export class Machine extends EventEmitter {
         if (!this.#exit) void this.memory.buffer;
       } catch {
         // Only ahead of time: the first reader makes it, and hears why it cannot be made.
+      }
+      for (const work of afterNextStart.splice(0)) {
+        try {
+          work();
+        } catch {
+          // Only ahead of time.
+        }
       }
     }, EXPOSE_MEMORY_AFTER_MS).unref();
   }

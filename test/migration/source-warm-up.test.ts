@@ -1,0 +1,53 @@
+// The migration source's rehearsal (lib/migration/source-warm-up.ts): once per process, over
+// made-up pages and an in-memory connection, started a little after a machine of the process
+// first runs (afterNextMachineStart(), where lib/migration registers it as it loads).
+import t from 'tap';
+import { Machine } from '../../lib/index.js';
+import { warmUpMigrationSource } from '../../lib/migration/source-warm-up.js';
+import { afterNextMachineStart } from '../../lib/vmm/machine.js';
+import { guestImage, noKvm } from '../helpers/kvm.js';
+import { sharedPool } from '../helpers/pool.js';
+
+const pool = noKvm ? undefined : sharedPool();
+const quiet = { serial: { output: null }, log: () => {} };
+const activeHandles = () => (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length;
+
+/** A promise that settles when `work` registered with afterNextMachineStart() has run. */
+function registered(name: string, calls: string[]): Promise<void> {
+  return new Promise((resolve) => afterNextMachineStart(() => {
+    calls.push(name);
+    resolve();
+  }));
+}
+
+t.test('rehearses every step once per process and leaves no handle behind', async (t) => {
+  const handles = activeHandles();
+  const first = warmUpMigrationSource();
+  t.equal(warmUpMigrationSource(), first, "a second call gets the first call's promise");
+  t.equal(await first, true, 'the handshake, the harvests, the page encoders and the replies all ran through');
+  t.equal(activeHandles(), handles, 'no socket, no timer left');
+});
+
+t.test('work runs once, a little after the next machine starts; a throw stops nothing', { skip: noKvm }, async (t) => {
+  const calls: string[] = [];
+  const firstRan = registered('first', calls);
+  const a = await Machine.create({ image: guestImage('spin'), memoryBytes: 1 << 20, pool, ...quiet });
+  const b = await Machine.create({ image: guestImage('spin'), memoryBytes: 1 << 20, pool, ...quiet });
+  try {
+    t.same(calls, [], 'nothing runs while no machine has started');
+    a.start();
+    await firstRan;
+    t.same(calls, ['first']);
+    afterNextMachineStart(() => {
+      calls.push('throws');
+      throw new Error('a failing rehearsal');
+    });
+    const secondRan = registered('second', calls);
+    b.start();
+    await secondRan;
+    t.same(calls, ['first', 'throws', 'second'], 'each once, in order, past the one that threw');
+    t.equal(b.state, 'running');
+  } finally {
+    await Promise.all([a.stop(), b.stop()]);
+  }
+});
