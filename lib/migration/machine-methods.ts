@@ -55,5 +55,5 @@ Object.defineProperties(Machine, {
   prepare: { value: prepareRestore, writable: true, configurable: true },
   incoming: { value: receiveMachine, writable: true, configurable: true },
 });
-// A machine that runs may be migrated: its process rehearses the source's code while it runs.
+// A machine booted here may be migrated: its process rehearses the source's code while it runs.
 afterNextMachineStart(() => void warmUpMigrationSource());

@@ -73,10 +73,12 @@ const EXPOSE_MEMORY_AFTER_MS = 50;
 const afterNextStart: (() => void)[] = [];
 
 /**
- * Runs `work` once, a little after the next machine of this thread first starts (with its RAM's
- * ArrayBuffer: see #exposeMemorySoon()); a throw is ignored. For rehearsals of what later
- * operations on a machine run, paid while a guest runs instead of inside them: lib/migration
- * registers its source's as it loads, so the first machine of a process runs it.
+ * Runs `work` once, a little after the next machine of this thread is started with start() (with
+ * its RAM's ArrayBuffer: see #exposeMemorySoon()); a throw is ignored. Not after the start of a
+ * machine a migration or a restore brought in: its process is busy then (a post-copy destination
+ * serves the guest's page faults on its main thread). For rehearsals of what later operations on a
+ * machine run, paid while a guest runs instead of inside them: lib/migration registers its
+ * source's as it loads, so the first machine a process boots runs it.
  */
 export function afterNextMachineStart(work: () => void): void {
   afterNextStart.push(work);
@@ -499,14 +501,14 @@ export class Machine extends EventEmitter {
    */
   start(options: { paused?: boolean } = {}): void {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
-    this.#start(options.paused === true, null);
+    this.#start(options.paused === true, null, false, true);
   }
 
   /**
    * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
    * threads are woken, and before the rest of the bookkeeping.
    */
-  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false): void {
+  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false, booted = false): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
     if (rehearsal) return;
     // A migration's destination answers here, nothing left that can fail: its write goes before
@@ -523,7 +525,7 @@ export class Machine extends EventEmitter {
       this.#haltWatch?.start();
       this.#devices.runTimers();
     }
-    this.#exposeMemorySoon();
+    this.#exposeMemorySoon(booted);
   }
 
   /**
@@ -531,16 +533,17 @@ export class Machine extends EventEmitter {
    * external ArrayBuffer into its old generation and marks the whole JavaScript heap when one
    * appears (25 ms of marking steps on the main thread for a 40 MB heap): paid here, in the
    * background, it is not paid inside the first migration's or snapshot's rounds. Not at build:
-   * a restore or a boot would wait for it. Then the work afterNextMachineStart() holds.
+   * a restore or a boot would wait for it. Then, for a machine start() started (`booted`), the
+   * work afterNextMachineStart() holds.
    */
-  #exposeMemorySoon(): void {
+  #exposeMemorySoon(booted: boolean): void {
     setTimeout(() => {
       try {
         if (!this.#exit) void this.memory.buffer;
       } catch {
         // Only ahead of time: the first reader makes it, and hears why it cannot be made.
       }
-      for (const work of afterNextStart.splice(0)) {
+      for (const work of booted ? afterNextStart.splice(0) : []) {
         try {
           work();
         } catch {

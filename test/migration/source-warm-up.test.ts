@@ -1,6 +1,6 @@
 // The migration source's rehearsal (lib/migration/source-warm-up.ts): once per process, over
-// made-up pages and an in-memory connection, started a little after a machine of the process
-// first runs (afterNextMachineStart(), where lib/migration registers it as it loads).
+// made-up pages and an in-memory connection, started a little after the first machine the process
+// boots starts (afterNextMachineStart(), where lib/migration registers it as it loads).
 import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import { warmUpMigrationSource } from '../../lib/migration/source-warm-up.js';
@@ -28,7 +28,7 @@ t.test('rehearses every step once per process and leaves no handle behind', asyn
   t.equal(activeHandles(), handles, 'no socket, no timer left');
 });
 
-t.test('work runs once, a little after the next machine starts; a throw stops nothing', { skip: noKvm }, async (t) => {
+t.test('work runs once, a little after the next machine start() starts; a throw stops nothing', { skip: noKvm }, async (t) => {
   const calls: string[] = [];
   const firstRan = registered('first', calls);
   const a = await Machine.create({ image: guestImage('spin'), memoryBytes: 1 << 20, pool, ...quiet });
