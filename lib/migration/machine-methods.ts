@@ -7,7 +7,7 @@ import { receiveMachine } from './receive.js';
 import { migrateMachine } from './send.js';
 import { prepareRestore } from './prepared.js';
 import { restoreMachine, snapshotMachine } from './snapshot.js';
-import { warmUpMigrationSource } from './source-warm-up.js';
+import { warmUpMigrationSource, warmUpStateSaving } from './source-warm-up.js';
 import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, PrepareConfig, PreparedMachine, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 declare module '../vmm/machine.js' {
@@ -56,4 +56,7 @@ Object.defineProperties(Machine, {
   incoming: { value: receiveMachine, writable: true, configurable: true },
 });
 // A machine booted here may be migrated: its process rehearses the source's code while it runs.
-afterNextMachineStart(() => void warmUpMigrationSource());
+afterNextMachineStart((machine) => {
+  void warmUpMigrationSource();
+  void warmUpStateSaving(machine);
+});

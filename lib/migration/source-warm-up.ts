@@ -1,10 +1,11 @@
 // A source is often a process that has never migrated. Without this, its first migration runs the
-// code that takes dirty pages, batches and encodes them and reads the destination's replies
-// interpreted, and V8 compiles it during the transfer, on compiler threads that take the CPU the
-// transfer needs (one CPU for a pinned source).
+// code that takes dirty pages, batches and encodes them, reads the destination's replies, and saves
+// and encodes the machine's state, interpreted, and V8 compiles it during the transfer, on compiler
+// threads that take the CPU the transfer needs (one CPU for a pinned source).
 import type { Socket } from 'node:net';
 import { PassThrough } from 'node:stream';
 import { PAGE_SIZE } from '../kvm/constants.js';
+import { machineInternals, type Machine } from '../vmm/machine.js';
 import { DirtyBitmap, takeWordRanges } from '../vmm/dirty-bitmap.js';
 import { unionRanges, type PageRange } from '../vmm/page-ranges.js';
 import { SectionType, encodeHeader, encodeSection, encodeSync } from './format.js';
@@ -12,6 +13,7 @@ import { rehearseHandshake } from './handshake.js';
 import { PeerReplies } from './peer-replies.js';
 import { decodePageRanges, encodePageRanges } from './postcopy-ranges.js';
 import { PageSender } from './send.js';
+import { warmUpStateEncoding } from './state-sections.js';
 import type { MigrationStats } from './types.js';
 import { SectionBufferPool, writeChunks } from './writers.js';
 
@@ -49,6 +51,21 @@ export function warmUpMigrationSource(): Promise<boolean> {
     }
   })();
   return rehearsed;
+}
+
+/**
+ * `machine`'s state saved as a migration's stop saves it (each vCPU kicked and saved where it runs,
+ * the guest not paused) and encoded the rounds a process's first migration would otherwise run
+ * (warmUpStateEncoding()). Only while it runs; resolves with whether a state was saved, never
+ * rejects.
+ */
+export async function warmUpStateSaving(machine: Machine): Promise<boolean> {
+  if (machine.state !== 'running') return false;
+  try {
+    return (await warmUpStateEncoding(machineInternals(machine).warmUpSave())) !== null;
+  } catch {
+    return false;
+  }
 }
 
 function rehearsePages(ram: Uint8Array, round: number): void {

@@ -70,17 +70,17 @@ const MIB = 1024 * 1024;
 /** How long after its first start() a machine makes its RAM's ArrayBuffer (see #exposeMemorySoon()). */
 const EXPOSE_MEMORY_AFTER_MS = 50;
 /** Work for a little after the next machine of this thread starts (see afterNextMachineStart()). */
-const afterNextStart: (() => void)[] = [];
+const afterNextStart: ((machine: Machine) => void)[] = [];
 
 /**
- * Runs `work` once, a little after the next machine of this thread is started with start() (with
- * its RAM's ArrayBuffer: see #exposeMemorySoon()); a throw is ignored. Not after the start of a
+ * Runs `work(machine)` once, a little after the next machine of this thread is started with start()
+ * (with its RAM's ArrayBuffer: see #exposeMemorySoon()); a throw is ignored. Not after the start of a
  * machine a migration or a restore brought in: its process is busy then (a post-copy destination
  * serves the guest's page faults on its main thread). For rehearsals of what later operations on a
  * machine run, paid while a guest runs instead of inside them: lib/migration registers its
  * source's as it loads, so the first machine a process boots runs it.
  */
-export function afterNextMachineStart(work: () => void): void {
+export function afterNextMachineStart(work: (machine: Machine) => void): void {
   afterNextStart.push(work);
 }
 
@@ -545,7 +545,7 @@ export class Machine extends EventEmitter {
       }
       for (const work of booted ? afterNextStart.splice(0) : []) {
         try {
-          work();
+          work(this);
         } catch {
           // Only ahead of time.
         }

@@ -3,7 +3,7 @@
 // boots starts (afterNextMachineStart(), where lib/migration registers it as it loads).
 import t from 'tap';
 import { Machine } from '../../lib/index.js';
-import { warmUpMigrationSource } from '../../lib/migration/source-warm-up.js';
+import { warmUpMigrationSource, warmUpStateSaving } from '../../lib/migration/source-warm-up.js';
 import { afterNextMachineStart } from '../../lib/vmm/machine.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { sharedPool } from '../helpers/pool.js';
@@ -35,9 +35,12 @@ t.test('work runs once, a little after the next machine start() starts; a throw 
   const b = await Machine.create({ image: guestImage('spin'), memoryBytes: 1 << 20, pool, ...quiet });
   try {
     t.same(calls, [], 'nothing runs while no machine has started');
+    t.equal(await warmUpStateSaving(b), false, 'a machine not yet running saves nothing');
     a.start();
     await firstRan;
     t.same(calls, ['first']);
+    t.equal(await warmUpStateSaving(a), true, "a running machine's state is saved (its vCPU kicked, not paused) and encoded");
+    t.equal(a.state, 'running', 'and it runs on');
     afterNextMachineStart(() => {
       calls.push('throws');
       throw new Error('a failing rehearsal');
