@@ -14,7 +14,7 @@ import { PassThrough, type Duplex } from 'node:stream';
 import { GUEST_PARAMS_ADDR, Machine } from '../../lib/index.js';
 import { shapeMismatch } from '../../lib/vmm/builder.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { boot } from '../helpers/machine.js';
+import { boot, logCollector } from '../helpers/machine.js';
 import { sharedPool } from '../helpers/pool.js';
 
 const MiB = 1 << 20;
@@ -180,14 +180,16 @@ t.test('a restored snapshot resets connections with a transport-reset event; new
 
 t.test('a guest that breaks its TX ring: NEEDS_RESET, logged once each, and the device serves it after a reset', { skip: noKvm }, async (t) => {
   const dir = tempDir(t);
-  const logs: string[] = [];
-  const booted = await boot({ image, memoryBytes: 16 * MiB, vsock: { cid: CID, uds: path.join(dir, 'v.sock') }, pool }, logs);
+  const { lines: logs, log, logged } = logCollector();
+  const booted = await boot({ image, memoryBytes: 16 * MiB, vsock: { cid: CID, uds: path.join(dir, 'v.sock') }, pool, log });
   const { machine } = booted;
   t.teardown(() => void machine.stop());
   machine.writeMemory(GUEST_PARAMS_ADDR, new Uint8Array([1, 0, 0, 0]));
   machine.start();
   const output = await booted.waitForOutput('vsock-echo: ready');
   t.match(output, /vsock-echo: hostile short-header: needs-reset\nvsock-echo: hostile len-past-buffer: needs-reset\n/);
+  await logged(/virtio-vsock: TX: a packet of 20 device-readable bytes/);
+  await logged(/virtio-vsock: TX: a packet of len 4096 in 8 bytes/);
   t.equal(logs.filter((line) => /virtio-vsock: TX: a packet of 20 device-readable bytes/.test(line)).length, 1, 'the short header, logged once');
   t.equal(logs.filter((line) => /virtio-vsock: TX: a packet of len 4096 in 8 bytes/.test(line)).length, 1, 'the long len, logged once');
   const stream = await machine.vsock!.connect(5000);

@@ -47,6 +47,30 @@ export async function runToExit(config: MachineConfig, logs: string[] = []): Pro
   return { exit, output: booted.output() };
 }
 
+/**
+ * A machine's `log` that keeps every line in `lines`, and `logged(pattern)`, which resolves once a
+ * line matches: a device thread's log line and the guest's output reach the main thread by
+ * different ports, in no set order, so a test that sees the guest's report waits for the line.
+ */
+export function logCollector(): { lines: string[]; log: (message: string) => void; logged(pattern: RegExp): Promise<void> } {
+  const lines: string[] = [];
+  const waiters: { pattern: RegExp; resolve: () => void }[] = [];
+  return {
+    lines,
+    log(message) {
+      lines.push(message);
+      for (const waiter of waiters.filter(({ pattern }) => pattern.test(message))) {
+        waiters.splice(waiters.indexOf(waiter), 1);
+        waiter.resolve();
+      }
+    },
+    logged(pattern) {
+      if (lines.some((line) => pattern.test(line))) return Promise.resolve();
+      return new Promise((resolve) => waiters.push({ pattern, resolve }));
+    },
+  };
+}
+
 /** A pattern for exactly this text (tap matches a string pattern as a part of the message). */
 export function exactly(text: string): RegExp {
   return new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
