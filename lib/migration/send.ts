@@ -130,6 +130,15 @@ export async function migrateMachine(machine: Machine, address: string, options:
   });
 }
 
+/** A migration's statistics before anything has happened. */
+export function newMigrationStats(memoryBytes: number, dirtyLogMode: DirtyLogMode): MigrationStats {
+  return {
+    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
+    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
+    memoryBytes, dirtyLogMode, cpuThrottlePercentage: 0, throttledMs: 0,
+  };
+}
+
 /** What a machine lends a migration. */
 export interface MigrationSource {
   readonly memory: GuestMemory;
@@ -230,11 +239,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   const started = performance.now();
   resetPhases();
   markPhase('source: migration started');
-  const stats: MigrationStats = {
-    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
-    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
-    memoryBytes: source.memoryBytes, dirtyLogMode: source.dirtyLogMode, cpuThrottlePercentage: 0, throttledMs: 0,
-  };
+  const stats = newMigrationStats(source.memoryBytes, source.dirtyLogMode);
   if (opts.autoConverge && !source.throttle) throw argValueError('autoConverge: this migration source cannot throttle its vCPUs');
   const what = `migration to ${addressText}`;
   throwIfAborted(opts.signal, what, 'setup');

@@ -12,9 +12,8 @@ import { SectionType, encodeHeader, encodeSection, encodeSync } from './format.j
 import { rehearseHandshake } from './handshake.js';
 import { PeerReplies } from './peer-replies.js';
 import { decodePageRanges, encodePageRanges } from './postcopy-ranges.js';
-import { PageSender } from './send.js';
+import { PageSender, newMigrationStats } from './send.js';
 import { warmUpStateEncoding } from './state-sections.js';
-import type { MigrationStats } from './types.js';
 import { SectionBufferPool, writeChunks } from './writers.js';
 
 /** Pages the made-up dirty bitmap covers: a 256 MiB guest's. */
@@ -80,7 +79,7 @@ function rehearsePages(ram: Uint8Array, round: number): void {
   const harvested = unionRanges(takeWordRanges(pending), asked);
   // The pages themselves, from the made-up RAM: ranges of its size, in every shape.
   const ranges: PageRange[] = harvested.map(({ firstPage, pageCount }) => ({ firstPage: firstPage % RAM_PAGES, pageCount: Math.min(pageCount, RAM_PAGES - (firstPage % RAM_PAGES)) }));
-  const stats = newStats();
+  const stats = newMigrationStats(RAM_PAGES * PAGE_SIZE, 'bitmap');
   const buffers = new SectionBufferPool();
   const copied = new PageSender(ram, stats, async () => {}, buffers, false);
   const live = new PageSender(ram, stats, async () => {}, buffers, true);
@@ -116,12 +115,4 @@ async function rehearseReplies(): Promise<boolean> {
     replies.onPageRequest(null);
     wire.destroy();
   }
-}
-
-function newStats(): MigrationStats {
-  return {
-    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
-    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
-    memoryBytes: RAM_PAGES * PAGE_SIZE, dirtyLogMode: 'bitmap', cpuThrottlePercentage: 0, throttledMs: 0,
-  };
 }
