@@ -501,14 +501,27 @@ export class Machine extends EventEmitter {
    */
   start(options: { paused?: boolean } = {}): void {
     if (typeof options !== 'object' || options === null) throw argTypeError('options must be an object');
-    this.#start(options.paused === true, null, false, true);
+    this.#start(options.paused === true, null);
+    // After #exposeMemorySoon()'s timer (same delay, set first).
+    if (afterNextStart.length > 0) setTimeout(() => this.#runAfterStartWork(), EXPOSE_MEMORY_AFTER_MS).unref();
+  }
+
+  /** The work afterNextMachineStart() holds, each once; a throw is ignored. */
+  #runAfterStartWork(): void {
+    for (const work of afterNextStart.splice(0)) {
+      try {
+        work(this);
+      } catch {
+        // Only ahead of time.
+      }
+    }
   }
 
   /**
    * `onRunning`: called at the moment the vCPUs are set running (or paused), just before their
    * threads are woken, and before the rest of the bookkeeping.
    */
-  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false, booted = false): void {
+  #start(paused: boolean, onRunning: (() => void) | null, rehearsal = false): void {
     if (Atomics.load(this.#control, STATE) !== RunState.Created) throw machineStateError(`machine is ${this.state}, not created`);
     if (rehearsal) return;
     // A migration's destination answers here, nothing left that can fail: its write goes before
@@ -525,7 +538,7 @@ export class Machine extends EventEmitter {
       this.#haltWatch?.start();
       this.#devices.runTimers();
     }
-    this.#exposeMemorySoon(booted);
+    this.#exposeMemorySoon();
   }
 
   /**
@@ -533,22 +546,14 @@ export class Machine extends EventEmitter {
    * external ArrayBuffer into its old generation and marks the whole JavaScript heap when one
    * appears (25 ms of marking steps on the main thread for a 40 MB heap): paid here, in the
    * background, it is not paid inside the first migration's or snapshot's rounds. Not at build:
-   * a restore or a boot would wait for it. Then, for a machine start() started (`booted`), the
-   * work afterNextMachineStart() holds.
+   * a restore or a boot would wait for it.
    */
-  #exposeMemorySoon(booted: boolean): void {
+  #exposeMemorySoon(): void {
     setTimeout(() => {
       try {
         if (!this.#exit) void this.memory.buffer;
       } catch {
         // Only ahead of time: the first reader makes it, and hears why it cannot be made.
-      }
-      for (const work of booted ? afterNextStart.splice(0) : []) {
-        try {
-          work(this);
-        } catch {
-          // Only ahead of time.
-        }
       }
     }, EXPOSE_MEMORY_AFTER_MS).unref();
   }
