@@ -43,6 +43,7 @@ import { PeerReplies } from './peer-replies.js';
 import { socketFd } from './socket-buffers.js';
 import { SectionParser } from './section-parser.js';
 import { socketSource, type SocketSource } from './sources.js';
+import { newMigrationStats } from './stats.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { FinalConfigSections, StateSectionReader, encodeConfigSection, encodeFinalState, machineStateOf, rehearseStateEncoding, warmUpStateEncoding } from './state-sections.js';
 import { connectForMigration, parseMigrationAddress } from './transport.js';
@@ -144,11 +145,7 @@ export async function migrateMachineLocally(machine: Machine, addressText: strin
         'the pages it wrote are private to this process and cannot move; migrate it without local (its pages are then copied)', { phase: 'setup' });
     }
     const started = performance.now();
-    const stats: MigrationStats = {
-      phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
-      zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
-      memoryBytes: machine.memoryBytes, dirtyLogMode: machine.dirtyLogMode, cpuThrottlePercentage: 0, throttledMs: 0,
-    };
+    const stats = newMigrationStats(machine.memoryBytes, machine.dirtyLogMode);
     const progress = (phase: MigrationPhase) => {
       stats.phase = phase;
       stats.totalTimeMs = performance.now() - started;

@@ -15,6 +15,7 @@ import { pageCountOf, populatedPageRanges, unionRanges } from '../vmm/page-range
 import { argTypeError, argValueError, outOfRangeError } from '../kvm/errors.js';
 import { MigrationError, MigrationErrorCode as Code, abortPromise, checkSignal, throwIfAborted } from './errors.js';
 import { SectionType, encodeEnd, encodeErrorSection, encodeHeader, encodeSection, encodeSync, newStreamId } from './format.js';
+import { newMigrationStats } from './stats.js';
 import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, encodeLivePageBatch, encodePageBatch } from './pages.js';
 import { migrateMachineLocally } from './local.js';
 import { PeerReplies } from './peer-replies.js';
@@ -128,15 +129,6 @@ export async function migrateMachine(machine: Machine, address: string, options:
     internals.end({ reason: 'migrated' });
     return stats;
   });
-}
-
-/** A migration's statistics before anything has happened. */
-export function newMigrationStats(memoryBytes: number, dirtyLogMode: DirtyLogMode): MigrationStats {
-  return {
-    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
-    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
-    memoryBytes, dirtyLogMode, cpuThrottlePercentage: 0, throttledMs: 0,
-  };
 }
 
 /** What a machine lends a migration. */
