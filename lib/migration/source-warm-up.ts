@@ -6,13 +6,14 @@ import type { Socket } from 'node:net';
 import { PassThrough } from 'node:stream';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { machineInternals, type Machine } from '../vmm/machine.js';
-import { DirtyBitmap, takeWordRanges } from '../vmm/dirty-bitmap.js';
+import { DirtyBitmap, orLogWords, takeWordRanges } from '../vmm/dirty-bitmap.js';
 import { unionRanges, type PageRange } from '../vmm/page-ranges.js';
 import { SectionType, encodeHeader, encodeSection, encodeSync } from './format.js';
 import { rehearseHandshake } from './handshake.js';
 import { PeerReplies } from './peer-replies.js';
 import { decodePageRanges, encodePageRanges } from './postcopy-ranges.js';
-import { PageSender, newMigrationStats } from './send.js';
+import { PageSender } from './send.js';
+import { newMigrationStats } from './stats.js';
 import { warmUpStateEncoding } from './state-sections.js';
 import { SectionBufferPool, writeChunks } from './writers.js';
 
@@ -74,6 +75,13 @@ function rehearsePages(ram: Uint8Array, round: number): void {
   for (let page = round; page < BITMAP_PAGES; page += 97) bitmap.markPages(page, 1 + (page % 40));
   const pending = new Int32Array(BITMAP_PAGES / 32);
   for (let word = round; word < pending.length; word += 5) pending[word] = word % 3 === 0 ? -1 : 0x0f0f0f0f;
+  // A memory slot's dirty log as KVM returns it, read by chunks into the same bitmap or only
+  // looked at (as tracking starts), the slot starting at a word of the bitmap or within one.
+  const log = new Int32Array(BITMAP_PAGES / 32 - 1);
+  for (let word = round; word < log.length; word += 7) log[word] = word % 2 === 0 ? -1 : 0x00ff00f0;
+  for (let chunk = 0; chunk * 64 < log.length; chunk++) {
+    orLogWords(log, chunk * 64, Math.min(chunk * 64 + 64, log.length), chunk % 2 === 0 ? pending : null, chunk % 4 < 2 ? 0 : 16);
+  }
   bitmap.takeInto(pending);
   const asked = decodePageRanges(encodePageRanges([{ firstPage: 3, pageCount: 9 }, { firstPage: 1000, pageCount: 64 }]), BITMAP_PAGES, 'a rehearsal');
   const harvested = unionRanges(takeWordRanges(pending), asked);
@@ -88,6 +96,10 @@ function rehearsePages(ram: Uint8Array, round: number): void {
     for (const chunk of copied.encode(batch, round % 2 === 0)) buffers.release(chunk);
     live.encode(batch, round % 2 === 1);
   }
+  // A batch of zero pages only (pages 5-7 of each 8), which is not sent to a zeroed destination.
+  const zeroPages = [{ firstPage: 8 * round + 5, pageCount: 3 }];
+  for (const chunk of copied.encode(zeroPages, true)) buffers.release(chunk);
+  live.encode(zeroPages, true);
 }
 
 /**

@@ -183,3 +183,30 @@ export function takeWordRanges(words: Int32Array): PageRange[] {
   }
   return ranges;
 }
+
+/**
+ * ORs words [fromWord, toWord) of a memory slot's dirty log (bit i of word w = the slot's page
+ * 32w + i) into `target` (a bitmap by guest frame), the slot starting at frame `firstPage`; with
+ * no target, only looks. Whether any of the words had a bit set.
+ */
+export function orLogWords(words: Int32Array, fromWord: number, toWord: number, target: Int32Array | null, firstPage: number): boolean {
+  let dirty = false;
+  for (let word = fromWord; word < toWord; word++) {
+    const bits = words[word]!;
+    if (bits === 0) continue;
+    dirty = true;
+    if (target !== null) orWord(target, firstPage + word * 32, bits);
+  }
+  return dirty;
+}
+
+/** ORs `bits` (bit i = frame `page` + i) into `target`, across two words unless `page` is a multiple of 32. */
+function orWord(target: Int32Array, page: number, bits: number): void {
+  const index = page >>> 5;
+  const shift = page & 31;
+  target[index]! |= bits << shift;
+  if (shift !== 0) {
+    const carry = bits >>> (32 - shift);
+    if (carry !== 0) target[index + 1]! |= carry;
+  }
+}

@@ -6,7 +6,7 @@ import { Cap, DirtyLogManual, MemoryFlag, PAGE_SIZE } from '../kvm/constants.js'
 import { GuestMemory } from '../kvm/memory.js';
 import { harvestDirtyRing, type Vcpu, type VcpuKickHandle } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
-import { bitmapWords, DirtyBitmap, takeWordRanges } from './dirty-bitmap.js';
+import { bitmapWords, DirtyBitmap, orLogWords, takeWordRanges } from './dirty-bitmap.js';
 import type { PageRange } from './page-ranges.js';
 import { ErrorCode, argTypeError, argValueError, NodeKvmError, outOfRangeError } from '../kvm/errors.js';
 
@@ -312,22 +312,20 @@ export class DirtyTracker {
     }
     const log = this.#vm.getDirtyLog(state.slot, state.log);
     const words = state.logWords!;
+    // The words are read by one function, which the migration source's warm-up also runs: the
+    // first harvest that finds pages written runs no code that V8 compiled without seeing it.
     if (!this.#manualProtect) {
       // KVM_GET_DIRTY_LOG has already re-armed what it returned.
-      if (target) for (let word = 0; word < words.length; word++) if (words[word] !== 0) orWord(target, state.firstPage, word, words[word]!);
+      orLogWords(words, 0, words.length, target, state.firstPage);
       return;
     }
     const chunk = this.#clearChunkPages;
     for (let chunkPage = 0; chunkPage < state.pageCount; chunkPage += chunk) {
       const endWord = Math.min(words.length, (chunkPage + chunk) / 32);
-      let dirty = false;
-      for (let word = chunkPage / 32; word < endWord; word++) {
-        if (words[word] === 0) continue;
-        dirty = true;
-        if (target) orWord(target, state.firstPage, word, words[word]!);
-      }
       // Re-arm exactly the pages reported: one written since KVM_GET_DIRTY_LOG stays set in KVM's log.
-      if (dirty) this.#vm.clearDirtyLog(state.slot, chunkPage, Math.min(chunk, state.pageCount - chunkPage), log.subarray(chunkPage / 8));
+      if (orLogWords(words, chunkPage / 32, endWord, target, state.firstPage)) {
+        this.#vm.clearDirtyLog(state.slot, chunkPage, Math.min(chunk, state.pageCount - chunkPage), log.subarray(chunkPage / 8));
+      }
     }
   }
 
@@ -439,18 +437,6 @@ function checkNumber(value: unknown, name: string, max: number): number {
   if (typeof value !== 'number') throw argTypeError(`${name} must be a number, got ${typeof value}`);
   if (!Number.isInteger(value) || value < 0 || value > max) throw outOfRangeError(`${name} must be an integer 0..${max}, got ${value}`);
   return value;
-}
-
-/** ORs `bits`, word `word` of a slot's log (bit i = slot page 32*word + i), into `target` at frame `firstPage`. */
-function orWord(target: Int32Array, firstPage: number, word: number, bits: number): void {
-  const page = firstPage + word * 32;
-  const index = page >>> 5;
-  const shift = page & 31;
-  target[index]! |= bits << shift;
-  if (shift !== 0) {
-    const carry = bits >>> (32 - shift);
-    if (carry !== 0) target[index + 1]! |= carry;
-  }
 }
 
 /** Sets pages [firstPage, endPage) in a thread-private bitmap. */

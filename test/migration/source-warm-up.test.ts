@@ -4,6 +4,7 @@
 import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import { warmUpMigrationSource, warmUpStateSaving } from '../../lib/migration/source-warm-up.js';
+import { newMigrationStats } from '../../lib/migration/stats.js';
 import { afterNextMachineStart } from '../../lib/vmm/machine.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { sharedPool } from '../helpers/pool.js';
@@ -19,6 +20,16 @@ function registered(name: string, calls: string[]): Promise<void> {
     resolve();
   }));
 }
+
+t.test("a migration's first statistics: every count and time at zero, the machine's size and dirty log mode", async (t) => {
+  const stats = newMigrationStats(256 << 20, 'ring');
+  t.same(stats, {
+    phase: 'setup', totalTimeMs: 0, setupTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, bytesTransferred: 0, pagesTransferred: 0,
+    zeroPagesSkipped: 0, pagesResent: 0, iterations: 0, dirtyPagesRate: 0, throughputBytesPerSec: 0, remainingPages: 0,
+    memoryBytes: 256 << 20, dirtyLogMode: 'ring', cpuThrottlePercentage: 0, throttledMs: 0,
+  });
+  t.not(newMigrationStats(4096, 'bitmap'), newMigrationStats(4096, 'bitmap'), 'a new object each time');
+});
 
 t.test('rehearses every step once per process and leaves no handle behind', async (t) => {
   const handles = activeHandles();

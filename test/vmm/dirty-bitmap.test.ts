@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import t from 'tap';
-import { appendWordRuns, DirtyBitmap, MAX_BITMAP_PAGES, takeWordRanges } from '../../lib/vmm/dirty-bitmap.js';
+import { appendWordRuns, DirtyBitmap, MAX_BITMAP_PAGES, orLogWords, takeWordRanges } from '../../lib/vmm/dirty-bitmap.js';
 import type { PageRange } from '../../lib/migration/types.js';
 import { rangesOf } from '../helpers/dirty-pages.js';
 
@@ -146,6 +146,24 @@ t.test('word helpers: runs across words, and reading a private bitmap', async (t
   const words = new Int32Array([0, 0x80000000 | 0, 1, 0]);
   t.same(takeWordRanges(words), [{ firstPage: 63, pageCount: 2 }]);
   t.same([...words], [0, 0, 0, 0], 'read and zeroed');
+});
+
+t.test('a slot\'s dirty log read into a bitmap by guest frame, at a word boundary or within a word', async (t) => {
+  const log = new Int32Array([0, 0b101, 0, 0x80000000 | 0, -1]);
+  const aligned = new Int32Array(8);
+  t.equal(orLogWords(log, 0, log.length, aligned, 64), true);
+  t.same([...aligned], [0, 0, 0, 0b101, 0, 0x80000000 | 0, -1, 0], 'the slot\'s page 32 is frame 96');
+  const within = new Int32Array(8);
+  within[0] = 1;
+  t.equal(orLogWords(log, 1, 4, within, 20), true);
+  // Slot page 32 is frame 52 (word 1, bit 20); slot page 127 is frame 147 (word 4, bit 19).
+  t.same([...within], [1, 0b101 << 20, 0, 0, 1 << 19, 0, 0, 0], 'what was set stays; a word of the log spans two of the bitmap');
+  const carried = new Int32Array(3);
+  orLogWords(new Int32Array([-1]), 0, 1, carried, 40);
+  t.same([...carried], [0, -256, 0xff], 'a full word from frame 40: frames 40-71');
+  t.equal(orLogWords(log, 0, 1, aligned, 0), false, 'a range of clean words');
+  t.equal(orLogWords(log, 2, 5, null, 0), true, 'without a target it only looks');
+  t.same([...log], [0, 0b101, 0, 0x80000000 | 0, -1], 'the log is left as it was');
 });
 
 t.test('attach shares the bits, checking the size', async (t) => {
