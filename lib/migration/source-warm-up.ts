@@ -62,7 +62,10 @@ export function warmUpMigrationSource(): Promise<boolean> {
 export async function warmUpStateSaving(machine: Machine): Promise<boolean> {
   if (machine.state !== 'running') return false;
   try {
-    return (await warmUpStateEncoding(machineInternals(machine).warmUpSave())) !== null;
+    const internals = machineInternals(machine);
+    if ((await warmUpStateEncoding(internals.warmUpSave())) === null) return false;
+    // Then the stop itself, once, in a pause the guest does not see.
+    return await internals.warmUpPause();
   } catch {
     return false;
   }

@@ -86,6 +86,8 @@ export function afterNextMachineStart(work: (machine: Machine) => void): void {
 
 /** How long a pause that saves the vCPUs for a migration waits for them with the main thread blocked. */
 const PAUSE_BLOCKING_WAIT_MS = 2;
+/** A write-out of the vCPU state as a live migration's stop asks for one, to no fd: for warm-ups. */
+const NO_FD_WRITE_OUT: StateWriteOut = { fd: -1, prefix: new Uint8Array(0), vmRecordType: 0, vcpuRecordType: 0 };
 
 /**
  * What snapshots and migrations (lib/migration) need of a machine beyond its public face. Lent by
@@ -127,6 +129,14 @@ export interface MachineInternals {
    * on) serves to warm what sends it; null if a vCPU did not answer soon.
    */
   warmUpSave(): Promise<MachineState | null>;
+  /**
+   * Stops the guest a moment it does not see (as the halt watch does: no event, clocks and disks
+   * running on) the way a migration's stop does: each vCPU asked for its state and to write it out
+   * (to no fd) as it stops, the main thread waiting for them blocked. V8 then has that path
+   * compiled before a first migration's pause. Whether every vCPU answered; false, with nothing
+   * stopped, unless the machine runs with no snapshot or migration under way.
+   */
+  warmUpPause(): Promise<boolean>;
   /**
    * The machine's dirty tracker, started for `owner` (a new one if another owner had it): which
    * pages changed since the last harvest, the guest's writes and the VMM's own.
@@ -593,7 +603,7 @@ export class Machine extends EventEmitter {
    * final): the states come back with the pause, one round trip to the threads less inside a
    * migration's downtime.
    */
-  async #pause(saveVcpus: boolean, options: { quiet?: boolean; writeOut?: StateWriteOut; writtenOut?: (out: StateWrittenOut | null) => void } = {}): Promise<RawVcpuState[] | null> {
+  async #pause(saveVcpus: boolean, options: { quiet?: boolean; blocking?: boolean; writeOut?: StateWriteOut; writtenOut?: (out: StateWrittenOut | null) => void } = {}): Promise<RawVcpuState[] | null> {
     // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
     if (!options.quiet) while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
@@ -609,7 +619,7 @@ export class Machine extends EventEmitter {
     this.#kickAll();
     // The halt watch's pause is a moment the guest does not see: its clocks run on.
     if (!options.quiet) this.#devices.haltTimers();
-    await this.#parkAll(saveVcpus && !options.quiet ? PAUSE_BLOCKING_WAIT_MS : 0, true);
+    await this.#parkAll(saveVcpus && (!options.quiet || options.blocking) ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
@@ -880,6 +890,8 @@ export class Machine extends EventEmitter {
       },
       start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
+      // Not while a snapshot or migration is under way: it pauses the machine itself.
+      warmUpPause: async () => this.#busy === null && (await this.#whileStopped(async (states) => states !== null, { saveVcpus: true, asAStop: true })),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
         return machine.#trackerOwner;
@@ -913,13 +925,13 @@ export class Machine extends EventEmitter {
    * own pause waits it out. The guest runs on afterwards unless `work` ended the machine. A machine
    * that is not running is not paused for it (`work` gets no states).
    */
-  async #whileStopped<T>(work: (vcpus: RawVcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean } = {}): Promise<T> {
+  async #whileStopped<T>(work: (vcpus: RawVcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean; asAStop?: boolean } = {}): Promise<T> {
     while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) return work(null);
     let done!: () => void;
     this.#quietPause = new Promise((resolve) => (done = resolve));
     try {
-      const vcpus = await this.#pause(options.saveVcpus === true, { quiet: true });
+      const vcpus = await this.#pause(options.saveVcpus === true, { quiet: true, ...(options.asAStop ? { writeOut: NO_FD_WRITE_OUT, blocking: true } : {}) });
       try {
         return await work(vcpus);
       } finally {
@@ -1045,7 +1057,7 @@ export class Machine extends EventEmitter {
   async #warmUpSave(): Promise<MachineState | null> {
     // A vCPU that does not answer soon (halted without an irqchip) is simply not warmed.
     // A one-vCPU machine's thread also runs what a live migration's pause has it write out (to no fd).
-    const writeOut = this.vcpuCount === 1 ? { fd: -1, prefix: new Uint8Array(0), vmRecordType: 0, vcpuRecordType: 0 } : undefined;
+    const writeOut = this.vcpuCount === 1 ? NO_FD_WRITE_OUT : undefined;
     const vcpus = await Promise.all(this.#requestPorts.map((_, id) => {
       const reply = this.#request(id, writeOut ? { type: 'save', writeOut } : { type: 'save' });
       kickVcpu(this.#kicks[id]!);

@@ -50,8 +50,11 @@ t.test('work runs once, a little after the next machine start() starts; a throw 
     a.start();
     await firstRan;
     t.same(calls, ['first']);
-    t.equal(await warmUpStateSaving(a), true, "a running machine's state is saved (its vCPU kicked, not paused) and encoded");
+    const events: string[] = [];
+    for (const name of ['paused', 'resumed']) a.on(name, () => events.push(name));
+    t.equal(await warmUpStateSaving(a), true, "a running machine's state is saved (its vCPU kicked) and encoded, then its stop rehearsed");
     t.equal(a.state, 'running', 'and it runs on');
+    t.same(events, [], 'the stop was one its owner does not see: no event');
     afterNextMachineStart(() => {
       calls.push('throws');
       throw new Error('a failing rehearsal');
