@@ -439,10 +439,7 @@ export async function warmUpStateEncoding(saved: Promise<MachineState | null>): 
  * first, 0.025 ms in a loop).
  */
 export function rehearseStateEncoding(state: MachineState, rounds = 2): void {
-  if (rounds <= 0) return;
-  // A copy, as a migration saves the states it sends ahead apart from the last ones: compared
-  // with the same objects, each device would be found unchanged at its first step.
-  const { virtio: _virtio, ...ahead } = structuredClone(state.devices);
+  const { virtio: _virtio, ...ahead } = state.devices;
   const configs = new FinalConfigSections(state.shape);
   for (let i = 0; i < rounds; i++) {
     encodeFinalState({ ...state, running: true }, configs);
