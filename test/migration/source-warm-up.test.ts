@@ -5,7 +5,7 @@ import t from 'tap';
 import { Machine } from '../../lib/index.js';
 import { warmUpMigrationSource, warmUpStateSaving } from '../../lib/migration/source-warm-up.js';
 import { newMigrationStats } from '../../lib/migration/stats.js';
-import { afterNextMachineStart } from '../../lib/vmm/machine.js';
+import { afterNextMachineStart, machineInternals } from '../../lib/vmm/machine.js';
 import { guestImage, noKvm } from '../helpers/kvm.js';
 import { sharedPool } from '../helpers/pool.js';
 
@@ -66,5 +66,26 @@ t.test('work runs once, a little after the next machine start() starts; a throw 
     t.equal(b.state, 'running');
   } finally {
     await Promise.all([a.stop(), b.stop()]);
+  }
+});
+
+t.test("the rehearsed stop: each vCPU of two stopped and saved, unseen; a machine not running is left as it is", { skip: noKvm }, async (t) => {
+  const machine = await Machine.create({ image: guestImage('spin'), memoryBytes: 1 << 20, vcpus: 2, irqchip: true, pool, ...quiet });
+  const events: string[] = [];
+  for (const name of ['paused', 'resumed']) machine.on(name, () => events.push(name));
+  try {
+    t.equal(await machineInternals(machine).warmUpPause(), false, 'not started: nothing stopped');
+    t.equal(machine.state, 'created');
+    machine.start();
+    t.equal(await machineInternals(machine).warmUpPause(), true, 'both vCPUs answered');
+    t.equal(machine.state, 'running', 'and the guest runs on');
+    t.same(events, [], 'no event');
+    await machine.pause();
+    t.equal(await machineInternals(machine).warmUpPause(), false, 'paused by its owner: nothing stopped');
+    t.equal(machine.state, 'paused', 'and it stays paused');
+    machine.resume();
+    t.same(events, ['paused', 'resumed'], "only the owner's pause and resume were seen");
+  } finally {
+    await machine.stop();
   }
 });
