@@ -95,6 +95,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("getDirtyLog", GetDirtyLog);
   fn("clearDirtyLog", ClearDirtyLog);
   fn("closeVm", CloseVmHandle);
+  fn("closeVmAsync", CloseVmHandleAsync);
   fn("createEventFd", CreateEventFd);
   fn("createVcpu", CreateVcpu);
   fn("releaseVcpu", ReleaseVcpu);

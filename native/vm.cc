@@ -183,6 +183,40 @@ Napi::Value CloseVmHandle(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+namespace {
+// The last close of a VM fd runs the kernel's teardown of the VM, which waits out RCU grace
+// periods (15-20 ms here, the CPU idle): on a thread of libuv's pool, not the event loop's.
+class CloseVmWorker : public Napi::AsyncWorker {
+ public:
+  CloseVmWorker(Napi::Env env, std::shared_ptr<VmState> state)
+      : Napi::AsyncWorker(env), state_(std::move(state)), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() const { return deferred_.Promise(); }
+  void Execute() override {
+    if (state_) CloseVm(state_);
+  }
+  void OnOK() override {
+    // The state itself goes on this thread: its slots release guest RAM's mappings.
+    state_.reset();
+    deferred_.Resolve(Env().Undefined());
+  }
+
+ private:
+  std::shared_ptr<VmState> state_;
+  Napi::Promise::Deferred deferred_;
+};
+}  // namespace
+
+// closeVmAsync(handle) -> Promise<void>: closeVm() with the close on libuv's pool; the handle is
+// gone at once (later calls on it throw EBADF), the promise resolves once the fd is closed.
+Napi::Value CloseVmHandleAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t id = HandleId(env, info[0], "vm");
+  auto* worker = new CloseVmWorker(env, Handles::RemoveVm(id));
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
 // createEventFd(initialValue, semaphore, nonBlocking) -> fd (close-on-exec).
 Napi::Value CreateEventFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -28,6 +28,8 @@ export interface NativeBinding {
   getDirtyLog(vm: number, slot: number, into?: Uint8Array): Uint8Array;
   clearDirtyLog(vm: number, slot: number, firstPage: number, numPages: number, bitmap?: Uint8Array): void;
   closeVm(handle: number): void;
+  /** closeVm() on libuv's pool: the handle is gone at once, the promise resolves once the fd is closed. */
+  closeVmAsync(handle: number): Promise<void>;
   createEventFd(initialValue: number, semaphore: boolean, nonBlocking: boolean): number;
   createVcpu(vm: number, id: number): [handle: number, fd: number, kvmRun: ArrayBuffer];
   /** Hands a vCPU this thread owns to whichever thread adopts it; detaches `kvmRun` (this thread's buffer). */

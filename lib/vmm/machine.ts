@@ -1173,7 +1173,8 @@ export class Machine extends EventEmitter {
     for (const fd of this.#tracesClosing) closeSync(fd);
     this.#tracesClosing.clear();
     this.#tracker = null;
-    this.#vm.close();
+    // Guest RAM goes after the VM: no vCPU is left, and KVM then has no slot over it.
+    await this.#vm.closeAsync();
     this.#memory.close();
     this.#kvm.close();
     if (this.#pool) this.#pool.release(this.#threads);

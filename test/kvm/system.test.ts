@@ -1,5 +1,6 @@
 // The system handle (/dev/kvm): API version, capabilities, host CPUID and MSR lists, opening
 // errors, VM creation, and the closed-handle contract.
+import { readlinkSync } from 'node:fs';
 import t, { type Test } from 'tap';
 import { Cap, Kvm, KVM_API_VERSION, KvmError, Msr, Vm } from '../../lib/index.js';
 import { noKvm, throwsKvm, thrown } from '../helpers/kvm.js';
@@ -122,6 +123,31 @@ t.test('close is idempotent and a closed Kvm throws EBADF', { skip: noKvm }, asy
   throwsKvm(t, () => kvm.getSupportedCpuid(), ebadf);
   throwsKvm(t, () => kvm.getMsrIndexList(), ebadf);
   throwsKvm(t, () => kvm.createVm(), ebadf);
+});
+
+t.test('closeAsync closes the handle at once and the fd on libuv\'s pool; a view leaves the VM open', { skip: noKvm }, async (t) => {
+  const kvm = openKvm(t);
+  const vm = kvm.createVm();
+  const fd = vm.fd;
+  const view = Vm.fromFd(fd);
+  t.match(readlinkSync(`/proc/self/fd/${fd}`), /kvm-vm/);
+  await view.closeAsync();
+  t.equal(view.closed, true);
+  t.ok(vm.checkExtension(Cap.UserMemory) > 0, "the view's close leaves the VM open");
+  const closing = vm.closeAsync();
+  t.equal(vm.closed, true, 'closed before the promise settles');
+  throwsKvm(t, () => vm.checkExtension(Cap.UserMemory), { code: 'EBADF', errno: -9, message: /Vm handle is closed/ });
+  t.equal(await vm.closeAsync(), undefined, 'a second call does nothing');
+  t.equal(await closing, undefined);
+  let open = true;
+  try {
+    open = /kvm-vm/.test(readlinkSync(`/proc/self/fd/${fd}`));
+  } catch {
+    open = false; // the number is free
+  }
+  t.equal(open, false, 'the fd is closed once the promise resolves');
+  vm.close();
+  t.pass('close() after closeAsync() does nothing');
 });
 
 t.test('a `using` declaration closes the handle', { skip: noKvm }, async (t) => {
