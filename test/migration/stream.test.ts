@@ -564,6 +564,8 @@ t.test('state codec', async (t) => {
     t.throws(() => encodeState(cycle), { name: 'TypeError', message: 'cannot encode state.self: it refers back to itself' });
     const shared = { x: 1 };
     t.same(decodeState(encodeState({ a: shared, b: shared })), { a: { x: 1 }, b: { x: 1 } }, 'a shared object is not a cycle');
+    t.throws(() => encodeState({ a: [shared, { b: () => 1 }] }), TypeError);
+    t.same(decodeState(encodeState([shared, [shared]])), [{ x: 1 }, [{ x: 1 }]], 'nor after an encoding that failed inside it');
     t.throws(() => encodeState(JSON.parse('{"__proto__": 1}')), TypeError);
     t.throws(() => encodeState({ constructor: 1 }), TypeError);
     let deep: unknown = 1;
