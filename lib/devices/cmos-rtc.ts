@@ -279,6 +279,11 @@ export class CmosRtc implements PortDevice {
     return this.#nowMs();
   }
 
+  /** The last second whose update was accounted (a read of register C or the main thread's timer). */
+  get lastUpdateSecond(): number {
+    return this.#floats[F_LAST_UPDATE_SECOND]!;
+  }
+
   read(offset: number, size: number): number {
     let value = 0;
     for (let lane = 0; lane < size; lane++) {
@@ -645,7 +650,12 @@ export class CmosRtcInterrupts {
 
   #scheduleUpdate(): void {
     const now = this.#rtc.guestTimeMs;
-    this.#updateTimer = setTimeout(this.#updateTick, Math.ceil(now / 1000) * 1000 - now);
+    const second = Math.floor(now / 1000);
+    // A tick that fired a moment early (Node's timers keep whole milliseconds) accounted nothing;
+    // if its second has begun since, it is owed at once, not merged into the next second's
+    // interrupt. (Seconds further behind: the interrupts were just enabled, from the next tick.)
+    const nextMs = this.#rtc.lastUpdateSecond + 1 === second ? second * 1000 : Math.ceil(now / 1000) * 1000;
+    this.#updateTimer = setTimeout(this.#updateTick, Math.max(0, nextMs - now));
     this.#updateTimer.unref();
   }
 
