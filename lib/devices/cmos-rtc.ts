@@ -654,8 +654,8 @@ export class CmosRtcInterrupts {
     // A tick that fired a moment early (Node's timers keep whole milliseconds) accounted nothing;
     // if its second has begun since, it is owed at once, not merged into the next second's
     // interrupt. (Seconds further behind: the interrupts were just enabled, from the next tick.)
-    const nextMs = this.#rtc.lastUpdateSecond + 1 === second ? second * 1000 : Math.ceil(now / 1000) * 1000;
-    this.#updateTimer = setTimeout(this.#updateTick, Math.max(0, nextMs - now));
+    const next = this.#rtc.lastUpdateSecond + 1 === second ? second : second + 1;
+    this.#updateTimer = setTimeout(this.#updateTick, Math.max(0, next * 1000 - now));
     this.#updateTimer.unref();
   }
 

@@ -603,7 +603,7 @@ export class Machine extends EventEmitter {
    * final): the states come back with the pause, one round trip to the threads less inside a
    * migration's downtime.
    */
-  async #pause(saveVcpus: boolean, options: { quiet?: boolean; blocking?: boolean; writeOut?: StateWriteOut; writtenOut?: (out: StateWrittenOut | null) => void } = {}): Promise<RawVcpuState[] | null> {
+  async #pause(saveVcpus: boolean, options: { quiet?: boolean; writeOut?: StateWriteOut; writtenOut?: (out: StateWrittenOut | null) => void } = {}): Promise<RawVcpuState[] | null> {
     // A pause of the owner's waits out the halt watch's (the guest may end meanwhile).
     if (!options.quiet) while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) throw machineStateError(`machine is ${this.state}, not running`);
@@ -619,7 +619,8 @@ export class Machine extends EventEmitter {
     this.#kickAll();
     // The halt watch's pause is a moment the guest does not see: its clocks run on.
     if (!options.quiet) this.#devices.haltTimers();
-    await this.#parkAll(saveVcpus && (!options.quiet || options.blocking) ? PAUSE_BLOCKING_WAIT_MS : 0, true);
+    // The owner's pause, or a quiet one that stops as a migration does (its state written out).
+    await this.#parkAll(saveVcpus && (!options.quiet || options.writeOut) ? PAUSE_BLOCKING_WAIT_MS : 0, true);
     markPhase('vCPUs parked');
     // The halt watch reads the vCPUs' states only: the disks run on.
     if (options.quiet) return saved ? await saved : null;
@@ -891,7 +892,7 @@ export class Machine extends EventEmitter {
       start: (paused, onRunning, rehearsal) => this.#start(paused, onRunning, rehearsal),
       warmUpSave: () => this.#warmUpSave(),
       // Not while a snapshot or migration is under way: it pauses the machine itself.
-      warmUpPause: async () => this.#busy === null && (await this.#whileStopped(async (states) => states !== null, { saveVcpus: true, asAStop: true })),
+      warmUpPause: async () => this.#busy === null && (await this.#whileStopped(async (states) => states !== null, { saveVcpus: true, writeOut: NO_FD_WRITE_OUT })),
       startDirtyTracking: (owner) => this.#startDirtyTracking(owner),
       get dirtyTrackingOwner() {
         return machine.#trackerOwner;
@@ -925,13 +926,13 @@ export class Machine extends EventEmitter {
    * own pause waits it out. The guest runs on afterwards unless `work` ended the machine. A machine
    * that is not running is not paused for it (`work` gets no states).
    */
-  async #whileStopped<T>(work: (vcpus: RawVcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean; asAStop?: boolean } = {}): Promise<T> {
+  async #whileStopped<T>(work: (vcpus: RawVcpuState[] | null) => Promise<T>, options: { saveVcpus?: boolean; writeOut?: StateWriteOut } = {}): Promise<T> {
     while (this.#quietPause) await this.#quietPause;
     if (Atomics.load(this.#control, STATE) !== RunState.Running) return work(null);
     let done!: () => void;
     this.#quietPause = new Promise((resolve) => (done = resolve));
     try {
-      const vcpus = await this.#pause(options.saveVcpus === true, { quiet: true, ...(options.asAStop ? { writeOut: NO_FD_WRITE_OUT, blocking: true } : {}) });
+      const vcpus = await this.#pause(options.saveVcpus === true, { quiet: true, writeOut: options.writeOut });
       try {
         return await work(vcpus);
       } finally {
