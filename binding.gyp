@@ -21,7 +21,8 @@
         "native/checksum.cc",
         "native/crc32c.cc",
         "native/tap.cc",
-        "native/userfaultfd.cc"
+        "native/userfaultfd.cc",
+        "native/unmapper.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -13,6 +13,7 @@
 #include "socket.h"
 #include "fd-watch.h"
 #include "tap.h"
+#include "unmapper.h"
 #include "userfaultfd.h"
 #include "file.h"
 #include "thread.h"
@@ -140,6 +141,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("fileLock", FileLock);
   fn("fileDataRanges", FileDataRanges);
   fn("memoryInfo", MemoryInfo);
+  fn("memoryUnmapsSettled", MemoryUnmapsSettled);
   fn("detachBuffer", DetachBuffer);
   fn("handleCount", HandleCount);
   fn("layout", Layout);

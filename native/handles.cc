@@ -6,11 +6,21 @@
 #include <vector>
 
 #include "errors.h"
+#include "unmapper.h"
 
 namespace nodekvm {
 
 Mapping::~Mapping() {
-  if (addr != nullptr && addr != MAP_FAILED) munmap(addr, size);
+  bool mapped = addr != nullptr && addr != MAP_FAILED;
+  if (mapped && size >= kBackgroundUnmapBytes) {
+    // The fd goes now (cheap: the mapping still holds the file), the pages on the unmapper's
+    // thread, where the file's last reference goes with them. Nothing can reach the range
+    // meanwhile, and no new mapping can take its place until it is unmapped.
+    if (fd >= 0) close(fd);
+    UnmapLater(addr, size);
+    return;
+  }
+  if (mapped) munmap(addr, size);
   if (fd >= 0) close(fd);
 }
 

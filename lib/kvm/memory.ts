@@ -357,9 +357,23 @@ export class GuestMemory extends Handle {
     if (this.#owner) native.memoryRelease(this.#id);
   }
 
-  /** Live guest mappings in this process (for leak checks). */
+  /**
+   * Live guest mappings in this process (for leak checks). A mapping no longer counts once its
+   * last view, slot or vCPU lets go of it; one of 16 MiB or more is unmapped a moment later on a
+   * thread of its own (see unmapsSettled()).
+   */
   static stats(): { mappings: number; bytes: number } {
     return native.memoryInfo();
+  }
+
+  /**
+   * Resolves once every mapping released before the call has left the address space. Mappings
+   * of 16 MiB or more are unmapped on a background thread: freeing a populated GiB takes the
+   * kernel 50-60 ms, which would otherwise stall the thread whose close() (or finalizer) let go
+   * of it last, the event loop's as a rule. Their fds are closed at once all the same.
+   */
+  static unmapsSettled(): Promise<void> {
+    return native.memoryUnmapsSettled();
   }
 }
 

@@ -97,6 +97,7 @@ export interface NativeBinding {
   /** lseek(SEEK_DATA/SEEK_HOLE): [offset, length] pairs of the file's data within [start, end), page-rounded. */
   fileDataRanges(fd: number, start: number, end: number): Float64Array;
   memoryInfo(): { mappings: number; bytes: number };
+  memoryUnmapsSettled(): Promise<void>;
   detachBuffer(buffer: ArrayBuffer): void;
   handleCount(): number;
   layout(): Layout;

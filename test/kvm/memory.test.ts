@@ -1,6 +1,6 @@
 // GuestMemory (mmap'd guest RAM exposed as an ArrayBuffer) and how VM memory slots use it:
 // KVM_SET_USER_MEMORY_REGION validation, readonly slots, deleting and re-adding slots.
-import { fstatSync, readSync } from 'node:fs';
+import { fstatSync, readFileSync, readSync } from 'node:fs';
 import t from 'tap';
 import { ExitReason, GuestMemory, Kvm } from '../../lib/index.js';
 import { enterRealMode, guestImage, LOAD_ADDR, noKvm, runToHalt } from '../helpers/kvm.js';
@@ -151,6 +151,35 @@ t.test('guest RAM becomes an ArrayBuffer only when JavaScript first reads it, an
   t.equal(GuestMemory.stats().mappings, before.mappings, 'released by close()');
   t.throws(() => GuestMemory.attach(handle), { name: 'KvmError', code: 'EBADF' });
   t.throws(() => unread.bytes(), { name: 'KvmError', code: 'EBADF' });
+});
+
+t.test('a large mapping leaves the address space on a thread of its own: uncounted and its fd closed at once, unmapped once unmapsSettled() resolves', async (t) => {
+  const size = 64 * MiB;
+  // A memfd mapping of this process, by the memfd's inode (the fifth field of a maps line).
+  const mapped = (inode: number) => readFileSync('/proc/self/maps', 'utf8').split('\n')
+    .some((line) => line.includes('memfd:node-kvm-guest-ram') && line.split(/\s+/)[4] === String(inode));
+  await nextTurn();
+  await GuestMemory.unmapsSettled();
+  const before = GuestMemory.stats();
+  for (const withView of [false, true]) {
+    const memory = GuestMemory.create(size, { backing: 'memfd' });
+    memory.fill(0, size, 0x5a); // every page populated: what makes an unmap slow
+    const fd = memory.fd;
+    const inode = fstatSync(fd).ino;
+    t.ok(mapped(inode), 'mapped while open');
+    const view = withView ? new Uint8Array(memory.buffer) : null;
+    t.equal(view?.[size - 1] ?? 0x5a, 0x5a);
+    memory.close();
+    // A view's reference goes with its detached ArrayBuffer's finalizer, on the next turn.
+    if (withView) await nextTurn();
+    const when = withView ? 'once the view is gone' : 'after close()';
+    t.throws(() => fstatSync(fd), { code: 'EBADF' }, `its fd is closed ${when}`);
+    t.same(GuestMemory.stats(), before, `no longer counted ${when}`);
+    await GuestMemory.unmapsSettled();
+    t.notOk(mapped(inode), 'gone from the address space once unmapsSettled() resolves');
+  }
+  await GuestMemory.unmapsSettled();
+  t.pass('unmapsSettled() with nothing queued resolves');
 });
 
 t.test('write() and fill() reach guest RAM without making its ArrayBuffer, inside its bounds only', async (t) => {
