@@ -126,7 +126,8 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
     const kvm = spare?.kvm ?? Kvm.open(runtime.kvmPath);
     cleanup.unshift(() => kvm.close());
     const vm = spare?.vm ?? kvm.createVm();
-    cleanup.unshift(() => vm.close());
+    // (Its last close runs KVM's teardown of the VM, 15-20 ms: not on the event loop.)
+    cleanup.unshift(() => vm.closeAsync());
     if (!spare) setVmAddresses(vm);
     const memory = spare?.memory ?? await plan.memory(shape.memoryBytes);
     cleanup.unshift(() => memory.close());

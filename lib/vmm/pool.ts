@@ -222,11 +222,11 @@ export class VcpuWorkerPool {
     this.#closed = true;
     if (this.#spareTimer) clearTimeout(this.#spareTimer);
     this.#spareTimer = null;
-    this.#spareVm?.close();
+    const spareClosed = this.#spareVm?.closeAsync();
     this.#spareVm = null;
     const threads = [...this.#idle.splice(0), ...this.#starting.splice(0)];
     // A thread still loading takes the message once it has.
     for (const thread of threads) thread.send({ type: 'quit' });
-    await Promise.all(threads.map((thread) => thread.exited));
+    await Promise.all([spareClosed, ...threads.map((thread) => thread.exited)]);
   }
 }
