@@ -123,6 +123,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("memoryFill", MemoryFill);
   fn("memoryPopulatedRanges", MemoryPopulatedRanges);
   fn("memoryDontneed", MemoryDontneed);
+  fn("memoryDontneedAsync", MemoryDontneedAsync);
   fn("memoryPopulate", MemoryPopulate);
   fn("setSocketBuffers", SetSocketBuffers);
   fn("dupSocket", DupSocket);

@@ -23,6 +23,7 @@ Napi::Value MemoryFill(const Napi::CallbackInfo& info);
 void ReleaseMemoryOwnedBy(napi_env env);
 Napi::Value MemoryPopulatedRanges(const Napi::CallbackInfo& info);
 Napi::Value MemoryDontneed(const Napi::CallbackInfo& info);
+Napi::Value MemoryDontneedAsync(const Napi::CallbackInfo& info);
 Napi::Value MemoryPopulate(const Napi::CallbackInfo& info);
 Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
 Napi::Value DetachBuffer(const Napi::CallbackInfo& info);

@@ -328,6 +328,18 @@ export class GuestMemory extends Handle {
   }
 
   /**
+   * dontneed() on a thread of libuv's pool: freeing a populated GiB takes the kernel about 70 ms,
+   * which would otherwise hold up the event loop. Bad arguments throw at once; the range reads as
+   * dontneed() leaves it once the promise resolves (not before: nothing may write it meanwhile).
+   * The mapping stays until it is done, even if this object is closed.
+   */
+  dontneedAsync(offset: number, length: number): Promise<void> {
+    this.assertOpen();
+    this.#checkPageRange(offset, length);
+    return native.memoryDontneedAsync(this.#id, offset, length);
+  }
+
+  /**
    * Allocates and maps the pages of [offset, offset + length) for writing in one call
    * (MADV_POPULATE_WRITE) rather than a page fault per page as they are first written. Returns
    * false where the kernel lacks it (then nothing is done). Contents are unchanged.

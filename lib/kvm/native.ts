@@ -74,6 +74,7 @@ export interface NativeBinding {
   memoryFill(id: number, offset: number, length: number, byte: number): void;
   memoryPopulatedRanges(id: number): Float64Array;
   memoryDontneed(id: number, offset: number, length: number): void;
+  memoryDontneedAsync(id: number, offset: number, length: number): Promise<void>;
   memoryPopulate(id: number, offset: number, length: number): boolean;
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   /** A close-on-exec duplicate of a stream socket fd. */

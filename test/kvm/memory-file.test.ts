@@ -271,6 +271,41 @@ t.test('dontneed empties memfd and anonymous pages, and reverts copied file page
   throwsExactly(t, () => memory.dontneed('0' as never, PAGE_BYTES), new TypeError('offset must be a number, got string'));
 });
 
+t.test('dontneedAsync() does what dontneed() does, off the event loop; bad input throws at once; a close meanwhile waits for it', async (t) => {
+  for (const backing of ['memfd', 'anonymous'] as const) {
+    const memory = GuestMemory.create(MiB, { backing });
+    t.teardown(() => memory.close());
+    memory.write(PAGE_BYTES, Uint8Array.of(1));
+    memory.write(3 * PAGE_BYTES, Uint8Array.of(2));
+    await memory.dontneedAsync(PAGE_BYTES, PAGE_BYTES);
+    t.same(memory.populatedRanges(), rangesOf([3 * PAGE_BYTES], SHMEM_GRANULE_BYTES), `${backing}: the page is gone`);
+    t.equal(memory.bytes(PAGE_BYTES, 1)[0], 0, `${backing}: and reads as zero`);
+    t.equal(memory.bytes(3 * PAGE_BYTES, 1)[0], 2, `${backing}: the other page keeps its data`);
+  }
+  const file = sparseFile(t, MiB, [[0, pattern(PAGE_BYTES, 7)]]);
+  const memory = GuestMemory.mapFile(file, { size: MiB });
+  memory.write(0, Uint8Array.of(0xee));
+  await memory.dontneedAsync(0, 8 * PAGE_BYTES);
+  t.equal(memory.bytes(0, 1)[0], 7, 'the file\'s byte is back');
+  await t.resolves(memory.dontneedAsync(MiB, 0), 'an empty range at the end');
+  throwsExactly(t, () => memory.dontneedAsync(100, PAGE_BYTES), new RangeError('offset must be a non-negative multiple of 4096, got 100'));
+  throwsExactly(t, () => memory.dontneedAsync(MiB - PAGE_BYTES, 2 * PAGE_BYTES), new RangeError(`[${MiB - PAGE_BYTES}, ${MiB + PAGE_BYTES}) is outside guest memory of ${MiB} bytes`));
+  throwsExactly(t, () => memory.dontneedAsync('0' as never, PAGE_BYTES), new TypeError('offset must be a number, got string'));
+  memory.close();
+  t.throws(() => memory.dontneedAsync(0, PAGE_BYTES), { name: 'KvmError', code: 'EBADF' }, 'closed: EBADF at once');
+
+  // Closed while the pages are being given back: the mapping stays until that is done.
+  await nextTurn();
+  const before = GuestMemory.stats();
+  const busy = GuestMemory.create(32 * MiB, { backing: 'memfd' });
+  busy.fill(0, 32 * MiB, 0x11);
+  const dropped = busy.dontneedAsync(0, 32 * MiB);
+  busy.close();
+  await dropped;
+  await nextTurn();
+  t.same(GuestMemory.stats(), before, 'released once the work let go of it');
+});
+
 t.test('closed memory: populatedRanges and dontneed throw EBADF; the file mapping and its fd go', async (t) => {
   await nextTurn();
   const before = { ...GuestMemory.stats(), fds: readdirSync('/proc/self/fd').length };
