@@ -7,7 +7,7 @@ import { receiveMachine } from './receive.js';
 import { migrateMachine } from './send.js';
 import { prepareRestore } from './prepared.js';
 import { restoreMachine, snapshotMachine } from './snapshot.js';
-import { warmUpMigrationSource, warmUpStateSaving } from './source-warm-up.js';
+import { cutSourceWarmUpShort, warmUpMigrationSource, warmUpStateSaving } from './source-warm-up.js';
 import type { IncomingConfig, MigrateOptions, MigrationProgress, MigrationStats, PrepareConfig, PreparedMachine, RestoreConfig, SnapshotInfo, SnapshotOptions } from './types.js';
 
 declare module '../vmm/machine.js' {
@@ -44,6 +44,8 @@ Object.defineProperties(Machine.prototype, {
   },
   migrate: {
     value: function migrate(this: Machine, address: string, options?: MigrateOptions) {
+      // The rehearsal of the first machine's start may still be under way: it would compete.
+      cutSourceWarmUpShort();
       return migrateMachine(this, address, options);
     },
     writable: true,

@@ -30,6 +30,19 @@ const ROUNDS = 8;
 
 let rehearsed: Promise<boolean> | null = null;
 
+/** Set once a migration has begun in this process: a rehearsal then only takes its CPU. */
+let cutShort = false;
+
+/**
+ * Ends the rehearsal of warmUpMigrationSource() at its next slice, for good: a migration has
+ * begun, and runs (and compiles) the real code itself.
+ */
+export function cutSourceWarmUpShort(): void {
+  cutShort = true;
+}
+
+class WarmUpCutShort extends Error {}
+
 /**
  * The warm-up's work cut into slices of a few ms, the event loop served between them: run in one
  * go, the first machine a process starts held it up for 77-102 ms here (cold code).
@@ -38,10 +51,15 @@ class Slices {
   static readonly MS = 4;
   #started = performance.now();
 
-  /** Resolves at once within a slice, else on the event loop's next turn (and a new slice). */
+  /**
+   * Resolves at once within a slice, else on the event loop's next turn (and a new slice); throws
+   * WarmUpCutShort once cutSourceWarmUpShort() has been called.
+   */
   async next(): Promise<void> {
+    if (cutShort) throw new WarmUpCutShort();
     if (performance.now() - this.#started < Slices.MS) return;
     await new Promise<void>((resolve) => setImmediate(resolve));
+    if (cutShort) throw new WarmUpCutShort();
     this.#started = performance.now();
   }
 }
@@ -51,7 +69,8 @@ class Slices {
  * promise) over made-up pages and an in-memory connection: the handshake, dirty bitmaps taken
  * into ranges, pages batched and encoded (copied and live sections), a PageRequest's ranges
  * decoded, the destination's replies read. Touches no machine and no socket. Resolves with whether
- * every step ran through; never rejects (a real migration says what is wrong).
+ * every step ran through (false also if cut short); never rejects (a real migration says what is
+ * wrong).
  */
 export function warmUpMigrationSource(): Promise<boolean> {
   rehearsed ??= (async () => {

@@ -39,6 +39,17 @@ t.test('rehearses every step once per process and leaves no handle behind', asyn
   t.equal(activeHandles(), handles, 'no socket, no timer left');
 });
 
+t.test('cut short by a migration: the rehearsal stops at its next slice and resolves false', async (t) => {
+  // A module instance of its own, whose rehearsal has not run yet (the one above has).
+  const fresh = (await import('../../lib/migration/source-warm-up.js?cut-short')) as typeof import('../../lib/migration/source-warm-up.js');
+  const handles = activeHandles();
+  const warming = fresh.warmUpMigrationSource();
+  fresh.cutSourceWarmUpShort();
+  t.equal(await warming, false, 'resolves false, rejects nothing');
+  t.equal(fresh.warmUpMigrationSource(), warming, 'and is not run again');
+  t.equal(activeHandles(), handles, 'no socket, no timer left');
+});
+
 t.test('work runs once, a little after the next machine start() starts; a throw stops nothing', { skip: noKvm }, async (t) => {
   const calls: string[] = [];
   const firstRan = registered('first', calls);
