@@ -17,8 +17,12 @@ import { newMigrationStats } from './stats.js';
 import { warmUpStateEncoding } from './state-sections.js';
 import { SectionBufferPool, writeChunks } from './writers.js';
 
-/** Pages the made-up dirty bitmap covers: a 256 MiB guest's. */
-const BITMAP_PAGES = 65536;
+/**
+ * Pages the made-up dirty bitmap covers: a 64 MiB guest's. (A 256 MiB guest's made each round
+ * 6-17 ms of work; the rehearsal then had not ended when a migration began 100 ms after the
+ * machine's start, and that migration took 7-12 ms longer: bench/README.md.)
+ */
+const BITMAP_PAGES = 16384;
 /** The made-up guest RAM the rehearsal encodes from. */
 const RAM_PAGES = 256;
 /**
