@@ -546,10 +546,6 @@ static void ReadPageRange(Napi::Env env, const Napi::CallbackInfo& info, const M
   CheckRange(env, mapping, *offset, *length);
 }
 
-// memoryDontneed(id, offset, length): gives the pages of [offset, offset + length) back to the
-// kernel. memfd and anonymous memory then reads as zero there (fallocate PUNCH_HOLE: madvise
-// alone would leave the data in the memfd); a file mapping drops its private copies and reads the
-// file's bytes again (MADV_DONTNEED).
 namespace {
 // Gives [offset, offset + length) back to the kernel; on failure, the syscall's name (errno set).
 const char* DropPages(const GuestMapping& mapping, uint64_t offset, uint64_t length) {
@@ -596,6 +592,10 @@ class DontneedWorker : public Napi::AsyncWorker {
 };
 }  // namespace
 
+// memoryDontneed(id, offset, length): gives the pages of [offset, offset + length) back to the
+// kernel. memfd and anonymous memory then reads as zero there (fallocate PUNCH_HOLE: madvise
+// alone would leave the data in the memfd); a file mapping drops its private copies and reads the
+// file's bytes again (MADV_DONTNEED).
 Napi::Value MemoryDontneed(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto mapping = FindGuestMapping(env, info[0]);
