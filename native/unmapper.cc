@@ -1,5 +1,6 @@
 #include "unmapper.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -24,6 +25,7 @@ struct Unmapper {
   uint64_t queuedCount = 0;
   uint64_t doneCount = 0;
   bool started = false;
+  bool unavailable = false;
 };
 
 // Never destroyed: the detached thread may still run while static destructors do, at exit.
@@ -51,6 +53,14 @@ void RunUnmapper(Unmapper* unmapper) {
   }
 }
 
+// Keeps this library loaded for the rest of the process, as the unmapper's thread runs its code:
+// Node unloads an addon that only a worker thread loaded when that thread ends.
+bool PinThisLibrary() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&RunUnmapper), &info) == 0 || info.dli_fname == nullptr) return false;
+  return dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE) != nullptr;
+}
+
 class SettleWorker : public Napi::AsyncWorker {
  public:
   SettleWorker(Napi::Env env, uint64_t until)
@@ -74,12 +84,14 @@ void UnmapLater(void* addr, size_t size) {
   Unmapper& unmapper = TheUnmapper();
   {
     std::lock_guard<std::mutex> guard(unmapper.lock);
-    if (!unmapper.started) {
+    if (!unmapper.started && !unmapper.unavailable) {
       try {
+        if (!PinThisLibrary()) throw std::system_error(std::make_error_code(std::errc::not_supported));
         std::thread(RunUnmapper, &unmapper).detach();
         unmapper.started = true;
       } catch (const std::system_error&) {
         // No thread to be had (a sandbox that forbids clone, say): unmapped here, as before.
+        unmapper.unavailable = true;
       }
     }
     if (unmapper.started) {

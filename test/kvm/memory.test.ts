@@ -1,9 +1,12 @@
 // GuestMemory (mmap'd guest RAM exposed as an ArrayBuffer) and how VM memory slots use it:
 // KVM_SET_USER_MEMORY_REGION validation, readonly slots, deleting and re-adding slots.
 import { fstatSync, readFileSync, readSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { ExitReason, GuestMemory, Kvm } from '../../lib/index.js';
 import { enterRealMode, guestImage, LOAD_ADDR, noKvm, runToHalt } from '../helpers/kvm.js';
+import { childExecArgv } from '../helpers/spawn.js';
 import { PAGE_BYTES, runTouch, touchMachine, touchValue, writeTouchTable } from '../helpers/touch.js';
 
 const MiB = 1 << 20;
@@ -180,6 +183,19 @@ t.test('a large mapping leaves the address space on a thread of its own: uncount
   }
   await GuestMemory.unmapsSettled();
   t.pass('unmapsSettled() with nothing queued resolves');
+});
+
+t.test('the unmapper keeps the addon loaded: threads that alone loaded it leave large memory open and end', async (t) => {
+  // A process of its own, whose main thread never loads the addon (Node unloads it with the last
+  // thread that did); the unmapper's thread crashed in the unloaded code before.
+  const fixture = fileURLToPath(new URL('../fixtures/addon-in-threads-only.ts', import.meta.url));
+  const child = spawn(process.execPath, [...childExecArgv, fixture], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  const [code, signal] = await new Promise<[number | null, string | null]>((resolve) => child.on('close', (c, s) => resolve([c, s])));
+  t.same({ code, signal }, { code: 0, signal: null }, `exits cleanly (${output.trim() || 'no output'})`);
+  t.match(output, /both threads ended/);
 });
 
 t.test('write() and fill() reach guest RAM without making its ArrayBuffer, inside its bounds only', async (t) => {
