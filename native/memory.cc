@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "promise-worker.h"
 
 namespace nodekvm {
 
@@ -556,39 +557,22 @@ const char* DropPages(const GuestMapping& mapping, uint64_t offset, uint64_t len
       ? "fallocate(FALLOC_FL_PUNCH_HOLE)" : nullptr;
 }
 
-class DontneedWorker : public Napi::AsyncWorker {
+class DontneedWorker : public PromiseWorker {
  public:
   DontneedWorker(Napi::Env env, std::shared_ptr<GuestMapping> mapping, uint64_t offset, uint64_t length)
-      : Napi::AsyncWorker(env), mapping_(std::move(mapping)), offset_(offset), length_(length),
-        deferred_(Napi::Promise::Deferred::New(env)) {}
-  Napi::Promise Promise() const { return deferred_.Promise(); }
+      : PromiseWorker(env), mapping_(std::move(mapping)), offset_(offset), length_(length) {}
   void Execute() override {
     if (length_ > 0) {
-      failed_ = DropPages(*mapping_, offset_, length_);
-      err_ = errno;
+      if (const char* failed = DropPages(*mapping_, offset_, length_)) Fail(failed, errno);
     }
     // The mapping's last reference may go here (closed meanwhile): off the event loop, as it should.
     mapping_.reset();
-  }
-  void OnOK() override {
-    if (failed_ == nullptr) {
-      deferred_.Resolve(Env().Undefined());
-      return;
-    }
-    try {
-      ThrowSyscallError(Env(), err_, failed_);
-    } catch (const Napi::Error& error) {
-      deferred_.Reject(error.Value());
-    }
   }
 
  private:
   std::shared_ptr<GuestMapping> mapping_;
   uint64_t offset_;
   uint64_t length_;
-  const char* failed_ = nullptr;
-  int err_ = 0;
-  Napi::Promise::Deferred deferred_;
 };
 }  // namespace
 
@@ -613,10 +597,7 @@ Napi::Value MemoryDontneedAsync(const Napi::CallbackInfo& info) {
   auto mapping = FindGuestMapping(env, info[0]);
   uint64_t offset, length;
   ReadPageRange(env, info, *mapping, &offset, &length);
-  auto* worker = new DontneedWorker(env, std::move(mapping), offset, length);
-  Napi::Promise promise = worker->Promise();
-  worker->Queue();
-  return promise;
+  return PromiseWorker::Start(new DontneedWorker(env, std::move(mapping), offset, length));
 }
 
 // memoryWrite(id, offset, data): copies the Uint8Array `data` into guest memory at `offset`. For

@@ -13,6 +13,8 @@
 #include <thread>
 #include <utility>
 
+#include "promise-worker.h"
+
 namespace nodekvm {
 namespace {
 
@@ -61,21 +63,17 @@ bool PinThisLibrary() {
   return dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE) != nullptr;
 }
 
-class SettleWorker : public Napi::AsyncWorker {
+class SettleWorker : public PromiseWorker {
  public:
-  SettleWorker(Napi::Env env, uint64_t until)
-      : Napi::AsyncWorker(env), until_(until), deferred_(Napi::Promise::Deferred::New(env)) {}
-  Napi::Promise Promise() const { return deferred_.Promise(); }
+  SettleWorker(Napi::Env env, uint64_t until) : PromiseWorker(env), until_(until) {}
   void Execute() override {
     Unmapper& unmapper = TheUnmapper();
     std::unique_lock<std::mutex> hold(unmapper.lock);
     unmapper.done.wait(hold, [&] { return unmapper.doneCount >= until_; });
   }
-  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
 
  private:
   uint64_t until_;
-  Napi::Promise::Deferred deferred_;
 };
 
 }  // namespace
@@ -111,10 +109,7 @@ Napi::Value MemoryUnmapsSettled(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> guard(unmapper.lock);
     until = unmapper.queuedCount;
   }
-  auto* worker = new SettleWorker(info.Env(), until);
-  Napi::Promise promise = worker->Promise();
-  worker->Queue();
-  return promise;
+  return PromiseWorker::Start(new SettleWorker(info.Env(), until));
 }
 
 }  // namespace nodekvm

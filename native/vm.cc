@@ -15,6 +15,7 @@
 #include "errors.h"
 #include "handles.h"
 #include "memory.h"
+#include "promise-worker.h"
 
 namespace nodekvm {
 
@@ -186,23 +187,17 @@ Napi::Value CloseVmHandle(const Napi::CallbackInfo& info) {
 namespace {
 // The last close of a VM fd runs the kernel's teardown of the VM, which waits out RCU grace
 // periods (15-20 ms here, the CPU idle): on a thread of libuv's pool, not the event loop's.
-class CloseVmWorker : public Napi::AsyncWorker {
+class CloseVmWorker : public PromiseWorker {
  public:
-  CloseVmWorker(Napi::Env env, std::shared_ptr<VmState> state)
-      : Napi::AsyncWorker(env), state_(std::move(state)), deferred_(Napi::Promise::Deferred::New(env)) {}
-  Napi::Promise Promise() const { return deferred_.Promise(); }
+  CloseVmWorker(Napi::Env env, std::shared_ptr<VmState> state) : PromiseWorker(env), state_(std::move(state)) {}
   void Execute() override {
     if (state_) CloseVm(state_);
-  }
-  void OnOK() override {
-    // The state itself goes on this thread: its slots release guest RAM's mappings.
+    // The state too: its slots may hold guest RAM's last reference.
     state_.reset();
-    deferred_.Resolve(Env().Undefined());
   }
 
  private:
   std::shared_ptr<VmState> state_;
-  Napi::Promise::Deferred deferred_;
 };
 }  // namespace
 
@@ -211,10 +206,7 @@ class CloseVmWorker : public Napi::AsyncWorker {
 Napi::Value CloseVmHandleAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint32_t id = HandleId(env, info[0], "vm");
-  auto* worker = new CloseVmWorker(env, Handles::RemoveVm(id));
-  Napi::Promise promise = worker->Promise();
-  worker->Queue();
-  return promise;
+  return PromiseWorker::Start(new CloseVmWorker(env, Handles::RemoveVm(id)));
 }
 
 // createEventFd(initialValue, semaphore, nonBlocking) -> fd (close-on-exec).
