@@ -181,8 +181,7 @@ t.test('a large mapping leaves the address space on a thread of its own: uncount
     await GuestMemory.unmapsSettled();
     t.notOk(mapped(inode), 'gone from the address space once unmapsSettled() resolves');
   }
-  await GuestMemory.unmapsSettled();
-  t.pass('unmapsSettled() with nothing queued resolves');
+  await t.resolves(GuestMemory.unmapsSettled(), 'unmapsSettled() with nothing queued resolves');
 });
 
 t.test('the unmapper keeps the addon loaded: threads that alone loaded it leave large memory open and end', async (t) => {
