@@ -211,8 +211,9 @@ export function decodeHeader(bytes: Uint8Array): StreamHeader {
   }
   const reserved = view.getUint32(28, true);
   if (reserved !== 0) throw streamError(Code.Format, `the stream header has reserved field ${reserved}; expected 0`);
-  const streamId = bytes.slice(32, 48);
-  const parentId = bytes.slice(48, 64);
+  // Copies of their own (a Buffer's slice() is a view, which would keep the whole read alive).
+  const streamId = new Uint8Array(bytes.subarray(32, 48));
+  const parentId = new Uint8Array(bytes.subarray(48, 64));
   if (kind === 'diff-snapshot' && isZeroId(parentId)) throw streamError(Code.Format, 'a diff-snapshot header has no parent id');
   if (kind !== 'diff-snapshot' && !isZeroId(parentId)) throw streamError(Code.Format, `a ${kind} header has a parent id; only diff snapshots have one`);
   return { version, kind, memoryBytes, vcpuCount, streamId, parentId };

@@ -1,7 +1,7 @@
 // Reading snapshot files (the format: snapshot-file.ts): the sections through SectionReader (the
 // one parser of the framing) and the state through StateSectionReader, as an incoming migration
 // reads them; the RAM image checked or copied on request; diff snapshots followed to their base.
-import { closeSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import nodePath from 'node:path';
 import { PAGE_SIZE } from '../kvm/constants.js';
@@ -53,6 +53,17 @@ export const MAX_SNAPSHOT_CHAIN = 64;
 const SECTIONS_READ_AHEAD_BYTES = 16 * 1024;
 /** RAM image read size for verifyRamImage() and loadSnapshotMemory(). */
 const READ_CHUNK_BYTES = 4 * 1024 * 1024;
+/** Full snapshot files whose decoded state is kept (the ones read last). */
+const DECODED_FILES_KEPT = 8;
+
+/**
+ * The full snapshots read last, by absolute path: the exact bytes their sections were decoded from,
+ * and what they decoded to. A file whose sections read back byte for byte the same decodes the same,
+ * so reading it again (a machine cloned from one snapshot over and over) skips the decoding and its
+ * checks: a fifth of a warm restore's time. Bytes compared, not the file's times: a file rewritten in
+ * place within one tick of the kernel's coarse clock keeps its times.
+ */
+const decodedFiles = new Map<string, { sections: Buffer; contents: SnapshotContents }>();
 
 async function readFully(file: FileHandle, into: Uint8Array, position: number, path: string): Promise<void> {
   let done = 0;
@@ -63,6 +74,23 @@ async function readFully(file: FileHandle, into: Uint8Array, position: number, p
     }
     done += bytesRead;
   }
+}
+
+/**
+ * A deep copy of a decoded state: plain objects, arrays, Uint8Arrays and scalars, the values a
+ * state decodes to (structuredClone() takes several times as long for these few KiB).
+ */
+function copyState<T>(value: T): T {
+  if (value === null || typeof value !== 'object') return value;
+  if (value instanceof Uint8Array) return new Uint8Array(value) as T;
+  if (Array.isArray(value)) return value.map(copyState) as T;
+  const copy: Record<string, unknown> = {};
+  for (const key of Object.keys(value)) copy[key] = copyState((value as Record<string, unknown>)[key]);
+  return copy as T;
+}
+
+function ramImageEnd(contents: SnapshotContents): number {
+  return contents.ramImage!.fileOffset + contents.ramImage!.sizeBytes;
 }
 
 /** Reads and checks just the header of a snapshot file. */
@@ -102,7 +130,21 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
     const { size: fileBytes } = fstatSync(file);
     // Its sections come before the RAM image, a few KiB for a small machine: a bigger read-ahead
     // would read (and allocate) RAM image pages for nothing.
-    const source = new FileSource(file, 0, { sync: true, readAheadBytes: SECTIONS_READ_AHEAD_BYTES });
+    const start = Buffer.allocUnsafe(SECTIONS_READ_AHEAD_BYTES);
+    const startBytes = readSync(file, start, 0, start.length, 0);
+    const known = decodedFiles.get(absolute);
+    if (known) {
+      const { sections, contents } = known;
+      if (startBytes >= sections.length && start.subarray(0, sections.length).equals(sections) && fileBytes >= ramImageEnd(contents)) {
+        // Most recently used last.
+        decodedFiles.delete(absolute);
+        decodedFiles.set(absolute, known);
+        // A copy: a caller's changes to the state must not reach the next reader.
+        return copyState(contents);
+      }
+      decodedFiles.delete(absolute);
+    }
+    const source = new FileSource(file, 0, { sync: true, readAheadBytes: SECTIONS_READ_AHEAD_BYTES, ahead: start.subarray(0, startBytes) });
     const reader = new SectionReader(source);
     const header = await reader.readHeader();
     if (header.kind === 'migration') throw streamError(Code.Format, 'this is a migration stream, not a snapshot file');
@@ -182,6 +224,11 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
         throw streamError(Code.Truncated, `snapshot file truncated: the RAM image ends at byte ${end} but the file has ${fileBytes} bytes`);
       }
       contents.ramImage = ramImage;
+      // Kept only when every section came from the first read: those are the bytes decoded.
+      if (source.position <= startBytes) {
+        decodedFiles.set(absolute, { sections: Buffer.from(start.subarray(0, source.position)), contents: copyState(contents) });
+        if (decodedFiles.size > DECODED_FILES_KEPT) decodedFiles.delete(decodedFiles.keys().next().value!);
+      }
     }
     return contents;
   } catch (error) {

@@ -276,8 +276,9 @@ export class FileSource implements ByteSource {
   /**
    * `sync`: read a file descriptor with readSync (small files read at once, no thread-pool trips).
    * `readAheadBytes`: what a small read fetches at once (default 256 KiB).
+   * `ahead`: the file's bytes from `startOffset` on, read already (served before the file is read again).
    */
-  constructor(file: number | FileHandle, startOffset = 0, options: { sync?: boolean; readAheadBytes?: number } = {}) {
+  constructor(file: number | FileHandle, startOffset = 0, options: { sync?: boolean; readAheadBytes?: number; ahead?: Uint8Array } = {}) {
     if (typeof file === 'number') {
       if (!Number.isInteger(file) || file < 0) throw outOfRangeError(`file must be a file descriptor, got ${file}`);
     } else if (typeof file !== 'object' || file === null || typeof file.read !== 'function') {
@@ -289,6 +290,11 @@ export class FileSource implements ByteSource {
     this.#sync = options.sync === true && typeof file === 'number';
     this.#readAheadBytes = options.readAheadBytes ?? READ_AHEAD_BYTES;
     checkLength(this.#readAheadBytes);
+    if (options.ahead !== undefined) {
+      if (!(options.ahead instanceof Uint8Array)) throw argTypeError('ahead must be a Uint8Array');
+      this.#ahead = options.ahead;
+      this.#aheadStart = startOffset;
+    }
   }
 
   /** Where the next read starts. */

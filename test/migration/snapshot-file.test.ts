@@ -1,6 +1,6 @@
 // Snapshot files: full snapshots with a sparse, page-aligned RAM image; diff snapshots layered on
 // a parent by id; every corrupt or truncated file refused with a clear error.
-import { watch, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { watch, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import os from 'node:os';
 import nodePath from 'node:path';
 import t, { type Test } from 'tap';
@@ -98,6 +98,64 @@ t.test('a full snapshot round trip: state, a sparse page-aligned RAM image, its 
     await loadSnapshotMemory(chain, restored, { memoryIsZeroed, verify: true });
     t.ok(Buffer.from(restored).equals(memory), `loadSnapshotMemory restores RAM exactly (memoryIsZeroed ${memoryIsZeroed})`);
   }
+});
+
+t.test('a file read again: the same state, a copy of its own, and every change to the file seen', async (t) => {
+  const { dir, memory, path } = await fullSnapshot(t, 1 * MiB);
+  const first = await readSnapshotFile(path);
+  const second = await readSnapshotFile(path);
+  t.same(second, first, 'the same contents');
+  t.same(second.vcpus, STATE.vcpus);
+  t.same(second.devices, STATE.devices);
+  const id = new Uint8Array(first.header.streamId);
+  // What one reader does with its state reaches no other.
+  for (const contents of [first, second]) {
+    (contents.vcpus[0] as { xsave: Uint8Array }).xsave[0] = 99;
+    (contents.devices as { serial: { lcr: number } }).serial.lcr = 7;
+    contents.header.streamId[0] ^= 0xff;
+    contents.ramImage!.sizeBytes = 1;
+  }
+  const third = await readSnapshotFile(path);
+  t.same(third.vcpus, STATE.vcpus, 'vCPU state as written');
+  t.same(third.devices, STATE.devices, 'device state as written');
+  t.same(third.header.streamId, id);
+  t.equal(third.ramImage!.sizeBytes, memory.length);
+
+  // Rewritten in place with another snapshot of the same size, its times put back: the new state.
+  const other = nodePath.join(dir, 'other.snap');
+  await writeSnapshotFile(other, { ...fullOptions(memory), devices: { serial: { lcr: 4, fifo: new Uint8Array([0x43, 0x44]) } } });
+  const before = statSync(path);
+  const otherBytes = readFileSync(other);
+  t.equal(otherBytes.length, before.size, 'the two files are the same size');
+  const overwrite = (bytes: Uint8Array) => {
+    const fd = openSync(path, 'r+');
+    try {
+      writeSync(fd, bytes, 0, bytes.length, 0);
+    } finally {
+      closeSync(fd);
+    }
+    utimesSync(path, before.atime, before.mtime);
+  };
+  const good = readFileSync(path);
+  overwrite(otherBytes);
+  const rewritten = await readSnapshotFile(path);
+  t.same(rewritten.devices, { serial: { lcr: 4, fifo: new Uint8Array([0x43, 0x44]) } }, 'the state the file holds now');
+  t.notSame(rewritten.header.streamId, id);
+
+  // A byte flipped in place, in the device state's payload (its last section before End).
+  overwrite(good);
+  t.same((await readSnapshotFile(path)).devices, STATE.devices);
+  const flipped = Buffer.from(good);
+  flipped[good.indexOf('"lcr"')] ^= 1;
+  overwrite(flipped);
+  await expectMigrationError(t, () => readSnapshotFile(path), 'ECHECKSUM', `${path}: checksum mismatch in DeviceState section`);
+  overwrite(good);
+  t.same((await readSnapshotFile(path)).devices, STATE.devices, 'read again once mended');
+
+  // Cut short in its RAM image.
+  truncateSync(path, before.size - PAGE_SIZE);
+  await expectMigrationError(t, () => readSnapshotFile(path), 'ETRUNCATED',
+    `${path}: snapshot file truncated: the RAM image ends at byte ${before.size} but the file has ${before.size - PAGE_SIZE} bytes`);
 });
 
 t.test('bytesWritten counts sections and non-zero pages, not holes', async (t) => {
