@@ -41,6 +41,8 @@ export class VcpuWorkerPool {
   /** The shape the next spare VM is made in (the last machine's), once one was seen. */
   #spareShape: SpareVmShape | null = null;
   #spareTimer: NodeJS.Timeout | null = null;
+  /** Spare VMs being closed: KVM's teardown of a VM (15-20 ms) runs on libuv's pool, not the event loop. */
+  readonly #spareVmsClosing = new Set<Promise<void>>();
 
   private constructor(options: VcpuWorkerPoolOptions) {
     this.#keepSpareVm = options.spareVm === true;
@@ -163,8 +165,7 @@ export class VcpuWorkerPool {
     }
     this.#spareShape = wanted;
     if (this.#spareVm?.fits(wanted)) return;
-    this.#spareVm?.close();
-    this.#spareVm = null;
+    this.#retireSpareVm();
     this.#spareVm = SpareVm.create(wanted);
   }
 
@@ -179,7 +180,8 @@ export class VcpuWorkerPool {
     let taken = this.#spareVm;
     this.#spareVm = null;
     if (taken && !taken.fits(shape)) {
-      taken.close();
+      this.#spareVm = taken;
+      this.#retireSpareVm();
       taken = null;
     }
     if (taken) this.#spareVmsTaken++;
@@ -204,8 +206,7 @@ export class VcpuWorkerPool {
       this.#spareTimer = null;
       const shape = this.#spareShape;
       if (this.#closed || !shape || this.#spareVm?.fits(shape)) return;
-      this.#spareVm?.close();
-      this.#spareVm = null;
+      this.#retireSpareVm();
       try {
         this.#spareVm = SpareVm.create(shape);
       } catch {
@@ -217,16 +218,34 @@ export class VcpuWorkerPool {
     this.#spareTimer.unref();
   }
 
-  /** Ends the idle threads and those still loading (once they have), and waits until they have; closes the spare VM. */
+  /**
+   * Resolves once every spare VM the pool has closed so far (one that did not fit a restore, or
+   * one replaced) is gone: its fds closed and KVM's teardown done, off the event loop.
+   */
+  async spareVmsClosed(): Promise<void> {
+    await Promise.all(this.#spareVmsClosing);
+  }
+
+  /** Closes the spare VM there (if any) in the background; spareVmsClosed() waits for it. */
+  #retireSpareVm(): void {
+    const spare = this.#spareVm;
+    this.#spareVm = null;
+    if (!spare) return;
+    const closing = spare.closeAsync().catch(() => {
+      // Nothing to do about a close that failed: the VM is given up either way.
+    }).finally(() => this.#spareVmsClosing.delete(closing));
+    this.#spareVmsClosing.add(closing);
+  }
+
+  /** Ends the idle threads and those still loading (once they have), and waits until they have; closes the spare VM and waits for every spare VM it closed. */
   async close(): Promise<void> {
     this.#closed = true;
     if (this.#spareTimer) clearTimeout(this.#spareTimer);
     this.#spareTimer = null;
-    const spareClosed = this.#spareVm?.closeAsync();
-    this.#spareVm = null;
+    this.#retireSpareVm();
     const threads = [...this.#idle.splice(0), ...this.#starting.splice(0)];
     // A thread still loading takes the message once it has.
     for (const thread of threads) thread.send({ type: 'quit' });
-    await Promise.all([spareClosed, ...threads.map((thread) => thread.exited)]);
+    await Promise.all([this.spareVmsClosed(), ...threads.map((thread) => thread.exited)]);
   }
 }
