@@ -22,7 +22,7 @@ import { applyDevicesAsAhead, rehearseRestore } from './warm-up.js';
 import { SectionReader } from './section-reader.js';
 import { enlargeSocketBuffers, reopenWithReadBuffer, socketFd } from './socket-buffers.js';
 import { socketSource } from './sources.js';
-import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, decodeDeviceStatesAhead, encodeConfigSection, mergeDeviceStates, warmUpStateCodec } from './state-sections.js';
+import { StateSectionReader, checkDeviceStates, checkShape, cpuStateOf, decodeConfigSection, decodeDeviceStatesAhead, encodeConfigSection, encodeMachineState, mergeDeviceStates, warmUpStateCodec } from './state-sections.js';
 import { writeChunks } from './writers.js';
 import { markPhase, resetPhases } from '../vmm/phase-timing.js';
 import { formatMigrationAddress, listenForMigration, parseMigrationAddress } from './transport.js';
@@ -115,7 +115,7 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
         rehearse: rehearsal
           ? async () => {
             try {
-              const state = warmUpStateCodec(rehearsal);
+              const state = warmUpStateCodec(rehearsal.state, rehearsal.sections);
               await internals.applyCpuState(state);
               applyDevicesAsAhead(internals, state);
               start(false, null, true);
@@ -148,8 +148,12 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
   }
 }
 
-/** The state each warmed-up machine rehearses with (see IncomingTarget.rehearse()). */
-const rehearsalStates = new WeakMap<Machine, MachineState>();
+/**
+ * The state each warmed-up machine rehearses with (see IncomingTarget.rehearse()), and its
+ * sections, encoded once: the rehearsal comes just before the source pauses, and only the reading
+ * is the destination's to warm (encoding it there took 0.1 ms of the 0.2).
+ */
+const rehearsalStates = new WeakMap<Machine, { state: MachineState; sections: readonly Uint8Array[] }>();
 
 /**
  * How often the destination runs its dry run while it waits: enough for V8 to optimize the
@@ -164,7 +168,8 @@ const DESTINATION_WARM_UP_ROUNDS = 50;
  */
 async function warmUp(machine: Machine): Promise<void> {
   try {
-    rehearsalStates.set(machine, await rehearseRestore(machine, DESTINATION_WARM_UP_ROUNDS, { devicesAhead: true }));
+    const state = await rehearseRestore(machine, DESTINATION_WARM_UP_ROUNDS, { devicesAhead: true });
+    rehearsalStates.set(machine, { state, sections: encodeMachineState(state) });
   } catch (error) {
     machineInternals(machine).log(`warming up for the incoming migration failed (harmless): ${(error as Error).message}`);
   }
@@ -282,13 +287,15 @@ export async function receiveMigration(
     let devicesArrived!: () => void;
     const deviceStateIn = new Promise<void>((resolve) => (devicesArrived = resolve));
     let rehearsing: Promise<void> | null = null;
-    // The rehearsal, soon after the section that asks for it (out of the parse).
-    const rehearse = () => new Promise<void>((resolve) => setImmediate(resolve)).then(() => target!.rehearse?.());
+    // The rehearsal, once the chunk that holds the section asking for it is parsed (out of the
+    // parse; a microtask: a turn of the event loop took 0.06 ms more of the time before the pause).
+    const rehearse = () => Promise.resolve().then(() => target!.rehearse?.());
     // Reads with this thread spinning, rather than asleep in the event loop, where the source is
     // about to send the last state (see receiveSections()).
     let spin = (_maxMs: number, _until: () => boolean): void => {};
     const answerSync = () => void rehearsing!.then(() => {
       const answered = reply([encodeSync()]);
+      markPhase('destination: Sync answered');
       // The source pauses its guest as soon as it has the answer, and sends its state.
       spin(STATE_SPIN_MS, () => state.cpuComplete || state.complete);
       return answered;
