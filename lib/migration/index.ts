@@ -11,7 +11,7 @@ export { STREAM_VERSION } from './format.js';
 export { formatMigrationAddress, parseMigrationAddress, type MigrationAddress } from './addresses.js';
 export {
   MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile,
-  type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent, type WriteSnapshotOptions,
+  type FileIdentity, type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent, type WriteSnapshotOptions,
   type WriteSnapshotResult,
 } from './snapshot-file.js';
 export type { DecodedPages } from './pages.js';

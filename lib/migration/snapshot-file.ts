@@ -37,8 +37,8 @@ import { readSnapshotHeader, sameId, type SnapshotKind, type SnapshotParent } fr
 import { encodeStateSections } from './state-sections.js';
 
 export {
-  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage,
-  type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent,
+  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSameSnapshotFile, openSnapshotChain, readSnapshotFile, verifyRamImage,
+  type FileIdentity, type LoadSnapshotMemoryOptions, type SnapshotContents, type SnapshotKind, type SnapshotParent,
 } from './snapshot-read.js';
 
 /** What writeSnapshotFile() writes: the kind, the machine's shape and state, its memory, and for a diff the parent and pages. */

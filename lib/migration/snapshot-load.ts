@@ -1,12 +1,12 @@
 // A snapshot chain opened for a restore: the machine's state, and guest RAM either mapped from the
 // base file copy-on-write (a restore that builds its machine) or written into a machine's fresh
 // RAM (a restore into a prepared machine), each diff's pages over it.
-import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, readSync, writeSync } from 'node:fs';
 import { fileDataRanges } from '../kvm/host.js';
 import { GuestMemory } from '../kvm/memory.js';
 import type { MachineState } from '../vmm/machine.js';
 import { MigrationError, MigrationErrorCode as Code } from './errors.js';
-import { openSnapshotChain, verifyRamImage, type SnapshotContents } from './snapshot-file.js';
+import { openSameSnapshotFile, openSnapshotChain, verifyRamImage, type SnapshotContents } from './snapshot-file.js';
 import { machineStateOf } from './state-sections.js';
 
 /** Bytes read from a snapshot file at a time while filling a prepared machine's RAM. */
@@ -37,7 +37,7 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
     async mapMemory(size: number): Promise<GuestMemory> {
       const image = base.ramImage!;
       if (size !== image.sizeBytes) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${size}`);
-      const memory = GuestMemory.mapFile(base.path, { offset: image.fileOffset, size });
+      const memory = withSameFile(base, (fd) => GuestMemory.mapFile(fd, { offset: image.fileOffset, size }));
       try {
         applyDiffs(chain, memory);
       } catch (error) {
@@ -49,7 +49,7 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
     mapMemoryOver(memory: GuestMemory): void {
       const image = base.ramImage!;
       if (memory.size !== image.sizeBytes) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine needs ${memory.size}`);
-      memory.mapFileOver(base.path, image.fileOffset);
+      withSameFile(base, (fd) => memory.mapFileOver(fd, image.fileOffset));
       applyDiffs(chain, memory);
     },
     fillMemory(memory: GuestMemory): void {
@@ -57,6 +57,16 @@ export async function loadSnapshot(path: string, options: { verify: boolean }): 
       applyDiffs(chain, memory);
     },
   };
+}
+
+/** `use(fd)` of the base snapshot file, the one its state came from (see openSameSnapshotFile()). */
+function withSameFile<T>(base: SnapshotContents, use: (fd: number) => T): T {
+  const fd = openSameSnapshotFile(base);
+  try {
+    return use(fd);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function applyDiffs(chain: readonly SnapshotContents[], memory: GuestMemory): void {
@@ -74,7 +84,7 @@ function applyDiffs(chain: readonly SnapshotContents[], memory: GuestMemory): vo
 export function fillFromImage(base: SnapshotContents, memory: GuestMemory): void {
   const image = base.ramImage!;
   if (image.sizeBytes !== memory.size) throw new MigrationError(Code.Mismatch, `${base.path}: its RAM image holds ${image.sizeBytes} bytes, the machine has ${memory.size}`);
-  const fd = openSync(base.path, 'r');
+  const fd = openSameSnapshotFile(base);
   try {
     const ranges = fileDataRanges(fd, image.fileOffset, image.fileOffset + image.sizeBytes);
     if (ranges.length === 0) return;

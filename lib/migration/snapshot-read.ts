@@ -39,12 +39,42 @@ export interface SnapshotContents {
   devices: unknown;
   /** Full snapshots: where guest RAM lies in the file (page-aligned, mmap-able). */
   ramImage?: RamImage;
+  /**
+   * The file read (device and inode): a restore maps or reads the RAM image only from that file,
+   * not from one renamed over the path since.
+   */
+  file?: FileIdentity;
   /** Diff snapshots: the Pages section payloads, already checked against guest RAM. */
   pageSections?: Uint8Array[];
   /** Diff snapshots: pages with data and zero pages across pageSections. */
   pageCounts?: DecodedPages;
   /** Diff snapshots: writes pageSections into `memory` (all of guest RAM). */
   applyPages?(memory: Uint8Array): DecodedPages;
+}
+
+/** Which file a path named when it was read: fstat()'s device and inode. */
+export interface FileIdentity {
+  dev: bigint;
+  ino: bigint;
+}
+
+/**
+ * Opens `contents.path` for reading, only if it is still the file `contents` was read from
+ * (EMISMATCH otherwise: a snapshot renamed over it since, whose RAM image belongs to another state).
+ */
+export function openSameSnapshotFile(contents: SnapshotContents): number {
+  const fd = openSync(contents.path, 'r');
+  try {
+    const { dev, ino } = fstatSync(fd, { bigint: true });
+    const expected = contents.file;
+    if (expected && (dev !== expected.dev || ino !== expected.ino)) {
+      throw new MigrationError(Code.Mismatch, `${contents.path}: the file was replaced since its state was read (another snapshot renamed over it?)`);
+    }
+    return fd;
+  } catch (error) {
+    closeSync(fd);
+    throw error;
+  }
 }
 
 /** Longest chain of diff snapshots openSnapshotChain() follows. */
@@ -127,7 +157,8 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   // thread pool would cost more than the read itself in a restore's time.
   const file = openSync(absolute, 'r');
   try {
-    const { size: fileBytes } = fstatSync(file);
+    const { size, dev, ino } = fstatSync(file, { bigint: true });
+    const fileBytes = Number(size);
     // Its sections come before the RAM image, a few KiB for a small machine: a bigger read-ahead
     // would read (and allocate) RAM image pages for nothing.
     const start = Buffer.allocUnsafe(SECTIONS_READ_AHEAD_BYTES);
@@ -140,7 +171,7 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
         decodedFiles.delete(absolute);
         decodedFiles.set(absolute, known);
         // A copy: a caller's changes to the state must not reach the next reader.
-        return copyState(contents);
+        return { ...copyState(contents), file: { dev, ino } };
       }
       decodedFiles.delete(absolute);
     }
@@ -189,6 +220,7 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
 
     const contents: SnapshotContents = {
       path: absolute,
+      file: { dev, ino },
       header,
       config: parts.machine,
       vcpus: [...parts.vcpus],
@@ -238,13 +270,22 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   }
 }
 
-/** Reads the whole RAM image of a full snapshot and checks it against its CRC-32C (ECHECKSUM). */
+/**
+ * Reads the whole RAM image of a full snapshot and checks it against its CRC-32C (ECHECKSUM). At
+ * the path `contents` was read from, only that file (EMISMATCH if another was renamed over it).
+ */
 export async function verifyRamImage(path: string, contents: SnapshotContents): Promise<void> {
   const image = contents.ramImage;
   if (!image) throw argTypeError('verifyRamImage needs the contents of a full snapshot (with ramImage)');
   const absolute = nodePath.resolve(path);
   const file = await open(absolute, 'r');
   try {
+    if (absolute === contents.path && contents.file) {
+      const { dev, ino } = await file.stat({ bigint: true });
+      if (dev !== contents.file.dev || ino !== contents.file.ino) {
+        throw new MigrationError(Code.Mismatch, `${absolute}: the file was replaced since its state was read (another snapshot renamed over it?)`);
+      }
+    }
     const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes));
     let crc = 0;
     for (let done = 0; done < image.sizeBytes; done += chunk.length) {

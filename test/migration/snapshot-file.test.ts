@@ -11,7 +11,7 @@ import {
 import { encodePages } from '../../lib/migration/pages.js';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import {
-  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
+  MAX_SNAPSHOT_CHAIN, loadSnapshotMemory, openSameSnapshotFile, openSnapshotChain, readSnapshotFile, verifyRamImage, writeSnapshotFile, type WriteSnapshotOptions,
 } from '../../lib/migration/snapshot-file.js';
 import { crc32c } from '../../lib/migration/checksum.js';
 import { expectMigrationError, migrationError } from '../helpers/migration-errors.js';
@@ -156,6 +156,27 @@ t.test('a file read again: the same state, a copy of its own, and every change t
   truncateSync(path, before.size - PAGE_SIZE);
   await expectMigrationError(t, () => readSnapshotFile(path), 'ETRUNCATED',
     `${path}: snapshot file truncated: the RAM image ends at byte ${before.size} but the file has ${before.size - PAGE_SIZE} bytes`);
+});
+
+t.test('a snapshot renamed over the path after its state was read: its RAM image is not used for that state', async (t) => {
+  const { dir, memory, path } = await fullSnapshot(t, 1 * MiB);
+  const contents = await readSnapshotFile(path);
+  const { dev, ino } = statSync(path, { bigint: true });
+  t.same(contents.file, { dev, ino }, 'the file read, by device and inode');
+  const fd = openSameSnapshotFile(contents);
+  closeSync(fd);
+
+  const other = nodePath.join(dir, 'other.snap');
+  fillPage(memory, 3, 77);
+  await writeSnapshotFile(other, fullOptions(memory));
+  renameSync(other, path);
+  const replaced = `${path}: the file was replaced since its state was read (another snapshot renamed over it?)`;
+  t.throws(() => openSameSnapshotFile(contents), { code: 'EMISMATCH', message: replaced });
+  await expectMigrationError(t, () => verifyRamImage(path, contents), 'EMISMATCH', replaced);
+  // Read again, the new file is the one: from the cache of decoded states too.
+  const again = await readSnapshotFile(path);
+  t.not(again.file!.ino, contents.file!.ino);
+  await verifyRamImage(path, again);
 });
 
 t.test('bytesWritten counts sections and non-zero pages, not holes', async (t) => {

@@ -1,10 +1,11 @@
 // machine.snapshot() and Machine.restore(): the restored guest continues where it was, with the
 // memory it had, and diff snapshots layer on the previous one.
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { Machine } from '../../lib/index.js';
+import { GuestMemory, Machine } from '../../lib/index.js';
+import { loadSnapshot } from '../../lib/migration/snapshot-load.js';
 import { noKvm } from '../helpers/kvm.js';
 import { serialCollector } from '../helpers/serial-collector.js';
 import { isUnbrokenCount, lastPass, memoryHash, MiB, startDirtier } from '../helpers/migration.js';
@@ -110,4 +111,39 @@ t.test('what the VMM writes into guest RAM is tracked: a diff snapshot holds exa
   t.teardown(() => restored.machine.stop());
   t.equal(memoryHash(restored.machine.memory), hash, 'base + diff = memory at the diff');
   t.same(written.map((addr) => [...restored.machine.memory.bytes(addr, 2)]), [[0xa0, 0xb0], [0xa1, 0xb1], [0xa2, 0xb2]]);
+});
+
+t.test('a snapshot renamed over the path while it is restored: its RAM image never goes with the first one\'s state', { skip: noKvm }, async (t) => {
+  const dir = scratchDir(t);
+  const file = path.join(dir, 'a.snap');
+  const later = path.join(dir, 'b.snap');
+  const source = await startDirtier({ memoryBytes: 32 * MiB });
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 2 ok\n');
+  await source.machine.pause();
+  await source.machine.snapshot(file);
+  source.machine.resume();
+  await source.waitForOutput(`pass ${lastPass(source.output()) + 2} ok\n`);
+  await source.machine.pause();
+  const laterHash = memoryHash(source.machine.memory);
+  await source.machine.snapshot(later);
+
+  // The state read, then another snapshot renamed over the path, as a writer replacing it does.
+  const loaded = await loadSnapshot(file, { verify: false });
+  renameSync(later, file);
+  const replaced = { code: 'EMISMATCH', message: /the file was replaced since its state was read/ };
+  await t.rejects(loaded.mapMemory(32 * MiB), replaced, 'not mapped (a restore from nothing)');
+  const spare = GuestMemory.create(32 * MiB);
+  t.teardown(() => spare.close());
+  t.throws(() => loaded.mapMemoryOver(spare), replaced, 'not mapped over a spare VM\'s RAM');
+  t.equal(spare.backing, 'anonymous', 'the spare\'s RAM is as it was');
+  const fresh = GuestMemory.create(32 * MiB, { backing: 'memfd' });
+  t.teardown(() => fresh.close());
+  t.throws(() => loaded.fillMemory(fresh), replaced, 'not copied into a prepared machine\'s RAM');
+
+  // Loaded anew, the file there now is the one, state and RAM alike.
+  const current = await loadSnapshot(file, { verify: true });
+  const memory = await current.mapMemory(32 * MiB);
+  t.teardown(() => memory.close());
+  t.equal(memoryHash(memory), laterHash, 'the RAM of the snapshot now at the path');
 });
