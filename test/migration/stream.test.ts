@@ -14,7 +14,7 @@ import {
 } from '../../lib/migration/format.js';
 import { MAX_BATCH_PAGES, MAX_BATCH_SECTION_BYTES, decodePages, decodePagesInto, encodePageBatch, encodePages, forEachPageRun } from '../../lib/migration/pages.js';
 import { SectionReader } from '../../lib/migration/section-reader.js';
-import { bufferSource, fileSource, socketSource, type ByteSource } from '../../lib/migration/sources.js';
+import { FileSource, bufferSource, fileSource, socketSource, type ByteSource } from '../../lib/migration/sources.js';
 import { writeChunks } from '../../lib/migration/writers.js';
 import { PAGE_SIZE } from '../../lib/kvm/constants.js';
 import { MAX_MEMORY_BYTES, MAX_VCPUS } from '../../lib/vmm/config.js';
@@ -633,6 +633,15 @@ t.test('fileSource reads from an fd or a FileHandle, and reports truncation with
   t.throws(() => fileSource(-1), RangeError);
   t.throws(() => fileSource({} as never), TypeError);
   await t.rejects(fileSource(fd).read(-1), RangeError);
+
+  // Bytes read already (ahead) come first; a read past them goes to the file.
+  const ahead = new FileSource(fd, 8, { sync: true, ahead: Uint8Array.from(bytes.subarray(8, 24)) });
+  t.same(await ahead.read(10), bytes.subarray(8, 18), 'from the bytes given');
+  t.same(await ahead.read(10), bytes.subarray(18, 28), 'past them: from the file');
+  t.equal(ahead.position, 28);
+  const marked = new FileSource(fd, 0, { sync: true, ahead: new Uint8Array(16).fill(0xee) });
+  t.same(await marked.read(16), new Uint8Array(16).fill(0xee), 'the bytes given are taken as the file\'s');
+  t.throws(() => new FileSource(fd, 0, { ahead: [1, 2] as never }), { code: 'ERR_INVALID_ARG_TYPE' });
 });
 
 /** A connected pair of TCP sockets on the loopback interface. */
