@@ -141,6 +141,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("fileDeallocate", FileDeallocate);
   fn("fileLock", FileLock);
   fn("fileDataRanges", FileDataRanges);
+  fn("fileIdentity", FileIdentity);
   fn("memoryInfo", MemoryInfo);
   fn("memoryUnmapsSettled", MemoryUnmapsSettled);
   fn("detachBuffer", DetachBuffer);

@@ -9,5 +9,6 @@ Napi::Value FileDeallocate(const Napi::CallbackInfo& info);
 Napi::Value FileLock(const Napi::CallbackInfo& info);
 Napi::Value FileDup(const Napi::CallbackInfo& info);
 Napi::Value FileDataRanges(const Napi::CallbackInfo& info);
+Napi::Value FileIdentity(const Napi::CallbackInfo& info);
 
 }  // namespace nodekvm

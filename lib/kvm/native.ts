@@ -97,6 +97,7 @@ export interface NativeBinding {
   fileLock(fd: number, kind: 'shared' | 'exclusive' | 'unlock'): void;
   /** lseek(SEEK_DATA/SEEK_HOLE): [offset, length] pairs of the file's data within [start, end), page-rounded. */
   fileDataRanges(fd: number, start: number, end: number): Float64Array;
+  fileIdentity(fd: number): [dev: bigint, ino: bigint, size: number, regular: boolean];
   memoryInfo(): { mappings: number; bytes: number };
   memoryUnmapsSettled(): Promise<void>;
   detachBuffer(buffer: ArrayBuffer): void;

@@ -1,11 +1,12 @@
 // Reading snapshot files (the format: snapshot-file.ts): the sections through SectionReader (the
 // one parser of the framing) and the state through StateSectionReader, as an incoming migration
 // reads them; the RAM image checked or copied on request; diff snapshots followed to their base.
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, openSync, readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import nodePath from 'node:path';
 import { PAGE_SIZE } from '../kvm/constants.js';
 import { argTypeError, outOfRangeError } from '../kvm/errors.js';
+import { fileIdentity } from '../kvm/host.js';
 import { crc32c } from './checksum.js';
 import { MigrationError, MigrationErrorCode as Code, streamError } from './errors.js';
 import { HEADER_BYTES, SectionType, decodeErrorSection, decodeHeader, decodeRamImage, hexId, type RamImage, type StreamHeader } from './format.js';
@@ -65,7 +66,7 @@ export interface FileIdentity {
 export function openSameSnapshotFile(contents: SnapshotContents): number {
   const fd = openSync(contents.path, 'r');
   try {
-    const { dev, ino } = fstatSync(fd, { bigint: true });
+    const { dev, ino } = fileIdentity(fd);
     const expected = contents.file;
     if (expected && (dev !== expected.dev || ino !== expected.ino)) {
       throw new MigrationError(Code.Mismatch, `${contents.path}: the file was replaced since its state was read (another snapshot renamed over it?)`);
@@ -157,8 +158,7 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   // thread pool would cost more than the read itself in a restore's time.
   const file = openSync(absolute, 'r');
   try {
-    const { size, dev, ino } = fstatSync(file, { bigint: true });
-    const fileBytes = Number(size);
+    const { size: fileBytes, dev, ino } = fileIdentity(file);
     // Its sections come before the RAM image, a few KiB for a small machine: a bigger read-ahead
     // would read (and allocate) RAM image pages for nothing.
     const start = Buffer.allocUnsafe(SECTIONS_READ_AHEAD_BYTES);
