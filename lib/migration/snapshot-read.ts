@@ -12,7 +12,7 @@ import { MigrationError, MigrationErrorCode as Code, streamError } from './error
 import { HEADER_BYTES, SectionType, decodeErrorSection, decodeHeader, decodeRamImage, hexId, type RamImage, type StreamHeader } from './format.js';
 import { decodePages, decodePagesInto, forEachPageRun, type DecodedPages } from './pages.js';
 import { SectionReader } from './section-reader.js';
-import { FileSource } from './sources.js';
+import { FileSource, type ByteSource } from './sources.js';
 import { StateSectionReader } from './state-sections.js';
 
 /** A snapshot file's kind: full, or a diff over a parent. */
@@ -86,6 +86,8 @@ const SECTIONS_READ_AHEAD_BYTES = 16 * 1024;
 const READ_CHUNK_BYTES = 4 * 1024 * 1024;
 /** Full snapshot files whose decoded state is kept (the ones read last). */
 const DECODED_FILES_KEPT = 8;
+/** Sections longer than this (a machine of some hundred vCPUs) are decoded each time. */
+const MAX_KEPT_SECTIONS_BYTES = 1024 * 1024;
 
 /**
  * The full snapshots read last, by absolute path: the exact bytes their sections were decoded from,
@@ -104,6 +106,22 @@ async function readFully(file: FileHandle, into: Uint8Array, position: number, p
       throw streamError(Code.Truncated, `${path}: snapshot file truncated: expected ${into.length} bytes of the RAM image at offset ${position}, got ${done}`);
     }
     done += bytesRead;
+  }
+}
+
+/** A ByteSource that keeps what it hands out: the exact bytes a snapshot's state was decoded from. */
+class RecordedSource implements ByteSource {
+  readonly chunks: Uint8Array[] = [];
+  readonly #source: ByteSource;
+
+  constructor(source: ByteSource) {
+    this.#source = source;
+  }
+
+  async read(length: number, what?: string): Promise<Uint8Array> {
+    const bytes = await this.#source.read(length, what);
+    this.chunks.push(bytes);
+    return bytes;
   }
 }
 
@@ -160,10 +178,10 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
   try {
     const { size: fileBytes, dev, ino } = fileIdentity(file);
     // Its sections come before the RAM image, a few KiB for a small machine: a bigger read-ahead
-    // would read (and allocate) RAM image pages for nothing.
-    const start = Buffer.allocUnsafe(SECTIONS_READ_AHEAD_BYTES);
-    const startBytes = readSync(file, start, 0, start.length, 0);
+    // would read (and allocate) RAM image pages for nothing. A file decoded before: its sections.
     const known = decodedFiles.get(absolute);
+    const start = Buffer.allocUnsafe(Math.max(SECTIONS_READ_AHEAD_BYTES, known?.sections.length ?? 0));
+    const startBytes = readSync(file, start, 0, start.length, 0);
     if (known) {
       const { sections, contents } = known;
       if (startBytes >= sections.length && start.subarray(0, sections.length).equals(sections) && fileBytes >= ramImageEnd(contents)) {
@@ -176,7 +194,8 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
       decodedFiles.delete(absolute);
     }
     const source = new FileSource(file, 0, { sync: true, readAheadBytes: SECTIONS_READ_AHEAD_BYTES, ahead: start.subarray(0, startBytes) });
-    const reader = new SectionReader(source);
+    const decoded = new RecordedSource(source);
+    const reader = new SectionReader(decoded);
     const header = await reader.readHeader();
     if (header.kind === 'migration') throw streamError(Code.Format, 'this is a migration stream, not a snapshot file');
     const kind = header.kind;
@@ -256,9 +275,8 @@ export async function readSnapshotFile(path: string): Promise<SnapshotContents> 
         throw streamError(Code.Truncated, `snapshot file truncated: the RAM image ends at byte ${end} but the file has ${fileBytes} bytes`);
       }
       contents.ramImage = ramImage;
-      // Kept only when every section came from the first read: those are the bytes decoded.
-      if (source.position <= startBytes) {
-        decodedFiles.set(absolute, { sections: Buffer.from(start.subarray(0, source.position)), contents: copyState(contents) });
+      if (source.position <= MAX_KEPT_SECTIONS_BYTES) {
+        decodedFiles.set(absolute, { sections: Buffer.concat(decoded.chunks, source.position), contents: copyState(contents) });
         if (decodedFiles.size > DECODED_FILES_KEPT) decodedFiles.delete(decodedFiles.keys().next().value!);
       }
     }

@@ -100,63 +100,77 @@ t.test('a full snapshot round trip: state, a sparse page-aligned RAM image, its 
   }
 });
 
-t.test('a file read again: the same state, a copy of its own, and every change to the file seen', async (t) => {
-  const { dir, memory, path } = await fullSnapshot(t, 1 * MiB);
-  const first = await readSnapshotFile(path);
-  const second = await readSnapshotFile(path);
-  t.same(second, first, 'the same contents');
-  t.same(second.vcpus, STATE.vcpus);
-  t.same(second.devices, STATE.devices);
-  const id = new Uint8Array(first.header.streamId);
-  // What one reader does with its state reaches no other.
-  for (const contents of [first, second]) {
-    (contents.vcpus[0] as { xsave: Uint8Array }).xsave[0] = 99;
-    (contents.devices as { serial: { lcr: number } }).serial.lcr = 7;
-    contents.header.streamId[0] ^= 0xff;
-    contents.ramImage!.sizeBytes = 1;
-  }
-  const third = await readSnapshotFile(path);
-  t.same(third.vcpus, STATE.vcpus, 'vCPU state as written');
-  t.same(third.devices, STATE.devices, 'device state as written');
-  t.same(third.header.streamId, id);
-  t.equal(third.ramImage!.sizeBytes, memory.length);
+/** Device states of one encoded length: a few bytes, or a blob that takes the sections past the first read (16 KiB). */
+function devicesOf(lcr: number, blobBytes: number) {
+  return { serial: { lcr, fifo: new Uint8Array([0x41 + lcr, 0x42 + lcr]) }, ...(blobBytes > 0 ? { rom: new Uint8Array(blobBytes).fill(lcr) } : {}) };
+}
 
-  // Rewritten in place with another snapshot of the same size, its times put back: the new state.
-  const other = nodePath.join(dir, 'other.snap');
-  await writeSnapshotFile(other, { ...fullOptions(memory), devices: { serial: { lcr: 4, fifo: new Uint8Array([0x43, 0x44]) } } });
-  const before = statSync(path);
-  const otherBytes = readFileSync(other);
-  t.equal(otherBytes.length, before.size, 'the two files are the same size');
-  const overwrite = (bytes: Uint8Array) => {
-    const fd = openSync(path, 'r+');
-    try {
-      writeSync(fd, bytes, 0, bytes.length, 0);
-    } finally {
-      closeSync(fd);
+for (const blobBytes of [0, 40_000]) {
+  t.test(`a file read again (sections ${blobBytes ? 'past the first read' : 'of a few KiB'}): the same state, a copy of its own, every change to the file seen`, async (t) => {
+    const dir = tempDir(t);
+    const memory = new Uint8Array(1 * MiB);
+    fillPage(memory, 1, 1);
+    const path = nodePath.join(dir, 'base.snap');
+    const devices = devicesOf(3, blobBytes);
+    await writeSnapshotFile(path, { ...fullOptions(memory), devices });
+    const first = await readSnapshotFile(path);
+    if (blobBytes) t.ok(first.ramImage!.fileOffset > 16 * 1024, `the sections end past the first read (RAM image at ${first.ramImage!.fileOffset})`);
+    const second = await readSnapshotFile(path);
+    t.same(second, first, 'the same contents');
+    t.same(second.vcpus, STATE.vcpus);
+    t.same(second.devices, devices);
+    const id = new Uint8Array(first.header.streamId);
+    // What one reader does with its state reaches no other.
+    for (const contents of [first, second]) {
+      (contents.vcpus[0] as { xsave: Uint8Array }).xsave[0] = 99;
+      (contents.devices as { serial: { lcr: number } }).serial.lcr = 7;
+      if (blobBytes) (contents.devices as { rom: Uint8Array }).rom[100] = 99;
+      contents.header.streamId[0] ^= 0xff;
+      contents.ramImage!.sizeBytes = 1;
     }
-    utimesSync(path, before.atime, before.mtime);
-  };
-  const good = readFileSync(path);
-  overwrite(otherBytes);
-  const rewritten = await readSnapshotFile(path);
-  t.same(rewritten.devices, { serial: { lcr: 4, fifo: new Uint8Array([0x43, 0x44]) } }, 'the state the file holds now');
-  t.notSame(rewritten.header.streamId, id);
+    const third = await readSnapshotFile(path);
+    t.same(third.vcpus, STATE.vcpus, 'vCPU state as written');
+    t.same(third.devices, devices, 'device state as written');
+    t.same(third.header.streamId, id);
+    t.equal(third.ramImage!.sizeBytes, memory.length);
 
-  // A byte flipped in place, in the device state's payload (its last section before End).
-  overwrite(good);
-  t.same((await readSnapshotFile(path)).devices, STATE.devices);
-  const flipped = Buffer.from(good);
-  flipped[good.indexOf('"lcr"')] ^= 1;
-  overwrite(flipped);
-  await expectMigrationError(t, () => readSnapshotFile(path), 'ECHECKSUM', `${path}: checksum mismatch in DeviceState section`);
-  overwrite(good);
-  t.same((await readSnapshotFile(path)).devices, STATE.devices, 'read again once mended');
+    // Rewritten in place with another snapshot of the same size, its times put back: the new state.
+    const other = nodePath.join(dir, 'other.snap');
+    await writeSnapshotFile(other, { ...fullOptions(memory), devices: devicesOf(4, blobBytes) });
+    const before = statSync(path);
+    const otherBytes = readFileSync(other);
+    t.equal(otherBytes.length, before.size, 'the two files are the same size');
+    const overwrite = (bytes: Uint8Array) => {
+      const fd = openSync(path, 'r+');
+      try {
+        writeSync(fd, bytes, 0, bytes.length, 0);
+      } finally {
+        closeSync(fd);
+      }
+      utimesSync(path, before.atime, before.mtime);
+    };
+    const good = readFileSync(path);
+    overwrite(otherBytes);
+    const rewritten = await readSnapshotFile(path);
+    t.same(rewritten.devices, devicesOf(4, blobBytes), 'the state the file holds now');
+    t.notSame(rewritten.header.streamId, id);
 
-  // Cut short in its RAM image.
-  truncateSync(path, before.size - PAGE_SIZE);
-  await expectMigrationError(t, () => readSnapshotFile(path), 'ETRUNCATED',
-    `${path}: snapshot file truncated: the RAM image ends at byte ${before.size} but the file has ${before.size - PAGE_SIZE} bytes`);
-});
+    // A byte flipped in place, in the device state's payload (its last section before End).
+    overwrite(good);
+    t.same((await readSnapshotFile(path)).devices, devices);
+    const flipped = Buffer.from(good);
+    flipped[good.indexOf('"lcr"')] ^= 1;
+    overwrite(flipped);
+    await expectMigrationError(t, () => readSnapshotFile(path), 'ECHECKSUM', `${path}: checksum mismatch in DeviceState section`);
+    overwrite(good);
+    t.same((await readSnapshotFile(path)).devices, devices, 'read again once mended');
+
+    // Cut short in its RAM image.
+    truncateSync(path, before.size - PAGE_SIZE);
+    await expectMigrationError(t, () => readSnapshotFile(path), 'ETRUNCATED',
+      `${path}: snapshot file truncated: the RAM image ends at byte ${before.size} but the file has ${before.size - PAGE_SIZE} bytes`);
+  });
+}
 
 t.test('a snapshot renamed over the path after its state was read: its RAM image is not used for that state', async (t) => {
   const { dir, memory, path } = await fullSnapshot(t, 1 * MiB);
