@@ -5,6 +5,7 @@
 
 #include <napi.h>
 
+#include <climits>
 #include <string>
 
 namespace nodekvm {
@@ -32,6 +33,17 @@ namespace nodekvm {
 // that does not exist): a RangeError, code ERR_INVALID_ARG_VALUE.
 [[noreturn]] inline void ThrowInvalidValueError(Napi::Env env, const std::string& message) {
   ThrowWithCode(Napi::RangeError::New(env, message), "ERR_INVALID_ARG_VALUE");
+}
+
+// An fd argument: a number that is an int and not negative (else ERR_INVALID_ARG_TYPE or
+// ERR_OUT_OF_RANGE).
+inline int FdArg(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsNumber()) ThrowTypeError(env, "fd must be a number");
+  double fdNumber = value.As<Napi::Number>().DoubleValue();
+  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
+    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
+  }
+  return static_cast<int>(fdNumber);
 }
 
 // Handle misuse that is not a syscall failure: closed handles, wrong thread.

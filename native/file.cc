@@ -142,11 +142,9 @@ Napi::Value FileDataRanges(const Napi::CallbackInfo& info) {
 // syscall does.
 Napi::Value FileIdentity(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber()) ThrowTypeError(env, "fd must be a number");
-  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
-  if (!(fdNumber >= 0 && fdNumber <= 0x7fffffff) || fdNumber != std::floor(fdNumber)) ThrowOutOfRangeError(env, "fd must be a non-negative integer");
+  int fd = FdArg(env, info[0]);
   struct stat st;
-  if (fstat(static_cast<int>(fdNumber), &st) < 0) ThrowSyscallError(env, errno, "fstat");
+  if (fstat(fd, &st) < 0) ThrowSyscallError(env, errno, "fstat");
   auto out = Napi::Array::New(env, 4);
   out.Set(0u, Napi::BigInt::New(env, static_cast<uint64_t>(st.st_dev)));
   out.Set(1u, Napi::BigInt::New(env, static_cast<uint64_t>(st.st_ino)));

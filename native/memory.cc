@@ -18,7 +18,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <climits>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -153,16 +152,6 @@ uint32_t RegisterOwned(Napi::Env env, const std::shared_ptr<GuestMapping>& mappi
   registry.emplace(id, mapping);
   owners.emplace(id, Owner{mapping, env});
   return id;
-}
-
-// An fd argument: a number that is an int and not negative.
-int FdArg(Napi::Env env, const Napi::Value& value) {
-  if (!value.IsNumber()) ThrowTypeError(env, "fd must be a number");
-  double fdNumber = value.As<Napi::Number>().DoubleValue();
-  if (!(fdNumber >= 0 && fdNumber <= INT_MAX) || fdNumber != static_cast<double>(static_cast<int>(fdNumber))) {
-    ThrowOutOfRangeError(env, "fd must be an integer 0..2^31-1");
-  }
-  return static_cast<int>(fdNumber);
 }
 
 // Guest RAM in a memfd, exposed (memory.fd) or not; its backingFd is the caller's to fill.
