@@ -165,7 +165,8 @@ export class VcpuWorkerPool {
     }
     this.#spareShape = wanted;
     if (this.#spareVm?.fits(wanted)) return;
-    this.#retireSpareVm();
+    this.#closeInBackground(this.#spareVm);
+    this.#spareVm = null;
     this.#spareVm = SpareVm.create(wanted);
   }
 
@@ -177,14 +178,14 @@ export class VcpuWorkerPool {
   takeSpareVm(shape: SpareVmShape): SpareVm | null {
     if (!this.#keepSpareVm || this.#closed) return null;
     this.#spareShape = { memoryBytes: shape.memoryBytes, irqchip: shape.irqchip, vcpus: shape.vcpus };
-    let taken = this.#spareVm;
+    const taken = this.#spareVm;
     this.#spareVm = null;
-    if (taken && !taken.fits(shape)) {
-      this.#spareVm = taken;
-      this.#retireSpareVm();
-      taken = null;
+    if (!taken) return null;
+    if (!taken.fits(shape)) {
+      this.#closeInBackground(taken);
+      return null;
     }
-    if (taken) this.#spareVmsTaken++;
+    this.#spareVmsTaken++;
     return taken;
   }
 
@@ -206,7 +207,8 @@ export class VcpuWorkerPool {
       this.#spareTimer = null;
       const shape = this.#spareShape;
       if (this.#closed || !shape || this.#spareVm?.fits(shape)) return;
-      this.#retireSpareVm();
+      this.#closeInBackground(this.#spareVm);
+      this.#spareVm = null;
       try {
         this.#spareVm = SpareVm.create(shape);
       } catch {
@@ -226,10 +228,8 @@ export class VcpuWorkerPool {
     await Promise.all(this.#spareVmsClosing);
   }
 
-  /** Closes the spare VM there (if any) in the background; spareVmsClosed() waits for it. */
-  #retireSpareVm(): void {
-    const spare = this.#spareVm;
-    this.#spareVm = null;
+  /** Closes `spare` (if any) in the background; spareVmsClosed() waits for it. */
+  #closeInBackground(spare: SpareVm | null): void {
     if (!spare) return;
     const closing = spare.closeAsync().catch(() => {
       // Nothing to do about a close that failed: the VM is given up either way.
@@ -242,7 +242,8 @@ export class VcpuWorkerPool {
     this.#closed = true;
     if (this.#spareTimer) clearTimeout(this.#spareTimer);
     this.#spareTimer = null;
-    this.#retireSpareVm();
+    this.#closeInBackground(this.#spareVm);
+    this.#spareVm = null;
     const threads = [...this.#idle.splice(0), ...this.#starting.splice(0)];
     // A thread still loading takes the message once it has.
     for (const thread of threads) thread.send({ type: 'quit' });
