@@ -66,15 +66,21 @@ export interface FileIdentity {
 export function openSameSnapshotFile(contents: SnapshotContents): number {
   const fd = openSync(contents.path, 'r');
   try {
-    const { dev, ino } = fileIdentity(fd);
-    const expected = contents.file;
-    if (expected && (dev !== expected.dev || ino !== expected.ino)) {
-      throw new MigrationError(Code.Mismatch, `${contents.path}: the file was replaced since its state was read (another snapshot renamed over it?)`);
-    }
+    checkSameFile(contents, fd);
     return fd;
   } catch (error) {
     closeSync(fd);
     throw error;
+  }
+}
+
+/** Throws EMISMATCH unless `fd` is the file `contents` was read from (where it says which). */
+function checkSameFile(contents: SnapshotContents, fd: number): void {
+  const expected = contents.file;
+  if (!expected) return;
+  const { dev, ino } = fileIdentity(fd);
+  if (dev !== expected.dev || ino !== expected.ino) {
+    throw new MigrationError(Code.Mismatch, `${contents.path}: the file was replaced since its state was read (another snapshot renamed over it?)`);
   }
 }
 
@@ -298,12 +304,7 @@ export async function verifyRamImage(path: string, contents: SnapshotContents): 
   const absolute = nodePath.resolve(path);
   const file = await open(absolute, 'r');
   try {
-    if (absolute === contents.path && contents.file) {
-      const { dev, ino } = await file.stat({ bigint: true });
-      if (dev !== contents.file.dev || ino !== contents.file.ino) {
-        throw new MigrationError(Code.Mismatch, `${absolute}: the file was replaced since its state was read (another snapshot renamed over it?)`);
-      }
-    }
+    if (absolute === contents.path) checkSameFile(contents, file.fd);
     const chunk = Buffer.allocUnsafe(Math.min(READ_CHUNK_BYTES, image.sizeBytes));
     let crc = 0;
     for (let done = 0; done < image.sizeBytes; done += chunk.length) {
