@@ -420,6 +420,9 @@ export async function receiveMigration(
     // before start()'s bookkeeping (the timers, the console): the source's downtime ends with it.
     let answered: Promise<void> | null = null;
     target.start(complete.running === false, () => {
+      // From here on the guest is this side's, whatever becomes of the answer: a source that
+      // does not hear it keeps its copy paused (EUNCONFIRMED) rather than run the guest too.
+      guestRunsHere = true;
       markPhase('destination: starting');
       answered = reply([pages ? encodeSection(SectionType.Postcopy, new Uint8Array(0)) : encodeEnd()]);
       markPhase('destination: ack written');
@@ -427,7 +430,6 @@ export async function receiveMigration(
     markPhase('destination: guest started');
     aborted.dispose();
     if (pages) {
-      guestRunsHere = true;
       // A failed write is a break, which the post-copy loop sees on the connection.
       await (answered as Promise<void> | null)?.catch(() => {});
       const machine = target.machine;
@@ -439,7 +441,9 @@ export async function receiveMigration(
       }, sections);
       return machine;
     }
-    await answered;
+    await (answered as Promise<void> | null)?.catch((error: unknown) => {
+      config.log?.(`the guest runs here, but the source could not be told (${(error as Error)?.message ?? String(error)}): it keeps its copy paused`);
+    });
     socket.end();
     return target.machine;
   } catch (error) {
