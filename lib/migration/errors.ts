@@ -53,6 +53,13 @@ export const MigrationErrorCode = {
    * the destination holds it paused, lacking pages only the source has.
    */
   PostcopyBroken: 'EPOSTCOPY',
+  /**
+   * A pre-copy migration's whole stream went out, but the destination neither confirmed that the
+   * guest runs there nor said that it failed (the connection broke, or its answer did not come in
+   * time): it may run the guest, so the source keeps it paused rather than risk running it in two
+   * places. Its owner resumes it once they know the destination does not run it.
+   */
+  Unconfirmed: 'EUNCONFIRMED',
   /** A failure with no code of its own (a bug): `cause` holds it. */
   Internal: 'ERR_INTERNAL',
 } as const;

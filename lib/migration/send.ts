@@ -1,7 +1,9 @@
 // The source side of a live migration (pre-copy): send all RAM while the guest runs, then what it
 // dirtied, round after round, until the rest fits in the downtime budget; then pause, send the
 // rest and the machine's state, and wait for the destination to say the guest runs there. Any
-// failure before that resumes the guest here: nothing is lost.
+// failure before the stream's End has gone out resumes the guest here: nothing is lost. After
+// that, only the destination's Error does: without its word the guest stays paused
+// (EUNCONFIRMED), as it may run there.
 import { closeSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { dupSocket } from '../kvm/host.js';
@@ -265,6 +267,10 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   let pausedAt = 0;
   let disksReleased = false;
   let postcopyStarted = false;
+  // Once the kernel has taken the End, the destination may have the whole stream and run the
+  // guest: from then on only its word (End: it runs; Error: it never will) settles how this ends.
+  let endOut = false;
+  const endHandedOver = () => void (endOut = true);
   const startTracking = (): DirtyTracker => {
     const started = source.startTracking();
     // The first pass reads every page that may hold data after this point: what the VMM marked
@@ -293,7 +299,8 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const replies = new PeerReplies(connection);
     peer = replies;
     const sectionBuffers = new SectionBufferPool();
-    const send = (chunks: Uint8Array[]) => unlessAborted(replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers), opts.timeoutMs)));
+    const send = (chunks: Uint8Array[], handedOver?: () => void) =>
+      unlessAborted(replies.race(withStallTimeout(connection, queueChunks(connection, chunks, sectionBuffers, handedOver), opts.timeoutMs)));
 
     const streamId = newStreamId();
     await send([
@@ -507,7 +514,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     const devicesPart = encodeDeviceStateSection(devicesAhead ? devicesAhead.changed(devices) : devices);
     markPhase('source: device state saved and encoded');
     if (pagesFirst) {
-      await Promise.all([cpuSent, send([devicesPart, encodeEnd()])]);
+      await Promise.all([cpuSent, send([devicesPart, encodeEnd()], endHandedOver)]);
     } else {
       // The devices' part first: the destination checks and applies it while this side harvests.
       const devicesSent = send([devicesPart]);
@@ -517,14 +524,14 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         // Few pages left (as a rule): they and End in one write (each write costs the source
         // 0.1-0.2 ms here); the progress is told once they are out.
         const lastPages = pages.encode(ranges, destinationZeroed);
-        await Promise.all([cpuSent, devicesSent, send([...lastPages, encodeEnd()])]);
+        await Promise.all([cpuSent, devicesSent, send([...lastPages, encodeEnd()], endHandedOver)]);
         markPhase('source: last pages sent');
         progress('stop-copy');
       } else {
         progress('stop-copy');
         await sendPages(ranges);
         markPhase('source: last pages sent');
-        await Promise.all([cpuSent, devicesSent, send([encodeEnd()])]);
+        await Promise.all([cpuSent, devicesSent, send([encodeEnd()], endHandedOver)]);
       }
     }
     markPhase('source: state written to the socket');
@@ -555,9 +562,20 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     }
     // A write that failed because the destination gave up: its reason says more than EPIPE.
     const refusal = peer ? await peer.refusal(250) : undefined;
+    // The whole stream went out, and the destination said neither that the guest runs there nor
+    // that it failed (the connection broke, or its answer did not come in time): it may run the
+    // guest. Resuming here could run it in two places; the guest stays paused, its owner decides.
+    const unconfirmed = endOut && !refusal;
     let error = refusal
       ? new MigrationError(Code.Refused, `migration failed (${phase}): the destination refused: ${refusal}; the guest runs on here`, { phase, cause: caught })
-      : caught;
+      : unconfirmed
+        ? new MigrationError(
+          Code.Unconfirmed,
+          `migration to ${addressText}: the destination took the whole stream but neither confirmed that the guest runs there nor said that it failed ` +
+            `(${(caught as Error)?.message ?? String(caught)}); it may run the guest, so the guest stays paused here with its state: resume it only once you know it does not run there`,
+          { phase, cause: caught },
+        )
+        : caught;
     source.stopTracking();
     let disksLost: Error | null = null;
     if (disksReleased) {
@@ -567,7 +585,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         disksLost = retakeError as Error;
       }
     }
-    if (disksLost) {
+    if (disksLost && !unconfirmed) {
       // Another machine writes an image now: running the guest on here would corrupt it.
       const base = asMigrationError(error, phase);
       error = new MigrationError(
@@ -575,7 +593,11 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         `${base.message.replace(/; the guest runs on here$/, '')}; the guest stays paused here: ${disksLost.message}`,
         { phase, cause: base },
       );
-    } else if (paused) {
+    } else if (disksLost) {
+      // (Unconfirmed: the destination holding the images says that it likely runs the guest.)
+      const base = error as MigrationError;
+      error = new MigrationError(Code.Unconfirmed, `${base.message} (${disksLost.message})`, { phase, cause: base.cause });
+    } else if (paused && !unconfirmed) {
       source.resume();
     }
     if (socket && !socket.destroyed) {

@@ -49,7 +49,11 @@ export interface MigrateOptions {
   postcopy?: PostcopyMode;
   /** Post-copy: how long to keep trying to reconnect after the connection broke. Default 60 s. */
   postcopyRecoveryMs?: number;
-  /** Give up if connecting or any read/write stalls this long. Default 10 s. */
+  /**
+   * Give up if connecting or any read/write stalls this long. Default 10 s. Given up while
+   * waiting for the destination's word that the guest runs there (the whole stream out), the
+   * guest stays paused: EUNCONFIRMED.
+   */
   timeoutMs?: number;
   /**
    * Throttle the vCPUs while the guest dirties memory faster than the link carries it, until it

@@ -105,13 +105,20 @@ const QUEUE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
 /**
  * Queues `chunks` on the socket and returns at once unless too much is queued: the next batch is
  * then encoded while the kernel and the destination take this one (a write callback per batch
- * would leave one side idle while the other works).
+ * would leave one side idle while the other works). `handedOver` is called once the kernel has
+ * taken the last of them (never if a write fails).
  */
-export async function queueChunks(socket: Socket, chunks: readonly Uint8Array[], buffers: SectionBufferPool): Promise<void> {
+export async function queueChunks(socket: Socket, chunks: readonly Uint8Array[], buffers: SectionBufferPool, handedOver?: () => void): Promise<void> {
   if (socket.destroyed) throw new MigrationError(Code.Closed, 'cannot write the migration stream: the connection is closed');
   // Corked: several chunks go to the kernel in one writev (each write costs 0.1 ms here).
   if (chunks.length > 1) socket.cork();
-  for (const chunk of chunks) socket.write(chunk, () => buffers.release(chunk));
+  chunks.forEach((chunk, index) => {
+    const last = index === chunks.length - 1;
+    socket.write(chunk, (error) => {
+      buffers.release(chunk);
+      if (last && !error) handedOver?.();
+    });
+  });
   if (chunks.length > 1) socket.uncork();
   if (socket.writableLength <= QUEUE_HIGH_WATER_BYTES) {
     // One turn of the event loop, so that libuv hands the queue to the kernel while the next

@@ -35,7 +35,7 @@ t.test('MigrationError: a code always, a phase and a cause where they apply', as
   t.same(Object.values(MigrationErrorCode).sort(), [
     'ABORT_ERR', 'ECANCELED', 'ECHECKSUM', 'ECLOSED', 'ECONNECT', 'EDISKLOCKED', 'EFORMAT', 'EMAGIC', 'EMISMATCH', 'ENOTCONVERGED',
     'ENOTREG', 'EPOSTCOPY', 'EPROTO', 'EREFUSED', 'ERR_INTERNAL', 'ERR_INVALID_STATE', 'ERR_MACHINE_STATE', 'ETIMEDOUT', 'ETOOBIG', 'ETRUNCATED',
-    'EVERSION',
+    'EUNCONFIRMED', 'EVERSION',
   ]);
 });
 

@@ -37,9 +37,15 @@ async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof sta
 
 /**
  * A TCP proxy between source and destination that lets `tamper` change or cut the source's bytes
- * (counted from the stream header's magic on, after the handshake), or stop reading them.
+ * (counted from the stream header's magic on, after the handshake), or stop reading them; and
+ * `tamperReplies` the destination's.
  */
-async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, streamOffset: number, cut: () => void, stopReading: () => void) => Buffer): Promise<string> {
+async function startProxy(
+  t: Test,
+  target: string,
+  tamper: (chunk: Buffer, streamOffset: number, cut: () => void, stopReading: () => void) => Buffer,
+  tamperReplies: (chunk: Buffer, cut: () => void, hold: () => void) => Buffer = (chunk) => chunk,
+): Promise<string> {
   const [, host, port] = /^tcp:(.*):(\d+)$/.exec(target)!;
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(port), host);
@@ -65,11 +71,17 @@ async function startProxy(t: Test, target: string, tamper: (chunk: Buffer, strea
       forwarded += chunk.length;
       if (!upstream.destroyed) upstream.write(out);
     });
-    upstream.on('data', (chunk) => client.destroyed || client.write(chunk));
+    // Held: the destination's end of the connection is not passed on (the source hears nothing more).
+    let held = false;
+    const hold = () => void (held = true);
+    upstream.on('data', (chunk: Buffer) => {
+      const out = tamperReplies(chunk, cut, hold);
+      if (!client.destroyed && out.length > 0) client.write(out);
+    });
     client.on('error', cut);
     upstream.on('error', cut);
     client.on('close', () => upstream.end());
-    upstream.on('close', () => client.destroy());
+    upstream.on('close', () => held || client.destroy());
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   t.teardown(() => server.close());
@@ -110,12 +122,12 @@ async function handMadeSource(t: Test, destination: { listening: Promise<string>
 }
 
 async function migrateThroughFault<D extends Destination | LocalDestination>(t: Test, destination: D, options: {
-  tamper?: Parameters<typeof startProxy>[2]; sourceMemoryBytes?: number; timeoutMs?: number;
+  tamper?: Parameters<typeof startProxy>[2]; tamperReplies?: Parameters<typeof startProxy>[3]; sourceMemoryBytes?: number; timeoutMs?: number;
   /** Bytes of guest RAM above the guest's own range the VMM fills with data, for a longer stream. */
   fillBytes?: number;
 } = {}) {
   let address = await destination.listening;
-  if (options.tamper) address = await startProxy(t, address, options.tamper);
+  if (options.tamper || options.tamperReplies) address = await startProxy(t, address, options.tamper ?? ((chunk) => chunk), options.tamperReplies);
   const source = await startDirtier({ memoryBytes: options.sourceMemoryBytes ?? 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
   t.teardown(() => source.machine.stop());
   if (options.fillBytes) source.machine.writeMemory(8 * MiB, randomBytes(options.fillBytes));
@@ -222,6 +234,61 @@ t.test('a stream cut short: the destination reports it truncated, the source run
   t.match(error?.message, /migration failed .*the guest runs on here/);
   await assertStillRunning(t, source);
   await t.rejects(destination.arrived, /truncated|closed/, 'the destination fails with why');
+});
+
+/**
+ * A reply tamper that drops the destination's End (its word that the guest runs there) and all
+ * that follows; then cuts the connection, or holds it open with nothing more coming.
+ */
+function dropRunningWord(options: { cut: boolean }): { tamper: Parameters<typeof startProxy>[3]; dropped: () => boolean } {
+  const end = Buffer.from(encodeEnd());
+  let dropped = false;
+  return {
+    tamper: (chunk, cut, hold) => {
+      if (dropped) return Buffer.alloc(0);
+      const at = chunk.indexOf(end);
+      if (at < 0) return chunk;
+      dropped = true;
+      if (options.cut) setImmediate(cut);
+      else hold();
+      return chunk.subarray(0, at);
+    },
+    dropped: () => dropped,
+  };
+}
+
+/** The source left paused with EUNCONFIRMED while the destination runs the guest; the owner then stops that one and resumes this one. */
+async function assertUnconfirmed(t: Test, outcome: Awaited<ReturnType<typeof migrateThroughFault<LocalDestination>>>, cause: RegExp): Promise<void> {
+  const { destination, source, error } = outcome;
+  t.equal(error?.code, 'EUNCONFIRMED', 'the source cannot know how it ended');
+  t.equal(error?.phase, 'stop-copy');
+  t.match(error?.message, /neither confirmed that the guest runs there nor said that it failed .*the guest stays paused here/);
+  t.match((error?.cause as Error | undefined)?.message, cause, 'what broke is the cause');
+  t.equal(source.machine.state, 'paused', 'the source keeps its guest paused, not resumed');
+  const arrived = await destination.arrived;
+  t.equal(arrived.state, 'running', 'the destination runs it');
+  const sourceOutput = source.output();
+  await destination.waitForOutput(`pass ${lastPass(sourceOutput) + 2} ok\n`);
+  t.ok(isUnbrokenCount(sourceOutput + destination.output()), 'it counts on there, unbroken');
+  t.equal(lastPass(source.output()), lastPass(sourceOutput), 'and not here');
+  // Its owner, knowing it runs there no longer, resumes it here: the copy kept is whole.
+  await arrived.stop();
+  source.machine.resume();
+  await assertStillRunning(t, source);
+}
+
+t.test('the destination\'s word that the guest runs there lost with the connection: the source keeps its guest paused (EUNCONFIRMED), never running it in two places', { skip: noKvm }, async (t) => {
+  const drop = dropRunningWord({ cut: true });
+  const outcome = await migrateThroughFault(t, destinationHere(t), { tamperReplies: drop.tamper });
+  t.ok(drop.dropped(), 'the word was dropped');
+  await assertUnconfirmed(t, outcome, /closed|reset|EPIPE|ECONNRESET/i);
+});
+
+t.test('the destination\'s word that the guest runs there never comes: after timeoutMs the source keeps its guest paused (EUNCONFIRMED)', { skip: noKvm }, async (t) => {
+  const drop = dropRunningWord({ cut: false });
+  const outcome = await migrateThroughFault(t, destinationHere(t), { tamperReplies: drop.tamper, timeoutMs: 1000 });
+  t.ok(drop.dropped(), 'the word was dropped');
+  await assertUnconfirmed(t, outcome, /1000 ms|timed out|no answer|waiting/i);
 });
 
 t.test('a destination that stops reading: the source, blocked writing, gives up after timeoutMs and runs on', { skip: noKvm }, async (t) => {
