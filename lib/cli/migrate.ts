@@ -30,7 +30,9 @@ options:
   --on-non-convergence finish|abort
                                at a cap: pause and finish anyway (default), or give up and
                                keep running here
-  --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000)
+  --timeout-ms N               give up when connecting or a transfer stalls this long (default 10000);
+                               given up (or cut off) once the whole stream is out, the guest stays
+                               paused here, as it may run there: resume it only once it does not
   --auto-converge              throttle the guest's vCPUs while it dirties memory faster than
                                the link carries it (each sleeps 20%, then 30%, ... up to 99% of
                                every 10 ms), until the rest fits the downtime; ends with the
