@@ -20,6 +20,7 @@ import { decodePageRanges } from '../../lib/migration/postcopy-ranges.js';
 import { SectionReader } from '../../lib/migration/section-reader.js';
 import { socketSource } from '../../lib/migration/sources.js';
 import { encodeConfigSection } from '../../lib/migration/state-sections.js';
+import { startProxy } from '../helpers/tamper-proxy.js';
 import { encodeStateSection } from '../../lib/migration/state-codec.js';
 import { connectForMigration, parseMigrationAddress } from '../../lib/migration/transport.js';
 
@@ -33,59 +34,6 @@ async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof sta
   const pass = lastPass(source.output());
   await source.waitForOutput(`pass ${pass + 2} ok\n`);
   t.ok(isUnbrokenCount(source.output()), 'its count goes on unbroken, its memory check passing');
-}
-
-/**
- * A TCP proxy between source and destination that lets `tamper` change or cut the source's bytes
- * (counted from the stream header's magic on, after the handshake), or stop reading them; and
- * `tamperReplies` the destination's.
- */
-async function startProxy(
-  t: Test,
-  target: string,
-  tamper: (chunk: Buffer, streamOffset: number, cut: () => void, stopReading: () => void) => Buffer,
-  tamperReplies: (chunk: Buffer, cut: () => void, hold: () => void) => Buffer = (chunk) => chunk,
-): Promise<string> {
-  const [, host, port] = /^tcp:(.*):(\d+)$/.exec(target)!;
-  const server = net.createServer((client) => {
-    const upstream = net.connect(Number(port), host);
-    const cut = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    const stopReading = () => client.pause();
-    let seen = Buffer.alloc(0);
-    let streamStart = -1;
-    let forwarded = 0;
-    client.on('data', (chunk: Buffer) => {
-      let out = chunk;
-      if (streamStart < 0) {
-        seen = Buffer.concat([seen, chunk]);
-        const magic = seen.indexOf('NODE-KVM');
-        if (magic >= 0) streamStart = magic;
-      }
-      if (streamStart >= 0) {
-        const offsetInStream = forwarded - streamStart;
-        out = tamper(Buffer.from(chunk), offsetInStream, cut, stopReading);
-      }
-      forwarded += chunk.length;
-      if (!upstream.destroyed) upstream.write(out);
-    });
-    // Held: the destination's end of the connection is not passed on (the source hears nothing more).
-    let held = false;
-    const hold = () => void (held = true);
-    upstream.on('data', (chunk: Buffer) => {
-      const out = tamperReplies(chunk, cut, hold);
-      if (!client.destroyed && out.length > 0) client.write(out);
-    });
-    client.on('error', cut);
-    upstream.on('error', cut);
-    client.on('close', () => upstream.end());
-    upstream.on('close', () => held || client.destroy());
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.teardown(() => server.close());
-  return `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`;
 }
 
 /** Changes the byte at `at` (stream offset) with `change`. */

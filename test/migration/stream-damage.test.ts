@@ -1,0 +1,198 @@
+// Every kind of section a real pre-copy migration sends, damaged on its way (one bit of its type,
+// flags, length, payload or CRC flipped) or cut off there: whatever the damage, the destination
+// refuses the stream before its guest runs, with a MigrationError that names a stream or
+// connection failure (never a crash, a bare error or ERR_INTERNAL), and the guest is never lost nor
+// run in two places: it runs on at the source, or, once the whole stream has gone out, waits
+// there paused (EUNCONFIRMED) for its owner. Only page data may be mended (its pages asked for
+// again); the guest then arrives intact. One source runs through all of it, each attempt to a new
+// destination in this process.
+import t, { type Test } from 'tap';
+import { Machine, MigrationError } from '../../lib/index.js';
+import { HEADER_BYTES, SECTION_HEADER_BYTES, SectionType } from '../../lib/migration/format.js';
+import { noKvm } from '../helpers/kvm.js';
+import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { startLocalDestination } from '../helpers/migration-peer.js';
+import { sharedPool } from '../helpers/pool.js';
+import { startProxy, type StreamTamper } from '../helpers/tamper-proxy.js';
+
+const TOKEN = 'damage-token-5c1e';
+const pool = noKvm ? undefined : sharedPool(2);
+/** Short, for the damage that leaves one side waiting (an End that announces a payload never sent). */
+const TIMEOUT_MS = 1500;
+
+interface Damage {
+  what: string;
+  /** The section's type, or the stream's header. */
+  type: number | 'header';
+  /** Which section of that type (0: the first). */
+  index: number;
+  /** The byte, from the section's (or header's) start; negative: from its end (-1: the CRC's last byte). */
+  at: number;
+  /** Cut the stream before that byte instead of flipping a bit of it. */
+  cut?: boolean;
+  /** The destination may mend it (page data: its pages asked for again): the migration may complete. */
+  mendable?: boolean;
+}
+
+const T = SectionType;
+// A live Pages section ends with its data, the data's CRC (u32) and the section's CRC (u32).
+const DAMAGE: Damage[] = [
+  { what: 'header, magic', type: 'header', index: 0, at: 3 },
+  { what: 'header, kind', type: 'header', index: 0, at: 12 },
+  { what: 'header, RAM size', type: 'header', index: 0, at: 19 },
+  { what: 'header, vCPU count', type: 'header', index: 0, at: 24 },
+  { what: 'header, stream id', type: 'header', index: 0, at: 40 },
+  { what: 'header, CRC', type: 'header', index: 0, at: 67 },
+  { what: 'Config, type', type: T.Config, index: 0, at: 0 },
+  { what: 'Config, length', type: T.Config, index: 0, at: 4 },
+  { what: 'Config, payload', type: T.Config, index: 0, at: SECTION_HEADER_BYTES + 2 },
+  { what: 'Config, CRC', type: T.Config, index: 0, at: -1 },
+  { what: 'Pages, type', type: T.Pages, index: 0, at: 0 },
+  { what: 'Pages, live flag', type: T.Pages, index: 0, at: 2 },
+  { what: 'Pages, length', type: T.Pages, index: 0, at: 6 },
+  { what: 'Pages, range count', type: T.Pages, index: 0, at: SECTION_HEADER_BYTES },
+  { what: 'Pages, first range\'s first page', type: T.Pages, index: 0, at: SECTION_HEADER_BYTES + 4 },
+  { what: 'Pages, first range\'s page count', type: T.Pages, index: 0, at: SECTION_HEADER_BYTES + 12 },
+  { what: 'Pages, page data', type: T.Pages, index: 0, at: -9, mendable: true },
+  { what: 'Pages, data CRC', type: T.Pages, index: 0, at: -5 },
+  { what: 'Pages, CRC', type: T.Pages, index: 0, at: -1 },
+  { what: 'Sync, type', type: T.Sync, index: 0, at: 0 },
+  { what: 'Sync, length', type: T.Sync, index: 0, at: 4 },
+  { what: 'Sync, CRC', type: T.Sync, index: 0, at: -1 },
+  { what: 'DeviceStateAhead, payload', type: T.DeviceStateAhead, index: 0, at: SECTION_HEADER_BYTES + 3 },
+  { what: 'DeviceStateAhead, CRC', type: T.DeviceStateAhead, index: 0, at: -1 },
+  { what: 'the state\'s Config, payload', type: T.Config, index: 1, at: SECTION_HEADER_BYTES + 2 },
+  { what: 'VmState, type', type: T.VmState, index: 0, at: 0 },
+  { what: 'VmState, payload', type: T.VmState, index: 0, at: SECTION_HEADER_BYTES + 40 },
+  { what: 'VmState, CRC', type: T.VmState, index: 0, at: -1 },
+  { what: 'VcpuState, type', type: T.VcpuState, index: 0, at: 0 },
+  { what: 'VcpuState, length', type: T.VcpuState, index: 0, at: 5 },
+  { what: 'VcpuState, payload', type: T.VcpuState, index: 0, at: SECTION_HEADER_BYTES + 100 },
+  { what: 'VcpuState, CRC', type: T.VcpuState, index: 0, at: -1 },
+  { what: 'DeviceState, payload', type: T.DeviceState, index: 0, at: SECTION_HEADER_BYTES + 3 },
+  { what: 'DeviceState, CRC', type: T.DeviceState, index: 0, at: -1 },
+  { what: 'End, type', type: T.End, index: 0, at: 0 },
+  { what: 'End, length', type: T.End, index: 0, at: 4 },
+  { what: 'End, CRC', type: T.End, index: 0, at: -1 },
+  { what: 'cut inside the second Pages section', type: T.Pages, index: 1, at: 100, cut: true },
+  { what: 'cut before the first Sync', type: T.Sync, index: 0, at: 0, cut: true },
+  { what: 'cut inside VcpuState', type: T.VcpuState, index: 0, at: SECTION_HEADER_BYTES + 50, cut: true },
+  { what: 'cut before DeviceState', type: T.DeviceState, index: 0, at: 0, cut: true },
+  { what: 'cut before End', type: T.End, index: 0, at: 0, cut: true },
+  { what: 'cut inside End', type: T.End, index: 0, at: 6, cut: true },
+];
+
+/** What a destination may fail with: the stream or the connection, said plainly. */
+const DESTINATION_CODES = ['EMAGIC', 'EVERSION', 'ECHECKSUM', 'EFORMAT', 'ETRUNCATED', 'ETOOBIG', 'EMISMATCH', 'ECLOSED', 'ETIMEDOUT', 'ECANCELED'];
+/** And a source: the destination's refusal, the connection, or (the whole stream out) no word at all. */
+const SOURCE_CODES = ['EREFUSED', 'ECLOSED', 'ETIMEDOUT', 'EUNCONFIRMED'];
+
+/**
+ * A tamper that follows the sections of the source's stream as they pass (an incomplete section
+ * header is held back until it is whole, so that every byte of a section is known before it goes
+ * on) and damages `damage`'s byte once it comes.
+ */
+function damageSection(damage: Damage): { tamper: StreamTamper; reached: () => boolean } {
+  let offset = 0; // stream offset of the next byte passed on
+  let nextSection = HEADER_BYTES;
+  let held = Buffer.alloc(0);
+  let target = damage.type === 'header' ? damage.at : -1;
+  let reached = false;
+  let cutOff = false;
+  const seen = new Map<number, number>();
+  const tamper: StreamTamper = (chunk, streamOffset, cut) => {
+    if (cutOff) return Buffer.alloc(0);
+    // The handshake's last bytes may share the chunk with the stream's first: they go on as they are.
+    const handshake = streamOffset < 0 ? chunk.subarray(0, -streamOffset) : Buffer.alloc(0);
+    const stream = streamOffset < 0 ? chunk.subarray(-streamOffset) : chunk;
+    const data = held.length > 0 ? Buffer.concat([held, stream]) : Buffer.from(stream);
+    let whole = data.length;
+    for (let at = nextSection - offset; at < data.length; at = nextSection - offset) {
+      if (at + SECTION_HEADER_BYTES > data.length) {
+        whole = at;
+        break;
+      }
+      const type = data.readUInt16LE(at);
+      const size = SECTION_HEADER_BYTES + data.readUInt32LE(at + 4) + 4;
+      const index = seen.get(type) ?? 0;
+      seen.set(type, index + 1);
+      if (!reached && target < 0 && type === damage.type && index === damage.index) {
+        target = nextSection + (damage.at >= 0 ? damage.at : size + damage.at);
+      }
+      nextSection += size;
+    }
+    held = Buffer.from(data.subarray(whole));
+    let out = data.subarray(0, whole);
+    if (target >= offset && target < offset + out.length) {
+      reached = true;
+      if (damage.cut) {
+        out = out.subarray(0, target - offset);
+        cutOff = true;
+        setImmediate(cut);
+      } else {
+        out[target - offset]! ^= 0x01;
+      }
+      target = -1;
+    }
+    offset += out.length;
+    return Buffer.concat([handshake, out]);
+  };
+  return { tamper, reached: () => reached };
+}
+
+type Source = Awaited<ReturnType<typeof startDirtier>>;
+
+async function newSource(): Promise<Source> {
+  const source = await startDirtier({ memoryBytes: 32 * MiB, rangeBytes: 2 * MiB, config: { pool } });
+  // Stopped with the file: it serves the tests after the one that made it.
+  t.teardown(() => source.machine.stop());
+  await source.waitForOutput('pass 1 ok\n');
+  return source;
+}
+
+/** The guest counts on at the source, unbroken (its memory check passing every pass). */
+async function countsOn(t: Test, source: Source): Promise<void> {
+  const pass = lastPass(source.output());
+  await source.waitForOutput(`pass ${pass + 1} ok\n`);
+  t.ok(isUnbrokenCount(source.output()), 'the guest runs on at the source, unbroken');
+}
+
+// One source for every damage (a failed migration leaves it running), made anew after one mended.
+let source: Source | undefined;
+
+for (const damage of DAMAGE) {
+  t.test(`${damage.what}: refused before the guest runs there, the guest never lost nor run twice`, { skip: noKvm }, async (t) => {
+    source ??= await newSource();
+    const destination = startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, pool, timeoutMs: TIMEOUT_MS });
+    const damaged = damageSection(damage);
+    const address = await startProxy(t, await destination.listening, damaged.tamper);
+    const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: TIMEOUT_MS }).then(() => null, (e: unknown) => e);
+    const arrived = await destination.arrived.then((machine) => machine, (e: unknown) => e);
+    t.ok(damaged.reached(), 'the stream reached the damage');
+    if (error === null) {
+      t.ok(damage.mendable, 'only damage the destination mends lets the migration complete');
+      t.ok(arrived instanceof Machine && arrived.state === 'running', 'mended, the guest runs at the destination');
+      const before = source.output();
+      await destination.waitForOutput(`pass ${lastPass(before) + 2} ok\n`);
+      t.ok(isUnbrokenCount(before + destination.output()), 'it arrived intact, its count unbroken');
+      await (arrived as Machine).stop();
+      source = undefined;
+      return;
+    }
+    t.type(error, MigrationError, 'the source fails with a MigrationError');
+    const code = (error as MigrationError).code;
+    t.ok(SOURCE_CODES.includes(code), `the source says ${code} (${(error as Error).message})`);
+    t.type(arrived, MigrationError, 'the destination refuses the stream, never running the guest');
+    const destinationCode = (arrived as MigrationError).code;
+    t.ok(DESTINATION_CODES.includes(destinationCode), `the destination says ${destinationCode} (${(arrived as Error).message})`);
+    if (code === 'EUNCONFIRMED') {
+      // The whole stream went out, no word came back: the guest waits paused for its owner, who
+      // knows here that the destination refused it.
+      t.equal(source.machine.state, 'paused', 'unconfirmed, the source keeps the guest paused');
+      source.machine.resume();
+    } else {
+      t.equal(source.machine.state, 'running', 'the source runs the guest on');
+    }
+    await countsOn(t, source);
+  });
+}
