@@ -1,11 +1,14 @@
 // Every kind of section a real pre-copy migration sends, damaged on its way (one bit of its type,
-// flags, length, payload or CRC flipped) or cut off there: whatever the damage, the destination
-// refuses the stream before its guest runs, with a MigrationError that names a stream or
-// connection failure (never a crash, a bare error or ERR_INTERNAL), and the guest is never lost nor
-// run in two places: it runs on at the source, or, once the whole stream has gone out, waits
-// there paused (EUNCONFIRMED) for its owner. Only page data may be mended (its pages asked for
-// again); the guest then arrives intact. One source runs through all of it, each attempt to a new
-// destination in this process.
+// flags, length, payload or CRC flipped) or cut off there, and the destination's replies likewise:
+// whatever the damage, the guest is never lost nor run in two places. A damaged stream is refused
+// by the destination before its guest runs, with a MigrationError that names a stream or
+// connection failure (never a crash, a bare error or ERR_INTERNAL), and the guest runs on at the
+// source or, once the whole stream has gone out, waits there paused (EUNCONFIRMED) for its owner;
+// only page data may be mended (its pages asked for again), and the guest then arrives intact. A
+// damaged reply before the pause makes the source give up and run on; a damaged or lost End (the
+// destination's word that the guest runs there) leaves the guest running there and paused here.
+// One source runs through all of it (made anew after a migration that completed), each attempt to
+// a new destination in this process.
 import t, { type Test } from 'tap';
 import { Machine, MigrationError } from '../../lib/index.js';
 import { HEADER_BYTES, SECTION_HEADER_BYTES, SectionType } from '../../lib/migration/format.js';
@@ -13,7 +16,7 @@ import { noKvm } from '../helpers/kvm.js';
 import { isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
 import { startLocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
-import { startProxy, type StreamTamper } from '../helpers/tamper-proxy.js';
+import { startProxy, type ReplyTamper, type StreamTamper } from '../helpers/tamper-proxy.js';
 
 const TOKEN = 'damage-token-5c1e';
 const pool = noKvm ? undefined : sharedPool(2);
@@ -32,6 +35,8 @@ interface Damage {
   cut?: boolean;
   /** The destination may mend it (page data: its pages asked for again): the migration may complete. */
   mendable?: boolean;
+  /** In the destination's replies (its header, acceptance, Sync answers, End) rather than the source's stream. */
+  reply?: boolean;
 }
 
 const T = SectionType;
@@ -80,6 +85,16 @@ const DAMAGE: Damage[] = [
   { what: 'cut before DeviceState', type: T.DeviceState, index: 0, at: 0, cut: true },
   { what: 'cut before End', type: T.End, index: 0, at: 0, cut: true },
   { what: 'cut inside End', type: T.End, index: 0, at: 6, cut: true },
+  // The destination's side: before the pause the source gives up and runs on; the End (its word
+  // that the guest runs there) damaged, the destination runs the guest and the source, unable to
+  // tell, keeps its copy paused.
+  { what: 'reply header, CRC', type: 'header', index: 0, at: 67, reply: true },
+  { what: 'reply acceptance (Config), payload', type: T.Config, index: 0, at: SECTION_HEADER_BYTES + 2, reply: true },
+  { what: 'reply Sync answer, type', type: T.Sync, index: 0, at: 0, reply: true },
+  { what: 'reply Sync answer, CRC', type: T.Sync, index: 0, at: -1, reply: true },
+  { what: 'reply End, type', type: T.End, index: 0, at: 0, reply: true },
+  { what: 'reply End, CRC', type: T.End, index: 0, at: -1, reply: true },
+  { what: 'reply cut before End', type: T.End, index: 0, at: 0, cut: true, reply: true },
 ];
 
 /** What a destination may fail with: the stream or the connection, said plainly. */
@@ -140,6 +155,25 @@ function damageSection(damage: Damage): { tamper: StreamTamper; reached: () => b
   return { tamper, reached: () => reached };
 }
 
+/** damageSection() for the destination's replies: their stream starts at the destination's header (after the handshake's bytes). */
+function damageReplies(damage: Damage): { tamper: ReplyTamper; reached: () => boolean } {
+  const damaged = damageSection(damage);
+  let seen = Buffer.alloc(0);
+  let streamStart = -1;
+  let passed = 0;
+  const tamper: ReplyTamper = (chunk, cut) => {
+    if (streamStart < 0) {
+      seen = Buffer.concat([seen, chunk]);
+      const magic = seen.indexOf('NODE-KVM');
+      if (magic >= 0) streamStart = magic;
+    }
+    const out = streamStart < 0 ? chunk : damaged.tamper(chunk, passed - streamStart, cut, () => {});
+    passed += chunk.length;
+    return out;
+  };
+  return { tamper, reached: damaged.reached };
+}
+
 type Source = Awaited<ReturnType<typeof startDirtier>>;
 
 async function newSource(): Promise<Source> {
@@ -161,11 +195,13 @@ async function countsOn(t: Test, source: Source): Promise<void> {
 let source: Source | undefined;
 
 for (const damage of DAMAGE) {
-  t.test(`${damage.what}: refused before the guest runs there, the guest never lost nor run twice`, { skip: noKvm }, async (t) => {
+  t.test(`${damage.what}: the guest never lost nor run in two places`, { skip: noKvm }, async (t) => {
     source ??= await newSource();
     const destination = startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, pool, timeoutMs: TIMEOUT_MS });
-    const damaged = damageSection(damage);
-    const address = await startProxy(t, await destination.listening, damaged.tamper);
+    const damaged = damage.reply ? damageReplies(damage) : damageSection(damage);
+    const address = damage.reply
+      ? await startProxy(t, await destination.listening, (chunk) => chunk, (damaged as ReturnType<typeof damageReplies>).tamper)
+      : await startProxy(t, await destination.listening, (damaged as ReturnType<typeof damageSection>).tamper);
     const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: TIMEOUT_MS }).then(() => null, (e: unknown) => e);
     const arrived = await destination.arrived.then((machine) => machine, (e: unknown) => e);
     t.ok(damaged.reached(), 'the stream reached the damage');
@@ -182,15 +218,27 @@ for (const damage of DAMAGE) {
     t.type(error, MigrationError, 'the source fails with a MigrationError');
     const code = (error as MigrationError).code;
     t.ok(SOURCE_CODES.includes(code), `the source says ${code} (${(error as Error).message})`);
-    t.type(arrived, MigrationError, 'the destination refuses the stream, never running the guest');
-    const destinationCode = (arrived as MigrationError).code;
-    t.ok(DESTINATION_CODES.includes(destinationCode), `the destination says ${destinationCode} (${(arrived as Error).message})`);
     if (code === 'EUNCONFIRMED') {
-      // The whole stream went out, no word came back: the guest waits paused for its owner, who
-      // knows here that the destination refused it.
+      // The whole stream went out, and no word it could read came back: the guest waits paused
+      // for its owner. The destination either refused the stream or runs the guest; the owner,
+      // who knows which, stops that one and resumes this one.
       t.equal(source.machine.state, 'paused', 'unconfirmed, the source keeps the guest paused');
+      if (arrived instanceof Machine) {
+        t.equal(arrived.state, 'running', 'the destination runs the guest (its word was lost)');
+        const before = source.output();
+        await destination.waitForOutput(`pass ${lastPass(before) + 2} ok\n`);
+        t.ok(isUnbrokenCount(before + destination.output()), 'it arrived intact, its count unbroken');
+        t.equal(lastPass(source.output()), lastPass(before), 'and it does not run here meanwhile');
+        await arrived.stop();
+      } else {
+        t.type(arrived, MigrationError, 'or the destination refused the stream');
+        t.ok(DESTINATION_CODES.includes((arrived as MigrationError).code), `the destination says ${(arrived as MigrationError).code} (${(arrived as Error).message})`);
+      }
       source.machine.resume();
     } else {
+      t.type(arrived, MigrationError, 'the destination refuses the stream, never running the guest');
+      const destinationCode = (arrived as MigrationError).code;
+      t.ok(DESTINATION_CODES.includes(destinationCode), `the destination says ${destinationCode} (${(arrived as Error).message})`);
       t.equal(source.machine.state, 'running', 'the source runs the guest on');
     }
     await countsOn(t, source);
