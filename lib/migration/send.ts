@@ -585,7 +585,10 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         disksLost = retakeError as Error;
       }
     }
-    if (disksLost && !unconfirmed) {
+    if (unconfirmed) {
+      // Paused either way: a destination holding the images most likely runs the guest.
+      if (disksLost) error = new MigrationError(Code.Unconfirmed, `${(error as Error).message} (${disksLost.message})`, { phase, cause: caught });
+    } else if (disksLost) {
       // Another machine writes an image now: running the guest on here would corrupt it.
       const base = asMigrationError(error, phase);
       error = new MigrationError(
@@ -593,11 +596,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
         `${base.message.replace(/; the guest runs on here$/, '')}; the guest stays paused here: ${disksLost.message}`,
         { phase, cause: base },
       );
-    } else if (disksLost) {
-      // (Unconfirmed: the destination holding the images says that it likely runs the guest.)
-      const base = error as MigrationError;
-      error = new MigrationError(Code.Unconfirmed, `${base.message} (${disksLost.message})`, { phase, cause: base.cause });
-    } else if (paused && !unconfirmed) {
+    } else if (paused) {
       source.resume();
     }
     if (socket && !socket.destroyed) {
