@@ -3,6 +3,7 @@
 // with a lost or stale page fails its next check; a guest restarted prints "pass 1" again.
 import { createHash } from 'node:crypto';
 import path from 'node:path';
+import type { Test } from 'tap';
 import { GUEST_PARAMS_ADDR } from '../../lib/boot/index.js';
 import type { GuestMemory, MachineConfig } from '../../lib/index.js';
 import { repoRoot } from './kvm.js';
@@ -60,4 +61,19 @@ export function isUnbrokenCount(output: string): boolean {
 
 export function memoryHash(memory: GuestMemory): string {
   return createHash('sha256').update(memory.bytes()).digest('hex');
+}
+
+/**
+ * The dirtier moved: it counts on at `destination` from where `source` left off, two passes
+ * more, unbroken (its memory check passing), and no further at the source meanwhile.
+ */
+export async function assertCountsOnThere(
+  t: Test,
+  source: { output(): string },
+  destination: { output(): string; waitForOutput(text: string): Promise<void> },
+): Promise<void> {
+  const before = source.output();
+  await destination.waitForOutput(`pass ${lastPass(before) + 2} ok\n`);
+  t.ok(isUnbrokenCount(before + destination.output()), 'it counts on at the destination, unbroken');
+  t.equal(lastPass(source.output()), lastPass(before), 'and not at the source meanwhile');
 }
