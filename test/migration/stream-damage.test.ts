@@ -37,6 +37,8 @@ interface Damage {
   mendable?: boolean;
   /** In the destination's replies (its header, acceptance, Sync answers, End) rather than the source's stream. */
   reply?: boolean;
+  /** With it, damage to the source's stream too (for a reply that answers damage: a PageRequest). */
+  alsoStream?: Damage;
 }
 
 const T = SectionType;
@@ -92,6 +94,10 @@ const DAMAGE: Damage[] = [
   { what: 'reply acceptance (Config), payload', type: T.Config, index: 0, at: SECTION_HEADER_BYTES + 2, reply: true },
   { what: 'reply Sync answer, type', type: T.Sync, index: 0, at: 0, reply: true },
   { what: 'reply Sync answer, CRC', type: T.Sync, index: 0, at: -1, reply: true },
+  {
+    what: 'reply PageRequest (asking again for damaged page data), CRC', type: T.PageRequest, index: 0, at: -1, reply: true,
+    alsoStream: { what: 'page data', type: T.Pages, index: 0, at: -9 },
+  },
   { what: 'reply End, type', type: T.End, index: 0, at: 0, reply: true },
   { what: 'reply End, CRC', type: T.End, index: 0, at: -1, reply: true },
   { what: 'reply cut before End', type: T.End, index: 0, at: 0, cut: true, reply: true },
@@ -198,13 +204,14 @@ for (const damage of DAMAGE) {
   t.test(`${damage.what}: the guest never lost nor run in two places`, { skip: noKvm }, async (t) => {
     source ??= await newSource();
     const destination = startLocalDestination(t, 'tcp:127.0.0.1:0', { token: TOKEN, pool, timeoutMs: TIMEOUT_MS });
-    const damaged = damage.reply ? damageReplies(damage) : damageSection(damage);
-    const address = damage.reply
-      ? await startProxy(t, await destination.listening, (chunk) => chunk, (damaged as ReturnType<typeof damageReplies>).tamper)
-      : await startProxy(t, await destination.listening, (damaged as ReturnType<typeof damageSection>).tamper);
+    const streamDamage = damage.reply ? damage.alsoStream : damage;
+    const damagedStream = streamDamage ? damageSection(streamDamage) : null;
+    const damagedReplies = damage.reply ? damageReplies(damage) : null;
+    const address = await startProxy(t, await destination.listening, damagedStream?.tamper ?? ((chunk) => chunk), damagedReplies?.tamper);
     const error = await source.machine.migrate(address, { token: TOKEN, timeoutMs: TIMEOUT_MS }).then(() => null, (e: unknown) => e);
     const arrived = await destination.arrived.then((machine) => machine, (e: unknown) => e);
-    t.ok(damaged.reached(), 'the stream reached the damage');
+    if (damagedStream) t.ok(damagedStream.reached(), 'the stream reached the damage');
+    if (damagedReplies) t.ok(damagedReplies.reached(), 'the replies reached the damage');
     if (error === null) {
       t.ok(damage.mendable, 'only damage the destination mends lets the migration complete');
       t.ok(arrived instanceof Machine && arrived.state === 'running', 'mended, the guest runs at the destination');
