@@ -77,3 +77,10 @@ export async function assertCountsOnThere(
   t.ok(isUnbrokenCount(before + destination.output()), 'it counts on at the destination, unbroken');
   t.equal(lastPass(source.output()), lastPass(before), 'and not at the source meanwhile');
 }
+
+/** The guest still runs at `source` and counts on, two passes more, unbroken (its memory check passing). */
+export async function assertRunsOn(t: Test, source: Booted): Promise<void> {
+  t.equal(source.machine.state, 'running', 'the guest runs on at the source');
+  await source.waitForOutput(`pass ${lastPass(source.output()) + 2} ok\n`);
+  t.ok(isUnbrokenCount(source.output()), 'its count goes on unbroken, its memory check passing');
+}

@@ -5,10 +5,10 @@
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import t, { type Test } from 'tap';
+import t from 'tap';
 import { Machine, MigrationError, type MigrationProgress, type VcpuWorkerPool } from '../../lib/index.js';
 import { noKvm } from '../helpers/kvm.js';
-import { dirtierImage, isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { assertRunsOn, dirtierImage, MiB, startDirtier } from '../helpers/migration.js';
 import { startLocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 
@@ -30,13 +30,6 @@ async function rejection(promise: Promise<unknown>): Promise<MigrationError> {
 async function idleThreads(count: number): Promise<number> {
   for (let turn = 0; turn < 100 && pool!.idleCount < count; turn++) await new Promise((resolve) => setImmediate(resolve));
   return pool!.idleCount;
-}
-
-/** A guest that still runs and counts on, unbroken. */
-async function assertRunsOn(t: Test, source: Awaited<ReturnType<typeof startDirtier>>): Promise<void> {
-  t.equal(source.machine.state, 'running', 'the guest runs on here');
-  await source.waitForOutput(`pass ${lastPass(source.output()) + 2} ok\n`);
-  t.ok(isUnbrokenCount(source.output()), 'its count goes on unbroken');
 }
 
 t.test('a migration aborted during pre-copy: the source runs on with its disk, the destination is told why', { skip: noKvm }, async (t) => {

@@ -10,7 +10,7 @@ import path from 'node:path';
 import t, { type Test } from 'tap';
 import { Machine, type MigrationError } from '../../lib/index.js';
 import { noKvm, repoRoot } from '../helpers/kvm.js';
-import { assertCountsOnThere, isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
+import { assertCountsOnThere, assertRunsOn, isUnbrokenCount, lastPass, MiB, startDirtier } from '../helpers/migration.js';
 import { startDestination, startLocalDestination, type Destination, type LocalDestination } from '../helpers/migration-peer.js';
 import { sharedPool } from '../helpers/pool.js';
 import { childExecArgv } from '../helpers/spawn.js';
@@ -27,14 +27,6 @@ import { connectForMigration, parseMigrationAddress } from '../../lib/migration/
 const TOKEN = 'fault-token-91d2';
 // vCPU threads for the sources and the destinations in this process, loaded once for the file.
 const pool = noKvm ? undefined : sharedPool(2);
-
-/** The source guest, still running and still counting correctly, after a failed migration. */
-async function assertStillRunning(t: Test, source: Awaited<ReturnType<typeof startDirtier>>): Promise<void> {
-  t.equal(source.machine.state, 'running', 'the source guest runs on');
-  const pass = lastPass(source.output());
-  await source.waitForOutput(`pass ${pass + 2} ok\n`);
-  t.ok(isUnbrokenCount(source.output()), 'its count goes on unbroken, its memory check passing');
-}
 
 /** Changes the byte at `at` (stream offset) with `change`. */
 const patchAt = (at: number, change: (byte: number) => number) => (chunk: Buffer, offset: number) => {
@@ -93,7 +85,7 @@ t.test('wrong token: refused on both sides, the source runs on', { skip: noKvm }
   t.teardown(() => waiting.child.kill('SIGKILL'));
   const { destination, source, error } = await migrateThroughFault(t, waiting);
   t.match(error?.message, /wrong token/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   // The destination logs it on its side of the handshake, in its own time.
   await destination.waitForStderr(/refused a migration connection/, 5000);
   t.match(destination.stderr(), /refused a migration connection .*wrong token/, 'the destination logs the refused attempt');
@@ -103,7 +95,7 @@ t.test('wrong token: refused on both sides, the source runs on', { skip: noKvm }
 t.test('memory size mismatch: the destination refuses before anything is applied', { skip: noKvm }, async (t) => {
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t, 64 * MiB));
   t.match(error?.message, /the destination refused: the stream carries 33554432 bytes of guest RAM; this machine has 67108864/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, { code: 'EMISMATCH', message: /this machine has 67108864/ }, 'the destination fails with why');
 });
 
@@ -111,7 +103,7 @@ t.test('a stream of another version is refused', { skip: noKvm }, async (t) => {
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: patchAt(8, () => 1) });
   t.match(error?.message, /stream version 1 is not supported \(this build reads versions 2 to 4\)/);
   t.equal(error?.code, 'EREFUSED', 'the destination refused it');
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, { name: 'MigrationError', code: 'EVERSION', message: /stream version 1 is not supported/ });
 });
 
@@ -141,7 +133,7 @@ t.test('corrupted bytes in a page range table: checksum error at the destination
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper });
   t.ok(patched, 'the table was reached');
   t.match(error?.message, /checksum mismatch in Pages section/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in Pages section/ }, 'the destination fails with why');
 });
 
@@ -153,7 +145,7 @@ t.test('a damaged device state sent ahead of the pause: it fails before the paus
   t.ok(damage.done(), 'the device state sent ahead was damaged on its way');
   t.match(error?.message, /checksum mismatch in DeviceStateAhead section/);
   t.equal(error?.phase, 'precopy', 'the source had not paused its guest yet');
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in DeviceStateAhead section/ }, 'the destination fails with why');
 });
 
@@ -165,7 +157,7 @@ t.test('a damaged device state, after the VM and vCPU states the destination may
   const { destination, source, error } = await migrateThroughFault(t, destinationHere(t), { tamper: damage.tamper });
   t.ok(damage.done(), 'the device state was damaged on its way');
   t.match(error?.message, /checksum mismatch in DeviceState section/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, { code: 'ECHECKSUM', message: /checksum mismatch in DeviceState section/ }, 'the destination fails with why');
 });
 
@@ -180,7 +172,7 @@ t.test('a stream cut short: the destination reports it truncated, the source run
     },
   });
   t.match(error?.message, /migration failed .*the guest runs on here/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   await t.rejects(destination.arrived, /truncated|closed/, 'the destination fails with why');
 });
 
@@ -219,7 +211,7 @@ async function assertUnconfirmed(t: Test, outcome: Awaited<ReturnType<typeof mig
   // Its owner, knowing it runs there no longer, resumes it here: the copy kept is whole.
   await arrived.stop();
   source.machine.resume();
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
 }
 
 t.test('the destination\'s word that the guest runs there lost with the connection: the source keeps its guest paused (EUNCONFIRMED), never running it in two places', { skip: noKvm }, async (t) => {
@@ -250,7 +242,7 @@ t.test('a destination that stops reading: the source, blocked writing, gives up 
   });
   t.match(error?.message, /the destination stopped reading for 1000 ms/);
   t.equal(error?.code, 'ETIMEDOUT');
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
   cutProxy();
   await t.rejects(destination.arrived, /truncated|closed/, 'the destination, cut off, fails with why');
 });
@@ -275,7 +267,7 @@ t.test('the destination killed mid-stream: the source runs on', { skip: noKvm },
     },
   }).then(() => null, (e: Error) => e);
   t.match(error?.message, /destination closed the connection|connection closed|ECONNRESET|EPIPE/);
-  await assertStillRunning(t, source);
+  await assertRunsOn(t, source);
 });
 
 t.test('the source killed mid-stream: the destination fails cleanly and says why', { skip: noKvm }, async (t) => {
