@@ -108,6 +108,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   fn("harvestDirtyRing", HarvestDirtyRing);
   fn("closeVcpu", CloseVcpuHandle);
   fn("saveVcpuState", SaveVcpuState);
+  fn("saveParkedVcpuState", SaveParkedVcpuState);
   fn("checkVcpuState", CheckVcpuState);
   fn("restoreVcpuState", RestoreVcpuState);
   fn("restoreParkedVcpuState", RestoreParkedVcpuState);

@@ -138,10 +138,12 @@ uint32_t TscKhz(VcpuShared& shared, int fd) {
 
 }  // namespace
 
-// saveVcpuState(vcpu, msrIndices: Uint32Array, cpuid: Uint8Array (kvm_cpuid2), flags) -> Uint8Array
-Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
+namespace {
+
+// The save itself (saveVcpuState(), saveParkedVcpuState()): info[1..3] are the MSR indices, the
+// CPUID and the flags.
+Napi::Value Save(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, VcpuShared& shared) {
   Napi::Env env = info.Env();
-  auto vcpu = Handles::Vcpu(env, info[0]);
   if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array) ThrowTypeError(env, "msrIndices must be a Uint32Array");
   auto indices = info[1].As<Napi::Uint32Array>();
   auto cpuid = BytesArg(env, info[2], "cpuid");
@@ -153,15 +155,14 @@ Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
   if (cpuid.ByteLength() < 8 || cpuidCount > kMaxEntries || cpuid.ByteLength() < 8 + cpuidCount * kCpuidEntryBytes) {
     ThrowInvalidValueError(env, "cpuid must hold a kvm_cpuid2");
   }
-  int fd = vcpu->fd;
-  StateBlobWriter w(kFormat, kFormat.headerBytes + 8192 + vcpu->xsaveBytes + indices.ElementLength() * kMsrEntryBytes + cpuidCount * kCpuidEntryBytes);
+  StateBlobWriter w(kFormat, kFormat.headerBytes + 8192 + xsaveBytes + indices.ElementLength() * kMsrEntryBytes + cpuidCount * kCpuidEntryBytes);
   // MP state first: reading it lets KVM fold pending LAPIC events into it (api.rst, KVM_GET_MP_STATE).
   CheckIoctl(env, RetryIoctl(fd, kGetMpState, w.Add(kMpState, sizeof(kvm_mp_state))), "ioctl(KVM_GET_MP_STATE)");
   std::memcpy(w.Add(kCpuid, 8 + cpuidCount * kCpuidEntryBytes), cpuid.Data(), 8 + cpuidCount * kCpuidEntryBytes);
   CheckIoctl(env, RetryIoctl(fd, kGetRegs, w.Add(kRegs, sizeof(kvm_regs))), "ioctl(KVM_GET_REGS)");
   CheckIoctl(env, RetryIoctl(fd, kGetSregs, w.Add(kSregs, sizeof(kvm_sregs))), "ioctl(KVM_GET_SREGS)");
-  bool xsave2 = vcpu->xsaveBytes > kLegacyXsaveBytes;
-  CheckIoctl(env, RetryIoctl(fd, xsave2 ? kGetXsave2 : kGetXsave, w.Add(kXsave, vcpu->xsaveBytes)), "ioctl(KVM_GET_XSAVE)");
+  bool xsave2 = xsaveBytes > kLegacyXsaveBytes;
+  CheckIoctl(env, RetryIoctl(fd, xsave2 ? kGetXsave2 : kGetXsave, w.Add(kXsave, xsaveBytes)), "ioctl(KVM_GET_XSAVE)");
   CheckIoctl(env, RetryIoctl(fd, kGetXcrs, w.Add(kXcrs, sizeof(kvm_xcrs))), "ioctl(KVM_GET_XCRS)");
   CheckIoctl(env, RetryIoctl(fd, kGetDebugRegs, w.Add(kDebugRegs, sizeof(kvm_debugregs))), "ioctl(KVM_GET_DEBUGREGS)");
   if (flags & kFlagLapic) CheckIoctl(env, RetryIoctl(fd, kGetLapic, w.Add(kLapic, sizeof(kvm_lapic_state))), "ioctl(KVM_GET_LAPIC)");
@@ -179,7 +180,28 @@ Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
     if (static_cast<size_t>(read) != msrCount) ThrowSyscallError(env, EIO, "ioctl(KVM_GET_MSRS)");
   }
   CheckIoctl(env, RetryIoctl(fd, kGetEvents, w.Add(kEvents, sizeof(kvm_vcpu_events))), "ioctl(KVM_GET_VCPU_EVENTS)");
-  return w.Finish(env, flags, {vcpu->shared->vcpuId, TscKhz(*vcpu->shared, fd)});
+  return w.Finish(env, flags, {shared.vcpuId, TscKhz(shared, fd)});
+}
+
+}  // namespace
+
+// saveVcpuState(vcpu, msrIndices: Uint32Array, cpuid: Uint8Array (kvm_cpuid2), flags) -> Uint8Array
+Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
+  auto vcpu = Handles::Vcpu(info.Env(), info[0]);
+  return Save(info, vcpu->fd, vcpu->xsaveBytes, *vcpu->shared);
+}
+
+// saveParkedVcpuState(kickHandle, msrIndices, cpuid, flags): saveVcpuState() from any thread, for
+// a vCPU whose own thread is parked (as restoreParkedVcpuState()). A migration's pause then saves
+// it on the thread that goes on to send it, without a round trip to the vCPU's thread.
+Napi::Value SaveParkedVcpuState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t id = HandleId(env, info[0], "vcpu");
+  auto shared = Handles::FindVcpuShared(id);
+  if (!shared) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  std::lock_guard<std::mutex> guard(shared->lock);
+  if (shared->closed || shared->fd < 0) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
+  return Save(info, shared->fd, shared->xsaveBytes, *shared);
 }
 
 // checkVcpuState(state: Uint8Array) -> null, or what is wrong with it. Any thread.

@@ -2,6 +2,7 @@
 #include <napi.h>
 namespace nodekvm {
 Napi::Value SaveVcpuState(const Napi::CallbackInfo& info);
+Napi::Value SaveParkedVcpuState(const Napi::CallbackInfo& info);
 Napi::Value CheckVcpuState(const Napi::CallbackInfo& info);
 Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info);
 Napi::Value RestoreParkedVcpuState(const Napi::CallbackInfo& info);

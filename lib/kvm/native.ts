@@ -45,6 +45,8 @@ export interface NativeBinding {
   closeVcpu(handle: number, kvmRun?: ArrayBuffer): void;
   /** The vCPU's whole state as raw KVM structs in one buffer (native/vcpu-state.cc); flags: 1 LAPIC, 2 halted by the VMM. */
   saveVcpuState(vcpu: number, msrIndices: Uint32Array, cpuid: Uint8Array, flags: number): Uint8Array;
+  /** saveVcpuState() from any thread, for a vCPU whose thread is parked (by its kick handle). */
+  saveParkedVcpuState(kickHandle: number, msrIndices: Uint32Array, cpuid: Uint8Array, flags: number): Uint8Array;
   /** Null, or what is wrong with a saveVcpuState() buffer. */
   checkVcpuState(state: Uint8Array): string | null;
   /** Puts a saveVcpuState() buffer back; returns the MSRs the host refused. */

@@ -7,6 +7,8 @@ import { native } from './native.js';
 
 export const VCPU_STATE_MAGIC = 0x5343564b;
 export const VCPU_STATE_HEADER_BYTES = 24;
+/** A kvm_msr_entry: index u32, reserved u32, data u64. */
+const MSR_ENTRY_BYTES = 16;
 export const VcpuStateFlag = { Lapic: 1, VmmHalted: 2 } as const;
 export const VcpuStateTag = {
   Cpuid: 1, MpState: 2, Regs: 3, Sregs: 4, Xsave: 5, Xcrs: 6, DebugRegs: 7, Lapic: 8, Msrs: 9, Events: 10,
@@ -42,6 +44,29 @@ export function vcpuStateBlobSections(bytes: Uint8Array): Map<number, Uint8Array
     at += 8 + ((length + 7) & ~7);
   }
   return sections;
+}
+
+export interface VcpuSaveInputs {
+  msrIndices: Uint32Array;
+  /** A kvm_cpuid2. */
+  cpuid: Uint8Array;
+}
+
+/**
+ * What saving the vCPU again needs that a state of it holds: the MSRs it read (their indices) and
+ * the CPUID it had (a kvm_cpuid2), for saveParkedVcpu(). Null if the state has either missing.
+ */
+export function vcpuSaveInputs(bytes: Uint8Array): VcpuSaveInputs | null {
+  const sections = vcpuStateBlobSections(bytes);
+  const cpuid = sections.get(VcpuStateTag.Cpuid);
+  const msrs = sections.get(VcpuStateTag.Msrs);
+  if (!cpuid || !msrs || msrs.length < 8) return null;
+  const view = new DataView(msrs.buffer, msrs.byteOffset, msrs.byteLength);
+  const count = view.getUint32(0, true);
+  if (msrs.length < 8 + count * MSR_ENTRY_BYTES) return null;
+  const msrIndices = new Uint32Array(count);
+  for (let i = 0; i < count; i++) msrIndices[i] = view.getUint32(8 + i * MSR_ENTRY_BYTES, true);
+  return { msrIndices, cpuid: cpuid.slice() };
 }
 
 /** A raw state made of its parts (each a KVM struct's bytes), as saveState() would have written it. */

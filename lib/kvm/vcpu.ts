@@ -86,6 +86,18 @@ export function restoreParkedVcpu(handle: VcpuKickHandle, state: Uint8Array, cur
 }
 
 /**
+ * vcpu.saveState() from another thread than the vCPU's own, which must be parked meanwhile (making
+ * no ioctl: a paused machine's). A migration's pause then saves the vCPU on the thread that sends
+ * its state, without a round trip to the vCPU's thread.
+ */
+export function saveParkedVcpu(handle: VcpuKickHandle, msrIndices: Uint32Array, cpuid: Uint8Array, options: { lapic: boolean; vmmHalted: boolean }): Uint8Array {
+  if (typeof handle !== 'object' || handle === null || typeof handle.vcpuKick !== 'number') {
+    throw argTypeError('handle must be a VcpuKickHandle (vcpu.kickHandle)');
+  }
+  return native.saveParkedVcpuState(handle.vcpuKick, msrIndices, cpuid, (options.lapic ? 1 : 0) | (options.vmmHalted ? 2 : 0));
+}
+
+/**
  * A vCPU its creating thread let go of (vcpu.handOver()), for another thread to take
  * (adoptVcpu()): say one made ahead on the main thread for a vCPU thread. Structured-clonable.
  * Until adopted, it is reached only through this handle, from any thread: restoreParkedVcpu()

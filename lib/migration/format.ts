@@ -23,9 +23,9 @@
 //     come just before the last Sync: the DeviceState section then holds only the devices whose
 //     state differs from it (a stream without it is read as before: no new version). To such a
 //     destination the last pages follow the state sections, DeviceState included, and precede
-//     the End (a one-vCPU machine's thread writes the VM's and its own state the moment it
-//     stops: see lib/vmm/types.ts StateWriteOut; the destination applies the devices' state
-//     while the pages come); every page has come by the End.
+//     the End (a one-vCPU machine's pause writes the VM's and the vCPU's state the moment the
+//     vCPU has parked: see lib/vmm/types.ts StateWriteOut; the destination applies the devices'
+//     state while the pages come); every page has come by the End.
 //     To a destination whose greeting says it reads them, the Pages sections (but post-copy's)
 //     may be live ones (pages.ts, PAGES_SECTION_LIVE: sent from the running guest's RAM, the
 //     data's CRC apart); the destination asks again for the pages of one whose data fails it.

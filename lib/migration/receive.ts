@@ -487,7 +487,7 @@ function warmUpStreamEnd(): void {
 
 /**
  * How long the destination spins at most for the source's last state after answering its Sync
- * (the source pauses, then its vCPU thread writes: about 1 ms here), and for each later part of
+ * (the source pauses, then writes the CPU state: about 1 ms here), and for each later part of
  * it. Past that it waits in the event loop as for any other data.
  */
 const STATE_SPIN_MS = 5;

@@ -150,8 +150,8 @@ export interface MigrationSource {
   rehearseStop?(): void;
   /**
    * Pauses if running; true if it did (a guest paused before the migration stays paused if it
-   * fails). `writeOut`: where a one-vCPU machine's vCPU thread writes the VM's and its state as
-   * it stops (see cpuStateWrittenOut()).
+   * fails). `writeOut`: where a one-vCPU machine's pause writes the VM's and the vCPU's state the
+   * moment the vCPU has parked (see cpuStateWrittenOut()).
    */
   pause(writeOut?: StateWriteOut | null): Promise<boolean>;
   /** What the last pause() wrote out (StateWriteOut), null if it wrote nothing (a machine of more vCPUs, with devices). */
@@ -256,7 +256,7 @@ export async function sendMigration(addressText: string, options: MigrateOptions
   // From here on the catch below ends the throttle.
   const autoConverge = opts.autoConverge && source.throttle ? new AutoConverge(opts.autoConverge, source.throttle) : null;
   let socket: Socket | undefined;
-  // The copy of the socket's fd a vCPU thread writes the last state into (see StateWriteOut).
+  // The copy of the socket's fd the pause writes the last state into (see StateWriteOut).
   let streamFdCopy = -1;
   const closeStreamFdCopy = () => {
     if (streamFdCopy >= 0) closeSync(streamFdCopy);
@@ -416,9 +416,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
 
     // Stop and copy: nothing changes memory from here on.
     // Not raced with the abort: a pause under way must be known to be undone.
-    // The CPU part of the last state (see encodeCpuState()) goes out from the vCPU thread as it
-    // stops, ahead of the last pages, to a destination of this build (which takes pages up to
-    // the End): it has it before this thread has even woken.
+    // The CPU part of the last state (see encodeCpuState()) goes out inside the pause, the moment
+    // the vCPU has parked, ahead of the last pages, to a destination of this build (which takes
+    // pages up to the End): it checks and applies it while this side saves the devices.
     // (Only with nothing queued on the socket; into a copy of its fd, so that a connection torn
     // down meanwhile cannot leave the number to another file.)
     const prefix = finalConfigs.get({ shape: source.shape, running: true });

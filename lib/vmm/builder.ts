@@ -170,7 +170,7 @@ export async function buildParts(plan: BuildPlan): Promise<MachineParts> {
       fwCfg: { memoryBytes: shape.memoryBytes, vcpus, cmdline: plan.cmdline, memoryMap: memoryMap(shape.memoryBytes) },
       rtc: { memoryBytes: shape.memoryBytes, vcpus },
     });
-    const control = new Int32Array(createControl());
+    const control = new Int32Array(createControl(vcpus));
     const haltProbe = shape.irqchip ? createHaltProbe(vcpus) : null;
     supportedCpuidCache ??= kvm.getSupportedCpuid();
     const supported = supportedCpuidCache;

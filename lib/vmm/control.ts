@@ -13,6 +13,8 @@ export const EPOCH = 4;
 export const THROTTLE_PERCENT = 5;
 export const THROTTLE_TICK_US = 6;
 const CONTROL_INTS = 7;
+/** Where the vCPUs' stop times start (bytes: past the ints, 8-aligned for a Float64Array). */
+const STOPPED_AT_OFFSET = 32;
 
 export const RunState = {
   /** vCPUs are created and wait for start(). */
@@ -25,8 +27,16 @@ export const RunState = {
   Stopped: 4,
 } as const;
 
-export function createControl(): SharedArrayBuffer {
-  return new SharedArrayBuffer(CONTROL_INTS * 4);
+export function createControl(vcpuCount: number): SharedArrayBuffer {
+  return new SharedArrayBuffer(Math.max(CONTROL_INTS * 4, STOPPED_AT_OFFSET) + 8 * vcpuCount);
+}
+
+/**
+ * Per vCPU, with phase timing (phase-timing.ts): when a pause's kick took it out of the guest (0:
+ * not noted). Its thread writes it; the pause's breakdown reads it, whichever thread saves the vCPU.
+ */
+export function stoppedAtTimes(control: Int32Array): Float64Array {
+  return new Float64Array(control.buffer, STOPPED_AT_OFFSET);
 }
 
 /**

@@ -1,7 +1,7 @@
 // The framing of the migration stream's and snapshot file's sections (lib/migration/format.ts
 // names them and sets their limits): a record of type u16, flags u16 and payload length u32
 // (little-endian), the payload, then the CRC-32C of all that precedes it. It lives below the
-// stream because a vCPU thread writes its saved state out in it as it stops (StateWriteOut).
+// stream because a machine's pause writes its saved state out in it (StateWriteOut).
 import { crc32c } from '../kvm/host.js';
 
 /** type + flags + length before the payload. */

@@ -71,10 +71,10 @@ export interface VcpuAssignment {
 }
 
 /**
- * Where the vCPU thread of a one-vCPU machine writes the VM's and its own saved state the moment
- * it stops for a pause (a live migration's stop-copy): `prefix`, then the VM's raw state and the
- * vCPU's, each a record (records.ts) of the type given, to `fd` (a socket the main thread does
- * not write to meanwhile). What the socket did not take at once is left to the main thread.
+ * Where a one-vCPU machine's pause (a live migration's stop-copy) writes the VM's and the vCPU's
+ * saved state the moment the vCPU has parked, before the pause returns: `prefix`, then the VM's
+ * raw state and the vCPU's, each a record (records.ts) of the type given, to `fd` (a socket
+ * nothing else writes to meanwhile). What the socket did not take at once is left to the caller.
  */
 export interface StateWriteOut {
   /** -1: a warm-up, which writes nothing. */
@@ -84,7 +84,7 @@ export interface StateWriteOut {
   vcpuRecordType: number;
 }
 
-/** What a vCPU thread wrote out (StateWriteOut): how much of it went, and all of it if not all went. */
+/** What a pause wrote out (StateWriteOut): how much of it went, and all of it if not all went. */
 export interface StateWrittenOut {
   /** All it meant to write where some is left (writtenBytes < totalBytes), else empty. */
   bytes: Uint8Array;
@@ -97,7 +97,7 @@ export interface StateWrittenOut {
 }
 
 export type VcpuRequest =
-  | { type: 'save'; seq: number; writeOut?: StateWriteOut }
+  | { type: 'save'; seq: number }
   | { type: 'restore'; seq: number; state: VcpuState | RawVcpuState }
   /** The main thread restored this parked vCPU itself (restoreParkedVcpu): what it has now. */
   | { type: 'restored'; seq: number; cpuid: Uint8Array | null; vmmHalted: boolean }
@@ -117,8 +117,7 @@ export type VcpuRequest =
 export type VcpuRequestBody = VcpuRequest extends infer R ? (R extends VcpuRequest ? Omit<R, 'seq'> : never) : never;
 
 export type VcpuReply =
-  /** `stoppedAtMs`: with NODE_KVM_PHASE_TIMING=1, when a pause's kick took the vCPU out of the guest (phase-timing.ts clock). */
-  | { seq: number; type: 'saved'; state: RawVcpuState; stoppedAtMs?: number; writtenOut?: StateWrittenOut }
+  | { seq: number; type: 'saved'; state: RawVcpuState }
   | { seq: number; type: 'restored'; refusedMsrs: number[] }
   | { seq: number; type: 'debug-state'; regs: Regs; sregs: Sregs; fpu: Fpu }
   | { seq: number; type: 'debug-done' }

@@ -1,7 +1,6 @@
 // A vCPU thread. It creates its vCPU (KVM wants vCPU ioctls from the creating thread), loops on
 // run(), and handles every exit itself through the I/O bus: nothing goes to the main thread per
 // exit. Between machines it idles, so a pool can hand it to the next machine.
-import { writevSync } from 'node:fs';
 import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 // Narrow imports: a thread that starts fast loads only what a vCPU loop needs.
 import { applyBootState } from '../boot/cpu-state.js';
@@ -13,7 +12,7 @@ import type { CpuidEntry } from '../kvm/structs.js';
 import { adoptVcpu, type Vcpu } from '../kvm/vcpu.js';
 import { Vm } from '../kvm/vm.js';
 import { GuestMemory } from '../kvm/memory.js';
-import { RunState, STATE, HALTED, THROTTLE_PERCENT, claimExit, pauseFromVcpu, setRunState, waitWhileNotRunning } from './control.js';
+import { RunState, STATE, HALTED, THROTTLE_PERCENT, claimExit, pauseFromVcpu, setRunState, stoppedAtTimes, waitWhileNotRunning } from './control.js';
 import { sleepIfThrottled } from './throttle-sleep.js';
 import { attachDevices } from './devices.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
@@ -25,8 +24,7 @@ import { TraceWriter } from './exit-trace.js';
 import { readableMsrs, restoreVcpuState, type RawVcpuState, type VcpuState } from './vcpu-state.js';
 import { ErrorCode, NodeKvmError } from '../kvm/errors.js';
 import { threadFailure, type ThreadFailure } from './errors.js';
-import type { MachineExit, MainMessage, StateWriteOut, StateWrittenOut, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
-import { recordParts } from './records.js';
+import type { MachineExit, MainMessage, VcpuAssignment, VcpuReply, VcpuRequest, WorkerMessage } from './types.js';
 import { phaseClockMs, phaseTimingEnabled } from './phase-timing.js';
 
 const phaseTiming = phaseTimingEnabled();
@@ -97,7 +95,7 @@ function runAssignment(assignment: VcpuAssignment): void {
   // A spare VM's vCPU was made (and, in a restore, given its state) by the main thread ahead.
   using vcpu = assignment.vcpu ? adoptVcpu(assignment.vcpu) : vm.createVcpu(id);
   const thread: VcpuThreadState = {
-    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null, stoppedAtMs: 0,
+    vcpu, vm, control, assignment, report, bus, dirty, haltProbe: assignment.haltProbe ? new Int32Array(assignment.haltProbe) : null, halted: false, savedMsrs: null, stoppedAt: stoppedAtTimes(control),
     slotBasePages: new Map(assignment.slotBasePages), cpuid: null, stats: null, trace: null, registersAtStop: false, powerOn: null,
   };
   if (assignment.restore && assignment.restoredAhead) {
@@ -151,8 +149,8 @@ interface VcpuThreadState {
   halted: boolean;
   /** The MSRs a save reads (readableMsrs(), probed at the first save). */
   savedMsrs: Uint32Array | null;
-  /** With phase timing on: when the last kick took the vCPU out of the guest for a pause (0: not paused). */
-  stoppedAtMs: number;
+  /** With phase timing on: when the last kick took each vCPU out of the guest for a pause (control.ts). */
+  readonly stoppedAt: Float64Array;
   /** The CPUID this vCPU was given (null until it has one), as entries once a save or restore needed them. */
   cpuid: CpuidEntry[] | Uint8Array | null;
   /** Exit counters (exit-stats.ts) while someone asked for them. */
@@ -183,29 +181,6 @@ function saveRaw(thread: VcpuThreadState): RawVcpuState {
 }
 
 /**
- * Saves the VM's state too (the machine's only vCPU has stopped: nothing else changes it) and
- * writes both out (StateWriteOut) without waiting for the main thread to wake: a live migration's
- * destination has them that much sooner. A write the socket does not take whole (it is full) or
- * that fails stops there: the main thread writes the rest, or meets the failure itself.
- * (A warm-up, to no fd, writes nothing and hands back all of it.)
- */
-function writeStateOut(thread: VcpuThreadState, state: RawVcpuState, out: StateWriteOut): StateWrittenOut {
-  const vm = thread.vm.saveState(thread.assignment.irqchip);
-  // One writev, nothing copied: the records' headers and CRCs around the states as they are.
-  const parts = [out.prefix, ...recordParts(out.vmRecordType, vm), ...recordParts(out.vcpuRecordType, state)];
-  const totalBytes = parts.reduce((sum, part) => sum + part.length, 0);
-  let writtenBytes = 0;
-  try {
-    if (out.fd >= 0) writtenBytes = writevSync(out.fd, parts);
-  } catch {
-    // EAGAIN or a broken connection: see above.
-  }
-  // The whole of it for the main thread, only where some is left for it to write.
-  const bytes = writtenBytes < totalBytes ? Buffer.concat(parts) : new Uint8Array(0);
-  return { bytes, totalBytes, writtenBytes, vm, ...(phaseTiming ? { atMs: phaseClockMs() } : {}) };
-}
-
-/**
  * Serves the main thread's requests while this vCPU is parked (created or paused), or between two
  * runs (`running`): then only saves, which read a vCPU that is stopped for that moment anyway.
  */
@@ -221,13 +196,7 @@ function serveRequests(thread: VcpuThreadState, running = false): void {
         if (request.type === 'guest-debug') thread.registersAtStop = request.registersAtStop === true;
         reply = serveDebugRequest(thread.vcpu, request);
       } else if (request.type === 'save') {
-        const state = saveRaw(thread);
-        // Written out only with the machine paused: this vCPU has then run for the last time (a
-        // warm-up's, to no fd, at any time).
-        const out = request.writeOut;
-        const writtenOut = out && (out.fd < 0 || Atomics.load(thread.control, STATE) !== RunState.Running) ? writeStateOut(thread, state, out) : undefined;
-        reply = { seq: request.seq, type: 'saved', state, ...(thread.stoppedAtMs !== 0 ? { stoppedAtMs: thread.stoppedAtMs } : {}), ...(writtenOut ? { writtenOut } : {}) };
-        thread.stoppedAtMs = 0;
+        reply = { seq: request.seq, type: 'saved', state: saveRaw(thread) };
       } else if (request.type === 'restore') {
         reply = { seq: request.seq, type: 'restored', refusedMsrs: restoreInto(thread, request.state) };
       } else if (request.type === 'restored') {
@@ -374,8 +343,8 @@ const instrumented = (thread: VcpuThreadState): boolean => thread.stats !== null
  * counting on or off), and the halt watch's question.
  */
 function onKick(thread: VcpuThreadState): void {
-  // When the guest stopped for a pause, for the downtime's breakdown (the save at this kick carries it).
-  if (phaseTiming) thread.stoppedAtMs = Atomics.load(thread.control, STATE) === RunState.Running ? 0 : phaseClockMs();
+  // When the guest stopped for a pause, for the downtime's breakdown.
+  if (phaseTiming) thread.stoppedAt[thread.assignment.vcpuId] = Atomics.load(thread.control, STATE) === RunState.Running ? 0 : phaseClockMs();
   serveRequests(thread, true);
   if (thread.haltProbe) answerHaltProbe(thread.haltProbe, thread.vcpu, thread.assignment.vcpuId);
   // While a migration throttles the guest (throttle.ts), each kick may be the throttle's tick.

@@ -1,11 +1,11 @@
 // A vCPU's whole state in one native call each way (Vcpu.saveState / restoreState,
-// restoreParkedVcpu): what it holds matches the single ioctls, a restore puts back exactly what was
-// saved (also from another thread's point of view: the parked variant), and a damaged buffer is
-// refused whole before any ioctl.
+// saveParkedVcpu / restoreParkedVcpu): what it holds matches the single ioctls, a restore puts back
+// exactly what was saved (also from another thread's point of view: the parked variants), and a
+// damaged buffer is refused whole before any ioctl.
 import t, { type Test } from 'tap';
 import { encodeCpuid, type Regs } from '../../lib/index.js';
-import { checkVcpuStateBlob, isVcpuStateBlob, vcpuStateBlobHeader, VcpuStateTag, vcpuStateBlobSections } from '../../lib/kvm/vcpu-state-blob.js';
-import { restoreParkedVcpu } from '../../lib/kvm/vcpu.js';
+import { checkVcpuStateBlob, isVcpuStateBlob, vcpuSaveInputs, vcpuStateBlobHeader, VcpuStateTag, vcpuStateBlobSections } from '../../lib/kvm/vcpu-state-blob.js';
+import { restoreParkedVcpu, saveParkedVcpu } from '../../lib/kvm/vcpu.js';
 import { vcpuStateFromRaw } from '../../lib/vmm/vcpu-state.js';
 import { guestImage, noKvm, realModeMachine, type RealModeMachine } from '../helpers/kvm.js';
 
@@ -50,6 +50,27 @@ t.test('saveState holds what the single ioctls read; restoreState puts it back',
   vcpu.setRegs({ ...regs, rax: 7n });
   t.same(restoreParkedVcpu(vcpu.kickHandle, saved, null, true), []);
   t.same(vcpu.getRegs(), regs, 'registers back through restoreParkedVcpu');
+
+  // And saved the same way, with what a state of it says a save needs (its MSRs and CPUID).
+  const inputs = vcpuSaveInputs(saved);
+  t.same([...inputs!.msrIndices], [0x174, 0x10], 'the MSRs the state read');
+  t.same(Buffer.from(inputs!.cpuid), Buffer.from(cpuid), 'the CPUID it carried');
+  const parked = saveParkedVcpu(vcpu.kickHandle, inputs!.msrIndices, inputs!.cpuid, { lapic: true, vmmHalted: true });
+  t.equal(checkVcpuStateBlob(parked), null);
+  const again = vcpuStateFromRaw(parked);
+  t.same(again.regs, regs, 'saveParkedVcpu: the registers');
+  t.same(again.sregs, vcpu.getSregs(), 'the segment registers');
+  t.same(again.lapic, vcpu.getLapic(), 'the LAPIC');
+  t.same(again.msrs.map((msr) => msr.index), [0x174, 0x10], 'the same MSRs');
+  t.equal(again.msrs[0]!.data, 0x10n);
+  t.equal(again.vmmHalted, true);
+  // Every section but the MSRs (the TSC runs on) is the one saveState() writes.
+  const sections = vcpuStateBlobSections(saved);
+  for (const [tag, bytes] of vcpuStateBlobSections(parked)) {
+    if (tag !== VcpuStateTag.Msrs) t.same(Buffer.from(bytes), Buffer.from(sections.get(tag)!), `section ${tag} as saveState() wrote it`);
+  }
+  t.throws(() => saveParkedVcpu({ vcpuKick: 0x7fffffff }, inputs!.msrIndices, inputs!.cpuid, { lapic: true, vmmHalted: false }), { code: 'EBADF' }, 'a handle that names no vCPU');
+  t.throws(() => saveParkedVcpu(vcpu.kickHandle, inputs!.msrIndices, new Uint8Array(4), { lapic: true, vmmHalted: false }), /kvm_cpuid2/, 'a CPUID that is no kvm_cpuid2');
 });
 
 t.test('the TSC rate a save carries is the one the vCPU has, also after it is set between saves', { skip: noKvm }, async (t) => {

@@ -1,6 +1,7 @@
-// A live migration's pause of a one-vCPU machine has the vCPU thread write the VM's and its own
-// saved state out the moment it stops (StateWriteOut), before the main thread wakes: here, into a
-// file and into a full socket, what it wrote, and that a machine of more vCPUs writes nothing.
+// A live migration's pause of a one-vCPU machine writes the VM's and the vCPU's saved state out
+// the moment the vCPU has parked (StateWriteOut), the vCPU saved on the main thread once a save
+// on its own thread has told what that needs: here, into a file and into a full socket, what it
+// wrote, with and without an earlier save, and that a machine of more vCPUs writes nothing.
 import { mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -8,6 +9,7 @@ import path from 'node:path';
 import t, { type Test } from 'tap';
 import { Machine } from '../../lib/index.js';
 import { checkVmStateBlob } from '../../lib/kvm/vm-state-blob.js';
+import { checkVcpuStateBlob, vcpuSaveInputs, vcpuStateBlobHeader, vcpuStateBlobSections, VcpuStateTag } from '../../lib/kvm/vcpu-state-blob.js';
 import { machineInternals } from '../../lib/vmm/machine.js';
 import { RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES, encodeRecord } from '../../lib/vmm/records.js';
 import type { StateWrittenOut } from '../../lib/vmm/types.js';
@@ -41,7 +43,7 @@ function readRecords(t: Test, bytes: Uint8Array, at: number): [number, Uint8Arra
   return records;
 }
 
-t.test('a one-vCPU machine\'s thread writes the VM\'s and its state out as it stops', { skip: noKvm }, async (t) => {
+t.test('a one-vCPU machine\'s pause writes the VM\'s and the vCPU\'s state out as it stops', { skip: noKvm }, async (t) => {
   const machine = await runningMachine(t);
   const internals = machineInternals(machine);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
@@ -59,7 +61,7 @@ t.test('a one-vCPU machine\'s thread writes the VM\'s and its state out as it st
   t.equal(machine.state, 'paused');
   t.ok(written, 'it says what it wrote');
   t.equal(written!.writtenBytes, written!.totalBytes, 'all of it, at once');
-  t.equal(written!.bytes.length, 0, 'nothing left for the main thread');
+  t.equal(written!.bytes.length, 0, 'nothing left for the caller');
   const bytes = new Uint8Array(readFileSync(file));
   t.equal(bytes.length, written!.totalBytes, 'the file holds as much as it says it wrote');
   t.same([...bytes.subarray(0, 4)], [1, 2, 3, 4], 'the prefix first');
@@ -72,13 +74,49 @@ t.test('a one-vCPU machine\'s thread writes the VM\'s and its state out as it st
   t.equal(machine.state, 'running', 'the machine runs on');
 });
 
-t.test('a socket that takes none of it: the thread leaves it all to the main thread', { skip: noKvm }, async (t) => {
+t.test('after a save on its thread, the pause saves the parked vCPU on the main thread: the same state', { skip: noKvm }, async (t) => {
+  const machine = await runningMachine(t);
+  const internals = machineInternals(machine);
+  // A migration's warm-up: the vCPU's thread saves it once, the guest running on.
+  t.ok(await internals.warmUpSave(), 'warmed up');
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'state');
+  const fd = openSync(file, 'w');
+  let written: StateWrittenOut | null | undefined;
+  let states;
+  try {
+    states = await internals.pause(true, { fd, prefix: new Uint8Array(0), vmRecordType: VM_TYPE, vcpuRecordType: VCPU_TYPE }, (out) => (written = out));
+  } finally {
+    closeSync(fd);
+  }
+  t.equal(written!.writtenBytes, written!.totalBytes, 'written whole');
+  const records = readRecords(t, new Uint8Array(readFileSync(file)), 0);
+  t.same(records.map(([type]) => type), [VM_TYPE, VCPU_TYPE]);
+  const sent = records[1]![1];
+  t.same(Buffer.from(sent), Buffer.from(states![0]!), 'the state the pause returns');
+  t.equal(checkVcpuStateBlob(sent), null, 'a whole vCPU state');
+  // What the vCPU's own thread saves now, still paused, is the same state (but the TSC, which runs on).
+  const byThread = (await internals.saveCpuState()).vcpus[0] as Uint8Array;
+  const theirs = vcpuStateBlobSections(byThread);
+  const ours = vcpuStateBlobSections(sent);
+  t.same([...ours.keys()], [...theirs.keys()], 'the same sections');
+  for (const [tag, bytes] of ours) {
+    if (tag === VcpuStateTag.Msrs) t.same([...vcpuSaveInputs(sent)!.msrIndices], [...vcpuSaveInputs(byThread)!.msrIndices], 'the same MSRs');
+    else t.same(Buffer.from(bytes), Buffer.from(theirs.get(tag)!), `section ${tag} as its thread saves it`);
+  }
+  t.same(vcpuStateBlobHeader(sent), vcpuStateBlobHeader(byThread), 'the same header (vCPU, flags, TSC rate)');
+  machine.resume();
+  t.equal(machine.state, 'running', 'the machine runs on');
+});
+
+t.test('a socket that takes none of it: all of it is left to the caller', { skip: noKvm }, async (t) => {
   const machine = await runningMachine(t);
   const internals = machineInternals(machine);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'node-kvm-write-out-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   // Paused from the start: a socket paused later goes on reading up to its high-water mark, and
-  // would make room in the kernel's buffer while the vCPU thread writes.
+  // would make room in the kernel's buffer while the pause writes.
   const server = net.createServer({ pauseOnConnect: true });
   await new Promise<void>((resolve) => server.listen(path.join(dir, 's.sock'), resolve));
   t.teardown(() => server.close());
@@ -103,7 +141,7 @@ t.test('a socket that takes none of it: the thread leaves it all to the main thr
   let written: StateWrittenOut | null | undefined;
   await internals.pause(true, { fd, prefix: new Uint8Array(0), vmRecordType: VM_TYPE, vcpuRecordType: VCPU_TYPE }, (out) => (written = out));
   t.ok(written, 'it says what it meant to write');
-  t.equal(written!.writtenBytes, 0, 'it wrote nothing: all of it is left to the main thread');
+  t.equal(written!.writtenBytes, 0, 'it wrote nothing: all of it is left to the caller');
   t.equal(written!.bytes.length, written!.totalBytes, 'which has it whole');
   const records = readRecords(t, written!.bytes, 0);
   t.same(records.map(([type]) => type), [VM_TYPE, VCPU_TYPE], 'the VM\'s state, then the vCPU\'s');
