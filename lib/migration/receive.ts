@@ -109,14 +109,17 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
       const target = machine;
       const internals = machineInternals(target);
       const rehearsal = rehearsalStates.get(target);
-      const start = (paused: boolean, onRunning: (() => void) | null, rehearsing = false) => internals.start(paused, onRunning, rehearsing);
+      // The same functions as the rehearsal calls, not wrappers of their own: V8 compiles a
+      // function at its first call, which would then be inside the downtime.
+      const start = (paused: boolean, onRunning?: (() => void) | null, rehearsing = false) => internals.start(paused, onRunning ?? null, rehearsing);
+      const applyCpu = internals.applyCpuState;
       return {
         memory: target.memory,
         rehearse: rehearsal
           ? async () => {
             try {
               const state = warmUpStateCodec(rehearsal.state, rehearsal.sections);
-              await internals.applyCpuState(state);
+              await applyCpu(state);
               applyDevicesAsAhead(internals, state);
               start(false, null, true);
             } catch {
@@ -124,16 +127,17 @@ export async function receiveMachine(address: string, config: IncomingConfig = {
             }
           }
           : undefined,
-        applyCpu: (state: CpuState) => internals.applyCpuState(state),
-        apply: async (state: MachineState, cpuApplied = false, appliedAhead?: ReadonlySet<string>) => {
+        applyCpu,
+        apply: async (state: MachineState) => {
           // The source let go of the images before it sent its last state (see migrateMachine()).
-          // (A machine without any skips the calls: each, run for the first time, is compiled.)
           if (target.shape.disks?.length) internals.lockDisks();
-          if (cpuApplied) internals.applyDeviceState(state.devices, appliedAhead);
-          else await internals.applyState(state);
+          await internals.applyState(state);
         },
+        // (Only with images: run for the first time, inside the downtime, a call is compiled.)
+        lockDisks: target.shape.disks?.length ? internals.lockDisks : undefined,
+        applyDevices: internals.applyDeviceState,
         applyDevicesAhead: (part: DeviceStatesAhead) => internals.applyDeviceStateAhead(part),
-        start: (paused: boolean, onRunning?: () => void) => start(paused, onRunning ?? null),
+        start,
         // A local migration's images are the source's open files: unlocking them would unlock them for it too.
         releaseDisks: () => (handover ? undefined : internals.unlockDisks()),
         discard: async () => {
@@ -195,11 +199,15 @@ export interface IncomingTarget {
   rehearse?(): Promise<void>;
   /** Puts the VM's and the vCPUs' state on the machine, ahead of the devices' (see encodeCpuState()). */
   applyCpu(state: CpuState): Promise<void>;
+  /** Takes the disk images (locks them) and puts the whole state on the machine. */
+  apply(state: MachineState): Promise<void>;
+  /** Takes the disk images, where the machine has any (before applyDevices()). */
+  lockDisks?(): void;
   /**
-   * Puts the whole state on the machine, or only the devices' part once applyCpu() has put the
-   * rest; `appliedAhead`: devices left as applyDevicesAhead() put them.
+   * Puts the devices' state on the machine once applyCpu() has put the rest; `appliedAhead`:
+   * devices left as applyDevicesAhead() put them.
    */
-  apply(state: MachineState, cpuApplied?: boolean, appliedAhead?: ReadonlySet<string>): Promise<void>;
+  applyDevices(devices: MachineState['devices'], appliedAhead?: ReadonlySet<string>): void;
   /** The devices' state the source sent ahead of its pause (SectionType.DeviceStateAhead), put on the machine at once. */
   applyDevicesAhead(part: DeviceStatesAhead): void;
   /** Runs the guest, or sets it up paused (the source's owner had paused it); `onRunning` as soon as its vCPUs are set running. */
@@ -282,9 +290,11 @@ export async function receiveMigration(
     let requestsOwed: PageRange[] = [];
     const askAgain = (ranges: PageRange[]) => void reply([encodeSection(SectionType.PageRequest, encodePageRanges(ranges))]).catch(() => {});
     let syncsParsed = 0;
-    let cpuArrived!: () => void;
+    // Each resolved once: resolving a promise again calls into Node's rejection tracking (its
+    // multiple-resolves hook), compiled at its first call, inside the downtime.
+    let cpuArrived: (() => void) | null = null;
     const cpuStateIn = new Promise<void>((resolve) => (cpuArrived = resolve));
-    let devicesArrived!: () => void;
+    let devicesArrived: (() => void) | null = null;
     const deviceStateIn = new Promise<void>((resolve) => (devicesArrived = resolve));
     let rehearsing: Promise<void> | null = null;
     // The rehearsal, once the chunk that holds the section asking for it is parsed (out of the
@@ -293,11 +303,15 @@ export async function receiveMigration(
     // Reads with this thread spinning, rather than asleep in the event loop, where the source is
     // about to send the last state (see receiveSections()).
     let spin = (_maxMs: number, _until: () => boolean): void => {};
+    // What each spin waits for (made once, and each run once before the pause: see below).
+    const cpuStateComplete = () => state.cpuComplete || state.complete;
+    const deviceStateComplete = () => state.complete || postcopy !== null;
+    const postcopyBegunHere = () => postcopy !== null;
     const answerSync = () => void rehearsing!.then(() => {
       const answered = reply([encodeSync()]);
       markPhase('destination: Sync answered');
       // The source pauses its guest as soon as it has the answer, and sends its state.
-      spin(STATE_SPIN_MS, () => state.cpuComplete || state.complete);
+      spin(STATE_SPIN_MS, cpuStateComplete);
       return answered;
     }).catch(() => {});
     // The devices' state sent ahead (SectionType.DeviceStateAhead): put on the machine after the
@@ -367,14 +381,39 @@ export async function receiveMigration(
         else {
           if (section.type === SectionType.Config) markPhase('destination: state arriving');
           if (!state.take(section)) throw new MigrationError(Code.Format, `unexpected ${section.name} section in a migration stream`);
-          if (state.cpuComplete) cpuArrived();
-          if (state.complete) devicesArrived();
+          if (cpuArrived && state.cpuComplete) {
+            cpuArrived();
+            cpuArrived = null;
+          }
+          if (devicesArrived && state.complete) {
+            devicesArrived();
+            devicesArrived = null;
+          }
         }
       },
     }, stallTimeoutMs, signal, what, () => (postcopy as PostcopyPages | null)?.readBuffer() ?? null);
     stream = sections;
     socket = sections.socket;
     spin = sections.spin;
+    // V8 compiles a function at its first call (0.02-0.05 ms each here): what the spins wait for
+    // is asked once now (reading nothing), so that none of it is compiled inside the downtime.
+    spin(0, cpuStateComplete);
+    spin(0, deviceStateComplete);
+    spin(0, postcopyBegunHere);
+    // What start() calls the moment the vCPUs are set running (below), made here and run once
+    // empty for the same reason. The answer goes then, before their threads wake and before
+    // start()'s bookkeeping (the timers, the console): the source's downtime ends with it.
+    let answered: Promise<void> | null = null;
+    const onRunning = (dryRun = false) => {
+      if (dryRun) return;
+      // From here on the guest is this side's, whatever becomes of the answer: a source that
+      // does not hear it keeps its copy paused (EUNCONFIRMED) rather than run the guest too.
+      guestRunsHere = true;
+      markPhase('destination: starting');
+      answered = reply([postcopy ? encodeSection(SectionType.Postcopy, new Uint8Array(0)) : encodeEnd()]);
+      markPhase('destination: ack written');
+    };
+    onRunning(true);
     // A stream that fails while the acceptance is being written is reported by the await below.
     sections.ended.catch(() => {});
     const acceptance = reply([encodeConfigSection({ machine: shape })], shape);
@@ -400,33 +439,23 @@ export async function receiveMigration(
     await target.applyCpu(cpu);
     // The devices' part may come before the source's last pages (see migrateMachine()): applied
     // as it comes, but for the virtio devices', only once every page is in.
-    spin(TAIL_SPIN_MS, () => state.complete || postcopy !== null);
+    spin(TAIL_SPIN_MS, deviceStateComplete);
     await Promise.race([sections.ended, begun, deviceStateIn]);
     const merged = devicesAhead ? mergeDeviceStates(devicesAhead, state.finish().devices, 'the migration stream') : null;
     const complete = { ...cpu, devices: merged ? merged.devices : checkDeviceStates(state.finish().devices, 'the migration stream') };
     markPhase('destination: state checked');
-    const into = target;
-    const applyDevices = () => into.apply(complete, true, merged?.appliedAhead);
+    // The source let go of the images before it sent its last state (see migrateMachine()).
+    target.lockDisks?.();
     const beforeEnd = complete.devices.virtio === undefined;
-    if (beforeEnd) await applyDevices();
-    spin(TAIL_SPIN_MS, () => postcopy !== null);
+    if (beforeEnd) target.applyDevices(complete.devices, merged?.appliedAhead);
+    spin(TAIL_SPIN_MS, postcopyBegunHere);
     await Promise.race([sections.ended, begun]);
-    if (!beforeEnd) await applyDevices();
+    if (!beforeEnd) target.applyDevices(complete.devices, merged?.appliedAhead);
     markPhase('destination: state applied');
     // The last moment an abort counts: from here on the guest runs here.
     throwIfAborted(signal, what);
     const pages = postcopy as PostcopyPages | null;
-    // The answer goes at the moment the vCPUs are set running, before their threads wake and
-    // before start()'s bookkeeping (the timers, the console): the source's downtime ends with it.
-    let answered: Promise<void> | null = null;
-    target.start(complete.running === false, () => {
-      // From here on the guest is this side's, whatever becomes of the answer: a source that
-      // does not hear it keeps its copy paused (EUNCONFIRMED) rather than run the guest too.
-      guestRunsHere = true;
-      markPhase('destination: starting');
-      answered = reply([pages ? encodeSection(SectionType.Postcopy, new Uint8Array(0)) : encodeEnd()]);
-      markPhase('destination: ack written');
-    });
+    target.start(complete.running === false, onRunning);
     markPhase('destination: guest started');
     aborted.dispose();
     if (pages) {
@@ -483,6 +512,9 @@ function warmUpStreamEnd(): void {
   streamEndWarmedUp = true;
   const target: SectionParserTarget = { memoryBytes: PAGE_SIZE, writePages: () => {}, zeroPages: () => {}, section: () => {} };
   receiveSections(new Socket(), [Buffer.concat([encodeSync(), encodeEnd()])], target, 1000, undefined, 'a warm-up').ended.catch(() => {});
+  // A Promise.race() whose other promises settle later calls Node's promise hook (its check for
+  // a promise resolved twice), as the stream's end does: compiled at its first call, here.
+  void Promise.race([Promise.resolve(), Promise.resolve()]);
 }
 
 /**
