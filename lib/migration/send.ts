@@ -406,6 +406,13 @@ export async function sendMigration(addressText: string, options: MigrateOptions
       await accepted;
       await warm;
       source.rehearseStop?.();
+      // And the devices' end of it: compared once with what went ahead (the guest running on,
+      // the answer thrown away), so that the comparison is compiled before the pause.
+      try {
+        if (devicesAhead && source.saveDeviceStateAhead) devicesAhead.changed(source.saveDeviceStateAhead());
+      } catch {
+        // Only a rehearsal: the pause says what is wrong.
+      }
       await unlessAborted(replies.expectSync(opts.timeoutMs));
     } else {
       await accepted;

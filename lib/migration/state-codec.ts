@@ -111,12 +111,23 @@ export function sameState(a: unknown, b: unknown): boolean {
   if (a instanceof Uint8Array || b instanceof Uint8Array) {
     return a instanceof Uint8Array && b instanceof Uint8Array && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(b);
   }
+  // Loops, no callbacks: this runs inside a migration's downtime, where each callback would be
+  // one more function to compile at its first call.
   if (Array.isArray(a) || Array.isArray(b)) {
-    return Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((item, index) => sameState(item, b[index]));
+    if (!Array.isArray(a) || !Array.isArray(b) || a.length !== b.length) return false;
+    for (let i = 0; i < a.length; i++) if (!sameState(a[i], b[i])) return false;
+    return true;
   }
-  const definedKeys = (value: object) => Object.keys(value).filter((key) => (value as Record<string, unknown>)[key] !== undefined);
-  const keys = definedKeys(a);
-  return keys.length === definedKeys(b).length && keys.every((key) => sameState((a as Record<string, unknown>)[key], (b as Record<string, unknown>)[key]));
+  const left = a as Record<string, unknown>;
+  const right = b as Record<string, unknown>;
+  let keys = 0;
+  for (const key in left) {
+    if (!Object.hasOwn(left, key) || left[key] === undefined) continue;
+    if (!sameState(left[key], right[key])) return false;
+    keys++;
+  }
+  for (const key in right) if (Object.hasOwn(right, key) && right[key] !== undefined) keys--;
+  return keys === 0;
 }
 
 const formatError = (what: string, reason: string): MigrationError => new MigrationError(Code.Format, `${what} is not valid state: ${reason}`);
