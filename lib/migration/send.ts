@@ -496,8 +496,9 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     let cpuSent = written && written.writtenBytes < written.totalBytes ? send([written.bytes.subarray(written.writtenBytes)]) : Promise.resolve();
     cpuSent.catch(() => {});
     // To a destination of this build (it took the devices' state ahead), the devices' part goes
-    // before the last pages, End after them: it applies the devices while they come. Another
-    // has the pages first, then the state and End, as it always had.
+    // before the last pages, End after them (with few pages, in one write; with many, first: it
+    // applies the devices while they come). Another has the pages first, then the state and
+    // End, as it always had.
     if (pagesFirst) {
       await sendPages(ranges);
       markPhase('source: last pages sent');
@@ -523,18 +524,20 @@ export async function sendMigration(addressText: string, options: MigrateOptions
     if (pagesFirst) {
       await Promise.all([cpuSent, send([devicesPart, encodeEnd()], endHandedOver)]);
     } else {
-      // The devices' part first: the destination checks and applies it while this side harvests.
-      const devicesSent = send([devicesPart]);
-      devicesSent.catch(() => {});
       harvestLastPages();
       if (pageCountOf(ranges) <= MAX_BATCH_PAGES) {
-        // Few pages left (as a rule): they and End in one write (each write costs the source
-        // 0.1-0.2 ms here); the progress is told once they are out.
+        // Few pages left (as a rule): the devices' part, they and End in one write (each write
+        // costs the source 0.1-0.2 ms here, the receive side of loopback or a veth pair included,
+        // more than the destination's applying the devices once they are in: measured in
+        // bench/README.md); the progress is told once they are out.
         const lastPages = pages.encode(ranges, destinationZeroed);
-        await Promise.all([cpuSent, devicesSent, send([...lastPages, encodeEnd()], endHandedOver)]);
+        await Promise.all([cpuSent, send([devicesPart, ...lastPages, encodeEnd()], endHandedOver)]);
         markPhase('source: last pages sent');
         progress('stop-copy');
       } else {
+        // The devices' part first: the destination checks and applies it while the pages come.
+        const devicesSent = send([devicesPart]);
+        devicesSent.catch(() => {});
         progress('stop-copy');
         await sendPages(ranges);
         markPhase('source: last pages sent');
