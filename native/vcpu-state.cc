@@ -183,26 +183,37 @@ Napi::Value Save(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, Vcpu
   return w.Finish(env, flags, {shared.vcpuId, TscKhz(shared, fd)});
 }
 
-}  // namespace
+using VcpuOp = Napi::Value (*)(const Napi::CallbackInfo&, int, size_t, VcpuShared&);
 
-// saveVcpuState(vcpu, msrIndices: Uint32Array, cpuid: Uint8Array (kvm_cpuid2), flags) -> Uint8Array
-Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) {
+// Runs `op` (Save or Restore) on the calling thread's own vCPU, the handle in info[0].
+Napi::Value OnOwnVcpu(const Napi::CallbackInfo& info, VcpuOp op) {
   auto vcpu = Handles::Vcpu(info.Env(), info[0]);
-  return Save(info, vcpu->fd, vcpu->xsaveBytes, *vcpu->shared);
+  return op(info, vcpu->fd, vcpu->xsaveBytes, *vcpu->shared);
 }
 
-// saveParkedVcpuState(kickHandle, msrIndices, cpuid, flags): saveVcpuState() from any thread, for
-// a vCPU whose own thread is parked (as restoreParkedVcpuState()). A migration's pause then saves
-// it on the thread that goes on to send it, without a round trip to the vCPU's thread.
-Napi::Value SaveParkedVcpuState(const Napi::CallbackInfo& info) {
+// Runs `op` on the vCPU behind the kick handle in info[0], from any thread, for
+// a vCPU whose own thread is parked (it makes no ioctl meanwhile; KVM serializes a vCPU's ioctls
+// on its mutex anyway, and only KVM_RUN cares which thread calls it). Spares the round trip to
+// that thread inside a migration's downtime. The vCPU cannot close meanwhile.
+Napi::Value OnParkedVcpu(const Napi::CallbackInfo& info, VcpuOp op) {
   Napi::Env env = info.Env();
   uint32_t id = HandleId(env, info[0], "vcpu");
   auto shared = Handles::FindVcpuShared(id);
   if (!shared) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
   std::lock_guard<std::mutex> guard(shared->lock);
   if (shared->closed || shared->fd < 0) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
-  return Save(info, shared->fd, shared->xsaveBytes, *shared);
+  return op(info, shared->fd, shared->xsaveBytes, *shared);
 }
+
+}  // namespace
+
+// saveVcpuState(vcpu, msrIndices: Uint32Array, cpuid: Uint8Array (kvm_cpuid2), flags) -> Uint8Array
+Napi::Value SaveVcpuState(const Napi::CallbackInfo& info) { return OnOwnVcpu(info, Save); }
+
+// saveParkedVcpuState(kickHandle, msrIndices, cpuid, flags): saveVcpuState() for a parked vCPU,
+// from any thread (OnParkedVcpu). A migration's pause then saves it on the thread that goes on to
+// send it.
+Napi::Value SaveParkedVcpuState(const Napi::CallbackInfo& info) { return OnParkedVcpu(info, Save); }
 
 // checkVcpuState(state: Uint8Array) -> null, or what is wrong with it. Any thread.
 Napi::Value CheckVcpuState(const Napi::CallbackInfo& info) {
@@ -302,23 +313,10 @@ Napi::Value Restore(const Napi::CallbackInfo& info, int fd, size_t xsaveBytes, V
 
 }  // namespace
 
-Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) {
-  auto vcpu = Handles::Vcpu(info.Env(), info[0]);
-  return Restore(info, vcpu->fd, vcpu->xsaveBytes, *vcpu->shared);
-}
+Napi::Value RestoreVcpuState(const Napi::CallbackInfo& info) { return OnOwnVcpu(info, Restore); }
 
-// restoreParkedVcpuState(kickHandle, state, currentCpuid, irqchip): restoreVcpuState() from any
-// thread, for a vCPU whose own thread is parked (it makes no ioctl meanwhile; KVM serializes a
-// vCPU's ioctls on its mutex anyway, and only KVM_RUN cares which thread calls it). Spares the
-// round trip to that thread inside a migration's downtime. The vCPU cannot close meanwhile.
-Napi::Value RestoreParkedVcpuState(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  uint32_t id = HandleId(env, info[0], "vcpu");
-  auto shared = Handles::FindVcpuShared(id);
-  if (!shared) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
-  std::lock_guard<std::mutex> guard(shared->lock);
-  if (shared->closed || shared->fd < 0) ThrowStateError(env, "EBADF", "Vcpu handle is closed");
-  return Restore(info, shared->fd, shared->xsaveBytes, *shared);
-}
+// restoreParkedVcpuState(kickHandle, state, currentCpuid, irqchip): restoreVcpuState() for a
+// parked vCPU, from any thread (OnParkedVcpu).
+Napi::Value RestoreParkedVcpuState(const Napi::CallbackInfo& info) { return OnParkedVcpu(info, Restore); }
 
 }  // namespace nodekvm
