@@ -14,7 +14,7 @@ export const THROTTLE_PERCENT = 5;
 export const THROTTLE_TICK_US = 6;
 const CONTROL_INTS = 7;
 /** Where the vCPUs' stop times start (bytes: past the ints, 8-aligned for a Float64Array). */
-const STOPPED_AT_OFFSET = 32;
+const STOPPED_AT_OFFSET = Math.ceil((CONTROL_INTS * 4) / 8) * 8;
 
 export const RunState = {
   /** vCPUs are created and wait for start(). */
@@ -28,7 +28,7 @@ export const RunState = {
 } as const;
 
 export function createControl(vcpuCount: number): SharedArrayBuffer {
-  return new SharedArrayBuffer(Math.max(CONTROL_INTS * 4, STOPPED_AT_OFFSET) + 8 * vcpuCount);
+  return new SharedArrayBuffer(STOPPED_AT_OFFSET + 8 * vcpuCount);
 }
 
 /**
